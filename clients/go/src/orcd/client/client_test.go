@@ -1,0 +1,329 @@
+// Live tests: a real orcd worker over a real socket. TestMain starts one (python -m
+// orcd_grpc.cli serve, CPU backend, SmolLM2-135M) on a free port unless ORCD_ADDRESS names a
+// running worker, as clients/ci.sh does to share one worker between the TS and Go tests.
+package client
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+
+	orcdv1 "orcd/gen/orcdv1"
+)
+
+var addr string
+
+// tailBuffer keeps the last bytes of the worker's log, to explain a failed start.
+type tailBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (t *tailBuffer) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.buf.Write(p)
+	if t.buf.Len() > 8192 {
+		b := t.buf.Bytes()[t.buf.Len()-4096:]
+		t.buf = *bytes.NewBuffer(append([]byte(nil), b...))
+	}
+	return len(p), nil
+}
+
+func (t *tailBuffer) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.buf.String()
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func modelArg() string {
+	if m := os.Getenv("ORCD_MODEL"); m != "" {
+		return m
+	}
+	home, _ := os.UserHomeDir()
+	cached := filepath.Join(home, ".cache", "orcd", "models", "smollm2-135m-instruct.gguf")
+	if _, err := os.Stat(cached); err == nil {
+		return cached
+	}
+	return "smollm2-135m-instruct" // a name the worker resolves itself
+}
+
+func repoRoot() string {
+	if r := os.Getenv("ORCD_REPO"); r != "" {
+		return r
+	}
+	// go test runs in the package directory: clients/go/src/orcd/client.
+	wd, _ := os.Getwd()
+	return filepath.Join(wd, "..", "..", "..", "..", "..")
+}
+
+func startWorker() (stop func(), err error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	python := os.Getenv("ORCD_PYTHON")
+	if python == "" {
+		python = "python3"
+	}
+	cmd := exec.Command(python, "-m", "orcd_grpc.cli", "serve", "--host", "127.0.0.1",
+		"--port", fmt.Sprint(port), "--model", modelArg(), "--backend", "cpu")
+	cmd.Dir = repoRoot()
+	logTail := &tailBuffer{}
+	cmd.Stderr = logTail
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	stop = func() {
+		select {
+		case <-exited:
+			return
+		default:
+		}
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+	}
+
+	addr = fmt.Sprintf("127.0.0.1:%d", port)
+	c, err := Dial(addr)
+	if err != nil {
+		stop()
+		return nil, err
+	}
+	defer c.Close()
+	timeout := 180 * time.Second
+	if s := os.Getenv("ORCD_START_TIMEOUT_MS"); s != "" {
+		var ms int
+		fmt.Sscan(s, &ms)
+		timeout = time.Duration(ms) * time.Millisecond
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	go func() {
+		// A worker that dies while starting should fail the wait now, not at the timeout.
+		select {
+		case <-exited:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if err := c.WaitForServing(ctx, 250*time.Millisecond); err != nil {
+		stop()
+		return nil, fmt.Errorf("%v\n--- worker log tail ---\n%s", err, logTail.String())
+	}
+	return stop, nil
+}
+
+func TestMain(m *testing.M) {
+	stop := func() {}
+	if addr = os.Getenv("ORCD_ADDRESS"); addr == "" {
+		var err error
+		if stop, err = startWorker(); err != nil {
+			fmt.Fprintln(os.Stderr, "starting the worker:", err)
+			os.Exit(1)
+		}
+	}
+	code := m.Run()
+	stop()
+	os.Exit(code)
+}
+
+func dial(t *testing.T) *Client {
+	t.Helper()
+	c, err := Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func greedy() *orcdv1.SamplingParams {
+	zero := float32(0)
+	return &orcdv1.SamplingParams{Temperature: &zero}
+}
+
+// waitUntilGone polls Cancel until NOT_FOUND: the worker no longer runs the request.
+func waitUntilGone(t *testing.T, c *Client, id string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := c.Cancel(ctx, id)
+		cancel()
+		if err != nil {
+			if status.Code(err) != codes.NotFound {
+				t.Fatalf("Cancel(%q): want NOT_FOUND, got %v", id, err)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("request %q still known %v later", id, within)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func TestHealthServing(t *testing.T) {
+	c := dial(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := c.Check(ctx)
+	if err != nil || st != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v, %v; want SERVING", st, err)
+	}
+}
+
+func TestExecuteStreamsGreedyCompletion(t *testing.T) {
+	c := dial(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	const maxTokens = 8
+	var kinds []string
+	res, err := c.Execute(ctx, &orcdv1.ExecuteRequest{
+		Input:    &orcdv1.ExecuteRequest_Text{Text: "The capital of France is"},
+		Sampling: greedy(),
+		Stopping: &orcdv1.StoppingCriteria{MaxTokens: maxTokens},
+	}, func(ev *orcdv1.ExecuteResponse) error {
+		switch ev.GetEvent().(type) {
+		case *orcdv1.ExecuteResponse_Started:
+			kinds = append(kinds, "started")
+		case *orcdv1.ExecuteResponse_Token:
+			kinds = append(kinds, "token")
+		case *orcdv1.ExecuteResponse_Finished:
+			kinds = append(kinds, "finished")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "started," + strings.Repeat("token,", maxTokens) + "finished"
+	if got := strings.Join(kinds, ","); got != want {
+		t.Fatalf("event order %s, want %s", got, want)
+	}
+	if res.Started.GetRequestId() == "" || res.Started.GetPromptTokens() == 0 {
+		t.Errorf("Started = %v: want a request id and prompt tokens", res.Started)
+	}
+	if r := res.Finished.GetReason(); r != orcdv1.FinishReason_FINISH_REASON_LENGTH {
+		t.Errorf("reason %v, want LENGTH", r)
+	}
+	if n := res.Finished.GetUsage().GetCompletionTokens(); n != maxTokens {
+		t.Errorf("completion_tokens %d, want %d", n, maxTokens)
+	}
+	for i, tok := range res.Tokens {
+		if tok.GetIndex() != uint32(i) {
+			t.Errorf("token %d has index %d", i, tok.GetIndex())
+		}
+	}
+	if !strings.Contains(res.Text(), "Paris") {
+		t.Errorf("greedy completion %q does not mention Paris", res.Text())
+	}
+}
+
+func TestCancelAfterFirstToken(t *testing.T) {
+	c := dial(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	id := fmt.Sprintf("go-cancel-%d-%d", os.Getpid(), time.Now().UnixNano())
+	var cancelled bool
+	var cancelErr error
+	res, err := c.Execute(ctx, &orcdv1.ExecuteRequest{
+		RequestId: id,
+		Input:     &orcdv1.ExecuteRequest_Text{Text: "Write a long story about a dragon."},
+		Sampling:  greedy(),
+		Stopping:  &orcdv1.StoppingCriteria{MaxTokens: 200, IgnoreEos: true},
+	}, func(ev *orcdv1.ExecuteResponse) error {
+		if tok := ev.GetToken(); tok != nil && tok.GetIndex() == 0 {
+			cancelled, cancelErr = c.Cancel(ctx, id)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cancelErr != nil || !cancelled {
+		t.Fatalf("Cancel: %v, %v; want true, nil", cancelled, cancelErr)
+	}
+	if r := res.Finished.GetReason(); r != orcdv1.FinishReason_FINISH_REASON_CANCELLED {
+		t.Fatalf("reason %v, want CANCELLED", r)
+	}
+	if len(res.Tokens) >= 200 {
+		t.Fatalf("generated all %d tokens despite Cancel", len(res.Tokens))
+	}
+	waitUntilGone(t, c, id, 5*time.Second)
+}
+
+func TestAbandonedStreamIsCancelled(t *testing.T) {
+	c := dial(t)
+	id := fmt.Sprintf("go-abandon-%d-%d", os.Getpid(), time.Now().UnixNano())
+	stopReading := errors.New("stop")
+	_, err := c.Execute(context.Background(), &orcdv1.ExecuteRequest{
+		RequestId: id,
+		Input:     &orcdv1.ExecuteRequest_Text{Text: "Count to one thousand:"},
+		Sampling:  greedy(),
+		Stopping:  &orcdv1.StoppingCriteria{MaxTokens: 200, IgnoreEos: true},
+	}, func(ev *orcdv1.ExecuteResponse) error {
+		if ev.GetToken() != nil {
+			return stopReading
+		}
+		return nil
+	})
+	if err != stopReading {
+		t.Fatalf("Execute returned %v, want the callback's error", err)
+	}
+	// The client cancelled the call; the worker must drop the request within a decode step.
+	waitUntilGone(t, c, id, 30*time.Second)
+}
+
+func TestHardwareInfoCPU(t *testing.T) {
+	c := dial(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hw, err := c.HardwareInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hw.GetBackend() != "cpu" {
+		t.Errorf("backend %q, want cpu", hw.GetBackend())
+	}
+	if hw.GetCpu().GetCores() == 0 {
+		t.Errorf("cpu.cores = 0")
+	}
+	if hw.GetRamTotalBytes() == 0 {
+		t.Errorf("ram_total_bytes = 0")
+	}
+	if hw.GetBuild().GetVersion() == "" {
+		t.Errorf("build.version empty")
+	}
+}
