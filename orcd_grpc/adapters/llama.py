@@ -1,0 +1,115 @@
+"""The llama family: Llama / SmolLM2 and the variants that differ only in details.
+
+One pre-norm decoder layer, written once; subclasses change the details through the hooks
+(`rope_spec`, `attn_extras`, `ffn`, norms around the blocks) rather than re-writing the layer.
+"""
+from __future__ import annotations
+
+import math
+
+from ..backends.base import RopeSpec
+from ..gguf_model import GGUFModel
+from .base import Adapter
+
+
+class LlamaAdapter(Adapter):
+    archs = ("llama",)
+    neox_rope = False  # llama.cpp's converter permutes Q/K rows of llama models for interleaved rope
+
+    # ---- description ---------------------------------------------------------------------
+    def output_name(self) -> str:
+        return "output.weight" if self.model.has("output.weight") else "token_embd.weight"
+
+    def required_tensors(self):
+        h = self.hp
+        q, kv_k, kv_v = h.n_heads * h.head_dim, h.n_kv_heads * h.head_dim, h.n_kv_heads * h.head_dim_v
+        req = {"token_embd.weight": (h.vocab_size, h.d_model), "output_norm.weight": (h.d_model,)}
+        if self.model.has("output.weight"):
+            req["output.weight"] = (h.vocab_size, h.d_model)
+        for i in range(h.n_layers):
+            b = f"blk.{i}."
+            req.update({
+                b + "attn_norm.weight": (h.d_model,), b + "ffn_norm.weight": (h.d_model,),
+                b + "attn_q.weight": (q, h.d_model), b + "attn_k.weight": (kv_k, h.d_model),
+                b + "attn_v.weight": (kv_v, h.d_model), b + "attn_output.weight": (h.d_model, q),
+                b + "ffn_gate.weight": (h.d_ff, h.d_model), b + "ffn_up.weight": (h.d_ff, h.d_model),
+                b + "ffn_down.weight": (h.d_model, h.d_ff),
+            })
+        return req
+
+    # ---- constants -----------------------------------------------------------------------
+    def prepare(self):
+        freq = None
+        if self.model.has("rope_freqs.weight"):  # llama 3.x long-context factors
+            freq = self.be.to_host(self.w["rope_freqs.weight"])
+        self.rope = RopeSpec(dim=self.hp.rope_dim, base=self.hp.rope_base, neox=self.neox_rope, freq_factors=freq)
+        self.attn_scale = 1.0 / math.sqrt(self.hp.head_dim)
+
+    def rope_spec(self, layer: int) -> RopeSpec:
+        return self.rope
+
+    def attn_window(self, layer: int) -> int:
+        return 0
+
+    def bias(self, name: str):
+        return self.w.get(name)
+
+    # ---- the layer -----------------------------------------------------------------------
+    def qkv(self, i: int, h):
+        b, W = f"blk.{i}.", self.w
+        be = self.be
+        q = be.linear(h, W[b + "attn_q.weight"], self.bias(b + "attn_q.bias"))
+        k = be.linear(h, W[b + "attn_k.weight"], self.bias(b + "attn_k.bias"))
+        v = be.linear(h, W[b + "attn_v.weight"], self.bias(b + "attn_v.bias"))
+        return q, k, v
+
+    def attention(self, i: int, h, ctx, kv):
+        be, hp = self.be, self.hp
+        T = h.shape[0]
+        q, k, v = self.qkv(i, h)
+        q = q.reshape(T, hp.n_heads, hp.head_dim)
+        k = k.reshape(T, hp.n_kv_heads, hp.head_dim)
+        v = v.reshape(T, hp.n_kv_heads, hp.head_dim_v)
+        q, k = self.qk_norm(i, q, k)
+        spec = self.rope_spec(i)
+        q, k = be.rope(q, ctx, spec), be.rope(k, ctx, spec)
+        o = be.attention(q, k, v, kv, i, ctx, scale=self.attn_scale, window=self.attn_window(i),
+                         **self.attn_extras(i))
+        b = f"blk.{i}."
+        return be.linear(o, self.w[b + "attn_output.weight"], self.bias(b + "attn_output.bias"))
+
+    def qk_norm(self, i: int, q, k):
+        return q, k
+
+    def attn_extras(self, i: int) -> dict:
+        return {}
+
+    def ffn(self, i: int, h):
+        b, W, be = f"blk.{i}.", self.w, self.be
+        g = be.linear(h, W[b + "ffn_gate.weight"])
+        u = be.linear(h, W[b + "ffn_up.weight"])
+        return be.linear(be.silu_mul(g, u), W[b + "ffn_down.weight"])
+
+    def post_attn(self, i: int, a):
+        return a
+
+    def post_ffn(self, i: int, f):
+        return f
+
+    def embed(self, ctx):
+        return self.be.embed(self.w["token_embd.weight"], ctx)
+
+    def forward(self, ctx, kv):
+        be, W, eps = self.be, self.w, self.hp.eps
+        x = self.embed(ctx)
+        res = None
+        for i in range(self.hp.n_layers):
+            b = f"blk.{i}."
+            h, res = be.rms_norm(x, W[b + "attn_norm.weight"], eps, res)
+            a = self.post_attn(i, self.attention(i, h, ctx, kv))
+            h, res = be.rms_norm(a, W[b + "ffn_norm.weight"], eps, res)
+            x = self.post_ffn(i, self.ffn(i, h))
+        # Only the rows that are sampled need the final norm and the (large) output projection.
+        last = be.gather_rows(be.add(x, res), ctx)
+        h, _ = be.rms_norm(last, W["output_norm.weight"], eps)
+        return be.linear(h, W[self.output_name()])

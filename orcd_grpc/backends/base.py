@@ -1,0 +1,172 @@
+"""The operations an adapter is written in.
+
+An adapter describes an architecture once, as a sequence of these ops; the NumPy backend (the
+reference) and the CUDA backend implement them, so both run the same adapter code.
+
+Conventions shared by every backend:
+- Activations are float32 and row-major. A step processes T tokens from B sequences flattened
+  into one [T, d] matrix (sequence after sequence, as in `StepMeta.q_starts`).
+- Tensors returned by a backend support `.shape` and `.reshape(*shape)` (a view, no copy).
+- Weights are what `load_weight` returned: the NumPy backend dequantizes them to float32, the CUDA
+  backend keeps them in their GGUF format in VRAM. A 2-D weight is [n_out, n_in] (GGUF ne reversed),
+  and `linear` computes x @ W^T.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class YarnSpec:
+    """YaRN context extension (as llama.cpp applies it): rotation dims whose wavelength is long
+    compared with the original context are interpolated by `factor`, short ones extrapolated, and a
+    ramp between beta_fast and beta_slow mixes the two; attention magnitudes scale by attn_factor."""
+    factor: float
+    orig_ctx: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    ext_factor: float = 1.0
+    attn_factor: float = 1.0  # multiplied into cos/sin (llama.cpp's mscale), 1 + 0.1*ln(factor) folded in by the adapter
+
+
+@dataclass(frozen=True, eq=False)
+class RopeSpec:
+    """Rotary position embedding of the first `dim` features of each head.
+
+    neox=False rotates interleaved pairs (2i, 2i+1) (llama GGUF files, whose Q/K rows the converter
+    permuted for this); neox=True rotates pairs (i, i + dim/2) (qwen2, phi3, gemma3, gpt-oss).
+    theta_i = pos * base^(-2i/dim) / freq_factors[i] (freq_factors: phi3 long/short rope factors).
+    """
+    dim: int
+    base: float
+    neox: bool
+    freq_factors: np.ndarray | None = None
+    yarn: YarnSpec | None = None
+    attn_factor: float = 1.0  # multiplies cos and sin (phi3 LongRoPE scaling)
+
+
+@dataclass
+class StepMeta:
+    """Where each token of a step belongs; built by the engine on the host once per step."""
+    token_ids: np.ndarray      # int32 [T]
+    positions: np.ndarray      # int32 [T] position of each token in its sequence
+    q_starts: np.ndarray       # int32 [B+1] offsets of each sequence's tokens in the T rows
+    ctx_lens: np.ndarray       # int32 [B] tokens in each sequence's cache after this step
+    slot_mapping: np.ndarray   # int32 [T] KV slot (block * block_size + offset) each token writes
+    block_tables: np.ndarray   # int32 [B, max_blocks] (-1 padded)
+    block_size: int
+    logits_rows: np.ndarray    # int32 [R] rows of T whose logits are needed (last token of sampling sequences)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.ctx_lens.shape[0])
+
+
+@dataclass
+class KVLayout:
+    n_layers: int
+    num_blocks: int
+    block_size: int
+    n_kv_heads: int
+    head_dim_k: int
+    head_dim_v: int
+
+    def bytes(self, elem_size: int) -> int:
+        return (self.n_layers * self.num_blocks * self.block_size * self.n_kv_heads
+                * (self.head_dim_k + self.head_dim_v) * elem_size)
+
+
+class Backend(ABC):
+    name: str = "?"
+    kv_elem_size: int = 4
+
+    # ---- memory -------------------------------------------------------------------------
+    @abstractmethod
+    def load_weight(self, name: str, raw: np.ndarray, qtype, shape: tuple[int, ...]):
+        """Makes a weight resident. raw: the GGUF tensor's data as gguf's reader gives it; shape:
+        logical shape, outermost first (e.g. (n_out, n_in) or (n_experts, n_out, n_in))."""
+
+    @abstractmethod
+    def weight_nbytes(self, qtype, shape: tuple[int, ...], raw_nbytes: int) -> int:
+        """Bytes `load_weight` will hold for such a tensor (for admission before loading)."""
+
+    @abstractmethod
+    def from_host(self, array: np.ndarray):
+        """A small float32 host array made resident (e.g. derived constants)."""
+
+    @abstractmethod
+    def to_host(self, x) -> np.ndarray:
+        ...
+
+    @abstractmethod
+    def alloc_kv(self, layout: KVLayout):
+        ...
+
+    def memory_available(self) -> int | None:
+        """Bytes that may still be allocated, None when unbounded (host memory)."""
+        return None
+
+    def begin_step(self, meta: StepMeta):
+        """Per-step state the ops need (device copies of meta); passed back to ops as `ctx`."""
+        return meta
+
+    def close(self) -> None:
+        pass
+
+    # ---- ops ----------------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, w, ctx):
+        """[T, d]: rows of the embedding table for ctx's token ids."""
+
+    @abstractmethod
+    def linear(self, x, w, bias=None):
+        """[T, n_out] = x @ W^T (+ bias)."""
+
+    @abstractmethod
+    def rms_norm(self, x, w, eps: float, residual=None):
+        """With residual: s = x + residual; returns (rmsnorm(s) * w, s). Without: (rmsnorm(x) * w, x).
+        x may be [T, d] or [T, H, d] (then the norm is per head, w is [d])."""
+
+    @abstractmethod
+    def rope(self, x, ctx, spec: RopeSpec):
+        """x: [T, H, D]; rotates by ctx's positions; returns a tensor of the same shape."""
+
+    @abstractmethod
+    def attention(self, q, k, v, kv, layer: int, ctx, *, scale: float, window: int = 0,
+                  sinks=None, softcap: float = 0.0):
+        """Writes k, v ([T, Hkv, Dk], [T, Hkv, Dv]) into the paged cache at ctx's slots, then
+        causal attention of q [T, Hq, Dk] over each sequence's cached keys (GQA: query head h uses
+        kv head h // (Hq // Hkv)). window > 0: a query at position p sees keys at positions
+        > p - window. sinks [Hq]: a per-head logit that joins the softmax denominator only.
+        softcap > 0: scores = softcap * tanh(scores / softcap). Returns [T, Hq * Dv]."""
+
+    @abstractmethod
+    def silu_mul(self, gate, up):
+        """silu(gate) * up."""
+
+    @abstractmethod
+    def gelu_mul(self, gate, up):
+        """gelu_tanh(gate) * up."""
+
+    @abstractmethod
+    def add(self, a, b):
+        ...
+
+    @abstractmethod
+    def scale(self, x, s: float):
+        ...
+
+    @abstractmethod
+    def gather_rows(self, x, ctx):
+        """x[ctx.logits_rows]."""
+
+    @abstractmethod
+    def split(self, x, sizes: list[int]):
+        """Splits [T, sum(sizes)] column-wise into [T, size] tensors."""

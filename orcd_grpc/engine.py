@@ -1,0 +1,294 @@
+"""The engine: a loaded model (weights, tokenizer, KV cache) and a step that advances a batch.
+
+`step` runs one forward pass over a batch of sequences — prompt chunks of those still prefilling
+and one token of each decoding one — and samples a token for every sequence whose prompt is
+complete. Scheduling policy (who runs, when to stop) lives in the scheduler, not here.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .adapters import adapter_for
+from .backends.base import Backend, StepMeta
+from .errors import InvalidArgument, OutOfRange, ResourceExhausted
+from .gguf_model import GGUFModel
+from .kv_cache import BlockAllocator
+
+DEFAULT_MAX_CONTEXT = 8192
+CPU_KV_BUDGET = 1 << 30
+
+
+@dataclass
+class ModelInfo:
+    model_id: str
+    path: str
+    architecture: str
+    name: str
+    parameters: int
+    tensor_types: dict[str, int]
+    context_length: int
+    trained_context_length: int
+    vocab_size: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    backend: str
+    has_chat_template: bool
+    load_seconds: float
+    max_sequences: int
+
+
+class Sequence:
+    """Engine-side state of one request."""
+
+    def __init__(self, seq_id: int, prompt_ids: list[int], sampling, sampler):
+        self.seq_id = seq_id
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.sampling = sampling
+        self.sampler = sampler
+        self.num_cached = 0            # tokens whose KV is in the cache
+        self.cached_prompt_tokens = 0  # prompt tokens reused from the prefix cache
+        self.block_table: list[int] = []
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefill_remaining(self) -> int:
+        return max(0, len(self.prompt_ids) - self.num_cached)
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        p = len(self.prompt_ids)
+        return (self.prompt_ids[start:stop] if stop <= p
+                else self.prompt_ids[start:] + self.output_ids[max(0, start - p): stop - p])
+
+
+def make_backend(kind: str = "auto", max_vram: int = 0) -> Backend:
+    if kind in ("auto", "cuda"):
+        try:
+            from .backends.cuda import CudaBackend, cuda_present
+            if cuda_present():
+                return CudaBackend(max_vram=max_vram)
+            if kind == "cuda":
+                raise InvalidArgument("no CUDA GPU is visible to this process", field="backend")
+        except ImportError as exc:
+            if kind == "cuda":
+                raise InvalidArgument(f"the CUDA backend is unavailable: {exc}", field="backend") from exc
+    elif kind != "cpu":
+        raise InvalidArgument(f"unknown backend {kind!r} (auto, cpu, cuda)", field="backend")
+    from .backends.numpy_backend import NumpyBackend
+    return NumpyBackend()
+
+
+class Engine:
+    def __init__(self, model: GGUFModel, adapter, backend: Backend, tokenizer, info: ModelInfo,
+                 kv, allocator: BlockAllocator):
+        self.model, self.adapter, self.backend = model, adapter, backend
+        self.tokenizer, self.info, self.kv, self.allocator = tokenizer, info, kv, allocator
+        self._ids = itertools.count(1)
+
+    # ---- sequences -----------------------------------------------------------------------
+    def new_sequence(self, prompt_ids: list[int], sampling) -> Sequence:
+        from .sampling import Sampler
+
+        vocab = self.info.vocab_size
+        if not prompt_ids:
+            raise InvalidArgument("prompt is empty", field="input")
+        bad = next((t for t in prompt_ids if not 0 <= int(t) < vocab), None)
+        if bad is not None:
+            raise InvalidArgument(f"token id {bad} is outside the vocabulary (size {vocab})", field="input.tokens")
+        if len(prompt_ids) >= self.info.context_length:
+            raise OutOfRange(f"prompt is {len(prompt_ids)} tokens, context length is {self.info.context_length}",
+                             field="input")
+        sampling.validate(vocab)
+        return Sequence(next(self._ids), [int(t) for t in prompt_ids], sampling, Sampler(sampling))
+
+    def can_admit(self, seq: Sequence) -> bool:
+        return self.allocator.can_fit(seq.block_table, seq.total_len + 1)
+
+    def free_blocks(self) -> int:
+        return self.allocator.free_blocks
+
+    def total_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    def release(self, seq: Sequence) -> None:
+        self.allocator.release(seq.block_table)
+        seq.num_cached = 0
+
+    # ---- stepping ------------------------------------------------------------------------
+    def _plan(self, seqs: list[Sequence], token_budget: int) -> list[tuple[Sequence, int]]:
+        plan, budget = [], token_budget
+        for s in seqs:
+            pending = s.total_len - s.num_cached
+            if pending <= 0:
+                continue
+            n = min(pending, budget) if s.prefill_remaining > 0 else pending
+            if n <= 0:
+                continue
+            if s.num_cached + n > self.info.context_length:
+                raise OutOfRange(f"sequence {s.seq_id} exceeds the context length {self.info.context_length}",
+                                 field="context")
+            self.allocator.ensure(s.block_table, s.num_cached + n)
+            budget -= n
+            plan.append((s, n))
+        return plan
+
+    def _meta(self, plan, all_logits: bool) -> StepMeta:
+        bs = self.allocator.block_size
+        ids, pos, slots, starts, ctx_lens, rows = [], [], [], [0], [], []
+        width = max(len(s.block_table) for s, _ in plan)
+        tables = np.full((len(plan), width), -1, np.int32)
+        for b, (s, n) in enumerate(plan):
+            p = np.arange(s.num_cached, s.num_cached + n, dtype=np.int32)
+            table = np.asarray(s.block_table, np.int32)
+            tables[b, : len(table)] = table
+            ids.extend(s.tokens(s.num_cached, s.num_cached + n))
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            if all_logits:
+                rows.extend(range(starts[-1], starts[-1] + n))
+            elif s.num_cached + n == s.total_len:
+                rows.append(starts[-1] + n - 1)
+            starts.append(starts[-1] + n)
+            ctx_lens.append(s.num_cached + n)
+        return StepMeta(
+            token_ids=np.asarray(ids, np.int32), positions=np.concatenate(pos),
+            q_starts=np.asarray(starts, np.int32), ctx_lens=np.asarray(ctx_lens, np.int32),
+            slot_mapping=np.concatenate(slots).astype(np.int32), block_tables=tables,
+            block_size=bs, logits_rows=np.asarray(rows, np.int32))
+
+    def _forward(self, plan, all_logits: bool = False):
+        meta = self._meta(plan, all_logits)
+        ctx = self.backend.begin_step(meta)
+        logits = self.adapter.forward(ctx, self.kv) if len(meta.logits_rows) or all_logits else None
+        for s, n in plan:
+            s.num_cached += n
+        return meta, logits
+
+    def step(self, seqs: list[Sequence], token_budget: int = 2048) -> dict:
+        plan = self._plan(seqs, token_budget)
+        if not plan:
+            return {}
+        meta, logits = self._forward(plan)
+        sampling = [s for s, n in plan if s.num_cached == s.total_len]
+        if not sampling:
+            return {}
+        host = self.backend.to_host(logits)
+        out = {}
+        for row, s in enumerate(sampling):
+            sample = s.sampler.sample(host[row], s.prompt_ids, s.output_ids)
+            s.output_ids.append(int(sample.token_id))
+            out[s.seq_id] = sample
+        return out
+
+    def score(self, seq: Sequence, new_tokens: list[int] | None = None) -> np.ndarray:
+        """Teacher forcing for tests: appends new_tokens (as output), computes every pending
+        token and returns the logits of each, [n, vocab]."""
+        if new_tokens:
+            seq.output_ids.extend(int(t) for t in new_tokens)
+        plan = self._plan([seq], 1 << 30)
+        _, logits = self._forward(plan, all_logits=True)
+        return self.backend.to_host(logits)
+
+    def close(self) -> None:
+        self.kv = None
+        self.adapter.w = {}
+        self.backend.close()
+        self.model.close()
+
+
+def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "auto", context_length: int = 0,
+                max_sequences: int = 64, max_vram: int = 0, kv_cache_bytes: int = 0, block_size: int = 16,
+                max_context: int = DEFAULT_MAX_CONTEXT, progress=None) -> Engine:
+    """Opens, validates and loads a GGUF model. Everything is checked and sized before memory is
+    committed, so a bad or oversized file leaves nothing allocated."""
+    from . import quants
+    from .tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    report = progress or (lambda stage, done, total: None)
+    path = os.fspath(path)
+    report("opening", 0, 0)
+    model = GGUFModel(path)
+    total = model.tensor_bytes()
+    report("validating", 0, total)
+    adapter = adapter_for(model.arch)(model)
+    _validate(model, adapter, quants)
+    tokenizer = Tokenizer.from_gguf(model.fields)
+    hp = adapter.hp
+
+    trained = hp.context_length
+    if context_length and context_length > trained:
+        raise OutOfRange(f"{context_length} exceeds the model's trained context length {trained}",
+                         field="context_length")
+    ctx_len = int(context_length or min(trained, max_context))
+
+    be = backend if isinstance(backend, Backend) else make_backend(backend, max_vram)
+    try:
+        weights_bytes = sum(be.weight_nbytes(t.tensor_type, GGUFModel.logical_shape(t), int(t.n_bytes))
+                            for t in model.reader.tensors)
+        per_token = adapter.kv_layout(1, 1).bytes(be.kv_elem_size)
+        min_blocks = -(-ctx_len // block_size)
+        available = be.memory_available()
+        if kv_cache_bytes:
+            budget = kv_cache_bytes
+        elif available is None:
+            budget = min(CPU_KV_BUDGET, max_sequences * ctx_len * per_token)
+        else:
+            budget = min(int((available - weights_bytes) * 0.9), max_sequences * ctx_len * per_token)
+        num_blocks = max(min_blocks, budget // (per_token * block_size))
+        kv_bytes = adapter.kv_layout(num_blocks, block_size).bytes(be.kv_elem_size)
+        if available is not None and weights_bytes + kv_bytes > available:
+            raise ResourceExhausted(
+                f"model needs {(weights_bytes + kv_bytes) / 2**30:.2f} GiB (weights {weights_bytes / 2**30:.2f} GiB "
+                f"+ KV cache for one {ctx_len}-token sequence), {available / 2**30:.2f} GiB available", field="path")
+
+        weights, done = {}, 0
+        for t in model.reader.tensors:
+            weights[t.name] = be.load_weight(t.name, t.data, t.tensor_type, GGUFModel.logical_shape(t))
+            done += int(t.n_bytes)
+            report("loading", done, total)
+        kv = be.alloc_kv(adapter.kv_layout(num_blocks, block_size))
+        report("warming", total, total)
+        adapter.bind(be, weights)
+    except BaseException:
+        be.close()
+        raise
+
+    name = model_id or os.path.basename(path).removesuffix(".gguf")
+    info = ModelInfo(
+        model_id=name, path=path, architecture=model.arch, name=model.name(), parameters=model.parameters(),
+        tensor_types=model.tensor_types(), context_length=ctx_len, trained_context_length=trained,
+        vocab_size=hp.vocab_size, weights_bytes=weights_bytes, kv_cache_bytes=kv_bytes,
+        workspace_bytes=int(getattr(be, "workspace_bytes", 0)), backend=be.name,
+        has_chat_template=bool(tokenizer.chat_template), load_seconds=time.perf_counter() - t0,
+        max_sequences=max_sequences)
+    engine = Engine(model, adapter, be, tokenizer, info, kv, BlockAllocator(num_blocks, block_size))
+    report("ready", total, total)
+    return engine
+
+
+def _validate(model: GGUFModel, adapter, quants) -> None:
+    """Every required tensor present, with the shape the metadata implies and a supported type."""
+    try:
+        from .validation import validate_model
+    except ImportError:
+        validate_model = None
+    if validate_model is not None:
+        validate_model(model, adapter)
+        return
+    for name, shape in adapter.required_tensors().items():
+        t = model.tensor(name)
+        got = GGUFModel.logical_shape(t)
+        if got != tuple(shape):
+            raise InvalidArgument(f"shape {got} does not match {tuple(shape)} implied by the metadata", field=name)
+    for t in model.reader.tensors:
+        quants.check_supported(t.tensor_type, t.name)
