@@ -1,0 +1,98 @@
+"""Prometheus metrics of one worker.
+
+Each server gets its own CollectorRegistry: several servers in one process (the test suite) must
+not share or collide on metric names, and the default registry's process collectors are added
+explicitly so a scrape still shows CPU and RSS.
+"""
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+    start_http_server,
+)
+
+# Latencies on a CPU backend run to seconds per token, on a GPU to milliseconds; the buckets
+# span both.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        try:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        except ValueError:  # already registered in a caller-supplied registry
+            pass
+        self.requests = Counter("orcd_requests", "RPCs answered, by method and final status code",
+                                ["method", "code"], registry=r)
+        self.finished = Counter("orcd_finished_requests", "Execute requests finished, by finish reason",
+                                ["reason"], registry=r)
+        self.prompt_tokens = Counter("orcd_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generated_tokens = Counter("orcd_generated_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("orcd_time_to_first_token_seconds",
+                              "Time between a request's arrival and its first generated token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.token_latency = Histogram("orcd_inter_token_latency_seconds",
+                                       "Time between consecutive generated tokens of one request",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("orcd_queue_wait_seconds", "Time a request waited before its prefill began",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_seconds = Histogram("orcd_engine_step_seconds", "Duration of one engine forward step",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("orcd_queue_depth", "Requests waiting for admission", registry=r)
+        self.running = Gauge("orcd_running_sequences", "Sequences in the running batch", registry=r)
+        self.kv_used = Gauge("orcd_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_free = Gauge("orcd_kv_blocks_free", "KV cache blocks free", registry=r)
+        self.prefix_hits = Counter("orcd_prefix_cache_hit_tokens",
+                                   "Prompt tokens whose KV was reused from the prefix cache", registry=r)
+        self.preemptions = Counter("orcd_preemptions", "Sequences preempted because KV blocks ran out",
+                                   registry=r)
+        self.engine_errors = Counter("orcd_engine_errors", "Engine steps that raised", registry=r)
+        self.model_vram = Gauge("orcd_model_vram_bytes", "VRAM held by the loaded model (weights, KV, workspace)",
+                                registry=r)
+        self.model_ram = Gauge("orcd_model_ram_bytes", "Host RAM held by the loaded model on the CPU backend",
+                               registry=r)
+        self.model_load_seconds = Gauge("orcd_model_load_seconds", "Seconds the last successful model load took",
+                                        registry=r)
+        self.model_loaded = Gauge("orcd_model_loaded", "1 while a model is loaded, by model id", ["model_id"],
+                                  registry=r)
+        self._http = None
+
+    def set_model(self, info) -> None:
+        """Records the served model's memory; `info` is an engine ModelInfo or None (unloaded)."""
+        self.model_loaded.clear()
+        if info is None:
+            self.model_vram.set(0)
+            self.model_ram.set(0)
+            self.kv_used.set(0)
+            self.kv_free.set(0)
+            return
+        total = int(info.weights_bytes) + int(info.kv_cache_bytes) + int(info.workspace_bytes)
+        on_gpu = info.backend == "cuda"
+        self.model_vram.set(total if on_gpu else 0)
+        self.model_ram.set(0 if on_gpu else total)
+        self.model_load_seconds.set(info.load_seconds)
+        self.model_loaded.labels(info.model_id).set(1)
+
+    def serve_http(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Starts the scrape endpoint on a daemon thread; returns the bound port (0 picks one)."""
+        httpd, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        self._http = httpd
+        return httpd.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

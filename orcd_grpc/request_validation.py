@@ -1,0 +1,230 @@
+"""Checks requests against the limits the proto documents and turns them into engine inputs.
+
+Checks that need no model run first, so a malformed request gets INVALID_ARGUMENT whatever the
+worker's state; then come the checks against the loaded model (vocabulary, chat template,
+context length). Each error names the proto field path.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied
+from .scheduler import Stopping
+
+MAX_REQUEST_ID = 128
+MAX_MODEL_ID = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class PreparedExecute:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Any
+    stopping: Stopping
+
+
+def _printable_ascii(s: str) -> bool:
+    return all(0x20 <= ord(c) <= 0x7E for c in s)
+
+
+def check_request_id(request_id: str, *, allow_empty: bool = True) -> str:
+    if not request_id:
+        if allow_empty:
+            return str(uuid.uuid4())
+        raise InvalidArgument("must not be empty", field="request_id")
+    if len(request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument(f"at most {MAX_REQUEST_ID} characters, got {len(request_id)}", field="request_id")
+    if not _printable_ascii(request_id):
+        raise InvalidArgument("must be printable ASCII", field="request_id")
+    return request_id
+
+
+def check_model_id(model_id: str) -> None:
+    if len(model_id) > MAX_MODEL_ID:
+        raise InvalidArgument(f"at most {MAX_MODEL_ID} characters, got {len(model_id)}", field="model_id")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in model_id):
+        raise InvalidArgument("must not contain control characters", field="model_id")
+
+
+def _range(value: float, field: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    value = float(value)
+    ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        bracket = "(" if lo_open else "["
+        raise InvalidArgument(f"must be in {bracket}{lo:g}, {hi:g}], got {value:g}", field=field)
+    return value
+
+
+def check_static(req) -> None:
+    """Model-independent checks of an ExecuteRequest."""
+    check_model_id(req.model_id)
+    which = req.WhichOneof("input")
+    if which is None:
+        raise InvalidArgument("one of text, tokens or chat must be set", field="input")
+    if which == "text" and not req.text:
+        raise InvalidArgument("text is empty", field="input")
+    if which == "tokens" and not req.tokens.ids:
+        raise InvalidArgument("tokens is empty", field="input")
+    if which == "chat":
+        if not req.chat.messages:
+            raise InvalidArgument("chat has no messages", field="input")
+        for i, msg in enumerate(req.chat.messages):
+            if not msg.role:
+                raise InvalidArgument("role must not be empty", field=f"input.chat.messages[{i}].role")
+
+    if req.HasField("sampling"):
+        s = req.sampling
+        if s.HasField("temperature"):
+            _range(s.temperature, "sampling.temperature", 0.0, 100.0)
+        if s.HasField("top_p"):
+            _range(s.top_p, "sampling.top_p", 0.0, 1.0, lo_open=True)
+        _range(s.min_p, "sampling.min_p", 0.0, 1.0)
+        if s.HasField("repetition_penalty"):
+            _range(s.repetition_penalty, "sampling.repetition_penalty", 0.0, 10.0, lo_open=True)
+        _range(s.presence_penalty, "sampling.presence_penalty", -2.0, 2.0)
+        _range(s.frequency_penalty, "sampling.frequency_penalty", -2.0, 2.0)
+
+    if req.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}", field="top_logprobs")
+
+    st = req.stopping
+    if len(st.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(st.stop)}", field="stopping.stop")
+    for i, s in enumerate(st.stop):
+        n = len(s.encode("utf-8"))
+        if not 1 <= n <= MAX_STOP_BYTES:
+            raise InvalidArgument(f"each stop string must be 1..{MAX_STOP_BYTES} bytes, got {n}",
+                                  field=f"stopping.stop[{i}]")
+    if len(st.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(st.stop_token_ids)}",
+                              field="stopping.stop_token_ids")
+
+
+def _sampling_params(req, vocab_size: int):
+    from .sampling import SamplingParams
+
+    s = req.sampling
+    has = req.HasField("sampling")
+    if has and s.top_k > vocab_size:
+        raise InvalidArgument(f"must be at most the vocabulary size {vocab_size}, got {s.top_k}",
+                              field="sampling.top_k")
+    params = SamplingParams(
+        temperature=float(s.temperature) if has and s.HasField("temperature") else 1.0,
+        top_k=int(s.top_k) if has else 0,
+        top_p=float(s.top_p) if has and s.HasField("top_p") else 1.0,
+        min_p=float(s.min_p) if has else 0.0,
+        seed=int(s.seed) if has and s.HasField("seed") else None,
+        repetition_penalty=float(s.repetition_penalty) if has and s.HasField("repetition_penalty") else 1.0,
+        presence_penalty=float(s.presence_penalty) if has else 0.0,
+        frequency_penalty=float(s.frequency_penalty) if has else 0.0,
+        top_logprobs=int(req.top_logprobs),
+    )
+    params.validate(vocab_size)
+    return params
+
+
+def _check_ids(ids: Iterable[int], vocab_size: int, field: str) -> None:
+    for i, t in enumerate(ids):
+        if t >= vocab_size:
+            raise InvalidArgument(f"id {t} at position {i} is not below the vocabulary size {vocab_size}",
+                                  field=field)
+
+
+def prompt_ids(req, tokenizer, has_chat_template: bool) -> list[int]:
+    which = req.WhichOneof("input")
+    add_bos = req.add_bos if req.HasField("add_bos") else None
+    if which == "text":
+        return list(tokenizer.encode(req.text, add_bos=add_bos))
+    if which == "tokens":
+        ids = list(req.tokens.ids)
+        _check_ids(ids, tokenizer.vocab_size, "input.tokens")
+        return ids
+    if not has_chat_template:
+        raise FailedPrecondition("the model has no chat template", field="input.chat")
+    messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+    try:
+        rendered = tokenizer.render_chat(messages, add_generation_prompt=True)
+    except Exception as exc:
+        raise InvalidArgument(f"the chat template failed: {exc}", field="input.chat") from exc
+    # The template emits the model's own control tokens, which must map to the special ids.
+    return list(tokenizer.encode_special(rendered, add_bos=add_bos))
+
+
+def prepare_execute(req, info, tokenizer) -> PreparedExecute:
+    """Validates an ExecuteRequest against the loaded model (`info`: ModelInfo) and tokenizes it."""
+    request_id = check_request_id(req.request_id)
+    check_static(req)
+    if req.model_id and req.model_id != info.model_id:
+        raise NotFound(f"no model {req.model_id!r} is loaded (serving {info.model_id!r})", field="model_id")
+    vocab = int(tokenizer.vocab_size or info.vocab_size)
+    _check_ids(req.stopping.stop_token_ids, vocab, "stopping.stop_token_ids")
+    sampling = _sampling_params(req, vocab)
+    ids = prompt_ids(req, tokenizer, info.has_chat_template)
+    if not ids:
+        raise InvalidArgument("the input tokenizes to no tokens", field="input")
+    if len(ids) >= info.context_length:
+        raise OutOfRange(f"prompt is {len(ids)} tokens, context length is {info.context_length}", field="input")
+    st = req.stopping
+    stopping = Stopping(max_tokens=int(st.max_tokens), stop=list(st.stop),
+                        stop_token_ids=frozenset(int(t) for t in st.stop_token_ids),
+                        ignore_eos=bool(st.ignore_eos))
+    return PreparedExecute(request_id, ids, sampling, stopping)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoadModel
+
+
+def resolve_model_path(path: str, model_dirs: list[str]) -> pathlib.Path:
+    """Resolves a LoadModel path; it must name a regular file inside one of `model_dirs`.
+
+    Symlinks are resolved before the containment check, so a link inside a model directory that
+    points outside it is refused just like a `..` path.
+    """
+    if not path:
+        raise InvalidArgument("must not be empty", field="path")
+    if "\x00" in path:
+        raise InvalidArgument("must not contain NUL", field="path")
+    if not model_dirs:
+        raise PermissionDenied("the worker has no model directories configured", field="path")
+    roots = [pathlib.Path(os.path.realpath(d)) for d in model_dirs]
+    raw = pathlib.Path(path)
+    candidate = raw if raw.is_absolute() else roots[0] / raw
+    real = pathlib.Path(os.path.realpath(candidate))
+    if not any(real == r or r in real.parents for r in roots):
+        raise PermissionDenied(f"{path!r} is outside the model directories", field="path")
+    if not real.exists():
+        raise NotFound(f"{path!r} does not exist", field="path")
+    if not real.is_file():
+        raise InvalidArgument(f"{path!r} is not a regular file", field="path")
+    return real
+
+
+def default_model_id(path: pathlib.Path) -> str:
+    name = path.name
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
+def trained_context_length(path: pathlib.Path) -> int:
+    """Reads ARCH.context_length from the GGUF header; 0 when it cannot be read."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path), "r")
+        arch_field = reader.fields.get("general.architecture")
+        if arch_field is None:
+            return 0
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        f = reader.fields.get(f"{arch}.context_length")
+        return int(f.parts[f.data[0]][0]) if f is not None else 0
+    except Exception:
+        return 0

@@ -1,0 +1,567 @@
+"""The scheduler: one engine thread runs continuous batching over the served model.
+
+Calls hand it validated `Request`s; it queues them (bounded, FIFO), admits them into the running
+batch while the engine has KV blocks for them, steps the engine and pushes each request's events
+(tokens, then one finish or error) onto that request's own queue, which the calling thread drains.
+
+Everything that touches the engine happens on the engine thread, including model swaps and
+unloads (posted as commands and run between steps), so the engine never sees two callers at once
+and a swap can never land in the middle of a forward pass.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import queue
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import grpc
+
+from . import logs
+from .errors import AlreadyExists, FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
+
+log = logs.get_logger("orcd.scheduler")
+
+STOP_TOKEN = "stop_token"
+LENGTH = "length"
+STOP_STRING = "stop_string"
+CANCELLED = "cancelled"
+
+
+class Unavailable(OrcdError):
+    """The worker is shutting down (or the model changed under a request being submitted)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+@dataclasses.dataclass
+class Stopping:
+    max_tokens: int = 0
+    stop: list[str] = dataclasses.field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    token_id: int
+    text: str
+    index: int
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+@dataclasses.dataclass
+class FinishedEvent:
+    reason: str
+    matched_stop: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    queue_ms: float
+    time_to_first_token_ms: float
+    decode_tokens_per_second: float
+    total_ms: float
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class ErrorEvent:
+    error: OrcdError
+
+
+class Request:
+    """One Execute call as the scheduler sees it."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], sampling: Any, stopping: Stopping, *,
+                 engine: Any, model_id: str, correlation_id: str = "", deadline: float | None = None,
+                 arrival: float | None = None):
+        self.request_id = request_id or str(uuid.uuid4())
+        self.prompt_ids = list(prompt_ids)
+        self.sampling = sampling
+        self.stopping = stopping
+        self.engine = engine
+        self.model_id = model_id
+        self.correlation_id = correlation_id
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.arrival = time.monotonic() if arrival is None else arrival
+        self.events: queue.Queue = queue.Queue()
+        self.generated: list[int] = []
+        self.seq = None
+        self.decoder = None
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.cancel_reason: str | None = None
+        self.done = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+
+def _make_decoder(tokenizer, stop: list[str]):
+    from .detokenize import StreamDecoder
+
+    return StreamDecoder(tokenizer, list(stop))
+
+
+def _default_loader(path, **kwargs):
+    from .engine import load_engine
+
+    return load_engine(path, **kwargs)
+
+
+class Scheduler:
+    def __init__(self, *, max_queue: int = 256, max_sequences: int = 64, token_budget: int = 2048,
+                 metrics=None, loader: Callable[..., Any] | None = None,
+                 decoder_factory: Callable[..., Any] | None = None,
+                 on_model_change: Callable[[Any], None] | None = None,
+                 idle_wait_s: float = 0.05):
+        if max_queue < 0 or max_sequences < 1 or token_budget < 1:
+            raise ValueError("max_queue >= 0, max_sequences >= 1 and token_budget >= 1 are required")
+        self.max_queue = max_queue
+        self.max_sequences = max_sequences
+        self.token_budget = token_budget
+        self.metrics = metrics
+        self._loader = loader or _default_loader
+        self._decoder_factory = decoder_factory or _make_decoder
+        self._on_model_change = on_model_change
+        self._idle_wait_s = idle_wait_s
+
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._by_id: dict[str, Request] = {}
+        self._commands: collections.deque = collections.deque()
+        self._engine = None
+        self._accepting = True
+        self._stopping = False
+        self._load_lock = threading.Lock()
+        # Smoothed duration of a whole request, for the retry-after hint of a full queue.
+        self._avg_request_s = 1.0
+        self._thread = threading.Thread(target=self._loop, name="orcd-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ model management
+
+    @property
+    def engine(self):
+        return self._engine
+
+    @property
+    def model_info(self):
+        e = self._engine
+        return e.info if e is not None else None
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def load(self, path, *, model_id: str | None = None, context_length: int = 0, backend: str = "auto",
+             max_vram: int = 0, progress=None):
+        """Loads a model beside the served one and swaps it in; the old one serves meanwhile.
+
+        A failed load raises and leaves the old model in place.
+        """
+        with self._load_lock:
+            if not self._accepting:
+                raise Unavailable("the worker is shutting down")
+            t0 = time.monotonic()
+            engine = self._loader(path, model_id=model_id, backend=backend, context_length=context_length,
+                                  max_sequences=self.max_sequences, max_vram=max_vram, progress=progress)
+            try:
+                self._run_command(lambda: self._swap(engine))
+            except BaseException:
+                engine.close()
+                raise
+            log.info("model loaded", extra={"fields": {
+                "model_id": engine.info.model_id, "path": str(engine.info.path),
+                "backend": engine.info.backend, "seconds": round(time.monotonic() - t0, 3)}})
+            return engine.info
+
+    def unload(self, model_id: str) -> None:
+        def _do():
+            e = self._engine
+            if e is None or (model_id and model_id != e.info.model_id):
+                raise NotFound(f"no model {model_id!r} is loaded", field="model_id")
+            self._cancel_all(f"model {e.info.model_id} unloaded")
+            self._engine = None
+            e.close()
+            self._model_changed(None)
+        self._run_command(_do)
+        log.info("model unloaded", extra={"fields": {"model_id": model_id}})
+
+    def _swap(self, engine) -> None:
+        old = self._engine
+        if old is not None:
+            # Requests were tokenized for the old model; running them on the new one would be
+            # wrong, so they end as cancelled.
+            self._cancel_all(f"model replaced by {engine.info.model_id}")
+        self._engine = engine
+        if old is not None:
+            old.close()
+        self._model_changed(engine.info)
+
+    def _model_changed(self, info) -> None:
+        if self.metrics is not None:
+            self.metrics.set_model(info)
+        if self._on_model_change is not None:
+            try:
+                self._on_model_change(info)
+            except Exception:
+                log.exception("model change callback failed")
+
+    def _run_command(self, fn):
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if not self._thread.is_alive():
+                raise Unavailable("the engine thread has stopped")
+            self._commands.append((fn, fut))
+            self._cv.notify_all()
+        return fut.result()
+
+    # ------------------------------------------------------------------ requests
+
+    def effective_max_sequences(self) -> int:
+        e = self._engine
+        cap = getattr(e.info, "max_sequences", 0) if e is not None else 0
+        return min(self.max_sequences, cap) if cap else self.max_sequences
+
+    def submit(self, req: Request) -> None:
+        with self._cv:
+            if not self._accepting:
+                raise Unavailable("the worker is shutting down")
+            if self._engine is None:
+                raise FailedPrecondition("no model is loaded")
+            if req.engine is not self._engine:
+                raise Unavailable("the model changed while the request was being prepared; retry")
+            if req.request_id in self._by_id:
+                raise AlreadyExists(f"request {req.request_id!r} is already running", field="request_id")
+            if len(self._waiting) >= self.max_queue:
+                raise ResourceExhausted(f"the request queue is full ({self.max_queue} waiting)",
+                                        retry_after_ms=self._retry_after_ms())
+            self._by_id[req.request_id] = req
+            self._waiting.append(req)
+            self._gauges_locked()
+            self._cv.notify_all()
+
+    def _retry_after_ms(self) -> int:
+        per_slot = self._avg_request_s / max(1, self.effective_max_sequences())
+        return int(min(60_000, max(100, 1000 * per_slot * max(1, len(self._waiting)))))
+
+    def cancel(self, request_id: str, reason: str = "cancelled by Cancel") -> bool:
+        with self._cv:
+            req = self._by_id.get(request_id)
+            if req is None or req.done:
+                raise NotFound(f"no running or queued request {request_id!r}", field="request_id")
+            if req.cancel_reason is None:
+                req.cancel_reason = reason
+            self._cv.notify_all()
+            return True
+
+    def abandon(self, req: Request, reason: str) -> None:
+        """Cancels `req` if it is still live; used when its caller goes away (never raises)."""
+        with self._cv:
+            if not req.done and req.cancel_reason is None:
+                req.cancel_reason = reason
+            self._cv.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            return {"waiting": len(self._waiting), "running": len(self._running), "live": len(self._by_id)}
+
+    # ------------------------------------------------------------------ shutdown
+
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        """Stops admitting, lets requests finish for up to `grace_s`, cancels the rest, frees the model."""
+        with self._cv:
+            self._accepting = False
+            deadline = time.monotonic() + max(0.0, grace_s)
+            while (self._waiting or self._running) and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(min(left, 0.1))
+            for req in list(self._waiting) + list(self._running):
+                if req.cancel_reason is None:
+                    req.cancel_reason = "the worker is shutting down"
+            self._cv.notify_all()
+            # The cancellations take effect at the next step boundary; wait for one step at most.
+            end = time.monotonic() + 30.0
+            while (self._waiting or self._running) and self._thread.is_alive() and time.monotonic() < end:
+                self._cv.wait(0.05)
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30.0)
+        e, self._engine = self._engine, None
+        if e is not None:
+            e.close()
+            self._model_changed(None)
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopping or self._commands or self._waiting or self._running):
+                    self._cv.wait()
+                if self._stopping and not self._commands:
+                    self._drop_everything_locked()
+                    return
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, fut in commands:
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # handed to the caller of _run_command
+                    fut.set_exception(exc)
+            try:
+                self._iteration()
+            except Exception as exc:  # a scheduler bug must not take the worker down
+                log.exception("scheduler iteration failed")
+                err = Internal(f"scheduler failure: {type(exc).__name__}: {exc}")
+                for req in list(self._running) + list(self._waiting):
+                    self._fail(req, err)
+
+    def _drop_everything_locked(self) -> None:
+        for req in list(self._waiting) + list(self._running):
+            self._emit_finished(req, CANCELLED, "", "the worker stopped")
+            self._release(req)
+        self._waiting.clear()
+        self._running.clear()
+        self._by_id.clear()
+
+    def _iteration(self) -> None:
+        engine = self._engine
+        self._reap()
+        if engine is None:
+            return
+        admitted_any = self._admit(engine)
+        if self._running:
+            self._step(engine)
+        elif self._waiting and not admitted_any:
+            # Nothing runs, so nothing will free KV blocks: the head can never be admitted.
+            head = self._waiting[0]
+            self._fail(head, ResourceExhausted(
+                f"the prompt ({head.prompt_tokens} tokens) needs more KV cache than the worker has",
+                field="input"))
+        with self._cv:
+            self._gauges_locked()
+            self._cv.notify_all()
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        with self._cv:
+            victims = [r for r in list(self._waiting) + list(self._running)
+                       if r.cancel_reason is not None or (r.deadline is not None and now >= r.deadline)]
+        for req in victims:
+            reason = req.cancel_reason or "deadline exceeded"
+            self._finish(req, CANCELLED, detail=reason)
+
+    def _admit(self, engine) -> bool:
+        admitted = False
+        limit = self.effective_max_sequences()
+        while True:
+            with self._cv:
+                if not self._waiting or len(self._running) >= limit:
+                    return admitted
+                req = self._waiting[0]
+            if req.engine is not engine:
+                self._finish(req, CANCELLED, detail="the model was replaced")
+                continue
+            if req.seq is None:
+                try:
+                    req.seq = engine.new_sequence(req.prompt_ids + req.generated, req.sampling)
+                except OrcdError as exc:
+                    self._fail(req, exc)
+                    continue
+            if not engine.can_admit(req.seq):
+                return admitted
+            if req.decoder is None:
+                req.decoder = self._decoder_factory(engine.tokenizer, req.stopping.stop)
+            with self._cv:
+                self._waiting.popleft()
+                self._running.append(req)
+            if req.admitted_at is None:
+                req.admitted_at = time.monotonic()
+                if self.metrics is not None:
+                    self.metrics.queue_wait.observe(req.admitted_at - req.arrival)
+                    self.metrics.prompt_tokens.inc(req.prompt_tokens)
+                log.debug("admitted", extra={"correlation_id": req.correlation_id, "request_id": req.request_id,
+                                             "fields": {"prompt_tokens": req.prompt_tokens}})
+            admitted = True
+
+    def _step(self, engine) -> None:
+        batch = list(self._running)
+        t0 = time.monotonic()
+        try:
+            samples = engine.step([r.seq for r in batch], self.token_budget)
+        except ResourceExhausted as exc:
+            if len(batch) > 1:
+                self._preempt(batch[-1])
+            else:
+                self._fail(batch[0], exc)
+            return
+        except Exception as exc:
+            if self.metrics is not None:
+                self.metrics.engine_errors.inc()
+            log.exception("engine step failed", extra={"fields": {"batch": [r.request_id for r in batch]}})
+            err = exc if isinstance(exc, OrcdError) else Internal(
+                f"engine step failed: {type(exc).__name__}: {exc}")
+            for req in batch:
+                self._fail(req, err)
+            return
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(time.monotonic() - t0)
+        for req in batch:
+            sample = samples.get(req.seq.seq_id)
+            if sample is not None:
+                self._on_token(engine, req, sample)
+
+    def _preempt(self, req: Request) -> None:
+        """Gives a running request's KV back and requeues it at the head; it re-prefills later."""
+        self._release(req)
+        req.seq = None
+        with self._cv:
+            if req in self._running:
+                self._running.remove(req)
+            self._waiting.appendleft(req)
+        if self.metrics is not None:
+            self.metrics.preemptions.inc()
+        log.info("preempted for lack of KV blocks", extra={
+            "correlation_id": req.correlation_id, "request_id": req.request_id,
+            "fields": {"generated": len(req.generated)}})
+
+    def _on_token(self, engine, req: Request, sample) -> None:
+        now = time.monotonic()
+        tid = int(sample.token_id)
+        index = len(req.generated)
+        req.generated.append(tid)
+        m = self.metrics
+        if req.first_token_at is None:
+            req.first_token_at = now
+            if m is not None:
+                m.ttft.observe(now - req.arrival)
+                m.prefix_hits.inc(int(getattr(req.seq, "cached_prompt_tokens", 0) or 0))
+        elif m is not None:
+            m.token_latency.observe(now - req.last_token_at)
+        req.last_token_at = now
+        if m is not None:
+            m.generated_tokens.inc()
+        if req.cancel_reason is not None or (req.deadline is not None and now >= req.deadline):
+            self._finish(req, CANCELLED, detail=req.cancel_reason or "deadline exceeded")
+            return
+
+        st = req.stopping
+        reason, matched = None, ""
+        if tid in st.stop_token_ids or (not st.ignore_eos and tid in engine.tokenizer.eos_ids):
+            # A stop token is not text, but text held back as a possible stop-string prefix is
+            # real output now that no stop string can complete.
+            text = req.decoder.flush()
+            reason = STOP_TOKEN
+        else:
+            text, hit = req.decoder.push(tid)
+            if hit is not None:
+                reason, matched = STOP_STRING, hit
+            elif (st.max_tokens and len(req.generated) >= st.max_tokens) or \
+                    req.prompt_tokens + len(req.generated) >= engine.info.context_length:
+                reason = LENGTH
+                text += req.decoder.flush()
+        top = []
+        for alt_id, alt_lp in (getattr(sample, "top", None) or []):
+            try:
+                alt_text = engine.tokenizer.token_bytes(int(alt_id)).decode("utf-8", "replace")
+            except Exception:
+                alt_text = ""
+            top.append((int(alt_id), alt_text, float(alt_lp)))
+        req.events.put(TokenEvent(tid, text, index, float(sample.logprob), top))
+        if reason is not None:
+            self._finish(req, reason, matched)
+
+    # ------------------------------------------------------------------ retiring
+
+    def _release(self, req: Request) -> None:
+        if req.seq is None:
+            return
+        engine = req.engine
+        try:
+            engine.release(req.seq)
+        except Exception:
+            log.exception("releasing KV failed", extra={"request_id": req.request_id})
+
+    def _remove(self, req: Request) -> bool:
+        with self._cv:
+            if req.done:
+                return False
+            req.done = True
+            if req in self._running:
+                self._running.remove(req)
+            try:
+                self._waiting.remove(req)
+            except ValueError:
+                pass
+            if self._by_id.get(req.request_id) is req:
+                del self._by_id[req.request_id]
+            return True
+
+    def _finish(self, req: Request, reason: str, matched: str = "", detail: str = "") -> None:
+        if not self._remove(req):
+            return
+        self._release(req)
+        self._emit_finished(req, reason, matched, detail)
+
+    def _fail(self, req: Request, err: OrcdError) -> None:
+        if not self._remove(req):
+            return
+        self._release(req)
+        log.warning("request failed", extra={"correlation_id": req.correlation_id, "request_id": req.request_id,
+                                             "fields": {"error": str(err), "code": err.code.name}})
+        req.events.put(ErrorEvent(err))
+
+    def _emit_finished(self, req: Request, reason: str, matched: str, detail: str) -> None:
+        now = time.monotonic()
+        n = len(req.generated)
+        decode_tps = 0.0
+        if n >= 2 and req.last_token_at is not None and req.last_token_at > req.first_token_at:
+            decode_tps = (n - 1) / (req.last_token_at - req.first_token_at)
+        ev = FinishedEvent(
+            reason=reason, matched_stop=matched, prompt_tokens=req.prompt_tokens, completion_tokens=n,
+            cached_prompt_tokens=int(getattr(req.seq, "cached_prompt_tokens", 0) or 0) if req.seq else 0,
+            queue_ms=1000.0 * ((req.admitted_at or now) - req.arrival),
+            time_to_first_token_ms=1000.0 * (req.first_token_at - req.arrival) if req.first_token_at else 0.0,
+            decode_tokens_per_second=decode_tps, total_ms=1000.0 * (now - req.arrival), detail=detail)
+        self._avg_request_s = 0.8 * self._avg_request_s + 0.2 * (now - req.arrival)
+        if self.metrics is not None:
+            self.metrics.finished.labels(reason).inc()
+        log.info("request finished", extra={"correlation_id": req.correlation_id, "request_id": req.request_id,
+                                            "fields": {"reason": reason, "detail": detail,
+                                                       "prompt_tokens": ev.prompt_tokens,
+                                                       "completion_tokens": n,
+                                                       "ttft_ms": round(ev.time_to_first_token_ms, 2),
+                                                       "total_ms": round(ev.total_ms, 2)}})
+        req.events.put(ev)
+
+    def _cancel_all(self, detail: str) -> None:
+        with self._cv:
+            victims = list(self._waiting) + list(self._running)
+        for req in victims:
+            self._finish(req, CANCELLED, detail=detail)
+
+    def _gauges_locked(self) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.queue_depth.set(len(self._waiting))
+        m.running.set(len(self._running))
+        e = self._engine
+        if e is not None:
+            try:
+                free, total = e.free_blocks(), e.total_blocks()
+                m.kv_free.set(free)
+                m.kv_used.set(total - free)
+            except Exception:
+                pass

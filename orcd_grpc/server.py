@@ -1,0 +1,251 @@
+"""The gRPC server: service wiring, health, reflection, metrics, correlation ids and shutdown."""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hmac
+import signal
+import threading
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import logs
+from .metrics import Metrics
+from .proto import pb, pb_grpc
+from .scheduler import Scheduler
+from .servicer import WorkerServicer
+
+log = logs.get_logger("orcd.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Worker"].full_name  # "orcd.v1.Worker"
+CORRELATION_KEY = "x-correlation-id"
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0: pick a free port
+    model_dirs: list[str] = dataclasses.field(default_factory=list)
+    # Loaded at startup when set (must lie inside model_dirs).
+    model_path: str | None = None
+    model_id: str | None = None
+    backend: str = "auto"          # "auto", "cpu" or "cuda"
+    context_length: int = 0        # for the startup model; 0: trained length, capped by max_context
+    max_context: int = 0           # cap on any model's context length; 0: none
+    max_sequences: int = 64
+    max_queue: int = 256
+    token_budget: int = 2048       # tokens per engine step (chunked prefill)
+    max_vram: int = 0              # bytes; 0: no limit
+    grace_seconds: float = 30.0
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: pick a free port
+    metrics_host: str = "0.0.0.0"
+    max_message_bytes: int = 64 * 1024 * 1024
+    keepalive_time_ms: int = 30_000
+    keepalive_timeout_ms: int = 10_000
+    max_workers: int = 0           # gRPC handler threads; 0: enough for every queued and running request
+    auth_token: str | None = None  # when set, calls need "authorization: Bearer <token>"
+    log_level: str = "info"
+
+
+class _CallWrapper(grpc.ServerInterceptor):
+    """Binds the call's correlation id for its log lines and checks the bearer token.
+
+    The interceptor itself runs on gRPC's polling thread; the handler runs on a pool thread.
+    Context variables set here would not reach the handler, so the handler's behaviour is
+    wrapped instead and binds them on the thread that actually runs it.
+    """
+
+    def __init__(self, auth_token: str | None):
+        self._token = auth_token
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        md = dict(handler_call_details.invocation_metadata or ())
+        cid = str(md.get(CORRELATION_KEY) or "")[:128] or logs.new_correlation_id()
+        method = handler_call_details.method
+        deny = None
+        if self._token is not None and not method.startswith(("/grpc.health.", "/grpc.reflection.")):
+            auth = str(md.get("authorization") or "")
+            if not auth:
+                deny = (grpc.StatusCode.UNAUTHENTICATED, "authorization: bearer token missing")
+            elif not hmac.compare_digest(auth.encode(), f"Bearer {self._token}".encode()):
+                deny = (grpc.StatusCode.PERMISSION_DENIED, "authorization: bearer token is wrong")
+
+        def wrap_unary(fn):
+            def inner(request, context):
+                with logs.bound(correlation=cid, request=""):
+                    if deny:
+                        context.abort(*deny)
+                    return fn(request, context)
+            return inner
+
+        def wrap_stream(fn):
+            def inner(request, context):
+                with logs.bound(correlation=cid, request=""):
+                    if deny:
+                        context.abort(*deny)
+                    yield from fn(request, context)
+            return inner
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary),
+                                                       handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream),
+                                                        handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+class Worker:
+    """A running server and what it owns; `stop()` shuts it all down in order."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._set_health(False)
+        self.scheduler = Scheduler(max_queue=config.max_queue, max_sequences=config.max_sequences,
+                                   token_budget=config.token_budget, metrics=self.metrics,
+                                   on_model_change=lambda info: self._set_health(info is not None))
+        self.servicer = WorkerServicer(self.scheduler, model_dirs=config.model_dirs, backend=config.backend,
+                                       max_context=config.max_context, max_vram=config.max_vram,
+                                       metrics=self.metrics)
+        workers = config.max_workers or (config.max_queue + config.max_sequences + 16)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="orcd-rpc")
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.keepalive_time_ms", config.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.server(self._pool, interceptors=[_CallWrapper(config.auth_token)], options=options,
+                                  maximum_concurrent_rpcs=workers)
+        pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(f"{_host(config.host)}:{config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {config.host}:{config.port}")
+        self.metrics_port: int | None = None
+        self._stopped = threading.Event()
+        self._load_thread: threading.Thread | None = None
+        self.load_error: BaseException | None = None
+
+    def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        if self._stopped_flag():
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", status)
+        self.health.set(SERVICE_NAME, status)
+
+    def _stopped_flag(self) -> bool:
+        ev = getattr(self, "_stopped", None)
+        return ev is not None and ev.is_set()
+
+    def start(self, *, load_async: bool = True) -> None:
+        self.server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
+        log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port}})
+        if self.config.model_path:
+            self._load_thread = threading.Thread(target=self._initial_load, name="orcd-initial-load", daemon=True)
+            self._load_thread.start()
+            if not load_async:
+                self._load_thread.join()
+
+    def _initial_load(self) -> None:
+        from . import request_validation as rv
+
+        try:
+            path = rv.resolve_model_path(self.config.model_path, self.config.model_dirs)
+            ctx = self.config.context_length
+            if self.config.max_context and ctx == 0:
+                trained = rv.trained_context_length(path)
+                ctx = min(trained, self.config.max_context) if trained else self.config.max_context
+
+            def progress(stage, done, total):
+                log.debug("load progress", extra={"fields": {"stage": stage, "done": done, "total": total}})
+
+            self.scheduler.load(path, model_id=self.config.model_id or rv.default_model_id(path),
+                                context_length=ctx, backend=self.config.backend,
+                                max_vram=self.config.max_vram, progress=progress)
+        except Exception as exc:
+            self.load_error = exc
+            log.error("startup model load failed", extra={"fields": {"error": str(exc),
+                                                                      "path": self.config.model_path}})
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Waits for the startup load; True when a model is being served."""
+        if self._load_thread is not None:
+            self._load_thread.join(timeout)
+        return self.scheduler.engine is not None
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grace_seconds if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
+        t0 = time.monotonic()
+        self.scheduler.shutdown(grace)
+        # Streams now hold their final events; give them a moment to reach the clients.
+        self.server.stop(max(1.0, grace - (time.monotonic() - t0))).wait()
+        self.metrics.close()
+        self._pool.shutdown(wait=False)
+        log.info("stopped")
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def start_server(config: ServerConfig) -> tuple[Any, int, Scheduler]:
+    """Starts a worker without blocking; returns (worker, port, scheduler).
+
+    The first element is the `Worker` (call `.stop(grace)` on it; `.server` is the grpc server).
+    A startup model (config.model_path) loads in the background; health says SERVING once it is in.
+    """
+    worker = Worker(config)
+    worker.start(load_async=True)
+    return worker, worker.port, worker.scheduler
+
+
+def serve(config: ServerConfig) -> int:
+    """Runs the worker until SIGTERM/SIGINT; returns the process exit code."""
+    logs.configure(config.log_level)
+    worker = Worker(config)
+    done = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})
+        done.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        worker.start(load_async=True)
+        if config.model_path:
+            while not done.is_set() and worker._load_thread.is_alive():
+                worker._load_thread.join(0.2)
+            if worker.load_error is not None:
+                worker.stop(0)
+                return 1
+        while not done.wait(0.5):
+            pass
+        worker.stop()
+        return 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

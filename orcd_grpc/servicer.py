@@ -1,0 +1,271 @@
+"""The orcd.v1.Worker service: validation, error mapping and event streaming.
+
+It stays thin on purpose: the scheduler owns all state, so anything here that fails (a bad
+request, a client that goes away) leaves nothing behind except an abandoned request the scheduler
+retires at its next step.
+"""
+from __future__ import annotations
+
+import pathlib
+import queue
+import threading
+import time
+
+import grpc
+
+from . import logs, request_validation as rv
+from .errors import FailedPrecondition, Internal, NotFound, OrcdError, OutOfRange
+from .proto import pb, pb_grpc
+from .scheduler import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request,
+                        Scheduler, TokenEvent)
+
+log = logs.get_logger("orcd.servicer")
+
+_REASONS = {
+    STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
+    LENGTH: pb.FINISH_REASON_LENGTH,
+    STOP_STRING: pb.FINISH_REASON_STOP_STRING,
+    CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+# How often a call blocked on its event queue re-checks that the engine thread is alive; the
+# engine always delivers a final event, so this only matters if the engine thread has died.
+_POLL_S = 1.0
+
+
+class _LoadAborted(Exception):
+    pass
+
+
+def describe(info) -> pb.ModelDescription:
+    return pb.ModelDescription(
+        model_id=info.model_id, path=str(info.path), architecture=info.architecture, name=info.name or "",
+        parameters=int(info.parameters), tensor_types={k: int(v) for k, v in info.tensor_types.items()},
+        context_length=int(info.context_length), trained_context_length=int(info.trained_context_length),
+        vocab_size=int(info.vocab_size), weights_bytes=int(info.weights_bytes),
+        kv_cache_bytes=int(info.kv_cache_bytes), workspace_bytes=int(info.workspace_bytes),
+        backend=info.backend, has_chat_template=bool(info.has_chat_template),
+        load_seconds=float(info.load_seconds), max_sequences=int(info.max_sequences))
+
+
+def _abort(context, err: OrcdError):
+    if err.retry_after_ms is not None:
+        context.set_trailing_metadata((("retry-after-ms", str(int(err.retry_after_ms))),))
+    context.abort(err.code, str(err))
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    def __init__(self, scheduler: Scheduler, *, model_dirs: list[str] | None = None, backend: str = "auto",
+                 max_context: int = 0, max_vram: int = 0, metrics=None):
+        self.scheduler = scheduler
+        self.model_dirs = [str(d) for d in (model_dirs or [])]
+        self.backend = backend
+        self.max_context = max_context
+        self.max_vram = max_vram
+        self.metrics = metrics
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(method, code.name).inc()
+
+    # ------------------------------------------------------------------ Execute
+
+    def Execute(self, request, context):
+        arrival = time.monotonic()
+        correlation = logs.correlation_id.get() or logs.new_correlation_id()
+        try:
+            req = self._prepare(request, context, arrival, correlation)
+            self.scheduler.submit(req)
+        except OrcdError as err:
+            self._count("Execute", err.code)
+            log.info("request rejected", extra={"fields": {"code": err.code.name, "error": str(err)}})
+            _abort(context, err)
+            return
+        with logs.bound(request=req.request_id):
+            yield from self._stream(req, context)
+
+    def _prepare(self, request, context, arrival: float, correlation: str) -> Request:
+        rv.check_request_id(request.request_id, allow_empty=True)
+        rv.check_static(request)
+        engine = self.scheduler.engine
+        if engine is None:
+            raise FailedPrecondition("no model is loaded; call LoadModel first")
+        prepared = rv.prepare_execute(request, engine.info, engine.tokenizer)
+        remaining = context.time_remaining()
+        deadline = arrival + remaining if remaining is not None else None
+        return Request(prepared.request_id, prepared.prompt_ids, prepared.sampling, prepared.stopping,
+                       engine=engine, model_id=engine.info.model_id, correlation_id=correlation,
+                       deadline=deadline, arrival=arrival)
+
+    def _stream(self, req: Request, context):
+        finished = False
+        if not context.add_callback(lambda: self.scheduler.abandon(req, "the client went away")):
+            self.scheduler.abandon(req, "the client went away")
+        try:
+            yield pb.ExecuteResponse(started=pb.Started(
+                request_id=req.request_id, model_id=req.model_id, prompt_tokens=req.prompt_tokens,
+                correlation_id=req.correlation_id))
+            while True:
+                try:
+                    ev = req.events.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if not self.scheduler.alive():
+                        err = Internal("the engine thread stopped")
+                        self._count("Execute", err.code)
+                        finished = True
+                        _abort(context, err)
+                        return
+                    continue
+                if isinstance(ev, TokenEvent):
+                    yield pb.ExecuteResponse(token=pb.Token(
+                        text=ev.text, token_id=ev.token_id, index=ev.index, logprob=ev.logprob,
+                        top_logprobs=[pb.TopLogprob(token_id=i, text=t, logprob=lp) for i, t, lp in ev.top]))
+                elif isinstance(ev, FinishedEvent):
+                    finished = True
+                    self._count("Execute", grpc.StatusCode.OK)
+                    yield pb.ExecuteResponse(finished=pb.Finished(
+                        reason=_REASONS[ev.reason], matched_stop=ev.matched_stop,
+                        usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                                       cached_prompt_tokens=ev.cached_prompt_tokens),
+                        timings=pb.Timings(queue_ms=ev.queue_ms, time_to_first_token_ms=ev.time_to_first_token_ms,
+                                           decode_tokens_per_second=ev.decode_tokens_per_second,
+                                           total_ms=ev.total_ms)))
+                    return
+                elif isinstance(ev, ErrorEvent):
+                    finished = True
+                    self._count("Execute", ev.error.code)
+                    _abort(context, ev.error)
+                    return
+        finally:
+            if not finished:
+                # The stream was closed early (client gone, server stopping): the request must
+                # not keep its KV blocks or its batch slot.
+                self.scheduler.abandon(req, "the response stream was closed")
+
+    # ------------------------------------------------------------------ Cancel
+
+    def Cancel(self, request, context):
+        try:
+            rid = rv.check_request_id(request.request_id, allow_empty=False)
+            ok = self.scheduler.cancel(rid)
+        except OrcdError as err:
+            self._count("Cancel", err.code)
+            _abort(context, err)
+            return None
+        log.info("cancel requested", extra={"request_id": rid})
+        self._count("Cancel", grpc.StatusCode.OK)
+        return pb.CancelResponse(cancelled=ok)
+
+    # ------------------------------------------------------------------ models
+
+    def LoadModel(self, request, context):
+        try:
+            path = rv.resolve_model_path(request.path, self.model_dirs)
+            model_id = request.model_id or rv.default_model_id(path)
+            rv.check_model_id(model_id)
+            ctx = int(request.context_length)
+            if self.max_context:
+                if ctx > self.max_context:
+                    raise OutOfRange(f"{ctx} exceeds the worker's --max-context {self.max_context}",
+                                     field="context_length")
+                if ctx == 0:
+                    trained = rv.trained_context_length(path)
+                    ctx = min(trained, self.max_context) if trained else self.max_context
+        except OrcdError as err:
+            self._count("LoadModel", err.code)
+            _abort(context, err)
+            return
+
+        events: queue.Queue = queue.Queue()
+        abandoned = threading.Event()
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if abandoned.is_set():
+                # The caller is gone: stop the load instead of swapping in a model nobody waits for.
+                raise _LoadAborted("LoadModel call ended")
+            events.put(("progress", str(stage), int(done), int(total)))
+
+        def run() -> None:
+            try:
+                info = self.scheduler.load(path, model_id=model_id, context_length=ctx, backend=self.backend,
+                                           max_vram=self.max_vram, progress=progress)
+                events.put(("done", info))
+            except OrcdError as err:
+                events.put(("error", err))
+            except _LoadAborted:
+                events.put(("error", Internal("load aborted: the client went away")))
+            except Exception as exc:
+                log.exception("model load failed")
+                events.put(("error", Internal(f"loading {path.name} failed: {type(exc).__name__}: {exc}")))
+
+        context.add_callback(abandoned.set)
+        log.info("loading model", extra={"fields": {"path": str(path), "model_id": model_id,
+                                                    "context_length": ctx}})
+        threading.Thread(target=run, name="orcd-load", daemon=True).start()
+        last_stage = ""
+        try:
+            while True:
+                kind, *rest = events.get()
+                if kind == "progress":
+                    stage, done, total = rest
+                    last_stage = stage
+                    yield pb.LoadModelResponse(progress=pb.LoadProgress(stage=stage, bytes_done=done,
+                                                                        bytes_total=total))
+                elif kind == "done":
+                    info = rest[0]
+                    if last_stage != "ready":
+                        yield pb.LoadModelResponse(progress=pb.LoadProgress(
+                            stage="ready", bytes_done=int(info.weights_bytes), bytes_total=int(info.weights_bytes)))
+                    self._count("LoadModel", grpc.StatusCode.OK)
+                    yield pb.LoadModelResponse(model=describe(info))
+                    return
+                else:
+                    err = rest[0]
+                    self._count("LoadModel", err.code)
+                    log.warning("model load failed", extra={"fields": {"error": str(err), "code": err.code.name}})
+                    _abort(context, err)
+                    return
+        finally:
+            abandoned.set()
+
+    def UnloadModel(self, request, context):
+        try:
+            rv.check_model_id(request.model_id)
+            if self.scheduler.engine is None:
+                raise NotFound(f"no model {request.model_id!r} is loaded", field="model_id")
+            self.scheduler.unload(request.model_id)
+        except OrcdError as err:
+            self._count("UnloadModel", err.code)
+            _abort(context, err)
+            return None
+        self._count("UnloadModel", grpc.StatusCode.OK)
+        return pb.UnloadModelResponse()
+
+    def ListModels(self, request, context):
+        info = self.scheduler.model_info
+        self._count("ListModels", grpc.StatusCode.OK)
+        return pb.ListModelsResponse(models=[describe(info)] if info is not None else [])
+
+    # ------------------------------------------------------------------ hardware
+
+    def HardwareInfo(self, request, context):
+        engine = self.scheduler.engine
+        backend = engine.info.backend if engine is not None else (
+            self.backend if self.backend in ("cpu", "cuda") else "cpu")
+        gpu = None
+        used = 0
+        if engine is not None and backend == "cuda":
+            gpu_info = getattr(engine, "gpu_info", None)
+            gpu = gpu_info() if callable(gpu_info) else gpu_info
+            i = engine.info
+            used = int(i.weights_bytes) + int(i.kv_cache_bytes) + int(i.workspace_bytes)
+        try:
+            from .hardware import hardware_info
+
+            resp = hardware_info(backend, gpu, vram_used_by_worker=used, vram_limit=self.max_vram)
+        except Exception as exc:
+            self._count("HardwareInfo", grpc.StatusCode.INTERNAL)
+            context.abort(grpc.StatusCode.INTERNAL, f"hardware: {type(exc).__name__}: {exc}")
+            return None
+        self._count("HardwareInfo", grpc.StatusCode.OK)
+        return resp
