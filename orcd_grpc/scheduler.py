@@ -339,6 +339,10 @@ class Scheduler:
         engine = self._engine
         self._reap()
         if engine is None:
+            with self._cv:
+                orphans = list(self._waiting)
+            for req in orphans:
+                self._finish(req, CANCELLED, detail="no model is loaded")
             return
         admitted_any = self._admit(engine)
         if self._running:
@@ -375,7 +379,7 @@ class Scheduler:
                 continue
             if req.seq is None:
                 try:
-                    req.seq = engine.new_sequence(req.prompt_ids + req.generated, req.sampling)
+                    req.seq = engine.new_sequence(req.prompt_ids, req.sampling)
                 except OrcdError as exc:
                     self._fail(req, exc)
                     continue
@@ -423,9 +427,12 @@ class Scheduler:
                 self._on_token(engine, req, sample)
 
     def _preempt(self, req: Request) -> None:
-        """Gives a running request's KV back and requeues it at the head; it re-prefills later."""
+        """Gives a running request's KV back and requeues it at the head.
+
+        The engine's sequence keeps its tokens and sampler state; once readmitted it recomputes
+        the KV of prompt and output and carries on as if never interrupted.
+        """
         self._release(req)
-        req.seq = None
         with self._cv:
             if req in self._running:
                 self._running.remove(req)
