@@ -1,0 +1,202 @@
+"""A small Python client for the orcd.v1.Worker service, used by the CLI and the tests.
+
+It is a thin layer over the generated stub: it builds requests from keyword arguments, applies a
+default deadline and metadata to every call, and lets grpc.RpcError through unchanged (callers
+read .code() and .details()).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterable, Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .proto import pb, pb_grpc
+
+SERVICE_NAME = "orcd.v1.Worker"
+
+# Keyword arguments of generate_text / build_request, by the message they fill.
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "repetition_penalty",
+                    "presence_penalty", "frequency_penalty")
+_STOPPING_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos")
+
+
+def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
+                  chat: Sequence[dict] | None = None, request_id: str = "", model_id: str = "",
+                  top_logprobs: int = 0, add_bos: bool | None = None, **params) -> pb.ExecuteRequest:
+    """An ExecuteRequest from plain Python values.
+
+    prompt: text, or a list of token ids. chat: a list of {"role", "content"} dicts (instead of
+    prompt). params: the SamplingParams and StoppingCriteria fields by name; None means unset.
+    """
+    unknown = set(params) - set(_SAMPLING_FIELDS) - set(_STOPPING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown request parameter(s): {', '.join(sorted(unknown))}")
+    if (prompt is None) == (chat is None):
+        raise ValueError("input: give exactly one of prompt and chat")
+    req = pb.ExecuteRequest(request_id=request_id, model_id=model_id, top_logprobs=top_logprobs)
+    if chat is not None:
+        req.chat.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"])
+                                                    for m in chat]))
+    elif isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.tokens.CopyFrom(pb.TokenIds(ids=list(prompt)))
+    if add_bos is not None:
+        req.add_bos = add_bos
+    sampling = {k: params[k] for k in _SAMPLING_FIELDS if params.get(k) is not None}
+    stopping = {k: params[k] for k in _STOPPING_FIELDS if params.get(k) is not None}
+    if sampling:
+        req.sampling.CopyFrom(pb.SamplingParams(**sampling))
+    if stopping:
+        req.stopping.CopyFrom(pb.StoppingCriteria(**stopping))
+    return req
+
+
+@dataclasses.dataclass
+class Completion:
+    """The outcome of one Execute call, collected."""
+
+    text: str
+    token_ids: list[int]
+    request_id: str
+    model_id: str
+    finish_reason: str  # e.g. "STOP_TOKEN", "LENGTH"
+    matched_stop: str
+    usage: pb.Usage
+    timings: pb.Timings
+
+
+def finish_reason_name(value: int) -> str:
+    return pb.FinishReason.Name(value).removeprefix("FINISH_REASON_")
+
+
+class OrcdClient:
+    """Client of one orcd worker.
+
+    address: "host:port". timeout: default deadline in seconds of every call (None: none).
+    metadata: (key, value) pairs sent with every call, e.g. [("authorization", "Bearer ...")].
+    """
+
+    def __init__(self, address: str, *, timeout: float | None = None,
+                 metadata: Iterable[tuple[str, str]] | None = None,
+                 channel: grpc.Channel | None = None):
+        self.address = address
+        self.timeout = timeout
+        self.metadata = tuple(metadata or ())
+        self._channel = channel or grpc.insecure_channel(address)
+        self._stub = pb_grpc.WorkerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "OrcdClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _kw(self, timeout: float | None, metadata) -> dict:
+        return {"timeout": self.timeout if timeout is None else timeout,
+                "metadata": self.metadata + tuple(metadata or ())}
+
+    # --- Worker RPCs -------------------------------------------------------------------------
+
+    def execute(self, request: pb.ExecuteRequest, *, timeout: float | None = None,
+                metadata=None) -> Iterator[pb.ExecuteResponse]:
+        """Streams the events of one request. Closing the generator early cancels the call (and
+        with it the request on the server)."""
+        call = self._stub.Execute(request, **self._kw(timeout, metadata))
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def stream_text(self, prompt=None, *, timeout: float | None = None, metadata=None,
+                    **params) -> Iterator[pb.ExecuteResponse]:
+        """execute() with the request built from keyword arguments (see build_request)."""
+        return self.execute(build_request(prompt, **params), timeout=timeout, metadata=metadata)
+
+    def generate_text(self, prompt=None, *, timeout: float | None = None, metadata=None,
+                      **params) -> Completion:
+        """Runs one request to the end and returns its text and statistics."""
+        parts: list[str] = []
+        ids: list[int] = []
+        started = pb.Started()
+        finished = None
+        for event in self.stream_text(prompt, timeout=timeout, metadata=metadata, **params):
+            kind = event.WhichOneof("event")
+            if kind == "started":
+                started = event.started
+            elif kind == "token":
+                parts.append(event.token.text)
+                ids.append(event.token.token_id)
+            elif kind == "finished":
+                finished = event.finished
+        if finished is None:
+            raise RuntimeError("Execute stream ended without a Finished event")
+        return Completion(text="".join(parts), token_ids=ids, request_id=started.request_id,
+                          model_id=started.model_id, finish_reason=finish_reason_name(finished.reason),
+                          matched_stop=finished.matched_stop, usage=finished.usage,
+                          timings=finished.timings)
+
+    def cancel(self, request_id: str, *, timeout: float | None = None, metadata=None) -> bool:
+        resp = self._stub.Cancel(pb.CancelRequest(request_id=request_id), **self._kw(timeout, metadata))
+        return resp.cancelled
+
+    def load_model(self, path: str, model_id: str = "", context_length: int = 0, *,
+                   timeout: float | None = None, metadata=None) -> Iterator[pb.LoadModelResponse]:
+        """Streams LoadProgress events, then one event carrying the ModelDescription."""
+        req = pb.LoadModelRequest(path=str(path), model_id=model_id, context_length=context_length)
+        call = self._stub.LoadModel(req, **self._kw(timeout, metadata))
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def list_models(self, *, timeout: float | None = None, metadata=None) -> list[pb.ModelDescription]:
+        return list(self._stub.ListModels(pb.ListModelsRequest(), **self._kw(timeout, metadata)).models)
+
+    def unload_model(self, model_id: str = "", *, timeout: float | None = None, metadata=None) -> None:
+        """Unloads model_id; empty: the only loaded model (an error when there is not exactly one)."""
+        if not model_id:
+            loaded = self.list_models(timeout=timeout, metadata=metadata)
+            if len(loaded) != 1:
+                raise ValueError(f"model_id: {len(loaded)} models are loaded; name the one to unload")
+            model_id = loaded[0].model_id
+        self._stub.UnloadModel(pb.UnloadModelRequest(model_id=model_id), **self._kw(timeout, metadata))
+
+    def hardware_info(self, *, timeout: float | None = None, metadata=None) -> pb.HardwareInfoResponse:
+        return self._stub.HardwareInfo(pb.HardwareInfoRequest(), **self._kw(timeout, metadata))
+
+    # --- health ------------------------------------------------------------------------------
+
+    def health(self, service: str = "", *, timeout: float | None = None, metadata=None) -> str:
+        """The standard gRPC health status of `service` ("" = the whole server), e.g. "SERVING"."""
+        resp = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                  **self._kw(timeout, metadata))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout: float = 30.0, service: str = "") -> None:
+        """Blocks until the server answers SERVING, raising TimeoutError after `timeout` seconds
+        with the last status or error seen."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.address} not SERVING after {timeout:.0f}s (last: {last})")
+            try:
+                status = self.health(service, timeout=min(left, 2.0))
+                if status == "SERVING":
+                    return
+                last = status
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
