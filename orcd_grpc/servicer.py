@@ -48,6 +48,14 @@ def describe(info) -> pb.ModelDescription:
         load_seconds=float(info.load_seconds), max_sequences=int(info.max_sequences))
 
 
+def _metadata_correlation(context) -> str:
+    # The server's interceptor binds the id already; this covers a servicer used without it.
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-correlation-id" and value:
+            return str(value)[:128]
+    return ""
+
+
 def _abort(context, err: OrcdError):
     if err.retry_after_ms is not None:
         context.set_trailing_metadata((("retry-after-ms", str(int(err.retry_after_ms))),))
@@ -72,7 +80,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def Execute(self, request, context):
         arrival = time.monotonic()
-        correlation = logs.correlation_id.get() or logs.new_correlation_id()
+        correlation = logs.correlation_id.get() or _metadata_correlation(context) or logs.new_correlation_id()
         try:
             req = self._prepare(request, context, arrival, correlation)
             self.scheduler.submit(req)

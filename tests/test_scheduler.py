@@ -83,6 +83,11 @@ class Sample:
     top: list = field(default_factory=list)
 
 
+def _top(sampling):
+    # Scheduler tests pass a bare int; servicer tests pass real SamplingParams.
+    return sampling if isinstance(sampling, int) else int(getattr(sampling, "top_logprobs", 0))
+
+
 class FakeSeq:
     def __init__(self, seq_id, prompt_ids, sampling):
         self.seq_id, self.prompt_ids, self.sampling = seq_id, list(prompt_ids), sampling
@@ -171,7 +176,7 @@ class FakeEngine:
                 if s.num_cached == s.total_len:
                     tid = self.script[len(s.output_ids) % len(self.script)]
                     s.output_ids.append(tid)
-                    out[s.seq_id] = Sample(tid, -0.25, [(tid, -0.25), (EOS, -3.0)][: s.sampling or 0])
+                    out[s.seq_id] = Sample(tid, -0.25, [(tid, -0.25), (EOS, -3.0)][: _top(s.sampling)])
             return out
         finally:
             self.lock.release()
