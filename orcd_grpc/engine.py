@@ -111,7 +111,11 @@ class Engine:
         return Sequence(next(self._ids), [int(t) for t in prompt_ids], sampling, Sampler(sampling))
 
     def can_admit(self, seq: Sequence) -> bool:
+        # Conservative: ignores blocks the prefix cache may supply.
         return self.allocator.can_fit(seq.block_table, seq.total_len + 1)
+
+    def prefix_hit_tokens(self) -> int:
+        return self.allocator.hit_tokens
 
     def free_blocks(self) -> int:
         return self.allocator.free_blocks
@@ -127,6 +131,8 @@ class Engine:
     def _plan(self, seqs: list[Sequence], token_budget: int) -> list[tuple[Sequence, int]]:
         plan, budget = [], token_budget
         for s in seqs:
+            if s.num_cached == 0 and not s.block_table:
+                s.num_cached = s.cached_prompt_tokens = self.allocator.match_prefix(s.prompt_ids, s.block_table)
             pending = s.total_len - s.num_cached
             if pending <= 0:
                 continue
@@ -170,7 +176,10 @@ class Engine:
         ctx = self.backend.begin_step(meta)
         logits = self.adapter.forward(ctx, self.kv) if len(meta.logits_rows) or all_logits else None
         for s, n in plan:
+            before = s.num_cached
             s.num_cached += n
+            if before < len(s.prompt_ids):
+                self.allocator.register_prefix(s.prompt_ids, s.block_table, s.num_cached)
         return meta, logits
 
     def step(self, seqs: list[Sequence], token_budget: int = 2048) -> dict:
