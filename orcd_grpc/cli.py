@@ -170,8 +170,9 @@ def server_config(args: argparse.Namespace):
     """The ServerConfig for `orcd serve` from its parsed flags (fetching the default model)."""
     from .server import ServerConfig
 
-    model = model_store.resolve_model(args.model or model_store.DEFAULT_MODEL, verbose=True)
     model_dirs = [os.path.abspath(d) for d in (args.model_dir or [str(model_store.model_dir())])]
+    model = model_store.resolve_model(args.model or model_store.DEFAULT_MODEL, search_dirs=model_dirs,
+                                      verbose=True)
     # The server loads only files inside its model dirs; the model named on the command line is
     # allowed by naming it, so its directory joins the list.
     if not any(_inside(model, d) for d in model_dirs):

@@ -230,17 +230,22 @@ def looks_like_path(arg: str) -> bool:
     return os.sep in arg or arg.endswith(".gguf") or arg.startswith((".", "~"))
 
 
-def resolve_model(arg: str, *, verbose: bool = False) -> pathlib.Path:
-    """Maps a known model name (fetched if needed) or a path of a GGUF file to a path."""
+def resolve_model(arg: str, *, search_dirs: list | tuple = (), verbose: bool = False) -> pathlib.Path:
+    """Maps a known model name (fetched if needed) or a path of a GGUF file to a path. A relative
+    path that is not a file here is looked up in `search_dirs` in order (the worker's model
+    directories, as with `--model-dir /models --model x.gguf`)."""
     if not arg:
         raise NotFound("empty model name or path", field="model")
     if arg in MODELS:
         return ensure_model(arg, verbose=verbose)
     path = pathlib.Path(arg).expanduser()
-    if path.is_file():
-        return path.resolve()
+    candidates = [path] + ([pathlib.Path(d) / path for d in search_dirs] if not path.is_absolute() else [])
+    for cand in candidates:
+        if cand.is_file():
+            return cand.resolve()
     if looks_like_path(arg):
-        raise NotFound(f"no such file: {path}", field="model")
+        where = ", ".join(str(c) for c in candidates)
+        raise NotFound(f"no such file: {where}", field="model")
     raise NotFound(f"{arg!r} is neither a file nor a known model name; known names: "
                    f"{', '.join(sorted(MODELS))}", field="model")
 

@@ -68,6 +68,17 @@ def test_resolve_path(tmp_path, store):
         model_store.resolve_model(str(tmp_path / "missing.gguf"))
 
 
+def test_resolve_relative_path_in_search_dirs(tmp_path, store, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "m.gguf").write_bytes(b"GGUF")
+    got = model_store.resolve_model("m.gguf", search_dirs=[tmp_path / "a", tmp_path / "b"])
+    assert got == (tmp_path / "b" / "m.gguf").resolve()
+    with pytest.raises(NotFound, match=r"no such file: m.gguf, .*a/m.gguf"):
+        model_store.resolve_model("m.gguf", search_dirs=[tmp_path / "a"])
+
+
 def test_fetch_once_then_cached(store, tiny):
     path = model_store.ensure_model("tiny")
     assert path == store / "tiny.gguf" and path.read_bytes() == PAYLOAD
