@@ -1,0 +1,72 @@
+"""CUDA graphs for PyCUDA launches, through the driver API (PyCUDA has no graph API).
+
+Kernels launched with `prepared_async_call` on a stream under capture are recorded instead of
+run; replaying the instantiated graph costs about 1 µs per kernel instead of ~6 µs per Python
+launch. Inside a capture there must be no allocation, no host<->device copy and no
+synchronisation: every buffer a captured step touches is allocated before capture, and the
+per-step inputs are written into those same buffers before each replay.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cu():
+    lib = ctypes.CDLL("libcuda.so.1")
+    for name in ("cuStreamBeginCapture_v2", "cuStreamEndCapture", "cuGraphInstantiateWithFlags",
+                 "cuGraphLaunch", "cuGraphExecDestroy", "cuGraphDestroy", "cuGetErrorName"):
+        getattr(lib, name)  # fail at first use if the driver lacks one
+    return lib
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        name = ctypes.c_char_p()
+        _cu().cuGetErrorName(result, ctypes.byref(name))
+        from ..errors import Internal
+
+        raise Internal(f"{what} failed: {name.value.decode() if name.value else result}")
+
+
+class CudaGraph:
+    """One captured sequence of launches on `stream`, replayable with `launch()`."""
+
+    def __init__(self, stream, record):
+        """Captures every launch `record()` makes on `stream`."""
+        self.stream = stream
+        h = ctypes.c_void_p(stream.handle)
+        # Thread-local mode: other threads (the gRPC server's) may use CUDA meanwhile without
+        # invalidating this capture.
+        _check(_cu().cuStreamBeginCapture_v2(h, ctypes.c_int(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)),
+               "cuStreamBeginCapture")
+        graph = ctypes.c_void_p()
+        try:
+            record()
+        finally:
+            end = _cu().cuStreamEndCapture(h, ctypes.byref(graph))
+        _check(end, "cuStreamEndCapture")
+        self._graph = graph
+        self._exec = ctypes.c_void_p()
+        _check(_cu().cuGraphInstantiateWithFlags(ctypes.byref(self._exec), graph, ctypes.c_ulonglong(0)),
+               "cuGraphInstantiate")
+
+    def launch(self) -> None:
+        _check(_cu().cuGraphLaunch(self._exec, ctypes.c_void_p(self.stream.handle)), "cuGraphLaunch")
+
+    def close(self) -> None:
+        if self._exec:
+            _cu().cuGraphExecDestroy(self._exec)
+            self._exec = ctypes.c_void_p()
+        if self._graph:
+            _cu().cuGraphDestroy(self._graph)
+            self._graph = ctypes.c_void_p()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
