@@ -1,0 +1,289 @@
+// Matrix kernels on GGUF-quantized weights kept in their file layout in VRAM.
+//
+//   gemv_<fmt>_<nt>  y[t] = W x[t] for nt <= 4 tokens (decode) and the per-slot MoE GEMV.
+//                    One warp owns R rows. It streams each row's bytes chunk by chunk into shared
+//                    memory with 16-byte cp.async copies (aligned down, so the raw bytes of any
+//                    format arrive as full-width coalesced loads), double-buffered so the next
+//                    chunk is in flight while this one is decoded. Each lane decodes 8-weight parts
+//                    and reuses the x values it loaded for all R rows and the weights for all nt
+//                    tokens; f32 math, warp-shuffle reduction at the end.
+//   gemm_<fmt>_<bm>  tiled GEMM for larger T: 128 weight rows x BM tokens per block, k-tiles of 64;
+//                    weights are decoded into an f16 tile, activations converted to f16, products on
+//                    tensor cores (WMMA 16x16x16) with f32 accumulation. Each weight byte is read
+//                    once per BM tokens.
+//   embed_<fmt>      y[t] = dequantized row ids[t].
+// Kernels never allocate, copy to the host or synchronise, so launches can be captured in a graph.
+#include <mma.h>
+#include "quant_common.cuh"
+
+using namespace oq;
+
+namespace {
+
+constexpr int GEMV_WARPS = 4;  // warps per block; each warp is independent (only __syncwarp)
+constexpr int GEMV_R = 2;      // rows per warp: each x load is reused R times
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+template <class F>
+struct GemvSmem {
+    // one row chunk plus the up-to-15-byte misalignment of its start, rounded to 16
+    static constexpr int ROW = ((F::CHB * F::TS + 15 + 15) / 16) * 16;
+};
+
+// Reads up to 15 bytes past the end of a row chunk (to finish a 16-byte vector); QuantWeight pads
+// its allocation by 16 bytes so the last row's tail stays inside it.
+template <class F>
+__device__ __forceinline__ int stage_chunk(uint8_t* dst, const uint8_t* src, int nbytes, int lane) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(src) & ~uintptr_t(15);
+    const int head = int(reinterpret_cast<uintptr_t>(src) - a);
+    const int nvec = (head + nbytes + 15) >> 4;
+    for (int i = lane; i < nvec; i += 32) cp_async16(dst + 16 * i, reinterpret_cast<const uint8_t*>(a) + 16 * i);
+    return head;
+}
+
+template <class F, int NT>
+__device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
+                                          float* __restrict__ y, const float* __restrict__ bias,
+                                          const int* __restrict__ expert_ids, int T, int n, int k,
+                                          long long expert_stride, int top_k, int x_per_slot, int accumulate) {
+    constexpr int R = GEMV_R, SROW = GemvSmem<F>::ROW;
+    __shared__ __align__(16) uint8_t sm[GEMV_WARPS][2][R][SROW];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row0 = (blockIdx.x * GEMV_WARPS + warp) * R;
+    if (row0 >= n) return;  // whole warp leaves together; no block-level barrier is used below
+
+    // MoE slot: blockIdx.y = t*top_k + j picks expert ids[slot]; plain matmul has one slot.
+    const int slot = blockIdx.y;
+    if (expert_ids) {
+        const int e = expert_ids[slot];
+        W += e * expert_stride;
+        if (bias) bias += (long long)e * n;
+        x += (long long)(x_per_slot ? slot : slot / top_k) * k;
+        y += (long long)slot * n;
+    }
+    const int nblk = k / F::QK;
+    const long long RB = (long long)nblk * F::TS;
+    const uint8_t* rowp[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) rowp[r] = W + (long long)min(row0 + r, n - 1) * RB;  // tail rows: re-read the last row, not written
+
+    float acc[R][NT];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
+
+    const int nch = (nblk + F::CHB - 1) / F::CHB;
+    auto issue = [&](int c) {
+        const int b0 = c * F::CHB, nb = min(F::CHB, nblk - b0);
+#pragma unroll
+        for (int r = 0; r < R; r++) stage_chunk<F>(sm[warp][c & 1][r], rowp[r] + (long long)b0 * F::TS, nb * F::TS, lane);
+    };
+    issue(0);
+    cp_async_commit();
+    for (int c = 0; c < nch; c++) {
+        if (c + 1 < nch) issue(c + 1);
+        cp_async_commit();  // an empty group on the last chunk keeps wait_group 1 meaning "chunk c landed"
+        cp_async_wait1();
+        __syncwarp();       // other lanes' copies of chunk c are visible after this
+        const int b0 = c * F::CHB, nparts = min(F::CHB, nblk - b0) * F::NP;
+        int head[R];  // where the chunk starts inside its aligned-down copy (recomputed: no run-time-indexed array)
+#pragma unroll
+        for (int r = 0; r < R; r++) head[r] = int(reinterpret_cast<uintptr_t>(rowp[r] + (long long)b0 * F::TS) & 15);
+        for (int pi = lane; pi < nparts; pi += 32) {
+            const int bl = pi / F::NP, p = pi % F::NP;
+            int o0, o1;
+            F::offs(p, o0, o1);
+            const int e0 = (b0 + bl) * F::QK;
+            float4 xa[NT], xb[NT];
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                const float* xt = x + (long long)min(t, T - 1) * k + e0;  // tokens >= T: harmless duplicate loads
+                xa[t] = __ldg(reinterpret_cast<const float4*>(xt + o0));
+                xb[t] = __ldg(reinterpret_cast<const float4*>(xt + o1));
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float q[8], a0, a1, m0, m1;
+                F::dec(sm[warp][c & 1][r] + head[r] + bl * F::TS, p, q, a0, a1, m0, m1);
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    float s0 = q[0] * xa[t].x, s1 = q[4] * xb[t].x;
+                    s0 = fmaf(q[1], xa[t].y, s0); s1 = fmaf(q[5], xb[t].y, s1);
+                    s0 = fmaf(q[2], xa[t].z, s0); s1 = fmaf(q[6], xb[t].z, s1);
+                    s0 = fmaf(q[3], xa[t].w, s0); s1 = fmaf(q[7], xb[t].w, s1);
+                    float v = fmaf(a0, s0, a1 * s1);
+                    if constexpr (F::MIN) {
+                        v = fmaf(m0, (xa[t].x + xa[t].y) + (xa[t].z + xa[t].w), v);
+                        v = fmaf(m1, (xb[t].x + xb[t].y) + (xb[t].z + xb[t].w), v);
+                    }
+                    acc[r][t] += v;
+                }
+            }
+        }
+        __syncwarp();  // all lanes done reading this buffer before chunk c+2 overwrites it
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float v = acc[r][t];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            acc[r][t] = v;
+        }
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int row = row0 + r;
+            if (row >= n) continue;
+            const float b = bias ? bias[row] : 0.f;
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t >= T) continue;
+                float* yp = y + (long long)t * n + row;
+                *yp = acc[r][t] + b + (accumulate ? *yp : 0.f);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- tensor-core GEMM
+constexpr int GBN = 128, GBK = 64, GLD = GBK + 8;  // +8 halves per row: rows land on different banks
+constexpr int GEMM_THREADS = 256;
+
+template <class F, int BM>
+__device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
+                                          float* __restrict__ y, const float* __restrict__ bias,
+                                          int T, int n, int k, int accumulate) {
+    using namespace nvcuda;
+    constexpr int MF = BM / 16;
+    constexpr int SMEM = (BM + GBN) * GLD * 2;
+    static_assert(SMEM >= 8 * 256 * 4, "epilogue scratch must fit in the tile memory");
+    __shared__ __align__(128) uint8_t smem[SMEM];
+    __half* As = reinterpret_cast<__half*>(smem);   // [BM][GLD]  activations
+    __half* Bs = As + BM * GLD;                     // [GBN][GLD] weights, row n holds k
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int n0 = blockIdx.x * GBN, m0 = blockIdx.y * BM;
+    const int nblk = k / F::QK;
+    const long long RB = (long long)nblk * F::TS;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MF];
+#pragma unroll
+    for (int i = 0; i < MF; i++) wmma::fill_fragment(acc[i], 0.f);
+
+    for (int kk = 0; kk < k; kk += GBK) {
+        // activations: BM x 64 floats -> f16; rows past T and columns past k are zero
+        for (int i = tid; i < BM * (GBK / 4); i += GEMM_THREADS) {
+            const int r = i / (GBK / 4), c = (i % (GBK / 4)) * 4;
+            const int t = m0 + r, col = kk + c;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t < T && col < k) v = __ldg(reinterpret_cast<const float4*>(x + (long long)t * k + col));
+            __half2* d = reinterpret_cast<__half2*>(As + r * GLD + c);
+            d[0] = __floats2half2_rn(v.x, v.y); d[1] = __floats2half2_rn(v.z, v.w);
+        }
+        // weights: 128 rows x 8 parts; part gp = kk/8 + pp covers elements inside this 64-window
+        for (int i = tid; i < GBN * (GBK / 8); i += GEMM_THREADS) {
+            const int r = i / (GBK / 8), pp = i % (GBK / 8);
+            const int row = n0 + r, gp = kk / 8 + pp;
+            const int blk = gp / F::NP, p = gp % F::NP;
+            int o0, o1;
+            F::offs(p, o0, o1);
+            const int c0 = blk * F::QK + o0 - kk, c1 = blk * F::QK + o1 - kk;
+            float q[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a0 = 0.f, a1 = 0.f, mm0 = 0.f, mm1 = 0.f;
+            if (row < n && blk < nblk) F::dec(W + row * RB + (long long)blk * F::TS, p, q, a0, a1, mm0, mm1);
+            __half2* d0 = reinterpret_cast<__half2*>(Bs + r * GLD + c0);
+            __half2* d1 = reinterpret_cast<__half2*>(Bs + r * GLD + c1);
+            d0[0] = __floats2half2_rn(fmaf(a0, q[0], mm0), fmaf(a0, q[1], mm0));
+            d0[1] = __floats2half2_rn(fmaf(a0, q[2], mm0), fmaf(a0, q[3], mm0));
+            d1[0] = __floats2half2_rn(fmaf(a1, q[4], mm1), fmaf(a1, q[5], mm1));
+            d1[1] = __floats2half2_rn(fmaf(a1, q[6], mm1), fmaf(a1, q[7], mm1));
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < GBK; ks += 16) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> bf;
+            wmma::load_matrix_sync(bf, Bs + warp * 16 * GLD + ks, GLD);
+#pragma unroll
+            for (int i = 0; i < MF; i++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> af;
+                wmma::load_matrix_sync(af, As + i * 16 * GLD + ks, GLD);
+                wmma::mma_sync(acc[i], af, bf, acc[i]);
+            }
+        }
+        __syncthreads();  // tiles are overwritten by the next k-step
+    }
+    // epilogue: each warp spills one 16x16 fragment at a time to its own scratch and writes it out
+    float* scratch = reinterpret_cast<float*>(smem) + warp * 256;
+    const int col = n0 + warp * 16 + (lane & 1) * 8;
+#pragma unroll
+    for (int i = 0; i < MF; i++) {
+        wmma::store_matrix_sync(scratch, acc[i], 16, wmma::mem_row_major);
+        __syncwarp();
+        const int t = m0 + i * 16 + (lane >> 1);
+        if (t < T) {
+            const float* s = scratch + (lane >> 1) * 16 + (lane & 1) * 8;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const int c = col + j;
+                if (c < n) {
+                    float* yp = y + (long long)t * n + c;
+                    *yp = s[j] + (bias ? bias[c] : 0.f) + (accumulate ? *yp : 0.f);
+                }
+            }
+        }
+        __syncwarp();
+    }
+}
+
+template <class F>
+__device__ __forceinline__ void embed_impl(const int* __restrict__ ids, const uint8_t* __restrict__ W,
+                                           float* __restrict__ y, int k) {
+    const int t = blockIdx.y, gp = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gp >= k / 8) return;
+    const int nblk = k / F::QK, blk = gp / F::NP, p = gp % F::NP;
+    const uint8_t* b = W + (long long)ids[t] * nblk * F::TS + (long long)blk * F::TS;
+    float q[8], a0, a1, m0, m1;
+    int o0, o1;
+    F::offs(p, o0, o1);
+    F::dec(b, p, q, a0, a1, m0, m1);
+    float* yr = y + (long long)t * k + blk * F::QK;
+    *reinterpret_cast<float4*>(yr + o0) = make_float4(fmaf(a0, q[0], m0), fmaf(a0, q[1], m0), fmaf(a0, q[2], m0), fmaf(a0, q[3], m0));
+    *reinterpret_cast<float4*>(yr + o1) = make_float4(fmaf(a1, q[4], m1), fmaf(a1, q[5], m1), fmaf(a1, q[6], m1), fmaf(a1, q[7], m1));
+}
+
+}  // namespace
+
+#define GEMV_ARGS const float* x, const uint8_t* W, float* y, const float* bias, const int* expert_ids, int T, int n, int k, \
+                  long long expert_stride, int top_k, int x_per_slot, int accumulate
+#define GEMV_PASS x, W, y, bias, expert_ids, T, n, k, expert_stride, top_k, x_per_slot, accumulate
+#define GEMM_ARGS const float* x, const uint8_t* W, float* y, const float* bias, int T, int n, int k, int accumulate
+
+#define DEFINE_FORMAT(name, F)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1(GEMV_ARGS) { gemv_impl<F, 1>(GEMV_PASS); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_2(GEMV_ARGS) { gemv_impl<F, 2>(GEMV_PASS); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_4(GEMV_ARGS) { gemv_impl<F, 4>(GEMV_PASS); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_16(GEMM_ARGS) { gemm_impl<F, 16>(x, W, y, bias, T, n, k, accumulate); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_32(GEMM_ARGS) { gemm_impl<F, 32>(x, W, y, bias, T, n, k, accumulate); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_128(GEMM_ARGS) { gemm_impl<F, 128>(x, W, y, bias, T, n, k, accumulate); } \
+    extern "C" __global__ void embed_##name(const int* ids, const uint8_t* W, float* y, int k) { embed_impl<F>(ids, W, y, k); }
+
+DEFINE_FORMAT(q4_0, FQ4_0)
+DEFINE_FORMAT(q4_1, FQ4_1)
+DEFINE_FORMAT(q5_0, FQ5_0)
+DEFINE_FORMAT(q5_1, FQ5_1)
+DEFINE_FORMAT(q8_0, FQ8_0)
+DEFINE_FORMAT(mxfp4, FMXFP4)
+DEFINE_FORMAT(q4_k, FQ4_K)
+DEFINE_FORMAT(q5_k, FQ5_K)
+DEFINE_FORMAT(q6_k, FQ6_K)
+DEFINE_FORMAT(f32, FF32)
+DEFINE_FORMAT(f16, FF16)
+DEFINE_FORMAT(bf16, FBF16)

@@ -1,0 +1,163 @@
+"""Quantized matrix kernels on GGUF weights kept in their file layout in VRAM (cuda/quant_matmul.cu).
+
+Shapes: a weight is an [n, k] matrix (n output rows, k inputs; GGUF ne = [k, n]) stored as the raw
+GGUF bytes, row-major, ``k // block_size * type_size`` bytes per row. Activations are float32
+[T, k], outputs float32 [T, n], both contiguous.
+
+Every launch is a ``prepared_async_call`` on the caller's stream, with no allocation, host copy or
+synchronisation, so a sequence of calls can be captured into a CUDA graph.
+
+Kernel choice: T <= 4 uses the GEMV kernel (f32 math, weights streamed once through shared memory
+with 16-byte copies, each weight used for all T tokens); larger T uses the tensor-core GEMM (weights
+and activations rounded to f16, f32 accumulation: relative error ~1e-3, see docs/kernels.md).
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+Q = GGMLQuantizationType
+
+#: kernel-name suffix of each supported storage type
+_NAME = {
+    Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q5_0: "q5_0", Q.Q5_1: "q5_1", Q.Q8_0: "q8_0", Q.MXFP4: "mxfp4",
+    Q.Q4_K: "q4_k", Q.Q5_K: "q5_k", Q.Q6_K: "q6_k", Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16",
+}
+SUPPORTED: set[GGMLQuantizationType] = set(_NAME)
+
+GEMV_MAX_T = 4          # largest T served by the GEMV kernel (NT = 1, 2 or 4)
+_GEMV_WARPS, _GEMV_R = 4, 2   # must match GEMV_WARPS / GEMV_R in quant_matmul.cu
+_GEMM_BN, _GEMM_THREADS = 128, 256
+_EMBED_THREADS = 128
+_PAD = 16               # GEMV copies whole 16-byte vectors, reading up to 15 bytes past a row's end
+
+
+def row_bytes(qtype, k: int) -> int:
+    bs, ts = GGML_QUANT_SIZES[Q(qtype)]
+    return k // bs * ts
+
+
+def _check_k(qtype, k: int) -> None:
+    bs, _ = GGML_QUANT_SIZES[Q(qtype)]
+    # the kernels cut rows into 8-weight parts and F32/F16/BF16 rows into 32-element pseudo-blocks
+    if k % bs or k % 32:
+        raise ValueError(f"{Q(qtype).name}: k={k} must be a multiple of {max(bs, 32)}")
+
+
+class QuantWeight:
+    """A device-resident weight matrix (or a stack of expert matrices) in its raw GGUF layout."""
+
+    def __init__(self, raw: np.ndarray, qtype, n: int, k: int, n_experts: int | None = None):
+        import pycuda.driver as drv
+
+        self.qtype = Q(int(qtype))
+        if self.qtype not in SUPPORTED:
+            raise ValueError(f"no CUDA kernel for {self.qtype.name}")
+        _check_k(self.qtype, k)
+        self.n, self.k, self.n_experts = int(n), int(k), n_experts
+        self.row_bytes = row_bytes(self.qtype, k)
+        self.expert_bytes = self.n * self.row_bytes
+        buf = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+        want = self.expert_bytes * (n_experts or 1)
+        if buf.nbytes != want:
+            raise ValueError(f"{self.qtype.name} [{n_experts or 1}x{n}x{k}]: expected {want} bytes, got {buf.nbytes}")
+        self.nbytes = want
+        self._mem = drv.mem_alloc(want + _PAD)
+        drv.memcpy_htod(self._mem, buf)
+        drv.memset_d8(int(self._mem) + want, 0, _PAD)
+        self.ptr = int(self._mem)
+
+    def free(self) -> None:
+        if self._mem is not None:
+            self._mem.free()
+            self._mem = None
+            self.ptr = 0
+
+
+class _Kernels:
+    """Prepared functions of the quant_matmul module, looked up once per name."""
+
+    def __init__(self):
+        from .cuda_runtime import load_module
+
+        self.mod = load_module("quant_matmul")
+        self.fns: dict[str, object] = {}
+
+    def get(self, name: str, sig: str):
+        f = self.fns.get(name)
+        if f is None:
+            f = self.mod.get_function(name)
+            f.prepare(sig)
+            self.fns[name] = f
+        return f
+
+
+_K: _Kernels | None = None
+_GEMV_SIG = "PPPPPiiiqiii"
+_GEMM_SIG = "PPPPiiii"
+
+
+def _kernels() -> _Kernels:
+    global _K
+    if _K is None:
+        _K = _Kernels()
+    return _K
+
+
+def _p(ptr) -> np.uintp:
+    return np.uintp(0 if ptr is None else int(ptr))
+
+
+def _stream_handle(stream):
+    return stream  # pycuda Stream or None (default stream)
+
+
+def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumulate: bool = False) -> None:
+    """y[T, n] = x[T, k] @ W^T (+ bias[n]) (+ y when accumulate)."""
+    if T <= 0:
+        return
+    ks = _kernels()
+    fmt = _NAME[w.qtype]
+    if T <= GEMV_MAX_T:
+        nt = 1 if T == 1 else (2 if T == 2 else 4)
+        rows_per_block = _GEMV_WARPS * _GEMV_R
+        f = ks.get(f"gemv_{fmt}_{nt}", _GEMV_SIG)
+        f.prepared_async_call(((w.n + rows_per_block - 1) // rows_per_block, 1), (_GEMV_WARPS * 32, 1, 1), stream,
+                              _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(0), np.int32(T), np.int32(w.n),
+                              np.int32(w.k), np.int64(0), np.int32(1), np.int32(0), np.int32(bool(accumulate)))
+        return
+    bm = 16 if T <= 16 else 32 if T <= 32 else 64 if T <= 64 else 128
+    f = ks.get(f"gemm_{fmt}_{bm}", _GEMM_SIG)
+    f.prepared_async_call(((w.n + _GEMM_BN - 1) // _GEMM_BN, (T + bm - 1) // bm), (_GEMM_THREADS, 1, 1), stream,
+                          _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), np.int32(T), np.int32(w.n), np.int32(w.k),
+                          np.int32(bool(accumulate)))
+
+
+def embed(ids_ptr, w: QuantWeight, y_ptr, T: int, stream) -> None:
+    """y[t, :] = dequantized row ids[t] of w (int32 ids, float32 [T, k] output)."""
+    if T <= 0:
+        return
+    f = _kernels().get(f"embed_{_NAME[w.qtype]}", "PPPi")
+    parts = w.k // 8
+    f.prepared_async_call(((parts + _EMBED_THREADS - 1) // _EMBED_THREADS, T), (_EMBED_THREADS, 1, 1), stream,
+                          _p(ids_ptr), _p(w.ptr), _p(y_ptr), np.int32(w.k))
+
+
+def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream, bias_ptr=None,
+               x_per_slot: bool = False) -> None:
+    """y[t, j, :] = x[t] @ W[expert_ids[t, j]]^T (+ bias[expert_ids[t, j]]).
+
+    With x_per_slot the input of slot (t, j) is x[t, j, :] (the down projection after the gate/up
+    projections produced one activation row per slot). One GEMV per slot: each slot reads its
+    expert's matrix once.
+    """
+    if T <= 0:
+        return
+    if not w.n_experts:
+        raise ValueError("moe_matmul needs a QuantWeight created with n_experts")
+    rows_per_block = _GEMV_WARPS * _GEMV_R
+    f = _kernels().get(f"gemv_{_NAME[w.qtype]}_1", _GEMV_SIG)
+    f.prepared_async_call(((w.n + rows_per_block - 1) // rows_per_block, T * top_k), (_GEMV_WARPS * 32, 1, 1), stream,
+                          _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(expert_ids_ptr), np.int32(1),
+                          np.int32(w.n), np.int32(w.k), np.int64(w.expert_bytes), np.int32(top_k),
+                          np.int32(bool(x_per_slot)), np.int32(0))

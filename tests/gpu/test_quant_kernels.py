@@ -1,0 +1,186 @@
+"""GPU checks of cuda/quant_matmul.cu against gguf's own dequantize + a float64 NumPy matmul.
+
+Every check draws fresh random weights (random bytes with sane f16 scales, as real GGUF blocks have)
+and fresh random activations, poisons the output with NaN first, and compares by
+||out - ref|| / ||ref||:
+  * GEMV (T <= 4): f32 math on exactly dequantized weights   -> <= 1e-4
+  * tensor-core GEMM (T > 4): weights and activations rounded to f16, f32 accumulation -> <= 3e-3
+  * embed: exact dequantization                               -> <= 1e-6
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
+from gguf import quants as gq  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
+TS = [1, 3, 8, 17, 64, 300]
+TOL_GEMV, TOL_GEMM = 1e-4, 3e-3
+
+# byte offsets of the f16 scale fields inside a block (random bytes elsewhere)
+_F16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
+               Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def random_weight(rng, qtype, n, k, lead=()):
+    """Raw GGUF bytes (uint8, shape lead+(n, row_bytes)) for a random [n, k] matrix, and its float32 decode."""
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    shape = (*lead, n, k)
+    if qtype == Q.F32:
+        w = rng.standard_normal(shape, dtype=np.float32)
+        return w.view(np.uint8).reshape(*lead, n, k * 4), w
+    if qtype == Q.F16:
+        w = rng.standard_normal(shape).astype(np.float16)
+        return w.view(np.uint8).reshape(*lead, n, k * 2), w.astype(np.float32)
+    if qtype == Q.BF16:
+        bits = (rng.standard_normal(shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return bits.view(np.uint8).reshape(*lead, n, k * 2), (bits.astype(np.uint32) << 16).view(np.float32)
+    nblk = int(np.prod(shape)) // bs
+    raw = rng.integers(0, 256, size=(nblk, ts), dtype=np.uint8)
+    if qtype == Q.MXFP4:
+        raw[:, 0] = rng.integers(118, 126, size=nblk, dtype=np.uint8)  # E8M0 scales 2^-10 .. 2^-2
+    else:
+        for off in _F16_FIELDS[qtype]:
+            # random magnitudes and signs so a wrong scale index shows up as an error
+            d = (rng.uniform(0.5, 2.0, nblk) * rng.choice([-1, 1], nblk) * 0.01).astype(np.float16)
+            raw[:, off:off + 2] = d.view(np.uint8).reshape(nblk, 2)
+    raw = raw.reshape(*lead, n, k // bs * ts)
+    w = gq.dequantize(raw.reshape(-1, k // bs * ts), qtype).reshape(shape).astype(np.float32)
+    assert np.isfinite(w).all()
+    return raw, w
+
+
+def rel_err(out, ref):
+    out = np.asarray(out, np.float64)
+    assert np.isfinite(out).all(), "non-finite output (unwritten element or NaN)"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+@pytest.fixture(scope="module")
+def cu():
+    import pycuda.autoprimaryctx  # noqa: F401  (shares the device's primary context with other users)
+    import pycuda.driver as drv
+    import pycuda.gpuarray as ga
+
+    from orcd_grpc.backends import cuda_quant
+
+    class Ctx:
+        pass
+
+    c = Ctx()
+    c.drv, c.ga, c.q = drv, ga, cuda_quant
+    c.stream = drv.Stream()
+    return c
+
+
+def _shapes(qtype):
+    shapes = [(1000, 256), (37, 4864), (1000, 4864)]
+    if GGML_QUANT_SIZES[qtype][0] == 32:  # k=2880 is not a multiple of 256: only 32-element blocks
+        shapes += [(37, 2880), (1000, 2880)]
+    return shapes
+
+
+CASES = [(f, t, s) for f in FORMATS for s in _shapes(f) for t in TS]
+
+
+_SESSION_SEED = int(np.random.SeedSequence().entropy % (1 << 62))  # fresh weights on every run
+
+
+@functools.lru_cache(maxsize=4)
+def _weight(qtype, n, k):
+    """shared by the T variants of one (format, shape) within a run, to save CPU time on the reference"""
+    return random_weight(np.random.default_rng([_SESSION_SEED, int(qtype), n, k]), qtype, n, k)
+
+
+@pytest.mark.parametrize("qtype,T,shape", CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_matmul(cu, qtype, T, shape):
+    n, k = shape
+    rng = np.random.default_rng()
+    raw, wf = _weight(qtype, n, k)
+    x = rng.standard_normal((T, k), dtype=np.float32)
+    w = cu.q.QuantWeight(raw, qtype, n, k)
+    try:
+        xd = cu.ga.to_gpu(x)
+        yd = cu.ga.to_gpu(np.full((T, n), np.nan, np.float32))
+        cu.q.matmul(xd.gpudata, w, yd.gpudata, T, cu.stream)
+        cu.stream.synchronize()  # raises on a launch or execution error
+        ref = x.astype(np.float64) @ wf.astype(np.float64).T
+        tol = TOL_GEMV if T <= cu.q.GEMV_MAX_T else TOL_GEMM
+        err = rel_err(yd.get(), ref)
+        assert err <= tol, f"{qtype.name} T={T} n={n} k={k}: rel err {err:.2e} > {tol}"
+    finally:
+        w.free()
+
+
+@pytest.mark.parametrize("T", [1, 4, 64])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q5_0])
+def test_matmul_bias_accumulate(cu, qtype, T):
+    n, k = 301, 512
+    rng = np.random.default_rng()
+    raw, wf = random_weight(rng, qtype, n, k)
+    x = rng.standard_normal((T, k), dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    y0 = rng.standard_normal((T, n), dtype=np.float32)
+    w = cu.q.QuantWeight(raw, qtype, n, k)
+    try:
+        xd, bd, yd = cu.ga.to_gpu(x), cu.ga.to_gpu(b), cu.ga.to_gpu(y0)
+        cu.q.matmul(xd.gpudata, w, yd.gpudata, T, cu.stream, bias_ptr=bd.gpudata, accumulate=True)
+        cu.stream.synchronize()
+        ref = x.astype(np.float64) @ wf.astype(np.float64).T + b + y0
+        tol = TOL_GEMV if T <= cu.q.GEMV_MAX_T else TOL_GEMM
+        assert rel_err(yd.get(), ref) <= tol
+    finally:
+        w.free()
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda v: v.name)
+def test_embed(cu, qtype):
+    n, k = 999, 2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 4864
+    rng = np.random.default_rng()
+    raw, wf = random_weight(rng, qtype, n, k)
+    ids = rng.integers(0, n, size=37).astype(np.int32)
+    ids[0], ids[-1] = 0, n - 1  # first and last rows
+    w = cu.q.QuantWeight(raw, qtype, n, k)
+    try:
+        idd = cu.ga.to_gpu(ids)
+        yd = cu.ga.to_gpu(np.full((len(ids), k), np.nan, np.float32))
+        cu.q.embed(idd.gpudata, w, yd.gpudata, len(ids), cu.stream)
+        cu.stream.synchronize()
+        assert rel_err(yd.get(), wf[ids].astype(np.float64)) <= 1e-6
+    finally:
+        w.free()
+
+
+@pytest.mark.parametrize("T", [1, 5, 33])
+@pytest.mark.parametrize("x_per_slot", [False, True])
+@pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K])
+def test_moe_matmul(cu, qtype, T, x_per_slot):
+    E, top_k, n = 8, 4, 301
+    k = 2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 768
+    rng = np.random.default_rng()
+    raw, wf = random_weight(rng, qtype, n, k, lead=(E,))
+    bias = rng.standard_normal((E, n), dtype=np.float32)
+    ids = np.stack([rng.choice(E, top_k, replace=False) for _ in range(T)]).astype(np.int32)
+    x = rng.standard_normal((T, top_k, k) if x_per_slot else (T, k), dtype=np.float32)
+    w = cu.q.QuantWeight(raw, qtype, n, k, n_experts=E)
+    try:
+        xd, idd, bd = cu.ga.to_gpu(x), cu.ga.to_gpu(ids), cu.ga.to_gpu(bias)
+        yd = cu.ga.to_gpu(np.full((T, top_k, n), np.nan, np.float32))
+        cu.q.moe_matmul(xd.gpudata, w, idd.gpudata, yd.gpudata, T, top_k, cu.stream, bias_ptr=bd.gpudata,
+                        x_per_slot=x_per_slot)
+        cu.stream.synchronize()
+        ref = np.empty((T, top_k, n))
+        for t in range(T):
+            for j in range(top_k):
+                xv = x[t, j] if x_per_slot else x[t]
+                ref[t, j] = wf[ids[t, j]].astype(np.float64) @ xv + bias[ids[t, j]]
+        assert rel_err(yd.get(), ref) <= TOL_GEMV
+    finally:
+        w.free()
