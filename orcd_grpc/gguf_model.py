@@ -8,11 +8,13 @@ import gguf
 import numpy as np
 
 from .errors import InvalidArgument
+from .gguf_guard import check_gguf
 
 
 class GGUFModel:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        check_gguf(self.path)  # bounded structural check first: the reader trusts the header
         try:
             self.reader = gguf.GGUFReader(self.path, "r")
         except Exception as exc:  # gguf raises ValueError/struct.error/IndexError on bad files
