@@ -1,0 +1,207 @@
+// Paged attention over an f16 KV cache, for prefill and decode alike.
+//
+// Cache layout (per layer): K [num_slots, Hkv, Dk] and V [num_slots, Hkv, Dv] in f16, where
+// slot = block * block_size + offset; a sequence's logical key n lives in block
+// block_tables[b][n / block_size]. f16 halves the bytes a decode step reads per key compared
+// with f32, and the values (post-projection K/V) are far inside its range.
+//
+// attn_dN: one CTA = (sequence b, kv head, tile of 32 query rows). A query row is a (token,
+// q head) pair of that sequence whose q head maps to this kv head (GQA: head h uses kv head
+// h / group); rows are token-major, so a tile covers 32/group tokens and every K/V tile loaded
+// into shared memory serves all the q heads that share it. Keys stream through shared memory 32
+// at a time with an online softmax (running max m and sum l per row), so no score matrix is
+// ever materialised, whatever the prompt length.
+//
+// Within a warp (4 rows), lane j scores key j of the tile (K rows padded by one float in shared
+// memory so the 32 lanes hit 32 different banks), then every lane accumulates output dims
+// lane, lane+32, ... (N = 32 * DPL dims at most).
+//
+// Masks: causal (key n visible to a query at position p iff n <= p), sliding window (n > p -
+// window when window > 0). Sinks: a per-q-head logit joining only the denominator. Softcap:
+// s = softcap * tanh(s / softcap) before masking.
+#include "common.cuh"
+
+#define KT 32        // keys per shared-memory tile
+#define RPW 4        // query rows per warp
+#define NWARPS 8
+#define ROWS (RPW * NWARPS)
+
+// Writes this step's K/V rows (float32 [T, Hkv, D]) into the f16 cache at slot_mapping[t].
+extern "C" __global__ void kv_store_f16(const float* __restrict__ k, const float* __restrict__ v,
+                                        const int* __restrict__ slots, __half* __restrict__ kc,
+                                        __half* __restrict__ vc, int T, int Hkv, int Dk, int Dv) {
+    const int t = blockIdx.y;
+    const int slot = slots[t];
+    if (slot < 0) return;  // padding token: writes nothing
+    const int nk = Hkv * Dk, nv = Hkv * Dv;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < nk + nv; i += gridDim.x * blockDim.x) {
+        if (i < nk) kc[(size_t)slot * nk + i] = __float2half_rn(k[(size_t)t * nk + i]);
+        else vc[(size_t)slot * nv + (i - nk)] = __float2half_rn(v[(size_t)t * nv + (i - nk)]);
+    }
+}
+
+template <int DPL>
+__device__ void attn_impl(const float* __restrict__ q, const __half* __restrict__ kc,
+                          const __half* __restrict__ vc, float* __restrict__ out,
+                          const int* __restrict__ q_starts, const int* __restrict__ positions,
+                          const int* __restrict__ ctx_lens, const int* __restrict__ block_tables,
+                          int max_blocks, int block_size, int Hq, int Hkv, int Dk, int Dv, float scale,
+                          int window, const float* __restrict__ sinks, float softcap) {
+    extern __shared__ float smem[];
+    float* Qs = smem;                       // [ROWS][Dk], pre-scaled
+    float* Ks = Qs + ROWS * Dk;             // [KT][Dk + 1]
+    float* Vs = Ks + KT * (Dk + 1);         // [KT][Dv]
+    __shared__ int range_lo, range_hi;
+
+    const int b = blockIdx.y, kvh = blockIdx.z;
+    const int q0 = q_starts[b], nq = q_starts[b + 1] - q0;
+    const int group = Hq / Hkv;
+    const int row0 = blockIdx.x * ROWS;
+    if (row0 >= nq * group) return;  // the grid is sized for the longest sequence of the step
+    const int n_ctx = ctx_lens[b];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    // Stage the tile's query rows (scaled) and find the keys any of them can see.
+    for (int e = tid; e < ROWS * Dk; e += blockDim.x) {
+        const int r = e / Dk, d = e - r * Dk, gr = row0 + r;
+        float val = 0.f;
+        if (gr < nq * group) {
+            const int t = q0 + gr / group, h = kvh * group + gr % group;
+            val = q[((size_t)t * Hq + h) * Dk + d] * scale;
+        }
+        Qs[e] = val;
+    }
+    if (tid == 0) {
+        int lo = n_ctx, hi = 0;
+        const int t_first = row0 / group, t_last = min(nq * group - 1, row0 + ROWS - 1) / group;
+        for (int t = t_first; t <= t_last; ++t) {
+            const int p = positions[q0 + t];
+            hi = max(hi, min(p + 1, n_ctx));
+            lo = min(lo, window > 0 ? max(0, p - window + 1) : 0);
+        }
+        range_lo = lo;
+        range_hi = hi;
+    }
+    __syncthreads();
+    const int lo = range_lo, hi = range_hi;
+
+    // This warp's rows: position (INT_MIN marks a row past the end) and q head.
+    int pos[RPW];
+    float m[RPW], l[RPW], acc[RPW][DPL];
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+        const int gr = row0 + warp * RPW + i;
+        pos[i] = gr < nq * group ? positions[q0 + gr / group] : INT_MIN;
+        m[i] = -INFINITY;
+        l[i] = 0.f;
+#pragma unroll
+        for (int c = 0; c < DPL; ++c) acc[i][c] = 0.f;
+    }
+    const int* btab = block_tables + (size_t)b * max_blocks;
+    const int hk2 = Dk >> 1, hv2 = Dv >> 1;
+
+    for (int k0 = lo; k0 < hi; k0 += KT) {
+        // K/V tile -> shared (f16 -> f32). Keys past `hi` become zeros: their p is 0, and a
+        // zero (not garbage) V keeps 0 * V finite.
+        for (int e = tid; e < KT * (hk2 + hv2); e += blockDim.x) {
+            const bool is_k = e < KT * hk2;
+            const int e2 = is_k ? e : e - KT * hk2;
+            const int per = is_k ? hk2 : hv2;
+            const int j = e2 / per, c = e2 - j * per, n = k0 + j;
+            float2 f = make_float2(0.f, 0.f);
+            if (n < hi) {
+                const size_t slot = (size_t)btab[n / block_size] * block_size + (n % block_size);
+                const __half2* src = reinterpret_cast<const __half2*>(
+                    is_k ? kc + (slot * Hkv + kvh) * Dk : vc + (slot * Hkv + kvh) * Dv);
+                f = __half22float2(src[c]);
+            }
+            if (is_k) { Ks[j * (Dk + 1) + 2 * c] = f.x; Ks[j * (Dk + 1) + 2 * c + 1] = f.y; }
+            else { Vs[j * Dv + 2 * c] = f.x; Vs[j * Dv + 2 * c + 1] = f.y; }
+        }
+        __syncthreads();
+
+        // Scores of key k0 + lane for the warp's rows.
+        float s[RPW];
+#pragma unroll
+        for (int i = 0; i < RPW; ++i) s[i] = 0.f;
+        const float* kr = Ks + lane * (Dk + 1);
+        const float* qr = Qs + (warp * RPW) * Dk;
+        for (int d = 0; d < Dk; ++d) {
+            const float kd = kr[d];
+#pragma unroll
+            for (int i = 0; i < RPW; ++i) s[i] = fmaf(qr[i * Dk + d], kd, s[i]);
+        }
+        const int n = k0 + lane;
+        float p[RPW];
+#pragma unroll
+        for (int i = 0; i < RPW; ++i) {
+            float si = s[i];
+            if (softcap > 0.f) si = softcap * tanhf(si / softcap);
+            const bool vis = n < hi && n <= pos[i] && (window <= 0 || n > pos[i] - window);
+            si = vis ? si : -INFINITY;
+            const float m_new = fmaxf(m[i], warp_max(si));
+            if (m_new == -INFINITY) { p[i] = 0.f; continue; }  // nothing visible yet for this row
+            const float corr = __expf(m[i] - m_new);
+            p[i] = vis ? __expf(si - m_new) : 0.f;
+            l[i] = l[i] * corr + warp_sum(p[i]);
+            m[i] = m_new;
+#pragma unroll
+            for (int c = 0; c < DPL; ++c) acc[i][c] *= corr;
+        }
+        // acc[i][c] += sum_j p_j * V[j][lane + 32c]
+        for (int j = 0; j < KT; ++j) {
+            float vj[DPL];
+#pragma unroll
+            for (int c = 0; c < DPL; ++c) {
+                const int d = lane + 32 * c;
+                vj[c] = d < Dv ? Vs[j * Dv + d] : 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < RPW; ++i) {
+                const float pj = __shfl_sync(FULL_MASK, p[i], j);
+#pragma unroll
+                for (int c = 0; c < DPL; ++c) acc[i][c] = fmaf(pj, vj[c], acc[i][c]);
+            }
+        }
+        __syncthreads();  // before the next tile overwrites Ks/Vs
+    }
+
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+        const int gr = row0 + warp * RPW + i;
+        if (gr >= nq * group) continue;
+        const int t = q0 + gr / group, h = kvh * group + gr % group;
+        float mi = m[i], li = l[i], f = 1.f;
+        if (sinks) {
+            const float sk = sinks[h];
+            const float mf = fmaxf(mi, sk);
+            f = __expf(mi - mf);  // mi = -inf (nothing visible) gives 0: output 0
+            li = li * f + __expf(sk - mf);
+        }
+        const float inv = li > 0.f ? f / li : 0.f;
+        float* o = out + ((size_t)t * Hq + h) * Dv;
+#pragma unroll
+        for (int c = 0; c < DPL; ++c) {
+            const int d = lane + 32 * c;
+            if (d < Dv) o[d] = acc[i][c] * inv;
+        }
+    }
+}
+
+#define ATTN(DPL)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(NWARPS * 32)                                            \
+    attn_d##DPL(const float* q, const __half* kc, const __half* vc, float* out, const int* q_starts,     \
+                const int* positions, const int* ctx_lens, const int* block_tables, int max_blocks,      \
+                int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window,                \
+                const float* sinks, float softcap) {                                                     \
+        attn_impl<DPL>(q, kc, vc, out, q_starts, positions, ctx_lens, block_tables, max_blocks,          \
+                       block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, softcap);                      \
+    }
+
+ATTN(1)
+ATTN(2)
+ATTN(3)
+ATTN(4)
+ATTN(5)
+ATTN(6)
+ATTN(8)

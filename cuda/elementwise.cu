@@ -1,0 +1,79 @@
+// Elementwise and data-movement kernels: gated activations, add, scale, column split, row gather.
+// All float32, grid-stride loops over n elements; the _v4 variants take 16-byte vectors and are
+// used when n % 4 == 0 (every tensor the backend allocates is 256-byte aligned).
+#include "common.cuh"
+
+__device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
+
+// gelu with the tanh approximation, as ggml's gelu and gemma use.
+__device__ __forceinline__ float gelu_tanh(float g) {
+    const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+    return 0.5f * g * (1.f + tanhf(k0 * (g + k1 * g * g * g)));
+}
+
+#define GRID_STRIDE(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+                               i += (long long)gridDim.x * blockDim.x)
+
+// op: 0 silu(a)*b, 1 gelu(a)*b, 2 a+b, 3 a*s
+template <int OP>
+__device__ __forceinline__ float apply(float a, float b, float s) {
+    if (OP == 0) return silu(a) * b;
+    if (OP == 1) return gelu_tanh(a) * b;
+    if (OP == 2) return a + b;
+    return a * s;
+}
+
+template <int OP>
+__device__ __forceinline__ void binary_v4(const float* a, const float* b, float* y, long long n4, float s) {
+    const float4* a4 = reinterpret_cast<const float4*>(a);
+    const float4* b4 = reinterpret_cast<const float4*>(b);
+    float4* y4 = reinterpret_cast<float4*>(y);
+    GRID_STRIDE(i, n4) {
+        float4 u = a4[i], v = OP == 3 ? u : b4[i];
+        y4[i] = make_float4(apply<OP>(u.x, v.x, s), apply<OP>(u.y, v.y, s), apply<OP>(u.z, v.z, s),
+                            apply<OP>(u.w, v.w, s));
+    }
+}
+
+template <int OP>
+__device__ __forceinline__ void binary_v1(const float* a, const float* b, float* y, long long n, float s) {
+    GRID_STRIDE(i, n) y[i] = apply<OP>(a[i], OP == 3 ? 0.f : b[i], s);
+}
+
+#define BINARY(name, OP)                                                                          \
+    extern "C" __global__ void name(const float* __restrict__ a, const float* __restrict__ b,    \
+                                    float* __restrict__ y, long long n, float s) {                \
+        if ((n & 3) == 0) binary_v4<OP>(a, b, y, n >> 2, s);                                      \
+        else binary_v1<OP>(a, b, y, n, s);                                                        \
+    }
+
+BINARY(silu_mul_f32, 0)
+BINARY(gelu_mul_f32, 1)
+BINARY(add_f32, 2)
+BINARY(scale_f32, 3)
+
+// y[r, :] = x[r, col0 : col0 + w] for r < rows; x has ld_x columns. One block row per grid.y.
+extern "C" __global__ void copy_cols_f32(const float* __restrict__ x, float* __restrict__ y, int rows, int ld_x,
+                                         int col0, int w) {
+    const int r = blockIdx.y;
+    if (r >= rows) return;
+    const float* src = x + (size_t)r * ld_x + col0;
+    float* dst = y + (size_t)r * w;
+    if (((ld_x | col0 | w) & 3) == 0) {
+        const float4* s4 = reinterpret_cast<const float4*>(src);
+        float4* d4 = reinterpret_cast<float4*>(dst);
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (w >> 2); i += gridDim.x * blockDim.x) d4[i] = s4[i];
+    } else {
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < w; i += gridDim.x * blockDim.x) dst[i] = src[i];
+    }
+}
+
+// y[i, :] = x[idx[i], :] for i < n_rows, rows of d floats.
+extern "C" __global__ void gather_rows_f32(const float* __restrict__ x, const int* __restrict__ idx,
+                                           float* __restrict__ y, int n_rows, int d) {
+    const int r = blockIdx.y;
+    if (r >= n_rows) return;
+    const float* src = x + (size_t)idx[r] * d;
+    float* dst = y + (size_t)r * d;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < d; i += gridDim.x * blockDim.x) dst[i] = src[i];
+}

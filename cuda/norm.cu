@@ -1,0 +1,93 @@
+// RMSNorm, optionally fused with the residual add that precedes it in a pre-norm block.
+//
+//   s = x (+ res);  out = s / sqrt(mean(s^2) + eps) * w
+//
+// One launch normalises `rows` rows of length d: the [T, d] hidden states, or the [T*H, d]
+// per-head rows of a Q/K norm (w then has length d and is shared by all heads). Short rows
+// (d <= 1024, e.g. per-head norms) get one warp each so a block does several; long rows get a
+// whole block so that a decode step with T=1 still spreads its row over many threads.
+#include "common.cuh"
+
+template <bool VEC>
+__device__ __forceinline__ float load_sum_sq(const float* __restrict__ x, const float* __restrict__ res,
+                                             float* __restrict__ s_out, int d, int i0, int stride) {
+    float ss = 0.f;
+    if (VEC) {
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        const float4* r4 = reinterpret_cast<const float4*>(res);
+        float4* s4 = reinterpret_cast<float4*>(s_out);
+        for (int i = i0; i < d / 4; i += stride) {
+            float4 v = x4[i];
+            if (res) {
+                float4 r = r4[i];
+                v.x += r.x; v.y += r.y; v.z += r.z; v.w += r.w;
+                s4[i] = v;
+            }
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+    } else {
+        for (int i = i0; i < d; i += stride) {
+            float v = x[i];
+            if (res) { v += res[i]; s_out[i] = v; }
+            ss += v * v;
+        }
+    }
+    return ss;
+}
+
+template <bool VEC>
+__device__ __forceinline__ void scale_out(const float* __restrict__ s, const float* __restrict__ w,
+                                          float* __restrict__ out, int d, float inv, int i0, int stride) {
+    if (VEC) {
+        const float4* s4 = reinterpret_cast<const float4*>(s);
+        const float4* w4 = reinterpret_cast<const float4*>(w);
+        float4* o4 = reinterpret_cast<float4*>(out);
+        for (int i = i0; i < d / 4; i += stride) {
+            float4 v = s4[i], g = w4[i];
+            o4[i] = make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w);
+        }
+    } else {
+        for (int i = i0; i < d; i += stride) out[i] = s[i] * inv * w[i];
+    }
+}
+
+// One warp per row; blockDim.x = 32 * rows_per_block.
+template <bool VEC>
+__device__ void rms_norm_warp_impl(const float* x, const float* res, float* s_out, float* out,
+                                   const float* w, int rows, int d, float eps) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const size_t off = (size_t)row * d;
+    float ss = warp_sum(load_sum_sq<VEC>(x + off, res ? res + off : nullptr, s_out + off, d, lane, 32));
+    const float inv = rsqrtf(ss / d + eps);
+    __syncwarp();  // s_out written by other lanes is read back below
+    scale_out<VEC>(res ? s_out + off : x + off, w, out + off, d, inv, lane, 32);
+}
+
+template <bool VEC>
+__device__ void rms_norm_block_impl(const float* x, const float* res, float* s_out, float* out,
+                                    const float* w, int d, float eps) {
+    __shared__ float scratch[32];
+    const size_t off = (size_t)blockIdx.x * d;
+    float ss = block_sum(load_sum_sq<VEC>(x + off, res ? res + off : nullptr, s_out + off, d, threadIdx.x,
+                                          blockDim.x), scratch);
+    const float inv = rsqrtf(ss / d + eps);
+    __syncthreads();
+    scale_out<VEC>(res ? s_out + off : x + off, w, out + off, d, inv, threadIdx.x, blockDim.x);
+}
+
+// res may be null (plain norm; s_out unused). vec: d % 4 == 0 and 16-byte aligned pointers.
+extern "C" __global__ void rms_norm_warp(const float* __restrict__ x, const float* __restrict__ res,
+                                         float* __restrict__ s_out, float* __restrict__ out,
+                                         const float* __restrict__ w, int rows, int d, float eps, int vec) {
+    if (vec) rms_norm_warp_impl<true>(x, res, s_out, out, w, rows, d, eps);
+    else rms_norm_warp_impl<false>(x, res, s_out, out, w, rows, d, eps);
+}
+
+extern "C" __global__ void rms_norm_block(const float* __restrict__ x, const float* __restrict__ res,
+                                          float* __restrict__ s_out, float* __restrict__ out,
+                                          const float* __restrict__ w, int rows, int d, float eps, int vec) {
+    if (vec) rms_norm_block_impl<true>(x, res, s_out, out, w, d, eps);
+    else rms_norm_block_impl<false>(x, res, s_out, out, w, d, eps);
+}

@@ -1,0 +1,41 @@
+// Rotary position embedding of x [T, H, D] -> y [T, H, D] (a separate buffer). The first `rot`
+// features of each head rotate; the rest are copied.
+//
+// inv_freq[i] (i < rot/2) already folds in the base, the freq factors and the YaRN mix; the
+// host computes it in float64 once per RopeSpec. The angle pos * inv_freq is formed and reduced
+// modulo 2*pi in double precision: positions reach 1e5 and more, where a float32 product would
+// be off by ~1e-2 rad, and the fast-math sin/cos are only accurate on a reduced argument.
+//   neox = 0: pairs (2i, 2i+1)      neox = 1: pairs (i, i + rot/2)
+#include "common.cuh"
+
+extern "C" __global__ void rope_f32(const float* __restrict__ x, float* __restrict__ y,
+                                    const int* __restrict__ pos, const double* __restrict__ inv_freq,
+                                    int T, int H, int D, int rot, int neox, float mscale) {
+    const int half = rot >> 1;
+    const int pairs = D - half;  // rot/2 rotating pairs, then D - rot pass-through features
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long total = (long long)T * H * pairs;
+    if (idx >= total) return;
+    const int i = (int)(idx % pairs);
+    const long long row = idx / pairs;  // t * H + h
+    const int t = (int)(row / H);
+    const float* xr = x + row * D;
+    float* yr = y + row * D;
+    if (i >= half) {  // pass-through features beyond the rotated ones
+        const int j = rot + (i - half);
+        yr[j] = xr[j];
+        return;
+    }
+    double ang = (double)pos[t] * inv_freq[i];
+    const double two_pi = 6.283185307179586;
+    ang -= two_pi * rint(ang / two_pi);
+    float s, c;
+    sincosf((float)ang, &s, &c);
+    c *= mscale;
+    s *= mscale;
+    const int ia = neox ? i : 2 * i;
+    const int ib = neox ? i + half : 2 * i + 1;
+    const float a = xr[ia], b = xr[ib];
+    yr[ia] = a * c - b * s;
+    yr[ib] = a * s + b * c;
+}

@@ -1,0 +1,520 @@
+"""The CUDA backend: weights resident in VRAM, every op a kernel on one stream.
+
+- One CUDA context per process (the device's primary context), made current in whichever thread
+  calls in. Every byte held (weights, KV cache, step workspace, constants) is accounted in a
+  VramBudget that honours `max_vram`; an allocation over it raises ResourceExhausted before any
+  memory is touched.
+- Activations are float32 CudaTensors carved from a workspace allocated up front (see
+  cuda_memory.Workspace); per-step metadata (token ids, positions, slots, block tables...) is
+  uploaded once in `begin_step` into one preallocated buffer. So the op sequence of a forward
+  pass allocates nothing, copies nothing and never synchronises with the host: a decode step can
+  be captured into a CUDA graph.
+- Linear layers and embeddings run on the GGUF-format weights through cuda_quant; norms, rope,
+  attention (paged, f16 KV cache), activations and sampling are the kernels in cuda/*.cu.
+- A CUDA error becomes orcd_grpc.errors.Internal naming the kernel (launch errors directly;
+  asynchronous faults at the next synchronisation, with the kernels launched since the last one;
+  ORCD_CUDA_SYNC=1 synchronises after every launch to pin a fault on its kernel).
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import math
+import os
+import threading
+import weakref
+
+import numpy as np
+
+from .. import quants
+from ..errors import Internal, InvalidArgument, ResourceExhausted
+from .base import Backend, KVLayout, RopeSpec, StepMeta
+from .cuda_memory import ALIGN, MiB, DeviceBuffer, VramBudget, Workspace
+from .cuda_tensor import CudaTensor
+
+DEFAULT_WORKSPACE = 512 * MiB
+CONTEXT_RESERVE = 384 * MiB  # left to the driver, module images, cuBLAS-free kernels' local memory
+
+_ATTN_DPL = (1, 2, 3, 4, 5, 6, 8)  # attn_d<DPL> variants in attention.cu: head dims up to 32 * DPL
+
+
+def cuda_present() -> bool:
+    try:
+        import pycuda.driver as drv
+
+        drv.init()
+        return drv.Device.count() > 0
+    except Exception:
+        return False
+
+
+# ---- the process's context --------------------------------------------------------------------
+_ctx_lock = threading.Lock()
+_primary = None
+_tls = threading.local()
+
+
+def _context(device: int = 0):
+    """The device's primary context, current in the calling thread."""
+    global _primary
+    import pycuda.driver as drv
+
+    with _ctx_lock:
+        if _primary is None:
+            drv.init()
+            _primary = drv.Device(device).retain_primary_context()
+            atexit.register(_pop_all)
+    if getattr(_tls, "pushed", False) is not True:
+        _primary.push()
+        _tls.pushed = True
+    return _primary
+
+
+def _pop_all():
+    import pycuda.driver as drv
+
+    if getattr(_tls, "pushed", False):
+        try:
+            drv.Context.pop()
+        except Exception:
+            pass
+        _tls.pushed = False
+
+
+def rope_inv_freq(spec: RopeSpec) -> tuple[np.ndarray, float]:
+    """float64 inverse frequencies [dim/2] with freq factors and the YaRN mix folded in, and the
+    factor on cos/sin; the same math as the NumPy reference's rope_angles."""
+    half = spec.dim // 2
+    inv_freq = spec.base ** (-np.arange(0, half, dtype=np.float64) * 2.0 / spec.dim)
+    if spec.freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(spec.freq_factors, np.float64).ravel()[:half]
+    mscale = float(spec.attn_factor)
+    if spec.yarn is not None:
+        y = spec.yarn
+
+        def corr_dim(n_rot: float) -> float:
+            return spec.dim * math.log(y.orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(spec.base))
+
+        low = max(0.0, math.floor(corr_dim(y.beta_fast)))
+        high = min(spec.dim - 1.0, math.ceil(corr_dim(y.beta_slow)))
+        ramp = (np.arange(half, dtype=np.float64) - low) / max(0.001, high - low)
+        ramp_mix = (1.0 - np.clip(ramp, 0.0, 1.0)) * y.ext_factor
+        inv_freq = inv_freq / y.factor * (1 - ramp_mix) + inv_freq * ramp_mix
+        mscale *= y.attn_factor
+    return inv_freq, mscale
+
+
+class _Kernel:
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name, fn, signature):
+        self.name, self.fn = name, fn
+        fn.prepare(signature)
+
+
+class CudaKV:
+    """Paged f16 cache: K [L, slots, Hkv, Dk] then V [L, slots, Hkv, Dv] in one allocation."""
+
+    def __init__(self, backend: "CudaBackend", layout: KVLayout):
+        self.layout = layout
+        slots = layout.num_blocks * layout.block_size
+        self.k_layer = slots * layout.n_kv_heads * layout.head_dim_k * 2
+        self.v_layer = slots * layout.n_kv_heads * layout.head_dim_v * 2
+        self.buf = backend._persistent(layout.n_layers * (self.k_layer + self.v_layer), "KV cache")
+        self.k_base = self.buf.ptr
+        self.v_base = self.buf.ptr + layout.n_layers * self.k_layer
+
+    def k_ptr(self, layer: int) -> int:
+        return self.k_base + layer * self.k_layer
+
+    def v_ptr(self, layer: int) -> int:
+        return self.v_base + layer * self.v_layer
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.nbytes
+
+
+class CudaStep:
+    """What ops need of a step: the host meta and device pointers to its uploaded copies."""
+
+    __slots__ = ("meta", "T", "B", "R", "max_q", "max_blocks", "block_size",
+                 "token_ids", "positions", "q_starts", "ctx_lens", "slot_mapping", "block_tables", "logits_rows")
+
+    def __getattr__(self, name):  # fall through to StepMeta fields (num_tokens, ...)
+        return getattr(object.__getattribute__(self, "meta"), name)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    kv_elem_size = 2  # f16 KV cache
+
+    def __init__(self, max_vram: int = 0, device: int = 0, workspace_bytes: int | None = None):
+        import pycuda.driver as drv
+
+        self._drv = drv
+        self.device_index = device
+        _context(device)
+        self.device = drv.Device(device)
+        free, total = drv.mem_get_info()
+        limit = max(0, free - CONTEXT_RESERVE)
+        if max_vram and max_vram > 0:
+            limit = min(limit, int(max_vram))
+        self.budget = VramBudget(limit)
+        self.stream = drv.Stream()
+        self._kernels: dict[str, _Kernel] = {}
+        self._owned: "weakref.WeakSet[DeviceBuffer]" = weakref.WeakSet()
+        self._weights: list = []
+        self._recent = collections.deque(maxlen=16)  # kernels launched since the last sync
+        self._sync_each = os.environ.get("ORCD_CUDA_SYNC") == "1"
+        self._rope_cache: dict[int, tuple] = {}
+        self._meta_buf: DeviceBuffer | None = None
+        self._meta_host = None
+        self._sample_buf: DeviceBuffer | None = None
+        self.closed = False
+        if workspace_bytes is None:
+            env = os.environ.get("ORCD_WORKSPACE_MB")
+            workspace_bytes = int(env) * MiB if env else min(DEFAULT_WORKSPACE, max(64 * MiB, limit // 8))
+        self.workspace_bytes = int(workspace_bytes)
+        self.ws = Workspace(self._persistent(self.workspace_bytes, "step workspace"))
+        self._ensure_meta(4096, 256, 256 * 64)
+        self._attr_set: set[str] = set()
+
+    # ---- infrastructure ----------------------------------------------------------------
+    def _persistent(self, nbytes: int, what: str) -> DeviceBuffer:
+        buf = DeviceBuffer(self.budget, nbytes, what)
+        self._owned.add(buf)
+        return buf
+
+    def _k(self, module: str, name: str, signature: str) -> _Kernel:
+        k = self._kernels.get(name)
+        if k is None:
+            from .cuda_runtime import load_module
+
+            k = _Kernel(name, load_module(module).get_function(name), signature)
+            self._kernels[name] = k
+        return k
+
+    def _launch(self, k: _Kernel, grid, block, *args, shared: int = 0):
+        if getattr(_tls, "pushed", False) is not True:
+            _context(self.device_index)
+        try:
+            k.fn.prepared_async_call(grid, block, self.stream, *args, shared_size=shared)
+        except self._drv.Error as exc:
+            raise Internal(f"CUDA kernel {k.name} failed to launch: {exc}") from exc
+        self._recent.append(k.name)
+        if self._sync_each:
+            self.synchronize(k.name)
+
+    def synchronize(self, what: str | None = None) -> None:
+        try:
+            self.stream.synchronize()
+        except self._drv.Error as exc:
+            names = what or ", ".join(dict.fromkeys(self._recent)) or "?"
+            raise Internal(f"CUDA error in kernel(s) {names}: {exc}") from exc
+        self._recent.clear()
+
+    def _out(self, shape, dtype=np.float32) -> CudaTensor:
+        n = math.prod(shape) * np.dtype(dtype).itemsize
+        blk = self.ws.alloc(n)
+        return CudaTensor(blk.ptr, shape, dtype, blk)
+
+    def _check_open(self):
+        if self.closed:
+            raise Internal("CUDA backend is closed")
+
+    # ---- information -------------------------------------------------------------------
+    def memory_available(self) -> int:
+        return self.budget.available
+
+    def gpu_info(self) -> dict:
+        drv = self._drv
+        _context(self.device_index)
+        free, total = drv.mem_get_info()
+        major, minor = self.device.compute_capability()
+        dv = drv.get_driver_version()  # e.g. 13000
+        cv = drv.get_version()  # the CUDA version PyCUDA was built against, (13, 0, 0)
+        return {
+            "name": self.device.name(),
+            "compute_capability": f"{major}.{minor}",
+            "vram_total": int(total),
+            "vram_free": int(free),
+            "driver_version": f"{dv // 1000}.{(dv % 1000) // 10}",
+            "cuda_version": ".".join(str(x) for x in cv[:2]),
+            "multiprocessors": int(self.device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)),
+        }
+
+    # ---- memory ------------------------------------------------------------------------
+    def weight_nbytes(self, qtype, shape, raw_nbytes):
+        if len(shape) == 1:
+            return max(ALIGN, -(-int(np.prod(shape)) * 4 // ALIGN) * ALIGN)
+        try:
+            from . import cuda_quant
+
+            fn = getattr(cuda_quant, "weight_nbytes", None)
+            if fn is not None:
+                return int(fn(qtype, shape, raw_nbytes))
+        except ImportError:
+            pass
+        return -(-(int(raw_nbytes) + 16) // ALIGN) * ALIGN  # QuantWeight pads 16 bytes
+
+    def load_weight(self, name, raw, qtype, shape):
+        self._check_open()
+        _context(self.device_index)
+        shape = tuple(int(s) for s in shape)
+        if len(shape) == 1:
+            # Norm weights, biases, sinks, rope factors: used elementwise, so kept as float32.
+            arr = quants.dequantize(raw, qtype, shape).astype(np.float32).reshape(shape)
+            return self.from_host(arr, what=f"weight {name}")
+        from .cuda_quant import QuantWeight
+
+        need = self.weight_nbytes(qtype, shape, int(np.asarray(raw).nbytes))
+        self.budget.reserve(need, f"weight {name}")  # refuse before QuantWeight allocates
+        try:
+            if len(shape) == 2:
+                w = QuantWeight(raw, qtype, shape[0], shape[1])
+            elif len(shape) == 3:
+                w = QuantWeight(raw, qtype, shape[1], shape[2], n_experts=shape[0])
+            else:
+                raise InvalidArgument(f"{len(shape)}-D weights are not supported", field=name)
+        except BaseException:
+            self.budget.release(need)
+            raise
+        w._orcd_reserved = need
+        w._orcd_name = name
+        self._weights.append(w)
+        return w
+
+    def from_host(self, array, what: str = "constant"):
+        self._check_open()
+        _context(self.device_index)
+        arr = np.ascontiguousarray(array, dtype=np.float32)
+        buf = self._persistent(arr.nbytes, what)
+        if arr.nbytes:
+            self._drv.memcpy_htod(buf.ptr, arr)
+        return CudaTensor(buf.ptr, arr.shape, np.float32, buf)
+
+    def to_host(self, x) -> np.ndarray:
+        if not isinstance(x, CudaTensor):
+            raise InvalidArgument(f"to_host takes a CudaTensor, got {type(x).__name__}", field="x")
+        self.synchronize()
+        out = np.empty(x.shape, x.dtype)
+        if out.nbytes:
+            try:
+                self._drv.memcpy_dtoh(out, x.ptr)
+            except self._drv.Error as exc:
+                raise Internal(f"CUDA error copying a tensor to the host: {exc}") from exc
+        return out
+
+    def alloc_kv(self, layout: KVLayout):
+        self._check_open()
+        return CudaKV(self, layout)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            _context(self.device_index)
+            try:
+                self.stream.synchronize()
+            except Exception:
+                pass
+            for w in self._weights:
+                free = getattr(w, "free", None)
+                if callable(free):
+                    free()
+                self.budget.release(getattr(w, "_orcd_reserved", 0))
+            self._weights.clear()
+            for buf in list(self._owned):
+                buf.free()
+            self._rope_cache.clear()
+        finally:
+            self.closed = True
+
+    # ---- per-step metadata ---------------------------------------------------------------
+    def _ensure_meta(self, tokens: int, seqs: int, table: int):
+        """One device buffer (and a pinned host twin) for every int32 array of a step."""
+        need = 4 * tokens + 3 * seqs + table + 8 * 64
+        if self._meta_buf is not None and self._meta_host.size >= need:
+            return
+        if self._meta_buf is not None:
+            self._meta_buf.free()
+        need = max(need, 2 * (self._meta_host.size if self._meta_host is not None else 0))
+        self._meta_buf = self._persistent(need * 4, "step metadata")
+        self._meta_host = self._drv.pagelocked_empty(need, np.int32)
+
+    def begin_step(self, meta: StepMeta):
+        self._check_open()
+        _context(self.device_index)
+        T, B = meta.num_tokens, meta.num_seqs
+        tables = np.ascontiguousarray(meta.block_tables, np.int32).reshape(B, -1)
+        rows = np.asarray(meta.logits_rows, np.int32)
+        self.synchronize()  # the previous step's kernels may still read the metadata buffer
+        self.ws.reset()
+        self._ensure_meta(max(T, rows.size), B + 1, tables.size)
+        st = CudaStep()
+        st.meta, st.T, st.B, st.R = meta, T, B, int(rows.size)
+        qs = np.asarray(meta.q_starts, np.int32)
+        st.max_q = int(np.max(np.diff(qs))) if B else 0
+        st.max_blocks, st.block_size = int(tables.shape[1]), int(meta.block_size)
+        host, base, off = self._meta_host, self._meta_buf.ptr, 0
+        for field, arr in (("token_ids", meta.token_ids), ("positions", meta.positions), ("q_starts", qs),
+                           ("ctx_lens", meta.ctx_lens), ("slot_mapping", meta.slot_mapping),
+                           ("block_tables", tables), ("logits_rows", rows)):
+            a = np.asarray(arr, np.int32).ravel()
+            host[off: off + a.size] = a
+            setattr(st, field, base + off * 4)
+            off += -(-max(a.size, 1) // 64) * 64  # 256-byte aligned segments
+        self._drv.memcpy_htod_async(base, host[:off], self.stream)
+        return st
+
+    # ---- ops -----------------------------------------------------------------------------
+    def embed(self, w, ctx: CudaStep):
+        from . import cuda_quant
+
+        y = self._out((ctx.T, w.k))
+        self._quant_call("embed", cuda_quant.embed, ctx.token_ids, w, y.ptr, ctx.T, self.stream)
+        return y
+
+    def linear(self, x, w, bias=None):
+        from . import cuda_quant
+
+        T = math.prod(x.shape[:-1])
+        if x.shape[-1] != w.k:
+            raise InvalidArgument(f"linear: input has {x.shape[-1]} features, weight "
+                                  f"{getattr(w, '_orcd_name', '?')} expects {w.k}", field="x")
+        y = self._out((T, w.n))
+        self._quant_call("matmul", cuda_quant.matmul, x.ptr, w, y.ptr, T, self.stream,
+                         bias_ptr=bias.ptr if bias is not None else None)
+        return y
+
+    def _quant_call(self, what, fn, *args, **kw):
+        if getattr(_tls, "pushed", False) is not True:
+            _context(self.device_index)
+        try:
+            fn(*args, **kw)
+        except self._drv.Error as exc:
+            raise Internal(f"CUDA {what} kernel failed: {exc}") from exc
+        self._recent.append(what)
+        if self._sync_each:
+            self.synchronize(what)
+
+    def rms_norm(self, x, w, eps, residual=None):
+        d = x.shape[-1]
+        rows = x.size // d
+        out = self._out(x.shape)
+        s = self._out(x.shape) if residual is not None else x
+        vec = int(d % 4 == 0)
+        args = (x.ptr, residual.ptr if residual is not None else 0, s.ptr if residual is not None else 0,
+                out.ptr, w.ptr, np.int32(rows), np.int32(d), np.float32(eps), np.int32(vec))
+        if d <= 1024:
+            k = self._k("norm", "rms_norm_warp", "PPPPPiifi")
+            self._launch(k, (-(-rows // 8), 1, 1), (256, 1, 1), *args)
+        else:
+            k = self._k("norm", "rms_norm_block", "PPPPPiifi")
+            self._launch(k, (rows, 1, 1), (256 if d <= 4096 else 512, 1, 1), *args)
+        return out, s
+
+    def _rope_table(self, spec: RopeSpec):
+        hit = self._rope_cache.get(id(spec))
+        if hit is not None and hit[0] is spec:
+            return hit[1], hit[2]
+        inv_freq, mscale = rope_inv_freq(spec)
+        arr = np.ascontiguousarray(inv_freq, np.float64)
+        buf = self._persistent(arr.nbytes, "rope table")
+        self._drv.memcpy_htod(buf.ptr, arr)
+        self._rope_cache[id(spec)] = (spec, buf, float(mscale))  # holding spec keeps its id unique
+        return buf, float(mscale)
+
+    def rope(self, x, ctx: CudaStep, spec: RopeSpec):
+        T, H, D = x.shape
+        buf, mscale = self._rope_table(spec)
+        y = self._out(x.shape)
+        rot = int(spec.dim)
+        total = T * H * (D - rot // 2)
+        k = self._k("rope", "rope_f32", "PPPPiiiiif")
+        self._launch(k, (max(1, -(-total // 256)), 1, 1), (256, 1, 1), x.ptr, y.ptr, ctx.positions, buf.ptr,
+                     np.int32(T), np.int32(H), np.int32(D), np.int32(rot), np.int32(1 if spec.neox else 0),
+                     np.float32(mscale))
+        return y
+
+    def attention(self, q, k, v, kv: CudaKV, layer, ctx: CudaStep, *, scale, window=0, sinks=None, softcap=0.0):
+        T, Hq, Dk = q.shape
+        L = kv.layout
+        Hkv, Dv = L.n_kv_heads, L.head_dim_v
+        if Dk != L.head_dim_k or k.shape[1:] != (Hkv, Dk) or Dk % 2 or Dv % 2 or Hq % Hkv:
+            raise InvalidArgument(f"attention shapes q{q.shape} k{k.shape} v{v.shape} do not fit the cache "
+                                  f"({Hkv} kv heads, dims {L.head_dim_k}/{Dv})", field="attention")
+        if T:
+            kst = self._k("attention", "kv_store_f16", "PPPPPiiii")
+            per = Hkv * (Dk + Dv)
+            self._launch(kst, (max(1, min(-(-per // 256), 64)), T, 1), (256, 1, 1), k.ptr, v.ptr, ctx.slot_mapping,
+                         kv.k_ptr(layer), kv.v_ptr(layer), np.int32(T), np.int32(Hkv), np.int32(Dk), np.int32(Dv))
+        out = self._out((T, Hq * Dv))
+        if T == 0:
+            return out
+        dpl_need = -(-max(Dk, Dv) // 32)
+        dpl = next((d for d in _ATTN_DPL if d >= dpl_need), None)
+        if dpl is None:
+            raise InvalidArgument(f"head dim {max(Dk, Dv)} exceeds the attention kernel's 256", field="attention")
+        name = f"attn_d{dpl}"
+        kern = self._k("attention", name, "PPPPPPPPiiiiiifiPf")
+        smem = 4 * (32 * Dk + 32 * (Dk + 1) + 32 * Dv)
+        if smem > 48 * 1024 and (name, smem) not in self._attr_set:
+            kern.fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+            self._attr_set.add((name, smem))
+        group = Hq // Hkv
+        tiles = max(1, -(-ctx.max_q * group // 32))
+        self._launch(kern, (tiles, ctx.B, Hkv), (256, 1, 1), q.ptr, kv.k_ptr(layer), kv.v_ptr(layer), out.ptr,
+                     ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables, np.int32(ctx.max_blocks),
+                     np.int32(ctx.block_size), np.int32(Hq), np.int32(Hkv), np.int32(Dk), np.int32(Dv),
+                     np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,
+                     np.float32(softcap or 0.0), shared=smem)
+        return out
+
+    def _binary(self, name, a, b, s=0.0):
+        if b is not None and a.shape != b.shape:
+            raise InvalidArgument(f"{name}: shapes {a.shape} and {b.shape} differ", field=name)
+        y = self._out(a.shape)
+        n = a.size
+        k = self._k("elementwise", name, "PPPqf")
+        work = n // 4 if n % 4 == 0 else n
+        self._launch(k, (max(1, min(-(-work // 256), 4096)), 1, 1), (256, 1, 1), a.ptr,
+                     b.ptr if b is not None else 0, y.ptr, np.int64(n), np.float32(s))
+        return y
+
+    def silu_mul(self, gate, up):
+        return self._binary("silu_mul_f32", gate, up)
+
+    def gelu_mul(self, gate, up):
+        return self._binary("gelu_mul_f32", gate, up)
+
+    def add(self, a, b):
+        return self._binary("add_f32", a, b)
+
+    def scale(self, x, s):
+        return self._binary("scale_f32", x, None, s)
+
+    def gather_rows(self, x, ctx: CudaStep):
+        d = x.size // x.shape[0]
+        y = self._out((ctx.R, *x.shape[1:]))
+        if ctx.R:
+            k = self._k("elementwise", "gather_rows_f32", "PPPii")
+            self._launch(k, (max(1, min(-(-d // 256), 16)), ctx.R, 1), (256, 1, 1), x.ptr, ctx.logits_rows, y.ptr,
+                         np.int32(ctx.R), np.int32(d))
+        return y
+
+    def split(self, x, sizes):
+        rows, width = x.size // x.shape[-1], x.shape[-1]
+        if sum(sizes) != width:
+            raise InvalidArgument(f"split sizes {sizes} do not add up to {width}", field="sizes")
+        k = self._k("elementwise", "copy_cols_f32", "PPiiii")
+        outs, col = [], 0
+        for w in sizes:
+            y = self._out((*x.shape[:-1], w))
+            if rows and w:
+                self._launch(k, (max(1, min(-(-w // 1024), 8)), rows, 1), (256, 1, 1), x.ptr, y.ptr,
+                             np.int32(rows), np.int32(width), np.int32(col), np.int32(w))
+            outs.append(y)
+            col += w
+        return outs

@@ -1,0 +1,281 @@
+"""Every CUDA backend op against the NumPy reference, on fresh random inputs.
+
+Outputs come from the step workspace, which is poisoned with NaN before each op so an element a
+kernel fails to write shows up as NaN. Tolerances are relative errors ||out - ref|| / ||ref||:
+- float32 elementwise / norm / rope: 1e-5 (fast-math exp/tanh, reduction order);
+- attention: 3e-4 against a reference fed the same f16-rounded K/V that the f16 cache holds (the
+  cache format itself costs ~2^-11 relative per element; test_cuda_models covers it end to end);
+- linear / embed through cuda_quant: see there; a smoke check here at 1e-3 (f16 tensor-core tiles).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orcd_grpc.backends.base import KVLayout, RopeSpec, StepMeta, YarnSpec
+from orcd_grpc.backends.numpy_backend import NumpyBackend
+from orcd_grpc.errors import Internal, ResourceExhausted
+
+pytestmark = pytest.mark.gpu
+
+NAN_BITS = 0x7FC00000
+
+
+@pytest.fixture(scope="module")
+def be():
+    from orcd_grpc.backends.cuda import CudaBackend
+
+    b = CudaBackend(workspace_bytes=256 << 20)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def rng(request):
+    # Fresh inputs per test (and per parameter set), reproducible from the test id.
+    import zlib
+
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def rel(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(out).all(), "non-finite output (unwritten element?)"
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def poison(be):
+    be.synchronize()
+    be._drv.memset_d32(be.ws.base, NAN_BITS, be.ws.size // 4)
+
+
+def dev(be, a):
+    return be.from_host(np.asarray(a, np.float32))
+
+
+def simple_meta(T, positions=None):
+    pos = np.arange(T, dtype=np.int32) if positions is None else np.asarray(positions, np.int32)
+    return StepMeta(token_ids=np.zeros(T, np.int32), positions=pos, q_starts=np.array([0, T], np.int32),
+                    ctx_lens=np.array([T], np.int32), slot_mapping=np.arange(T, dtype=np.int32),
+                    block_tables=np.zeros((1, 1), np.int32), block_size=max(T, 1),
+                    logits_rows=np.array([T - 1], np.int32))
+
+
+# ---- norm -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 576), (7, 576), (33, 1003), (5, 2304), (3, 5120), (2, 8192),
+                                   (9, 4, 64), (13, 7, 128), (3, 2, 256), (5, 3, 30)])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_rms_norm(be, rng, shape, with_res):
+    ref = NumpyBackend()
+    x = rng.standard_normal(shape, dtype=np.float32)
+    r = rng.standard_normal(shape, dtype=np.float32) if with_res else None
+    w = rng.standard_normal(shape[-1], dtype=np.float32)
+    exp_out, exp_s = ref.rms_norm(x, w, 1e-6, r)
+    be.begin_step(simple_meta(1))
+    poison(be)
+    out, s = be.rms_norm(dev(be, x), dev(be, w), 1e-6, dev(be, r) if with_res else None)
+    assert out.shape == shape and s.shape == shape
+    assert rel(be.to_host(out), exp_out) < 1e-5
+    assert rel(be.to_host(s), exp_s) < 1e-6
+
+
+# ---- rope -----------------------------------------------------------------------------------
+ROPES = {
+    "normal": dict(neox=False),
+    "neox": dict(neox=True),
+    "partial": dict(neox=True, dim_frac=0.5),
+    "freq_factors": dict(neox=True, ff=True),
+    "yarn": dict(neox=True, yarn=YarnSpec(factor=4.0, orig_ctx=4096, attn_factor=1.1386)),
+    "attn_factor": dict(neox=False, attn_factor=0.9),
+}
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("kind", list(ROPES))
+def test_rope(be, rng, D, kind):
+    cfg = ROPES[kind]
+    T, H = 37, 5
+    dim = int(D * cfg.get("dim_frac", 1))
+    ff = rng.uniform(1.0, 8.0, dim // 2).astype(np.float32) if cfg.get("ff") else None
+    spec = RopeSpec(dim=dim, base=10000.0 if D != 256 else 1e6, neox=cfg["neox"], freq_factors=ff,
+                    yarn=cfg.get("yarn"), attn_factor=cfg.get("attn_factor", 1.0))
+    pos = rng.integers(0, 6000, T).astype(np.int32)
+    x = rng.standard_normal((T, H, D), dtype=np.float32)
+    meta = simple_meta(T, pos)
+    exp = NumpyBackend().rope(x, meta, spec)
+    ctx = be.begin_step(meta)
+    poison(be)
+    y = be.rope(dev(be, x), ctx, spec)
+    assert rel(be.to_host(y), exp) < 2e-5
+
+
+# ---- elementwise ------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 1536), (7, 1003), (129, 8192), (3, 5)])
+def test_elementwise(be, rng, shape):
+    ref = NumpyBackend()
+    a = rng.standard_normal(shape, dtype=np.float32) * 3
+    b = rng.standard_normal(shape, dtype=np.float32)
+    be.begin_step(simple_meta(1))
+    for name, args, exp in [("silu_mul", (a, b), ref.silu_mul(a, b)), ("gelu_mul", (a, b), ref.gelu_mul(a, b)),
+                            ("add", (a, b), ref.add(a, b))]:
+        poison(be)
+        out = getattr(be, name)(*(dev(be, t) for t in args))
+        assert rel(be.to_host(out), exp) < 1e-5, name
+    poison(be)
+    assert rel(be.to_host(be.scale(dev(be, a), 0.37)), ref.scale(a, 0.37)) < 1e-6
+
+
+def test_split_and_gather(be, rng):
+    T = 11
+    x = rng.standard_normal((T, 576 + 192 + 193), dtype=np.float32)
+    meta = simple_meta(T)
+    meta.logits_rows = np.array([10, 3, 0, 7], np.int32)
+    ctx = be.begin_step(meta)
+    poison(be)
+    parts = be.split(dev(be, x), [576, 192, 193])
+    for got, exp in zip(parts, NumpyBackend().split(x, [576, 192, 193])):
+        np.testing.assert_array_equal(be.to_host(got), exp)
+    g = be.gather_rows(dev(be, x), ctx)
+    np.testing.assert_array_equal(be.to_host(g), x[meta.logits_rows])
+
+
+# ---- attention -----------------------------------------------------------------------------
+def _steps(rng, prompt_lens, decode_extra, block_size, num_blocks):
+    """Two steps over B sequences sharing one paged cache with shuffled blocks: a prefill of
+    prompt_lens[b] tokens, then `decode_extra[b]` more tokens each (1 = decode, >1 = chunked
+    prefill continuing), so the second step attends over keys written by the first."""
+    B = len(prompt_lens)
+    free = list(rng.permutation(num_blocks))
+    totals = [p + e for p, e in zip(prompt_lens, decode_extra)]
+    tables = [[int(free.pop()) for _ in range(-(-t // block_size))] for t in totals]
+    width = max(len(t) for t in tables)
+    bt = np.full((B, width), -1, np.int32)
+    for b, t in enumerate(tables):
+        bt[b, : len(t)] = t
+    metas, done = [], [0] * B
+    for n_new in (prompt_lens, decode_extra):
+        pos, slots, starts, ctx = [], [], [0], []
+        for b in range(B):
+            p = np.arange(done[b], done[b] + n_new[b], dtype=np.int32)
+            pos.append(p)
+            slots.append(bt[b][p // block_size] * block_size + p % block_size)
+            starts.append(starts[-1] + n_new[b])
+            done[b] += n_new[b]
+            ctx.append(done[b])
+        T = starts[-1]
+        metas.append(StepMeta(token_ids=np.zeros(T, np.int32), positions=np.concatenate(pos),
+                              q_starts=np.array(starts, np.int32), ctx_lens=np.array(ctx, np.int32),
+                              slot_mapping=np.concatenate(slots).astype(np.int32), block_tables=bt,
+                              block_size=block_size, logits_rows=np.array([T - 1], np.int32)))
+    return metas
+
+
+ATTN_CASES = [
+    # (Hq, Hkv, D, prompt_lens, extra, window, sinks, softcap)
+    (4, 4, 64, [37], [1], 0, False, 0.0),                 # MHA, decode
+    (9, 3, 64, [70, 5, 33], [1, 1, 1], 0, False, 0.0),     # SmolLM2 shape, batch of decodes
+    (14, 2, 64, [45, 90], [17, 1], 0, False, 0.0),         # GQA 7, chunked prefill + decode
+    (16, 2, 128, [100, 3], [1, 29], 0, False, 0.0),        # GQA 8
+    (8, 1, 256, [61, 20], [1, 3], 0, False, 0.0),          # gemma-like head dim 256
+    (8, 4, 256, [80], [1], 24, False, 50.0),               # sliding window + softcap
+    (12, 4, 64, [53, 64], [9, 1], 16, True, 0.0),          # gpt-oss: window + sinks
+    (6, 2, 128, [130], [0], 0, True, 0.0),                 # prefill only, T not a tile multiple
+    (5, 5, 96, [19, 41], [2, 1], 0, False, 30.0),          # head dim 96, softcap
+]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=[f"case{i}" for i in range(len(ATTN_CASES))])
+def test_attention(be, rng, case):
+    Hq, Hkv, D, plens, extra, window, with_sinks, softcap = case
+    bs, nblocks = 16, 64
+    layout = KVLayout(n_layers=2, num_blocks=nblocks, block_size=bs, n_kv_heads=Hkv, head_dim_k=D, head_dim_v=D)
+    ref = NumpyBackend()
+    kv_ref, kv_dev = ref.alloc_kv(layout), be.alloc_kv(layout)
+    sinks = rng.standard_normal(Hq).astype(np.float32) if with_sinks else None
+    scale = 1 / np.sqrt(D)
+    layer = 1
+    try:
+        for meta in _steps(rng, plens, extra, bs, nblocks):
+            T = meta.num_tokens
+            if T == 0:
+                continue
+            q = rng.standard_normal((T, Hq, D), dtype=np.float32)
+            k = rng.standard_normal((T, Hkv, D), dtype=np.float32)
+            v = rng.standard_normal((T, Hkv, D), dtype=np.float32)
+            # The reference sees the same f16-rounded K/V the cache holds, so the comparison
+            # isolates the kernel's arithmetic from the cache format.
+            k16, v16 = k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
+            exp = ref.attention(q, k16, v16, kv_ref, layer, meta, scale=scale, window=window, sinks=sinks,
+                                softcap=softcap)
+            ctx = be.begin_step(meta)
+            poison(be)
+            out = be.attention(dev(be, q), dev(be, k), dev(be, v), kv_dev, layer, ctx, scale=scale,
+                               window=window, sinks=dev(be, sinks) if with_sinks else None, softcap=softcap)
+            assert out.shape == (T, Hq * D)
+            assert rel(be.to_host(out), exp) < 3e-4
+    finally:
+        kv_dev.buf.free()
+
+
+# ---- linear / embed (cuda_quant) ---------------------------------------------------------------
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+@pytest.mark.parametrize("T", [1, 5, 67])
+def test_linear_and_embed(be, rng, qtype, T):
+    pytest.importorskip("orcd_grpc.backends.cuda_quant")
+    import gguf
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    n, k = 200, 320
+    w = rng.standard_normal((n, k), dtype=np.float32) * 0.1
+    raw = w if qtype == "F32" else gguf.quants.quantize(w, qt)
+    ref = NumpyBackend()
+    w_ref = ref.load_weight("w", raw, qt, (n, k))
+    x = rng.standard_normal((T, k), dtype=np.float32)
+    bias = rng.standard_normal(n, dtype=np.float32)
+    wd = be.load_weight("w", raw, qt, (n, k))
+    meta = simple_meta(T)
+    meta.token_ids = rng.integers(0, n, T).astype(np.int32)
+    ctx = be.begin_step(meta)
+    poison(be)
+    y = be.linear(dev(be, x), wd, dev(be, bias))
+    assert rel(be.to_host(y), ref.linear(x, w_ref, bias)) < 2e-3
+    e = be.embed(wd, ctx)
+    assert rel(be.to_host(e), ref.embed(w_ref, meta)) < 1e-6
+
+
+# ---- memory and errors ---------------------------------------------------------------------
+def test_max_vram_refuses_before_allocating():
+    from orcd_grpc.backends.cuda import CudaBackend
+
+    b = CudaBackend(max_vram=96 << 20, workspace_bytes=32 << 20)
+    try:
+        free_before = b.memory_available()
+        assert free_before <= 64 << 20
+        with pytest.raises(ResourceExhausted):
+            b.from_host(np.ones((80 << 20) // 4, np.float32))
+        assert b.memory_available() == free_before  # nothing was taken
+        x = np.arange(1000, dtype=np.float32)
+        np.testing.assert_array_equal(b.to_host(b.scale(b.from_host(x), 2.0)), 2 * x)  # still works
+        with pytest.raises(ResourceExhausted):
+            b.alloc_kv(KVLayout(4, 4096, 16, 8, 128, 128))
+    finally:
+        b.close()
+    assert b.budget.used == 0
+
+
+def test_cuda_error_becomes_internal(be):
+    import numpy as np
+
+    k = be._k("elementwise", "add_f32", "PPPqf")
+    with pytest.raises(Internal, match="add_f32"):
+        be._launch(k, (1, 1, 1), (2048, 1, 1), 0, 0, 0, np.int64(1), np.float32(0))  # too many threads
+    be.synchronize()
+    x = np.arange(17, dtype=np.float32)
+    np.testing.assert_array_equal(be.to_host(be.add(dev(be, x), dev(be, x))), 2 * x)
+
+
+def test_gpu_info(be):
+    info = be.gpu_info()
+    assert set(info) >= {"name", "compute_capability", "vram_total", "vram_free", "driver_version",
+                         "cuda_version", "multiprocessors"}
+    assert info["vram_total"] > 0 and info["multiprocessors"] > 0
