@@ -1,0 +1,464 @@
+"""Tokenizers for GGUF models, built with HF `tokenizers` from the tokenizer.ggml.* metadata.
+
+Two vocabulary families are supported, matching llama.cpp's behaviour (its conformance cases are
+the tests):
+
+* ``gpt2``: byte-level BPE. The pre-tokenizer regexes are llama.cpp's, one per
+  ``tokenizer.ggml.pre`` family, applied in sequence as isolated splits.
+* ``llama``: SentencePiece-style. llama.cpp merges, at every step, the adjacent pair whose
+  concatenation is the vocabulary token of highest score. A BPE whose merge list holds every
+  (left, right) split of every token, ranked by the merged token's score, makes the same choices,
+  so HF's BPE model (with byte fallback) does the work.
+
+Control tokens become HF *special* added tokens and user-defined tokens plain added tokens, which
+reproduces llama.cpp's rule that user-defined text is always recognised and control text only
+when asked (``encode_special``).
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pathlib
+import struct
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import InvalidArgument
+
+# GGUF token types (llama.cpp's llama_token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Text of end-of-turn tokens used by common chat formats; they count as end of generation when
+# the vocabulary has them as control tokens, even if the GGUF names only one eos id.
+END_OF_TURN_TEXTS = (
+    "<|im_end|>", "<|end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|return|>",
+    "<|call|>", "<|eom_id|>", "<|end_of_text|>",
+)
+
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_RE = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# o200k (GPT-4o / GPT-OSS); the case classes of the original need no rewriting in Oniguruma.
+_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
+_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_GPT4O_RE = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
+             rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
+             r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# tokenizer.ggml.pre -> (regexes applied in order, ignore_merges, add_bos default)
+_LLAMA3 = ([_LLAMA3_RE], True, True)
+_QWEN2 = ([_QWEN2_RE], False, False)
+_SMOLLM = ([r"\p{N}", _GPT2_RE], False, False)
+_GPT2 = ([_GPT2_RE], False, False)
+_GPT4O = ([_GPT4O_RE], False, False)
+_BPE_DEFAULT = ([r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]"], False, False)
+BPE_PRE = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1"), _LLAMA3),
+    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen", "megrez"), _QWEN2),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
+                     "minerva-7b"), _SMOLLM),
+    **dict.fromkeys(("gpt-2", "gpt2", "mpt", "olmo", "jais", "phi-2", "trillion",
+                     "granite-docling"), _GPT2),
+    **dict.fromkeys(("gpt-4o", "minimax-m2"), _GPT4O),
+    "default": _BPE_DEFAULT,
+}
+
+_META_KEYS = (
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type", "tokenizer.ggml.scores", "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+    "tokenizer.ggml.eom_token_id", "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix", "tokenizer.chat_template",
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+_BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading tokenizer metadata. GGUFReader.contents() on a 262k-token vocabulary takes tens of
+# seconds, so values are taken from the reader's parts directly, or parsed from the file header.
+
+def _field_value(field) -> Any:
+    """A gguf ReaderField's value as plain Python / NumPy, without per-element contents()."""
+    from gguf import GGUFValueType as T
+
+    types = field.types
+    if not types:
+        return None
+    if types[0] == T.ARRAY:
+        if len(types) < 2:
+            return []
+        if types[1] == T.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        if not field.data:
+            return np.zeros(0)
+        return np.concatenate([np.asarray(field.parts[i]).reshape(-1) for i in field.data])
+    part = field.parts[field.data[0]]
+    if types[0] == T.STRING:
+        return bytes(part).decode("utf-8", errors="replace")
+    if types[0] == T.BOOL:
+        return bool(part[0])
+    value = part[0]
+    return float(value) if types[0] in (T.FLOAT32, T.FLOAT64) else int(value)
+
+
+def metadata_from_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Tokenizer metadata from GGUFReader.fields (or an already plain dict of values)."""
+    out = {}
+    for key in _META_KEYS:
+        if key in fields:
+            value = fields[key]
+            out[key] = _field_value(value) if hasattr(value, "parts") else value
+    return out
+
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+           11: "<q", 12: "<d"}
+_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
+       11: "<i8", 12: "<f8"}
+
+
+def read_gguf_metadata(path: str | os.PathLike, prefix: str = "tokenizer.") -> dict[str, Any]:
+    """Metadata values whose key starts with `prefix`, read from a GGUF header (little endian)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise InvalidArgument("not a GGUF file (bad magic)", field="path")
+        (version,) = struct.unpack_from("<I", buf, 4)
+        if version < 2:
+            raise InvalidArgument(f"GGUF version {version} is not supported", field="path")
+        _n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+        off = 24
+
+        def read_str(o: int) -> tuple[bytes, int]:
+            (n,) = struct.unpack_from("<Q", buf, o)
+            return buf[o + 8:o + 8 + n], o + 8 + n
+
+        def skip_or_read(vtype: int, o: int, want: bool):
+            if vtype == 8:
+                s, o = read_str(o)
+                return (s.decode("utf-8", errors="replace") if want else None), o
+            if vtype in _SCALAR:
+                size = struct.calcsize(_SCALAR[vtype])
+                return (struct.unpack_from(_SCALAR[vtype], buf, o)[0] if want else None), o + size
+            if vtype == 9:
+                itype, n = struct.unpack_from("<IQ", buf, o)
+                o += 12
+                if itype in _NP:
+                    dt = np.dtype(_NP[itype])
+                    arr = np.frombuffer(buf, dtype=dt, count=n, offset=o).copy() if want else None
+                    return arr, o + n * dt.itemsize
+                items = []
+                for _ in range(n):
+                    item, o = skip_or_read(itype, o, want)
+                    items.append(item)
+                return (items if want else None), o
+            raise InvalidArgument(f"unknown GGUF value type {vtype}", field="path")
+
+        out = {}
+        for _ in range(n_kv):
+            key_b, off = read_str(off)
+            key = key_b.decode("utf-8", errors="replace")
+            (vtype,) = struct.unpack_from("<I", buf, off)
+            value, off = skip_or_read(vtype, off + 4, key.startswith(prefix))
+            if key.startswith(prefix):
+                out[key] = value
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+
+def _spm_merges(tokens: list[str], types: np.ndarray, scores: np.ndarray) -> list[tuple[str, str]]:
+    """Every split of every mergeable token into two vocabulary pieces, best merged score first.
+
+    Control and byte tokens are no merge results, so plain text can never turn into them.
+    Equal scores fall back to the lower token id; llama.cpp would pick the leftmost pair there,
+    which differs only when two distinct tokens share a score.
+    """
+    mergeable = (types != CONTROL) & (types != BYTE) & (types != UNKNOWN)
+    pieces = {t for t, ok in zip(tokens, mergeable.tolist()) if ok}
+    # Visiting tokens best score first yields the merge list already ranked (no 500k-item sort).
+    order = np.lexsort((np.arange(len(tokens)), -scores.astype(np.float64)))
+    merges: list[tuple[str, str]] = []
+    append = merges.append
+    for tid in order[mergeable[order]].tolist():
+        tok = tokens[tid]
+        for i in range(1, len(tok)):
+            left = tok[:i]
+            if left in pieces:
+                right = tok[i:]
+                if right in pieces:
+                    append((left, right))
+    return merges
+
+
+def _token_bytes_table(tokens: list[str], types: np.ndarray, byte_level: bool) -> list[bytes]:
+    table = []
+    for tok, ty in zip(tokens, types.tolist()):
+        if ty in (CONTROL, USER_DEFINED, UNKNOWN):
+            # llama.cpp renders these as their literal text in both vocabulary families
+            table.append(tok.encode("utf-8"))
+        elif byte_level:
+            try:
+                table.append(bytes(_BYTE_DECODER[c] for c in tok))
+            except KeyError:  # not a byte-level token after all; its text is the best guess
+                table.append(tok.encode("utf-8"))
+        elif ty == BYTE and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            table.append(bytes([int(tok[3:5], 16)]))
+        else:
+            table.append(tok.replace("\u2581", " ").encode("utf-8"))
+    return table
+
+
+def _add_special(hf: HFTokenizer, tokens: list[str], types: np.ndarray) -> None:
+    control = [AddedToken(tokens[i], special=True, normalized=False)
+               for i in np.flatnonzero(types == CONTROL)]
+    user = [AddedToken(tokens[i], special=False, normalized=False)
+            for i in np.flatnonzero(types == USER_DEFINED)]
+    if control:
+        hf.add_special_tokens(control)
+    if user:
+        hf.add_tokens(user)
+
+
+def _as_id(value) -> int | None:
+    return None if value is None else int(value)
+
+
+class Tokenizer:
+    """Text <-> token ids for one model; see the module docstring for how it is built."""
+
+    def __init__(self, hf: HFTokenizer, *, token_bytes: list[bytes], special: np.ndarray,
+                 bos_id: int | None, eos_ids: frozenset[int], add_bos: bool,
+                 chat_template: str | None, bos_text: str = "", eos_text: str = ""):
+        self._hf = hf
+        # encode() and encode_special() differ only in HF's encode_special_tokens switch, which
+        # lives on the instance; the lock keeps one request's setting from leaking into
+        # another's. (A second instance would cost seconds to build for a 262k vocabulary.)
+        self._lock = threading.Lock()
+        self._token_bytes = token_bytes
+        self._special = special
+        self.vocab_size = len(token_bytes)
+        self.bos_id = bos_id
+        self.eos_ids = eos_ids
+        self.add_bos = bool(add_bos and bos_id is not None)
+        self.chat_template = chat_template or None
+        self.bos_token = bos_text
+        self.eos_token = eos_text
+
+    # ---- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf(cls, fields: Mapping[str, Any]) -> "Tokenizer":
+        return cls._from_metadata(metadata_from_fields(fields))
+
+    @classmethod
+    def from_gguf_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        return cls._from_metadata(read_gguf_metadata(path))
+
+    @classmethod
+    def _from_metadata(cls, meta: dict[str, Any]) -> "Tokenizer":
+        kind = meta.get("tokenizer.ggml.model")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise InvalidArgument("vocabulary is missing or empty", field="tokenizer.ggml.tokens")
+        tokens = list(tokens)
+        n = len(tokens)
+        types = meta.get("tokenizer.ggml.token_type")
+        types = np.full(n, NORMAL, np.int32) if types is None else np.asarray(types, np.int32)
+        if types.shape != (n,):
+            raise InvalidArgument(f"has {types.size} entries for {n} tokens",
+                                  field="tokenizer.ggml.token_type")
+        # Duplicate strings cannot share one vocabulary map; the first id wins, like llama.cpp.
+        vocab: dict[str, int] = {}
+        for i, tok in enumerate(tokens):
+            vocab.setdefault(tok, i)
+
+        if kind == "gpt2":
+            pre = meta.get("tokenizer.ggml.pre") or "default"
+            if pre not in BPE_PRE:
+                raise InvalidArgument(f"pre-tokenizer {pre!r} is not supported "
+                                      f"(supported: {', '.join(sorted(BPE_PRE))})",
+                                      field="tokenizer.ggml.pre")
+            regexes, ignore_merges, add_bos_default = BPE_PRE[pre]
+            merges = meta.get("tokenizer.ggml.merges")
+            if merges is None:
+                raise InvalidArgument("BPE vocabulary has no merges", field="tokenizer.ggml.merges")
+            pairs = []
+            for m in merges:
+                left, sep, right = m.partition(" ")
+                if not sep:
+                    raise InvalidArgument(f"merge {m!r} is not 'left right'",
+                                          field="tokenizer.ggml.merges")
+                pairs.append((left, right))
+            hf = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+            hf.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            hf.decoder = decoders.ByteLevel()
+            byte_level = True
+        elif kind == "llama":
+            scores = meta.get("tokenizer.ggml.scores")
+            scores = (np.zeros(n, np.float32) if scores is None
+                      else np.asarray(scores, np.float32))
+            unk_id = _as_id(meta.get("tokenizer.ggml.unknown_token_id"))
+            unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < n else None
+            hf = HFTokenizer(models.BPE(vocab, _spm_merges(tokens, types, scores),
+                                        unk_token=unk, fuse_unk=True, byte_fallback=True))
+            # llama.cpp prefixes a space to every run of text that starts the input or follows
+            # an added token; HF normalizes each such run separately, so Prepend matches it.
+            space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+            norm = [normalizers.Replace(" ", "\u2581")]
+            dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+            if space_prefix:
+                norm.insert(0, normalizers.Prepend("\u2581"))
+                dec.append(decoders.Strip(" ", 1, 0))
+            hf.normalizer = normalizers.Sequence(norm)
+            hf.decoder = decoders.Sequence(dec)
+            add_bos_default = True
+            byte_level = False
+        else:
+            raise InvalidArgument(f"tokenizer model {kind!r} is not supported (gpt2, llama)",
+                                  field="tokenizer.ggml.model")
+        _add_special(hf, tokens, types)
+
+        bos_id = _as_id(meta.get("tokenizer.ggml.bos_token_id"))
+        eos_id = _as_id(meta.get("tokenizer.ggml.eos_token_id"))
+        eos = {i for i in (eos_id, _as_id(meta.get("tokenizer.ggml.eot_token_id")),
+                           _as_id(meta.get("tokenizer.ggml.eom_token_id")))
+               if i is not None and 0 <= i < n}
+        eos |= {vocab[t] for t in END_OF_TURN_TEXTS if t in vocab and types[vocab[t]] == CONTROL}
+        add_bos = meta.get("tokenizer.ggml.add_bos_token")
+        return cls(
+            hf, token_bytes=_token_bytes_table(tokens, types, byte_level),
+            special=(types == CONTROL), bos_id=bos_id, eos_ids=frozenset(eos),
+            add_bos=add_bos_default if add_bos is None else bool(add_bos),
+            chat_template=meta.get("tokenizer.chat_template"),
+            bos_text=tokens[bos_id] if bos_id is not None and 0 <= bos_id < n else "",
+            eos_text=tokens[eos_id] if eos_id is not None and 0 <= eos_id < n else "")
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | os.PathLike,
+                            fields: Mapping[str, Any] | None = None) -> "Tokenizer":
+        """An HF tokenizer.json; bos/eos/template come from `fields` (GGUF) or, failing that,
+        from a tokenizer_config.json beside it."""
+        path = pathlib.Path(path)
+        hf = HFTokenizer.from_file(str(path))
+        hf.post_processor = None  # BOS is added by encode(), not by HF's template processing
+        n = hf.get_vocab_size(with_added_tokens=True)
+        added = hf.get_added_tokens_decoder()
+        special = np.zeros(n, bool)
+        for tid, tok in added.items():
+            special[tid] = tok.special
+        byte_level = "ByteLevel" in json.dumps(json.loads(hf.to_str()).get("decoder"))
+        table = []
+        for tid in range(n):
+            text = hf.id_to_token(tid) or ""
+            if tid in added:
+                table.append(added[tid].content.encode("utf-8"))
+            elif byte_level:
+                table.append(bytes(_BYTE_DECODER[c] for c in text)
+                             if all(c in _BYTE_DECODER for c in text) else text.encode())
+            elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                table.append(bytes([int(text[3:5], 16)]))
+            else:
+                table.append(text.replace("\u2581", " ").encode("utf-8"))
+
+        config = {}
+        cfg_path = path.with_name("tokenizer_config.json")
+        if cfg_path.is_file():
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        meta = metadata_from_fields(fields) if fields is not None else {}
+
+        def token_text(v):
+            return v.get("content") if isinstance(v, dict) else v
+
+        def lookup(key, cfg_key):
+            if key in meta:
+                return _as_id(meta[key])
+            text = token_text(config.get(cfg_key))
+            return hf.token_to_id(text) if text else None
+
+        bos_id = lookup("tokenizer.ggml.bos_token_id", "bos_token")
+        eos_id = lookup("tokenizer.ggml.eos_token_id", "eos_token")
+        eos = {i for i in (eos_id, _as_id(meta.get("tokenizer.ggml.eot_token_id")),
+                           _as_id(meta.get("tokenizer.ggml.eom_token_id"))) if i is not None}
+        for t in END_OF_TURN_TEXTS:
+            tid = hf.token_to_id(t)
+            if tid is not None and special[tid]:
+                eos.add(tid)
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", config.get("add_bos_token", False))
+        template = meta.get("tokenizer.chat_template") or config.get("chat_template")
+        if isinstance(template, list):  # HF allows named templates; "default" is the chat one
+            template = next((t.get("template") for t in template if t.get("name") == "default"),
+                            None)
+        return cls(hf, token_bytes=table, special=special, bos_id=bos_id,
+                   eos_ids=frozenset(eos), add_bos=bool(add_bos), chat_template=template,
+                   bos_text=hf.id_to_token(bos_id) if bos_id is not None else "",
+                   eos_text=hf.id_to_token(eos_id) if eos_id is not None else "")
+
+    # ---- use --------------------------------------------------------------------------------
+
+    def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
+        want = self.add_bos if add_bos is None else add_bos
+        if want and self.bos_id is not None:
+            return [self.bos_id, *ids]
+        return ids
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; control-token text in it is encoded as ordinary text."""
+        return self._with_bos(self._encode(text, plain=True), add_bos)
+
+    def encode_special(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Like encode(), but control tokens written in `text` become their ids."""
+        return self._with_bos(self._encode(text, plain=False), add_bos)
+
+    def _encode(self, text: str, plain: bool) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidArgument(f"expected str, got {type(text).__name__}", field="text")
+        with self._lock:
+            self._hf.encode_special_tokens = plain
+            return self._hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_bytes(self, token_id: int, skip_special: bool = False) -> bytes:
+        """The bytes `token_id` adds to the output text (b"" for control tokens if skipped)."""
+        if not 0 <= token_id < self.vocab_size:
+            raise InvalidArgument(f"token id {token_id} outside [0, {self.vocab_size})",
+                                  field="token_id")
+        if skip_special and self._special[token_id]:
+            return b""
+        return self._token_bytes[token_id]
+
+    def is_special(self, token_id: int) -> bool:
+        return 0 <= token_id < self.vocab_size and bool(self._special[token_id])
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        from .chat_template import render_chat
+
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=self.bos_token, eos_token=self.eos_token)
