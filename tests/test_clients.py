@@ -22,8 +22,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CI = REPO / "clients" / "ci.sh"
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -86,6 +84,8 @@ def _run_ci(which: str, address: str) -> None:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_typescript_client(worker_address):
     for tool in ("node", "npm"):
         if shutil.which(tool) is None:
@@ -97,6 +97,8 @@ def test_typescript_client(worker_address):
     assert "# fail 0" in out and "# pass 5" in out, out[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_go_client(worker_address):
     for tool in ("go", "protoc", "protoc-gen-go", "protoc-gen-go-grpc"):
         if shutil.which(tool) is None:
@@ -104,3 +106,22 @@ def test_go_client(worker_address):
     out = _run_ci("go", worker_address)
     for name in ("TestExecuteStreamsGreedyCompletion", "TestCancelAfterFirstToken", "TestHardwareInfoCPU"):
         assert f"--- PASS: {name}" in out, out[-3000:]
+
+
+def test_grpcurl_examples_in_docs_match_the_contract():
+    """Each `grpcurl -d '{...}' ... orcd.v1.Worker/Method` in docs/clients.md parses, with
+    protobuf's JSON mapping (as grpcurl does), into that method's request type."""
+    import re
+
+    from google.protobuf import json_format
+
+    from orcd_grpc.proto import pb
+
+    text = (REPO / "docs" / "clients.md").read_text().replace("\\\n", " ")
+    calls = re.findall(r"grpcurl[^\n]*?-d '(\{.*?\})'\s+\S+\s+orcd\.v1\.Worker/(\w+)", text)
+    assert {m for _, m in calls} >= {"Execute", "Cancel"}, calls
+    service = pb.DESCRIPTOR.services_by_name["Worker"]
+    for body, method in calls:
+        request_type = service.methods_by_name[method].input_type.full_name.split(".")[-1]
+        msg = json_format.Parse(body, getattr(pb, request_type)())  # raises on an unknown field
+        assert msg.ByteSize() > 0, (method, body)
