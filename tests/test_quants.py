@@ -322,9 +322,16 @@ def test_real_file_every_tensor_bit_exact(request, fixture, filename, expect_typ
     for t in reader.tensors:
         seen.add(t.tensor_type.name)
         ours = quants.dequantize_reader_tensor(t)
-        theirs = gq.dequantize(t.data, t.tensor_type)
-        assert ours.shape == tuple(reversed([int(s) for s in t.shape])) == theirs.shape, t.name
-        np.testing.assert_array_equal(ours, theirs, err_msg=t.name)
+        assert ours.shape == tuple(reversed([int(s) for s in t.shape])), t.name
+        if ours.size <= 8_000_000:
+            theirs = gq.dequantize(t.data, t.tensor_type)
+            np.testing.assert_array_equal(ours, theirs, err_msg=t.name)
+        else:
+            # the embedding tables (~100M values) would take most of this test's time through
+            # gguf's row-group loop: compare 512 random rows there, decoded from the file's bytes
+            rows = np.sort(rng.choice(ours.shape[0], 512, replace=False))
+            theirs = gq.dequantize(np.asarray(t.data)[rows], t.tensor_type)
+            np.testing.assert_array_equal(ours[rows], theirs, err_msg=t.name)
         assert np.all(np.isfinite(ours)), t.name
         if t.tensor_type != T.F32:
             # spot-check two random rows of real data against the float64 reference decoder
