@@ -419,6 +419,15 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _retry_hint(exc: grpc.RpcError) -> str:
+    try:
+        trailers = dict(exc.trailing_metadata() or ())
+    except Exception:  # errors raised before the call started carry no metadata
+        return ""
+    ms = trailers.get("retry-after-ms")
+    return f" (retry after {ms} ms)" if ms else ""
+
+
 COMMANDS = {"serve": cmd_serve, "demo": cmd_demo, "generate": cmd_generate, "load": cmd_load,
             "unload": cmd_unload, "list": cmd_list, "info": cmd_info, "models": cmd_models}
 
@@ -430,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as exc:
         code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
         details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
-        print(f"error: {code.name}: {details}", file=sys.stderr)
+        print(f"error: {code.name}: {details}{_retry_hint(exc)}", file=sys.stderr)
     except OrcdError as exc:
         print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
     except ValueError as exc:  # bad parameter combinations caught before any call
