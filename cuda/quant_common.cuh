@@ -5,7 +5,9 @@
 //   CHB   blocks a GEMV warp stages per k-chunk (chosen so a row chunk is ~0.5-1 KB)
 //   MIN   true when a weight is a*q + m (an offset term) rather than a*q
 //   offs(p, o0, o1)   part p covers block elements o0..o0+3 and o1..o1+3
-//   dec(b, p, q[8], a0, a1, m0, m1)  weights: w[i] = a_{i/4} * q[i] (+ m_{i/4} when MIN)
+//   qv(b, p, q[8])     the part's quantized values as floats (offsets such as -8 already applied)
+//   sc(b, p, a0, a1, m0, m1)  its scales: w[i] = a_{i/4} * q[i] (+ m_{i/4} when MIN); identical for the
+//                      4 parts 4g..4g+3 of an aligned group (GEMV decodes scales once per group)
 // A part's 8 elements always lie inside one aligned 64-element window of the row (32 for QK=32
 // formats) and parts 8w..8w+7 (global part index = element/8 numbering of windows) fill window w,
 // so a GEMM k-tile of 64 elements decodes exactly the parts whose index is in [kk/8, kk/8+8).
@@ -53,50 +55,50 @@ __device__ __forceinline__ uint32_t spread4(uint32_t x) { return ((x & 0xFu) * 0
 struct FQ4_0 {  // d f16 | qs[16]: elem j = lo(qs[j]), elem j+16 = hi(qs[j]); w = d*(q-8)
     static constexpr int QK = 32, TS = 18, NP = 4, CHB = 32; static constexpr bool MIN = false;
     __device__ static void offs(int p, int& o0, int& o1) { o0 = 4 * p; o1 = 16 + 4 * p; }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         const uint32_t v = ld32<2>(b + 2 + 4 * p);
         bytes4(v & 0x0F0F0F0Fu, 8.f, q); bytes4((v >> 4) & 0x0F0F0F0Fu, 8.f, q + 4);
-        a0 = a1 = ldh(b); m0 = m1 = 0.f;
     }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = 0.f; }
 };
 struct FQ4_1 {  // d, m f16 | qs[16]; w = d*q + m
     static constexpr int QK = 32, TS = 20, NP = 4, CHB = 32; static constexpr bool MIN = true;
     __device__ static void offs(int p, int& o0, int& o1) { o0 = 4 * p; o1 = 16 + 4 * p; }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         const uint32_t v = ld32<4>(b + 4 + 4 * p);
         bytes4(v & 0x0F0F0F0Fu, 0.f, q); bytes4((v >> 4) & 0x0F0F0F0Fu, 0.f, q + 4);
-        a0 = a1 = ldh(b); m0 = m1 = ldh(b + 2);
     }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = ldh(b + 2); }
 };
 struct FQ5_0 {  // d f16 | qh u32 (bit j = 5th bit of elem j) | qs[16]; w = d*(q-16)
     static constexpr int QK = 32, TS = 22, NP = 4, CHB = 32; static constexpr bool MIN = false;
     __device__ static void offs(int p, int& o0, int& o1) { o0 = 4 * p; o1 = 16 + 4 * p; }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         const uint32_t qh = ld32<2>(b + 2), v = ld32<2>(b + 6 + 4 * p);
         bytes4((v & 0x0F0F0F0Fu) | (spread4(qh >> (4 * p)) << 4), 16.f, q);
         bytes4(((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4), 16.f, q + 4);
-        a0 = a1 = ldh(b); m0 = m1 = 0.f;
     }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = 0.f; }
 };
 struct FQ5_1 {  // d, m f16 | qh u32 | qs[16]; w = d*q + m
     static constexpr int QK = 32, TS = 24, NP = 4, CHB = 32; static constexpr bool MIN = true;
     __device__ static void offs(int p, int& o0, int& o1) { o0 = 4 * p; o1 = 16 + 4 * p; }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         const uint32_t qh = ld32<4>(b + 4), v = ld32<4>(b + 8 + 4 * p);
         bytes4((v & 0x0F0F0F0Fu) | (spread4(qh >> (4 * p)) << 4), 0.f, q);
         bytes4(((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4), 0.f, q + 4);
-        a0 = a1 = ldh(b); m0 = m1 = ldh(b + 2);
     }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = ldh(b + 2); }
 };
 struct FQ8_0 {  // d f16 | qs[32] int8; w = d*q
     static constexpr int QK = 32, TS = 34, NP = 4, CHB = 32; static constexpr bool MIN = false;
     __device__ static void offs(int p, int& o0, int& o1) { o0 = 8 * p; o1 = 8 * p + 4; }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         // xor 0x80 turns int8 into q+128 as an unsigned byte
         bytes4(ld32<2>(b + 2 + 8 * p) ^ 0x80808080u, 128.f, q);
         bytes4(ld32<2>(b + 6 + 8 * p) ^ 0x80808080u, 128.f, q + 4);
-        a0 = a1 = ldh(b); m0 = m1 = 0.f;
     }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = 0.f; }
 };
 struct FMXFP4 {  // e8m0 exponent byte | qs[16] e2m1 nibbles (lo: elem j, hi: elem j+16)
     static constexpr int QK = 32, TS = 17, NP = 4, CHB = 32; static constexpr bool MIN = false;
@@ -112,10 +114,12 @@ struct FMXFP4 {  // e8m0 exponent byte | qs[16] e2m1 nibbles (lo: elem j, hi: el
         const uint32_t m = ((n >> 3) & 0x01010101u) * 0xFFu;
         return (pos & ~m) | (neg & m);
     }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         const uint32_t v = ld32<1>(b + 1 + 4 * p);
         bytes4(lut4(v & 0x0F0F0F0Fu) ^ 0x80808080u, 128.f, q);
         bytes4(lut4((v >> 4) & 0x0F0F0F0Fu) ^ 0x80808080u, 128.f, q + 4);
+    }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) {
         const uint32_t e = b[0];
         // 2^(e-128): half of the E8M0 scale, because the table holds doubled values. e<2 would be a
         // float denormal (flushed by fast-math); such scales are ~1e-38 and do not occur in models.
@@ -133,10 +137,13 @@ __device__ __forceinline__ void kscale(const uint8_t* s, int j, float& sc, float
 struct FQ4_K {  // d, dmin f16 | scales[12] | qs[128]; 64-elem chunk c: lo nibbles of qs[32c..] -> elems 0..31, hi -> 32..63
     static constexpr int QK = 256, TS = 144, NP = 32, CHB = 4; static constexpr bool MIN = true;
     __device__ static void offs(int p, int& o0, int& o1) { const int c = p >> 3, l = (p & 7) * 4; o0 = 64 * c + l; o1 = o0 + 32; }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         const int c = p >> 3, l = (p & 7) * 4;
         const uint32_t v = ld32<4>(b + 16 + 32 * c + l);
         bytes4(v & 0x0F0F0F0Fu, 0.f, q); bytes4((v >> 4) & 0x0F0F0F0Fu, 0.f, q + 4);
+    }
+    __device__ static void sc(const uint8_t* b, int p, float& a0, float& a1, float& m0, float& m1) {
+        const int c = p >> 3;
         const float d = ldh(b), dm = ldh(b + 2);
         float s0, n0, s1, n1; kscale(b + 4, 2 * c, s0, n0); kscale(b + 4, 2 * c + 1, s1, n1);
         a0 = d * s0; a1 = d * s1; m0 = -dm * n0; m1 = -dm * n1;
@@ -145,11 +152,14 @@ struct FQ4_K {  // d, dmin f16 | scales[12] | qs[128]; 64-elem chunk c: lo nibbl
 struct FQ5_K {  // d, dmin | scales[12] | qh[32] | qs[128]; chunk c: qh bit 2c (lo) / 2c+1 (hi) of qh[l]
     static constexpr int QK = 256, TS = 176, NP = 32, CHB = 4; static constexpr bool MIN = true;
     __device__ static void offs(int p, int& o0, int& o1) { const int c = p >> 3, l = (p & 7) * 4; o0 = 64 * c + l; o1 = o0 + 32; }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         const int c = p >> 3, l = (p & 7) * 4;
         const uint32_t v = ld32<4>(b + 48 + 32 * c + l), h = ld32<4>(b + 16 + l);
         bytes4((v & 0x0F0F0F0Fu) | (((h >> (2 * c)) & 0x01010101u) << 4), 0.f, q);
         bytes4(((v >> 4) & 0x0F0F0F0Fu) | (((h >> (2 * c + 1)) & 0x01010101u) << 4), 0.f, q + 4);
+    }
+    __device__ static void sc(const uint8_t* b, int p, float& a0, float& a1, float& m0, float& m1) {
+        const int c = p >> 3;
         const float d = ldh(b), dm = ldh(b + 2);
         float s0, n0, s1, n1; kscale(b + 4, 2 * c, s0, n0); kscale(b + 4, 2 * c + 1, s1, n1);
         a0 = d * s0; a1 = d * s1; m0 = -dm * n0; m1 = -dm * n1;
@@ -163,32 +173,35 @@ struct FQ6_K {  // ql[128] | qh[64] | scales[16] int8 | d f16; w = d*sc[e/16]*(q
     __device__ static void offs(int p, int& o0, int& o1) {
         const int h = p >> 4, t = (p >> 3) & 1, l = (p & 7) * 4; o0 = 128 * h + 64 * t + l; o1 = o0 + 32;
     }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         const int h = p >> 4, t = (p >> 3) & 1, l = (p & 7) * 4;
         const uint32_t v0 = ld32<2>(b + 64 * h + l), v1 = ld32<2>(b + 64 * h + 32 + l), qh = ld32<2>(b + 128 + 32 * h + l);
         const int sh = 4 * t;
         bytes4(((v0 >> sh) & 0x0F0F0F0Fu) | (((qh >> sh) & 0x03030303u) << 4), 32.f, q);
         bytes4(((v1 >> sh) & 0x0F0F0F0Fu) | (((qh >> (sh + 2)) & 0x03030303u) << 4), 32.f, q + 4);
+    }
+    __device__ static void sc(const uint8_t* b, int p, float& a0, float& a1, float& m0, float& m1) {
+        const int h = p >> 4, t = (p >> 3) & 1, l = (p & 7) * 4;
         const float d = ldh(b + 208);
-        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + 8 * h + 4 * t + (l >> 4);
-        a0 = d * float(sc[0]); a1 = d * float(sc[2]); m0 = m1 = 0.f;
+        const int8_t* s8 = reinterpret_cast<const int8_t*>(b + 192) + 8 * h + 4 * t + (l >> 4);
+        a0 = d * float(s8[0]); a1 = d * float(s8[2]); m0 = m1 = 0.f;
     }
 };
 // Plain float rows, cut into 32-element pseudo-blocks so they share the part machinery (k % 32 == 0).
 struct FF32 {
     static constexpr int QK = 32, TS = 128, NP = 4, CHB = 8; static constexpr bool MIN = false;
     __device__ static void offs(int p, int& o0, int& o1) { o0 = 8 * p; o1 = 8 * p + 4; }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         const float4* f = reinterpret_cast<const float4*>(b + 32 * p);
         const float4 x = f[0], y = f[1];
         q[0] = x.x; q[1] = x.y; q[2] = x.z; q[3] = x.w; q[4] = y.x; q[5] = y.y; q[6] = y.z; q[7] = y.w;
-        a0 = a1 = 1.f; m0 = m1 = 0.f;
     }
+    __device__ static void sc(const uint8_t*, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = 1.f; m0 = m1 = 0.f; }
 };
 struct FF16 {
     static constexpr int QK = 32, TS = 64, NP = 4, CHB = 16; static constexpr bool MIN = false;
     __device__ static void offs(int p, int& o0, int& o1) { o0 = 8 * p; o1 = 8 * p + 4; }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         const uint4 v = *reinterpret_cast<const uint4*>(b + 16 * p);
         const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -196,19 +209,26 @@ struct FF16 {
             const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
             q[2 * i] = f.x; q[2 * i + 1] = f.y;
         }
-        a0 = a1 = 1.f; m0 = m1 = 0.f;
     }
+    __device__ static void sc(const uint8_t*, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = 1.f; m0 = m1 = 0.f; }
 };
 struct FBF16 {
     static constexpr int QK = 32, TS = 64, NP = 4, CHB = 16; static constexpr bool MIN = false;
     __device__ static void offs(int p, int& o0, int& o1) { o0 = 8 * p; o1 = 8 * p + 4; }
-    __device__ static void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    __device__ static void qv(const uint8_t* b, int p, float* q) {
         const uint4 v = *reinterpret_cast<const uint4*>(b + 16 * p);
         const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) { q[2 * i] = __uint_as_float(w[i] << 16); q[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u); }
-        a0 = a1 = 1.f; m0 = m1 = 0.f;
     }
+    __device__ static void sc(const uint8_t*, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = 1.f; m0 = m1 = 0.f; }
 };
+
+// full decode of one part: quants plus the scales of its block
+template <class F>
+__device__ __forceinline__ void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {
+    F::qv(b, p, q);
+    F::sc(b, p, a0, a1, m0, m1);
+}
 
 }  // namespace oq

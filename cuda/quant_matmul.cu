@@ -92,37 +92,61 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
         cp_async_commit();  // an empty group on the last chunk keeps wait_group 1 meaning "chunk c landed"
         cp_async_wait1();
         __syncwarp();       // other lanes' copies of chunk c are visible after this
-        const int b0 = c * F::CHB, nparts = min(F::CHB, nblk - b0) * F::NP;
-        int head[R];  // where the chunk starts inside its aligned-down copy (recomputed: no run-time-indexed array)
+        const int b0 = c * F::CHB, ngroups = min(F::CHB, nblk - b0) * (F::NP / 4);
+        const uint8_t* cb[R];  // chunk start inside its aligned-down copy (recomputed: no run-time-indexed array)
 #pragma unroll
-        for (int r = 0; r < R; r++) head[r] = int(reinterpret_cast<uintptr_t>(rowp[r] + (long long)b0 * F::TS) & 15);
-        for (int pi = lane; pi < nparts; pi += 32) {
-            const int bl = pi / F::NP, p = pi % F::NP;
-            int o0, o1;
-            F::offs(p, o0, o1);
+        for (int r = 0; r < R; r++)
+            cb[r] = sm[warp][c & 1][r] + int(reinterpret_cast<uintptr_t>(rowp[r] + (long long)b0 * F::TS) & 15);
+        // a lane takes 4 consecutive parts (32 weights) that share their scales: scales are decoded
+        // once per group and applied to the group's unscaled sums
+        for (int g = lane; g < ngroups; g += 32) {
+            const int bl = (4 * g) / F::NP, p0 = (4 * g) % F::NP;
             const int e0 = (b0 + bl) * F::QK;
-            float4 xa[NT], xb[NT];
+            float s0[R][NT], s1[R][NT], x0[NT], x1[NT];
 #pragma unroll
             for (int t = 0; t < NT; t++) {
-                const float* xt = x + (long long)min(t, T - 1) * k + e0;  // tokens >= T: harmless duplicate loads
-                xa[t] = __ldg(reinterpret_cast<const float4*>(xt + o0));
-                xb[t] = __ldg(reinterpret_cast<const float4*>(xt + o1));
+                x0[t] = x1[t] = 0.f;
+#pragma unroll
+                for (int r = 0; r < R; r++) s0[r][t] = s1[r][t] = 0.f;
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int o0, o1;
+                F::offs(p0 + j, o0, o1);
+                float4 xa[NT], xb[NT];
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    const float* xt = x + (long long)min(t, T - 1) * k + e0;  // tokens >= T: harmless duplicate loads
+                    xa[t] = __ldg(reinterpret_cast<const float4*>(xt + o0));
+                    xb[t] = __ldg(reinterpret_cast<const float4*>(xt + o1));
+                    if constexpr (F::MIN) {  // sum of x under each run, shared by all rows
+                        x0[t] += (xa[t].x + xa[t].y) + (xa[t].z + xa[t].w);
+                        x1[t] += (xb[t].x + xb[t].y) + (xb[t].z + xb[t].w);
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float q[8];
+                    F::qv(cb[r] + bl * F::TS, p0 + j, q);
+#pragma unroll
+                    for (int t = 0; t < NT; t++) {
+                        float u = s0[r][t], v = s1[r][t];
+                        u = fmaf(q[0], xa[t].x, u); v = fmaf(q[4], xb[t].x, v);
+                        u = fmaf(q[1], xa[t].y, u); v = fmaf(q[5], xb[t].y, v);
+                        u = fmaf(q[2], xa[t].z, u); v = fmaf(q[6], xb[t].z, v);
+                        u = fmaf(q[3], xa[t].w, u); v = fmaf(q[7], xb[t].w, v);
+                        s0[r][t] = u; s1[r][t] = v;
+                    }
+                }
             }
 #pragma unroll
             for (int r = 0; r < R; r++) {
-                float q[8], a0, a1, m0, m1;
-                F::dec(sm[warp][c & 1][r] + head[r] + bl * F::TS, p, q, a0, a1, m0, m1);
+                float a0, a1, m0, m1;
+                F::sc(cb[r] + bl * F::TS, p0, a0, a1, m0, m1);
 #pragma unroll
                 for (int t = 0; t < NT; t++) {
-                    float s0 = q[0] * xa[t].x, s1 = q[4] * xb[t].x;
-                    s0 = fmaf(q[1], xa[t].y, s0); s1 = fmaf(q[5], xb[t].y, s1);
-                    s0 = fmaf(q[2], xa[t].z, s0); s1 = fmaf(q[6], xb[t].z, s1);
-                    s0 = fmaf(q[3], xa[t].w, s0); s1 = fmaf(q[7], xb[t].w, s1);
-                    float v = fmaf(a0, s0, a1 * s1);
-                    if constexpr (F::MIN) {
-                        v = fmaf(m0, (xa[t].x + xa[t].y) + (xa[t].z + xa[t].w), v);
-                        v = fmaf(m1, (xb[t].x + xb[t].y) + (xb[t].z + xb[t].w), v);
-                    }
+                    float v = fmaf(a0, s0[r][t], a1 * s1[r][t]);
+                    if constexpr (F::MIN) v = fmaf(m0, x0[t], fmaf(m1, x1[t], v));
                     acc[r][t] += v;
                 }
             }
@@ -161,7 +185,9 @@ constexpr int GEMM_THREADS = 256;
 template <class F, int BM>
 __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
-                                          int T, int n, int k, int accumulate) {
+                                          int T, int n, int k, int accumulate, int kchunk) {
+    // Split-K: blockIdx.z takes k range [z*kchunk, (z+1)*kchunk). With more than one split the
+    // partial sums are atomically added to y, which gemm_init has set to bias (+ old y) first.
     using namespace nvcuda;
     constexpr int MF = BM / 16;
     constexpr int SMEM = (BM + GBN) * GLD * 2;
@@ -178,7 +204,9 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
 #pragma unroll
     for (int i = 0; i < MF; i++) wmma::fill_fragment(acc[i], 0.f);
 
-    for (int kk = 0; kk < k; kk += GBK) {
+    const int kbeg = blockIdx.z * kchunk, kend = min(k, kbeg + kchunk);
+    const bool split = gridDim.z > 1;
+    for (int kk = kbeg; kk < kend; kk += GBK) {
         // activations: BM x 64 floats -> f16; rows past T and columns past k are zero
         for (int i = tid; i < BM * (GBK / 4); i += GEMM_THREADS) {
             const int r = i / (GBK / 4), c = (i % (GBK / 4)) * 4;
@@ -197,7 +225,7 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
             F::offs(p, o0, o1);
             const int c0 = blk * F::QK + o0 - kk, c1 = blk * F::QK + o1 - kk;
             float q[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a0 = 0.f, a1 = 0.f, mm0 = 0.f, mm1 = 0.f;
-            if (row < n && blk < nblk) F::dec(W + row * RB + (long long)blk * F::TS, p, q, a0, a1, mm0, mm1);
+            if (row < n && blk < nblk) dec<F>(W + row * RB + (long long)blk * F::TS, p, q, a0, a1, mm0, mm1);
             __half2* d0 = reinterpret_cast<__half2*>(Bs + r * GLD + c0);
             __half2* d1 = reinterpret_cast<__half2*>(Bs + r * GLD + c1);
             d0[0] = __floats2half2_rn(fmaf(a0, q[0], mm0), fmaf(a0, q[1], mm0));
@@ -234,7 +262,8 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
                 const int c = col + j;
                 if (c < n) {
                     float* yp = y + (long long)t * n + c;
-                    *yp = s[j] + (bias ? bias[c] : 0.f) + (accumulate ? *yp : 0.f);
+                    if (split) atomicAdd(yp, s[j]);
+                    else *yp = s[j] + (bias ? bias[c] : 0.f) + (accumulate ? *yp : 0.f);
                 }
             }
         }
@@ -252,7 +281,7 @@ __device__ __forceinline__ void embed_impl(const int* __restrict__ ids, const ui
     float q[8], a0, a1, m0, m1;
     int o0, o1;
     F::offs(p, o0, o1);
-    F::dec(b, p, q, a0, a1, m0, m1);
+    dec<F>(b, p, q, a0, a1, m0, m1);
     float* yr = y + (long long)t * k + blk * F::QK;
     *reinterpret_cast<float4*>(yr + o0) = make_float4(fmaf(a0, q[0], m0), fmaf(a0, q[1], m0), fmaf(a0, q[2], m0), fmaf(a0, q[3], m0));
     *reinterpret_cast<float4*>(yr + o1) = make_float4(fmaf(a1, q[4], m1), fmaf(a1, q[5], m1), fmaf(a1, q[6], m1), fmaf(a1, q[7], m1));
@@ -260,19 +289,27 @@ __device__ __forceinline__ void embed_impl(const int* __restrict__ ids, const ui
 
 }  // namespace
 
+// y = bias (+ y when accumulating): the starting value for split-K GEMM's atomic partial sums
+extern "C" __global__ void gemm_init(float* y, const float* bias, int T, int n, int accumulate) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)T * n) return;
+    y[i] = (bias ? bias[i % n] : 0.f) + (accumulate ? y[i] : 0.f);
+}
+
 #define GEMV_ARGS const float* x, const uint8_t* W, float* y, const float* bias, const int* expert_ids, int T, int n, int k, \
                   long long expert_stride, int top_k, int x_per_slot, int accumulate
 #define GEMV_PASS x, W, y, bias, expert_ids, T, n, k, expert_stride, top_k, x_per_slot, accumulate
-#define GEMM_ARGS const float* x, const uint8_t* W, float* y, const float* bias, int T, int n, int k, int accumulate
+#define GEMM_ARGS const float* x, const uint8_t* W, float* y, const float* bias, int T, int n, int k, int accumulate, int kchunk
 
 #define DEFINE_FORMAT(name, F)                                                                                   \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1(GEMV_ARGS) { gemv_impl<F, 1>(GEMV_PASS); } \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_2(GEMV_ARGS) { gemv_impl<F, 2>(GEMV_PASS); } \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_4(GEMV_ARGS) { gemv_impl<F, 4>(GEMV_PASS); } \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_16(GEMM_ARGS) { gemm_impl<F, 16>(x, W, y, bias, T, n, k, accumulate); } \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_32(GEMM_ARGS) { gemm_impl<F, 32>(x, W, y, bias, T, n, k, accumulate); } \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate); } \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_128(GEMM_ARGS) { gemm_impl<F, 128>(x, W, y, bias, T, n, k, accumulate); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_8(GEMV_ARGS) { gemv_impl<F, 8>(GEMV_PASS); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_16(GEMM_ARGS) { gemm_impl<F, 16>(x, W, y, bias, T, n, k, accumulate, kchunk); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_32(GEMM_ARGS) { gemm_impl<F, 32>(x, W, y, bias, T, n, k, accumulate, kchunk); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate, kchunk); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_128(GEMM_ARGS) { gemm_impl<F, 128>(x, W, y, bias, T, n, k, accumulate, kchunk); } \
     extern "C" __global__ void embed_##name(const int* ids, const uint8_t* W, float* y, int k) { embed_impl<F>(ids, W, y, k); }
 
 DEFINE_FORMAT(q4_0, FQ4_0)

@@ -7,7 +7,7 @@ GGUF bytes, row-major, ``k // block_size * type_size`` bytes per row. Activation
 Every launch is a ``prepared_async_call`` on the caller's stream, with no allocation, host copy or
 synchronisation, so a sequence of calls can be captured into a CUDA graph.
 
-Kernel choice: T <= 4 uses the GEMV kernel (f32 math, weights streamed once through shared memory
+Kernel choice: T <= 8 uses the GEMV kernel (f32 math, weights streamed once through shared memory
 with 16-byte copies, each weight used for all T tokens); larger T uses the tensor-core GEMM (weights
 and activations rounded to f16, f32 accumulation: relative error ~1e-3, see docs/kernels.md).
 """
@@ -25,7 +25,7 @@ _NAME = {
 }
 SUPPORTED: set[GGMLQuantizationType] = set(_NAME)
 
-GEMV_MAX_T = 4          # largest T served by the GEMV kernel (NT = 1, 2 or 4)
+GEMV_MAX_T = 8          # largest T served by the GEMV kernel (NT = 1, 2, 4 or 8)
 _GEMV_WARPS, _GEMV_R = 4, 2   # must match GEMV_WARPS / GEMV_R in quant_matmul.cu
 _GEMM_BN, _GEMM_THREADS = 128, 256
 _EMBED_THREADS = 128
@@ -94,7 +94,8 @@ class _Kernels:
 
 _K: _Kernels | None = None
 _GEMV_SIG = "PPPPPiiiqiii"
-_GEMM_SIG = "PPPPiiii"
+_GEMM_SIG = "PPPPiiiii"
+_SMS = 132              # H100 multiprocessors; only used to size split-K (a wrong guess costs speed, not correctness)
 
 
 def _kernels() -> _Kernels:
@@ -119,7 +120,7 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
     ks = _kernels()
     fmt = _NAME[w.qtype]
     if T <= GEMV_MAX_T:
-        nt = 1 if T == 1 else (2 if T == 2 else 4)
+        nt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
         rows_per_block = _GEMV_WARPS * _GEMV_R
         f = ks.get(f"gemv_{fmt}_{nt}", _GEMV_SIG)
         f.prepared_async_call(((w.n + rows_per_block - 1) // rows_per_block, 1), (_GEMV_WARPS * 32, 1, 1), stream,
@@ -127,10 +128,20 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
                               np.int32(w.k), np.int64(0), np.int32(1), np.int32(0), np.int32(bool(accumulate)))
         return
     bm = 16 if T <= 16 else 32 if T <= 32 else 64 if T <= 64 else 128
+    tiles = ((w.n + _GEMM_BN - 1) // _GEMM_BN) * ((T + bm - 1) // bm)
+    ksteps = (w.k + 63) // 64
+    # split k when the output tiles alone cannot fill the GPU (~2 blocks per SM), keeping >= 4 k-steps per split
+    splits = max(1, min((2 * _SMS + tiles - 1) // tiles, ksteps // 4))
+    kchunk = (ksteps + splits - 1) // splits * 64
+    splits = (w.k + kchunk - 1) // kchunk
+    if splits > 1:
+        init = ks.get("gemm_init", "PPiii")
+        init.prepared_async_call(((T * w.n + 255) // 256, 1), (256, 1, 1), stream, _p(y_ptr), _p(bias_ptr),
+                                 np.int32(T), np.int32(w.n), np.int32(bool(accumulate)))
     f = ks.get(f"gemm_{fmt}_{bm}", _GEMM_SIG)
-    f.prepared_async_call(((w.n + _GEMM_BN - 1) // _GEMM_BN, (T + bm - 1) // bm), (_GEMM_THREADS, 1, 1), stream,
+    f.prepared_async_call(((w.n + _GEMM_BN - 1) // _GEMM_BN, (T + bm - 1) // bm, splits), (_GEMM_THREADS, 1, 1), stream,
                           _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), np.int32(T), np.int32(w.n), np.int32(w.k),
-                          np.int32(bool(accumulate)))
+                          np.int32(bool(accumulate)), np.int32(kchunk))
 
 
 def embed(ids_ptr, w: QuantWeight, y_ptr, T: int, stream) -> None:

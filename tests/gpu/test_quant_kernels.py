@@ -3,8 +3,8 @@
 Every check draws fresh random weights (random bytes with sane f16 scales, as real GGUF blocks have)
 and fresh random activations, poisons the output with NaN first, and compares by
 ||out - ref|| / ||ref||:
-  * GEMV (T <= 4): f32 math on exactly dequantized weights   -> <= 1e-4
-  * tensor-core GEMM (T > 4): weights and activations rounded to f16, f32 accumulation -> <= 3e-3
+  * GEMV (T <= 8): f32 math on exactly dequantized weights   -> <= 1e-4
+  * tensor-core GEMM (T > 8): weights and activations rounded to f16, f32 accumulation -> <= 3e-3
   * embed: exact dequantization                               -> <= 1e-6
 """
 from __future__ import annotations
