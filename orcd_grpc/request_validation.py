@@ -213,18 +213,3 @@ def default_model_id(path: pathlib.Path) -> str:
     name = path.name
     return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
-
-def trained_context_length(path: pathlib.Path) -> int:
-    """Reads ARCH.context_length from the GGUF header; 0 when it cannot be read."""
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path), "r")
-        arch_field = reader.fields.get("general.architecture")
-        if arch_field is None:
-            return 0
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-        f = reader.fields.get(f"{arch}.context_length")
-        return int(f.parts[f.data[0]][0]) if f is not None else 0
-    except Exception:
-        return 0

@@ -161,8 +161,8 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def load(self, path, *, model_id: str | None = None, context_length: int = 0, backend: str = "auto",
-             max_vram: int = 0, progress=None):
+    def load(self, path, *, model_id: str | None = None, context_length: int = 0, max_context: int = 0,
+             backend: str = "auto", max_vram: int = 0, progress=None):
         """Loads a model beside the served one and swaps it in; the old one serves meanwhile.
 
         A failed load raises and leaves the old model in place.
@@ -171,8 +171,10 @@ class Scheduler:
             if not self._accepting:
                 raise Unavailable("the worker is shutting down")
             t0 = time.monotonic()
+            extra = {"max_context": max_context} if max_context else {}
             engine = self._loader(path, model_id=model_id, backend=backend, context_length=context_length,
-                                  max_sequences=self.max_sequences, max_vram=max_vram, progress=progress)
+                                  max_sequences=self.max_sequences, max_vram=max_vram, progress=progress,
+                                  **extra)
             try:
                 self._run_command(lambda: self._swap(engine))
             except BaseException:

@@ -49,6 +49,10 @@ class ServerConfig:
     max_workers: int = 0           # gRPC handler threads; 0: enough for every queued and running request
     auth_token: str | None = None  # when set, calls need "authorization: Bearer <token>"
     log_level: str = "info"
+    # Hooks for transport security and extra call policy (e.g. orcd_grpc.security): interceptors
+    # run after the correlation-id/auth wrapper; credentials switch the port to TLS.
+    interceptors: list = dataclasses.field(default_factory=list)
+    credentials: Any = None
 
 
 class _CallWrapper(grpc.ServerInterceptor):
@@ -128,14 +132,17 @@ class Worker:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.server(self._pool, interceptors=[_CallWrapper(config.auth_token)], options=options,
+        self.server = grpc.server(self._pool, interceptors=[_CallWrapper(config.auth_token), *config.interceptors],
+                                  options=options,
                                   maximum_concurrent_rpcs=workers)
         pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        self.port = self.server.add_insecure_port(f"{_host(config.host)}:{config.port}")
+        address = f"{_host(config.host)}:{config.port}"
+        self.port = (self.server.add_secure_port(address, config.credentials) if config.credentials is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise RuntimeError(f"could not bind {config.host}:{config.port}")
         self.metrics_port: int | None = None
@@ -171,15 +178,15 @@ class Worker:
         try:
             path = rv.resolve_model_path(self.config.model_path, self.config.model_dirs)
             ctx = self.config.context_length
-            if self.config.max_context and ctx == 0:
-                trained = rv.trained_context_length(path)
-                ctx = min(trained, self.config.max_context) if trained else self.config.max_context
+            if self.config.max_context and ctx > self.config.max_context:
+                raise ValueError(f"context_length {ctx} exceeds max_context {self.config.max_context}")
 
             def progress(stage, done, total):
                 log.debug("load progress", extra={"fields": {"stage": stage, "done": done, "total": total}})
 
             self.scheduler.load(path, model_id=self.config.model_id or rv.default_model_id(path),
-                                context_length=ctx, backend=self.config.backend,
+                                context_length=ctx, max_context=self.config.max_context,
+                                backend=self.config.backend,
                                 max_vram=self.config.max_vram, progress=progress)
         except Exception as exc:
             self.load_error = exc

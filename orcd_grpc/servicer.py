@@ -172,13 +172,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             model_id = request.model_id or rv.default_model_id(path)
             rv.check_model_id(model_id)
             ctx = int(request.context_length)
-            if self.max_context:
-                if ctx > self.max_context:
-                    raise OutOfRange(f"{ctx} exceeds the worker's --max-context {self.max_context}",
-                                     field="context_length")
-                if ctx == 0:
-                    trained = rv.trained_context_length(path)
-                    ctx = min(trained, self.max_context) if trained else self.max_context
+            if self.max_context and ctx > self.max_context:
+                raise OutOfRange(f"{ctx} exceeds the worker's --max-context {self.max_context}",
+                                 field="context_length")
         except OrcdError as err:
             self._count("LoadModel", err.code)
             _abort(context, err)
@@ -195,7 +191,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
         def run() -> None:
             try:
-                info = self.scheduler.load(path, model_id=model_id, context_length=ctx, backend=self.backend,
+                # With context_length 0 the engine takes the trained length capped by max_context.
+                info = self.scheduler.load(path, model_id=model_id, context_length=ctx,
+                                           max_context=self.max_context, backend=self.backend,
                                            max_vram=self.max_vram, progress=progress)
                 events.put(("done", info))
             except OrcdError as err:

@@ -228,13 +228,13 @@ def test_hardware_info_cpu(srv):
 
 
 def test_stop_string_spanning_tokens(srv):
-    base = run(srv.stub, max_tokens=10)
+    base = run(srv.stub, max_tokens=8)
     texts = [t.text for t in base.tokens]
     # A stop string made of the end of one token and the start of the next.
     k = next(i for i in range(1, len(texts) - 1) if len(texts[i]) >= 2 and len(texts[i + 1]) >= 2)
     stop = texts[k][-2:] + texts[k + 1][:2]
     expected = base.text[: base.text.index(stop)]
-    r = run(srv.stub, stopping=pb.StoppingCriteria(max_tokens=10, stop=[stop]))
+    r = run(srv.stub, stopping=pb.StoppingCriteria(max_tokens=8, stop=[stop]))
     assert r.finished.reason == pb.FINISH_REASON_STOP_STRING and r.finished.matched_stop == stop
     assert r.text == expected
     assert stop not in r.text
@@ -254,13 +254,13 @@ def test_top_logprobs(srv):
 
 def test_concurrent_streams_match_solo_runs(srv):
     prompts = ["The capital of France is", "One, two, three,", "def add(a, b):", "The sky is"]
-    solo = [run(srv.stub, p, max_tokens=6).ids for p in prompts]
+    solo = [run(srv.stub, p, max_tokens=5).ids for p in prompts]
     results: list = [None] * len(prompts)
     errors = []
 
     def go(i):
         try:
-            results[i] = run(srv.stub, prompts[i], max_tokens=6).ids
+            results[i] = run(srv.stub, prompts[i], max_tokens=5).ids
         except Exception as exc:  # surfaced below
             errors.append(exc)
 

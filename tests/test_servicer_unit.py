@@ -15,8 +15,6 @@ from orcd_grpc.scheduler import Scheduler
 from orcd_grpc.servicer import WorkerServicer
 from test_scheduler import EOS, VOCAB, FakeDecoder, FakeEngine
 
-pytest.importorskip("orcd_grpc.sampling")
-
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"]
 
 
@@ -39,8 +37,8 @@ class Harness:
                                        max_context=max_context, metrics=self.metrics)
         self.server = grpc_testing.server_from_dictionary({SERVICE: self.servicer}, grpc_testing.strict_real_time())
 
-    def _load(self, path, *, progress=None, model_id=None, context_length=0, **_):
-        self.loaded_paths.append((str(path), model_id, context_length))
+    def _load(self, path, *, progress=None, model_id=None, context_length=0, max_context=0, **_):
+        self.loaded_paths.append((str(path), model_id, context_length, max_context))
         if progress:
             progress("opening", 0, 0)
             progress("loading", 50, 100)
@@ -290,7 +288,7 @@ def test_load_model_streams_progress_then_model(harness):
     assert stages == ["opening", "loading", "loading", "ready"]
     model = responses[-1].model
     assert model.model_id == "tiny" and model.vocab_size == VOCAB and model.backend == "cpu"
-    assert h.loaded_paths == [(os.path.realpath(h.model_dir / "tiny.gguf"), "tiny", 4096)]
+    assert h.loaded_paths == [(os.path.realpath(h.model_dir / "tiny.gguf"), "tiny", 0, 4096)]
     listed, _, _, _ = h.unary("ListModels", pb.ListModelsRequest())
     assert [m.model_id for m in listed.models] == ["tiny"]
     _, _, code, details = h.load(pb.LoadModelRequest(path="tiny.gguf", context_length=8192))
