@@ -1,0 +1,1 @@
+"""Fuzz harnesses (run as modules: python -m fuzz.fuzz_gguf)."""
