@@ -518,3 +518,88 @@ class CudaBackend(Backend):
             outs.append(y)
             col += w
         return outs
+
+    # ---- sampling --------------------------------------------------------------------------
+    def sample(self, logits, params_per_row, n_top: int = 0):
+        """Picks one token per row of logits [R, V] on the GPU; only ids and logprobs come back.
+
+        params_per_row: one object or dict per row with (defaults in brackets) temperature [1.0;
+        <= 0 is greedy], top_k [0 = off], top_p [1.0], min_p [0.0], seed [0], counter (the row's
+        token index, the Philox counter) [len(output_ids)], repetition_penalty [1.0],
+        presence_penalty [0.0], frequency_penalty [0.0], prompt_ids / output_ids (for the
+        penalties) [()]. Same seed and counter give the same token.
+        Returns (token_ids int32 [R], logprobs float32 [R]) where logprob is the token's log
+        probability under the raw (temperature-1, unfiltered) distribution; with n_top > 0 also
+        (top_ids int32 [R, n_top], top_logprobs float32 [R, n_top]), most likely first.
+        """
+        R, V = logits.shape
+        if len(params_per_row) != R:
+            raise InvalidArgument(f"{len(params_per_row)} sampling rows for {R} rows of logits", field="params")
+        if R == 0:
+            z = np.zeros(0, np.int32)
+            return (z, np.zeros(0, np.float32)) if not n_top else (z, np.zeros(0, np.float32),
+                                                                    np.zeros((0, n_top), np.int32),
+                                                                    np.zeros((0, n_top), np.float32))
+
+        def get(p, name, default):
+            v = p.get(name, default) if isinstance(p, dict) else getattr(p, name, default)
+            return default if v is None else v
+
+        prm = np.zeros((R, 16), np.uint32)
+        f = prm.view(np.float32)
+        pens = []
+        off = 0
+        for r, p in enumerate(params_per_row):
+            out_ids = list(get(p, "output_ids", ()))
+            seed = int(get(p, "seed", 0)) & ((1 << 64) - 1)
+            ctr = int(get(p, "counter", len(out_ids)))
+            f[r, 0] = float(get(p, "temperature", 1.0))
+            prm[r, 1] = np.uint32(int(get(p, "top_k", 0)) & 0xFFFFFFFF)
+            f[r, 2] = float(get(p, "top_p", 1.0))
+            f[r, 3] = float(get(p, "min_p", 0.0))
+            prm[r, 4], prm[r, 5] = seed & 0xFFFFFFFF, seed >> 32
+            prm[r, 6], prm[r, 7] = ctr & 0xFFFFFFFF, (ctr >> 32) & 0xFFFFFFFF
+            rep, pres, freq = (float(get(p, "repetition_penalty", 1.0)), float(get(p, "presence_penalty", 0.0)),
+                               float(get(p, "frequency_penalty", 0.0)))
+            f[r, 8], f[r, 9], f[r, 10] = rep, pres, freq
+            n = 0
+            if rep != 1.0 or pres != 0.0 or freq != 0.0:
+                seen = np.unique(np.asarray(list(get(p, "prompt_ids", ())) + out_ids, np.int64))
+                gen = np.asarray(out_ids, np.int64)
+                counts = np.zeros(seen.size, np.int32)
+                if gen.size:
+                    u, c = np.unique(gen, return_counts=True)
+                    counts[np.searchsorted(seen, u)] = c
+                pens.append(np.stack([seen.astype(np.int32), counts], 1))
+                n = seen.size
+            prm[r, 11], prm[r, 12] = off, n
+            off += n
+        pen = np.concatenate(pens).astype(np.int32).ravel() if pens else np.zeros(2, np.int32)
+        nt = int(n_top)
+        # One persistent buffer: params | penalties | token ids | logprobs | top ids | top logprobs
+        sizes = [prm.nbytes, pen.nbytes, R * 4, R * 4, R * max(nt, 1) * 4, R * max(nt, 1) * 4]
+        offs = np.cumsum([0] + [-(-s // ALIGN) * ALIGN for s in sizes])
+        if self._sample_buf is None or self._sample_buf.nbytes < offs[-1]:
+            if self._sample_buf is not None:
+                self._sample_buf.free()
+            self._sample_buf = self._persistent(max(int(offs[-1]) * 2, 64 << 10), "sampling buffers")
+        base = self._sample_buf.ptr
+        self._drv.memcpy_htod_async(base + int(offs[0]), prm, self.stream)
+        self._drv.memcpy_htod_async(base + int(offs[1]), pen, self.stream)
+        work = self._out((R, V))
+        k = self._k("sample", "sample_rows", "PPiPPPPiPP")
+        self._launch(k, (R, 1, 1), (1024, 1, 1), logits.ptr, work.ptr, np.int32(V), base + int(offs[0]),
+                     base + int(offs[1]), base + int(offs[2]), base + int(offs[3]), np.int32(nt),
+                     base + int(offs[4]), base + int(offs[5]))
+        toks = np.empty(R, np.int32)
+        lps = np.empty(R, np.float32)
+        self.synchronize()  # also makes the pageable host arrays above safe to reuse
+        self._drv.memcpy_dtoh(toks, base + int(offs[2]))
+        self._drv.memcpy_dtoh(lps, base + int(offs[3]))
+        if not nt:
+            return toks, lps
+        tid = np.empty((R, nt), np.int32)
+        tlp = np.empty((R, nt), np.float32)
+        self._drv.memcpy_dtoh(tid, base + int(offs[4]))
+        self._drv.memcpy_dtoh(tlp, base + int(offs[5]))
+        return toks, lps, tid, tlp

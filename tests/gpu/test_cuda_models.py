@@ -145,7 +145,10 @@ def _has_add_bos(engine):
 
 @pytest.mark.parametrize("which", ["smollm2_path", "gemma3_path"])
 def test_real_model_agrees(request, which):
-    path = request.getfixturevalue(which)
+    try:
+        path = request.getfixturevalue(which)
+    except Exception as exc:  # not staged and not fetchable (the GPU machine has no network)
+        pytest.skip(f"{which}: {exc}")
     gpu, cpu = _pair(path)
     try:
         agree = total = 0

@@ -279,3 +279,88 @@ def test_gpu_info(be):
     assert set(info) >= {"name", "compute_capability", "vram_total", "vram_free", "driver_version",
                          "cuda_version", "multiprocessors"}
     assert info["vram_total"] > 0 and info["multiprocessors"] > 0
+
+
+# ---- sampling --------------------------------------------------------------------------------
+def _log_softmax(x):
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _kept_probs(x, temperature, top_k=0, top_p=1.0, min_p=0.0):
+    """Host reference of the filters (top-k, then top-p over the top-k mass, then min-p)."""
+    x = x.astype(np.float64)
+    keep = np.ones(x.size, bool)
+    if 0 < top_k < x.size:
+        keep &= x >= np.sort(x)[::-1][top_k - 1]
+    z = np.where(keep, (x - x.max()) / temperature, -np.inf)
+    p = np.exp(z) / np.exp(z).sum()
+    if top_p < 1.0:
+        order = np.argsort(-x, kind="stable")
+        cum = np.cumsum(p[order])
+        t = x[order][np.searchsorted(cum, top_p * cum[-1] * (1 - 1e-12))]
+        keep &= x >= t
+    if min_p > 0:
+        keep &= x >= x.max() + temperature * np.log(min_p)
+    q = np.where(keep, np.exp((x - x.max()) / temperature), 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("V", [1000, 32003, 262144])
+def test_sample_greedy_and_logprobs(be, rng, V):
+    R = 6
+    x = (rng.standard_normal((R, V)) * 3).astype(np.float32)
+    x[2, 17] = x[2, 901] = x[2].max() + 1.0  # a tie: the lowest index wins, as np.argmax
+    be.begin_step(simple_meta(1))
+    toks, lps, tid, tlp = be.sample(dev(be, x), [{"temperature": 0.0}] * R, n_top=5)
+    np.testing.assert_array_equal(toks, x.argmax(-1))
+    ls = _log_softmax(x)
+    np.testing.assert_allclose(lps, ls[np.arange(R), toks], atol=2e-4)
+    np.testing.assert_array_equal(tid, np.argsort(-x, axis=-1, kind="stable")[:, :5])
+    np.testing.assert_allclose(tlp, np.take_along_axis(ls, tid, -1), atol=2e-4)
+
+
+@pytest.mark.parametrize("filters", [dict(), dict(top_k=40), dict(top_p=0.8), dict(min_p=0.05),
+                                     dict(top_k=50, top_p=0.9, min_p=0.01)])
+def test_sample_distribution(be, rng, filters):
+    V, N, temp = 1000, 20000, 0.7
+    row = (rng.standard_normal(V) * 2).astype(np.float32)
+    x = np.broadcast_to(row, (N, V)).copy()
+    params = [dict(temperature=temp, seed=1234, counter=i, **filters) for i in range(N)]
+    be.begin_step(simple_meta(1))
+    xd = dev(be, x)
+    toks, lps = be.sample(xd, params)
+    expect = _kept_probs(row, temp, **filters)
+    assert expect[toks].min() > 0, "sampled a filtered-out token"
+    freq = np.bincount(toks, minlength=V) / N
+    tv = 0.5 * np.abs(freq - expect).sum()
+    assert tv < 0.06, f"total variation {tv:.3f}"  # sampling noise at N=20000 is ~0.02
+    np.testing.assert_allclose(lps, _log_softmax(row)[toks], atol=2e-4)
+    again, _ = be.sample(xd, params)
+    np.testing.assert_array_equal(again, toks)  # same seed and counters: same tokens
+    other, _ = be.sample(xd, [dict(p, seed=99) for p in params])
+    assert (other != toks).mean() > 0.2
+
+
+def test_sample_penalties(be, rng):
+    V = 5003
+    x = (rng.standard_normal((3, V)) * 2).astype(np.float32)
+    top = x.argmax(-1)
+    x[1, top[1]] = -abs(x[1, top[1]])  # a negative logit is multiplied by the penalty
+    prompt = [int(top[0]), 7, 7, 11]
+    params = [dict(temperature=0, repetition_penalty=1e4, prompt_ids=prompt),
+              dict(temperature=0, repetition_penalty=2.0, prompt_ids=[int(x[1].argmax())]),
+              dict(temperature=0, presence_penalty=1.5, frequency_penalty=0.7,
+                   output_ids=[int(top[2])] * 3 + [5])]
+    ref = x.astype(np.float64).copy()
+    for i in set(prompt):
+        ref[0, i] = ref[0, i] / 1e4 if ref[0, i] > 0 else ref[0, i] * 1e4
+    i = int(x[1].argmax())
+    ref[1, i] = ref[1, i] / 2 if ref[1, i] > 0 else ref[1, i] * 2
+    ref[2, top[2]] -= 1.5 + 0.7 * 3
+    ref[2, 5] -= 1.5 + 0.7
+    be.begin_step(simple_meta(1))
+    toks, lps = be.sample(dev(be, x), params)
+    np.testing.assert_array_equal(toks, ref.argmax(-1))
+    np.testing.assert_allclose(lps, _log_softmax(x)[np.arange(3), toks], atol=2e-4)  # raw distribution
