@@ -53,6 +53,10 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                                           const int* __restrict__ expert_ids, int T, int n, int k,
                                           long long expert_stride, int top_k, int x_per_slot, int accumulate) {
     constexpr int R = GEMV_R, SROW = GemvSmem<F>::ROW;
+    // Parts per lane. K-quants: 4 (32 weights under one scale pair) because unpacking their 6-bit
+    // scales costs as much as the weights. Others: 1, so a warp's x loads stay contiguous (4 parts per
+    // lane put lanes 128 B apart and made every x load touch 32 cache lines: 2x slower, v2 run).
+    constexpr int G = F::QK == 256 ? 4 : 1;
     __shared__ __align__(16) uint8_t sm[GEMV_WARPS][2][R][SROW];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row0 = (blockIdx.x * GEMV_WARPS + warp) * R;
@@ -92,15 +96,15 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
         cp_async_commit();  // an empty group on the last chunk keeps wait_group 1 meaning "chunk c landed"
         cp_async_wait1();
         __syncwarp();       // other lanes' copies of chunk c are visible after this
-        const int b0 = c * F::CHB, ngroups = min(F::CHB, nblk - b0) * (F::NP / 4);
+        const int b0 = c * F::CHB, ngroups = min(F::CHB, nblk - b0) * (F::NP / G);
         const uint8_t* cb[R];  // chunk start inside its aligned-down copy (recomputed: no run-time-indexed array)
 #pragma unroll
         for (int r = 0; r < R; r++)
             cb[r] = sm[warp][c & 1][r] + int(reinterpret_cast<uintptr_t>(rowp[r] + (long long)b0 * F::TS) & 15);
-        // a lane takes 4 consecutive parts (32 weights) that share their scales: scales are decoded
-        // once per group and applied to the group's unscaled sums
+        // a lane takes G consecutive parts that share their scales: scales are decoded once per group
+        // and applied to the group's unscaled sums
         for (int g = lane; g < ngroups; g += 32) {
-            const int bl = (4 * g) / F::NP, p0 = (4 * g) % F::NP;
+            const int bl = (G * g) / F::NP, p0 = (G * g) % F::NP;
             const int e0 = (b0 + bl) * F::QK;
             float s0[R][NT], s1[R][NT], x0[NT], x1[NT];
 #pragma unroll
@@ -110,7 +114,7 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                 for (int r = 0; r < R; r++) s0[r][t] = s1[r][t] = 0.f;
             }
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
+            for (int j = 0; j < G; j++) {
                 int o0, o1;
                 F::offs(p0 + j, o0, o1);
                 float4 xa[NT], xb[NT];
