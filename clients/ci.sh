@@ -122,7 +122,7 @@ fi
 status=0
 if want ts; then
   log "TypeScript: example, then node --test"
-  (cd "$here/ts" && node dist/examples/stream.js "$ORCD_ADDRESS" "The capital of France is") || status=1
+  (cd "$here/ts" && node dist/examples/stream.js "$ORCD_ADDRESS" "The capital of France is" 8) || status=1
   (cd "$here/ts" && npm test --silent) || status=1
 fi
 if want go; then
