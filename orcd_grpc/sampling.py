@@ -1,0 +1,241 @@
+"""Choosing the next token from a row of logits.
+
+Order of operations (fixed; clients can rely on it):
+  1. penalties: repetition (prompt + output tokens; positive logits divided, negative ones
+     multiplied, as in HF and llama.cpp), then presence / frequency (output tokens only,
+     OpenAI-style: logit -= frequency * count + presence * [count > 0]);
+  2. temperature == 0: greedy argmax of the penalised logits (lowest id on ties), done;
+  3. temperature scaling;
+  4. top-k, 5. top-p (nucleus), 6. min-p (relative to the most likely surviving token);
+  7. a draw from the renormalised survivors with the request's seeded PCG64 generator.
+
+The reported logprob / top logprobs are of the raw model distribution (log-softmax of the
+logits as given: temperature 1, no penalties, no filtering), so they describe the model, not the
+sampling settings.
+
+Vocabularies reach 262,144 entries; a full sort or a float64 cumulative sum of that costs tens
+of milliseconds, so top-k and top-p first narrow the field with vectorised threshold scans, and
+draws over the whole vocabulary search block sums before one block's cumsum.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import Internal, InvalidArgument
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: int = 0
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise InvalidArgument naming the first bad field ("sampling.<name>")."""
+
+        def number(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            f = f"sampling.{name}"
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise InvalidArgument(f"must be a number, got {type(v).__name__}", field=f)
+            if not math.isfinite(v):
+                raise InvalidArgument(f"must be finite, got {v}", field=f)
+            if v < lo or v > hi or (lo_open and v == lo):
+                raise InvalidArgument(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}",
+                                      field=f)
+
+        def integer(name: str, lo: int, hi: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise InvalidArgument(f"must be an integer, got {v!r}", field=f"sampling.{name}")
+            if not lo <= v <= hi:
+                raise InvalidArgument(f"must be in [{lo}, {hi}], got {v}",
+                                      field=f"sampling.{name}")
+
+        number("temperature", 0.0, 100.0)
+        integer("top_k", 0, vocab_size)
+        number("top_p", 0.0, 1.0, lo_open=True)
+        number("min_p", 0.0, 1.0)
+        number("repetition_penalty", 0.0, 10.0, lo_open=True)
+        number("presence_penalty", -2.0, 2.0)
+        number("frequency_penalty", -2.0, 2.0)
+        integer("top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if self.seed is not None:
+            integer("seed", 0, 2**64 - 1)
+
+
+@dataclass
+class TokenSample:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: Sequence[int],
+                    output_ids: Sequence[int]) -> np.ndarray:
+    """Penalised logits (in place on `logits`, which must be a private float copy)."""
+    rp = params.repetition_penalty
+    if rp != 1.0 and (len(prompt_ids) or len(output_ids)):
+        seen = np.unique(np.concatenate([np.asarray(prompt_ids, np.int64),
+                                         np.asarray(output_ids, np.int64)]))
+        vals = logits[seen]
+        logits[seen] = np.where(vals > 0, vals / rp, vals * rp)
+    if (params.presence_penalty or params.frequency_penalty) and len(output_ids):
+        ids, counts = np.unique(np.asarray(output_ids, np.int64), return_counts=True)
+        logits[ids] -= (params.frequency_penalty * counts
+                        + params.presence_penalty).astype(logits.dtype)
+    return logits
+
+
+_BLOCK = 1024
+
+
+def top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest entries of `x` (unordered; any of equal values at the boundary).
+
+    argpartition over 262k entries costs ~2 ms; a few vectorised threshold scans below the
+    maximum usually shrink the field to a few hundred entries first.
+    """
+    n = x.size
+    if k >= n:
+        return np.arange(n)
+    top = float(x.max())
+    gap = 1.0
+    while gap < 1e4:
+        sel = np.flatnonzero(x >= top - gap)
+        if sel.size >= k:
+            if sel.size == k:
+                return sel
+            return sel[np.argpartition(x[sel], sel.size - k)[sel.size - k:]]
+        gap *= 4.0
+    return np.argpartition(x, n - k)[n - k:]
+
+
+def _block_sums(w: np.ndarray) -> np.ndarray:
+    """Running totals (float64) of `w` in blocks of _BLOCK entries.
+
+    A cumulative sum over a 262k vocabulary is a slow scalar loop in NumPy; block sums are
+    vectorised and locate the drawn block, after which only one block needs a cumsum.
+    """
+    return np.cumsum(np.add.reduceat(w, np.arange(0, w.size, _BLOCK)), dtype=np.float64)
+
+
+def _draw(w: np.ndarray, u: float, blocks: np.ndarray | None = None) -> int:
+    """Index i with probability w[i] / sum(w), given u uniform in [0, 1)."""
+    if w.size <= 4 * _BLOCK:
+        cdf = np.cumsum(w, dtype=np.float64)
+        i = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+        return min(i, w.size - 1)  # u * total can round up to total
+    blocks = _block_sums(w) if blocks is None else blocks
+    target = u * blocks[-1]
+    b = min(int(np.searchsorted(blocks, target, side="right")), blocks.size - 1)
+    base = blocks[b - 1] if b else 0.0
+    lo = b * _BLOCK
+    seg = w[lo:lo + _BLOCK]
+    cdf = base + np.cumsum(seg, dtype=np.float64)
+    i = min(int(np.searchsorted(cdf, target, side="right")), seg.size - 1)
+    while seg[i] == 0 and i > 0:  # rounding landed on a zero-weight entry: step back
+        i -= 1
+    return lo + i
+
+
+def _nucleus(w: np.ndarray, total: float, top_p: float) -> np.ndarray:
+    """Ids (most likely first) of the smallest set whose weight reaches top_p * total.
+
+    Tokens of the nucleus are found by lowering a weight threshold by decades until the mass
+    above it reaches top_p, so only that (usually small) set is sorted, not the vocabulary.
+    """
+    need = top_p * total
+    thr = float(w.max())
+    while True:
+        thr *= 0.1
+        sel = np.flatnonzero(w >= thr)
+        if w[sel].sum(dtype=np.float64) >= need or thr < 1e-30:
+            break
+    order = sel[np.argsort(-w[sel], kind="stable")]
+    cdf = np.cumsum(w[order], dtype=np.float64)
+    cut = int(np.searchsorted(cdf, need, side="left")) + 1  # first index reaching top_p
+    return order[:cut]
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        # seed None: fresh OS entropy, so unseeded requests differ from each other
+        self.rng = np.random.Generator(np.random.PCG64(params.seed))
+
+    def sample(self, logits: np.ndarray, prompt_ids: Sequence[int],
+               output_ids: Sequence[int]) -> TokenSample:
+        p = self.params
+        raw = np.asarray(logits, dtype=np.float32).reshape(-1)
+        raw_max = raw.max()
+        if np.isnan(raw_max):  # max propagates NaN, so this costs no extra pass when clean
+            raw = np.where(np.isnan(raw), np.float32(-np.inf), raw)
+            raw_max = raw.max()
+        if not np.isfinite(raw_max):
+            raise Internal("logits hold no finite value (all NaN or -inf)", field="logits")
+        # float32 exp is several times faster than float64; the sums accumulate in float64
+        raw_w = np.exp(raw - raw_max)
+        raw_blocks = _block_sums(raw_w)
+        lse = float(raw_max) + math.log(float(raw_blocks[-1]))
+
+        penalised = p.repetition_penalty != 1.0 or (
+            (p.presence_penalty or p.frequency_penalty) and len(output_ids))
+        if penalised:
+            work = apply_penalties(raw.copy(), p, prompt_ids, output_ids)
+            token = self._choose(work, None)
+        else:  # the raw weights are the temperature-1 weights: reuse them
+            token = self._choose(raw, (raw_w, raw_blocks))
+
+        top: list[tuple[int, float]] = []
+        if p.top_logprobs:
+            best = top_k_ids(raw, p.top_logprobs)
+            best = best[np.lexsort((best, -raw[best]))]  # most likely first, lower id on ties
+            top = [(int(i), float(raw[i]) - lse) for i in best]
+        return TokenSample(token_id=token, logprob=float(raw[token]) - lse, top=top)
+
+    def _choose(self, work: np.ndarray, weights) -> int:
+        """`weights`: (exp(work - max), block sums) when already computed at temperature 1."""
+        p = self.params
+        if p.temperature == 0.0:
+            return int(np.argmax(work))
+        if p.temperature != 1.0:
+            work = work / np.float32(p.temperature)
+            weights = None
+        n = work.size
+        cand: np.ndarray | None = None  # ids still allowed; None = all
+        if 0 < p.top_k < n:
+            cand = top_k_ids(work, p.top_k)
+        if p.top_p < 1.0:
+            if cand is None:
+                if weights is None:
+                    w = np.exp(work - work.max())
+                    weights = (w, _block_sums(w))
+                cand = _nucleus(weights[0], float(weights[1][-1]), p.top_p)
+            else:
+                cw = np.exp(work[cand] - work[cand].max())
+                cand = cand[_nucleus(cw, float(cw.sum(dtype=np.float64)), p.top_p)]
+        if p.min_p > 0.0:
+            vals = work if cand is None else work[cand]
+            keep = vals >= vals.max() + np.float32(math.log(p.min_p))
+            cand = np.flatnonzero(keep) if cand is None else cand[keep]
+        u = self.rng.random()
+        if cand is None:
+            if weights is None:
+                w = np.exp(work - work.max())
+                weights = (w, _block_sums(w))
+            return _draw(weights[0], u, weights[1])
+        vals = work[cand]
+        return int(cand[_draw(np.exp(vals - vals.max()), u)])
