@@ -95,8 +95,10 @@ def rope_inv_freq(spec: RopeSpec) -> tuple[np.ndarray, float]:
         def corr_dim(n_rot: float) -> float:
             return spec.dim * math.log(y.orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(spec.base))
 
-        low = max(0.0, math.floor(corr_dim(y.beta_fast)))
-        high = min(spec.dim - 1.0, math.ceil(corr_dim(y.beta_slow)))
+        low, high = corr_dim(y.beta_fast), corr_dim(y.beta_slow)
+        if getattr(y, "truncate", True):  # llama.cpp floors/ceils the ramp ends; gpt-oss does not
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(0.0, low), min(spec.dim - 1.0, high)
         ramp = (np.arange(half, dtype=np.float64) - low) / max(0.001, high - low)
         ramp_mix = (1.0 - np.clip(ramp, 0.0, 1.0)) * y.ext_factor
         inv_freq = inv_freq / y.factor * (1 - ramp_mix) + inv_freq * ramp_mix
@@ -245,8 +247,8 @@ class CudaBackend(Backend):
         }
 
     # ---- memory ------------------------------------------------------------------------
-    def weight_nbytes(self, qtype, shape, raw_nbytes):
-        if len(shape) == 1:
+    def weight_nbytes(self, qtype, shape, raw_nbytes, name: str = ""):
+        if len(shape) == 1 or name.endswith(".bias"):
             return max(ALIGN, -(-int(np.prod(shape)) * 4 // ALIGN) * ALIGN)
         try:
             from . import cuda_quant
@@ -262,13 +264,14 @@ class CudaBackend(Backend):
         self._check_open()
         _context(self.device_index)
         shape = tuple(int(s) for s in shape)
-        if len(shape) == 1:
-            # Norm weights, biases, sinks, rope factors: used elementwise, so kept as float32.
+        if len(shape) == 1 or name.endswith(".bias"):
+            # Norm weights, biases (also per-expert [E, n] ones), sinks, rope factors: used
+            # elementwise or as GEMV bias rows, so kept as float32.
             arr = quants.dequantize(raw, qtype, shape).astype(np.float32).reshape(shape)
             return self.from_host(arr, what=f"weight {name}")
         from .cuda_quant import QuantWeight
 
-        need = self.weight_nbytes(qtype, shape, int(np.asarray(raw).nbytes))
+        need = self.weight_nbytes(qtype, shape, int(np.asarray(raw).nbytes), name)
         self.budget.reserve(need, f"weight {name}")  # refuse before QuantWeight allocates
         try:
             if len(shape) == 2:
@@ -518,6 +521,38 @@ class CudaBackend(Backend):
             outs.append(y)
             col += w
         return outs
+
+    def moe(self, x, router_logits, k, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, *,
+            act="silu", alpha=1.702, limit=7.0):
+        from . import cuda_quant
+
+        T, d = x.shape
+        E = router_logits.shape[-1]
+        if not 0 < k <= min(E, 32) or act not in ("silu", "swiglu_oai"):
+            raise InvalidArgument(f"moe: k={k} of {E} experts, act={act!r}", field="moe")
+        F = w_gate.n
+        ids = self._out((T, k), np.int32)
+        wts = self._out((T, k))
+        self._launch(self._k("moe", "moe_route", "PiiiPP"), (max(1, -(-T // 8)), 1, 1), (256, 1, 1),
+                     router_logits.ptr, np.int32(T), np.int32(E), np.int32(k), ids.ptr, wts.ptr)
+        g, u = self._out((T, k, F)), self._out((T, k, F))
+        bp = lambda b: b.ptr if b is not None else None  # noqa: E731
+        self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_gate, ids.ptr, g.ptr, T, k, self.stream,
+                         bias_ptr=bp(b_gate))
+        self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_up, ids.ptr, u.ptr, T, k, self.stream,
+                         bias_ptr=bp(b_up))
+        a = self._out((T, k, F))
+        n = T * k * F
+        self._launch(self._k("moe", "moe_act", "PPPqiff"), (max(1, min(-(-n // 256), 4096)), 1, 1), (256, 1, 1),
+                     g.ptr, u.ptr, a.ptr, np.int64(n), np.int32(act == "swiglu_oai"), np.float32(alpha),
+                     np.float32(limit))
+        y = self._out((T, k, d))
+        self._quant_call("moe_matmul", cuda_quant.moe_matmul, a.ptr, w_down, ids.ptr, y.ptr, T, k, self.stream,
+                         bias_ptr=bp(b_down), x_per_slot=True)
+        out = self._out((T, d))
+        self._launch(self._k("moe", "moe_combine", "PPPiii"), (max(1, min(-(-d // 256), 8)), T, 1), (256, 1, 1),
+                     y.ptr, wts.ptr, out.ptr, np.int32(T), np.int32(k), np.int32(d))
+        return out
 
     # ---- sampling --------------------------------------------------------------------------
     def sample(self, logits, params_per_row, n_top: int = 0):

@@ -364,3 +364,44 @@ def test_sample_penalties(be, rng):
     toks, lps = be.sample(dev(be, x), params)
     np.testing.assert_array_equal(toks, ref.argmax(-1))
     np.testing.assert_allclose(lps, _log_softmax(x)[np.arange(3), toks], atol=2e-4)  # raw distribution
+
+
+# ---- MoE ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("E,k,act,T", [(8, 2, "silu", 5), (33, 4, "swiglu_oai", 13), (32, 4, "swiglu_oai", 1)])
+def test_moe(be, rng, E, k, act, T):
+    pytest.importorskip("orcd_grpc.backends.cuda_quant")
+    import gguf
+
+    qt = gguf.GGMLQuantizationType.Q8_0
+    d, F = 96, 64
+    ref = NumpyBackend()
+    if not hasattr(ref, "moe"):
+        pytest.skip("NumPy reference has no moe op")
+
+    def weight(name, shape, scale):
+        w = (rng.standard_normal(shape) * scale).astype(np.float32)
+        raw = gguf.quants.quantize(w.reshape(-1, shape[-1]), qt).reshape(shape[0], shape[1], -1)
+        return ref.load_weight(name, raw, qt, shape), be.load_weight(name, raw, qt, shape)
+
+    wg, wu, wd = weight("g", (E, F, d), 0.2), weight("u", (E, F, d), 0.2), weight("d", (E, d, F), 0.2)
+    bg, bu, bd = (rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((E, F), (E, F), (E, d)))
+    x = rng.standard_normal((T, d), dtype=np.float32)
+    logits = rng.standard_normal((T, E), dtype=np.float32)
+    exp = ref.moe(x, logits, k, wg[0], wu[0], wd[0], bg, bu, bd, act=act)
+    be.begin_step(simple_meta(T))
+    poison(be)
+    out = be.moe(dev(be, x), dev(be, logits), k, wg[1], wu[1], wd[1], dev(be, bg), dev(be, bu), dev(be, bd), act=act)
+    assert rel(be.to_host(out), exp) < 1e-4
+
+
+def test_rope_yarn_untruncated(be, rng):
+    spec = RopeSpec(dim=64, base=150000.0, neox=True,
+                    yarn=YarnSpec(factor=32.0, orig_ctx=4096, attn_factor=1.35, truncate=False))
+    T, H = 19, 3
+    pos = rng.integers(0, 100000, T).astype(np.int32)
+    x = rng.standard_normal((T, H, 64), dtype=np.float32)
+    meta = simple_meta(T, pos)
+    exp = NumpyBackend().rope(x, meta, spec)
+    ctx = be.begin_step(meta)
+    poison(be)
+    assert rel(be.to_host(be.rope(dev(be, x), ctx, spec)), exp) < 2e-5
