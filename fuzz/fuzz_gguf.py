@@ -150,6 +150,10 @@ def _real_model_mini(path: str, src: str) -> bool:
         vt = f.types[0]
         if vt == gguf.GGUFValueType.ARRAY:
             items = f.contents()[:48]
+            if key == "tokenizer.ggml.merges":  # keep the merges the shortened vocabulary still covers
+                vocab = set(r.fields["tokenizer.ggml.tokens"].contents()[:48])
+                items = [m for m in f.contents() if m.partition(" ")[0] in vocab and m.partition(" ")[2] in vocab
+                         and m.replace(" ", "", 1) in vocab][:48]
             if not items:
                 continue
             w.add_key_value(key, items, vt, sub_type=f.types[1])
