@@ -132,6 +132,9 @@ class Worker:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.so_reuseport", 0),
         ]
+        for icp in config.interceptors:  # policy interceptors (orcd_grpc.ratelimit) count into this worker's registry
+            if hasattr(icp, "bind_registry"):
+                icp.bind_registry(self.metrics.registry)
         self.server = grpc.server(self._pool, interceptors=[_CallWrapper(config.auth_token), *config.interceptors],
                                   options=options,
                                   maximum_concurrent_rpcs=workers)
