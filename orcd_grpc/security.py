@@ -100,18 +100,23 @@ def parse_tokens(specs: str | Iterable[str] | None) -> dict[str, str]:
 
 def add_arguments(parser) -> None:
     """Adds --tls-cert, --tls-key, --tls-client-ca, --auth-token and --insecure to `parser`
-    (an argparse parser or group). Defaults come from the environment at parse time."""
+    (an argparse parser or group). Defaults come from the environment at parse time. An option
+    the parser already has (the CLI's own --auth-token) is left as it is; config_from_args reads
+    either form."""
+    have = getattr(parser, "_option_string_actions", {})
     parser.add_argument("--tls-cert", default=None, metavar="PEM",
                         help=f"serve TLS with this certificate chain (env {ENV_CERT})")
     parser.add_argument("--tls-key", default=None, metavar="PEM",
                         help=f"private key of --tls-cert (env {ENV_KEY})")
     parser.add_argument("--tls-client-ca", default=None, metavar="PEM",
                         help=f"require client certificates signed by this CA: mutual TLS (env {ENV_CLIENT_CA})")
-    parser.add_argument("--auth-token", action="append", default=None, metavar="TOKEN[:CLIENT]",
-                        help="require 'authorization: Bearer TOKEN'; repeat or comma-separate for several, "
-                             f"optionally naming each client (env {ENV_TOKENS})")
-    parser.add_argument("--insecure", action="store_true", default=None,
-                        help="allow listening on a non-loopback address without TLS and a token")
+    if "--auth-token" not in have:
+        parser.add_argument("--auth-token", action="append", default=None, metavar="TOKEN[:CLIENT]",
+                            help="require 'authorization: Bearer TOKEN'; repeat or comma-separate for several, "
+                                 f"optionally naming each client (env {ENV_TOKENS})")
+    if "--insecure" not in have:
+        parser.add_argument("--insecure", action="store_true", default=None,
+                            help="allow listening on a non-loopback address without TLS and a token")
 
 
 def config_from_args(args, environ: Mapping[str, str] | None = None) -> SecurityConfig:
@@ -370,3 +375,27 @@ def client_identity(context, metadata=None) -> str:
 def build_interceptors(cfg: SecurityConfig) -> list[grpc.ServerInterceptor]:
     """The interceptors the server should install for `cfg` (empty without tokens)."""
     return [AuthInterceptor(cfg.tokens)] if cfg.tokens else []
+
+
+def apply_to_server_config(config, sec: SecurityConfig, limits=None):
+    """Fills a server.ServerConfig's hooks from `sec` (and optional ratelimit.RateLimits):
+    refuses an exposed plaintext/unauthenticated listener (ExposureError), sets `credentials`,
+    and appends the auth interceptor and the rate-limit/usage interceptor to `interceptors`.
+
+    A token already in config.auth_token (the CLI's single-token flag) joins the configured tokens
+    under client id "default" and config.auth_token is cleared, so that one interceptor checks
+    every token and the call is not authenticated twice.
+    """
+    from . import ratelimit
+
+    tokens = dict(sec.tokens)
+    if getattr(config, "auth_token", None):
+        tokens.setdefault(config.auth_token, "default")
+        config.auth_token = None
+    check_exposure(config.host, sec.tls, tokens, sec.insecure)
+    config.credentials = server_credentials(sec)
+    if tokens:
+        config.interceptors.append(AuthInterceptor(tokens))
+    # Usage is counted even without limits; the server binds the counters to its registry.
+    config.interceptors.append(ratelimit.build_interceptor(limits or ratelimit.RateLimits()))
+    return config

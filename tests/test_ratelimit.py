@@ -218,3 +218,43 @@ def test_usage_is_counted_without_limits_and_labels_are_capped():
     assert icp.limiter is None and icp.usage is None
     icp.bind_registry(registry := CollectorRegistry())
     assert icp.usage is not None and icp.usage.registry is registry
+
+
+def test_real_worker_wired_through_apply_to_server_config():
+    """security.apply_to_server_config fills the server's hooks; the worker binds the usage
+    counters to its own registry, so they appear in its /metrics scrape."""
+    server = pytest.importorskip("orcd_grpc.server")
+    from orcd_grpc.proto import pb_grpc
+
+    cfg = server.ServerConfig(host="127.0.0.1", port=0, grace_seconds=0, auth_token=TOKEN_A)
+    security.apply_to_server_config(cfg, security.SecurityConfig(),
+                                    RateLimits(requests_per_s=0.001, request_burst=2))
+    assert cfg.auth_token is None  # the interceptor took the CLI's token over
+    worker, port, _ = server.start_server(cfg)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.WorkerStub(ch)
+            md = [("authorization", f"Bearer {TOKEN_A}")]
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ListModels(pb.ListModelsRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=10)
+            stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=10)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert int(dict(err.value.trailing_metadata())["retry-after-ms"]) > 900_000
+        scrape = worker.metrics.render().decode()
+        assert 'orcd_client_requests_total{client="default"} 2.0' in scrape
+        assert 'orcd_client_rate_limited_total{client="default",limit="requests"} 1.0' in scrape
+    finally:
+        worker.stop(0)
+
+
+def test_apply_refuses_an_exposed_plaintext_listener():
+    server = pytest.importorskip("orcd_grpc.server")
+    cfg = server.ServerConfig(host="0.0.0.0", port=0)
+    with pytest.raises(security.ExposureError, match="refusing to listen on 0.0.0.0"):
+        security.apply_to_server_config(cfg, security.SecurityConfig())
+    security.apply_to_server_config(cfg, security.SecurityConfig(insecure=True))
+    assert cfg.credentials is None and len(cfg.interceptors) == 1
