@@ -272,3 +272,64 @@ def _gpt_oss_experts(hf: str, arr: np.ndarray, name_of) -> Iterable[tuple[str, n
         yield name_of(prefix + "down_proj") + ".bias", arr
     else:
         raise ValueError(f"unexpected gpt-oss expert tensor {hf!r}")
+
+
+def _llama_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf_into_hf(model, path: str | os.PathLike) -> None:
+    """The inverse of `export_hf_model`: overwrites `model`'s parameters with the file's tensors,
+    dequantized (gguf's decoder) and transformed back to HF layout. Used to build a reference
+    model that carries exactly the quantization error of a quantized file."""
+    import torch
+
+    cfg = model.config
+    arch = ARCH[cfg.model_type]
+    tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    reader = gguf.GGUFReader(os.fspath(path))
+    tensors = {t.name: quants.dequantize_reader_tensor(t) for t in reader.tensors}
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    sd = model.state_dict()
+    new = {}
+    for hf, t in sd.items():
+        if "rotary_emb" in hf or hf.endswith("embed_scale"):
+            continue
+        if hf == "lm_head.weight" and "output.weight" not in tensors:
+            arr = tensors["token_embd.weight"]
+        elif arch == gguf.MODEL_ARCH.GPT_OSS and ".mlp.experts." in hf:
+            prefix = hf.rsplit(".experts.", 1)[0] + ".experts."
+            leaf = hf.rsplit(".", 1)[1]
+            gname = lambda p, s: tmap.get_name(prefix + p) + s  # noqa: E731
+            if leaf == "gate_up_proj":
+                g, u = tensors[gname("gate_proj", ".weight")], tensors[gname("up_proj", ".weight")]
+                arr = np.empty((g.shape[0], g.shape[2], 2 * g.shape[1]), np.float32)
+                arr[:, :, 0::2], arr[:, :, 1::2] = g.transpose(0, 2, 1), u.transpose(0, 2, 1)
+            elif leaf == "gate_up_proj_bias":
+                g, u = tensors[gname("gate_proj", ".bias")], tensors[gname("up_proj", ".bias")]
+                arr = np.empty((g.shape[0], 2 * g.shape[1]), np.float32)
+                arr[:, 0::2], arr[:, 1::2] = g, u
+            elif leaf == "down_proj":
+                arr = tensors[gname("down_proj", ".weight")].transpose(0, 2, 1)
+            else:
+                arr = tensors[gname("down_proj", ".bias")]
+        else:
+            name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+            if hf.endswith("self_attn.sinks"):
+                name += ".weight"
+            arr = tensors[name]
+            if arch == gguf.MODEL_ARCH.LLAMA and hf.endswith(("q_proj.weight", "k_proj.weight")):
+                arr = _llama_unpermute(arr, n_head if "q_proj" in hf else n_kv)
+            if arch == gguf.MODEL_ARCH.GEMMA3 and hf.endswith("norm.weight"):
+                arr = arr - np.float32(1.0)
+        if tuple(arr.shape) != tuple(t.shape):
+            raise ValueError(f"{hf}: file gives {arr.shape}, model has {tuple(t.shape)}")
+        new[hf] = torch.from_numpy(np.ascontiguousarray(arr)).to(t.dtype)
+    missing = set(sd) - set(new) - {k for k in sd if "rotary_emb" in k or k.endswith("embed_scale")}
+    if missing:
+        raise ValueError(f"not restored: {sorted(missing)}")
+    with torch.no_grad():
+        for k, v in new.items():
+            sd[k].copy_(v)

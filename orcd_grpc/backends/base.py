@@ -30,6 +30,9 @@ class YarnSpec:
     beta_slow: float = 1.0
     ext_factor: float = 1.0
     attn_factor: float = 1.0  # multiplied into cos/sin (llama.cpp's mscale), 1 + 0.1*ln(factor) folded in by the adapter
+    # True: the ramp ends are floor(low) / ceil(high) (llama.cpp's ggml_rope_yarn_corr_dims).
+    # False: the exact fractional ends, as gpt-oss was trained (HF rope_parameters "truncate": false).
+    truncate: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,6 +169,20 @@ class Backend(ABC):
     @abstractmethod
     def gather_rows(self, x, ctx):
         """x[ctx.logits_rows]."""
+
+    def moe(self, x, router_logits, k: int, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, *,
+            act: str = "silu", alpha: float = 1.702, limit: float = 7.0):
+        """Mixture-of-experts FFN. x [T, d]; router_logits [T, E]; w_gate, w_up [E, F, d];
+        w_down [E, d, F]; optional biases b_gate, b_up [E, F], b_down [E, d].
+        Per token t: S = the k experts with the largest router_logits[t] (ties: lower index
+        first); their weights p = softmax(router_logits[t, S]) (softmax over the k picked logits
+        only); out[t] = sum_{e in S} p_e * (W_down[e] @ a_e + b_down[e]), with
+        g = W_gate[e] @ x[t] + b_gate[e], u = W_up[e] @ x[t] + b_up[e] and
+          act="silu":       a = silu(g) * u
+          act="swiglu_oai": g' = min(g, limit), u' = clip(u, -limit, limit),
+                            a = g' * sigmoid(alpha * g') * (u' + 1)      (gpt-oss)
+        Returns [T, d]."""
+        raise NotImplementedError(f"{self.name} backend has no moe op")
 
     @abstractmethod
     def split(self, x, sizes: list[int]):

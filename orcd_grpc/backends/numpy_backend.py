@@ -35,8 +35,10 @@ def rope_angles(positions: np.ndarray, spec: RopeSpec) -> tuple[np.ndarray, np.n
         # ramped over the dims whose rotations per original context fall between beta_slow/fast.
         def corr_dim(n_rot: float) -> float:
             return spec.dim * math.log(y.orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(spec.base))
-        low = max(0.0, math.floor(corr_dim(y.beta_fast)))
-        high = min(spec.dim - 1.0, math.ceil(corr_dim(y.beta_slow)))
+        low, high = corr_dim(y.beta_fast), corr_dim(y.beta_slow)
+        if y.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(0.0, low), min(spec.dim - 1.0, high)
         ramp = (np.arange(half, dtype=np.float64) - low) / max(0.001, high - low)
         ramp_mix = (1.0 - np.clip(ramp, 0.0, 1.0)) * y.ext_factor
         interp = inv_freq / y.factor
@@ -152,6 +154,38 @@ class NumpyBackend(Backend):
 
     def gather_rows(self, x, ctx: StepMeta):
         return x[ctx.logits_rows]
+
+    def moe(self, x, router_logits, k, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, *,
+            act="silu", alpha=1.702, limit=7.0):
+        T = x.shape[0]
+        # stable argsort on -logits: the largest first, ties to the lower expert index
+        ids = np.argsort(-router_logits, axis=-1, kind="stable")[:, :k]
+        top = np.take_along_axis(router_logits, ids, axis=-1)
+        p = np.exp(top - top.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        out = np.zeros((T, w_down.shape[1]), np.float32)
+        for e in np.unique(ids):
+            rows, slot = np.nonzero(ids == e)
+            xe = x[rows]
+            g = xe @ w_gate[e].T
+            u = xe @ w_up[e].T
+            if b_gate is not None:
+                g = g + b_gate[e]
+            if b_up is not None:
+                u = u + b_up[e]
+            if act == "swiglu_oai":
+                g = np.minimum(g, np.float32(limit))
+                u = np.clip(u, -np.float32(limit), np.float32(limit))
+                a = g / (1.0 + np.exp(-np.float32(alpha) * g)) * (u + 1.0)
+            elif act == "silu":
+                a = g / (1.0 + np.exp(-g)) * u
+            else:
+                raise ValueError(f"unknown moe activation {act!r}")
+            y = a @ w_down[e].T
+            if b_down is not None:
+                y = y + b_down[e]
+            np.add.at(out, rows, y * p[rows, slot][:, None])
+        return out
 
     def split(self, x, sizes):
         return np.split(x, np.cumsum(sizes)[:-1], axis=-1)

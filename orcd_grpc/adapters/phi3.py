@@ -1,0 +1,69 @@
+"""Phi-3 / Phi-3.5: fused QKV and fused gate/up projections, NeoX rope over the first
+rope.dimension_count features, optional LongRoPE factors.
+
+- attn_qkv.weight rows are [q (H*D); k (Hkv*D); v (Hkv*D)].
+- ffn_up.weight rows are [gate (F); up (F)]: silu(first half) * second half.
+- LongRoPE: the file carries rope_factors_long/short.weight (one divisor per rotated pair). As in
+  llama.cpp, the long factors apply when the context the model is run at exceeds
+  rope.scaling.original_context_length (here: the trained context, since an extended model is
+  served at its extended length), and cos/sin are multiplied by rope.scaling.attn_factor.
+"""
+from __future__ import annotations
+
+import math
+
+from ..backends.base import RopeSpec
+from .llama import LlamaAdapter
+
+
+class Phi3Adapter(LlamaAdapter):
+    archs = ("phi3",)
+    neox_rope = True
+
+    def required_tensors(self):
+        h = self.hp
+        q, kv = h.n_heads * h.head_dim, h.n_kv_heads * h.head_dim
+        req = {"token_embd.weight": (h.vocab_size, h.d_model), "output_norm.weight": (h.d_model,)}
+        if self.model.has("output.weight"):
+            req["output.weight"] = (h.vocab_size, h.d_model)
+        for kind in ("long", "short"):
+            if self.model.has(f"rope_factors_{kind}.weight"):
+                req[f"rope_factors_{kind}.weight"] = (h.rope_dim // 2,)
+        for i in range(h.n_layers):
+            b = f"blk.{i}."
+            req.update({
+                b + "attn_norm.weight": (h.d_model,), b + "ffn_norm.weight": (h.d_model,),
+                b + "attn_qkv.weight": (q + 2 * kv, h.d_model), b + "attn_output.weight": (h.d_model, q),
+                b + "ffn_up.weight": (2 * h.d_ff, h.d_model), b + "ffn_down.weight": (h.d_model, h.d_ff),
+            })
+        return req
+
+    def prepare(self):
+        super().prepare()
+        m, hp = self.model, self.hp
+        orig = int(m.hp("rope.scaling.original_context_length", hp.context_length) or hp.context_length)
+        kind = "long" if hp.context_length > orig else "short"
+        freq = None
+        if m.has(f"rope_factors_{kind}.weight"):
+            freq = self.be.to_host(self.w[f"rope_factors_{kind}.weight"])
+        attn_factor = m.hp("rope.scaling.attn_factor")
+        if attn_factor is None and freq is not None:
+            scale = hp.context_length / orig
+            attn_factor = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig))
+        self.rope = RopeSpec(dim=hp.rope_dim, base=hp.rope_base, neox=True, freq_factors=freq,
+                             attn_factor=float(attn_factor or 1.0))
+        self.window = int(m.hp("attention.sliding_window", 0) or 0)
+
+    def attn_window(self, layer):
+        return self.window
+
+    def qkv(self, i, h):
+        hp = self.hp
+        qkv = self.be.linear(h, self.w[f"blk.{i}.attn_qkv.weight"], self.bias(f"blk.{i}.attn_qkv.bias"))
+        q_n, kv_n = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
+        return self.be.split(qkv, [q_n, kv_n, hp.n_kv_heads * hp.head_dim_v])
+
+    def ffn(self, i, h):
+        be, W = self.be, self.w
+        gate, up = be.split(be.linear(h, W[f"blk.{i}.ffn_up.weight"]), [self.hp.d_ff, self.hp.d_ff])
+        return be.linear(be.silu_mul(gate, up), W[f"blk.{i}.ffn_down.weight"])
