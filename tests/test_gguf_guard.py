@@ -286,3 +286,12 @@ def test_real_model_passes_and_its_header_alone_is_refused(write):
     with open(REAL, "rb") as fh:
         head = fh.read(64 * 1024)
     refused(write(head), "tokenizer.ggml.tokens.*cannot fit")
+
+
+def test_default_caps_bound_reader_amplification(write):
+    # GGUFReader spends ~700 B of RSS per array item; a 1 MiB file must not buy 1M+ items
+    refused(write(gguf([ARCH, kv("k", ARR, arr(U8, [], count=(1 << 20) + 1))]) + bytes(1 << 20)),
+            "array length 1048577 exceeds the limit of 1048576")
+    items = [kv(f"k{i}", ARR, arr(U8, [], count=1 << 20)) for i in range(2)]
+    blob = gguf([ARCH] + [items[0] + bytes(1 << 20), items[1] + bytes(1 << 20)][:2])
+    refused(write(blob), "more than 2097152 items")
