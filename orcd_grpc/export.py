@@ -326,7 +326,7 @@ def load_gguf_into_hf(model, path: str | os.PathLike) -> None:
                 arr = arr - np.float32(1.0)
         if tuple(arr.shape) != tuple(t.shape):
             raise ValueError(f"{hf}: file gives {arr.shape}, model has {tuple(t.shape)}")
-        new[hf] = torch.from_numpy(np.ascontiguousarray(arr)).to(t.dtype)
+        new[hf] = torch.from_numpy(np.array(arr, dtype=np.float32)).to(t.dtype)  # own, writable copy
     missing = set(sd) - set(new) - {k for k in sd if "rotary_emb" in k or k.endswith("embed_scale")}
     if missing:
         raise ValueError(f"not restored: {sorted(missing)}")

@@ -68,6 +68,9 @@ def tiny_model(arch: str, seed: int = 0):
            "phi3_longrope": tf.Phi3ForCausalLM, "gemma3": tf.Gemma3ForCausalLM,
            "gpt_oss": tf.GptOssForCausalLM}[arch]
     cfg._attn_implementation = "eager"
+    if arch == "gpt_oss":
+        # the plain per-expert loop: the grouped-GEMM path has no float64 kernel
+        cfg._experts_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(cfg).float().eval()
     g = torch.Generator().manual_seed(seed + 1)
