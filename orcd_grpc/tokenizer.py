@@ -432,8 +432,14 @@ class Tokenizer:
         return self._with_bos(self._encode(text, plain=True), add_bos)
 
     def encode_special(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Like encode(), but control tokens written in `text` become their ids."""
-        return self._with_bos(self._encode(text, plain=False), add_bos)
+        """Like encode(), but control tokens written in `text` become their ids.
+
+        Chat templates often write the BOS token themselves; no second one is added then.
+        """
+        ids = self._encode(text, plain=False)
+        if ids and ids[0] == self.bos_id:
+            return ids
+        return self._with_bos(ids, add_bos)
 
     def _encode(self, text: str, plain: bool) -> list[int]:
         if not isinstance(text, str):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from orcd_grpc import errors
 from orcd_grpc.chat_template import render_chat
-from orcd_grpc.tokenizer import CONTROL, Tokenizer, read_gguf_metadata
+from orcd_grpc.tokenizer import CONTROL, Tokenizer, bytes_to_unicode, read_gguf_metadata
 
 VOCABS = ("gpt-2", "llama-bpe", "llama-spm", "phi-3", "qwen2")
 SEPARATOR = "\n__ggml_vocab_test__\n"
@@ -165,6 +165,24 @@ def test_from_tokenizer_json(tmp_path, shared_dir, vocab_tok):
     assert (tok2.bos_id, tok2.chat_template) == (151643, meta["tokenizer.chat_template"])
 
 
+def _byte_vocab_tokenizer(pre: str) -> Tokenizer:
+    return Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+                                "tokenizer.ggml.tokens": list(bytes_to_unicode().values()),
+                                "tokenizer.ggml.merges": []})
+
+
+def test_gpt4o_pre_tokenizer_pieces():
+    # No llama.cpp cases exist here for o200k (GPT-OSS); these pieces follow from its regex by
+    # hand: case-aware words with attached contractions, digits in threes, space runs apart.
+    tok = _byte_vocab_tokenizer("gpt-4o")
+    pieces = [p for p, _ in tok._hf.pre_tokenizer.pre_tokenize_str("HelloWorld it's 12345  x\n\n/y")]
+    dec = {c: b for b, c in bytes_to_unicode().items()}
+    text = [bytes(dec[c] for c in p).decode() for p in pieces]
+    assert text == ["Hello", "World", " it's", " ", "123", "45", " ", " x", "\n\n", "/y"]
+    s = "Grüße, 世界! <|return|> ok"
+    assert tok.decode(tok.encode(s)) == s
+
+
 def test_unsupported_pre_tokenizer_names_the_key(shared_dir):
     meta = read_gguf_metadata(shared_dir / "vocab" / "ggml-vocab-gpt-2.gguf")
     meta["tokenizer.ggml.pre"] = "no-such-pre"
@@ -213,6 +231,9 @@ def test_gemma3_tokenizer(gemma3):
     assert sot[0] == 105 and gemma3.is_special(105)
     assert 105 not in gemma3.encode("<start_of_turn>user\n")
     assert 106 in gemma3.eos_ids  # <end_of_turn>
+    # a template that writes <bos> itself does not get a second one
+    assert gemma3.encode_special("<bos>hi")[:2] == [2, gemma3.encode("hi", add_bos=False)[0]]
+    assert gemma3.encode("<bos>hi")[1] != 2
     # gemma3 has add_space_prefix = false: no space is invented before the first word
     assert gemma3.token_bytes(ids[0]) == b"The"
     text = "héllo 🎉 世界\n\n\t  x"
