@@ -252,7 +252,39 @@ def test_info_and_list_from_worker(worker):
 
 @needs_server
 @pytest.mark.slow
+def test_python_client_against_worker(worker):
+    import grpc
+
+    from orcd_grpc.client import OrcdClient
+
+    address, _ = worker
+    with OrcdClient(address, timeout=120) as client:
+        assert client.health() == "SERVING"
+        assert client.health("orcd.v1.Worker") == "SERVING"
+        models = client.list_models()
+        assert [m.architecture for m in models] == ["llama"]
+        done = client.generate_text("The capital of France is", temperature=0, max_tokens=8,
+                                    request_id="cli-test-1")
+        assert "Paris" in done.text and done.finish_reason == "LENGTH"
+        assert done.request_id == "cli-test-1" and len(done.token_ids) == done.usage.completion_tokens == 8
+        assert done.model_id == models[0].model_id
+        with pytest.raises(grpc.RpcError) as exc:
+            client.cancel("no-such-request")
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        # Cancel a running request from the side: its stream ends with CANCELLED.
+        events = client.stream_text("Count to one thousand:", max_tokens=4000, ignore_eos=True,
+                                    request_id="cli-test-2")
+        assert next(events).WhichOneof("event") == "started"
+        assert client.cancel("cli-test-2") is True
+        last = list(events)[-1]
+        assert last.finished.reason == pb.FINISH_REASON_CANCELLED
+
+
+@needs_server
+@pytest.mark.slow
 def test_load_shows_progress(worker, smollm2_path):
+    # A load replaces the served model and the unload leaves none, so this runs after the other
+    # tests that use the worker.
     address, _ = worker
     proc = orcd("load", str(smollm2_path), "--model-id", "smol-again", "--context-length", "512",
                 "--address", address)
@@ -282,32 +314,3 @@ def test_demo(smollm2_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(cli.DEMO_PROMPT) and "Paris" in proc.stdout
 
-
-@needs_server
-@pytest.mark.slow
-def test_python_client_against_worker(worker):
-    import grpc
-
-    from orcd_grpc.client import OrcdClient
-
-    address, _ = worker
-    with OrcdClient(address, timeout=120) as client:
-        assert client.health() == "SERVING"
-        assert client.health("orcd.v1.Worker") == "SERVING"
-        models = client.list_models()
-        assert [m.architecture for m in models] == ["llama"]
-        done = client.generate_text("The capital of France is", temperature=0, max_tokens=8,
-                                    request_id="cli-test-1")
-        assert "Paris" in done.text and done.finish_reason == "LENGTH"
-        assert done.request_id == "cli-test-1" and len(done.token_ids) == done.usage.completion_tokens == 8
-        assert done.model_id == models[0].model_id
-        with pytest.raises(grpc.RpcError) as exc:
-            client.cancel("no-such-request")
-        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
-        # Cancel a running request from the side: its stream ends with CANCELLED.
-        events = client.stream_text("Count to one thousand:", max_tokens=4000, ignore_eos=True,
-                                    request_id="cli-test-2")
-        assert next(events).WhichOneof("event") == "started"
-        assert client.cancel("cli-test-2") is True
-        last = list(events)[-1]
-        assert last.finished.reason == pb.FINISH_REASON_CANCELLED
