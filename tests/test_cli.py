@@ -58,6 +58,37 @@ def test_serve_defaults():
     assert (args.model, args.host, args.port, args.backend, args.max_vram) == (None, "127.0.0.1", 50051, "auto", 0)
 
 
+def test_server_config_from_flags(tmp_path, monkeypatch):
+    pytest.importorskip("orcd_grpc.server")
+    from orcd_grpc.server import ServerConfig
+
+    monkeypatch.delenv("ORCD_AUTH_TOKEN", raising=False)
+    model = tmp_path / "elsewhere" / "m.gguf"
+    model.parent.mkdir()
+    model.write_bytes(b"GGUF")
+    args = cli.build_parser().parse_args([
+        "serve", "--model", str(model), "--model-dir", str(tmp_path / "dir"), "--port", "6001",
+        "--max-vram", "2GiB", "--max-queue", "7", "--auth-token", "s3cret", "--model-id", "mine"])
+    cfg = cli.server_config(args)
+    assert cfg.model_path == str(model.resolve()) and cfg.model_id == "mine"
+    # The model's own directory is allowed in addition to the named ones.
+    assert cfg.model_dirs == [str(tmp_path / "dir"), str(model.parent.resolve())]
+    assert (cfg.port, cfg.max_vram, cfg.max_queue, cfg.auth_token) == (6001, 2 << 30, 7, "s3cret")
+    assert cfg.host == "127.0.0.1"
+    # Flags not given keep the server's defaults.
+    defaults = ServerConfig()
+    assert (cfg.grace_seconds, cfg.max_sequences, cfg.metrics_port) == (
+        defaults.grace_seconds, defaults.max_sequences, defaults.metrics_port)
+
+
+def test_server_config_relative_model_in_model_dir(tmp_path):
+    pytest.importorskip("orcd_grpc.server")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    args = cli.build_parser().parse_args(["serve", "--model-dir", str(tmp_path), "--model", "m.gguf"])
+    cfg = cli.server_config(args)
+    assert cfg.model_path == str((tmp_path / "m.gguf").resolve()) and cfg.model_dirs == [str(tmp_path)]
+
+
 def test_generate_request_from_flags():
     args = cli.build_parser().parse_args([
         "generate", "Hello", "--temperature", "0", "--top-k", "40", "--top-p", "0.9", "--min-p", "0.05",
