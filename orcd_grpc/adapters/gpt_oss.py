@@ -21,6 +21,7 @@ SWIGLU_LIMIT = 7.0
 
 
 class GptOssAdapter(LlamaAdapter):
+    ffn_norm = "post_attention_norm.weight"
     archs = ("gpt-oss",)
     neox_rope = True
 
@@ -69,20 +70,6 @@ class GptOssAdapter(LlamaAdapter):
 
     def attn_extras(self, i):
         return {"sinks": self.w[f"blk.{i}.attn_sinks.weight"]}
-
-    def forward(self, ctx, kv):
-        be, W, eps = self.be, self.w, self.hp.eps
-        x = self.embed(ctx)
-        res = None
-        for i in range(self.hp.n_layers):
-            b = f"blk.{i}."
-            h, res = be.rms_norm(x, W[b + "attn_norm.weight"], eps, res)
-            a = self.attention(i, h, ctx, kv)
-            h, res = be.rms_norm(a, W[b + "post_attention_norm.weight"], eps, res)
-            x = self.ffn(i, h)
-        last = be.gather_rows(be.add(x, res), ctx)
-        h, _ = be.rms_norm(last, W["output_norm.weight"], eps)
-        return be.linear(h, W[self.output_name()])
 
     def ffn(self, i, h):
         b, W, be = f"blk.{i}.", self.w, self.be

@@ -15,6 +15,7 @@ from .base import Adapter
 class LlamaAdapter(Adapter):
     archs = ("llama",)
     neox_rope = False  # llama.cpp's converter permutes Q/K rows of llama models for interleaved rope
+    ffn_norm = "ffn_norm.weight"  # the norm before the FFN; gpt-oss names it post_attention_norm
 
     # ---- description ---------------------------------------------------------------------
     def output_name(self) -> str:
@@ -107,7 +108,7 @@ class LlamaAdapter(Adapter):
             b = f"blk.{i}."
             h, res = be.rms_norm(x, W[b + "attn_norm.weight"], eps, res)
             a = self.post_attn(i, self.attention(i, h, ctx, kv))
-            h, res = be.rms_norm(a, W[b + "ffn_norm.weight"], eps, res)
+            h, res = be.rms_norm(a, W[b + self.ffn_norm], eps, res)
             x = self.post_ffn(i, self.ffn(i, h))
         # Only the rows that are sampled need the final norm and the (large) output projection.
         last = be.gather_rows(be.add(x, res), ctx)
