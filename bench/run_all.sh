@@ -17,3 +17,10 @@ for m in "${models[@]}"; do
   python3 "$here/bench_engine.py" "$f" --backend "${ORCD_BENCH_BACKEND:-cuda}" --json "$out/bench.jsonl" 2>"$out/bench-$m.err" | tail -1 \
     || { echo "| $m | failed: $(tail -1 "$out/bench-$m.err") |"; }
 done
+# The same single stream end to end through the gRPC server (GRPC_MODELS, default qwen2.5-0.5b).
+for m in ${GRPC_MODELS-qwen2.5-0.5b}; do
+  f="$data/$m.gguf"
+  [ -s "$f" ] || continue
+  python3 "$here/bench_grpc.py" "$f" --backend "${ORCD_BENCH_BACKEND:-cuda}" --json "$out/bench.jsonl" \
+    2>"$out/bench-grpc-$m.err" || echo "grpc $m failed: $(tail -1 "$out/bench-grpc-$m.err")"
+done

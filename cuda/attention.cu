@@ -46,7 +46,8 @@ __device__ void attn_impl(const float* __restrict__ q, const __half* __restrict_
                           const int* __restrict__ q_starts, const int* __restrict__ positions,
                           const int* __restrict__ ctx_lens, const int* __restrict__ block_tables,
                           int max_blocks, int block_size, int Hq, int Hkv, int Dk, int Dv, float scale,
-                          int window, const float* __restrict__ sinks, float softcap) {
+                          int window, const float* __restrict__ sinks, float softcap, int n_splits,
+                          float* __restrict__ part) {
     extern __shared__ float smem[];
     float* Qs = smem;                       // [ROWS][Dk], pre-scaled
     float* Ks = Qs + ROWS * Dk;             // [KT][Dk + 1]
@@ -56,7 +57,9 @@ __device__ void attn_impl(const float* __restrict__ q, const __half* __restrict_
     const int b = blockIdx.y, kvh = blockIdx.z;
     const int q0 = q_starts[b], nq = q_starts[b + 1] - q0;
     const int group = Hq / Hkv;
-    const int row0 = blockIdx.x * ROWS;
+    // Split mode (decode): blockIdx.x picks a slice of the keys instead of a tile of rows.
+    const int split = n_splits > 1 ? blockIdx.x : 0;
+    const int row0 = n_splits > 1 ? 0 : blockIdx.x * ROWS;
     if (row0 >= nq * group) return;  // the grid is sized for the longest sequence of the step
     const int n_ctx = ctx_lens[b];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -78,6 +81,11 @@ __device__ void attn_impl(const float* __restrict__ q, const __half* __restrict_
             const int p = positions[q0 + t];
             hi = max(hi, min(p + 1, n_ctx));
             lo = min(lo, window > 0 ? max(0, p - window + 1) : 0);
+        }
+        if (n_splits > 1) {  // this CTA's slice, whole key tiles
+            const int chunk = ((max(hi - lo, 0) + n_splits - 1) / n_splits + KT - 1) / KT * KT;
+            lo = lo + split * chunk;
+            hi = min(hi, lo + chunk);
         }
         range_lo = lo;
         range_hi = hi;
@@ -166,6 +174,22 @@ __device__ void attn_impl(const float* __restrict__ q, const __half* __restrict_
         __syncthreads();  // before the next tile overwrites Ks/Vs
     }
 
+    if (n_splits > 1) {  // unnormalised partials [t * Hq + h][split][Dv + 2]: acc..., m, l
+#pragma unroll
+        for (int i = 0; i < RPW; ++i) {
+            const int gr = row0 + warp * RPW + i;
+            if (gr >= nq * group) continue;
+            const int t = q0 + gr / group, h = kvh * group + gr % group;
+            float* o = part + (((size_t)t * Hq + h) * n_splits + split) * (Dv + 2);
+#pragma unroll
+            for (int c = 0; c < DPL; ++c) {
+                const int d = lane + 32 * c;
+                if (d < Dv) o[d] = acc[i][c];
+            }
+            if (lane == 0) { o[Dv] = m[i]; o[Dv + 1] = l[i]; }
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < RPW; ++i) {
         const int gr = row0 + warp * RPW + i;
@@ -193,9 +217,9 @@ __device__ void attn_impl(const float* __restrict__ q, const __half* __restrict_
     attn_d##DPL(const float* q, const __half* kc, const __half* vc, float* out, const int* q_starts,     \
                 const int* positions, const int* ctx_lens, const int* block_tables, int max_blocks,      \
                 int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window,                \
-                const float* sinks, float softcap) {                                                     \
+                const float* sinks, float softcap, int n_splits, float* part) {                          \
         attn_impl<DPL>(q, kc, vc, out, q_starts, positions, ctx_lens, block_tables, max_blocks,          \
-                       block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, softcap);                      \
+                       block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, softcap, n_splits, part);      \
     }
 
 ATTN(1)
@@ -205,3 +229,33 @@ ATTN(4)
 ATTN(5)
 ATTN(6)
 ATTN(8)
+
+// Merges the n_splits partial softmaxes of each (token, q head) row written by attn_dN in split
+// mode; one warp per row. Sinks join the denominator here, once.
+extern "C" __global__ void attn_combine(const float* __restrict__ part, float* __restrict__ out,
+                                        const float* __restrict__ sinks, int rows, int Hq, int Dv,
+                                        int n_splits) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* p = part + (size_t)row * n_splits * (Dv + 2);
+    float M = sinks ? sinks[row % Hq] : -INFINITY;
+    for (int s = 0; s < n_splits; ++s) M = fmaxf(M, p[s * (Dv + 2) + Dv]);
+    float L = 0.f;
+    if (M != -INFINITY) {
+        if (sinks) L = __expf(sinks[row % Hq] - M);
+        for (int s = 0; s < n_splits; ++s) {
+            const float ms = p[s * (Dv + 2) + Dv];
+            if (ms != -INFINITY) L += p[s * (Dv + 2) + Dv + 1] * __expf(ms - M);
+        }
+    }
+    const float inv = L > 0.f ? 1.f / L : 0.f;
+    for (int d = lane; d < Dv; d += 32) {
+        float a = 0.f;
+        for (int s = 0; s < n_splits; ++s) {
+            const float ms = p[s * (Dv + 2) + Dv];
+            if (ms != -INFINITY) a += p[s * (Dv + 2) + d] * __expf(ms - M);
+        }
+        out[(size_t)row * Dv + d] = a * inv;
+    }
+}

@@ -21,6 +21,19 @@ from .kv_cache import BlockAllocator
 
 DEFAULT_MAX_CONTEXT = 8192
 CPU_KV_BUDGET = 1 << 30
+# Batch sizes that decode steps are padded to and captured at as CUDA graphs.
+GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def _max_step_tokens(hp, workspace_bytes: int, n_exp: int = 0) -> int:
+    """Tokens one step may carry so that its activations fit the backend's step workspace
+    (0: no limit). Twice the float32 rows a layer keeps alive at once, per token."""
+    if not workspace_bytes:
+        return 1 << 30
+    ffn = 3 * hp.d_ff * max(1, n_exp) + (n_exp * hp.d_model if n_exp else 0)
+    attn = 2 * (hp.n_heads * hp.head_dim + hp.n_kv_heads * (hp.head_dim + hp.head_dim_v))
+    per_token = 4 * (6 * hp.d_model + attn + ffn)
+    return max(16, int(workspace_bytes) // (2 * per_token))
 
 
 @dataclass
@@ -55,6 +68,10 @@ class Sequence:
         self.num_cached = 0            # tokens whose KV is in the cache
         self.cached_prompt_tokens = 0  # prompt tokens reused from the prefix cache
         self.block_table: list[int] = []
+        # The GPU sampler's Philox key: the request's seed, or fresh entropy when it has none
+        # (so unseeded requests differ, as on the host sampler).
+        seed = getattr(sampling, "seed", None)
+        self.device_seed = int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little")
 
     @property
     def total_len(self) -> int:
@@ -93,6 +110,13 @@ class Engine:
         self.model, self.adapter, self.backend = model, adapter, backend
         self.tokenizer, self.info, self.kv, self.allocator = tokenizer, info, kv, allocator
         self._ids = itertools.count(1)
+        # The block past the allocator's range takes the KV writes of padding rows (see _meta).
+        self.pad_block = allocator.num_blocks
+        self.max_step_tokens = _max_step_tokens(adapter.hp, getattr(backend, "workspace_bytes", 0),
+                                                 int(getattr(adapter, "n_used", 0) or 0))
+        graphs = getattr(backend, "supports_graphs", False) and os.environ.get("ORCD_CUDA_GRAPHS", "1") != "0"
+        self.graph_buckets = [b for b in GRAPH_BUCKETS if b <= max(1, info.max_sequences)] if graphs else []
+        self.device_sampling = callable(getattr(backend, "sample", None))
 
     # ---- sequences -----------------------------------------------------------------------
     def new_sequence(self, prompt_ids: list[int], sampling) -> Sequence:
@@ -129,7 +153,7 @@ class Engine:
 
     # ---- stepping ------------------------------------------------------------------------
     def _plan(self, seqs: list[Sequence], token_budget: int) -> list[tuple[Sequence, int]]:
-        plan, budget = [], token_budget
+        plan, budget = [], min(token_budget, self.max_step_tokens)
         for s in seqs:
             if s.num_cached == 0 and not s.block_table:
                 s.num_cached = s.cached_prompt_tokens = self.allocator.match_prefix(s.prompt_ids, s.block_table)
@@ -147,11 +171,33 @@ class Engine:
             plan.append((s, n))
         return plan
 
-    def _meta(self, plan, all_logits: bool) -> StepMeta:
+    def _meta(self, plan, all_logits: bool, pad_to: int = 0) -> StepMeta:
+        """The step's metadata. With pad_to (decode steps replayed as a CUDA graph) the batch is
+        padded to pad_to one-token rows and the block tables to the longest a sequence can have,
+        so every step of a bucket has the same shapes; padding rows write their KV into
+        pad_block and attend to that one slot."""
         bs = self.allocator.block_size
+        B = len(plan)
+        if pad_to:
+            width = -(-self.info.context_length // bs)
+            nb = max(pad_to, B)
+            tables = np.full((nb, width), -1, np.int32)
+            tables[B:, 0] = self.pad_block
+            pos = np.zeros(nb, np.int32)
+            ids = np.zeros(nb, np.int32)
+            slots = np.full(nb, self.pad_block * bs, np.int32)
+            for b, (s, _) in enumerate(plan):
+                p = s.num_cached
+                tables[b, : len(s.block_table)] = s.block_table
+                pos[b] = p
+                ids[b] = s.output_ids[-1] if s.output_ids else s.prompt_ids[p]
+                slots[b] = s.block_table[p // bs] * bs + p % bs
+            ar = np.arange(nb + 1, dtype=np.int32)
+            return StepMeta(token_ids=ids, positions=pos, q_starts=ar, ctx_lens=pos + 1, slot_mapping=slots,
+                            block_tables=tables, block_size=bs, logits_rows=ar[:nb])
         ids, pos, slots, starts, ctx_lens, rows = [], [], [], [0], [], []
         width = max(len(s.block_table) for s, _ in plan)
-        tables = np.full((len(plan), width), -1, np.int32)
+        tables = np.full((B, width), -1, np.int32)
         for b, (s, n) in enumerate(plan):
             p = np.arange(s.num_cached, s.num_cached + n, dtype=np.int32)
             table = np.asarray(s.block_table, np.int32)
@@ -171,10 +217,22 @@ class Engine:
             slot_mapping=np.concatenate(slots).astype(np.int32), block_tables=tables,
             block_size=bs, logits_rows=np.asarray(rows, np.int32))
 
+    def _bucket(self, plan) -> int:
+        """The graph bucket of a pure decode step (every sequence adds its one new token), or 0."""
+        if not self.graph_buckets or len(plan) > self.graph_buckets[-1]:
+            return 0
+        if any(n != 1 or s.num_cached < len(s.prompt_ids) for s, n in plan):
+            return 0
+        return next(b for b in self.graph_buckets if b >= len(plan))
+
     def _forward(self, plan, all_logits: bool = False):
-        meta = self._meta(plan, all_logits)
-        ctx = self.backend.begin_step(meta)
-        logits = self.adapter.forward(ctx, self.kv) if len(meta.logits_rows) or all_logits else None
+        bucket = 0 if all_logits else self._bucket(plan)
+        meta = self._meta(plan, all_logits, pad_to=bucket)
+        if bucket:
+            logits = self.backend.graph_step(("decode", bucket), meta, lambda ctx: self.adapter.forward(ctx, self.kv))
+        else:
+            ctx = self.backend.begin_step(meta)
+            logits = self.adapter.forward(ctx, self.kv) if len(meta.logits_rows) or all_logits else None
         for s, n in plan:
             before = s.num_cached
             s.num_cached += n
@@ -190,6 +248,8 @@ class Engine:
         sampling = [s for s, n in plan if s.num_cached == s.total_len]
         if not sampling:
             return {}
+        if self.device_sampling:
+            return self._sample_on_device(logits, sampling)
         host = self.backend.to_host(logits)
         out = {}
         for row, s in enumerate(sampling):
@@ -197,6 +257,40 @@ class Engine:
             s.output_ids.append(int(sample.token_id))
             out[s.seq_id] = sample
         return out
+
+    def _sample_on_device(self, logits, seqs: list[Sequence]) -> dict:
+        """Sampling on the backend: only token ids and logprobs cross to the host."""
+        from .sampling import TokenSample
+
+        rows = []
+        for s in seqs:
+            p = s.sampling
+            penalised = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+            rows.append({"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
+                         "seed": s.device_seed, "counter": len(s.output_ids),
+                         "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
+                         "frequency_penalty": p.frequency_penalty,
+                         "prompt_ids": s.prompt_ids if penalised else (),
+                         "output_ids": s.output_ids if penalised else ()})
+        if logits.shape[0] != len(seqs):  # a padded graph step: the real rows come first
+            logits = logits.row_slice(0, len(seqs))
+        n_top = max(s.sampling.top_logprobs for s in seqs)
+        res = self.backend.sample(logits, rows, n_top)
+        toks, lps = res[0], res[1]
+        out = {}
+        for r, s in enumerate(seqs):
+            top = []
+            if s.sampling.top_logprobs:
+                k = s.sampling.top_logprobs
+                top = [(int(i), float(lp)) for i, lp in zip(res[2][r, :k], res[3][r, :k])]
+            sample = TokenSample(token_id=int(toks[r]), logprob=float(lps[r]), top=top)
+            s.output_ids.append(sample.token_id)
+            out[s.seq_id] = sample
+        return out
+
+    def gpu_info(self) -> dict | None:
+        fn = getattr(self.backend, "gpu_info", None)
+        return fn() if callable(fn) else None
 
     def score(self, seq: Sequence, new_tokens: list[int] | None = None) -> np.ndarray:
         """Teacher forcing for tests: appends new_tokens (as output), computes every pending
@@ -253,8 +347,8 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
             budget = min(CPU_KV_BUDGET, max_sequences * ctx_len * per_token)
         else:
             budget = min(int((available - weights_bytes) * 0.9), max_sequences * ctx_len * per_token)
-        num_blocks = max(min_blocks, budget // (per_token * block_size))
-        kv_bytes = adapter.kv_layout(num_blocks, block_size).bytes(be.kv_elem_size)
+        num_blocks = max(min_blocks, budget // (per_token * block_size) - 1)
+        kv_bytes = adapter.kv_layout(num_blocks + 1, block_size).bytes(be.kv_elem_size)
         if available is not None and weights_bytes + kv_bytes > available:
             raise ResourceExhausted(
                 f"model needs {(weights_bytes + kv_bytes) / 2**30:.2f} GiB (weights {weights_bytes / 2**30:.2f} GiB "
@@ -265,7 +359,7 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
             weights[t.name] = be.load_weight(t.name, t.data, t.tensor_type, GGUFModel.logical_shape(t))
             done += int(t.n_bytes)
             report("loading", done, total)
-        kv = be.alloc_kv(adapter.kv_layout(num_blocks, block_size))
+        kv = be.alloc_kv(adapter.kv_layout(num_blocks + 1, block_size))  # + the padding rows' block
         report("warming", total, total)
         adapter.bind(be, weights)
     except BaseException:

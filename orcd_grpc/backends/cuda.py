@@ -36,6 +36,8 @@ DEFAULT_WORKSPACE = 512 * MiB
 CONTEXT_RESERVE = 384 * MiB  # left to the driver, module images, cuBLAS-free kernels' local memory
 
 _ATTN_DPL = (1, 2, 3, 4, 5, 6, 8)  # attn_d<DPL> variants in attention.cu: head dims up to 32 * DPL
+_ATTN_TARGET_CTAS = 264  # two per SM on an H100: enough decode attention CTAs to use its bandwidth
+_ATTN_MAX_SPLITS = 32
 
 
 def cuda_present() -> bool:
@@ -150,6 +152,7 @@ class CudaStep:
 class CudaBackend(Backend):
     name = "cuda"
     kv_elem_size = 2  # f16 KV cache
+    supports_graphs = True
 
     def __init__(self, max_vram: int = 0, device: int = 0, workspace_bytes: int | None = None):
         import pycuda.driver as drv
@@ -181,6 +184,8 @@ class CudaBackend(Backend):
         self.ws = Workspace(self._persistent(self.workspace_bytes, "step workspace"))
         self._ensure_meta(4096, 256, 256 * 64)
         self._attr_set: set[str] = set()
+        self._graphs: dict = {}   # key -> (CudaGraph, output tensor, workspace top after the step)
+        self._graph_warm: set = set()
 
     # ---- infrastructure ----------------------------------------------------------------
     def _persistent(self, nbytes: int, what: str) -> DeviceBuffer:
@@ -328,6 +333,7 @@ class CudaBackend(Backend):
                     free()
                 self.budget.release(getattr(w, "_orcd_reserved", 0))
             self._weights.clear()
+            self._drop_graphs()
             for buf in list(self._owned):
                 buf.free()
             self._rope_cache.clear()
@@ -341,6 +347,7 @@ class CudaBackend(Backend):
         if self._meta_buf is not None and self._meta_host.size >= need:
             return
         if self._meta_buf is not None:
+            self._drop_graphs()  # they read the metadata at the old buffer's address
             self._meta_buf.free()
         need = max(need, 2 * (self._meta_host.size if self._meta_host is not None else 0))
         self._meta_buf = self._persistent(need * 4, "step metadata")
@@ -370,6 +377,42 @@ class CudaBackend(Backend):
             off += -(-max(a.size, 1) // 64) * 64  # 256-byte aligned segments
         self._drv.memcpy_htod_async(base, host[:off], self.stream)
         return st
+
+    # ---- CUDA graphs ----------------------------------------------------------------------
+    def graph_step(self, key, meta: StepMeta, record):
+        """Runs `record(ctx)` (a forward pass that only launches kernels) for this step's meta,
+        replaying a CUDA graph captured for `key`. Every meta given with one key must have the
+        same shapes: then the step's metadata and workspace land at the addresses the graph
+        was captured with. The first step of a key runs eagerly (loading modules, rope tables
+        and kernel attributes, which a capture must not do); the second is captured."""
+        from .cuda_graph import CudaGraph
+
+        ctx = self.begin_step(meta)
+        hit = self._graphs.get(key)
+        if hit is None:
+            if key not in self._graph_warm or self._sync_each:
+                self._graph_warm.add(key)
+                return record(ctx)
+            box = []
+            try:
+                graph = CudaGraph(self.stream, lambda: box.append(record(ctx)))
+            except Exception as exc:
+                raise Internal(f"capturing the {key} step as a CUDA graph failed: {exc}") from exc
+            hit = self._graphs[key] = (graph, box[0], self.ws.top, ctx)
+        graph, out, top, _ = hit
+        try:
+            graph.launch()
+        except Exception as exc:
+            raise Internal(f"CUDA graph {key} failed to launch: {exc}") from exc
+        self._recent.append(f"graph {key}")
+        self.ws.top = max(self.ws.top, top)  # what runs after it in this step must not overlap
+        return out
+
+    def _drop_graphs(self) -> None:
+        for graph, *_ in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
+        self._graph_warm.clear()
 
     # ---- ops -----------------------------------------------------------------------------
     def embed(self, w, ctx: CudaStep):
@@ -461,18 +504,30 @@ class CudaBackend(Backend):
         if dpl is None:
             raise InvalidArgument(f"head dim {max(Dk, Dv)} exceeds the attention kernel's 256", field="attention")
         name = f"attn_d{dpl}"
-        kern = self._k("attention", name, "PPPPPPPPiiiiiifiPf")
+        kern = self._k("attention", name, "PPPPPPPPiiiiiifiPfiP")
         smem = 4 * (32 * Dk + 32 * (Dk + 1) + 32 * Dv)
         if smem > 48 * 1024 and (name, smem) not in self._attr_set:
             kern.fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
             self._attr_set.add((name, smem))
         group = Hq // Hkv
         tiles = max(1, -(-ctx.max_q * group // 32))
-        self._launch(kern, (tiles, ctx.B, Hkv), (256, 1, 1), q.ptr, kv.k_ptr(layer), kv.v_ptr(layer), out.ptr,
-                     ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables, np.int32(ctx.max_blocks),
-                     np.int32(ctx.block_size), np.int32(Hq), np.int32(Hkv), np.int32(Dk), np.int32(Dv),
-                     np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,
-                     np.float32(softcap or 0.0), shared=smem)
+        # Decode (one tile of rows per sequence): B * Hkv CTAs cannot fill the GPU, so the keys
+        # are split across CTAs and merged by attn_combine (flash-decoding). The split count
+        # depends only on the batch shape, so a captured graph stays valid as contexts grow.
+        splits = 1
+        if tiles == 1 and os.environ.get("ORCD_ATTN_SPLITS") != "1":
+            splits = max(1, min(_ATTN_MAX_SPLITS, -(-_ATTN_TARGET_CTAS // (ctx.B * Hkv))))
+        part = self._out((T * Hq, splits, Dv + 2)) if splits > 1 else None
+        self._launch(kern, (splits if splits > 1 else tiles, ctx.B, Hkv), (256, 1, 1), q.ptr, kv.k_ptr(layer),
+                     kv.v_ptr(layer), out.ptr, ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables,
+                     np.int32(ctx.max_blocks), np.int32(ctx.block_size), np.int32(Hq), np.int32(Hkv), np.int32(Dk),
+                     np.int32(Dv), np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,
+                     np.float32(softcap or 0.0), np.int32(splits), part.ptr if part is not None else 0, shared=smem)
+        if part is not None:
+            comb = self._k("attention", "attn_combine", "PPPiiii")
+            self._launch(comb, (-(-(T * Hq) // 8), 1, 1), (256, 1, 1), part.ptr, out.ptr,
+                         sinks.ptr if sinks is not None else 0, np.int32(T * Hq), np.int32(Hq), np.int32(Dv),
+                         np.int32(splits))
         return out
 
     def _binary(self, name, a, b, s=0.0):

@@ -181,6 +181,11 @@ ATTN_CASES = [
     (12, 4, 64, [53, 64], [9, 1], 16, True, 0.0),          # gpt-oss: window + sinks
     (6, 2, 128, [130], [0], 0, True, 0.0),                 # prefill only, T not a tile multiple
     (5, 5, 96, [19, 41], [2, 1], 0, False, 30.0),          # head dim 96, softcap
+    # decode steps take the split-key path (flash-decoding, attn_combine): long and short
+    # contexts, empty slices, window + sinks across slices
+    (14, 2, 64, [1500, 3], [1, 1], 0, False, 0.0),         # qwen2.5 shape, 32 slices
+    (64, 8, 64, [700, 300, 129], [1, 1, 1], 128, True, 0.0),  # gpt-oss: window + sinks
+    (32, 32, 96, [900], [1], 0, False, 0.0),               # phi3 shape
 ]
 
 

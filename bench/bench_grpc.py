@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Single-stream decode through the gRPC server, next to the engine alone on the same file.
+
+Starts a real worker on a free loopback port (in this process, its own threads), streams one
+greedy completion of --gen tokens from a --prompt-token prompt through a real client channel,
+and times decode as the span between the first and the last token event received by the client
+(so it includes scheduling, detokenization, the streaming RPC and protobuf on both sides). The
+engine alone is timed on the same prompt for comparison. Prints one JSON object.
+
+    python3 bench/bench_grpc.py MODEL.gguf [--backend cuda] [--gen 128] [--reps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import grpc  # noqa: E402
+
+from orcd_grpc.proto import pb, pb_grpc  # noqa: E402
+from orcd_grpc.server import ServerConfig, start_server  # noqa: E402
+
+
+def engine_decode(engine, prompt, gen):
+    from orcd_grpc.sampling import SamplingParams
+
+    s = engine.new_sequence(prompt, SamplingParams(temperature=0.0))
+    try:
+        while not s.output_ids:
+            engine.step([s])
+        t0 = time.perf_counter()
+        while len(s.output_ids) < gen:
+            engine.step([s])
+        return (gen - 1) / (time.perf_counter() - t0)
+    finally:
+        engine.release(s)
+
+
+def grpc_decode(stub, model_id, prompt, gen):
+    req = pb.ExecuteRequest(model_id=model_id, tokens=pb.TokenIds(ids=prompt),
+                            sampling=pb.SamplingParams(temperature=0.0),
+                            stopping=pb.StoppingCriteria(max_tokens=gen, ignore_eos=True))
+    times = []
+    for ev in stub.Execute(req, timeout=600):
+        if ev.HasField("token"):
+            times.append(time.perf_counter())
+    if len(times) != gen:
+        raise RuntimeError(f"expected {gen} tokens, got {len(times)}")
+    return (gen - 1) / (times[-1] - times[0])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--context-length", type=int, default=4096)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    path = os.path.abspath(args.model)
+    cfg = ServerConfig(host="127.0.0.1", port=0, model_dirs=[os.path.dirname(path)], model_path=path,
+                       model_id="bench", backend=args.backend, context_length=args.context_length,
+                       max_sequences=8, log_level="warning")
+    worker, port, sched = start_server(cfg)
+    try:
+        deadline = time.time() + 900
+        while sched.engine is None:
+            if time.time() > deadline or not worker._load_thread.is_alive() and sched.engine is None:
+                raise RuntimeError("the model did not load")
+            time.sleep(0.1)
+        engine = sched.engine
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(100, min(engine.info.vocab_size, 30000), args.prompt).tolist()
+        chan = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.WorkerStub(chan)
+        grpc_decode(stub, "bench", prompt, 8)  # warm-up: graphs, modules
+        via_grpc = [grpc_decode(stub, "bench", prompt, args.gen) for _ in range(args.reps)]
+        # The engine alone, on the scheduler's own engine while the server is idle.
+        with getattr(sched, "engine_lock", None) or _nullcontext():
+            alone = [engine_decode(engine, prompt, args.gen) for _ in range(args.reps)]
+        chan.close()
+        g, e = statistics.median(via_grpc), statistics.median(alone)
+        res = {"model": os.path.basename(path), "backend": engine.info.backend, "decode_tok_s_grpc": round(g, 1),
+               "decode_tok_s_engine": round(e, 1), "grpc_vs_engine": round(g / e, 3)}
+        print(json.dumps(res))
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(res) + "\n")
+    finally:
+        worker.stop(5)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    main()
