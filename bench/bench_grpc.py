@@ -72,6 +72,7 @@ def main(argv=None):
                        model_id="bench", backend=args.backend, context_length=args.context_length,
                        max_sequences=8, log_level="warning")
     worker, port, sched = start_server(cfg)
+    res = None
     try:
         deadline = time.time() + 900
         while sched.engine is None:
@@ -92,12 +93,19 @@ def main(argv=None):
         g, e = statistics.median(via_grpc), statistics.median(alone)
         res = {"model": os.path.basename(path), "backend": engine.info.backend, "decode_tok_s_grpc": round(g, 1),
                "decode_tok_s_engine": round(e, 1), "grpc_vs_engine": round(g / e, 3)}
-        print(json.dumps(res))
+        print(json.dumps(res), flush=True)
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(res) + "\n")
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
     finally:
         worker.stop(5)
+    return 0 if res else 1
 
 
 class _nullcontext:
@@ -109,4 +117,4 @@ class _nullcontext:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -56,6 +56,30 @@ _primary = None
 _tls = threading.local()
 
 
+class _Pushed:
+    """The primary context pushed on one thread's PyCUDA context stack. PyCUDA aborts the
+    process when a thread ends with a context still on its stack, and the worker's threads
+    (model loading, the scheduler, gRPC handlers) end at unload and shutdown: the thread-local
+    holding this object is cleared as its thread ends, before PyCUDA's check, and pops it."""
+
+    __slots__ = ("active",)
+
+    def __init__(self):
+        self.active = True
+
+    def pop(self):
+        if self.active:
+            self.active = False
+            try:
+                import pycuda.driver as drv
+
+                drv.Context.pop()
+            except Exception:
+                pass
+
+    __del__ = pop
+
+
 def _context(device: int = 0):
     """The device's primary context, current in the calling thread."""
     global _primary
@@ -66,21 +90,17 @@ def _context(device: int = 0):
             drv.init()
             _primary = drv.Device(device).retain_primary_context()
             atexit.register(_pop_all)
-    if getattr(_tls, "pushed", False) is not True:
+    if getattr(_tls, "guard", None) is None:
         _primary.push()
-        _tls.pushed = True
+        _tls.guard = _Pushed()
     return _primary
 
 
 def _pop_all():
-    import pycuda.driver as drv
-
-    if getattr(_tls, "pushed", False):
-        try:
-            drv.Context.pop()
-        except Exception:
-            pass
-        _tls.pushed = False
+    guard = getattr(_tls, "guard", None)
+    if guard is not None:
+        guard.pop()
+        _tls.guard = None
 
 
 def rope_inv_freq(spec: RopeSpec) -> tuple[np.ndarray, float]:
@@ -106,6 +126,16 @@ def rope_inv_freq(spec: RopeSpec) -> tuple[np.ndarray, float]:
         inv_freq = inv_freq / y.factor * (1 - ramp_mix) + inv_freq * ramp_mix
         mscale *= y.attn_factor
     return inv_freq, mscale
+
+
+def _nvidia_driver() -> str:
+    """The kernel driver's version (e.g. 580.159.04); the CUDA API only reports its own."""
+    try:
+        with open("/proc/driver/nvidia/version") as fh:
+            rest = fh.read().split("Kernel Module", 1)
+        return rest[1].split()[0] if len(rest) == 2 and rest[1].split() else ""
+    except OSError:
+        return ""
 
 
 class _Kernel:
@@ -203,7 +233,7 @@ class CudaBackend(Backend):
         return k
 
     def _launch(self, k: _Kernel, grid, block, *args, shared: int = 0):
-        if getattr(_tls, "pushed", False) is not True:
+        if getattr(_tls, "guard", None) is None:
             _context(self.device_index)
         try:
             k.fn.prepared_async_call(grid, block, self.stream, *args, shared_size=shared)
@@ -246,7 +276,7 @@ class CudaBackend(Backend):
             "compute_capability": f"{major}.{minor}",
             "vram_total": int(total),
             "vram_free": int(free),
-            "driver_version": f"{dv // 1000}.{(dv % 1000) // 10}",
+            "driver_version": _nvidia_driver() or f"{dv // 1000}.{(dv % 1000) // 10}",
             "cuda_version": ".".join(str(x) for x in cv[:2]),
             "multiprocessors": int(self.device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)),
         }
@@ -435,7 +465,7 @@ class CudaBackend(Backend):
         return y
 
     def _quant_call(self, what, fn, *args, **kw):
-        if getattr(_tls, "pushed", False) is not True:
+        if getattr(_tls, "guard", None) is None:
             _context(self.device_index)
         try:
             fn(*args, **kw)

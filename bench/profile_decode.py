@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Where a decode step's time goes, on the CUDA engine: host work (plan, metadata), the graph
+replay on the GPU, sampling. Prints one JSON object of microseconds per step.
+
+    python3 bench/profile_decode.py MODEL.gguf [--batch 1] [--steps 100] [--ctx 256]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from orcd_grpc.engine import load_engine  # noqa: E402
+from orcd_grpc.sampling import SamplingParams  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--ctx", type=int, default=256)
+    args = ap.parse_args(argv)
+    eng = load_engine(args.model, backend="cuda", context_length=4096, max_sequences=max(8, args.batch))
+    be = eng.backend
+    rng = np.random.default_rng(0)
+    seqs = [eng.new_sequence(rng.integers(100, 30000, args.ctx).tolist(), SamplingParams(temperature=0.0))
+            for _ in range(args.batch)]
+    for _ in range(4):  # prefill, then warm-up and capture
+        eng.step(seqs, 8192)
+    t = {"plan_meta": 0.0, "begin_step": 0.0, "graph_launch": 0.0, "gpu_wait": 0.0, "sample": 0.0, "step": 0.0}
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        plan = eng._plan(seqs, 8192)
+        bucket = eng._bucket(plan)
+        meta = eng._meta(plan, False, pad_to=bucket)
+        t1 = time.perf_counter()
+        ctx = be.begin_step(meta)
+        t2 = time.perf_counter()
+        graph, out, top, _ = be._graphs[("decode", bucket)]
+        graph.launch()
+        be.ws.top = max(be.ws.top, top)
+        t3 = time.perf_counter()
+        be.synchronize()
+        t4 = time.perf_counter()
+        for s, n in plan:
+            s.num_cached += n
+        eng._sample_on_device(out if out.shape[0] == len(seqs) else out.row_slice(0, len(seqs)), seqs)
+        t5 = time.perf_counter()
+        for k, a, b in (("plan_meta", t0, t1), ("begin_step", t1, t2), ("graph_launch", t2, t3),
+                        ("gpu_wait", t3, t4), ("sample", t4, t5), ("step", t0, t5)):
+            t[k] += (b - a) * 1e6 / args.steps
+    # The graph alone, back to back (GPU time per replay).
+    graph = be._graphs[("decode", eng._bucket([(s, 1) for s in seqs]))][0]
+    be.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        graph.launch()
+    be.synchronize()
+    t["graph_replay_gpu"] = (time.perf_counter() - t0) * 1e6 / args.steps
+    # The same forward launched eagerly from Python.
+    plan = eng._plan(seqs, 8192)
+    meta = eng._meta(plan, False, pad_to=eng._bucket(plan))
+    be.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        ctx = be.begin_step(meta)
+        eng.adapter.forward(ctx, eng.kv)
+    be.synchronize()
+    t["eager_forward"] = (time.perf_counter() - t0) * 1e6 / 10
+    out = {"model": os.path.basename(args.model), "batch": args.batch,
+           **{k: round(v, 1) for k, v in t.items()}}
+    print(json.dumps(out), flush=True)
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()
