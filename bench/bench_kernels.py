@@ -3,7 +3,8 @@
 
 usage: python3 bench/bench_kernels.py [--quick] [--only SUBSTR]
 
-For each weight shape and T in (1, 8, 64, 512): median of many CUDA-event-timed launches. Weights
+For each weight shape and T in (1, 8, 64, 512): median of many CUDA-event-timed launches. MoE: both the
+per-slot GEMV and the grouped GEMM path at every T ("*" marks the one moe_matmul picks by default). Weights
 are random blocks with sane scales; small matrices are replicated over enough copies (rotated every
 launch) that the working set exceeds L2, so the numbers are DRAM numbers, not cache numbers.
 Prints achieved GB/s (weight bytes / time; x and y bytes are small and not counted) and TFLOP/s
@@ -159,23 +160,33 @@ def main():
             ids = ga.to_gpu(np.stack([rng.choice(E, top_k, replace=False) for _ in range(T)]).astype(np.int32))
             x = ga.to_gpu(rng.standard_normal((T, k), dtype=np.float32))
             y = ga.empty((T, top_k, n), np.float32)
+            ws = ga.empty(cq.moe_workspace_ints(T, top_k, E), np.int32)
+            auto = "grouped" if cq.moe_use_grouped(T, top_k, E) else "gemv"
+            # both paths at every T (the grouped time includes its moe_group launch; in the model one
+            # moe_group serves the gate, up and down projections); "*" marks the default choice
+            for path in ("gemv", "grouped"):
+                if path == "grouped" and not cq.moe_grouped_possible(T, top_k, E):
+                    continue
 
-            def run():
-                cq.moe_matmul(x.gpudata, w, ids.gpudata, y.gpudata, T, top_k, stream)
-                return 1
-            run(); stream.synchronize()
-            ms = median_ms(run, reps, drv, stream)
-            touched = len(np.unique(ids.get())) * w.expert_bytes  # fewest bytes: each used expert once
-            gbs = touched / ms / 1e6
-            tf = 2 * T * top_k * n * k / ms / 1e9
-            rows.append((model, name + f"(E{E},top{top_k})", qt.name, n, k, T, ms * 1e3, gbs, tf))
-            print(f"{model:15s} {name:13s} {qt.name:6s} {n:7d}x{k:<5d} T={T:<4d} {ms*1e3:9.1f} us {gbs:7.0f} GB/s(used experts) {tf:7.2f} TFLOP/s", flush=True)
+                def run():
+                    cq.moe_matmul(x.gpudata, w, ids.gpudata, y.gpudata, T, top_k, stream,
+                                  workspace_ptr=ws.gpudata, grouped=path == "grouped")
+                    return 1
+                run(); stream.synchronize()
+                ms = median_ms(run, reps, drv, stream)
+                touched = len(np.unique(ids.get())) * w.expert_bytes  # fewest bytes: each used expert once
+                gbs = touched / ms / 1e6
+                tf = 2 * T * top_k * n * k / ms / 1e9
+                tag = f"{path}{'*' if path == auto else ''}"
+                rows.append((model, f"{name}(E{E},top{top_k}) {tag}", qt.name, n, k, T, ms * 1e3, gbs, tf))
+                print(f"{model:15s} {name:13s} {tag:9s} {qt.name:6s} {n:7d}x{k:<5d} T={T:<4d} {ms*1e3:9.1f} us "
+                      f"{gbs:7.0f} GB/s(used experts) {tf:7.2f} TFLOP/s", flush=True)
         w.free()
 
     print(f"\nsummary (copy ceiling {copy_gbs:.0f} GB/s):")
-    print("model           tensor               type      n x k        T     us      GB/s  %copy  TFLOP/s")
+    print("model           tensor                            type      n x k        T     us      GB/s  %copy  TFLOP/s")
     for model, name, qt, n, k, T, us, gbs, tf in rows:
-        print(f"{model:15s} {name:20s} {qt:6s} {n:7d}x{k:<5d} {T:4d} {us:8.1f} {gbs:7.0f} {100*gbs/copy_gbs:5.0f}% {tf:7.2f}")
+        print(f"{model:15s} {name:33s} {qt:6s} {n:7d}x{k:<5d} {T:4d} {us:8.1f} {gbs:7.0f} {100*gbs/copy_gbs:5.0f}% {tf:7.2f}")
 
 
 if __name__ == "__main__":

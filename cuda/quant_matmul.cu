@@ -10,7 +10,11 @@
 //   gemm_<fmt>_<bm>  tiled GEMM for larger T: 128 weight rows x BM tokens per block, k-tiles of 64;
 //                    weights are decoded into an f16 tile, activations converted to f16, products on
 //                    tensor cores (WMMA 16x16x16) with f32 accumulation. Each weight byte is read
-//                    once per BM tokens.
+//                    once per BM tokens. Activation rows are scaled by a power of two before the f16
+//                    conversion (undone in the epilogue), so any finite float32 input is safe.
+//   gemm_moe_<fmt>_<bm>  the same GEMM over MoE experts: row tiles of one expert's slots, gathered through
+//                    the permutation moe_group wrote, results scattered to y[slot].
+//   moe_group        sorts the MoE slots by expert on the device (counts, offsets, tile table, perm).
 //   embed_<fmt>      y[t] = dequantized row ids[t].
 // Kernels never allocate, copy to the host or synchronise, so launches can be captured in a graph.
 #include <mma.h>
@@ -186,37 +190,113 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
 constexpr int GBN = 128, GBK = 64, GLD = GBK + 8;  // +8 halves per row: rows land on different banks
 constexpr int GEMM_THREADS = 256;
 
+// Power-of-two scale s that brings a row whose largest |x| is mx into [2^14, 2^15) (f16's largest
+// finite value is 65504 ~ 2^16), and its inverse. Multiplying by a power of two is exact, so a row
+// keeps all its f16 precision whatever its magnitude: rows of 1e6 no longer overflow to inf and rows
+// of 1e-6 no longer sink into f16 subnormals. mx = 0 / inf / NaN: s = 1 (nothing to gain, inf stays inf).
+__device__ __forceinline__ void pow2_scale(float mx, float& s, float& inv) {
+    const int eb = (__float_as_int(mx) >> 23) & 0xff;
+    if (!(mx > 0.f) || eb == 255) { s = inv = 1.f; return; }
+    const int e = max(eb, 1) - 127;                  // mx < 2^(e+1) (subnormals: e = -126)
+    const int se = min(max(14 - e, -126), 126);      // mx * 2^se < 2^15; both 2^se and 2^-se normal floats
+    s = __int_as_float((127 + se) << 23);
+    inv = __int_as_float((127 - se) << 23);
+}
+
+// Grouped-MoE workspace (int32), written by moe_group:
+//   off[E+1]   first slot of each expert in perm (off[E] = number of routed slots)
+//   perm[S]    slot indices (t*top_k + j) sorted by expert
+//   te[Y], tr[Y]  row tile y of the grouped GEMM covers expert te[y] (-1: unused tile, the block exits)
+//              and its perm positions off[te]+tr .. +BM
+struct MoeGroup {
+    const int* ws;      // nullptr: plain (dense) GEMM
+    int top_k, E, Y, x_per_slot;
+    long long expert_stride;
+};
+
 template <class F, int BM>
 __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
-                                          int T, int n, int k, int accumulate, int kchunk) {
+                                          int T, int n, int k, int accumulate, int kchunk, const MoeGroup mg) {
     // Split-K: blockIdx.z takes k range [z*kchunk, (z+1)*kchunk). With more than one split the
     // partial sums are atomically added to y, which gemm_init has set to bias (+ old y) first.
+    // Activation rows are scaled by a power of two (per row and per k range) before the f16
+    // conversion and unscaled in the epilogue, so any finite float32 activation works.
+    // Grouped MoE (mg.ws set, T = tokens): blockIdx.y is a row tile of one expert; its rows are
+    // gathered from x through perm and scattered to y[slot]; no split-K, no accumulate.
     using namespace nvcuda;
     constexpr int MF = BM / 16;
     constexpr int SMEM = (BM + GBN) * GLD * 2;
     static_assert(SMEM >= 8 * 256 * 4, "epilogue scratch must fit in the tile memory");
     __shared__ __align__(128) uint8_t smem[SMEM];
+    __shared__ int xrow[BM], yrow[BM];      // source row of x / destination row of y per tile row (-1: none)
+    __shared__ float rscale[BM], rinv[BM];  // per-row power-of-two scale and its inverse
     __half* As = reinterpret_cast<__half*>(smem);   // [BM][GLD]  activations
     __half* Bs = As + BM * GLD;                     // [GBN][GLD] weights, row n holds k
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int n0 = blockIdx.x * GBN, m0 = blockIdx.y * BM;
+    const int n0 = blockIdx.x * GBN;
     const int nblk = k / F::QK;
     const long long RB = (long long)nblk * F::TS;
+
+    if (mg.ws) {
+        const int S = T * mg.top_k;
+        const int* off = mg.ws;
+        const int* perm = off + mg.E + 1;
+        const int* te = perm + S;
+        const int* tr = te + mg.Y;
+        const int e = te[blockIdx.y];
+        if (e < 0) return;  // whole block: unused tile (grid is sized by an upper bound)
+        const int beg = off[e] + tr[blockIdx.y];
+        const int cnt = min(BM, off[e + 1] - beg);
+        W += e * mg.expert_stride;
+        if (bias) bias += (long long)e * n;
+        for (int r = tid; r < BM; r += GEMM_THREADS) {
+            const int s = r < cnt ? perm[beg + r] : -1;
+            xrow[r] = s < 0 ? -1 : mg.x_per_slot ? s : s / mg.top_k;
+            yrow[r] = s;
+        }
+    } else {
+        for (int r = tid; r < BM; r += GEMM_THREADS) {
+            const int t = blockIdx.y * BM + r;
+            xrow[r] = yrow[r] = t < T ? t : -1;
+        }
+    }
+    const int kbeg = blockIdx.z * kchunk, kend = min(k, kbeg + kchunk);
+    const bool split = gridDim.z > 1;
+    __syncthreads();
+    // per-row max |x| over this block's k range (one warp per row, coalesced float4 loads)
+    for (int r = warp; r < BM; r += GEMM_THREADS / 32) {
+        const int xr = xrow[r];
+        float mx = 0.f;
+        if (xr >= 0) {
+            const float* xp = x + (long long)xr * k;
+#pragma unroll 4
+            for (int c = kbeg + 4 * lane; c < kend; c += 128) {
+                const float4 v = __ldg(reinterpret_cast<const float4*>(xp + c));
+                mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        if (lane == 0) pow2_scale(mx, rscale[r], rinv[r]);
+    }
+    __syncthreads();
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MF];
 #pragma unroll
     for (int i = 0; i < MF; i++) wmma::fill_fragment(acc[i], 0.f);
 
-    const int kbeg = blockIdx.z * kchunk, kend = min(k, kbeg + kchunk);
-    const bool split = gridDim.z > 1;
     for (int kk = kbeg; kk < kend; kk += GBK) {
-        // activations: BM x 64 floats -> f16; rows past T and columns past k are zero
+        // activations: BM x 64 floats, scaled per row -> f16; missing rows and columns past k are zero
         for (int i = tid; i < BM * (GBK / 4); i += GEMM_THREADS) {
             const int r = i / (GBK / 4), c = (i % (GBK / 4)) * 4;
-            const int t = m0 + r, col = kk + c;
+            const int xr = xrow[r], col = kk + c;
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (t < T && col < k) v = __ldg(reinterpret_cast<const float4*>(x + (long long)t * k + col));
+            if (xr >= 0 && col < k) {
+                v = __ldg(reinterpret_cast<const float4*>(x + (long long)xr * k + col));
+                const float s = rscale[r];
+                v.x *= s; v.y *= s; v.z *= s; v.w *= s;
+            }
             __half2* d = reinterpret_cast<__half2*>(As + r * GLD + c);
             d[0] = __floats2half2_rn(v.x, v.y); d[1] = __floats2half2_rn(v.z, v.w);
         }
@@ -251,23 +331,27 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
         }
         __syncthreads();  // tiles are overwritten by the next k-step
     }
-    // epilogue: each warp spills one 16x16 fragment at a time to its own scratch and writes it out
+    // epilogue: each warp spills one 16x16 fragment at a time to its own scratch and writes it out,
+    // undoing the row's activation scale first (each split-K part unscales its own partial sum)
     float* scratch = reinterpret_cast<float*>(smem) + warp * 256;
     const int col = n0 + warp * 16 + (lane & 1) * 8;
 #pragma unroll
     for (int i = 0; i < MF; i++) {
         wmma::store_matrix_sync(scratch, acc[i], 16, wmma::mem_row_major);
         __syncwarp();
-        const int t = m0 + i * 16 + (lane >> 1);
-        if (t < T) {
+        const int r = i * 16 + (lane >> 1);
+        const int t = yrow[r];
+        if (t >= 0) {
+            const float inv = rinv[r];
             const float* s = scratch + (lane >> 1) * 16 + (lane & 1) * 8;
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 const int c = col + j;
                 if (c < n) {
                     float* yp = y + (long long)t * n + c;
-                    if (split) atomicAdd(yp, s[j]);
-                    else *yp = s[j] + (bias ? bias[c] : 0.f) + (accumulate ? *yp : 0.f);
+                    const float v = s[j] * inv;
+                    if (split) atomicAdd(yp, v);
+                    else *yp = v + (bias ? bias[c] : 0.f) + (accumulate ? *yp : 0.f);
                 }
             }
         }
@@ -300,21 +384,90 @@ extern "C" __global__ void gemm_init(float* y, const float* bias, int T, int n, 
     y[i] = (bias ? bias[i % n] : 0.f) + (accumulate ? y[i] : 0.f);
 }
 
+// Groups the T*top_k MoE slots by expert for gemm_moe_* (one block of 1024 threads; E <= 1024; no host
+// sync, so it can be graph-captured). Writes the workspace described at MoeGroup: per-expert counts
+// (shared-memory atomics), their exclusive prefix sums (block scan) -> off; row tiles of BM slots per
+// expert -> te/tr (remaining tiles up to Y marked -1); then each slot is placed at its expert's cursor
+// -> perm. The order of slots inside one expert depends on atomic order, which changes no result: a
+// GEMM row's value does not depend on the other rows of its tile. Slots with an id outside [0, E) are
+// dropped (their y rows are not written).
+constexpr int MOE_GROUP_THREADS = 1024, MOE_MAX_E = 1024;
+extern "C" __global__ void __launch_bounds__(MOE_GROUP_THREADS)
+moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restrict__ ws) {
+    __shared__ int cur[MOE_MAX_E];
+    __shared__ int wc[32], wt[32];
+    int* off = ws;
+    int* perm = off + E + 1;
+    int* te = perm + S;
+    int* tr = te + Y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (tid < E) cur[tid] = 0;
+    __syncthreads();
+    for (int s = tid; s < S; s += MOE_GROUP_THREADS) {
+        const int e = ids[s];
+        if (e >= 0 && e < E) atomicAdd(&cur[e], 1);
+    }
+    __syncthreads();
+    const int c = tid < E ? cur[tid] : 0;
+    const int nt = (c + bm - 1) / bm;
+    int ic = c, it = nt;  // inclusive scans of counts and tile counts over experts 0..tid
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int a = __shfl_up_sync(0xffffffffu, ic, o), b = __shfl_up_sync(0xffffffffu, it, o);
+        if (lane >= o) { ic += a; it += b; }
+    }
+    if (lane == 31) { wc[warp] = ic; wt[warp] = it; }
+    __syncthreads();
+    if (warp == 0) {
+        int a = wc[lane], b = wt[lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int a2 = __shfl_up_sync(0xffffffffu, a, o), b2 = __shfl_up_sync(0xffffffffu, b, o);
+            if (lane >= o) { a += a2; b += b2; }
+        }
+        wc[lane] = a; wt[lane] = b;
+    }
+    __syncthreads();
+    const int base = (warp ? wc[warp - 1] : 0) + ic - c;
+    const int tbase = (warp ? wt[warp - 1] : 0) + it - nt;
+    const int ntiles = wt[31];
+    if (tid < E) {
+        off[tid] = base;
+        cur[tid] = base;  // only this thread read cur[tid] above
+        for (int i = 0; i < nt && tbase + i < Y; i++) { te[tbase + i] = tid; tr[tbase + i] = i * bm; }
+        if (tid == E - 1) off[E] = base + c;
+    }
+    for (int t = ntiles + tid; t < Y; t += MOE_GROUP_THREADS) { te[t] = -1; tr[t] = 0; }
+    __syncthreads();
+    for (int s = tid; s < S; s += MOE_GROUP_THREADS) {
+        const int e = ids[s];
+        if (e >= 0 && e < E) perm[atomicAdd(&cur[e], 1)] = s;
+    }
+}
+
 #define GEMV_ARGS const float* x, const uint8_t* W, float* y, const float* bias, const int* expert_ids, int T, int n, int k, \
                   long long expert_stride, int top_k, int x_per_slot, int accumulate
 #define GEMV_PASS x, W, y, bias, expert_ids, T, n, k, expert_stride, top_k, x_per_slot, accumulate
 #define GEMM_ARGS const float* x, const uint8_t* W, float* y, const float* bias, int T, int n, int k, int accumulate, int kchunk
+
+#define GEMM_MOE_ARGS const float* x, const uint8_t* W, float* y, const float* bias, const int* ws, int T, int top_k, int E, \
+                      int Y, int n, int k, long long expert_stride, int x_per_slot
+#define GEMM_MOE(name, F, BM)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM(GEMM_MOE_ARGS) {              \
+        gemm_impl<F, BM>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});       \
+    }
 
 #define DEFINE_FORMAT(name, F)                                                                                   \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1(GEMV_ARGS) { gemv_impl<F, 1>(GEMV_PASS); } \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_2(GEMV_ARGS) { gemv_impl<F, 2>(GEMV_PASS); } \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_4(GEMV_ARGS) { gemv_impl<F, 4>(GEMV_PASS); } \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_8(GEMV_ARGS) { gemv_impl<F, 8>(GEMV_PASS); } \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_16(GEMM_ARGS) { gemm_impl<F, 16>(x, W, y, bias, T, n, k, accumulate, kchunk); } \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_32(GEMM_ARGS) { gemm_impl<F, 32>(x, W, y, bias, T, n, k, accumulate, kchunk); } \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate, kchunk); } \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_128(GEMM_ARGS) { gemm_impl<F, 128>(x, W, y, bias, T, n, k, accumulate, kchunk); } \
-    extern "C" __global__ void embed_##name(const int* ids, const uint8_t* W, float* y, int k) { embed_impl<F>(ids, W, y, k); }
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_16(GEMM_ARGS) { gemm_impl<F, 16>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_32(GEMM_ARGS) { gemm_impl<F, 32>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_128(GEMM_ARGS) { gemm_impl<F, 128>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
+    extern "C" __global__ void embed_##name(const int* ids, const uint8_t* W, float* y, int k) { embed_impl<F>(ids, W, y, k); } \
+    GEMM_MOE(name, F, 16) GEMM_MOE(name, F, 32) GEMM_MOE(name, F, 64) GEMM_MOE(name, F, 128)
 
 DEFINE_FORMAT(q4_0, FQ4_0)
 DEFINE_FORMAT(q4_1, FQ4_1)

@@ -9,7 +9,13 @@ synchronisation, so a sequence of calls can be captured into a CUDA graph.
 
 Kernel choice: T <= 8 uses the GEMV kernel (f32 math, weights streamed once through shared memory
 with 16-byte copies, each weight used for all T tokens); larger T uses the tensor-core GEMM (weights
-and activations rounded to f16, f32 accumulation: relative error ~1e-3, see docs/kernels.md).
+and activations rounded to f16, f32 accumulation: relative error ~1e-3, see docs/kernels.md; each
+activation row is scaled by a power of two before rounding, so any finite float32 input is fine).
+
+MoE (``moe_matmul``): few slots use one GEMV per (token, slot); many slots (``moe_use_grouped``) use the
+grouped path: ``moe_group`` sorts the slots by expert on the device into a caller-provided int32
+workspace (``moe_workspace_ints``), then one tensor-core GEMM launch covers all experts, each expert's
+matrix read once per 128 output rows instead of once per slot. The grid depends only on T, top_k and E.
 """
 from __future__ import annotations
 
@@ -29,6 +35,10 @@ GEMV_MAX_T = 8          # largest T served by the GEMV kernel (NT = 1, 2, 4 or 8
 _GEMV_WARPS, _GEMV_R = 4, 2   # must match GEMV_WARPS / GEMV_R in quant_matmul.cu
 _GEMM_BN, _GEMM_THREADS = 128, 256
 _EMBED_THREADS = 128
+MOE_GROUPED_MIN_SLOTS = 16   # grouped MoE needs T*top_k >= this ...
+MOE_GROUPED_MIN_PER_EXPERT = 2  # ... and >= this many slots per expert on average (else GEMV reads about as little)
+MOE_MAX_EXPERTS_GROUPED = 1024  # moe_group's block size / shared counters (MOE_MAX_E in quant_matmul.cu)
+_MOE_GROUP_THREADS = 1024
 _PAD = 16               # GEMV copies whole 16-byte vectors, reading up to 15 bytes past a row's end
 
 
@@ -154,18 +164,83 @@ def embed(ids_ptr, w: QuantWeight, y_ptr, T: int, stream) -> None:
                           _p(ids_ptr), _p(w.ptr), _p(y_ptr), np.int32(w.k))
 
 
+def _moe_plan(T: int, top_k: int, n_experts: int) -> tuple[int, int, int]:
+    """(BM, row tiles Y, workspace int32 count) of the grouped MoE GEMM for T tokens x top_k slots."""
+    S, E = T * top_k, int(n_experts)
+    avg = S / max(1, min(E, S))  # slots per used expert if routing were even
+    bm = 16 if avg <= 16 else 32 if avg <= 32 else 64 if avg <= 64 else 128
+    # sum over experts of ceil(c_e / bm) <= floor(S / bm) + (number of non-empty experts)
+    Y = S // bm + min(E, S)
+    return bm, Y, (E + 1) + S + 2 * Y
+
+
+def moe_workspace_ints(T: int, top_k: int, n_experts: int) -> int:
+    """int32 elements of workspace the grouped MoE path needs (off[E+1], perm[T*top_k], tile table)."""
+    return _moe_plan(T, top_k, n_experts)[2]
+
+
+def moe_grouped_possible(T: int, top_k: int, n_experts: int) -> bool:
+    """Whether the grouped kernels can serve this shape (expert count, grid-y limit)."""
+    if T <= 0 or not 0 < n_experts <= MOE_MAX_EXPERTS_GROUPED:
+        return False
+    return _moe_plan(T, top_k, n_experts)[1] <= 65535
+
+
+def moe_use_grouped(T: int, top_k: int, n_experts: int) -> bool:
+    """The default choice: grouped GEMM when there are many slots per expert, else per-slot GEMV."""
+    S = T * top_k
+    return (S >= MOE_GROUPED_MIN_SLOTS and S >= MOE_GROUPED_MIN_PER_EXPERT * n_experts
+            and moe_grouped_possible(T, top_k, n_experts))
+
+
+def moe_group(expert_ids_ptr, T: int, top_k: int, n_experts: int, workspace_ptr, stream) -> None:
+    """Sorts the T*top_k slots of expert_ids [T, top_k] (int32) by expert into the workspace (one block)."""
+    bm, Y, _ = _moe_plan(T, top_k, n_experts)
+    f = _kernels().get("moe_group", "PiiiiP")
+    f.prepared_async_call((1, 1), (_MOE_GROUP_THREADS, 1, 1), stream, _p(expert_ids_ptr), np.int32(T * top_k),
+                          np.int32(n_experts), np.int32(bm), np.int32(Y), _p(workspace_ptr))
+
+
 def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream, bias_ptr=None,
-               x_per_slot: bool = False) -> None:
+               x_per_slot: bool = False, workspace_ptr=None, grouped: bool | None = None,
+               grouped_ready: bool = False) -> None:
     """y[t, j, :] = x[t] @ W[expert_ids[t, j]]^T (+ bias[expert_ids[t, j]]).
 
     With x_per_slot the input of slot (t, j) is x[t, j, :] (the down projection after the gate/up
-    projections produced one activation row per slot). One GEMV per slot: each slot reads its
-    expert's matrix once.
+    projections produced one activation row per slot).
+
+    Paths: per-slot GEMV (f32 math, each slot reads its expert's matrix: right for few slots), or the
+    grouped tensor-core GEMM (f16 operands, f32 accumulation; each expert read once per 128 output
+    rows). grouped=None picks with moe_use_grouped and needs workspace_ptr (int32,
+    moe_workspace_ints(T, top_k, w.n_experts) elements; without it the GEMV path is used);
+    grouped=True/False forces a path. grouped_ready=True: the workspace already holds the grouping of
+    these expert_ids for the same (T, top_k, n_experts) from an earlier call (gate, up and down
+    projections share one moe_group launch).
     """
     if T <= 0:
         return
     if not w.n_experts:
         raise ValueError("moe_matmul needs a QuantWeight created with n_experts")
+    E = w.n_experts
+    if grouped is None:
+        grouped = workspace_ptr is not None and moe_use_grouped(T, top_k, E)
+    elif grouped:
+        if workspace_ptr is None:
+            raise ValueError("grouped moe_matmul needs workspace_ptr (moe_workspace_ints int32 elements)")
+        if not moe_grouped_possible(T, top_k, E):
+            raise ValueError(f"grouped moe_matmul cannot serve T={T} top_k={top_k} E={E}")
+    if grouped:
+        bm, Y, _ = _moe_plan(T, top_k, E)
+        if not grouped_ready:
+            moe_group(expert_ids_ptr, T, top_k, E, workspace_ptr, stream)
+        f = _kernels().get(f"gemm_moe_{_NAME[w.qtype]}_{bm}", "PPPPPiiiiiiqi")
+        f.prepared_async_call(((w.n + _GEMM_BN - 1) // _GEMM_BN, Y, 1), (_GEMM_THREADS, 1, 1), stream,
+                              _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(workspace_ptr), np.int32(T),
+                              np.int32(top_k), np.int32(E), np.int32(Y), np.int32(w.n), np.int32(w.k),
+                              np.int64(w.expert_bytes), np.int32(bool(x_per_slot)))
+        return
+    if T * top_k > 65535:
+        raise ValueError(f"per-slot MoE GEMV: T*top_k={T * top_k} slots exceed the grid limit 65535")
     rows_per_block = _GEMV_WARPS * _GEMV_R
     f = _kernels().get(f"gemv_{_NAME[w.qtype]}_1", _GEMV_SIG)
     f.prepared_async_call(((w.n + rows_per_block - 1) // rows_per_block, T * top_k), (_GEMV_WARPS * 32, 1, 1), stream,

@@ -6,6 +6,8 @@ and fresh random activations, poisons the output with NaN first, and compares by
   * GEMV (T <= 8): f32 math on exactly dequantized weights   -> <= 1e-4
   * tensor-core GEMM (T > 8): weights and activations rounded to f16, f32 accumulation -> <= 3e-3
   * embed: exact dequantization                               -> <= 1e-6
+The GEMM scales each activation row by a power of two before the f16 rounding, so rows of any finite
+magnitude (1e-20 .. 1e20 in one matrix) must meet the GEMM tolerance row by row (test_gemm_wide_range).
 """
 from __future__ import annotations
 
@@ -136,6 +138,80 @@ def test_matmul_bias_accumulate(cu, qtype, T):
         ref = x.astype(np.float64) @ wf.astype(np.float64).T + b + y0
         tol = TOL_GEMV if T <= cu.q.GEMV_MAX_T else TOL_GEMM
         assert rel_err(yd.get(), ref) <= tol
+    finally:
+        w.free()
+
+
+# row magnitudes cycled over the T rows: f16 overflows above 65504 (1e6: phi3's ffn_down input on random
+# weights), sinks small values into subnormals (1e-3 * small weights products are fine, 1e-20 is not)
+_ROW_MAGS = [1e6, 1e-3, 1.0, 3e4, 1e20, 1e-20, 7e4, 2e-6]
+
+
+def wide_range_x(rng, T, k, zero_row=None):
+    mags = np.array([_ROW_MAGS[i % len(_ROW_MAGS)] for i in range(T)], np.float64)
+    x = (rng.standard_normal((T, k)) * mags[:, None]).astype(np.float32)
+    if zero_row is not None and zero_row < T:
+        x[zero_row] = 0.0
+    return x
+
+
+def row_errors(out, ref):
+    """per-row ||out - ref|| / ||ref|| (rows with ref == 0 must be exactly 0: reported as inf otherwise)"""
+    out = np.asarray(out, np.float64)
+    assert np.isfinite(out).all(), "non-finite output (unwritten element, overflow or NaN)"
+    num = np.linalg.norm(out - ref, axis=-1)
+    den = np.linalg.norm(ref, axis=-1)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num == 0, 0.0, np.inf))
+
+
+@pytest.mark.parametrize("shape", ["long_k", "short_k"])
+@pytest.mark.parametrize("T", [9, 33, 100, 512])
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda v: v.name)
+def test_gemm_wide_range(cu, qtype, T, shape):
+    """Rows of 1e6 and 1e-3 (and 1e+-20, 0) in one activation matrix: each row within the GEMM tolerance.
+    long_k: n=301 (partial n-tile), k=2912 (32-element blocks; not a multiple of the 64-wide k-tile) or
+    1280: few output tiles, so k is split (each split scales its own rows, partials added atomically).
+    short_k: n=1000, k=288 or 256: too few k-steps to split, the direct epilogue."""
+    b32 = GGML_QUANT_SIZES[qtype][0] == 32
+    n, k = (301, 2912 if b32 else 1280) if shape == "long_k" else (1000, 288 if b32 else 256)
+    rng = np.random.default_rng()
+    raw, wf = random_weight(rng, qtype, n, k)
+    x = wide_range_x(rng, T, k, zero_row=5)
+    w = cu.q.QuantWeight(raw, qtype, n, k)
+    try:
+        xd = cu.ga.to_gpu(x)
+        yd = cu.ga.to_gpu(np.full((T, n), np.nan, np.float32))
+        cu.q.matmul(xd.gpudata, w, yd.gpudata, T, cu.stream)
+        cu.stream.synchronize()
+        ref = x.astype(np.float64) @ wf.astype(np.float64).T
+        err = row_errors(yd.get(), ref)
+        worst = int(np.argmax(err))
+        assert err[worst] <= TOL_GEMM, (f"{qtype.name} T={T}: row {worst} (|x| ~ {np.abs(x[worst]).max():.1e}) "
+                                        f"rel err {err[worst]:.2e} > {TOL_GEMM}")
+    finally:
+        w.free()
+
+
+@pytest.mark.parametrize("T", [9, 100])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0])
+def test_gemm_wide_range_bias_accumulate(cu, qtype, T):
+    """bias + accumulate with huge/tiny rows: the scale is undone before bias and old y are added (both
+    the split-K path, T=9, and the direct path, T=100 with n=1000)."""
+    n, k = (301, 1024) if T <= 64 else (1000, 256)
+    rng = np.random.default_rng()
+    raw, wf = random_weight(rng, qtype, n, k)
+    x = wide_range_x(rng, T, k)
+    mags = np.abs(x).max(axis=1, keepdims=True).astype(np.float64)
+    b = rng.standard_normal(n, dtype=np.float32)
+    y0 = (rng.standard_normal((T, n)) * mags).astype(np.float32)  # old y of the row's own magnitude
+    w = cu.q.QuantWeight(raw, qtype, n, k)
+    try:
+        xd, bd, yd = cu.ga.to_gpu(x), cu.ga.to_gpu(b), cu.ga.to_gpu(y0)
+        cu.q.matmul(xd.gpudata, w, yd.gpudata, T, cu.stream, bias_ptr=bd.gpudata, accumulate=True)
+        cu.stream.synchronize()
+        ref = x.astype(np.float64) @ wf.astype(np.float64).T + b + y0
+        err = row_errors(yd.get(), ref)
+        assert err.max() <= TOL_GEMM, f"{qtype.name} T={T}: worst row {int(err.argmax())} rel err {err.max():.2e}"
     finally:
         w.free()
 
