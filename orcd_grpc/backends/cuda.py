@@ -622,10 +622,18 @@ class CudaBackend(Backend):
                      router_logits.ptr, np.int32(T), np.int32(E), np.int32(k), ids.ptr, wts.ptr)
         g, u = self._out((T, k, F)), self._out((T, k, F))
         bp = lambda b: b.ptr if b is not None else None  # noqa: E731
+        # many slots per expert: grouped GEMM (slots sorted by expert once, on the device, into an int32
+        # workspace shared by the three projections); few: one GEMV per slot
+        ne = w_gate.n_experts or E
+        grouped = (cuda_quant.moe_use_grouped(T, k, ne)
+                   and all(w.n_experts == ne for w in (w_gate, w_up, w_down)))
+        # (kept referenced until the down projection is queued: a dropped block is reused by the next _out)
+        gws = self._out((cuda_quant.moe_workspace_ints(T, k, ne),), np.int32) if grouped else None
+        gkw = dict(workspace_ptr=gws.ptr if grouped else None, grouped=grouped)
         self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_gate, ids.ptr, g.ptr, T, k, self.stream,
-                         bias_ptr=bp(b_gate))
+                         bias_ptr=bp(b_gate), **gkw)
         self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_up, ids.ptr, u.ptr, T, k, self.stream,
-                         bias_ptr=bp(b_up))
+                         bias_ptr=bp(b_up), grouped_ready=grouped, **gkw)
         a = self._out((T, k, F))
         n = T * k * F
         self._launch(self._k("moe", "moe_act", "PPPqiff"), (max(1, min(-(-n // 256), 4096)), 1, 1), (256, 1, 1),
@@ -633,7 +641,7 @@ class CudaBackend(Backend):
                      np.float32(limit))
         y = self._out((T, k, d))
         self._quant_call("moe_matmul", cuda_quant.moe_matmul, a.ptr, w_down, ids.ptr, y.ptr, T, k, self.stream,
-                         bias_ptr=bp(b_down), x_per_slot=True)
+                         bias_ptr=bp(b_down), x_per_slot=True, grouped_ready=grouped, **gkw)
         out = self._out((T, d))
         self._launch(self._k("moe", "moe_combine", "PPPiii"), (max(1, min(-(-d // 256), 8)), T, 1), (256, 1, 1),
                      y.ptr, wts.ptr, out.ptr, np.int32(T), np.int32(k), np.int32(d))
