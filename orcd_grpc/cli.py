@@ -8,7 +8,8 @@
     orcd info [--local]                       hardware and build of a worker (or of this machine)
     orcd models list | pull NAME              the local model cache
 
-Failures print `error: <gRPC status code>: <message>` on stderr and exit with status 1.
+Failures print `error: <gRPC status code>: <message>` on stderr and exit with status 1; bad flags
+(including `serve` security settings that do not fit together) exit with status 2.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Sequence
 
 import grpc
 
-from . import __version__, model_store
+from . import __version__, model_store, ratelimit, security
 from .errors import InvalidArgument, OrcdError
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -149,10 +150,11 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on this port (default: off)")
     p.add_argument("--grace-seconds", type=float, default=None,
                    help="on SIGTERM, how long running requests may finish (default: 30)")
-    p.add_argument("--auth-token", default=os.environ.get("ORCD_AUTH_TOKEN"),
-                   help="require 'authorization: Bearer TOKEN' on every call "
-                        "(default: $ORCD_AUTH_TOKEN; prefer the variable, flags show in ps)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    # --tls-cert/--tls-key/--tls-client-ca, --auth-token TOKEN[:CLIENT] (repeatable), --insecure
+    # and the per-client --rate-limit-* flags; each falls back to its environment variable.
+    security.add_arguments(p)
+    ratelimit.add_arguments(p)
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -167,9 +169,16 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
 
 
 def server_config(args: argparse.Namespace):
-    """The ServerConfig for `orcd serve` from its parsed flags (fetching the default model)."""
+    """The ServerConfig for `orcd serve` from its parsed flags (fetching the default model).
+
+    Raises ValueError (security.ExposureError among them) for inconsistent TLS, token or rate-limit
+    settings and for a non-loopback listener without TLS and a token; these are checked before the
+    model is fetched."""
     from .server import ServerConfig
 
+    sec = security.config_from_args(args)
+    limits = ratelimit.limits_from_args(args)
+    security.check_exposure(args.host, sec.tls, sec.tokens, sec.insecure)
     model_dirs = [os.path.abspath(d) for d in (args.model_dir or [str(model_store.model_dir())])]
     model = model_store.resolve_model(args.model or model_store.DEFAULT_MODEL, search_dirs=model_dirs,
                                       verbose=True)
@@ -182,9 +191,10 @@ def server_config(args: argparse.Namespace):
                   context_length=args.context_length, max_context=args.max_context,
                   max_sequences=args.max_sequences, max_queue=args.max_queue,
                   metrics_port=args.metrics_port, grace_seconds=args.grace_seconds,
-                  log_level=args.log_level, auth_token=args.auth_token or None)
+                  log_level=args.log_level)
     # Flags left unset keep the server's own defaults.
-    return ServerConfig(**{k: v for k, v in values.items() if v is not None})
+    cfg = ServerConfig(**{k: v for k, v in values.items() if v is not None})
+    return security.apply_to_server_config(cfg, sec, limits)
 
 
 def _inside(path, directory) -> bool:
@@ -198,7 +208,12 @@ def _inside(path, directory) -> bool:
 def cmd_serve(args) -> int:
     from .server import serve
 
-    return serve(server_config(args))
+    try:
+        cfg = server_config(args)
+    except ValueError as exc:  # bad TLS/token/rate-limit settings, or an exposed listener without them
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return serve(cfg)
 
 
 def _client(args):
@@ -371,6 +386,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The demo's client sends no token and speaks plaintext, so its worker must not ask for either.
+_DEMO_UNSET_ENV = ("ORCD_AUTH_TOKEN", security.ENV_TOKENS, security.ENV_CERT, security.ENV_KEY,
+                   security.ENV_CLIENT_CA)
+
+
 def cmd_demo(args) -> int:
     from .client import OrcdClient, build_request
 
@@ -383,8 +403,7 @@ def cmd_demo(args) -> int:
     proc = subprocess.Popen([sys.executable, "-m", "orcd_grpc", "serve", "--model", str(model),
                              "--port", str(port), "--backend", args.backend, "--log-level", "warning"],
                             stdout=sys.stderr,
-                            # The demo's client sends no token, so its worker must not ask for one.
-                            env={k: v for k, v in os.environ.items() if k != "ORCD_AUTH_TOKEN"})
+                            env={k: v for k, v in os.environ.items() if k not in _DEMO_UNSET_ENV})
     try:
         with OrcdClient(address) as client:
             _wait_for_worker(client, proc, args.startup_timeout)

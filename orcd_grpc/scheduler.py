@@ -447,6 +447,11 @@ class Scheduler:
 
     def _on_token(self, engine, req: Request, sample) -> None:
         now = time.monotonic()
+        if req.cancel_reason is not None or (req.deadline is not None and now >= req.deadline):
+            # Cancelled (or out of time) while this step ran: the token is never streamed, so it
+            # must not be counted in the request's usage either.
+            self._finish(req, CANCELLED, detail=req.cancel_reason or "deadline exceeded")
+            return
         tid = int(sample.token_id)
         index = len(req.generated)
         req.generated.append(tid)
@@ -461,9 +466,6 @@ class Scheduler:
         req.last_token_at = now
         if m is not None:
             m.generated_tokens.inc()
-        if req.cancel_reason is not None or (req.deadline is not None and now >= req.deadline):
-            self._finish(req, CANCELLED, detail=req.cancel_reason or "deadline exceeded")
-            return
 
         st = req.stopping
         reason, matched = None, ""

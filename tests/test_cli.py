@@ -62,18 +62,24 @@ def test_server_config_from_flags(tmp_path, monkeypatch):
     pytest.importorskip("orcd_grpc.server")
     from orcd_grpc.server import ServerConfig
 
-    monkeypatch.delenv("ORCD_AUTH_TOKEN", raising=False)
+    for var in ("ORCD_AUTH_TOKEN", "ORCD_AUTH_TOKENS", "ORCD_TLS_CERT", "ORCD_TLS_KEY", "ORCD_TLS_CLIENT_CA"):
+        monkeypatch.delenv(var, raising=False)
     model = tmp_path / "elsewhere" / "m.gguf"
     model.parent.mkdir()
     model.write_bytes(b"GGUF")
     args = cli.build_parser().parse_args([
         "serve", "--model", str(model), "--model-dir", str(tmp_path / "dir"), "--port", "6001",
-        "--max-vram", "2GiB", "--max-queue", "7", "--auth-token", "s3cret", "--model-id", "mine"])
+        "--max-vram", "2GiB", "--max-queue", "7", "--auth-token", "s3cret-0123456789abcdef", "--model-id", "mine"])
     cfg = cli.server_config(args)
     assert cfg.model_path == str(model.resolve()) and cfg.model_id == "mine"
     # The model's own directory is allowed in addition to the named ones.
     assert cfg.model_dirs == [str(tmp_path / "dir"), str(model.parent.resolve())]
-    assert (cfg.port, cfg.max_vram, cfg.max_queue, cfg.auth_token) == (6001, 2 << 30, 7, "s3cret")
+    assert (cfg.port, cfg.max_vram, cfg.max_queue) == (6001, 2 << 30, 7)
+    # The token is checked by security's interceptor (the legacy single-token check stays off).
+    from orcd_grpc import ratelimit, security
+
+    assert cfg.auth_token is None and cfg.credentials is None
+    assert [type(i) for i in cfg.interceptors] == [security.AuthInterceptor, ratelimit.RateLimitInterceptor]
     assert cfg.host == "127.0.0.1"
     # Flags not given keep the server's defaults.
     defaults = ServerConfig()

@@ -455,3 +455,20 @@ def test_top_logprobs_have_text(make_sched):
     s.submit(r)
     tok = drain(r)[0]
     assert tok.top == [(ord("h") + 2, "h", -0.25), (EOS, "</s>", -3.0)]
+
+
+def test_cancelled_during_a_step_counts_only_streamed_tokens(make_sched):
+    # A Cancel that lands while a step runs: the token that step samples is not streamed, so the
+    # Finished usage must not count it (found by the soak test: usage was one token ahead).
+    eng = FakeEngine(step_delay=0.05)
+    s = make_sched(eng)
+    r = make_request(eng, rid="mid-step", stopping=Stopping(max_tokens=0))
+    s.submit(r)
+    assert isinstance(r.events.get(timeout=5), TokenEvent)
+    time.sleep(0.01)  # inside the next step
+    s.cancel("mid-step")
+    ev = [r.events.get(timeout=5)]
+    while not isinstance(ev[-1], (FinishedEvent, ErrorEvent)):
+        ev.append(r.events.get(timeout=5))
+    streamed = 1 + sum(isinstance(e, TokenEvent) for e in ev)
+    assert ev[-1].reason == CANCELLED and ev[-1].completion_tokens == streamed
