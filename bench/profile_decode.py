@@ -20,6 +20,44 @@ from orcd_grpc.engine import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
 
 
+def kernel_times(eng, meta, reps: int = 5) -> dict:
+    """GPU microseconds per step of each kernel (by name), from CUDA events around every launch
+    of an eager forward (Python launches slower than the GPU runs, so each pair times its kernel
+    alone); with launch counts."""
+    import pycuda.driver as drv
+
+    be = eng.backend
+    events = []
+    orig_launch, orig_quant = be._launch, be._quant_call
+
+    def timed(name, fn):
+        a, b = drv.Event(), drv.Event()
+        a.record(be.stream)
+        r = fn()
+        b.record(be.stream)
+        events.append((name, a, b))
+        return r
+
+    be._launch = lambda k, grid, block, *args, shared=0: timed(k.name, lambda: orig_launch(k, grid, block, *args,
+                                                                                          shared=shared))
+    be._quant_call = lambda what, fn, *args, **kw: timed(f"{what}:{getattr(args[1], 'qtype', '?')!s}".replace(
+        "GGMLQuantizationType.", ""), lambda: orig_quant(what, fn, *args, **kw))
+    try:
+        for _ in range(reps):
+            ctx = be.begin_step(meta)
+            eng.adapter.forward(ctx, eng.kv)
+        be.synchronize()
+    finally:
+        be._launch, be._quant_call = orig_launch, orig_quant
+    agg: dict = {}
+    for name, a, b in events:
+        us, n = agg.get(name, (0.0, 0))
+        agg[name] = (us + b.time_since(a) * 1e3 / reps, n + 1)
+    total = sum(us for us, _ in agg.values())
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][0])
+    return {"total": round(total, 1), **{k: [round(us, 1), n // reps] for k, (us, n) in rows}}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -32,7 +70,9 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     seqs = [eng.new_sequence(rng.integers(100, 30000, args.ctx).tolist(), SamplingParams(temperature=0.0))
             for _ in range(args.batch)]
-    for _ in range(4):  # prefill, then warm-up and capture
+    while any(s.prefill_remaining for s in seqs):
+        eng.step(seqs, 8192)
+    for _ in range(3):  # warm-up, then capture
         eng.step(seqs, 8192)
     t = {"plan_meta": 0.0, "begin_step": 0.0, "graph_launch": 0.0, "gpu_wait": 0.0, "sample": 0.0, "step": 0.0}
     for _ in range(args.steps):
@@ -74,8 +114,9 @@ def main(argv=None):
         eng.adapter.forward(ctx, eng.kv)
     be.synchronize()
     t["eager_forward"] = (time.perf_counter() - t0) * 1e6 / 10
+    kernels = kernel_times(eng, meta)
     out = {"model": os.path.basename(args.model), "batch": args.batch,
-           **{k: round(v, 1) for k, v in t.items()}}
+           **{k: round(v, 1) for k, v in t.items()}, "kernels_us": kernels}
     print(json.dumps(out), flush=True)
     eng.close()
 

@@ -52,6 +52,37 @@ BINARY(gelu_mul_f32, 1)
 BINARY(add_f32, 2)
 BINARY(scale_f32, 3)
 
+// y[r, :] = act(x[r, :F]) * x[r, F:2F] for the rows of a fused gate/up projection x [rows, 2F].
+template <int OP>
+__device__ __forceinline__ void glu_halves(const float* __restrict__ x, float* __restrict__ y, int rows, int F) {
+    const long long n = (long long)rows * F;
+    GRID_STRIDE(i, n) {
+        const long long r = i / F, c = i - r * F;
+        const float* xr = x + r * 2 * F;
+        y[i] = apply<OP>(xr[c], xr[F + c], 0.f);
+    }
+}
+extern "C" __global__ void silu_halves_f32(const float* x, float* y, int rows, int F) { glu_halves<0>(x, y, rows, F); }
+extern "C" __global__ void gelu_halves_f32(const float* x, float* y, int rows, int F) { glu_halves<1>(x, y, rows, F); }
+
+// Column split into up to three outputs in one launch: piece p = blockIdx.z gets columns
+// [c_p, c_p + w_p) of each row of x [rows, ld_x]; c_0 = 0, c_1 = w_0, c_2 = w_0 + w_1.
+extern "C" __global__ void split3_f32(const float* __restrict__ x, float* __restrict__ y0, float* __restrict__ y1,
+                                      float* __restrict__ y2, int rows, int ld_x, int w0, int w1, int w2) {
+    const int r = blockIdx.y, p = blockIdx.z;
+    const int w = p == 0 ? w0 : p == 1 ? w1 : w2;
+    const int col0 = p == 0 ? 0 : p == 1 ? w0 : w0 + w1;
+    float* dst = (p == 0 ? y0 : p == 1 ? y1 : y2) + (size_t)r * w;
+    const float* src = x + (size_t)r * ld_x + col0;
+    if (((ld_x | col0 | w) & 3) == 0) {
+        const float4* s4 = reinterpret_cast<const float4*>(src);
+        float4* d4 = reinterpret_cast<float4*>(dst);
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (w >> 2); i += gridDim.x * blockDim.x) d4[i] = s4[i];
+    } else {
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < w; i += gridDim.x * blockDim.x) dst[i] = src[i];
+    }
+}
+
 // y[r, :] = x[r, col0 : col0 + w] for r < rows; x has ld_x columns. One block row per grid.y.
 extern "C" __global__ void copy_cols_f32(const float* __restrict__ x, float* __restrict__ y, int rows, int ld_x,
                                          int col0, int w) {

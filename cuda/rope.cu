@@ -8,14 +8,36 @@
 //   neox = 0: pairs (2i, 2i+1)      neox = 1: pairs (i, i + rot/2)
 #include "common.cuh"
 
+// rope_pair_f32: q [T, Hq, D] -> yq and k [T, Hk, D] -> yk in one launch (same positions and
+// spec); the items of k follow those of q.
+__device__ __forceinline__ void rope_item(const float* __restrict__ x, float* __restrict__ y,
+                                          const int* __restrict__ pos, const double* __restrict__ inv_freq,
+                                          long long idx, int H, int D, int rot, int neox, float mscale);
+
 extern "C" __global__ void rope_f32(const float* __restrict__ x, float* __restrict__ y,
                                     const int* __restrict__ pos, const double* __restrict__ inv_freq,
                                     int T, int H, int D, int rot, int neox, float mscale) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)T * H * (D - (rot >> 1))) return;
+    rope_item(x, y, pos, inv_freq, idx, H, D, rot, neox, mscale);
+}
+
+extern "C" __global__ void rope_pair_f32(const float* __restrict__ q, float* __restrict__ yq,
+                                         const float* __restrict__ k, float* __restrict__ yk,
+                                         const int* __restrict__ pos, const double* __restrict__ inv_freq,
+                                         int T, int Hq, int Hk, int D, int rot, int neox, float mscale) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long nq = (long long)T * Hq * (D - (rot >> 1));
+    if (idx < nq) rope_item(q, yq, pos, inv_freq, idx, Hq, D, rot, neox, mscale);
+    else if (idx < nq + (long long)T * Hk * (D - (rot >> 1)))
+        rope_item(k, yk, pos, inv_freq, idx - nq, Hk, D, rot, neox, mscale);
+}
+
+__device__ __forceinline__ void rope_item(const float* __restrict__ x, float* __restrict__ y,
+                                          const int* __restrict__ pos, const double* __restrict__ inv_freq,
+                                          long long idx, int H, int D, int rot, int neox, float mscale) {
     const int half = rot >> 1;
     const int pairs = D - half;  // rot/2 rotating pairs, then D - rot pass-through features
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long total = (long long)T * H * pairs;
-    if (idx >= total) return;
     const int i = (int)(idx % pairs);
     const long long row = idx / pairs;  // t * H + h
     const int t = (int)(row / H);

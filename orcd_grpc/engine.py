@@ -231,8 +231,13 @@ class Engine:
         if bucket:
             logits = self.backend.graph_step(("decode", bucket), meta, lambda ctx: self.adapter.forward(ctx, self.kv))
         else:
+            if not len(meta.logits_rows):
+                # Only prompt chunks that do not finish their prompt: nothing is sampled, but the
+                # forward must still run to write their KV. One throwaway logits row keeps the
+                # output projection at a non-empty shape on every backend.
+                meta.logits_rows = np.asarray([meta.num_tokens - 1], np.int32)
             ctx = self.backend.begin_step(meta)
-            logits = self.adapter.forward(ctx, self.kv) if len(meta.logits_rows) or all_logits else None
+            logits = self.adapter.forward(ctx, self.kv)
         for s, n in plan:
             before = s.num_cached
             s.num_cached += n
@@ -355,10 +360,19 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
                 f"+ KV cache for one {ctx_len}-token sequence), {available / 2**30:.2f} GiB available", field="path")
 
         weights, done = {}, 0
+        fused = adapter.fused_weights() if os.environ.get("ORCD_FUSE_WEIGHTS", "1") != "0" else {}
+        members = {n: new for new, names in fused.items() for n in names}
         for t in model.reader.tensors:
-            weights[t.name] = be.load_weight(t.name, t.data, t.tensor_type, GGUFModel.logical_shape(t))
+            if t.name not in members:
+                weights[t.name] = be.load_weight(t.name, t.data, t.tensor_type, GGUFModel.logical_shape(t))
             done += int(t.n_bytes)
             report("loading", done, total)
+        for new, names in fused.items():  # row-concatenated copies replace their parts
+            parts = [model.tensor(n) for n in names]
+            shapes = [GGUFModel.logical_shape(t) for t in parts]
+            raw = np.concatenate([np.ascontiguousarray(t.data).reshape(-1).view(np.uint8) for t in parts])
+            shape = (sum(sh[0] for sh in shapes), *shapes[0][1:])
+            weights[new] = be.load_weight(new, raw, parts[0].tensor_type, shape)
         kv = be.alloc_kv(adapter.kv_layout(num_blocks + 1, block_size))  # + the padding rows' block
         report("warming", total, total)
         adapter.bind(be, weights)

@@ -64,6 +64,10 @@ class Adapter:
         h = self.hp
         return KVLayout(h.n_layers, num_blocks, block_size, h.n_kv_heads, h.head_dim, h.head_dim_v)
 
+    def fused_weights(self) -> dict[str, list[str]]:
+        """New name -> tensors the engine loads concatenated by rows instead (see llama)."""
+        return {}
+
     # ---- running -------------------------------------------------------------------------
     def bind(self, backend: Backend, weights: dict) -> None:
         self.be, self.w = backend, weights

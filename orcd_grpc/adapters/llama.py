@@ -38,6 +38,28 @@ class LlamaAdapter(Adapter):
             })
         return req
 
+    # ---- fused projections -----------------------------------------------------------------
+    def fused_weights(self) -> dict[str, list[str]]:
+        """Weights the engine loads concatenated by rows (same storage type, same inputs), so that
+        one matmul launch does the work of several: Q/K/V (and their biases), and gate/up."""
+        groups: dict[str, list[str]] = {}
+        m = self.model
+        for i in range(self.hp.n_layers):
+            b = f"blk.{i}."
+            for new, names in ((b + "attn_qkv_fused.weight", [b + "attn_q.weight", b + "attn_k.weight",
+                                                              b + "attn_v.weight"]),
+                               (b + "ffn_gate_up_fused.weight", [b + "ffn_gate.weight", b + "ffn_up.weight"])):
+                if not all(m.has(n) for n in names) or len({m.tensor(n).tensor_type for n in names}) != 1:
+                    continue
+                groups[new] = names
+                biases = [n.replace(".weight", ".bias") for n in names]
+                if any(m.has(n) for n in biases):
+                    if not all(m.has(n) and int(m.tensor(n).tensor_type) == 0 for n in biases):  # F32 only
+                        del groups[new]
+                        continue
+                    groups[new.replace(".weight", ".bias")] = biases
+        return groups
+
     # ---- constants -----------------------------------------------------------------------
     def prepare(self):
         freq = None
@@ -59,6 +81,12 @@ class LlamaAdapter(Adapter):
     def qkv(self, i: int, h):
         b, W = f"blk.{i}.", self.w
         be = self.be
+        fused = W.get(b + "attn_qkv_fused.weight")
+        if fused is not None:
+            hp = self.hp
+            qkv = be.linear(h, fused, W.get(b + "attn_qkv_fused.bias"))
+            return be.split(qkv, [hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim,
+                                  hp.n_kv_heads * hp.head_dim_v])
         q = be.linear(h, W[b + "attn_q.weight"], self.bias(b + "attn_q.bias"))
         k = be.linear(h, W[b + "attn_k.weight"], self.bias(b + "attn_k.bias"))
         v = be.linear(h, W[b + "attn_v.weight"], self.bias(b + "attn_v.bias"))
@@ -73,7 +101,7 @@ class LlamaAdapter(Adapter):
         v = v.reshape(T, hp.n_kv_heads, hp.head_dim_v)
         q, k = self.qk_norm(i, q, k)
         spec = self.rope_spec(i)
-        q, k = be.rope(q, ctx, spec), be.rope(k, ctx, spec)
+        q, k = be.rope_pair(q, k, ctx, spec)
         o = be.attention(q, k, v, kv, i, ctx, scale=self.attn_scale, window=self.attn_window(i),
                          **self.attn_extras(i))
         b = f"blk.{i}."
@@ -85,8 +113,13 @@ class LlamaAdapter(Adapter):
     def attn_extras(self, i: int) -> dict:
         return {}
 
+    ffn_act = "silu"
+
     def ffn(self, i: int, h):
         b, W, be = f"blk.{i}.", self.w, self.be
+        fused = W.get(b + "ffn_gate_up_fused.weight")
+        if fused is not None:
+            return be.linear(be.glu_fused(be.linear(h, fused), self.ffn_act), W[b + "ffn_down.weight"])
         g = be.linear(h, W[b + "ffn_gate.weight"])
         u = be.linear(h, W[b + "ffn_up.weight"])
         return be.linear(be.silu_mul(g, u), W[b + "ffn_down.weight"])

@@ -65,5 +65,4 @@ class Phi3Adapter(LlamaAdapter):
 
     def ffn(self, i, h):
         be, W = self.be, self.w
-        gate, up = be.split(be.linear(h, W[f"blk.{i}.ffn_up.weight"]), [self.hp.d_ff, self.hp.d_ff])
-        return be.linear(be.silu_mul(gate, up), W[f"blk.{i}.ffn_down.weight"])
+        return be.linear(be.glu_fused(be.linear(h, W[f"blk.{i}.ffn_up.weight"])), W[f"blk.{i}.ffn_down.weight"])

@@ -141,6 +141,10 @@ class Backend(ABC):
     def rope(self, x, ctx, spec: RopeSpec):
         """x: [T, H, D]; rotates by ctx's positions; returns a tensor of the same shape."""
 
+    def rope_pair(self, q, k, ctx, spec: RopeSpec):
+        """rope of q [T, Hq, D] and k [T, Hk, D] with the same spec (one launch on a GPU)."""
+        return self.rope(q, ctx, spec), self.rope(k, ctx, spec)
+
     @abstractmethod
     def attention(self, q, k, v, kv, layer: int, ctx, *, scale: float, window: int = 0,
                   sinks=None, softcap: float = 0.0):
@@ -157,6 +161,11 @@ class Backend(ABC):
     @abstractmethod
     def gelu_mul(self, gate, up):
         """gelu_tanh(gate) * up."""
+
+    def glu_fused(self, x, act: str = "silu"):
+        """x [T, 2F] holding [gate | up] per row (a fused gate/up projection): act(gate) * up."""
+        gate, up = self.split(x, [x.shape[-1] // 2] * 2)
+        return self.silu_mul(gate, up) if act == "silu" else self.gelu_mul(gate, up)
 
     @abstractmethod
     def add(self, a, b):

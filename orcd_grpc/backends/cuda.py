@@ -206,6 +206,7 @@ class CudaBackend(Backend):
         self._meta_buf: DeviceBuffer | None = None
         self._meta_host = None
         self._sample_buf: DeviceBuffer | None = None
+        self._sample_host = None
         self.closed = False
         if workspace_bytes is None:
             env = os.environ.get("ORCD_WORKSPACE_MB")
@@ -244,11 +245,14 @@ class CudaBackend(Backend):
             self.synchronize(k.name)
 
     def synchronize(self, what: str | None = None) -> None:
-        try:
-            self.stream.synchronize()
-        except self._drv.Error as exc:
+        # Through the driver API with ctypes, which lets go of the GIL while the GPU works: the
+        # gRPC threads stream the previous tokens meanwhile instead of waiting for this one.
+        from .cuda_graph import stream_synchronize
+
+        err = stream_synchronize(self.stream)
+        if err:
             names = what or ", ".join(dict.fromkeys(self._recent)) or "?"
-            raise Internal(f"CUDA error in kernel(s) {names}: {exc}") from exc
+            raise Internal(f"CUDA error in kernel(s) {names}: {err}")
         self._recent.clear()
 
     def _out(self, shape, dtype=np.float32) -> CudaTensor:
@@ -514,6 +518,21 @@ class CudaBackend(Backend):
                      np.float32(mscale))
         return y
 
+    def rope_pair(self, q, k, ctx: CudaStep, spec: RopeSpec):
+        T, Hq, D = q.shape
+        Hk = k.shape[1]
+        if k.shape[0] != T or k.shape[2] != D:
+            return self.rope(q, ctx, spec), self.rope(k, ctx, spec)
+        buf, mscale = self._rope_table(spec)
+        yq, yk = self._out(q.shape), self._out(k.shape)
+        rot = int(spec.dim)
+        total = T * (Hq + Hk) * (D - rot // 2)
+        kern = self._k("rope", "rope_pair_f32", "PPPPPPiiiiiif")
+        self._launch(kern, (max(1, -(-total // 256)), 1, 1), (256, 1, 1), q.ptr, yq.ptr, k.ptr, yk.ptr,
+                     ctx.positions, buf.ptr, np.int32(T), np.int32(Hq), np.int32(Hk), np.int32(D), np.int32(rot),
+                     np.int32(1 if spec.neox else 0), np.float32(mscale))
+        return yq, yk
+
     def attention(self, q, k, v, kv: CudaKV, layer, ctx: CudaStep, *, scale, window=0, sinks=None, softcap=0.0):
         T, Hq, Dk = q.shape
         L = kv.layout
@@ -592,10 +611,27 @@ class CudaBackend(Backend):
                          np.int32(ctx.R), np.int32(d))
         return y
 
+    def glu_fused(self, x, act: str = "silu"):
+        rows, F = x.size // x.shape[-1], x.shape[-1] // 2
+        y = self._out((*x.shape[:-1], F))
+        k = self._k("elementwise", "silu_halves_f32" if act == "silu" else "gelu_halves_f32", "PPii")
+        if rows and F:
+            self._launch(k, (max(1, min(-(-(rows * F) // 256), 4096)), 1, 1), (256, 1, 1), x.ptr, y.ptr,
+                         np.int32(rows), np.int32(F))
+        return y
+
     def split(self, x, sizes):
         rows, width = x.size // x.shape[-1], x.shape[-1]
         if sum(sizes) != width:
             raise InvalidArgument(f"split sizes {sizes} do not add up to {width}", field="sizes")
+        if 1 < len(sizes) <= 3 and rows:  # one launch for all pieces
+            outs = [self._out((*x.shape[:-1], w)) for w in sizes]
+            ptrs = [o.ptr for o in outs] + [0] * (3 - len(sizes))
+            ws = list(sizes) + [0] * (3 - len(sizes))
+            k = self._k("elementwise", "split3_f32", "PPPPiiiii")
+            self._launch(k, (max(1, min(-(-max(sizes) // 1024), 8)), rows, len(sizes)), (256, 1, 1), x.ptr, *ptrs,
+                         np.int32(rows), np.int32(width), *(np.int32(w) for w in ws))
+            return outs
         k = self._k("elementwise", "copy_cols_f32", "PPiiii")
         outs, col = [], 0
         for w in sizes:
@@ -703,31 +739,36 @@ class CudaBackend(Backend):
             prm[r, 11], prm[r, 12] = off, n
             off += n
         pen = np.concatenate(pens).astype(np.int32).ravel() if pens else np.zeros(2, np.int32)
-        nt = int(n_top)
-        # One persistent buffer: params | penalties | token ids | logprobs | top ids | top logprobs
-        sizes = [prm.nbytes, pen.nbytes, R * 4, R * 4, R * max(nt, 1) * 4, R * max(nt, 1) * 4]
-        offs = np.cumsum([0] + [-(-s // ALIGN) * ALIGN for s in sizes])
-        if self._sample_buf is None or self._sample_buf.nbytes < offs[-1]:
+        nt, ntt = int(n_top), max(int(n_top), 1)
+        # One device buffer and its pinned host twin, in 32-bit words:
+        #   params [R, 16] | penalties | (64-word aligned) token ids [R] | logprobs [R] | top ids | top logprobs
+        # so a step costs one upload and one download, both asynchronous on the stream.
+        n_in = prm.size + pen.size
+        o_out = -(-n_in // 64) * 64
+        n_out = 2 * R + 2 * R * ntt
+        words = o_out + n_out
+        if self._sample_buf is None or self._sample_buf.nbytes < words * 4:
             if self._sample_buf is not None:
                 self._sample_buf.free()
-            self._sample_buf = self._persistent(max(int(offs[-1]) * 2, 64 << 10), "sampling buffers")
-        base = self._sample_buf.ptr
-        self._drv.memcpy_htod_async(base + int(offs[0]), prm, self.stream)
-        self._drv.memcpy_htod_async(base + int(offs[1]), pen, self.stream)
+            cap = max(words * 2, 16 << 10)
+            self._sample_buf = self._persistent(cap * 4, "sampling buffers")
+            self._sample_host = self._drv.pagelocked_empty(cap, np.uint32)
+        base, host = self._sample_buf.ptr, self._sample_host
+        host[: prm.size] = prm.ravel()
+        host[prm.size: n_in] = pen.view(np.uint32)
+        self._drv.memcpy_htod_async(base, host[:n_in], self.stream)
         work = self._out((R, V))
+        p_out = base + 4 * o_out
         k = self._k("sample", "sample_rows", "PPiPPPPiPP")
-        self._launch(k, (R, 1, 1), (1024, 1, 1), logits.ptr, work.ptr, np.int32(V), base + int(offs[0]),
-                     base + int(offs[1]), base + int(offs[2]), base + int(offs[3]), np.int32(nt),
-                     base + int(offs[4]), base + int(offs[5]))
-        toks = np.empty(R, np.int32)
-        lps = np.empty(R, np.float32)
-        self.synchronize()  # also makes the pageable host arrays above safe to reuse
-        self._drv.memcpy_dtoh(toks, base + int(offs[2]))
-        self._drv.memcpy_dtoh(lps, base + int(offs[3]))
+        self._launch(k, (R, 1, 1), (1024, 1, 1), logits.ptr, work.ptr, np.int32(V), base, base + 4 * prm.size,
+                     p_out, p_out + 4 * R, np.int32(nt), p_out + 8 * R, p_out + 8 * R + 4 * R * ntt)
+        self._drv.memcpy_dtoh_async(host[o_out: words], p_out, self.stream)
+        self.synchronize()
+        out = host[o_out: words]
+        toks = out[:R].view(np.int32).copy()
+        lps = out[R: 2 * R].view(np.float32).copy()
         if not nt:
             return toks, lps
-        tid = np.empty((R, nt), np.int32)
-        tlp = np.empty((R, nt), np.float32)
-        self._drv.memcpy_dtoh(tid, base + int(offs[4]))
-        self._drv.memcpy_dtoh(tlp, base + int(offs[5]))
+        tid = out[2 * R: 2 * R + R * ntt].view(np.int32).reshape(R, ntt).copy()
+        tlp = out[2 * R + R * ntt:].view(np.float32).reshape(R, ntt).copy()
         return toks, lps, tid, tlp
