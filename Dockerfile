@@ -37,7 +37,8 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY orcd_grpc/ orcd_grpc/
-COPY cuda/ /opt/orcd/cuda/
+# The kernel sources: the package build copies them into the installed package (orcd_grpc/cuda/).
+COPY cuda/ cuda/
 # The local package with its extra; its dependency ranges are pyproject.toml's business.
 # hadolint ignore=DL3013
 RUN pip install ".[cuda]"
@@ -68,13 +69,11 @@ COPY --from=build /opt/orcd /opt/orcd
 
 ARG GIT_COMMIT=""
 ARG BUILD_DATE=""
-# ORCD_CUDA_DIR: the kernel sources are not inside the installed package.
 # ORCD_MODEL_DIR: the model cache is the /models volume, so known model names are found there.
 # ORCD_KERNEL_CACHE: compiled kernels; mount a volume there to skip recompiling at each start.
 # ORCD_GIT_COMMIT/ORCD_BUILD_DATE: the build context has no .git, so they come from build args.
 ENV PATH="/opt/orcd/venv/bin:$PATH" \
     PYTHONUNBUFFERED=1 \
-    ORCD_CUDA_DIR=/opt/orcd/cuda \
     ORCD_MODEL_DIR=/models \
     ORCD_KERNEL_CACHE=/var/cache/orcd/kernels \
     ORCD_GIT_COMMIT=${GIT_COMMIT} \

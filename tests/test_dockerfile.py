@@ -114,11 +114,21 @@ def test_models_volume_and_env(final_stage):
                for v in (exec_form(args) if args.startswith("[") else args.split())]
     assert "/models" in volumes
     env = " ".join(args for ins, args in final_stage if ins == "ENV")
-    # The kernel sources are copied to ORCD_CUDA_DIR; the loader must be told where they are.
-    m = re.search(r"ORCD_CUDA_DIR=(\S+)", env)
-    assert m, "ORCD_CUDA_DIR is set"
-    copies = " ".join(args for ins, args in parse_dockerfile(DOCKERFILE.read_text()) if ins == "COPY")
-    assert f"cuda/ {m.group(1)}" in copies or f"cuda/ {m.group(1)}/" in copies
+    # The kernels ship inside the installed package (setup.py copies cuda/ into it): the build
+    # stage must have cuda/ beside pyproject.toml before `pip install`, and nothing may point the
+    # loader elsewhere.
+    assert "ORCD_CUDA_DIR" not in env
+    build, froms = [], 0
+    for ins, args in parse_dockerfile(DOCKERFILE.read_text()):
+        froms += ins == "FROM"
+        if froms == 2:
+            break
+        build.append((ins, args))
+    copies = [args.split() for ins, args in build if ins == "COPY"]
+    installs = [i for i, (ins, args) in enumerate(build) if ins == "RUN" and "pip install" in args]
+    assert installs, "the build stage pip-installs the package"
+    cuda_copy = [i for i, (ins, args) in enumerate(build) if ins == "COPY" and args.split()[:2] == ["cuda/", "cuda/"]]
+    assert cuda_copy and cuda_copy[0] < installs[-1], copies
 
 
 def test_dockerignore_keeps_the_context_to_the_package(instructions):
@@ -217,6 +227,40 @@ def test_k8s_deployment_probes_gpu_and_volume(k8s_docs, final_stage):
     entry = [exec_form(a) for ins, a in final_stage if ins == "ENTRYPOINT"][-1]
     ns = cli.build_parser().parse_args(entry[1:] + c.get("args", []))
     assert ns.port == ports["grpc"] and ns.metrics_port == ports["metrics"]
+
+
+def _exposure_error(argv: list[str], environ: dict[str, str]):
+    """What `orcd serve` would say about its listener for these arguments and environment."""
+    from orcd_grpc import cli, security
+
+    ns = cli.build_parser().parse_args(argv + ["--model", "x.gguf"])
+    cfg = security.config_from_args(ns, environ=environ)
+    try:
+        security.check_exposure(ns.host, cfg.tls, cfg.tokens, cfg.insecure)
+    except security.ExposureError as exc:
+        return exc
+    return None
+
+
+def test_bare_image_refuses_an_unprotected_listener(final_stage):
+    """The entrypoint listens on 0.0.0.0: without TLS + token or ORCD_INSECURE the worker refuses
+    to start, which is why the README's `docker run` lines always say which they want."""
+    entry = [exec_form(a) for ins, a in final_stage if ins == "ENTRYPOINT"][-1]
+    env = " ".join(args for ins, args in final_stage if ins == "ENV")
+    assert "ORCD_INSECURE" not in env, "the image must not switch the exposure policy off for everyone"
+    assert _exposure_error(entry[1:], {}) is not None
+    assert _exposure_error(entry[1:], {"ORCD_INSECURE": "1"}) is None
+
+
+def test_k8s_pod_passes_the_exposure_policy(k8s_docs, final_stage):
+    (c,) = k8s_docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+    entry = [exec_form(a) for ins, a in final_stage if ins == "ENTRYPOINT"][-1]
+    assert _exposure_error(entry[1:] + c.get("args", []), env) is None
+    # kubelet's gRPC probe has no TLS: the pod must not be configured for it.
+    assert not {"ORCD_TLS_CERT", "ORCD_TLS_KEY"} & set(env)
+    tokens = next(e for e in c["env"] if e["name"] == "ORCD_AUTH_TOKENS")
+    assert tokens["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 def test_k8s_service_targets_the_grpc_port(k8s_docs):

@@ -71,6 +71,33 @@ def test_metrics_after_a_request(srv):
     assert m[("orcd_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Execute")))] == 1
 
 
+def test_prefix_cache_hits_move_under_a_repeated_prompt(srv):
+    """The second of two requests with the same long prompt reuses its KV blocks: the counter
+    grows by exactly the cached_prompt_tokens the Finished event reports, and the token and
+    latency series move with it."""
+    worker, channel = srv
+    stub = pb_grpc.WorkerStub(channel)
+    prompt = ("The quick brown fox jumps over the lazy dog while the five boxing wizards jump "
+              "quickly and a wizard's job is to vex chumps quickly in fog. ") * 2
+    req = pb.ExecuteRequest(text=prompt, sampling=pb.SamplingParams(temperature=0),
+                            stopping=pb.StoppingCriteria(max_tokens=3, ignore_eos=True))
+    list(stub.Execute(req, timeout=60))
+    before = scrape(worker.metrics_port)
+    events = list(stub.Execute(req, timeout=60))
+    cached = events[-1].finished.usage.cached_prompt_tokens
+    assert cached > 0, "a repeated prompt of several KV blocks hits the prefix cache"
+    m = scrape(worker.metrics_port)
+    key = ("orcd_prefix_cache_hit_tokens_total", ())
+    assert m[key] - before[key] == cached
+    assert m[("orcd_prompt_tokens_total", ())] - before[("orcd_prompt_tokens_total", ())] \
+        == events[0].started.prompt_tokens
+    assert m[("orcd_generated_tokens_total", ())] - before[("orcd_generated_tokens_total", ())] == 3
+    assert m[("orcd_time_to_first_token_seconds_count", ())] - before[("orcd_time_to_first_token_seconds_count", ())] == 1
+    assert m[("orcd_inter_token_latency_seconds_count", ())] - before[("orcd_inter_token_latency_seconds_count", ())] == 2
+    ok = ("orcd_requests_total", (("code", "OK"), ("method", "Execute")))
+    assert m[ok] - before[ok] == 1
+
+
 def test_graceful_shutdown_cancels_after_grace(srv):
     worker, channel = srv
     stub = pb_grpc.WorkerStub(channel)
@@ -94,3 +121,30 @@ def test_graceful_shutdown_cancels_after_grace(srv):
     stopper.join(30)
     assert time.monotonic() - t0 < 15
     assert worker.scheduler.engine is None
+
+
+def test_readme_metrics_table_lists_every_metric():
+    """The README's Metrics table names exactly the orcd_* metrics the worker defines (its own and
+    the per-client usage counters), with their type and labels."""
+    import pathlib
+    import re
+
+    from prometheus_client import CollectorRegistry
+
+    from orcd_grpc.metrics import Metrics
+    from orcd_grpc.ratelimit import UsageMetrics
+
+    registry = CollectorRegistry()
+    owners = (Metrics(registry), UsageMetrics(registry))
+    defined = {}
+    for collector in (v for o in owners for v in vars(o).values() if hasattr(v, "_labelnames")):
+        fam = collector.describe()[0]
+        name = fam.name + ("_total" if fam.type == "counter" else "")
+        defined[name] = (fam.type, tuple(collector._labelnames))
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = re.search(r"^## Metrics\n(.*?)(?=^## )", readme, re.S | re.M).group(1)
+    documented = {}
+    for name, labels, kind in re.findall(r"^\| `(orcd_\w+)(?:\{([\w,]+)\})?` \| (\w+) \|", section, re.M):
+        documented[name] = (kind, tuple(labels.split(",")) if labels else ())
+    assert len(defined) >= 20
+    assert documented == defined

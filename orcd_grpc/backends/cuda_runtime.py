@@ -9,7 +9,23 @@ import functools
 import os
 import pathlib
 
-CUDA_DIR = pathlib.Path(os.environ.get("ORCD_CUDA_DIR", pathlib.Path(__file__).resolve().parents[2] / "cuda"))
+
+def kernel_dir() -> pathlib.Path:
+    """Where the kernel sources are: $ORCD_CUDA_DIR if set; else orcd_grpc/cuda/ inside an
+    installed package (setup.py copies them there at build time); else cuda/ at the root of a
+    source checkout. The packaged copy is tried first: beside an installed package, the
+    checkout's location would be site-packages/cuda, which may well be another project's."""
+    env = os.environ.get("ORCD_CUDA_DIR")
+    if env:
+        return pathlib.Path(env)
+    here = pathlib.Path(__file__).resolve()
+    packaged = here.parents[1] / "cuda"
+    if any(packaged.glob("*.cu")):
+        return packaged
+    return here.parents[2] / "cuda"
+
+
+CUDA_DIR = kernel_dir()
 
 
 @functools.lru_cache(maxsize=None)
