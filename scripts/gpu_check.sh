@@ -4,21 +4,28 @@
 #   rest of the suite if time is left) and the benchmark. Logs go to $OUT (or /tmp/orcd-out).
 #   GPU_TESTS=...   pytest selection for the GPU part (default: -m gpu tests/)
 #   SKIP_SUITE=1    skip the non-GPU suite;  SKIP_BENCH=1  skip the benchmark
+#   BENCH_MODELS="qwen2.5-0.5b ..."  the synthetic anchor files to benchmark (default: all four)
+#   PROFILE_MODEL=FILE.gguf  also print where a decode step's time goes (bench/profile_decode.py)
+#   Real models (SmolLM2, Gemma 3) are used when $ORCD_MODEL_DIR holds them (no network there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/orcd-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
+# The wheels install once per machine (a warm machine keeps /tmp between calls).
+[ -f /tmp/site/.orcd-installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+  .whl/*.whl 2>&1 | tail -2; touch /tmp/site/.orcd-installed; }
 export PYTHONPATH=/tmp/site:$PWD
 export ORCD_KERNEL_CACHE=${ORCD_KERNEL_CACHE:-/tmp/orcd-kernels}
 # ../shared does not travel to the GPU machine; a shared/ copied into the checkout does.
 if [ -z "${ORCD_SHARED_DIR:-}" ] && [ -d shared/vocab ]; then export ORCD_SHARED_DIR=$PWD/shared; fi
+# Tiny architecture models exported where transformers is installed (tests/gpu/test_cuda_architectures.py).
+if [ -z "${ORCD_TINY_GGUF_DIR:-}" ] && [ -d .dev/tiny ]; then export ORCD_TINY_GGUF_DIR=$PWD/.dev/tiny; fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import orcd_grpc.proto" || echo "stub generation failed"
 rc=0
 start=$(date +%s)
 echo "== GPU tests"
-python3 -m pytest -q -x -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest-gpu.log" | tail -60
+timeout ${GPU_TEST_TIMEOUT:-480} python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest-gpu.log" | tail -60
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 if [ -z "${SKIP_SUITE:-}" ]; then
   echo "== rest of the suite"
@@ -30,6 +37,12 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   if [ -f bench/run_all.sh ]; then timeout 300 bash bench/run_all.sh ${BENCH_MODELS:-} 2>&1 | tee "$OUT/bench.md"
   elif [ -f bench/bench_decode.py ]; then timeout 300 python3 bench/bench_decode.py 2>&1 | tee "$OUT/bench.md"
   else echo "no benchmark under bench/"; fi
+fi
+if [ -n "${PROFILE_MODEL:-}" ]; then
+  echo "== decode profile ($PROFILE_MODEL)"
+  for b in ${PROFILE_BATCHES:-1 64}; do
+    timeout 120 python3 bench/profile_decode.py "$PROFILE_MODEL" --batch "$b" 2>&1 | tail -1 | tee -a "$OUT/profile.jsonl"
+  done
 fi
 echo "== gpu_check done in $(( $(date +%s) - start ))s, rc=$rc"
 exit $rc

@@ -1,0 +1,78 @@
+"""The tiny architecture models of tests/test_architectures.py (llama, qwen2, phi3 with and
+without LongRoPE, gemma3, gpt-oss; F32, Q8_0 and Q4_0 weights, MXFP4 experts) on the CUDA backend
+against the NumPy backend, which that module checks against HF transformers.
+
+Metric as there: rel = max|cuda - numpy| / max|numpy| over the logits of a 32-token prompt and 16
+teacher-forced cached decode steps. Bounds: 5e-3 with F32 weights (the f16 KV cache and f16
+tensor-core prefill tiles), 2e-2 quantized.
+
+The GGUF files come from the exporter when transformers is installed, else from
+$ORCD_TINY_GGUF_DIR (written by `python3 tests/gpu/test_cuda_architectures.py DIR` where it is).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+from tiny_models import ARCHS, VOCAB  # noqa: E402
+
+N_PROMPT, N_DECODE = 32, 16
+CASES = [(a, "F32") for a in ARCHS] + [(a, q) for q in ("Q8_0", "Q4_0") for a in ARCHS if a != "phi3_longrope"]
+
+
+def export(arch: str, qtype: str, out_dir) -> pathlib.Path:
+    from orcd_grpc.export import export_hf_model
+    from tiny_models import tiny_model
+
+    return export_hf_model(tiny_model(arch), pathlib.Path(out_dir) / f"{arch}-{qtype}.gguf", qtype=qtype,
+                           expert_qtype="F32" if qtype == "F32" else "MXFP4")
+
+
+def _path(arch, qtype, tmp_path):
+    d = os.environ.get("ORCD_TINY_GGUF_DIR")
+    if d and (pathlib.Path(d) / f"{arch}-{qtype}.gguf").exists():
+        return pathlib.Path(d) / f"{arch}-{qtype}.gguf"
+    try:
+        return export(arch, qtype, tmp_path)
+    except ImportError as exc:
+        pytest.skip(f"no transformers and no $ORCD_TINY_GGUF_DIR file: {exc}")
+
+
+def _logits(path, ids, backend):
+    from orcd_grpc.engine import load_engine
+    from orcd_grpc.sampling import SamplingParams
+
+    eng = load_engine(path, backend=backend, max_sequences=1, max_context=256)
+    try:
+        s = eng.new_sequence(ids[:N_PROMPT].tolist(), SamplingParams(temperature=0.0))
+        rows = [eng.score(s)]
+        for t in ids[N_PROMPT:N_PROMPT + N_DECODE]:
+            rows.append(eng.score(s, [int(t)]))
+        return np.concatenate(rows).astype(np.float64)
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("arch,qtype", CASES, ids=[f"{a}-{q}" for a, q in CASES])
+def test_tiny_architecture_on_cuda_matches_numpy(arch, qtype, tmp_path):
+    path = _path(arch, qtype, tmp_path)
+    ids = np.random.default_rng().integers(0, VOCAB, N_PROMPT + N_DECODE)
+    ref = _logits(path, ids, "cpu")
+    got = _logits(path, ids, "cuda")
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    print(f"{arch} {qtype} cuda vs numpy rel={rel:.2e}")
+    assert rel <= (5e-3 if qtype == "F32" else 2e-2), (arch, qtype, rel)
+
+
+if __name__ == "__main__":  # writes the files for a machine without transformers
+    out = pathlib.Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    for a, q in CASES:
+        print(export(a, q, out))
