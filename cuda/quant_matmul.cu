@@ -189,6 +189,12 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
 // ---------------------------------------------------------------- tensor-core GEMM
 constexpr int GBN = 128, GBK = 64, GLD = GBK + 8;  // +8 halves per row: rows land on different banks
 constexpr int GEMM_THREADS = 256;
+// GEMM tiles with BM <= ORCD_GEMM_PIPE use the unrolled, all-loads-first k-step (more registers: 48-64 at
+// BM 16/32, ~128 at BM 64, ~170 at BM 128, i.e. 1 block/SM, hence not the default there); larger BM the
+// rolled loops. 0 = rolled everywhere (cuda_quant passes ORCD_GEMM_PIPE from the environment).
+#ifndef ORCD_GEMM_PIPE
+#define ORCD_GEMM_PIPE 64
+#endif
 
 // Power-of-two scale s that brings a row whose largest |x| is mx into [2^14, 2^15) (f16's largest
 // finite value is 65504 ~ 2^16), and its inverse. Multiplying by a power of two is exact, so a row
@@ -287,6 +293,49 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
     for (int i = 0; i < MF; i++) wmma::fill_fragment(acc[i], 0.f);
 
     for (int kk = kbeg; kk < kend; kk += GBK) {
+        if constexpr (BM <= ORCD_GEMM_PIPE) {
+        // Fixed trip counts, fully unrolled, loads made unconditional (clamped to valid addresses, the
+        // value zeroed by a select): the compiler can issue every global load of this k-step before the
+        // first decode, so a k-step costs about one memory latency instead of one per loop iteration.
+        // activations: BM x 64 floats, scaled per row -> f16; missing rows and columns past k are zero
+#pragma unroll
+        for (int it = 0; it < BM * (GBK / 4) / GEMM_THREADS; it++) {
+            const int i = tid + it * GEMM_THREADS;
+            const int r = i / (GBK / 4), c = (i % (GBK / 4)) * 4;
+            const int xr = xrow[r], col = kk + c;
+            const bool ok = xr >= 0 && col < k;
+            float4 v = __ldg(reinterpret_cast<const float4*>(x + (long long)max(xr, 0) * k + min(col, k - 4)));
+            const float s = rscale[r];
+            v.x *= s; v.y *= s; v.z *= s; v.w *= s;
+            if (!ok) v = make_float4(0.f, 0.f, 0.f, 0.f);
+            __half2* d = reinterpret_cast<__half2*>(As + r * GLD + c);
+            d[0] = __floats2half2_rn(v.x, v.y); d[1] = __floats2half2_rn(v.z, v.w);
+        }
+        // weights: 128 rows x 8 parts; part gp = kk/8 + pp covers elements inside this 64-window
+#pragma unroll
+        for (int it = 0; it < GBN * (GBK / 8) / GEMM_THREADS; it++) {
+            const int i = tid + it * GEMM_THREADS;
+            const int r = i / (GBK / 8), pp = i % (GBK / 8);
+            const int row = n0 + r, gp = kk / 8 + pp;
+            const int blk = gp / F::NP, p = gp % F::NP;
+            const bool ok = row < n && blk < nblk;
+            int o0, o1;
+            F::offs(p, o0, o1);
+            const int c0 = blk * F::QK + o0 - kk, c1 = blk * F::QK + o1 - kk;
+            float q[8], a0, a1, mm0, mm1;
+            dec<F>(W + (long long)min(row, n - 1) * RB + (long long)min(blk, nblk - 1) * F::TS, p, q, a0, a1, mm0, mm1);
+            float w[8];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                w[j] = ok ? fmaf(a0, q[j], mm0) : 0.f;
+                w[4 + j] = ok ? fmaf(a1, q[4 + j], mm1) : 0.f;
+            }
+            __half2* d0 = reinterpret_cast<__half2*>(Bs + r * GLD + c0);
+            __half2* d1 = reinterpret_cast<__half2*>(Bs + r * GLD + c1);
+            d0[0] = __floats2half2_rn(w[0], w[1]); d0[1] = __floats2half2_rn(w[2], w[3]);
+            d1[0] = __floats2half2_rn(w[4], w[5]); d1[1] = __floats2half2_rn(w[6], w[7]);
+        }
+        } else {  // BM > ORCD_GEMM_PIPE: the rolled loops (one load round trip per iteration, fewer registers)
         // activations: BM x 64 floats, scaled per row -> f16; missing rows and columns past k are zero
         for (int i = tid; i < BM * (GBK / 4); i += GEMM_THREADS) {
             const int r = i / (GBK / 4), c = (i % (GBK / 4)) * 4;
@@ -316,6 +365,7 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
             d0[1] = __floats2half2_rn(fmaf(a0, q[2], mm0), fmaf(a0, q[3], mm0));
             d1[0] = __floats2half2_rn(fmaf(a1, q[4], mm1), fmaf(a1, q[5], mm1));
             d1[1] = __floats2half2_rn(fmaf(a1, q[6], mm1), fmaf(a1, q[7], mm1));
+        }
         }
         __syncthreads();
 #pragma unroll

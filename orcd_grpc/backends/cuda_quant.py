@@ -19,6 +19,8 @@ matrix read once per 128 output rows instead of once per slot. The grid depends 
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -90,7 +92,10 @@ class _Kernels:
     def __init__(self):
         from .cuda_runtime import load_module
 
-        self.mod = load_module("quant_matmul")
+        # ORCD_GEMM_PIPE=<max BM>: GEMM tiles up to that BM use the unrolled k-step (default 64 in
+        # quant_matmul.cu); 0 = the rolled loops everywhere (a fallback), 128 = unrolled everywhere
+        pipe = os.environ.get("ORCD_GEMM_PIPE", "")
+        self.mod = load_module("quant_matmul", (f"-DORCD_GEMM_PIPE={int(pipe)}",) if pipe.isdigit() else ())
         self.fns: dict[str, object] = {}
 
     def get(self, name: str, sig: str):
@@ -239,8 +244,6 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
                               np.int32(top_k), np.int32(E), np.int32(Y), np.int32(w.n), np.int32(w.k),
                               np.int64(w.expert_bytes), np.int32(bool(x_per_slot)))
         return
-    if T * top_k > 65535:
-        raise ValueError(f"per-slot MoE GEMV: T*top_k={T * top_k} slots exceed the grid limit 65535")
     rows_per_block = _GEMV_WARPS * _GEMV_R
     f = _kernels().get(f"gemv_{_NAME[w.qtype]}_1", _GEMV_SIG)
     f.prepared_async_call(((w.n + rows_per_block - 1) // rows_per_block, T * top_k), (_GEMV_WARPS * 32, 1, 1), stream,

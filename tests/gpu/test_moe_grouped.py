@@ -46,31 +46,31 @@ def _reference(x, wf, bias, ids, x_per_slot):
 _WEIGHTS: dict = {}
 
 
-def _expert_weight(qtype, n, k):
+def _expert_weight(qtype, n, k, ne=E):
     """one random expert stack per (format, shape) per run (the float64 reference is the slow part)"""
-    key = (qtype, n, k)
+    key = (qtype, n, k, ne)
     if key not in _WEIGHTS:
         _WEIGHTS.clear()
-        _WEIGHTS[key] = random_weight(np.random.default_rng(), qtype, n, k, lead=(E,))
+        _WEIGHTS[key] = random_weight(np.random.default_rng(), qtype, n, k, lead=(ne,))
     return _WEIGHTS[key]
 
 
-def _run(cu, qtype, T, x_per_slot, grouped, routing="uniform", with_bias=True, wide=False, n=301, k=None):
+def _run(cu, qtype, T, x_per_slot, grouped, routing="uniform", with_bias=True, wide=False, n=301, k=None, ne=E):
     k = k or (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 768)
     rng = np.random.default_rng()
-    raw, wf = _expert_weight(qtype, n, k)
-    bias = rng.standard_normal((E, n), dtype=np.float32) if with_bias else None
-    ids = _routing(rng, T, E, TOP_K, routing)
+    raw, wf = _expert_weight(qtype, n, k, ne)
+    bias = rng.standard_normal((ne, n), dtype=np.float32) if with_bias else None
+    ids = _routing(rng, T, ne, TOP_K, routing)
     rows = T * TOP_K if x_per_slot else T
     x = wide_range_x(rng, rows, k) if wide else rng.standard_normal((rows, k), dtype=np.float32)
     x = x.reshape((T, TOP_K, k) if x_per_slot else (T, k))
-    w = cu.q.QuantWeight(raw, qtype, n, k, n_experts=E)
+    w = cu.q.QuantWeight(raw, qtype, n, k, n_experts=ne)
     try:
         xd, idd = cu.ga.to_gpu(x), cu.ga.to_gpu(ids)
         bd = cu.ga.to_gpu(bias) if with_bias else None
         yd = cu.ga.to_gpu(np.full((T, TOP_K, n), np.nan, np.float32))
         # workspace poisoned with garbage: moe_group must write every entry the GEMM reads
-        ws = cu.ga.to_gpu(rng.integers(-(1 << 30), 1 << 30, size=cu.q.moe_workspace_ints(T, TOP_K, E)).astype(np.int32))
+        ws = cu.ga.to_gpu(rng.integers(-(1 << 30), 1 << 30, size=cu.q.moe_workspace_ints(T, TOP_K, ne)).astype(np.int32))
         cu.q.moe_matmul(xd.gpudata, w, idd.gpudata, yd.gpudata, T, TOP_K, cu.stream,
                         bias_ptr=bd.gpudata if with_bias else None, x_per_slot=x_per_slot,
                         workspace_ptr=ws.gpudata, grouped=grouped)
@@ -132,6 +132,15 @@ def test_moe_auto_choice(cu, T):
     out, ref, _, _ = _run(cu, Q.MXFP4, T, False, grouped=None)
     err = rel_err(out, ref)
     assert err <= (TOL_GEMM if T == 64 else TOL_GEMV), f"auto T={T}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
+def test_moe_grouped_bm128(cu, x_per_slot):
+    """8 experts, T=300 top-4: ~150 slots per expert -> BM=128 tiles (the rolled-loop GEMM variant by default)"""
+    assert cu.q._moe_plan(300, TOP_K, 8)[0] == 128
+    out, ref, _, _ = _run(cu, Q.MXFP4, 300, x_per_slot, grouped=True, ne=8, wide=True)
+    err = row_errors(out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1]))
+    assert err.max() <= TOL_GEMM, f"grouped BM=128: worst slot {int(err.argmax())} {err.max():.2e}"
 
 
 def test_moe_grouped_small_k_and_n(cu):
