@@ -193,7 +193,7 @@ constexpr int GEMM_THREADS = 256;
 // BM 16/32, ~128 at BM 64, ~170 at BM 128, i.e. 1 block/SM, hence not the default there); larger BM the
 // rolled loops. 0 = rolled everywhere (cuda_quant passes ORCD_GEMM_PIPE from the environment).
 #ifndef ORCD_GEMM_PIPE
-#define ORCD_GEMM_PIPE 64
+#define ORCD_GEMM_PIPE 0  // 64 once measured on a GPU: the unrolled k-step has not run on one yet
 #endif
 
 // Power-of-two scale s that brings a row whose largest |x| is mx into [2^14, 2^15) (f16's largest

@@ -92,8 +92,8 @@ class _Kernels:
     def __init__(self):
         from .cuda_runtime import load_module
 
-        # ORCD_GEMM_PIPE=<max BM>: GEMM tiles up to that BM use the unrolled k-step (default 64 in
-        # quant_matmul.cu); 0 = the rolled loops everywhere (a fallback), 128 = unrolled everywhere
+        # ORCD_GEMM_PIPE=<max BM>: GEMM tiles up to that BM use the unrolled k-step (default 0 in
+        # quant_matmul.cu until measured on a GPU); 0 = the rolled loops everywhere, 128 = unrolled everywhere
         pipe = os.environ.get("ORCD_GEMM_PIPE", "")
         self.mod = load_module("quant_matmul", (f"-DORCD_GEMM_PIPE={int(pipe)}",) if pipe.isdigit() else ())
         self.fns: dict[str, object] = {}
