@@ -245,14 +245,11 @@ class CudaBackend(Backend):
             self.synchronize(k.name)
 
     def synchronize(self, what: str | None = None) -> None:
-        # Through the driver API with ctypes, which lets go of the GIL while the GPU works: the
-        # gRPC threads stream the previous tokens meanwhile instead of waiting for this one.
-        from .cuda_graph import stream_synchronize
-
-        err = stream_synchronize(self.stream)
-        if err:
+        try:
+            self.stream.synchronize()  # PyCUDA lets go of the GIL while it waits
+        except self._drv.Error as exc:
             names = what or ", ".join(dict.fromkeys(self._recent)) or "?"
-            raise Internal(f"CUDA error in kernel(s) {names}: {err}")
+            raise Internal(f"CUDA error in kernel(s) {names}: {exc}") from exc
         self._recent.clear()
 
     def _out(self, shape, dtype=np.float32) -> CudaTensor:

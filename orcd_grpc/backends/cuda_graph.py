@@ -18,8 +18,7 @@ CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
 def _cu():
     lib = ctypes.CDLL("libcuda.so.1")
     for name in ("cuStreamBeginCapture_v2", "cuStreamEndCapture", "cuGraphInstantiateWithFlags",
-                 "cuGraphLaunch", "cuGraphExecDestroy", "cuGraphDestroy", "cuGetErrorName",
-                 "cuStreamSynchronize"):
+                 "cuGraphLaunch", "cuGraphExecDestroy", "cuGraphDestroy", "cuGetErrorName"):
         getattr(lib, name)  # fail at first use if the driver lacks one
     return lib
 
@@ -31,19 +30,6 @@ def _check(result: int, what: str) -> None:
         from ..errors import Internal
 
         raise Internal(f"{what} failed: {name.value.decode() if name.value else result}")
-
-
-def _error_name(result: int) -> str:
-    name = ctypes.c_char_p()
-    _cu().cuGetErrorName(result, ctypes.byref(name))
-    return name.value.decode() if name.value else str(result)
-
-
-def stream_synchronize(stream) -> str:
-    """Waits for `stream`; returns '' or the CUDA error's name. ctypes releases the GIL for the
-    call, unlike PyCUDA's Stream.synchronize."""
-    result = _cu().cuStreamSynchronize(ctypes.c_void_p(stream.handle))
-    return _error_name(result) if result else ""
 
 
 class CudaGraph:
