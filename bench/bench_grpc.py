@@ -2,7 +2,8 @@
 """Single-stream decode through the gRPC server, next to the engine alone on the same file.
 
 Starts a real worker on a free loopback port (in this process, its own threads), streams one
-greedy completion of --gen tokens from a --prompt-token prompt through a real client channel,
+greedy completion of --gen tokens from a --prompt-token prompt through a real client channel in
+a separate client process,
 and times decode as the span between the first and the last token event received by the client
 (so it includes scheduling, detokenization, the streaming RPC and protobuf on both sides). The
 engine alone is timed on the same prompt for comparison. Prints one JSON object.
@@ -41,6 +42,23 @@ def engine_decode(engine, prompt, gen):
         return (gen - 1) / (time.perf_counter() - t0)
     finally:
         engine.release(s)
+
+
+def grpc_decode_in_child(port, model_id, prompt, gen, reps):
+    """The client in its own process, as a real caller is: its protobuf parsing and gRPC work
+    must not share the server's GIL."""
+    import subprocess
+
+    code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}); "
+            "import grpc, bench_grpc as b; from orcd_grpc.proto import pb_grpc; "
+            f"stub = pb_grpc.WorkerStub(grpc.insecure_channel('127.0.0.1:{port}')); "
+            f"b.grpc_decode(stub, {model_id!r}, {prompt!r}, 8); "
+            f"print(json.dumps([b.grpc_decode(stub, {model_id!r}, {prompt!r}, {gen}) for _ in range({reps})]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"client process failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def grpc_decode(stub, model_id, prompt, gen):
@@ -82,14 +100,10 @@ def main(argv=None):
         engine = sched.engine
         rng = np.random.default_rng(0)
         prompt = rng.integers(100, min(engine.info.vocab_size, 30000), args.prompt).tolist()
-        chan = grpc.insecure_channel(f"127.0.0.1:{port}")
-        stub = pb_grpc.WorkerStub(chan)
-        grpc_decode(stub, "bench", prompt, 8)  # warm-up: graphs, modules
-        via_grpc = [grpc_decode(stub, "bench", prompt, args.gen) for _ in range(args.reps)]
+        via_grpc = grpc_decode_in_child(port, "bench", prompt, args.gen, args.reps)
         # The engine alone, on the scheduler's own engine while the server is idle.
         with getattr(sched, "engine_lock", None) or _nullcontext():
             alone = [engine_decode(engine, prompt, args.gen) for _ in range(args.reps)]
-        chan.close()
         g, e = statistics.median(via_grpc), statistics.median(alone)
         res = {"model": os.path.basename(path), "backend": engine.info.backend, "decode_tok_s_grpc": round(g, 1),
                "decode_tok_s_engine": round(e, 1), "grpc_vs_engine": round(g / e, 3)}
