@@ -36,9 +36,9 @@ def _hf_logits(model, ids: np.ndarray, dtype=torch.float32) -> np.ndarray:
         return model.to(dtype)(torch.tensor(ids[None], dtype=torch.long)).logits[0].double().numpy()
 
 
-def _orcd_logits(path, ids: np.ndarray) -> np.ndarray:
+def _orcd_logits(path, ids: np.ndarray, backend: str = "cpu") -> np.ndarray:
     """Prefill N_PROMPT tokens, then N_DECODE single-token cached steps fed the same tokens."""
-    eng = load_engine(path, backend="cpu", max_sequences=1)
+    eng = load_engine(path, backend=backend, max_sequences=1, max_context=256)
     try:
         s = eng.new_sequence(ids[:N_PROMPT].tolist(), SamplingParams(temperature=0.0))
         rows = [eng.score(s)]
@@ -124,3 +124,39 @@ def test_llama_qk_rows_are_permuted(tmp_path):
     np.testing.assert_array_equal(q_file[1], q_hf[hd // 2])
     np.testing.assert_array_equal(q_file[0], q_hf[0])
     assert not np.array_equal(q_file[1], q_hf[1])
+
+
+def test_phi3_longrope_factors_follow_served_context(tmp_path):
+    """llama.cpp (llama_model::get_rope_factors) picks rope_factors_long when the per-sequence
+    context exceeds rope.scaling.original_context_length and rope_factors_short otherwise, for
+    every position. The tiny model: original context 16, trained 256. Served at 16, a 12-token
+    prompt uses the short factors, as transformers does for a sequence of at most 16 tokens, and
+    the logits agree with it (F32, <= 1e-4 relative); served at 256 the long factors apply from
+    the first token and the same prompt's logits move far from that reference."""
+    model = tiny_model("phi3_longrope")
+    rp = model.config.rope_parameters
+    path = export_hf_model(model, tmp_path / "phi3_longrope.gguf", qtype="F32")
+    ids = np.random.default_rng().integers(0, VOCAB, 12)
+    ref = _hf_logits(model, ids)
+
+    def run(n_ctx):
+        eng = load_engine(path, backend="cpu", max_sequences=1)
+        try:
+            ad = eng.adapter
+            assert eng.info.context_length == 256 and ad.rope_factors_kind() == "long"  # unset: trained
+            assert ad.rope_factors_kind(16) == "short" and ad.rope_factors_kind(17) == "long"
+            ad.set_context_length(n_ctx)
+            s = eng.new_sequence(ids.tolist(), SamplingParams(temperature=0.0))
+            return np.asarray(ad.rope.freq_factors, np.float64), eng.score(s).astype(np.float64)
+        finally:
+            eng.close()
+
+    short_f, short_logits = run(16)
+    np.testing.assert_allclose(short_f, rp["short_factor"], rtol=1e-6)
+    rel_short = _rel(short_logits, ref)
+    long_f, long_logits = run(256)
+    np.testing.assert_allclose(long_f, rp["long_factor"], rtol=1e-6)
+    rel_long = _rel(long_logits, ref)
+    print(f"phi3 LongRoPE: short@16 rel={rel_short:.2e}, long@256 rel={rel_long:.2e}")
+    assert rel_short <= 1e-4, rel_short
+    assert rel_long > 100 * max(rel_short, 1e-6), (rel_long, rel_short)

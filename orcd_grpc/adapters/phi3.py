@@ -4,9 +4,11 @@ rope.dimension_count features, optional LongRoPE factors.
 - attn_qkv.weight rows are [q (H*D); k (Hkv*D); v (Hkv*D)].
 - ffn_up.weight rows are [gate (F); up (F)]: silu(first half) * second half.
 - LongRoPE: the file carries rope_factors_long/short.weight (one divisor per rotated pair). As in
-  llama.cpp, the long factors apply when the context the model is run at exceeds
-  rope.scaling.original_context_length (here: the trained context, since an extended model is
-  served at its extended length), and cos/sin are multiplied by rope.scaling.attn_factor.
+  llama.cpp (llama_model::get_rope_factors: n_ctx_per_seq > n_ctx_orig_yarn), the long factors
+  apply when the context a sequence is served at (`n_ctx`: the engine's context length, set
+  before bind or through set_context_length; unset: the trained context) exceeds
+  rope.scaling.original_context_length, the short ones otherwise, for every position. cos/sin
+  are multiplied by rope.scaling.attn_factor (a constant of the file, whichever factors apply).
 """
 from __future__ import annotations
 
@@ -38,11 +40,26 @@ class Phi3Adapter(LlamaAdapter):
             })
         return req
 
+    n_ctx: int | None = None  # tokens per sequence the model is served at (None: trained context)
+
+    def rope_factors_kind(self, n_ctx: int | None = None) -> str:
+        """'long' or 'short': llama.cpp's choice for a sequence context of n_ctx tokens."""
+        hp = self.hp
+        orig = int(self.model.hp("rope.scaling.original_context_length", hp.context_length) or hp.context_length)
+        n_ctx = int(n_ctx or self.n_ctx or hp.context_length)
+        return "long" if n_ctx > orig else "short"
+
+    def set_context_length(self, n_ctx: int) -> None:
+        """Serve at n_ctx tokens per sequence: re-picks the LongRoPE factors (before any KV exists)."""
+        self.n_ctx = int(n_ctx)
+        if self.be is not None:
+            self.prepare()
+
     def prepare(self):
         super().prepare()
         m, hp = self.model, self.hp
         orig = int(m.hp("rope.scaling.original_context_length", hp.context_length) or hp.context_length)
-        kind = "long" if hp.context_length > orig else "short"
+        kind = self.rope_factors_kind()
         freq = None
         if m.has(f"rope_factors_{kind}.weight"):
             freq = self.be.to_host(self.w[f"rope_factors_{kind}.weight"])
