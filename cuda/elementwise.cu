@@ -52,6 +52,20 @@ BINARY(gelu_mul_f32, 1)
 BINARY(add_f32, 2)
 BINARY(scale_f32, 3)
 
+// Row r of x [., ld_x], columns [col0, col0 + w), into row r of y [., w]; 16-byte vectors when aligned.
+__device__ __forceinline__ void copy_row_cols(const float* __restrict__ x, float* __restrict__ y, int r, int ld_x,
+                                              int col0, int w) {
+    const float* src = x + (size_t)r * ld_x + col0;
+    float* dst = y + (size_t)r * w;
+    if (((ld_x | col0 | w) & 3) == 0) {
+        const float4* s4 = reinterpret_cast<const float4*>(src);
+        float4* d4 = reinterpret_cast<float4*>(dst);
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (w >> 2); i += gridDim.x * blockDim.x) d4[i] = s4[i];
+    } else {
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < w; i += gridDim.x * blockDim.x) dst[i] = src[i];
+    }
+}
+
 // y[r, :] = act(x[r, :F]) * x[r, F:2F] for the rows of a fused gate/up projection x [rows, 2F].
 template <int OP>
 __device__ __forceinline__ void glu_halves(const float* __restrict__ x, float* __restrict__ y, int rows, int F) {
@@ -69,34 +83,15 @@ extern "C" __global__ void gelu_halves_f32(const float* x, float* y, int rows, i
 // [c_p, c_p + w_p) of each row of x [rows, ld_x]; c_0 = 0, c_1 = w_0, c_2 = w_0 + w_1.
 extern "C" __global__ void split3_f32(const float* __restrict__ x, float* __restrict__ y0, float* __restrict__ y1,
                                       float* __restrict__ y2, int rows, int ld_x, int w0, int w1, int w2) {
-    const int r = blockIdx.y, p = blockIdx.z;
+    const int p = blockIdx.z;
     const int w = p == 0 ? w0 : p == 1 ? w1 : w2;
-    const int col0 = p == 0 ? 0 : p == 1 ? w0 : w0 + w1;
-    float* dst = (p == 0 ? y0 : p == 1 ? y1 : y2) + (size_t)r * w;
-    const float* src = x + (size_t)r * ld_x + col0;
-    if (((ld_x | col0 | w) & 3) == 0) {
-        const float4* s4 = reinterpret_cast<const float4*>(src);
-        float4* d4 = reinterpret_cast<float4*>(dst);
-        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (w >> 2); i += gridDim.x * blockDim.x) d4[i] = s4[i];
-    } else {
-        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < w; i += gridDim.x * blockDim.x) dst[i] = src[i];
-    }
+    copy_row_cols(x, p == 0 ? y0 : p == 1 ? y1 : y2, blockIdx.y, ld_x, p == 0 ? 0 : p == 1 ? w0 : w0 + w1, w);
 }
 
 // y[r, :] = x[r, col0 : col0 + w] for r < rows; x has ld_x columns. One block row per grid.y.
 extern "C" __global__ void copy_cols_f32(const float* __restrict__ x, float* __restrict__ y, int rows, int ld_x,
                                          int col0, int w) {
-    const int r = blockIdx.y;
-    if (r >= rows) return;
-    const float* src = x + (size_t)r * ld_x + col0;
-    float* dst = y + (size_t)r * w;
-    if (((ld_x | col0 | w) & 3) == 0) {
-        const float4* s4 = reinterpret_cast<const float4*>(src);
-        float4* d4 = reinterpret_cast<float4*>(dst);
-        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (w >> 2); i += gridDim.x * blockDim.x) d4[i] = s4[i];
-    } else {
-        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < w; i += gridDim.x * blockDim.x) dst[i] = src[i];
-    }
+    if (blockIdx.y < rows) copy_row_cols(x, y, blockIdx.y, ld_x, col0, w);
 }
 
 // y[i, :] = x[idx[i], :] for i < n_rows, rows of d floats.

@@ -46,15 +46,15 @@ def _path(arch, qtype, tmp_path):
 
 
 def _logits(path, ids, backend):
+    # the same prefill + cached-decode schedule that tests/test_architectures.py checks against HF
+    # (importing that module needs torch; this one must run without it)
     from orcd_grpc.engine import load_engine
     from orcd_grpc.sampling import SamplingParams
 
     eng = load_engine(path, backend=backend, max_sequences=1, max_context=256)
     try:
         s = eng.new_sequence(ids[:N_PROMPT].tolist(), SamplingParams(temperature=0.0))
-        rows = [eng.score(s)]
-        for t in ids[N_PROMPT:N_PROMPT + N_DECODE]:
-            rows.append(eng.score(s, [int(t)]))
+        rows = [eng.score(s)] + [eng.score(s, [int(t)]) for t in ids[N_PROMPT:N_PROMPT + N_DECODE]]
         return np.concatenate(rows).astype(np.float64)
     finally:
         eng.close()
