@@ -172,6 +172,16 @@ class Scheduler:
                 raise Unavailable("the worker is shutting down")
             t0 = time.monotonic()
             extra = {"max_context": max_context} if max_context else {}
+            old = self._engine
+            if max_vram and old is not None and old.info.backend == "cuda":
+                # The new model loads beside the served one, and max_vram caps the worker, not
+                # each model: what the served one holds is not the newcomer's to take.
+                held = int(old.info.weights_bytes) + int(old.info.kv_cache_bytes) + int(old.info.workspace_bytes)
+                if held >= max_vram:
+                    raise ResourceExhausted(
+                        f"--max-vram {max_vram / 2**30:.2f} GiB is held by the served model {old.info.model_id} "
+                        f"({held / 2**30:.2f} GiB); unload it first", field="max_vram")
+                max_vram -= held
             engine = self._loader(path, model_id=model_id, backend=backend, context_length=context_length,
                                   max_sequences=self.max_sequences, max_vram=max_vram, progress=progress,
                                   **extra)

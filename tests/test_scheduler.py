@@ -472,3 +472,31 @@ def test_cancelled_during_a_step_counts_only_streamed_tokens(make_sched):
         ev.append(r.events.get(timeout=5))
     streamed = 1 + sum(isinstance(e, TokenEvent) for e in ev)
     assert ev[-1].reason == CANCELLED and ev[-1].completion_tokens == streamed
+
+
+def test_max_vram_caps_the_worker_not_each_model():
+    """A model loaded beside a served CUDA model gets max_vram minus what the served one holds."""
+    seen = []
+    first = FakeEngine(model_id="a")
+    first.info.backend = "cuda"
+    first.info.weights_bytes, first.info.kv_cache_bytes, first.info.workspace_bytes = 600, 200, 100
+
+    def loader(path, **kw):
+        seen.append(kw["max_vram"])
+        return first if len(seen) == 1 else FakeEngine(model_id="b")
+
+    s = Scheduler(loader=loader, decoder_factory=FakeDecoder)
+    try:
+        s.load("a", max_vram=1000)
+        s.load("b", max_vram=1000)
+        assert seen == [1000, 100]
+        big = FakeEngine(model_id="c")
+        big.info.backend = "cuda"
+        big.info.weights_bytes = 1000
+        s._loader = lambda path, **kw: big
+        s.load("c", max_vram=1000)          # replaces the CPU model "b": nothing held on the GPU
+        with pytest.raises(ResourceExhausted) as err:
+            s.load("d", max_vram=1000)      # "c" holds the whole limit
+        assert err.value.field == "max_vram" and s.engine.info.model_id == "c"
+    finally:
+        s.shutdown(0)
