@@ -22,31 +22,18 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from tiny_models import ARCHS, VOCAB, tiny_model  # noqa: E402
+from tiny_models import ARCHS, N_DECODE, N_PROMPT, VOCAB, tiny_model  # noqa: E402
+from tiny_models import engine_logits as _orcd_logits  # noqa: E402
 
 from orcd_grpc.engine import load_engine  # noqa: E402
 from orcd_grpc.export import export_hf_model, load_gguf_into_hf  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
 
-N_PROMPT, N_DECODE = 32, 16
 
 
 def _hf_logits(model, ids: np.ndarray, dtype=torch.float32) -> np.ndarray:
     with torch.no_grad():
         return model.to(dtype)(torch.tensor(ids[None], dtype=torch.long)).logits[0].double().numpy()
-
-
-def _orcd_logits(path, ids: np.ndarray, backend: str = "cpu") -> np.ndarray:
-    """Prefill N_PROMPT tokens, then N_DECODE single-token cached steps fed the same tokens."""
-    eng = load_engine(path, backend=backend, max_sequences=1, max_context=256)
-    try:
-        s = eng.new_sequence(ids[:N_PROMPT].tolist(), SamplingParams(temperature=0.0))
-        rows = [eng.score(s)]
-        for t in ids[N_PROMPT:N_PROMPT + N_DECODE]:
-            rows.append(eng.score(s, [int(t)]))
-        return np.concatenate(rows).astype(np.float64)
-    finally:
-        eng.close()
 
 
 def _rel(a: np.ndarray, ref: np.ndarray) -> float:

@@ -9,6 +9,24 @@ from __future__ import annotations
 
 VOCAB = 512
 ARCHS = ("llama", "qwen2", "phi3", "phi3_longrope", "gemma3", "gpt_oss")
+N_PROMPT, N_DECODE = 32, 16
+
+
+def engine_logits(path, ids, backend: str = "cpu"):
+    """orcd's logits [N_PROMPT + N_DECODE, vocab] (float64): a N_PROMPT-token prefill, then
+    N_DECODE single-token cached steps fed the rest of `ids`."""
+    import numpy as np
+
+    from orcd_grpc.engine import load_engine
+    from orcd_grpc.sampling import SamplingParams
+
+    eng = load_engine(path, backend=backend, max_sequences=1, max_context=256)
+    try:
+        s = eng.new_sequence(ids[:N_PROMPT].tolist(), SamplingParams(temperature=0.0))
+        rows = [eng.score(s)] + [eng.score(s, [int(t)]) for t in ids[N_PROMPT:N_PROMPT + N_DECODE]]
+        return np.concatenate(rows).astype(np.float64)
+    finally:
+        eng.close()
 
 
 def _config(arch: str):

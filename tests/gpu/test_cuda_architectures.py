@@ -21,9 +21,9 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
-from tiny_models import ARCHS, VOCAB  # noqa: E402
+from tiny_models import ARCHS, N_DECODE, N_PROMPT, VOCAB  # noqa: E402
+from tiny_models import engine_logits as _logits  # noqa: E402
 
-N_PROMPT, N_DECODE = 32, 16
 CASES = [(a, "F32") for a in ARCHS] + [(a, q) for q in ("Q8_0", "Q4_0") for a in ARCHS if a != "phi3_longrope"]
 
 
@@ -43,21 +43,6 @@ def _path(arch, qtype, tmp_path):
         return export(arch, qtype, tmp_path)
     except ImportError as exc:
         pytest.skip(f"no transformers and no $ORCD_TINY_GGUF_DIR file: {exc}")
-
-
-def _logits(path, ids, backend):
-    # the same prefill + cached-decode schedule that tests/test_architectures.py checks against HF
-    # (importing that module needs torch; this one must run without it)
-    from orcd_grpc.engine import load_engine
-    from orcd_grpc.sampling import SamplingParams
-
-    eng = load_engine(path, backend=backend, max_sequences=1, max_context=256)
-    try:
-        s = eng.new_sequence(ids[:N_PROMPT].tolist(), SamplingParams(temperature=0.0))
-        rows = [eng.score(s)] + [eng.score(s, [int(t)]) for t in ids[N_PROMPT:N_PROMPT + N_DECODE]]
-        return np.concatenate(rows).astype(np.float64)
-    finally:
-        eng.close()
 
 
 @pytest.mark.parametrize("arch,qtype", CASES, ids=[f"{a}-{q}" for a, q in CASES])
