@@ -72,6 +72,7 @@ class Sequence:
         # (so unseeded requests differ, as on the host sampler).
         seed = getattr(sampling, "seed", None)
         self.device_seed = int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.device_row = None  # its packed GPU sampling parameters, made on first use
 
     @property
     def total_len(self) -> int:
@@ -85,6 +86,10 @@ class Sequence:
         p = len(self.prompt_ids)
         return (self.prompt_ids[start:stop] if stop <= p
                 else self.prompt_ids[start:] + self.output_ids[max(0, start - p): stop - p])
+
+
+def _penalised(p) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
 def make_backend(kind: str = "auto", max_vram: int = 0) -> Backend:
@@ -267,20 +272,35 @@ class Engine:
         """Sampling on the backend: only token ids and logprobs cross to the host."""
         from .sampling import TokenSample
 
-        rows = []
-        for s in seqs:
-            p = s.sampling
-            penalised = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-            rows.append({"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
-                         "seed": s.device_seed, "counter": len(s.output_ids),
-                         "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
-                         "frequency_penalty": p.frequency_penalty,
-                         "prompt_ids": s.prompt_ids if penalised else (),
-                         "output_ids": s.output_ids if penalised else ()})
         if logits.shape[0] != len(seqs):  # a padded graph step: the real rows come first
             logits = logits.row_slice(0, len(seqs))
         n_top = max(s.sampling.top_logprobs for s in seqs)
-        res = self.backend.sample(logits, rows, n_top)
+        penalised = any(_penalised(s.sampling) for s in seqs)
+        if not penalised and hasattr(self.backend, "sample_packed"):
+            # The common case, kept cheap for large batches: each row's parameters are packed
+            # once per sequence; per step only the Philox counter (the token index) changes.
+            from .backends.cuda import pack_sampling_row
+
+            prm = np.empty((len(seqs), 16), np.uint32)
+            for r, s in enumerate(seqs):
+                row = s.device_row
+                if row is None:
+                    p = s.sampling
+                    row = s.device_row = pack_sampling_row(p.temperature, p.top_k, p.top_p, p.min_p, s.device_seed)
+                prm[r] = row
+            prm[:, 6] = [len(s.output_ids) for s in seqs]
+            res = self.backend.sample_packed(logits, prm, np.zeros(2, np.int32), n_top)
+        else:
+            rows = []
+            for s in seqs:
+                p = s.sampling
+                pen = _penalised(p)
+                rows.append({"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
+                             "seed": s.device_seed, "counter": len(s.output_ids),
+                             "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
+                             "frequency_penalty": p.frequency_penalty,
+                             "prompt_ids": s.prompt_ids if pen else (), "output_ids": s.output_ids if pen else ()})
+            res = self.backend.sample(logits, rows, n_top)
         toks, lps = res[0], res[1]
         out = {}
         for r, s in enumerate(seqs):

@@ -122,3 +122,39 @@ def test_prefix_cache_reuses_blocks_without_changing_logits(engine):
         engine.allocator.prefix_cache = True
     rel = np.abs(cached_logits - fresh_logits).max() / np.abs(fresh_logits).max()
     assert rel < 1e-5
+
+
+def test_device_sampling_rows_are_packed_once_and_counted(tmp_path):
+    """The engine's fast path for backends that sample on the device: per step each row carries
+    the sequence's packed parameters with the token index as the Philox counter. A NumPy backend
+    with a recording sample_packed (greedy argmax) stands in for the GPU here."""
+    import sys
+
+    from orcd_grpc.backends.numpy_backend import NumpyBackend
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from gpu.test_cuda_models import write_tiny_llama
+
+    calls = []
+
+    class Recording(NumpyBackend):
+        def sample_packed(self, logits, prm, pen, n_top=0):
+            calls.append(prm.copy())
+            return np.argmax(logits, -1).astype(np.int32), np.zeros(len(logits), np.float32)
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    eng = load_engine(path, backend=Recording(), max_sequences=4, max_context=256)
+    try:
+        eng.device_sampling = True
+        a = eng.new_sequence([1, 5, 6], SamplingParams(temperature=0.5, top_k=7, seed=3))
+        b = eng.new_sequence([1, 9], SamplingParams(temperature=0.0, seed=(1 << 40) + 2))
+        for _ in range(4):
+            eng.step([a, b])
+        assert len(a.output_ids) == len(b.output_ids) == 4
+        first, last = calls[0], calls[-1]
+        assert first.view(np.float32)[0, 0] == np.float32(0.5) and first[0, 1] == 7
+        assert (first[0, 4], first[0, 5]) == (3, 0) and (first[1, 4], first[1, 5]) == (2, 1 << 8)
+        assert list(first[:, 6]) == [0, 0] and list(last[:, 6]) == [3, 3]
+        assert a.device_row is not None and not np.shares_memory(a.device_row, first)
+    finally:
+        eng.close()

@@ -128,6 +128,20 @@ def rope_inv_freq(spec: RopeSpec) -> tuple[np.ndarray, float]:
     return inv_freq, mscale
 
 
+def pack_sampling_row(temperature, top_k, top_p, min_p, seed, repetition_penalty=1.0, presence_penalty=0.0,
+                      frequency_penalty=0.0) -> np.ndarray:
+    """One row of sample.cu's RowParams (16 32-bit words); the counter (words 6-7) and the
+    penalty slice (11-12) are the caller's, per step."""
+    row = np.zeros(16, np.uint32)
+    f = row.view(np.float32)
+    seed = int(seed or 0) & ((1 << 64) - 1)
+    f[0], f[2], f[3] = float(temperature), float(top_p), float(min_p)
+    row[1] = np.uint32(int(top_k) & 0xFFFFFFFF)
+    row[4], row[5] = seed & 0xFFFFFFFF, seed >> 32
+    f[8], f[9], f[10] = float(repetition_penalty), float(presence_penalty), float(frequency_penalty)
+    return row
+
+
 def _nvidia_driver() -> str:
     """The kernel driver's version (e.g. 580.159.04); the CUDA API only reports its own."""
     try:
@@ -707,22 +721,16 @@ class CudaBackend(Backend):
             return default if v is None else v
 
         prm = np.zeros((R, 16), np.uint32)
-        f = prm.view(np.float32)
         pens = []
         off = 0
         for r, p in enumerate(params_per_row):
             out_ids = list(get(p, "output_ids", ()))
-            seed = int(get(p, "seed", 0)) & ((1 << 64) - 1)
-            ctr = int(get(p, "counter", len(out_ids)))
-            f[r, 0] = float(get(p, "temperature", 1.0))
-            prm[r, 1] = np.uint32(int(get(p, "top_k", 0)) & 0xFFFFFFFF)
-            f[r, 2] = float(get(p, "top_p", 1.0))
-            f[r, 3] = float(get(p, "min_p", 0.0))
-            prm[r, 4], prm[r, 5] = seed & 0xFFFFFFFF, seed >> 32
-            prm[r, 6], prm[r, 7] = ctr & 0xFFFFFFFF, (ctr >> 32) & 0xFFFFFFFF
             rep, pres, freq = (float(get(p, "repetition_penalty", 1.0)), float(get(p, "presence_penalty", 0.0)),
                                float(get(p, "frequency_penalty", 0.0)))
-            f[r, 8], f[r, 9], f[r, 10] = rep, pres, freq
+            prm[r] = pack_sampling_row(get(p, "temperature", 1.0), get(p, "top_k", 0), get(p, "top_p", 1.0),
+                                       get(p, "min_p", 0.0), get(p, "seed", 0), rep, pres, freq)
+            ctr = int(get(p, "counter", len(out_ids)))
+            prm[r, 6], prm[r, 7] = ctr & 0xFFFFFFFF, (ctr >> 32) & 0xFFFFFFFF
             n = 0
             if rep != 1.0 or pres != 0.0 or freq != 0.0:
                 seen = np.unique(np.asarray(list(get(p, "prompt_ids", ())) + out_ids, np.int64))
@@ -736,6 +744,13 @@ class CudaBackend(Backend):
             prm[r, 11], prm[r, 12] = off, n
             off += n
         pen = np.concatenate(pens).astype(np.int32).ravel() if pens else np.zeros(2, np.int32)
+        return self.sample_packed(logits, prm, pen, n_top)
+
+    def sample_packed(self, logits, prm: np.ndarray, pen: np.ndarray, n_top: int = 0):
+        """`sample` with its rows already packed: prm uint32 [R, 16] (pack_sampling_row, then the
+        counter in words 6-7 and the row's penalty slice in words 11-12), pen int32 pairs (token
+        id, generated count) back to back."""
+        R, V = logits.shape
         nt, ntt = int(n_top), max(int(n_top), 1)
         # One device buffer and its pinned host twin, in 32-bit words:
         #   params [R, 16] | penalties | (64-word aligned) token ids [R] | logprobs [R] | top ids | top logprobs
