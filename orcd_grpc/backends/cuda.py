@@ -211,6 +211,11 @@ class CudaBackend(Backend):
             limit = min(limit, int(max_vram))
         self.budget = VramBudget(limit)
         self.stream = drv.Stream()
+        # Every kernel module compiled (or found in the cache) now, in parallel, rather than one
+        # by one at first use in the middle of a request.
+        from .cuda_runtime import device_arch, precompile
+
+        precompile(device_arch())
         self._kernels: dict[str, _Kernel] = {}
         self._owned: "weakref.WeakSet[DeviceBuffer]" = weakref.WeakSet()
         self._weights: list = []

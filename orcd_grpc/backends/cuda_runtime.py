@@ -1,13 +1,24 @@
-"""Compiles and loads the kernels in cuda/*.cu through PyCUDA.
+"""Compiles the kernels in cuda/*.cu with nvcc and loads them through PyCUDA.
 
-Modules are built for the card's own architecture (sm_90 on Hopper) with nvcc and cached on disk
-by PyCUDA, keyed by source, options and architecture, so a worker restart does not recompile.
+Modules are built for the card's own architecture (sm_90 on Hopper) into cubins cached on disk,
+keyed by the module's source, every header beside it, the options, the architecture and nvcc's
+version, so a worker restart does not recompile and a changed kernel never loads stale code.
+A cache can be filled without a GPU (`python3 -m orcd_grpc.backends.cuda_runtime DIR`), for
+images and for machines where compile time is dear.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+MODULES = ("attention", "elementwise", "moe", "norm", "quant_matmul", "rope", "sample")
+BASE_OPTIONS = ("-O3", "--use_fast_math", "-std=c++17")
 
 
 def kernel_dir() -> pathlib.Path:
@@ -28,6 +39,21 @@ def kernel_dir() -> pathlib.Path:
 CUDA_DIR = kernel_dir()
 
 
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("ORCD_KERNEL_CACHE", pathlib.Path.home() / ".cache" / "orcd" / "kernels"))
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc() -> str:
+    found = os.environ.get("NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_version() -> str:
+    return subprocess.run([nvcc(), "--version"], capture_output=True, text=True, check=True).stdout
+
+
 @functools.lru_cache(maxsize=None)
 def device_arch() -> str:
     import pycuda.driver as drv
@@ -36,19 +62,52 @@ def device_arch() -> str:
     return f"sm_{major}{minor}"
 
 
+def cubin_path(name: str, arch: str, options: tuple[str, ...] = ()) -> pathlib.Path:
+    h = hashlib.sha256()
+    h.update((CUDA_DIR / f"{name}.cu").read_bytes())
+    for header in sorted(CUDA_DIR.glob("*.cuh")):
+        h.update(header.name.encode() + b"\0" + header.read_bytes())
+    h.update("\0".join((*BASE_OPTIONS, *options, arch, nvcc_version())).encode())
+    return cache_dir() / f"{name}-{arch}-{h.hexdigest()[:20]}.cubin"
+
+
+def compile_cubin(name: str, arch: str, options: tuple[str, ...] = ()) -> pathlib.Path:
+    """The cached cubin of cuda/<name>.cu, compiling it first when absent."""
+    path = cubin_path(name, arch, options)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = pathlib.Path(tmp) / path.name
+        cmd = [nvcc(), "-cubin", f"-arch={arch}", *BASE_OPTIONS, f"-I{CUDA_DIR}", *options, "-o", str(out),
+               str(CUDA_DIR / f"{name}.cu")]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            from ..errors import Internal
+
+            raise Internal(f"nvcc failed on cuda/{name}.cu: {done.stderr[-2000:]}")
+        os.replace(out, path)  # atomic: a concurrent loader sees the whole file or none
+    return path
+
+
 @functools.lru_cache(maxsize=None)
 def load_module(name: str, options: tuple[str, ...] = ()):
-    """Returns the pycuda Module compiled from cuda/<name>.cu (a current context is required)."""
-    from pycuda.compiler import SourceModule
+    """The pycuda Module of cuda/<name>.cu for this device (a current context is required)."""
+    import pycuda.driver as drv
 
-    src = (CUDA_DIR / f"{name}.cu").read_text()
-    cache_dir = os.environ.get("ORCD_KERNEL_CACHE", str(pathlib.Path.home() / ".cache" / "orcd" / "kernels"))
-    os.makedirs(cache_dir, exist_ok=True)
-    return SourceModule(
-        src,
-        no_extern_c=True,  # kernels declare extern "C" themselves so templates can live beside them
-        arch=device_arch(),
-        options=["-O3", "--use_fast_math", "-std=c++17", f"-I{CUDA_DIR}", *options],
-        include_dirs=[str(CUDA_DIR)],
-        cache_dir=cache_dir,
-    )
+    return drv.module_from_buffer(compile_cubin(name, device_arch(), tuple(options)).read_bytes())
+
+
+def precompile(arch: str, names=MODULES, option_sets=((),)) -> list[pathlib.Path]:
+    """Fills the cache for `arch` without a GPU, modules in parallel (nvcc is single-threaded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(n, o) for n in names for o in option_sets]
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda j: compile_cubin(j[0], arch, j[1]), jobs))
+
+
+if __name__ == "__main__":  # python3 -m orcd_grpc.backends.cuda_runtime CACHE_DIR [ARCH]
+    os.environ["ORCD_KERNEL_CACHE"] = sys.argv[1]
+    for p in precompile(sys.argv[2] if len(sys.argv) > 2 else "sm_90"):
+        print(p, p.stat().st_size)
