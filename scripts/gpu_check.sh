@@ -16,6 +16,9 @@ export PYTHONUNBUFFERED=1
   .whl/*.whl 2>&1 | tail -2; touch /tmp/site/.orcd-installed; }
 export PYTHONPATH=/tmp/site:$PWD
 export ORCD_KERNEL_CACHE=${ORCD_KERNEL_CACHE:-/tmp/orcd-kernels}
+# Cubins compiled beforehand without a GPU (python3 -m orcd_grpc.backends.cuda_runtime .dev/kcache)
+# save the first load's nvcc time; a stale one is never used (the key covers sources and nvcc).
+if [ -d .dev/kcache ]; then mkdir -p "$ORCD_KERNEL_CACHE" && cp -n .dev/kcache/*.cubin "$ORCD_KERNEL_CACHE"/ 2>/dev/null; fi
 # ../shared does not travel to the GPU machine; a shared/ copied into the checkout does.
 if [ -z "${ORCD_SHARED_DIR:-}" ] && [ -d shared/vocab ]; then export ORCD_SHARED_DIR=$PWD/shared; fi
 # Tiny architecture models exported where transformers is installed (tests/gpu/test_cuda_architectures.py).
