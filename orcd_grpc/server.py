@@ -55,6 +55,9 @@ class ServerConfig:
     credentials: Any = None
 
 
+CONTROL_THREADS = 16  # handler threads Execute streams may not take (Cancel, health, LoadModel...)
+
+
 class _CallWrapper(grpc.ServerInterceptor):
     """Binds the call's correlation id for its log lines and checks the bearer token.
 
@@ -63,8 +66,13 @@ class _CallWrapper(grpc.ServerInterceptor):
     wrapped instead and binds them on the thread that actually runs it.
     """
 
-    def __init__(self, auth_token: str | None):
+    def __init__(self, auth_token: str | None, max_streams: int = 0):
         self._token = auth_token
+        # Execute streams hold a handler thread each for their whole life. Capping them below the
+        # pool's size keeps threads free for Cancel, health checks and the other short calls,
+        # which must get through exactly when the worker is overloaded.
+        self._streams = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
+        self._max_streams = max_streams
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -89,12 +97,22 @@ class _CallWrapper(grpc.ServerInterceptor):
                     return fn(request, context)
             return inner
 
+        limited = self._streams if method == f"/{SERVICE_NAME}/Execute" else None
+
         def wrap_stream(fn):
             def inner(request, context):
                 with logs.bound(correlation=cid, request=""):
                     if deny:
                         context.abort(*deny)
-                    yield from fn(request, context)
+                    if limited is not None and not limited.acquire(blocking=False):
+                        context.set_trailing_metadata((("retry-after-ms", "1000"),))
+                        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      f"the worker has {self._max_streams} open Execute streams; retry later")
+                    try:
+                        yield from fn(request, context)
+                    finally:
+                        if limited is not None:
+                            limited.release()
             return inner
 
         if handler.unary_unary:
@@ -120,7 +138,7 @@ class Worker:
         self.servicer = WorkerServicer(self.scheduler, model_dirs=config.model_dirs, backend=config.backend,
                                        max_context=config.max_context, max_vram=config.max_vram,
                                        metrics=self.metrics)
-        workers = config.max_workers or (config.max_queue + config.max_sequences + 16)
+        workers = config.max_workers or (config.max_queue + config.max_sequences + CONTROL_THREADS)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="orcd-rpc")
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -135,7 +153,9 @@ class Worker:
         for icp in config.interceptors:  # policy interceptors (orcd_grpc.ratelimit) count into this worker's registry
             if hasattr(icp, "bind_registry"):
                 icp.bind_registry(self.metrics.registry)
-        self.server = grpc.server(self._pool, interceptors=[_CallWrapper(config.auth_token), *config.interceptors],
+        reserve = min(CONTROL_THREADS, max(1, workers // 4))
+        wrapper = _CallWrapper(config.auth_token, max_streams=max(1, workers - reserve))
+        self.server = grpc.server(self._pool, interceptors=[wrapper, *config.interceptors],
                                   options=options,
                                   maximum_concurrent_rpcs=workers)
         pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)

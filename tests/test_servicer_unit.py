@@ -336,3 +336,47 @@ def test_request_metrics_count_codes(harness):
     assert reg.get_sample_value("orcd_requests_total", {"method": "Execute", "code": "OK"}) == 1
     assert reg.get_sample_value("orcd_requests_total", {"method": "Execute", "code": "INVALID_ARGUMENT"}) == 1
     assert reg.get_sample_value("orcd_generated_tokens_total") == 5
+
+
+def test_execute_streams_leave_threads_for_control_calls():
+    """Execute streams beyond the cap are refused at once (RESOURCE_EXHAUSTED, retry hint) so the
+    handler threads kept back serve Cancel and health checks under overload."""
+    import grpc
+
+    from orcd_grpc.server import SERVICE_NAME, _CallWrapper
+
+    class Aborted(Exception):
+        pass
+
+    class Ctx:
+        def __init__(self):
+            self.trailing, self.code = (), None
+
+        def set_trailing_metadata(self, md):
+            self.trailing = md
+
+        def abort(self, code, details):
+            self.code = code
+            raise Aborted(details)
+
+    class Details:
+        def __init__(self, method):
+            self.method, self.invocation_metadata = method, ()
+
+    def stream(request, context):
+        yield "a"
+        yield "b"
+
+    wrapper = _CallWrapper(None, max_streams=1)
+    handler = grpc.unary_stream_rpc_method_handler(stream)
+    execute = wrapper.intercept_service(lambda d: handler, Details(f"/{SERVICE_NAME}/Execute")).unary_stream
+    first = execute(None, Ctx())
+    assert next(first) == "a"                      # holds the only stream slot
+    ctx = Ctx()
+    with pytest.raises(Aborted):
+        next(execute(None, ctx))
+    assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED and ("retry-after-ms", "1000") in ctx.trailing
+    other = wrapper.intercept_service(lambda d: handler, Details(f"/{SERVICE_NAME}/Other")).unary_stream
+    assert list(other(None, Ctx())) == ["a", "b"]  # other methods are not counted
+    assert list(first) == ["b"]                    # the first stream ends: its slot is free again
+    assert list(execute(None, Ctx())) == ["a", "b"]
