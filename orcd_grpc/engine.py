@@ -323,6 +323,8 @@ class Engine:
         if new_tokens:
             seq.output_ids.extend(int(t) for t in new_tokens)
         plan = self._plan([seq], 1 << 30)
+        if not plan:
+            raise InvalidArgument("the sequence has no token to score", field="new_tokens")
         _, logits = self._forward(plan, all_logits=True)
         return self.backend.to_host(logits)
 
@@ -395,6 +397,7 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
             weights[new] = be.load_weight(new, raw, parts[0].tensor_type, shape)
         kv = be.alloc_kv(adapter.kv_layout(num_blocks + 1, block_size))  # + the padding rows' block
         report("warming", total, total)
+        adapter.n_ctx = ctx_len  # the context served per sequence (phi3 picks its rope factors by it)
         adapter.bind(be, weights)
     except BaseException:
         be.close()

@@ -147,3 +147,16 @@ def test_phi3_longrope_factors_follow_served_context(tmp_path):
     print(f"phi3 LongRoPE: short@16 rel={rel_short:.2e}, long@256 rel={rel_long:.2e}")
     assert rel_short <= 1e-4, rel_short
     assert rel_long > 100 * max(rel_short, 1e-6), (rel_long, rel_short)
+
+
+def test_load_engine_serves_phi3_longrope_at_its_context(tmp_path):
+    """load_engine tells the adapter the per-sequence context it serves, so LongRoPE factors are
+    chosen as llama.cpp chooses them: short at or under the original context (16), long above."""
+    path = export_hf_model(tiny_model("phi3_longrope"), tmp_path / "p.gguf", qtype="F32", expert_qtype="F32")
+    for ctx, kind in ((16, "short"), (0, "long")):
+        eng = load_engine(path, backend="cpu", max_sequences=1, context_length=ctx)
+        try:
+            assert eng.adapter.n_ctx == eng.info.context_length
+            assert eng.adapter.rope_factors_kind() == kind, (ctx, kind)
+        finally:
+            eng.close()
