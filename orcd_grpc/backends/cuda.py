@@ -764,10 +764,12 @@ class CudaBackend(Backend):
         o_out = -(-n_in // 64) * 64
         n_out = 2 * R + 2 * R * ntt
         words = o_out + n_out
-        if self._sample_buf is None or self._sample_buf.nbytes < words * 4:
+        # Sized by the host twin: the device buffer is rounded up to ALIGN bytes, so its nbytes
+        # can exceed the host's words and must not be what decides a reallocation.
+        if self._sample_host is None or self._sample_host.size < words:
             if self._sample_buf is not None:
                 self._sample_buf.free()
-            cap = max(words * 2, 16 << 10)
+            cap = -(-max(words * 2, 16 << 10) // 64) * 64
             self._sample_buf = self._persistent(cap * 4, "sampling buffers")
             self._sample_host = self._drv.pagelocked_empty(cap, np.uint32)
         base, host = self._sample_buf.ptr, self._sample_host

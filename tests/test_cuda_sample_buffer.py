@@ -1,0 +1,95 @@
+"""CudaBackend.sample_packed's one pinned buffer, exercised on the CPU with the driver stubbed:
+the host twin must always hold every word the step uses (its device buffer is rounded up to
+256 bytes, so the device size alone is not a safe test for reuse)."""
+from __future__ import annotations
+
+import numpy as np
+
+from orcd_grpc.backends import cuda as cuda_mod
+from orcd_grpc.backends.cuda_memory import ALIGN
+
+
+class _FakeDrv:
+    """Device memory as one uint32 array per allocation; copies and the kernel act on it."""
+
+    def __init__(self):
+        self.mem: dict[int, np.ndarray] = {}
+        self.next = 1 << 20
+
+    def alloc(self, nbytes):
+        nbytes = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)  # as DeviceBuffer rounds
+        base, self.next = self.next, self.next + nbytes + (1 << 20)
+        self.mem[base] = np.zeros(nbytes // 4, np.uint32)
+        return base, nbytes
+
+    def _at(self, ptr):
+        for base, arr in self.mem.items():
+            if base <= ptr < base + arr.size * 4:
+                return arr, (ptr - base) // 4
+        raise AssertionError(f"pointer 0x{ptr:x} outside every allocation")
+
+    @staticmethod
+    def pagelocked_empty(n, dtype):
+        return np.empty(n, dtype)
+
+    def memcpy_htod_async(self, ptr, host, stream=None):
+        arr, i = self._at(ptr)
+        assert i + host.size <= arr.size
+        arr[i: i + host.size] = host.view(np.uint32)
+
+    def memcpy_dtoh_async(self, host, ptr, stream=None):
+        arr, i = self._at(ptr)
+        assert i + host.size <= arr.size
+        host.view(np.uint32)[:] = arr[i: i + host.size]
+
+
+class _Buf:
+    def __init__(self, drv, nbytes):
+        self.ptr, self.nbytes = drv.alloc(nbytes)
+
+    def free(self):
+        pass
+
+
+def _backend():
+    be = object.__new__(cuda_mod.CudaBackend)
+    drv = _FakeDrv()
+    be._drv, be._sample_buf, be._sample_host, be.stream = drv, None, None, None
+    be._persistent = lambda nbytes, what: _Buf(drv, nbytes)
+    be._out = lambda shape, dtype=np.float32: cuda_mod.CudaTensor(drv.alloc(4 * int(np.prod(shape)))[0], shape, dtype)
+    be._k = lambda module, name, sig: None
+    be.synchronize = lambda what=None: None
+
+    def launch(k, grid, block, logits, work, V, prm, pen, tok, lp, n_top, tid, tlp, shared=0):
+        R = grid[0]
+        for r in range(R):  # token = row + 100, logprob = -row, top ids / logprobs from the row too
+            a, i = drv._at(tok + 4 * r)
+            a[i] = r + 100
+            a, i = drv._at(lp + 4 * r)
+            a[i] = np.float32(-r).view(np.uint32)
+            ntt = max(int(n_top), 1)
+            for j in range(ntt):
+                a, i = drv._at(tid + 4 * (r * ntt + j))
+                a[i] = 1000 * r + j
+                a, i = drv._at(tlp + 4 * (r * ntt + j))
+                a[i] = np.float32(-j).view(np.uint32)
+
+    be._launch = launch
+    return be
+
+
+def test_sample_buffer_regrows_by_host_words():
+    be = _backend()
+    logits = cuda_mod.CudaTensor(1 << 10, (1, 50), np.float32)
+    prm = np.zeros((1, 16), np.uint32)
+    # First call: 8260 words (params 16 + penalties 8200, outputs 4) -> a 16520-word host twin,
+    # whose device buffer rounds up to 16576 words.
+    out = be.sample_packed(logits, prm, np.zeros(8200, np.int32), 1)
+    assert [int(x) for x in out[0]] == [100]
+    # Second call: 16554 words (inputs 16496 -> outputs at 16512, 42 output words with n_top 20):
+    # more than the host twin holds but within the rounded device buffer.
+    toks, lps, tid, tlp = be.sample_packed(logits, prm, np.zeros(16480, np.int32), 20)
+    assert toks.tolist() == [100] and lps.tolist() == [0.0]
+    assert tid.shape == (1, 20) and tid[0].tolist() == list(range(20))
+    assert tlp[0].tolist() == [-float(j) for j in range(20)]
+    assert be._sample_host.size >= 16554
