@@ -25,15 +25,17 @@ CPU_KV_BUDGET = 1 << 30
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
-def _max_step_tokens(hp, workspace_bytes: int, n_exp: int = 0) -> int:
+def _max_step_tokens(hp, workspace_bytes: int, n_exp: int = 0, max_sequences: int = 1) -> int:
     """Tokens one step may carry so that its activations fit the backend's step workspace
-    (0: no limit). Twice the float32 rows a layer keeps alive at once, per token."""
+    (0: no limit): what the sampled rows' logits and sampling buffers leave, over twice the
+    float32 rows a layer keeps alive at once per token. At most 65,535 (a kernel grid's rows)."""
     if not workspace_bytes:
         return 1 << 30
+    workspace_bytes -= 2 * 4 * hp.vocab_size * max(1, max_sequences)
     ffn = 3 * hp.d_ff * max(1, n_exp) + (n_exp * hp.d_model if n_exp else 0)
     attn = 2 * (hp.n_heads * hp.head_dim + hp.n_kv_heads * (hp.head_dim + hp.head_dim_v))
     per_token = 4 * (6 * hp.d_model + attn + ffn)
-    return max(16, int(workspace_bytes) // (2 * per_token))
+    return max(16, min(65535, int(workspace_bytes) // (2 * per_token)))
 
 
 @dataclass
@@ -118,7 +120,7 @@ class Engine:
         # The block past the allocator's range takes the KV writes of padding rows (see _meta).
         self.pad_block = allocator.num_blocks
         self.max_step_tokens = _max_step_tokens(adapter.hp, getattr(backend, "workspace_bytes", 0),
-                                                 int(getattr(adapter, "n_used", 0) or 0))
+                                                 int(getattr(adapter, "n_used", 0) or 0), info.max_sequences)
         graphs = getattr(backend, "supports_graphs", False) and os.environ.get("ORCD_CUDA_GRAPHS", "1") != "0"
         self.graph_buckets = [b for b in GRAPH_BUCKETS if b <= max(1, info.max_sequences)] if graphs else []
         self.device_sampling = callable(getattr(backend, "sample", None))

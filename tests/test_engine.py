@@ -204,3 +204,20 @@ def test_padded_decode_steps_match_unpadded(tmp_path):
     for a, b in zip(runs["padded"][1], runs["plain"][1]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert {b for (_, b) in Padded.buckets_seen} >= {4, 2}  # 3 sequences padded to 4; then 2
+
+
+def test_step_token_cap_leaves_room_for_logits():
+    from types import SimpleNamespace
+
+    from orcd_grpc.engine import _max_step_tokens
+
+    gpt_oss = SimpleNamespace(d_model=2880, d_ff=2880, n_heads=64, n_kv_heads=8, head_dim=64, head_dim_v=64,
+                              vocab_size=201088)
+    ws = 512 << 20
+    few, many = _max_step_tokens(gpt_oss, ws, 4, 8), _max_step_tokens(gpt_oss, ws, 4, 64)
+    assert 16 <= many < few < 65535
+    per_token = 4 * (6 * 2880 + 2 * (64 * 64 + 8 * 128) + 3 * 2880 * 4 + 4 * 2880)
+    assert many * 2 * per_token + 2 * 4 * 201088 * 64 <= ws  # activations + logits fit
+    assert _max_step_tokens(gpt_oss, ws, 4, 400) == 16        # logits alone overflow: the floor
+    tiny = SimpleNamespace(d_model=64, d_ff=128, n_heads=2, n_kv_heads=1, head_dim=32, head_dim_v=32, vocab_size=320)
+    assert _max_step_tokens(tiny, ws, 0, 4) == 65535 and _max_step_tokens(tiny, 0) == 1 << 30

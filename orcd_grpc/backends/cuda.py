@@ -26,14 +26,16 @@ import weakref
 
 import numpy as np
 
-from .. import quants
-from ..errors import Internal, InvalidArgument, ResourceExhausted
+from .. import logs, quants
+from ..errors import Internal, InvalidArgument, OrcdError, ResourceExhausted
 from .base import Backend, KVLayout, RopeSpec, StepMeta
 from .cuda_memory import ALIGN, MiB, DeviceBuffer, VramBudget, Workspace
 from .cuda_tensor import CudaTensor
 
 DEFAULT_WORKSPACE = 512 * MiB
 CONTEXT_RESERVE = 384 * MiB  # left to the driver, module images, cuBLAS-free kernels' local memory
+
+log = logs.get_logger("orcd.cuda")
 
 _ATTN_DPL = (1, 2, 3, 4, 5, 6, 8)  # attn_d<DPL> variants in attention.cu: head dims up to 32 * DPL
 _ATTN_TARGET_CTAS = 264  # two per SM on an H100: enough decode attention CTAs to use its bandwidth
@@ -52,6 +54,19 @@ def cuda_present() -> bool:
 
 # ---- the process's context --------------------------------------------------------------------
 _ctx_lock = threading.Lock()
+# While a blocking stream captures a CUDA graph, the legacy default stream is unusable, and the
+# synchronous copies, allocations and frees of a model loading or unloading in another thread
+# use it (a second model loads beside the served one). Captures and those calls take turns.
+_capture_lock = threading.RLock()
+
+
+def _serialised(fn):
+    def inner(*args, **kwargs):
+        with _capture_lock:
+            return fn(*args, **kwargs)
+    inner.__name__, inner.__doc__ = fn.__name__, fn.__doc__
+    return inner
+
 _primary = None
 _tls = threading.local()
 
@@ -199,6 +214,10 @@ class CudaBackend(Backend):
     supports_graphs = True
 
     def __init__(self, max_vram: int = 0, device: int = 0, workspace_bytes: int | None = None):
+        with _capture_lock:
+            self._init(max_vram, device, workspace_bytes)
+
+    def _init(self, max_vram: int, device: int, workspace_bytes: int | None):
         import pycuda.driver as drv
 
         self._drv = drv
@@ -236,6 +255,7 @@ class CudaBackend(Backend):
         self._attr_set: set[str] = set()
         self._graphs: dict = {}   # key -> (CudaGraph, output tensor, workspace top after the step)
         self._graph_warm: set = set()
+        self._graph_failed: set = set()
 
     # ---- infrastructure ----------------------------------------------------------------
     def _persistent(self, nbytes: int, what: str) -> DeviceBuffer:
@@ -284,6 +304,7 @@ class CudaBackend(Backend):
     def memory_available(self) -> int:
         return self.budget.available
 
+    @_serialised
     def gpu_info(self) -> dict:
         drv = self._drv
         _context(self.device_index)
@@ -315,6 +336,7 @@ class CudaBackend(Backend):
             pass
         return -(-(int(raw_nbytes) + 16) // ALIGN) * ALIGN  # QuantWeight pads 16 bytes
 
+    @_serialised
     def load_weight(self, name, raw, qtype, shape):
         self._check_open()
         _context(self.device_index)
@@ -343,6 +365,7 @@ class CudaBackend(Backend):
         self._weights.append(w)
         return w
 
+    @_serialised
     def from_host(self, array, what: str = "constant"):
         self._check_open()
         _context(self.device_index)
@@ -352,6 +375,7 @@ class CudaBackend(Backend):
             self._drv.memcpy_htod(buf.ptr, arr)
         return CudaTensor(buf.ptr, arr.shape, np.float32, buf)
 
+    @_serialised
     def to_host(self, x) -> np.ndarray:
         if not isinstance(x, CudaTensor):
             raise InvalidArgument(f"to_host takes a CudaTensor, got {type(x).__name__}", field="x")
@@ -364,10 +388,12 @@ class CudaBackend(Backend):
                 raise Internal(f"CUDA error copying a tensor to the host: {exc}") from exc
         return out
 
+    @_serialised
     def alloc_kv(self, layout: KVLayout):
         self._check_open()
         return CudaKV(self, layout)
 
+    @_serialised
     def close(self) -> None:
         if self.closed:
             return
@@ -440,14 +466,23 @@ class CudaBackend(Backend):
         ctx = self.begin_step(meta)
         hit = self._graphs.get(key)
         if hit is None:
-            if key not in self._graph_warm or self._sync_each:
+            if key not in self._graph_warm or key in self._graph_failed or self._sync_each:
                 self._graph_warm.add(key)
                 return record(ctx)
             box = []
             try:
-                graph = CudaGraph(self.stream, lambda: box.append(record(ctx)))
+                with _capture_lock:
+                    graph = CudaGraph(self.stream, lambda: box.append(record(ctx)))
+            except OrcdError:
+                raise  # e.g. the step workspace ran out: the same eagerly
             except Exception as exc:
-                raise Internal(f"capturing the {key} step as a CUDA graph failed: {exc}") from exc
+                # This bucket runs eagerly from now on rather than failing every step; the
+                # metadata is already on the device, so the step itself can still run.
+                log.warning("CUDA graph capture failed; running that batch size eagerly",
+                            extra={"fields": {"key": str(key), "error": str(exc)}})
+                self._graph_failed.add(key)
+                self.ws.reset()
+                return record(ctx)
             hit = self._graphs[key] = (graph, box[0], self.ws.top, ctx)
         graph, out, top, _ = hit
         try:

@@ -44,15 +44,22 @@ class CudaGraph:
         _check(_cu().cuStreamBeginCapture_v2(h, ctypes.c_int(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)),
                "cuStreamBeginCapture")
         graph = ctypes.c_void_p()
+        self._graph, self._exec = ctypes.c_void_p(), ctypes.c_void_p()
         try:
             record()
-        finally:
-            end = _cu().cuStreamEndCapture(h, ctypes.byref(graph))
-        _check(end, "cuStreamEndCapture")
+        except BaseException:
+            _cu().cuStreamEndCapture(h, ctypes.byref(graph))  # the stream must leave capture mode
+            if graph:
+                _cu().cuGraphDestroy(graph)
+            raise
+        _check(_cu().cuStreamEndCapture(h, ctypes.byref(graph)), "cuStreamEndCapture")
         self._graph = graph
-        self._exec = ctypes.c_void_p()
-        _check(_cu().cuGraphInstantiateWithFlags(ctypes.byref(self._exec), graph, ctypes.c_ulonglong(0)),
-               "cuGraphInstantiate")
+        try:
+            _check(_cu().cuGraphInstantiateWithFlags(ctypes.byref(self._exec), graph, ctypes.c_ulonglong(0)),
+                   "cuGraphInstantiate")
+        except BaseException:
+            self.close()
+            raise
 
     def launch(self) -> None:
         _check(_cu().cuGraphLaunch(self._exec, ctypes.c_void_p(self.stream.handle)), "cuGraphLaunch")

@@ -51,7 +51,13 @@ def nvcc() -> str:
 
 @functools.lru_cache(maxsize=None)
 def nvcc_version() -> str:
-    return subprocess.run([nvcc(), "--version"], capture_output=True, text=True, check=True).stdout
+    try:
+        return subprocess.run([nvcc(), "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        from ..errors import Internal
+
+        raise Internal(f"nvcc ({nvcc()}) does not run: {exc}; the CUDA backend builds its kernels with the "
+                       "CUDA toolkit's nvcc (set $NVCC to its path)") from exc
 
 
 @functools.lru_cache(maxsize=None)
