@@ -220,4 +220,4 @@ def test_step_token_cap_leaves_room_for_logits():
     assert many * 2 * per_token + 2 * 4 * 201088 * 64 <= ws  # activations + logits fit
     assert _max_step_tokens(gpt_oss, ws, 4, 400) == 16        # logits alone overflow: the floor
     tiny = SimpleNamespace(d_model=64, d_ff=128, n_heads=2, n_kv_heads=1, head_dim=32, head_dim_v=32, vocab_size=320)
-    assert _max_step_tokens(tiny, ws, 0, 4) == 65535 and _max_step_tokens(tiny, 0) == 1 << 30
+    assert _max_step_tokens(tiny, 4 * ws, 0, 4) == 65535 and _max_step_tokens(tiny, 0) == 1 << 30
