@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from procs import free_port, stop  # noqa: E402
+
 import orcd_grpc
 from orcd_grpc import cli, model_store
 from orcd_grpc.proto import pb
@@ -214,18 +216,12 @@ def _server_available() -> bool:
 needs_server = pytest.mark.skipif(not _server_available(), reason="orcd_grpc.server not there yet")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def worker(smollm2_path, tmp_path_factory):
     """`orcd serve` in a subprocess on a free port, serving SmolLM2 on the CPU."""
     from orcd_grpc.client import OrcdClient
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("worker") / "stderr.log"
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "orcd_grpc", "serve", "--model", str(smollm2_path),

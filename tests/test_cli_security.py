@@ -6,13 +6,14 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import grpc
 import pytest
+
+from procs import free_port, stop  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orcd_grpc.proto import pb, pb_grpc
@@ -30,12 +31,6 @@ def _env(**extra) -> dict:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> pathlib.Path:
     from fuzz.fuzz_gguf import _tiny_llama
@@ -49,7 +44,7 @@ class Serve:
     """`orcd serve ARGS` on a free port; stopped with SIGTERM."""
 
     def __init__(self, model: pathlib.Path, *args: str, log: pathlib.Path, env: dict | None = None):
-        self.port = _free_port()
+        self.port = free_port()
         self.log = log
         with open(log, "w") as err:
             self.proc = subprocess.Popen(
@@ -160,7 +155,7 @@ def test_serve_with_tls_token_and_rate_limit(tiny_model, tmp_path):
 ])
 def test_bad_security_flags_exit_2(args, env, message, tmp_path):
     # Checked before the model is fetched, so no model is needed (the default one is never pulled).
-    proc = subprocess.run([sys.executable, "-m", "orcd_grpc", "serve", "--port", str(_free_port()), *args],
+    proc = subprocess.run([sys.executable, "-m", "orcd_grpc", "serve", "--port", str(free_port()), *args],
                           capture_output=True, text=True, timeout=60, cwd=REPO,
                           env=_env(ORCD_MODEL_DIR=str(tmp_path), **env))
     assert proc.returncode == 2, proc.stderr

@@ -10,23 +10,18 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import grpc
 import pytest
+
+from procs import free_port, stop  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CI = REPO / "clients" / "ci.sh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -51,7 +46,7 @@ def _wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
 @pytest.fixture(scope="module")
 def worker_address(smollm2_path, tmp_path_factory):
     """A real worker (CPU backend, SmolLM2-135M) on a free loopback port, for the module."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -66,12 +61,7 @@ def worker_address(smollm2_path, tmp_path_factory):
         proc.wait()
         pytest.fail(f"{e}\n--- worker log ---\n{log_path.read_text()[-4000:]}")
     yield address
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop(proc)
 
 
 def _run_ci(which: str, address: str) -> None:

@@ -21,7 +21,6 @@ import pathlib
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,8 @@ import time
 
 import grpc
 import pytest
+
+from procs import free_port, stop  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -98,15 +99,9 @@ def test_readme_documents_each_call():
 # ---- a real worker ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def address(smollm2_path, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCD_AUTH")}
     with open(log_path, "wb") as log:
@@ -130,12 +125,7 @@ def address(smollm2_path, tmp_path_factory):
                 time.sleep(0.25)
         yield addr
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 # ---- two ways of running a command -----------------------------------------------------------------

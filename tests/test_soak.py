@@ -14,7 +14,6 @@ import importlib.util
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,8 @@ import time
 
 import grpc
 import pytest
+
+from procs import free_port, stop  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orcd_grpc.proto import pb, pb_grpc
@@ -75,15 +76,9 @@ def test_soak_cpu():
 # ---- SIGTERM under load ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_under_load_exits_within_grace(tmp_path):
     model = soak.write_tiny_models(str(tmp_path))[0]
-    port, grace, n_streams = _free_port(), 2.0, 150
+    port, grace, n_streams = free_port(), 2.0, 150
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCD_AUTH", "ORCD_TLS", "ORCD_RATE"))}
     with open(log, "w") as err:
