@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hmac
 import signal
 import threading
 import time
@@ -17,6 +16,7 @@ from . import logs
 from .metrics import Metrics
 from .proto import pb, pb_grpc
 from .scheduler import Scheduler
+from .security import AuthInterceptor, wrap_handler
 from .servicer import WorkerServicer
 
 log = logs.get_logger("orcd.server")
@@ -59,15 +59,15 @@ CONTROL_THREADS = 16  # handler threads Execute streams may not take (Cancel, he
 
 
 class _CallWrapper(grpc.ServerInterceptor):
-    """Binds the call's correlation id for its log lines and checks the bearer token.
+    """Binds the call's correlation id for its log lines and caps the open Execute streams.
 
     The interceptor itself runs on gRPC's polling thread; the handler runs on a pool thread.
     Context variables set here would not reach the handler, so the handler's behaviour is
-    wrapped instead and binds them on the thread that actually runs it.
+    wrapped instead (security.wrap_handler) and binds them on the thread that actually runs it.
+    Bearer tokens are checked by security.AuthInterceptor, after this one.
     """
 
-    def __init__(self, auth_token: str | None, max_streams: int = 0):
-        self._token = auth_token
+    def __init__(self, max_streams: int = 0):
         # Execute streams hold a handler thread each for their whole life. Capping them below the
         # pool's size keeps threads free for Cancel, health checks and the other short calls,
         # which must get through exactly when the worker is overloaded.
@@ -80,30 +80,17 @@ class _CallWrapper(grpc.ServerInterceptor):
             return None
         md = dict(handler_call_details.invocation_metadata or ())
         cid = str(md.get(CORRELATION_KEY) or "")[:128] or logs.new_correlation_id()
-        method = handler_call_details.method
-        deny = None
-        if self._token is not None and not method.startswith(("/grpc.health.", "/grpc.reflection.")):
-            auth = str(md.get("authorization") or "")
-            if not auth:
-                deny = (grpc.StatusCode.UNAUTHENTICATED, "authorization: bearer token missing")
-            elif not hmac.compare_digest(auth.encode(), f"Bearer {self._token}".encode()):
-                deny = (grpc.StatusCode.PERMISSION_DENIED, "authorization: bearer token is wrong")
+        limited = self._streams if handler_call_details.method == f"/{SERVICE_NAME}/Execute" else None
 
         def wrap_unary(fn):
             def inner(request, context):
                 with logs.bound(correlation=cid, request=""):
-                    if deny:
-                        context.abort(*deny)
                     return fn(request, context)
             return inner
-
-        limited = self._streams if method == f"/{SERVICE_NAME}/Execute" else None
 
         def wrap_stream(fn):
             def inner(request, context):
                 with logs.bound(correlation=cid, request=""):
-                    if deny:
-                        context.abort(*deny)
                     if limited is not None and not limited.acquire(blocking=False):
                         context.set_trailing_metadata((("retry-after-ms", "1000"),))
                         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -115,13 +102,7 @@ class _CallWrapper(grpc.ServerInterceptor):
                             limited.release()
             return inner
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary),
-                                                       handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream),
-                                                        handler.request_deserializer, handler.response_serializer)
-        return handler
+        return wrap_handler(handler, wrap_unary, wrap_stream)
 
 
 class Worker:
@@ -154,8 +135,10 @@ class Worker:
             if hasattr(icp, "bind_registry"):
                 icp.bind_registry(self.metrics.registry)
         reserve = min(CONTROL_THREADS, max(1, workers // 4))
-        wrapper = _CallWrapper(config.auth_token, max_streams=max(1, workers - reserve))
-        self.server = grpc.server(self._pool, interceptors=[wrapper, *config.interceptors],
+        interceptors = [_CallWrapper(max_streams=max(1, workers - reserve)), *config.interceptors]
+        if config.auth_token:  # a single token given directly (security.py's flags fold theirs in)
+            interceptors.insert(1, AuthInterceptor({config.auth_token: "default"}))
+        self.server = grpc.server(self._pool, interceptors=interceptors,
                                   options=options,
                                   maximum_concurrent_rpcs=workers)
         pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)

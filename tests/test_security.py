@@ -248,6 +248,29 @@ def test_real_worker_over_mtls_with_token(pki):
         worker.stop(0)
 
 
+def test_server_config_auth_token_is_checked_by_the_shared_interceptor():
+    """ServerConfig.auth_token (a token given in code, not through the flags) is enforced by the
+    same AuthInterceptor as the flags' tokens: missing, wrong and right tokens; health stays open."""
+    from orcd_grpc import server
+    from orcd_grpc.proto import pb, pb_grpc
+
+    worker, port, _ = server.start_server(server.ServerConfig(host="127.0.0.1", port=0, auth_token=TOKEN_A,
+                                                              grace_seconds=0))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.WorkerStub(ch)
+            for md, code in (((), grpc.StatusCode.UNAUTHENTICATED),
+                             ((("authorization", f"Bearer {TOKEN_B}"),), grpc.StatusCode.PERMISSION_DENIED)):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=10)
+                assert err.value.code() == code
+            ok = stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", f"Bearer {TOKEN_A}")], timeout=10)
+            assert len(ok.models) == 0
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    finally:
+        worker.stop(0)
+
+
 # ---- configuration and exposure policy -----------------------------------------------------------
 
 

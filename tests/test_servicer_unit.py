@@ -367,7 +367,7 @@ def test_execute_streams_leave_threads_for_control_calls():
         yield "a"
         yield "b"
 
-    wrapper = _CallWrapper(None, max_streams=1)
+    wrapper = _CallWrapper(max_streams=1)
     handler = grpc.unary_stream_rpc_method_handler(stream)
     execute = wrapper.intercept_service(lambda d: handler, Details(f"/{SERVICE_NAME}/Execute")).unary_stream
     first = execute(None, Ctx())
