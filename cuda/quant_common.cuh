@@ -198,7 +198,9 @@ struct FF32 {
     }
     __device__ static void sc(const uint8_t*, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = 1.f; m0 = m1 = 0.f; }
 };
-struct FF16 {
+// F16 and BF16 rows: 32-element pseudo-blocks of 16-bit floats, 16 bytes per 8-weight part.
+template <bool BF>
+struct FHalf16 {
     static constexpr int QK = 32, TS = 64, NP = 4, CHB = 16; static constexpr bool MIN = false;
     __device__ static void offs(int p, int& o0, int& o1) { o0 = 8 * p; o1 = 8 * p + 4; }
     __device__ static void qv(const uint8_t* b, int p, float* q) {
@@ -206,23 +208,18 @@ struct FF16 {
         const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-            q[2 * i] = f.x; q[2 * i + 1] = f.y;
+            if constexpr (BF) {  // bf16 is the top half of an f32
+                q[2 * i] = __uint_as_float(w[i] << 16); q[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+            } else {
+                const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+                q[2 * i] = f.x; q[2 * i + 1] = f.y;
+            }
         }
     }
     __device__ static void sc(const uint8_t*, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = 1.f; m0 = m1 = 0.f; }
 };
-struct FBF16 {
-    static constexpr int QK = 32, TS = 64, NP = 4, CHB = 16; static constexpr bool MIN = false;
-    __device__ static void offs(int p, int& o0, int& o1) { o0 = 8 * p; o1 = 8 * p + 4; }
-    __device__ static void qv(const uint8_t* b, int p, float* q) {
-        const uint4 v = *reinterpret_cast<const uint4*>(b + 16 * p);
-        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) { q[2 * i] = __uint_as_float(w[i] << 16); q[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u); }
-    }
-    __device__ static void sc(const uint8_t*, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = 1.f; m0 = m1 = 0.f; }
-};
+using FF16 = FHalf16<false>;
+using FBF16 = FHalf16<true>;
 
 // full decode of one part: quants plus the scales of its block
 template <class F>
