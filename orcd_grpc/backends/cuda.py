@@ -240,6 +240,7 @@ class CudaBackend(Backend):
         self._weights: list = []
         self._recent = collections.deque(maxlen=16)  # kernels launched since the last sync
         self._sync_each = os.environ.get("ORCD_CUDA_SYNC") == "1"
+        self._split_keys = os.environ.get("ORCD_ATTN_SPLITS") != "1"  # 1: one CTA per head (A/B, debugging)
         self._rope_cache: dict[int, tuple] = {}
         self._meta_buf: DeviceBuffer | None = None
         self._meta_host = None
@@ -615,7 +616,7 @@ class CudaBackend(Backend):
         # are split across CTAs and merged by attn_combine (flash-decoding). The split count
         # depends only on the batch shape, so a captured graph stays valid as contexts grow.
         splits = 1
-        if tiles == 1 and os.environ.get("ORCD_ATTN_SPLITS") != "1":
+        if tiles == 1 and self._split_keys:
             splits = max(1, min(_ATTN_MAX_SPLITS, -(-_ATTN_TARGET_CTAS // (ctx.B * Hkv))))
         part = self._out((T * Hq, splits, Dv + 2)) if splits > 1 else None
         self._launch(kern, (splits if splits > 1 else tiles, ctx.B, Hkv), (256, 1, 1), q.ptr, kv.k_ptr(layer),
