@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Host time the engine spends per decode step before any kernel runs: planning the batch and
+building its (bucket-padded) metadata, at 1, 16 and 64 sequences. CPU only: a tiny random llama
+on the NumPy backend, whose own compute is not timed. Prints one JSON object of µs per step.
+
+    python3 bench/host_overhead.py [--reps 300]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [root, os.path.join(root, "tests")]
+
+from gpu.test_cuda_models import write_tiny_llama  # noqa: E402
+from orcd_grpc.engine import GRAPH_BUCKETS, load_engine  # noqa: E402
+from orcd_grpc.sampling import SamplingParams  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--context", type=int, default=200, help="prompt tokens per sequence")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_tiny_llama(os.path.join(tmp, "tiny.gguf"), "Q8_0", n_layers=1)
+        eng = load_engine(path, backend="cpu", max_sequences=64, max_context=512)
+        rng = np.random.default_rng(0)
+        seqs = [eng.new_sequence([1] + rng.integers(3, 300, args.context).tolist(), SamplingParams(temperature=0))
+                for _ in range(64)]
+        while any(s.prefill_remaining for s in seqs):
+            eng.step(seqs, 8192)
+        eng.graph_buckets = list(GRAPH_BUCKETS)  # plan as the CUDA engine does (padded buckets)
+        out = {}
+        for b in (1, 16, 64):
+            sub = seqs[:b]
+            t = time.perf_counter()
+            for _ in range(args.reps):
+                plan = eng._plan(sub, 8192)
+                eng._meta(plan, False, pad_to=eng._bucket(plan))
+            out[f"plan_meta_us_B{b}"] = round((time.perf_counter() - t) / args.reps * 1e6, 1)
+        eng.close()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
