@@ -230,6 +230,187 @@ ATTN(5)
 ATTN(6)
 ATTN(8)
 
+// attn_dec_g<GM>_n<NC>: decode steps only (every sequence has one query token). attn_dN gives a
+// CTA 32 query rows, and a decode token of an MHA model fills one of them: 31/32 of its scoring
+// and half its staging work were waste, and its shared-memory staging (two barriers per 32 keys)
+// kept a CTA's loads from overlapping. Here one CTA = (key slice, sequence, kv head) with the
+// GM >= group query heads of that kv head; each of its 4 warps walks its own 32-key tiles straight
+// from global memory (lane j scores key j of the tile: 16-byte K loads, q broadcast from shared
+// memory; then the warp accumulates p * V with lanes owning 2 dims per 64), keeping its own online
+// softmax; the warps merge through shared memory at the end. NC = ceil(Dv / 64).
+template <int GM, int NC>
+__device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restrict__ kc,
+                              const __half* __restrict__ vc, float* __restrict__ out,
+                              const int* __restrict__ q_starts, const int* __restrict__ positions,
+                              const int* __restrict__ ctx_lens, const int* __restrict__ block_tables,
+                              int max_blocks, int block_size, int Hq, int Hkv, int Dk, int Dv, float scale,
+                              int window, const float* __restrict__ sinks, float softcap, int n_splits,
+                              float* __restrict__ part) {
+    constexpr int NW = 4;
+    __shared__ __align__(16) float Qs[GM][256];
+    __shared__ float Ms[NW][GM], Ls[NW][GM];
+    __shared__ float As[NW][GM][NC * 64];
+    const int b = blockIdx.y, kvh = blockIdx.z, split = blockIdx.x;
+    const int t = q_starts[b];
+    if (q_starts[b + 1] - t != 1) return;  // no token of this sequence in the step
+    const int G = Hq / Hkv, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int e = tid; e < G * Dk; e += blockDim.x) {
+        const int g = e / Dk, d = e - g * Dk;
+        Qs[g][d] = q[((size_t)t * Hq + kvh * G + g) * Dk + d] * scale;
+    }
+    const int p = positions[t];
+    int hi = min(p + 1, ctx_lens[b]), lo = window > 0 ? max(0, p - window + 1) : 0;
+    if (n_splits > 1) {
+        const int chunk = ((max(hi - lo, 0) + n_splits - 1) / n_splits + 31) / 32 * 32;
+        lo += split * chunk;
+        hi = min(hi, lo + chunk);
+    }
+    __syncthreads();
+
+    float m[GM], l[GM], acc[GM][2 * NC];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int c = 0; c < 2 * NC; ++c) acc[g][c] = 0.f;
+    }
+    const int* btab = block_tables + (size_t)b * max_blocks;
+    for (int k0 = lo + warp * 32; k0 < hi; k0 += NW * 32) {
+        const int n = k0 + lane;
+        const bool valid = n < hi;
+        const int slot = valid ? btab[n / block_size] * block_size + n % block_size : 0;
+        float s[GM];
+#pragma unroll
+        for (int g = 0; g < GM; ++g) s[g] = 0.f;
+        if (valid) {
+            const uint4* kp = reinterpret_cast<const uint4*>(kc + ((size_t)slot * Hkv + kvh) * Dk);
+#pragma unroll 8  // the unrolled loads issue together: one memory round trip per 64 dims, not one per 8
+            for (int d8 = 0; d8 < (Dk >> 3); ++d8) {
+                const uint4 raw = __ldg(kp + d8);
+                const __half2* h = reinterpret_cast<const __half2*>(&raw);
+                const float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]);
+                const float2 f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
+#pragma unroll
+                for (int g = 0; g < GM; ++g) {
+                    if (g < G) {
+                        const float4 qa = *reinterpret_cast<const float4*>(&Qs[g][8 * d8]);
+                        const float4 qb = *reinterpret_cast<const float4*>(&Qs[g][8 * d8 + 4]);
+                        float u = s[g];
+                        u = fmaf(qa.x, f0.x, u); u = fmaf(qa.y, f0.y, u); u = fmaf(qa.z, f1.x, u); u = fmaf(qa.w, f1.y, u);
+                        u = fmaf(qb.x, f2.x, u); u = fmaf(qb.y, f2.y, u); u = fmaf(qb.z, f3.x, u); u = fmaf(qb.w, f3.y, u);
+                        s[g] = u;
+                    }
+                }
+            }
+        }
+        float pr[GM];
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            pr[g] = 0.f;
+            if (g >= G) continue;
+            float si = s[g];
+            if (softcap > 0.f) si = softcap * tanhf(si / softcap);
+            si = valid ? si : -INFINITY;
+            const float m_new = fmaxf(m[g], warp_max(si));  // lane 0's key is always valid
+            const float corr = __expf(m[g] - m_new);
+            pr[g] = valid ? __expf(si - m_new) : 0.f;
+            l[g] = l[g] * corr + warp_sum(pr[g]);
+            m[g] = m_new;
+#pragma unroll
+            for (int c = 0; c < 2 * NC; ++c) acc[g][c] *= corr;
+        }
+        // All 32 keys of the tile, 8 V rows loaded before any is used (a load per key, waited for
+        // in turn, made the tile 32 memory round trips). Keys past `hi` have p = 0 and slot 0, a
+        // real cache row, so they add nothing and need no branch.
+        for (int j0 = 0; j0 < 32; j0 += 8) {
+            float2 vv[8][NC];
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) {
+                const int sj = __shfl_sync(FULL_MASK, slot, j0 + jj);
+                const __half2* vp = reinterpret_cast<const __half2*>(vc + ((size_t)sj * Hkv + kvh) * Dv);
+#pragma unroll
+                for (int c = 0; c < NC; ++c) {
+                    const int d2 = lane + 32 * c;
+                    vv[jj][c] = 2 * d2 < Dv ? __half22float2(vp[d2]) : make_float2(0.f, 0.f);
+                }
+            }
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+                for (int g = 0; g < GM; ++g) {
+                    if (g >= G) continue;
+                    const float pj = __shfl_sync(FULL_MASK, pr[g], j0 + jj);
+#pragma unroll
+                    for (int c = 0; c < NC; ++c) {
+                        acc[g][2 * c] = fmaf(pj, vv[jj][c].x, acc[g][2 * c]);
+                        acc[g][2 * c + 1] = fmaf(pj, vv[jj][c].y, acc[g][2 * c + 1]);
+                    }
+                }
+            }
+        }
+    }
+
+    // Merge the warps' softmax states; then a partial for attn_combine, or the normalised output.
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        if (g >= G) continue;
+        if (lane == 0) { Ms[warp][g] = m[g]; Ls[warp][g] = l[g]; }
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            As[warp][g][2 * (lane + 32 * c)] = acc[g][2 * c];
+            As[warp][g][2 * (lane + 32 * c) + 1] = acc[g][2 * c + 1];
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < G * Dv; e += blockDim.x) {
+        const int g = e / Dv, d = e - g * Dv, h = kvh * G + g;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, Ms[w][g]);
+        float L = 0.f, A = 0.f;
+        if (M != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < NW; ++w) {
+                if (Ms[w][g] == -INFINITY) continue;
+                const float f = __expf(Ms[w][g] - M);
+                L = fmaf(Ls[w][g], f, L);
+                A = fmaf(As[w][g][d], f, A);
+            }
+        }
+        if (n_splits > 1) {
+            float* o = part + (((size_t)t * Hq + h) * n_splits + split) * (Dv + 2);
+            o[d] = A;
+            if (d == 0) { o[Dv] = M; o[Dv + 1] = L; }
+            continue;
+        }
+        float f = 1.f;
+        if (sinks) {
+            const float sk = sinks[h];
+            const float mf = fmaxf(M, sk);
+            f = __expf(M - mf);
+            L = L * f + __expf(sk - mf);
+        }
+        out[((size_t)t * Hq + h) * Dv + d] = L > 0.f ? A * f / L : 0.f;
+    }
+}
+
+#define ATTN_DEC(GM, NC)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                                    \
+    attn_dec_g##GM##_n##NC(const float* q, const __half* kc, const __half* vc, float* out,               \
+                           const int* q_starts, const int* positions, const int* ctx_lens,               \
+                           const int* block_tables, int max_blocks, int block_size, int Hq, int Hkv,     \
+                           int Dk, int Dv, float scale, int window, const float* sinks, float softcap,   \
+                           int n_splits, float* part) {                                                  \
+        attn_dec_impl<GM, NC>(q, kc, vc, out, q_starts, positions, ctx_lens, block_tables, max_blocks,   \
+                              block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, softcap, n_splits, part); \
+    }
+#define ATTN_DEC_NC(GM) ATTN_DEC(GM, 1) ATTN_DEC(GM, 2) ATTN_DEC(GM, 3) ATTN_DEC(GM, 4)
+ATTN_DEC_NC(1)
+ATTN_DEC_NC(2)
+ATTN_DEC_NC(4)
+ATTN_DEC_NC(8)
+
 // Merges the n_splits partial softmaxes of each (token, q head) row written by attn_dN in split
 // mode; one warp per row. Sinks join the denominator here, once.
 extern "C" __global__ void attn_combine(const float* __restrict__ part, float* __restrict__ out,

@@ -24,7 +24,7 @@ using namespace oq;
 
 namespace {
 
-constexpr int GEMV_WARPS = 4;  // warps per block; each warp is independent (only __syncwarp)
+constexpr int GEMV_WARPS = 4;  // warps per block: independent rows (KS = 1) or one row group (KS = 4)
 constexpr int GEMV_R = 2;      // rows per warp: each x load is reused R times
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -51,7 +51,11 @@ __device__ __forceinline__ int stage_chunk(uint8_t* dst, const uint8_t* src, int
     return head;
 }
 
-template <class F, int NT>
+// KS = 1: each warp owns R rows and walks all of k. KS = GEMV_WARPS: the block's warps share R rows
+// and take every KS-th k-chunk each, summed through shared memory at the end. A matrix with few
+// rows (qwen2.5's 896) leaves most SMs idle at KS = 1, and each warp's chunks are a chain of
+// dependent global loads; splitting k puts 4x the loads in flight per row.
+template <class F, int NT, int KS>
 __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
                                           const int* __restrict__ expert_ids, int T, int n, int k,
@@ -62,9 +66,12 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
     // lane put lanes 128 B apart and made every x load touch 32 cache lines: 2x slower, v2 run).
     constexpr int G = F::QK == 256 ? 4 : 1;
     __shared__ __align__(16) uint8_t sm[GEMV_WARPS][2][R][SROW];
+    static_assert(KS == 1 || KS == GEMV_WARPS, "k is split over all of a block's warps or none");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row0 = (blockIdx.x * GEMV_WARPS + warp) * R;
-    if (row0 >= n) return;  // whole warp leaves together; no block-level barrier is used below
+    const int row0 = KS == 1 ? (blockIdx.x * GEMV_WARPS + warp) * R : blockIdx.x * R;
+    const int kw = KS == 1 ? 0 : warp;  // this warp's first chunk
+    // whole warp (KS = 1) or whole block (KS > 1) leaves together: the only block barrier is below
+    if (row0 >= n) return;
 
     // MoE slot: blockIdx.y = t*top_k + j picks expert ids[slot]; plain matmul has one slot.
     const int slot = blockIdx.y;
@@ -88,15 +95,17 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
         for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
 
     const int nch = (nblk + F::CHB - 1) / F::CHB;
+    // buffer of chunk c: its ordinal among this warp's chunks, mod 2
+    auto buf = [&](int c) { return ((c - kw) / KS) & 1; };
     auto issue = [&](int c) {
         const int b0 = c * F::CHB, nb = min(F::CHB, nblk - b0);
 #pragma unroll
-        for (int r = 0; r < R; r++) stage_chunk<F>(sm[warp][c & 1][r], rowp[r] + (long long)b0 * F::TS, nb * F::TS, lane);
+        for (int r = 0; r < R; r++) stage_chunk<F>(sm[warp][buf(c)][r], rowp[r] + (long long)b0 * F::TS, nb * F::TS, lane);
     };
-    issue(0);
+    if (kw < nch) issue(kw);
     cp_async_commit();
-    for (int c = 0; c < nch; c++) {
-        if (c + 1 < nch) issue(c + 1);
+    for (int c = kw; c < nch; c += KS) {
+        if (c + KS < nch) issue(c + KS);
         cp_async_commit();  // an empty group on the last chunk keeps wait_group 1 meaning "chunk c landed"
         cp_async_wait1();
         __syncwarp();       // other lanes' copies of chunk c are visible after this
@@ -104,7 +113,7 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
         const uint8_t* cb[R];  // chunk start inside its aligned-down copy (recomputed: no run-time-indexed array)
 #pragma unroll
         for (int r = 0; r < R; r++)
-            cb[r] = sm[warp][c & 1][r] + int(reinterpret_cast<uintptr_t>(rowp[r] + (long long)b0 * F::TS) & 15);
+            cb[r] = sm[warp][buf(c)][r] + int(reinterpret_cast<uintptr_t>(rowp[r] + (long long)b0 * F::TS) & 15);
         // a lane takes G consecutive parts that share their scales: scales are decoded once per group
         // and applied to the group's unscaled sums
         for (int g = lane; g < ngroups; g += 32) {
@@ -170,6 +179,25 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
             for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
             acc[r][t] = v;
         }
+    if constexpr (KS > 1) {
+        __shared__ float red[GEMV_WARPS][R][NT];
+        if (lane == 0)
+#pragma unroll
+            for (int r = 0; r < R; r++)
+#pragma unroll
+                for (int t = 0; t < NT; t++) red[warp][r][t] = acc[r][t];
+        __syncthreads();
+        if (warp) return;
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                float v = 0.f;
+#pragma unroll
+                for (int w = 0; w < GEMV_WARPS; w++) v += red[w][r][t];
+                acc[r][t] = v;
+            }
+    }
     if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
@@ -507,11 +535,13 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
         gemm_impl<F, BM>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});       \
     }
 
+#define GEMV(name, F, NT)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT(GEMV_ARGS) { gemv_impl<F, NT, 1>(GEMV_PASS); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4(GEMV_ARGS) {            \
+        gemv_impl<F, NT, GEMV_WARPS>(GEMV_PASS);                                                                 \
+    }
 #define DEFINE_FORMAT(name, F)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1(GEMV_ARGS) { gemv_impl<F, 1>(GEMV_PASS); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_2(GEMV_ARGS) { gemv_impl<F, 2>(GEMV_PASS); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_4(GEMV_ARGS) { gemv_impl<F, 4>(GEMV_PASS); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_8(GEMV_ARGS) { gemv_impl<F, 8>(GEMV_PASS); } \
+    GEMV(name, F, 1) GEMV(name, F, 2) GEMV(name, F, 4) GEMV(name, F, 8)                                          \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_16(GEMM_ARGS) { gemm_impl<F, 16>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_32(GEMM_ARGS) { gemm_impl<F, 32>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \

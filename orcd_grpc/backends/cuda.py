@@ -40,6 +40,7 @@ log = logs.get_logger("orcd.cuda")
 _ATTN_DPL = (1, 2, 3, 4, 5, 6, 8)  # attn_d<DPL> variants in attention.cu: head dims up to 32 * DPL
 _ATTN_TARGET_CTAS = 264  # two per SM on an H100: enough decode attention CTAs to use its bandwidth
 _ATTN_MAX_SPLITS = 32
+_ATTN_DEC_TARGET_CTAS = 528  # attn_dec CTAs are 4 warps: four per SM
 
 
 def cuda_present() -> bool:
@@ -241,6 +242,7 @@ class CudaBackend(Backend):
         self._recent = collections.deque(maxlen=16)  # kernels launched since the last sync
         self._sync_each = os.environ.get("ORCD_CUDA_SYNC") == "1"
         self._split_keys = os.environ.get("ORCD_ATTN_SPLITS") != "1"  # 1: one CTA per head (A/B, debugging)
+        self._decode_attn = os.environ.get("ORCD_ATTN_DECODE") != "0"  # 0: decode steps use attn_dN (A/B)
         self._rope_cache: dict[int, tuple] = {}
         self._meta_buf: DeviceBuffer | None = None
         self._meta_host = None
@@ -611,6 +613,9 @@ class CudaBackend(Backend):
             kern.fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
             self._attr_set.add((name, smem))
         group = Hq // Hkv
+        if ctx.max_q == 1 and self._decode_attn and group <= 8 and Dk % 8 == 0 and Dk <= 256 and Dv <= 256:
+            return self._decode_attention(q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks,
+                                          softcap)
         tiles = max(1, -(-ctx.max_q * group // 32))
         # Decode (one tile of rows per sequence): B * Hkv CTAs cannot fill the GPU, so the keys
         # are split across CTAs and merged by attn_combine (flash-decoding). The split count
@@ -628,6 +633,25 @@ class CudaBackend(Backend):
             comb = self._k("attention", "attn_combine", "PPPiiii")
             self._launch(comb, (-(-(T * Hq) // 8), 1, 1), (256, 1, 1), part.ptr, out.ptr,
                          sinks.ptr if sinks is not None else 0, np.int32(T * Hq), np.int32(Hq), np.int32(Dv),
+                         np.int32(splits))
+        return out
+
+    def _decode_attention(self, q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks, softcap):
+        """A step of decode tokens only: attn_dec_g<GM>_n<NC>, one 4-warp CTA per (key slice, sequence,
+        kv head). As with attn_dN, the split count depends only on the batch shape (graph-safe)."""
+        gm = next(g for g in (1, 2, 4, 8) if g >= group)
+        kern = self._k("attention", f"attn_dec_g{gm}_n{-(-Dv // 64)}", "PPPPPPPPiiiiiifiPfiP")
+        splits = max(1, min(_ATTN_MAX_SPLITS, -(-_ATTN_DEC_TARGET_CTAS // (ctx.B * Hkv)))) if self._split_keys else 1
+        part = self._out((ctx.T * Hq, splits, Dv + 2)) if splits > 1 else None
+        self._launch(kern, (splits, ctx.B, Hkv), (128, 1, 1), q.ptr, kv.k_ptr(layer), kv.v_ptr(layer), out.ptr,
+                     ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables, np.int32(ctx.max_blocks),
+                     np.int32(ctx.block_size), np.int32(Hq), np.int32(Hkv), np.int32(Dk), np.int32(Dv),
+                     np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,
+                     np.float32(softcap or 0.0), np.int32(splits), part.ptr if part is not None else 0)
+        if part is not None:
+            comb = self._k("attention", "attn_combine", "PPPiiii")
+            self._launch(comb, (-(-(ctx.T * Hq) // 8), 1, 1), (256, 1, 1), part.ptr, out.ptr,
+                         sinks.ptr if sinks is not None else 0, np.int32(ctx.T * Hq), np.int32(Hq), np.int32(Dv),
                          np.int32(splits))
         return out
 

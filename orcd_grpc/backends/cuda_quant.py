@@ -120,6 +120,21 @@ def _kernels() -> _Kernels:
     return _K
 
 
+# GEMV k-split (gemv_*_k4: a block's 4 warps share 2 rows): "auto" uses it when the row blocks alone
+# would give the GPU fewer than _KSPLIT_BELOW blocks; "0" never, "1" always (A/B in bench_kernels).
+_KSPLIT = os.environ.get("ORCD_GEMV_KSPLIT", "auto")
+_KSPLIT_BELOW = 4 * _SMS
+
+
+def _gemv(fmt: str, nt: int, n: int, slots: int):
+    """The GEMV kernel for n rows x `slots` grid columns, and its grid's x extent."""
+    plain = (n + _GEMV_WARPS * _GEMV_R - 1) // (_GEMV_WARPS * _GEMV_R)
+    split = _KSPLIT == "1" or (_KSPLIT != "0" and plain * slots < _KSPLIT_BELOW)
+    if split:
+        return _kernels().get(f"gemv_{fmt}_{nt}_k4", _GEMV_SIG), (n + _GEMV_R - 1) // _GEMV_R
+    return _kernels().get(f"gemv_{fmt}_{nt}", _GEMV_SIG), plain
+
+
 def _p(ptr) -> np.uintp:
     return np.uintp(0 if ptr is None else int(ptr))
 
@@ -136,9 +151,8 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
     fmt = _NAME[w.qtype]
     if T <= GEMV_MAX_T:
         nt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
-        rows_per_block = _GEMV_WARPS * _GEMV_R
-        f = ks.get(f"gemv_{fmt}_{nt}", _GEMV_SIG)
-        f.prepared_async_call(((w.n + rows_per_block - 1) // rows_per_block, 1), (_GEMV_WARPS * 32, 1, 1), stream,
+        f, gx = _gemv(fmt, nt, w.n, 1)
+        f.prepared_async_call((gx, 1), (_GEMV_WARPS * 32, 1, 1), stream,
                               _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(0), np.int32(T), np.int32(w.n),
                               np.int32(w.k), np.int64(0), np.int32(1), np.int32(0), np.int32(bool(accumulate)))
         return
@@ -244,9 +258,8 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
                               np.int32(top_k), np.int32(E), np.int32(Y), np.int32(w.n), np.int32(w.k),
                               np.int64(w.expert_bytes), np.int32(bool(x_per_slot)))
         return
-    rows_per_block = _GEMV_WARPS * _GEMV_R
-    f = _kernels().get(f"gemv_{_NAME[w.qtype]}_1", _GEMV_SIG)
-    f.prepared_async_call(((w.n + rows_per_block - 1) // rows_per_block, T * top_k), (_GEMV_WARPS * 32, 1, 1), stream,
+    f, gx = _gemv(_NAME[w.qtype], 1, w.n, T * top_k)
+    f.prepared_async_call((gx, T * top_k), (_GEMV_WARPS * 32, 1, 1), stream,
                           _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(expert_ids_ptr), np.int32(1),
                           np.int32(w.n), np.int32(w.k), np.int64(w.expert_bytes), np.int32(top_k),
                           np.int32(bool(x_per_slot)), np.int32(0))

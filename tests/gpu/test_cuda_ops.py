@@ -186,13 +186,24 @@ ATTN_CASES = [
     (14, 2, 64, [1500, 3], [1, 1], 0, False, 0.0),         # qwen2.5 shape, 32 slices
     (64, 8, 64, [700, 300, 129], [1, 1, 1], 128, True, 0.0),  # gpt-oss: window + sinks
     (32, 32, 96, [900], [1], 0, False, 0.0),               # phi3 shape
+    (32, 32, 96, [40, 260, 7, 129], [1, 1, 1, 1], 0, False, 0.0),  # phi3 shape, batch of decodes
+    (4, 1, 256, [300, 2], [1, 1], 64, False, 30.0),        # gemma3 shape: window + softcap decode
+    (9, 3, 64, [65, 0, 31], [1, 1, 1], 0, True, 0.0),      # a sequence that joins with one token
 ]
+# Decode-only steps run attn_dec_* (split across key slices or not); ORCD_ATTN_DECODE=0 sends them
+# to attn_dN, which must agree too.
+ATTN_MODES = {"default": {}, "one-slice": {"_split_keys": False}, "tiled-decode": {"_decode_attn": False}}
 
 
+@pytest.mark.parametrize("mode", list(ATTN_MODES))
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[f"case{i}" for i in range(len(ATTN_CASES))])
-def test_attention(be, rng, case):
+def test_attention(be, rng, case, mode, monkeypatch):
+    for attr, val in ATTN_MODES[mode].items():
+        monkeypatch.setattr(be, attr, val)
     Hq, Hkv, D, plens, extra, window, with_sinks, softcap = case
-    bs, nblocks = 16, 64
+    bs = 16
+    # every sequence's blocks plus slack, so the shuffled tables do not run out on long prompts
+    nblocks = sum(-(-(p + e) // bs) for p, e in zip(plens, extra)) + 8
     layout = KVLayout(n_layers=2, num_blocks=nblocks, block_size=bs, n_kv_heads=Hkv, head_dim_k=D, head_dim_v=D)
     ref = NumpyBackend()
     kv_ref, kv_dev = ref.alloc_kv(layout), be.alloc_kv(layout)

@@ -121,6 +121,30 @@ def test_matmul(cu, qtype, T, shape):
         w.free()
 
 
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda v: v.name)
+def test_gemv_both_layouts(cu, qtype, T, monkeypatch):
+    """Both GEMV layouts, whichever the size rule would pick: warps owning rows (ORCD_GEMV_KSPLIT=0)
+    and warps splitting k (=1), on a row count that is not a multiple of either's rows per block."""
+    n, k = 1003, (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 4864)
+    rng = np.random.default_rng()
+    raw, wf = _weight(qtype, n, k)
+    x = rng.standard_normal((T, k), dtype=np.float32)
+    ref = x.astype(np.float64) @ wf.astype(np.float64).T
+    w = cu.q.QuantWeight(raw, qtype, n, k)
+    try:
+        for mode in ("0", "1"):
+            monkeypatch.setattr(cu.q, "_KSPLIT", mode)
+            xd = cu.ga.to_gpu(x)
+            yd = cu.ga.to_gpu(np.full((T, n), np.nan, np.float32))
+            cu.q.matmul(xd.gpudata, w, yd.gpudata, T, cu.stream)
+            cu.stream.synchronize()
+            err = rel_err(yd.get(), ref)
+            assert err <= TOL_GEMV, f"{qtype.name} T={T} ksplit={mode}: rel err {err:.2e} > {TOL_GEMV}"
+    finally:
+        w.free()
+
+
 @pytest.mark.parametrize("T", [1, 4, 64])
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q5_0])
 def test_matmul_bias_accumulate(cu, qtype, T):
