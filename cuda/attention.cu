@@ -279,7 +279,11 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
     for (int k0 = lo + warp * 32; k0 < hi; k0 += NW * 32) {
         const int n = k0 + lane;
         const bool valid = n < hi;
-        const int slot = valid ? btab[n / block_size] * block_size + n % block_size : 0;
+        int slot = valid ? btab[n / block_size] * block_size + n % block_size : 0;
+        // Keys past `hi` borrow lane 0's slot (k0 < hi: always a written key), so the V rows they
+        // add with p = 0 are finite; a never-written row may hold NaN bits, and 0 * NaN = NaN.
+        const int slot0 = __shfl_sync(FULL_MASK, slot, 0);
+        if (!valid) slot = slot0;
         float s[GM];
 #pragma unroll
         for (int g = 0; g < GM; ++g) s[g] = 0.f;
@@ -321,8 +325,8 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
             for (int c = 0; c < 2 * NC; ++c) acc[g][c] *= corr;
         }
         // All 32 keys of the tile, 8 V rows loaded before any is used (a load per key, waited for
-        // in turn, made the tile 32 memory round trips). Keys past `hi` have p = 0 and slot 0, a
-        // real cache row, so they add nothing and need no branch.
+        // in turn, made the tile 32 memory round trips). Keys past `hi` have p = 0 and a written
+        // key's slot, so they add nothing and need no branch.
         for (int j0 = 0; j0 < 32; j0 += 8) {
             float2 vv[8][NC];
 #pragma unroll

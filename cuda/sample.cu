@@ -60,15 +60,8 @@ __device__ float philox_uniform(unsigned seed_lo, unsigned seed_hi, unsigned ctr
 
 // Block arg-max of (value, -index): largest value, lowest index on ties. Only elements whose
 // (value, index) is strictly "below" (lim_v, lim_i) in that order count (for top-n passes).
-__device__ void block_argmax(const float* __restrict__ x, int V, float lim_v, int lim_i, float* out_v,
-                             int* out_i, float* sv, int* si) {
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const float v = x[i];
-        const bool below = v < lim_v || (v == lim_v && i > lim_i);
-        if (below && (v > bv || (v == bv && i < bi))) { bv = v; bi = i; }
-    }
+// Block reduction of per-thread (value, index) candidates to the block's arg-max.
+__device__ void argmax_reduce(float bv, int bi, float* out_v, int* out_i, float* sv, int* si) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
@@ -86,6 +79,17 @@ __device__ void block_argmax(const float* __restrict__ x, int V, float lim_v, in
         *out_i = si[0];
     }
     __syncthreads();
+}
+__device__ void block_argmax(const float* __restrict__ x, int V, float lim_v, int lim_i, float* out_v,
+                             int* out_i, float* sv, int* si) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        const float v = x[i];
+        const bool below = v < lim_v || (v == lim_v && i > lim_i);
+        if (below && (v > bv || (v == bv && i < bi))) { bv = v; bi = i; }
+    }
+    argmax_reduce(bv, bi, out_v, out_i, sv, si);
 }
 
 // Radix select over keys of x (kept: key >= floor_key). MASS = false: the key of the k-th largest
@@ -143,14 +147,35 @@ sample_rows(const float* __restrict__ logits, float* __restrict__ work, int V, c
     const float* raw = logits + (size_t)r * V;
     float* x = work + (size_t)r * V;
 
-    // 1. raw log-sum-exp, copy to work.
-    float tm = -INFINITY, ts = 0.f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const float v = raw[i];
-        x[i] = v;
+    // 1. raw log-sum-exp and arg-max, copy to work. 16-byte loads, four per thread in flight: a
+    // CTA alone streams the row, and one 4-byte load at a time per thread left it latency-bound
+    // (~150 dependent round trips for a 152k vocabulary).
+    float tm = -INFINITY, ts = 0.f, av = -INFINITY;
+    int ai = 0x7fffffff;
+    auto take = [&](float v, int i) {
         if (v > tm) { ts = ts * __expf(tm - v) + 1.f; tm = v; }
         else ts += __expf(v - tm);
+        if (v > av) { av = v; ai = i; }  // indices rise per thread: the first of equal values stays
+    };
+    const int V4 = (V & 3) == 0 ? V >> 2 : 0;  // rows start 16-byte aligned only when V % 4 == 0
+    {
+        const float4* raw4 = reinterpret_cast<const float4*>(raw);
+        float4* x4 = reinterpret_cast<float4*>(x);
+#pragma unroll 4
+        for (int i = threadIdx.x; i < V4; i += blockDim.x) {
+            const float4 v = raw4[i];
+            x4[i] = v;
+            take(v.x, 4 * i); take(v.y, 4 * i + 1); take(v.z, 4 * i + 2); take(v.w, 4 * i + 3);
+        }
     }
+    for (int i = 4 * V4 + threadIdx.x; i < V; i += blockDim.x) {
+        const float v = raw[i];
+        x[i] = v;
+        take(v, i);
+    }
+    argmax_reduce(av, ai, &bc_v, &bc_i, sv, si);
+    const float raw_max_v = bc_v;
+    const int raw_max_i = bc_i;
     const float M0 = block_max(tm, scratch);
     const float Z0 = block_sum(tm == -INFINITY ? 0.f : ts * __expf(tm - M0), scratch);
     const float lse = M0 + __logf(Z0);
@@ -168,13 +193,15 @@ sample_rows(const float* __restrict__ logits, float* __restrict__ work, int V, c
     __syncthreads();
 
     int token;
+    // Without penalties work == raw, whose arg-max pass 1 already found.
+    if (P.pen_n > 0) block_argmax(x, V, INFINITY, -1, &bc_v, &bc_i, sv, si);
+    const float xmax_v = P.pen_n > 0 ? bc_v : raw_max_v;
+    const int xmax_i = P.pen_n > 0 ? bc_i : raw_max_i;
     if (!(P.temperature > 0.f)) {
-        block_argmax(x, V, INFINITY, -1, &bc_v, &bc_i, sv, si);
-        token = bc_i;
+        token = xmax_i;
     } else {
         const float inv_t = 1.f / P.temperature;
-        block_argmax(x, V, INFINITY, -1, &bc_v, &bc_i, sv, si);
-        const float M = bc_v;  // largest (penalised) logit: softmax of (x - M) / T is overflow-free
+        const float M = xmax_v;  // largest (penalised) logit: softmax of (x - M) / T is overflow-free
         unsigned thr = 0;
         if (P.top_k > 0 && P.top_k < V) thr = radix_select<false>(x, V, 0u, (float)P.top_k, M, inv_t, hist, &sel);
         if (P.top_p < 1.f) {

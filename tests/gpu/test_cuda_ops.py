@@ -190,9 +190,11 @@ ATTN_CASES = [
     (4, 1, 256, [300, 2], [1, 1], 64, False, 30.0),        # gemma3 shape: window + softcap decode
     (9, 3, 64, [65, 0, 31], [1, 1, 1], 0, True, 0.0),      # a sequence that joins with one token
 ]
-# Decode-only steps run attn_dec_* (split across key slices or not); ORCD_ATTN_DECODE=0 sends them
-# to attn_dN, which must agree too.
-ATTN_MODES = {"default": {}, "one-slice": {"_split_keys": False}, "tiled-decode": {"_decode_attn": False}}
+# Decode-only steps of MHA models run attn_dec_* (split across key slices or not); ORCD_ATTN_DECODE=0
+# sends them to attn_dN, which must agree too.
+ATTN_MODES = {"default": {}, "one-slice": {"_split_keys": False}, "tiled-decode": {"_decode_attn": False},
+              # attn_dec for every group size it supports (by default only MHA models get it)
+              "dec-gqa": {"_dec_max_group": 8}, "dec-gqa-one-slice": {"_dec_max_group": 8, "_split_keys": False}}
 
 
 @pytest.mark.parametrize("mode", list(ATTN_MODES))
@@ -207,6 +209,8 @@ def test_attention(be, rng, case, mode, monkeypatch):
     layout = KVLayout(n_layers=2, num_blocks=nblocks, block_size=bs, n_kv_heads=Hkv, head_dim_k=D, head_dim_v=D)
     ref = NumpyBackend()
     kv_ref, kv_dev = ref.alloc_kv(layout), be.alloc_kv(layout)
+    # never-written cache rows hold f16 NaN: no kernel may let them reach the output
+    be._drv.memset_d16(kv_dev.buf.ptr, 0x7E00, kv_dev.buf.nbytes // 2)
     sinks = rng.standard_normal(Hq).astype(np.float32) if with_sinks else None
     scale = 1 / np.sqrt(D)
     layer = 1
