@@ -122,8 +122,10 @@ def _kernels() -> _Kernels:
 
 # GEMV k-split (gemv_*_k4: a block's 4 warps share 2 rows): "auto" uses it when the row blocks alone
 # would give the GPU fewer than _KSPLIT_BELOW blocks; "0" never, "1" always (A/B in bench_kernels).
+# H100 A/B at T=1 (BENCHMARKS.md): k-split won at 112 blocks (qwen2.5's 896 rows: ffn_down 9.5 -> 5.5
+# us) and lost at 384 (phi3's 3072 rows: 8.0 -> 9.5 us) and above; 2 blocks per SM lies between.
 _KSPLIT = os.environ.get("ORCD_GEMV_KSPLIT", "auto")
-_KSPLIT_BELOW = 4 * _SMS
+_KSPLIT_BELOW = 2 * _SMS
 
 
 def _gemv(fmt: str, nt: int, n: int, slots: int):
