@@ -427,10 +427,10 @@ def _validate(model: GGUFModel, adapter, quants) -> None:
     if validate_model is not None:
         validate_model(model, adapter)
         return
-    for name, shape in adapter.required_tensors().items():
+    for name, shape in adapter.required().items():
         t = model.tensor(name)
         got = GGUFModel.logical_shape(t)
-        if got != tuple(shape):
+        if len(got) != len(shape) or any(s is not None and g != s for g, s in zip(got, shape)):
             raise InvalidArgument(f"shape {got} does not match {tuple(shape)} implied by the metadata", field=name)
     for t in model.reader.tensors:
         quants.check_supported(t.tensor_type, t.name)

@@ -16,11 +16,11 @@ from .gguf_model import GGUFModel
 def validate_model(model: GGUFModel, adapter) -> None:
     for t in model.reader.tensors:
         quants.check_supported(t.tensor_type, t.name)
-    for name, shape in adapter.required_tensors().items():
+    for name, shape in adapter.required().items():
         if not model.has(name):
             raise InvalidArgument(f"required tensor {name!r} is missing from the file", field=name)
         got = GGUFModel.logical_shape(model.tensor(name))
-        if got != tuple(int(s) for s in shape):
+        if len(got) != len(shape) or any(s is not None and g != int(s) for g, s in zip(got, shape)):
             raise InvalidArgument(f"tensor {name!r} has shape {got}, but the metadata implies {tuple(shape)}",
                                   field=name)
     for t in model.reader.tensors:

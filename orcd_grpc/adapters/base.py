@@ -7,6 +7,39 @@ from ..backends.base import Backend, KVLayout
 from ..gguf_model import GGUFModel
 
 
+@dataclass(frozen=True)
+class Stage:
+    """The part of the model a file holds: layers [first, end), and whether its input is hidden
+    states (its token_embd is then a float32 table of them, looked up by row) and its output
+    hidden states (no final norm or head). A plain model file is the whole model. Stage files are
+    written by bench/stage_check.py, which runs a model too large to ship to a GPU machine in one
+    piece as a chain of stages."""
+    first: int
+    end: int
+    hidden_in: bool = False
+    hidden_out: bool = False
+
+    KEY = "orcd.stage."
+
+    @classmethod
+    def of(cls, m: GGUFModel, n_layers: int) -> "Stage":
+        first = m.meta(cls.KEY + "first_layer")
+        if first is None:
+            return cls(0, n_layers)
+        end = int(m.meta(cls.KEY + "end_layer", n_layers))
+        if not 0 <= int(first) <= end <= n_layers:
+            from ..errors import InvalidArgument
+
+            raise InvalidArgument(f"stage layers [{first}, {end}) do not fit {n_layers} layers",
+                                  field=cls.KEY + "first_layer")
+        return cls(int(first), end, bool(m.meta(cls.KEY + "hidden_in", False)),
+                   bool(m.meta(cls.KEY + "hidden_out", False)))
+
+    @property
+    def partial(self) -> bool:
+        return self.hidden_in or self.hidden_out
+
+
 @dataclass
 class HParams:
     n_layers: int
@@ -31,6 +64,7 @@ class Adapter:
     def __init__(self, model: GGUFModel):
         self.model = model
         self.hp = self.read_hparams(model)
+        self.stage = Stage.of(model, self.hp.n_layers)
         self.w: dict = {}
         self.be: Backend | None = None
 
@@ -59,6 +93,28 @@ class Adapter:
     def required_tensors(self) -> dict[str, tuple[int, ...]]:
         """Tensor name -> logical shape (outermost first) that the file must have."""
         raise NotImplementedError
+
+    def required(self) -> dict[str, tuple]:
+        """required_tensors() narrowed to this file's stage. In a stage file, token_embd (a subset
+        of the vocabulary, or the hidden-state table) and output (a slice of the vocabulary) may
+        have any number of rows: None in the shape."""
+        req, st = self.required_tensors(), self.stage
+        if not st.partial and (st.first, st.end) == (0, self.hp.n_layers):
+            return req
+        out = {}
+        for name, shape in req.items():
+            if name.startswith("blk."):
+                if not st.first <= int(name.split(".")[1]) < st.end:
+                    continue
+            elif name.startswith("output") and st.hidden_out:
+                continue
+            elif name in ("token_embd.weight", "output.weight"):
+                shape = (None, *shape[1:])
+            out[name] = shape
+        return out
+
+    def layers(self) -> range:
+        return range(self.stage.first, self.stage.end)
 
     def kv_layout(self, num_blocks: int, block_size: int) -> KVLayout:
         h = self.hp

@@ -135,15 +135,18 @@ class LlamaAdapter(Adapter):
 
     def forward(self, ctx, kv):
         be, W, eps = self.be, self.w, self.hp.eps
-        x = self.embed(ctx)
+        # a stage file's input rows are hidden states, stored as its token_embd (no embedding scale)
+        x = be.embed(W["token_embd.weight"], ctx) if self.stage.hidden_in else self.embed(ctx)
         res = None
-        for i in range(self.hp.n_layers):
+        for i in self.layers():
             b = f"blk.{i}."
             h, res = be.rms_norm(x, W[b + "attn_norm.weight"], eps, res)
             a = self.post_attn(i, self.attention(i, h, ctx, kv))
             h, res = be.rms_norm(a, W[b + self.ffn_norm], eps, res)
             x = self.post_ffn(i, self.ffn(i, h))
         # Only the rows that are sampled need the final norm and the (large) output projection.
-        last = be.gather_rows(be.add(x, res), ctx)
+        last = be.gather_rows(x if res is None else be.add(x, res), ctx)
+        if self.stage.hidden_out:
+            return last
         h, _ = be.rms_norm(last, W["output_norm.weight"], eps)
         return be.linear(h, W[self.output_name()])
