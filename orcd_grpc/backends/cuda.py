@@ -247,6 +247,11 @@ class CudaBackend(Backend):
         # H100 (graph replay per token, 2026-11-23) it took phi3-mini (MHA) from 4,214 to 3,322 us but
         # made qwen2.5-0.5b (group 7) 1,487 -> 1,864 us and gpt-oss-20b (group 8) 3,355 -> 3,730 us.
         self._dec_max_group = 1
+        # ... and for any group when a step has at least this many (sequence, kv head) pairs: at
+        # B=64, qwen2.5-0.5b (128 pairs) ran 8,998 tok/s with attn_dec against 8,029 without, and
+        # gpt-oss-20b at B=32 (256 pairs) 1,224 against 1,193; at 64 pairs and fewer it was even or
+        # slower (gpt-oss B=8: 563 against 574). Two runs of bench/run_all.sh, same day, H100.
+        self._dec_min_heads = 128
         self._rope_cache: dict[int, tuple] = {}
         self._meta_buf: DeviceBuffer | None = None
         self._meta_host = None
@@ -617,8 +622,8 @@ class CudaBackend(Backend):
             kern.fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
             self._attr_set.add((name, smem))
         group = Hq // Hkv
-        if (ctx.max_q == 1 and self._decode_attn and group <= self._dec_max_group and Dk % 8 == 0
-                and Dk <= 256 and Dv <= 256):
+        if (ctx.max_q == 1 and self._decode_attn and Dk % 8 == 0 and Dk <= 256 and Dv <= 256 and group <= 8
+                and (group <= self._dec_max_group or ctx.B * Hkv >= self._dec_min_heads)):
             return self._decode_attention(q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks,
                                           softcap)
         tiles = max(1, -(-ctx.max_q * group // 32))

@@ -190,11 +190,12 @@ ATTN_CASES = [
     (4, 1, 256, [300, 2], [1, 1], 64, False, 30.0),        # gemma3 shape: window + softcap decode
     (9, 3, 64, [65, 0, 31], [1, 1, 1], 0, True, 0.0),      # a sequence that joins with one token
 ]
-# Decode-only steps of MHA models run attn_dec_* (split across key slices or not); ORCD_ATTN_DECODE=0
-# sends them to attn_dN, which must agree too.
+# Decode-only steps of MHA models (and of any model at large batches) run attn_dec_* (split across
+# key slices or not); ORCD_ATTN_DECODE=0 sends them to attn_dN, which must agree too.
 ATTN_MODES = {"default": {}, "one-slice": {"_split_keys": False}, "tiled-decode": {"_decode_attn": False},
               # attn_dec for every group size it supports (by default only MHA models get it)
-              "dec-gqa": {"_dec_max_group": 8}, "dec-gqa-one-slice": {"_dec_max_group": 8, "_split_keys": False}}
+              "dec-gqa": {"_dec_max_group": 8}, "dec-gqa-one-slice": {"_dec_max_group": 8, "_split_keys": False},
+              "dec-by-batch": {"_dec_min_heads": 2}}
 
 
 @pytest.mark.parametrize("mode", list(ATTN_MODES))
