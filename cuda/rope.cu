@@ -61,3 +61,63 @@ __device__ __forceinline__ void rope_item(const float* __restrict__ x, float* __
     yr[ia] = a * c - b * s;
     yr[ib] = a * s + b * c;
 }
+
+// qkv_rope_store_f32: one row per token of a fused Q/K/V projection, [q (Hq*D) | k (Hk*D) | v (Hk*Dv)].
+// q is roped into yq [T, Hq, D]; k is roped and v copied, both rounded to f16, straight into the
+// paged cache at slots[t] (layout as kv_store_f16; slot < 0: a padding token, nothing stored).
+// Replaces split3 + rope_pair + kv_store_f16 (three launches per layer).
+extern "C" __global__ void qkv_rope_store_f32(const float* __restrict__ qkv, float* __restrict__ yq,
+                                              __half* __restrict__ kc, __half* __restrict__ vc,
+                                              const int* __restrict__ pos, const int* __restrict__ slots,
+                                              const double* __restrict__ inv_freq, int T, int Hq, int Hk, int D,
+                                              int Dv, int rot, int neox, float mscale) {
+    const int t = blockIdx.y;
+    const int half = rot >> 1, pairs = D - half;
+    const long long width = (long long)(Hq + Hk) * D + (long long)Hk * Dv;
+    const float* row = qkv + t * width;
+    const int nq = Hq * pairs, nk = Hk * pairs, nv = Hk * Dv;
+    const int slot = slots[t];
+    const int p = pos[t];
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < nq + nk + nv; idx += gridDim.x * blockDim.x) {
+        if (idx >= nq + nk) {
+            if (slot >= 0) {
+                const int j = idx - nq - nk;  // h * Dv + d
+                vc[(size_t)slot * nv + j] = __float2half_rn(row[(size_t)(Hq + Hk) * D + j]);
+            }
+            continue;
+        }
+        const bool isq = idx < nq;
+        if (!isq && slot < 0) continue;
+        const int j = isq ? idx : idx - nq;
+        const int h = j / pairs, i = j - h * pairs;
+        const float* xr = row + (isq ? 0 : (size_t)Hq * D) + (size_t)h * D;
+        int ia, ib = -1;
+        float ya, yb = 0.f;
+        if (i >= half) {  // pass-through features beyond the rotated ones
+            ia = rot + (i - half);
+            ya = xr[ia];
+        } else {
+            double ang = (double)p * inv_freq[i];
+            const double two_pi = 6.283185307179586;
+            ang -= two_pi * rint(ang / two_pi);
+            float s, c;
+            sincosf((float)ang, &s, &c);
+            c *= mscale;
+            s *= mscale;
+            ia = neox ? i : 2 * i;
+            ib = neox ? i + half : 2 * i + 1;
+            const float a = xr[ia], b = xr[ib];
+            ya = a * c - b * s;
+            yb = a * s + b * c;
+        }
+        if (isq) {
+            float* yr = yq + ((size_t)t * Hq + h) * D;
+            yr[ia] = ya;
+            if (ib >= 0) yr[ib] = yb;
+        } else {
+            __half* kr = kc + ((size_t)slot * Hk + h) * D;
+            kr[ia] = __float2half_rn(ya);
+            if (ib >= 0) kr[ib] = __float2half_rn(yb);
+        }
+    }
+}

@@ -66,6 +66,8 @@ class Gemma3Adapter(LlamaAdapter):
     def embed(self, ctx):
         return self.be.scale(self.be.embed(self.w["token_embd.weight"], ctx), self.embed_scale)
 
+    qk_normed = True
+
     def qk_norm(self, i, q, k):
         be, W, eps = self.be, self.w, self.hp.eps
         q, _ = be.rms_norm(q, W[f"blk.{i}.attn_q_norm.weight"], eps)

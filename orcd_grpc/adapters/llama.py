@@ -78,15 +78,21 @@ class LlamaAdapter(Adapter):
         return self.w.get(name)
 
     # ---- the layer -----------------------------------------------------------------------
-    def qkv(self, i: int, h):
+    qk_normed = False  # per-head norms of q and k between projection and rope (gemma3)
+
+    def qkv_fused(self, i: int, h):
+        """The Q/K/V projection as one [T, q + k + v] tensor when the layer has one matrix for it
+        (loaded fused, or phi3's own), else None."""
         b, W = f"blk.{i}.", self.w
-        be = self.be
         fused = W.get(b + "attn_qkv_fused.weight")
+        return None if fused is None else self.be.linear(h, fused, W.get(b + "attn_qkv_fused.bias"))
+
+    def qkv(self, i: int, h, fused=None):
+        b, W, be, hp = f"blk.{i}.", self.w, self.be, self.hp
+        fused = self.qkv_fused(i, h) if fused is None else fused
         if fused is not None:
-            hp = self.hp
-            qkv = be.linear(h, fused, W.get(b + "attn_qkv_fused.bias"))
-            return be.split(qkv, [hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim,
-                                  hp.n_kv_heads * hp.head_dim_v])
+            return be.split(fused, [hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim,
+                                    hp.n_kv_heads * hp.head_dim_v])
         q = be.linear(h, W[b + "attn_q.weight"], self.bias(b + "attn_q.bias"))
         k = be.linear(h, W[b + "attn_k.weight"], self.bias(b + "attn_k.bias"))
         v = be.linear(h, W[b + "attn_v.weight"], self.bias(b + "attn_v.bias"))
@@ -95,13 +101,18 @@ class LlamaAdapter(Adapter):
     def attention(self, i: int, h, ctx, kv):
         be, hp = self.be, self.hp
         T = h.shape[0]
-        q, k, v = self.qkv(i, h)
-        q = q.reshape(T, hp.n_heads, hp.head_dim)
-        k = k.reshape(T, hp.n_kv_heads, hp.head_dim)
-        v = v.reshape(T, hp.n_kv_heads, hp.head_dim_v)
-        q, k = self.qk_norm(i, q, k)
         spec = self.rope_spec(i)
-        q, k = be.rope_pair(q, k, ctx, spec)
+        fused = None if self.qk_normed else self.qkv_fused(i, h)
+        if fused is not None:  # rope and the cache writes straight from the projection
+            q = be.qkv_rope_store(fused, kv, i, ctx, spec, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.head_dim_v)
+            k = v = None
+        else:
+            q, k, v = self.qkv(i, h)
+            q = q.reshape(T, hp.n_heads, hp.head_dim)
+            k = k.reshape(T, hp.n_kv_heads, hp.head_dim)
+            v = v.reshape(T, hp.n_kv_heads, hp.head_dim_v)
+            q, k = self.qk_norm(i, q, k)
+            q, k = be.rope_pair(q, k, ctx, spec)
         o = be.attention(q, k, v, kv, i, ctx, scale=self.attn_scale, window=self.attn_window(i),
                          **self.attn_extras(i))
         b = f"blk.{i}."

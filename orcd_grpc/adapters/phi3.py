@@ -74,11 +74,8 @@ class Phi3Adapter(LlamaAdapter):
     def attn_window(self, layer):
         return self.window
 
-    def qkv(self, i, h):
-        hp = self.hp
-        qkv = self.be.linear(h, self.w[f"blk.{i}.attn_qkv.weight"], self.bias(f"blk.{i}.attn_qkv.bias"))
-        q_n, kv_n = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
-        return self.be.split(qkv, [q_n, kv_n, hp.n_kv_heads * hp.head_dim_v])
+    def qkv_fused(self, i, h):
+        return self.be.linear(h, self.w[f"blk.{i}.attn_qkv.weight"], self.bias(f"blk.{i}.attn_qkv.bias"))
 
     def ffn(self, i, h):
         be, W = self.be, self.w

@@ -145,11 +145,27 @@ class Backend(ABC):
         """rope of q [T, Hq, D] and k [T, Hk, D] with the same spec (one launch on a GPU)."""
         return self.rope(q, ctx, spec), self.rope(k, ctx, spec)
 
+    def qkv_rope_store(self, qkv, kv, layer: int, ctx, spec: RopeSpec, n_heads: int, n_kv_heads: int,
+                       head_dim: int, head_dim_v: int):
+        """A fused Q/K/V projection's rows [T, Hq*Dk + Hkv*Dk + Hkv*Dv] -> q [T, Hq, Dk] roped; k
+        (roped) and v are written into the paged cache at ctx's slots, as attention() would write
+        them, so that attention(q, None, None, ...) follows (one kernel instead of three on a GPU)."""
+        T = qkv.shape[0]
+        q, k, v = self.split(qkv, [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim_v])
+        q, k = self.rope_pair(q.reshape(T, n_heads, head_dim), k.reshape(T, n_kv_heads, head_dim), ctx, spec)
+        self.store_kv(k, v.reshape(T, n_kv_heads, head_dim_v), kv, layer, ctx)
+        return q
+
+    @abstractmethod
+    def store_kv(self, k, v, kv, layer: int, ctx):
+        """Writes k, v ([T, Hkv, Dk], [T, Hkv, Dv]) into the paged cache at ctx's slots (slot < 0:
+        a padding token, not written)."""
+
     @abstractmethod
     def attention(self, q, k, v, kv, layer: int, ctx, *, scale: float, window: int = 0,
                   sinks=None, softcap: float = 0.0):
-        """Writes k, v ([T, Hkv, Dk], [T, Hkv, Dv]) into the paged cache at ctx's slots, then
-        causal attention of q [T, Hq, Dk] over each sequence's cached keys (GQA: query head h uses
+        """Writes k, v ([T, Hkv, Dk], [T, Hkv, Dv]) into the paged cache at ctx's slots (k = v =
+        None: already written, by qkv_rope_store), then causal attention of q [T, Hq, Dk] over each sequence's cached keys (GQA: query head h uses
         kv head h // (Hq // Hkv)). window > 0: a query at position p sees keys at positions
         > p - window. sinks [Hq]: a per-head logit that joins the softmax denominator only.
         softcap > 0: scores = softcap * tanh(scores / softcap). Returns [T, Hq * Dv]."""

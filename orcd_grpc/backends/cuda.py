@@ -243,6 +243,7 @@ class CudaBackend(Backend):
         self._sync_each = os.environ.get("ORCD_CUDA_SYNC") == "1"
         self._split_keys = os.environ.get("ORCD_ATTN_SPLITS") != "1"  # 1: one CTA per head (A/B, debugging)
         self._decode_attn = os.environ.get("ORCD_ATTN_DECODE") != "0"  # 0: decode steps use attn_dN (A/B)
+        self._fuse_qkv_rope = os.environ.get("ORCD_FUSE_QKV_ROPE") != "0"  # 0: split, rope, kv store (A/B)
         # attn_dec serves decode steps of models with at most this many q heads per kv head. On the
         # H100 (graph replay per token, 2026-11-23) it took phi3-mini (MHA) from 4,214 to 3,322 us but
         # made qwen2.5-0.5b (group 7) 1,487 -> 1,864 us and gpt-oss-20b (group 8) 3,355 -> 3,730 us.
@@ -596,18 +597,45 @@ class CudaBackend(Backend):
                      np.int32(1 if spec.neox else 0), np.float32(mscale))
         return yq, yk
 
-    def attention(self, q, k, v, kv: CudaKV, layer, ctx: CudaStep, *, scale, window=0, sinks=None, softcap=0.0):
-        T, Hq, Dk = q.shape
-        L = kv.layout
-        Hkv, Dv = L.n_kv_heads, L.head_dim_v
-        if Dk != L.head_dim_k or k.shape[1:] != (Hkv, Dk) or Dk % 2 or Dv % 2 or Hq % Hkv:
-            raise InvalidArgument(f"attention shapes q{q.shape} k{k.shape} v{v.shape} do not fit the cache "
-                                  f"({Hkv} kv heads, dims {L.head_dim_k}/{Dv})", field="attention")
+    def store_kv(self, k, v, kv: CudaKV, layer, ctx: CudaStep):
+        T, Hkv, Dk = k.shape
+        Dv = v.shape[2]
         if T:
             kst = self._k("attention", "kv_store_f16", "PPPPPiiii")
             per = Hkv * (Dk + Dv)
             self._launch(kst, (max(1, min(-(-per // 256), 64)), T, 1), (256, 1, 1), k.ptr, v.ptr, ctx.slot_mapping,
                          kv.k_ptr(layer), kv.v_ptr(layer), np.int32(T), np.int32(Hkv), np.int32(Dk), np.int32(Dv))
+
+    def qkv_rope_store(self, qkv, kv: CudaKV, layer, ctx: CudaStep, spec: RopeSpec, n_heads, n_kv_heads, head_dim,
+                       head_dim_v):
+        """One kernel: the q part roped into a new tensor, k roped and v converted to f16 straight
+        into the cache (split + rope + kv store were three launches per layer)."""
+        T = qkv.shape[0]
+        L = kv.layout
+        if (not self._fuse_qkv_rope or qkv.shape[-1] != (n_heads + n_kv_heads) * head_dim + n_kv_heads * head_dim_v
+                or (L.n_kv_heads, L.head_dim_k, L.head_dim_v) != (n_kv_heads, head_dim, head_dim_v)):
+            return super().qkv_rope_store(qkv, kv, layer, ctx, spec, n_heads, n_kv_heads, head_dim, head_dim_v)
+        buf, mscale = self._rope_table(spec)
+        q = self._out((T, n_heads, head_dim))
+        if T:
+            rot = int(spec.dim)
+            per = (n_heads + n_kv_heads) * (head_dim - rot // 2) + n_kv_heads * head_dim_v
+            kern = self._k("rope", "qkv_rope_store_f32", "PPPPPPPiiiiiiif")
+            self._launch(kern, (max(1, min(-(-per // 256), 32)), T, 1), (256, 1, 1), qkv.ptr, q.ptr, kv.k_ptr(layer),
+                         kv.v_ptr(layer), ctx.positions, ctx.slot_mapping, buf.ptr, np.int32(T), np.int32(n_heads),
+                         np.int32(n_kv_heads), np.int32(head_dim), np.int32(head_dim_v), np.int32(rot),
+                         np.int32(1 if spec.neox else 0), np.float32(mscale))
+        return q
+
+    def attention(self, q, k, v, kv: CudaKV, layer, ctx: CudaStep, *, scale, window=0, sinks=None, softcap=0.0):
+        T, Hq, Dk = q.shape
+        L = kv.layout
+        Hkv, Dv = L.n_kv_heads, L.head_dim_v
+        if Dk != L.head_dim_k or (k is not None and k.shape[1:] != (Hkv, Dk)) or Dk % 2 or Dv % 2 or Hq % Hkv:
+            raise InvalidArgument(f"attention shapes q{q.shape} k{None if k is None else k.shape} do not fit the "
+                                  f"cache ({Hkv} kv heads, dims {L.head_dim_k}/{Dv})", field="attention")
+        if k is not None:
+            self.store_kv(k, v, kv, layer, ctx)
         out = self._out((T, Hq * Dv))
         if T == 0:
             return out

@@ -100,9 +100,14 @@ class NumpyBackend(Backend):
             out[..., 1:d:2] = a * sin + b * cos
         return out
 
+    def store_kv(self, k, v, kv: NumpyKV, layer, ctx: StepMeta):
+        keep = np.asarray(ctx.slot_mapping) >= 0
+        kv.k[layer, ctx.slot_mapping[keep]] = k[keep]
+        kv.v[layer, ctx.slot_mapping[keep]] = v[keep]
+
     def attention(self, q, k, v, kv: NumpyKV, layer, ctx: StepMeta, *, scale, window=0, sinks=None, softcap=0.0):
-        kv.k[layer, ctx.slot_mapping] = k
-        kv.v[layer, ctx.slot_mapping] = v
+        if k is not None:
+            self.store_kv(k, v, kv, layer, ctx)
         T, hq, _ = q.shape
         hkv, dv = kv.layout.n_kv_heads, kv.layout.head_dim_v
         group = hq // hkv

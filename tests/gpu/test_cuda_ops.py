@@ -109,6 +109,46 @@ def test_rope(be, rng, D, kind):
     assert rel(be.to_host(y), exp) < 2e-5
 
 
+@pytest.mark.parametrize("Hq,Hkv,D,rot_frac,neox", [(14, 2, 64, 1, True), (32, 32, 96, 0.75, True),
+                                                     (9, 3, 64, 1, False), (64, 8, 64, 1, True)])
+def test_qkv_rope_store(be, rng, Hq, Hkv, D, rot_frac, neox):
+    """The fused q/k/v -> rope -> cache kernel against NumPy's split + rope + store, at scattered
+    slots with one padding token (slot -1: nothing stored)."""
+    T, nslots = 23, 64
+    spec = RopeSpec(dim=int(D * rot_frac), base=10000.0, neox=neox)
+    pos = rng.integers(0, 5000, T).astype(np.int32)
+    meta = simple_meta(T, pos)
+    meta.slot_mapping = rng.permutation(nslots)[:T].astype(np.int32)
+    meta.slot_mapping[5] = -1
+    layout = KVLayout(n_layers=2, num_blocks=4, block_size=16, n_kv_heads=Hkv, head_dim_k=D, head_dim_v=D)
+    qkv = rng.standard_normal((T, (Hq + 2 * Hkv) * D), dtype=np.float32)
+    ref = NumpyBackend()
+    kv_ref = ref.alloc_kv(layout)
+    q_exp = ref.qkv_rope_store(qkv, kv_ref, 1, meta, spec, Hq, Hkv, D, D)
+    kv_dev = be.alloc_kv(layout)
+    try:
+        be._drv.memset_d16(kv_dev.buf.ptr, 0x7E00, kv_dev.buf.nbytes // 2)  # NaN: unwritten rows stay NaN
+        ctx = be.begin_step(meta)
+        poison(be)
+        q = be.qkv_rope_store(dev(be, qkv), kv_dev, 1, ctx, spec, Hq, Hkv, D, D)
+        assert rel(be.to_host(q), q_exp) < 2e-5
+        be.synchronize()
+        per = nslots * Hkv * D
+        host = np.empty(2 * 2 * per, np.float16)  # K of both layers, then V of both layers
+        be._drv.memcpy_dtoh(host, kv_dev.buf.ptr)
+        k_got = host[per: 2 * per].reshape(nslots, Hkv, D).astype(np.float32)
+        v_got = host[3 * per: 4 * per].reshape(nslots, Hkv, D).astype(np.float32)
+        keep = meta.slot_mapping >= 0
+        s = meta.slot_mapping[keep]
+        np.testing.assert_allclose(k_got[s], kv_ref.k[1, s].astype(np.float16).astype(np.float32), rtol=2e-3,
+                                   atol=2e-3)
+        np.testing.assert_array_equal(v_got[s], kv_ref.v[1, s].astype(np.float16).astype(np.float32))
+        untouched = np.setdiff1d(np.arange(nslots), s)
+        assert np.isnan(k_got[untouched]).all() and np.isnan(v_got[untouched]).all()
+    finally:
+        kv_dev.buf.free()
+
+
 # ---- elementwise ------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(1, 1536), (7, 1003), (129, 8192), (3, 5)])
 def test_elementwise(be, rng, shape):
