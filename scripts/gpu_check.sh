@@ -5,7 +5,8 @@
 #   GPU_TESTS=...   pytest selection for the GPU part (default: -m gpu tests/)
 #   SKIP_SUITE=1    skip the non-GPU suite;  SKIP_BENCH=1  skip the benchmark
 #   BENCH_MODELS="qwen2.5-0.5b ..."  the synthetic anchor files to benchmark (default: all four)
-#   PROFILE_MODEL=FILE.gguf  also print where a decode step's time goes (bench/profile_decode.py)
+#   PROFILE_MODEL=FILE.gguf  also print where a decode step's time goes (bench/profile_decode.py);
+#                   AB="VAR=VALUE ..." repeats it under each tuning switch (README, GPU notes)
 #   Real models (SmolLM2, Gemma 3) are used when $ORCD_MODEL_DIR holds them (no network there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +44,13 @@ if [ -z "${SKIP_BENCH:-}" ]; then
 fi
 if [ -n "${PROFILE_MODEL:-}" ]; then
   echo "== decode profile ($PROFILE_MODEL)"
-  for b in ${PROFILE_BATCHES:-1 64}; do
-    timeout 120 python3 bench/profile_decode.py "$PROFILE_MODEL" --batch "$b" 2>&1 | tail -1 | tee -a "$OUT/profile.jsonl"
+  # AB="ORCD_FUSE_QKV_ROPE=0 ORCD_GEMM_PIPE=64": the profile again under each switch (graph_replay_gpu
+  # is the GPU time per step to compare)
+  for ab in default ${AB:-}; do
+    for b in ${PROFILE_BATCHES:-1 64}; do
+      echo "$ab $(env $([ "$ab" = default ] || echo "$ab") timeout 120 python3 bench/profile_decode.py "$PROFILE_MODEL" \
+        --batch "$b" 2>&1 | tail -1 | cut -c1-400)" | tee -a "$OUT/profile.txt"
+    done
   done
 fi
 echo "== gpu_check done in $(( $(date +%s) - start ))s, rc=$rc"
