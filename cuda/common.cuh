@@ -5,6 +5,14 @@
 
 #define FULL_MASK 0xffffffffu
 
+__device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
+
+// gelu with the tanh approximation, as ggml's gelu and gemma use.
+__device__ __forceinline__ float gelu_tanh(float g) {
+    const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+    return 0.5f * g * (1.f + tanhf(k0 * (g + k1 * g * g * g)));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

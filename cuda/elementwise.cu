@@ -3,14 +3,6 @@
 // used when n % 4 == 0 (every tensor the backend allocates is 256-byte aligned).
 #include "common.cuh"
 
-__device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
-
-// gelu with the tanh approximation, as ggml's gelu and gemma use.
-__device__ __forceinline__ float gelu_tanh(float g) {
-    const float k0 = 0.7978845608028654f, k1 = 0.044715f;
-    return 0.5f * g * (1.f + tanhf(k0 * (g + k1 * g * g * g)));
-}
-
 #define GRID_STRIDE(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
                                i += (long long)gridDim.x * blockDim.x)
 

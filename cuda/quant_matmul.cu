@@ -18,6 +18,7 @@
 //   embed_<fmt>      y[t] = dequantized row ids[t].
 // Kernels never allocate, copy to the host or synchronise, so launches can be captured in a graph.
 #include <mma.h>
+#include "common.cuh"
 #include "quant_common.cuh"
 
 using namespace oq;
@@ -55,7 +56,22 @@ __device__ __forceinline__ int stage_chunk(uint8_t* dst, const uint8_t* src, int
 // and take every KS-th k-chunk each, summed through shared memory at the end. A matrix with few
 // rows (qwen2.5's 896) leaves most SMs idle at KS = 1, and each warp's chunks are a chain of
 // dependent global loads; splitting k puts 4x the loads in flight per row.
-template <class F, int NT, int KS>
+// Activation x as the GEMV reads it: ACT = 0 the row itself; 1 / 2: the row is a fused gate/up
+// projection [gate (k) | up (k)] and x = silu / gelu_tanh(gate) * up is formed on load, so the
+// FFN's down projection needs no separate GLU kernel in decode steps.
+template <int ACT>
+__device__ __forceinline__ float4 load_x4(const float* p, int k) {
+    const float4 g = __ldg(reinterpret_cast<const float4*>(p));
+    if constexpr (ACT == 0) {
+        return g;
+    } else {
+        const float4 u = __ldg(reinterpret_cast<const float4*>(p + k));
+        auto a = [](float v) { return ACT == 1 ? silu(v) : gelu_tanh(v); };
+        return make_float4(a(g.x) * u.x, a(g.y) * u.y, a(g.z) * u.z, a(g.w) * u.w);
+    }
+}
+
+template <class F, int NT, int KS, int ACT = 0>
 __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
                                           const int* __restrict__ expert_ids, int T, int n, int k,
@@ -79,7 +95,7 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
         const int e = expert_ids[slot];
         W += e * expert_stride;
         if (bias) bias += (long long)e * n;
-        x += (long long)(x_per_slot ? slot : slot / top_k) * k;
+        x += (long long)(x_per_slot ? slot : slot / top_k) * k * (ACT ? 2 : 1);
         y += (long long)slot * n;
     }
     const int nblk = k / F::QK;
@@ -133,9 +149,10 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                 float4 xa[NT], xb[NT];
 #pragma unroll
                 for (int t = 0; t < NT; t++) {
-                    const float* xt = x + (long long)min(t, T - 1) * k + e0;  // tokens >= T: harmless duplicate loads
-                    xa[t] = __ldg(reinterpret_cast<const float4*>(xt + o0));
-                    xb[t] = __ldg(reinterpret_cast<const float4*>(xt + o1));
+                    // tokens >= T: harmless duplicate loads
+                    const float* xt = x + (long long)min(t, T - 1) * k * (ACT ? 2 : 1) + e0;
+                    xa[t] = load_x4<ACT>(xt + o0, k);
+                    xb[t] = load_x4<ACT>(xt + o1, k);
                     if constexpr (F::MIN) {  // sum of x under each run, shared by all rows
                         x0[t] += (xa[t].x + xa[t].y) + (xa[t].z + xa[t].w);
                         x1[t] += (xb[t].x + xb[t].y) + (xb[t].z + xb[t].w);
@@ -540,8 +557,17 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4(GEMV_ARGS) {            \
         gemv_impl<F, NT, GEMV_WARPS>(GEMV_PASS);                                                                 \
     }
+// single-token GEMVs whose input is a fused gate/up row (see load_x4)
+#define GEMV_GLU(name, F, ACT, act)                                                                              \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_##act(GEMV_ARGS) {             \
+        gemv_impl<F, 1, 1, ACT>(GEMV_PASS);                                                                      \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_##act(GEMV_ARGS) {          \
+        gemv_impl<F, 1, GEMV_WARPS, ACT>(GEMV_PASS);                                                             \
+    }
 #define DEFINE_FORMAT(name, F)                                                                                   \
     GEMV(name, F, 1) GEMV(name, F, 2) GEMV(name, F, 4) GEMV(name, F, 8)                                          \
+    GEMV_GLU(name, F, 1, silu) GEMV_GLU(name, F, 2, gelu)                                                        \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_16(GEMM_ARGS) { gemm_impl<F, 16>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_32(GEMM_ARGS) { gemm_impl<F, 32>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \

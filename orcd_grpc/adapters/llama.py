@@ -130,7 +130,7 @@ class LlamaAdapter(Adapter):
         b, W, be = f"blk.{i}.", self.w, self.be
         fused = W.get(b + "ffn_gate_up_fused.weight")
         if fused is not None:
-            return be.linear(be.glu_fused(be.linear(h, fused), self.ffn_act), W[b + "ffn_down.weight"])
+            return be.linear_glu(be.linear(h, fused), W[b + "ffn_down.weight"], self.ffn_act)
         g = be.linear(h, W[b + "ffn_gate.weight"])
         u = be.linear(h, W[b + "ffn_up.weight"])
         return be.linear(be.silu_mul(g, u), W[b + "ffn_down.weight"])

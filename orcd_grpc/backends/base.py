@@ -178,6 +178,11 @@ class Backend(ABC):
     def gelu_mul(self, gate, up):
         """gelu_tanh(gate) * up."""
 
+    def linear_glu(self, x, w, act: str = "silu"):
+        """linear(glu_fused(x, act), w): the FFN's down projection of a fused gate/up row (a GPU
+        forms the GLU while loading the input, without a kernel of its own)."""
+        return self.linear(self.glu_fused(x, act), w)
+
     def glu_fused(self, x, act: str = "silu"):
         """x [T, 2F] holding [gate | up] per row (a fused gate/up projection): act(gate) * up."""
         gate, up = self.split(x, [x.shape[-1] // 2] * 2)

@@ -244,6 +244,7 @@ class CudaBackend(Backend):
         self._split_keys = os.environ.get("ORCD_ATTN_SPLITS") != "1"  # 1: one CTA per head (A/B, debugging)
         self._decode_attn = os.environ.get("ORCD_ATTN_DECODE") != "0"  # 0: decode steps use attn_dN (A/B)
         self._fuse_qkv_rope = os.environ.get("ORCD_FUSE_QKV_ROPE") != "0"  # 0: split, rope, kv store (A/B)
+        self._fuse_glu = os.environ.get("ORCD_FUSE_GLU") != "0"  # 0: a GLU kernel before the down GEMV (A/B)
         # attn_dec serves decode steps of models with at most this many q heads per kv head. On the
         # H100 (graph replay per token, 2026-11-23) it took phi3-mini (MHA) from 4,214 to 3,322 us but
         # made qwen2.5-0.5b (group 7) 1,487 -> 1,864 us and gpt-oss-20b (group 8) 3,355 -> 3,730 us.
@@ -530,6 +531,16 @@ class CudaBackend(Backend):
         y = self._out((T, w.n))
         self._quant_call("matmul", cuda_quant.matmul, x.ptr, w, y.ptr, T, self.stream,
                          bias_ptr=bias.ptr if bias is not None else None)
+        return y
+
+    def linear_glu(self, x, w, act: str = "silu"):
+        from . import cuda_quant
+
+        T = math.prod(x.shape[:-1])
+        if T != 1 or not self._fuse_glu or act not in cuda_quant.GLU_ACTS or x.shape[-1] != 2 * w.k:
+            return super().linear_glu(x, w, act)
+        y = self._out((T, w.n))
+        self._quant_call("matmul", cuda_quant.matmul, x.ptr, w, y.ptr, T, self.stream, act=act)
         return y
 
     def _quant_call(self, what, fn, *args, **kw):

@@ -145,6 +145,35 @@ def test_gemv_both_layouts(cu, qtype, T, monkeypatch):
         w.free()
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda v: v.name)
+def test_gemv_glu_input(cu, qtype, act, monkeypatch):
+    """gemv_*_1_<act>: the input row is [gate | up] and the GEMV multiplies act(gate) * up, as the
+    separate GLU kernel + GEMV did; both GEMV layouts."""
+    n, k = 1003, (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 4864)
+    rng = np.random.default_rng()
+    raw, wf = _weight(qtype, n, k)
+    gu = (rng.standard_normal((1, 2 * k)) * 2).astype(np.float32)
+    g, u = gu[:, :k].astype(np.float64), gu[:, k:].astype(np.float64)
+    if act == "silu":
+        a = g / (1 + np.exp(-g)) * u
+    else:
+        a = 0.5 * g * (1 + np.tanh(0.7978845608028654 * (g + 0.044715 * g ** 3))) * u
+    ref = a @ wf.astype(np.float64).T
+    w = cu.q.QuantWeight(raw, qtype, n, k)
+    try:
+        for mode in ("0", "1"):
+            monkeypatch.setattr(cu.q, "_KSPLIT", mode)
+            xd = cu.ga.to_gpu(gu)
+            yd = cu.ga.to_gpu(np.full((1, n), np.nan, np.float32))
+            cu.q.matmul(xd.gpudata, w, yd.gpudata, 1, cu.stream, act=act)
+            cu.stream.synchronize()
+            err = rel_err(yd.get(), ref)
+            assert err <= TOL_GEMV, f"{qtype.name} {act} ksplit={mode}: rel err {err:.2e} > {TOL_GEMV}"
+    finally:
+        w.free()
+
+
 @pytest.mark.parametrize("T", [1, 4, 64])
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q5_0])
 def test_matmul_bias_accumulate(cu, qtype, T):
