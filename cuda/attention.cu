@@ -238,6 +238,41 @@ ATTN(8)
 // from global memory (lane j scores key j of the tile: 16-byte K loads, q broadcast from shared
 // memory; then the warp accumulates p * V with lanes owning 2 dims per 64), keeping its own online
 // softmax; the warps merge through shared memory at the end. NC = ceil(Dv / 64).
+// The last of a (sequence, kv head)'s n_splits CTAs to finish merges all their partials (as
+// attn_combine would, one launch later) and resets the counter for the next launch, so a graph
+// replays it as captured. Each CTA's partial writes are fenced before it counts itself; the last
+// one reads the others' through L2 (__ldcg), not its L1.
+__device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict__ out,
+                               const float* __restrict__ sinks, int* counter, int t, int kvh, int G, int Hq,
+                               int Dv, int n_splits) {
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1) == n_splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < G * Dv; e += blockDim.x) {
+        const int g = e / Dv, d = e - g * Dv, h = kvh * G + g;
+        const float* p = part + ((size_t)t * Hq + h) * n_splits * (Dv + 2);
+        float M = sinks ? sinks[h] : -INFINITY;
+        for (int s = 0; s < n_splits; ++s) M = fmaxf(M, __ldcg(p + s * (Dv + 2) + Dv));
+        float L = 0.f, A = 0.f;
+        if (M != -INFINITY) {
+            if (sinks) L = __expf(sinks[h] - M);
+            for (int s = 0; s < n_splits; ++s) {
+                const float ms = __ldcg(p + s * (Dv + 2) + Dv);
+                if (ms == -INFINITY) continue;
+                const float f = __expf(ms - M);
+                L = fmaf(__ldcg(p + s * (Dv + 2) + Dv + 1), f, L);
+                A = fmaf(__ldcg(p + s * (Dv + 2) + d), f, A);
+            }
+        }
+        out[((size_t)t * Hq + h) * Dv + d] = L > 0.f ? A / L : 0.f;
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}
+
 template <int GM, int NC>
 __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restrict__ kc,
                               const __half* __restrict__ vc, float* __restrict__ out,
@@ -245,7 +280,7 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
                               const int* __restrict__ ctx_lens, const int* __restrict__ block_tables,
                               int max_blocks, int block_size, int Hq, int Hkv, int Dk, int Dv, float scale,
                               int window, const float* __restrict__ sinks, float softcap, int n_splits,
-                              float* __restrict__ part) {
+                              float* __restrict__ part, int* __restrict__ counters) {
     constexpr int NW = 4;
     __shared__ __align__(16) float Qs[GM][256];
     __shared__ float Ms[NW][GM], Ls[NW][GM];
@@ -388,6 +423,7 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
             if (d == 0) { o[Dv] = M; o[Dv + 1] = L; }
             continue;
         }
+        // (sinks join here, and in attn_dec_merge for split steps)
         float f = 1.f;
         if (sinks) {
             const float sk = sinks[h];
@@ -397,6 +433,8 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
         }
         out[((size_t)t * Hq + h) * Dv + d] = L > 0.f ? A * f / L : 0.f;
     }
+    if (n_splits > 1 && counters) attn_dec_merge(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, Dv,
+                                                  n_splits);
 }
 
 #define ATTN_DEC(GM, NC)                                                                                 \
@@ -405,9 +443,10 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
                            const int* q_starts, const int* positions, const int* ctx_lens,               \
                            const int* block_tables, int max_blocks, int block_size, int Hq, int Hkv,     \
                            int Dk, int Dv, float scale, int window, const float* sinks, float softcap,   \
-                           int n_splits, float* part) {                                                  \
+                           int n_splits, float* part, int* counters) {                                   \
         attn_dec_impl<GM, NC>(q, kc, vc, out, q_starts, positions, ctx_lens, block_tables, max_blocks,   \
-                              block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, softcap, n_splits, part); \
+                              block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, softcap, n_splits, part, \
+                              counters);                                                                 \
     }
 #define ATTN_DEC_NC(GM) ATTN_DEC(GM, 1) ATTN_DEC(GM, 2) ATTN_DEC(GM, 3) ATTN_DEC(GM, 4)
 ATTN_DEC_NC(1)

@@ -41,6 +41,7 @@ _ATTN_DPL = (1, 2, 3, 4, 5, 6, 8)  # attn_d<DPL> variants in attention.cu: head 
 _ATTN_TARGET_CTAS = 264  # two per SM on an H100: enough decode attention CTAs to use its bandwidth
 _ATTN_MAX_SPLITS = 32
 _ATTN_DEC_TARGET_CTAS = 528  # attn_dec CTAs are 4 warps: four per SM
+_ATTN_COUNTERS = 1 << 16  # (sequence, kv head) pairs attn_dec can merge in-kernel (256 KiB of counters)
 
 
 def cuda_present() -> bool:
@@ -258,6 +259,10 @@ class CudaBackend(Backend):
         self._meta_buf: DeviceBuffer | None = None
         self._meta_host = None
         self._sample_buf: DeviceBuffer | None = None
+        # attn_dec's per-(sequence, kv head) arrival counters: the last key-slice CTA merges the
+        # partials itself (no attn_combine launch). Zeroed once; each merge resets its counter.
+        self._attn_counters: DeviceBuffer | None = None
+        self._merge_in_kernel = os.environ.get("ORCD_ATTN_MERGE") != "0"  # 0: attn_combine launch (A/B)
         self._sample_host = None
         self.closed = False
         if workspace_bytes is None:
@@ -689,15 +694,21 @@ class CudaBackend(Backend):
         """A step of decode tokens only: attn_dec_g<GM>_n<NC>, one 4-warp CTA per (key slice, sequence,
         kv head). As with attn_dN, the split count depends only on the batch shape (graph-safe)."""
         gm = next(g for g in (1, 2, 4, 8) if g >= group)
-        kern = self._k("attention", f"attn_dec_g{gm}_n{-(-Dv // 64)}", "PPPPPPPPiiiiiifiPfiP")
+        kern = self._k("attention", f"attn_dec_g{gm}_n{-(-Dv // 64)}", "PPPPPPPPiiiiiifiPfiPP")
         splits = max(1, min(_ATTN_MAX_SPLITS, -(-_ATTN_DEC_TARGET_CTAS // (ctx.B * Hkv)))) if self._split_keys else 1
         part = self._out((ctx.T * Hq, splits, Dv + 2)) if splits > 1 else None
+        counters = 0
+        if part is not None and self._merge_in_kernel and ctx.B * Hkv <= _ATTN_COUNTERS:
+            if self._attn_counters is None:  # first decode step: eager, never inside a graph capture
+                self._attn_counters = self._persistent(4 * _ATTN_COUNTERS, "attention counters")
+                self._drv.memset_d32(self._attn_counters.ptr, 0, _ATTN_COUNTERS)
+            counters = self._attn_counters.ptr
         self._launch(kern, (splits, ctx.B, Hkv), (128, 1, 1), q.ptr, kv.k_ptr(layer), kv.v_ptr(layer), out.ptr,
                      ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables, np.int32(ctx.max_blocks),
                      np.int32(ctx.block_size), np.int32(Hq), np.int32(Hkv), np.int32(Dk), np.int32(Dv),
                      np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,
-                     np.float32(softcap or 0.0), np.int32(splits), part.ptr if part is not None else 0)
-        if part is not None:
+                     np.float32(softcap or 0.0), np.int32(splits), part.ptr if part is not None else 0, counters)
+        if part is not None and not counters:
             comb = self._k("attention", "attn_combine", "PPPiiii")
             self._launch(comb, (-(-(ctx.T * Hq) // 8), 1, 1), (256, 1, 1), part.ptr, out.ptr,
                          sinks.ptr if sinks is not None else 0, np.int32(ctx.T * Hq), np.int32(Hq), np.int32(Dv),

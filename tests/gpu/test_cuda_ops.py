@@ -235,7 +235,8 @@ ATTN_CASES = [
 ATTN_MODES = {"default": {}, "one-slice": {"_split_keys": False}, "tiled-decode": {"_decode_attn": False},
               # attn_dec for every group size it supports (by default only MHA models get it)
               "dec-gqa": {"_dec_max_group": 8}, "dec-gqa-one-slice": {"_dec_max_group": 8, "_split_keys": False},
-              "dec-by-batch": {"_dec_min_heads": 2}}
+              "dec-by-batch": {"_dec_min_heads": 2},
+              "dec-gqa-combine-kernel": {"_dec_max_group": 8, "_merge_in_kernel": False}}
 
 
 @pytest.mark.parametrize("mode", list(ATTN_MODES))
