@@ -359,13 +359,14 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
 #pragma unroll
             for (int c = 0; c < 2 * NC; ++c) acc[g][c] *= corr;
         }
-        // All 32 keys of the tile, 8 V rows loaded before any is used (a load per key, waited for
-        // in turn, made the tile 32 memory round trips). Keys past `hi` have p = 0 and a written
-        // key's slot, so they add nothing and need no branch.
-        for (int j0 = 0; j0 < 32; j0 += 8) {
-            float2 vv[8][NC];
+        // All 32 keys of the tile, VB V rows loaded before any is used (a load per key, waited for
+        // in turn, made the tile 32 memory round trips; VB rows cost 2 * NC registers each). Keys
+        // past `hi` have p = 0 and a written key's slot, so they add nothing and need no branch.
+        constexpr int VB = NC == 1 ? 32 : NC == 2 ? 16 : 8;
+        for (int j0 = 0; j0 < 32; j0 += VB) {
+            float2 vv[VB][NC];
 #pragma unroll
-            for (int jj = 0; jj < 8; ++jj) {
+            for (int jj = 0; jj < VB; ++jj) {
                 const int sj = __shfl_sync(FULL_MASK, slot, j0 + jj);
                 const __half2* vp = reinterpret_cast<const __half2*>(vc + ((size_t)sj * Hkv + kvh) * Dv);
 #pragma unroll
@@ -375,7 +376,7 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
                 }
             }
 #pragma unroll
-            for (int jj = 0; jj < 8; ++jj) {
+            for (int jj = 0; jj < VB; ++jj) {
 #pragma unroll
                 for (int g = 0; g < GM; ++g) {
                     if (g >= G) continue;
