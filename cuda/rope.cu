@@ -8,6 +8,20 @@
 //   neox = 0: pairs (2i, 2i+1)      neox = 1: pairs (i, i + rot/2)
 #include "common.cuh"
 
+// Pair i of a head at position p: (a, b) -> (a cos - b sin, a sin + b cos), both scaled by mscale.
+__device__ __forceinline__ void rope_rotate(float a, float b, int p, const double* __restrict__ inv_freq, int i,
+                                            float mscale, float& ya, float& yb) {
+    double ang = (double)p * inv_freq[i];
+    const double two_pi = 6.283185307179586;
+    ang -= two_pi * rint(ang / two_pi);
+    float s, c;
+    sincosf((float)ang, &s, &c);
+    c *= mscale;
+    s *= mscale;
+    ya = a * c - b * s;
+    yb = a * s + b * c;
+}
+
 // rope_pair_f32: q [T, Hq, D] -> yq and k [T, Hk, D] -> yk in one launch (same positions and
 // spec); the items of k follow those of q.
 __device__ __forceinline__ void rope_item(const float* __restrict__ x, float* __restrict__ y,
@@ -48,18 +62,9 @@ __device__ __forceinline__ void rope_item(const float* __restrict__ x, float* __
         yr[j] = xr[j];
         return;
     }
-    double ang = (double)pos[t] * inv_freq[i];
-    const double two_pi = 6.283185307179586;
-    ang -= two_pi * rint(ang / two_pi);
-    float s, c;
-    sincosf((float)ang, &s, &c);
-    c *= mscale;
-    s *= mscale;
     const int ia = neox ? i : 2 * i;
     const int ib = neox ? i + half : 2 * i + 1;
-    const float a = xr[ia], b = xr[ib];
-    yr[ia] = a * c - b * s;
-    yr[ib] = a * s + b * c;
+    rope_rotate(xr[ia], xr[ib], pos[t], inv_freq, i, mscale, yr[ia], yr[ib]);
 }
 
 // qkv_rope_store_f32: one row per token of a fused Q/K/V projection, [q (Hq*D) | k (Hk*D) | v (Hk*Dv)].
@@ -97,18 +102,9 @@ extern "C" __global__ void qkv_rope_store_f32(const float* __restrict__ qkv, flo
             ia = rot + (i - half);
             ya = xr[ia];
         } else {
-            double ang = (double)p * inv_freq[i];
-            const double two_pi = 6.283185307179586;
-            ang -= two_pi * rint(ang / two_pi);
-            float s, c;
-            sincosf((float)ang, &s, &c);
-            c *= mscale;
-            s *= mscale;
             ia = neox ? i : 2 * i;
             ib = neox ? i + half : 2 * i + 1;
-            const float a = xr[ia], b = xr[ib];
-            ya = a * c - b * s;
-            yb = a * s + b * c;
+            rope_rotate(xr[ia], xr[ib], p, inv_freq, i, mscale, ya, yb);
         }
         if (isq) {
             float* yr = yq + ((size_t)t * Hq + h) * D;
