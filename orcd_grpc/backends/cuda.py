@@ -244,8 +244,9 @@ class CudaBackend(Backend):
         self._sync_each = os.environ.get("ORCD_CUDA_SYNC") == "1"
         self._split_keys = os.environ.get("ORCD_ATTN_SPLITS") != "1"  # 1: one CTA per head (A/B, debugging)
         self._decode_attn = os.environ.get("ORCD_ATTN_DECODE") != "0"  # 0: decode steps use attn_dN (A/B)
-        self._fuse_qkv_rope = os.environ.get("ORCD_FUSE_QKV_ROPE") != "0"  # 0: split, rope, kv store (A/B)
-        self._fuse_glu = os.environ.get("ORCD_FUSE_GLU") != "0"  # 0: a GLU kernel before the down GEMV (A/B)
+        # Fusions written after the last GPU run: opt-in (=1) until measured, like ORCD_GEMM_PIPE.
+        self._fuse_qkv_rope = os.environ.get("ORCD_FUSE_QKV_ROPE") == "1"  # qkv_rope_store kernel
+        self._fuse_glu = os.environ.get("ORCD_FUSE_GLU") == "1"  # the GLU inside the down GEMV (T = 1)
         # attn_dec serves decode steps of models with at most this many q heads per kv head. On the
         # H100 (graph replay per token, 2026-11-23) it took phi3-mini (MHA) from 4,214 to 3,322 us but
         # made qwen2.5-0.5b (group 7) 1,487 -> 1,864 us and gpt-oss-20b (group 8) 3,355 -> 3,730 us.
@@ -254,7 +255,7 @@ class CudaBackend(Backend):
         # B=64, qwen2.5-0.5b (128 pairs) ran 8,998 tok/s with attn_dec against 8,029 without, and
         # gpt-oss-20b at B=32 (256 pairs) 1,224 against 1,193; at 64 pairs and fewer it was even or
         # slower (gpt-oss B=8: 563 against 574). Two runs of bench/run_all.sh, same day, H100.
-        self._dec_min_heads = 128
+        self._dec_min_heads = int(os.environ.get("ORCD_ATTN_DEC_MIN_HEADS", "128"))
         self._rope_cache: dict[int, tuple] = {}
         self._meta_buf: DeviceBuffer | None = None
         self._meta_host = None
@@ -262,7 +263,7 @@ class CudaBackend(Backend):
         # attn_dec's per-(sequence, kv head) arrival counters: the last key-slice CTA merges the
         # partials itself (no attn_combine launch). Zeroed once; each merge resets its counter.
         self._attn_counters: DeviceBuffer | None = None
-        self._merge_in_kernel = os.environ.get("ORCD_ATTN_MERGE") != "0"  # 0: attn_combine launch (A/B)
+        self._merge_in_kernel = os.environ.get("ORCD_ATTN_MERGE") == "1"  # opt-in until measured
         self._sample_host = None
         self.closed = False
         if workspace_bytes is None:

@@ -111,9 +111,10 @@ def test_rope(be, rng, D, kind):
 
 @pytest.mark.parametrize("Hq,Hkv,D,rot_frac,neox", [(14, 2, 64, 1, True), (32, 32, 96, 0.75, True),
                                                      (9, 3, 64, 1, False), (64, 8, 64, 1, True)])
-def test_qkv_rope_store(be, rng, Hq, Hkv, D, rot_frac, neox):
-    """The fused q/k/v -> rope -> cache kernel against NumPy's split + rope + store, at scattered
-    slots with one padding token (slot -1: nothing stored)."""
+def test_qkv_rope_store(be, rng, Hq, Hkv, D, rot_frac, neox, monkeypatch):
+    """The fused q/k/v -> rope -> cache kernel (ORCD_FUSE_QKV_ROPE=1) against NumPy's split +
+    rope + store, at scattered slots with one padding token (slot -1: nothing stored)."""
+    monkeypatch.setattr(be, "_fuse_qkv_rope", True)
     T, nslots = 23, 64
     spec = RopeSpec(dim=int(D * rot_frac), base=10000.0, neox=neox)
     pos = rng.integers(0, 5000, T).astype(np.int32)
@@ -236,7 +237,9 @@ ATTN_MODES = {"default": {}, "one-slice": {"_split_keys": False}, "tiled-decode"
               # attn_dec for every group size it supports (by default only MHA models get it)
               "dec-gqa": {"_dec_max_group": 8}, "dec-gqa-one-slice": {"_dec_max_group": 8, "_split_keys": False},
               "dec-by-batch": {"_dec_min_heads": 2},
-              "dec-gqa-combine-kernel": {"_dec_max_group": 8, "_merge_in_kernel": False}}
+              # the last key-slice CTA merges (ORCD_ATTN_MERGE=1) instead of attn_combine
+              "merge-in-kernel": {"_merge_in_kernel": True},
+              "dec-gqa-merge-in-kernel": {"_dec_max_group": 8, "_merge_in_kernel": True}}
 
 
 @pytest.mark.parametrize("mode", list(ATTN_MODES))
