@@ -21,6 +21,7 @@ Steps (MODEL is the original GGUF file, DIR a work folder):
     stage_check.py selftest MODEL DIR --split ... --head-rows N   (all of it on the NumPy backend:
                                                                    must agree exactly)
 A head stage's PREV is the last layer stage's output; each head stage K gets the same PREV.
+On the GPU machine, `scripts/stage_gpu.sh PLAN.json STAGE-K.gguf` does the `run` of one call.
 """
 from __future__ import annotations
 
