@@ -656,6 +656,11 @@ class CudaBackend(Backend):
         out = self._out((T, Hq * Dv))
         if T == 0:
             return out
+        group = Hq // Hkv
+        if (ctx.max_q == 1 and self._decode_attn and Dk % 8 == 0 and Dk <= 256 and Dv <= 256 and group <= 8
+                and (group <= self._dec_max_group or ctx.B * Hkv >= self._dec_min_heads)):
+            return self._decode_attention(q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks,
+                                          softcap)
         dpl_need = -(-max(Dk, Dv) // 32)
         dpl = next((d for d in _ATTN_DPL if d >= dpl_need), None)
         if dpl is None:
@@ -666,11 +671,6 @@ class CudaBackend(Backend):
         if smem > 48 * 1024 and (name, smem) not in self._attr_set:
             kern.fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
             self._attr_set.add((name, smem))
-        group = Hq // Hkv
-        if (ctx.max_q == 1 and self._decode_attn and Dk % 8 == 0 and Dk <= 256 and Dv <= 256 and group <= 8
-                and (group <= self._dec_max_group or ctx.B * Hkv >= self._dec_min_heads)):
-            return self._decode_attention(q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks,
-                                          softcap)
         tiles = max(1, -(-ctx.max_q * group // 32))
         # Decode (one tile of rows per sequence): B * Hkv CTAs cannot fill the GPU, so the keys
         # are split across CTAs and merged by attn_combine (flash-decoding). The split count
@@ -685,11 +685,14 @@ class CudaBackend(Backend):
                      np.int32(Dv), np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,
                      np.float32(softcap or 0.0), np.int32(splits), part.ptr if part is not None else 0, shared=smem)
         if part is not None:
-            comb = self._k("attention", "attn_combine", "PPPiiii")
-            self._launch(comb, (-(-(T * Hq) // 8), 1, 1), (256, 1, 1), part.ptr, out.ptr,
-                         sinks.ptr if sinks is not None else 0, np.int32(T * Hq), np.int32(Hq), np.int32(Dv),
-                         np.int32(splits))
+            self._combine(part, out, sinks, T * Hq, Hq, Dv, splits)
         return out
+
+    def _combine(self, part, out, sinks, rows, Hq, Dv, splits):
+        """attn_combine: merges the split-key partials of `rows` (token, q head) rows into out."""
+        comb = self._k("attention", "attn_combine", "PPPiiii")
+        self._launch(comb, (-(-rows // 8), 1, 1), (256, 1, 1), part.ptr, out.ptr, sinks.ptr if sinks is not None else 0,
+                     np.int32(rows), np.int32(Hq), np.int32(Dv), np.int32(splits))
 
     def _decode_attention(self, q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks, softcap):
         """A step of decode tokens only: attn_dec_g<GM>_n<NC>, one 4-warp CTA per (key slice, sequence,
@@ -710,10 +713,7 @@ class CudaBackend(Backend):
                      np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,
                      np.float32(softcap or 0.0), np.int32(splits), part.ptr if part is not None else 0, counters)
         if part is not None and not counters:
-            comb = self._k("attention", "attn_combine", "PPPiiii")
-            self._launch(comb, (-(-(ctx.T * Hq) // 8), 1, 1), (256, 1, 1), part.ptr, out.ptr,
-                         sinks.ptr if sinks is not None else 0, np.int32(ctx.T * Hq), np.int32(Hq), np.int32(Dv),
-                         np.int32(splits))
+            self._combine(part, out, sinks, ctx.T * Hq, Hq, Dv, splits)
         return out
 
     def _binary(self, name, a, b, s=0.0):
