@@ -71,11 +71,29 @@ __device__ __forceinline__ float4 load_x4(const float* p, int k) {
     }
 }
 
+// ACT = 3 (NORM): x is a layer output and the input is rms_norm(x + res) * gamma, formed on load
+// as (x + res) * gamma * inv_rms; see gemv_impl's prologue.
+constexpr int ACT_NORM = 3;
+
+__device__ __forceinline__ float4 load_norm_x4(const float* x, const float* res, const float* gamma, float inv) {
+    float4 v = __ldg(reinterpret_cast<const float4*>(x));
+    if (res) {
+        const float4 r = __ldg(reinterpret_cast<const float4*>(res));
+        v.x += r.x; v.y += r.y; v.z += r.z; v.w += r.w;
+    }
+    const float4 g = __ldg(reinterpret_cast<const float4*>(gamma));
+    return make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w);
+}
+
 template <class F, int NT, int KS, int ACT = 0>
 __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
                                           const int* __restrict__ expert_ids, int T, int n, int k,
-                                          long long expert_stride, int top_k, int x_per_slot, int accumulate) {
+                                          long long expert_stride, int top_k, int x_per_slot, int accumulate,
+                                          const float* __restrict__ res = nullptr,
+                                          const float* __restrict__ gamma = nullptr, float eps = 0.f,
+                                          float* __restrict__ s_out = nullptr) {
+    static_assert(ACT != ACT_NORM || NT == 1, "the folded norm serves single-token steps");
     constexpr int R = GEMV_R, SROW = GemvSmem<F>::ROW;
     // Parts per lane. K-quants: 4 (32 weights under one scale pair) because unpacking their 6-bit
     // scales costs as much as the weights. Others: 1, so a warp's x loads stay contiguous (4 parts per
@@ -97,6 +115,25 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
         if (bias) bias += (long long)e * n;
         x += (long long)(x_per_slot ? slot : slot / top_k) * k * (ACT ? 2 : 1);
         y += (long long)slot * n;
+    }
+    // NORM: every warp finds inv_rms of s = x + res itself (a row of k floats, L2-resident, costs
+    // less than a kernel launch); the first warp of block 0 also writes s, the new residual stream.
+    float inv = 1.f;
+    if constexpr (ACT == ACT_NORM) {
+        const bool writer = s_out && blockIdx.x == 0 && warp == 0;  // s_out null: s is x itself
+        float ss = 0.f;
+        for (int c = 4 * lane; c < k; c += 128) {
+            float4 v = __ldg(reinterpret_cast<const float4*>(x + c));
+            if (res) {
+                const float4 r = __ldg(reinterpret_cast<const float4*>(res + c));
+                v.x += r.x; v.y += r.y; v.z += r.z; v.w += r.w;
+            }
+            ss += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+            if (writer) *reinterpret_cast<float4*>(s_out + c) = v;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        inv = rsqrtf(ss / (float)k + eps);
     }
     const int nblk = k / F::QK;
     const long long RB = (long long)nblk * F::TS;
@@ -150,9 +187,14 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
 #pragma unroll
                 for (int t = 0; t < NT; t++) {
                     // tokens >= T: harmless duplicate loads
-                    const float* xt = x + (long long)min(t, T - 1) * k * (ACT ? 2 : 1) + e0;
-                    xa[t] = load_x4<ACT>(xt + o0, k);
-                    xb[t] = load_x4<ACT>(xt + o1, k);
+                    if constexpr (ACT == ACT_NORM) {
+                        xa[t] = load_norm_x4(x + e0 + o0, res ? res + e0 + o0 : nullptr, gamma + e0 + o0, inv);
+                        xb[t] = load_norm_x4(x + e0 + o1, res ? res + e0 + o1 : nullptr, gamma + e0 + o1, inv);
+                    } else {
+                        const float* xt = x + (long long)min(t, T - 1) * k * (ACT ? 2 : 1) + e0;
+                        xa[t] = load_x4<ACT>(xt + o0, k);
+                        xb[t] = load_x4<ACT>(xt + o1, k);
+                    }
                     if constexpr (F::MIN) {  // sum of x under each run, shared by all rows
                         x0[t] += (xa[t].x + xa[t].y) + (xa[t].z + xa[t].w);
                         x1[t] += (xb[t].x + xb[t].y) + (xb[t].z + xb[t].w);
@@ -565,9 +607,18 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_##act(GEMV_ARGS) {          \
         gemv_impl<F, 1, GEMV_WARPS, ACT>(GEMV_PASS);                                                             \
     }
+// single-token GEMVs whose input is rms_norm(x + res) * gamma (see load_norm_x4); block 0 writes s = x + res
+#define GEMV_NORM_ARGS GEMV_ARGS, const float* res, const float* gamma, float eps, float* s_out
+#define GEMV_NORM(name, F)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_norm(GEMV_NORM_ARGS) {         \
+        gemv_impl<F, 1, 1, ACT_NORM>(GEMV_PASS, res, gamma, eps, s_out);                                         \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_norm(GEMV_NORM_ARGS) {      \
+        gemv_impl<F, 1, GEMV_WARPS, ACT_NORM>(GEMV_PASS, res, gamma, eps, s_out);                                \
+    }
 #define DEFINE_FORMAT(name, F)                                                                                   \
     GEMV(name, F, 1) GEMV(name, F, 2) GEMV(name, F, 4) GEMV(name, F, 8)                                          \
-    GEMV_GLU(name, F, 1, silu) GEMV_GLU(name, F, 2, gelu)                                                        \
+    GEMV_GLU(name, F, 1, silu) GEMV_GLU(name, F, 2, gelu) GEMV_NORM(name, F)                                     \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_16(GEMM_ARGS) { gemm_impl<F, 16>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_32(GEMM_ARGS) { gemm_impl<F, 32>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \

@@ -82,11 +82,3 @@ class Gemma3Adapter(LlamaAdapter):
 
     ffn_act = "gelu"
 
-    def ffn(self, i, h):
-        b, W, be = f"blk.{i}.", self.w, self.be
-        fused = W.get(b + "ffn_gate_up_fused.weight")
-        if fused is not None:
-            return be.linear(be.glu_fused(be.linear(h, fused), "gelu"), W[b + "ffn_down.weight"])
-        g = be.linear(h, W[b + "ffn_gate.weight"])
-        u = be.linear(h, W[b + "ffn_up.weight"])
-        return be.linear(be.gelu_mul(g, u), W[b + "ffn_down.weight"])

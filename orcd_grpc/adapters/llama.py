@@ -9,7 +9,7 @@ import math
 
 from ..backends.base import RopeSpec
 from ..gguf_model import GGUFModel
-from .base import Adapter
+from .base import Adapter, PreNorm
 
 
 class LlamaAdapter(Adapter):
@@ -82,10 +82,10 @@ class LlamaAdapter(Adapter):
 
     def qkv_fused(self, i: int, h):
         """The Q/K/V projection as one [T, q + k + v] tensor when the layer has one matrix for it
-        (loaded fused, or phi3's own), else None."""
+        (loaded fused, or phi3's own), else None (h untouched)."""
         b, W = f"blk.{i}.", self.w
         fused = W.get(b + "attn_qkv_fused.weight")
-        return None if fused is None else self.be.linear(h, fused, W.get(b + "attn_qkv_fused.bias"))
+        return None if fused is None else self.linear_in(h, fused, W.get(b + "attn_qkv_fused.bias"))
 
     def qkv(self, i: int, h, fused=None):
         b, W, be, hp = f"blk.{i}.", self.w, self.be, self.hp
@@ -93,6 +93,7 @@ class LlamaAdapter(Adapter):
         if fused is not None:
             return be.split(fused, [hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim,
                                     hp.n_kv_heads * hp.head_dim_v])
+        h = self.normed(h)
         q = be.linear(h, W[b + "attn_q.weight"], self.bias(b + "attn_q.bias"))
         k = be.linear(h, W[b + "attn_k.weight"], self.bias(b + "attn_k.bias"))
         v = be.linear(h, W[b + "attn_v.weight"], self.bias(b + "attn_v.bias"))
@@ -130,10 +131,12 @@ class LlamaAdapter(Adapter):
         b, W, be = f"blk.{i}.", self.w, self.be
         fused = W.get(b + "ffn_gate_up_fused.weight")
         if fused is not None:
-            return be.linear_glu(be.linear(h, fused), W[b + "ffn_down.weight"], self.ffn_act)
+            return be.linear_glu(self.linear_in(h, fused), W[b + "ffn_down.weight"], self.ffn_act)
+        h = self.normed(h)
         g = be.linear(h, W[b + "ffn_gate.weight"])
         u = be.linear(h, W[b + "ffn_up.weight"])
-        return be.linear(be.silu_mul(g, u), W[b + "ffn_down.weight"])
+        mul = be.silu_mul if self.ffn_act == "silu" else be.gelu_mul
+        return be.linear(mul(g, u), W[b + "ffn_down.weight"])
 
     def post_attn(self, i: int, a):
         return a
@@ -151,10 +154,12 @@ class LlamaAdapter(Adapter):
         res = None
         for i in self.layers():
             b = f"blk.{i}."
-            h, res = be.rms_norm(x, W[b + "attn_norm.weight"], eps, res)
+            # each block's input norm is handed over uncomputed: its first matmul may take it in
+            h = PreNorm(x, res, W[b + "attn_norm.weight"], eps)
             a = self.post_attn(i, self.attention(i, h, ctx, kv))
-            h, res = be.rms_norm(a, W[b + self.ffn_norm], eps, res)
+            h = PreNorm(a, h.residual(), W[b + self.ffn_norm], eps)
             x = self.post_ffn(i, self.ffn(i, h))
+            res = h.residual()
         # Only the rows that are sampled need the final norm and the (large) output projection.
         last = be.gather_rows(x if res is None else be.add(x, res), ctx)
         if self.stage.hidden_out:

@@ -178,6 +178,12 @@ class Backend(ABC):
     def gelu_mul(self, gate, up):
         """gelu_tanh(gate) * up."""
 
+    def rms_norm_linear(self, x, w_norm, eps: float, residual, w, bias=None):
+        """(linear(h, w, bias), s) where h, s = rms_norm(x, w_norm, eps, residual): the norm in front
+        of a layer's first matmul (a GPU forms it while loading that matmul's input)."""
+        h, s = self.rms_norm(x, w_norm, eps, residual)
+        return self.linear(h, w, bias), s
+
     def linear_glu(self, x, w, act: str = "silu"):
         """linear(glu_fused(x, act), w): the FFN's down projection of a fused gate/up row (a GPU
         forms the GLU while loading the input, without a kernel of its own)."""

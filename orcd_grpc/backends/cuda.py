@@ -247,6 +247,7 @@ class CudaBackend(Backend):
         # Fusions written after the last GPU run: opt-in (=1) until measured, like ORCD_GEMM_PIPE.
         self._fuse_qkv_rope = os.environ.get("ORCD_FUSE_QKV_ROPE") == "1"  # qkv_rope_store kernel
         self._fuse_glu = os.environ.get("ORCD_FUSE_GLU") == "1"  # the GLU inside the down GEMV (T = 1)
+        self._fuse_norm = os.environ.get("ORCD_FUSE_NORM") == "1"  # RMSNorm inside the next GEMV (T = 1)
         # attn_dec serves decode steps of models with at most this many q heads per kv head. On the
         # H100 (graph replay per token, 2026-11-23) it took phi3-mini (MHA) from 4,214 to 3,322 us but
         # made qwen2.5-0.5b (group 7) 1,487 -> 1,864 us and gpt-oss-20b (group 8) 3,355 -> 3,730 us.
@@ -538,6 +539,21 @@ class CudaBackend(Backend):
         self._quant_call("matmul", cuda_quant.matmul, x.ptr, w, y.ptr, T, self.stream,
                          bias_ptr=bias.ptr if bias is not None else None)
         return y
+
+    def rms_norm_linear(self, x, w_norm, eps, residual, w, bias=None):
+        from . import cuda_quant
+
+        T, d = math.prod(x.shape[:-1]), x.shape[-1]
+        if (T != 1 or not self._fuse_norm or d != w.k or d % 4 or w_norm.size != d
+                or (residual is not None and residual.shape != x.shape)):
+            return super().rms_norm_linear(x, w_norm, eps, residual, w, bias)
+        y = self._out((T, w.n))
+        s = self._out(x.shape) if residual is not None else x
+        self._quant_call("matmul", cuda_quant.matmul, x.ptr, w, y.ptr, T, self.stream,
+                         bias_ptr=bias.ptr if bias is not None else None,
+                         norm=(residual.ptr if residual is not None else None, w_norm.ptr, float(eps),
+                               s.ptr if residual is not None else None))
+        return y, s
 
     def linear_glu(self, x, w, act: str = "silu"):
         from . import cuda_quant

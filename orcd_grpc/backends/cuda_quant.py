@@ -128,15 +128,15 @@ _KSPLIT = os.environ.get("ORCD_GEMV_KSPLIT", "auto")
 _KSPLIT_BELOW = 2 * _SMS
 
 
-def _gemv(fmt: str, nt: int, n: int, slots: int, act: str | None = None):
-    """The GEMV kernel for n rows x `slots` grid columns (act: its input is a fused gate/up row,
-    see load_x4 in quant_matmul.cu), and its grid's x extent."""
+def _gemv(fmt: str, nt: int, n: int, slots: int, act: str | None = None, sig: str = _GEMV_SIG):
+    """The GEMV kernel for n rows x `slots` grid columns (act: how its input is formed, see
+    load_x4 and load_norm_x4 in quant_matmul.cu), and its grid's x extent."""
     plain = (n + _GEMV_WARPS * _GEMV_R - 1) // (_GEMV_WARPS * _GEMV_R)
     split = _KSPLIT == "1" or (_KSPLIT != "0" and plain * slots < _KSPLIT_BELOW)
     suffix = f"_{act}" if act else ""
     if split:
-        return _kernels().get(f"gemv_{fmt}_{nt}_k4{suffix}", _GEMV_SIG), (n + _GEMV_R - 1) // _GEMV_R
-    return _kernels().get(f"gemv_{fmt}_{nt}{suffix}", _GEMV_SIG), plain
+        return _kernels().get(f"gemv_{fmt}_{nt}_k4{suffix}", sig), (n + _GEMV_R - 1) // _GEMV_R
+    return _kernels().get(f"gemv_{fmt}_{nt}{suffix}", sig), plain
 
 
 def _p(ptr) -> np.uintp:
@@ -151,15 +151,27 @@ GLU_ACTS = ("silu", "gelu")  # gemv_*_1_<act>: single-token GEMVs that apply a G
 
 
 def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumulate: bool = False,
-           act: str | None = None) -> None:
-    """y[T, n] = x[T, k] @ W^T (+ bias[n]) (+ y when accumulate). act ("silu" / "gelu", T = 1
-    only): x is [T, 2k], a fused gate/up row, and the input is act(x[:, :k]) * x[:, k:]."""
+           act: str | None = None, norm: tuple | None = None) -> None:
+    """y[T, n] = x[T, k] @ W^T (+ bias[n]) (+ y when accumulate). T = 1 only: act ("silu" /
+    "gelu"): x is [1, 2k], a fused gate/up row, and the input is act(x[:, :k]) * x[:, k:];
+    norm = (res_ptr or None, gamma_ptr, eps, s_ptr): the input is rms_norm(x + res) * gamma, and
+    s = x + res is written to s_ptr."""
     if T <= 0:
         return
     ks = _kernels()
     fmt = _NAME[w.qtype]
     if act is not None and (T != 1 or act not in GLU_ACTS):
         raise ValueError(f"a GLU input is served for T = 1 and acts {GLU_ACTS}, not T={T} act={act!r}")
+    if norm is not None:
+        if T != 1 or act is not None:
+            raise ValueError(f"a folded norm is served for T = 1 without act, not T={T} act={act!r}")
+        res_ptr, gamma_ptr, eps, s_ptr = norm
+        f, gx = _gemv(fmt, 1, w.n, 1, "norm", sig=_GEMV_SIG + "PPfP")
+        f.prepared_async_call((gx, 1), (_GEMV_WARPS * 32, 1, 1), stream,
+                              _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(0), np.int32(1), np.int32(w.n),
+                              np.int32(w.k), np.int64(0), np.int32(1), np.int32(0), np.int32(bool(accumulate)),
+                              _p(res_ptr), _p(gamma_ptr), np.float32(eps), _p(s_ptr))
+        return
     if T <= GEMV_MAX_T:
         nt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
         f, gx = _gemv(fmt, nt, w.n, 1, act)

@@ -72,8 +72,9 @@ FUSED_CASES = [("llama", "Q8_0"), ("qwen2", "Q4_0"), ("phi3", "Q8_0"), ("phi3_lo
 @pytest.mark.parametrize("arch,qtype", FUSED_CASES, ids=[f"{a}-{q}" for a, q in FUSED_CASES])
 def test_tiny_architecture_with_opt_in_fusions(arch, qtype, tmp_path, monkeypatch):
     """The same agreement with the fusions that are opt-in until measured (qkv_rope_store, the GLU
-    inside the down GEMV, attn_dec's in-kernel merge, attn_dec for every group size)."""
-    for var in ("ORCD_FUSE_QKV_ROPE", "ORCD_FUSE_GLU", "ORCD_ATTN_MERGE", "ORCD_ATTN_DEC_MIN_HEADS"):
+    inside the down GEMV, the RMSNorm inside the next GEMV, attn_dec's in-kernel merge, attn_dec
+    for every group size)."""
+    for var in ("ORCD_FUSE_QKV_ROPE", "ORCD_FUSE_GLU", "ORCD_FUSE_NORM", "ORCD_ATTN_MERGE", "ORCD_ATTN_DEC_MIN_HEADS"):
         monkeypatch.setenv(var, "1")
     test_tiny_architecture_on_cuda_matches_numpy(arch, qtype, tmp_path)
 

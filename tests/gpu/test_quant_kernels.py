@@ -174,6 +174,42 @@ def test_gemv_glu_input(cu, qtype, act, monkeypatch):
         w.free()
 
 
+@pytest.mark.parametrize("with_res", [True, False])
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda v: v.name)
+def test_gemv_norm_input(cu, qtype, with_res, monkeypatch):
+    """gemv_*_1_norm: the input is rms_norm(x + res) * gamma, formed on load, and block 0 writes
+    s = x + res; both GEMV layouts, against a float64 reference."""
+    n, k = 1003, (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 4864)
+    rng = np.random.default_rng()
+    raw, wf = _weight(qtype, n, k)
+    x = (rng.standard_normal((1, k)) * 3).astype(np.float32)
+    res = rng.standard_normal((1, k)).astype(np.float32) if with_res else None
+    gamma = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    eps = 1e-5
+    s64 = x.astype(np.float64) + (res if with_res else 0)
+    h = s64 / np.sqrt((s64 ** 2).mean() + eps) * gamma
+    ref = h @ wf.astype(np.float64).T
+    w = cu.q.QuantWeight(raw, qtype, n, k)
+    try:
+        for mode in ("0", "1"):
+            monkeypatch.setattr(cu.q, "_KSPLIT", mode)
+            xd, gd = cu.ga.to_gpu(x), cu.ga.to_gpu(gamma)
+            rd = cu.ga.to_gpu(res) if with_res else None
+            sd = cu.ga.to_gpu(np.full((1, k), np.nan, np.float32))
+            yd = cu.ga.to_gpu(np.full((1, n), np.nan, np.float32))
+            cu.q.matmul(xd.gpudata, w, yd.gpudata, 1, cu.stream,
+                        norm=(rd.gpudata if with_res else None, gd.gpudata, eps, sd.gpudata if with_res else None))
+            cu.stream.synchronize()
+            err = rel_err(yd.get(), ref)
+            assert err <= TOL_GEMV, f"{qtype.name} ksplit={mode}: rel err {err:.2e} > {TOL_GEMV}"
+            if with_res:
+                np.testing.assert_array_equal(sd.get(), x + res)
+            else:
+                assert np.isnan(sd.get()).all()  # s is x itself: nothing written
+    finally:
+        w.free()
+
+
 @pytest.mark.parametrize("T", [1, 4, 64])
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q5_0])
 def test_matmul_bias_accumulate(cu, qtype, T):
