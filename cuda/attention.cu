@@ -238,10 +238,36 @@ ATTN(8)
 // from global memory (lane j scores key j of the tile: 16-byte K loads, q broadcast from shared
 // memory; then the warp accumulates p * V with lanes owning 2 dims per 64), keeping its own online
 // softmax; the warps merge through shared memory at the end. NC = ceil(Dv / 64).
+// One warp merges the n_splits partials p[split][acc (Dv), m, l] of a (token, q head) row into its
+// output o; a sink logit (if any) joins the denominator. Loads bypass L1 (__ldcg): attn_dec's
+// merging CTA reads partials other CTAs wrote during the same launch.
+__device__ void merge_split_row(const float* __restrict__ p, float* __restrict__ o, const float* sink, int Dv,
+                                int n_splits, int lane) {
+    float M = sink ? *sink : -INFINITY;
+    for (int s = 0; s < n_splits; ++s) M = fmaxf(M, __ldcg(p + s * (Dv + 2) + Dv));
+    float L = 0.f;
+    if (M != -INFINITY) {
+        if (sink) L = __expf(*sink - M);
+        for (int s = 0; s < n_splits; ++s) {
+            const float ms = __ldcg(p + s * (Dv + 2) + Dv);
+            if (ms != -INFINITY) L += __ldcg(p + s * (Dv + 2) + Dv + 1) * __expf(ms - M);
+        }
+    }
+    const float inv = L > 0.f ? 1.f / L : 0.f;
+    for (int d = lane; d < Dv; d += 32) {
+        float a = 0.f;
+        for (int s = 0; s < n_splits; ++s) {
+            const float ms = __ldcg(p + s * (Dv + 2) + Dv);
+            if (ms != -INFINITY) a += __ldcg(p + s * (Dv + 2) + d) * __expf(ms - M);
+        }
+        o[d] = a * inv;
+    }
+}
+
 // The last of a (sequence, kv head)'s n_splits CTAs to finish merges all their partials (as
-// attn_combine would, one launch later) and resets the counter for the next launch, so a graph
-// replays it as captured. Each CTA's partial writes are fenced before it counts itself; the last
-// one reads the others' through L2 (__ldcg), not its L1.
+// attn_combine would, one launch later), a warp per q head, and resets the counter for the next
+// launch, so a graph replays it as captured. Each CTA's partial writes are fenced before it counts
+// itself.
 __device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict__ out,
                                const float* __restrict__ sinks, int* counter, int t, int kvh, int G, int Hq,
                                int Dv, int n_splits) {
@@ -252,23 +278,10 @@ __device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    for (int e = threadIdx.x; e < G * Dv; e += blockDim.x) {
-        const int g = e / Dv, d = e - g * Dv, h = kvh * G + g;
-        const float* p = part + ((size_t)t * Hq + h) * n_splits * (Dv + 2);
-        float M = sinks ? sinks[h] : -INFINITY;
-        for (int s = 0; s < n_splits; ++s) M = fmaxf(M, __ldcg(p + s * (Dv + 2) + Dv));
-        float L = 0.f, A = 0.f;
-        if (M != -INFINITY) {
-            if (sinks) L = __expf(sinks[h] - M);
-            for (int s = 0; s < n_splits; ++s) {
-                const float ms = __ldcg(p + s * (Dv + 2) + Dv);
-                if (ms == -INFINITY) continue;
-                const float f = __expf(ms - M);
-                L = fmaf(__ldcg(p + s * (Dv + 2) + Dv + 1), f, L);
-                A = fmaf(__ldcg(p + s * (Dv + 2) + d), f, A);
-            }
-        }
-        out[((size_t)t * Hq + h) * Dv + d] = L > 0.f ? A / L : 0.f;
+    for (int g = threadIdx.x >> 5; g < G; g += blockDim.x >> 5) {
+        const size_t row = (size_t)t * Hq + kvh * G + g;
+        merge_split_row(part + row * n_splits * (Dv + 2), out + row * Dv, sinks ? sinks + (row % Hq) : nullptr, Dv,
+                        n_splits, threadIdx.x & 31);
     }
     if (threadIdx.x == 0) *counter = 0;
 }
@@ -424,8 +437,7 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
             if (d == 0) { o[Dv] = M; o[Dv + 1] = L; }
             continue;
         }
-        // (sinks join here, and in attn_dec_merge for split steps)
-        float f = 1.f;
+        float f = 1.f;  // one slice: the sink joins here (split steps: in merge_split_row)
         if (sinks) {
             const float sk = sinks[h];
             const float mf = fmaxf(M, sk);
@@ -461,26 +473,7 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, float* _
                                         const float* __restrict__ sinks, int rows, int Hq, int Dv,
                                         int n_splits) {
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const float* p = part + (size_t)row * n_splits * (Dv + 2);
-    float M = sinks ? sinks[row % Hq] : -INFINITY;
-    for (int s = 0; s < n_splits; ++s) M = fmaxf(M, p[s * (Dv + 2) + Dv]);
-    float L = 0.f;
-    if (M != -INFINITY) {
-        if (sinks) L = __expf(sinks[row % Hq] - M);
-        for (int s = 0; s < n_splits; ++s) {
-            const float ms = p[s * (Dv + 2) + Dv];
-            if (ms != -INFINITY) L += p[s * (Dv + 2) + Dv + 1] * __expf(ms - M);
-        }
-    }
-    const float inv = L > 0.f ? 1.f / L : 0.f;
-    for (int d = lane; d < Dv; d += 32) {
-        float a = 0.f;
-        for (int s = 0; s < n_splits; ++s) {
-            const float ms = p[s * (Dv + 2) + Dv];
-            if (ms != -INFINITY) a += p[s * (Dv + 2) + d] * __expf(ms - M);
-        }
-        out[(size_t)row * Dv + d] = a * inv;
-    }
+    merge_split_row(part + (size_t)row * n_splits * (Dv + 2), out + (size_t)row * Dv,
+                    sinks ? sinks + row % Hq : nullptr, Dv, n_splits, threadIdx.x & 31);
 }
