@@ -87,9 +87,9 @@ class LlamaAdapter(Adapter):
         fused = W.get(b + "attn_qkv_fused.weight")
         return None if fused is None else self.linear_in(h, fused, W.get(b + "attn_qkv_fused.bias"))
 
-    def qkv(self, i: int, h, fused=None):
+    def qkv(self, i: int, h, fused):
+        """q, k, v: split from `fused` (qkv_fused's result), or three projections of h."""
         b, W, be, hp = f"blk.{i}.", self.w, self.be, self.hp
-        fused = self.qkv_fused(i, h) if fused is None else fused
         if fused is not None:
             return be.split(fused, [hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim,
                                     hp.n_kv_heads * hp.head_dim_v])
@@ -103,12 +103,12 @@ class LlamaAdapter(Adapter):
         be, hp = self.be, self.hp
         T = h.shape[0]
         spec = self.rope_spec(i)
-        fused = None if self.qk_normed else self.qkv_fused(i, h)
-        if fused is not None:  # rope and the cache writes straight from the projection
+        fused = self.qkv_fused(i, h)
+        if fused is not None and not self.qk_normed:  # rope and the cache writes straight from the projection
             q = be.qkv_rope_store(fused, kv, i, ctx, spec, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.head_dim_v)
             k = v = None
         else:
-            q, k, v = self.qkv(i, h)
+            q, k, v = self.qkv(i, h, fused)
             q = q.reshape(T, hp.n_heads, hp.head_dim)
             k = k.reshape(T, hp.n_kv_heads, hp.head_dim)
             v = v.reshape(T, hp.n_kv_heads, hp.head_dim_v)
