@@ -83,7 +83,7 @@ def main(argv=None):
         t1 = time.perf_counter()
         ctx = be.begin_step(meta)
         t2 = time.perf_counter()
-        graph, out, top, _ = be._graphs[("decode", bucket)]
+        graph, out, top = be._graphs[("decode", bucket)]
         graph.launch()
         be.ws.top = max(be.ws.top, top)
         t3 = time.perf_counter()

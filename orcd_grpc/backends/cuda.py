@@ -504,8 +504,8 @@ class CudaBackend(Backend):
                 self._graph_failed.add(key)
                 self.ws.reset()
                 return record(ctx)
-            hit = self._graphs[key] = (graph, box[0], self.ws.top, ctx)
-        graph, out, top, _ = hit
+            hit = self._graphs[key] = (graph, box[0], self.ws.top)
+        graph, out, top = hit
         try:
             graph.launch()
         except Exception as exc:
