@@ -44,6 +44,12 @@ _ATTN_DEC_TARGET_CTAS = 528  # attn_dec CTAs are 4 warps: four per SM
 _ATTN_COUNTERS = 1 << 16  # (sequence, kv head) pairs attn_dec can merge in-kernel (256 KiB of counters)
 
 
+def _key_splits(target_ctas: int, pairs: int) -> int:
+    """Key slices per (sequence, kv head) for a decode step: enough CTAs to reach target_ctas.
+    A function of the batch shape only, so a captured graph stays valid as contexts grow."""
+    return max(1, min(_ATTN_MAX_SPLITS, -(-target_ctas // pairs)))
+
+
 def cuda_present() -> bool:
     try:
         import pycuda.driver as drv
@@ -693,7 +699,7 @@ class CudaBackend(Backend):
         # depends only on the batch shape, so a captured graph stays valid as contexts grow.
         splits = 1
         if tiles == 1 and self._split_keys:
-            splits = max(1, min(_ATTN_MAX_SPLITS, -(-_ATTN_TARGET_CTAS // (ctx.B * Hkv))))
+            splits = _key_splits(_ATTN_TARGET_CTAS, ctx.B * Hkv)
         part = self._out((T * Hq, splits, Dv + 2)) if splits > 1 else None
         self._launch(kern, (splits if splits > 1 else tiles, ctx.B, Hkv), (256, 1, 1), q.ptr, kv.k_ptr(layer),
                      kv.v_ptr(layer), out.ptr, ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables,
@@ -715,7 +721,7 @@ class CudaBackend(Backend):
         kv head). As with attn_dN, the split count depends only on the batch shape (graph-safe)."""
         gm = next(g for g in (1, 2, 4, 8) if g >= group)
         kern = self._k("attention", f"attn_dec_g{gm}_n{-(-Dv // 64)}", "PPPPPPPPiiiiiifiPfiPP")
-        splits = max(1, min(_ATTN_MAX_SPLITS, -(-_ATTN_DEC_TARGET_CTAS // (ctx.B * Hkv)))) if self._split_keys else 1
+        splits = _key_splits(_ATTN_DEC_TARGET_CTAS, ctx.B * Hkv) if self._split_keys else 1
         part = self._out((ctx.T * Hq, splits, Dv + 2)) if splits > 1 else None
         counters = 0
         if part is not None and self._merge_in_kernel and ctx.B * Hkv <= _ATTN_COUNTERS:
