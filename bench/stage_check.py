@@ -71,6 +71,7 @@ def _top2(rows: np.ndarray, offset: int = 0):
 # ---- prepare: the CPU reference and the plan ---------------------------------------------------
 def prepare(model: str, out: str, split: str, head_rows: int, n_prompts: int) -> dict:
     from orcd_grpc.gguf_model import GGUFModel
+    from orcd_grpc.sampling import SamplingParams
 
     outd = pathlib.Path(out)
     outd.mkdir(parents=True, exist_ok=True)
@@ -80,8 +81,6 @@ def prepare(model: str, out: str, split: str, head_rows: int, n_prompts: int) ->
         for text in PROMPTS[:n_prompts]:
             prompt = eng.tokenizer.encode(text)
             # greedy decode by teacher forcing with its own tokens: logits of every position
-            from orcd_grpc.sampling import SamplingParams
-
             s = eng.new_sequence(prompt, SamplingParams(temperature=0.0))
             rows = [eng.score(s)]
             gen = []
@@ -118,13 +117,14 @@ def stage_count(plan) -> int:
     return len(plan["ranges"]) + len(plan["heads"])
 
 
-def _stage_ids(plan, k: int) -> list[list[int]]:
-    """The 'token ids' stage k is fed: embedding rows (first stage) or hidden-table rows."""
+def _stage_ids(plan, hidden_in: bool) -> list[list[int]]:
+    """The 'token ids' a stage is fed: rows of the first stage's embedding subset, or of the
+    hidden-state table of a later one."""
     out, row = [], 0
     remap = {t: r for r, t in enumerate(plan["used_ids"])}
     for s in plan["seqs"]:
         ids = s["prompt"] + s["gen"][:-1]
-        if k == 0:
+        if not hidden_in:
             out.append([remap[t] for t in ids])
         else:
             out.append(list(range(row, row + len(ids))))
@@ -196,9 +196,8 @@ def run(stage: str, plan_path: str, out: str, backend: str) -> dict:
     eng = _engine(stage, backend)
     try:
         st = eng.adapter.stage
-        k = 0 if not st.hidden_in else 1  # any k > 0 feeds hidden-table rows
         res = {}
-        for p, (ids, s) in enumerate(zip(_stage_ids(plan, k), plan["seqs"])):
+        for p, (ids, s) in enumerate(zip(_stage_ids(plan, st.hidden_in), plan["seqs"])):
             rows = _schedule(eng, ids, len(s["prompt"]))
             if st.hidden_out:
                 res[f"h{p}"] = rows
