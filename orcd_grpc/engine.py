@@ -57,6 +57,11 @@ class ModelInfo:
     load_seconds: float
     max_sequences: int
 
+    @property
+    def vram_bytes(self) -> int:
+        """What the loaded model holds on its device: weights, KV cache and step workspace."""
+        return int(self.weights_bytes) + int(self.kv_cache_bytes) + int(self.workspace_bytes)
+
 
 class Sequence:
     """Engine-side state of one request."""
@@ -119,6 +124,7 @@ class Engine:
         self._ids = itertools.count(1)
         # The block past the allocator's range takes the KV writes of padding rows (see _meta).
         self.pad_block = allocator.num_blocks
+        self._table_width = allocator.blocks_for(info.context_length)  # padded steps' block-table width
         self.max_step_tokens = _max_step_tokens(adapter.hp, getattr(backend, "workspace_bytes", 0),
                                                  int(getattr(adapter, "n_used", 0) or 0), info.max_sequences)
         graphs = getattr(backend, "supports_graphs", False) and os.environ.get("ORCD_CUDA_GRAPHS", "1") != "0"
@@ -186,9 +192,8 @@ class Engine:
         bs = self.allocator.block_size
         B = len(plan)
         if pad_to:
-            width = -(-self.info.context_length // bs)
             nb = max(pad_to, B)
-            tables = np.full((nb, width), -1, np.int32)
+            tables = np.full((nb, self._table_width), -1, np.int32)
             tables[B:, 0] = self.pad_block
             pos = np.zeros(nb, np.int32)
             ids = np.zeros(nb, np.int32)
@@ -197,7 +202,7 @@ class Engine:
                 p = s.num_cached
                 tables[b, : len(s.block_table)] = s.block_table
                 pos[b] = p
-                ids[b] = s.output_ids[-1] if s.output_ids else s.prompt_ids[p]
+                ids[b] = s.output_ids[-1]  # a padded step is all decode (_bucket): its token was generated
                 slots[b] = s.block_table[p // bs] * bs + p % bs
             ar = np.arange(nb + 1, dtype=np.int32)
             return StepMeta(token_ids=ids, positions=pos, q_starts=ar, ctx_lens=pos + 1, slot_mapping=slots,
@@ -342,8 +347,8 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
                 max_context: int = DEFAULT_MAX_CONTEXT, progress=None) -> Engine:
     """Opens, validates and loads a GGUF model. Everything is checked and sized before memory is
     committed, so a bad or oversized file leaves nothing allocated."""
-    from . import quants
     from .tokenizer import Tokenizer
+    from .validation import validate_model
 
     t0 = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
@@ -353,7 +358,7 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
     total = model.tensor_bytes()
     report("validating", 0, total)
     adapter = adapter_for(model.arch)(model)
-    _validate(model, adapter, quants)
+    validate_model(model, adapter)
     tokenizer = Tokenizer.from_gguf(model.fields)
     hp = adapter.hp
 
@@ -417,20 +422,3 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
     report("ready", total, total)
     return engine
 
-
-def _validate(model: GGUFModel, adapter, quants) -> None:
-    """Every required tensor present, with the shape the metadata implies and a supported type."""
-    try:
-        from .validation import validate_model
-    except ImportError:
-        validate_model = None
-    if validate_model is not None:
-        validate_model(model, adapter)
-        return
-    for name, shape in adapter.required().items():
-        t = model.tensor(name)
-        got = GGUFModel.logical_shape(t)
-        if len(got) != len(shape) or any(s is not None and g != s for g, s in zip(got, shape)):
-            raise InvalidArgument(f"shape {got} does not match {tuple(shape)} implied by the metadata", field=name)
-    for t in model.reader.tensors:
-        quants.check_supported(t.tensor_type, t.name)

@@ -53,7 +53,7 @@ class BlockAllocator:
 
     def ensure(self, block_table: list[int], num_tokens: int) -> None:
         """Grows block_table in place so it holds num_tokens tokens."""
-        need = -(-num_tokens // self.block_size) - len(block_table)
+        need = self.blocks_for(num_tokens) - len(block_table)
         if need <= 0:  # the common case in decode: called for every sequence every step
             return
         if need > self.free_blocks:

@@ -75,7 +75,7 @@ class Metrics:
             self.kv_used.set(0)
             self.kv_free.set(0)
             return
-        total = int(info.weights_bytes) + int(info.kv_cache_bytes) + int(info.workspace_bytes)
+        total = info.vram_bytes
         on_gpu = info.backend == "cuda"
         self.model_vram.set(total if on_gpu else 0)
         self.model_ram.set(0 if on_gpu else total)

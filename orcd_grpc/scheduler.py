@@ -176,7 +176,7 @@ class Scheduler:
             if max_vram and old is not None and old.info.backend == "cuda":
                 # The new model loads beside the served one, and max_vram caps the worker, not
                 # each model: what the served one holds is not the newcomer's to take.
-                held = int(old.info.weights_bytes) + int(old.info.kv_cache_bytes) + int(old.info.workspace_bytes)
+                held = old.info.vram_bytes
                 if held >= max_vram:
                     raise ResourceExhausted(
                         f"--max-vram {max_vram / 2**30:.2f} GiB is held by the served model {old.info.model_id} "

@@ -263,8 +263,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if engine is not None and backend == "cuda":
             gpu_info = getattr(engine, "gpu_info", None)
             gpu = gpu_info() if callable(gpu_info) else gpu_info
-            i = engine.info
-            used = int(i.weights_bytes) + int(i.kv_cache_bytes) + int(i.workspace_bytes)
+            used = engine.info.vram_bytes
         try:
             from .hardware import hardware_info
 

@@ -80,6 +80,9 @@ class Adapter:
     """Describes one architecture in terms of backend ops. Subclasses set `archs`."""
 
     archs: tuple[str, ...] = ()
+    # Tokens per sequence the model is served at, set by load_engine before bind (None: the trained
+    # context); phi3's LongRoPE picks its factors by it.
+    n_ctx: int | None = None
 
     def __init__(self, model: GGUFModel):
         self.model = model

@@ -40,7 +40,6 @@ class Phi3Adapter(LlamaAdapter):
             })
         return req
 
-    n_ctx: int | None = None  # tokens per sequence the model is served at (None: trained context)
 
     def rope_factors_kind(self, n_ctx: int | None = None) -> str:
         """'long' or 'short': llama.cpp's choice for a sequence context of n_ctx tokens."""
