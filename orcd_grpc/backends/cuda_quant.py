@@ -92,10 +92,7 @@ class _Kernels:
     def __init__(self):
         from .cuda_runtime import load_module
 
-        # ORCD_GEMM_PIPE=<max BM>: GEMM tiles up to that BM use the unrolled k-step (default 0 in
-        # quant_matmul.cu until measured on a GPU); 0 = the rolled loops everywhere, 128 = unrolled everywhere
-        pipe = os.environ.get("ORCD_GEMM_PIPE", "")
-        self.mod = load_module("quant_matmul", (f"-DORCD_GEMM_PIPE={int(pipe)}",) if pipe.isdigit() else ())
+        self.mod = load_module("quant_matmul")  # with ORCD_GEMM_PIPE's option (cuda_runtime.module_options)
         self.fns: dict[str, object] = {}
 
     def get(self, name: str, sig: str):

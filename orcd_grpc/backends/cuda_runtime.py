@@ -96,19 +96,28 @@ def compile_cubin(name: str, arch: str, options: tuple[str, ...] = ()) -> pathli
     return path
 
 
+def module_options(name: str) -> tuple[str, ...]:
+    """The nvcc options a module is built with here: ORCD_GEMM_PIPE=<max BM> makes quant_matmul's
+    GEMM tiles up to that BM use the unrolled k-step (default 0 in quant_matmul.cu until measured
+    on a GPU; 128 = unrolled everywhere). Loading and precompiling both ask here, so a
+    precompiled cubin is the one loaded."""
+    pipe = os.environ.get("ORCD_GEMM_PIPE", "")
+    return (f"-DORCD_GEMM_PIPE={int(pipe)}",) if name == "quant_matmul" and pipe.isdigit() else ()
+
+
 @functools.lru_cache(maxsize=None)
-def load_module(name: str, options: tuple[str, ...] = ()):
+def load_module(name: str):
     """The pycuda Module of cuda/<name>.cu for this device (a current context is required)."""
     import pycuda.driver as drv
 
-    return drv.module_from_buffer(compile_cubin(name, device_arch(), tuple(options)).read_bytes())
+    return drv.module_from_buffer(compile_cubin(name, device_arch(), module_options(name)).read_bytes())
 
 
-def precompile(arch: str, names=MODULES, option_sets=((),)) -> list[pathlib.Path]:
+def precompile(arch: str, names=MODULES) -> list[pathlib.Path]:
     """Fills the cache for `arch` without a GPU, modules in parallel (nvcc is single-threaded)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = [(n, o) for n in names for o in option_sets]
+    jobs = [(n, module_options(n)) for n in names]
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda j: compile_cubin(j[0], arch, j[1]), jobs))
 
