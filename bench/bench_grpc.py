@@ -23,9 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import grpc  # noqa: E402
-
-from orcd_grpc.proto import pb, pb_grpc  # noqa: E402
+from orcd_grpc.proto import pb  # noqa: E402
 from orcd_grpc.server import ServerConfig, start_server  # noqa: E402
 
 
@@ -102,8 +100,7 @@ def main(argv=None):
         prompt = rng.integers(100, min(engine.info.vocab_size, 30000), args.prompt).tolist()
         via_grpc = grpc_decode_in_child(port, "bench", prompt, args.gen, args.reps)
         # The engine alone, on the scheduler's own engine while the server is idle.
-        with getattr(sched, "engine_lock", None) or _nullcontext():
-            alone = [engine_decode(engine, prompt, args.gen) for _ in range(args.reps)]
+        alone = [engine_decode(engine, prompt, args.gen) for _ in range(args.reps)]
         g, e = statistics.median(via_grpc), statistics.median(alone)
         res = {"model": os.path.basename(path), "backend": engine.info.backend, "decode_tok_s_grpc": round(g, 1),
                "decode_tok_s_engine": round(e, 1), "grpc_vs_engine": round(g / e, 3)}
@@ -120,14 +117,6 @@ def main(argv=None):
     finally:
         worker.stop(5)
     return 0 if res else 1
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 of concurrent Execute streams with injected faults, then leak checks.
 
     python3 bench/soak.py                                  # 150 s, 400 streams (README figures)
-    python3 bench/soak.py --duration 20 --concurrency 200  # what tests/test_soak.py runs
+    python3 bench/soak.py --duration 20 --warmup 5 --concurrency 200 --max-sequences 32 \
+        --max-queue 128 --swap-interval 2   # tests/test_soak.py's load (it also settles 1 s, not 2)
 
 Each client thread runs one Execute after another until the time is up, each with one fault
 drawn by weight:
