@@ -22,7 +22,7 @@ import time
 import grpc
 import pytest
 
-from procs import free_port, stop  # noqa: E402
+from procs import free_port  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orcd_grpc.proto import pb, pb_grpc
