@@ -9,12 +9,9 @@ At package build (`pip install .`, `python -m build`, and editable installs):
     written into the built package, since an installed wheel has no .git to ask. The file is
     never written into the source tree by the build and is ignored by git.
 """
-import datetime
 import json
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 from setuptools import setup
@@ -30,38 +27,6 @@ def _kernel_sources() -> list[pathlib.Path]:
     if not any(p.suffix == ".cu" for p in files):
         raise RuntimeError(f"no CUDA kernel sources (*.cu) in {src}: the package would ship without its kernels")
     return files
-
-
-def _git(*args: str) -> str:
-    try:
-        proc = subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return proc.stdout.strip() if proc.returncode == 0 else ""
-
-
-def _build_info() -> dict:
-    """Same precedence as orcd_grpc/buildinfo.py: environment, a _build_info.json already in the
-    source (e.g. from `python -m orcd_grpc.buildinfo --write`), then git; the date falls back to
-    now."""
-    stored = {}
-    try:
-        stored = json.loads((HERE / "orcd_grpc" / "_build_info.json").read_text())
-    except (OSError, ValueError):
-        pass
-    if not isinstance(stored, dict):
-        stored = {}
-    commit = os.environ.get("ORCD_GIT_COMMIT") or str(stored.get("git_commit") or "")
-    if not commit and (HERE / ".git").exists():
-        commit = _git("rev-parse", "HEAD")
-    date = os.environ.get("ORCD_BUILD_DATE") or str(stored.get("build_date") or "")
-    if not date:
-        date = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    version = ""
-    for line in (HERE / "orcd_grpc" / "__init__.py").read_text().splitlines():
-        if line.startswith("__version__"):
-            version = line.split("=", 1)[1].strip().strip("\"'")
-    return {"version": version, "git_commit": commit, "build_date": date}
 
 
 class BuildWithStubs(build_py):
@@ -87,7 +52,9 @@ class BuildWithStubs(build_py):
         kernels.mkdir(parents=True, exist_ok=True)
         for src in _kernel_sources():
             shutil.copy2(src, kernels / src.name)
-        (pkg / "_build_info.json").write_text(json.dumps(_build_info(), indent=2) + "\n")
+        from orcd_grpc import buildinfo  # stdlib only; HERE is on sys.path (above)
+
+        (pkg / "_build_info.json").write_text(json.dumps(buildinfo.build_stamp(), indent=2) + "\n")
 
     def get_outputs(self, include_bytecode=True):
         # Lists the copied files as outputs too (bdist_wheel packs the whole build dir anyway;

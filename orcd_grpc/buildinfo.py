@@ -47,16 +47,28 @@ def _from_file() -> dict:
     return data if isinstance(data, dict) else {}
 
 
-@functools.lru_cache(maxsize=1)
-def build_info() -> BuildInfo:
+def _resolve(git_date: bool) -> BuildInfo:
     stored = _from_file()
     commit = os.environ.get("ORCD_GIT_COMMIT") or str(stored.get("git_commit") or "")
     date = os.environ.get("ORCD_BUILD_DATE") or str(stored.get("build_date") or "")
     if not commit and (_PKG.parent / ".git").exists():
         commit = _git("rev-parse", "HEAD")
-        if commit and not date:
+        if git_date and commit and not date:
             date = _git("show", "-s", "--format=%cI", commit)
     return BuildInfo(version=__version__, git_commit=commit, build_date=date)
+
+
+@functools.lru_cache(maxsize=1)
+def build_info() -> BuildInfo:
+    return _resolve(git_date=True)
+
+
+def build_stamp() -> dict:
+    """What a built wheel records (setup.py): as build_info, but a date neither given nor stored
+    is the time of the build, not the commit's."""
+    info = _resolve(git_date=False)
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    return dataclasses.asdict(dataclasses.replace(info, build_date=info.build_date or now))
 
 
 def write_build_info(path: pathlib.Path = BUILD_INFO_FILE) -> BuildInfo:
