@@ -18,6 +18,7 @@ from .backends.base import Backend, StepMeta
 from .errors import InvalidArgument, OutOfRange, ResourceExhausted
 from .gguf_model import GGUFModel
 from .kv_cache import BlockAllocator
+from .sampling import Sampler, TokenSample
 
 DEFAULT_MAX_CONTEXT = 8192
 CPU_KV_BUDGET = 1 << 30
@@ -130,11 +131,13 @@ class Engine:
         graphs = getattr(backend, "supports_graphs", False) and os.environ.get("ORCD_CUDA_GRAPHS", "1") != "0"
         self.graph_buckets = [b for b in GRAPH_BUCKETS if b <= max(1, info.max_sequences)] if graphs else []
         self.device_sampling = callable(getattr(backend, "sample", None))
+        # The backend's packed-row sampler and its row packer, when it has them (CUDA): resolved
+        # once here, not on every step.
+        self._pack_row = getattr(backend, "pack_sampling_row", None)
+        self._sample_packed = getattr(backend, "sample_packed", None) if self._pack_row is not None else None
 
     # ---- sequences -----------------------------------------------------------------------
     def new_sequence(self, prompt_ids: list[int], sampling) -> Sequence:
-        from .sampling import Sampler
-
         vocab = self.info.vocab_size
         if not prompt_ids:
             raise InvalidArgument("prompt is empty", field="input")
@@ -277,26 +280,22 @@ class Engine:
 
     def _sample_on_device(self, logits, seqs: list[Sequence]) -> dict:
         """Sampling on the backend: only token ids and logprobs cross to the host."""
-        from .sampling import TokenSample
-
         if logits.shape[0] != len(seqs):  # a padded graph step: the real rows come first
             logits = logits.row_slice(0, len(seqs))
         n_top = max(s.sampling.top_logprobs for s in seqs)
         penalised = any(_penalised(s.sampling) for s in seqs)
-        if not penalised and hasattr(self.backend, "sample_packed"):
+        if not penalised and self._sample_packed is not None:
             # The common case, kept cheap for large batches: each row's parameters are packed
             # once per sequence; per step only the Philox counter (the token index) changes.
-            from .backends.cuda import pack_sampling_row
-
             prm = np.empty((len(seqs), 16), np.uint32)
             for r, s in enumerate(seqs):
                 row = s.device_row
                 if row is None:
                     p = s.sampling
-                    row = s.device_row = pack_sampling_row(p.temperature, p.top_k, p.top_p, p.min_p, s.device_seed)
+                    row = s.device_row = self._pack_row(p.temperature, p.top_k, p.top_p, p.min_p, s.device_seed)
                 prm[r] = row
             prm[:, 6] = [len(s.output_ids) for s in seqs]
-            res = self.backend.sample_packed(logits, prm, np.zeros(2, np.int32), n_top)
+            res = self._sample_packed(logits, prm, np.zeros(2, np.int32), n_top)
         else:
             rows = []
             for s in seqs:

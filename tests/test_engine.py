@@ -130,6 +130,7 @@ def test_device_sampling_rows_are_packed_once_and_counted(tmp_path):
     with a recording sample_packed (greedy argmax) stands in for the GPU here."""
     import sys
 
+    from orcd_grpc.backends.cuda import pack_sampling_row as pack_row
     from orcd_grpc.backends.numpy_backend import NumpyBackend
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -138,6 +139,8 @@ def test_device_sampling_rows_are_packed_once_and_counted(tmp_path):
     calls = []
 
     class Recording(NumpyBackend):
+        pack_sampling_row = staticmethod(pack_row)
+
         def sample_packed(self, logits, prm, pen, n_top=0):
             calls.append(prm.copy())
             return np.argmax(logits, -1).astype(np.int32), np.zeros(len(logits), np.float32)

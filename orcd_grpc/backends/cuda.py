@@ -220,6 +220,7 @@ class CudaBackend(Backend):
     name = "cuda"
     kv_elem_size = 2  # f16 KV cache
     supports_graphs = True
+    pack_sampling_row = staticmethod(pack_sampling_row)  # the engine packs each sequence's row once
 
     def __init__(self, max_vram: int = 0, device: int = 0, workspace_bytes: int | None = None):
         with _capture_lock:
