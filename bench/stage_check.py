@@ -132,6 +132,21 @@ def _stage_ids(plan, hidden_in: bool) -> list[list[int]]:
 
 
 # ---- build: one stage file ---------------------------------------------------------------------
+def copy_metadata(reader, writer, replace: dict) -> None:
+    """Every metadata key of a GGUFReader into a GGUFWriter (the writer sets the architecture
+    itself), with the values in `replace` swapped in."""
+    import gguf
+
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = replace.get(key, f.contents())
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, f.types[0], sub_type=f.types[1])
+        else:
+            writer.add_key_value(key, value, f.types[0])
+
+
 def build(work: str, k: int, prev: list[str]) -> pathlib.Path:
     import gguf
 
@@ -144,16 +159,8 @@ def build(work: str, k: int, prev: list[str]) -> pathlib.Path:
     first, end = (1, 1) if head else plan["ranges"][k]
     path = work / f"stage-{k}.gguf"
     w = gguf.GGUFWriter(os.fspath(path), arch)
-    for key, f in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = f.contents()
-        if head and key == f"{arch}.block_count":
-            value = 1  # a head stage runs no layer (and must not claim layers it has no tensors for)
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(key, value, f.types[0], sub_type=f.types[1])
-        else:
-            w.add_key_value(key, value, f.types[0])
+    # a head stage runs no layer (and must not claim layers it has no tensors for)
+    copy_metadata(r, w, {f"{arch}.block_count": 1} if head else {})
     w.add_uint32("orcd.stage.first_layer", first)
     w.add_uint32("orcd.stage.end_layer", end)
     w.add_bool("orcd.stage.hidden_in", k > 0)
