@@ -161,7 +161,7 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=os.environ.get("ORCD_ADDRESS", DEFAULT_ADDRESS),
                    help="worker address host:port (default: $ORCD_ADDRESS or %(default)s)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    p.add_argument("--auth-token", default=os.environ.get("ORCD_AUTH_TOKEN"),
+    p.add_argument("--auth-token", default=os.environ.get(security.ENV_TOKEN),
                    help="bearer token to send (default: $ORCD_AUTH_TOKEN)")
 
 
@@ -387,7 +387,7 @@ def _free_port() -> int:
 
 
 # The demo's client sends no token and speaks plaintext, so its worker must not ask for either.
-_DEMO_UNSET_ENV = ("ORCD_AUTH_TOKEN", security.ENV_TOKENS, security.ENV_CERT, security.ENV_KEY,
+_DEMO_UNSET_ENV = (security.ENV_TOKEN, security.ENV_TOKENS, security.ENV_CERT, security.ENV_KEY,
                    security.ENV_CLIENT_CA)
 
 

@@ -37,7 +37,7 @@ CALL_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("orcd_c
 
 ENV_CERT, ENV_KEY, ENV_CLIENT_CA = "ORCD_TLS_CERT", "ORCD_TLS_KEY", "ORCD_TLS_CLIENT_CA"
 ENV_TOKENS, ENV_INSECURE = "ORCD_AUTH_TOKENS", "ORCD_INSECURE"
-_LEGACY_ENV_TOKEN = "ORCD_AUTH_TOKEN"  # the single-token variable the CLI already reads
+ENV_TOKEN = "ORCD_AUTH_TOKEN"  # the single token the CLI's clients send and the server also accepts
 
 
 class ExposureError(ValueError):
@@ -135,7 +135,7 @@ def config_from_args(args, environ: Mapping[str, str] | None = None) -> Security
     if isinstance(token_specs, str):
         token_specs = [token_specs]
     if not token_specs:
-        token_specs = [s for s in (env.get(ENV_TOKENS), env.get(_LEGACY_ENV_TOKEN)) if s]
+        token_specs = [s for s in (env.get(ENV_TOKENS), env.get(ENV_TOKEN)) if s]
     insecure = getattr(args, "insecure", None)
     if insecure is None:
         insecure = env.get(ENV_INSECURE, "").strip().lower() in ("1", "true", "yes", "on")
