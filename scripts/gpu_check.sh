@@ -5,32 +5,59 @@
 #   GPU_TESTS=...   pytest selection for the GPU part (default: -m gpu tests/)
 #   SKIP_SUITE=1    skip the non-GPU suite;  SKIP_BENCH=1  skip the benchmark
 #   BENCH_MODELS="qwen2.5-0.5b ..."  the synthetic anchor files to benchmark (default: all four)
-#   PROFILE_MODEL=FILE.gguf  also print where a decode step's time goes (bench/profile_decode.py);
-#                   AB="VAR=VALUE ..." repeats it under each tuning switch (README, GPU notes)
+#   FIRST_TESTS="FILES" FIRST_K="EXPR"  a pytest selection run first; the stages wait on it
+#   STAGE_DIRS="DIR ..."  first run the staged whole-model check of each DIR (scripts/stage_gpu.sh)
+#   PROFILE_MODELS="qwen2.5-0.5b:1,64 ..."  where a decode step's time goes (bench/profile_decode.py)
+#                   at those batch sizes; PREFILL_MODELS="phi3-mini ..." prefill tok/s alone;
+#                   AB="VAR=VALUE A=1,B=2 ..." repeats the profiles under each tuning switch,
+#                   PREFILL_AB the prefill runs (README, GPU notes); PROFILE_SCRIPT=bench/trace_decode.py
+#                   gives each kernel's time inside the graph instead (PROFILE_CUT: characters kept)
+#   SKIP_TESTS=1    no GPU tests;  WHEELS=DIR  the wheels to install (default .whl)
+#   Packed folders (.dev/carry/*.tar.xz: the kernel cache, tiny models, vocabularies) are unpacked
+#   into .dev/ first, since one call's transfer is capped at 64 MiB.
 #   Real models (SmolLM2, Gemma 3) are used when $ORCD_MODEL_DIR holds them (no network there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/orcd-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+rc=0
+for t in .dev/carry/*.tar.xz; do [ -f "$t" ] && tar xJf "$t" -C .dev; done
 # The wheels install once per machine (a warm machine keeps /tmp between calls).
 [ -f /tmp/site/.orcd-installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-  .whl/*.whl 2>&1 | tail -2; touch /tmp/site/.orcd-installed; }
+  ${WHEELS:-.whl}/*.whl 2>&1 | tail -2; touch /tmp/site/.orcd-installed; }
 export PYTHONPATH=/tmp/site:$PWD
 export ORCD_KERNEL_CACHE=${ORCD_KERNEL_CACHE:-/tmp/orcd-kernels}
 # Cubins compiled beforehand without a GPU (python3 -m orcd_grpc.backends.cuda_runtime .dev/kcache)
 # save the first load's nvcc time; a stale one is never used (the key covers sources and nvcc).
-if [ -d .dev/kcache ]; then mkdir -p "$ORCD_KERNEL_CACHE" && cp -n .dev/kcache/*.cubin "$ORCD_KERNEL_CACHE"/ 2>/dev/null; fi
+mkdir -p "$ORCD_KERNEL_CACHE"
+[ -d .dev/kcache ] && cp -n .dev/kcache/*.cubin "$ORCD_KERNEL_CACHE"/ 2>/dev/null
+[ -f .dev/kcache.tar.xz ] && tar xJf .dev/kcache.tar.xz -C "$ORCD_KERNEL_CACHE" --strip-components=1
 # ../shared does not travel to the GPU machine; a shared/ copied into the checkout does.
 if [ -z "${ORCD_SHARED_DIR:-}" ] && [ -d shared/vocab ]; then export ORCD_SHARED_DIR=$PWD/shared; fi
 # Tiny architecture models exported where transformers is installed (tests/gpu/test_cuda_architectures.py).
 if [ -z "${ORCD_TINY_GGUF_DIR:-}" ] && [ -d .dev/tiny ]; then export ORCD_TINY_GGUF_DIR=$PWD/.dev/tiny; fi
-nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+[ -z "${ORCD_SHARED_DIR:-}" ] && [ -d .dev/bv/vocab ] && export ORCD_SHARED_DIR=$PWD/.dev/bv
+data=${ORCD_BENCH_DIR:-/tmp/orcd-bench}; mkdir -p "$data"
+# The synthetic files the profiles need, written while the tests run (16 cores there).
+for m in $(for mb in ${PROFILE_MODELS:-} ${PREFILL_MODELS:-}; do echo "${mb%%:*}"; done | sort -u); do
+  [ -s "$data/$m.gguf" ] || (python3 bench/synth_gguf.py "$m" "$data/$m.tmp" "$ORCD_SHARED_DIR/vocab" >/dev/null \
+    && mv "$data/$m.tmp" "$data/$m.gguf") &
+done
+# FIRST_TESTS="FILES" [FIRST_K="expr"]: a quick pytest selection that must pass before the stages run
+if [ -n "${FIRST_TESTS:-}" ]; then
+  echo "== first tests"
+  timeout 200 python3 -m pytest -q -m gpu $FIRST_TESTS -k "${FIRST_K:-}" -p no:cacheprovider 2>&1 | tail -5
+  [ "${PIPESTATUS[0]}" = 0 ] || { rc=1; STAGE_DIRS=; echo "first tests failed: stages skipped"; }
+fi
+if [ -n "${STAGE_DIRS:-}" ]; then echo "== staged whole models"; WHEELS=${WHEELS:-.whl} bash scripts/stage_gpu.sh $STAGE_DIRS || rc=1; fi
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,temperature.gpu --format=csv
 python3 -c "import orcd_grpc.proto" || echo "stub generation failed"
-rc=0
 start=$(date +%s)
 echo "== GPU tests"
-timeout ${GPU_TEST_TIMEOUT:-480} python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest-gpu.log" | tail -60
-[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout ${GPU_TEST_TIMEOUT:-480} python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest-gpu.log" | tail -40
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
 if [ -z "${SKIP_SUITE:-}" ]; then
   echo "== rest of the suite"
   timeout 240 python3 -m pytest -q -m "not gpu" tests/ -p no:cacheprovider 2>&1 | tee "$OUT/pytest-rest.log" | tail -15
@@ -38,18 +65,30 @@ if [ -z "${SKIP_SUITE:-}" ]; then
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   echo "== benchmark"
+  wait
   if [ -f bench/run_all.sh ]; then timeout 300 bash bench/run_all.sh ${BENCH_MODELS:-} 2>&1 | tee "$OUT/bench.md"
   elif [ -f bench/bench_decode.py ]; then timeout 300 python3 bench/bench_decode.py 2>&1 | tee "$OUT/bench.md"
   else echo "no benchmark under bench/"; fi
 fi
-if [ -n "${PROFILE_MODEL:-}" ]; then
-  echo "== decode profile ($PROFILE_MODEL)"
-  # AB="ORCD_FUSE_QKV_ROPE=0 ORCD_GEMM_PIPE=64": the profile again under each switch (graph_replay_gpu
-  # is the GPU time per step to compare)
+if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
+  wait  # the synthetic files started above
+  # AB="ORCD_FUSE_GLU=1 ORCD_GEMM_PIPE=64": each measurement again under each switch (graph_replay_gpu
+  # is the GPU time per decode step to compare; prefill tok/s from a short bench_engine run)
   for ab in default ${AB:-}; do
-    for b in ${PROFILE_BATCHES:-1 64}; do
-      echo "$ab $(env $([ "$ab" = default ] || echo "$ab") timeout 120 python3 bench/profile_decode.py "$PROFILE_MODEL" \
-        --batch "$b" 2>&1 | tail -1 | cut -c1-400)" | tee -a "$OUT/profile.txt"
+    envs=$([ "$ab" = default ] || echo "${ab//,/ }")
+    for mb in ${PROFILE_MODELS:-}; do
+      bs=${mb#*:}; [ "$bs" = "$mb" ] && bs=1
+      for b in ${bs//,/ }; do
+        echo "$ab ${mb%%:*} B=$b $(env $envs timeout 120 python3 ${PROFILE_SCRIPT:-bench/profile_decode.py} \
+          "$data/${mb%%:*}.gguf" --batch "$b" 2>&1 | tail -1 | cut -c1-${PROFILE_CUT:-300})" | tee -a "$OUT/profile.txt"
+      done
+    done
+  done
+  for ab in default ${PREFILL_AB:-}; do
+    envs=$([ "$ab" = default ] || echo "${ab//,/ }")
+    for m in ${PREFILL_MODELS:-}; do
+      echo "$ab $m $(env $envs timeout 120 python3 bench/bench_engine.py "$data/$m.gguf" --backend cuda --gen 16 \
+        --batches "" --reps 3 2>&1 | tail -1)" | tee -a "$OUT/profile.txt"
     done
   done
 fi

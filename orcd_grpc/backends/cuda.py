@@ -39,7 +39,7 @@ log = logs.get_logger("orcd.cuda")
 
 _ATTN_DPL = (1, 2, 3, 4, 5, 6, 8)  # attn_d<DPL> variants in attention.cu: head dims up to 32 * DPL
 _ATTN_TARGET_CTAS = 264  # two per SM on an H100: enough decode attention CTAs to use its bandwidth
-_ATTN_MAX_SPLITS = 32
+_ATTN_MAX_SPLITS = 32  # merge_split_row keeps a split per lane: at most 32
 _ATTN_DEC_TARGET_CTAS = 528  # attn_dec CTAs are 4 warps: four per SM
 _ATTN_COUNTERS = 1 << 16  # (sequence, kv head) pairs attn_dec can merge in-kernel (256 KiB of counters)
 
@@ -251,8 +251,10 @@ class CudaBackend(Backend):
         self._sync_each = os.environ.get("ORCD_CUDA_SYNC") == "1"
         self._split_keys = os.environ.get("ORCD_ATTN_SPLITS") != "1"  # 1: one CTA per head (A/B, debugging)
         self._decode_attn = os.environ.get("ORCD_ATTN_DECODE") != "0"  # 0: decode steps use attn_dN (A/B)
-        # Fusions written after the last GPU run: opt-in (=1) until measured, like ORCD_GEMM_PIPE.
-        self._fuse_qkv_rope = os.environ.get("ORCD_FUSE_QKV_ROPE") == "1"  # qkv_rope_store kernel
+        # Fusions: on where an H100 trace measured a gain (2026-11-23: qkv_rope_store -100 us and the
+        # in-kernel merge -260 us per phi3-mini step, neither slower on qwen2.5-0.5b); the GLU and
+        # norm folds made the GEMVs slower (phi3-mini +240 us, +1200 us) and stay opt-in.
+        self._fuse_qkv_rope = os.environ.get("ORCD_FUSE_QKV_ROPE", "1") == "1"  # qkv_rope_store kernel
         self._fuse_glu = os.environ.get("ORCD_FUSE_GLU") == "1"  # the GLU inside the down GEMV (T = 1)
         self._fuse_norm = os.environ.get("ORCD_FUSE_NORM") == "1"  # RMSNorm inside the next GEMV (T = 1)
         # attn_dec serves decode steps of models with at most this many q heads per kv head. On the
@@ -264,6 +266,8 @@ class CudaBackend(Backend):
         # gpt-oss-20b at B=32 (256 pairs) 1,224 against 1,193; at 64 pairs and fewer it was even or
         # slower (gpt-oss B=8: 563 against 574). Two runs of bench/run_all.sh, same day, H100.
         self._dec_min_heads = int(os.environ.get("ORCD_ATTN_DEC_MIN_HEADS", "128"))
+        # rows up to which RMSNorm takes a block per row rather than a warp (A/B: 0 = always warps)
+        self._norm_block_rows = int(os.environ.get("ORCD_NORM_BLOCK_ROWS", "256"))
         self._rope_cache: dict[int, tuple] = {}
         self._meta_buf: DeviceBuffer | None = None
         self._meta_host = None
@@ -271,7 +275,7 @@ class CudaBackend(Backend):
         # attn_dec's per-(sequence, kv head) arrival counters: the last key-slice CTA merges the
         # partials itself (no attn_combine launch). Zeroed once; each merge resets its counter.
         self._attn_counters: DeviceBuffer | None = None
-        self._merge_in_kernel = os.environ.get("ORCD_ATTN_MERGE") == "1"  # opt-in until measured
+        self._merge_in_kernel = os.environ.get("ORCD_ATTN_MERGE", "1") == "1"
         self._sample_host = None
         self.closed = False
         if workspace_bytes is None:
@@ -591,12 +595,13 @@ class CudaBackend(Backend):
         vec = int(d % 4 == 0)
         args = (x.ptr, residual.ptr if residual is not None else 0, s.ptr if residual is not None else 0,
                 out.ptr, w.ptr, np.int32(rows), np.int32(d), np.float32(eps), np.int32(vec))
-        if d <= 1024:
+        if d <= 1024 and rows > self._norm_block_rows:
             k = self._k("norm", "rms_norm_warp", "PPPPPiifi")
             self._launch(k, (-(-rows // 8), 1, 1), (256, 1, 1), *args)
-        else:
+        else:  # few rows: a block per row, or one warp walks the whole row alone (4.5 us at d = 896)
             k = self._k("norm", "rms_norm_block", "PPPPPiifi")
-            self._launch(k, (rows, 1, 1), (256 if d <= 4096 else 512, 1, 1), *args)
+            threads = 512 if d > 4096 else 256 if d > 1024 else max(32, -(-d // 4 // 32) * 32)
+            self._launch(k, (rows, 1, 1), (threads, 1, 1), *args)
         return out, s
 
     def _rope_table(self, spec: RopeSpec):

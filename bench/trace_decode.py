@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Each kernel's GPU time inside a replayed decode graph, from a CUPTI trace (through PyTorch's
+profiler, which records every kernel of the process, PyCUDA's included). Event pairs around eager
+launches cannot tell a 3 µs kernel from its launch; this can, and it shows the idle gaps between
+kernels too.
+
+    python3 bench/trace_decode.py MODEL.gguf [--batch 1] [--steps 20] [--ctx 256]
+
+Prints one JSON object: per step, the span (first kernel start to last kernel end), the busy
+time (sum of kernel durations), the kernel count, and per kernel name [µs per step, launches per
+step, mean µs], largest first.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from orcd_grpc.engine import load_engine  # noqa: E402
+from orcd_grpc.sampling import SamplingParams  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args(argv)
+    eng = load_engine(args.model, backend="cuda", context_length=4096, max_sequences=max(8, args.batch))
+    be = eng.backend
+    rng = np.random.default_rng(0)
+    seqs = [eng.new_sequence(rng.integers(100, 30000, args.ctx).tolist(), SamplingParams(temperature=0.0))
+            for _ in range(args.batch)]
+    while any(s.prefill_remaining for s in seqs):
+        eng.step(seqs, 8192)
+    for _ in range(3):  # warm-up, then capture
+        eng.step(seqs, 8192)
+    graph = be._graphs[("decode", eng._bucket([(s, 1) for s in seqs]))][0]
+
+    from torch.profiler import ProfilerActivity, profile
+
+    be.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            graph.launch()
+        be.synchronize()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = [e for e in json.load(fh)["traceEvents"] if e.get("cat") == "kernel"]
+    events.sort(key=lambda e: e["ts"])
+    per = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        per[e["name"]][0] += e["dur"]
+        per[e["name"]][1] += 1
+    n = args.steps
+    span = (events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]) / n if events else 0.0
+    busy = sum(e["dur"] for e in events) / n
+    top = sorted(per.items(), key=lambda kv: -kv[1][0])[: args.top]
+    print(json.dumps({"model": os.path.basename(args.model), "batch": args.batch,
+                      "span_us": round(span, 1), "busy_us": round(busy, 1), "kernels": len(events) / n,
+                      "top": {k[:40]: [round(v[0] / n, 1), v[1] / n, round(v[0] / v[1], 2)] for k, v in top}}),
+          flush=True)
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()
