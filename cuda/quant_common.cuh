@@ -6,6 +6,8 @@
 //   MIN   true when a weight is a*q + m (an offset term) rather than a*q
 //   offs(p, o0, o1)   part p covers block elements o0..o0+3 and o1..o1+3
 //   qv(b, p, q[8])     the part's quantized values as floats (offsets such as -8 already applied)
+//   qi(b, p, lo, hi)   (integer formats) the same 8 values as two words of 4 signed bytes, before the
+//                      offset QB is taken off (q - QB is what qv gives), for the int8-activation GEMV
 //   sc(b, p, a0, a1, m0, m1)  its scales: w[i] = a_{i/4} * q[i] (+ m_{i/4} when MIN); identical for the
 //                      4 parts 4g..4g+3 of an aligned group (GEMV decodes scales once per group)
 // A part's 8 elements always lie inside one aligned 64-element window of the row (32 for QK=32
@@ -59,6 +61,10 @@ struct FQ4_0 {  // d f16 | qs[16]: elem j = lo(qs[j]), elem j+16 = hi(qs[j]); w 
         const uint32_t v = ld32<2>(b + 2 + 4 * p);
         bytes4(v & 0x0F0F0F0Fu, 8.f, q); bytes4((v >> 4) & 0x0F0F0F0Fu, 8.f, q + 4);
     }
+    static constexpr int QB = 8;
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
+        const uint32_t v = ld32<2>(b + 2 + 4 * p); lo = v & 0x0F0F0F0Fu; hi = (v >> 4) & 0x0F0F0F0Fu;
+    }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = 0.f; }
 };
 struct FQ4_1 {  // d, m f16 | qs[16]; w = d*q + m
@@ -67,6 +73,10 @@ struct FQ4_1 {  // d, m f16 | qs[16]; w = d*q + m
     __device__ static void qv(const uint8_t* b, int p, float* q) {
         const uint32_t v = ld32<4>(b + 4 + 4 * p);
         bytes4(v & 0x0F0F0F0Fu, 0.f, q); bytes4((v >> 4) & 0x0F0F0F0Fu, 0.f, q + 4);
+    }
+    static constexpr int QB = 0;
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
+        const uint32_t v = ld32<4>(b + 4 + 4 * p); lo = v & 0x0F0F0F0Fu; hi = (v >> 4) & 0x0F0F0F0Fu;
     }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = ldh(b + 2); }
 };
@@ -78,6 +88,12 @@ struct FQ5_0 {  // d f16 | qh u32 (bit j = 5th bit of elem j) | qs[16]; w = d*(q
         bytes4((v & 0x0F0F0F0Fu) | (spread4(qh >> (4 * p)) << 4), 16.f, q);
         bytes4(((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4), 16.f, q + 4);
     }
+    static constexpr int QB = 16;
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
+        const uint32_t qh = ld32<2>(b + 2), v = ld32<2>(b + 6 + 4 * p);
+        lo = (v & 0x0F0F0F0Fu) | (spread4(qh >> (4 * p)) << 4);
+        hi = ((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4);
+    }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = 0.f; }
 };
 struct FQ5_1 {  // d, m f16 | qh u32 | qs[16]; w = d*q + m
@@ -88,6 +104,12 @@ struct FQ5_1 {  // d, m f16 | qh u32 | qs[16]; w = d*q + m
         bytes4((v & 0x0F0F0F0Fu) | (spread4(qh >> (4 * p)) << 4), 0.f, q);
         bytes4(((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4), 0.f, q + 4);
     }
+    static constexpr int QB = 0;
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
+        const uint32_t qh = ld32<4>(b + 4), v = ld32<4>(b + 8 + 4 * p);
+        lo = (v & 0x0F0F0F0Fu) | (spread4(qh >> (4 * p)) << 4);
+        hi = ((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4);
+    }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = ldh(b + 2); }
 };
 struct FQ8_0 {  // d f16 | qs[32] int8; w = d*q
@@ -97,6 +119,10 @@ struct FQ8_0 {  // d f16 | qs[32] int8; w = d*q
         // xor 0x80 turns int8 into q+128 as an unsigned byte
         bytes4(ld32<2>(b + 2 + 8 * p) ^ 0x80808080u, 128.f, q);
         bytes4(ld32<2>(b + 6 + 8 * p) ^ 0x80808080u, 128.f, q + 4);
+    }
+    static constexpr int QB = 0;  // signed bytes as they are
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
+        lo = ld32<2>(b + 2 + 8 * p); hi = ld32<2>(b + 6 + 8 * p);
     }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = 0.f; }
 };
@@ -118,6 +144,11 @@ struct FMXFP4 {  // e8m0 exponent byte | qs[16] e2m1 nibbles (lo: elem j, hi: el
         const uint32_t v = ld32<1>(b + 1 + 4 * p);
         bytes4(lut4(v & 0x0F0F0F0Fu) ^ 0x80808080u, 128.f, q);
         bytes4(lut4((v >> 4) & 0x0F0F0F0Fu) ^ 0x80808080u, 128.f, q + 4);
+    }
+    static constexpr int QB = 0;  // lut4 gives signed bytes
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
+        const uint32_t v = ld32<1>(b + 1 + 4 * p);
+        lo = lut4(v & 0x0F0F0F0Fu); hi = lut4((v >> 4) & 0x0F0F0F0Fu);
     }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) {
         const uint32_t e = b[0];
@@ -142,6 +173,11 @@ struct FQ4_K {  // d, dmin f16 | scales[12] | qs[128]; 64-elem chunk c: lo nibbl
         const uint32_t v = ld32<4>(b + 16 + 32 * c + l);
         bytes4(v & 0x0F0F0F0Fu, 0.f, q); bytes4((v >> 4) & 0x0F0F0F0Fu, 0.f, q + 4);
     }
+    static constexpr int QB = 0;
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
+        const uint32_t v = ld32<4>(b + 16 + 32 * (p >> 3) + (p & 7) * 4);
+        lo = v & 0x0F0F0F0Fu; hi = (v >> 4) & 0x0F0F0F0Fu;
+    }
     __device__ static void sc(const uint8_t* b, int p, float& a0, float& a1, float& m0, float& m1) {
         const int c = p >> 3;
         const float d = ldh(b), dm = ldh(b + 2);
@@ -157,6 +193,13 @@ struct FQ5_K {  // d, dmin | scales[12] | qh[32] | qs[128]; chunk c: qh bit 2c (
         const uint32_t v = ld32<4>(b + 48 + 32 * c + l), h = ld32<4>(b + 16 + l);
         bytes4((v & 0x0F0F0F0Fu) | (((h >> (2 * c)) & 0x01010101u) << 4), 0.f, q);
         bytes4(((v >> 4) & 0x0F0F0F0Fu) | (((h >> (2 * c + 1)) & 0x01010101u) << 4), 0.f, q + 4);
+    }
+    static constexpr int QB = 0;
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
+        const int c = p >> 3, l = (p & 7) * 4;
+        const uint32_t v = ld32<4>(b + 48 + 32 * c + l), h = ld32<4>(b + 16 + l);
+        lo = (v & 0x0F0F0F0Fu) | (((h >> (2 * c)) & 0x01010101u) << 4);
+        hi = ((v >> 4) & 0x0F0F0F0Fu) | (((h >> (2 * c + 1)) & 0x01010101u) << 4);
     }
     __device__ static void sc(const uint8_t* b, int p, float& a0, float& a1, float& m0, float& m1) {
         const int c = p >> 3;
@@ -179,6 +222,13 @@ struct FQ6_K {  // ql[128] | qh[64] | scales[16] int8 | d f16; w = d*sc[e/16]*(q
         const int sh = 4 * t;
         bytes4(((v0 >> sh) & 0x0F0F0F0Fu) | (((qh >> sh) & 0x03030303u) << 4), 32.f, q);
         bytes4(((v1 >> sh) & 0x0F0F0F0Fu) | (((qh >> (sh + 2)) & 0x03030303u) << 4), 32.f, q + 4);
+    }
+    static constexpr int QB = 32;
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
+        const int h = p >> 4, t = (p >> 3) & 1, l = (p & 7) * 4, sh = 4 * t;
+        const uint32_t v0 = ld32<2>(b + 64 * h + l), v1 = ld32<2>(b + 64 * h + 32 + l), qh = ld32<2>(b + 128 + 32 * h + l);
+        lo = ((v0 >> sh) & 0x0F0F0F0Fu) | (((qh >> sh) & 0x03030303u) << 4);
+        hi = ((v1 >> sh) & 0x0F0F0F0Fu) | (((qh >> (sh + 2)) & 0x03030303u) << 4);
     }
     __device__ static void sc(const uint8_t* b, int p, float& a0, float& a1, float& m0, float& m1) {
         const int h = p >> 4, t = (p >> 3) & 1, l = (p & 7) * 4;

@@ -1,8 +1,10 @@
 """Helpers for tests that run a worker or a client as a separate process."""
 from __future__ import annotations
 
+import pathlib
 import socket
 import subprocess
+import time
 
 
 def free_port() -> int:
@@ -20,3 +22,30 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def wait_serving(channel, proc: subprocess.Popen, timeout: float = 60.0, log=None) -> None:
+    """Returns once the worker behind `channel` answers the standard health check with SERVING;
+    fails, with the tail of the worker's `log` file, if the process exits first or `timeout`
+    seconds pass."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    end = time.monotonic() + timeout
+    last = "no answer"
+
+    def tail() -> str:
+        return pathlib.Path(log).read_text(errors="replace")[-3000:] if log else ""
+
+    while True:
+        assert proc.poll() is None, f"worker exited ({proc.returncode}) while starting\n{tail()}"
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        except grpc.RpcError as exc:
+            last = exc.code().name
+        assert time.monotonic() < end, f"worker not SERVING after {timeout:.0f} s (last health: {last})\n{tail()}"
+        time.sleep(0.2)

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from procs import free_port, stop  # noqa: E402
+from procs import free_port, stop, wait_serving  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orcd_grpc.proto import pb, pb_grpc
@@ -52,17 +52,7 @@ class Serve:
                  *args], cwd=REPO, stdout=err, stderr=subprocess.STDOUT, env=env or _env())
 
     def wait_serving(self, channel, timeout=60.0) -> None:
-        end = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"orcd serve exited: {self.log.read_text()[-3000:]}"
-            try:
-                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < end, f"not serving: {self.log.read_text()[-3000:]}"
-            time.sleep(0.1)
+        wait_serving(channel, self.proc, timeout, log=self.log)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

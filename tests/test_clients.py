@@ -17,30 +17,10 @@ import time
 import grpc
 import pytest
 
-from procs import free_port, stop  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from procs import free_port, stop, wait_serving  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CI = REPO / "clients" / "ci.sh"
-
-
-def _wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    last = "no answer"
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {proc.returncode} while starting")
-            try:
-                st = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                if st == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(st)
-            except grpc.RpcError as e:
-                last = e.code().name
-            time.sleep(0.25)
-    raise TimeoutError(f"worker not SERVING after {timeout:.0f} s (last health: {last})")
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +35,9 @@ def worker_address(smollm2_path, tmp_path_factory):
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     address = f"127.0.0.1:{port}"
     try:
-        _wait_serving(address, proc, timeout=300)
-    except Exception as e:
+        with grpc.insecure_channel(address) as ch:
+            wait_serving(ch, proc, timeout=300)
+    except AssertionError as e:
         proc.kill()
         proc.wait()
         pytest.fail(f"{e}\n--- worker log ---\n{log_path.read_text()[-4000:]}")

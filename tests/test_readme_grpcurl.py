@@ -29,7 +29,7 @@ import time
 import grpc
 import pytest
 
-from procs import free_port, stop  # noqa: E402
+from procs import free_port, stop, wait_serving  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -110,19 +110,8 @@ def address(smollm2_path, tmp_path_factory):
                                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
     addr = f"127.0.0.1:{port}"
     try:
-        end = time.monotonic() + 300
         with grpc.insecure_channel(addr) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while True:
-                assert proc.poll() is None, f"worker exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}"
-                assert time.monotonic() < end, f"worker not SERVING:\n{log_path.read_text()[-3000:]}"
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.25)
+            wait_serving(ch, proc, timeout=300, log=log_path)
         yield addr
     finally:
         stop(proc)

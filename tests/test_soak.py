@@ -22,7 +22,7 @@ import time
 import grpc
 import pytest
 
-from procs import free_port  # noqa: E402
+from procs import free_port, wait_serving  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orcd_grpc.proto import pb, pb_grpc
@@ -88,17 +88,7 @@ def test_sigterm_under_load_exits_within_grace(tmp_path):
                                 cwd=REPO, stdout=err, stderr=subprocess.STDOUT, env=env)
     channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]
     try:
-        end = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if health_pb2_grpc.HealthStub(channels[0]).Check(health_pb2.HealthCheckRequest(), timeout=1).status \
-                        == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < end, log.read_text()[-3000:]
-            time.sleep(0.1)
+        wait_serving(channels[0], proc, timeout=60, log=log)
 
         outcomes: list[str] = []
         started = threading.Semaphore(0)

@@ -547,8 +547,11 @@ class CudaBackend(Backend):
             raise InvalidArgument(f"linear: input has {x.shape[-1]} features, weight "
                                   f"{getattr(w, '_orcd_name', '?')} expects {w.k}", field="x")
         y = self._out((T, w.n))
+        # int8 input (opt-in): the quantized row and its scales live in the step's workspace
+        x8 = ((self._out((w.k // 4,)).ptr, self._out((w.k // 32,)).ptr)
+              if cuda_quant.i8_eligible(w, T) else None)
         self._quant_call("matmul", cuda_quant.matmul, x.ptr, w, y.ptr, T, self.stream,
-                         bias_ptr=bias.ptr if bias is not None else None)
+                         bias_ptr=bias.ptr if bias is not None else None, x8=x8)
         return y
 
     def rms_norm_linear(self, x, w_norm, eps, residual, w, bias=None):

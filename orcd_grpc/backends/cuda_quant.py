@@ -146,13 +146,27 @@ def _stream_handle(stream):
 
 GLU_ACTS = ("silu", "gelu")  # gemv_*_1_<act>: single-token GEMVs that apply a GLU to their input
 
+# Single-token GEMVs on an int8-quantized input (gemv_*_1_i8 after quantize_x8): the integer formats
+# only, for matrices of at least _I8_MIN weights (small ones are latency-bound, where the extra
+# quantize launch costs more than the faster products save). Opt-in until measured on a GPU:
+# ORCD_GEMV_INT8=1; ORCD_GEMV_INT8_MIN=<weights> moves the size threshold.
+I8_FORMATS = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+_I8 = os.environ.get("ORCD_GEMV_INT8", "0") == "1"
+_I8_MIN = int(os.environ.get("ORCD_GEMV_INT8_MIN", str(4 << 20)))
+
+
+def i8_eligible(w: QuantWeight, T: int) -> bool:
+    """Whether a T-token matmul on w takes the int8-input GEMV (the caller then passes x8 scratch)."""
+    return _I8 and T == 1 and w.qtype in I8_FORMATS and w.k % 32 == 0 and w.n * w.k >= _I8_MIN
+
 
 def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumulate: bool = False,
-           act: str | None = None, norm: tuple | None = None) -> None:
+           act: str | None = None, norm: tuple | None = None, x8: tuple | None = None) -> None:
     """y[T, n] = x[T, k] @ W^T (+ bias[n]) (+ y when accumulate). T = 1 only: act ("silu" /
     "gelu"): x is [1, 2k], a fused gate/up row, and the input is act(x[:, :k]) * x[:, k:];
     norm = (res_ptr or None, gamma_ptr, eps, s_ptr): the input is rms_norm(x + res) * gamma, and
-    s = x + res is written to s_ptr."""
+    s = x + res is written to s_ptr; x8 = (xq_ptr, xd_ptr), scratch of k bytes and k / 32 floats:
+    x is quantized to int8 there first and the int8-input GEMV runs (see i8_eligible)."""
     if T <= 0:
         return
     ks = _kernels()
@@ -168,6 +182,20 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
                               _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(0), np.int32(1), np.int32(w.n),
                               np.int32(w.k), np.int64(0), np.int32(1), np.int32(0), np.int32(bool(accumulate)),
                               _p(res_ptr), _p(gamma_ptr), np.float32(eps), _p(s_ptr))
+        return
+    if x8 is not None:
+        if T != 1 or act is not None or w.qtype not in I8_FORMATS or w.k % 32:
+            raise ValueError(f"the int8-input GEMV serves T = 1, no act, integer formats, k % 32 == 0 "
+                             f"(T={T} act={act!r} {w.qtype.name} k={w.k})")
+        xq_ptr, xd_ptr = x8
+        q = ks.get("quantize_x8", "PPPi")
+        q.prepared_async_call(((w.k // 32 + 7) // 8, 1), (256, 1, 1), stream, _p(x_ptr), _p(xq_ptr), _p(xd_ptr),
+                              np.int32(w.k))
+        f, gx = _gemv(fmt, 1, w.n, 1, "i8", sig=_GEMV_SIG + "P")
+        f.prepared_async_call((gx, 1), (_GEMV_WARPS * 32, 1, 1), stream,
+                              _p(xq_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(0), np.int32(1), np.int32(w.n),
+                              np.int32(w.k), np.int64(0), np.int32(1), np.int32(0), np.int32(bool(accumulate)),
+                              _p(xd_ptr))
         return
     if T <= GEMV_MAX_T:
         nt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8

@@ -69,13 +69,34 @@ FUSED_CASES = [("llama", "Q8_0"), ("qwen2", "Q4_0"), ("phi3", "Q8_0"), ("phi3_lo
                ("gpt_oss", "Q8_0")]
 
 
+SWITCHES = {
+    # every fusion on (the GLU and norm folds are opt-in: measured slower) and attn_dec for any group
+    "all-on": dict.fromkeys(("ORCD_FUSE_QKV_ROPE", "ORCD_FUSE_GLU", "ORCD_FUSE_NORM", "ORCD_ATTN_MERGE",
+                             "ORCD_ATTN_DEC_MIN_HEADS"), "1"),
+    # the unfused paths the defaults replaced: split + rope + KV store kernels, attn_combine
+    "fusions-off": {"ORCD_FUSE_QKV_ROPE": "0", "ORCD_ATTN_MERGE": "0"},
+}
+
+
+@pytest.mark.parametrize("switches", SWITCHES)
 @pytest.mark.parametrize("arch,qtype", FUSED_CASES, ids=[f"{a}-{q}" for a, q in FUSED_CASES])
-def test_tiny_architecture_with_opt_in_fusions(arch, qtype, tmp_path, monkeypatch):
-    """The same agreement with the fusions that are opt-in until measured (qkv_rope_store, the GLU
-    inside the down GEMV, the RMSNorm inside the next GEMV, attn_dec's in-kernel merge, attn_dec
-    for every group size)."""
-    for var in ("ORCD_FUSE_QKV_ROPE", "ORCD_FUSE_GLU", "ORCD_FUSE_NORM", "ORCD_ATTN_MERGE", "ORCD_ATTN_DEC_MIN_HEADS"):
-        monkeypatch.setenv(var, "1")
+def test_tiny_architecture_with_switches(arch, qtype, switches, tmp_path, monkeypatch):
+    """The same agreement under the tuning switches' other settings (read when a backend starts)."""
+    for var, value in SWITCHES[switches].items():
+        monkeypatch.setenv(var, value)
+    test_tiny_architecture_on_cuda_matches_numpy(arch, qtype, tmp_path)
+
+
+@pytest.mark.parametrize("arch,qtype", [c for c in FUSED_CASES if c[1] != "F32"],
+                         ids=[f"{a}-{q}" for a, q in FUSED_CASES if q != "F32"])
+def test_tiny_architecture_with_int8_gemv(arch, qtype, tmp_path, monkeypatch):
+    """The same agreement with every single-token matmul of an integer format on the int8-input
+    GEMV (opt-in, ORCD_GEMV_INT8=1), whatever its size: the activation rounding (about 0.5 % per
+    matmul) must stay inside the quantized bound."""
+    from orcd_grpc.backends import cuda_quant
+
+    monkeypatch.setattr(cuda_quant, "_I8", True)
+    monkeypatch.setattr(cuda_quant, "_I8_MIN", 0)
     test_tiny_architecture_on_cuda_matches_numpy(arch, qtype, tmp_path)
 
 

@@ -145,6 +145,47 @@ def test_gemv_both_layouts(cu, qtype, T, monkeypatch):
         w.free()
 
 
+def _quantize_x8_ref(x):
+    """float64 model of quantize_x8: per 32 elements, d = max|x| / 127 and q = round(x / d)."""
+    blocks = x.astype(np.float64).reshape(-1, 32)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / 127.0
+    q = np.where(d > 0, np.rint(blocks / np.where(d > 0, d, 1.0)), 0.0)
+    return (q * d).reshape(x.shape)
+
+
+I8_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+@pytest.mark.parametrize("qtype", I8_FORMATS, ids=lambda v: v.name)
+def test_gemv_int8_input(cu, qtype, monkeypatch):
+    """The int8-input GEMV (quantize_x8 + gemv_*_1_i8), both layouts: against float64 on the
+    dequantized weights and the int8-rounded input it must agree to 1e-3 (a wrong integer decode
+    is off by O(1)); against the float input, within the int8 rounding (2e-2)."""
+    assert set(I8_FORMATS) == set(cu.q.I8_FORMATS)
+    n, k = 1003, (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 4864)
+    rng = np.random.default_rng()
+    raw, wf = _weight(qtype, n, k)
+    x = rng.standard_normal((1, k), dtype=np.float32) * rng.uniform(0.1, 10.0, (1, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ wf.astype(np.float64).T
+    ref8 = _quantize_x8_ref(x) @ wf.astype(np.float64).T
+    w = cu.q.QuantWeight(raw, qtype, n, k)
+    try:
+        for mode in ("0", "1"):
+            monkeypatch.setattr(cu.q, "_KSPLIT", mode)
+            xd = cu.ga.to_gpu(x)
+            xq = cu.ga.empty(k, np.int8)
+            xs = cu.ga.to_gpu(np.full(k // 32, np.nan, np.float32))
+            yd = cu.ga.to_gpu(np.full((1, n), np.nan, np.float32))
+            cu.q.matmul(xd.gpudata, w, yd.gpudata, 1, cu.stream, x8=(xq.gpudata, xs.gpudata))
+            cu.stream.synchronize()
+            y = yd.get()
+            err8, err = rel_err(y, ref8), rel_err(y, ref)
+            assert err8 <= 1e-3, f"{qtype.name} ksplit={mode}: rel err {err8:.2e} against the int8-rounded input"
+            assert err <= 2e-2, f"{qtype.name} ksplit={mode}: rel err {err:.2e} against the float input"
+    finally:
+        w.free()
+
+
 @pytest.mark.parametrize("act", ["silu", "gelu"])
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda v: v.name)
 def test_gemv_glu_input(cu, qtype, act, monkeypatch):
