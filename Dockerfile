@@ -87,10 +87,11 @@ VOLUME ["/models"]
 # 50051: gRPC (orcd.v1.Worker, grpc.health.v1.Health, reflection). 9400: Prometheus metrics.
 EXPOSE 50051 9400
 
-# Docker's own health check speaks the standard gRPC health protocol (health is exempt from the
-# bearer token). SERVING only once a model is loaded, so the start period covers a model load.
+# Docker's own health check asks the worker's HTTP /healthz on the metrics port, which mirrors the
+# standard gRPC health status: SERVING only once a model is loaded (the start period covers a model
+# load). Plain HTTP on loopback, so it works whether or not the gRPC port speaks TLS or mTLS.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-  CMD ["python3", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; s = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(), timeout=4).status; sys.exit(0 if s == h.HealthCheckResponse.SERVING else 1)"]
+  CMD ["python3", "-c", "import sys, urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:9400/healthz', timeout=4).status == 200 else 1)"]
 
 # Arguments after the image name are appended, e.g. `--model NAME.gguf` (a file in /models).
 # Without --model the worker serves smollm2-135m-instruct from /models (fetched there if absent).

@@ -147,7 +147,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=None,
                    help="most requests waiting to run; more get RESOURCE_EXHAUSTED (default: 256)")
     p.add_argument("--metrics-port", type=_port, default=None,
-                   help="serve Prometheus metrics on this port (default: off)")
+                   help="serve Prometheus metrics (and GET /healthz) on this port (default: off)")
+    p.add_argument("--metrics-host", default=None,
+                   help="address for the metrics port (default: the --host address)")
     p.add_argument("--grace-seconds", type=float, default=None,
                    help="on SIGTERM, how long running requests may finish (default: 30)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -190,7 +192,7 @@ def server_config(args: argparse.Namespace):
                   backend=args.backend, model_dirs=model_dirs, max_vram=args.max_vram,
                   context_length=args.context_length, max_context=args.max_context,
                   max_sequences=args.max_sequences, max_queue=args.max_queue,
-                  metrics_port=args.metrics_port, grace_seconds=args.grace_seconds,
+                  metrics_port=args.metrics_port, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
                   log_level=args.log_level)
     # Flags left unset keep the server's own defaults.
     cfg = ServerConfig(**{k: v for k, v in values.items() if v is not None})

@@ -6,6 +6,11 @@ explicitly so a scrape still shows CPU and RSS.
 """
 from __future__ import annotations
 
+import socket
+import socketserver
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -14,7 +19,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 
 # Latencies on a CPU backend run to seconds per token, on a GPU to milliseconds; the buckets
@@ -82,9 +87,25 @@ class Metrics:
         self.model_load_seconds.set(info.load_seconds)
         self.model_loaded.labels(info.model_id).set(1)
 
-    def serve_http(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Starts the scrape endpoint on a daemon thread; returns the bound port (0 picks one)."""
-        httpd, _thread = start_http_server(port, addr=addr, registry=self.registry)
+    def serve_http(self, port: int, addr: str = "127.0.0.1", health=None) -> int:
+        """Starts the HTTP endpoint on daemon threads; returns the bound port (0 picks one).
+        /healthz answers 200 "SERVING" or 503 "NOT_SERVING" from `health()` (a bool): a probe for
+        containers whose gRPC port speaks TLS (Docker's HEALTHCHECK has no gRPC-over-TLS client).
+        Every other path is the Prometheus scrape."""
+        scrape = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if health is not None and environ.get("PATH_INFO") == "/healthz":
+                ok = bool(health())
+                body = b"SERVING\n" if ok else b"NOT_SERVING\n"
+                start_response("200 OK" if ok else "503 Service Unavailable",
+                               [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+                return [body]
+            return scrape(environ, start_response)
+
+        server_class = _ThreadingWSGIServer6 if ":" in addr else _ThreadingWSGIServer
+        httpd = make_server(addr, port, app, server_class=server_class, handler_class=_QuietHandler)
+        threading.Thread(target=httpd.serve_forever, name="orcd-metrics-http", daemon=True).start()
         self._http = httpd
         return httpd.server_port
 
@@ -96,3 +117,16 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds the process open
+
+
+class _ThreadingWSGIServer6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # scrapes every few seconds are not worth a log line each
+        pass

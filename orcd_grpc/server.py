@@ -42,7 +42,7 @@ class ServerConfig:
     max_vram: int = 0              # bytes; 0: no limit
     grace_seconds: float = 30.0
     metrics_port: int | None = None  # None: no metrics endpoint; 0: pick a free port
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str | None = None  # None: the gRPC host (a loopback worker keeps its metrics local)
     max_message_bytes: int = 64 * 1024 * 1024
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
@@ -162,6 +162,11 @@ class Worker:
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         self.health.set("", status)
         self.health.set(SERVICE_NAME, status)
+        self._serving_now = status == health_pb2.HealthCheckResponse.SERVING
+
+    def _serving(self) -> bool:
+        """What the standard health service says for service "" (also served as HTTP /healthz)."""
+        return getattr(self, "_serving_now", False)
 
     def _stopped_flag(self) -> bool:
         ev = getattr(self, "_stopped", None)
@@ -170,7 +175,9 @@ class Worker:
     def start(self, *, load_async: bool = True) -> None:
         self.server.start()
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
+            host = self.config.metrics_host if self.config.metrics_host is not None else self.config.host
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, host.strip("[]") or "0.0.0.0",
+                                                        health=self._serving)
         log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port}})
         if self.config.model_path:
             self._load_thread = threading.Thread(target=self._initial_load, name="orcd-initial-load", daemon=True)
@@ -210,6 +217,7 @@ class Worker:
             return
         self._stopped.set()
         grace = self.config.grace_seconds if grace is None else grace
+        self._serving_now = False
         self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
         t0 = time.monotonic()

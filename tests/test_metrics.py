@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -29,13 +30,27 @@ def scrape(port) -> dict[tuple[str, tuple], float]:
 def srv(smollm2_path):
     cfg = ServerConfig(host="127.0.0.1", port=0, model_dirs=[str(smollm2_path.parent)],
                        model_path=str(smollm2_path), backend="cpu", max_context=128, max_sequences=4,
-                       metrics_port=0, metrics_host="127.0.0.1", grace_seconds=1)
+                       metrics_port=0, grace_seconds=1)  # metrics on --host's address by default
     worker, port, _ = start_server(cfg)
     assert worker.wait_loaded(300), worker.load_error
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield worker, channel
     channel.close()
     worker.stop(0)
+
+
+def healthz(port) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+            return r.status, r.read().decode().strip()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode().strip()
+
+
+def test_metrics_endpoint_follows_the_grpc_host_and_serves_healthz(srv):
+    worker, _ = srv
+    assert worker.metrics._http.server_address[0] == "127.0.0.1"  # a loopback worker keeps metrics local
+    assert healthz(worker.metrics_port) == (200, "SERVING")
 
 
 def test_metrics_after_a_request(srv):
@@ -113,6 +128,7 @@ def test_graceful_shutdown_cancels_after_grace(srv):
     # During the grace period the worker says it is going away, and takes no new work.
     status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert healthz(worker.metrics_port) == (503, "NOT_SERVING")
     with pytest.raises(grpc.RpcError) as ei:
         list(stub.Execute(pb.ExecuteRequest(text="late"), timeout=10))
     assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
