@@ -122,6 +122,10 @@ def _kernels() -> _Kernels:
 # H100 A/B at T=1 (BENCHMARKS.md): k-split won at 112 blocks (qwen2.5's 896 rows: ffn_down 9.5 -> 5.5
 # us) and lost at 384 (phi3's 3072 rows: 8.0 -> 9.5 us) and above; 2 blocks per SM lies between.
 _KSPLIT = os.environ.get("ORCD_GEMV_KSPLIT", "auto")
+# GEMM split-K: fewest 64-wide k-steps per split. The H100 trace of qwen2.5 at B=64 (2026-11-23) has
+# its T=64 GEMMs at 35-43 us on average for 0.1-9 MB of weights (launches of 3 to 228 blocks): a
+# block's chain of k-steps seems to set the time, so fewer k-steps per block may win (A/B: 1, 2, 4).
+_GEMM_MIN_KSTEPS = max(1, int(os.environ.get("ORCD_GEMM_MIN_KSTEPS", "4")))
 _KSPLIT_BELOW = 2 * _SMS
 
 
@@ -207,8 +211,9 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
     bm = 16 if T <= 16 else 32 if T <= 32 else 64 if T <= 64 else 128
     tiles = ((w.n + _GEMM_BN - 1) // _GEMM_BN) * ((T + bm - 1) // bm)
     ksteps = (w.k + 63) // 64
-    # split k when the output tiles alone cannot fill the GPU (~2 blocks per SM), keeping >= 4 k-steps per split
-    splits = max(1, min((2 * _SMS + tiles - 1) // tiles, ksteps // 4))
+    # split k when the output tiles alone cannot fill the GPU (~2 blocks per SM), keeping >= _GEMM_MIN_KSTEPS
+    # k-steps per split
+    splits = max(1, min((2 * _SMS + tiles - 1) // tiles, ksteps // _GEMM_MIN_KSTEPS))
     kchunk = (ksteps + splits - 1) // splits * 64
     splits = (w.k + kchunk - 1) // kchunk
     if splits > 1:

@@ -145,6 +145,29 @@ def test_gemv_both_layouts(cu, qtype, T, monkeypatch):
         w.free()
 
 
+@pytest.mark.parametrize("min_ksteps", [1, 2, 4])
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q4_K, Q.Q8_0], ids=lambda v: v.name)
+def test_gemm_split_k_counts(cu, qtype, min_ksteps, monkeypatch):
+    """The GEMM at T=64 with 1, 2 or 4 k-steps per split (ORCD_GEMM_MIN_KSTEPS) on qwen2.5-like
+    shapes: every split count lands the same sums."""
+    monkeypatch.setattr(cu.q, "_GEMM_MIN_KSTEPS", min_ksteps)
+    rng = np.random.default_rng()
+    for n, k in ((896, 1024 if GGML_QUANT_SIZES[qtype][0] == 256 else 896), (128, 4864)):
+        raw, wf = _weight(qtype, n, k)
+        x = rng.standard_normal((64, k), dtype=np.float32)
+        ref = x.astype(np.float64) @ wf.astype(np.float64).T
+        w = cu.q.QuantWeight(raw, qtype, n, k)
+        try:
+            xd = cu.ga.to_gpu(x)
+            yd = cu.ga.to_gpu(np.full((64, n), np.nan, np.float32))
+            cu.q.matmul(xd.gpudata, w, yd.gpudata, 64, cu.stream)
+            cu.stream.synchronize()
+            err = rel_err(yd.get(), ref)
+            assert err <= TOL_GEMM, f"{qtype.name} n={n} k={k} min_ksteps={min_ksteps}: rel err {err:.2e}"
+        finally:
+            w.free()
+
+
 def _quantize_x8_ref(x):
     """float64 model of quantize_x8: per 32 elements, d = max|x| / 127 and q = round(x / d)."""
     blocks = x.astype(np.float64).reshape(-1, 32)
