@@ -266,6 +266,8 @@ class CudaBackend(Backend):
         # gpt-oss-20b at B=32 (256 pairs) 1,224 against 1,193; at 64 pairs and fewer it was even or
         # slower (gpt-oss B=8: 563 against 574). Two runs of bench/run_all.sh, same day, H100.
         self._dec_min_heads = int(os.environ.get("ORCD_ATTN_DEC_MIN_HEADS", "128"))
+        # attn_dN with batched staging loads (attn_dN_b): written after the last GPU run, opt-in
+        self._attn_batch = os.environ.get("ORCD_ATTN_BATCH_LOADS") == "1"
         # rows up to which RMSNorm takes a block per row rather than a warp (A/B: 0 = always warps)
         self._norm_block_rows = int(os.environ.get("ORCD_NORM_BLOCK_ROWS", "256"))
         self._rope_cache: dict[int, tuple] = {}
@@ -696,7 +698,7 @@ class CudaBackend(Backend):
         dpl = next((d for d in _ATTN_DPL if d >= dpl_need), None)
         if dpl is None:
             raise InvalidArgument(f"head dim {max(Dk, Dv)} exceeds the attention kernel's 256", field="attention")
-        name = f"attn_d{dpl}"
+        name = f"attn_d{dpl}_b" if self._attn_batch else f"attn_d{dpl}"
         kern = self._k("attention", name, "PPPPPPPPiiiiiifiPfiP")
         smem = 4 * (32 * Dk + 32 * (Dk + 1) + 32 * Dv)
         if smem > 48 * 1024 and (name, smem) not in self._attr_set:

@@ -239,7 +239,9 @@ ATTN_MODES = {"default": {}, "one-slice": {"_split_keys": False}, "tiled-decode"
               "dec-by-batch": {"_dec_min_heads": 2},
               # the last key-slice CTA merges (ORCD_ATTN_MERGE=1) instead of attn_combine
               "merge-in-kernel": {"_merge_in_kernel": True},
-              "dec-gqa-merge-in-kernel": {"_dec_max_group": 8, "_merge_in_kernel": True}}
+              "dec-gqa-merge-in-kernel": {"_dec_max_group": 8, "_merge_in_kernel": True},
+              # attn_dN_b: batched staging loads (ORCD_ATTN_BATCH_LOADS=1), prefill and decode
+              "batch-loads": {"_attn_batch": True}, "batch-loads-tiled-decode": {"_attn_batch": True, "_decode_attn": False}}
 
 
 @pytest.mark.parametrize("mode", list(ATTN_MODES))
