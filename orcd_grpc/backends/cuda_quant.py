@@ -126,6 +126,12 @@ _KSPLIT = os.environ.get("ORCD_GEMV_KSPLIT", "auto")
 # its T=64 GEMMs at 35-43 us on average for 0.1-9 MB of weights (launches of 3 to 228 blocks): a
 # block's chain of k-steps seems to set the time, so fewer k-steps per block may win (A/B: 1, 2, 4).
 _GEMM_MIN_KSTEPS = max(1, int(os.environ.get("ORCD_GEMM_MIN_KSTEPS", "4")))
+# Largest GEMM token tile. Prefill (T >= 128) takes BM 128, which keeps the rolled k-loop (the unrolled
+# one needs ~170 registers there); BM 64 reads each weight twice as often but can take the unrolled
+# k-step (ORCD_GEMM_PIPE=64). A/B for prefill: ORCD_GEMM_MAX_BM=64 with and without ORCD_GEMM_PIPE=64.
+_GEMM_MAX_BM = int(os.environ.get("ORCD_GEMM_MAX_BM", "128"))
+if _GEMM_MAX_BM not in (16, 32, 64, 128):
+    raise ValueError(f"ORCD_GEMM_MAX_BM must be 16, 32, 64 or 128, not {_GEMM_MAX_BM}")
 _KSPLIT_BELOW = 2 * _SMS
 
 
@@ -208,7 +214,7 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
                               _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(0), np.int32(T), np.int32(w.n),
                               np.int32(w.k), np.int64(0), np.int32(1), np.int32(0), np.int32(bool(accumulate)))
         return
-    bm = 16 if T <= 16 else 32 if T <= 32 else 64 if T <= 64 else 128
+    bm = min(16 if T <= 16 else 32 if T <= 32 else 64 if T <= 64 else 128, _GEMM_MAX_BM)
     tiles = ((w.n + _GEMM_BN - 1) // _GEMM_BN) * ((T + bm - 1) // bm)
     ksteps = (w.k + 63) // 64
     # split k when the output tiles alone cannot fill the GPU (~2 blocks per SM), keeping >= _GEMM_MIN_KSTEPS

@@ -145,25 +145,26 @@ def test_gemv_both_layouts(cu, qtype, T, monkeypatch):
         w.free()
 
 
-@pytest.mark.parametrize("min_ksteps", [1, 2, 4])
+@pytest.mark.parametrize("min_ksteps,max_bm,T", [(1, 128, 64), (2, 128, 64), (4, 128, 64), (4, 64, 300), (1, 64, 300)])
 @pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q4_K, Q.Q8_0], ids=lambda v: v.name)
-def test_gemm_split_k_counts(cu, qtype, min_ksteps, monkeypatch):
-    """The GEMM at T=64 with 1, 2 or 4 k-steps per split (ORCD_GEMM_MIN_KSTEPS) on qwen2.5-like
-    shapes: every split count lands the same sums."""
+def test_gemm_tiling_switches(cu, qtype, min_ksteps, max_bm, T, monkeypatch):
+    """The GEMM under its tuning switches (ORCD_GEMM_MIN_KSTEPS: k-steps per split; ORCD_GEMM_MAX_BM:
+    the token tile) on qwen2.5-like shapes: every split count and tile lands the same sums."""
     monkeypatch.setattr(cu.q, "_GEMM_MIN_KSTEPS", min_ksteps)
+    monkeypatch.setattr(cu.q, "_GEMM_MAX_BM", max_bm)
     rng = np.random.default_rng()
     for n, k in ((896, 1024 if GGML_QUANT_SIZES[qtype][0] == 256 else 896), (128, 4864)):
         raw, wf = _weight(qtype, n, k)
-        x = rng.standard_normal((64, k), dtype=np.float32)
+        x = rng.standard_normal((T, k), dtype=np.float32)
         ref = x.astype(np.float64) @ wf.astype(np.float64).T
         w = cu.q.QuantWeight(raw, qtype, n, k)
         try:
             xd = cu.ga.to_gpu(x)
-            yd = cu.ga.to_gpu(np.full((64, n), np.nan, np.float32))
-            cu.q.matmul(xd.gpudata, w, yd.gpudata, 64, cu.stream)
+            yd = cu.ga.to_gpu(np.full((T, n), np.nan, np.float32))
+            cu.q.matmul(xd.gpudata, w, yd.gpudata, T, cu.stream)
             cu.stream.synchronize()
             err = rel_err(yd.get(), ref)
-            assert err <= TOL_GEMM, f"{qtype.name} n={n} k={k} min_ksteps={min_ksteps}: rel err {err:.2e}"
+            assert err <= TOL_GEMM, f"{qtype.name} n={n} k={k} T={T}: rel err {err:.2e}"
         finally:
             w.free()
 
