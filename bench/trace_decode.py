@@ -5,8 +5,9 @@ launches cannot tell a 3 µs kernel from its launch; this can, and it shows the 
 kernels too.
 
     python3 bench/trace_decode.py MODEL.gguf [--batch 1] [--steps 20] [--ctx 256]
+    python3 bench/trace_decode.py MODEL.gguf --prefill 512     (one 512-token prompt's prefill instead)
 
-Prints one JSON object: per step, the span (first kernel start to last kernel end), the busy
+Prints one JSON object: per step (or per prefill), the span (first kernel start to last kernel end), the busy
 time (sum of kernel durations), the kernel count, and per kernel name [µs per step, launches per
 step, mean µs], largest first.
 """
@@ -34,25 +35,40 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--prefill", type=int, default=0, help="trace the prefill of a prompt this long instead")
     args = ap.parse_args(argv)
     eng = load_engine(args.model, backend="cuda", context_length=4096, max_sequences=max(8, args.batch))
     be = eng.backend
     rng = np.random.default_rng(0)
-    seqs = [eng.new_sequence(rng.integers(100, 30000, args.ctx).tolist(), SamplingParams(temperature=0.0))
-            for _ in range(args.batch)]
-    while any(s.prefill_remaining for s in seqs):
-        eng.step(seqs, 8192)
-    for _ in range(3):  # warm-up, then capture
-        eng.step(seqs, 8192)
-    graph = be._graphs[("decode", eng._bucket([(s, 1) for s in seqs]))][0]
+    greedy = SamplingParams(temperature=0.0)
 
     from torch.profiler import ProfilerActivity, profile
 
-    be.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            graph.launch()
+    if args.prefill:
+        def prefill():
+            s = eng.new_sequence(rng.integers(100, 30000, args.prefill).tolist(), greedy)
+            while s.prefill_remaining:
+                eng.step([s], 8192)
+            eng.release(s)
+
+        prefill()  # warm-up: module loads, first-use allocations
         be.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                prefill()
+            be.synchronize()
+    else:
+        seqs = [eng.new_sequence(rng.integers(100, 30000, args.ctx).tolist(), greedy) for _ in range(args.batch)]
+        while any(s.prefill_remaining for s in seqs):
+            eng.step(seqs, 8192)
+        for _ in range(3):  # warm-up, then capture
+            eng.step(seqs, 8192)
+        graph = be._graphs[("decode", eng._bucket([(s, 1) for s in seqs]))][0]
+        be.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                graph.launch()
+            be.synchronize()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "trace.json")
         prof.export_chrome_trace(path)
@@ -67,7 +83,7 @@ def main(argv=None):
     span = (events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]) / n if events else 0.0
     busy = sum(e["dur"] for e in events) / n
     top = sorted(per.items(), key=lambda kv: -kv[1][0])[: args.top]
-    print(json.dumps({"model": os.path.basename(args.model), "batch": args.batch,
+    print(json.dumps({"model": os.path.basename(args.model), "batch": args.batch, "prefill": args.prefill,
                       "span_us": round(span, 1), "busy_us": round(busy, 1), "kernels": len(events) / n,
                       "top": {k[:40]: [round(v[0] / n, 1), v[1] / n, round(v[0] / v[1], 2)] for k, v in top}}),
           flush=True)

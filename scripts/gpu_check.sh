@@ -7,8 +7,8 @@
 #   BENCH_MODELS="qwen2.5-0.5b ..."  the synthetic anchor files to benchmark (default: all four)
 #   FIRST_TESTS="FILES" FIRST_K="EXPR"  a pytest selection run first; the stages wait on it
 #   STAGE_DIRS="DIR ..."  first run the staged whole-model check of each DIR (scripts/stage_gpu.sh)
-#   PROFILE_MODELS="qwen2.5-0.5b:1,64 ..."  where a decode step's time goes (bench/profile_decode.py)
-#                   at those batch sizes; PREFILL_MODELS="phi3-mini ..." prefill tok/s alone;
+#   PROFILE_MODELS="qwen2.5-0.5b:1,64 phi3-mini:p512 ..."  where a decode step's time goes
+#                   (bench/profile_decode.py) at those batch sizes (pN: a prefill of N, trace_decode.py only); PREFILL_MODELS="phi3-mini ..." prefill tok/s alone;
 #                   AB="VAR=VALUE A=1,B=2 ..." repeats the profiles under each tuning switch,
 #                   PREFILL_AB the prefill runs (README, GPU notes); PROFILE_SCRIPT=bench/trace_decode.py
 #                   gives each kernel's time inside the graph instead (PROFILE_CUT: characters kept)
@@ -79,8 +79,9 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
     for mb in ${PROFILE_MODELS:-}; do
       bs=${mb#*:}; [ "$bs" = "$mb" ] && bs=1
       for b in ${bs//,/ }; do
+        args="--batch $b"; [[ $b == p* ]] && args="--prefill ${b#p}"  # p512: a prefill (trace_decode.py)
         echo "$ab ${mb%%:*} B=$b $(env $envs timeout 120 python3 ${PROFILE_SCRIPT:-bench/profile_decode.py} \
-          "$data/${mb%%:*}.gguf" --batch "$b" 2>&1 | tail -1 | cut -c1-${PROFILE_CUT:-300})" | tee -a "$OUT/profile.txt"
+          "$data/${mb%%:*}.gguf" $args 2>&1 | tail -1 | cut -c1-${PROFILE_CUT:-300})" | tee -a "$OUT/profile.txt"
       done
     done
   done
