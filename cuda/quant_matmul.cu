@@ -93,14 +93,19 @@ __device__ __forceinline__ float4 load_norm_x4(const float* x, const float* res,
 // the H100's bandwidth (phi3-mini Q4_K 3072x9216: 17.3 us, ~950 GB/s, CUPTI trace).
 constexpr int ACT_I8 = 4;
 
-template <class F, int NT, int KS, int ACT = 0>
+// GRP (opt-in, ORCD_MOE_GEMV=1): the grouped MoE GEMV. expert_ids carries moe_group's workspace
+// (off[E+1] | perm[S] | te[Y] | tr[Y], T = S); block (x, y, z) takes tile y's expert and its slots
+// z*NT .. z*NT+NT-1 of the tile, so each expert's rows are read once per NT of its tokens, with the
+// GEMV's f32 math, instead of once per slot (per-slot GEMV) or through f16 tensor-core tiles.
+template <class F, int NT, int KS, int ACT = 0, bool GRP = false>
 __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
                                           const int* __restrict__ expert_ids, int T, int n, int k,
                                           long long expert_stride, int top_k, int x_per_slot, int accumulate,
                                           const float* __restrict__ res = nullptr,
                                           const float* __restrict__ gamma = nullptr, float eps = 0.f,
-                                          float* __restrict__ s_out = nullptr, const float* __restrict__ xd = nullptr) {
+                                          float* __restrict__ s_out = nullptr, const float* __restrict__ xd = nullptr,
+                                          int moe_E = 0, int moe_Y = 0) {
     static_assert((ACT != ACT_NORM && ACT != ACT_I8) || NT == 1, "folded norm and int8 input: single-token steps");
     constexpr int R = GEMV_R, SROW = GemvSmem<F>::ROW;
     // Parts per lane. K-quants: 4 (32 weights under one scale pair) because unpacking their 6-bit
@@ -115,9 +120,28 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
     // whole warp (KS = 1) or whole block (KS > 1) leaves together: the only block barrier is below
     if (row0 >= n) return;
 
+    int xo[NT], yo[NT];  // GRP: each token's x row and y row
+    if constexpr (GRP) {
+        static_assert(KS == 1 && ACT == 0, "the grouped MoE GEMV is the plain layout");
+        const int *off = expert_ids, *perm = off + moe_E + 1, *te = perm + T, *tr = te + moe_Y;
+        const int e = te[blockIdx.y];
+        if (e < 0) return;
+        const int p0 = off[e] + tr[blockIdx.y] + blockIdx.z * NT, cnt = min(NT, off[e + 1] - p0);
+        if (cnt <= 0) return;
+        W += e * expert_stride;
+        if (bias) bias += (long long)e * n;
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const int sl = perm[p0 + min(t, cnt - 1)];
+            xo[t] = x_per_slot ? sl : sl / top_k;
+            yo[t] = sl;
+        }
+        T = cnt;
+    }
+
     // MoE slot: blockIdx.y = t*top_k + j picks expert ids[slot]; plain matmul has one slot.
     const int slot = blockIdx.y;
-    if (expert_ids) {
+    if (!GRP && expert_ids) {
         const int e = expert_ids[slot];
         W += e * expert_stride;
         if (bias) bias += (long long)e * n;
@@ -228,7 +252,8 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                         xa[t] = load_norm_x4(x + e0 + o0, res ? res + e0 + o0 : nullptr, gamma + e0 + o0, inv);
                         xb[t] = load_norm_x4(x + e0 + o1, res ? res + e0 + o1 : nullptr, gamma + e0 + o1, inv);
                     } else {
-                        const float* xt = x + (long long)min(t, T - 1) * k * (ACT ? 2 : 1) + e0;
+                        const float* xt = GRP ? x + (long long)xo[t] * k + e0
+                                              : x + (long long)min(t, T - 1) * k * (ACT ? 2 : 1) + e0;
                         xa[t] = load_x4<ACT>(xt + o0, k);
                         xb[t] = load_x4<ACT>(xt + o1, k);
                     }
@@ -304,7 +329,7 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
 #pragma unroll
             for (int t = 0; t < NT; t++) {
                 if (t >= T) continue;
-                float* yp = y + (long long)t * n + row;
+                float* yp = y + (long long)(GRP ? yo[t] : t) * n + row;
                 *yp = acc[r][t] + b + (accumulate ? *yp : 0.f);
             }
         }
@@ -676,6 +701,11 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_i8(GEMV_ARGS, const float* xd) { \
         gemv_impl<F, 1, GEMV_WARPS, ACT_I8>(GEMV_PASS, nullptr, nullptr, 0.f, nullptr, xd);                      \
     }
+// the grouped MoE GEMV (see GRP): grid (row blocks, tiles Y, BM / NT)
+#define GEMV_MOE(name, F)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_moe_##name##_8(GEMV_ARGS, int E, int Y) { \
+        gemv_impl<F, 8, 1, 0, true>(GEMV_PASS, nullptr, nullptr, 0.f, nullptr, nullptr, E, Y);                   \
+    }
 #define DEFINE_FORMAT(name, F)                                                                                   \
     GEMV(name, F, 1) GEMV(name, F, 2) GEMV(name, F, 4) GEMV(name, F, 8)                                          \
     GEMV_GLU(name, F, 1, silu) GEMV_GLU(name, F, 2, gelu) GEMV_NORM(name, F)                                     \
@@ -684,7 +714,7 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_128(GEMM_ARGS) { gemm_impl<F, 128>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void embed_##name(const int* ids, const uint8_t* W, float* y, int k) { embed_impl<F>(ids, W, y, k); } \
-    GEMM_MOE(name, F, 16) GEMM_MOE(name, F, 32) GEMM_MOE(name, F, 64) GEMM_MOE(name, F, 128)
+    GEMM_MOE(name, F, 16) GEMM_MOE(name, F, 32) GEMM_MOE(name, F, 64) GEMM_MOE(name, F, 128) GEMV_MOE(name, F)
 
 DEFINE_FORMAT(q4_0, FQ4_0)
 DEFINE_FORMAT(q4_1, FQ4_1)

@@ -271,6 +271,12 @@ def moe_use_grouped(T: int, top_k: int, n_experts: int) -> bool:
             and moe_grouped_possible(T, top_k, n_experts))
 
 
+# The grouped path's matmul: gemv_moe_<fmt>_8 (f32 GEMV math, each expert's rows read once per 8 of
+# its slots) instead of the f16 tensor-core gemm_moe. Opt-in until measured (ORCD_MOE_GEMV=1): at B=64
+# gpt-oss-20b's grouped GEMM reads the used experts at ~370 GB/s and is 74 % of the step (H100).
+_MOE_GEMV = os.environ.get("ORCD_MOE_GEMV") == "1"
+
+
 def moe_group(expert_ids_ptr, T: int, top_k: int, n_experts: int, workspace_ptr, stream) -> None:
     """Sorts the T*top_k slots of expert_ids [T, top_k] (int32) by expert into the workspace (one block)."""
     bm, Y, _ = _moe_plan(T, top_k, n_experts)
@@ -311,6 +317,14 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
         bm, Y, _ = _moe_plan(T, top_k, E)
         if not grouped_ready:
             moe_group(expert_ids_ptr, T, top_k, E, workspace_ptr, stream)
+        if _MOE_GEMV:
+            f = _kernels().get(f"gemv_moe_{_NAME[w.qtype]}_8", _GEMV_SIG + "ii")
+            gx = (w.n + _GEMV_WARPS * _GEMV_R - 1) // (_GEMV_WARPS * _GEMV_R)
+            f.prepared_async_call((gx, Y, bm // 8), (_GEMV_WARPS * 32, 1, 1), stream,
+                                  _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(workspace_ptr),
+                                  np.int32(T * top_k), np.int32(w.n), np.int32(w.k), np.int64(w.expert_bytes),
+                                  np.int32(top_k), np.int32(bool(x_per_slot)), np.int32(0), np.int32(E), np.int32(Y))
+            return
         f = _kernels().get(f"gemm_moe_{_NAME[w.qtype]}_{bm}", "PPPPPiiiiiiqi")
         f.prepared_async_call(((w.n + _GEMM_BN - 1) // _GEMM_BN, Y, 1), (_GEMM_THREADS, 1, 1), stream,
                               _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(workspace_ptr), np.int32(T),

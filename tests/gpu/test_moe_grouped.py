@@ -4,6 +4,7 @@ float64 NumPy reference, with fresh random weights / activations / routing on ev
 poisoned with NaN first. Tolerances (||out - ref|| / ||ref||, see test_quant_kernels):
   * grouped (f16 operands, f32 accumulation): 3e-3, also row by row for wide-range activations
   * per-slot GEMV (f32): 1e-4
+  * grouped GEMV (moe_group + gemv_moe_<fmt>_8, ORCD_MOE_GEMV=1; f32): 1e-4
 """
 from __future__ import annotations
 
@@ -159,16 +160,19 @@ def be():
     b.close()
 
 
+@pytest.mark.parametrize("moe_gemv", [False, True], ids=["gemm", "gemv"])
 @pytest.mark.parametrize("E_,k,act,T", [(32, 4, "swiglu_oai", 64), (32, 4, "swiglu_oai", 300), (8, 2, "silu", 40)])
-def test_backend_moe_grouped(be, E_, k, act, T):
+def test_backend_moe_grouped(be, E_, k, act, T, moe_gemv, monkeypatch):
     """CudaBackend.moe at T where moe_use_grouped picks the grouped path (one moe_group shared by the three
-    projections) against the NumPy backend on the same Q8_0 weights; GEMM tolerance (f16 operands)."""
+    projections; its matmuls on the tensor-core GEMM or, ORCD_MOE_GEMV=1, the grouped GEMV) against the
+    NumPy backend on the same Q8_0 weights; GEMM tolerance (f16 operands)."""
     import gguf as g
 
     from orcd_grpc.backends.base import StepMeta
     from orcd_grpc.backends.numpy_backend import NumpyBackend
 
     assert cu_q().moe_use_grouped(T, k, E_)
+    monkeypatch.setattr(cu_q(), "_MOE_GEMV", moe_gemv)
     rng = np.random.default_rng()
     qt = g.GGMLQuantizationType.Q8_0
     d, F = 160, 96
@@ -205,3 +209,16 @@ def cu_q():
     from orcd_grpc.backends import cuda_quant
 
     return cuda_quant
+
+
+@pytest.mark.parametrize("routing", ["uniform", "skewed"])
+@pytest.mark.parametrize("T", [5, 16, 64, 300])
+@pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
+@pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K], ids=lambda v: v.name)
+def test_moe_grouped_gemv_vs_reference(cu, qtype, T, x_per_slot, routing, monkeypatch):
+    """The grouped path with its GEMV matmul (opt-in ORCD_MOE_GEMV=1): tiles of up to 8 slots of one
+    expert per block, hot experts spanning several tiles (skewed), f32 math."""
+    monkeypatch.setattr(cu.q, "_MOE_GEMV", True)
+    y, ref, _, _ = _run(cu, qtype, T, x_per_slot, grouped=True, routing=routing)
+    err = rel_err(y, ref)
+    assert err <= TOL_GEMV, f"{qtype.name} T={T} {routing}: rel err {err:.2e}"
