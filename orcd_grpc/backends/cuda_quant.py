@@ -135,10 +135,15 @@ if _GEMM_MAX_BM not in (16, 32, 64, 128):
 _KSPLIT_BELOW = 2 * _SMS
 
 
+def _gemv_blocks(n: int) -> int:
+    """Row blocks of the plain GEMV layout (each of its warps owns _GEMV_R rows)."""
+    return (n + _GEMV_WARPS * _GEMV_R - 1) // (_GEMV_WARPS * _GEMV_R)
+
+
 def _gemv(fmt: str, nt: int, n: int, slots: int, act: str | None = None, sig: str = _GEMV_SIG):
     """The GEMV kernel for n rows x `slots` grid columns (act: how its input is formed, see
     load_x4 and load_norm_x4 in quant_matmul.cu), and its grid's x extent."""
-    plain = (n + _GEMV_WARPS * _GEMV_R - 1) // (_GEMV_WARPS * _GEMV_R)
+    plain = _gemv_blocks(n)
     split = _KSPLIT == "1" or (_KSPLIT != "0" and plain * slots < _KSPLIT_BELOW)
     suffix = f"_{act}" if act else ""
     if split:
@@ -148,6 +153,15 @@ def _gemv(fmt: str, nt: int, n: int, slots: int, act: str | None = None, sig: st
 
 def _p(ptr) -> np.uintp:
     return np.uintp(0 if ptr is None else int(ptr))
+
+
+def _gemv_call(f, grid, stream, x_ptr, w: QuantWeight, y_ptr, bias_ptr, T: int, *extra, ids_ptr=None,
+               expert_stride: int = 0, top_k: int = 1, x_per_slot: bool = False, accumulate: bool = False) -> None:
+    """Launches a gemv_* kernel with GEMV_ARGS (quant_matmul.cu) and the variant's `extra` arguments."""
+    f.prepared_async_call(grid, (_GEMV_WARPS * 32, 1, 1), stream,
+                          _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(ids_ptr), np.int32(T), np.int32(w.n),
+                          np.int32(w.k), np.int64(expert_stride), np.int32(top_k), np.int32(bool(x_per_slot)),
+                          np.int32(bool(accumulate)), *extra)
 
 
 def _stream_handle(stream):
@@ -188,10 +202,8 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
             raise ValueError(f"a folded norm is served for T = 1 without act, not T={T} act={act!r}")
         res_ptr, gamma_ptr, eps, s_ptr = norm
         f, gx = _gemv(fmt, 1, w.n, 1, "norm", sig=_GEMV_SIG + "PPfP")
-        f.prepared_async_call((gx, 1), (_GEMV_WARPS * 32, 1, 1), stream,
-                              _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(0), np.int32(1), np.int32(w.n),
-                              np.int32(w.k), np.int64(0), np.int32(1), np.int32(0), np.int32(bool(accumulate)),
-                              _p(res_ptr), _p(gamma_ptr), np.float32(eps), _p(s_ptr))
+        _gemv_call(f, (gx, 1), stream, x_ptr, w, y_ptr, bias_ptr, 1, _p(res_ptr), _p(gamma_ptr), np.float32(eps),
+                   _p(s_ptr), accumulate=accumulate)
         return
     if x8 is not None:
         if T != 1 or act is not None or w.qtype not in I8_FORMATS or w.k % 32:
@@ -202,17 +214,12 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
         q.prepared_async_call(((w.k // 32 + 7) // 8, 1), (256, 1, 1), stream, _p(x_ptr), _p(xq_ptr), _p(xd_ptr),
                               np.int32(w.k))
         f, gx = _gemv(fmt, 1, w.n, 1, "i8", sig=_GEMV_SIG + "P")
-        f.prepared_async_call((gx, 1), (_GEMV_WARPS * 32, 1, 1), stream,
-                              _p(xq_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(0), np.int32(1), np.int32(w.n),
-                              np.int32(w.k), np.int64(0), np.int32(1), np.int32(0), np.int32(bool(accumulate)),
-                              _p(xd_ptr))
+        _gemv_call(f, (gx, 1), stream, xq_ptr, w, y_ptr, bias_ptr, 1, _p(xd_ptr), accumulate=accumulate)
         return
     if T <= GEMV_MAX_T:
         nt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
         f, gx = _gemv(fmt, nt, w.n, 1, act)
-        f.prepared_async_call((gx, 1), (_GEMV_WARPS * 32, 1, 1), stream,
-                              _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(0), np.int32(T), np.int32(w.n),
-                              np.int32(w.k), np.int64(0), np.int32(1), np.int32(0), np.int32(bool(accumulate)))
+        _gemv_call(f, (gx, 1), stream, x_ptr, w, y_ptr, bias_ptr, T, accumulate=accumulate)
         return
     bm = min(16 if T <= 16 else 32 if T <= 32 else 64 if T <= 64 else 128, _GEMM_MAX_BM)
     tiles = ((w.n + _GEMM_BN - 1) // _GEMM_BN) * ((T + bm - 1) // bm)
@@ -319,11 +326,10 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
             moe_group(expert_ids_ptr, T, top_k, E, workspace_ptr, stream)
         if _MOE_GEMV:
             f = _kernels().get(f"gemv_moe_{_NAME[w.qtype]}_8", _GEMV_SIG + "ii")
-            gx = (w.n + _GEMV_WARPS * _GEMV_R - 1) // (_GEMV_WARPS * _GEMV_R)
-            f.prepared_async_call((gx, Y, bm // 8), (_GEMV_WARPS * 32, 1, 1), stream,
-                                  _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(workspace_ptr),
-                                  np.int32(T * top_k), np.int32(w.n), np.int32(w.k), np.int64(w.expert_bytes),
-                                  np.int32(top_k), np.int32(bool(x_per_slot)), np.int32(0), np.int32(E), np.int32(Y))
+            # T is the slot count here: the kernel finds the tile table after perm[S]
+            _gemv_call(f, (_gemv_blocks(w.n), Y, bm // 8), stream, x_ptr, w, y_ptr, bias_ptr, T * top_k,
+                       np.int32(E), np.int32(Y), ids_ptr=workspace_ptr, expert_stride=w.expert_bytes, top_k=top_k,
+                       x_per_slot=x_per_slot)
             return
         f = _kernels().get(f"gemm_moe_{_NAME[w.qtype]}_{bm}", "PPPPPiiiiiiqi")
         f.prepared_async_call(((w.n + _GEMM_BN - 1) // _GEMM_BN, Y, 1), (_GEMM_THREADS, 1, 1), stream,
@@ -332,7 +338,5 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
                               np.int64(w.expert_bytes), np.int32(bool(x_per_slot)))
         return
     f, gx = _gemv(_NAME[w.qtype], 1, w.n, T * top_k)
-    f.prepared_async_call((gx, T * top_k), (_GEMV_WARPS * 32, 1, 1), stream,
-                          _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(expert_ids_ptr), np.int32(1),
-                          np.int32(w.n), np.int32(w.k), np.int64(w.expert_bytes), np.int32(top_k),
-                          np.int32(bool(x_per_slot)), np.int32(0))
+    _gemv_call(f, (gx, T * top_k), stream, x_ptr, w, y_ptr, bias_ptr, 1, ids_ptr=expert_ids_ptr,
+               expert_stride=w.expert_bytes, top_k=top_k, x_per_slot=x_per_slot)
