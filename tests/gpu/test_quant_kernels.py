@@ -101,6 +101,16 @@ def _weight(qtype, n, k):
     return random_weight(np.random.default_rng([_SESSION_SEED, int(qtype), n, k]), qtype, n, k)
 
 
+def _gpu_matmul(cu, w, x, **kw) -> np.ndarray:
+    """cuda_quant.matmul of the host rows x into a NaN-poisoned [T, n] output, synchronised (which
+    raises on a launch or execution error); kw as matmul's (act, norm, x8, ...)."""
+    xd = cu.ga.to_gpu(x)
+    yd = cu.ga.to_gpu(np.full((x.shape[0], w.n), np.nan, np.float32))
+    cu.q.matmul(xd.gpudata, w, yd.gpudata, x.shape[0], cu.stream, **kw)
+    cu.stream.synchronize()
+    return yd.get()
+
+
 @pytest.mark.parametrize("qtype,T,shape", CASES, ids=lambda v: getattr(v, "name", str(v)))
 def test_matmul(cu, qtype, T, shape):
     n, k = shape
@@ -109,13 +119,10 @@ def test_matmul(cu, qtype, T, shape):
     x = rng.standard_normal((T, k), dtype=np.float32)
     w = cu.q.QuantWeight(raw, qtype, n, k)
     try:
-        xd = cu.ga.to_gpu(x)
-        yd = cu.ga.to_gpu(np.full((T, n), np.nan, np.float32))
-        cu.q.matmul(xd.gpudata, w, yd.gpudata, T, cu.stream)
-        cu.stream.synchronize()  # raises on a launch or execution error
+        y = _gpu_matmul(cu, w, x)
         ref = x.astype(np.float64) @ wf.astype(np.float64).T
         tol = TOL_GEMV if T <= cu.q.GEMV_MAX_T else TOL_GEMM
-        err = rel_err(yd.get(), ref)
+        err = rel_err(y, ref)
         assert err <= tol, f"{qtype.name} T={T} n={n} k={k}: rel err {err:.2e} > {tol}"
     finally:
         w.free()
@@ -135,11 +142,7 @@ def test_gemv_both_layouts(cu, qtype, T, monkeypatch):
     try:
         for mode in ("0", "1"):
             monkeypatch.setattr(cu.q, "_KSPLIT", mode)
-            xd = cu.ga.to_gpu(x)
-            yd = cu.ga.to_gpu(np.full((T, n), np.nan, np.float32))
-            cu.q.matmul(xd.gpudata, w, yd.gpudata, T, cu.stream)
-            cu.stream.synchronize()
-            err = rel_err(yd.get(), ref)
+            err = rel_err(_gpu_matmul(cu, w, x), ref)
             assert err <= TOL_GEMV, f"{qtype.name} T={T} ksplit={mode}: rel err {err:.2e} > {TOL_GEMV}"
     finally:
         w.free()
@@ -159,11 +162,7 @@ def test_gemm_tiling_switches(cu, qtype, min_ksteps, max_bm, T, monkeypatch):
         ref = x.astype(np.float64) @ wf.astype(np.float64).T
         w = cu.q.QuantWeight(raw, qtype, n, k)
         try:
-            xd = cu.ga.to_gpu(x)
-            yd = cu.ga.to_gpu(np.full((T, n), np.nan, np.float32))
-            cu.q.matmul(xd.gpudata, w, yd.gpudata, T, cu.stream)
-            cu.stream.synchronize()
-            err = rel_err(yd.get(), ref)
+            err = rel_err(_gpu_matmul(cu, w, x), ref)
             assert err <= TOL_GEMM, f"{qtype.name} n={n} k={k} T={T}: rel err {err:.2e}"
         finally:
             w.free()
@@ -196,13 +195,9 @@ def test_gemv_int8_input(cu, qtype, monkeypatch):
     try:
         for mode in ("0", "1"):
             monkeypatch.setattr(cu.q, "_KSPLIT", mode)
-            xd = cu.ga.to_gpu(x)
             xq = cu.ga.empty(k, np.int8)
             xs = cu.ga.to_gpu(np.full(k // 32, np.nan, np.float32))
-            yd = cu.ga.to_gpu(np.full((1, n), np.nan, np.float32))
-            cu.q.matmul(xd.gpudata, w, yd.gpudata, 1, cu.stream, x8=(xq.gpudata, xs.gpudata))
-            cu.stream.synchronize()
-            y = yd.get()
+            y = _gpu_matmul(cu, w, x, x8=(xq.gpudata, xs.gpudata))
             err8, err = rel_err(y, ref8), rel_err(y, ref)
             assert err8 <= 1e-3, f"{qtype.name} ksplit={mode}: rel err {err8:.2e} against the int8-rounded input"
             assert err <= 2e-2, f"{qtype.name} ksplit={mode}: rel err {err:.2e} against the float input"
@@ -229,11 +224,7 @@ def test_gemv_glu_input(cu, qtype, act, monkeypatch):
     try:
         for mode in ("0", "1"):
             monkeypatch.setattr(cu.q, "_KSPLIT", mode)
-            xd = cu.ga.to_gpu(gu)
-            yd = cu.ga.to_gpu(np.full((1, n), np.nan, np.float32))
-            cu.q.matmul(xd.gpudata, w, yd.gpudata, 1, cu.stream, act=act)
-            cu.stream.synchronize()
-            err = rel_err(yd.get(), ref)
+            err = rel_err(_gpu_matmul(cu, w, gu, act=act), ref)
             assert err <= TOL_GEMV, f"{qtype.name} {act} ksplit={mode}: rel err {err:.2e} > {TOL_GEMV}"
     finally:
         w.free()
@@ -258,14 +249,12 @@ def test_gemv_norm_input(cu, qtype, with_res, monkeypatch):
     try:
         for mode in ("0", "1"):
             monkeypatch.setattr(cu.q, "_KSPLIT", mode)
-            xd, gd = cu.ga.to_gpu(x), cu.ga.to_gpu(gamma)
+            gd = cu.ga.to_gpu(gamma)
             rd = cu.ga.to_gpu(res) if with_res else None
             sd = cu.ga.to_gpu(np.full((1, k), np.nan, np.float32))
-            yd = cu.ga.to_gpu(np.full((1, n), np.nan, np.float32))
-            cu.q.matmul(xd.gpudata, w, yd.gpudata, 1, cu.stream,
-                        norm=(rd.gpudata if with_res else None, gd.gpudata, eps, sd.gpudata if with_res else None))
-            cu.stream.synchronize()
-            err = rel_err(yd.get(), ref)
+            y = _gpu_matmul(cu, w, x, norm=(rd.gpudata if with_res else None, gd.gpudata, eps,
+                                            sd.gpudata if with_res else None))
+            err = rel_err(y, ref)
             assert err <= TOL_GEMV, f"{qtype.name} ksplit={mode}: rel err {err:.2e} > {TOL_GEMV}"
             if with_res:
                 np.testing.assert_array_equal(sd.get(), x + res)
@@ -333,12 +322,9 @@ def test_gemm_wide_range(cu, qtype, T, shape):
     x = wide_range_x(rng, T, k, zero_row=5)
     w = cu.q.QuantWeight(raw, qtype, n, k)
     try:
-        xd = cu.ga.to_gpu(x)
-        yd = cu.ga.to_gpu(np.full((T, n), np.nan, np.float32))
-        cu.q.matmul(xd.gpudata, w, yd.gpudata, T, cu.stream)
-        cu.stream.synchronize()
+        y = _gpu_matmul(cu, w, x)
         ref = x.astype(np.float64) @ wf.astype(np.float64).T
-        err = row_errors(yd.get(), ref)
+        err = row_errors(y, ref)
         worst = int(np.argmax(err))
         assert err[worst] <= TOL_GEMM, (f"{qtype.name} T={T}: row {worst} (|x| ~ {np.abs(x[worst]).max():.1e}) "
                                         f"rel err {err[worst]:.2e} > {TOL_GEMM}")
