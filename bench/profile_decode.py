@@ -58,6 +58,21 @@ def kernel_times(eng, meta, reps: int = 5) -> dict:
     return {"total": round(total, 1), **{k: [round(us, 1), n // reps] for k, (us, n) in rows}}
 
 
+def decode_setup(model: str, batch: int, ctx: int):
+    """A CUDA engine with `batch` sequences of `ctx` random prompt tokens, prefilled, and three decode
+    steps taken (the first runs eagerly, the second captures the bucket's graph): (engine,
+    sequences, that graph)."""
+    eng = load_engine(model, backend="cuda", context_length=4096, max_sequences=max(8, batch))
+    rng = np.random.default_rng(0)
+    seqs = [eng.new_sequence(rng.integers(100, 30000, ctx).tolist(), SamplingParams(temperature=0.0))
+            for _ in range(batch)]
+    while any(s.prefill_remaining for s in seqs):
+        eng.step(seqs, 8192)
+    for _ in range(3):
+        eng.step(seqs, 8192)
+    return eng, seqs, eng.backend._graphs[("decode", eng._bucket([(s, 1) for s in seqs]))][0]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -65,15 +80,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--ctx", type=int, default=256)
     args = ap.parse_args(argv)
-    eng = load_engine(args.model, backend="cuda", context_length=4096, max_sequences=max(8, args.batch))
+    eng, seqs, graph = decode_setup(args.model, args.batch, args.ctx)
     be = eng.backend
-    rng = np.random.default_rng(0)
-    seqs = [eng.new_sequence(rng.integers(100, 30000, args.ctx).tolist(), SamplingParams(temperature=0.0))
-            for _ in range(args.batch)]
-    while any(s.prefill_remaining for s in seqs):
-        eng.step(seqs, 8192)
-    for _ in range(3):  # warm-up, then capture
-        eng.step(seqs, 8192)
     t = {"plan_meta": 0.0, "begin_step": 0.0, "graph_launch": 0.0, "gpu_wait": 0.0, "sample": 0.0, "step": 0.0}
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -97,7 +105,6 @@ def main(argv=None):
                         ("gpu_wait", t3, t4), ("sample", t4, t5), ("step", t0, t5)):
             t[k] += (b - a) * 1e6 / args.steps
     # The graph alone, back to back (GPU time per replay).
-    graph = be._graphs[("decode", eng._bucket([(s, 1) for s in seqs]))][0]
     be.synchronize()
     t0 = time.perf_counter()
     for _ in range(args.steps):

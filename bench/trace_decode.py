@@ -22,10 +22,11 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
 from orcd_grpc.engine import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
+from profile_decode import decode_setup  # noqa: E402
 
 
 def main(argv=None):
@@ -37,14 +38,14 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--prefill", type=int, default=0, help="trace the prefill of a prompt this long instead")
     args = ap.parse_args(argv)
-    eng = load_engine(args.model, backend="cuda", context_length=4096, max_sequences=max(8, args.batch))
-    be = eng.backend
-    rng = np.random.default_rng(0)
-    greedy = SamplingParams(temperature=0.0)
-
     from torch.profiler import ProfilerActivity, profile
 
     if args.prefill:
+        eng = load_engine(args.model, backend="cuda", context_length=4096, max_sequences=8)
+        be = eng.backend
+        rng = np.random.default_rng(0)
+        greedy = SamplingParams(temperature=0.0)
+
         def prefill():
             s = eng.new_sequence(rng.integers(100, 30000, args.prefill).tolist(), greedy)
             while s.prefill_remaining:
@@ -58,12 +59,8 @@ def main(argv=None):
                 prefill()
             be.synchronize()
     else:
-        seqs = [eng.new_sequence(rng.integers(100, 30000, args.ctx).tolist(), greedy) for _ in range(args.batch)]
-        while any(s.prefill_remaining for s in seqs):
-            eng.step(seqs, 8192)
-        for _ in range(3):  # warm-up, then capture
-            eng.step(seqs, 8192)
-        graph = be._graphs[("decode", eng._bucket([(s, 1) for s in seqs]))][0]
+        eng, _, graph = decode_setup(args.model, args.batch, args.ctx)
+        be = eng.backend
         be.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
