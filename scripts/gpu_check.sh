@@ -13,25 +13,13 @@
 #                   PREFILL_AB the prefill runs (README, GPU notes); PROFILE_SCRIPT=bench/trace_decode.py
 #                   gives each kernel's time inside the graph instead (PROFILE_CUT: characters kept)
 #   SKIP_TESTS=1    no GPU tests;  WHEELS=DIR  the wheels to install (default .whl)
-#   Packed folders (.dev/carry/*.tar.xz: the kernel cache, tiny models, vocabularies) are unpacked
-#   into .dev/ first, since one call's transfer is capped at 64 MiB.
+#   The carried archives, wheels and kernel cache are set up by scripts/device_env.sh.
 #   Real models (SmolLM2, Gemma 3) are used when $ORCD_MODEL_DIR holds them (no network there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/orcd-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 rc=0
-for t in .dev/carry/*.tar.xz; do [ -f "$t" ] && tar xJf "$t" -C .dev; done
-# The wheels install once per machine (a warm machine keeps /tmp between calls).
-[ -f /tmp/site/.orcd-installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-  ${WHEELS:-.whl}/*.whl 2>&1 | tail -2; touch /tmp/site/.orcd-installed; }
-export PYTHONPATH=/tmp/site:$PWD
-export ORCD_KERNEL_CACHE=${ORCD_KERNEL_CACHE:-/tmp/orcd-kernels}
-# Cubins compiled beforehand without a GPU (python3 -m orcd_grpc.backends.cuda_runtime .dev/kcache)
-# save the first load's nvcc time; a stale one is never used (the key covers sources and nvcc).
-mkdir -p "$ORCD_KERNEL_CACHE"
-[ -d .dev/kcache ] && cp -n .dev/kcache/*.cubin "$ORCD_KERNEL_CACHE"/ 2>/dev/null
-[ -f .dev/kcache.tar.xz ] && tar xJf .dev/kcache.tar.xz -C "$ORCD_KERNEL_CACHE" --strip-components=1
+. scripts/device_env.sh
 # ../shared does not travel to the GPU machine; a shared/ copied into the checkout does.
 if [ -z "${ORCD_SHARED_DIR:-}" ] && [ -d shared/vocab ]; then export ORCD_SHARED_DIR=$PWD/shared; fi
 # Tiny architecture models exported where transformers is installed (tests/gpu/test_cuda_architectures.py).
