@@ -166,7 +166,7 @@ class Worker:
 
     def _serving(self) -> bool:
         """What the standard health service says for service "" (also served as HTTP /healthz)."""
-        return getattr(self, "_serving_now", False)
+        return self._serving_now
 
     def _stopped_flag(self) -> bool:
         ev = getattr(self, "_stopped", None)
@@ -217,7 +217,7 @@ class Worker:
             return
         self._stopped.set()
         grace = self.config.grace_seconds if grace is None else grace
-        self._serving_now = False
+        self._set_health(False)  # /healthz too; the gRPC statuses then stay NOT_SERVING
         self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
         t0 = time.monotonic()
