@@ -342,8 +342,10 @@ constexpr int GEMM_THREADS = 256;
 // GEMM tiles with BM <= ORCD_GEMM_PIPE use the unrolled, all-loads-first k-step (more registers: 48-64 at
 // BM 16/32, ~128 at BM 64, ~170 at BM 128, i.e. 1 block/SM, hence not the default there); larger BM the
 // rolled loops. 0 = rolled everywhere (cuda_quant passes ORCD_GEMM_PIPE from the environment).
+// 64 measured faster on the H100 (2026-11-23): qwen2.5-0.5b's B=64 step 6.87 -> 5.95 ms, gpt-oss-20b's
+// 33.5 -> 31.7 ms, and with BM 64 prefill tiles (cuda_quant._GEMM_MAX_BM) pp512 +17-28 %.
 #ifndef ORCD_GEMM_PIPE
-#define ORCD_GEMM_PIPE 0  // 64 once measured on a GPU: the unrolled k-step has not run on one yet
+#define ORCD_GEMM_PIPE 64
 #endif
 
 // Power-of-two scale s that brings a row whose largest |x| is mx into [2^14, 2^15) (f16's largest

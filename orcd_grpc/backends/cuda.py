@@ -266,8 +266,9 @@ class CudaBackend(Backend):
         # gpt-oss-20b at B=32 (256 pairs) 1,224 against 1,193; at 64 pairs and fewer it was even or
         # slower (gpt-oss B=8: 563 against 574). Two runs of bench/run_all.sh, same day, H100.
         self._dec_min_heads = int(os.environ.get("ORCD_ATTN_DEC_MIN_HEADS", "128"))
-        # attn_dN with batched staging loads (attn_dN_b): written after the last GPU run, opt-in
-        self._attn_batch = os.environ.get("ORCD_ATTN_BATCH_LOADS") == "1"
+        # attn_dN with batched staging loads (attn_dN_b): qwen2.5-0.5b's decode attention 13.0 -> 12.4 us
+        # per layer, tg128 651 -> 688 tok/s (H100, 2026-11-23); ORCD_ATTN_BATCH_LOADS=0 turns it off
+        self._attn_batch = os.environ.get("ORCD_ATTN_BATCH_LOADS", "1") == "1"
         # rows up to which RMSNorm takes a block per row rather than a warp (A/B: 0 = always warps)
         self._norm_block_rows = int(os.environ.get("ORCD_NORM_BLOCK_ROWS", "256"))
         self._rope_cache: dict[int, tuple] = {}
@@ -549,9 +550,13 @@ class CudaBackend(Backend):
             raise InvalidArgument(f"linear: input has {x.shape[-1]} features, weight "
                                   f"{getattr(w, '_orcd_name', '?')} expects {w.k}", field="x")
         y = self._out((T, w.n))
-        # int8 input (opt-in): the quantized row and its scales live in the step's workspace
-        x8 = ((self._out((w.k // 4,)).ptr, self._out((w.k // 32,)).ptr)
-              if cuda_quant.i8_eligible(w, T) else None)
+        # int8 input: the quantized row and its scales live in the step's workspace. Both blocks are
+        # held until the launch is queued: a dropped block goes back to the free list at once, and
+        # the second allocation would then alias the first.
+        x8 = None
+        if cuda_quant.i8_eligible(w, T):
+            xq, xd = self._out((w.k // 4,)), self._out((w.k // 32,))
+            x8 = (xq.ptr, xd.ptr)
         self._quant_call("matmul", cuda_quant.matmul, x.ptr, w, y.ptr, T, self.stream,
                          bias_ptr=bias.ptr if bias is not None else None, x8=x8)
         return y

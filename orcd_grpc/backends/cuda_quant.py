@@ -126,10 +126,10 @@ _KSPLIT = os.environ.get("ORCD_GEMV_KSPLIT", "auto")
 # its T=64 GEMMs at 35-43 us on average for 0.1-9 MB of weights (launches of 3 to 228 blocks): a
 # block's chain of k-steps seems to set the time, so fewer k-steps per block may win (A/B: 1, 2, 4).
 _GEMM_MIN_KSTEPS = max(1, int(os.environ.get("ORCD_GEMM_MIN_KSTEPS", "4")))
-# Largest GEMM token tile. Prefill (T >= 128) takes BM 128, which keeps the rolled k-loop (the unrolled
-# one needs ~170 registers there); BM 64 reads each weight twice as often but can take the unrolled
-# k-step (ORCD_GEMM_PIPE=64). A/B for prefill: ORCD_GEMM_MAX_BM=64 with and without ORCD_GEMM_PIPE=64.
-_GEMM_MAX_BM = int(os.environ.get("ORCD_GEMM_MAX_BM", "128"))
+# Largest GEMM token tile: 64, so prefill takes the unrolled k-step (ORCD_GEMM_PIPE, which at BM 128
+# would need ~170 registers). BM 64 reads each weight twice as often as BM 128 and still wins: pp512
+# phi3-mini 6,339 -> 7,394 tok/s, qwen2.5-0.5b 25,909 -> 33,241 (H100, 2026-11-23, bench_engine).
+_GEMM_MAX_BM = int(os.environ.get("ORCD_GEMM_MAX_BM", "64"))
 if _GEMM_MAX_BM not in (16, 32, 64, 128):
     raise ValueError(f"ORCD_GEMM_MAX_BM must be 16, 32, 64 or 128, not {_GEMM_MAX_BM}")
 _KSPLIT_BELOW = 2 * _SMS
@@ -172,10 +172,12 @@ GLU_ACTS = ("silu", "gelu")  # gemv_*_1_<act>: single-token GEMVs that apply a G
 
 # Single-token GEMVs on an int8-quantized input (gemv_*_1_i8 after quantize_x8): the integer formats
 # only, for matrices of at least _I8_MIN weights (small ones are latency-bound, where the extra
-# quantize launch costs more than the faster products save). Opt-in until measured on a GPU:
-# ORCD_GEMV_INT8=1; ORCD_GEMV_INT8_MIN=<weights> moves the size threshold.
+# quantize launch costs more than the faster products save). The float path spends as much on
+# decoding and FMAs as on reading: phi3-mini's step 3,087 -> 2,714 us with it, Q4_K GEMV 17.2 -> 12.9 us
+# (H100 CUPTI trace, 2026-11-23); qwen2.5-0.5b even. ORCD_GEMV_INT8=0 turns it off;
+# ORCD_GEMV_INT8_MIN=<weights> moves the size threshold.
 I8_FORMATS = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4, Q.Q4_K, Q.Q5_K, Q.Q6_K})
-_I8 = os.environ.get("ORCD_GEMV_INT8", "0") == "1"
+_I8 = os.environ.get("ORCD_GEMV_INT8", "1") == "1"
 _I8_MIN = int(os.environ.get("ORCD_GEMV_INT8_MIN", str(4 << 20)))
 
 
@@ -279,8 +281,8 @@ def moe_use_grouped(T: int, top_k: int, n_experts: int) -> bool:
 
 
 # The grouped path's matmul: gemv_moe_<fmt>_8 (f32 GEMV math, each expert's rows read once per 8 of
-# its slots) instead of the f16 tensor-core gemm_moe. Opt-in until measured (ORCD_MOE_GEMV=1): at B=64
-# gpt-oss-20b's grouped GEMM reads the used experts at ~370 GB/s and is 74 % of the step (H100).
+# its slots) instead of the f16 tensor-core gemm_moe. Opt-in (ORCD_MOE_GEMV=1) because it measured
+# slower: gpt-oss-20b at B=64, 547 against 372 us per grouped matmul (H100 CUPTI trace, 2026-11-23).
 _MOE_GEMV = os.environ.get("ORCD_MOE_GEMV") == "1"
 
 

@@ -98,8 +98,8 @@ def compile_cubin(name: str, arch: str, options: tuple[str, ...] = ()) -> pathli
 
 def module_options(name: str) -> tuple[str, ...]:
     """The nvcc options a module is built with here: ORCD_GEMM_PIPE=<max BM> makes quant_matmul's
-    GEMM tiles up to that BM use the unrolled k-step (default 0 in quant_matmul.cu until measured
-    on a GPU; 128 = unrolled everywhere). Loading and precompiling both ask here, so a
+    GEMM tiles up to that BM use the unrolled k-step (default 64 in quant_matmul.cu; 0 = rolled
+    everywhere, 128 = unrolled everywhere). Loading and precompiling both ask here, so a
     precompiled cubin is the one loaded."""
     pipe = os.environ.get("ORCD_GEMM_PIPE", "")
     return (f"-DORCD_GEMM_PIPE={int(pipe)}",) if name == "quant_matmul" and pipe.isdigit() else ()
