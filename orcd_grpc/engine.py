@@ -64,6 +64,20 @@ class ModelInfo:
         return int(self.weights_bytes) + int(self.kv_cache_bytes) + int(self.workspace_bytes)
 
 
+@dataclass
+class _Inflight:
+    """A decode step queued on the device whose tokens the host has not read: its batch, the
+    backend's handle, each sequence's release count when it was queued (one released meanwhile
+    has moved on), and whether it was queued ahead (fed the previous step's tokens)."""
+    seqs: list
+    handle: object
+    epochs: list
+    ahead: bool
+
+    def intact(self) -> bool:
+        return all(s.epoch == e for s, e in zip(self.seqs, self.epochs))
+
+
 class Sequence:
     """Engine-side state of one request."""
 
@@ -81,6 +95,7 @@ class Sequence:
         seed = getattr(sampling, "seed", None)
         self.device_seed = int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little")
         self.device_row = None  # its packed GPU sampling parameters, made on first use
+        self.epoch = 0  # times its KV was released (a step queued before that is not its own any more)
 
     @property
     def total_len(self) -> int:
@@ -135,6 +150,13 @@ class Engine:
         # once here, not on every step.
         self._pack_row = getattr(backend, "pack_sampling_row", None)
         self._sample_packed = getattr(backend, "sample_packed", None) if self._pack_row is not None else None
+        # Lookahead: a decode step of an unchanged batch is queued on the device before the host
+        # reads the previous step's tokens (they are fed to it on the device), so the host's work
+        # between steps (planning, the scheduler, streaming) overlaps the GPU instead of idling it.
+        # ORCD_LOOKAHEAD=0 turns it off.
+        self.lookahead = (self._sample_packed is not None and hasattr(backend, "sample_packed_async")
+                          and bool(self.graph_buckets) and os.environ.get("ORCD_LOOKAHEAD", "1") != "0")
+        self._inflight: _Inflight | None = None
 
     # ---- sequences -----------------------------------------------------------------------
     def new_sequence(self, prompt_ids: list[int], sampling) -> Sequence:
@@ -164,8 +186,12 @@ class Engine:
         return self.allocator.num_blocks
 
     def release(self, seq: Sequence) -> None:
+        # A queued lookahead step may still write this sequence's KV into these blocks: harmless,
+        # since the device runs it before any step of the blocks' next owner, and the block it
+        # writes holds no full prompt block (the only kind the prefix cache shares).
         self.allocator.release(seq.block_table)
         seq.num_cached = 0
+        seq.epoch += 1
 
     # ---- stepping ------------------------------------------------------------------------
     def _plan(self, seqs: list[Sequence], token_budget: int) -> list[tuple[Sequence, int]]:
@@ -240,10 +266,14 @@ class Engine:
             return 0
         return next(b for b in self.graph_buckets if b >= len(plan))
 
-    def _forward(self, plan, all_logits: bool = False):
+    def _forward(self, plan, all_logits: bool = False, feed=None):
         bucket = 0 if all_logits else self._bucket(plan)
         meta = self._meta(plan, all_logits, pad_to=bucket)
-        if bucket:
+        if feed is not None or self._lookahead_ok(plan, bucket):
+            # queued behind the step already on the device (its tokens fed in, when feed)
+            logits = self.backend.graph_step(("decode", bucket), meta, lambda ctx: self.adapter.forward(ctx, self.kv),
+                                             feed=feed, overlap=True)
+        elif bucket:
             logits = self.backend.graph_step(("decode", bucket), meta, lambda ctx: self.adapter.forward(ctx, self.kv))
         else:
             if not len(meta.logits_rows):
@@ -261,9 +291,19 @@ class Engine:
         return meta, logits
 
     def step(self, seqs: list[Sequence], token_budget: int = 2048) -> dict:
+        fl, self._inflight = self._inflight, None
+        if fl is not None:
+            if len(fl.seqs) == len(seqs) and all(a is b for a, b in zip(fl.seqs, seqs)) and fl.intact():
+                self._inflight = self._launch_ahead(fl)
+                return self._collect(fl, seqs)
+            return self._collect(fl, seqs)  # the batch changed: what was queued ahead is settled first
         plan = self._plan(seqs, token_budget)
         if not plan:
             return {}
+        if self._lookahead_ok(plan, self._bucket(plan)):
+            cur = self._launch(plan, feed=None)
+            self._inflight = self._launch_ahead(cur)
+            return self._collect(cur, seqs)
         meta, logits = self._forward(plan)
         sampling = [s for s, n in plan if s.num_cached == s.total_len]
         if not sampling:
@@ -277,6 +317,80 @@ class Engine:
             s.output_ids.append(int(sample.token_id))
             out[s.seq_id] = sample
         return out
+
+    # ---- lookahead ------------------------------------------------------------------------
+    def _lookahead_ok(self, plan, bucket: int) -> bool:
+        """A pure decode step on a captured graph, sampled on the device without penalties (which
+        need the host's token history): the kind of step that can be queued ahead."""
+        return (self.lookahead and bucket > 0 and self.backend.graph_ready(("decode", bucket))
+                and all(s.num_cached >= len(s.prompt_ids) and not _penalised(s.sampling) for s, _ in plan))
+
+    def _launch(self, plan, feed) -> "_Inflight":
+        """Queues a decode step and its sampling without waiting. feed: the step queued before it,
+        whose sampled tokens (not yet on the host) are this step's inputs."""
+        seqs = [s for s, _ in plan]
+        _, logits = self._forward(plan, feed=None if feed is None else feed.handle)
+        if logits.shape[0] != len(seqs):
+            logits = logits.row_slice(0, len(seqs))
+        ahead = 0 if feed is None else 1  # a fed step samples the token after the one still in flight
+        prm = np.empty((len(seqs), 16), np.uint32)
+        for r, s in enumerate(seqs):
+            row = s.device_row
+            if row is None:
+                p = s.sampling
+                row = s.device_row = self._pack_row(p.temperature, p.top_k, p.top_p, p.min_p, s.device_seed)
+            prm[r] = row
+        prm[:, 6] = [len(s.output_ids) + ahead for s in seqs]
+        n_top = max(s.sampling.top_logprobs for s in seqs)
+        handle = self.backend.sample_packed_async(logits, prm, np.zeros(2, np.int32), n_top)
+        return _Inflight(seqs, handle, [s.epoch for s in seqs], feed is not None)
+
+    def _launch_ahead(self, cur: "_Inflight") -> "_Inflight | None":
+        """Queues the next decode step of cur's batch, fed cur's tokens, or None when it cannot
+        be queued (the context is full, the KV cache has no block for it)."""
+        seqs = cur.seqs
+        if any(s.num_cached + 1 > self.info.context_length for s in seqs):
+            return None
+        try:
+            for s in seqs:
+                self.allocator.ensure(s.block_table, s.num_cached + 1)
+        except ResourceExhausted:
+            return None  # the next ordinary step reports it (and the scheduler preempts)
+        plan = [(s, 1) for s in seqs]
+        bucket = self._bucket(plan)
+        if not self._lookahead_ok(plan, bucket):
+            return None
+        return self._launch(plan, feed=cur)
+
+    def _collect(self, fl: "_Inflight", keep: list[Sequence]) -> dict:
+        """Waits for a queued step's tokens and hands them to its sequences. A sequence released
+        meanwhile (finished, cancelled) drops its token; one that is intact but no longer in the
+        batch also drops a token queued ahead, and gives back the KV position it computed, so its
+        next step computes it again (the same token: sampling is a function of the position)."""
+        res = self.backend.sample_result(fl.handle)
+        toks, lps = res[0], res[1]
+        kept = {id(s) for s in keep}
+        out = {}
+        for r, s in enumerate(fl.seqs):
+            if s.epoch != fl.epochs[r]:
+                continue  # released while the step ran
+            if fl.ahead and id(s) not in kept:
+                s.num_cached -= 1
+                continue
+            top = []
+            if s.sampling.top_logprobs:
+                k = s.sampling.top_logprobs
+                top = [(int(i), float(lp)) for i, lp in zip(res[2][r, :k], res[3][r, :k])]
+            sample = TokenSample(token_id=int(toks[r]), logprob=float(lps[r]), top=top)
+            s.output_ids.append(sample.token_id)
+            out[s.seq_id] = sample
+        return out
+
+    def drain(self) -> None:
+        """Settles a step queued ahead (its tokens are kept by the sequences it ran for)."""
+        fl, self._inflight = self._inflight, None
+        if fl is not None:
+            self._collect(fl, fl.seqs)
 
     def _sample_on_device(self, logits, seqs: list[Sequence]) -> dict:
         """Sampling on the backend: only token ids and logprobs cross to the host."""
@@ -326,6 +440,7 @@ class Engine:
     def score(self, seq: Sequence, new_tokens: list[int] | None = None) -> np.ndarray:
         """Teacher forcing for tests: appends new_tokens (as output), computes every pending
         token and returns the logits of each, [n, vocab]."""
+        self.drain()
         if new_tokens:
             seq.output_ids.extend(int(t) for t in new_tokens)
         plan = self._plan([seq], 1 << 30)
@@ -335,6 +450,7 @@ class Engine:
         return self.backend.to_host(logits)
 
     def close(self) -> None:
+        self._inflight = None
         self.kv = None
         self.adapter.w = {}
         self.backend.close()

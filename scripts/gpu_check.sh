@@ -26,8 +26,9 @@ if [ -z "${ORCD_SHARED_DIR:-}" ] && [ -d shared/vocab ]; then export ORCD_SHARED
 if [ -z "${ORCD_TINY_GGUF_DIR:-}" ] && [ -d .dev/tiny ]; then export ORCD_TINY_GGUF_DIR=$PWD/.dev/tiny; fi
 [ -z "${ORCD_SHARED_DIR:-}" ] && [ -d .dev/bv/vocab ] && export ORCD_SHARED_DIR=$PWD/.dev/bv
 data=${ORCD_BENCH_DIR:-/tmp/orcd-bench}; mkdir -p "$data"
-# The synthetic files the profiles need, written while the tests run (16 cores there).
-for m in $(for mb in ${PROFILE_MODELS:-} ${PREFILL_MODELS:-}; do echo "${mb%%:*}"; done | sort -u); do
+# The synthetic files the profiles and the benchmark need, written while the tests run (16 cores there).
+bench_models=; [ -z "${SKIP_BENCH:-}" ] && bench_models=${BENCH_MODELS:-qwen2.5-0.5b phi3-mini phi3-mini-q4_0 gpt-oss-20b}
+for m in $(for mb in ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} $bench_models; do echo "${mb%%:*}"; done | sort -u); do
   [ -s "$data/$m.gguf" ] || (python3 bench/synth_gguf.py "$m" "$data/$m.tmp" "$ORCD_SHARED_DIR/vocab" >/dev/null \
     && mv "$data/$m.tmp" "$data/$m.gguf") &
 done

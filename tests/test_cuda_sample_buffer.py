@@ -1,6 +1,7 @@
-"""CudaBackend.sample_packed's one pinned buffer, exercised on the CPU with the driver stubbed:
-the host twin must always hold every word the step uses (its device buffer is rounded up to
-256 bytes, so the device size alone is not a safe test for reuse)."""
+"""CudaBackend.sample_packed's pinned buffers, exercised on the CPU with the driver stubbed:
+a host twin must always hold every word the step uses (its device buffer is rounded up to
+256 bytes, so the device size alone is not a safe test for reuse), and two queued samplings
+(Engine lookahead) must not share one."""
 from __future__ import annotations
 
 import numpy as np
@@ -43,6 +44,14 @@ class _FakeDrv:
         host.view(np.uint32)[:] = arr[i: i + host.size]
 
 
+class _Event:
+    def record(self, stream):
+        pass
+
+    def wait(self):
+        pass
+
+
 class _Buf:
     def __init__(self, drv, nbytes):
         self.ptr, self.nbytes = drv.alloc(nbytes)
@@ -54,7 +63,10 @@ class _Buf:
 def _backend():
     be = object.__new__(cuda_mod.CudaBackend)
     drv = _FakeDrv()
-    be._drv, be._sample_buf, be._sample_host, be.stream = drv, None, None, None
+    be._drv, be.stream = drv, None
+    be._sample_bufs, be._sample_hosts, be._sample_turn = [None, None], [None, None], 0
+    be._sample_events = [_Event(), _Event()]
+    be._recent = []
     be._persistent = lambda nbytes, what: _Buf(drv, nbytes)
     be._out = lambda shape, dtype=np.float32: cuda_mod.CudaTensor(drv.alloc(4 * int(np.prod(shape)))[0], shape, dtype)
     be._k = lambda module, name, sig: None
@@ -92,4 +104,20 @@ def test_sample_buffer_regrows_by_host_words():
     assert toks.tolist() == [100] and lps.tolist() == [0.0]
     assert tid.shape == (1, 20) and tid[0].tolist() == list(range(20))
     assert tlp[0].tolist() == [-float(j) for j in range(20)]
-    assert be._sample_host.size >= 16554
+    assert max(h.size for h in be._sample_hosts if h is not None) >= 16554
+
+
+def test_two_queued_samplings_keep_their_own_buffers():
+    """Two samplings queued before either is read (a step queued ahead) land in different twins:
+    reading the first after the second was queued still gives the first's results, and the first's
+    device token ids (what feeds the next step) are not the second's."""
+    be = _backend()
+    prm = np.zeros((3, 16), np.uint32)
+    a = be.sample_packed_async(cuda_mod.CudaTensor(1 << 10, (3, 50), np.float32), prm, np.zeros(2, np.int32), 0)
+    b = be.sample_packed_async(cuda_mod.CudaTensor(1 << 10, (2, 50), np.float32), prm[:2], np.zeros(2, np.int32), 2)
+    assert a.tok_ptr != b.tok_ptr
+    assert not np.shares_memory(a.out, b.out)
+    toks_b, _, tid_b, _ = be.sample_result(b)
+    toks_a, lps_a = be.sample_result(a)
+    assert toks_a.tolist() == [100, 101, 102] and lps_a.tolist() == [0.0, -1.0, -2.0]
+    assert toks_b.tolist() == [100, 101] and tid_b.tolist() == [[0, 1], [1000, 1001]]

@@ -224,3 +224,97 @@ def test_step_token_cap_leaves_room_for_logits():
     assert _max_step_tokens(gpt_oss, ws, 4, 400) == 16        # logits alone overflow: the floor
     tiny = SimpleNamespace(d_model=64, d_ff=128, n_heads=2, n_kv_heads=1, head_dim=32, head_dim_v=32, vocab_size=320)
     assert _max_step_tokens(tiny, 4 * ws, 0, 4) == 65535 and _max_step_tokens(tiny, 0) == 1 << 30
+
+
+class _Rows(np.ndarray):
+    def row_slice(self, a, b):
+        return self[a:b]
+
+
+def _queued_device_backend():
+    """The NumPy backend behind the device API that Engine lookahead uses: a step may be fed the
+    token ids of a sampling the host has not read yet (here computed at once, as the GPU would
+    have by the time the fed step runs), and sampling is a function of the logits and of the
+    row's counter (the GPU's Philox counter), so a wrong counter changes the tokens."""
+    from types import SimpleNamespace
+
+    from orcd_grpc.backends.cuda import pack_sampling_row as pack_row
+    from orcd_grpc.backends.numpy_backend import NumpyBackend
+
+    class Queued(NumpyBackend):
+        supports_graphs = True
+        pack_sampling_row = staticmethod(pack_row)
+
+        def __init__(self):
+            super().__init__()
+            self.ready, self.pending, self.fed, self.overlapped = set(), [], 0, 0
+
+        def graph_ready(self, key):
+            return key in self.ready
+
+        def graph_step(self, key, meta, record, feed=None, overlap=False):
+            if feed is not None:
+                assert overlap and feed in self.pending, "fed by a sampling the host has not read"
+                meta.token_ids = meta.token_ids.copy()
+                meta.token_ids[: feed.R] = feed.toks
+                self.fed += 1
+            self.overlapped += bool(overlap)
+            self.ready.add(key)  # the first step of a key stands for the eager run and the capture
+            return np.asarray(record(self.begin_step(meta))).view(_Rows)
+
+        def sample_packed_async(self, logits, prm, pen, n_top=0):
+            x = self.to_host(logits)
+            toks = ((np.argmax(x, -1) + 31 * prm[:, 6].astype(np.int64)) % x.shape[-1]).astype(np.int32)
+            h = SimpleNamespace(R=len(toks), toks=toks, lps=-prm[:, 6].astype(np.float32))
+            self.pending.append(h)
+            return h
+
+        def sample_result(self, h):
+            self.pending.remove(h)
+            return h.toks, h.lps
+
+        def sample_packed(self, logits, prm, pen, n_top=0):
+            return self.sample_result(self.sample_packed_async(logits, prm, pen, n_top))
+
+        def sample(self, logits, rows, n_top=0):
+            raise AssertionError("no penalised rows in this test")
+
+    return Queued()
+
+
+def test_lookahead_steps_give_the_tokens_of_plain_steps(tmp_path):
+    """Engine lookahead (a decode step queued on the device, fed the previous step's tokens,
+    before the host reads them) must give every sequence exactly the tokens of step-by-step
+    decoding, while sequences finish, join, and leave the batch without being released."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from gpu.test_cuda_models import write_tiny_llama
+    from schedules import changing_batch
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    rng = np.random.default_rng()
+    prompts = [[1] + rng.integers(3, 320, int(k)).tolist() for k in rng.integers(2, 40, 4)]
+    runs: dict = {}
+    for mode in ("lookahead", "plain"):
+        be = _queued_device_backend()
+        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
+        try:
+            assert eng.lookahead
+            eng.lookahead = mode == "lookahead"
+            free0 = eng.free_blocks()
+            got, outputs, c_queued = changing_batch(eng, prompts)
+            runs[mode] = (got, outputs)
+            assert not be.pending, "a queued sampling was never read"
+            assert eng.free_blocks() + len(eng.allocator._evictable) >= free0  # every block came back
+            if mode == "lookahead":
+                assert be.fed >= 5, be.fed  # the lookahead path really ran
+                assert c_queued  # so c's queued-ahead step was dropped and its position given back
+            else:
+                assert be.fed == 0 and be.overlapped == 0
+        finally:
+            eng.close()
+    got, outputs = runs["lookahead"]
+    assert got == outputs  # what step returned is what each sequence holds
+    assert [len(g) for g in got] == [4, 14, 14, 14]
+    assert runs["lookahead"] == runs["plain"]

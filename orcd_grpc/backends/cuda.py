@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import math
 import os
 import threading
@@ -206,6 +207,18 @@ class CudaKV:
         return self.buf.nbytes
 
 
+@dataclasses.dataclass
+class SampleHandle:
+    """A queued sample_packed: its host output view (valid once event has fired), the device
+    address of its token ids, and the kernels to name if the wait reports a fault."""
+    out: np.ndarray
+    R: int
+    nt: int
+    tok_ptr: int
+    event: object
+    kernels: tuple = ()
+
+
 class CudaStep:
     """What ops need of a step: the host meta and device pointers to its uploaded copies."""
 
@@ -272,14 +285,20 @@ class CudaBackend(Backend):
         # rows up to which RMSNorm takes a block per row rather than a warp (A/B: 0 = always warps)
         self._norm_block_rows = int(os.environ.get("ORCD_NORM_BLOCK_ROWS", "256"))
         self._rope_cache: dict[int, tuple] = {}
+        # Two pinned host twins of the step metadata and of the sampling buffers, used in turn: with
+        # one step queued behind another (Engine lookahead) the host fills the next step's twin while
+        # the previous step's asynchronous copies may still read or fill the other.
         self._meta_buf: DeviceBuffer | None = None
-        self._meta_host = None
-        self._sample_buf: DeviceBuffer | None = None
+        self._meta_hosts: list = [None, None]
+        self._meta_turn = 0
+        self._sample_bufs: list = [None, None]
+        self._sample_hosts: list = [None, None]
+        self._sample_events: list = [None, None]
+        self._sample_turn = 0
         # attn_dec's per-(sequence, kv head) arrival counters: the last key-slice CTA merges the
         # partials itself (no attn_combine launch). Zeroed once; each merge resets its counter.
         self._attn_counters: DeviceBuffer | None = None
         self._merge_in_kernel = os.environ.get("ORCD_ATTN_MERGE", "1") == "1"
-        self._sample_host = None
         self.closed = False
         if workspace_bytes is None:
             env = os.environ.get("ORCD_WORKSPACE_MB")
@@ -445,6 +464,9 @@ class CudaBackend(Backend):
                 self.budget.release(getattr(w, "_orcd_reserved", 0))
             self._weights.clear()
             self._drop_graphs()
+            for ev in self._sample_events:
+                if ev is not None:
+                    ev.close()
             for buf in list(self._owned):
                 buf.free()
             self._rope_cache.clear()
@@ -455,22 +477,29 @@ class CudaBackend(Backend):
     def _ensure_meta(self, tokens: int, seqs: int, table: int):
         """One device buffer (and a pinned host twin) for every int32 array of a step."""
         need = 4 * tokens + 3 * seqs + table + 8 * 64
-        if self._meta_buf is not None and self._meta_host.size >= need:
+        have = self._meta_hosts[0].size if self._meta_buf is not None else 0
+        if need <= have:
             return
         if self._meta_buf is not None:
+            self.synchronize()  # a queued step may still read the old buffer
             self._drop_graphs()  # they read the metadata at the old buffer's address
             self._meta_buf.free()
-        need = max(need, 2 * (self._meta_host.size if self._meta_host is not None else 0))
+        need = max(need, 2 * have)
         self._meta_buf = self._persistent(need * 4, "step metadata")
-        self._meta_host = self._drv.pagelocked_empty(need, np.int32)
+        self._meta_hosts = [self._drv.pagelocked_empty(need, np.int32) for _ in range(2)]
 
-    def begin_step(self, meta: StepMeta):
+    def begin_step(self, meta: StepMeta, feed=None, overlap: bool = False):
+        """Uploads the step's metadata. overlap: queue it behind the steps already on the stream
+        instead of waiting for them (stream order keeps the device buffers safe; the host twins
+        alternate). feed: a SampleHandle whose sampled tokens become this step's first token ids,
+        copied on the device, so the step can be queued before the host has read them."""
         self._check_open()
         _context(self.device_index)
         T, B = meta.num_tokens, meta.num_seqs
         tables = np.ascontiguousarray(meta.block_tables, np.int32).reshape(B, -1)
         rows = np.asarray(meta.logits_rows, np.int32)
-        self.synchronize()  # the previous step's kernels may still read the metadata buffer
+        if not overlap:
+            self.synchronize()
         self.ws.reset()
         self._ensure_meta(max(T, rows.size), B + 1, tables.size)
         st = CudaStep()
@@ -478,7 +507,8 @@ class CudaBackend(Backend):
         qs = np.asarray(meta.q_starts, np.int32)
         st.max_q = int(np.max(np.diff(qs))) if B else 0
         st.max_blocks, st.block_size = int(tables.shape[1]), int(meta.block_size)
-        host, base, off = self._meta_host, self._meta_buf.ptr, 0
+        self._meta_turn ^= 1
+        host, base, off = self._meta_hosts[self._meta_turn], self._meta_buf.ptr, 0
         for field, arr in (("token_ids", meta.token_ids), ("positions", meta.positions), ("q_starts", qs),
                            ("ctx_lens", meta.ctx_lens), ("slot_mapping", meta.slot_mapping),
                            ("block_tables", tables), ("logits_rows", rows)):
@@ -487,10 +517,18 @@ class CudaBackend(Backend):
             setattr(st, field, base + off * 4)
             off += -(-max(a.size, 1) // 64) * 64  # 256-byte aligned segments
         self._drv.memcpy_htod_async(base, host[:off], self.stream)
+        if feed is not None:
+            if feed.R > T:
+                raise Internal(f"a step of {T} tokens cannot take {feed.R} fed tokens")
+            self._drv.memcpy_dtod_async(st.token_ids, feed.tok_ptr, 4 * feed.R, self.stream)
         return st
 
     # ---- CUDA graphs ----------------------------------------------------------------------
-    def graph_step(self, key, meta: StepMeta, record):
+    def graph_ready(self, key) -> bool:
+        """Whether `key` replays a captured graph (what Engine lookahead queues steps on)."""
+        return key in self._graphs and not self._sync_each
+
+    def graph_step(self, key, meta: StepMeta, record, feed=None, overlap: bool = False):
         """Runs `record(ctx)` (a forward pass that only launches kernels) for this step's meta,
         replaying a CUDA graph captured for `key`. Every meta given with one key must have the
         same shapes: then the step's metadata and workspace land at the addresses the graph
@@ -498,7 +536,7 @@ class CudaBackend(Backend):
         and kernel attributes, which a capture must not do); the second is captured."""
         from .cuda_graph import CudaGraph
 
-        ctx = self.begin_step(meta)
+        ctx = self.begin_step(meta, feed=feed, overlap=overlap)
         hit = self._graphs.get(key)
         if hit is None:
             if key not in self._graph_warm or key in self._graph_failed or self._sync_each:
@@ -914,6 +952,11 @@ class CudaBackend(Backend):
         """`sample` with its rows already packed: prm uint32 [R, 16] (pack_sampling_row, then the
         counter in words 6-7 and the row's penalty slice in words 11-12), pen int32 pairs (token
         id, generated count) back to back."""
+        return self.sample_result(self.sample_packed_async(logits, prm, pen, n_top))
+
+    def sample_packed_async(self, logits, prm: np.ndarray, pen: np.ndarray, n_top: int = 0) -> "SampleHandle":
+        """Queues sample_packed's upload, kernel and download; sample_result(handle) waits for them.
+        The handle's tok_ptr (the sampled ids on the device) can feed a following step (begin_step)."""
         R, V = logits.shape
         nt, ntt = int(n_top), max(int(n_top), 1)
         # One device buffer and its pinned host twin, in 32-bit words:
@@ -923,15 +966,19 @@ class CudaBackend(Backend):
         o_out = -(-n_in // 64) * 64
         n_out = 2 * R + 2 * R * ntt
         words = o_out + n_out
+        self._sample_turn ^= 1
+        turn = self._sample_turn
         # Sized by the host twin: the device buffer is rounded up to ALIGN bytes, so its nbytes
         # can exceed the host's words and must not be what decides a reallocation.
-        if self._sample_host is None or self._sample_host.size < words:
-            if self._sample_buf is not None:
-                self._sample_buf.free()
+        host = self._sample_hosts[turn]
+        if host is None or host.size < words:
+            if self._sample_bufs[turn] is not None:
+                self.synchronize()  # a queued step may still use it
+                self._sample_bufs[turn].free()
             cap = -(-max(words * 2, 16 << 10) // 64) * 64
-            self._sample_buf = self._persistent(cap * 4, "sampling buffers")
-            self._sample_host = self._drv.pagelocked_empty(cap, np.uint32)
-        base, host = self._sample_buf.ptr, self._sample_host
+            self._sample_bufs[turn] = self._persistent(cap * 4, "sampling buffers")
+            host = self._sample_hosts[turn] = self._drv.pagelocked_empty(cap, np.uint32)
+        base = self._sample_bufs[turn].ptr
         host[: prm.size] = prm.ravel()
         host[prm.size: n_in] = pen.view(np.uint32)
         self._drv.memcpy_htod_async(base, host[:n_in], self.stream)
@@ -941,12 +988,26 @@ class CudaBackend(Backend):
         self._launch(k, (R, 1, 1), (1024, 1, 1), logits.ptr, work.ptr, np.int32(V), base, base + 4 * prm.size,
                      p_out, p_out + 4 * R, np.int32(nt), p_out + 8 * R, p_out + 8 * R + 4 * R * ntt)
         self._drv.memcpy_dtoh_async(host[o_out: words], p_out, self.stream)
-        self.synchronize()
-        out = host[o_out: words]
+        ev = self._sample_events[turn]
+        if ev is None:
+            from .cuda_graph import HostEvent
+
+            ev = self._sample_events[turn] = HostEvent()
+        ev.record(self.stream)
+        return SampleHandle(out=host[o_out: words], R=R, nt=nt, tok_ptr=p_out, event=ev,
+                            kernels=tuple(dict.fromkeys(self._recent)))
+
+    def sample_result(self, h: "SampleHandle"):
+        """The token ids and logprobs (and top ids / logprobs when n_top) of a queued sampling."""
+        try:
+            h.event.wait()
+        except Exception as exc:
+            raise Internal(f"CUDA error in kernel(s) {', '.join(h.kernels) or '?'}: {exc}") from exc
+        R, nt, out = h.R, h.nt, h.out
         toks = out[:R].view(np.int32).copy()
         lps = out[R: 2 * R].view(np.float32).copy()
         if not nt:
             return toks, lps
-        tid = out[2 * R: 2 * R + R * ntt].view(np.int32).reshape(R, ntt).copy()
-        tlp = out[2 * R + R * ntt:].view(np.float32).reshape(R, ntt).copy()
+        tid = out[2 * R: 2 * R + R * nt].view(np.int32).reshape(R, nt).copy()
+        tlp = out[2 * R + R * nt: 2 * R + 2 * R * nt].view(np.float32).reshape(R, nt).copy()
         return toks, lps, tid, tlp

@@ -18,7 +18,8 @@ CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
 def _cu():
     lib = ctypes.CDLL("libcuda.so.1")
     for name in ("cuStreamBeginCapture_v2", "cuStreamEndCapture", "cuGraphInstantiateWithFlags",
-                 "cuGraphLaunch", "cuGraphExecDestroy", "cuGraphDestroy", "cuGetErrorName"):
+                 "cuGraphLaunch", "cuGraphExecDestroy", "cuGraphDestroy", "cuGetErrorName", "cuEventCreate",
+                 "cuEventRecord", "cuEventSynchronize", "cuEventDestroy_v2"):
         getattr(lib, name)  # fail at first use if the driver lacks one
     return lib
 
@@ -71,6 +72,36 @@ class CudaGraph:
         if self._graph:
             _cu().cuGraphDestroy(self._graph)
             self._graph = ctypes.c_void_p()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class HostEvent:
+    """A point on a stream the host can wait for without waiting for what was queued after it
+    (stream.synchronize would), and with the GIL released while it waits (a ctypes call), so the
+    server's threads run meanwhile."""
+
+    CU_EVENT_DISABLE_TIMING = 2
+
+    def __init__(self):
+        self._ev = ctypes.c_void_p()
+        _check(_cu().cuEventCreate(ctypes.byref(self._ev), ctypes.c_uint(self.CU_EVENT_DISABLE_TIMING)),
+               "cuEventCreate")
+
+    def record(self, stream) -> None:
+        _check(_cu().cuEventRecord(self._ev, ctypes.c_void_p(stream.handle)), "cuEventRecord")
+
+    def wait(self) -> None:
+        _check(_cu().cuEventSynchronize(self._ev), "cuEventSynchronize")
+
+    def close(self) -> None:
+        if self._ev:
+            _cu().cuEventDestroy_v2(self._ev)
+            self._ev = ctypes.c_void_p()
 
     def __del__(self):
         try:
