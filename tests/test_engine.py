@@ -318,3 +318,56 @@ def test_lookahead_steps_give_the_tokens_of_plain_steps(tmp_path):
     assert got == outputs  # what step returned is what each sequence holds
     assert [len(g) for g in got] == [4, 14, 14, 14]
     assert runs["lookahead"] == runs["plain"]
+
+
+def test_scheduler_over_lookahead_streams_the_plain_tokens(tmp_path):
+    """The real scheduler over an engine with lookahead: requests of different lengths join and
+    finish (each finish leaves a step of it queued) and a late one joins a running batch; every
+    stream must carry the tokens it carries without lookahead, and every KV block comes back."""
+    import sys
+    import time
+
+    from orcd_grpc.scheduler import LENGTH, FinishedEvent, Request, Scheduler, Stopping, TokenEvent
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from gpu.test_cuda_models import write_tiny_llama
+
+    def drain(req):
+        events = []
+        while not events or not isinstance(events[-1], FinishedEvent):
+            events.append(req.events.get(timeout=30))
+        return events
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    rng = np.random.default_rng()
+    jobs = [([1] + rng.integers(3, 320, int(k)).tolist(), int(m))
+            for k, m in zip(rng.integers(2, 40, 4), (3, 17, 9, 12))]
+    results = {}
+    for mode in ("lookahead", "plain"):
+        be = _queued_device_backend()
+        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
+        eng.lookahead = mode == "lookahead"
+        free0 = eng.free_blocks()
+        sched = Scheduler(loader=lambda p, **_: eng)
+        try:
+            sched.load("tiny")
+            reqs = [Request(f"r{i}", prompt, SamplingParams(temperature=0.7, seed=i),
+                            Stopping(max_tokens=m, ignore_eos=True), engine=eng, model_id=eng.info.model_id)
+                    for i, (prompt, m) in enumerate(jobs)]
+            for r in reqs[:3]:
+                sched.submit(r)
+            events = [drain(reqs[0])]
+            sched.submit(reqs[3])  # joins the two still decoding
+            events += [drain(r) for r in reqs[1:]]
+            assert all(ev[-1].reason == LENGTH for ev in events)
+            results[mode] = [[e.token_id for e in ev if isinstance(e, TokenEvent)] for ev in events]
+            assert [len(t) for t in results[mode]] == [m for _, m in jobs]
+            deadline = time.monotonic() + 10
+            while eng.free_blocks() + len(eng.allocator._evictable) < free0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert eng.free_blocks() + len(eng.allocator._evictable) >= free0
+            assert (be.fed > 0) == (mode == "lookahead"), be.fed
+        finally:
+            sched.shutdown(0)
+            eng.close()
+    assert results["lookahead"] == results["plain"]
