@@ -70,6 +70,7 @@ def decode_setup(model: str, batch: int, ctx: int):
         eng.step(seqs, 8192)
     for _ in range(3):
         eng.step(seqs, 8192)
+    eng.drain()  # a step queued ahead (lookahead) settles, so the sequences can be planned by hand
     return eng, seqs, eng.backend._graphs[("decode", eng._bucket([(s, 1) for s in seqs]))][0]
 
 
