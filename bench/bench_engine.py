@@ -71,14 +71,15 @@ def main(argv=None):
     results["kv_bytes_per_seq_4096"] = per_token_kv * 4096
 
     # warm-up (module loads, autotuning, graph capture)
-    s = eng.new_sequence(rand_prompt(rng, 64, vocab), greedy)
+    # max_tokens as the server passes a request's: no step is queued past the last token (lookahead)
+    s = eng.new_sequence(rand_prompt(rng, 64, vocab), greedy, 4)
     run_to_completion(eng, [s], 4, 4096)
     eng.release(s)
 
     # prefill pp512 + single-stream decode tg128 (as llama-bench: separate measurements)
     pp, tg, ttft = [], [], []
     for _ in range(args.reps):
-        s = eng.new_sequence(rand_prompt(rng, args.prompt, vocab), greedy)
+        s = eng.new_sequence(rand_prompt(rng, args.prompt, vocab), greedy, args.gen + 1)
         t_first, t_dec, n = run_to_completion(eng, [s], args.gen + 1, 4096)
         eng.release(s)
         pp.append(args.prompt / t_first)
@@ -90,7 +91,7 @@ def main(argv=None):
 
     # aggregate decode at B concurrent sequences (128 prompt + 128 generated each)
     for b in batches:
-        seqs = [eng.new_sequence(rand_prompt(rng, 128, vocab), greedy) for _ in range(b)]
+        seqs = [eng.new_sequence(rand_prompt(rng, 128, vocab), greedy, args.gen + 1) for _ in range(b)]
         _, t_dec, n = run_to_completion(eng, seqs, args.gen + 1, 8192)
         for s in seqs:
             eng.release(s)

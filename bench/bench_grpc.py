@@ -30,7 +30,7 @@ from orcd_grpc.server import ServerConfig, start_server  # noqa: E402
 def engine_decode(engine, prompt, gen):
     from orcd_grpc.sampling import SamplingParams
 
-    s = engine.new_sequence(prompt, SamplingParams(temperature=0.0))
+    s = engine.new_sequence(prompt, SamplingParams(temperature=0.0), gen)  # max_tokens, as the gRPC request has
     try:
         while not s.output_ids:
             engine.step([s])

@@ -81,8 +81,10 @@ class _Inflight:
 class Sequence:
     """Engine-side state of one request."""
 
-    def __init__(self, seq_id: int, prompt_ids: list[int], sampling, sampler):
+    def __init__(self, seq_id: int, prompt_ids: list[int], sampling, sampler, max_tokens: int = 0):
         self.seq_id = seq_id
+        # output tokens at which the caller stops it (0: not known): lookahead queues no step past it
+        self.max_tokens = int(max_tokens)
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.sampling = sampling
@@ -159,7 +161,7 @@ class Engine:
         self._inflight: _Inflight | None = None
 
     # ---- sequences -----------------------------------------------------------------------
-    def new_sequence(self, prompt_ids: list[int], sampling) -> Sequence:
+    def new_sequence(self, prompt_ids: list[int], sampling, max_tokens: int = 0) -> Sequence:
         vocab = self.info.vocab_size
         if not prompt_ids:
             raise InvalidArgument("prompt is empty", field="input")
@@ -170,7 +172,7 @@ class Engine:
             raise OutOfRange(f"prompt is {len(prompt_ids)} tokens, context length is {self.info.context_length}",
                              field="input")
         sampling.validate(vocab)
-        return Sequence(next(self._ids), [int(t) for t in prompt_ids], sampling, Sampler(sampling))
+        return Sequence(next(self._ids), [int(t) for t in prompt_ids], sampling, Sampler(sampling), max_tokens)
 
     def can_admit(self, seq: Sequence) -> bool:
         # Conservative: ignores blocks the prefix cache may supply.
@@ -347,9 +349,13 @@ class Engine:
 
     def _launch_ahead(self, cur: "_Inflight") -> "_Inflight | None":
         """Queues the next decode step of cur's batch, fed cur's tokens, or None when it cannot
-        be queued (the context is full, the KV cache has no block for it)."""
+        or need not be queued (the context is full, the KV cache has no block for it, cur ends a
+        sequence by its max_tokens)."""
         seqs = cur.seqs
-        if any(s.num_cached + 1 > self.info.context_length for s in seqs):
+        # cur's token is not in output_ids yet: a sequence it brings to its max_tokens ends there,
+        # and a step queued past that would only keep the GPU from the next request
+        if any(s.num_cached + 1 > self.info.context_length or 0 < s.max_tokens <= len(s.output_ids) + 1
+               for s in seqs):
             return None
         try:
             for s in seqs:

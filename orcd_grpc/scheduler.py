@@ -391,7 +391,7 @@ class Scheduler:
                 continue
             if req.seq is None:
                 try:
-                    req.seq = engine.new_sequence(req.prompt_ids, req.sampling)
+                    req.seq = engine.new_sequence(req.prompt_ids, req.sampling, req.stopping.max_tokens)
                 except OrcdError as exc:
                     self._fail(req, exc)
                     continue

@@ -367,7 +367,38 @@ def test_scheduler_over_lookahead_streams_the_plain_tokens(tmp_path):
                 time.sleep(0.01)
             assert eng.free_blocks() + len(eng.allocator._evictable) >= free0
             assert (be.fed > 0) == (mode == "lookahead"), be.fed
+            assert eng._inflight is None and not be.pending  # every request ended by its max_tokens
         finally:
             sched.shutdown(0)
             eng.close()
     assert results["lookahead"] == results["plain"]
+
+
+def test_lookahead_queues_no_step_past_max_tokens(tmp_path):
+    """A sequence's max_tokens (the server passes each request's) bounds lookahead: once the step
+    in flight brings it there, nothing more is queued, so the GPU is free for the next request
+    the moment the last token is read. Without one, a step stays queued."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from gpu.test_cuda_models import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    be = _queued_device_backend()
+    eng = load_engine(path, backend=be, max_sequences=4, max_context=256)
+    try:
+        for max_tokens in (7, 0):
+            s = eng.new_sequence([1, 5, 9, 13], SamplingParams(temperature=0.7, seed=1), max_tokens)
+            while len(s.output_ids) < 7:
+                eng.step([s])
+            assert len(s.output_ids) == 7
+            if max_tokens:
+                assert eng._inflight is None and not be.pending
+                assert be.fed >= 3  # it did run ahead before the end
+            else:
+                assert eng._inflight is not None and len(be.pending) == 1
+            eng.release(s)
+            eng.drain()
+            assert not be.pending
+    finally:
+        eng.close()

@@ -126,7 +126,7 @@ class FakeEngine:
         self.closed = False
         self.lock = threading.Lock()
 
-    def new_sequence(self, prompt_ids, sampling):
+    def new_sequence(self, prompt_ids, sampling, max_tokens=0):
         from orcd_grpc.errors import OutOfRange
 
         if len(prompt_ids) >= self.info.context_length:
