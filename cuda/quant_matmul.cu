@@ -145,7 +145,14 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
         const int e = expert_ids[slot];
         W += e * expert_stride;
         if (bias) bias += (long long)e * n;
-        x += (long long)(x_per_slot ? slot : slot / top_k) * k * (ACT ? 2 : 1);
+        const long long row = x_per_slot ? slot : slot / top_k;
+        if constexpr (ACT == ACT_I8) {
+            // quantize_x8's rows: k signed bytes each (x is that buffer), k / 32 scales each
+            x = reinterpret_cast<const float*>(reinterpret_cast<const int8_t*>(x) + row * k);
+            xd += row * (k / 32);
+        } else {
+            x += row * k * ((ACT == 1 || ACT == 2) ? 2 : 1);  // a GLU input row is [gate | up]
+        }
         y += (long long)slot * n;
     }
     // NORM: every warp finds inv_rms of s = x + res itself (a row of k floats, L2-resident, costs

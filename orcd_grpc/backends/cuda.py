@@ -879,18 +879,28 @@ class CudaBackend(Backend):
         # (kept referenced until the down projection is queued: a dropped block is reused by the next _out)
         gws = self._out((cuda_quant.moe_workspace_ints(T, k, ne),), np.int32) if grouped else None
         gkw = dict(workspace_ptr=gws.ptr if grouped else None, grouped=grouped)
+        # int8 input for the per-slot GEMVs (opt-in): one quantized copy of x serves gate and up;
+        # the blocks stay referenced until their launches are queued (see linear)
+        x8 = xq = xs = None
+        if cuda_quant.moe_i8_eligible(w_gate, grouped) and cuda_quant.moe_i8_eligible(w_up, grouped):
+            xq, xs = self._out((T * d // 4,)), self._out((T * d // 32,))
+            x8 = (xq.ptr, xs.ptr)
         self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_gate, ids.ptr, g.ptr, T, k, self.stream,
-                         bias_ptr=bp(b_gate), **gkw)
+                         bias_ptr=bp(b_gate), x8=x8, **gkw)
         self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_up, ids.ptr, u.ptr, T, k, self.stream,
-                         bias_ptr=bp(b_up), grouped_ready=grouped, **gkw)
+                         bias_ptr=bp(b_up), grouped_ready=grouped, x8=x8, x8_ready=x8 is not None, **gkw)
         a = self._out((T, k, F))
         n = T * k * F
         self._launch(self._k("moe", "moe_act", "PPPqiff"), (max(1, min(-(-n // 256), 4096)), 1, 1), (256, 1, 1),
                      g.ptr, u.ptr, a.ptr, np.int64(n), np.int32(act == "swiglu_oai"), np.float32(alpha),
                      np.float32(limit))
         y = self._out((T, k, d))
+        a8 = aq = as_ = None
+        if cuda_quant.moe_i8_eligible(w_down, grouped):
+            aq, as_ = self._out((T * k * F // 4,)), self._out((T * k * F // 32,))
+            a8 = (aq.ptr, as_.ptr)
         self._quant_call("moe_matmul", cuda_quant.moe_matmul, a.ptr, w_down, ids.ptr, y.ptr, T, k, self.stream,
-                         bias_ptr=bp(b_down), x_per_slot=True, grouped_ready=grouped, **gkw)
+                         bias_ptr=bp(b_down), x_per_slot=True, grouped_ready=grouped, x8=a8, **gkw)
         out = self._out((T, d))
         self._launch(self._k("moe", "moe_combine", "PPPiii"), (max(1, min(-(-d // 256), 8)), T, 1), (256, 1, 1),
                      y.ptr, wts.ptr, out.ptr, np.int32(T), np.int32(k), np.int32(d))

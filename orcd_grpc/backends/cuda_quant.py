@@ -181,6 +181,24 @@ _I8 = os.environ.get("ORCD_GEMV_INT8", "1") == "1"
 _I8_MIN = int(os.environ.get("ORCD_GEMV_INT8_MIN", str(4 << 20)))
 
 
+def quantize_x8(x_ptr, xq_ptr, xd_ptr, n: int, stream) -> None:
+    """n floats (n % 32 == 0; several rows of k % 32 == 0 back to back) -> n signed bytes and n / 32 scales."""
+    q = _kernels().get("quantize_x8", "PPPi")
+    q.prepared_async_call(((n // 32 + 7) // 8, 1), (256, 1, 1), stream, _p(x_ptr), _p(xq_ptr), _p(xd_ptr),
+                          np.int32(n))
+
+
+# The per-slot MoE GEMV (few slots: gpt-oss at B=1) on the int8-quantized input too. Opt-in until
+# measured on a GPU (ORCD_MOE_INT8=1); gate and up share one quantized copy of x.
+_MOE_I8 = os.environ.get("ORCD_MOE_INT8", "0") == "1"
+
+
+def moe_i8_eligible(w: QuantWeight, grouped: bool) -> bool:
+    """Whether moe_matmul's per-slot GEMV on w takes the int8 input (the caller passes x8 scratch)."""
+    return (_MOE_I8 and not grouped and w.qtype in I8_FORMATS and w.k % 32 == 0
+            and w.n * w.k >= _I8_MIN)
+
+
 def i8_eligible(w: QuantWeight, T: int) -> bool:
     """Whether a T-token matmul on w takes the int8-input GEMV (the caller then passes x8 scratch)."""
     return _I8 and T == 1 and w.qtype in I8_FORMATS and w.k % 32 == 0 and w.n * w.k >= _I8_MIN
@@ -212,9 +230,7 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
             raise ValueError(f"the int8-input GEMV serves T = 1, no act, integer formats, k % 32 == 0 "
                              f"(T={T} act={act!r} {w.qtype.name} k={w.k})")
         xq_ptr, xd_ptr = x8
-        q = ks.get("quantize_x8", "PPPi")
-        q.prepared_async_call(((w.k // 32 + 7) // 8, 1), (256, 1, 1), stream, _p(x_ptr), _p(xq_ptr), _p(xd_ptr),
-                              np.int32(w.k))
+        quantize_x8(x_ptr, xq_ptr, xd_ptr, w.k, stream)
         f, gx = _gemv(fmt, 1, w.n, 1, "i8", sig=_GEMV_SIG + "P")
         _gemv_call(f, (gx, 1), stream, xq_ptr, w, y_ptr, bias_ptr, 1, _p(xd_ptr), accumulate=accumulate)
         return
@@ -296,7 +312,7 @@ def moe_group(expert_ids_ptr, T: int, top_k: int, n_experts: int, workspace_ptr,
 
 def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream, bias_ptr=None,
                x_per_slot: bool = False, workspace_ptr=None, grouped: bool | None = None,
-               grouped_ready: bool = False) -> None:
+               grouped_ready: bool = False, x8: tuple | None = None, x8_ready: bool = False) -> None:
     """y[t, j, :] = x[t] @ W[expert_ids[t, j]]^T (+ bias[expert_ids[t, j]]).
 
     With x_per_slot the input of slot (t, j) is x[t, j, :] (the down projection after the gate/up
@@ -308,7 +324,9 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
     moe_workspace_ints(T, top_k, w.n_experts) elements; without it the GEMV path is used);
     grouped=True/False forces a path. grouped_ready=True: the workspace already holds the grouping of
     these expert_ids for the same (T, top_k, n_experts) from an earlier call (gate, up and down
-    projections share one moe_group launch).
+    projections share one moe_group launch). x8 = (xq_ptr, xd_ptr): the per-slot GEMV on the input
+    quantized to int8 there (rows x k bytes and rows x k / 32 floats, rows = T, or T * top_k with
+    x_per_slot); x8_ready: it already holds this x's quantization (gate and up share one).
     """
     if T <= 0:
         return
@@ -338,6 +356,16 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
                               _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(workspace_ptr), np.int32(T),
                               np.int32(top_k), np.int32(E), np.int32(Y), np.int32(w.n), np.int32(w.k),
                               np.int64(w.expert_bytes), np.int32(bool(x_per_slot)))
+        return
+    if x8 is not None:
+        if w.qtype not in I8_FORMATS or w.k % 32:
+            raise ValueError(f"the int8-input GEMV serves integer formats with k % 32 == 0 ({w.qtype.name} k={w.k})")
+        xq_ptr, xd_ptr = x8
+        if not x8_ready:
+            quantize_x8(x_ptr, xq_ptr, xd_ptr, (T * top_k if x_per_slot else T) * w.k, stream)
+        f, gx = _gemv(_NAME[w.qtype], 1, w.n, T * top_k, "i8", sig=_GEMV_SIG + "P")
+        _gemv_call(f, (gx, T * top_k), stream, xq_ptr, w, y_ptr, bias_ptr, 1, _p(xd_ptr), ids_ptr=expert_ids_ptr,
+                   expert_stride=w.expert_bytes, top_k=top_k, x_per_slot=x_per_slot)
         return
     f, gx = _gemv(_NAME[w.qtype], 1, w.n, T * top_k)
     _gemv_call(f, (gx, T * top_k), stream, x_ptr, w, y_ptr, bias_ptr, 1, ids_ptr=expert_ids_ptr,

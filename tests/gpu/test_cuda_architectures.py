@@ -96,6 +96,7 @@ def test_tiny_architecture_with_int8_gemv(arch, qtype, tmp_path, monkeypatch):
     from orcd_grpc.backends import cuda_quant
 
     monkeypatch.setattr(cuda_quant, "_I8", True)
+    monkeypatch.setattr(cuda_quant, "_MOE_I8", True)  # gpt-oss's per-slot expert GEMVs too (opt-in)
     monkeypatch.setattr(cuda_quant, "_I8_MIN", 0)
     test_tiny_architecture_on_cuda_matches_numpy(arch, qtype, tmp_path)
 

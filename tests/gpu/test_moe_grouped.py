@@ -5,6 +5,8 @@ poisoned with NaN first. Tolerances (||out - ref|| / ||ref||, see test_quant_ker
   * grouped (f16 operands, f32 accumulation): 3e-3, also row by row for wide-range activations
   * per-slot GEMV (f32): 1e-4
   * grouped GEMV (moe_group + gemv_moe_<fmt>_8, ORCD_MOE_GEMV=1; f32): 1e-4
+  * per-slot GEMV on the int8-rounded input (quantize_x8 + gemv_*_1[_k4]_i8, ORCD_MOE_INT8=1): 1e-3
+    against the rounded input (a wrong row or scale offset is off by O(1)), 2e-2 against the float one
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import pytest
 gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
 
-from .test_quant_kernels import TOL_GEMM, TOL_GEMV, cu, random_weight, rel_err, row_errors, wide_range_x  # noqa: E402,F401
+from .test_quant_kernels import (TOL_GEMM, TOL_GEMV, _quantize_x8_ref, cu, random_weight, rel_err,  # noqa: E402,F401
+                                 row_errors, wide_range_x)
 
 pytestmark = pytest.mark.gpu
 
@@ -56,7 +59,8 @@ def _expert_weight(qtype, n, k, ne=E):
     return _WEIGHTS[key]
 
 
-def _run(cu, qtype, T, x_per_slot, grouped, routing="uniform", with_bias=True, wide=False, n=301, k=None, ne=E):
+def _run(cu, qtype, T, x_per_slot, grouped, routing="uniform", with_bias=True, wide=False, n=301, k=None, ne=E,
+         int8=False):
     k = k or (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 768)
     rng = np.random.default_rng()
     raw, wf = _expert_weight(qtype, n, k, ne)
@@ -72,11 +76,19 @@ def _run(cu, qtype, T, x_per_slot, grouped, routing="uniform", with_bias=True, w
         yd = cu.ga.to_gpu(np.full((T, TOP_K, n), np.nan, np.float32))
         # workspace poisoned with garbage: moe_group must write every entry the GEMM reads
         ws = cu.ga.to_gpu(rng.integers(-(1 << 30), 1 << 30, size=cu.q.moe_workspace_ints(T, TOP_K, ne)).astype(np.int32))
+        x8 = None
+        if int8:  # scratch poisoned: quantize_x8 must write every byte and scale the GEMV reads
+            xq = cu.ga.to_gpu(rng.integers(-128, 128, rows * k).astype(np.int8))
+            xs = cu.ga.to_gpu(np.full(rows * k // 32, np.nan, np.float32))
+            x8 = (xq.gpudata, xs.gpudata)
         cu.q.moe_matmul(xd.gpudata, w, idd.gpudata, yd.gpudata, T, TOP_K, cu.stream,
                         bias_ptr=bd.gpudata if with_bias else None, x_per_slot=x_per_slot,
-                        workspace_ptr=ws.gpudata, grouped=grouped)
+                        workspace_ptr=ws.gpudata, grouped=grouped, x8=x8)
         cu.stream.synchronize()
-        return yd.get(), _reference(x, wf, bias, ids, x_per_slot), ids, ws.get()
+        ref = _reference(x, wf, bias, ids, x_per_slot)
+        if int8:
+            return yd.get(), (ref, _reference(_quantize_x8_ref(x), wf, bias, ids, x_per_slot)), ids, ws.get()
+        return yd.get(), ref, ids, ws.get()
     finally:
         w.free()
 
@@ -99,6 +111,20 @@ def test_moe_gemv_vs_reference(cu, qtype, T, x_per_slot):
     out, ref, _, _ = _run(cu, qtype, T, x_per_slot, grouped=False)
     err = rel_err(out, ref)
     assert err <= TOL_GEMV, f"gemv {qtype.name} T={T} x_per_slot={x_per_slot}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("ksplit", ["0", "1"])
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
+@pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K], ids=lambda v: v.name)
+def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit, monkeypatch):
+    """the per-slot GEMV on an int8-quantized input (opt-in ORCD_MOE_INT8=1), both GEMV layouts: each
+    slot must find its own quantized row and scales (x_per_slot) or its token's (gate / up)"""
+    monkeypatch.setattr(cu.q, "_KSPLIT", ksplit)
+    out, (ref, ref8), _, _ = _run(cu, qtype, T, x_per_slot, grouped=False, int8=True)
+    err8, err = rel_err(out, ref8), rel_err(out, ref)
+    assert err8 <= 1e-3, f"int8 gemv {qtype.name} T={T} x_per_slot={x_per_slot}: {err8:.2e} against the rounded input"
+    assert err <= 2e-2, f"int8 gemv {qtype.name} T={T} x_per_slot={x_per_slot}: {err:.2e} against the float input"
 
 
 @pytest.mark.parametrize("T", [16, 64, 300])

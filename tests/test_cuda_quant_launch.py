@@ -1,0 +1,75 @@
+"""cuda_quant's launch decisions on the CPU, with the kernels replaced by a recorder: which kernel
+each matmul takes and what it is handed (the GPU suite checks the results)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from orcd_grpc.backends import cuda_quant
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def get(self, name, sig):
+        rec = self
+
+        class _F:
+            def prepared_async_call(self, grid, block, stream, *args):
+                rec.calls.append((name, grid, [int(a) if np.ndim(a) == 0 else a for a in args]))
+
+        return _F()
+
+
+@pytest.fixture
+def rec(monkeypatch):
+    r = _Recorder()
+    monkeypatch.setattr(cuda_quant, "_kernels", lambda: r)
+    return r
+
+
+def _experts(qtype=Q.MXFP4, n=2880, k=2880, ne=32):
+    return SimpleNamespace(qtype=qtype, n=n, k=k, n_experts=ne, ptr=0x10000, expert_bytes=n * k // 2)
+
+
+@pytest.mark.parametrize("x_per_slot", [False, True])
+def test_moe_per_slot_int8_quantizes_each_input_row_once(rec, x_per_slot):
+    """The int8 per-slot MoE GEMV: x is quantized once (T rows, or T * top_k with x_per_slot) into
+    the caller's scratch, and the GEMV reads that scratch and its scales, not x; a second
+    projection on the same x (x8_ready) quantizes nothing."""
+    w, T, top_k = _experts(), 3, 4
+    XQ, XD, X, Y, IDS = 0xA000, 0xB000, 0xC000, 0xD000, 0xE000
+    cuda_quant.moe_matmul(X, w, IDS, Y, T, top_k, None, x_per_slot=x_per_slot, grouped=False, x8=(XQ, XD))
+    (qname, qgrid, qargs), (gname, ggrid, gargs) = rec.calls
+    rows = T * top_k if x_per_slot else T
+    assert qname == "quantize_x8" and qargs == [X, XQ, XD, rows * w.k]
+    assert qgrid[0] * 8 * 32 >= rows * w.k  # a warp per 32 elements, 8 warps per block
+    assert gname.startswith("gemv_mxfp4_1") and gname.endswith("_i8")
+    assert gargs[0] == XQ and gargs[-1] == XD and gargs[2] == Y and gargs[4] == IDS
+    assert ggrid[1] == T * top_k and gargs[10] == int(x_per_slot)
+    rec.calls.clear()
+    cuda_quant.moe_matmul(X, w, IDS, Y, T, top_k, None, x_per_slot=x_per_slot, grouped=False, x8=(XQ, XD),
+                          x8_ready=True)
+    assert [c[0] for c in rec.calls] == [gname]
+
+
+def test_moe_per_slot_without_int8_reads_x(rec):
+    w = _experts(Q.Q8_0)
+    w.expert_bytes = w.n * w.k * 34 // 32
+    cuda_quant.moe_matmul(0xC000, w, 0xE000, 0xD000, 1, 4, None, grouped=False)
+    ((name, _, args),) = rec.calls
+    assert name.startswith("gemv_q8_0_1") and not name.endswith("_i8") and args[0] == 0xC000
+
+
+def test_moe_int8_is_opt_in_and_per_slot_only(monkeypatch):
+    w = _experts()
+    assert not cuda_quant.moe_i8_eligible(w, grouped=False)  # ORCD_MOE_INT8 unset
+    monkeypatch.setattr(cuda_quant, "_MOE_I8", True)
+    assert cuda_quant.moe_i8_eligible(w, grouped=False)
+    assert not cuda_quant.moe_i8_eligible(w, grouped=True)
+    assert not cuda_quant.moe_i8_eligible(_experts(Q.F16), grouped=False)
+    assert not cuda_quant.moe_i8_eligible(_experts(n=64, k=64), grouped=False)  # under ORCD_GEMV_INT8_MIN
