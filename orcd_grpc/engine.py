@@ -268,15 +268,16 @@ class Engine:
             return 0
         return next(b for b in self.graph_buckets if b >= len(plan))
 
-    def _forward(self, plan, all_logits: bool = False, feed=None):
+    def _forward(self, plan, all_logits: bool = False, feed=None, overlap: bool = False):
+        """overlap (lookahead, a captured decode graph): queued behind the step already on the
+        device instead of after waiting for it; feed: that step's sampling, whose tokens are this
+        step's inputs."""
         bucket = 0 if all_logits else self._bucket(plan)
         meta = self._meta(plan, all_logits, pad_to=bucket)
-        if feed is not None or self._lookahead_ok(plan, bucket):
-            # queued behind the step already on the device (its tokens fed in, when feed)
+        if bucket:
+            queued = {"feed": feed, "overlap": True} if overlap else {}
             logits = self.backend.graph_step(("decode", bucket), meta, lambda ctx: self.adapter.forward(ctx, self.kv),
-                                             feed=feed, overlap=True)
-        elif bucket:
-            logits = self.backend.graph_step(("decode", bucket), meta, lambda ctx: self.adapter.forward(ctx, self.kv))
+                                             **queued)
         else:
             if not len(meta.logits_rows):
                 # Only prompt chunks that do not finish their prompt: nothing is sampled, but the
@@ -331,18 +332,11 @@ class Engine:
         """Queues a decode step and its sampling without waiting. feed: the step queued before it,
         whose sampled tokens (not yet on the host) are this step's inputs."""
         seqs = [s for s, _ in plan]
-        _, logits = self._forward(plan, feed=None if feed is None else feed.handle)
+        _, logits = self._forward(plan, feed=None if feed is None else feed.handle, overlap=True)
         if logits.shape[0] != len(seqs):
             logits = logits.row_slice(0, len(seqs))
-        ahead = 0 if feed is None else 1  # a fed step samples the token after the one still in flight
-        prm = np.empty((len(seqs), 16), np.uint32)
-        for r, s in enumerate(seqs):
-            row = s.device_row
-            if row is None:
-                p = s.sampling
-                row = s.device_row = self._pack_row(p.temperature, p.top_k, p.top_p, p.min_p, s.device_seed)
-            prm[r] = row
-        prm[:, 6] = [len(s.output_ids) + ahead for s in seqs]
+        # a fed step samples the token after the one still in flight
+        prm = self._packed_rows(seqs, ahead=0 if feed is None else 1)
         n_top = max(s.sampling.top_logprobs for s in seqs)
         handle = self.backend.sample_packed_async(logits, prm, np.zeros(2, np.int32), n_top)
         return _Inflight(seqs, handle, [s.epoch for s in seqs], feed is not None)
@@ -398,6 +392,20 @@ class Engine:
         if fl is not None:
             self._collect(fl, fl.seqs)
 
+    def _packed_rows(self, seqs: list[Sequence], ahead: int = 0) -> np.ndarray:
+        """The sampling rows of seqs for the backend's packed sampler. Kept cheap for large batches:
+        each row's parameters are packed once per sequence; per step only the Philox counter (the
+        index of the token sampled: ahead more than the tokens on the host) changes."""
+        prm = np.empty((len(seqs), 16), np.uint32)
+        for r, s in enumerate(seqs):
+            row = s.device_row
+            if row is None:
+                p = s.sampling
+                row = s.device_row = self._pack_row(p.temperature, p.top_k, p.top_p, p.min_p, s.device_seed)
+            prm[r] = row
+        prm[:, 6] = [len(s.output_ids) + ahead for s in seqs]
+        return prm
+
     def _sample_on_device(self, logits, seqs: list[Sequence]) -> dict:
         """Sampling on the backend: only token ids and logprobs cross to the host."""
         if logits.shape[0] != len(seqs):  # a padded graph step: the real rows come first
@@ -405,17 +413,7 @@ class Engine:
         n_top = max(s.sampling.top_logprobs for s in seqs)
         penalised = any(_penalised(s.sampling) for s in seqs)
         if not penalised and self._sample_packed is not None:
-            # The common case, kept cheap for large batches: each row's parameters are packed
-            # once per sequence; per step only the Philox counter (the token index) changes.
-            prm = np.empty((len(seqs), 16), np.uint32)
-            for r, s in enumerate(seqs):
-                row = s.device_row
-                if row is None:
-                    p = s.sampling
-                    row = s.device_row = self._pack_row(p.temperature, p.top_k, p.top_p, p.min_p, s.device_seed)
-                prm[r] = row
-            prm[:, 6] = [len(s.output_ids) for s in seqs]
-            res = self._sample_packed(logits, prm, np.zeros(2, np.int32), n_top)
+            res = self._sample_packed(logits, self._packed_rows(seqs), np.zeros(2, np.int32), n_top)
         else:
             rows = []
             for s in seqs:
