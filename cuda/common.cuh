@@ -19,6 +19,12 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// v rounded to int8 against its 32-element block's scale d = m / 127 (m = the block's max |v|): the
+// input of the int8 GEMVs. Clamped: a fast-math division may land a hair past 127 for the largest.
+__device__ __forceinline__ int8_t q8_round(float v, float d, float m) {
+    return static_cast<int8_t>(m > 0.f ? max(-127, min(127, __float2int_rn(v / d))) : 0);
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));

@@ -69,6 +69,27 @@ __device__ __forceinline__ void glu_halves(const float* __restrict__ x, float* _
     }
 }
 extern "C" __global__ void silu_halves_f32(const float* x, float* y, int rows, int F) { glu_halves<0>(x, y, rows, F); }
+
+// One row of glu_halves (F % 32 == 0) that also writes y rounded to int8 with a scale per 32 elements
+// (q8_round), the down projection's int8 GEMV input (opt-in ORCD_FUSE_Q8=1). A warp per 32 columns.
+template <int OP>
+__device__ __forceinline__ void glu_halves_q8(const float* __restrict__ x, float* __restrict__ y,
+                                              int8_t* __restrict__ xq, float* __restrict__ xd, int F) {
+    const int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (blk * 32 >= F) return;  // the whole warp
+    const int c = blk * 32 + lane;
+    const float v = apply<OP>(x[c], x[F + c], 0.f);
+    y[c] = v;
+    const float m = warp_max(fabsf(v));
+    xq[c] = q8_round(v, m / 127.f, m);
+    if (lane == 0) xd[blk] = m / 127.f;
+}
+extern "C" __global__ void silu_halves_q8(const float* x, float* y, int8_t* xq, float* xd, int F) {
+    glu_halves_q8<0>(x, y, xq, xd, F);
+}
+extern "C" __global__ void gelu_halves_q8(const float* x, float* y, int8_t* xq, float* xd, int F) {
+    glu_halves_q8<1>(x, y, xq, xd, F);
+}
 extern "C" __global__ void gelu_halves_f32(const float* x, float* y, int rows, int F) { glu_halves<1>(x, y, rows, F); }
 
 // Column split into up to three outputs in one launch: piece p = blockIdx.z gets columns

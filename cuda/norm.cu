@@ -35,16 +35,36 @@ __device__ __forceinline__ float load_sum_sq(const float* __restrict__ x, const 
     return ss;
 }
 
-template <bool VEC>
+// Q8: out's 4 elements at float4 index i also go to xq as int8, with xd[i / 8] the scale of their
+// 32-element block (q8_round). Lanes 8g..8g+7 of a warp hold one block when the float4 index runs
+// lane-contiguous with a stride that is a multiple of 32 and d % 32 == 0 (so a group is in or out of
+// the loop as a whole).
+__device__ __forceinline__ void q8_store4(float4 o, int8_t* __restrict__ xq, float* __restrict__ xd, int i) {
+    const unsigned group = 0xffu << (threadIdx.x & 24);
+    float m = fmaxf(fmaxf(fabsf(o.x), fabsf(o.y)), fmaxf(fabsf(o.z), fabsf(o.w)));
+    m = fmaxf(m, __shfl_xor_sync(group, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(group, m, 2));
+    m = fmaxf(m, __shfl_xor_sync(group, m, 4));
+    const float dq = m / 127.f;
+    reinterpret_cast<char4*>(xq)[i] = make_char4(q8_round(o.x, dq, m), q8_round(o.y, dq, m), q8_round(o.z, dq, m),
+                                                 q8_round(o.w, dq, m));
+    if ((i & 7) == 0) xd[i >> 3] = dq;
+}
+
+template <bool VEC, bool Q8 = false>
 __device__ __forceinline__ void scale_out(const float* __restrict__ s, const float* __restrict__ w,
-                                          float* __restrict__ out, int d, float inv, int i0, int stride) {
+                                          float* __restrict__ out, int d, float inv, int i0, int stride,
+                                          int8_t* __restrict__ xq = nullptr, float* __restrict__ xd = nullptr) {
+    static_assert(VEC || !Q8, "the int8 copy is written from float4s");
     if (VEC) {
         const float4* s4 = reinterpret_cast<const float4*>(s);
         const float4* w4 = reinterpret_cast<const float4*>(w);
         float4* o4 = reinterpret_cast<float4*>(out);
         for (int i = i0; i < d / 4; i += stride) {
             float4 v = s4[i], g = w4[i];
-            o4[i] = make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w);
+            const float4 o = make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w);
+            o4[i] = o;
+            if constexpr (Q8) q8_store4(o, xq, xd, i);
         }
     } else {
         for (int i = i0; i < d; i += stride) out[i] = s[i] * inv * w[i];
@@ -65,16 +85,17 @@ __device__ void rms_norm_warp_impl(const float* x, const float* res, float* s_ou
     scale_out<VEC>(res ? s_out + off : x + off, w, out + off, d, inv, lane, 32);
 }
 
-template <bool VEC>
+template <bool VEC, bool Q8 = false>
 __device__ void rms_norm_block_impl(const float* x, const float* res, float* s_out, float* out,
-                                    const float* w, int d, float eps) {
+                                    const float* w, int d, float eps, int8_t* xq = nullptr, float* xd = nullptr) {
     __shared__ float scratch[32];
     const size_t off = (size_t)blockIdx.x * d;
     float ss = block_sum(load_sum_sq<VEC>(x + off, res ? res + off : nullptr, s_out + off, d, threadIdx.x,
                                           blockDim.x), scratch);
     const float inv = rsqrtf(ss / d + eps);
     __syncthreads();
-    scale_out<VEC>(res ? s_out + off : x + off, w, out + off, d, inv, threadIdx.x, blockDim.x);
+    scale_out<VEC, Q8>(res ? s_out + off : x + off, w, out + off, d, inv, threadIdx.x, blockDim.x,
+                       Q8 ? xq + off : nullptr, Q8 ? xd + off / 32 : nullptr);
 }
 
 // res may be null (plain norm; s_out unused). vec: d % 4 == 0 and 16-byte aligned pointers.
@@ -90,4 +111,14 @@ extern "C" __global__ void rms_norm_block(const float* __restrict__ x, const flo
                                           const float* __restrict__ w, int rows, int d, float eps, int vec) {
     if (vec) rms_norm_block_impl<true>(x, res, s_out, out, w, d, eps);
     else rms_norm_block_impl<false>(x, res, s_out, out, w, d, eps);
+}
+
+// rms_norm_block that also writes its output rounded to int8 (xq, d bytes per row) with a scale per
+// 32 elements (xd), for the int8 GEMV that follows (opt-in ORCD_FUSE_Q8=1): one quantize launch
+// less per such matmul. d % 32 == 0, 16-byte aligned rows, blockDim.x a multiple of 32.
+extern "C" __global__ void rms_norm_block_q8(const float* __restrict__ x, const float* __restrict__ res,
+                                             float* __restrict__ s_out, float* __restrict__ out,
+                                             const float* __restrict__ w, int rows, int d, float eps,
+                                             int8_t* __restrict__ xq, float* __restrict__ xd) {
+    rms_norm_block_impl<true, true>(x, res, s_out, out, w, d, eps, xq, xd);
 }

@@ -596,8 +596,7 @@ extern "C" __global__ void quantize_x8(const float* __restrict__ x, int8_t* __re
     const float v = x[blk * 32 + lane];
     const float amax = warp_max(fabsf(v));
     const float d = amax / 127.f;
-    // clamped: a fast-math division may land a hair past 127 for the largest element
-    xq[blk * 32 + lane] = static_cast<int8_t>(amax > 0.f ? max(-127, min(127, __float2int_rn(v / d))) : 0);
+    xq[blk * 32 + lane] = q8_round(v, d, amax);
     if (lane == 0) xd[blk] = d;
 }
 

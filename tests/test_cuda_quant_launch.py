@@ -73,3 +73,15 @@ def test_moe_int8_is_opt_in_and_per_slot_only(monkeypatch):
     assert not cuda_quant.moe_i8_eligible(w, grouped=True)
     assert not cuda_quant.moe_i8_eligible(_experts(Q.F16), grouped=False)
     assert not cuda_quant.moe_i8_eligible(_experts(n=64, k=64), grouped=False)  # under ORCD_GEMV_INT8_MIN
+
+
+def test_int8_matmul_takes_a_ready_rounding_without_quantizing(rec):
+    """matmul with x8_ready (its producer wrote the rounding, ORCD_FUSE_Q8): no quantize launch,
+    and the GEMV reads the given int8 row and scales."""
+    w = SimpleNamespace(qtype=Q.Q4_K, n=9216, k=3072, n_experts=None, ptr=0x10000, expert_bytes=0)
+    cuda_quant.matmul(0xC000, w, 0xD000, 1, None, x8=(0xA000, 0xB000), x8_ready=True)
+    ((name, _, args),) = rec.calls
+    assert name.startswith("gemv_q4_k_1") and name.endswith("_i8") and args[0] == 0xA000 and args[-1] == 0xB000
+    rec.calls.clear()
+    cuda_quant.matmul(0xC000, w, 0xD000, 1, None, x8=(0xA000, 0xB000))
+    assert [c[0] for c in rec.calls] == ["quantize_x8", name] and rec.calls[0][2] == [0xC000, 0xA000, 0xB000, 3072]

@@ -282,6 +282,9 @@ class CudaBackend(Backend):
         # attn_dN with batched staging loads (attn_dN_b): qwen2.5-0.5b's decode attention 13.0 -> 12.4 us
         # per layer, tg128 651 -> 688 tok/s (H100, 2026-11-23); ORCD_ATTN_BATCH_LOADS=0 turns it off
         self._attn_batch = os.environ.get("ORCD_ATTN_BATCH_LOADS", "1") == "1"
+        # single rows out of RMSNorm and the fused GLU also written as int8 + scales, so the int8
+        # GEMV that takes them needs no quantize launch (written after the last GPU run: opt-in)
+        self._fuse_q8 = os.environ.get("ORCD_FUSE_Q8") == "1"
         # rows up to which RMSNorm takes a block per row rather than a warp (A/B: 0 = always warps)
         self._norm_block_rows = int(os.environ.get("ORCD_NORM_BLOCK_ROWS", "256"))
         self._rope_cache: dict[int, tuple] = {}
@@ -591,12 +594,16 @@ class CudaBackend(Backend):
         # int8 input: the quantized row and its scales live in the step's workspace. Both blocks are
         # held until the launch is queued: a dropped block goes back to the free list at once, and
         # the second allocation would then alias the first.
-        x8 = None
+        x8, ready = None, False
         if cuda_quant.i8_eligible(w, T):
-            xq, xd = self._out((w.k // 4,)), self._out((w.k // 32,))
+            if x.q8 is not None:  # its producer wrote the rounding too (ORCD_FUSE_Q8)
+                xq, xd = x.q8
+                ready = True
+            else:
+                xq, xd = self._out((w.k // 4,)), self._out((w.k // 32,))
             x8 = (xq.ptr, xd.ptr)
         self._quant_call("matmul", cuda_quant.matmul, x.ptr, w, y.ptr, T, self.stream,
-                         bias_ptr=bias.ptr if bias is not None else None, x8=x8)
+                         bias_ptr=bias.ptr if bias is not None else None, x8=x8, x8_ready=ready)
         return y
 
     def rms_norm_linear(self, x, w_norm, eps, residual, w, bias=None):
@@ -647,9 +654,14 @@ class CudaBackend(Backend):
             k = self._k("norm", "rms_norm_warp", "PPPPPiifi")
             self._launch(k, (-(-rows // 8), 1, 1), (256, 1, 1), *args)
         else:  # few rows: a block per row, or one warp walks the whole row alone (4.5 us at d = 896)
-            k = self._k("norm", "rms_norm_block", "PPPPPiifi")
             threads = 512 if d > 4096 else 256 if d > 1024 else max(32, -(-d // 4 // 32) * 32)
-            self._launch(k, (rows, 1, 1), (threads, 1, 1), *args)
+            if self._fuse_q8 and rows == 1 and d % 32 == 0:
+                out.q8 = (self._out((d // 4,)), self._out((d // 32,)))
+                k = self._k("norm", "rms_norm_block_q8", "PPPPPiifPP")
+                self._launch(k, (rows, 1, 1), (threads, 1, 1), *args[:-1], out.q8[0].ptr, out.q8[1].ptr)
+            else:
+                k = self._k("norm", "rms_norm_block", "PPPPPiifi")
+                self._launch(k, (rows, 1, 1), (threads, 1, 1), *args)
         return out, s
 
     def _rope_table(self, spec: RopeSpec):
@@ -827,6 +839,11 @@ class CudaBackend(Backend):
     def glu_fused(self, x, act: str = "silu"):
         rows, F = x.size // x.shape[-1], x.shape[-1] // 2
         y = self._out((*x.shape[:-1], F))
+        if self._fuse_q8 and rows == 1 and F % 32 == 0:
+            y.q8 = (self._out((F // 4,)), self._out((F // 32,)))
+            k = self._k("elementwise", "silu_halves_q8" if act == "silu" else "gelu_halves_q8", "PPPPi")
+            self._launch(k, (-(-F // 256), 1, 1), (256, 1, 1), x.ptr, y.ptr, y.q8[0].ptr, y.q8[1].ptr, np.int32(F))
+            return y
         k = self._k("elementwise", "silu_halves_f32" if act == "silu" else "gelu_halves_f32", "PPii")
         if rows and F:
             self._launch(k, (max(1, min(-(-(rows * F) // 256), 4096)), 1, 1), (256, 1, 1), x.ptr, y.ptr,

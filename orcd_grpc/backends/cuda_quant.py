@@ -205,12 +205,14 @@ def i8_eligible(w: QuantWeight, T: int) -> bool:
 
 
 def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumulate: bool = False,
-           act: str | None = None, norm: tuple | None = None, x8: tuple | None = None) -> None:
+           act: str | None = None, norm: tuple | None = None, x8: tuple | None = None,
+           x8_ready: bool = False) -> None:
     """y[T, n] = x[T, k] @ W^T (+ bias[n]) (+ y when accumulate). T = 1 only: act ("silu" /
     "gelu"): x is [1, 2k], a fused gate/up row, and the input is act(x[:, :k]) * x[:, k:];
     norm = (res_ptr or None, gamma_ptr, eps, s_ptr): the input is rms_norm(x + res) * gamma, and
     s = x + res is written to s_ptr; x8 = (xq_ptr, xd_ptr), scratch of k bytes and k / 32 floats:
-    x is quantized to int8 there first and the int8-input GEMV runs (see i8_eligible)."""
+    x is quantized to int8 there first and the int8-input GEMV runs (see i8_eligible); x8_ready:
+    it already holds x's rounding (written by the kernel that produced x)."""
     if T <= 0:
         return
     ks = _kernels()
@@ -230,7 +232,8 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
             raise ValueError(f"the int8-input GEMV serves T = 1, no act, integer formats, k % 32 == 0 "
                              f"(T={T} act={act!r} {w.qtype.name} k={w.k})")
         xq_ptr, xd_ptr = x8
-        quantize_x8(x_ptr, xq_ptr, xd_ptr, w.k, stream)
+        if not x8_ready:
+            quantize_x8(x_ptr, xq_ptr, xd_ptr, w.k, stream)
         f, gx = _gemv(fmt, 1, w.n, 1, "i8", sig=_GEMV_SIG + "P")
         _gemv_call(f, (gx, 1), stream, xq_ptr, w, y_ptr, bias_ptr, 1, _p(xd_ptr), accumulate=accumulate)
         return

@@ -13,13 +13,16 @@ import numpy as np
 
 
 class CudaTensor:
-    __slots__ = ("ptr", "shape", "dtype", "owner")
+    __slots__ = ("ptr", "shape", "dtype", "owner", "q8")
 
-    def __init__(self, ptr: int, shape, dtype=np.float32, owner=None):
+    def __init__(self, ptr: int, shape, dtype=np.float32, owner=None, q8=None):
         self.ptr = int(ptr)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.owner = owner
+        # (int8 copy, its scales per 32 elements) when the producing kernel also wrote the int8
+        # rounding the int8 GEMVs take (ORCD_FUSE_Q8); both tensors, so their memory lives as long
+        self.q8 = q8
 
     @property
     def size(self) -> int:
@@ -48,7 +51,7 @@ class CudaTensor:
             shape[shape.index(-1)] = self.size // rest if rest else 0
         if math.prod(shape) != self.size:
             raise ValueError(f"cannot reshape {self.shape} to {tuple(shape)}")
-        return CudaTensor(self.ptr, shape, self.dtype, self.owner)
+        return CudaTensor(self.ptr, shape, self.dtype, self.owner, self.q8)
 
     def row_slice(self, start: int, stop: int) -> "CudaTensor":
         """Rows [start, stop) of the outermost dimension: still contiguous, so still a view."""

@@ -87,13 +87,17 @@ def test_tiny_architecture_with_switches(arch, qtype, switches, tmp_path, monkey
     test_tiny_architecture_on_cuda_matches_numpy(arch, qtype, tmp_path)
 
 
+@pytest.mark.parametrize("fuse_q8", ["0", "1"], ids=["quantize", "fused-q8"])
 @pytest.mark.parametrize("arch,qtype", [c for c in FUSED_CASES if c[1] != "F32"],
                          ids=[f"{a}-{q}" for a, q in FUSED_CASES if q != "F32"])
-def test_tiny_architecture_with_int8_gemv(arch, qtype, tmp_path, monkeypatch):
+def test_tiny_architecture_with_int8_gemv(arch, qtype, fuse_q8, tmp_path, monkeypatch):
     """The same agreement with every single-token matmul of an integer format on the int8-input
-    GEMV (opt-in, ORCD_GEMV_INT8=1), whatever its size: the activation rounding (about 0.5 % per
-    matmul) must stay inside the quantized bound."""
+    GEMV (ORCD_GEMV_INT8), whatever its size: the activation rounding (about 0.5 % per matmul)
+    must stay inside the quantized bound; with the rounding quantized by its own launch, or written
+    by the norm / GLU kernel before (opt-in ORCD_FUSE_Q8=1)."""
     from orcd_grpc.backends import cuda_quant
+
+    monkeypatch.setenv("ORCD_FUSE_Q8", fuse_q8)
 
     monkeypatch.setattr(cuda_quant, "_I8", True)
     monkeypatch.setattr(cuda_quant, "_MOE_I8", True)  # gpt-oss's per-slot expert GEMVs too (opt-in)

@@ -79,6 +79,67 @@ def test_rms_norm(be, rng, shape, with_res):
     assert rel(be.to_host(s), exp_s) < 1e-6
 
 
+def _check_q8(be, t, ref):
+    """t.q8 (the int8 rounding its kernel wrote beside it, ORCD_FUSE_Q8) against float64 ref: each
+    32-element block's scale is max|ref| / 127 (1e-5), each byte ref's rounding to it (off by one
+    only where ref sits within float error of a .5 tie: < 0.1 % of bytes)."""
+    xq = be.to_host(t.q8[0]).view(np.int8).reshape(-1, 32).astype(np.int64)
+    xd = be.to_host(t.q8[1]).astype(np.float64)
+    blocks = np.asarray(ref, np.float64).reshape(-1, 32)
+    m = np.abs(blocks).max(axis=1)
+    np.testing.assert_allclose(xd, m / 127, rtol=1e-5)
+    q = np.rint(blocks / np.where(m > 0, m / 127, 1.0)[:, None])
+    off = np.abs(xq - q)
+    assert off.max() <= 1 and (off > 0).mean() < 1e-3, (off.max(), (off > 0).mean())
+
+
+@pytest.mark.parametrize("d", [576, 896, 2304, 3072, 5120, 8192])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_rms_norm_q8(be, rng, d, with_res, monkeypatch):
+    """rms_norm_block_q8 (opt-in ORCD_FUSE_Q8): the row as before plus its int8 rounding, which the
+    next int8 GEMV takes instead of quantizing again, to the same output bit for bit."""
+    import gguf
+
+    monkeypatch.setattr(be, "_fuse_q8", True)
+    from orcd_grpc.backends import cuda_quant
+
+    monkeypatch.setattr(cuda_quant, "_I8_MIN", 0)
+    ref = NumpyBackend()
+    x = rng.standard_normal((1, d), dtype=np.float32) * rng.uniform(0.1, 10, (1, d)).astype(np.float32)
+    r = rng.standard_normal((1, d), dtype=np.float32) if with_res else None
+    w = rng.standard_normal(d, dtype=np.float32)
+    exp_out, exp_s = ref.rms_norm(x, w, 1e-6, r)
+    n = 300
+    raw = gguf.quants.quantize(rng.standard_normal((n, d), dtype=np.float32) * 0.1, gguf.GGMLQuantizationType.Q8_0)
+    wd = be.load_weight("w", raw, gguf.GGMLQuantizationType.Q8_0, (n, d))
+    be.begin_step(simple_meta(1))
+    poison(be)
+    out, s = be.rms_norm(dev(be, x), dev(be, w), 1e-6, dev(be, r) if with_res else None)
+    assert out.q8 is not None
+    assert rel(be.to_host(out), exp_out) < 1e-5
+    assert rel(be.to_host(s), exp_s) < 1e-6
+    _check_q8(be, out, exp_out)
+    fused = be.to_host(be.linear(out, wd))
+    plain = be.to_host(be.linear(dev(be, be.to_host(out)), wd))  # the same row, quantized by quantize_x8
+    np.testing.assert_array_equal(fused, plain)
+
+
+@pytest.mark.parametrize("F", [96, 1536, 4864, 8192])
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_glu_fused_q8(be, rng, F, act, monkeypatch):
+    """silu/gelu_halves_q8 (opt-in ORCD_FUSE_Q8): act(gate) * up for one row, and its int8 rounding"""
+    monkeypatch.setattr(be, "_fuse_q8", True)
+    ref = NumpyBackend()
+    x = rng.standard_normal((1, 2 * F), dtype=np.float32) * 3
+    exp = ref.glu_fused(x, act)
+    be.begin_step(simple_meta(1))
+    poison(be)
+    y = be.glu_fused(dev(be, x), act)
+    assert y.q8 is not None and y.shape == (1, F)
+    assert rel(be.to_host(y), exp) < 1e-5
+    _check_q8(be, y, exp)
+
+
 # ---- rope -----------------------------------------------------------------------------------
 ROPES = {
     "normal": dict(neox=False),
