@@ -508,7 +508,9 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
                 f"+ KV cache for one {ctx_len}-token sequence), {available / 2**30:.2f} GiB available", field="path")
 
         weights, done = {}, 0
-        fused = adapter.fused_weights() if os.environ.get("ORCD_FUSE_WEIGHTS", "1") != "0" else {}
+        # ORCD_FUSE_QK=1 (opt-in until measured on a GPU): Q and K fused where V's type differs
+        fused = (adapter.fused_weights(qk=os.environ.get("ORCD_FUSE_QK") == "1")
+                 if os.environ.get("ORCD_FUSE_WEIGHTS", "1") != "0" else {})
         members = {n: new for new, names in fused.items() for n in names}
         for t in model.reader.tensors:
             if t.name not in members:

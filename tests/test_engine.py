@@ -402,3 +402,32 @@ def test_lookahead_queues_no_step_past_max_tokens(tmp_path):
             assert not be.pending
     finally:
         eng.close()
+
+
+def test_fused_qk_gives_the_separate_projections_logits(tmp_path, monkeypatch):
+    """ORCD_FUSE_QK=1 (opt-in): where V's type differs from Q's and K's (qwen2.5's Q4_K_M files), Q
+    and K load as one matrix with one bias and are split after the matmul; the logits must be those
+    of the three separate projections (NumPy backend: the same weights, summed in another order)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from gpu.test_cuda_models import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q4_0", v_qtype="Q8_0", qkv_bias=True)
+    rng = np.random.default_rng()
+    prompt = [1] + rng.integers(3, 320, 30).tolist()
+    logits = {}
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("ORCD_FUSE_QK", fuse)
+        eng = load_engine(path, backend="cpu", max_sequences=2, max_context=256)
+        try:
+            names = set(eng.adapter.w)
+            assert not any("attn_qkv_fused" in n for n in names)  # V's type differs: no Q/K/V fusion
+            assert ("blk.0.attn_qk_fused.weight" in names) == (fuse == "1")
+            assert ("blk.0.attn_qk_fused.bias" in names) == (fuse == "1")
+            s = eng.new_sequence(prompt, GREEDY)
+            logits[fuse] = eng.score(s)
+            eng.release(s)
+        finally:
+            eng.close()
+    np.testing.assert_allclose(logits["1"], logits["0"], rtol=1e-4, atol=1e-4)

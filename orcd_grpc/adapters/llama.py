@@ -39,25 +39,30 @@ class LlamaAdapter(Adapter):
         return req
 
     # ---- fused projections -----------------------------------------------------------------
-    def fused_weights(self) -> dict[str, list[str]]:
+    def fused_weights(self, qk: bool = False) -> dict[str, list[str]]:
         """Weights the engine loads concatenated by rows (same storage type, same inputs), so that
-        one matmul launch does the work of several: Q/K/V (and their biases), and gate/up."""
+        one matmul launch does the work of several: Q/K/V (and their biases), and gate/up. qk: where
+        V's type differs from Q's and K's (qwen2.5's Q4_K_M files: Q5_0, Q5_0, Q8_0), Q and K alone."""
         groups: dict[str, list[str]] = {}
         m = self.model
+
+        def group(new: str, names: list[str]) -> bool:
+            if not all(m.has(n) for n in names) or len({m.tensor(n).tensor_type for n in names}) != 1:
+                return False
+            biases = [n.replace(".weight", ".bias") for n in names]
+            if any(m.has(n) for n in biases):
+                if not all(m.has(n) and int(m.tensor(n).tensor_type) == 0 for n in biases):  # F32 only
+                    return False
+                groups[new.replace(".weight", ".bias")] = biases
+            groups[new] = names
+            return True
+
         for i in range(self.hp.n_layers):
             b = f"blk.{i}."
-            for new, names in ((b + "attn_qkv_fused.weight", [b + "attn_q.weight", b + "attn_k.weight",
-                                                              b + "attn_v.weight"]),
-                               (b + "ffn_gate_up_fused.weight", [b + "ffn_gate.weight", b + "ffn_up.weight"])):
-                if not all(m.has(n) for n in names) or len({m.tensor(n).tensor_type for n in names}) != 1:
-                    continue
-                groups[new] = names
-                biases = [n.replace(".weight", ".bias") for n in names]
-                if any(m.has(n) for n in biases):
-                    if not all(m.has(n) and int(m.tensor(n).tensor_type) == 0 for n in biases):  # F32 only
-                        del groups[new]
-                        continue
-                    groups[new.replace(".weight", ".bias")] = biases
+            q, k, v = (b + f"attn_{p}.weight" for p in "qkv")
+            if not group(b + "attn_qkv_fused.weight", [q, k, v]) and qk:
+                group(b + "attn_qk_fused.weight", [q, k])
+            group(b + "ffn_gate_up_fused.weight", [b + "ffn_gate.weight", b + "ffn_up.weight"])
         return groups
 
     # ---- constants -----------------------------------------------------------------------
@@ -94,8 +99,13 @@ class LlamaAdapter(Adapter):
             return be.split(fused, [hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim,
                                     hp.n_kv_heads * hp.head_dim_v])
         h = self.normed(h)
-        q = be.linear(h, W[b + "attn_q.weight"], self.bias(b + "attn_q.bias"))
-        k = be.linear(h, W[b + "attn_k.weight"], self.bias(b + "attn_k.bias"))
+        qk = W.get(b + "attn_qk_fused.weight")
+        if qk is not None:
+            q, k = be.split(be.linear(h, qk, W.get(b + "attn_qk_fused.bias")),
+                            [hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim])
+        else:
+            q = be.linear(h, W[b + "attn_q.weight"], self.bias(b + "attn_q.bias"))
+            k = be.linear(h, W[b + "attn_k.weight"], self.bias(b + "attn_k.bias"))
         v = be.linear(h, W[b + "attn_v.weight"], self.bias(b + "attn_v.bias"))
         return q, k, v
 

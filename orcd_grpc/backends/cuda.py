@@ -285,6 +285,8 @@ class CudaBackend(Backend):
         # single rows out of RMSNorm and the fused GLU also written as int8 + scales, so the int8
         # GEMV that takes them needs no quantize launch (written after the last GPU run: opt-in)
         self._fuse_q8 = os.environ.get("ORCD_FUSE_Q8") == "1"
+        # a one-row split as views of its input (pointer offsets) instead of a copy kernel (opt-in)
+        self._split_views = os.environ.get("ORCD_SPLIT_VIEWS") == "1"
         # rows up to which RMSNorm takes a block per row rather than a warp (A/B: 0 = always warps)
         self._norm_block_rows = int(os.environ.get("ORCD_NORM_BLOCK_ROWS", "256"))
         self._rope_cache: dict[int, tuple] = {}
@@ -854,6 +856,10 @@ class CudaBackend(Backend):
         rows, width = x.size // x.shape[-1], x.shape[-1]
         if sum(sizes) != width:
             raise InvalidArgument(f"split sizes {sizes} do not add up to {width}", field="sizes")
+        if self._split_views and rows == 1 and all(w % 4 == 0 for w in sizes):
+            # one row: each piece is contiguous already; 16-byte aligned offsets keep vector loads legal
+            offs = np.cumsum([0, *sizes[:-1]])
+            return [CudaTensor(x.ptr + 4 * int(o), (*x.shape[:-1], w), x.dtype, x.owner) for o, w in zip(offs, sizes)]
         if 1 < len(sizes) <= 3 and rows:  # one launch for all pieces
             outs = [self._out((*x.shape[:-1], w)) for w in sizes]
             ptrs = [o.ptr for o in outs] + [0] * (3 - len(sizes))

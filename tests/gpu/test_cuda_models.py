@@ -19,7 +19,10 @@ from orcd_grpc.errors import ResourceExhausted
 pytestmark = pytest.mark.gpu
 
 
-def write_tiny_llama(path, qtype: str, *, vocab=320, d=256, n_layers=3, n_heads=8, n_kv=2, d_ff=512, seed=0):
+def write_tiny_llama(path, qtype: str, *, vocab=320, d=256, n_layers=3, n_heads=8, n_kv=2, d_ff=512, seed=0,
+                     v_qtype: str | None = None, qkv_bias: bool = False):
+    """A random llama GGUF; v_qtype: attn_v in another type (as qwen2.5's Q4_K_M files have it);
+    qkv_bias: Q/K/V biases (as qwen2 has)."""
     import gguf
     from gguf import GGMLQuantizationType as QT
 
@@ -44,12 +47,13 @@ def write_tiny_llama(path, qtype: str, *, vocab=320, d=256, n_layers=3, n_heads=
     w.add_eos_token_id(2)
     qt = QT[qtype]
 
-    def mat(name, n, k, scale):
+    def mat(name, n, k, scale, t=None):
+        t = qt if t is None else QT[t]
         a = (rng.standard_normal((n, k)) * scale).astype(np.float32)
-        if qt == QT.F32:
+        if t == QT.F32:
             w.add_tensor(name, a)
         else:
-            w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+            w.add_tensor(name, gguf.quants.quantize(a, t), raw_dtype=t)
 
     hd = d // n_heads
     mat("token_embd.weight", vocab, d, 1.0)
@@ -61,7 +65,10 @@ def write_tiny_llama(path, qtype: str, *, vocab=320, d=256, n_layers=3, n_heads=
         w.add_tensor(b + "ffn_norm.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
         mat(b + "attn_q.weight", n_heads * hd, d, 2 / np.sqrt(d))
         mat(b + "attn_k.weight", n_kv * hd, d, 2 / np.sqrt(d))
-        mat(b + "attn_v.weight", n_kv * hd, d, 1 / np.sqrt(d))
+        mat(b + "attn_v.weight", n_kv * hd, d, 1 / np.sqrt(d), v_qtype)
+        if qkv_bias:
+            for part, rows in (("q", n_heads * hd), ("k", n_kv * hd), ("v", n_kv * hd)):
+                w.add_tensor(b + f"attn_{part}.bias", (0.5 * rng.standard_normal(rows)).astype(np.float32))
         mat(b + "attn_output.weight", d, n_heads * hd, 0.5 / np.sqrt(d))
         mat(b + "ffn_gate.weight", d_ff, d, 1 / np.sqrt(d))
         mat(b + "ffn_up.weight", d_ff, d, 1 / np.sqrt(d))
@@ -122,6 +129,46 @@ def test_tiny_llama_matches_numpy(tmp_path, qtype, tol):
             assert err < tol, f"{qtype} n={n}: relative logits error {err:.2e}"
         prompt = [1] + rng.integers(3, 320, 9).tolist()
         assert greedy(gpu, prompt, 24) == greedy(cpu, prompt, 24)
+    finally:
+        gpu.close()
+        cpu.close()
+
+
+@pytest.mark.parametrize("switches", [{"ORCD_FUSE_QK": "1"}, {"ORCD_FUSE_QK": "1", "ORCD_SPLIT_VIEWS": "1"},
+                                      {"ORCD_FUSE_QK": "1", "ORCD_SPLIT_VIEWS": "1", "ORCD_FUSE_Q8": "1"}],
+                         ids=["fuse-qk", "fuse-qk-views", "fuse-qk-views-q8"])
+def test_tiny_qwen_layout_with_fused_qk(tmp_path, switches, monkeypatch):
+    """qwen2.5's layout (Q/K in one type, V in another, Q/K/V biases) under the opt-in switches that
+    fuse Q and K (ORCD_FUSE_QK), split a one-row result as views (ORCD_SPLIT_VIEWS) and write the
+    int8 rounding from the norm / GLU (ORCD_FUSE_Q8): the CUDA engine against the NumPy one."""
+    from orcd_grpc.backends import cuda_quant
+
+    for var, value in switches.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(cuda_quant, "_I8_MIN", 0)  # the tiny matrices take the int8 GEMVs too
+    path = write_tiny_llama(tmp_path / "tiny-mixed.gguf", "Q4_0", v_qtype="Q8_0", qkv_bias=True)
+    gpu, cpu = _pair(path)
+    try:
+        assert "blk.0.attn_qk_fused.weight" in gpu.adapter.w
+        rng = np.random.default_rng()
+        for n in (1, 40):
+            prompt = [1] + rng.integers(3, 320, n).tolist()
+            a, b = teacher_forced(gpu, prompt), teacher_forced(cpu, prompt)
+            err = np.linalg.norm(a - b) / np.linalg.norm(b)
+            assert err < 3e-2, f"n={n}: relative logits error {err:.2e}"
+        # one-token steps: where the views and the norm's / GLU's int8 rounding apply
+        prompt = [1] + rng.integers(3, 320, 9).tolist()
+        sg, sc = _seq(gpu, prompt), _seq(cpu, prompt)
+        try:
+            gpu.score(sg), cpu.score(sc)
+            for t in rng.integers(3, 320, 8).tolist():
+                a, b = gpu.score(sg, [t]), cpu.score(sc, [t])
+                assert a.shape == b.shape == (1, 320)
+                err = np.linalg.norm(a - b) / np.linalg.norm(b)
+                assert err < 3e-2, f"one-token step: relative logits error {err:.2e}"
+        finally:
+            gpu.release(sg)
+            cpu.release(sc)
     finally:
         gpu.close()
         cpu.close()

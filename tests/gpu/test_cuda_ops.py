@@ -241,6 +241,27 @@ def test_split_and_gather(be, rng):
     np.testing.assert_array_equal(be.to_host(g), x[meta.logits_rows])
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_split_views(be, rng, rows, monkeypatch):
+    """ORCD_SPLIT_VIEWS (opt-in): a one-row split hands back views (no copy), which later kernels
+    read as the pieces; more rows, or a width that is not a multiple of 4, still copy."""
+    monkeypatch.setattr(be, "_split_views", True)
+    sizes = [896, 128]
+    x = rng.standard_normal((rows, sum(sizes)), dtype=np.float32)
+    be.begin_step(simple_meta(1))
+    poison(be)
+    xd = dev(be, x)
+    q, k = be.split(xd, sizes)
+    assert (q.ptr == xd.ptr and k.ptr == xd.ptr + 4 * 896) == (rows == 1)
+    for got, exp in zip((q, k), NumpyBackend().split(x, sizes)):
+        np.testing.assert_array_equal(be.to_host(got), exp)
+    y = be.add(k, k)  # a kernel reading the view
+    np.testing.assert_array_equal(be.to_host(y), 2 * x[:, 896:])
+    odd = be.split(dev(be, x[:1, :1022]), [1021, 1])
+    assert odd[0].ptr != xd.ptr
+    np.testing.assert_array_equal(be.to_host(odd[1]), x[:1, 1021:1022])
+
+
 # ---- attention -----------------------------------------------------------------------------
 def _steps(rng, prompt_lens, decode_extra, block_size, num_blocks):
     """Two steps over B sequences sharing one paged cache with shuffled blocks: a prefill of
