@@ -45,10 +45,10 @@ _ATTN_DEC_TARGET_CTAS = 528  # attn_dec CTAs are 4 warps: four per SM
 _ATTN_COUNTERS = 1 << 16  # (sequence, kv head) pairs attn_dec can merge in-kernel (256 KiB of counters)
 
 
-def _key_splits(target_ctas: int, pairs: int) -> int:
-    """Key slices per (sequence, kv head) for a decode step: enough CTAs to reach target_ctas.
-    A function of the batch shape only, so a captured graph stays valid as contexts grow."""
-    return max(1, min(_ATTN_MAX_SPLITS, -(-target_ctas // pairs)))
+def _key_splits(target_ctas: int, pairs: int, most: int = _ATTN_MAX_SPLITS) -> int:
+    """Key slices per (sequence, kv head) for a decode step: enough CTAs to reach target_ctas, at
+    most `most`. A function of the batch shape only, so a captured graph stays valid as contexts grow."""
+    return max(1, min(most, _ATTN_MAX_SPLITS, -(-target_ctas // pairs)))
 
 
 def cuda_present() -> bool:
@@ -262,7 +262,10 @@ class CudaBackend(Backend):
         self._weights: list = []
         self._recent = collections.deque(maxlen=16)  # kernels launched since the last sync
         self._sync_each = os.environ.get("ORCD_CUDA_SYNC") == "1"
-        self._split_keys = os.environ.get("ORCD_ATTN_SPLITS") != "1"  # 1: one CTA per head (A/B, debugging)
+        # ORCD_ATTN_SPLITS=N: at most N key slices per (sequence, kv head) in decode attention (1: one
+        # CTA per head). An A/B knob: at B=1 qwen2.5 runs 32 slices of a few keys each for 2 kv heads
+        self._max_splits = max(1, min(_ATTN_MAX_SPLITS, int(os.environ.get("ORCD_ATTN_SPLITS") or _ATTN_MAX_SPLITS)))
+        self._split_keys = self._max_splits > 1
         self._decode_attn = os.environ.get("ORCD_ATTN_DECODE") != "0"  # 0: decode steps use attn_dN (A/B)
         # Fusions: on where an H100 trace measured a gain (2026-11-23: qkv_rope_store -100 us and the
         # in-kernel merge -260 us per phi3-mini step, neither slower on qwen2.5-0.5b); the GLU and
@@ -767,7 +770,7 @@ class CudaBackend(Backend):
         # depends only on the batch shape, so a captured graph stays valid as contexts grow.
         splits = 1
         if tiles == 1 and self._split_keys:
-            splits = _key_splits(_ATTN_TARGET_CTAS, ctx.B * Hkv)
+            splits = _key_splits(_ATTN_TARGET_CTAS, ctx.B * Hkv, self._max_splits)
         part = self._out((T * Hq, splits, Dv + 2)) if splits > 1 else None
         self._launch(kern, (splits if splits > 1 else tiles, ctx.B, Hkv), (256, 1, 1), q.ptr, kv.k_ptr(layer),
                      kv.v_ptr(layer), out.ptr, ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables,
@@ -789,7 +792,7 @@ class CudaBackend(Backend):
         kv head). As with attn_dN, the split count depends only on the batch shape (graph-safe)."""
         gm = next(g for g in (1, 2, 4, 8) if g >= group)
         kern = self._k("attention", f"attn_dec_g{gm}_n{-(-Dv // 64)}", "PPPPPPPPiiiiiifiPfiPP")
-        splits = _key_splits(_ATTN_DEC_TARGET_CTAS, ctx.B * Hkv) if self._split_keys else 1
+        splits = _key_splits(_ATTN_DEC_TARGET_CTAS, ctx.B * Hkv, self._max_splits) if self._split_keys else 1
         part = self._out((ctx.T * Hq, splits, Dv + 2)) if splits > 1 else None
         counters = 0
         if part is not None and self._merge_in_kernel and ctx.B * Hkv <= _ATTN_COUNTERS:
