@@ -264,7 +264,8 @@ class CudaBackend(Backend):
         self._sync_each = os.environ.get("ORCD_CUDA_SYNC") == "1"
         # ORCD_ATTN_SPLITS=N: at most N key slices per (sequence, kv head) in decode attention (1: one
         # CTA per head). An A/B knob: at B=1 qwen2.5 runs 32 slices of a few keys each for 2 kv heads
-        self._max_splits = max(1, min(_ATTN_MAX_SPLITS, int(os.environ.get("ORCD_ATTN_SPLITS") or _ATTN_MAX_SPLITS)))
+        cap = int(os.environ.get("ORCD_ATTN_SPLITS") or 0)  # 0 or unset: no cap
+        self._max_splits = min(cap, _ATTN_MAX_SPLITS) if cap > 0 else _ATTN_MAX_SPLITS
         self._split_keys = self._max_splits > 1
         self._decode_attn = os.environ.get("ORCD_ATTN_DECODE") != "0"  # 0: decode steps use attn_dN (A/B)
         # Fusions: on where an H100 trace measured a gain (2026-11-23: qkv_rope_store -100 us and the
