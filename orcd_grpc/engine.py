@@ -113,6 +113,17 @@ class Sequence:
                 else self.prompt_ids[start:] + self.output_ids[max(0, start - p): stop - p])
 
 
+def _take_sample(s: Sequence, res, r: int) -> TokenSample:
+    """Row r of a device sampling's result (ids, logprobs[, top ids, top logprobs]) as s's next token."""
+    top = []
+    if s.sampling.top_logprobs:
+        k = s.sampling.top_logprobs
+        top = [(int(i), float(lp)) for i, lp in zip(res[2][r, :k], res[3][r, :k])]
+    sample = TokenSample(token_id=int(res[0][r]), logprob=float(res[1][r]), top=top)
+    s.output_ids.append(sample.token_id)
+    return sample
+
+
 def _penalised(p) -> bool:
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
@@ -368,7 +379,6 @@ class Engine:
         batch also drops a token queued ahead, and gives back the KV position it computed, so its
         next step computes it again (the same token: sampling is a function of the position)."""
         res = self.backend.sample_result(fl.handle)
-        toks, lps = res[0], res[1]
         kept = {id(s) for s in keep}
         out = {}
         for r, s in enumerate(fl.seqs):
@@ -377,13 +387,7 @@ class Engine:
             if fl.ahead and id(s) not in kept:
                 s.num_cached -= 1
                 continue
-            top = []
-            if s.sampling.top_logprobs:
-                k = s.sampling.top_logprobs
-                top = [(int(i), float(lp)) for i, lp in zip(res[2][r, :k], res[3][r, :k])]
-            sample = TokenSample(token_id=int(toks[r]), logprob=float(lps[r]), top=top)
-            s.output_ids.append(sample.token_id)
-            out[s.seq_id] = sample
+            out[s.seq_id] = _take_sample(s, res, r)
         return out
 
     def drain(self) -> None:
@@ -425,17 +429,7 @@ class Engine:
                              "frequency_penalty": p.frequency_penalty,
                              "prompt_ids": s.prompt_ids if pen else (), "output_ids": s.output_ids if pen else ()})
             res = self.backend.sample(logits, rows, n_top)
-        toks, lps = res[0], res[1]
-        out = {}
-        for r, s in enumerate(seqs):
-            top = []
-            if s.sampling.top_logprobs:
-                k = s.sampling.top_logprobs
-                top = [(int(i), float(lp)) for i, lp in zip(res[2][r, :k], res[3][r, :k])]
-            sample = TokenSample(token_id=int(toks[r]), logprob=float(lps[r]), top=top)
-            s.output_ids.append(sample.token_id)
-            out[s.seq_id] = sample
-        return out
+        return {s.seq_id: _take_sample(s, res, r) for r, s in enumerate(seqs)}
 
     def gpu_info(self) -> dict | None:
         fn = getattr(self.backend, "gpu_info", None)
