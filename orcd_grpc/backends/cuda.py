@@ -266,7 +266,6 @@ class CudaBackend(Backend):
         # CTA per head). An A/B knob: at B=1 qwen2.5 runs 32 slices of a few keys each for 2 kv heads
         cap = int(os.environ.get("ORCD_ATTN_SPLITS") or 0)  # 0 or unset: no cap
         self._max_splits = min(cap, _ATTN_MAX_SPLITS) if cap > 0 else _ATTN_MAX_SPLITS
-        self._split_keys = self._max_splits > 1
         self._decode_attn = os.environ.get("ORCD_ATTN_DECODE") != "0"  # 0: decode steps use attn_dN (A/B)
         # Fusions: on where an H100 trace measured a gain (2026-11-23: qkv_rope_store -100 us and the
         # in-kernel merge -260 us per phi3-mini step, neither slower on qwen2.5-0.5b); the GLU and
@@ -353,6 +352,12 @@ class CudaBackend(Backend):
             names = what or ", ".join(dict.fromkeys(self._recent)) or "?"
             raise Internal(f"CUDA error in kernel(s) {names}: {exc}") from exc
         self._recent.clear()
+
+    def _q8_scratch(self, n: int) -> tuple[CudaTensor, CudaTensor]:
+        """Room for n values rounded to int8 (n bytes) and their scales (one per 32), as quantize_x8
+        and the *_q8 kernels write them. The caller holds both until their launches are queued: a
+        dropped workspace block is handed out again at once."""
+        return self._out((n // 4,)), self._out((n // 32,))
 
     def _out(self, shape, dtype=np.float32) -> CudaTensor:
         n = math.prod(shape) * np.dtype(dtype).itemsize
@@ -597,16 +602,11 @@ class CudaBackend(Backend):
             raise InvalidArgument(f"linear: input has {x.shape[-1]} features, weight "
                                   f"{getattr(w, '_orcd_name', '?')} expects {w.k}", field="x")
         y = self._out((T, w.n))
-        # int8 input: the quantized row and its scales live in the step's workspace. Both blocks are
-        # held until the launch is queued: a dropped block goes back to the free list at once, and
-        # the second allocation would then alias the first.
+        # int8 input: the quantized row and its scales, from x's producer (ORCD_FUSE_Q8) or made here
         x8, ready = None, False
         if cuda_quant.i8_eligible(w, T):
-            if x.q8 is not None:  # its producer wrote the rounding too (ORCD_FUSE_Q8)
-                xq, xd = x.q8
-                ready = True
-            else:
-                xq, xd = self._out((w.k // 4,)), self._out((w.k // 32,))
+            ready = x.q8 is not None
+            xq, xd = x.q8 if ready else self._q8_scratch(w.k)
             x8 = (xq.ptr, xd.ptr)
         self._quant_call("matmul", cuda_quant.matmul, x.ptr, w, y.ptr, T, self.stream,
                          bias_ptr=bias.ptr if bias is not None else None, x8=x8, x8_ready=ready)
@@ -662,7 +662,7 @@ class CudaBackend(Backend):
         else:  # few rows: a block per row, or one warp walks the whole row alone (4.5 us at d = 896)
             threads = 512 if d > 4096 else 256 if d > 1024 else max(32, -(-d // 4 // 32) * 32)
             if self._fuse_q8 and rows == 1 and d % 32 == 0:
-                out.q8 = (self._out((d // 4,)), self._out((d // 32,)))
+                out.q8 = self._q8_scratch(d)
                 k = self._k("norm", "rms_norm_block_q8", "PPPPPiifPP")
                 self._launch(k, (rows, 1, 1), (threads, 1, 1), *args[:-1], out.q8[0].ptr, out.q8[1].ptr)
             else:
@@ -770,7 +770,7 @@ class CudaBackend(Backend):
         # are split across CTAs and merged by attn_combine (flash-decoding). The split count
         # depends only on the batch shape, so a captured graph stays valid as contexts grow.
         splits = 1
-        if tiles == 1 and self._split_keys:
+        if tiles == 1:
             splits = _key_splits(_ATTN_TARGET_CTAS, ctx.B * Hkv, self._max_splits)
         part = self._out((T * Hq, splits, Dv + 2)) if splits > 1 else None
         self._launch(kern, (splits if splits > 1 else tiles, ctx.B, Hkv), (256, 1, 1), q.ptr, kv.k_ptr(layer),
@@ -793,7 +793,7 @@ class CudaBackend(Backend):
         kv head). As with attn_dN, the split count depends only on the batch shape (graph-safe)."""
         gm = next(g for g in (1, 2, 4, 8) if g >= group)
         kern = self._k("attention", f"attn_dec_g{gm}_n{-(-Dv // 64)}", "PPPPPPPPiiiiiifiPfiPP")
-        splits = _key_splits(_ATTN_DEC_TARGET_CTAS, ctx.B * Hkv, self._max_splits) if self._split_keys else 1
+        splits = _key_splits(_ATTN_DEC_TARGET_CTAS, ctx.B * Hkv, self._max_splits)
         part = self._out((ctx.T * Hq, splits, Dv + 2)) if splits > 1 else None
         counters = 0
         if part is not None and self._merge_in_kernel and ctx.B * Hkv <= _ATTN_COUNTERS:
@@ -846,7 +846,7 @@ class CudaBackend(Backend):
         rows, F = x.size // x.shape[-1], x.shape[-1] // 2
         y = self._out((*x.shape[:-1], F))
         if self._fuse_q8 and rows == 1 and F % 32 == 0:
-            y.q8 = (self._out((F // 4,)), self._out((F // 32,)))
+            y.q8 = self._q8_scratch(F)
             k = self._k("elementwise", "silu_halves_q8" if act == "silu" else "gelu_halves_q8", "PPPPi")
             self._launch(k, (-(-F // 256), 1, 1), (256, 1, 1), x.ptr, y.ptr, y.q8[0].ptr, y.q8[1].ptr, np.int32(F))
             return y
@@ -906,12 +906,11 @@ class CudaBackend(Backend):
         # (kept referenced until the down projection is queued: a dropped block is reused by the next _out)
         gws = self._out((cuda_quant.moe_workspace_ints(T, k, ne),), np.int32) if grouped else None
         gkw = dict(workspace_ptr=gws.ptr if grouped else None, grouped=grouped)
-        # int8 input for the per-slot GEMVs (opt-in): one quantized copy of x serves gate and up;
-        # the blocks stay referenced until their launches are queued (see linear)
-        x8 = xq = xs = None
+        # int8 input for the per-slot GEMVs (opt-in): one quantized copy of x serves gate and up
+        x8 = xs = None
         if cuda_quant.moe_i8_eligible(w_gate, grouped) and cuda_quant.moe_i8_eligible(w_up, grouped):
-            xq, xs = self._out((T * d // 4,)), self._out((T * d // 32,))
-            x8 = (xq.ptr, xs.ptr)
+            xs = self._q8_scratch(T * d)
+            x8 = (xs[0].ptr, xs[1].ptr)
         self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_gate, ids.ptr, g.ptr, T, k, self.stream,
                          bias_ptr=bp(b_gate), x8=x8, **gkw)
         self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_up, ids.ptr, u.ptr, T, k, self.stream,
@@ -922,10 +921,10 @@ class CudaBackend(Backend):
                      g.ptr, u.ptr, a.ptr, np.int64(n), np.int32(act == "swiglu_oai"), np.float32(alpha),
                      np.float32(limit))
         y = self._out((T, k, d))
-        a8 = aq = as_ = None
+        a8 = a_s = None
         if cuda_quant.moe_i8_eligible(w_down, grouped):
-            aq, as_ = self._out((T * k * F // 4,)), self._out((T * k * F // 32,))
-            a8 = (aq.ptr, as_.ptr)
+            a_s = self._q8_scratch(T * k * F)
+            a8 = (a_s[0].ptr, a_s[1].ptr)
         self._quant_call("moe_matmul", cuda_quant.moe_matmul, a.ptr, w_down, ids.ptr, y.ptr, T, k, self.stream,
                          bias_ptr=bp(b_down), x_per_slot=True, grouped_ready=grouped, x8=a8, **gkw)
         out = self._out((T, d))

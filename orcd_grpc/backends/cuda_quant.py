@@ -193,15 +193,19 @@ def quantize_x8(x_ptr, xq_ptr, xd_ptr, n: int, stream) -> None:
 _MOE_I8 = os.environ.get("ORCD_MOE_INT8", "0") == "1"
 
 
+def _i8_kernel_for(w: QuantWeight) -> bool:
+    """Whether an int8-input GEMV exists for w (integer format, whole 32-element input blocks)."""
+    return w.qtype in I8_FORMATS and w.k % 32 == 0
+
+
 def moe_i8_eligible(w: QuantWeight, grouped: bool) -> bool:
     """Whether moe_matmul's per-slot GEMV on w takes the int8 input (the caller passes x8 scratch)."""
-    return (_MOE_I8 and not grouped and w.qtype in I8_FORMATS and w.k % 32 == 0
-            and w.n * w.k >= _I8_MIN)
+    return _MOE_I8 and not grouped and _i8_kernel_for(w) and w.n * w.k >= _I8_MIN
 
 
 def i8_eligible(w: QuantWeight, T: int) -> bool:
     """Whether a T-token matmul on w takes the int8-input GEMV (the caller then passes x8 scratch)."""
-    return _I8 and T == 1 and w.qtype in I8_FORMATS and w.k % 32 == 0 and w.n * w.k >= _I8_MIN
+    return _I8 and T == 1 and _i8_kernel_for(w) and w.n * w.k >= _I8_MIN
 
 
 def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumulate: bool = False,
@@ -228,7 +232,7 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
                    _p(s_ptr), accumulate=accumulate)
         return
     if x8 is not None:
-        if T != 1 or act is not None or w.qtype not in I8_FORMATS or w.k % 32:
+        if T != 1 or act is not None or not _i8_kernel_for(w):
             raise ValueError(f"the int8-input GEMV serves T = 1, no act, integer formats, k % 32 == 0 "
                              f"(T={T} act={act!r} {w.qtype.name} k={w.k})")
         xq_ptr, xd_ptr = x8
@@ -361,7 +365,7 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
                               np.int64(w.expert_bytes), np.int32(bool(x_per_slot)))
         return
     if x8 is not None:
-        if w.qtype not in I8_FORMATS or w.k % 32:
+        if not _i8_kernel_for(w):
             raise ValueError(f"the int8-input GEMV serves integer formats with k % 32 == 0 ({w.qtype.name} k={w.k})")
         xq_ptr, xd_ptr = x8
         if not x8_ready:

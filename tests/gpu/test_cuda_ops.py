@@ -315,11 +315,11 @@ ATTN_CASES = [
 ]
 # Decode-only steps of MHA models (and of any model at large batches) run attn_dec_* (split across
 # key slices or not); ORCD_ATTN_DECODE=0 sends them to attn_dN, which must agree too.
-ATTN_MODES = {"default": {}, "one-slice": {"_split_keys": False}, "tiled-decode": {"_decode_attn": False},
+ATTN_MODES = {"default": {}, "one-slice": {"_max_splits": 1}, "tiled-decode": {"_decode_attn": False},
               # ORCD_ATTN_SPLITS=4: at most 4 key slices, both decode kernels
               "four-slices": {"_max_splits": 4}, "dec-gqa-four-slices": {"_dec_max_group": 8, "_max_splits": 4},
               # attn_dec for every group size it supports (by default only MHA models get it)
-              "dec-gqa": {"_dec_max_group": 8}, "dec-gqa-one-slice": {"_dec_max_group": 8, "_split_keys": False},
+              "dec-gqa": {"_dec_max_group": 8}, "dec-gqa-one-slice": {"_dec_max_group": 8, "_max_splits": 1},
               "dec-by-batch": {"_dec_min_heads": 2},
               # the last key-slice CTA merges (ORCD_ATTN_MERGE=1) instead of attn_combine
               "merge-in-kernel": {"_merge_in_kernel": True},
