@@ -1,10 +1,17 @@
 """The engine on the real SmolLM2 file with the NumPy backend: batching, chunking and the prefix
 cache must not change the math."""
+import pathlib
+import sys
+
 import numpy as np
 import pytest
 
 from orcd_grpc.engine import load_engine
 from orcd_grpc.sampling import SamplingParams
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests/: the tiny-model writer, the schedules
+from gpu.test_cuda_models import write_tiny_llama  # noqa: E402
+from schedules import changing_batch  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -128,13 +135,8 @@ def test_device_sampling_rows_are_packed_once_and_counted(tmp_path):
     """The engine's fast path for backends that sample on the device: per step each row carries
     the sequence's packed parameters with the token index as the Philox counter. A NumPy backend
     with a recording sample_packed (greedy argmax) stands in for the GPU here."""
-    import sys
-
     from orcd_grpc.backends.cuda import pack_sampling_row as pack_row
     from orcd_grpc.backends.numpy_backend import NumpyBackend
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from gpu.test_cuda_models import write_tiny_llama
 
     calls = []
 
@@ -167,12 +169,7 @@ def test_padded_decode_steps_match_unpadded(tmp_path):
     """The CUDA-graph path pads a decode batch to its bucket (pad rows write KV into the spare
     block and attend to it alone). Run on the NumPy backend, the padded steps must give the real
     rows exactly the logits of unpadded steps, while sequences join and leave."""
-    import sys
-
     from orcd_grpc.backends.numpy_backend import NumpyBackend
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from gpu.test_cuda_models import write_tiny_llama
 
     class Padded(NumpyBackend):
         supports_graphs = True
@@ -286,11 +283,6 @@ def test_lookahead_steps_give_the_tokens_of_plain_steps(tmp_path):
     """Engine lookahead (a decode step queued on the device, fed the previous step's tokens,
     before the host reads them) must give every sequence exactly the tokens of step-by-step
     decoding, while sequences finish, join, and leave the batch without being released."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from gpu.test_cuda_models import write_tiny_llama
-    from schedules import changing_batch
 
     path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
     rng = np.random.default_rng()
@@ -324,13 +316,9 @@ def test_scheduler_over_lookahead_streams_the_plain_tokens(tmp_path):
     """The real scheduler over an engine with lookahead: requests of different lengths join and
     finish (each finish leaves a step of it queued) and a late one joins a running batch; every
     stream must carry the tokens it carries without lookahead, and every KV block comes back."""
-    import sys
     import time
 
     from orcd_grpc.scheduler import LENGTH, FinishedEvent, Request, Scheduler, Stopping, TokenEvent
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from gpu.test_cuda_models import write_tiny_llama
 
     def drain(req):
         events = []
@@ -378,10 +366,6 @@ def test_lookahead_queues_no_step_past_max_tokens(tmp_path):
     """A sequence's max_tokens (the server passes each request's) bounds lookahead: once the step
     in flight brings it there, nothing more is queued, so the GPU is free for the next request
     the moment the last token is read. Without one, a step stays queued."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from gpu.test_cuda_models import write_tiny_llama
 
     path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
     be = _queued_device_backend()
@@ -408,10 +392,6 @@ def test_fused_qk_gives_the_separate_projections_logits(tmp_path, monkeypatch):
     """ORCD_FUSE_QK=1 (opt-in): where V's type differs from Q's and K's (qwen2.5's Q4_K_M files), Q
     and K load as one matrix with one bias and are split after the matmul; the logits must be those
     of the three separate projections (NumPy backend: the same weights, summed in another order)."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from gpu.test_cuda_models import write_tiny_llama
 
     path = write_tiny_llama(tmp_path / "tiny.gguf", "Q4_0", v_qtype="Q8_0", qkv_bias=True)
     rng = np.random.default_rng()
