@@ -31,6 +31,14 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// A warp's 32 values (v on each lane: block blk of 32) rounded to int8 into xq, with the block's
+// scale max|v| / 127 into xd[blk]: what quantize_x8 writes, and the one-warp-per-block *_q8 producers.
+__device__ __forceinline__ void q8_store_warp(float v, int8_t* xq, float* xd, int blk, int lane) {
+    const float m = warp_max(fabsf(v));
+    xq[blk * 32 + lane] = q8_round(v, m / 127.f, m);
+    if (lane == 0) xd[blk] = m / 127.f;
+}
+
 // Sum over the whole block; `scratch` holds 32 floats. Every thread gets the result.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;

@@ -80,9 +80,7 @@ __device__ __forceinline__ void glu_halves_q8(const float* __restrict__ x, float
     const int c = blk * 32 + lane;
     const float v = apply<OP>(x[c], x[F + c], 0.f);
     y[c] = v;
-    const float m = warp_max(fabsf(v));
-    xq[c] = q8_round(v, m / 127.f, m);
-    if (lane == 0) xd[blk] = m / 127.f;
+    q8_store_warp(v, xq, xd, blk, lane);
 }
 extern "C" __global__ void silu_halves_q8(const float* x, float* y, int8_t* xq, float* xd, int F) {
     glu_halves_q8<0>(x, y, xq, xd, F);

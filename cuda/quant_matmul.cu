@@ -586,20 +586,16 @@ __device__ __forceinline__ void embed_impl(const int* __restrict__ ids, const ui
 
 }  // namespace
 
-// y = bias (+ y when accumulating): the starting value for split-K GEMM's atomic partial sums
 // x (k floats, k % 32 == 0) -> signed bytes xq and a scale per 32 elements (xd = max|x| / 127), the
 // input of the gemv_*_i8 kernels. One warp per block of 32.
 extern "C" __global__ void quantize_x8(const float* __restrict__ x, int8_t* __restrict__ xq, float* __restrict__ xd,
                                        int k) {
     const int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (blk * 32 >= k) return;
-    const float v = x[blk * 32 + lane];
-    const float amax = warp_max(fabsf(v));
-    const float d = amax / 127.f;
-    xq[blk * 32 + lane] = q8_round(v, d, amax);
-    if (lane == 0) xd[blk] = d;
+    q8_store_warp(x[blk * 32 + lane], xq, xd, blk, lane);
 }
 
+// y = bias (+ y when accumulating): the starting value for split-K GEMM's atomic partial sums
 extern "C" __global__ void gemm_init(float* y, const float* bias, int T, int n, int accumulate) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)T * n) return;
