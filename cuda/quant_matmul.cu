@@ -16,7 +16,7 @@
 //                    the permutation moe_group wrote, results scattered to y[slot].
 //   moe_group        sorts the MoE slots by expert on the device (counts, offsets, tile table, perm).
 //   gemv_<fmt>_1[_k4]_i8  single-token GEMV on an input quantize_x8 rounded to int8 (dp4a products;
-//                    integer formats; opt-in, see ACT_I8).
+//                    integer formats; the default for matrices of >= 4 Mi weights, see ACT_I8).
 //   embed_<fmt>      y[t] = dequantized row ids[t].
 // Kernels never allocate, copy to the host or synchronise, so launches can be captured in a graph.
 #include <mma.h>
