@@ -67,12 +67,11 @@ class ModelInfo:
 @dataclass
 class _Inflight:
     """A decode step queued on the device whose tokens the host has not read: its batch, the
-    backend's handle, each sequence's release count when it was queued (one released meanwhile
-    has moved on), and whether it was queued ahead (fed the previous step's tokens)."""
+    backend's handle, and each sequence's release count when it was queued (one released
+    meanwhile has moved on)."""
     seqs: list
     handle: object
     epochs: list
-    ahead: bool
 
     def intact(self) -> bool:
         return all(s.epoch == e for s, e in zip(self.seqs, self.epochs))
@@ -350,7 +349,7 @@ class Engine:
         prm = self._packed_rows(seqs, ahead=0 if feed is None else 1)
         n_top = max(s.sampling.top_logprobs for s in seqs)
         handle = self.backend.sample_packed_async(logits, prm, np.zeros(2, np.int32), n_top)
-        return _Inflight(seqs, handle, [s.epoch for s in seqs], feed is not None)
+        return _Inflight(seqs, handle, [s.epoch for s in seqs])
 
     def _launch_ahead(self, cur: "_Inflight") -> "_Inflight | None":
         """Queues the next decode step of cur's batch, fed cur's tokens, or None when it cannot
@@ -374,17 +373,18 @@ class Engine:
         return self._launch(plan, feed=cur)
 
     def _collect(self, fl: "_Inflight", keep: list[Sequence]) -> dict:
-        """Waits for a queued step's tokens and hands them to its sequences. A sequence released
-        meanwhile (finished, cancelled) drops its token; one that is intact but no longer in the
-        batch also drops a token queued ahead, and gives back the KV position it computed, so its
-        next step computes it again (the same token: sampling is a function of the position)."""
+        """Waits for a queued step's tokens and hands them to the sequences of `keep`. A sequence
+        released meanwhile (finished, cancelled) drops its token; one that is intact but no longer
+        in the batch (only a step queued ahead can have such) drops it too and gives back the KV
+        position it computed, so its next step computes it again (the same token: sampling is a
+        function of the position)."""
         res = self.backend.sample_result(fl.handle)
         kept = {id(s) for s in keep}
         out = {}
         for r, s in enumerate(fl.seqs):
             if s.epoch != fl.epochs[r]:
                 continue  # released while the step ran
-            if fl.ahead and id(s) not in kept:
+            if id(s) not in kept:
                 s.num_cached -= 1
                 continue
             out[s.seq_id] = _take_sample(s, res, r)
