@@ -295,8 +295,11 @@ ATTN(8)
 // One warp merges the n_splits partials p[split][acc (Dv), m, l] of a (token, q head) row into its
 // output o; a sink logit (if any) joins the denominator. Loads bypass L1 (__ldcg): attn_dec's
 // merging CTA reads partials other CTAs wrote during the same launch. Lane s holds split s's m, l and
-// weight (the host caps n_splits at 32); the weighted sum loads 8 splits' values before using any,
-// since a loop with one L2 round trip per split made this merge 11-17 us (H100 trace, 32 splits).
+// weight (the host caps n_splits at 32). Slices fill from the first, so only those up to the last
+// that saw a key are read (a short context fills few of 32), and every column block's loads of 8
+// slices issue before any is used: a round trip per slice, then per column block, is what made
+// this merge 4-11 us per layer (H100 traces). CB: column blocks of 32 the caller may need (Dv <= 32 CB).
+template <int CB>
 __device__ void merge_split_row(const float* __restrict__ p, float* __restrict__ o, const float* sink, int Dv,
                                 int n_splits, int lane) {
     const int stride = Dv + 2;
@@ -307,27 +310,36 @@ __device__ void merge_split_row(const float* __restrict__ p, float* __restrict__
     const float w = ms != -INFINITY ? __expf(ms - M) : 0.f;  // M = -inf only if every ms is
     const float L = warp_sum(ls * w) + (sink ? __expf(*sink - M) : 0.f);
     const float inv = L > 0.f ? 1.f / L : 0.f;
-    for (int d0 = 0; d0 < Dv; d0 += 32) {
-        const int d = min(d0 + lane, Dv - 1);  // lanes past Dv read a valid column and store nothing
-        float a = 0.f;
-        for (int s0 = 0; s0 < n_splits; s0 += 8) {
-            float v[8];
+    const int live = 32 - __clz(__ballot_sync(FULL_MASK, ms != -INFINITY));
+    float a[CB];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = __ldcg(p + min(s0 + j, n_splits - 1) * stride + d);
+    for (int c = 0; c < CB; ++c) a[c] = 0.f;
+    for (int s0 = 0; s0 < live; s0 += 8) {
+        float v[CB][8];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float wj = __shfl_sync(FULL_MASK, w, (s0 + j) & 31);
-                a = fmaf(v[j], s0 + j < n_splits ? wj : 0.f, a);
-            }
+        for (int c = 0; c < CB; ++c) {
+            const int d = min(32 * c + lane, Dv - 1);  // lanes past Dv read a valid column, store nothing
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                v[c][j] = 32 * c < Dv ? __ldcg(p + min(s0 + j, live - 1) * stride + d) : 0.f;
         }
-        if (d0 + lane < Dv) o[d0 + lane] = a * inv;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float wj = s0 + j < live ? __shfl_sync(FULL_MASK, w, (s0 + j) & 31) : 0.f;
+#pragma unroll
+            for (int c = 0; c < CB; ++c) a[c] = fmaf(v[c][j], wj, a[c]);
+        }
     }
+#pragma unroll
+    for (int c = 0; c < CB; ++c)
+        if (32 * c + lane < Dv) o[32 * c + lane] = a[c] * inv;
 }
 
 // The last of a (sequence, kv head)'s n_splits CTAs to finish merges all their partials (as
 // attn_combine would, one launch later), a warp per q head, and resets the counter for the next
 // launch, so a graph replays it as captured. Each CTA's partial writes are fenced before it counts
 // itself.
+template <int CB>
 __device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict__ out,
                                const float* __restrict__ sinks, int* counter, int t, int kvh, int G, int Hq,
                                int Dv, int n_splits) {
@@ -340,8 +352,8 @@ __device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict
     __threadfence();
     for (int g = threadIdx.x >> 5; g < G; g += blockDim.x >> 5) {
         const size_t row = (size_t)t * Hq + kvh * G + g;
-        merge_split_row(part + row * n_splits * (Dv + 2), out + row * Dv, sinks ? sinks + (row % Hq) : nullptr, Dv,
-                        n_splits, threadIdx.x & 31);
+        merge_split_row<CB>(part + row * n_splits * (Dv + 2), out + row * Dv, sinks ? sinks + (row % Hq) : nullptr,
+                            Dv, n_splits, threadIdx.x & 31);
     }
     if (threadIdx.x == 0) *counter = 0;
 }
@@ -362,16 +374,20 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
     const int t = q_starts[b];
     if (q_starts[b + 1] - t != 1) return;  // no token of this sequence in the step
     const int G = Hq / Hkv, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    for (int e = tid; e < G * Dk; e += blockDim.x) {
-        const int g = e / Dk, d = e - g * Dk;
-        Qs[g][d] = q[((size_t)t * Hq + kvh * G + g) * Dk + d] * scale;
-    }
     const int p = positions[t];
     int hi = min(p + 1, ctx_lens[b]), lo = window > 0 ? max(0, p - window + 1) : 0;
     if (n_splits > 1) {
-        const int chunk = ((max(hi - lo, 0) + n_splits - 1) / n_splits + 31) / 32 * 32;
+        // Slices of whole 4-warp passes (128 keys): with 32-key slices a short context kept 3 of
+        // each CTA's 4 warps idle and spread over up to 4x the slices the merge must read.
+        constexpr int PASS = NW * 32;
+        const int chunk = ((max(hi - lo, 0) + n_splits - 1) / n_splits + PASS - 1) / PASS * PASS;
         lo += split * chunk;
         hi = min(hi, lo + chunk);
+    }
+    if (lo < hi) {  // the G query rows of this kv head are contiguous: G * Dk floats
+        const float* qh = q + ((size_t)t * Hq + kvh * G) * Dk;
+#pragma unroll 4
+        for (int e = tid; e < G * Dk; e += blockDim.x) Qs[e / Dk][e % Dk] = qh[e] * scale;
     }
     __syncthreads();
 
@@ -506,8 +522,8 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
         }
         out[((size_t)t * Hq + h) * Dv + d] = L > 0.f ? A * f / L : 0.f;
     }
-    if (n_splits > 1 && counters) attn_dec_merge(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, Dv,
-                                                  n_splits);
+    if (n_splits > 1 && counters)
+        attn_dec_merge<2 * NC>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, Dv, n_splits);
 }
 
 #define ATTN_DEC(GM, NC)                                                                                 \
@@ -534,6 +550,6 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, float* _
                                         int n_splits) {
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
-    merge_split_row(part + (size_t)row * n_splits * (Dv + 2), out + (size_t)row * Dv,
-                    sinks ? sinks + row % Hq : nullptr, Dv, n_splits, threadIdx.x & 31);
+    merge_split_row<8>(part + (size_t)row * n_splits * (Dv + 2), out + (size_t)row * Dv,
+                       sinks ? sinks + row % Hq : nullptr, Dv, n_splits, threadIdx.x & 31);
 }

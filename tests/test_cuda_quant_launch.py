@@ -65,9 +65,10 @@ def test_moe_per_slot_without_int8_reads_x(rec):
     assert name.startswith("gemv_q8_0_1") and not name.endswith("_i8") and args[0] == 0xC000
 
 
-def test_moe_int8_is_opt_in_and_per_slot_only(monkeypatch):
+def test_moe_int8_is_per_slot_only_and_switchable(monkeypatch):
     w = _experts()
-    assert not cuda_quant.moe_i8_eligible(w, grouped=False)  # ORCD_MOE_INT8 unset
+    monkeypatch.setattr(cuda_quant, "_MOE_I8", False)  # ORCD_MOE_INT8=0
+    assert not cuda_quant.moe_i8_eligible(w, grouped=False)
     monkeypatch.setattr(cuda_quant, "_MOE_I8", True)
     assert cuda_quant.moe_i8_eligible(w, grouped=False)
     assert not cuda_quant.moe_i8_eligible(w, grouped=True)

@@ -389,7 +389,7 @@ def test_lookahead_queues_no_step_past_max_tokens(tmp_path):
 
 
 def test_fused_qk_gives_the_separate_projections_logits(tmp_path, monkeypatch):
-    """ORCD_FUSE_QK=1 (opt-in): where V's type differs from Q's and K's (qwen2.5's Q4_K_M files), Q
+    """ORCD_FUSE_QK (default on; =0 off): where V's type differs from Q's and K's (qwen2.5's Q4_K_M files), Q
     and K load as one matrix with one bias and are split after the matmul; the logits must be those
     of the three separate projections (NumPy backend: the same weights, summed in another order)."""
 

@@ -273,10 +273,12 @@ class CudaBackend(Backend):
         self._fuse_qkv_rope = os.environ.get("ORCD_FUSE_QKV_ROPE", "1") == "1"  # qkv_rope_store kernel
         self._fuse_glu = os.environ.get("ORCD_FUSE_GLU") == "1"  # the GLU inside the down GEMV (T = 1)
         self._fuse_norm = os.environ.get("ORCD_FUSE_NORM") == "1"  # RMSNorm inside the next GEMV (T = 1)
-        # attn_dec serves decode steps of models with at most this many q heads per kv head. On the
-        # H100 (graph replay per token, 2026-11-23) it took phi3-mini (MHA) from 4,214 to 3,322 us but
-        # made qwen2.5-0.5b (group 7) 1,487 -> 1,864 us and gpt-oss-20b (group 8) 3,355 -> 3,730 us.
-        self._dec_max_group = 1
+        # attn_dec serves decode steps of models with at most this many q heads per kv head. Its first
+        # version (H100, 2026-11-23) took phi3-mini (MHA) from 4,214 to 3,322 us per step but made
+        # qwen2.5-0.5b (group 7) 1,487 -> 1,864 us: its merge paid a round trip per 8 slices per
+        # column block, and 32-key slices left 3 of 4 warps idle. Both reworked since;
+        # ORCD_ATTN_DEC_MAX_GROUP=1 keeps GQA decode steps on attn_dN (A/B).
+        self._dec_max_group = int(os.environ.get("ORCD_ATTN_DEC_MAX_GROUP", "8"))
         # ... and for any group when a step has at least this many (sequence, kv head) pairs: at
         # B=64, qwen2.5-0.5b (128 pairs) ran 8,998 tok/s with attn_dec against 8,029 without, and
         # gpt-oss-20b at B=32 (256 pairs) 1,224 against 1,193; at 64 pairs and fewer it was even or
@@ -286,10 +288,11 @@ class CudaBackend(Backend):
         # per layer, tg128 651 -> 688 tok/s (H100, 2026-11-23); ORCD_ATTN_BATCH_LOADS=0 turns it off
         self._attn_batch = os.environ.get("ORCD_ATTN_BATCH_LOADS", "1") == "1"
         # single rows out of RMSNorm and the fused GLU also written as int8 + scales, so the int8
-        # GEMV that takes them needs no quantize launch (written after the last GPU run: opt-in)
-        self._fuse_q8 = os.environ.get("ORCD_FUSE_Q8") == "1"
-        # a one-row split as views of its input (pointer offsets) instead of a copy kernel (opt-in)
-        self._split_views = os.environ.get("ORCD_SPLIT_VIEWS") == "1"
+        # GEMV that takes them needs no quantize launch: B=1 steps qwen2.5-0.5b 1,318 -> 1,245 us,
+        # phi3-mini 2,680 -> 2,568 us (H100 traces, 2026-11-23); ORCD_FUSE_Q8=0 turns it off
+        self._fuse_q8 = os.environ.get("ORCD_FUSE_Q8", "1") == "1"
+        # a one-row split as views of its input (pointer offsets) instead of a copy kernel; =0 off
+        self._split_views = os.environ.get("ORCD_SPLIT_VIEWS", "1") == "1"
         # rows up to which RMSNorm takes a block per row rather than a warp (A/B: 0 = always warps)
         self._norm_block_rows = int(os.environ.get("ORCD_NORM_BLOCK_ROWS", "256"))
         self._rope_cache: dict[int, tuple] = {}
