@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import quants
 from .adapters import adapter_for
 from .backends.base import Backend, StepMeta
 from .errors import InvalidArgument, OutOfRange, ResourceExhausted
@@ -483,8 +484,21 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
 
     be = backend if isinstance(backend, Backend) else make_backend(backend, max_vram)
     try:
-        weights_bytes = sum(be.weight_nbytes(t.tensor_type, GGUFModel.logical_shape(t), int(t.n_bytes))
-                            for t in model.reader.tensors)
+        # Parts of types that widen exactly to Q8_0 (qwen2.5's Q4_K_M files: Q/K Q5_0, V Q8_0) fuse
+        # as Q8_0 (ORCD_FUSE_WIDEN=0: no). Failing that, Q and K fused where V's type differs: one
+        # GEMV less per layer, qwen2.5-0.5b's B=1 step 1,318 -> 1,232 us with ORCD_SPLIT_VIEWS
+        # (H100, 2026-11-23); ORCD_FUSE_QK=0 off.
+        fused = (adapter.fused_weights(qk=os.environ.get("ORCD_FUSE_QK", "1") == "1",
+                                       widen=os.environ.get("ORCD_FUSE_WIDEN", "1") == "1")
+                 if os.environ.get("ORCD_FUSE_WEIGHTS", "1") != "0" else {})
+        widened = {n for names in fused.values() if len({int(model.tensor(n).tensor_type) for n in names}) > 1
+                   for n in names}
+        weights_bytes = 0
+        for t in model.reader.tensors:  # as loaded: widened parts take Q8_0's bytes
+            shape = GGUFModel.logical_shape(t)
+            qt, nb = ((quants.T.Q8_0, quants.nbytes(quants.T.Q8_0, shape)) if t.name in widened
+                      else (t.tensor_type, int(t.n_bytes)))
+            weights_bytes += be.weight_nbytes(qt, shape, nb)
         per_token = adapter.kv_layout(1, 1).bytes(be.kv_elem_size)
         min_blocks = -(-ctx_len // block_size)
         available = be.memory_available()
@@ -502,10 +516,6 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
                 f"+ KV cache for one {ctx_len}-token sequence), {available / 2**30:.2f} GiB available", field="path")
 
         weights, done = {}, 0
-        # Q and K fused where V's type differs (qwen2.5's Q4_K_M files): one GEMV less per layer,
-        # qwen2.5-0.5b's B=1 step 1,318 -> 1,232 us with ORCD_SPLIT_VIEWS (H100, 2026-11-23); =0 off
-        fused = (adapter.fused_weights(qk=os.environ.get("ORCD_FUSE_QK", "1") == "1")
-                 if os.environ.get("ORCD_FUSE_WEIGHTS", "1") != "0" else {})
         members = {n: new for new, names in fused.items() for n in names}
         for t in model.reader.tensors:
             if t.name not in members:
@@ -515,9 +525,13 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
         for new, names in fused.items():  # row-concatenated copies replace their parts
             parts = [model.tensor(n) for n in names]
             shapes = [GGUFModel.logical_shape(t) for t in parts]
-            raw = np.concatenate([np.ascontiguousarray(t.data).reshape(-1).view(np.uint8) for t in parts])
+            qtype = parts[0].tensor_type
+            raws = [np.ascontiguousarray(t.data).reshape(-1).view(np.uint8) for t in parts]
+            if len({int(t.tensor_type) for t in parts}) > 1:  # the adapter grouped types that widen
+                qtype = quants.T.Q8_0
+                raws = [quants.widen_to_q8_0(r, t.tensor_type) for r, t in zip(raws, parts)]
             shape = (sum(sh[0] for sh in shapes), *shapes[0][1:])
-            weights[new] = be.load_weight(new, raw, parts[0].tensor_type, shape)
+            weights[new] = be.load_weight(new, np.concatenate(raws), qtype, shape)
         kv = be.alloc_kv(adapter.kv_layout(num_blocks + 1, block_size))  # + the padding rows' block
         report("warming", total, total)
         adapter.n_ctx = ctx_len  # the context served per sequence (phi3 picks its rope factors by it)

@@ -117,3 +117,35 @@ def dequantize_reader_tensor(reader_tensor) -> np.ndarray:
     """Decode a ``gguf.ReaderTensor`` to float32 in logical shape, naming it in any error."""
     check_supported(reader_tensor.tensor_type, reader_tensor.name)
     return dequantize(reader_tensor.data, reader_tensor.tensor_type, ggml_shape(reader_tensor))
+
+
+#: Formats whose every block is exactly a Q8_0 block (the same 32 weights, the same f16 scale d,
+#: integer levels within int8): (q - 8) * d for Q4_0, (q - 16) * d for Q5_0.
+WIDENS_TO_Q8_0: frozenset[GGMLQuantizationType] = frozenset({T.Q4_0, T.Q5_0, T.Q8_0})
+
+
+def widen_to_q8_0(raw: np.ndarray, qtype) -> np.ndarray:
+    """The same weights re-encoded as Q8_0 blocks, bit-exactly (same scale, same levels). Lets
+    tensors of different types in WIDENS_TO_Q8_0 load as one fused matrix (qwen2.5's Q4_K_M files
+    store Q and K as Q5_0 and V as Q8_0): one GEMV launch instead of two per layer, for 3 more bits
+    per Q/K weight."""
+    qtype = GGMLQuantizationType(int(qtype))
+    b = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    if qtype == T.Q8_0:
+        return b
+    per = GGML_QUANT_SIZES[qtype][1]
+    if qtype not in WIDENS_TO_Q8_0 or b.size % per:
+        raise ValueError(f"cannot widen {qtype_name(qtype)} ({b.size} bytes) to Q8_0")
+    blocks = b.reshape(-1, per)
+    nib = blocks[:, -16:]  # weight j in the low nibble of byte j, weight j + 16 in the high one
+    q = np.concatenate([nib & 0x0F, nib >> 4], axis=1).astype(np.int16)
+    if qtype == T.Q5_0:  # bit j of the little-endian qh word is weight j's fifth bit
+        qh = np.unpackbits(blocks[:, 2:6], axis=1, bitorder="little")
+        q = q | (qh.astype(np.int16) << 4)
+        q -= 16
+    else:
+        q -= 8
+    out = np.empty((blocks.shape[0], 34), np.uint8)
+    out[:, :2] = blocks[:, :2]  # the f16 scale
+    out[:, 2:] = q.astype(np.int8).view(np.uint8)
+    return out.reshape(-1)

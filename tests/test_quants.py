@@ -342,3 +342,20 @@ def test_real_file_every_tensor_bit_exact(request, fixture, filename, expect_typ
                 tol = 8 * np.finfo(np.float32).eps * max(np.abs(ref).max(), 1e-30)
                 assert np.abs(got - ref).max() <= tol, (t.name, r)
     assert expect_types <= seen, seen
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0])
+def test_widen_to_q8_0_keeps_every_weight(qtype):
+    """widen_to_q8_0 re-encodes without rounding: gguf's own decoder reads the same floats from the
+    Q8_0 blocks as from the originals (fresh random weights each run, bit-exact)."""
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((48, 320)) * rng.uniform(0.01, 3)).astype(np.float32)
+    raw = gq.quantize(x, qtype)
+    wide = quants.widen_to_q8_0(raw, qtype).reshape(48, -1)
+    assert wide.shape == (48, 320 // 32 * 34)
+    np.testing.assert_array_equal(gq.dequantize(wide, T.Q8_0), gq.dequantize(raw, qtype))
+
+
+def test_widen_to_q8_0_refuses_formats_with_an_offset():
+    with pytest.raises(ValueError, match="Q4_1"):
+        quants.widen_to_q8_0(np.zeros(20 * 4, np.uint8), T.Q4_1)

@@ -143,7 +143,7 @@ class Adapter:
         h = self.hp
         return KVLayout(h.n_layers, num_blocks, block_size, h.n_kv_heads, h.head_dim, h.head_dim_v)
 
-    def fused_weights(self, qk: bool = False) -> dict[str, list[str]]:
+    def fused_weights(self, qk: bool = False, widen: bool = False) -> dict[str, list[str]]:
         """New name -> tensors the engine loads concatenated by rows instead (see llama)."""
         return {}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from .. import quants
 from ..backends.base import RopeSpec
 from ..gguf_model import GGUFModel
 from .base import Adapter, PreNorm
@@ -39,15 +40,20 @@ class LlamaAdapter(Adapter):
         return req
 
     # ---- fused projections -----------------------------------------------------------------
-    def fused_weights(self, qk: bool = False) -> dict[str, list[str]]:
+    def fused_weights(self, qk: bool = False, widen: bool = False) -> dict[str, list[str]]:
         """Weights the engine loads concatenated by rows (same storage type, same inputs), so that
-        one matmul launch does the work of several: Q/K/V (and their biases), and gate/up. qk: where
-        V's type differs from Q's and K's (qwen2.5's Q4_K_M files: Q5_0, Q5_0, Q8_0), Q and K alone."""
+        one matmul launch does the work of several: Q/K/V (and their biases), and gate/up. widen:
+        parts of different types that all widen exactly to Q8_0 (qwen2.5's Q4_K_M files: Q5_0,
+        Q5_0, Q8_0) fuse too, the engine re-encoding them. qk: where V's type still differs, Q and
+        K alone."""
         groups: dict[str, list[str]] = {}
         m = self.model
 
         def group(new: str, names: list[str]) -> bool:
-            if not all(m.has(n) for n in names) or len({m.tensor(n).tensor_type for n in names}) != 1:
+            if not all(m.has(n) for n in names):
+                return False
+            types = {int(m.tensor(n).tensor_type) for n in names}
+            if len(types) != 1 and not (widen and types <= {int(t) for t in quants.WIDENS_TO_Q8_0}):
                 return False
             biases = [n.replace(".weight", ".bias") for n in names]
             if any(m.has(n) for n in biases):

@@ -273,12 +273,12 @@ class CudaBackend(Backend):
         self._fuse_qkv_rope = os.environ.get("ORCD_FUSE_QKV_ROPE", "1") == "1"  # qkv_rope_store kernel
         self._fuse_glu = os.environ.get("ORCD_FUSE_GLU") == "1"  # the GLU inside the down GEMV (T = 1)
         self._fuse_norm = os.environ.get("ORCD_FUSE_NORM") == "1"  # RMSNorm inside the next GEMV (T = 1)
-        # attn_dec serves decode steps of models with at most this many q heads per kv head. Its first
-        # version (H100, 2026-11-23) took phi3-mini (MHA) from 4,214 to 3,322 us per step but made
-        # qwen2.5-0.5b (group 7) 1,487 -> 1,864 us: its merge paid a round trip per 8 slices per
-        # column block, and 32-key slices left 3 of 4 warps idle. Both reworked since;
-        # ORCD_ATTN_DEC_MAX_GROUP=1 keeps GQA decode steps on attn_dN (A/B).
-        self._dec_max_group = int(os.environ.get("ORCD_ATTN_DEC_MAX_GROUP", "8"))
+        # attn_dec serves decode steps of models with at most this many q heads per kv head. It took
+        # phi3-mini (MHA) from 4,214 to 3,322 us per step, but GQA models stay on attn_dN + merge:
+        # at B=1 (H100 traces, 2026-11-23) attn_dec took 19.1 us per layer against 12.5 + 3.3 for
+        # qwen2.5-0.5b (group 7), 22.1 against 14.7 + 3.2 for gpt-oss-20b (group 8), even with
+        # 128-key slices and the live-slice merge. ORCD_ATTN_DEC_MAX_GROUP=8: attn_dec for any group.
+        self._dec_max_group = int(os.environ.get("ORCD_ATTN_DEC_MAX_GROUP", "1"))
         # ... and for any group when a step has at least this many (sequence, kv head) pairs: at
         # B=64, qwen2.5-0.5b (128 pairs) ran 8,998 tok/s with attn_dec against 8,029 without, and
         # gpt-oss-20b at B=32 (256 pairs) 1,224 against 1,193; at 64 pairs and fewer it was even or

@@ -134,22 +134,31 @@ def test_tiny_llama_matches_numpy(tmp_path, qtype, tol):
         cpu.close()
 
 
-@pytest.mark.parametrize("switches", [{"ORCD_FUSE_QK": "1"}, {"ORCD_FUSE_QK": "1", "ORCD_SPLIT_VIEWS": "1"},
-                                      {"ORCD_FUSE_QK": "1", "ORCD_SPLIT_VIEWS": "1", "ORCD_FUSE_Q8": "1"}],
-                         ids=["fuse-qk", "fuse-qk-views", "fuse-qk-views-q8"])
+_QWEN_LAYOUT_SWITCHES = {
+    "widened": {},  # the defaults: Q/K/V as one Q8_0 matrix, views, the norm's / GLU's int8 rounding
+    "widened-copies-quantize": {"ORCD_SPLIT_VIEWS": "0", "ORCD_FUSE_Q8": "0"},
+    "fuse-qk": {"ORCD_FUSE_WIDEN": "0", "ORCD_SPLIT_VIEWS": "0", "ORCD_FUSE_Q8": "0"},
+    "fuse-qk-views": {"ORCD_FUSE_WIDEN": "0", "ORCD_FUSE_Q8": "0"},
+    "fuse-qk-views-q8": {"ORCD_FUSE_WIDEN": "0"},
+}
+
+
+@pytest.mark.parametrize("switches", list(_QWEN_LAYOUT_SWITCHES))
 def test_tiny_qwen_layout_with_fused_qk(tmp_path, switches, monkeypatch):
-    """qwen2.5's layout (Q/K in one type, V in another, Q/K/V biases) under the opt-in switches that
-    fuse Q and K (ORCD_FUSE_QK), split a one-row result as views (ORCD_SPLIT_VIEWS) and write the
-    int8 rounding from the norm / GLU (ORCD_FUSE_Q8): the CUDA engine against the NumPy one."""
+    """qwen2.5's layout (Q/K in one type, V in another, Q/K/V biases): Q/K/V widened to one Q8_0
+    matrix (ORCD_FUSE_WIDEN), or Q and K fused alone (ORCD_FUSE_QK), a one-row split as views
+    (ORCD_SPLIT_VIEWS), the int8 rounding written by the norm / GLU (ORCD_FUSE_Q8), each on and
+    off: the CUDA engine against the NumPy one."""
     from orcd_grpc.backends import cuda_quant
 
-    for var, value in switches.items():
+    for var, value in _QWEN_LAYOUT_SWITCHES[switches].items():
         monkeypatch.setenv(var, value)
     monkeypatch.setattr(cuda_quant, "_I8_MIN", 0)  # the tiny matrices take the int8 GEMVs too
     path = write_tiny_llama(tmp_path / "tiny-mixed.gguf", "Q4_0", v_qtype="Q8_0", qkv_bias=True)
     gpu, cpu = _pair(path)
     try:
-        assert "blk.0.attn_qk_fused.weight" in gpu.adapter.w
+        fused = "attn_qk_fused" if switches.startswith("fuse-qk") else "attn_qkv_fused"
+        assert f"blk.0.{fused}.weight" in gpu.adapter.w
         rng = np.random.default_rng()
         for n in (1, 40):
             prompt = [1] + rng.integers(3, 320, n).tolist()
