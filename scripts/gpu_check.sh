@@ -12,7 +12,7 @@
 #                   AB="VAR=VALUE A=1,B=2 ..." repeats the profiles under each tuning switch,
 #                   PREFILL_AB the prefill runs (README, GPU notes); PROFILE_SCRIPT=bench/trace_decode.py
 #                   gives each kernel's time inside the graph instead (PROFILE_CUT: characters kept)
-#   NCU="MODEL:KERNEL_REGEX[:SKIP]"  Nsight Compute sections for a few of those kernels (see the end)
+#   NCU="MODEL:KERNEL_REGEX[:SKIP[:BATCH]] ..."  Nsight Compute sections for a few of those kernels (see the end)
 #   SKIP_TESTS=1    no GPU tests;  WHEELS=DIR  the wheels to install (default .whl)
 #   The carried archives, wheels and kernel cache are set up by scripts/device_env.sh.
 #   Real models (SmolLM2, Gemma 3) are used when $ORCD_MODEL_DIR holds them (no network there).
@@ -30,7 +30,7 @@ data=${ORCD_BENCH_DIR:-/tmp/orcd-bench}; mkdir -p "$data"
 # The synthetic files the profiles and the benchmark need, written while the tests run (16 cores there).
 NCU=${NCU:-}
 bench_models=; [ -z "${SKIP_BENCH:-}" ] && bench_models=${BENCH_MODELS:-qwen2.5-0.5b phi3-mini phi3-mini-q4_0 gpt-oss-20b}
-for m in $(for mb in ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} ${NCU%%:*} $bench_models; do echo "${mb%%:*}"; done | sort -u); do
+for m in $(for mb in ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} $(for x in $NCU; do echo "${x%%:*}"; done) $bench_models; do echo "${mb%%:*}"; done | sort -u); do
   [ -s "$data/$m.gguf" ] || (python3 bench/synth_gguf.py "$m" "$data/$m.tmp" "$ORCD_SHARED_DIR/vocab" >/dev/null \
     && mv "$data/$m.tmp" "$data/$m.gguf") &
 done
@@ -84,19 +84,22 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
     done
   done
 fi
-# NCU="MODEL:KERNEL_REGEX[:SKIP]": Nsight Compute's throughput, occupancy and warp-stall sections for
-# NCU_COUNT (default 6) launches of those kernels in MODEL's B=1 decode (bench/profile_decode.py),
-# after SKIP (default 100) of them; clocks left alone (METHOD.md). Into $OUT/ncu.txt.
-if [ -n "${NCU:-}" ]; then
+# NCU="MODEL:KERNEL_REGEX[:SKIP[:BATCH]] ...": Nsight Compute's throughput, occupancy and warp-stall
+# sections for NCU_COUNT (default 6) launches of those kernels in MODEL's decode at BATCH (default 1;
+# bench/profile_decode.py), after SKIP (default 100) of them; clocks left alone (METHOD.md). Each
+# spec into $OUT/ncu-N.txt.
+n=0
+for spec in $NCU; do
   wait
-  IFS=: read -r nm kre skip <<< "$NCU"
+  n=$((n + 1))
+  IFS=: read -r nm kre skip nb <<< "$spec"
   ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-  echo "== ncu ($ncu_bin) $nm $kre"
+  echo "== ncu $n: $nm B=${nb:-1} $kre"
   timeout ${NCU_TIMEOUT:-240} "$ncu_bin" --clock-control none --kernel-name "regex:$kre" --launch-skip "${skip:-100}" \
     --launch-count "${NCU_COUNT:-6}" --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-    python3 bench/profile_decode.py "$data/$nm.gguf" --batch 1 > "$OUT/ncu.txt" 2>&1
-  echo "ncu rc=$? $(grep -c '' "$OUT/ncu.txt") lines"
-fi
+    python3 bench/profile_decode.py "$data/$nm.gguf" --batch "${nb:-1}" > "$OUT/ncu-$n.txt" 2>&1
+  echo "ncu rc=$? $(grep -c '' "$OUT/ncu-$n.txt") lines"
+done
 echo "== gpu_check done in $(( $(date +%s) - start ))s, rc=$rc"
 exit $rc
