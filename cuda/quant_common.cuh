@@ -146,6 +146,36 @@ struct FMXFP4 {  // e8m0 exponent byte | qs[16] e2m1 nibbles (lo: elem j, hi: el
         bytes4(lut4((v >> 4) & 0x0F0F0F0Fu) ^ 0x80808080u, 128.f, q + 4);
     }
     static constexpr int QB = 0;  // lut4 gives signed bytes
+    // The whole block as 16 f16 pairs (weights 2j, 2j+1 in h[j]), scale applied, from five aligned
+    // word loads covering its 17 bytes (a 1-aligned block ends at most 19 bytes past the word below
+    // it; QuantWeight pads its allocation, so the last word is readable).
+    __device__ static void block_h2(const uint8_t* b, uint32_t* h) {
+        const uintptr_t ad = reinterpret_cast<uintptr_t>(b);
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(ad & ~uintptr_t(3));
+        const uint32_t sh = uint32_t(ad & 3) * 8;
+        uint32_t x[5], f[5];
+#pragma unroll
+        for (int i = 0; i < 5; i++) x[i] = __ldg(w + i);
+#pragma unroll
+        for (int i = 0; i < 4; i++) f[i] = __funnelshift_r(x[i], x[i + 1], sh);  // bytes 4i..4i+3 of b
+        f[4] = x[4] >> sh;                                                        // byte 16 (in its low byte)
+        const uint32_t e = f[0] & 0xFFu;
+        const float a = e >= 2 ? __uint_as_float((e - 1) << 23) : 0.f;  // as sc(): half the E8M0 scale
+#pragma unroll
+        for (int p = 0; p < 4; p++) {
+            const uint32_t v = __byte_perm(f[p], f[p + 1], 0x4321);  // qs bytes 4p..4p+3 (b + 1 + 4p)
+            float q[8];
+            bytes4(lut4(v & 0x0F0F0F0Fu) ^ 0x80808080u, 128.f, q);         // weights 4p..4p+3
+            bytes4(lut4((v >> 4) & 0x0F0F0F0Fu) ^ 0x80808080u, 128.f, q + 4);  // weights 16+4p..
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const __half2 lo = __floats2half2_rn(a * q[2 * j], a * q[2 * j + 1]);
+                const __half2 hi = __floats2half2_rn(a * q[4 + 2 * j], a * q[4 + 2 * j + 1]);
+                h[2 * p + j] = *reinterpret_cast<const uint32_t*>(&lo);
+                h[8 + 2 * p + j] = *reinterpret_cast<const uint32_t*>(&hi);
+            }
+        }
+    }
     __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
         const uint32_t v = ld32<1>(b + 1 + 4 * p);
         lo = lut4(v & 0x0F0F0F0Fu); hi = lut4((v >> 4) & 0x0F0F0F0Fu);

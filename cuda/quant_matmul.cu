@@ -379,7 +379,7 @@ struct MoeGroup {
     long long expert_stride;
 };
 
-template <class F, int BM, int KB = GBK>
+template <class F, int BM, int KB = GBK, bool BLK = false>
 __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
                                           int T, int n, int k, int accumulate, int kchunk, const MoeGroup mg) {
@@ -472,6 +472,24 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
             __half2* d = reinterpret_cast<__half2*>(As + r * LD + c);
             d[0] = __floats2half2_rn(v.x, v.y); d[1] = __floats2half2_rn(v.z, v.w);
         }
+        if constexpr (BLK) {
+        // weights, a whole 32-weight block per thread (F::block: a few aligned word loads for the
+        // block instead of byte loads per 8-weight part; MXFP4's 17-byte blocks are 1-aligned)
+        constexpr int BPW = KB / F::QK;  // blocks per row in this k-step
+        static_assert(GBN * BPW % GEMM_THREADS == 0, "whole block rounds");
+#pragma unroll
+        for (int it = 0; it < GBN * BPW / GEMM_THREADS; it++) {
+            const int i = tid + it * GEMM_THREADS;
+            const int r = i / BPW, row = n0 + r, blk = kk / F::QK + i % BPW;
+            const bool ok = row < n && blk < nblk;
+            uint32_t h[F::QK / 2];  // the block's weights (times its scale) as f16 pairs, in order
+            F::block_h2(W + (long long)min(row, n - 1) * RB + (long long)min(blk, nblk - 1) * F::TS, h);
+            uint4* d = reinterpret_cast<uint4*>(Bs + r * LD + blk * F::QK - kk);
+#pragma unroll
+            for (int j = 0; j < F::QK / 8; j++)
+                d[j] = ok ? make_uint4(h[4 * j], h[4 * j + 1], h[4 * j + 2], h[4 * j + 3]) : make_uint4(0, 0, 0, 0);
+        }
+        } else {
         // weights: 128 rows x 8 parts; part gp = kk/8 + pp covers elements inside this 64-window
 #pragma unroll
         for (int it = 0; it < GBN * (KB / 8) / GEMM_THREADS; it++) {
@@ -495,6 +513,7 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
             __half2* d1 = reinterpret_cast<__half2*>(Bs + r * LD + c1);
             d0[0] = __floats2half2_rn(w[0], w[1]); d0[1] = __floats2half2_rn(w[2], w[3]);
             d1[0] = __floats2half2_rn(w[4], w[5]); d1[1] = __floats2half2_rn(w[6], w[7]);
+        }
         }
         } else {  // BM > ORCD_GEMM_PIPE: the rolled loops (one load round trip per iteration, fewer registers)
         // activations: BM x 64 floats, scaled per row -> f16; missing rows and columns past k are zero
@@ -679,6 +698,11 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
 // k-steps of 128: half the steps, each with twice the loads in flight, for the small row tiles of a
 // batch spread over many experts (gpt-oss-20b at B=64: ~8 slots per expert, BM 16), where a k-step
 // is one memory latency and a block's 45 of them for k = 2880 are its run time (ORCD_MOE_KB=128)
+// MXFP4 with whole-block weight decoding (BLK; ORCD_MXFP4_BLOCK=0 takes the per-part kernels)
+#define GEMM_MOE_BLK(name, F, BM)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM##_blk(GEMM_MOE_ARGS) {        \
+        gemm_impl<F, BM, GBK, true>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride}); \
+    }
 #define GEMM_MOE_K128(name, F, BM)                                                                                  \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM##_k128(GEMM_MOE_ARGS) {       \
         gemm_impl<F, BM, 128>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});  \
@@ -745,6 +769,7 @@ GEMV_I8(q5_0, FQ5_0)
 GEMV_I8(q5_1, FQ5_1)
 GEMV_I8(q8_0, FQ8_0)
 GEMV_I8(mxfp4, FMXFP4)
+GEMM_MOE_BLK(mxfp4, FMXFP4, 16) GEMM_MOE_BLK(mxfp4, FMXFP4, 32) GEMM_MOE_BLK(mxfp4, FMXFP4, 64)
 GEMV_I8(q4_k, FQ4_K)
 GEMV_I8(q5_k, FQ5_K)
 GEMV_I8(q6_k, FQ6_K)

@@ -86,3 +86,17 @@ def test_int8_matmul_takes_a_ready_rounding_without_quantizing(rec):
     rec.calls.clear()
     cuda_quant.matmul(0xC000, w, 0xD000, 1, None, x8=(0xA000, 0xB000))
     assert [c[0] for c in rec.calls] == ["quantize_x8", name] and rec.calls[0][2] == [0xC000, 0xA000, 0xB000, 3072]
+
+
+@pytest.mark.parametrize("qtype,block,T,want", [
+    (Q.MXFP4, True, 64, "gemm_moe_mxfp4_16_blk"), (Q.MXFP4, False, 64, "gemm_moe_mxfp4_16"),
+    (Q.MXFP4, True, 300, "gemm_moe_mxfp4_64_blk"), (Q.MXFP4, True, 2000, "gemm_moe_mxfp4_128"),
+    (Q.Q8_0, True, 64, "gemm_moe_q8_0_16")])
+def test_grouped_moe_kernel_choice(rec, monkeypatch, qtype, block, T, want):
+    """MXFP4 tiles of BM <= 64 take the whole-block decoder unless ORCD_MXFP4_BLOCK=0; other formats
+    and BM 128 (no such variant) the per-part kernels; moe_group runs first."""
+    monkeypatch.setattr(cuda_quant, "_MXFP4_BLOCK", block)
+    w = _experts(qtype)
+    w.expert_bytes = cuda_quant.GGML_QUANT_SIZES[qtype][1] * w.n * w.k // 32
+    cuda_quant.moe_matmul(0xC000, w, 0xE000, 0xD000, T, 4, None, workspace_ptr=0xF000, grouped=True)
+    assert [c[0] for c in rec.calls] == ["moe_group", want]

@@ -182,6 +182,7 @@ def test_moe_grouped_k128_vs_reference(cu, qtype, T, k, monkeypatch):
     """gemm_moe_*_k128 (ORCD_MOE_KB=128: BM 16/32 tiles take 128-wide k-steps): the same bound,
     k a multiple of 128, of 64 only (2880, 2944: a half-empty last step) and under one step (96)"""
     monkeypatch.setattr(cu.q, "_MOE_KB", 128)
+    monkeypatch.setattr(cu.q, "_MXFP4_BLOCK", False)  # MXFP4 would take the whole-block kernels
     if k is not None and GGML_QUANT_SIZES[qtype][0] == 256:
         k = 768 + 256 if k > 96 else 256  # K-quants: whole 256-blocks (1024 = 8 steps, 256 = 2)
     out, ref, _, _ = _run(cu, qtype, T, True, grouped=True, k=k)
@@ -261,3 +262,16 @@ def test_moe_grouped_gemv_vs_reference(cu, qtype, T, x_per_slot, routing, monkey
     y, ref, _, _ = _run(cu, qtype, T, x_per_slot, grouped=True, routing=routing)
     err = rel_err(y, ref)
     assert err <= TOL_GEMV, f"{qtype.name} T={T} {routing}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("block", [True, False], ids=["whole-block", "per-part"])
+@pytest.mark.parametrize("T,k,n", [(1, None, 301), (16, None, 301), (64, None, 301), (64, 96, 37), (300, 2880 + 32, 129)])
+def test_moe_grouped_mxfp4_decoders_vs_reference(cu, T, k, n, block, monkeypatch):
+    """MXFP4 grouped tiles of BM <= 64 with the whole-block decoder (gemm_moe_mxfp4_<bm>_blk, the
+    default) and the per-part one (ORCD_MXFP4_BLOCK=0): both against the float64 reference, for
+    BM 16 (T 1..64, 4 slots each over 32 experts) and 64 (T 300), k of whole and half k-steps (17-byte
+    blocks at every alignment: 90 and 91 blocks per row), n under one 128-row tile."""
+    monkeypatch.setattr(cu.q, "_MXFP4_BLOCK", block)
+    out, ref, _, _ = _run(cu, Q.MXFP4, T, True, grouped=True, k=k, n=n)
+    err = rel_err(out, ref)
+    assert err <= TOL_GEMM, f"MXFP4 block={block} T={T} k={k} n={n}: rel err {err:.2e}"
