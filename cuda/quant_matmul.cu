@@ -379,7 +379,7 @@ struct MoeGroup {
     long long expert_stride;
 };
 
-template <class F, int BM, int KB = GBK, bool BLK = false>
+template <class F, int BM, bool BLK = false>
 __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
                                           int T, int n, int k, int accumulate, int kchunk, const MoeGroup mg) {
@@ -391,15 +391,13 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
     // gathered from x through perm and scattered to y[slot]; no split-K, no accumulate.
     using namespace nvcuda;
     constexpr int MF = BM / 16;
-    constexpr int LD = KB + 8;  // +8 halves per row: rows land on different banks
-    static_assert(KB % 64 == 0, "a format's 8-weight parts stay inside 64-aligned windows");
-    constexpr int SMEM = (BM + GBN) * LD * 2;
+    constexpr int SMEM = (BM + GBN) * GLD * 2;
     static_assert(SMEM >= 8 * 256 * 4, "epilogue scratch must fit in the tile memory");
     __shared__ __align__(128) uint8_t smem[SMEM];
     __shared__ int xrow[BM], yrow[BM];      // source row of x / destination row of y per tile row (-1: none)
     __shared__ float rscale[BM], rinv[BM];  // per-row power-of-two scale and its inverse
-    __half* As = reinterpret_cast<__half*>(smem);   // [BM][LD]  activations
-    __half* Bs = As + BM * LD;                     // [GBN][LD] weights, row n holds k
+    __half* As = reinterpret_cast<__half*>(smem);   // [BM][GLD]  activations
+    __half* Bs = As + BM * GLD;                     // [GBN][GLD] weights, row n holds k
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int n0 = blockIdx.x * GBN;
     const int nblk = k / F::QK;
@@ -453,29 +451,29 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
 #pragma unroll
     for (int i = 0; i < MF; i++) wmma::fill_fragment(acc[i], 0.f);
 
-    for (int kk = kbeg; kk < kend; kk += KB) {
+    for (int kk = kbeg; kk < kend; kk += GBK) {
         if constexpr (BM <= ORCD_GEMM_PIPE) {
         // Fixed trip counts, fully unrolled, loads made unconditional (clamped to valid addresses, the
         // value zeroed by a select): the compiler can issue every global load of this k-step before the
         // first decode, so a k-step costs about one memory latency instead of one per loop iteration.
         // activations: BM x 64 floats, scaled per row -> f16; missing rows and columns past k are zero
 #pragma unroll
-        for (int it = 0; it < BM * (KB / 4) / GEMM_THREADS; it++) {
+        for (int it = 0; it < BM * (GBK / 4) / GEMM_THREADS; it++) {
             const int i = tid + it * GEMM_THREADS;
-            const int r = i / (KB / 4), c = (i % (KB / 4)) * 4;
+            const int r = i / (GBK / 4), c = (i % (GBK / 4)) * 4;
             const int xr = xrow[r], col = kk + c;
             const bool ok = xr >= 0 && col < k;
             float4 v = __ldg(reinterpret_cast<const float4*>(x + (long long)max(xr, 0) * k + min(col, k - 4)));
             const float s = rscale[r];
             v.x *= s; v.y *= s; v.z *= s; v.w *= s;
             if (!ok) v = make_float4(0.f, 0.f, 0.f, 0.f);
-            __half2* d = reinterpret_cast<__half2*>(As + r * LD + c);
+            __half2* d = reinterpret_cast<__half2*>(As + r * GLD + c);
             d[0] = __floats2half2_rn(v.x, v.y); d[1] = __floats2half2_rn(v.z, v.w);
         }
         if constexpr (BLK) {
-        // weights, a whole 32-weight block per thread (F::block: a few aligned word loads for the
+        // weights, a whole 32-weight block per thread (F::block_h2: a few aligned word loads for the
         // block instead of byte loads per 8-weight part; MXFP4's 17-byte blocks are 1-aligned)
-        constexpr int BPW = KB / F::QK;  // blocks per row in this k-step
+        constexpr int BPW = GBK / F::QK;  // blocks per row in this k-step
         static_assert(GBN * BPW % GEMM_THREADS == 0, "whole block rounds");
 #pragma unroll
         for (int it = 0; it < GBN * BPW / GEMM_THREADS; it++) {
@@ -484,7 +482,7 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
             const bool ok = row < n && blk < nblk;
             uint32_t h[F::QK / 2];  // the block's weights (times its scale) as f16 pairs, in order
             F::block_h2(W + (long long)min(row, n - 1) * RB + (long long)min(blk, nblk - 1) * F::TS, h);
-            uint4* d = reinterpret_cast<uint4*>(Bs + r * LD + blk * F::QK - kk);
+            uint4* d = reinterpret_cast<uint4*>(Bs + r * GLD + blk * F::QK - kk);
 #pragma unroll
             for (int j = 0; j < F::QK / 8; j++)
                 d[j] = ok ? make_uint4(h[4 * j], h[4 * j + 1], h[4 * j + 2], h[4 * j + 3]) : make_uint4(0, 0, 0, 0);
@@ -492,9 +490,9 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
         } else {
         // weights: 128 rows x 8 parts; part gp = kk/8 + pp covers elements inside this 64-window
 #pragma unroll
-        for (int it = 0; it < GBN * (KB / 8) / GEMM_THREADS; it++) {
+        for (int it = 0; it < GBN * (GBK / 8) / GEMM_THREADS; it++) {
             const int i = tid + it * GEMM_THREADS;
-            const int r = i / (KB / 8), pp = i % (KB / 8);
+            const int r = i / (GBK / 8), pp = i % (GBK / 8);
             const int row = n0 + r, gp = kk / 8 + pp;
             const int blk = gp / F::NP, p = gp % F::NP;
             const bool ok = row < n && blk < nblk;
@@ -509,16 +507,16 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
                 w[j] = ok ? fmaf(a0, q[j], mm0) : 0.f;
                 w[4 + j] = ok ? fmaf(a1, q[4 + j], mm1) : 0.f;
             }
-            __half2* d0 = reinterpret_cast<__half2*>(Bs + r * LD + c0);
-            __half2* d1 = reinterpret_cast<__half2*>(Bs + r * LD + c1);
+            __half2* d0 = reinterpret_cast<__half2*>(Bs + r * GLD + c0);
+            __half2* d1 = reinterpret_cast<__half2*>(Bs + r * GLD + c1);
             d0[0] = __floats2half2_rn(w[0], w[1]); d0[1] = __floats2half2_rn(w[2], w[3]);
             d1[0] = __floats2half2_rn(w[4], w[5]); d1[1] = __floats2half2_rn(w[6], w[7]);
         }
         }
         } else {  // BM > ORCD_GEMM_PIPE: the rolled loops (one load round trip per iteration, fewer registers)
         // activations: BM x 64 floats, scaled per row -> f16; missing rows and columns past k are zero
-        for (int i = tid; i < BM * (KB / 4); i += GEMM_THREADS) {
-            const int r = i / (KB / 4), c = (i % (KB / 4)) * 4;
+        for (int i = tid; i < BM * (GBK / 4); i += GEMM_THREADS) {
+            const int r = i / (GBK / 4), c = (i % (GBK / 4)) * 4;
             const int xr = xrow[r], col = kk + c;
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
             if (xr >= 0 && col < k) {
@@ -526,12 +524,12 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
                 const float s = rscale[r];
                 v.x *= s; v.y *= s; v.z *= s; v.w *= s;
             }
-            __half2* d = reinterpret_cast<__half2*>(As + r * LD + c);
+            __half2* d = reinterpret_cast<__half2*>(As + r * GLD + c);
             d[0] = __floats2half2_rn(v.x, v.y); d[1] = __floats2half2_rn(v.z, v.w);
         }
         // weights: 128 rows x 8 parts; part gp = kk/8 + pp covers elements inside this 64-window
-        for (int i = tid; i < GBN * (KB / 8); i += GEMM_THREADS) {
-            const int r = i / (KB / 8), pp = i % (KB / 8);
+        for (int i = tid; i < GBN * (GBK / 8); i += GEMM_THREADS) {
+            const int r = i / (GBK / 8), pp = i % (GBK / 8);
             const int row = n0 + r, gp = kk / 8 + pp;
             const int blk = gp / F::NP, p = gp % F::NP;
             int o0, o1;
@@ -539,8 +537,8 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
             const int c0 = blk * F::QK + o0 - kk, c1 = blk * F::QK + o1 - kk;
             float q[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a0 = 0.f, a1 = 0.f, mm0 = 0.f, mm1 = 0.f;
             if (row < n && blk < nblk) dec<F>(W + row * RB + (long long)blk * F::TS, p, q, a0, a1, mm0, mm1);
-            __half2* d0 = reinterpret_cast<__half2*>(Bs + r * LD + c0);
-            __half2* d1 = reinterpret_cast<__half2*>(Bs + r * LD + c1);
+            __half2* d0 = reinterpret_cast<__half2*>(Bs + r * GLD + c0);
+            __half2* d1 = reinterpret_cast<__half2*>(Bs + r * GLD + c1);
             d0[0] = __floats2half2_rn(fmaf(a0, q[0], mm0), fmaf(a0, q[1], mm0));
             d0[1] = __floats2half2_rn(fmaf(a0, q[2], mm0), fmaf(a0, q[3], mm0));
             d1[0] = __floats2half2_rn(fmaf(a1, q[4], mm1), fmaf(a1, q[5], mm1));
@@ -549,13 +547,13 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
         }
         __syncthreads();
 #pragma unroll
-        for (int ks = 0; ks < KB; ks += 16) {
+        for (int ks = 0; ks < GBK; ks += 16) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> bf;
-            wmma::load_matrix_sync(bf, Bs + warp * 16 * LD + ks, LD);
+            wmma::load_matrix_sync(bf, Bs + warp * 16 * GLD + ks, GLD);
 #pragma unroll
             for (int i = 0; i < MF; i++) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> af;
-                wmma::load_matrix_sync(af, As + i * 16 * LD + ks, LD);
+                wmma::load_matrix_sync(af, As + i * 16 * GLD + ks, GLD);
                 wmma::mma_sync(acc[i], af, bf, acc[i]);
             }
         }
@@ -695,17 +693,10 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM(GEMM_MOE_ARGS) {              \
         gemm_impl<F, BM>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});       \
     }
-// k-steps of 128: half the steps, each with twice the loads in flight, for the small row tiles of a
-// batch spread over many experts (gpt-oss-20b at B=64: ~8 slots per expert, BM 16), where a k-step
-// is one memory latency and a block's 45 of them for k = 2880 are its run time (ORCD_MOE_KB=128)
 // MXFP4 with whole-block weight decoding (BLK; ORCD_MXFP4_BLOCK=0 takes the per-part kernels)
 #define GEMM_MOE_BLK(name, F, BM)                                                                                   \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM##_blk(GEMM_MOE_ARGS) {        \
-        gemm_impl<F, BM, GBK, true>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride}); \
-    }
-#define GEMM_MOE_K128(name, F, BM)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM##_k128(GEMM_MOE_ARGS) {       \
-        gemm_impl<F, BM, 128>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});  \
+        gemm_impl<F, BM, true>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});  \
     }
 
 #define GEMV(name, F, NT)                                                                                        \
@@ -751,8 +742,7 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_128(GEMM_ARGS) { gemm_impl<F, 128>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void embed_##name(const int* ids, const uint8_t* W, float* y, int k) { embed_impl<F>(ids, W, y, k); } \
-    GEMM_MOE(name, F, 16) GEMM_MOE(name, F, 32) GEMM_MOE(name, F, 64) GEMM_MOE(name, F, 128) GEMV_MOE(name, F)   \
-    GEMM_MOE_K128(name, F, 16) GEMM_MOE_K128(name, F, 32)
+    GEMM_MOE(name, F, 16) GEMM_MOE(name, F, 32) GEMM_MOE(name, F, 64) GEMM_MOE(name, F, 128) GEMV_MOE(name, F)
 
 DEFINE_FORMAT(q4_0, FQ4_0)
 DEFINE_FORMAT(q4_1, FQ4_1)

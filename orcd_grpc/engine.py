@@ -485,9 +485,9 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
     be = backend if isinstance(backend, Backend) else make_backend(backend, max_vram)
     try:
         # Parts of types that widen exactly to Q8_0 (qwen2.5's Q4_K_M files: Q/K Q5_0, V Q8_0) fuse
-        # as Q8_0 (ORCD_FUSE_WIDEN=0: no). Failing that, Q and K fused where V's type differs: one
-        # GEMV less per layer, qwen2.5-0.5b's B=1 step 1,318 -> 1,232 us with ORCD_SPLIT_VIEWS
-        # (H100, 2026-11-23); ORCD_FUSE_QK=0 off.
+        # as one Q8_0 matrix: qwen2.5-0.5b's B=1 step 1,157 -> 1,048 us (H100, 2026-11-23);
+        # ORCD_FUSE_WIDEN=0 off. Failing that, Q and K fused where V's type differs (1,318 -> 1,232
+        # us with ORCD_SPLIT_VIEWS, same day); ORCD_FUSE_QK=0 off.
         fused = (adapter.fused_weights(qk=os.environ.get("ORCD_FUSE_QK", "1") == "1",
                                        widen=os.environ.get("ORCD_FUSE_WIDEN", "1") == "1")
                  if os.environ.get("ORCD_FUSE_WEIGHTS", "1") != "0" else {})

@@ -308,13 +308,10 @@ def moe_use_grouped(T: int, top_k: int, n_experts: int) -> bool:
 # its slots) instead of the f16 tensor-core gemm_moe. Opt-in (ORCD_MOE_GEMV=1) because it measured
 # slower: gpt-oss-20b at B=64, 547 against 372 us per grouped matmul (H100 CUPTI trace, 2026-11-23).
 _MOE_GEMV = os.environ.get("ORCD_MOE_GEMV") == "1"
-# ORCD_MOE_KB=128: grouped MoE tiles of BM <= 32 take k-steps of 128 (gemm_moe_*_k128) instead of 64.
-# Even on the H100 (gpt-oss-20b B=64: 349.4 against 349.95 us per grouped matmul, 2026-11-23): the
-# kernel is bound by its decode instructions (ncu: issue 0.54 per scheduler, L1 66 % busy), not by
-# the k-steps' memory latency.
-_MOE_KB = int(os.environ.get("ORCD_MOE_KB", "64"))
 # Grouped MXFP4 tiles of BM <= 64 decode a whole 17-byte block per thread from five aligned word
-# loads (gemm_moe_mxfp4_<bm>_blk) instead of four byte loads and a scale load per 8-weight part;
+# loads (gemm_moe_mxfp4_<bm>_blk) instead of four byte loads and a scale load per 8-weight part:
+# ncu had the per-part kernel bound by issue (0.54 instructions per scheduler per cycle, L1 66 %
+# busy, DRAM 12 %); gpt-oss-20b B=64 349 -> 195 us per grouped matmul (H100, 2026-11-23).
 # ORCD_MXFP4_BLOCK=0 takes the per-part kernels.
 _MXFP4_BLOCK = os.environ.get("ORCD_MXFP4_BLOCK", "1") == "1"
 
@@ -368,11 +365,8 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
                        np.int32(E), np.int32(Y), ids_ptr=workspace_ptr, expert_stride=w.expert_bytes, top_k=top_k,
                        x_per_slot=x_per_slot)
             return
-        if _MXFP4_BLOCK and w.qtype == Q.MXFP4 and bm <= 64:
-            suffix = "_blk"
-        else:
-            suffix = "_k128" if _MOE_KB == 128 and bm <= 32 else ""
-        f = _kernels().get(f"gemm_moe_{_NAME[w.qtype]}_{bm}{suffix}", "PPPPPiiiiiiqi")
+        blk = "_blk" if _MXFP4_BLOCK and w.qtype == Q.MXFP4 and bm <= 64 else ""
+        f = _kernels().get(f"gemm_moe_{_NAME[w.qtype]}_{bm}{blk}", "PPPPPiiiiiiqi")
         f.prepared_async_call(((w.n + _GEMM_BN - 1) // _GEMM_BN, Y, 1), (_GEMM_THREADS, 1, 1), stream,
                               _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(workspace_ptr), np.int32(T),
                               np.int32(top_k), np.int32(E), np.int32(Y), np.int32(w.n), np.int32(w.k),

@@ -176,20 +176,6 @@ def test_moe_grouped_small_k_and_n(cu):
     assert rel_err(out, ref) <= TOL_GEMM
 
 
-@pytest.mark.parametrize("T,k", [(5, None), (16, None), (64, None), (64, 96), (64, 2880 + 64)])
-@pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K], ids=lambda v: v.name)
-def test_moe_grouped_k128_vs_reference(cu, qtype, T, k, monkeypatch):
-    """gemm_moe_*_k128 (ORCD_MOE_KB=128: BM 16/32 tiles take 128-wide k-steps): the same bound,
-    k a multiple of 128, of 64 only (2880, 2944: a half-empty last step) and under one step (96)"""
-    monkeypatch.setattr(cu.q, "_MOE_KB", 128)
-    monkeypatch.setattr(cu.q, "_MXFP4_BLOCK", False)  # MXFP4 would take the whole-block kernels
-    if k is not None and GGML_QUANT_SIZES[qtype][0] == 256:
-        k = 768 + 256 if k > 96 else 256  # K-quants: whole 256-blocks (1024 = 8 steps, 256 = 2)
-    out, ref, _, _ = _run(cu, qtype, T, True, grouped=True, k=k)
-    err = rel_err(out, ref)
-    assert err <= TOL_GEMM, f"k128 {qtype.name} T={T} k={k}: rel err {err:.2e}"
-
-
 # ---- through CudaBackend.moe (route -> grouped gate/up -> act -> grouped down -> combine) ---------------
 @pytest.fixture(scope="module")
 def be():
