@@ -71,7 +71,7 @@ __device__ __forceinline__ void glu_halves(const float* __restrict__ x, float* _
 extern "C" __global__ void silu_halves_f32(const float* x, float* y, int rows, int F) { glu_halves<0>(x, y, rows, F); }
 
 // One row of glu_halves (F % 32 == 0) that also writes y rounded to int8 with a scale per 32 elements
-// (q8_round), the down projection's int8 GEMV input (opt-in ORCD_FUSE_Q8=1). A warp per 32 columns.
+// (q8_round), the down projection's int8 GEMV input (ORCD_FUSE_Q8). A warp per 32 columns.
 template <int OP>
 __device__ __forceinline__ void glu_halves_q8(const float* __restrict__ x, float* __restrict__ y,
                                               int8_t* __restrict__ xq, float* __restrict__ xd, int F) {

@@ -114,7 +114,7 @@ extern "C" __global__ void rms_norm_block(const float* __restrict__ x, const flo
 }
 
 // rms_norm_block that also writes its output rounded to int8 (xq, d bytes per row) with a scale per
-// 32 elements (xd), for the int8 GEMV that follows (opt-in ORCD_FUSE_Q8=1): one quantize launch
+// 32 elements (xd), for the int8 GEMV that follows (ORCD_FUSE_Q8): one quantize launch
 // less per such matmul. d % 32 == 0, 16-byte aligned rows, blockDim.x a multiple of 32.
 extern "C" __global__ void rms_norm_block_q8(const float* __restrict__ x, const float* __restrict__ res,
                                              float* __restrict__ s_out, float* __restrict__ out,

@@ -306,11 +306,10 @@ class Engine:
 
     def step(self, seqs: list[Sequence], token_budget: int = 2048) -> dict:
         fl, self._inflight = self._inflight, None
-        if fl is not None:
+        if fl is not None:  # a changed batch only settles what was queued ahead
             if len(fl.seqs) == len(seqs) and all(a is b for a, b in zip(fl.seqs, seqs)) and fl.intact():
                 self._inflight = self._launch_ahead(fl)
-                return self._collect(fl, seqs)
-            return self._collect(fl, seqs)  # the batch changed: what was queued ahead is settled first
+            return self._collect(fl, seqs)
         plan = self._plan(seqs, token_budget)
         if not plan:
             return {}
@@ -491,6 +490,7 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
         fused = (adapter.fused_weights(qk=os.environ.get("ORCD_FUSE_QK", "1") == "1",
                                        widen=os.environ.get("ORCD_FUSE_WIDEN", "1") == "1")
                  if os.environ.get("ORCD_FUSE_WEIGHTS", "1") != "0" else {})
+        # the groups whose types differ: the adapter grouped them because they widen to Q8_0
         widened = {n for names in fused.values() if len({int(model.tensor(n).tensor_type) for n in names}) > 1
                    for n in names}
         weights_bytes = 0
@@ -527,7 +527,7 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
             shapes = [GGUFModel.logical_shape(t) for t in parts]
             qtype = parts[0].tensor_type
             raws = [np.ascontiguousarray(t.data).reshape(-1).view(np.uint8) for t in parts]
-            if len({int(t.tensor_type) for t in parts}) > 1:  # the adapter grouped types that widen
+            if names[0] in widened:
                 qtype = quants.T.Q8_0
                 raws = [quants.widen_to_q8_0(r, t.tensor_type) for r, t in zip(raws, parts)]
             shape = (sum(sh[0] for sh in shapes), *shapes[0][1:])

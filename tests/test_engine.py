@@ -388,30 +388,35 @@ def test_lookahead_queues_no_step_past_max_tokens(tmp_path):
         eng.close()
 
 
+def _names_and_logits(path, monkeypatch, var: str, prompt) -> dict:
+    """{value: (the loaded weights' names, the prompt's logits)} with env var at "1", then "0"."""
+    out = {}
+    for value in ("1", "0"):
+        monkeypatch.setenv(var, value)
+        eng = load_engine(path, backend="cpu", max_sequences=2, max_context=256)
+        try:
+            s = eng.new_sequence(prompt, GREEDY)
+            out[value] = (set(eng.adapter.w), eng.score(s))
+            eng.release(s)
+        finally:
+            eng.close()
+    return out
+
+
 def test_fused_qk_gives_the_separate_projections_logits(tmp_path, monkeypatch):
     """ORCD_FUSE_QK (default on; =0 off): where V's type differs from Q's and K's (qwen2.5's Q4_K_M files), Q
     and K load as one matrix with one bias and are split after the matmul; the logits must be those
     of the three separate projections (NumPy backend: the same weights, summed in another order)."""
 
     path = write_tiny_llama(tmp_path / "tiny.gguf", "Q4_0", v_qtype="Q8_0", qkv_bias=True)
-    rng = np.random.default_rng()
-    prompt = [1] + rng.integers(3, 320, 30).tolist()
-    logits = {}
+    prompt = [1] + np.random.default_rng().integers(3, 320, 30).tolist()
     monkeypatch.setenv("ORCD_FUSE_WIDEN", "0")  # else Q/K/V fuse as one Q8_0 matrix (the test below)
-    for fuse in ("1", "0"):
-        monkeypatch.setenv("ORCD_FUSE_QK", fuse)
-        eng = load_engine(path, backend="cpu", max_sequences=2, max_context=256)
-        try:
-            names = set(eng.adapter.w)
-            assert not any("attn_qkv_fused" in n for n in names)  # V's type differs: no Q/K/V fusion
-            assert ("blk.0.attn_qk_fused.weight" in names) == (fuse == "1")
-            assert ("blk.0.attn_qk_fused.bias" in names) == (fuse == "1")
-            s = eng.new_sequence(prompt, GREEDY)
-            logits[fuse] = eng.score(s)
-            eng.release(s)
-        finally:
-            eng.close()
-    np.testing.assert_allclose(logits["1"], logits["0"], rtol=1e-4, atol=1e-4)
+    got = _names_and_logits(path, monkeypatch, "ORCD_FUSE_QK", prompt)
+    for fuse, (names, _) in got.items():
+        assert not any("attn_qkv_fused" in n for n in names)  # V's type differs: no Q/K/V fusion
+        assert ("blk.0.attn_qk_fused.weight" in names) == (fuse == "1")
+        assert ("blk.0.attn_qk_fused.bias" in names) == (fuse == "1")
+    np.testing.assert_allclose(got["1"][1], got["0"][1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("qk_type", ["Q4_0", "Q5_0"])
@@ -419,20 +424,10 @@ def test_widened_qkv_gives_the_separate_projections_logits(tmp_path, monkeypatch
     """Q/K of a type that widens exactly to Q8_0 and V in Q8_0 (qwen2.5's Q4_K_M layout) load as
     one Q8_0 matrix; the logits must be those of the three separate projections as stored."""
     path = write_tiny_llama(tmp_path / "tiny.gguf", qk_type, v_qtype="Q8_0", qkv_bias=True)
-    rng = np.random.default_rng()
-    prompt = [1] + rng.integers(3, 320, 30).tolist()
-    logits = {}
-    for fuse in ("1", "0"):
-        monkeypatch.setenv("ORCD_FUSE_WEIGHTS", fuse)
-        eng = load_engine(path, backend="cpu", max_sequences=2, max_context=256)
-        try:
-            names = set(eng.adapter.w)
-            assert ("blk.0.attn_qkv_fused.weight" in names) == (fuse == "1")
-            assert ("blk.0.attn_qkv_fused.bias" in names) == (fuse == "1")
-            assert "blk.0.attn_qk_fused.weight" not in names
-            s = eng.new_sequence(prompt, GREEDY)
-            logits[fuse] = eng.score(s)
-            eng.release(s)
-        finally:
-            eng.close()
-    np.testing.assert_allclose(logits["1"], logits["0"], rtol=1e-4, atol=1e-4)
+    prompt = [1] + np.random.default_rng().integers(3, 320, 30).tolist()
+    got = _names_and_logits(path, monkeypatch, "ORCD_FUSE_WEIGHTS", prompt)
+    for fuse, (names, _) in got.items():
+        assert ("blk.0.attn_qkv_fused.weight" in names) == (fuse == "1")
+        assert ("blk.0.attn_qkv_fused.bias" in names) == (fuse == "1")
+        assert "blk.0.attn_qk_fused.weight" not in names
+    np.testing.assert_allclose(got["1"][1], got["0"][1], rtol=1e-4, atol=1e-4)

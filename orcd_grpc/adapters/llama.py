@@ -53,7 +53,7 @@ class LlamaAdapter(Adapter):
             if not all(m.has(n) for n in names):
                 return False
             types = {int(m.tensor(n).tensor_type) for n in names}
-            if len(types) != 1 and not (widen and types <= {int(t) for t in quants.WIDENS_TO_Q8_0}):
+            if len(types) != 1 and not (widen and types <= quants.WIDENS_TO_Q8_0):
                 return False
             biases = [n.replace(".weight", ".bias") for n in names]
             if any(m.has(n) for n in biases):

@@ -909,7 +909,7 @@ class CudaBackend(Backend):
         # (kept referenced until the down projection is queued: a dropped block is reused by the next _out)
         gws = self._out((cuda_quant.moe_workspace_ints(T, k, ne),), np.int32) if grouped else None
         gkw = dict(workspace_ptr=gws.ptr if grouped else None, grouped=grouped)
-        # int8 input for the per-slot GEMVs (opt-in): one quantized copy of x serves gate and up
+        # int8 input for the per-slot GEMVs (ORCD_MOE_INT8): one quantized copy of x serves gate and up
         x8 = xs = None
         if cuda_quant.moe_i8_eligible(w_gate, grouped) and cuda_quant.moe_i8_eligible(w_up, grouped):
             xs = self._q8_scratch(T * d)

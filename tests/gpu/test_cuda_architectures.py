@@ -94,13 +94,13 @@ def test_tiny_architecture_with_int8_gemv(arch, qtype, fuse_q8, tmp_path, monkey
     """The same agreement with every single-token matmul of an integer format on the int8-input
     GEMV (ORCD_GEMV_INT8), whatever its size: the activation rounding (about 0.5 % per matmul)
     must stay inside the quantized bound; with the rounding quantized by its own launch, or written
-    by the norm / GLU kernel before (opt-in ORCD_FUSE_Q8=1)."""
+    by the norm / GLU kernel before (ORCD_FUSE_Q8, the default)."""
     from orcd_grpc.backends import cuda_quant
 
     monkeypatch.setenv("ORCD_FUSE_Q8", fuse_q8)
 
     monkeypatch.setattr(cuda_quant, "_I8", True)
-    monkeypatch.setattr(cuda_quant, "_MOE_I8", True)  # gpt-oss's per-slot expert GEMVs too (opt-in)
+    monkeypatch.setattr(cuda_quant, "_MOE_I8", True)  # gpt-oss's per-slot expert GEMVs too, whatever ORCD_MOE_INT8 says
     monkeypatch.setattr(cuda_quant, "_I8_MIN", 0)
     # Every matmul's input rounded to int8 (about 0.4 % relative per row) on top of the weights'
     # quantization: gemma3's four norms per layer and its softcap left the largest logit error at

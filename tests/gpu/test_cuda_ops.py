@@ -96,7 +96,7 @@ def _check_q8(be, t, ref):
 @pytest.mark.parametrize("d", [576, 896, 2304, 3072, 5120, 8192])
 @pytest.mark.parametrize("with_res", [False, True])
 def test_rms_norm_q8(be, rng, d, with_res, monkeypatch):
-    """rms_norm_block_q8 (opt-in ORCD_FUSE_Q8): the row as before plus its int8 rounding, which the
+    """rms_norm_block_q8 (ORCD_FUSE_Q8): the row as before plus its int8 rounding, which the
     next int8 GEMV takes instead of quantizing again, to the same output bit for bit."""
     import gguf
 
@@ -127,7 +127,7 @@ def test_rms_norm_q8(be, rng, d, with_res, monkeypatch):
 @pytest.mark.parametrize("F", [96, 1536, 4864, 8192])
 @pytest.mark.parametrize("act", ["silu", "gelu"])
 def test_glu_fused_q8(be, rng, F, act, monkeypatch):
-    """silu/gelu_halves_q8 (opt-in ORCD_FUSE_Q8): act(gate) * up for one row, and its int8 rounding"""
+    """silu/gelu_halves_q8 (ORCD_FUSE_Q8): act(gate) * up for one row, and its int8 rounding"""
     monkeypatch.setattr(be, "_fuse_q8", True)
     ref = NumpyBackend()
     x = rng.standard_normal((1, 2 * F), dtype=np.float32) * 3
@@ -243,7 +243,7 @@ def test_split_and_gather(be, rng):
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_split_views(be, rng, rows, monkeypatch):
-    """ORCD_SPLIT_VIEWS (opt-in): a one-row split hands back views (no copy), which later kernels
+    """ORCD_SPLIT_VIEWS: a one-row split hands back views (no copy), which later kernels
     read as the pieces; more rows, or a width that is not a multiple of 4, still copy."""
     monkeypatch.setattr(be, "_split_views", True)
     sizes = [896, 128]

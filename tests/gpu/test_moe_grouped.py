@@ -5,7 +5,7 @@ poisoned with NaN first. Tolerances (||out - ref|| / ||ref||, see test_quant_ker
   * grouped (f16 operands, f32 accumulation): 3e-3, also row by row for wide-range activations
   * per-slot GEMV (f32): 1e-4
   * grouped GEMV (moe_group + gemv_moe_<fmt>_8, ORCD_MOE_GEMV=1; f32): 1e-4
-  * per-slot GEMV on the int8-rounded input (quantize_x8 + gemv_*_1[_k4]_i8, ORCD_MOE_INT8=1): 1e-3
+  * per-slot GEMV on the int8-rounded input (quantize_x8 + gemv_*_1[_k4]_i8, ORCD_MOE_INT8): 1e-3
     against the rounded input (a wrong row or scale offset is off by O(1)), 2e-2 against the float one
 """
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_moe_gemv_vs_reference(cu, qtype, T, x_per_slot):
 @pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
 @pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K], ids=lambda v: v.name)
 def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit, monkeypatch):
-    """the per-slot GEMV on an int8-quantized input (opt-in ORCD_MOE_INT8=1), both GEMV layouts: each
+    """the per-slot GEMV on an int8-quantized input (ORCD_MOE_INT8), both GEMV layouts: each
     slot must find its own quantized row and scales (x_per_slot) or its token's (gate / up)"""
     monkeypatch.setattr(cu.q, "_KSPLIT", ksplit)
     out, (ref, ref8), _, _ = _run(cu, qtype, T, x_per_slot, grouped=False, int8=True)
