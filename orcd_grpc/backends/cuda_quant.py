@@ -204,6 +204,19 @@ def moe_i8_eligible(w: QuantWeight, grouped: bool) -> bool:
     return _MOE_I8 and not grouped and _i8_kernel_for(w) and w.n * w.k >= _I8_MIN
 
 
+def _i8_gemv(x_ptr, w: QuantWeight, y_ptr, bias_ptr, x8: tuple, x8_ready: bool, n_in: int, slots: int, stream,
+             **call) -> None:
+    """The int8-input GEMV over `slots` grid columns, after quantize_x8 of x's n_in floats into
+    x8 = (xq_ptr, xd_ptr) unless x8_ready (x's producer wrote them)."""
+    if not _i8_kernel_for(w):
+        raise ValueError(f"the int8-input GEMV serves integer formats with k % 32 == 0 ({w.qtype.name} k={w.k})")
+    xq_ptr, xd_ptr = x8
+    if not x8_ready:
+        quantize_x8(x_ptr, xq_ptr, xd_ptr, n_in, stream)
+    f, gx = _gemv(_NAME[w.qtype], 1, w.n, slots, "i8", sig=_GEMV_SIG + "P")
+    _gemv_call(f, (gx, slots), stream, xq_ptr, w, y_ptr, bias_ptr, 1, _p(xd_ptr), **call)
+
+
 def i8_eligible(w: QuantWeight, T: int) -> bool:
     """Whether a T-token matmul on w takes the int8-input GEMV (the caller then passes x8 scratch)."""
     return _I8 and T == 1 and _i8_kernel_for(w) and w.n * w.k >= _I8_MIN
@@ -233,14 +246,9 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
                    _p(s_ptr), accumulate=accumulate)
         return
     if x8 is not None:
-        if T != 1 or act is not None or not _i8_kernel_for(w):
-            raise ValueError(f"the int8-input GEMV serves T = 1, no act, integer formats, k % 32 == 0 "
-                             f"(T={T} act={act!r} {w.qtype.name} k={w.k})")
-        xq_ptr, xd_ptr = x8
-        if not x8_ready:
-            quantize_x8(x_ptr, xq_ptr, xd_ptr, w.k, stream)
-        f, gx = _gemv(fmt, 1, w.n, 1, "i8", sig=_GEMV_SIG + "P")
-        _gemv_call(f, (gx, 1), stream, xq_ptr, w, y_ptr, bias_ptr, 1, _p(xd_ptr), accumulate=accumulate)
+        if T != 1 or act is not None:
+            raise ValueError(f"the int8-input GEMV serves T = 1 without act, not T={T} act={act!r}")
+        _i8_gemv(x_ptr, w, y_ptr, bias_ptr, x8, x8_ready, w.k, 1, stream, accumulate=accumulate)
         return
     if T <= GEMV_MAX_T:
         nt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
@@ -373,14 +381,8 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
                               np.int64(w.expert_bytes), np.int32(bool(x_per_slot)))
         return
     if x8 is not None:
-        if not _i8_kernel_for(w):
-            raise ValueError(f"the int8-input GEMV serves integer formats with k % 32 == 0 ({w.qtype.name} k={w.k})")
-        xq_ptr, xd_ptr = x8
-        if not x8_ready:
-            quantize_x8(x_ptr, xq_ptr, xd_ptr, (T * top_k if x_per_slot else T) * w.k, stream)
-        f, gx = _gemv(_NAME[w.qtype], 1, w.n, T * top_k, "i8", sig=_GEMV_SIG + "P")
-        _gemv_call(f, (gx, T * top_k), stream, xq_ptr, w, y_ptr, bias_ptr, 1, _p(xd_ptr), ids_ptr=expert_ids_ptr,
-                   expert_stride=w.expert_bytes, top_k=top_k, x_per_slot=x_per_slot)
+        _i8_gemv(x_ptr, w, y_ptr, bias_ptr, x8, x8_ready, (T * top_k if x_per_slot else T) * w.k, T * top_k, stream,
+                 ids_ptr=expert_ids_ptr, expert_stride=w.expert_bytes, top_k=top_k, x_per_slot=x_per_slot)
         return
     f, gx = _gemv(_NAME[w.qtype], 1, w.n, T * top_k)
     _gemv_call(f, (gx, T * top_k), stream, x_ptr, w, y_ptr, bias_ptr, 1, ids_ptr=expert_ids_ptr,
