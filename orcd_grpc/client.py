@@ -1,8 +1,10 @@
 """A small Python client for the orcd.v1.Worker service, used by the CLI and the tests.
 
 It is a thin layer over the generated stub: it builds requests from keyword arguments, applies a
-default deadline and metadata to every call, and lets grpc.RpcError through unchanged (callers
-read .code() and .details()).
+default deadline and metadata to every call, opens a plaintext, TLS or mutual-TLS channel
+(orcd_grpc.channels), and raises failed calls as typed errors (orcd_grpc.client_errors:
+OrcdRpcError, a grpc.RpcError, and one subclass per common status code). orcd_grpc.aio_client
+has the same methods for asyncio.
 """
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from typing import Iterable, Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from . import channels
+from .client_errors import (ClientConfigError, NotFoundError, OrcdRpcError,  # noqa: F401 (re-exported)
+                            typed_errors)
 from .proto import pb, pb_grpc
 
 SERVICE_NAME = "orcd.v1.Worker"
@@ -73,20 +78,64 @@ def finish_reason_name(value: int) -> str:
     return pb.FinishReason.Name(value).removeprefix("FINISH_REASON_")
 
 
+class CompletionBuilder:
+    """Collects the events of one Execute stream into a Completion (shared by both clients)."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.ids: list[int] = []
+        self.started = pb.Started()
+        self.finished = None
+
+    def add(self, event: pb.ExecuteResponse) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "started":
+            self.started = event.started
+        elif kind == "token":
+            self.parts.append(event.token.text)
+            self.ids.append(event.token.token_id)
+        elif kind == "finished":
+            self.finished = event.finished
+
+    def result(self) -> Completion:
+        f = self.finished
+        if f is None:
+            raise RuntimeError("Execute stream ended without a Finished event")
+        return Completion(text="".join(self.parts), token_ids=self.ids, request_id=self.started.request_id,
+                          model_id=self.started.model_id, finish_reason=finish_reason_name(f.reason),
+                          matched_stop=f.matched_stop, usage=f.usage, timings=f.timings)
+
+
+def tls_options(channel, tls, tls_ca, tls_cert, tls_key, tls_server_name) -> channels.TlsOptions:
+    opts = channels.TlsOptions(tls=tls, ca=tls_ca, cert=tls_cert, key=tls_key, server_name=tls_server_name)
+    if channel is not None and (opts.enabled or tls_server_name):
+        raise ClientConfigError("give either a channel or TLS options, not both")
+    return opts
+
+
 class OrcdClient:
     """Client of one orcd worker.
 
     address: "host:port". timeout: default deadline in seconds of every call (None: none).
     metadata: (key, value) pairs sent with every call, e.g. [("authorization", "Bearer ...")].
+    tls: TLS with the system's roots; tls_ca: trust this CA instead (a PEM path or PEM bytes;
+    implies TLS); tls_cert/tls_key: a client certificate and key (mutual TLS); tls_server_name:
+    the name the server certificate carries when it is not the address's host. Without TLS a
+    bearer token is only sent to a loopback address unless insecure=True (ClientConfigError).
+    channel: a ready channel instead (then no TLS options).
     """
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  metadata: Iterable[tuple[str, str]] | None = None,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, tls: bool = False, tls_ca=None, tls_cert=None,
+                 tls_key=None, tls_server_name: str | None = None, insecure: bool = False):
         self.address = address
         self.timeout = timeout
         self.metadata = tuple(metadata or ())
-        self._channel = channel or grpc.insecure_channel(address)
+        opts = tls_options(channel, tls, tls_ca, tls_cert, tls_key, tls_server_name)
+        if channel is None:
+            channels.check_token_transport(address, self.metadata, opts, insecure)
+        self._channel = channel or channels.open_channel(address, opts)
         self._stub = pb_grpc.WorkerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -113,7 +162,8 @@ class OrcdClient:
         with it the request on the server)."""
         call = self._stub.Execute(request, **self._kw(timeout, metadata))
         try:
-            yield from call
+            with typed_errors():
+                yield from call
         finally:
             call.cancel()
 
@@ -125,28 +175,14 @@ class OrcdClient:
     def generate_text(self, prompt=None, *, timeout: float | None = None, metadata=None,
                       **params) -> Completion:
         """Runs one request to the end and returns its text and statistics."""
-        parts: list[str] = []
-        ids: list[int] = []
-        started = pb.Started()
-        finished = None
+        done = CompletionBuilder()
         for event in self.stream_text(prompt, timeout=timeout, metadata=metadata, **params):
-            kind = event.WhichOneof("event")
-            if kind == "started":
-                started = event.started
-            elif kind == "token":
-                parts.append(event.token.text)
-                ids.append(event.token.token_id)
-            elif kind == "finished":
-                finished = event.finished
-        if finished is None:
-            raise RuntimeError("Execute stream ended without a Finished event")
-        return Completion(text="".join(parts), token_ids=ids, request_id=started.request_id,
-                          model_id=started.model_id, finish_reason=finish_reason_name(finished.reason),
-                          matched_stop=finished.matched_stop, usage=finished.usage,
-                          timings=finished.timings)
+            done.add(event)
+        return done.result()
 
     def cancel(self, request_id: str, *, timeout: float | None = None, metadata=None) -> bool:
-        resp = self._stub.Cancel(pb.CancelRequest(request_id=request_id), **self._kw(timeout, metadata))
+        with typed_errors():
+            resp = self._stub.Cancel(pb.CancelRequest(request_id=request_id), **self._kw(timeout, metadata))
         return resp.cancelled
 
     def load_model(self, path: str, model_id: str = "", context_length: int = 0, *,
@@ -155,12 +191,14 @@ class OrcdClient:
         req = pb.LoadModelRequest(path=str(path), model_id=model_id, context_length=context_length)
         call = self._stub.LoadModel(req, **self._kw(timeout, metadata))
         try:
-            yield from call
+            with typed_errors():
+                yield from call
         finally:
             call.cancel()
 
     def list_models(self, *, timeout: float | None = None, metadata=None) -> list[pb.ModelDescription]:
-        return list(self._stub.ListModels(pb.ListModelsRequest(), **self._kw(timeout, metadata)).models)
+        with typed_errors():
+            return list(self._stub.ListModels(pb.ListModelsRequest(), **self._kw(timeout, metadata)).models)
 
     def unload_model(self, model_id: str = "", *, timeout: float | None = None, metadata=None) -> None:
         """Unloads model_id; empty: the only loaded model (an error when there is not exactly one)."""
@@ -169,17 +207,20 @@ class OrcdClient:
             if len(loaded) != 1:
                 raise ValueError(f"model_id: {len(loaded)} models are loaded; name the one to unload")
             model_id = loaded[0].model_id
-        self._stub.UnloadModel(pb.UnloadModelRequest(model_id=model_id), **self._kw(timeout, metadata))
+        with typed_errors():
+            self._stub.UnloadModel(pb.UnloadModelRequest(model_id=model_id), **self._kw(timeout, metadata))
 
     def hardware_info(self, *, timeout: float | None = None, metadata=None) -> pb.HardwareInfoResponse:
-        return self._stub.HardwareInfo(pb.HardwareInfoRequest(), **self._kw(timeout, metadata))
+        with typed_errors():
+            return self._stub.HardwareInfo(pb.HardwareInfoRequest(), **self._kw(timeout, metadata))
 
     # --- health ------------------------------------------------------------------------------
 
     def health(self, service: str = "", *, timeout: float | None = None, metadata=None) -> str:
         """The standard gRPC health status of `service` ("" = the whole server), e.g. "SERVING"."""
-        resp = self._health.Check(health_pb2.HealthCheckRequest(service=service),
-                                  **self._kw(timeout, metadata))
+        with typed_errors():
+            resp = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                      **self._kw(timeout, metadata))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def wait_ready(self, timeout: float = 30.0, service: str = "") -> None:
@@ -196,7 +237,7 @@ class OrcdClient:
                 if status == "SERVING":
                     return
                 last = status
-            except grpc.RpcError as exc:
-                last = f"{exc.code().name}: {exc.details()}"
+            except OrcdRpcError as exc:
+                last = str(exc)
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
