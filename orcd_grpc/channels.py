@@ -55,13 +55,15 @@ def channel_credentials(opts: TlsOptions) -> grpc.ChannelCredentials | None:
     """The TLS credentials for `opts`; None for plaintext."""
     if not opts.enabled:
         if opts.server_name:
-            raise ClientConfigError("tls_server_name needs TLS (tls, tls_ca or a client certificate)")
+            raise ClientConfigError("tls_server_name (--tls-server-name) needs TLS: --tls, --tls-ca or a "
+                                    "client certificate")
         return None
     if bool(opts.cert) != bool(opts.key):
-        raise ClientConfigError("tls_cert and tls_key (the client certificate and its key) go together")
-    return grpc.ssl_channel_credentials(root_certificates=_pem(opts.ca, "tls_ca", b"CERTIFICATE"),
-                                        private_key=_pem(opts.key, "tls_key", b"PRIVATE KEY"),
-                                        certificate_chain=_pem(opts.cert, "tls_cert", b"CERTIFICATE"))
+        raise ClientConfigError("the client certificate and its key (tls_cert and tls_key, --tls-client-cert and "
+                                "--tls-client-key) must be given together")
+    return grpc.ssl_channel_credentials(root_certificates=_pem(opts.ca, "tls_ca (--tls-ca)", b"CERTIFICATE"),
+                                        private_key=_pem(opts.key, "tls_key (--tls-client-key)", b"PRIVATE KEY"),
+                                        certificate_chain=_pem(opts.cert, "tls_cert (--tls-client-cert)", b"CERTIFICATE"))
 
 
 def channel_options(opts: TlsOptions) -> list[tuple[str, str]]:

@@ -8,13 +8,18 @@
     orcd info [--local]                       hardware and build of a worker (or of this machine)
     orcd models list | pull NAME              the local model cache
 
+The client commands connect in plaintext, or with TLS given --tls / --tls-ca (and, for mutual
+TLS, --tls-client-cert and --tls-client-key); see cli_client.py.
+
 Failures print `error: <gRPC status code>: <message>` on stderr and exit with status 1; bad flags
-(including `serve` security settings that do not fit together) exit with status 2.
+(including `serve` security settings and client TLS settings that do not fit together, and a
+`serve` port that cannot be bound) print `error: <message>` and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import pathlib
 import re
@@ -28,9 +33,10 @@ from typing import Sequence
 import grpc
 
 from . import __version__, model_store, ratelimit, security
+from .cli_client import DEFAULT_ADDRESS, add_client_flags, client_from_args  # noqa: F401 (DEFAULT_ADDRESS re-exported)
+from .client_errors import ClientConfigError, from_grpc
 from .errors import InvalidArgument, OrcdError
-
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+from .progress import LoadProgress
 DEMO_PROMPT = "The capital of France is"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
@@ -83,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream a completion from a running worker")
     gen.add_argument("prompt", help="prompt text (with --chat: the user message)")
-    _add_client_flags(gen)
+    add_client_flags(gen)
     gen.add_argument("--model-id", default="", help="model to use (default: the loaded one)")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
     gen.add_argument("--system", default=None, help="with --chat: a system message first")
@@ -101,19 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     load = sub.add_parser("load", help="make a worker load a GGUF file, showing progress")
     load.add_argument("path", help="GGUF path on the worker's machine (relative: in its model dir)")
-    _add_client_flags(load)
+    add_client_flags(load)
     load.add_argument("--model-id", default="", help="id to serve it under (default: file name)")
     load.add_argument("--context-length", type=int, default=0, help="0: the model's own (capped)")
 
     unload = sub.add_parser("unload", help="unload a model from a worker")
     unload.add_argument("model_id", nargs="?", default="", help="default: the only loaded model")
-    _add_client_flags(unload)
+    add_client_flags(unload)
 
     lst = sub.add_parser("list", help="list a worker's loaded models")
-    _add_client_flags(lst)
+    add_client_flags(lst)
 
     info = sub.add_parser("info", help="hardware, libraries and build of a worker")
-    _add_client_flags(info)
+    add_client_flags(info)
     info.add_argument("--local", action="store_true", help="describe this machine; no worker needed")
     info.add_argument("--json", action="store_true", help="print the HardwareInfoResponse as JSON")
 
@@ -159,14 +165,6 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     ratelimit.add_arguments(p)
 
 
-def _add_client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=os.environ.get("ORCD_ADDRESS", DEFAULT_ADDRESS),
-                   help="worker address host:port (default: $ORCD_ADDRESS or %(default)s)")
-    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    p.add_argument("--auth-token", default=os.environ.get(security.ENV_TOKEN),
-                   help="bearer token to send (default: $ORCD_AUTH_TOKEN)")
-
-
 # --- commands --------------------------------------------------------------------------------
 
 
@@ -208,21 +206,46 @@ def _inside(path, directory) -> bool:
 
 
 def cmd_serve(args) -> int:
-    from .server import serve
+    from .server import BindError, serve
 
     try:
+        # A port in use is found before the model is fetched and loaded, not after.
+        check_bindable(args.host, args.port, "--port")
+        if args.metrics_port is not None:
+            check_bindable(args.metrics_host if args.metrics_host is not None else args.host, args.metrics_port,
+                           "--metrics-port")
         cfg = server_config(args)
-    except ValueError as exc:  # bad TLS/token/rate-limit settings, or an exposed listener without them
+        return serve(cfg)
+    except (ValueError, BindError) as exc:  # bad TLS/token/rate-limit settings, an exposed
+        # listener without them, or a port that another process took after the check above
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return serve(cfg)
 
 
-def _client(args):
-    from .client import OrcdClient
+def check_bindable(host: str, port: int, flag: str) -> None:
+    """Raises server.BindError when no address of `host` can listen on `port`, as the server
+    would find out only after loading its model (with grpc's log line and a traceback)."""
+    from .server import BindError
 
-    metadata = [("authorization", f"Bearer {args.auth_token}")] if args.auth_token else None
-    return OrcdClient(args.address, timeout=args.timeout, metadata=metadata)
+    if not port:
+        return
+    try:
+        addrs = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise BindError(f"{flag}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    first = None
+    for family, kind, proto, _, sockaddr in addrs:
+        with socket.socket(family, kind, proto) as s:
+            # As the gRPC and HTTP servers bind: a port left in TIME_WAIT is free, one listened on is not.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(sockaddr)
+                return
+            except OSError as exc:
+                first = first or exc
+    why = "the port is in use" if first is not None and first.errno == errno.EADDRINUSE else (
+        first.strerror if first is not None else "no address")
+    raise BindError(f"{flag}: cannot listen on {host}:{port}: {why}")
 
 
 def stream_completion(client, request, out=None, err=None) -> int:
@@ -272,36 +295,8 @@ def generate_request(args):
 
 
 def cmd_generate(args) -> int:
-    with _client(args) as client:
+    with client_from_args(args) as client:
         return stream_completion(client, generate_request(args))
-
-
-class ProgressBar:
-    """A one-line text progress bar on a terminal stream, redrawn in place with \\r."""
-
-    def __init__(self, stream, width: int = 30):
-        self.stream = stream
-        self.width = width
-        self._last = ""
-
-    def update(self, stage: str, done: int, total: int) -> None:
-        if total:
-            frac = min(1.0, done / total)
-            filled = int(frac * self.width)
-            line = (f"\r{stage:<10} [{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:5.1f}% "
-                    f"{done / 2**20:8.1f}/{total / 2**20:.1f} MiB")
-        else:
-            line = f"\r{stage:<10}"
-        if line != self._last:  # many events carry the same rounded numbers
-            pad = max(0, len(self._last) - len(line))
-            self.stream.write(line + " " * pad)
-            self.stream.flush()
-            self._last = line
-
-    def finish(self) -> None:
-        if self._last:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def cmd_load(args) -> int:
@@ -310,9 +305,9 @@ def cmd_load(args) -> int:
     # in its own model directory, not in this shell's working directory.
     if os.path.isfile(path):
         path = os.path.abspath(path)
-    bar = ProgressBar(sys.stderr)
+    bar = LoadProgress(sys.stderr)
     model = None
-    with _client(args) as client:
+    with client_from_args(args) as client:
         try:
             for event in client.load_model(path, model_id=args.model_id, context_length=args.context_length):
                 if event.WhichOneof("event") == "progress":
@@ -338,13 +333,13 @@ def _describe_model(m) -> str:
 
 
 def cmd_unload(args) -> int:
-    with _client(args) as client:
+    with client_from_args(args) as client:
         client.unload_model(args.model_id)
     return 0
 
 
 def cmd_list(args) -> int:
-    with _client(args) as client:
+    with client_from_args(args) as client:
         for m in client.list_models():
             print(_describe_model(m))
     return 0
@@ -359,7 +354,7 @@ def cmd_info(args) -> int:
         gpu = hardware.detect_gpu()
         info = hardware.hardware_info("cuda" if gpu else "cpu", gpu)
     else:
-        with _client(args) as client:
+        with client_from_args(args) as client:
             info = client.hardware_info()
     if args.json:
         print(json_format.MessageToJson(info, preserving_proto_field_name=True))
@@ -440,15 +435,6 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _retry_hint(exc: grpc.RpcError) -> str:
-    try:
-        trailers = dict(exc.trailing_metadata() or ())
-    except Exception:  # errors raised before the call started carry no metadata
-        return ""
-    ms = trailers.get("retry-after-ms")
-    return f" (retry after {ms} ms)" if ms else ""
-
-
 COMMANDS = {"serve": cmd_serve, "demo": cmd_demo, "generate": cmd_generate, "load": cmd_load,
             "unload": cmd_unload, "list": cmd_list, "info": cmd_info, "models": cmd_models}
 
@@ -458,9 +444,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except grpc.RpcError as exc:
-        code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
-        details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
-        print(f"error: {code.name}: {details}{_retry_hint(exc)}", file=sys.stderr)
+        err = from_grpc(exc)
+        hint = f" (retry after {err.retry_after_ms} ms)" if err.retry_after_ms else ""
+        print(f"error: {err.code().name}: {err.message}{hint}", file=sys.stderr)
+    except ClientConfigError as exc:  # client TLS flags, or a token that would go out in plaintext
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except OrcdError as exc:
         print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
     except ValueError as exc:  # bad parameter combinations caught before any call

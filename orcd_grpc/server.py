@@ -55,6 +55,10 @@ class ServerConfig:
     credentials: Any = None
 
 
+class BindError(RuntimeError):
+    """The worker's port could not be bound: in use, or an address this machine does not have."""
+
+
 CONTROL_THREADS = 16  # handler threads Execute streams may not take (Cancel, health, LoadModel...)
 
 
@@ -147,10 +151,14 @@ class Worker:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
         address = f"{_host(config.host)}:{config.port}"
-        self.port = (self.server.add_secure_port(address, config.credentials) if config.credentials is not None
-                     else self.server.add_insecure_port(address))
+        try:
+            self.port = (self.server.add_secure_port(address, config.credentials) if config.credentials is not None
+                         else self.server.add_insecure_port(address))
+        except RuntimeError:  # grpc raises a bare RuntimeError when no address could be bound
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not bind {config.host}:{config.port}")
+            self._pool.shutdown(wait=False)
+            raise BindError(f"cannot listen on {address}: the port is in use or the address is not this machine's")
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
         self._load_thread: threading.Thread | None = None
