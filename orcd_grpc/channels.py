@@ -61,9 +61,10 @@ def channel_credentials(opts: TlsOptions) -> grpc.ChannelCredentials | None:
     if bool(opts.cert) != bool(opts.key):
         raise ClientConfigError("the client certificate and its key (tls_cert and tls_key, --tls-client-cert and "
                                 "--tls-client-key) must be given together")
-    return grpc.ssl_channel_credentials(root_certificates=_pem(opts.ca, "tls_ca (--tls-ca)", b"CERTIFICATE"),
-                                        private_key=_pem(opts.key, "tls_key (--tls-client-key)", b"PRIVATE KEY"),
-                                        certificate_chain=_pem(opts.cert, "tls_cert (--tls-client-cert)", b"CERTIFICATE"))
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(opts.ca, "tls_ca (--tls-ca)", b"CERTIFICATE"),
+        private_key=_pem(opts.key, "tls_key (--tls-client-key)", b"PRIVATE KEY"),
+        certificate_chain=_pem(opts.cert, "tls_cert (--tls-client-cert)", b"CERTIFICATE"))
 
 
 def channel_options(opts: TlsOptions) -> list[tuple[str, str]]:

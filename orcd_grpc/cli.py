@@ -37,6 +37,7 @@ from .cli_client import DEFAULT_ADDRESS, add_client_flags, client_from_args  # n
 from .client_errors import ClientConfigError, from_grpc
 from .errors import InvalidArgument, OrcdError
 from .progress import LoadProgress
+
 DEMO_PROMPT = "The capital of France is"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
