@@ -183,6 +183,8 @@ class Engine:
             raise OutOfRange(f"prompt is {len(prompt_ids)} tokens, context length is {self.info.context_length}",
                              field="input")
         sampling.validate(vocab)
+        # Edge values run as their limit here, so the packed device rows get them too.
+        sampling = sampling.effective(vocab)
         return Sequence(next(self._ids), [int(t) for t in prompt_ids], sampling, Sampler(sampling), max_tokens)
 
     def can_admit(self, seq: Sequence) -> bool:

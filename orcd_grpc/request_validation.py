@@ -6,6 +6,7 @@ context length). Each error names the proto field path.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import pathlib
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied
+from .sampling import as_sent
 from .scheduler import Stopping
 
 MAX_REQUEST_ID = 128
@@ -22,6 +24,16 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
+# Linux's PATH_MAX and NAME_MAX, in bytes: longer paths fail in the kernel anyway, and refusing
+# them up front keeps the OS error (which names the joined server-side path) out of the answer.
+MAX_PATH_BYTES = 4096
+MAX_PATH_COMPONENT_BYTES = 255
+PATH_ECHO_CHARS = 96  # how much of a client's path an error message quotes back
+# The smallest LoadModel context_length other than 0. A context holds the prompt and the reply;
+# at 64 tokens (4 KV blocks of 16) a short chat turn and a few tokens of answer fit, while below
+# it nearly every request ends OUT_OF_RANGE or after a handful of tokens. 0 still selects the
+# model's trained length, so a model trained for fewer tokens loads with 0.
+MIN_CONTEXT_LENGTH = 64
 
 
 @dataclass
@@ -60,7 +72,7 @@ def _range(value: float, field: str, lo: float, hi: float, *, lo_open: bool = Fa
     ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi
     if not ok:
         bracket = "(" if lo_open else "["
-        raise InvalidArgument(f"must be in {bracket}{lo:g}, {hi:g}], got {value:g}", field=field)
+        raise InvalidArgument(f"must be in {bracket}{lo:g}, {hi:g}], got {as_sent(value)}", field=field)
     return value
 
 
@@ -184,29 +196,73 @@ def prepare_execute(req, info, tokenizer) -> PreparedExecute:
 # LoadModel
 
 
-def resolve_model_path(path: str, model_dirs: list[str]) -> pathlib.Path:
-    """Resolves a LoadModel path; it must name a regular file inside one of `model_dirs`.
+def quote_path(path: str) -> str:
+    """The client's own path for a message, cut to PATH_ECHO_CHARS characters."""
+    if len(path) <= PATH_ECHO_CHARS:
+        return repr(path)
+    return f"{path[:PATH_ECHO_CHARS]!r}... ({len(path)} characters)"
 
-    Symlinks are resolved before the containment check, so a link inside a model directory that
-    points outside it is refused just like a `..` path.
-    """
+
+def check_model_path(path: str) -> None:
+    """The checks of a LoadModel path that need no file system."""
     if not path:
         raise InvalidArgument("must not be empty", field="path")
     if "\x00" in path:
         raise InvalidArgument("must not contain NUL", field="path")
+    n = len(path.encode("utf-8", "surrogateescape"))
+    if n > MAX_PATH_BYTES:
+        raise InvalidArgument(f"at most {MAX_PATH_BYTES} bytes, got {n}", field="path")
+    longest = max(len(part.encode("utf-8", "surrogateescape")) for part in path.split("/"))
+    if longest > MAX_PATH_COMPONENT_BYTES:
+        raise InvalidArgument(f"each component at most {MAX_PATH_COMPONENT_BYTES} bytes, got one of {longest}",
+                              field="path")
+
+
+def resolve_model_path(path: str, model_dirs: list[str]) -> pathlib.Path:
+    """Resolves a LoadModel path; it must name a regular file inside one of `model_dirs`.
+
+    Symlinks are resolved before the containment check, so a link inside a model directory that
+    points outside it is refused just like a `..` path. Messages quote only the client's own
+    string (cut short), never the resolved path: the model directory is the server's business.
+    """
+    check_model_path(path)
     if not model_dirs:
         raise PermissionDenied("the worker has no model directories configured", field="path")
-    roots = [pathlib.Path(os.path.realpath(d)) for d in model_dirs]
-    raw = pathlib.Path(path)
-    candidate = raw if raw.is_absolute() else roots[0] / raw
-    real = pathlib.Path(os.path.realpath(candidate))
-    if not any(real == r or r in real.parents for r in roots):
-        raise PermissionDenied(f"{path!r} is outside the model directories", field="path")
-    if not real.exists():
-        raise NotFound(f"{path!r} does not exist", field="path")
-    if not real.is_file():
-        raise InvalidArgument(f"{path!r} is not a regular file", field="path")
+    quoted = quote_path(path)
+    try:
+        roots = [pathlib.Path(os.path.realpath(d)) for d in model_dirs]
+        raw = pathlib.Path(path)
+        candidate = raw if raw.is_absolute() else roots[0] / raw
+        real = pathlib.Path(os.path.realpath(candidate))
+        if not any(real == r or r in real.parents for r in roots):
+            raise PermissionDenied(f"{quoted} is outside the model directories", field="path")
+        if not real.exists():
+            raise NotFound(f"{quoted} does not exist", field="path")
+        if not real.is_file():
+            raise InvalidArgument(f"{quoted} is not a regular file", field="path")
+    except OSError as exc:
+        # str(exc) carries the joined absolute path; strerror alone does not.
+        reason = exc.strerror or type(exc).__name__
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionDenied(f"{quoted} cannot be read: {reason}", field="path") from None
+        raise InvalidArgument(f"{quoted} cannot be opened: {reason}", field="path") from None
     return real
+
+
+def check_context_length(ctx: int, max_context: int = 0) -> None:
+    """LoadModel's context_length: 0 (the trained length) or MIN_CONTEXT_LENGTH..--max-context."""
+    if 0 < ctx < MIN_CONTEXT_LENGTH:
+        raise OutOfRange(f"must be 0 (the model's trained length) or at least {MIN_CONTEXT_LENGTH}, got {ctx}",
+                         field="context_length")
+    if max_context and ctx > max_context:
+        raise OutOfRange(f"{ctx} exceeds the worker's --max-context {max_context}", field="context_length")
+
+
+def check_unload_model_id(model_id: str) -> None:
+    """UnloadModel must name the model: an empty id once unloaded whatever was being served."""
+    if not model_id:
+        raise InvalidArgument("must name the model to unload (ListModels lists it)", field="model_id")
+    check_model_id(model_id)
 
 
 def default_model_id(path: pathlib.Path) -> str:

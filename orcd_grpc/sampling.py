@@ -9,6 +9,13 @@ Order of operations (fixed; clients can rely on it):
   4. top-k, 5. top-p (nucleus), 6. min-p (relative to the most likely surviving token);
   7. a draw from the renormalised survivors with the request's seeded PCG64 generator.
 
+Parameters at the edge of their range are run as their limit (`SamplingParams.effective`), so the
+float32 arithmetic of either sampler (this one and cuda/sample.cu) never overflows:
+  * temperature below GREEDY_BELOW_TEMPERATURE (1e-5) is greedy, the limit T -> 0;
+  * top_p <= 1 / vocabulary size is greedy: the most likely token alone already holds that mass;
+  * repetition_penalty below MIN_REPETITION_PENALTY (1e-30) runs as 1e-30;
+  * min_p below the smallest normal float32 (1.2e-38) is 0 (off).
+
 The reported logprob / top logprobs are of the raw model distribution (log-softmax of the
 logits as given: temperature 1, no penalties, no filtering), so they describe the model, not the
 sampling settings.
@@ -19,6 +26,7 @@ draws over the whole vocabulary search block sums before one block's cumsum.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +36,39 @@ import numpy as np
 from .errors import Internal, InvalidArgument
 
 MAX_TOP_LOGPROBS = 20
+
+# Below 1e-5 only tokens whose logits lie within ~1e-3 of the maximum keep any weight (exp(-100)
+# beyond), which is the rounding noise of f16/quantised logits themselves: sampling there draws
+# between numerically tied tokens, so greedy is the faithful limit (vLLM uses the same cut-off).
+# It also keeps 1/T finite on the device (1/1e-38 overflows float32 once multiplied by a logit).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# Seen tokens with positive logits are divided by the penalty. At 1e-30 any such logit above
+# ~1e-28 already outweighs every unseen one by more than float32 can represent (the limit p -> 0:
+# the seen token with the largest positive logit wins), while logits up to 3.4e8 stay finite;
+# smaller penalties would only overflow to inf, and inf - inf is NaN in the softmax.
+MIN_REPETITION_PENALTY = 1e-30
+_FLT_MIN = float(np.finfo(np.float32).tiny)
+_FLT_MAX = np.float32(np.finfo(np.float32).max)
+
+
+def as_sent(v) -> str:
+    """A number for an error message, exactly as the client sent it.
+
+    Proto float fields arrive as float32 widened to a Python float (100.0001 becomes
+    100.00009918212891); the shortest repr of the float32 gives back what the client typed.
+    Other numbers print as their own repr.
+    """
+    if isinstance(v, (bool, int, np.integer)):
+        return str(int(v))
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return repr(v)
+    if not math.isfinite(f):
+        return str(f)
+    with np.errstate(over="ignore"):
+        f32 = np.float32(f)
+    return str(f32) if float(f32) == f else repr(f)
 
 
 @dataclass
@@ -51,10 +92,10 @@ class SamplingParams:
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
                 raise InvalidArgument(f"must be a number, got {type(v).__name__}", field=f)
             if not math.isfinite(v):
-                raise InvalidArgument(f"must be finite, got {v}", field=f)
+                raise InvalidArgument(f"must be finite, got {as_sent(v)}", field=f)
             if v < lo or v > hi or (lo_open and v == lo):
-                raise InvalidArgument(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}",
-                                      field=f)
+                bracket = "(" if lo_open else "["
+                raise InvalidArgument(f"must be in {bracket}{lo:g}, {hi:g}], got {as_sent(v)}", field=f)
 
         def integer(name: str, lo: int, hi: int) -> None:
             v = getattr(self, name)
@@ -75,6 +116,19 @@ class SamplingParams:
         if self.seed is not None:
             integer("seed", 0, 2**64 - 1)
 
+    def effective(self, vocab_size: int | None = None) -> "SamplingParams":
+        """A copy with every value whose effect float32 cannot tell from its limit set to that
+        limit (see the module docstring). Both the CPU sampler and the rows packed for the
+        device sampler take it, so the two agree on the edge values. Call after validate()."""
+        p = dataclasses.replace(self)
+        if p.temperature < GREEDY_BELOW_TEMPERATURE or (vocab_size and p.top_p * vocab_size <= 1.0):
+            p.temperature = 0.0
+        if p.repetition_penalty < MIN_REPETITION_PENALTY:
+            p.repetition_penalty = MIN_REPETITION_PENALTY
+        if p.min_p < _FLT_MIN:
+            p.min_p = 0.0
+        return p
+
 
 @dataclass
 class TokenSample:
@@ -91,7 +145,10 @@ def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: Sequ
         seen = np.unique(np.concatenate([np.asarray(prompt_ids, np.int64),
                                          np.asarray(output_ids, np.int64)]))
         vals = logits[seen]
-        logits[seen] = np.where(vals > 0, vals / rp, vals * rp)
+        with np.errstate(over="ignore"):
+            # a huge positive logit over a tiny penalty saturates instead of becoming inf
+            rp32 = np.float32(rp)
+            logits[seen] = np.where(vals > 0, np.minimum(vals / rp32, _FLT_MAX), vals * rp32)
     if (params.presence_penalty or params.frequency_penalty) and len(output_ids):
         ids, counts = np.unique(np.asarray(output_ids, np.int64), return_counts=True)
         logits[ids] -= (params.frequency_penalty * counts
@@ -172,7 +229,7 @@ def _nucleus(w: np.ndarray, total: float, top_p: float) -> np.ndarray:
 
 class Sampler:
     def __init__(self, params: SamplingParams):
-        self.params = params
+        self.params = params.effective()
         # seed None: fresh OS entropy, so unseeded requests differ from each other
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
 
@@ -212,7 +269,10 @@ class Sampler:
         if p.temperature == 0.0:
             return int(np.argmax(work))
         if p.temperature != 1.0:
-            work = work / np.float32(p.temperature)
+            # Shift first: (x - max) / T is <= 0 and cannot overflow, where x / T can reach inf
+            # (and inf - inf = NaN) for small T or large logits.
+            with np.errstate(over="ignore"):
+                work = (work - work.max()) / np.float32(p.temperature)
             weights = None
         n = work.size
         cand: np.ndarray | None = None  # ids still allowed; None = all

@@ -12,9 +12,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import logs
+from . import logs, wire
 from .metrics import Metrics
-from .proto import pb, pb_grpc
+from .proto import pb
 from .scheduler import Scheduler
 from .security import AuthInterceptor, wrap_handler
 from .servicer import WorkerServicer
@@ -145,7 +145,7 @@ class Worker:
         self.server = grpc.server(self._pool, interceptors=interceptors,
                                   options=options,
                                   maximum_concurrent_rpcs=workers)
-        pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
+        wire.add_worker_servicer(self.servicer, self.server)  # malformed requests: INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -199,8 +199,7 @@ class Worker:
         try:
             path = rv.resolve_model_path(self.config.model_path, self.config.model_dirs)
             ctx = self.config.context_length
-            if self.config.max_context and ctx > self.config.max_context:
-                raise ValueError(f"context_length {ctx} exceeds max_context {self.config.max_context}")
+            rv.check_context_length(ctx, self.config.max_context)
 
             def progress(stage, done, total):
                 log.debug("load progress", extra={"fields": {"stage": stage, "done": done, "total": total}})

@@ -14,7 +14,7 @@ import time
 import grpc
 
 from . import logs, request_validation as rv
-from .errors import FailedPrecondition, Internal, NotFound, OrcdError, OutOfRange
+from .errors import FailedPrecondition, Internal, NotFound, OrcdError
 from .proto import pb, pb_grpc
 from .scheduler import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request,
                         Scheduler, TokenEvent)
@@ -172,9 +172,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             model_id = request.model_id or rv.default_model_id(path)
             rv.check_model_id(model_id)
             ctx = int(request.context_length)
-            if self.max_context and ctx > self.max_context:
-                raise OutOfRange(f"{ctx} exceeds the worker's --max-context {self.max_context}",
-                                 field="context_length")
+            rv.check_context_length(ctx, self.max_context)
         except OrcdError as err:
             self._count("LoadModel", err.code)
             _abort(context, err)
@@ -236,7 +234,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def UnloadModel(self, request, context):
         try:
-            rv.check_model_id(request.model_id)
+            rv.check_unload_model_id(request.model_id)
             if self.scheduler.engine is None:
                 raise NotFound(f"no model {request.model_id!r} is loaded", field="model_id")
             self.scheduler.unload(request.model_id)
