@@ -223,3 +223,61 @@ def test_validate_accepts_the_limits():
                    seed=2**64 - 1).validate(vocab_size=10)
     SamplingParams(temperature=100, top_p=1e-9, min_p=0, repetition_penalty=1e-3,
                    top_logprobs=0).validate(vocab_size=10)
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))  # what a proto float field delivers
+
+
+def test_edge_values_run_as_their_limit_against_float64():
+    """Issue #15: a tiny positive temperature or repetition penalty overflowed float32 (NaN
+    softmax, an arbitrary token). Fresh random logits each run (the seed is in the messages)."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    V = 5000
+    for _ in range(5):
+        lg = (rng.standard_normal(V) * 8).astype(np.float32)
+        top = int(lg.argmax())
+        for t in (_f32(1e-38), _f32(1e-45), 9.9e-6):
+            assert Sampler(SamplingParams(temperature=t, seed=int(rng.integers(2**32)))).sample(
+                lg, [], []).token_id == top, (seed, t)
+        # top_p at most 1/V keeps only the most likely token
+        assert Sampler(SamplingParams(top_p=1.0 / V, seed=1)).sample(lg, [], []).token_id == top, seed
+        # repetition penalty 1e-38 in float64 (no overflow): the seen token with the largest
+        # positive logit holds all the mass to within 1e-12
+        seen = rng.choice(V, 20, replace=False).tolist()
+        rp = _f32(1e-38)
+        x = lg.astype(np.float64)
+        x[seen] = np.where(x[seen] > 0, x[seen] / rp, x[seen] * rp)
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        assert p.max() > 1 - 1e-12
+        for temp in (1.0, 0.3):
+            got = Sampler(SamplingParams(temperature=temp, repetition_penalty=rp,
+                                         seed=int(rng.integers(2**32)))).sample(lg, seen, []).token_id
+            assert got == int(p.argmax()), (seed, temp)
+
+
+def test_shifted_temperature_scaling_matches_float64_on_large_logits():
+    """(x - max) / T keeps the gaps between large logits exact; x / T rounded each scaled logit
+    to float32 first (at 1e6 / 0.05 the rounding step is 2, the gaps 1.25), which moved some
+    probabilities by 0.06. Empirical frequencies within 0.02 of the float64 softmax."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    base = np.float32(rng.uniform(2**19, 2**20))  # float32 spacing 0.0625 here
+    lg = base + np.sort(rng.choice(8, 6, replace=False)).astype(np.float32) * np.float32(0.0625)
+    t = _f32(0.05)
+    x = lg.astype(np.float64)
+    want = np.exp((x - x.max()) / t)
+    want /= want.sum()
+    got = empirical(SamplingParams(temperature=t, seed=seed), logits=lg, n=20000)
+    assert np.abs(got - want).max() < 0.02, (seed, got.round(3), want.round(3))
+
+
+def test_validate_quotes_the_value_as_sent():
+    for field, value, bounds in (("temperature", _f32(100.0001), "[0, 100]"), ("top_p", _f32(1.0000001), "(0, 1]"),
+                                 ("presence_penalty", 2.25, "[-2, 2]"), ("min_p", 1.1, "[0, 1]")):
+        with pytest.raises(errors.InvalidArgument) as ei:
+            SamplingParams(**{field: value}).validate(vocab_size=10)
+        shown = {"temperature": "100.0001", "top_p": "1.0000001"}.get(field, repr(value))
+        assert str(ei.value) == f"sampling.{field}: must be in {bounds}, got {shown}"
