@@ -184,6 +184,21 @@ def test_malformed_request_is_invalid_argument(srv, method, streaming, data):
     assert generate(srv.stub, [5, 6, 7], 2, temperature=0.0)  # the worker carries on
 
 
+def test_malformed_request_is_checked_after_the_bearer_token():
+    token = "t" * 24
+    worker, port, _ = start_server(ServerConfig(host="127.0.0.1", port=0, auth_token=token, grace_seconds=0))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary("/orcd.v1.Worker/Cancel", request_serializer=None, response_deserializer=None)
+            for md, want in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                             ((("authorization", f"Bearer {token}"),), grpc.StatusCode.INVALID_ARGUMENT)):
+                with pytest.raises(grpc.RpcError) as ei:
+                    call(b"\x0a\x80", metadata=md, timeout=10)
+                assert ei.value.code() == want, ei.value.details()
+    finally:
+        worker.stop(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # LoadModel paths and context lengths
 
@@ -307,3 +322,15 @@ def test_device_sampling_rows_carry_the_limits(tmp_path):
         assert np.isfinite(np.float32(30.0) / packed[8])  # a positive logit over the penalty stays finite
     finally:
         eng.close()
+
+
+def test_startup_context_length_below_the_minimum_is_refused(tmp_path):
+    """`orcd serve --context-length 8` gets the same floor as LoadModel."""
+    path = write_model(tmp_path / "tiny.gguf")
+    worker, _, _ = start_server(ServerConfig(host="127.0.0.1", port=0, model_dirs=[str(tmp_path)], backend="cpu",
+                                             model_path=str(path), context_length=8, grace_seconds=0))
+    try:
+        assert not worker.wait_loaded(60)
+        assert str(worker.load_error).startswith("context_length: must be 0 (the model's trained length) or at least 64")
+    finally:
+        worker.stop(0)
