@@ -40,7 +40,7 @@ MAX_TOP_LOGPROBS = 20
 # Below 1e-5 only tokens whose logits lie within ~1e-3 of the maximum keep any weight (exp(-100)
 # beyond), which is the rounding noise of f16/quantised logits themselves: sampling there draws
 # between numerically tied tokens, so greedy is the faithful limit (vLLM uses the same cut-off).
-# It also keeps 1/T finite on the device (1/1e-38 overflows float32 once multiplied by a logit).
+# It also keeps the kernel's 1/T finite: 1/1e-45 is inf, and 0 * inf (the top token) is NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 # Seen tokens with positive logits are divided by the penalty. At 1e-30 any such logit above
 # ~1e-28 already outweighs every unseen one by more than float32 can represent (the limit p -> 0:

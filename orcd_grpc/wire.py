@@ -28,6 +28,8 @@ class Malformed:
         self._empty = cls()
 
     def __getattr__(self, name):
+        if name == "_empty":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self._empty, name)
 
     def message(self) -> str:
