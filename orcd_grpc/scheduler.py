@@ -110,6 +110,17 @@ def _make_decoder(tokenizer, stop: list[str]):
     return StreamDecoder(tokenizer, list(stop))
 
 
+def _drop_frames(exc: BaseException) -> None:
+    """Cuts the tracebacks off a failed load's exception chain. Their frames hold the new model
+    (its weights, reader and tokenizer) for as long as anyone keeps the exception, and the
+    caller, a log record or the gRPC layer may keep it well after the load was refused."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
 def _default_loader(path, **kwargs):
     from .engine import load_engine
 
@@ -192,13 +203,19 @@ class Scheduler:
                         f"--max-ram {max_ram / 2**30:.2f} GiB is held by the served model {old.info.model_id} "
                         f"({held / 2**30:.2f} GiB); unload it first", field="max_ram")
                 max_ram -= held
-            engine = self._loader(path, model_id=model_id, backend=backend, context_length=context_length,
-                                  max_sequences=self.max_sequences, max_vram=max_vram, max_ram=max_ram,
-                                  progress=progress, **extra)
+            try:
+                engine = self._loader(path, model_id=model_id, backend=backend, context_length=context_length,
+                                      max_sequences=self.max_sequences, max_vram=max_vram, max_ram=max_ram,
+                                      progress=progress, **extra)
+            except BaseException as exc:
+                _drop_frames(exc)
+                raise
             try:
                 self._run_command(lambda: self._check_and_swap(engine))
-            except BaseException:
+            except BaseException as exc:
                 engine.close()
+                del engine
+                _drop_frames(exc)
                 raise
             log.info("model loaded", extra={"fields": {
                 "model_id": engine.info.model_id, "path": str(engine.info.path),
