@@ -16,7 +16,6 @@ import grpc
 import numpy as np
 import pytest
 
-from orcd_grpc import admission
 from orcd_grpc.proto import pb, pb_grpc
 from orcd_grpc.server import ServerConfig, start_server
 
@@ -240,6 +239,8 @@ def test_max_ram_counts_the_served_model(tmp_path):
 def test_default_ram_limit_is_the_machines_available_memory(served, monkeypatch):
     """Without --max-ram the limit is MemAvailable less a margin: a load bigger than the machine
     is RESOURCE_EXHAUSTED up front, not MemoryError (INTERNAL) after gigabytes were touched."""
+    from orcd_grpc import admission
+
     monkeypatch.setattr(admission, "meminfo_available", lambda path="": 600 * MiB)  # 88 MiB after the margin
     write_model(served.dir / "big.gguf", seed=2, **BIG)
     assert admission.ram_limit(0) == 88 * MiB
