@@ -145,6 +145,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="directory LoadModel may read from (repeatable; default: the model cache)")
     p.add_argument("--max-vram", type=parse_size, default=0, metavar="SIZE",
                    help="most VRAM the worker may use, e.g. 24GB or 20GiB (default: all)")
+    p.add_argument("--max-ram", type=parse_size, default=0, metavar="SIZE",
+                   help="most host RAM the CPU backend may use, e.g. 8GB (default: the machine's "
+                        "available memory less a margin, read at each load)")
     p.add_argument("--context-length", type=int, default=0,
                    help="tokens per sequence; 0: the model's own, capped (default: 0)")
     p.add_argument("--max-context", type=int, default=None,
@@ -188,7 +191,7 @@ def server_config(args: argparse.Namespace):
     if not any(_inside(model, d) for d in model_dirs):
         model_dirs.append(str(model.parent))
     values = dict(host=args.host, port=args.port, model_path=str(model), model_id=args.model_id or None,
-                  backend=args.backend, model_dirs=model_dirs, max_vram=args.max_vram,
+                  backend=args.backend, model_dirs=model_dirs, max_vram=args.max_vram, max_ram=args.max_ram,
                   context_length=args.context_length, max_context=args.max_context,
                   max_sequences=args.max_sequences, max_queue=args.max_queue,
                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,

@@ -128,7 +128,7 @@ def _penalised(p) -> bool:
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
-def make_backend(kind: str = "auto", max_vram: int = 0) -> Backend:
+def make_backend(kind: str = "auto", max_vram: int = 0, max_ram: int = 0) -> Backend:
     if kind in ("auto", "cuda"):
         try:
             from .backends.cuda import CudaBackend, cuda_present
@@ -141,8 +141,9 @@ def make_backend(kind: str = "auto", max_vram: int = 0) -> Backend:
                 raise InvalidArgument(f"the CUDA backend is unavailable: {exc}", field="backend") from exc
     elif kind != "cpu":
         raise InvalidArgument(f"unknown backend {kind!r} (auto, cpu, cuda)", field="backend")
+    from .admission import ram_limit
     from .backends.numpy_backend import NumpyBackend
-    return NumpyBackend()
+    return NumpyBackend(max_ram=ram_limit(max_ram))
 
 
 class Engine:
@@ -433,6 +434,13 @@ class Engine:
             res = self.backend.sample(logits, rows, n_top)
         return {s.seq_id: _take_sample(s, res, r) for r, s in enumerate(seqs)}
 
+    def check_finite(self) -> None:
+        """One test step whose logits must all be finite, before the engine serves
+        (admission.check_finite_logits)."""
+        from .admission import check_finite_logits
+
+        check_finite_logits(self)
+
     def gpu_info(self) -> dict | None:
         fn = getattr(self.backend, "gpu_info", None)
         return fn() if callable(fn) else None
@@ -459,21 +467,41 @@ class Engine:
 
 def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "auto", context_length: int = 0,
                 max_sequences: int = 64, max_vram: int = 0, kv_cache_bytes: int = 0, block_size: int = 16,
-                max_context: int = DEFAULT_MAX_CONTEXT, progress=None) -> Engine:
+                max_context: int = DEFAULT_MAX_CONTEXT, progress=None, max_ram: int = 0) -> Engine:
     """Opens, validates and loads a GGUF model. Everything is checked and sized before memory is
-    committed, so a bad or oversized file leaves nothing allocated."""
+    committed, so a bad or oversized file leaves nothing allocated. max_ram: bytes the CPU backend
+    may plan for (0: what the machine has available, less a margin)."""
+    model = GGUFModel(os.fspath(path))
+    try:
+        return _load(model, model_id=model_id, backend=backend, context_length=context_length,
+                     max_sequences=max_sequences, max_vram=max_vram, max_ram=max_ram,
+                     kv_cache_bytes=kv_cache_bytes, block_size=block_size, max_context=max_context,
+                     progress=progress)
+    except BaseException:
+        model.close()
+        raise
+
+
+def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences, max_vram, max_ram,
+          kv_cache_bytes, block_size, max_context, progress) -> Engine:
+    from .admission import check_fits, cpu_step_bytes
     from .tokenizer import Tokenizer
-    from .validation import validate_model
+    from .validation import check_hparams, validate_model
 
     t0 = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
-    path = os.fspath(path)
+    path = model.path
     report("opening", 0, 0)
-    model = GGUFModel(path)
     total = model.tensor_bytes()
     report("validating", 0, total)
-    adapter = adapter_for(model.arch)(model)
+    adapter_cls = adapter_for(model.arch)
+    check_hparams(model)  # before the adapter divides by them
+    adapter = adapter_cls(model)
     validate_model(model, adapter)
+    # Tensors no forward pass reads are neither loaded nor counted: on the CPU each would be
+    # dequantized whole into float32 (a hostile file can carry gigabytes of them).
+    used = set(adapter.required()) | adapter.optional_tensors()
+    tensors = [t for t in model.reader.tensors if t.name in used]
     tokenizer = Tokenizer.from_gguf(model.fields)
     hp = adapter.hp
 
@@ -483,7 +511,7 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
                          field="context_length")
     ctx_len = int(context_length or min(trained, max_context))
 
-    be = backend if isinstance(backend, Backend) else make_backend(backend, max_vram)
+    be = backend if isinstance(backend, Backend) else make_backend(backend, max_vram, max_ram)
     try:
         # Parts of types that widen exactly to Q8_0 (qwen2.5's Q4_K_M files: Q/K Q5_0, V Q8_0) fuse
         # as one Q8_0 matrix: qwen2.5-0.5b's B=1 step 1,157 -> 1,048 us (H100, 2026-11-23);
@@ -495,31 +523,36 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
         # the groups whose types differ: the adapter grouped them because they widen to Q8_0
         widened = {n for names in fused.values() if len({int(model.tensor(n).tensor_type) for n in names}) > 1
                    for n in names}
-        weights_bytes = 0
-        for t in model.reader.tensors:  # as loaded: widened parts take Q8_0's bytes
+        weights_bytes = largest = 0
+        for t in tensors:  # as loaded: widened parts take Q8_0's bytes
             shape = GGUFModel.logical_shape(t)
             qt, nb = ((quants.T.Q8_0, quants.nbytes(quants.T.Q8_0, shape)) if t.name in widened
                       else (t.tensor_type, int(t.n_bytes)))
-            weights_bytes += be.weight_nbytes(qt, shape, nb)
+            n = be.weight_nbytes(qt, shape, nb)
+            weights_bytes, largest = weights_bytes + n, max(largest, n)
         per_token = adapter.kv_layout(1, 1).bytes(be.kv_elem_size)
         min_blocks = -(-ctx_len // block_size)
         available = be.memory_available()
+        # a host backend's step activations are allocated per step, not reserved up front
+        step_bytes = cpu_step_bytes(hp, max_sequences, ctx_len, largest) if be.host_memory else 0
         if kv_cache_bytes:
             budget = kv_cache_bytes
         elif available is None:
             budget = min(CPU_KV_BUDGET, max_sequences * ctx_len * per_token)
         else:
-            budget = min(int((available - weights_bytes) * 0.9), max_sequences * ctx_len * per_token)
+            budget = min(int((available - weights_bytes - step_bytes) * 0.9), max_sequences * ctx_len * per_token)
+            if be.host_memory:
+                budget = min(budget, CPU_KV_BUDGET)
         num_blocks = max(min_blocks, budget // (per_token * block_size) - 1)
         kv_bytes = adapter.kv_layout(num_blocks + 1, block_size).bytes(be.kv_elem_size)
-        if available is not None and weights_bytes + kv_bytes > available:
-            raise ResourceExhausted(
-                f"model needs {(weights_bytes + kv_bytes) / 2**30:.2f} GiB (weights {weights_bytes / 2**30:.2f} GiB "
-                f"+ KV cache for one {ctx_len}-token sequence), {available / 2**30:.2f} GiB available", field="path")
+        needed = {"weights": weights_bytes, "KV cache": kv_bytes}
+        if step_bytes:
+            needed["step activations"] = step_bytes
+        check_fits(needed, available, be.memory_name)
 
         weights, done = {}, 0
         members = {n: new for new, names in fused.items() for n in names}
-        for t in model.reader.tensors:
+        for t in tensors:
             if t.name not in members:
                 weights[t.name] = be.load_weight(t.name, t.data, t.tensor_type, GGUFModel.logical_shape(t))
             done += int(t.n_bytes)

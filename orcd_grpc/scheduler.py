@@ -110,6 +110,17 @@ def _make_decoder(tokenizer, stop: list[str]):
     return StreamDecoder(tokenizer, list(stop))
 
 
+def _drop_frames(exc: BaseException) -> None:
+    """Cuts the tracebacks off a failed load's exception chain. Their frames hold the new model
+    (its weights, reader and tokenizer) for as long as anyone keeps the exception, and the
+    caller, a log record or the gRPC layer may keep it well after the load was refused."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
 def _default_loader(path, **kwargs):
     from .engine import load_engine
 
@@ -162,10 +173,11 @@ class Scheduler:
         return self._thread.is_alive()
 
     def load(self, path, *, model_id: str | None = None, context_length: int = 0, max_context: int = 0,
-             backend: str = "auto", max_vram: int = 0, progress=None):
+             backend: str = "auto", max_vram: int = 0, max_ram: int = 0, progress=None):
         """Loads a model beside the served one and swaps it in; the old one serves meanwhile.
 
-        A failed load raises and leaves the old model in place.
+        A failed load raises and leaves the old model in place; so does a model whose test step
+        (engine.check_finite, on the engine thread, just before the swap) fails.
         """
         with self._load_lock:
             if not self._accepting:
@@ -182,13 +194,28 @@ class Scheduler:
                         f"--max-vram {max_vram / 2**30:.2f} GiB is held by the served model {old.info.model_id} "
                         f"({held / 2**30:.2f} GiB); unload it first", field="max_vram")
                 max_vram -= held
-            engine = self._loader(path, model_id=model_id, backend=backend, context_length=context_length,
-                                  max_sequences=self.max_sequences, max_vram=max_vram, progress=progress,
-                                  **extra)
+            if max_ram and old is not None and old.info.backend == "cpu":
+                # Likewise for host RAM; without --max-ram the limit is the machine's available
+                # memory, which the served model's bytes are already missing from.
+                held = old.info.vram_bytes
+                if held >= max_ram:
+                    raise ResourceExhausted(
+                        f"--max-ram {max_ram / 2**30:.2f} GiB is held by the served model {old.info.model_id} "
+                        f"({held / 2**30:.2f} GiB); unload it first", field="max_ram")
+                max_ram -= held
             try:
-                self._run_command(lambda: self._swap(engine))
-            except BaseException:
+                engine = self._loader(path, model_id=model_id, backend=backend, context_length=context_length,
+                                      max_sequences=self.max_sequences, max_vram=max_vram, max_ram=max_ram,
+                                      progress=progress, **extra)
+            except BaseException as exc:
+                _drop_frames(exc)
+                raise
+            try:
+                self._run_command(lambda: self._check_and_swap(engine))
+            except BaseException as exc:
                 engine.close()
+                del engine
+                _drop_frames(exc)
                 raise
             log.info("model loaded", extra={"fields": {
                 "model_id": engine.info.model_id, "path": str(engine.info.path),
@@ -206,6 +233,15 @@ class Scheduler:
             self._model_changed(None)
         self._run_command(_do)
         log.info("model unloaded", extra={"fields": {"model_id": model_id}})
+
+    def _check_and_swap(self, engine) -> None:
+        # On the engine thread, between the old model's steps: the test step then runs on the
+        # thread (and device state) that every later step of the engine runs on, and never
+        # beside a step of the served model.
+        check = getattr(engine, "check_finite", None)
+        if callable(check):
+            check()
+        self._swap(engine)
 
     def _swap(self, engine) -> None:
         old = self._engine

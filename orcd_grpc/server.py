@@ -40,6 +40,7 @@ class ServerConfig:
     max_queue: int = 256
     token_budget: int = 2048       # tokens per engine step (chunked prefill)
     max_vram: int = 0              # bytes; 0: no limit
+    max_ram: int = 0               # bytes the CPU backend may use; 0: the machine's available memory less a margin
     grace_seconds: float = 30.0
     metrics_port: int | None = None  # None: no metrics endpoint; 0: pick a free port
     metrics_host: str | None = None  # None: the gRPC host (a loopback worker keeps its metrics local)
@@ -122,7 +123,7 @@ class Worker:
                                    on_model_change=lambda info: self._set_health(info is not None))
         self.servicer = WorkerServicer(self.scheduler, model_dirs=config.model_dirs, backend=config.backend,
                                        max_context=config.max_context, max_vram=config.max_vram,
-                                       metrics=self.metrics)
+                                       metrics=self.metrics, max_ram=config.max_ram)
         workers = config.max_workers or (config.max_queue + config.max_sequences + CONTROL_THREADS)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="orcd-rpc")
         options = [
@@ -207,7 +208,8 @@ class Worker:
             self.scheduler.load(path, model_id=self.config.model_id or rv.default_model_id(path),
                                 context_length=ctx, max_context=self.config.max_context,
                                 backend=self.config.backend,
-                                max_vram=self.config.max_vram, progress=progress)
+                                max_vram=self.config.max_vram, max_ram=self.config.max_ram,
+                                progress=progress)
         except Exception as exc:
             self.load_error = exc
             log.error("startup model load failed", extra={"fields": {"error": str(exc),

@@ -6,7 +6,7 @@ retires at its next step.
 """
 from __future__ import annotations
 
-import pathlib
+import os
 import queue
 import threading
 import time
@@ -14,7 +14,7 @@ import time
 import grpc
 
 from . import logs, request_validation as rv
-from .errors import FailedPrecondition, Internal, NotFound, OrcdError
+from .errors import FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .proto import pb, pb_grpc
 from .scheduler import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request,
                         Scheduler, TokenEvent)
@@ -56,6 +56,24 @@ def _metadata_correlation(context) -> str:
     return ""
 
 
+def _without_paths(err: OrcdError, path, model_dirs) -> OrcdError:
+    """err with the server's directories cut out of its message (a caller learns the file name it
+    sent, not where the worker keeps its models); the log keeps the full text."""
+    msg = str(err)
+    cuts = {str(path): path.name, str(path.parent): "<model dir>"}
+    for d in model_dirs:
+        cuts[str(d)] = "<model dir>"
+        cuts[os.path.realpath(d)] = "<model dir>"
+    for full in sorted(cuts, key=len, reverse=True):  # the file before its directory
+        if len(full) > 1:
+            msg = msg.replace(full, cuts[full])
+    if msg == str(err):
+        return err
+    out = type(err)(msg, retry_after_ms=err.retry_after_ms)
+    out.field = err.field
+    return out
+
+
 def _abort(context, err: OrcdError):
     if err.retry_after_ms is not None:
         context.set_trailing_metadata((("retry-after-ms", str(int(err.retry_after_ms))),))
@@ -64,12 +82,13 @@ def _abort(context, err: OrcdError):
 
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, scheduler: Scheduler, *, model_dirs: list[str] | None = None, backend: str = "auto",
-                 max_context: int = 0, max_vram: int = 0, metrics=None):
+                 max_context: int = 0, max_vram: int = 0, metrics=None, max_ram: int = 0):
         self.scheduler = scheduler
         self.model_dirs = [str(d) for d in (model_dirs or [])]
         self.backend = backend
         self.max_context = max_context
         self.max_vram = max_vram
+        self.max_ram = max_ram
         self.metrics = metrics
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
@@ -192,15 +211,19 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 # With context_length 0 the engine takes the trained length capped by max_context.
                 info = self.scheduler.load(path, model_id=model_id, context_length=ctx,
                                            max_context=self.max_context, backend=self.backend,
-                                           max_vram=self.max_vram, progress=progress)
+                                           max_vram=self.max_vram, max_ram=self.max_ram, progress=progress)
                 events.put(("done", info))
             except OrcdError as err:
-                events.put(("error", err))
+                events.put(("error", _without_paths(err, path, self.model_dirs)))
             except _LoadAborted:
                 events.put(("error", Internal("load aborted: the client went away")))
+            except MemoryError:
+                log.exception("model load failed")
+                events.put(("error", ResourceExhausted(f"loading {path.name} ran out of host memory", field="path")))
             except Exception as exc:
                 log.exception("model load failed")
-                events.put(("error", Internal(f"loading {path.name} failed: {type(exc).__name__}: {exc}")))
+                events.put(("error", _without_paths(
+                    Internal(f"loading {path.name} failed: {type(exc).__name__}: {exc}"), path, self.model_dirs)))
 
         context.add_callback(abandoned.set)
         log.info("loading model", extra={"fields": {"path": str(path), "model_id": model_id,

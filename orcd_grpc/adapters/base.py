@@ -76,6 +76,11 @@ class HParams:
     rope_base: float
 
 
+def _one(value):
+    """A per-layer array's value (validation.check_hparams has made sure they are all equal)."""
+    return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
 class Adapter:
     """Describes one architecture in terms of backend ops. Subclasses set `archs`."""
 
@@ -95,7 +100,7 @@ class Adapter:
     @classmethod
     def read_hparams(cls, m: GGUFModel) -> HParams:
         d = int(m.require("embedding_length"))
-        n_heads = int(m.require("attention.head_count"))
+        n_heads = int(_one(m.require("attention.head_count")))
         n_kv = m.hp("attention.head_count_kv", n_heads)
         head_dim = int(m.hp("attention.key_length", d // n_heads))
         vocab = m.hp("vocab_size")
@@ -104,9 +109,9 @@ class Adapter:
                 else GGUFModel.logical_shape(m.tensor("token_embd.weight"))[0]
         return HParams(
             n_layers=int(m.require("block_count")), d_model=d, n_heads=n_heads,
-            n_kv_heads=int(n_kv if not isinstance(n_kv, list) else n_kv[0]),
+            n_kv_heads=int(_one(n_kv)),
             head_dim=head_dim, head_dim_v=int(m.hp("attention.value_length", head_dim)),
-            d_ff=int(m.hp("feed_forward_length", 0) or 0), vocab_size=int(vocab),
+            d_ff=int(_one(m.hp("feed_forward_length", 0)) or 0), vocab_size=int(vocab),
             eps=float(m.hp("attention.layer_norm_rms_epsilon", 1e-5)),
             context_length=int(m.hp("context_length", 2048)),
             rope_dim=int(m.hp("rope.dimension_count", head_dim)),
@@ -116,6 +121,11 @@ class Adapter:
     def required_tensors(self) -> dict[str, tuple[int, ...]]:
         """Tensor name -> logical shape (outermost first) that the file must have."""
         raise NotImplementedError
+
+    def optional_tensors(self) -> set[str]:
+        """Tensors the forward pass reads when the file has them, besides required(); the engine
+        loads no others. By default every tensor of the file (an adapter that does not say)."""
+        return set(self.model.tensors)
 
     def required(self) -> dict[str, tuple]:
         """required_tensors() narrowed to this file's stage. In a stage file, token_embd (a subset

@@ -28,6 +28,8 @@ class LlamaAdapter(Adapter):
         req = {"token_embd.weight": (h.vocab_size, h.d_model), "output_norm.weight": (h.d_model,)}
         if self.model.has("output.weight"):
             req["output.weight"] = (h.vocab_size, h.d_model)
+        if self.model.has("rope_freqs.weight"):  # one divisor per rotated pair
+            req["rope_freqs.weight"] = (h.rope_dim // 2,)
         for i in range(h.n_layers):
             b = f"blk.{i}."
             req.update({
@@ -38,6 +40,12 @@ class LlamaAdapter(Adapter):
                 b + "ffn_down.weight": (h.d_model, h.d_ff),
             })
         return req
+
+    def optional_tensors(self) -> set[str]:
+        """The biases a layer adds when the file has them (bias() reads them with .get), and llama
+        3's rope factors (prepare reads them; phi3 inherits that)."""
+        return {"rope_freqs.weight"} | {f"blk.{i}.attn_{p}.bias" for i in range(self.hp.n_layers)
+                                        for p in ("q", "k", "v", "output", "qkv")}
 
     # ---- fused projections -----------------------------------------------------------------
     def fused_weights(self, qk: bool = False, widen: bool = False) -> dict[str, list[str]]:

@@ -89,6 +89,10 @@ class KVLayout:
 class Backend(ABC):
     name: str = "?"
     kv_elem_size: int = 4
+    # Host backends allocate step activations as they go (admission sizes them at load); device
+    # backends reserve a workspace up front.
+    host_memory: bool = False
+    memory_name: str = "memory"  # what memory_available() measures, for messages
 
     # ---- memory -------------------------------------------------------------------------
     @abstractmethod

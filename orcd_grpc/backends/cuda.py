@@ -232,6 +232,7 @@ class CudaStep:
 class CudaBackend(Backend):
     name = "cuda"
     kv_elem_size = 2  # f16 KV cache
+    memory_name = "VRAM (--max-vram)"
     supports_graphs = True
     pack_sampling_row = staticmethod(pack_sampling_row)  # the engine packs each sequence's row once
 

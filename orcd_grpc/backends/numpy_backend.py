@@ -51,6 +51,16 @@ def rope_angles(positions: np.ndarray, spec: RopeSpec) -> tuple[np.ndarray, np.n
 class NumpyBackend(Backend):
     name = "cpu"
     kv_elem_size = 4
+    host_memory = True
+    memory_name = "RAM (--max-ram)"
+
+    def __init__(self, max_ram: int | None = None):
+        # bytes a load may plan for (engine.make_backend: --max-ram and the machine's available
+        # memory); None: unbounded, as for a backend made directly
+        self.max_ram = None if max_ram is None else int(max_ram)
+
+    def memory_available(self):
+        return self.max_ram
 
     def load_weight(self, name, raw, qtype, shape):
         w = quants.dequantize(raw, qtype, shape)
