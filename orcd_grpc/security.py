@@ -100,14 +100,22 @@ def parse_token_roles(specs: str | Iterable[str] | None) -> dict[str, frozenset[
 def _split_spec(item: str) -> tuple[str, str, str, str | None]:
     """(token, separator, client, roles or None) of "TOKEN[:CLIENT[:ROLE[+ROLE]]]".
 
-    Tokens could contain ':' before roles existed, so a third field is read as roles only when
-    every '+'-part of it is a role name; anything else keeps the old TOKEN:CLIENT reading.
+    A misspelt role must stop the worker, not quietly become part of a token or a client id, so
+    tokens may not contain ':' (before roles existed one could, as "to:ken:client").
     """
     parts = item.split(":")
-    if len(parts) >= 3 and all(r.strip() in ROLES for r in parts[-1].split("+")):
-        return ":".join(parts[:-2]), ":", parts[-2], parts[-1]
-    token, sep, client = item.rpartition(":") if ":" in item else (item, "", "")
-    return token, sep, client, None
+    if len(parts) > 3:
+        raise ValueError(f"--auth-token: entry for token ending {parts[0][-4:]!r} has more than "
+                         "TOKEN:CLIENT:ROLES fields (tokens may not contain ':')")
+    if len(parts) == 3:
+        unknown = [r for r in parts[2].split("+") if r.strip() not in ROLES]
+        if unknown:
+            raise ValueError(f"--auth-token: unknown role {unknown[0].strip()!r} for client {parts[1].strip()!r} "
+                             f"(roles: {', '.join(ROLES)}, joined with '+')")
+        return parts[0], ":", parts[1], parts[2]
+    if len(parts) == 2:
+        return parts[0], ":", parts[1], None
+    return item, "", "", None
 
 
 def parse_token_specs(specs: str | Iterable[str] | None) -> dict[str, tuple[str, frozenset[str]]]:
