@@ -157,13 +157,15 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=None,
                    help="most requests waiting to run; more get RESOURCE_EXHAUSTED (default: 256)")
     p.add_argument("--metrics-port", type=_port, default=None,
-                   help="serve Prometheus metrics (and GET /healthz) on this port (default: off)")
+                   help="serve Prometheus metrics (and GET /healthz) on this port (default: off); "
+                        "HTTPS when --tls-cert is set, /metrics needs a metrics-role token when one is configured")
     p.add_argument("--metrics-host", default=None,
-                   help="address for the metrics port (default: the --host address)")
+                   help="address for the metrics port (default: the --host address); off loopback it needs "
+                        "TLS and a TOKEN:CLIENT:metrics token, or --insecure")
     p.add_argument("--grace-seconds", type=float, default=None,
                    help="on SIGTERM, how long running requests may finish (default: 30)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    # --tls-cert/--tls-key/--tls-client-ca, --auth-token TOKEN[:CLIENT] (repeatable), --insecure
+    # --tls-cert/--tls-key/--tls-client-ca, --auth-token TOKEN[:CLIENT[:ROLES]] (repeatable), --insecure
     # and the per-client --rate-limit-* flags; each falls back to its environment variable.
     security.add_arguments(p)
     ratelimit.add_arguments(p)
@@ -183,6 +185,8 @@ def server_config(args: argparse.Namespace):
     sec = security.config_from_args(args)
     limits = ratelimit.limits_from_args(args)
     security.check_exposure(args.host, sec.tls, sec.tokens, sec.insecure)
+    if args.metrics_port is not None:
+        security.check_metrics_exposure(args.metrics_host if args.metrics_host is not None else args.host, sec)
     model_dirs = [os.path.abspath(d) for d in (args.model_dir or [str(model_store.model_dir())])]
     model = model_store.resolve_model(args.model or model_store.DEFAULT_MODEL, search_dirs=model_dirs,
                                       verbose=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import ssl
+import sys
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -87,24 +89,47 @@ class Metrics:
         self.model_load_seconds.set(info.load_seconds)
         self.model_loaded.labels(info.model_id).set(1)
 
-    def serve_http(self, port: int, addr: str = "127.0.0.1", health=None) -> int:
+    def serve_http(self, port: int, addr: str = "127.0.0.1", health=None, *, tls: tuple[str, str] | None = None,
+                   auth=None) -> int:
         """Starts the HTTP endpoint on daemon threads; returns the bound port (0 picks one).
         /healthz answers 200 "SERVING" or 503 "NOT_SERVING" from `health()` (a bool): a probe for
-        containers whose gRPC port speaks TLS (Docker's HEALTHCHECK has no gRPC-over-TLS client).
-        Every other path is the Prometheus scrape."""
+        containers whose gRPC port speaks TLS (Docker's HEALTHCHECK has no gRPC-over-TLS client);
+        like gRPC health it needs no token. /metrics is the Prometheus scrape; with `auth` (a
+        security.TokenChecker) it needs "Authorization: Bearer <token>" of one of its tokens.
+        Other paths are 404: a scanner learns nothing from them. `tls` = (cert, key) PEM paths
+        serves HTTPS."""
         scrape = make_wsgi_app(self.registry)
 
+        def answer(start_response, status, body: bytes, extra=()):
+            start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body))), *extra])
+            return [body]
+
         def app(environ, start_response):
-            if health is not None and environ.get("PATH_INFO") == "/healthz":
+            path = environ.get("PATH_INFO") or "/"
+            if health is not None and path == "/healthz":
                 ok = bool(health())
-                body = b"SERVING\n" if ok else b"NOT_SERVING\n"
-                start_response("200 OK" if ok else "503 Service Unavailable",
-                               [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
-                return [body]
+                return answer(start_response, "200 OK" if ok else "503 Service Unavailable",
+                              b"SERVING\n" if ok else b"NOT_SERVING\n")
+            if path != "/metrics":
+                return answer(start_response, "404 Not Found", b"not found; the scrape is /metrics\n")
+            if auth is not None:
+                scheme, _, token = (environ.get("HTTP_AUTHORIZATION") or "").strip().partition(" ")
+                if scheme.lower() != "bearer" or not token.strip():
+                    return answer(start_response, "401 Unauthorized", b"bearer token missing\n",
+                                  [("WWW-Authenticate", 'Bearer realm="orcd-metrics"')])
+                if auth.lookup(token.strip()) is None:
+                    return answer(start_response, "403 Forbidden", b"bearer token is not a metrics token\n")
             return scrape(environ, start_response)
 
         server_class = _ThreadingWSGIServer6 if ":" in addr else _ThreadingWSGIServer
         httpd = make_server(addr, port, app, server_class=server_class, handler_class=_QuietHandler)
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(tls[0], tls[1])
+            # The handshake runs on the connection's own thread (at its first read), not in the
+            # accept loop, where one client that never completes it would stall every scrape.
+            httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
         threading.Thread(target=httpd.serve_forever, name="orcd-metrics-http", daemon=True).start()
         self._http = httpd
         return httpd.server_port
@@ -122,11 +147,20 @@ class Metrics:
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a slow scraper never holds the process open
 
+    def handle_error(self, request, client_address):
+        # A plaintext client on the TLS port, a failed handshake or a dropped connection is the
+        # client's problem, not a traceback on the worker's stderr.
+        if isinstance(sys.exc_info()[1], (OSError, ssl.SSLError)):
+            return
+        super().handle_error(request, client_address)
+
 
 class _ThreadingWSGIServer6(_ThreadingWSGIServer):
     address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 30  # a connection that sends nothing (or stalls its TLS handshake) gives its thread back
+
     def log_message(self, format, *args):  # scrapes every few seconds are not worth a log line each
         pass

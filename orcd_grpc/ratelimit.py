@@ -1,12 +1,16 @@
 """Per-client rate limits (requests/s and generated tokens/s) and per-client usage accounting.
 
-Each client (see security.client_identity: token client id, verified certificate CN, declared
-x-client-id, else peer address) has two token buckets:
+Each client (see security.client_identity: token client id, verified certificate CN, else peer
+address) has two token buckets:
 
   * requests: one token per RPC; a call that finds it empty is refused.
-  * generated tokens: charged one per Token event streamed back by Execute. Generation cannot be
-    refused half-way without wasting the work already done, so the bucket may go into debt; while
-    it is in debt the client's new calls are refused until the refill pays the debt back.
+  * generated tokens: an Execute call reserves its stopping.max_tokens from the bucket when it is
+    admitted (refused if the bucket cannot cover it) and is refunded what it did not generate
+    when it ends, however it ends. Checking the level alone at admission let a concurrent burst
+    through on one full bucket (20 calls generated 6x the allowance, and the debt then locked the
+    client out for minutes); a reservation cannot be overdrawn. A call may not reserve more than
+    the burst: an explicit max_tokens above it is OUT_OF_RANGE (it could never be served), and
+    max_tokens 0 ("until the context is full") is capped to the burst.
 
 A refused call ends with RESOURCE_EXHAUSTED, a message naming the client and the limit, and the
 trailing metadata "retry-after-ms": the time until the bucket would admit the call.
@@ -152,6 +156,37 @@ class RateLimiter:
                     return Refusal(client, "requests", wait)
             return None
 
+    def reserve(self, client: str, amount: int) -> Refusal | None:
+        """Admits one call that will generate at most `amount` tokens: takes a request token and
+        reserves `amount` generated tokens, or takes nothing and returns why not. The caller
+        settles the reservation with settle() when the call ends."""
+        with self._lock:
+            now = self._clock()
+            req, tok = self._buckets(client, now)
+            need = min(float(amount), tok.burst) if tok is not None else 0.0
+            # Tokens first: a refused call must not also spend a request token.
+            if tok is not None:
+                wait = tok.wait_for(max(need, 1e-9), now)  # a bucket in debt (old charges) admits nothing
+                if wait:
+                    return Refusal(client, "tokens", wait + 0.001)
+            if req is not None:
+                wait = req.take(1.0, now)
+                if wait:
+                    return Refusal(client, "requests", wait)
+            if tok is not None:
+                tok.level -= need
+            return None
+
+    def settle(self, client: str, reserved: int, used: int) -> None:
+        """Ends a reservation: refunds what was not generated (or charges an overrun as debt)."""
+        with self._lock:
+            now = self._clock()
+            _, tok = self._buckets(client, now)
+            if tok is None:
+                return
+            tok.refill(now)
+            tok.level = min(tok.burst, tok.level + min(float(reserved), tok.burst) - used)
+
     def charge_tokens(self, client: str, n: int) -> None:
         if n <= 0:
             return
@@ -224,18 +259,40 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
         if self.usage is None:
             self.usage = UsageMetrics(registry)
 
-    def _admit(self, context) -> str:
-        client = self._identify(context)
-        refusal = self.limiter.admit(client) if self.limiter is not None else None
+    def _refuse(self, context, client: str, refusal: Refusal) -> None:
         usage = self.usage
-        if refusal is not None:
-            if usage is not None:
-                usage.rate_limited.labels(usage.label(client), refusal.limit).inc()
-            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(refusal.retry_after_ms)),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message(self.limiter.limits_for(client)))
         if usage is not None:
-            usage.requests.labels(usage.label(client)).inc()
-        return client
+            usage.rate_limited.labels(usage.label(client), refusal.limit).inc()
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(refusal.retry_after_ms)),))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message(self.limiter.limits_for(client)))
+
+    def _admit(self, context, client: str, reserve: int = 0) -> None:
+        if self.limiter is not None:
+            refusal = self.limiter.reserve(client, reserve) if reserve else self.limiter.admit(client)
+            if refusal is not None:
+                self._refuse(context, client, refusal)
+        if self.usage is not None:
+            self.usage.requests.labels(self.usage.label(client)).inc()
+
+    def _reservation(self, method: str, request, context, client: str) -> int:
+        """Generated tokens an Execute call must reserve (0: no token limit applies). Caps an
+        unbounded max_tokens to the burst in the request itself, so the scheduler stops there."""
+        if method != EXECUTE_METHOD or self.limiter is None:
+            return 0
+        lim = self.limiter.limits_for(client)
+        stopping = getattr(request, "stopping", None)
+        if not lim.tokens_per_s or stopping is None:  # not an ExecuteRequest: tokens are charged as streamed
+            return 0
+        burst = max(1, int(lim.token_burst))
+        wanted = int(stopping.max_tokens)
+        if wanted == 0:
+            stopping.max_tokens = burst
+            return burst
+        if wanted > burst:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                          f"stopping.max_tokens: {wanted} exceeds the generated-token burst of client {client}'s "
+                          f"rate limit ({burst}); ask for at most {burst}")
+        return wanted
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -246,27 +303,43 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
 
         def unary_wrap(fn):
             def inner(request, context):
-                self._admit(context)
+                self._admit(context, self._identify(context))
                 return fn(request, context)
             return inner
 
         def stream_wrap(fn):
             def inner(request, context):
-                client = self._admit(context)
-                if usage_of is None:
+                client = self._identify(context)
+                reserved = self._reservation(method, request, context, client)
+                self._admit(context, client, reserved)
+                if usage_of is None and not reserved:
                     yield from fn(request, context)
                     return
                 label = self.usage.label(client) if self.usage is not None else None
-                for response in fn(request, context):
-                    prompt, generated = usage_of(response)
-                    if generated:
-                        if self.limiter is not None:
-                            self.limiter.charge_tokens(client, generated)
-                        if label is not None:
-                            self.usage.generated_tokens.labels(label).inc(generated)
-                    if prompt and label is not None:
-                        self.usage.prompt_tokens.labels(label).inc(prompt)
-                    yield response
+                generated = 0
+                settled = threading.Lock()
+
+                def settle():
+                    # From the generator's end and from the RPC's termination callback, whichever
+                    # comes first: a stream the client abandons may never be resumed to its end.
+                    if reserved and settled.acquire(blocking=False):
+                        self.limiter.settle(client, reserved, generated)
+
+                context.add_callback(settle)
+                try:
+                    for response in fn(request, context):
+                        prompt, new = usage_of(response) if usage_of is not None else (0, 0)
+                        if new:
+                            generated += new
+                            if self.limiter is not None and not reserved:
+                                self.limiter.charge_tokens(client, new)
+                            if label is not None:
+                                self.usage.generated_tokens.labels(label).inc(new)
+                        if prompt and label is not None:
+                            self.usage.prompt_tokens.labels(label).inc(prompt)
+                        yield response
+                finally:
+                    settle()
             return inner
 
         return security.wrap_handler(handler, unary_wrap, stream_wrap)

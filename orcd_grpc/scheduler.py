@@ -79,8 +79,11 @@ class Request:
 
     def __init__(self, request_id: str, prompt_ids: list[int], sampling: Any, stopping: Stopping, *,
                  engine: Any, model_id: str, correlation_id: str = "", deadline: float | None = None,
-                 arrival: float | None = None):
+                 arrival: float | None = None, owner: str = ""):
         self.request_id = request_id or str(uuid.uuid4())
+        # The client identity (security.client_identity) the id belongs to: ids are unique per
+        # client, and only the owner can cancel or even learn of a request.
+        self.owner = owner
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.stopping = stopping
@@ -98,6 +101,10 @@ class Request:
         self.last_token_at: float | None = None
         self.cancel_reason: str | None = None
         self.done = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.owner, self.request_id
 
     @property
     def prompt_tokens(self) -> int:
@@ -147,7 +154,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
-        self._by_id: dict[str, Request] = {}
+        self._by_id: dict[tuple[str, str], Request] = {}  # (owner, request id) -> request
         self._commands: collections.deque = collections.deque()
         self._engine = None
         self._accepting = True
@@ -287,12 +294,12 @@ class Scheduler:
                 raise FailedPrecondition("no model is loaded")
             if req.engine is not self._engine:
                 raise Unavailable("the model changed while the request was being prepared; retry")
-            if req.request_id in self._by_id:
+            if req.key in self._by_id:  # only the owner's own ids: others' are not its business
                 raise AlreadyExists(f"request {req.request_id!r} is already running", field="request_id")
             if len(self._waiting) >= self.max_queue:
                 raise ResourceExhausted(f"the request queue is full ({self.max_queue} waiting)",
                                         retry_after_ms=self._retry_after_ms())
-            self._by_id[req.request_id] = req
+            self._by_id[req.key] = req
             self._waiting.append(req)
             self._gauges_locked()
             self._cv.notify_all()
@@ -301,9 +308,11 @@ class Scheduler:
         per_slot = self._avg_request_s / max(1, self.effective_max_sequences())
         return int(min(60_000, max(100, 1000 * per_slot * max(1, len(self._waiting)))))
 
-    def cancel(self, request_id: str, reason: str = "cancelled by Cancel") -> bool:
+    def cancel(self, request_id: str, reason: str = "cancelled by Cancel", *, owner: str = "") -> bool:
+        """Cancels `owner`'s request `request_id`. Another client's request with that id answers
+        NOT_FOUND exactly as an unknown id does, so Cancel cannot probe which ids others use."""
         with self._cv:
-            req = self._by_id.get(request_id)
+            req = self._by_id.get((owner, request_id))
             if req is None or req.done:
                 raise NotFound(f"no running or queued request {request_id!r}", field="request_id")
             if req.cancel_reason is None:
@@ -561,8 +570,8 @@ class Scheduler:
                 self._waiting.remove(req)
             except ValueError:
                 pass
-            if self._by_id.get(req.request_id) is req:
-                del self._by_id[req.request_id]
+            if self._by_id.get(req.key) is req:
+                del self._by_id[req.key]
             return True
 
     def _finish(self, req: Request, reason: str, matched: str = "", detail: str = "") -> None:

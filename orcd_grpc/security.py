@@ -12,7 +12,9 @@ Access model (docs/reliability.md has the operator's version):
     anything else needs TLS and a token, or an explicit --insecure.
 
 Each token may carry a client id ("secret:alice"); the id names the caller in rate limits, usage
-counters and logs, so the secret itself is never logged or used as a metric label.
+counters and logs, so the secret itself is never logged or used as a metric label. It may also
+carry roles ("secret:alice:infer+admin", ROLES): a token without roles may only infer, because
+a token handed to an application must not be able to replace the model everyone is served.
 """
 from __future__ import annotations
 
@@ -35,6 +37,25 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 #: thread, read by the rate limiter and anything else that wants to know who is calling).
 CALL_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("orcd_call_client", default=None)
 
+#: What a token may do. infer: Execute and Cancel (its own requests); admin: LoadModel and
+#: UnloadModel; metrics: scrape /metrics. ListModels and HardwareInfo only describe the worker, so
+#: infer or admin may call them.
+ROLES = ("infer", "admin", "metrics")
+#: Roles of a token configured without any: the least that keeps an existing inference client
+#: working. An operator upgrading grants admin explicitly (TOKEN:CLIENT:infer+admin); the refusal
+#: message says so.
+DEFAULT_ROLES = frozenset({"infer"})
+ALL_ROLES = frozenset(ROLES)
+_WORKER = "/orcd.v1.Worker/"
+#: Roles that may call a method (any one suffices). A method not listed needs infer; a new
+#: method that changes the worker's state must be listed here with admin.
+METHOD_ROLES: dict[str, frozenset[str]] = {
+    _WORKER + "LoadModel": frozenset({"admin"}),
+    _WORKER + "UnloadModel": frozenset({"admin"}),
+    _WORKER + "ListModels": frozenset({"infer", "admin"}),
+    _WORKER + "HardwareInfo": frozenset({"infer", "admin"}),
+}
+
 ENV_CERT, ENV_KEY, ENV_CLIENT_CA = "ORCD_TLS_CERT", "ORCD_TLS_KEY", "ORCD_TLS_CLIENT_CA"
 ENV_TOKENS, ENV_INSECURE = "ORCD_AUTH_TOKENS", "ORCD_INSECURE"
 ENV_TOKEN = "ORCD_AUTH_TOKEN"  # the single token the CLI's clients send and the server also accepts
@@ -50,6 +71,8 @@ class SecurityConfig:
     tls_key: str | None = None        # PEM private key of the server
     tls_client_ca: str | None = None  # PEM CA bundle; set: clients must present a certificate it signed
     tokens: dict[str, str] = dataclasses.field(default_factory=dict)  # bearer token -> client id
+    # bearer token -> roles; a token missing here has DEFAULT_ROLES
+    roles: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
     insecure: bool = False            # allow a non-loopback listener without TLS + token
 
     @property
@@ -65,36 +88,70 @@ class SecurityConfig:
 
 
 def parse_tokens(specs: str | Iterable[str] | None) -> dict[str, str]:
-    """Parses "tok1:alice,tok2" (or a list of such strings) into {token: client id}.
+    """Parses "tok1:alice,tok2" (or a list of such strings) into {token: client id}."""
+    return {t: client for t, (client, _) in parse_token_specs(specs).items()}
+
+
+def parse_token_roles(specs: str | Iterable[str] | None) -> dict[str, frozenset[str]]:
+    """{token: roles} of the same specs (DEFAULT_ROLES where a spec names none)."""
+    return {t: roles for t, (_, roles) in parse_token_specs(specs).items()}
+
+
+def _split_spec(item: str) -> tuple[str, str, str, str | None]:
+    """(token, separator, client, roles or None) of "TOKEN[:CLIENT[:ROLE[+ROLE]]]".
+
+    A misspelt role must stop the worker, not quietly become part of a token or a client id, so
+    tokens may not contain ':' (before roles existed one could, as "to:ken:client").
+    """
+    parts = item.split(":")
+    if len(parts) > 3:
+        raise ValueError(f"--auth-token: entry for token ending {parts[0][-4:]!r} has more than "
+                         "TOKEN:CLIENT:ROLES fields (tokens may not contain ':')")
+    if len(parts) == 3:
+        unknown = [r for r in parts[2].split("+") if r.strip() not in ROLES]
+        if unknown:
+            raise ValueError(f"--auth-token: unknown role {unknown[0].strip()!r} for client {parts[1].strip()!r} "
+                             f"(roles: {', '.join(ROLES)}, joined with '+')")
+        return parts[0], ":", parts[1], parts[2]
+    if len(parts) == 2:
+        return parts[0], ":", parts[1], None
+    return item, "", "", None
+
+
+def parse_token_specs(specs: str | Iterable[str] | None) -> dict[str, tuple[str, frozenset[str]]]:
+    """Parses "tok1:alice,tok2,tok3:ops:admin+infer" into {token: (client id, roles)}.
 
     A token given without an id gets "token-<8 hex of its sha256>": stable across restarts, and it
-    does not reveal the token.
+    does not reveal the token. A token given without roles gets DEFAULT_ROLES.
     """
     if specs is None:
         return {}
     if isinstance(specs, str):
         specs = [specs]
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, frozenset[str]]] = {}
     for spec in specs:
         for item in str(spec).split(","):
             item = item.strip()
             if not item:
                 continue
-            token, sep, client = item.rpartition(":") if ":" in item else (item, "", "")
+            token, sep, client, role_spec = _split_spec(item)
             token, client = token.strip(), client.strip()
             if not token:
                 raise ValueError(f"--auth-token: entry {item!r} has an empty token")
             if any(c.isspace() for c in token):
                 raise ValueError("--auth-token: tokens may not contain whitespace")
-            if sep and not client:
+            if sep and not client and role_spec is None:
                 raise ValueError(f"--auth-token: entry for token ending {token[-4:]!r} has an empty client id")
             if len(token) < 16:
                 raise ValueError("--auth-token: tokens must be at least 16 characters "
                                  "(short tokens can be guessed)")
+            roles = frozenset(r.strip() for r in role_spec.split("+")) if role_spec is not None else DEFAULT_ROLES
             client = client or "token-" + hashlib.sha256(token.encode()).hexdigest()[:8]
-            if token in out and out[token] != client:
-                raise ValueError(f"--auth-token: one token is listed for two client ids ({out[token]}, {client})")
-            out[token] = client
+            if token in out and out[token][0] != client:
+                raise ValueError(f"--auth-token: one token is listed for two client ids ({out[token][0]}, {client})")
+            if token in out and out[token][1] != roles:
+                raise ValueError(f"--auth-token: the token of client {client} is listed twice with different roles")
+            out[token] = (client, roles)
     return out
 
 
@@ -111,9 +168,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tls-client-ca", default=None, metavar="PEM",
                         help=f"require client certificates signed by this CA: mutual TLS (env {ENV_CLIENT_CA})")
     if "--auth-token" not in have:
-        parser.add_argument("--auth-token", action="append", default=None, metavar="TOKEN[:CLIENT]",
+        parser.add_argument("--auth-token", action="append", default=None, metavar="TOKEN[:CLIENT[:ROLES]]",
                             help="require 'authorization: Bearer TOKEN'; repeat or comma-separate for several, "
-                                 f"optionally naming each client (env {ENV_TOKENS})")
+                                 "optionally naming each client and its roles, '+'-joined from "
+                                 f"{', '.join(ROLES)} (default: infer) (env {ENV_TOKENS})")
     if "--insecure" not in have:
         parser.add_argument("--insecure", action="store_true", default=None,
                             help="allow listening on a non-loopback address without TLS and a token")
@@ -139,9 +197,11 @@ def config_from_args(args, environ: Mapping[str, str] | None = None) -> Security
     insecure = getattr(args, "insecure", None)
     if insecure is None:
         insecure = env.get(ENV_INSECURE, "").strip().lower() in ("1", "true", "yes", "on")
+    specs = parse_token_specs(token_specs)
     cfg = SecurityConfig(tls_cert=pick("tls_cert", ENV_CERT), tls_key=pick("tls_key", ENV_KEY),
-                         tls_client_ca=pick("tls_client_ca", ENV_CLIENT_CA), tokens=parse_tokens(token_specs),
-                         insecure=bool(insecure))
+                         tls_client_ca=pick("tls_client_ca", ENV_CLIENT_CA),
+                         tokens={t: c for t, (c, _) in specs.items()},
+                         roles={t: r for t, (_, r) in specs.items()}, insecure=bool(insecure))
     validate_config(cfg)
     return cfg
 
@@ -228,21 +288,34 @@ def check_exposure(host: str, tls: bool, tokens, insecure: bool) -> None:
 class TokenChecker:
     """Looks up a bearer token in constant time with respect to the configured tokens."""
 
-    def __init__(self, tokens: Mapping[str, str]):
+    def __init__(self, tokens: Mapping[str, str], roles: Mapping[str, frozenset[str]] | None = None):
         # Compare fixed-length digests: hmac.compare_digest is constant-time only for equal
         # lengths, and the digest hides the configured tokens' lengths as well.
-        self._entries = [(hashlib.sha256(t.encode()).digest(), c) for t, c in tokens.items()]
+        roles = roles or {}
+        self._entries = [(hashlib.sha256(t.encode()).digest(), c, frozenset(roles.get(t, DEFAULT_ROLES)))
+                         for t, c in tokens.items()]
 
     def __bool__(self) -> bool:
         return bool(self._entries)
 
-    def client_for(self, token: str) -> str | None:
+    def lookup(self, token: str) -> tuple[str, frozenset[str]] | None:
+        """(client id, roles) of `token`, or None."""
         d = hashlib.sha256(token.encode()).digest()
         found = None
-        for digest, client in self._entries:  # no early exit: every token is compared
+        for digest, client, roles in self._entries:  # no early exit: every token is compared
             if hmac.compare_digest(d, digest):
-                found = client
+                found = (client, roles)
         return found
+
+    def client_for(self, token: str) -> str | None:
+        found = self.lookup(token)
+        return found[0] if found else None
+
+    def with_role(self, role: str) -> "TokenChecker":
+        """A checker of only the tokens that carry `role` (the metrics port's)."""
+        sub = TokenChecker({})
+        sub._entries = [e for e in self._entries if role in e[2]]
+        return sub
 
 
 def _metadata_value(md, key: str) -> str | None:
@@ -252,18 +325,29 @@ def _metadata_value(md, key: str) -> str | None:
     return None
 
 
-def authenticate(checker: TokenChecker, metadata) -> tuple[grpc.StatusCode, str] | str:
-    """The caller's client id, or (status, message) to answer with."""
+def authenticate(checker: TokenChecker, metadata) -> tuple[grpc.StatusCode, str] | tuple[str, frozenset[str]]:
+    """The caller's (client id, roles), or (status, message) to answer with."""
     auth = _metadata_value(metadata, "authorization")
     if auth is None or not auth.strip():
         return grpc.StatusCode.UNAUTHENTICATED, "authorization: bearer token missing (send 'authorization: Bearer <token>')"
     scheme, _, token = auth.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return grpc.StatusCode.UNAUTHENTICATED, "authorization: expected 'Bearer <token>'"
-    client = checker.client_for(token.strip())
-    if client is None:
+    found = checker.lookup(token.strip())
+    if found is None:
         return grpc.StatusCode.PERMISSION_DENIED, "authorization: bearer token is not valid"
-    return client
+    return found
+
+
+def authorize(method: str, client: str, roles: frozenset[str]) -> str | None:
+    """None when `roles` may call `method`, else the PERMISSION_DENIED message."""
+    need = METHOD_ROLES.get(method, frozenset({"infer"}))
+    if roles & need:
+        return None
+    name = method.rsplit("/", 1)[-1]
+    return (f"{name} needs the {' or '.join(sorted(need))} role; the token of client {client} has "
+            f"{'+'.join(sorted(roles)) or 'no roles'} (an operator grants roles as "
+            f"--auth-token TOKEN:CLIENT:{'+'.join(sorted(roles | need))})")
 
 
 def wrap_handler(handler: grpc.RpcMethodHandler, unary_wrap: Callable, stream_wrap: Callable):
@@ -290,15 +374,17 @@ def wrap_handler(handler: grpc.RpcMethodHandler, unary_wrap: Callable, stream_wr
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Checks "authorization: Bearer <token>" on every method outside OPEN_METHOD_PREFIXES and
-    publishes the caller's client id in CALL_CLIENT for the handler (and the rate limiter).
+    """Checks "authorization: Bearer <token>" on every method outside OPEN_METHOD_PREFIXES, checks
+    that the token's roles allow the method (METHOD_ROLES), and publishes the caller's client id
+    in CALL_CLIENT for the handler (and the rate limiter).
 
     CALL_CLIENT is set at the start of every checked call, so a value left on a pool thread by an
     abandoned stream can never be read as the identity of a later call.
     """
 
-    def __init__(self, tokens: Mapping[str, str], open_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES):
-        self._checker = TokenChecker(tokens)
+    def __init__(self, tokens: Mapping[str, str], open_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES,
+                 roles: Mapping[str, frozenset[str]] | None = None):
+        self._checker = TokenChecker(tokens, roles)
         self._open = open_prefixes
 
     def intercept_service(self, continuation, handler_call_details):
@@ -306,20 +392,24 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or not self._checker or handler_call_details.method.startswith(self._open):
             return handler
         verdict = authenticate(self._checker, handler_call_details.invocation_metadata)
+        if isinstance(verdict[0], str):
+            denied = authorize(handler_call_details.method, *verdict)
+            if denied is not None:
+                verdict = (grpc.StatusCode.PERMISSION_DENIED, denied)
 
         def unary_wrap(fn):
             def inner(request, context):
-                if not isinstance(verdict, str):
+                if not isinstance(verdict[0], str):
                     context.abort(*verdict)
-                CALL_CLIENT.set(verdict)
+                CALL_CLIENT.set(verdict[0])
                 return fn(request, context)
             return inner
 
         def stream_wrap(fn):
             def inner(request, context):
-                if not isinstance(verdict, str):
+                if not isinstance(verdict[0], str):
                     context.abort(*verdict)
-                CALL_CLIENT.set(verdict)
+                CALL_CLIENT.set(verdict[0])
                 yield from fn(request, context)
             return inner
 
@@ -342,7 +432,10 @@ def peer_common_name(context) -> str | None:
 def peer_host(context) -> str:
     """The peer's address without the port: "ipv4:10.0.0.7:51234" -> "10.0.0.7" (one client
     reconnecting from a new port stays one client)."""
-    peer = context.peer() or "unknown"
+    try:
+        peer = context.peer() or "unknown"
+    except NotImplementedError:  # grpc_testing's context has no peer
+        peer = "unknown"
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]
@@ -352,50 +445,75 @@ def peer_host(context) -> str:
 
 
 def client_identity(context, metadata=None) -> str:
-    """Whom a call is accounted to, strongest proof first: the bearer token's client id, the
-    verified client certificate's CN, the self-declared x-client-id header, the peer's address.
+    """Whom a call is accounted to (rate limits, usage) and whose request ids it may see and
+    cancel: the bearer token's client id, else the verified client certificate's CN, else the
+    peer's address.
 
-    A declared x-client-id never overrides a verified identity (it would let one token holder
-    spend another's quota); without one it only separates callers who cooperate."""
+    A declared x-client-id header is not an identity: it is not authenticated, so a caller could
+    rotate it to escape its rate limit or name another caller to cancel that caller's requests.
+    `metadata` is accepted for callers of the older signature and not used."""
     client = CALL_CLIENT.get()
     if client:
         return client
     cn = peer_common_name(context)
     if cn:
         return f"cn:{cn}"
-    md = metadata if metadata is not None else (context.invocation_metadata() or ())
-    declared = _metadata_value(md, "x-client-id")
-    if declared:
-        declared = "".join(ch for ch in declared.strip() if ch.isprintable())[:64]
-        if declared:
-            return f"id:{declared}"
     return f"peer:{peer_host(context)}"
 
 
 def build_interceptors(cfg: SecurityConfig) -> list[grpc.ServerInterceptor]:
     """The interceptors the server should install for `cfg` (empty without tokens)."""
-    return [AuthInterceptor(cfg.tokens)] if cfg.tokens else []
+    return [AuthInterceptor(cfg.tokens, roles=cfg.roles)] if cfg.tokens else []
+
+
+def check_metrics_exposure(host: str, sec: SecurityConfig, tokens=None, roles=None) -> None:
+    """The exposure policy for the metrics port: reachable from other machines, it needs TLS (the
+    server's certificate) and a token with the metrics role, unless `insecure`. The scrape shows
+    client ids, models and load, which are not for anyone on the network."""
+    if sec.insecure or is_loopback(host):
+        return
+    tokens = sec.tokens if tokens is None else tokens
+    roles = sec.roles if roles is None else roles
+    scrapers = [t for t in tokens if "metrics" in roles.get(t, DEFAULT_ROLES)]
+    missing = [what for what, ok in (("TLS (--tls-cert/--tls-key)", sec.tls),
+                                     ("a token with the metrics role (--auth-token TOKEN:CLIENT:metrics)",
+                                      bool(scrapers))) if not ok]
+    if missing:
+        raise ExposureError(
+            f"refusing to serve metrics on {host or '0.0.0.0'} (reachable from other machines) without "
+            f"{' and '.join(missing)}; configure them, set --metrics-host 127.0.0.1, or pass --insecure")
 
 
 def apply_to_server_config(config, sec: SecurityConfig, limits=None):
     """Fills a server.ServerConfig's hooks from `sec` (and optional ratelimit.RateLimits):
-    refuses an exposed plaintext/unauthenticated listener (ExposureError), sets `credentials`,
-    and appends the auth interceptor and the rate-limit/usage interceptor to `interceptors`.
+    refuses an exposed plaintext/unauthenticated listener (ExposureError), gRPC or metrics, sets
+    `credentials` and the metrics port's TLS and scrape tokens, and appends the auth interceptor
+    and the rate-limit/usage interceptor to `interceptors`.
 
     A token already in config.auth_token (the CLI's single-token flag) joins the configured tokens
-    under client id "default" and config.auth_token is cleared, so that one interceptor checks
-    every token and the call is not authenticated twice.
+    under client id "default" with every role (one shared secret cannot separate duties) and
+    config.auth_token is cleared, so that one interceptor checks every token and the call is not
+    authenticated twice.
     """
     from . import ratelimit
 
-    tokens = dict(sec.tokens)
+    tokens, roles = dict(sec.tokens), dict(sec.roles)
     if getattr(config, "auth_token", None):
         tokens.setdefault(config.auth_token, "default")
+        roles.setdefault(config.auth_token, ALL_ROLES)
         config.auth_token = None
     check_exposure(config.host, sec.tls, tokens, sec.insecure)
+    if getattr(config, "metrics_port", None) is not None:
+        mhost = config.metrics_host if config.metrics_host is not None else config.host
+        check_metrics_exposure(mhost, sec, tokens, roles)
+        # The metrics port speaks the gRPC port's transport; /metrics takes the metrics-role
+        # tokens whenever any is configured, loopback or not.
+        config.metrics_tls = (sec.tls_cert, sec.tls_key) if sec.tls else None
+        scrapers = TokenChecker(tokens, roles).with_role("metrics")
+        config.metrics_auth = scrapers if scrapers else None
     config.credentials = server_credentials(sec)
     if tokens:
-        config.interceptors.append(AuthInterceptor(tokens))
+        config.interceptors.append(AuthInterceptor(tokens, roles=roles))
     # Usage is counted even without limits; the server binds the counters to its registry.
     config.interceptors.append(ratelimit.build_interceptor(limits or ratelimit.RateLimits()))
     return config

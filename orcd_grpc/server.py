@@ -16,7 +16,7 @@ from . import logs, wire
 from .metrics import Metrics
 from .proto import pb
 from .scheduler import Scheduler
-from .security import AuthInterceptor, wrap_handler
+from .security import ALL_ROLES, AuthInterceptor, wrap_handler
 from .servicer import WorkerServicer
 
 log = logs.get_logger("orcd.server")
@@ -44,6 +44,8 @@ class ServerConfig:
     grace_seconds: float = 30.0
     metrics_port: int | None = None  # None: no metrics endpoint; 0: pick a free port
     metrics_host: str | None = None  # None: the gRPC host (a loopback worker keeps its metrics local)
+    metrics_tls: tuple[str, str] | None = None  # (cert, key) PEM paths: the metrics port speaks HTTPS
+    metrics_auth: Any = None       # security.TokenChecker of the scrape tokens; None: /metrics is open
     max_message_bytes: int = 64 * 1024 * 1024
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
@@ -142,7 +144,9 @@ class Worker:
         reserve = min(CONTROL_THREADS, max(1, workers // 4))
         interceptors = [_CallWrapper(max_streams=max(1, workers - reserve)), *config.interceptors]
         if config.auth_token:  # a single token given directly (security.py's flags fold theirs in)
-            interceptors.insert(1, AuthInterceptor({config.auth_token: "default"}))
+            # one shared secret given in code: it cannot separate duties, so it has every role
+            interceptors.insert(1, AuthInterceptor({config.auth_token: "default"},
+                                                   roles={config.auth_token: ALL_ROLES}))
         self.server = grpc.server(self._pool, interceptors=interceptors,
                                   options=options,
                                   maximum_concurrent_rpcs=workers)
@@ -186,7 +190,8 @@ class Worker:
         if self.config.metrics_port is not None:
             host = self.config.metrics_host if self.config.metrics_host is not None else self.config.host
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, host.strip("[]") or "0.0.0.0",
-                                                        health=self._serving)
+                                                        health=self._serving, tls=self.config.metrics_tls,
+                                                        auth=self.config.metrics_auth)
         log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port}})
         if self.config.model_path:
             self._load_thread = threading.Thread(target=self._initial_load, name="orcd-initial-load", daemon=True)

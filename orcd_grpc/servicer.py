@@ -13,7 +13,7 @@ import time
 
 import grpc
 
-from . import logs, request_validation as rv
+from . import logs, request_validation as rv, security
 from .errors import FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .proto import pb, pb_grpc
 from .scheduler import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request,
@@ -122,7 +122,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         deadline = arrival + remaining if remaining is not None else None
         return Request(prepared.request_id, prepared.prompt_ids, prepared.sampling, prepared.stopping,
                        engine=engine, model_id=engine.info.model_id, correlation_id=correlation,
-                       deadline=deadline, arrival=arrival)
+                       deadline=deadline, arrival=arrival, owner=security.client_identity(context))
 
     def _stream(self, req: Request, context):
         finished = False
@@ -174,7 +174,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def Cancel(self, request, context):
         try:
             rid = rv.check_request_id(request.request_id, allow_empty=False)
-            ok = self.scheduler.cancel(rid)
+            ok = self.scheduler.cancel(rid, owner=security.client_identity(context))
         except OrcdError as err:
             self._count("Cancel", err.code)
             _abort(context, err)

@@ -267,3 +267,23 @@ def test_k8s_service_targets_the_grpc_port(k8s_docs):
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     grpc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
     assert grpc_port["targetPort"] == "grpc" and grpc_port.get("appProtocol") == "grpc"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_healthcheck_probe_follows_a_tls_metrics_port(final_stage, tmp_path):
+    """With a TLS certificate the metrics port speaks HTTPS (issue #15); the probe must still work."""
+    from orcd_grpc.metrics import Metrics
+    from test_security import _make_ca, _make_leaf
+
+    _make_ca(tmp_path, "ca")
+    _make_leaf(tmp_path, "server", "ca", "localhost", "serverAuth", "DNS:localhost")
+    m, state = Metrics(), {"serving": False}
+    port = m.serve_http(0, "127.0.0.1", health=lambda: state["serving"],
+                        tls=(str(tmp_path / "server.pem"), str(tmp_path / "server.key")))
+    try:
+        code = _healthcheck_argv(final_stage)[2]
+        assert _run_probe(code, port) != 0
+        state["serving"] = True
+        assert _run_probe(code, port) == 0
+    finally:
+        m.close()

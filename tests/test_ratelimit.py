@@ -15,6 +15,7 @@ from orcd_grpc.proto import pb
 from orcd_grpc.ratelimit import RateLimiter, RateLimits, TokenBucket
 
 TOKEN_A = "tok-alice-0123456789abcdef"
+TOKEN_B = "tok-bob-0123456789abcdefgh"
 
 
 class FakeClock:
@@ -122,9 +123,11 @@ def test_limits_from_flags_and_environment():
 PING = "/orcd.test.Ping/Ping"
 
 
-def _execute(request: bytes, context):
+def _execute(request, context):
+    # generates 3 tokens, or fewer when max_tokens says so (as the scheduler would)
+    n = min(3, request.stopping.max_tokens or 3)
     yield pb.ExecuteResponse(started=pb.Started(request_id="r", prompt_tokens=5))
-    for i in range(3):
+    for i in range(n):
         yield pb.ExecuteResponse(token=pb.Token(text="x", token_id=i, index=i))
     yield pb.ExecuteResponse(finished=pb.Finished())
 
@@ -134,7 +137,8 @@ class _Handlers(grpc.GenericRpcHandler):
         if details.method == PING:
             return grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"pong")
         if details.method == ratelimit.EXECUTE_METHOD:
-            return grpc.unary_stream_rpc_method_handler(_execute, response_serializer=pb.ExecuteResponse.SerializeToString)
+            return grpc.unary_stream_rpc_method_handler(_execute, request_deserializer=pb.ExecuteRequest.FromString,
+                                                        response_serializer=pb.ExecuteResponse.SerializeToString)
         return None
 
 
@@ -169,45 +173,85 @@ def _ping(ch, client=None, token=None):
 
 
 def test_interceptor_refuses_with_resource_exhausted_and_retry_after(limited_server):
-    ch, clock, registry = limited_server(RateLimits(requests_per_s=2, request_burst=2))
-    assert _ping(ch, "a")[0] == b"pong" and _ping(ch, "a")[0] == b"pong"
+    ch, clock, registry = limited_server(RateLimits(requests_per_s=2, request_burst=2),
+                                         tokens={TOKEN_A: "a", TOKEN_B: "b"})
+    assert _ping(ch, token=TOKEN_A)[0] == b"pong" and _ping(ch, token=TOKEN_A)[0] == b"pong"
     with pytest.raises(grpc.RpcError) as err:
-        _ping(ch, "a")
+        _ping(ch, token=TOKEN_A)
     e = err.value
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "client id:a exceeded 2 requests/s" in e.details()
+    assert "client a exceeded 2 requests/s" in e.details()
     assert dict(e.trailing_metadata())["retry-after-ms"] == "500"
-    assert _ping(ch, "b")[0] == b"pong"              # another client is unaffected
+    assert _ping(ch, token=TOKEN_B)[0] == b"pong"    # another client is unaffected
     clock.advance(0.5)
-    assert _ping(ch, "a")[0] == b"pong"
+    assert _ping(ch, token=TOKEN_A)[0] == b"pong"
     # probes are never limited
     for _ in range(10):
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
     get = registry.get_sample_value
-    assert get("orcd_client_requests_total", {"client": "id:a"}) == 3
-    assert get("orcd_client_requests_total", {"client": "id:b"}) == 1
-    assert get("orcd_client_rate_limited_total", {"client": "id:a", "limit": "requests"}) == 1
+    assert get("orcd_client_requests_total", {"client": "a"}) == 3
+    assert get("orcd_client_requests_total", {"client": "b"}) == 1
+    assert get("orcd_client_rate_limited_total", {"client": "a", "limit": "requests"}) == 1
 
 
-def test_interceptor_counts_streamed_tokens_and_limits_on_them(limited_server):
-    ch, clock, registry = limited_server(RateLimits(tokens_per_s=1, token_burst=2), tokens={TOKEN_A: "alice"})
+def test_rotating_x_client_id_does_not_escape_the_request_limit(limited_server):
+    """Without tokens the declared x-client-id is not trusted: every call from this address draws
+    from one bucket, whatever id it names."""
+    ch, _, registry = limited_server(RateLimits(requests_per_s=0.01, request_burst=2))
+    assert _ping(ch, "a")[0] == b"pong" and _ping(ch, "b")[0] == b"pong"
+    with pytest.raises(grpc.RpcError) as err:
+        _ping(ch, "c")
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "client peer:127.0.0.1 exceeded" in err.value.details()
+    assert registry.get_sample_value("orcd_client_requests_total", {"client": "peer:127.0.0.1"}) == 2
+
+
+def test_interceptor_reserves_max_tokens_and_refunds_what_was_not_generated(limited_server):
+    ch, clock, registry = limited_server(RateLimits(tokens_per_s=1, token_burst=4), tokens={TOKEN_A: "alice"})
     md = [("authorization", f"Bearer {TOKEN_A}"), ("x-client-id", "spoof")]
-    execute = ch.unary_stream(ratelimit.EXECUTE_METHOD, response_deserializer=pb.ExecuteResponse.FromString)
-    events = [r.WhichOneof("event") for r in execute(b"", metadata=md, timeout=10)]
+    execute = ch.unary_stream(ratelimit.EXECUTE_METHOD, request_serializer=pb.ExecuteRequest.SerializeToString,
+                              response_deserializer=pb.ExecuteResponse.FromString)
+
+    def req(max_tokens):
+        return pb.ExecuteRequest(text="x", stopping=pb.StoppingCriteria(max_tokens=max_tokens))
+
+    # max_tokens 0 reserves the whole burst (4) and generates 3: 1 token is refunded
+    events = [r.WhichOneof("event") for r in execute(req(0), metadata=md, timeout=10)]
     assert events == ["started", "token", "token", "token", "finished"]
     get = registry.get_sample_value
     assert get("orcd_client_generated_tokens_total", {"client": "alice"}) == 3
     assert get("orcd_client_prompt_tokens_total", {"client": "alice"}) == 5
     assert get("orcd_client_generated_tokens_total", {"client": "id:spoof"}) is None
-    # 3 tokens from a bucket of 2: one token of debt, repaid after 1 s at 1 token/s
+    # level 1 cannot cover a reservation of 2: refused before anything runs, and told how long
     with pytest.raises(grpc.RpcError) as err:
-        list(execute(b"", metadata=md, timeout=10))
+        list(execute(req(2), metadata=md, timeout=10))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "client alice exceeded 1 generated tokens/s" in err.value.details()
     assert dict(err.value.trailing_metadata())["retry-after-ms"] == "1001"
-    clock.advance(1.01)
-    assert len(list(execute(b"", metadata=md, timeout=10))) == 5
+    assert len(list(execute(req(1), metadata=md, timeout=10))) == 3  # but 1 fits
+    # more than the burst could never be served: OUT_OF_RANGE, nothing reserved or counted
+    with pytest.raises(grpc.RpcError) as err:
+        list(execute(req(5), metadata=md, timeout=10))
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE and "at most 4" in err.value.details()
+    clock.advance(2.0)  # the refill, not a lockout: 2 s at 1 token/s
+    assert len(list(execute(req(2), metadata=md, timeout=10))) == 4
     assert get("orcd_client_rate_limited_total", {"client": "alice", "limit": "tokens"}) == 1
+    assert get("orcd_client_generated_tokens_total", {"client": "alice"}) == 6
+
+
+def test_limiter_reservations_cannot_be_overdrawn_by_a_burst():
+    clock = FakeClock()
+    rl = RateLimiter(RateLimits(tokens_per_s=1, token_burst=10), clock=clock)
+    admitted = [rl.reserve("a", 3) is None for _ in range(20)]
+    assert admitted.count(True) == 3      # 3 x 3 of 10; the rest are refused, nothing in debt
+    refusal = rl.reserve("a", 3)
+    assert refusal.limit == "tokens" and refusal.retry_after_s == pytest.approx(2.001)
+    for _ in range(3):
+        rl.settle("a", 3, 1)              # each generated 1: 2 refunded each
+    assert rl.reserve("a", 7) is None     # 1 + 6 refunded = 7
+    rl.settle("a", 7, 7)
+    rl.settle("a", 0, 0)
+    assert rl.reserve("a", 1) is not None  # nothing minted by settling twice
 
 
 def test_usage_is_counted_without_limits_and_labels_are_capped():

@@ -214,10 +214,12 @@ def test_tokens_on_plaintext_loopback(serve):
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_without_tokens_declared_client_id_is_used(serve):
+def test_without_tokens_a_declared_client_id_is_not_an_identity(serve):
+    # x-client-id is not authenticated: trusting it would let a caller rotate it past its rate
+    # limit or name another caller's requests; the peer address is what the server knows.
     s = serve(security.SecurityConfig())
     with _channel(s.port, plaintext=True) as ch:
-        assert _call(ch, extra=[("x-client-id", "batch-7")]) == b"id:batch-7"
+        assert _call(ch, extra=[("x-client-id", "batch-7")]) == b"peer:127.0.0.1"
         assert _call(ch) == b"peer:127.0.0.1"
 
 
@@ -327,3 +329,23 @@ def test_token_checker_finds_each_token_and_nothing_else():
     assert checker.client_for(TOKEN_A) == "alice" and checker.client_for(TOKEN_B) == "bob"
     for wrong in ("", TOKEN_A[:-1], TOKEN_A + "a", TOKEN_A.upper(), TOKEN_B[1:]):
         assert checker.client_for(wrong) is None
+
+
+def test_parse_token_roles():
+    specs = security.parse_token_specs(f"{TOKEN_A}:alice,{TOKEN_B}:ops:admin+infer,{TOKEN_A[::-1]}::metrics")
+    assert specs[TOKEN_A] == ("alice", frozenset({"infer"}))  # an existing TOKEN:CLIENT spec only infers
+    assert specs[TOKEN_B] == ("ops", frozenset({"admin", "infer"}))
+    assert specs[TOKEN_A[::-1]][0].startswith("token-") and specs[TOKEN_A[::-1]][1] == {"metrics"}
+    with pytest.raises(ValueError, match="unknown role 'root'"):
+        security.parse_token_specs(f"{TOKEN_A}:alice:infer+root")
+    with pytest.raises(ValueError, match="tokens may not contain ':'"):
+        security.parse_token_specs(f"to:{TOKEN_A}:alice:admin")
+    with pytest.raises(ValueError, match="different roles"):
+        security.parse_token_specs(f"{TOKEN_A}:alice:admin,{TOKEN_A}:alice")
+    p = argparse.ArgumentParser()
+    security.add_arguments(p)
+    cfg = security.config_from_args(p.parse_args([]), environ={"ORCD_AUTH_TOKENS": f"{TOKEN_A}:alice:admin"})
+    assert cfg.tokens == {TOKEN_A: "alice"} and cfg.roles == {TOKEN_A: frozenset({"admin"})}
+    assert security.authorize("/orcd.v1.Worker/LoadModel", "alice", frozenset({"admin"})) is None
+    denied = security.authorize("/orcd.v1.Worker/LoadModel", "bob", frozenset({"infer"}))
+    assert "LoadModel needs the admin role" in denied and "TOKEN:CLIENT:admin+infer" in denied
