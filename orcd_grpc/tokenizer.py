@@ -354,7 +354,10 @@ class Tokenizer:
                 + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
             hf.decoder = decoders.ByteLevel()
             byte_level = True
-            covers_all = True  # byte-level: a token's bytes are exactly the input it covers
+            # Byte-level: a token's bytes are exactly the input it covers. Bytes without a piece
+            # (SmolLM2 lacks \x04, \xff, ...) are dropped by HF, so only a text made mostly of
+            # those could fit yet be refused: no prompt anyone means.
+            covers_all = True
         elif kind == "llama":
             scores = meta.get("tokenizer.ggml.scores")
             scores = (np.zeros(n, np.float32) if scores is None
