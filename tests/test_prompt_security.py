@@ -84,13 +84,13 @@ def test_text_over_max_prompt_bytes_is_refused_before_tokenizing(smol):
 
 
 def test_text_that_cannot_fit_the_context_is_refused_by_the_vocabulary_bound(smol):
-    assert smol.tok.max_token_bytes == SMOL_MAX_TOKEN_BYTES
     n = (CONTEXT - 1) * SMOL_MAX_TOKEN_BYTES + 1  # one byte more than 255 tokens can cover
     before = smol.calls["encode"]
     err = _error(lambda: _execute(smol.stub, text="a" * n))
     assert err.code() == grpc.StatusCode.OUT_OF_RANGE
     assert err.details().startswith(f"input.text: {n} bytes is at least {CONTEXT} tokens")
     assert smol.calls["encode"] == before
+    assert smol.tok.max_token_bytes == SMOL_MAX_TOKEN_BYTES
     # the bound is a lower bound: a text right at it is tokenized and judged by its real length
     err = _error(lambda: _execute(smol.stub, text="a" * (n - 1)))
     assert err.code() == grpc.StatusCode.OUT_OF_RANGE and "context length is 256" in err.details()
