@@ -17,6 +17,7 @@ import ctypes
 import datetime
 import functools
 import json
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -88,8 +89,8 @@ def _guard_filter(fn):
     @functools.wraps(fn)
     def guarded(*args, **kwargs):
         _check_args(args, kwargs)
-        if fn is _replace_filter_target and len(args) >= 3:
-            _check_replace(*args[-3:] if len(args) == 3 else args[1:4])
+        if fn is _replace_filter_target and len(args) >= 4:  # (eval_ctx, s, old, new[, count])
+            _check_replace(*args[1:4])
         return _sized(fn(*args, **kwargs))
     return guarded
 
@@ -119,9 +120,7 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
                     raise TemplateLimit("a repeated value would exceed the template's output limit")
         elif operator == "%" and isinstance(left, str):
             # printf-style widths ('%999999999s') allocate before returning
-            if any(ch.isdigit() for ch in left) and len(left) < 1024:
-                import re
-
+            if any(ch.isdigit() for ch in left):
                 for width in re.findall(r"%[-#0 +]*(\d+)", left):
                     if int(width) > _MAX_INT_ARG:
                         raise TemplateLimit(f"format width {width} is too large")

@@ -16,6 +16,9 @@ can never become a control token.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import re
 import secrets
 from typing import Any
@@ -152,3 +155,25 @@ def chat_prompt_ids(tokenizer, messages: list[dict], add_bos, limits: Limits) ->
     if _control_ids(tokenizer, whole) == template_controls:
         return tokenizer.bos_unless_present(whole, add_bos)
     return list(tokenizer.encode_parts(parts, add_bos=add_bos))
+
+
+# Tokenizing a large text takes ~150 bytes of transient heap per input byte; glibc keeps the
+# freed pages unless asked, so a worker would hold the peak of its largest prompt for good.
+_TRIM_AFTER_CHARS = 256 * 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+        return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_heap(text_chars: int) -> None:
+    """Returns freed heap to the system after a text of `text_chars` was tokenized, if large."""
+    lib = _libc() if text_chars >= _TRIM_AFTER_CHARS else None
+    if lib is not None:
+        lib.malloc_trim(0)

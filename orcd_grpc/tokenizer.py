@@ -16,9 +16,6 @@ when asked (``encode_special``).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import json
 import mmap
 import os
@@ -33,6 +30,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import InvalidArgument
+from .prompt_guard import release_heap
 
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -244,27 +242,6 @@ def _add_special(hf: HFTokenizer, tokens: list[str], types: np.ndarray) -> None:
         hf.add_special_tokens(control)
     if user:
         hf.add_tokens(user)
-
-
-# Tokenizing a large text takes ~150 bytes of transient heap per input byte; glibc keeps the
-# freed pages unless asked, so a worker would hold the peak of its largest prompt for good.
-_TRIM_AFTER_CHARS = 256 * 1024
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    name = ctypes.util.find_library("c")
-    try:
-        lib = ctypes.CDLL(name) if name else None
-        return lib if lib is not None and hasattr(lib, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def _malloc_trim() -> None:
-    lib = _libc()
-    if lib is not None:
-        lib.malloc_trim(0)
 
 
 def _as_id(value) -> int | None:
@@ -506,8 +483,7 @@ class Tokenizer:
             # encode_batch releases the GIL (encode does not: a 1 MB text held every other
             # thread, signal handlers included, for the whole tokenization).
             ids = self._hf.encode_batch([text], add_special_tokens=False)[0].ids
-        if len(text) >= _TRIM_AFTER_CHARS:
-            _malloc_trim()
+        release_heap(len(text))
         return ids
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
