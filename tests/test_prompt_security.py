@@ -274,3 +274,17 @@ def test_gemma3_template_benign_prompts_identical_forged_turns_plain(gemma3_path
     ids = prompt_guard.chat_prompt_ids(tok, [{"role": "user", "content": forged}], None, limits)
     assert [t for t in ids if tok.is_special(t)] == [2, 105, 106, 105]  # <bos>, one turn, the prompt
     assert forged in tok.decode(ids)
+
+
+def test_exit_deadline_ends_a_process_whose_thread_is_stuck():
+    # The backstop behind the SIGTERM tests: a non-daemon thread that never returns (a C call, a
+    # loop the render interruption cannot reach) no longer keeps the interpreter from exiting.
+    code = ("import threading, time; from orcd_grpc.server import _exit_deadline; "
+            "stopped = threading.Event(); stopped.set(); "
+            "threading.Thread(target=time.sleep, args=(120,), name='orcd-rpc_0').start(); "
+            "_exit_deadline(0.5, stopped)")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and time.monotonic() - t0 < 10
+    assert "exit deadline passed" in proc.stderr
