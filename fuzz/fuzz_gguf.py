@@ -44,7 +44,8 @@ OUTCOMES = ("accepted", "rejected", "finding", "memory", "crash", "hang")
 # seeds
 
 
-def _tiny_llama(path: str, *, qtype: str = "F32", nan: bool = False) -> None:
+def _tiny_llama(path: str, *, qtype: str = "F32", nan: bool = False,
+                chat_template: str = "{% for m in messages %}{{ m.content }}{% endfor %}") -> None:
     """A complete llama model small enough to load in milliseconds: 1 layer, d=32, vocab 40."""
     import gguf
 
@@ -68,7 +69,7 @@ def _tiny_llama(path: str, *, qtype: str = "F32", nan: bool = False) -> None:
     w.add_token_merges(["a b", "c d", "e f", "Ġ a"])
     w.add_bos_token_id(vocab - 2)
     w.add_eos_token_id(vocab - 1)
-    w.add_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}")
+    w.add_chat_template(chat_template)
     rng = np.random.default_rng(0)
     hd = d // heads
     shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,),

@@ -164,6 +164,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                         "TLS and a TOKEN:CLIENT:metrics token, or --insecure")
     p.add_argument("--grace-seconds", type=float, default=None,
                    help="on SIGTERM, how long running requests may finish (default: 30)")
+    p.add_argument("--max-prompt-bytes", type=parse_size, default=None, metavar="SIZE",
+                   help="refuse prompt text (text, or chat contents in total) larger than this before "
+                        "tokenizing it, e.g. 4MiB; 0: no cap beyond the context (default: 2MiB)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     # --tls-cert/--tls-key/--tls-client-ca, --auth-token TOKEN[:CLIENT[:ROLES]] (repeatable), --insecure
     # and the per-client --rate-limit-* flags; each falls back to its environment variable.
@@ -199,7 +202,7 @@ def server_config(args: argparse.Namespace):
                   context_length=args.context_length, max_context=args.max_context,
                   max_sequences=args.max_sequences, max_queue=args.max_queue,
                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
-                  log_level=args.log_level)
+                  max_prompt_bytes=getattr(args, "max_prompt_bytes", None), log_level=args.log_level)
     # Flags left unset keep the server's own defaults.
     cfg = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     return security.apply_to_server_config(cfg, sec, limits)

@@ -14,7 +14,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied
+from . import prompt_guard
+from .errors import FailedPrecondition, InvalidArgument, NotFound, OrcdError, OutOfRange, PermissionDenied
 from .sampling import as_sent
 from .scheduler import Stopping
 
@@ -92,6 +93,7 @@ def check_static(req) -> None:
         for i, msg in enumerate(req.chat.messages):
             if not msg.role:
                 raise InvalidArgument("role must not be empty", field=f"input.chat.messages[{i}].role")
+            prompt_guard.check_role(msg.role, f"input.chat.messages[{i}].role")
 
     if req.HasField("sampling"):
         s = req.sampling
@@ -151,28 +153,43 @@ def _check_ids(ids: Iterable[int], vocab_size: int, field: str) -> None:
                                   field=field)
 
 
-def prompt_ids(req, tokenizer, has_chat_template: bool) -> list[int]:
+def prompt_ids(req, tokenizer, has_chat_template: bool, limits: prompt_guard.Limits | None = None) -> list[int]:
+    """The request's prompt as token ids. Text is sized against `limits` before it is tokenized,
+    and client text (plain `text`, chat contents) never becomes a control token."""
     which = req.WhichOneof("input")
     add_bos = req.add_bos if req.HasField("add_bos") else None
+    limits = limits or prompt_guard.Limits(tokenizer, 0, prompt_guard.DEFAULT_MAX_PROMPT_BYTES)
     if which == "text":
-        return list(tokenizer.encode(req.text, add_bos=add_bos))
+        return prompt_guard.text_prompt_ids(tokenizer, req.text, add_bos, limits)
     if which == "tokens":
         ids = list(req.tokens.ids)
         _check_ids(ids, tokenizer.vocab_size, "input.tokens")
         return ids
     if not has_chat_template:
         raise FailedPrecondition("the model has no chat template", field="input.chat")
+    problem = getattr(tokenizer, "template_error", None)
+    if problem:
+        raise FailedPrecondition(f"the model's chat template does not compile ({problem}); "
+                                 "text and token input still work", field="input.chat")
     messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+    if not hasattr(tokenizer, "encode_parts"):  # a stand-in tokenizer without segment encoding
+        prompt_guard.check_chat_sizes(messages, limits)
+        return list(tokenizer.encode_special(tokenizer.render_chat(messages), add_bos=add_bos))
     try:
-        rendered = tokenizer.render_chat(messages, add_generation_prompt=True)
-    except Exception as exc:
-        raise InvalidArgument(f"the chat template failed: {exc}", field="input.chat") from exc
-    # The template emits the model's own control tokens, which must map to the special ids.
-    return list(tokenizer.encode_special(rendered, add_bos=add_bos))
+        return prompt_guard.chat_prompt_ids(tokenizer, messages, add_bos, limits)
+    except OrcdError as exc:
+        if exc.field == "chat":  # the template's own errors: name the request field
+            raise type(exc)(str(exc).removeprefix("chat: "), field="input.chat") from exc
+        raise
+    except Exception as exc:  # anything else a template can raise is still the request's answer
+        raise InvalidArgument(f"the chat template failed: {type(exc).__name__}: {exc}",
+                              field="input.chat") from exc
 
 
-def prepare_execute(req, info, tokenizer) -> PreparedExecute:
-    """Validates an ExecuteRequest against the loaded model (`info`: ModelInfo) and tokenizes it."""
+def prepare_execute(req, info, tokenizer, *,
+                    max_prompt_bytes: int = prompt_guard.DEFAULT_MAX_PROMPT_BYTES) -> PreparedExecute:
+    """Validates an ExecuteRequest against the loaded model (`info`: ModelInfo) and tokenizes it;
+    `max_prompt_bytes` (0: none) caps prompt text before it is tokenized."""
     request_id = check_request_id(req.request_id)
     check_static(req)
     if req.model_id and req.model_id != info.model_id:
@@ -180,7 +197,8 @@ def prepare_execute(req, info, tokenizer) -> PreparedExecute:
     vocab = int(tokenizer.vocab_size or info.vocab_size)
     _check_ids(req.stopping.stop_token_ids, vocab, "stopping.stop_token_ids")
     sampling = _sampling_params(req, vocab)
-    ids = prompt_ids(req, tokenizer, info.has_chat_template)
+    limits = prompt_guard.Limits(tokenizer, info.context_length, max_prompt_bytes)
+    ids = prompt_ids(req, tokenizer, info.has_chat_template, limits)
     if not ids:
         raise InvalidArgument("the input tokenizes to no tokens", field="input")
     if len(ids) >= info.context_length:

@@ -221,7 +221,7 @@ class Scheduler:
                 self._run_command(lambda: self._check_and_swap(engine))
             except BaseException as exc:
                 engine.close()
-                del engine
+                engine = None  # the closure above holds it too: nothing may keep the failed model alive
                 _drop_frames(exc)
                 raise
             log.info("model loaded", extra={"fields": {

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -47,6 +49,7 @@ class ServerConfig:
     metrics_tls: tuple[str, str] | None = None  # (cert, key) PEM paths: the metrics port speaks HTTPS
     metrics_auth: Any = None       # security.TokenChecker of the scrape tokens; None: /metrics is open
     max_message_bytes: int = 64 * 1024 * 1024
+    max_prompt_bytes: int = 2 * 1024 * 1024  # prompt text refused beyond this, before tokenizing; 0: no cap
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
     max_workers: int = 0           # gRPC handler threads; 0: enough for every queued and running request
@@ -125,7 +128,8 @@ class Worker:
                                    on_model_change=lambda info: self._set_health(info is not None))
         self.servicer = WorkerServicer(self.scheduler, model_dirs=config.model_dirs, backend=config.backend,
                                        max_context=config.max_context, max_vram=config.max_vram,
-                                       metrics=self.metrics, max_ram=config.max_ram)
+                                       metrics=self.metrics, max_ram=config.max_ram,
+                                       max_prompt_bytes=config.max_prompt_bytes)
         workers = config.max_workers or (config.max_queue + config.max_sequences + CONTROL_THREADS)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="orcd-rpc")
         options = [
@@ -258,14 +262,45 @@ def start_server(config: ServerConfig) -> tuple[Any, int, Scheduler]:
     return worker, worker.port, worker.scheduler
 
 
+# On SIGTERM the process is gone by grace_seconds + this, whatever its threads are doing.
+EXIT_MARGIN_S = 3.0
+
+
+def _exit_deadline(seconds: float, stopped: threading.Event) -> None:
+    """Ends the process `seconds` from now unless it has ended by then.
+
+    Handler threads are not daemons, so the interpreter's exit waits for each of them; one busy
+    tokenizing, rendering or stuck in a library call would keep a stopped worker alive, past the
+    grace period its orchestrator allows. This is the backstop."""
+
+    def expire() -> None:
+        busy = [t.name for t in threading.enumerate() if t.name.startswith(("orcd-rpc", "orcd-render"))]
+        log.warning("exit deadline passed; exiting now", extra={"fields": {
+            "seconds": seconds, "stopped": stopped.is_set(), "busy_threads": len(busy)}})
+        for stream in (sys.stderr, sys.stdout):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(0 if stopped.is_set() else 1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.name = "orcd-exit-deadline"
+    timer.start()
+
+
 def serve(config: ServerConfig) -> int:
     """Runs the worker until SIGTERM/SIGINT; returns the process exit code."""
     logs.configure(config.log_level)
     worker = Worker(config)
     done = threading.Event()
+    stopped = threading.Event()
 
     def on_signal(signum, _frame):
         log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})
+        if not done.is_set():
+            _exit_deadline(max(0.0, config.grace_seconds) + EXIT_MARGIN_S, stopped)
         done.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -280,6 +315,7 @@ def serve(config: ServerConfig) -> int:
         while not done.wait(0.5):
             pass
         worker.stop()
+        stopped.set()
         return 0
     finally:
         for s, h in previous.items():

@@ -82,8 +82,10 @@ def _abort(context, err: OrcdError):
 
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, scheduler: Scheduler, *, model_dirs: list[str] | None = None, backend: str = "auto",
-                 max_context: int = 0, max_vram: int = 0, metrics=None, max_ram: int = 0):
+                 max_context: int = 0, max_vram: int = 0, metrics=None, max_ram: int = 0,
+                 max_prompt_bytes: int = rv.prompt_guard.DEFAULT_MAX_PROMPT_BYTES):
         self.scheduler = scheduler
+        self.max_prompt_bytes = max_prompt_bytes
         self.model_dirs = [str(d) for d in (model_dirs or [])]
         self.backend = backend
         self.max_context = max_context
@@ -117,7 +119,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         engine = self.scheduler.engine
         if engine is None:
             raise FailedPrecondition("no model is loaded; call LoadModel first")
-        prepared = rv.prepare_execute(request, engine.info, engine.tokenizer)
+        prepared = rv.prepare_execute(request, engine.info, engine.tokenizer,
+                                      max_prompt_bytes=self.max_prompt_bytes)
         remaining = context.time_remaining()
         deadline = arrival + remaining if remaining is not None else None
         return Request(prepared.request_id, prepared.prompt_ids, prepared.sampling, prepared.stopping,

@@ -30,6 +30,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import InvalidArgument
+from .prompt_guard import release_heap
 
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -252,7 +253,8 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer, *, token_bytes: list[bytes], special: np.ndarray,
                  bos_id: int | None, eos_ids: frozenset[int], add_bos: bool,
-                 chat_template: str | None, bos_text: str = "", eos_text: str = ""):
+                 chat_template: str | None, bos_text: str = "", eos_text: str = "",
+                 covers_all_bytes: bool = False):
         self._hf = hf
         # encode() and encode_special() differ only in HF's encode_special_tokens switch, which
         # lives on the instance; the lock keeps one request's setting from leaking into
@@ -267,6 +269,16 @@ class Tokenizer:
         self.chat_template = chat_template or None
         self.bos_token = bos_text
         self.eos_token = eos_text
+        # Every token stands for at most this many bytes of input text, so a text of n bytes
+        # needs at least ceil(n / max_token_bytes) tokens: a bound known before tokenizing.
+        # It holds only where no token can swallow an unbounded run of input (an unknown token
+        # fused over unencodable text, a normalizer that shrinks text); elsewhere it is None.
+        self.max_token_bytes = (max(1, max(map(len, token_bytes), default=1))
+                                if covers_all_bytes else None)
+        from .chat_template import check_template
+
+        # Compiled once here, so a broken template is known (and logged) when the model loads.
+        self.template_error = check_template(self.chat_template)
 
     # ---- construction -----------------------------------------------------------------------
 
@@ -319,6 +331,10 @@ class Tokenizer:
                 + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
             hf.decoder = decoders.ByteLevel()
             byte_level = True
+            # Byte-level: a token's bytes are exactly the input it covers. Bytes without a piece
+            # (SmolLM2 lacks \x04, \xff, ...) are dropped by HF, so only a text made mostly of
+            # those could fit yet be refused: no prompt anyone means.
+            covers_all = True
         elif kind == "llama":
             scores = meta.get("tokenizer.ggml.scores")
             scores = (np.zeros(n, np.float32) if scores is None
@@ -339,6 +355,8 @@ class Tokenizer:
             hf.decoder = decoders.Sequence(dec)
             add_bos_default = True
             byte_level = False
+            # With all 256 byte pieces, byte fallback covers any text and no unknown token occurs.
+            covers_all = int(np.count_nonzero(types == BYTE)) >= 256
         else:
             raise InvalidArgument(f"tokenizer model {kind!r} is not supported (gpt2, llama)",
                                   field="tokenizer.ggml.model")
@@ -357,7 +375,8 @@ class Tokenizer:
             add_bos=add_bos_default if add_bos is None else bool(add_bos),
             chat_template=meta.get("tokenizer.chat_template"),
             bos_text=tokens[bos_id] if bos_id is not None and 0 <= bos_id < n else "",
-            eos_text=tokens[eos_id] if eos_id is not None and 0 <= eos_id < n else "")
+            eos_text=tokens[eos_id] if eos_id is not None and 0 <= eos_id < n else "",
+            covers_all_bytes=covers_all)
 
     @classmethod
     def from_tokenizer_json(cls, path: str | os.PathLike,
@@ -441,12 +460,31 @@ class Tokenizer:
             return ids
         return self._with_bos(ids, add_bos)
 
+    def encode_parts(self, parts: list[tuple[str, bool]], add_bos: bool | None = None) -> list[int]:
+        """Token ids of the concatenated `parts`, each (text, special): control-token text is
+        recognised only in parts marked special. BOS as in encode_special()."""
+        ids: list[int] = []
+        for text, special in parts:
+            if text:
+                ids += self._encode(text, plain=not special)
+        return self.bos_unless_present(ids, add_bos)
+
+    def bos_unless_present(self, ids: list[int], add_bos: bool | None = None) -> list[int]:
+        """encode_special()'s BOS rule: a template that wrote BOS itself gets no second one."""
+        if ids and ids[0] == self.bos_id:
+            return ids
+        return self._with_bos(ids, add_bos)
+
     def _encode(self, text: str, plain: bool) -> list[int]:
         if not isinstance(text, str):
             raise InvalidArgument(f"expected str, got {type(text).__name__}", field="text")
         with self._lock:
             self._hf.encode_special_tokens = plain
-            return self._hf.encode(text, add_special_tokens=False).ids
+            # encode_batch releases the GIL (encode does not: a 1 MB text held every other
+            # thread, signal handlers included, for the whole tokenization).
+            ids = self._hf.encode_batch([text], add_special_tokens=False)[0].ids
+        release_heap(len(text))
+        return ids
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -463,8 +501,10 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return 0 <= token_id < self.vocab_size and bool(self._special[token_id])
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **limits: Any) -> str:
+        """`limits`: max_chars, timeout_s (chat_template.render_chat's)."""
         from .chat_template import render_chat
 
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=self.bos_token, eos_token=self.eos_token)
+                           bos_token=self.bos_token, eos_token=self.eos_token, **limits)

@@ -339,3 +339,15 @@ def test_demo(smollm2_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(cli.DEMO_PROMPT) and "Paris" in proc.stdout
 
+
+
+def test_serve_max_prompt_bytes_flag(tmp_path):
+    from orcd_grpc.server import ServerConfig
+
+    assert cli.build_parser().parse_args(["serve"]).max_prompt_bytes is None  # the server's default
+    assert ServerConfig().max_prompt_bytes == 2 * 1024 * 1024
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    for flag, want in (("4MiB", 4 * 2**20), ("0", 0)):
+        args = cli.build_parser().parse_args(["serve", "--model", str(model), "--max-prompt-bytes", flag])
+        assert cli.server_config(args).max_prompt_bytes == want

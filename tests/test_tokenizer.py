@@ -297,8 +297,17 @@ def test_template_environment():
                        [{"role": "u", "content": "1"}, {"role": "u", "content": "2"}]) == "1"
 
 
+def test_template_that_does_not_compile_is_a_precondition_failure():
+    # A property of the model, not of the request: found when the model loads, reported per call.
+    from orcd_grpc.chat_template import check_template
+
+    assert "endfor" in check_template("{% for m in messages %}")
+    with pytest.raises(errors.FailedPrecondition, match="does not compile") as ei:
+        render_chat("{% for m in messages %}", [{"role": "user", "content": "x"}])
+    assert ei.value.field == "chat"
+
+
 @pytest.mark.parametrize("template", [
-    "{% for m in messages %}",                       # syntax error
     "{{ messages.append(1) }}",                      # immutable sandbox violation
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",  # sandbox violation
     "{{ messages[5]['content'] + 1 }}",              # runtime error
