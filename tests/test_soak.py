@@ -78,13 +78,13 @@ def test_soak_cpu():
 
 def test_sigterm_under_load_exits_within_grace(tmp_path):
     model = soak.write_tiny_models(str(tmp_path))[0]
-    port, grace, n_streams = free_port(), 2.0, 150
+    port, grace, n_streams = free_port(), 2.0, 300
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCD_AUTH", "ORCD_TLS", "ORCD_RATE"))}
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "orcd_grpc", "serve", "--model", model, "--model-dir",
                                  str(tmp_path), "--backend", "cpu", "--port", str(port), "--grace-seconds", str(grace),
-                                 "--max-sequences", "8", "--max-queue", "200", "--log-level", "warning"],
+                                 "--max-sequences", "1", "--max-queue", "400", "--log-level", "warning"],
                                 cwd=REPO, stdout=err, stderr=subprocess.STDOUT, env=env)
     channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]
     try:
@@ -144,7 +144,7 @@ def test_sigterm_under_load_exits_within_grace(tmp_path):
     allowed = {"finished:FINISH_REASON_LENGTH", "finished:FINISH_REASON_CANCELLED", "status:UNAVAILABLE",
                "status:CANCELLED"}
     assert set(counts) <= allowed, counts
-    # 150 streams of 50 tokens, 8 at a time, do not all fit in the grace period: some ran to the
+    # 300 streams of 50 tokens, one at a time (15 000 steps), do not all fit in the grace period: some ran to the
     # end, the rest were cancelled when it ran out.
     assert counts.get("finished:FINISH_REASON_LENGTH", 0) > 0, counts
     assert counts.get("finished:FINISH_REASON_CANCELLED", 0) + counts.get("status:UNAVAILABLE", 0) \
