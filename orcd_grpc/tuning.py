@@ -53,6 +53,12 @@ class Tuning:
         0, "ORCD_WORKSPACE_MB", "the step workspace in MiB; 0 sizes it from the VRAM budget (1/8, 64-512 MiB)")
 
     # ---- attention
+    # attn_dec (a 4-warp CTA per key slice, sequence and kv head) against attn_dN_b + merge at B=1,
+    # H100 traces 2026-11-23: MHA phi3-mini 4,214 -> 3,322 us per step; GQA slower even with
+    # 128-key slices and the live-slice merge (qwen2.5, group 7: 19.1 against 12.5 + 3.3 us per
+    # layer; gpt-oss-20b, group 8: 22.1 against 14.7 + 3.2). At large batches it wins for GQA too:
+    # qwen2.5 B=64 (128 pairs) 8,998 against 8,029 tok/s, gpt-oss B=32 (256 pairs) 1,224 against
+    # 1,193; at 64 pairs and fewer even or slower (gpt-oss B=8: 563 against 574).
     attn_splits: int = _switch(
         32, "ORCD_ATTN_SPLITS", "most key slices per (sequence, kv head) in decode attention, 1..32 (1: no split; "
         "a cap of 4 took qwen2.5 B=1 from 1,318 to 1,659 us)")
