@@ -24,8 +24,9 @@ class DeviceLimits:
         import pycuda.driver as drv
 
         attr = drv.device_attribute
+        l2 = getattr(attr, "L2_CACHE_SIZE", None)  # informational: a PyCUDA without it must not stop the start
         return cls(sms=int(device.get_attribute(attr.MULTIPROCESSOR_COUNT)),
-                   l2_bytes=int(device.get_attribute(attr.L2_CACHE_SIZE)))
+                   l2_bytes=int(device.get_attribute(l2)) if l2 is not None else 0)
 
 
 def cuda_present() -> bool:
