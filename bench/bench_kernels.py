@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Times the quantized matrix kernels (cuda/quant_matmul.cu) at real model shapes.
 
-usage: python3 bench/bench_kernels.py [--quick] [--only SUBSTR]
+usage: [ORCD_GEMV_KSPLIT=0|1 ...] python3 bench/bench_kernels.py [--quick] [--only SUBSTR]
+
+The launch-time switches of orcd_grpc/tuning.py (ORCD_GEMV_KSPLIT, ORCD_GEMM_MIN_KSTEPS, ...) are read
+from the environment once, as the backend does, and split-K is sized for this device's SMs.
 
 For each weight shape and T in (1, 8, 64, 512): median of many CUDA-event-timed launches. MoE: both the
 per-slot GEMV and the grouped GEMM path at every T ("*" marks the one moe_matmul picks by default). Weights
@@ -43,7 +46,6 @@ SHAPES = [
 ]
 MOE = [("gpt-oss-20b", "ffn_up_exps", 32, 4, 2880, 2880, Q.MXFP4)]
 TS = (1, 8, 64, 512)
-L2_BYTES = 50 << 20
 
 
 class Graph:
@@ -106,12 +108,16 @@ def main():
     import pycuda.gpuarray as ga
 
     from orcd_grpc.backends import cuda_quant as cq
+    from orcd_grpc.tuning import Tuning
     from test_quant_kernels import random_weight
 
     stream = drv.Stream()
     rng = np.random.default_rng(0)
     dev = drv.Context.get_device()
-    print(f"device: {dev.name()}  SMs: {dev.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)}")
+    sms = dev.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
+    l2_bytes = dev.get_attribute(drv.device_attribute.L2_CACHE_SIZE)
+    tuning = Tuning.from_env()
+    print(f"device: {dev.name()}  SMs: {sms}  L2: {l2_bytes >> 20} MiB")
 
     # ceiling: device-to-device copy, bytes read + written
     nb = 1 << 30
@@ -133,14 +139,14 @@ def main():
             continue
         raw, _ = random_weight(rng, qt, n, k)
         w0 = cq.QuantWeight(raw, qt, n, k)
-        copies = [w0] + [cq.QuantWeight(raw, qt, n, k) for _ in range(min(63, (2 * L2_BYTES) // w0.nbytes))]
+        copies = [w0] + [cq.QuantWeight(raw, qt, n, k) for _ in range(min(63, (2 * l2_bytes) // w0.nbytes))]
         for T in TS:
             x = ga.to_gpu(rng.standard_normal((T, k), dtype=np.float32))
             y = ga.empty((T, n), np.float32)
 
             def run():
                 for w in copies:
-                    cq.matmul(x.gpudata, w, y.gpudata, T, stream)
+                    cq.matmul(x.gpudata, w, y.gpudata, T, stream, tuning=tuning, sms=sms)
                 return len(copies)
             run(); stream.synchronize()
             ms = median_ms(run, reps, drv, stream)
@@ -170,7 +176,7 @@ def main():
 
                 def run():
                     cq.moe_matmul(x.gpudata, w, ids.gpudata, y.gpudata, T, top_k, stream,
-                                  workspace_ptr=ws.gpudata, grouped=path == "grouped")
+                                  workspace_ptr=ws.gpudata, grouped=path == "grouped", tuning=tuning, sms=sms)
                     return 1
                 run(); stream.synchronize()
                 ms = median_ms(run, reps, drv, stream)

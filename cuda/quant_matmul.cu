@@ -58,55 +58,19 @@ __device__ __forceinline__ int stage_chunk(uint8_t* dst, const uint8_t* src, int
 // and take every KS-th k-chunk each, summed through shared memory at the end. A matrix with few
 // rows (qwen2.5's 896) leaves most SMs idle at KS = 1, and each warp's chunks are a chain of
 // dependent global loads; splitting k puts 4x the loads in flight per row.
-// Activation x as the GEMV reads it: ACT = 0 the row itself; 1 / 2: the row is a fused gate/up
-// projection [gate (k) | up (k)] and x = silu / gelu_tanh(gate) * up is formed on load, so the
-// FFN's down projection needs no separate GLU kernel in decode steps.
-template <int ACT>
-__device__ __forceinline__ float4 load_x4(const float* p, int k) {
-    const float4 g = __ldg(reinterpret_cast<const float4*>(p));
-    if constexpr (ACT == 0) {
-        return g;
-    } else {
-        const float4 u = __ldg(reinterpret_cast<const float4*>(p + k));
-        auto a = [](float v) { return ACT == 1 ? silu(v) : gelu_tanh(v); };
-        return make_float4(a(g.x) * u.x, a(g.y) * u.y, a(g.z) * u.z, a(g.w) * u.w);
-    }
-}
-
-// ACT = 3 (NORM): x is a layer output and the input is rms_norm(x + res) * gamma, formed on load
-// as (x + res) * gamma * inv_rms; see gemv_impl's prologue.
-constexpr int ACT_NORM = 3;
-
-__device__ __forceinline__ float4 load_norm_x4(const float* x, const float* res, const float* gamma, float inv) {
-    float4 v = __ldg(reinterpret_cast<const float4*>(x));
-    if (res) {
-        const float4 r = __ldg(reinterpret_cast<const float4*>(res));
-        v.x += r.x; v.y += r.y; v.z += r.z; v.w += r.w;
-    }
-    const float4 g = __ldg(reinterpret_cast<const float4*>(gamma));
-    return make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w);
-}
-
-// ACT = 4 (I8): the input was quantized by quantize_x8 to signed bytes xq (passed as x) with one
-// scale per 32 elements (xd): products are dp4a on the weights' own integers, 4 per instruction,
-// instead of a float conversion and an FMA per weight, which kept the K-quant GEMVs at a third of
+// The input as the GEMV reads it: ACT = 0 float rows; ACT = 4 (I8): the input was quantized by
+// quantize_x8 to signed bytes xq (passed as x) with one scale per 32 elements (xd): products are
+// dp4a on the weights' own integers, 4 per instruction, instead of a float conversion and an FMA per weight, which kept the K-quant GEMVs at a third of
 // the H100's bandwidth (phi3-mini Q4_K 3072x9216: 17.3 us, ~950 GB/s, CUPTI trace).
 constexpr int ACT_I8 = 4;
 
-// GRP (opt-in, ORCD_MOE_GEMV=1): the grouped MoE GEMV. expert_ids carries moe_group's workspace
-// (off[E+1] | perm[S] | te[Y] | tr[Y], T = S); block (x, y, z) takes tile y's expert and its slots
-// z*NT .. z*NT+NT-1 of the tile, so each expert's rows are read once per NT of its tokens, with the
-// GEMV's f32 math, instead of once per slot (per-slot GEMV) or through f16 tensor-core tiles.
-template <class F, int NT, int KS, int ACT = 0, bool GRP = false>
+template <class F, int NT, int KS, int ACT = 0>
 __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
                                           const int* __restrict__ expert_ids, int T, int n, int k,
                                           long long expert_stride, int top_k, int x_per_slot, int accumulate,
-                                          const float* __restrict__ res = nullptr,
-                                          const float* __restrict__ gamma = nullptr, float eps = 0.f,
-                                          float* __restrict__ s_out = nullptr, const float* __restrict__ xd = nullptr,
-                                          int moe_E = 0, int moe_Y = 0) {
-    static_assert((ACT != ACT_NORM && ACT != ACT_I8) || NT == 1, "folded norm and int8 input: single-token steps");
+                                          const float* __restrict__ xd = nullptr) {
+    static_assert(ACT == 0 || (ACT == ACT_I8 && NT == 1), "int8 input: single-token steps");
     constexpr int R = GEMV_R, SROW = GemvSmem<F>::ROW;
     // Parts per lane. K-quants: 4 (32 weights under one scale pair) because unpacking their 6-bit
     // scales costs as much as the weights. Others: 1, so a warp's x loads stay contiguous (4 parts per
@@ -120,28 +84,9 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
     // whole warp (KS = 1) or whole block (KS > 1) leaves together: the only block barrier is below
     if (row0 >= n) return;
 
-    int xo[NT], yo[NT];  // GRP: each token's x row and y row
-    if constexpr (GRP) {
-        static_assert(KS == 1 && ACT == 0, "the grouped MoE GEMV is the plain layout");
-        const int *off = expert_ids, *perm = off + moe_E + 1, *te = perm + T, *tr = te + moe_Y;
-        const int e = te[blockIdx.y];
-        if (e < 0) return;
-        const int p0 = off[e] + tr[blockIdx.y] + blockIdx.z * NT, cnt = min(NT, off[e + 1] - p0);
-        if (cnt <= 0) return;
-        W += e * expert_stride;
-        if (bias) bias += (long long)e * n;
-#pragma unroll
-        for (int t = 0; t < NT; t++) {
-            const int sl = perm[p0 + min(t, cnt - 1)];
-            xo[t] = x_per_slot ? sl : sl / top_k;
-            yo[t] = sl;
-        }
-        T = cnt;
-    }
-
     // MoE slot: blockIdx.y = t*top_k + j picks expert ids[slot]; plain matmul has one slot.
     const int slot = blockIdx.y;
-    if (!GRP && expert_ids) {
+    if (expert_ids) {
         const int e = expert_ids[slot];
         W += e * expert_stride;
         if (bias) bias += (long long)e * n;
@@ -151,28 +96,9 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
             x = reinterpret_cast<const float*>(reinterpret_cast<const int8_t*>(x) + row * k);
             xd += row * (k / 32);
         } else {
-            x += row * k * ((ACT == 1 || ACT == 2) ? 2 : 1);  // a GLU input row is [gate | up]
+            x += row * k;
         }
         y += (long long)slot * n;
-    }
-    // NORM: every warp finds inv_rms of s = x + res itself (a row of k floats, L2-resident, costs
-    // less than a kernel launch); the first warp of block 0 also writes s, the new residual stream.
-    float inv = 1.f;
-    if constexpr (ACT == ACT_NORM) {
-        const bool writer = s_out && blockIdx.x == 0 && warp == 0;  // s_out null: s is x itself
-        float ss = 0.f;
-        for (int c = 4 * lane; c < k; c += 128) {
-            float4 v = __ldg(reinterpret_cast<const float4*>(x + c));
-            if (res) {
-                const float4 r = __ldg(reinterpret_cast<const float4*>(res + c));
-                v.x += r.x; v.y += r.y; v.z += r.z; v.w += r.w;
-            }
-            ss += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
-            if (writer) *reinterpret_cast<float4*>(s_out + c) = v;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        inv = rsqrtf(ss / (float)k + eps);
     }
     const int nblk = k / F::QK;
     const long long RB = (long long)nblk * F::TS;
@@ -255,15 +181,9 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
 #pragma unroll
                 for (int t = 0; t < NT; t++) {
                     // tokens >= T: harmless duplicate loads
-                    if constexpr (ACT == ACT_NORM) {
-                        xa[t] = load_norm_x4(x + e0 + o0, res ? res + e0 + o0 : nullptr, gamma + e0 + o0, inv);
-                        xb[t] = load_norm_x4(x + e0 + o1, res ? res + e0 + o1 : nullptr, gamma + e0 + o1, inv);
-                    } else {
-                        const float* xt = GRP ? x + (long long)xo[t] * k + e0
-                                              : x + (long long)min(t, T - 1) * k * (ACT ? 2 : 1) + e0;
-                        xa[t] = load_x4<ACT>(xt + o0, k);
-                        xb[t] = load_x4<ACT>(xt + o1, k);
-                    }
+                    const float* xt = x + (long long)min(t, T - 1) * k + e0;
+                    xa[t] = __ldg(reinterpret_cast<const float4*>(xt + o0));
+                    xb[t] = __ldg(reinterpret_cast<const float4*>(xt + o1));
                     if constexpr (F::MIN) {  // sum of x under each run, shared by all rows
                         x0[t] += (xa[t].x + xa[t].y) + (xa[t].z + xa[t].w);
                         x1[t] += (xb[t].x + xb[t].y) + (xb[t].z + xb[t].w);
@@ -336,7 +256,7 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
 #pragma unroll
             for (int t = 0; t < NT; t++) {
                 if (t >= T) continue;
-                float* yp = y + (long long)(GRP ? yo[t] : t) * n + row;
+                float* yp = y + (long long)t * n + row;
                 *yp = acc[r][t] + b + (accumulate ? *yp : 0.f);
             }
         }
@@ -348,9 +268,9 @@ constexpr int GBN = 128, GBK = 64, GLD = GBK + 8;  // +8 halves per row: rows la
 constexpr int GEMM_THREADS = 256;
 // GEMM tiles with BM <= ORCD_GEMM_PIPE use the unrolled, all-loads-first k-step (more registers: 48-64 at
 // BM 16/32, ~128 at BM 64, ~170 at BM 128, i.e. 1 block/SM, hence not the default there); larger BM the
-// rolled loops. 0 = rolled everywhere (cuda_quant passes ORCD_GEMM_PIPE from the environment).
+// rolled loops. 0 = rolled everywhere (cuda_runtime.module_options passes Tuning.gemm_pipe).
 // 64 measured faster on the H100 (2026-11-23): qwen2.5-0.5b's B=64 step 6.87 -> 5.95 ms, gpt-oss-20b's
-// 33.5 -> 31.7 ms, and with BM 64 prefill tiles (cuda_quant._GEMM_MAX_BM) pp512 +17-28 %.
+// 33.5 -> 31.7 ms, and with BM 64 prefill tiles (cuda_quant.GEMM_MAX_BM) pp512 +17-28 %.
 #ifndef ORCD_GEMM_PIPE
 #define ORCD_GEMM_PIPE 64
 #endif
@@ -693,7 +613,7 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM(GEMM_MOE_ARGS) {              \
         gemm_impl<F, BM>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});       \
     }
-// MXFP4 with whole-block weight decoding (BLK; ORCD_MXFP4_BLOCK=0 takes the per-part kernels)
+// MXFP4 tiles of BM <= 64 decode whole blocks (BLK); its per-part tiles of those sizes measured slower
 #define GEMM_MOE_BLK(name, F, BM)                                                                                   \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM##_blk(GEMM_MOE_ARGS) {        \
         gemm_impl<F, BM, true>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});  \
@@ -704,55 +624,34 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4(GEMV_ARGS) {            \
         gemv_impl<F, NT, GEMV_WARPS>(GEMV_PASS);                                                                 \
     }
-// single-token GEMVs whose input is a fused gate/up row (see load_x4)
-#define GEMV_GLU(name, F, ACT, act)                                                                              \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_##act(GEMV_ARGS) {             \
-        gemv_impl<F, 1, 1, ACT>(GEMV_PASS);                                                                      \
-    }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_##act(GEMV_ARGS) {          \
-        gemv_impl<F, 1, GEMV_WARPS, ACT>(GEMV_PASS);                                                             \
-    }
-// single-token GEMVs whose input is rms_norm(x + res) * gamma (see load_norm_x4); block 0 writes s = x + res
-#define GEMV_NORM_ARGS GEMV_ARGS, const float* res, const float* gamma, float eps, float* s_out
-#define GEMV_NORM(name, F)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_norm(GEMV_NORM_ARGS) {         \
-        gemv_impl<F, 1, 1, ACT_NORM>(GEMV_PASS, res, gamma, eps, s_out);                                         \
-    }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_norm(GEMV_NORM_ARGS) {      \
-        gemv_impl<F, 1, GEMV_WARPS, ACT_NORM>(GEMV_PASS, res, gamma, eps, s_out);                                \
-    }
 // single-token GEMVs on an int8-quantized input (quantize_x8): xd holds the input's block scales
 #define GEMV_I8(name, F)                                                                                         \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_i8(GEMV_ARGS, const float* xd) { \
-        gemv_impl<F, 1, 1, ACT_I8>(GEMV_PASS, nullptr, nullptr, 0.f, nullptr, xd);                               \
+        gemv_impl<F, 1, 1, ACT_I8>(GEMV_PASS, xd);                                                               \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_i8(GEMV_ARGS, const float* xd) { \
-        gemv_impl<F, 1, GEMV_WARPS, ACT_I8>(GEMV_PASS, nullptr, nullptr, 0.f, nullptr, xd);                      \
+        gemv_impl<F, 1, GEMV_WARPS, ACT_I8>(GEMV_PASS, xd);                                                      \
     }
-// the grouped MoE GEMV (see GRP): grid (row blocks, tiles Y, BM / NT)
-#define GEMV_MOE(name, F)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_moe_##name##_8(GEMV_ARGS, int E, int Y) { \
-        gemv_impl<F, 8, 1, 0, true>(GEMV_PASS, nullptr, nullptr, 0.f, nullptr, nullptr, E, Y);                   \
-    }
+// Dense GEMM tiles stop at BM 64 (cuda_quant.GEMM_MAX_BM); the grouped MoE GEMM also has BM 128. The BM
+// 16..64 MoE tiles are per format (MOE_TILES) because MXFP4 takes the BLK ones at those sizes.
+#define MOE_TILES(name, F) GEMM_MOE(name, F, 16) GEMM_MOE(name, F, 32) GEMM_MOE(name, F, 64)
 #define DEFINE_FORMAT(name, F)                                                                                   \
     GEMV(name, F, 1) GEMV(name, F, 2) GEMV(name, F, 4) GEMV(name, F, 8)                                          \
-    GEMV_GLU(name, F, 1, silu) GEMV_GLU(name, F, 2, gelu) GEMV_NORM(name, F)                                     \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_16(GEMM_ARGS) { gemm_impl<F, 16>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_32(GEMM_ARGS) { gemm_impl<F, 32>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_128(GEMM_ARGS) { gemm_impl<F, 128>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
     extern "C" __global__ void embed_##name(const int* ids, const uint8_t* W, float* y, int k) { embed_impl<F>(ids, W, y, k); } \
-    GEMM_MOE(name, F, 16) GEMM_MOE(name, F, 32) GEMM_MOE(name, F, 64) GEMM_MOE(name, F, 128) GEMV_MOE(name, F)
+    GEMM_MOE(name, F, 128)
 
-DEFINE_FORMAT(q4_0, FQ4_0)
-DEFINE_FORMAT(q4_1, FQ4_1)
-DEFINE_FORMAT(q5_0, FQ5_0)
-DEFINE_FORMAT(q5_1, FQ5_1)
-DEFINE_FORMAT(q8_0, FQ8_0)
+DEFINE_FORMAT(q4_0, FQ4_0) MOE_TILES(q4_0, FQ4_0)
+DEFINE_FORMAT(q4_1, FQ4_1) MOE_TILES(q4_1, FQ4_1)
+DEFINE_FORMAT(q5_0, FQ5_0) MOE_TILES(q5_0, FQ5_0)
+DEFINE_FORMAT(q5_1, FQ5_1) MOE_TILES(q5_1, FQ5_1)
+DEFINE_FORMAT(q8_0, FQ8_0) MOE_TILES(q8_0, FQ8_0)
 DEFINE_FORMAT(mxfp4, FMXFP4)
-DEFINE_FORMAT(q4_k, FQ4_K)
-DEFINE_FORMAT(q5_k, FQ5_K)
-DEFINE_FORMAT(q6_k, FQ6_K)
+DEFINE_FORMAT(q4_k, FQ4_K) MOE_TILES(q4_k, FQ4_K)
+DEFINE_FORMAT(q5_k, FQ5_K) MOE_TILES(q5_k, FQ5_K)
+DEFINE_FORMAT(q6_k, FQ6_K) MOE_TILES(q6_k, FQ6_K)
 GEMV_I8(q4_0, FQ4_0)
 GEMV_I8(q4_1, FQ4_1)
 GEMV_I8(q5_0, FQ5_0)
@@ -763,6 +662,6 @@ GEMM_MOE_BLK(mxfp4, FMXFP4, 16) GEMM_MOE_BLK(mxfp4, FMXFP4, 32) GEMM_MOE_BLK(mxf
 GEMV_I8(q4_k, FQ4_K)
 GEMV_I8(q5_k, FQ5_K)
 GEMV_I8(q6_k, FQ6_K)
-DEFINE_FORMAT(f32, FF32)
-DEFINE_FORMAT(f16, FF16)
-DEFINE_FORMAT(bf16, FBF16)
+DEFINE_FORMAT(f32, FF32) MOE_TILES(f32, FF32)
+DEFINE_FORMAT(f16, FF16) MOE_TILES(f16, FF16)
+DEFINE_FORMAT(bf16, FBF16) MOE_TILES(bf16, FBF16)

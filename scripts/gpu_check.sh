@@ -63,7 +63,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
 fi
 if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
   wait  # the synthetic files started above
-  # AB="ORCD_FUSE_GLU=1 ORCD_GEMM_PIPE=64": each measurement again under each switch (graph_replay_gpu
+  # AB="ORCD_FUSE_Q8=0 ORCD_GEMM_PIPE=0": each measurement again under each switch (graph_replay_gpu
   # is the GPU time per decode step to compare; prefill tok/s from a short bench_engine run)
   for ab in default ${AB:-}; do
     envs=$([ "$ab" = default ] || echo "${ab//,/ }")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import dataclasses
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
 from orcd_grpc.backends import cuda_quant
+from orcd_grpc.tuning import DEFAULT, Tuning
 
 
 class _Recorder:
@@ -28,7 +31,7 @@ class _Recorder:
 @pytest.fixture
 def rec(monkeypatch):
     r = _Recorder()
-    monkeypatch.setattr(cuda_quant, "_kernels", lambda: r)
+    monkeypatch.setattr(cuda_quant, "_kernels", lambda tuning=DEFAULT: r)
     return r
 
 
@@ -65,15 +68,48 @@ def test_moe_per_slot_without_int8_reads_x(rec):
     assert name.startswith("gemv_q8_0_1") and not name.endswith("_i8") and args[0] == 0xC000
 
 
-def test_moe_int8_is_per_slot_only_and_switchable(monkeypatch):
+def test_moe_int8_is_per_slot_only_and_switchable():
     w = _experts()
-    monkeypatch.setattr(cuda_quant, "_MOE_I8", False)  # ORCD_MOE_INT8=0
-    assert not cuda_quant.moe_i8_eligible(w, grouped=False)
-    monkeypatch.setattr(cuda_quant, "_MOE_I8", True)
+    assert not cuda_quant.moe_i8_eligible(w, grouped=False, tuning=Tuning(moe_int8=False))
     assert cuda_quant.moe_i8_eligible(w, grouped=False)
     assert not cuda_quant.moe_i8_eligible(w, grouped=True)
     assert not cuda_quant.moe_i8_eligible(_experts(Q.F16), grouped=False)
-    assert not cuda_quant.moe_i8_eligible(_experts(n=64, k=64), grouped=False)  # under ORCD_GEMV_INT8_MIN
+    assert not cuda_quant.moe_i8_eligible(_experts(n=64, k=64), grouped=False)  # under gemv_int8_min
+    assert cuda_quant.moe_i8_eligible(_experts(n=64, k=64), grouped=False, tuning=Tuning(gemv_int8_min=0))
+
+
+def test_int8_gemv_eligibility_follows_the_tuning():
+    w = SimpleNamespace(qtype=Q.Q4_K, n=9216, k=3072, n_experts=None)
+    assert cuda_quant.i8_eligible(w, 1) and not cuda_quant.i8_eligible(w, 2)
+    assert not cuda_quant.i8_eligible(w, 1, Tuning(gemv_int8=False))
+    small = SimpleNamespace(qtype=Q.Q4_K, n=256, k=256, n_experts=None)
+    assert not cuda_quant.i8_eligible(small, 1) and cuda_quant.i8_eligible(small, 1, Tuning(gemv_int8_min=0))
+
+
+@pytest.mark.parametrize("ksplit,sms,want", [("auto", 132, "_k4"), ("auto", 8, ""), ("0", 132, ""), ("1", 8, "_k4")])
+def test_gemv_layout_follows_the_tuning_and_the_device(rec, ksplit, sms, want):
+    """896 rows are 112 plain row blocks: k-split below 2 blocks per SM of the device (auto)."""
+    w = SimpleNamespace(qtype=Q.Q5_0, n=896, k=896, n_experts=None, ptr=0x10000, expert_bytes=0)
+    cuda_quant.matmul(0xC000, w, 0xD000, 1, None, tuning=Tuning(gemv_ksplit=ksplit), sms=sms)
+    ((name, grid, _),) = rec.calls
+    assert name == f"gemv_q5_0_1{want}" and grid[0] == (448 if want else 112)
+
+
+@pytest.mark.parametrize("T,want", [(9, "gemm_q8_0_16"), (32, "gemm_q8_0_32"), (33, "gemm_q8_0_64"),
+                                    (512, "gemm_q8_0_64")])
+def test_gemm_tiles_stop_at_bm_64(rec, T, want):
+    """Dense GEMMs have no BM 128 tiles (BM 64 measured faster at prefill); split-K fills 2 blocks
+    per SM of the device, at least gemm_min_ksteps k-steps a split."""
+    w = SimpleNamespace(qtype=Q.Q8_0, n=896, k=4096, n_experts=None, ptr=0x10000, expert_bytes=0)
+    cuda_quant.matmul(0xC000, w, 0xD000, T, None, sms=132)
+    names = [c[0] for c in rec.calls]
+    assert names[-1] == want
+    grid = rec.calls[-1][1]
+    tiles = 7 * -(-T // int(want.rsplit("_", 1)[1]))
+    assert grid[2] == min(-(-264 // tiles), 64 // 4) and (names[0] == "gemm_init") == (grid[2] > 1)
+    rec.calls.clear()
+    cuda_quant.matmul(0xC000, w, 0xD000, T, None, sms=132, tuning=dataclasses.replace(DEFAULT, gemm_min_ksteps=32))
+    assert rec.calls[-1][1][2] == min(-(-264 // tiles), 2)
 
 
 def test_int8_matmul_takes_a_ready_rounding_without_quantizing(rec):
@@ -88,14 +124,12 @@ def test_int8_matmul_takes_a_ready_rounding_without_quantizing(rec):
     assert [c[0] for c in rec.calls] == ["quantize_x8", name] and rec.calls[0][2] == [0xC000, 0xA000, 0xB000, 3072]
 
 
-@pytest.mark.parametrize("qtype,block,T,want", [
-    (Q.MXFP4, True, 64, "gemm_moe_mxfp4_16_blk"), (Q.MXFP4, False, 64, "gemm_moe_mxfp4_16"),
-    (Q.MXFP4, True, 300, "gemm_moe_mxfp4_64_blk"), (Q.MXFP4, True, 2000, "gemm_moe_mxfp4_128"),
-    (Q.Q8_0, True, 64, "gemm_moe_q8_0_16")])
-def test_grouped_moe_kernel_choice(rec, monkeypatch, qtype, block, T, want):
-    """MXFP4 tiles of BM <= 64 take the whole-block decoder unless ORCD_MXFP4_BLOCK=0; other formats
-    and BM 128 (no such variant) the per-part kernels; moe_group runs first."""
-    monkeypatch.setattr(cuda_quant, "_MXFP4_BLOCK", block)
+@pytest.mark.parametrize("qtype,T,want", [
+    (Q.MXFP4, 64, "gemm_moe_mxfp4_16_blk"), (Q.MXFP4, 300, "gemm_moe_mxfp4_64_blk"),
+    (Q.MXFP4, 2000, "gemm_moe_mxfp4_128"), (Q.Q8_0, 64, "gemm_moe_q8_0_16"), (Q.Q8_0, 2000, "gemm_moe_q8_0_128")])
+def test_grouped_moe_kernel_choice(rec, qtype, T, want):
+    """MXFP4 tiles of BM <= 64 take the whole-block decoder; other formats and BM 128 (no such
+    variant) the per-part kernels; moe_group runs first."""
     w = _experts(qtype)
     w.expert_bytes = cuda_quant.GGML_QUANT_SIZES[qtype][1] * w.n * w.k // 32
     cuda_quant.moe_matmul(0xC000, w, 0xE000, 0xD000, T, 4, None, workspace_ptr=0xF000, grouped=True)

@@ -40,26 +40,6 @@ class Stage:
         return self.hidden_in or self.hidden_out
 
 
-class PreNorm:
-    """rms_norm(x + res) * w, not computed yet. A layer's first matmul takes it in through
-    Adapter.linear_in (a GPU backend folds the norm into that matmul); any other use computes it
-    with Adapter.normed. Either records the new residual stream x + res in .s."""
-
-    __slots__ = ("x", "res", "w", "eps", "s")
-
-    def __init__(self, x, res, w, eps: float):
-        self.x, self.res, self.w, self.eps, self.s = x, res, w, eps, None
-
-    @property
-    def shape(self):
-        return self.x.shape
-
-    def residual(self):
-        if self.s is None:
-            raise RuntimeError("the layer never computed its input norm")
-        return self.s
-
-
 @dataclass
 class HParams:
     n_layers: int
@@ -168,17 +148,3 @@ class Adapter:
     def forward(self, ctx, kv):
         """Logits [len(ctx.logits_rows), vocab] for one step."""
         raise NotImplementedError
-
-    def normed(self, h):
-        """h itself, or a PreNorm computed."""
-        if isinstance(h, PreNorm):
-            out, h.s = self.be.rms_norm(h.x, h.w, h.eps, h.res)
-            return out
-        return h
-
-    def linear_in(self, h, w, bias=None):
-        """linear(normed(h), w, bias), folding a PreNorm into the matmul where the backend can."""
-        if isinstance(h, PreNorm):
-            y, h.s = self.be.rms_norm_linear(h.x, h.w, h.eps, h.res, w, bias)
-            return y
-        return self.be.linear(h, w, bias)

@@ -73,7 +73,6 @@ class GptOssAdapter(LlamaAdapter):
 
     def ffn(self, i, h):
         b, W, be = f"blk.{i}.", self.w, self.be
-        h = self.normed(h)  # the router and the experts both read it
         logits = be.linear(h, W[b + "ffn_gate_inp.weight"], W[b + "ffn_gate_inp.bias"])
         return be.moe(h, logits, self.n_used, W[b + "ffn_gate_exps.weight"], W[b + "ffn_up_exps.weight"],
                       W[b + "ffn_down_exps.weight"], W[b + "ffn_gate_exps.bias"], W[b + "ffn_up_exps.bias"],

@@ -10,7 +10,7 @@ import math
 from .. import quants
 from ..backends.base import RopeSpec
 from ..gguf_model import GGUFModel
-from .base import Adapter, PreNorm
+from .base import Adapter
 
 
 class LlamaAdapter(Adapter):
@@ -101,10 +101,10 @@ class LlamaAdapter(Adapter):
 
     def qkv_fused(self, i: int, h):
         """The Q/K/V projection as one [T, q + k + v] tensor when the layer has one matrix for it
-        (loaded fused, or phi3's own), else None (h untouched)."""
+        (loaded fused, or phi3's own), else None."""
         b, W = f"blk.{i}.", self.w
         fused = W.get(b + "attn_qkv_fused.weight")
-        return None if fused is None else self.linear_in(h, fused, W.get(b + "attn_qkv_fused.bias"))
+        return None if fused is None else self.be.linear(h, fused, W.get(b + "attn_qkv_fused.bias"))
 
     def qkv(self, i: int, h, fused):
         """q, k, v: split from `fused` (qkv_fused's result), or three projections of h."""
@@ -112,7 +112,6 @@ class LlamaAdapter(Adapter):
         if fused is not None:
             return be.split(fused, [hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim,
                                     hp.n_kv_heads * hp.head_dim_v])
-        h = self.normed(h)
         qk = W.get(b + "attn_qk_fused.weight")
         if qk is not None:
             q, k = be.split(be.linear(h, qk, W.get(b + "attn_qk_fused.bias")),
@@ -155,8 +154,7 @@ class LlamaAdapter(Adapter):
         b, W, be = f"blk.{i}.", self.w, self.be
         fused = W.get(b + "ffn_gate_up_fused.weight")
         if fused is not None:
-            return be.linear_glu(self.linear_in(h, fused), W[b + "ffn_down.weight"], self.ffn_act)
-        h = self.normed(h)
+            return be.linear_glu(be.linear(h, fused), W[b + "ffn_down.weight"], self.ffn_act)
         g = be.linear(h, W[b + "ffn_gate.weight"])
         u = be.linear(h, W[b + "ffn_up.weight"])
         mul = be.silu_mul if self.ffn_act == "silu" else be.gelu_mul
@@ -178,12 +176,10 @@ class LlamaAdapter(Adapter):
         res = None
         for i in self.layers():
             b = f"blk.{i}."
-            # each block's input norm is handed over uncomputed: its first matmul may take it in
-            h = PreNorm(x, res, W[b + "attn_norm.weight"], eps)
+            h, res = be.rms_norm(x, W[b + "attn_norm.weight"], eps, res)
             a = self.post_attn(i, self.attention(i, h, ctx, kv))
-            h = PreNorm(a, h.residual(), W[b + self.ffn_norm], eps)
+            h, res = be.rms_norm(a, W[b + self.ffn_norm], eps, res)
             x = self.post_ffn(i, self.ffn(i, h))
-            res = h.residual()
         # Only the rows that are sampled need the final norm and the (large) output projection.
         last = be.gather_rows(x if res is None else be.add(x, res), ctx)
         if self.stage.hidden_out:

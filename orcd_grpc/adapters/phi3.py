@@ -74,8 +74,8 @@ class Phi3Adapter(LlamaAdapter):
         return self.window
 
     def qkv_fused(self, i, h):
-        return self.linear_in(h, self.w[f"blk.{i}.attn_qkv.weight"], self.bias(f"blk.{i}.attn_qkv.bias"))
+        return self.be.linear(h, self.w[f"blk.{i}.attn_qkv.weight"], self.bias(f"blk.{i}.attn_qkv.bias"))
 
     def ffn(self, i, h):
         be, W = self.be, self.w
-        return be.linear_glu(self.linear_in(h, W[f"blk.{i}.ffn_up.weight"]), W[f"blk.{i}.ffn_down.weight"])
+        return be.linear_glu(be.linear(h, W[f"blk.{i}.ffn_up.weight"]), W[f"blk.{i}.ffn_down.weight"])

@@ -10,6 +10,13 @@ list when its last view is dropped (CPython frees deterministically). Layers rep
 sizes, so after the first layer every op reuses blocks: a step does no cudaMalloc, and the same
 step shape yields the same addresses, which is what CUDA-graph capture of a decode step needs.
 `reset()` at the start of each step forgets everything handed out in the previous one.
+
+Ownership is implicit: a block is handed out again as soon as its last Python reference goes
+(Block.__del__), which is what keeps a step's footprint to its live tensors and its addresses
+reproducible for graph capture. The device side is safe by stream order (a later writer of a
+reused block is queued after its readers); the host side is the caller's: scratch that a launch
+reads must stay referenced until that launch is queued (cuda_ops holds it in locals). This relies
+on CPython's reference counting; a reference cycle through a tensor would only delay reuse.
 """
 from __future__ import annotations
 

@@ -19,10 +19,10 @@ matrix read once per 128 output rows instead of once per slot. The grid depends 
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..tuning import DEFAULT, Tuning
 
 Q = GGMLQuantizationType
 
@@ -89,10 +89,10 @@ class QuantWeight:
 class _Kernels:
     """Prepared functions of the quant_matmul module, looked up once per name."""
 
-    def __init__(self):
-        from .cuda_runtime import load_module
+    def __init__(self, tuning: Tuning):
+        from .cuda_runtime import load_module, module_options
 
-        self.mod = load_module("quant_matmul")  # with ORCD_GEMM_PIPE's option (cuda_runtime.module_options)
+        self.mod = load_module("quant_matmul", module_options("quant_matmul", tuning))
         self.fns: dict[str, object] = {}
 
     def get(self, name: str, sig: str):
@@ -104,35 +104,32 @@ class _Kernels:
         return f
 
 
-_K: _Kernels | None = None
+_K: dict[int, _Kernels] = {}  # by gemm_pipe, the module's one compile-time switch
 _GEMV_SIG = "PPPPPiiiqiii"
 _GEMM_SIG = "PPPPiiiii"
-_SMS = 132              # H100 multiprocessors; only used to size split-K (a wrong guess costs speed, not correctness)
+#: multiprocessors assumed where a caller names none (an H100's); they only size split-K and the GEMV
+#: layout, so a wrong count costs speed, not correctness. The backend passes its device's own.
+DEFAULT_SMS = 132
 
 
-def _kernels() -> _Kernels:
-    global _K
-    if _K is None:
-        _K = _Kernels()
-    return _K
+def _kernels(tuning: Tuning = DEFAULT) -> _Kernels:
+    k = _K.get(tuning.gemm_pipe)
+    if k is None:
+        k = _K[tuning.gemm_pipe] = _Kernels(tuning)
+    return k
 
 
-# GEMV k-split (gemv_*_k4: a block's 4 warps share 2 rows): "auto" uses it when the row blocks alone
-# would give the GPU fewer than _KSPLIT_BELOW blocks; "0" never, "1" always (A/B in bench_kernels).
+# GEMV k-split (gemv_*_k4: a block's 4 warps share 2 rows): tuning.gemv_ksplit "auto" uses it when the
+# row blocks alone would give the GPU fewer than 2 blocks per SM; "0" never, "1" always.
 # H100 A/B at T=1 (BENCHMARKS.md): k-split won at 112 blocks (qwen2.5's 896 rows: ffn_down 9.5 -> 5.5
 # us) and lost at 384 (phi3's 3072 rows: 8.0 -> 9.5 us) and above; 2 blocks per SM lies between.
-_KSPLIT = os.environ.get("ORCD_GEMV_KSPLIT", "auto")
-# GEMM split-K: fewest 64-wide k-steps per split. The H100 trace of qwen2.5 at B=64 (2026-11-23) has
-# its T=64 GEMMs at 35-43 us on average for 0.1-9 MB of weights (launches of 3 to 228 blocks): a
-# block's chain of k-steps seems to set the time, so fewer k-steps per block may win (A/B: 1, 2, 4).
-_GEMM_MIN_KSTEPS = max(1, int(os.environ.get("ORCD_GEMM_MIN_KSTEPS", "4")))
-# Largest GEMM token tile: 64, so prefill takes the unrolled k-step (ORCD_GEMM_PIPE, which at BM 128
-# would need ~170 registers). BM 64 reads each weight twice as often as BM 128 and still wins: pp512
-# phi3-mini 6,339 -> 7,394 tok/s, qwen2.5-0.5b 25,909 -> 33,241 (H100, 2026-11-23, bench_engine).
-_GEMM_MAX_BM = int(os.environ.get("ORCD_GEMM_MAX_BM", "64"))
-if _GEMM_MAX_BM not in (16, 32, 64, 128):
-    raise ValueError(f"ORCD_GEMM_MAX_BM must be 16, 32, 64 or 128, not {_GEMM_MAX_BM}")
-_KSPLIT_BELOW = 2 * _SMS
+# GEMM split-K (tuning.gemm_min_ksteps): the H100 trace of qwen2.5 at B=64 (2026-11-23) has its T=64
+# GEMMs at 35-43 us on average for 0.1-9 MB of weights (launches of 3 to 228 blocks).
+# Largest GEMM token tile: 64, so prefill takes the unrolled k-step (gemm_pipe; at BM 128 it would
+# need ~170 registers). BM 64 reads each weight twice as often as BM 128 and still wins: pp512
+# phi3-mini 6,339 -> 7,394 tok/s, qwen2.5-0.5b 25,909 -> 33,241 (H100, 2026-11-23, bench_engine), so
+# the dense BM 128 tiles are gone.
+GEMM_MAX_BM = 64
 
 
 def _gemv_blocks(n: int) -> int:
@@ -140,15 +137,17 @@ def _gemv_blocks(n: int) -> int:
     return (n + _GEMV_WARPS * _GEMV_R - 1) // (_GEMV_WARPS * _GEMV_R)
 
 
-def _gemv(fmt: str, nt: int, n: int, slots: int, act: str | None = None, sig: str = _GEMV_SIG):
-    """The GEMV kernel for n rows x `slots` grid columns (act: how its input is formed, see
-    load_x4 and load_norm_x4 in quant_matmul.cu), and its grid's x extent."""
+def _gemv(fmt: str, nt: int, n: int, slots: int, tuning: Tuning, sms: int, variant: str | None = None,
+          sig: str = _GEMV_SIG):
+    """The GEMV kernel for n rows x `slots` grid columns (variant "i8": the int8-input one), and
+    its grid's x extent."""
     plain = _gemv_blocks(n)
-    split = _KSPLIT == "1" or (_KSPLIT != "0" and plain * slots < _KSPLIT_BELOW)
-    suffix = f"_{act}" if act else ""
+    ks = tuning.gemv_ksplit
+    split = ks == "1" or (ks != "0" and plain * slots < 2 * sms)
+    suffix = f"_{variant}" if variant else ""
     if split:
-        return _kernels().get(f"gemv_{fmt}_{nt}_k4{suffix}", sig), (n + _GEMV_R - 1) // _GEMV_R
-    return _kernels().get(f"gemv_{fmt}_{nt}{suffix}", sig), plain
+        return _kernels(tuning).get(f"gemv_{fmt}_{nt}_k4{suffix}", sig), (n + _GEMV_R - 1) // _GEMV_R
+    return _kernels(tuning).get(f"gemv_{fmt}_{nt}{suffix}", sig), plain
 
 
 def _p(ptr) -> np.uintp:
@@ -168,30 +167,24 @@ def _stream_handle(stream):
     return stream  # pycuda Stream or None (default stream)
 
 
-GLU_ACTS = ("silu", "gelu")  # gemv_*_1_<act>: single-token GEMVs that apply a GLU to their input
-
 # Single-token GEMVs on an int8-quantized input (gemv_*_1_i8 after quantize_x8): the integer formats
 # only, for matrices of at least _I8_MIN weights (small ones are latency-bound, where the extra
 # quantize launch costs more than the faster products save). The float path spends as much on
 # decoding and FMAs as on reading: phi3-mini's step 3,087 -> 2,714 us with it, Q4_K GEMV 17.2 -> 12.9 us
-# (H100 CUPTI trace, 2026-11-23); qwen2.5-0.5b even. ORCD_GEMV_INT8=0 turns it off;
-# ORCD_GEMV_INT8_MIN=<weights> moves the size threshold.
+# (H100 CUPTI trace, 2026-11-23); qwen2.5-0.5b even. tuning.gemv_int8 / gemv_int8_min.
 I8_FORMATS = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4, Q.Q4_K, Q.Q5_K, Q.Q6_K})
-_I8 = os.environ.get("ORCD_GEMV_INT8", "1") == "1"
-_I8_MIN = int(os.environ.get("ORCD_GEMV_INT8_MIN", str(4 << 20)))
 
 
-def quantize_x8(x_ptr, xq_ptr, xd_ptr, n: int, stream) -> None:
+def quantize_x8(x_ptr, xq_ptr, xd_ptr, n: int, stream, tuning: Tuning = DEFAULT) -> None:
     """n floats (n % 32 == 0; several rows of k % 32 == 0 back to back) -> n signed bytes and n / 32 scales."""
-    q = _kernels().get("quantize_x8", "PPPi")
+    q = _kernels(tuning).get("quantize_x8", "PPPi")
     q.prepared_async_call(((n // 32 + 7) // 8, 1), (256, 1, 1), stream, _p(x_ptr), _p(xq_ptr), _p(xd_ptr),
                           np.int32(n))
 
 
 # The per-slot MoE GEMV (few slots: gpt-oss at B=1) on the int8-quantized input too; gate and up
 # share one quantized copy of x. gpt-oss-20b's B=1 step 3,262 -> 3,127 us (H100, 2026-11-23);
-# ORCD_MOE_INT8=0 turns it off.
-_MOE_I8 = os.environ.get("ORCD_MOE_INT8", "1") == "1"
+# tuning.moe_int8.
 
 
 def _i8_kernel_for(w: QuantWeight) -> bool:
@@ -199,68 +192,55 @@ def _i8_kernel_for(w: QuantWeight) -> bool:
     return w.qtype in I8_FORMATS and w.k % 32 == 0
 
 
-def moe_i8_eligible(w: QuantWeight, grouped: bool) -> bool:
+def moe_i8_eligible(w: QuantWeight, grouped: bool, tuning: Tuning = DEFAULT) -> bool:
     """Whether moe_matmul's per-slot GEMV on w takes the int8 input (the caller passes x8 scratch)."""
-    return _MOE_I8 and not grouped and _i8_kernel_for(w) and w.n * w.k >= _I8_MIN
+    return tuning.moe_int8 and not grouped and _i8_kernel_for(w) and w.n * w.k >= tuning.gemv_int8_min
 
 
 def _i8_gemv(x_ptr, w: QuantWeight, y_ptr, bias_ptr, x8: tuple, x8_ready: bool, n_in: int, slots: int, stream,
-             **call) -> None:
+             tuning: Tuning, sms: int, **call) -> None:
     """The int8-input GEMV over `slots` grid columns, after quantize_x8 of x's n_in floats into
     x8 = (xq_ptr, xd_ptr) unless x8_ready (x's producer wrote them)."""
     if not _i8_kernel_for(w):
         raise ValueError(f"the int8-input GEMV serves integer formats with k % 32 == 0 ({w.qtype.name} k={w.k})")
     xq_ptr, xd_ptr = x8
     if not x8_ready:
-        quantize_x8(x_ptr, xq_ptr, xd_ptr, n_in, stream)
-    f, gx = _gemv(_NAME[w.qtype], 1, w.n, slots, "i8", sig=_GEMV_SIG + "P")
+        quantize_x8(x_ptr, xq_ptr, xd_ptr, n_in, stream, tuning)
+    f, gx = _gemv(_NAME[w.qtype], 1, w.n, slots, tuning, sms, "i8", sig=_GEMV_SIG + "P")
     _gemv_call(f, (gx, slots), stream, xq_ptr, w, y_ptr, bias_ptr, 1, _p(xd_ptr), **call)
 
 
-def i8_eligible(w: QuantWeight, T: int) -> bool:
+def i8_eligible(w: QuantWeight, T: int, tuning: Tuning = DEFAULT) -> bool:
     """Whether a T-token matmul on w takes the int8-input GEMV (the caller then passes x8 scratch)."""
-    return _I8 and T == 1 and _i8_kernel_for(w) and w.n * w.k >= _I8_MIN
+    return tuning.gemv_int8 and T == 1 and _i8_kernel_for(w) and w.n * w.k >= tuning.gemv_int8_min
 
 
 def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumulate: bool = False,
-           act: str | None = None, norm: tuple | None = None, x8: tuple | None = None,
-           x8_ready: bool = False) -> None:
-    """y[T, n] = x[T, k] @ W^T (+ bias[n]) (+ y when accumulate). T = 1 only: act ("silu" /
-    "gelu"): x is [1, 2k], a fused gate/up row, and the input is act(x[:, :k]) * x[:, k:];
-    norm = (res_ptr or None, gamma_ptr, eps, s_ptr): the input is rms_norm(x + res) * gamma, and
-    s = x + res is written to s_ptr; x8 = (xq_ptr, xd_ptr), scratch of k bytes and k / 32 floats:
-    x is quantized to int8 there first and the int8-input GEMV runs (see i8_eligible); x8_ready:
-    it already holds x's rounding (written by the kernel that produced x)."""
+           x8: tuple | None = None, x8_ready: bool = False, tuning: Tuning = DEFAULT, sms: int = DEFAULT_SMS) -> None:
+    """y[T, n] = x[T, k] @ W^T (+ bias[n]) (+ y when accumulate). x8 = (xq_ptr, xd_ptr), scratch of
+    k bytes and k / 32 floats (T = 1 only): x is quantized to int8 there first and the int8-input
+    GEMV runs (see i8_eligible); x8_ready: it already holds x's rounding (written by the kernel
+    that produced x). sms: the device's multiprocessors, which size split-K and the GEMV layout."""
     if T <= 0:
         return
-    ks = _kernels()
+    ks = _kernels(tuning)
     fmt = _NAME[w.qtype]
-    if act is not None and (T != 1 or act not in GLU_ACTS):
-        raise ValueError(f"a GLU input is served for T = 1 and acts {GLU_ACTS}, not T={T} act={act!r}")
-    if norm is not None:
-        if T != 1 or act is not None:
-            raise ValueError(f"a folded norm is served for T = 1 without act, not T={T} act={act!r}")
-        res_ptr, gamma_ptr, eps, s_ptr = norm
-        f, gx = _gemv(fmt, 1, w.n, 1, "norm", sig=_GEMV_SIG + "PPfP")
-        _gemv_call(f, (gx, 1), stream, x_ptr, w, y_ptr, bias_ptr, 1, _p(res_ptr), _p(gamma_ptr), np.float32(eps),
-                   _p(s_ptr), accumulate=accumulate)
-        return
     if x8 is not None:
-        if T != 1 or act is not None:
-            raise ValueError(f"the int8-input GEMV serves T = 1 without act, not T={T} act={act!r}")
-        _i8_gemv(x_ptr, w, y_ptr, bias_ptr, x8, x8_ready, w.k, 1, stream, accumulate=accumulate)
+        if T != 1:
+            raise ValueError(f"the int8-input GEMV serves T = 1, not T={T}")
+        _i8_gemv(x_ptr, w, y_ptr, bias_ptr, x8, x8_ready, w.k, 1, stream, tuning, sms, accumulate=accumulate)
         return
     if T <= GEMV_MAX_T:
         nt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
-        f, gx = _gemv(fmt, nt, w.n, 1, act)
+        f, gx = _gemv(fmt, nt, w.n, 1, tuning, sms)
         _gemv_call(f, (gx, 1), stream, x_ptr, w, y_ptr, bias_ptr, T, accumulate=accumulate)
         return
-    bm = min(16 if T <= 16 else 32 if T <= 32 else 64 if T <= 64 else 128, _GEMM_MAX_BM)
+    bm = 16 if T <= 16 else 32 if T <= 32 else GEMM_MAX_BM
     tiles = ((w.n + _GEMM_BN - 1) // _GEMM_BN) * ((T + bm - 1) // bm)
     ksteps = (w.k + 63) // 64
-    # split k when the output tiles alone cannot fill the GPU (~2 blocks per SM), keeping >= _GEMM_MIN_KSTEPS
-    # k-steps per split
-    splits = max(1, min((2 * _SMS + tiles - 1) // tiles, ksteps // _GEMM_MIN_KSTEPS))
+    # split k when the output tiles alone cannot fill the GPU (~2 blocks per SM), keeping at least
+    # gemm_min_ksteps k-steps per split
+    splits = max(1, min((2 * sms + tiles - 1) // tiles, ksteps // max(1, tuning.gemm_min_ksteps)))
     kchunk = (ksteps + splits - 1) // splits * 64
     splits = (w.k + kchunk - 1) // kchunk
     if splits > 1:
@@ -273,11 +253,11 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
                           np.int32(bool(accumulate)), np.int32(kchunk))
 
 
-def embed(ids_ptr, w: QuantWeight, y_ptr, T: int, stream) -> None:
+def embed(ids_ptr, w: QuantWeight, y_ptr, T: int, stream, tuning: Tuning = DEFAULT) -> None:
     """y[t, :] = dequantized row ids[t] of w (int32 ids, float32 [T, k] output)."""
     if T <= 0:
         return
-    f = _kernels().get(f"embed_{_NAME[w.qtype]}", "PPPi")
+    f = _kernels(tuning).get(f"embed_{_NAME[w.qtype]}", "PPPi")
     parts = w.k // 8
     f.prepared_async_call(((parts + _EMBED_THREADS - 1) // _EMBED_THREADS, T), (_EMBED_THREADS, 1, 1), stream,
                           _p(ids_ptr), _p(w.ptr), _p(y_ptr), np.int32(w.k))
@@ -312,29 +292,26 @@ def moe_use_grouped(T: int, top_k: int, n_experts: int) -> bool:
             and moe_grouped_possible(T, top_k, n_experts))
 
 
-# The grouped path's matmul: gemv_moe_<fmt>_8 (f32 GEMV math, each expert's rows read once per 8 of
-# its slots) instead of the f16 tensor-core gemm_moe. Opt-in (ORCD_MOE_GEMV=1) because it measured
-# slower: gpt-oss-20b at B=64, 547 against 372 us per grouped matmul (H100 CUPTI trace, 2026-11-23).
-_MOE_GEMV = os.environ.get("ORCD_MOE_GEMV") == "1"
 # Grouped MXFP4 tiles of BM <= 64 decode a whole 17-byte block per thread from five aligned word
 # loads (gemm_moe_mxfp4_<bm>_blk) instead of four byte loads and a scale load per 8-weight part:
 # ncu had the per-part kernel bound by issue (0.54 instructions per scheduler per cycle, L1 66 %
-# busy, DRAM 12 %); gpt-oss-20b B=64 349 -> 195 us per grouped matmul (H100, 2026-11-23).
-# ORCD_MXFP4_BLOCK=0 takes the per-part kernels.
-_MXFP4_BLOCK = os.environ.get("ORCD_MXFP4_BLOCK", "1") == "1"
+# busy, DRAM 12 %); gpt-oss-20b B=64 349 -> 195 us per grouped matmul (H100, 2026-11-23), so the
+# per-part tiles of those sizes are gone (BM 128 keeps them: its registers leave no room).
 
 
-def moe_group(expert_ids_ptr, T: int, top_k: int, n_experts: int, workspace_ptr, stream) -> None:
+def moe_group(expert_ids_ptr, T: int, top_k: int, n_experts: int, workspace_ptr, stream,
+              tuning: Tuning = DEFAULT) -> None:
     """Sorts the T*top_k slots of expert_ids [T, top_k] (int32) by expert into the workspace (one block)."""
     bm, Y, _ = _moe_plan(T, top_k, n_experts)
-    f = _kernels().get("moe_group", "PiiiiP")
+    f = _kernels(tuning).get("moe_group", "PiiiiP")
     f.prepared_async_call((1, 1), (_MOE_GROUP_THREADS, 1, 1), stream, _p(expert_ids_ptr), np.int32(T * top_k),
                           np.int32(n_experts), np.int32(bm), np.int32(Y), _p(workspace_ptr))
 
 
 def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream, bias_ptr=None,
                x_per_slot: bool = False, workspace_ptr=None, grouped: bool | None = None,
-               grouped_ready: bool = False, x8: tuple | None = None, x8_ready: bool = False) -> None:
+               grouped_ready: bool = False, x8: tuple | None = None, x8_ready: bool = False,
+               tuning: Tuning = DEFAULT, sms: int = DEFAULT_SMS) -> None:
     """y[t, j, :] = x[t] @ W[expert_ids[t, j]]^T (+ bias[expert_ids[t, j]]).
 
     With x_per_slot the input of slot (t, j) is x[t, j, :] (the down projection after the gate/up
@@ -365,16 +342,9 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
     if grouped:
         bm, Y, _ = _moe_plan(T, top_k, E)
         if not grouped_ready:
-            moe_group(expert_ids_ptr, T, top_k, E, workspace_ptr, stream)
-        if _MOE_GEMV:
-            f = _kernels().get(f"gemv_moe_{_NAME[w.qtype]}_8", _GEMV_SIG + "ii")
-            # T is the slot count here: the kernel finds the tile table after perm[S]
-            _gemv_call(f, (_gemv_blocks(w.n), Y, bm // 8), stream, x_ptr, w, y_ptr, bias_ptr, T * top_k,
-                       np.int32(E), np.int32(Y), ids_ptr=workspace_ptr, expert_stride=w.expert_bytes, top_k=top_k,
-                       x_per_slot=x_per_slot)
-            return
-        blk = "_blk" if _MXFP4_BLOCK and w.qtype == Q.MXFP4 and bm <= 64 else ""
-        f = _kernels().get(f"gemm_moe_{_NAME[w.qtype]}_{bm}{blk}", "PPPPPiiiiiiqi")
+            moe_group(expert_ids_ptr, T, top_k, E, workspace_ptr, stream, tuning)
+        blk = "_blk" if w.qtype == Q.MXFP4 and bm <= 64 else ""
+        f = _kernels(tuning).get(f"gemm_moe_{_NAME[w.qtype]}_{bm}{blk}", "PPPPPiiiiiiqi")
         f.prepared_async_call(((w.n + _GEMM_BN - 1) // _GEMM_BN, Y, 1), (_GEMM_THREADS, 1, 1), stream,
                               _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(workspace_ptr), np.int32(T),
                               np.int32(top_k), np.int32(E), np.int32(Y), np.int32(w.n), np.int32(w.k),
@@ -382,8 +352,8 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
         return
     if x8 is not None:
         _i8_gemv(x_ptr, w, y_ptr, bias_ptr, x8, x8_ready, (T * top_k if x_per_slot else T) * w.k, T * top_k, stream,
-                 ids_ptr=expert_ids_ptr, expert_stride=w.expert_bytes, top_k=top_k, x_per_slot=x_per_slot)
+                 tuning, sms, ids_ptr=expert_ids_ptr, expert_stride=w.expert_bytes, top_k=top_k, x_per_slot=x_per_slot)
         return
-    f, gx = _gemv(_NAME[w.qtype], 1, w.n, T * top_k)
+    f, gx = _gemv(_NAME[w.qtype], 1, w.n, T * top_k, tuning, sms)
     _gemv_call(f, (gx, T * top_k), stream, x_ptr, w, y_ptr, bias_ptr, 1, ids_ptr=expert_ids_ptr,
                expert_stride=w.expert_bytes, top_k=top_k, x_per_slot=x_per_slot)

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 
+from ..tuning import DEFAULT, Tuning
+
 MODULES = ("attention", "elementwise", "moe", "norm", "quant_matmul", "rope", "sample")
 BASE_OPTIONS = ("-O3", "--use_fast_math", "-std=c++17")
 
@@ -96,33 +98,33 @@ def compile_cubin(name: str, arch: str, options: tuple[str, ...] = ()) -> pathli
     return path
 
 
-def module_options(name: str) -> tuple[str, ...]:
-    """The nvcc options a module is built with here: ORCD_GEMM_PIPE=<max BM> makes quant_matmul's
-    GEMM tiles up to that BM use the unrolled k-step (default 64 in quant_matmul.cu; 0 = rolled
-    everywhere, 128 = unrolled everywhere). Loading and precompiling both ask here, so a
-    precompiled cubin is the one loaded."""
-    pipe = os.environ.get("ORCD_GEMM_PIPE", "")
-    return (f"-DORCD_GEMM_PIPE={int(pipe)}",) if name == "quant_matmul" and pipe.isdigit() else ()
+def module_options(name: str, tuning: Tuning = DEFAULT) -> tuple[str, ...]:
+    """The nvcc options of a module under `tuning`'s compile-time switches (Tuning fields marked
+    compile_time): quant_matmul's GEMM tiles up to BM tuning.gemm_pipe take the unrolled k-step.
+    Always spelled out, so the cache key names the value rather than relying on the .cu's own
+    default. Loading and precompiling both ask here, so a precompiled cubin is the one loaded."""
+    return (f"-DORCD_GEMM_PIPE={int(tuning.gemm_pipe)}",) if name == "quant_matmul" else ()
 
 
 @functools.lru_cache(maxsize=None)
-def load_module(name: str):
-    """The pycuda Module of cuda/<name>.cu for this device (a current context is required)."""
+def load_module(name: str, options: tuple[str, ...] = ()):
+    """The pycuda Module of cuda/<name>.cu built with `options` (module_options) for this device
+    (a current context is required)."""
     import pycuda.driver as drv
 
-    return drv.module_from_buffer(compile_cubin(name, device_arch(), module_options(name)).read_bytes())
+    return drv.module_from_buffer(compile_cubin(name, device_arch(), options).read_bytes())
 
 
-def precompile(arch: str, names=MODULES) -> list[pathlib.Path]:
+def precompile(arch: str, tuning: Tuning = DEFAULT, names=MODULES) -> list[pathlib.Path]:
     """Fills the cache for `arch` without a GPU, modules in parallel (nvcc is single-threaded)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = [(n, module_options(n)) for n in names]
+    jobs = [(n, module_options(n, tuning)) for n in names]
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda j: compile_cubin(j[0], arch, j[1]), jobs))
 
 
 if __name__ == "__main__":  # python3 -m orcd_grpc.backends.cuda_runtime CACHE_DIR [ARCH]
     os.environ["ORCD_KERNEL_CACHE"] = sys.argv[1]
-    for p in precompile(sys.argv[2] if len(sys.argv) > 2 else "sm_90"):
+    for p in precompile(sys.argv[2] if len(sys.argv) > 2 else "sm_90", Tuning.from_env()):
         print(p, p.stat().st_size)

@@ -70,9 +70,8 @@ FUSED_CASES = [("llama", "Q8_0"), ("qwen2", "Q4_0"), ("phi3", "Q8_0"), ("phi3_lo
 
 
 SWITCHES = {
-    # every fusion on (the GLU and norm folds are opt-in: measured slower) and attn_dec for any group
-    "all-on": dict.fromkeys(("ORCD_FUSE_QKV_ROPE", "ORCD_FUSE_GLU", "ORCD_FUSE_NORM", "ORCD_ATTN_MERGE",
-                             "ORCD_ATTN_DEC_MIN_HEADS"), "1"),
+    # every fusion on and attn_dec for any group
+    "all-on": dict.fromkeys(("ORCD_FUSE_QKV_ROPE", "ORCD_ATTN_MERGE", "ORCD_ATTN_DEC_MIN_HEADS"), "1"),
     # the unfused paths the defaults replaced: split + rope + KV store kernels, attn_combine
     "fusions-off": {"ORCD_FUSE_QKV_ROPE": "0", "ORCD_ATTN_MERGE": "0"},
 }
@@ -81,7 +80,8 @@ SWITCHES = {
 @pytest.mark.parametrize("switches", SWITCHES)
 @pytest.mark.parametrize("arch,qtype", FUSED_CASES, ids=[f"{a}-{q}" for a, q in FUSED_CASES])
 def test_tiny_architecture_with_switches(arch, qtype, switches, tmp_path, monkeypatch):
-    """The same agreement under the tuning switches' other settings (read when a backend starts)."""
+    """The same agreement under the tuning switches' other settings (Tuning.from_env, read when a
+    backend starts)."""
     for var, value in SWITCHES[switches].items():
         monkeypatch.setenv(var, value)
     test_tiny_architecture_on_cuda_matches_numpy(arch, qtype, tmp_path)
@@ -95,13 +95,10 @@ def test_tiny_architecture_with_int8_gemv(arch, qtype, fuse_q8, tmp_path, monkey
     GEMV (ORCD_GEMV_INT8), whatever its size: the activation rounding (about 0.5 % per matmul)
     must stay inside the quantized bound; with the rounding quantized by its own launch, or written
     by the norm / GLU kernel before (ORCD_FUSE_Q8, the default)."""
-    from orcd_grpc.backends import cuda_quant
-
     monkeypatch.setenv("ORCD_FUSE_Q8", fuse_q8)
-
-    monkeypatch.setattr(cuda_quant, "_I8", True)
-    monkeypatch.setattr(cuda_quant, "_MOE_I8", True)  # gpt-oss's per-slot expert GEMVs too, whatever ORCD_MOE_INT8 says
-    monkeypatch.setattr(cuda_quant, "_I8_MIN", 0)
+    monkeypatch.setenv("ORCD_GEMV_INT8", "1")
+    monkeypatch.setenv("ORCD_MOE_INT8", "1")  # gpt-oss's per-slot expert GEMVs too
+    monkeypatch.setenv("ORCD_GEMV_INT8_MIN", "0")
     # Every matmul's input rounded to int8 (about 0.4 % relative per row) on top of the weights'
     # quantization: gemma3's four norms per layer and its softcap left the largest logit error at
     # 0.0202 on one draw of the H100 run (2026-11-23), against 0.02 for the weights alone.

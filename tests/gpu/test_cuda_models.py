@@ -149,11 +149,9 @@ def test_tiny_qwen_layout_with_fused_qk(tmp_path, switches, monkeypatch):
     matrix (ORCD_FUSE_WIDEN), or Q and K fused alone (ORCD_FUSE_QK), a one-row split as views
     (ORCD_SPLIT_VIEWS), the int8 rounding written by the norm / GLU (ORCD_FUSE_Q8), each on and
     off: the CUDA engine against the NumPy one."""
-    from orcd_grpc.backends import cuda_quant
-
     for var, value in _QWEN_LAYOUT_SWITCHES[switches].items():
         monkeypatch.setenv(var, value)
-    monkeypatch.setattr(cuda_quant, "_I8_MIN", 0)  # the tiny matrices take the int8 GEMVs too
+    monkeypatch.setenv("ORCD_GEMV_INT8_MIN", "0")  # the tiny matrices take the int8 GEMVs too
     path = write_tiny_llama(tmp_path / "tiny-mixed.gguf", "Q4_0", v_qtype="Q8_0", qkv_bias=True)
     gpu, cpu = _pair(path)
     try:

@@ -9,6 +9,8 @@ kernel fails to write shows up as NaN. Tolerances are relative errors ||out - re
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,11 @@ def be():
     b = CudaBackend(workspace_bytes=256 << 20)
     yield b
     b.close()
+
+
+def tune(monkeypatch, be, **switches):
+    """The shared backend under other Tuning values for one test (restored after it)."""
+    monkeypatch.setattr(be, "tuning", dataclasses.replace(be.tuning, **switches))
 
 
 @pytest.fixture
@@ -100,10 +107,7 @@ def test_rms_norm_q8(be, rng, d, with_res, monkeypatch):
     next int8 GEMV takes instead of quantizing again, to the same output bit for bit."""
     import gguf
 
-    monkeypatch.setattr(be, "_fuse_q8", True)
-    from orcd_grpc.backends import cuda_quant
-
-    monkeypatch.setattr(cuda_quant, "_I8_MIN", 0)
+    tune(monkeypatch, be, fuse_q8=True, gemv_int8_min=0)
     ref = NumpyBackend()
     x = rng.standard_normal((1, d), dtype=np.float32) * rng.uniform(0.1, 10, (1, d)).astype(np.float32)
     r = rng.standard_normal((1, d), dtype=np.float32) if with_res else None
@@ -128,7 +132,7 @@ def test_rms_norm_q8(be, rng, d, with_res, monkeypatch):
 @pytest.mark.parametrize("act", ["silu", "gelu"])
 def test_glu_fused_q8(be, rng, F, act, monkeypatch):
     """silu/gelu_halves_q8 (ORCD_FUSE_Q8): act(gate) * up for one row, and its int8 rounding"""
-    monkeypatch.setattr(be, "_fuse_q8", True)
+    tune(monkeypatch, be, fuse_q8=True)
     ref = NumpyBackend()
     x = rng.standard_normal((1, 2 * F), dtype=np.float32) * 3
     exp = ref.glu_fused(x, act)
@@ -175,7 +179,7 @@ def test_rope(be, rng, D, kind):
 def test_qkv_rope_store(be, rng, Hq, Hkv, D, rot_frac, neox, monkeypatch):
     """The fused q/k/v -> rope -> cache kernel (ORCD_FUSE_QKV_ROPE=1) against NumPy's split +
     rope + store, at scattered slots with one padding token (slot -1: nothing stored)."""
-    monkeypatch.setattr(be, "_fuse_qkv_rope", True)
+    tune(monkeypatch, be, fuse_qkv_rope=True)
     T, nslots = 23, 64
     spec = RopeSpec(dim=int(D * rot_frac), base=10000.0, neox=neox)
     pos = rng.integers(0, 5000, T).astype(np.int32)
@@ -245,7 +249,7 @@ def test_split_and_gather(be, rng):
 def test_split_views(be, rng, rows, monkeypatch):
     """ORCD_SPLIT_VIEWS: a one-row split hands back views (no copy), which later kernels
     read as the pieces; more rows, or a width that is not a multiple of 4, still copy."""
-    monkeypatch.setattr(be, "_split_views", True)
+    tune(monkeypatch, be, split_views=True)
     sizes = [896, 128]
     x = rng.standard_normal((rows, sum(sizes)), dtype=np.float32)
     be.begin_step(simple_meta(1))
@@ -314,25 +318,24 @@ ATTN_CASES = [
     (9, 3, 64, [65, 0, 31], [1, 1, 1], 0, True, 0.0),      # a sequence that joins with one token
 ]
 # Decode-only steps of MHA models (and of any model at large batches) run attn_dec_* (split across
-# key slices or not); ORCD_ATTN_DECODE=0 sends them to attn_dN, which must agree too.
-ATTN_MODES = {"default": {}, "one-slice": {"_max_splits": 1}, "tiled-decode": {"_decode_attn": False},
+# key slices or not); GQA decode steps of small batches run attn_dN_b, and with attn_dec routed
+# nowhere so do MHA ones: both must agree.
+ATTN_MODES = {"default": {}, "one-slice": {"attn_splits": 1},
+              "tiled-decode": {"attn_dec_max_group": 0, "attn_dec_min_heads": 1 << 30},
               # ORCD_ATTN_SPLITS=4: at most 4 key slices, both decode kernels
-              "four-slices": {"_max_splits": 4}, "dec-gqa-four-slices": {"_dec_max_group": 8, "_max_splits": 4},
+              "four-slices": {"attn_splits": 4}, "dec-gqa-four-slices": {"attn_dec_max_group": 8, "attn_splits": 4},
               # attn_dec for every group size it supports (by default only MHA models get it)
-              "dec-gqa": {"_dec_max_group": 8}, "dec-gqa-one-slice": {"_dec_max_group": 8, "_max_splits": 1},
-              "dec-by-batch": {"_dec_min_heads": 2},
-              # the last key-slice CTA merges (ORCD_ATTN_MERGE=1) instead of attn_combine
-              "merge-in-kernel": {"_merge_in_kernel": True},
-              "dec-gqa-merge-in-kernel": {"_dec_max_group": 8, "_merge_in_kernel": True},
-              # attn_dN_b: batched staging loads (ORCD_ATTN_BATCH_LOADS=1), prefill and decode
-              "batch-loads": {"_attn_batch": True}, "batch-loads-tiled-decode": {"_attn_batch": True, "_decode_attn": False}}
+              "dec-gqa": {"attn_dec_max_group": 8}, "dec-gqa-one-slice": {"attn_dec_max_group": 8, "attn_splits": 1},
+              "dec-by-batch": {"attn_dec_min_heads": 2},
+              # attn_combine merges the slices (ORCD_ATTN_MERGE=0) instead of the last key-slice CTA
+              "combine-launch": {"attn_merge": False},
+              "dec-gqa-combine-launch": {"attn_dec_max_group": 8, "attn_merge": False}}
 
 
 @pytest.mark.parametrize("mode", list(ATTN_MODES))
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[f"case{i}" for i in range(len(ATTN_CASES))])
 def test_attention(be, rng, case, mode, monkeypatch):
-    for attr, val in ATTN_MODES[mode].items():
-        monkeypatch.setattr(be, attr, val)
+    tune(monkeypatch, be, **ATTN_MODES[mode])
     Hq, Hkv, D, plens, extra, window, with_sinks, softcap = case
     bs = 16
     # every sequence's blocks plus slack, so the shuffled tables do not run out on long prompts

@@ -4,7 +4,6 @@ float64 NumPy reference, with fresh random weights / activations / routing on ev
 poisoned with NaN first. Tolerances (||out - ref|| / ||ref||, see test_quant_kernels):
   * grouped (f16 operands, f32 accumulation): 3e-3, also row by row for wide-range activations
   * per-slot GEMV (f32): 1e-4
-  * grouped GEMV (moe_group + gemv_moe_<fmt>_8, ORCD_MOE_GEMV=1; f32): 1e-4
   * per-slot GEMV on the int8-rounded input (quantize_x8 + gemv_*_1[_k4]_i8, ORCD_MOE_INT8): 1e-3
     against the rounded input (a wrong row or scale offset is off by O(1)), 2e-2 against the float one
 """
@@ -15,6 +14,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
+
+from orcd_grpc.tuning import DEFAULT, Tuning  # noqa: E402
 
 from .test_quant_kernels import (TOL_GEMM, TOL_GEMV, _quantize_x8_ref, cu, random_weight, rel_err,  # noqa: E402,F401
                                  row_errors, wide_range_x)
@@ -60,7 +61,7 @@ def _expert_weight(qtype, n, k, ne=E):
 
 
 def _run(cu, qtype, T, x_per_slot, grouped, routing="uniform", with_bias=True, wide=False, n=301, k=None, ne=E,
-         int8=False):
+         int8=False, tuning=DEFAULT):
     k = k or (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 768)
     rng = np.random.default_rng()
     raw, wf = _expert_weight(qtype, n, k, ne)
@@ -83,7 +84,7 @@ def _run(cu, qtype, T, x_per_slot, grouped, routing="uniform", with_bias=True, w
             x8 = (xq.gpudata, xs.gpudata)
         cu.q.moe_matmul(xd.gpudata, w, idd.gpudata, yd.gpudata, T, TOP_K, cu.stream,
                         bias_ptr=bd.gpudata if with_bias else None, x_per_slot=x_per_slot,
-                        workspace_ptr=ws.gpudata, grouped=grouped, x8=x8)
+                        workspace_ptr=ws.gpudata, grouped=grouped, x8=x8, tuning=tuning)
         cu.stream.synchronize()
         ref = _reference(x, wf, bias, ids, x_per_slot)
         if int8:
@@ -117,11 +118,10 @@ def test_moe_gemv_vs_reference(cu, qtype, T, x_per_slot):
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
 @pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K], ids=lambda v: v.name)
-def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit, monkeypatch):
+def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit):
     """the per-slot GEMV on an int8-quantized input (ORCD_MOE_INT8), both GEMV layouts: each
     slot must find its own quantized row and scales (x_per_slot) or its token's (gate / up)"""
-    monkeypatch.setattr(cu.q, "_KSPLIT", ksplit)
-    out, (ref, ref8), _, _ = _run(cu, qtype, T, x_per_slot, grouped=False, int8=True)
+    out, (ref, ref8), _, _ = _run(cu, qtype, T, x_per_slot, grouped=False, int8=True, tuning=Tuning(gemv_ksplit=ksplit))
     err8, err = rel_err(out, ref8), rel_err(out, ref)
     assert err8 <= 1e-3, f"int8 gemv {qtype.name} T={T} x_per_slot={x_per_slot}: {err8:.2e} against the rounded input"
     assert err <= 2e-2, f"int8 gemv {qtype.name} T={T} x_per_slot={x_per_slot}: {err:.2e} against the float input"
@@ -186,19 +186,17 @@ def be():
     b.close()
 
 
-@pytest.mark.parametrize("moe_gemv", [False, True], ids=["gemm", "gemv"])
 @pytest.mark.parametrize("E_,k,act,T", [(32, 4, "swiglu_oai", 64), (32, 4, "swiglu_oai", 300), (8, 2, "silu", 40)])
-def test_backend_moe_grouped(be, E_, k, act, T, moe_gemv, monkeypatch):
+def test_backend_moe_grouped(be, E_, k, act, T):
     """CudaBackend.moe at T where moe_use_grouped picks the grouped path (one moe_group shared by the three
-    projections; its matmuls on the tensor-core GEMM or, ORCD_MOE_GEMV=1, the grouped GEMV) against the
-    NumPy backend on the same Q8_0 weights; GEMM tolerance (f16 operands)."""
+    projections; its matmuls on the tensor-core GEMM) against the NumPy backend on the same Q8_0 weights;
+    GEMM tolerance (f16 operands)."""
     import gguf as g
 
     from orcd_grpc.backends.base import StepMeta
     from orcd_grpc.backends.numpy_backend import NumpyBackend
 
     assert cu_q().moe_use_grouped(T, k, E_)
-    monkeypatch.setattr(cu_q(), "_MOE_GEMV", moe_gemv)
     rng = np.random.default_rng()
     qt = g.GGMLQuantizationType.Q8_0
     d, F = 160, 96
@@ -237,27 +235,12 @@ def cu_q():
     return cuda_quant
 
 
-@pytest.mark.parametrize("routing", ["uniform", "skewed"])
-@pytest.mark.parametrize("T", [5, 16, 64, 300])
-@pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
-@pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K], ids=lambda v: v.name)
-def test_moe_grouped_gemv_vs_reference(cu, qtype, T, x_per_slot, routing, monkeypatch):
-    """The grouped path with its GEMV matmul (opt-in ORCD_MOE_GEMV=1): tiles of up to 8 slots of one
-    expert per block, hot experts spanning several tiles (skewed), f32 math."""
-    monkeypatch.setattr(cu.q, "_MOE_GEMV", True)
-    y, ref, _, _ = _run(cu, qtype, T, x_per_slot, grouped=True, routing=routing)
-    err = rel_err(y, ref)
-    assert err <= TOL_GEMV, f"{qtype.name} T={T} {routing}: rel err {err:.2e}"
-
-
-@pytest.mark.parametrize("block", [True, False], ids=["whole-block", "per-part"])
 @pytest.mark.parametrize("T,k,n", [(1, None, 301), (16, None, 301), (64, None, 301), (64, 96, 37), (300, 2880 + 32, 129)])
-def test_moe_grouped_mxfp4_decoders_vs_reference(cu, T, k, n, block, monkeypatch):
-    """MXFP4 grouped tiles of BM <= 64 with the whole-block decoder (gemm_moe_mxfp4_<bm>_blk, the
-    default) and the per-part one (ORCD_MXFP4_BLOCK=0): both against the float64 reference, for
+def test_moe_grouped_mxfp4_decoders_vs_reference(cu, T, k, n):
+    """MXFP4 grouped tiles of BM <= 64 with the whole-block decoder (gemm_moe_mxfp4_<bm>_blk; the
+    per-part tiles of those sizes are gone) against the float64 reference, for
     BM 16 (T 1..64, 4 slots each over 32 experts) and 64 (T 300), k of whole and half k-steps (17-byte
     blocks at every alignment: 90 and 91 blocks per row), n under one 128-row tile."""
-    monkeypatch.setattr(cu.q, "_MXFP4_BLOCK", block)
     out, ref, _, _ = _run(cu, Q.MXFP4, T, True, grouped=True, k=k, n=n)
     err = rel_err(out, ref)
-    assert err <= TOL_GEMM, f"MXFP4 block={block} T={T} k={k} n={n}: rel err {err:.2e}"
+    assert err <= TOL_GEMM, f"MXFP4 T={T} k={k} n={n}: rel err {err:.2e}"

@@ -20,6 +20,8 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
 from gguf import quants as gq  # noqa: E402
 
+from orcd_grpc.tuning import Tuning  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 
 FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
@@ -103,7 +105,7 @@ def _weight(qtype, n, k):
 
 def _gpu_matmul(cu, w, x, **kw) -> np.ndarray:
     """cuda_quant.matmul of the host rows x into a NaN-poisoned [T, n] output, synchronised (which
-    raises on a launch or execution error); kw as matmul's (act, norm, x8, ...)."""
+    raises on a launch or execution error); kw as matmul's (x8, tuning, sms, ...)."""
     xd = cu.ga.to_gpu(x)
     yd = cu.ga.to_gpu(np.full((x.shape[0], w.n), np.nan, np.float32))
     cu.q.matmul(xd.gpudata, w, yd.gpudata, x.shape[0], cu.stream, **kw)
@@ -130,7 +132,7 @@ def test_matmul(cu, qtype, T, shape):
 
 @pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda v: v.name)
-def test_gemv_both_layouts(cu, qtype, T, monkeypatch):
+def test_gemv_both_layouts(cu, qtype, T):
     """Both GEMV layouts, whichever the size rule would pick: warps owning rows (ORCD_GEMV_KSPLIT=0)
     and warps splitting k (=1), on a row count that is not a multiple of either's rows per block."""
     n, k = 1003, (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 4864)
@@ -141,20 +143,20 @@ def test_gemv_both_layouts(cu, qtype, T, monkeypatch):
     w = cu.q.QuantWeight(raw, qtype, n, k)
     try:
         for mode in ("0", "1"):
-            monkeypatch.setattr(cu.q, "_KSPLIT", mode)
-            err = rel_err(_gpu_matmul(cu, w, x), ref)
+            err = rel_err(_gpu_matmul(cu, w, x, tuning=Tuning(gemv_ksplit=mode)), ref)
             assert err <= TOL_GEMV, f"{qtype.name} T={T} ksplit={mode}: rel err {err:.2e} > {TOL_GEMV}"
     finally:
         w.free()
 
 
-@pytest.mark.parametrize("min_ksteps,max_bm,T", [(1, 128, 64), (2, 128, 64), (4, 128, 64), (4, 64, 300), (1, 64, 300)])
+@pytest.mark.parametrize("min_ksteps,sms,T", [(1, 132, 64), (2, 132, 64), (4, 132, 64), (4, 132, 300), (1, 132, 300),
+                                               (1, 16, 64), (4, 1000, 300)])
 @pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q4_K, Q.Q8_0], ids=lambda v: v.name)
-def test_gemm_tiling_switches(cu, qtype, min_ksteps, max_bm, T, monkeypatch):
-    """The GEMM under its tuning switches (ORCD_GEMM_MIN_KSTEPS: k-steps per split; ORCD_GEMM_MAX_BM:
-    the token tile) on qwen2.5-like shapes: every split count and tile lands the same sums."""
-    monkeypatch.setattr(cu.q, "_GEMM_MIN_KSTEPS", min_ksteps)
-    monkeypatch.setattr(cu.q, "_GEMM_MAX_BM", max_bm)
+def test_gemm_tiling_switches(cu, qtype, min_ksteps, sms, T):
+    """The GEMM under its tuning switch (gemm_min_ksteps: k-steps per split) and SM counts other
+    than the device's (split-K fills 2 blocks per SM) on qwen2.5-like shapes: every split count and
+    tile lands the same sums."""
+    kw = dict(tuning=Tuning(gemm_min_ksteps=min_ksteps), sms=sms)
     rng = np.random.default_rng()
     for n, k in ((896, 1024 if GGML_QUANT_SIZES[qtype][0] == 256 else 896), (128, 4864)):
         raw, wf = _weight(qtype, n, k)
@@ -162,7 +164,7 @@ def test_gemm_tiling_switches(cu, qtype, min_ksteps, max_bm, T, monkeypatch):
         ref = x.astype(np.float64) @ wf.astype(np.float64).T
         w = cu.q.QuantWeight(raw, qtype, n, k)
         try:
-            err = rel_err(_gpu_matmul(cu, w, x), ref)
+            err = rel_err(_gpu_matmul(cu, w, x, **kw), ref)
             assert err <= TOL_GEMM, f"{qtype.name} n={n} k={k} T={T}: rel err {err:.2e}"
         finally:
             w.free()
@@ -180,7 +182,7 @@ I8_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4, Q.Q4_K, Q.Q5_K, Q
 
 
 @pytest.mark.parametrize("qtype", I8_FORMATS, ids=lambda v: v.name)
-def test_gemv_int8_input(cu, qtype, monkeypatch):
+def test_gemv_int8_input(cu, qtype):
     """The int8-input GEMV (quantize_x8 + gemv_*_1_i8), both layouts: against float64 on the
     dequantized weights and the int8-rounded input it must agree to 1e-3 (a wrong integer decode
     is off by O(1)); against the float input, within the int8 rounding (2e-2)."""
@@ -194,72 +196,12 @@ def test_gemv_int8_input(cu, qtype, monkeypatch):
     w = cu.q.QuantWeight(raw, qtype, n, k)
     try:
         for mode in ("0", "1"):
-            monkeypatch.setattr(cu.q, "_KSPLIT", mode)
             xq = cu.ga.empty(k, np.int8)
             xs = cu.ga.to_gpu(np.full(k // 32, np.nan, np.float32))
-            y = _gpu_matmul(cu, w, x, x8=(xq.gpudata, xs.gpudata))
+            y = _gpu_matmul(cu, w, x, x8=(xq.gpudata, xs.gpudata), tuning=Tuning(gemv_ksplit=mode))
             err8, err = rel_err(y, ref8), rel_err(y, ref)
             assert err8 <= 1e-3, f"{qtype.name} ksplit={mode}: rel err {err8:.2e} against the int8-rounded input"
             assert err <= 2e-2, f"{qtype.name} ksplit={mode}: rel err {err:.2e} against the float input"
-    finally:
-        w.free()
-
-
-@pytest.mark.parametrize("act", ["silu", "gelu"])
-@pytest.mark.parametrize("qtype", FORMATS, ids=lambda v: v.name)
-def test_gemv_glu_input(cu, qtype, act, monkeypatch):
-    """gemv_*_1_<act>: the input row is [gate | up] and the GEMV multiplies act(gate) * up, as the
-    separate GLU kernel + GEMV did; both GEMV layouts."""
-    n, k = 1003, (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 4864)
-    rng = np.random.default_rng()
-    raw, wf = _weight(qtype, n, k)
-    gu = (rng.standard_normal((1, 2 * k)) * 2).astype(np.float32)
-    g, u = gu[:, :k].astype(np.float64), gu[:, k:].astype(np.float64)
-    if act == "silu":
-        a = g / (1 + np.exp(-g)) * u
-    else:
-        a = 0.5 * g * (1 + np.tanh(0.7978845608028654 * (g + 0.044715 * g ** 3))) * u
-    ref = a @ wf.astype(np.float64).T
-    w = cu.q.QuantWeight(raw, qtype, n, k)
-    try:
-        for mode in ("0", "1"):
-            monkeypatch.setattr(cu.q, "_KSPLIT", mode)
-            err = rel_err(_gpu_matmul(cu, w, gu, act=act), ref)
-            assert err <= TOL_GEMV, f"{qtype.name} {act} ksplit={mode}: rel err {err:.2e} > {TOL_GEMV}"
-    finally:
-        w.free()
-
-
-@pytest.mark.parametrize("with_res", [True, False])
-@pytest.mark.parametrize("qtype", FORMATS, ids=lambda v: v.name)
-def test_gemv_norm_input(cu, qtype, with_res, monkeypatch):
-    """gemv_*_1_norm: the input is rms_norm(x + res) * gamma, formed on load, and block 0 writes
-    s = x + res; both GEMV layouts, against a float64 reference."""
-    n, k = 1003, (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 4864)
-    rng = np.random.default_rng()
-    raw, wf = _weight(qtype, n, k)
-    x = (rng.standard_normal((1, k)) * 3).astype(np.float32)
-    res = rng.standard_normal((1, k)).astype(np.float32) if with_res else None
-    gamma = rng.uniform(0.5, 1.5, k).astype(np.float32)
-    eps = 1e-5
-    s64 = x.astype(np.float64) + (res if with_res else 0)
-    h = s64 / np.sqrt((s64 ** 2).mean() + eps) * gamma
-    ref = h @ wf.astype(np.float64).T
-    w = cu.q.QuantWeight(raw, qtype, n, k)
-    try:
-        for mode in ("0", "1"):
-            monkeypatch.setattr(cu.q, "_KSPLIT", mode)
-            gd = cu.ga.to_gpu(gamma)
-            rd = cu.ga.to_gpu(res) if with_res else None
-            sd = cu.ga.to_gpu(np.full((1, k), np.nan, np.float32))
-            y = _gpu_matmul(cu, w, x, norm=(rd.gpudata if with_res else None, gd.gpudata, eps,
-                                            sd.gpudata if with_res else None))
-            err = rel_err(y, ref)
-            assert err <= TOL_GEMV, f"{qtype.name} ksplit={mode}: rel err {err:.2e} > {TOL_GEMV}"
-            if with_res:
-                np.testing.assert_array_equal(sd.get(), x + res)
-            else:
-                assert np.isnan(sd.get()).all()  # s is x itself: nothing written
     finally:
         w.free()
 

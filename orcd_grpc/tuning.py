@@ -1,0 +1,173 @@
+"""The performance switches: one typed record, read from the environment once.
+
+Every `ORCD_*` variable that changes how the GPU path runs (not where files live) is a field of
+`Tuning`, with its default, the variable it is read from and why the default is what it is
+(the figures are in BENCHMARKS.md). `Tuning.from_env()` is called once, where a backend is
+built (or an engine loads a model), and the record is handed down: nothing below reads the
+environment, so a test builds `Tuning(...)` or `dataclasses.replace(DEFAULT, ...)` instead of
+patching module globals, and an A/B run is `ORCD_X=... command` as before.
+
+`compile_time` fields change the nvcc options of a kernel module and so its cache key
+(cuda_runtime.module_options); the others are read at launch time.
+
+`python3 -m orcd_grpc.tuning` prints the table (the README's GPU notes list the same).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _switch(default, env: str, doc: str, *, level: str = "backend", choices: tuple = (), compile_time: bool = False):
+    return dataclasses.field(default=default, metadata={"env": env, "doc": doc, "level": level, "choices": choices,
+                                                        "compile_time": compile_time})
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    # ---- engine: read by Engine at load (its own reads until the runner boundary lands)
+    cuda_graphs: bool = _switch(
+        True, "ORCD_CUDA_GRAPHS", "decode steps replay a CUDA graph per batch-size bucket; 0 launches every "
+        "kernel from Python (debugging)", level="engine")
+    lookahead: bool = _switch(
+        True, "ORCD_LOOKAHEAD", "a decode step of an unchanged batch is queued before the host has read the "
+        "previous step's tokens (fed on the device); B=1 tg 732 against 677 tok/s without", level="engine")
+    fuse_weights: bool = _switch(
+        True, "ORCD_FUSE_WEIGHTS", "Q/K/V and gate/up loaded as one matrix each where their types allow",
+        level="engine")
+    fuse_qk: bool = _switch(
+        True, "ORCD_FUSE_QK", "Q and K fused even where V's type differs (qwen2.5's Q4_K_M files)", level="engine")
+    fuse_widen: bool = _switch(
+        True, "ORCD_FUSE_WIDEN", "Q/K/V of types that widen exactly to Q8_0 loaded as one Q8_0 matrix "
+        "(qwen2.5 B=1 1,157 -> 1,048 us per step)", level="engine")
+
+    # ---- backend: debugging and sizing
+    cuda_sync: bool = _switch(
+        False, "ORCD_CUDA_SYNC", "synchronise after every launch so that a fault names its kernel (debugging; "
+        "also keeps decode steps off CUDA graphs)")
+    workspace_mb: int = _switch(
+        0, "ORCD_WORKSPACE_MB", "the step workspace in MiB; 0 sizes it from the VRAM budget (1/8, 64-512 MiB)")
+
+    # ---- attention
+    # attn_dec (a 4-warp CTA per key slice, sequence and kv head) against attn_dN_b + merge at B=1,
+    # H100 traces 2026-11-23: MHA phi3-mini 4,214 -> 3,322 us per step; GQA slower even with
+    # 128-key slices and the live-slice merge (qwen2.5, group 7: 19.1 against 12.5 + 3.3 us per
+    # layer; gpt-oss-20b, group 8: 22.1 against 14.7 + 3.2). At large batches it wins for GQA too:
+    # qwen2.5 B=64 (128 pairs) 8,998 against 8,029 tok/s, gpt-oss B=32 (256 pairs) 1,224 against
+    # 1,193; at 64 pairs and fewer even or slower (gpt-oss B=8: 563 against 574).
+    attn_splits: int = _switch(
+        32, "ORCD_ATTN_SPLITS", "most key slices per (sequence, kv head) in decode attention, 1..32 (1: no split; "
+        "a cap of 4 took qwen2.5 B=1 from 1,318 to 1,659 us)")
+    attn_dec_max_group: int = _switch(
+        1, "ORCD_ATTN_DEC_MAX_GROUP", "decode steps of models with at most this many q heads per kv head use "
+        "attn_dec (MHA phi3-mini 4,214 -> 3,322 us; GQA at B=1 slower: qwen2.5 19.1 against 15.8 us per layer)")
+    attn_dec_min_heads: int = _switch(
+        128, "ORCD_ATTN_DEC_MIN_HEADS", "... and any group size from this many (sequence, kv head) pairs in a step "
+        "(qwen2.5 B=64 8,998 against 8,029 tok/s; 64 pairs and fewer even or slower)")
+    attn_merge: bool = _switch(
+        True, "ORCD_ATTN_MERGE", "split attn_dec merges its slices in its last CTA instead of an attn_combine "
+        "launch (phi3-mini -260 us per step)")
+    fuse_qkv_rope: bool = _switch(
+        True, "ORCD_FUSE_QKV_ROPE", "split, rope and KV store of a fused Q/K/V row as one kernel "
+        "(phi3-mini -100 us per step)")
+
+    # ---- norms, activations, splits
+    norm_block_rows: int = _switch(
+        256, "ORCD_NORM_BLOCK_ROWS", "RMSNorm takes a block per row up to this many rows, a warp per row above "
+        "(qwen2.5 B=1 1,787 -> 1,674 us with 256 against 0)")
+    fuse_q8: bool = _switch(
+        True, "ORCD_FUSE_Q8", "single-row RMSNorm and fused-GLU kernels write the int8 rounding the next GEMV "
+        "takes (no quantize launch: qwen2.5 B=1 1,318 -> 1,245 us, phi3-mini 2,680 -> 2,568)")
+    split_views: bool = _switch(
+        True, "ORCD_SPLIT_VIEWS", "a one-row split hands back views of its input instead of launching a copy")
+
+    # ---- matmuls
+    gemv_ksplit: str = _switch(
+        "auto", "ORCD_GEMV_KSPLIT", "GEMV k-split (a block's warps share rows): auto below 2 row blocks per SM; "
+        "0 never; 1 always (A/B)", choices=("auto", "0", "1"))
+    gemv_int8: bool = _switch(
+        True, "ORCD_GEMV_INT8", "single-token matmuls of integer formats on an int8-rounded input with dp4a "
+        "products (phi3-mini B=1 3,046 -> 2,661 us)")
+    gemv_int8_min: int = _switch(
+        4 << 20, "ORCD_GEMV_INT8_MIN", "... for matrices of at least this many weights (smaller ones are "
+        "latency-bound, where the quantize launch costs more than it saves)")
+    moe_int8: bool = _switch(
+        True, "ORCD_MOE_INT8", "the per-slot MoE GEMVs (gpt-oss at B=1) on the int8-rounded input too "
+        "(3,262 -> 3,127 us per step)")
+    gemm_min_ksteps: int = _switch(
+        4, "ORCD_GEMM_MIN_KSTEPS", "fewest 64-wide k-steps per GEMM split-K block (1: mixed, q8_0 faster and q4_k "
+        "slower at B=64)")
+    gemm_pipe: int = _switch(
+        64, "ORCD_GEMM_PIPE", "GEMM tiles up to this BM take the unrolled k-step (0: rolled everywhere; only the "
+        "grouped MoE GEMM has BM 128 tiles; pp512 phi3-mini 6,301 at 64 against 5,308 at 128)",
+        choices=(0, 16, 32, 64, 128), compile_time=True)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.metadata["choices"] and v not in f.metadata["choices"]:
+                raise ValueError(f"{f.metadata['env']} ({f.name}) must be one of {f.metadata['choices']}, not {v!r}")
+            if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{f.metadata['env']} ({f.name}) must be a whole number >= 0, not {v!r}")
+        if not 1 <= self.attn_splits <= 32:
+            raise ValueError(f"ORCD_ATTN_SPLITS (attn_splits) must be 1..32 (merge_split_row keeps a slice per "
+                             f"lane), not {self.attn_splits}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Tuning":
+        """The defaults, with every switch set in `environ` (os.environ) applied; a malformed value
+        raises ValueError naming its variable rather than quietly meaning the default."""
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.metadata["env"], "").strip()
+            if raw:
+                values[f.name] = _parse(f, raw)
+        return cls(**values)
+
+    def switches(self) -> dict[str, str]:
+        """Each field's variable and value, as an A/B line or a log record spells them."""
+        return {f.metadata["env"]: _spell(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    name = f.metadata["env"]
+    if f.type == "bool":
+        low = raw.lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise ValueError(f"{name}={raw!r}: expected 1 or 0")
+    if f.type == "int":
+        try:
+            v = int(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r}: expected a whole number") from None
+        if name == "ORCD_ATTN_SPLITS":  # 0 (as before the registry): no cap beyond the kernel's 32
+            v = min(v, 32) if v > 0 else 32
+        return v
+    return raw
+
+
+def _spell(v) -> str:
+    return ("1" if v else "0") if isinstance(v, bool) else str(v)
+
+
+DEFAULT = Tuning()
+
+
+def table() -> str:
+    """Markdown rows: variable, default, what it does (the README's switch table)."""
+    rows = ["| variable | default | level | what |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Tuning):
+        m = f.metadata
+        level = m["level"] + (", compile-time" if m["compile_time"] else "")
+        rows.append(f"| `{m['env']}` | `{_spell(f.default)}` | {level} | {m['doc']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())

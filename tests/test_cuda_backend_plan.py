@@ -1,0 +1,149 @@
+"""CudaBackend's launch decisions on the CPU, with the driver and the kernels replaced by recorders:
+which kernel each op takes under a Tuning and a device's SM count (the GPU suite checks results).
+The backend is assembled from its parts without a device, as test_cuda_sample_buffer does."""
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from orcd_grpc.backends import cuda as cuda_mod
+from orcd_grpc.backends import cuda_context, cuda_quant, cuda_step
+from orcd_grpc.backends.base import KVLayout, RopeSpec, StepMeta
+from orcd_grpc.backends.cuda_memory import Workspace
+from orcd_grpc.tuning import DEFAULT, Tuning
+
+
+class _Drv:
+    Error = RuntimeError
+    function_attribute = SimpleNamespace(MAX_DYNAMIC_SHARED_SIZE_BYTES=8)
+
+    @staticmethod
+    def pagelocked_empty(n, dtype):
+        return np.empty(n, dtype)
+
+    def __getattr__(self, name):  # copies and memsets: nothing to do without a device
+        return lambda *a, **k: None
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def get(self, name, sig):
+        rec = self
+
+        class _F:
+            def prepared_async_call(self, grid, block, stream, *args):
+                rec.calls.append((name, grid))
+
+        return _F()
+
+
+def _backend(monkeypatch, tuning=DEFAULT, sms=132):
+    monkeypatch.setattr(cuda_context._tls, "guard", object(), raising=False)  # "the context is current"
+    monkeypatch.setattr(cuda_step, "_context", lambda device=0: None)
+    rec = _Recorder()
+    monkeypatch.setattr(cuda_quant, "_kernels", lambda tuning=DEFAULT: rec)
+    be = object.__new__(cuda_mod.CudaBackend)
+    nxt = [1 << 30]
+
+    def persistent(nbytes, what):
+        ptr, nxt[0] = nxt[0], nxt[0] + max(256, nbytes) + 4096
+        return SimpleNamespace(ptr=ptr, nbytes=max(256, nbytes), free=lambda: None)
+
+    be._drv, be.stream, be.device_index, be.closed = _Drv(), SimpleNamespace(synchronize=lambda: None), 0, False
+    be.tuning, be.limits = tuning, cuda_context.DeviceLimits(sms=sms, l2_bytes=50 << 20)
+    be._persistent = persistent
+    be._kernels, be._attr_set, be._recent, be._sync_each = {}, set(), [], tuning.cuda_sync
+    be._rope_cache, be._attn_counters = {}, None
+    be._meta_buf, be._meta_hosts, be._meta_turn = None, [None, None], 0
+    be._graphs, be._graph_warm, be._graph_failed = {}, set(), set()
+    be.ws = Workspace(SimpleNamespace(ptr=1 << 20, nbytes=256 << 20, free=lambda: None))
+    be._ensure_meta(4096, 256, 256 * 64)
+    launched = rec.calls
+    be._k = lambda module, name, sig: SimpleNamespace(name=name, fn=SimpleNamespace(set_attribute=lambda *a: None))
+    be._launch = lambda k, grid, block, *args, shared=0: launched.append((k.name, grid))
+    return be, launched
+
+
+def _decode_meta(B, ctx_len=300, bs=16):
+    blocks = -(-ctx_len // bs)
+    return StepMeta(token_ids=np.zeros(B, np.int32), positions=np.full(B, ctx_len - 1, np.int32),
+                    q_starts=np.arange(B + 1, dtype=np.int32), ctx_lens=np.full(B, ctx_len, np.int32),
+                    slot_mapping=np.arange(B, dtype=np.int32),
+                    block_tables=np.arange(B * blocks, dtype=np.int32).reshape(B, blocks), block_size=bs,
+                    logits_rows=np.arange(B, dtype=np.int32))
+
+
+def _attend(be, B, Hq, Hkv, D):
+    layout = KVLayout(n_layers=1, num_blocks=64 * B, block_size=16, n_kv_heads=Hkv, head_dim_k=D, head_dim_v=D)
+    kv = be.alloc_kv(layout)
+    ctx = be.begin_step(_decode_meta(B))
+    q = be._out((B, Hq, D))
+    return be.attention(q, None, None, kv, 0, ctx, scale=D ** -0.5)
+
+
+@pytest.mark.parametrize("sms,want", [(132, 17), (66, 9)])
+def test_mha_decode_takes_attn_dec_split_by_the_device(monkeypatch, sms, want):
+    """phi3-mini (32 heads, MHA) at B=1: attn_dec, key slices for 4 CTAs per SM of this device;
+    the last slice merges (no attn_combine)."""
+    be, launched = _backend(monkeypatch, sms=sms)
+    _attend(be, 1, 32, 32, 96)
+    assert [(n, g[0]) for n, g in launched] == [("attn_dec_g1_n2", want)]
+
+
+def test_gqa_decode_takes_the_tiled_kernel_and_a_combine(monkeypatch):
+    """qwen2.5 (14 q heads on 2 kv heads) at B=1: attn_d2_b over 32 key slices, then attn_combine."""
+    be, launched = _backend(monkeypatch)
+    _attend(be, 1, 14, 2, 64)
+    assert [(n, g[0]) for n, g in launched] == [("attn_d2_b", 32), ("attn_combine", -(-14 // 8))]
+
+
+def test_decode_attention_switches(monkeypatch):
+    be, launched = _backend(monkeypatch, Tuning(attn_splits=4, attn_merge=False))
+    _attend(be, 1, 32, 32, 96)
+    assert [(n, g[0]) for n, g in launched] == [("attn_dec_g1_n2", 4), ("attn_combine", 4)]
+    be, launched = _backend(monkeypatch, Tuning(attn_dec_min_heads=2))
+    _attend(be, 1, 14, 2, 64)  # 2 (sequence, kv head) pairs reach the threshold: attn_dec for GQA too
+    assert launched[0][0] == "attn_dec_g8_n1"
+
+
+def test_norm_linear_and_split_follow_the_tuning(monkeypatch):
+    be, launched = _backend(monkeypatch)
+    be.begin_step(_decode_meta(1))
+    w = SimpleNamespace(qtype=Q.Q4_K, n=9216, k=3072, n_experts=None, ptr=0x10000, expert_bytes=0)
+    x, g = be._out((1, 3072)), be._out((3072,))
+    h, _ = be.rms_norm(x, g, 1e-5)
+    y = be.linear(h, w)
+    assert [n for n, _ in launched] == ["rms_norm_block_q8", "gemv_q4_k_1_i8"]  # no quantize_x8 launch
+    parts = be.split(y, [3072, 3072, 3072])
+    assert [p.ptr for p in parts] == [y.ptr, y.ptr + 4 * 3072, y.ptr + 8 * 3072] and len(launched) == 2
+    launched.clear()
+    be.tuning = dataclasses.replace(DEFAULT, fuse_q8=False, split_views=False)
+    h, _ = be.rms_norm(x, g, 1e-5)
+    y = be.linear(h, w)
+    be.split(y, [3072, 3072, 3072])
+    assert [n for n, _ in launched] == ["rms_norm_block", "quantize_x8", "gemv_q4_k_1_i8", "split3_f32"]
+
+
+def test_fused_qkv_rope_and_moe_plan(monkeypatch):
+    be, launched = _backend(monkeypatch)
+    layout = KVLayout(n_layers=1, num_blocks=64, block_size=16, n_kv_heads=2, head_dim_k=64, head_dim_v=64)
+    kv = be.alloc_kv(layout)
+    ctx = be.begin_step(_decode_meta(1))
+    spec = RopeSpec(dim=64, base=10000.0, neox=True)
+    be.qkv_rope_store(be._out((1, (14 + 4) * 64)), kv, 0, ctx, spec, 14, 2, 64, 64)
+    assert [n for n, _ in launched] == ["qkv_rope_store_f32"]
+    launched.clear()
+    E, d, F = 32, 2880, 2880
+    w = SimpleNamespace(qtype=Q.MXFP4, n=F, k=d, n_experts=E, ptr=0x10000, expert_bytes=F * d // 2 * 17 // 16)
+    wd = SimpleNamespace(qtype=Q.MXFP4, n=d, k=F, n_experts=E, ptr=0x20000, expert_bytes=F * d // 2 * 17 // 16)
+    be.begin_step(_decode_meta(64))
+    be.moe(be._out((64, d)), be._out((64, E)), 4, w, w, wd, act="swiglu_oai")
+    names = [n for n, _ in launched]
+    assert names == ["moe_route", "moe_group", "gemm_moe_mxfp4_16_blk", "gemm_moe_mxfp4_16_blk", "moe_act",
+                     "gemm_moe_mxfp4_16_blk", "moe_combine"]
