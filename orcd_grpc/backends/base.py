@@ -93,6 +93,7 @@ class Backend(ABC):
     # backends reserve a workspace up front.
     host_memory: bool = False
     memory_name: str = "memory"  # what memory_available() measures, for messages
+    workspace_bytes: int = 0  # the step workspace a device backend reserves (0: none)
 
     # ---- memory -------------------------------------------------------------------------
     @abstractmethod
@@ -119,6 +120,16 @@ class Backend(ABC):
     def memory_available(self) -> int | None:
         """Bytes that may still be allocated, None when unbounded (host memory)."""
         return None
+
+    def gpu_info(self) -> dict | None:
+        """The device's description for HardwareInfo (None: no GPU)."""
+        return None
+
+    def runner(self, model):
+        """The runner that executes step plans on this backend (backends/runner.py)."""
+        from .host_runner import HostRunner
+
+        return HostRunner(self, model)
 
     def begin_step(self, meta: StepMeta):
         """Per-step state the ops need (device copies of meta); passed back to ops as `ctx`."""

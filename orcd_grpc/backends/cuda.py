@@ -1051,3 +1051,8 @@ class CudaBackend(Backend):
         tid = out[2 * R: 2 * R + R * nt].view(np.int32).reshape(R, nt).copy()
         tlp = out[2 * R + R * nt: 2 * R + 2 * R * nt].view(np.float32).reshape(R, nt).copy()
         return toks, lps, tid, tlp
+
+    def runner(self, model):
+        from .cuda_runner import CudaRunner
+
+        return CudaRunner(self, model)
