@@ -156,35 +156,42 @@ class Engine:
         seq.num_cached = 0
 
     # ---- plans ---------------------------------------------------------------------------
-    def _schedule(self, seqs: list[Sequence], token_budget: int) -> list[tuple[Sequence, int]]:
+    def _schedule(self, seqs: list[Sequence], token_budget: int,
+                  all_logits: bool = False) -> tuple[list[tuple[Sequence, int]], list[PlanRow]]:
         """(sequence, tokens) of each sequence with pending tokens, chunking prompts to the
-        budget; their KV blocks are allocated here."""
-        chosen, budget = [], min(token_budget, self.max_step_tokens)
+        budget, and the plan's row of each; their KV blocks are allocated here. One pass, lean:
+        it runs for every sequence of every step."""
+        chosen, rows, budget = [], [], min(token_budget, self.max_step_tokens)
+        alloc, ctx_len = self.allocator, self.info.context_length
+        bs = alloc.block_size
         for s in seqs:
-            if s.num_cached == 0 and not s.block_table:
-                s.num_cached = s.cached_prompt_tokens = self.allocator.match_prefix(s.prompt_ids, s.block_table)
-            pending = s.total_len - s.num_cached
-            if pending <= 0:
+            bt, out = s.block_table, s.output_ids
+            if s.num_cached == 0 and not bt:
+                s.num_cached = s.cached_prompt_tokens = alloc.match_prefix(s.prompt_ids, bt)
+            start, p = s.num_cached, len(s.prompt_ids)
+            total = p + len(out)
+            if start >= total:
                 continue
-            n = min(pending, budget) if s.prefill_remaining > 0 else pending
+            n = min(total - start, budget) if start < p else total - start
             if n <= 0:
                 continue
-            if s.num_cached + n > self.info.context_length:
-                raise OutOfRange(f"sequence {s.seq_id} exceeds the context length {self.info.context_length}",
-                                 field="context")
-            self.allocator.ensure(s.block_table, s.num_cached + n)
+            if start + n > ctx_len:
+                raise OutOfRange(f"sequence {s.seq_id} exceeds the context length {ctx_len}", field="context")
+            if -(-(start + n) // bs) > len(bt):
+                alloc.ensure(bt, start + n)
             budget -= n
             chosen.append((s, n))
-        return chosen
+            sample = not all_logits and start + n == total
+            tokens = [out[start - p]] if n == 1 and start >= p else s.tokens(start, start + n)
+            rows.append(PlanRow(s.seq_id, tokens, start, n, bt, s.prompt_ids, out, s.row, sample, len(out),
+                                n if all_logits else 0, s.mask if sample else None, s.bias if sample else None))
+        return chosen, rows
 
-    def _row(self, s: Sequence, n: int, all_logits: bool = False, fed: bool = False) -> PlanRow:
-        start = s.num_cached
-        sample = not all_logits and (fed or start + n == s.total_len)
-        return PlanRow(seq_id=s.seq_id, tokens=None if fed else s.tokens(start, start + n), start=start, n=n,
-                       block_table=s.block_table, prompt_ids=s.prompt_ids, output_ids=s.output_ids,
-                       sampling=s.row, sample=sample, token_index=len(s.output_ids) + fed,
-                       logits=n if all_logits else 0, mask=s.mask if sample else None,
-                       bias=s.bias if sample else None)
+    @staticmethod
+    def _fed_row(s: Sequence) -> PlanRow:
+        """s's next decode row when its input is the sample of the step in flight."""
+        return PlanRow(s.seq_id, None, s.num_cached, 1, s.block_table, s.prompt_ids, s.output_ids, s.row, True,
+                       len(s.output_ids) + 1, 0, s.mask, s.bias)
 
     def _advance(self, chosen) -> None:
         for s, n in chosen:
@@ -203,22 +210,22 @@ class Engine:
         None when the runner cannot queue it so (the caller collects `after` and plans anew), the
         context is full or the KV cache has no block for it."""
         if after is None:
-            chosen = self._schedule(seqs, token_budget)
+            chosen, rows = self._schedule(seqs, token_budget)
             if not chosen:
                 return None
-            launched = self.runner.launch(StepPlan([self._row(s, n) for s, n in chosen], self.allocator.block_size))
+            launched = self.runner.launch(StepPlan(rows, self.allocator.block_size))
             self._advance(chosen)
             return launched
-        if (not self.capabilities.overlap or after.seq_ids != [s.seq_id for s in seqs]
-                or not all(r.sample for r in after.plan.rows)
-                or any(s.num_cached + 1 > self.info.context_length for s in seqs)):
+        # the runner checks that `after` is a step of these rows it can feed
+        ctx_len = self.info.context_length
+        if not self.capabilities.overlap or any(s.num_cached >= ctx_len for s in seqs):
             return None
         try:
             for s in seqs:
                 self.allocator.ensure(s.block_table, s.num_cached + 1)
         except ResourceExhausted:
             return None  # the next ordinary step reports it (and the scheduler preempts)
-        plan = StepPlan([self._row(s, 1, fed=True) for s in seqs], self.allocator.block_size, after=after)
+        plan = StepPlan([self._fed_row(s) for s in seqs], self.allocator.block_size, after=after)
         launched = self.runner.launch(plan)
         if launched is not None:
             self._advance([(s, 1) for s in seqs])
@@ -247,11 +254,10 @@ class Engine:
         returns the logits of each, [n, vocab]."""
         if new_tokens:
             seq.output_ids.extend(int(t) for t in new_tokens)
-        chosen = self._schedule([seq], 1 << 30)
+        chosen, rows = self._schedule([seq], 1 << 30, all_logits=True)
         if not chosen:
             raise InvalidArgument("the sequence has no token to score", field="new_tokens")
-        plan = StepPlan([self._row(s, n, all_logits=True) for s, n in chosen], self.allocator.block_size)
-        result: StepResult = self.runner.run(plan)
+        result: StepResult = self.runner.run(StepPlan(rows, self.allocator.block_size))
         self._advance(chosen)
         return result.logits[seq.seq_id]
 

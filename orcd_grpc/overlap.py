@@ -28,7 +28,7 @@ class Overlap:
         output_ids (sequences released meanwhile excepted); the scheduler appends itself."""
         eng = self.engine
         prev, self.inflight = self.inflight, None
-        if prev is not None and [s.seq_id for s in prev[0]] != [s.seq_id for s in seqs]:
+        if prev is not None and (len(prev[0]) != len(seqs) or any(a is not b for a, b in zip(prev[0], seqs))):
             return self._deliver(prev, append)
         if prev is None:
             launched = eng.launch(seqs, token_budget)

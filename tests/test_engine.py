@@ -164,8 +164,7 @@ def test_plan_returns_logits_at_several_positions_and_samples_the_last(engine):
     want = engine.score(s)
     engine.release(s)
     s = engine.new_sequence(ids, GREEDY)
-    chosen = engine._schedule([s], 1 << 30)
-    row = engine._row(s, chosen[0][1])
+    _, (row,) = engine._schedule([s], 1 << 30)
     row.logits = 3
     res = engine.runner.run(StepPlan([row], engine.allocator.block_size))
     engine.release(s)

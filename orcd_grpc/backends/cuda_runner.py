@@ -37,13 +37,15 @@ class _RowState:
         self.seed, self.row = seed, row
 
 
-def _take(res, i: int, row: PlanRow) -> TokenSample:
-    """Row i of a device sampling's result (ids, logprobs[, top ids, top logprobs])."""
-    top = []
-    k = row.sampling.params.top_logprobs
-    if k:
-        top = [(int(t), float(lp)) for t, lp in zip(res[2][i, :k], res[3][i, :k])]
-    return TokenSample(token_id=int(res[0][i]), logprob=float(res[1][i]), top=top)
+def _samples(res, rows: list[PlanRow]) -> dict[int, TokenSample]:
+    """{seq_id: sample} of a device sampling's result (ids, logprobs[, top ids, top logprobs])."""
+    toks, lps = res[0].tolist(), res[1].tolist()
+    out = {}
+    for i, r in enumerate(rows):
+        k = r.sampling.params.top_logprobs
+        top = [(int(t), float(lp)) for t, lp in zip(res[2][i, :k], res[3][i, :k])] if k else []
+        out[r.seq_id] = TokenSample(toks[i], lps[i], top)
+    return out
 
 
 class CudaRunner(Runner):
@@ -54,6 +56,7 @@ class CudaRunner(Runner):
         # Queuing a step behind the one in flight needs that step on a captured graph (an eager
         # one would keep the host busy launching). ORCD_LOOKAHEAD=0 turns it off.
         self.lookahead = bool(self.buckets) and os.environ.get("ORCD_LOOKAHEAD", "1") != "0"
+        self._cols = np.arange(model.table_width)
         ws = int(backend.workspace_bytes)
         self.capabilities = Capabilities(
             name=backend.name, memory="host" if backend.host_memory else "device", device_sampling=True,
@@ -66,7 +69,9 @@ class CudaRunner(Runner):
         bucket = self._bucket(plan)
         after = plan.after
         if after is not None:
-            if (after.pending is None or after.result is not None or after.seq_ids != plan.seq_ids
+            before = after.plan.rows
+            if (after.pending is None or after.result is not None or len(before) != len(plan.rows)
+                    or any(a.seq_id != b.seq_id for a, b in zip(before, plan.rows))
                     or not self._queueable(plan, bucket)):
                 return None
             return self._queue(plan, bucket, feed=after.pending)
@@ -81,7 +86,7 @@ class CudaRunner(Runner):
     def collect(self, launched: Launched) -> StepResult:
         if launched.result is None:
             res = self.backend.sample_result(launched.pending)
-            launched.result = StepResult({r.seq_id: _take(res, i, r) for i, r in enumerate(launched.plan.rows)})
+            launched.result = StepResult(_samples(res, launched.plan.rows))
         return launched.result
 
     def _bucket(self, plan: StepPlan) -> int:
@@ -89,7 +94,7 @@ class CudaRunner(Runner):
         rows = plan.rows
         if not self.buckets or len(rows) > self.buckets[-1]:
             return 0
-        if any(r.n != 1 or r.logits or not r.sample or not r.decode for r in rows):
+        if any(r.n != 1 or r.logits or not r.sample or r.start < len(r.prompt_ids) for r in rows):
             return 0
         return next(b for b in self.buckets if b >= len(rows))
 
@@ -113,21 +118,32 @@ class CudaRunner(Runner):
 
     def _padded_meta(self, plan: StepPlan, nb: int) -> StepMeta:
         """A decode step padded to nb one-token rows, its block tables to the longest a sequence
-        can have, so every step of a bucket has the shapes its graph was captured with."""
+        can have, so every step of a bucket has the shapes its graph was captured with. Host work
+        on every decode step: one array write per row, the rest whole-batch."""
         bs, m = plan.block_size, self.model
-        B = len(plan.rows)
+        rows = plan.rows
+        B = len(rows)
         tables = np.full((nb, m.table_width), -1, np.int32)
         tables[B:, 0] = m.pad_block
         pos = np.zeros(nb, np.int32)
-        ids = np.zeros(nb, np.int32)
+        ids = np.zeros(nb, np.int32)  # a fed row's id is written on the device
         slots = np.full(nb, m.pad_block * bs, np.int32)
-        for b, r in enumerate(plan.rows):
-            p = r.start
-            tables[b, : len(r.block_table)] = r.block_table
-            pos[b] = p
-            if r.tokens is not None:  # else fed on the device
-                ids[b] = r.tokens[0]
-            slots[b] = r.block_table[p // bs] * bs + p % bs
+        pos[:B] = [r.start for r in rows]
+        ids[:B] = [0 if r.tokens is None else r.tokens[0] for r in rows]
+        if B < 24:
+            for b, r in enumerate(rows):
+                bt = r.block_table
+                tables[b, : len(bt)] = bt
+                slots[b] = bt[r.start // bs] * bs + r.start % bs
+        else:  # whole-batch: all tables in one masked write (row-major, as they are concatenated)
+            lens = np.fromiter(map(len, (r.block_table for r in rows)), np.int64, B)
+            flat: list[int] = []
+            for r in rows:
+                flat += r.block_table
+            flat = np.asarray(flat, np.int32)
+            tables[:B][self._cols[None, :] < lens[:, None]] = flat
+            p = pos[:B]
+            slots[:B] = flat[np.cumsum(lens) - lens + p // bs] * bs + p % bs
         ar = np.arange(nb + 1, dtype=np.int32)
         return StepMeta(token_ids=ids, positions=pos, q_starts=ar, ctx_lens=pos + 1, slot_mapping=slots,
                         block_tables=tables, block_size=bs, logits_rows=ar[:nb])
@@ -171,4 +187,4 @@ class CudaRunner(Runner):
                               "frequency_penalty": p.frequency_penalty,
                               "prompt_ids": r.prompt_ids if pen else (), "output_ids": r.output_ids if pen else ()})
             res = self.backend.sample(logits, dicts, n_top)
-        return StepResult({r.seq_id: _take(res, i, r) for i, r in enumerate(rows)})
+        return StepResult(_samples(res, rows))

@@ -40,11 +40,12 @@ class RowSampling:
     params: SamplingParams
     sampler: Sampler          # the host sampler (its random stream is per sequence)
     state: Any = None
+    penalised: bool = field(init=False)  # needs the token history (read on every step: kept)
 
-    @property
-    def penalised(self) -> bool:
+    def __post_init__(self):
         p = self.params
-        return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+        self.penalised = p is not None and (p.repetition_penalty != 1.0 or bool(p.presence_penalty)
+                                            or bool(p.frequency_penalty))
 
 
 @dataclass(eq=False, slots=True)
