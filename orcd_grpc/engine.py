@@ -17,6 +17,7 @@ import numpy as np
 from . import quants
 from .adapters import adapter_for
 from .backends.base import Backend
+from .backends.factory import make_backend
 from .backends.runner import Launched, PlanRow, RowSampling, RunnerModel, StepPlan, StepResult
 from .errors import InvalidArgument, OutOfRange, ResourceExhausted
 from .gguf_model import GGUFModel
@@ -84,24 +85,6 @@ class Sequence:
         p = len(self.prompt_ids)
         return (self.prompt_ids[start:stop] if stop <= p
                 else self.prompt_ids[start:] + self.output_ids[max(0, start - p): stop - p])
-
-
-def make_backend(kind: str = "auto", max_vram: int = 0, max_ram: int = 0) -> Backend:
-    if kind in ("auto", "cuda"):
-        try:
-            from .backends.cuda import CudaBackend, cuda_present
-            if cuda_present():
-                return CudaBackend(max_vram=max_vram)
-            if kind == "cuda":
-                raise InvalidArgument("no CUDA GPU is visible to this process", field="backend")
-        except ImportError as exc:
-            if kind == "cuda":
-                raise InvalidArgument(f"the CUDA backend is unavailable: {exc}", field="backend") from exc
-    elif kind != "cpu":
-        raise InvalidArgument(f"unknown backend {kind!r} (auto, cpu, cuda)", field="backend")
-    from .admission import ram_limit
-    from .backends.numpy_backend import NumpyBackend
-    return NumpyBackend(max_ram=ram_limit(max_ram))
 
 
 class Engine:
@@ -218,7 +201,7 @@ class Engine:
             return launched
         # the runner checks that `after` is a step of these rows it can feed
         ctx_len = self.info.context_length
-        if not self.capabilities.overlap or any(s.num_cached >= ctx_len for s in seqs):
+        if not after.feeds or any(s.num_cached >= ctx_len for s in seqs):
             return None
         try:
             for s in seqs:

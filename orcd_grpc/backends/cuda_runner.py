@@ -70,7 +70,7 @@ class CudaRunner(Runner):
         after = plan.after
         if after is not None:
             before = after.plan.rows
-            if (after.pending is None or after.result is not None or len(before) != len(plan.rows)
+            if (not after.feeds or after.result is not None or len(before) != len(plan.rows)
                     or any(a.seq_id != b.seq_id for a, b in zip(before, plan.rows))
                     or not self._queueable(plan, bucket)):
                 return None
@@ -114,7 +114,7 @@ class CudaRunner(Runner):
             logits = logits.row_slice(0, len(rows))
         n_top = max(r.sampling.params.top_logprobs for r in rows)
         handle = self.backend.sample_packed_async(logits, self._packed_rows(rows), np.zeros(2, np.int32), n_top)
-        return Launched(plan, pending=handle)
+        return Launched(plan, pending=handle, feeds=True)
 
     def _padded_meta(self, plan: StepPlan, nb: int) -> StepMeta:
         """A decode step padded to nb one-token rows, its block tables to the longest a sequence

@@ -99,6 +99,7 @@ class Launched:
     plan: StepPlan
     result: StepResult | None = None
     pending: Any = None
+    feeds: bool = False  # its samples can feed a plan launched before they are collected
 
     @property
     def seq_ids(self) -> list[int]:
