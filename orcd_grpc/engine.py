@@ -210,6 +210,7 @@ class Engine:
             return None  # the next ordinary step reports it (and the scheduler preempts)
         plan = StepPlan([self._fed_row(s) for s in seqs], self.allocator.block_size, after=after)
         launched = self.runner.launch(plan)
+        plan.after = None  # fed or declined: held on, each step would keep every earlier one alive
         if launched is not None:
             self._advance([(s, 1) for s in seqs])
         return launched
@@ -221,7 +222,7 @@ class Engine:
 
     def step(self, seqs: list[Sequence], token_budget: int = 2048) -> dict[int, TokenSample]:
         """One step, waited for, its tokens appended (callers without a loop of their own:
-        tests, tools). The scheduler overlaps steps instead (scheduler.Overlap)."""
+        tests, tools). The scheduler overlaps steps instead (overlap.Overlap)."""
         launched = self.launch(seqs, token_budget)
         if launched is None:
             return {}

@@ -277,6 +277,7 @@ def test_overlap_launches_no_step_past_max_tokens(tmp_path):
                 assert be.fed >= 3  # it did run ahead before the end
             else:
                 assert ov.inflight is not None and len(be.pending) == 1
+                assert ov.inflight[1].plan.after is None  # no chain of every earlier step stays alive
             eng.release(s)
             ov.drain()
             assert not be.pending and len(s.output_ids) == 7  # released: the queued token is dropped
