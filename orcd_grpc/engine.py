@@ -95,7 +95,7 @@ class Engine:
         self._ids = itertools.count(1)
         # The block past the allocator's range is the runner's, for rows that pad a step.
         self.runner = backend.runner(RunnerModel(
-            forward=lambda ctx: adapter.forward(ctx, kv), hp=adapter.hp,
+            forward=lambda ctx: self.adapter.forward(ctx, self.kv), hp=adapter.hp,  # close() drops the KV
             n_experts_used=int(getattr(adapter, "n_used", 0) or 0), block_size=allocator.block_size,
             pad_block=allocator.num_blocks, table_width=allocator.blocks_for(info.context_length),
             max_sequences=info.max_sequences))

@@ -317,3 +317,39 @@ def test_device_sampling_rows_carry_the_limits():
     packed = pack_sampling_row(r["temperature"], r["top_k"], r["top_p"], r["min_p"], r["seed"],
                                r["repetition_penalty"]).view(np.float32)
     assert np.isfinite(np.float32(30.0) / packed[8])  # a positive logit over the penalty stays finite
+
+
+def test_padded_metadata_of_large_batches_is_the_row_by_row_one():
+    """Batches of 24 rows and more build their padded block tables and slots with whole-batch
+    array operations; they must equal the row-by-row construction of small batches."""
+    from orcd_grpc.backends.runner import RowSampling
+
+    be = SimpleNamespace(name="cuda", host_memory=False, workspace_bytes=0)
+    runner = CudaRunner(be, RunnerModel(forward=None, hp=None, n_experts_used=0, block_size=4, pad_block=999,
+                                        table_width=12, max_sequences=64))
+    rng = np.random.default_rng(5)
+    sampling = RowSampling(GREEDY, None)
+    rows = []
+    for i in range(37):
+        nblocks = int(rng.integers(1, 13))
+        table = rng.choice(900, nblocks, replace=False).tolist()
+        start = int(rng.integers(4 * (nblocks - 1), 4 * nblocks))
+        fed = i % 3 == 0
+        rows.append(PlanRow(i, None if fed else [int(rng.integers(0, 300))], start, 1, table, [1], [2] * start,
+                            sampling))
+    plan = StepPlan(rows, 4)
+    big = runner._padded_meta(plan, 48)
+    want_tables = np.full((48, 12), -1, np.int32)
+    want_tables[37:, 0] = 999
+    for b, r in enumerate(rows):
+        want_tables[b, : len(r.block_table)] = r.block_table
+    np.testing.assert_array_equal(big.block_tables, want_tables)
+    np.testing.assert_array_equal(big.slot_mapping[:37], [r.block_table[r.start // 4] * 4 + r.start % 4 for r in rows])
+    assert (big.slot_mapping[37:] == 999 * 4).all()
+    np.testing.assert_array_equal(big.positions[:37], [r.start for r in rows])
+    np.testing.assert_array_equal(big.token_ids[:37], [0 if r.tokens is None else r.tokens[0] for r in rows])
+    np.testing.assert_array_equal(big.ctx_lens, big.positions + 1)
+    # and a small batch (row by row) of the same rows gives the same rows
+    small = runner._padded_meta(StepPlan(rows[:5], 4), 8)
+    np.testing.assert_array_equal(small.block_tables[:5], want_tables[:5])
+    np.testing.assert_array_equal(small.slot_mapping[:5], big.slot_mapping[:5])
