@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__file__)))
 
 from orcd_grpc.engine import load_engine  # noqa: E402
+from orcd_grpc.overlap import Overlap  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
 
 
@@ -29,17 +30,22 @@ def rand_prompt(rng, n, vocab):
 
 
 def run_to_completion(engine, seqs, n_new, budget):
-    """Prefills `seqs` and decodes until each has n_new tokens; returns (t_first_token, t_decode, decode_tokens)."""
+    """Prefills `seqs` and decodes until each has n_new tokens, through the overlap loop the
+    scheduler runs (no step launched past n_new, as a request's max_tokens bounds it); returns
+    (t_first_token, t_decode, decode_tokens)."""
+    loop = Overlap(engine)
+    follow = lambda s: len(s.output_ids) + 2 <= n_new  # noqa: E731
     t0 = time.perf_counter()
     while any(s.prefill_remaining for s in seqs):
-        engine.step(seqs, budget)
+        loop.step(seqs, budget, follow)
     t_first = time.perf_counter() - t0
     t1 = time.perf_counter()
     steps = 0
     while min(len(s.output_ids) for s in seqs) < n_new:
-        engine.step(seqs, budget)
+        loop.step(seqs, budget, follow)
         steps += 1
     t_dec = time.perf_counter() - t1
+    loop.drain()
     return t_first, t_dec, steps * len(seqs)
 
 
@@ -71,15 +77,14 @@ def main(argv=None):
     results["kv_bytes_per_seq_4096"] = per_token_kv * 4096
 
     # warm-up (module loads, autotuning, graph capture)
-    # max_tokens as the server passes a request's: no step is queued past the last token (lookahead)
-    s = eng.new_sequence(rand_prompt(rng, 64, vocab), greedy, 4)
+    s = eng.new_sequence(rand_prompt(rng, 64, vocab), greedy)
     run_to_completion(eng, [s], 4, 4096)
     eng.release(s)
 
     # prefill pp512 + single-stream decode tg128 (as llama-bench: separate measurements)
     pp, tg, ttft = [], [], []
     for _ in range(args.reps):
-        s = eng.new_sequence(rand_prompt(rng, args.prompt, vocab), greedy, args.gen + 1)
+        s = eng.new_sequence(rand_prompt(rng, args.prompt, vocab), greedy)
         t_first, t_dec, n = run_to_completion(eng, [s], args.gen + 1, 4096)
         eng.release(s)
         pp.append(args.prompt / t_first)
@@ -91,7 +96,7 @@ def main(argv=None):
 
     # aggregate decode at B concurrent sequences (128 prompt + 128 generated each)
     for b in batches:
-        seqs = [eng.new_sequence(rand_prompt(rng, 128, vocab), greedy, args.gen + 1) for _ in range(b)]
+        seqs = [eng.new_sequence(rand_prompt(rng, 128, vocab), greedy) for _ in range(b)]
         _, t_dec, n = run_to_completion(eng, seqs, args.gen + 1, 8192)
         for s in seqs:
             eng.release(s)

@@ -28,18 +28,22 @@ from orcd_grpc.server import ServerConfig, start_server  # noqa: E402
 
 
 def engine_decode(engine, prompt, gen):
+    from orcd_grpc.overlap import Overlap
     from orcd_grpc.sampling import SamplingParams
 
-    s = engine.new_sequence(prompt, SamplingParams(temperature=0.0), gen)  # max_tokens, as the gRPC request has
+    s = engine.new_sequence(prompt, SamplingParams(temperature=0.0))
+    loop = Overlap(engine)
+    follow = lambda q: len(q.output_ids) + 2 <= gen  # noqa: E731  (max_tokens, as the gRPC request has)
     try:
         while not s.output_ids:
-            engine.step([s])
+            loop.step([s], may_follow=follow)
         t0 = time.perf_counter()
         while len(s.output_ids) < gen:
-            engine.step([s])
+            loop.step([s], may_follow=follow)
         return (gen - 1) / (time.perf_counter() - t0)
     finally:
         engine.release(s)
+        loop.drain()
 
 
 def grpc_decode_in_child(port, model_id, prompt, gen, reps):

@@ -20,7 +20,9 @@ root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [root, os.path.join(root, "tests")]
 
 from gpu.test_cuda_models import write_tiny_llama  # noqa: E402
-from orcd_grpc.engine import GRAPH_BUCKETS, load_engine  # noqa: E402
+from orcd_grpc.backends.cuda_runner import CudaRunner  # noqa: E402
+from orcd_grpc.backends.runner import StepPlan  # noqa: E402
+from orcd_grpc.engine import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
 
 
@@ -37,15 +39,20 @@ def main(argv=None):
                 for _ in range(64)]
         while any(s.prefill_remaining for s in seqs):
             eng.step(seqs, 8192)
-        eng.graph_buckets = list(GRAPH_BUCKETS)  # plan as the CUDA engine does (padded buckets)
+        # plan as on the GPU: the CUDA runner's padded metadata (its buckets), over this engine's model
+        cuda = CudaRunner(eng.backend, eng.runner.model)
         out = {}
         for b in (1, 16, 64):
             sub = seqs[:b]
             t = time.perf_counter()
             for _ in range(args.reps):
-                plan = eng._plan(sub, 8192)
-                eng._meta(plan, False, pad_to=eng._bucket(plan))
+                plan = StepPlan(eng._schedule(sub, 8192)[1], eng.allocator.block_size)
+                cuda._padded_meta(plan, cuda._bucket(plan))
             out[f"plan_meta_us_B{b}"] = round((time.perf_counter() - t) / args.reps * 1e6, 1)
+            t = time.perf_counter()
+            for _ in range(args.reps):
+                cuda._packed_rows(plan.rows)
+            out[f"packed_rows_us_B{b}"] = round((time.perf_counter() - t) / args.reps * 1e6, 1)
         eng.close()
     print(json.dumps(out))
 

@@ -16,6 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from orcd_grpc.backends.runner import StepPlan  # noqa: E402
 from orcd_grpc.engine import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
 
@@ -69,9 +70,15 @@ def decode_setup(model: str, batch: int, ctx: int):
     while any(s.prefill_remaining for s in seqs):
         eng.step(seqs, 8192)
     for _ in range(3):
-        eng.step(seqs, 8192)
-    eng.drain()  # a step queued ahead (lookahead) settles, so the sequences can be planned by hand
-    return eng, seqs, eng.backend._graphs[("decode", eng._bucket([(s, 1) for s in seqs]))][0]
+        eng.step(seqs, 8192)  # waited for: nothing stays in flight, so the sequences can be planned by hand
+    _, plan = decode_plan(eng, seqs)
+    return eng, seqs, eng.backend._graphs[("decode", eng.runner._bucket(plan))][0]
+
+
+def decode_plan(eng, seqs):
+    """The next decode step of seqs as the engine plans it: ((sequence, tokens) pairs, plan)."""
+    chosen, rows = eng._schedule(seqs, 8192)
+    return chosen, StepPlan(rows, eng.allocator.block_size)
 
 
 def main(argv=None):
@@ -86,9 +93,9 @@ def main(argv=None):
     t = {"plan_meta": 0.0, "begin_step": 0.0, "graph_launch": 0.0, "gpu_wait": 0.0, "sample": 0.0, "step": 0.0}
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        plan = eng._plan(seqs, 8192)
-        bucket = eng._bucket(plan)
-        meta = eng._meta(plan, False, pad_to=bucket)
+        chosen, plan = decode_plan(eng, seqs)
+        bucket = eng.runner._bucket(plan)
+        meta = eng.runner._padded_meta(plan, bucket)
         t1 = time.perf_counter()
         ctx = be.begin_step(meta)
         t2 = time.perf_counter()
@@ -98,9 +105,10 @@ def main(argv=None):
         t3 = time.perf_counter()
         be.synchronize()
         t4 = time.perf_counter()
-        for s, n in plan:
-            s.num_cached += n
-        eng._sample_on_device(out if out.shape[0] == len(seqs) else out.row_slice(0, len(seqs)), seqs)
+        eng._advance(chosen)
+        res = eng.runner._sample(plan, out)
+        for s in seqs:
+            s.output_ids.append(res.samples[s.seq_id].token_id)
         t5 = time.perf_counter()
         for k, a, b in (("plan_meta", t0, t1), ("begin_step", t1, t2), ("graph_launch", t2, t3),
                         ("gpu_wait", t3, t4), ("sample", t4, t5), ("step", t0, t5)):
@@ -113,8 +121,8 @@ def main(argv=None):
     be.synchronize()
     t["graph_replay_gpu"] = (time.perf_counter() - t0) * 1e6 / args.steps
     # The same forward launched eagerly from Python.
-    plan = eng._plan(seqs, 8192)
-    meta = eng._meta(plan, False, pad_to=eng._bucket(plan))
+    _, plan = decode_plan(eng, seqs)
+    meta = eng.runner._padded_meta(plan, eng.runner._bucket(plan))
     be.synchronize()
     t0 = time.perf_counter()
     for _ in range(10):

@@ -83,9 +83,7 @@ def check_finite_logits(engine) -> None:
     ids = [int(i) for i in np.linspace(0, info.vocab_size - 1, n)]
     seq = Sequence(0, ids, None, None)
     try:
-        plan = engine._plan([seq], 1 << 30)
-        _, logits = engine._forward(plan, all_logits=True)
-        host = np.asarray(engine.backend.to_host(logits), dtype=np.float32)
+        host = np.asarray(engine.score(seq), dtype=np.float32)
     except OrcdError as exc:
         if isinstance(exc, (ResourceExhausted, FailedPrecondition)):
             raise

@@ -23,6 +23,7 @@ import grpc
 
 from . import logs
 from .errors import AlreadyExists, FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
+from .overlap import Overlap
 
 log = logs.get_logger("orcd.scheduler")
 
@@ -93,8 +94,7 @@ class Request:
         self.deadline = deadline  # time.monotonic() value, or None
         self.arrival = time.monotonic() if arrival is None else arrival
         self.events: queue.Queue = queue.Queue()
-        self.generated: list[int] = []
-        self.seq = None
+        self.seq = None  # the engine's sequence: it holds the tokens (the one copy of them)
         self.decoder = None
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
@@ -109,6 +109,10 @@ class Request:
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.seq.output_ids if self.seq is not None else []
 
 
 def _make_decoder(tokenizer, stop: list[str]):
@@ -162,6 +166,7 @@ class Scheduler:
         self._load_lock = threading.Lock()
         # Smoothed duration of a whole request, for the retry-after hint of a full queue.
         self._avg_request_s = 1.0
+        self._overlap: Overlap | None = None  # the served engine's overlap loop
         self._thread = threading.Thread(target=self._loop, name="orcd-engine", daemon=True)
         self._thread.start()
 
@@ -262,6 +267,7 @@ class Scheduler:
         self._model_changed(engine.info)
 
     def _model_changed(self, info) -> None:
+        self._overlap = None  # a step queued on the old engine: its requests are gone with it
         if self.metrics is not None:
             self.metrics.set_model(info)
         if self._on_model_change is not None:
@@ -436,7 +442,7 @@ class Scheduler:
                 continue
             if req.seq is None:
                 try:
-                    req.seq = engine.new_sequence(req.prompt_ids, req.sampling, req.stopping.max_tokens)
+                    req.seq = engine.new_sequence(req.prompt_ids, req.sampling)
                 except OrcdError as exc:
                     self._fail(req, exc)
                     continue
@@ -458,9 +464,13 @@ class Scheduler:
 
     def _step(self, engine) -> None:
         batch = list(self._running)
+        if self._overlap is None or self._overlap.engine is not engine:
+            self._overlap = Overlap(engine)
         t0 = time.monotonic()
         try:
-            samples = engine.step([r.seq for r in batch], self.token_budget)
+            # the scheduler appends each token it accepts itself (_on_token)
+            samples = self._overlap.step([r.seq for r in batch], self.token_budget, self._may_follow(batch),
+                                         append=False)
         except ResourceExhausted as exc:
             if len(batch) > 1:
                 self._preempt(batch[-1])
@@ -468,6 +478,7 @@ class Scheduler:
                 self._fail(batch[0], exc)
             return
         except Exception as exc:
+            self._overlap = None
             if self.metrics is not None:
                 self.metrics.engine_errors.inc()
             log.exception("engine step failed", extra={"fields": {"batch": [r.request_id for r in batch]}})
@@ -480,8 +491,19 @@ class Scheduler:
             self.metrics.step_seconds.observe(time.monotonic() - t0)
         for req in batch:
             sample = samples.get(req.seq.seq_id)
-            if sample is not None:
+            if sample is not None and not req.done:
                 self._on_token(engine, req, sample)
+
+    @staticmethod
+    def _may_follow(batch: list[Request]):
+        """Whether a step may be launched past the one in flight: not when that one brings a
+        request to its max_tokens (the step would only keep the device from the next request)."""
+        limits = {r.seq.seq_id: r.stopping.max_tokens for r in batch}
+
+        def ok(seq) -> bool:
+            m = limits[seq.seq_id]
+            return not m or len(seq.output_ids) + 2 <= m
+        return ok
 
     def _preempt(self, req: Request) -> None:
         """Gives a running request's KV back and requeues it at the head.
@@ -509,7 +531,7 @@ class Scheduler:
             return
         tid = int(sample.token_id)
         index = len(req.generated)
-        req.generated.append(tid)
+        req.seq.output_ids.append(tid)
         m = self.metrics
         if req.first_token_at is None:
             req.first_token_at = now

@@ -1,7 +1,7 @@
 """CudaBackend.sample_packed's pinned buffers, exercised on the CPU with the driver stubbed:
 a host twin must always hold every word the step uses (its device buffer is rounded up to
 256 bytes, so the device size alone is not a safe test for reuse), and two queued samplings
-(Engine lookahead) must not share one."""
+(lookahead) must not share one."""
 from __future__ import annotations
 
 import numpy as np

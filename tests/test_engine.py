@@ -11,7 +11,6 @@ from orcd_grpc.sampling import SamplingParams
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests/: the tiny-model writer, the schedules
 from gpu.test_cuda_models import write_tiny_llama  # noqa: E402
-from schedules import changing_batch  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -131,85 +130,10 @@ def test_prefix_cache_reuses_blocks_without_changing_logits(engine):
     assert rel < 1e-5
 
 
-def test_device_sampling_rows_are_packed_once_and_counted(tmp_path):
-    """The engine's fast path for backends that sample on the device: per step each row carries
-    the sequence's packed parameters with the token index as the Philox counter. A NumPy backend
-    with a recording sample_packed (greedy argmax) stands in for the GPU here."""
-    from orcd_grpc.backends.cuda import pack_sampling_row as pack_row
-    from orcd_grpc.backends.numpy_backend import NumpyBackend
-
-    calls = []
-
-    class Recording(NumpyBackend):
-        pack_sampling_row = staticmethod(pack_row)
-
-        def sample_packed(self, logits, prm, pen, n_top=0):
-            calls.append(prm.copy())
-            return np.argmax(logits, -1).astype(np.int32), np.zeros(len(logits), np.float32)
-
-    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
-    eng = load_engine(path, backend=Recording(), max_sequences=4, max_context=256)
-    try:
-        eng.device_sampling = True
-        a = eng.new_sequence([1, 5, 6], SamplingParams(temperature=0.5, top_k=7, seed=3))
-        b = eng.new_sequence([1, 9], SamplingParams(temperature=0.0, seed=(1 << 40) + 2))
-        for _ in range(4):
-            eng.step([a, b])
-        assert len(a.output_ids) == len(b.output_ids) == 4
-        first, last = calls[0], calls[-1]
-        assert first.view(np.float32)[0, 0] == np.float32(0.5) and first[0, 1] == 7
-        assert (first[0, 4], first[0, 5]) == (3, 0) and (first[1, 4], first[1, 5]) == (2, 1 << 8)
-        assert list(first[:, 6]) == [0, 0] and list(last[:, 6]) == [3, 3]
-        assert a.device_row is not None and not np.shares_memory(a.device_row, first)
-    finally:
-        eng.close()
-
-
-def test_padded_decode_steps_match_unpadded(tmp_path):
-    """The CUDA-graph path pads a decode batch to its bucket (pad rows write KV into the spare
-    block and attend to it alone). Run on the NumPy backend, the padded steps must give the real
-    rows exactly the logits of unpadded steps, while sequences join and leave."""
-    from orcd_grpc.backends.numpy_backend import NumpyBackend
-
-    class Padded(NumpyBackend):
-        supports_graphs = True
-        buckets_seen: set = set()
-
-        def graph_step(self, key, meta, record):
-            self.buckets_seen.add((key, meta.num_seqs))
-            return record(self.begin_step(meta))
-
-    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
-    rng = np.random.default_rng(3)
-    prompts = [[1] + rng.integers(3, 320, n).tolist() for n in (3, 21, 40)]
-    runs = {}
-    for name, be in (("padded", Padded()), ("plain", NumpyBackend())):
-        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
-        try:
-            if name == "padded":
-                assert eng.graph_buckets and eng.graph_buckets[0] == 1
-            seqs = [eng.new_sequence(p, GREEDY) for p in prompts]
-            rec = [_record_sampled_logits(s) for s in seqs]
-            running = list(seqs)
-            while running:
-                eng.step(running)
-                for s in list(running):
-                    if len(s.output_ids) >= (4 if s is seqs[1] else 9):
-                        running.remove(s)
-                        eng.release(s)
-            runs[name] = ([list(s.output_ids) for s in seqs], [np.stack(r) for r in rec])
-        finally:
-            eng.close()
-    assert runs["padded"][0] == runs["plain"][0]
-    for a, b in zip(runs["padded"][1], runs["plain"][1]):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-    assert {b for (_, b) in Padded.buckets_seen} >= {4, 2}  # 3 sequences padded to 4; then 2
-
-
 def test_step_token_cap_leaves_room_for_logits():
     from types import SimpleNamespace
 
-    from orcd_grpc.engine import _max_step_tokens
+    from orcd_grpc.backends.runner import max_step_tokens as _max_step_tokens
 
     gpt_oss = SimpleNamespace(d_model=2880, d_ff=2880, n_heads=64, n_kv_heads=8, head_dim=64, head_dim_v=64,
                               vocab_size=201088)
@@ -223,169 +147,47 @@ def test_step_token_cap_leaves_room_for_logits():
     assert _max_step_tokens(tiny, 4 * ws, 0, 4) == 65535 and _max_step_tokens(tiny, 0) == 1 << 30
 
 
-class _Rows(np.ndarray):
-    def row_slice(self, a, b):
-        return self[a:b]
+def test_host_runner_declares_what_it_can_do(engine):
+    caps = engine.capabilities
+    assert caps.name == "cpu" and caps.memory == "host"
+    assert not (caps.device_sampling or caps.overlap or caps.graphs)
+    assert caps.max_step_tokens == 1 << 30
 
 
-def _queued_device_backend():
-    """The NumPy backend behind the device API that Engine lookahead uses: a step may be fed the
-    token ids of a sampling the host has not read yet (here computed at once, as the GPU would
-    have by the time the fed step runs), and sampling is a function of the logits and of the
-    row's counter (the GPU's Philox counter), so a wrong counter changes the tokens."""
-    from types import SimpleNamespace
+def test_plan_returns_logits_at_several_positions_and_samples_the_last(engine):
+    """A row may ask for the logits of several of its positions (prompt log-probs, speculative
+    verification) and still sample from its last: the logits are those of a plain scoring."""
+    from orcd_grpc.backends.runner import StepPlan
 
-    from orcd_grpc.backends.cuda import pack_sampling_row as pack_row
-    from orcd_grpc.backends.numpy_backend import NumpyBackend
-
-    class Queued(NumpyBackend):
-        supports_graphs = True
-        pack_sampling_row = staticmethod(pack_row)
-
-        def __init__(self):
-            super().__init__()
-            self.ready, self.pending, self.fed, self.overlapped = set(), [], 0, 0
-
-        def graph_ready(self, key):
-            return key in self.ready
-
-        def graph_step(self, key, meta, record, feed=None, overlap=False):
-            if feed is not None:
-                assert overlap and feed in self.pending, "fed by a sampling the host has not read"
-                meta.token_ids = meta.token_ids.copy()
-                meta.token_ids[: feed.R] = feed.toks
-                self.fed += 1
-            self.overlapped += bool(overlap)
-            self.ready.add(key)  # the first step of a key stands for the eager run and the capture
-            return np.asarray(record(self.begin_step(meta))).view(_Rows)
-
-        def sample_packed_async(self, logits, prm, pen, n_top=0):
-            x = self.to_host(logits)
-            toks = ((np.argmax(x, -1) + 31 * prm[:, 6].astype(np.int64)) % x.shape[-1]).astype(np.int32)
-            h = SimpleNamespace(R=len(toks), toks=toks, lps=-prm[:, 6].astype(np.float32))
-            self.pending.append(h)
-            return h
-
-        def sample_result(self, h):
-            self.pending.remove(h)
-            return h.toks, h.lps
-
-        def sample_packed(self, logits, prm, pen, n_top=0):
-            return self.sample_result(self.sample_packed_async(logits, prm, pen, n_top))
-
-        def sample(self, logits, rows, n_top=0):
-            raise AssertionError("no penalised rows in this test")
-
-    return Queued()
+    ids = engine.tokenizer.encode("The capital of France is")
+    s = engine.new_sequence(ids, GREEDY)
+    want = engine.score(s)
+    engine.release(s)
+    s = engine.new_sequence(ids, GREEDY)
+    _, (row,) = engine._schedule([s], 1 << 30)
+    row.logits = 3
+    res = engine.runner.run(StepPlan([row], engine.allocator.block_size))
+    engine.release(s)
+    np.testing.assert_allclose(res.logits[s.seq_id], want[-3:], rtol=1e-5, atol=1e-5)
+    assert res.samples[s.seq_id].token_id == int(np.argmax(want[-1]))
 
 
-def test_lookahead_steps_give_the_tokens_of_plain_steps(tmp_path):
-    """Engine lookahead (a decode step queued on the device, fed the previous step's tokens,
-    before the host reads them) must give every sequence exactly the tokens of step-by-step
-    decoding, while sequences finish, join, and leave the batch without being released."""
-
-    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
-    rng = np.random.default_rng()
-    prompts = [[1] + rng.integers(3, 320, int(k)).tolist() for k in rng.integers(2, 40, 4)]
-    runs: dict = {}
-    for mode in ("lookahead", "plain"):
-        be = _queued_device_backend()
-        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
-        try:
-            assert eng.lookahead
-            eng.lookahead = mode == "lookahead"
-            free0 = eng.free_blocks()
-            got, outputs, c_queued = changing_batch(eng, prompts)
-            runs[mode] = (got, outputs)
-            assert not be.pending, "a queued sampling was never read"
-            assert eng.free_blocks() + len(eng.allocator._evictable) >= free0  # every block came back
-            if mode == "lookahead":
-                assert be.fed >= 5, be.fed  # the lookahead path really ran
-                assert c_queued  # so c's queued-ahead step was dropped and its position given back
-            else:
-                assert be.fed == 0 and be.overlapped == 0
-        finally:
-            eng.close()
-    got, outputs = runs["lookahead"]
-    assert got == outputs  # what step returned is what each sequence holds
-    assert [len(g) for g in got] == [4, 14, 14, 14]
-    assert runs["lookahead"] == runs["plain"]
-
-
-def test_scheduler_over_lookahead_streams_the_plain_tokens(tmp_path):
-    """The real scheduler over an engine with lookahead: requests of different lengths join and
-    finish (each finish leaves a step of it queued) and a late one joins a running batch; every
-    stream must carry the tokens it carries without lookahead, and every KV block comes back."""
-    import time
-
-    from orcd_grpc.scheduler import LENGTH, FinishedEvent, Request, Scheduler, Stopping, TokenEvent
-
-    def drain(req):
-        events = []
-        while not events or not isinstance(events[-1], FinishedEvent):
-            events.append(req.events.get(timeout=30))
-        return events
-
-    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
-    rng = np.random.default_rng()
-    jobs = [([1] + rng.integers(3, 320, int(k)).tolist(), int(m))
-            for k, m in zip(rng.integers(2, 40, 4), (3, 17, 9, 12))]
-    results = {}
-    for mode in ("lookahead", "plain"):
-        be = _queued_device_backend()
-        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
-        eng.lookahead = mode == "lookahead"
-        free0 = eng.free_blocks()
-        sched = Scheduler(loader=lambda p, **_: eng)
-        try:
-            sched.load("tiny")
-            reqs = [Request(f"r{i}", prompt, SamplingParams(temperature=0.7, seed=i),
-                            Stopping(max_tokens=m, ignore_eos=True), engine=eng, model_id=eng.info.model_id)
-                    for i, (prompt, m) in enumerate(jobs)]
-            for r in reqs[:3]:
-                sched.submit(r)
-            events = [drain(reqs[0])]
-            sched.submit(reqs[3])  # joins the two still decoding
-            events += [drain(r) for r in reqs[1:]]
-            assert all(ev[-1].reason == LENGTH for ev in events)
-            results[mode] = [[e.token_id for e in ev if isinstance(e, TokenEvent)] for ev in events]
-            assert [len(t) for t in results[mode]] == [m for _, m in jobs]
-            deadline = time.monotonic() + 10
-            while eng.free_blocks() + len(eng.allocator._evictable) < free0 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert eng.free_blocks() + len(eng.allocator._evictable) >= free0
-            assert (be.fed > 0) == (mode == "lookahead"), be.fed
-            assert eng._inflight is None and not be.pending  # every request ended by its max_tokens
-        finally:
-            sched.shutdown(0)
-            eng.close()
-    assert results["lookahead"] == results["plain"]
-
-
-def test_lookahead_queues_no_step_past_max_tokens(tmp_path):
-    """A sequence's max_tokens (the server passes each request's) bounds lookahead: once the step
-    in flight brings it there, nothing more is queued, so the GPU is free for the next request
-    the moment the last token is read. Without one, a step stays queued."""
-
-    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
-    be = _queued_device_backend()
-    eng = load_engine(path, backend=be, max_sequences=4, max_context=256)
-    try:
-        for max_tokens in (7, 0):
-            s = eng.new_sequence([1, 5, 9, 13], SamplingParams(temperature=0.7, seed=1), max_tokens)
-            while len(s.output_ids) < 7:
-                eng.step([s])
-            assert len(s.output_ids) == 7
-            if max_tokens:
-                assert eng._inflight is None and not be.pending
-                assert be.fed >= 3  # it did run ahead before the end
-            else:
-                assert eng._inflight is not None and len(be.pending) == 1
-            eng.release(s)
-            eng.drain()
-            assert not be.pending
-    finally:
-        eng.close()
+def test_mask_and_bias_apply_before_sampling(engine):
+    """Per-row masks (grammars) and biases (logit_bias) change what is sampled, on the host."""
+    ids = engine.tokenizer.encode("The capital of France is")
+    paris = engine.tokenizer.encode(" Paris", add_bos=False)[0]
+    s = engine.new_sequence(ids, GREEDY)
+    s.bias = {paris: -1e9}
+    out = engine.step([s])
+    assert out[s.seq_id].token_id != paris
+    engine.release(s)
+    mask = np.zeros(engine.info.vocab_size, bool)
+    mask[[11, 12]] = True
+    s = engine.new_sequence(ids, GREEDY)
+    s.mask = mask
+    out = engine.step([s])
+    assert out[s.seq_id].token_id in (11, 12) and s.output_ids == [out[s.seq_id].token_id]
+    engine.release(s)
 
 
 def _names_and_logits(path, monkeypatch, var: str, prompt) -> dict:

@@ -289,41 +289,6 @@ def test_range_messages_quote_the_value_as_sent(srv, field, value, bounds):
     assert details == f"sampling.{field}: must be in {bounds}, got {value!r}"
 
 
-def test_device_sampling_rows_carry_the_limits(tmp_path):
-    """The rows the engine hands a device sampler (cuda/sample.cu's RowParams, packed by
-    backends.cuda.pack_sampling_row) hold the limits, so the kernel runs greedy (temperature 0)
-    and a finite penalty: checked here without a GPU, by recording what the engine packs."""
-    from orcd_grpc.backends.cuda import pack_sampling_row
-    from orcd_grpc.engine import load_engine
-    from orcd_grpc.sampling import SamplingParams
-
-    tiny = float(np.float32(1e-38))
-    eng = load_engine(write_model(tmp_path / "tiny.gguf"), backend="cpu", max_sequences=2, max_context=TRAINED)
-    try:
-        eng._pack_row = pack_sampling_row  # as a CUDA backend has it
-        plain = eng.new_sequence([5, 6, 7], SamplingParams(temperature=tiny, top_p=0.5, seed=3))
-        narrow = eng.new_sequence([5, 6, 7], SamplingParams(temperature=1.0, top_p=tiny, seed=3))
-        for s in (plain, narrow):
-            assert eng._packed_rows([s]).view(np.float32)[0, 0] == 0.0  # temperature word: greedy
-        pen = eng.new_sequence([5, 6, 7], SamplingParams(temperature=0.7, repetition_penalty=tiny, seed=3))
-        recorded = []
-
-        def sample(logits, rows, n_top):
-            recorded.extend(rows)
-            return np.zeros(len(rows), np.int64), np.zeros(len(rows), np.float32)
-
-        eng.backend.sample, eng._sample_packed = sample, None
-        eng._sample_on_device(np.zeros((1, VOCAB), np.float32), [pen])
-        row = recorded[0]
-        # 1e-30: the documented floor of repetition_penalty
-        assert row["temperature"] == pytest.approx(0.7) and row["repetition_penalty"] == 1e-30
-        packed = pack_sampling_row(row["temperature"], row["top_k"], row["top_p"], row["min_p"], row["seed"],
-                                   row["repetition_penalty"]).view(np.float32)
-        assert np.isfinite(np.float32(30.0) / packed[8])  # a positive logit over the penalty stays finite
-    finally:
-        eng.close()
-
-
 def test_startup_context_length_below_the_minimum_is_refused(tmp_path):
     """`orcd serve --context-length 8` gets the same floor as LoadModel."""
     path = write_model(tmp_path / "tiny.gguf")

@@ -151,7 +151,11 @@ class FakeEngine:
         seq.blocks = 0
         seq.num_cached = 0
 
-    def step(self, seqs, token_budget=2048):
+    def launch(self, seqs, token_budget=2048, after=None):
+        """The scripted step, at once; the scheduler appends the tokens it delivers. Steps are
+        never queued ahead (after)."""
+        if after is not None:
+            return None
         assert self.lock.acquire(blocking=False), "engine used from two threads at once"
         try:
             self.steps += 1
@@ -175,11 +179,13 @@ class FakeEngine:
                 budget -= n
                 if s.num_cached == s.total_len:
                     tid = self.script[len(s.output_ids) % len(self.script)]
-                    s.output_ids.append(tid)
                     out[s.seq_id] = Sample(tid, -0.25, [(tid, -0.25), (EOS, -3.0)][: _top(s.sampling)])
             return out
         finally:
             self.lock.release()
+
+    def collect(self, launched):
+        return launched
 
     def close(self):
         self.closed = True

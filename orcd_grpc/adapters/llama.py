@@ -154,7 +154,7 @@ class LlamaAdapter(Adapter):
         b, W, be = f"blk.{i}.", self.w, self.be
         fused = W.get(b + "ffn_gate_up_fused.weight")
         if fused is not None:
-            return be.linear_glu(be.linear(h, fused), W[b + "ffn_down.weight"], self.ffn_act)
+            return be.linear(be.glu_fused(be.linear(h, fused), self.ffn_act), W[b + "ffn_down.weight"])
         g = be.linear(h, W[b + "ffn_gate.weight"])
         u = be.linear(h, W[b + "ffn_up.weight"])
         mul = be.silu_mul if self.ffn_act == "silu" else be.gelu_mul

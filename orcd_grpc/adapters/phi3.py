@@ -78,4 +78,4 @@ class Phi3Adapter(LlamaAdapter):
 
     def ffn(self, i, h):
         be, W = self.be, self.w
-        return be.linear_glu(be.linear(h, W[f"blk.{i}.ffn_up.weight"]), W[f"blk.{i}.ffn_down.weight"])
+        return be.linear(be.glu_fused(be.linear(h, W[f"blk.{i}.ffn_up.weight"])), W[f"blk.{i}.ffn_down.weight"])

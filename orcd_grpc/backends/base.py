@@ -93,6 +93,7 @@ class Backend(ABC):
     # backends reserve a workspace up front.
     host_memory: bool = False
     memory_name: str = "memory"  # what memory_available() measures, for messages
+    workspace_bytes: int = 0  # the step workspace a device backend reserves (0: none)
 
     # ---- memory -------------------------------------------------------------------------
     @abstractmethod
@@ -119,6 +120,16 @@ class Backend(ABC):
     def memory_available(self) -> int | None:
         """Bytes that may still be allocated, None when unbounded (host memory)."""
         return None
+
+    def gpu_info(self) -> dict | None:
+        """The device's description for HardwareInfo (None: no GPU)."""
+        return None
+
+    def runner(self, model):
+        """The runner that executes step plans on this backend (backends/runner.py)."""
+        from .host_runner import HostRunner
+
+        return HostRunner(self, model)
 
     def begin_step(self, meta: StepMeta):
         """Per-step state the ops need (device copies of meta); passed back to ops as `ctx`."""
@@ -181,17 +192,6 @@ class Backend(ABC):
     @abstractmethod
     def gelu_mul(self, gate, up):
         """gelu_tanh(gate) * up."""
-
-    def rms_norm_linear(self, x, w_norm, eps: float, residual, w, bias=None):
-        """(linear(h, w, bias), s) where h, s = rms_norm(x, w_norm, eps, residual): the norm in front
-        of a layer's first matmul (a GPU forms it while loading that matmul's input)."""
-        h, s = self.rms_norm(x, w_norm, eps, residual)
-        return self.linear(h, w, bias), s
-
-    def linear_glu(self, x, w, act: str = "silu"):
-        """linear(glu_fused(x, act), w): the FFN's down projection of a fused gate/up row (a GPU
-        forms the GLU while loading the input, without a kernel of its own)."""
-        return self.linear(self.glu_fused(x, act), w)
 
     def glu_fused(self, x, act: str = "silu"):
         """x [T, 2F] holding [gate | up] per row (a fused gate/up projection): act(gate) * up."""

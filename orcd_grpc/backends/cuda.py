@@ -64,8 +64,6 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
     name = "cuda"
     kv_elem_size = 2  # f16 KV cache
     memory_name = "VRAM (--max-vram)"
-    supports_graphs = True
-    pack_sampling_row = staticmethod(pack_sampling_row)  # the engine packs each sequence's row once
 
     def __init__(self, max_vram: int = 0, device: int = 0, workspace_bytes: int | None = None,
                  tuning: Tuning | None = None):
@@ -100,7 +98,7 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         self._sync_each = tuning.cuda_sync
         self._rope_cache: dict[int, tuple] = {}
         # Two pinned host twins of the step metadata and of the sampling buffers, used in turn: with
-        # one step queued behind another (Engine lookahead) the host fills the next step's twin while
+        # one step queued behind another (the CUDA runner's lookahead) the host fills the next step's twin while
         # the previous step's asynchronous copies may still read or fill the other.
         self._meta_buf: DeviceBuffer | None = None
         self._meta_hosts: list = [None, None]
@@ -291,3 +289,8 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
             self._rope_cache.clear()
         finally:
             self.closed = True
+
+    def runner(self, model):
+        from .cuda_runner import CudaRunner
+
+        return CudaRunner(self, model)

@@ -3,7 +3,7 @@
 A sampling's upload, kernel and download are queued on the stream behind the step; its result is
 read through a host event (`sample_result`), and its token ids stay on the device where they can
 feed the next step (`begin_step(feed=...)`). Two pinned buffers are used in turn, so a sampling
-queued behind another (Engine lookahead) never overwrites one not yet read.
+queued behind another (the CUDA runner's lookahead) never overwrites one not yet read.
 """
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ class StepMixin:
 
     # ---- CUDA graphs ----------------------------------------------------------------------
     def graph_ready(self, key) -> bool:
-        """Whether `key` replays a captured graph (what Engine lookahead queues steps on)."""
+        """Whether `key` replays a captured graph (what the CUDA runner queues steps on)."""
         return key in self._graphs and not self._sync_each
 
     def graph_step(self, key, meta: StepMeta, record, feed=None, overlap: bool = False):

@@ -55,7 +55,7 @@ class NumpyBackend(Backend):
     memory_name = "RAM (--max-ram)"
 
     def __init__(self, max_ram: int | None = None):
-        # bytes a load may plan for (engine.make_backend: --max-ram and the machine's available
+        # bytes a load may plan for (backends.factory.make_backend: --max-ram and the machine's available
         # memory); None: unbounded, as for a backend made directly
         self.max_ram = None if max_ram is None else int(max_ram)
 

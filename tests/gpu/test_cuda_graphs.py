@@ -56,12 +56,12 @@ def test_graph_decode_matches_eager_and_numpy(tmp_path, qtype):
         eng = load_engine(path, backend=kind, max_sequences=8, max_context=512)
         try:
             if not graphs:
-                eng.graph_buckets = []
+                eng.runner.buckets = []  # every step eager (and none queued)
             results[name] = _run_schedule(eng, prompts, 20, leave_after=6, join=join)
             if name == "graph":
                 keys = set(eng.backend._graphs)
                 assert keys, "no decode step was captured as a CUDA graph"
-                assert {k[1] for k in keys} <= set(eng.graph_buckets)
+                assert {k[1] for k in keys} <= set(eng.runner.buckets)
         finally:
             eng.close()
     toks_g, lp_g = results["graph"]
@@ -82,7 +82,7 @@ def test_gpu_sampling_is_seeded(tmp_path):
     path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
     eng = load_engine(path, backend="cuda", max_sequences=4, max_context=256)
     try:
-        assert eng.device_sampling
+        assert eng.capabilities.device_sampling
 
         def sample(seed):
             s = eng.new_sequence([1, 7, 9, 11], SamplingParams(temperature=1.5, top_p=0.95, seed=seed))
@@ -103,7 +103,7 @@ def test_gpu_sampling_is_seeded(tmp_path):
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
 def test_lookahead_matches_step_by_step(tmp_path, qtype):
-    """Engine lookahead on the GPU: decode steps queued before the host reads the previous step's
+    """The overlap loop on the GPU: decode steps queued before the host reads the previous step's
     tokens (fed on the device, host twins alternating, waits on events) must give exactly the
     tokens and top logprobs of step-by-step graph replay, while the batch changes (a sequence
     finishes with a step of it queued, one joins, one leaves unreleased and resumes)."""
@@ -130,8 +130,8 @@ def test_lookahead_matches_step_by_step(tmp_path, qtype):
 
         eng.backend.graph_step = counting
         try:
-            assert eng.lookahead
-            eng.lookahead = mode == "lookahead"
+            assert eng.capabilities.overlap
+            eng.runner.lookahead = mode == "lookahead"
             free0 = eng.free_blocks()
             got, outputs, c_queued = changing_batch(eng, prompts, top_logprobs=2)
             runs[mode] = got

@@ -1,0 +1,190 @@
+"""The CUDA runner: step plans on CudaBackend, with graphs, device sampling and queued steps.
+
+Below the plan boundary, everything the GPU path needs and nothing above it knows of:
+- Pure decode steps are padded to a batch-size bucket and replayed as CUDA graphs (padding rows
+  write their KV into the model's spare block and attend to that one slot).
+- Sampling runs on the device from packed parameter rows (sample.cu's RowParams), packed once
+  per sequence; per step only the counter word (the token's index, Philox's counter) changes.
+  A sequence without a seed gets fresh entropy as its Philox key, so unseeded requests differ.
+- A plan fed by the step before it (StepPlan.after) is queued behind that step before the host
+  has read its tokens: the sampled ids are copied on the device into the new step's inputs, so
+  the host's work between steps (scheduling, streaming) overlaps the GPU instead of idling it.
+- Rows with a mask or bias, or whose logits are wanted, fall back to host logits and the host
+  sampler (a device bitmask kernel is future work).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..sampling import TokenSample
+from .cuda_sampling import pack_sampling_row
+from .host_runner import forward_plan, host_result
+from .base import StepMeta
+from .runner import (Capabilities, Launched, PlanRow, RowSampling, Runner, RunnerModel, StepPlan, StepResult,
+                     max_step_tokens)
+
+# Batch sizes that decode steps are padded to and captured at as CUDA graphs.
+GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class _RowState:
+    """What the runner keeps per sequence (RowSampling.state): its Philox key and packed row."""
+    __slots__ = ("seed", "row")
+
+    def __init__(self, seed: int, row: np.ndarray):
+        self.seed, self.row = seed, row
+
+
+def _samples(res, rows: list[PlanRow]) -> dict[int, TokenSample]:
+    """{seq_id: sample} of a device sampling's result (ids, logprobs[, top ids, top logprobs])."""
+    toks, lps = res[0].tolist(), res[1].tolist()
+    out = {}
+    for i, r in enumerate(rows):
+        k = r.sampling.params.top_logprobs
+        top = [(int(t), float(lp)) for t, lp in zip(res[2][i, :k], res[3][i, :k])] if k else []
+        out[r.seq_id] = TokenSample(toks[i], lps[i], top)
+    return out
+
+
+class CudaRunner(Runner):
+    def __init__(self, backend, model: RunnerModel):
+        self.backend, self.model = backend, model
+        tuning = backend.tuning  # ORCD_CUDA_GRAPHS, ORCD_LOOKAHEAD (orcd_grpc/tuning.py)
+        self.buckets = [b for b in GRAPH_BUCKETS if b <= max(1, model.max_sequences)] if tuning.cuda_graphs else []
+        # Queuing a step behind the one in flight needs that step on a captured graph (an eager
+        # one would keep the host busy launching).
+        self.lookahead = bool(self.buckets) and tuning.lookahead
+        self._cols = np.arange(model.table_width)
+        ws = int(backend.workspace_bytes)
+        self.capabilities = Capabilities(
+            name=backend.name, memory="host" if backend.host_memory else "device", device_sampling=True,
+            device_penalties=True, overlap=self.lookahead, graphs=bool(self.buckets),
+            max_step_tokens=max_step_tokens(model.hp, ws, model.n_experts_used, model.max_sequences),
+            workspace_bytes=ws)
+
+    # ---- launching -------------------------------------------------------------------------
+    def launch(self, plan: StepPlan) -> Launched | None:
+        bucket = self._bucket(plan)
+        after = plan.after
+        if after is not None:
+            before = after.plan.rows
+            if (not after.feeds or after.result is not None or len(before) != len(plan.rows)
+                    or any(a.seq_id != b.seq_id for a, b in zip(before, plan.rows))
+                    or not self._queueable(plan, bucket)):
+                return None
+            return self._queue(plan, bucket, feed=after.pending)
+        if self._queueable(plan, bucket):
+            return self._queue(plan, bucket, feed=None)
+        if bucket:
+            logits = self.backend.graph_step(("decode", bucket), self._padded_meta(plan, bucket), self.model.forward)
+        else:
+            logits = forward_plan(self.backend, self.model, plan)
+        return Launched(plan, result=self._sample(plan, logits))
+
+    def collect(self, launched: Launched) -> StepResult:
+        if launched.result is None:
+            res = self.backend.sample_result(launched.pending)
+            launched.result = StepResult(_samples(res, launched.plan.rows))
+        return launched.result
+
+    def _bucket(self, plan: StepPlan) -> int:
+        """The graph bucket of a pure decode step (every sequence adds its one new token), or 0."""
+        rows = plan.rows
+        if not self.buckets or len(rows) > self.buckets[-1]:
+            return 0
+        if any(r.n != 1 or r.logits or not r.sample or r.start < len(r.prompt_ids) for r in rows):
+            return 0
+        return next(b for b in self.buckets if b >= len(rows))
+
+    def _queueable(self, plan: StepPlan, bucket: int) -> bool:
+        """A pure decode step on a captured graph, sampled on the device without penalties (which
+        need the host's token history) or masks: the kind of step that can be queued."""
+        return (self.lookahead and bucket > 0 and self.backend.graph_ready(("decode", bucket))
+                and not any(r.sampling.penalised or r.mask is not None or r.bias is not None for r in plan.rows))
+
+    def _queue(self, plan: StepPlan, bucket: int, feed) -> Launched:
+        """Queues a decode step and its sampling without waiting. feed: the sampling of the step
+        before (its tokens, not yet on the host, are this step's inputs)."""
+        rows = plan.rows
+        logits = self.backend.graph_step(("decode", bucket), self._padded_meta(plan, bucket), self.model.forward,
+                                         feed=feed, overlap=True)
+        if logits.shape[0] != len(rows):
+            logits = logits.row_slice(0, len(rows))
+        n_top = max(r.sampling.params.top_logprobs for r in rows)
+        handle = self.backend.sample_packed_async(logits, self._packed_rows(rows), np.zeros(2, np.int32), n_top)
+        return Launched(plan, pending=handle, feeds=True)
+
+    def _padded_meta(self, plan: StepPlan, nb: int) -> StepMeta:
+        """A decode step padded to nb one-token rows, its block tables to the longest a sequence
+        can have, so every step of a bucket has the shapes its graph was captured with. Host work
+        on every decode step: one array write per row, the rest whole-batch."""
+        bs, m = plan.block_size, self.model
+        rows = plan.rows
+        B = len(rows)
+        tables = np.full((nb, m.table_width), -1, np.int32)
+        tables[B:, 0] = m.pad_block
+        pos = np.zeros(nb, np.int32)
+        ids = np.zeros(nb, np.int32)  # a fed row's id is written on the device
+        slots = np.full(nb, m.pad_block * bs, np.int32)
+        pos[:B] = [r.start for r in rows]
+        ids[:B] = [0 if r.tokens is None else r.tokens[0] for r in rows]
+        if B < 24:
+            for b, r in enumerate(rows):
+                bt = r.block_table
+                tables[b, : len(bt)] = bt
+                slots[b] = bt[r.start // bs] * bs + r.start % bs
+        else:  # whole-batch: all tables in one masked write (row-major, as they are concatenated)
+            lens = np.fromiter(map(len, (r.block_table for r in rows)), np.int64, B)
+            flat: list[int] = []
+            for r in rows:
+                flat += r.block_table
+            flat = np.asarray(flat, np.int32)
+            tables[:B][self._cols[None, :] < lens[:, None]] = flat
+            p = pos[:B]
+            slots[:B] = flat[np.cumsum(lens) - lens + p // bs] * bs + p % bs
+        ar = np.arange(nb + 1, dtype=np.int32)
+        return StepMeta(token_ids=ids, positions=pos, q_starts=ar, ctx_lens=pos + 1, slot_mapping=slots,
+                        block_tables=tables, block_size=bs, logits_rows=ar[:nb])
+
+    # ---- sampling --------------------------------------------------------------------------
+    def _state(self, s: RowSampling) -> _RowState:
+        st = s.state
+        if st is None:
+            p = s.params
+            seed = int(p.seed) if p.seed is not None else int.from_bytes(os.urandom(8), "little")
+            st = s.state = _RowState(seed, pack_sampling_row(p.temperature, p.top_k, p.top_p, p.min_p, seed))
+        return st
+
+    def _packed_rows(self, rows: list[PlanRow]) -> np.ndarray:
+        """sample.cu's rows for the packed sampler: each sequence's packed once; per step only
+        the Philox counter (word 6: the index of the token sampled) changes."""
+        prm = np.empty((len(rows), 16), np.uint32)
+        for i, r in enumerate(rows):
+            prm[i] = self._state(r.sampling).row
+        prm[:, 6] = [r.token_index for r in rows]
+        return prm
+
+    def _sample(self, plan: StepPlan, logits) -> StepResult:
+        rows = [r for r in plan.rows if r.sample]
+        if any(r.logits or r.mask is not None or r.bias is not None for r in plan.rows):
+            return host_result(plan, self.backend.to_host(logits))  # padding rows come last: unread
+        if not rows:
+            return StepResult()
+        if logits.shape[0] != len(rows):  # a padded graph step: the real rows come first
+            logits = logits.row_slice(0, len(rows))
+        n_top = max(r.sampling.params.top_logprobs for r in rows)
+        if not any(r.sampling.penalised for r in rows):
+            res = self.backend.sample_packed(logits, self._packed_rows(rows), np.zeros(2, np.int32), n_top)
+        else:
+            dicts = []
+            for r in rows:
+                p, pen = r.sampling.params, r.sampling.penalised
+                dicts.append({"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
+                              "seed": self._state(r.sampling).seed, "counter": r.token_index,
+                              "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
+                              "frequency_penalty": p.frequency_penalty,
+                              "prompt_ids": r.prompt_ids if pen else (), "output_ids": r.output_ids if pen else ()})
+            res = self.backend.sample(logits, dicts, n_top)
+        return StepResult(_samples(res, rows))

@@ -1,0 +1,61 @@
+"""The overlap loop: launch step N+1, then deliver step N.
+
+While a batch is unchanged, the decode step after the one in flight is launched before the host
+waits for that one's tokens: the runner feeds them to it where they are (on the device), so the
+host's work between steps (scheduling, detokenizing, streaming) overlaps the device's instead of
+idling it. A changed batch only delivers what was in flight, and the next call plans anew.
+
+Nothing is rolled back: a step launched ahead is always delivered, to the sequences it ran for.
+The scheduler drives its batch through this; so do benchmarks and tests that drive an engine
+directly.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+class Overlap:
+    def __init__(self, engine):
+        self.engine = engine
+        self.inflight: tuple[list, Any] | None = None  # (its sequences, the launched step)
+
+    def step(self, seqs: list, token_budget: int = 2048, may_follow: Callable[[Any], bool] | None = None,
+             append: bool = True) -> dict:
+        """Delivers one step of seqs (launching it first if none is in flight) and returns its
+        samples {seq_id: TokenSample}; launches the step after it first where it may.
+        may_follow(seq): False stops a step being launched past the one in flight (a request
+        that reaches its max_tokens with it). append: add each token to its sequence's
+        output_ids (sequences released meanwhile excepted); the scheduler appends itself."""
+        eng = self.engine
+        prev, self.inflight = self.inflight, None
+        if prev is not None and (len(prev[0]) != len(seqs) or any(a is not b for a, b in zip(prev[0], seqs))):
+            return self._deliver(prev, append)
+        if prev is None:
+            launched = eng.launch(seqs, token_budget)
+            if launched is None:
+                return {}
+            prev = (list(seqs), launched)
+        if may_follow is None or all(may_follow(s) for s in seqs):
+            ahead = eng.launch(seqs, token_budget, after=prev[1])
+            if ahead is not None:
+                self.inflight = (list(seqs), ahead)
+        return self._deliver(prev, append)
+
+    def drain(self, append: bool = True) -> dict:
+        """Delivers the step in flight, if any."""
+        prev, self.inflight = self.inflight, None
+        return self._deliver(prev, append) if prev is not None else {}
+
+    def queued(self, seq) -> bool:
+        """Whether the step in flight runs for seq."""
+        return self.inflight is not None and any(s is seq for s in self.inflight[0])
+
+    def _deliver(self, prev, append: bool) -> dict:
+        seqs, launched = prev
+        out = self.engine.collect(launched)
+        if append:
+            for s in seqs:
+                sample = out.get(s.seq_id)
+                if sample is not None and s.block_table:  # released: holds no KV
+                    s.output_ids.append(int(sample.token_id))
+        return out

@@ -1,0 +1,357 @@
+"""The CUDA runner's host side, without a GPU: a NumPy backend stands in behind the CudaBackend
+methods the runner uses (graph_step, graph_ready, sample_packed[_async], sample_result, sample),
+so its padding to graph buckets, packed sampling rows and queued (fed) steps run on the CPU."""
+import pathlib
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+
+from orcd_grpc.backends.cuda_runner import CudaRunner
+from orcd_grpc.backends.numpy_backend import NumpyBackend
+from orcd_grpc.backends.runner import PlanRow, RunnerModel, StepPlan
+from orcd_grpc.engine import load_engine
+from orcd_grpc.overlap import Overlap
+from orcd_grpc.sampling import SamplingParams
+from orcd_grpc.tuning import Tuning
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests/: the tiny-model writer, the schedules
+from gpu.test_cuda_models import write_tiny_llama  # noqa: E402
+from schedules import changing_batch  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class _Rows(np.ndarray):
+    def row_slice(self, a, b):
+        return self[a:b]
+
+
+class FakeCuda(NumpyBackend):
+    """Runs plans through CudaRunner; graphs run eagerly, sampling is greedy (argmax)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tuning = Tuning()  # graphs and lookahead on, as a CudaBackend's defaults
+        self.buckets_seen, self.packed = set(), []
+
+    def runner(self, model):
+        return CudaRunner(self, model)
+
+    def graph_ready(self, key):
+        return False
+
+    def graph_step(self, key, meta, record):
+        self.buckets_seen.add((key, meta.num_seqs))
+        return np.asarray(record(self.begin_step(meta))).view(_Rows)
+
+    def sample_packed(self, logits, prm, pen, n_top=0):
+        self.packed.append((prm.copy(), np.array(self.to_host(logits), copy=True)))
+        return np.argmax(logits, -1).astype(np.int32), np.zeros(len(logits), np.float32)
+
+    def sample(self, logits, rows, n_top=0):
+        raise AssertionError("no penalised rows in these tests")
+
+
+def test_sampling_rows_are_packed_once_and_counted(tmp_path):
+    """Per step each row carries its sequence's packed parameters (sample.cu's RowParams) with
+    the token index as the Philox counter (word 6); the row is packed once per sequence."""
+    be = FakeCuda()
+    eng = load_engine(write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0"), backend=be, max_sequences=4, max_context=256)
+    try:
+        assert eng.capabilities.device_sampling and eng.capabilities.graphs
+        a = eng.new_sequence([1, 5, 6], SamplingParams(temperature=0.5, top_k=7, seed=3))
+        b = eng.new_sequence([1, 9], SamplingParams(temperature=0.0, seed=(1 << 40) + 2))
+        for _ in range(4):
+            eng.step([a, b])
+        assert len(a.output_ids) == len(b.output_ids) == 4
+        first, last = be.packed[0][0], be.packed[-1][0]
+        assert first.view(np.float32)[0, 0] == np.float32(0.5) and first[0, 1] == 7
+        assert (first[0, 4], first[0, 5]) == (3, 0) and (first[1, 4], first[1, 5]) == (2, 1 << 8)
+        assert list(first[:, 6]) == [0, 0] and list(last[:, 6]) == [3, 3]
+        assert a.row.state is not None and not np.shares_memory(a.row.state.row, first)
+    finally:
+        eng.close()
+
+
+def test_padded_decode_steps_match_unpadded(tmp_path):
+    """Decode steps padded to their graph bucket (pad rows write KV into the spare block and
+    attend to it alone) must give the real rows exactly the logits of the host runner's unpadded
+    steps, while sequences join and leave."""
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    rng = np.random.default_rng(3)
+    prompts = [[1] + rng.integers(3, 320, n).tolist() for n in (3, 21, 40)]
+    runs, padded = {}, FakeCuda()
+    for name in ("padded", "plain"):
+        be = padded if name == "padded" else NumpyBackend()
+        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
+        try:
+            seqs = [eng.new_sequence(p, SamplingParams(temperature=0.0, seed=i + 1)) for i, p in enumerate(prompts)]
+            rec = {s.seq_id: [] for s in seqs}
+            if name == "plain":
+                for s in seqs:
+                    sample = s.sampler.sample
+                    s.sampler.sample = (lambda f, r: lambda x, *a: (r.append(np.array(x, copy=True)), f(x, *a))[1])(
+                        sample, rec[s.seq_id])
+            running = list(seqs)
+            while running:
+                eng.step(running)
+                for s in list(running):
+                    if len(s.output_ids) >= (4 if s is seqs[1] else 9):
+                        running.remove(s)
+                        eng.release(s)
+            if name == "padded":
+                by_seed = {s.sampling.seed: s.seq_id for s in seqs}
+                for prm, x in be.packed:
+                    for i in range(len(prm)):
+                        rec[by_seed[int(prm[i, 4])]].append(x[i])
+            runs[name] = ([list(s.output_ids) for s in seqs], [np.stack(rec[s.seq_id]) for s in seqs])
+        finally:
+            eng.close()
+    assert runs["padded"][0] == runs["plain"][0]
+    for a, b in zip(runs["padded"][1], runs["plain"][1]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert {b for (_, b) in padded.buckets_seen} >= {4, 2}  # 3 sequences padded to 4; then 2
+
+
+def test_masked_rows_fall_back_to_host_logits(tmp_path):
+    """A row with a mask or bias is sampled on the host from its logits (no device bitmask
+    kernel yet): the device sampler is not called, and the mask holds."""
+    be = FakeCuda()
+    eng = load_engine(write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0"), backend=be, max_sequences=4, max_context=256)
+    try:
+        s = eng.new_sequence([1, 5, 6], GREEDY)
+        s.mask = np.zeros(eng.info.vocab_size, bool)
+        s.mask[[17, 42]] = True
+        for _ in range(3):
+            out = eng.step([s])
+            assert out[s.seq_id].token_id in (17, 42)
+        assert not be.packed
+    finally:
+        eng.close()
+
+
+def _queued_device_backend():
+    """FakeCuda with queued steps, as CudaRunner's lookahead uses them: a step may be fed the
+    token ids of a sampling the host has not read yet (here computed at once, as the GPU would
+    have by the time the fed step runs), and sampling is a function of the logits and of the
+    row's counter (the GPU's Philox counter), so a wrong counter changes the tokens."""
+
+    class Queued(FakeCuda):
+        def __init__(self):
+            super().__init__()
+            self.ready, self.pending, self.fed, self.overlapped = set(), [], 0, 0
+
+        def graph_ready(self, key):
+            return key in self.ready
+
+        def graph_step(self, key, meta, record, feed=None, overlap=False):
+            if feed is not None:
+                assert overlap and feed in self.pending, "fed by a sampling the host has not read"
+                meta.token_ids = meta.token_ids.copy()
+                meta.token_ids[: feed.R] = feed.toks
+                self.fed += 1
+            self.overlapped += bool(overlap)
+            self.ready.add(key)  # the first step of a key stands for the eager run and the capture
+            return np.asarray(record(self.begin_step(meta))).view(_Rows)
+
+        def sample_packed_async(self, logits, prm, pen, n_top=0):
+            x = self.to_host(logits)
+            toks = ((np.argmax(x, -1) + 31 * prm[:, 6].astype(np.int64)) % x.shape[-1]).astype(np.int32)
+            h = SimpleNamespace(R=len(toks), toks=toks, lps=-prm[:, 6].astype(np.float32),
+                                top=np.tile(toks[:, None], 2), tlp=np.zeros((len(toks), 2), np.float32))
+            self.pending.append(h)
+            return h
+
+        def sample_result(self, h):
+            self.pending.remove(h)
+            return h.toks, h.lps, h.top, h.tlp
+
+        def sample_packed(self, logits, prm, pen, n_top=0):
+            return self.sample_result(self.sample_packed_async(logits, prm, pen, n_top))
+
+    return Queued()
+
+
+def test_overlap_gives_the_tokens_of_plain_steps(tmp_path):
+    """The overlap loop over the CUDA runner (a decode step launched, fed the previous step's
+    tokens on the device, before the host reads them) must give every sequence exactly the
+    tokens of step-by-step decoding, while sequences finish, join, and leave the batch without
+    being released."""
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    rng = np.random.default_rng()
+    prompts = [[1] + rng.integers(3, 320, int(k)).tolist() for k in rng.integers(2, 40, 4)]
+    runs: dict = {}
+    for mode in ("lookahead", "plain"):
+        be = _queued_device_backend()
+        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
+        try:
+            assert eng.capabilities.overlap
+            eng.runner.lookahead = mode == "lookahead"
+            free0 = eng.free_blocks()
+            got, outputs, c_queued = changing_batch(eng, prompts, top_logprobs=2)
+            runs[mode] = (got, outputs)
+            assert not be.pending, "a queued sampling was never read"
+            assert eng.free_blocks() + len(eng.allocator._evictable) >= free0  # every block came back
+            if mode == "lookahead":
+                assert be.fed >= 5, be.fed  # the lookahead path really ran
+                assert c_queued  # c left with a step of it in flight, and that step was delivered to it
+            else:
+                assert be.fed == 0 and be.overlapped == 0
+        finally:
+            eng.close()
+    got, outputs = runs["lookahead"]
+    assert got == outputs  # what the loop delivered is what each sequence holds
+    assert [len(g) for g in got] == [4, 14, 14, 14]
+    assert runs["lookahead"] == runs["plain"]
+
+
+def test_scheduler_overlap_streams_the_plain_tokens(tmp_path):
+    """The real scheduler over the CUDA runner: requests of different lengths join and finish
+    (each finish may leave a step of it in flight) and a late one joins a running batch; every
+    stream must carry the tokens it carries without lookahead, and every KV block comes back."""
+    import time
+
+    from orcd_grpc.scheduler import LENGTH, FinishedEvent, Request, Scheduler, Stopping, TokenEvent
+
+    def drain(req):
+        events = []
+        while not events or not isinstance(events[-1], FinishedEvent):
+            events.append(req.events.get(timeout=30))
+        return events
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    rng = np.random.default_rng()
+    jobs = [([1] + rng.integers(3, 320, int(k)).tolist(), int(m))
+            for k, m in zip(rng.integers(2, 40, 4), (3, 17, 9, 12))]
+    results = {}
+    for mode in ("lookahead", "plain"):
+        be = _queued_device_backend()
+        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
+        eng.runner.lookahead = mode == "lookahead"
+        free0 = eng.free_blocks()
+        sched = Scheduler(loader=lambda p, **_: eng)
+        try:
+            sched.load("tiny")
+            reqs = [Request(f"r{i}", prompt, SamplingParams(temperature=0.7, seed=i),
+                            Stopping(max_tokens=m, ignore_eos=True), engine=eng, model_id=eng.info.model_id)
+                    for i, (prompt, m) in enumerate(jobs)]
+            for r in reqs[:3]:
+                sched.submit(r)
+            events = [drain(reqs[0])]
+            sched.submit(reqs[3])  # joins the two still decoding
+            events += [drain(r) for r in reqs[1:]]
+            assert all(ev[-1].reason == LENGTH for ev in events)
+            assert [ev[-1].completion_tokens for ev in events] == [m for _, m in jobs]
+            results[mode] = [[e.token_id for e in ev if isinstance(e, TokenEvent)] for ev in events]
+            assert [len(t) for t in results[mode]] == [m for _, m in jobs]
+            deadline = time.monotonic() + 10
+            while eng.free_blocks() + len(eng.allocator._evictable) < free0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert eng.free_blocks() + len(eng.allocator._evictable) >= free0
+            assert (be.fed > 0) == (mode == "lookahead"), be.fed
+            # every request ended by its max_tokens: nothing was launched past it
+            assert sched._overlap is None or sched._overlap.inflight is None
+            assert not be.pending
+        finally:
+            sched.shutdown(0)
+            eng.close()
+    assert results["lookahead"] == results["plain"]
+
+
+def test_overlap_launches_no_step_past_max_tokens(tmp_path):
+    """may_follow (the scheduler passes each request's max_tokens) bounds the overlap: once the
+    step in flight brings a sequence there, nothing more is launched, so the GPU is free for the
+    next request the moment the last token is read. Without it, a step stays in flight."""
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    be = _queued_device_backend()
+    eng = load_engine(path, backend=be, max_sequences=4, max_context=256)
+    try:
+        for max_tokens in (7, 0):
+            s = eng.new_sequence([1, 5, 9, 13], SamplingParams(temperature=0.7, seed=1))
+            ov = Overlap(eng)
+            follow = None if not max_tokens else (lambda q: len(q.output_ids) + 2 <= max_tokens)
+            while len(s.output_ids) < 7:
+                ov.step([s], may_follow=follow)
+            assert len(s.output_ids) == 7
+            if max_tokens:
+                assert ov.inflight is None and not be.pending
+                assert be.fed >= 3  # it did run ahead before the end
+            else:
+                assert ov.inflight is not None and len(be.pending) == 1
+                assert ov.inflight[1].plan.after is None  # no chain of every earlier step stays alive
+            eng.release(s)
+            ov.drain()
+            assert not be.pending and len(s.output_ids) == 7  # released: the queued token is dropped
+    finally:
+        eng.close()
+
+
+def test_device_sampling_rows_carry_the_limits():
+    """The rows the CUDA runner hands the device sampler hold the effective limits, so the
+    kernel runs greedy (temperature 0) and a finite penalty."""
+    from orcd_grpc.backends.cuda import pack_sampling_row
+    from orcd_grpc.backends.runner import RowSampling
+    from orcd_grpc.sampling import Sampler
+
+    vocab = 64
+    recorded = []
+    be = SimpleNamespace(name="cuda", host_memory=False, workspace_bytes=0, tuning=Tuning(),
+                         sample=lambda logits, rows, n_top: (recorded.extend(rows), (np.zeros(len(rows), np.int64),
+                                                                                    np.zeros(len(rows), np.float32)))[1])
+    runner = CudaRunner(be, RunnerModel(forward=None, hp=None, n_experts_used=0, block_size=16, pad_block=0,
+                                        table_width=1, max_sequences=1))
+
+    def row(params, n_out=0):
+        p = params.effective(vocab)
+        return PlanRow(seq_id=1, tokens=[5], start=3, n=1, block_table=[0], prompt_ids=[5, 6, 7],
+                       output_ids=[1] * n_out, sampling=RowSampling(p, Sampler(p)))
+
+    tiny = float(np.float32(1e-38))
+    for params in (SamplingParams(temperature=tiny, top_p=0.5, seed=3), SamplingParams(temperature=1.0, top_p=tiny, seed=3)):
+        assert runner._packed_rows([row(params)]).view(np.float32)[0, 0] == 0.0  # temperature word: greedy
+    pen = row(SamplingParams(temperature=0.7, repetition_penalty=tiny, seed=3), n_out=2)
+    runner._sample(StepPlan([pen], 16), np.zeros((1, vocab), np.float32))
+    r = recorded[0]
+    # 1e-30: the documented floor of repetition_penalty; the counter is the token's index
+    assert r["temperature"] == np.float32(0.7) or abs(r["temperature"] - 0.7) < 1e-6
+    assert r["repetition_penalty"] == 1e-30 and r["seed"] == 3
+    packed = pack_sampling_row(r["temperature"], r["top_k"], r["top_p"], r["min_p"], r["seed"],
+                               r["repetition_penalty"]).view(np.float32)
+    assert np.isfinite(np.float32(30.0) / packed[8])  # a positive logit over the penalty stays finite
+
+
+def test_padded_metadata_of_large_batches_is_the_row_by_row_one():
+    """Batches of 24 rows and more build their padded block tables and slots with whole-batch
+    array operations; they must equal the row-by-row construction of small batches."""
+    from orcd_grpc.backends.runner import RowSampling
+
+    be = SimpleNamespace(name="cuda", host_memory=False, workspace_bytes=0, tuning=Tuning())
+    runner = CudaRunner(be, RunnerModel(forward=None, hp=None, n_experts_used=0, block_size=4, pad_block=999,
+                                        table_width=12, max_sequences=64))
+    rng = np.random.default_rng(5)
+    sampling = RowSampling(GREEDY, None)
+    rows = []
+    for i in range(37):
+        nblocks = int(rng.integers(1, 13))
+        table = rng.choice(900, nblocks, replace=False).tolist()
+        start = int(rng.integers(4 * (nblocks - 1), 4 * nblocks))
+        fed = i % 3 == 0
+        rows.append(PlanRow(i, None if fed else [int(rng.integers(0, 300))], start, 1, table, [1], [2] * start,
+                            sampling))
+    plan = StepPlan(rows, 4)
+    big = runner._padded_meta(plan, 48)
+    want_tables = np.full((48, 12), -1, np.int32)
+    want_tables[37:, 0] = 999
+    for b, r in enumerate(rows):
+        want_tables[b, : len(r.block_table)] = r.block_table
+    np.testing.assert_array_equal(big.block_tables, want_tables)
+    np.testing.assert_array_equal(big.slot_mapping[:37], [r.block_table[r.start // 4] * 4 + r.start % 4 for r in rows])
+    assert (big.slot_mapping[37:] == 999 * 4).all()
+    np.testing.assert_array_equal(big.positions[:37], [r.start for r in rows])
+    np.testing.assert_array_equal(big.token_ids[:37], [0 if r.tokens is None else r.tokens[0] for r in rows])
+    np.testing.assert_array_equal(big.ctx_lens, big.positions + 1)
+    # and a small batch (row by row) of the same rows gives the same rows
+    small = runner._padded_meta(StepPlan(rows[:5], 4), 8)
+    np.testing.assert_array_equal(small.block_tables[:5], want_tables[:5])
+    np.testing.assert_array_equal(small.slot_mapping[:5], big.slot_mapping[:5])
