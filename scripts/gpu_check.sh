@@ -4,7 +4,11 @@
 #   rest of the suite if time is left) and the benchmark. Logs go to $OUT (or /tmp/orcd-out).
 #   GPU_TESTS=...   pytest selection for the GPU part (default: -m gpu tests/gpu)
 #   SKIP_SUITE=1    skip the non-GPU suite;  SKIP_BENCH=1  skip the benchmark
-#   BENCH_MODELS="qwen2.5-0.5b ..."  the synthetic anchor files to benchmark (default: all four)
+#   BENCH_MODELS="qwen2.5-0.5b ..."  the synthetic anchor files to benchmark (default: all four);
+#                   with SKIP_BENCH=1 they are still written (for a later call on the warm machine)
+#   BASE_TREE=DIR   the benchmark is an A/B instead: bench/bench_engine.py on each file for the tree
+#                   in DIR (an export of the commit to compare with) and for this one, alternating,
+#                   with BENCH_ARGS (default "--batches 8,64"); rows go to $OUT/ab.md
 #   FIRST_TESTS="FILES" FIRST_K="EXPR"  a pytest selection run first; the stages wait on it
 #   STAGE_DIRS="DIR ..."  first run the staged whole-model check of each DIR (scripts/stage_gpu.sh)
 #   PROFILE_MODELS="qwen2.5-0.5b:1,64 phi3-mini:p512 ..."  where a decode step's time goes
@@ -29,7 +33,7 @@ if [ -z "${ORCD_TINY_GGUF_DIR:-}" ] && [ -d .dev/tiny ]; then export ORCD_TINY_G
 data=${ORCD_BENCH_DIR:-/tmp/orcd-bench}; mkdir -p "$data"
 # The synthetic files the profiles and the benchmark need, written while the tests run (16 cores there).
 NCU=${NCU:-}
-bench_models=; [ -z "${SKIP_BENCH:-}" ] && bench_models=${BENCH_MODELS:-qwen2.5-0.5b phi3-mini phi3-mini-q4_0 gpt-oss-20b}
+bench_models=${BENCH_MODELS:-}; [ -z "${SKIP_BENCH:-}" ] && bench_models=${BENCH_MODELS:-qwen2.5-0.5b phi3-mini phi3-mini-q4_0 gpt-oss-20b}
 for m in $(for mb in ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} $(for x in $NCU; do echo "${x%%:*}"; done) $bench_models; do echo "${mb%%:*}"; done | sort -u); do
   [ -s "$data/$m.gguf" ] || (python3 bench/synth_gguf.py "$m" "$data/$m.tmp" "$ORCD_SHARED_DIR/vocab" >/dev/null \
     && mv "$data/$m.tmp" "$data/$m.gguf") &
@@ -57,7 +61,17 @@ fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   echo "== benchmark"
   wait
-  if [ -f bench/run_all.sh ]; then timeout 300 bash bench/run_all.sh ${BENCH_MODELS:-} 2>&1 | tee "$OUT/bench.md"
+  if [ -n "${BASE_TREE:-}" ]; then
+    # Each tree imports its own package and finds its own cuda/; both share the kernel cache.
+    for m in $bench_models; do
+      for tree in "$BASE_TREE" .; do
+        label=$([ "$tree" = . ] && echo new || echo base)
+        row=$(cd "$tree" && PYTHONPATH=/tmp/site:$PWD timeout 240 python3 bench/bench_engine.py "$data/$m.gguf" \
+          --backend cuda ${BENCH_ARGS:---batches 8,64} 2>"$OUT/ab-$label-$m.err" | tail -1)
+        echo "$label $row" | tee -a "$OUT/ab.md"
+      done
+    done
+  elif [ -f bench/run_all.sh ]; then timeout 300 bash bench/run_all.sh ${BENCH_MODELS:-} 2>&1 | tee "$OUT/bench.md"
   elif [ -f bench/bench_decode.py ]; then timeout 300 python3 bench/bench_decode.py 2>&1 | tee "$OUT/bench.md"
   else echo "no benchmark under bench/"; fi
 fi
@@ -101,5 +115,6 @@ for spec in $NCU; do
     python3 bench/profile_decode.py "$data/$nm.gguf" --batch "${nb:-1}" > "$OUT/ncu-$n.txt" 2>&1
   echo "ncu rc=$? $(grep -c '' "$OUT/ncu-$n.txt") lines"
 done
+wait  # synthetic files still being written (SKIP_BENCH=1 with BENCH_MODELS)
 echo "== gpu_check done in $(( $(date +%s) - start ))s, rc=$rc"
 exit $rc
