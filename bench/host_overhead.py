@@ -20,7 +20,8 @@ root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [root, os.path.join(root, "tests")]
 
 from gpu.test_cuda_models import write_tiny_llama  # noqa: E402
-from orcd_grpc.engine import GRAPH_BUCKETS, load_engine  # noqa: E402
+from orcd_grpc.engine import GRAPH_BUCKETS  # noqa: E402
+from orcd_grpc.loader import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
 
 

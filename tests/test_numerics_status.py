@@ -121,7 +121,7 @@ def test_tiny_temperature_gives_exactly_the_greedy_tokens(srv):
 
 def _reference_logits(path, prompt, generated):
     """Teacher-forced float32 logits of every sampling step, from the engine loaded in-process."""
-    from orcd_grpc.engine import load_engine
+    from orcd_grpc.loader import load_engine
     from orcd_grpc.sampling import SamplingParams
 
     eng = load_engine(path, backend="cpu", max_sequences=1, max_context=TRAINED)
@@ -294,7 +294,7 @@ def test_device_sampling_rows_carry_the_limits(tmp_path):
     backends.cuda.pack_sampling_row) hold the limits, so the kernel runs greedy (temperature 0)
     and a finite penalty: checked here without a GPU, by recording what the engine packs."""
     from orcd_grpc.backends.cuda import pack_sampling_row
-    from orcd_grpc.engine import load_engine
+    from orcd_grpc.loader import load_engine
     from orcd_grpc.sampling import SamplingParams
 
     tiny = float(np.float32(1e-38))
