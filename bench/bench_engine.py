@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__file__)))
 
-from orcd_grpc.engine import load_engine  # noqa: E402
+from orcd_grpc.loader import load_engine  # noqa: E402
 from orcd_grpc.overlap import Overlap  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
 

@@ -22,7 +22,7 @@ sys.path[:0] = [root, os.path.join(root, "tests")]
 from gpu.test_cuda_models import write_tiny_llama  # noqa: E402
 from orcd_grpc.backends.cuda_runner import CudaRunner  # noqa: E402
 from orcd_grpc.backends.runner import StepPlan  # noqa: E402
-from orcd_grpc.engine import load_engine  # noqa: E402
+from orcd_grpc.loader import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
 
 

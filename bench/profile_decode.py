@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from orcd_grpc.backends.runner import StepPlan  # noqa: E402
-from orcd_grpc.engine import load_engine  # noqa: E402
+from orcd_grpc.loader import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
 
 

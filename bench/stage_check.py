@@ -47,7 +47,7 @@ GEN = 32
 
 
 def _engine(path, backend):
-    from orcd_grpc.engine import load_engine
+    from orcd_grpc.loader import load_engine
 
     return load_engine(path, backend=backend, max_sequences=1, max_context=512)
 

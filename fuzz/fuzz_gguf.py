@@ -520,7 +520,7 @@ def run_one(path: str, engine: bool) -> tuple[str, str]:
         m.close()
         if engine:
             stage = "engine"
-            from orcd_grpc.engine import load_engine
+            from orcd_grpc.loader import load_engine
 
             e = load_engine(path, backend="cpu", context_length=32, max_sequences=2, kv_cache_bytes=1 << 20)
             e.close()
@@ -540,7 +540,7 @@ def _worker(conn, mem_limit: int) -> None:
     warnings.simplefilter("ignore")  # NumPy overflow warnings on hostile values are not findings
     if mem_limit:
         resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
-    import orcd_grpc.engine  # noqa: F401  (import once, before the first case's clock starts)
+    import orcd_grpc.loader  # noqa: F401  (import once, before the first case's clock starts)
     import orcd_grpc.gguf_guard  # noqa: F401
 
     conn.send(("ready", ""))

@@ -133,7 +133,7 @@ def _drop_frames(exc: BaseException) -> None:
 
 
 def _default_loader(path, **kwargs):
-    from .engine import load_engine
+    from .loader import load_engine
 
     return load_engine(path, **kwargs)
 

@@ -29,7 +29,7 @@ def _switch(default, env: str, doc: str, *, level: str = "backend", choices: tup
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    # ---- engine: read by Engine at load (its own reads until the runner boundary lands)
+    # ---- read where a model loads: the CUDA runner (graphs, lookahead) and weight_packing (fusion)
     cuda_graphs: bool = _switch(
         True, "ORCD_CUDA_GRAPHS", "decode steps replay a CUDA graph per batch-size bucket; 0 launches every "
         "kernel from Python (debugging)", level="engine")

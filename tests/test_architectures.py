@@ -1,6 +1,6 @@
 """Every supported architecture against an independent reference (HF transformers).
 
-F32: a tiny random HF model -> orcd.export (F32 GGUF) -> orcd engine (NumPy backend) vs
+F32: a tiny random HF model -> tools/gguf_export.py (F32 GGUF) -> orcd engine (NumPy backend) vs
 transformers on the same weights. Metric: rel = max|orcd - ref| / max|ref| over all logits of a
 32-token random prompt (prefill) and 16 teacher-forced cached decode steps. Bound: 1e-4.
 
@@ -22,11 +22,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
 from tiny_models import ARCHS, N_DECODE, N_PROMPT, VOCAB, tiny_model  # noqa: E402
 from tiny_models import engine_logits as _orcd_logits  # noqa: E402
+from gguf_export import export_hf_model, load_gguf_into_hf  # noqa: E402
 
-from orcd_grpc.engine import load_engine  # noqa: E402
-from orcd_grpc.export import export_hf_model, load_gguf_into_hf  # noqa: E402
+from orcd_grpc.loader import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from orcd_grpc.backends.cuda_runner import CudaRunner
 from orcd_grpc.backends.numpy_backend import NumpyBackend
 from orcd_grpc.backends.runner import PlanRow, RunnerModel, StepPlan
-from orcd_grpc.engine import load_engine
+from orcd_grpc.loader import load_engine
 from orcd_grpc.overlap import Overlap
 from orcd_grpc.sampling import SamplingParams
 from orcd_grpc.tuning import Tuning

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from orcd_grpc.engine import load_engine
+from orcd_grpc.loader import load_engine
 from orcd_grpc.sampling import SamplingParams
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests/: the tiny-model writer, the schedules
@@ -233,3 +233,31 @@ def test_widened_qkv_gives_the_separate_projections_logits(tmp_path, monkeypatch
         assert ("blk.0.attn_qkv_fused.bias" in names) == (fuse == "1")
         assert "blk.0.attn_qk_fused.weight" not in names
     np.testing.assert_allclose(got["1"][1], got["0"][1], rtol=1e-4, atol=1e-4)
+
+
+def test_weights_sized_for_admission_are_the_weights_loaded(tmp_path):
+    """The estimate that admits a model and the load come from one plan: with a backend that pads
+    each weight (as the CUDA backend does), ModelInfo.weights_bytes is the sum over the very
+    load_weight calls made, packed Q/K/V and gate/up included."""
+    from orcd_grpc.backends.numpy_backend import NumpyBackend
+
+    class Padded(NumpyBackend):
+        def __init__(self):
+            super().__init__()
+            self.loaded = []
+
+        def weight_nbytes(self, qtype, shape, raw_nbytes):
+            return -(-(int(raw_nbytes) + 16) // 256) * 256
+
+        def load_weight(self, name, raw, qtype, shape):
+            self.loaded.append(self.weight_nbytes(qtype, shape, np.asarray(raw).nbytes))
+            return super().load_weight(name, raw, qtype, shape)
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q5_0", v_qtype="Q8_0", qkv_bias=True)
+    be = Padded()
+    eng = load_engine(path, backend=be, max_sequences=2, max_context=256)
+    try:
+        assert "blk.0.attn_qkv_fused.weight" in eng.adapter.w
+        assert eng.info.weights_bytes == sum(be.loaded)
+    finally:
+        eng.close()

@@ -121,7 +121,7 @@ def test_tiny_temperature_gives_exactly_the_greedy_tokens(srv):
 
 def _reference_logits(path, prompt, generated):
     """Teacher-forced float32 logits of every sampling step, from the engine loaded in-process."""
-    from orcd_grpc.engine import load_engine
+    from orcd_grpc.loader import load_engine
     from orcd_grpc.sampling import SamplingParams
 
     eng = load_engine(path, backend="cpu", max_sequences=1, max_context=TRAINED)

@@ -61,6 +61,9 @@ def test_wheel_contains_kernels_stubs_and_build_info(wheel):
             assert zf.read(member) == k.read_bytes()
         assert not any(n.startswith("cuda/") for n in names), "kernels belong inside the package"
         assert {"orcd_grpc/_gen/worker_pb2.py", "orcd_grpc/_gen/worker_pb2_grpc.py"} <= names
+        assert {"orcd_grpc/loader.py", "orcd_grpc/weight_packing.py"} <= names
+        # the HF -> GGUF exporter is for tests and benchmarks (tools/), not the served package
+        assert not any(n.endswith("export.py") for n in names), sorted(names)
         info = json.loads(zf.read("orcd_grpc/_build_info.json"))
     assert info == {"version": "0.1.0", "git_commit": "0123456789abcdef0123456789abcdef01234567",
                     "build_date": "2026-01-02T03:04:05+00:00"}

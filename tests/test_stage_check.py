@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "gpu"))
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "bench"))
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "tools"))
 
 import stage_check  # noqa: E402
 
@@ -44,9 +45,8 @@ def test_tiny_gemma3_stages_compose_exactly(tmp_path):
     """gemma3 scales its embedding; a stage reading hidden states must not scale them again."""
     pytest.importorskip("transformers")
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from gguf_export import export_hf_model
     from tiny_models import tiny_model
-
-    from orcd_grpc.export import export_hf_model
 
     model = export_hf_model(tiny_model("gemma3"), tmp_path / "g.gguf", qtype="Q8_0")
     _check(model, tmp_path / "work", "0:4,4:6")  # a cut between sliding-window layers and the global one
@@ -55,7 +55,7 @@ def test_tiny_gemma3_stages_compose_exactly(tmp_path):
 def test_stage_file_missing_a_layer_tensor_is_refused(tmp_path):
     import gguf
 
-    from orcd_grpc.engine import load_engine
+    from orcd_grpc.loader import load_engine
     from orcd_grpc.errors import InvalidArgument
     from test_cuda_models import write_tiny_llama
 

@@ -2,14 +2,19 @@
 before any weights are loaded; the same file without the defect loads (control)."""
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from orcd_grpc.engine import load_engine
 from orcd_grpc.errors import InvalidArgument
-from orcd_grpc.export import write_dummy_vocab
+from orcd_grpc.loader import load_engine
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+from gguf_export import write_dummy_vocab  # noqa: E402
 
 D, FF, NH, NKV, HD, V = 64, 128, 2, 1, 32, 300
 

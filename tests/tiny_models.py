@@ -17,7 +17,7 @@ def engine_logits(path, ids, backend: str = "cpu"):
     N_DECODE single-token cached steps fed the rest of `ids`."""
     import numpy as np
 
-    from orcd_grpc.engine import load_engine
+    from orcd_grpc.loader import load_engine
     from orcd_grpc.sampling import SamplingParams
 
     eng = load_engine(path, backend=backend, max_sequences=1, max_context=256)

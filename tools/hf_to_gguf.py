@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Convert a local Hugging Face model directory to GGUF with orcd's exporter (orcd_grpc.export).
+"""Convert a local Hugging Face model directory to GGUF with orcd's exporter (gguf_export.py beside it).
 
 usage: hf_to_gguf.py MODEL_DIR OUT.gguf [--qtype F32|F16|Q8_0|Q4_0] [--expert-qtype MXFP4|Q8_0|F32]
 
@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from orcd_grpc.export import export_hf_model  # noqa: E402
+from gguf_export import export_hf_model  # noqa: E402
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from ..backends.base import Backend, KVLayout
 from ..gguf_model import GGUFModel
+from ..weight_packing import Pack
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class Adapter:
     """Describes one architecture in terms of backend ops. Subclasses set `archs`."""
 
     archs: tuple[str, ...] = ()
+    # Tensors loaded concatenated as one weight (weight_packing applies them at load; the forward
+    # reads the packed name when it is there, the parts otherwise).
+    packing: tuple[Pack, ...] = ()
     # Tokens per sequence the model is served at, set by load_engine before bind (None: the trained
     # context); phi3's LongRoPE picks its factors by it.
     n_ctx: int | None = None
@@ -132,10 +136,6 @@ class Adapter:
     def kv_layout(self, num_blocks: int, block_size: int) -> KVLayout:
         h = self.hp
         return KVLayout(h.n_layers, num_blocks, block_size, h.n_kv_heads, h.head_dim, h.head_dim_v)
-
-    def fused_weights(self, qk: bool = False, widen: bool = False) -> dict[str, list[str]]:
-        """New name -> tensors the engine loads concatenated by rows instead (see llama)."""
-        return {}
 
     # ---- running -------------------------------------------------------------------------
     def bind(self, backend: Backend, weights: dict) -> None:

@@ -10,13 +10,24 @@ import math
 from .. import quants
 from ..backends.base import RopeSpec
 from ..gguf_model import GGUFModel
+from ..weight_packing import Pack
 from .base import Adapter
+
+_WIDENS = quants.WIDENS_TO_Q8_0
 
 
 class LlamaAdapter(Adapter):
     archs = ("llama",)
     neox_rope = False  # llama.cpp's converter permutes Q/K rows of llama models for interleaved rope
     ffn_norm = "ffn_norm.weight"  # the norm before the FFN; gpt-oss names it post_attention_norm
+    # One matmul launch instead of several per layer. Q4_0/Q5_0/Q8_0 parts may mix (re-encoded as
+    # Q8_0 for 3 more bits per weight: qwen2.5's Q4_K_M files store Q/K as Q5_0, V as Q8_0); where
+    # Q/K/V cannot pack (V's type differs, widening off), Q and K alone.
+    packing = (
+        Pack("attn_qkv_fused.weight", ("attn_q.weight", "attn_k.weight", "attn_v.weight"), widen=_WIDENS),
+        Pack("attn_qk_fused.weight", ("attn_q.weight", "attn_k.weight"), widen=_WIDENS, switch="qk"),
+        Pack("ffn_gate_up_fused.weight", ("ffn_gate.weight", "ffn_up.weight"), widen=_WIDENS),
+    )
 
     # ---- description ---------------------------------------------------------------------
     def output_name(self) -> str:
@@ -46,38 +57,6 @@ class LlamaAdapter(Adapter):
         3's rope factors (prepare reads them; phi3 inherits that)."""
         return {"rope_freqs.weight"} | {f"blk.{i}.attn_{p}.bias" for i in range(self.hp.n_layers)
                                         for p in ("q", "k", "v", "output", "qkv")}
-
-    # ---- fused projections -----------------------------------------------------------------
-    def fused_weights(self, qk: bool = False, widen: bool = False) -> dict[str, list[str]]:
-        """Weights the engine loads concatenated by rows (same storage type, same inputs), so that
-        one matmul launch does the work of several: Q/K/V (and their biases), and gate/up. widen:
-        parts of different types that all widen exactly to Q8_0 (qwen2.5's Q4_K_M files: Q5_0,
-        Q5_0, Q8_0) fuse too, the engine re-encoding them. qk: where V's type still differs, Q and
-        K alone."""
-        groups: dict[str, list[str]] = {}
-        m = self.model
-
-        def group(new: str, names: list[str]) -> bool:
-            if not all(m.has(n) for n in names):
-                return False
-            types = {int(m.tensor(n).tensor_type) for n in names}
-            if len(types) != 1 and not (widen and types <= quants.WIDENS_TO_Q8_0):
-                return False
-            biases = [n.replace(".weight", ".bias") for n in names]
-            if any(m.has(n) for n in biases):
-                if not all(m.has(n) and int(m.tensor(n).tensor_type) == 0 for n in biases):  # F32 only
-                    return False
-                groups[new.replace(".weight", ".bias")] = biases
-            groups[new] = names
-            return True
-
-        for i in range(self.hp.n_layers):
-            b = f"blk.{i}."
-            q, k, v = (b + f"attn_{p}.weight" for p in "qkv")
-            if not group(b + "attn_qkv_fused.weight", [q, k, v]) and qk:
-                group(b + "attn_qk_fused.weight", [q, k])
-            group(b + "ffn_gate_up_fused.weight", [b + "ffn_gate.weight", b + "ffn_up.weight"])
-        return groups
 
     # ---- constants -----------------------------------------------------------------------
     def prepare(self):

@@ -21,6 +21,7 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "tools"))
 from tiny_models import ARCHS, N_DECODE, N_PROMPT, VOCAB  # noqa: E402
 from tiny_models import engine_logits as _logits  # noqa: E402
 
@@ -28,7 +29,7 @@ CASES = [(a, "F32") for a in ARCHS] + [(a, q) for q in ("Q8_0", "Q4_0") for a in
 
 
 def export(arch: str, qtype: str, out_dir) -> pathlib.Path:
-    from orcd_grpc.export import export_hf_model
+    from gguf_export import export_hf_model
     from tiny_models import tiny_model
 
     return export_hf_model(tiny_model(arch), pathlib.Path(out_dir) / f"{arch}-{qtype}.gguf", qtype=qtype,

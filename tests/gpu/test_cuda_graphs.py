@@ -45,7 +45,7 @@ def _run_schedule(engine, prompts, n_new, leave_after=None, join=None):
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
 def test_graph_decode_matches_eager_and_numpy(tmp_path, qtype):
-    from orcd_grpc.engine import load_engine
+    from orcd_grpc.loader import load_engine
 
     path = write_tiny_llama(tmp_path / f"tiny-{qtype}.gguf", qtype)
     rng = np.random.default_rng(11)
@@ -77,7 +77,7 @@ def test_graph_decode_matches_eager_and_numpy(tmp_path, qtype):
 
 
 def test_gpu_sampling_is_seeded(tmp_path):
-    from orcd_grpc.engine import load_engine
+    from orcd_grpc.loader import load_engine
 
     path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
     eng = load_engine(path, backend="cuda", max_sequences=4, max_context=256)
@@ -110,7 +110,7 @@ def test_lookahead_matches_step_by_step(tmp_path, qtype):
     import sys
     from pathlib import Path
 
-    from orcd_grpc.engine import load_engine
+    from orcd_grpc.loader import load_engine
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from schedules import changing_batch

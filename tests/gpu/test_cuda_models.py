@@ -109,7 +109,7 @@ def greedy(engine, prompt, n):
 
 
 def _pair(path, **kw):
-    from orcd_grpc.engine import load_engine
+    from orcd_grpc.loader import load_engine
 
     return (load_engine(path, backend="cuda", max_sequences=4, max_context=512, **kw),
             load_engine(path, backend="cpu", max_sequences=4, max_context=512, **kw))
@@ -221,7 +221,7 @@ def test_real_model_agrees(request, which):
 
 def test_model_over_max_vram_is_refused_and_backend_survives(tmp_path):
     from orcd_grpc.backends.cuda import CudaBackend
-    from orcd_grpc.engine import load_engine
+    from orcd_grpc.loader import load_engine
 
     path = write_tiny_llama(tmp_path / "big.gguf", "F32", vocab=4000, d=512, n_layers=4, d_ff=2048)
     be = CudaBackend(max_vram=48 << 20, workspace_bytes=16 << 20)  # the model's weights are ~60 MB
@@ -234,7 +234,7 @@ def test_model_over_max_vram_is_refused_and_backend_survives(tmp_path):
     assert be.budget.used == 0 and before > 0
     # A fresh backend (the worker's next load) still works.
     small = write_tiny_llama(tmp_path / "small.gguf", "Q8_0")
-    from orcd_grpc.engine import load_engine as le
+    from orcd_grpc.loader import load_engine as le
 
     eng = le(small, backend="cuda", max_sequences=2, max_context=256)
     try:

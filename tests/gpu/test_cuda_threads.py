@@ -18,7 +18,7 @@ def test_threads_that_end_leave_the_process_alive(tmp_path, repo_root):
     path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
     code = textwrap.dedent(f"""
         import threading
-        from orcd_grpc.engine import load_engine
+        from orcd_grpc.loader import load_engine
         from orcd_grpc.sampling import SamplingParams
         box = {{}}
         t = threading.Thread(target=lambda: box.setdefault("e", load_engine({str(path)!r}, backend="cuda",

@@ -2,7 +2,9 @@
 llama.cpp's convert_hf_to_gguf.py lays out that architecture.
 
 It exists so that tests can build a tiny random model, run it in transformers (the reference) and
-in orcd (from the GGUF file) on the very same weights. Conventions reproduced per architecture:
+in orcd (from the GGUF file) on the very same weights; tests, benchmarks and tools/hf_to_gguf.py
+import it from here, so the served package does not ship it. Conventions reproduced per
+architecture:
 
 - llama:   Q/K rows permuted from HF's rotate-half order to interleaved pairs (llama.cpp runs
            llama with "normal" rope); qwen2/phi3/gemma3/gpt-oss are not permuted (NeoX rope).
@@ -28,7 +30,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import quants
+from orcd_grpc import quants
 
 ARCH = {
     "llama": gguf.MODEL_ARCH.LLAMA,

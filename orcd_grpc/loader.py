@@ -1,0 +1,117 @@
+"""Loading a GGUF model into an Engine: open, validate, size, then commit memory.
+
+Everything is checked and sized before the first weight is made resident, so a bad or oversized
+file leaves nothing allocated. The weights sized and the weights loaded are one list, the
+`weight_packing.Plan` of the file under its adapter's packs.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from . import weight_packing
+from .adapters import adapter_for
+from .backends.base import Backend
+from .backends.factory import make_backend
+from .engine import Engine, ModelInfo
+from .errors import OutOfRange
+from .gguf_model import GGUFModel
+from .kv_cache import BlockAllocator
+
+DEFAULT_MAX_CONTEXT = 8192
+CPU_KV_BUDGET = 1 << 30
+
+
+def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "auto", context_length: int = 0,
+                max_sequences: int = 64, max_vram: int = 0, kv_cache_bytes: int = 0, block_size: int = 16,
+                max_context: int = DEFAULT_MAX_CONTEXT, progress=None, max_ram: int = 0) -> Engine:
+    """Opens, validates and loads a GGUF model. max_ram: bytes the CPU backend may plan for (0: what
+    the machine has available, less a margin)."""
+    model = GGUFModel(os.fspath(path))
+    try:
+        return _load(model, model_id=model_id, backend=backend, context_length=context_length,
+                     max_sequences=max_sequences, max_vram=max_vram, max_ram=max_ram,
+                     kv_cache_bytes=kv_cache_bytes, block_size=block_size, max_context=max_context,
+                     progress=progress)
+    except BaseException:
+        model.close()
+        raise
+
+
+def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences, max_vram, max_ram,
+          kv_cache_bytes, block_size, max_context, progress) -> Engine:
+    from .admission import check_fits, cpu_step_bytes
+    from .tokenizer import Tokenizer
+    from .validation import check_hparams, validate_model
+
+    t0 = time.perf_counter()
+    report = progress or (lambda stage, done, total: None)
+    path = model.path
+    report("opening", 0, 0)
+    total = model.tensor_bytes()
+    report("validating", 0, total)
+    adapter_cls = adapter_for(model.arch)
+    check_hparams(model)  # before the adapter divides by them
+    adapter = adapter_cls(model)
+    validate_model(model, adapter)
+    # Tensors no forward pass reads are neither loaded nor counted: on the CPU each would be
+    # dequantized whole into float32 (a hostile file can carry gigabytes of them).
+    used = set(adapter.required()) | adapter.optional_tensors()
+    tensors = [t for t in model.reader.tensors if t.name in used]
+    plan = weight_packing.plan(tensors, adapter.packing, adapter.hp.n_layers)
+    tokenizer = Tokenizer.from_gguf(model.fields)
+    hp = adapter.hp
+
+    trained = hp.context_length
+    if context_length and context_length > trained:
+        raise OutOfRange(f"{context_length} exceeds the model's trained context length {trained}",
+                         field="context_length")
+    ctx_len = int(context_length or min(trained, max_context))
+
+    be = backend if isinstance(backend, Backend) else make_backend(backend, max_vram, max_ram)
+    try:
+        weights_bytes, largest = plan.nbytes(be)
+        per_token = adapter.kv_layout(1, 1).bytes(be.kv_elem_size)
+        min_blocks = -(-ctx_len // block_size)
+        available = be.memory_available()
+        # a host backend's step activations are allocated per step, not reserved up front
+        step_bytes = cpu_step_bytes(hp, max_sequences, ctx_len, largest) if be.host_memory else 0
+        if kv_cache_bytes:
+            budget = kv_cache_bytes
+        elif available is None:
+            budget = min(CPU_KV_BUDGET, max_sequences * ctx_len * per_token)
+        else:
+            budget = min(int((available - weights_bytes - step_bytes) * 0.9), max_sequences * ctx_len * per_token)
+            if be.host_memory:
+                budget = min(budget, CPU_KV_BUDGET)
+        num_blocks = max(min_blocks, budget // (per_token * block_size) - 1)
+        kv_bytes = adapter.kv_layout(num_blocks + 1, block_size).bytes(be.kv_elem_size)
+        needed = {"weights": weights_bytes, "KV cache": kv_bytes}
+        if step_bytes:
+            needed["step activations"] = step_bytes
+        check_fits(needed, available, be.memory_name)
+
+        weights, done = {}, 0
+        for e in plan.entries:
+            weights[e.name] = be.load_weight(e.name, e.raw(), e.qtype, e.shape)
+            done += e.file_bytes
+            report("loading", done, total)
+        kv = be.alloc_kv(adapter.kv_layout(num_blocks + 1, block_size))  # + the padding rows' block
+        report("warming", total, total)
+        adapter.n_ctx = ctx_len  # the context served per sequence (phi3 picks its rope factors by it)
+        adapter.bind(be, weights)
+    except BaseException:
+        be.close()
+        raise
+
+    name = model_id or os.path.basename(path).removesuffix(".gguf")
+    info = ModelInfo(
+        model_id=name, path=path, architecture=model.arch, name=model.name(), parameters=model.parameters(),
+        tensor_types=model.tensor_types(), context_length=ctx_len, trained_context_length=trained,
+        vocab_size=hp.vocab_size, weights_bytes=weights_bytes, kv_cache_bytes=kv_bytes,
+        workspace_bytes=int(be.workspace_bytes), backend=be.name,
+        has_chat_template=bool(tokenizer.chat_template), load_seconds=time.perf_counter() - t0,
+        max_sequences=max_sequences)
+    engine = Engine(model, adapter, be, tokenizer, info, kv, BlockAllocator(num_blocks, block_size))
+    report("ready", total, total)
+    return engine
