@@ -17,7 +17,7 @@ from typing import Any, Iterable
 from . import prompt_guard
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OrcdError, OutOfRange, PermissionDenied
 from .sampling import as_sent
-from .scheduler import Stopping
+from .request import Stopping
 
 MAX_REQUEST_ID = 128
 MAX_MODEL_ID = 128

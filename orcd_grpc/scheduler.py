@@ -12,107 +12,17 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
-import queue
 import threading
 import time
-import uuid
 from typing import Any, Callable
-
-import grpc
 
 from . import logs
 from .errors import AlreadyExists, FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .overlap import Overlap
+from .request import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, TokenEvent,
+                      Unavailable)
 
 log = logs.get_logger("orcd.scheduler")
-
-STOP_TOKEN = "stop_token"
-LENGTH = "length"
-STOP_STRING = "stop_string"
-CANCELLED = "cancelled"
-
-
-class Unavailable(OrcdError):
-    """The worker is shutting down (or the model changed under a request being submitted)."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-@dataclasses.dataclass
-class Stopping:
-    max_tokens: int = 0
-    stop: list[str] = dataclasses.field(default_factory=list)
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
-
-
-@dataclasses.dataclass
-class TokenEvent:
-    token_id: int
-    text: str
-    index: int
-    logprob: float
-    top: list[tuple[int, str, float]]
-
-
-@dataclasses.dataclass
-class FinishedEvent:
-    reason: str
-    matched_stop: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-    queue_ms: float
-    time_to_first_token_ms: float
-    decode_tokens_per_second: float
-    total_ms: float
-    detail: str = ""
-
-
-@dataclasses.dataclass
-class ErrorEvent:
-    error: OrcdError
-
-
-class Request:
-    """One Execute call as the scheduler sees it."""
-
-    def __init__(self, request_id: str, prompt_ids: list[int], sampling: Any, stopping: Stopping, *,
-                 engine: Any, model_id: str, correlation_id: str = "", deadline: float | None = None,
-                 arrival: float | None = None, owner: str = ""):
-        self.request_id = request_id or str(uuid.uuid4())
-        # The client identity (security.client_identity) the id belongs to: ids are unique per
-        # client, and only the owner can cancel or even learn of a request.
-        self.owner = owner
-        self.prompt_ids = list(prompt_ids)
-        self.sampling = sampling
-        self.stopping = stopping
-        self.engine = engine
-        self.model_id = model_id
-        self.correlation_id = correlation_id
-        self.deadline = deadline  # time.monotonic() value, or None
-        self.arrival = time.monotonic() if arrival is None else arrival
-        self.events: queue.Queue = queue.Queue()
-        self.seq = None  # the engine's sequence: it holds the tokens (the one copy of them)
-        self.decoder = None
-        self.admitted_at: float | None = None
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self.cancel_reason: str | None = None
-        self.done = False
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.owner, self.request_id
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def generated(self) -> list[int]:
-        return self.seq.output_ids if self.seq is not None else []
 
 
 def _make_decoder(tokenizer, stop: list[str]):

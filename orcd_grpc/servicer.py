@@ -16,8 +16,8 @@ import grpc
 from . import logs, request_validation as rv, security
 from .errors import FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .proto import pb, pb_grpc
-from .scheduler import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request,
-                        Scheduler, TokenEvent)
+from .request import CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, TokenEvent
+from .scheduler import Scheduler
 
 log = logs.get_logger("orcd.servicer")
 

@@ -212,7 +212,8 @@ def test_scheduler_overlap_streams_the_plain_tokens(tmp_path):
     stream must carry the tokens it carries without lookahead, and every KV block comes back."""
     import time
 
-    from orcd_grpc.scheduler import LENGTH, FinishedEvent, Request, Scheduler, Stopping, TokenEvent
+    from orcd_grpc.request import LENGTH, FinishedEvent, Request, Stopping, TokenEvent
+    from orcd_grpc.scheduler import Scheduler
 
     def drain(req):
         events = []

@@ -9,8 +9,9 @@ import pytest
 
 from orcd_grpc.engine import ModelInfo
 from orcd_grpc.errors import AlreadyExists, FailedPrecondition, Internal, NotFound, ResourceExhausted
-from orcd_grpc.scheduler import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request,
-                                 Scheduler, Stopping, TokenEvent, Unavailable)
+from orcd_grpc.request import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request,
+                               Stopping, TokenEvent, Unavailable)
+from orcd_grpc.scheduler import Scheduler
 
 BOS, EOS = 0, 1
 VOCAB = 300
