@@ -37,9 +37,22 @@ class _LoadAborted(Exception):
     pass
 
 
-def describe(info) -> pb.ModelDescription:
+def client_path(path, model_dirs: list[str]) -> str:
+    """The served file as a client may name it to LoadModel: relative to the model directory that
+    holds it, else its file name. Any token holder can list models; the worker's directory layout
+    is none of their business (issue #15: no server path in what a client reads)."""
+    real = os.path.realpath(str(path))
+    for d in model_dirs:
+        root = os.path.realpath(d)
+        if real.startswith(root + os.sep):
+            return os.path.relpath(real, root)
+    return os.path.basename(real)
+
+
+def describe(info, model_dirs: list[str] = ()) -> pb.ModelDescription:
     return pb.ModelDescription(
-        model_id=info.model_id, path=str(info.path), architecture=info.architecture, name=info.name or "",
+        model_id=info.model_id, path=client_path(info.path, list(model_dirs)), architecture=info.architecture,
+        name=info.name or "",
         parameters=int(info.parameters), tensor_types={k: int(v) for k, v in info.tensor_types.items()},
         context_length=int(info.context_length), trained_context_length=int(info.trained_context_length),
         vocab_size=int(info.vocab_size), weights_bytes=int(info.weights_bytes),
@@ -247,7 +260,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                         yield pb.LoadModelResponse(progress=pb.LoadProgress(
                             stage="ready", bytes_done=int(info.weights_bytes), bytes_total=int(info.weights_bytes)))
                     self._count("LoadModel", grpc.StatusCode.OK)
-                    yield pb.LoadModelResponse(model=describe(info))
+                    yield pb.LoadModelResponse(model=describe(info, self.model_dirs))
                     return
                 else:
                     err = rest[0]
@@ -274,7 +287,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def ListModels(self, request, context):
         info = self.scheduler.model_info
         self._count("ListModels", grpc.StatusCode.OK)
-        return pb.ListModelsResponse(models=[describe(info)] if info is not None else [])
+        return pb.ListModelsResponse(models=[describe(info, self.model_dirs)] if info is not None else [])
 
     # ------------------------------------------------------------------ hardware
 

@@ -252,6 +252,22 @@ def test_load_context_length_at_the_minimum_loads(srv):
         list(srv.stub.LoadModel(pb.LoadModelRequest(path="tiny.gguf"), timeout=60))
 
 
+def test_model_descriptions_name_the_file_as_a_client_loads_it_not_the_server_path(srv):
+    """ListModels is open to every token holder: the path it reports is the one LoadModel takes
+    (relative to the model directory), never the worker's directory layout."""
+    listed = srv.stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
+    assert listed.path == "tiny.gguf", listed.path
+    try:
+        (srv.models / "sub" / "again.gguf").write_bytes((srv.models / "tiny.gguf").read_bytes())
+        loaded = list(srv.stub.LoadModel(pb.LoadModelRequest(path="sub/again.gguf"), timeout=60))[-1].model
+        assert loaded.path == "sub/again.gguf", loaded.path
+        assert not any(d in loaded.path for d in _server_dirs(srv))
+        # what was reported loads again as it is
+        assert list(srv.stub.LoadModel(pb.LoadModelRequest(path=loaded.path), timeout=60))[-1].model.path == loaded.path
+    finally:
+        list(srv.stub.LoadModel(pb.LoadModelRequest(path="tiny.gguf"), timeout=60))
+
+
 # ---------------------------------------------------------------------------------------------
 # UnloadModel ids
 
