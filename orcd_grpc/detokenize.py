@@ -26,14 +26,15 @@ class StreamDecoder:
         self._pending = ""
         self.stopped: str | None = None  # the stop string that ended the stream, if any
 
-    def push(self, token_id: int) -> tuple[str, str | None]:
+    def push(self, token_id: int, match: bool = True) -> tuple[str, str | None]:
         """(text safe to emit now, matched stop string or None). After a match, the stream is
-        over: further pushes return ("", None)."""
+        over: further pushes return ("", None). match False (before min_tokens): stop strings
+        that complete now are plain text, and none of them is held back to match later."""
         if self.stopped is not None:
             return "", None
         if self._tok.is_special(token_id):  # eos / end-of-turn and other control tokens
             return "", None
-        return self._feed(self._utf8.decode(self._tok.token_bytes(token_id)))
+        return self._feed(self._utf8.decode(self._tok.token_bytes(token_id)), match=match)
 
     def flush(self) -> str:
         """At the end of generation: everything still held (incomplete UTF-8 as U+FFFD)."""
@@ -42,9 +43,19 @@ class StreamDecoder:
         text, _ = self._feed(self._utf8.decode(b"", final=True), final=True)
         return text
 
-    def _feed(self, text: str, final: bool = False) -> tuple[str, str | None]:
+    def _feed(self, text: str, final: bool = False, match: bool = True) -> tuple[str, str | None]:
         pending = self._pending + text
         best = None  # (end, start, stop)
+        if not match:
+            hold = 0 if final else self._held_suffix(pending)
+            # held text holding a whole stop string would match it later, though it came early:
+            # hold the longest stop-string prefix that holds none
+            while hold and any(s in pending[len(pending) - hold:] for s in self._stops):
+                hold -= 1
+                while hold and not any(s.startswith(pending[len(pending) - hold:]) for s in self._stops):
+                    hold -= 1
+            self._pending = pending[len(pending) - hold:] if hold else ""
+            return pending[:len(pending) - hold], None
         for s in self._stops:
             i = pending.find(s)
             if i >= 0:
