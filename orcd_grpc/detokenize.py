@@ -24,12 +24,13 @@ class StreamDecoder:
         self._stops = sorted({s for s in stop if s}, key=len, reverse=True)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
+        self._early = 0  # leading chars of _pending generated before min_tokens
         self.stopped: str | None = None  # the stop string that ended the stream, if any
 
     def push(self, token_id: int, match: bool = True) -> tuple[str, str | None]:
         """(text safe to emit now, matched stop string or None). After a match, the stream is
-        over: further pushes return ("", None). match False (before min_tokens): stop strings
-        that complete now are plain text, and none of them is held back to match later."""
+        over: further pushes return ("", None). match False (before min_tokens): no stop string
+        completes with this token; one that begins in its text may still complete later."""
         if self.stopped is not None:
             return "", None
         if self._tok.is_special(token_id):  # eos / end-of-turn and other control tokens
@@ -45,19 +46,11 @@ class StreamDecoder:
 
     def _feed(self, text: str, final: bool = False, match: bool = True) -> tuple[str, str | None]:
         pending = self._pending + text
+        # pending[:early] came before min_tokens: a stop string ending inside it does not count
+        early = len(pending) if not match else self._early
         best = None  # (end, start, stop)
-        if not match:
-            hold = 0 if final else self._held_suffix(pending)
-            # held text holding a whole stop string would match it later, though it came early:
-            # hold the longest stop-string prefix that holds none
-            while hold and any(s in pending[len(pending) - hold:] for s in self._stops):
-                hold -= 1
-                while hold and not any(s.startswith(pending[len(pending) - hold:]) for s in self._stops):
-                    hold -= 1
-            self._pending = pending[len(pending) - hold:] if hold else ""
-            return pending[:len(pending) - hold], None
-        for s in self._stops:
-            i = pending.find(s)
+        for s in self._stops if match else ():
+            i = pending.find(s, max(0, early - len(s) + 1))
             if i >= 0:
                 cand = (i + len(s), i, s)
                 if best is None or cand[:2] < best[:2]:
@@ -68,6 +61,7 @@ class StreamDecoder:
             return pending[:best[1]], best[2]
         hold = 0 if final else self._held_suffix(pending)
         self._pending = pending[len(pending) - hold:] if hold else ""
+        self._early = max(0, early - (len(pending) - hold))
         return pending[:len(pending) - hold], None
 
     def _held_suffix(self, pending: str) -> int:

@@ -347,3 +347,75 @@ def test_smollm2_allowed_and_banned_through_a_server(smollm2_path):
     finally:
         channel.close()
         worker.stop(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces a CPU server cannot show on its own
+
+
+def test_dynamic_mask_follows_the_output_tail_only():
+    from orcd_grpc.logit_controls import Dynamic, LogitControls, static_mask
+
+    c = LogitControls(banned=[9], banned_sequences=[(1, 2, 3), (2, 4), (7,)], min_tokens=2, stop_ids=frozenset({0}))
+    base = static_mask(c, 10)
+    assert not base[9] and not base[7] and base.sum() == 8  # a one-id sequence is a plain ban
+    d = Dynamic.of(c, base, 10)
+    assert not d.mask([])[0] and d.mask([5, 5])[0]         # min_tokens: stop id held back, then not
+    assert not d.mask([5, 1, 2])[3] and d.mask([5, 0, 2])[3]  # the whole head must match
+    assert not d.mask([5, 5, 2])[4] and d.mask([5, 2, 5])[4]
+    assert d.mask([5, 5, 5]) is base                        # nothing matched: no copy
+    assert not d.settled(5)                                 # sequences always follow the output
+    assert Dynamic.of(LogitControls(min_tokens=3, stop_ids=frozenset({0})), None, 10).settled(3)
+    assert Dynamic.of(LogitControls(banned=[1]), None, 10) is None  # static only: nothing per step
+    # a ban that would leave nothing is not applied at that step
+    only = LogitControls(allowed=[4], banned_sequences=[(4, 4)])
+    d = Dynamic.of(only, static_mask(only, 10), 10)
+    assert d.mask([4]).sum() == 1 and d.mask([4])[4]
+
+
+def test_decoder_counts_a_stop_string_only_when_it_completes_after_min_tokens():
+    from orcd_grpc.detokenize import StreamDecoder
+
+    class Tok:
+        def is_special(self, t):
+            return False
+
+        def token_bytes(self, t):
+            return {1: b"ab", 2: b"c", 3: b"x"}[t]
+    d = StreamDecoder(Tok(), ["ab", "abc"])
+    assert d.push(1, match=False) == ("", None)  # "ab" came early: no match, held as a start of "abc"
+    assert d.push(2) == ("", "abc")              # which completes in time
+    d = StreamDecoder(Tok(), ["ab"])
+    assert d.push(1, match=False) == ("ab", None)
+    assert d.push(2) == ("c", None)              # the early "ab" is never matched later
+    d = StreamDecoder(Tok(), ["bx"])
+    assert d.push(1, match=False) == ("a", None)
+    assert d.push(3) == ("", "bx")
+
+
+def test_engine_plans_no_step_ahead_of_a_mask_that_follows_the_output(srv):
+    from orcd_grpc.backends.runner import Launched, StepPlan
+    from orcd_grpc.loader import load_engine
+    from orcd_grpc.logit_controls import LogitControls
+    from orcd_grpc.sampling import SamplingParams
+
+    eng = load_engine(srv.path, backend="cpu", max_sequences=2, max_context=64)
+    try:
+        planned = []
+        eng.runner.launch = lambda plan: planned.append(plan) or Launched(plan, feeds=True)
+        after = Launched(StepPlan([], 16), feeds=True)
+
+        def seq(c):
+            s = eng.new_sequence([5, 6], SamplingParams(temperature=0.0, controls=c))
+            s.num_cached = 2
+            s.output_ids.append(7)
+            return s
+        assert eng.launch([seq(LogitControls(banned_sequences=[(7, 8)]))], after=after) is None
+        assert eng.launch([seq(LogitControls(min_tokens=3, stop_ids=frozenset({2})))], after=after) is None
+        assert not planned
+        assert eng.launch([seq(LogitControls(min_tokens=2, stop_ids=frozenset({2})))], after=after) is not None
+        assert eng.launch([seq(LogitControls(banned=[3], logit_bias={4: 1.0}))], after=after) is not None
+        row = planned[-1].rows[0]
+        assert not row.mask[3] and row.bias == {4: 1.0}
+    finally:
+        eng.close()
