@@ -37,7 +37,8 @@ def srv(request, tmp_path_factory):
     worker, port, _ = start_server(cfg)
     assert worker.wait_loaded(120), worker.load_error
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield SimpleNamespace(stub=pb_grpc.WorkerStub(channel), path=path, weights=_weights(path))
+    yield SimpleNamespace(stub=pb_grpc.WorkerStub(channel), path=path, weights=_weights(path),
+                          address=f"127.0.0.1:{port}")
     channel.close()
     worker.stop(1)
 
@@ -297,6 +298,18 @@ def test_bad_controls_are_invalid_argument_naming_the_field(srv, sampling, stopp
     code, details = error_of(lambda: srv.stub.Execute(req, timeout=10))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details == message
+
+
+def test_python_client_passes_the_controls(srv):
+    from orcd_grpc.client import OrcdClient
+
+    with OrcdClient(srv.address, timeout=60) as client:
+        out = client.generate_text([5, 6], temperature=0.0, max_tokens=6, min_tokens=3, ignore_eos=False,
+                                   allowed_token_ids=[EOS, 11, 12], logit_bias={EOS: 60.0, 12: 30.0},
+                                   banned_token_ids=[11], banned_token_sequences=[[12, 12]])
+    # 11 banned, EOS held back until 3 tokens: only 12 is left, so the sequence ban [12, 12],
+    # which would leave nothing, gives way; then EOS (+60) ends it
+    assert out.token_ids == [12, 12, 12, EOS] and out.finish_reason == "STOP_TOKEN", out.token_ids
 
 
 def test_min_tokens_with_eos_allowed_but_ignored_is_fine(srv):
