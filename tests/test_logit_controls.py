@@ -150,6 +150,15 @@ def test_logit_bias_moves_greedy_to_the_biased_argmax(srv):
     vec = np.zeros(VOCAB)
     vec[list(bias)] = list(bias.values())
     _assert_greedy(_steps(srv, prompt, got), got, lambda i, x: x + vec, seed)
+    # sampled: the logprob reported is that of the biased distribution the token was drawn from
+    toks, _ = run(srv.stub, prompt, 12, temperature=1.0, seed=int(rng.integers(2**63)), logit_bias=bias,
+                  top_logprobs=3)
+    for row, t in zip(_steps(srv, prompt, ids_of(toks)), toks):
+        x = row + vec
+        lse = x.max() + np.log(np.exp(x - x.max()).sum())
+        assert abs(t.logprob - (x[t.token_id] - lse)) < 1e-3, seed
+        assert [a.token_id for a in t.top_logprobs][0] == int(np.argmax(x)) or \
+            np.sort(x)[-1] - np.sort(x)[-2] < 1e-3, seed
 
 
 def test_allowed_token_ids_greedy_and_sampled_stay_in_the_set(srv):
