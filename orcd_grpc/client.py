@@ -24,8 +24,9 @@ SERVICE_NAME = "orcd.v1.Worker"
 
 # Keyword arguments of generate_text / build_request, by the message they fill.
 _SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "repetition_penalty",
-                    "presence_penalty", "frequency_penalty")
-_STOPPING_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos")
+                    "presence_penalty", "frequency_penalty", "logit_bias", "allowed_token_ids",
+                    "banned_token_ids", "banned_token_sequences")
+_STOPPING_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "min_tokens")
 
 
 def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
@@ -34,7 +35,8 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
     """An ExecuteRequest from plain Python values.
 
     prompt: text, or a list of token ids. chat: a list of {"role", "content"} dicts (instead of
-    prompt). params: the SamplingParams and StoppingCriteria fields by name; None means unset.
+    prompt). params: the SamplingParams and StoppingCriteria fields by name; None means unset
+    (logit_bias a {token id: bias} dict, banned_token_sequences a list of id lists).
     """
     unknown = set(params) - set(_SAMPLING_FIELDS) - set(_STOPPING_FIELDS)
     if unknown:
@@ -52,6 +54,8 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
     if add_bos is not None:
         req.add_bos = add_bos
     sampling = {k: params[k] for k in _SAMPLING_FIELDS if params.get(k) is not None}
+    if "banned_token_sequences" in sampling:
+        sampling["banned_token_sequences"] = [pb.TokenIds(ids=list(q)) for q in sampling["banned_token_sequences"]]
     stopping = {k: params[k] for k in _STOPPING_FIELDS if params.get(k) is not None}
     if sampling:
         req.sampling.CopyFrom(pb.SamplingParams(**sampling))

@@ -24,16 +24,18 @@ class StreamDecoder:
         self._stops = sorted({s for s in stop if s}, key=len, reverse=True)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
+        self._early = 0  # leading chars of _pending generated before min_tokens
         self.stopped: str | None = None  # the stop string that ended the stream, if any
 
-    def push(self, token_id: int) -> tuple[str, str | None]:
+    def push(self, token_id: int, match: bool = True) -> tuple[str, str | None]:
         """(text safe to emit now, matched stop string or None). After a match, the stream is
-        over: further pushes return ("", None)."""
+        over: further pushes return ("", None). match False (before min_tokens): no stop string
+        completes with this token; one that begins in its text may still complete later."""
         if self.stopped is not None:
             return "", None
         if self._tok.is_special(token_id):  # eos / end-of-turn and other control tokens
             return "", None
-        return self._feed(self._utf8.decode(self._tok.token_bytes(token_id)))
+        return self._feed(self._utf8.decode(self._tok.token_bytes(token_id)), match=match)
 
     def flush(self) -> str:
         """At the end of generation: everything still held (incomplete UTF-8 as U+FFFD)."""
@@ -42,11 +44,13 @@ class StreamDecoder:
         text, _ = self._feed(self._utf8.decode(b"", final=True), final=True)
         return text
 
-    def _feed(self, text: str, final: bool = False) -> tuple[str, str | None]:
+    def _feed(self, text: str, final: bool = False, match: bool = True) -> tuple[str, str | None]:
         pending = self._pending + text
+        # pending[:early] came before min_tokens: a stop string ending inside it does not count
+        early = len(pending) if not match else self._early
         best = None  # (end, start, stop)
-        for s in self._stops:
-            i = pending.find(s)
+        for s in self._stops if match else ():
+            i = pending.find(s, max(0, early - len(s) + 1))
             if i >= 0:
                 cand = (i + len(s), i, s)
                 if best is None or cand[:2] < best[:2]:
@@ -57,6 +61,7 @@ class StreamDecoder:
             return pending[:best[1]], best[2]
         hold = 0 if final else self._held_suffix(pending)
         self._pending = pending[len(pending) - hold:] if hold else ""
+        self._early = max(0, early - (len(pending) - hold))
         return pending[:len(pending) - hold], None
 
     def _held_suffix(self, pending: str) -> int:

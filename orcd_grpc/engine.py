@@ -17,6 +17,7 @@ from .backends.runner import Launched, PlanRow, RowSampling, RunnerModel, StepPl
 from .errors import InvalidArgument, OutOfRange, ResourceExhausted
 from .gguf_model import GGUFModel
 from .kv_cache import BlockAllocator
+from .logit_controls import Dynamic, static_mask
 from .sampling import Sampler, TokenSample
 
 
@@ -60,6 +61,8 @@ class Sequence:
         # Applied to the logits of its next samples (grammars, logit_bias); None: none.
         self.mask: np.ndarray | None = None
         self.bias: dict[int, float] | np.ndarray | None = None
+        # The part of the mask that follows the output (banned sequences, min_tokens); None: none.
+        self.dynamic: Dynamic | None = None
 
     @property
     def sampler(self) -> Sampler:
@@ -108,7 +111,13 @@ class Engine:
         sampling.validate(vocab)
         # Edge values run as their limit here, so every runner's sampler gets them too.
         sampling = sampling.effective(vocab)
-        return Sequence(next(self._ids), [int(t) for t in prompt_ids], sampling, Sampler(sampling))
+        seq = Sequence(next(self._ids), [int(t) for t in prompt_ids], sampling, Sampler(sampling))
+        c = sampling.controls
+        if c is not None:  # built once here; a step only picks (or, with dynamic parts, derives) them
+            seq.bias = dict(c.logit_bias) or None
+            seq.mask = static_mask(c, vocab)
+            seq.dynamic = Dynamic.of(c, seq.mask, vocab)
+        return seq
 
     def can_admit(self, seq: Sequence) -> bool:
         # Conservative: ignores blocks the prefix cache may supply.
@@ -158,8 +167,9 @@ class Engine:
             chosen.append((s, n))
             sample = not all_logits and start + n == total
             tokens = [out[start - p]] if n == 1 and start >= p else s.tokens(start, start + n)
+            mask = None if not sample else s.mask if s.dynamic is None else s.dynamic.mask(out)
             rows.append(PlanRow(s.seq_id, tokens, start, n, bt, s.prompt_ids, out, s.row, sample, len(out),
-                                n if all_logits else 0, s.mask if sample else None, s.bias if sample else None))
+                                n if all_logits else 0, mask, s.bias if sample else None))
         return chosen, rows
 
     @staticmethod
@@ -194,6 +204,9 @@ class Engine:
         # the runner checks that `after` is a step of these rows it can feed
         ctx_len = self.info.context_length
         if not after.feeds or any(s.num_cached >= ctx_len for s in seqs):
+            return None
+        # a mask that follows the output needs the token still in flight: plan after it instead
+        if any(s.dynamic is not None and not s.dynamic.settled(len(s.output_ids) + 1) for s in seqs):
             return None
         try:
             for s in seqs:

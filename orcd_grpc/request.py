@@ -30,6 +30,7 @@ class Stopping:
     stop: list[str] = dataclasses.field(default_factory=list)
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    min_tokens: int = 0  # stop tokens and stop strings count only from this many tokens on
 
 
 @dataclasses.dataclass

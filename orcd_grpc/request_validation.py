@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from . import prompt_guard
+from . import logit_controls, prompt_guard
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OrcdError, OutOfRange, PermissionDenied
 from .sampling import as_sent
 from .request import Stopping
@@ -121,6 +121,7 @@ def check_static(req) -> None:
     if len(st.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(st.stop_token_ids)}",
                               field="stopping.stop_token_ids")
+    logit_controls.check_static(req.sampling, int(st.min_tokens), int(st.max_tokens))
 
 
 def _sampling_params(req, vocab_size: int):
@@ -197,16 +198,20 @@ def prepare_execute(req, info, tokenizer, *,
     vocab = int(tokenizer.vocab_size or info.vocab_size)
     _check_ids(req.stopping.stop_token_ids, vocab, "stopping.stop_token_ids")
     sampling = _sampling_params(req, vocab)
+    st = req.stopping
+    # what min_tokens holds back: every token that would end the output
+    stop_ids = frozenset(int(t) for t in st.stop_token_ids) | (
+        frozenset() if st.ignore_eos else frozenset(int(t) for t in getattr(tokenizer, "eos_ids", ()) or ()))
+    sampling.controls = logit_controls.check_vocab(req.sampling, vocab, int(st.min_tokens), stop_ids)
     limits = prompt_guard.Limits(tokenizer, info.context_length, max_prompt_bytes)
     ids = prompt_ids(req, tokenizer, info.has_chat_template, limits)
     if not ids:
         raise InvalidArgument("the input tokenizes to no tokens", field="input")
     if len(ids) >= info.context_length:
         raise OutOfRange(f"prompt is {len(ids)} tokens, context length is {info.context_length}", field="input")
-    st = req.stopping
     stopping = Stopping(max_tokens=int(st.max_tokens), stop=list(st.stop),
                         stop_token_ids=frozenset(int(t) for t in st.stop_token_ids),
-                        ignore_eos=bool(st.ignore_eos))
+                        ignore_eos=bool(st.ignore_eos), min_tokens=int(st.min_tokens))
     return PreparedExecute(request_id, ids, sampling, stopping)
 
 

@@ -16,9 +16,11 @@ float32 arithmetic of either sampler (this one and cuda/sample.cu) never overflo
   * repetition_penalty below MIN_REPETITION_PENALTY (1e-30) runs as 1e-30;
   * min_p below the smallest normal float32 (1.2e-38) is 0 (off).
 
-The reported logprob / top logprobs are of the raw model distribution (log-softmax of the
-logits as given: temperature 1, no penalties, no filtering), so they describe the model, not the
-sampling settings.
+The reported logprob / top logprobs are of the distribution given (log-softmax of the logits as
+given: temperature 1, no penalties, no filtering), so they describe the model, not the sampling
+settings; a runner hands over a row's logits with its logit_bias and token bans already applied
+(runner.masked), since those change which tokens exist at all. Banned tokens (-inf) are not
+listed among the top logprobs.
 
 Vocabularies reach 262,144 entries; a full sort or a float64 cumulative sum of that costs tens
 of milliseconds, so top-k and top-p first narrow the field with vectorised threshold scans, and
@@ -82,6 +84,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     top_logprobs: int = 0
+    # logit_controls.LogitControls, or None: applied by the engine as the rows' mask and bias
+    controls: object = None
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidArgument naming the first bad field ("sampling.<name>")."""
@@ -260,7 +264,7 @@ class Sampler:
         if p.top_logprobs:
             best = top_k_ids(raw, p.top_logprobs)
             best = best[np.lexsort((best, -raw[best]))]  # most likely first, lower id on ties
-            top = [(int(i), float(raw[i]) - lse) for i in best]
+            top = [(int(i), float(raw[i]) - lse) for i in best if raw[i] > -np.inf]
         return TokenSample(token_id=token, logprob=float(raw[token]) - lse, top=top)
 
     def _choose(self, work: np.ndarray, weights) -> int:

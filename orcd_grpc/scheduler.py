@@ -456,13 +456,14 @@ class Scheduler:
 
         st = req.stopping
         reason, matched = None, ""
-        if tid in st.stop_token_ids or (not st.ignore_eos and tid in engine.tokenizer.eos_ids):
+        early = len(req.generated) < st.min_tokens  # the sampler's mask kept stop tokens out
+        if not early and (tid in st.stop_token_ids or (not st.ignore_eos and tid in engine.tokenizer.eos_ids)):
             # A stop token is not text, but text held back as a possible stop-string prefix is
             # real output now that no stop string can complete.
             text = req.decoder.flush()
             reason = STOP_TOKEN
         else:
-            text, hit = req.decoder.push(tid)
+            text, hit = req.decoder.push(tid, match=False) if early else req.decoder.push(tid)
             if hit is not None:
                 reason, matched = STOP_STRING, hit
             elif (st.max_tokens and len(req.generated) >= st.max_tokens) or \
