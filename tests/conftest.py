@@ -48,13 +48,9 @@ def gemma3_path() -> pathlib.Path:
 
 
 def cuda_available() -> bool:
-    try:
-        import pycuda.driver as drv
+    from orcd_grpc.backends.cuda_context import cuda_present
 
-        drv.init()
-        return drv.Device.count() > 0
-    except Exception:
-        return False
+    return cuda_present()
 
 
 def pytest_collection_modifyitems(config, items):

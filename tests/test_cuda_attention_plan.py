@@ -2,8 +2,8 @@
 and of the device's SM count, which the backend reads from the device)."""
 from __future__ import annotations
 
-from orcd_grpc.backends.cuda import (_ATTN_MAX_SPLITS, DeviceLimits, _key_splits, dec_target_ctas,
-                                     tiled_target_ctas)
+from orcd_grpc.backends.cuda_attention import _ATTN_MAX_SPLITS, _key_splits, dec_target_ctas, tiled_target_ctas
+from orcd_grpc.backends.cuda_context import DeviceLimits
 
 H100 = DeviceLimits(sms=132, l2_bytes=50 << 20)
 

@@ -291,7 +291,7 @@ def test_overlap_launches_no_step_past_max_tokens(tmp_path):
 def test_device_sampling_rows_carry_the_limits():
     """The rows the CUDA runner hands the device sampler hold the effective limits, so the
     kernel runs greedy (temperature 0) and a finite penalty."""
-    from orcd_grpc.backends.cuda import pack_sampling_row
+    from orcd_grpc.backends.cuda_sampling import pack_sampling_row
     from orcd_grpc.backends.runner import RowSampling
     from orcd_grpc.sampling import Sampler
 

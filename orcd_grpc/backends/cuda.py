@@ -33,18 +33,13 @@ from .. import logs, quants
 from ..errors import Internal, InvalidArgument
 from ..tuning import Tuning
 from .base import Backend, KVLayout
-from .cuda_attention import (_ATTN_MAX_SPLITS, AttentionMixin, CudaKV, _key_splits, dec_target_ctas, rope_inv_freq,
-                             tiled_target_ctas)
-from .cuda_context import DeviceLimits, _capture_lock, _context, _nvidia_driver, _serialised, _tls, cuda_present
+from .cuda_attention import AttentionMixin, CudaKV
+from .cuda_context import DeviceLimits, _capture_lock, _context, _nvidia_driver, _serialised, _tls
 from .cuda_memory import ALIGN, MiB, DeviceBuffer, VramBudget, Workspace
 from .cuda_ops import OpsMixin
-from .cuda_sampling import SampleHandle, SamplingMixin, pack_sampling_row
-from .cuda_step import CudaStep, StepMixin
+from .cuda_sampling import SamplingMixin
+from .cuda_step import StepMixin
 from .cuda_tensor import CudaTensor
-
-# Names callers import from here (the engine, tests, tools) wherever they now live.
-__all__ = ["CudaBackend", "CudaKV", "CudaStep", "CudaTensor", "DeviceLimits", "SampleHandle", "_ATTN_MAX_SPLITS",
-           "_key_splits", "cuda_present", "dec_target_ctas", "pack_sampling_row", "rope_inv_freq", "tiled_target_ctas"]
 
 DEFAULT_WORKSPACE = 512 * MiB
 CONTEXT_RESERVE = 384 * MiB  # left to the driver, module images, cuBLAS-free kernels' local memory

@@ -8,7 +8,8 @@ from .base import Backend
 def make_backend(kind: str = "auto", max_vram: int = 0, max_ram: int = 0) -> Backend:
     if kind in ("auto", "cuda"):
         try:
-            from .cuda import CudaBackend, cuda_present
+            from .cuda import CudaBackend
+            from .cuda_context import cuda_present
             if cuda_present():
                 return CudaBackend(max_vram=max_vram)
             if kind == "cuda":
