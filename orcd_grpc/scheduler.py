@@ -42,6 +42,18 @@ def _drop_frames(exc: BaseException) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
+def _left_beside(old, backend: str, limit: int, flag: str, field: str) -> int:
+    """What `limit` (0: none) leaves a model loading beside `old`, the served engine, when `old`
+    holds memory of the same kind (`backend`)."""
+    if not limit or old is None or old.info.backend != backend:
+        return limit
+    held = old.info.vram_bytes
+    if held >= limit:
+        raise ResourceExhausted(f"{flag} {limit / 2**30:.2f} GiB is held by the served model {old.info.model_id} "
+                                f"({held / 2**30:.2f} GiB); unload it first", field=field)
+    return limit - held
+
+
 def _default_loader(path, **kwargs):
     from .loader import load_engine
 
@@ -107,24 +119,11 @@ class Scheduler:
             t0 = time.monotonic()
             extra = {"max_context": max_context} if max_context else {}
             old = self._engine
-            if max_vram and old is not None and old.info.backend == "cuda":
-                # The new model loads beside the served one, and max_vram caps the worker, not
-                # each model: what the served one holds is not the newcomer's to take.
-                held = old.info.vram_bytes
-                if held >= max_vram:
-                    raise ResourceExhausted(
-                        f"--max-vram {max_vram / 2**30:.2f} GiB is held by the served model {old.info.model_id} "
-                        f"({held / 2**30:.2f} GiB); unload it first", field="max_vram")
-                max_vram -= held
-            if max_ram and old is not None and old.info.backend == "cpu":
-                # Likewise for host RAM; without --max-ram the limit is the machine's available
-                # memory, which the served model's bytes are already missing from.
-                held = old.info.vram_bytes
-                if held >= max_ram:
-                    raise ResourceExhausted(
-                        f"--max-ram {max_ram / 2**30:.2f} GiB is held by the served model {old.info.model_id} "
-                        f"({held / 2**30:.2f} GiB); unload it first", field="max_ram")
-                max_ram -= held
+            # The new model loads beside the served one, and each limit caps the worker, not each
+            # model: what the served one holds on its memory is not the newcomer's to take (without
+            # --max-ram the limit is the machine's available memory, already short of it).
+            max_vram = _left_beside(old, "cuda", max_vram, "--max-vram", "max_vram")
+            max_ram = _left_beside(old, "cpu", max_ram, "--max-ram", "max_ram")
             try:
                 engine = self._loader(path, model_id=model_id, backend=backend, context_length=context_length,
                                       max_sequences=self.max_sequences, max_vram=max_vram, max_ram=max_ram,
