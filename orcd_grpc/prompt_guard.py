@@ -4,8 +4,8 @@ can never become a control token.
 * Size. A text is refused before it is tokenized when it is over the worker's
   ``--max-prompt-bytes`` or provably cannot fit the context: no token of the vocabulary stands
   for more than ``Tokenizer.max_token_bytes`` bytes of input, so n bytes need at least
-  ceil(n / max_token_bytes) tokens. Tokenizing costs ~150 bytes of heap and ~0.5 us per input
-  byte, so an unchecked 60 MB message (under gRPC's cap) cost gigabytes and minutes.
+  ceil(n / max_token_bytes) tokens. Tokenizing costs heap and time in proportion to the input,
+  so an unchecked message near gRPC's cap would cost gigabytes and most of a minute.
 * Control tokens. The template's own markup is tokenized with control-token parsing; message
   content only as plain text. The template is rendered a second time with each content replaced
   by a random sentinel, which shows where the contents sit in the real rendering. When the whole
@@ -157,8 +157,8 @@ def chat_prompt_ids(tokenizer, messages: list[dict], add_bos, limits: Limits) ->
     return list(tokenizer.encode_parts(parts, add_bos=add_bos))
 
 
-# Tokenizing a large text takes ~150 bytes of transient heap per input byte; glibc keeps the
-# freed pages unless asked, so a worker would hold the peak of its largest prompt for good.
+# Tokenizing a large text takes transient heap many times its size (bench/tokenize_cost.py);
+# glibc keeps the freed pages unless asked, so a worker would hold its largest prompt's peak.
 _TRIM_AFTER_CHARS = 256 * 1024
 
 

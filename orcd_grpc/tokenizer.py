@@ -480,8 +480,8 @@ class Tokenizer:
             raise InvalidArgument(f"expected str, got {type(text).__name__}", field="text")
         with self._lock:
             self._hf.encode_special_tokens = plain
-            # encode_batch releases the GIL (encode does not: a 1 MB text held every other
-            # thread, signal handlers included, for the whole tokenization).
+            # encode_batch releases the GIL; encode holds every other thread, signal handlers
+            # included, for the whole tokenization (bench/tokenize_cost.py).
             ids = self._hf.encode_batch([text], add_special_tokens=False)[0].ids
         release_heap(len(text))
         return ids
