@@ -315,7 +315,10 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
                 if usage_of is None and not reserved:
                     yield from fn(request, context)
                     return
-                label = self.usage.label(client) if self.usage is not None else None
+                # the client's counters, looked up once per call rather than per streamed token
+                usage = self.usage
+                label = usage.label(client) if usage is not None else None
+                gen_counter = usage.generated_tokens.labels(label) if usage is not None else None
                 generated = 0
                 settled = threading.Lock()
 
@@ -333,10 +336,10 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
                             generated += new
                             if self.limiter is not None and not reserved:
                                 self.limiter.charge_tokens(client, new)
-                            if label is not None:
-                                self.usage.generated_tokens.labels(label).inc(new)
-                        if prompt and label is not None:
-                            self.usage.prompt_tokens.labels(label).inc(prompt)
+                            if gen_counter is not None:
+                                gen_counter.inc(new)
+                        if prompt and usage is not None:
+                            usage.prompt_tokens.labels(label).inc(prompt)
                         yield response
                 finally:
                     settle()
