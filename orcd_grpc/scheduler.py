@@ -159,9 +159,7 @@ class Scheduler:
         # On the engine thread, between the old model's steps: the test step then runs on the
         # thread (and device state) that every later step of the engine runs on, and never
         # beside a step of the served model.
-        check = getattr(engine, "check_finite", None)
-        if callable(check):
-            check()
+        engine.check_finite()
         self._swap(engine)
 
     def _swap(self, engine) -> None:

@@ -298,8 +298,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         gpu = None
         used = 0
         if engine is not None and backend == "cuda":
-            gpu_info = getattr(engine, "gpu_info", None)
-            gpu = gpu_info() if callable(gpu_info) else gpu_info
+            gpu = engine.gpu_info()
             used = engine.info.vram_bytes
         try:
             from .hardware import hardware_info
