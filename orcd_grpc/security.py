@@ -266,20 +266,22 @@ def is_loopback(host: str) -> bool:
     return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
-def check_exposure(host: str, tls: bool, tokens, insecure: bool) -> None:
+def check_exposure(host: str, tls: bool, tokens, insecure: bool, *, action: str = "listen",
+                   token: str = "a bearer token (--auth-token)", local: str = "listen on 127.0.0.1") -> None:
     """Refuses a listener reachable from other machines unless it has TLS and bearer tokens.
 
     Loopback listeners may run without either (local development, a sidecar). `insecure`
     overrides the refusal for deliberate setups (a private network, TLS terminated by a proxy).
+    action, token, local: how the message names the listener, the token it lacks and the local
+    alternative (the metrics port says its own).
     """
     if insecure or is_loopback(host):
         return
-    missing = [what for what, ok in (("TLS (--tls-cert/--tls-key)", tls), ("a bearer token (--auth-token)",
-                                                                            bool(tokens))) if not ok]
+    missing = [what for what, ok in (("TLS (--tls-cert/--tls-key)", tls), (token, bool(tokens))) if not ok]
     if missing:
         raise ExposureError(
-            f"refusing to listen on {host or '0.0.0.0'} (reachable from other machines) without "
-            f"{' and '.join(missing)}; configure them, listen on 127.0.0.1, or pass --insecure")
+            f"refusing to {action} on {host or '0.0.0.0'} (reachable from other machines) without "
+            f"{' and '.join(missing)}; configure them, {local}, or pass --insecure")
 
 
 # ---- bearer tokens -----------------------------------------------------------------------------
@@ -470,18 +472,12 @@ def check_metrics_exposure(host: str, sec: SecurityConfig, tokens=None, roles=No
     """The exposure policy for the metrics port: reachable from other machines, it needs TLS (the
     server's certificate) and a token with the metrics role, unless `insecure`. The scrape shows
     client ids, models and load, which are not for anyone on the network."""
-    if sec.insecure or is_loopback(host):
-        return
     tokens = sec.tokens if tokens is None else tokens
     roles = sec.roles if roles is None else roles
     scrapers = [t for t in tokens if "metrics" in roles.get(t, DEFAULT_ROLES)]
-    missing = [what for what, ok in (("TLS (--tls-cert/--tls-key)", sec.tls),
-                                     ("a token with the metrics role (--auth-token TOKEN:CLIENT:metrics)",
-                                      bool(scrapers))) if not ok]
-    if missing:
-        raise ExposureError(
-            f"refusing to serve metrics on {host or '0.0.0.0'} (reachable from other machines) without "
-            f"{' and '.join(missing)}; configure them, set --metrics-host 127.0.0.1, or pass --insecure")
+    check_exposure(host, sec.tls, scrapers, sec.insecure, action="serve metrics",
+                   token="a token with the metrics role (--auth-token TOKEN:CLIENT:metrics)",
+                   local="set --metrics-host 127.0.0.1")
 
 
 def apply_to_server_config(config, sec: SecurityConfig, limits=None):
