@@ -308,7 +308,7 @@ def test_device_sampling_rows_carry_the_limits():
     vocab = 64
     recorded = []
     be = SimpleNamespace(name="cuda", host_memory=False, workspace_bytes=0, tuning=Tuning(),
-                         sample=lambda logits, rows, n_top: (recorded.extend(rows), (np.zeros(len(rows), np.int64),
+                         sample=lambda logits, rows, n_top, bits=None: (recorded.extend(rows), (np.zeros(len(rows), np.int64),
                                                                                     np.zeros(len(rows), np.float32)))[1])
     runner = CudaRunner(be, RunnerModel(forward=None, hp=None, n_experts_used=0, block_size=16, pad_block=0,
                                         table_width=1, max_sequences=1))
