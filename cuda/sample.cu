@@ -167,7 +167,7 @@ sample_rows(const float* __restrict__ logits, float* __restrict__ work, int V, c
         if (v > av) { av = v; ai = i; }  // indices rise per thread: the first of equal values stays
     };
     const int V4 = (V & 3) == 0 && m == nullptr ? V >> 2 : 0;  // rows start 16-byte aligned only when V % 4 == 0
-    if (m != nullptr) {  // masked: one word of bits per 32 logits, read per element (the row's own 32 B/KiB)
+    if (m != nullptr) {  // masked rows (a minority, never queued ahead) take the plain per-element loop
         for (int i = threadIdx.x; i < V; i += blockDim.x) {
             const bool ok = allowed(m, i);
             x[i] = ok ? raw[i] : -INFINITY;
@@ -182,8 +182,6 @@ sample_rows(const float* __restrict__ logits, float* __restrict__ work, int V, c
             x4[i] = v;
             take(v.x, 4 * i); take(v.y, 4 * i + 1); take(v.z, 4 * i + 2); take(v.w, 4 * i + 3);
         }
-    }
-    if (m == nullptr) {
         for (int i = 4 * V4 + threadIdx.x; i < V; i += blockDim.x) {
             const float v = raw[i];
             x[i] = v;
