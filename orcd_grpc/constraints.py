@@ -45,7 +45,8 @@ def _limits():
 
 _pool = concurrent.futures.ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="orcd-grammar")
 _pending = threading.BoundedSemaphore(MAX_PENDING_COMPILES)
-_lock = threading.Lock()
+_lock = threading.RLock()        # the live count (also taken from __del__, hence reentrant)
+_tok_lock = threading.Lock()     # building a vocabulary's LLTokenizer (a second or two for 262k tokens)
 _tokenizers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # orcd Tokenizer -> {vocab: LLTokenizer}
 _executor = None
 _live = 0  # matchers not yet closed (tests check that requests free theirs)
@@ -63,7 +64,9 @@ class _Vocab:
     encoder for plain text (control-token text in it stays text)."""
 
     def __init__(self, tok):
-        self._tok = tok
+        # weakly: the LLTokenizer keeps this object, and is cached under tok (a weak key) for as
+        # long as the model's tokenizer lives; a strong reference would keep both alive forever
+        self._tok = weakref.ref(tok)
         self.eos_token_id = min(tok.eos_ids) if tok.eos_ids else 0
         self.bos_token_id = tok.bos_id
         self.tokens = [tok.token_bytes(i) for i in range(tok.vocab_size)]
@@ -73,7 +76,8 @@ class _Vocab:
     def __call__(self, text) -> list[int]:
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
-        return self._tok.encode(text, add_bos=False)
+        tok = self._tok()
+        return [] if tok is None else tok.encode(text, add_bos=False)
 
 
 def ll_tokenizer(tokenizer, vocab_size: int):
@@ -81,7 +85,7 @@ def ll_tokenizer(tokenizer, vocab_size: int):
     keeps one) and width (vocab_size: the logits' width, which may exceed the tokenizer's)."""
     import llguidance as llg
 
-    with _lock:
+    with _tok_lock:
         per = _tokenizers.setdefault(tokenizer, {})
         lt = per.get(vocab_size)
         if lt is None:
@@ -220,7 +224,7 @@ def _ll_executor():
     if _executor is None:
         import llguidance as llg
 
-        with _lock:
+        with _tok_lock:
             if _executor is None:
                 _executor = llg.LLExecutor()
     return _executor
@@ -241,6 +245,8 @@ def compile_spec(kind: str, spec, tokenizer, vocab_size: int, timeout_s: float =
     threads within timeout_s. INVALID_ARGUMENT (field "constraint.<kind>") when it does not
     compile or takes too long; RESOURCE_EXHAUSTED when too many compilations are under way."""
     grammar = grammar_of(kind, spec)
+    # Once per loaded tokenizer, and bounded by the vocabulary, not by the spec: outside the deadline.
+    ll_tokenizer(tokenizer, vocab_size)
     if not _pending.acquire(blocking=False):
         raise ResourceExhausted(f"{MAX_PENDING_COMPILES} constraints are being compiled; retry",
                                 field=f"constraint.{kind}", retry_after_ms=200)

@@ -392,3 +392,33 @@ def test_gemma3_regex_and_schema(real_server, gemma3_path):
     assert f2.reason == pb.FINISH_REASON_STOP_TOKEN, t2
     jsonschema.validate(json.loads(t2), schema)
     _wait_idle(srv, free)
+
+
+def test_llguidance_tokenizer_is_cached_per_tokenizer_and_freed_with_it(smollm2_path):
+    """Built once per loaded tokenizer (not per request), and gone once the model's tokenizer is:
+    a model swap leaves no vocabulary behind."""
+    import gc
+    import weakref
+
+    from orcd_grpc.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf_file(smollm2_path)
+    lt = constraints.ll_tokenizer(tok, tok.vocab_size)
+    assert constraints.ll_tokenizer(tok, tok.vocab_size) is lt
+    c = constraints.compile_spec("regex", "[0-9]+", tok, tok.vocab_size)
+    c.close()
+    ref = weakref.ref(tok)
+    del tok, lt, c
+    gc.collect()
+    assert ref() is None
+
+
+def test_python_client_builds_constraints():
+    from orcd_grpc.client import build_request
+
+    r = build_request("x", constraint={"json_schema": {"type": "object"}})
+    assert json.loads(r.constraint.json_schema) == {"type": "object"}
+    assert build_request("x", constraint={"regex": "a+"}).constraint.regex == "a+"
+    assert build_request("x", constraint={"json_object": True}).constraint.json_object
+    with pytest.raises(ValueError):
+        build_request("x", constraint={"regex": "a", "gbnf": "b"})
