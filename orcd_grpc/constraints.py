@@ -36,10 +36,11 @@ FIELDS = ("json_schema", "json_object", "regex", "lark_grammar", "gbnf")
 def _limits():
     import llguidance as llg
 
-    # Lower than llguidance's defaults where a hostile spec could make a step slow (the masks of
-    # a step are computed on the engine's critical path): ~5 ms of lexer work and ~2.5 ms of
-    # Earley items per step, at llguidance's quoted speeds, and a grammar of at most 100k symbols.
-    return llg.LLParserLimits(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=70_000,
+    # Per step, llguidance's defaults (about 14 ms of lexer work and 2.5 ms of Earley items at its
+    # quoted speeds, against ~50 us for a typical JSON schema): a grammar past them fails its
+    # request (Constraint.error) rather than stalling the batch. Compiling: a grammar of at most
+    # 100k symbols and 100k lexer states (a fifth and two fifths of the defaults; ~1-2 kB a state).
+    return llg.LLParserLimits(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000,
                               step_max_items=50_000, max_lexer_states=100_000, max_grammar_size=100_000)
 
 
@@ -202,6 +203,15 @@ class Constraint:
         when a mask was not applied) puts the matcher in its error state, which allows only EOS."""
         if self._m is not None:
             self._m.consume_token(int(token))
+
+    @property
+    def error(self) -> "ResourceExhausted | None":
+        """The matcher's failure, if it failed: a grammar that outgrew llguidance's per-step
+        limits while generating (its mask then allows only EOS)."""
+        if self._m is None or not self._m.is_error():
+            return None
+        return ResourceExhausted(f"the constraint stopped: {self._m.get_error().strip()[:500]}",
+                                 field=f"constraint.{self.kind}")
 
     @property
     def done(self) -> bool:

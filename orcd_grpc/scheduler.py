@@ -439,6 +439,10 @@ class Scheduler:
         tid = int(sample.token_id)
         index = len(req.generated)
         req.seq.append(tid)
+        if req.seq.constraint is not None and req.seq.constraint.error:
+            # its matcher hit a limit of llguidance's (the token was EOS, all it then allows)
+            self._fail(req, req.seq.constraint.error)
+            return
         m = self.metrics
         if req.first_token_at is None:
             req.first_token_at = now

@@ -422,3 +422,18 @@ def test_python_client_builds_constraints():
     assert build_request("x", constraint={"json_object": True}).constraint.json_object
     with pytest.raises(ValueError):
         build_request("x", constraint={"regex": "a", "gbnf": "b"})
+
+
+@pytest.mark.slow
+def test_smollm2_a_matcher_past_its_step_limits_fails_the_request(smol, monkeypatch):
+    """A grammar that outgrows llguidance's per-step limits while generating (made tiny here)
+    ends its request with RESOURCE_EXHAUSTED naming the field, not a silent stop, and frees all."""
+    import llguidance as llg
+
+    free = smol.scheduler.engine.free_blocks()
+    monkeypatch.setattr(constraints, "_limits", lambda: llg.LLParserLimits(step_max_items=5))
+    with pytest.raises(grpc.RpcError) as e:
+        _execute(smol, pb.Constraint(json_schema='{"type": "object"}'), text="JSON:", max_tokens=8)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "constraint.json_schema" in e.value.details() and "Too many items" in e.value.details()
+    _wait_idle(smol, free)
