@@ -72,7 +72,7 @@ def test_bitmask_greedy_logprobs_and_top(be, rng, V):
 def test_bitmask_sampling_never_leaves_the_mask(be, rng):
     """At temperature 1 with filters and penalties, every draw is an allowed token, and the
     frequencies follow the masked distribution (total variation < 0.06 at N = 20000)."""
-    V, N = 2000, 20000
+    V, N = 1000, 20000
     row = (rng.standard_normal(V) * 2).astype(np.float32)
     allowed = rng.random(V) < 0.05
     bits = np.broadcast_to(pack_bitmask(allowed), (N, (V + 31) // 32)).copy()
@@ -91,17 +91,32 @@ def test_bitmask_sampling_never_leaves_the_mask(be, rng):
 
 # ---- real models through a real server on the CUDA backend -------------------------------------
 
-def _run(srv, constraint, text, max_tokens=48, temperature=0.0, seed=None):
+def _run(srv, constraint, text, max_tokens=48, temperature=0.0, seed=None, top=0):
     from orcd_grpc.proto import pb
 
     sp = pb.SamplingParams(temperature=temperature)
     if seed is not None:
         sp.seed = seed
-    req = pb.ExecuteRequest(text=text, constraint=constraint, sampling=sp,
+    req = pb.ExecuteRequest(text=text, constraint=constraint, sampling=sp, top_logprobs=top,
                             stopping=pb.StoppingCriteria(max_tokens=max_tokens))
     ev = list(srv.stub.Execute(req, timeout=300))
     toks = [e.token for e in ev if e.HasField("token")]
+    if top:
+        return toks, ev[-1].finished
     return "".join(t.text for t in toks), [t.token_id for t in toks], ev[-1].finished
+
+
+def _agree_until_near_tie(ids, ref_tokens, margin=0.05):
+    """The device's greedy ids equal the host's up to the first step where the host's best two
+    allowed tokens are within `margin` nats (float32 vs the GPU's reductions may order them
+    either way there); returns how many were compared."""
+    for i, t in enumerate(ref_tokens):
+        top = t.top_logprobs
+        if len(top) > 1 and top[0].logprob - top[1].logprob < margin:
+            return i
+        assert i < len(ids) and ids[i] == t.token_id, (i, ids, [r.token_id for r in ref_tokens])
+    assert len(ids) == len(ref_tokens)
+    return len(ref_tokens)
 
 
 @pytest.mark.parametrize("model", ["smollm2_path", "gemma3_path"])
@@ -128,10 +143,9 @@ def test_constrained_requests_on_cuda_match_cpu(request, real_server, model):
             assert re.fullmatch(pattern, text), text
         else:
             jsonschema.validate(json.loads(text), schema)
-        # greedy: the device's masked argmax is the host's (near-ties aside, which these are not
-        # likely to hit; a mismatch shows the first differing position)
-        _, cpu_ids, _ = _run(cpu, c, "Answer:")
-        assert ids == cpu_ids, (text, ids, cpu_ids)
+        # greedy: the device's masked argmax is the host's (up to a near-tie)
+        ref, _ = _run(cpu, c, "Answer:", top=2)
+        _agree_until_near_tie(ids, ref)
         for seed in (1, 2):  # sampled: still in the language
             text, _, fin = _run(gpu, c, "Answer:", temperature=0.9, seed=seed)
             if fin.reason != pb.FINISH_REASON_STOP_TOKEN:
