@@ -39,11 +39,11 @@ def host_result(plan: StepPlan, host: np.ndarray, bits: np.ndarray | None = None
     return res
 
 
-def start_masks(plan: StepPlan, vocab: int):
+def start_masks(plan: StepPlan, model: RunnerModel):
     """The plan's bitmasks (fill_bitmasks) as a future on the mask thread when a row has a
     constraint, so that its matcher's work runs beside the forward; None otherwise."""
     if any(r.constraint is not None for r in plan.rows):
-        return _masks.submit(fill_bitmasks, plan.rows, vocab)
+        return _masks.submit(fill_bitmasks, plan.rows, model.hp.vocab_size)
     return None
 
 
@@ -58,7 +58,7 @@ class HostRunner(Runner):
     def launch(self, plan: StepPlan) -> Launched | None:
         if plan.after is not None:
             return None
-        masks = start_masks(plan, self.model.hp.vocab_size)
+        masks = start_masks(plan, self.model)
         logits = forward_plan(self.backend, self.model, plan)
         host = self.backend.to_host(logits)
         bits = masks.result() if masks is not None else fill_bitmasks(plan.rows, host.shape[-1])
