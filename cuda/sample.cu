@@ -1,6 +1,9 @@
 // Logits -> token on the GPU: only a token id and its logprob per row come back to the host.
 //
 // sample_rows: one 1024-thread CTA per row of logits [R, V]. Per row:
+//   0. a row with a bitmask (grammar constraints, allowed / banned ids: bit t % 32 of word t / 32
+//      of its row of `bits`, RowParams.mask_row; -1: none) sees its disallowed tokens as -inf
+//      from the start, so everything below, the logprobs included, is of the masked distribution;
 //   1. raw max and log-sum-exp (for the returned logprob: log p of the token under the model's
 //      unfiltered temperature-1 distribution), while copying the row to `work`;
 //   2. repetition / presence / frequency penalties on `work` (a per-row list of distinct token
@@ -27,8 +30,13 @@ struct RowParams {  // 16 words per row, filled by the host
     unsigned seed_lo, seed_hi, ctr_lo, ctr_hi;
     float rep, presence, frequency;
     int pen_off, pen_n;
-    int pad0, pad1, pad2;
+    int mask_row;  // row of `bits` holding this row's allowed tokens; -1: all allowed
+    int pad1, pad2;
 };
+
+__device__ __forceinline__ bool allowed(const unsigned* __restrict__ m, int i) {
+    return m == nullptr || ((m[i >> 5] >> (i & 31)) & 1u);
+}
 
 __device__ __forceinline__ unsigned fkey(float f) {  // order-preserving float -> uint
     const unsigned u = __float_as_uint(f);
@@ -81,11 +89,11 @@ __device__ void argmax_reduce(float bv, int bi, float* out_v, int* out_i, float*
     __syncthreads();
 }
 __device__ void block_argmax(const float* __restrict__ x, int V, float lim_v, int lim_i, float* out_v,
-                             int* out_i, float* sv, int* si) {
+                             int* out_i, float* sv, int* si, const unsigned* __restrict__ m = nullptr) {
     float bv = -INFINITY;
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const float v = x[i];
+        const float v = allowed(m, i) ? x[i] : -INFINITY;
         const bool below = v < lim_v || (v == lim_v && i > lim_i);
         if (below && (v > bv || (v == bv && i < bi))) { bv = v; bi = i; }
     }
@@ -132,7 +140,7 @@ __device__ unsigned radix_select(const float* __restrict__ x, int V, unsigned fl
 extern "C" __global__ void __launch_bounds__(THREADS)
 sample_rows(const float* __restrict__ logits, float* __restrict__ work, int V, const RowParams* __restrict__ params,
             const int* __restrict__ pen, int* __restrict__ out_tok, float* __restrict__ out_lp, int n_top,
-            int* __restrict__ top_ids, float* __restrict__ top_lp) {
+            int* __restrict__ top_ids, float* __restrict__ top_lp, const unsigned* __restrict__ bits, int W) {
     __shared__ float hist[257];
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -146,6 +154,7 @@ sample_rows(const float* __restrict__ logits, float* __restrict__ work, int V, c
     const RowParams P = params[r];
     const float* raw = logits + (size_t)r * V;
     float* x = work + (size_t)r * V;
+    const unsigned* m = (bits != nullptr && P.mask_row >= 0) ? bits + (size_t)P.mask_row * W : nullptr;
 
     // 1. raw log-sum-exp and arg-max, copy to work. 16-byte loads, four per thread in flight: a
     // CTA alone streams the row, and one 4-byte load at a time per thread left it latency-bound
@@ -157,8 +166,14 @@ sample_rows(const float* __restrict__ logits, float* __restrict__ work, int V, c
         else ts += __expf(v - tm);
         if (v > av) { av = v; ai = i; }  // indices rise per thread: the first of equal values stays
     };
-    const int V4 = (V & 3) == 0 ? V >> 2 : 0;  // rows start 16-byte aligned only when V % 4 == 0
-    {
+    const int V4 = (V & 3) == 0 && m == nullptr ? V >> 2 : 0;  // rows start 16-byte aligned only when V % 4 == 0
+    if (m != nullptr) {  // masked rows (a minority, never queued ahead) take the plain per-element loop
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            const bool ok = allowed(m, i);
+            x[i] = ok ? raw[i] : -INFINITY;
+            if (ok) take(x[i], i);  // -inf would make take's running sum exp(-inf - -inf) = NaN
+        }
+    } else {
         const float4* raw4 = reinterpret_cast<const float4*>(raw);
         float4* x4 = reinterpret_cast<float4*>(x);
 #pragma unroll 4
@@ -167,11 +182,11 @@ sample_rows(const float* __restrict__ logits, float* __restrict__ work, int V, c
             x4[i] = v;
             take(v.x, 4 * i); take(v.y, 4 * i + 1); take(v.z, 4 * i + 2); take(v.w, 4 * i + 3);
         }
-    }
-    for (int i = 4 * V4 + threadIdx.x; i < V; i += blockDim.x) {
-        const float v = raw[i];
-        x[i] = v;
-        take(v, i);
+        for (int i = 4 * V4 + threadIdx.x; i < V; i += blockDim.x) {
+            const float v = raw[i];
+            x[i] = v;
+            take(v, i);
+        }
     }
     argmax_reduce(av, ai, &bc_v, &bc_i, sv, si);
     const float raw_max_v = bc_v;
@@ -219,7 +234,11 @@ sample_rows(const float* __restrict__ logits, float* __restrict__ work, int V, c
         float s = 0.f;
         int last = -1;
         for (int i = c0; i < c1; ++i)
-            if (fkey(x[i]) >= thr) { s += __expf((x[i] - M) * inv_t); last = i; }
+            if (fkey(x[i]) >= thr) {
+                const float w = __expf((x[i] - M) * inv_t);
+                s += w;
+                if (w > 0.f) last = i;  // a masked (-inf) token is never the fallback pick
+            }
         chunk_prefix[threadIdx.x] = s;
         __syncthreads();
         // Inclusive scan (Hillis-Steele; 10 steps for 1024 threads).
@@ -256,13 +275,13 @@ sample_rows(const float* __restrict__ logits, float* __restrict__ work, int V, c
     }
     if (threadIdx.x == 0) {
         out_tok[r] = token;
-        out_lp[r] = raw[token] - lse;
+        out_lp[r] = (allowed(m, token) ? raw[token] : -INFINITY) - lse;
     }
     // 5. top-n of the raw distribution, most likely first.
     float lim_v = INFINITY;
     int lim_i = -1;
     for (int j = 0; j < n_top; ++j) {
-        block_argmax(raw, V, lim_v, lim_i, &bc_v, &bc_i, sv, si);
+        block_argmax(raw, V, lim_v, lim_i, &bc_v, &bc_i, sv, si, m);
         lim_v = bc_v;
         lim_i = bc_i;
         if (threadIdx.x == 0) {

@@ -31,12 +31,15 @@ _STOPPING_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "min_t
 
 def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
                   chat: Sequence[dict] | None = None, request_id: str = "", model_id: str = "",
-                  top_logprobs: int = 0, add_bos: bool | None = None, **params) -> pb.ExecuteRequest:
+                  top_logprobs: int = 0, add_bos: bool | None = None, constraint: dict | None = None,
+                  **params) -> pb.ExecuteRequest:
     """An ExecuteRequest from plain Python values.
 
     prompt: text, or a list of token ids. chat: a list of {"role", "content"} dicts (instead of
     prompt). params: the SamplingParams and StoppingCriteria fields by name; None means unset
     (logit_bias a {token id: bias} dict, banned_token_sequences a list of id lists).
+    constraint: one Constraint field by name, e.g. {"regex": "[0-9]+"} or {"json_schema": {...}}
+    (a schema as a dict or as its JSON text).
     """
     unknown = set(params) - set(_SAMPLING_FIELDS) - set(_STOPPING_FIELDS)
     if unknown:
@@ -53,6 +56,15 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
         req.tokens.CopyFrom(pb.TokenIds(ids=list(prompt)))
     if add_bos is not None:
         req.add_bos = add_bos
+    if constraint is not None:
+        if len(constraint) != 1:
+            raise ValueError("constraint: give exactly one of " + ", ".join(pb.Constraint.DESCRIPTOR.fields_by_name))
+        (kind, spec), = constraint.items()
+        if kind == "json_schema" and not isinstance(spec, str):
+            import json
+
+            spec = json.dumps(spec)
+        req.constraint.CopyFrom(pb.Constraint(**{kind: spec}))
     sampling = {k: params[k] for k in _SAMPLING_FIELDS if params.get(k) is not None}
     if "banned_token_sequences" in sampling:
         sampling["banned_token_sequences"] = [pb.TokenIds(ids=list(q)) for q in sampling["banned_token_sequences"]]

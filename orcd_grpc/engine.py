@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends.base import Backend
-from .backends.runner import Launched, PlanRow, RowSampling, RunnerModel, StepPlan, StepResult
+from .backends.runner import Launched, PlanRow, RowSampling, RunnerModel, StepPlan, StepResult, pack_bitmask
 from .errors import InvalidArgument, OutOfRange, ResourceExhausted
 from .gguf_model import GGUFModel
 from .kv_cache import BlockAllocator
@@ -58,11 +58,27 @@ class Sequence:
         self.num_cached = 0            # tokens whose KV is in the cache (or queued to be)
         self.cached_prompt_tokens = 0  # prompt tokens reused from the prefix cache
         self.block_table: list[int] = []
-        # Applied to the logits of its next samples (grammars, logit_bias); None: none.
-        self.mask: np.ndarray | None = None
+        # Applied to the logits of its next samples (allowed / banned ids, logit_bias); None: none.
+        self.allowed: np.ndarray | None = None  # bool [V]
+        self.mask: np.ndarray | None = None     # allowed, packed (runner.pack_bitmask)
         self.bias: dict[int, float] | np.ndarray | None = None
         # The part of the mask that follows the output (banned sequences, min_tokens); None: none.
         self.dynamic: Dynamic | None = None
+        # The request's constraint (constraints.Constraint): its matcher follows the output.
+        self.constraint = getattr(sampling, "constraint", None)
+
+    def append(self, token: int) -> None:
+        """Adds a generated token the request accepted; its constraint advances past it."""
+        self.output_ids.append(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
+
+    def step_mask(self) -> np.ndarray | None:
+        """The packed static mask of its next sample, with the part that follows the output."""
+        if self.dynamic is None:
+            return self.mask
+        m = self.dynamic.mask(self.output_ids)
+        return self.mask if m is self.allowed else None if m is None else pack_bitmask(m)
 
     @property
     def sampler(self) -> Sampler:
@@ -115,8 +131,9 @@ class Engine:
         c = sampling.controls
         if c is not None:  # built once here; a step only picks (or, with dynamic parts, derives) them
             seq.bias = dict(c.logit_bias) or None
-            seq.mask = static_mask(c, vocab)
-            seq.dynamic = Dynamic.of(c, seq.mask, vocab)
+            seq.allowed = static_mask(c, vocab)
+            seq.mask = None if seq.allowed is None else pack_bitmask(seq.allowed)
+            seq.dynamic = Dynamic.of(c, seq.allowed, vocab)
         return seq
 
     def can_admit(self, seq: Sequence) -> bool:
@@ -167,9 +184,9 @@ class Engine:
             chosen.append((s, n))
             sample = not all_logits and start + n == total
             tokens = [out[start - p]] if n == 1 and start >= p else s.tokens(start, start + n)
-            mask = None if not sample else s.mask if s.dynamic is None else s.dynamic.mask(out)
             rows.append(PlanRow(s.seq_id, tokens, start, n, bt, s.prompt_ids, out, s.row, sample, len(out),
-                                n if all_logits else 0, mask, s.bias if sample else None))
+                                n if all_logits else 0, s.step_mask() if sample else None,
+                                s.bias if sample else None, s.constraint if sample else None))
         return chosen, rows
 
     @staticmethod
@@ -206,7 +223,8 @@ class Engine:
         if not after.feeds or any(s.num_cached >= ctx_len for s in seqs):
             return None
         # a mask that follows the output needs the token still in flight: plan after it instead
-        if any(s.dynamic is not None and not s.dynamic.settled(len(s.output_ids) + 1) for s in seqs):
+        if any(s.constraint is not None or (s.dynamic is not None and not s.dynamic.settled(len(s.output_ids) + 1))
+               for s in seqs):
             return None
         try:
             for s in seqs:
@@ -235,7 +253,7 @@ class Engine:
         for s in seqs:
             sample = out.get(s.seq_id)
             if sample is not None:
-                s.output_ids.append(int(sample.token_id))
+                s.append(int(sample.token_id))
         return out
 
     def score(self, seq: Sequence, new_tokens: list[int] | None = None) -> np.ndarray:

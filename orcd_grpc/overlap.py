@@ -57,5 +57,5 @@ class Overlap:
             for s in seqs:
                 sample = out.get(s.seq_id)
                 if sample is not None and s.block_table:  # released: holds no KV
-                    s.output_ids.append(int(sample.token_id))
+                    s.append(int(sample.token_id))
         return out

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from . import logit_controls, prompt_guard
+from . import constraints, logit_controls, prompt_guard
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OrcdError, OutOfRange, PermissionDenied
 from .sampling import as_sent
 from .request import Stopping
@@ -122,6 +122,7 @@ def check_static(req) -> None:
         raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(st.stop_token_ids)}",
                               field="stopping.stop_token_ids")
     logit_controls.check_static(req.sampling, int(st.min_tokens), int(st.max_tokens))
+    constraints.check_static(req)
 
 
 def _sampling_params(req, vocab_size: int):
@@ -209,6 +210,8 @@ def prepare_execute(req, info, tokenizer, *,
         raise InvalidArgument("the input tokenizes to no tokens", field="input")
     if len(ids) >= info.context_length:
         raise OutOfRange(f"prompt is {len(ids)} tokens, context length is {info.context_length}", field="input")
+    # last: the costliest check, once everything cheaper has passed
+    sampling.constraint = constraints.from_request(req, tokenizer, int(info.vocab_size))
     stopping = Stopping(max_tokens=int(st.max_tokens), stop=list(st.stop),
                         stop_token_ids=frozenset(int(t) for t in st.stop_token_ids),
                         ignore_eos=bool(st.ignore_eos), min_tokens=int(st.min_tokens))

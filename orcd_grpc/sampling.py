@@ -86,6 +86,8 @@ class SamplingParams:
     top_logprobs: int = 0
     # logit_controls.LogitControls, or None: applied by the engine as the rows' mask and bias
     controls: object = None
+    # constraints.Constraint, or None: the request's matcher (its own, never shared)
+    constraint: object = None
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidArgument naming the first bad field ("sampling.<name>")."""

@@ -438,7 +438,11 @@ class Scheduler:
             return
         tid = int(sample.token_id)
         index = len(req.generated)
-        req.seq.output_ids.append(tid)
+        req.seq.append(tid)
+        if req.seq.constraint is not None and req.seq.constraint.error:
+            # its matcher hit a limit of llguidance's (the token was EOS, all it then allows)
+            self._fail(req, req.seq.constraint.error)
+            return
         m = self.metrics
         if req.first_token_at is None:
             req.first_token_at = now
@@ -463,6 +467,9 @@ class Scheduler:
             text, hit = req.decoder.push(tid, match=False) if early else req.decoder.push(tid)
             if hit is not None:
                 reason, matched = STOP_STRING, hit
+            elif req.seq.constraint is not None and req.seq.constraint.done:
+                reason = STOP_TOKEN  # the constraint's language allows nothing more
+                text += req.decoder.flush()
             elif (st.max_tokens and len(req.generated) >= st.max_tokens) or \
                     req.prompt_tokens + len(req.generated) >= engine.info.context_length:
                 reason = LENGTH
@@ -502,7 +509,10 @@ class Scheduler:
                 pass
             if self._by_id.get(req.key) is req:
                 del self._by_id[req.key]
-            return True
+        c = getattr(req.sampling, "constraint", None)
+        if c is not None:  # its matcher goes with the request, however it ends
+            c.close()
+        return True
 
     def _finish(self, req: Request, reason: str, matched: str = "", detail: str = "") -> None:
         if not self._remove(req):

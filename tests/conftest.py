@@ -59,3 +59,34 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    """serve(path, backend="cpu", **config): a real worker on a real port serving the model file
+    `path`, with a real client stub: SimpleNamespace(stub, scheduler, tokenizer, model). Every
+    server started is stopped when the module's tests end."""
+    from types import SimpleNamespace
+
+    import grpc
+
+    from orcd_grpc.proto import pb, pb_grpc
+    from orcd_grpc.server import ServerConfig, start_server
+
+    started = []
+
+    def serve(path, backend="cpu", **config):
+        cfg = ServerConfig(**{"host": "127.0.0.1", "port": 0, "model_dirs": [str(path.parent)], "backend": backend,
+                              "max_context": 256, "max_sequences": 8, "max_queue": 16, "grace_seconds": 1,
+                              **config})
+        worker, port, scheduler = start_server(cfg)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        started.append((worker, channel))
+        stub = pb_grpc.WorkerStub(channel)
+        model = list(stub.LoadModel(pb.LoadModelRequest(path=path.name), timeout=600))[-1].model
+        return SimpleNamespace(stub=stub, scheduler=scheduler, tokenizer=scheduler.engine.tokenizer, model=model)
+
+    yield serve
+    for worker, channel in started:
+        channel.close()
+        worker.stop(1)

@@ -9,7 +9,7 @@ import numpy as np
 
 from orcd_grpc.backends.cuda_runner import CudaRunner
 from orcd_grpc.backends.numpy_backend import NumpyBackend
-from orcd_grpc.backends.runner import PlanRow, RunnerModel, StepPlan
+from orcd_grpc.backends.runner import PlanRow, RunnerModel, StepPlan, pack_bitmask, unpack_bitmask
 from orcd_grpc.loader import load_engine
 from orcd_grpc.overlap import Overlap
 from orcd_grpc.sampling import SamplingParams
@@ -45,9 +45,12 @@ class FakeCuda(NumpyBackend):
         self.buckets_seen.add((key, meta.num_seqs))
         return np.asarray(record(self.begin_step(meta))).view(_Rows)
 
-    def sample_packed(self, logits, prm, pen, n_top=0):
-        self.packed.append((prm.copy(), np.array(self.to_host(logits), copy=True)))
-        return np.argmax(logits, -1).astype(np.int32), np.zeros(len(logits), np.float32)
+    def sample_packed(self, logits, prm, pen, n_top=0, bits=None):
+        x = np.array(self.to_host(logits), copy=True)
+        self.packed.append((prm.copy(), x.copy(), None if bits is None else bits.copy()))
+        if bits is not None:  # what sample.cu does with a row's bitmask
+            x[~unpack_bitmask(bits, x.shape[1])] = -np.inf
+        return np.argmax(x, -1).astype(np.int32), np.zeros(len(x), np.float32)
 
     def sample(self, logits, rows, n_top=0):
         raise AssertionError("no penalised rows in these tests")
@@ -102,7 +105,7 @@ def test_padded_decode_steps_match_unpadded(tmp_path):
                         eng.release(s)
             if name == "padded":
                 by_seed = {s.sampling.seed: s.seq_id for s in seqs}
-                for prm, x in be.packed:
+                for prm, x, _ in be.packed:
                     for i in range(len(prm)):
                         rec[by_seed[int(prm[i, 4])]].append(x[i])
             runs[name] = ([list(s.output_ids) for s in seqs], [np.stack(rec[s.seq_id]) for s in seqs])
@@ -114,19 +117,26 @@ def test_padded_decode_steps_match_unpadded(tmp_path):
     assert {b for (_, b) in padded.buckets_seen} >= {4, 2}  # 3 sequences padded to 4; then 2
 
 
-def test_masked_rows_fall_back_to_host_logits(tmp_path):
-    """A row with a mask or bias is sampled on the host from its logits (no device bitmask
-    kernel yet): the device sampler is not called, and the mask holds."""
+def test_masked_rows_go_to_the_device_sampler_as_a_bitmask(tmp_path):
+    """A row with a mask is sampled by the device sampler with its packed bitmask (only the
+    bitmask crosses; logits stay on the device), and the mask holds; an unmasked row beside it
+    carries no bitmask row (mask_row, word 13, is -1)."""
     be = FakeCuda()
     eng = load_engine(write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0"), backend=be, max_sequences=4, max_context=256)
     try:
+        V = eng.info.vocab_size
+        allowed = np.zeros(V, bool)
+        allowed[[17, 42]] = True
         s = eng.new_sequence([1, 5, 6], GREEDY)
-        s.mask = np.zeros(eng.info.vocab_size, bool)
-        s.mask[[17, 42]] = True
+        s.mask = pack_bitmask(allowed)
+        free = eng.new_sequence([1, 7, 8], GREEDY)
         for _ in range(3):
-            out = eng.step([s])
+            out = eng.step([s, free])
             assert out[s.seq_id].token_id in (17, 42)
-        assert not be.packed
+        assert len(be.packed) == 3
+        for prm, _, bits in be.packed:
+            assert bits.shape == (2, (V + 31) // 32)
+            assert np.array_equal(unpack_bitmask(bits[0], V), allowed) and (bits[1] == -1).all()
     finally:
         eng.close()
 
@@ -155,7 +165,7 @@ def _queued_device_backend():
             self.ready.add(key)  # the first step of a key stands for the eager run and the capture
             return np.asarray(record(self.begin_step(meta))).view(_Rows)
 
-        def sample_packed_async(self, logits, prm, pen, n_top=0):
+        def sample_packed_async(self, logits, prm, pen, n_top=0, bits=None):
             x = self.to_host(logits)
             toks = ((np.argmax(x, -1) + 31 * prm[:, 6].astype(np.int64)) % x.shape[-1]).astype(np.int32)
             h = SimpleNamespace(R=len(toks), toks=toks, lps=-prm[:, 6].astype(np.float32),
@@ -167,7 +177,7 @@ def _queued_device_backend():
             self.pending.remove(h)
             return h.toks, h.lps, h.top, h.tlp
 
-        def sample_packed(self, logits, prm, pen, n_top=0):
+        def sample_packed(self, logits, prm, pen, n_top=0, bits=None):
             return self.sample_result(self.sample_packed_async(logits, prm, pen, n_top))
 
     return Queued()
@@ -298,7 +308,7 @@ def test_device_sampling_rows_carry_the_limits():
     vocab = 64
     recorded = []
     be = SimpleNamespace(name="cuda", host_memory=False, workspace_bytes=0, tuning=Tuning(),
-                         sample=lambda logits, rows, n_top: (recorded.extend(rows), (np.zeros(len(rows), np.int64),
+                         sample=lambda logits, rows, n_top, bits=None: (recorded.extend(rows), (np.zeros(len(rows), np.int64),
                                                                                     np.zeros(len(rows), np.float32)))[1])
     runner = CudaRunner(be, RunnerModel(forward=None, hp=None, n_experts_used=0, block_size=16, pad_block=0,
                                         table_width=1, max_sequences=1))

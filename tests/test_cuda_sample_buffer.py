@@ -72,7 +72,7 @@ def _backend():
     be._k = lambda module, name, sig: None
     be.synchronize = lambda what=None: None
 
-    def launch(k, grid, block, logits, work, V, prm, pen, tok, lp, n_top, tid, tlp, shared=0):
+    def launch(k, grid, block, logits, work, V, prm, pen, tok, lp, n_top, tid, tlp, bits=0, W=0, shared=0):
         R = grid[0]
         for r in range(R):  # token = row + 100, logprob = -row, top ids / logprobs from the row too
             a, i = drv._at(tok + 4 * r)

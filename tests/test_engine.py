@@ -4,6 +4,8 @@ import pathlib
 import sys
 
 import numpy as np
+
+from orcd_grpc.backends.runner import pack_bitmask
 import pytest
 
 from orcd_grpc.loader import load_engine
@@ -184,7 +186,7 @@ def test_mask_and_bias_apply_before_sampling(engine):
     mask = np.zeros(engine.info.vocab_size, bool)
     mask[[11, 12]] = True
     s = engine.new_sequence(ids, GREEDY)
-    s.mask = mask
+    s.mask = pack_bitmask(mask)
     out = engine.step([s])
     assert out[s.seq_id].token_id in (11, 12) and s.output_ids == [out[s.seq_id].token_id]
     engine.release(s)

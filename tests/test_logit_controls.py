@@ -438,6 +438,8 @@ def test_engine_plans_no_step_ahead_of_a_mask_that_follows_the_output(srv):
         assert eng.launch([seq(LogitControls(min_tokens=2, stop_ids=frozenset({2})))], after=after) is not None
         assert eng.launch([seq(LogitControls(banned=[3], logit_bias={4: 1.0}))], after=after) is not None
         row = planned[-1].rows[0]
-        assert not row.mask[3] and row.bias == {4: 1.0}
+        from orcd_grpc.backends.runner import unpack_bitmask
+
+        assert not unpack_bitmask(row.mask, eng.info.vocab_size)[3] and row.bias == {4: 1.0}
     finally:
         eng.close()

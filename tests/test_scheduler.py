@@ -93,6 +93,10 @@ class FakeSeq:
     def __init__(self, seq_id, prompt_ids, sampling):
         self.seq_id, self.prompt_ids, self.sampling = seq_id, list(prompt_ids), sampling
         self.output_ids, self.num_cached, self.cached_prompt_tokens, self.blocks = [], 0, 0, 0
+        self.constraint = None
+
+    def append(self, token):
+        self.output_ids.append(token)
 
     @property
     def total_len(self):

@@ -9,8 +9,12 @@ Below the plan boundary, everything the GPU path needs and nothing above it know
 - A plan fed by the step before it (StepPlan.after) is queued behind that step before the host
   has read its tokens: the sampled ids are copied on the device into the new step's inputs, so
   the host's work between steps (scheduling, streaming) overlaps the GPU instead of idling it.
-- Rows with a mask or bias, or whose logits are wanted, fall back to host logits and the host
-  sampler (a device bitmask kernel is future work).
+- A row's allowed tokens (a constraint's matcher, allowed / banned ids) reach the sample kernel
+  as a packed bitmask, int32 [ceil(V / 32)] per masked row: the matchers' CPU work runs after the
+  forward is queued (overlapping it), and only the bitmask crosses to the device. Such rows are
+  never queued ahead (their next mask needs the token just sampled).
+- Rows with a logit bias, or whose logits are wanted, fall back to host logits and the host
+  sampler (the bitmask applied there too).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from .cuda_sampling import pack_sampling_row
 from .host_runner import forward_plan, host_result
 from .base import StepMeta
 from .runner import (Capabilities, Launched, PlanRow, RowSampling, Runner, RunnerModel, StepPlan, StepResult,
-                     max_step_tokens)
+                     fill_bitmasks, max_step_tokens)
 
 # Batch sizes that decode steps are padded to and captured at as CUDA graphs.
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -43,7 +47,8 @@ def _samples(res, rows: list[PlanRow]) -> dict[int, TokenSample]:
     out = {}
     for i, r in enumerate(rows):
         k = r.sampling.params.top_logprobs
-        top = [(int(t), float(lp)) for t, lp in zip(res[2][i, :k], res[3][i, :k])] if k else []
+        # a masked row lists no disallowed token (the kernel gives them -inf), as the host sampler
+        top = [(int(t), float(lp)) for t, lp in zip(res[2][i, :k], res[3][i, :k]) if lp > -np.inf] if k else []
         out[r.seq_id] = TokenSample(toks[i], lps[i], top)
     return out
 
@@ -102,7 +107,7 @@ class CudaRunner(Runner):
         """A pure decode step on a captured graph, sampled on the device without penalties (which
         need the host's token history) or masks: the kind of step that can be queued."""
         return (self.lookahead and bucket > 0 and self.backend.graph_ready(("decode", bucket))
-                and not any(r.sampling.penalised or r.mask is not None or r.bias is not None for r in plan.rows))
+                and not any(r.sampling.penalised or r.masked or r.bias is not None for r in plan.rows))
 
     def _queue(self, plan: StepPlan, bucket: int, feed) -> Launched:
         """Queues a decode step and its sampling without waiting. feed: the sampling of the step
@@ -167,16 +172,20 @@ class CudaRunner(Runner):
         return prm
 
     def _sample(self, plan: StepPlan, logits) -> StepResult:
+        # The forward is queued on the stream: the matchers' masks are computed while it runs.
+        bits = fill_bitmasks(plan.rows, logits.shape[-1])
+        if any(r.logits or r.bias is not None for r in plan.rows):
+            return host_result(plan, self.backend.to_host(logits), bits)  # padding rows come last: unread
         rows = [r for r in plan.rows if r.sample]
-        if any(r.logits or r.mask is not None or r.bias is not None for r in plan.rows):
-            return host_result(plan, self.backend.to_host(logits))  # padding rows come last: unread
+        if bits is not None and len(rows) != len(plan.rows):
+            bits = np.ascontiguousarray(bits[[i for i, r in enumerate(plan.rows) if r.sample]])
         if not rows:
             return StepResult()
         if logits.shape[0] != len(rows):  # a padded graph step: the real rows come first
             logits = logits.row_slice(0, len(rows))
         n_top = max(r.sampling.params.top_logprobs for r in rows)
         if not any(r.sampling.penalised for r in rows):
-            res = self.backend.sample_packed(logits, self._packed_rows(rows), np.zeros(2, np.int32), n_top)
+            res = self.backend.sample_packed(logits, self._packed_rows(rows), np.zeros(2, np.int32), n_top, bits)
         else:
             dicts = []
             for r in rows:
@@ -186,5 +195,5 @@ class CudaRunner(Runner):
                               "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
                               "frequency_penalty": p.frequency_penalty,
                               "prompt_ids": r.prompt_ids if pen else (), "output_ids": r.output_ids if pen else ()})
-            res = self.backend.sample(logits, dicts, n_top)
+            res = self.backend.sample(logits, dicts, n_top, bits)
         return StepResult(_samples(res, rows))

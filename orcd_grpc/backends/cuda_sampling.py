@@ -16,14 +16,15 @@ from ..errors import Internal, InvalidArgument
 
 def pack_sampling_row(temperature, top_k, top_p, min_p, seed, repetition_penalty=1.0, presence_penalty=0.0,
                       frequency_penalty=0.0) -> np.ndarray:
-    """One row of sample.cu's RowParams (16 32-bit words); the counter (words 6-7) and the
-    penalty slice (11-12) are the caller's, per step."""
+    """One row of sample.cu's RowParams (16 32-bit words); the counter (words 6-7), the
+    penalty slice (11-12) and the bitmask row (13) are the caller's, per step."""
     row = np.zeros(16, np.uint32)
     f = row.view(np.float32)
     seed = int(seed or 0) & ((1 << 64) - 1)
     f[0], f[2], f[3] = float(temperature), float(top_p), float(min_p)
     row[1] = np.uint32(int(top_k) & 0xFFFFFFFF)
     row[4], row[5] = seed & 0xFFFFFFFF, seed >> 32
+    row[13] = 0xFFFFFFFF  # mask_row -1: no bitmask (sample_packed_async sets it per step)
     f[8], f[9], f[10] = float(repetition_penalty), float(presence_penalty), float(frequency_penalty)
     return row
 
@@ -43,7 +44,7 @@ class SampleHandle:
 class SamplingMixin:
     """CudaBackend's sampling (state set up in CudaBackend._init)."""
 
-    def sample(self, logits, params_per_row, n_top: int = 0):
+    def sample(self, logits, params_per_row, n_top: int = 0, bits: np.ndarray | None = None):
         """Picks one token per row of logits [R, V] on the GPU; only ids and logprobs come back.
 
         params_per_row: one object or dict per row with (defaults in brackets) temperature [1.0;
@@ -54,6 +55,8 @@ class SamplingMixin:
         Returns (token_ids int32 [R], logprobs float32 [R]) where logprob is the token's log
         probability under the raw (temperature-1, unfiltered) distribution; with n_top > 0 also
         (top_ids int32 [R, n_top], top_logprobs float32 [R, n_top]), most likely first.
+        bits: int32 [R, ceil(V / 32)] packed allowed tokens per row (runner.fill_bitmasks), or None;
+        logprobs are then of the masked distribution.
         """
         R, V = logits.shape
         if len(params_per_row) != R:
@@ -92,23 +95,40 @@ class SamplingMixin:
             prm[r, 11], prm[r, 12] = off, n
             off += n
         pen = np.concatenate(pens).astype(np.int32).ravel() if pens else np.zeros(2, np.int32)
-        return self.sample_packed(logits, prm, pen, n_top)
+        return self.sample_packed(logits, prm, pen, n_top, bits)
 
-    def sample_packed(self, logits, prm: np.ndarray, pen: np.ndarray, n_top: int = 0):
+    def sample_packed(self, logits, prm: np.ndarray, pen: np.ndarray, n_top: int = 0,
+                      bits: np.ndarray | None = None):
         """`sample` with its rows already packed: prm uint32 [R, 16] (pack_sampling_row, then the
         counter in words 6-7 and the row's penalty slice in words 11-12), pen int32 pairs (token
-        id, generated count) back to back."""
-        return self.sample_result(self.sample_packed_async(logits, prm, pen, n_top))
+        id, generated count) back to back, bits as in `sample`."""
+        return self.sample_result(self.sample_packed_async(logits, prm, pen, n_top, bits))
 
-    def sample_packed_async(self, logits, prm: np.ndarray, pen: np.ndarray, n_top: int = 0) -> "SampleHandle":
+    def sample_packed_async(self, logits, prm: np.ndarray, pen: np.ndarray, n_top: int = 0,
+                            bits: np.ndarray | None = None) -> "SampleHandle":
         """Queues sample_packed's upload, kernel and download; sample_result(handle) waits for them.
-        The handle's tok_ptr (the sampled ids on the device) can feed a following step (begin_step)."""
+        The handle's tok_ptr (the sampled ids on the device) can feed a following step (begin_step).
+        bits: int32 [R, ceil(V / 32)] allowed tokens per row, or None. Only the rows that restrict
+        anything travel (word 13 of a row, mask_row, says which; -1: none)."""
         R, V = logits.shape
         nt, ntt = int(n_top), max(int(n_top), 1)
+        W = (V + 31) // 32
+        prm = np.array(prm, np.uint32, copy=True) if bits is not None else prm
+        packed = None
+        if bits is not None:
+            if bits.shape != (R, W):
+                raise InvalidArgument(f"bitmask is {bits.shape}, expected {(R, W)}", field="bits")
+            keep = np.flatnonzero((bits != -1).any(axis=1))
+            mrow = np.full(R, -1, np.int64)
+            mrow[keep] = np.arange(keep.size)
+            prm[:, 13] = mrow.astype(np.int32).view(np.uint32)
+            packed = np.ascontiguousarray(bits[keep]).view(np.uint32).ravel() if keep.size else None
         # One device buffer and its pinned host twin, in 32-bit words:
-        #   params [R, 16] | penalties | (64-word aligned) token ids [R] | logprobs [R] | top ids | top logprobs
+        #   params [R, 16] | penalties | bitmask rows | (64-word aligned) token ids [R] | logprobs [R]
+        #   | top ids | top logprobs
         # so a step costs one upload and one download, both asynchronous on the stream.
-        n_in = prm.size + pen.size
+        n_bits = 0 if packed is None else packed.size
+        n_in = prm.size + pen.size + n_bits
         o_out = -(-n_in // 64) * 64
         n_out = 2 * R + 2 * R * ntt
         words = o_out + n_out
@@ -126,13 +146,17 @@ class SamplingMixin:
             host = self._sample_hosts[turn] = self._drv.pagelocked_empty(cap, np.uint32)
         base = self._sample_bufs[turn].ptr
         host[: prm.size] = prm.ravel()
-        host[prm.size: n_in] = pen.view(np.uint32)
+        host[prm.size: prm.size + pen.size] = pen.view(np.uint32)
+        if n_bits:
+            host[prm.size + pen.size: n_in] = packed
         self._drv.memcpy_htod_async(base, host[:n_in], self.stream)
         work = self._out((R, V))
         p_out = base + 4 * o_out
-        k = self._k("sample", "sample_rows", "PPiPPPPiPP")
+        k = self._k("sample", "sample_rows", "PPiPPPPiPPPi")
+        p_bits = base + 4 * (prm.size + pen.size) if n_bits else 0
         self._launch(k, (R, 1, 1), (1024, 1, 1), logits.ptr, work.ptr, np.int32(V), base, base + 4 * prm.size,
-                     p_out, p_out + 4 * R, np.int32(nt), p_out + 8 * R, p_out + 8 * R + 4 * R * ntt)
+                     p_out, p_out + 4 * R, np.int32(nt), p_out + 8 * R, p_out + 8 * R + 4 * R * ntt,
+                     p_bits, np.int32(W))
         self._drv.memcpy_dtoh_async(host[o_out: words], p_out, self.stream)
         ev = self._sample_events[turn]
         if ev is None:

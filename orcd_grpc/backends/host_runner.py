@@ -4,11 +4,16 @@ It is what the NumPy backend runs, and the reference every other runner must agr
 """
 from __future__ import annotations
 
+import concurrent.futures
+
 import numpy as np
 
 from .base import Backend
-from .runner import (Capabilities, Launched, Runner, RunnerModel, StepPlan, StepResult, host_sample, logits_layout,
-                     step_meta)
+from .runner import (Capabilities, Launched, Runner, RunnerModel, StepPlan, StepResult, fill_bitmasks, host_sample,
+                     logits_layout, step_meta)
+
+# Constrained rows' bitmasks are computed here while the forward runs (both drop the GIL).
+_masks = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="orcd-masks")
 
 
 def forward_plan(backend: Backend, model: RunnerModel, plan: StepPlan):
@@ -22,15 +27,24 @@ def forward_plan(backend: Backend, model: RunnerModel, plan: StepPlan):
     return model.forward(backend.begin_step(meta))
 
 
-def host_result(plan: StepPlan, host: np.ndarray) -> StepResult:
-    """Samples and logits of a plan from its logits rows on the host (logits_layout's order)."""
+def host_result(plan: StepPlan, host: np.ndarray, bits: np.ndarray | None = None) -> StepResult:
+    """Samples and logits of a plan from its logits rows on the host (logits_layout's order).
+    bits: the plan's bitmasks, one row per plan row (fill_bitmasks), or None."""
     res = StepResult()
-    for r, (at, k) in zip(plan.rows, logits_layout(plan)):
+    for i, (r, (at, k)) in enumerate(zip(plan.rows, logits_layout(plan))):
         if r.logits:
             res.logits[r.seq_id] = host[at + k - r.logits: at + k]
         if r.sample:
-            res.samples[r.seq_id] = host_sample(host[at + k - 1], r)
+            res.samples[r.seq_id] = host_sample(host[at + k - 1], r, None if bits is None else bits[i])
     return res
+
+
+def start_masks(plan: StepPlan, model: RunnerModel):
+    """The plan's bitmasks (fill_bitmasks) as a future on the mask thread when a row has a
+    constraint, so that its matcher's work runs beside the forward; None otherwise."""
+    if any(r.constraint is not None for r in plan.rows):
+        return _masks.submit(fill_bitmasks, plan.rows, model.hp.vocab_size)
+    return None
 
 
 class HostRunner(Runner):
@@ -44,8 +58,11 @@ class HostRunner(Runner):
     def launch(self, plan: StepPlan) -> Launched | None:
         if plan.after is not None:
             return None
+        masks = start_masks(plan, self.model)
         logits = forward_plan(self.backend, self.model, plan)
-        return Launched(plan, result=host_result(plan, self.backend.to_host(logits)))
+        host = self.backend.to_host(logits)
+        bits = masks.result() if masks is not None else fill_bitmasks(plan.rows, host.shape[-1])
+        return Launched(plan, result=host_result(plan, host, bits))
 
     def collect(self, launched: Launched) -> StepResult:
         return launched.result

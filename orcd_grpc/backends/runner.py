@@ -66,8 +66,16 @@ class PlanRow:
     sample: bool = True              # sample a token from the logits of its last position
     token_index: int = 0             # which output token that sample is (seeds its random draw)
     logits: int = 0                  # how many of its last positions' logits go back to the host
-    mask: np.ndarray | None = None   # bool [V]: only these tokens may be sampled
+    mask: np.ndarray | None = None   # int32 [ceil(V / 32)] packed bitmask: only these tokens may be sampled
     bias: dict[int, float] | np.ndarray | None = None  # added to the logits before sampling
+    # The allowed tokens that follow the output (a constraint's matcher): an object with
+    # fill_rows([(row index, it)], bits int32 [R, ceil(V / 32)]) (constraints.Constraint). The
+    # runner fills its bitmask while the forward runs; a row with one is never fed ahead.
+    constraint: Any = None
+
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None or self.constraint is not None
 
     @property
     def decode(self) -> bool:
@@ -187,8 +195,47 @@ def logits_layout(plan: StepPlan) -> list[tuple[int, int]]:
     return out
 
 
-def masked(x: np.ndarray, row: PlanRow) -> np.ndarray:
-    """A row's logits with its bias added and its mask applied (a copy)."""
+def bitmask_words(vocab: int) -> int:
+    return (int(vocab) + 31) // 32
+
+
+def pack_bitmask(allowed: np.ndarray) -> np.ndarray:
+    """bool [V] -> int32 [ceil(V / 32)]: bit t % 32 of word t // 32 set where token t is allowed
+    (llguidance's layout, which the sample kernel reads)."""
+    allowed = np.asarray(allowed, bool).reshape(-1)
+    w = bitmask_words(allowed.size)
+    padded = np.zeros(32 * w, bool)
+    padded[: allowed.size] = allowed
+    return np.packbits(padded, bitorder="little").view("<i4").astype(np.int32)
+
+
+def unpack_bitmask(bits: np.ndarray, vocab: int) -> np.ndarray:
+    """int32 [..., W] -> bool [..., vocab]: pack_bitmask's inverse."""
+    bits = np.ascontiguousarray(bits, "<i4")
+    return np.unpackbits(bits.view(np.uint8), axis=-1, bitorder="little")[..., :vocab].astype(bool)
+
+
+def fill_bitmasks(rows: list[PlanRow], vocab: int) -> np.ndarray | None:
+    """int32 [len(rows), ceil(vocab / 32)]: each row's allowed tokens (all bits set for rows
+    without a mask), or None when no row has one. A constraint's mask and a row's static mask
+    are combined; where the two leave nothing, the constraint's stands alone (a grammar's output
+    must stay in its language)."""
+    if not any(r.masked for r in rows):
+        return None
+    bits = np.full((len(rows), bitmask_words(vocab)), -1, np.int32)
+    cons = [(i, r.constraint) for i, r in enumerate(rows) if r.constraint is not None]
+    if cons:
+        type(cons[0][1]).fill_rows(cons, bits)
+    for i, r in enumerate(rows):
+        if r.mask is not None:
+            both = bits[i] & r.mask
+            if r.constraint is None or both.any():
+                bits[i] = both
+    return bits
+
+
+def masked(x: np.ndarray, row: PlanRow, bits: np.ndarray | None = None) -> np.ndarray:
+    """A row's logits with its bias added and its bitmask (bits, else row.mask) applied (a copy)."""
     x = np.array(x, np.float32, copy=True).reshape(-1)
     if row.bias is not None:
         if isinstance(row.bias, dict):
@@ -197,13 +244,16 @@ def masked(x: np.ndarray, row: PlanRow) -> np.ndarray:
                 x[ids] += np.fromiter(row.bias.values(), np.float32, len(row.bias))
         else:
             x += np.asarray(row.bias, np.float32).reshape(-1)
-    if row.mask is not None:
-        x[~np.asarray(row.mask, bool).reshape(-1)] = -np.inf
+    if bits is None:
+        bits = row.mask
+    if bits is not None:
+        x[~unpack_bitmask(bits, x.size)] = -np.inf
     return x
 
 
-def host_sample(x: np.ndarray, row: PlanRow) -> TokenSample:
-    """Samples row from its host logits with the sequence's host sampler."""
-    if row.mask is not None or row.bias is not None:
-        x = masked(x, row)
+def host_sample(x: np.ndarray, row: PlanRow, bits: np.ndarray | None = None) -> TokenSample:
+    """Samples row from its host logits with the sequence's host sampler; bits: the row's
+    bitmask of this step (fill_bitmasks), which a constrained row needs."""
+    if bits is not None or row.mask is not None or row.bias is not None:
+        x = masked(x, row, bits)
     return row.sampling.sampler.sample(x, row.prompt_ids, row.output_ids)
