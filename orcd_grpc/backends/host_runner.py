@@ -8,7 +8,7 @@ import numpy as np
 
 from .base import Backend
 from .runner import (Capabilities, Launched, Runner, RunnerModel, StepPlan, StepResult, host_sample, logits_layout,
-                     step_meta)
+                     prompt_scores, step_meta)
 
 
 def forward_plan(backend: Backend, model: RunnerModel, plan: StepPlan):
@@ -26,6 +26,9 @@ def host_result(plan: StepPlan, host: np.ndarray) -> StepResult:
     """Samples and logits of a plan from its logits rows on the host (logits_layout's order)."""
     res = StepResult()
     for r, (at, k) in zip(plan.rows, logits_layout(plan)):
+        if r.scored:  # the positions before the sampled one (if any) in the row's block
+            end = at + k - (1 if r.sample else 0)
+            res.prompt_logprobs[r.seq_id] = prompt_scores(host[end - r.scored: end], r)
         if r.logits:
             res.logits[r.seq_id] = host[at + k - r.logits: at + k]
         if r.sample:
