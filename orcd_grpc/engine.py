@@ -155,6 +155,7 @@ class Engine:
         budget, and the plan's row of each; their KV blocks are allocated here. One pass, lean:
         it runs for every sequence of every step."""
         chosen, rows, budget = [], [], min(token_budget, self.max_step_tokens)
+        score_rows = self.capabilities.max_logits_rows  # a scored position needs its logits row
         alloc, ctx_len = self.allocator, self.info.context_length
         bs = alloc.block_size
         for s in seqs:
@@ -166,6 +167,10 @@ class Engine:
             if start >= total:
                 continue
             n = min(total - start, budget) if start < p else total - start
+            scoring = s.score_top is not None and s.scored < p and start + n >= s.scored and not all_logits
+            if scoring:
+                n = min(n, max(1, score_rows))
+                score_rows -= n
             if n <= 0:
                 continue
             if start + n > ctx_len:
@@ -179,7 +184,7 @@ class Engine:
             mask = None if not sample else s.mask if s.dynamic is None else s.dynamic.mask(out)
             row = PlanRow(s.seq_id, tokens, start, n, bt, s.prompt_ids, out, s.row, sample, len(out),
                           n if all_logits else 0, mask, s.bias if sample else None)
-            if s.score_top is not None and s.scored < p and start + n >= s.scored and not all_logits:
+            if scoring:
                 row.prompt_logprobs = s.score_top
                 self._scoring[s.seq_id] = s
             rows.append(row)

@@ -8,7 +8,11 @@ import numpy as np
 
 from .base import Backend
 from .runner import (Capabilities, Launched, Runner, RunnerModel, StepPlan, StepResult, host_sample, logits_layout,
-                     prompt_scores, step_meta)
+                     max_logits_rows, prompt_scores, step_meta)
+
+# Host memory a step's logits may take (a scoring prefill's chunk is cut to fit): 256 MiB is
+# 1,365 positions of a 49k vocabulary, 256 of a 262k one.
+HOST_LOGITS_BYTES = 256 << 20
 
 
 def forward_plan(backend: Backend, model: RunnerModel, plan: StepPlan):
@@ -42,7 +46,8 @@ class HostRunner(Runner):
         self.capabilities = Capabilities(
             name=backend.name, memory="host" if backend.host_memory else "device", device_sampling=False,
             device_penalties=False, overlap=False, graphs=False, max_step_tokens=1 << 30,
-            workspace_bytes=backend.workspace_bytes)
+            workspace_bytes=backend.workspace_bytes,
+            max_logits_rows=max_logits_rows(model.hp.vocab_size, HOST_LOGITS_BYTES, model.max_sequences))
 
     def launch(self, plan: StepPlan) -> Launched | None:
         if plan.after is not None:

@@ -30,6 +30,9 @@ class Capabilities:
     graphs: bool              # pure decode steps replay captured launches
     max_step_tokens: int      # tokens one step may carry (its activations must fit the workspace)
     workspace_bytes: int = 0  # the reserved step workspace (0: none)
+    # Logits rows one step may compute: what bounds a scoring prefill chunk, whose every
+    # position needs its [V] row of logits (max_logits_rows() of the memory they may take).
+    max_logits_rows: int = 1 << 30
 
 
 @dataclass(eq=False)
@@ -185,6 +188,11 @@ def max_step_tokens(hp, workspace_bytes: int, n_exp: int = 0, max_sequences: int
     attn = 2 * (hp.n_heads * hp.head_dim + hp.n_kv_heads * (hp.head_dim + hp.head_dim_v))
     per_token = 4 * (6 * hp.d_model + attn + ffn)
     return max(16, min(65535, int(workspace_bytes) // (2 * per_token)))
+
+
+def max_logits_rows(vocab_size: int, nbytes: int, at_least: int = 1) -> int:
+    """How many float32 rows of logits fit in nbytes (at least `at_least`)."""
+    return max(int(at_least), 1, int(nbytes) // (4 * max(1, int(vocab_size))))
 
 
 def step_meta(plan: StepPlan) -> StepMeta:
