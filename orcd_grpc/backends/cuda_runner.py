@@ -69,7 +69,7 @@ class CudaRunner(Runner):
             workspace_bytes=ws,
             # max_step_tokens leaves half the workspace beside the activations; a quarter of it
             # for a scoring chunk's logits rows
-            max_logits_rows=max_logits_rows(model.hp.vocab_size, ws // 4, model.max_sequences))
+            max_logits_rows=max_logits_rows(model.hp.vocab_size, ws // 4, model.max_sequences) if ws else 1 << 30)
 
     # ---- launching -------------------------------------------------------------------------
     def launch(self, plan: StepPlan) -> Launched | None:
