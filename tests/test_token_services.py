@@ -38,7 +38,8 @@ def _serve(path, *, tokens=None, limits=None, load=True, max_prompt_bytes=4096):
     md = [("authorization", f"Bearer {OPS}")] if tokens else None
     if load:
         list(stub.LoadModel(pb.LoadModelRequest(path=path.name), metadata=md, timeout=600))
-    return SimpleNamespace(worker=worker, channel=channel, stub=stub, tok=Tokenizer.from_gguf_file(path))
+    return SimpleNamespace(worker=worker, channel=channel, stub=stub, tok=Tokenizer.from_gguf_file(path),
+                           addr=f"127.0.0.1:{port}")
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +203,19 @@ def test_token_services_need_infer_and_count_against_the_request_limit(smollm2_p
     finally:
         s.channel.close()
         s.worker.stop(1)
+
+
+def test_python_client(smol):
+    from orcd_grpc.client import OrcdClient
+
+    with OrcdClient(smol.addr, timeout=60) as c:
+        r = c.tokenize("Hello there", return_offsets=True)
+        assert list(r.ids) == smol.tok.encode("Hello there") and len(r.offsets) == len(r.ids)
+        assert c.detokenize(r.ids) == "Hello there"
+        chat = [{"role": "user", "content": "Hi!"}]
+        rc = c.render_chat(chat)
+        assert list(c.tokenize(chat).ids) == list(rc.ids) and rc.text.endswith("<|im_start|>assistant\n")
+        done = c.generate_text("The capital of France is Paris", prompt_logprobs=1, max_tokens=0)
+        assert done.token_ids == [] and done.finish_reason == "LENGTH"
+        assert len(done.prompt_logprobs) == done.usage.prompt_tokens - 1
+        assert all(len(e.top_logprobs) == 1 for e in done.prompt_logprobs)
