@@ -397,7 +397,7 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.step_seconds.observe(time.monotonic() - t0)
         for req in batch:
-            if req.seq.prompt_scores and not req.done:  # a prefill chunk's, before any token
+            if getattr(req.seq, "prompt_scores", None) and not req.done:  # a prefill chunk's, first
                 for ev in prompt_scoring.take_events(req.seq, engine.tokenizer):
                     req.events.put(ev)
             sample = samples.get(req.seq.seq_id)
