@@ -32,6 +32,7 @@ _STOPPING_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "min_t
 def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
                   chat: Sequence[dict] | None = None, request_id: str = "", model_id: str = "",
                   top_logprobs: int = 0, add_bos: bool | None = None, constraint: dict | None = None,
+                  prompt_logprobs: int | None = None,
                   **params) -> pb.ExecuteRequest:
     """An ExecuteRequest from plain Python values.
 
@@ -40,6 +41,8 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
     (logit_bias a {token id: bias} dict, banned_token_sequences a list of id lists).
     constraint: one Constraint field by name, e.g. {"regex": "[0-9]+"} or {"json_schema": {...}}
     (a schema as a dict or as its JSON text).
+    prompt_logprobs: score the prompt with this many alternatives per position (None: no scoring;
+    with max_tokens=0 nothing is generated).
     """
     unknown = set(params) - set(_SAMPLING_FIELDS) - set(_STOPPING_FIELDS)
     if unknown:
@@ -65,6 +68,8 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
 
             spec = json.dumps(spec)
         req.constraint.CopyFrom(pb.Constraint(**{kind: spec}))
+    if prompt_logprobs is not None:
+        req.prompt_logprobs.CopyFrom(pb.PromptLogprobsOptions(enabled=True, top_n=prompt_logprobs))
     sampling = {k: params[k] for k in _SAMPLING_FIELDS if params.get(k) is not None}
     if "banned_token_sequences" in sampling:
         sampling["banned_token_sequences"] = [pb.TokenIds(ids=list(q)) for q in sampling["banned_token_sequences"]]
@@ -88,6 +93,12 @@ class Completion:
     matched_stop: str
     usage: pb.Usage
     timings: pb.Timings
+    # with prompt_logprobs: an entry per prompt position from 1 on (PromptTokenLogprob)
+    prompt_logprobs: list = dataclasses.field(default_factory=list)
+
+
+def _chat(messages: Sequence[dict]) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
 
 
 def finish_reason_name(value: int) -> str:
@@ -102,6 +113,7 @@ class CompletionBuilder:
         self.ids: list[int] = []
         self.started = pb.Started()
         self.finished = None
+        self.prompt_logprobs: list = []
 
     def add(self, event: pb.ExecuteResponse) -> None:
         kind = event.WhichOneof("event")
@@ -110,6 +122,8 @@ class CompletionBuilder:
         elif kind == "token":
             self.parts.append(event.token.text)
             self.ids.append(event.token.token_id)
+        elif kind == "prompt_logprobs":
+            self.prompt_logprobs.extend(event.prompt_logprobs.entries)
         elif kind == "finished":
             self.finished = event.finished
 
@@ -119,7 +133,8 @@ class CompletionBuilder:
             raise RuntimeError("Execute stream ended without a Finished event")
         return Completion(text="".join(self.parts), token_ids=self.ids, request_id=self.started.request_id,
                           model_id=self.started.model_id, finish_reason=finish_reason_name(f.reason),
-                          matched_stop=f.matched_stop, usage=f.usage, timings=f.timings)
+                          matched_stop=f.matched_stop, usage=f.usage, timings=f.timings,
+                          prompt_logprobs=self.prompt_logprobs)
 
 
 def tls_options(channel, tls, tls_ca, tls_cert, tls_key, tls_server_name) -> channels.TlsOptions:
@@ -229,6 +244,38 @@ class OrcdClient:
     def hardware_info(self, *, timeout: float | None = None, metadata=None) -> pb.HardwareInfoResponse:
         with typed_errors():
             return self._stub.HardwareInfo(pb.HardwareInfoRequest(), **self._kw(timeout, metadata))
+
+    # --- token services (the served model's tokenizer and chat template) ---------------------
+
+    def tokenize(self, prompt: str | Sequence[dict], *, add_bos: bool | None = None, return_offsets: bool = False,
+                 model_id: str = "", timeout: float | None = None, metadata=None) -> pb.TokenizeResponse:
+        """Ids of a text (with return_offsets: each token's byte span) or of chat messages
+        ([{"role", "content"}], rendered as Execute renders them)."""
+        req = pb.TokenizeRequest(model_id=model_id, return_offsets=return_offsets)
+        if isinstance(prompt, str):
+            req.text = prompt
+        else:
+            req.chat.CopyFrom(_chat(prompt))
+        if add_bos is not None:
+            req.add_bos = add_bos
+        with typed_errors():
+            return self._stub.Tokenize(req, **self._kw(timeout, metadata))
+
+    def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = False, model_id: str = "",
+                   timeout: float | None = None, metadata=None) -> str:
+        req = pb.DetokenizeRequest(model_id=model_id, ids=list(ids), skip_special_tokens=skip_special_tokens)
+        with typed_errors():
+            return self._stub.Detokenize(req, **self._kw(timeout, metadata)).text
+
+    def render_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                    add_bos: bool | None = None, model_id: str = "", timeout: float | None = None,
+                    metadata=None) -> pb.RenderChatResponse:
+        """The chat template's prompt text for messages, and its ids."""
+        req = pb.RenderChatRequest(model_id=model_id, chat=_chat(messages), add_generation_prompt=add_generation_prompt)
+        if add_bos is not None:
+            req.add_bos = add_bos
+        with typed_errors():
+            return self._stub.RenderChat(req, **self._kw(timeout, metadata))
 
     # --- health ------------------------------------------------------------------------------
 

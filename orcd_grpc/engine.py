@@ -66,6 +66,13 @@ class Sequence:
         self.dynamic: Dynamic | None = None
         # The request's constraint (constraints.Constraint): its matcher follows the output.
         self.constraint = getattr(sampling, "constraint", None)
+        # Scoring (prompt log-probs): None, or the top-N wanted. Its prompt never comes from the
+        # prefix cache (cached positions have no logits); `scored` is the next prompt position
+        # to deliver (position 0 has none), so a prompt recomputed after a preemption never
+        # delivers a position twice. prompt_scores: delivered chunks the scheduler has not taken.
+        self.score_top: int | None = getattr(sampling, "prompt_logprobs", None)
+        self.scored = 1
+        self.prompt_scores: list = []
 
     def append(self, token: int) -> None:
         """Adds a generated token the request accepted; its constraint advances past it."""
@@ -104,6 +111,7 @@ class Engine:
         self.model, self.adapter, self.backend = model, adapter, backend
         self.tokenizer, self.info, self.kv, self.allocator = tokenizer, info, kv, allocator
         self._ids = itertools.count(1)
+        self._scoring: dict[int, Sequence] = {}  # seq_id -> a sequence with scoring rows planned
         # The block past the allocator's range is the runner's, for rows that pad a step.
         self.runner = backend.runner(RunnerModel(
             forward=lambda ctx: self.adapter.forward(ctx, self.kv), hp=adapter.hp,  # close() drops the KV
@@ -155,6 +163,7 @@ class Engine:
         # block it writes holds no full prompt block (the only kind the prefix cache shares).
         self.allocator.release(seq.block_table)
         seq.num_cached = 0
+        self._scoring.pop(seq.seq_id, None)
 
     # ---- plans ---------------------------------------------------------------------------
     def _schedule(self, seqs: list[Sequence], token_budget: int,
@@ -163,17 +172,22 @@ class Engine:
         budget, and the plan's row of each; their KV blocks are allocated here. One pass, lean:
         it runs for every sequence of every step."""
         chosen, rows, budget = [], [], min(token_budget, self.max_step_tokens)
+        score_rows = self.capabilities.max_logits_rows  # a scored position needs its logits row
         alloc, ctx_len = self.allocator, self.info.context_length
         bs = alloc.block_size
         for s in seqs:
             bt, out = s.block_table, s.output_ids
-            if s.num_cached == 0 and not bt:
+            if s.num_cached == 0 and not bt and s.score_top is None:
                 s.num_cached = s.cached_prompt_tokens = alloc.match_prefix(s.prompt_ids, bt)
             start, p = s.num_cached, len(s.prompt_ids)
             total = p + len(out)
             if start >= total:
                 continue
             n = min(total - start, budget) if start < p else total - start
+            scoring = s.score_top is not None and s.scored < p and start + n >= s.scored and not all_logits
+            if scoring:
+                n = min(n, max(1, score_rows))
+                score_rows -= n
             if n <= 0:
                 continue
             if start + n > ctx_len:
@@ -184,9 +198,13 @@ class Engine:
             chosen.append((s, n))
             sample = not all_logits and start + n == total
             tokens = [out[start - p]] if n == 1 and start >= p else s.tokens(start, start + n)
-            rows.append(PlanRow(s.seq_id, tokens, start, n, bt, s.prompt_ids, out, s.row, sample, len(out),
-                                n if all_logits else 0, s.step_mask() if sample else None,
-                                s.bias if sample else None, s.constraint if sample else None))
+            row = PlanRow(s.seq_id, tokens, start, n, bt, s.prompt_ids, out, s.row, sample, len(out),
+                          n if all_logits else 0, s.step_mask() if sample else None,
+                          s.bias if sample else None, s.constraint if sample else None)
+            if scoring:
+                row.prompt_logprobs = s.score_top
+                self._scoring[s.seq_id] = s
+            rows.append(row)
         return chosen, rows
 
     @staticmethod
@@ -241,7 +259,26 @@ class Engine:
     def collect(self, launched: Launched) -> dict[int, TokenSample]:
         """{seq_id: sample} of a launched step. The caller appends each token it accepts to its
         sequence's output_ids (a step planned after that sees it)."""
-        return self.runner.collect(launched).samples
+        res = self.runner.collect(launched)
+        for seq_id, sc in res.prompt_logprobs.items():
+            self._keep_scores(seq_id, sc)
+        return res.samples
+
+    def _keep_scores(self, seq_id: int, sc) -> None:
+        """Queues a row's prompt scores on its sequence, without positions already delivered."""
+        s = self._scoring.get(seq_id)
+        if s is None:  # released meanwhile: nobody waits for them
+            return
+        skip = max(0, s.scored - sc.first)
+        if skip >= len(sc.targets):
+            return
+        if skip:
+            sc = type(sc)(sc.first + skip, sc.targets[skip:], sc.logprobs[skip:], sc.top_ids[skip:],
+                          sc.top_logprobs[skip:])
+        s.prompt_scores.append(sc)
+        s.scored = sc.first + len(sc.targets)
+        if s.scored >= len(s.prompt_ids):
+            del self._scoring[seq_id]
 
     def step(self, seqs: list[Sequence], token_budget: int = 2048) -> dict[int, TokenSample]:
         """One step, waited for, its tokens appended (callers without a loop of their own:

@@ -133,9 +133,16 @@ def _control_ids(tokenizer, ids) -> list[int]:
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], add_bos, limits: Limits) -> list[int]:
+    return chat_prompt(tokenizer, messages, add_bos, limits)[1]
+
+
+def chat_prompt(tokenizer, messages: list[dict], add_bos, limits: Limits,
+                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    """The rendered prompt text and its ids (contents as plain text)."""
     check_chat_sizes(messages, limits)
     render: Any = lambda msgs: tokenizer.render_chat(  # noqa: E731
-        msgs, add_generation_prompt=True, max_chars=limits.render_chars, timeout_s=RENDER_TIMEOUT_S)
+        msgs, add_generation_prompt=add_generation_prompt, max_chars=limits.render_chars,
+        timeout_s=RENDER_TIMEOUT_S)
     real = render(messages)
     limits.check(_utf8_len(real, limits.render_chars * 4), "input.chat")
     nonce, marked = _sentinels(messages)
@@ -149,12 +156,12 @@ def chat_prompt_ids(tokenizer, messages: list[dict], add_bos, limits: Limits) ->
                 raise InvalidArgument("contains control-token text, which this model's chat "
                                       "template does not let the worker keep as plain text",
                                       field=f"input.chat.messages[{i}].content")
-        return tokenizer.bos_unless_present(whole, add_bos)
+        return real, tokenizer.bos_unless_present(whole, add_bos)
     template_controls = [t for text, is_tpl in parts if is_tpl and text
                          for t in _control_ids(tokenizer, tokenizer.encode_special(text, add_bos=False))]
     if _control_ids(tokenizer, whole) == template_controls:
-        return tokenizer.bos_unless_present(whole, add_bos)
-    return list(tokenizer.encode_parts(parts, add_bos=add_bos))
+        return real, tokenizer.bos_unless_present(whole, add_bos)
+    return real, list(tokenizer.encode_parts(parts, add_bos=add_bos))
 
 
 # Tokenizing a large text takes transient heap many times its size (bench/tokenize_cost.py);

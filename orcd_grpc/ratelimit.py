@@ -285,6 +285,8 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
             return 0
         burst = max(1, int(lim.token_burst))
         wanted = int(stopping.max_tokens)
+        if wanted == 0 and request.HasField("prompt_logprobs"):
+            return 0  # scoring only: it generates nothing
         if wanted == 0:
             stopping.max_tokens = burst
             return burst

@@ -31,6 +31,7 @@ class Stopping:
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     min_tokens: int = 0  # stop tokens and stop strings count only from this many tokens on
+    score_only: bool = False  # prompt log-probs with max_tokens 0: the prefill, then no token
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from . import constraints, logit_controls, prompt_guard
+from . import constraints, logit_controls, prompt_guard, prompt_scoring
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OrcdError, OutOfRange, PermissionDenied
 from .sampling import as_sent
 from .request import Stopping
@@ -109,6 +109,7 @@ def check_static(req) -> None:
 
     if req.top_logprobs > MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}", field="top_logprobs")
+    prompt_scoring.check_static(req)
 
     st = req.stopping
     if len(st.stop) > MAX_STOP_STRINGS:
@@ -143,6 +144,7 @@ def _sampling_params(req, vocab_size: int):
         presence_penalty=float(s.presence_penalty) if has else 0.0,
         frequency_penalty=float(s.frequency_penalty) if has else 0.0,
         top_logprobs=int(req.top_logprobs),
+        prompt_logprobs=prompt_scoring.top_n(req),
     )
     params.validate(vocab_size)
     return params
@@ -167,18 +169,25 @@ def prompt_ids(req, tokenizer, has_chat_template: bool, limits: prompt_guard.Lim
         ids = list(req.tokens.ids)
         _check_ids(ids, tokenizer.vocab_size, "input.tokens")
         return ids
+    messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+    return chat_prompt(tokenizer, messages, add_bos, limits, has_chat_template)[1]
+
+
+def chat_prompt(tokenizer, messages: list[dict], add_bos, limits: prompt_guard.Limits, has_chat_template: bool,
+                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    """(rendered text, ids) of chat messages whose roles were checked; errors name input.chat."""
     if not has_chat_template:
         raise FailedPrecondition("the model has no chat template", field="input.chat")
     problem = getattr(tokenizer, "template_error", None)
     if problem:
         raise FailedPrecondition(f"the model's chat template does not compile ({problem}); "
                                  "text and token input still work", field="input.chat")
-    messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
     if not hasattr(tokenizer, "encode_parts"):  # a stand-in tokenizer without segment encoding
         prompt_guard.check_chat_sizes(messages, limits)
-        return list(tokenizer.encode_special(tokenizer.render_chat(messages), add_bos=add_bos))
+        text = tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        return text, list(tokenizer.encode_special(text, add_bos=add_bos))
     try:
-        return prompt_guard.chat_prompt_ids(tokenizer, messages, add_bos, limits)
+        return prompt_guard.chat_prompt(tokenizer, messages, add_bos, limits, add_generation_prompt)
     except OrcdError as exc:
         if exc.field == "chat":  # the template's own errors: name the request field
             raise type(exc)(str(exc).removeprefix("chat: "), field="input.chat") from exc
@@ -214,7 +223,8 @@ def prepare_execute(req, info, tokenizer, *,
     sampling.constraint = constraints.from_request(req, tokenizer, int(info.vocab_size))
     stopping = Stopping(max_tokens=int(st.max_tokens), stop=list(st.stop),
                         stop_token_ids=frozenset(int(t) for t in st.stop_token_ids),
-                        ignore_eos=bool(st.ignore_eos), min_tokens=int(st.min_tokens))
+                        ignore_eos=bool(st.ignore_eos), min_tokens=int(st.min_tokens),
+                        score_only=sampling.prompt_logprobs is not None and not st.max_tokens)
     return PreparedExecute(request_id, ids, sampling, stopping)
 
 

@@ -84,6 +84,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     top_logprobs: int = 0
+    # Scoring: None, or the top-N alternatives wanted with each prompt token's log-prob
+    # (ExecuteRequest.prompt_logprobs; the engine plans its rows, prompt_scoring streams them)
+    prompt_logprobs: int | None = None
     # logit_controls.LogitControls, or None: applied by the engine as the rows' mask and bias
     controls: object = None
     # constraints.Constraint, or None: the request's matcher (its own, never shared)

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import logs
+from . import logs, prompt_scoring
 from .errors import AlreadyExists, FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .overlap import Overlap
 from .request import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, TokenEvent,
@@ -397,6 +397,9 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.step_seconds.observe(time.monotonic() - t0)
         for req in batch:
+            if getattr(req.seq, "prompt_scores", None) and not req.done:  # a prefill chunk's, first
+                for ev in prompt_scoring.take_events(req.seq, engine.tokenizer):
+                    req.events.put(ev)
             sample = samples.get(req.seq.seq_id)
             if sample is not None and not req.done:
                 self._on_token(engine, req, sample)
@@ -435,6 +438,9 @@ class Scheduler:
             # Cancelled (or out of time) while this step ran: the token is never streamed, so it
             # must not be counted in the request's usage either.
             self._finish(req, CANCELLED, detail=req.cancel_reason or "deadline exceeded")
+            return
+        if req.stopping.score_only:  # its prompt is scored: the sample is nobody's
+            self._finish(req, LENGTH)
             return
         tid = int(sample.token_id)
         index = len(req.generated)

@@ -37,7 +37,7 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 #: thread, read by the rate limiter and anything else that wants to know who is calling).
 CALL_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("orcd_call_client", default=None)
 
-#: What a token may do. infer: Execute and Cancel (its own requests); admin: LoadModel and
+#: What a token may do. infer: Execute, Cancel (its own requests) and the token services; admin: LoadModel and
 #: UnloadModel; metrics: scrape /metrics. ListModels and HardwareInfo only describe the worker, so
 #: infer or admin may call them.
 ROLES = ("infer", "admin", "metrics")
@@ -54,6 +54,10 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _WORKER + "UnloadModel": frozenset({"admin"}),
     _WORKER + "ListModels": frozenset({"infer", "admin"}),
     _WORKER + "HardwareInfo": frozenset({"infer", "admin"}),
+    # The token services read the served model's tokenizer for inference clients, as Execute does.
+    _WORKER + "Tokenize": frozenset({"infer"}),
+    _WORKER + "Detokenize": frozenset({"infer"}),
+    _WORKER + "RenderChat": frozenset({"infer"}),
 }
 
 ENV_CERT, ENV_KEY, ENV_CLIENT_CA = "ORCD_TLS_CERT", "ORCD_TLS_KEY", "ORCD_TLS_CLIENT_CA"

@@ -13,7 +13,7 @@ import time
 
 import grpc
 
-from . import logs, request_validation as rv, security
+from . import logs, prompt_scoring, request_validation as rv, security, token_service
 from .errors import FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .proto import pb, pb_grpc
 from .request import CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, TokenEvent
@@ -163,6 +163,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     yield pb.ExecuteResponse(token=pb.Token(
                         text=ev.text, token_id=ev.token_id, index=ev.index, logprob=ev.logprob,
                         top_logprobs=[pb.TopLogprob(token_id=i, text=t, logprob=lp) for i, t, lp in ev.top]))
+                elif isinstance(ev, prompt_scoring.PromptLogprobsEvent):
+                    yield pb.ExecuteResponse(prompt_logprobs=prompt_scoring.to_proto(ev, pb))
                 elif isinstance(ev, FinishedEvent):
                     finished = True
                     self._count("Execute", grpc.StatusCode.OK)
@@ -303,10 +305,39 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         try:
             from .hardware import hardware_info
 
+            from .worker_limits import worker_limits
+
             resp = hardware_info(backend, gpu, vram_used_by_worker=used, vram_limit=self.max_vram)
+            resp.limits.CopyFrom(worker_limits(pb, self.scheduler, self.max_prompt_bytes))
         except Exception as exc:
             self._count("HardwareInfo", grpc.StatusCode.INTERNAL)
             context.abort(grpc.StatusCode.INTERNAL, f"hardware: {type(exc).__name__}: {exc}")
             return None
         self._count("HardwareInfo", grpc.StatusCode.OK)
         return resp
+
+    # ------------------------------------------------------------------ token services
+
+    def _unary(self, method: str, context, answer):
+        """answer() on this handler thread (tokenizing, never on the engine thread), its OrcdError
+        as the call's status."""
+        try:
+            resp = answer()
+        except OrcdError as err:
+            self._count(method, err.code)
+            _abort(context, err)
+            return None
+        self._count(method, grpc.StatusCode.OK)
+        return resp
+
+    def Tokenize(self, request, context):
+        return self._unary("Tokenize", context, lambda: token_service.tokenize(
+            request, token_service.serving(self.scheduler, request.model_id), self.max_prompt_bytes, pb))
+
+    def Detokenize(self, request, context):
+        return self._unary("Detokenize", context, lambda: token_service.detokenize(
+            request, token_service.serving(self.scheduler, request.model_id), pb))
+
+    def RenderChat(self, request, context):
+        return self._unary("RenderChat", context, lambda: token_service.render_chat(
+            request, token_service.serving(self.scheduler, request.model_id), self.max_prompt_bytes, pb))

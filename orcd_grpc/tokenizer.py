@@ -475,16 +475,26 @@ class Tokenizer:
             return ids
         return self._with_bos(ids, add_bos)
 
+    def encode_with_offsets(self, text: str, add_bos: bool | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode() and each id's (start, end) character span in `text`; an added BOS is (0, 0)."""
+        enc = self._encoding(text, plain=True)
+        ids, spans = list(enc.ids), list(enc.offsets)
+        with_bos = self._with_bos(ids, add_bos)
+        return with_bos, [(0, 0)] * (len(with_bos) - len(ids)) + spans
+
     def _encode(self, text: str, plain: bool) -> list[int]:
+        return self._encoding(text, plain).ids
+
+    def _encoding(self, text: str, plain: bool):
         if not isinstance(text, str):
             raise InvalidArgument(f"expected str, got {type(text).__name__}", field="text")
         with self._lock:
             self._hf.encode_special_tokens = plain
             # encode_batch releases the GIL; encode holds every other thread, signal handlers
             # included, for the whole tokenization (bench/tokenize_cost.py).
-            ids = self._hf.encode_batch([text], add_special_tokens=False)[0].ids
+            enc = self._hf.encode_batch([text], add_special_tokens=False)[0]
         release_heap(len(text))
-        return ids
+        return enc
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)

@@ -366,3 +366,55 @@ def test_padded_metadata_of_large_batches_is_the_row_by_row_one():
     small = runner._padded_meta(StepPlan(rows[:5], 4), 8)
     np.testing.assert_array_equal(small.block_tables[:5], want_tables[:5])
     np.testing.assert_array_equal(small.slot_mapping[:5], big.slot_mapping[:5])
+
+
+class ScoringFakeCuda(FakeCuda):
+    """FakeCuda with score.cu's and the row gather's contracts in NumPy: the device-side
+    scoring path's indexing (which logits row is which position, which rows are sampled after)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scored_rows = []
+
+    def prompt_logprobs(self, logits, rows, targets, n_top=0):
+        x = np.asarray(logits, np.float64)[rows]
+        self.scored_rows.append(len(rows))
+        lse = np.log(np.exp(x - x.max(1, keepdims=True)).sum(1)) + x.max(1)
+        order = np.argsort(-x, axis=1, kind="stable")[:, :n_top]
+        return ((x[np.arange(len(rows)), targets] - lse).astype(np.float32), order.astype(np.int32),
+                (np.take_along_axis(x, order, 1) - lse[:, None]).astype(np.float32))
+
+    def gather_row_blocks(self, x, blocks):
+        return np.concatenate([np.asarray(x)[a:a + n] for a, n in blocks]).view(_Rows)
+
+
+def test_scored_rows_are_scored_and_the_others_still_sampled(tmp_path):
+    """A step with scored prompt chunks beside plain ones: the scores equal the host runner's
+    (the same logits rows, the same targets), and every sampled token is the host runner's."""
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    rng = np.random.default_rng(3)
+    prompts = [[1] + rng.integers(3, 320, n).tolist() for n in (37, 9, 20)]
+    got = {}
+    for name, backend in (("cuda", ScoringFakeCuda()), ("host", "cpu")):
+        eng = load_engine(path, backend=backend, max_sequences=4, max_context=256)
+        try:
+            seqs = [eng.new_sequence(p, SamplingParams(temperature=0.0, prompt_logprobs=k))
+                    for p, k in zip(prompts, (4, None, 0))]
+            scores = {s.seq_id: [] for s in seqs}
+            while any(len(s.output_ids) < 3 for s in seqs):
+                eng.step(seqs, 12)
+                for s in seqs:
+                    scores[s.seq_id] += s.prompt_scores
+                    s.prompt_scores = []
+            got[name] = ([list(s.output_ids) for s in seqs],
+                         [[(c.first, c.targets.tolist(), c.logprobs, c.top_ids) for c in scores[s.seq_id]] for s in seqs])
+            if name == "cuda":
+                assert backend.scored_rows, "the device path never scored"
+        finally:
+            eng.close()
+    assert got["cuda"][0] == got["host"][0]
+    for a, b in zip(got["cuda"][1], got["host"][1]):
+        assert [(f, t) for f, t, _, _ in a] == [(f, t) for f, t, _, _ in b]
+        for (_, _, lp_a, ti_a), (_, _, lp_b, ti_b) in zip(a, b):
+            np.testing.assert_allclose(lp_a, lp_b, atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(ti_a, ti_b)

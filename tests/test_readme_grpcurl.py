@@ -251,8 +251,16 @@ class PythonEquivalent:
 
 def check_execute(events: list, body: dict) -> None:
     assert "started" in events[0] and "finished" in events[-1], events
-    tokens = [e["token"] for e in events[1:-1]]
-    assert all(set(e) == {"token"} for e in events[1:-1]), events
+    scores = [e["prompt_logprobs"] for e in events[1:-1] if "prompt_logprobs" in e]
+    if body.get("prompt_logprobs"):  # scoring: one entry per prompt position from 1 on, first
+        entries = [x for s in scores for x in s["entries"]]
+        assert len(entries) == events[0]["started"]["prompt_tokens"] - 1 and scores[0]["first_position"] == 1
+        assert all(len(x.get("top_logprobs", [])) == body["prompt_logprobs"].get("top_n", 0) for x in entries)
+        assert all("prompt_logprobs" in e for e in events[1:1 + len(scores)]), events
+    else:
+        assert not scores, events
+    tokens = [e["token"] for e in events[1 + len(scores):-1]]
+    assert all(set(e) == {"token"} for e in events[1 + len(scores):-1]), events
     fin = events[-1]["finished"]
     assert fin["reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP_TOKEN", "FINISH_REASON_STOP_STRING"), fin
     usage = fin["usage"]
@@ -262,7 +270,7 @@ def check_execute(events: list, body: dict) -> None:
     # token event per generated token
     assert len(tokens) <= usage.get("completion_tokens", 0)
     if fin["reason"] == "FINISH_REASON_LENGTH":
-        assert usage["completion_tokens"] == body["stopping"]["max_tokens"] == len(tokens)
+        assert usage.get("completion_tokens", 0) == body["stopping"]["max_tokens"] == len(tokens)
     if body.get("top_logprobs"):
         assert all(len(t.get("top_logprobs", [])) == body["top_logprobs"] for t in tokens), tokens
 
@@ -289,7 +297,8 @@ def run_readme(runner) -> dict:
             if c["verb"] == "list":
                 assert {"orcd.v1.Worker", "grpc.health.v1.Health"} <= set(seen[i].split()), seen[i]
             elif c["target"] == "orcd.v1.Worker":
-                for rpc in ("Execute", "Cancel", "LoadModel", "UnloadModel", "ListModels", "HardwareInfo"):
+                for rpc in ("Execute", "Cancel", "LoadModel", "UnloadModel", "ListModels", "HardwareInfo", "Tokenize",
+                            "Detokenize", "RenderChat"):
                     assert f"rpc {rpc} " in seen[i], seen[i]
                 assert "returns ( stream .orcd.v1.ExecuteResponse )" in seen[i], seen[i]
             else:
@@ -314,6 +323,13 @@ def run_readme(runner) -> dict:
         elif c["target"] == "orcd.v1.Worker/HardwareInfo":
             hw = out[0]
             assert hw["backend"] == "cpu" and hw["cpu"]["cores"] > 0 and hw["build"]["version"], hw
+            assert hw["limits"]["max_top_logprobs"] == 20 and hw["limits"]["models"][0]["context_length"] > 0, hw
+        elif c["target"] == "orcd.v1.Worker/Tokenize":
+            assert out[0]["ids"] and len(out[0]["offsets"]) == len(out[0]["ids"]), out
+        elif c["target"] == "orcd.v1.Worker/Detokenize":
+            assert out[0]["text"], out
+        elif c["target"] == "orcd.v1.Worker/RenderChat":
+            assert "Hi!" in out[0]["text"] and out[0]["ids"], out
         elif c["target"] == "orcd.v1.Worker/ListModels":
             assert out[0]["models"][0]["model_id"] == "smollm2-135m-instruct", out
         elif c["target"] == "grpc.health.v1.Health/Check":

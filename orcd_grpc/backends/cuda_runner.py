@@ -15,9 +15,13 @@ Below the plan boundary, everything the GPU path needs and nothing above it know
   never queued ahead (their next mask needs the token just sampled).
 - Rows with a logit bias, or whose logits are wanted, fall back to host logits and the host
   sampler (the bitmask applied there too).
+- Prompt log-probs (PlanRow.prompt_logprobs) are computed where the logits are (score.cu): per
+  scored position only the target's log-prob and the top-N come back, never the logits rows;
+  the rows sampled beside them are then gathered into one block and sampled as usual.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -26,8 +30,8 @@ from ..sampling import TokenSample
 from .cuda_sampling import pack_sampling_row
 from .host_runner import forward_plan, host_result
 from .base import StepMeta
-from .runner import (Capabilities, Launched, PlanRow, RowSampling, Runner, RunnerModel, StepPlan, StepResult,
-                     fill_bitmasks, max_step_tokens)
+from .runner import (MAX_SCORE_TOP, Capabilities, Launched, PlanRow, PromptScores, RowSampling, Runner, RunnerModel,
+                     StepPlan, StepResult, fill_bitmasks, logits_layout, max_logits_rows, max_step_tokens, score_targets)
 
 # Batch sizes that decode steps are padded to and captured at as CUDA graphs.
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -67,7 +71,10 @@ class CudaRunner(Runner):
             name=backend.name, memory="host" if backend.host_memory else "device", device_sampling=True,
             device_penalties=True, overlap=self.lookahead, graphs=bool(self.buckets),
             max_step_tokens=max_step_tokens(model.hp, ws, model.n_experts_used, model.max_sequences),
-            workspace_bytes=ws)
+            workspace_bytes=ws,
+            # max_step_tokens leaves half the workspace beside the activations; a quarter of it
+            # for a scoring chunk's logits rows
+            max_logits_rows=max_logits_rows(model.hp.vocab_size, ws // 4, model.max_sequences) if ws else 1 << 30)
 
     # ---- launching -------------------------------------------------------------------------
     def launch(self, plan: StepPlan) -> Launched | None:
@@ -172,6 +179,44 @@ class CudaRunner(Runner):
         return prm
 
     def _sample(self, plan: StepPlan, logits) -> StepResult:
+        if not any(r.scored for r in plan.rows):
+            return self._sample_rows(plan, logits)
+        scores = self._score(plan, logits)
+        plan, logits = self._without_scored(plan, logits)
+        res = self._sample_rows(plan, logits) if plan.rows else StepResult()
+        res.prompt_logprobs = scores
+        return res
+
+    def _score(self, plan: StepPlan, logits) -> dict[int, PromptScores]:
+        """The scored rows' PromptScores, from one kernel over every scored position of the step."""
+        where, targets, parts = [], [], []
+        for r, (at, k) in zip(plan.rows, logits_layout(plan)):
+            m = r.scored
+            if m:
+                end = at + k - (1 if r.sample else 0)
+                where.append(np.arange(end - m, end, dtype=np.int32))
+                targets.append(score_targets(r))
+                parts.append((r, m))
+        n_top = max(min(int(r.prompt_logprobs), MAX_SCORE_TOP) for r, _ in parts)
+        lp, tid, tlp = self.backend.prompt_logprobs(logits, np.concatenate(where), np.concatenate(targets), n_top)
+        out, a = {}, 0
+        for (r, m), t in zip(parts, targets):
+            k = min(int(r.prompt_logprobs), MAX_SCORE_TOP)
+            out[r.seq_id] = PromptScores(r.start + 1, t, lp[a:a + m], tid[a:a + m, :k], tlp[a:a + m, :k])
+            a += m
+        return out
+
+    def _without_scored(self, plan: StepPlan, logits):
+        """The plan without its scoring, and its remaining logits rows (the sampled ones, and any
+        wanted on the host) gathered into one block in logits_layout's order."""
+        rows = [dataclasses.replace(r, prompt_logprobs=None) for r in plan.rows]
+        keep = [(at + k - r.logits_count, r.logits_count) for r, (at, k) in zip(rows, logits_layout(plan))]
+        total = sum(n for _, n in keep)
+        if not total:
+            return StepPlan([], plan.block_size), logits
+        return StepPlan(rows, plan.block_size), self.backend.gather_row_blocks(logits, keep)
+
+    def _sample_rows(self, plan: StepPlan, logits) -> StepResult:
         # The forward is queued on the stream: the matchers' masks are computed while it runs.
         bits = fill_bitmasks(plan.rows, logits.shape[-1])
         if any(r.logits or r.bias is not None for r in plan.rows):

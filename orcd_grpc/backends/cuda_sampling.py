@@ -167,6 +167,41 @@ class SamplingMixin:
         return SampleHandle(out=host[o_out: words], R=R, nt=nt, tok_ptr=p_out, event=ev,
                             kernels=tuple(dict.fromkeys(self._recent)))
 
+    def prompt_logprobs(self, logits, rows: np.ndarray, targets: np.ndarray, n_top: int = 0):
+        """Per scored position p: the log-prob of targets[p] under the softmax of logits row
+        rows[p], and the n_top most likely (ids, log-probs), most likely first; computed on the
+        GPU (score.cu), only these arrays copied back. Returns (logprobs float32 [P],
+        top_ids int32 [P, n_top], top_logprobs float32 [P, n_top])."""
+        self._check_open()
+        V = int(logits.shape[1])
+        P, nt = int(len(rows)), int(n_top)
+        if P == 0:
+            return np.zeros(0, np.float32), np.zeros((0, nt), np.int32), np.zeros((0, nt), np.float32)
+        # inputs in one int32 block; the workspace holds them for this step only
+        idx = self._out((2 * P,), np.int32)
+        host = np.concatenate([np.asarray(rows, np.int32), np.asarray(targets, np.int32)])
+        self._drv.memcpy_htod_async(idx.ptr, host, self.stream)
+        lp = self._out((P,))
+        tid, tlp = self._out((P, max(nt, 1)), np.int32), self._out((P, max(nt, 1)))
+        k = self._k("score", "prompt_logprobs", "PiPPiPPP")
+        self._launch(k, (P, 1, 1), (1024, 1, 1), logits.ptr, np.int32(V), idx.ptr, idx.ptr + 4 * P, np.int32(nt),
+                     lp.ptr, tid.ptr, tlp.ptr)
+        out = self.to_host(lp), self.to_host(tid)[:, :nt], self.to_host(tlp)[:, :nt]
+        del idx, host  # held until the upload has run (to_host synchronised the stream)
+        return out
+
+    def gather_row_blocks(self, x, blocks):
+        """The rows [start, start + n) of x [R, V] for each (start, n) of blocks, back to back in
+        one new workspace tensor (device-to-device copies queued on the stream)."""
+        V = int(x.shape[1])
+        out = self._out((sum(n for _, n in blocks), V))
+        to = 0
+        for start, n in blocks:
+            if n:
+                self._drv.memcpy_dtod_async(out.ptr + 4 * V * to, x.ptr + 4 * V * start, 4 * V * n, self.stream)
+                to += n
+        return out
+
     def sample_result(self, h: "SampleHandle"):
         """The token ids and logprobs (and top ids / logprobs when n_top) of a queued sampling."""
         try:

@@ -10,10 +10,14 @@ import numpy as np
 
 from .base import Backend
 from .runner import (Capabilities, Launched, Runner, RunnerModel, StepPlan, StepResult, fill_bitmasks, host_sample,
-                     logits_layout, step_meta)
+                     logits_layout, max_logits_rows, prompt_scores, step_meta)
 
 # Constrained rows' bitmasks are computed here while the forward runs (both drop the GIL).
 _masks = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="orcd-masks")
+
+# Host memory a step's logits may take (a scoring prefill's chunk is cut to fit): 256 MiB is
+# 1,365 positions of a 49k vocabulary, 256 of a 262k one.
+HOST_LOGITS_BYTES = 256 << 20
 
 
 def forward_plan(backend: Backend, model: RunnerModel, plan: StepPlan):
@@ -32,6 +36,9 @@ def host_result(plan: StepPlan, host: np.ndarray, bits: np.ndarray | None = None
     bits: the plan's bitmasks, one row per plan row (fill_bitmasks), or None."""
     res = StepResult()
     for i, (r, (at, k)) in enumerate(zip(plan.rows, logits_layout(plan))):
+        if r.scored:  # the positions before the sampled one (if any) in the row's block
+            end = at + k - (1 if r.sample else 0)
+            res.prompt_logprobs[r.seq_id] = prompt_scores(host[end - r.scored: end], r)
         if r.logits:
             res.logits[r.seq_id] = host[at + k - r.logits: at + k]
         if r.sample:
@@ -53,7 +60,8 @@ class HostRunner(Runner):
         self.capabilities = Capabilities(
             name=backend.name, memory="host" if backend.host_memory else "device", device_sampling=False,
             device_penalties=False, overlap=False, graphs=False, max_step_tokens=1 << 30,
-            workspace_bytes=backend.workspace_bytes)
+            workspace_bytes=backend.workspace_bytes,
+            max_logits_rows=max_logits_rows(model.hp.vocab_size, HOST_LOGITS_BYTES, model.max_sequences))
 
     def launch(self, plan: StepPlan) -> Launched | None:
         if plan.after is not None:

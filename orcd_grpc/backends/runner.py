@@ -30,6 +30,9 @@ class Capabilities:
     graphs: bool              # pure decode steps replay captured launches
     max_step_tokens: int      # tokens one step may carry (its activations must fit the workspace)
     workspace_bytes: int = 0  # the reserved step workspace (0: none)
+    # Logits rows one step may compute: what bounds a scoring prefill chunk, whose every
+    # position needs its [V] row of logits (max_logits_rows() of the memory they may take).
+    max_logits_rows: int = 1 << 30
 
 
 @dataclass(eq=False)
@@ -76,6 +79,26 @@ class PlanRow:
     @property
     def masked(self) -> bool:
         return self.mask is not None or self.constraint is not None
+    # Scoring: None, or the top-N (0..MAX_SCORE_TOP) of the log-probs wanted at each position of
+    # the row whose next token is a prompt token (prompt_ids[position + 1], the target). The
+    # runner returns, per such position, only the target's log-prob and the top-N (PromptScores),
+    # of the raw logits (no mask, bias or penalty), never the rows of logits.
+    prompt_logprobs: int | None = None
+
+    @property
+    def scored(self) -> int:
+        """How many of the row's positions (its first ones) are scored."""
+        if self.prompt_logprobs is None or self.tokens is None:
+            return 0
+        return max(0, min(self.start + self.n, len(self.prompt_ids) - 1) - self.start)
+
+    @property
+    def logits_count(self) -> int:
+        """Logits rows the step computes for the row (its last positions): those that go back to
+        the host, the sampled one, and the scored ones."""
+        k = max(self.logits, 1 if self.sample else 0)
+        m = self.scored
+        return max(k, m + (1 if self.sample else 0)) if m else k
 
     @property
     def decode(self) -> bool:
@@ -94,10 +117,27 @@ class StepPlan:
         return [r.seq_id for r in self.rows]
 
 
+# Most alternatives a runner returns per scored prompt position (PlanRow.prompt_logprobs).
+MAX_SCORE_TOP = 20
+
+
+@dataclass
+class PromptScores:
+    """A row's scored prompt positions: entry j is prompt position first + j, its token (the
+    target), the target's log-prob given the tokens before it, and the top-N alternatives (ids and
+    log-probs, most likely first, lowest id first among equals)."""
+    first: int
+    targets: np.ndarray      # int32 [m]
+    logprobs: np.ndarray     # float32 [m]
+    top_ids: np.ndarray      # int32 [m, N]
+    top_logprobs: np.ndarray  # float32 [m, N]
+
+
 @dataclass
 class StepResult:
     samples: dict[int, TokenSample] = field(default_factory=dict)  # seq_id -> its new token
     logits: dict[int, np.ndarray] = field(default_factory=dict)    # seq_id -> [k, V] float32
+    prompt_logprobs: dict[int, PromptScores] = field(default_factory=dict)  # seq_id -> its scores
 
 
 @dataclass(eq=False)
@@ -158,6 +198,11 @@ def max_step_tokens(hp, workspace_bytes: int, n_exp: int = 0, max_sequences: int
     return max(16, min(65535, int(workspace_bytes) // (2 * per_token)))
 
 
+def max_logits_rows(vocab_size: int, nbytes: int, at_least: int = 1) -> int:
+    """How many float32 rows of logits fit in nbytes (at least `at_least`)."""
+    return max(int(at_least), 1, int(nbytes) // (4 * max(1, int(vocab_size))))
+
+
 def step_meta(plan: StepPlan) -> StepMeta:
     """Where each token of the plan belongs. Rows fed by `after` carry a placeholder token id
     that the runner replaces on the device."""
@@ -174,8 +219,7 @@ def step_meta(plan: StepPlan) -> StepMeta:
         pos.append(p)
         slots.append(table[p // bs] * bs + p % bs)
         end = starts[-1] + r.n
-        k = max(r.logits, 1 if r.sample else 0)
-        want.extend(range(end - k, end))
+        want.extend(range(end - r.logits_count, end))
         starts.append(end)
         ctx_lens.append(r.start + r.n)
     return StepMeta(
@@ -189,10 +233,42 @@ def logits_layout(plan: StepPlan) -> list[tuple[int, int]]:
     """(first, count) of each row's logits rows in the step's output (step_meta's order)."""
     out, at = [], 0
     for r in plan.rows:
-        k = max(r.logits, 1 if r.sample else 0)
+        k = r.logits_count
         out.append((at, k))
         at += k
     return out
+
+
+def score_targets(row: PlanRow) -> np.ndarray:
+    """The prompt tokens a row's scored positions predict (int32 [row.scored])."""
+    m = row.scored
+    return np.asarray(row.prompt_ids[row.start + 1: row.start + 1 + m], np.int32)
+
+
+def prompt_scores(logits: np.ndarray, row: PlanRow) -> PromptScores:
+    """A row's PromptScores from its scored positions' logits ([scored, V], on the host): a
+    float64 log-softmax, so this is also the reference the device's kernel is tested against.
+    Blocks of rows keep the float64 copy small for long prompts and large vocabularies."""
+    m, V = logits.shape
+    top = min(int(row.prompt_logprobs or 0), MAX_SCORE_TOP, V)
+    targets = score_targets(row)
+    lp = np.empty(m, np.float32)
+    ids = np.empty((m, top), np.int32)
+    tlp = np.empty((m, top), np.float32)
+    step = max(1, (1 << 22) // max(V, 1))
+    for a in range(0, m, step):
+        x = np.asarray(logits[a:a + step], np.float64)
+        b = a + x.shape[0]
+        mx = x.max(axis=1, keepdims=True)
+        lse = mx[:, 0] + np.log(np.exp(x - mx).sum(axis=1))
+        lp[a:b] = x[np.arange(b - a), targets[a:b]] - lse
+        if top:
+            part = np.argpartition(-x, top - 1, axis=1)[:, :top] if top < V else np.tile(np.arange(V), (b - a, 1))
+            vals = np.take_along_axis(x, part, axis=1)
+            order = np.lexsort((part, -vals), axis=1)  # largest first, lowest id among equals
+            ids[a:b] = np.take_along_axis(part, order, axis=1)
+            tlp[a:b] = np.take_along_axis(vals, order, axis=1) - lse[:, None]
+    return PromptScores(row.start + 1, targets, lp, ids, tlp)
 
 
 def bitmask_words(vocab: int) -> int:
