@@ -44,6 +44,7 @@ class HostRunner(Runner):
     def launch(self, plan: StepPlan) -> Launched | None:
         if plan.after is not None:
             return None
+        self._copy_blocks(plan)
         logits = forward_plan(self.backend, self.model, plan)
         return Launched(plan, result=host_result(plan, self.backend.to_host(logits)))
 
