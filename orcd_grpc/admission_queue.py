@@ -17,9 +17,11 @@ import bisect
 import heapq
 import itertools
 import math
+import time
 from typing import Iterable, Iterator
 
-from .errors import ResourceExhausted
+from . import security
+from .errors import PermissionDenied, ResourceExhausted
 
 # Completion tokens assumed for a sample with no max_tokens until finished requests say better.
 DEFAULT_EXPECTED_TOKENS = 256
@@ -65,6 +67,18 @@ class AdmissionQueue:
 
     def __iter__(self) -> Iterator:
         return iter(list(self._items))
+
+
+def request_priority(asked: int | None) -> int:
+    """A request's scheduling priority: what it asked for (None: its token's, else 0). With
+    tokens configured, more than the token's is PERMISSION_DENIED naming "priority"."""
+    granted = security.CALL_PRIORITY.get()
+    if asked is None:
+        return granted or 0
+    if granted is not None and asked > granted:
+        raise PermissionDenied(f"{asked} exceeds the priority {granted} of the caller's token (an operator grants "
+                               "more as --auth-token TOKEN:CLIENT:ROLES:PRIORITY)", field="priority")
+    return asked
 
 
 def preemption_victim(running: list):
@@ -122,6 +136,13 @@ class StartEstimator:
             for _ in range(need):
                 heapq.heappush(heap, at + work)
         return 1000.0 * heapq.nsmallest(min(req.n, len(heap)), heap)[-1]
+
+    def place(self, req, waiting: AdmissionQueue, running: list, slots: int) -> None:
+        """Sets req's queue position and estimated start, or refuses it (check_deadline)."""
+        req.queue_position = waiting.position(req)
+        ahead = itertools.islice(waiting, req.queue_position)
+        req.estimated_start_ms = self.start_ms(req, running, ahead, slots)
+        self.check_deadline(req, req.estimated_start_ms, time.monotonic())
 
     def check_deadline(self, req, start_ms: float, now: float) -> None:
         """RESOURCE_EXHAUSTED, with a retry hint, when req's deadline falls before its estimated

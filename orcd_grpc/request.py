@@ -164,6 +164,21 @@ class Request:
     def live_samples(self) -> list[Sample]:
         return [s for s in self.samples if not s.done]
 
+    @property
+    def width(self) -> int:
+        """Sequences it holds in (or needs of) the batch: its live samples, n before it starts."""
+        return len(self.live_samples()) if self.samples else self.n
+
+    def end_samples(self) -> list[Sample]:
+        """Marks every live sample done and returns them, for a Finished event each (a request
+        never admitted gets placeholders: its caller still awaits n of them)."""
+        if not self.samples:
+            self.samples = [Sample(k) for k in range(self.n)]
+        live = self.live_samples()
+        for smp in live:
+            smp.done = True
+        return live
+
     def can_admit(self, engine) -> bool:
         """Whether the engine has KV blocks for the next step of every live sample."""
         if not self.forked:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import itertools
 import threading
 import time
 from typing import Any, Callable
@@ -56,11 +55,6 @@ def _left_beside(old, backend: str, limit: int, flag: str, field: str) -> int:
         raise ResourceExhausted(f"{flag} {limit / 2**30:.2f} GiB is held by the served model {old.info.model_id} "
                                 f"({held / 2**30:.2f} GiB); unload it first", field=field)
     return limit - held
-
-
-def _width(req: Request) -> int:
-    """Sequences req holds in (or needs of) the batch: its live samples, n before it starts."""
-    return len(req.live_samples()) if req.samples else req.n
 
 
 def _default_loader(path, **kwargs):
@@ -222,11 +216,7 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 raise ResourceExhausted(f"the request queue is full ({self.max_queue} waiting)",
                                         retry_after_ms=self._retry_after_ms())
-            req.queue_position = self._waiting.position(req)
-            req.estimated_start_ms = self._estimator.start_ms(
-                req, self._running, itertools.islice(self._waiting, req.queue_position),
-                self.effective_max_sequences())
-            self._estimator.check_deadline(req, req.estimated_start_ms, time.monotonic())
+            self._estimator.place(req, self._waiting, self._running, self.effective_max_sequences())
             self._by_id[req.key] = req
             self._waiting.push(req)
             self._gauges_locked()
@@ -359,8 +349,7 @@ class Scheduler:
                 if not self._waiting:
                     return admitted
                 req = self._waiting.head()
-                # each live sample is a sequence of the batch
-                if sum(_width(r) for r in self._running) + _width(req) > limit:
+                if sum(r.width for r in self._running) + req.width > limit:
                     return admitted
             if req.engine is not engine:
                 self._finish(req, CANCELLED, detail="the model was replaced")
@@ -535,16 +524,11 @@ class Scheduler:
         """Ends one sample (its KV freed at once); the request ends with its last one."""
         smp.done = True
         self._release(req, [smp])
-        if not req.live_samples():
-            if not self._remove(req):
-                return
-        self._emit_finished(req, smp, reason, matched, "")
+        if req.live_samples() or self._remove(req):
+            self._emit_finished(req, smp, reason, matched, "")
 
     def _emit_all(self, req: Request, reason: str, matched: str, detail: str) -> None:
-        if not req.samples:  # never admitted: a Finished event for each sample all the same
-            req.samples = [Sample(k) for k in range(req.n)]
-        for smp in req.live_samples():
-            smp.done = True
+        for smp in req.end_samples():
             self._emit_finished(req, smp, reason, matched, detail)
 
     def _fail(self, req: Request, err: OrcdError) -> None:

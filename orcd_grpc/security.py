@@ -517,20 +517,6 @@ def client_identity(context, metadata=None) -> str:
     return f"peer:{peer_host(context)}"
 
 
-def request_priority(asked: int | None) -> int:
-    """A request's scheduling priority: what it asked for (None: its token's, else 0). With
-    tokens configured, more than the token's is PERMISSION_DENIED naming "priority"."""
-    from .errors import PermissionDenied
-
-    granted = CALL_PRIORITY.get()
-    if asked is None:
-        return granted or 0
-    if granted is not None and asked > granted:
-        raise PermissionDenied(f"{asked} exceeds the priority {granted} of the caller's token (an operator grants "
-                               "more as --auth-token TOKEN:CLIENT:ROLES:PRIORITY)", field="priority")
-    return asked
-
-
 def build_interceptors(cfg: SecurityConfig) -> list[grpc.ServerInterceptor]:
     """The interceptors the server should install for `cfg` (empty without tokens)."""
     return [AuthInterceptor(cfg.tokens, roles=cfg.roles, priorities=cfg.priorities)] if cfg.tokens else []

@@ -13,7 +13,7 @@ import time
 
 import grpc
 
-from . import logs, request_validation as rv, security
+from . import admission_queue, logs, request_validation as rv, security
 from .errors import FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .proto import pb, pb_grpc
 from .request import CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, TokenEvent
@@ -132,7 +132,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         rv.check_request_id(request.request_id, allow_empty=True)
         rv.check_static(request)
         n = rv.check_samples(request.n, self.max_samples, self.scheduler.effective_max_sequences())
-        priority = security.request_priority(request.priority if request.HasField("priority") else None)
+        priority = admission_queue.request_priority(request.priority if request.HasField("priority") else None)
         engine = self.scheduler.engine
         if engine is None:
             raise FailedPrecondition("no model is loaded; call LoadModel first")
