@@ -146,6 +146,18 @@ class Request:
     def generated(self) -> list[int]:
         return self.samples[0].generated if self.samples else []
 
+    def finished_event(self, smp: Sample, reason: str, matched: str, detail: str, now: float) -> FinishedEvent:
+        """Sample smp's Finished event: its usage, and its timings from the request's arrival."""
+        n = len(smp.generated)
+        first, last = smp.first_token_at, smp.last_token_at
+        tps = (n - 1) / (last - first) if n >= 2 and last is not None and last > first else 0.0
+        return FinishedEvent(
+            reason=reason, matched_stop=matched, prompt_tokens=self.prompt_tokens, completion_tokens=n,
+            cached_prompt_tokens=int(getattr(smp.seq, "cached_prompt_tokens", 0) or 0) if smp.seq else 0,
+            queue_ms=1000.0 * ((self.admitted_at or now) - self.arrival),
+            time_to_first_token_ms=1000.0 * (first - self.arrival) if first else 0.0,
+            decode_tokens_per_second=tps, total_ms=1000.0 * (now - self.arrival), detail=detail, sample=smp.index)
+
     # ---- samples (engine thread) ------------------------------------------------------------
     def start(self, engine, decoder_factory) -> None:
         """Makes the samples' sequences (validating the request against the engine) and decoders;

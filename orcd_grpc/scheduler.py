@@ -1,10 +1,9 @@
 """The scheduler: one engine thread runs continuous batching over the served model.
 
-Calls hand it validated `Request`s; it queues them (bounded, by priority then arrival:
-admission_queue.py, which also estimates each one's start), admits them into the running batch
-while the engine has KV blocks and sequence slots for them, steps the engine and pushes each
-request's events (tokens, then a finish per sample, or an error) onto that request's own queue,
-which the calling thread drains. A request's n parallel samples are its own (request.py).
+Calls hand it validated `Request`s; it queues them (bounded; priority, then arrival:
+admission_queue.py), admits them into the running batch while the engine has KV blocks for them,
+steps the engine and pushes each request's events (tokens, then a finish per sample, or an error)
+onto that request's own queue, which the calling thread drains.
 
 Everything that touches the engine happens on the engine thread, including model swaps and
 unloads (posted as commands and run between steps), so the engine never sees two callers at once
@@ -22,8 +21,8 @@ from . import logs
 from .admission_queue import AdmissionQueue, StartEstimator, preemption_victim
 from .errors import AlreadyExists, FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .overlap import Overlap
-from .request import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, Sample,
-                      TokenEvent, Unavailable)
+from .request import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, Request, Sample, TokenEvent,
+                      Unavailable)
 
 log = logs.get_logger("orcd.scheduler")
 
@@ -325,8 +324,9 @@ class Scheduler:
         elif self._waiting and not admitted_any:
             # Nothing runs, so nothing will free KV blocks: the head can never be admitted.
             head = self._waiting.head()
+            samples = f", {head.n} samples" if head.n > 1 else ""
             self._fail(head, ResourceExhausted(
-                f"the prompt ({head.prompt_tokens} tokens) needs more KV cache than the worker has",
+                f"the prompt ({head.prompt_tokens} tokens{samples}) needs more KV cache than the worker has",
                 field="input"))
         with self._cv:
             self._gauges_locked()
@@ -541,18 +541,8 @@ class Scheduler:
 
     def _emit_finished(self, req: Request, smp: Sample, reason: str, matched: str, detail: str) -> None:
         now = time.monotonic()
-        n = len(smp.generated)
-        decode_tps = 0.0
-        first, last = smp.first_token_at, smp.last_token_at
-        if n >= 2 and last is not None and last > first:
-            decode_tps = (n - 1) / (last - first)
-        ev = FinishedEvent(
-            reason=reason, matched_stop=matched, prompt_tokens=req.prompt_tokens, completion_tokens=n,
-            cached_prompt_tokens=int(getattr(smp.seq, "cached_prompt_tokens", 0) or 0) if smp.seq else 0,
-            queue_ms=1000.0 * ((req.admitted_at or now) - req.arrival),
-            time_to_first_token_ms=1000.0 * (first - req.arrival) if first else 0.0,
-            decode_tokens_per_second=decode_tps, total_ms=1000.0 * (now - req.arrival), detail=detail,
-            sample=smp.index)
+        ev = req.finished_event(smp, reason, matched, detail, now)
+        n = ev.completion_tokens
         self._avg_request_s = 0.8 * self._avg_request_s + 0.2 * (now - req.arrival)
         if reason != CANCELLED:
             self._estimator.observe_finish(n)
