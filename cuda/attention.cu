@@ -40,6 +40,23 @@ extern "C" __global__ void kv_store_f16(const float* __restrict__ k, const float
     }
 }
 
+// Copies whole KV blocks (every layer, K and V) from src to dst: the copy-on-write of a block
+// that parallel samples of one prompt shared until they diverge. One launch per block pair: grid
+// (chunks, layers, 2), K when blockIdx.z is 0, V when 1; 32-bit words (a block of f16 rows with an
+// even head dim is always a whole number of them). k_layer / v_layer: words per layer;
+// k_block / v_block: words per block.
+extern "C" __global__ void kv_copy_block(unsigned* __restrict__ kc, unsigned* __restrict__ vc,
+                                         long long k_layer, long long v_layer, int k_block, int v_block,
+                                         int src, int dst) {
+    const int layer = blockIdx.y;
+    const bool is_v = blockIdx.z != 0;
+    unsigned* base = is_v ? vc + (size_t)layer * v_layer : kc + (size_t)layer * k_layer;
+    const int words = is_v ? v_block : k_block;
+    const unsigned* from = base + (size_t)src * words;
+    unsigned* to = base + (size_t)dst * words;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += gridDim.x * blockDim.x) to[i] = from[i];
+}
+
 // The shared-memory staging of the query rows and of each K/V tile issues up to 8 of a thread's
 // global loads before it uses any (and looks each key's cache slot up once per tile): one dependent
 // round trip per element measured slower (qwen2.5 tg128 651 against 688 tok/s), and is gone.

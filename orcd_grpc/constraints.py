@@ -170,8 +170,9 @@ class Constraint:
     def __init__(self, matcher, kind: str):
         global _live
         self._m, self.kind = matcher, kind
-        with _lock:
-            _live += 1
+        if matcher is not None:
+            with _lock:
+                _live += 1
 
     def fill(self, bits: np.ndarray, index: int) -> None:
         """Row `index` of bits (int32 [R, ceil(V / 32)]): the tokens allowed next."""
@@ -197,6 +198,10 @@ class Constraint:
                 bits[i] = -1
         if live:
             fill_next_token_bitmask_par(_ll_executor(), live, bits)
+
+    def copy(self) -> "Constraint":
+        """A matcher of its own in the same state (a parallel sample's)."""
+        return Constraint(None if self._m is None else self._m.deep_copy(), self.kind)
 
     def accept(self, token: int) -> None:
         """Advances past a token the request took. A token outside the language (only possible

@@ -86,6 +86,9 @@ class Sequence:
             return self.mask
         m = self.dynamic.mask(self.output_ids)
         return self.mask if m is self.allowed else None if m is None else pack_bitmask(m)
+        # Compute no KV past this many tokens (and sample nothing) until forked: the first of n
+        # parallel samples prefills the prompt's shared part alone (Engine.fork). None: no hold.
+        self.hold: int | None = None
 
     @property
     def sampler(self) -> Sampler:
@@ -117,9 +120,10 @@ class Engine:
             forward=lambda ctx: self.adapter.forward(ctx, self.kv), hp=adapter.hp,  # close() drops the KV
             n_experts_used=int(getattr(adapter, "n_used", 0) or 0), block_size=allocator.block_size,
             pad_block=allocator.num_blocks, table_width=allocator.blocks_for(info.context_length),
-            max_sequences=info.max_sequences))
+            max_sequences=info.max_sequences, copy_blocks=lambda pairs: self.backend.copy_kv_blocks(self.kv, pairs)))
         self.capabilities = self.runner.capabilities
         self.max_step_tokens = self.capabilities.max_step_tokens
+        self._copies: list[tuple[int, int]] = []  # block copies the next plan carries (fork)
 
     # ---- sequences -----------------------------------------------------------------------
     def new_sequence(self, prompt_ids: list[int], sampling) -> Sequence:
@@ -144,9 +148,50 @@ class Engine:
             seq.dynamic = Dynamic.of(c, seq.allowed, vocab)
         return seq
 
-    def can_admit(self, seq: Sequence) -> bool:
-        # Conservative: ignores blocks the prefix cache may supply.
-        return self.allocator.can_fit(seq.block_table, seq.total_len + 1)
+    def can_admit(self, seq: Sequence, samples: int = 1) -> bool:
+        """Whether seq's next step fits the free KV blocks; samples > 1: seq and the samples forked
+        from it (Engine.fork) that share its prompt's full blocks. Conservative: ignores blocks the
+        prefix cache may supply."""
+        alloc = self.allocator
+        need = alloc.blocks_for(seq.total_len + 1) - len(seq.block_table)
+        if samples > 1:
+            shared = (len(seq.prompt_ids) - 1) // alloc.block_size
+            need += (samples - 1) * (alloc.blocks_for(seq.total_len + 1) - shared)
+        return need <= alloc.free_blocks
+
+    def can_admit_all(self, seqs: list[Sequence]) -> bool:
+        """Whether the next step of every one of seqs fits the free KV blocks together."""
+        alloc = self.allocator
+        need = sum(alloc.blocks_for(s.total_len + 1) - len(s.block_table) for s in seqs)
+        return need <= alloc.free_blocks
+
+    # ---- parallel samples ----------------------------------------------------------------
+    def fork(self, parent: Sequence, children: list[Sequence]) -> bool:
+        """Shares parent's prompt KV with children, new sequences of the same prompt (parallel
+        samples), once parent has computed all of its prompt but the last token (`hold`): then
+        every sample computes that token itself, from its own row, and samples its first token
+        as any sequence does. Full blocks are shared (reference counts); a partly filled last
+        block is copied for each child (copy-on-write: each writes the last prompt token into
+        it), the copy carried by the next plan. False: parent is not there yet. ResourceExhausted
+        when the copies do not fit (nothing is changed then)."""
+        alloc = self.allocator
+        if parent.num_cached == 0 and not parent.block_table:
+            self._match(parent)
+        n = parent.hold if parent.hold is not None else parent.num_cached
+        if parent.num_cached < n:
+            return False
+        full, partial = divmod(n, alloc.block_size)
+        if partial and len(children) > alloc.free_blocks:
+            raise ResourceExhausted(f"KV cache full: {len(children)} parallel samples need a block each, "
+                                    f"{alloc.free_blocks} free", field="kv_cache")
+        for c in children:
+            c.block_table = alloc.share(parent.block_table, full)
+            if partial:
+                c.block_table.append(alloc.take())
+                self._copies.append((parent.block_table[full], c.block_table[-1]))
+            c.num_cached = c.cached_prompt_tokens = n
+        parent.hold = None
+        return True
 
     def prefix_hit_tokens(self) -> int:
         return self.allocator.hit_tokens
@@ -166,6 +211,11 @@ class Engine:
         self._scoring.pop(seq.seq_id, None)
 
     # ---- plans ---------------------------------------------------------------------------
+    def _match(self, s: Sequence) -> None:
+        if s.score_top is not None:  # a scored prompt is computed whole: cached positions have no logits
+            return
+        s.num_cached = s.cached_prompt_tokens = self.allocator.match_prefix(s.prompt_ids, s.block_table)
+
     def _schedule(self, seqs: list[Sequence], token_budget: int,
                   all_logits: bool = False) -> tuple[list[tuple[Sequence, int]], list[PlanRow]]:
         """(sequence, tokens) of each sequence with pending tokens, chunking prompts to the
@@ -177,13 +227,14 @@ class Engine:
         bs = alloc.block_size
         for s in seqs:
             bt, out = s.block_table, s.output_ids
-            if s.num_cached == 0 and not bt and s.score_top is None:
-                s.num_cached = s.cached_prompt_tokens = alloc.match_prefix(s.prompt_ids, bt)
+            if s.num_cached == 0 and not bt:
+                self._match(s)
             start, p = s.num_cached, len(s.prompt_ids)
             total = p + len(out)
-            if start >= total:
+            stop = total if s.hold is None else s.hold
+            if start >= stop:
                 continue
-            n = min(total - start, budget) if start < p else total - start
+            n = min(stop - start, budget) if start < p else stop - start
             scoring = s.score_top is not None and s.scored < p and start + n >= s.scored and not all_logits
             if scoring:
                 n = min(n, max(1, score_rows))
@@ -233,12 +284,13 @@ class Engine:
             chosen, rows = self._schedule(seqs, token_budget)
             if not chosen:
                 return None
-            launched = self.runner.launch(StepPlan(rows, self.allocator.block_size))
+            launched = self.runner.launch(StepPlan(rows, self.allocator.block_size, copies=self._copies))
+            self._copies = []
             self._advance(chosen)
             return launched
         # the runner checks that `after` is a step of these rows it can feed
         ctx_len = self.info.context_length
-        if not after.feeds or any(s.num_cached >= ctx_len for s in seqs):
+        if not after.feeds or self._copies or any(s.num_cached >= ctx_len or s.hold is not None for s in seqs):
             return None
         # a mask that follows the output needs the token still in flight: plan after it instead
         if any(s.constraint is not None or (s.dynamic is not None and not s.dynamic.settled(len(s.output_ids) + 1))

@@ -51,6 +51,20 @@ class BlockAllocator:
         self._ref[block] = 1
         return block
 
+    def take(self) -> int:
+        """One block for a caller that fills it itself (a copy-on-write copy)."""
+        if not self.free_blocks:
+            raise ResourceExhausted("KV cache full: no free block", field="kv_cache")
+        return self._take()
+
+    def share(self, block_table: list[int], n_blocks: int) -> list[int]:
+        """A new table of block_table's first n_blocks, each one reference more: parallel samples
+        read their prompt's blocks together, and `release` of each table gives back its own."""
+        shared = block_table[:n_blocks]
+        for block in shared:
+            self._ref[block] += 1
+        return shared
+
     def ensure(self, block_table: list[int], num_tokens: int) -> None:
         """Grows block_table in place so it holds num_tokens tokens."""
         need = self.blocks_for(num_tokens) - len(block_table)

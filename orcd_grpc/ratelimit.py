@@ -10,7 +10,8 @@ address) has two token buckets:
     through on one full bucket (20 calls generated 6x the allowance, and the debt then locked the
     client out for minutes); a reservation cannot be overdrawn. A call may not reserve more than
     the burst: an explicit max_tokens above it is OUT_OF_RANGE (it could never be served), and
-    max_tokens 0 ("until the context is full") is capped to the burst.
+    max_tokens 0 ("until the context is full") is capped to the burst. A request for n parallel
+    samples (ExecuteRequest.n) reserves n x max_tokens, and its max_tokens 0 is capped to burst / n.
 
 A refused call ends with RESOURCE_EXHAUSTED, a message naming the client and the limit, and the
 trailing metadata "retry-after-ms": the time until the bucket would admit the call.
@@ -284,17 +285,24 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
         if not lim.tokens_per_s or stopping is None:  # not an ExecuteRequest: tokens are charged as streamed
             return 0
         burst = max(1, int(lim.token_burst))
+        # every sample may generate max_tokens (the servicer checks n against its own cap next)
+        n = max(1, int(getattr(request, "n", 1) or 1))
+        if n > burst:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                          f"n: {n} samples exceed the generated-token burst of client {client}'s rate limit "
+                          f"({burst}), at one token each")
         wanted = int(stopping.max_tokens)
         if wanted == 0 and request.HasField("prompt_logprobs"):
             return 0  # scoring only: it generates nothing
         if wanted == 0:
-            stopping.max_tokens = burst
-            return burst
-        if wanted > burst:
+            stopping.max_tokens = burst // n
+            return n * (burst // n)
+        if n * wanted > burst:
+            per = "" if n == 1 else f" x n {n} = {n * wanted}"
             context.abort(grpc.StatusCode.OUT_OF_RANGE,
-                          f"stopping.max_tokens: {wanted} exceeds the generated-token burst of client {client}'s "
-                          f"rate limit ({burst}); ask for at most {burst}")
-        return wanted
+                          f"stopping.max_tokens: {wanted}{per} exceeds the generated-token burst of client {client}'s "
+                          f"rate limit ({burst}); ask for at most {burst // n}")
+        return n * wanted
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)

@@ -25,6 +25,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
+DEFAULT_MAX_SAMPLES = 16  # ExecuteRequest.n without --max-samples
+MAX_PRIORITY = 1000  # |ExecuteRequest.priority| (security.MIN_PRIORITY..MAX_PRIORITY)
 # Linux's PATH_MAX and NAME_MAX, in bytes: longer paths fail in the kernel anyway, and refusing
 # them up front keeps the OS error (which names the joined server-side path) out of the answer.
 MAX_PATH_BYTES = 4096
@@ -107,6 +109,8 @@ def check_static(req) -> None:
         _range(s.presence_penalty, "sampling.presence_penalty", -2.0, 2.0)
         _range(s.frequency_penalty, "sampling.frequency_penalty", -2.0, 2.0)
 
+    if req.HasField("priority") and not -MAX_PRIORITY <= req.priority <= MAX_PRIORITY:
+        raise InvalidArgument(f"must be in [{-MAX_PRIORITY}, {MAX_PRIORITY}], got {req.priority}", field="priority")
     if req.top_logprobs > MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}", field="top_logprobs")
     prompt_scoring.check_static(req)
@@ -124,6 +128,18 @@ def check_static(req) -> None:
                               field="stopping.stop_token_ids")
     logit_controls.check_static(req.sampling, int(st.min_tokens), int(st.max_tokens))
     constraints.check_static(req)
+
+
+def check_samples(n: int, max_samples: int, max_sequences: int) -> int:
+    """ExecuteRequest.n as a count of samples (0 is 1): at most the worker's --max-samples and the
+    sequences the model can run at once (a request's samples run together)."""
+    n = max(1, int(n))
+    if n > max_samples:
+        raise InvalidArgument(f"at most {max_samples} samples (the worker's --max-samples), got {n}", field="n")
+    if max_sequences and n > max_sequences:
+        raise InvalidArgument(f"at most {max_sequences} samples (the sequences the model runs at once), got {n}",
+                              field="n")
+    return n
 
 
 def _sampling_params(req, vocab_size: int):

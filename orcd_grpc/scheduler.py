@@ -1,8 +1,9 @@
 """The scheduler: one engine thread runs continuous batching over the served model.
 
-Calls hand it validated `Request`s; it queues them (bounded, FIFO), admits them into the running
-batch while the engine has KV blocks for them, steps the engine and pushes each request's events
-(tokens, then one finish or error) onto that request's own queue, which the calling thread drains.
+Calls hand it validated `Request`s; it queues them (bounded; priority, then arrival:
+admission_queue.py), admits them into the running batch while the engine has KV blocks for them,
+steps the engine and pushes each request's events (tokens, then a finish per sample, or an error)
+onto that request's own queue, which the calling thread drains.
 
 Everything that touches the engine happens on the engine thread, including model swaps and
 unloads (posted as commands and run between steps), so the engine never sees two callers at once
@@ -17,9 +18,10 @@ import time
 from typing import Any, Callable
 
 from . import logs, prompt_scoring
+from .admission_queue import AdmissionQueue, StartEstimator, preemption_victim
 from .errors import AlreadyExists, FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .overlap import Overlap
-from .request import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, TokenEvent,
+from .request import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, Request, Sample, TokenEvent,
                       Unavailable)
 
 log = logs.get_logger("orcd.scheduler")
@@ -78,7 +80,8 @@ class Scheduler:
         self._idle_wait_s = idle_wait_s
 
         self._cv = threading.Condition()
-        self._waiting: collections.deque[Request] = collections.deque()
+        self._waiting = AdmissionQueue()
+        self._estimator = StartEstimator(token_budget)
         self._running: list[Request] = []
         self._by_id: dict[tuple[str, str], Request] = {}  # (owner, request id) -> request
         self._commands: collections.deque = collections.deque()
@@ -212,8 +215,9 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 raise ResourceExhausted(f"the request queue is full ({self.max_queue} waiting)",
                                         retry_after_ms=self._retry_after_ms())
+            self._estimator.place(req, self._waiting, self._running, self.effective_max_sequences())
             self._by_id[req.key] = req
-            self._waiting.append(req)
+            self._waiting.push(req)
             self._gauges_locked()
             self._cv.notify_all()
 
@@ -299,8 +303,8 @@ class Scheduler:
 
     def _drop_everything_locked(self) -> None:
         for req in list(self._waiting) + list(self._running):
-            self._emit_finished(req, CANCELLED, "", "the worker stopped")
             self._release(req)
+            self._emit_all(req, CANCELLED, "", "the worker stopped")
         self._waiting.clear()
         self._running.clear()
         self._by_id.clear()
@@ -319,9 +323,10 @@ class Scheduler:
             self._step(engine)
         elif self._waiting and not admitted_any:
             # Nothing runs, so nothing will free KV blocks: the head can never be admitted.
-            head = self._waiting[0]
+            head = self._waiting.head()
+            samples = f", {head.n} samples" if head.n > 1 else ""
             self._fail(head, ResourceExhausted(
-                f"the prompt ({head.prompt_tokens} tokens) needs more KV cache than the worker has",
+                f"the prompt ({head.prompt_tokens} tokens{samples}) needs more KV cache than the worker has",
                 field="input"))
         with self._cv:
             self._gauges_locked()
@@ -341,22 +346,21 @@ class Scheduler:
         limit = self.effective_max_sequences()
         while True:
             with self._cv:
-                if not self._waiting or len(self._running) >= limit:
+                if not self._waiting:
                     return admitted
-                req = self._waiting[0]
+                req = self._waiting.head()
+                if sum(r.width for r in self._running) + req.width > limit:
+                    return admitted
             if req.engine is not engine:
                 self._finish(req, CANCELLED, detail="the model was replaced")
                 continue
-            if req.seq is None:
-                try:
-                    req.seq = engine.new_sequence(req.prompt_ids, req.sampling)
-                except OrcdError as exc:
-                    self._fail(req, exc)
-                    continue
-            if not engine.can_admit(req.seq):
+            try:
+                req.start(engine, self._decoder_factory)
+            except OrcdError as exc:
+                self._fail(req, exc)
+                continue
+            if not req.can_admit(engine):
                 return admitted
-            if req.decoder is None:
-                req.decoder = self._decoder_factory(engine.tokenizer, req.stopping.stop)
             with self._cv:
                 self._waiting.popleft()
                 self._running.append(req)
@@ -375,12 +379,12 @@ class Scheduler:
             self._overlap = Overlap(engine)
         t0 = time.monotonic()
         try:
+            seqs = [seq for r in batch for seq in r.step_seqs(engine)]
             # the scheduler appends each token it accepts itself (_on_token)
-            samples = self._overlap.step([r.seq for r in batch], self.token_budget, self._may_follow(batch),
-                                         append=False)
+            samples = self._overlap.step(seqs, self.token_budget, self._may_follow(batch), append=False)
         except ResourceExhausted as exc:
             if len(batch) > 1:
-                self._preempt(batch[-1])
+                self._preempt(preemption_victim(batch))
             else:
                 self._fail(batch[0], exc)
             return
@@ -394,21 +398,24 @@ class Scheduler:
             for req in batch:
                 self._fail(req, err)
             return
+        dt = time.monotonic() - t0
+        self._estimator.observe_step(dt)
         if self.metrics is not None:
-            self.metrics.step_seconds.observe(time.monotonic() - t0)
+            self.metrics.step_seconds.observe(dt)
         for req in batch:
             if getattr(req.seq, "prompt_scores", None) and not req.done:  # a prefill chunk's, first
                 for ev in prompt_scoring.take_events(req.seq, engine.tokenizer):
                     req.events.put(ev)
-            sample = samples.get(req.seq.seq_id)
-            if sample is not None and not req.done:
-                self._on_token(engine, req, sample)
+            for smp in req.live_samples():
+                sample = samples.get(smp.seq.seq_id)
+                if sample is not None and not req.done:
+                    self._on_token(engine, req, smp, sample)
 
     @staticmethod
     def _may_follow(batch: list[Request]):
         """Whether a step may be launched past the one in flight: not when that one brings a
         request to its max_tokens (the step would only keep the device from the next request)."""
-        limits = {r.seq.seq_id: r.stopping.max_tokens for r in batch}
+        limits = {smp.seq.seq_id: r.stopping.max_tokens for r in batch for smp in r.samples}
 
         def ok(seq) -> bool:
             m = limits[seq.seq_id]
@@ -416,23 +423,24 @@ class Scheduler:
         return ok
 
     def _preempt(self, req: Request) -> None:
-        """Gives a running request's KV back and requeues it at the head.
+        """Gives a running request's KV back and requeues it in its place (its priority, then its
+        arrival: ahead of what came later).
 
-        The engine's sequence keeps its tokens and sampler state; once readmitted it recomputes
+        The engine's sequences keep their tokens and sampler state; once readmitted each recomputes
         the KV of prompt and output and carries on as if never interrupted.
         """
         self._release(req)
         with self._cv:
             if req in self._running:
                 self._running.remove(req)
-            self._waiting.appendleft(req)
+            self._waiting.push(req)
         if self.metrics is not None:
             self.metrics.preemptions.inc()
         log.info("preempted for lack of KV blocks", extra={
             "correlation_id": req.correlation_id, "request_id": req.request_id,
             "fields": {"generated": len(req.generated)}})
 
-    def _on_token(self, engine, req: Request, sample) -> None:
+    def _on_token(self, engine, req: Request, smp: Sample, sample) -> None:
         now = time.monotonic()
         if req.cancel_reason is not None or (req.deadline is not None and now >= req.deadline):
             # Cancelled (or out of time) while this step ran: the token is never streamed, so it
@@ -443,43 +451,44 @@ class Scheduler:
             self._finish(req, LENGTH)
             return
         tid = int(sample.token_id)
-        index = len(req.generated)
-        req.seq.append(tid)
-        if req.seq.constraint is not None and req.seq.constraint.error:
+        generated = smp.generated
+        index = len(generated)
+        smp.seq.append(tid)  # its constraint, if any, advances past it
+        if smp.seq.constraint is not None and smp.seq.constraint.error:
             # its matcher hit a limit of llguidance's (the token was EOS, all it then allows)
-            self._fail(req, req.seq.constraint.error)
+            self._fail(req, smp.seq.constraint.error)
             return
         m = self.metrics
-        if req.first_token_at is None:
-            req.first_token_at = now
-            if m is not None:
+        if smp.first_token_at is None:
+            smp.first_token_at = now
+            if m is not None and smp.index == 0:
                 m.ttft.observe(now - req.arrival)
-                m.prefix_hits.inc(int(getattr(req.seq, "cached_prompt_tokens", 0) or 0))
+                m.prefix_hits.inc(int(getattr(smp.seq, "cached_prompt_tokens", 0) or 0))
         elif m is not None:
-            m.token_latency.observe(now - req.last_token_at)
-        req.last_token_at = now
+            m.token_latency.observe(now - smp.last_token_at)
+        smp.last_token_at = now
         if m is not None:
             m.generated_tokens.inc()
 
         st = req.stopping
         reason, matched = None, ""
-        early = len(req.generated) < st.min_tokens  # the sampler's mask kept stop tokens out
+        early = len(generated) < st.min_tokens  # the sampler's mask kept stop tokens out
         if not early and (tid in st.stop_token_ids or (not st.ignore_eos and tid in engine.tokenizer.eos_ids)):
             # A stop token is not text, but text held back as a possible stop-string prefix is
             # real output now that no stop string can complete.
-            text = req.decoder.flush()
+            text = smp.decoder.flush()
             reason = STOP_TOKEN
         else:
-            text, hit = req.decoder.push(tid, match=False) if early else req.decoder.push(tid)
+            text, hit = smp.decoder.push(tid, match=False) if early else smp.decoder.push(tid)
             if hit is not None:
                 reason, matched = STOP_STRING, hit
-            elif req.seq.constraint is not None and req.seq.constraint.done:
+            elif smp.seq.constraint is not None and smp.seq.constraint.done:
                 reason = STOP_TOKEN  # the constraint's language allows nothing more
-                text += req.decoder.flush()
-            elif (st.max_tokens and len(req.generated) >= st.max_tokens) or \
-                    req.prompt_tokens + len(req.generated) >= engine.info.context_length:
+                text += smp.decoder.flush()
+            elif (st.max_tokens and len(generated) >= st.max_tokens) or \
+                    req.prompt_tokens + len(generated) >= engine.info.context_length:
                 reason = LENGTH
-                text += req.decoder.flush()
+                text += smp.decoder.flush()
         top = []
         for alt_id, alt_lp in (getattr(sample, "top", None) or []):
             try:
@@ -487,20 +496,20 @@ class Scheduler:
             except Exception:
                 alt_text = ""
             top.append((int(alt_id), alt_text, float(alt_lp)))
-        req.events.put(TokenEvent(tid, text, index, float(sample.logprob), top))
+        req.events.put(TokenEvent(tid, text, index, float(sample.logprob), top, smp.index))
         if reason is not None:
-            self._finish(req, reason, matched)
+            self._finish_sample(req, smp, reason, matched)
 
     # ------------------------------------------------------------------ retiring
 
-    def _release(self, req: Request) -> None:
-        if req.seq is None:
-            return
-        engine = req.engine
-        try:
-            engine.release(req.seq)
-        except Exception:
-            log.exception("releasing KV failed", extra={"request_id": req.request_id})
+    def _release(self, req: Request, samples: list[Sample] | None = None) -> None:
+        for smp in req.samples if samples is None else samples:
+            if smp.seq is None:
+                continue
+            try:
+                req.engine.release(smp.seq)
+            except Exception:
+                log.exception("releasing KV failed", extra={"request_id": req.request_id})
 
     def _remove(self, req: Request) -> bool:
         with self._cv:
@@ -515,16 +524,30 @@ class Scheduler:
                 pass
             if self._by_id.get(req.key) is req:
                 del self._by_id[req.key]
-        c = getattr(req.sampling, "constraint", None)
-        if c is not None:  # its matcher goes with the request, however it ends
-            c.close()
+        # Its matchers (one per sample) go with the request, however it ends.
+        for sampling in [req.sampling] + [getattr(smp.seq, "sampling", None) for smp in req.samples]:
+            c = getattr(sampling, "constraint", None)
+            if c is not None:
+                c.close()
         return True
 
     def _finish(self, req: Request, reason: str, matched: str = "", detail: str = "") -> None:
+        """Ends the whole request: each sample still live finishes with `reason`."""
         if not self._remove(req):
             return
         self._release(req)
-        self._emit_finished(req, reason, matched, detail)
+        self._emit_all(req, reason, matched, detail)
+
+    def _finish_sample(self, req: Request, smp: Sample, reason: str, matched: str = "") -> None:
+        """Ends one sample (its KV freed at once); the request ends with its last one."""
+        smp.done = True
+        self._release(req, [smp])
+        if req.live_samples() or self._remove(req):
+            self._emit_finished(req, smp, reason, matched, "")
+
+    def _emit_all(self, req: Request, reason: str, matched: str, detail: str) -> None:
+        for smp in req.end_samples():
+            self._emit_finished(req, smp, reason, matched, detail)
 
     def _fail(self, req: Request, err: OrcdError) -> None:
         if not self._remove(req):
@@ -534,23 +557,17 @@ class Scheduler:
                                              "fields": {"error": str(err), "code": err.code.name}})
         req.events.put(ErrorEvent(err))
 
-    def _emit_finished(self, req: Request, reason: str, matched: str, detail: str) -> None:
+    def _emit_finished(self, req: Request, smp: Sample, reason: str, matched: str, detail: str) -> None:
         now = time.monotonic()
-        n = len(req.generated)
-        decode_tps = 0.0
-        if n >= 2 and req.last_token_at is not None and req.last_token_at > req.first_token_at:
-            decode_tps = (n - 1) / (req.last_token_at - req.first_token_at)
-        ev = FinishedEvent(
-            reason=reason, matched_stop=matched, prompt_tokens=req.prompt_tokens, completion_tokens=n,
-            cached_prompt_tokens=int(getattr(req.seq, "cached_prompt_tokens", 0) or 0) if req.seq else 0,
-            queue_ms=1000.0 * ((req.admitted_at or now) - req.arrival),
-            time_to_first_token_ms=1000.0 * (req.first_token_at - req.arrival) if req.first_token_at else 0.0,
-            decode_tokens_per_second=decode_tps, total_ms=1000.0 * (now - req.arrival), detail=detail)
+        ev = req.finished_event(smp, reason, matched, detail, now)
+        n = ev.completion_tokens
         self._avg_request_s = 0.8 * self._avg_request_s + 0.2 * (now - req.arrival)
+        if reason != CANCELLED:
+            self._estimator.observe_finish(n)
         if self.metrics is not None:
             self.metrics.finished.labels(reason).inc()
         log.info("request finished", extra={"correlation_id": req.correlation_id, "request_id": req.request_id,
-                                            "fields": {"reason": reason, "detail": detail,
+                                            "fields": {"reason": reason, "detail": detail, "sample": smp.index,
                                                        "prompt_tokens": ev.prompt_tokens,
                                                        "completion_tokens": n,
                                                        "ttft_ms": round(ev.time_to_first_token_ms, 2),

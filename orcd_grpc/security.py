@@ -15,6 +15,9 @@ Each token may carry a client id ("secret:alice"); the id names the caller in ra
 counters and logs, so the secret itself is never logged or used as a metric label. It may also
 carry roles ("secret:alice:infer+admin", ROLES): a token without roles may only infer, because
 a token handed to an application must not be able to replace the model everyone is served.
+And it may carry a scheduling priority ("secret:alice:infer:10", -1000..1000, default 0): the
+client's requests run at it unless one asks for less (ExecuteRequest.priority); none may ask for
+more, so a token decides how far ahead of other clients its holder may queue.
 """
 from __future__ import annotations
 
@@ -36,6 +39,11 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 #: The authenticated client id of the call being handled (set by AuthInterceptor on the handler's
 #: thread, read by the rate limiter and anything else that wants to know who is calling).
 CALL_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("orcd_call_client", default=None)
+#: The priority of the call's token (set beside CALL_CLIENT); None: no tokens are configured, so
+#: no caller is distinguished and a request's own priority stands.
+CALL_PRIORITY: contextvars.ContextVar[int | None] = contextvars.ContextVar("orcd_call_priority", default=None)
+#: Scheduling priorities a token or a request may carry (ExecuteRequest.priority).
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 
 #: What a token may do. infer: Execute, Cancel (its own requests) and the token services; admin: LoadModel and
 #: UnloadModel; metrics: scrape /metrics. ListModels and HardwareInfo only describe the worker, so
@@ -77,6 +85,8 @@ class SecurityConfig:
     tokens: dict[str, str] = dataclasses.field(default_factory=dict)  # bearer token -> client id
     # bearer token -> roles; a token missing here has DEFAULT_ROLES
     roles: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+    # bearer token -> scheduling priority; a token missing here has 0
+    priorities: dict[str, int] = dataclasses.field(default_factory=dict)
     insecure: bool = False            # allow a non-loopback listener without TLS + token
 
     @property
@@ -101,13 +111,37 @@ def parse_token_roles(specs: str | Iterable[str] | None) -> dict[str, frozenset[
     return {t: roles for t, (_, roles) in parse_token_specs(specs).items()}
 
 
-def _split_spec(item: str) -> tuple[str, str, str, str | None]:
-    """(token, separator, client, roles or None) of "TOKEN[:CLIENT[:ROLE[+ROLE]]]".
+def parse_token_priorities(specs: str | Iterable[str] | None) -> dict[str, int]:
+    """{token: priority} of the same specs (0 where a spec names none)."""
+    return {t: prio for t, (_, _, prio) in _parse(specs).items()}
+
+
+def _priority_field(token: str, text: str) -> int:
+    try:
+        prio = int(text.strip())
+    except ValueError:
+        raise ValueError(f"--auth-token: entry for token ending {token[-4:]!r}: PRIORITY {text.strip()!r} is not an "
+                         "integer (TOKEN:CLIENT:ROLES:PRIORITY; tokens may not contain ':')") from None
+    if not MIN_PRIORITY <= prio <= MAX_PRIORITY:
+        raise ValueError(f"--auth-token: entry for token ending {token[-4:]!r}: PRIORITY {prio} is outside "
+                         f"{MIN_PRIORITY}..{MAX_PRIORITY}")
+    return prio
+
+
+def _split_spec(item: str) -> tuple[str, str, str, str | None, int | None]:
+    """(token, separator, client, roles or None, priority or None) of
+    "TOKEN[:CLIENT[:ROLE[+ROLE][:PRIORITY]]]" (ROLES may be empty before a PRIORITY: the default).
 
     A misspelt role must stop the worker, not quietly become part of a token or a client id, so
     tokens may not contain ':' (before roles existed one could, as "to:ken:client").
     """
     parts = item.split(":")
+    priority = None
+    if len(parts) == 4:
+        priority = _priority_field(parts[0], parts[3])
+        parts = parts[:3]
+        if not parts[2].strip():
+            return parts[0], ":", parts[1], None, priority
     if len(parts) > 3:
         raise ValueError(f"--auth-token: entry for token ending {parts[0][-4:]!r} has more than "
                          "TOKEN:CLIENT:ROLES fields (tokens may not contain ':')")
@@ -116,10 +150,10 @@ def _split_spec(item: str) -> tuple[str, str, str, str | None]:
         if unknown:
             raise ValueError(f"--auth-token: unknown role {unknown[0].strip()!r} for client {parts[1].strip()!r} "
                              f"(roles: {', '.join(ROLES)}, joined with '+')")
-        return parts[0], ":", parts[1], parts[2]
+        return parts[0], ":", parts[1], parts[2], priority
     if len(parts) == 2:
-        return parts[0], ":", parts[1], None
-    return item, "", "", None
+        return parts[0], ":", parts[1], None, None
+    return item, "", "", None, None
 
 
 def parse_token_specs(specs: str | Iterable[str] | None) -> dict[str, tuple[str, frozenset[str]]]:
@@ -128,17 +162,22 @@ def parse_token_specs(specs: str | Iterable[str] | None) -> dict[str, tuple[str,
     A token given without an id gets "token-<8 hex of its sha256>": stable across restarts, and it
     does not reveal the token. A token given without roles gets DEFAULT_ROLES.
     """
+    return {t: (client, roles) for t, (client, roles, _) in _parse(specs).items()}
+
+
+def _parse(specs) -> dict[str, tuple[str, frozenset[str], int]]:
+    """{token: (client id, roles, priority)} of token specs (parse_token_specs says how)."""
     if specs is None:
         return {}
     if isinstance(specs, str):
         specs = [specs]
-    out: dict[str, tuple[str, frozenset[str]]] = {}
+    out: dict[str, tuple[str, frozenset[str], int]] = {}
     for spec in specs:
         for item in str(spec).split(","):
             item = item.strip()
             if not item:
                 continue
-            token, sep, client, role_spec = _split_spec(item)
+            token, sep, client, role_spec, priority = _split_spec(item)
             token, client = token.strip(), client.strip()
             if not token:
                 raise ValueError(f"--auth-token: entry {item!r} has an empty token")
@@ -155,7 +194,10 @@ def parse_token_specs(specs: str | Iterable[str] | None) -> dict[str, tuple[str,
                 raise ValueError(f"--auth-token: one token is listed for two client ids ({out[token][0]}, {client})")
             if token in out and out[token][1] != roles:
                 raise ValueError(f"--auth-token: the token of client {client} is listed twice with different roles")
-            out[token] = (client, roles)
+            priority = priority or 0
+            if token in out and out[token][2] != priority:
+                raise ValueError(f"--auth-token: the token of client {client} is listed twice with different priorities")
+            out[token] = (client, roles, priority)
     return out
 
 
@@ -172,10 +214,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tls-client-ca", default=None, metavar="PEM",
                         help=f"require client certificates signed by this CA: mutual TLS (env {ENV_CLIENT_CA})")
     if "--auth-token" not in have:
-        parser.add_argument("--auth-token", action="append", default=None, metavar="TOKEN[:CLIENT[:ROLES]]",
+        parser.add_argument("--auth-token", action="append", default=None,
+                            metavar="TOKEN[:CLIENT[:ROLES[:PRIORITY]]]",
                             help="require 'authorization: Bearer TOKEN'; repeat or comma-separate for several, "
-                                 "optionally naming each client and its roles, '+'-joined from "
-                                 f"{', '.join(ROLES)} (default: infer) (env {ENV_TOKENS})")
+                                 "optionally naming each client, its roles, '+'-joined from "
+                                 f"{', '.join(ROLES)} (default: infer; may be empty before PRIORITY), and its "
+                                 f"scheduling priority {MIN_PRIORITY}..{MAX_PRIORITY} (default 0; requests may "
+                                 f"ask for less, never more) (env {ENV_TOKENS})")
     if "--insecure" not in have:
         parser.add_argument("--insecure", action="store_true", default=None,
                             help="allow listening on a non-loopback address without TLS and a token")
@@ -201,11 +246,12 @@ def config_from_args(args, environ: Mapping[str, str] | None = None) -> Security
     insecure = getattr(args, "insecure", None)
     if insecure is None:
         insecure = env.get(ENV_INSECURE, "").strip().lower() in ("1", "true", "yes", "on")
-    specs = parse_token_specs(token_specs)
+    specs = _parse(token_specs)
     cfg = SecurityConfig(tls_cert=pick("tls_cert", ENV_CERT), tls_key=pick("tls_key", ENV_KEY),
                          tls_client_ca=pick("tls_client_ca", ENV_CLIENT_CA),
-                         tokens={t: c for t, (c, _) in specs.items()},
-                         roles={t: r for t, (_, r) in specs.items()}, insecure=bool(insecure))
+                         tokens={t: c for t, (c, _, _) in specs.items()},
+                         roles={t: r for t, (_, r, _) in specs.items()},
+                         priorities={t: p for t, (_, _, p) in specs.items() if p}, insecure=bool(insecure))
     validate_config(cfg)
     return cfg
 
@@ -294,23 +340,29 @@ def check_exposure(host: str, tls: bool, tokens, insecure: bool, *, action: str 
 class TokenChecker:
     """Looks up a bearer token in constant time with respect to the configured tokens."""
 
-    def __init__(self, tokens: Mapping[str, str], roles: Mapping[str, frozenset[str]] | None = None):
+    def __init__(self, tokens: Mapping[str, str], roles: Mapping[str, frozenset[str]] | None = None,
+                 priorities: Mapping[str, int] | None = None):
         # Compare fixed-length digests: hmac.compare_digest is constant-time only for equal
         # lengths, and the digest hides the configured tokens' lengths as well.
-        roles = roles or {}
-        self._entries = [(hashlib.sha256(t.encode()).digest(), c, frozenset(roles.get(t, DEFAULT_ROLES)))
-                         for t, c in tokens.items()]
+        roles, priorities = roles or {}, priorities or {}
+        self._entries = [(hashlib.sha256(t.encode()).digest(), c, frozenset(roles.get(t, DEFAULT_ROLES)),
+                          int(priorities.get(t, 0))) for t, c in tokens.items()]
 
     def __bool__(self) -> bool:
         return bool(self._entries)
 
     def lookup(self, token: str) -> tuple[str, frozenset[str]] | None:
         """(client id, roles) of `token`, or None."""
+        found = self.identify(token)
+        return found[:2] if found else None
+
+    def identify(self, token: str) -> tuple[str, frozenset[str], int] | None:
+        """(client id, roles, priority) of `token`, or None."""
         d = hashlib.sha256(token.encode()).digest()
         found = None
-        for digest, client, roles in self._entries:  # no early exit: every token is compared
+        for digest, client, roles, priority in self._entries:  # no early exit: every token is compared
             if hmac.compare_digest(d, digest):
-                found = (client, roles)
+                found = (client, roles, priority)
         return found
 
     def client_for(self, token: str) -> str | None:
@@ -331,15 +383,15 @@ def _metadata_value(md, key: str) -> str | None:
     return None
 
 
-def authenticate(checker: TokenChecker, metadata) -> tuple[grpc.StatusCode, str] | tuple[str, frozenset[str]]:
-    """The caller's (client id, roles), or (status, message) to answer with."""
+def authenticate(checker: TokenChecker, metadata) -> tuple[grpc.StatusCode, str] | tuple[str, frozenset[str], int]:
+    """The caller's (client id, roles, priority), or (status, message) to answer with."""
     auth = _metadata_value(metadata, "authorization")
     if auth is None or not auth.strip():
         return grpc.StatusCode.UNAUTHENTICATED, "authorization: bearer token missing (send 'authorization: Bearer <token>')"
     scheme, _, token = auth.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return grpc.StatusCode.UNAUTHENTICATED, "authorization: expected 'Bearer <token>'"
-    found = checker.lookup(token.strip())
+    found = checker.identify(token.strip())
     if found is None:
         return grpc.StatusCode.PERMISSION_DENIED, "authorization: bearer token is not valid"
     return found
@@ -389,8 +441,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
     """
 
     def __init__(self, tokens: Mapping[str, str], open_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES,
-                 roles: Mapping[str, frozenset[str]] | None = None):
-        self._checker = TokenChecker(tokens, roles)
+                 roles: Mapping[str, frozenset[str]] | None = None, priorities: Mapping[str, int] | None = None):
+        self._checker = TokenChecker(tokens, roles, priorities)
         self._open = open_prefixes
 
     def intercept_service(self, continuation, handler_call_details):
@@ -399,7 +451,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         verdict = authenticate(self._checker, handler_call_details.invocation_metadata)
         if isinstance(verdict[0], str):
-            denied = authorize(handler_call_details.method, *verdict)
+            denied = authorize(handler_call_details.method, verdict[0], verdict[1])
             if denied is not None:
                 verdict = (grpc.StatusCode.PERMISSION_DENIED, denied)
 
@@ -408,6 +460,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 if not isinstance(verdict[0], str):
                     context.abort(*verdict)
                 CALL_CLIENT.set(verdict[0])
+                CALL_PRIORITY.set(verdict[2])
                 return fn(request, context)
             return inner
 
@@ -416,6 +469,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 if not isinstance(verdict[0], str):
                     context.abort(*verdict)
                 CALL_CLIENT.set(verdict[0])
+                CALL_PRIORITY.set(verdict[2])
                 yield from fn(request, context)
             return inner
 
@@ -469,7 +523,7 @@ def client_identity(context, metadata=None) -> str:
 
 def build_interceptors(cfg: SecurityConfig) -> list[grpc.ServerInterceptor]:
     """The interceptors the server should install for `cfg` (empty without tokens)."""
-    return [AuthInterceptor(cfg.tokens, roles=cfg.roles)] if cfg.tokens else []
+    return [AuthInterceptor(cfg.tokens, roles=cfg.roles, priorities=cfg.priorities)] if cfg.tokens else []
 
 
 def check_metrics_exposure(host: str, sec: SecurityConfig, tokens=None, roles=None) -> None:
@@ -513,7 +567,7 @@ def apply_to_server_config(config, sec: SecurityConfig, limits=None):
         config.metrics_auth = scrapers if scrapers else None
     config.credentials = server_credentials(sec)
     if tokens:
-        config.interceptors.append(AuthInterceptor(tokens, roles=roles))
+        config.interceptors.append(AuthInterceptor(tokens, roles=roles, priorities=sec.priorities))
     # Usage is counted even without limits; the server binds the counters to its registry.
     config.interceptors.append(ratelimit.build_interceptor(limits or ratelimit.RateLimits()))
     return config

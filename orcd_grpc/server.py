@@ -40,6 +40,7 @@ class ServerConfig:
     max_context: int = 0           # cap on any model's context length; 0: none
     max_sequences: int = 64
     max_queue: int = 256
+    max_samples: int = 16          # most parallel samples (ExecuteRequest.n) one request may ask for
     token_budget: int = 2048       # tokens per engine step (chunked prefill)
     max_vram: int = 0              # bytes; 0: no limit
     max_ram: int = 0               # bytes the CPU backend may use; 0: the machine's available memory less a margin
@@ -129,7 +130,7 @@ class Worker:
         self.servicer = WorkerServicer(self.scheduler, model_dirs=config.model_dirs, backend=config.backend,
                                        max_context=config.max_context, max_vram=config.max_vram,
                                        metrics=self.metrics, max_ram=config.max_ram,
-                                       max_prompt_bytes=config.max_prompt_bytes)
+                                       max_prompt_bytes=config.max_prompt_bytes, max_samples=config.max_samples)
         workers = config.max_workers or (config.max_queue + config.max_sequences + CONTROL_THREADS)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="orcd-rpc")
         options = [

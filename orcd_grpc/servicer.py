@@ -13,7 +13,7 @@ import time
 
 import grpc
 
-from . import logs, prompt_scoring, request_validation as rv, security, token_service
+from . import admission_queue, logs, prompt_scoring, request_validation as rv, security, token_service
 from .errors import FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .proto import pb, pb_grpc
 from .request import CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, TokenEvent
@@ -96,8 +96,10 @@ def _abort(context, err: OrcdError):
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, scheduler: Scheduler, *, model_dirs: list[str] | None = None, backend: str = "auto",
                  max_context: int = 0, max_vram: int = 0, metrics=None, max_ram: int = 0,
-                 max_prompt_bytes: int = rv.prompt_guard.DEFAULT_MAX_PROMPT_BYTES):
+                 max_prompt_bytes: int = rv.prompt_guard.DEFAULT_MAX_PROMPT_BYTES,
+                 max_samples: int = rv.DEFAULT_MAX_SAMPLES):
         self.scheduler = scheduler
+        self.max_samples = max_samples
         self.max_prompt_bytes = max_prompt_bytes
         self.model_dirs = [str(d) for d in (model_dirs or [])]
         self.backend = backend
@@ -129,6 +131,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def _prepare(self, request, context, arrival: float, correlation: str) -> Request:
         rv.check_request_id(request.request_id, allow_empty=True)
         rv.check_static(request)
+        n = rv.check_samples(request.n, self.max_samples, self.scheduler.effective_max_sequences())
+        priority = admission_queue.request_priority(request.priority if request.HasField("priority") else None)
         engine = self.scheduler.engine
         if engine is None:
             raise FailedPrecondition("no model is loaded; call LoadModel first")
@@ -138,16 +142,19 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         deadline = arrival + remaining if remaining is not None else None
         return Request(prepared.request_id, prepared.prompt_ids, prepared.sampling, prepared.stopping,
                        engine=engine, model_id=engine.info.model_id, correlation_id=correlation,
-                       deadline=deadline, arrival=arrival, owner=security.client_identity(context))
+                       deadline=deadline, arrival=arrival, owner=security.client_identity(context), n=n,
+                       priority=priority)
 
     def _stream(self, req: Request, context):
         finished = False
+        left = req.n  # Finished events still to come: one per sample
         if not context.add_callback(lambda: self.scheduler.abandon(req, "the client went away")):
             self.scheduler.abandon(req, "the client went away")
         try:
             yield pb.ExecuteResponse(started=pb.Started(
                 request_id=req.request_id, model_id=req.model_id, prompt_tokens=req.prompt_tokens,
-                correlation_id=req.correlation_id))
+                correlation_id=req.correlation_id, queue_position=req.queue_position,
+                estimated_start_ms=req.estimated_start_ms))
             while True:
                 try:
                     ev = req.events.get(timeout=_POLL_S)
@@ -162,20 +169,25 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if isinstance(ev, TokenEvent):
                     yield pb.ExecuteResponse(token=pb.Token(
                         text=ev.text, token_id=ev.token_id, index=ev.index, logprob=ev.logprob,
-                        top_logprobs=[pb.TopLogprob(token_id=i, text=t, logprob=lp) for i, t, lp in ev.top]))
+                        top_logprobs=[pb.TopLogprob(token_id=i, text=t, logprob=lp) for i, t, lp in ev.top],
+                        sample_index=ev.sample))
                 elif isinstance(ev, prompt_scoring.PromptLogprobsEvent):
                     yield pb.ExecuteResponse(prompt_logprobs=prompt_scoring.to_proto(ev, pb))
                 elif isinstance(ev, FinishedEvent):
-                    finished = True
-                    self._count("Execute", grpc.StatusCode.OK)
+                    left -= 1
+                    finished = left <= 0
+                    if finished:
+                        self._count("Execute", grpc.StatusCode.OK)
                     yield pb.ExecuteResponse(finished=pb.Finished(
+                        sample_index=ev.sample,
                         reason=_REASONS[ev.reason], matched_stop=ev.matched_stop,
                         usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
                                        cached_prompt_tokens=ev.cached_prompt_tokens),
                         timings=pb.Timings(queue_ms=ev.queue_ms, time_to_first_token_ms=ev.time_to_first_token_ms,
                                            decode_tokens_per_second=ev.decode_tokens_per_second,
                                            total_ms=ev.total_ms)))
-                    return
+                    if finished:
+                        return
                 elif isinstance(ev, ErrorEvent):
                     finished = True
                     self._count("Execute", ev.error.code)

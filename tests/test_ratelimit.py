@@ -302,3 +302,31 @@ def test_apply_refuses_an_exposed_plaintext_listener():
         security.apply_to_server_config(cfg, security.SecurityConfig())
     security.apply_to_server_config(cfg, security.SecurityConfig(insecure=True))
     assert cfg.credentials is None and len(cfg.interceptors) == 1
+
+
+def test_parallel_samples_reserve_n_times_max_tokens(limited_server):
+    ch, _, registry = limited_server(RateLimits(tokens_per_s=0.001, token_burst=8), tokens={TOKEN_A: "alice"})
+    md = [("authorization", f"Bearer {TOKEN_A}")]
+    execute = ch.unary_stream(ratelimit.EXECUTE_METHOD, request_serializer=pb.ExecuteRequest.SerializeToString,
+                              response_deserializer=pb.ExecuteResponse.FromString)
+
+    def req(n, max_tokens):
+        return pb.ExecuteRequest(text="x", n=n, stopping=pb.StoppingCriteria(max_tokens=max_tokens))
+
+    # 4 samples x 3 tokens could never fit a burst of 8: OUT_OF_RANGE naming both, nothing reserved
+    with pytest.raises(grpc.RpcError) as err:
+        list(execute(req(4, 3), metadata=md, timeout=10))
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "x n 4 = 12" in err.value.details() and "at most 2" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(execute(req(9, 1), metadata=md, timeout=10))
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE and err.value.details().startswith("n: 9 samples")
+    # max_tokens 0 is capped to burst / n = 2 (the handler generates min(3, max_tokens)); 4 x 2
+    # reserved takes the whole burst, of which the 2 generated are kept and 6 refunded
+    events = [r.WhichOneof("event") for r in execute(req(4, 0), metadata=md, timeout=10)]
+    assert events == ["started", "token", "token", "finished"]
+    # 6 left: 3 samples x 2 fit, 4 x 2 do not
+    with pytest.raises(grpc.RpcError) as err:
+        list(execute(req(4, 2), metadata=md, timeout=10))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(list(execute(req(3, 2), metadata=md, timeout=10))) == 4

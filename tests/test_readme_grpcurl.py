@@ -250,6 +250,7 @@ class PythonEquivalent:
 
 
 def check_execute(events: list, body: dict) -> None:
+    n = max(1, body.get("n", 1))  # parallel samples: a Finished event each, the stream's last is one
     assert "started" in events[0] and "finished" in events[-1], events
     scores = [e["prompt_logprobs"] for e in events[1:-1] if "prompt_logprobs" in e]
     if body.get("prompt_logprobs"):  # scoring: one entry per prompt position from 1 on, first
@@ -259,20 +260,23 @@ def check_execute(events: list, body: dict) -> None:
         assert all("prompt_logprobs" in e for e in events[1:1 + len(scores)]), events
     else:
         assert not scores, events
-    tokens = [e["token"] for e in events[1 + len(scores):-1]]
-    assert all(set(e) == {"token"} for e in events[1 + len(scores):-1]), events
-    fin = events[-1]["finished"]
-    assert fin["reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP_TOKEN", "FINISH_REASON_STOP_STRING"), fin
-    usage = fin["usage"]
-    assert usage["prompt_tokens"] == events[0]["started"]["prompt_tokens"] > 0
-    assert usage.get("completion_tokens", 0) <= body["stopping"]["max_tokens"]
-    # stop tokens / a matched stop string are counted but not streamed as text; otherwise one
-    # token event per generated token
-    assert len(tokens) <= usage.get("completion_tokens", 0)
-    if fin["reason"] == "FINISH_REASON_LENGTH":
-        assert usage.get("completion_tokens", 0) == body["stopping"]["max_tokens"] == len(tokens)
-    if body.get("top_logprobs"):
-        assert all(len(t.get("top_logprobs", [])) == body["top_logprobs"] for t in tokens), tokens
+    rest = events[1 + len(scores):]
+    assert all(set(e) in ({"token"}, {"finished"}) for e in rest), events
+    fins = {f.get("sample_index", 0): f for f in (e["finished"] for e in rest if "finished" in e)}
+    assert sorted(fins) == list(range(n)), events
+    for k, fin in fins.items():
+        tokens = [e["token"] for e in rest if "token" in e and e["token"].get("sample_index", 0) == k]
+        assert fin["reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP_TOKEN", "FINISH_REASON_STOP_STRING"), fin
+        usage = fin["usage"]
+        assert usage["prompt_tokens"] == events[0]["started"]["prompt_tokens"] > 0
+        assert usage.get("completion_tokens", 0) <= body["stopping"]["max_tokens"]
+        # stop tokens / a matched stop string are counted but not streamed as text; otherwise one
+        # token event per generated token
+        assert len(tokens) <= usage.get("completion_tokens", 0)
+        if fin["reason"] == "FINISH_REASON_LENGTH":
+            assert usage.get("completion_tokens", 0) == body["stopping"]["max_tokens"] == len(tokens)
+        if body.get("top_logprobs"):
+            assert all(len(t.get("top_logprobs", [])) == body["top_logprobs"] for t in tokens), tokens
 
 
 def run_readme(runner) -> dict:

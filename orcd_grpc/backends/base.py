@@ -176,6 +176,12 @@ class Backend(ABC):
         """Writes k, v ([T, Hkv, Dk], [T, Hkv, Dv]) into the paged cache at ctx's slots (slot < 0:
         a padding token, not written)."""
 
+    def copy_kv_blocks(self, kv, pairs: list[tuple[int, int]]) -> None:
+        """For each (src, dst) block pair, copies block src's K and V rows of every layer over
+        block dst's, in order, after every step launched before (a device backend queues it on
+        the step's stream): the copy-on-write of a block that parallel samples shared."""
+        raise NotImplementedError(f"{self.name} backend cannot copy KV blocks")
+
     @abstractmethod
     def attention(self, q, k, v, kv, layer: int, ctx, *, scale: float, window: int = 0,
                   sinks=None, softcap: float = 0.0):

@@ -139,6 +139,25 @@ class AttentionMixin:
             self._launch(kst, (max(1, min(-(-per // 256), 64)), T, 1), (256, 1, 1), k.ptr, v.ptr, ctx.slot_mapping,
                          kv.k_ptr(layer), kv.v_ptr(layer), np.int32(T), np.int32(Hkv), np.int32(Dk), np.int32(Dv))
 
+    def copy_kv_blocks(self, kv: CudaKV, pairs):
+        """kv_copy_block per pair, queued on the stream: after the step that wrote src, before
+        any step that writes dst."""
+        L = kv.layout
+        k_words = L.block_size * L.n_kv_heads * L.head_dim_k // 2  # f16 pairs
+        v_words = L.block_size * L.n_kv_heads * L.head_dim_v // 2
+        if (L.head_dim_k | L.head_dim_v) % 2:
+            raise InvalidArgument(f"odd head dims {L.head_dim_k}/{L.head_dim_v}: KV blocks are copied in "
+                                  "32-bit words", field="kv_cache")
+        kern = self._k("attention", "kv_copy_block", "PPqqiiii")
+        grid = (max(1, min(-(-max(k_words, v_words) // 256), 64)), L.n_layers, 2)
+        for src, dst in pairs:
+            if not (0 <= src < L.num_blocks and 0 <= dst < L.num_blocks):
+                raise InvalidArgument(f"KV block pair ({src}, {dst}) outside the cache's {L.num_blocks} blocks",
+                                      field="kv_cache")
+            self._launch(kern, grid, (256, 1, 1), kv.k_base, kv.v_base, np.int64(kv.k_layer // 4),
+                         np.int64(kv.v_layer // 4), np.int32(k_words), np.int32(v_words), np.int32(src),
+                         np.int32(dst))
+
     def qkv_rope_store(self, qkv, kv: CudaKV, layer, ctx: CudaStep, spec: RopeSpec, n_heads, n_kv_heads, head_dim,
                        head_dim_v):
         """One kernel: the q part roped into a new tensor, k roped and v converted to f16 straight

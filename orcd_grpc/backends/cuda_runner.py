@@ -87,6 +87,7 @@ class CudaRunner(Runner):
                     or not self._queueable(plan, bucket)):
                 return None
             return self._queue(plan, bucket, feed=after.pending)
+        self._copy_blocks(plan)  # on the stream, ahead of the step's kernels
         if self._queueable(plan, bucket):
             return self._queue(plan, bucket, feed=None)
         if bucket:

@@ -67,6 +67,7 @@ class HostRunner(Runner):
         if plan.after is not None:
             return None
         masks = start_masks(plan, self.model)
+        self._copy_blocks(plan)
         logits = forward_plan(self.backend, self.model, plan)
         host = self.backend.to_host(logits)
         bits = masks.result() if masks is not None else fill_bitmasks(plan.rows, host.shape[-1])

@@ -115,6 +115,12 @@ class NumpyBackend(Backend):
         kv.k[layer, ctx.slot_mapping[keep]] = k[keep]
         kv.v[layer, ctx.slot_mapping[keep]] = v[keep]
 
+    def copy_kv_blocks(self, kv: NumpyKV, pairs):
+        bs = kv.layout.block_size
+        for src, dst in pairs:
+            kv.k[:, dst * bs:(dst + 1) * bs] = kv.k[:, src * bs:(src + 1) * bs]
+            kv.v[:, dst * bs:(dst + 1) * bs] = kv.v[:, src * bs:(src + 1) * bs]
+
     def attention(self, q, k, v, kv: NumpyKV, layer, ctx: StepMeta, *, scale, window=0, sinks=None, softcap=0.0):
         if k is not None:
             self.store_kv(k, v, kv, layer, ctx)

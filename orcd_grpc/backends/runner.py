@@ -111,6 +111,9 @@ class StepPlan:
     rows: list[PlanRow]
     block_size: int
     after: "Launched | None" = None  # the step whose samples feed the rows with tokens None
+    # (src, dst) KV blocks to copy before the step runs (copy-on-write of a block parallel samples
+    # shared); the engine never puts them on a plan with `after`
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def seq_ids(self) -> list[int]:
@@ -164,10 +167,16 @@ class RunnerModel:
     pad_block: int                 # a block outside the allocator's range, for padding rows
     table_width: int               # blocks of the longest sequence
     max_sequences: int
+    copy_blocks: Callable[[list], None] | None = None  # copy_blocks([(src, dst), ...]): backend.copy_kv_blocks
 
 
 class Runner(ABC):
     capabilities: Capabilities
+
+    def _copy_blocks(self, plan: StepPlan) -> None:
+        """The plan's block copies, before its forward (every runner calls it as it runs a plan)."""
+        if plan.copies:
+            self.model.copy_blocks(plan.copies)
 
     @abstractmethod
     def launch(self, plan: StepPlan) -> Launched | None:
