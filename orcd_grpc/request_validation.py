@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from . import logit_controls, prompt_guard
+from . import logit_controls, prompt_guard, tool_prompt
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OrcdError, OutOfRange, PermissionDenied
 from .sampling import as_sent
 from .request import Stopping
@@ -43,6 +43,7 @@ class PreparedExecute:
     prompt_ids: list[int]
     sampling: Any
     stopping: Stopping
+    tools: Any = None  # tool_prompt.ToolUse: how to parse the output, and the grammar, if any
 
 
 def _printable_ascii(s: str) -> bool:
@@ -154,30 +155,38 @@ def _check_ids(ids: Iterable[int], vocab_size: int, field: str) -> None:
                                   field=field)
 
 
-def prompt_ids(req, tokenizer, has_chat_template: bool, limits: prompt_guard.Limits | None = None) -> list[int]:
+def prompt_ids(req, tokenizer, has_chat_template: bool, limits: prompt_guard.Limits | None = None):
     """The request's prompt as token ids. Text is sized against `limits` before it is tokenized,
-    and client text (plain `text`, chat contents) never becomes a control token."""
+    and client text (plain `text`, chat contents, tools) never becomes a control token."""
+    return _prompt_ids(req, tokenizer, has_chat_template, limits, tool_prompt.check_tools(req))[0]
+
+
+def _prompt_ids(req, tokenizer, has_chat_template: bool, limits: prompt_guard.Limits | None = None,
+                spec: tool_prompt.ToolSpec | None = None, tool_format: str | None = None):
+    """(prompt ids, tool_prompt.ToolUse or None)."""
     which = req.WhichOneof("input")
     add_bos = req.add_bos if req.HasField("add_bos") else None
     limits = limits or prompt_guard.Limits(tokenizer, 0, prompt_guard.DEFAULT_MAX_PROMPT_BYTES)
     if which == "text":
-        return prompt_guard.text_prompt_ids(tokenizer, req.text, add_bos, limits)
+        return prompt_guard.text_prompt_ids(tokenizer, req.text, add_bos, limits), None
     if which == "tokens":
         ids = list(req.tokens.ids)
         _check_ids(ids, tokenizer.vocab_size, "input.tokens")
-        return ids
+        return ids, None
     if not has_chat_template:
         raise FailedPrecondition("the model has no chat template", field="input.chat")
     problem = getattr(tokenizer, "template_error", None)
     if problem:
         raise FailedPrecondition(f"the model's chat template does not compile ({problem}); "
                                  "text and token input still work", field="input.chat")
-    messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+    messages = tool_prompt.message_dicts(req.chat.messages)
+    use = tool_prompt.tool_use(spec, tokenizer.chat_template, messages, tool_format)
     if not hasattr(tokenizer, "encode_parts"):  # a stand-in tokenizer without segment encoding
         prompt_guard.check_chat_sizes(messages, limits)
-        return list(tokenizer.encode_special(tokenizer.render_chat(messages), add_bos=add_bos))
+        return list(tokenizer.encode_special(tokenizer.render_chat(messages), add_bos=add_bos)), use
     try:
-        return prompt_guard.chat_prompt_ids(tokenizer, messages, add_bos, limits)
+        return prompt_guard.chat_prompt_ids(tokenizer, use.messages, add_bos, limits, tools=use.template_tools,
+                                            fields=use.fields, extra_bytes=use.extra_bytes), use
     except OrcdError as exc:
         if exc.field == "chat":  # the template's own errors: name the request field
             raise type(exc)(str(exc).removeprefix("chat: "), field="input.chat") from exc
@@ -188,11 +197,14 @@ def prompt_ids(req, tokenizer, has_chat_template: bool, limits: prompt_guard.Lim
 
 
 def prepare_execute(req, info, tokenizer, *,
-                    max_prompt_bytes: int = prompt_guard.DEFAULT_MAX_PROMPT_BYTES) -> PreparedExecute:
+                    max_prompt_bytes: int = prompt_guard.DEFAULT_MAX_PROMPT_BYTES,
+                    tool_format: str | None = None) -> PreparedExecute:
     """Validates an ExecuteRequest against the loaded model (`info`: ModelInfo) and tokenizes it;
-    `max_prompt_bytes` (0: none) caps prompt text before it is tokenized."""
+    `max_prompt_bytes` (0: none) caps prompt text before it is tokenized; `tool_format` overrides
+    the tool-call format detected from the chat template."""
     request_id = check_request_id(req.request_id)
     check_static(req)
+    spec = tool_prompt.check_tools(req)
     if req.model_id and req.model_id != info.model_id:
         raise NotFound(f"no model {req.model_id!r} is loaded (serving {info.model_id!r})", field="model_id")
     vocab = int(tokenizer.vocab_size or info.vocab_size)
@@ -204,7 +216,7 @@ def prepare_execute(req, info, tokenizer, *,
         frozenset() if st.ignore_eos else frozenset(int(t) for t in getattr(tokenizer, "eos_ids", ()) or ()))
     sampling.controls = logit_controls.check_vocab(req.sampling, vocab, int(st.min_tokens), stop_ids)
     limits = prompt_guard.Limits(tokenizer, info.context_length, max_prompt_bytes)
-    ids = prompt_ids(req, tokenizer, info.has_chat_template, limits)
+    ids, use = _prompt_ids(req, tokenizer, info.has_chat_template, limits, spec, tool_format)
     if not ids:
         raise InvalidArgument("the input tokenizes to no tokens", field="input")
     if len(ids) >= info.context_length:
@@ -212,7 +224,7 @@ def prepare_execute(req, info, tokenizer, *,
     stopping = Stopping(max_tokens=int(st.max_tokens), stop=list(st.stop),
                         stop_token_ids=frozenset(int(t) for t in st.stop_token_ids),
                         ignore_eos=bool(st.ignore_eos), min_tokens=int(st.min_tokens))
-    return PreparedExecute(request_id, ids, sampling, stopping)
+    return PreparedExecute(request_id, ids, sampling, stopping, use)
 
 
 # ---------------------------------------------------------------------------------------------
