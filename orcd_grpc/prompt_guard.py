@@ -157,16 +157,24 @@ def _skeleton(tokenizer, messages: list[dict], tools: list | None, content_field
     texts = [m["content"] for m in messages]
     fields = list(content_fields)
     danger = functools.partial(_could_spell_control, tokenizer)
+    mark = lambda v, f: _mark(v, f, danger, texts, fields, nonce)  # noqa: E731
     marked = []
     for i, m in enumerate(messages):
         mm = {**m, "content": _sentinel(nonce, i) if m["content"] else m["content"]}
-        for key in ("tool_calls", "tool_call_id", "name"):
+        field = f"input.chat.messages[{i}]"
+        for key in ("tool_call_id", "name"):
             if key in m:
-                mm[key] = _mark(m[key], f"input.chat.messages[{i}].{key}", danger, texts, fields, nonce)
+                mm[key] = mark(m[key], f"{field}.{key}")
+        if "tool_calls" in m:
+            mm["tool_calls"] = [
+                {**c, "id": mark(c["id"], f"{field}.tool_calls[{j}].id"),
+                 "function": {k: mark(v, f"{field}.tool_calls[{j}].{k}") for k, v in c["function"].items()}}
+                for j, c in enumerate(m["tool_calls"])]
         marked.append(mm)
     marked_tools = None
     if tools:
-        marked_tools = [_mark(t, f"tools[{j}]", danger, texts, fields, nonce) for j, t in enumerate(tools)]
+        marked_tools = [{**t, "function": {k: mark(v, f"tools[{j}].{k}") for k, v in t["function"].items()}}
+                        for j, t in enumerate(tools)]
     return nonce, marked, marked_tools, texts, fields
 
 
