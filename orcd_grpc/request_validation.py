@@ -78,8 +78,8 @@ def _range(value: float, field: str, lo: float, hi: float, *, lo_open: bool = Fa
     return value
 
 
-def check_static(req) -> None:
-    """Model-independent checks of an ExecuteRequest."""
+def check_static(req) -> tool_prompt.ToolSpec | None:
+    """Model-independent checks of an ExecuteRequest; returns its tools and tool choice."""
     check_model_id(req.model_id)
     which = req.WhichOneof("input")
     if which is None:
@@ -123,6 +123,10 @@ def check_static(req) -> None:
         raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(st.stop_token_ids)}",
                               field="stopping.stop_token_ids")
     logit_controls.check_static(req.sampling, int(st.min_tokens), int(st.max_tokens))
+    spec = tool_prompt.check_tools(req)
+    if which == "chat":
+        tool_prompt.message_dicts(req.chat.messages)  # tool calls, ids and names in the history
+    return spec
 
 
 def _sampling_params(req, vocab_size: int):
@@ -203,8 +207,7 @@ def prepare_execute(req, info, tokenizer, *,
     `max_prompt_bytes` (0: none) caps prompt text before it is tokenized; `tool_format` overrides
     the tool-call format detected from the chat template."""
     request_id = check_request_id(req.request_id)
-    check_static(req)
-    spec = tool_prompt.check_tools(req)
+    spec = check_static(req)
     if req.model_id and req.model_id != info.model_id:
         raise NotFound(f"no model {req.model_id!r} is loaded (serving {info.model_id!r})", field="model_id")
     vocab = int(tokenizer.vocab_size or info.vocab_size)

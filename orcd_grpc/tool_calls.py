@@ -184,6 +184,9 @@ class _Hermes:
             return []  # end-of-turn and other control tokens carry no text
         if self.p.names is None:
             return [Text(ANSWER, text)]
+        # inside a call only the new text (and a closing tag's start held before it) can hold
+        # the closing tag: no rescanning of a long body on every token
+        seen = max(0, len(self.buf) - len(self.CLOSE) + 1) if self.inside else 0
         self.buf += text
         out: list[Out] = []
         while True:
@@ -198,7 +201,8 @@ class _Hermes:
                 self.buf = self.buf[i + len(self.OPEN):]
                 self.inside = True
             else:
-                j = self.buf.find(self.CLOSE)
+                j = self.buf.find(self.CLOSE, seen)
+                seen = 0
                 if j < 0:
                     return out
                 out.append(self._close(self.buf[:j], closed=True))

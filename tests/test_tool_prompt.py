@@ -274,3 +274,29 @@ def test_template_that_branches_on_tool_text_refuses_control_text(shared_dir):
     with pytest.raises(InvalidArgument) as e:
         _prompt(tok, _req([_tool(description=FORGED)]))
     assert e.value.field == "tools[0].description"
+
+
+def test_tool_format_flag():
+    import argparse
+
+    from orcd_grpc.cli import parse_tool_format
+
+    assert parse_tool_format("hermes") == ("", "hermes")
+    assert parse_tool_format("qwen-7b=harmony") == ("qwen-7b", "harmony")
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_tool_format("m=mistral")
+
+
+def test_tool_checks_run_with_the_model_independent_checks():
+    """A malformed tool request is INVALID_ARGUMENT whatever the worker's state (no model needed)."""
+    from orcd_grpc import request_validation as rv
+
+    with pytest.raises(InvalidArgument) as e:
+        rv.check_static(_req([_tool(parameters="[]")]))
+    assert e.value.field == "tools[0].parameters"
+    msgs = [pb.ChatMessage(role="user", content="x"),
+            pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(id="a", name="f", arguments="[]")])]
+    with pytest.raises(InvalidArgument) as e:
+        rv.check_static(_req(messages=msgs))
+    assert e.value.field == "input.chat.messages[1].tool_calls[0].arguments"
+    assert rv.check_static(_req([_tool()])).names == frozenset({"get_weather"})
