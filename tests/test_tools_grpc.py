@@ -39,7 +39,8 @@ def srv(smollm2_path):
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.WorkerStub(channel)
     list(stub.LoadModel(pb.LoadModelRequest(path=smollm2_path.name), timeout=600))
-    yield SimpleNamespace(stub=stub, scheduler=scheduler, tokenizer=Tokenizer.from_gguf_file(smollm2_path))
+    yield SimpleNamespace(stub=stub, scheduler=scheduler, tokenizer=Tokenizer.from_gguf_file(smollm2_path),
+                          address=f"127.0.0.1:{port}")
     channel.close()
     worker.stop(1)
 
@@ -134,6 +135,23 @@ def test_bad_tool_requests_name_the_field(srv, mutate, field):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in e.value.details()
     assert srv.scheduler.engine.free_blocks() == free
+
+
+def test_python_client_sends_tools_and_collects_calls(srv):
+    from orcd_grpc.client import OrcdClient, build_request
+
+    chat = [{"role": "user", "content": "Weather in Rome?"},
+            {"role": "assistant", "tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": {"city": "Rome"}}]},
+            {"role": "tool", "content": '{"temp_c": 21}', "tool_call_id": "call_1", "name": "get_weather"},
+            {"role": "user", "content": "Thanks. Summarize."}]
+    tools = [{"name": "get_weather", "description": "Current weather", "parameters": {"type": "object"}}]
+    req = build_request(chat=chat, tools=tools, tool_choice="get_weather")
+    assert req.tool_choice.function_name == "get_weather" and req.tools[0].parameters == '{"type": "object"}'
+    assert json.loads(req.chat.messages[1].tool_calls[0].arguments) == {"city": "Rome"}
+    assert req.chat.messages[2].tool_call_id == "call_1"
+    with OrcdClient(srv.address) as c:
+        done = c.generate_text(chat=chat, tools=tools, tool_choice="none", temperature=0, max_tokens=6)
+    assert done.tool_calls == [] and done.reasoning == "" and done.token_ids
 
 
 def test_tools_need_chat_input(srv):
