@@ -43,6 +43,15 @@ DEMO_PROMPT = "The capital of France is"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
 
 
+def parse_tool_format(text: str) -> tuple[str, str]:
+    from .tool_calls import FAMILIES
+
+    model, _, fmt = text.rpartition("=")
+    if fmt not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"unknown tool format {fmt!r} (one of {', '.join(FAMILIES)})")
+    return model, fmt
+
+
 def parse_size(text: str) -> int:
     """Bytes from "24GB", "24G", "1.5GiB", "512MiB", "1000000". Units with an i are powers of
     1024, without one powers of 1000; a bare number is bytes."""
@@ -170,6 +179,10 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-bytes", type=parse_size, default=None, metavar="SIZE",
                    help="refuse prompt text (text, or chat contents in total) larger than this before "
                         "tokenizing it, e.g. 4MiB; 0: no cap beyond the context (default: 2MiB)")
+    p.add_argument("--tool-format", action="append", type=parse_tool_format, default=None,
+                   metavar="[MODEL_ID=]FORMAT",
+                   help="tool-call format (hermes, llama3, harmony) of a model, or of every model without "
+                        "MODEL_ID=, over the one detected from its chat template; repeatable")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     # --tls-cert/--tls-key/--tls-client-ca, --auth-token TOKEN[:CLIENT[:ROLES]] (repeatable), --insecure
     # and the per-client --rate-limit-* flags; each falls back to its environment variable.
@@ -206,7 +219,8 @@ def server_config(args: argparse.Namespace):
                   max_sequences=args.max_sequences, max_queue=args.max_queue,
                   max_samples=getattr(args, "max_samples", None),
                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
-                  max_prompt_bytes=getattr(args, "max_prompt_bytes", None), log_level=args.log_level)
+                  max_prompt_bytes=getattr(args, "max_prompt_bytes", None), log_level=args.log_level,
+                  tool_formats=dict(args.tool_format) if getattr(args, "tool_format", None) else None)
     # Flags left unset keep the server's own defaults.
     cfg = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     return security.apply_to_server_config(cfg, sec, limits)

@@ -9,6 +9,7 @@ has the same methods for asyncio.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Iterable, Iterator, Sequence
 
@@ -32,12 +33,15 @@ _STOPPING_FIELDS = ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "min_t
 def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
                   chat: Sequence[dict] | None = None, request_id: str = "", model_id: str = "",
                   top_logprobs: int = 0, add_bos: bool | None = None, constraint: dict | None = None,
-                  prompt_logprobs: int | None = None,
-                  **params) -> pb.ExecuteRequest:
+                  prompt_logprobs: int | None = None, tools: Sequence[dict] | None = None,
+                  tool_choice: str | None = None, **params) -> pb.ExecuteRequest:
     """An ExecuteRequest from plain Python values.
 
     prompt: text, or a list of token ids. chat: a list of {"role", "content"} dicts (instead of
-    prompt). params: the SamplingParams and StoppingCriteria fields by name; None means unset
+    prompt), optionally with "tool_calls" ([{"id", "name", "arguments"}], arguments a dict or JSON
+    text), "tool_call_id" and "name". tools: [{"name", "description", "parameters"}] (parameters
+    a JSON Schema dict or JSON text). tool_choice: "auto", "none", "required" or a tool's name.
+    params: the SamplingParams and StoppingCriteria fields by name; None means unset
     (logit_bias a {token id: bias} dict, banned_token_sequences a list of id lists).
     constraint: one Constraint field by name, e.g. {"regex": "[0-9]+"} or {"json_schema": {...}}
     (a schema as a dict or as its JSON text).
@@ -51,12 +55,19 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
         raise ValueError("input: give exactly one of prompt and chat")
     req = pb.ExecuteRequest(request_id=request_id, model_id=model_id, top_logprobs=top_logprobs)
     if chat is not None:
-        req.chat.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"])
-                                                    for m in chat]))
+        req.chat.CopyFrom(pb.ChatMessages(messages=[_chat_message(m) for m in chat]))
     elif isinstance(prompt, str):
         req.text = prompt
     else:
         req.tokens.CopyFrom(pb.TokenIds(ids=list(prompt)))
+    for t in tools or ():
+        req.tools.append(pb.Tool(name=t["name"], description=t.get("description", ""),
+                                 parameters=_json_text(t.get("parameters", ""))))
+    if tool_choice is not None:
+        modes = {"auto": pb.ToolChoice.TOOL_CHOICE_MODE_AUTO, "none": pb.ToolChoice.TOOL_CHOICE_MODE_NONE,
+                 "required": pb.ToolChoice.TOOL_CHOICE_MODE_REQUIRED}
+        req.tool_choice.CopyFrom(pb.ToolChoice(mode=modes[tool_choice]) if tool_choice in modes else
+                                 pb.ToolChoice(mode=pb.ToolChoice.TOOL_CHOICE_MODE_FUNCTION, function_name=tool_choice))
     if add_bos is not None:
         req.add_bos = add_bos
     if constraint is not None:
@@ -81,6 +92,18 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
     return req
 
 
+def _json_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _chat_message(m: dict) -> pb.ChatMessage:
+    calls = [c if isinstance(c, pb.ToolCall) else
+             pb.ToolCall(id=c["id"], name=c["name"], arguments=_json_text(c.get("arguments", {})))
+             for c in m.get("tool_calls") or ()]
+    return pb.ChatMessage(role=m["role"], content=m.get("content", ""), tool_calls=calls,
+                          tool_call_id=m.get("tool_call_id", ""), name=m.get("name", ""))
+
+
 @dataclasses.dataclass
 class Completion:
     """The outcome of one Execute call, collected."""
@@ -95,10 +118,14 @@ class Completion:
     timings: pb.Timings
     # with prompt_logprobs: an entry per prompt position from 1 on (PromptTokenLogprob)
     prompt_logprobs: list = dataclasses.field(default_factory=list)
+    # Tool calls the model made (pb.ToolCall events), and its reasoning (CHANNEL_REASONING text,
+    # e.g. GPT-OSS's analysis channel), which `text` leaves out.
+    tool_calls: list = dataclasses.field(default_factory=list)
+    reasoning: str = ""
 
 
 def _chat(messages: Sequence[dict]) -> pb.ChatMessages:
-    return pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+    return pb.ChatMessages(messages=[_chat_message(m) for m in messages])
 
 
 def finish_reason_name(value: int) -> str:
@@ -110,6 +137,8 @@ class CompletionBuilder:
 
     def __init__(self):
         self.parts: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: list = []
         self.ids: list[int] = []
         self.started = pb.Started()
         self.finished = None
@@ -120,10 +149,12 @@ class CompletionBuilder:
         if kind == "started":
             self.started = event.started
         elif kind == "token":
-            self.parts.append(event.token.text)
+            (self.reasoning if event.token.channel == pb.CHANNEL_REASONING else self.parts).append(event.token.text)
             self.ids.append(event.token.token_id)
         elif kind == "prompt_logprobs":
             self.prompt_logprobs.extend(event.prompt_logprobs.entries)
+        elif kind == "tool_call":
+            self.tool_calls.append(event.tool_call)
         elif kind == "finished":
             self.finished = event.finished
 
@@ -134,7 +165,8 @@ class CompletionBuilder:
         return Completion(text="".join(self.parts), token_ids=self.ids, request_id=self.started.request_id,
                           model_id=self.started.model_id, finish_reason=finish_reason_name(f.reason),
                           matched_stop=f.matched_stop, usage=f.usage, timings=f.timings,
-                          prompt_logprobs=self.prompt_logprobs)
+                          prompt_logprobs=self.prompt_logprobs, tool_calls=self.tool_calls,
+                          reasoning="".join(self.reasoning))
 
 
 def tls_options(channel, tls, tls_ca, tls_cert, tls_key, tls_server_name) -> channels.TlsOptions:

@@ -73,6 +73,9 @@ class Sequence:
         self.score_top: int | None = getattr(sampling, "prompt_logprobs", None)
         self.scored = 1
         self.prompt_scores: list = []
+        # Compute no KV past this many tokens (and sample nothing) until forked: the first of n
+        # parallel samples prefills the prompt's shared part alone (Engine.fork). None: no hold.
+        self.hold: int | None = None
 
     def append(self, token: int) -> None:
         """Adds a generated token the request accepted; its constraint advances past it."""
@@ -86,9 +89,6 @@ class Sequence:
             return self.mask
         m = self.dynamic.mask(self.output_ids)
         return self.mask if m is self.allowed else None if m is None else pack_bitmask(m)
-        # Compute no KV past this many tokens (and sample nothing) until forked: the first of n
-        # parallel samples prefills the prompt's shared part alone (Engine.fork). None: no hold.
-        self.hold: int | None = None
 
     @property
     def sampler(self) -> Sampler:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import json
 import re
 import secrets
 from typing import Any
@@ -84,28 +85,112 @@ def text_prompt_ids(tokenizer, text: str, add_bos, limits: Limits) -> list[int]:
     return list(tokenizer.encode(text, add_bos=add_bos))
 
 
-def check_chat_sizes(messages: list[dict], limits: Limits) -> None:
-    total = 0
+def check_chat_sizes(messages: list[dict], limits: Limits, extra_bytes: int = 0) -> None:
+    """Each content and all client text together (contents plus `extra_bytes` of tool
+    definitions, calls and ids) against the limits."""
+    total = extra_bytes
     for i, m in enumerate(messages):
         total += limits.check_text(m["content"], f"input.chat.messages[{i}].content")
     limits.check(total, "input.chat.messages")
 
 
-def _sentinels(messages: list[dict]) -> tuple[str, list[dict]]:
+def _nonce(messages: list[dict], tools: Any) -> str:
+    blob = repr(tools) + "".join(repr(m) for m in messages)
     while True:
         nonce = secrets.token_hex(8)
-        if not any(nonce in m["content"] for m in messages):
-            break
-    marked = [{**m, "content": f"\ue000{nonce}.{i}\ue001"} if m["content"] else m
-              for i, m in enumerate(messages)]
-    return nonce, marked
+        if nonce not in blob:
+            return nonce
+
+
+def _sentinel(nonce: str, k: int) -> str:
+    return f"\ue000{nonce}.{k}\ue001"
+
+
+@functools.lru_cache(maxsize=8)
+def _control_edges(texts: frozenset) -> tuple[str, frozenset, frozenset, int]:
+    """(first characters, proper prefixes, proper suffixes, longest length) of control texts."""
+    return ("".join(sorted({t[0] for t in texts})),
+            frozenset(t[:k] for t in texts for k in range(1, len(t))),
+            frozenset(t[k:] for t in texts for k in range(1, len(t))),
+            max(map(len, texts), default=0))
+
+
+def _could_spell_control(tokenizer, s: str) -> bool:
+    """Whether `s` holds a control token's text, or could complete one with the text around it
+    (it starts with the end of one, or ends with the start of one)."""
+    texts = getattr(tokenizer, "control_texts", None)
+    if texts is None:  # a stand-in tokenizer: ask it
+        return bool(_control_ids(tokenizer, tokenizer.encode_special(s, add_bos=False)))
+    if not texts or not s:
+        return False
+    firsts, prefixes, suffixes, longest = _control_edges(texts)
+    n = min(longest - 1, len(s))
+    if any(s[:k] in suffixes or s[-k:] in prefixes for k in range(1, n + 1)):
+        return True
+    if not any(c in s for c in firsts):  # the common case, in C: no control text can start here
+        return False
+    return any(t in s for t in texts)
+
+
+def _mark(value: Any, field: str, danger, texts: list[str], fields: list[str], nonce: str) -> Any:
+    """`value` with every string (dict keys too) that could spell a control token replaced by a
+    sentinel; the originals go to `texts`, their fields to `fields`."""
+    if isinstance(value, str):
+        if danger(value):
+            texts.append(value)
+            fields.append(field)
+            return _sentinel(nonce, len(texts) - 1)
+        return value
+    if isinstance(value, dict):
+        return {_mark(k, field, danger, texts, fields, nonce): _mark(v, field, danger, texts, fields, nonce)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mark(v, field, danger, texts, fields, nonce) for v in value]
+    return value
+
+
+def _skeleton(tokenizer, messages: list[dict], tools: list | None, content_fields: list[str]):
+    """(nonce, marked messages, marked tools, texts, fields): contents always replaced by
+    sentinels (sentinel i is message i's content), other client strings only where they could
+    spell a control token."""
+    nonce = _nonce(messages, tools)
+    texts = [m["content"] for m in messages]
+    fields = list(content_fields)
+    danger = functools.partial(_could_spell_control, tokenizer)
+    mark = lambda v, f: _mark(v, f, danger, texts, fields, nonce)  # noqa: E731
+    marked = []
+    for i, m in enumerate(messages):
+        mm = {**m, "content": _sentinel(nonce, i) if m["content"] else m["content"]}
+        field = f"input.chat.messages[{i}]"
+        for key in ("tool_call_id", "name"):
+            if key in m:
+                mm[key] = mark(m[key], f"{field}.{key}")
+        if "tool_calls" in m:
+            mm["tool_calls"] = [
+                {**c, "id": mark(c["id"], f"{field}.tool_calls[{j}].id"),
+                 "function": {k: mark(v, f"{field}.tool_calls[{j}].{k}") for k, v in c["function"].items()}}
+                for j, c in enumerate(m["tool_calls"])]
+        marked.append(mm)
+    marked_tools = None
+    if tools:
+        marked_tools = [{**t, "function": {k: mark(v, f"tools[{j}].{k}") for k, v in t["function"].items()}}
+                        for j, t in enumerate(tools)]
+    return nonce, marked, marked_tools, texts, fields
+
+
+def _forms(text: str):
+    """How a template may have written a client string: as is, trimmed, or JSON-escaped (tojson)."""
+    return dict.fromkeys((text, text.strip(), json.dumps(text, ensure_ascii=False)[1:-1],
+                          json.dumps(text)[1:-1]))
 
 
 def split_rendered(real: str, skeleton: str, nonce: str,
-                   messages: list[dict]) -> list[tuple[str, bool]] | None:
-    """`real` cut into (text, is_template) parts using the sentinel rendering `skeleton`; None
-    when the template treated a content in a way that cannot be traced (it branched on it, or
-    transformed it beyond trimming)."""
+                   texts: list) -> list[tuple[str, bool]] | None:
+    """`real` cut into (text, is_template) parts using the sentinel rendering `skeleton` (sentinel
+    k stands for texts[k]; message dicts are taken as their content); None when the template
+    treated a client string in a way that cannot be traced (it branched on it, or transformed it
+    beyond trimming and JSON escaping)."""
+    texts = [t["content"] if isinstance(t, dict) else t for t in texts]
     pieces = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", skeleton)
     parts: list[tuple[str, bool]] = []
     pos = 0
@@ -116,9 +201,8 @@ def split_rendered(real: str, skeleton: str, nonce: str,
             parts.append((piece, True))
             pos += len(piece)
             continue
-        content = messages[int(piece)]["content"]
         after = pieces[k + 1]
-        for cand in dict.fromkeys((content, content.strip())):  # Jinja's trim is str.strip()
+        for cand in _forms(texts[int(piece)]):
             if real.startswith(cand, pos) and real.startswith(after, pos + len(cand)):
                 break
         else:
@@ -132,30 +216,40 @@ def _control_ids(tokenizer, ids) -> list[int]:
     return [t for t in ids if tokenizer.is_special(t)]
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict], add_bos, limits: Limits) -> list[int]:
-    return chat_prompt(tokenizer, messages, add_bos, limits)[1]
+def chat_prompt_ids(tokenizer, messages: list[dict], add_bos, limits: Limits, **kw) -> list[int]:
+    return chat_prompt(tokenizer, messages, add_bos, limits, **kw)[1]
 
 
-def chat_prompt(tokenizer, messages: list[dict], add_bos, limits: Limits,
-                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
-    """The rendered prompt text and its ids (contents as plain text)."""
-    check_chat_sizes(messages, limits)
-    render: Any = lambda msgs: tokenizer.render_chat(  # noqa: E731
+def chat_prompt(tokenizer, messages: list[dict], add_bos, limits: Limits, add_generation_prompt: bool = True, *,
+                tools: list | None = None, fields: list[str] | None = None,
+                extra_bytes: int = 0) -> tuple[str, list[int]]:
+    """The rendered prompt text and its ids (contents as plain text) of `messages` (and `tools`,
+    passed to the template as transformers does); `fields` names the request field each
+    message's content came from (default input.chat.messages[i].content), `extra_bytes` the
+    client text beyond contents."""
+    check_chat_sizes(messages, limits, extra_bytes)
+    fields = fields or [f"input.chat.messages[{i}].content" for i in range(len(messages))]
+    extra = {"tools": tools} if tools else {}
+    render: Any = lambda msgs, **kw: tokenizer.render_chat(  # noqa: E731
         msgs, add_generation_prompt=add_generation_prompt, max_chars=limits.render_chars,
-        timeout_s=RENDER_TIMEOUT_S)
-    real = render(messages)
+        timeout_s=RENDER_TIMEOUT_S, **kw)
+    real = render(messages, **extra)
     limits.check(_utf8_len(real, limits.render_chars * 4), "input.chat")
-    nonce, marked = _sentinels(messages)
-    parts = split_rendered(real, render(marked), nonce, messages)
+    nonce, marked, marked_tools, texts, text_fields = _skeleton(tokenizer, messages, tools, fields)
+    parts = split_rendered(real, render(marked, **({"tools": marked_tools} if tools else {})), nonce, texts)
     whole = list(tokenizer.encode_special(real, add_bos=False))
     if parts is None:
-        # Untraceable: refuse a content that carries control-token text rather than let it
+        # Untraceable: refuse client text that carries control-token text rather than let it
         # through as a control token.
-        for i, m in enumerate(messages):
-            if _control_ids(tokenizer, tokenizer.encode_special(m["content"], add_bos=False)):
+        for text, field in zip(texts, text_fields):
+            if _control_ids(tokenizer, tokenizer.encode_special(text, add_bos=False)):
                 raise InvalidArgument("contains control-token text, which this model's chat "
                                       "template does not let the worker keep as plain text",
-                                      field=f"input.chat.messages[{i}].content")
+                                      field=field)
+        if len(texts) > len(messages):  # strings that could complete one with the template's text
+            raise InvalidArgument("contains part of a control token's text, which this model's chat "
+                                  "template does not let the worker keep as plain text",
+                                  field=text_fields[len(messages)])
         return real, tokenizer.bos_unless_present(whole, add_bos)
     template_controls = [t for text, is_tpl in parts if is_tpl and text
                          for t in _control_ids(tokenizer, tokenizer.encode_special(text, add_bos=False))]

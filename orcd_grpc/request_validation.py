@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from . import constraints, logit_controls, prompt_guard, prompt_scoring
+from . import constraints, logit_controls, prompt_guard, prompt_scoring, tool_prompt
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OrcdError, OutOfRange, PermissionDenied
 from .sampling import as_sent
 from .request import Stopping
@@ -45,6 +45,7 @@ class PreparedExecute:
     prompt_ids: list[int]
     sampling: Any
     stopping: Stopping
+    tools: Any = None  # tool_prompt.ToolUse: how to parse the output, and the grammar, if any
 
 
 def _printable_ascii(s: str) -> bool:
@@ -79,8 +80,8 @@ def _range(value: float, field: str, lo: float, hi: float, *, lo_open: bool = Fa
     return value
 
 
-def check_static(req) -> None:
-    """Model-independent checks of an ExecuteRequest."""
+def check_static(req) -> tool_prompt.ToolSpec | None:
+    """Model-independent checks of an ExecuteRequest; returns its tools and tool choice."""
     check_model_id(req.model_id)
     which = req.WhichOneof("input")
     if which is None:
@@ -128,6 +129,10 @@ def check_static(req) -> None:
                               field="stopping.stop_token_ids")
     logit_controls.check_static(req.sampling, int(st.min_tokens), int(st.max_tokens))
     constraints.check_static(req)
+    spec = tool_prompt.check_tools(req)
+    if which == "chat":
+        tool_prompt.message_dicts(req.chat.messages)  # tool calls, ids and names in the history
+    return spec
 
 
 def check_samples(n: int, max_samples: int, max_sequences: int) -> int:
@@ -173,37 +178,53 @@ def _check_ids(ids: Iterable[int], vocab_size: int, field: str) -> None:
                                   field=field)
 
 
-def prompt_ids(req, tokenizer, has_chat_template: bool, limits: prompt_guard.Limits | None = None) -> list[int]:
+def prompt_ids(req, tokenizer, has_chat_template: bool, limits: prompt_guard.Limits | None = None):
     """The request's prompt as token ids. Text is sized against `limits` before it is tokenized,
-    and client text (plain `text`, chat contents) never becomes a control token."""
+    and client text (plain `text`, chat contents, tools) never becomes a control token."""
+    return _prompt_ids(req, tokenizer, has_chat_template, limits, tool_prompt.check_tools(req))[0]
+
+
+def _prompt_ids(req, tokenizer, has_chat_template: bool, limits: prompt_guard.Limits | None = None,
+                spec: tool_prompt.ToolSpec | None = None, tool_format: str | None = None):
+    """(prompt ids, tool_prompt.ToolUse or None)."""
     which = req.WhichOneof("input")
     add_bos = req.add_bos if req.HasField("add_bos") else None
     limits = limits or prompt_guard.Limits(tokenizer, 0, prompt_guard.DEFAULT_MAX_PROMPT_BYTES)
     if which == "text":
-        return prompt_guard.text_prompt_ids(tokenizer, req.text, add_bos, limits)
+        return prompt_guard.text_prompt_ids(tokenizer, req.text, add_bos, limits), None
     if which == "tokens":
         ids = list(req.tokens.ids)
         _check_ids(ids, tokenizer.vocab_size, "input.tokens")
-        return ids
-    messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
-    return chat_prompt(tokenizer, messages, add_bos, limits, has_chat_template)[1]
+        return ids, None
+    _check_template(tokenizer, has_chat_template)
+    messages = tool_prompt.message_dicts(req.chat.messages)
+    use = tool_prompt.tool_use(spec, tokenizer.chat_template, messages, tool_format)
+    return chat_prompt(tokenizer, messages, add_bos, limits, has_chat_template, use=use)[1], use
 
 
-def chat_prompt(tokenizer, messages: list[dict], add_bos, limits: prompt_guard.Limits, has_chat_template: bool,
-                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
-    """(rendered text, ids) of chat messages whose roles were checked; errors name input.chat."""
+def _check_template(tokenizer, has_chat_template: bool) -> None:
     if not has_chat_template:
         raise FailedPrecondition("the model has no chat template", field="input.chat")
     problem = getattr(tokenizer, "template_error", None)
     if problem:
         raise FailedPrecondition(f"the model's chat template does not compile ({problem}); "
                                  "text and token input still work", field="input.chat")
+
+
+def chat_prompt(tokenizer, messages: list[dict], add_bos, limits: prompt_guard.Limits, has_chat_template: bool,
+                add_generation_prompt: bool = True, use=None) -> tuple[str, list[int]]:
+    """(rendered text, ids) of chat messages whose roles were checked, with the tools of `use`
+    (tool_prompt.ToolUse) if any; errors name input.chat."""
+    _check_template(tokenizer, has_chat_template)
     if not hasattr(tokenizer, "encode_parts"):  # a stand-in tokenizer without segment encoding
         prompt_guard.check_chat_sizes(messages, limits)
         text = tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
         return text, list(tokenizer.encode_special(text, add_bos=add_bos))
     try:
-        return prompt_guard.chat_prompt(tokenizer, messages, add_bos, limits, add_generation_prompt)
+        if use is None:
+            return prompt_guard.chat_prompt(tokenizer, messages, add_bos, limits, add_generation_prompt)
+        return prompt_guard.chat_prompt(tokenizer, use.messages, add_bos, limits, add_generation_prompt,
+                                        tools=use.template_tools, fields=use.fields, extra_bytes=use.extra_bytes)
     except OrcdError as exc:
         if exc.field == "chat":  # the template's own errors: name the request field
             raise type(exc)(str(exc).removeprefix("chat: "), field="input.chat") from exc
@@ -214,11 +235,13 @@ def chat_prompt(tokenizer, messages: list[dict], add_bos, limits: prompt_guard.L
 
 
 def prepare_execute(req, info, tokenizer, *,
-                    max_prompt_bytes: int = prompt_guard.DEFAULT_MAX_PROMPT_BYTES) -> PreparedExecute:
+                    max_prompt_bytes: int = prompt_guard.DEFAULT_MAX_PROMPT_BYTES,
+                    tool_format: str | None = None) -> PreparedExecute:
     """Validates an ExecuteRequest against the loaded model (`info`: ModelInfo) and tokenizes it;
-    `max_prompt_bytes` (0: none) caps prompt text before it is tokenized."""
+    `max_prompt_bytes` (0: none) caps prompt text before it is tokenized; `tool_format` overrides
+    the tool-call format detected from the chat template."""
     request_id = check_request_id(req.request_id)
-    check_static(req)
+    spec = check_static(req)
     if req.model_id and req.model_id != info.model_id:
         raise NotFound(f"no model {req.model_id!r} is loaded (serving {info.model_id!r})", field="model_id")
     vocab = int(tokenizer.vocab_size or info.vocab_size)
@@ -230,18 +253,23 @@ def prepare_execute(req, info, tokenizer, *,
         frozenset() if st.ignore_eos else frozenset(int(t) for t in getattr(tokenizer, "eos_ids", ()) or ()))
     sampling.controls = logit_controls.check_vocab(req.sampling, vocab, int(st.min_tokens), stop_ids)
     limits = prompt_guard.Limits(tokenizer, info.context_length, max_prompt_bytes)
-    ids = prompt_ids(req, tokenizer, info.has_chat_template, limits)
+    ids, use = _prompt_ids(req, tokenizer, info.has_chat_template, limits, spec, tool_format)
     if not ids:
         raise InvalidArgument("the input tokenizes to no tokens", field="input")
     if len(ids) >= info.context_length:
         raise OutOfRange(f"prompt is {len(ids)} tokens, context length is {info.context_length}", field="input")
     # last: the costliest check, once everything cheaper has passed
     sampling.constraint = constraints.from_request(req, tokenizer, int(info.vocab_size))
+    if use is not None and use.grammar is not None:  # tool_choice required / a named function
+        if sampling.constraint is not None:
+            sampling.constraint.close()
+            raise InvalidArgument("cannot be combined with tool_choice required or function", field="constraint")
+        sampling.constraint = constraints.compile_lark(use.grammar, tokenizer, int(info.vocab_size))
     stopping = Stopping(max_tokens=int(st.max_tokens), stop=list(st.stop),
                         stop_token_ids=frozenset(int(t) for t in st.stop_token_ids),
                         ignore_eos=bool(st.ignore_eos), min_tokens=int(st.min_tokens),
                         score_only=sampling.prompt_logprobs is not None and not st.max_tokens)
-    return PreparedExecute(request_id, ids, sampling, stopping)
+    return PreparedExecute(request_id, ids, sampling, stopping, use)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class ServerConfig:
     metrics_auth: Any = None       # security.TokenChecker of the scrape tokens; None: /metrics is open
     max_message_bytes: int = 64 * 1024 * 1024
     max_prompt_bytes: int = 2 * 1024 * 1024  # prompt text refused beyond this, before tokenizing; 0: no cap
+    tool_formats: dict = dataclasses.field(default_factory=dict)  # model id ("" for all) -> tool-call format
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
     max_workers: int = 0           # gRPC handler threads; 0: enough for every queued and running request
@@ -130,7 +131,8 @@ class Worker:
         self.servicer = WorkerServicer(self.scheduler, model_dirs=config.model_dirs, backend=config.backend,
                                        max_context=config.max_context, max_vram=config.max_vram,
                                        metrics=self.metrics, max_ram=config.max_ram,
-                                       max_prompt_bytes=config.max_prompt_bytes, max_samples=config.max_samples)
+                                       max_prompt_bytes=config.max_prompt_bytes, max_samples=config.max_samples,
+                                       tool_formats=config.tool_formats)
         workers = config.max_workers or (config.max_queue + config.max_sequences + CONTROL_THREADS)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="orcd-rpc")
         options = [

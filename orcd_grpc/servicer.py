@@ -18,6 +18,8 @@ from .errors import FailedPrecondition, Internal, NotFound, OrcdError, ResourceE
 from .proto import pb, pb_grpc
 from .request import CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, TokenEvent
 from .scheduler import Scheduler
+from .tool_calls import ANSWER, REASONING, TOOL_CALL, Call
+from .tool_stream import TOOL_CALLS, ToolStream
 
 log = logs.get_logger("orcd.servicer")
 
@@ -26,7 +28,9 @@ _REASONS = {
     LENGTH: pb.FINISH_REASON_LENGTH,
     STOP_STRING: pb.FINISH_REASON_STOP_STRING,
     CANCELLED: pb.FINISH_REASON_CANCELLED,
+    TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
 }
+_CHANNELS = {ANSWER: pb.CHANNEL_ANSWER, REASONING: pb.CHANNEL_REASONING, TOOL_CALL: pb.CHANNEL_TOOL_CALL}
 
 # How often a call blocked on its event queue re-checks that the engine thread is alive; the
 # engine always delivers a final event, so this only matters if the engine thread has died.
@@ -93,13 +97,30 @@ def _abort(context, err: OrcdError):
     context.abort(err.code, str(err))
 
 
+def _token(ev: TokenEvent, channel: str) -> pb.ExecuteResponse:
+    return pb.ExecuteResponse(token=pb.Token(
+        text=ev.text, token_id=ev.token_id, index=ev.index, logprob=ev.logprob,
+        top_logprobs=[pb.TopLogprob(token_id=i, text=t, logprob=lp) for i, t, lp in ev.top],
+        channel=_CHANNELS[channel], sample_index=ev.sample))
+
+
+def _routed(item, sample: int = 0) -> pb.ExecuteResponse:
+    """A tool_stream item (a routed token event or a complete call) as a stream message."""
+    if isinstance(item, Call):
+        return pb.ExecuteResponse(tool_call=pb.ToolCall(id=item.id, name=item.name, arguments=item.arguments,
+                                                        sample_index=sample))
+    return _token(item.event, item.channel)
+
+
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, scheduler: Scheduler, *, model_dirs: list[str] | None = None, backend: str = "auto",
                  max_context: int = 0, max_vram: int = 0, metrics=None, max_ram: int = 0,
                  max_prompt_bytes: int = rv.prompt_guard.DEFAULT_MAX_PROMPT_BYTES,
-                 max_samples: int = rv.DEFAULT_MAX_SAMPLES):
+                 max_samples: int = rv.DEFAULT_MAX_SAMPLES, tool_formats: dict[str, str] | None = None):
         self.scheduler = scheduler
         self.max_samples = max_samples
+        # --tool-format: model id -> tool_calls family ("" for every model), over the detected one
+        self.tool_formats = dict(tool_formats or {})
         self.max_prompt_bytes = max_prompt_bytes
         self.model_dirs = [str(d) for d in (model_dirs or [])]
         self.backend = backend
@@ -136,18 +157,25 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         engine = self.scheduler.engine
         if engine is None:
             raise FailedPrecondition("no model is loaded; call LoadModel first")
+        fmt = self.tool_formats.get(engine.info.model_id) or self.tool_formats.get("")
         prepared = rv.prepare_execute(request, engine.info, engine.tokenizer,
-                                      max_prompt_bytes=self.max_prompt_bytes)
+                                      max_prompt_bytes=self.max_prompt_bytes, tool_format=fmt)
         remaining = context.time_remaining()
         deadline = arrival + remaining if remaining is not None else None
         return Request(prepared.request_id, prepared.prompt_ids, prepared.sampling, prepared.stopping,
                        engine=engine, model_id=engine.info.model_id, correlation_id=correlation,
                        deadline=deadline, arrival=arrival, owner=security.client_identity(context), n=n,
-                       priority=priority)
+                       priority=priority, grammar=prepared.tools.grammar if prepared.tools else None,
+                       tool_use=prepared.tools)
 
     def _stream(self, req: Request, context):
         finished = False
         left = req.n  # Finished events still to come: one per sample
+        use = req.tool_use
+        # Each sample's tool-call markup is parsed on its own (one parser per sample index).
+        tools: dict[int, ToolStream] = {}
+        route = (lambda k: tools.setdefault(k, ToolStream(use.family, use.names, req.engine.tokenizer))) \
+            if use and use.family else None
         if not context.add_callback(lambda: self.scheduler.abandon(req, "the client went away")):
             self.scheduler.abandon(req, "the client went away")
         try:
@@ -167,10 +195,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                         return
                     continue
                 if isinstance(ev, TokenEvent):
-                    yield pb.ExecuteResponse(token=pb.Token(
-                        text=ev.text, token_id=ev.token_id, index=ev.index, logprob=ev.logprob,
-                        top_logprobs=[pb.TopLogprob(token_id=i, text=t, logprob=lp) for i, t, lp in ev.top],
-                        sample_index=ev.sample))
+                    if route is None:
+                        yield _token(ev, ANSWER)
+                    else:
+                        yield from (_routed(x, ev.sample) for x in route(ev.sample).on_token(ev))
                 elif isinstance(ev, prompt_scoring.PromptLogprobsEvent):
                     yield pb.ExecuteResponse(prompt_logprobs=prompt_scoring.to_proto(ev, pb))
                 elif isinstance(ev, FinishedEvent):
@@ -178,9 +206,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     finished = left <= 0
                     if finished:
                         self._count("Execute", grpc.StatusCode.OK)
+                    reason = ev.reason
+                    if route is not None:
+                        stream = route(ev.sample)
+                        yield from (_routed(x, ev.sample) for x in stream.on_finish())
+                        reason = stream.finish_reason(reason)
                     yield pb.ExecuteResponse(finished=pb.Finished(
                         sample_index=ev.sample,
-                        reason=_REASONS[ev.reason], matched_stop=ev.matched_stop,
+                        reason=_REASONS[reason], matched_stop=ev.matched_stop,
                         usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
                                        cached_prompt_tokens=ev.cached_prompt_tokens),
                         timings=pb.Timings(queue_ms=ev.queue_ms, time_to_first_token_ms=ev.time_to_first_token_ms,

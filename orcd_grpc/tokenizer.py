@@ -279,6 +279,9 @@ class Tokenizer:
 
         # Compiled once here, so a broken template is known (and logged) when the model loads.
         self.template_error = check_template(self.chat_template)
+        # Texts of the control tokens, for telling which client strings could spell one.
+        self.control_texts = frozenset(
+            b.decode("utf-8", "replace") for b, sp in zip(token_bytes, special) if sp and b)
 
     # ---- construction -----------------------------------------------------------------------
 
@@ -368,6 +371,10 @@ class Tokenizer:
                            _as_id(meta.get("tokenizer.ggml.eom_token_id")))
                if i is not None and 0 <= i < n}
         eos |= {vocab[t] for t in END_OF_TURN_TEXTS if t in vocab and types[vocab[t]] == CONTROL}
+        if "<|channel|>" in vocab and "<|return|>" in vocab and "<|end|>" in vocab:
+            # Harmony (GPT-OSS): <|end|> closes one message (the analysis before the answer,
+            # say), not the turn; <|return|> and <|call|> end generation.
+            eos.discard(vocab["<|end|>"])
         add_bos = meta.get("tokenizer.ggml.add_bos_token")
         return cls(
             hf, token_bytes=_token_bytes_table(tokens, types, byte_level),

@@ -75,15 +75,15 @@ class PlanRow:
     # fill_rows([(row index, it)], bits int32 [R, ceil(V / 32)]) (constraints.Constraint). The
     # runner fills its bitmask while the forward runs; a row with one is never fed ahead.
     constraint: Any = None
-
-    @property
-    def masked(self) -> bool:
-        return self.mask is not None or self.constraint is not None
     # Scoring: None, or the top-N (0..MAX_SCORE_TOP) of the log-probs wanted at each position of
     # the row whose next token is a prompt token (prompt_ids[position + 1], the target). The
     # runner returns, per such position, only the target's log-prob and the top-N (PromptScores),
     # of the raw logits (no mask, bias or penalty), never the rows of logits.
     prompt_logprobs: int | None = None
+
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None or self.constraint is not None
 
     @property
     def scored(self) -> int:
