@@ -80,6 +80,12 @@ def _range(value: float, field: str, lo: float, hi: float, *, lo_open: bool = Fa
 def check_static(req) -> None:
     """Model-independent checks of an ExecuteRequest."""
     check_model_id(req.model_id)
+    check_input(req)
+    _check_options(req)
+
+
+def check_input(req) -> None:
+    """The `input` oneof (text, tokens or chat), of an ExecuteRequest or a ProbeRequest."""
     which = req.WhichOneof("input")
     if which is None:
         raise InvalidArgument("one of text, tokens or chat must be set", field="input")
@@ -95,6 +101,8 @@ def check_static(req) -> None:
                 raise InvalidArgument("role must not be empty", field=f"input.chat.messages[{i}].role")
             prompt_guard.check_role(msg.role, f"input.chat.messages[{i}].role")
 
+
+def _check_options(req) -> None:
     if req.HasField("sampling"):
         s = req.sampling
         if s.HasField("temperature"):

@@ -37,9 +37,10 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 #: thread, read by the rate limiter and anything else that wants to know who is calling).
 CALL_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("orcd_call_client", default=None)
 
-#: What a token may do. infer: Execute and Cancel (its own requests); admin: LoadModel and
-#: UnloadModel; metrics: scrape /metrics. ListModels and HardwareInfo only describe the worker, so
-#: infer or admin may call them.
+#: What a token may do. infer: Execute and Cancel (its own requests); admin: LoadModel,
+#: UnloadModel and Drain; metrics: scrape /metrics and WatchEvents (load and cache events across
+#: tenants, for a router). ListModels and HardwareInfo only describe the worker, so infer or admin
+#: may call them; Probe any role.
 ROLES = ("infer", "admin", "metrics")
 #: Roles of a token configured without any: the least that keeps an existing inference client
 #: working. An operator upgrading grants admin explicitly (TOKEN:CLIENT:infer+admin); the refusal
@@ -54,6 +55,11 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _WORKER + "UnloadModel": frozenset({"admin"}),
     _WORKER + "ListModels": frozenset({"infer", "admin"}),
     _WORKER + "HardwareInfo": frozenset({"infer", "admin"}),
+    # Drain takes the worker out of service; Probe tells a caller only about its own prompt and
+    # the load; WatchEvents shows every tenant's cached blocks, as /metrics shows every tenant's load.
+    _WORKER + "Drain": frozenset({"admin"}),
+    _WORKER + "Probe": frozenset({"infer", "admin", "metrics"}),
+    _WORKER + "WatchEvents": frozenset({"metrics", "admin"}),
 }
 
 ENV_CERT, ENV_KEY, ENV_CLIENT_CA = "ORCD_TLS_CERT", "ORCD_TLS_KEY", "ORCD_TLS_CLIENT_CA"

@@ -13,8 +13,8 @@ import time
 
 import grpc
 
-from . import logs, request_validation as rv, security
-from .errors import FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
+from . import events, lifecycle, logs, request_validation as rv, routing, security
+from .errors import FailedPrecondition, Internal, OrcdError, ResourceExhausted
 from .proto import pb, pb_grpc
 from .request import CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, TokenEvent
 from .scheduler import Scheduler
@@ -27,6 +27,7 @@ _REASONS = {
     STOP_STRING: pb.FINISH_REASON_STOP_STRING,
     CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
+_CANCEL_REASONS = {name.removeprefix("CANCEL_REASON_").lower(): value for name, value in pb.CancelReason.items()}
 
 # How often a call blocked on its event queue re-checks that the engine thread is alive; the
 # engine always delivers a final event, so this only matters if the engine thread has died.
@@ -96,8 +97,11 @@ def _abort(context, err: OrcdError):
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, scheduler: Scheduler, *, model_dirs: list[str] | None = None, backend: str = "auto",
                  max_context: int = 0, max_vram: int = 0, metrics=None, max_ram: int = 0,
-                 max_prompt_bytes: int = rv.prompt_guard.DEFAULT_MAX_PROMPT_BYTES):
+                 max_prompt_bytes: int = rv.prompt_guard.DEFAULT_MAX_PROMPT_BYTES,
+                 life: lifecycle.Lifecycle | None = None, hub: events.EventHub | None = None):
         self.scheduler = scheduler
+        self.life = life or lifecycle.Lifecycle(scheduler)
+        self.hub = hub or events.EventHub()
         self.max_prompt_bytes = max_prompt_bytes
         self.model_dirs = [str(d) for d in (model_dirs or [])]
         self.backend = backend
@@ -142,8 +146,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def _stream(self, req: Request, context):
         finished = False
-        if not context.add_callback(lambda: self.scheduler.abandon(req, "the client went away")):
-            self.scheduler.abandon(req, "the client went away")
+        if not context.add_callback(lambda: self.scheduler.abandon(req)):
+            self.scheduler.abandon(req)
         try:
             yield pb.ExecuteResponse(started=pb.Started(
                 request_id=req.request_id, model_id=req.model_id, prompt_tokens=req.prompt_tokens,
@@ -172,7 +176,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                        cached_prompt_tokens=ev.cached_prompt_tokens),
                         timings=pb.Timings(queue_ms=ev.queue_ms, time_to_first_token_ms=ev.time_to_first_token_ms,
                                            decode_tokens_per_second=ev.decode_tokens_per_second,
-                                           total_ms=ev.total_ms)))
+                                           total_ms=ev.total_ms),
+                        cancel_reason=_CANCEL_REASONS.get(ev.cancel_reason, 0), retry_safe=ev.retry_safe))
                     return
                 elif isinstance(ev, ErrorEvent):
                     finished = True
@@ -183,7 +188,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if not finished:
                 # The stream was closed early (client gone, server stopping): the request must
                 # not keep its KV blocks or its batch slot.
-                self.scheduler.abandon(req, "the response stream was closed")
+                self.scheduler.abandon(req)
 
     # ------------------------------------------------------------------ Cancel
 
@@ -274,8 +279,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def UnloadModel(self, request, context):
         try:
             rv.check_unload_model_id(request.model_id)
-            if self.scheduler.engine is None:
-                raise NotFound(f"no model {request.model_id!r} is loaded", field="model_id")
             self.scheduler.unload(request.model_id)
         except OrcdError as err:
             self._count("UnloadModel", err.code)
@@ -310,3 +313,41 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             return None
         self._count("HardwareInfo", grpc.StatusCode.OK)
         return resp
+
+    # ------------------------------------------------------------------ lifecycle and routing
+
+    def Drain(self, request, context):
+        try:
+            wait_s = self.life.check(bool(request.wait), int(request.wait_timeout_ms), bool(request.resume))
+            out = self.life.resume() if request.resume else self.life.drain(wait_s, context.is_active)
+        except OrcdError as err:
+            self._count("Drain", err.code)
+            _abort(context, err)
+            return None
+        self._count("Drain", grpc.StatusCode.OK)
+        return pb.DrainResponse(**out)
+
+    def Probe(self, request, context):
+        try:
+            out = routing.probe(self.scheduler, request, self.max_prompt_bytes)
+        except OrcdError as err:
+            self._count("Probe", err.code)
+            _abort(context, err)
+            return None
+        self._count("Probe", grpc.StatusCode.OK)
+        return pb.ProbeResponse(**out)
+
+    def WatchEvents(self, request, context):
+        sched = self.scheduler
+        stream = events.watch(self.hub, request, context.is_active, lambda: routing.snapshot(sched),
+                              lambda: [e for e in (sched.engine, *sched.retiring) if e is not None])
+        try:
+            first = next(stream, None)  # bad arguments and a full house answer before any event
+        except OrcdError as err:
+            self._count("WatchEvents", err.code)
+            _abort(context, err)
+            return
+        self._count("WatchEvents", grpc.StatusCode.OK)
+        if first is not None:
+            yield first
+            yield from stream
