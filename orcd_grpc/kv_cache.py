@@ -76,7 +76,7 @@ class BlockAllocator:
         return self.blocks_for(num_tokens) - len(block_table) <= self.free_blocks
 
     # ---- allocation ----------------------------------------------------------------------
-    def _take(self) -> int:
+    def _take(self, evicted: list[int]) -> int:
         if self._free:
             block = self._free.pop()
         else:
@@ -84,8 +84,7 @@ class BlockAllocator:
             h = self._hash_of.pop(block)
             del self._block_of[h]
             self._parent.pop(h, None)
-            if self.listener is not None:
-                self.listener("evicted", [h])
+            evicted.append(h)
         self._ref[block] = 1
         return block
 
@@ -97,8 +96,11 @@ class BlockAllocator:
         if need > self.free_blocks:
             raise ResourceExhausted(f"KV cache full: need {need} more blocks, {self.free_blocks} free",
                                     field="kv_cache")
+        evicted: list[int] = []
         for _ in range(need):
-            block_table.append(self._take())
+            block_table.append(self._take(evicted))
+        if evicted and self.listener is not None:  # one event per allocation, not per block
+            self.listener("evicted", evicted)
 
     def release(self, block_table: list[int]) -> None:
         for block in reversed(block_table):

@@ -29,12 +29,17 @@ _IDLE_POLL_S = 0.05
 
 # ---- cancel reasons ------------------------------------------------------------------------------
 
+# A client's gRPC stack ends a call at its own deadline, a moment before the server's copy of it
+# (sent as a relative timeout, started when the server received it) runs out: a call that ends
+# this close to the request's deadline ended because of it.
+DEADLINE_SLACK_S = 0.1
+
+
 def gone_reason(req, now: float | None = None) -> tuple[str, str]:
-    """(reason, detail) of a request whose call ended under it. gRPC ends a call whose deadline
-    passed just as it ends one the client closed; the request's own deadline (taken from the same
-    call, a little earlier than gRPC's) tells them apart."""
+    """(reason, detail) of a request whose call ended under it: the client closed it, or its
+    deadline passed (gRPC ends both the same way; the request's deadline tells them apart)."""
     now = time.monotonic() if now is None else now
-    if req.deadline is not None and now >= req.deadline:
+    if req.deadline is not None and now >= req.deadline - DEADLINE_SLACK_S:
         return DEADLINE_EXCEEDED, "deadline exceeded"
     return CLIENT_DISCONNECT, "the client went away"
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from orcd_grpc.engine import ModelInfo
+from orcd_grpc.kv_cache import BlockAllocator
 from orcd_grpc.errors import AlreadyExists, FailedPrecondition, Internal, NotFound, ResourceExhausted
 from orcd_grpc.request import (CANCELLED, LENGTH, MODEL_UNLOADED, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent,
                                Request, Stopping, TokenEvent, Unavailable)
@@ -126,6 +127,9 @@ class FakeEngine:
         self.batch_sizes: list[int] = []
         self.closed = False
         self.lock = threading.Lock()
+        # the real prefix-cache bookkeeping, for Probe and WatchEvents; this engine's steps keep
+        # their own block counts and never publish a block into it
+        self.allocator = BlockAllocator(blocks, self.BLOCK)
 
     def check_finite(self):  # the swap's test step: a scripted engine's logits are never produced
         pass
