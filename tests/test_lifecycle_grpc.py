@@ -225,6 +225,7 @@ def test_drain_stops_admission_lets_running_finish_and_flips_health(smollm2_path
 def test_drain_wait_times_out_with_requests_running(srv):
     call = srv.stub.Execute(long_request("slow", max_tokens=60), timeout=120)
     next(call)
+    next(call)  # a token: it runs
     try:
         t0 = time.monotonic()
         resp = srv.stub.Drain(pb.DrainRequest(wait=True, wait_timeout_ms=300), timeout=10)
@@ -333,3 +334,27 @@ def test_swap_refused_when_memory_does_not_hold_both(smollm2_path):
         assert model.model_id == "smol-b"
     finally:
         close(s)
+
+
+def test_cli_drain_and_resume(srv):
+    """`orcd drain --wait`, the Kubernetes preStop hook's command, against the real worker."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCD_")}
+    addr = f"127.0.0.1:{srv.worker.port}"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "orcd_grpc.cli", "drain", "--address", addr, *args],
+                              capture_output=True, text=True, timeout=60, env=env)
+
+    try:
+        out = cli("--wait", "20")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("draining: 0 running, 0 queued; idle"), out.stdout
+        assert health(srv.channel) == NOT
+    finally:
+        back = cli("--resume")
+    assert back.returncode == 0 and back.stdout.startswith("admitting"), back.stdout + back.stderr
+    assert health(srv.channel) == YES
