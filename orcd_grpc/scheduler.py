@@ -131,9 +131,10 @@ class Scheduler:
             retired = self.retiring.named(model_id)  # a swap's old model still finishing requests
             if not served and not retired:
                 raise NotFound(f"no model {model_id!r} is loaded", field="model_id")
-            for old in retired + ([e] if served else []):
-                self._cancel_all(MODEL_UNLOADED, f"model {old.info.model_id} unloaded", old)
+            for old in retired:  # the swap's second half: their model was replaced
+                self._cancel_all(MODEL_SWAPPED, f"model {model_id} was replaced and is unloaded", old)
             if served:
+                self._cancel_all(MODEL_UNLOADED, f"model {e.info.model_id} unloaded", e)
                 self._engine = None
                 self._closed_engine(e)
                 self._model_changed(None)

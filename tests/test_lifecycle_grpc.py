@@ -296,7 +296,7 @@ def test_swap_lets_old_requests_finish_then_frees_the_old_model(smollm2_path):
         close(s)
 
 
-def test_unload_of_the_old_model_during_a_swap_cancels_as_unloaded(smollm2_path):
+def test_unload_of_the_old_model_during_a_swap_cancels_as_swapped(smollm2_path):
     s = serve(smollm2_path)
     try:
         call = s.stub.Execute(long_request("on-old"), timeout=120)
@@ -305,7 +305,8 @@ def test_unload_of_the_old_model_during_a_swap_cancels_as_unloaded(smollm2_path)
         list(s.stub.LoadModel(pb.LoadModelRequest(path=smollm2_path.name, model_id="smol-b"), timeout=300))
         s.stub.UnloadModel(pb.UnloadModelRequest(model_id="smol-a"), timeout=30)
         fin = list(call)[-1].finished
-        assert fin.cancel_reason == pb.CANCEL_REASON_MODEL_UNLOADED and not fin.retry_safe
+        assert fin.cancel_reason == pb.CANCEL_REASON_MODEL_SWAPPED and not fin.retry_safe
+        assert cancelled(s, "model_swapped") == 1
         assert len(s.scheduler.retiring) == 0 and s.scheduler.engine.info.model_id == "smol-b"
     finally:
         close(s)

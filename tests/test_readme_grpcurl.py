@@ -289,7 +289,8 @@ def run_readme(runner) -> dict:
             if c["verb"] == "list":
                 assert {"orcd.v1.Worker", "grpc.health.v1.Health"} <= set(seen[i].split()), seen[i]
             elif c["target"] == "orcd.v1.Worker":
-                for rpc in ("Execute", "Cancel", "LoadModel", "UnloadModel", "ListModels", "HardwareInfo"):
+                for rpc in ("Execute", "Cancel", "LoadModel", "UnloadModel", "ListModels", "HardwareInfo", "Drain",
+                            "Probe", "WatchEvents"):
                     assert f"rpc {rpc} " in seen[i], seen[i]
                 assert "returns ( stream .orcd.v1.ExecuteResponse )" in seen[i], seen[i]
             else:
@@ -316,6 +317,10 @@ def run_readme(runner) -> dict:
             assert hw["backend"] == "cpu" and hw["cpu"]["cores"] > 0 and hw["build"]["version"], hw
         elif c["target"] == "orcd.v1.Worker/ListModels":
             assert out[0]["models"][0]["model_id"] == "smollm2-135m-instruct", out
+        elif c["target"] == "orcd.v1.Worker/Probe":
+            probe = out[0]
+            assert probe["prompt_tokens"] > 0 and probe["total_kv_blocks"] > 0 and probe["accepting"], probe
+            assert probe.get("cached_prompt_tokens", 0) <= probe["prompt_tokens"]
         elif c["target"] == "grpc.health.v1.Health/Check":
             assert out == [{"status": "SERVING"}], out
         else:

@@ -10,7 +10,7 @@ import pytest
 from orcd_grpc.engine import ModelInfo
 from orcd_grpc.kv_cache import BlockAllocator
 from orcd_grpc.errors import AlreadyExists, FailedPrecondition, Internal, NotFound, ResourceExhausted
-from orcd_grpc.request import (CANCELLED, LENGTH, MODEL_UNLOADED, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent,
+from orcd_grpc.request import (CANCELLED, LENGTH, MODEL_SWAPPED, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent,
                                Request, Stopping, TokenEvent, Unavailable)
 from orcd_grpc.scheduler import Scheduler
 
@@ -454,7 +454,7 @@ def test_unload_of_a_swapped_out_model_cancels_its_requests(make_sched):
     assert fins[0].completion_tokens > 0 and not fins[0].retry_safe  # it streamed: a retry would repeat output
     assert fins[1].completion_tokens == 0 and fins[1].retry_safe
     for fin in fins:
-        assert fin.reason == CANCELLED and fin.cancel_reason == MODEL_UNLOADED
+        assert fin.reason == CANCELLED and fin.cancel_reason == MODEL_SWAPPED
         assert fin.retry_safe == (fin.completion_tokens == 0)
     assert old.closed and not new.closed and s.model_info.model_id == "new"
 
