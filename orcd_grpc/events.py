@@ -14,6 +14,7 @@ import time
 
 from .errors import InvalidArgument, ResourceExhausted
 from .proto import pb
+from .request import Unavailable
 
 MAX_SUBSCRIBERS = 16
 QUEUE_EVENTS = 1024
@@ -67,7 +68,7 @@ class EventHub:
     def subscribe(self, cache: bool) -> Subscription:
         with self._lock:
             if self._closed:
-                raise ResourceExhausted("the worker is shutting down")
+                raise Unavailable("the worker is shutting down")
             if len(self._subs) >= self.max_subscribers:
                 raise ResourceExhausted(f"the worker has {self.max_subscribers} WatchEvents subscribers; "
                                         "retry later", retry_after_ms=5000)

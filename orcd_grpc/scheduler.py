@@ -206,8 +206,8 @@ class Scheduler:
             if req.key in self._by_id:  # only the owner's own ids: others' are not its business
                 raise AlreadyExists(f"request {req.request_id!r} is already running", field="request_id")
             if len(self._waiting) >= self.max_queue:
-                raise ResourceExhausted(f"the request queue is full ({self.max_queue} waiting)", retry_after_ms=self.timing
-                                        .retry_after_ms(len(self._waiting), self.effective_max_sequences()))
+                wait_ms = self.timing.retry_after_ms(len(self._waiting), self.effective_max_sequences())
+                raise ResourceExhausted(f"the request queue is full ({self.max_queue} waiting)", retry_after_ms=wait_ms)
             self._by_id[req.key] = req
             self._waiting.append(req)
             self._gauges_locked()

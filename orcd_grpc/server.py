@@ -151,7 +151,8 @@ class Worker:
             if hasattr(icp, "bind_registry"):
                 icp.bind_registry(self.metrics.registry)
         reserve = min(CONTROL_THREADS, max(1, workers // 4))
-        interceptors = [_CallWrapper(max_streams=max(1, workers - reserve - watchers)), *config.interceptors]
+        streams = workers - reserve - (0 if config.max_workers else watchers)  # the watchers' threads stay theirs
+        interceptors = [_CallWrapper(max_streams=max(1, streams)), *config.interceptors]
         if config.auth_token:  # a single token given directly (security.py's flags fold theirs in)
             # one shared secret given in code: it cannot separate duties, so it has every role
             interceptors.insert(1, AuthInterceptor({config.auth_token: "default"},
