@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     unload.add_argument("model_id", nargs="?", default="", help="default: the only loaded model")
     add_client_flags(unload)
 
+    drain = sub.add_parser("drain", help="stop a worker admitting requests (a Kubernetes preStop hook)")
+    add_client_flags(drain)
+    drain.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                       help="also wait up to this long (at most 600) for running and queued requests to end")
+    drain.add_argument("--resume", action="store_true", help="admit requests again (undo a drain)")
+
     lst = sub.add_parser("list", help="list a worker's loaded models")
     add_client_flags(lst)
 
@@ -367,6 +373,15 @@ def cmd_unload(args) -> int:
     return 0
 
 
+def cmd_drain(args) -> int:
+    with client_from_args(args) as client:
+        r = client.drain(wait_s=args.wait, resume=args.resume)
+    state = "draining" if r.draining else "admitting"
+    print(f"{state}: {r.running} running, {r.queued} queued; {'idle' if r.idle else 'busy'}"
+          + (f" after {r.waited_ms / 1000:.1f}s" if args.wait is not None else ""))
+    return 0 if r.idle or args.wait is None else 3
+
+
 def cmd_list(args) -> int:
     with client_from_args(args) as client:
         for m in client.list_models():
@@ -465,7 +480,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 COMMANDS = {"serve": cmd_serve, "demo": cmd_demo, "generate": cmd_generate, "load": cmd_load,
-            "unload": cmd_unload, "list": cmd_list, "info": cmd_info, "models": cmd_models}
+            "unload": cmd_unload, "drain": cmd_drain, "list": cmd_list, "info": cmd_info, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

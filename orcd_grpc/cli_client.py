@@ -1,4 +1,4 @@
-"""The connection flags of the CLI's client commands (generate, load, unload, list, info) and the
+"""The connection flags of the CLI's client commands (generate, load, unload, drain, list, info) and the
 OrcdClient they make.
 
 Each flag falls back to an environment variable. The client's TLS variables are named apart from

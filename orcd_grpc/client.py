@@ -273,6 +273,28 @@ class OrcdClient:
         with typed_errors():
             self._stub.UnloadModel(pb.UnloadModelRequest(model_id=model_id), **self._kw(timeout, metadata))
 
+    def drain(self, *, wait_s: float | None = None, resume: bool = False, timeout: float | None = None,
+              metadata=None) -> pb.DrainResponse:
+        """Stops the worker admitting requests (health NOT_SERVING); with wait_s, waits up to that
+        long for the running and queued ones to end. resume: admit again."""
+        req = pb.DrainRequest(resume=resume)
+        if wait_s is not None:
+            req.wait, req.wait_timeout_ms = True, max(1, int(wait_s * 1000))
+            timeout = timeout if timeout is not None else wait_s + 10
+        with typed_errors():
+            return self._stub.Drain(req, **self._kw(timeout, metadata))
+
+    def probe(self, prompt: str | list[int], model_id: str = "", *, timeout: float | None = None,
+              metadata=None) -> pb.ProbeResponse:
+        """Cached prompt tokens and load for a text prompt or token ids (a router's question)."""
+        req = pb.ProbeRequest(model_id=model_id)
+        if isinstance(prompt, str):
+            req.text = prompt
+        else:
+            req.tokens.ids.extend(prompt)
+        with typed_errors():
+            return self._stub.Probe(req, **self._kw(timeout, metadata))
+
     def hardware_info(self, *, timeout: float | None = None, metadata=None) -> pb.HardwareInfoResponse:
         with typed_errors():
             return self._stub.HardwareInfo(pb.HardwareInfoRequest(), **self._kw(timeout, metadata))

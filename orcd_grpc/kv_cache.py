@@ -6,12 +6,43 @@ prefix (a system prompt, a chat history) share those blocks, read-only: a sequen
 positions past its cached prefix. A block whose last user leaves stays cached (evictable, least
 recently used first) until its space is needed; nothing is ever lost or leaked by a sequence that
 ends, is cancelled or fails, because `release` is the only way out and it is idempotent.
+
+The hash is a documented one (block_hashes; the proto's BlocksStored has it), not Python's own,
+so a router in any language can compute a prompt's block hashes and mirror the cache from the
+events a `listener` receives (events.py): ("stored", parent, hashes) when blocks are published and
+("evicted", hashes) when their space is taken.
 """
 from __future__ import annotations
 
+import array
+import hashlib
+import sys
 from collections import OrderedDict
+from typing import Callable
 
 from .errors import ResourceExhausted
+
+
+def iter_block_hashes(tokens, block_size: int, n_blocks: int | None = None, parent: int = 0):
+    """The chained hashes of the first n_blocks (default: every full block) of `tokens`, lazily
+    (a lookup stops at its first miss): each is the little-endian uint64 of
+    BLAKE2b-64(previous hash as 8 bytes LE || the block's ids as uint32 LE), the first block's
+    previous hash being `parent` (0 at a prompt's start)."""
+    if n_blocks is None:
+        n_blocks = len(tokens) // block_size
+    ids = array.array("I", tokens[:n_blocks * block_size])
+    if sys.byteorder != "little":
+        ids.byteswap()
+    raw, step, h = ids.tobytes(), 4 * block_size, parent
+    for i in range(n_blocks):
+        h = int.from_bytes(hashlib.blake2b(h.to_bytes(8, "little") + raw[i * step:(i + 1) * step],
+                                           digest_size=8).digest(), "little")
+        yield h
+
+
+def block_hashes(tokens, block_size: int, n_blocks: int | None = None, parent: int = 0) -> list[int]:
+    """iter_block_hashes as a list: what a router computes to look a prompt up in its mirror."""
+    return list(iter_block_hashes(tokens, block_size, n_blocks, parent))
 
 
 class BlockAllocator:
@@ -23,8 +54,11 @@ class BlockAllocator:
         self._ref = [0] * num_blocks
         self._hash_of: dict[int, int] = {}          # block -> its prefix hash
         self._block_of: dict[int, int] = {}         # prefix hash -> block
+        self._parent: dict[int, int] = {}           # prefix hash -> the hash of the block before it
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, LRU first
         self.hit_tokens = 0                         # prompt tokens served from the cache, total
+        # Told of cache changes, on the engine thread; must not block (events.EventHub queues).
+        self.listener: Callable[..., None] | None = None
 
     # ---- capacity ------------------------------------------------------------------------
     @property
@@ -42,12 +76,15 @@ class BlockAllocator:
         return self.blocks_for(num_tokens) - len(block_table) <= self.free_blocks
 
     # ---- allocation ----------------------------------------------------------------------
-    def _take(self) -> int:
+    def _take(self, evicted: list[int]) -> int:
         if self._free:
             block = self._free.pop()
         else:
             block, _ = self._evictable.popitem(last=False)
-            del self._block_of[self._hash_of.pop(block)]
+            h = self._hash_of.pop(block)
+            del self._block_of[h]
+            self._parent.pop(h, None)
+            evicted.append(h)
         self._ref[block] = 1
         return block
 
@@ -73,8 +110,11 @@ class BlockAllocator:
         if need > self.free_blocks:
             raise ResourceExhausted(f"KV cache full: need {need} more blocks, {self.free_blocks} free",
                                     field="kv_cache")
+        evicted: list[int] = []
         for _ in range(need):
-            block_table.append(self._take())
+            block_table.append(self._take(evicted))
+        if evicted and self.listener is not None:  # one event per allocation, not per block
+            self.listener("evicted", evicted)
 
     def release(self, block_table: list[int]) -> None:
         for block in reversed(block_table):
@@ -88,10 +128,23 @@ class BlockAllocator:
 
     # ---- prefix cache --------------------------------------------------------------------
     def _hashes(self, tokens: list[int], n_blocks: int):
-        h, bs = 0, self.block_size
-        for i in range(n_blocks):
-            h = hash((h, tuple(tokens[i * bs:(i + 1) * bs])))
-            yield h
+        return iter_block_hashes(tokens, self.block_size, n_blocks)
+
+    def cached_tokens(self, prompt: list[int]) -> int:
+        """What match_prefix would find for `prompt` now, without taking a block or touching the
+        eviction order (a router's probe; safe beside the engine thread: reads only)."""
+        if not self.prefix_cache:
+            return 0
+        n = 0
+        for h in self._hashes(prompt, (len(prompt) - 1) // self.block_size):
+            if h not in self._block_of:
+                break
+            n += 1
+        return n * self.block_size
+
+    def cached_blocks(self) -> list[tuple[int, int]]:
+        """(hash, parent hash) of every cached block (a snapshot for a new cache mirror)."""
+        return list(self._parent.copy().items())
 
     def match_prefix(self, prompt: list[int], block_table: list[int]) -> int:
         """Fills an empty block_table with cached blocks of prompt's longest cached prefix and
@@ -116,8 +169,19 @@ class BlockAllocator:
         if not self.prefix_cache:
             return
         n_full = min(len(prompt), num_computed) // self.block_size
+        parent, new_from, new = 0, 0, []
         for i, h in enumerate(self._hashes(prompt, n_full)):
             block = block_table[i]
             if h not in self._block_of and block not in self._hash_of:
                 self._block_of[h] = block
                 self._hash_of[block] = h
+                self._parent[h] = parent
+                if not new:
+                    new_from = parent
+                new.append(h)
+            elif new and self.listener is not None:  # a gap: report each run on its own parent
+                self.listener("stored", new_from, new)
+                new = []
+            parent = h
+        if new and self.listener is not None:
+            self.listener("stored", new_from, new)

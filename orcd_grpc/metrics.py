@@ -42,6 +42,9 @@ class Metrics:
                                 ["method", "code"], registry=r)
         self.finished = Counter("orcd_finished_requests", "Execute requests finished, by finish reason",
                                 ["reason"], registry=r)
+        self.cancelled = Counter("orcd_cancelled_requests", "Execute requests cancelled, by cancel reason "
+                                 "(client_cancel, client_disconnect, deadline_exceeded, model_unloaded, "
+                                 "model_swapped, server_shutdown)", ["reason"], registry=r)
         self.prompt_tokens = Counter("orcd_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generated_tokens = Counter("orcd_generated_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("orcd_time_to_first_token_seconds",

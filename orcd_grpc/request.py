@@ -25,6 +25,17 @@ LENGTH = "length"
 STOP_STRING = "stop_string"
 CANCELLED = "cancelled"
 
+# Why a request was cancelled (the proto's CancelReason, lower case; the metric's label values).
+CLIENT_CANCEL = "client_cancel"
+CLIENT_DISCONNECT = "client_disconnect"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+MODEL_UNLOADED = "model_unloaded"
+MODEL_SWAPPED = "model_swapped"
+SERVER_SHUTDOWN = "server_shutdown"
+PREEMPTED = "preempted"
+# The worker's own reasons: the client did not ask for the end, so another worker may redo it.
+WORKER_REASONS = frozenset({MODEL_UNLOADED, MODEL_SWAPPED, SERVER_SHUTDOWN, PREEMPTED})
+
 
 class Unavailable(OrcdError):
     """The worker is shutting down (or the model changed under a request being submitted)."""
@@ -65,6 +76,8 @@ class FinishedEvent:
     total_ms: float
     detail: str = ""
     sample: int = 0
+    cancel_reason: str = ""  # with CANCELLED: one of the reasons above
+    retry_safe: bool = False
 
 
 @dataclasses.dataclass
@@ -140,8 +153,15 @@ class Request:
         self.queue_position = 0  # requests ahead of it when it was queued (Started)
         self.estimated_start_ms = 0.0
         self.admitted_at: float | None = None
-        self.cancel_reason: str | None = None
+        self.cancel_reason: str | None = None  # the detail logged; set once, by cancel()
+        self.cancel_kind = ""  # one of the reasons above, set with it
         self.done = False
+
+    def cancel(self, kind: str, detail: str) -> None:
+        """Marks the request for cancellation (the scheduler ends it at its next step); the
+        first reason given is the one reported."""
+        if self.cancel_reason is None:
+            self.cancel_kind, self.cancel_reason = kind, detail
 
     @property
     def key(self) -> tuple[str, str]:

@@ -83,6 +83,12 @@ def _range(value: float, field: str, lo: float, hi: float, *, lo_open: bool = Fa
 def check_static(req) -> tool_prompt.ToolSpec | None:
     """Model-independent checks of an ExecuteRequest; returns its tools and tool choice."""
     check_model_id(req.model_id)
+    check_input(req)
+    return _check_options(req)
+
+
+def check_input(req) -> None:
+    """The `input` oneof (text, tokens or chat), of an ExecuteRequest or a ProbeRequest."""
     which = req.WhichOneof("input")
     if which is None:
         raise InvalidArgument("one of text, tokens or chat must be set", field="input")
@@ -98,6 +104,8 @@ def check_static(req) -> tool_prompt.ToolSpec | None:
                 raise InvalidArgument("role must not be empty", field=f"input.chat.messages[{i}].role")
             prompt_guard.check_role(msg.role, f"input.chat.messages[{i}].role")
 
+
+def _check_options(req) -> "tool_prompt.ToolSpec | None":
     if req.HasField("sampling"):
         s = req.sampling
         if s.HasField("temperature"):
@@ -130,7 +138,7 @@ def check_static(req) -> tool_prompt.ToolSpec | None:
     logit_controls.check_static(req.sampling, int(st.min_tokens), int(st.max_tokens))
     constraints.check_static(req)
     spec = tool_prompt.check_tools(req)
-    if which == "chat":
+    if req.WhichOneof("input") == "chat":
         tool_prompt.message_dicts(req.chat.messages)  # tool calls, ids and names in the history
     return spec
 

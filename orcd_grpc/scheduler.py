@@ -17,12 +17,14 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import logs, prompt_scoring
+from . import lifecycle, logs, prompt_scoring
 from .admission_queue import AdmissionQueue, StartEstimator, preemption_victim
 from .errors import AlreadyExists, FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .overlap import Overlap
-from .request import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, Request, Sample, TokenEvent,
+from .request import (CANCELLED, CLIENT_CANCEL, DEADLINE_EXCEEDED, LENGTH, MODEL_SWAPPED, MODEL_UNLOADED,
+                      SERVER_SHUTDOWN, STOP_STRING, STOP_TOKEN, ErrorEvent, Request, Sample, TokenEvent,
                       Unavailable)
+from .routing import LoadStats
 
 log = logs.get_logger("orcd.scheduler")
 
@@ -31,29 +33,6 @@ def _make_decoder(tokenizer, stop: list[str]):
     from .detokenize import StreamDecoder
 
     return StreamDecoder(tokenizer, list(stop))
-
-
-def _drop_frames(exc: BaseException) -> None:
-    """Cuts the tracebacks off a failed load's exception chain. Their frames hold the new model
-    (its weights, reader and tokenizer) for as long as anyone keeps the exception, and the
-    caller, a log record or the gRPC layer may keep it well after the load was refused."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
-
-
-def _left_beside(old, backend: str, limit: int, flag: str, field: str) -> int:
-    """What `limit` (0: none) leaves a model loading beside `old`, the served engine, when `old`
-    holds memory of the same kind (`backend`)."""
-    if not limit or old is None or old.info.backend != backend:
-        return limit
-    held = old.info.vram_bytes
-    if held >= limit:
-        raise ResourceExhausted(f"{flag} {limit / 2**30:.2f} GiB is held by the served model {old.info.model_id} "
-                                f"({held / 2**30:.2f} GiB); unload it first", field=field)
-    return limit - held
 
 
 def _default_loader(path, **kwargs):
@@ -87,11 +66,13 @@ class Scheduler:
         self._commands: collections.deque = collections.deque()
         self._engine = None
         self._accepting = True
+        self.closed: str | None = None  # why admission is stopped (Drain), None while open
+        self.retiring = lifecycle.Retiring()  # replaced models finishing their requests
+        self.on_engine_closed: Callable[[Any], None] | None = None
         self._stopping = False
         self._load_lock = threading.Lock()
-        # Smoothed duration of a whole request, for the retry-after hint of a full queue.
-        self._avg_request_s = 1.0
-        self._overlap: Overlap | None = None  # the served engine's overlap loop
+        self.timing = LoadStats()  # recent step and request durations (retry-after, Probe)
+        self._overlaps: dict[int, Overlap] = {}  # id(engine) -> its overlap loop
         self._thread = threading.Thread(target=self._loop, name="orcd-engine", daemon=True)
         self._thread.start()
 
@@ -121,25 +102,25 @@ class Scheduler:
                 raise Unavailable("the worker is shutting down")
             t0 = time.monotonic()
             extra = {"max_context": max_context} if max_context else {}
-            old = self._engine
-            # The new model loads beside the served one, and each limit caps the worker, not each
-            # model: what the served one holds on its memory is not the newcomer's to take (without
+            held = [self._engine, *self.retiring]
+            # The new model loads beside the loaded ones, and each limit caps the worker, not each
+            # model: what they hold on its memory is not the newcomer's to take (without
             # --max-ram the limit is the machine's available memory, already short of it).
-            max_vram = _left_beside(old, "cuda", max_vram, "--max-vram", "max_vram")
-            max_ram = _left_beside(old, "cpu", max_ram, "--max-ram", "max_ram")
+            max_vram = lifecycle.left_beside(held, "cuda", max_vram, "--max-vram", "max_vram")
+            max_ram = lifecycle.left_beside(held, "cpu", max_ram, "--max-ram", "max_ram")
             try:
                 engine = self._loader(path, model_id=model_id, backend=backend, context_length=context_length,
                                       max_sequences=self.max_sequences, max_vram=max_vram, max_ram=max_ram,
                                       progress=progress, **extra)
             except BaseException as exc:
-                _drop_frames(exc)
+                lifecycle.drop_frames(exc)
                 raise
             try:
                 self._run_command(lambda: self._check_and_swap(engine))
             except BaseException as exc:
                 engine.close()
                 engine = None  # the closure above holds it too: nothing may keep the failed model alive
-                _drop_frames(exc)
+                lifecycle.drop_frames(exc)
                 raise
             log.info("model loaded", extra={"fields": {
                 "model_id": engine.info.model_id, "path": str(engine.info.path),
@@ -149,12 +130,18 @@ class Scheduler:
     def unload(self, model_id: str) -> None:
         def _do():
             e = self._engine
-            if e is None or (model_id and model_id != e.info.model_id):
+            served = e is not None and model_id in ("", e.info.model_id)
+            retired = self.retiring.named(model_id)  # a swap's old model still finishing requests
+            if not served and not retired:
                 raise NotFound(f"no model {model_id!r} is loaded", field="model_id")
-            self._cancel_all(f"model {e.info.model_id} unloaded")
-            self._engine = None
-            e.close()
-            self._model_changed(None)
+            for old in retired:  # the swap's second half: their model was replaced
+                self._cancel_all(MODEL_SWAPPED, f"model {model_id} was replaced and is unloaded", old)
+            if served:
+                self._cancel_all(MODEL_UNLOADED, f"model {e.info.model_id} unloaded", e)
+                self._engine = None
+                self._closed_engine(e)
+                self._model_changed(None)
+            self._close_retired()
         self._run_command(_do)
         log.info("model unloaded", extra={"fields": {"model_id": model_id}})
 
@@ -166,18 +153,27 @@ class Scheduler:
         self._swap(engine)
 
     def _swap(self, engine) -> None:
-        old = self._engine
+        old, self._engine = self._engine, engine
         if old is not None:
-            # Requests were tokenized for the old model; running them on the new one would be
-            # wrong, so they end as cancelled.
-            self._cancel_all(f"model replaced by {engine.info.model_id}")
-        self._engine = engine
-        if old is not None:
-            old.close()
+            # Its requests were tokenized for it: they finish on it, and it is freed after them.
+            self.retiring.add(old)
         self._model_changed(engine.info)
 
+    def _closed_engine(self, e) -> None:
+        e.close()
+        if self.on_engine_closed is not None:
+            self.on_engine_closed(e)
+
+    def _close_retired(self, force: bool = False) -> None:
+        with self._cv:
+            live = {id(r.engine) for r in list(self._waiting) + list(self._running)}
+        for e in self.retiring.close_idle(live, force):
+            if self.on_engine_closed is not None:
+                self.on_engine_closed(e)
+        keep = [self._engine, *self.retiring]
+        self._overlaps = {k: o for k, o in self._overlaps.items() if any(o.engine is e for e in keep)}
+
     def _model_changed(self, info) -> None:
-        self._overlap = None  # a step queued on the old engine: its requests are gone with it
         if self.metrics is not None:
             self.metrics.set_model(info)
         if self._on_model_change is not None:
@@ -204,8 +200,8 @@ class Scheduler:
 
     def submit(self, req: Request) -> None:
         with self._cv:
-            if not self._accepting:
-                raise Unavailable("the worker is shutting down")
+            if not self._accepting or self.closed:
+                raise Unavailable(self.closed or "the worker is shutting down")
             if self._engine is None:
                 raise FailedPrecondition("no model is loaded")
             if req.engine is not self._engine:
@@ -213,17 +209,16 @@ class Scheduler:
             if req.key in self._by_id:  # only the owner's own ids: others' are not its business
                 raise AlreadyExists(f"request {req.request_id!r} is already running", field="request_id")
             if len(self._waiting) >= self.max_queue:
-                raise ResourceExhausted(f"the request queue is full ({self.max_queue} waiting)",
-                                        retry_after_ms=self._retry_after_ms())
+                wait_ms = self.timing.retry_after_ms(len(self._waiting), self.effective_max_sequences())
+                raise ResourceExhausted(f"the request queue is full ({self.max_queue} waiting)", retry_after_ms=wait_ms)
             self._estimator.place(req, self._waiting, self._running, self.effective_max_sequences())
             self._by_id[req.key] = req
             self._waiting.push(req)
             self._gauges_locked()
             self._cv.notify_all()
 
-    def _retry_after_ms(self) -> int:
-        per_slot = self._avg_request_s / max(1, self.effective_max_sequences())
-        return int(min(60_000, max(100, 1000 * per_slot * max(1, len(self._waiting)))))
+    def accepting(self) -> bool:
+        return self._accepting and self.closed is None
 
     def cancel(self, request_id: str, reason: str = "cancelled by Cancel", *, owner: str = "") -> bool:
         """Cancels `owner`'s request `request_id`. Another client's request with that id answers
@@ -232,16 +227,15 @@ class Scheduler:
             req = self._by_id.get((owner, request_id))
             if req is None or req.done:
                 raise NotFound(f"no running or queued request {request_id!r}", field="request_id")
-            if req.cancel_reason is None:
-                req.cancel_reason = reason
+            req.cancel(CLIENT_CANCEL, reason)
             self._cv.notify_all()
             return True
 
-    def abandon(self, req: Request, reason: str) -> None:
-        """Cancels `req` if it is still live; used when its caller goes away (never raises)."""
+    def abandon(self, req: Request) -> None:
+        """Cancels `req` if it is still live; used when its call ends under it (never raises)."""
         with self._cv:
-            if not req.done and req.cancel_reason is None:
-                req.cancel_reason = reason
+            if not req.done:
+                req.cancel(*lifecycle.gone_reason(req))
             self._cv.notify_all()
 
     def stats(self) -> dict[str, int]:
@@ -261,8 +255,7 @@ class Scheduler:
                     break
                 self._cv.wait(min(left, 0.1))
             for req in list(self._waiting) + list(self._running):
-                if req.cancel_reason is None:
-                    req.cancel_reason = "the worker is shutting down"
+                req.cancel(SERVER_SHUTDOWN, "the worker is shutting down")
             self._cv.notify_all()
             # The cancellations take effect at the next step boundary; wait for one step at most.
             end = time.monotonic() + 30.0
@@ -272,8 +265,9 @@ class Scheduler:
             self._cv.notify_all()
         self._thread.join(timeout=30.0)
         e, self._engine = self._engine, None
+        self._close_retired(force=True)
         if e is not None:
-            e.close()
+            self._closed_engine(e)
             self._model_changed(None)
 
     # ------------------------------------------------------------------ engine thread
@@ -303,8 +297,9 @@ class Scheduler:
 
     def _drop_everything_locked(self) -> None:
         for req in list(self._waiting) + list(self._running):
+            req.cancel(SERVER_SHUTDOWN, "the worker stopped")
             self._release(req)
-            self._emit_all(req, CANCELLED, "", "the worker stopped")
+            self._emit_all(req, CANCELLED, "", req.cancel_reason)
         self._waiting.clear()
         self._running.clear()
         self._by_id.clear()
@@ -312,15 +307,15 @@ class Scheduler:
     def _iteration(self) -> None:
         engine = self._engine
         self._reap()
-        if engine is None:
-            with self._cv:
-                orphans = list(self._waiting)
-            for req in orphans:
-                self._finish(req, CANCELLED, detail="no model is loaded")
-            return
-        admitted_any = self._admit(engine)
+        with self._cv:  # queued for a model that is gone (the served one is always live)
+            orphans = [r for r in self._waiting if r.engine is not engine and r.engine not in self.retiring]
+        for req in orphans:
+            self._cancel_now(req, *((MODEL_UNLOADED, "no model is loaded") if engine is None
+                                    else (MODEL_SWAPPED, "the model was replaced")))
+        admitted_any = self._admit()
         if self._running:
-            self._step(engine)
+            for eng in {id(r.engine): r.engine for r in self._running}.values():  # a swap's old model too
+                self._step(eng, [r for r in self._running if r.engine is eng])
         elif self._waiting and not admitted_any:
             # Nothing runs, so nothing will free KV blocks: the head can never be admitted.
             head = self._waiting.head()
@@ -328,6 +323,8 @@ class Scheduler:
             self._fail(head, ResourceExhausted(
                 f"the prompt ({head.prompt_tokens} tokens{samples}) needs more KV cache than the worker has",
                 field="input"))
+        if self.retiring:
+            self._close_retired()
         with self._cv:
             self._gauges_locked()
             self._cv.notify_all()
@@ -338,10 +335,13 @@ class Scheduler:
             victims = [r for r in list(self._waiting) + list(self._running)
                        if r.cancel_reason is not None or (r.deadline is not None and now >= r.deadline)]
         for req in victims:
-            reason = req.cancel_reason or "deadline exceeded"
-            self._finish(req, CANCELLED, detail=reason)
+            self._cancel_now(req, DEADLINE_EXCEEDED, "deadline exceeded")
 
-    def _admit(self, engine) -> bool:
+    def _cancel_now(self, req: Request, kind: str, detail: str) -> None:
+        req.cancel(kind, detail)  # a reason given earlier stays
+        self._finish(req, CANCELLED, detail=req.cancel_reason)
+
+    def _admit(self) -> bool:
         admitted = False
         limit = self.effective_max_sequences()
         while True:
@@ -351,9 +351,7 @@ class Scheduler:
                 req = self._waiting.head()
                 if sum(r.width for r in self._running) + req.width > limit:
                     return admitted
-            if req.engine is not engine:
-                self._finish(req, CANCELLED, detail="the model was replaced")
-                continue
+            engine = req.engine  # live: _iteration cancelled those of a model that is gone
             try:
                 req.start(engine, self._decoder_factory)
             except OrcdError as exc:
@@ -373,15 +371,15 @@ class Scheduler:
                                              "fields": {"prompt_tokens": req.prompt_tokens}})
             admitted = True
 
-    def _step(self, engine) -> None:
-        batch = list(self._running)
-        if self._overlap is None or self._overlap.engine is not engine:
-            self._overlap = Overlap(engine)
+    def _step(self, engine, batch: list[Request]) -> None:
+        ov = self._overlaps.get(id(engine))
+        if ov is None or ov.engine is not engine:
+            ov = self._overlaps[id(engine)] = Overlap(engine)
         t0 = time.monotonic()
         try:
             seqs = [seq for r in batch for seq in r.step_seqs(engine)]
             # the scheduler appends each token it accepts itself (_on_token)
-            samples = self._overlap.step(seqs, self.token_budget, self._may_follow(batch), append=False)
+            samples = ov.step(seqs, self.token_budget, self._may_follow(batch), append=False)
         except ResourceExhausted as exc:
             if len(batch) > 1:
                 self._preempt(preemption_victim(batch))
@@ -389,7 +387,7 @@ class Scheduler:
                 self._fail(batch[0], exc)
             return
         except Exception as exc:
-            self._overlap = None
+            self._overlaps.pop(id(engine), None)
             if self.metrics is not None:
                 self.metrics.engine_errors.inc()
             log.exception("engine step failed", extra={"fields": {"batch": [r.request_id for r in batch]}})
@@ -400,6 +398,7 @@ class Scheduler:
             return
         dt = time.monotonic() - t0
         self._estimator.observe_step(dt)
+        self.timing.on_step(dt)
         if self.metrics is not None:
             self.metrics.step_seconds.observe(dt)
         for req in batch:
@@ -445,7 +444,7 @@ class Scheduler:
         if req.cancel_reason is not None or (req.deadline is not None and now >= req.deadline):
             # Cancelled (or out of time) while this step ran: the token is never streamed, so it
             # must not be counted in the request's usage either.
-            self._finish(req, CANCELLED, detail=req.cancel_reason or "deadline exceeded")
+            self._cancel_now(req, DEADLINE_EXCEEDED, "deadline exceeded")
             return
         if req.stopping.score_only:  # its prompt is scored: the sample is nobody's
             self._finish(req, LENGTH)
@@ -561,24 +560,31 @@ class Scheduler:
         now = time.monotonic()
         ev = req.finished_event(smp, reason, matched, detail, now)
         n = ev.completion_tokens
-        self._avg_request_s = 0.8 * self._avg_request_s + 0.2 * (now - req.arrival)
+        kind = req.cancel_kind if reason == CANCELLED else ""
+        # safe to retry elsewhere only if nothing of any sample reached the client
+        ev.cancel_reason = kind
+        ev.retry_safe = lifecycle.retry_safe(kind, sum(len(x.generated) for x in req.samples))
+        self.timing.on_request(now - req.arrival)
         if reason != CANCELLED:
             self._estimator.observe_finish(n)
         if self.metrics is not None:
             self.metrics.finished.labels(reason).inc()
+            if kind:
+                self.metrics.cancelled.labels(kind).inc()
         log.info("request finished", extra={"correlation_id": req.correlation_id, "request_id": req.request_id,
-                                            "fields": {"reason": reason, "detail": detail, "sample": smp.index,
+                                            "fields": {"reason": reason, "cancel_reason": kind, "detail": detail,
+                                                       "sample": smp.index,
                                                        "prompt_tokens": ev.prompt_tokens,
                                                        "completion_tokens": n,
                                                        "ttft_ms": round(ev.time_to_first_token_ms, 2),
                                                        "total_ms": round(ev.total_ms, 2)}})
         req.events.put(ev)
 
-    def _cancel_all(self, detail: str) -> None:
+    def _cancel_all(self, kind: str, detail: str, engine) -> None:
         with self._cv:
-            victims = list(self._waiting) + list(self._running)
+            victims = [r for r in list(self._waiting) + list(self._running) if r.engine is engine]
         for req in victims:
-            self._finish(req, CANCELLED, detail=detail)
+            self._cancel_now(req, kind, detail)
 
     def _gauges_locked(self) -> None:
         m = self.metrics

@@ -45,9 +45,10 @@ CALL_PRIORITY: contextvars.ContextVar[int | None] = contextvars.ContextVar("orcd
 #: Scheduling priorities a token or a request may carry (ExecuteRequest.priority).
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 
-#: What a token may do. infer: Execute, Cancel (its own requests) and the token services; admin: LoadModel and
-#: UnloadModel; metrics: scrape /metrics. ListModels and HardwareInfo only describe the worker, so
-#: infer or admin may call them.
+#: What a token may do. infer: Execute, Cancel (its own requests) and the token services; admin: LoadModel,
+#: UnloadModel and Drain; metrics: scrape /metrics and WatchEvents (load and cache events across
+#: tenants, for a router). ListModels and HardwareInfo only describe the worker, so infer or admin
+#: may call them; Probe any role.
 ROLES = ("infer", "admin", "metrics")
 #: Roles of a token configured without any: the least that keeps an existing inference client
 #: working. An operator upgrading grants admin explicitly (TOKEN:CLIENT:infer+admin); the refusal
@@ -66,6 +67,11 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     _WORKER + "Tokenize": frozenset({"infer"}),
     _WORKER + "Detokenize": frozenset({"infer"}),
     _WORKER + "RenderChat": frozenset({"infer"}),
+    # Drain takes the worker out of service; Probe tells a caller only about its own prompt and
+    # the load; WatchEvents shows every tenant's cached blocks, as /metrics shows every tenant's load.
+    _WORKER + "Drain": frozenset({"admin"}),
+    _WORKER + "Probe": frozenset({"infer", "admin", "metrics"}),
+    _WORKER + "WatchEvents": frozenset({"metrics", "admin"}),
 }
 
 ENV_CERT, ENV_KEY, ENV_CLIENT_CA = "ORCD_TLS_CERT", "ORCD_TLS_KEY", "ORCD_TLS_CLIENT_CA"

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import logs, wire
+from . import events, lifecycle, logs, wire
 from .metrics import Metrics
 from .proto import pb
 from .scheduler import Scheduler
@@ -125,15 +125,20 @@ class Worker:
         self.metrics = Metrics()
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._set_health(False)
+        self.events = events.EventHub()
         self.scheduler = Scheduler(max_queue=config.max_queue, max_sequences=config.max_sequences,
                                    token_budget=config.token_budget, metrics=self.metrics,
-                                   on_model_change=lambda info: self._set_health(info is not None))
+                                   on_model_change=self._model_changed)
+        self.scheduler.on_engine_closed = self.events.detach
+        self.lifecycle = lifecycle.Lifecycle(self.scheduler, on_change=self._refresh_health)
         self.servicer = WorkerServicer(self.scheduler, model_dirs=config.model_dirs, backend=config.backend,
                                        max_context=config.max_context, max_vram=config.max_vram,
                                        metrics=self.metrics, max_ram=config.max_ram,
                                        max_prompt_bytes=config.max_prompt_bytes, max_samples=config.max_samples,
-                                       tool_formats=config.tool_formats)
-        workers = config.max_workers or (config.max_queue + config.max_sequences + CONTROL_THREADS)
+                                       tool_formats=config.tool_formats, life=self.lifecycle, hub=self.events)
+        # WatchEvents streams hold a handler thread each, beside the Execute streams and the short calls
+        watchers = self.events.max_subscribers
+        workers = config.max_workers or (config.max_queue + config.max_sequences + CONTROL_THREADS + watchers)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="orcd-rpc")
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -149,7 +154,8 @@ class Worker:
             if hasattr(icp, "bind_registry"):
                 icp.bind_registry(self.metrics.registry)
         reserve = min(CONTROL_THREADS, max(1, workers // 4))
-        interceptors = [_CallWrapper(max_streams=max(1, workers - reserve)), *config.interceptors]
+        streams = workers - reserve - (0 if config.max_workers else watchers)  # the watchers' threads stay theirs
+        interceptors = [_CallWrapper(max_streams=max(1, streams)), *config.interceptors]
         if config.auth_token:  # a single token given directly (security.py's flags fold theirs in)
             # one shared secret given in code: it cannot separate duties, so it has every role
             interceptors.insert(1, AuthInterceptor({config.auth_token: "default"},
@@ -176,9 +182,18 @@ class Worker:
         self._load_thread: threading.Thread | None = None
         self.load_error: BaseException | None = None
 
+    def _model_changed(self, info) -> None:
+        if info is not None:
+            self.events.attach(self.scheduler.engine)  # called on the engine thread, right after the swap
+        self._set_health(info is not None)
+
+    def _refresh_health(self) -> None:
+        self._set_health(self.scheduler.engine is not None)
+
     def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        if self._stopped_flag():
+        draining = getattr(self, "lifecycle", None) is not None and self.lifecycle.draining
+        if self._stopped_flag() or draining:  # a readiness probe takes a draining worker out of rotation
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         self.health.set("", status)
         self.health.set(SERVICE_NAME, status)
@@ -242,6 +257,7 @@ class Worker:
         self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
         t0 = time.monotonic()
+        self.events.close()  # WatchEvents streams end now; they would only hold the stop up
         self.scheduler.shutdown(grace)
         # Streams now hold their final events; give them a moment to reach the clients.
         self.server.stop(max(1.0, grace - (time.monotonic() - t0))).wait()

@@ -13,7 +13,8 @@ import time
 
 import grpc
 
-from . import admission_queue, logs, prompt_scoring, request_validation as rv, security, token_service
+from . import (admission_queue, events, lifecycle, logs, prompt_scoring, request_validation as rv, routing, security,
+               token_service)
 from .errors import FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .proto import pb, pb_grpc
 from .request import CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, TokenEvent
@@ -31,6 +32,7 @@ _REASONS = {
     TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
 }
 _CHANNELS = {ANSWER: pb.CHANNEL_ANSWER, REASONING: pb.CHANNEL_REASONING, TOOL_CALL: pb.CHANNEL_TOOL_CALL}
+_CANCEL_REASONS = {name.removeprefix("CANCEL_REASON_").lower(): value for name, value in pb.CancelReason.items()}
 
 # How often a call blocked on its event queue re-checks that the engine thread is alive; the
 # engine always delivers a final event, so this only matters if the engine thread has died.
@@ -116,11 +118,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, scheduler: Scheduler, *, model_dirs: list[str] | None = None, backend: str = "auto",
                  max_context: int = 0, max_vram: int = 0, metrics=None, max_ram: int = 0,
                  max_prompt_bytes: int = rv.prompt_guard.DEFAULT_MAX_PROMPT_BYTES,
-                 max_samples: int = rv.DEFAULT_MAX_SAMPLES, tool_formats: dict[str, str] | None = None):
+                 max_samples: int = rv.DEFAULT_MAX_SAMPLES, tool_formats: dict[str, str] | None = None,
+                 life: lifecycle.Lifecycle | None = None, hub: events.EventHub | None = None):
         self.scheduler = scheduler
         self.max_samples = max_samples
         # --tool-format: model id -> tool_calls family ("" for every model), over the detected one
         self.tool_formats = dict(tool_formats or {})
+        self.life = life or lifecycle.Lifecycle(scheduler)
+        self.hub = hub or events.EventHub()
         self.max_prompt_bytes = max_prompt_bytes
         self.model_dirs = [str(d) for d in (model_dirs or [])]
         self.backend = backend
@@ -176,8 +181,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         tools: dict[int, ToolStream] = {}
         route = (lambda k: tools.setdefault(k, ToolStream(use.family, use.names, req.engine.tokenizer))) \
             if use and use.family else None
-        if not context.add_callback(lambda: self.scheduler.abandon(req, "the client went away")):
-            self.scheduler.abandon(req, "the client went away")
+        if not context.add_callback(lambda: self.scheduler.abandon(req)):
+            self.scheduler.abandon(req)
         try:
             yield pb.ExecuteResponse(started=pb.Started(
                 request_id=req.request_id, model_id=req.model_id, prompt_tokens=req.prompt_tokens,
@@ -218,7 +223,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                        cached_prompt_tokens=ev.cached_prompt_tokens),
                         timings=pb.Timings(queue_ms=ev.queue_ms, time_to_first_token_ms=ev.time_to_first_token_ms,
                                            decode_tokens_per_second=ev.decode_tokens_per_second,
-                                           total_ms=ev.total_ms)))
+                                           total_ms=ev.total_ms),
+                        cancel_reason=_CANCEL_REASONS.get(ev.cancel_reason, 0), retry_safe=ev.retry_safe))
                     if finished:
                         return
                 elif isinstance(ev, ErrorEvent):
@@ -230,7 +236,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if not finished:
                 # The stream was closed early (client gone, server stopping): the request must
                 # not keep its KV blocks or its batch slot.
-                self.scheduler.abandon(req, "the response stream was closed")
+                self.scheduler.abandon(req)
 
     # ------------------------------------------------------------------ Cancel
 
@@ -321,8 +327,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def UnloadModel(self, request, context):
         try:
             rv.check_unload_model_id(request.model_id)
-            if self.scheduler.engine is None:
-                raise NotFound(f"no model {request.model_id!r} is loaded", field="model_id")
             self.scheduler.unload(request.model_id)
         except OrcdError as err:
             self._count("UnloadModel", err.code)
@@ -386,3 +390,40 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def RenderChat(self, request, context):
         return self._unary("RenderChat", context, lambda: token_service.render_chat(
             request, token_service.serving(self.scheduler, request.model_id), self.max_prompt_bytes, pb))
+    # ------------------------------------------------------------------ lifecycle and routing
+
+    def Drain(self, request, context):
+        try:
+            wait_s = self.life.check(bool(request.wait), int(request.wait_timeout_ms), bool(request.resume))
+            out = self.life.resume() if request.resume else self.life.drain(wait_s, context.is_active)
+        except OrcdError as err:
+            self._count("Drain", err.code)
+            _abort(context, err)
+            return None
+        self._count("Drain", grpc.StatusCode.OK)
+        return pb.DrainResponse(**out)
+
+    def Probe(self, request, context):
+        try:
+            out = routing.probe(self.scheduler, request, self.max_prompt_bytes)
+        except OrcdError as err:
+            self._count("Probe", err.code)
+            _abort(context, err)
+            return None
+        self._count("Probe", grpc.StatusCode.OK)
+        return pb.ProbeResponse(**out)
+
+    def WatchEvents(self, request, context):
+        sched = self.scheduler
+        stream = events.watch(self.hub, request, context.is_active, lambda: routing.snapshot(sched),
+                              lambda: [e for e in (sched.engine, *sched.retiring) if e is not None])
+        try:
+            first = next(stream, None)  # bad arguments and a full house answer before any event
+        except OrcdError as err:
+            self._count("WatchEvents", err.code)
+            _abort(context, err)
+            return
+        self._count("WatchEvents", grpc.StatusCode.OK)
+        if first is not None:
+            yield first
+            yield from stream

@@ -287,3 +287,26 @@ def test_healthcheck_probe_follows_a_tls_metrics_port(final_stage, tmp_path):
         assert _run_probe(code, port) == 0
     finally:
         m.close()
+
+
+def test_k8s_prestop_drains_within_the_grace_period(k8s_docs):
+    """The preStop hook is `orcd drain --wait N` (parsed by the real CLI) and the pod's grace
+    period covers the drain's wait plus the worker's own SIGTERM grace."""
+    import shlex
+
+    from orcd_grpc import cli
+
+    pod = k8s_docs["Deployment"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    argv = shlex.split(command[2].replace("${ORCD_DRAIN_TOKEN:-}", "TOKEN"))
+    assert argv[:2] == ["exec", "orcd"]
+    ns = cli.build_parser().parse_args(argv[2:])
+    assert ns.command == "drain" and ns.wait and ns.auth_token == "TOKEN" and not ns.resume
+    from orcd_grpc.server import ServerConfig
+
+    serve = cli.build_parser().parse_args(["serve"] + c.get("args", []))
+    grace = serve.grace_seconds if serve.grace_seconds is not None else ServerConfig.grace_seconds
+    assert ns.wait + grace <= pod["terminationGracePeriodSeconds"]
+    assert "ORCD_DRAIN_TOKEN" in {e["name"] for e in c["env"]}

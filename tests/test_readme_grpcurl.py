@@ -302,7 +302,7 @@ def run_readme(runner) -> dict:
                 assert {"orcd.v1.Worker", "grpc.health.v1.Health"} <= set(seen[i].split()), seen[i]
             elif c["target"] == "orcd.v1.Worker":
                 for rpc in ("Execute", "Cancel", "LoadModel", "UnloadModel", "ListModels", "HardwareInfo", "Tokenize",
-                            "Detokenize", "RenderChat"):
+                            "Detokenize", "RenderChat", "Drain", "Probe", "WatchEvents"):
                     assert f"rpc {rpc} " in seen[i], seen[i]
                 assert "returns ( stream .orcd.v1.ExecuteResponse )" in seen[i], seen[i]
             else:
@@ -336,6 +336,10 @@ def run_readme(runner) -> dict:
             assert "Hi!" in out[0]["text"] and out[0]["ids"], out
         elif c["target"] == "orcd.v1.Worker/ListModels":
             assert out[0]["models"][0]["model_id"] == "smollm2-135m-instruct", out
+        elif c["target"] == "orcd.v1.Worker/Probe":
+            probe = out[0]
+            assert probe["prompt_tokens"] > 0 and probe["total_kv_blocks"] > 0 and probe["accepting"], probe
+            assert probe.get("cached_prompt_tokens", 0) <= probe["prompt_tokens"]
         elif c["target"] == "grpc.health.v1.Health/Check":
             assert out == [{"status": "SERVING"}], out
         else:

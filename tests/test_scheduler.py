@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from orcd_grpc.engine import ModelInfo
+from orcd_grpc.kv_cache import BlockAllocator
 from orcd_grpc.errors import AlreadyExists, FailedPrecondition, Internal, NotFound, ResourceExhausted
-from orcd_grpc.request import (CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request,
-                               Stopping, TokenEvent, Unavailable)
+from orcd_grpc.request import (CANCELLED, LENGTH, MODEL_SWAPPED, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent,
+                               Request, Stopping, TokenEvent, Unavailable)
 from orcd_grpc.scheduler import Scheduler
 
 BOS, EOS = 0, 1
@@ -130,6 +131,9 @@ class FakeEngine:
         self.batch_sizes: list[int] = []
         self.closed = False
         self.lock = threading.Lock()
+        # the real prefix-cache bookkeeping, for Probe and WatchEvents; this engine's steps keep
+        # their own block counts and never publish a block into it
+        self.allocator = BlockAllocator(blocks, self.BLOCK)
 
     def check_finite(self):  # the swap's test step: a scripted engine's logits are never produced
         pass
@@ -418,14 +422,45 @@ def test_no_model_and_swap_and_unload(make_sched):
     s.submit(r)
     r.events.get(timeout=5)
     s.load("new")
-    ev = drain(r)
-    assert ev[-1].reason == CANCELLED and old.closed and s.model_info.model_id == "new"
+    assert s.model_info.model_id == "new" and not old.closed  # it still runs r
     with pytest.raises(Unavailable):
-        s.submit(make_request(old))  # validated against the old model
+        s.submit(make_request(old))  # validated against the old model: new requests go to the new one
+    r2 = make_request(new, stopping=Stopping(max_tokens=3))
+    s.submit(r2)
+    ev = drain(r)
+    # the swap let r finish on its own model (at its context length), and freed that model after it
+    assert ev[-1].reason == LENGTH and ev[-1].completion_tokens == 64 - r.prompt_tokens
+    assert drain(r2)[-1].reason == LENGTH
+    deadline = time.monotonic() + 5
+    while not old.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert old.closed and old.free_blocks() == old.total_blocks()
     with pytest.raises(NotFound):
         s.unload("old")
     s.unload("new")
     assert new.closed and s.engine is None
+
+
+def test_unload_of_a_swapped_out_model_cancels_its_requests(make_sched):
+    old, new = FakeEngine(step_delay=0.01, model_id="old"), FakeEngine(model_id="new")
+    engines = iter([old, new])
+    s = make_sched()
+    s._loader = lambda path, **_: next(engines)
+    s.load("old")
+    running, queued = (make_request(old, rid=f"r{i}", stopping=Stopping(max_tokens=0)) for i in range(2))
+    s.max_sequences = 1  # the second one waits in the queue
+    s.submit(running)
+    s.submit(queued)
+    running.events.get(timeout=5)
+    s.load("new")
+    s.unload("old")
+    fins = [drain(r)[-1] for r in (running, queued)]
+    assert fins[0].completion_tokens > 0 and not fins[0].retry_safe  # it streamed: a retry would repeat output
+    assert fins[1].completion_tokens == 0 and fins[1].retry_safe
+    for fin in fins:
+        assert fin.reason == CANCELLED and fin.cancel_reason == MODEL_SWAPPED
+        assert fin.retry_safe == (fin.completion_tokens == 0)
+    assert old.closed and not new.closed and s.model_info.model_id == "new"
 
 
 def test_failed_load_keeps_old_model(make_sched):
