@@ -156,6 +156,10 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="most requests decoding at once (default: the server's, 64)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="most requests waiting to run; more get RESOURCE_EXHAUSTED (default: 256)")
+    p.add_argument("--http-port", type=_port, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /metrics, /health) on this port of --host, with the gRPC port's TLS, "
+                        "tokens and rate limits (default: off)")
     p.add_argument("--metrics-port", type=_port, default=None,
                    help="serve Prometheus metrics (and GET /healthz) on this port (default: off); "
                         "HTTPS when --tls-cert is set, /metrics needs a metrics-role token when one is configured")
@@ -202,6 +206,7 @@ def server_config(args: argparse.Namespace):
                   context_length=args.context_length, max_context=args.max_context,
                   max_sequences=args.max_sequences, max_queue=args.max_queue,
                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
+                  http_port=getattr(args, "http_port", None),
                   max_prompt_bytes=getattr(args, "max_prompt_bytes", None), log_level=args.log_level)
     # Flags left unset keep the server's own defaults.
     cfg = ServerConfig(**{k: v for k, v in values.items() if v is not None})
@@ -225,6 +230,8 @@ def cmd_serve(args) -> int:
         if args.metrics_port is not None:
             check_bindable(args.metrics_host if args.metrics_host is not None else args.host, args.metrics_port,
                            "--metrics-port")
+        if getattr(args, "http_port", None) is not None:
+            check_bindable(args.host, args.http_port, "--http-port")
         cfg = server_config(args)
         return serve(cfg)
     except (ValueError, BindError) as exc:  # bad TLS/token/rate-limit settings, an exposed

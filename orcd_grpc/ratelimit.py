@@ -33,6 +33,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from . import security
+from .errors import OutOfRange
 
 RETRY_AFTER_KEY = "retry-after-ms"
 EXECUTE_METHOD = "/orcd.v1.Worker/Execute"
@@ -275,24 +276,16 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
             self.usage.requests.labels(self.usage.label(client)).inc()
 
     def _reservation(self, method: str, request, context, client: str) -> int:
-        """Generated tokens an Execute call must reserve (0: no token limit applies). Caps an
-        unbounded max_tokens to the burst in the request itself, so the scheduler stops there."""
+        """Generated tokens an Execute call must reserve (0: no token limit applies)."""
         if method != EXECUTE_METHOD or self.limiter is None:
             return 0
-        lim = self.limiter.limits_for(client)
         stopping = getattr(request, "stopping", None)
-        if not lim.tokens_per_s or stopping is None:  # not an ExecuteRequest: tokens are charged as streamed
+        if stopping is None:  # not an ExecuteRequest: tokens are charged as streamed
             return 0
-        burst = max(1, int(lim.token_burst))
-        wanted = int(stopping.max_tokens)
-        if wanted == 0:
-            stopping.max_tokens = burst
-            return burst
-        if wanted > burst:
-            context.abort(grpc.StatusCode.OUT_OF_RANGE,
-                          f"stopping.max_tokens: {wanted} exceeds the generated-token burst of client {client}'s "
-                          f"rate limit ({burst}); ask for at most {burst}")
-        return wanted
+        try:
+            return reservation(self.limiter, client, stopping)
+        except OutOfRange as err:
+            context.abort(err.code, str(err))
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -346,6 +339,25 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
             return inner
 
         return security.wrap_handler(handler, unary_wrap, stream_wrap)
+
+
+def reservation(limiter: RateLimiter, client: str, stopping) -> int:
+    """Generated tokens a call with `stopping` (its StoppingCriteria) must reserve from `client`'s
+    bucket; 0 when no token limit applies. Caps an unbounded max_tokens to the burst in `stopping`
+    itself, so the scheduler stops there; an explicit one above the burst could never be served
+    (OutOfRange). Shared by the gRPC interceptor and the HTTP front door."""
+    lim = limiter.limits_for(client)
+    if not lim.tokens_per_s:
+        return 0
+    burst = max(1, int(lim.token_burst))
+    wanted = int(stopping.max_tokens)
+    if wanted == 0:
+        stopping.max_tokens = burst
+        return burst
+    if wanted > burst:
+        raise OutOfRange(f"{wanted} exceeds the generated-token burst of client {client}'s rate limit ({burst}); "
+                         f"ask for at most {burst}", field="stopping.max_tokens")
+    return wanted
 
 
 # ---- configuration -----------------------------------------------------------------------------
