@@ -384,12 +384,14 @@ class _Run:
         self.logprobs = oa.LogprobsBuilder(kind, req.engine.tokenizer) if wants else None
         self.generated = 0
         self._closed = False
+        self._gone = False
         usage = door.usage
         self._label = usage.label(client) if usage is not None else None
         if usage is not None:
             usage.prompt_tokens.labels(self._label).inc(req.prompt_tokens)
 
     def gone(self) -> None:
+        self._gone = True
         self.door.scheduler.abandon(self.req, "the client went away")
 
     def close(self) -> None:
@@ -434,7 +436,8 @@ class _Run:
                 resp = JSONResponse(self.reply.complete("".join(texts), ev, lp), headers=headers)
                 return resp
             err = self._failure(ev)
-            self.door._count(self.path, err.code)
+            # a client that went away is counted as gRPC counts a cancelled call, not as an outage
+            self.door._count(self.path, grpc.StatusCode.CANCELLED if self._gone else err.code)
             resp = error_response(err, self.kind, self.body)
             resp.headers.update(headers)
             return resp
