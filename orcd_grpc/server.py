@@ -180,11 +180,19 @@ class Worker:
         self.http = None
         self.http_port: int | None = None
         if config.http_port is not None:
-            try:
-                self.http = self._http_server(config, interceptors, workers)
-            except OSError as exc:
+            if config.credentials is not None and config.http_tls is None:
+                # security.apply_to_server_config fills both; a TLS gRPC port beside a plaintext
+                # HTTP one would undo what the operator configured
                 self.server.stop(0)
                 self._pool.shutdown(wait=False)
+                raise ValueError("http_port with gRPC TLS credentials needs http_tls (cert, key, client CA)")
+            try:
+                self.http = self._http_server(config, interceptors, workers)
+            except (OSError, ValueError) as exc:
+                self.server.stop(0)
+                self._pool.shutdown(wait=False)
+                if isinstance(exc, ValueError):  # a certificate the HTTP port cannot load
+                    raise
                 raise BindError(f"cannot listen for HTTP on {_host(config.host)}:{config.http_port}: "
                                 f"{exc.strerror or exc}") from None
             self.http_port = self.http.port
@@ -195,7 +203,8 @@ class Worker:
     def _http_server(self, config: ServerConfig, interceptors: list, workers: int):
         """The HTTP front door over this worker's scheduler, with the tokens, roles, rate limits and
         usage counters of its gRPC interceptors."""
-        from .http_frontdoor import FrontDoor, HttpServer
+        from .http_frontdoor import FrontDoor
+        from .http_server import HttpServer
         from .ratelimit import RateLimitInterceptor
 
         checker = next((i.checker for i in interceptors if isinstance(i, AuthInterceptor)), None)

@@ -494,7 +494,7 @@ def test_orcd_serve_http_port_serves_and_stops_on_sigterm(smollm2_path, tmp_path
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orcd_grpc", "serve", "--model", str(smollm2_path),
                                  "--backend", "cpu", "--port", str(port), "--http-port", str(http_port),
-                                 "--max-context", str(CONTEXT), "--grace-seconds", "2"],
+                                 "--max-context", str(CONTEXT), "--grace-seconds", "60"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         end = time.monotonic() + 300
@@ -508,11 +508,19 @@ def test_orcd_serve_http_port_serves_and_stops_on_sigterm(smollm2_path, tmp_path
                 pass
             assert time.monotonic() < end, log.read_text()[-3000:]
             time.sleep(0.3)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="x", max_retries=0, timeout=60)
         r = client.completions.create(model="", prompt=PROMPT, max_tokens=3, temperature=0)
         assert "Paris" in r.choices[0].text
-        client.close()
+        # SIGTERM mid-stream: the running request finishes within the grace period, over HTTP as
+        # over gRPC, and the process then exits 0 and lets go of the port.
+        stream = iter(client.completions.create(model="", prompt="Once upon a time", max_tokens=8, stream=True,
+                                                extra_body={"ignore_eos": True}, stream_options={"include_usage": True}))
+        first = next(stream)
         proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert rest[-1].usage.completion_tokens == 8 and rest[-2].choices[0].finish_reason == "length"
+        assert first.choices[0].text + "".join(c.choices[0].text for c in rest[:-1]) != ""
+        client.close()
         assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", http_port), timeout=2).close()
