@@ -59,9 +59,10 @@ class Unauthenticated(OrcdError):
 class _HttpError(Exception):
     """An answer that is not an OrcdError's (413, 404 of a path)."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
 
 def _code(err: OrcdError, param: str | None) -> str:
@@ -156,9 +157,7 @@ def _pydantic_error(exc: pydantic.ValidationError) -> _HttpError:
             break  # a union's branch tag (list[int], ...): the field is named already
     param = "".join(parts) or None
     msg = "unknown field (not a parameter of this endpoint)" if first.get("type") == "extra_forbidden" else first["msg"]
-    err = _HttpError(400, f"{param}: {msg}" if param else msg)
-    err.param = param
-    return err
+    return _HttpError(400, f"{param}: {msg}" if param else msg, param=param)
 
 
 class FrontDoor:
@@ -299,7 +298,7 @@ class FrontDoor:
         except _HttpError as err:
             self._settle(client, reserved, 0)
             self._count(path, grpc.StatusCode.INVALID_ARGUMENT)
-            return JSONResponse(error_body(err.message, err.type, getattr(err, "param", None), err.code),
+            return JSONResponse(error_body(err.message, err.type, err.param, err.code),
                                 err.status, headers=headers)
         run = _Run(self, req, kind, body, client, reserved, path)
         headers["x-request-id"] = req.request_id

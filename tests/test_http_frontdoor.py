@@ -460,11 +460,21 @@ def test_tokens_roles_rate_limit_and_mutual_tls(secured):
     with pytest.raises(openai.APIStatusError) as err:  # no model yet: 503, not a crash
         alice.completions.create(model="", prompt=PROMPT, max_tokens=2)
     assert err.value.status_code == 503
-    alice.models.list()  # the burst's 3rd request
+    # the burst's 3rd request, over gRPC: one client, one bucket, whichever the transport
+    creds = grpc.ssl_channel_credentials(root_certificates=(secured.pki / "ca.pem").read_bytes(),
+                                         private_key=(secured.pki / "client.key").read_bytes(),
+                                         certificate_chain=(secured.pki / "client.pem").read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{secured.worker.port}", creds) as ch:
+        pb_grpc.WorkerStub(ch).ListModels(pb.ListModelsRequest(), metadata=[("authorization", f"Bearer {TOKEN}")],
+                                          timeout=10)
     with pytest.raises(openai.RateLimitError) as err:
         alice.models.list()
     assert err.value.status_code == 429 and int(err.value.response.headers["retry-after"]) >= 1
-    assert "client alice" in err.value.body["message"]
+    assert "client alice" in err.value.body["message"] and err.value.body["type"] == "rate_limit_error"
+    reg = secured.worker.metrics.registry
+    assert reg.get_sample_value("orcd_client_requests_total", {"client": "alice"}) == 3
+    assert reg.get_sample_value("orcd_client_rate_limited_total", {"client": "alice", "limit": "requests"}) == 1
+    assert reg.get_sample_value("orcd_requests_total", {"method": "/v1/completions", "code": "UNAVAILABLE"}) == 1
 
     no_cert = ssl.create_default_context(cafile=str(secured.pki / "ca.pem"))
     with pytest.raises(openai.APIConnectionError):  # mutual TLS: no client certificate, no handshake
