@@ -277,7 +277,9 @@ class FrontDoor:
         return await self._generate(request, "chat", oa.ChatRequest, "/v1/chat/completions")
 
     async def _generate(self, request: HttpRequest, kind: str, model, path: str):
-        correlation = (request.headers.get("x-correlation-id") or "")[:128] or logs.new_correlation_id()
+        correlation = (request.headers.get("x-correlation-id") or "")[:128]
+        if not correlation or not all(0x20 < ord(c) < 0x7F for c in correlation):  # it is echoed in a header
+            correlation = logs.new_correlation_id()
         headers = {"x-correlation-id": correlation}
         body, client, reserved = None, "", 0
         try:
@@ -300,6 +302,9 @@ class FrontDoor:
             self._count(path, grpc.StatusCode.INVALID_ARGUMENT)
             return JSONResponse(error_body(err.message, err.type, err.param, err.code),
                                 err.status, headers=headers)
+        except BaseException:  # a bug or a cancelled handler: the reservation is still given back
+            self._settle(client, reserved, 0)
+            raise
         run = _Run(self, req, kind, body, client, reserved, path)
         headers["x-request-id"] = req.request_id
         if body.stream:
