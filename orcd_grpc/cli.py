@@ -174,6 +174,10 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-samples", type=_positive_int, default=None,
                    help="most parallel samples (ExecuteRequest.n) one request may ask for; each counts "
                         "against --max-sequences and the token rate limit (default: 16)")
+    p.add_argument("--http-port", type=_port, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /metrics, /health) on this port of --host, with the gRPC port's TLS, "
+                        "tokens and rate limits (default: off)")
     p.add_argument("--metrics-port", type=_port, default=None,
                    help="serve Prometheus metrics (and GET /healthz) on this port (default: off); "
                         "HTTPS when --tls-cert is set, /metrics needs a metrics-role token when one is configured")
@@ -226,7 +230,8 @@ def server_config(args: argparse.Namespace):
                   max_samples=getattr(args, "max_samples", None),
                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
                   max_prompt_bytes=getattr(args, "max_prompt_bytes", None), log_level=args.log_level,
-                  tool_formats=dict(args.tool_format) if getattr(args, "tool_format", None) else None)
+                  tool_formats=dict(args.tool_format) if getattr(args, "tool_format", None) else None,
+                  http_port=getattr(args, "http_port", None))
     # Flags left unset keep the server's own defaults.
     cfg = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     return security.apply_to_server_config(cfg, sec, limits)
@@ -249,6 +254,8 @@ def cmd_serve(args) -> int:
         if args.metrics_port is not None:
             check_bindable(args.metrics_host if args.metrics_host is not None else args.host, args.metrics_port,
                            "--metrics-port")
+        if getattr(args, "http_port", None) is not None:
+            check_bindable(args.host, args.http_port, "--http-port")
         cfg = server_config(args)
         return serve(cfg)
     except (ValueError, BindError) as exc:  # bad TLS/token/rate-limit settings, an exposed

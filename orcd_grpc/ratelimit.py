@@ -34,6 +34,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from . import security
+from .errors import OutOfRange
 
 RETRY_AFTER_KEY = "retry-after-ms"
 EXECUTE_METHOD = "/orcd.v1.Worker/Execute"
@@ -276,33 +277,17 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
             self.usage.requests.labels(self.usage.label(client)).inc()
 
     def _reservation(self, method: str, request, context, client: str) -> int:
-        """Generated tokens an Execute call must reserve (0: no token limit applies). Caps an
-        unbounded max_tokens to the burst in the request itself, so the scheduler stops there."""
+        """Generated tokens an Execute call must reserve (0: no token limit applies)."""
         if method != EXECUTE_METHOD or self.limiter is None:
             return 0
-        lim = self.limiter.limits_for(client)
         stopping = getattr(request, "stopping", None)
-        if not lim.tokens_per_s or stopping is None:  # not an ExecuteRequest: tokens are charged as streamed
+        if stopping is None:  # not an ExecuteRequest: tokens are charged as streamed
             return 0
-        burst = max(1, int(lim.token_burst))
-        # every sample may generate max_tokens (the servicer checks n against its own cap next)
-        n = max(1, int(getattr(request, "n", 1) or 1))
-        if n > burst:
-            context.abort(grpc.StatusCode.OUT_OF_RANGE,
-                          f"n: {n} samples exceed the generated-token burst of client {client}'s rate limit "
-                          f"({burst}), at one token each")
-        wanted = int(stopping.max_tokens)
-        if wanted == 0 and request.HasField("prompt_logprobs"):
-            return 0  # scoring only: it generates nothing
-        if wanted == 0:
-            stopping.max_tokens = burst // n
-            return n * (burst // n)
-        if n * wanted > burst:
-            per = "" if n == 1 else f" x n {n} = {n * wanted}"
-            context.abort(grpc.StatusCode.OUT_OF_RANGE,
-                          f"stopping.max_tokens: {wanted}{per} exceeds the generated-token burst of client {client}'s "
-                          f"rate limit ({burst}); ask for at most {burst // n}")
-        return n * wanted
+        try:
+            return reservation(self.limiter, client, stopping, n=int(getattr(request, "n", 1) or 1),
+                               scoring=request.HasField("prompt_logprobs"))
+        except OutOfRange as err:
+            context.abort(err.code, str(err))
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -356,6 +341,33 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
             return inner
 
         return security.wrap_handler(handler, unary_wrap, stream_wrap)
+
+
+def reservation(limiter: RateLimiter, client: str, stopping, n: int = 1, scoring: bool = False) -> int:
+    """Generated tokens a call with `stopping` (its StoppingCriteria) and `n` samples must reserve
+    from `client`'s bucket; 0 when no token limit applies (or it only scores its prompt). Caps an
+    unbounded max_tokens to the burst (shared by the samples) in `stopping` itself, so the
+    scheduler stops there; an explicit one above it could never be served (OutOfRange). Shared by
+    the gRPC interceptor and the HTTP front door."""
+    lim = limiter.limits_for(client)
+    if not lim.tokens_per_s:
+        return 0
+    burst = max(1, int(lim.token_burst))
+    n = max(1, int(n))  # every sample may generate max_tokens (the servicer checks n against its own cap)
+    if n > burst:
+        raise OutOfRange(f"{n} samples exceed the generated-token burst of client {client}'s rate limit "
+                         f"({burst}), at one token each", field="n")
+    wanted = int(stopping.max_tokens)
+    if wanted == 0 and scoring:
+        return 0  # scoring only: it generates nothing
+    if wanted == 0:
+        stopping.max_tokens = burst // n
+        return n * (burst // n)
+    if n * wanted > burst:
+        per = "" if n == 1 else f" x n {n} = {n * wanted}"
+        raise OutOfRange(f"{wanted}{per} exceeds the generated-token burst of client {client}'s rate limit "
+                         f"({burst}); ask for at most {burst // n}", field="stopping.max_tokens")
+    return n * wanted
 
 
 # ---- configuration -----------------------------------------------------------------------------

@@ -451,6 +451,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self._checker = TokenChecker(tokens, roles, priorities)
         self._open = open_prefixes
 
+    @property
+    def checker(self) -> TokenChecker:
+        """The tokens and roles this interceptor accepts (the HTTP front door checks the same)."""
+        return self._checker
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or not self._checker or handler_call_details.method.startswith(self._open):
@@ -571,6 +576,11 @@ def apply_to_server_config(config, sec: SecurityConfig, limits=None):
         config.metrics_tls = (sec.tls_cert, sec.tls_key) if sec.tls else None
         scrapers = TokenChecker(tokens, roles).with_role("metrics")
         config.metrics_auth = scrapers if scrapers else None
+    if getattr(config, "http_port", None) is not None:
+        # The HTTP front door listens on the gRPC host, under the same TLS (client CA included);
+        # its /metrics, like the metrics port's, takes metrics-role tokens once any token exists.
+        config.http_tls = (sec.tls_cert, sec.tls_key, sec.tls_client_ca) if sec.tls else None
+        config.http_metrics_auth = TokenChecker(tokens, roles).with_role("metrics") if tokens else None
     config.credentials = server_credentials(sec)
     if tokens:
         config.interceptors.append(AuthInterceptor(tokens, roles=roles, priorities=sec.priorities))

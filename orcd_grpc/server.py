@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import events, lifecycle, logs, wire
 from .metrics import Metrics
+from .pool_metrics import PoolMetricsCollector
 from .proto import pb
 from .scheduler import Scheduler
 from .security import ALL_ROLES, AuthInterceptor, wrap_handler
@@ -49,6 +50,12 @@ class ServerConfig:
     metrics_host: str | None = None  # None: the gRPC host (a loopback worker keeps its metrics local)
     metrics_tls: tuple[str, str] | None = None  # (cert, key) PEM paths: the metrics port speaks HTTPS
     metrics_auth: Any = None       # security.TokenChecker of the scrape tokens; None: /metrics is open
+    # The OpenAI-compatible HTTP front door (http_frontdoor.py) on this port of `host`; None: off,
+    # 0: pick a free port. http_tls = (cert, key, client CA or None) PEM paths: HTTPS (mutual TLS
+    # with a CA); http_metrics_auth: security.TokenChecker its /metrics needs (None: open).
+    http_port: int | None = None
+    http_tls: tuple[str, str, str | None] | None = None
+    http_metrics_auth: Any = None
     max_message_bytes: int = 64 * 1024 * 1024
     max_prompt_bytes: int = 2 * 1024 * 1024  # prompt text refused beyond this, before tokenizing; 0: no cap
     tool_formats: dict = dataclasses.field(default_factory=dict)  # model id ("" for all) -> tool-call format
@@ -178,6 +185,26 @@ class Worker:
             self._pool.shutdown(wait=False)
             raise BindError(f"cannot listen on {address}: the port is in use or the address is not this machine's")
         self.metrics_port: int | None = None
+        self.metrics.registry.register(PoolMetricsCollector(self.scheduler))
+        self.http = None
+        self.http_port: int | None = None
+        if config.http_port is not None:
+            if config.credentials is not None and config.http_tls is None:
+                # security.apply_to_server_config fills both; a TLS gRPC port beside a plaintext
+                # HTTP one would undo what the operator configured
+                self.server.stop(0)
+                self._pool.shutdown(wait=False)
+                raise ValueError("http_port with gRPC TLS credentials needs http_tls (cert, key, client CA)")
+            try:
+                self.http = self._http_server(config, interceptors, workers)
+            except (OSError, ValueError) as exc:
+                self.server.stop(0)
+                self._pool.shutdown(wait=False)
+                if isinstance(exc, ValueError):  # a certificate the HTTP port cannot load
+                    raise
+                raise BindError(f"cannot listen for HTTP on {_host(config.host)}:{config.http_port}: "
+                                f"{exc.strerror or exc}") from None
+            self.http_port = self.http.port
         self._stopped = threading.Event()
         self._load_thread: threading.Thread | None = None
         self.load_error: BaseException | None = None
@@ -189,6 +216,20 @@ class Worker:
 
     def _refresh_health(self) -> None:
         self._set_health(self.scheduler.engine is not None)
+    def _http_server(self, config: ServerConfig, interceptors: list, workers: int):
+        """The HTTP front door over this worker's scheduler, with the tokens, roles, rate limits and
+        usage counters of its gRPC interceptors."""
+        from .http_frontdoor import FrontDoor
+        from .http_server import HttpServer
+        from .ratelimit import RateLimitInterceptor
+
+        checker = next((i.checker for i in interceptors if isinstance(i, AuthInterceptor)), None)
+        limits = next((i for i in interceptors if isinstance(i, RateLimitInterceptor)), None)
+        door = FrontDoor(self.scheduler, metrics=self.metrics, max_prompt_bytes=config.max_prompt_bytes,
+                         checker=checker, limiter=limits.limiter if limits else None,
+                         usage=limits.usage if limits else None, metrics_auth=config.http_metrics_auth,
+                         health=self._serving, max_body_bytes=config.max_message_bytes)
+        return HttpServer(door.app, config.host, config.http_port, tls=config.http_tls, limit_concurrency=workers)
 
     def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -214,7 +255,10 @@ class Worker:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, host.strip("[]") or "0.0.0.0",
                                                         health=self._serving, tls=self.config.metrics_tls,
                                                         auth=self.config.metrics_auth)
-        log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port}})
+        if self.http is not None:
+            self.http.start()
+        log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port,
+                                                "http_port": self.http_port}})
         if self.config.model_path:
             self._load_thread = threading.Thread(target=self._initial_load, name="orcd-initial-load", daemon=True)
             self._load_thread.start()
@@ -260,7 +304,11 @@ class Worker:
         self.events.close()  # WatchEvents streams end now; they would only hold the stop up
         self.scheduler.shutdown(grace)
         # Streams now hold their final events; give them a moment to reach the clients.
-        self.server.stop(max(1.0, grace - (time.monotonic() - t0))).wait()
+        left = max(1.0, grace - (time.monotonic() - t0))
+        stopping = self.server.stop(left)
+        if self.http is not None:
+            self.http.stop(left)
+        stopping.wait()
         self.metrics.close()
         self._pool.shutdown(wait=False)
         log.info("stopped")

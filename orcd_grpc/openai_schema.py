@@ -1,0 +1,362 @@
+"""The OpenAI-compatible request bodies, their translation into an ExecuteRequest, and the reply
+shapes (issue #21).
+
+The HTTP front door validates nothing of its own beyond JSON types: a body becomes the same
+ExecuteRequest a gRPC client would send, and request_validation judges it, so a bad value gets
+the same error on either transport. Only the name of the field changes: `param_of` maps the proto
+path an OrcdError names (`sampling.temperature`) back to the body's (`temperature`).
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import InvalidArgument, OrcdError
+from .proto import pb
+from .request import CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN
+
+UINT32_MAX = 2**32 - 1
+# OpenAI documents seed as a (signed) integer; proto's is uint64. Negative seeds wrap modulo 2**64,
+# which keeps every int64 seed distinct and reproducible.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+FINISH_REASONS = {STOP_TOKEN: "stop", STOP_STRING: "stop", LENGTH: "length"}
+
+
+class NotSupportedYet(InvalidArgument):
+    """A field OpenAI defines that this worker accepts in the body but cannot serve yet."""
+
+
+# ---- request bodies ----------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    # Unknown fields are refused by name (as OpenAI does) instead of being silently ignored: a
+    # misspelt "max_token" must not quietly mean "no limit".
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = ""
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted; the caller is accounted by its token, not by this
+    n: int | None = None
+    # orcd extensions (also vLLM's names), sent with the OpenAI SDK as extra_body
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, tool_calls, refusal...
+    role: str
+    content: Union[str, list[TextPart], None] = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
+
+
+# ---- fields accepted but not served yet -----------------------------------------------------------
+#
+# One table, so that each feature is switched on in one place once its branch is merged: a row is
+# (param, applies to "completions"/"chat"/"both", test of the body that means "asked for it").
+# Delete the row to let the field through to the conversion below.
+NOT_SUPPORTED_YET: list[tuple[str, str, Any]] = [
+    ("n", "both", lambda b: b.n is not None and b.n != 1),
+    ("echo", "completions", lambda b: bool(b.echo)),
+    ("best_of", "completions", lambda b: b.best_of is not None and b.best_of != 1),
+    ("suffix", "completions", lambda b: bool(b.suffix)),
+    ("response_format", "chat",
+     lambda b: b.response_format is not None and b.response_format.get("type", "text") != "text"),
+    ("tools", "chat", lambda b: bool(b.tools)),
+    ("tool_choice", "chat", lambda b: b.tool_choice not in (None, "none", "auto")),
+]
+
+
+def check_supported(body, kind: str) -> None:
+    for param, applies, asked in NOT_SUPPORTED_YET:
+        if applies in (kind, "both") and asked(body):
+            raise NotSupportedYet("is not supported yet by this worker", field=param)
+
+
+# ---- body -> ExecuteRequest ----------------------------------------------------------------------
+
+
+def _uint(value: int, param: str, hi: int = UINT32_MAX) -> int:
+    if not 0 <= value <= hi:
+        raise InvalidArgument(f"must be in [0, {hi}], got {value}", field=param)
+    return value
+
+
+def _prompt(body: CompletionRequest, req) -> None:
+    p = body.prompt
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        if len(p) != 1:
+            raise NotSupportedYet(f"a list of {len(p)} prompts (batching) is not supported yet; send one prompt "
+                                  "per request", field="prompt")
+        p = p[0]
+    if isinstance(p, str):
+        req.text = p
+    else:
+        req.tokens.ids.extend(_uint(int(t), f"prompt[{i}]") for i, t in enumerate(p))
+
+
+def _messages(body: ChatRequest, req) -> None:
+    for i, m in enumerate(body.messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise NotSupportedYet(f"content parts of type {part.type!r} are not supported "
+                                          "(text only)", field=f"messages[{i}].content[{j}]")
+                texts.append(part.text)
+            content = "".join(texts)
+        req.chat.messages.append(pb.ChatMessage(role=m.role, content=content or ""))
+
+
+def to_execute(body, kind: str):
+    """The ExecuteRequest `body` asks for (kind: "completions" or "chat"). Raises OrcdError naming
+    the body's field for what proto cannot even hold (negative counts); the rest is judged by
+    request_validation like any gRPC request."""
+    check_supported(body, kind)
+    req = pb.ExecuteRequest(model_id=body.model or "")
+    if kind == "completions":
+        _prompt(body, req)
+        # OpenAI's legacy completions default to 16 tokens; chat runs until the model stops.
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        max_param = "max_tokens"
+        if body.logprobs is not None:
+            req.top_logprobs = _uint(body.logprobs, "logprobs")
+    else:
+        _messages(body, req)
+        max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else (body.max_tokens or 0)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidArgument("needs logprobs: true", field="top_logprobs")
+        if body.logprobs and body.top_logprobs:
+            req.top_logprobs = _uint(body.top_logprobs, "top_logprobs")
+    req.stopping.max_tokens = _uint(max_tokens, max_param)
+    if body.stop is not None:
+        req.stopping.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    if body.min_tokens is not None:
+        req.stopping.min_tokens = _uint(body.min_tokens, "min_tokens")
+    if body.ignore_eos is not None:
+        req.stopping.ignore_eos = body.ignore_eos
+    if body.stop_token_ids is not None:
+        req.stopping.stop_token_ids.extend(_uint(t, f"stop_token_ids[{i}]") for i, t in enumerate(body.stop_token_ids))
+
+    s = req.sampling
+    for name in ("temperature", "top_p", "repetition_penalty"):  # optional in proto: unset means default
+        v = getattr(body, name)
+        if v is not None:
+            setattr(s, name, v)
+    for name in ("min_p", "presence_penalty", "frequency_penalty"):
+        v = getattr(body, name)
+        if v is not None:
+            setattr(s, name, v)
+    if body.top_k is not None:
+        s.top_k = _uint(body.top_k, "top_k")
+    if body.seed is not None:
+        if not SEED_MIN <= body.seed <= SEED_MAX:
+            raise InvalidArgument(f"must be a 64-bit integer, got {body.seed}", field="seed")
+        s.seed = body.seed % 2**64
+    if body.logit_bias:
+        for key, bias in body.logit_bias.items():
+            if not re.fullmatch(r"\s*\d{1,10}\s*", key) or int(key) > UINT32_MAX:
+                raise InvalidArgument(f"keys must be token ids (decimal strings), got {key[:32]!r}", field="logit_bias")
+            s.logit_bias[int(key)] = bias
+    return req
+
+
+def param_of(field: str | None, kind: str, max_param: str = "max_tokens") -> str | None:
+    """The body's name for a proto field path an OrcdError names."""
+    if not field:
+        return None
+    if field == "model_id":
+        return "model"
+    if field == "request_id":
+        return None
+    if field == "input" or field.startswith(("input.text", "input.tokens", "input.chat")):
+        rest = field.removeprefix("input.chat.messages").removeprefix("input.chat")
+        if kind == "chat":
+            return "messages" + rest if rest.startswith("[") else "messages"
+        return "prompt"
+    if field == "top_logprobs":
+        return "logprobs" if kind == "completions" else "top_logprobs"
+    if field == "stopping.max_tokens":
+        return max_param
+    for prefix in ("sampling.", "stopping."):
+        if field.startswith(prefix):
+            rest = field[len(prefix):]
+            return re.sub(r"^logit_bias\[(\d+)\]$", r'logit_bias["\1"]', rest)
+    return field
+
+
+def rename(err: OrcdError, kind: str, body=None) -> tuple[str, str | None]:
+    """(message, param) of `err` as the HTTP body names its fields."""
+    max_param = "max_tokens"
+    if kind == "chat" and body is not None and getattr(body, "max_completion_tokens", None) is not None:
+        max_param = "max_completion_tokens"
+    msg = str(err)
+    param = param_of(err.field, kind, max_param)
+    if err.field and msg.startswith(err.field + ": "):
+        msg = msg[len(err.field) + 2:]
+        if param:
+            msg = f"{param}: {msg}"
+    return msg, param
+
+
+# ---- replies -------------------------------------------------------------------------------------
+
+
+def usage(finished) -> dict:
+    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
+            "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": finished.cached_prompt_tokens}}
+
+
+class LogprobsBuilder:
+    """Collects per-token logprobs in the shape of one endpoint: completions' four parallel lists,
+    or chat's list of {token, logprob, bytes, top_logprobs}."""
+
+    def __init__(self, kind: str, tokenizer):
+        self.kind = kind
+        self.tokenizer = tokenizer
+        self.offset = 0
+        self.content: list = []
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float] = []
+        self.top: list[dict] = []
+        self.offsets: list[int] = []
+
+    def _piece(self, token_id: int) -> bytes:
+        try:
+            return self.tokenizer.token_bytes(int(token_id))
+        except Exception:
+            return b""
+
+    def add(self, ev) -> dict:
+        """Adds one TokenEvent; returns the logprobs of this token alone (a stream chunk's)."""
+        raw = self._piece(ev.token_id)
+        token = raw.decode("utf-8", "replace")
+        if self.kind == "chat":
+            entry = {"token": token, "logprob": ev.logprob, "bytes": list(raw),
+                     "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                                      for _, t, lp in ev.top]}
+            self.content.append(entry)
+            return {"content": [entry], "refusal": None}
+        top = {t: lp for _, t, lp in ev.top}
+        one = {"tokens": [token], "token_logprobs": [ev.logprob], "top_logprobs": [top], "text_offset": [self.offset]}
+        self.tokens.append(token)
+        self.token_logprobs.append(ev.logprob)
+        self.top.append(top)
+        self.offsets.append(self.offset)
+        self.offset += len(ev.text)
+        return one
+
+    def result(self) -> dict:
+        if self.kind == "chat":
+            return {"content": self.content, "refusal": None}
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
+                "text_offset": self.offsets}
+
+
+class Reply:
+    """The reply objects of one request: ids, timestamps and the shapes of each endpoint."""
+
+    def __init__(self, kind: str, request_id: str, model: str):
+        self.kind = kind
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
+        self.created = int(time.time())
+        self.model = model
+        self.object = "chat.completion" if kind == "chat" else "text_completion"
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def complete(self, text: str, finished, logprobs: dict | None) -> dict:
+        out = self._head(self.object)
+        choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": FINISH_REASONS[finished.reason]}
+        if self.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        else:
+            choice["text"] = text
+        out["choices"] = [choice]
+        out["usage"] = usage(finished)
+        return out
+
+    def chunk(self, *, text: str | None = None, role: bool = False, logprobs: dict | None = None,
+              finish: str | None = None, with_usage: bool = False) -> dict:
+        out = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
+        choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
+        if self.kind == "chat":
+            delta: dict = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        out["choices"] = [choice]
+        if with_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, finished) -> dict:
+        out = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
+        out["choices"] = []
+        out["usage"] = usage(finished)
+        return out
+
+
+def is_cancelled(finished) -> bool:
+    return finished.reason == CANCELLED
+
+
+def model_card(info) -> dict:
+    return {"id": info.model_id, "object": "model", "created": int(time.time() - float(info.load_seconds or 0)),
+            "owned_by": "orcd", "max_model_len": int(info.context_length)}
+
+
+Kind = Literal["completions", "chat"]

@@ -1,0 +1,112 @@
+"""Unit tests of the OpenAI body -> ExecuteRequest translation and of the field-name mapping that
+keeps HTTP errors naming the body's fields (openai_schema.py). No model, no server."""
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from orcd_grpc import openai_schema as oa
+from orcd_grpc.errors import InvalidArgument, OrcdError, OutOfRange
+
+
+def completion(**kw):
+    return oa.CompletionRequest.model_validate({"prompt": "hi", **kw})
+
+
+def chat(**kw):
+    return oa.ChatRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def test_completion_fields_map_onto_the_execute_request():
+    req = oa.to_execute(completion(model="m", temperature=0.5, top_p=0.9, max_tokens=7, stop="x", seed=-1,
+                                   logit_bias={"12": -100, " 7 ": 3}, presence_penalty=0.5, frequency_penalty=-0.5,
+                                   logprobs=4, top_k=5, min_p=0.1, repetition_penalty=1.1, min_tokens=2,
+                                   ignore_eos=True, stop_token_ids=[3]), "completions")
+    assert req.model_id == "m" and req.text == "hi"
+    s, st = req.sampling, req.stopping
+    assert s.temperature == pytest.approx(0.5) and s.top_p == pytest.approx(0.9) and s.top_k == 5
+    assert s.seed == 2**64 - 1  # -1 wraps: int64 seeds stay distinct
+    assert dict(s.logit_bias) == {12: -100.0, 7: 3.0}
+    assert s.presence_penalty == pytest.approx(0.5) and s.frequency_penalty == pytest.approx(-0.5)
+    assert s.min_p == pytest.approx(0.1) and s.repetition_penalty == pytest.approx(1.1)
+    assert st.max_tokens == 7 and list(st.stop) == ["x"] and st.min_tokens == 2 and st.ignore_eos
+    assert list(st.stop_token_ids) == [3] and req.top_logprobs == 4
+
+
+def test_defaults_leave_proto_optionals_unset():
+    req = oa.to_execute(completion(), "completions")
+    assert not req.sampling.HasField("temperature") and not req.sampling.HasField("seed")
+    assert req.stopping.max_tokens == 16  # OpenAI's legacy default
+    assert oa.to_execute(chat(), "chat").stopping.max_tokens == 0  # chat: until the model stops
+
+
+def test_prompt_forms():
+    assert list(oa.to_execute(completion(prompt=[1, 2, 3]), "completions").tokens.ids) == [1, 2, 3]
+    assert oa.to_execute(completion(prompt=["one"]), "completions").text == "one"
+    assert list(oa.to_execute(completion(prompt=[[4, 5]]), "completions").tokens.ids) == [4, 5]
+    with pytest.raises(oa.NotSupportedYet) as err:
+        oa.to_execute(completion(prompt=["a", "b"]), "completions")
+    assert err.value.field == "prompt"
+    with pytest.raises(InvalidArgument) as err:
+        oa.to_execute(completion(prompt=[1, -2]), "completions")
+    assert err.value.field == "prompt[1]"
+
+
+def test_chat_messages_and_max_completion_tokens():
+    req = oa.to_execute(chat(messages=[{"role": "system", "content": "s"},
+                                       {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                    {"type": "text", "text": "b"}]},
+                                       {"role": "assistant", "content": None}],
+                             max_tokens=3, max_completion_tokens=9, logprobs=True, top_logprobs=2), "chat")
+    assert [(m.role, m.content) for m in req.chat.messages] == [("system", "s"), ("user", "ab"), ("assistant", "")]
+    assert req.stopping.max_tokens == 9 and req.top_logprobs == 2
+    with pytest.raises(oa.NotSupportedYet) as err:
+        oa.to_execute(chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), "chat")
+    assert err.value.field == "messages[0].content[0]"
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 2**32}, "max_tokens"), ({"seed": 2**64}, "seed"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"), ({"top_k": -1}, "top_k"), ({"logprobs": -1}, "logprobs"),
+])
+def test_values_proto_cannot_hold_are_invalid_argument_naming_the_body_field(kw, param):
+    with pytest.raises(InvalidArgument) as err:
+        oa.to_execute(completion(**kw), "completions")
+    assert err.value.field == param
+
+
+def test_not_supported_yet_table_is_the_one_switch():
+    params = {row[0] for row in oa.NOT_SUPPORTED_YET}
+    assert {"n", "echo", "response_format", "tools"} <= params
+    oa.to_execute(chat(n=1, response_format={"type": "text"}, tool_choice="none"), "chat")  # no-op values pass
+    for kw, kind in (({"n": 2}, "chat"), ({"tools": [{"type": "function"}]}, "chat"),
+                     ({"response_format": {"type": "json_schema"}}, "chat"), ({"echo": True}, "completions")):
+        body = chat(**kw) if kind == "chat" else completion(**kw)
+        with pytest.raises(oa.NotSupportedYet):
+            oa.to_execute(body, kind)
+
+
+def test_unknown_fields_are_refused():
+    with pytest.raises(pydantic.ValidationError):
+        completion(max_token=3)
+
+
+@pytest.mark.parametrize("field,kind,param", [
+    ("sampling.temperature", "chat", "temperature"), ("sampling.logit_bias[5]", "chat", 'logit_bias["5"]'),
+    ("stopping.stop[2]", "completions", "stop[2]"), ("stopping.max_tokens", "completions", "max_tokens"),
+    ("input", "completions", "prompt"), ("input.tokens", "completions", "prompt"), ("input", "chat", "messages"),
+    ("input.chat.messages[1].role", "chat", "messages[1].role"), ("input.chat", "chat", "messages"),
+    ("top_logprobs", "completions", "logprobs"), ("top_logprobs", "chat", "top_logprobs"),
+    ("model_id", "chat", "model"), ("request_id", "chat", None), (None, "chat", None),
+])
+def test_param_of_maps_proto_paths_to_body_fields(field, kind, param):
+    assert oa.param_of(field, kind) == param
+
+
+def test_rename_keeps_the_message_and_swaps_the_field():
+    msg, param = oa.rename(InvalidArgument("must be in [0, 100], got 500", field="sampling.temperature"), "chat")
+    assert (msg, param) == ("temperature: must be in [0, 100], got 500", "temperature")
+    body = chat(max_completion_tokens=5)
+    msg, param = oa.rename(OutOfRange("too many", field="stopping.max_tokens"), "chat", body)
+    assert (msg, param) == ("max_completion_tokens: too many", "max_completion_tokens")
+    assert oa.rename(OrcdError("no field"), "chat") == ("no field", None)
