@@ -189,7 +189,8 @@ def _check_ids(ids: Iterable[int], vocab_size: int, field: str) -> None:
 def prompt_ids(req, tokenizer, has_chat_template: bool, limits: prompt_guard.Limits | None = None):
     """The request's prompt as token ids. Text is sized against `limits` before it is tokenized,
     and client text (plain `text`, chat contents, tools) never becomes a control token."""
-    return _prompt_ids(req, tokenizer, has_chat_template, limits, tool_prompt.check_tools(req))[0]
+    spec = tool_prompt.check_tools(req) if "tools" in req.DESCRIPTOR.fields_by_name else None
+    return _prompt_ids(req, tokenizer, has_chat_template, limits, spec)[0]
 
 
 def _prompt_ids(req, tokenizer, has_chat_template: bool, limits: prompt_guard.Limits | None = None,
