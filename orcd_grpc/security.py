@@ -202,7 +202,8 @@ def _parse(specs) -> dict[str, tuple[str, frozenset[str], int]]:
                 raise ValueError(f"--auth-token: the token of client {client} is listed twice with different roles")
             priority = priority or 0
             if token in out and out[token][2] != priority:
-                raise ValueError(f"--auth-token: the token of client {client} is listed twice with different priorities")
+                raise ValueError(f"--auth-token: the token of client {client} is listed twice with different "
+                                 "priorities")
             out[token] = (client, roles, priority)
     return out
 

@@ -266,3 +266,40 @@ def test_shared_blocks_are_freed_by_their_last_table():
     for kid in kids:
         alloc.release(kid)
     assert alloc.free_blocks == 8
+
+
+def test_engine_fork_shares_full_blocks_and_copies_the_partial_one(tmp_path):
+    """At the engine: after the fork's step every sample holds the same KV for the whole prompt
+    (shared full blocks; its own copy of the last, with the last prompt token written into it)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from gpu.test_cuda_models import write_tiny_llama
+    from orcd_grpc.loader import load_engine
+    from orcd_grpc.sampling import SamplingParams
+
+    eng = load_engine(write_tiny_llama(tmp_path / "tiny.gguf", "F32"), backend="cpu", max_sequences=4,
+                      max_context=256)
+    try:
+        bs = eng.allocator.block_size
+        prompt = [1] + np.random.default_rng(5).integers(3, 320, bs + 5).tolist()  # hold at bs + 5
+        free = eng.free_blocks()
+        seqs = [eng.new_sequence(prompt, SamplingParams(temperature=0.0)) for _ in range(3)]
+        parent, kids = seqs[0], seqs[1:]
+        parent.hold = len(prompt) - 1
+        assert not eng.fork(parent, kids)  # nothing computed yet
+        assert eng.step([parent]) == {}    # the prefill to the hold samples nothing
+        assert eng.fork(parent, kids)
+        assert [k.block_table[0] for k in kids] == [parent.block_table[0]] * 2  # the full block, shared
+        assert len({k.block_table[1] for k in seqs}) == 3                        # the partial one, copied
+        out = eng.step(seqs)
+        assert len({out[s.seq_id].token_id for s in seqs}) == 1  # one distribution, greedy
+        kv = eng.kv
+        slots = [np.asarray([s.block_table[p // bs] * bs + p % bs for p in range(len(prompt))]) for s in seqs]
+        for sl in slots[1:]:
+            assert np.array_equal(kv.k[:, sl], kv.k[:, slots[0]]) and np.array_equal(kv.v[:, sl], kv.v[:, slots[0]])
+        for s in seqs:
+            eng.release(s)
+        assert eng.free_blocks() == free
+    finally:
+        eng.close()
