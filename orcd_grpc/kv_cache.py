@@ -92,7 +92,11 @@ class BlockAllocator:
         """One block for a caller that fills it itself (a copy-on-write copy)."""
         if not self.free_blocks:
             raise ResourceExhausted("KV cache full: no free block", field="kv_cache")
-        return self._take()
+        evicted: list[int] = []
+        block = self._take(evicted)
+        if evicted and self.listener is not None:
+            self.listener("evicted", evicted)
+        return block
 
     def share(self, block_table: list[int], n_blocks: int) -> list[int]:
         """A new table of block_table's first n_blocks, each one reference more: parallel samples
