@@ -31,6 +31,10 @@ COMPILE_THREADS = 2           # compilations at once; more wait for a place, wit
 MAX_PENDING_COMPILES = 16     # compilations waiting or running; more: RESOURCE_EXHAUSTED
 
 FIELDS = ("json_schema", "json_object", "regex", "lark_grammar", "gbnf")
+# Whitespace between JSON tokens: free (pretty-printed JSON is what models write) but at most 32
+# characters a gap, so a model cannot pad an object with newlines until max_tokens (SmolLM2 did,
+# on one schema in fifty, before this bound). A schema's own "x-guidance" options override it.
+JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32}"}
 
 
 def _limits():
@@ -139,11 +143,11 @@ def grammar_of(kind: str, spec) -> str:
 
     field = f"constraint.{kind}"
     if kind == "json_object":
-        return llg.LLMatcher.grammar_from_json_schema({"type": "object"})
+        return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     if kind == "json_schema":
         schema = _schema(spec, field) if isinstance(spec, str) else spec
         try:
-            return llg.LLMatcher.grammar_from_json_schema(schema)
+            return llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(str(exc), field=field) from None
     if kind == "regex":

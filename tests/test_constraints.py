@@ -437,3 +437,24 @@ def test_smollm2_a_matcher_past_its_step_limits_fails_the_request(smol, monkeypa
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "constraint.json_schema" in e.value.details() and "Too many items" in e.value.details()
     _wait_idle(smol, free)
+
+
+def test_json_whitespace_is_bounded_per_gap(smol_tok):
+    """Pretty-printed JSON passes; a gap of more than 32 whitespace characters does not (a model
+    cannot pad an object until max_tokens)."""
+    V = smol_tok.vocab_size
+    ok = constraints.compile_spec("json_object", None, smol_tok, V)
+    pretty = '{\n  "a": [\n    true,\n    false\n  ]\n}'
+    for t in smol_tok.encode(pretty, add_bos=False):
+        assert _allowed(ok, V)[t]
+        ok.accept(t)
+    assert ok.done
+    ok.close()
+    pad = constraints.compile_spec("json_object", None, smol_tok, V)
+    ids = smol_tok.encode("{" + "\n" * 40, add_bos=False)
+    allowed_all = True
+    for t in ids:
+        allowed_all &= bool(_allowed(pad, V)[t])
+        pad.accept(t)
+    assert not allowed_all
+    pad.close()
