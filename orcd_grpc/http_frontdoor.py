@@ -170,6 +170,7 @@ class FrontDoor:
         self.metrics = metrics
         self.max_prompt_bytes = max_prompt_bytes
         self.checker = checker if checker else None
+        self._priorities: dict[str, int] = {}  # client id -> its token's priority (tokens are fixed at start)
         self.limiter = limiter
         self.usage = usage
         self.metrics_auth = metrics_auth
@@ -213,7 +214,8 @@ class FrontDoor:
         if not isinstance(verdict[0], str):
             code, msg = verdict
             raise (Unauthenticated(msg) if code == grpc.StatusCode.UNAUTHENTICATED else PermissionDenied(msg))
-        client, roles = verdict
+        client, roles, priority = verdict
+        self._priorities[client] = priority  # the token's priority: its requests' default and cap
         denied = security.authorize(method, client, roles)
         if denied is not None:
             raise PermissionDenied(denied)
@@ -266,7 +268,7 @@ class FrontDoor:
             prepared = rv.prepare_execute(pbreq, engine.info, engine.tokenizer, max_prompt_bytes=self.max_prompt_bytes)
             return Request(prepared.request_id, prepared.prompt_ids, prepared.sampling, prepared.stopping,
                            engine=engine, model_id=engine.info.model_id, correlation_id=correlation,
-                           arrival=time.monotonic(), owner=client)
+                           arrival=time.monotonic(), owner=client, priority=self._priorities.get(client, 0))
 
     # ---- endpoints ----------------------------------------------------------------------------
 
@@ -392,14 +394,14 @@ class _Run:
 
     def gone(self) -> None:
         self._gone = True
-        self.door.scheduler.abandon(self.req, "the client went away")
+        self.door.scheduler.abandon(self.req)
 
     def close(self) -> None:
         """However the call ended: a request still live is abandoned, the reservation settled."""
         if self._closed:
             return
         self._closed = True
-        self.door.scheduler.abandon(self.req, "the HTTP response was closed")
+        self.door.scheduler.abandon(self.req)
         self.door._settle(self.client, self.reserved, self.generated)
 
     async def _next(self):
