@@ -458,3 +458,44 @@ def test_json_whitespace_is_bounded_per_gap(smol_tok):
         pad.accept(t)
     assert not allowed_all
     pad.close()
+
+
+def test_open_numbers_are_bounded_in_the_grammar_only():
+    """A number or integer the schema leaves open gets a range (and a number a 1e-9 step) in the
+    copy compiled to a grammar; bounds the schema sets, and data (const, enum), are kept as written."""
+    schema = {"type": "object", "properties": {
+        "n": {"type": "number"}, "i": {"type": "integer"}, "k": {"type": ["integer", "null"], "minimum": 5},
+        "x": {"type": "number", "maximum": 1e30, "multipleOf": 0.25},
+        "c": {"const": {"type": "number"}}, "e": {"enum": [{"type": "integer"}]}}}
+    out = constraints.bounded_numbers(schema)
+    p = out["properties"]
+    assert p["n"] == {"type": "number", "minimum": -1e15, "maximum": 1e15, "multipleOf": 1e-9}
+    assert p["i"] == {"type": "integer", "minimum": -(2 ** 53 - 1), "maximum": 2 ** 53 - 1}
+    assert p["k"]["minimum"] == 5 and p["k"]["maximum"] == 5 + 2 ** 53 - 1 and "multipleOf" not in p["k"]
+    assert p["x"] == {"type": "number", "maximum": 1e30, "multipleOf": 0.25}  # past the bound: as written
+    assert constraints.bounded_numbers({"type": "number", "maximum": 7})["minimum"] == -1e15
+    assert p["c"] == {"const": {"type": "number"}} and p["e"] == {"enum": [{"type": "integer"}]}
+    assert schema["properties"]["n"] == {"type": "number"}  # the client's schema is not changed
+
+
+def test_open_numbers_cannot_run_to_max_tokens(smol_tok):
+    """Digits past the bound are refused (a model wrote 140-digit numbers into the corpus before);
+    ordinary numbers still pass."""
+    V = smol_tok.vocab_size
+
+    def accepts(schema, text):
+        c = constraints.compile_json_schema(schema, smol_tok, V)
+        try:
+            for t in smol_tok.encode(text, add_bos=False):
+                if not _allowed(c, V)[t]:
+                    return False
+                c.accept(t)
+            return c.done or c._m.is_accepting()
+        finally:
+            c.close()
+
+    num, integer = {"type": "number"}, {"type": "integer"}
+    assert accepts(num, "30.138911") and accepts(num, "-5") and accepts(integer, "9007199254740991")
+    assert not accepts(num, "30.1389115004389088661")
+    assert not accepts(integer, "50641000000000001111")
+    assert accepts({"type": "number", "minimum": 10}, "12.5") and not accepts({"type": "number", "minimum": 10}, "9")
