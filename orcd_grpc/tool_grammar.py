@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 
+from .constraints import JSON_OPTIONS, bounded_numbers
 from .errors import InvalidArgument
 
 REQUIRED, FUNCTION = "required", "function"
@@ -27,6 +28,12 @@ def _call_schema(name: str, params: dict, args_key: str) -> dict:
 
 
 def _json(schema: dict) -> str:
+    # The bounds constraints.py gives a client's JSON schema hold for a forced call's JSON too: at
+    # most 32 whitespace characters a gap and open numbers bounded, or greedy decoding can write
+    # whitespace until max_tokens (a tiny gpt-oss model did, inside a harmony call's arguments).
+    # A schema's own "x-guidance" options win.
+    if isinstance(schema, dict):
+        schema = {**bounded_numbers(schema), "x-guidance": {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}}
     return "%json " + json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
 
 

@@ -161,3 +161,20 @@ def test_schema_llguidance_cannot_compile_names_the_tool():
     assert e.value.field == "tools[1].parameters"
     check_schemas(bad, "function", "get_weather")  # only the named tool is enforced
     json.dumps(bad)  # the request's data is left as it was
+
+
+@pytest.mark.parametrize("family,wrap", [
+    ("hermes", lambda a: '<tool_call>\n{"name": "get_weather", "arguments": ' + a + '}\n</tool_call>'),
+    ("harmony", lambda a: '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>' + a
+     + '<|call|>')])
+def test_call_json_whitespace_and_numbers_are_bounded(byte_tok, family, wrap):
+    """A forced call's JSON gets constraints.py's bounds: whitespace gaps of at most 32 characters
+    (a random model wrote whitespace until max_tokens without it) and open numbers bounded."""
+    g = tool_choice_grammar(TOOLS, "function", family, "get_weather")
+    assert accepts(byte_tok, g, wrap('{"city":' + " " * 32 + '"Paris"}'))
+    assert not accepts(byte_tok, g, wrap('{"city":' + " " * 33 + '"Paris"}'))
+    free = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]}}}]
+    g = tool_choice_grammar(free, "function", family, "get_weather")
+    assert accepts(byte_tok, g, wrap('{"n": 1234.5}'))
+    assert not accepts(byte_tok, g, wrap('{"n": ' + "9" * 17 + '}'))

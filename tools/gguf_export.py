@@ -91,9 +91,11 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
-def write_dummy_vocab(w: gguf.GGUFWriter, n_vocab: int) -> None:
+def write_dummy_vocab(w: gguf.GGUFWriter, n_vocab: int, special: tuple[str, ...] = (), eos: str | None = None) -> None:
     """A valid byte-level BPE vocabulary of exactly n_vocab tokens: the 256 byte tokens, one merge,
-    and reserved tokens. Enough for the file to load; the math tests feed token ids directly."""
+    `special` control tokens (a chat format's markup, e.g. harmony's <|channel|>), then reserved
+    ones. Enough for the file to load; the math tests feed token ids directly. eos: the
+    end-of-sequence token's text (one of `special`), else a reserved token."""
     toks = _bytes_to_unicode()[: n_vocab]
     types = [1] * len(toks)
     merges = []
@@ -101,6 +103,11 @@ def write_dummy_vocab(w: gguf.GGUFWriter, n_vocab: int) -> None:
         toks.append("ab")
         types.append(1)
         merges.append("a b")
+    for t in special:
+        toks.append(t)
+        types.append(3)
+    if len(toks) > n_vocab - 2:
+        raise ValueError(f"{len(special)} special tokens do not fit a vocabulary of {n_vocab}")
     while len(toks) < n_vocab:
         toks.append(f"<|reserved_{len(toks)}|>")
         types.append(3)
@@ -110,7 +117,7 @@ def write_dummy_vocab(w: gguf.GGUFWriter, n_vocab: int) -> None:
     w.add_token_types(types)
     w.add_token_merges(merges or ["a b"])
     w.add_bos_token_id(n_vocab - 1)
-    w.add_eos_token_id(n_vocab - 2)
+    w.add_eos_token_id(toks.index(eos) if eos else n_vocab - 2)
 
 
 def _np(t) -> np.ndarray:
@@ -129,10 +136,13 @@ def _choose_type(name: str, arr: np.ndarray, qtype: T, expert_qtype: T) -> T:
 
 
 def export_hf_model(model, path: str | os.PathLike, *, qtype="F32", expert_qtype="MXFP4",
-                    type_overrides: dict[str, str] | None = None) -> str:
+                    type_overrides: dict[str, str] | None = None, special_tokens: tuple[str, ...] = (),
+                    eos_token: str | None = None, chat_template: str | None = None) -> str:
     """Writes `model` (a transformers *ForCausalLM) to `path` as GGUF. qtype: storage of the
     2-D weights (F32, F16, BF16, Q8_0, Q4_0, ...); expert_qtype: of the gpt-oss expert stacks.
-    type_overrides: GGUF tensor name -> type name, for tests that need a particular layout."""
+    type_overrides: GGUF tensor name -> type name, for tests that need a particular layout.
+    special_tokens / eos_token / chat_template: a chat format's control tokens in the vocabulary
+    (write_dummy_vocab), its end-of-sequence token and its template, for tests that serve chats."""
     cfg = model.config
     mt = cfg.model_type
     if mt not in ARCH:
@@ -208,7 +218,9 @@ def export_hf_model(model, path: str | os.PathLike, *, qtype="F32", expert_qtype
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(float(rp["factor"]))
             w.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
-    write_dummy_vocab(w, int(cfg.vocab_size))
+    write_dummy_vocab(w, int(cfg.vocab_size), tuple(special_tokens), eos_token)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     # ---- tensors ----------------------------------------------------------------------------
     sd = {k: v for k, v in model.state_dict().items()}
