@@ -605,5 +605,6 @@ class Scheduler:
                 free, total = e.free_blocks(), e.total_blocks()
                 m.kv_free.set(free)
                 m.kv_used.set(total - free)
+                m.kv_shared.set(e.shared_blocks())
             except Exception:
                 pass
