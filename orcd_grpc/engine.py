@@ -199,6 +199,9 @@ class Engine:
     def free_blocks(self) -> int:
         return self.allocator.free_blocks
 
+    def shared_blocks(self) -> int:
+        return self.allocator.shared_blocks
+
     def total_blocks(self) -> int:
         return self.allocator.num_blocks
 

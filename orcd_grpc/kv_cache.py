@@ -52,6 +52,7 @@ class BlockAllocator:
         self.prefix_cache = prefix_cache
         self._free = list(range(num_blocks - 1, -1, -1))
         self._ref = [0] * num_blocks
+        self.shared_blocks = 0                      # blocks in more than one table (kept, not counted per step)
         self._hash_of: dict[int, int] = {}          # block -> its prefix hash
         self._block_of: dict[int, int] = {}         # prefix hash -> block
         self._parent: dict[int, int] = {}           # prefix hash -> the hash of the block before it
@@ -103,8 +104,13 @@ class BlockAllocator:
         read their prompt's blocks together, and `release` of each table gives back its own."""
         shared = block_table[:n_blocks]
         for block in shared:
-            self._ref[block] += 1
+            self._incref(block)
         return shared
+
+    def _incref(self, block: int) -> None:
+        self._ref[block] += 1
+        if self._ref[block] == 2:
+            self.shared_blocks += 1
 
     def ensure(self, block_table: list[int], num_tokens: int) -> None:
         """Grows block_table in place so it holds num_tokens tokens."""
@@ -123,6 +129,8 @@ class BlockAllocator:
     def release(self, block_table: list[int]) -> None:
         for block in reversed(block_table):
             self._ref[block] -= 1
+            if self._ref[block] == 1:
+                self.shared_blocks -= 1
             if self._ref[block] == 0:
                 if block in self._hash_of:
                     self._evictable[block] = None
@@ -162,7 +170,7 @@ class BlockAllocator:
                 break
             if self._ref[block] == 0:
                 del self._evictable[block]
-            self._ref[block] += 1
+            self._incref(block)
             block_table.append(block)
         n = len(block_table) * self.block_size
         self.hit_tokens += n

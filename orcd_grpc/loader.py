@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 
 from . import weight_packing
 from .adapters import adapter_for
@@ -38,11 +39,103 @@ def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "
         raise
 
 
+@dataclass
+class Sizing:
+    """What a load of a model will take, computed from the file's header and tensor infos alone:
+    the numbers LoadModel's admission check compares and a dry run (LoadModel dry_run) reports."""
+    weights_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int  # the step workspace a device backend reserves (0 on the CPU backend)
+    step_bytes: int  # the CPU backend's peak per-step activations (0 on a device backend)
+    num_blocks: int
+    context_length: int
+    available: int | None  # what the backend may allocate (None: unbounded)
+    memory_name: str
+    backend: str
+    needed: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.needed.values())
+
+
+class _Opened:
+    """A validated model: its adapter, the weights to load, tokenizer and served context length."""
+
+    def __init__(self, model: GGUFModel, context_length: int, max_context: int):
+        from .tokenizer import Tokenizer
+        from .validation import check_hparams, validate_model
+
+        adapter_cls = adapter_for(model.arch)
+        check_hparams(model)  # before the adapter divides by them
+        self.adapter = adapter = adapter_cls(model)
+        validate_model(model, adapter)
+        # Tensors no forward pass reads are neither loaded nor counted: on the CPU each would be
+        # dequantized whole into float32 (a hostile file can carry gigabytes of them).
+        used = set(adapter.required()) | adapter.optional_tensors()
+        tensors = [t for t in model.reader.tensors if t.name in used]
+        self.plan = weight_packing.plan(tensors, adapter.packing, adapter.hp.n_layers)
+        self.tokenizer = Tokenizer.from_gguf(model.fields)
+        self.hp = hp = adapter.hp
+        trained = hp.context_length
+        if context_length and context_length > trained:
+            raise OutOfRange(f"{context_length} exceeds the model's trained context length {trained}",
+                             field="context_length")
+        self.ctx_len = int(context_length or min(trained, max_context))
+
+
+def _size(opened: _Opened, be: Backend, *, max_sequences: int, kv_cache_bytes: int, block_size: int) -> Sizing:
+    from .admission import cpu_step_bytes
+
+    adapter, hp, ctx_len = opened.adapter, opened.hp, opened.ctx_len
+    weights_bytes, largest = opened.plan.nbytes(be)
+    per_token = adapter.kv_layout(1, 1).bytes(be.kv_elem_size)
+    min_blocks = -(-ctx_len // block_size)
+    available = be.memory_available()
+    # a host backend's step activations are allocated per step, not reserved up front
+    step_bytes = cpu_step_bytes(hp, max_sequences, ctx_len, largest) if be.host_memory else 0
+    if kv_cache_bytes:
+        budget = kv_cache_bytes
+    elif available is None:
+        budget = min(CPU_KV_BUDGET, max_sequences * ctx_len * per_token)
+    else:
+        budget = min(int((available - weights_bytes - step_bytes) * 0.9), max_sequences * ctx_len * per_token)
+        if be.host_memory:
+            budget = min(budget, CPU_KV_BUDGET)
+    num_blocks = max(min_blocks, budget // (per_token * block_size) - 1)
+    kv_bytes = adapter.kv_layout(num_blocks + 1, block_size).bytes(be.kv_elem_size)  # + the padding rows' block
+    needed = {"weights": weights_bytes, "KV cache": kv_bytes}
+    if step_bytes:
+        needed["step activations"] = step_bytes
+    return Sizing(weights_bytes=weights_bytes, kv_cache_bytes=kv_bytes, workspace_bytes=int(be.workspace_bytes),
+                  step_bytes=step_bytes, num_blocks=num_blocks, context_length=ctx_len, available=available,
+                  memory_name=be.memory_name, backend=be.name, needed=needed)
+
+
+def plan_load(path, *, backend: str | Backend = "auto", context_length: int = 0, max_sequences: int = 64,
+              max_vram: int = 0, kv_cache_bytes: int = 0, block_size: int = 16,
+              max_context: int = DEFAULT_MAX_CONTEXT, max_ram: int = 0) -> Sizing:
+    """Sizes a load of `path` exactly as load_engine would, reading only the GGUF header and
+    tensor infos (the weights stay on disk, nothing is allocated for them). Errors a load would
+    raise before its first weight (a bad file, OUT_OF_RANGE context) are raised here too; whether
+    it fits is the caller's to judge from `needed` and `available`."""
+    model = GGUFModel(os.fspath(path))
+    try:
+        opened = _Opened(model, context_length, max_context)
+        be = backend if isinstance(backend, Backend) else make_backend(backend, max_vram, max_ram)
+        try:
+            return _size(opened, be, max_sequences=max_sequences, kv_cache_bytes=kv_cache_bytes,
+                         block_size=block_size)
+        finally:
+            if not isinstance(backend, Backend):
+                be.close()
+    finally:
+        model.close()
+
+
 def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences, max_vram, max_ram,
           kv_cache_bytes, block_size, max_context, progress) -> Engine:
-    from .admission import check_fits, cpu_step_bytes
-    from .tokenizer import Tokenizer
-    from .validation import check_hparams, validate_model
+    from .admission import check_fits
 
     t0 = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
@@ -50,46 +143,15 @@ def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences,
     report("opening", 0, 0)
     total = model.tensor_bytes()
     report("validating", 0, total)
-    adapter_cls = adapter_for(model.arch)
-    check_hparams(model)  # before the adapter divides by them
-    adapter = adapter_cls(model)
-    validate_model(model, adapter)
-    # Tensors no forward pass reads are neither loaded nor counted: on the CPU each would be
-    # dequantized whole into float32 (a hostile file can carry gigabytes of them).
-    used = set(adapter.required()) | adapter.optional_tensors()
-    tensors = [t for t in model.reader.tensors if t.name in used]
-    plan = weight_packing.plan(tensors, adapter.packing, adapter.hp.n_layers)
-    tokenizer = Tokenizer.from_gguf(model.fields)
-    hp = adapter.hp
-
+    opened = _Opened(model, context_length, max_context)
+    adapter, plan, tokenizer, hp, ctx_len = opened.adapter, opened.plan, opened.tokenizer, opened.hp, opened.ctx_len
     trained = hp.context_length
-    if context_length and context_length > trained:
-        raise OutOfRange(f"{context_length} exceeds the model's trained context length {trained}",
-                         field="context_length")
-    ctx_len = int(context_length or min(trained, max_context))
 
     be = backend if isinstance(backend, Backend) else make_backend(backend, max_vram, max_ram)
     try:
-        weights_bytes, largest = plan.nbytes(be)
-        per_token = adapter.kv_layout(1, 1).bytes(be.kv_elem_size)
-        min_blocks = -(-ctx_len // block_size)
-        available = be.memory_available()
-        # a host backend's step activations are allocated per step, not reserved up front
-        step_bytes = cpu_step_bytes(hp, max_sequences, ctx_len, largest) if be.host_memory else 0
-        if kv_cache_bytes:
-            budget = kv_cache_bytes
-        elif available is None:
-            budget = min(CPU_KV_BUDGET, max_sequences * ctx_len * per_token)
-        else:
-            budget = min(int((available - weights_bytes - step_bytes) * 0.9), max_sequences * ctx_len * per_token)
-            if be.host_memory:
-                budget = min(budget, CPU_KV_BUDGET)
-        num_blocks = max(min_blocks, budget // (per_token * block_size) - 1)
-        kv_bytes = adapter.kv_layout(num_blocks + 1, block_size).bytes(be.kv_elem_size)
-        needed = {"weights": weights_bytes, "KV cache": kv_bytes}
-        if step_bytes:
-            needed["step activations"] = step_bytes
-        check_fits(needed, available, be.memory_name)
+        size = _size(opened, be, max_sequences=max_sequences, kv_cache_bytes=kv_cache_bytes, block_size=block_size)
+        weights_bytes, kv_bytes, num_blocks = size.weights_bytes, size.kv_cache_bytes, size.num_blocks
+        check_fits(size.needed, size.available, be.memory_name)
 
         weights, done = {}, 0
         for e in plan.entries:

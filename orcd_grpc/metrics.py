@@ -61,6 +61,10 @@ class Metrics:
         self.running = Gauge("orcd_running_sequences", "Sequences in the running batch", registry=r)
         self.kv_used = Gauge("orcd_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_free = Gauge("orcd_kv_blocks_free", "KV cache blocks free", registry=r)
+        # parallel samples (n > 1) and prefix-cache hits read one block from several sequences:
+        # kv_used counts it once, this says how many blocks are held that way
+        self.kv_shared = Gauge("orcd_kv_blocks_shared", "KV cache blocks in use by more than one sequence "
+                               "(counted once in orcd_kv_blocks_used)", registry=r)
         self.prefix_hits = Counter("orcd_prefix_cache_hit_tokens",
                                    "Prompt tokens whose KV was reused from the prefix cache", registry=r)
         self.preemptions = Counter("orcd_preemptions", "Sequences preempted because KV blocks ran out",
@@ -84,6 +88,7 @@ class Metrics:
             self.model_ram.set(0)
             self.kv_used.set(0)
             self.kv_free.set(0)
+            self.kv_shared.set(0)
             return
         total = info.vram_bytes
         on_gpu = info.backend == "cuda"

@@ -127,6 +127,13 @@ class Scheduler:
                 "backend": engine.info.backend, "seconds": round(time.monotonic() - t0, 3)}})
             return engine.info
 
+    def plan_load(self, path, **kwargs):
+        """LoadModel's dry run (load_plan.plan) beside the loaded models; loads nothing."""
+        from .load_plan import plan
+
+        with self._load_lock:  # the models held are those a load now would see
+            return plan([self._engine, *self.retiring], path, max_sequences=self.max_sequences, **kwargs)
+
     def unload(self, model_id: str) -> None:
         def _do():
             e = self._engine
@@ -598,5 +605,6 @@ class Scheduler:
                 free, total = e.free_blocks(), e.total_blocks()
                 m.kv_free.set(free)
                 m.kv_used.set(total - free)
+                m.kv_shared.set(e.shared_blocks())
             except Exception:
                 pass

@@ -265,6 +265,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self._count("LoadModel", err.code)
             _abort(context, err)
             return
+        if request.dry_run:
+            yield from self._plan_load(path, ctx, context)
+            return
 
         events: queue.Queue = queue.Queue()
         abandoned = threading.Event()
@@ -323,6 +326,28 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     return
         finally:
             abandoned.set()
+
+    def _plan_load(self, path, ctx: int, context):
+        try:
+            p = self.scheduler.plan_load(path, context_length=ctx, max_context=self.max_context,
+                                         backend=self.backend, max_vram=self.max_vram, max_ram=self.max_ram)
+        except OrcdError as err:
+            self._count("LoadModel", err.code)
+            _abort(context, _without_paths(err, path, self.model_dirs))
+            return
+        except Exception as exc:
+            log.exception("load plan failed")
+            err = _without_paths(Internal(f"planning {path.name} failed: {type(exc).__name__}: {exc}"),
+                                 path, self.model_dirs)
+            self._count("LoadModel", err.code)
+            _abort(context, err)
+            return
+        self._count("LoadModel", grpc.StatusCode.OK)
+        yield pb.LoadModelResponse(plan=pb.LoadPlan(
+            weights_bytes=p.weights_bytes, kv_cache_bytes=p.kv_cache_bytes, workspace_bytes=p.workspace_bytes,
+            step_bytes=p.step_bytes, total_bytes=p.total_bytes, available_bytes=p.available_bytes or 0,
+            has_limit=p.available_bytes is not None, fits=p.fits, reason=p.reason,
+            context_length=p.context_length, max_sequences=p.max_sequences, backend=p.backend))
 
     def UnloadModel(self, request, context):
         try:

@@ -84,3 +84,20 @@ def test_random_workload_never_leaks_or_double_allocates():
     for t in live:
         a.release(t)
     assert a.free_blocks == 64
+
+
+def test_shared_blocks_counts_each_block_in_several_tables_once():
+    from orcd_grpc.kv_cache import BlockAllocator
+
+    a = BlockAllocator(16, 4)
+    parent: list[int] = []
+    a.ensure(parent, 10)  # 3 blocks
+    kids = [a.share(parent, 2) for _ in range(3)]
+    assert a.shared_blocks == 2 and a.used_blocks == 3
+    for k in kids[:2]:
+        a.release(k)
+    assert a.shared_blocks == 2  # parent and the last child still hold both
+    a.release(kids[2])
+    assert a.shared_blocks == 0
+    a.release(parent)
+    assert a.shared_blocks == 0 and a.used_blocks == 0

@@ -1,0 +1,112 @@
+"""LoadModel dry_run through a real server with the real SmolLM2 and Gemma 3 files (CPU backend):
+the plan's bytes are the ones the load then reports, and a plan that does not fit loads nothing."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+
+import grpc
+import pytest
+
+from orcd_grpc.proto import pb, pb_grpc
+from orcd_grpc.server import ServerConfig, start_server
+
+MiB = 1 << 20
+
+
+def _rss() -> int:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Worker:
+    def __init__(self, model_dir, **cfg):
+        config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "model_dirs": [str(model_dir)], "backend": "cpu",
+                                 "max_context": 256, "max_sequences": 8, "max_queue": 8, "grace_seconds": 1, **cfg})
+        self.worker, port, self.scheduler = start_server(config)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.WorkerStub(self.channel)
+
+    def plan(self, name, **kw) -> pb.LoadPlan:
+        events = list(self.stub.LoadModel(pb.LoadModelRequest(path=name, dry_run=True, **kw), timeout=120))
+        assert len(events) == 1 and events[0].WhichOneof("event") == "plan", events
+        return events[0].plan
+
+    def load(self, name, **kw) -> pb.ModelDescription:
+        return list(self.stub.LoadModel(pb.LoadModelRequest(path=name, **kw), timeout=600))[-1].model
+
+    def listed(self) -> list[str]:
+        return [m.model_id for m in self.stub.ListModels(pb.ListModelsRequest(), timeout=10).models]
+
+    def close(self):
+        self.channel.close()
+        self.worker.stop(0.5)
+
+
+def _same_as_loaded(plan: pb.LoadPlan, model: pb.ModelDescription) -> None:
+    # Exact: the plan runs the load's own sizing; with --max-context 256 and 8 sequences the KV
+    # cache is capped by max_sequences * context, not by the memory available, so nothing moves.
+    assert plan.fits and not plan.reason
+    assert (plan.weights_bytes, plan.kv_cache_bytes, plan.workspace_bytes) == \
+        (model.weights_bytes, model.kv_cache_bytes, model.workspace_bytes)
+    assert (plan.context_length, plan.max_sequences, plan.backend) == \
+        (model.context_length, model.max_sequences, model.backend)
+    assert plan.total_bytes == plan.weights_bytes + plan.kv_cache_bytes + plan.step_bytes
+    assert plan.has_limit and plan.available_bytes >= plan.total_bytes
+
+
+def test_plan_predicts_what_the_load_reports(smollm2_path, gemma3_path):
+    assert smollm2_path.parent == gemma3_path.parent
+    w = Worker(smollm2_path.parent)
+    try:
+        before = _rss()
+        plan = w.plan(smollm2_path.name)
+        assert w.listed() == []  # planned, not loaded
+        assert _rss() - before < smollm2_path.stat().st_size // 2
+        assert plan.weights_bytes > smollm2_path.stat().st_size  # Q4_1 weights held as float32
+        _same_as_loaded(plan, w.load(smollm2_path.name))
+
+        # beside the served model: the memory it holds is not the newcomer's
+        plan = w.plan(gemma3_path.name, context_length=128)
+        assert w.listed() == [smollm2_path.stem]
+        _same_as_loaded(plan, w.load(gemma3_path.name, context_length=128))
+    finally:
+        w.close()
+
+
+def test_plan_over_max_ram_does_not_fit_and_loads_nothing(smollm2_path):
+    w = Worker(smollm2_path.parent, max_ram=64 * MiB)
+    try:
+        before = _rss()
+        plan = w.plan(smollm2_path.name)
+        assert not plan.fits
+        assert "--max-ram" in plan.reason and "GiB allowed" in plan.reason, plan.reason
+        assert plan.has_limit and plan.available_bytes == 64 * MiB
+        assert plan.total_bytes > plan.available_bytes and plan.weights_bytes > 0 and plan.kv_cache_bytes > 0
+        assert w.listed() == []
+        assert _rss() - before < smollm2_path.stat().st_size // 2  # the header, not the weights
+        # the load itself is refused with the reason the plan gave
+        with pytest.raises(grpc.RpcError) as err:
+            w.load(smollm2_path.name)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert plan.reason in err.value.details()
+        assert w.listed() == []
+    finally:
+        w.close()
+
+
+def test_plan_refuses_what_the_load_refuses(smollm2_path):
+    w = Worker(smollm2_path.parent)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            w.plan(smollm2_path.name, context_length=100_000)
+        assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE and "context_length" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            w.plan("../../etc/passwd")
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert w.listed() == []
+    finally:
+        w.close()
