@@ -2,7 +2,9 @@
 
     orcd serve [--model NAME_OR_PATH] ...     run a worker (blocks until SIGTERM/SIGINT)
     orcd demo                                 start a worker, stream one completion, stop it
-    orcd generate PROMPT [--address ...]      stream a completion from a running worker
+    orcd generate PROMPT [--address ...]      stream a completion from a running worker (--n N: N samples)
+    orcd tokenize TEXT [--chat] [--offsets]   a worker's token ids for a text or chat prompt
+    orcd score TEXT [--top-n K]               per-token log-probs and total log-likelihood of a text
     orcd load PATH                            make a worker load a GGUF file (with progress)
     orcd unload / orcd list                   unload / list a worker's models
     orcd info [--local]                       hardware and build of a worker (or of this machine)
@@ -32,7 +34,7 @@ from typing import Sequence
 
 import grpc
 
-from . import __version__, model_store, ratelimit, security
+from . import __version__, cli_tokens, model_store, ratelimit, security
 from .cli_client import DEFAULT_ADDRESS, add_client_flags, client_from_args  # noqa: F401 (DEFAULT_ADDRESS re-exported)
 from .client_errors import ClientConfigError, from_grpc
 from .errors import InvalidArgument, OrcdError
@@ -114,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", default=None)
     gen.add_argument("--request-id", default="")
+    gen.add_argument("--n", type=_positive_int, default=None, metavar="N",
+                     help="N parallel samples of the prompt, each printed whole and labelled when it ends "
+                          "(with --seed, sample k uses seed + k)")
+
+    tok = sub.add_parser("tokenize", help="a worker's token ids for a text or chat prompt")
+    cli_tokens.add_input_flags(tok, "tokenize")
+    add_client_flags(tok)
+    tok.add_argument("--offsets", action="store_true",
+                     help="one line per token: its byte span in TEXT, and those bytes (text input only)")
+
+    score = sub.add_parser("score", help="per-token log-probs and total log-likelihood of a text (nothing generated)")
+    cli_tokens.add_input_flags(score, "score")
+    add_client_flags(score)
+    score.add_argument("--top-n", type=int, default=0, metavar="K",
+                       help=f"also show the K most likely tokens at each position (0..{cli_tokens.MAX_TOP_N})")
+    score.add_argument("--json", action="store_true", help="print the scores as JSON")
 
     load = sub.add_parser("load", help="make a worker load a GGUF file, showing progress")
     load.add_argument("path", help="GGUF path on the worker's machine (relative: in its model dir)")
@@ -337,8 +355,23 @@ def generate_request(args):
 
 
 def cmd_generate(args) -> int:
+    request = generate_request(args)
+    if args.n is not None:
+        request.n = args.n
     with client_from_args(args) as client:
-        return stream_completion(client, generate_request(args))
+        if request.n > 1:
+            return cli_tokens.stream_samples(client, request)
+        return stream_completion(client, request)
+
+
+def cmd_tokenize(args) -> int:
+    with client_from_args(args) as client:
+        return cli_tokens.cmd_tokenize(args, client)
+
+
+def cmd_score(args) -> int:
+    with client_from_args(args) as client:
+        return cli_tokens.cmd_score(args, client)
 
 
 def cmd_load(args) -> int:
@@ -487,7 +520,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 COMMANDS = {"serve": cmd_serve, "demo": cmd_demo, "generate": cmd_generate, "load": cmd_load,
-            "unload": cmd_unload, "drain": cmd_drain, "list": cmd_list, "info": cmd_info, "models": cmd_models}
+            "tokenize": cmd_tokenize, "score": cmd_score, "unload": cmd_unload, "drain": cmd_drain,
+            "list": cmd_list, "info": cmd_info, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
