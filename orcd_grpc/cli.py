@@ -119,19 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=_positive_int, default=None, metavar="N",
                      help="N parallel samples of the prompt, each printed whole and labelled when it ends "
                           "(with --seed, sample k uses seed + k)")
-
-    tok = sub.add_parser("tokenize", help="a worker's token ids for a text or chat prompt")
-    cli_tokens.add_input_flags(tok, "tokenize")
-    add_client_flags(tok)
-    tok.add_argument("--offsets", action="store_true",
-                     help="one line per token: its byte span in TEXT, and those bytes (text input only)")
-
-    score = sub.add_parser("score", help="per-token log-probs and total log-likelihood of a text (nothing generated)")
-    cli_tokens.add_input_flags(score, "score")
-    add_client_flags(score)
-    score.add_argument("--top-n", type=int, default=0, metavar="K",
-                       help=f"also show the K most likely tokens at each position (0..{cli_tokens.MAX_TOP_N})")
-    score.add_argument("--json", action="store_true", help="print the scores as JSON")
+    cli_tokens.add_parsers(sub)  # tokenize, score
 
     load = sub.add_parser("load", help="make a worker load a GGUF file, showing progress")
     load.add_argument("path", help="GGUF path on the worker's machine (relative: in its model dir)")
@@ -364,15 +352,6 @@ def cmd_generate(args) -> int:
         return stream_completion(client, request)
 
 
-def cmd_tokenize(args) -> int:
-    with client_from_args(args) as client:
-        return cli_tokens.cmd_tokenize(args, client)
-
-
-def cmd_score(args) -> int:
-    with client_from_args(args) as client:
-        return cli_tokens.cmd_score(args, client)
-
 
 def cmd_load(args) -> int:
     path = args.path
@@ -520,7 +499,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 COMMANDS = {"serve": cmd_serve, "demo": cmd_demo, "generate": cmd_generate, "load": cmd_load,
-            "tokenize": cmd_tokenize, "score": cmd_score, "unload": cmd_unload, "drain": cmd_drain,
+            "tokenize": cli_tokens.run_tokenize, "score": cli_tokens.run_score, "unload": cmd_unload, "drain": cmd_drain,
             "list": cmd_list, "info": cmd_info, "models": cmd_models}
 
 

@@ -12,9 +12,35 @@ import json
 import math
 import sys
 
+from .cli_client import add_client_flags, client_from_args
 from .errors import InvalidArgument, OrcdError
 
 MAX_TOP_N = 20  # as PromptLogprobsOptions.top_n's cap on the worker
+
+
+def add_parsers(sub) -> None:
+    tok = sub.add_parser("tokenize", help="a worker's token ids for a text or chat prompt")
+    add_input_flags(tok, "tokenize")
+    add_client_flags(tok)
+    tok.add_argument("--offsets", action="store_true",
+                     help="one line per token: its byte span in TEXT, and those bytes (text input only)")
+
+    score = sub.add_parser("score", help="per-token log-probs and total log-likelihood of a text (nothing generated)")
+    add_input_flags(score, "score")
+    add_client_flags(score)
+    score.add_argument("--top-n", type=int, default=0, metavar="K",
+                       help=f"also show the K most likely tokens at each position (0..{MAX_TOP_N})")
+    score.add_argument("--json", action="store_true", help="print the scores as JSON")
+
+
+def run_tokenize(args) -> int:
+    with client_from_args(args) as client:
+        return cmd_tokenize(args, client)
+
+
+def run_score(args) -> int:
+    with client_from_args(args) as client:
+        return cmd_score(args, client)
 
 
 def add_input_flags(p: argparse.ArgumentParser, what: str) -> None:

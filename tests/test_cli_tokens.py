@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from test_cli_client import assert_clean_error, orcd, start_worker
+from test_cli_client import TOKEN, assert_clean_error, orcd, start_worker, tiny_model  # noqa: F401
 
 TEXT = "The capital of France is Paris. Ünïcödé ok"
 
@@ -113,3 +113,15 @@ def test_generate_n_prints_each_sample_labelled(smol, client):
     bad = orcd("generate", "x", "--n", "0", "--address", smol)  # argparse's refusal
     assert bad.returncode == 2 and "--n: must be > 0" in bad.stderr and "Traceback" not in bad.stderr
     assert_clean_error(orcd("generate", "x", "--n", "1000", "--address", smol), 1, "INVALID_ARGUMENT", "n")
+
+
+def test_token_commands_send_the_bearer_token(tiny_model):  # noqa: F811
+    worker, port = start_worker(tiny_model, tokens=f"{TOKEN}:ops")
+    try:
+        address = f"127.0.0.1:{port}"
+        for cmd in (("tokenize", "ab cd"), ("score", "ab cd"), ("generate", "ab", "--n", "2", "--max-tokens", "2")):
+            assert_clean_error(orcd(*cmd, "--address", address, "--timeout", "30"), 1, "UNAUTHENTICATED")
+            proc = orcd(*cmd, "--address", address, "--timeout", "30", env={"ORCD_AUTH_TOKEN": TOKEN})
+            assert proc.returncode == 0, proc.stderr
+    finally:
+        worker.stop(0)
