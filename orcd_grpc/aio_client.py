@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import channels
-from .client import Completion, CompletionBuilder, build_request, tls_options
+from .client import Completion, CompletionBuilder, SamplesBuilder, _chat, build_request, tls_options
 from .client_errors import OrcdRpcError, typed_errors
 from .proto import pb, pb_grpc
 
@@ -104,12 +104,19 @@ class AsyncOrcdClient:
         return self.execute(build_request(prompt, **params), timeout=timeout, metadata=metadata)
 
     async def generate_text(self, prompt=None, *, timeout: float | None = None, metadata=None,
-                            **params) -> Completion:
-        done = CompletionBuilder()
-        async with self.stream_text(prompt, timeout=timeout, metadata=metadata, **params) as events:
+                            n: int | None = None, **params) -> Completion | list[Completion]:
+        """One Completion; with n > 1 a list of the n samples' Completions (see OrcdClient)."""
+        done = SamplesBuilder() if n is not None and n > 1 else CompletionBuilder()
+        async with self.stream_text(prompt, timeout=timeout, metadata=metadata, n=n, **params) as events:
             async for event in events:
                 done.add(event)
-        return done.result()
+        return done.result(n) if isinstance(done, SamplesBuilder) else done.result()
+
+    async def score(self, prompt, *, top_n: int = 0, timeout: float | None = None, metadata=None,
+                    **params) -> Completion:
+        """The prompt's log-probs with nothing generated (see OrcdClient.score)."""
+        return await self.generate_text(prompt, timeout=timeout, metadata=metadata, prompt_logprobs=top_n,
+                                        max_tokens=0, **params)
 
     async def cancel(self, request_id: str, *, timeout: float | None = None, metadata=None) -> bool:
         with typed_errors():
@@ -140,6 +147,38 @@ class AsyncOrcdClient:
     async def hardware_info(self, *, timeout: float | None = None, metadata=None) -> pb.HardwareInfoResponse:
         with typed_errors():
             return await self._stub.HardwareInfo(pb.HardwareInfoRequest(), **self._kw(timeout, metadata))
+
+    # --- token services ---------------------------------------------------------------------
+
+    async def tokenize(self, prompt: str | Sequence[dict], *, add_bos: bool | None = None,
+                       return_offsets: bool = False, model_id: str = "", timeout: float | None = None,
+                       metadata=None) -> pb.TokenizeResponse:
+        """Ids of a text (with return_offsets: byte spans) or of chat messages (see OrcdClient)."""
+        req = pb.TokenizeRequest(model_id=model_id, return_offsets=return_offsets)
+        if isinstance(prompt, str):
+            req.text = prompt
+        else:
+            req.chat.CopyFrom(_chat(prompt))
+        if add_bos is not None:
+            req.add_bos = add_bos
+        with typed_errors():
+            return await self._stub.Tokenize(req, **self._kw(timeout, metadata))
+
+    async def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = False, model_id: str = "",
+                         timeout: float | None = None, metadata=None) -> str:
+        req = pb.DetokenizeRequest(model_id=model_id, ids=list(ids), skip_special_tokens=skip_special_tokens)
+        with typed_errors():
+            return (await self._stub.Detokenize(req, **self._kw(timeout, metadata))).text
+
+    async def render_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                          add_bos: bool | None = None, model_id: str = "", timeout: float | None = None,
+                          metadata=None) -> pb.RenderChatResponse:
+        """The chat template's prompt text for messages, and its ids."""
+        req = pb.RenderChatRequest(model_id=model_id, chat=_chat(messages), add_generation_prompt=add_generation_prompt)
+        if add_bos is not None:
+            req.add_bos = add_bos
+        with typed_errors():
+            return await self._stub.RenderChat(req, **self._kw(timeout, metadata))
 
     # --- health ------------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
     orcd serve [--model NAME_OR_PATH] ...     run a worker (blocks until SIGTERM/SIGINT)
     orcd demo                                 start a worker, stream one completion, stop it
-    orcd generate PROMPT [--address ...]      stream a completion from a running worker
+    orcd generate PROMPT [--address ...]      stream a completion from a running worker (--n N: N samples)
+    orcd tokenize TEXT [--chat] [--offsets]   a worker's token ids for a text or chat prompt
+    orcd score TEXT [--top-n K]               per-token log-probs and total log-likelihood of a text
     orcd load PATH                            make a worker load a GGUF file (with progress)
     orcd unload / orcd list                   unload / list a worker's models
     orcd info [--local]                       hardware and build of a worker (or of this machine)
@@ -32,7 +34,7 @@ from typing import Sequence
 
 import grpc
 
-from . import __version__, model_store, ratelimit, security
+from . import __version__, cli_tokens, model_store, ratelimit, security
 from .cli_client import DEFAULT_ADDRESS, add_client_flags, client_from_args  # noqa: F401 (DEFAULT_ADDRESS re-exported)
 from .client_errors import ClientConfigError, from_grpc
 from .errors import InvalidArgument, OrcdError
@@ -114,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", default=None)
     gen.add_argument("--request-id", default="")
+    gen.add_argument("--n", type=_positive_int, default=None, metavar="N",
+                     help="N parallel samples of the prompt, each printed whole and labelled when it ends "
+                          "(with --seed, sample k uses seed + k)")
+    cli_tokens.add_parsers(sub)  # tokenize, score
 
     load = sub.add_parser("load", help="make a worker load a GGUF file, showing progress")
     load.add_argument("path", help="GGUF path on the worker's machine (relative: in its model dir)")
@@ -337,8 +343,14 @@ def generate_request(args):
 
 
 def cmd_generate(args) -> int:
+    request = generate_request(args)
+    if args.n is not None:
+        request.n = args.n
     with client_from_args(args) as client:
-        return stream_completion(client, generate_request(args))
+        if request.n > 1:
+            return cli_tokens.stream_samples(client, request)
+        return stream_completion(client, request)
+
 
 
 def cmd_load(args) -> int:
@@ -487,7 +499,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 COMMANDS = {"serve": cmd_serve, "demo": cmd_demo, "generate": cmd_generate, "load": cmd_load,
-            "unload": cmd_unload, "drain": cmd_drain, "list": cmd_list, "info": cmd_info, "models": cmd_models}
+            "tokenize": cli_tokens.run_tokenize, "score": cli_tokens.run_score, "unload": cmd_unload, "drain": cmd_drain,
+            "list": cmd_list, "info": cmd_info, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

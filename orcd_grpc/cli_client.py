@@ -1,5 +1,5 @@
-"""The connection flags of the CLI's client commands (generate, load, unload, drain, list, info) and the
-OrcdClient they make.
+"""The connection flags of the CLI's client commands (generate, tokenize, score, load, unload, drain,
+list, info) and the OrcdClient they make.
 
 Each flag falls back to an environment variable. The client's TLS variables are named apart from
 the server's (ORCD_TLS_CERT / ORCD_TLS_KEY / ORCD_TLS_CLIENT_CA are `orcd serve`'s), so one shell

@@ -34,7 +34,7 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
                   chat: Sequence[dict] | None = None, request_id: str = "", model_id: str = "",
                   top_logprobs: int = 0, add_bos: bool | None = None, constraint: dict | None = None,
                   prompt_logprobs: int | None = None, tools: Sequence[dict] | None = None,
-                  tool_choice: str | None = None, **params) -> pb.ExecuteRequest:
+                  tool_choice: str | None = None, n: int | None = None, **params) -> pb.ExecuteRequest:
     """An ExecuteRequest from plain Python values.
 
     prompt: text, or a list of token ids. chat: a list of {"role", "content"} dicts (instead of
@@ -47,6 +47,7 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
     (a schema as a dict or as its JSON text).
     prompt_logprobs: score the prompt with this many alternatives per position (None: no scoring;
     with max_tokens=0 nothing is generated).
+    n: parallel samples of the one prompt (ExecuteRequest.n; None: one).
     """
     unknown = set(params) - set(_SAMPLING_FIELDS) - set(_STOPPING_FIELDS)
     if unknown:
@@ -70,6 +71,8 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
                                  pb.ToolChoice(mode=pb.ToolChoice.TOOL_CHOICE_MODE_FUNCTION, function_name=tool_choice))
     if add_bos is not None:
         req.add_bos = add_bos
+    if n is not None:
+        req.n = n
     if constraint is not None:
         if len(constraint) != 1:
             raise ValueError("constraint: give exactly one of " + ", ".join(pb.Constraint.DESCRIPTOR.fields_by_name))
@@ -169,6 +172,41 @@ class CompletionBuilder:
                           reasoning="".join(self.reasoning))
 
 
+class SamplesBuilder:
+    """Collects the events of an Execute stream with n samples into one Completion per sample
+    (by Token/ToolCall/Finished.sample_index); Started and the prompt's log-probs belong to all."""
+
+    def __init__(self):
+        self.samples: dict[int, CompletionBuilder] = {}
+        self.shared: list[pb.ExecuteResponse] = []
+
+    def add(self, event: pb.ExecuteResponse) -> None:
+        kind = event.WhichOneof("event")
+        if kind in ("token", "tool_call", "finished"):
+            index = getattr(event, kind).sample_index
+            if index not in self.samples:
+                self.samples[index] = CompletionBuilder()
+                for e in self.shared:
+                    self.samples[index].add(e)
+            self.samples[index].add(event)
+        else:
+            self.shared.append(event)
+            for b in self.samples.values():
+                b.add(event)
+
+    def result(self, n: int) -> list[Completion]:
+        """The n completions in sample order (a sample with no Finished event raises)."""
+        out = []
+        for i in range(n):
+            b = self.samples.get(i)
+            if b is None:
+                b = CompletionBuilder()
+                for e in self.shared:
+                    b.add(e)
+            out.append(b.result())
+        return out
+
+
 def tls_options(channel, tls, tls_ca, tls_cert, tls_key, tls_server_name) -> channels.TlsOptions:
     opts = channels.TlsOptions(tls=tls, ca=tls_ca, cert=tls_cert, key=tls_key, server_name=tls_server_name)
     if channel is not None and (opts.enabled or tls_server_name):
@@ -236,12 +274,20 @@ class OrcdClient:
         return self.execute(build_request(prompt, **params), timeout=timeout, metadata=metadata)
 
     def generate_text(self, prompt=None, *, timeout: float | None = None, metadata=None,
-                      **params) -> Completion:
-        """Runs one request to the end and returns its text and statistics."""
-        done = CompletionBuilder()
-        for event in self.stream_text(prompt, timeout=timeout, metadata=metadata, **params):
+                      n: int | None = None, **params) -> Completion | list[Completion]:
+        """Runs one request to the end and returns its text and statistics. With n > 1: a list of
+        the n samples' Completions, in sample_index order (n None or 1: one Completion)."""
+        done = SamplesBuilder() if n is not None and n > 1 else CompletionBuilder()
+        for event in self.stream_text(prompt, timeout=timeout, metadata=metadata, n=n, **params):
             done.add(event)
-        return done.result()
+        return done.result(n) if isinstance(done, SamplesBuilder) else done.result()
+
+    def score(self, prompt, *, top_n: int = 0, timeout: float | None = None, metadata=None,
+              **params) -> Completion:
+        """The prompt's log-probs, nothing generated (prompt_logprobs with max_tokens 0):
+        .prompt_logprobs has one PromptTokenLogprob per prompt position from 1 on."""
+        return self.generate_text(prompt, timeout=timeout, metadata=metadata, prompt_logprobs=top_n,
+                                  max_tokens=0, **params)
 
     def cancel(self, request_id: str, *, timeout: float | None = None, metadata=None) -> bool:
         with typed_errors():

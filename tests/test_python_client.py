@@ -181,3 +181,70 @@ def test_async_client_over_mutual_tls(pki, tiny_model):  # noqa: F811
     finally:
         worker.stop(0)
 
+
+
+# ---- n samples, scoring and the token services (SmolLM2, CPU backend) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    worker, port = start_worker(smollm2_path)
+    yield f"127.0.0.1:{port}"
+    worker.stop(0)
+
+
+def test_n_samples_return_one_completion_each(smol):
+    from orcd_grpc.aio_client import AsyncOrcdClient
+    from orcd_grpc.client import Completion, OrcdClient
+
+    params = dict(seed=11, max_tokens=5, ignore_eos=True)
+    with OrcdClient(smol, timeout=60) as c:
+        samples = c.generate_text("Once upon a time", n=3, **params)
+        assert isinstance(samples, list) and len(samples) == 3
+        # n=1 (or unset) stays one Completion; sample k is the one-sample request with seed + k.
+        singles = [c.generate_text("Once upon a time", n=1 if k else None, **{**params, "seed": 11 + k})
+                   for k in range(3)]
+        assert all(isinstance(s, Completion) for s in singles)
+        for s, one in zip(samples, singles):
+            assert (s.token_ids, s.text, s.finish_reason) == (one.token_ids, one.text, "LENGTH")
+            assert s.usage.completion_tokens == 5 and s.request_id == samples[0].request_id
+
+    async def main():
+        async with AsyncOrcdClient(smol, timeout=60) as a:
+            return await a.generate_text("Once upon a time", n=3, **params)
+
+    assert [s.token_ids for s in asyncio.run(main())] == [s.token_ids for s in samples]
+
+
+def test_score_and_async_token_services_match_the_sync_client(smol):
+    from orcd_grpc.aio_client import AsyncOrcdClient
+    from orcd_grpc.client import OrcdClient
+
+    text = "The quick brown fox jumps over the lazy dog."
+    chat = [{"role": "user", "content": "hi <|im_start|>"}]
+    with OrcdClient(smol, timeout=60) as c:
+        ids = list(c.tokenize(text).ids)
+        scored = c.score(text, top_n=2)
+        rendered = c.render_chat(chat)
+        chat_ids = list(c.tokenize(chat).ids)
+    assert scored.usage.completion_tokens == 0 and scored.text == ""
+    assert [e.token_id for e in scored.prompt_logprobs] == ids[1:]
+    assert all(e.logprob < 0 and len(e.top_logprobs) == 2 for e in scored.prompt_logprobs)
+
+    async def main():
+        async with AsyncOrcdClient(smol, timeout=60) as a:
+            tok = await a.tokenize(text, return_offsets=True)
+            back = await a.detokenize(tok.ids, skip_special_tokens=True)
+            r = await a.render_chat(chat)
+            s = await a.score(text, top_n=2)
+            with pytest.raises(grpc.RpcError) as bad:
+                await a.tokenize("")
+            return tok, back, r, s, bad.value
+
+    tok, back, r, s, bad = asyncio.run(main())
+    assert list(tok.ids) == ids and len(tok.offsets) == len(ids)
+    assert back.strip() == text
+    assert (r.text, list(r.ids)) == (rendered.text, list(rendered.ids)) and list(r.ids) == chat_ids
+    assert [e.logprob for e in s.prompt_logprobs] == pytest.approx([e.logprob for e in scored.prompt_logprobs],
+                                                                     abs=1e-4)
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT

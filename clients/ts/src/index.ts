@@ -18,8 +18,11 @@ import {
   HardwareInfoResponse,
   ListModelsRequest,
   ModelDescription,
+  PromptLogprobs,
   Started,
   Token,
+  TokenizeRequest,
+  TokenizeResponse,
   WorkerClient,
 } from "../gen/orcd/v1/worker";
 import {
@@ -35,6 +38,7 @@ export { ServingStatus };
 export type ExecuteEvent =
   | { type: "started"; started: Started }
   | { type: "token"; token: Token }
+  | { type: "promptLogprobs"; promptLogprobs: PromptLogprobs }
   | { type: "finished"; finished: Finished };
 
 export interface ConnectOptions {
@@ -69,7 +73,9 @@ export class OrcdClient {
   }
 
   /**
-   * Runs one request and yields its events: Started, then Token per token, then Finished.
+   * Runs one request and yields its events: Started, then (with promptLogprobs set) the prompt's
+   * PromptLogprobs chunks, then Token per token, then Finished (one per sample with n > 1, each
+   * event carrying its sampleIndex).
    * Leaving the loop early (break, throw) cancels the call, so the worker stops generating.
    * A gRPC error status is thrown as a grpc-js ServiceError (with .code and .details).
    */
@@ -104,6 +110,37 @@ export class OrcdClient {
         (err: ServiceError | null, res) => (err ? reject(err) : resolve(res.cancelled)),
       );
     });
+  }
+
+  /**
+   * The model's token ids for `text` or `chat` messages, exactly as Execute would run them;
+   * with returnOffsets, each token's byte span in the text.
+   */
+  tokenize(request: DeepPartial<TokenizeRequest>, opts: CallOpts = {}): Promise<TokenizeResponse> {
+    return new Promise((resolve, reject) => {
+      this.worker.tokenize(
+        TokenizeRequest.fromPartial(request),
+        this.metadata(opts.metadata),
+        { deadline: opts.deadline },
+        (err: ServiceError | null, res) => (err ? reject(err) : resolve(res)),
+      );
+    });
+  }
+
+  /**
+   * Teacher-forced log-probs of a prompt, generating nothing: Execute with promptLogprobs on and
+   * maxTokens 0. One entry per prompt position from 1 on (entries[i] scores prompt token i + 1);
+   * topN alternatives at each.
+   */
+  async score(request: DeepPartial<ExecuteRequest>, topN = 0, opts: CallOpts = {}): Promise<PromptLogprobs["entries"]> {
+    const entries: PromptLogprobs["entries"] = [];
+    for await (const ev of this.execute(
+      { ...request, promptLogprobs: { enabled: true, topN }, stopping: { ...request.stopping, maxTokens: 0 } },
+      opts,
+    )) {
+      if (ev.type === "promptLogprobs") entries.push(...ev.promptLogprobs.entries);
+    }
+    return entries;
   }
 
   hardwareInfo(opts: CallOpts = {}): Promise<HardwareInfoResponse> {
@@ -181,6 +218,7 @@ export function connect(address: string, opts: ConnectOptions = {}): OrcdClient 
 function toEvent(msg: ExecuteResponse): ExecuteEvent | undefined {
   if (msg.started) return { type: "started", started: msg.started };
   if (msg.token) return { type: "token", token: msg.token };
+  if (msg.promptLogprobs) return { type: "promptLogprobs", promptLogprobs: msg.promptLogprobs };
   if (msg.finished) return { type: "finished", finished: msg.finished };
   return undefined;
 }

@@ -115,3 +115,56 @@ test("breaking out of execute cancels the call on the worker", { timeout: 120_00
   // The worker drops the request within a decode step of noticing the call has gone.
   await waitUntilGone(requestId, 30_000);
 });
+
+test("tokenize gives the prompt's ids and byte offsets that cover the text", async () => {
+  const text = "The capital of France is Paris.";
+  const res = await client.tokenize({ text, returnOffsets: true });
+  assert.ok(res.ids.length >= 5, `too few ids: ${res.ids}`);
+  assert.equal(res.offsets.length, res.ids.length, "one offset per id");
+  const spans = res.offsets.filter((o) => o.end > o.start);
+  assert.equal(spans[0].start, 0);
+  assert.equal(spans[spans.length - 1].end, Buffer.byteLength(text));
+  // The ids are the prompt Execute runs: Started.promptTokens counts them.
+  const events = await collect(client.execute({ text, stopping: { maxTokens: 1 } }));
+  const started = events[0];
+  assert.ok(started.type === "started");
+  assert.equal(started.started.promptTokens, res.ids.length);
+  await assert.rejects(client.tokenize({ text: "" }), (e: { code?: number }) => e.code === 3);
+});
+
+test("score: prompt logprobs with maxTokens 0, one finite negative entry per position after the first", { timeout: 120_000 }, async () => {
+  const text = "The quick brown fox jumps over the lazy dog.";
+  const ids = (await client.tokenize({ text })).ids;
+  const entries = await client.score({ text }, 2);
+  assert.equal(entries.length, ids.length - 1);
+  entries.forEach((e, i) => {
+    assert.equal(e.tokenId, ids[i + 1], `entry ${i} scores prompt token ${i + 1}`);
+    assert.ok(Number.isFinite(e.logprob) && e.logprob < 0, `logprob ${e.logprob}`);
+    assert.equal(e.topLogprobs.length, 2);
+    assert.ok(e.topLogprobs[0].logprob >= e.logprob - 1e-4, "the top alternative is at least as likely");
+  });
+  // Nothing is generated: no Token events, Finished with zero completion tokens.
+  const events = await collect(
+    client.execute({ text, promptLogprobs: { enabled: true, topN: 0 }, stopping: { maxTokens: 0 } }),
+  );
+  assert.ok(!events.some((e) => e.type === "token"));
+  const last = events[events.length - 1];
+  assert.ok(last.type === "finished");
+  assert.equal(last.finished.usage?.completionTokens, 0);
+});
+
+test("constraint.regex: the output fullmatches [0-9]{3}", { timeout: 120_000 }, async () => {
+  const events = await collect(
+    client.execute({
+      text: "Pick a number:",
+      sampling: { temperature: 1, seed: 3 },
+      stopping: { maxTokens: 16 },
+      constraint: { regex: "[0-9]{3}" },
+    }),
+  );
+  const text = events.map((e) => (e.type === "token" ? e.token.text : "")).join("");
+  assert.match(text, /^[0-9]{3}$/, `constrained output was ${JSON.stringify(text)}`);
+  const last = events[events.length - 1];
+  assert.ok(last.type === "finished");
+  assert.notEqual(last.finished.reason, FinishReason.FINISH_REASON_LENGTH, "the grammar ended the output");
+});

@@ -47,11 +47,16 @@ func WithToken(ctx context.Context, token string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
 }
 
-// Result is a whole Execute stream, gathered.
+// Result is a whole Execute stream, gathered. With n > 1 parallel samples, Tokens holds every
+// sample's tokens (Token.SampleIndex says whose), Finished the last sample's Finished and
+// AllFinished one per sample in arrival order.
 type Result struct {
 	Started  *orcdv1.Started
 	Tokens   []*orcdv1.Token
 	Finished *orcdv1.Finished
+	// With ExecuteRequest.PromptLogprobs: one entry per prompt position from 1 on, in order.
+	PromptLogprobs []*orcdv1.PromptTokenLogprob
+	AllFinished    []*orcdv1.Finished
 }
 
 // Text is the generated text: the tokens' texts joined.
@@ -91,8 +96,11 @@ func (c *Client) Execute(ctx context.Context, req *orcdv1.ExecuteRequest, onEven
 			res.Started = e.Started
 		case *orcdv1.ExecuteResponse_Token:
 			res.Tokens = append(res.Tokens, e.Token)
+		case *orcdv1.ExecuteResponse_PromptLogprobs:
+			res.PromptLogprobs = append(res.PromptLogprobs, e.PromptLogprobs.GetEntries()...)
 		case *orcdv1.ExecuteResponse_Finished:
 			res.Finished = e.Finished
+			res.AllFinished = append(res.AllFinished, e.Finished)
 		}
 		if onEvent != nil {
 			if err := onEvent(ev); err != nil {
@@ -110,6 +118,31 @@ func (c *Client) Cancel(ctx context.Context, requestID string) (bool, error) {
 		return false, err
 	}
 	return res.GetCancelled(), nil
+}
+
+// Tokenize returns the model's token ids for a text (with offsets: each token's byte span), as
+// Execute would run that input.
+func (c *Client) Tokenize(ctx context.Context, text string, offsets bool) (*orcdv1.TokenizeResponse, error) {
+	return c.Worker.Tokenize(ctx, &orcdv1.TokenizeRequest{
+		Input:         &orcdv1.TokenizeRequest_Text{Text: text},
+		ReturnOffsets: offsets,
+	})
+}
+
+// Score returns the teacher-forced log-probs of a text's tokens, generating nothing (Execute
+// with prompt_logprobs and max_tokens 0): one entry per prompt position from 1 on, each with
+// the topN most likely alternatives.
+func (c *Client) Score(ctx context.Context, text string, topN uint32) ([]*orcdv1.PromptTokenLogprob, error) {
+	res, err := c.Execute(ctx, &orcdv1.ExecuteRequest{
+		Input:          &orcdv1.ExecuteRequest_Text{Text: text},
+		PromptLogprobs: &orcdv1.PromptLogprobsOptions{Enabled: true, TopN: topN},
+		// 0 with prompt log-probs on: score the prompt, generate nothing.
+		Stopping: &orcdv1.StoppingCriteria{MaxTokens: 0},
+	}, nil)
+	if err != nil {
+		return nil, err
+	}
+	return res.PromptLogprobs, nil
 }
 
 // HardwareInfo describes the worker's machine, accelerator and build.

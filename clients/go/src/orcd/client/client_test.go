@@ -8,10 +8,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -325,5 +327,97 @@ func TestHardwareInfoCPU(t *testing.T) {
 	}
 	if hw.GetBuild().GetVersion() == "" {
 		t.Errorf("build.version empty")
+	}
+}
+
+func TestTokenizeMatchesThePrompt(t *testing.T) {
+	c := dial(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const text = "The capital of France is Paris."
+	tok, err := c.Tokenize(ctx, text, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, offs := tok.GetIds(), tok.GetOffsets()
+	if len(ids) < 5 || len(offs) != len(ids) {
+		t.Fatalf("%d ids, %d offsets: want >= 5 ids and one offset each", len(ids), len(offs))
+	}
+	var last *orcdv1.TokenOffset
+	for _, o := range offs {
+		if o.GetEnd() > o.GetStart() {
+			last = o
+		}
+	}
+	if last == nil || last.GetEnd() != uint32(len(text)) {
+		t.Errorf("offsets %v do not reach the end of the text (%d bytes)", offs, len(text))
+	}
+	// The ids are the prompt Execute runs.
+	res, err := c.Execute(ctx, &orcdv1.ExecuteRequest{
+		Input:    &orcdv1.ExecuteRequest_Text{Text: text},
+		Stopping: &orcdv1.StoppingCriteria{MaxTokens: 1},
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := res.Started.GetPromptTokens(); got != uint32(len(ids)) {
+		t.Errorf("Execute's prompt has %d tokens, Tokenize gave %d", got, len(ids))
+	}
+	if _, err := c.Tokenize(ctx, "", false); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("Tokenize(\"\"): want INVALID_ARGUMENT, got %v", err)
+	}
+}
+
+func TestScoreGivesOneLogprobPerPositionAfterTheFirst(t *testing.T) {
+	c := dial(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	const text = "The quick brown fox jumps over the lazy dog."
+	tok, err := c.Tokenize(ctx, text, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := tok.GetIds()
+	entries, err := c.Score(ctx, text, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != len(ids)-1 {
+		t.Fatalf("%d entries for a %d-token prompt, want %d", len(entries), len(ids), len(ids)-1)
+	}
+	for i, e := range entries {
+		lp := float64(e.GetLogprob())
+		if e.GetTokenId() != ids[i+1] {
+			t.Errorf("entry %d scores token %d, want prompt token %d", i, e.GetTokenId(), ids[i+1])
+		}
+		if math.IsNaN(lp) || math.IsInf(lp, 0) || lp >= 0 {
+			t.Errorf("entry %d: logprob %v, want finite and negative", i, lp)
+		}
+		if top := e.GetTopLogprobs(); len(top) != 2 || float64(top[0].GetLogprob()) < lp-1e-4 {
+			t.Errorf("entry %d: top alternatives %v (want 2, the first at least as likely as %v)", i, top, lp)
+		}
+	}
+}
+
+func TestRegexConstraintOutputFullmatches(t *testing.T) {
+	c := dial(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	one := float32(1)
+	seed := uint64(5)
+	res, err := c.Execute(ctx, &orcdv1.ExecuteRequest{
+		Input:      &orcdv1.ExecuteRequest_Text{Text: "Pick a number:"},
+		Sampling:   &orcdv1.SamplingParams{Temperature: &one, Seed: &seed},
+		Stopping:   &orcdv1.StoppingCriteria{MaxTokens: 16},
+		Constraint: &orcdv1.Constraint{Kind: &orcdv1.Constraint_Regex{Regex: "[0-9]{3}"}},
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`^[0-9]{3}$`).MatchString(res.Text()) {
+		t.Errorf("constrained output %q does not fullmatch [0-9]{3}", res.Text())
+	}
+	if r := res.Finished.GetReason(); r == orcdv1.FinishReason_FINISH_REASON_LENGTH {
+		t.Errorf("reason %v: the grammar should end the output", r)
 	}
 }
