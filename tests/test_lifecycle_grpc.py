@@ -158,7 +158,7 @@ def test_unload_while_streaming_and_queued(smollm2_path):
         running = s.stub.Execute(long_request("run"), timeout=120)
         assert next(running).started.request_id == "run"
         next(running)  # a token was streamed: a retry elsewhere would repeat it
-        queued = s.stub.Execute(long_request("wait"), timeout=120)
+        queued = s.stub.Execute(long_request("wait"), timeout=3600)  # behind a long request: never refused for its deadline
         assert next(queued).started.request_id == "wait"
         assert wait_for(lambda: s.scheduler.stats()["waiting"] == 1)
         s.stub.UnloadModel(pb.UnloadModelRequest(model_id="smol-a"), timeout=30)
@@ -177,7 +177,7 @@ def test_shutdown_with_grace_reason(smollm2_path):
         running = s.stub.Execute(long_request("run", max_tokens=400), timeout=120)
         next(running)
         next(running)
-        queued = s.stub.Execute(long_request("wait"), timeout=120)
+        queued = s.stub.Execute(long_request("wait"), timeout=3600)  # behind a long request: never refused for its deadline
         next(queued)
         free = s.scheduler.engine.free_blocks()
         t0 = time.monotonic()
