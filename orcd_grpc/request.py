@@ -126,15 +126,12 @@ class Request:
     def __init__(self, request_id: str, prompt_ids: list[int], sampling: Any, stopping: Stopping, *,
                  engine: Any, model_id: str, correlation_id: str = "", deadline: float | None = None,
                  arrival: float | None = None, owner: str = "", n: int = 1, priority: int = 0,
-                 grammar: str | None = None, tool_use: Any = None):
+                 tool_use: Any = None):
         self.request_id = request_id or str(uuid.uuid4())
         # The client identity (security.client_identity) the id belongs to: ids are unique per
         # client, and only the owner can cancel or even learn of a request.
         self.owner = owner
         self.prompt_ids = list(prompt_ids)
-        # A Lark grammar (llguidance syntax) the output must follow: tool_choice required or
-        # function (tool_grammar.py). The constraint code applies it like a client's constraint.
-        self.grammar = grammar
         # tool_prompt.ToolUse: how the servicer parses the output for tool calls and channels.
         self.tool_use = tool_use
         self.sampling = sampling

@@ -170,8 +170,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return Request(prepared.request_id, prepared.prompt_ids, prepared.sampling, prepared.stopping,
                        engine=engine, model_id=engine.info.model_id, correlation_id=correlation,
                        deadline=deadline, arrival=arrival, owner=security.client_identity(context), n=n,
-                       priority=priority, grammar=prepared.tools.grammar if prepared.tools else None,
-                       tool_use=prepared.tools)
+                       priority=priority, tool_use=prepared.tools)
 
     def _stream(self, req: Request, context):
         finished = False

@@ -12,7 +12,6 @@ valid call needs tool_choice REQUIRED / FUNCTION, enforced by the constraint cod
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from types import SimpleNamespace
@@ -160,9 +159,6 @@ def test_tools_need_chat_input(srv):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools" in e.value.details()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("orcd_grpc.constraints") is None,
-                    reason="needs the constraint code (orcd_grpc/constraints.py, branch cons) to enforce "
-                           "tool_choice; the grammar is on Request.grammar for it")
 def test_forced_call_round_trip(srv):
     """definition -> forced call (a typed event whose arguments fit the schema) -> the result as a
     tool message -> a final answer."""
