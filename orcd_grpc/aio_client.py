@@ -21,7 +21,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import channels
-from .client import Completion, CompletionBuilder, SamplesBuilder, _chat, build_request, tls_options
+from .client import (Completion, CompletionBuilder, SamplesBuilder, build_request, render_chat_request,
+                     tls_options, tokenize_request)
 from .client_errors import OrcdRpcError, typed_errors
 from .proto import pb, pb_grpc
 
@@ -154,13 +155,7 @@ class AsyncOrcdClient:
                        return_offsets: bool = False, model_id: str = "", timeout: float | None = None,
                        metadata=None) -> pb.TokenizeResponse:
         """Ids of a text (with return_offsets: byte spans) or of chat messages (see OrcdClient)."""
-        req = pb.TokenizeRequest(model_id=model_id, return_offsets=return_offsets)
-        if isinstance(prompt, str):
-            req.text = prompt
-        else:
-            req.chat.CopyFrom(_chat(prompt))
-        if add_bos is not None:
-            req.add_bos = add_bos
+        req = tokenize_request(prompt, add_bos, return_offsets, model_id)
         with typed_errors():
             return await self._stub.Tokenize(req, **self._kw(timeout, metadata))
 
@@ -174,9 +169,7 @@ class AsyncOrcdClient:
                           add_bos: bool | None = None, model_id: str = "", timeout: float | None = None,
                           metadata=None) -> pb.RenderChatResponse:
         """The chat template's prompt text for messages, and its ids."""
-        req = pb.RenderChatRequest(model_id=model_id, chat=_chat(messages), add_generation_prompt=add_generation_prompt)
-        if add_bos is not None:
-            req.add_bos = add_bos
+        req = render_chat_request(messages, add_generation_prompt, add_bos, model_id)
         with typed_errors():
             return await self._stub.RenderChat(req, **self._kw(timeout, metadata))
 

@@ -131,6 +131,27 @@ def _chat(messages: Sequence[dict]) -> pb.ChatMessages:
     return pb.ChatMessages(messages=[_chat_message(m) for m in messages])
 
 
+def tokenize_request(prompt: str | Sequence[dict], add_bos: bool | None, return_offsets: bool,
+                     model_id: str) -> pb.TokenizeRequest:
+    """A TokenizeRequest of a text or of chat messages (both clients send it)."""
+    req = pb.TokenizeRequest(model_id=model_id, return_offsets=return_offsets)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.chat.CopyFrom(_chat(prompt))
+    if add_bos is not None:
+        req.add_bos = add_bos
+    return req
+
+
+def render_chat_request(messages: Sequence[dict], add_generation_prompt: bool, add_bos: bool | None,
+                        model_id: str) -> pb.RenderChatRequest:
+    req = pb.RenderChatRequest(model_id=model_id, chat=_chat(messages), add_generation_prompt=add_generation_prompt)
+    if add_bos is not None:
+        req.add_bos = add_bos
+    return req
+
+
 def finish_reason_name(value: int) -> str:
     return pb.FinishReason.Name(value).removeprefix("FINISH_REASON_")
 
@@ -351,13 +372,7 @@ class OrcdClient:
                  model_id: str = "", timeout: float | None = None, metadata=None) -> pb.TokenizeResponse:
         """Ids of a text (with return_offsets: each token's byte span) or of chat messages
         ([{"role", "content"}], rendered as Execute renders them)."""
-        req = pb.TokenizeRequest(model_id=model_id, return_offsets=return_offsets)
-        if isinstance(prompt, str):
-            req.text = prompt
-        else:
-            req.chat.CopyFrom(_chat(prompt))
-        if add_bos is not None:
-            req.add_bos = add_bos
+        req = tokenize_request(prompt, add_bos, return_offsets, model_id)
         with typed_errors():
             return self._stub.Tokenize(req, **self._kw(timeout, metadata))
 
@@ -371,9 +386,7 @@ class OrcdClient:
                     add_bos: bool | None = None, model_id: str = "", timeout: float | None = None,
                     metadata=None) -> pb.RenderChatResponse:
         """The chat template's prompt text for messages, and its ids."""
-        req = pb.RenderChatRequest(model_id=model_id, chat=_chat(messages), add_generation_prompt=add_generation_prompt)
-        if add_bos is not None:
-            req.add_bos = add_bos
+        req = render_chat_request(messages, add_generation_prompt, add_bos, model_id)
         with typed_errors():
             return self._stub.RenderChat(req, **self._kw(timeout, metadata))
 
