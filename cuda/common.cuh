@@ -59,3 +59,25 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     v = lane < nw ? scratch[lane] : -INFINITY;
     return warp_max(v);
 }
+
+// Block reduction of per-thread (value, index) candidates to the block's arg-max: largest value,
+// lowest index on ties (sample.cu's top logprobs and score.cu's top-N share the order).
+__device__ __forceinline__ void argmax_reduce(float bv, int bi, float* out_v, int* out_i, float* sv, int* si) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+        const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    }
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) { sv[wid] = bv; si[wid] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
+            if (sv[w] > sv[0] || (sv[w] == sv[0] && si[w] < si[0])) { sv[0] = sv[w]; si[0] = si[w]; }
+        *out_v = sv[0];
+        *out_i = si[0];
+    }
+    __syncthreads();
+}

@@ -14,26 +14,6 @@
 
 #define SCORE_THREADS 1024
 
-__device__ __forceinline__ void score_argmax(float bv, int bi, float* out_v, int* out_i, float* sv, int* si) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
-        const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-    }
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) { sv[wid] = bv; si[wid] = bi; }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
-            if (sv[w] > sv[0] || (sv[w] == sv[0] && si[w] < si[0])) { sv[0] = sv[w]; si[0] = si[w]; }
-        *out_v = sv[0];
-        *out_i = si[0];
-    }
-    __syncthreads();
-}
-
 extern "C" __global__ void __launch_bounds__(SCORE_THREADS)
 prompt_logprobs(const float* __restrict__ logits, int V, const int* __restrict__ rows,
                 const int* __restrict__ targets, int n_top, float* __restrict__ out_lp,
@@ -71,7 +51,7 @@ prompt_logprobs(const float* __restrict__ logits, int V, const int* __restrict__
             const bool below = v < lim_v || (v == lim_v && i > lim_i);
             if (below && (v > bv || (v == bv && i < bi))) { bv = v; bi = i; }
         }
-        score_argmax(bv, bi, &bc_v, &bc_i, sv, si);
+        argmax_reduce(bv, bi, &bc_v, &bc_i, sv, si);
         lim_v = bc_v;
         lim_i = bc_i;
         if (threadIdx.x == 0) {
