@@ -49,3 +49,13 @@ def wait_serving(channel, proc: subprocess.Popen, timeout: float = 60.0, log=Non
             last = exc.code().name
         assert time.monotonic() < end, f"worker not SERVING after {timeout:.0f} s (last health: {last})\n{tail()}"
         time.sleep(0.2)
+
+
+def wait_for(pred, timeout: float = 20.0) -> bool:
+    """Polls pred() until it is true (True) or `timeout` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orcd_grpc import logs, security
 from orcd_grpc.proto import pb, pb_grpc
 from orcd_grpc.server import ServerConfig, start_server
+from procs import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -59,13 +60,6 @@ def cancelled(s, reason: str) -> float:
     return s.worker.metrics.registry.get_sample_value("orcd_cancelled_requests_total", {"reason": reason}) or 0.0
 
 
-def wait_for(pred, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def idle_and_freed(s, free_before):

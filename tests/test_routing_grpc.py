@@ -17,6 +17,7 @@ import pytest
 from orcd_grpc.proto import pb, pb_grpc
 from orcd_grpc.server import ServerConfig, start_server
 from orcd_grpc.tokenizer import Tokenizer
+from procs import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +159,7 @@ class Watcher:
 def test_watch_events_mirror_the_cache(srv):
     w = Watcher(srv.stub, load_interval_ms=100, prefix_cache=True, initial_snapshot=True)
     try:
-        assert _wait(lambda: w.of("load"))
+        assert wait_for(lambda: w.of("load"))
         [snap] = w.of("snapshot")
         bs = snap.block_size
         mirror = {b.block_hash for b in snap.blocks}
@@ -169,7 +170,7 @@ def test_watch_events_mirror_the_cache(srv):
             execute(srv.stub, ids, max_tokens=1)
             want = set(reference_hashes(ids, bs))
             assert len(want) == 3
-            assert _wait(lambda: want <= {h for e in w.of("blocks_stored") for h in e.block_hashes})
+            assert wait_for(lambda: want <= {h for e in w.of("blocks_stored") for h in e.block_hashes})
         assert w.of("blocks_evicted"), "the small cache evicted blocks"
         time.sleep(0.3)
         for ev in list(w.events):
@@ -193,7 +194,7 @@ def test_watch_load_only_gets_no_cache_events(srv):
     w = Watcher(srv.stub, load_interval_ms=100)
     try:
         execute(srv.stub, prompt(srv, 30, 40), max_tokens=1)
-        assert _wait(lambda: len(w.of("load")) >= 3)
+        assert wait_for(lambda: len(w.of("load")) >= 3)
         assert {e.WhichOneof("event") for e in w.events} == {"load"}
         stamps = [e.unix_ms for e in w.events]
         assert stamps == sorted(stamps) and stamps[-1] - stamps[0] >= 150
@@ -215,25 +216,18 @@ def test_watch_subscribers_capped_and_freed(srv):
     hub.max_subscribers = 2
     ws = [Watcher(srv.stub, load_interval_ms=100) for _ in range(2)]
     try:
-        assert _wait(lambda: hub.subscribers == 2)
+        assert wait_for(lambda: hub.subscribers == 2)
         with pytest.raises(grpc.RpcError) as ei:
             next(srv.stub.WatchEvents(pb.WatchEventsRequest(), timeout=10))
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         ws.pop().close()
-        assert _wait(lambda: hub.subscribers == 1)  # a closed stream gives its place back
+        assert wait_for(lambda: hub.subscribers == 1)  # a closed stream gives its place back
         ws.append(Watcher(srv.stub, load_interval_ms=100))
-        assert _wait(lambda: len(ws[-1].of("load")) >= 1)
+        assert wait_for(lambda: len(ws[-1].of("load")) >= 1)
     finally:
         for w in ws:
             w.close()
         hub.max_subscribers = cap
-    assert _wait(lambda: hub.subscribers == 0)
+    assert wait_for(lambda: hub.subscribers == 0)
 
 
-def _wait(pred, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
