@@ -37,7 +37,7 @@ import numpy as np
 
 REAL_MODEL = os.path.expanduser("~/.cache/orcd/models/smollm2-135m-instruct.gguf")
 HEAD_BYTES = 48 * 1024       # of the real model: magic, counts and the start of its vocabulary
-MEM_LIMIT = 3 << 30          # RLIMIT_AS of a worker: NumPy+grpc imports take ~1 GiB of address space
+MEM_LIMIT = 2 << 30          # address space a worker may add to what it maps after its imports
 OUTCOMES = ("accepted", "rejected", "finding", "memory", "crash", "hang")
 
 # ---------------------------------------------------------------------------------------------
@@ -533,15 +533,28 @@ def run_one(path: str, engine: bool) -> tuple[str, str]:
     return "accepted", stage
 
 
+def _address_space() -> int:
+    """Bytes this process maps now (VmSize)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _worker(conn, mem_limit: int) -> None:
     import resource
     import warnings
 
     warnings.simplefilter("ignore")  # NumPy overflow warnings on hostile values are not findings
-    if mem_limit:
-        resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
     import orcd_grpc.loader  # noqa: F401  (import once, before the first case's clock starts)
     import orcd_grpc.gguf_guard  # noqa: F401
+
+    if mem_limit:
+        # Headroom, not an absolute cap: a worker forked from a process that already maps
+        # several GiB (pytest after torch, llguidance...) would otherwise fail every mmap.
+        limit = _address_space() + mem_limit
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     conn.send(("ready", ""))
     while True:
@@ -672,7 +685,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds per case before it counts as a hang")
-    ap.add_argument("--mem-limit", type=int, default=MEM_LIMIT, help="RLIMIT_AS of a worker, bytes (0: none)")
+    ap.add_argument("--mem-limit", type=int, default=MEM_LIMIT, help="address space a worker may add after its imports, bytes (0: no limit)")
     ap.add_argument("--out", default=None, help="directory for summary.json and findings/")
     a = ap.parse_args(argv)
     s = campaign(a.cases, seed=a.seed, workers=a.workers, timeout=a.timeout, out=a.out, mem_limit=a.mem_limit,
