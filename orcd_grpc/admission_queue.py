@@ -86,6 +86,19 @@ def preemption_victim(running: list):
     return min(running, key=lambda r: (r.priority, -r.arrival))
 
 
+class _Stopping:
+    max_tokens = 0
+
+
+class _Hypothetical:
+    """What start_ms reads of a request, for one that is not built: one sample, no max_tokens."""
+    n = 1
+    stopping = _Stopping()
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens = prompt_tokens
+
+
 class StartEstimator:
     """Smoothed step time and completion length, and the start estimate built from them."""
 
@@ -102,8 +115,10 @@ class StartEstimator:
         self.expected_tokens = (1 - _ALPHA) * self.expected_tokens + _ALPHA * max(1, int(completion_tokens))
 
     def _tokens(self, req) -> float:
+        # max_tokens is a bound, not a forecast: most requests stop well before it, and an
+        # estimate built from bounds refuses deadlines a loaded worker would have met.
         m = req.stopping.max_tokens
-        return float(m) if m else self.expected_tokens
+        return min(float(m), self.expected_tokens) if m else self.expected_tokens
 
     def _prefill_steps(self, req) -> int:
         return -(-req.prompt_tokens // self.token_budget)
@@ -136,6 +151,13 @@ class StartEstimator:
             for _ in range(need):
                 heapq.heappush(heap, at + work)
         return 1000.0 * heapq.nsmallest(min(req.n, len(heap)), heap)[-1]
+
+    def wait_ms(self, prompt_tokens: int, running: list, waiting: Iterable, slots: int) -> float:
+        """Milliseconds until a new one-sample request of prompt_tokens uncached tokens, queued
+        behind everything waiting, has its first token (start plus prefill): Probe's estimate and
+        a full queue's retry hint, from the same model as Started's."""
+        req = _Hypothetical(max(1, int(prompt_tokens)))
+        return self.start_ms(req, running, waiting, slots) + self.prefill_ms(req)
 
     def place(self, req, waiting: AdmissionQueue, running: list, slots: int) -> None:
         """Sets req's queue position and estimated start, or refuses it (check_deadline)."""

@@ -1,6 +1,7 @@
-"""What a request router asks a worker: its recent speed (LoadStats, fed by the scheduler), its load
-right now (snapshot), and, for one prompt, how much of it the prefix cache holds and a rough wait
-(Probe). Everything here reads; nothing queues, allocates or reorders the cache.
+"""What a request router asks a worker: its load right now (snapshot) and, for one prompt, how much
+of it the prefix cache holds and its estimated wait (Probe), from the scheduler's one estimator
+(admission_queue.StartEstimator, the one behind Started's estimate and the deadline refusal).
+Everything here reads; nothing queues, allocates or reorders the cache.
 """
 from __future__ import annotations
 
@@ -8,32 +9,6 @@ import math
 
 from . import prompt_guard, request_validation as rv
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-
-STEP_WEIGHT = 0.1      # weight of the newest engine step in the step-time average
-REQUEST_WEIGHT = 0.2   # weight of the newest request in the request-duration average
-
-
-class LoadStats:
-    """Smoothed durations of engine steps and of whole requests (exponentially weighted)."""
-
-    def __init__(self):
-        self.step_s = 0.0     # 0 until the first step
-        self.request_s = 1.0  # a guess until the first request ends
-
-    def on_step(self, seconds: float) -> None:
-        self.step_s = seconds if self.step_s == 0.0 else (1 - STEP_WEIGHT) * self.step_s + STEP_WEIGHT * seconds
-
-    def on_request(self, seconds: float) -> None:
-        self.request_s = (1 - REQUEST_WEIGHT) * self.request_s + REQUEST_WEIGHT * seconds
-
-    def queue_ms(self, ahead: int, slots: int) -> float:
-        """Rough wait behind `ahead` queued requests: request time spread over the batch slots."""
-        return 1000.0 * self.request_s / max(1, slots) * max(1, ahead)
-
-    def retry_after_ms(self, waiting: int, slots: int) -> int:
-        """The "retry-after-ms" hint of a full queue."""
-        return int(min(60_000, max(100, self.queue_ms(waiting, slots))))
-
 
 def snapshot(scheduler) -> dict:
     """The worker's load now: model, queue, batch, KV blocks, recent step time, admission."""
@@ -44,7 +19,7 @@ def snapshot(scheduler) -> dict:
         free, total, bs = engine.free_blocks(), engine.total_blocks(), engine.allocator.block_size
     return {"model_id": engine.info.model_id if engine is not None else "", "queue_depth": stats["waiting"],
             "running": stats["running"], "free_kv_blocks": free, "total_kv_blocks": total, "block_size": bs,
-            "recent_step_ms": 1000.0 * scheduler.timing.step_s, "accepting": scheduler.accepting()}
+            "recent_step_ms": 1000.0 * (scheduler.step_s() or 0.0), "accepting": scheduler.accepting()}
 
 
 def probe(scheduler, req, max_prompt_bytes: int) -> dict:
@@ -70,8 +45,9 @@ def probe(scheduler, req, max_prompt_bytes: int) -> dict:
     slots = scheduler.effective_max_sequences()
     need = alloc.blocks_for(len(ids) + 1) - cached // alloc.block_size
     free_now = load["queue_depth"] == 0 and load["running"] < slots and load["free_kv_blocks"] >= need
-    wait = 0.0 if free_now else scheduler.timing.queue_ms(load["queue_depth"] + 1, slots)
-    wait += math.ceil((len(ids) - cached) / max(1, scheduler.token_budget)) * load["recent_step_ms"]
+    wait = scheduler.wait_ms(len(ids) - cached)
+    if free_now:  # the estimator does not model KV blocks: starting now needs them free now
+        wait = min(wait, math.ceil((len(ids) - cached) / max(1, scheduler.token_budget)) * load["recent_step_ms"])
     return {"model_id": info.model_id, "prompt_tokens": len(ids), "cached_prompt_tokens": cached,
             "queue_depth": load["queue_depth"], "running": load["running"], "max_sequences": slots,
             "free_kv_blocks": load["free_kv_blocks"], "total_kv_blocks": load["total_kv_blocks"],

@@ -24,7 +24,6 @@ from .overlap import Overlap
 from .request import (CANCELLED, CLIENT_CANCEL, DEADLINE_EXCEEDED, LENGTH, MODEL_SWAPPED, MODEL_UNLOADED,
                       SERVER_SHUTDOWN, STOP_STRING, STOP_TOKEN, ErrorEvent, Request, Sample, TokenEvent,
                       Unavailable)
-from .routing import LoadStats
 
 log = logs.get_logger("orcd.scheduler")
 
@@ -71,7 +70,6 @@ class Scheduler:
         self.on_engine_closed: Callable[[Any], None] | None = None
         self._stopping = False
         self._load_lock = threading.Lock()
-        self.timing = LoadStats()  # recent step and request durations (retry-after, Probe)
         self._overlaps: dict[int, Overlap] = {}  # id(engine) -> its overlap loop
         self._thread = threading.Thread(target=self._loop, name="orcd-engine", daemon=True)
         self._thread.start()
@@ -216,7 +214,7 @@ class Scheduler:
             if req.key in self._by_id:  # only the owner's own ids: others' are not its business
                 raise AlreadyExists(f"request {req.request_id!r} is already running", field="request_id")
             if len(self._waiting) >= self.max_queue:
-                wait_ms = self.timing.retry_after_ms(len(self._waiting), self.effective_max_sequences())
+                wait_ms = int(min(60_000, max(100.0, self._wait_ms_locked(1))))
                 raise ResourceExhausted(f"the request queue is full ({self.max_queue} waiting)", retry_after_ms=wait_ms)
             self._estimator.place(req, self._waiting, self._running, self.effective_max_sequences())
             self._by_id[req.key] = req
@@ -244,6 +242,18 @@ class Scheduler:
             if not req.done:
                 req.cancel(*lifecycle.gone_reason(req))
             self._cv.notify_all()
+
+    def step_s(self) -> float | None:
+        """The smoothed step time; None before the first step."""
+        return self._estimator.step_s
+
+    def wait_ms(self, prompt_tokens: int) -> float:
+        """Estimated ms to the first token of a new request of prompt_tokens uncached tokens."""
+        with self._cv:
+            return self._wait_ms_locked(prompt_tokens)
+
+    def _wait_ms_locked(self, prompt_tokens: int) -> float:
+        return self._estimator.wait_ms(prompt_tokens, self._running, self._waiting, self.effective_max_sequences())
 
     def stats(self) -> dict[str, int]:
         with self._cv:
@@ -405,7 +415,6 @@ class Scheduler:
             return
         dt = time.monotonic() - t0
         self._estimator.observe_step(dt)
-        self.timing.on_step(dt)
         if self.metrics is not None:
             self.metrics.step_seconds.observe(dt)
         for req in batch:
@@ -571,7 +580,6 @@ class Scheduler:
         # safe to retry elsewhere only if nothing of any sample reached the client
         ev.cancel_reason = kind
         ev.retry_safe = lifecycle.retry_safe(kind, sum(len(x.generated) for x in req.samples))
-        self.timing.on_request(now - req.arrival)
         if reason != CANCELLED:
             self._estimator.observe_finish(n)
         if self.metrics is not None:
