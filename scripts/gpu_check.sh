@@ -17,6 +17,9 @@
 #                   PREFILL_AB the prefill runs (README, GPU notes); PROFILE_SCRIPT=bench/trace_decode.py
 #                   gives each kernel's time inside the graph instead (PROFILE_CUT: characters kept)
 #   NCU="MODEL:KERNEL_REGEX[:SKIP[:BATCH]] ..."  Nsight Compute sections for a few of those kernels (see the end)
+#   SERVE="qwen2.5-0.5b gpt-oss-20b"  bench/serve_bench.py on those synthetic files: an orcd worker
+#                   (gRPC), then llama-server when /tmp/anchor holds its build (anchors README), same
+#                   slots (SERVE_SLOTS, default 256) and clients (SERVE_CLIENTS); rows to $OUT/serve.jsonl
 #   SKIP_TESTS=1    no GPU tests;  WHEELS=DIR  the wheels to install (default .whl)
 #   The carried archives, wheels and kernel cache are set up by scripts/device_env.sh.
 #   Real models (SmolLM2, Gemma 3) are used when $ORCD_MODEL_DIR holds them (no network there).
@@ -34,7 +37,7 @@ data=${ORCD_BENCH_DIR:-/tmp/orcd-bench}; mkdir -p "$data"
 # The synthetic files the profiles and the benchmark need, written while the tests run (16 cores there).
 NCU=${NCU:-}
 bench_models=${BENCH_MODELS:-}; [ -z "${SKIP_BENCH:-}" ] && bench_models=${BENCH_MODELS:-qwen2.5-0.5b phi3-mini phi3-mini-q4_0 gpt-oss-20b}
-for m in $(for mb in ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} $(for x in $NCU; do echo "${x%%:*}"; done) $bench_models; do echo "${mb%%:*}"; done | sort -u); do
+for m in $(for mb in ${SERVE:-} ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} $(for x in $NCU; do echo "${x%%:*}"; done) $bench_models; do echo "${mb%%:*}"; done | sort -u); do
   [ -s "$data/$m.gguf" ] || (python3 bench/synth_gguf.py "$m" "$data/$m.tmp" "$ORCD_SHARED_DIR/vocab" >/dev/null \
     && mv "$data/$m.tmp" "$data/$m.gguf") &
 done
@@ -98,6 +101,26 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
     done
   done
 fi
+for m in ${SERVE:-}; do
+  wait
+  slots=${SERVE_SLOTS:-256} clients=${SERVE_CLIENTS:-1,8,32,64,128,256}
+  echo "== serve $m (slots $slots, clients $clients)"
+  python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend cuda --port 50061 --max-sequences "$slots" \
+    --max-context 2048 > "$OUT/serve-orcd-$m.log" 2>&1 & sp=$!
+  timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py grpc 127.0.0.1:50061 --vocab-from "$data/$m.gguf" \
+    --clients "$clients" --procs 8 | sed "s/^/{\"server\": \"orcd\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+  kill "$sp"; wait "$sp" 2>/dev/null
+  ls_bin=/tmp/anchor/src/llama.cpp/build/bin/llama-server
+  if [ -x "$ls_bin" ]; then
+    "$ls_bin" -m "$data/$m.gguf" -ngl 99 -fa on -np "$slots" -c $((slots * 2048)) --host 127.0.0.1 --port 50062 \
+      > "$OUT/serve-llama-$m.log" 2>&1 & sp=$!
+    timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py openai http://127.0.0.1:50062 --vocab-from "$data/$m.gguf" \
+      --clients "$clients" --procs 8 | sed "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+    kill "$sp"; wait "$sp" 2>/dev/null
+  else
+    echo "llama-server not built: no comparison rows"
+  fi
+done
 # NCU="MODEL:KERNEL_REGEX[:SKIP[:BATCH]] ...": Nsight Compute's throughput, occupancy and warp-stall
 # sections for NCU_COUNT (default 6) launches of those kernels in MODEL's decode at BATCH (default 1;
 # bench/profile_decode.py), after SKIP (default 100) of them; clocks left alone (METHOD.md). Each

@@ -1,0 +1,60 @@
+"""bench/serve_bench.py against a real worker (a 1-layer llama, gRPC and the HTTP front door):
+every request of the workload is served to its max_tokens and counted."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from fuzz import fuzz_gguf
+from orcd_grpc.server import ServerConfig, start_server
+
+# importable by name: its client processes are spawned and import it again
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import serve_bench  # noqa: E402
+
+KW = dict(vocab=40, prompt_mean=12, output_mean=6, max_prompt=24, max_output=10)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sb") / "tiny.gguf"
+    fuzz_gguf._tiny_llama(str(path))
+    cfg = ServerConfig(host="127.0.0.1", port=0, http_port=0, model_dirs=[str(path.parent)], model_path=str(path),
+                       backend="cpu", max_context=64, max_sequences=4, max_queue=64, grace_seconds=1)
+    w, port, _ = start_server(cfg)
+    assert w.wait_loaded(120), w.load_error
+    yield w, port
+    w.stop(1)
+
+
+def test_workload_is_fixed_by_its_seed_and_bounded():
+    a = serve_bench.workload(50, seed=3, **KW)
+    assert a == serve_bench.workload(50, seed=3, **KW)
+    assert a != serve_bench.workload(50, seed=4, **KW)
+    assert all(8 <= len(ids) <= 24 and 8 <= m <= 10 and all(0 <= t < 40 for t in ids) for ids, m in a)
+
+
+@pytest.mark.parametrize("target", ["grpc", "openai"])
+def test_every_request_runs_to_max_tokens(worker, target, capsys):
+    w, port = worker
+    where = f"127.0.0.1:{port}" if target == "grpc" else f"http://127.0.0.1:{w.http_port}"
+    args = [target, where, "--clients", "1,3", "--min-requests", "6", "--requests-per-client", "2",
+            "--procs", "2", "--warmup", "1", "--seed", "11"] + [f"--{k.replace('_', '-')}={v}" for k, v in KW.items()]
+    assert serve_bench.main(args) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["clients"] for r in rows] == [1, 3]
+    want = sum(m for _, m in serve_bench.workload(6, seed=11, **KW))
+    for r in rows:
+        assert r["errors"] == 0, r["first_error"]
+        assert r["requests"] == 6 and r["output_tokens"] == want  # ignore_eos: each to its max_tokens
+        assert r["output_tok_s"] > 0 and 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"]
+        assert r["tpot_ms"]["p50"] > 0
+
+
+def test_a_server_that_is_not_there_fails_the_run(capsys):
+    assert serve_bench.main(["grpc", "127.0.0.1:1", "--clients", "1", "--ready-timeout", "0", "--timeout", "2",
+                             "--vocab", "40"]) == 1
+    assert "not ready" in capsys.readouterr().out
