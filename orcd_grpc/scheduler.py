@@ -46,7 +46,7 @@ class Scheduler:
                  metrics=None, loader: Callable[..., Any] | None = None,
                  decoder_factory: Callable[..., Any] | None = None,
                  on_model_change: Callable[[Any], None] | None = None,
-                 idle_wait_s: float = 0.05):
+                 idle_wait_s: float = 0.05, speculation=None):
         if max_queue < 0 or max_sequences < 1 or token_budget < 1:
             raise ValueError("max_queue >= 0, max_sequences >= 1 and token_budget >= 1 are required")
         self.max_queue = max_queue
@@ -57,6 +57,8 @@ class Scheduler:
         self._decoder_factory = decoder_factory or _make_decoder
         self._on_model_change = on_model_change
         self._idle_wait_s = idle_wait_s
+        # speculation.Speculation: what requests that ask for none run with (None: off)
+        self.speculation = speculation
 
         self._cv = threading.Condition()
         self._waiting = AdmissionQueue()
@@ -160,6 +162,7 @@ class Scheduler:
         self._swap(engine)
 
     def _swap(self, engine) -> None:
+        engine.speculation = self.speculation
         old, self._engine = self._engine, engine
         if old is not None:
             # Its requests were tokenized for it: they finish on it, and it is freed after them.
@@ -414,8 +417,12 @@ class Scheduler:
                     req.events.put(ev)
             for smp in req.live_samples():
                 sample = samples.get(smp.seq.seq_id)
-                if sample is not None and not req.done:
-                    self._on_token(engine, req, smp, sample)
+                if sample is None:
+                    continue
+                for one in (sample, *sample.following):  # a verify step's tokens, until one ends it
+                    if req.done or smp.done:
+                        break
+                    self._on_token(engine, req, smp, one)
 
     @staticmethod
     def _may_follow(batch: list[Request]):
@@ -576,6 +583,9 @@ class Scheduler:
             self._estimator.observe_finish(n)
         if self.metrics is not None:
             self.metrics.finished.labels(reason).inc()
+            if ev.draft_tokens:
+                self.metrics.draft_tokens.inc(ev.draft_tokens)
+                self.metrics.accepted_draft_tokens.inc(ev.accepted_draft_tokens)
             if kind:
                 self.metrics.cancelled.labels(kind).inc()
         log.info("request finished", extra={"correlation_id": req.correlation_id, "request_id": req.request_id,
@@ -584,6 +594,8 @@ class Scheduler:
                                                        "prompt_tokens": ev.prompt_tokens,
                                                        "completion_tokens": n,
                                                        "ttft_ms": round(ev.time_to_first_token_ms, 2),
+                                                       "draft_tokens": ev.draft_tokens,
+                                                       "accepted_draft_tokens": ev.accepted_draft_tokens,
                                                        "total_ms": round(ev.total_ms, 2)}})
         req.events.put(ev)
 

@@ -164,7 +164,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise FailedPrecondition("no model is loaded; call LoadModel first")
         fmt = self.tool_formats.get(engine.info.model_id) or self.tool_formats.get("")
         prepared = rv.prepare_execute(request, engine.info, engine.tokenizer,
-                                      max_prompt_bytes=self.max_prompt_bytes, tool_format=fmt)
+                                      max_prompt_bytes=self.max_prompt_bytes, tool_format=fmt,
+                                      speculation_default=self.scheduler.speculation)
         remaining = context.time_remaining()
         deadline = arrival + remaining if remaining is not None else None
         return Request(prepared.request_id, prepared.prompt_ids, prepared.sampling, prepared.stopping,
@@ -219,7 +220,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                         sample_index=ev.sample,
                         reason=_REASONS[reason], matched_stop=ev.matched_stop,
                         usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
-                                       cached_prompt_tokens=ev.cached_prompt_tokens),
+                                       cached_prompt_tokens=ev.cached_prompt_tokens,
+                                       draft_tokens=ev.draft_tokens, accepted_draft_tokens=ev.accepted_draft_tokens),
                         timings=pb.Timings(queue_ms=ev.queue_ms, time_to_first_token_ms=ev.time_to_first_token_ms,
                                            decode_tokens_per_second=ev.decode_tokens_per_second,
                                            total_ms=ev.total_ms),
