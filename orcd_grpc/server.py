@@ -59,6 +59,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_prompt_bytes: int = 2 * 1024 * 1024  # prompt text refused beyond this, before tokenizing; 0: no cap
     tool_formats: dict = dataclasses.field(default_factory=dict)  # model id ("" for all) -> tool-call format
+    speculation: Any = None        # speculation.Speculation of requests that choose none; None: off
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
     max_workers: int = 0           # gRPC handler threads; 0: enough for every queued and running request
@@ -135,7 +136,7 @@ class Worker:
         self.events = events.EventHub()
         self.scheduler = Scheduler(max_queue=config.max_queue, max_sequences=config.max_sequences,
                                    token_budget=config.token_budget, metrics=self.metrics,
-                                   on_model_change=self._model_changed)
+                                   on_model_change=self._model_changed, speculation=config.speculation)
         self.scheduler.on_engine_closed = self.events.detach
         self.lifecycle = lifecycle.Lifecycle(self.scheduler, on_change=self._refresh_health)
         self.servicer = WorkerServicer(self.scheduler, model_dirs=config.model_dirs, backend=config.backend,
