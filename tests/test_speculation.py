@@ -253,3 +253,89 @@ def test_sampled_joint_distribution_is_the_targets(tiny_engine, monkeypatch):
     p = _chi2(counts, np.asarray(exact))
     print(f"joint of 3 tokens, {counts.sum()} draws: chi-square p = {p:.3g}")
     assert p > P_MIN, (counts, np.asarray(exact) * counts.sum())
+
+
+# ---- SmolLM2 through a real server -------------------------------------------------------------
+
+COPY_PROMPT = ("Copy the list exactly.\nList:\n1. apples and pears\n2. plums and figs\n3. grapes and limes\n"
+               "4. cherries and dates\nCopy:\n1. apples and pears\n2.")
+
+
+@pytest.fixture(scope="module")
+def spec_server(real_server, smollm2_path):
+    return real_server(smollm2_path, max_context=512, speculation=speculation.Speculation())
+
+
+def _execute(srv, spec=None, max_tokens=16, **kw):
+    from orcd_grpc.proto import pb
+
+    req = pb.ExecuteRequest(text=COPY_PROMPT, sampling=pb.SamplingParams(temperature=0.0),
+                            stopping=pb.StoppingCriteria(max_tokens=max_tokens, ignore_eos=True), **kw)
+    if spec is not None:
+        req.speculation.CopyFrom(spec)
+    events = list(srv.stub.Execute(req, timeout=600))
+    ids = [e.token.token_id for e in events if e.HasField("token")]
+    assert [e.token.index for e in events if e.HasField("token")] == list(range(len(ids)))
+    return ids, events[-1].finished
+
+
+def _wait_idle(srv, timeout=60.0):
+    end = time.monotonic() + timeout
+    while srv.scheduler.stats()["live"] and time.monotonic() < end:
+        time.sleep(0.02)
+    assert srv.scheduler.stats()["live"] == 0
+
+
+def test_server_greedy_output_and_usage(spec_server):
+    from orcd_grpc.proto import pb
+
+    srv = spec_server
+    reg = srv.scheduler.metrics.registry
+    before = [reg.get_sample_value(f"orcd_speculative_{m}_total") or 0.0 for m in ("draft_tokens", "accepted_tokens")]
+    off, f_off = _execute(srv, pb.Speculation(mode=pb.Speculation.SPECULATION_MODE_OFF))
+    on, f_on = _execute(srv)  # the server's default: ngram
+    k3, f_k3 = _execute(srv, pb.Speculation(mode=pb.Speculation.SPECULATION_MODE_NGRAM, num_draft_tokens=3))
+    assert on == off == k3 and len(off) == 16
+    assert f_off.usage.draft_tokens == 0 and f_off.usage.accepted_draft_tokens == 0
+    assert 0 < f_on.usage.accepted_draft_tokens <= f_on.usage.draft_tokens
+    assert f_on.usage.completion_tokens == 16
+    after = [reg.get_sample_value(f"orcd_speculative_{m}_total") for m in ("draft_tokens", "accepted_tokens")]
+    assert after[0] - before[0] == f_on.usage.draft_tokens + f_k3.usage.draft_tokens
+    assert after[1] - before[1] == f_on.usage.accepted_draft_tokens + f_k3.usage.accepted_draft_tokens
+    _wait_idle(srv)
+    eng = srv.scheduler.engine
+    assert eng.free_blocks() == eng.total_blocks()
+
+
+def test_server_cancel_mid_speculation_frees_blocks(spec_server):
+    from orcd_grpc.proto import pb
+
+    srv = spec_server
+    eng = srv.scheduler.engine
+    req = pb.ExecuteRequest(text=COPY_PROMPT, request_id="spec-cancel", sampling=pb.SamplingParams(temperature=0.0),
+                            stopping=pb.StoppingCriteria(max_tokens=200, ignore_eos=True))
+    call = srv.stub.Execute(req, timeout=600)
+    seen = 0
+    for ev in call:
+        seen += ev.HasField("token")
+        if seen >= 2:
+            break
+    assert eng.free_blocks() < eng.total_blocks()
+    assert srv.stub.Cancel(pb.CancelRequest(request_id="spec-cancel"), timeout=10).cancelled
+    rest = [e for e in call if e.HasField("finished")]
+    assert rest and rest[0].finished.reason == pb.FINISH_REASON_CANCELLED
+    _wait_idle(srv)
+    assert eng.free_blocks() == eng.total_blocks()
+
+
+def test_server_refuses_bad_speculation_naming_the_field(spec_server):
+    from orcd_grpc.proto import pb
+
+    M = pb.Speculation
+    for spec, field in ((M(mode=M.SPECULATION_MODE_NGRAM, num_draft_tokens=17), "speculation.num_draft_tokens"),
+                        (M(mode=M.SPECULATION_MODE_NGRAM, ngram_min=5, ngram_max=3), "speculation.ngram_min"),
+                        (M(mode=M.SPECULATION_MODE_DRAFT), "speculation.mode")):
+        with pytest.raises(grpc.RpcError) as err:
+            _execute(spec_server, spec)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert err.value.details().startswith(field + ":"), err.value.details()
