@@ -339,3 +339,62 @@ def test_server_refuses_bad_speculation_naming_the_field(spec_server):
             _execute(spec_server, spec)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
         assert err.value.details().startswith(field + ":"), err.value.details()
+
+
+def test_cuda_runner_runs_verify_rows_eagerly_and_never_feeds_them(tmp_path, monkeypatch):
+    """The CUDA runner's host side (test_cuda_runner's stand-in backend, lookahead on, greedy
+    device sampling): through the overlap loop, speculating sequences give the tokens of plain
+    (fed) decoding; every verify step took the eager path (no graph bucket) and no step was ever
+    fed to a batch with a speculating sequence."""
+    from test_cuda_runner import _queued_device_backend, write_tiny_llama
+
+    from orcd_grpc.loader import load_engine
+    from orcd_grpc.overlap import Overlap
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    rng = np.random.default_rng()
+    block = rng.integers(3, 320, 10).tolist()
+    prompts = [[1] + block + block[:4], [1] + rng.integers(3, 320, 7).tolist() * 2]
+    outs = {}
+    for spec in (speculation.OFF, speculation.Speculation(num_draft_tokens=3)):
+        base = type(_queued_device_backend())
+
+        class Greedy(base):
+            def sample_packed_async(self, logits, prm, pen, n_top=0, bits=None):
+                h = super().sample_packed_async(logits, prm, pen, n_top, bits)
+                h.toks = np.argmax(self.to_host(logits), -1).astype(np.int32)
+                return h
+
+        if spec != speculation.OFF:  # drafts: the plain run's continuation, every third token wrong
+            ref = {tuple(p): o for p, o in zip(prompts, outs[speculation.OFF])}
+
+            def oracle(history, k, *_):
+                p = next(p for p in prompts if list(history[:len(p)]) == p)
+                d = list(ref[tuple(p)][len(history) - len(p):][:k])
+                return [(t + 1) % 320 if i == 2 else t for i, t in enumerate(d)]
+            monkeypatch.setattr(speculation, "propose_ngram", oracle)
+        be = Greedy()
+        eng = load_engine(path, backend=be, max_sequences=4, max_context=128)
+        plans = []
+        launch = eng.runner.launch
+        eng.runner.launch = lambda plan: (plans.append((plan, eng.runner._bucket(plan))), launch(plan))[1]
+        try:
+            seqs = [eng.new_sequence(p, SamplingParams(temperature=0.0, speculation=spec)) for p in prompts]
+            loop = Overlap(eng)
+            while any(len(s.output_ids) < 16 for s in seqs):
+                loop.step(seqs, 256, lambda s: len(s.output_ids) + 2 <= 16)
+            loop.drain()
+            outs[spec] = [s.output_ids[:16] for s in seqs]
+            verify = [(p, b) for p, b in plans if any(r.drafts for r in p.rows)]
+            if spec == speculation.OFF:
+                assert be.fed > 0 and not verify  # the fed path really ran without speculation
+            else:
+                assert verify and be.fed == 0 and all(p.after is None for p, _ in plans)
+                assert all(b == 0 for _, b in verify)  # never a graph step
+                assert sum(s.accepted_drafts for s in seqs) > 0
+            for s in seqs:
+                eng.release(s)
+            assert eng.free_blocks() + len(eng.allocator._evictable) == eng.total_blocks()
+        finally:
+            eng.close()
+    assert outs[speculation.OFF] == outs[speculation.Speculation(num_draft_tokens=3)]
