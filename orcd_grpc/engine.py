@@ -40,11 +40,14 @@ class ModelInfo:
     has_chat_template: bool
     load_seconds: float
     max_sequences: int
+    draft_model: str = ""  # the draft model's id (draft-model speculation), "" without one
+    draft_bytes: int = 0   # what the draft model holds on the same device
 
     @property
     def vram_bytes(self) -> int:
-        """What the loaded model holds on its device: weights, KV cache and step workspace."""
-        return int(self.weights_bytes) + int(self.kv_cache_bytes) + int(self.workspace_bytes)
+        """What the loaded model holds on its device: weights, KV cache and step workspace (and
+        its draft model's)."""
+        return int(self.weights_bytes) + int(self.kv_cache_bytes) + int(self.workspace_bytes) + int(self.draft_bytes)
 
 
 class Sequence:
@@ -132,6 +135,8 @@ class Engine:
         self._copies: list[tuple[int, int]] = []  # block copies the next plan carries (fork)
         self.speculation: speculation.Speculation | None = None  # the default of requests that ask none
         self._verifying: dict[int, Sequence] = {}  # seq_id -> a sequence with a verify row planned
+        self.draft = None  # draft_model.DraftProposer: the draft model, for speculation mode DRAFT
+        self._proposed: dict[int, list[int]] = {}  # seq_id -> the draft model's drafts for this step
 
     # ---- sequences -----------------------------------------------------------------------
     def new_sequence(self, prompt_ids: list[int], sampling) -> Sequence:
@@ -155,7 +160,7 @@ class Engine:
             seq.mask = None if seq.allowed is None else pack_bitmask(seq.allowed)
             seq.dynamic = Dynamic.of(c, seq.allowed, vocab)
         spec = speculation.resolve(sampling.speculation, self.speculation)
-        if spec is not None and spec.mode == speculation.DRAFT:
+        if spec is not None and spec.mode == speculation.DRAFT and self.draft is None:
             raise InvalidArgument("the model was loaded without a draft model", field="speculation.mode")
         if spec is not None and seq.constraint is None and seq.dynamic is None:  # see speculation.py
             seq.spec = spec
@@ -226,6 +231,8 @@ class Engine:
         seq.num_cached = 0
         self._scoring.pop(seq.seq_id, None)
         self._verifying.pop(seq.seq_id, None)
+        if self.draft is not None:
+            self.draft.release(seq)
 
     # ---- plans ---------------------------------------------------------------------------
     def _match(self, s: Sequence) -> None:
@@ -296,13 +303,44 @@ class Engine:
             k = min(k, s.max_output - len(out) - 1)
         if k <= 0:
             return []
-        drafts = speculation.propose_ngram(s.prompt_ids + out,
-                                           k, spec.ngram_max, spec.ngram_min)
+        if spec.mode == speculation.DRAFT:
+            drafts = self._proposed.pop(s.seq_id, [])[:k]
+        else:
+            drafts = speculation.propose_ngram(s.prompt_ids + out, k, spec.ngram_max, spec.ngram_min)
         alloc, bt = self.allocator, s.block_table
         spare = max(0, alloc.free_blocks - batch)
         if alloc.blocks_for(start + 1 + len(drafts)) - len(bt) > spare:
             drafts = drafts[:max(0, (len(bt) + spare) * alloc.block_size - start - 1)]
         return drafts
+
+    def attach_draft(self, draft_engine) -> None:
+        """Loads draft-model speculation: draft_engine (a smaller model of the same vocabulary,
+        InvalidArgument "draft_path" otherwise) proposes the drafts of mode DRAFT; it is closed
+        with this engine."""
+        from .draft_model import DraftProposer, check_same_vocabulary
+
+        check_same_vocabulary(self, draft_engine)
+        self.draft = DraftProposer(draft_engine)
+        self.info.draft_model = draft_engine.info.model_id
+        self.info.draft_bytes = draft_engine.info.vram_bytes
+
+    def _draft_proposals(self, seqs: list[Sequence]) -> None:
+        """The draft model's drafts for this step of every sequence of mode DRAFT that decodes
+        one token (batched in the draft engine), capped as _drafts caps them."""
+        wants = []
+        for s in seqs:
+            spec = s.spec
+            if spec is None or spec.mode != speculation.DRAFT or s.hold is not None:
+                continue
+            start, p = s.num_cached, len(s.prompt_ids)
+            if start < p or start != s.total_len - 1:
+                continue
+            k = min(spec.num_draft_tokens, self.info.context_length - start - 1)
+            if s.max_output:
+                k = min(k, s.max_output - len(s.output_ids) - 1)
+            if k > 0:
+                wants.append((s, k))
+        self._proposed = self.draft.propose(wants) if wants else {}
 
     def _settle(self, row: PlanRow, res: StepResult) -> None:
         """A verify row's tokens from its logits (speculation.verify), as the row's sample (the
@@ -344,6 +382,8 @@ class Engine:
         None when the runner cannot queue it so (the caller collects `after` and plans anew), the
         context is full or the KV cache has no block for it."""
         if after is None:
+            if self.draft is not None:
+                self._draft_proposals(seqs)
             chosen, rows = self._schedule(seqs, token_budget)
             if not chosen:
                 return None
@@ -440,6 +480,9 @@ class Engine:
         return self.backend.gpu_info()
 
     def close(self) -> None:
+        if self.draft is not None:
+            self.draft.close()
+            self.draft = None
         self.runner.close()
         self.kv = None
         self.adapter.w = {}

@@ -311,6 +311,17 @@ def check_model_path(path: str) -> None:
                               field="path")
 
 
+def resolve_draft_path(path: str, model_dirs: list[str]) -> pathlib.Path:
+    """LoadModelRequest.draft_path, resolved and checked as `path` is; errors name draft_path."""
+    try:
+        return resolve_model_path(path, model_dirs)
+    except OrcdError as err:
+        msg = str(err)
+        if err.field and msg.startswith(f"{err.field}: "):
+            msg = msg[len(err.field) + 2:]
+        raise type(err)(msg, field="draft_path") from None
+
+
 def resolve_model_path(path: str, model_dirs: list[str]) -> pathlib.Path:
     """Resolves a LoadModel path; it must name a regular file inside one of `model_dirs`.
 

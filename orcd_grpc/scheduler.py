@@ -93,7 +93,7 @@ class Scheduler:
         return self._thread.is_alive()
 
     def load(self, path, *, model_id: str | None = None, context_length: int = 0, max_context: int = 0,
-             backend: str = "auto", max_vram: int = 0, max_ram: int = 0, progress=None):
+             backend: str = "auto", max_vram: int = 0, max_ram: int = 0, progress=None, draft_path=None):
         """Loads a model beside the served one and swaps it in; the old one serves meanwhile.
 
         A failed load raises and leaves the old model in place; so does a model whose test step
@@ -117,6 +117,24 @@ class Scheduler:
             except BaseException as exc:
                 lifecycle.drop_frames(exc)
                 raise
+            if draft_path:
+                try:  # beside the model, in what its load left (lifecycle.left_beside)
+                    draft = self._loader(draft_path, backend=backend, context_length=engine.info.context_length,
+                                         max_sequences=self.max_sequences,
+                                         max_vram=lifecycle.left_beside([engine], "cuda", max_vram,
+                                                                        "--max-vram", "max_vram"),
+                                         max_ram=lifecycle.left_beside([engine], "cpu", max_ram,
+                                                                       "--max-ram", "max_ram"), **extra)
+                    try:
+                        engine.attach_draft(draft)
+                    except BaseException:
+                        draft.close()
+                        raise
+                except BaseException as exc:
+                    engine.close()
+                    engine = None
+                    lifecycle.drop_frames(exc)
+                    raise
             try:
                 self._run_command(lambda: self._check_and_swap(engine))
             except BaseException as exc:

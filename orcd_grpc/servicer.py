@@ -262,6 +262,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             rv.check_model_id(model_id)
             ctx = int(request.context_length)
             rv.check_context_length(ctx, self.max_context)
+            draft = rv.resolve_draft_path(request.draft_path, self.model_dirs) if request.draft_path else None
         except OrcdError as err:
             self._count("LoadModel", err.code)
             _abort(context, err)
@@ -284,7 +285,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 # With context_length 0 the engine takes the trained length capped by max_context.
                 info = self.scheduler.load(path, model_id=model_id, context_length=ctx,
                                            max_context=self.max_context, backend=self.backend,
-                                           max_vram=self.max_vram, max_ram=self.max_ram, progress=progress)
+                                           max_vram=self.max_vram, max_ram=self.max_ram, progress=progress,
+                                           draft_path=draft)
                 events.put(("done", info))
             except OrcdError as err:
                 events.put(("error", _without_paths(err, path, self.model_dirs)))

@@ -398,3 +398,49 @@ def test_cuda_runner_runs_verify_rows_eagerly_and_never_feeds_them(tmp_path, mon
         finally:
             eng.close()
     assert outs[speculation.OFF] == outs[speculation.Speculation(num_draft_tokens=3)]
+
+
+# ---- draft-model speculation ----------------------------------------------------------------
+
+def test_draft_model_greedy_is_greedy_without(tiny_engine, tmp_path):
+    """A second tiny llama (other weights, same vocabulary) as the draft model: greedy output is
+    the output without speculation; the target as its own draft keeps every draft; the draft
+    engine's KV all comes back; a model of another vocabulary is refused naming draft_path."""
+    from gguf_export import export_hf_model
+    from test_cuda_runner import write_tiny_llama
+    from tiny_models import tiny_model
+
+    from orcd_grpc.errors import InvalidArgument
+    from orcd_grpc.loader import load_engine
+
+    eng = tiny_engine
+    rng = np.random.default_rng()
+    prompt = rng.integers(3, 500, 14).tolist()
+    ref = _decode(eng, prompt, SamplingParams(temperature=0.0, speculation=speculation.OFF), 18)[0].output_ids[:18]
+    other = export_hf_model(tiny_model("llama", seed=7), tmp_path / "draft.gguf", qtype="Q8_0")
+    for path, all_kept in ((other, False), (eng.info.path, True)):
+        draft = load_engine(path, backend="cpu", max_sequences=48, max_context=256)
+        eng.attach_draft(draft)
+        try:
+            mode = speculation.Speculation(speculation.DRAFT, 4)
+            seqs = _decode(eng, prompt, SamplingParams(temperature=0.0, speculation=mode), 18, batch=2)
+            for s in seqs:
+                assert s.output_ids[:18] == ref
+                assert s.draft_tokens > 0 and (s.accepted_drafts == s.draft_tokens) == all_kept
+            sampled = _decode(eng, prompt, SamplingParams(temperature=0.9, seed=3, speculation=mode), 12)[0]
+            assert sampled.draft_tokens > 0 and len(sampled.output_ids) >= 12
+            assert draft.free_blocks() + len(draft.allocator._evictable) == draft.total_blocks()
+            assert eng.free_blocks() == eng.total_blocks()
+        finally:
+            eng.draft.close()
+            eng.draft = None
+    with pytest.raises(InvalidArgument) as err:
+        eng.new_sequence(prompt, SamplingParams(speculation=speculation.Speculation(speculation.DRAFT)))
+    assert err.value.field == "speculation.mode"
+    small = load_engine(write_tiny_llama(tmp_path / "v320.gguf", "Q8_0"), backend="cpu", max_sequences=2)
+    try:
+        with pytest.raises(InvalidArgument) as err:
+            eng.attach_draft(small)
+        assert err.value.field == "draft_path" and eng.draft is None
+    finally:
+        small.close()
