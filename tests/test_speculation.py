@@ -394,7 +394,7 @@ def test_cuda_runner_runs_verify_rows_eagerly_and_never_feeds_them(tmp_path, mon
                 assert sum(s.accepted_drafts for s in seqs) > 0
             for s in seqs:
                 eng.release(s)
-            assert eng.free_blocks() + len(eng.allocator._evictable) == eng.total_blocks()
+            assert eng.free_blocks() == eng.total_blocks()
         finally:
             eng.close()
     assert outs[speculation.OFF] == outs[speculation.Speculation(num_draft_tokens=3)]
@@ -429,7 +429,7 @@ def test_draft_model_greedy_is_greedy_without(tiny_engine, tmp_path):
                 assert s.draft_tokens > 0 and (s.accepted_drafts == s.draft_tokens) == all_kept
             sampled = _decode(eng, prompt, SamplingParams(temperature=0.9, seed=3, speculation=mode), 12)[0]
             assert sampled.draft_tokens > 0 and len(sampled.output_ids) >= 12
-            assert draft.free_blocks() + len(draft.allocator._evictable) == draft.total_blocks()
+            assert draft.free_blocks() == draft.total_blocks()
             assert eng.free_blocks() == eng.total_blocks()
         finally:
             eng.draft.close()
@@ -444,3 +444,25 @@ def test_draft_model_greedy_is_greedy_without(tiny_engine, tmp_path):
         assert err.value.field == "draft_path" and eng.draft is None
     finally:
         small.close()
+
+
+def test_server_draft_model_loaded_with_load_model(spec_server, smollm2_path):
+    """LoadModel with draft_path (SmolLM2 drafting for itself): DRAFT-mode greedy output is the
+    output without speculation and keeps every draft; a bad draft_path is refused naming it."""
+    from orcd_grpc.proto import pb
+
+    srv = spec_server
+    with pytest.raises(grpc.RpcError) as err:
+        list(srv.stub.LoadModel(pb.LoadModelRequest(path=smollm2_path.name, draft_path="missing.gguf"), timeout=600))
+    assert err.value.details().startswith("draft_path:"), err.value.details()
+    list(srv.stub.LoadModel(pb.LoadModelRequest(path=smollm2_path.name, draft_path=smollm2_path.name), timeout=600))
+    off, _ = _execute(srv, pb.Speculation(mode=pb.Speculation.SPECULATION_MODE_OFF), max_tokens=10)
+    on, fin = _execute(srv, pb.Speculation(mode=pb.Speculation.SPECULATION_MODE_DRAFT, num_draft_tokens=4),
+                       max_tokens=10)
+    assert on == off
+    assert fin.usage.draft_tokens > 0 and fin.usage.accepted_draft_tokens == fin.usage.draft_tokens
+    _wait_idle(srv)
+    eng = srv.scheduler.engine
+    assert eng.free_blocks() == eng.total_blocks()
+    d = eng.draft.engine
+    assert d.free_blocks() == d.total_blocks()
