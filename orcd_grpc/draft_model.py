@@ -30,6 +30,21 @@ def check_same_vocabulary(target, draft) -> None:
             raise InvalidArgument(f"the draft model's token {i} differs from the model's", field="draft_path")
 
 
+def load_draft(loader, engine, path, *, max_vram: int, max_ram: int, **kwargs) -> None:
+    """Loads the draft model at path with loader (the scheduler's) beside engine, in what the
+    memory limits leave it, with engine's context length, and attaches it (closed on failure)."""
+    from . import lifecycle
+
+    draft = loader(path, context_length=engine.info.context_length,
+                   max_vram=lifecycle.left_beside([engine], "cuda", max_vram, "--max-vram", "max_vram"),
+                   max_ram=lifecycle.left_beside([engine], "cpu", max_ram, "--max-ram", "max_ram"), **kwargs)
+    try:
+        engine.attach_draft(draft)
+    except BaseException:
+        draft.close()
+        raise
+
+
 class DraftProposer:
     def __init__(self, engine):
         self.engine = engine          # the draft model's Engine

@@ -298,9 +298,7 @@ class Engine:
         request's max_tokens (a verify step gives up to k + 1 tokens) and the free KV blocks
         (a batch's plain decode rows come first) leave room for."""
         spec, out = s.spec, s.output_ids
-        k = min(spec.num_draft_tokens, budget - 1, self.info.context_length - start - 1)
-        if s.max_output:
-            k = min(k, s.max_output - len(out) - 1)
+        k = min(speculation.room(s, start, self.info.context_length), budget - 1)
         if k <= 0:
             return []
         if spec.mode == speculation.DRAFT:
@@ -332,12 +330,10 @@ class Engine:
             spec = s.spec
             if spec is None or spec.mode != speculation.DRAFT or s.hold is not None:
                 continue
-            start, p = s.num_cached, len(s.prompt_ids)
-            if start < p or start != s.total_len - 1:
+            start = s.num_cached
+            if start < len(s.prompt_ids) or start != s.total_len - 1:
                 continue
-            k = min(spec.num_draft_tokens, self.info.context_length - start - 1)
-            if s.max_output:
-                k = min(k, s.max_output - len(s.output_ids) - 1)
+            k = speculation.room(s, start, self.info.context_length)
             if k > 0:
                 wants.append((s, k))
         self._proposed = self.draft.propose(wants) if wants else {}

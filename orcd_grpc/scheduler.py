@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from . import lifecycle, logs, prompt_scoring
 from .admission_queue import AdmissionQueue, StartEstimator, preemption_victim
+from .draft_model import load_draft
 from .errors import AlreadyExists, FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .overlap import Overlap
 from .request import (CANCELLED, CLIENT_CANCEL, DEADLINE_EXCEEDED, LENGTH, MODEL_SWAPPED, MODEL_UNLOADED,
@@ -118,18 +119,9 @@ class Scheduler:
                 lifecycle.drop_frames(exc)
                 raise
             if draft_path:
-                try:  # beside the model, in what its load left (lifecycle.left_beside)
-                    draft = self._loader(draft_path, backend=backend, context_length=engine.info.context_length,
-                                         max_sequences=self.max_sequences,
-                                         max_vram=lifecycle.left_beside([engine], "cuda", max_vram,
-                                                                        "--max-vram", "max_vram"),
-                                         max_ram=lifecycle.left_beside([engine], "cpu", max_ram,
-                                                                       "--max-ram", "max_ram"), **extra)
-                    try:
-                        engine.attach_draft(draft)
-                    except BaseException:
-                        draft.close()
-                        raise
+                try:
+                    load_draft(self._loader, engine, draft_path, backend=backend, max_sequences=self.max_sequences,
+                               max_vram=max_vram, max_ram=max_ram, **extra)
                 except BaseException as exc:
                     engine.close()
                     engine = None

@@ -92,6 +92,13 @@ def from_proto(msg, has_field: bool, default: "Speculation | None") -> "Speculat
                        int(msg.ngram_min) or min(base.ngram_min, int(msg.ngram_max) or base.ngram_max)).check()
 
 
+def room(seq, start: int, context_length: int) -> int:
+    """Drafts seq may verify in a step from position start: its num_draft_tokens, within the
+    context and the request's max_tokens (a verify step gives up to k + 1 tokens)."""
+    k = min(seq.spec.num_draft_tokens, context_length - start - 1)
+    return min(k, seq.max_output - len(seq.output_ids) - 1) if seq.max_output else k
+
+
 def propose_ngram(history, k: int, ngram_max: int, ngram_min: int) -> list[int]:
     """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the
     history's longest trailing n-gram (ngram_min <= n <= ngram_max); [] when none occurs."""
