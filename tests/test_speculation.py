@@ -466,3 +466,45 @@ def test_server_draft_model_loaded_with_load_model(spec_server, smollm2_path):
     assert eng.free_blocks() == eng.total_blocks()
     d = eng.draft.engine
     assert d.free_blocks() == d.total_blocks()
+
+
+# ---- the scheduler with several tokens per step (test double engine) ----------------------
+
+def test_scheduler_stops_inside_a_verify_steps_tokens():
+    """A step that gives several tokens (a verify step's `following`) is streamed token by token,
+    and a stop token or max_tokens inside it ends the request there: the tokens after it are never
+    streamed or counted."""
+    from test_scheduler import EOS, FakeDecoder, FakeEngine, Sample, drain, make_request, text_of
+
+    from orcd_grpc.request import LENGTH, STOP_TOKEN, FinishedEvent, Stopping, TokenEvent
+    from orcd_grpc.scheduler import Scheduler
+
+    class Verifying(FakeEngine):
+        def launch(self, seqs, token_budget=2048, after=None):
+            out = super().launch(seqs, token_budget, after)
+            for s in seqs:
+                smp = out.get(s.seq_id) if out else None
+                if smp is not None and s.output_ids:  # decode steps give 4 tokens
+                    at = len(s.output_ids)
+                    smp.following = [Sample(self.script[(at + j) % len(self.script)]) for j in (1, 2, 3)]
+            return out
+
+    h, e, l, o = (c + 2 for c in b"helo")
+    for script, stopping, text, n, reason in (
+            ([h, e, l, EOS, o, o], Stopping(max_tokens=20), "hel", 4, STOP_TOKEN),
+            ([h, e, l, l, o, o, o, o], Stopping(max_tokens=3), "hel", 3, LENGTH)):
+        eng = Verifying(script)
+        sched = Scheduler(loader=lambda path, **_: eng, decoder_factory=FakeDecoder)
+        try:
+            sched.load("fake")
+            free = eng.free_blocks()
+            req = make_request(eng, stopping=stopping)
+            sched.submit(req)
+            events = drain(req)
+            fin = events[-1]
+            assert isinstance(fin, FinishedEvent) and fin.reason == reason and fin.completion_tokens == n
+            assert text_of(events) == text
+            assert [ev.index for ev in events if isinstance(ev, TokenEvent)] == list(range(n))
+            assert eng.free_blocks() == free
+        finally:
+            sched.shutdown(0)
