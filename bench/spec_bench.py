@@ -82,6 +82,32 @@ def decode(engine, ids, spec, n_new):
     return s.output_ids[:n_new], dt, steps, s.draft_tokens, s.accepted_drafts
 
 
+def step_cost(engine, ids, k: int, reps: int) -> dict:
+    """Median seconds of a plain decode step (1 token, sampled) and of a verify step (1 + k
+    tokens, k + 1 logits rows to the host) at the same position of one sequence, alternated; the
+    plans are run directly on the runner, so the sequence's state does not move."""
+    from orcd_grpc.backends.runner import PlanRow, StepPlan
+
+    s = engine.new_sequence(ids, SamplingParams(temperature=0.0))
+    engine.step([s])  # prefill: the KV of the prompt, and a first token
+    bs, start = engine.allocator.block_size, s.num_cached
+    engine.allocator.ensure(s.block_table, start + 1 + k)
+    drafts = ids[1:1 + k]
+    plain = lambda: PlanRow(s.seq_id, [s.output_ids[-1]], start, 1, s.block_table, s.prompt_ids,  # noqa: E731
+                            s.output_ids, s.row, True, len(s.output_ids))
+    verify = lambda: PlanRow(s.seq_id, [s.output_ids[-1], *drafts], start, 1 + k, s.block_table,  # noqa: E731
+                             s.prompt_ids, s.output_ids, s.row, False, len(s.output_ids), 1 + k, drafts=drafts)
+    times = {"plain": [], "verify": []}
+    for _ in range(reps):
+        for name, row in (("plain", plain), ("verify", verify)):
+            t0 = time.perf_counter()
+            engine.runner.run(StepPlan([row()], bs))
+            times[name].append(time.perf_counter() - t0)
+    engine.release(s)
+    med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+    return {"plain_step_s": med["plain"], "verify_step_s": med["verify"], "ratio": med["verify"] / med["plain"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="+")
@@ -90,12 +116,19 @@ def main() -> int:
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--step-reps", type=int, default=0,
+                    help="also time a plain against a verify step of 1 + k tokens, this many times each")
     args = ap.parse_args()
     rows = []
     for path in args.models:
         engine = load_engine(path, backend=args.backend, max_sequences=1, max_context=2048)
         try:
-            for task in args.tasks.split(","):
+            if args.step_reps:
+                cost = {"model": os.path.basename(path), "k": args.k,
+                        **step_cost(engine, prompt_ids(engine, TASKS["edit"]), args.k, args.step_reps)}
+                rows.append(cost)
+                print(json.dumps(cost), flush=True)
+            for task in ([] if args.tasks == "" else args.tasks.split(",")):
                 ids = prompt_ids(engine, TASKS[task])
                 decode(engine, ids, speculation.OFF, 4)  # warm-up
                 base = decode(engine, ids, speculation.OFF, args.tokens)
@@ -112,6 +145,8 @@ def main() -> int:
     print("\n| model | task | mode | decode tok/s | steps | drafts | kept | acceptance | same |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "ratio" in r:
+            continue
         print(f"| {r['model']} | {r['task']} | {r['mode']} | {r['decode_tok_s']:.2f} | {r['steps']} | "
               f"{r['draft_tokens']} | {r['accepted']} | {r['acceptance']:.2f} | {r['same_as_off']} |")
     if args.json:

@@ -508,3 +508,28 @@ def test_scheduler_stops_inside_a_verify_steps_tokens():
             assert eng.free_blocks() == free
         finally:
             sched.shutdown(0)
+
+
+def test_python_client_builds_the_speculation_field():
+    from orcd_grpc.client import build_request
+    from orcd_grpc.proto import pb
+
+    M = pb.Speculation
+    assert not build_request("hi").HasField("speculation")
+    assert build_request("hi", speculation="off").speculation == M(mode=M.SPECULATION_MODE_OFF)
+    got = build_request("hi", speculation={"mode": "ngram", "num_draft_tokens": 8, "ngram_min": 3})
+    assert got.speculation == M(mode=M.SPECULATION_MODE_NGRAM, num_draft_tokens=8, ngram_min=3)
+    with pytest.raises(ValueError):
+        build_request("hi", speculation="sometimes")
+
+
+def test_serve_flags_make_the_default():
+    from orcd_grpc import cli
+
+    args = cli.build_parser().parse_args(["serve", "--speculation", "ngram", "--num-draft-tokens", "7"])
+    assert cli._speculation(args.speculation, args.num_draft_tokens) == speculation.Speculation(speculation.NGRAM, 7)
+    assert cli._speculation(None, None) is None and cli._speculation("off", None) is None
+    for mode, k, draft, word in (("ngram", 17, None, "--num-draft-tokens"), ("draft", None, None, "--draft-model"),
+                                 (None, 4, None, "--num-draft-tokens")):
+        with pytest.raises(ValueError, match=word):
+            cli._speculation(mode, k, draft)
