@@ -81,15 +81,15 @@ def from_proto(msg, has_field: bool, default: "Speculation | None") -> "Speculat
     if mode == "?":
         raise InvalidArgument(f"unknown mode {int(msg.mode)}", field="speculation.mode")
     base = default or Speculation()
-    if mode is None:
-        if not (msg.num_draft_tokens or msg.ngram_max or msg.ngram_min):
-            return None
-        mode = base.mode
-    if mode == OFF:
+    ngram_max = int(msg.ngram_max) or base.ngram_max
+    spec = Speculation(mode if mode in (NGRAM, DRAFT) else base.mode,
+                       int(msg.num_draft_tokens) or base.num_draft_tokens, ngram_max,
+                       int(msg.ngram_min) or min(base.ngram_min, ngram_max)).check()  # checked whatever the mode
+    if mode == OFF or (mode is None and default is None):  # DEFAULT on a worker whose default is off
         return OFF
-    return Speculation(mode, int(msg.num_draft_tokens) or base.num_draft_tokens,
-                       int(msg.ngram_max) or base.ngram_max,
-                       int(msg.ngram_min) or min(base.ngram_min, int(msg.ngram_max) or base.ngram_max)).check()
+    if mode is None and not (msg.num_draft_tokens or msg.ngram_max or msg.ngram_min):
+        return None
+    return spec
 
 
 def room(seq, start: int, context_length: int) -> int:

@@ -150,7 +150,8 @@ def test_bad_values_name_their_field():
         with pytest.raises(InvalidArgument) as err:
             speculation.from_proto(msg, True, None)
         assert err.value.field == field
-    assert speculation.from_proto(pb.Speculation(), True, None) is None  # DEFAULT: the server's
+    assert speculation.from_proto(pb.Speculation(), True, speculation.Speculation()) is None  # DEFAULT: the server's
+    assert speculation.from_proto(pb.Speculation(num_draft_tokens=3), True, None) == speculation.OFF  # its default: off
     assert speculation.from_proto(pb.Speculation(mode=1), True, speculation.Speculation()) == speculation.OFF
     got = speculation.from_proto(pb.Speculation(num_draft_tokens=3), True, speculation.Speculation(ngram_max=6))
     assert got == speculation.Speculation(speculation.NGRAM, 3, 6, 2)
