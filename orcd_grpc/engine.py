@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import speculation
 from .backends.base import Backend
 from .backends.runner import Launched, PlanRow, RowSampling, RunnerModel, StepPlan, StepResult, masked, pack_bitmask
 from .errors import InvalidArgument, OutOfRange, ResourceExhausted
@@ -19,7 +20,6 @@ from .gguf_model import GGUFModel
 from .kv_cache import BlockAllocator
 from .logit_controls import Dynamic, static_mask
 from .sampling import Sampler, TokenSample
-from . import speculation
 
 
 @dataclass
