@@ -5,9 +5,12 @@ of the sampling pipeline (penalties, temperature, top-k, top-p, min-p), by chi-s
 fresh draws. Engine (a tiny random llama exported to GGUF, NumPy backend): greedy output with
 speculation is the output without it, with drafts that are kept and drafts that are rejected;
 sampled output has the exact joint distribution of its first tokens (chi-square, independent
-reference from teacher-forced logits); KV blocks all come back. Server (SmolLM2 on the CPU
-backend over a real port): greedy equality, Usage and metrics counts, cancellation mid-speculation,
-and bad values refused with INVALID_ARGUMENT naming the field.
+reference from teacher-forced logits); KV blocks all come back; draft-model speculation with a
+second tiny model (and the model drafting for itself). Server (SmolLM2 on the CPU backend over a
+real port): greedy equality, Usage and metrics counts, cancellation mid-speculation, bad values
+refused with INVALID_ARGUMENT naming the field, a draft model loaded by LoadModel. The CUDA
+runner's host side (a NumPy stand-in backend): verify rows run eagerly and are never fed ahead.
+The scheduler (test double engine): a stop inside a verify step's tokens ends the stream there.
 
 Chi-square tests fail at p < 1e-4 (fresh random logits and seeds each run, so about one run in
 10,000 per test fails by chance when the sampler is right).
