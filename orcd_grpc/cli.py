@@ -35,6 +35,7 @@ from typing import Sequence
 import grpc
 
 from . import __version__, cli_tokens, model_store, ratelimit, security
+from . import speculation as _spec
 from .cli_client import DEFAULT_ADDRESS, add_client_flags, client_from_args  # noqa: F401 (DEFAULT_ADDRESS re-exported)
 from .client_errors import ClientConfigError, from_grpc
 from .errors import InvalidArgument, OrcdError
@@ -199,6 +200,15 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                    metavar="[MODEL_ID=]FORMAT",
                    help="tool-call format (hermes, llama3, harmony) of a model, or of every model without "
                         "MODEL_ID=, over the one detected from its chat template; repeatable")
+    p.add_argument("--speculation", choices=("off", "ngram", "draft"), default=None,
+                   help="speculative decoding of requests that do not choose (ExecuteRequest.speculation): "
+                        "ngram drafts by prompt lookup, draft by --draft-model, verified in one step (default: off)")
+    p.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="a smaller GGUF with the startup model's vocabulary, loaded beside it for draft-model "
+                        "speculation (default: none)")
+    p.add_argument("--num-draft-tokens", type=_positive_int, default=None, metavar="K",
+                   help=f"draft tokens per speculative step, 1..{_spec.MAX_DRAFT_TOKENS} "
+                        f"(default: {_spec.DEFAULT_DRAFT_TOKENS})")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     # --tls-cert/--tls-key/--tls-client-ca, --auth-token TOKEN[:CLIENT[:ROLES]] (repeatable), --insecure
     # and the per-client --rate-limit-* flags; each falls back to its environment variable.
@@ -237,10 +247,38 @@ def server_config(args: argparse.Namespace):
                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
                   max_prompt_bytes=getattr(args, "max_prompt_bytes", None), log_level=args.log_level,
                   tool_formats=dict(args.tool_format) if getattr(args, "tool_format", None) else None,
-                  http_port=getattr(args, "http_port", None))
+                  http_port=getattr(args, "http_port", None),
+                  speculation=_speculation(getattr(args, "speculation", None), getattr(args, "num_draft_tokens", None),
+                                           getattr(args, "draft_model", None)),
+                  draft_model_path=_draft_path(getattr(args, "draft_model", None), model_dirs))
     # Flags left unset keep the server's own defaults.
     cfg = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     return security.apply_to_server_config(cfg, sec, limits)
+
+
+def _speculation(mode: str | None, k: int | None, draft_model: str | None = None):
+    """--speculation and --num-draft-tokens as the server's default (None: off)."""
+    if k is not None and not 1 <= k <= _spec.MAX_DRAFT_TOKENS:
+        raise ValueError(f"--num-draft-tokens must be in [1, {_spec.MAX_DRAFT_TOKENS}], got {k}")
+    if mode == _spec.DRAFT and not draft_model:
+        raise ValueError("--speculation draft needs --draft-model")
+    if mode in (None, _spec.OFF):
+        if k is not None:
+            raise ValueError("--num-draft-tokens needs --speculation ngram")
+        return None
+    return _spec.Speculation(mode, k or _spec.DEFAULT_DRAFT_TOKENS).check("--speculation")
+
+
+def _draft_path(path: str | None, model_dirs: list[str]) -> str | None:
+    """--draft-model as a path the worker may load (its directory joins the model dirs)."""
+    if not path:
+        return None
+    p = pathlib.Path(path).resolve()
+    if not p.is_file():
+        raise ValueError(f"--draft-model {path}: no such file")
+    if not any(_inside(p, d) for d in model_dirs):
+        model_dirs.append(str(p.parent))
+    return str(p)
 
 
 def _inside(path, directory) -> bool:

@@ -34,7 +34,8 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
                   chat: Sequence[dict] | None = None, request_id: str = "", model_id: str = "",
                   top_logprobs: int = 0, add_bos: bool | None = None, constraint: dict | None = None,
                   prompt_logprobs: int | None = None, tools: Sequence[dict] | None = None,
-                  tool_choice: str | None = None, n: int | None = None, **params) -> pb.ExecuteRequest:
+                  tool_choice: str | None = None, n: int | None = None, speculation: str | dict | None = None,
+                  **params) -> pb.ExecuteRequest:
     """An ExecuteRequest from plain Python values.
 
     prompt: text, or a list of token ids. chat: a list of {"role", "content"} dicts (instead of
@@ -48,6 +49,8 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
     prompt_logprobs: score the prompt with this many alternatives per position (None: no scoring;
     with max_tokens=0 nothing is generated).
     n: parallel samples of the one prompt (ExecuteRequest.n; None: one).
+    speculation: "off", "ngram" or "draft", or a dict of Speculation's fields by name with "mode"
+    one of those (e.g. {"mode": "ngram", "num_draft_tokens": 8}); None: the worker's default.
     """
     unknown = set(params) - set(_SAMPLING_FIELDS) - set(_STOPPING_FIELDS)
     if unknown:
@@ -82,6 +85,10 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict] | None = None, *,
 
             spec = json.dumps(spec)
         req.constraint.CopyFrom(pb.Constraint(**{kind: spec}))
+    if speculation is not None:
+        fields = dict(speculation) if isinstance(speculation, dict) else {"mode": speculation}
+        mode = str(fields.pop("mode", "default")).upper()
+        req.speculation.CopyFrom(pb.Speculation(mode=pb.Speculation.Mode.Value(f"SPECULATION_MODE_{mode}"), **fields))
     if prompt_logprobs is not None:
         req.prompt_logprobs.CopyFrom(pb.PromptLogprobsOptions(enabled=True, top_n=prompt_logprobs))
     sampling = {k: params[k] for k in _SAMPLING_FIELDS if params.get(k) is not None}

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import speculation
 from .backends.base import Backend
-from .backends.runner import Launched, PlanRow, RowSampling, RunnerModel, StepPlan, StepResult, pack_bitmask
+from .backends.runner import Launched, PlanRow, RowSampling, RunnerModel, StepPlan, StepResult, masked, pack_bitmask
 from .errors import InvalidArgument, OutOfRange, ResourceExhausted
 from .gguf_model import GGUFModel
 from .kv_cache import BlockAllocator
@@ -39,11 +40,14 @@ class ModelInfo:
     has_chat_template: bool
     load_seconds: float
     max_sequences: int
+    draft_model: str = ""  # the draft model's id (draft-model speculation), "" without one
+    draft_bytes: int = 0   # what the draft model holds on the same device
 
     @property
     def vram_bytes(self) -> int:
-        """What the loaded model holds on its device: weights, KV cache and step workspace."""
-        return int(self.weights_bytes) + int(self.kv_cache_bytes) + int(self.workspace_bytes)
+        """What the loaded model holds on its device: weights, KV cache and step workspace (and
+        its draft model's)."""
+        return int(self.weights_bytes) + int(self.kv_cache_bytes) + int(self.workspace_bytes) + int(self.draft_bytes)
 
 
 class Sequence:
@@ -76,6 +80,11 @@ class Sequence:
         # Compute no KV past this many tokens (and sample nothing) until forked: the first of n
         # parallel samples prefills the prompt's shared part alone (Engine.fork). None: no hold.
         self.hold: int | None = None
+        # Speculative decoding (speculation.py): how, or None; the drafts it proposed and kept;
+        # the most output tokens the request takes (0: no cap), which bounds a step's drafts.
+        self.spec: speculation.Speculation | None = None
+        self.draft_tokens = self.accepted_drafts = 0
+        self.max_output = 0
 
     def append(self, token: int) -> None:
         """Adds a generated token the request accepted; its constraint advances past it."""
@@ -124,6 +133,10 @@ class Engine:
         self.capabilities = self.runner.capabilities
         self.max_step_tokens = self.capabilities.max_step_tokens
         self._copies: list[tuple[int, int]] = []  # block copies the next plan carries (fork)
+        self.speculation: speculation.Speculation | None = None  # the default of requests that ask none
+        self._verifying: dict[int, Sequence] = {}  # seq_id -> a sequence with a verify row planned
+        self.draft = None  # draft_model.DraftProposer: the draft model, for speculation mode DRAFT
+        self._proposed: dict[int, list[int]] = {}  # seq_id -> the draft model's drafts for this step
 
     # ---- sequences -----------------------------------------------------------------------
     def new_sequence(self, prompt_ids: list[int], sampling) -> Sequence:
@@ -146,6 +159,11 @@ class Engine:
             seq.allowed = static_mask(c, vocab)
             seq.mask = None if seq.allowed is None else pack_bitmask(seq.allowed)
             seq.dynamic = Dynamic.of(c, seq.allowed, vocab)
+        spec = speculation.resolve(sampling.speculation, self.speculation)
+        if spec is not None and spec.mode == speculation.DRAFT and self.draft is None:
+            raise InvalidArgument("the model was loaded without a draft model", field="speculation.mode")
+        if spec is not None and seq.constraint is None and seq.dynamic is None:  # see speculation.py
+            seq.spec = spec
         return seq
 
     def can_admit(self, seq: Sequence, samples: int = 1) -> bool:
@@ -212,6 +230,9 @@ class Engine:
         self.allocator.release(seq.block_table)
         seq.num_cached = 0
         self._scoring.pop(seq.seq_id, None)
+        self._verifying.pop(seq.seq_id, None)
+        if self.draft is not None:
+            self.draft.release(seq)
 
     # ---- plans ---------------------------------------------------------------------------
     def _match(self, s: Sequence) -> None:
@@ -246,10 +267,21 @@ class Engine:
                 continue
             if start + n > ctx_len:
                 raise OutOfRange(f"sequence {s.seq_id} exceeds the context length {ctx_len}", field="context")
+            drafts = None
+            if s.spec is not None and n == 1 and start >= p and not all_logits:
+                drafts = self._drafts(s, start, budget, len(seqs)) or None
+                if drafts:
+                    n += len(drafts)
             if -(-(start + n) // bs) > len(bt):
                 alloc.ensure(bt, start + n)
             budget -= n
             chosen.append((s, n))
+            if drafts:  # a verify row: the engine samples from its logits (collect)
+                row = PlanRow(s.seq_id, [out[-1], *drafts], start, n, bt, s.prompt_ids, out, s.row, False,
+                              len(out), n, s.mask, s.bias, drafts=drafts)
+                self._verifying[s.seq_id] = s
+                rows.append(row)
+                continue
             sample = not all_logits and start + n == total
             tokens = [out[start - p]] if n == 1 and start >= p else s.tokens(start, start + n)
             row = PlanRow(s.seq_id, tokens, start, n, bt, s.prompt_ids, out, s.row, sample, len(out),
@@ -260,6 +292,68 @@ class Engine:
                 self._scoring[s.seq_id] = s
             rows.append(row)
         return chosen, rows
+
+    def _drafts(self, s: Sequence, start: int, budget: int, batch: int) -> list[int]:
+        """s's drafts for this step: at most what the step's token budget, the context, the
+        request's max_tokens (a verify step gives up to k + 1 tokens) and the free KV blocks
+        (a batch's plain decode rows come first) leave room for."""
+        spec, out = s.spec, s.output_ids
+        k = min(speculation.room(s, start, self.info.context_length), budget - 1)
+        if k <= 0:
+            return []
+        if spec.mode == speculation.DRAFT:
+            drafts = self._proposed.pop(s.seq_id, [])[:k]
+        else:
+            drafts = speculation.propose_ngram(s.prompt_ids + out, k, spec.ngram_max, spec.ngram_min)
+        alloc, bt = self.allocator, s.block_table
+        spare = max(0, alloc.free_blocks - batch)
+        if alloc.blocks_for(start + 1 + len(drafts)) - len(bt) > spare:
+            drafts = drafts[:max(0, (len(bt) + spare) * alloc.block_size - start - 1)]
+        return drafts
+
+    def attach_draft(self, draft_engine) -> None:
+        """Loads draft-model speculation: draft_engine (a smaller model of the same vocabulary,
+        InvalidArgument "draft_path" otherwise) proposes the drafts of mode DRAFT; it is closed
+        with this engine."""
+        from .draft_model import DraftProposer, check_same_vocabulary
+
+        check_same_vocabulary(self, draft_engine)
+        self.draft = DraftProposer(draft_engine)
+        self.info.draft_model = draft_engine.info.model_id
+        self.info.draft_bytes = draft_engine.info.vram_bytes
+
+    def _draft_proposals(self, seqs: list[Sequence]) -> None:
+        """The draft model's drafts for this step of every sequence of mode DRAFT that decodes
+        one token (batched in the draft engine), capped as _drafts caps them."""
+        wants = []
+        for s in seqs:
+            spec = s.spec
+            if spec is None or spec.mode != speculation.DRAFT or s.hold is not None:
+                continue
+            start = s.num_cached
+            if start < len(s.prompt_ids) or start != s.total_len - 1:
+                continue
+            k = speculation.room(s, start, self.info.context_length)
+            if k > 0:
+                wants.append((s, k))
+        self._proposed = self.draft.propose(wants) if wants else {}
+
+    def _settle(self, row: PlanRow, res: StepResult) -> None:
+        """A verify row's tokens from its logits (speculation.verify), as the row's sample (the
+        first, the rest in its `following`), and its KV rolled back past the kept drafts."""
+        s = self._verifying.pop(row.seq_id, None)
+        logits = res.logits.pop(row.seq_id, None)
+        if s is None or logits is None or not s.block_table:  # released meanwhile: nobody waits
+            return
+        prepare = (lambda x: masked(x, row)) if row.mask is not None or row.bias is not None else None
+        tokens, kept = speculation.verify(logits, row.drafts, s.sampler, s.prompt_ids, s.output_ids, prepare)
+        s.draft_tokens += len(row.drafts)
+        s.accepted_drafts += kept
+        s.num_cached = row.start + 1 + kept
+        self.allocator.trim(s.block_table, s.num_cached + 1)
+        first = tokens[0]
+        first.following = tokens[1:]
+        res.samples[row.seq_id] = first
 
     @staticmethod
     def _fed_row(s: Sequence) -> PlanRow:
@@ -284,6 +378,8 @@ class Engine:
         None when the runner cannot queue it so (the caller collects `after` and plans anew), the
         context is full or the KV cache has no block for it."""
         if after is None:
+            if self.draft is not None:
+                self._draft_proposals(seqs)
             chosen, rows = self._schedule(seqs, token_budget)
             if not chosen:
                 return None
@@ -294,6 +390,9 @@ class Engine:
         # the runner checks that `after` is a step of these rows it can feed
         ctx_len = self.info.context_length
         if not after.feeds or self._copies or any(s.num_cached >= ctx_len or s.hold is not None for s in seqs):
+            return None
+        # a speculating sequence's next step is a verify row, planned from the tokens delivered
+        if any(s.spec is not None for s in seqs):
             return None
         # a mask that follows the output needs the token still in flight: plan after it instead
         if any(s.constraint is not None or (s.dynamic is not None and not s.dynamic.settled(len(s.output_ids) + 1))
@@ -312,11 +411,16 @@ class Engine:
         return launched
 
     def collect(self, launched: Launched) -> dict[int, TokenSample]:
-        """{seq_id: sample} of a launched step. The caller appends each token it accepts to its
-        sequence's output_ids (a step planned after that sees it)."""
+        """{seq_id: sample} of a launched step; a verify row's further tokens are in its
+        sample's `following`. The caller appends each token it accepts to its sequence's
+        output_ids (a step planned after that sees it)."""
         res = self.runner.collect(launched)
         for seq_id, sc in res.prompt_logprobs.items():
             self._keep_scores(seq_id, sc)
+        if self._verifying:
+            for row in launched.plan.rows:
+                if row.drafts is not None:
+                    self._settle(row, res)
         return res.samples
 
     def _keep_scores(self, seq_id: int, sc) -> None:
@@ -345,7 +449,8 @@ class Engine:
         for s in seqs:
             sample = out.get(s.seq_id)
             if sample is not None:
-                s.append(int(sample.token_id))
+                for t in (sample, *sample.following):
+                    s.append(int(t.token_id))
         return out
 
     def score(self, seq: Sequence, new_tokens: list[int] | None = None) -> np.ndarray:
@@ -371,6 +476,9 @@ class Engine:
         return self.backend.gpu_info()
 
     def close(self) -> None:
+        if self.draft is not None:
+            self.draft.close()
+            self.draft = None
         self.runner.close()
         self.kv = None
         self.adapter.w = {}

@@ -126,6 +126,15 @@ class BlockAllocator:
         if evicted and self.listener is not None:  # one event per allocation, not per block
             self.listener("evicted", evicted)
 
+    def trim(self, block_table: list[int], num_tokens: int) -> None:
+        """Gives back the blocks of block_table past those num_tokens tokens need (positions a
+        speculative step wrote and then rolled back)."""
+        keep = self.blocks_for(num_tokens)
+        if len(block_table) > keep:
+            tail = block_table[keep:]
+            del block_table[keep:]
+            self.release(tail)
+
     def release(self, block_table: list[int]) -> None:
         for block in reversed(block_table):
             self._ref[block] -= 1

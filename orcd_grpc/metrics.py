@@ -70,6 +70,11 @@ class Metrics:
         self.preemptions = Counter("orcd_preemptions", "Sequences preempted because KV blocks ran out",
                                    registry=r)
         self.engine_errors = Counter("orcd_engine_errors", "Engine steps that raised", registry=r)
+        # Speculative decoding: accepted / proposed is the acceptance rate (per request: Usage).
+        self.draft_tokens = Counter("orcd_speculative_draft_tokens", "Draft tokens proposed and verified "
+                                    "(speculative decoding)", registry=r)
+        self.accepted_draft_tokens = Counter("orcd_speculative_accepted_tokens",
+                                             "Draft tokens the model kept (speculative decoding)", registry=r)
         self.model_vram = Gauge("orcd_model_vram_bytes", "VRAM held by the loaded model (weights, KV, workspace)",
                                 registry=r)
         self.model_ram = Gauge("orcd_model_ram_bytes", "Host RAM held by the loaded model on the CPU backend",

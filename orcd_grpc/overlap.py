@@ -6,6 +6,8 @@ host's work between steps (scheduling, detokenizing, streaming) overlaps the dev
 idling it. A changed batch only delivers what was in flight, and the next call plans anew.
 
 Nothing is rolled back: a step launched ahead is always delivered, to the sequences it ran for.
+A batch with a speculating sequence is never fed ahead (Engine.launch declines): its next step
+is a verify row, planned from the tokens just delivered.
 The scheduler drives its batch through this; so do benchmarks and tests that drive an engine
 directly.
 """
@@ -57,5 +59,6 @@ class Overlap:
             for s in seqs:
                 sample = out.get(s.seq_id)
                 if sample is not None and s.block_table:  # released: holds no KV
-                    s.append(int(sample.token_id))
+                    for t in (sample, *sample.following):  # a verify step's several tokens
+                        s.append(int(t.token_id))
         return out

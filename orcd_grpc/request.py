@@ -78,6 +78,8 @@ class FinishedEvent:
     sample: int = 0
     cancel_reason: str = ""  # with CANCELLED: one of the reasons above
     retry_safe: bool = False
+    draft_tokens: int = 0           # speculative decoding: drafts proposed, and those kept
+    accepted_draft_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -187,7 +189,9 @@ class Request:
             cached_prompt_tokens=int(getattr(smp.seq, "cached_prompt_tokens", 0) or 0) if smp.seq else 0,
             queue_ms=1000.0 * ((self.admitted_at or now) - self.arrival),
             time_to_first_token_ms=1000.0 * (first - self.arrival) if first else 0.0,
-            decode_tokens_per_second=tps, total_ms=1000.0 * (now - self.arrival), detail=detail, sample=smp.index)
+            decode_tokens_per_second=tps, total_ms=1000.0 * (now - self.arrival), detail=detail, sample=smp.index,
+            draft_tokens=int(getattr(smp.seq, "draft_tokens", 0) or 0),
+            accepted_draft_tokens=int(getattr(smp.seq, "accepted_drafts", 0) or 0))
 
     # ---- samples (engine thread) ------------------------------------------------------------
     def start(self, engine, decoder_factory) -> None:
@@ -197,6 +201,8 @@ class Request:
             return
         seqs = [engine.new_sequence(self.prompt_ids, sample_sampling(self.sampling, k)) for k in range(self.n)]
         samples = [Sample(k, seq) for k, seq in enumerate(seqs)]
+        for seq in seqs:  # a speculative step proposes no draft past it
+            seq.max_output = int(self.stopping.max_tokens or 0)
         for smp in samples:
             smp.decoder = decoder_factory(engine.tokenizer, self.stopping.stop)
         if self.n > 1:

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from . import constraints, logit_controls, prompt_guard, prompt_scoring, tool_prompt
+from . import constraints, logit_controls, prompt_guard, prompt_scoring, speculation, tool_prompt
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OrcdError, OutOfRange, PermissionDenied
 from .sampling import as_sent
 from .request import Stopping
@@ -245,7 +245,7 @@ def chat_prompt(tokenizer, messages: list[dict], add_bos, limits: prompt_guard.L
 
 def prepare_execute(req, info, tokenizer, *,
                     max_prompt_bytes: int = prompt_guard.DEFAULT_MAX_PROMPT_BYTES,
-                    tool_format: str | None = None) -> PreparedExecute:
+                    tool_format: str | None = None, speculation_default=None) -> PreparedExecute:
     """Validates an ExecuteRequest against the loaded model (`info`: ModelInfo) and tokenizes it;
     `max_prompt_bytes` (0: none) caps prompt text before it is tokenized; `tool_format` overrides
     the tool-call format detected from the chat template."""
@@ -256,6 +256,10 @@ def prepare_execute(req, info, tokenizer, *,
     vocab = int(tokenizer.vocab_size or info.vocab_size)
     _check_ids(req.stopping.stop_token_ids, vocab, "stopping.stop_token_ids")
     sampling = _sampling_params(req, vocab)
+    sampling.speculation = speculation.from_proto(req.speculation, req.HasField("speculation"), speculation_default)
+    if getattr(sampling.speculation, "mode", None) == speculation.DRAFT and not getattr(info, "draft_model", ""):
+        raise InvalidArgument(f"draft needs a draft model loaded with the model; {info.model_id!r} has none",
+                              field="speculation.mode")
     st = req.stopping
     # what min_tokens holds back: every token that would end the output
     stop_ids = frozenset(int(t) for t in st.stop_token_ids) | (
@@ -305,6 +309,17 @@ def check_model_path(path: str) -> None:
     if longest > MAX_PATH_COMPONENT_BYTES:
         raise InvalidArgument(f"each component at most {MAX_PATH_COMPONENT_BYTES} bytes, got one of {longest}",
                               field="path")
+
+
+def resolve_draft_path(path: str, model_dirs: list[str]) -> pathlib.Path:
+    """LoadModelRequest.draft_path, resolved and checked as `path` is; errors name draft_path."""
+    try:
+        return resolve_model_path(path, model_dirs)
+    except OrcdError as err:
+        msg = str(err)
+        if err.field and msg.startswith(f"{err.field}: "):
+            msg = msg[len(err.field) + 2:]
+        raise type(err)(msg, field="draft_path") from None
 
 
 def resolve_model_path(path: str, model_dirs: list[str]) -> pathlib.Path:

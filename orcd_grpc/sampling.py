@@ -91,6 +91,8 @@ class SamplingParams:
     controls: object = None
     # constraints.Constraint, or None: the request's matcher (its own, never shared)
     constraint: object = None
+    # speculation.Speculation, speculation.OFF, or None (the engine's default)
+    speculation: object = None
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidArgument naming the first bad field ("sampling.<name>")."""
@@ -144,6 +146,8 @@ class TokenSample:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    # A speculative verify step's further tokens, in order, after this one (speculation.py).
+    following: list["TokenSample"] = field(default_factory=list)
 
 
 def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: Sequence[int],
@@ -244,27 +248,21 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, prompt_ids: Sequence[int],
                output_ids: Sequence[int]) -> TokenSample:
+        raw, raw_w, raw_blocks, lse = _clean(logits)
+        work = self._penalised(raw, prompt_ids, output_ids)
+        token = self._choose(raw, (raw_w, raw_blocks)) if work is None else self._choose(work, None)
+        return self.report(raw, lse, token)
+
+    def _penalised(self, raw: np.ndarray, prompt_ids, output_ids) -> np.ndarray | None:
+        """The penalised logits (a copy), or None when no penalty applies."""
         p = self.params
-        raw = np.asarray(logits, dtype=np.float32).reshape(-1)
-        raw_max = raw.max()
-        if np.isnan(raw_max):  # max propagates NaN, so this costs no extra pass when clean
-            raw = np.where(np.isnan(raw), np.float32(-np.inf), raw)
-            raw_max = raw.max()
-        if not np.isfinite(raw_max):
-            raise Internal("logits hold no finite value (all NaN or -inf)", field="logits")
-        # float32 exp is several times faster than float64; the sums accumulate in float64
-        raw_w = np.exp(raw - raw_max)
-        raw_blocks = _block_sums(raw_w)
-        lse = float(raw_max) + math.log(float(raw_blocks[-1]))
+        if p.repetition_penalty != 1.0 or ((p.presence_penalty or p.frequency_penalty) and len(output_ids)):
+            return apply_penalties(raw.copy(), p, prompt_ids, output_ids)
+        return None
 
-        penalised = p.repetition_penalty != 1.0 or (
-            (p.presence_penalty or p.frequency_penalty) and len(output_ids))
-        if penalised:
-            work = apply_penalties(raw.copy(), p, prompt_ids, output_ids)
-            token = self._choose(work, None)
-        else:  # the raw weights are the temperature-1 weights: reuse them
-            token = self._choose(raw, (raw_w, raw_blocks))
-
+    def report(self, raw: np.ndarray, lse: float, token: int) -> TokenSample:
+        """token's sample: its log-prob and the top alternatives, of raw (see the module docstring)."""
+        p = self.params
         top: list[tuple[int, float]] = []
         if p.top_logprobs:
             best = top_k_ids(raw, p.top_logprobs)
@@ -272,11 +270,41 @@ class Sampler:
             top = [(int(i), float(raw[i]) - lse) for i in best if raw[i] > -np.inf]
         return TokenSample(token_id=token, logprob=float(raw[token]) - lse, top=top)
 
-    def _choose(self, work: np.ndarray, weights) -> int:
-        """`weights`: (exp(work - max), block sums) when already computed at temperature 1."""
+    def target(self, logits: np.ndarray, prompt_ids: Sequence[int], output_ids: Sequence[int]):
+        """The distribution `sample` draws from for these logits and this history, without
+        drawing: (raw, lse, ids, probs), ids the tokens with any weight (int64) and probs their
+        float64 probabilities; greedy: the argmax alone with probability 1. Speculative
+        verification (speculation.py) accepts and resamples against it."""
+        raw, raw_w, raw_blocks, lse = _clean(logits)
+        work = self._penalised(raw, prompt_ids, output_ids)
+        ids, w = self._weights(raw, (raw_w, raw_blocks)) if work is None else self._weights(work, None)
+        probs = np.asarray(w, np.float64)
+        return raw, lse, ids, probs / probs.sum()
+
+    def _weights(self, work: np.ndarray, weights):
+        """(ids, weights) of the candidates _choose draws from (ids None: the whole vocabulary)."""
         p = self.params
         if p.temperature == 0.0:
+            return np.asarray([int(np.argmax(work))]), np.ones(1)
+        cand, w, _ = self._candidates(work, weights)
+        if cand is None:
+            return np.arange(work.size), w
+        return cand, w
+
+    def _choose(self, work: np.ndarray, weights) -> int:
+        """`weights`: (exp(work - max), block sums) when already computed at temperature 1."""
+        if self.params.temperature == 0.0:
             return int(np.argmax(work))
+        cand, w, blocks = self._candidates(work, weights)
+        u = self.rng.random()
+        if cand is None:
+            return _draw(w, u, blocks)
+        return int(cand[_draw(w, u)])
+
+    def _candidates(self, work: np.ndarray, weights):
+        """(ids or None for all, their unnormalised weights, block sums or None) after
+        temperature, top-k, top-p and min-p: what a draw picks from."""
+        p = self.params
         if p.temperature != 1.0:
             # Shift first: (x - max) / T is <= 0 and cannot overflow, where x / T can reach inf
             # (and inf - inf = NaN) for small T or large logits.
@@ -300,11 +328,25 @@ class Sampler:
             vals = work if cand is None else work[cand]
             keep = vals >= vals.max() + np.float32(math.log(p.min_p))
             cand = np.flatnonzero(keep) if cand is None else cand[keep]
-        u = self.rng.random()
         if cand is None:
             if weights is None:
                 w = np.exp(work - work.max())
                 weights = (w, _block_sums(w))
-            return _draw(weights[0], u, weights[1])
+            return None, weights[0], weights[1]
         vals = work[cand]
-        return int(cand[_draw(np.exp(vals - vals.max()), u)])
+        return cand, np.exp(vals - vals.max()), None
+
+
+def _clean(logits: np.ndarray):
+    """(raw float32 logits with NaN as -inf, exp(raw - max), its block sums, log-sum-exp)."""
+    raw = np.asarray(logits, dtype=np.float32).reshape(-1)
+    raw_max = raw.max()
+    if np.isnan(raw_max):  # max propagates NaN, so this costs no extra pass when clean
+        raw = np.where(np.isnan(raw), np.float32(-np.inf), raw)
+        raw_max = raw.max()
+    if not np.isfinite(raw_max):
+        raise Internal("logits hold no finite value (all NaN or -inf)", field="logits")
+    # float32 exp is several times faster than float64; the sums accumulate in float64
+    raw_w = np.exp(raw - raw_max)
+    raw_blocks = _block_sums(raw_w)
+    return raw, raw_w, raw_blocks, float(raw_max) + math.log(float(raw_blocks[-1]))

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from . import lifecycle, logs, prompt_scoring
 from .admission_queue import AdmissionQueue, StartEstimator, preemption_victim
+from .draft_model import load_draft
 from .errors import AlreadyExists, FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .overlap import Overlap
 from .request import (CANCELLED, CLIENT_CANCEL, DEADLINE_EXCEEDED, LENGTH, MODEL_SWAPPED, MODEL_UNLOADED,
@@ -45,7 +46,7 @@ class Scheduler:
                  metrics=None, loader: Callable[..., Any] | None = None,
                  decoder_factory: Callable[..., Any] | None = None,
                  on_model_change: Callable[[Any], None] | None = None,
-                 idle_wait_s: float = 0.05):
+                 idle_wait_s: float = 0.05, speculation=None):
         if max_queue < 0 or max_sequences < 1 or token_budget < 1:
             raise ValueError("max_queue >= 0, max_sequences >= 1 and token_budget >= 1 are required")
         self.max_queue = max_queue
@@ -56,6 +57,8 @@ class Scheduler:
         self._decoder_factory = decoder_factory or _make_decoder
         self._on_model_change = on_model_change
         self._idle_wait_s = idle_wait_s
+        # speculation.Speculation: what requests that ask for none run with (None: off)
+        self.speculation = speculation
 
         self._cv = threading.Condition()
         self._waiting = AdmissionQueue()
@@ -89,7 +92,7 @@ class Scheduler:
         return self._thread.is_alive()
 
     def load(self, path, *, model_id: str | None = None, context_length: int = 0, max_context: int = 0,
-             backend: str = "auto", max_vram: int = 0, max_ram: int = 0, progress=None):
+             backend: str = "auto", max_vram: int = 0, max_ram: int = 0, progress=None, draft_path=None):
         """Loads a model beside the served one and swaps it in; the old one serves meanwhile.
 
         A failed load raises and leaves the old model in place; so does a model whose test step
@@ -113,6 +116,15 @@ class Scheduler:
             except BaseException as exc:
                 lifecycle.drop_frames(exc)
                 raise
+            if draft_path:
+                try:
+                    load_draft(self._loader, engine, draft_path, backend=backend, max_sequences=self.max_sequences,
+                               max_vram=max_vram, max_ram=max_ram, **extra)
+                except BaseException as exc:
+                    engine.close()
+                    engine = None
+                    lifecycle.drop_frames(exc)
+                    raise
             try:
                 self._run_command(lambda: self._check_and_swap(engine))
             except BaseException as exc:
@@ -158,6 +170,7 @@ class Scheduler:
         self._swap(engine)
 
     def _swap(self, engine) -> None:
+        engine.speculation = self.speculation
         old, self._engine = self._engine, engine
         if old is not None:
             # Its requests were tokenized for it: they finish on it, and it is freed after them.
@@ -423,8 +436,12 @@ class Scheduler:
                     req.events.put(ev)
             for smp in req.live_samples():
                 sample = samples.get(smp.seq.seq_id)
-                if sample is not None and not req.done:
-                    self._on_token(engine, req, smp, sample)
+                if sample is None:
+                    continue
+                for one in (sample, *sample.following):  # a verify step's tokens, until one ends it
+                    if req.done or smp.done:
+                        break
+                    self._on_token(engine, req, smp, one)
 
     @staticmethod
     def _may_follow(batch: list[Request]):
@@ -584,6 +601,9 @@ class Scheduler:
             self._estimator.observe_finish(n)
         if self.metrics is not None:
             self.metrics.finished.labels(reason).inc()
+            if ev.draft_tokens:
+                self.metrics.draft_tokens.inc(ev.draft_tokens)
+                self.metrics.accepted_draft_tokens.inc(ev.accepted_draft_tokens)
             if kind:
                 self.metrics.cancelled.labels(kind).inc()
         log.info("request finished", extra={"correlation_id": req.correlation_id, "request_id": req.request_id,
@@ -592,6 +612,8 @@ class Scheduler:
                                                        "prompt_tokens": ev.prompt_tokens,
                                                        "completion_tokens": n,
                                                        "ttft_ms": round(ev.time_to_first_token_ms, 2),
+                                                       "draft_tokens": ev.draft_tokens,
+                                                       "accepted_draft_tokens": ev.accepted_draft_tokens,
                                                        "total_ms": round(ev.total_ms, 2)}})
         req.events.put(ev)
 

@@ -59,6 +59,8 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_prompt_bytes: int = 2 * 1024 * 1024  # prompt text refused beyond this, before tokenizing; 0: no cap
     tool_formats: dict = dataclasses.field(default_factory=dict)  # model id ("" for all) -> tool-call format
+    speculation: Any = None        # speculation.Speculation of requests that choose none; None: off
+    draft_model_path: str | None = None  # the startup model's draft model (draft-model speculation)
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
     max_workers: int = 0           # gRPC handler threads; 0: enough for every queued and running request
@@ -135,7 +137,7 @@ class Worker:
         self.events = events.EventHub()
         self.scheduler = Scheduler(max_queue=config.max_queue, max_sequences=config.max_sequences,
                                    token_budget=config.token_budget, metrics=self.metrics,
-                                   on_model_change=self._model_changed)
+                                   on_model_change=self._model_changed, speculation=config.speculation)
         self.scheduler.on_engine_closed = self.events.detach
         self.lifecycle = lifecycle.Lifecycle(self.scheduler, on_change=self._refresh_health)
         self.servicer = WorkerServicer(self.scheduler, model_dirs=config.model_dirs, backend=config.backend,
@@ -280,7 +282,9 @@ class Worker:
                                 context_length=ctx, max_context=self.config.max_context,
                                 backend=self.config.backend,
                                 max_vram=self.config.max_vram, max_ram=self.config.max_ram,
-                                progress=progress)
+                                progress=progress,
+                                draft_path=rv.resolve_draft_path(self.config.draft_model_path, self.config.model_dirs)
+                                if self.config.draft_model_path else None)
         except Exception as exc:
             self.load_error = exc
             log.error("startup model load failed", extra={"fields": {"error": str(exc),

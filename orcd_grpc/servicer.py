@@ -164,7 +164,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise FailedPrecondition("no model is loaded; call LoadModel first")
         fmt = self.tool_formats.get(engine.info.model_id) or self.tool_formats.get("")
         prepared = rv.prepare_execute(request, engine.info, engine.tokenizer,
-                                      max_prompt_bytes=self.max_prompt_bytes, tool_format=fmt)
+                                      max_prompt_bytes=self.max_prompt_bytes, tool_format=fmt,
+                                      speculation_default=self.scheduler.speculation)
         remaining = context.time_remaining()
         deadline = arrival + remaining if remaining is not None else None
         return Request(prepared.request_id, prepared.prompt_ids, prepared.sampling, prepared.stopping,
@@ -219,7 +220,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                         sample_index=ev.sample,
                         reason=_REASONS[reason], matched_stop=ev.matched_stop,
                         usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
-                                       cached_prompt_tokens=ev.cached_prompt_tokens),
+                                       cached_prompt_tokens=ev.cached_prompt_tokens,
+                                       draft_tokens=ev.draft_tokens, accepted_draft_tokens=ev.accepted_draft_tokens),
                         timings=pb.Timings(queue_ms=ev.queue_ms, time_to_first_token_ms=ev.time_to_first_token_ms,
                                            decode_tokens_per_second=ev.decode_tokens_per_second,
                                            total_ms=ev.total_ms),
@@ -260,6 +262,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             rv.check_model_id(model_id)
             ctx = int(request.context_length)
             rv.check_context_length(ctx, self.max_context)
+            draft = rv.resolve_draft_path(request.draft_path, self.model_dirs) if request.draft_path else None
         except OrcdError as err:
             self._count("LoadModel", err.code)
             _abort(context, err)
@@ -282,7 +285,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 # With context_length 0 the engine takes the trained length capped by max_context.
                 info = self.scheduler.load(path, model_id=model_id, context_length=ctx,
                                            max_context=self.max_context, backend=self.backend,
-                                           max_vram=self.max_vram, max_ram=self.max_ram, progress=progress)
+                                           max_vram=self.max_vram, max_ram=self.max_ram, progress=progress,
+                                           draft_path=draft)
                 events.put(("done", info))
             except OrcdError as err:
                 events.put(("error", _without_paths(err, path, self.model_dirs)))

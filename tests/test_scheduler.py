@@ -83,6 +83,7 @@ class Sample:
     token_id: int
     logprob: float = -0.5
     top: list = field(default_factory=list)
+    following: list = field(default_factory=list)  # a verify step's further tokens (TokenSample's)
 
 
 def _top(sampling):

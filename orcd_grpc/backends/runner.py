@@ -80,6 +80,10 @@ class PlanRow:
     # runner returns, per such position, only the target's log-prob and the top-N (PromptScores),
     # of the raw logits (no mask, bias or penalty), never the rows of logits.
     prompt_logprobs: int | None = None
+    # Speculative verification (speculation.py): tokens[1:] are these drafts, and the engine
+    # checks them against the row's `logits` (every position's); the runner runs it as any row
+    # whose logits are wanted. None: not a verify row.
+    drafts: list[int] | None = None
 
     @property
     def masked(self) -> bool:
