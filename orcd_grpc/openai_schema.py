@@ -9,21 +9,18 @@ path an OrcdError names (`sampling.temperature`) back to the body's (`temperatur
 from __future__ import annotations
 
 import re
-import time
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InvalidArgument, OrcdError
+from .prompt_scoring import MAX_PROMPT_LOGPROBS
 from .proto import pb
-from .request import CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN
 
 UINT32_MAX = 2**32 - 1
 # OpenAI documents seed as a (signed) integer; proto's is uint64. Negative seeds wrap modulo 2**64,
 # which keeps every int64 seed distinct and reproducible.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-
-FINISH_REASONS = {STOP_TOKEN: "stop", STOP_STRING: "stop", LENGTH: "length"}
 
 
 class NotSupportedYet(InvalidArgument):
@@ -103,7 +100,6 @@ class ChatRequest(_Common):
 # Delete the row to let the field through to the conversion below.
 NOT_SUPPORTED_YET: list[tuple[str, str, Any]] = [
     ("n", "both", lambda b: b.n is not None and b.n != 1),
-    ("echo", "completions", lambda b: bool(b.echo)),
     ("best_of", "completions", lambda b: b.best_of is not None and b.best_of != 1),
     ("suffix", "completions", lambda b: bool(b.suffix)),
     ("response_format", "chat",
@@ -155,6 +151,18 @@ def _messages(body: ChatRequest, req) -> None:
         req.chat.messages.append(pb.ChatMessage(role=m.role, content=content or ""))
 
 
+def _echo(body: CompletionRequest, req, max_tokens: int) -> None:
+    """echo: the reply's text starts with the prompt; with logprobs its tokens are scored (OpenAI's
+    first entries are the prompt's). max_tokens 0 is the prompt alone: a scoring request, which
+    generates nothing (what lm-evaluation-harness sends to ask for a loglikelihood)."""
+    if body.logprobs is not None and body.logprobs > MAX_PROMPT_LOGPROBS:
+        raise InvalidArgument(f"must be in [0, {MAX_PROMPT_LOGPROBS}] with echo, got {body.logprobs}",
+                              field="logprobs")
+    if body.logprobs is not None or max_tokens == 0:
+        req.prompt_logprobs.enabled = True
+        req.prompt_logprobs.top_n = body.logprobs or 0
+
+
 def to_execute(body, kind: str):
     """The ExecuteRequest `body` asks for (kind: "completions" or "chat"). Raises OrcdError naming
     the body's field for what proto cannot even hold (negative counts); the rest is judged by
@@ -168,10 +176,17 @@ def to_execute(body, kind: str):
         max_param = "max_tokens"
         if body.logprobs is not None:
             req.top_logprobs = _uint(body.logprobs, "logprobs")
+        if body.echo:
+            _echo(body, req, max_tokens)
+        elif max_tokens == 0:  # proto's 0 is "until the context is full"; OpenAI's is nothing
+            raise InvalidArgument("must be at least 1 (0 only with echo)", field="max_tokens")
     else:
         _messages(body, req)
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else (body.max_tokens or 0)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens == 0:
+            raise InvalidArgument("must be at least 1 (omit it to generate until the model stops)", field=max_param)
+        max_tokens = max_tokens or 0
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidArgument("needs logprobs: true", field="top_logprobs")
         if body.logprobs and body.top_logprobs:
@@ -222,7 +237,7 @@ def param_of(field: str | None, kind: str, max_param: str = "max_tokens") -> str
         if kind == "chat":
             return "messages" + rest if rest.startswith("[") else "messages"
         return "prompt"
-    if field == "top_logprobs":
+    if field == "top_logprobs" or field.startswith("prompt_logprobs"):
         return "logprobs" if kind == "completions" else "top_logprobs"
     if field == "stopping.max_tokens":
         return max_param
@@ -245,118 +260,6 @@ def rename(err: OrcdError, kind: str, body=None) -> tuple[str, str | None]:
         if param:
             msg = f"{param}: {msg}"
     return msg, param
-
-
-# ---- replies -------------------------------------------------------------------------------------
-
-
-def usage(finished) -> dict:
-    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
-            "total_tokens": finished.prompt_tokens + finished.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": finished.cached_prompt_tokens}}
-
-
-class LogprobsBuilder:
-    """Collects per-token logprobs in the shape of one endpoint: completions' four parallel lists,
-    or chat's list of {token, logprob, bytes, top_logprobs}."""
-
-    def __init__(self, kind: str, tokenizer):
-        self.kind = kind
-        self.tokenizer = tokenizer
-        self.offset = 0
-        self.content: list = []
-        self.tokens: list[str] = []
-        self.token_logprobs: list[float] = []
-        self.top: list[dict] = []
-        self.offsets: list[int] = []
-
-    def _piece(self, token_id: int) -> bytes:
-        try:
-            return self.tokenizer.token_bytes(int(token_id))
-        except Exception:
-            return b""
-
-    def add(self, ev) -> dict:
-        """Adds one TokenEvent; returns the logprobs of this token alone (a stream chunk's)."""
-        raw = self._piece(ev.token_id)
-        token = raw.decode("utf-8", "replace")
-        if self.kind == "chat":
-            entry = {"token": token, "logprob": ev.logprob, "bytes": list(raw),
-                     "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
-                                      for _, t, lp in ev.top]}
-            self.content.append(entry)
-            return {"content": [entry], "refusal": None}
-        top = {t: lp for _, t, lp in ev.top}
-        one = {"tokens": [token], "token_logprobs": [ev.logprob], "top_logprobs": [top], "text_offset": [self.offset]}
-        self.tokens.append(token)
-        self.token_logprobs.append(ev.logprob)
-        self.top.append(top)
-        self.offsets.append(self.offset)
-        self.offset += len(ev.text)
-        return one
-
-    def result(self) -> dict:
-        if self.kind == "chat":
-            return {"content": self.content, "refusal": None}
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
-                "text_offset": self.offsets}
-
-
-class Reply:
-    """The reply objects of one request: ids, timestamps and the shapes of each endpoint."""
-
-    def __init__(self, kind: str, request_id: str, model: str):
-        self.kind = kind
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
-        self.created = int(time.time())
-        self.model = model
-        self.object = "chat.completion" if kind == "chat" else "text_completion"
-
-    def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
-
-    def complete(self, text: str, finished, logprobs: dict | None) -> dict:
-        out = self._head(self.object)
-        choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": FINISH_REASONS[finished.reason]}
-        if self.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
-        else:
-            choice["text"] = text
-        out["choices"] = [choice]
-        out["usage"] = usage(finished)
-        return out
-
-    def chunk(self, *, text: str | None = None, role: bool = False, logprobs: dict | None = None,
-              finish: str | None = None, with_usage: bool = False) -> dict:
-        out = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
-        choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
-        if self.kind == "chat":
-            delta: dict = {"role": "assistant"} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice["delta"] = delta
-        else:
-            choice["text"] = text or ""
-        out["choices"] = [choice]
-        if with_usage:
-            out["usage"] = None
-        return out
-
-    def usage_chunk(self, finished) -> dict:
-        out = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
-        out["choices"] = []
-        out["usage"] = usage(finished)
-        return out
-
-
-def is_cancelled(finished) -> bool:
-    return finished.reason == CANCELLED
-
-
-def model_card(info) -> dict:
-    return {"id": info.model_id, "object": "model", "created": int(time.time() - float(info.load_seconds or 0)),
-            "owned_by": "orcd", "max_model_len": int(info.context_length)}
 
 
 Kind = Literal["completions", "chat"]

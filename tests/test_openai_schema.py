@@ -77,13 +77,29 @@ def test_values_proto_cannot_hold_are_invalid_argument_naming_the_body_field(kw,
 
 def test_not_supported_yet_table_is_the_one_switch():
     params = {row[0] for row in oa.NOT_SUPPORTED_YET}
-    assert {"n", "echo", "response_format", "tools"} <= params
+    assert {"n", "response_format", "tools"} <= params
     oa.to_execute(chat(n=1, response_format={"type": "text"}, tool_choice="none"), "chat")  # no-op values pass
     for kw, kind in (({"n": 2}, "chat"), ({"tools": [{"type": "function"}]}, "chat"),
-                     ({"response_format": {"type": "json_schema"}}, "chat"), ({"echo": True}, "completions")):
+                     ({"response_format": {"type": "json_schema"}}, "chat")):
         body = chat(**kw) if kind == "chat" else completion(**kw)
         with pytest.raises(oa.NotSupportedYet):
             oa.to_execute(body, kind)
+
+
+def test_echo_scores_the_prompt_and_max_tokens_zero_means_nothing_generated():
+    req = oa.to_execute(completion(echo=True, logprobs=3, max_tokens=0), "completions")
+    assert req.prompt_logprobs.enabled and req.prompt_logprobs.top_n == 3 and req.top_logprobs == 3
+    assert req.stopping.max_tokens == 0
+    req = oa.to_execute(completion(echo=True, max_tokens=0), "completions")  # the prompt alone: score only
+    assert req.prompt_logprobs.enabled and req.prompt_logprobs.top_n == 0
+    assert not oa.to_execute(completion(echo=True, max_tokens=2), "completions").HasField("prompt_logprobs")
+    for body, kind, param in ((completion(max_tokens=0), "completions", "max_tokens"),
+                              (completion(echo=True, logprobs=21), "completions", "logprobs"),
+                              (chat(max_tokens=0), "chat", "max_tokens"),
+                              (chat(max_completion_tokens=0), "chat", "max_completion_tokens")):
+        with pytest.raises(InvalidArgument) as err:
+            oa.to_execute(body, kind)
+        assert err.value.field == param
 
 
 def test_unknown_fields_are_refused():
@@ -97,6 +113,7 @@ def test_unknown_fields_are_refused():
     ("input", "completions", "prompt"), ("input.tokens", "completions", "prompt"), ("input", "chat", "messages"),
     ("input.chat.messages[1].role", "chat", "messages[1].role"), ("input.chat", "chat", "messages"),
     ("top_logprobs", "completions", "logprobs"), ("top_logprobs", "chat", "top_logprobs"),
+    ("prompt_logprobs.top_n", "completions", "logprobs"),
     ("model_id", "chat", "model"), ("request_id", "chat", None), (None, "chat", None),
 ])
 def test_param_of_maps_proto_paths_to_body_fields(field, kind, param):
