@@ -99,7 +99,6 @@ class ChatRequest(_Common):
 # (param, applies to "completions"/"chat"/"both", test of the body that means "asked for it").
 # Delete the row to let the field through to the conversion below.
 NOT_SUPPORTED_YET: list[tuple[str, str, Any]] = [
-    ("n", "both", lambda b: b.n is not None and b.n != 1),
     ("best_of", "completions", lambda b: b.best_of is not None and b.best_of != 1),
     ("suffix", "completions", lambda b: bool(b.suffix)),
     ("response_format", "chat",
@@ -192,6 +191,10 @@ def to_execute(body, kind: str):
         if body.logprobs and body.top_logprobs:
             req.top_logprobs = _uint(body.top_logprobs, "top_logprobs")
     req.stopping.max_tokens = _uint(max_tokens, max_param)
+    if body.n is not None:
+        if body.n < 1:
+            raise InvalidArgument(f"must be at least 1, got {body.n}", field="n")
+        req.n = _uint(body.n, "n")
     if body.stop is not None:
         req.stopping.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
     if body.min_tokens is not None:

@@ -250,6 +250,44 @@ def test_completion_echo_and_max_tokens_errors_name_the_field(srv):
     assert srv.scheduler.stats()["live"] == 0
 
 
+def test_n_samples_with_a_seed_are_the_seeded_single_samples(srv):
+    """n=2 with seed s: choice k is what n=1 with seed s+k gives (the gRPC API's rule), streamed or not."""
+    kw = dict(model="", prompt="Once upon a time", max_tokens=6, temperature=0.9, seed=11,
+              extra_body={"ignore_eos": True})
+    r = srv.client.completions.create(n=2, **kw)
+    assert [c.index for c in r.choices] == [0, 1]
+    want = [grpc_run(srv, text="Once upon a time", max_tokens=6, temperature=0.9, seed=11 + k).text for k in (0, 1)]
+    assert [c.text for c in r.choices] == want and want[0] != want[1]
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(srv.tokenizer.encode("Once upon a time"))
+    chunks = list(srv.client.completions.create(n=2, stream=True, stream_options={"include_usage": True}, **kw))
+    texts, finishes = ["", ""], [None, None]
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        texts[choice.index] += choice.text
+        finishes[choice.index] = finishes[choice.index] or choice.finish_reason
+    assert texts == want and finishes == ["length", "length"] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_n_samples_streamed_and_whole(srv):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    kw = dict(model="", messages=messages, max_tokens=5, temperature=1.0, seed=3)
+    r = srv.client.chat.completions.create(n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and all(c.message.role == "assistant" for c in r.choices)
+    assert len({c.message.content for c in r.choices}) > 1
+    chunks = list(srv.client.chat.completions.create(n=3, stream=True, **kw))
+    texts, roles = ["", "", ""], set()
+    for c in chunks:
+        (choice,) = c.choices
+        texts[choice.index] += choice.delta.content or ""
+        if choice.delta.role:
+            roles.add(choice.index)
+    assert texts == [c.message.content for c in r.choices] and roles == {0, 1, 2}
+    for bad in (0, 100):
+        with pytest.raises(openai.BadRequestError) as err:
+            srv.client.chat.completions.create(n=bad, **kw)
+        assert err.value.body["param"] == "n"
+
+
 # ---- chat -------------------------------------------------------------------------------------------
 
 
@@ -356,8 +394,6 @@ def test_unknown_model_is_404_model_not_found(srv):
 
 
 @pytest.mark.parametrize("endpoint,extra,param", [
-    ("chat", {"n": 2}, "n"),
-    ("completions", {"n": 3}, "n"),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ("completions", {"prompt": ["a", "b"]}, "prompt"),

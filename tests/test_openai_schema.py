@@ -77,9 +77,9 @@ def test_values_proto_cannot_hold_are_invalid_argument_naming_the_body_field(kw,
 
 def test_not_supported_yet_table_is_the_one_switch():
     params = {row[0] for row in oa.NOT_SUPPORTED_YET}
-    assert {"n", "response_format", "tools"} <= params
+    assert {"response_format", "tools"} <= params
     oa.to_execute(chat(n=1, response_format={"type": "text"}, tool_choice="none"), "chat")  # no-op values pass
-    for kw, kind in (({"n": 2}, "chat"), ({"tools": [{"type": "function"}]}, "chat"),
+    for kw, kind in (({"tools": [{"type": "function"}]}, "chat"),
                      ({"response_format": {"type": "json_schema"}}, "chat")):
         body = chat(**kw) if kind == "chat" else completion(**kw)
         with pytest.raises(oa.NotSupportedYet):
@@ -100,6 +100,13 @@ def test_echo_scores_the_prompt_and_max_tokens_zero_means_nothing_generated():
         with pytest.raises(InvalidArgument) as err:
             oa.to_execute(body, kind)
         assert err.value.field == param
+
+
+def test_n():
+    assert oa.to_execute(chat(n=3), "chat").n == 3 and oa.to_execute(completion(), "completions").n == 0
+    with pytest.raises(InvalidArgument) as err:
+        oa.to_execute(completion(n=0), "completions")
+    assert err.value.field == "n"
 
 
 def test_unknown_fields_are_refused():
