@@ -8,6 +8,7 @@ path an OrcdError names (`sampling.temperature`) back to the body's (`temperatur
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal, Union
 
@@ -76,10 +77,65 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str = ""  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, tool_calls, refusal...
+    model_config = ConfigDict(extra="allow")  # refusal, audio...: what a client echoes back unread
     role: str
     content: Union[str, list[TextPart], None] = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: Union[dict[str, Any], bool, None] = Field(default=None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema: strict or not
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments follow the schema when the call is forced; else as written
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(_Common):
@@ -87,10 +143,10 @@ class ChatRequest(_Common):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[str, dict[str, Any], None] = None
-    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None  # accepted; a reply may hold several calls either way
 
 
 # ---- fields accepted but not served yet -----------------------------------------------------------
@@ -101,10 +157,6 @@ class ChatRequest(_Common):
 NOT_SUPPORTED_YET: list[tuple[str, str, Any]] = [
     ("best_of", "completions", lambda b: b.best_of is not None and b.best_of != 1),
     ("suffix", "completions", lambda b: bool(b.suffix)),
-    ("response_format", "chat",
-     lambda b: b.response_format is not None and b.response_format.get("type", "text") != "text"),
-    ("tools", "chat", lambda b: bool(b.tools)),
-    ("tool_choice", "chat", lambda b: b.tool_choice not in (None, "none", "auto")),
 ]
 
 
@@ -147,7 +199,47 @@ def _messages(body: ChatRequest, req) -> None:
                                           "(text only)", field=f"messages[{i}].content[{j}]")
                 texts.append(part.text)
             content = "".join(texts)
-        req.chat.messages.append(pb.ChatMessage(role=m.role, content=content or ""))
+        msg = pb.ChatMessage(role=m.role, content=content or "", tool_call_id=m.tool_call_id or "", name=m.name or "")
+        for call in m.tool_calls or ():
+            msg.tool_calls.append(pb.ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments))
+        req.chat.messages.append(msg)
+
+
+def _response_format(body: ChatRequest, req) -> None:
+    """response_format as ExecuteRequest.constraint: the output is then one JSON value (any object,
+    or one the schema accepts), generated under the constraint, never checked after the fact."""
+    rf = body.response_format
+    if rf is None or rf.type == "text":
+        if rf is not None and rf.json_schema is not None:
+            raise InvalidArgument("only with type json_schema", field="response_format.json_schema")
+        return
+    if rf.type == "json_object":
+        req.constraint.json_object = True
+        return
+    if rf.json_schema is None:
+        raise InvalidArgument("is required with type json_schema", field="response_format.json_schema")
+    schema = rf.json_schema.schema_
+    if schema is None or schema is True:  # no schema: any JSON object, as OpenAI takes it
+        req.constraint.json_object = True
+    else:
+        req.constraint.json_schema = json.dumps(schema)
+
+
+def _tools(body: ChatRequest, req) -> None:
+    for t in body.tools or ():
+        f = t.function
+        req.tools.append(pb.Tool(name=f.name, description=f.description or "",
+                                 parameters=json.dumps(f.parameters) if f.parameters is not None else ""))
+    choice = body.tool_choice
+    if choice is None:
+        return
+    if isinstance(choice, str):
+        mode = {"none": pb.ToolChoice.TOOL_CHOICE_MODE_NONE, "auto": pb.ToolChoice.TOOL_CHOICE_MODE_AUTO,
+                "required": pb.ToolChoice.TOOL_CHOICE_MODE_REQUIRED}[choice]
+        req.tool_choice.CopyFrom(pb.ToolChoice(mode=mode))
+    else:
+        req.tool_choice.CopyFrom(pb.ToolChoice(mode=pb.ToolChoice.TOOL_CHOICE_MODE_FUNCTION,
+                                               function_name=choice.function.name))
 
 
 def _echo(body: CompletionRequest, req, max_tokens: int) -> None:
@@ -190,6 +282,8 @@ def to_execute(body, kind: str):
             raise InvalidArgument("needs logprobs: true", field="top_logprobs")
         if body.logprobs and body.top_logprobs:
             req.top_logprobs = _uint(body.top_logprobs, "top_logprobs")
+        _response_format(body, req)
+        _tools(body, req)
     req.stopping.max_tokens = _uint(max_tokens, max_param)
     if body.n is not None:
         if body.n < 1:
@@ -238,8 +332,16 @@ def param_of(field: str | None, kind: str, max_param: str = "max_tokens") -> str
     if field == "input" or field.startswith(("input.text", "input.tokens", "input.chat")):
         rest = field.removeprefix("input.chat.messages").removeprefix("input.chat")
         if kind == "chat":
+            rest = re.sub(r"(\.tool_calls\[\d+\])\.(name|arguments)$", r"\1.function.\2", rest)
             return "messages" + rest if rest.startswith("[") else "messages"
         return "prompt"
+    if field.startswith("constraint"):
+        return "response_format.json_schema.schema" if field == "constraint.json_schema" else "response_format"
+    if field.startswith("tool_choice"):
+        return "tool_choice.function.name" if field == "tool_choice.function_name" else "tool_choice"
+    m = re.fullmatch(r"tools\[(\d+)\]\.(name|description|parameters)", field)
+    if m:
+        return f"tools[{m[1]}].function.{m[2]}"
     if field == "top_logprobs" or field.startswith("prompt_logprobs"):
         return "logprobs" if kind == "completions" else "top_logprobs"
     if field == "stopping.max_tokens":

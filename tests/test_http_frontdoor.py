@@ -332,6 +332,108 @@ def test_chat_content_parts_are_joined_text(srv):
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
+# ---- response_format and tools ------------------------------------------------------------------------
+
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                         "population": {"type": "integer", "minimum": 0, "maximum": 10**8}},
+        "required": ["city", "population"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_response_format_json_schema_output_validates(srv):
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    messages = [{"role": "user", "content": "Give the capital of France and its population as JSON."}]
+    r = srv.client.chat.completions.create(model="", messages=messages, max_tokens=80, temperature=0,
+                                           response_format=fmt)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), CITY)
+    chunks = list(srv.client.chat.completions.create(model="", messages=messages, max_tokens=80, temperature=0.8,
+                                                     seed=4, n=2, response_format=fmt, stream=True))
+    texts = ["", ""]
+    for c in chunks:
+        texts[c.choices[0].index] += c.choices[0].delta.content or ""
+    for t in texts:  # sampled, streamed, each of n: every choice is under the schema
+        jsonschema.validate(json.loads(t), CITY)
+    obj = srv.client.chat.completions.create(model="", messages=messages, max_tokens=60, temperature=0,
+                                             response_format={"type": "json_object"}, extra_body={"min_tokens": 2})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    else:  # cut at max_tokens: still a JSON object's beginning, never free text
+        assert obj.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_forced_tool_call_is_the_grpc_call(srv):
+    jsonschema = pytest.importorskip("jsonschema")
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    r = srv.client.chat.completions.create(model="", messages=ASK_WEATHER, max_tokens=60, temperature=0,
+                                           tools=[WEATHER], tool_choice=forced)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, WEATHER["function"]["parameters"])
+    # the same request over gRPC: the same call (ids are fresh per call)
+    req = pb.ExecuteRequest(sampling=pb.SamplingParams(temperature=0), stopping=pb.StoppingCriteria(max_tokens=60),
+                            tools=[pb.Tool(name="get_weather", description=WEATHER["function"]["description"],
+                                           parameters=json.dumps(WEATHER["function"]["parameters"]))],
+                            tool_choice=pb.ToolChoice(mode=pb.ToolChoice.TOOL_CHOICE_MODE_FUNCTION,
+                                                      function_name="get_weather"))
+    req.chat.messages.append(pb.ChatMessage(role="user", content=ASK_WEATHER[0]["content"]))
+    events = list(srv.stub.Execute(req, timeout=120))
+    (ref,) = [e.tool_call for e in events if e.WhichOneof("event") == "tool_call"]
+    assert (ref.name, json.loads(ref.arguments)) == ("get_weather", args)
+    assert events[-1].finished.reason == pb.FINISH_REASON_TOOL_CALLS
+    assert r.usage.completion_tokens == events[-1].finished.usage.completion_tokens
+
+    chunks = list(srv.client.chat.completions.create(model="", messages=ASK_WEATHER, max_tokens=60, temperature=0,
+                                                     tools=[WEATHER], tool_choice=forced, stream=True))
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or ())]
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [(0, "get_weather", args)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""  # the markup is not text
+
+    # the call and its result back in the conversation, as an OpenAI client sends them
+    history = ASK_WEATHER + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                             {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    after = srv.client.chat.completions.create(model="", messages=history, tools=[WEATHER], max_tokens=8, temperature=0)
+    assert after.choices[0].finish_reason in ("stop", "length")
+    ref_req = pb.ExecuteRequest(stopping=pb.StoppingCriteria(max_tokens=1), tools=req.tools)
+    ref_req.chat.messages.extend([req.chat.messages[0], pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(
+        id=call.id, name="get_weather", arguments=call.function.arguments)]),
+        pb.ChatMessage(role="tool", tool_call_id=call.id, content="sunny, 21 C")])
+    started = list(srv.stub.Execute(ref_req, timeout=120))[0].started
+    assert after.usage.prompt_tokens == started.prompt_tokens  # the same rendered conversation
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}},
+     "response_format.json_schema.schema"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
+     "messages[0].tool_calls[0].function.arguments"),
+])
+def test_bad_response_format_and_tools_name_the_field(srv, extra, param):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    with pytest.raises(openai.BadRequestError) as err:
+        srv.client.chat.completions.create(model="", **body)
+    assert err.value.body["param"] == param and err.value.body["type"] == "invalid_request_error"
+    assert srv.scheduler.stats()["live"] == 0
+
+
 # ---- errors -------------------------------------------------------------------------------------------
 
 
@@ -394,8 +496,7 @@ def test_unknown_model_is_404_model_not_found(srv):
 
 
 @pytest.mark.parametrize("endpoint,extra,param", [
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ("completions", {"best_of": 2}, "best_of"),
     ("completions", {"prompt": ["a", "b"]}, "prompt"),
 ])
 def test_fields_not_supported_yet_are_a_clear_400(srv, endpoint, extra, param):
