@@ -24,7 +24,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import logs, openai_reply as rp, openai_schema as oa, ratelimit, request_validation as rv, security
+from . import http_tokens, logs, openai_reply as rp, openai_schema as oa, ratelimit, request_validation as rv, security
 from .errors import NotFound, OrcdError, PermissionDenied, ResourceExhausted
 from .http_errors import HttpError, Unauthenticated, error_body, error_response, pydantic_error
 from .http_run import LoopQueue, Run, respond
@@ -59,6 +59,8 @@ class FrontDoor:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
             Route("/health", self.healthz, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
@@ -202,6 +204,30 @@ class FrontDoor:
     def settle(self, client: str, reserved: int, used: int) -> None:
         if reserved and self.limiter is not None:
             self.limiter.settle(client, reserved, used)
+
+    async def tokenize(self, request: HttpRequest):
+        return await self._unary(request, http_tokens.TOKENIZE, "/tokenize", http_tokens.TokenizeBody,
+                                 lambda body: http_tokens.tokenize(self.scheduler, body, self.max_prompt_bytes))
+
+    async def detokenize(self, request: HttpRequest):
+        return await self._unary(request, http_tokens.DETOKENIZE, "/detokenize", http_tokens.DetokenizeBody,
+                                 lambda body: http_tokens.detokenize(self.scheduler, body))
+
+    async def _unary(self, request: HttpRequest, method: str, path: str, model, answer):
+        """A call answered by answer(body) on a threadpool thread, with the roles and request rate
+        limit of the gRPC `method`."""
+        try:
+            self._admit(self._caller(request, method))
+            body = await self._json(request, model)
+            out = await run_in_threadpool(answer, body)
+        except OrcdError as err:
+            self.count(path, err.code)
+            return error_response(http_tokens.renamed(err))
+        except HttpError as err:
+            self.count(path, grpc.StatusCode.INVALID_ARGUMENT)
+            return JSONResponse(error_body(err.message, err.type, err.param, err.code), err.status)
+        self.count(path, grpc.StatusCode.OK)
+        return JSONResponse(out)
 
     async def models(self, request: HttpRequest):
         try:

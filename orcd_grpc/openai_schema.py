@@ -188,7 +188,8 @@ def _prompt(body: CompletionRequest, req) -> None:
         req.tokens.ids.extend(_uint(int(t), f"prompt[{i}]") for i, t in enumerate(p))
 
 
-def _messages(body: ChatRequest, req) -> None:
+def chat_messages(body, req) -> None:
+    """body.messages (ChatMessage) into req.chat (an ExecuteRequest's)."""
     for i, m in enumerate(body.messages):
         content = m.content
         if isinstance(content, list):
@@ -272,7 +273,7 @@ def to_execute(body, kind: str):
         elif max_tokens == 0:  # proto's 0 is "until the context is full"; OpenAI's is nothing
             raise InvalidArgument("must be at least 1 (0 only with echo)", field="max_tokens")
     else:
-        _messages(body, req)
+        chat_messages(body, req)
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens == 0:

@@ -434,6 +434,59 @@ def test_bad_response_format_and_tools_name_the_field(srv, extra, param):
     assert srv.scheduler.stats()["live"] == 0
 
 
+# ---- /tokenize and /detokenize --------------------------------------------------------------------------
+
+
+def post(srv_base: str, path: str, body: dict, headers: dict | None = None, context=None) -> tuple[int, dict]:
+    req = urllib.request.Request(srv_base + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60, context=context) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_tokenize_and_detokenize_are_the_grpc_token_services(srv):
+    text = "The capital of France is Paris, 1234 km away."
+    want = list(srv.stub.Tokenize(pb.TokenizeRequest(text=text), timeout=30).ids)
+    code, out = post(srv.base, "/tokenize", {"model": srv.model, "prompt": text, "return_token_strs": True})
+    assert code == 200 and out["tokens"] == want and out["count"] == len(want) and out["max_model_len"] == CONTEXT
+    assert out["token_strs"] == [piece(srv, i) for i in want]
+    assert post(srv.base, "/detokenize", {"tokens": want}) == (200, {"prompt": text})
+    with_bos = post(srv.base, "/tokenize", {"prompt": text, "add_special_tokens": True})[1]["tokens"]
+    assert with_bos == list(srv.stub.Tokenize(pb.TokenizeRequest(text=text, add_bos=True), timeout=30).ids)
+    # a chat's tokens are what a chat completion of it runs: count == its usage.prompt_tokens
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": QUESTION}]
+    code, out = post(srv.base, "/tokenize", {"messages": messages})
+    r = srv.client.chat.completions.create(model="", messages=messages, max_tokens=1)
+    assert code == 200 and out["count"] == r.usage.prompt_tokens
+    rendered = srv.stub.RenderChat(pb.RenderChatRequest(chat=pb.ChatMessages(messages=[
+        pb.ChatMessage(**m) for m in messages])), timeout=30)
+    assert out["tokens"] == list(rendered.ids)
+    no_prompt = post(srv.base, "/tokenize", {"messages": messages, "add_generation_prompt": False})[1]["tokens"]
+    assert no_prompt == out["tokens"][:len(no_prompt)] and len(no_prompt) < len(out["tokens"])
+    ok = sample(srv, "orcd_requests_total", {"method": "/tokenize", "code": "OK"})
+    post(srv.base, "/tokenize", {"prompt": "x"})
+    assert sample(srv, "orcd_requests_total", {"method": "/tokenize", "code": "OK"}) == ok + 1
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, "prompt"),
+    ("/tokenize", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "model"),
+    ("/tokenize", {"prompt": "x", "add_bos": True}, 400, "add_bos"),
+    ("/tokenize", {"prompt": "x" * ((2 << 20) + 1)}, 400, "prompt"),
+    ("/detokenize", {"tokens": [10**7]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1, -1]}, 400, "tokens[1]"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+])
+def test_tokenize_bad_input_names_the_field(srv, path, body, status, param):
+    code, out = post(srv.base, path, body)
+    assert code == status and out["error"]["param"] == param, out
+
+
 # ---- errors -------------------------------------------------------------------------------------------
 
 
@@ -669,6 +722,10 @@ def test_tokens_roles_rate_limit_and_mutual_tls(secured):
     with pytest.raises(openai.PermissionDeniedError) as err:  # a scrape-only token may not infer
         secured.client(SCRAPER).completions.create(model="", prompt=PROMPT)
     assert "infer" in err.value.body["message"]
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):  # the gRPC methods' roles
+        assert post(secured.base, path, body, context=secured.ctx)[0] == 401
+        code, out = post(secured.base, path, body, {"Authorization": f"Bearer {SCRAPER}"}, secured.ctx)
+        assert code == 403 and "infer" in out["error"]["message"]
 
     alice = secured.client(TOKEN)
     assert alice.models.list().data == []  # over mutual TLS, with the token (1st request of the burst)
