@@ -62,12 +62,13 @@ def srv(smollm2_path):
     worker.stop(1)
 
 
-def grpc_run(srv, *, text=None, chat=None, max_tokens=8, temperature=0.0, seed=None, stop=(), top_logprobs=0):
-    sampling = pb.SamplingParams(temperature=temperature)
+def grpc_run(srv, *, text=None, chat=None, max_tokens=8, temperature=0.0, seed=None, stop=(), top_logprobs=0,
+             ignore_eos=False, **sampling_fields):
+    sampling = pb.SamplingParams(temperature=temperature, **sampling_fields)
     if seed is not None:
         sampling.seed = seed
     req = pb.ExecuteRequest(sampling=sampling, top_logprobs=top_logprobs,
-                            stopping=pb.StoppingCriteria(max_tokens=max_tokens, stop=list(stop)))
+                            stopping=pb.StoppingCriteria(max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos))
     if chat is not None:
         req.chat.messages.append(pb.ChatMessage(role="user", content=chat))
     else:
@@ -286,6 +287,29 @@ def test_chat_n_samples_streamed_and_whole(srv):
         with pytest.raises(openai.BadRequestError) as err:
             srv.client.chat.completions.create(n=bad, **kw)
         assert err.value.body["param"] == "n"
+
+
+def test_logit_bias_and_penalties_are_the_grpc_ones(srv):
+    prompt = "one two one two one two one two"
+    plain = grpc_run(srv, text=prompt, max_tokens=10, ignore_eos=True)
+    first = plain.ids[0]
+    # a banned greedy token is never chosen; a favoured one always is
+    banned = srv.client.completions.create(model="", prompt=prompt, max_tokens=10, temperature=0, logprobs=0,
+                                           logit_bias={str(first): -100}, extra_body={"ignore_eos": True})
+    assert piece(srv, first) not in banned.choices[0].logprobs.tokens
+    assert banned.choices[0].text == grpc_run(srv, text=prompt, max_tokens=10, ignore_eos=True,
+                                              logit_bias={first: -100}).text
+    forced = srv.client.completions.create(model="", prompt=prompt, max_tokens=4, temperature=0, logit_bias={"42": 100},
+                                           extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == piece(srv, 42) * 4
+    pen = dict(presence_penalty=1.5, frequency_penalty=1.0)
+    a = srv.client.completions.create(model="", prompt=prompt, max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True}, **pen)
+    ref = grpc_run(srv, text=prompt, max_tokens=10, ignore_eos=True, **pen)
+    assert a.choices[0].text == ref.text and ref.text != plain.text  # the penalties changed the output
+    c = srv.client.chat.completions.create(model="", messages=[{"role": "user", "content": prompt}], max_tokens=10,
+                                           temperature=0, **pen)
+    assert c.choices[0].message.content == grpc_run(srv, chat=prompt, max_tokens=10, **pen).text
 
 
 # ---- chat -------------------------------------------------------------------------------------------
