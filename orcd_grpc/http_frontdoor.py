@@ -173,17 +173,25 @@ class FrontDoor:
         if not correlation or not all(0x20 < ord(c) < 0x7F for c in correlation):  # it is echoed in a header
             correlation = logs.new_correlation_id()
         headers = {"x-correlation-id": correlation}
-        body, client, reserved = None, "", 0
+        body, client, reserved, submitted = None, "", 0, []
         try:
             client = self._caller(request, EXECUTE)
             body = await self._json(request, model)
             pbreq = oa.to_execute(body, kind)
-            reserved = self._admit(client, pbreq.stopping, pbreq.n, pbreq.HasField("prompt_logprobs"))
-            req, echo = await run_in_threadpool(self._prepare, pbreq, client, correlation,
-                                                kind == "completions" and bool(body.echo))
-            req.events = LoopQueue(asyncio.get_running_loop())
-            self.scheduler.submit(req)
+            count = len(oa.prompts(body)) if kind == "completions" else 1
+            # a batch reserves for all its prompts' samples (admission may cap pbreq's max_tokens first)
+            reserved = self._admit(client, pbreq.stopping, max(1, pbreq.n) * count, pbreq.HasField("prompt_logprobs"))
+            pbreqs = oa.batch(pbreq, body) if kind == "completions" else [pbreq]
+            echo = kind == "completions" and bool(body.echo)
+            prepared = [await run_in_threadpool(self._prepare, r, client, correlation, echo) for r in pbreqs]
+            events = LoopQueue(asyncio.get_running_loop())
+            for i, (req, _) in enumerate(prepared):
+                req.events = events.tagged(i)
+                self.scheduler.submit(req)
+                submitted.append(req)
         except OrcdError as err:
+            for req in submitted:  # a batch is admitted whole or not at all
+                self.scheduler.abandon(req)
             self.settle(client, reserved, 0)
             self.count(path, err.code)
             log.info("request rejected", extra={"fields": {"code": err.code.name, "error": str(err), "path": path}})
@@ -196,10 +204,14 @@ class FrontDoor:
             return JSONResponse(error_body(err.message, err.type, err.param, err.code),
                                 err.status, headers=headers)
         except BaseException:  # a bug or a cancelled handler: the reservation is still given back
+            for req in submitted:
+                self.scheduler.abandon(req)
             self.settle(client, reserved, 0)
             raise
-        headers["x-request-id"] = req.request_id
-        return await respond(Run(self, req, kind, body, client, reserved, path, echo), request, headers)
+        headers["x-request-id"] = ",".join(req.request_id for req in submitted)
+        run = Run(self, [req for req, _ in prepared], kind, body, client, reserved, path, events,
+                  [e for _, e in prepared])
+        return await respond(run, request, headers)
 
     def settle(self, client: str, reserved: int, used: int) -> None:
         if reserved and self.limiter is not None:

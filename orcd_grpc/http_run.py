@@ -42,6 +42,10 @@ class LoopQueue(queue.Queue):
         except RuntimeError:  # the loop has closed (server stopped): nobody is waiting
             pass
 
+    def tagged(self, i: int) -> "_Tagged":
+        """A queue for request i of a batch: what the scheduler puts on it arrives here as (i, event)."""
+        return _Tagged(self, i)
+
     async def next(self, alive) -> object:
         while True:
             self._ready.clear()
@@ -53,7 +57,15 @@ class LoopQueue(queue.Queue):
                 await asyncio.wait_for(self._ready.wait(), _POLL_S)
             except asyncio.TimeoutError:
                 if not alive():
-                    return ErrorEvent(Internal("the engine thread stopped"))
+                    return 0, ErrorEvent(Internal("the engine thread stopped"))
+
+
+class _Tagged:
+    def __init__(self, shared: LoopQueue, i: int):
+        self.shared, self.i = shared, i
+
+    def put(self, item, block=True, timeout=None):
+        self.shared.put((self.i, item))
 
 
 class SSEResponse(StreamingResponse):
@@ -88,34 +100,38 @@ async def on_disconnect(request: HttpRequest, gone) -> None:
 class _Choice:
     """One sample's part of the reply."""
 
-    def __init__(self, index: int, run: "Run"):
+    def __init__(self, index: int, run: "Run", req: Request, echo: tuple[str, bool] | None):
         self.index = index
+        self.req, self.echo = req, echo
         self.texts: list[str] = []
         self.reasoning: list[str] = []
         self.tool_calls: list[dict] = []
-        self.logprobs = rp.LogprobsBuilder(run.kind, run.req.engine.tokenizer) if run.wants_logprobs else None
-        use = run.req.tool_use
-        self.tools = ToolStream(use.family, use.names, run.req.engine.tokenizer) if use and use.family else None
-        self.echoed = run.echo is None
+        self.logprobs = rp.LogprobsBuilder(run.kind, req.engine.tokenizer) if run.wants_logprobs else None
+        use = req.tool_use
+        self.tools = ToolStream(use.family, use.names, req.engine.tokenizer) if use and use.family else None
+        self.echoed = echo is None
         self.finish: str | None = None
 
 
 class Run:
-    """One submitted request's events, as a stream of SSE chunks or as one reply. `echo`:
-    completions' (prompt text, whether it was text input), or None."""
+    """One call's submitted requests (one, or one per prompt of a completions batch), their events
+    (tagged with the request's place on `events`) as a stream of SSE chunks or as one reply.
+    `echoes`: per request, completions' (prompt text, whether it was text input), or None."""
 
-    def __init__(self, door, req: Request, kind: str, body, client: str, reserved: int, path: str,
-                 echo: tuple[str, bool] | None = None):
-        self.door, self.req, self.kind, self.body = door, req, kind, body
+    def __init__(self, door, reqs: list[Request], kind: str, body, client: str, reserved: int, path: str,
+                 events: LoopQueue, echoes: list):
+        self.door, self.reqs, self.kind, self.body = door, reqs, kind, body
         self.client, self.reserved, self.path = client, reserved, path
-        self.echo = echo
-        self.reply = rp.Reply(kind, req.request_id, req.model_id)
+        self.queue = events
+        self.reply = rp.Reply(kind, reqs[0].request_id, reqs[0].model_id)
         self.wants_logprobs = bool(body.logprobs) if kind == "chat" else body.logprobs is not None
         opts = body.stream_options
         self.with_usage = bool(body.stream and opts and opts.include_usage)
-        self.choices = [_Choice(k, self) for k in range(req.n)]
-        self.prompt_entries: list = []  # scored prompt positions 1.., in order (echo with logprobs)
-        self.left = req.n  # choices not finished yet
+        n = reqs[0].n
+        # choice i * n + k: request i's sample k (OpenAI's order for a batch of prompts)
+        self.choices = [_Choice(i * n + k, self, req, echoes[i]) for i, req in enumerate(reqs) for k in range(n)]
+        self.prompt_entries: list = [[] for _ in reqs]  # per request, scored positions 1.. (echo with logprobs)
+        self.left = len(self.choices)  # choices not finished yet
         self.used = [0, 0, 0]  # prompt, completion, cached prompt tokens
         self.generated = 0
         self._closed = False
@@ -123,27 +139,29 @@ class Run:
         usage = door.usage
         self._label = usage.label(client) if usage is not None else None
         if usage is not None:
-            usage.prompt_tokens.labels(self._label).inc(req.prompt_tokens)
+            usage.prompt_tokens.labels(self._label).inc(sum(req.prompt_tokens for req in reqs))
 
     def gone(self) -> None:
         self._gone = True
-        self.door.scheduler.abandon(self.req)
+        for req in self.reqs:
+            self.door.scheduler.abandon(req)
 
     def close(self) -> None:
         """However the call ended: a request still live is abandoned, the reservation settled."""
         if self._closed:
             return
         self._closed = True
-        self.door.scheduler.abandon(self.req)
+        for req in self.reqs:
+            self.door.scheduler.abandon(req)
         self.door.settle(self.client, self.reserved, self.generated)
 
     async def _next(self):
-        ev = await self.req.events.next(self.door.scheduler.alive)
+        i, ev = await self.queue.next(self.door.scheduler.alive)
         if isinstance(ev, TokenEvent):
             self.generated += 1
             if self.door.usage is not None:
                 self.door.usage.generated_tokens.labels(self._label).inc()
-        return ev
+        return i, ev
 
     def _failure(self, ev) -> OrcdError:
         if isinstance(ev, ErrorEvent):
@@ -157,10 +175,11 @@ class Run:
         if c.echoed:
             return []
         c.echoed = True
-        text, plain = self.echo
+        text, plain = c.echo
         lp = None
         if c.logprobs is not None:
-            lp = c.logprobs.add_prompt(self.req.prompt_ids, self.prompt_entries, echo_text=text, plain_text=plain)
+            lp = c.logprobs.add_prompt(c.req.prompt_ids, self.prompt_entries[self.reqs.index(c.req)], echo_text=text,
+                                       plain_text=plain)
         c.texts.append(text)
         return [self.reply.chunk(c.index, text=text, logprobs=lp, with_usage=self.with_usage)]
 
@@ -193,12 +212,12 @@ class Run:
             out += self._call(c, item) if isinstance(item, Call) else self._token(c, item.event, item.channel)
         return out
 
-    def _on(self, ev) -> list[dict]:
-        """Adds one event to its choice; returns the stream chunks it makes."""
+    def _on(self, i: int, ev) -> list[dict]:
+        """Adds one event of request i to its choice; returns the stream chunks it makes."""
         if isinstance(ev, prompt_scoring.PromptLogprobsEvent):
-            self.prompt_entries += ev.entries
+            self.prompt_entries[i] += ev.entries
             return []
-        c = self.choices[ev.sample]
+        c = self.choices[i * self.reqs[i].n + ev.sample]
         out = self._echo(c)
         if isinstance(ev, TokenEvent):
             if c.tools is None:
@@ -210,8 +229,9 @@ class Run:
             reason = c.tools.finish_reason(reason)
         c.finish = rp.FINISH_REASONS[reason]
         self.left -= 1
-        if ev.sample == 0:
-            self.used[0], self.used[2] = ev.prompt_tokens, ev.cached_prompt_tokens
+        if ev.sample == 0:  # the samples of a request share its prompt: counted once
+            self.used[0] += ev.prompt_tokens
+            self.used[2] += ev.cached_prompt_tokens
         self.used[1] += ev.completion_tokens
         return out + [self.reply.chunk(c.index, text=None if self.kind == "chat" else "", finish=c.finish,
                                        with_usage=self.with_usage)]
@@ -232,7 +252,7 @@ class Run:
 
     async def collect(self, headers: dict):
         while True:
-            ev = await self._next()
+            i, ev = await self._next()
             if self._ended(ev):
                 err = self._failure(ev)
                 # a client that went away is counted as gRPC counts a cancelled call, not as an outage
@@ -242,7 +262,7 @@ class Run:
                 return resp
             if not isinstance(ev, (TokenEvent, FinishedEvent, prompt_scoring.PromptLogprobsEvent)):
                 continue
-            self._on(ev)
+            self._on(i, ev)
             if self.left == 0:
                 self.door.count(self.path, grpc.StatusCode.OK)
                 body = self.reply.complete([self._choice(c) for c in self.choices], self._usage())
@@ -253,7 +273,7 @@ class Run:
             for c in self.choices:
                 yield sse(self.reply.chunk(c.index, role=True, text="", with_usage=self.with_usage))
         while True:
-            ev = await self._next()
+            i, ev = await self._next()
             if self._ended(ev):
                 err = self._failure(ev)
                 self.door.count(self.path, err.code)
@@ -261,7 +281,7 @@ class Run:
                 break
             if not isinstance(ev, (TokenEvent, FinishedEvent, prompt_scoring.PromptLogprobsEvent)):
                 continue
-            for chunk in self._on(ev):
+            for chunk in self._on(i, ev):
                 yield sse(chunk)
             if self.left == 0:
                 self.door.count(self.path, grpc.StatusCode.OK)

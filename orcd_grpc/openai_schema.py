@@ -19,6 +19,9 @@ from .prompt_scoring import MAX_PROMPT_LOGPROBS
 from .proto import pb
 
 UINT32_MAX = 2**32 - 1
+# Prompts one completions request may batch: each is a request of its own in the scheduler's queue
+# (a batch that does not fit the queue's room is refused whole, 429).
+MAX_PROMPTS = 128
 # OpenAI documents seed as a (signed) integer; proto's is uint64. Negative seeds wrap modulo 2**64,
 # which keeps every int64 seed distinct and reproducible.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -175,17 +178,34 @@ def _uint(value: int, param: str, hi: int = UINT32_MAX) -> int:
     return value
 
 
-def _prompt(body: CompletionRequest, req) -> None:
+def prompts(body: CompletionRequest) -> list:
+    """The body's prompts: one string or token-id list each (a batch is a list of them)."""
     p = body.prompt
     if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-        if len(p) != 1:
-            raise NotSupportedYet(f"a list of {len(p)} prompts (batching) is not supported yet; send one prompt "
-                                  "per request", field="prompt")
-        p = p[0]
+        if len(p) > MAX_PROMPTS:
+            raise InvalidArgument(f"at most {MAX_PROMPTS} prompts a request, got {len(p)}", field="prompt")
+        return p
+    return [p]
+
+
+def _set_prompt(req, p, field: str = "prompt") -> None:
+    req.ClearField("input")
     if isinstance(p, str):
         req.text = p
     else:
-        req.tokens.ids.extend(_uint(int(t), f"prompt[{i}]") for i, t in enumerate(p))
+        req.tokens.ids.extend(_uint(int(t), f"{field}[{i}]") for i, t in enumerate(p))
+
+
+def batch(base, body: CompletionRequest) -> list:
+    """`base` (to_execute's, which holds the first prompt) and a copy of it for each further prompt
+    of a batch: choice i * n + k of the reply is prompt i's sample k."""
+    out = [base]
+    for j, p in enumerate(prompts(body)[1:], 1):
+        req = pb.ExecuteRequest()
+        req.CopyFrom(base)
+        _set_prompt(req, p, f"prompt[{j}]")
+        out.append(req)
+    return out
 
 
 def chat_messages(body, req) -> None:
@@ -262,7 +282,8 @@ def to_execute(body, kind: str):
     check_supported(body, kind)
     req = pb.ExecuteRequest(model_id=body.model or "")
     if kind == "completions":
-        _prompt(body, req)
+        first = prompts(body)[0]
+        _set_prompt(req, first, "prompt[0]" if first is not body.prompt else "prompt")
         # OpenAI's legacy completions default to 16 tokens; chat runs until the model stops.
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         max_param = "max_tokens"

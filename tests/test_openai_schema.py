@@ -47,8 +47,18 @@ def test_prompt_forms():
     assert list(oa.to_execute(completion(prompt=[1, 2, 3]), "completions").tokens.ids) == [1, 2, 3]
     assert oa.to_execute(completion(prompt=["one"]), "completions").text == "one"
     assert list(oa.to_execute(completion(prompt=[[4, 5]]), "completions").tokens.ids) == [4, 5]
-    with pytest.raises(oa.NotSupportedYet) as err:
-        oa.to_execute(completion(prompt=["a", "b"]), "completions")
+    body = completion(prompt=["a", "b"], max_tokens=3, echo=True, logprobs=1)
+    reqs = oa.batch(oa.to_execute(body, "completions"), body)
+    assert [r.text for r in reqs] == ["a", "b"] and all(r.stopping.max_tokens == 3 for r in reqs)
+    assert all(r.prompt_logprobs.top_n == 1 for r in reqs)
+    body = completion(prompt=[[1, 2], [3]])
+    assert [list(r.tokens.ids) for r in oa.batch(oa.to_execute(body, "completions"), body)] == [[1, 2], [3]]
+    with pytest.raises(InvalidArgument) as err:
+        body = completion(prompt=[[1], [2, -1]])
+        oa.batch(oa.to_execute(body, "completions"), body)
+    assert err.value.field == "prompt[1][1]"
+    with pytest.raises(InvalidArgument) as err:
+        oa.to_execute(completion(prompt=["a"] * (oa.MAX_PROMPTS + 1)), "completions")
     assert err.value.field == "prompt"
     with pytest.raises(InvalidArgument) as err:
         oa.to_execute(completion(prompt=[1, -2]), "completions")
