@@ -8,22 +8,23 @@ path an OrcdError names (`sampling.temperature`) back to the body's (`temperatur
 """
 from __future__ import annotations
 
+import json
 import re
-import time
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InvalidArgument, OrcdError
+from .prompt_scoring import MAX_PROMPT_LOGPROBS
 from .proto import pb
-from .request import CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN
 
 UINT32_MAX = 2**32 - 1
+# Prompts one completions request may batch: each is a request of its own in the scheduler's queue
+# (a batch that does not fit the queue's room is refused whole, 429).
+MAX_PROMPTS = 128
 # OpenAI documents seed as a (signed) integer; proto's is uint64. Negative seeds wrap modulo 2**64,
 # which keeps every int64 seed distinct and reproducible.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-
-FINISH_REASONS = {STOP_TOKEN: "stop", STOP_STRING: "stop", LENGTH: "length"}
 
 
 class NotSupportedYet(InvalidArgument):
@@ -79,10 +80,65 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str = ""  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, tool_calls, refusal...
+    model_config = ConfigDict(extra="allow")  # refusal, audio...: what a client echoes back unread
     role: str
     content: Union[str, list[TextPart], None] = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: Union[dict[str, Any], bool, None] = Field(default=None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema: strict or not
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments follow the schema when the call is forced; else as written
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(_Common):
@@ -90,10 +146,10 @@ class ChatRequest(_Common):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[str, dict[str, Any], None] = None
-    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None  # accepted; a reply may hold several calls either way
 
 
 # ---- fields accepted but not served yet -----------------------------------------------------------
@@ -102,14 +158,8 @@ class ChatRequest(_Common):
 # (param, applies to "completions"/"chat"/"both", test of the body that means "asked for it").
 # Delete the row to let the field through to the conversion below.
 NOT_SUPPORTED_YET: list[tuple[str, str, Any]] = [
-    ("n", "both", lambda b: b.n is not None and b.n != 1),
-    ("echo", "completions", lambda b: bool(b.echo)),
     ("best_of", "completions", lambda b: b.best_of is not None and b.best_of != 1),
     ("suffix", "completions", lambda b: bool(b.suffix)),
-    ("response_format", "chat",
-     lambda b: b.response_format is not None and b.response_format.get("type", "text") != "text"),
-    ("tools", "chat", lambda b: bool(b.tools)),
-    ("tool_choice", "chat", lambda b: b.tool_choice not in (None, "none", "auto")),
 ]
 
 
@@ -128,20 +178,38 @@ def _uint(value: int, param: str, hi: int = UINT32_MAX) -> int:
     return value
 
 
-def _prompt(body: CompletionRequest, req) -> None:
+def prompts(body: CompletionRequest) -> list:
+    """The body's prompts: one string or token-id list each (a batch is a list of them)."""
     p = body.prompt
     if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-        if len(p) != 1:
-            raise NotSupportedYet(f"a list of {len(p)} prompts (batching) is not supported yet; send one prompt "
-                                  "per request", field="prompt")
-        p = p[0]
+        if len(p) > MAX_PROMPTS:
+            raise InvalidArgument(f"at most {MAX_PROMPTS} prompts a request, got {len(p)}", field="prompt")
+        return p
+    return [p]
+
+
+def _set_prompt(req, p, field: str = "prompt") -> None:
+    req.ClearField("input")
     if isinstance(p, str):
         req.text = p
     else:
-        req.tokens.ids.extend(_uint(int(t), f"prompt[{i}]") for i, t in enumerate(p))
+        req.tokens.ids.extend(_uint(int(t), f"{field}[{i}]") for i, t in enumerate(p))
 
 
-def _messages(body: ChatRequest, req) -> None:
+def batch(base, body: CompletionRequest) -> list:
+    """`base` (to_execute's, which holds the first prompt) and a copy of it for each further prompt
+    of a batch: choice i * n + k of the reply is prompt i's sample k."""
+    out = [base]
+    for j, p in enumerate(prompts(body)[1:], 1):
+        req = pb.ExecuteRequest()
+        req.CopyFrom(base)
+        _set_prompt(req, p, f"prompt[{j}]")
+        out.append(req)
+    return out
+
+
+def chat_messages(body, req) -> None:
+    """body.messages (ChatMessage) into req.chat (an ExecuteRequest's)."""
     for i, m in enumerate(body.messages):
         content = m.content
         if isinstance(content, list):
@@ -152,7 +220,59 @@ def _messages(body: ChatRequest, req) -> None:
                                           "(text only)", field=f"messages[{i}].content[{j}]")
                 texts.append(part.text)
             content = "".join(texts)
-        req.chat.messages.append(pb.ChatMessage(role=m.role, content=content or ""))
+        msg = pb.ChatMessage(role=m.role, content=content or "", tool_call_id=m.tool_call_id or "", name=m.name or "")
+        for call in m.tool_calls or ():
+            msg.tool_calls.append(pb.ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments))
+        req.chat.messages.append(msg)
+
+
+def _response_format(body: ChatRequest, req) -> None:
+    """response_format as ExecuteRequest.constraint: the output is then one JSON value (any object,
+    or one the schema accepts), generated under the constraint, never checked after the fact."""
+    rf = body.response_format
+    if rf is None or rf.type == "text":
+        if rf is not None and rf.json_schema is not None:
+            raise InvalidArgument("only with type json_schema", field="response_format.json_schema")
+        return
+    if rf.type == "json_object":
+        req.constraint.json_object = True
+        return
+    if rf.json_schema is None:
+        raise InvalidArgument("is required with type json_schema", field="response_format.json_schema")
+    schema = rf.json_schema.schema_
+    if schema is None or schema is True:  # no schema: any JSON object, as OpenAI takes it
+        req.constraint.json_object = True
+    else:
+        req.constraint.json_schema = json.dumps(schema)
+
+
+def _tools(body: ChatRequest, req) -> None:
+    for t in body.tools or ():
+        f = t.function
+        req.tools.append(pb.Tool(name=f.name, description=f.description or "",
+                                 parameters=json.dumps(f.parameters) if f.parameters is not None else ""))
+    choice = body.tool_choice
+    if choice is None:
+        return
+    if isinstance(choice, str):
+        mode = {"none": pb.ToolChoice.TOOL_CHOICE_MODE_NONE, "auto": pb.ToolChoice.TOOL_CHOICE_MODE_AUTO,
+                "required": pb.ToolChoice.TOOL_CHOICE_MODE_REQUIRED}[choice]
+        req.tool_choice.CopyFrom(pb.ToolChoice(mode=mode))
+    else:
+        req.tool_choice.CopyFrom(pb.ToolChoice(mode=pb.ToolChoice.TOOL_CHOICE_MODE_FUNCTION,
+                                               function_name=choice.function.name))
+
+
+def _echo(body: CompletionRequest, req, max_tokens: int) -> None:
+    """echo: the reply's text starts with the prompt; with logprobs its tokens are scored (OpenAI's
+    first entries are the prompt's). max_tokens 0 is the prompt alone: a scoring request, which
+    generates nothing (what lm-evaluation-harness sends to ask for a loglikelihood)."""
+    if body.logprobs is not None and body.logprobs > MAX_PROMPT_LOGPROBS:
+        raise InvalidArgument(f"must be in [0, {MAX_PROMPT_LOGPROBS}] with echo, got {body.logprobs}",
+                              field="logprobs")
+    if body.logprobs is not None or max_tokens == 0:
+        req.prompt_logprobs.enabled = True
+        req.prompt_logprobs.top_n = body.logprobs or 0
 
 
 def to_execute(body, kind: str):
@@ -162,21 +282,35 @@ def to_execute(body, kind: str):
     check_supported(body, kind)
     req = pb.ExecuteRequest(model_id=body.model or "")
     if kind == "completions":
-        _prompt(body, req)
+        first = prompts(body)[0]
+        _set_prompt(req, first, "prompt[0]" if first is not body.prompt else "prompt")
         # OpenAI's legacy completions default to 16 tokens; chat runs until the model stops.
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         max_param = "max_tokens"
         if body.logprobs is not None:
             req.top_logprobs = _uint(body.logprobs, "logprobs")
+        if body.echo:
+            _echo(body, req, max_tokens)
+        elif max_tokens == 0:  # proto's 0 is "until the context is full"; OpenAI's is nothing
+            raise InvalidArgument("must be at least 1 (0 only with echo)", field="max_tokens")
     else:
-        _messages(body, req)
+        chat_messages(body, req)
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else (body.max_tokens or 0)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens == 0:
+            raise InvalidArgument("must be at least 1 (omit it to generate until the model stops)", field=max_param)
+        max_tokens = max_tokens or 0
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidArgument("needs logprobs: true", field="top_logprobs")
         if body.logprobs and body.top_logprobs:
             req.top_logprobs = _uint(body.top_logprobs, "top_logprobs")
+        _response_format(body, req)
+        _tools(body, req)
     req.stopping.max_tokens = _uint(max_tokens, max_param)
+    if body.n is not None:
+        if body.n < 1:
+            raise InvalidArgument(f"must be at least 1, got {body.n}", field="n")
+        req.n = _uint(body.n, "n")
     if body.stop is not None:
         req.stopping.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
     if body.min_tokens is not None:
@@ -220,9 +354,17 @@ def param_of(field: str | None, kind: str, max_param: str = "max_tokens") -> str
     if field == "input" or field.startswith(("input.text", "input.tokens", "input.chat")):
         rest = field.removeprefix("input.chat.messages").removeprefix("input.chat")
         if kind == "chat":
+            rest = re.sub(r"(\.tool_calls\[\d+\])\.(name|arguments)$", r"\1.function.\2", rest)
             return "messages" + rest if rest.startswith("[") else "messages"
         return "prompt"
-    if field == "top_logprobs":
+    if field.startswith("constraint"):
+        return "response_format.json_schema.schema" if field == "constraint.json_schema" else "response_format"
+    if field.startswith("tool_choice"):
+        return "tool_choice.function.name" if field == "tool_choice.function_name" else "tool_choice"
+    m = re.fullmatch(r"tools\[(\d+)\]\.(name|description|parameters)", field)
+    if m:
+        return f"tools[{m[1]}].function.{m[2]}"
+    if field == "top_logprobs" or field.startswith("prompt_logprobs"):
         return "logprobs" if kind == "completions" else "top_logprobs"
     if field == "stopping.max_tokens":
         return max_param
@@ -245,118 +387,6 @@ def rename(err: OrcdError, kind: str, body=None) -> tuple[str, str | None]:
         if param:
             msg = f"{param}: {msg}"
     return msg, param
-
-
-# ---- replies -------------------------------------------------------------------------------------
-
-
-def usage(finished) -> dict:
-    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
-            "total_tokens": finished.prompt_tokens + finished.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": finished.cached_prompt_tokens}}
-
-
-class LogprobsBuilder:
-    """Collects per-token logprobs in the shape of one endpoint: completions' four parallel lists,
-    or chat's list of {token, logprob, bytes, top_logprobs}."""
-
-    def __init__(self, kind: str, tokenizer):
-        self.kind = kind
-        self.tokenizer = tokenizer
-        self.offset = 0
-        self.content: list = []
-        self.tokens: list[str] = []
-        self.token_logprobs: list[float] = []
-        self.top: list[dict] = []
-        self.offsets: list[int] = []
-
-    def _piece(self, token_id: int) -> bytes:
-        try:
-            return self.tokenizer.token_bytes(int(token_id))
-        except Exception:
-            return b""
-
-    def add(self, ev) -> dict:
-        """Adds one TokenEvent; returns the logprobs of this token alone (a stream chunk's)."""
-        raw = self._piece(ev.token_id)
-        token = raw.decode("utf-8", "replace")
-        if self.kind == "chat":
-            entry = {"token": token, "logprob": ev.logprob, "bytes": list(raw),
-                     "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
-                                      for _, t, lp in ev.top]}
-            self.content.append(entry)
-            return {"content": [entry], "refusal": None}
-        top = {t: lp for _, t, lp in ev.top}
-        one = {"tokens": [token], "token_logprobs": [ev.logprob], "top_logprobs": [top], "text_offset": [self.offset]}
-        self.tokens.append(token)
-        self.token_logprobs.append(ev.logprob)
-        self.top.append(top)
-        self.offsets.append(self.offset)
-        self.offset += len(ev.text)
-        return one
-
-    def result(self) -> dict:
-        if self.kind == "chat":
-            return {"content": self.content, "refusal": None}
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
-                "text_offset": self.offsets}
-
-
-class Reply:
-    """The reply objects of one request: ids, timestamps and the shapes of each endpoint."""
-
-    def __init__(self, kind: str, request_id: str, model: str):
-        self.kind = kind
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
-        self.created = int(time.time())
-        self.model = model
-        self.object = "chat.completion" if kind == "chat" else "text_completion"
-
-    def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
-
-    def complete(self, text: str, finished, logprobs: dict | None) -> dict:
-        out = self._head(self.object)
-        choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": FINISH_REASONS[finished.reason]}
-        if self.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
-        else:
-            choice["text"] = text
-        out["choices"] = [choice]
-        out["usage"] = usage(finished)
-        return out
-
-    def chunk(self, *, text: str | None = None, role: bool = False, logprobs: dict | None = None,
-              finish: str | None = None, with_usage: bool = False) -> dict:
-        out = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
-        choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
-        if self.kind == "chat":
-            delta: dict = {"role": "assistant"} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice["delta"] = delta
-        else:
-            choice["text"] = text or ""
-        out["choices"] = [choice]
-        if with_usage:
-            out["usage"] = None
-        return out
-
-    def usage_chunk(self, finished) -> dict:
-        out = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
-        out["choices"] = []
-        out["usage"] = usage(finished)
-        return out
-
-
-def is_cancelled(finished) -> bool:
-    return finished.reason == CANCELLED
-
-
-def model_card(info) -> dict:
-    return {"id": info.model_id, "object": "model", "created": int(time.time() - float(info.load_seconds or 0)),
-            "owned_by": "orcd", "max_model_len": int(info.context_length)}
 
 
 Kind = Literal["completions", "chat"]

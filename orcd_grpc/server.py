@@ -230,7 +230,8 @@ class Worker:
         door = FrontDoor(self.scheduler, metrics=self.metrics, max_prompt_bytes=config.max_prompt_bytes,
                          checker=checker, limiter=limits.limiter if limits else None,
                          usage=limits.usage if limits else None, metrics_auth=config.http_metrics_auth,
-                         health=self._serving, max_body_bytes=config.max_message_bytes)
+                         health=self._serving, max_body_bytes=config.max_message_bytes,
+                         max_samples=config.max_samples, tool_formats=config.tool_formats)
         return HttpServer(door.app, config.host, config.http_port, tls=config.http_tls, limit_concurrency=workers)
 
     def _set_health(self, serving: bool) -> None:
