@@ -51,11 +51,11 @@ def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
 
 def save_tokenizer(gguf: Path, out: Path) -> Path:
     """lm-eval's local-completions loads a tokenizer by directory (no gguf_file argument), so the
-    GGUF's own tokenizer, as transformers converts it for the hf backend, is saved to one."""
-    if not (out / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
+    GGUF's own tokenizer, as transformers converts it for the hf backend, is saved to one (each
+    run: --out may have held another model's)."""
+    from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
     return out
 
 
@@ -86,7 +86,7 @@ def model_id(base: str) -> str:
         return json.load(r)["data"][0]["id"]
 
 
-def run_hf(args, tok: Path, out: Path) -> None:
+def run_hf(args, out: Path) -> None:
     env = dict(os.environ)
     # One torch thread: on a shared, oversubscribed machine OpenMP's spinning threads cost more
     # than they give (set OMP_NUM_THREADS to override).
@@ -192,7 +192,7 @@ def main() -> None:
         orcd_eval_data.fetch()
         tok = save_tokenizer(args.model, args.out / "tokenizer")
         if "hf" not in args.skip:
-            run_hf(args, tok, args.out)
+            run_hf(args, args.out)
         if "orcd" not in args.skip:
             run_orcd(args, tok, args.out)
     sys.exit(0 if report(args, args.out) else 1)
