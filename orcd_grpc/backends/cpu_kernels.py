@@ -1,0 +1,269 @@
+"""Matrix products on GGUF weights kept in their stored format, for the CPU backend.
+
+`matmul(x, w)` is y = x @ W.T with W one of the block formats in cpu_formats.FORMATS (or F32,
+F16, BF16), its bytes left as they are in the file:
+
+* m == 1 (decode): each output row's blocks are decoded into vector registers and multiplied
+  with x on the fly, rows spread over Numba's threads (prange). The whole weight matrix is read
+  once, at its stored size, which is what bounds decode speed.
+* m > 1 (prefill, batched decode): rows are decoded in chunks into a small float32 buffer (in
+  parallel) and each chunk goes through BLAS sgemm with all m rows of x, so a block is decoded
+  once per call however large m is, and the products run at BLAS speed.
+
+Compiled code is cached on disk by Numba (cache=True); the cache key includes a hash of the
+decoder sources (cpu_llvm.py, cpu_formats.py), which Numba's own key does not see.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a main dependency; tests skip without it
+    numba = None
+
+#: rows of x from which matmul decodes chunks of W for BLAS instead of decoding W once per row
+#: of x (tests/test_cpu_kernels.py and bench/cpu_kernels.py run both paths)
+BLAS_MIN_M = 2
+#: float32 elements per decoded chunk: 256 KiB, so a chunk stays in L2 between decode and sgemm
+CHUNK_ELEMS = 64 * 1024
+
+_PLAIN = (T.F32, T.F16, T.BF16)
+
+if numba is not None:
+    from .cpu_formats import FORMATS
+    from .cpu_llvm import row_dequant, row_dot
+
+    def _intrinsics(kind):
+        make = row_dot if kind == "dot" else row_dequant
+        return {qt: make(f.block_bytes, f.block_values, f.decode) for qt, f in FORMATS.items()}
+
+    _DOT, _DEQ = _intrinsics("dot"), _intrinsics("deq")
+    # Numba resolves callees as module globals, not through a dict
+    _dot_q4_0, _dot_q4_1, _dot_q5_0, _dot_q5_1, _dot_q8_0, _dot_mxfp4 = (
+        _DOT[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+    _dot_q2_k, _dot_q3_k, _dot_q4_k, _dot_q5_k, _dot_q6_k = (_DOT[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+    _deq_q4_0, _deq_q4_1, _deq_q5_0, _deq_q5_1, _deq_q8_0, _deq_mxfp4 = (
+        _DEQ[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+    _deq_q2_k, _deq_q3_k, _deq_q4_k, _deq_q5_k, _deq_q6_k = (_DEQ[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _MXFP4 = (int(t) for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+_Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+
+
+def _sources_hash() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in ("cpu_llvm.py", "cpu_formats.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _make_drivers(deps: str):
+    """The parallel drivers. `deps` only lands in the closure, where Numba's cache key sees it."""
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def gemv(qt, w, nb, x, y):
+        if len(deps) == 0:
+            return
+        n, rb = w.shape
+        m, k = x.shape
+        for r in prange(n):
+            o = r * rb
+            for i in range(m):
+                xo = i * k
+                if qt == _Q4_0:
+                    v = _dot_q4_0(w, o, nb, x, xo)
+                elif qt == _Q4_1:
+                    v = _dot_q4_1(w, o, nb, x, xo)
+                elif qt == _Q5_0:
+                    v = _dot_q5_0(w, o, nb, x, xo)
+                elif qt == _Q5_1:
+                    v = _dot_q5_1(w, o, nb, x, xo)
+                elif qt == _Q8_0:
+                    v = _dot_q8_0(w, o, nb, x, xo)
+                elif qt == _MXFP4:
+                    v = _dot_mxfp4(w, o, nb, x, xo)
+                elif qt == _Q2_K:
+                    v = _dot_q2_k(w, o, nb, x, xo)
+                elif qt == _Q3_K:
+                    v = _dot_q3_k(w, o, nb, x, xo)
+                elif qt == _Q4_K:
+                    v = _dot_q4_k(w, o, nb, x, xo)
+                elif qt == _Q5_K:
+                    v = _dot_q5_k(w, o, nb, x, xo)
+                elif qt == _Q6_K:
+                    v = _dot_q6_k(w, o, nb, x, xo)
+                else:
+                    v = np.float32(np.nan)
+                y[i, r] = v
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def dequant_rows(qt, w, nb, rows, out):
+        if len(deps) == 0:
+            return
+        rb = w.shape[1]
+        k = out.shape[1]
+        for i in prange(rows.shape[0]):
+            o = rows[i] * rb
+            oo = i * k
+            if qt == _Q4_0:
+                _deq_q4_0(w, o, nb, out, oo)
+            elif qt == _Q4_1:
+                _deq_q4_1(w, o, nb, out, oo)
+            elif qt == _Q5_0:
+                _deq_q5_0(w, o, nb, out, oo)
+            elif qt == _Q5_1:
+                _deq_q5_1(w, o, nb, out, oo)
+            elif qt == _Q8_0:
+                _deq_q8_0(w, o, nb, out, oo)
+            elif qt == _MXFP4:
+                _deq_mxfp4(w, o, nb, out, oo)
+            elif qt == _Q2_K:
+                _deq_q2_k(w, o, nb, out, oo)
+            elif qt == _Q3_K:
+                _deq_q3_k(w, o, nb, out, oo)
+            elif qt == _Q4_K:
+                _deq_q4_k(w, o, nb, out, oo)
+            elif qt == _Q5_K:
+                _deq_q5_k(w, o, nb, out, oo)
+            elif qt == _Q6_K:
+                _deq_q6_k(w, o, nb, out, oo)
+
+    @njit(parallel=True, nogil=True, cache=True, fastmath=True)
+    def gemv_half(bf16, w, x, y):
+        # w: uint16 [n, k] holding F16 or BF16 bits; one long loop per row, which LLVM vectorizes
+        if len(deps) == 0:
+            return
+        n, k = w.shape
+        m = x.shape[0]
+        for r in prange(n):
+            for i in range(m):
+                s = np.float32(0.0)
+                if bf16:
+                    for j in range(k):
+                        s += np.uint32(np.uint32(w[r, j]) << np.uint32(16)).view(np.float32) * x[i, j]
+                else:
+                    for j in range(k):
+                        h = np.uint32(w[r, j])
+                        bits = np.uint32(((h & np.uint32(0x8000)) << np.uint32(16))
+                                         | ((h & np.uint32(0x7FFF)) << np.uint32(13)))
+                        s += bits.view(np.float32) * np.float32(5.192296858534828e33) * x[i, j]
+                y[i, r] = s
+
+    return gemv, dequant_rows, gemv_half
+
+
+if numba is not None:
+    _gemv, _dequant_rows, _gemv_half = _make_drivers(_sources_hash())
+
+
+def supported(qtype) -> bool:
+    """Whether matmul/embed_rows/dequantize handle weights stored as `qtype` (needs Numba)."""
+    try:
+        t = T(int(qtype))
+    except ValueError:
+        return False
+    return numba is not None and (t in _PLAIN or t in FORMATS)
+
+
+class QWeight:
+    """A weight matrix [n_out, n_in] in its GGUF storage format.
+
+    `raw` is uint8 [n_out, row_bytes]: each output row's blocks, back to back, exactly as in the
+    file (a view of the file's bytes where they are contiguous, as a memory map's are).
+    """
+
+    __slots__ = ("raw", "qtype", "shape")
+
+    def __init__(self, raw, qtype, shape):
+        t = T(int(qtype))
+        if not supported(t):
+            raise ValueError(f"cpu_kernels: no kernel for {t.name} weights" + ("" if numba else " (numba missing)"))
+        n, k = (int(s) for s in shape)
+        bs, ts = GGML_QUANT_SIZES[t]
+        if n < 1 or k < 1 or k % bs:
+            raise ValueError(f"cpu_kernels: shape {(n, k)} is not whole {t.name} rows (block of {bs} values)")
+        row_bytes = k // bs * ts
+        b = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+        if b.size != n * row_bytes:
+            raise ValueError(f"cpu_kernels: {t.name} {(n, k)} needs {n * row_bytes} bytes, got {b.size}")
+        self.raw = b.reshape(n, row_bytes)
+        self.qtype = t
+        self.shape = (n, k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+    def __repr__(self):
+        return f"QWeight({self.qtype.name}, {self.shape})"
+
+    def _plain(self) -> np.ndarray:
+        """F32 as float32 [n, k], F16/BF16 as uint16 [n, k] bits."""
+        return self.raw.view(np.float32 if self.qtype == T.F32 else np.uint16)
+
+
+def _half_to_f32(bits: np.ndarray, bf16: bool) -> np.ndarray:
+    if bf16:
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
+
+
+def _rows_f32(w: QWeight, rows: np.ndarray) -> np.ndarray:
+    k = w.shape[1]
+    if w.qtype in _PLAIN:
+        p = w._plain()[rows]
+        return p.astype(np.float32) if w.qtype == T.F32 else _half_to_f32(p, w.qtype == T.BF16)
+    out = np.empty((rows.shape[0], k), np.float32)
+    if rows.shape[0]:
+        _dequant_rows(int(w.qtype), w.raw, k // GGML_QUANT_SIZES[w.qtype][0], rows, out)
+    return out
+
+
+def embed_rows(w: QWeight, ids) -> np.ndarray:
+    """float32 [len(ids), n_in]: rows `ids` of W decoded (token embeddings)."""
+    rows = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= w.shape[0]):
+        raise IndexError(f"cpu_kernels.embed_rows: ids must be in [0, {w.shape[0]})")
+    return _rows_f32(w, rows)
+
+
+def dequantize(w: QWeight) -> np.ndarray:
+    """float32 [n_out, n_in]: all of W decoded."""
+    return _rows_f32(w, np.arange(w.shape[0], dtype=np.int64))
+
+
+def matmul(x: np.ndarray, w: QWeight) -> np.ndarray:
+    """float32 [m, n_out] = x @ W.T for float32 x [m, n_in]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, k = w.shape
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"cpu_kernels.matmul: x is {x.shape}, W is {w.shape}: x must be [m, {k}]")
+    m = x.shape[0]
+    if w.qtype == T.F32:
+        return x @ w._plain().T
+    if m < BLAS_MIN_M or m == 0:
+        y = np.empty((m, n), np.float32)
+        if m:
+            if w.qtype in _PLAIN:
+                _gemv_half(w.qtype == T.BF16, w._plain(), x, y)
+            else:
+                _gemv(int(w.qtype), w.raw, k // GGML_QUANT_SIZES[w.qtype][0], x, y)
+        return y
+    # y.T in row chunks, each chunk's rows decoded once into `buf` and multiplied by BLAS
+    yt = np.empty((n, m), np.float32)
+    step = max(1, CHUNK_ELEMS // k)
+    xt = x.T
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        buf = _rows_f32(w, np.arange(r0, r1, dtype=np.int64))
+        np.matmul(buf, xt, out=yt[r0:r1])
+    return np.ascontiguousarray(yt.T)
