@@ -64,23 +64,24 @@ def test_matmul_matches_float64_reference(qt):
     raw, ref_w = make_weight(qt, n, k, rng)
     w = ck.QWeight(raw, qt, (n, k))
     assert ck.supported(qt)
-    for m in (1, 3, 17):
+    for m in (1, 2, 3, 17):  # per-row kernel for 1 and 2, 8-row kernel (padded) for 3 and 17
         x = rng.standard_normal((m, k)).astype(np.float32)
         check_product(ck.matmul(x, w), x, ref_w)
     np.testing.assert_allclose(ck.dequantize(w), ref_w, rtol=1e-6, atol=1e-7 * np.abs(ref_w).max())
 
 
-@pytest.mark.parametrize("qt", [T.Q4_1, T.Q8_0, T.Q6_K, T.BF16], ids=lambda t: t.name)
-def test_blas_path_chunks_and_gemv_path_agree(qt, monkeypatch):
-    """Several chunks plus a short last one (the m > 1 path), and the per-row path for the same m."""
+@pytest.mark.parametrize("qt", [T.Q4_1, T.Q8_0, T.Q6_K, T.F16, T.BF16], ids=lambda t: t.name)
+def test_both_paths_for_one_x(qt, monkeypatch):
+    """16 rows (two whole 8-row passes) through either kernel; F16/BF16: decoded chunks for BLAS,
+    several chunks plus a short last one."""
     rng = np.random.default_rng(7)
     n, k = 41, k_for(qt)
     raw, ref_w = make_weight(qt, n, k, rng)
     w = ck.QWeight(raw, qt, (n, k))
-    x = rng.standard_normal((5, k)).astype(np.float32)
+    x = rng.standard_normal((16, k)).astype(np.float32)
     monkeypatch.setattr(ck, "CHUNK_ELEMS", 8 * k)  # 8 rows a chunk: 5 full chunks and 1 row
     check_product(ck.matmul(x, w), x, ref_w)
-    monkeypatch.setattr(ck, "BLAS_MIN_M", 10**9)  # every m through the per-row kernels
+    monkeypatch.setattr(ck, "GEMM_MIN_M", 10**9)  # every row of x through the per-row kernel
     check_product(ck.matmul(x, w), x, ref_w)
 
 

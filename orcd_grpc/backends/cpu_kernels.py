@@ -1,14 +1,19 @@
 """Matrix products on GGUF weights kept in their stored format, for the CPU backend.
 
 `matmul(x, w)` is y = x @ W.T with W one of the block formats in cpu_formats.FORMATS (or F32,
-F16, BF16), its bytes left as they are in the file:
+F16, BF16), its bytes left as they are in the file. Output rows are spread over Numba's threads
+(prange); within a row, each block is decoded into vector registers and used at once:
 
-* m == 1 (decode): each output row's blocks are decoded into vector registers and multiplied
-  with x on the fly, rows spread over Numba's threads (prange). The whole weight matrix is read
-  once, at its stored size, which is what bounds decode speed.
-* m > 1 (prefill, batched decode): rows are decoded in chunks into a small float32 buffer (in
-  parallel) and each chunk goes through BLAS sgemm with all m rows of x, so a block is decoded
-  once per call however large m is, and the products run at BLAS speed.
+* m < GEMM_MIN_M (decode): one x row at a time. The whole weight matrix is read once per row
+  of x at its stored size, which is what bounds decode speed.
+* m >= GEMM_MIN_M (prefill, batched decode): x is taken 8 rows at a time (padded with zero
+  rows), each decoded block multiplied with all 8, so a block is decoded m/8 times, not m times,
+  and the loop is bound by FMAs. This beat decoding chunks to float32 for BLAS sgemm here
+  (bench/cpu_kernels.py, BENCHMARKS.md), and keeps to one thread pool: OpenBLAS's threads and
+  Numba's fought over the cores.
+
+F32 weights go to NumPy (BLAS); F16/BF16 have a plain Numba loop for m == 1 and decoded chunks
+through BLAS otherwise (their blocks are single values, so nothing is saved by decoding in place).
 
 Compiled code is cached on disk by Numba (cache=True); the cache key includes a hash of the
 decoder sources (cpu_llvm.py, cpu_formats.py), which Numba's own key does not see.
@@ -28,27 +33,31 @@ try:
 except ImportError:  # pragma: no cover - numba is a main dependency; tests skip without it
     numba = None
 
-#: rows of x from which matmul decodes chunks of W for BLAS instead of decoding W once per row
-#: of x (tests/test_cpu_kernels.py and bench/cpu_kernels.py run both paths)
-BLAS_MIN_M = 2
-#: float32 elements per decoded chunk: 256 KiB, so a chunk stays in L2 between decode and sgemm
+#: rows of x from which matmul takes x 8 rows at a time (below: one row at a time; at m = 2 two
+#: passes over W cost less than the 8-row kernel, at m = 4 more; tests run both paths)
+GEMM_MIN_M = 3
+#: rows of x per pass of the 8-row kernel (what its accumulators are sized for)
+GEMM_ROWS = 8
+#: F16/BF16 with m > 1: float32 elements per decoded chunk (256 KiB, stays in L2 for sgemm)
 CHUNK_ELEMS = 64 * 1024
 
 _PLAIN = (T.F32, T.F16, T.BF16)
 
 if numba is not None:
     from .cpu_formats import FORMATS
-    from .cpu_llvm import row_dequant, row_dot
+    from .cpu_llvm import row_dequant, row_dot, row_dot_rows
 
-    def _intrinsics(kind):
-        make = row_dot if kind == "dot" else row_dequant
-        return {qt: make(f.block_bytes, f.block_values, f.decode) for qt, f in FORMATS.items()}
-
-    _DOT, _DEQ = _intrinsics("dot"), _intrinsics("deq")
+    _DOT = {qt: row_dot(*f) for qt, f in FORMATS.items()}
+    _DOT8 = {qt: row_dot_rows(*f, GEMM_ROWS) for qt, f in FORMATS.items()}
+    _DEQ = {qt: row_dequant(*f) for qt, f in FORMATS.items()}
     # Numba resolves callees as module globals, not through a dict
     _dot_q4_0, _dot_q4_1, _dot_q5_0, _dot_q5_1, _dot_q8_0, _dot_mxfp4 = (
         _DOT[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
     _dot_q2_k, _dot_q3_k, _dot_q4_k, _dot_q5_k, _dot_q6_k = (_DOT[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+    _dot8_q4_0, _dot8_q4_1, _dot8_q5_0, _dot8_q5_1, _dot8_q8_0, _dot8_mxfp4 = (
+        _DOT8[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+    _dot8_q2_k, _dot8_q3_k, _dot8_q4_k, _dot8_q5_k, _dot8_q6_k = (
+        _DOT8[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
     _deq_q4_0, _deq_q4_1, _deq_q5_0, _deq_q5_1, _deq_q8_0, _deq_mxfp4 = (
         _DEQ[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
     _deq_q2_k, _deq_q3_k, _deq_q4_k, _deq_q5_k, _deq_q6_k = (_DEQ[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
@@ -106,6 +115,41 @@ def _make_drivers(deps: str):
                 y[i, r] = v
 
     @njit(parallel=True, nogil=True, cache=True)
+    def gemm8(qt, w, nb, x, y):
+        # x [m, k] with m a multiple of GEMM_ROWS; y [m, n]
+        if len(deps) == 0:
+            return
+        n, rb = w.shape
+        m, k = x.shape
+        for r in prange(n):
+            o = r * rb
+            for t in range(m // GEMM_ROWS):
+                xo = t * GEMM_ROWS * k
+                yo = t * GEMM_ROWS * n + r
+                if qt == _Q4_0:
+                    _dot8_q4_0(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q4_1:
+                    _dot8_q4_1(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q5_0:
+                    _dot8_q5_0(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q5_1:
+                    _dot8_q5_1(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q8_0:
+                    _dot8_q8_0(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _MXFP4:
+                    _dot8_mxfp4(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q2_K:
+                    _dot8_q2_k(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q3_K:
+                    _dot8_q3_k(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q4_K:
+                    _dot8_q4_k(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q5_K:
+                    _dot8_q5_k(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q6_K:
+                    _dot8_q6_k(w, o, nb, x, xo, k, y, yo, n)
+
+    @njit(parallel=True, nogil=True, cache=True)
     def dequant_rows(qt, w, nb, rows, out):
         if len(deps) == 0:
             return
@@ -158,11 +202,11 @@ def _make_drivers(deps: str):
                         s += bits.view(np.float32) * np.float32(5.192296858534828e33) * x[i, j]
                 y[i, r] = s
 
-    return gemv, dequant_rows, gemv_half
+    return gemv, gemm8, dequant_rows, gemv_half
 
 
 if numba is not None:
-    _gemv, _dequant_rows, _gemv_half = _make_drivers(_sources_hash())
+    _gemv, _gemm8, _dequant_rows, _gemv_half = _make_drivers(_sources_hash())
 
 
 def supported(qtype) -> bool:
@@ -250,20 +294,33 @@ def matmul(x: np.ndarray, w: QWeight) -> np.ndarray:
     m = x.shape[0]
     if w.qtype == T.F32:
         return x @ w._plain().T
-    if m < BLAS_MIN_M or m == 0:
+    if m == 0:
+        return np.empty((0, n), np.float32)
+    if w.qtype in _PLAIN:
+        return _matmul_half(x, w)
+    nb = k // GGML_QUANT_SIZES[w.qtype][0]
+    if m < GEMM_MIN_M:
         y = np.empty((m, n), np.float32)
-        if m:
-            if w.qtype in _PLAIN:
-                _gemv_half(w.qtype == T.BF16, w._plain(), x, y)
-            else:
-                _gemv(int(w.qtype), w.raw, k // GGML_QUANT_SIZES[w.qtype][0], x, y)
+        _gemv(int(w.qtype), w.raw, nb, x, y)
         return y
-    # y.T in row chunks, each chunk's rows decoded once into `buf` and multiplied by BLAS
+    mp = -(-m // GEMM_ROWS) * GEMM_ROWS
+    if mp != m:
+        x = np.concatenate([x, np.zeros((mp - m, k), np.float32)])
+    y = np.empty((mp, n), np.float32)
+    _gemm8(int(w.qtype), w.raw, nb, x, y)
+    return y[:m] if mp != m else y
+
+
+def _matmul_half(x: np.ndarray, w: QWeight) -> np.ndarray:
+    m, (n, k) = x.shape[0], w.shape
+    if m == 1:
+        y = np.empty((1, n), np.float32)
+        _gemv_half(w.qtype == T.BF16, w._plain(), x, y)
+        return y
+    # y.T in row chunks, each decoded once and multiplied by BLAS
     yt = np.empty((n, m), np.float32)
     step = max(1, CHUNK_ELEMS // k)
-    xt = x.T
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        buf = _rows_f32(w, np.arange(r0, r1, dtype=np.int64))
-        np.matmul(buf, xt, out=yt[r0:r1])
+        np.matmul(_rows_f32(w, np.arange(r0, r1, dtype=np.int64)), x.T, out=yt[r0:r1])
     return np.ascontiguousarray(yt.T)

@@ -203,6 +203,50 @@ def row_dot(block_bytes: int, block_values: int, decode):
     return dot
 
 
+def row_dot_rows(block_bytes: int, block_values: int, decode, rows: int):
+    """An intrinsic dots(w, w_off, n_blocks, x, x_off, x_stride, y, y_off, y_stride): one weight row
+    against `rows` rows of x (x_off + i * x_stride), into y[y_off + i * y_stride]. Each block is
+    decoded once for all of them; each x row keeps an 8-lane accumulator (rows = 8: 8 + 4 vector
+    registers with AVX2), so the loop is bound by FMAs rather than by decoding."""
+
+    @intrinsic
+    def dots(typingctx, w, w_off, n_blocks, x, x_off, x_stride, y, y_off, y_stride):
+        sig = types.none(w, w_off, n_blocks, x, x_off, x_stride, y, y_off, y_stride)
+
+        def codegen(context, builder, signature, args):
+            e = Emit(builder)
+            i64 = lambda v: builder.sext(v, I64) if v.type.width < 64 else v  # noqa: E731
+            wbase = builder.bitcast(_data(context, builder, signature.args[0], args[0], args[1]), I8.as_pointer())
+            xbase = _data(context, builder, signature.args[3], args[3], args[4])
+            xs = i64(args[5])
+            xrows = [builder.gep(xbase, [builder.mul(xs, e.const(I64, i))]) for i in range(rows)]
+            accs = [cgutils.alloca_once_value(builder, e.const(vec(F32, 8), 0.0)) for _ in range(rows)]
+            with cgutils.for_range(builder, i64(args[2])) as loop:
+                b = loop.index
+                p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
+                xo = builder.mul(b, e.const(I64, block_values))
+                vs = decode(e, p)
+                for i in range(rows):
+                    xp = builder.gep(xrows[i], [xo])
+                    part = None
+                    for j, v in enumerate(vs):
+                        xv = builder.load(builder.bitcast(e.ptr(xp, j * LANES), vec(F32).as_pointer()), align=4)
+                        prod = e.fmul(v, xv)
+                        for q in range(LANES // 8):
+                            piece = builder.shuffle_vector(prod, prod, ir.Constant(vec(I32, 8), list(range(8 * q, 8 * q + 8))))
+                            part = piece if part is None else e.fadd(part, piece)
+                    builder.store(e.fadd(builder.load(accs[i]), part), accs[i])
+            ybase = _data(context, builder, signature.args[6], args[6], args[7])
+            ys = i64(args[8])
+            for i in range(rows):
+                builder.store(e.hsum(builder.load(accs[i])), builder.gep(ybase, [builder.mul(ys, e.const(I64, i))]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dots
+
+
 def row_dequant(block_bytes: int, block_values: int, decode):
     """An intrinsic dequant(w, w_off, n_blocks, out, out_off): decode n_blocks blocks from byte w_off
     of w into float32 out from element out_off."""

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Times the CPU kernels (orcd_grpc/backends/cpu_kernels.py) at SmolLM2-135M's shapes.
+
+usage: python3 bench/cpu_kernels.py [--types Q4_1,Q8_0,...] [--m 1,64] [--threads 1,2] [--reps N]
+
+For each type, shape, m and thread count: the best and the median of N timed calls of
+cpu_kernels.matmul (best: the machine is shared, and the best call is the one least disturbed).
+Weights are random blocks with sane scales; a small matrix is replicated over enough copies
+(a different one each call) that the working set exceeds the last-level cache, so the figures are
+DRAM figures, as in a decode step, where the whole model streams through once per token.
+Prints GB/s (weight bytes / time) and GFLOP/s (2*m*n*k / time); `--ref` adds NumPy float32
+(OpenBLAS) on the dequantized matrix for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numba  # noqa: E402
+from gguf import GGML_QUANT_SIZES  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from orcd_grpc.backends import cpu_kernels as ck  # noqa: E402
+
+# (tensor, n, k) of SmolLM2-135M: hidden 576, ffn 1536, vocab 49152 (the tied output matrix)
+SHAPES = [("attn_q/o", 576, 576), ("ffn_gate/up", 1536, 576), ("ffn_down", 576, 1536), ("output", 49152, 576)]
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4", "F16", "BF16", "F32"]
+WORKING_SET = 64 << 20  # bytes of weights cycled through: well above an 8 MiB L3
+
+
+def random_raw(qt: T, n: int, k: int, rng) -> np.ndarray:
+    bs, ts = GGML_QUANT_SIZES[qt]
+    if qt == T.F32:
+        return rng.standard_normal((n, k), dtype=np.float32).view(np.uint8)
+    if qt in (T.F16, T.BF16):
+        return (rng.standard_normal((n, k)).astype(np.float16) if qt == T.F16
+                else (rng.standard_normal((n, k), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)).view(np.uint8)
+    raw = rng.integers(0, 256, size=(n * k // bs, ts), dtype=np.uint8)
+    # every f16 field a small finite scale (a random bit pattern may be inf or nan)
+    offs = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q2_K: (80, 82),
+            T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}.get(qt, ())
+    for o in offs:
+        raw[:, o:o + 2] = rng.uniform(1e-3, 1e-2, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if qt == T.MXFP4:
+        raw[:, 0] = rng.integers(110, 130, raw.shape[0])
+    return raw.reshape(n, -1)
+
+
+def timed(fn, reps: int) -> tuple[float, float]:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts), float(np.median(ts))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--m", default="1,64")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--shapes", default="", help="substring filter on tensor names")
+    ap.add_argument("--ref", action="store_true", help="also time NumPy float32 x @ W.T")
+    a = ap.parse_args(argv)
+    rng = np.random.default_rng(0)
+    print(f"numba {numba.__version__}, threading layer {numba.config.THREADING_LAYER}, "
+          f"{numba.config.NUMBA_NUM_THREADS} threads available")
+    print(f"{'type':6} {'tensor':12} {'n x k':>11} {'m':>3} {'thr':>3} {'best us':>9} {'med us':>9} "
+          f"{'GB/s':>6} {'GFLOP/s':>7}")
+    for name in a.types.split(","):
+        qt = T[name]
+        for tensor, n, k in SHAPES:
+            if a.shapes not in tensor:
+                continue
+            one = ck.QWeight(random_raw(qt, n, k, rng), qt, (n, k))
+            copies = [one] + [ck.QWeight(random_raw(qt, n, k, rng), qt, (n, k))
+                              for _ in range(max(0, min(16, WORKING_SET // one.nbytes) - 1))]
+            for m in (int(v) for v in a.m.split(",")):
+                x = rng.standard_normal((m, k), dtype=np.float32)
+                for th in (int(v) for v in a.threads.split(",")):
+                    numba.set_num_threads(th)
+                    it = iter(range(10**9))
+                    best, med = timed(lambda: ck.matmul(x, copies[next(it) % len(copies)]), a.reps)
+                    print(f"{name:6} {tensor:12} {n:>5}x{k:<5} {m:>3} {th:>3} {best * 1e6:9.1f} {med * 1e6:9.1f} "
+                          f"{one.nbytes / best / 1e9:6.2f} {2 * m * n * k / best / 1e9:7.2f}", flush=True)
+                if a.ref:
+                    wf = [ck.dequantize(c) for c in copies[:4]]
+                    it = iter(range(10**9))
+                    best, med = timed(lambda: x @ wf[next(it) % len(wf)].T, a.reps)
+                    print(f"{'numpy':6} {tensor:12} {n:>5}x{k:<5} {m:>3} {'-':>3} {best * 1e6:9.1f} {med * 1e6:9.1f} "
+                          f"{n * k * 4 / best / 1e9:6.2f} {2 * m * n * k / best / 1e9:7.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
