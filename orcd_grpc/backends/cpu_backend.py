@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 
 import numpy as np
+import threadpoolctl
 
 from .. import quants
 from ..tuning import Tuning
@@ -27,6 +28,17 @@ from .numpy_backend import NumpyBackend, rope_angles
 BLAS_ATTN_TOKENS = 16
 # Query rows per BLAS attention block: bounds its scores to rows x context x heads floats.
 ATTN_BLOCK = 256
+# The attention's products are small: OpenBLAS's threads, spinning against numba's for the same
+# cores, made them tens of times slower on a busy 2-core machine than one BLAS thread.
+_BLAS = threadpoolctl.ThreadpoolController()
+
+
+def _threading(layer: str) -> None:
+    """Picks numba's threading layer; it takes effect only before the process's first parallel
+    call, so a later backend with another choice keeps the first one's (numba has one pool)."""
+    import numba
+
+    numba.config.THREADING_LAYER = layer
 
 
 class CpuKV:
@@ -68,6 +80,7 @@ class CpuStep(StepMeta):
         self.slot_mapping = np.ascontiguousarray(self.slot_mapping, np.int32)
         self.block_tables = np.ascontiguousarray(self.block_tables, np.int32)
         self.ctx_lens = np.ascontiguousarray(self.ctx_lens, np.int32)
+        self.max_ctx = int(self.ctx_lens.max()) if len(self.ctx_lens) else 0
 
 
 class CpuBackend(NumpyBackend):
@@ -77,6 +90,7 @@ class CpuBackend(NumpyBackend):
     def __init__(self, max_ram: int | None = None, tuning: Tuning | None = None):
         super().__init__(max_ram)
         tuning = tuning or Tuning.from_env()
+        _threading(tuning.cpu_threading)
         self.kv_f16 = tuning.cpu_kv == "f16"
         self.kv_elem_size = 2 if self.kv_f16 else 4
         self._rope: dict[int, tuple[RopeSpec, np.ndarray, np.ndarray]] = {}
@@ -202,11 +216,14 @@ class CpuBackend(NumpyBackend):
         out = np.empty((T, hq, dv), np.float32)
         sk = self._no_sinks if sinks is None else np.ascontiguousarray(sinks, np.float32)
         if len(ctx.short_tokens):
+            work = len(ctx.short_tokens) * hq * ctx.max_ctx * (q.shape[2] + dv)
             ops.attention(q, kv.k[layer], kv.v[layer], kv.lut, ctx.short_tokens, ctx.tok_seq, ctx.positions,
                           ctx.ctx_lens, ctx.block_tables, ctx.block_size, np.float32(scale), int(window), sk,
-                          np.float32(softcap), out)
-        for b in ctx.long_seqs:
-            self._attention_blas(q, kv, layer, ctx, int(b), out, scale, window, sinks, softcap)
+                          np.float32(softcap), out, work)
+        if len(ctx.long_seqs):
+            with _BLAS.limit(limits=1, user_api="blas"):
+                for b in ctx.long_seqs:
+                    self._attention_blas(q, kv, layer, ctx, int(b), out, scale, window, sinks, softcap)
         return out.reshape(T, hq * dv)
 
     def _attention_blas(self, q, kv: CpuKV, layer, ctx, b, out, scale, window, sinks, softcap):

@@ -10,12 +10,25 @@ nearest even here (as NumPy's astype does), loads go through a 65,536-entry floa
 from __future__ import annotations
 
 import math
+import types
 
 import numba
 import numpy as np
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 _PAR = dict(_JIT, parallel=True)
+# Below this many multiply-adds an op runs on the calling thread: waking numba's pool costs tens of
+# microseconds on a quiet machine and a scheduler time slice on a busy one, more than the work.
+PARALLEL_MIN_WORK = 1 << 18
+
+
+def _both(fn):
+    """fn compiled twice: (serial, parallel); prange is a plain range in the serial one. The
+    parallel one is a copy under its own name: numba's disk cache keys entries by name and
+    signature, not by the parallel flag."""
+    par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_par", fn.__defaults__, fn.__closure__)
+    par.__qualname__ = fn.__qualname__ + "_par"
+    return numba.njit(**_JIT)(fn), numba.njit(**_PAR)(par)
 
 #: float16 bits -> float32, the loads of an F16 cache
 F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -62,8 +75,7 @@ def _put(cache, slot, h, row, lut):
             cache[slot, h, d] = f16_bits(np.float32(row[d]).view(np.uint32))
 
 
-@numba.njit(**_PAR)
-def rms_norm(x, w, eps, res, out, s_out):
+def _rms_norm(x, w, eps, res, out, s_out):
     """Rows of x [N, d]: out = s / rms(s) * w with s = x, or s = x + res (written to s_out) when
     res has rows."""
     n, d = x.shape
@@ -100,8 +112,7 @@ def _rotate(src, dst, c, s, dim, neox):
         dst[i] = src[i]
 
 
-@numba.njit(**_PAR)
-def rope(x, cos, sin, positions, dim, neox, out):
+def _rope(x, cos, sin, positions, dim, neox, out):
     """out [T, H, D] = x rotated by the rows of the cos/sin tables at positions."""
     T, H, _ = x.shape
     for t in numba.prange(T):
@@ -147,8 +158,7 @@ def _load(cache, slot, h, d, lut):
     return lut[cache[slot, h, d]]
 
 
-@numba.njit(**_PAR)
-def attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
+def _attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
               softcap, out):
     """Causal attention for the query rows `tokens` of q [T, hq, dk] over the paged cache, one
     (token, head) per work item with a running (online) softmax; out [T, hq, dv]. sinks: [hq]
@@ -202,8 +212,7 @@ def attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, 
             acc[d] *= inv
 
 
-@numba.njit(**_PAR)
-def glu(gate, up, gelu, out):
+def _glu(gate, up, gelu, out):
     """out = act(gate) * up, act silu or gelu (tanh form), over [T, F] (gate/up may be views)."""
     T, F = out.shape
     c = math.sqrt(2.0 / math.pi)
@@ -215,3 +224,25 @@ def glu(gate, up, gelu, out):
             else:
                 a = g / (1.0 + math.exp(-g))
             out[t, j] = a * up[t, j]
+
+
+_RMS, _ROPE, _ATTN, _GLU = _both(_rms_norm), _both(_rope), _both(_attention), _both(_glu)
+
+
+def rms_norm(x, w, eps, res, out, s_out):
+    _RMS[x.size >= PARALLEL_MIN_WORK](x, w, eps, res, out, s_out)
+
+
+def rope(x, cos, sin, positions, dim, neox, out):
+    _ROPE[x.size >= PARALLEL_MIN_WORK](x, cos, sin, positions, dim, neox, out)
+
+
+def attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks, softcap,
+              out, work):
+    """work: about the multiply-adds of the call (picks the serial or the parallel compile)."""
+    _ATTN[work >= PARALLEL_MIN_WORK](q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale,
+                                     window, sinks, softcap, out)
+
+
+def glu(gate, up, gelu, out):
+    _GLU[out.size >= PARALLEL_MIN_WORK](gate, up, gelu, out)
