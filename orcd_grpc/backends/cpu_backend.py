@@ -99,14 +99,16 @@ class CpuBackend(NumpyBackend):
     # ---- memory -------------------------------------------------------------------------
     @staticmethod
     def _quantized(qtype, shape) -> bool:
-        return len(shape) >= 2 and K.supported(qtype)
+        """Whether the weight stays in its storage format for the kernels. F32 tensors stay
+        arrays (views of the map): norms, biases ([E, F] for experts), and F32 matrices, which
+        NumPy's BLAS multiplies as well as anything."""
+        return len(shape) >= 2 and int(qtype) != int(quants.T.F32) and K.supported(qtype)
 
     def load_weight(self, name, raw, qtype, shape):
         shape = tuple(int(s) for s in shape)
         if not self._quantized(qtype, shape):
-            # norms, biases, rope factors, and matrices of a type the kernels lack: float32
-            w = quants.dequantize(raw, qtype, shape)
-            return w if len(shape) < 2 else np.ascontiguousarray(w)
+            # F32 as it is in the file; F16/BF16 vectors and types the kernels lack decoded
+            return quants.dequantize(raw, qtype, shape)
         data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)  # a view of the map when it is one
         rows = int(np.prod(shape[:-1]))
         data = data.reshape(rows, -1)
