@@ -123,7 +123,8 @@ def child_llama(path: str, a) -> dict:
 
 def run_child(side: str, path: pathlib.Path, a) -> dict | None:
     env = dict(os.environ, NUMBA_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
-               OPENBLAS_NUM_THREADS=str(a.threads), PYTHONPATH=str(ROOT))
+               OPENBLAS_NUM_THREADS=str(a.threads),
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     cmd = [sys.executable, __file__, "--child", side, "--path", str(path), "--prompt", str(a.prompt),
            "--gen", str(a.gen), "--ctx", str(a.ctx), "--reps", str(a.reps), "--threads", str(a.threads)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)

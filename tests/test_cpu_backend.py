@@ -39,9 +39,13 @@ TEXT = (
     "beside the church on Thursdays. Traders came from the villages with cheese, apples, wool and iron "
     "tools, and the inn by the bridge was full from noon until late at night. A clockmaker kept a shop "
     "on the corner; his clocks were sold as far away as the capital, and people said that you could set "
-    "the sun by them. When the railway came, the market grew, and a second bridge was built downstream."
+    "the sun by them. When the railway came, the market grew, and a second bridge was built downstream. "
+    "Engineers from the city measured the river for a year before they chose the place. They wanted rock "
+    "close to the surface, a straight reach of water, and a road that could climb the far bank without "
+    "a long detour. The new bridge was made of iron and painted dark green, and on the day it opened the "
+    "whole town walked across it and back again, while a band played on the square and the bells rang."
 )
-N_PREFILL, N_DECODE = 224, 48
+N_PREFILL, N_DECODE = 200, 40
 
 
 def _path(name: str) -> pathlib.Path:
