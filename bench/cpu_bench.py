@@ -4,8 +4,10 @@
 For each file, each side runs in its own child process (so its peak RSS is its own), sides
 alternating: prefill tok/s of a `--prompt`-token prompt (pp), single-sequence decode tok/s over
 `--gen` tokens (tg, greedy, each step's logits computed), and resident memory: the child's peak
-RSS, its RSS before the model was opened (interpreter, libraries, compiled kernels) and the
-difference, set against the file's size plus the KV cache the side allocated. Same prompt ids,
+RSS, its RSS before the model was opened (interpreter and libraries; numba's compiled kernels load
+at first use, after it) and the difference, set against the file's size plus the KV cache the side
+allocated; and the weights' resident bytes (the file's mapped pages, plus on orcd's side the
+packed matrices' copies). Same prompt ids,
 same context (`--ctx`), same thread count (`--threads`: llama.cpp's n_threads, numba's
 NUMBA_NUM_THREADS). Medians of `--reps` repetitions after one warm-up.
 
@@ -43,6 +45,19 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _mapped_rss(path: str) -> int:
+    """Resident bytes of the process's mappings of `path` (the model file's pages in memory)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1]) * 1024
+    return total
+
+
 def _prompt(n: int, vocab: int) -> list[int]:
     import numpy as np
 
@@ -52,6 +67,7 @@ def _prompt(n: int, vocab: int) -> list[int]:
 def child_orcd(path: str, a) -> dict:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
+    import numpy as np
     from bench_engine import run_to_completion
 
     from orcd_grpc.backends import cpu_kernels, cpu_ops  # noqa: F401  (libraries in the baseline)
@@ -75,9 +91,13 @@ def child_orcd(path: str, a) -> dict:
 
     one()  # warm-up: numba's cached kernels, the pages of the map
     runs = [one() for _ in range(a.reps)]
+    # the weights' resident bytes: the file's mapped pages plus the packed copies (anonymous)
+    mapped = eng.model.reader.data
+    copies = sum(p.nbytes for w in eng.adapter.w.values() for p in (w if isinstance(w, list) else [w])
+                 if isinstance(p, cpu_kernels.QWeight) and not np.may_share_memory(p.raw, mapped))
     out = dict(load_s=load_s, kv_bytes=int(eng.info.kv_cache_bytes), weights_bytes=int(eng.info.weights_bytes),
                pp=statistics.median(r[0] for r in runs), tg=statistics.median(r[1] for r in runs),
-               base_rss=base, rss=_rss(), peak_rss=_peak())
+               base_rss=base, rss=_rss(), peak_rss=_peak(), weights_resident=_mapped_rss(path) + copies)
     eng.close()
     return out
 
@@ -88,7 +108,9 @@ def child_llama(path: str, a) -> dict:
 
     base = _rss()
     t = time.perf_counter()
-    llm = Llama(model_path=path, n_ctx=a.ctx, n_threads=a.threads, n_threads_batch=a.threads, n_batch=a.prompt,
+    # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of scores and writes each step's at its
+    # position; n_ubatch = the prompt: the prompt is one ggml graph, as orcd's prefill is one step
+    llm = Llama(model_path=path, n_ctx=a.ctx, n_threads=a.threads, n_threads_batch=a.threads, n_batch=a.ctx,
                 n_ubatch=a.prompt, logits_all=False, verbose=False)
     load_s = time.perf_counter() - t
     ids = _prompt(a.prompt, llm.n_vocab())
@@ -118,7 +140,8 @@ def child_llama(path: str, a) -> dict:
     dv = int(meta.get(f"{arch}.attention.value_length", dk))
     kv = a.ctx * n_layers * kv_heads * (dk + dv) * 2
     return dict(load_s=load_s, kv_bytes=kv, pp=statistics.median(r[0] for r in runs),
-                tg=statistics.median(r[1] for r in runs), base_rss=base, rss=_rss(), peak_rss=_peak())
+                tg=statistics.median(r[1] for r in runs), base_rss=base, rss=_rss(), peak_rss=_peak(),
+                weights_resident=_mapped_rss(path))
 
 
 def run_child(side: str, path: pathlib.Path, a) -> dict | None:
@@ -157,8 +180,8 @@ def main(argv=None):
         sides = ("orcd",)
     MiB = 1 << 20
     print(f"| file | side | pp{a.prompt} tok/s | tg{a.gen} tok/s | peak RSS MiB | RSS before load MiB | "
-          f"difference MiB | file + KV MiB | difference / (file + KV) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"difference MiB | file + KV MiB | difference / (file + KV) | weights resident MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = []
     for name in a.models.split(","):
         path = MODELS / f"{name}.gguf"
@@ -177,7 +200,7 @@ def main(argv=None):
             results.append(r)
             print(f"| {name} | {'orcd cpu' if side == 'orcd' else 'llama-cpp-python'} | {r['pp']:.1f} | "
                   f"{r['tg']:.1f} | {r['peak_rss'] / MiB:.0f} | {r['base_rss'] / MiB:.0f} | {grown / MiB:.0f} | "
-                  f"{budget / MiB:.0f} | {grown / budget:.2f} |", flush=True)
+                  f"{budget / MiB:.0f} | {grown / budget:.2f} | {r['weights_resident'] / MiB:.0f} |", flush=True)
     for name in a.models.split(","):
         o = [r for r in results if r["file"] == name and r["side"] == "orcd"]
         l_ = [r for r in results if r["file"] == name and r["side"] == "llama"]
