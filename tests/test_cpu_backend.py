@@ -45,7 +45,7 @@ TEXT = (
     "a long detour. The new bridge was made of iron and painted dark green, and on the day it opened the "
     "whole town walked across it and back again, while a band played on the square and the bells rang."
 )
-N_PREFILL, N_DECODE = 200, 40
+N_PREFILL, N_DECODE = 176, 32
 
 
 def _path(name: str) -> pathlib.Path:
@@ -67,6 +67,8 @@ def _teacher_forced(path, backend, ids) -> np.ndarray:
         eng.close()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # the float32 reference's Gemma 3 (262k-row output) on a busy 2-core machine
 @pytest.mark.parametrize("name", REAL)
 def test_real_model_top1_agrees_with_the_reference(name):
     path = _path(name)
@@ -146,8 +148,8 @@ def test_f16_store_rounds_as_numpy():
 
 @pytest.mark.parametrize("kv", ["f16", "f32"])
 def test_resident_bytes_are_what_admission_counted(kv):
-    """weights_bytes is the file's bytes the backend holds (views of the map or the packed
-    copies), kv_cache_bytes the cache's arrays, sized for every sequence's full context."""
+    """weights_bytes is the file's bytes the backend holds (its copies of them), kv_cache_bytes
+    the cache's arrays, sized for every sequence's full context; nothing of the map stays resident."""
     from orcd_grpc.backends import cpu_kernels
 
     path = _path("smollm2-135m-instruct")
@@ -168,5 +170,8 @@ def test_resident_bytes_are_what_admission_counted(kv):
         assert slots >= 3 * 256  # a full context per sequence, plus the padding block
         file_bytes = path.stat().st_size
         assert eng.info.weights_bytes <= file_bytes  # nothing dequantized beyond norms
+        mapped = eng.model.reader.data
+        assert not any(np.may_share_memory(getattr(p, "raw", p), mapped) for w in eng.adapter.w.values()
+                       for p in (w if isinstance(w, list) else [w]))
     finally:
         eng.close()

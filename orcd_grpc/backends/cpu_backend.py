@@ -1,13 +1,16 @@
 """The CPU backend: weights stay in their GGUF format, products run on the quantized blocks.
 
-What it keeps resident is the file's own bytes: a lone tensor's weight is a view of the GGUF
-memory map (no copy; the kernel pages it in), a packed one (Q/K/V, gate/up) one copy of its
-parts, after which the parts' pages are given back (`finish_load`), so resident memory is about
-the file's size plus the KV cache. Matmuls and embedding lookups run in cpu_kernels (numba, on
-the quantized blocks, multithreaded); norms, rope, glu and decode attention in cpu_ops (numba,
-one call per op); the attention of long prompt chunks in NumPy (BLAS products, chunked). The KV
-cache is float16 (default) or float32 (`ORCD_CPU_KV`), sized by the loader from the context and
-sequences asked for. The NumPy backend stays as the float32 reference these are checked against.
+What it keeps resident is the file's own bytes, copied once out of the GGUF memory map (packed
+matrices, Q/K/V and gate/up, as one copy of their parts), after which the map's pages are given
+back (`finish_load`). Copies rather than views of the map: a page fault on a mapped file maps the
+page cache's whole folio around it (large folios: up to megabytes), so views of a few tensors kept
+nearly the whole file resident beside the packed copies (SmolLM2: 130 MiB for a 94 MB file); copied,
+resident memory is the file's size plus the KV cache pages in use. Matmuls and embedding lookups
+run in cpu_kernels (numba, on the quantized blocks, multithreaded); norms, rope, glu and decode
+attention in cpu_ops (numba, one call per op); the attention of long prompt chunks in NumPy (BLAS
+products, chunked). The KV cache is float16 (default) or float32 (`ORCD_CPU_KV`), sized by the
+loader from the context and sequences asked for. The NumPy backend stays as the float32
+reference these are checked against.
 """
 from __future__ import annotations
 
@@ -108,8 +111,8 @@ class CpuBackend(NumpyBackend):
         shape = tuple(int(s) for s in shape)
         if not self._quantized(qtype, shape):
             # F32 as it is in the file; F16/BF16 vectors and types the kernels lack decoded
-            return quants.dequantize(raw, qtype, shape)
-        data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)  # a view of the map when it is one
+            return np.array(quants.dequantize(raw, qtype, shape), np.float32, copy=True)
+        data = np.array(np.ascontiguousarray(raw).reshape(-1).view(np.uint8), copy=True)
         rows = int(np.prod(shape[:-1]))
         data = data.reshape(rows, -1)
         if len(shape) == 2:
@@ -123,8 +126,8 @@ class CpuBackend(NumpyBackend):
         return int(np.prod(shape)) * 4
 
     def finish_load(self, model) -> None:
-        """Gives back the map's pages that loading touched (packed parts were read to be copied):
-        what a step reads pages in again, what nothing reads stays out of resident memory."""
+        """Gives back the map's pages that loading read: every weight is a copy, so nothing maps
+        them in again (metadata reads touch a few pages)."""
         mm = getattr(getattr(model, "reader", None), "data", None)
         raw = getattr(mm, "_mmap", None)
         if raw is not None and hasattr(raw, "madvise"):
