@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     print(f"numba {numba.__version__}, threading layer {numba.config.THREADING_LAYER}, "
           f"{numba.config.NUMBA_NUM_THREADS} threads available")
+    big = rng.standard_normal(WORKING_SET // 4, dtype=np.float32)
+    best, _ = timed(big.sum, 5)
+    print(f"memory read ceiling, one thread (NumPy sum of {WORKING_SET >> 20} MiB): {big.nbytes / best / 1e9:.2f} GB/s")
     print(f"{'type':6} {'tensor':12} {'n x k':>11} {'m':>3} {'thr':>3} {'best us':>9} {'med us':>9} "
           f"{'GB/s':>6} {'GFLOP/s':>7}")
     for name in a.types.split(","):
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
                 continue
             one = ck.QWeight(random_raw(qt, n, k, rng), qt, (n, k))
             copies = [one] + [ck.QWeight(random_raw(qt, n, k, rng), qt, (n, k))
-                              for _ in range(max(0, min(16, WORKING_SET // one.nbytes) - 1))]
+                              for _ in range(max(0, -(-WORKING_SET // one.nbytes) - 1))]
             for m in (int(v) for v in a.m.split(",")):
                 x = rng.standard_normal((m, k), dtype=np.float32)
                 for th in (int(v) for v in a.threads.split(",")):

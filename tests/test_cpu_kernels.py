@@ -70,6 +70,24 @@ def test_matmul_matches_float64_reference(qt):
     np.testing.assert_allclose(ck.dequantize(w), ref_w, rtol=1e-6, atol=1e-7 * np.abs(ref_w).max())
 
 
+@pytest.mark.parametrize("qt", sorted(set(ENCODED + K_QUANTS) - {T.F32, T.F16, T.BF16}), ids=lambda t: t.name)
+def test_q8_activations_within_their_rounding_bound(qt):
+    """q8_x rounds x to int8 per 32 values, x_j off by at most amax(group)/254; so each output is
+    off by at most sum_j |w_j| * amax(group of j) / 254, plus the float tolerance above."""
+    rng = np.random.default_rng(int(qt) + 200)
+    n, k = 37, k_for(qt)
+    raw, ref_w = make_weight(qt, n, k, rng)
+    w = ck.QWeight(raw, qt, (n, k))
+    for m in (1, 2):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        amax = np.repeat(np.abs(x.astype(np.float64)).reshape(m, -1, 32).max(axis=2), 32, axis=1)
+        ref = x.astype(np.float64) @ ref_w.T
+        bound = (amax / 254) @ np.abs(ref_w).T * (1 + 1e-5) + 1e-5 * (np.abs(x) @ np.abs(ref_w).T)
+        y = ck.matmul(x, w, q8_x=True)
+        assert np.all(np.abs(y - ref) <= bound), f"worst {np.max(np.abs(y - ref) / bound):.2f} of the bound"
+        assert np.linalg.norm(y - ref) > 0  # x really was rounded
+
+
 @pytest.mark.parametrize("qt", [T.Q4_1, T.Q8_0, T.Q6_K, T.F16, T.BF16], ids=lambda t: t.name)
 def test_both_paths_for_one_x(qt, monkeypatch):
     """16 rows (two whole 8-row passes) through either kernel; F16/BF16: decoded chunks for BLAS,

@@ -1,8 +1,12 @@
 """GGUF block layouts as vector decoders (see cpu_llvm.py for why IR).
 
-Each decoder gets an `Emit` and an i8* to one block and returns the block's values as <32 x float>
-vectors in value order. The layouts are ggml's (ggml-common.h); gguf-py's `quants.py` decodes the
-same bytes with NumPy, and tests/test_cpu_kernels.py compares the two on every format.
+Each decoder gets an `Emit` and an i8* to one block and returns the block's values, 32 at a time
+in value order, as `Part`s: integer levels q (<32 x i32>, within int16) with a scale and an
+optional offset per 16 values, value = scale * q + offset. The float kernels expand that to
+<32 x float>; the int8 kernels multiply q with 8-bit activations and apply scale (and offset
+times the activations' sum) per 16 values. The layouts are ggml's (ggml-common.h); gguf-py's
+`quants.py` decodes the same bytes with NumPy, and tests/test_cpu_kernels.py compares the two on
+every format.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Callable, NamedTuple
 
 from gguf import GGMLQuantizationType as T
 
-from .cpu_llvm import I32, Emit
+from .cpu_llvm import I32, Emit, Part
 
 
 class Format(NamedTuple):
@@ -32,27 +36,25 @@ def _fifth_bits(e: Emit, p, off: int):
 
 
 def q4_0(e: Emit, p):
-    d = e.f16(p, 0)
-    return [e.scaled(_nibble_block(e, p, 2), d, e.fmul(d, e.const(d.type, -8.0)))]
+    return [Part.uniform(e.sub(_nibble_block(e, p, 2), 8), e.f16(p, 0))]
 
 
 def q4_1(e: Emit, p):
-    return [e.scaled(_nibble_block(e, p, 4), e.f16(p, 0), e.f16(p, 2))]
+    return [Part.uniform(_nibble_block(e, p, 4), e.f16(p, 0), e.f16(p, 2))]
 
 
 def q5_0(e: Emit, p):
-    d = e.f16(p, 0)
     q = e.or_(_nibble_block(e, p, 6), _fifth_bits(e, p, 2))
-    return [e.scaled(q, d, e.fmul(d, e.const(d.type, -16.0)))]
+    return [Part.uniform(e.sub(q, 16), e.f16(p, 0))]
 
 
 def q5_1(e: Emit, p):
     q = e.or_(_nibble_block(e, p, 8), _fifth_bits(e, p, 4))
-    return [e.scaled(q, e.f16(p, 0), e.f16(p, 2))]
+    return [Part.uniform(q, e.f16(p, 0), e.f16(p, 2))]
 
 
 def q8_0(e: Emit, p):
-    return [e.fmul(e.sf(e.load_bytes(p, 2, 32)), e.splat(e.f16(p, 0)))]
+    return [Part.uniform(e.sext(e.load_bytes(p, 2, 32)), e.f16(p, 0))]
 
 
 def mxfp4(e: Emit, p):
@@ -65,7 +67,7 @@ def mxfp4(e: Emit, p):
     val = e.select(e.ne(e.and_(c, 8), 0), e.sub(e.const(mag.type, 0), mag), mag)
     sc = e.byte(p, 0)
     bits = e.select(e.lt(sc, 2), e.shl(e.const(I32, 0x00200000), sc), e.shl(e.sub(sc, 1), 23))
-    return [e.fmul(e.sf(val), e.splat(e.b.bitcast(bits, e.f32)))]
+    return [Part.uniform(val, e.b.bitcast(bits, e.f32))]
 
 
 def _k_scale_min(e: Emit, p, off: int, j: int):
@@ -91,7 +93,7 @@ def q4_k(e: Emit, p):
     out = []
     for c in range(4):  # 32 bytes each: sub-block 2c in the low nibbles, 2c+1 in the high ones
         lo, hi = e.nibbles(e.load_bytes(p, 16 + 32 * c, 32))
-        out += [e.scaled(lo, *sm[2 * c]), e.scaled(hi, *sm[2 * c + 1])]
+        out += [Part.uniform(lo, *sm[2 * c]), Part.uniform(hi, *sm[2 * c + 1])]
     return out
 
 
@@ -103,7 +105,7 @@ def q5_k(e: Emit, p):
         lo, hi = e.nibbles(e.load_bytes(p, 48 + 32 * c, 32))
         for j, q in ((2 * c, lo), (2 * c + 1, hi)):
             q = e.or_(q, e.shl(e.and_(e.shr(qh, j), 1), 4))
-            out.append(e.scaled(q, *sm[j]))
+            out.append(Part.uniform(q, *sm[j]))
     return out
 
 
@@ -117,8 +119,7 @@ def q6_k(e: Emit, p):
             q = e.or_(e.and_(e.shr(ql[u % 2], 4 * (u // 2)), 15), e.shl(e.and_(e.shr(qh, 2 * u), 3), 4))
             v = 4 * h + u
             s0, s1 = (e.fmul(d, e.sf(e.sext(e.b.load(e.ptr(p, 192 + 2 * v + i)), I32))) for i in range(2))
-            scale = e.halves(s0, s1)
-            out.append(e.fmul(e.fadd(e.uf(q), e.const(scale.type, -32.0)), scale))
+            out.append(Part(e.sub(q, 32), s0, s1))
     return out
 
 
@@ -130,9 +131,9 @@ def q2_k(e: Emit, p):
         for s in range(4):
             v = 4 * h + s
             sc = [e.byte(p, 2 * v + i) for i in range(2)]
-            scale = e.halves(*(e.fmul(d, e.uf(e.and_(x, 15))) for x in sc))
-            bias = e.halves(*(e.fneg(e.fmul(dmin, e.uf(e.shr(x, 4)))) for x in sc))
-            out.append(e.fadd(e.fmul(e.uf(e.and_(e.shr(qs, 2 * s), 3)), scale), bias))
+            s0, s1 = (e.fmul(d, e.uf(e.and_(x, 15))) for x in sc)
+            b0, b1 = (e.fneg(e.fmul(dmin, e.uf(e.shr(x, 4)))) for x in sc)
+            out.append(Part(e.and_(e.shr(qs, 2 * s), 3), s0, s1, b0, b1))
     return out
 
 
@@ -153,8 +154,8 @@ def q3_k(e: Emit, p):
             v = 4 * h + s
             # level = low two bits - 4 unless bit v of hmask[l] is set
             q = e.or_(e.and_(e.shr(qs, 2 * s), 3), e.shl(e.and_(e.shr(hm, v), 1), 2))
-            scale = e.halves(*(e.fmul(d, e.sf(_q3_scale(e, p, 2 * v + i))) for i in range(2)))
-            out.append(e.fmul(e.fadd(e.uf(q), e.const(scale.type, -4.0)), scale))
+            s0, s1 = (e.fmul(d, e.sf(_q3_scale(e, p, 2 * v + i))) for i in range(2))
+            out.append(Part(e.sub(q, 4), s0, s1))
     return out
 
 

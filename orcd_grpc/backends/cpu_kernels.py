@@ -45,15 +45,20 @@ _PLAIN = (T.F32, T.F16, T.BF16)
 
 if numba is not None:
     from .cpu_formats import FORMATS
-    from .cpu_llvm import row_dequant, row_dot, row_dot_rows
+    from .cpu_llvm import row_dequant, row_dot, row_dot_q8, row_dot_rows
 
     _DOT = {qt: row_dot(*f) for qt, f in FORMATS.items()}
+    _DOTQ = {qt: row_dot_q8(*f) for qt, f in FORMATS.items()}
     _DOT8 = {qt: row_dot_rows(*f, GEMM_ROWS) for qt, f in FORMATS.items()}
     _DEQ = {qt: row_dequant(*f) for qt, f in FORMATS.items()}
     # Numba resolves callees as module globals, not through a dict
     _dot_q4_0, _dot_q4_1, _dot_q5_0, _dot_q5_1, _dot_q8_0, _dot_mxfp4 = (
         _DOT[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
     _dot_q2_k, _dot_q3_k, _dot_q4_k, _dot_q5_k, _dot_q6_k = (_DOT[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+    _dotq_q4_0, _dotq_q4_1, _dotq_q5_0, _dotq_q5_1, _dotq_q8_0, _dotq_mxfp4 = (
+        _DOTQ[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+    _dotq_q2_k, _dotq_q3_k, _dotq_q4_k, _dotq_q5_k, _dotq_q6_k = (
+        _DOTQ[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
     _dot8_q4_0, _dot8_q4_1, _dot8_q5_0, _dot8_q5_1, _dot8_q8_0, _dot8_mxfp4 = (
         _DOT8[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
     _dot8_q2_k, _dot8_q3_k, _dot8_q4_k, _dot8_q5_k, _dot8_q6_k = (
@@ -110,6 +115,64 @@ def _make_drivers(deps: str):
                     v = _dot_q5_k(w, o, nb, x, xo)
                 elif qt == _Q6_K:
                     v = _dot_q6_k(w, o, nb, x, xo)
+                else:
+                    v = np.float32(np.nan)
+                y[i, r] = v
+
+    @njit(nogil=True, cache=True, fastmath=True)
+    def quantize_x(x, xq, xd, xs):
+        # x [m, k] -> xq int8 [m, k], xd [m, k/32] (xq * xd ~ x), xs [m, k/16] (float sums)
+        if len(deps) == 0:
+            return
+        m, k = x.shape
+        for i in range(m):
+            for g in range(k // 32):
+                amax = np.float32(0.0)
+                for j in range(32):
+                    amax = max(amax, abs(x[i, g * 32 + j]))
+                d = amax / np.float32(127.0)
+                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                xd[i, g] = d
+                for h in range(2):
+                    t = np.float32(0.0)
+                    for j in range(16):
+                        v = x[i, g * 32 + h * 16 + j]
+                        t += v
+                        xq[i, g * 32 + h * 16 + j] = np.int8(np.trunc(v * inv + np.copysign(np.float32(0.5), v)))
+                    xs[i, 2 * g + h] = t
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def gemv_q8(qt, w, nb, xq, xd, xs, y):
+        if len(deps) == 0:
+            return
+        n, rb = w.shape
+        m, k = xq.shape
+        for r in prange(n):
+            o = r * rb
+            for i in range(m):
+                a, b, c = i * k, i * (k // 32), i * (k // 16)
+                if qt == _Q4_0:
+                    v = _dotq_q4_0(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q4_1:
+                    v = _dotq_q4_1(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q5_0:
+                    v = _dotq_q5_0(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q5_1:
+                    v = _dotq_q5_1(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q8_0:
+                    v = _dotq_q8_0(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _MXFP4:
+                    v = _dotq_mxfp4(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q2_K:
+                    v = _dotq_q2_k(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q3_K:
+                    v = _dotq_q3_k(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q4_K:
+                    v = _dotq_q4_k(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q5_K:
+                    v = _dotq_q5_k(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q6_K:
+                    v = _dotq_q6_k(w, o, nb, xq, a, xd, b, xs, c)
                 else:
                     v = np.float32(np.nan)
                 y[i, r] = v
@@ -202,11 +265,11 @@ def _make_drivers(deps: str):
                         s += bits.view(np.float32) * np.float32(5.192296858534828e33) * x[i, j]
                 y[i, r] = s
 
-    return gemv, gemm8, dequant_rows, gemv_half
+    return gemv, quantize_x, gemv_q8, gemm8, dequant_rows, gemv_half
 
 
 if numba is not None:
-    _gemv, _gemm8, _dequant_rows, _gemv_half = _make_drivers(_sources_hash())
+    _gemv, _quantize_x, _gemv_q8, _gemm8, _dequant_rows, _gemv_half = _make_drivers(_sources_hash())
 
 
 def supported(qtype) -> bool:
@@ -285,8 +348,12 @@ def dequantize(w: QWeight) -> np.ndarray:
     return _rows_f32(w, np.arange(w.shape[0], dtype=np.int64))
 
 
-def matmul(x: np.ndarray, w: QWeight) -> np.ndarray:
-    """float32 [m, n_out] = x @ W.T for float32 x [m, n_in]."""
+def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
+    """float32 [m, n_out] = x @ W.T for float32 x [m, n_in].
+
+    q8_x: for m < GEMM_MIN_M and block formats, round x to 8 bits per 32 values first and sum
+    levels in integers (row_dot_q8): ~1.4x faster decode, ~0.5 % relative error per product.
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, k = w.shape
     if x.ndim != 2 or x.shape[1] != k:
@@ -301,7 +368,14 @@ def matmul(x: np.ndarray, w: QWeight) -> np.ndarray:
     nb = k // GGML_QUANT_SIZES[w.qtype][0]
     if m < GEMM_MIN_M:
         y = np.empty((m, n), np.float32)
-        _gemv(int(w.qtype), w.raw, nb, x, y)
+        if q8_x:
+            xq = np.empty((m, k), np.int8)
+            xd = np.empty((m, k // 32), np.float32)
+            xs = np.empty((m, k // 16), np.float32)
+            _quantize_x(x, xq, xd, xs)
+            _gemv_q8(int(w.qtype), w.raw, nb, xq, xd, xs, y)
+        else:
+            _gemv(int(w.qtype), w.raw, nb, x, y)
         return y
     mp = -(-m // GEMM_ROWS) * GEMM_ROWS
     if mp != m:
