@@ -27,6 +27,14 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+# Numba's default thread pool here is OpenMP (libgomp), whose idle workers spin ~300k turns after
+# each parallel loop. On a machine with more runnable threads than cores that spinning starves
+# the thread doing the work: SmolLM2's 211 decode products took 4.9 s instead of 0.1 s at 2
+# threads on this 2-core host under load (BENCHMARKS.md). Passive waiting costs a futex wake per
+# loop when idle. Read by libgomp when Numba first loads it, so set before any parallel call;
+# an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:
     import numba
     from numba import njit, prange
@@ -84,11 +92,12 @@ def _make_drivers(deps: str):
     """The parallel drivers. `deps` only lands in the closure, where Numba's cache key sees it."""
 
     @njit(parallel=True, nogil=True, cache=True)
-    def gemv(qt, w, nb, x, y):
-        if len(deps) == 0:
-            return
+    def gemv(qt, w, nb, x):
         n, rb = w.shape
         m, k = x.shape
+        y = np.empty((m, n), np.float32)
+        if len(deps) == 0:
+            return y
         for r in prange(n):
             o = r * rb
             for i in range(m):
@@ -118,12 +127,11 @@ def _make_drivers(deps: str):
                 else:
                     v = np.float32(np.nan)
                 y[i, r] = v
+        return y
 
-    @njit(nogil=True, cache=True, fastmath=True)
+    @njit(nogil=True, cache=True, fastmath=True, inline="always")
     def quantize_x(x, xq, xd, xs):
         # x [m, k] -> xq int8 [m, k], xd [m, k/32] (xq * xd ~ x), xs [m, k/16] (float sums)
-        if len(deps) == 0:
-            return
         m, k = x.shape
         for i in range(m):
             for g in range(k // 32):
@@ -142,11 +150,17 @@ def _make_drivers(deps: str):
                     xs[i, 2 * g + h] = t
 
     @njit(parallel=True, nogil=True, cache=True)
-    def gemv_q8(qt, w, nb, xq, xd, xs, y):
-        if len(deps) == 0:
-            return
+    def gemv_q8(qt, w, nb, x):
+        # x rounded to 8 bits here, on the calling thread, before the parallel loop
         n, rb = w.shape
-        m, k = xq.shape
+        m, k = x.shape
+        y = np.empty((m, n), np.float32)
+        xq = np.empty((m, k), np.int8)
+        xd = np.empty((m, k // 32), np.float32)
+        xs = np.empty((m, k // 16), np.float32)
+        quantize_x(x, xq, xd, xs)
+        if len(deps) == 0:
+            return y
         for r in prange(n):
             o = r * rb
             for i in range(m):
@@ -176,6 +190,7 @@ def _make_drivers(deps: str):
                 else:
                     v = np.float32(np.nan)
                 y[i, r] = v
+        return y
 
     @njit(parallel=True, nogil=True, cache=True)
     def gemm8(qt, w, nb, x, y):
@@ -265,11 +280,11 @@ def _make_drivers(deps: str):
                         s += bits.view(np.float32) * np.float32(5.192296858534828e33) * x[i, j]
                 y[i, r] = s
 
-    return gemv, quantize_x, gemv_q8, gemm8, dequant_rows, gemv_half
+    return gemv, gemv_q8, gemm8, dequant_rows, gemv_half
 
 
 if numba is not None:
-    _gemv, _quantize_x, _gemv_q8, _gemm8, _dequant_rows, _gemv_half = _make_drivers(_sources_hash())
+    _gemv, _gemv_q8, _gemm8, _dequant_rows, _gemv_half = _make_drivers(_sources_hash())
 
 
 def supported(qtype) -> bool:
@@ -288,7 +303,7 @@ class QWeight:
     file (a view of the file's bytes where they are contiguous, as a memory map's are).
     """
 
-    __slots__ = ("raw", "qtype", "shape")
+    __slots__ = ("raw", "qtype", "shape", "_code", "_nb")
 
     def __init__(self, raw, qtype, shape):
         t = T(int(qtype))
@@ -305,6 +320,8 @@ class QWeight:
         self.raw = b.reshape(n, row_bytes)
         self.qtype = t
         self.shape = (n, k)
+        self._code = int(t)  # what the drivers branch on
+        self._nb = k // bs  # blocks per row
 
     @property
     def nbytes(self) -> int:
@@ -331,7 +348,7 @@ def _rows_f32(w: QWeight, rows: np.ndarray) -> np.ndarray:
         return p.astype(np.float32) if w.qtype == T.F32 else _half_to_f32(p, w.qtype == T.BF16)
     out = np.empty((rows.shape[0], k), np.float32)
     if rows.shape[0]:
-        _dequant_rows(int(w.qtype), w.raw, k // GGML_QUANT_SIZES[w.qtype][0], rows, out)
+        _dequant_rows(w._code, w.raw, w._nb, rows, out)
     return out
 
 
@@ -365,23 +382,13 @@ def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
         return np.empty((0, n), np.float32)
     if w.qtype in _PLAIN:
         return _matmul_half(x, w)
-    nb = k // GGML_QUANT_SIZES[w.qtype][0]
     if m < GEMM_MIN_M:
-        y = np.empty((m, n), np.float32)
-        if q8_x:
-            xq = np.empty((m, k), np.int8)
-            xd = np.empty((m, k // 32), np.float32)
-            xs = np.empty((m, k // 16), np.float32)
-            _quantize_x(x, xq, xd, xs)
-            _gemv_q8(int(w.qtype), w.raw, nb, xq, xd, xs, y)
-        else:
-            _gemv(int(w.qtype), w.raw, nb, x, y)
-        return y
+        return (_gemv_q8 if q8_x else _gemv)(w._code, w.raw, w._nb, x)
     mp = -(-m // GEMM_ROWS) * GEMM_ROWS
     if mp != m:
         x = np.concatenate([x, np.zeros((mp - m, k), np.float32)])
     y = np.empty((mp, n), np.float32)
-    _gemm8(int(w.qtype), w.raw, nb, x, y)
+    _gemm8(w._code, w.raw, w._nb, x, y)
     return y[:m] if mp != m else y
 
 
