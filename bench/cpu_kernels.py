@@ -33,8 +33,10 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from orcd_grpc.backends import cpu_kernels as ck  # noqa: E402
 
-# (tensor, n, k) of SmolLM2-135M: hidden 576, ffn 1536, vocab 49152 (the tied output matrix)
-SHAPES = [("attn_q/o", 576, 576), ("ffn_gate/up", 1536, 576), ("ffn_down", 576, 1536), ("output", 49152, 576)]
+# (tensor, n, k) of SmolLM2-135M: hidden 576, ffn 1536, vocab 49152 (the tied output matrix); 576 is
+# not a multiple of a K-quant's 256 values, so those run Gemma-3-270M's attn_output and ffn_down
+SHAPES = [("attn_q/o", 576, 576), ("ffn_gate/up", 1536, 576), ("ffn_down", 576, 1536), ("output", 49152, 576),
+          ("g3.attn_out", 640, 1024), ("g3.ffn_down", 640, 2048)]
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4", "F16", "BF16", "F32"]
 WORKING_SET = 64 << 20  # bytes of weights cycled through: well above an 8 MiB L3
 
@@ -107,14 +109,14 @@ def main(argv=None) -> int:
     print(f"numba {numba.__version__}, threading layer {numba.config.THREADING_LAYER}, "
           f"{numba.config.NUMBA_NUM_THREADS} threads available")
     big = rng.standard_normal(WORKING_SET // 4, dtype=np.float32)
-    best, _ = timed(big.sum, 5)
+    best, _, _ = timed(big.sum, 5)
     print(f"memory read ceiling, one thread (NumPy sum of {WORKING_SET >> 20} MiB): {big.nbytes / best / 1e9:.2f} GB/s")
     print(f"{'type':6} {'tensor':12} {'n x k':>11} {'m':>3} {'x':>3} {'thr':>3} {'best us':>9} {'med us':>9} "
           f"{'CPU us':>9} {'GB/s':>6} {'GFLOP/s':>7}")
     for name in a.types.split(","):
         qt = T[name]
         for tensor, n, k in SHAPES:
-            if a.shapes not in tensor:
+            if a.shapes not in tensor or tensor.startswith("g3.") != (GGML_QUANT_SIZES[qt][0] == 256):
                 continue
             one = ck.QWeight(random_raw(qt, n, k, rng), qt, (n, k))
             copies = [one] + [ck.QWeight(random_raw(qt, n, k, rng), qt, (n, k))

@@ -54,7 +54,7 @@ def check_product(y, x, ref_w):
 
 def k_for(qt):
     bs = GGML_QUANT_SIZES[qt][0]
-    return 768 if bs == 256 else (320 if bs == 32 else 70)  # several blocks; F32/F16/BF16: odd length
+    return 768 if bs == 256 else 320  # several blocks (F16/BF16: ten 32-value groups)
 
 
 @pytest.mark.parametrize("qt", ENCODED + K_QUANTS, ids=lambda t: t.name)
@@ -90,17 +90,29 @@ def test_q8_activations_within_their_rounding_bound(qt):
 
 @pytest.mark.parametrize("qt", [T.Q4_1, T.Q8_0, T.Q6_K, T.F16, T.BF16], ids=lambda t: t.name)
 def test_both_paths_for_one_x(qt, monkeypatch):
-    """16 rows (two whole 8-row passes) through either kernel; F16/BF16: decoded chunks for BLAS,
-    several chunks plus a short last one."""
+    """16 rows (two whole 8-row passes) through either kernel."""
     rng = np.random.default_rng(7)
     n, k = 41, k_for(qt)
     raw, ref_w = make_weight(qt, n, k, rng)
     w = ck.QWeight(raw, qt, (n, k))
     x = rng.standard_normal((16, k)).astype(np.float32)
-    monkeypatch.setattr(ck, "CHUNK_ELEMS", 8 * k)  # 8 rows a chunk: 5 full chunks and 1 row
     check_product(ck.matmul(x, w), x, ref_w)
     monkeypatch.setattr(ck, "GEMM_MIN_M", 10**9)  # every row of x through the per-row kernel
     check_product(ck.matmul(x, w), x, ref_w)
+
+
+@pytest.mark.parametrize("qt", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
+def test_float_formats_with_rows_not_in_32_value_groups(qt, monkeypatch):
+    """k = 70: F16/BF16 take the plain loop (m = 1) and decoded chunks through BLAS (m > 1)."""
+    rng = np.random.default_rng(13)
+    n, k = 23, 70
+    raw, ref_w = make_weight(qt, n, k, rng)
+    w = ck.QWeight(raw, qt, (n, k))
+    monkeypatch.setattr(ck, "CHUNK_ELEMS", 8 * k)
+    for m in (1, 5):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        check_product(ck.matmul(x, w), x, ref_w)
+    np.testing.assert_allclose(ck.embed_rows(w, [3, 0, 22]), ref_w[[3, 0, 22]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("qt", [T.Q8_0, T.Q4_K, T.F16], ids=lambda t: t.name)

@@ -159,6 +159,21 @@ def q3_k(e: Emit, p):
     return out
 
 
+def _halves32(e: Emit, p):
+    return e.zext(e.b.load(e.b.bitcast(p, e.vec_ptr(16, 32)), align=1))
+
+
+def f16(e: Emit, p):
+    return [Part(e.f16_bits(_halves32(e, p)), None, None)]
+
+
+def bf16(e: Emit, p):
+    return [Part(e.b.bitcast(e.shl(_halves32(e, p), 16), e.vec_f32()), None, None)]
+
+
+#: F16/BF16 as 32-value "blocks", for rows whose length is a multiple of 32 (no q8_x path)
+FLOAT_FORMATS: dict[T, Format] = {T.F16: Format(64, 32, f16), T.BF16: Format(64, 32, bf16)}
+
 FORMATS: dict[T, Format] = {
     T.Q4_0: Format(18, 32, q4_0),
     T.Q4_1: Format(20, 32, q4_1),

@@ -12,8 +12,9 @@ F16, BF16), its bytes left as they are in the file. Output rows are spread over 
   (bench/cpu_kernels.py, BENCHMARKS.md), and keeps to one thread pool: OpenBLAS's threads and
   Numba's fought over the cores.
 
-F32 weights go to NumPy (BLAS); F16/BF16 have a plain Numba loop for m == 1 and decoded chunks
-through BLAS otherwise (their blocks are single values, so nothing is saved by decoding in place).
+F32 weights go to NumPy (BLAS). F16/BF16 rows of whole 32-value groups use the same kernels (as
+64-byte "blocks"); other row lengths have a plain Numba loop for m == 1 and decoded chunks
+through BLAS otherwise.
 
 Compiled code is cached on disk by Numba (cache=True); the cache key includes a hash of the
 decoder sources (cpu_llvm.py, cpu_formats.py), which Numba's own key does not see.
@@ -52,13 +53,16 @@ CHUNK_ELEMS = 64 * 1024
 _PLAIN = (T.F32, T.F16, T.BF16)
 
 if numba is not None:
-    from .cpu_formats import FORMATS
+    from .cpu_formats import FLOAT_FORMATS, FORMATS
     from .cpu_llvm import row_dequant, row_dot, row_dot_q8, row_dot_rows
 
-    _DOT = {qt: row_dot(*f) for qt, f in FORMATS.items()}
+    _ALL = {**FORMATS, **FLOAT_FORMATS}
+    _DOT = {qt: row_dot(*f) for qt, f in _ALL.items()}
     _DOTQ = {qt: row_dot_q8(*f) for qt, f in FORMATS.items()}
-    _DOT8 = {qt: row_dot_rows(*f, GEMM_ROWS) for qt, f in FORMATS.items()}
-    _DEQ = {qt: row_dequant(*f) for qt, f in FORMATS.items()}
+    _DOT8 = {qt: row_dot_rows(*f, GEMM_ROWS) for qt, f in _ALL.items()}
+    _DEQ = {qt: row_dequant(*f) for qt, f in _ALL.items()}
+    _dot_f16, _dot_bf16, _dot8_f16, _dot8_bf16, _deq_f16, _deq_bf16 = (
+        d[t] for d in (_DOT, _DOT8, _DEQ) for t in (T.F16, T.BF16))
     # Numba resolves callees as module globals, not through a dict
     _dot_q4_0, _dot_q4_1, _dot_q5_0, _dot_q5_1, _dot_q8_0, _dot_mxfp4 = (
         _DOT[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
@@ -77,6 +81,7 @@ if numba is not None:
 
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _MXFP4 = (int(t) for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+_F16, _BF16 = int(T.F16), int(T.BF16)
 
 
 def _sources_hash() -> str:
@@ -124,6 +129,10 @@ def _make_drivers(deps: str):
                     v = _dot_q5_k(w, o, nb, x, xo)
                 elif qt == _Q6_K:
                     v = _dot_q6_k(w, o, nb, x, xo)
+                elif qt == _F16:
+                    v = _dot_f16(w, o, nb, x, xo)
+                elif qt == _BF16:
+                    v = _dot_bf16(w, o, nb, x, xo)
                 else:
                     v = np.float32(np.nan)
                 y[i, r] = v
@@ -226,6 +235,10 @@ def _make_drivers(deps: str):
                     _dot8_q5_k(w, o, nb, x, xo, k, y, yo, n)
                 elif qt == _Q6_K:
                     _dot8_q6_k(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _F16:
+                    _dot8_f16(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _BF16:
+                    _dot8_bf16(w, o, nb, x, xo, k, y, yo, n)
 
     @njit(parallel=True, nogil=True, cache=True)
     def dequant_rows(qt, w, nb, rows, out):
@@ -258,6 +271,10 @@ def _make_drivers(deps: str):
                 _deq_q5_k(w, o, nb, out, oo)
             elif qt == _Q6_K:
                 _deq_q6_k(w, o, nb, out, oo)
+            elif qt == _F16:
+                _deq_f16(w, o, nb, out, oo)
+            elif qt == _BF16:
+                _deq_bf16(w, o, nb, out, oo)
 
     @njit(parallel=True, nogil=True, cache=True, fastmath=True)
     def gemv_half(bf16, w, x, y):
@@ -303,7 +320,7 @@ class QWeight:
     file (a view of the file's bytes where they are contiguous, as a memory map's are).
     """
 
-    __slots__ = ("raw", "qtype", "shape", "_code", "_nb")
+    __slots__ = ("raw", "qtype", "shape", "_code", "_nb", "_blocks")
 
     def __init__(self, raw, qtype, shape):
         t = T(int(qtype))
@@ -321,7 +338,9 @@ class QWeight:
         self.qtype = t
         self.shape = (n, k)
         self._code = int(t)  # what the drivers branch on
-        self._nb = k // bs  # blocks per row
+        # F16/BF16 rows of whole 32-value groups go through the block kernels too
+        self._blocks = t in FORMATS or (t in (T.F16, T.BF16) and k % 32 == 0)
+        self._nb = k // bs if t in FORMATS else k // 32  # blocks per row
 
     @property
     def nbytes(self) -> int:
@@ -343,7 +362,7 @@ def _half_to_f32(bits: np.ndarray, bf16: bool) -> np.ndarray:
 
 def _rows_f32(w: QWeight, rows: np.ndarray) -> np.ndarray:
     k = w.shape[1]
-    if w.qtype in _PLAIN:
+    if not w._blocks:
         p = w._plain()[rows]
         return p.astype(np.float32) if w.qtype == T.F32 else _half_to_f32(p, w.qtype == T.BF16)
     out = np.empty((rows.shape[0], k), np.float32)
@@ -368,8 +387,9 @@ def dequantize(w: QWeight) -> np.ndarray:
 def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
     """float32 [m, n_out] = x @ W.T for float32 x [m, n_in].
 
-    q8_x: for m < GEMM_MIN_M and block formats, round x to 8 bits per 32 values first and sum
-    levels in integers (row_dot_q8): ~1.4x faster decode, ~0.5 % relative error per product.
+    q8_x: for m < GEMM_MIN_M and quantized formats (not F32/F16/BF16), round x to 8 bits per 32
+    values first and sum levels in integers (row_dot_q8): ~1.6x faster decode for Q4_0/Q4_1/Q4_K,
+    no faster for Q8_0/Q6_K; ~0.5 % relative error per product.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, k = w.shape
@@ -380,10 +400,10 @@ def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
         return x @ w._plain().T
     if m == 0:
         return np.empty((0, n), np.float32)
-    if w.qtype in _PLAIN:
+    if not w._blocks:
         return _matmul_half(x, w)
     if m < GEMM_MIN_M:
-        return (_gemv_q8 if q8_x else _gemv)(w._code, w.raw, w._nb, x)
+        return (_gemv_q8 if q8_x and w.qtype in FORMATS else _gemv)(w._code, w.raw, w._nb, x)
     mp = -(-m // GEMM_ROWS) * GEMM_ROWS
     if mp != m:
         x = np.concatenate([x, np.zeros((mp - m, k), np.float32)])

@@ -30,11 +30,12 @@ def vec(elt, n: int = LANES) -> ir.VectorType:
 
 class Part(NamedTuple):
     """32 consecutive values of a block: scale * q + offset, scale and offset per 16 values
-    (s0/b0 for values 0-15, s1/b1 for 16-31; the same object twice where they are uniform)."""
+    (s0/b0 for values 0-15, s1/b1 for 16-31; the same object twice where they are uniform).
+    Float formats (F16, BF16) give q as <32 x float> and no scale."""
 
-    q: ir.Value  # <32 x i32> integer levels, within int16
-    s0: ir.Value
-    s1: ir.Value
+    q: ir.Value  # <32 x i32> integer levels, within int16 (or <32 x float>, s0 = s1 = None)
+    s0: ir.Value | None
+    s1: ir.Value | None
     b0: ir.Value | None = None
     b1: ir.Value | None = None
 
@@ -75,6 +76,14 @@ class Emit:
         """<32 x float> whose first 16 lanes are scalar s0 and last 16 are s1 (per-16 scales)."""
         return self.concat(self.splat(s0, 16), self.splat(s1, 16))
 
+    @staticmethod
+    def vec_ptr(bits: int, n: int = LANES):
+        return vec(ir.IntType(bits), n).as_pointer()
+
+    @staticmethod
+    def vec_f32(n: int = LANES):
+        return vec(F32, n)
+
     # ---- memory (p is an i8* to the block; offsets in bytes)
     def ptr(self, p, off: int):
         return self.b.gep(p, [ir.Constant(I64, off)]) if off else p
@@ -89,15 +98,18 @@ class Emit:
     def u32(self, p, off: int):
         return self.b.load(self.b.bitcast(self.ptr(p, off), I32.as_pointer()), align=1)
 
+    def f16_bits(self, h):
+        """IEEE half bits (i32 or <n x i32>, upper bits clear) -> float: exact for every finite half."""
+        sign = self.shl(self.and_(h, 0x8000), 16)
+        mag = self.shl(self.and_(h, 0x7FFF), 13)
+        ft = vec(F32, h.type.count) if isinstance(h.type, ir.VectorType) else F32
+        return self.fmul(self.b.bitcast(self.or_(sign, mag), ft), self.const(ft, 2.0 ** 112))
+
     def f16(self, p, off: int):
         """The little-endian IEEE half at p+off as a float. Bit arithmetic rather than LLVM's
         `half` type, whose conversion is a library call on hosts without F16C; exact for every
         finite half (subnormals included: the multiply by 2**112 rebiases the exponent)."""
-        h = self.b.zext(self.b.load(self.b.bitcast(self.ptr(p, off), I16.as_pointer()), align=1), I32)
-        sign = self.b.shl(self.b.and_(h, self.const(I32, 0x8000)), self.const(I32, 16))
-        mag = self.b.shl(self.b.and_(h, self.const(I32, 0x7FFF)), self.const(I32, 13))
-        f = self.b.bitcast(self.b.or_(sign, mag), F32)
-        return self.b.fmul(f, self.const(F32, 2.0 ** 112))
+        return self.f16_bits(self.b.zext(self.b.load(self.b.bitcast(self.ptr(p, off), I16.as_pointer()), align=1), I32))
 
     # ---- integer ops (scalars or vectors; int operands become constants)
     def and_(self, a, c):
@@ -161,6 +173,8 @@ class Emit:
 
     def values(self, part: Part):
         """A Part as <32 x float>."""
+        if part.s0 is None:
+            return part.q
         v = self.fmul(self.sf(part.q), self.per_half(part.s0, part.s1))
         return v if part.b0 is None else self.fadd(v, self.per_half(part.b0, part.b1))
 
