@@ -1,7 +1,7 @@
 """GGUF block layouts as vector decoders (see cpu_llvm.py for why IR).
 
 Each decoder gets an `Emit` and an i8* to one block and returns the block's values, 32 at a time
-in value order, as `Part`s: integer levels q (<32 x i32>, within int16) with a scale and an
+in value order, as `Part`s: integer levels q (<32 x i8> or wider, signed) with a scale and an
 optional offset per 16 values, value = scale * q + offset. The float kernels expand that to
 <32 x float>; the int8 kernels multiply q with 8-bit activations and apply scale (and offset
 times the activations' sum) per 16 values. The layouts are ggml's (ggml-common.h); gguf-py's
@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 
 from gguf import GGMLQuantizationType as T
 
-from .cpu_llvm import I32, Emit, Part
+from .cpu_llvm import I8, I32, Emit, Part, vec
 
 
 class Format(NamedTuple):
@@ -24,15 +24,15 @@ class Format(NamedTuple):
 
 
 def _nibble_block(e: Emit, p, q_off: int):
-    """Values 0-15 in the low nibbles of 16 bytes, 16-31 in the high ones, as <32 x i32>."""
+    """Values 0-15 in the low nibbles of 16 bytes, 16-31 in the high ones, as <32 x i8>."""
     return e.concat(*e.nibbles(e.load_bytes(p, q_off, 16)))
 
 
 def _fifth_bits(e: Emit, p, off: int):
-    """Bit j of the little-endian u32 at p+off, shifted to bit 4, for j = 0..31 (<32 x i32>)."""
+    """Bit j of the little-endian u32 at p+off, shifted to bit 4, for j = 0..31 (<32 x i8>)."""
     qh = e.splat(e.u32(p, off))
     bit = e.and_(qh, [1 << j for j in range(32)])
-    return e.shl(e.b.zext(e.ne(bit, 0), qh.type), 4)
+    return e.shl(e.b.zext(e.ne(bit, 0), vec(I8, 32)), 4)
 
 
 def q4_0(e: Emit, p):
@@ -54,13 +54,13 @@ def q5_1(e: Emit, p):
 
 
 def q8_0(e: Emit, p):
-    return [Part.uniform(e.sext(e.load_bytes(p, 2, 32)), e.f16(p, 0))]
+    return [Part.uniform(e.load_bytes(p, 2, 32), e.f16(p, 0))]
 
 
 def mxfp4(e: Emit, p):
     # E2M1 codes (sign, 2-bit exponent, 1-bit mantissa), doubled so that they are integers:
     # 0 1 2 3 4 6 8 12; the E8M0 scale is stored as half of 2**(e-127) to compensate.
-    c = _nibble_block(e, p, 1)
+    c = e.zext(_nibble_block(e, p, 1))  # int32 lanes: the shifts below vary per lane
     ex = e.and_(e.shr(c, 1), 3)
     m = e.and_(c, 1)
     mag = e.select(e.eq(ex, 0), m, e.shr(e.shl(e.add(m, 2), ex), 1))
@@ -99,7 +99,7 @@ def q4_k(e: Emit, p):
 
 def q5_k(e: Emit, p):
     sm = _k_scales(e, p, 4, e.f16(p, 0), e.f16(p, 2))
-    qh = e.zext(e.load_bytes(p, 16, 32))  # bit j of byte l: the fifth bit of value l of sub-block j
+    qh = e.load_bytes(p, 16, 32)  # bit j of byte l: the fifth bit of value l of sub-block j
     out = []
     for c in range(4):
         lo, hi = e.nibbles(e.load_bytes(p, 48 + 32 * c, 32))
@@ -113,8 +113,8 @@ def q6_k(e: Emit, p):
     d = e.f16(p, 208)
     out = []
     for h in range(2):  # 128 values: low bits in ql[64h:64h+64], high two bits in qh[32h:32h+32]
-        qh = e.zext(e.load_bytes(p, 128 + 32 * h, 32))
-        ql = [e.zext(e.load_bytes(p, 64 * h + 32 * t, 32)) for t in range(2)]
+        qh = e.load_bytes(p, 128 + 32 * h, 32)
+        ql = [e.load_bytes(p, 64 * h + 32 * t, 32) for t in range(2)]
         for u in range(4):  # vector 4h+u: nibble (u // 2) of ql half (u % 2), crumb u of qh
             q = e.or_(e.and_(e.shr(ql[u % 2], 4 * (u // 2)), 15), e.shl(e.and_(e.shr(qh, 2 * u), 3), 4))
             v = 4 * h + u
@@ -127,7 +127,7 @@ def q2_k(e: Emit, p):
     d, dmin = e.f16(p, 80), e.f16(p, 82)
     out = []
     for h in range(2):
-        qs = e.zext(e.load_bytes(p, 16 + 32 * h, 32))
+        qs = e.load_bytes(p, 16 + 32 * h, 32)
         for s in range(4):
             v = 4 * h + s
             sc = [e.byte(p, 2 * v + i) for i in range(2)]
@@ -146,10 +146,10 @@ def _q3_scale(e: Emit, p, i: int):
 
 def q3_k(e: Emit, p):
     d = e.f16(p, 108)
-    hm = e.zext(e.load_bytes(p, 0, 32))
+    hm = e.load_bytes(p, 0, 32)
     out = []
     for h in range(2):
-        qs = e.zext(e.load_bytes(p, 32 + 32 * h, 32))
+        qs = e.load_bytes(p, 32 + 32 * h, 32)
         for s in range(4):
             v = 4 * h + s
             # level = low two bits - 4 unless bit v of hmask[l] is set

@@ -33,7 +33,7 @@ class Part(NamedTuple):
     (s0/b0 for values 0-15, s1/b1 for 16-31; the same object twice where they are uniform).
     Float formats (F16, BF16) give q as <32 x float> and no scale."""
 
-    q: ir.Value  # <32 x i32> integer levels, within int16 (or <32 x float>, s0 = s1 = None)
+    q: ir.Value  # <32 x iN> signed integer levels within int16 (or <32 x float>, s0 = s1 = None)
     s0: ir.Value | None
     s1: ir.Value | None
     b0: ir.Value | None = None
@@ -187,8 +187,13 @@ class Emit:
         return self.b.add(ev, od)
 
     def nibbles(self, q):
-        """<n x i8> packed bytes -> (<n x i32> low nibbles, <n x i32> high nibbles)."""
-        return self.zext(self.and_(q, 15)), self.zext(self.shr(q, 4))
+        """<n x i8> packed bytes -> (low nibbles, high nibbles), still <n x i8>: bit work on bytes
+        is a quarter of the vector operations of the same work on int32 lanes."""
+        return self.and_(q, 15), self.shr(q, 4)
+
+    def to_i16(self, q):
+        w = q.type.element.width
+        return q if w == 16 else (self.b.sext(q, vec(I16, q.type.count)) if w < 16 else self.b.trunc(q, vec(I16, q.type.count)))
 
     def hsum(self, v):
         n = v.type.count
@@ -315,7 +320,7 @@ def row_dot_q8(block_bytes: int, block_values: int, decode):
                     g = builder.add(builder.mul(b, e.const(I64, groups)), e.const(I64, j))
                     qx = e.sext(builder.load(builder.bitcast(builder.gep(qbase, [builder.mul(g, e.const(I64, LANES))]),
                                                              vec(I8).as_pointer()), align=1), I16)
-                    s = e.pair_dot(builder.trunc(part.q, vec(I16)), qx)  # lanes 0-7: values 0-15
+                    s = e.pair_dot(e.to_i16(part.q), qx)  # lanes 0-7: values 0-15
                     dx = builder.load(builder.gep(dbase, [g]))
                     s0 = e.fmul(part.s0, dx)
                     scale = e.per_half(s0, s0 if part.s1 is part.s0 else e.fmul(part.s1, dx), 16)
