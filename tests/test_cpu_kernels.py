@@ -160,3 +160,13 @@ def test_bad_shapes_are_refused():
     assert not ck.supported(T.IQ2_XXS)
     with pytest.raises(ValueError, match="IQ2_XXS"):
         ck.QWeight(raw, T.IQ2_XXS, (4, 64))
+
+
+def test_mxfp4_every_code_decodes_exactly():
+    """All 256 byte values in every position of a block (both nibbles, both signs, all codes)."""
+    blocks = np.zeros((256, 17), np.uint8)
+    blocks[:, 0] = 127  # scale 2**0 (stored halved)
+    blocks[:, 1:] = np.arange(256, dtype=np.uint8)[:, None]
+    raw = blocks.reshape(8, -1)
+    w = ck.QWeight(raw, T.MXFP4, (8, 32 * 32))
+    np.testing.assert_array_equal(ck.dequantize(w), gguf.quants.dequantize(raw, T.MXFP4).reshape(8, -1))

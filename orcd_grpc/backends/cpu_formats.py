@@ -60,10 +60,13 @@ def q8_0(e: Emit, p):
 def mxfp4(e: Emit, p):
     # E2M1 codes (sign, 2-bit exponent, 1-bit mantissa), doubled so that they are integers:
     # 0 1 2 3 4 6 8 12; the E8M0 scale is stored as half of 2**(e-127) to compensate.
-    c = e.zext(_nibble_block(e, p, 1))  # int32 lanes: the shifts below vary per lane
-    ex = e.and_(e.shr(c, 1), 3)
-    m = e.and_(c, 1)
-    mag = e.select(e.eq(ex, 0), m, e.shr(e.shl(e.add(m, 2), ex), 1))
+    # With t the low three bits, the magnitude is t + max(t - 4, 0) + (2 if t == 7): constant
+    # operations on bytes (a per-lane shift would need int32 lanes on x86).
+    c = _nibble_block(e, p, 1)
+    t = e.and_(c, 7)
+    over = e.sub(t, 4)
+    over = e.select(e.b.icmp_signed(">", over, e.const(over.type, 0)), over, e.const(over.type, 0))
+    mag = e.add(e.add(t, over), e.shl(e.b.zext(e.eq(t, 7), t.type), 1))
     val = e.select(e.ne(e.and_(c, 8), 0), e.sub(e.const(mag.type, 0), mag), mag)
     sc = e.byte(p, 0)
     bits = e.select(e.lt(sc, 2), e.shl(e.const(I32, 0x00200000), sc), e.shl(e.sub(sc, 1), 23))
