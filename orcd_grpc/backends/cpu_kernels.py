@@ -388,8 +388,8 @@ def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
     """float32 [m, n_out] = x @ W.T for float32 x [m, n_in].
 
     q8_x: for m < GEMM_MIN_M and quantized formats (not F32/F16/BF16), round x to 8 bits per 32
-    values first and sum levels in integers (row_dot_q8): ~1.6x faster decode for Q4_0/Q4_1/Q4_K,
-    no faster for Q8_0/Q6_K; ~0.5 % relative error per product.
+    values first and sum levels in integers (row_dot_q8): ~1.2-1.7x faster decode for the 4- and
+    5-bit formats, little for Q8_0/Q6_K (BENCHMARKS.md); ~0.5 % relative error per product.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, k = w.shape
