@@ -93,6 +93,30 @@ def _sources_hash() -> str:
     return h.hexdigest()
 
 
+if numba is not None:
+    # a module global, not a closure cell: Numba's cache key pickles closure cells, and a
+    # dispatcher pickles differently in every process (the caller's cache never hit)
+    @njit(nogil=True, cache=True, fastmath=True, inline="always")
+    def _quantize_x(x, xq, xd, xs):
+        # x [m, k] -> xq int8 [m, k], xd [m, k/32] (xq * xd ~ x), xs [m, k/16] (float sums)
+        m, k = x.shape
+        for i in range(m):
+            for g in range(k // 32):
+                amax = np.float32(0.0)
+                for j in range(32):
+                    amax = max(amax, abs(x[i, g * 32 + j]))
+                d = amax / np.float32(127.0)
+                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                xd[i, g] = d
+                for h in range(2):
+                    t = np.float32(0.0)
+                    for j in range(16):
+                        v = x[i, g * 32 + h * 16 + j]
+                        t += v
+                        xq[i, g * 32 + h * 16 + j] = np.int8(np.trunc(v * inv + np.copysign(np.float32(0.5), v)))
+                    xs[i, 2 * g + h] = t
+
+
 def _make_drivers(deps: str):
     """The parallel drivers. `deps` only lands in the closure, where Numba's cache key sees it."""
 
@@ -138,26 +162,6 @@ def _make_drivers(deps: str):
                 y[i, r] = v
         return y
 
-    @njit(nogil=True, cache=True, fastmath=True, inline="always")
-    def quantize_x(x, xq, xd, xs):
-        # x [m, k] -> xq int8 [m, k], xd [m, k/32] (xq * xd ~ x), xs [m, k/16] (float sums)
-        m, k = x.shape
-        for i in range(m):
-            for g in range(k // 32):
-                amax = np.float32(0.0)
-                for j in range(32):
-                    amax = max(amax, abs(x[i, g * 32 + j]))
-                d = amax / np.float32(127.0)
-                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-                xd[i, g] = d
-                for h in range(2):
-                    t = np.float32(0.0)
-                    for j in range(16):
-                        v = x[i, g * 32 + h * 16 + j]
-                        t += v
-                        xq[i, g * 32 + h * 16 + j] = np.int8(np.trunc(v * inv + np.copysign(np.float32(0.5), v)))
-                    xs[i, 2 * g + h] = t
-
     @njit(parallel=True, nogil=True, cache=True)
     def gemv_q8(qt, w, nb, x):
         # x rounded to 8 bits here, on the calling thread, before the parallel loop
@@ -167,7 +171,7 @@ def _make_drivers(deps: str):
         xq = np.empty((m, k), np.int8)
         xd = np.empty((m, k // 32), np.float32)
         xs = np.empty((m, k // 16), np.float32)
-        quantize_x(x, xq, xd, xs)
+        _quantize_x(x, xq, xd, xs)
         if len(deps) == 0:
             return y
         for r in prange(n):
