@@ -145,6 +145,7 @@ def test_raw_is_a_view_of_contiguous_bytes():
     flat = raw.reshape(-1)
     w = ck.QWeight(flat, T.Q8_0, (8, 64))
     assert np.shares_memory(w.raw, flat) and w.raw.shape == (8, 2 * 34)
+    assert not w.raw.flags.writeable and flat.flags.writeable  # one compiled type, caller's array untouched
 
 
 def test_bad_shapes_are_refused():

@@ -339,6 +339,9 @@ class QWeight:
         if b.size != n * row_bytes:
             raise ValueError(f"cpu_kernels: {t.name} {(n, k)} needs {n * row_bytes} bytes, got {b.size}")
         self.raw = b.reshape(n, row_bytes)
+        # Always read-only (a memory-mapped file's bytes are): Numba types read-only arrays apart
+        # and would compile and cache every driver a second time for writable ones.
+        self.raw.flags.writeable = False
         self.qtype = t
         self.shape = (n, k)
         self._code = int(t)  # what the drivers branch on
