@@ -54,7 +54,7 @@ def check_product(y, x, ref_w):
 
 def k_for(qt):
     bs = GGML_QUANT_SIZES[qt][0]
-    return 768 if bs == 256 else (320 if bs == 32 else 70)  # several blocks; F32/F16/BF16: odd length
+    return 768 if bs == 256 else 320  # several blocks (F16/BF16: ten 32-value groups)
 
 
 @pytest.mark.parametrize("qt", ENCODED + K_QUANTS, ids=lambda t: t.name)
@@ -70,19 +70,49 @@ def test_matmul_matches_float64_reference(qt):
     np.testing.assert_allclose(ck.dequantize(w), ref_w, rtol=1e-6, atol=1e-7 * np.abs(ref_w).max())
 
 
+@pytest.mark.parametrize("qt", sorted(set(ENCODED + K_QUANTS) - {T.F32, T.F16, T.BF16}), ids=lambda t: t.name)
+def test_q8_activations_within_their_rounding_bound(qt):
+    """q8_x rounds x to int8 per 32 values, x_j off by at most amax(group)/254; so each output is
+    off by at most sum_j |w_j| * amax(group of j) / 254, plus the float tolerance above."""
+    rng = np.random.default_rng(int(qt) + 200)
+    n, k = 37, k_for(qt)
+    raw, ref_w = make_weight(qt, n, k, rng)
+    w = ck.QWeight(raw, qt, (n, k))
+    for m in (1, 2):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        amax = np.repeat(np.abs(x.astype(np.float64)).reshape(m, -1, 32).max(axis=2), 32, axis=1)
+        ref = x.astype(np.float64) @ ref_w.T
+        bound = (amax / 254) @ np.abs(ref_w).T * (1 + 1e-5) + 1e-5 * (np.abs(x) @ np.abs(ref_w).T)
+        y = ck.matmul(x, w, q8_x=True)
+        assert np.all(np.abs(y - ref) <= bound), f"worst {np.max(np.abs(y - ref) / bound):.2f} of the bound"
+        assert np.linalg.norm(y - ref) > 0  # x really was rounded
+
+
 @pytest.mark.parametrize("qt", [T.Q4_1, T.Q8_0, T.Q6_K, T.F16, T.BF16], ids=lambda t: t.name)
 def test_both_paths_for_one_x(qt, monkeypatch):
-    """16 rows (two whole 8-row passes) through either kernel; F16/BF16: decoded chunks for BLAS,
-    several chunks plus a short last one."""
+    """16 rows (two whole 8-row passes) through either kernel."""
     rng = np.random.default_rng(7)
     n, k = 41, k_for(qt)
     raw, ref_w = make_weight(qt, n, k, rng)
     w = ck.QWeight(raw, qt, (n, k))
     x = rng.standard_normal((16, k)).astype(np.float32)
-    monkeypatch.setattr(ck, "CHUNK_ELEMS", 8 * k)  # 8 rows a chunk: 5 full chunks and 1 row
     check_product(ck.matmul(x, w), x, ref_w)
     monkeypatch.setattr(ck, "GEMM_MIN_M", 10**9)  # every row of x through the per-row kernel
     check_product(ck.matmul(x, w), x, ref_w)
+
+
+@pytest.mark.parametrize("qt", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
+def test_float_formats_with_rows_not_in_32_value_groups(qt, monkeypatch):
+    """k = 70: F16/BF16 take the plain loop (m = 1) and decoded chunks through BLAS (m > 1)."""
+    rng = np.random.default_rng(13)
+    n, k = 23, 70
+    raw, ref_w = make_weight(qt, n, k, rng)
+    w = ck.QWeight(raw, qt, (n, k))
+    monkeypatch.setattr(ck, "CHUNK_ELEMS", 8 * k)
+    for m in (1, 5):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        check_product(ck.matmul(x, w), x, ref_w)
+    np.testing.assert_allclose(ck.embed_rows(w, [3, 0, 22]), ref_w[[3, 0, 22]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("qt", [T.Q8_0, T.Q4_K, T.F16], ids=lambda t: t.name)
@@ -115,6 +145,7 @@ def test_raw_is_a_view_of_contiguous_bytes():
     flat = raw.reshape(-1)
     w = ck.QWeight(flat, T.Q8_0, (8, 64))
     assert np.shares_memory(w.raw, flat) and w.raw.shape == (8, 2 * 34)
+    assert not w.raw.flags.writeable and flat.flags.writeable  # one compiled type, caller's array untouched
 
 
 def test_bad_shapes_are_refused():
@@ -130,3 +161,13 @@ def test_bad_shapes_are_refused():
     assert not ck.supported(T.IQ2_XXS)
     with pytest.raises(ValueError, match="IQ2_XXS"):
         ck.QWeight(raw, T.IQ2_XXS, (4, 64))
+
+
+def test_mxfp4_every_code_decodes_exactly():
+    """All 256 byte values in every position of a block (both nibbles, both signs, all codes)."""
+    blocks = np.zeros((256, 17), np.uint8)
+    blocks[:, 0] = 127  # scale 2**0 (stored halved)
+    blocks[:, 1:] = np.arange(256, dtype=np.uint8)[:, None]
+    raw = blocks.reshape(8, -1)
+    w = ck.QWeight(raw, T.MXFP4, (8, 32 * 32))
+    np.testing.assert_array_equal(ck.dequantize(w), gguf.quants.dequantize(raw, T.MXFP4).reshape(8, -1))

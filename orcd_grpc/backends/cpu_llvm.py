@@ -12,6 +12,8 @@ nothing here names an instruction set.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
@@ -24,6 +26,22 @@ LANES = 32
 
 def vec(elt, n: int = LANES) -> ir.VectorType:
     return ir.VectorType(elt, n)
+
+
+class Part(NamedTuple):
+    """32 consecutive values of a block: scale * q + offset, scale and offset per 16 values
+    (s0/b0 for values 0-15, s1/b1 for 16-31; the same object twice where they are uniform).
+    Float formats (F16, BF16) give q as <32 x float> and no scale."""
+
+    q: ir.Value  # <32 x iN> signed integer levels within int16 (or <32 x float>, s0 = s1 = None)
+    s0: ir.Value | None
+    s1: ir.Value | None
+    b0: ir.Value | None = None
+    b1: ir.Value | None = None
+
+    @classmethod
+    def uniform(cls, q, scale, offset=None):
+        return cls(q, scale, scale, offset, offset)
 
 
 class Emit:
@@ -58,6 +76,14 @@ class Emit:
         """<32 x float> whose first 16 lanes are scalar s0 and last 16 are s1 (per-16 scales)."""
         return self.concat(self.splat(s0, 16), self.splat(s1, 16))
 
+    @staticmethod
+    def vec_ptr(bits: int, n: int = LANES):
+        return vec(ir.IntType(bits), n).as_pointer()
+
+    @staticmethod
+    def vec_f32(n: int = LANES):
+        return vec(F32, n)
+
     # ---- memory (p is an i8* to the block; offsets in bytes)
     def ptr(self, p, off: int):
         return self.b.gep(p, [ir.Constant(I64, off)]) if off else p
@@ -72,15 +98,18 @@ class Emit:
     def u32(self, p, off: int):
         return self.b.load(self.b.bitcast(self.ptr(p, off), I32.as_pointer()), align=1)
 
+    def f16_bits(self, h):
+        """IEEE half bits (i32 or <n x i32>, upper bits clear) -> float: exact for every finite half."""
+        sign = self.shl(self.and_(h, 0x8000), 16)
+        mag = self.shl(self.and_(h, 0x7FFF), 13)
+        ft = vec(F32, h.type.count) if isinstance(h.type, ir.VectorType) else F32
+        return self.fmul(self.b.bitcast(self.or_(sign, mag), ft), self.const(ft, 2.0 ** 112))
+
     def f16(self, p, off: int):
         """The little-endian IEEE half at p+off as a float. Bit arithmetic rather than LLVM's
         `half` type, whose conversion is a library call on hosts without F16C; exact for every
         finite half (subnormals included: the multiply by 2**112 rebiases the exponent)."""
-        h = self.b.zext(self.b.load(self.b.bitcast(self.ptr(p, off), I16.as_pointer()), align=1), I32)
-        sign = self.b.shl(self.b.and_(h, self.const(I32, 0x8000)), self.const(I32, 16))
-        mag = self.b.shl(self.b.and_(h, self.const(I32, 0x7FFF)), self.const(I32, 13))
-        f = self.b.bitcast(self.b.or_(sign, mag), F32)
-        return self.b.fmul(f, self.const(F32, 2.0 ** 112))
+        return self.f16_bits(self.b.zext(self.b.load(self.b.bitcast(self.ptr(p, off), I16.as_pointer()), align=1), I32))
 
     # ---- integer ops (scalars or vectors; int operands become constants)
     def and_(self, a, c):
@@ -138,18 +167,33 @@ class Emit:
     def fneg(self, a):
         return self.b.fsub(self.const(a.type, 0.0), a, flags=FAST)
 
-    def scaled(self, q, scale, bias=None):
-        """scale * float(q) + bias, q an integer vector, scale/bias scalars or vectors."""
-        n = q.type.count
-        s = scale if isinstance(scale.type, ir.VectorType) else self.splat(scale, n)
-        out = self.fmul(self.uf(q) if q.type.element != F32 else q, s)
-        if bias is not None:
-            out = self.fadd(out, bias if isinstance(bias.type, ir.VectorType) else self.splat(bias, n))
-        return out
+    def per_half(self, a, c, n: int = LANES):
+        """<n x float>: scalar a in the first n/2 lanes, c in the rest (one splat if a is c)."""
+        return self.splat(a, n) if a is c else self.concat(self.splat(a, n // 2), self.splat(c, n // 2))
+
+    def values(self, part: Part):
+        """A Part as <32 x float>."""
+        if part.s0 is None:
+            return part.q
+        v = self.fmul(self.sf(part.q), self.per_half(part.s0, part.s1))
+        return v if part.b0 is None else self.fadd(v, self.per_half(part.b0, part.b1))
+
+    def pair_dot(self, a, c):
+        """<2n x i16> a, c -> <n x i32> sums of adjacent products (x86 lowers it to pmaddwd)."""
+        n = a.type.count
+        p = self.b.mul(self.b.sext(a, vec(I32, n)), self.b.sext(c, vec(I32, n)))
+        ev = self.b.shuffle_vector(p, p, ir.Constant(vec(I32, n // 2), list(range(0, n, 2))))
+        od = self.b.shuffle_vector(p, p, ir.Constant(vec(I32, n // 2), list(range(1, n, 2))))
+        return self.b.add(ev, od)
 
     def nibbles(self, q):
-        """<n x i8> packed bytes -> (<n x i32> low nibbles, <n x i32> high nibbles)."""
-        return self.zext(self.and_(q, 15)), self.zext(self.shr(q, 4))
+        """<n x i8> packed bytes -> (low nibbles, high nibbles), still <n x i8>: bit work on bytes
+        is a quarter of the vector operations of the same work on int32 lanes."""
+        return self.and_(q, 15), self.shr(q, 4)
+
+    def to_i16(self, q):
+        w = q.type.element.width
+        return q if w == 16 else (self.b.sext(q, vec(I16, q.type.count)) if w < 16 else self.b.trunc(q, vec(I16, q.type.count)))
 
     def hsum(self, v):
         n = v.type.count
@@ -189,7 +233,8 @@ def row_dot(block_bytes: int, block_values: int, decode):
                 b = loop.index
                 p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
                 xp = builder.gep(xbase, [builder.mul(b, e.const(I64, block_values))])
-                for i, v in enumerate(decode(e, p)):
+                for i, part in enumerate(decode(e, p)):
+                    v = e.values(part)
                     xv = builder.load(builder.bitcast(e.ptr(xp, i * LANES), vec(F32).as_pointer()), align=4)
                     acc = accs[i % len(accs)]
                     builder.store(e.fadd(builder.load(acc), e.fmul(v, xv)), acc)
@@ -225,7 +270,7 @@ def row_dot_rows(block_bytes: int, block_values: int, decode, rows: int):
                 b = loop.index
                 p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
                 xo = builder.mul(b, e.const(I64, block_values))
-                vs = decode(e, p)
+                vs = [e.values(part) for part in decode(e, p)]
                 for i in range(rows):
                     xp = builder.gep(xrows[i], [xo])
                     part = None
@@ -247,6 +292,56 @@ def row_dot_rows(block_bytes: int, block_values: int, decode, rows: int):
     return dots
 
 
+def row_dot_q8(block_bytes: int, block_values: int, decode):
+    """An intrinsic dot8(w, w_off, n_blocks, xq, xq_off, xd, xd_off, xs, xs_off) -> float32: like
+    row_dot, against x quantized to 8 bits per 32 values (x ~ xq * xd, one xd per 32 values, xs:
+    the float sums of x per 16 values for the offsets). Levels times xq are summed in int32 (two
+    products at a time: pmaddwd on x86), scaled once per 16 values; about 1.4x the float kernel's
+    speed for Q4_1, at ~0.5 % relative error from x's rounding (what llama.cpp accepts too)."""
+    groups = block_values // LANES
+
+    @intrinsic
+    def dot8(typingctx, w, w_off, n_blocks, xq, xq_off, xd, xd_off, xs, xs_off):
+        sig = types.float32(w, w_off, n_blocks, xq, xq_off, xd, xd_off, xs, xs_off)
+
+        def codegen(context, builder, signature, args):
+            e = Emit(builder)
+            i64 = lambda v: builder.sext(v, I64) if v.type.width < 64 else v  # noqa: E731
+            wbase = builder.bitcast(_data(context, builder, signature.args[0], args[0], args[1]), I8.as_pointer())
+            qbase = builder.bitcast(_data(context, builder, signature.args[3], args[3], args[4]), I8.as_pointer())
+            dbase = _data(context, builder, signature.args[5], args[5], args[6])
+            sbase = _data(context, builder, signature.args[7], args[7], args[8])
+            accs = [cgutils.alloca_once_value(builder, e.const(vec(F32, 16), 0.0)) for _ in range(min(2, groups))]
+            off = cgutils.alloca_once_value(builder, e.const(F32, 0.0))
+            with cgutils.for_range(builder, i64(args[2])) as loop:
+                b = loop.index
+                p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
+                for j, part in enumerate(decode(e, p)):
+                    g = builder.add(builder.mul(b, e.const(I64, groups)), e.const(I64, j))
+                    qx = e.sext(builder.load(builder.bitcast(builder.gep(qbase, [builder.mul(g, e.const(I64, LANES))]),
+                                                             vec(I8).as_pointer()), align=1), I16)
+                    s = e.pair_dot(e.to_i16(part.q), qx)  # lanes 0-7: values 0-15
+                    dx = builder.load(builder.gep(dbase, [g]))
+                    s0 = e.fmul(part.s0, dx)
+                    scale = e.per_half(s0, s0 if part.s1 is part.s0 else e.fmul(part.s1, dx), 16)
+                    acc = accs[j % len(accs)]
+                    builder.store(e.fadd(builder.load(acc), e.fmul(e.sf(s), scale)), acc)
+                    if part.b0 is not None:
+                        g2 = builder.mul(g, e.const(I64, 2))
+                        xs0 = builder.load(builder.gep(sbase, [g2]))
+                        xs1 = builder.load(builder.gep(sbase, [builder.add(g2, e.const(I64, 1))]))
+                        t = e.fadd(e.fmul(part.b0, xs0), e.fmul(part.b1, xs1))
+                        builder.store(e.fadd(builder.load(off), t), off)
+            total = builder.load(accs[0])
+            for acc in accs[1:]:
+                total = e.fadd(total, builder.load(acc))
+            return e.fadd(e.hsum(total), builder.load(off))
+
+        return sig, codegen
+
+    return dot8
+
+
 def row_dequant(block_bytes: int, block_values: int, decode):
     """An intrinsic dequant(w, w_off, n_blocks, out, out_off): decode n_blocks blocks from byte w_off
     of w into float32 out from element out_off."""
@@ -264,8 +359,8 @@ def row_dequant(block_bytes: int, block_values: int, decode):
                 b = loop.index
                 p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
                 op = builder.gep(obase, [builder.mul(b, e.const(I64, block_values))])
-                for i, v in enumerate(decode(e, p)):
-                    builder.store(v, builder.bitcast(e.ptr(op, i * LANES), vec(F32).as_pointer()), align=4)
+                for i, part in enumerate(decode(e, p)):
+                    builder.store(e.values(part), builder.bitcast(e.ptr(op, i * LANES), vec(F32).as_pointer()), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
