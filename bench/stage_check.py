@@ -74,7 +74,7 @@ def prepare(model: str, out: str, split: str, head_rows: int, n_prompts: int) ->
 
     outd = pathlib.Path(out)
     outd.mkdir(parents=True, exist_ok=True)
-    eng = _engine(model, "cpu")
+    eng = _engine(model, "numpy")
     try:
         seqs, ref_i, ref_v = [], [], []
         for text in PROMPTS[:n_prompts]:
@@ -252,7 +252,7 @@ def selftest(model, work, split, head_rows, n_prompts) -> dict:
     for k in range(stage_count(plan)):
         path = build(work, k, prev[-1:] if k else [])
         out = work / f"out-{k}.npz"
-        run(os.fspath(path), os.fspath(work / "plan.json"), os.fspath(out), "cpu")
+        run(os.fspath(path), os.fspath(work / "plan.json"), os.fspath(out), "numpy")
         if k < len(plan["ranges"]):
             prev.append(os.fspath(out))
         else:

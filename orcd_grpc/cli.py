@@ -38,6 +38,7 @@ from . import __version__, cli_tokens, model_store, ratelimit, security
 from . import speculation as _spec
 from .cli_client import DEFAULT_ADDRESS, add_client_flags, client_from_args  # noqa: F401 (DEFAULT_ADDRESS re-exported)
 from .client_errors import ClientConfigError, from_grpc
+from .backends.factory import BACKENDS
 from .errors import InvalidArgument, OrcdError
 from .progress import LoadProgress
 
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="known model name or GGUF path (default: %(default)s)")
     demo.add_argument("--prompt", default=DEMO_PROMPT, help="prompt (default: %(default)r)")
     demo.add_argument("--max-tokens", type=_positive_int, default=24)
-    demo.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
+    demo.add_argument("--backend", choices=BACKENDS, default="auto")
     demo.add_argument("--startup-timeout", type=float, default=300.0,
                       help="seconds to wait for the worker to serve (default: %(default)s)")
 
@@ -161,8 +162,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-id", default="", help="id to serve the model under (default: file name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=_port, default=50051, help="gRPC port (default: %(default)s)")
-    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when PyCUDA finds a GPU, else CPU (default: %(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: CUDA when PyCUDA finds a GPU, else cpu (quantized weights, numba kernels); "
+                        "numpy: the float32 reference, slow (default: %(default)s)")
     p.add_argument("--model-dir", action="append", default=None, metavar="DIR",
                    help="directory LoadModel may read from (repeatable; default: the model cache)")
     p.add_argument("--max-vram", type=parse_size, default=0, metavar="SIZE",

@@ -55,7 +55,10 @@ def retry_safe(reason: str, completion_tokens: int) -> bool:
 def left_beside(held_by: list, backend: str, limit: int, flag: str, field: str) -> int:
     """What `limit` (0: none) leaves a model loading beside the engines in `held_by` (the served
     one and those still finishing their requests) that hold memory of its kind (`backend`)."""
-    held_by = [e for e in held_by if e is not None and e.info.backend == backend]
+    from .backends.factory import HOST_BACKENDS
+
+    kinds = HOST_BACKENDS if backend in HOST_BACKENDS else {backend}
+    held_by = [e for e in held_by if e is not None and e.info.backend in kinds]
     if not limit or not held_by:
         return limit
     held = sum(e.info.vram_bytes for e in held_by)

@@ -6,6 +6,7 @@ file leaves nothing allocated. The weights sized and the weights loaded are one 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,6 @@ from .gguf_model import GGUFModel
 from .kv_cache import BlockAllocator
 
 DEFAULT_MAX_CONTEXT = 8192
-CPU_KV_BUDGET = 1 << 30
 
 
 def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "auto", context_length: int = 0,
@@ -73,8 +73,8 @@ class _Opened:
         # Tensors no forward pass reads are neither loaded nor counted: on the CPU each would be
         # dequantized whole into float32 (a hostile file can carry gigabytes of them).
         used = set(adapter.required()) | adapter.optional_tensors()
-        tensors = [t for t in model.reader.tensors if t.name in used]
-        self.plan = weight_packing.plan(tensors, adapter.packing, adapter.hp.n_layers)
+        self.tensors = [t for t in model.reader.tensors if t.name in used]
+        self._plans: dict = {}
         self.tokenizer = Tokenizer.from_gguf(model.fields)
         self.hp = hp = adapter.hp
         trained = hp.context_length
@@ -83,25 +83,35 @@ class _Opened:
                              field="context_length")
         self.ctx_len = int(context_length or min(trained, max_context))
 
+    def plan(self, be: Backend) -> weight_packing.Plan:
+        """The weights to load on `be`: the adapter's packs under the tuning switches, less the
+        widening a backend without it asks (the CPU's products read every byte of a widened part)."""
+        switches = weight_packing.Switches.from_env()
+        if not be.widen_packs:
+            switches = dataclasses.replace(switches, widen=False)
+        if switches not in self._plans:
+            self._plans[switches] = weight_packing.plan(self.tensors, self.adapter.packing, self.hp.n_layers, switches)
+        return self._plans[switches]
+
 
 def _size(opened: _Opened, be: Backend, *, max_sequences: int, kv_cache_bytes: int, block_size: int) -> Sizing:
-    from .admission import cpu_step_bytes
-
     adapter, hp, ctx_len = opened.adapter, opened.hp, opened.ctx_len
-    weights_bytes, largest = opened.plan.nbytes(be)
+    weights_bytes, largest = opened.plan(be).nbytes(be)
     per_token = adapter.kv_layout(1, 1).bytes(be.kv_elem_size)
     min_blocks = -(-ctx_len // block_size)
     available = be.memory_available()
     # a host backend's step activations are allocated per step, not reserved up front
-    step_bytes = cpu_step_bytes(hp, max_sequences, ctx_len, largest) if be.host_memory else 0
+    step_bytes = be.step_bytes(hp, max_sequences, ctx_len, largest) if be.host_memory else 0
+    # The KV cache holds what was asked for, a full context for each sequence, unless the memory
+    # left beside weights and step does not hold that much (then as much as fits, at least one
+    # context: a load that cannot hold one fails the admission check).
+    asked = max_sequences * ctx_len * per_token
     if kv_cache_bytes:
         budget = kv_cache_bytes
     elif available is None:
-        budget = min(CPU_KV_BUDGET, max_sequences * ctx_len * per_token)
+        budget = asked
     else:
-        budget = min(int((available - weights_bytes - step_bytes) * 0.9), max_sequences * ctx_len * per_token)
-        if be.host_memory:
-            budget = min(budget, CPU_KV_BUDGET)
+        budget = min(int((available - weights_bytes - step_bytes) * 0.9), asked)
     num_blocks = max(min_blocks, budget // (per_token * block_size) - 1)
     kv_bytes = adapter.kv_layout(num_blocks + 1, block_size).bytes(be.kv_elem_size)  # + the padding rows' block
     needed = {"weights": weights_bytes, "KV cache": kv_bytes}
@@ -144,11 +154,12 @@ def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences,
     total = model.tensor_bytes()
     report("validating", 0, total)
     opened = _Opened(model, context_length, max_context)
-    adapter, plan, tokenizer, hp, ctx_len = opened.adapter, opened.plan, opened.tokenizer, opened.hp, opened.ctx_len
+    adapter, tokenizer, hp, ctx_len = opened.adapter, opened.tokenizer, opened.hp, opened.ctx_len
     trained = hp.context_length
 
     be = backend if isinstance(backend, Backend) else make_backend(backend, max_vram, max_ram)
     try:
+        plan = opened.plan(be)
         size = _size(opened, be, max_sequences=max_sequences, kv_cache_bytes=kv_cache_bytes, block_size=block_size)
         weights_bytes, kv_bytes, num_blocks = size.weights_bytes, size.kv_cache_bytes, size.num_blocks
         check_fits(size.needed, size.available, be.memory_name)
@@ -158,6 +169,7 @@ def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences,
             weights[e.name] = be.load_weight(e.name, e.raw(), e.qtype, e.shape)
             done += e.file_bytes
             report("loading", done, total)
+        be.finish_load(model)
         kv = be.alloc_kv(adapter.kv_layout(num_blocks + 1, block_size))  # + the padding rows' block
         report("warming", total, total)
         adapter.n_ctx = ctx_len  # the context served per sequence (phi3 picks its rope factors by it)

@@ -372,8 +372,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def HardwareInfo(self, request, context):
         engine = self.scheduler.engine
-        backend = engine.info.backend if engine is not None else (
-            self.backend if self.backend in ("cpu", "cuda") else "cpu")
+        backend = engine.info.backend if engine is not None else self.backend
+        backend = backend if backend == "cuda" else "cpu"  # the device kind: numpy and auto run on the CPU
         gpu = None
         used = 0
         if engine is not None and backend == "cuda":

@@ -52,6 +52,16 @@ class Tuning:
     workspace_mb: int = _switch(
         0, "ORCD_WORKSPACE_MB", "the step workspace in MiB; 0 sizes it from the VRAM budget (1/8, 64-512 MiB)")
 
+    # ---- the CPU backend
+    cpu_kv: str = _switch(
+        "f16", "ORCD_CPU_KV", "the CPU backend's KV cache element: f16 (half the memory of f32; top-1 agreement "
+        "with the float32 reference is tested) or f32", choices=("f16", "f32"))
+    cpu_threading: str = _switch(
+        "workqueue", "ORCD_CPU_THREADING", "numba's thread pool for the CPU backend's kernels, set before its first "
+        "parallel call: workqueue (threads sleep between calls) or omp (GNU OpenMP; its threads spin, 30 ms a call "
+        "instead of 0.06 on a busy 2-core machine); NUMBA_NUM_THREADS sets the count",
+        choices=("workqueue", "omp", "tbb"))
+
     # ---- attention
     # attn_dec (a 4-warp CTA per key slice, sequence and kv head) against attn_dN_b + merge at B=1,
     # H100 traces 2026-11-23: MHA phi3-mini 4,214 -> 3,322 us per step; GQA slower even with

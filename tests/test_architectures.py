@@ -128,7 +128,7 @@ def test_phi3_longrope_factors_follow_served_context(tmp_path):
     ref = _hf_logits(model, ids)
 
     def run(n_ctx):
-        eng = load_engine(path, backend="cpu", max_sequences=1)
+        eng = load_engine(path, backend="numpy", max_sequences=1)
         try:
             ad = eng.adapter
             assert eng.info.context_length == 256 and ad.rope_factors_kind() == "long"  # unset: trained

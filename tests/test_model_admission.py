@@ -199,16 +199,16 @@ def test_model_over_max_ram_is_refused_before_allocating(tmp_path):
     s = Served(tmp_path, max_ram=48 * MiB)
     try:
         write_model(tmp_path / "big.gguf", **BIG)
-        from orcd_grpc.backends import numpy_backend
+        from orcd_grpc.backends import cpu_backend
 
         loaded = []
-        real = numpy_backend.NumpyBackend.load_weight
-        numpy_backend.NumpyBackend.load_weight = lambda self, name, *a: loaded.append(name) or real(self, name, *a)
+        real = cpu_backend.CpuBackend.load_weight
+        cpu_backend.CpuBackend.load_weight = lambda self, name, *a: loaded.append(name) or real(self, name, *a)
         before = _rss()
         try:
             err = s.refused("big.gguf")
         finally:
-            numpy_backend.NumpyBackend.load_weight = real
+            cpu_backend.CpuBackend.load_weight = real
         assert loaded == []  # refused before the first weight was dequantized
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
         msg = err.details()
@@ -252,12 +252,12 @@ def test_default_ram_limit_is_the_machines_available_memory(served, monkeypatch)
 
 def test_memory_error_during_a_load_is_resource_exhausted(served, monkeypatch):
     """A MemoryError the estimate did not foresee still answers RESOURCE_EXHAUSTED, not INTERNAL."""
-    from orcd_grpc.backends import numpy_backend
+    from orcd_grpc.backends import cpu_backend
 
     def boom(*a, **k):
         raise MemoryError("Unable to allocate 3.2 GiB for an array")
 
-    monkeypatch.setattr(numpy_backend.NumpyBackend, "load_weight", boom)
+    monkeypatch.setattr(cpu_backend.CpuBackend, "load_weight", boom)
     write_model(served.dir / "other.gguf", seed=4)
     err = served.refused("other.gguf")
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()

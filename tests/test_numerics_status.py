@@ -124,7 +124,7 @@ def _reference_logits(path, prompt, generated):
     from orcd_grpc.loader import load_engine
     from orcd_grpc.sampling import SamplingParams
 
-    eng = load_engine(path, backend="cpu", max_sequences=1, max_context=TRAINED)
+    eng = load_engine(path, backend="numpy", max_sequences=1, max_context=TRAINED)
     try:
         s = eng.new_sequence(list(prompt), SamplingParams(temperature=0.0))
         rows = [eng.score(s)[-1]] + [eng.score(s, [t])[-1] for t in generated[:-1]]

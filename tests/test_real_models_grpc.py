@@ -4,8 +4,8 @@ deterministic, coherent text: greedy completions of a factual prompt contain the
 same seed at temperature > 0 gives the same tokens twice, and the streamed text is valid UTF-8
 with no replacement characters and equals the tokenizer's decode of the streamed ids.
 
-CPU time: Gemma 3 270M on the NumPy backend decodes at roughly 0.3-0.8 s a token on a 2-core
-machine, so its requests stay at a few tokens.
+CPU time: requests stay at a few tokens, as CI's machines are small and busy (the CPU backend's
+speed on such a machine is in BENCHMARKS.md).
 """
 from __future__ import annotations
 

@@ -80,11 +80,11 @@ def test_unsupported_type_named(tmp_path, qt):
 
 def test_validation_happens_before_weights_load(tmp_path, monkeypatch):
     """A refused file must not reach load_weight (nothing committed)."""
-    from orcd_grpc.backends import numpy_backend
+    from orcd_grpc.backends import cpu_backend
 
     calls = []
-    orig = numpy_backend.NumpyBackend.load_weight
-    monkeypatch.setattr(numpy_backend.NumpyBackend, "load_weight",
+    orig = cpu_backend.CpuBackend.load_weight
+    monkeypatch.setattr(cpu_backend.CpuBackend, "load_weight",
                         lambda self, *a, **k: calls.append(a[0]) or orig(self, *a, **k))
     with pytest.raises(InvalidArgument):
         _load(_write(tmp_path / "m.gguf", drop="blk.0.attn_q.weight"))

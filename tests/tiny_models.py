@@ -12,7 +12,7 @@ ARCHS = ("llama", "qwen2", "phi3", "phi3_longrope", "gemma3", "gpt_oss")
 N_PROMPT, N_DECODE = 32, 16
 
 
-def engine_logits(path, ids, backend: str = "cpu"):
+def engine_logits(path, ids, backend: str = "numpy"):
     """orcd's logits [N_PROMPT + N_DECODE, vocab] (float64): a N_PROMPT-token prefill, then
     N_DECODE single-token cached steps fed the rest of `ids`."""
     import numpy as np

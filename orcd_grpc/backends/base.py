@@ -94,6 +94,8 @@ class Backend(ABC):
     host_memory: bool = False
     memory_name: str = "memory"  # what memory_available() measures, for messages
     workspace_bytes: int = 0  # the step workspace a device backend reserves (0: none)
+    # Whether packs of mixed types may be re-encoded as one Q8_0 matrix (weight_packing.Switches.widen)
+    widen_packs: bool = True
 
     # ---- memory -------------------------------------------------------------------------
     @abstractmethod
@@ -116,6 +118,16 @@ class Backend(ABC):
     @abstractmethod
     def alloc_kv(self, layout: KVLayout):
         ...
+
+    def step_bytes(self, hp, max_sequences: int, context_length: int, largest_weight: int = 0) -> int:
+        """Peak host bytes of one step beyond weights and KV cache (a host backend's activations,
+        allocated per step; admission counts them at load)."""
+        from ..admission import cpu_step_bytes
+
+        return cpu_step_bytes(hp, max_sequences, context_length, largest_weight)
+
+    def finish_load(self, model) -> None:
+        """Called once every weight of `model` (the GGUFModel) is resident, before the KV cache."""
 
     def memory_available(self) -> int | None:
         """Bytes that may still be allocated, None when unbounded (host memory)."""

@@ -1,8 +1,14 @@
-"""Backends by name (--backend auto, cpu, cuda)."""
+"""Backends by name (--backend auto, cpu, cuda, numpy)."""
 from __future__ import annotations
 
 from ..errors import InvalidArgument
 from .base import Backend
+
+#: --backend's choices. cpu: quantized weights and numba kernels (what auto picks without a GPU);
+#: numpy: the float32 reference the others are tested against (slow: every weight dequantized).
+BACKENDS = ("auto", "cpu", "cuda", "numpy")
+#: Backends whose memory is host RAM (--max-ram), as ModelInfo.backend names them.
+HOST_BACKENDS = frozenset({"cpu", "numpy"})
 
 
 def make_backend(kind: str = "auto", max_vram: int = 0, max_ram: int = 0) -> Backend:
@@ -17,8 +23,11 @@ def make_backend(kind: str = "auto", max_vram: int = 0, max_ram: int = 0) -> Bac
         except ImportError as exc:
             if kind == "cuda":
                 raise InvalidArgument(f"the CUDA backend is unavailable: {exc}", field="backend") from exc
-    elif kind != "cpu":
-        raise InvalidArgument(f"unknown backend {kind!r} (auto, cpu, cuda)", field="backend")
+    elif kind not in BACKENDS:
+        raise InvalidArgument(f"unknown backend {kind!r} ({', '.join(BACKENDS)})", field="backend")
     from ..admission import ram_limit
-    from .numpy_backend import NumpyBackend
-    return NumpyBackend(max_ram=ram_limit(max_ram))
+    if kind == "numpy":
+        from .numpy_backend import NumpyBackend
+        return NumpyBackend(max_ram=ram_limit(max_ram))
+    from .cpu_backend import CpuBackend
+    return CpuBackend(max_ram=ram_limit(max_ram))

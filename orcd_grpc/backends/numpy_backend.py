@@ -1,7 +1,7 @@
 """The reference backend: every op in float32 NumPy on the CPU.
 
-It is how CI (no GPU) runs the whole product and what every CUDA kernel is checked against, so it
-favours obviousness over speed: weights are dequantized once at load, attention gathers each
+It is what the CPU backend's and every CUDA kernel's numerics are checked against (`--backend
+numpy`), so it favours obviousness over speed: weights are dequantized once at load, attention gathers each
 sequence's keys from the paged cache and does a plain softmax.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def rope_angles(positions: np.ndarray, spec: RopeSpec) -> tuple[np.ndarray, np.n
 
 
 class NumpyBackend(Backend):
-    name = "cpu"
+    name = "numpy"
     kv_elem_size = 4
     host_memory = True
     memory_name = "RAM (--max-ram)"

@@ -128,7 +128,7 @@ def test_constrained_requests_on_cuda_match_cpu(request, real_server, model):
 
     path = request.getfixturevalue(model)
     gpu = real_server(path, backend="cuda")
-    cpu = real_server(path, backend="cpu", max_sequences=2)
+    cpu = real_server(path, backend="numpy", max_sequences=2)
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
                                                "n": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["name", "n"], "additionalProperties": False}

@@ -112,7 +112,7 @@ def _pair(path, **kw):
     from orcd_grpc.loader import load_engine
 
     return (load_engine(path, backend="cuda", max_sequences=4, max_context=512, **kw),
-            load_engine(path, backend="cpu", max_sequences=4, max_context=512, **kw))
+            load_engine(path, backend="numpy", max_sequences=4, max_context=512, **kw))
 
 
 @pytest.mark.parametrize("qtype,tol", [("F32", 5e-3), ("Q8_0", 2e-2), ("Q4_0", 2e-2)])

@@ -1,0 +1,320 @@
+"""The CPU backend: weights stay in their GGUF format, products run on the quantized blocks.
+
+What it keeps resident is the file's own bytes, copied once out of the GGUF memory map (packed
+matrices, Q/K/V and gate/up, as one copy of their parts), after which the map's pages are given
+back (`finish_load`). Copies rather than views of the map: a page fault on a mapped file maps the
+page cache's whole folio around it (large folios: up to megabytes), so views of a few tensors kept
+nearly the whole file resident beside the packed copies (SmolLM2: 130 MiB for a 94 MB file); copied,
+resident memory is the file's size plus the KV cache pages in use. Matmuls and embedding lookups
+run in cpu_kernels (numba, on the quantized blocks, multithreaded); norms, rope, glu and decode
+attention in cpu_ops (numba, one call per op); the attention of long prompt chunks in NumPy (BLAS
+products, chunked). The KV cache is float16 (default) or float32 (`ORCD_CPU_KV`), sized by the
+loader from the context and sequences asked for. The NumPy backend stays as the float32
+reference these are checked against.
+"""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import threadpoolctl
+
+from .. import quants
+from ..tuning import Tuning
+from . import cpu_kernels as K
+from . import cpu_ops as ops
+from .base import KVLayout, RopeSpec, StepMeta
+from .numpy_backend import NumpyBackend, rope_angles
+
+# A sequence with at least this many query tokens in a step takes the BLAS attention path (a
+# prompt chunk); fewer (decode, short chunks) the fused numba kernel.
+BLAS_ATTN_TOKENS = 16
+# Query rows per BLAS attention block: bounds its scores to rows x context x heads floats.
+ATTN_BLOCK = 256
+# The attention's products are small: OpenBLAS's threads, spinning against numba's for the same
+# cores, made them tens of times slower on a busy 2-core machine than one BLAS thread.
+_BLAS = threadpoolctl.ThreadpoolController()
+
+
+def _threading(layer: str) -> None:
+    """Picks numba's threading layer; it takes effect only before the process's first parallel
+    call, so a later backend with another choice keeps the first one's (numba has one pool)."""
+    import numba
+
+    numba.config.THREADING_LAYER = layer
+
+
+class CpuKV:
+    """The paged cache, [layer, slot, kv head, dim]; float16 is held as uint16 bits (numba)."""
+
+    def __init__(self, layout: KVLayout, f16: bool):
+        slots = layout.num_blocks * layout.block_size
+        dt = np.uint16 if f16 else np.float32
+        self.layout, self.f16 = layout, f16
+        self.lut = ops.F16_TABLE if f16 else None
+        self.k = np.zeros((layout.n_layers, slots, layout.n_kv_heads, layout.head_dim_k), dt)
+        self.v = np.zeros((layout.n_layers, slots, layout.n_kv_heads, layout.head_dim_v), dt)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes)
+
+    def keys_f32(self, layer: int, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k, v = self.k[layer, slots], self.v[layer, slots]
+        if self.f16:
+            k, v = k.view(np.float16).astype(np.float32), v.view(np.float16).astype(np.float32)
+        return k, v
+
+
+class CpuStep(StepMeta):
+    """A step's meta plus what the ops derive from it once: each token's sequence, and which
+    tokens the numba attention takes (the others' sequences go the BLAS way)."""
+
+    def __init__(self, meta: StepMeta):
+        self.__dict__.update(meta.__dict__)
+        starts = np.asarray(self.q_starts)
+        counts = np.diff(starts)
+        self.tok_seq = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+        long = counts >= BLAS_ATTN_TOKENS
+        self.long_seqs = np.nonzero(long)[0]
+        self.short_tokens = np.nonzero(~long[self.tok_seq])[0].astype(np.int32) if long.any() \
+            else np.arange(len(self.tok_seq), dtype=np.int32)
+        self.positions = np.ascontiguousarray(self.positions, np.int32)
+        self.slot_mapping = np.ascontiguousarray(self.slot_mapping, np.int32)
+        self.block_tables = np.ascontiguousarray(self.block_tables, np.int32)
+        self.ctx_lens = np.ascontiguousarray(self.ctx_lens, np.int32)
+        self.max_ctx = int(self.ctx_lens.max()) if len(self.ctx_lens) else 0
+
+
+class CpuBackend(NumpyBackend):
+    name = "cpu"
+    widen_packs = False
+
+    def __init__(self, max_ram: int | None = None, tuning: Tuning | None = None):
+        super().__init__(max_ram)
+        tuning = tuning or Tuning.from_env()
+        _threading(tuning.cpu_threading)
+        self.kv_f16 = tuning.cpu_kv == "f16"
+        self.kv_elem_size = 2 if self.kv_f16 else 4
+        self._rope: dict[int, tuple[RopeSpec, np.ndarray, np.ndarray]] = {}
+        self._no_sinks = np.zeros(0, np.float32)
+
+    # ---- memory -------------------------------------------------------------------------
+    @staticmethod
+    def _quantized(qtype, shape) -> bool:
+        """Whether the weight stays in its storage format for the kernels. F32 tensors stay
+        arrays (views of the map): norms, biases ([E, F] for experts), and F32 matrices, which
+        NumPy's BLAS multiplies as well as anything."""
+        return len(shape) >= 2 and int(qtype) != int(quants.T.F32) and K.supported(qtype)
+
+    def load_weight(self, name, raw, qtype, shape):
+        shape = tuple(int(s) for s in shape)
+        if not self._quantized(qtype, shape):
+            # F32 as it is in the file; F16/BF16 vectors and types the kernels lack decoded
+            return np.array(quants.dequantize(raw, qtype, shape), np.float32, copy=True)
+        data = np.array(np.ascontiguousarray(raw).reshape(-1).view(np.uint8), copy=True)
+        rows = int(np.prod(shape[:-1]))
+        data = data.reshape(rows, -1)
+        if len(shape) == 2:
+            return K.QWeight(data, qtype, shape)
+        per = shape[-2]  # experts: one weight per expert, views of the same bytes
+        return [K.QWeight(data[e * per:(e + 1) * per], qtype, shape[-2:]) for e in range(rows // per)]
+
+    def weight_nbytes(self, qtype, shape, raw_nbytes):
+        if self._quantized(qtype, shape):
+            return int(raw_nbytes)
+        return int(np.prod(shape)) * 4
+
+    def finish_load(self, model) -> None:
+        """Gives back the map's pages that loading read: every weight is a copy, so nothing maps
+        them in again (metadata reads touch a few pages)."""
+        mm = getattr(getattr(model, "reader", None), "data", None)
+        raw = getattr(mm, "_mmap", None)
+        if raw is not None and hasattr(raw, "madvise"):
+            try:
+                raw.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
+    def alloc_kv(self, layout):
+        return CpuKV(layout, self.kv_f16)
+
+    def step_bytes(self, hp, max_sequences: int, context_length: int, largest_weight: int = 0) -> int:
+        """Peak host bytes of one step beyond weights and KV: a CPU_STEP_TOKENS chunk's float32
+        activations (two layers' worth alive), one ATTN_BLOCK of BLAS attention scores against
+        the whole context (scores, probabilities, mask) plus the chunk's keys and values in
+        float32, and the sampled rows' logits."""
+        from ..admission import CPU_STEP_TOKENS
+
+        t = min(CPU_STEP_TOKENS, max(1, context_length))
+        ctx = max(1, context_length)
+        attn = 2 * (hp.n_heads * hp.head_dim + hp.n_kv_heads * (hp.head_dim + hp.head_dim_v))
+        per_token = 4 * (6 * hp.d_model + attn + 3 * max(1, hp.d_ff))
+        scores = 3 * 4 * hp.n_heads * min(t, ATTN_BLOCK) * ctx
+        kv = 4 * ctx * hp.n_kv_heads * (hp.head_dim + hp.head_dim_v)
+        logits = 2 * 4 * hp.vocab_size * max(1, max_sequences)
+        return 2 * per_token * t + scores + kv + logits
+
+    def begin_step(self, meta: StepMeta):
+        return CpuStep(meta)
+
+    # ---- ops ----------------------------------------------------------------------------
+    def embed(self, w, ctx):
+        if isinstance(w, K.QWeight):
+            return K.embed_rows(w, np.asarray(ctx.token_ids, np.int64))
+        return w[ctx.token_ids]
+
+    def linear(self, x, w, bias=None):
+        x = np.ascontiguousarray(x, np.float32)
+        y = K.matmul(x, w) if isinstance(w, K.QWeight) else x @ w.T
+        if bias is not None:
+            y += bias
+        return y
+
+    def rms_norm(self, x, w, eps, residual=None):
+        shape = x.shape
+        x2 = np.ascontiguousarray(x, np.float32).reshape(-1, shape[-1])
+        out = np.empty_like(x2)
+        if residual is None:
+            ops.rms_norm(x2, w, np.float32(eps), x2[:0], out, x2[:0])
+            return out.reshape(shape), x
+        s = np.empty_like(x2)
+        ops.rms_norm(x2, w, np.float32(eps), np.ascontiguousarray(residual, np.float32).reshape(x2.shape), out, s)
+        return out.reshape(shape), s.reshape(shape)
+
+    def _tables(self, spec: RopeSpec, upto: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin rows for positions [0, upto) (float64 math, as the reference), grown by doubling."""
+        have = self._rope.get(id(spec))
+        if have is None or have[1].shape[0] < upto or have[0] is not spec:
+            n = max(256, 1 << (int(upto) - 1).bit_length())
+            cos, sin = rope_angles(np.arange(n), spec)
+            have = self._rope[id(spec)] = (spec, np.ascontiguousarray(cos), np.ascontiguousarray(sin))
+        return have[1], have[2]
+
+    def rope(self, x, ctx, spec):
+        cos, sin = self._tables(spec, int(ctx.positions.max()) + 1)
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.empty_like(x)
+        ops.rope(x, cos, sin, ctx.positions, spec.dim, spec.neox, out)
+        return out
+
+    def qkv_rope_store(self, qkv, kv: CpuKV, layer, ctx, spec, n_heads, n_kv_heads, head_dim, head_dim_v):
+        cos, sin = self._tables(spec, int(ctx.positions.max()) + 1)
+        T = qkv.shape[0]
+        q = np.empty((T, n_heads, head_dim), np.float32)
+        tmp = np.empty(head_dim, np.float32)
+        ops.qkv_rope_store(np.ascontiguousarray(qkv, np.float32), cos, sin, ctx.positions, spec.dim, spec.neox,
+                           ctx.slot_mapping, kv.k[layer], kv.v[layer], kv.lut, n_heads, n_kv_heads, head_dim,
+                           head_dim_v, q, tmp)
+        return q
+
+    def store_kv(self, k, v, kv: CpuKV, layer, ctx):
+        ops.store_kv(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32), ctx.slot_mapping,
+                     kv.k[layer], kv.v[layer], kv.lut)
+
+    def attention(self, q, k, v, kv: CpuKV, layer, ctx, *, scale, window=0, sinks=None, softcap=0.0):
+        if k is not None:
+            self.store_kv(k, v, kv, layer, ctx)
+        T, hq, _ = q.shape
+        dv = kv.layout.head_dim_v
+        q = np.ascontiguousarray(q, np.float32)
+        out = np.empty((T, hq, dv), np.float32)
+        sk = self._no_sinks if sinks is None else np.ascontiguousarray(sinks, np.float32)
+        if len(ctx.short_tokens):
+            work = len(ctx.short_tokens) * hq * ctx.max_ctx * (q.shape[2] + dv)
+            ops.attention(q, kv.k[layer], kv.v[layer], kv.lut, ctx.short_tokens, ctx.tok_seq, ctx.positions,
+                          ctx.ctx_lens, ctx.block_tables, ctx.block_size, np.float32(scale), int(window), sk,
+                          np.float32(softcap), out, work)
+        if len(ctx.long_seqs):
+            with _BLAS.limit(limits=1, user_api="blas"):
+                for b in ctx.long_seqs:
+                    self._attention_blas(q, kv, layer, ctx, int(b), out, scale, window, sinks, softcap)
+        return out.reshape(T, hq * dv)
+
+    def _attention_blas(self, q, kv: CpuKV, layer, ctx, b, out, scale, window, sinks, softcap):
+        """One sequence's chunk of many query tokens: BLAS products per kv head, ATTN_BLOCK query
+        rows at a time, each block's scores over the keys it can see."""
+        hq, hkv = q.shape[1], kv.layout.n_kv_heads
+        group, bs = hq // hkv, ctx.block_size
+        s0, s1 = int(ctx.q_starts[b]), int(ctx.q_starts[b + 1])
+        n_ctx = int(ctx.ctx_lens[b])
+        pos = np.arange(n_ctx)
+        keys, vals = kv.keys_f32(layer, ctx.block_tables[b][pos // bs] * bs + pos % bs)
+        kt = keys.transpose(1, 2, 0)                     # [hkv, dk, n]
+        vt = vals.transpose(1, 0, 2)                     # [hkv, n, dv]
+        sk = None if sinks is None else np.asarray(sinks, np.float32).reshape(hkv, group, 1, 1)
+        for a0 in range(s0, s1, ATTN_BLOCK):
+            a1 = min(s1, a0 + ATTN_BLOCK)
+            qpos = ctx.positions[a0:a1]
+            n = min(n_ctx, int(qpos.max()) + 1)
+            lo = max(0, int(qpos.min()) - window + 1) if window > 0 else 0
+            t = a1 - a0
+            qb = q[a0:a1].reshape(t, hkv, group, -1).transpose(1, 2, 0, 3).reshape(hkv, group * t, -1)
+            scores = np.matmul(qb, kt[:, :, lo:n]).reshape(hkv, group, t, n - lo)
+            scores *= np.float32(scale)
+            if softcap > 0:
+                scores = np.float32(softcap) * np.tanh(scores / np.float32(softcap))
+            kp = pos[lo:n]
+            hidden = kp[None, :] > qpos[:, None]
+            if window > 0:
+                hidden |= kp[None, :] <= (qpos[:, None] - window)
+            scores[:, :, hidden] = -np.inf
+            m = scores.max(axis=-1, keepdims=True)
+            if sk is not None:
+                m = np.maximum(m, sk)
+            scores -= m
+            np.exp(scores, out=scores)
+            denom = scores.sum(axis=-1, keepdims=True)
+            if sk is not None:
+                denom += np.exp(sk - m)
+            scores /= denom
+            o = np.matmul(scores.reshape(hkv, group * t, n - lo), vt[:, lo:n])  # [hkv, g*t, dv]
+            out[a0:a1] = o.reshape(hkv, group, t, -1).transpose(2, 0, 1, 3).reshape(t, hq, -1)
+
+    def glu_fused(self, x, act="silu"):
+        f = x.shape[-1] // 2
+        out = np.empty((x.shape[0], f), np.float32)
+        ops.glu(x[:, :f], x[:, f:], act != "silu", out)
+        return out
+
+    def silu_mul(self, gate, up):
+        out = np.empty(gate.shape, np.float32)
+        ops.glu(gate, up, False, out)
+        return out
+
+    def gelu_mul(self, gate, up):
+        out = np.empty(gate.shape, np.float32)
+        ops.glu(gate, up, True, out)
+        return out
+
+    def moe(self, x, router_logits, k, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, *,
+            act="silu", alpha=1.702, limit=7.0):
+        return self._moe(x, router_logits, k, w_gate, w_up, w_down, b_gate, b_up, b_down, act, alpha, limit)
+
+    def _moe(self, x, router_logits, k, w_gate, w_up, w_down, b_gate, b_up, b_down, act, alpha, limit):
+        T = x.shape[0]
+        ids = np.argsort(-router_logits, axis=-1, kind="stable")[:, :k]
+        top = np.take_along_axis(router_logits, ids, axis=-1)
+        p = np.exp(top - top.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        out = np.zeros((T, self._rows(w_down)), np.float32)
+        for e in np.unique(ids):
+            rows, slot = np.nonzero(ids == e)
+            xe = np.ascontiguousarray(x[rows])
+            g = self.linear(xe, w_gate[e], None if b_gate is None else b_gate[e])
+            u = self.linear(xe, w_up[e], None if b_up is None else b_up[e])
+            if act == "swiglu_oai":
+                g = np.minimum(g, np.float32(limit))
+                u = np.clip(u, -np.float32(limit), np.float32(limit))
+                a = g / (1.0 + np.exp(-np.float32(alpha) * g)) * (u + 1.0)
+            elif act == "silu":
+                a = self.silu_mul(g, u)
+            else:
+                raise ValueError(f"unknown moe activation {act!r}")
+            y = self.linear(a.astype(np.float32), w_down[e], None if b_down is None else b_down[e])
+            np.add.at(out, rows, y * p[rows, slot][:, None])
+        return out
+
+    @staticmethod
+    def _rows(w) -> int:
+        return w[0].shape[0] if isinstance(w, list) else w.shape[1]

@@ -1,0 +1,434 @@
+"""Matrix products on GGUF weights kept in their stored format, for the CPU backend.
+
+`matmul(x, w)` is y = x @ W.T with W one of the block formats in cpu_formats.FORMATS (or F32,
+F16, BF16), its bytes left as they are in the file. Output rows are spread over Numba's threads
+(prange); within a row, each block is decoded into vector registers and used at once:
+
+* m < GEMM_MIN_M (decode): one x row at a time. The whole weight matrix is read once per row
+  of x at its stored size, which is what bounds decode speed.
+* m >= GEMM_MIN_M (prefill, batched decode): x is taken 8 rows at a time (padded with zero
+  rows), each decoded block multiplied with all 8, so a block is decoded m/8 times, not m times,
+  and the loop is bound by FMAs. This beat decoding chunks to float32 for BLAS sgemm here
+  (bench/cpu_kernels.py, BENCHMARKS.md), and keeps to one thread pool: OpenBLAS's threads and
+  Numba's fought over the cores.
+
+F32 weights go to NumPy (BLAS). F16/BF16 rows of whole 32-value groups use the same kernels (as
+64-byte "blocks"); other row lengths have a plain Numba loop for m == 1 and decoded chunks
+through BLAS otherwise.
+
+Compiled code is cached on disk by Numba (cache=True); the cache key includes a hash of the
+decoder sources (cpu_llvm.py, cpu_formats.py), which Numba's own key does not see.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+# Numba's default thread pool here is OpenMP (libgomp), whose idle workers spin ~300k turns after
+# each parallel loop. On a machine with more runnable threads than cores that spinning starves
+# the thread doing the work: SmolLM2's 211 decode products took 4.9 s instead of 0.1 s at 2
+# threads on this 2-core host under load (BENCHMARKS.md). Passive waiting costs a futex wake per
+# loop when idle. Read by libgomp when Numba first loads it, so set before any parallel call;
+# an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a main dependency; tests skip without it
+    numba = None
+
+#: rows of x from which matmul takes x 8 rows at a time (below: one row at a time; at m = 2 two
+#: passes over W cost less than the 8-row kernel, at m = 4 more; tests run both paths)
+GEMM_MIN_M = 3
+#: rows of x per pass of the 8-row kernel (what its accumulators are sized for)
+GEMM_ROWS = 8
+#: F16/BF16 with m > 1: float32 elements per decoded chunk (256 KiB, stays in L2 for sgemm)
+CHUNK_ELEMS = 64 * 1024
+
+_PLAIN = (T.F32, T.F16, T.BF16)
+
+if numba is not None:
+    from .cpu_formats import FLOAT_FORMATS, FORMATS
+    from .cpu_llvm import row_dequant, row_dot, row_dot_q8, row_dot_rows
+
+    _ALL = {**FORMATS, **FLOAT_FORMATS}
+    _DOT = {qt: row_dot(*f) for qt, f in _ALL.items()}
+    _DOTQ = {qt: row_dot_q8(*f) for qt, f in FORMATS.items()}
+    _DOT8 = {qt: row_dot_rows(*f, GEMM_ROWS) for qt, f in _ALL.items()}
+    _DEQ = {qt: row_dequant(*f) for qt, f in _ALL.items()}
+    _dot_f16, _dot_bf16, _dot8_f16, _dot8_bf16, _deq_f16, _deq_bf16 = (
+        d[t] for d in (_DOT, _DOT8, _DEQ) for t in (T.F16, T.BF16))
+    # Numba resolves callees as module globals, not through a dict
+    _dot_q4_0, _dot_q4_1, _dot_q5_0, _dot_q5_1, _dot_q8_0, _dot_mxfp4 = (
+        _DOT[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+    _dot_q2_k, _dot_q3_k, _dot_q4_k, _dot_q5_k, _dot_q6_k = (_DOT[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+    _dotq_q4_0, _dotq_q4_1, _dotq_q5_0, _dotq_q5_1, _dotq_q8_0, _dotq_mxfp4 = (
+        _DOTQ[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+    _dotq_q2_k, _dotq_q3_k, _dotq_q4_k, _dotq_q5_k, _dotq_q6_k = (
+        _DOTQ[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+    _dot8_q4_0, _dot8_q4_1, _dot8_q5_0, _dot8_q5_1, _dot8_q8_0, _dot8_mxfp4 = (
+        _DOT8[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+    _dot8_q2_k, _dot8_q3_k, _dot8_q4_k, _dot8_q5_k, _dot8_q6_k = (
+        _DOT8[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+    _deq_q4_0, _deq_q4_1, _deq_q5_0, _deq_q5_1, _deq_q8_0, _deq_mxfp4 = (
+        _DEQ[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+    _deq_q2_k, _deq_q3_k, _deq_q4_k, _deq_q5_k, _deq_q6_k = (_DEQ[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _MXFP4 = (int(t) for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+_Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+_F16, _BF16 = int(T.F16), int(T.BF16)
+
+
+def _sources_hash() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in ("cpu_llvm.py", "cpu_formats.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+if numba is not None:
+    # a module global, not a closure cell: Numba's cache key pickles closure cells, and a
+    # dispatcher pickles differently in every process (the caller's cache never hit)
+    @njit(nogil=True, cache=True, fastmath=True, inline="always")
+    def _quantize_x(x, xq, xd, xs):
+        # x [m, k] -> xq int8 [m, k], xd [m, k/32] (xq * xd ~ x), xs [m, k/16] (float sums)
+        m, k = x.shape
+        for i in range(m):
+            for g in range(k // 32):
+                amax = np.float32(0.0)
+                for j in range(32):
+                    amax = max(amax, abs(x[i, g * 32 + j]))
+                d = amax / np.float32(127.0)
+                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                xd[i, g] = d
+                for h in range(2):
+                    t = np.float32(0.0)
+                    for j in range(16):
+                        v = x[i, g * 32 + h * 16 + j]
+                        t += v
+                        xq[i, g * 32 + h * 16 + j] = np.int8(np.trunc(v * inv + np.copysign(np.float32(0.5), v)))
+                    xs[i, 2 * g + h] = t
+
+
+def _make_drivers(deps: str):
+    """The parallel drivers. `deps` only lands in the closure, where Numba's cache key sees it."""
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def gemv(qt, w, nb, x):
+        n, rb = w.shape
+        m, k = x.shape
+        y = np.empty((m, n), np.float32)
+        if len(deps) == 0:
+            return y
+        for r in prange(n):
+            o = r * rb
+            for i in range(m):
+                xo = i * k
+                if qt == _Q4_0:
+                    v = _dot_q4_0(w, o, nb, x, xo)
+                elif qt == _Q4_1:
+                    v = _dot_q4_1(w, o, nb, x, xo)
+                elif qt == _Q5_0:
+                    v = _dot_q5_0(w, o, nb, x, xo)
+                elif qt == _Q5_1:
+                    v = _dot_q5_1(w, o, nb, x, xo)
+                elif qt == _Q8_0:
+                    v = _dot_q8_0(w, o, nb, x, xo)
+                elif qt == _MXFP4:
+                    v = _dot_mxfp4(w, o, nb, x, xo)
+                elif qt == _Q2_K:
+                    v = _dot_q2_k(w, o, nb, x, xo)
+                elif qt == _Q3_K:
+                    v = _dot_q3_k(w, o, nb, x, xo)
+                elif qt == _Q4_K:
+                    v = _dot_q4_k(w, o, nb, x, xo)
+                elif qt == _Q5_K:
+                    v = _dot_q5_k(w, o, nb, x, xo)
+                elif qt == _Q6_K:
+                    v = _dot_q6_k(w, o, nb, x, xo)
+                elif qt == _F16:
+                    v = _dot_f16(w, o, nb, x, xo)
+                elif qt == _BF16:
+                    v = _dot_bf16(w, o, nb, x, xo)
+                else:
+                    v = np.float32(np.nan)
+                y[i, r] = v
+        return y
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def gemv_q8(qt, w, nb, x):
+        # x rounded to 8 bits here, on the calling thread, before the parallel loop
+        n, rb = w.shape
+        m, k = x.shape
+        y = np.empty((m, n), np.float32)
+        xq = np.empty((m, k), np.int8)
+        xd = np.empty((m, k // 32), np.float32)
+        xs = np.empty((m, k // 16), np.float32)
+        _quantize_x(x, xq, xd, xs)
+        if len(deps) == 0:
+            return y
+        for r in prange(n):
+            o = r * rb
+            for i in range(m):
+                a, b, c = i * k, i * (k // 32), i * (k // 16)
+                if qt == _Q4_0:
+                    v = _dotq_q4_0(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q4_1:
+                    v = _dotq_q4_1(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q5_0:
+                    v = _dotq_q5_0(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q5_1:
+                    v = _dotq_q5_1(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q8_0:
+                    v = _dotq_q8_0(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _MXFP4:
+                    v = _dotq_mxfp4(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q2_K:
+                    v = _dotq_q2_k(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q3_K:
+                    v = _dotq_q3_k(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q4_K:
+                    v = _dotq_q4_k(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q5_K:
+                    v = _dotq_q5_k(w, o, nb, xq, a, xd, b, xs, c)
+                elif qt == _Q6_K:
+                    v = _dotq_q6_k(w, o, nb, xq, a, xd, b, xs, c)
+                else:
+                    v = np.float32(np.nan)
+                y[i, r] = v
+        return y
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def gemm8(qt, w, nb, x, y):
+        # x [m, k] with m a multiple of GEMM_ROWS; y [m, n]
+        if len(deps) == 0:
+            return
+        n, rb = w.shape
+        m, k = x.shape
+        for r in prange(n):
+            o = r * rb
+            for t in range(m // GEMM_ROWS):
+                xo = t * GEMM_ROWS * k
+                yo = t * GEMM_ROWS * n + r
+                if qt == _Q4_0:
+                    _dot8_q4_0(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q4_1:
+                    _dot8_q4_1(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q5_0:
+                    _dot8_q5_0(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q5_1:
+                    _dot8_q5_1(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q8_0:
+                    _dot8_q8_0(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _MXFP4:
+                    _dot8_mxfp4(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q2_K:
+                    _dot8_q2_k(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q3_K:
+                    _dot8_q3_k(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q4_K:
+                    _dot8_q4_k(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q5_K:
+                    _dot8_q5_k(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _Q6_K:
+                    _dot8_q6_k(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _F16:
+                    _dot8_f16(w, o, nb, x, xo, k, y, yo, n)
+                elif qt == _BF16:
+                    _dot8_bf16(w, o, nb, x, xo, k, y, yo, n)
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def dequant_rows(qt, w, nb, rows, out):
+        if len(deps) == 0:
+            return
+        rb = w.shape[1]
+        k = out.shape[1]
+        for i in prange(rows.shape[0]):
+            o = rows[i] * rb
+            oo = i * k
+            if qt == _Q4_0:
+                _deq_q4_0(w, o, nb, out, oo)
+            elif qt == _Q4_1:
+                _deq_q4_1(w, o, nb, out, oo)
+            elif qt == _Q5_0:
+                _deq_q5_0(w, o, nb, out, oo)
+            elif qt == _Q5_1:
+                _deq_q5_1(w, o, nb, out, oo)
+            elif qt == _Q8_0:
+                _deq_q8_0(w, o, nb, out, oo)
+            elif qt == _MXFP4:
+                _deq_mxfp4(w, o, nb, out, oo)
+            elif qt == _Q2_K:
+                _deq_q2_k(w, o, nb, out, oo)
+            elif qt == _Q3_K:
+                _deq_q3_k(w, o, nb, out, oo)
+            elif qt == _Q4_K:
+                _deq_q4_k(w, o, nb, out, oo)
+            elif qt == _Q5_K:
+                _deq_q5_k(w, o, nb, out, oo)
+            elif qt == _Q6_K:
+                _deq_q6_k(w, o, nb, out, oo)
+            elif qt == _F16:
+                _deq_f16(w, o, nb, out, oo)
+            elif qt == _BF16:
+                _deq_bf16(w, o, nb, out, oo)
+
+    @njit(parallel=True, nogil=True, cache=True, fastmath=True)
+    def gemv_half(bf16, w, x, y):
+        # w: uint16 [n, k] holding F16 or BF16 bits; one long loop per row, which LLVM vectorizes
+        if len(deps) == 0:
+            return
+        n, k = w.shape
+        m = x.shape[0]
+        for r in prange(n):
+            for i in range(m):
+                s = np.float32(0.0)
+                if bf16:
+                    for j in range(k):
+                        s += np.uint32(np.uint32(w[r, j]) << np.uint32(16)).view(np.float32) * x[i, j]
+                else:
+                    for j in range(k):
+                        h = np.uint32(w[r, j])
+                        bits = np.uint32(((h & np.uint32(0x8000)) << np.uint32(16))
+                                         | ((h & np.uint32(0x7FFF)) << np.uint32(13)))
+                        s += bits.view(np.float32) * np.float32(5.192296858534828e33) * x[i, j]
+                y[i, r] = s
+
+    return gemv, gemv_q8, gemm8, dequant_rows, gemv_half
+
+
+if numba is not None:
+    _gemv, _gemv_q8, _gemm8, _dequant_rows, _gemv_half = _make_drivers(_sources_hash())
+
+
+def supported(qtype) -> bool:
+    """Whether matmul/embed_rows/dequantize handle weights stored as `qtype` (needs Numba)."""
+    try:
+        t = T(int(qtype))
+    except ValueError:
+        return False
+    return numba is not None and (t in _PLAIN or t in FORMATS)
+
+
+class QWeight:
+    """A weight matrix [n_out, n_in] in its GGUF storage format.
+
+    `raw` is uint8 [n_out, row_bytes]: each output row's blocks, back to back, exactly as in the
+    file (a view of the file's bytes where they are contiguous, as a memory map's are).
+    """
+
+    __slots__ = ("raw", "qtype", "shape", "_code", "_nb", "_blocks")
+
+    def __init__(self, raw, qtype, shape):
+        t = T(int(qtype))
+        if not supported(t):
+            raise ValueError(f"cpu_kernels: no kernel for {t.name} weights" + ("" if numba else " (numba missing)"))
+        n, k = (int(s) for s in shape)
+        bs, ts = GGML_QUANT_SIZES[t]
+        if n < 1 or k < 1 or k % bs:
+            raise ValueError(f"cpu_kernels: shape {(n, k)} is not whole {t.name} rows (block of {bs} values)")
+        row_bytes = k // bs * ts
+        b = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+        if b.size != n * row_bytes:
+            raise ValueError(f"cpu_kernels: {t.name} {(n, k)} needs {n * row_bytes} bytes, got {b.size}")
+        self.raw = b.reshape(n, row_bytes)
+        # Always read-only (a memory-mapped file's bytes are): Numba types read-only arrays apart
+        # and would compile and cache every driver a second time for writable ones.
+        self.raw.flags.writeable = False
+        self.qtype = t
+        self.shape = (n, k)
+        self._code = int(t)  # what the drivers branch on
+        # F16/BF16 rows of whole 32-value groups go through the block kernels too
+        self._blocks = t in FORMATS or (t in (T.F16, T.BF16) and k % 32 == 0)
+        self._nb = k // bs if t in FORMATS else k // 32  # blocks per row
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+    def __repr__(self):
+        return f"QWeight({self.qtype.name}, {self.shape})"
+
+    def _plain(self) -> np.ndarray:
+        """F32 as float32 [n, k], F16/BF16 as uint16 [n, k] bits."""
+        return self.raw.view(np.float32 if self.qtype == T.F32 else np.uint16)
+
+
+def _half_to_f32(bits: np.ndarray, bf16: bool) -> np.ndarray:
+    if bf16:
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
+
+
+def _rows_f32(w: QWeight, rows: np.ndarray) -> np.ndarray:
+    k = w.shape[1]
+    if not w._blocks:
+        p = w._plain()[rows]
+        return p.astype(np.float32) if w.qtype == T.F32 else _half_to_f32(p, w.qtype == T.BF16)
+    out = np.empty((rows.shape[0], k), np.float32)
+    if rows.shape[0]:
+        _dequant_rows(w._code, w.raw, w._nb, rows, out)
+    return out
+
+
+def embed_rows(w: QWeight, ids) -> np.ndarray:
+    """float32 [len(ids), n_in]: rows `ids` of W decoded (token embeddings)."""
+    rows = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= w.shape[0]):
+        raise IndexError(f"cpu_kernels.embed_rows: ids must be in [0, {w.shape[0]})")
+    return _rows_f32(w, rows)
+
+
+def dequantize(w: QWeight) -> np.ndarray:
+    """float32 [n_out, n_in]: all of W decoded."""
+    return _rows_f32(w, np.arange(w.shape[0], dtype=np.int64))
+
+
+def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
+    """float32 [m, n_out] = x @ W.T for float32 x [m, n_in].
+
+    q8_x: for m < GEMM_MIN_M and quantized formats (not F32/F16/BF16), round x to 8 bits per 32
+    values first and sum levels in integers (row_dot_q8): ~1.2-1.7x faster decode for the 4- and
+    5-bit formats, little for Q8_0/Q6_K (BENCHMARKS.md); ~0.5 % relative error per product.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, k = w.shape
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"cpu_kernels.matmul: x is {x.shape}, W is {w.shape}: x must be [m, {k}]")
+    m = x.shape[0]
+    if w.qtype == T.F32:
+        return x @ w._plain().T
+    if m == 0:
+        return np.empty((0, n), np.float32)
+    if not w._blocks:
+        return _matmul_half(x, w)
+    if m < GEMM_MIN_M:
+        return (_gemv_q8 if q8_x and w.qtype in FORMATS else _gemv)(w._code, w.raw, w._nb, x)
+    mp = -(-m // GEMM_ROWS) * GEMM_ROWS
+    if mp != m:
+        x = np.concatenate([x, np.zeros((mp - m, k), np.float32)])
+    y = np.empty((mp, n), np.float32)
+    _gemm8(w._code, w.raw, w._nb, x, y)
+    return y[:m] if mp != m else y
+
+
+def _matmul_half(x: np.ndarray, w: QWeight) -> np.ndarray:
+    m, (n, k) = x.shape[0], w.shape
+    if m == 1:
+        y = np.empty((1, n), np.float32)
+        _gemv_half(w.qtype == T.BF16, w._plain(), x, y)
+        return y
+    # y.T in row chunks, each decoded once and multiplied by BLAS
+    yt = np.empty((n, m), np.float32)
+    step = max(1, CHUNK_ELEMS // k)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        np.matmul(_rows_f32(w, np.arange(r0, r1, dtype=np.int64)), x.T, out=yt[r0:r1])
+    return np.ascontiguousarray(yt.T)

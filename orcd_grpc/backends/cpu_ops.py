@@ -1,0 +1,248 @@
+"""The CPU backend's element-wise and attention kernels (numba), beside cpu_kernels' matmuls.
+
+Why numba here too: at one decode token the work of a norm, a rope or one layer's attention is a
+few microseconds, and the same op in NumPy is several array expressions of a few microseconds each
+(temporaries, dispatch); fused into one compiled call per op, a decode step is its matmuls.
+
+numba has no float16 on the CPU, so an F16 KV cache is held as uint16 bits: stores round to
+nearest even here (as NumPy's astype does), loads go through a 65,536-entry float32 table.
+"""
+from __future__ import annotations
+
+import math
+import types
+
+import numba
+import numpy as np
+
+_JIT = dict(cache=True, nogil=True, fastmath=False)
+_PAR = dict(_JIT, parallel=True)
+# Below this many multiply-adds an op runs on the calling thread: waking numba's pool costs tens of
+# microseconds on a quiet machine and a scheduler time slice on a busy one, more than the work.
+PARALLEL_MIN_WORK = 1 << 18
+
+
+def _both(fn):
+    """fn compiled twice: (serial, parallel); prange is a plain range in the serial one. The
+    parallel one is a copy under its own name: numba's disk cache keys entries by name and
+    signature, not by the parallel flag."""
+    par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_par", fn.__defaults__, fn.__closure__)
+    par.__qualname__ = fn.__qualname__ + "_par"
+    return numba.njit(**_JIT)(fn), numba.njit(**_PAR)(par)
+
+#: float16 bits -> float32, the loads of an F16 cache
+F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@numba.njit(**_JIT)
+def f16_bits(u):
+    """float32 bits (uint32) -> float16 bits, rounded to nearest even; overflow to inf."""
+    sign = (u >> 16) & 0x8000
+    e = (u >> 23) & 0xFF
+    m = u & 0x7FFFFF
+    if e == 0xFF:
+        return sign | 0x7C00 | (0x200 if m else 0)
+    e16 = np.int64(e) - 112
+    if e16 >= 0x1F:
+        return sign | 0x7C00
+    if e16 <= 0:
+        if e16 < -10:
+            return sign
+        m = m | 0x800000
+        shift = np.int64(14) - e16
+        half = m >> shift
+        rem = m & ((np.uint32(1) << shift) - 1)
+        mid = np.uint32(1) << (shift - 1)
+        if rem > mid or (rem == mid and (half & 1)):
+            half += 1
+        return sign | half
+    half = sign | (np.uint32(e16) << 10) | (m >> 13)
+    rem = m & 0x1FFF
+    if rem > 0x1000 or (rem == 0x1000 and (half & 1)):
+        half += 1  # a carry out of the mantissa bumps the exponent, as it should
+    return half
+
+
+@numba.njit(**_JIT)
+def _put(cache, slot, h, row, lut):
+    """Writes float32 `row` into cache[slot, h]: float32, or float16 bits when lut (the F16 table)
+    is given (numba prunes the branch on None at compile time)."""
+    if lut is None:
+        for d in range(row.shape[0]):
+            cache[slot, h, d] = row[d]
+    else:
+        for d in range(row.shape[0]):
+            cache[slot, h, d] = f16_bits(np.float32(row[d]).view(np.uint32))
+
+
+def _rms_norm(x, w, eps, res, out, s_out):
+    """Rows of x [N, d]: out = s / rms(s) * w with s = x, or s = x + res (written to s_out) when
+    res has rows."""
+    n, d = x.shape
+    add = res.shape[0] == n
+    for i in numba.prange(n):
+        acc = 0.0
+        for j in range(d):
+            v = x[i, j]
+            if add:
+                v += res[i, j]
+                s_out[i, j] = v
+            acc += np.float64(v) * v
+        inv = np.float32(1.0 / math.sqrt(acc / d + eps))
+        for j in range(d):
+            v = x[i, j]
+            if add:
+                v = s_out[i, j]
+            out[i, j] = v * inv * w[j]
+
+
+@numba.njit(**_JIT)
+def _rotate(src, dst, c, s, dim, neox):
+    half = dim // 2
+    for i in range(half):
+        if neox:
+            a, b = src[i], src[i + half]
+            dst[i] = a * c[i] - b * s[i]
+            dst[i + half] = a * s[i] + b * c[i]
+        else:
+            a, b = src[2 * i], src[2 * i + 1]
+            dst[2 * i] = a * c[i] - b * s[i]
+            dst[2 * i + 1] = a * s[i] + b * c[i]
+    for i in range(dim, src.shape[0]):
+        dst[i] = src[i]
+
+
+def _rope(x, cos, sin, positions, dim, neox, out):
+    """out [T, H, D] = x rotated by the rows of the cos/sin tables at positions."""
+    T, H, _ = x.shape
+    for t in numba.prange(T):
+        p = positions[t]
+        for h in range(H):
+            _rotate(x[t, h], out[t, h], cos[p], sin[p], dim, neox)
+
+
+@numba.njit(**_JIT)
+def qkv_rope_store(qkv, cos, sin, positions, dim, neox, slots, kc, vc, lut, hq, hkv, dk, dv, q_out, tmp):
+    """A fused projection's rows [T, hq*dk + hkv*dk + hkv*dv]: q roped into q_out [T, hq, dk];
+    k roped and v written into the cache at slots (slot < 0: not written)."""
+    for t in range(qkv.shape[0]):
+        p = positions[t]
+        row = qkv[t]
+        for h in range(hq):
+            _rotate(row[h * dk:(h + 1) * dk], q_out[t, h], cos[p], sin[p], dim, neox)
+        if slots[t] < 0:
+            continue
+        base = hq * dk
+        for h in range(hkv):
+            _rotate(row[base + h * dk: base + (h + 1) * dk], tmp, cos[p], sin[p], dim, neox)
+            _put(kc, slots[t], h, tmp[:dk], lut)
+        base += hkv * dk
+        for h in range(hkv):
+            _put(vc, slots[t], h, row[base + h * dv: base + (h + 1) * dv], lut)
+
+
+@numba.njit(**_JIT)
+def store_kv(k, v, slots, kc, vc, lut):
+    for t in range(k.shape[0]):
+        if slots[t] < 0:
+            continue
+        for h in range(k.shape[1]):
+            _put(kc, slots[t], h, k[t, h], lut)
+            _put(vc, slots[t], h, v[t, h], lut)
+
+
+@numba.njit(**_JIT)
+def _load(cache, slot, h, d, lut):
+    if lut is None:
+        return np.float32(cache[slot, h, d])
+    return lut[cache[slot, h, d]]
+
+
+def _attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
+              softcap, out):
+    """Causal attention for the query rows `tokens` of q [T, hq, dk] over the paged cache, one
+    (token, head) per work item with a running (online) softmax; out [T, hq, dv]. sinks: [hq]
+    logits that join the denominator only (an empty array: none)."""
+    hq = q.shape[1]
+    hkv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
+    group = hq // hkv
+    has_sinks = sinks.shape[0] > 0
+    for item in numba.prange(tokens.shape[0] * hq):
+        t = tokens[item // hq]
+        h = item % hq
+        kh = h // group
+        b = tok_seq[t]
+        qpos = positions[t]
+        hi = min(ctx_lens[b], qpos + 1)
+        lo = max(0, qpos - window + 1) if window > 0 else 0
+        acc = out[t, h]
+        for d in range(dv):
+            acc[d] = 0.0
+        m = -np.inf
+        total = 0.0
+        for p in range(lo, hi):
+            slot = tables[b, p // bs] * bs + p % bs
+            s = 0.0
+            for d in range(dk):
+                s += q[t, h, d] * _load(kc, slot, kh, d, lut)
+            s *= scale
+            if softcap > 0:
+                s = softcap * math.tanh(s / softcap)
+            if s > m:
+                r = math.exp(m - s)
+                total *= r
+                for d in range(dv):
+                    acc[d] *= r
+                m = s
+            e = math.exp(s - m)
+            total += e
+            for d in range(dv):
+                acc[d] += e * _load(vc, slot, kh, d, lut)
+        if has_sinks:
+            sk = sinks[h]
+            if sk > m:
+                r = math.exp(m - sk)
+                total *= r
+                for d in range(dv):
+                    acc[d] *= r
+                m = sk
+            total += math.exp(sk - m)
+        inv = 1.0 / total if total > 0 else 0.0
+        for d in range(dv):
+            acc[d] *= inv
+
+
+def _glu(gate, up, gelu, out):
+    """out = act(gate) * up, act silu or gelu (tanh form), over [T, F] (gate/up may be views)."""
+    T, F = out.shape
+    c = math.sqrt(2.0 / math.pi)
+    for t in numba.prange(T):
+        for j in range(F):
+            g = gate[t, j]
+            if gelu:
+                a = 0.5 * g * (1.0 + math.tanh(c * (g + 0.044715 * g * g * g)))
+            else:
+                a = g / (1.0 + math.exp(-g))
+            out[t, j] = a * up[t, j]
+
+
+_RMS, _ROPE, _ATTN, _GLU = _both(_rms_norm), _both(_rope), _both(_attention), _both(_glu)
+
+
+def rms_norm(x, w, eps, res, out, s_out):
+    _RMS[x.size >= PARALLEL_MIN_WORK](x, w, eps, res, out, s_out)
+
+
+def rope(x, cos, sin, positions, dim, neox, out):
+    _ROPE[x.size >= PARALLEL_MIN_WORK](x, cos, sin, positions, dim, neox, out)
+
+
+def attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks, softcap,
+              out, work):
+    """work: about the multiply-adds of the call (picks the serial or the parallel compile)."""
+    _ATTN[work >= PARALLEL_MIN_WORK](q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale,
+                                     window, sinks, softcap, out)
+
+
+def glu(gate, up, gelu, out):
+    _GLU[out.size >= PARALLEL_MIN_WORK](gate, up, gelu, out)

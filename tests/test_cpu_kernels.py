@@ -1,0 +1,173 @@
+"""cpu_kernels against gguf-py's NumPy decoder and float64 NumPy products.
+
+Weights: random matrices quantized by gguf.quants.quantize where it has an encoder, otherwise
+random block bytes with finite, moderate scales (every bit pattern of the levels is valid). The
+reference is gguf.quants.dequantize(raw) in float64 times fresh random x.
+
+Tolerance: the kernels accumulate in float32 (vector partial sums, reassociated), so each output
+may be off by a few k * 2**-24 of the sum of |x_j * w_j|; we allow 1e-5 of that sum per element,
+below the worst-case float32 bound (k * 6e-8 = 4.6e-5 for k = 768) but far above what a wrong
+level, scale or nibble order gives (the size of a whole term).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+import gguf  # noqa: E402
+from gguf import GGML_QUANT_SIZES  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from orcd_grpc.backends import cpu_kernels as ck  # noqa: E402
+
+ENCODED = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4]
+K_QUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+# byte offsets of each K-quant block's f16 scales (d, and dmin where there is one)
+F16_FIELDS = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def make_weight(qt, n, k, rng):
+    """(raw uint8 [n, row_bytes], float64 reference [n, k])."""
+    if qt in ENCODED:
+        raw = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qt)
+        raw = np.ascontiguousarray(raw).view(np.uint8).reshape(n, -1)
+    else:
+        bs, ts = GGML_QUANT_SIZES[qt]
+        blocks = rng.integers(0, 256, size=(n * k // bs, ts), dtype=np.uint8)
+        for off in F16_FIELDS[qt]:
+            scale = rng.uniform(1e-3, 1e-1, blocks.shape[0]) * rng.choice([-1, 1], blocks.shape[0])
+            blocks[:, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw = blocks.reshape(n, -1)
+    return raw, gguf.quants.dequantize(raw, qt).astype(np.float64).reshape(n, k)
+
+
+def check_product(y, x, ref_w):
+    ref = x.astype(np.float64) @ ref_w.T
+    bound = np.abs(x.astype(np.float64)) @ np.abs(ref_w).T
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    assert np.all(np.isfinite(y))
+    err = np.abs(y - ref)
+    assert np.all(err <= 1e-5 * bound + 1e-30), f"worst {np.max(err / (bound + 1e-30)):.2e} of sum|x*w|"
+
+
+def k_for(qt):
+    bs = GGML_QUANT_SIZES[qt][0]
+    return 768 if bs == 256 else 320  # several blocks (F16/BF16: ten 32-value groups)
+
+
+@pytest.mark.parametrize("qt", ENCODED + K_QUANTS, ids=lambda t: t.name)
+def test_matmul_matches_float64_reference(qt):
+    rng = np.random.default_rng(int(qt) + 100)
+    n, k = 37, k_for(qt)  # 37 rows: not a multiple of the thread count
+    raw, ref_w = make_weight(qt, n, k, rng)
+    w = ck.QWeight(raw, qt, (n, k))
+    assert ck.supported(qt)
+    for m in (1, 2, 3, 17):  # per-row kernel for 1 and 2, 8-row kernel (padded) for 3 and 17
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        check_product(ck.matmul(x, w), x, ref_w)
+    np.testing.assert_allclose(ck.dequantize(w), ref_w, rtol=1e-6, atol=1e-7 * np.abs(ref_w).max())
+
+
+@pytest.mark.parametrize("qt", sorted(set(ENCODED + K_QUANTS) - {T.F32, T.F16, T.BF16}), ids=lambda t: t.name)
+def test_q8_activations_within_their_rounding_bound(qt):
+    """q8_x rounds x to int8 per 32 values, x_j off by at most amax(group)/254; so each output is
+    off by at most sum_j |w_j| * amax(group of j) / 254, plus the float tolerance above."""
+    rng = np.random.default_rng(int(qt) + 200)
+    n, k = 37, k_for(qt)
+    raw, ref_w = make_weight(qt, n, k, rng)
+    w = ck.QWeight(raw, qt, (n, k))
+    for m in (1, 2):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        amax = np.repeat(np.abs(x.astype(np.float64)).reshape(m, -1, 32).max(axis=2), 32, axis=1)
+        ref = x.astype(np.float64) @ ref_w.T
+        bound = (amax / 254) @ np.abs(ref_w).T * (1 + 1e-5) + 1e-5 * (np.abs(x) @ np.abs(ref_w).T)
+        y = ck.matmul(x, w, q8_x=True)
+        assert np.all(np.abs(y - ref) <= bound), f"worst {np.max(np.abs(y - ref) / bound):.2f} of the bound"
+        assert np.linalg.norm(y - ref) > 0  # x really was rounded
+
+
+@pytest.mark.parametrize("qt", [T.Q4_1, T.Q8_0, T.Q6_K, T.F16, T.BF16], ids=lambda t: t.name)
+def test_both_paths_for_one_x(qt, monkeypatch):
+    """16 rows (two whole 8-row passes) through either kernel."""
+    rng = np.random.default_rng(7)
+    n, k = 41, k_for(qt)
+    raw, ref_w = make_weight(qt, n, k, rng)
+    w = ck.QWeight(raw, qt, (n, k))
+    x = rng.standard_normal((16, k)).astype(np.float32)
+    check_product(ck.matmul(x, w), x, ref_w)
+    monkeypatch.setattr(ck, "GEMM_MIN_M", 10**9)  # every row of x through the per-row kernel
+    check_product(ck.matmul(x, w), x, ref_w)
+
+
+@pytest.mark.parametrize("qt", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
+def test_float_formats_with_rows_not_in_32_value_groups(qt, monkeypatch):
+    """k = 70: F16/BF16 take the plain loop (m = 1) and decoded chunks through BLAS (m > 1)."""
+    rng = np.random.default_rng(13)
+    n, k = 23, 70
+    raw, ref_w = make_weight(qt, n, k, rng)
+    w = ck.QWeight(raw, qt, (n, k))
+    monkeypatch.setattr(ck, "CHUNK_ELEMS", 8 * k)
+    for m in (1, 5):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        check_product(ck.matmul(x, w), x, ref_w)
+    np.testing.assert_allclose(ck.embed_rows(w, [3, 0, 22]), ref_w[[3, 0, 22]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("qt", [T.Q8_0, T.Q4_K, T.F16], ids=lambda t: t.name)
+def test_embed_rows(qt):
+    rng = np.random.default_rng(11)
+    n, k = 29, k_for(qt)
+    raw, ref_w = make_weight(qt, n, k, rng)
+    w = ck.QWeight(raw, qt, (n, k))
+    ids = np.array([0, 28, 5, 5, 17], np.int32)
+    np.testing.assert_allclose(ck.embed_rows(w, ids), ref_w[ids], rtol=1e-6, atol=1e-7 * np.abs(ref_w).max())
+    assert ck.embed_rows(w, np.array([], np.int64)).shape == (0, k)
+    with pytest.raises(IndexError):
+        ck.embed_rows(w, [29])
+    with pytest.raises(IndexError):
+        ck.embed_rows(w, [-1])
+
+
+def test_single_row_and_single_block():
+    rng = np.random.default_rng(3)
+    raw, ref_w = make_weight(T.Q4_0, 1, 32, rng)
+    w = ck.QWeight(raw, T.Q4_0, (1, 32))
+    for m in (1, 4):
+        x = rng.standard_normal((m, 32)).astype(np.float32)
+        check_product(ck.matmul(x, w), x, ref_w)
+
+
+def test_raw_is_a_view_of_contiguous_bytes():
+    rng = np.random.default_rng(5)
+    raw, _ = make_weight(T.Q8_0, 8, 64, rng)
+    flat = raw.reshape(-1)
+    w = ck.QWeight(flat, T.Q8_0, (8, 64))
+    assert np.shares_memory(w.raw, flat) and w.raw.shape == (8, 2 * 34)
+    assert not w.raw.flags.writeable and flat.flags.writeable  # one compiled type, caller's array untouched
+
+
+def test_bad_shapes_are_refused():
+    rng = np.random.default_rng(9)
+    raw, _ = make_weight(T.Q8_0, 4, 64, rng)
+    with pytest.raises(ValueError, match="bytes"):
+        ck.QWeight(raw, T.Q8_0, (5, 64))
+    with pytest.raises(ValueError, match="block"):
+        ck.QWeight(raw, T.Q8_0, (4, 60))
+    w = ck.QWeight(raw, T.Q8_0, (4, 64))
+    with pytest.raises(ValueError, match="x must be"):
+        ck.matmul(np.zeros((2, 32), np.float32), w)
+    assert not ck.supported(T.IQ2_XXS)
+    with pytest.raises(ValueError, match="IQ2_XXS"):
+        ck.QWeight(raw, T.IQ2_XXS, (4, 64))
+
+
+def test_mxfp4_every_code_decodes_exactly():
+    """All 256 byte values in every position of a block (both nibbles, both signs, all codes)."""
+    blocks = np.zeros((256, 17), np.uint8)
+    blocks[:, 0] = 127  # scale 2**0 (stored halved)
+    blocks[:, 1:] = np.arange(256, dtype=np.uint8)[:, None]
+    raw = blocks.reshape(8, -1)
+    w = ck.QWeight(raw, T.MXFP4, (8, 32 * 32))
+    np.testing.assert_array_equal(ck.dequantize(w), gguf.quants.dequantize(raw, T.MXFP4).reshape(8, -1))
