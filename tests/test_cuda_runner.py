@@ -395,7 +395,7 @@ def test_scored_rows_are_scored_and_the_others_still_sampled(tmp_path):
     rng = np.random.default_rng(3)
     prompts = [[1] + rng.integers(3, 320, n).tolist() for n in (37, 9, 20)]
     got = {}
-    for name, backend in (("cuda", ScoringFakeCuda()), ("host", "cpu")):
+    for name, backend in (("cuda", ScoringFakeCuda()), ("host", "numpy")):
         eng = load_engine(path, backend=backend, max_sequences=4, max_context=256)
         try:
             seqs = [eng.new_sequence(p, SamplingParams(temperature=0.0, prompt_logprobs=k))
