@@ -115,10 +115,8 @@ class StartEstimator:
         self.expected_tokens = (1 - _ALPHA) * self.expected_tokens + _ALPHA * max(1, int(completion_tokens))
 
     def _tokens(self, req) -> float:
-        # max_tokens is a bound, not a forecast: most requests stop well before it, and an
-        # estimate built from bounds refuses deadlines a loaded worker would have met.
         m = req.stopping.max_tokens
-        return min(float(m), self.expected_tokens) if m else self.expected_tokens
+        return float(m) if m else self.expected_tokens
 
     def _prefill_steps(self, req) -> int:
         return -(-req.prompt_tokens // self.token_budget)

@@ -72,25 +72,6 @@ def test_start_estimate_schedules_the_work_ahead_onto_the_slots():
     assert est.start_ms(new, [_req(max_tokens=0)], [], slots=1) == pytest.approx(25600.0)
 
 
-def test_start_estimate_expects_the_recent_completion_length_not_max_tokens():
-    est = aq.StartEstimator(token_budget=8)
-    est.observe_step(0.01)
-    for _ in range(40):
-        est.observe_finish(20)  # recent requests stopped after about 20 tokens
-    new = _req(n=1, max_tokens=5)
-    hog = _req(max_tokens=4096, generated=[1] * 5)
-    # about 15 tokens left at 10 ms, not the 4091 its bound allows
-    assert est.start_ms(new, [hog], [], slots=1) == pytest.approx(150.0, rel=0.05)
-    # a bound below the recent length still caps the estimate
-    assert est.start_ms(new, [_req(max_tokens=8, generated=[1] * 5)], [], slots=1) == pytest.approx(30.0)
-    # past the expected length a running request is one step from done, not overdue
-    assert est.start_ms(new, [_req(max_tokens=4096, generated=[1] * 50)], [], slots=1) == pytest.approx(10.0)
-    # and a deadline the worker can meet is not refused
-    late = _req(max_tokens=5)
-    late.deadline = time.monotonic() + 1.0
-    est.check_deadline(late, est.start_ms(late, [hog], [], slots=1), time.monotonic())
-
-
 def test_deadline_refusal_has_a_retry_hint_and_spares_a_request_that_starts_at_once():
     est = aq.StartEstimator(token_budget=8)
     est.observe_step(0.1)

@@ -29,7 +29,7 @@ PROMPT = ("The quick brown fox jumps over the lazy dog. Meanwhile, in the capita
 
 
 def _serve(path, token_budget):
-    cfg = ServerConfig(host="127.0.0.1", port=0, model_dirs=[str(path.parent)], backend="cpu", max_context=256,
+    cfg = ServerConfig(host="127.0.0.1", port=0, model_dirs=[str(path.parent)], backend="numpy", max_context=256,
                        max_sequences=4, max_queue=8, grace_seconds=1, token_budget=token_budget)
     worker, port, sched = start_server(cfg)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -53,7 +53,7 @@ def reference(smollm2_path):
     from orcd_grpc.loader import load_engine
     from orcd_grpc.sampling import SamplingParams
 
-    eng = load_engine(smollm2_path, backend="cpu", max_sequences=2, max_context=256)
+    eng = load_engine(smollm2_path, backend="numpy", max_sequences=2, max_context=256)
     eng.allocator.prefix_cache = False  # every position's logits, however often a prompt repeats
     lock = threading.Lock()
 

@@ -23,7 +23,7 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", "Q8_0")
-    eng = load_engine(path, backend="cpu", max_sequences=4, max_context=256)
+    eng = load_engine(path, backend="numpy", max_sequences=4, max_context=256)
     yield eng
     eng.close()
 
