@@ -47,7 +47,7 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def srv(smollm2_path):
     cfg = ServerConfig(host="127.0.0.1", port=0, http_port=0, model_dirs=[str(smollm2_path.parent)],
-                       model_path=str(smollm2_path), backend="cpu", max_context=CONTEXT, max_sequences=4,
+                       model_path=str(smollm2_path), backend="numpy", max_context=CONTEXT, max_sequences=4,
                        max_queue=8, grace_seconds=2)
     worker, port, scheduler = start_server(cfg)
     assert worker.wait_loaded(600), worker.load_error
