@@ -18,6 +18,7 @@ import heapq
 import itertools
 import math
 import time
+from types import SimpleNamespace
 from typing import Iterable, Iterator
 
 from . import security
@@ -86,19 +87,6 @@ def preemption_victim(running: list):
     return min(running, key=lambda r: (r.priority, -r.arrival))
 
 
-class _Stopping:
-    max_tokens = 0
-
-
-class _Hypothetical:
-    """What start_ms reads of a request, for one that is not built: one sample, no max_tokens."""
-    n = 1
-    stopping = _Stopping()
-
-    def __init__(self, prompt_tokens: int):
-        self.prompt_tokens = prompt_tokens
-
-
 class StartEstimator:
     """Smoothed step time and completion length, and the start estimate built from them."""
 
@@ -154,7 +142,8 @@ class StartEstimator:
         """Milliseconds until a new one-sample request of prompt_tokens uncached tokens, queued
         behind everything waiting, has its first token (start plus prefill): Probe's estimate and
         a full queue's retry hint, from the same model as Started's."""
-        req = _Hypothetical(max(1, int(prompt_tokens)))
+        # what start_ms reads of a request, for one not built: one sample, no max_tokens
+        req = SimpleNamespace(n=1, stopping=SimpleNamespace(max_tokens=0), prompt_tokens=max(1, int(prompt_tokens)))
         return self.start_ms(req, running, waiting, slots) + self.prefill_ms(req)
 
     def place(self, req, waiting: AdmissionQueue, running: list, slots: int) -> None:
