@@ -105,7 +105,7 @@ def run_orcd(args, tok: Path, out: Path) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.setdefault("OPENBLAS_NUM_THREADS", "1")  # as OMP_NUM_THREADS above, for NumPy's BLAS
         cmd = [sys.executable, "-m", "orcd_grpc", "serve", "--model", str(args.model),
-               "--backend", "cpu", "--port", str(free_port()), "--http-port", str(port)]
+               "--backend", args.backend, "--port", str(free_port()), "--http-port", str(port)]
         print("$", shlex.join(cmd), flush=True)
         log = (out / "serve.log").open("w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -177,6 +177,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/tmp/orcd-lm-eval"))
     p.add_argument("--base-url", help="an orcd HTTP front door already serving --model "
                    "(http://HOST:PORT); default: start one")
+    p.add_argument("--backend", default="cpu", choices=("cpu", "numpy", "cuda"),
+                   help="the started server's backend; numpy (float32 weights and KV) is the one whose "
+                   "log-likelihoods match the hf side's float32 to rounding (default: %(default)s)")
     p.add_argument("--num-concurrent", type=int, default=1)
     p.add_argument("--hf-batch-size", type=int, default=8)
     p.add_argument("--skip", choices=("hf", "orcd"), action="append", default=[],
