@@ -584,13 +584,16 @@ class _Slot:
 
 
 def campaign(cases: int, *, seed: int = 1, workers: int = 2, timeout: float = 20.0, out: str | None = None,
-             mem_limit: int = MEM_LIMIT, start: int = 0, log=print) -> dict:
-    """Runs cases [start, start+cases); returns the summary (also written to out/summary.json)."""
+             mem_limit: int = MEM_LIMIT, start: int = 0, log=print, start_method: str = "forkserver") -> dict:
+    """Runs cases [start, start+cases); returns the summary (also written to out/summary.json).
+    start_method: the workers' (multiprocessing); forkserver, not fork, because a child forked from
+    a process that has run numba's OpenMP pool (pytest, after a CPU-backend test) is killed at its
+    first parallel kernel."""
     work = tempfile.mkdtemp(prefix="orcd-fuzz-")
     try:
         seeds = build_seeds(os.path.join(work, "seeds"))
         layouts = {k: layout(v) for k, v in seeds.items()}
-        ctx = mp.get_context("fork")
+        ctx = mp.get_context(start_method)
         slots = [_Slot(ctx, mem_limit) for _ in range(max(1, workers))]
         counts: Counter = Counter()
         by_mutation: dict[str, Counter] = {}

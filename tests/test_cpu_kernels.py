@@ -66,7 +66,7 @@ def test_matmul_matches_float64_reference(qt):
     assert ck.supported(qt)
     for m in (1, 2, 3, 17):  # per-row kernel for 1 and 2, 8-row kernel (padded) for 3 and 17
         x = rng.standard_normal((m, k)).astype(np.float32)
-        check_product(ck.matmul(x, w), x, ref_w)
+        check_product(ck.matmul(x, w, q8_x=False), x, ref_w)
     np.testing.assert_allclose(ck.dequantize(w), ref_w, rtol=1e-6, atol=1e-7 * np.abs(ref_w).max())
 
 
@@ -83,7 +83,7 @@ def test_q8_activations_within_their_rounding_bound(qt):
         amax = np.repeat(np.abs(x.astype(np.float64)).reshape(m, -1, 32).max(axis=2), 32, axis=1)
         ref = x.astype(np.float64) @ ref_w.T
         bound = (amax / 254) @ np.abs(ref_w).T * (1 + 1e-5) + 1e-5 * (np.abs(x) @ np.abs(ref_w).T)
-        y = ck.matmul(x, w, q8_x=True)
+        y = ck.matmul(x, w)  # the default
         assert np.all(np.abs(y - ref) <= bound), f"worst {np.max(np.abs(y - ref) / bound):.2f} of the bound"
         assert np.linalg.norm(y - ref) > 0  # x really was rounded
 
@@ -96,9 +96,9 @@ def test_both_paths_for_one_x(qt, monkeypatch):
     raw, ref_w = make_weight(qt, n, k, rng)
     w = ck.QWeight(raw, qt, (n, k))
     x = rng.standard_normal((16, k)).astype(np.float32)
-    check_product(ck.matmul(x, w), x, ref_w)
+    check_product(ck.matmul(x, w, q8_x=False), x, ref_w)
     monkeypatch.setattr(ck, "GEMM_MIN_M", 10**9)  # every row of x through the per-row kernel
-    check_product(ck.matmul(x, w), x, ref_w)
+    check_product(ck.matmul(x, w, q8_x=False), x, ref_w)
 
 
 @pytest.mark.parametrize("qt", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
@@ -111,7 +111,7 @@ def test_float_formats_with_rows_not_in_32_value_groups(qt, monkeypatch):
     monkeypatch.setattr(ck, "CHUNK_ELEMS", 8 * k)
     for m in (1, 5):
         x = rng.standard_normal((m, k)).astype(np.float32)
-        check_product(ck.matmul(x, w), x, ref_w)
+        check_product(ck.matmul(x, w, q8_x=False), x, ref_w)
     np.testing.assert_allclose(ck.embed_rows(w, [3, 0, 22]), ref_w[[3, 0, 22]], rtol=1e-6)
 
 
@@ -136,7 +136,7 @@ def test_single_row_and_single_block():
     w = ck.QWeight(raw, T.Q4_0, (1, 32))
     for m in (1, 4):
         x = rng.standard_normal((m, 32)).astype(np.float32)
-        check_product(ck.matmul(x, w), x, ref_w)
+        check_product(ck.matmul(x, w, q8_x=False), x, ref_w)
 
 
 def test_raw_is_a_view_of_contiguous_bytes():

@@ -87,7 +87,8 @@ def test_fuzz_regressions(tmp_path, edit, match):
 
 
 def test_harness_detects_crash_hang_memory_and_findings(monkeypatch, tmp_path):
-    """Workers are forked, so a patched run_one is what they run."""
+    """Workers forked (not from the fork server), so a patched run_one is what they run; the fake
+    runs no numba kernel, which a forked child may not."""
     def fake(path, engine):
         name = os.path.basename(path)
         if name == "case1.gguf":
@@ -101,7 +102,8 @@ def test_harness_detects_crash_hang_memory_and_findings(monkeypatch, tmp_path):
         return "rejected", "guard: fine"
 
     monkeypatch.setattr(fuzz_gguf, "run_one", fake)
-    s = fuzz_gguf.campaign(7, seed=1, workers=2, timeout=3.0, out=str(tmp_path), mem_limit=0, log=lambda m: None)
+    s = fuzz_gguf.campaign(7, seed=1, workers=2, timeout=3.0, out=str(tmp_path), mem_limit=0, log=lambda m: None,
+                               start_method="fork")
     assert s["outcomes"] == {"accepted": 0, "rejected": 3, "finding": 1, "memory": 1, "crash": 1, "hang": 1}
     assert sorted(os.listdir(tmp_path / "findings")) == ["case1-crash.gguf", "case2-hang.gguf",
                                                          "case3-memory.gguf", "case4-finding.gguf"]

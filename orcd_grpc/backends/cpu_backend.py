@@ -96,6 +96,7 @@ class CpuBackend(NumpyBackend):
         _threading(tuning.cpu_threading)
         self.kv_f16 = tuning.cpu_kv == "f16"
         self.kv_elem_size = 2 if self.kv_f16 else 4
+        self.q8 = tuning.cpu_q8
         self._rope: dict[int, tuple[RopeSpec, np.ndarray, np.ndarray]] = {}
         self._no_sinks = np.zeros(0, np.float32)
 
@@ -166,7 +167,7 @@ class CpuBackend(NumpyBackend):
 
     def linear(self, x, w, bias=None):
         x = np.ascontiguousarray(x, np.float32)
-        y = K.matmul(x, w) if isinstance(w, K.QWeight) else x @ w.T
+        y = K.matmul(x, w, self.q8) if isinstance(w, K.QWeight) else x @ w.T
         if bias is not None:
             y += bias
         return y

@@ -98,7 +98,11 @@ if numba is not None:
     # dispatcher pickles differently in every process (the caller's cache never hit)
     @njit(nogil=True, cache=True, fastmath=True, inline="always")
     def _quantize_x(x, xq, xd, xs):
-        # x [m, k] -> xq int8 [m, k], xd [m, k/32] (xq * xd ~ x), xs [m, k/16] (float sums)
+        # x [m, k] -> xq int8 [m, k], xd [m, k/32] (xq * xd ~ x), xs [m, k/16]: sums of the rounded
+        # x (xd * sum xq), not of x. A format's offset (Q4_1's m, a K-quant's min) then multiplies
+        # the same x as its levels do, and the product's error is sum w_j e_j; with x's own sums
+        # it was sum (w_j - offset) e_j, several times larger where the offset is large (SmolLM2's
+        # Q4_1 rows: 2 % against 0.5 %, top-1 agreement 0.98 instead of 1.0).
         m, k = x.shape
         for i in range(m):
             for g in range(k // 32):
@@ -109,12 +113,13 @@ if numba is not None:
                 inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
                 xd[i, g] = d
                 for h in range(2):
-                    t = np.float32(0.0)
+                    t = 0
                     for j in range(16):
                         v = x[i, g * 32 + h * 16 + j]
-                        t += v
-                        xq[i, g * 32 + h * 16 + j] = np.int8(np.trunc(v * inv + np.copysign(np.float32(0.5), v)))
-                    xs[i, 2 * g + h] = t
+                        q = np.int8(np.trunc(v * inv + np.copysign(np.float32(0.5), v)))
+                        t += np.int32(q)
+                        xq[i, g * 32 + h * 16 + j] = q
+                    xs[i, 2 * g + h] = np.float32(t) * d
 
 
 def _make_drivers(deps: str):
@@ -391,12 +396,13 @@ def dequantize(w: QWeight) -> np.ndarray:
     return _rows_f32(w, np.arange(w.shape[0], dtype=np.int64))
 
 
-def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
+def matmul(x: np.ndarray, w: QWeight, q8_x: bool = True) -> np.ndarray:
     """float32 [m, n_out] = x @ W.T for float32 x [m, n_in].
 
-    q8_x: for m < GEMM_MIN_M and quantized formats (not F32/F16/BF16), round x to 8 bits per 32
-    values first and sum levels in integers (row_dot_q8): ~1.2-1.7x faster decode for the 4- and
-    5-bit formats, little for Q8_0/Q6_K (BENCHMARKS.md); ~0.5 % relative error per product.
+    q8_x (the backend's decode path): for m < GEMM_MIN_M and quantized formats (not F32/F16/BF16),
+    x is rounded to 8 bits per 32 values first and levels are summed in integers (row_dot_q8), as
+    llama.cpp does: ~0.5 % relative error per product, faster for every format (BENCHMARKS.md).
+    False keeps x in float32 (the kernels' tests and bench/cpu_kernels.py compare the two).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, k = w.shape

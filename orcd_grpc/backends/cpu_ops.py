@@ -5,7 +5,8 @@ few microseconds, and the same op in NumPy is several array expressions of a few
 (temporaries, dispatch); fused into one compiled call per op, a decode step is its matmuls.
 
 numba has no float16 on the CPU, so an F16 KV cache is held as uint16 bits: stores round to
-nearest even here (as NumPy's astype does), loads go through a 65,536-entry float32 table.
+nearest even here (as NumPy's astype does) and loads widen them with integer operations; `lut`
+(the F16 table, or None for a float32 cache) tells the kernels which.
 """
 from __future__ import annotations
 
@@ -22,13 +23,13 @@ _PAR = dict(_JIT, parallel=True)
 PARALLEL_MIN_WORK = 1 << 18
 
 
-def _both(fn):
+def _both(fn, **options):
     """fn compiled twice: (serial, parallel); prange is a plain range in the serial one. The
     parallel one is a copy under its own name: numba's disk cache keys entries by name and
-    signature, not by the parallel flag."""
+    signature, not by the parallel flag. options: more of njit's (fastmath flags)."""
     par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_par", fn.__defaults__, fn.__closure__)
     par.__qualname__ = fn.__qualname__ + "_par"
-    return numba.njit(**_JIT)(fn), numba.njit(**_PAR)(par)
+    return numba.njit(**{**_JIT, **options})(fn), numba.njit(**{**_PAR, **options})(par)
 
 #: float16 bits -> float32, the loads of an F16 cache
 F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -151,65 +152,82 @@ def store_kv(k, v, slots, kc, vc, lut):
             _put(vc, slots[t], h, v[t, h], lut)
 
 
-@numba.njit(**_JIT)
-def _load(cache, slot, h, d, lut):
+@numba.njit(**_JIT, inline="always")
+def _row_f32(cache, slot, h, lut, out):
+    """out[:] = cache[slot, h] as float32. F16 bits are widened with integer operations (a loop
+    LLVM vectorizes, unlike a gather from the table): exact for every half, subnormals (the
+    multiply by 2**112 rebiases the exponent), infinities and NaNs (exponent forced to all ones)."""
     if lut is None:
-        return np.float32(cache[slot, h, d])
-    return lut[cache[slot, h, d]]
+        for d in range(out.shape[0]):
+            out[d] = cache[slot, h, d]
+    else:
+        for d in range(out.shape[0]):
+            u = np.uint32(cache[slot, h, d])
+            inf_nan = np.uint32(0x7F800000) if (u & np.uint32(0x7C00)) == np.uint32(0x7C00) else np.uint32(0)
+            bits = np.uint32(((u & np.uint32(0x8000)) << np.uint32(16)) | ((u & np.uint32(0x7FFF)) << np.uint32(13))
+                             | inf_nan)
+            out[d] = bits.view(np.float32) * np.float32(5.192296858534828e33)
 
 
 def _attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
               softcap, out):
-    """Causal attention for the query rows `tokens` of q [T, hq, dk] over the paged cache, one
-    (token, head) per work item with a running (online) softmax; out [T, hq, dv]. sinks: [hq]
-    logits that join the denominator only (an empty array: none)."""
+    """Causal attention for the query rows `tokens` of q [T, hq, dk] over the paged cache; out
+    [T, hq, dv]. One work item per (token, kv head) does the query heads that share it: each key
+    and value row is widened to float32 once for all of them, all scores first, then one softmax
+    and one pass over the values (no running rescale). sinks: [hq] logits that join the
+    denominator only (an empty array: none)."""
     hq = q.shape[1]
     hkv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
     group = hq // hkv
     has_sinks = sinks.shape[0] > 0
-    for item in numba.prange(tokens.shape[0] * hq):
-        t = tokens[item // hq]
-        h = item % hq
-        kh = h // group
+    for item in numba.prange(tokens.shape[0] * hkv):
+        t = tokens[item // hkv]
+        kh = item % hkv
+        h0 = kh * group
         b = tok_seq[t]
         qpos = positions[t]
         hi = min(ctx_lens[b], qpos + 1)
         lo = max(0, qpos - window + 1) if window > 0 else 0
-        acc = out[t, h]
-        for d in range(dv):
-            acc[d] = 0.0
-        m = -np.inf
-        total = 0.0
-        for p in range(lo, hi):
+        n = max(0, hi - lo)
+        sc = np.empty((group, n), np.float32)
+        row = np.empty(max(dk, dv), np.float32)
+        for i in range(n):
+            p = lo + i
             slot = tables[b, p // bs] * bs + p % bs
-            s = 0.0
-            for d in range(dk):
-                s += q[t, h, d] * _load(kc, slot, kh, d, lut)
-            s *= scale
-            if softcap > 0:
-                s = softcap * math.tanh(s / softcap)
-            if s > m:
-                r = math.exp(m - s)
-                total *= r
-                for d in range(dv):
-                    acc[d] *= r
-                m = s
-            e = math.exp(s - m)
-            total += e
+            _row_f32(kc, slot, kh, lut, row[:dk])
+            for g in range(group):
+                s = np.float32(0.0)
+                for d in range(dk):
+                    s += q[t, h0 + g, d] * row[d]
+                s *= scale
+                if softcap > 0:
+                    s = softcap * math.tanh(s / softcap)
+                sc[g, i] = s
+        total = np.empty(group, np.float32)
+        for g in range(group):
+            m = sinks[h0 + g] if has_sinks else -np.inf
+            for i in range(n):
+                m = max(m, sc[g, i])
+            z = math.exp(sinks[h0 + g] - m) if has_sinks else 0.0
+            for i in range(n):
+                e = math.exp(sc[g, i] - m)
+                sc[g, i] = e
+                z += e
+            total[g] = z
             for d in range(dv):
-                acc[d] += e * _load(vc, slot, kh, d, lut)
-        if has_sinks:
-            sk = sinks[h]
-            if sk > m:
-                r = math.exp(m - sk)
-                total *= r
+                out[t, h0 + g, d] = 0.0
+        for i in range(n):
+            p = lo + i
+            slot = tables[b, p // bs] * bs + p % bs
+            _row_f32(vc, slot, kh, lut, row[:dv])
+            for g in range(group):
+                e = sc[g, i]
                 for d in range(dv):
-                    acc[d] *= r
-                m = sk
-            total += math.exp(sk - m)
-        inv = 1.0 / total if total > 0 else 0.0
-        for d in range(dv):
-            acc[d] *= inv
+                    out[t, h0 + g, d] += e * row[d]
+        for g in range(group):
+            inv = np.float32(1.0 / total[g]) if total[g] > 0 else np.float32(0.0)
+            for d in range(dv):
+                out[t, h0 + g, d] *= inv
 
 
 def _glu(gate, up, gelu, out):
@@ -226,7 +244,10 @@ def _glu(gate, up, gelu, out):
             out[t, j] = a * up[t, j]
 
 
-_RMS, _ROPE, _ATTN, _GLU = _both(_rms_norm), _both(_rope), _both(_attention), _both(_glu)
+# attention's dot products and sums may be reordered (vectorized); no flag that assumes finite
+# values: -inf and NaN keep their meaning
+_ATTN = _both(_attention, fastmath={"reassoc", "contract"})
+_RMS, _ROPE, _GLU = _both(_rms_norm), _both(_rope), _both(_glu)
 
 
 def rms_norm(x, w, eps, res, out, s_out):
