@@ -92,7 +92,7 @@ def child_orcd(path: str, a) -> dict:
     one()  # warm-up: numba's cached kernels, the pages of the map
     runs = [one() for _ in range(a.reps)]
     # the weights' resident bytes: the file's mapped pages plus the packed copies (anonymous)
-    mapped = eng.model.reader.data
+    mapped = eng.model.data
     copies = sum(p.nbytes for w in eng.adapter.w.values() for p in (w if isinstance(w, list) else [w])
                  if isinstance(p, cpu_kernels.QWeight) and not np.may_share_memory(p.raw, mapped))
     out = dict(load_s=load_s, kv_bytes=int(eng.info.kv_cache_bytes), weights_bytes=int(eng.info.weights_bytes),

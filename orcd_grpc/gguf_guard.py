@@ -54,6 +54,7 @@ _VALUE_TYPES: dict[int, tuple[str, int | None]] = {
     10: ("UINT64", 8), 11: ("INT64", 8), 12: ("FLOAT64", 8),
 }
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
+_BOOL = 7
 _SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B",
                10: "<Q", 11: "<q", 12: "<d"}
 
@@ -91,6 +92,7 @@ class GGUFSummary:
     kv_count: int
     metadata_items: int
     tensors: list[TensorExtent] = field(default_factory=list)
+    keys: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> (value type, offset of the value)
 
 
 class _Cursor:
@@ -272,9 +274,9 @@ def _check(mm, size: int, *, max_tensors, max_kv, max_string, max_array, max_ite
         if cur.offset < prev.offset + prev.nbytes:
             raise _bad(f"tensor {cur.name}: data [{cur.offset}, {cur.offset + cur.nbytes}) overlaps tensor "
                        f"{prev.name} [{prev.offset}, {prev.offset + prev.nbytes})")
-    check_semantics(_Values(mm, keys), tensors)
+    check_semantics(HeaderValues(mm, keys), tensors)
     return GGUFSummary(version=version, size=size, alignment=alignment, data_offset=data_offset,
-                       kv_count=n_kv, metadata_items=items, tensors=tensors)
+                       kv_count=n_kv, metadata_items=items, tensors=tensors, keys=keys)
 
 
 def _type_name(vtype: int) -> str:
@@ -398,7 +400,7 @@ _HPARAMS = {
 }
 
 
-class _Values:
+class HeaderValues:
     """Decodes values of a structurally checked header on demand (offsets are known to be safe)."""
 
     def __init__(self, buf, keys: dict[str, tuple[int, int]]):
@@ -415,13 +417,20 @@ class _Values:
         vtype, pos = self.keys[key]
         return self._decode(vtype, pos)[0]
 
+    def count(self, key: str) -> int | None:
+        """The item count of array `key` (nothing decoded), None when absent or not an array."""
+        if key not in self.keys or self.keys[key][0] != _ARRAY:
+            return None
+        return struct.unpack_from("<Q", self.buf, self.keys[key][1] + 4)[0]
+
     def _decode(self, vtype: int, pos: int):
         buf = self.buf
         if vtype == _STRING:
             n = struct.unpack_from("<Q", buf, pos)[0]
             return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8"), pos + 8 + n
         if vtype != _ARRAY:
-            return struct.unpack_from(_SCALAR_FMT[vtype], buf, pos)[0], pos + _VALUE_TYPES[vtype][1]
+            v = struct.unpack_from(_SCALAR_FMT[vtype], buf, pos)[0]
+            return (bool(v) if vtype == _BOOL else v), pos + _VALUE_TYPES[vtype][1]
         itype, count = struct.unpack_from("<IQ", buf, pos)
         pos += 12
         if itype in _NP_DTYPES:
@@ -434,7 +443,7 @@ class _Values:
         return out, pos
 
 
-def check_semantics(values: _Values, tensors: list[TensorExtent]) -> None:
+def check_semantics(values: HeaderValues, tensors: list[TensorExtent]) -> None:
     """Checks the metadata that the loader turns into loop counts, divisors and lookups: the
     architecture's hyperparameters and the tokenizer's vocabulary, merges and special ids.
     Structural validity is already established; this turns nonsense values into clear refusals
@@ -473,7 +482,7 @@ def check_semantics(values: _Values, tensors: list[TensorExtent]) -> None:
     _check_tokenizer(values)
 
 
-def _check_tokenizer(values: _Values) -> None:
+def _check_tokenizer(values: HeaderValues) -> None:
     t = values.type_of("tokenizer.ggml.tokens")
     if t is None:
         return

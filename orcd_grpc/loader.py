@@ -73,7 +73,7 @@ class _Opened:
         # Tensors no forward pass reads are neither loaded nor counted: on the CPU each would be
         # dequantized whole into float32 (a hostile file can carry gigabytes of them).
         used = set(adapter.required()) | adapter.optional_tensors()
-        self.tensors = [t for t in model.reader.tensors if t.name in used]
+        self.tensors = [t for t in model.tensors.values() if t.name in used]
         self._plans: dict = {}
         self.tokenizer = Tokenizer.from_gguf(model.fields)
         self.hp = hp = adapter.hp

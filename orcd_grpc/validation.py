@@ -17,7 +17,7 @@ from .gguf_model import GGUFModel
 
 
 def validate_model(model: GGUFModel, adapter) -> None:
-    for t in model.reader.tensors:
+    for t in model.tensors.values():
         quants.check_supported(t.tensor_type, t.name)
     for name, shape in adapter.required().items():
         if not model.has(name):
@@ -26,7 +26,7 @@ def validate_model(model: GGUFModel, adapter) -> None:
         if len(got) != len(shape) or any(s is not None and g != int(s) for g, s in zip(got, shape)):
             raise InvalidArgument(f"tensor {name!r} has shape {got}, but the metadata implies {tuple(shape)}",
                                   field=name)
-    for t in model.reader.tensors:
+    for t in model.tensors.values():
         shape = GGUFModel.logical_shape(t)
         try:
             expect = quants.nbytes(t.tensor_type, shape)
@@ -161,8 +161,7 @@ def _check_vocab(m: GGUFModel) -> None:
     tokenizer makes must have an embedding row, and a sampled row must have a token."""
     if m.meta("orcd.stage.first_layer") is not None:
         return  # a stage file's embedding is a slice or a hidden-state table
-    tokens = m.fields.get("tokenizer.ggml.tokens")
-    n_tokens = len(tokens.data) if tokens is not None else None
+    n_tokens = m.fields.count("tokenizer.ggml.tokens")
     vocab = _num(m, "vocab_size", integer=True)
     if vocab is not None and n_tokens is not None:
         _require(vocab == n_tokens, m, "vocab_size", f"{vocab}, but tokenizer.ggml.tokens has {n_tokens} tokens")

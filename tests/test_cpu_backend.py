@@ -174,7 +174,7 @@ def test_resident_bytes_are_what_admission_counted(kv):
         assert slots >= 3 * 256  # a full context per sequence, plus the padding block
         file_bytes = path.stat().st_size
         assert eng.info.weights_bytes <= file_bytes  # nothing dequantized beyond norms
-        mapped = eng.model.reader.data
+        mapped = eng.model.data
         assert not any(np.may_share_memory(getattr(p, "raw", p), mapped) for w in eng.adapter.w.values()
                        for p in (w if isinstance(w, list) else [w]))
     finally:

@@ -279,13 +279,11 @@ def test_unused_tensors_are_neither_loaded_nor_counted(served):
 # ---- messages -------------------------------------------------------------------------------------
 
 def test_load_errors_do_not_name_the_model_directory(served, monkeypatch):
-    import gguf
-
-    def unreadable(path, mode="r"):
+    def unreadable(path, *a, **k):
         raise ValueError(f"cannot map {path}: bad offset")
 
     write_model(served.dir / "other.gguf", seed=6)
-    monkeypatch.setattr(gguf, "GGUFReader", unreadable)
+    monkeypatch.setattr(np, "memmap", unreadable)  # what GGUFModel maps the file with
     err = served.refused("other.gguf")  # refused() asserts the directory is absent
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "other.gguf" in err.details(), err.details()
     monkeypatch.undo()

@@ -32,7 +32,7 @@ def q4_v8(tmp_path_factory):
 
 
 def _plan(model, **switches):
-    return plan(list(model.reader.tensors), LlamaAdapter.packing, 2, Switches(**switches))
+    return plan(list(model.tensors.values()), LlamaAdapter.packing, 2, Switches(**switches))
 
 
 def _covers_every_tensor_once(p, model):
@@ -60,7 +60,7 @@ def test_switches_pick_the_packs(q4_v8, switches, packed):
             assert p.names().index(bias) == p.names().index(name) - 1
     # the file's own tensors come first, in file order; packs after, layer by layer
     lone = [e.name for e in p.entries if len(e.parts) == 1]
-    assert p.names()[: len(lone)] == lone == [t.name for t in q4_v8.reader.tensors if t.name in lone]
+    assert p.names()[: len(lone)] == lone == [t.name for t in q4_v8.tensors.values() if t.name in lone]
 
 
 def test_widened_pack_is_the_parts_as_q8_0_rows(q4_v8):

@@ -89,8 +89,9 @@ class Adapter:
         head_dim = int(m.hp("attention.key_length", d // n_heads))
         vocab = m.hp("vocab_size")
         if vocab is None:
-            vocab = len(m.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in m.fields \
-                else GGUFModel.logical_shape(m.tensor("token_embd.weight"))[0]
+            vocab = m.fields.count("tokenizer.ggml.tokens")
+            if vocab is None:
+                vocab = GGUFModel.logical_shape(m.tensor("token_embd.weight"))[0]
         return HParams(
             n_layers=int(m.require("block_count")), d_model=d, n_heads=n_heads,
             n_kv_heads=int(_one(n_kv)),

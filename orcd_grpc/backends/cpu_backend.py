@@ -129,8 +129,7 @@ class CpuBackend(NumpyBackend):
     def finish_load(self, model) -> None:
         """Gives back the map's pages that loading read: every weight is a copy, so nothing maps
         them in again (metadata reads touch a few pages)."""
-        mm = getattr(getattr(model, "reader", None), "data", None)
-        raw = getattr(mm, "_mmap", None)
+        raw = getattr(getattr(model, "data", None), "_mmap", None)
         if raw is not None and hasattr(raw, "madvise"):
             try:
                 raw.madvise(mmap.MADV_DONTNEED)
