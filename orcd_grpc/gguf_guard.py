@@ -549,6 +549,19 @@ def scan_nonfinite(buf, tensors: list[TensorExtent]) -> None:
                 _scan_blocks(buf, t, off, np.uint16, 0x7C00)
 
 
+def _drop_pages(buf, offset: int, length: int) -> None:
+    """Gives back the map's pages of [offset, offset + length) once scanned: the scan reads the
+    whole file, and kept, its pages would add the file's size to the process's resident memory
+    until the map is closed (a peak as large as the weights, before they are even loaded)."""
+    if not isinstance(buf, mmap.mmap) or length <= 0:
+        return
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        buf.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def _scan_words(buf, t: TensorExtent, dtype, exp_mask: int, what: str) -> None:
     item = np.dtype(dtype).itemsize
     count = t.nbytes // item
@@ -558,6 +571,8 @@ def _scan_words(buf, t: TensorExtent, dtype, exp_mask: int, what: str) -> None:
         n = min(step, count - first)
         w = np.frombuffer(buf, dtype=f"<u{item}", count=n, offset=t.offset + first * item)
         bad = np.flatnonzero((w & mask) == mask)
+        del w
+        _drop_pages(buf, t.offset + first * item, n * item)
         if bad.size:
             raise _bad(f"tensor {t.name}: {what} {first + int(bad[0])} is NaN or Inf")
 
@@ -572,6 +587,8 @@ def _scan_blocks(buf, t: TensorExtent, field_off: int, dtype, exp_mask: int) -> 
         n = min(step, n_blocks - first)
         raw = np.frombuffer(buf, dtype=np.uint8, count=n * block_bytes, offset=t.offset + first * block_bytes)
         words = raw.reshape(n, block_bytes)[:, field_off:field_off + item].copy().view(f"<u{item}").ravel()
+        del raw
+        _drop_pages(buf, t.offset + first * block_bytes, n * block_bytes)
         bad = np.flatnonzero((words & mask) == mask)
         if bad.size:
             raise _bad(f"tensor {t.name}: the scale of block {first + int(bad[0])} is NaN or Inf "

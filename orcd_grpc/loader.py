@@ -21,6 +21,8 @@ from .gguf_model import GGUFModel
 from .kv_cache import BlockAllocator
 
 DEFAULT_MAX_CONTEXT = 8192
+#: weight bytes loaded between two Backend.release_map calls
+LOAD_RELEASE_BYTES = 32 << 20
 
 
 def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "auto", context_length: int = 0,
@@ -164,12 +166,15 @@ def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences,
         weights_bytes, kv_bytes, num_blocks = size.weights_bytes, size.kv_cache_bytes, size.num_blocks
         check_fits(size.needed, size.available, be.memory_name)
 
-        weights, done = {}, 0
+        weights, done, released = {}, 0, 0
         for e in plan.entries:
             weights[e.name] = be.load_weight(e.name, e.raw(), e.qtype, e.shape)
             done += e.file_bytes
             report("loading", done, total)
-        be.finish_load(model)
+            if done - released >= LOAD_RELEASE_BYTES:
+                be.release_map(model)
+                released = done
+        be.release_map(model)
         kv = be.alloc_kv(adapter.kv_layout(num_blocks + 1, block_size))  # + the padding rows' block
         report("warming", total, total)
         adapter.n_ctx = ctx_len  # the context served per sequence (phi3 picks its rope factors by it)

@@ -56,10 +56,6 @@ class Tuning:
     cpu_kv: str = _switch(
         "f16", "ORCD_CPU_KV", "the CPU backend's KV cache element: f16 (half the memory of f32; top-1 agreement "
         "with the float32 reference is tested) or f32", choices=("f16", "f32"))
-    cpu_q8: bool = _switch(
-        True, "ORCD_CPU_Q8", "the CPU backend's decode products on activations rounded to 8 bits per 32 values "
-        "and summed in integers, as llama.cpp's (~0.5 % error per product; faster for every format, "
-        "BENCHMARKS.md); off: float32 activations, products exact to summation order", level="backend")
     cpu_threading: str = _switch(
         "omp", "ORCD_CPU_THREADING", "numba's thread pool for the CPU backend's kernels, set before its first "
         "parallel call: omp (GNU OpenMP with passive waiting; safe from several threads, not in a child forked "

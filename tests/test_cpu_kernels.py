@@ -83,9 +83,24 @@ def test_q8_activations_within_their_rounding_bound(qt):
         amax = np.repeat(np.abs(x.astype(np.float64)).reshape(m, -1, 32).max(axis=2), 32, axis=1)
         ref = x.astype(np.float64) @ ref_w.T
         bound = (amax / 254) @ np.abs(ref_w).T * (1 + 1e-5) + 1e-5 * (np.abs(x) @ np.abs(ref_w).T)
-        y = ck.matmul(x, w)  # the default
+        y = ck.matmul(x, w, q8_x=True)
         assert np.all(np.abs(y - ref) <= bound), f"worst {np.max(np.abs(y - ref) / bound):.2f} of the bound"
         assert np.linalg.norm(y - ref) > 0  # x really was rounded
+
+
+@pytest.mark.parametrize("qt", sorted(set(ENCODED + K_QUANTS) - {T.F32, T.F16, T.BF16}), ids=lambda t: t.name)
+def test_q8_rows_do_not_depend_on_the_rows_beside_them(qt):
+    """With 8-bit x, a row of x alone and among 16 others gives the same bits (one per-row kernel
+    for every m): a sample of n > 1 would be the one-sample request with its seed."""
+    rng = np.random.default_rng(int(qt) + 300)
+    n, k = 37, k_for(qt)
+    raw, _ = make_weight(qt, n, k, rng)
+    w = ck.QWeight(raw, qt, (n, k))
+    x = rng.standard_normal((17, k)).astype(np.float32)
+    together = ck.matmul(x, w, q8_x=True)
+    for i in (0, 7, 16):
+        assert np.array_equal(ck.matmul(x[i:i + 1], w, q8_x=True)[0], together[i])
+        assert np.array_equal(ck.matmul(x[i:i + 2], w, q8_x=True)[0], together[i])
 
 
 @pytest.mark.parametrize("qt", [T.Q4_1, T.Q8_0, T.Q6_K, T.F16, T.BF16], ids=lambda t: t.name)

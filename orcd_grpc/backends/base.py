@@ -126,8 +126,10 @@ class Backend(ABC):
 
         return cpu_step_bytes(hp, max_sequences, context_length, largest_weight)
 
-    def finish_load(self, model) -> None:
-        """Called once every weight of `model` (the GGUFModel) is resident, before the KV cache."""
+    def release_map(self, model) -> None:
+        """Called while the weights of `model` (the GGUFModel) load, every LOAD_RELEASE_BYTES of
+        them, and once all are resident, before the KV cache: a backend that copies every weight
+        gives back the file map's pages read so far."""
 
     def memory_available(self) -> int | None:
         """Bytes that may still be allocated, None when unbounded (host memory)."""

@@ -2,7 +2,7 @@
 
 What it keeps resident is the file's own bytes, copied once out of the GGUF memory map (packed
 matrices, Q/K/V and gate/up, as one copy of their parts), after which the map's pages are given
-back (`finish_load`). Copies rather than views of the map: a page fault on a mapped file maps the
+back as loading goes (`release_map`). Copies rather than views of the map: a page fault on a mapped file maps the
 page cache's whole folio around it (large folios: up to megabytes), so views of a few tensors kept
 nearly the whole file resident beside the packed copies (SmolLM2: 130 MiB for a 94 MB file); copied,
 resident memory is the file's size plus the KV cache pages in use. Matmuls and embedding lookups
@@ -42,6 +42,35 @@ def _threading(layer: str) -> None:
     import numba
 
     numba.config.THREADING_LAYER = layer
+
+
+#: bytes copied out of the file map between two releases of the pages they came from
+COPY_CHUNK = 16 << 20
+
+
+def _copy_out(raw) -> np.ndarray:
+    """A flat uint8 copy of raw's bytes. Where raw is a view of the file map, the map's pages are
+    given back chunk by chunk, so a large tensor (Gemma 3's 178 MB embedding) is not resident
+    twice, as pages and as the copy, at the end of its copy."""
+    mm = getattr(raw, "_mmap", None)  # np.memmap views carry the map
+    src = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    out = np.empty(src.size, np.uint8)
+    base = None
+    if isinstance(mm, mmap.mmap) and hasattr(mm, "madvise") and np.may_share_memory(src, raw):
+        view = np.frombuffer(mm, np.uint8)
+        base = view.ctypes.data
+        del view
+    for i in range(0, src.size, COPY_CHUNK):
+        j = min(src.size, i + COPY_CHUNK)
+        out[i:j] = src[i:j]
+        if base is not None:
+            off = src.ctypes.data + i - base
+            start = off - off % mmap.PAGESIZE
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, start, off + (j - i) - start)
+            except (OSError, ValueError):
+                base = None
+    return out
 
 
 class CpuKV:
@@ -96,7 +125,6 @@ class CpuBackend(NumpyBackend):
         _threading(tuning.cpu_threading)
         self.kv_f16 = tuning.cpu_kv == "f16"
         self.kv_elem_size = 2 if self.kv_f16 else 4
-        self.q8 = tuning.cpu_q8
         self._rope: dict[int, tuple[RopeSpec, np.ndarray, np.ndarray]] = {}
         self._no_sinks = np.zeros(0, np.float32)
 
@@ -113,7 +141,7 @@ class CpuBackend(NumpyBackend):
         if not self._quantized(qtype, shape):
             # F32 as it is in the file; F16/BF16 vectors and types the kernels lack decoded
             return np.array(quants.dequantize(raw, qtype, shape), np.float32, copy=True)
-        data = np.array(np.ascontiguousarray(raw).reshape(-1).view(np.uint8), copy=True)
+        data = _copy_out(raw)
         rows = int(np.prod(shape[:-1]))
         data = data.reshape(rows, -1)
         if len(shape) == 2:
@@ -126,9 +154,10 @@ class CpuBackend(NumpyBackend):
             return int(raw_nbytes)
         return int(np.prod(shape)) * 4
 
-    def finish_load(self, model) -> None:
+    def release_map(self, model) -> None:
         """Gives back the map's pages that loading read: every weight is a copy, so nothing maps
-        them in again (metadata reads touch a few pages)."""
+        them in again (metadata reads touch a few pages). Called as loading goes, so that the
+        copies and the pages they came from are never all resident together (peak RSS)."""
         raw = getattr(getattr(model, "data", None), "_mmap", None)
         if raw is not None and hasattr(raw, "madvise"):
             try:
@@ -166,7 +195,7 @@ class CpuBackend(NumpyBackend):
 
     def linear(self, x, w, bias=None):
         x = np.ascontiguousarray(x, np.float32)
-        y = K.matmul(x, w, self.q8) if isinstance(w, K.QWeight) else x @ w.T
+        y = K.matmul(x, w) if isinstance(w, K.QWeight) else x @ w.T
         if bias is not None:
             y += bias
         return y

@@ -396,13 +396,16 @@ def dequantize(w: QWeight) -> np.ndarray:
     return _rows_f32(w, np.arange(w.shape[0], dtype=np.int64))
 
 
-def matmul(x: np.ndarray, w: QWeight, q8_x: bool = True) -> np.ndarray:
+def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
     """float32 [m, n_out] = x @ W.T for float32 x [m, n_in].
 
-    q8_x (the backend's decode path): for m < GEMM_MIN_M and quantized formats (not F32/F16/BF16),
-    x is rounded to 8 bits per 32 values first and levels are summed in integers (row_dot_q8), as
-    llama.cpp does: ~0.5 % relative error per product, faster for every format (BENCHMARKS.md).
-    False keeps x in float32 (the kernels' tests and bench/cpu_kernels.py compare the two).
+    q8_x: for quantized formats (not F32/F16/BF16), x is rounded to 8 bits per 32 values first and
+    levels are summed in integers (row_dot_q8), as llama.cpp does: ~0.7 % relative error per
+    product, for faster decode; every m then takes that per-row kernel (a row's result does not
+    depend on the rows beside it), so prefill is slower. Not what the backend runs: over a
+    prompt the rounding compounds (SmolLM2's teacher-forced top-1 against the float32 reference
+    0.97, llama.cpp's own 0.96), and int16 activations, as exact as float32, were no faster
+    than float32 (BENCHMARKS.md). bench/cpu_kernels.py times both.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, k = w.shape
@@ -415,8 +418,10 @@ def matmul(x: np.ndarray, w: QWeight, q8_x: bool = True) -> np.ndarray:
         return np.empty((0, n), np.float32)
     if not w._blocks:
         return _matmul_half(x, w)
+    if q8_x and w.qtype in FORMATS:
+        return _gemv_q8(w._code, w.raw, w._nb, x)
     if m < GEMM_MIN_M:
-        return (_gemv_q8 if q8_x and w.qtype in FORMATS else _gemv)(w._code, w.raw, w._nb, x)
+        return _gemv(w._code, w.raw, w._nb, x)
     mp = -(-m // GEMM_ROWS) * GEMM_ROWS
     if mp != m:
         x = np.concatenate([x, np.zeros((mp - m, k), np.float32)])
