@@ -45,7 +45,9 @@ soak = _load_soak()
 
 def test_soak_cpu():
     # ~35 s: 5 s warm-up (the baseline is taken after it), 20 s measured, settling and checks.
-    r = soak.run(duration=20, warmup=5, concurrency=200, max_sequences=32, max_queue=128, swap_interval=2.0,
+    # 200 client streams against room for 72 (8 running, 64 queued): overloaded on any machine,
+    # however fast its steps (at 32 + 128, the CPU backend's tiny-model steps kept up)
+    r = soak.run(duration=20, warmup=5, concurrency=200, max_sequences=8, max_queue=64, swap_interval=2.0,
                  settle_s=1.0)
     summary = {k: r[k] for k in ("streams", "streams_per_s", "faults", "outcomes", "swaps", "violation_kinds",
                                  "violation_examples", "hung_clients", "leaks", "rss_mib", "threads")}
@@ -60,8 +62,10 @@ def test_soak_cpu():
     assert {"status:INVALID_ARGUMENT", "status:OUT_OF_RANGE", "status:NOT_FOUND"} <= set(o["invalid"]), summary
     assert o["normal"].get("finished:LENGTH", 0) > 0, summary
     assert r["swaps"].get("ok", 0) >= 3 and r["swaps"].get("refused:PERMISSION_DENIED", 0) >= 1, summary
-    # Several hundred streams open at once, more than the server admits: some met a full queue.
-    assert r["peak_client_streams"] >= 150 and r["peak_server_requests"] >= 100, summary
+    # Hundreds of streams open at once, more than the server admits: it held all it has room for
+    # (or nearly), and some met a full queue.
+    assert r["peak_client_streams"] >= 150 and r["peak_server_requests"] >= 60, summary
+    assert o["normal"].get("status:RESOURCE_EXHAUSTED", 0) > 0, summary
     # The checks themselves (what run() turned into r["leaks"]):
     st = r["state_after"]
     assert st["live"] == 0 and st["free_blocks"] == st["total_blocks"] and st["kv_blocks_used_gauge"] == 0

@@ -169,6 +169,28 @@ def _row_f32(cache, slot, h, lut, out):
             out[d] = bits.view(np.float32) * np.float32(5.192296858534828e33)
 
 
+@numba.njit(**_JIT, inline="always")
+def _dot(a, b, n):
+    """sum a[:n] * b[:n] with eight partial sums in a fixed order: vectorizable without fastmath
+    (which would let each compile of a caller choose its own order, and a row's bits then depend
+    on the batch it is in)."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+    n8 = n - n % 8
+    for d in range(0, n8, 8):
+        s0 += a[d] * b[d]
+        s1 += a[d + 1] * b[d + 1]
+        s2 += a[d + 2] * b[d + 2]
+        s3 += a[d + 3] * b[d + 3]
+        s4 += a[d + 4] * b[d + 4]
+        s5 += a[d + 5] * b[d + 5]
+        s6 += a[d + 6] * b[d + 6]
+        s7 += a[d + 7] * b[d + 7]
+    s = ((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7))
+    for d in range(n8, n):
+        s += a[d] * b[d]
+    return s
+
+
 def _attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
               softcap, out):
     """Causal attention for the query rows `tokens` of q [T, hq, dk] over the paged cache; out
@@ -196,10 +218,7 @@ def _attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs,
             slot = tables[b, p // bs] * bs + p % bs
             _row_f32(kc, slot, kh, lut, row[:dk])
             for g in range(group):
-                s = np.float32(0.0)
-                for d in range(dk):
-                    s += q[t, h0 + g, d] * row[d]
-                s *= scale
+                s = _dot(q[t, h0 + g], row, dk) * scale
                 if softcap > 0:
                     s = softcap * math.tanh(s / softcap)
                 sc[g, i] = s
@@ -244,9 +263,7 @@ def _glu(gate, up, gelu, out):
             out[t, j] = a * up[t, j]
 
 
-# attention's dot products and sums may be reordered (vectorized); no flag that assumes finite
-# values: -inf and NaN keep their meaning
-_ATTN = _both(_attention, fastmath={"reassoc", "contract"})
+_ATTN = _both(_attention)
 _RMS, _ROPE, _GLU = _both(_rms_norm), _both(_rope), _both(_glu)
 
 
