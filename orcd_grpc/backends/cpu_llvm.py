@@ -19,7 +19,9 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-FAST = ("fast",)
+# FMA contraction only, no reassociation: the 1-row and 8-row kernels then add in the order written
+# (the same for both, _row_part), so a row's result has the same bits whatever rows are beside it
+FAST = ("contract",)
 #: every decoder returns vectors of this many values
 LANES = 32
 
@@ -212,11 +214,24 @@ def _data(context, builder, aty, aval, off):
     return builder.gep(arr.data, [off])
 
 
+def _row_part(e: Emit, vs, xp):
+    """One block's products with one row of x, as <8 x float>: each <32 x float> product folded
+    into 8 lanes, in the order both row_dot and row_dot_rows use (bit-identical rows)."""
+    b = e.b
+    part = None
+    for j, v in enumerate(vs):
+        xv = b.load(b.bitcast(e.ptr(xp, j * LANES), vec(F32).as_pointer()), align=4)
+        prod = e.fmul(v, xv)
+        for q in range(LANES // 8):
+            piece = b.shuffle_vector(prod, prod, ir.Constant(vec(I32, 8), list(range(8 * q, 8 * q + 8))))
+            part = piece if part is None else e.fadd(part, piece)
+    return part
+
+
 def row_dot(block_bytes: int, block_values: int, decode):
     """An intrinsic dot(w, w_off, n_blocks, x, x_off) -> float32: the dot product of n_blocks
     blocks starting at byte w_off of uint8 array w with float32 x from element x_off. `decode(e, p)`
     returns the block's values as <32 x float> vectors in order."""
-    nvec = block_values // LANES
 
     @intrinsic
     def dot(typingctx, w, w_off, n_blocks, x, x_off):
@@ -226,22 +241,15 @@ def row_dot(block_bytes: int, block_values: int, decode):
             e = Emit(builder)
             wbase = builder.bitcast(_data(context, builder, signature.args[0], args[0], args[1]), I8.as_pointer())
             xbase = _data(context, builder, signature.args[3], args[3], args[4])
-            # two accumulators so that the FMAs of consecutive vectors do not wait on each other
-            accs = [cgutils.alloca_once_value(builder, e.const(vec(F32), 0.0)) for _ in range(min(2, nvec))]
+            acc = cgutils.alloca_once_value(builder, e.const(vec(F32, 8), 0.0))
             nb = builder.sext(args[2], I64) if args[2].type.width < 64 else args[2]
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
                 xp = builder.gep(xbase, [builder.mul(b, e.const(I64, block_values))])
-                for i, part in enumerate(decode(e, p)):
-                    v = e.values(part)
-                    xv = builder.load(builder.bitcast(e.ptr(xp, i * LANES), vec(F32).as_pointer()), align=4)
-                    acc = accs[i % len(accs)]
-                    builder.store(e.fadd(builder.load(acc), e.fmul(v, xv)), acc)
-            total = builder.load(accs[0])
-            for acc in accs[1:]:
-                total = e.fadd(total, builder.load(acc))
-            return e.hsum(total)
+                part = _row_part(e, [e.values(part) for part in decode(e, p)], xp)
+                builder.store(e.fadd(builder.load(acc), part), acc)
+            return e.hsum(builder.load(acc))
 
         return sig, codegen
 
@@ -272,14 +280,7 @@ def row_dot_rows(block_bytes: int, block_values: int, decode, rows: int):
                 xo = builder.mul(b, e.const(I64, block_values))
                 vs = [e.values(part) for part in decode(e, p)]
                 for i in range(rows):
-                    xp = builder.gep(xrows[i], [xo])
-                    part = None
-                    for j, v in enumerate(vs):
-                        xv = builder.load(builder.bitcast(e.ptr(xp, j * LANES), vec(F32).as_pointer()), align=4)
-                        prod = e.fmul(v, xv)
-                        for q in range(LANES // 8):
-                            piece = builder.shuffle_vector(prod, prod, ir.Constant(vec(I32, 8), list(range(8 * q, 8 * q + 8))))
-                            part = piece if part is None else e.fadd(part, piece)
+                    part = _row_part(e, vs, builder.gep(xrows[i], [xo]))
                     builder.store(e.fadd(builder.load(accs[i]), part), accs[i])
             ybase = _data(context, builder, signature.args[6], args[6], args[7])
             ys = i64(args[8])
