@@ -171,13 +171,18 @@ def test_overflowing_weights_fail_the_test_step_and_leave_nothing(served):
     _libc().mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     for _ in range(2):  # the first ones also warm what stays (compiled code, allocator arenas)
         refuse()
-    before = _rss()
-    for _ in range(4):
+    rss = [_rss()]
+    for _ in range(6):
         refuse()
+        gc.collect()
+        rss.append(_rss())
     served.still_serves()
     gc.collect()
-    assert len(engines) == 6 and all(e() is None and w() is None for e, w in engines)
-    assert _rss() - before < 40 * MiB  # a kept model would add ~45 MiB per refusal, 180 in all
+    assert len(engines) == 8 and all(e() is None and w() is None for e, w in engines)
+    # A kept model adds ~45 MiB per refusal. In the whole suite one refusal may still grow RSS
+    # once by about that much (allocator and compiled-code state, not the model: the weakrefs
+    # above are dead), so the bound is on the last three and on the whole run.
+    assert rss[-1] - rss[3] < 40 * MiB and rss[-1] - rss[0] < 100 * MiB, [(r - rss[0]) // MiB for r in rss]
 
 
 def test_nan_weights_fail_the_test_step_when_the_scan_is_off(served, monkeypatch):
