@@ -1,4 +1,5 @@
-"""Structural validation of an untrusted GGUF file before `gguf.GGUFReader` opens it.
+"""Structural validation of an untrusted GGUF file, and the index of its header that GGUFModel
+reads metadata through (`GGUFSummary.keys`, `HeaderValues`) instead of `gguf.GGUFReader`.
 
 `gguf.GGUFReader` trusts the header: it sizes reads by the counts and lengths it finds, builds one
 NumPy view per metadata item, recurses into nested arrays without a depth limit and computes tensor
