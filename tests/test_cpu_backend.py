@@ -139,11 +139,30 @@ def test_f16_store_rounds_as_numpy():
     x = np.concatenate([x, np.float32([0, -0.0, np.inf, -np.inf, 65504, 65519, 65520, 2.98e-8, 5.96e-8])])
     cache = np.zeros((len(x), 1, 1), np.uint16)
     cpu_ops.store_kv(x.reshape(-1, 1, 1), x.reshape(-1, 1, 1), np.arange(len(x), dtype=np.int32), cache,
-                     cache.copy(), cpu_ops.F16_TABLE)
+                     cache.copy(), True)
     with np.errstate(over="ignore"):
         want = x.astype(np.float16).view(np.uint16)
     assert np.array_equal(cache.ravel(), want)
-    assert np.array_equal(cpu_ops.F16_TABLE[want], want.view(np.float16).astype(np.float32))
+
+
+def test_f16_load_widens_every_half_exactly():
+    """The attention's loads from an F16 cache (integer widening) against NumPy's float16 ->
+    float32 cast, over all 65,536 bit patterns: subnormals, infinities and NaNs included."""
+    import numba
+
+    from orcd_grpc.backends import cpu_ops
+
+    @numba.njit
+    def widen_all(cache, out):
+        for s in range(cache.shape[0]):
+            cpu_ops._row_f32(cache, s, 0, True, out[s])
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty((bits.size, 1), np.float32)
+    widen_all(bits.reshape(-1, 1, 1), out)
+    ref = bits.view(np.float16).astype(np.float32)
+    assert np.array_equal(out.ravel(), ref, equal_nan=True)
+    assert np.array_equal(np.isnan(out.ravel()), np.isnan(ref))
 
 
 @pytest.mark.parametrize("kv", ["f16", "f32"])

@@ -79,8 +79,8 @@ class CpuKV:
     def __init__(self, layout: KVLayout, f16: bool):
         slots = layout.num_blocks * layout.block_size
         dt = np.uint16 if f16 else np.float32
-        self.layout, self.f16 = layout, f16
-        self.lut = ops.F16_TABLE if f16 else None
+        # True or None, as the kernels' f16 argument takes it (cpu_ops)
+        self.layout, self.f16 = layout, (True if f16 else None)
         self.k = np.zeros((layout.n_layers, slots, layout.n_kv_heads, layout.head_dim_k), dt)
         self.v = np.zeros((layout.n_layers, slots, layout.n_kv_heads, layout.head_dim_v), dt)
 
@@ -233,13 +233,13 @@ class CpuBackend(NumpyBackend):
         q = np.empty((T, n_heads, head_dim), np.float32)
         tmp = np.empty(head_dim, np.float32)
         ops.qkv_rope_store(np.ascontiguousarray(qkv, np.float32), cos, sin, ctx.positions, spec.dim, spec.neox,
-                           ctx.slot_mapping, kv.k[layer], kv.v[layer], kv.lut, n_heads, n_kv_heads, head_dim,
+                           ctx.slot_mapping, kv.k[layer], kv.v[layer], kv.f16, n_heads, n_kv_heads, head_dim,
                            head_dim_v, q, tmp)
         return q
 
     def store_kv(self, k, v, kv: CpuKV, layer, ctx):
         ops.store_kv(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32), ctx.slot_mapping,
-                     kv.k[layer], kv.v[layer], kv.lut)
+                     kv.k[layer], kv.v[layer], kv.f16)
 
     def attention(self, q, k, v, kv: CpuKV, layer, ctx, *, scale, window=0, sinks=None, softcap=0.0):
         if k is not None:
@@ -251,7 +251,7 @@ class CpuBackend(NumpyBackend):
         sk = self._no_sinks if sinks is None else np.ascontiguousarray(sinks, np.float32)
         if len(ctx.short_tokens):
             work = len(ctx.short_tokens) * hq * ctx.max_ctx * (q.shape[2] + dv)
-            ops.attention(q, kv.k[layer], kv.v[layer], kv.lut, ctx.short_tokens, ctx.tok_seq, ctx.positions,
+            ops.attention(q, kv.k[layer], kv.v[layer], kv.f16, ctx.short_tokens, ctx.tok_seq, ctx.positions,
                           ctx.ctx_lens, ctx.block_tables, ctx.block_size, np.float32(scale), int(window), sk,
                           np.float32(softcap), out, work)
         if len(ctx.long_seqs):

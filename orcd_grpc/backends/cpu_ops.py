@@ -5,8 +5,9 @@ few microseconds, and the same op in NumPy is several array expressions of a few
 (temporaries, dispatch); fused into one compiled call per op, a decode step is its matmuls.
 
 numba has no float16 on the CPU, so an F16 KV cache is held as uint16 bits: stores round to
-nearest even here (as NumPy's astype does) and loads widen them with integer operations; `lut`
-(the F16 table, or None for a float32 cache) tells the kernels which.
+nearest even here (as NumPy's astype does) and loads widen them with integer operations. The
+kernels' `f16` argument tells which: True for such a cache, None for a float32 one (numba compiles
+each separately and drops the other branch).
 """
 from __future__ import annotations
 
@@ -23,16 +24,14 @@ _PAR = dict(_JIT, parallel=True)
 PARALLEL_MIN_WORK = 1 << 18
 
 
-def _both(fn, **options):
+def _both(fn):
     """fn compiled twice: (serial, parallel); prange is a plain range in the serial one. The
     parallel one is a copy under its own name: numba's disk cache keys entries by name and
-    signature, not by the parallel flag. options: more of njit's (fastmath flags)."""
+    signature, not by the parallel flag."""
     par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_par", fn.__defaults__, fn.__closure__)
     par.__qualname__ = fn.__qualname__ + "_par"
-    return numba.njit(**{**_JIT, **options})(fn), numba.njit(**{**_PAR, **options})(par)
+    return numba.njit(**_JIT)(fn), numba.njit(**_PAR)(par)
 
-#: float16 bits -> float32, the loads of an F16 cache
-F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 @numba.njit(**_JIT)
@@ -65,10 +64,10 @@ def f16_bits(u):
 
 
 @numba.njit(**_JIT)
-def _put(cache, slot, h, row, lut):
-    """Writes float32 `row` into cache[slot, h]: float32, or float16 bits when lut (the F16 table)
-    is given (numba prunes the branch on None at compile time)."""
-    if lut is None:
+def _put(cache, slot, h, row, f16):
+    """Writes float32 `row` into cache[slot, h]: float32, or float16 bits when f16 is True
+    (numba prunes the branch on None at compile time)."""
+    if f16 is None:
         for d in range(row.shape[0]):
             cache[slot, h, d] = row[d]
     else:
@@ -123,7 +122,7 @@ def _rope(x, cos, sin, positions, dim, neox, out):
 
 
 @numba.njit(**_JIT)
-def qkv_rope_store(qkv, cos, sin, positions, dim, neox, slots, kc, vc, lut, hq, hkv, dk, dv, q_out, tmp):
+def qkv_rope_store(qkv, cos, sin, positions, dim, neox, slots, kc, vc, f16, hq, hkv, dk, dv, q_out, tmp):
     """A fused projection's rows [T, hq*dk + hkv*dk + hkv*dv]: q roped into q_out [T, hq, dk];
     k roped and v written into the cache at slots (slot < 0: not written)."""
     for t in range(qkv.shape[0]):
@@ -136,28 +135,28 @@ def qkv_rope_store(qkv, cos, sin, positions, dim, neox, slots, kc, vc, lut, hq, 
         base = hq * dk
         for h in range(hkv):
             _rotate(row[base + h * dk: base + (h + 1) * dk], tmp, cos[p], sin[p], dim, neox)
-            _put(kc, slots[t], h, tmp[:dk], lut)
+            _put(kc, slots[t], h, tmp[:dk], f16)
         base += hkv * dk
         for h in range(hkv):
-            _put(vc, slots[t], h, row[base + h * dv: base + (h + 1) * dv], lut)
+            _put(vc, slots[t], h, row[base + h * dv: base + (h + 1) * dv], f16)
 
 
 @numba.njit(**_JIT)
-def store_kv(k, v, slots, kc, vc, lut):
+def store_kv(k, v, slots, kc, vc, f16):
     for t in range(k.shape[0]):
         if slots[t] < 0:
             continue
         for h in range(k.shape[1]):
-            _put(kc, slots[t], h, k[t, h], lut)
-            _put(vc, slots[t], h, v[t, h], lut)
+            _put(kc, slots[t], h, k[t, h], f16)
+            _put(vc, slots[t], h, v[t, h], f16)
 
 
 @numba.njit(**_JIT, inline="always")
-def _row_f32(cache, slot, h, lut, out):
+def _row_f32(cache, slot, h, f16, out):
     """out[:] = cache[slot, h] as float32. F16 bits are widened with integer operations (a loop
     LLVM vectorizes, unlike a gather from the table): exact for every half, subnormals (the
     multiply by 2**112 rebiases the exponent), infinities and NaNs (exponent forced to all ones)."""
-    if lut is None:
+    if f16 is None:
         for d in range(out.shape[0]):
             out[d] = cache[slot, h, d]
     else:
@@ -191,7 +190,7 @@ def _dot(a, b, n):
     return s
 
 
-def _attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
+def _attention(q, kc, vc, f16, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
               softcap, out):
     """Causal attention for the query rows `tokens` of q [T, hq, dk] over the paged cache; out
     [T, hq, dv]. One work item per (token, kv head) does the query heads that share it: each key
@@ -216,7 +215,7 @@ def _attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs,
         for i in range(n):
             p = lo + i
             slot = tables[b, p // bs] * bs + p % bs
-            _row_f32(kc, slot, kh, lut, row[:dk])
+            _row_f32(kc, slot, kh, f16, row[:dk])
             for g in range(group):
                 s = _dot(q[t, h0 + g], row, dk) * scale
                 if softcap > 0:
@@ -238,7 +237,7 @@ def _attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs,
         for i in range(n):
             p = lo + i
             slot = tables[b, p // bs] * bs + p % bs
-            _row_f32(vc, slot, kh, lut, row[:dv])
+            _row_f32(vc, slot, kh, f16, row[:dv])
             for g in range(group):
                 e = sc[g, i]
                 for d in range(dv):
@@ -263,8 +262,7 @@ def _glu(gate, up, gelu, out):
             out[t, j] = a * up[t, j]
 
 
-_ATTN = _both(_attention)
-_RMS, _ROPE, _GLU = _both(_rms_norm), _both(_rope), _both(_glu)
+_RMS, _ROPE, _ATTN, _GLU = _both(_rms_norm), _both(_rope), _both(_attention), _both(_glu)
 
 
 def rms_norm(x, w, eps, res, out, s_out):
@@ -275,10 +273,10 @@ def rope(x, cos, sin, positions, dim, neox, out):
     _ROPE[x.size >= PARALLEL_MIN_WORK](x, cos, sin, positions, dim, neox, out)
 
 
-def attention(q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks, softcap,
+def attention(q, kc, vc, f16, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks, softcap,
               out, work):
     """work: about the multiply-adds of the call (picks the serial or the parallel compile)."""
-    _ATTN[work >= PARALLEL_MIN_WORK](q, kc, vc, lut, tokens, tok_seq, positions, ctx_lens, tables, bs, scale,
+    _ATTN[work >= PARALLEL_MIN_WORK](q, kc, vc, f16, tokens, tok_seq, positions, ctx_lens, tables, bs, scale,
                                      window, sinks, softcap, out)
 
 
