@@ -550,17 +550,19 @@ def scan_nonfinite(buf, tensors: list[TensorExtent]) -> None:
                 _scan_blocks(buf, t, off, np.uint16, 0x7C00)
 
 
-def _drop_pages(buf, offset: int, length: int) -> None:
-    """Gives back the map's pages of [offset, offset + length) once scanned: the scan reads the
-    whole file, and kept, its pages would add the file's size to the process's resident memory
-    until the map is closed (a peak as large as the weights, before they are even loaded)."""
+def drop_pages(buf, offset: int, length: int) -> bool:
+    """Gives back a file map's pages of [offset, offset + length) (a read-only map: they fault in
+    again if read). The scan and the CPU backend's weight copies read whole files through maps;
+    kept, those pages would add the file's size to resident memory until the map is closed.
+    False where buf is no mmap or the kernel refuses."""
     if not isinstance(buf, mmap.mmap) or length <= 0:
-        return
+        return False
     start = offset - offset % mmap.PAGESIZE
     try:
         buf.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
     except (OSError, ValueError, AttributeError):
-        pass
+        return False
+    return True
 
 
 def _scan_words(buf, t: TensorExtent, dtype, exp_mask: int, what: str) -> None:
@@ -573,7 +575,7 @@ def _scan_words(buf, t: TensorExtent, dtype, exp_mask: int, what: str) -> None:
         w = np.frombuffer(buf, dtype=f"<u{item}", count=n, offset=t.offset + first * item)
         bad = np.flatnonzero((w & mask) == mask)
         del w
-        _drop_pages(buf, t.offset + first * item, n * item)
+        drop_pages(buf, t.offset + first * item, n * item)
         if bad.size:
             raise _bad(f"tensor {t.name}: {what} {first + int(bad[0])} is NaN or Inf")
 
@@ -589,7 +591,7 @@ def _scan_blocks(buf, t: TensorExtent, field_off: int, dtype, exp_mask: int) -> 
         raw = np.frombuffer(buf, dtype=np.uint8, count=n * block_bytes, offset=t.offset + first * block_bytes)
         words = raw.reshape(n, block_bytes)[:, field_off:field_off + item].copy().view(f"<u{item}").ravel()
         del raw
-        _drop_pages(buf, t.offset + first * block_bytes, n * block_bytes)
+        drop_pages(buf, t.offset + first * block_bytes, n * block_bytes)
         bad = np.flatnonzero((words & mask) == mask)
         if bad.size:
             raise _bad(f"tensor {t.name}: the scale of block {first + int(bad[0])} is NaN or Inf "

@@ -9,12 +9,13 @@ gguf's `dequantize` see what GGUFReader would give.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, ReaderTensor
+from gguf import GGMLQuantizationType, ReaderTensor
 from gguf.quants import quant_shape_to_byte_shape
 
 from .errors import InvalidArgument
@@ -53,17 +54,14 @@ class Metadata(Mapping):
 
 
 def _tensor(data: np.memmap, t: TensorExtent) -> ReaderTensor:
-    n = 1
-    for d in t.dims:
-        n *= int(d)
     np_dims = tuple(int(d) for d in reversed(t.dims))
     dtype = _ELEMENT.get(t.qtype)
     if dtype is None:
         dtype, np_dims = np.uint8, quant_shape_to_byte_shape(np_dims, t.qtype)
-    block, type_size = GGML_QUANT_SIZES[t.qtype]
     view = data[t.offset:t.offset + t.nbytes].view(dtype).reshape(np_dims)
-    return ReaderTensor(name=t.name, tensor_type=t.qtype, shape=np.array(t.dims, dtype=np.uint64), n_elements=n,
-                        n_bytes=n * type_size // block, data_offset=t.offset, data=view, field=None)
+    return ReaderTensor(name=t.name, tensor_type=t.qtype, shape=np.array(t.dims, dtype=np.uint64),
+                        n_elements=math.prod(int(d) for d in t.dims), n_bytes=t.nbytes, data_offset=t.offset,
+                        data=view, field=None)
 
 
 class GGUFModel:

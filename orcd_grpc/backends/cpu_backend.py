@@ -2,10 +2,10 @@
 
 What it keeps resident is the file's own bytes, copied once out of the GGUF memory map (packed
 matrices, Q/K/V and gate/up, as one copy of their parts), after which the map's pages are given
-back as loading goes (`release_map`). Copies rather than views of the map: a page fault on a mapped file maps the
-page cache's whole folio around it (large folios: up to megabytes), so views of a few tensors kept
-nearly the whole file resident beside the packed copies (SmolLM2: 130 MiB for a 94 MB file); copied,
-resident memory is the file's size plus the KV cache pages in use. Matmuls and embedding lookups
+back as loading goes (`release_map`). Copies rather than views of the map: a page fault on a
+mapped file maps the page cache's whole folio around it (large folios: up to megabytes), so views
+of a few tensors kept nearly the whole file resident beside the packed copies (BENCHMARKS.md);
+copied, resident memory is the file's size plus the KV cache pages in use. Matmuls and embedding lookups
 run in cpu_kernels (numba, on the quantized blocks, multithreaded); norms, rope, glu and decode
 attention in cpu_ops (numba, one call per op); the attention of long prompt chunks in NumPy (BLAS
 products, chunked). The KV cache is float16 (default) or float32 (`ORCD_CPU_KV`), sized by the
@@ -20,6 +20,7 @@ import numpy as np
 import threadpoolctl
 
 from .. import quants
+from ..gguf_guard import drop_pages
 from ..tuning import Tuning
 from . import cpu_kernels as K
 from . import cpu_ops as ops
@@ -56,20 +57,15 @@ def _copy_out(raw) -> np.ndarray:
     src = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     out = np.empty(src.size, np.uint8)
     base = None
-    if isinstance(mm, mmap.mmap) and hasattr(mm, "madvise") and np.may_share_memory(src, raw):
+    if isinstance(mm, mmap.mmap) and np.may_share_memory(src, raw):
         view = np.frombuffer(mm, np.uint8)
         base = view.ctypes.data
         del view
     for i in range(0, src.size, COPY_CHUNK):
         j = min(src.size, i + COPY_CHUNK)
         out[i:j] = src[i:j]
-        if base is not None:
-            off = src.ctypes.data + i - base
-            start = off - off % mmap.PAGESIZE
-            try:
-                mm.madvise(mmap.MADV_DONTNEED, start, off + (j - i) - start)
-            except (OSError, ValueError):
-                base = None
+        if base is not None and not drop_pages(mm, src.ctypes.data + i - base, j - i):
+            base = None
     return out
 
 
@@ -158,12 +154,9 @@ class CpuBackend(NumpyBackend):
         """Gives back the map's pages that loading read: every weight is a copy, so nothing maps
         them in again (metadata reads touch a few pages). Called as loading goes, so that the
         copies and the pages they came from are never all resident together (peak RSS)."""
-        raw = getattr(getattr(model, "data", None), "_mmap", None)
-        if raw is not None and hasattr(raw, "madvise"):
-            try:
-                raw.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):
-                pass
+        mm = getattr(getattr(model, "data", None), "_mmap", None)
+        if mm is not None:
+            drop_pages(mm, 0, len(mm))
 
     def alloc_kv(self, layout):
         return CpuKV(layout, self.kv_f16)
