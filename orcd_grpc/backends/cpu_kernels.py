@@ -101,8 +101,7 @@ if numba is not None:
         # x [m, k] -> xq int8 [m, k], xd [m, k/32] (xq * xd ~ x), xs [m, k/16]: sums of the rounded
         # x (xd * sum xq), not of x. A format's offset (Q4_1's m, a K-quant's min) then multiplies
         # the same x as its levels do, and the product's error is sum w_j e_j; with x's own sums
-        # it was sum (w_j - offset) e_j, several times larger where the offset is large (SmolLM2's
-        # Q4_1 rows: 2 % against 0.5 %, top-1 agreement 0.98 instead of 1.0).
+        # it is sum (w_j - offset) e_j, several times larger where the offset is large.
         m, k = x.shape
         for i in range(m):
             for g in range(k // 32):
@@ -400,12 +399,10 @@ def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
     """float32 [m, n_out] = x @ W.T for float32 x [m, n_in].
 
     q8_x: for quantized formats (not F32/F16/BF16), x is rounded to 8 bits per 32 values first and
-    levels are summed in integers (row_dot_q8), as llama.cpp does: ~0.7 % relative error per
-    product, for faster decode; every m then takes that per-row kernel (a row's result does not
-    depend on the rows beside it), so prefill is slower. Not what the backend runs: over a
-    prompt the rounding compounds (SmolLM2's teacher-forced top-1 against the float32 reference
-    0.97, llama.cpp's own 0.96), and int16 activations, as exact as float32, were no faster
-    than float32 (BENCHMARKS.md). bench/cpu_kernels.py times both.
+    levels are summed in integers (row_dot_q8), as llama.cpp does, for faster decode; every m
+    then takes that per-row kernel (a row's result does not depend on the rows beside it), so
+    prefill is slower. Not what the backend runs: over a prompt the rounding compounds below the
+    agreement the backend is held to (BENCHMARKS.md). bench/cpu_kernels.py times both.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, k = w.shape
