@@ -359,7 +359,7 @@ class Engine:
     def _fed_row(s: Sequence) -> PlanRow:
         """s's next decode row when its input is the sample of the step in flight."""
         return PlanRow(s.seq_id, None, s.num_cached, 1, s.block_table, s.prompt_ids, s.output_ids, s.row, True,
-                       len(s.output_ids) + 1, 0, s.mask, s.bias)
+                       len(s.output_ids) + 1, 0, s.mask, s.bias, s.constraint)
 
     def _advance(self, chosen) -> None:
         for s, n in chosen:
@@ -394,9 +394,10 @@ class Engine:
         # a speculating sequence's next step is a verify row, planned from the tokens delivered
         if any(s.spec is not None for s in seqs):
             return None
-        # a mask that follows the output needs the token still in flight: plan after it instead
-        if any(s.constraint is not None or (s.dynamic is not None and not s.dynamic.settled(len(s.output_ids) + 1))
-               for s in seqs):
+        # A mask that follows the output needs the token still in flight. A constraint's matcher
+        # is read when the runner samples the step, after that token is delivered; the dynamic
+        # parts of a mask (banned sequences, min_tokens) are planned here: plan after it instead.
+        if any(s.dynamic is not None and not s.dynamic.settled(len(s.output_ids) + 1) for s in seqs):
             return None
         try:
             for s in seqs:

@@ -20,6 +20,14 @@
 #   SERVE="qwen2.5-0.5b gpt-oss-20b"  bench/serve_bench.py on those synthetic files: an orcd worker
 #                   (gRPC), then llama-server when /tmp/anchor holds its build (anchors README), same
 #                   slots (SERVE_SLOTS, default 256) and clients (SERVE_CLIENTS); rows to $OUT/serve.jsonl
+#   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server) from .dev/anchors/llamacpp-src.tgz
+#                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call
+#   LLAMA_BENCH="qwen2.5-0.5b ..."  llama.cpp's same-lease figures on those files: llama-bench pp512/tg128
+#                   and llama-batched-bench at 1 and 64 sequences (waits for the build); to $OUT/llama.md
+#   CONSTRAINT="qwen2.5-0.5b ..."  bench/constraint_cost.py (JSON schema against free decode, B=1,64)
+#   SPEC_COST="qwen2.5-0.5b ..."  bench/spec_bench.py --step-reps: a verify step of 1+k tokens against a plain one
+#   LONG="qwen2.5-0.5b:8192,32768 ..."  prefill of N tokens and decode at depth N, orcd (bench_engine.py)
+#                   and llama-bench -d N when built; rows to $OUT/long.txt
 #   SKIP_TESTS=1    no GPU tests;  WHEELS=DIR  the wheels to install (default .whl)
 #   The carried archives, wheels and kernel cache are set up by scripts/device_env.sh.
 #   Real models (SmolLM2, Gemma 3) are used when $ORCD_MODEL_DIR holds them (no network there).
@@ -33,11 +41,27 @@ if [ -z "${ORCD_SHARED_DIR:-}" ] && [ -d shared/vocab ]; then export ORCD_SHARED
 # Tiny architecture models exported where transformers is installed (tests/gpu/test_cuda_architectures.py).
 if [ -z "${ORCD_TINY_GGUF_DIR:-}" ] && [ -d .dev/tiny ]; then export ORCD_TINY_GGUF_DIR=$PWD/.dev/tiny; fi
 [ -z "${ORCD_SHARED_DIR:-}" ] && [ -d .dev/bv/vocab ] && export ORCD_SHARED_DIR=$PWD/.dev/bv
+# No network there: the real-model tests run on models carried into $ORCD_MODEL_DIR, else skip.
+export ORCD_TEST_NO_PULL=1
 data=${ORCD_BENCH_DIR:-/tmp/orcd-bench}; mkdir -p "$data"
+if [ -n "${BUILD_LLAMA:-}" ] && [ ! -d /tmp/anchor/src/llama.cpp ]; then
+  mkdir -p /tmp/anchor/src && tar xzf .dev/anchors/llamacpp-src.tgz -C /tmp/anchor/src
+  (cd /tmp/anchor/src/llama.cpp && setsid nohup bash -c "cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release && nice cmake --build build -j10 \
+    --target llama-bench llama-batched-bench llama-server; echo \$? > /tmp/anchor/build.rc" \
+    > /tmp/anchor/build.log 2>&1 < /dev/null &)
+fi
+llama_bin=/tmp/anchor/src/llama.cpp/build/bin
+# waits (at most LLAMA_WAIT seconds) for the background build; true when it succeeded
+llama_ready() {
+  local t=0; while [ -d /tmp/anchor/src ] && [ ! -f /tmp/anchor/build.rc ] && [ $t -lt "${LLAMA_WAIT:-400}" ]; do sleep 5; t=$((t + 5)); done
+  [ "$(cat /tmp/anchor/build.rc 2>/dev/null)" = 0 ] || { echo "llama.cpp not built: $(tail -2 /tmp/anchor/build.log 2>/dev/null)"; return 1; }
+}
 # The synthetic files the profiles and the benchmark need, written while the tests run (16 cores there).
 NCU=${NCU:-}
 bench_models=${BENCH_MODELS:-}; [ -z "${SKIP_BENCH:-}" ] && bench_models=${BENCH_MODELS:-qwen2.5-0.5b phi3-mini phi3-mini-q4_0 gpt-oss-20b}
-for m in $(for mb in ${SERVE:-} ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} $(for x in $NCU; do echo "${x%%:*}"; done) $bench_models; do echo "${mb%%:*}"; done | sort -u); do
+for m in $(for mb in ${SERVE:-} ${CONSTRAINT:-} ${SPEC_COST:-} ${LONG:-} ${LLAMA_BENCH:-} ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} $(for x in $NCU; do echo "${x%%:*}"; done) $bench_models; do echo "${mb%%:*}"; done | sort -u); do
   [ -s "$data/$m.gguf" ] || (python3 bench/synth_gguf.py "$m" "$data/$m.tmp" "$ORCD_SHARED_DIR/vocab" >/dev/null \
     && mv "$data/$m.tmp" "$data/$m.gguf") &
 done
@@ -101,6 +125,38 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
     done
   done
 fi
+for m in ${CONSTRAINT:-}; do
+  wait
+  echo "== constraint cost $m"
+  timeout 300 python3 bench/constraint_cost.py "$data/$m.gguf" --backend cuda --batches 1,64 --reps 3 \
+    --json "$OUT/constraint.jsonl" 2>&1 | tail -4
+done
+for m in ${SPEC_COST:-}; do
+  wait
+  echo "== verify step cost $m"
+  timeout 200 python3 bench/spec_bench.py "$data/$m.gguf" --backend cuda --tasks "" --step-reps 50 \
+    --json "$OUT/spec.jsonl" 2>&1 | tail -2
+done
+for m in ${LLAMA_BENCH:-}; do
+  wait
+  llama_ready || break
+  echo "== llama.cpp $m" | tee -a "$OUT/llama.md"
+  timeout 200 "$llama_bin/llama-bench" -m "$data/$m.gguf" -p 512 -n 128 -ngl 99 -fa 1 -r 3 -o md 2>&1 | grep "^|" | tee -a "$OUT/llama.md"
+  timeout 200 "$llama_bin/llama-batched-bench" -m "$data/$m.gguf" -c 32768 -b 2048 -ub 512 -npp 128 -ntg 128 \
+    -npl 1,64 -ngl 99 -fa on 2>&1 | grep "^|" | tee -a "$OUT/llama.md"
+done
+for ml in ${LONG:-}; do
+  wait
+  m=${ml%%:*}
+  for n in $(echo "${ml#*:}" | tr , ' '); do
+    echo "orcd $m N=$n $(timeout 200 python3 bench/bench_engine.py "$data/$m.gguf" --backend cuda --prompt "$n" --gen 64 \
+      --batches "" --reps 1 --context-length $((n + 256)) 2>&1 | tail -1)" | tee -a "$OUT/long.txt"
+    if llama_ready; then
+      timeout 200 "$llama_bin/llama-bench" -m "$data/$m.gguf" -p "$n" -n 0 -ngl 99 -fa 1 -r 1 -o md 2>&1 | grep "^|" | tee -a "$OUT/long.txt"
+      timeout 200 "$llama_bin/llama-bench" -m "$data/$m.gguf" -p 0 -n 64 -d "$n" -ngl 99 -fa 1 -r 1 -o md 2>&1 | grep "^|" | tee -a "$OUT/long.txt"
+    fi
+  done
+done
 for m in ${SERVE:-}; do
   wait
   slots=${SERVE_SLOTS:-256} clients=${SERVE_CLIENTS:-1,8,32,64,128,256}
@@ -110,8 +166,8 @@ for m in ${SERVE:-}; do
   timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py grpc 127.0.0.1:50061 --vocab-from "$data/$m.gguf" \
     --clients "$clients" --procs 8 | sed "s/^/{\"server\": \"orcd\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
   kill "$sp"; wait "$sp" 2>/dev/null
-  ls_bin=/tmp/anchor/src/llama.cpp/build/bin/llama-server
-  if [ -x "$ls_bin" ]; then
+  ls_bin=$llama_bin/llama-server
+  if llama_ready && [ -x "$ls_bin" ]; then
     "$ls_bin" -m "$data/$m.gguf" -ngl 99 -fa on -np "$slots" -c $((slots * 2048)) --host 127.0.0.1 --port 50062 \
       > "$OUT/serve-llama-$m.log" 2>&1 & sp=$!
     timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py openai http://127.0.0.1:50062 --vocab-from "$data/$m.gguf" \

@@ -1,8 +1,18 @@
 """Batch schedules shared by the CPU and GPU engine tests."""
 from __future__ import annotations
 
+import re
+
 from orcd_grpc.overlap import Overlap
 from orcd_grpc.sampling import SamplingParams
+
+# Constraints over write_tiny_llama's vocabulary, whose tokenizer encodes no text (so grammars name
+# token ids, <[id]>; EOS is 2), each with a Python regex its ids (space-separated) must fullmatch;
+# and one unconstrained sequence beside them.
+TINY_SPECS = [("lark_grammar", "start: (<[5]> | <[6]> <[7]>){8,30}", r"(5|6 7)( (5|6 7)){7,29}"),
+              ("lark_grammar", "start: <[10]> (<[11]> | <[12]> | <[13]>){6,12} <[14]>", r"10( 1[123]){6,12} 14"),
+              ("lark_grammar", "start: (<[20]> | <[21]>){10,20} <[22]>", r"((20|21) ){10,20}22"),
+              (None, None, None)]
 
 
 def changing_batch(eng, prompts, top_logprobs=0):
@@ -54,3 +64,46 @@ def changing_batch(eng, prompts, top_logprobs=0):
     if top_logprobs:
         assert all(len(t) == top_logprobs for t in tops[b.seq_id])
     return [got[s.seq_id] for s in seqs], [list(s.output_ids) for s in seqs], c_queued
+
+
+def constrained_batch(eng, specs=TINY_SPECS, max_tokens=24):
+    """Seeded sequences under constraints (and one without) through the overlap loop, each
+    leaving the batch when its constraint is done or at max_tokens, the unconstrained one at 8
+    (a step of it may be in flight then). Checks every sequence's tokens against its constraint
+    (the matcher never errs, a finished output is in the language) and returns each sequence's
+    tokens up to where it left: what a step-by-step run must give too."""
+    from orcd_grpc import constraints
+
+    V = eng.info.vocab_size
+    seqs, cons = [], []
+    for i, (kind, spec, _) in enumerate(specs):
+        c = None if kind is None else constraints.compile_spec(kind, spec, eng.tokenizer, V)
+        cons.append(c)
+        seqs.append(eng.new_sequence([1, 3 + i, 40 + i], SamplingParams(temperature=0.8, seed=i, constraint=c)))
+    ov = Overlap(eng)
+    live, kept = list(seqs), {}
+    calls = 0
+    while live:
+        calls += 1
+        assert calls < 200
+        ov.step(live, may_follow=lambda s: len(s.output_ids) + 2 <= max_tokens)
+        for s, c in zip(seqs, cons):
+            done = len(s.output_ids) >= (8 if c is None else max_tokens) or (c is not None and c.done)
+            if s in live and done:
+                live.remove(s)  # a step of it still in flight is delivered, past what is kept
+                kept[s.seq_id] = list(s.output_ids)
+    ov.drain()
+    outs = []
+    for s, (kind, spec, pattern), c in zip(seqs, specs, cons):
+        ids = kept[s.seq_id]
+        outs.append(ids)
+        if c is not None:
+            assert c.error is None, (spec, ids, c.error)
+            body = ids[:-1] if c.done and ids and ids[-1] == 2 else ids  # EOS ends a finished output
+            if c.done:
+                assert re.fullmatch(pattern, " ".join(map(str, body))), (spec, ids)
+            else:
+                assert 2 not in ids, (spec, ids)
+            c.close()
+        eng.release(s)
+    return outs

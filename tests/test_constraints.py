@@ -219,9 +219,10 @@ def test_matcher_count_follows_close(smol_tok):
     assert not c.done and _allowed(c, smol_tok.vocab_size).all()  # closed: constrains nothing
 
 
-def test_constrained_sequences_are_not_fed_ahead(tmp_path):
-    """A constrained row's next mask needs its last token on the host: the engine plans no step
-    behind one in flight for it (like penalised rows), and its rows carry the constraint."""
+def test_constrained_sequences_are_planned_behind_the_step_in_flight(tmp_path):
+    """A constrained row is planned behind a step in flight like any decode row, carrying its
+    constraint: the runner fills its mask when it samples that step, once the token in flight has
+    reached the matcher (tests/test_cuda_runner.py checks that order); a host runner declines."""
     from orcd_grpc.backends.runner import Launched, StepPlan
     from orcd_grpc.loader import load_engine
     from orcd_grpc.sampling import SamplingParams
@@ -241,7 +242,10 @@ def test_constrained_sequences_are_not_fed_ahead(tmp_path):
         s = eng.new_sequence([5, 6], SamplingParams(temperature=0.0, constraint=_FixedConstraint(allowed)))
         assert eng.launch([s]) is not None and planned[-1].rows[0].constraint is s.constraint
         s.output_ids.append(3)
-        assert eng.launch([s], after=after) is None and len(planned) == 1
+        fed = eng.launch([s], after=after)
+        assert fed is not None and len(planned) == 2
+        row = planned[-1].rows[0]
+        assert row.tokens is None and row.constraint is s.constraint and planned[-1].after is None
     finally:
         eng.close()
 

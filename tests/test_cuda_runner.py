@@ -183,6 +183,26 @@ def _queued_device_backend():
     return Queued()
 
 
+def _masking_device_backend():
+    """The queued fake whose sampling keeps to a row's bitmask, as sample.cu does (which allowed
+    token: the one the counter picks among them)."""
+
+    class Masking(type(_queued_device_backend())):
+        def sample_packed_async(self, logits, prm, pen, n_top=0, bits=None):
+            h = super().sample_packed_async(logits, prm, pen, n_top)
+            if bits is not None:  # sample.cu: only a masked row's allowed tokens (which one: the counter's)
+                x = self.to_host(logits)
+                for i in range(h.R):
+                    ok = np.flatnonzero(unpack_bitmask(bits[i], x.shape[1]))
+                    h.toks[i] = ok[(int(np.argmax(x[i, ok])) + int(prm[i, 6])) % ok.size]
+            return h
+
+        def sample_packed(self, logits, prm, pen, n_top=0, bits=None):
+            return self.sample_result(self.sample_packed_async(logits, prm, pen, n_top, bits))
+
+    return Masking()
+
+
 def test_overlap_gives_the_tokens_of_plain_steps(tmp_path):
     """The overlap loop over the CUDA runner (a decode step launched, fed the previous step's
     tokens on the device, before the host reads them) must give every sequence exactly the
@@ -418,3 +438,88 @@ def test_scored_rows_are_scored_and_the_others_still_sampled(tmp_path):
         for (_, _, lp_a, ti_a), (_, _, lp_b, ti_b) in zip(a, b):
             np.testing.assert_allclose(lp_a, lp_b, atol=1e-5, rtol=0)
             np.testing.assert_array_equal(ti_a, ti_b)
+
+
+class _History:
+    """A stand-in matcher whose allowed tokens depend on every token it was given: after tokens
+    t1..tn, only the three ids (sum * 7 + j) % V, j < 3. A mask filled before the token in flight
+    reached it allows other tokens, so a step sampled too early shows."""
+
+    def __init__(self, vocab):
+        self.vocab, self.seen = vocab, []
+
+    def allowed(self) -> list[int]:
+        return [(sum(self.seen) * 7 + j) % self.vocab for j in range(3)]
+
+    @staticmethod
+    def fill_rows(items, bits):
+        for i, c in items:
+            a = np.zeros(c.vocab, bool)
+            a[c.allowed()] = True
+            bits[i] = pack_bitmask(a)
+
+    def accept(self, token):
+        self.seen.append(int(token))
+
+
+def test_constrained_rows_are_queued_and_masked_after_the_token_in_flight(tmp_path):
+    """Rows with a constraint ride the overlap loop: the forward of the step after the one in
+    flight is queued fed on the device, and its sampling waits until the host has given that
+    step's token to the matcher. Every token must be one the matcher allowed after all the tokens
+    before it, and the outputs must equal step-by-step decoding's; an unconstrained row beside
+    them is unaffected."""
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+
+    runs = {}
+    for mode in ("lookahead", "plain"):
+        be = _masking_device_backend()
+        eng = load_engine(path, backend=be, max_sequences=4, max_context=256)
+        try:
+            eng.runner.lookahead = mode == "lookahead"
+            V = eng.info.vocab_size
+            cons = [_History(V), _History(V)]
+            seqs = [eng.new_sequence([1, 5 + i, 9], SamplingParams(temperature=0.7, seed=i, constraint=c))
+                    for i, c in enumerate(cons)]
+            seqs.append(eng.new_sequence([1, 4, 4, 8], SamplingParams(temperature=0.7, seed=7)))
+            ov = Overlap(eng)
+            checked = 0
+            while len(seqs[0].output_ids) < 12:
+                before = [list(c.seen) for c in cons]
+                allowed = [c.allowed() for c in cons]
+                out = ov.step(seqs, may_follow=lambda s: len(s.output_ids) + 2 <= 12)
+                for c, s, seen, ok in zip(cons, seqs, before, allowed):
+                    if s.seq_id in out:
+                        assert c.seen == seen + [out[s.seq_id].token_id]  # the sequence's append fed it
+                        assert out[s.seq_id].token_id in ok, (mode, seen, out[s.seq_id].token_id, ok)
+                        checked += 1
+            assert checked == 24 and not be.pending and ov.inflight is None
+            if mode == "lookahead":
+                assert be.fed >= 8, be.fed  # constrained steps were queued ahead
+            runs[mode] = [list(s.output_ids) for s in seqs]
+            for s in seqs:
+                eng.release(s)
+        finally:
+            eng.close()
+    assert runs["lookahead"] == runs["plain"]
+
+
+def test_llguidance_constraints_on_the_overlap_loop_match_step_by_step(tmp_path):
+    """tests/schedules.py's constrained_batch (real llguidance matchers, a changing batch) over
+    the queued fake: the same tokens with and without lookahead, each in its language. The GPU
+    test of the same schedule is tests/gpu/test_constraints_gpu.py."""
+    from schedules import constrained_batch
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    runs = {}
+    for mode in ("lookahead", "plain"):
+        be = _masking_device_backend()
+        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
+        try:
+            eng.runner.lookahead = mode == "lookahead"
+            runs[mode] = constrained_batch(eng)
+            assert (be.fed >= 5) if mode == "lookahead" else be.fed == 0, be.fed
+            assert not be.pending
+        finally:
+            eng.close()
+    assert runs["lookahead"] == runs["plain"]
+    assert sum(len(r) for r in runs["plain"]) >= 20

@@ -10,8 +10,30 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
+import threading
 
 CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
+
+_no_gc_lock = threading.Lock()
+_no_gc_depth = [0, False]  # captures in progress, whether the collector was on before the first
+
+
+class _NoCyclicGC:
+    """Keeps Python's cyclic collector off while any capture is in progress (on any thread)."""
+
+    def __enter__(self):
+        with _no_gc_lock:
+            if _no_gc_depth[0] == 0:
+                _no_gc_depth[1] = gc.isenabled()
+                gc.disable()
+            _no_gc_depth[0] += 1
+
+    def __exit__(self, *exc):
+        with _no_gc_lock:
+            _no_gc_depth[0] -= 1
+            if _no_gc_depth[0] == 0 and _no_gc_depth[1]:
+                gc.enable()
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,8 +68,12 @@ class CudaGraph:
                "cuStreamBeginCapture")
         graph = ctypes.c_void_p()
         self._graph, self._exec = ctypes.c_void_p(), ctypes.c_void_p()
+        # No cyclic collection while capturing: it may free another engine's page-locked buffers
+        # on this thread (a swapped-out model, a closed test engine), and cuMemFreeHost inside a
+        # capture invalidates it ("operation failed due to a previous error during capture").
         try:
-            record()
+            with _NoCyclicGC():
+                record()
         except BaseException:
             _cu().cuStreamEndCapture(h, ctypes.byref(graph))  # the stream must leave capture mode
             if graph:

@@ -11,8 +11,10 @@ Below the plan boundary, everything the GPU path needs and nothing above it know
   the host's work between steps (scheduling, streaming) overlaps the GPU instead of idling it.
 - A row's allowed tokens (a constraint's matcher, allowed / banned ids) reach the sample kernel
   as a packed bitmask, int32 [ceil(V / 32)] per masked row: the matchers' CPU work runs after the
-  forward is queued (overlapping it), and only the bitmask crosses to the device. Such rows are
-  never queued ahead (their next mask needs the token just sampled).
+  forward is queued (overlapping it), and only the bitmask crosses to the device. A queued step
+  with such rows has its forward queued at once and its sampling later (_Masked): the masks need
+  the matchers past the token of the step before, which the host reads meanwhile. The sampling is
+  queued when the step after it is (it feeds that step) or when the step is collected.
 - Rows with a logit bias, or whose logits are wanted, fall back to host logits and the host
   sampler (the bitmask applied there too).
 - Prompt log-probs (PlanRow.prompt_logprobs) are computed where the logits are (score.cu): per
@@ -57,6 +59,15 @@ def _samples(res, rows: list[PlanRow]) -> dict[int, TokenSample]:
     return out
 
 
+class _Masked:
+    """A queued step's forward whose sampling waits for its rows' masks (Launched.pending until
+    _sample_masked queues it)."""
+    __slots__ = ("logits",)
+
+    def __init__(self, logits):
+        self.logits = logits
+
+
 class CudaRunner(Runner):
     def __init__(self, backend, model: RunnerModel):
         self.backend, self.model = backend, model
@@ -86,6 +97,7 @@ class CudaRunner(Runner):
                     or any(a.seq_id != b.seq_id for a, b in zip(before, plan.rows))
                     or not self._queueable(plan, bucket)):
                 return None
+            self._sample_masked(after)
             return self._queue(plan, bucket, feed=after.pending)
         self._copy_blocks(plan)  # on the stream, ahead of the step's kernels
         if self._queueable(plan, bucket):
@@ -98,6 +110,7 @@ class CudaRunner(Runner):
 
     def collect(self, launched: Launched) -> StepResult:
         if launched.result is None:
+            self._sample_masked(launched)
             res = self.backend.sample_result(launched.pending)
             launched.result = StepResult(_samples(res, launched.plan.rows))
         return launched.result
@@ -113,21 +126,37 @@ class CudaRunner(Runner):
 
     def _queueable(self, plan: StepPlan, bucket: int) -> bool:
         """A pure decode step on a captured graph, sampled on the device without penalties (which
-        need the host's token history) or masks: the kind of step that can be queued."""
+        need the host's token history) or a logit bias (sampled on the host): the kind of step
+        that can be queued."""
         return (self.lookahead and bucket > 0 and self.backend.graph_ready(("decode", bucket))
-                and not any(r.sampling.penalised or r.masked or r.bias is not None for r in plan.rows))
+                and not any(r.sampling.penalised or r.bias is not None for r in plan.rows))
 
     def _queue(self, plan: StepPlan, bucket: int, feed) -> Launched:
-        """Queues a decode step and its sampling without waiting. feed: the sampling of the step
-        before (its tokens, not yet on the host, are this step's inputs)."""
+        """Queues a decode step and, unless a row is masked, its sampling, without waiting.
+        feed: the sampling of the step before (its tokens, not yet on the host, are this step's
+        inputs)."""
         rows = plan.rows
         logits = self.backend.graph_step(("decode", bucket), self._padded_meta(plan, bucket), self.model.forward,
                                          feed=feed, overlap=True)
         if logits.shape[0] != len(rows):
             logits = logits.row_slice(0, len(rows))
+        if any(r.masked for r in rows):
+            return Launched(plan, pending=_Masked(logits), feeds=True)
         n_top = max(r.sampling.params.top_logprobs for r in rows)
         handle = self.backend.sample_packed_async(logits, self._packed_rows(rows), np.zeros(2, np.int32), n_top)
         return Launched(plan, pending=handle, feeds=True)
+
+    def _sample_masked(self, launched: Launched) -> None:
+        """Queues the sampling of a step queued with masked rows, its masks filled now: the step
+        before it has been delivered, so each matcher is past the token this step was fed (the
+        forward meanwhile runs on the device)."""
+        if not isinstance(launched.pending, _Masked):
+            return
+        rows, logits = launched.plan.rows, launched.pending.logits
+        bits = fill_bitmasks(rows, logits.shape[-1])
+        n_top = max(r.sampling.params.top_logprobs for r in rows)
+        launched.pending = self.backend.sample_packed_async(logits, self._packed_rows(rows), np.zeros(2, np.int32),
+                                                            n_top, bits)
 
     def _padded_meta(self, plan: StepPlan, nb: int) -> StepMeta:
         """A decode step padded to nb one-token rows, its block tables to the longest a sequence

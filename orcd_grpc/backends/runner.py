@@ -73,7 +73,8 @@ class PlanRow:
     bias: dict[int, float] | np.ndarray | None = None  # added to the logits before sampling
     # The allowed tokens that follow the output (a constraint's matcher): an object with
     # fill_rows([(row index, it)], bits int32 [R, ceil(V / 32)]) (constraints.Constraint). The
-    # runner fills its bitmask while the forward runs; a row with one is never fed ahead.
+    # runner fills its bitmask while the forward runs; in a step fed ahead (StepPlan.after), not
+    # before the step it follows has been collected and its token given to the matcher.
     constraint: Any = None
     # Scoring: None, or the top-N (0..MAX_SCORE_TOP) of the log-probs wanted at each position of
     # the row whose next token is a prompt token (prompt_ids[position + 1], the target). The

@@ -155,3 +155,35 @@ def test_constrained_requests_on_cuda_match_cpu(request, real_server, model):
             else:
                 jsonschema.validate(json.loads(text), schema)
     assert gpu.scheduler.engine.free_blocks() == free and constraints.live_matchers() == 0
+
+
+
+def test_constrained_rows_on_the_overlap_loop_match_step_by_step(tmp_path):
+    """Constrained decode steps queued ahead on the CUDA graphs (the forward fed on the device,
+    the sampling queued with the masks once the token in flight reached the matchers) give the
+    tokens of step-by-step decoding, seeded, while the batch changes, and every output is in its
+    language (tests/schedules.py's constrained_batch on the tiny llama)."""
+    import sys
+    from pathlib import Path
+
+    from orcd_grpc.loader import load_engine
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from gpu.test_cuda_models import write_tiny_llama
+    from schedules import constrained_batch
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    runs = {}
+    for mode in ("lookahead", "plain"):
+        eng = load_engine(path, backend="cuda", max_sequences=8, max_context=256)
+        try:
+            assert eng.capabilities.overlap
+            eng.runner.lookahead = mode == "lookahead"
+            fed = []
+            step = eng.backend.graph_step
+            eng.backend.graph_step = lambda *a, feed=None, **k: fed.append(feed is not None) or step(*a, feed=feed, **k)
+            runs[mode] = constrained_batch(eng)
+            assert (sum(fed) >= 5) if mode == "lookahead" else not any(fed), fed
+        finally:
+            eng.close()
+    assert runs["lookahead"] == runs["plain"]

@@ -1,0 +1,92 @@
+"""LoadModel dry_run through a real server on the CUDA backend: the plan's bytes are the ones the
+load then reports and holds in VRAM, and a plan over --max-vram loads nothing. Skipped without a
+GPU (tests/conftest.py)."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from orcd_grpc.proto import pb, pb_grpc
+from orcd_grpc.server import ServerConfig, start_server
+
+from .test_cuda_models import write_tiny_llama
+
+pytestmark = pytest.mark.gpu
+
+MiB = 1 << 20
+
+
+class Worker:
+    def __init__(self, model_dir, **cfg):
+        config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "model_dirs": [str(model_dir)], "backend": "cuda",
+                                 "max_context": 512, "max_sequences": 4, "grace_seconds": 1, **cfg})
+        self.worker, port, self.scheduler = start_server(config)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.WorkerStub(self.channel)
+
+    def plan(self, name, **kw) -> pb.LoadPlan:
+        events = list(self.stub.LoadModel(pb.LoadModelRequest(path=name, dry_run=True, **kw), timeout=120))
+        assert len(events) == 1 and events[0].WhichOneof("event") == "plan", events
+        return events[0].plan
+
+    def load(self, name, **kw) -> pb.ModelDescription:
+        return list(self.stub.LoadModel(pb.LoadModelRequest(path=name, **kw), timeout=300))[-1].model
+
+    def used(self) -> int:
+        return self.stub.HardwareInfo(pb.HardwareInfoRequest(), timeout=30).gpu.vram_used_by_worker_bytes
+
+    def free(self) -> int:
+        return self.stub.HardwareInfo(pb.HardwareInfoRequest(), timeout=30).gpu.vram_free_bytes
+
+    def listed(self) -> list[str]:
+        return [m.model_id for m in self.stub.ListModels(pb.ListModelsRequest(), timeout=10).models]
+
+    def close(self):
+        self.channel.close()
+        self.worker.stop(0.5)
+
+
+def test_cuda_plan_predicts_the_load_and_its_vram(tmp_path):
+    small = write_tiny_llama(tmp_path / "small.gguf", "Q8_0")
+    w = Worker(tmp_path, max_vram=1 << 30)
+    try:
+        w.plan(small.name)  # the first one may create the process's CUDA context
+        held_before, free_before = w.used(), w.free()
+        plan = w.plan(small.name)
+        assert plan.backend == "cuda" and plan.fits and not plan.reason
+        assert w.listed() == []  # planned, not loaded, and no VRAM kept for it
+        assert abs(w.free() - free_before) < 16 * MiB and w.used() == held_before
+        assert plan.has_limit and plan.available_bytes <= 1 << 30
+        assert plan.weights_bytes > 0 and plan.kv_cache_bytes > 0 and plan.step_bytes == 0
+        assert plan.total_bytes == plan.weights_bytes + plan.kv_cache_bytes
+        model = w.load(small.name)
+        assert (plan.weights_bytes, plan.kv_cache_bytes, plan.workspace_bytes) == \
+            (model.weights_bytes, model.kv_cache_bytes, model.workspace_bytes)
+        assert (plan.context_length, plan.max_sequences) == (model.context_length, model.max_sequences)
+        # what the worker says it holds is what the plan counted (weights, KV cache, workspace)
+        held = w.used() - held_before
+        counted = plan.weights_bytes + plan.kv_cache_bytes + plan.workspace_bytes
+        assert plan.weights_bytes + plan.kv_cache_bytes <= held <= counted + 64 * MiB, (held, counted)
+        assert free_before - w.free() >= plan.weights_bytes + plan.kv_cache_bytes
+    finally:
+        w.close()
+
+
+def test_cuda_plan_over_max_vram_does_not_fit_and_loads_nothing(tmp_path):
+    # F32, d=768, 4 layers, vocab 4000: ~160 MB of weights, more than the limit on its own
+    big = write_tiny_llama(tmp_path / "big.gguf", "F32", vocab=4000, d=768, n_layers=4, n_heads=8, n_kv=2, d_ff=3072)
+    w = Worker(tmp_path, max_vram=128 * MiB)
+    try:
+        w.plan(big.name)
+        held_before, free_before = w.used(), w.free()
+        plan = w.plan(big.name)
+        assert not plan.fits and plan.has_limit
+        assert "--max-vram" in plan.reason, plan.reason
+        assert plan.total_bytes > plan.available_bytes
+        with pytest.raises(grpc.RpcError) as err:
+            w.load(big.name)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert w.listed() == [] and w.used() == held_before
+        assert abs(w.free() - free_before) < 16 * MiB  # the refused load gave back what it took
+    finally:
+        w.close()
