@@ -146,23 +146,70 @@ def test_f16_store_rounds_as_numpy():
 
 
 def test_f16_load_widens_every_half_exactly():
-    """The attention's loads from an F16 cache (integer widening) against NumPy's float16 ->
-    float32 cast, over all 65,536 bit patterns: subnormals, infinities and NaNs included."""
+    """The attention's row loads from an F16 cache (cpu_llvm.load_row, 8 lanes and a tail)
+    against NumPy's float16 -> float32 cast, over all 65,536 bit patterns at an odd offset and
+    length: subnormals, infinities and NaNs included; a float32 row is copied as it is."""
     import numba
 
-    from orcd_grpc.backends import cpu_ops
+    from orcd_grpc.backends.cpu_llvm import load_row
 
     @numba.njit
-    def widen_all(cache, out):
-        for s in range(cache.shape[0]):
-            cpu_ops._row_f32(cache, s, 0, True, out[s])
+    def load(src, so, n, dst, do):
+        load_row(src, so, n, dst, do)
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    out = np.empty((bits.size, 1), np.float32)
-    widen_all(bits.reshape(-1, 1, 1), out)
-    ref = bits.view(np.float16).astype(np.float32)
-    assert np.array_equal(out.ravel(), ref, equal_nan=True)
-    assert np.array_equal(np.isnan(out.ravel()), np.isnan(ref))
+    out = np.full(bits.size + 3, 7.0, np.float32)
+    load(bits, 1, bits.size - 2, out, 3)  # 65,534 halves: 8-lane chunks and a tail of 6
+    ref = bits[1:-1].view(np.float16).astype(np.float32)
+    assert np.array_equal(out[3:-2], ref, equal_nan=True) and np.array_equal(np.isnan(out[3:-2]), np.isnan(ref))
+    assert (out[:3] == 7).all() and (out[-2:] == 7).all()  # nothing outside the row written
+    x = np.random.default_rng().standard_normal(77).astype(np.float32)
+    y = np.zeros(80, np.float32)
+    load(x, 2, 75, y, 5)
+    assert np.array_equal(y[5:], x[2:]) and (y[:5] == 0).all()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 31, 32, 33, 64, 96, 128, 257])
+def test_attention_row_helpers_against_float64(n):
+    """cpu_llvm's dot_f32 (four 8-lane chains, then a tree, then the tail), axpy_f32 and
+    exp_shift_f32 (a polynomial expf) against float64 NumPy on fresh random rows at offsets."""
+    import numba
+
+    from orcd_grpc.backends.cpu_llvm import axpy_f32, dot_f32, exp_shift_f32
+
+    @numba.njit
+    def dot(a, ao, b, bo, k):
+        return dot_f32(a, ao, b, bo, k)
+
+    @numba.njit
+    def axpy(alpha, x, xo, y, yo, k):
+        axpy_f32(alpha, x, xo, y, yo, k)
+
+    @numba.njit
+    def exps(x, xo, k, m):
+        exp_shift_f32(x, xo, k, m)
+
+    rng = np.random.default_rng()
+    a = rng.standard_normal(n + 3).astype(np.float32)
+    b = rng.standard_normal(n + 5).astype(np.float32)
+    want = float(np.dot(a[3:].astype(np.float64), b[5:].astype(np.float64)))
+    bound = 1e-6 * (np.abs(a[3:].astype(np.float64)) @ np.abs(b[5:].astype(np.float64))) * max(1, n) ** 0.5 + 1e-30
+    assert abs(float(dot(a, 3, b, 5, n)) - want) <= bound
+    alpha = np.float32(rng.standard_normal())
+    y = rng.standard_normal(n + 2).astype(np.float32)
+    y0 = y.copy()
+    axpy(alpha, a, 3, y, 2, n)
+    assert np.allclose(y[2:], y0[2:].astype(np.float64) + float(alpha) * a[3:].astype(np.float64), rtol=1e-6, atol=1e-6)
+    assert np.array_equal(y[:2], y0[:2])
+    s = (rng.standard_normal(n + 1) * 30).astype(np.float32)
+    m = np.float32(s[1:].max()) if n else np.float32(0.0)
+    e = s.copy()
+    exps(e, 1, n, m)
+    arg = s[1:] - m  # the float32 argument the kernel forms: its rounding is the input's
+    ref = np.exp(arg.astype(np.float64))
+    # about 1 ulp beyond the argument's own; results under exp(-87.3) = 1.23e-38 flush to 0
+    assert np.all(np.abs(e[1:] - ref) <= 2.5e-7 * ref + 1.3e-38), np.max(np.abs(e[1:] - ref) / np.maximum(ref, 1e-37))
+    assert e[0] == s[0]
 
 
 @pytest.mark.parametrize("kv", ["f16", "f32"])

@@ -11,11 +11,15 @@ each separately and drops the other branch).
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import types
 
 import numba
 import numpy as np
+
+from .cpu_llvm import axpy_f32, dot_f32, exp_shift_f32, load_row
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 _PAR = dict(_JIT, parallel=True)
@@ -151,101 +155,73 @@ def store_kv(k, v, slots, kc, vc, f16):
             _put(vc, slots[t], h, v[t, h], f16)
 
 
-@numba.njit(**_JIT, inline="always")
-def _row_f32(cache, slot, h, f16, out):
-    """out[:] = cache[slot, h] as float32. F16 bits are widened with integer operations (a loop
-    LLVM vectorizes, unlike a gather from the table): exact for every half, subnormals (the
-    multiply by 2**112 rebiases the exponent), infinities and NaNs (exponent forced to all ones)."""
-    if f16 is None:
-        for d in range(out.shape[0]):
-            out[d] = cache[slot, h, d]
-    else:
-        for d in range(out.shape[0]):
-            u = np.uint32(cache[slot, h, d])
-            inf_nan = np.uint32(0x7F800000) if (u & np.uint32(0x7C00)) == np.uint32(0x7C00) else np.uint32(0)
-            bits = np.uint32(((u & np.uint32(0x8000)) << np.uint32(16)) | ((u & np.uint32(0x7FFF)) << np.uint32(13))
-                             | inf_nan)
-            out[d] = bits.view(np.float32) * np.float32(5.192296858534828e33)
+def _make_attention(deps: str):
+    """The decode attention kernel. `deps` (a hash of cpu_llvm.py, whose row helpers it inlines)
+    only lands in the closure, where Numba's cache key sees it."""
 
-
-@numba.njit(**_JIT, inline="always")
-def _dot(a, b, n):
-    """sum a[:n] * b[:n] with eight partial sums in a fixed order: vectorizable without fastmath
-    (which would let each compile of a caller choose its own order, and a row's bits then depend
-    on the batch it is in)."""
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
-    n8 = n - n % 8
-    for d in range(0, n8, 8):
-        s0 += a[d] * b[d]
-        s1 += a[d + 1] * b[d + 1]
-        s2 += a[d + 2] * b[d + 2]
-        s3 += a[d + 3] * b[d + 3]
-        s4 += a[d + 4] * b[d + 4]
-        s5 += a[d + 5] * b[d + 5]
-        s6 += a[d + 6] * b[d + 6]
-        s7 += a[d + 7] * b[d + 7]
-    s = ((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7))
-    for d in range(n8, n):
-        s += a[d] * b[d]
-    return s
-
-
-def _attention(q, kc, vc, f16, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
-              softcap, out):
-    """Causal attention for the query rows `tokens` of q [T, hq, dk] over the paged cache; out
-    [T, hq, dv]. One work item per (token, kv head) does the query heads that share it: each key
-    and value row is widened to float32 once for all of them, all scores first, then one softmax
-    and one pass over the values (no running rescale). sinks: [hq] logits that join the
-    denominator only (an empty array: none)."""
-    hq = q.shape[1]
-    hkv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
-    group = hq // hkv
-    has_sinks = sinks.shape[0] > 0
-    for item in numba.prange(tokens.shape[0] * hkv):
-        t = tokens[item // hkv]
-        kh = item % hkv
-        h0 = kh * group
-        b = tok_seq[t]
-        qpos = positions[t]
-        hi = min(ctx_lens[b], qpos + 1)
-        lo = max(0, qpos - window + 1) if window > 0 else 0
-        n = max(0, hi - lo)
-        sc = np.empty((group, n), np.float32)
-        row = np.empty(max(dk, dv), np.float32)
-        for i in range(n):
-            p = lo + i
-            slot = tables[b, p // bs] * bs + p % bs
-            _row_f32(kc, slot, kh, f16, row[:dk])
-            for g in range(group):
-                s = _dot(q[t, h0 + g], row, dk) * scale
-                if softcap > 0:
-                    s = softcap * math.tanh(s / softcap)
-                sc[g, i] = s
-        total = np.empty(group, np.float32)
-        for g in range(group):
-            m = sinks[h0 + g] if has_sinks else -np.inf
+    def _attention(q, kc, vc, f16, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
+                   softcap, out):
+        """Causal attention for the query rows `tokens` of q [T, hq, dk] over the paged cache; out
+        [T, hq, dv]. One work item per (token, kv head) does the query heads that share it: the
+        key rows are widened to float32 once for all of them, all scores first, then one softmax
+        and one pass over the value rows (no running rescale). sinks: [hq] logits that join the
+        denominator only (an empty array: none). Row products are cpu_llvm's 8-lane helpers."""
+        if len(deps) == 0:
+            return
+        hq = q.shape[1]
+        hkv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
+        group = hq // hkv
+        has_sinks = sinks.shape[0] > 0
+        for item in numba.prange(tokens.shape[0] * hkv):
+            t = tokens[item // hkv]
+            kh = item % hkv
+            h0 = kh * group
+            b = tok_seq[t]
+            qpos = positions[t]
+            hi = min(ctx_lens[b], qpos + 1)
+            lo = max(0, qpos - window + 1) if window > 0 else 0
+            n = max(0, hi - lo)
+            sc = np.empty((group, n), np.float32)
+            row = np.empty(max(dk, dv), np.float32)  # one cache row, widened to float32 once
             for i in range(n):
-                m = max(m, sc[g, i])
-            z = math.exp(sinks[h0 + g] - m) if has_sinks else 0.0
-            for i in range(n):
-                e = math.exp(sc[g, i] - m)
-                sc[g, i] = e
-                z += e
-            total[g] = z
-            for d in range(dv):
-                out[t, h0 + g, d] = 0.0
-        for i in range(n):
-            p = lo + i
-            slot = tables[b, p // bs] * bs + p % bs
-            _row_f32(vc, slot, kh, f16, row[:dv])
+                p = lo + i
+                load_row(kc, ((tables[b, p // bs] * bs + p % bs) * hkv + kh) * dk, dk, row, 0)
+                for g in range(group):
+                    s = dot_f32(q, (t * hq + h0 + g) * dk, row, 0, dk) * scale
+                    if softcap > 0:
+                        s = softcap * math.tanh(s / softcap)
+                    sc[g, i] = s
+            total = np.empty(group, np.float32)
+            acc = np.zeros((group, dv), np.float32)
             for g in range(group):
-                e = sc[g, i]
+                m = sinks[h0 + g] if has_sinks else -np.inf
+                for i in range(n):
+                    m = max(m, sc[g, i])
+                z = math.exp(sinks[h0 + g] - m) if has_sinks else 0.0
+                if n > 0:
+                    exp_shift_f32(sc, g * n, n, np.float32(m))
+                for i in range(n):
+                    z += sc[g, i]
+                total[g] = z
+            for i in range(n):
+                p = lo + i
+                load_row(vc, ((tables[b, p // bs] * bs + p % bs) * hkv + kh) * dv, dv, row, 0)
+                for g in range(group):
+                    axpy_f32(sc[g, i], row, 0, acc, g * dv, dv)
+            for g in range(group):
+                inv = np.float32(1.0 / total[g]) if total[g] > 0 else np.float32(0.0)
                 for d in range(dv):
-                    out[t, h0 + g, d] += e * row[d]
-        for g in range(group):
-            inv = np.float32(1.0 / total[g]) if total[g] > 0 else np.float32(0.0)
-            for d in range(dv):
-                out[t, h0 + g, d] *= inv
+                    out[t, h0 + g, d] = acc[g, d] * inv
+
+    return _attention
+
+
+def _llvm_hash() -> str:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_llvm.py"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+_attention = _make_attention(_llvm_hash())
 
 
 def _glu(gate, up, gelu, out):
