@@ -217,18 +217,37 @@ def _data(context, builder, aty, aval, off):
     return builder.gep(arr.data, [off])
 
 
-def _row_part(e: Emit, vs, xp):
-    """One block's products with one row of x, as <8 x float>: each <32 x float> product folded
-    into 8 lanes, in the order both row_dot and row_dot_rows use (bit-identical rows)."""
+def _row_part(e: Emit, parts, xp, acc):
+    """acc (<8 x float>) plus one block's products with one row of x, in 8-lane pieces. Per 32
+    values: without an offset, the levels times x summed per 16 values and each sum times its
+    scale (no multiply of every value by its scale); with one, each value formed as s q + b by a
+    fused multiply-add, then its product with x. The part's whole contribution first, then one
+    add into acc (acc's dependency chain is one add a part). Explicit fused multiply-adds and no
+    contraction flags: the IR fixes every rounding, so row_dot and row_dot_rows (which both use
+    this) give the same bits for a row whatever rows are beside it."""
     b = e.b
-    part = None
-    for j, v in enumerate(vs):
-        xv = b.load(b.bitcast(e.ptr(xp, j * LANES), vec(F32).as_pointer()), align=4)
-        prod = e.fmul(v, xv)
-        for q in range(LANES // 8):
-            piece = b.shuffle_vector(prod, prod, ir.Constant(vec(I32, 8), list(range(8 * q, 8 * q + 8))))
-            part = piece if part is None else e.fadd(part, piece)
-    return part
+    v8 = vec(F32, 8)
+    fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(v8, [v8, v8, v8]), "llvm.fma.v8f32")
+    f = lambda x, y, z: b.call(fma, [x, y, z])  # noqa: E731  x * y + z, one rounding
+    for j, part in enumerate(parts):
+        xs = [b.load(b.bitcast(e.ptr(xp, j * LANES + 8 * c), v8.as_pointer()), align=4) for c in range(4)]
+        q = part.q if part.s0 is None else e.sf(part.q)
+        qs = [b.shuffle_vector(q, q, ir.Constant(vec(I32, 8), list(range(8 * c, 8 * c + 8)))) for c in range(4)]
+        if part.s0 is not None and part.b0 is not None:  # the values, then as a float format
+            s0, s1 = e.splat(part.s0, 8), e.splat(part.s1, 8)
+            o0, o1 = e.splat(part.b0, 8), e.splat(part.b1, 8)
+            qs = [f(qs[c], s0 if c < 2 else s1, o0 if c < 2 else o1) for c in range(4)]
+        if part.s0 is None or part.b0 is not None:
+            t = f(qs[3], xs[3], f(qs[2], xs[2], f(qs[1], xs[1], b.fmul(qs[0], xs[0]))))
+        else:
+            h0 = f(qs[1], xs[1], b.fmul(qs[0], xs[0]))
+            h1 = f(qs[3], xs[3], b.fmul(qs[2], xs[2]))
+            if part.s1 is part.s0:
+                t = b.fmul(b.fadd(h0, h1), e.splat(part.s0, 8))
+            else:
+                t = f(h1, e.splat(part.s1, 8), b.fmul(h0, e.splat(part.s0, 8)))
+        acc = b.fadd(acc, t)
+    return acc
 
 
 def row_dot(block_bytes: int, block_values: int, decode):
@@ -250,8 +269,7 @@ def row_dot(block_bytes: int, block_values: int, decode):
                 b = loop.index
                 p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
                 xp = builder.gep(xbase, [builder.mul(b, e.const(I64, block_values))])
-                part = _row_part(e, [e.values(part) for part in decode(e, p)], xp)
-                builder.store(e.fadd(builder.load(acc), part), acc)
+                builder.store(_row_part(e, decode(e, p), xp, builder.load(acc)), acc)
             return e.hsum(builder.load(acc))
 
         return sig, codegen
@@ -281,10 +299,9 @@ def row_dot_rows(block_bytes: int, block_values: int, decode, rows: int):
                 b = loop.index
                 p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
                 xo = builder.mul(b, e.const(I64, block_values))
-                vs = [e.values(part) for part in decode(e, p)]
+                parts = decode(e, p)
                 for i in range(rows):
-                    part = _row_part(e, vs, builder.gep(xrows[i], [xo]))
-                    builder.store(e.fadd(builder.load(accs[i]), part), accs[i])
+                    builder.store(_row_part(e, parts, builder.gep(xrows[i], [xo]), builder.load(accs[i])), accs[i])
             ybase = _data(context, builder, signature.args[6], args[6], args[7])
             ys = i64(args[8])
             for i in range(rows):
