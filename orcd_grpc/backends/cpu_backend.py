@@ -91,6 +91,13 @@ class CpuKV:
         return k, v
 
 
+def _max_pos(ctx) -> int:
+    """The largest position of a step (CpuStep keeps it; a bare StepMeta computes it)."""
+    if isinstance(ctx, CpuStep):
+        return ctx.max_pos
+    return int(np.max(ctx.positions)) if len(ctx.positions) else 0
+
+
 class CpuStep(StepMeta):
     """A step's meta plus what the ops derive from it once: each token's sequence, and which
     tokens the numba attention takes (the others' sequences go the BLAS way)."""
@@ -109,6 +116,7 @@ class CpuStep(StepMeta):
         self.block_tables = np.ascontiguousarray(self.block_tables, np.int32)
         self.ctx_lens = np.ascontiguousarray(self.ctx_lens, np.int32)
         self.max_ctx = int(self.ctx_lens.max()) if len(self.ctx_lens) else 0
+        self.max_pos = int(self.positions.max()) if len(self.positions) else 0  # the rope tables' reach
 
 
 class CpuBackend(NumpyBackend):
@@ -214,14 +222,14 @@ class CpuBackend(NumpyBackend):
         return have[1], have[2]
 
     def rope(self, x, ctx, spec):
-        cos, sin = self._tables(spec, int(ctx.positions.max()) + 1)
+        cos, sin = self._tables(spec, _max_pos(ctx) + 1)
         x = np.ascontiguousarray(x, np.float32)
         out = np.empty_like(x)
         ops.rope(x, cos, sin, ctx.positions, spec.dim, spec.neox, out)
         return out
 
     def qkv_rope_store(self, qkv, kv: CpuKV, layer, ctx, spec, n_heads, n_kv_heads, head_dim, head_dim_v):
-        cos, sin = self._tables(spec, int(ctx.positions.max()) + 1)
+        cos, sin = self._tables(spec, _max_pos(ctx) + 1)
         T = qkv.shape[0]
         q = np.empty((T, n_heads, head_dim), np.float32)
         tmp = np.empty(head_dim, np.float32)

@@ -84,13 +84,15 @@ _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.
 _F16, _BF16 = int(T.F16), int(T.BF16)
 
 
-def _sources_hash() -> str:
+def _sources_hash() -> tuple:
+    """The decoder sources' hash as a tuple of ints: in a kernel's closure Numba compiles it in as
+    a constant (a string would be unpickled on every call) and its cache key still sees it."""
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
     for name in ("cpu_llvm.py", "cpu_formats.py"):
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
-    return h.hexdigest()
+    return tuple(h.digest())
 
 
 if numba is not None:
@@ -121,16 +123,17 @@ if numba is not None:
                     xs[i, 2 * g + h] = np.float32(t) * d
 
 
-def _make_drivers(deps: str):
+def _make_drivers(deps: tuple):
     """The parallel drivers. `deps` only lands in the closure, where Numba's cache key sees it."""
 
     @njit(parallel=True, nogil=True, cache=True)
-    def gemv(qt, w, nb, x):
+    def gemv(qt, w, nb, x, y):
+        # y [m, n] from the caller: an array made here would be boxed on return, which costs a
+        # few microseconds of every call (there are ~120 a SmolLM2 token)
         n, rb = w.shape
         m, k = x.shape
-        y = np.empty((m, n), np.float32)
         if len(deps) == 0:
-            return y
+            return
         for r in prange(n):
             o = r * rb
             for i in range(m):
@@ -164,7 +167,6 @@ def _make_drivers(deps: str):
                 else:
                     v = np.float32(np.nan)
                 y[i, r] = v
-        return y
 
     @njit(parallel=True, nogil=True, cache=True)
     def gemv_q8(qt, w, nb, x):
@@ -418,7 +420,9 @@ def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
     if q8_x and w.qtype in FORMATS:
         return _gemv_q8(w._code, w.raw, w._nb, x)
     if m < GEMM_MIN_M:
-        return _gemv(w._code, w.raw, w._nb, x)
+        y = np.empty((m, n), np.float32)
+        _gemv(w._code, w.raw, w._nb, x, y)
+        return y
     mp = -(-m // GEMM_ROWS) * GEMM_ROWS
     if mp != m:
         x = np.concatenate([x, np.zeros((mp - m, k), np.float32)])

@@ -155,7 +155,7 @@ def store_kv(k, v, slots, kc, vc, f16):
             _put(vc, slots[t], h, v[t, h], f16)
 
 
-def _make_attention(deps: str):
+def _make_attention(deps: tuple):
     """The decode attention kernel. `deps` (a hash of cpu_llvm.py, whose row helpers it inlines)
     only lands in the closure, where Numba's cache key sees it."""
 
@@ -216,9 +216,10 @@ def _make_attention(deps: str):
     return _attention
 
 
-def _llvm_hash() -> str:
+def _llvm_hash() -> tuple:
+    """cpu_llvm.py's hash as a tuple of ints (a closure constant for Numba; see cpu_kernels)."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_llvm.py"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return tuple(hashlib.sha256(f.read()).digest())
 
 
 _attention = _make_attention(_llvm_hash())
