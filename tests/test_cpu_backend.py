@@ -146,12 +146,12 @@ def test_f16_store_rounds_as_numpy():
 
 
 def test_f16_load_widens_every_half_exactly():
-    """The attention's row loads from an F16 cache (cpu_llvm.load_row, 8 lanes and a tail)
+    """The attention's row loads from an F16 cache (cpu_rows.load_row, 8 lanes and a tail)
     against NumPy's float16 -> float32 cast, over all 65,536 bit patterns at an odd offset and
     length: subnormals, infinities and NaNs included; a float32 row is copied as it is."""
     import numba
 
-    from orcd_grpc.backends.cpu_llvm import load_row
+    from orcd_grpc.backends.cpu_rows import load_row
 
     @numba.njit
     def load(src, so, n, dst, do):
@@ -171,11 +171,11 @@ def test_f16_load_widens_every_half_exactly():
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 31, 32, 33, 64, 96, 128, 257])
 def test_attention_row_helpers_against_float64(n):
-    """cpu_llvm's dot_f32 (four 8-lane chains, then a tree, then the tail), axpy_f32 and
+    """cpu_rows's dot_f32 (four 8-lane chains, then a tree, then the tail), axpy_f32 and
     exp_shift_f32 (a polynomial expf) against float64 NumPy on fresh random rows at offsets."""
     import numba
 
-    from orcd_grpc.backends.cpu_llvm import axpy_f32, dot_f32, exp_shift_f32
+    from orcd_grpc.backends.cpu_rows import axpy_f32, dot_f32, exp_shift_f32
 
     @numba.njit
     def dot(a, ao, b, bo, k):

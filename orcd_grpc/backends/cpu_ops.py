@@ -19,7 +19,7 @@ import types
 import numba
 import numpy as np
 
-from .cpu_llvm import axpy_f32, dot_f32, exp_shift_f32, load_row
+from .cpu_rows import axpy_f32, dot_f32, exp_shift_f32, load_row
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 _PAR = dict(_JIT, parallel=True)
@@ -156,7 +156,7 @@ def store_kv(k, v, slots, kc, vc, f16):
 
 
 def _make_attention(deps: tuple):
-    """The decode attention kernel. `deps` (a hash of cpu_llvm.py, whose row helpers it inlines)
+    """The decode attention kernel. `deps` (a hash of cpu_rows.py and cpu_llvm.py, whose helpers it inlines)
     only lands in the closure, where Numba's cache key sees it."""
 
     def _attention(q, kc, vc, f16, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
@@ -165,7 +165,7 @@ def _make_attention(deps: tuple):
         [T, hq, dv]. One work item per (token, kv head) does the query heads that share it: the
         key rows are widened to float32 once for all of them, all scores first, then one softmax
         and one pass over the value rows (no running rescale). sinks: [hq] logits that join the
-        denominator only (an empty array: none). Row products are cpu_llvm's 8-lane helpers."""
+        denominator only (an empty array: none). Row products are cpu_rows' 8-lane helpers."""
         if len(deps) == 0:
             return
         hq = q.shape[1]
@@ -216,13 +216,18 @@ def _make_attention(deps: tuple):
     return _attention
 
 
-def _llvm_hash() -> tuple:
-    """cpu_llvm.py's hash as a tuple of ints (a closure constant for Numba; see cpu_kernels)."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_llvm.py"), "rb") as f:
-        return tuple(hashlib.sha256(f.read()).digest())
+def _rows_hash() -> tuple:
+    """cpu_rows.py's and cpu_llvm.py's hash as a tuple of ints (a closure constant for Numba;
+    see cpu_kernels)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in ("cpu_rows.py", "cpu_llvm.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return tuple(h.digest())
 
 
-_attention = _make_attention(_llvm_hash())
+_attention = _make_attention(_rows_hash())
 
 
 def _glu(gate, up, gelu, out):
