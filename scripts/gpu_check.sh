@@ -135,7 +135,7 @@ for m in ${SPEC_COST:-}; do
   wait
   echo "== verify step cost $m"
   timeout 200 python3 bench/spec_bench.py "$data/$m.gguf" --backend cuda --tasks "" --step-reps 50 \
-    --json "$OUT/spec.jsonl" 2>&1 | tail -2
+    --json "$OUT/spec-$m.json" 2>&1 | tail -2
 done
 for m in ${LLAMA_BENCH:-}; do
   wait
