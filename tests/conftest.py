@@ -35,9 +35,8 @@ def _model(name: str) -> pathlib.Path:
     if os.environ.get("ORCD_TEST_NO_PULL"):
         # machines without a network (the GPU machine, scripts/gpu_check.sh): the real models are
         # tested where they were carried in ($ORCD_MODEL_DIR), skipped elsewhere
-        spec = model_store._spec(name)
-        target = model_store.model_dir() / spec.filename
-        if not model_store.is_valid(spec, target):
+        target = model_store.cached_path(name)
+        if not model_store.is_valid(model_store.MODELS[name], target):
             pytest.skip(f"{name} is not in {model_store.model_dir()} and ORCD_TEST_NO_PULL is set")
         return target
     return model_store.ensure_model(name)

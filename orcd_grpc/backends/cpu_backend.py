@@ -91,13 +91,6 @@ class CpuKV:
         return k, v
 
 
-def _max_pos(ctx) -> int:
-    """The largest position of a step (CpuStep keeps it; a bare StepMeta computes it)."""
-    if isinstance(ctx, CpuStep):
-        return ctx.max_pos
-    return int(np.max(ctx.positions)) if len(ctx.positions) else 0
-
-
 class CpuStep(StepMeta):
     """A step's meta plus what the ops derive from it once: each token's sequence, and which
     tokens the numba attention takes (the others' sequences go the BLAS way)."""
@@ -222,14 +215,14 @@ class CpuBackend(NumpyBackend):
         return have[1], have[2]
 
     def rope(self, x, ctx, spec):
-        cos, sin = self._tables(spec, _max_pos(ctx) + 1)
+        cos, sin = self._tables(spec, ctx.max_pos + 1)
         x = np.ascontiguousarray(x, np.float32)
         out = np.empty_like(x)
         ops.rope(x, cos, sin, ctx.positions, spec.dim, spec.neox, out)
         return out
 
     def qkv_rope_store(self, qkv, kv: CpuKV, layer, ctx, spec, n_heads, n_kv_heads, head_dim, head_dim_v):
-        cos, sin = self._tables(spec, _max_pos(ctx) + 1)
+        cos, sin = self._tables(spec, ctx.max_pos + 1)
         T = qkv.shape[0]
         q = np.empty((T, n_heads, head_dim), np.float32)
         tmp = np.empty(head_dim, np.float32)

@@ -21,7 +21,6 @@ decoder sources (cpu_llvm.py, cpu_formats.py), which Numba's own key does not se
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
@@ -54,7 +53,7 @@ _PLAIN = (T.F32, T.F16, T.BF16)
 
 if numba is not None:
     from .cpu_formats import FLOAT_FORMATS, FORMATS
-    from .cpu_llvm import row_dequant, row_dot, row_dot_q8, row_dot_rows
+    from .cpu_llvm import row_dequant, row_dot, row_dot_q8, row_dot_rows, source_key
 
     _ALL = {**FORMATS, **FLOAT_FORMATS}
     _DOT = {qt: row_dot(*f) for qt, f in _ALL.items()}
@@ -82,17 +81,6 @@ if numba is not None:
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _MXFP4 = (int(t) for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(t) for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
 _F16, _BF16 = int(T.F16), int(T.BF16)
-
-
-def _sources_hash() -> tuple:
-    """The decoder sources' hash as a tuple of ints: in a kernel's closure Numba compiles it in as
-    a constant (a string would be unpickled on every call) and its cache key still sees it."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    h = hashlib.sha256()
-    for name in ("cpu_llvm.py", "cpu_formats.py"):
-        with open(os.path.join(here, name), "rb") as f:
-            h.update(f.read())
-    return tuple(h.digest())
 
 
 if numba is not None:
@@ -311,7 +299,7 @@ def _make_drivers(deps: tuple):
 
 
 if numba is not None:
-    _gemv, _gemv_q8, _gemm8, _dequant_rows, _gemv_half = _make_drivers(_sources_hash())
+    _gemv, _gemv_q8, _gemm8, _dequant_rows, _gemv_half = _make_drivers(source_key("cpu_llvm.py", "cpu_formats.py"))
 
 
 def supported(qtype) -> bool:

@@ -12,6 +12,8 @@ nothing here names an instruction set.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import NamedTuple
 
 from llvmlite import ir
@@ -19,8 +21,9 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-# FMA contraction only, no reassociation: the 1-row and 8-row kernels then add in the order written
-# (the same for both, _row_part), so a row's result has the same bits whatever rows are beside it
+# FMA contraction only, no reassociation, for Emit's float operations (the decoders' scales and the
+# other kernels). _row_part, whose bits must not depend on the kernel it is inlined into, uses no
+# flags and explicit FMAs instead.
 FAST = ("contract",)
 #: every decoder returns vectors of this many values
 LANES = 32
@@ -28,6 +31,23 @@ LANES = 32
 
 def vec(elt, n: int = LANES) -> ir.VectorType:
     return ir.VectorType(elt, n)
+
+
+def i64(builder, v):
+    """An integer argument widened to i64 (sign-extended) for address arithmetic."""
+    return builder.sext(v, I64) if v.type.width < 64 else v
+
+
+def source_key(*names: str) -> tuple:
+    """The sha256 of these modules of this package as a tuple of ints, for a kernel's closure:
+    Numba's cache key sees closure values but not the IR the intrinsics they call generate, and
+    a tuple of ints is compiled in as a constant (a string would be unpickled on every call)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in names:
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return tuple(h.digest())
 
 
 class Part(NamedTuple):
@@ -253,7 +273,7 @@ def _row_part(e: Emit, parts, xp, acc):
 def row_dot(block_bytes: int, block_values: int, decode):
     """An intrinsic dot(w, w_off, n_blocks, x, x_off) -> float32: the dot product of n_blocks
     blocks starting at byte w_off of uint8 array w with float32 x from element x_off. `decode(e, p)`
-    returns the block's values as <32 x float> vectors in order."""
+    returns the block's Parts in order."""
 
     @intrinsic
     def dot(typingctx, w, w_off, n_blocks, x, x_off):
@@ -264,7 +284,7 @@ def row_dot(block_bytes: int, block_values: int, decode):
             wbase = builder.bitcast(_data(context, builder, signature.args[0], args[0], args[1]), I8.as_pointer())
             xbase = _data(context, builder, signature.args[3], args[3], args[4])
             acc = cgutils.alloca_once_value(builder, e.const(vec(F32, 8), 0.0))
-            nb = builder.sext(args[2], I64) if args[2].type.width < 64 else args[2]
+            nb = i64(builder, args[2])
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
@@ -289,13 +309,12 @@ def row_dot_rows(block_bytes: int, block_values: int, decode, rows: int):
 
         def codegen(context, builder, signature, args):
             e = Emit(builder)
-            i64 = lambda v: builder.sext(v, I64) if v.type.width < 64 else v  # noqa: E731
             wbase = builder.bitcast(_data(context, builder, signature.args[0], args[0], args[1]), I8.as_pointer())
             xbase = _data(context, builder, signature.args[3], args[3], args[4])
-            xs = i64(args[5])
+            xs = i64(builder, args[5])
             xrows = [builder.gep(xbase, [builder.mul(xs, e.const(I64, i))]) for i in range(rows)]
             accs = [cgutils.alloca_once_value(builder, e.const(vec(F32, 8), 0.0)) for _ in range(rows)]
-            with cgutils.for_range(builder, i64(args[2])) as loop:
+            with cgutils.for_range(builder, i64(builder, args[2])) as loop:
                 b = loop.index
                 p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
                 xo = builder.mul(b, e.const(I64, block_values))
@@ -303,7 +322,7 @@ def row_dot_rows(block_bytes: int, block_values: int, decode, rows: int):
                 for i in range(rows):
                     builder.store(_row_part(e, parts, builder.gep(xrows[i], [xo]), builder.load(accs[i])), accs[i])
             ybase = _data(context, builder, signature.args[6], args[6], args[7])
-            ys = i64(args[8])
+            ys = i64(builder, args[8])
             for i in range(rows):
                 builder.store(e.hsum(builder.load(accs[i])), builder.gep(ybase, [builder.mul(ys, e.const(I64, i))]))
             return context.get_dummy_value()
@@ -327,14 +346,13 @@ def row_dot_q8(block_bytes: int, block_values: int, decode):
 
         def codegen(context, builder, signature, args):
             e = Emit(builder)
-            i64 = lambda v: builder.sext(v, I64) if v.type.width < 64 else v  # noqa: E731
             wbase = builder.bitcast(_data(context, builder, signature.args[0], args[0], args[1]), I8.as_pointer())
             qbase = builder.bitcast(_data(context, builder, signature.args[3], args[3], args[4]), I8.as_pointer())
             dbase = _data(context, builder, signature.args[5], args[5], args[6])
             sbase = _data(context, builder, signature.args[7], args[7], args[8])
             accs = [cgutils.alloca_once_value(builder, e.const(vec(F32, 16), 0.0)) for _ in range(min(2, groups))]
             off = cgutils.alloca_once_value(builder, e.const(F32, 0.0))
-            with cgutils.for_range(builder, i64(args[2])) as loop:
+            with cgutils.for_range(builder, i64(builder, args[2])) as loop:
                 b = loop.index
                 p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
                 for j, part in enumerate(decode(e, p)):
@@ -375,7 +393,7 @@ def row_dequant(block_bytes: int, block_values: int, decode):
             e = Emit(builder)
             wbase = builder.bitcast(_data(context, builder, signature.args[0], args[0], args[1]), I8.as_pointer())
             obase = _data(context, builder, signature.args[3], args[3], args[4])
-            nb = builder.sext(args[2], I64) if args[2].type.width < 64 else args[2]
+            nb = i64(builder, args[2])
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])

@@ -11,14 +11,13 @@ each separately and drops the other branch).
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import types
 
 import numba
 import numpy as np
 
+from .cpu_llvm import source_key
 from .cpu_rows import axpy_f32, dot_f32, exp_shift_f32, load_row
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
@@ -156,8 +155,8 @@ def store_kv(k, v, slots, kc, vc, f16):
 
 
 def _make_attention(deps: tuple):
-    """The decode attention kernel. `deps` (a hash of cpu_rows.py and cpu_llvm.py, whose helpers it inlines)
-    only lands in the closure, where Numba's cache key sees it."""
+    """The decode attention kernel. `deps` (cpu_llvm.source_key of the modules whose helpers it
+    inlines) only lands in the closure, where Numba's cache key sees it."""
 
     def _attention(q, kc, vc, f16, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
                    softcap, out):
@@ -216,18 +215,7 @@ def _make_attention(deps: tuple):
     return _attention
 
 
-def _rows_hash() -> tuple:
-    """cpu_rows.py's and cpu_llvm.py's hash as a tuple of ints (a closure constant for Numba;
-    see cpu_kernels)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    h = hashlib.sha256()
-    for name in ("cpu_rows.py", "cpu_llvm.py"):
-        with open(os.path.join(here, name), "rb") as f:
-            h.update(f.read())
-    return tuple(h.digest())
-
-
-_attention = _make_attention(_rows_hash())
+_attention = _make_attention(source_key("cpu_rows.py", "cpu_llvm.py"))
 
 
 def _glu(gate, up, gelu, out):

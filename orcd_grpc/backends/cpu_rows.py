@@ -12,15 +12,11 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .cpu_llvm import F32, I16, I32, I64, Emit, _data, vec
-
-def _i64(builder, v):
-    return builder.sext(v, I64) if v.type.width < 64 else v
-
+from .cpu_llvm import F32, I16, I32, I64, Emit, _data, i64, vec
 
 def _chunks(builder, n):
     """(full 8-lane chunks, the first tail index) of n values."""
-    n = _i64(builder, n)
+    n = i64(builder, n)
     full = builder.udiv(n, ir.Constant(I64, 8))
     return n, full, builder.mul(full, ir.Constant(I64, 8))
 
@@ -35,8 +31,8 @@ def load_row(typingctx, src, src_off, n, dst, dst_off):
 
     def codegen(context, builder, signature, args):
         e = Emit(builder)
-        sp = _data(context, builder, signature.args[0], args[0], _i64(builder, args[1]))
-        dp = _data(context, builder, signature.args[3], args[3], _i64(builder, args[4]))
+        sp = _data(context, builder, signature.args[0], args[0], i64(builder, args[1]))
+        dp = _data(context, builder, signature.args[3], args[3], i64(builder, args[4]))
         count, full, tail = _chunks(builder, args[2])
         if not halves:
             v8 = vec(F32, 8).as_pointer()
@@ -76,8 +72,8 @@ def dot_f32(typingctx, a, a_off, b, b_off, n):
 
     def codegen(context, builder, signature, args):
         e = Emit(builder)
-        ap = _data(context, builder, signature.args[0], args[0], _i64(builder, args[1]))
-        bp = _data(context, builder, signature.args[2], args[2], _i64(builder, args[3]))
+        ap = _data(context, builder, signature.args[0], args[0], i64(builder, args[1]))
+        bp = _data(context, builder, signature.args[2], args[2], i64(builder, args[3]))
         accs = [cgutils.alloca_once_value(builder, e.const(vec(F32, 8), 0.0)) for _ in range(4)]
         count, full, tail = _chunks(builder, args[4])
         v8 = vec(F32, 8).as_pointer()
@@ -114,8 +110,8 @@ def axpy_f32(typingctx, alpha, x, x_off, y, y_off, n):
     def codegen(context, builder, signature, args):
         e = Emit(builder)
         a = args[0] if args[0].type == F32 else builder.fptrunc(args[0], F32)
-        xp = _data(context, builder, signature.args[1], args[1], _i64(builder, args[2]))
-        yp = _data(context, builder, signature.args[3], args[3], _i64(builder, args[4]))
+        xp = _data(context, builder, signature.args[1], args[1], i64(builder, args[2]))
+        yp = _data(context, builder, signature.args[3], args[3], i64(builder, args[4]))
         a8 = e.splat(a, 8)
         count, full, tail = _chunks(builder, args[5])
         v8 = vec(F32, 8).as_pointer()
@@ -141,7 +137,7 @@ def exp_shift_f32(typingctx, x, x_off, n, m):
 
     def codegen(context, builder, signature, args):
         e = Emit(builder)
-        xp = _data(context, builder, signature.args[0], args[0], _i64(builder, args[1]))
+        xp = _data(context, builder, signature.args[0], args[0], i64(builder, args[1]))
         mv = args[3] if args[3].type == F32 else builder.fptrunc(args[3], F32)
 
         def expf(v, lanes):

@@ -15,24 +15,26 @@ import threading
 
 CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
 
-_no_gc_lock = threading.Lock()
-_no_gc_depth = [0, False]  # captures in progress, whether the collector was on before the first
-
-
 class _NoCyclicGC:
-    """Keeps Python's cyclic collector off while any capture is in progress (on any thread)."""
+    """Keeps Python's cyclic collector off while any capture is in progress (on any thread), and
+    restores what it was when the last one ends."""
+    _lock = threading.Lock()
+    _captures = 0
+    _was_on = False
 
     def __enter__(self):
-        with _no_gc_lock:
-            if _no_gc_depth[0] == 0:
-                _no_gc_depth[1] = gc.isenabled()
+        cls = type(self)
+        with cls._lock:
+            if cls._captures == 0:
+                cls._was_on = gc.isenabled()
                 gc.disable()
-            _no_gc_depth[0] += 1
+            cls._captures += 1
 
     def __exit__(self, *exc):
-        with _no_gc_lock:
-            _no_gc_depth[0] -= 1
-            if _no_gc_depth[0] == 0 and _no_gc_depth[1]:
+        cls = type(self)
+        with cls._lock:
+            cls._captures -= 1
+            if cls._captures == 0 and cls._was_on:
                 gc.enable()
 
 

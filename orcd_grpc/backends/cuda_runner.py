@@ -12,7 +12,7 @@ Below the plan boundary, everything the GPU path needs and nothing above it know
 - A row's allowed tokens (a constraint's matcher, allowed / banned ids) reach the sample kernel
   as a packed bitmask, int32 [ceil(V / 32)] per masked row: the matchers' CPU work runs after the
   forward is queued (overlapping it), and only the bitmask crosses to the device. A queued step
-  with such rows has its forward queued at once and its sampling later (_Masked): the masks need
+  with such rows has its forward queued at once and its sampling later (_Unsampled): the masks need
   the matchers past the token of the step before, which the host reads meanwhile. The sampling is
   queued when the step after it is (it feeds that step) or when the step is collected.
 - Rows with a logit bias, or whose logits are wanted, fall back to host logits and the host
@@ -59,9 +59,9 @@ def _samples(res, rows: list[PlanRow]) -> dict[int, TokenSample]:
     return out
 
 
-class _Masked:
-    """A queued step's forward whose sampling waits for its rows' masks (Launched.pending until
-    _sample_masked queues it)."""
+class _Unsampled:
+    """A queued step's forward whose sampling is not queued yet (Launched.pending until
+    _sample_queued queues it): a step with masked rows waits for their masks."""
     __slots__ = ("logits",)
 
     def __init__(self, logits):
@@ -97,7 +97,7 @@ class CudaRunner(Runner):
                     or any(a.seq_id != b.seq_id for a, b in zip(before, plan.rows))
                     or not self._queueable(plan, bucket)):
                 return None
-            self._sample_masked(after)
+            self._sample_queued(after)
             return self._queue(plan, bucket, feed=after.pending)
         self._copy_blocks(plan)  # on the stream, ahead of the step's kernels
         if self._queueable(plan, bucket):
@@ -110,7 +110,7 @@ class CudaRunner(Runner):
 
     def collect(self, launched: Launched) -> StepResult:
         if launched.result is None:
-            self._sample_masked(launched)
+            self._sample_queued(launched)
             res = self.backend.sample_result(launched.pending)
             launched.result = StepResult(_samples(res, launched.plan.rows))
         return launched.result
@@ -140,17 +140,16 @@ class CudaRunner(Runner):
                                          feed=feed, overlap=True)
         if logits.shape[0] != len(rows):
             logits = logits.row_slice(0, len(rows))
-        if any(r.masked for r in rows):
-            return Launched(plan, pending=_Masked(logits), feeds=True)
-        n_top = max(r.sampling.params.top_logprobs for r in rows)
-        handle = self.backend.sample_packed_async(logits, self._packed_rows(rows), np.zeros(2, np.int32), n_top)
-        return Launched(plan, pending=handle, feeds=True)
+        launched = Launched(plan, pending=_Unsampled(logits), feeds=True)
+        if not any(r.masked for r in rows):
+            self._sample_queued(launched)
+        return launched
 
-    def _sample_masked(self, launched: Launched) -> None:
-        """Queues the sampling of a step queued with masked rows, its masks filled now: the step
-        before it has been delivered, so each matcher is past the token this step was fed (the
-        forward meanwhile runs on the device)."""
-        if not isinstance(launched.pending, _Masked):
+    def _sample_queued(self, launched: Launched) -> None:
+        """Queues the sampling of a queued step whose sampling is not queued yet, masks filled now:
+        for a step with masked rows that is once the step before it has been delivered, so each
+        matcher is past the token this step was fed (the forward meanwhile runs on the device)."""
+        if not isinstance(launched.pending, _Unsampled):
             return
         rows, logits = launched.plan.rows, launched.pending.logits
         bits = fill_bitmasks(rows, logits.shape[-1])
