@@ -203,6 +203,23 @@ def _masking_device_backend():
     return Masking()
 
 
+def _with_and_without_lookahead(path, run, max_sequences):
+    """{lookahead: run(engine, backend, lookahead)} for lookahead on and off, each on a fresh
+    masking fake; no queued sampling may be left unread."""
+    runs = {}
+    for lookahead in (True, False):
+        be = _masking_device_backend()
+        eng = load_engine(path, backend=be, max_sequences=max_sequences, max_context=256)
+        try:
+            eng.runner.lookahead = lookahead
+            runs[lookahead] = run(eng, be, lookahead)
+            assert not be.pending, "a queued sampling was never read"
+            assert lookahead or be.fed == 0
+        finally:
+            eng.close()
+    return runs
+
+
 def test_overlap_gives_the_tokens_of_plain_steps(tmp_path):
     """The overlap loop over the CUDA runner (a decode step launched, fed the previous step's
     tokens on the device, before the host reads them) must give every sequence exactly the
@@ -468,39 +485,33 @@ def test_constrained_rows_are_queued_and_masked_after_the_token_in_flight(tmp_pa
     step's token to the matcher. Every token must be one the matcher allowed after all the tokens
     before it, and the outputs must equal step-by-step decoding's; an unconstrained row beside
     them is unaffected."""
-    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    def run(eng, be, lookahead):
+        V = eng.info.vocab_size
+        cons = [_History(V), _History(V)]
+        seqs = [eng.new_sequence([1, 5 + i, 9], SamplingParams(temperature=0.7, seed=i, constraint=c))
+                for i, c in enumerate(cons)]
+        seqs.append(eng.new_sequence([1, 4, 4, 8], SamplingParams(temperature=0.7, seed=7)))
+        ov = Overlap(eng)
+        checked = 0
+        while len(seqs[0].output_ids) < 12:
+            before = [list(c.seen) for c in cons]
+            allowed = [c.allowed() for c in cons]
+            out = ov.step(seqs, may_follow=lambda s: len(s.output_ids) + 2 <= 12)
+            for c, s, seen, ok in zip(cons, seqs, before, allowed):
+                if s.seq_id in out:
+                    assert c.seen == seen + [out[s.seq_id].token_id]  # the sequence's append fed it
+                    assert out[s.seq_id].token_id in ok, (lookahead, seen, out[s.seq_id].token_id, ok)
+                    checked += 1
+        assert checked == 24 and ov.inflight is None
+        if lookahead:
+            assert be.fed >= 8, be.fed  # constrained steps were queued ahead
+        outputs = [list(s.output_ids) for s in seqs]
+        for s in seqs:
+            eng.release(s)
+        return outputs
 
-    runs = {}
-    for mode in ("lookahead", "plain"):
-        be = _masking_device_backend()
-        eng = load_engine(path, backend=be, max_sequences=4, max_context=256)
-        try:
-            eng.runner.lookahead = mode == "lookahead"
-            V = eng.info.vocab_size
-            cons = [_History(V), _History(V)]
-            seqs = [eng.new_sequence([1, 5 + i, 9], SamplingParams(temperature=0.7, seed=i, constraint=c))
-                    for i, c in enumerate(cons)]
-            seqs.append(eng.new_sequence([1, 4, 4, 8], SamplingParams(temperature=0.7, seed=7)))
-            ov = Overlap(eng)
-            checked = 0
-            while len(seqs[0].output_ids) < 12:
-                before = [list(c.seen) for c in cons]
-                allowed = [c.allowed() for c in cons]
-                out = ov.step(seqs, may_follow=lambda s: len(s.output_ids) + 2 <= 12)
-                for c, s, seen, ok in zip(cons, seqs, before, allowed):
-                    if s.seq_id in out:
-                        assert c.seen == seen + [out[s.seq_id].token_id]  # the sequence's append fed it
-                        assert out[s.seq_id].token_id in ok, (mode, seen, out[s.seq_id].token_id, ok)
-                        checked += 1
-            assert checked == 24 and not be.pending and ov.inflight is None
-            if mode == "lookahead":
-                assert be.fed >= 8, be.fed  # constrained steps were queued ahead
-            runs[mode] = [list(s.output_ids) for s in seqs]
-            for s in seqs:
-                eng.release(s)
-        finally:
-            eng.close()
-    assert runs["lookahead"] == runs["plain"]
+    runs = _with_and_without_lookahead(write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0"), run, max_sequences=4)
+    assert runs[True] == runs[False]
 
 
 def test_llguidance_constraints_on_the_overlap_loop_match_step_by_step(tmp_path):
@@ -509,17 +520,11 @@ def test_llguidance_constraints_on_the_overlap_loop_match_step_by_step(tmp_path)
     test of the same schedule is tests/gpu/test_constraints_gpu.py."""
     from schedules import constrained_batch
 
-    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
-    runs = {}
-    for mode in ("lookahead", "plain"):
-        be = _masking_device_backend()
-        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
-        try:
-            eng.runner.lookahead = mode == "lookahead"
-            runs[mode] = constrained_batch(eng)
-            assert (be.fed >= 5) if mode == "lookahead" else be.fed == 0, be.fed
-            assert not be.pending
-        finally:
-            eng.close()
-    assert runs["lookahead"] == runs["plain"]
-    assert sum(len(r) for r in runs["plain"]) >= 20
+    def run(eng, be, lookahead):
+        outputs = constrained_batch(eng)
+        assert (be.fed >= 5) if lookahead else be.fed == 0, be.fed
+        return outputs
+
+    runs = _with_and_without_lookahead(write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0"), run, max_sequences=8)
+    assert runs[True] == runs[False]
+    assert sum(len(r) for r in runs[False]) >= 20

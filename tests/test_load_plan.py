@@ -23,6 +23,8 @@ def _rss() -> int:
 
 
 class Worker:
+    """A real server over model_dir (the CPU backend unless cfg says otherwise) and its stub."""
+
     def __init__(self, model_dir, **cfg):
         config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "model_dirs": [str(model_dir)], "backend": "cpu",
                                  "max_context": 256, "max_sequences": 8, "max_queue": 8, "grace_seconds": 1, **cfg})
@@ -40,6 +42,13 @@ class Worker:
 
     def listed(self) -> list[str]:
         return [m.model_id for m in self.stub.ListModels(pb.ListModelsRequest(), timeout=10).models]
+
+    def used(self) -> int:
+        """VRAM the worker says it holds (the CUDA backend; tests/gpu/test_cuda_load_plan.py)."""
+        return self.stub.HardwareInfo(pb.HardwareInfoRequest(), timeout=30).gpu.vram_used_by_worker_bytes
+
+    def free(self) -> int:
+        return self.stub.HardwareInfo(pb.HardwareInfoRequest(), timeout=30).gpu.vram_free_bytes
 
     def close(self):
         self.channel.close()

@@ -3,47 +3,24 @@ load then reports and holds in VRAM, and a plan over --max-vram loads nothing. S
 GPU (tests/conftest.py)."""
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import grpc
 import pytest
 
-from orcd_grpc.proto import pb, pb_grpc
-from orcd_grpc.server import ServerConfig, start_server
-
 from .test_cuda_models import write_tiny_llama
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+from test_load_plan import Worker as _Worker  # noqa: E402  (tests/: the real-server helper)
 
 pytestmark = pytest.mark.gpu
 
 MiB = 1 << 20
 
 
-class Worker:
-    def __init__(self, model_dir, **cfg):
-        config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "model_dirs": [str(model_dir)], "backend": "cuda",
-                                 "max_context": 512, "max_sequences": 4, "grace_seconds": 1, **cfg})
-        self.worker, port, self.scheduler = start_server(config)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = pb_grpc.WorkerStub(self.channel)
-
-    def plan(self, name, **kw) -> pb.LoadPlan:
-        events = list(self.stub.LoadModel(pb.LoadModelRequest(path=name, dry_run=True, **kw), timeout=120))
-        assert len(events) == 1 and events[0].WhichOneof("event") == "plan", events
-        return events[0].plan
-
-    def load(self, name, **kw) -> pb.ModelDescription:
-        return list(self.stub.LoadModel(pb.LoadModelRequest(path=name, **kw), timeout=300))[-1].model
-
-    def used(self) -> int:
-        return self.stub.HardwareInfo(pb.HardwareInfoRequest(), timeout=30).gpu.vram_used_by_worker_bytes
-
-    def free(self) -> int:
-        return self.stub.HardwareInfo(pb.HardwareInfoRequest(), timeout=30).gpu.vram_free_bytes
-
-    def listed(self) -> list[str]:
-        return [m.model_id for m in self.stub.ListModels(pb.ListModelsRequest(), timeout=10).models]
-
-    def close(self):
-        self.channel.close()
-        self.worker.stop(0.5)
+def Worker(model_dir, **cfg):
+    return _Worker(model_dir, **{"backend": "cuda", "max_context": 512, "max_sequences": 4, **cfg})
 
 
 def test_cuda_plan_predicts_the_load_and_its_vram(tmp_path):
