@@ -142,17 +142,18 @@ class CudaRunner(Runner):
             logits = logits.row_slice(0, len(rows))
         launched = Launched(plan, pending=_Unsampled(logits), feeds=True)
         if not any(r.masked for r in rows):
-            self._sample_queued(launched)
+            self._sample_queued(launched, masked=False)
         return launched
 
-    def _sample_queued(self, launched: Launched) -> None:
+    def _sample_queued(self, launched: Launched, masked: bool = True) -> None:
         """Queues the sampling of a queued step whose sampling is not queued yet, masks filled now:
         for a step with masked rows that is once the step before it has been delivered, so each
-        matcher is past the token this step was fed (the forward meanwhile runs on the device)."""
+        matcher is past the token this step was fed (the forward meanwhile runs on the device).
+        masked=False: the caller knows no row has a mask (no second look at every row)."""
         if not isinstance(launched.pending, _Unsampled):
             return
         rows, logits = launched.plan.rows, launched.pending.logits
-        bits = fill_bitmasks(rows, logits.shape[-1])
+        bits = fill_bitmasks(rows, logits.shape[-1]) if masked else None
         n_top = max(r.sampling.params.top_logprobs for r in rows)
         launched.pending = self.backend.sample_packed_async(logits, self._packed_rows(rows), np.zeros(2, np.int32),
                                                             n_top, bits)
