@@ -212,6 +212,8 @@ def test_watch_interval_bounds(srv, ms):
 
 def test_watch_subscribers_capped_and_freed(srv):
     hub = srv.worker.events
+    # an earlier test's closed watcher may still hold its place until its stream ends on the server
+    assert wait_for(lambda: hub.subscribers == 0)
     cap = hub.max_subscribers
     hub.max_subscribers = 2
     ws = [Watcher(srv.stub, load_interval_ms=100) for _ in range(2)]
