@@ -58,10 +58,15 @@ class Tuning:
         "with the float32 reference is tested) or f32", choices=("f16", "f32"))
     cpu_threading: str = _switch(
         "omp", "ORCD_CPU_THREADING", "numba's thread pool for the CPU backend's kernels, set before its first "
-        "parallel call: omp (GNU OpenMP with passive waiting; safe from several threads, not in a child forked "
+        "parallel call: omp (GNU OpenMP, idle threads spinning ORCD_CPU_SPIN turns; safe from several threads, not in a child forked "
         "after its first parallel call) or workqueue (aborts the process when two threads launch kernels at "
         "once; half omp's decode speed, BENCHMARKS.md); NUMBA_NUM_THREADS sets the count",
         choices=("workqueue", "omp", "tbb"))
+    cpu_spin: int = _switch(
+        3000, "ORCD_CPU_SPIN", "with omp: how many turns (GOMP_SPINCOUNT; ~30 us a thousand here) an idle "
+        "kernel thread waits for the next parallel loop before it sleeps. A decode step runs ~270 of them a few "
+        "microseconds apart: 3 us a launch spinning against 17 us woken; 0 sleeps at once (a busy host), "
+        "libgomp's own 300,000 starved the working thread on a loaded 2-core host (BENCHMARKS.md)")
 
     # ---- attention
     # attn_dec (a 4-warp CTA per key slice, sequence and kv head) against attn_dN_b + merge at B=1,

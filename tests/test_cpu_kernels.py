@@ -190,3 +190,32 @@ def test_mxfp4_every_code_decodes_exactly():
     raw = blocks.reshape(8, -1)
     w = ck.QWeight(raw, T.MXFP4, (8, 32 * 32))
     np.testing.assert_array_equal(ck.dequantize(w), gguf.quants.dequantize(raw, T.MXFP4).reshape(8, -1))
+
+
+# byte offsets of the f16 scales of the 32-value formats
+F16_FIELDS_32 = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,)}
+
+
+@pytest.mark.parametrize("qt", list(F16_FIELDS_32) + K_QUANTS, ids=lambda t: t.name)
+def test_every_finite_half_scale_decodes_exactly(qt):
+    """Each block's f16 scales take every finite half (subnormals included), one per block, in each
+    scale field: the decoded rows equal gguf's, which widens halves with NumPy. The kernels read
+    scales by the host's conversion instruction where it has one (cpu_llvm.NATIVE_HALVES), else
+    by bit arithmetic; a wrong lane or offset of the 4-byte read gives another scale."""
+    halves = np.arange(1 << 16, dtype=np.uint16)
+    halves = halves[np.isfinite(halves.view(np.float16))]
+    bs, ts = GGML_QUANT_SIZES[qt]
+    rng = np.random.default_rng(7)
+    blocks = rng.integers(0, 256, size=(halves.size, ts), dtype=np.uint8)
+    fields = (F16_FIELDS_32 | F16_FIELDS)[qt]
+    for i, off in enumerate(fields):  # the other field gets a shuffled order, so pairs vary
+        h = halves if i == 0 else rng.permutation(halves)
+        blocks[:, off:off + 2] = h.view(np.uint8).reshape(-1, 2)
+    n = 256  # rows of whole blocks
+    per_row = -(-halves.size // n)
+    pad = per_row * n - halves.size
+    blocks = np.concatenate([blocks, blocks[:pad]]).reshape(n, per_row * ts)
+    w = ck.QWeight(blocks, qt, (n, per_row * bs))
+    ref = gguf.quants.dequantize(blocks, qt).reshape(n, -1)
+    got = ck.dequantize(w)
+    np.testing.assert_array_equal(got, ref.astype(np.float32))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 
 import pytest
@@ -77,3 +78,15 @@ def test_readme_lists_every_switch():
     for f in dataclasses.fields(Tuning):
         assert f"`{f.metadata['env']}`" in readme, f.metadata["env"]
     assert tuning.table().count("\n| `ORCD_") == len(dataclasses.fields(Tuning))
+
+
+def test_cpu_spin_sets_libgomp_spin_count_unless_given(monkeypatch):
+    from orcd_grpc.backends import cpu_backend
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setenv("ORCD_CPU_SPIN", "1234")
+    cpu_backend.CpuBackend(tuning=Tuning.from_env())
+    assert os.environ["GOMP_SPINCOUNT"] == "1234"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")  # an operator's own setting wins
+    cpu_backend.CpuBackend(tuning=Tuning(cpu_spin=50))
+    assert os.environ["GOMP_SPINCOUNT"] == "7"

@@ -15,6 +15,7 @@ reference these are checked against.
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 import threadpoolctl
@@ -37,12 +38,14 @@ ATTN_BLOCK = 256
 _BLAS = threadpoolctl.ThreadpoolController()
 
 
-def _threading(layer: str) -> None:
-    """Picks numba's threading layer; it takes effect only before the process's first parallel
-    call, so a later backend with another choice keeps the first one's (numba has one pool)."""
+def _threading(layer: str, spin: int) -> None:
+    """Picks numba's threading layer and libgomp's spin count (an explicit GOMP_SPINCOUNT wins);
+    they take effect only before the process's first parallel call, so a later backend with
+    other choices keeps the first one's (numba has one pool)."""
     import numba
 
     numba.config.THREADING_LAYER = layer
+    os.environ.setdefault("GOMP_SPINCOUNT", str(max(0, int(spin))))
 
 
 #: bytes copied out of the file map between two releases of the pages they came from
@@ -119,7 +122,7 @@ class CpuBackend(NumpyBackend):
     def __init__(self, max_ram: int | None = None, tuning: Tuning | None = None):
         super().__init__(max_ram)
         tuning = tuning or Tuning.from_env()
-        _threading(tuning.cpu_threading)
+        _threading(tuning.cpu_threading, tuning.cpu_spin)
         self.kv_f16 = tuning.cpu_kv == "f16"
         self.kv_elem_size = 2 if self.kv_f16 else 4
         self._rope: dict[int, tuple[RopeSpec, np.ndarray, np.ndarray]] = {}

@@ -31,8 +31,9 @@ from gguf import GGMLQuantizationType as T
 # each parallel loop. On a machine with more runnable threads than cores that spinning starves
 # the thread doing the work: SmolLM2's 211 decode products took 4.9 s instead of 0.1 s at 2
 # threads on this 2-core host under load (BENCHMARKS.md). Passive waiting costs a futex wake per
-# loop when idle. Read by libgomp when Numba first loads it, so set before any parallel call;
-# an explicit OMP_WAIT_POLICY wins.
+# loop when idle; the CPU backend bounds the spinning instead (Tuning.cpu_spin, GOMP_SPINCOUNT,
+# which libgomp takes over the policy). Read by libgomp when Numba first loads it, so set before
+# any parallel call; an explicit OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:

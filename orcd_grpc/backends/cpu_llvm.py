@@ -29,6 +29,25 @@ FAST = ("contract",)
 LANES = 32
 
 
+def _native_halves() -> bool:
+    """Whether LLVM lowers half -> float to one instruction here (F16C on x86, any AArch64); on other
+    hosts it would be a call into a runtime library that Numba's JIT may not link."""
+    import platform
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        import llvmlite.binding as llvm
+
+        return bool(llvm.get_host_cpu_features().get("f16c", False))
+    except Exception:  # pragma: no cover - feature query unavailable: keep the portable form
+        return False
+
+
+#: half -> float by the host's conversion instruction (exact for every half), else bit arithmetic
+NATIVE_HALVES = _native_halves()
+
+
 def vec(elt, n: int = LANES) -> ir.VectorType:
     return ir.VectorType(elt, n)
 
@@ -122,16 +141,34 @@ class Emit:
 
     def f16_bits(self, h):
         """IEEE half bits (i32 or <n x i32>, upper bits clear) -> float: exact for every finite half."""
+        if NATIVE_HALVES:
+            return self.halves_f32(self.b.trunc(h, vec(I16, h.type.count) if isinstance(h.type, ir.VectorType) else I16))
         sign = self.shl(self.and_(h, 0x8000), 16)
         mag = self.shl(self.and_(h, 0x7FFF), 13)
         ft = vec(F32, h.type.count) if isinstance(h.type, ir.VectorType) else F32
         return self.fmul(self.b.bitcast(self.or_(sign, mag), ft), self.const(ft, 2.0 ** 112))
 
+    def halves_f32(self, h):
+        """IEEE half bits (i16 or <n x i16>) -> float by the conversion instruction (NATIVE_HALVES):
+        exact for every half, infinities and NaNs included."""
+        if not isinstance(h.type, ir.VectorType):
+            return self.b.fpext(self.b.bitcast(h, ir.HalfType()), F32)
+        ht = vec(ir.HalfType(), h.type.count)
+        return self.b.fpext(self.b.bitcast(h, ht), vec(F32, h.type.count))
+
     def f16(self, p, off: int):
-        """The little-endian IEEE half at p+off as a float. Bit arithmetic rather than LLVM's
-        `half` type, whose conversion is a library call on hosts without F16C; exact for every
-        finite half (subnormals included: the multiply by 2**112 rebiases the exponent)."""
-        return self.f16_bits(self.b.zext(self.b.load(self.b.bitcast(self.ptr(p, off), I16.as_pointer()), align=1), I32))
+        """The little-endian IEEE half at p+off as a float, exact for every finite half: by the
+        host's conversion instruction where it has one (NATIVE_HALVES), else by bit arithmetic
+        (the multiply by 2**112 rebiases the exponent, subnormals included)."""
+        if not NATIVE_HALVES:
+            h = self.b.load(self.b.bitcast(self.ptr(p, off), I16.as_pointer()), align=1)
+            return self.f16_bits(self.b.zext(h, I32))
+        # Read as one lane of a 4-byte load within the block (every block is at least 17 bytes):
+        # a lone 2-byte load is inserted into whatever register is free, often a loop's
+        # accumulator, a false dependency that chained each block of a row to the one before.
+        at, lane = (off, 0) if off < 2 else (off - 2, 1)
+        pair = self.b.load(self.b.bitcast(self.ptr(p, at), vec(I16, 2).as_pointer()), align=1)
+        return self.b.extract_element(self.halves_f32(pair), ir.Constant(I32, lane))
 
     # ---- integer ops (scalars or vectors; int operands become constants)
     def and_(self, a, c):

@@ -12,7 +12,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .cpu_llvm import F32, I16, I32, I64, Emit, _data, i64, vec
+from .cpu_llvm import F32, I16, I32, I64, NATIVE_HALVES, Emit, _data, i64, vec
 
 def _chunks(builder, n):
     """(full 8-lane chunks, the first tail index) of n values."""
@@ -24,8 +24,9 @@ def _chunks(builder, n):
 @intrinsic
 def load_row(typingctx, src, src_off, n, dst, dst_off):
     """dst[dst_off:dst_off+n] (float32) = src[src_off:src_off+n]: a float32 source copied, a uint16
-    one read as IEEE halves: exact for every half, subnormals (rebiased by the multiply by 2**112),
-    infinities and NaNs (the exponent set to all ones)."""
+    one read as IEEE halves: exact for every half, subnormals, infinities and NaNs (by the host's
+    conversion instruction, or rebiased by a multiply by 2**112 with the exponent of infinities and
+    NaNs set to all ones)."""
     sig = types.none(src, src_off, n, dst, dst_off)
     halves = src.dtype == types.uint16
 
@@ -45,6 +46,8 @@ def load_row(typingctx, src, src_off, n, dst, dst_off):
             return context.get_dummy_value()
 
         def one(h):  # i32 or <8 x i32> half bits
+            if NATIVE_HALVES:
+                return e.halves_f32(builder.trunc(h, vec(I16, 8) if isinstance(h.type, ir.VectorType) else I16))
             inf_nan = builder.select(builder.icmp_unsigned("==", e.and_(h, 0x7C00), e._like(0x7C00, h)),
                                      e._like(0x7F800000, h), e._like(0, h))
             bits = e.or_(e.or_(e.shl(e.and_(h, 0x8000), 16), e.shl(e.and_(h, 0x7FFF), 13)), inf_nan)
