@@ -7,7 +7,8 @@ usage: python3 bench/cpu_kernels.py [--types Q4_1,Q8_0,...] [--m 1,64] [--thread
 For each type, shape, m and thread count: the best and the median of N timed calls of
 cpu_kernels.matmul (best: the machine is shared, and the best call is the one least disturbed),
 and the process CPU time per call (all threads; with one thread, the time the call would take on
-an idle core). m = 1 runs twice: float x ("f32") and x rounded to 8 bits (q8_x, "q8").
+an idle core). Block formats round x to 16 bits first (the "x" column: x16), F16/BF16 take float x
+("f32").
 --model: every 2-D weight of a GGUF file once with m = 1, as one decode step's products
 (embedding table included when it doubles as the output matrix), in milliseconds per token.
 Weights are random blocks with sane scales; a small matrix is replicated over enough copies
@@ -83,13 +84,12 @@ def model_step(path: str, threads, reps: int) -> None:
     total = sum(w.nbytes for w in ws)
     xs = {w.shape[1]: np.random.default_rng(0).standard_normal((1, w.shape[1]), dtype=np.float32) for w in ws}
     print(f"{path}: {len(ws)} matrices, {total / 1e6:.1f} MB")
-    for q8 in (False, True):
-        for th in threads:
-            numba.set_num_threads(th)
-            best, med, cpu = timed(lambda: [ck.matmul(xs[w.shape[1]], w, q8_x=q8) for w in ws], reps)
-            print(f"  {'q8' if q8 else 'f32'} threads {th}: best {best * 1e3:.1f} ms ({1 / best:.1f} tok/s, "
-                  f"{total / best / 1e9:.2f} GB/s), median {med * 1e3:.1f} ms, CPU {cpu * 1e3:.1f} ms per step",
-                  flush=True)
+    for th in threads:
+        numba.set_num_threads(th)
+        best, med, cpu = timed(lambda: [ck.matmul(xs[w.shape[1]], w) for w in ws], reps)
+        print(f"  threads {th}: best {best * 1e3:.1f} ms ({1 / best:.1f} tok/s, "
+              f"{total / best / 1e9:.2f} GB/s), median {med * 1e3:.1f} ms, CPU {cpu * 1e3:.1f} ms per step",
+              flush=True)
 
 
 def main(argv=None) -> int:
@@ -123,15 +123,14 @@ def main(argv=None) -> int:
                               for _ in range(max(0, -(-WORKING_SET // one.nbytes) - 1))]
             for m in (int(v) for v in a.m.split(",")):
                 x = rng.standard_normal((m, k), dtype=np.float32)
-                variants = [False, True] if m < ck.GEMM_MIN_M and qt not in (T.F32, T.F16, T.BF16) else [False]
-                for q8 in variants:
-                    for th in (int(v) for v in a.threads.split(",")):
-                        numba.set_num_threads(th)
-                        it = iter(range(10**9))
-                        best, med, cpu = timed(lambda: ck.matmul(x, copies[next(it) % len(copies)], q8_x=q8), a.reps)
-                        print(f"{name:6} {tensor:12} {n:>5}x{k:<5} {m:>3} {'q8' if q8 else 'f32':>3} {th:>3} "
-                              f"{best * 1e6:9.1f} {med * 1e6:9.1f} {cpu * 1e6:9.1f} "
-                              f"{one.nbytes / best / 1e9:6.2f} {2 * m * n * k / best / 1e9:7.2f}", flush=True)
+                xk = "f32" if qt in (T.F32, T.F16, T.BF16) else "x16"
+                for th in (int(v) for v in a.threads.split(",")):
+                    numba.set_num_threads(th)
+                    it = iter(range(10**9))
+                    best, med, cpu = timed(lambda: ck.matmul(x, copies[next(it) % len(copies)]), a.reps)
+                    print(f"{name:6} {tensor:12} {n:>5}x{k:<5} {m:>3} {xk:>3} {th:>3} "
+                          f"{best * 1e6:9.1f} {med * 1e6:9.1f} {cpu * 1e6:9.1f} "
+                          f"{one.nbytes / best / 1e9:6.2f} {2 * m * n * k / best / 1e9:7.2f}", flush=True)
                 if a.ref:
                     wf = [ck.dequantize(c) for c in copies[:4]]
                     it = iter(range(10**9))

@@ -124,7 +124,10 @@ def test_tiny_logits_match_the_reference(arch, tiny_files):
     rel16 = np.abs(engine_logits(path, ids, backend=_cpu("f16")) - ref).max() / scale
     apart = np.abs(engine_logits(other, ids, backend="numpy") - ref).max() / scale
     print(f"{arch}: rel F32 KV {rel32:.2e}, F16 KV {rel16:.2e} (another model: {apart:.2e})")
-    assert rel32 <= 2e-5, (arch, rel32)
+    # F32 KV: the quantized products round x to 16 bits per 32 values (cpu_kernels.matmul), ~1.5e-5
+    # of a group's largest value, compounding over the layers: up to ~1e-4 of the largest logit
+    # seen on these models (float x gave 2e-5); a wrong level or scale is of the order of `apart`
+    assert rel32 <= 4e-4, (arch, rel32)
     assert rel16 <= 5e-3, (arch, rel16)
     assert apart > 20 * rel16, (arch, apart, rel16)
 

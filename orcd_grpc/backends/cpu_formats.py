@@ -174,7 +174,7 @@ def bf16(e: Emit, p):
     return [Part(e.b.bitcast(e.shl(_halves32(e, p), 16), e.vec_f32()), None, None)]
 
 
-#: F16/BF16 as 32-value "blocks", for rows whose length is a multiple of 32 (no q8_x path)
+#: F16/BF16 as 32-value "blocks", for rows whose length is a multiple of 32 (float x: no 16-bit rounding)
 FLOAT_FORMATS: dict[T, Format] = {T.F16: Format(64, 32, f16), T.BF16: Format(64, 32, bf16)}
 
 FORMATS: dict[T, Format] = {

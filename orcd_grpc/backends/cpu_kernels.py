@@ -2,13 +2,16 @@
 
 `matmul(x, w)` is y = x @ W.T with W one of the block formats in cpu_formats.FORMATS (or F32,
 F16, BF16), its bytes left as they are in the file. Output rows are spread over Numba's threads
-(prange); within a row, each block is decoded into vector registers and used at once:
+(prange); within a row, each block is decoded into vector registers and used at once. For the
+block formats x is first rounded to 16 bits per 32 values, so that a block's integer levels
+multiply x's in integers (cpu_llvm.row_dot_x16) and nothing is converted to float per value:
 
 * m < GEMM_MIN_M (decode): one x row at a time. The whole weight matrix is read once per row
   of x at its stored size, which is what bounds decode speed.
 * m >= GEMM_MIN_M (prefill, batched decode): x is taken 8 rows at a time (padded with zero
-  rows), each decoded block multiplied with all 8, so a block is decoded m/8 times, not m times,
-  and the loop is bound by FMAs. This beat decoding chunks to float32 for BLAS sgemm here
+  rows), each decoded block multiplied with all 8, so a block is decoded m/8 times, not m times.
+  Each row's arithmetic is the 1-row kernel's, in the same order (a row's bits do not depend on
+  the rows beside it). This beat decoding chunks to float32 for BLAS sgemm here
   (bench/cpu_kernels.py, BENCHMARKS.md), and keeps to one thread pool: OpenBLAS's threads and
   Numba's fought over the cores.
 
@@ -54,27 +57,22 @@ _PLAIN = (T.F32, T.F16, T.BF16)
 
 if numba is not None:
     from .cpu_formats import FLOAT_FORMATS, FORMATS
-    from .cpu_llvm import row_dequant, row_dot, row_dot_q8, row_dot_rows, source_key
+    from .cpu_llvm import X16_MAX, row_dequant, row_dot, row_dot_rows, row_dot_x16, source_key
 
     _ALL = {**FORMATS, **FLOAT_FORMATS}
-    _DOT = {qt: row_dot(*f) for qt, f in _ALL.items()}
-    _DOTQ = {qt: row_dot_q8(*f) for qt, f in FORMATS.items()}
-    _DOT8 = {qt: row_dot_rows(*f, GEMM_ROWS) for qt, f in _ALL.items()}
+    _X1 = {qt: row_dot_x16(*f, 1) for qt, f in FORMATS.items()}
+    _X8 = {qt: row_dot_x16(*f, GEMM_ROWS) for qt, f in FORMATS.items()}
     _DEQ = {qt: row_dequant(*f) for qt, f in _ALL.items()}
-    _dot_f16, _dot_bf16, _dot8_f16, _dot8_bf16, _deq_f16, _deq_bf16 = (
-        d[t] for d in (_DOT, _DOT8, _DEQ) for t in (T.F16, T.BF16))
+    _dot_f16, _dot_bf16 = (row_dot(*FLOAT_FORMATS[t]) for t in (T.F16, T.BF16))
+    _dot8_f16, _dot8_bf16 = (row_dot_rows(*FLOAT_FORMATS[t], GEMM_ROWS) for t in (T.F16, T.BF16))
+    _deq_f16, _deq_bf16 = (_DEQ[t] for t in (T.F16, T.BF16))
     # Numba resolves callees as module globals, not through a dict
-    _dot_q4_0, _dot_q4_1, _dot_q5_0, _dot_q5_1, _dot_q8_0, _dot_mxfp4 = (
-        _DOT[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
-    _dot_q2_k, _dot_q3_k, _dot_q4_k, _dot_q5_k, _dot_q6_k = (_DOT[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
-    _dotq_q4_0, _dotq_q4_1, _dotq_q5_0, _dotq_q5_1, _dotq_q8_0, _dotq_mxfp4 = (
-        _DOTQ[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
-    _dotq_q2_k, _dotq_q3_k, _dotq_q4_k, _dotq_q5_k, _dotq_q6_k = (
-        _DOTQ[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
-    _dot8_q4_0, _dot8_q4_1, _dot8_q5_0, _dot8_q5_1, _dot8_q8_0, _dot8_mxfp4 = (
-        _DOT8[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
-    _dot8_q2_k, _dot8_q3_k, _dot8_q4_k, _dot8_q5_k, _dot8_q6_k = (
-        _DOT8[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+    _x1_q4_0, _x1_q4_1, _x1_q5_0, _x1_q5_1, _x1_q8_0, _x1_mxfp4 = (
+        _X1[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+    _x1_q2_k, _x1_q3_k, _x1_q4_k, _x1_q5_k, _x1_q6_k = (_X1[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+    _x8_q4_0, _x8_q4_1, _x8_q5_0, _x8_q5_1, _x8_q8_0, _x8_mxfp4 = (
+        _X8[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
+    _x8_q2_k, _x8_q3_k, _x8_q4_k, _x8_q5_k, _x8_q6_k = (_X8[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
     _deq_q4_0, _deq_q4_1, _deq_q5_0, _deq_q5_1, _deq_q8_0, _deq_mxfp4 = (
         _DEQ[t] for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4))
     _deq_q2_k, _deq_q3_k, _deq_q4_k, _deq_q5_k, _deq_q6_k = (_DEQ[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
@@ -87,29 +85,28 @@ _F16, _BF16 = int(T.F16), int(T.BF16)
 if numba is not None:
     # a module global, not a closure cell: Numba's cache key pickles closure cells, and a
     # dispatcher pickles differently in every process (the caller's cache never hit)
-    @njit(nogil=True, cache=True, fastmath=True, inline="always")
-    def _quantize_x(x, xq, xd, xs):
-        # x [m, k] -> xq int8 [m, k], xd [m, k/32] (xq * xd ~ x), xs [m, k/16]: sums of the rounded
-        # x (xd * sum xq), not of x. A format's offset (Q4_1's m, a K-quant's min) then multiplies
-        # the same x as its levels do, and the product's error is sum w_j e_j; with x's own sums
-        # it is sum (w_j - offset) e_j, several times larger where the offset is large.
-        m, k = x.shape
-        for i in range(m):
-            for g in range(k // 32):
-                amax = np.float32(0.0)
-                for j in range(32):
-                    amax = max(amax, abs(x[i, g * 32 + j]))
-                d = amax / np.float32(127.0)
-                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-                xd[i, g] = d
-                for h in range(2):
-                    t = 0
-                    for j in range(16):
-                        v = x[i, g * 32 + h * 16 + j]
-                        q = np.int8(np.trunc(v * inv + np.copysign(np.float32(0.5), v)))
-                        t += np.int32(q)
-                        xq[i, g * 32 + h * 16 + j] = q
-                    xs[i, 2 * g + h] = np.float32(t) * d
+    @njit(nogil=True, cache=True, inline="always")
+    def _quantize_row(x, i, xq, xd, xs):
+        # x[i] -> xq[i] int16 (xq * xd ~ x, one xd per 32 values), xs[i]: the rounded x's sums per
+        # 16 values (xd * sum xq), not x's own. A format's offset (Q4_1's m, a K-quant's min) then
+        # multiplies the same x as its levels do, and the product's error is sum w_j e_j; with x's
+        # own sums it is sum (w_j - offset) e_j, several times larger where the offset is large.
+        k = x.shape[1]
+        for g in range(k // 32):
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[i, g * 32 + j]))
+            d = amax / np.float32(X16_MAX)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            xd[i, g] = d
+            for h in range(2):
+                t = 0
+                for j in range(16):
+                    v = x[i, g * 32 + h * 16 + j]
+                    q = np.int16(np.trunc(v * inv + np.copysign(np.float32(0.5), v)))
+                    t += np.int32(q)
+                    xq[i, g * 32 + h * 16 + j] = q
+                xs[i, 2 * g + h] = np.float32(t) * d
 
 
 def _make_drivers(deps: tuple):
@@ -118,87 +115,51 @@ def _make_drivers(deps: tuple):
     @njit(parallel=True, nogil=True, cache=True)
     def gemv(qt, w, nb, x, y):
         # y [m, n] from the caller: an array made here would be boxed on return, which costs a
-        # few microseconds of every call (there are ~120 a SmolLM2 token)
+        # few microseconds of every call (there are ~120 a SmolLM2 token). x is rounded to 16
+        # bits here, on the calling thread (m is small), before the parallel loop.
         n, rb = w.shape
         m, k = x.shape
         if len(deps) == 0:
             return
+        if qt == _F16 or qt == _BF16:
+            for r in prange(n):
+                for i in range(m):
+                    if qt == _F16:
+                        y[i, r] = _dot_f16(w, r * rb, nb, x, i * k)
+                    else:
+                        y[i, r] = _dot_bf16(w, r * rb, nb, x, i * k)
+            return
+        kd, ks = k // 32, k // 16
+        xq = np.empty((m, k), np.int16)
+        xd = np.empty((m, kd), np.float32)
+        xs = np.empty((m, ks), np.float32)
+        for i in range(m):
+            _quantize_row(x, i, xq, xd, xs)
         for r in prange(n):
             o = r * rb
             for i in range(m):
-                xo = i * k
                 if qt == _Q4_0:
-                    v = _dot_q4_0(w, o, nb, x, xo)
+                    _x1_q4_0(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
                 elif qt == _Q4_1:
-                    v = _dot_q4_1(w, o, nb, x, xo)
+                    _x1_q4_1(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
                 elif qt == _Q5_0:
-                    v = _dot_q5_0(w, o, nb, x, xo)
+                    _x1_q5_0(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
                 elif qt == _Q5_1:
-                    v = _dot_q5_1(w, o, nb, x, xo)
+                    _x1_q5_1(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
                 elif qt == _Q8_0:
-                    v = _dot_q8_0(w, o, nb, x, xo)
+                    _x1_q8_0(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
                 elif qt == _MXFP4:
-                    v = _dot_mxfp4(w, o, nb, x, xo)
+                    _x1_mxfp4(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
                 elif qt == _Q2_K:
-                    v = _dot_q2_k(w, o, nb, x, xo)
+                    _x1_q2_k(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
                 elif qt == _Q3_K:
-                    v = _dot_q3_k(w, o, nb, x, xo)
+                    _x1_q3_k(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
                 elif qt == _Q4_K:
-                    v = _dot_q4_k(w, o, nb, x, xo)
+                    _x1_q4_k(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
                 elif qt == _Q5_K:
-                    v = _dot_q5_k(w, o, nb, x, xo)
+                    _x1_q5_k(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
                 elif qt == _Q6_K:
-                    v = _dot_q6_k(w, o, nb, x, xo)
-                elif qt == _F16:
-                    v = _dot_f16(w, o, nb, x, xo)
-                elif qt == _BF16:
-                    v = _dot_bf16(w, o, nb, x, xo)
-                else:
-                    v = np.float32(np.nan)
-                y[i, r] = v
-
-    @njit(parallel=True, nogil=True, cache=True)
-    def gemv_q8(qt, w, nb, x):
-        # x rounded to 8 bits here, on the calling thread, before the parallel loop
-        n, rb = w.shape
-        m, k = x.shape
-        y = np.empty((m, n), np.float32)
-        xq = np.empty((m, k), np.int8)
-        xd = np.empty((m, k // 32), np.float32)
-        xs = np.empty((m, k // 16), np.float32)
-        _quantize_x(x, xq, xd, xs)
-        if len(deps) == 0:
-            return y
-        for r in prange(n):
-            o = r * rb
-            for i in range(m):
-                a, b, c = i * k, i * (k // 32), i * (k // 16)
-                if qt == _Q4_0:
-                    v = _dotq_q4_0(w, o, nb, xq, a, xd, b, xs, c)
-                elif qt == _Q4_1:
-                    v = _dotq_q4_1(w, o, nb, xq, a, xd, b, xs, c)
-                elif qt == _Q5_0:
-                    v = _dotq_q5_0(w, o, nb, xq, a, xd, b, xs, c)
-                elif qt == _Q5_1:
-                    v = _dotq_q5_1(w, o, nb, xq, a, xd, b, xs, c)
-                elif qt == _Q8_0:
-                    v = _dotq_q8_0(w, o, nb, xq, a, xd, b, xs, c)
-                elif qt == _MXFP4:
-                    v = _dotq_mxfp4(w, o, nb, xq, a, xd, b, xs, c)
-                elif qt == _Q2_K:
-                    v = _dotq_q2_k(w, o, nb, xq, a, xd, b, xs, c)
-                elif qt == _Q3_K:
-                    v = _dotq_q3_k(w, o, nb, xq, a, xd, b, xs, c)
-                elif qt == _Q4_K:
-                    v = _dotq_q4_k(w, o, nb, xq, a, xd, b, xs, c)
-                elif qt == _Q5_K:
-                    v = _dotq_q5_k(w, o, nb, xq, a, xd, b, xs, c)
-                elif qt == _Q6_K:
-                    v = _dotq_q6_k(w, o, nb, xq, a, xd, b, xs, c)
-                else:
-                    v = np.float32(np.nan)
-                y[i, r] = v
-        return y
+                    _x1_q6_k(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
 
     @njit(parallel=True, nogil=True, cache=True)
     def gemm8(qt, w, nb, x, y):
@@ -207,37 +168,46 @@ def _make_drivers(deps: tuple):
             return
         n, rb = w.shape
         m, k = x.shape
+        if qt == _F16 or qt == _BF16:
+            for r in prange(n):
+                for t in range(m // GEMM_ROWS):
+                    if qt == _F16:
+                        _dot8_f16(w, r * rb, nb, x, t * GEMM_ROWS * k, k, y, t * GEMM_ROWS * n + r, n)
+                    else:
+                        _dot8_bf16(w, r * rb, nb, x, t * GEMM_ROWS * k, k, y, t * GEMM_ROWS * n + r, n)
+            return
+        kd, ks = k // 32, k // 16
+        xq = np.empty((m, k), np.int16)
+        xd = np.empty((m, kd), np.float32)
+        xs = np.empty((m, ks), np.float32)
+        for i in prange(m):
+            _quantize_row(x, i, xq, xd, xs)
         for r in prange(n):
             o = r * rb
             for t in range(m // GEMM_ROWS):
-                xo = t * GEMM_ROWS * k
-                yo = t * GEMM_ROWS * n + r
+                a = t * GEMM_ROWS
                 if qt == _Q4_0:
-                    _dot8_q4_0(w, o, nb, x, xo, k, y, yo, n)
+                    _x8_q4_0(w, o, nb, xq, a * k, k, xd, a * kd, kd, xs, a * ks, ks, y, a * n + r, n)
                 elif qt == _Q4_1:
-                    _dot8_q4_1(w, o, nb, x, xo, k, y, yo, n)
+                    _x8_q4_1(w, o, nb, xq, a * k, k, xd, a * kd, kd, xs, a * ks, ks, y, a * n + r, n)
                 elif qt == _Q5_0:
-                    _dot8_q5_0(w, o, nb, x, xo, k, y, yo, n)
+                    _x8_q5_0(w, o, nb, xq, a * k, k, xd, a * kd, kd, xs, a * ks, ks, y, a * n + r, n)
                 elif qt == _Q5_1:
-                    _dot8_q5_1(w, o, nb, x, xo, k, y, yo, n)
+                    _x8_q5_1(w, o, nb, xq, a * k, k, xd, a * kd, kd, xs, a * ks, ks, y, a * n + r, n)
                 elif qt == _Q8_0:
-                    _dot8_q8_0(w, o, nb, x, xo, k, y, yo, n)
+                    _x8_q8_0(w, o, nb, xq, a * k, k, xd, a * kd, kd, xs, a * ks, ks, y, a * n + r, n)
                 elif qt == _MXFP4:
-                    _dot8_mxfp4(w, o, nb, x, xo, k, y, yo, n)
+                    _x8_mxfp4(w, o, nb, xq, a * k, k, xd, a * kd, kd, xs, a * ks, ks, y, a * n + r, n)
                 elif qt == _Q2_K:
-                    _dot8_q2_k(w, o, nb, x, xo, k, y, yo, n)
+                    _x8_q2_k(w, o, nb, xq, a * k, k, xd, a * kd, kd, xs, a * ks, ks, y, a * n + r, n)
                 elif qt == _Q3_K:
-                    _dot8_q3_k(w, o, nb, x, xo, k, y, yo, n)
+                    _x8_q3_k(w, o, nb, xq, a * k, k, xd, a * kd, kd, xs, a * ks, ks, y, a * n + r, n)
                 elif qt == _Q4_K:
-                    _dot8_q4_k(w, o, nb, x, xo, k, y, yo, n)
+                    _x8_q4_k(w, o, nb, xq, a * k, k, xd, a * kd, kd, xs, a * ks, ks, y, a * n + r, n)
                 elif qt == _Q5_K:
-                    _dot8_q5_k(w, o, nb, x, xo, k, y, yo, n)
+                    _x8_q5_k(w, o, nb, xq, a * k, k, xd, a * kd, kd, xs, a * ks, ks, y, a * n + r, n)
                 elif qt == _Q6_K:
-                    _dot8_q6_k(w, o, nb, x, xo, k, y, yo, n)
-                elif qt == _F16:
-                    _dot8_f16(w, o, nb, x, xo, k, y, yo, n)
-                elif qt == _BF16:
-                    _dot8_bf16(w, o, nb, x, xo, k, y, yo, n)
+                    _x8_q6_k(w, o, nb, xq, a * k, k, xd, a * kd, kd, xs, a * ks, ks, y, a * n + r, n)
 
     @njit(parallel=True, nogil=True, cache=True)
     def dequant_rows(qt, w, nb, rows, out):
@@ -296,11 +266,11 @@ def _make_drivers(deps: tuple):
                         s += bits.view(np.float32) * np.float32(5.192296858534828e33) * x[i, j]
                 y[i, r] = s
 
-    return gemv, gemv_q8, gemm8, dequant_rows, gemv_half
+    return gemv, gemm8, dequant_rows, gemv_half
 
 
 if numba is not None:
-    _gemv, _gemv_q8, _gemm8, _dequant_rows, _gemv_half = _make_drivers(source_key("cpu_llvm.py", "cpu_formats.py"))
+    _gemv, _gemm8, _dequant_rows, _gemv_half = _make_drivers(source_key("cpu_llvm.py", "cpu_formats.py"))
 
 
 def supported(qtype) -> bool:
@@ -386,14 +356,12 @@ def dequantize(w: QWeight) -> np.ndarray:
     return _rows_f32(w, np.arange(w.shape[0], dtype=np.int64))
 
 
-def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
+def matmul(x: np.ndarray, w: QWeight) -> np.ndarray:
     """float32 [m, n_out] = x @ W.T for float32 x [m, n_in].
 
-    q8_x: for quantized formats (not F32/F16/BF16), x is rounded to 8 bits per 32 values first and
-    levels are summed in integers (row_dot_q8), as llama.cpp does, for faster decode; every m
-    then takes that per-row kernel (a row's result does not depend on the rows beside it), so
-    prefill is slower. Not what the backend runs: over a prompt the rounding compounds below the
-    agreement the backend is held to (BENCHMARKS.md). bench/cpu_kernels.py times both.
+    For the block formats x is rounded to 16 bits per 32 values first (cpu_llvm.row_dot_x16):
+    each value off by at most amax(its 32)/65534, about 1.5e-5 of the group's largest, and levels
+    times x summed exactly in integers. F16/BF16 rows multiply float x (row_dot).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, k = w.shape
@@ -406,8 +374,6 @@ def matmul(x: np.ndarray, w: QWeight, q8_x: bool = False) -> np.ndarray:
         return np.empty((0, n), np.float32)
     if not w._blocks:
         return _matmul_half(x, w)
-    if q8_x and w.qtype in FORMATS:
-        return _gemv_q8(w._code, w.raw, w._nb, x)
     if m < GEMM_MIN_M:
         y = np.empty((m, n), np.float32)
         _gemv(w._code, w.raw, w._nb, x, y)

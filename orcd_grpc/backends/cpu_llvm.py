@@ -5,9 +5,9 @@ Written as Python loops over a block, LLVM fully unrolls the 16-iteration loop b
 vectorizer sees it, and the SLP vectorizer then gives up (Numba widens every uint8 to int64, and
 the output buffer may alias the weights), so the decode runs one byte at a time: 1.3 G weights/s
 per core for Q4_1, against 4.4 with the block decoded as one <32 x i8> vector here. Each format
-therefore describes its block once, as a few vector operations on an `Emit` (decode ->
-<32 x float> vectors in value order), and `row_dot` / `row_dequant` wrap that in a loop over a
-row's blocks. LLVM lowers the generic vector types to whatever the host has (SSE, AVX2, NEON);
+therefore describes its block once, as a few vector operations on an `Emit` (integer levels with
+their scales, 32 values at a time in value order), and `row_dot_x16` / `row_dequant` wrap that in
+a loop over a row's blocks (`row_dot` / `row_dot_rows`: F16/BF16 rows against float x). LLVM lowers the generic vector types to whatever the host has (SSE, AVX2, NEON);
 nothing here names an instruction set.
 """
 from __future__ import annotations
@@ -274,35 +274,27 @@ def _data(context, builder, aty, aval, off):
     return builder.gep(arr.data, [off])
 
 
+def _fma(b, x, y, z):
+    """x * y + z with one rounding (float or <n x float>)."""
+    t = x.type
+    name = f"llvm.fma.v{t.count}f32" if isinstance(t, ir.VectorType) else "llvm.fma.f32"
+    return b.call(cgutils.get_or_insert_function(b.module, ir.FunctionType(t, [t, t, t]), name), [x, y, z])
+
+
 def _row_part(e: Emit, parts, xp, acc):
-    """acc (<8 x float>) plus one block's products with one row of x, in 8-lane pieces. Per 32
-    values: without an offset, the levels times x summed per 16 values and each sum times its
-    scale (no multiply of every value by its scale); with one, each value formed as s q + b by a
-    fused multiply-add, then its product with x. The part's whole contribution first, then one
-    add into acc (acc's dependency chain is one add a part). Explicit fused multiply-adds and no
-    contraction flags: the IR fixes every rounding, so row_dot and row_dot_rows (which both use
-    this) give the same bits for a row whatever rows are beside it."""
+    """acc (<8 x float>) plus one block of float values (F16/BF16 parts: no scale) times one row
+    of x, in 8-lane pieces: the part's whole contribution first, then one add into acc (acc's
+    dependency chain is one add a part). Explicit fused multiply-adds and no contraction flags:
+    the IR fixes every rounding, so row_dot and row_dot_rows (which both use this) give the same
+    bits for a row whatever rows are beside it."""
     b = e.b
     v8 = vec(F32, 8)
-    fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(v8, [v8, v8, v8]), "llvm.fma.v8f32")
-    f = lambda x, y, z: b.call(fma, [x, y, z])  # noqa: E731  x * y + z, one rounding
     for j, part in enumerate(parts):
+        assert part.s0 is None, "block formats go through row_dot_x16"
         xs = [b.load(b.bitcast(e.ptr(xp, j * LANES + 8 * c), v8.as_pointer()), align=4) for c in range(4)]
-        q = part.q if part.s0 is None else e.sf(part.q)
-        qs = [b.shuffle_vector(q, q, ir.Constant(vec(I32, 8), list(range(8 * c, 8 * c + 8)))) for c in range(4)]
-        if part.s0 is not None and part.b0 is not None:  # the values, then as a float format
-            s0, s1 = e.splat(part.s0, 8), e.splat(part.s1, 8)
-            o0, o1 = e.splat(part.b0, 8), e.splat(part.b1, 8)
-            qs = [f(qs[c], s0 if c < 2 else s1, o0 if c < 2 else o1) for c in range(4)]
-        if part.s0 is None or part.b0 is not None:
-            t = f(qs[3], xs[3], f(qs[2], xs[2], f(qs[1], xs[1], b.fmul(qs[0], xs[0]))))
-        else:
-            h0 = f(qs[1], xs[1], b.fmul(qs[0], xs[0]))
-            h1 = f(qs[3], xs[3], b.fmul(qs[2], xs[2]))
-            if part.s1 is part.s0:
-                t = b.fmul(b.fadd(h0, h1), e.splat(part.s0, 8))
-            else:
-                t = f(h1, e.splat(part.s1, 8), b.fmul(h0, e.splat(part.s0, 8)))
+        qs = [b.shuffle_vector(part.q, part.q, ir.Constant(vec(I32, 8), list(range(8 * c, 8 * c + 8))))
+              for c in range(4)]
+        t = _fma(b, qs[3], xs[3], _fma(b, qs[2], xs[2], _fma(b, qs[1], xs[1], b.fmul(qs[0], xs[0]))))
         acc = b.fadd(acc, t)
     return acc
 
@@ -369,53 +361,74 @@ def row_dot_rows(block_bytes: int, block_values: int, decode, rows: int):
     return dots
 
 
-def row_dot_q8(block_bytes: int, block_values: int, decode):
-    """An intrinsic dot8(w, w_off, n_blocks, xq, xq_off, xd, xd_off, xs, xs_off) -> float32: like
-    row_dot, against x quantized to 8 bits per 32 values (x ~ xq * xd, one xd per 32 values, xs:
-    the float sums of x per 16 values for the offsets). Levels times xq are summed in int32 (two
-    products at a time: pmaddwd on x86), scaled once per 16 values; about 1.4x the float kernel's
-    speed for Q4_1, at ~0.5 % relative error from x's rounding (what llama.cpp accepts too)."""
+#: x's 16-bit levels span [-X16_MAX, X16_MAX] per 32 values
+X16_MAX = 32767
+
+
+def row_dot_x16(block_bytes: int, block_values: int, decode, rows: int):
+    """An intrinsic dots(w, w_off, n_blocks, xq, xq_off, xq_stride, xd, xd_off, xd_stride, xs, xs_off,
+    xs_stride, y, y_off, y_stride): one weight row against `rows` rows of x rounded to 16 bits per 32
+    values (x ~ xq * xd: int16 levels, one float xd per 32 values; xs: the rounded x's sums per 16
+    values, for the offsets), into y[y_off + i * y_stride].
+
+    Levels times xq are summed in int32, two products at a time (pmaddwd on x86), exactly; each
+    part's sums are then converted and scaled once (scale * xd), and the offsets multiply xs. That
+    is a quarter of the float kernels' vector work for Q4_1 (no level is converted to float), at
+    x's rounding of at most amax/65534 per value (the float path's own rounding is ~2**-24).
+    Every row's float operations come in the same order whatever `rows` is, so the 1-row and
+    8-row kernels give a row the same bits."""
     groups = block_values // LANES
 
     @intrinsic
-    def dot8(typingctx, w, w_off, n_blocks, xq, xq_off, xd, xd_off, xs, xs_off):
-        sig = types.float32(w, w_off, n_blocks, xq, xq_off, xd, xd_off, xs, xs_off)
+    def dots(typingctx, w, w_off, n_blocks, xq, xq_off, xq_stride, xd, xd_off, xd_stride, xs, xs_off, xs_stride,
+             y, y_off, y_stride):
+        sig = types.none(w, w_off, n_blocks, xq, xq_off, xq_stride, xd, xd_off, xd_stride, xs, xs_off, xs_stride,
+                         y, y_off, y_stride)
 
         def codegen(context, builder, signature, args):
-            e = Emit(builder)
-            wbase = builder.bitcast(_data(context, builder, signature.args[0], args[0], args[1]), I8.as_pointer())
-            qbase = builder.bitcast(_data(context, builder, signature.args[3], args[3], args[4]), I8.as_pointer())
-            dbase = _data(context, builder, signature.args[5], args[5], args[6])
-            sbase = _data(context, builder, signature.args[7], args[7], args[8])
-            accs = [cgutils.alloca_once_value(builder, e.const(vec(F32, 16), 0.0)) for _ in range(min(2, groups))]
-            off = cgutils.alloca_once_value(builder, e.const(F32, 0.0))
-            with cgutils.for_range(builder, i64(builder, args[2])) as loop:
-                b = loop.index
-                p = builder.gep(wbase, [builder.mul(b, e.const(I64, block_bytes))])
+            e, b = Emit(builder), builder
+            a = signature.args
+
+            def bases(i):  # `rows` pointers into array argument i, offset i+1, stride i+2
+                base = _data(context, b, a[i], args[i], i64(b, args[i + 1]))
+                return [b.gep(base, [b.mul(i64(b, args[i + 2]), e.const(I64, r))]) for r in range(rows)]
+
+            wbase = b.bitcast(_data(context, b, a[0], args[0], i64(b, args[1])), I8.as_pointer())
+            xq_rows, xd_rows, xs_rows, y_rows = bases(3), bases(6), bases(9), bases(12)
+            v8 = vec(F32, 8)
+            accs = [cgutils.alloca_once_value(b, e.const(v8, 0.0)) for _ in range(rows)]
+            offs = [cgutils.alloca_once_value(b, e.const(F32, 0.0)) for _ in range(rows)]
+            half = [ir.Constant(vec(I32, 16), list(range(16 * h, 16 * h + 16))) for h in range(2)]
+            with cgutils.for_range(b, i64(b, args[2])) as loop:
+                p = b.gep(wbase, [b.mul(loop.index, e.const(I64, block_bytes))])
                 for j, part in enumerate(decode(e, p)):
-                    g = builder.add(builder.mul(b, e.const(I64, groups)), e.const(I64, j))
-                    qx = e.sext(builder.load(builder.bitcast(builder.gep(qbase, [builder.mul(g, e.const(I64, LANES))]),
-                                                             vec(I8).as_pointer()), align=1), I16)
-                    s = e.pair_dot(e.to_i16(part.q), qx)  # lanes 0-7: values 0-15
-                    dx = builder.load(builder.gep(dbase, [g]))
-                    s0 = e.fmul(part.s0, dx)
-                    scale = e.per_half(s0, s0 if part.s1 is part.s0 else e.fmul(part.s1, dx), 16)
-                    acc = accs[j % len(accs)]
-                    builder.store(e.fadd(builder.load(acc), e.fmul(e.sf(s), scale)), acc)
-                    if part.b0 is not None:
-                        g2 = builder.mul(g, e.const(I64, 2))
-                        xs0 = builder.load(builder.gep(sbase, [g2]))
-                        xs1 = builder.load(builder.gep(sbase, [builder.add(g2, e.const(I64, 1))]))
-                        t = e.fadd(e.fmul(part.b0, xs0), e.fmul(part.b1, xs1))
-                        builder.store(e.fadd(builder.load(off), t), off)
-            total = builder.load(accs[0])
-            for acc in accs[1:]:
-                total = e.fadd(total, builder.load(acc))
-            return e.fadd(e.hsum(total), builder.load(off))
+                    g = b.add(b.mul(loop.index, e.const(I64, groups)), e.const(I64, j))
+                    q = e.to_i16(part.q)
+                    qh = [b.shuffle_vector(q, q, h) for h in half]
+                    g2 = b.mul(g, e.const(I64, 2))
+                    for r in range(rows):
+                        xp = b.gep(xq_rows[r], [b.mul(g, e.const(I64, LANES))])
+                        x = b.load(b.bitcast(xp, vec(I16, LANES).as_pointer()), align=2)
+                        p0, p1 = (e.pair_dot(qh[h], b.shuffle_vector(x, x, half[h])) for h in range(2))
+                        dx = b.load(b.gep(xd_rows[r], [g]))
+                        acc = b.load(accs[r])
+                        if part.s1 is part.s0:
+                            acc = _fma(b, e.sf(b.add(p0, p1)), e.splat(b.fmul(part.s0, dx), 8), acc)
+                        else:
+                            acc = _fma(b, e.sf(p0), e.splat(b.fmul(part.s0, dx), 8), acc)
+                            acc = _fma(b, e.sf(p1), e.splat(b.fmul(part.s1, dx), 8), acc)
+                        b.store(acc, accs[r])
+                        if part.b0 is not None:
+                            xs0 = b.load(b.gep(xs_rows[r], [g2]))
+                            xs1 = b.load(b.gep(xs_rows[r], [b.add(g2, e.const(I64, 1))]))
+                            b.store(_fma(b, part.b1, xs1, _fma(b, part.b0, xs0, b.load(offs[r]))), offs[r])
+            for r in range(rows):
+                b.store(b.fadd(e.hsum(b.load(accs[r])), b.load(offs[r])), y_rows[r])
+            return context.get_dummy_value()
 
         return sig, codegen
 
-    return dot8
+    return dots
 
 
 def row_dequant(block_bytes: int, block_values: int, decode):
