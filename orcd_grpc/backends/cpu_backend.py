@@ -169,7 +169,8 @@ class CpuBackend(NumpyBackend):
         """Peak host bytes of one step beyond weights and KV: a CPU_STEP_TOKENS chunk's float32
         activations (two layers' worth alive), one ATTN_BLOCK of BLAS attention scores against
         the whole context (scores, probabilities, mask) plus the chunk's keys and values in
-        float32, and the sampled rows' logits."""
+        float32, the sampled rows' logits, and a product's x rounded to 16 bits (int16 levels,
+        a scale per 32 values and sums per 16: 2.375 bytes a value) for the widest input."""
         from ..admission import CPU_STEP_TOKENS
 
         t = min(CPU_STEP_TOKENS, max(1, context_length))
@@ -179,7 +180,8 @@ class CpuBackend(NumpyBackend):
         scores = 3 * 4 * hp.n_heads * min(t, ATTN_BLOCK) * ctx
         kv = 4 * ctx * hp.n_kv_heads * (hp.head_dim + hp.head_dim_v)
         logits = 2 * 4 * hp.vocab_size * max(1, max_sequences)
-        return 2 * per_token * t + scores + kv + logits
+        x16 = (t + 8) * max(hp.d_model, hp.d_ff, hp.n_heads * hp.head_dim_v) * 19 // 8  # +8: the 8-row padding
+        return 2 * per_token * t + scores + kv + logits + x16
 
     def begin_step(self, meta: StepMeta):
         return CpuStep(meta)
