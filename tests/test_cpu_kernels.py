@@ -223,3 +223,21 @@ def test_every_finite_half_scale_decodes_exactly(qt):
     ref = gguf.quants.dequantize(blocks, qt).reshape(n, -1)
     got = ck.dequantize(w)
     np.testing.assert_array_equal(got, ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("qt", [T.Q4_1, T.Q8_0, T.Q4_K, T.F16], ids=lambda t: t.name)
+def test_a_non_finite_x_gives_non_finite_outputs(qt, bad):
+    """Rounding x to 16 bits must not turn an infinity or a NaN into finite levels: the row's
+    outputs are NaN (or infinite) as with float x, which is what the checks on logits look for;
+    the other rows stay finite, in both kernels."""
+    rng = np.random.default_rng(17)
+    n, k = 13, k_for(qt)
+    raw, ref_w = make_weight(qt, n, k, rng)
+    w = ck.QWeight(raw, qt, (n, k))
+    for m in (1, 9):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[0, 5] = bad
+        y = ck.matmul(x, w)
+        assert not np.any(np.isfinite(y[0])), y[0]
+        assert np.all(np.isfinite(y[1:]))

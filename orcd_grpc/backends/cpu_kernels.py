@@ -91,11 +91,24 @@ if numba is not None:
         # 16 values (xd * sum xq), not x's own. A format's offset (Q4_1's m, a K-quant's min) then
         # multiplies the same x as its levels do, and the product's error is sum w_j e_j; with x's
         # own sums it is sum (w_j - offset) e_j, several times larger where the offset is large.
+        # A group holding an infinity or a NaN gets a NaN scale and sums, so that the products
+        # it enters are NaN as with float x (what the non-finite checks on logits look for), not
+        # levels rounded from garbage.
         k = x.shape[1]
         for g in range(k // 32):
             amax = np.float32(0.0)
+            probe = np.float32(0.0)  # NaN if any value is not finite
             for j in range(32):
-                amax = max(amax, abs(x[i, g * 32 + j]))
+                v = x[i, g * 32 + j]
+                amax = max(amax, abs(v))
+                probe += v * np.float32(0.0)
+            if probe != probe:
+                xd[i, g] = np.float32(np.nan)
+                for j in range(32):
+                    xq[i, g * 32 + j] = 0
+                xs[i, 2 * g] = np.float32(np.nan)
+                xs[i, 2 * g + 1] = np.float32(np.nan)
+                continue
             d = amax / np.float32(X16_MAX)
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             xd[i, g] = d
@@ -160,6 +173,8 @@ def _make_drivers(deps: tuple):
                     _x1_q5_k(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
                 elif qt == _Q6_K:
                     _x1_q6_k(w, o, nb, xq, i * k, k, xd, i * kd, kd, xs, i * ks, ks, y, i * n + r, n)
+                else:
+                    y[i, r] = np.float32(np.nan)
 
     @njit(parallel=True, nogil=True, cache=True)
     def gemm8(qt, w, nb, x, y):
