@@ -266,6 +266,7 @@ class Scheduler(ModelManagement):
             with self._cv:
                 self._waiting.popleft()
                 self._running.append(req)
+                self._gauges_locked()
             if req.admitted_at is None:
                 req.admitted_at = time.monotonic()
                 if self.metrics is not None:
@@ -340,6 +341,7 @@ class Scheduler(ModelManagement):
             if req in self._running:
                 self._running.remove(req)
             self._waiting.push(req)
+            self._gauges_locked()
         if self.metrics is not None:
             self.metrics.preemptions.inc()
         log.info("preempted for lack of KV blocks", extra={
@@ -430,6 +432,9 @@ class Scheduler(ModelManagement):
                 pass
             if self._by_id.get(req.key) is req:
                 del self._by_id[req.key]
+            # before the request's last event can reach its client: a scrape after the response
+            # sees it gone, as the endpoint picker's aliases (read at scrape time) do
+            self._gauges_locked()
         # Its matchers (one per sample) go with the request, however it ends.
         for sampling in [req.sampling] + [getattr(smp.seq, "sampling", None) for smp in req.samples]:
             c = getattr(sampling, "constraint", None)
