@@ -123,6 +123,7 @@ class CpuBackend(NumpyBackend):
         super().__init__(max_ram)
         tuning = tuning or Tuning.from_env()
         _threading(tuning.cpu_threading, tuning.cpu_spin)
+        K.start_and_page_out_compiler()
         self.kv_f16 = tuning.cpu_kv == "f16"
         self.kv_elem_size = 2 if self.kv_f16 else 4
         self._rope: dict[int, tuple[RopeSpec, np.ndarray, np.ndarray]] = {}

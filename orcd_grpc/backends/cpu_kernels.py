@@ -24,7 +24,9 @@ decoder sources (cpu_llvm.py, cpu_formats.py), which Numba's own key does not se
 """
 from __future__ import annotations
 
+import mmap
 import os
+import sys
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
@@ -414,3 +416,41 @@ def _matmul_half(x: np.ndarray, w: QWeight) -> np.ndarray:
         r1 = min(n, r0 + step)
         np.matmul(_rows_f32(w, np.arange(r0, r1, dtype=np.int64)), x.T, out=yt[r0:r1])
     return np.ascontiguousarray(yt.T)
+
+
+def start_and_page_out_compiler() -> int:
+    """Starts Numba's CPU target with one tiny product, then pages LLVM's code back out.
+
+    Every kernel here comes from Numba's disk cache, and linking a cached kernel touches little
+    of LLVM; starting the target, though, reads tens of MiB of libllvmlite.so's code, which would
+    then stay resident in a process that compiles nothing more. Those pages are the file's, so
+    MADV_PAGEOUT loses nothing: a later compile (a cold cache, a kernel first used later) faults
+    them back in. Call before the weights load, so that the pages never sit beside them (peak
+    RSS). Returns the bytes of the mappings advised (0 without Numba or MADV_PAGEOUT)."""
+    if numba is None:
+        return 0
+    matmul(np.ones((1, 32), np.float32), QWeight(np.zeros(4 * 20, np.uint8), T.Q4_1, (4, 32)))
+    # Linux's value (5.4 on; an older kernel refuses it); Python builds made against older
+    # headers lack the name
+    advice = getattr(mmap, "MADV_PAGEOUT", 21 if sys.platform.startswith("linux") else None)
+    if advice is None:
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    done = 0
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in maps:
+        head = line.split()
+        # read-only and code mappings only: a written (copied-on-write) page would be swap's
+        if len(head) < 6 or not head[5].endswith("libllvmlite.so") or "w" in head[1]:
+            continue
+        lo, hi = (int(v, 16) for v in head[0].split("-"))
+        if libc.madvise(lo, hi - lo, advice) == 0:
+            done += hi - lo
+    return done
