@@ -6,7 +6,9 @@ file: the growth of anonymous and file-backed RSS (/proc/self/status RssAnon, Rs
    kernels: the file-backed part is libllvmlite.so's own pages),
 2. the tokenizer built from the file's vocabulary (a fresh header read; glibc's arenas trimmed
    before each reading, so freed construction memory does not count),
-3. the engine's load (weights copied out of the map, the KV cache allocated but untouched), and
+3. the engine's load (weights copied out of the map, the KV cache allocated but untouched; the
+   CPU backend pages LLVM's code back out before the weights load, which is why file-backed
+   RSS falls there), and
 4. one 128-token prompt and 32 decode steps (the KV cache's pages touched, step buffers).
 
     python3 bench/cpu_memory.py [--models smollm2-135m-instruct,gemma-3-270m] [--ctx 1024]

@@ -11,6 +11,9 @@ level, scale or nibble order gives (the size of a whole term).
 """
 from __future__ import annotations
 
+import secrets
+import sys
+
 import numpy as np
 import pytest
 
@@ -241,3 +244,34 @@ def test_a_non_finite_x_gives_non_finite_outputs(qt, bad):
         y = ck.matmul(x, w)
         assert not np.any(np.isfinite(y[0])), y[0]
         assert np.all(np.isfinite(y[1:]))
+
+
+def _llvm_code_resident() -> int:
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:
+                inside = line.rstrip().endswith("libllvmlite.so") and "w" not in head[1]
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT and /proc are Linux's")
+def test_llvm_code_is_paged_out_and_products_still_run():
+    """The CPU backend starts numba's target, then gives LLVM's code pages back before the
+    weights load (resident memory); the kernels keep working after it."""
+    seed = secrets.randbits(32)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    qw = ck.QWeight(np.frombuffer(gguf.quants.quantize(w, T.Q8_0), np.uint8).copy(), T.Q8_0, w.shape)
+    ck.matmul(x, qw)
+    before = _llvm_code_resident()
+    if not ck.start_and_page_out_compiler():
+        pytest.skip("this kernel refuses MADV_PAGEOUT")
+    after = _llvm_code_resident()
+    assert after < min(before / 2, 16 << 20), (before, after)
+    ref = x.astype(np.float64) @ gguf.quants.dequantize(qw.raw, T.Q8_0).reshape(w.shape).astype(np.float64).T
+    np.testing.assert_allclose(ck.matmul(x, qw), ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max(), err_msg=str(seed))
