@@ -174,6 +174,10 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                         "available memory less a margin, read at each load)")
     p.add_argument("--context-length", type=int, default=0,
                    help="tokens per sequence; 0: the model's own, capped (default: 0)")
+    p.add_argument("--kv-cache-type", choices=("f16", "q8_0", "f32"), default=None,
+                   help="the KV cache's element for loads that name none: f16, q8_0 (GGML's 8-bit blocks, "
+                        "53%% of f16's bytes; cpu backend) or f32 (cpu, numpy) (default: the backend's, f16 on "
+                        "cpu and cuda)")
     p.add_argument("--max-context", type=int, default=None,
                    help="cap on any loaded model's context length in tokens (default: none)")
     p.add_argument("--max-sequences", type=_positive_int, default=None,
@@ -252,7 +256,8 @@ def server_config(args: argparse.Namespace):
                   http_port=getattr(args, "http_port", None),
                   speculation=_speculation(getattr(args, "speculation", None), getattr(args, "num_draft_tokens", None),
                                            getattr(args, "draft_model", None)),
-                  draft_model_path=_draft_path(getattr(args, "draft_model", None), model_dirs))
+                  draft_model_path=_draft_path(getattr(args, "draft_model", None), model_dirs),
+                  kv_cache_type=getattr(args, "kv_cache_type", None))
     # Flags left unset keep the server's own defaults.
     cfg = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     return security.apply_to_server_config(cfg, sec, limits)

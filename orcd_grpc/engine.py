@@ -40,6 +40,7 @@ class ModelInfo:
     has_chat_template: bool
     load_seconds: float
     max_sequences: int
+    kv_cache_type: str = "f32"  # the KV cache's element: f16, q8_0 or f32
     draft_model: str = ""  # the draft model's id (draft-model speculation), "" without one
     draft_bytes: int = 0   # what the draft model holds on the same device
 

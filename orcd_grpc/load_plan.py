@@ -27,10 +27,11 @@ class LoadPlan:
     context_length: int
     max_sequences: int
     backend: str
+    kv_cache_type: str
 
 
 def plan(held: list, path, *, context_length: int, max_context: int, backend: str, max_vram: int,
-         max_ram: int, max_sequences: int, planner=None) -> LoadPlan:
+         max_ram: int, max_sequences: int, planner=None, kv_cache_type: str = "") -> LoadPlan:
     """Plans loading `path` beside the engines in `held`; raises what the load would raise before
     its first weight, except a memory refusal, which becomes fits=False with its message."""
     from .loader import plan_load
@@ -44,7 +45,7 @@ def plan(held: list, path, *, context_length: int, max_context: int, backend: st
         # the loaded models hold the whole limit: size the model as if it had it all, and say no
         reason = str(exc)
     size = planner(path, backend=backend, context_length=context_length, max_context=max_context,
-                   max_sequences=max_sequences, max_vram=max_vram, max_ram=max_ram)
+                   max_sequences=max_sequences, max_vram=max_vram, max_ram=max_ram, kv_cache_type=kv_cache_type)
     available = size.available
     if reason:
         available = 0
@@ -57,4 +58,5 @@ def plan(held: list, path, *, context_length: int, max_context: int, backend: st
                     workspace_bytes=int(size.workspace_bytes), step_bytes=int(size.step_bytes),
                     total_bytes=int(size.total), available_bytes=None if available is None else int(available),
                     fits=not reason, reason=reason, context_length=int(size.context_length),
-                    max_sequences=int(max_sequences), backend=str(size.backend))
+                    max_sequences=int(max_sequences), backend=str(size.backend),
+                    kv_cache_type=str(size.kv_cache_type))

@@ -16,7 +16,7 @@ from .adapters import adapter_for
 from .backends.base import Backend
 from .backends.factory import make_backend
 from .engine import Engine, ModelInfo
-from .errors import OutOfRange
+from .errors import InvalidArgument, OutOfRange
 from .gguf_model import GGUFModel
 from .kv_cache import BlockAllocator
 
@@ -27,15 +27,17 @@ LOAD_RELEASE_BYTES = 32 << 20
 
 def load_engine(path, *, model_id: str | None = None, backend: str | Backend = "auto", context_length: int = 0,
                 max_sequences: int = 64, max_vram: int = 0, kv_cache_bytes: int = 0, block_size: int = 16,
-                max_context: int = DEFAULT_MAX_CONTEXT, progress=None, max_ram: int = 0) -> Engine:
+                max_context: int = DEFAULT_MAX_CONTEXT, progress=None, max_ram: int = 0,
+                kv_cache_type: str = "") -> Engine:
     """Opens, validates and loads a GGUF model. max_ram: bytes the CPU backend may plan for (0: what
-    the machine has available, less a margin)."""
+    the machine has available, less a margin). kv_cache_type: f16, q8_0 or f32 where the backend
+    stores it ("": the backend's kv_type, its default unless set)."""
     model = GGUFModel(os.fspath(path))
     try:
         return _load(model, model_id=model_id, backend=backend, context_length=context_length,
                      max_sequences=max_sequences, max_vram=max_vram, max_ram=max_ram,
                      kv_cache_bytes=kv_cache_bytes, block_size=block_size, max_context=max_context,
-                     progress=progress)
+                     progress=progress, kv_cache_type=kv_cache_type)
     except BaseException:
         model.close()
         raise
@@ -54,6 +56,7 @@ class Sizing:
     available: int | None  # what the backend may allocate (None: unbounded)
     memory_name: str
     backend: str
+    kv_cache_type: str
     needed: dict = field(default_factory=dict)
 
     @property
@@ -96,6 +99,20 @@ class _Opened:
         return self._plans[switches]
 
 
+def _choose_kv_type(be: Backend, adapter, kind: str) -> None:
+    """Sets be.kv_type, or raises InvalidArgument naming kv_cache_type."""
+    kind = kind or be.kv_type
+    if kind not in be.kv_types:
+        raise InvalidArgument(f"{kind!r} is not a KV cache type the {be.name} backend stores "
+                              f"(it stores {', '.join(be.kv_types)})", field="kv_cache_type")
+    layout = adapter.kv_layout(1, 1)
+    if kind == "q8_0" and (layout.head_dim_k % 32 or layout.head_dim_v % 32):
+        raise InvalidArgument(f"q8_0 needs head dimensions in blocks of 32; this model's are "
+                              f"{layout.head_dim_k} (keys) and {layout.head_dim_v} (values)",
+                              field="kv_cache_type")
+    be.kv_type = kind
+
+
 def _size(opened: _Opened, be: Backend, *, max_sequences: int, kv_cache_bytes: int, block_size: int) -> Sizing:
     adapter, hp, ctx_len = opened.adapter, opened.hp, opened.ctx_len
     weights_bytes, largest = opened.plan(be).nbytes(be)
@@ -121,12 +138,12 @@ def _size(opened: _Opened, be: Backend, *, max_sequences: int, kv_cache_bytes: i
         needed["step activations"] = step_bytes
     return Sizing(weights_bytes=weights_bytes, kv_cache_bytes=kv_bytes, workspace_bytes=int(be.workspace_bytes),
                   step_bytes=step_bytes, num_blocks=num_blocks, context_length=ctx_len, available=available,
-                  memory_name=be.memory_name, backend=be.name, needed=needed)
+                  memory_name=be.memory_name, backend=be.name, kv_cache_type=be.kv_type, needed=needed)
 
 
 def plan_load(path, *, backend: str | Backend = "auto", context_length: int = 0, max_sequences: int = 64,
               max_vram: int = 0, kv_cache_bytes: int = 0, block_size: int = 16,
-              max_context: int = DEFAULT_MAX_CONTEXT, max_ram: int = 0) -> Sizing:
+              max_context: int = DEFAULT_MAX_CONTEXT, max_ram: int = 0, kv_cache_type: str = "") -> Sizing:
     """Sizes a load of `path` exactly as load_engine would, reading only the GGUF header and
     tensor infos (the weights stay on disk, nothing is allocated for them). Errors a load would
     raise before its first weight (a bad file, OUT_OF_RANGE context) are raised here too; whether
@@ -136,6 +153,7 @@ def plan_load(path, *, backend: str | Backend = "auto", context_length: int = 0,
         opened = _Opened(model, context_length, max_context)
         be = backend if isinstance(backend, Backend) else make_backend(backend, max_vram, max_ram)
         try:
+            _choose_kv_type(be, opened.adapter, kv_cache_type)
             return _size(opened, be, max_sequences=max_sequences, kv_cache_bytes=kv_cache_bytes,
                          block_size=block_size)
         finally:
@@ -146,7 +164,7 @@ def plan_load(path, *, backend: str | Backend = "auto", context_length: int = 0,
 
 
 def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences, max_vram, max_ram,
-          kv_cache_bytes, block_size, max_context, progress) -> Engine:
+          kv_cache_bytes, block_size, max_context, progress, kv_cache_type) -> Engine:
     from .admission import check_fits
 
     t0 = time.perf_counter()
@@ -161,11 +179,13 @@ def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences,
 
     be = backend if isinstance(backend, Backend) else make_backend(backend, max_vram, max_ram)
     try:
+        _choose_kv_type(be, adapter, kv_cache_type)
         plan = opened.plan(be)
         size = _size(opened, be, max_sequences=max_sequences, kv_cache_bytes=kv_cache_bytes, block_size=block_size)
         weights_bytes, kv_bytes, num_blocks = size.weights_bytes, size.kv_cache_bytes, size.num_blocks
         check_fits(size.needed, size.available, be.memory_name)
 
+        be.before_weights()
         weights, done, released = {}, 0, 0
         for e in plan.entries:
             weights[e.name] = be.load_weight(e.name, e.raw(), e.qtype, e.shape)
@@ -188,7 +208,7 @@ def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences,
         model_id=name, path=path, architecture=model.arch, name=model.name(), parameters=model.parameters(),
         tensor_types=model.tensor_types(), context_length=ctx_len, trained_context_length=trained,
         vocab_size=hp.vocab_size, weights_bytes=weights_bytes, kv_cache_bytes=kv_bytes,
-        workspace_bytes=int(be.workspace_bytes), backend=be.name,
+        workspace_bytes=int(be.workspace_bytes), backend=be.name, kv_cache_type=be.kv_type,
         has_chat_template=bool(tokenizer.chat_template), load_seconds=time.perf_counter() - t0,
         max_sequences=max_sequences)
     engine = Engine(model, adapter, be, tokenizer, info, kv, BlockAllocator(num_blocks, block_size))

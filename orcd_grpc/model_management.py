@@ -32,7 +32,8 @@ class ModelManagement:
         return e.info if e is not None else None
 
     def load(self, path, *, model_id: str | None = None, context_length: int = 0, max_context: int = 0,
-             backend: str = "auto", max_vram: int = 0, max_ram: int = 0, progress=None, draft_path=None):
+             backend: str = "auto", max_vram: int = 0, max_ram: int = 0, progress=None, draft_path=None,
+             kv_cache_type: str = ""):
         """Loads a model beside the served one and swaps it in; the old one serves meanwhile.
 
         A failed load raises and leaves the old model in place; so does a model whose test step
@@ -43,6 +44,8 @@ class ModelManagement:
                 raise Unavailable("the worker is shutting down")
             t0 = time.monotonic()
             extra = {"max_context": max_context} if max_context else {}
+            if kv_cache_type:
+                extra["kv_cache_type"] = kv_cache_type
             held = [self._engine, *self.retiring]
             # The new model loads beside the loaded ones, and each limit caps the worker, not each
             # model: what they hold on its memory is not the newcomer's to take (without

@@ -353,6 +353,19 @@ def resolve_model_path(path: str, model_dirs: list[str]) -> pathlib.Path:
     return real
 
 
+#: KVCacheType values and the loader's names for them
+KV_CACHE_TYPES = {1: "f16", 2: "q8_0", 3: "f32"}
+
+
+def kv_cache_type(value: int, default: str = "") -> str:
+    """LoadModelRequest.kv_cache_type as the loader's name ("": the backend's default)."""
+    if value == 0:
+        return default
+    if value not in KV_CACHE_TYPES:
+        raise InvalidArgument(f"unknown KV cache type {value} (1 F16, 2 Q8_0, 3 F32)", field="kv_cache_type")
+    return KV_CACHE_TYPES[value]
+
+
 def check_context_length(ctx: int, max_context: int = 0) -> None:
     """LoadModel's context_length: 0 (the trained length) or MIN_CONTEXT_LENGTH..--max-context."""
     if 0 < ctx < MIN_CONTEXT_LENGTH:

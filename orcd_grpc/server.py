@@ -61,6 +61,7 @@ class ServerConfig:
     tool_formats: dict = dataclasses.field(default_factory=dict)  # model id ("" for all) -> tool-call format
     speculation: Any = None        # speculation.Speculation of requests that choose none; None: off
     draft_model_path: str | None = None  # the startup model's draft model (draft-model speculation)
+    kv_cache_type: str = ""        # f16, q8_0 or f32 for loads that name none; "": the backend's default
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
     max_workers: int = 0           # gRPC handler threads; 0: enough for every queued and running request
@@ -144,7 +145,8 @@ class Worker:
                                        max_context=config.max_context, max_vram=config.max_vram,
                                        metrics=self.metrics, max_ram=config.max_ram,
                                        max_prompt_bytes=config.max_prompt_bytes, max_samples=config.max_samples,
-                                       tool_formats=config.tool_formats, life=self.lifecycle, hub=self.events)
+                                       tool_formats=config.tool_formats, life=self.lifecycle, hub=self.events,
+                                       kv_cache_type=config.kv_cache_type)
         # WatchEvents streams hold a handler thread each, beside the Execute streams and the short calls
         watchers = self.events.max_subscribers
         workers = config.max_workers or (config.max_queue + config.max_sequences + CONTROL_THREADS + watchers)
@@ -283,7 +285,7 @@ class Worker:
                                 context_length=ctx, max_context=self.config.max_context,
                                 backend=self.config.backend,
                                 max_vram=self.config.max_vram, max_ram=self.config.max_ram,
-                                progress=progress,
+                                progress=progress, kv_cache_type=self.config.kv_cache_type,
                                 draft_path=rv.resolve_draft_path(self.config.draft_model_path, self.config.model_dirs)
                                 if self.config.draft_model_path else None)
         except Exception as exc:

@@ -55,6 +55,9 @@ def client_path(path, model_dirs: list[str]) -> str:
     return os.path.basename(real)
 
 
+_KV_ENUM = {name: value for value, name in rv.KV_CACHE_TYPES.items()}
+
+
 def describe(info, model_dirs: list[str] = ()) -> pb.ModelDescription:
     return pb.ModelDescription(
         model_id=info.model_id, path=client_path(info.path, list(model_dirs)), architecture=info.architecture,
@@ -64,7 +67,8 @@ def describe(info, model_dirs: list[str] = ()) -> pb.ModelDescription:
         vocab_size=int(info.vocab_size), weights_bytes=int(info.weights_bytes),
         kv_cache_bytes=int(info.kv_cache_bytes), workspace_bytes=int(info.workspace_bytes),
         backend=info.backend, has_chat_template=bool(info.has_chat_template),
-        load_seconds=float(info.load_seconds), max_sequences=int(info.max_sequences))
+        load_seconds=float(info.load_seconds), max_sequences=int(info.max_sequences),
+        kv_cache_type=_KV_ENUM[info.kv_cache_type])
 
 
 def _metadata_correlation(context) -> str:
@@ -119,8 +123,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                  max_context: int = 0, max_vram: int = 0, metrics=None, max_ram: int = 0,
                  max_prompt_bytes: int = rv.prompt_guard.DEFAULT_MAX_PROMPT_BYTES,
                  max_samples: int = rv.DEFAULT_MAX_SAMPLES, tool_formats: dict[str, str] | None = None,
-                 life: lifecycle.Lifecycle | None = None, hub: events.EventHub | None = None):
+                 life: lifecycle.Lifecycle | None = None, hub: events.EventHub | None = None,
+                 kv_cache_type: str = ""):
         self.scheduler = scheduler
+        self.kv_cache_type = kv_cache_type  # --kv-cache-type: what a load that names none gets
         self.max_samples = max_samples
         # --tool-format: model id -> tool_calls family ("" for every model), over the detected one
         self.tool_formats = dict(tool_formats or {})
@@ -263,12 +269,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             ctx = int(request.context_length)
             rv.check_context_length(ctx, self.max_context)
             draft = rv.resolve_draft_path(request.draft_path, self.model_dirs) if request.draft_path else None
+            kv_type = rv.kv_cache_type(int(request.kv_cache_type), self.kv_cache_type)
         except OrcdError as err:
             self._count("LoadModel", err.code)
             _abort(context, err)
             return
         if request.dry_run:
-            yield from self._plan_load(path, ctx, context)
+            yield from self._plan_load(path, ctx, kv_type, context)
             return
 
         events: queue.Queue = queue.Queue()
@@ -286,7 +293,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 info = self.scheduler.load(path, model_id=model_id, context_length=ctx,
                                            max_context=self.max_context, backend=self.backend,
                                            max_vram=self.max_vram, max_ram=self.max_ram, progress=progress,
-                                           draft_path=draft)
+                                           draft_path=draft, kv_cache_type=kv_type)
                 events.put(("done", info))
             except OrcdError as err:
                 events.put(("error", _without_paths(err, path, self.model_dirs)))
@@ -330,10 +337,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         finally:
             abandoned.set()
 
-    def _plan_load(self, path, ctx: int, context):
+    def _plan_load(self, path, ctx: int, kv_type: str, context):
         try:
             p = self.scheduler.plan_load(path, context_length=ctx, max_context=self.max_context,
-                                         backend=self.backend, max_vram=self.max_vram, max_ram=self.max_ram)
+                                         backend=self.backend, max_vram=self.max_vram, max_ram=self.max_ram,
+                                         kv_cache_type=kv_type)
         except OrcdError as err:
             self._count("LoadModel", err.code)
             _abort(context, _without_paths(err, path, self.model_dirs))
@@ -350,7 +358,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             weights_bytes=p.weights_bytes, kv_cache_bytes=p.kv_cache_bytes, workspace_bytes=p.workspace_bytes,
             step_bytes=p.step_bytes, total_bytes=p.total_bytes, available_bytes=p.available_bytes or 0,
             has_limit=p.available_bytes is not None, fits=p.fits, reason=p.reason,
-            context_length=p.context_length, max_sequences=p.max_sequences, backend=p.backend))
+            context_length=p.context_length, max_sequences=p.max_sequences, backend=p.backend,
+            kv_cache_type=_KV_ENUM[p.kv_cache_type]))
 
     def UnloadModel(self, request, context):
         try:

@@ -53,9 +53,6 @@ class Tuning:
         0, "ORCD_WORKSPACE_MB", "the step workspace in MiB; 0 sizes it from the VRAM budget (1/8, 64-512 MiB)")
 
     # ---- the CPU backend
-    cpu_kv: str = _switch(
-        "f16", "ORCD_CPU_KV", "the CPU backend's KV cache element: f16 (half the memory of f32; top-1 agreement "
-        "with the float32 reference is tested) or f32", choices=("f16", "f32"))
     cpu_threading: str = _switch(
         "omp", "ORCD_CPU_THREADING", "numba's thread pool for the CPU backend's kernels, set before its first "
         "parallel call: omp (GNU OpenMP, idle threads spinning ORCD_CPU_SPIN turns; safe from several threads, not in a child forked "

@@ -4,14 +4,15 @@
   a prompt prefilled with logits at every position and then cached single-token steps (both
   attention paths: BLAS for prompt chunks, numba for decode). Bound: 99 %.
 - Tiny random models of every architecture (quantized): logits against the reference on a fresh
-  random prompt, with the KV cache in F32 (rel <= 2e-5: only summation order differs) and in F16
-  (rel <= 5e-3: the cache's rounding), and the F16 one still closer to the reference than F32 is
-  to a model with other weights could ever be.
-- The F16 store rounds exactly as NumPy's float16 cast; the resident bytes are what admission counted.
+  random prompt, with the KV cache in F32 (only summation order and x's 16-bit rounding differ), in
+  F16 (rel <= 5e-3: the cache's rounding) and in Q8_0 (rel <= 1.5e-2 median), each far closer to
+  the reference than a model with other weights.
+- The F16 store rounds exactly as NumPy's float16 cast, the Q8_0 store as gguf's quantize; decode
+  attention over a Q8_0 cache against float64 on gguf's dequantization of the same blocks; the
+  resident bytes are what admission counted.
 """
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import sys
 
@@ -21,7 +22,6 @@ import pytest
 from orcd_grpc.backends.cpu_backend import CpuBackend
 from orcd_grpc.loader import load_engine, plan_load
 from orcd_grpc.sampling import SamplingParams
-from orcd_grpc.tuning import DEFAULT
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
@@ -91,7 +91,7 @@ def test_real_model_top1_agrees_with_the_reference(name):
 # ---- tiny random models -----------------------------------------------------------------------------
 
 def _cpu(kv: str) -> CpuBackend:
-    return CpuBackend(tuning=dataclasses.replace(DEFAULT, cpu_kv=kv))
+    return CpuBackend(kv_type=kv)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +123,10 @@ def test_tiny_logits_match_the_reference(arch, tiny_files):
     scale = np.abs(ref).max()
     pos32 = np.abs(engine_logits(path, ids, backend=_cpu("f32")) - ref).max(axis=-1) / scale  # per position
     pos16 = np.abs(engine_logits(path, ids, backend=_cpu("f16")) - ref).max(axis=-1) / scale
+    pos8 = np.abs(engine_logits(path, ids, backend=_cpu("q8_0")) - ref).max(axis=-1) / scale
     apart = np.abs(engine_logits(other, ids, backend="numpy") - ref).max() / scale
-    print(f"{arch}: rel F32 KV {pos32.max():.2e}, F16 KV {pos16.max():.2e} (another model: {apart:.2e})")
+    print(f"{arch}: rel F32 KV {pos32.max():.2e}, F16 KV {pos16.max():.2e}, Q8_0 KV {pos8.max():.2e} "
+          f"(another model: {apart:.2e})")
     # F32 KV: the quantized products round x to 16 bits per 32 values (cpu_kernels.matmul), ~1.5e-5
     # of a group's largest value, compounding over the layers: up to ~1e-4 of the largest logit
     # seen on these models (float x gave 2e-5); a wrong level or scale is of the order of `apart`.
@@ -136,7 +138,9 @@ def test_tiny_logits_match_the_reference(arch, tiny_files):
     flips = 4 if arch == "gpt_oss" else 0
     assert np.sum(pos32 > 4e-4) <= flips and np.median(pos32) <= 4e-4, (arch, np.sort(pos32)[-5:])
     assert np.sum(pos16 > 5e-3) <= flips and np.median(pos16) <= 5e-3, (arch, np.sort(pos16)[-5:])
-    assert apart > 20 * np.median(pos16), (arch, apart, np.median(pos16))
+    # Q8_0 KV: each cached value within 1/254 of its 32's largest; 3e-3 to 1.1e-2 seen here
+    assert np.sum(pos8 > 3e-2) <= flips and np.median(pos8) <= 1.5e-2, (arch, np.sort(pos8)[-5:])
+    assert apart > 20 * np.median(pos8), (arch, apart, np.median(pos8))
 
 
 # ---- pieces -------------------------------------------------------------------------------------
@@ -149,10 +153,78 @@ def test_f16_store_rounds_as_numpy():
     x = np.concatenate([x, np.float32([0, -0.0, np.inf, -np.inf, 65504, 65519, 65520, 2.98e-8, 5.96e-8])])
     cache = np.zeros((len(x), 1, 1), np.uint16)
     cpu_ops.store_kv(x.reshape(-1, 1, 1), x.reshape(-1, 1, 1), np.arange(len(x), dtype=np.int32), cache,
-                     cache.copy(), True)
+                     cache.copy(), True, None, None)
     with np.errstate(over="ignore"):
         want = x.astype(np.float16).view(np.uint16)
     assert np.array_equal(cache.ravel(), want)
+
+
+def test_q8_0_store_is_ggml_q8_0_bit_for_bit():
+    """The Q8_0 cache's store against gguf's quantize (GGML's reference rounding): levels and
+    scale bits equal on fresh random rows of many magnitudes, an all-zero block and exact
+    halves (ties round away from zero)."""
+    import gguf
+
+    from orcd_grpc.backends import cpu_ops
+
+    rng, seed = np.random.default_rng(), None
+    rows = [rng.standard_normal((64, 128)).astype(np.float32) * s for s in (1e-6, 1e-2, 1, 40, 3e4)]
+    x = np.concatenate(rows)
+    x[3, :32] = 0
+    x[4, :32] = np.arange(32) - 15.5  # exact halves: with amax 127 below, d = 1 and x / d = x
+    x[4, 31] = 127
+    x[5, 40] = 500.0  # one outlier in a block
+    T, d = x.shape
+    k = x.reshape(T, 2, d // 2)
+    kc, vc = np.zeros((T, 2, d // 2), np.int8), np.zeros((T, 2, d // 2), np.int8)
+    ks, vs = np.zeros((T, 2, d // 64), np.uint16), np.zeros((T, 2, d // 64), np.uint16)
+    cpu_ops.store_kv(k, -k, np.arange(T, dtype=np.int32), kc, vc, None, ks, vs)
+    for levels, scales, src in ((kc, ks, x), (vc, vs, -x)):
+        want = np.frombuffer(gguf.quants.quantize(src, gguf.GGMLQuantizationType.Q8_0), np.uint8).reshape(-1, 34)
+        assert np.array_equal(scales.reshape(-1), want[:, :2].copy().view(np.uint16).ravel()), seed
+        assert np.array_equal(levels.reshape(-1, 32), want[:, 2:].view(np.int8)), seed
+
+
+def test_q8_0_attention_against_float64_on_the_dequantized_cache():
+    """Decode attention over a Q8_0 cache (the numba kernel, paged) against float64 softmax
+    attention over gguf's dequantization of the same blocks, fresh random inputs: only float32
+    summation differs (bound 2e-5 of the largest output)."""
+    import gguf
+
+    from orcd_grpc.backends import cpu_ops
+
+    rng = np.random.default_rng()
+    hq, hkv, dk, bs, n = 8, 2, 64, 16, 77
+    kv = rng.standard_normal((2, n, hkv, dk)).astype(np.float32) * rng.uniform(0.1, 4, (1, 1, hkv, dk)).astype(np.float32)
+    nblocks = -(-n // bs) + 2
+    table = rng.permutation(nblocks)[:-(-n // bs)].astype(np.int32)
+    slots = (table[np.arange(n) // bs] * bs + np.arange(n) % bs).astype(np.int32)
+    kc = np.zeros((nblocks * bs, hkv, dk), np.int8)
+    vc = kc.copy()
+    ks = np.zeros((nblocks * bs, hkv, dk // 32), np.uint16)
+    vs = ks.copy()
+    cpu_ops.store_kv(kv[0], kv[1], slots, kc, vc, None, ks, vs)
+
+    def deq(levels, scales):
+        blocks = np.concatenate([scales.reshape(-1, 1).view(np.uint8), levels.reshape(-1, 32).view(np.uint8)], 1)
+        return gguf.quants.dequantize(blocks.reshape(-1), gguf.GGMLQuantizationType.Q8_0).reshape(levels.shape)
+
+    K, V = deq(kc[slots], ks[slots]).astype(np.float64), deq(vc[slots], vs[slots]).astype(np.float64)
+    q = rng.standard_normal((3, hq, dk)).astype(np.float32)
+    positions = np.array([n - 1, n - 1, 30], np.int32)  # the third: causal, sees 31 keys
+    out = np.zeros((3, hq, dk), np.float32)
+    scale = 1 / np.sqrt(dk)
+    cpu_ops.attention(q, kc, vc, None, ks, vs, np.arange(3, dtype=np.int32), np.zeros(3, np.int32), positions,
+                      np.array([n], np.int32), table.reshape(1, -1), bs, np.float32(scale), 0,
+                      np.zeros(0, np.float32), np.float32(0), out, 0)
+    ref = np.zeros_like(out, dtype=np.float64)
+    for t in range(3):
+        m = positions[t] + 1
+        for h in range(hq):
+            s = K[:m, h // (hq // hkv)] @ q[t, h].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            ref[t, h] = p @ V[:m, h // (hq // hkv)] / p.sum()
+    assert np.abs(out - ref).max() <= 2e-5 * np.abs(ref).max(), np.abs(out - ref).max()
 
 
 def test_f16_load_widens_every_half_exactly():
@@ -222,7 +294,7 @@ def test_attention_row_helpers_against_float64(n):
     assert e[0] == s[0]
 
 
-@pytest.mark.parametrize("kv", ["f16", "f32"])
+@pytest.mark.parametrize("kv", ["f16", "f32", "q8_0"])
 def test_resident_bytes_are_what_admission_counted(kv):
     """weights_bytes is the file's bytes the backend holds (its copies of them), kv_cache_bytes
     the cache's arrays, sized for every sequence's full context; nothing of the map stays resident."""
@@ -240,8 +312,9 @@ def test_resident_bytes_are_what_admission_counted(kv):
         kvc = eng.kv
         assert (eng.info.weights_bytes, eng.info.kv_cache_bytes) == (size.weights_bytes, size.kv_cache_bytes)
         assert held == eng.info.weights_bytes
-        assert kvc.k.nbytes + kvc.v.nbytes == eng.info.kv_cache_bytes
-        assert kvc.k.itemsize == (2 if kv == "f16" else 4)
+        assert kvc.nbytes == eng.info.kv_cache_bytes
+        per_value = {"f16": 2, "f32": 4, "q8_0": 34 / 32}[kv]
+        assert kvc.nbytes == (kvc.k.size + kvc.v.size) * per_value and eng.info.kv_cache_type == kv
         slots = kvc.k.shape[1]
         assert slots >= 3 * 256  # a full context per sequence, plus the padding block
         file_bytes = path.stat().st_size

@@ -122,3 +122,45 @@ def test_plan_refuses_what_the_load_refuses(smollm2_path):
         assert w.listed() == []
     finally:
         w.close()
+
+
+def test_kv_cache_type_per_load(smollm2_path):
+    """LoadModelRequest.kv_cache_type: the plan and the load agree on the type and its bytes (Q8_0:
+    34 bytes per 32 values, 17/32 of F16's for the same blocks); the Q8_0 model serves; an
+    unknown value and a type the backend does not store are INVALID_ARGUMENT naming the field,
+    and leave the served model in place."""
+    w = Worker(smollm2_path.parent)
+    try:
+        f16 = w.plan(smollm2_path.name)
+        q8 = w.plan(smollm2_path.name, kv_cache_type=pb.KV_CACHE_TYPE_Q8_0)
+        assert (f16.kv_cache_type, q8.kv_cache_type) == (pb.KV_CACHE_TYPE_F16, pb.KV_CACHE_TYPE_Q8_0)
+        assert q8.kv_cache_bytes * 32 == f16.kv_cache_bytes * 17 and q8.weights_bytes == f16.weights_bytes
+        model = w.load(smollm2_path.name, kv_cache_type=pb.KV_CACHE_TYPE_Q8_0)
+        assert model.kv_cache_type == pb.KV_CACHE_TYPE_Q8_0 and model.kv_cache_bytes == q8.kv_cache_bytes
+        listed = w.stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+        assert [m.kv_cache_type for m in listed] == [pb.KV_CACHE_TYPE_Q8_0]
+        events = list(w.stub.Execute(pb.ExecuteRequest(
+            text="The capital of France is", sampling=pb.SamplingParams(temperature=0.0),
+            stopping=pb.StoppingCriteria(max_tokens=8, ignore_eos=True)), timeout=60))
+        tokens = [e.token for e in events if e.WhichOneof("event") == "token"]
+        assert len(tokens) == 8 and "".join(t.text for t in tokens).strip(), tokens
+        assert events[-1].finished.reason == pb.FINISH_REASON_LENGTH
+        for kw, words in (({"kv_cache_type": 7}, "unknown KV cache type 7"),):
+            with pytest.raises(grpc.RpcError) as err:
+                w.load(smollm2_path.name, **kw)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert "kv_cache_type" in err.value.details() and words in err.value.details()
+        assert [m.kv_cache_type for m in w.stub.ListModels(pb.ListModelsRequest(), timeout=10).models] == \
+            [pb.KV_CACHE_TYPE_Q8_0]
+    finally:
+        w.close()
+    w = Worker(smollm2_path.parent, backend="numpy")
+    try:
+        for call in (w.plan, w.load):
+            with pytest.raises(grpc.RpcError) as err:
+                call(smollm2_path.name, kv_cache_type=pb.KV_CACHE_TYPE_Q8_0)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert "kv_cache_type" in err.value.details() and "the numpy backend stores (it stores f32)" in err.value.details()
+        assert w.listed() == []
+    finally:
+        w.close()

@@ -81,14 +81,27 @@ class KVLayout:
     head_dim_k: int
     head_dim_v: int
 
-    def bytes(self, elem_size: int) -> int:
-        return (self.n_layers * self.num_blocks * self.block_size * self.n_kv_heads
-                * (self.head_dim_k + self.head_dim_v) * elem_size)
+    def bytes(self, elem_size: float) -> int:
+        """elem_size: bytes a cached value takes (KV_VALUE_BYTES)."""
+        return int(self.n_layers * self.num_blocks * self.block_size * self.n_kv_heads
+                   * (self.head_dim_k + self.head_dim_v) * elem_size)
+
+
+#: bytes of one cached key or value element for each KV cache type (Q8_0: blocks of 32 int8 levels
+#: and one float16 scale, as GGML's Q8_0)
+KV_VALUE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
 
 
 class Backend(ABC):
     name: str = "?"
-    kv_elem_size: int = 4
+    #: the KV cache types the backend stores, its default first
+    kv_types: tuple[str, ...] = ("f32",)
+    #: the type this backend's caches are allocated as (set by the loader before sizing them)
+    kv_type: str = "f32"
+
+    @property
+    def kv_elem_size(self) -> float:
+        return KV_VALUE_BYTES[self.kv_type]
     # Host backends allocate step activations as they go (admission sizes them at load); device
     # backends reserve a workspace up front.
     host_memory: bool = False
@@ -98,6 +111,9 @@ class Backend(ABC):
     widen_packs: bool = True
 
     # ---- memory -------------------------------------------------------------------------
+    def before_weights(self) -> None:
+        """Called once a load has passed its admission check, before its first weight."""
+
     @abstractmethod
     def load_weight(self, name: str, raw: np.ndarray, qtype, shape: tuple[int, ...]):
         """Makes a weight resident. raw: the GGUF tensor's data as gguf's reader gives it; shape:

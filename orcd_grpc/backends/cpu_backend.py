@@ -8,7 +8,7 @@ of a few tensors kept nearly the whole file resident beside the packed copies (B
 copied, resident memory is the file's size plus the KV cache pages in use. Matmuls and embedding lookups
 run in cpu_kernels (numba, on the quantized blocks, multithreaded); norms, rope, glu and decode
 attention in cpu_ops (numba, one call per op); the attention of long prompt chunks in NumPy (BLAS
-products, chunked). The KV cache is float16 (default) or float32 (`ORCD_CPU_KV`), sized by the
+products, chunked). The KV cache is float16 (default), Q8_0 or float32 (the load's kv_cache_type), sized by the
 loader from the context and sequences asked for. The NumPy backend stays as the float32
 reference these are checked against.
 """
@@ -73,25 +73,46 @@ def _copy_out(raw) -> np.ndarray:
 
 
 class CpuKV:
-    """The paged cache, [layer, slot, kv head, dim]; float16 is held as uint16 bits (numba)."""
+    """The paged cache, [layer, slot, kv head, dim]. f16 is held as uint16 bits (numba has no
+    half type); q8_0 as int8 levels with a float16 scale (uint16 bits) per 32 values of a row,
+    [layer, slot, kv head, dim / 32], GGML's Q8_0 rounding."""
 
-    def __init__(self, layout: KVLayout, f16: bool):
+    def __init__(self, layout: KVLayout, kind: str):
         slots = layout.num_blocks * layout.block_size
-        dt = np.uint16 if f16 else np.float32
+        dt = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}[kind]
+        self.layout, self.kind = layout, kind
         # True or None, as the kernels' f16 argument takes it (cpu_ops)
-        self.layout, self.f16 = layout, (True if f16 else None)
-        self.k = np.zeros((layout.n_layers, slots, layout.n_kv_heads, layout.head_dim_k), dt)
-        self.v = np.zeros((layout.n_layers, slots, layout.n_kv_heads, layout.head_dim_v), dt)
+        self.f16 = True if kind == "f16" else None
+        shape = (layout.n_layers, slots, layout.n_kv_heads)
+        self.k = np.zeros(shape + (layout.head_dim_k,), dt)
+        self.v = np.zeros(shape + (layout.head_dim_v,), dt)
+        # the scales, or None (the kernels' argument: numba compiles the branch it takes)
+        self.ks = self.vs = None
+        if kind == "q8_0":
+            self.ks = np.zeros(shape + (layout.head_dim_k // 32,), np.uint16)
+            self.vs = np.zeros(shape + (layout.head_dim_v // 32,), np.uint16)
 
     @property
     def nbytes(self) -> int:
-        return int(self.k.nbytes + self.v.nbytes)
+        return int(sum(a.nbytes for a in (self.k, self.v, self.ks, self.vs) if a is not None))
+
+    def scales(self, layer: int):
+        """(k scales, v scales) of `layer`, or (None, None)."""
+        return (None, None) if self.ks is None else (self.ks[layer], self.vs[layer])
 
     def keys_f32(self, layer: int, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         k, v = self.k[layer, slots], self.v[layer, slots]
-        if self.f16:
-            k, v = k.view(np.float16).astype(np.float32), v.view(np.float16).astype(np.float32)
+        if self.kind == "f16":
+            return k.view(np.float16).astype(np.float32), v.view(np.float16).astype(np.float32)
+        if self.kind == "q8_0":
+            return (_q8_f32(k, self.ks[layer, slots]), _q8_f32(v, self.vs[layer, slots]))
         return k, v
+
+
+def _q8_f32(levels: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float32 [..., d] of Q8_0 rows: levels [..., d] int8 times each 32's scale [..., d / 32]."""
+    d = scales.view(np.float16).astype(np.float32)
+    return (levels.reshape(levels.shape[:-1] + (-1, 32)) * d[..., None]).reshape(levels.shape)
 
 
 class CpuStep(StepMeta):
@@ -117,15 +138,17 @@ class CpuStep(StepMeta):
 
 class CpuBackend(NumpyBackend):
     name = "cpu"
+    kv_types = ("f16", "q8_0", "f32")
+    kv_type = "f16"
     widen_packs = False
 
-    def __init__(self, max_ram: int | None = None, tuning: Tuning | None = None):
+    def __init__(self, max_ram: int | None = None, tuning: Tuning | None = None, kv_type: str = "f16"):
         super().__init__(max_ram)
+        if kv_type not in self.kv_types:
+            raise ValueError(f"kv_type {kv_type!r}: not one of {self.kv_types}")
+        self.kv_type = kv_type
         tuning = tuning or Tuning.from_env()
         _threading(tuning.cpu_threading, tuning.cpu_spin)
-        K.start_and_page_out_compiler()
-        self.kv_f16 = tuning.cpu_kv == "f16"
-        self.kv_elem_size = 2 if self.kv_f16 else 4
         self._rope: dict[int, tuple[RopeSpec, np.ndarray, np.ndarray]] = {}
         self._no_sinks = np.zeros(0, np.float32)
 
@@ -136,6 +159,10 @@ class CpuBackend(NumpyBackend):
         arrays (views of the map): norms, biases ([E, F] for experts), and F32 matrices, which
         NumPy's BLAS multiplies as well as anything."""
         return len(shape) >= 2 and int(qtype) != int(quants.T.F32) and K.supported(qtype)
+
+    def before_weights(self) -> None:
+        # numba's target started and LLVM's code paged out before the weights arrive (peak RSS)
+        K.start_and_page_out_compiler()
 
     def load_weight(self, name, raw, qtype, shape):
         shape = tuple(int(s) for s in shape)
@@ -164,7 +191,7 @@ class CpuBackend(NumpyBackend):
             drop_pages(mm, 0, len(mm))
 
     def alloc_kv(self, layout):
-        return CpuKV(layout, self.kv_f16)
+        return CpuKV(layout, self.kv_type)
 
     def step_bytes(self, hp, max_sequences: int, context_length: int, largest_weight: int = 0) -> int:
         """Peak host bytes of one step beyond weights and KV: a CPU_STEP_TOKENS chunk's float32
@@ -232,14 +259,16 @@ class CpuBackend(NumpyBackend):
         T = qkv.shape[0]
         q = np.empty((T, n_heads, head_dim), np.float32)
         tmp = np.empty(head_dim, np.float32)
+        ks, vs = kv.scales(layer)
         ops.qkv_rope_store(np.ascontiguousarray(qkv, np.float32), cos, sin, ctx.positions, spec.dim, spec.neox,
-                           ctx.slot_mapping, kv.k[layer], kv.v[layer], kv.f16, n_heads, n_kv_heads, head_dim,
-                           head_dim_v, q, tmp)
+                           ctx.slot_mapping, kv.k[layer], kv.v[layer], kv.f16, ks, vs, n_heads, n_kv_heads,
+                           head_dim, head_dim_v, q, tmp)
         return q
 
     def store_kv(self, k, v, kv: CpuKV, layer, ctx):
+        ks, vs = kv.scales(layer)
         ops.store_kv(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32), ctx.slot_mapping,
-                     kv.k[layer], kv.v[layer], kv.f16)
+                     kv.k[layer], kv.v[layer], kv.f16, ks, vs)
 
     def attention(self, q, k, v, kv: CpuKV, layer, ctx, *, scale, window=0, sinks=None, softcap=0.0):
         if k is not None:
@@ -251,7 +280,8 @@ class CpuBackend(NumpyBackend):
         sk = self._no_sinks if sinks is None else np.ascontiguousarray(sinks, np.float32)
         if len(ctx.short_tokens):
             work = len(ctx.short_tokens) * hq * ctx.max_ctx * (q.shape[2] + dv)
-            ops.attention(q, kv.k[layer], kv.v[layer], kv.f16, ctx.short_tokens, ctx.tok_seq, ctx.positions,
+            ks, vs = kv.scales(layer)
+            ops.attention(q, kv.k[layer], kv.v[layer], kv.f16, ks, vs, ctx.short_tokens, ctx.tok_seq, ctx.positions,
                           ctx.ctx_lens, ctx.block_tables, ctx.block_size, np.float32(scale), int(window), sk,
                           np.float32(softcap), out, work)
         if len(ctx.long_seqs):

@@ -7,7 +7,8 @@ few microseconds, and the same op in NumPy is several array expressions of a few
 numba has no float16 on the CPU, so an F16 KV cache is held as uint16 bits: stores round to
 nearest even here (as NumPy's astype does) and loads widen them with integer operations. The
 kernels' `f16` argument tells which: True for such a cache, None for a float32 one (numba compiles
-each separately and drops the other branch).
+each separately and drops the other branch). A Q8_0 cache passes its scale arrays (`ks`, `vs`,
+None otherwise): int8 levels, a float16 scale per 32 values of a row.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import types
 
 import numba
 import numpy as np
+from numba.extending import overload
 
 from .cpu_llvm import source_key
 from .cpu_rows import axpy_f32, dot_f32, exp_shift_f32, load_row
@@ -67,15 +69,34 @@ def f16_bits(u):
 
 
 @numba.njit(**_JIT)
-def _put(cache, slot, h, row, f16):
-    """Writes float32 `row` into cache[slot, h]: float32, or float16 bits when f16 is True
-    (numba prunes the branch on None at compile time)."""
-    if f16 is None:
+def _put(cache, scales, slot, h, row, f16):
+    """Writes float32 `row` into cache[slot, h]: float32, float16 bits when f16 is True, or Q8_0
+    when `scales` is an array (numba prunes the branches on None at compile time)."""
+    if scales is not None:
+        _put_q8(cache, scales, slot, h, row)
+    elif f16 is None:
         for d in range(row.shape[0]):
             cache[slot, h, d] = row[d]
     else:
         for d in range(row.shape[0]):
             cache[slot, h, d] = f16_bits(np.float32(row[d]).view(np.uint32))
+
+
+@numba.njit(**_JIT)
+def _put_q8(cache, scales, slot, h, row):
+    """GGML's Q8_0 of a row, bit for bit (gguf's quantize): per 32 values d = amax / 127 in
+    float32, stored as a half; levels round(x * (1 / d)), halves away from zero."""
+    for b in range(row.shape[0] // 32):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(np.float32(row[b * 32 + j])))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        scales[slot, h, b] = f16_bits(np.float32(d).view(np.uint32))
+        for j in range(32):
+            x = np.float32(row[b * 32 + j]) * inv
+            r = math.floor(abs(x) + np.float32(0.5))
+            cache[slot, h, b * 32 + j] = np.int8(r if x >= 0 else -r)
 
 
 def _rms_norm(x, w, eps, res, out, s_out):
@@ -125,7 +146,7 @@ def _rope(x, cos, sin, positions, dim, neox, out):
 
 
 @numba.njit(**_JIT)
-def qkv_rope_store(qkv, cos, sin, positions, dim, neox, slots, kc, vc, f16, hq, hkv, dk, dv, q_out, tmp):
+def qkv_rope_store(qkv, cos, sin, positions, dim, neox, slots, kc, vc, f16, ks, vs, hq, hkv, dk, dv, q_out, tmp):
     """A fused projection's rows [T, hq*dk + hkv*dk + hkv*dv]: q roped into q_out [T, hq, dk];
     k roped and v written into the cache at slots (slot < 0: not written)."""
     for t in range(qkv.shape[0]):
@@ -138,27 +159,49 @@ def qkv_rope_store(qkv, cos, sin, positions, dim, neox, slots, kc, vc, f16, hq, 
         base = hq * dk
         for h in range(hkv):
             _rotate(row[base + h * dk: base + (h + 1) * dk], tmp, cos[p], sin[p], dim, neox)
-            _put(kc, slots[t], h, tmp[:dk], f16)
+            _put(kc, ks, slots[t], h, tmp[:dk], f16)
         base += hkv * dk
         for h in range(hkv):
-            _put(vc, slots[t], h, row[base + h * dv: base + (h + 1) * dv], f16)
+            _put(vc, vs, slots[t], h, row[base + h * dv: base + (h + 1) * dv], f16)
 
 
 @numba.njit(**_JIT)
-def store_kv(k, v, slots, kc, vc, f16):
+def store_kv(k, v, slots, kc, vc, f16, ks, vs):
     for t in range(k.shape[0]):
         if slots[t] < 0:
             continue
         for h in range(k.shape[1]):
-            _put(kc, slots[t], h, k[t, h], f16)
-            _put(vc, slots[t], h, v[t, h], f16)
+            _put(kc, ks, slots[t], h, k[t, h], f16)
+            _put(vc, vs, slots[t], h, v[t, h], f16)
+
+
+def _load(cache, scales, slot, h, n, dst, srow):
+    """dst[:n] = cache[slot, h] widened to float32: a float32 or F16 row (scales None), or a Q8_0
+    row (srow: room for its scales). Compiled code only (the overload below): numba prunes a
+    branch on `x is None` only where x is None, so each cache type gets its own body."""
+    raise NotImplementedError
+
+
+@overload(_load)
+def _load_typed(cache, scales, slot, h, n, dst, srow):
+    if isinstance(scales, numba.types.NoneType):
+        def plain(cache, scales, slot, h, n, dst, srow):
+            load_row(cache, (slot * cache.shape[1] + h) * n, n, dst, 0)
+        return plain
+
+    def q8_0(cache, scales, slot, h, n, dst, srow):
+        load_row(scales[slot, h], 0, n // 32, srow, 0)
+        src = cache[slot, h]
+        for j in range(n):
+            dst[j] = srow[j >> 5] * np.float32(src[j])
+    return q8_0
 
 
 def _make_attention(deps: tuple):
     """The decode attention kernel. `deps` (cpu_llvm.source_key of the modules whose helpers it
     inlines) only lands in the closure, where Numba's cache key sees it."""
 
-    def _attention(q, kc, vc, f16, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
+    def _attention(q, kc, vc, f16, ks, vs, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
                    softcap, out):
         """Causal attention for the query rows `tokens` of q [T, hq, dk] over the paged cache; out
         [T, hq, dv]. One work item per (token, kv head) does the query heads that share it: the
@@ -182,9 +225,10 @@ def _make_attention(deps: tuple):
             n = max(0, hi - lo)
             sc = np.empty((group, n), np.float32)
             row = np.empty(max(dk, dv), np.float32)  # one cache row, widened to float32 once
+            srow = np.empty(max(dk, dv) // 32 + 1, np.float32)  # a Q8_0 row's scales
             for i in range(n):
                 p = lo + i
-                load_row(kc, ((tables[b, p // bs] * bs + p % bs) * hkv + kh) * dk, dk, row, 0)
+                _load(kc, ks, tables[b, p // bs] * bs + p % bs, kh, dk, row, srow)
                 for g in range(group):
                     s = dot_f32(q, (t * hq + h0 + g) * dk, row, 0, dk) * scale
                     if softcap > 0:
@@ -204,7 +248,7 @@ def _make_attention(deps: tuple):
                 total[g] = z
             for i in range(n):
                 p = lo + i
-                load_row(vc, ((tables[b, p // bs] * bs + p % bs) * hkv + kh) * dv, dv, row, 0)
+                _load(vc, vs, tables[b, p // bs] * bs + p % bs, kh, dv, row, srow)
                 for g in range(group):
                     axpy_f32(sc[g, i], row, 0, acc, g * dv, dv)
             for g in range(group):
@@ -243,10 +287,10 @@ def rope(x, cos, sin, positions, dim, neox, out):
     _ROPE[x.size >= PARALLEL_MIN_WORK](x, cos, sin, positions, dim, neox, out)
 
 
-def attention(q, kc, vc, f16, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks, softcap,
-              out, work):
+def attention(q, kc, vc, f16, ks, vs, tokens, tok_seq, positions, ctx_lens, tables, bs, scale, window, sinks,
+              softcap, out, work):
     """work: about the multiply-adds of the call (picks the serial or the parallel compile)."""
-    _ATTN[work >= PARALLEL_MIN_WORK](q, kc, vc, f16, tokens, tok_seq, positions, ctx_lens, tables, bs, scale,
+    _ATTN[work >= PARALLEL_MIN_WORK](q, kc, vc, f16, ks, vs, tokens, tok_seq, positions, ctx_lens, tables, bs, scale,
                                      window, sinks, softcap, out)
 
 

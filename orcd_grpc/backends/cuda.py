@@ -57,7 +57,8 @@ class _Kernel:
 
 class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
     name = "cuda"
-    kv_elem_size = 2  # f16 KV cache
+    kv_types = ("f16",)
+    kv_type = "f16"
     memory_name = "VRAM (--max-vram)"
 
     def __init__(self, max_vram: int = 0, device: int = 0, workspace_bytes: int | None = None,

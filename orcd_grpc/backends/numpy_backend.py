@@ -50,7 +50,7 @@ def rope_angles(positions: np.ndarray, spec: RopeSpec) -> tuple[np.ndarray, np.n
 
 class NumpyBackend(Backend):
     name = "numpy"
-    kv_elem_size = 4
+    kv_types = ("f32",)
     host_memory = True
     memory_name = "RAM (--max-ram)"
 
