@@ -1,18 +1,16 @@
-"""Tokenizers for GGUF models, built with HF `tokenizers` from the tokenizer.ggml.* metadata.
+"""Tokenizers for GGUF models, built from the tokenizer.ggml.* metadata.
 
 Two vocabulary families are supported, matching llama.cpp's behaviour (its conformance cases are
 the tests):
 
-* ``gpt2``: byte-level BPE. The pre-tokenizer regexes are llama.cpp's, one per
-  ``tokenizer.ggml.pre`` family, applied in sequence as isolated splits.
-* ``llama``: SentencePiece-style. llama.cpp merges, at every step, the adjacent pair whose
-  concatenation is the vocabulary token of highest score. A BPE whose merge list holds every
-  (left, right) split of every token, ranked by the merged token's score, makes the same choices,
-  so HF's BPE model (with byte fallback) does the work.
-
-Control tokens become HF *special* added tokens and user-defined tokens plain added tokens, which
-reproduces llama.cpp's rule that user-defined text is always recognised and control text only
-when asked (``encode_special``).
+* ``gpt2``: byte-level BPE, with HF `tokenizers`. The pre-tokenizer regexes are llama.cpp's, one
+  per ``tokenizer.ggml.pre`` family, applied in sequence as isolated splits. Control tokens
+  become HF *special* added tokens and user-defined tokens plain added tokens, which reproduces
+  llama.cpp's rule that user-defined text is always recognised and control text only when asked
+  (``encode_special``).
+* ``llama``: SentencePiece-style: llama.cpp merges, at every step, the adjacent pair whose
+  concatenation is the vocabulary token of highest score (spm.py, the same rules for added
+  tokens; a fraction of the memory an HF BPE takes for it).
 """
 from __future__ import annotations
 
@@ -26,11 +24,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import InvalidArgument
 from .prompt_guard import release_heap
+from .spm import SpmTokenizer
 
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -191,30 +190,6 @@ def read_gguf_metadata(path: str | os.PathLike, prefix: str = "tokenizer.") -> d
 
 # --------------------------------------------------------------------------------------------
 
-def _spm_merges(tokens: list[str], types: np.ndarray, scores: np.ndarray) -> list[tuple[str, str]]:
-    """Every split of every mergeable token into two vocabulary pieces, best merged score first.
-
-    Control and byte tokens are no merge results, so plain text can never turn into them.
-    Equal scores fall back to the lower token id; llama.cpp would pick the leftmost pair there,
-    which differs only when two distinct tokens share a score.
-    """
-    mergeable = (types != CONTROL) & (types != BYTE) & (types != UNKNOWN)
-    pieces = {t for t, ok in zip(tokens, mergeable.tolist()) if ok}
-    # Visiting tokens best score first yields the merge list already ranked (no 500k-item sort).
-    order = np.lexsort((np.arange(len(tokens)), -scores.astype(np.float64)))
-    merges: list[tuple[str, str]] = []
-    append = merges.append
-    for tid in order[mergeable[order]].tolist():
-        tok = tokens[tid]
-        for i in range(1, len(tok)):
-            left = tok[:i]
-            if left in pieces:
-                right = tok[i:]
-                if right in pieces:
-                    append((left, right))
-    return merges
-
-
 def _token_bytes_table(tokens: list[str], types: np.ndarray, byte_level: bool) -> list[bytes]:
     table = []
     for tok, ty in zip(tokens, types.tolist()):
@@ -347,19 +322,11 @@ class Tokenizer:
             scores = (np.zeros(n, np.float32) if scores is None
                       else np.asarray(scores, np.float32))
             unk_id = _as_id(meta.get("tokenizer.ggml.unknown_token_id"))
-            unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < n else None
-            hf = HFTokenizer(models.BPE(vocab, _spm_merges(tokens, types, scores),
-                                        unk_token=unk, fuse_unk=True, byte_fallback=True))
             # llama.cpp prefixes a space to every run of text that starts the input or follows
-            # an added token; HF normalizes each such run separately, so Prepend matches it.
+            # an added token
             space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-            norm = [normalizers.Replace(" ", "\u2581")]
-            dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-            if space_prefix:
-                norm.insert(0, normalizers.Prepend("\u2581"))
-                dec.append(decoders.Strip(" ", 1, 0))
-            hf.normalizer = normalizers.Sequence(norm)
-            hf.decoder = decoders.Sequence(dec)
+            hf = SpmTokenizer(tokens, types, scores, unk_id=unk_id if unk_id is not None and 0 <= unk_id < n else None,
+                              space_prefix=space_prefix)
             add_bos_default = True
             byte_level = False
             # With all 256 byte pieces, byte fallback covers any text and no unknown token occurs.
@@ -367,7 +334,8 @@ class Tokenizer:
         else:
             raise InvalidArgument(f"tokenizer model {kind!r} is not supported (gpt2, llama)",
                                   field="tokenizer.ggml.model")
-        _add_special(hf, tokens, types)
+        if kind == "gpt2":
+            _add_special(hf, tokens, types)
 
         bos_id = _as_id(meta.get("tokenizer.ggml.bos_token_id"))
         eos_id = _as_id(meta.get("tokenizer.ggml.eos_token_id"))
