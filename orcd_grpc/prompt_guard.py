@@ -275,6 +275,12 @@ def _libc():
 
 def release_heap(text_chars: int) -> None:
     """Returns freed heap to the system after a text of `text_chars` was tokenized, if large."""
-    lib = _libc() if text_chars >= _TRIM_AFTER_CHARS else None
+    if text_chars >= _TRIM_AFTER_CHARS:
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """Returns the heap's free pages to the system (glibc's malloc_trim; nothing elsewhere)."""
+    lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)
