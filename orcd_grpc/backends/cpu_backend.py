@@ -75,7 +75,8 @@ def _copy_out(raw) -> np.ndarray:
 class CpuKV:
     """The paged cache, [layer, slot, kv head, dim]. f16 is held as uint16 bits (numba has no
     half type); q8_0 as int8 levels with a float16 scale (uint16 bits) per 32 values of a row,
-    [layer, slot, kv head, dim / 32], GGML's Q8_0 rounding."""
+    [layer, slot, kv head, dim / 32]: GGML's Q8_0 of each 32 values turned by a Walsh-Hadamard
+    transform (cpu_ops.wht32)."""
 
     def __init__(self, layout: KVLayout, kind: str):
         slots = layout.num_blocks * layout.block_size
@@ -109,10 +110,22 @@ class CpuKV:
         return k, v
 
 
+def _hadamard32() -> np.ndarray:
+    h = np.ones((1, 1), np.float64)
+    while h.shape[0] < 32:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(32)).astype(np.float32)
+
+
+_H32 = _hadamard32()  # cpu_ops.wht32 as a matrix (symmetric: its own inverse)
+
+
 def _q8_f32(levels: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """float32 [..., d] of Q8_0 rows: levels [..., d] int8 times each 32's scale [..., d / 32]."""
+    """float32 [..., d] of a Q8_0 cache's rows: levels [..., d] int8 times each 32's scale
+    [..., d / 32], turned back by the Walsh-Hadamard transform the store applied."""
     d = scales.view(np.float16).astype(np.float32)
-    return (levels.reshape(levels.shape[:-1] + (-1, 32)) * d[..., None]).reshape(levels.shape)
+    blocks = levels.reshape(levels.shape[:-1] + (-1, 32)) * d[..., None]
+    return (blocks @ _H32).reshape(levels.shape)
 
 
 class CpuStep(StepMeta):

@@ -8,7 +8,8 @@ numba has no float16 on the CPU, so an F16 KV cache is held as uint16 bits: stor
 nearest even here (as NumPy's astype does) and loads widen them with integer operations. The
 kernels' `f16` argument tells which: True for such a cache, None for a float32 one (numba compiles
 each separately and drops the other branch). A Q8_0 cache passes its scale arrays (`ks`, `vs`,
-None otherwise): int8 levels, a float16 scale per 32 values of a row.
+None otherwise): int8 levels, a float16 scale per 32 values of a row, the values turned by a
+Walsh-Hadamard transform first (wht32).
 """
 from __future__ import annotations
 
@@ -83,18 +84,40 @@ def _put(cache, scales, slot, h, row, f16):
 
 
 @numba.njit(**_JIT)
+def wht32(x, a):
+    """x[a:a + 32] = H x[a:a + 32], H the orthonormal 32-point Walsh-Hadamard transform (its own
+    inverse), in float32, butterflies in a fixed order (the tests repeat it bit for bit)."""
+    h = 1
+    while h < 32:
+        for i in range(a, a + 32, 2 * h):
+            for j in range(i, i + h):
+                u, v = x[j], x[j + h]
+                x[j], x[j + h] = u + v, u - v
+        h *= 2
+    for j in range(a, a + 32):
+        x[j] *= np.float32(0.17677669529663687)  # 1 / sqrt(32)
+
+
+@numba.njit(**_JIT)
 def _put_q8(cache, scales, slot, h, row):
-    """GGML's Q8_0 of a row, bit for bit (gguf's quantize): per 32 values d = amax / 127 in
-    float32, stored as a half; levels round(x * (1 / d)), halves away from zero."""
+    """GGML's Q8_0, bit for bit as gguf's quantize writes it, of each 32 values of the row turned
+    by wht32: per block d = amax / 127 in float32, stored as a half; levels round(y * (1 / d)),
+    halves away from zero. The transform spreads a block's outlier (keys have a few large
+    channels) over its 32 values, so the others are not rounded to a step set by it; scores and
+    outputs are the same through H, which attention applies to the queries and its output."""
+    y = np.empty(32, np.float32)
     for b in range(row.shape[0] // 32):
+        for j in range(32):
+            y[j] = row[b * 32 + j]
+        wht32(y, 0)
         amax = np.float32(0.0)
         for j in range(32):
-            amax = max(amax, abs(np.float32(row[b * 32 + j])))
+            amax = max(amax, abs(y[j]))
         d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
         scales[slot, h, b] = f16_bits(np.float32(d).view(np.uint32))
         for j in range(32):
-            x = np.float32(row[b * 32 + j]) * inv
+            x = y[j] * inv
             r = math.floor(abs(x) + np.float32(0.5))
             cache[slot, h, b * 32 + j] = np.int8(r if x >= 0 else -r)
 
@@ -197,6 +220,43 @@ def _load_typed(cache, scales, slot, h, n, dst, srow):
     return q8_0
 
 
+def _query(q, t, h0, group, dk, qb, scales):
+    """qb [group * dk] = the query rows of heads h0.. of token t, turned by wht32 per 32 values
+    for a Q8_0 cache (scales not None), as they are otherwise. Compiled code only."""
+    raise NotImplementedError
+
+
+@overload(_query)
+def _query_typed(q, t, h0, group, dk, qb, scales):
+    turn = not isinstance(scales, numba.types.NoneType)
+
+    def impl(q, t, h0, group, dk, qb, scales):
+        for g in range(group):
+            for d in range(dk):
+                qb[g * dk + d] = q[t, h0 + g, d]
+            if turn:
+                for a in range(g * dk, (g + 1) * dk, 32):
+                    wht32(qb, a)
+    return impl
+
+
+def _unturn(acc, g, dv, scales):
+    """acc[g] turned back by wht32 (a Q8_0 cache's values are stored turned). Compiled only."""
+    raise NotImplementedError
+
+
+@overload(_unturn)
+def _unturn_typed(acc, g, dv, scales):
+    if isinstance(scales, numba.types.NoneType):
+        return lambda acc, g, dv, scales: None
+
+    def impl(acc, g, dv, scales):
+        row = acc[g]
+        for a in range(0, dv, 32):
+            wht32(row, a)
+    return impl
+
+
 def _make_attention(deps: tuple):
     """The decode attention kernel. `deps` (cpu_llvm.source_key of the modules whose helpers it
     inlines) only lands in the closure, where Numba's cache key sees it."""
@@ -226,11 +286,13 @@ def _make_attention(deps: tuple):
             sc = np.empty((group, n), np.float32)
             row = np.empty(max(dk, dv), np.float32)  # one cache row, widened to float32 once
             srow = np.empty(max(dk, dv) // 32 + 1, np.float32)  # a Q8_0 row's scales
+            qb = np.empty(group * dk, np.float32)
+            _query(q, t, h0, group, dk, qb, ks)
             for i in range(n):
                 p = lo + i
                 _load(kc, ks, tables[b, p // bs] * bs + p % bs, kh, dk, row, srow)
                 for g in range(group):
-                    s = dot_f32(q, (t * hq + h0 + g) * dk, row, 0, dk) * scale
+                    s = dot_f32(qb, g * dk, row, 0, dk) * scale
                     if softcap > 0:
                         s = softcap * math.tanh(s / softcap)
                     sc[g, i] = s
@@ -252,6 +314,7 @@ def _make_attention(deps: tuple):
                 for g in range(group):
                     axpy_f32(sc[g, i], row, 0, acc, g * dv, dv)
             for g in range(group):
+                _unturn(acc, g, dv, vs)
                 inv = np.float32(1.0 / total[g]) if total[g] > 0 else np.float32(0.0)
                 for d in range(dv):
                     out[t, h0 + g, d] = acc[g, d] * inv
