@@ -242,12 +242,17 @@ def encode_run(text, blob, off, table, scores, mergeable, byte_ids, unk, split_a
 
 
 class Encoding:
-    """What HF's Encoding gives tokenizer.Tokenizer: ids and character offsets."""
+    """What HF's Encoding gives tokenizer.Tokenizer: ids, and character offsets made only when
+    read (a tuple per token is most of a large prompt's heap, and only Tokenize asks)."""
 
-    __slots__ = ("ids", "offsets")
+    __slots__ = ("ids", "_first", "_last")
 
-    def __init__(self, ids: list[int], offsets: list[tuple[int, int]]):
-        self.ids, self.offsets = ids, offsets
+    def __init__(self, ids: list[int], first: np.ndarray, last: np.ndarray):
+        self.ids, self._first, self._last = ids, first, last
+
+    @property
+    def offsets(self) -> list[tuple[int, int]]:
+        return list(zip(self._first.tolist(), self._last.tolist()))
 
 
 def _trie_pattern(words: list[str]) -> str:
@@ -344,7 +349,7 @@ class SpmTokenizer:
         if pos < len(text):
             yield pos, len(text), -1
 
-    def _run(self, text: str, s: int, e: int, ids: list, offsets: list) -> None:
+    def _run(self, text: str, s: int, e: int, ids: list, firsts: list, lasts: list) -> None:
         norm = (SPACE if self.space_prefix else "") + text[s:e].replace(" ", SPACE)
         buf = np.frombuffer(norm.encode("utf-8"), np.uint8)
         out = np.empty(len(buf), np.int64)
@@ -356,21 +361,24 @@ class SpmTokenizer:
         char_of = np.cumsum((buf & 0xC0) != 0x80) - 1
         if self.space_prefix:
             char_of = np.maximum(char_of - 1, 0)
-        first = char_of[spans[:n, 0]] + s
-        last = char_of[spans[:n, 1] - 1] + s + 1
-        offsets.extend(zip(first.tolist(), last.tolist()))
-        ids.extend(out[:n].tolist())
+        firsts.append(char_of[spans[:n, 0]] + s)
+        lasts.append(char_of[spans[:n, 1] - 1] + s + 1)
+        ids.append(out[:n])
 
     def encode(self, text: str, add_special_tokens: bool = False) -> Encoding:
-        ids: list[int] = []
-        offsets: list[tuple[int, int]] = []
+        ids: list[np.ndarray] = []
+        firsts: list[np.ndarray] = []
+        lasts: list[np.ndarray] = []
         for s, e, tid in self._segments(text):
             if tid >= 0:
-                ids.append(tid)
-                offsets.append((s, e))
+                ids.append(np.array([tid], np.int64))
+                firsts.append(np.array([s], np.int64))
+                lasts.append(np.array([e], np.int64))
             else:
-                self._run(text, s, e, ids, offsets)
-        return Encoding(ids, offsets)
+                self._run(text, s, e, ids, firsts, lasts)
+        if not ids:
+            return Encoding([], np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return Encoding(np.concatenate(ids).tolist(), np.concatenate(firsts), np.concatenate(lasts))
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[Encoding]:
         return [self.encode(t) for t in texts]
