@@ -11,8 +11,10 @@ Numba (nogil, cached), a binary heap over the run's symbols.
 
 What stays as the HF-based tokenizer did it (tokenizer.py's Tokenizer relies on it):
 - Control tokens are never merge results, so client text can never become one; user-defined
-  tokens are recognised in raw text always, control tokens only when `encode_special_tokens` is
-  False; both by leftmost-longest match, as HF's added vocabulary does.
+  tokens are recognised in raw text always, control and unknown-type tokens only when
+  `encode_special_tokens` is False (llama.cpp's parse_special); by leftmost-longest match, as HF's
+  added vocabulary does. Where llama.cpp gives them its RSTRIP attribute (phi-3, by the model's
+  name), whitespace after them is dropped.
 - Offsets are character spans of the input; a prepended "\u2581" counts as part of its run's
   first character; a byte-fallback token spans its whole character.
 - decode() follows HF's decoder chain: "\u2581" as a space, runs of <0xXX> tokens as UTF-8 (one
@@ -280,7 +282,7 @@ class SpmTokenizer:
     """The duck type tokenizer.Tokenizer uses: encode_special_tokens, encode_batch, decode."""
 
     def __init__(self, tokens: list[str], types: np.ndarray, scores: np.ndarray, *, unk_id: int | None,
-                 space_prefix: bool):
+                 space_prefix: bool, rstrip: np.ndarray | None = None):
         n = len(tokens)
         enc = [t.encode("utf-8") for t in tokens]
         self._blob = np.frombuffer(b"".join(enc), np.uint8)
@@ -312,11 +314,16 @@ class SpmTokenizer:
                             self._split_other = False
         self.space_prefix = space_prefix
         self.encode_special_tokens = True  # as HF's switch: True encodes control text as text
-        added = [i for i in np.flatnonzero((self._types == CONTROL) | (self._types == USER_DEFINED)) if tokens[i]]
+        # llama.cpp splits these out of raw text first: user-defined always, control and unknown
+        # ones only where special text is parsed
+        added = [i for i in np.flatnonzero((self._types == CONTROL) | (self._types == USER_DEFINED)
+                                           | (self._types == UNKNOWN)) if tokens[i]]
         self._added = {}
         for i in added:  # the first id of a text wins
             self._added.setdefault(tokens[i], int(i))
         self._added_re = re.compile(_trie_pattern(list(self._added))) if self._added else None
+        # added tokens that swallow the whitespace after them (tokenizer._rstrip)
+        self._rstrip = frozenset(np.flatnonzero(rstrip).tolist()) if rstrip is not None else frozenset()
         self.encode("a")  # numba's cached kernel loaded now, not by the first request
 
     # ---- vocabulary ---------------------------------------------------------------------------
@@ -340,12 +347,15 @@ class SpmTokenizer:
         if self._added_re is not None:
             for m in self._added_re.finditer(text):
                 tid = self._added[m.group()]
-                if self.encode_special_tokens and self._types[tid] == CONTROL:
+                if (self.encode_special_tokens and self._types[tid] != USER_DEFINED) or m.start() < pos:
                     continue
                 if m.start() > pos:
                     yield pos, m.start(), -1
-                yield m.start(), m.end(), tid
                 pos = m.end()
+                if tid in self._rstrip:  # the token's span takes the whitespace (as HF's rstrip)
+                    while pos < len(text) and text[pos] in " \t\n\v\f\r":
+                        pos += 1
+                yield m.start(), pos, tid
         if pos < len(text):
             yield pos, len(text), -1
 

@@ -34,11 +34,14 @@ from .spm import SpmTokenizer
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# Text of end-of-turn tokens used by common chat formats; they count as end of generation when
-# the vocabulary has them as control tokens, even if the GGUF names only one eos id.
+# Texts llama.cpp treats as end of generation, and as control tokens whatever type the file gives
+# them (it overrides the type of a "control-looking token"): they end generation here too, and
+# client text spelling one is text, never the token.
 END_OF_TURN_TEXTS = (
-    "<|im_end|>", "<|end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|return|>",
-    "<|call|>", "<|eom_id|>", "<|end_of_text|>",
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[",
 )
 
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
@@ -78,6 +81,7 @@ _META_KEYS = (
     "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
     "tokenizer.ggml.eom_token_id", "tokenizer.ggml.unknown_token_id",
     "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix", "tokenizer.chat_template",
+    "general.name",
 )
 
 
@@ -182,8 +186,9 @@ def read_gguf_metadata(path: str | os.PathLike, prefix: str = "tokenizer.") -> d
             key_b, off = read_str(off)
             key = key_b.decode("utf-8", errors="replace")
             (vtype,) = struct.unpack_from("<I", buf, off)
-            value, off = skip_or_read(vtype, off + 4, key.startswith(prefix))
-            if key.startswith(prefix):
+            want = key.startswith(prefix) or key == "general.name"  # llama.cpp keys quirks on the name
+            value, off = skip_or_read(vtype, off + 4, want)
+            if want:
                 out[key] = value
         return out
 
@@ -217,6 +222,20 @@ def _add_special(hf: HFTokenizer, tokens: list[str], types: np.ndarray) -> None:
         hf.add_special_tokens(control)
     if user:
         hf.add_tokens(user)
+
+
+def _rstrip(meta: dict, vocab: dict[str, int], types: np.ndarray) -> np.ndarray | None:
+    """Added tokens that take the whitespace after them with them: llama.cpp sets this by the
+    model's name, for phi-3 (every control and user-defined token but <unk>, <s> and
+    <|endoftext|>), so that a chat template's newline after <|user|> is no token there."""
+    name = str(meta.get("general.name") or "").lower()
+    if "phi-3" not in name and "phi3" not in name:
+        return None
+    out = (types == CONTROL) | (types == USER_DEFINED) | (types == UNKNOWN)
+    for text, value in (("<unk>", False), ("<s>", False), ("<|endoftext|>", False), ("</s>", True)):
+        if text in vocab:
+            out[vocab[text]] = value
+    return out
 
 
 def _as_id(value) -> int | None:
@@ -289,6 +308,10 @@ class Tokenizer:
         vocab: dict[str, int] = {}
         for i, tok in enumerate(tokens):
             vocab.setdefault(tok, i)
+        end_of_turn = [vocab[t] for t in END_OF_TURN_TEXTS if t in vocab]
+        if end_of_turn:
+            types = types.copy()
+            types[end_of_turn] = CONTROL
 
         if kind == "gpt2":
             pre = meta.get("tokenizer.ggml.pre") or "default"
@@ -326,7 +349,7 @@ class Tokenizer:
             # an added token
             space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
             hf = SpmTokenizer(tokens, types, scores, unk_id=unk_id if unk_id is not None and 0 <= unk_id < n else None,
-                              space_prefix=space_prefix)
+                              space_prefix=space_prefix, rstrip=_rstrip(meta, vocab, types))
             add_bos_default = True
             byte_level = False
             # With all 256 byte pieces, byte fallback covers any text and no unknown token occurs.
@@ -342,7 +365,7 @@ class Tokenizer:
         eos = {i for i in (eos_id, _as_id(meta.get("tokenizer.ggml.eot_token_id")),
                            _as_id(meta.get("tokenizer.ggml.eom_token_id")))
                if i is not None and 0 <= i < n}
-        eos |= {vocab[t] for t in END_OF_TURN_TEXTS if t in vocab and types[vocab[t]] == CONTROL}
+        eos |= set(end_of_turn)
         if "<|channel|>" in vocab and "<|return|>" in vocab and "<|end|>" in vocab:
             # Harmony (GPT-OSS): <|end|> closes one message (the analysis before the answer,
             # say), not the turn; <|return|> and <|call|> end generation.

@@ -117,12 +117,35 @@ def test_control_text_is_plain_unless_asked(shared_dir, vocab_tok, name):
         assert tok.token_bytes(tid, skip_special=True) == b""
 
 
+def test_control_looking_tokens_are_control(vocab_tok):
+    """llama.cpp gives end-of-generation texts the control type whatever the file says (phi-3's
+    </s> is user-defined there): client text spelling one stays text, with llama.cpp's ids
+    (llama-cpp-python 0.3.36 on this vocabulary, parse_special off: "\u2581</", "s", ">")."""
+    tok = vocab_tok("phi-3")
+    assert tok.encode("</s>", add_bos=False) == [1533, 29879, 29958]
+    assert tok.encode_special("</s>", add_bos=False) == [2] and tok.is_special(2)
+
+
+def test_phi3_special_tokens_take_the_whitespace_after_them(vocab_tok):
+    """llama.cpp gives phi-3's special tokens (by the model's name) its RSTRIP attribute and
+    parses unknown-type tokens ([PAD...]) as special text too; ids from llama-cpp-python 0.3.36
+    on this vocabulary, parse_special on and off."""
+    tok = vocab_tok("phi-3")
+    text = "<|user|>\nHello there<|end|>\n<|assistant|>\n Sure.  [PAD32042] x"
+    assert tok.encode_special(text, add_bos=False) == [32010, 15043, 727, 32007, 32001, 18585, 29889, 259, 32042, 921]
+    assert tok.encode(text, add_bos=False) == [
+        529, 29989, 1792, 29989, 29958, 13, 10994, 727, 29966, 29989, 355, 29989, 29958, 13, 29966, 29989, 465,
+        22137, 29989, 29958, 13, 18585, 29889, 29871, 518, 29925, 3035, 29941, 29906, 29900, 29946, 29906, 29962, 921]
+    ids, spans = tok.encode_with_offsets("<|user|>\n Hi", add_bos=False)
+    assert tok.encode_special("<|user|>\n Hi", add_bos=False)[0] == 32010 and ids[0] != 32010  # plain: text
+
+
 @pytest.mark.parametrize("name,bos,eos,add_bos", [
     ("gpt-2", 50256, {50256}, False),
     ("llama-bpe", 128000, {128001, 128009}, True),   # <|eot_id|> ends a turn
     ("llama-spm", 1, {2}, True),
-    ("phi-3", 1, {32000, 32007}, True),              # <|end|>
-    ("qwen2", 151643, {151643, 151645}, False),      # <|im_end|>
+    ("phi-3", 1, {2, 32000, 32007}, True),           # <|end|>; </s> (user-defined in the file)
+    ("qwen2", 151643, {151643, 151645, 128247}, False),  # <|im_end|>; </s> (normal in the file)
 ])
 def test_special_ids(vocab_tok, name, bos, eos, add_bos):
     tok = vocab_tok(name)
