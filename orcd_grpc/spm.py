@@ -231,6 +231,8 @@ def encode_run(text, blob, off, table, scores, mergeable, byte_ids, unk, split_a
             else:  # a character outside the vocabulary: its bytes (or one unknown token)
                 for r in range(a, b):
                     t = byte_ids[text[r]]
+                    if t < 0 and unk < 0:
+                        continue  # neither a byte piece nor an unknown token: dropped (as HF's BPE)
                     if t < 0:
                         t = unk
                         if count > 0 and ids[count - 1] == unk and spans[count - 1, 1] >= a:

@@ -121,3 +121,18 @@ def test_long_runs_cut_only_where_no_token_spans(shared_dir):
     for text in ("".join(rng.choice(words) for _ in range(40_000)), "ab" * 50_000):
         ref.encode_special_tokens = True
         assert ours.encode(text, add_bos=False) == ref.encode(text, add_special_tokens=False).ids
+
+
+def test_characters_without_a_piece_or_unknown_token_are_dropped():
+    """A vocabulary with neither byte pieces nor an unknown token (tiny test models): a character
+    it cannot spell is left out (HF's BPE drops it too), never an id outside the vocabulary, and
+    no merge reaches across it."""
+    toks = ["<s>", "</s>", "\u2581", "a", "b", "ab", "\u2581ab"]
+    tok = Tokenizer._from_metadata({
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": toks,
+        "tokenizer.ggml.token_type": [CONTROL, CONTROL, 1, 1, 1, 1, 1],
+        "tokenizer.ggml.scores": [0.0, 0.0, -5.0, -1.0, -1.0, -2.0, -3.0],
+        "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1})
+    ids = tok.encode("ab é a中b", add_bos=False)
+    assert [toks[i] for i in ids] == ["\u2581ab", "\u2581", "\u2581", "a", "b"]
+    assert tok.decode(ids) == "ab  ab" and tok.max_token_bytes is None
