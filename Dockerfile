@@ -71,11 +71,14 @@ ARG GIT_COMMIT=""
 ARG BUILD_DATE=""
 # ORCD_MODEL_DIR: the model cache is the /models volume, so known model names are found there.
 # ORCD_KERNEL_CACHE: compiled kernels; mount a volume there to skip recompiling at each start.
+# NUMBA_CACHE_DIR: numba's compiled code (the SentencePiece tokenizer's merge loop, the CPU
+# backend's kernels) beside them; the installed package's own directory is not writable here.
 # ORCD_GIT_COMMIT/ORCD_BUILD_DATE: the build context has no .git, so they come from build args.
 ENV PATH="/opt/orcd/venv/bin:$PATH" \
     PYTHONUNBUFFERED=1 \
     ORCD_MODEL_DIR=/models \
     ORCD_KERNEL_CACHE=/var/cache/orcd/kernels \
+    NUMBA_CACHE_DIR=/var/cache/orcd/kernels/numba \
     ORCD_GIT_COMMIT=${GIT_COMMIT} \
     ORCD_BUILD_DATE=${BUILD_DATE}
 
