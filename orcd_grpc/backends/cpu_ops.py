@@ -215,8 +215,10 @@ def _load_typed(cache, scales, slot, h, n, dst, srow):
     def q8_0(cache, scales, slot, h, n, dst, srow):
         load_row(scales[slot, h], 0, n // 32, srow, 0)
         src = cache[slot, h]
-        for j in range(n):
-            dst[j] = srow[j >> 5] * np.float32(src[j])
+        for b in range(n // 32):  # a block at a time: the inner loop vectorizes
+            d = srow[b]
+            for j in range(b * 32, b * 32 + 32):
+                dst[j] = d * np.float32(src[j])
     return q8_0
 
 
