@@ -38,6 +38,7 @@ from . import __version__, cli_tokens, model_store, ratelimit, security
 from . import speculation as _spec
 from .cli_client import DEFAULT_ADDRESS, add_client_flags, client_from_args  # noqa: F401 (DEFAULT_ADDRESS re-exported)
 from .client_errors import ClientConfigError, from_grpc
+from .backends.base import KV_VALUE_BYTES
 from .backends.factory import BACKENDS
 from .errors import InvalidArgument, OrcdError
 from .progress import LoadProgress
@@ -174,7 +175,7 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                         "available memory less a margin, read at each load)")
     p.add_argument("--context-length", type=int, default=0,
                    help="tokens per sequence; 0: the model's own, capped (default: 0)")
-    p.add_argument("--kv-cache-type", choices=("f16", "q8_0", "f32"), default=None,
+    p.add_argument("--kv-cache-type", choices=sorted(KV_VALUE_BYTES), default=None,
                    help="the KV cache's element for loads that name none: f16, q8_0 (GGML's 8-bit blocks, "
                         "53%% of f16's bytes; cpu backend) or f32 (cpu, numpy) (default: the backend's, f16 on "
                         "cpu and cuda)")

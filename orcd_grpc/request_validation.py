@@ -353,17 +353,15 @@ def resolve_model_path(path: str, model_dirs: list[str]) -> pathlib.Path:
     return real
 
 
-#: KVCacheType values and the loader's names for them
-KV_CACHE_TYPES = {1: "f16", 2: "q8_0", 3: "f32"}
-
-
-def kv_cache_type(value: int, default: str = "") -> str:
-    """LoadModelRequest.kv_cache_type as the loader's name ("": the backend's default)."""
+def kv_cache_type(value: int, names: dict[int, str], default: str = "") -> str:
+    """LoadModelRequest.kv_cache_type as the loader's name (names: enum value -> name; 0: default,
+    "" for the backend's own)."""
     if value == 0:
         return default
-    if value not in KV_CACHE_TYPES:
-        raise InvalidArgument(f"unknown KV cache type {value} (1 F16, 2 Q8_0, 3 F32)", field="kv_cache_type")
-    return KV_CACHE_TYPES[value]
+    if value not in names:
+        known = ", ".join(f"{v} {n.upper()}" for v, n in sorted(names.items()))
+        raise InvalidArgument(f"unknown KV cache type {value} ({known})", field="kv_cache_type")
+    return names[value]
 
 
 def check_context_length(ctx: int, max_context: int = 0) -> None:

@@ -55,7 +55,9 @@ def client_path(path, model_dirs: list[str]) -> str:
     return os.path.basename(real)
 
 
-_KV_ENUM = {name: value for value, name in rv.KV_CACHE_TYPES.items()}
+# KVCacheType <-> the loader's names (KV_CACHE_TYPE_Q8_0 <-> "q8_0")
+_KV_NAMES = {v: pb.KVCacheType.Name(v).removeprefix("KV_CACHE_TYPE_").lower() for v in pb.KVCacheType.values() if v}
+_KV_ENUM = {name: value for value, name in _KV_NAMES.items()}
 
 
 def describe(info, model_dirs: list[str] = ()) -> pb.ModelDescription:
@@ -269,7 +271,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             ctx = int(request.context_length)
             rv.check_context_length(ctx, self.max_context)
             draft = rv.resolve_draft_path(request.draft_path, self.model_dirs) if request.draft_path else None
-            kv_type = rv.kv_cache_type(int(request.kv_cache_type), self.kv_cache_type)
+            kv_type = rv.kv_cache_type(int(request.kv_cache_type), _KV_NAMES, self.kv_cache_type)
         except OrcdError as err:
             self._count("LoadModel", err.code)
             _abort(context, err)

@@ -332,16 +332,6 @@ class SpmTokenizer:
     def _text(self, i: int) -> str:
         return self._blob[self._off[i]:self._off[i + 1]].tobytes().decode("utf-8", "replace")
 
-    def token_to_id(self, text: str) -> int | None:
-        t = self._find(text.encode("utf-8"))
-        return None if t < 0 else t
-
-    def id_to_token(self, i: int) -> str | None:
-        return self._text(int(i)) if 0 <= int(i) < len(self._off) - 1 else None
-
-    def _find(self, b: bytes) -> int:
-        return int(_find(self._blob, self._off, self._table, np.frombuffer(b, np.uint8), 0, len(b))) if b else -1
-
     # ---- encoding -----------------------------------------------------------------------------
     def _segments(self, text: str):
         """(start, end, added token id or -1) pieces of text, in order."""

@@ -145,8 +145,10 @@ _NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: 
        11: "<i8", 12: "<f8"}
 
 
-def read_gguf_metadata(path: str | os.PathLike, prefix: str = "tokenizer.") -> dict[str, Any]:
-    """Metadata values whose key starts with `prefix`, read from a GGUF header (little endian)."""
+def read_gguf_metadata(path: str | os.PathLike,
+                       prefix: str | tuple[str, ...] = ("tokenizer.", "general.name")) -> dict[str, Any]:
+    """Metadata values whose key starts with `prefix` (or one of them), read from a GGUF header
+    (little endian). general.name: llama.cpp keys some vocabulary rules on the model's name."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != b"GGUF":
             raise InvalidArgument("not a GGUF file (bad magic)", field="path")
@@ -186,7 +188,7 @@ def read_gguf_metadata(path: str | os.PathLike, prefix: str = "tokenizer.") -> d
             key_b, off = read_str(off)
             key = key_b.decode("utf-8", errors="replace")
             (vtype,) = struct.unpack_from("<I", buf, off)
-            want = key.startswith(prefix) or key == "general.name"  # llama.cpp keys quirks on the name
+            want = key.startswith(prefix)
             value, off = skip_or_read(vtype, off + 4, want)
             if want:
                 out[key] = value

@@ -94,14 +94,10 @@ KV_VALUE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
 
 class Backend(ABC):
     name: str = "?"
-    #: the KV cache types the backend stores, its default first
+    #: the KV cache types the backend stores
     kv_types: tuple[str, ...] = ("f32",)
     #: the type this backend's caches are allocated as (set by the loader before sizing them)
     kv_type: str = "f32"
-
-    @property
-    def kv_elem_size(self) -> float:
-        return KV_VALUE_BYTES[self.kv_type]
     # Host backends allocate step activations as they go (admission sizes them at load); device
     # backends reserve a workspace up front.
     host_memory: bool = False
@@ -109,6 +105,11 @@ class Backend(ABC):
     workspace_bytes: int = 0  # the step workspace a device backend reserves (0: none)
     # Whether packs of mixed types may be re-encoded as one Q8_0 matrix (weight_packing.Switches.widen)
     widen_packs: bool = True
+
+    @property
+    def kv_elem_size(self) -> float:
+        """Bytes of one cached key or value element in this backend's caches."""
+        return KV_VALUE_BYTES[self.kv_type]
 
     # ---- memory -------------------------------------------------------------------------
     def before_weights(self) -> None:
