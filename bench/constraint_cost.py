@@ -8,6 +8,7 @@ the scheduler's requests are). The schema is an array of at least `--gen` object
 constrained sequence can finish before the measurement does. Reports aggregate decode tok/s of
 both, their ratio, and the matcher's mask-fill time per row (Constraint.fill_rows, timed where
 the runner calls it: beside the forward on the host backend, before the sample kernel on CUDA).
+--trace adds where a constrained step's host time goes (StepTimer.chain_us).
 
     python3 bench/constraint_cost.py MODEL.gguf [--backend cuda] [--batches 1,64] [--gen 128]
 """
@@ -43,29 +44,84 @@ def schema(min_items: int) -> dict:
                                      "score": {"type": "number", "minimum": -1000, "maximum": 1000}}}}
 
 
-class FillTimer:
-    """Times Constraint.fill_rows (the runner calls it through the class) and counts its rows."""
+class StepTimer:
+    """Times Constraint.fill_rows (the runner calls it through the class) and counts its rows; with
+    the engine's backend, also where each constrained step's host time goes between the moment
+    its tokens reach the host (sample_result) and the moment the next step's sampling is queued
+    (sample_packed_async): the chain the GPU may wait on, against the step period."""
 
-    def __init__(self):
-        self.seconds, self.rows, self._orig = 0.0, 0, None
+    def __init__(self, backend=None):
+        # the chain exists where sampling is queued on a device (the CUDA backend)
+        backend = backend if hasattr(backend, "sample_result") else None
+        self.seconds, self.rows, self.backend = 0.0, 0, backend
+        self.events: list[tuple[str, float]] = []
 
     def __enter__(self):
         self._orig = constraints.Constraint.__dict__["fill_rows"]
         orig = self._orig.__func__
+        ev = self.events
 
         def timed(items, bits):
             t = time.perf_counter()
+            ev.append(("fill0", t))
             try:
                 return orig(items, bits)
             finally:
-                self.seconds += time.perf_counter() - t
+                t1 = time.perf_counter()
+                ev.append(("fill1", t1))
+                self.seconds += t1 - t
                 self.rows += len(items)
 
         constraints.Constraint.fill_rows = staticmethod(timed)
+        be = self.backend
+        if be is not None:
+            res, que = be.sample_result, getattr(be, "sample_packed_async", None)
+
+            def result(h):
+                out = res(h)
+                ev.append(("tokens", time.perf_counter()))
+                return out
+
+            be.sample_result = result
+            if que is not None:
+                def queued(*a, **k):
+                    out = que(*a, **k)
+                    ev.append(("queued", time.perf_counter()))
+                    return out
+
+                be.sample_packed_async = queued
         return self
 
     def __exit__(self, *exc):
         constraints.Constraint.fill_rows = self._orig
+        if self.backend is not None:
+            for name in ("sample_result", "sample_packed_async"):
+                self.backend.__dict__.pop(name, None)
+
+    def chain_us(self) -> dict:
+        """Medians (us) of: tokens on the host -> fill start, the fill, fill end -> sampling queued,
+        sampling queued -> the next tokens on the host, and the period between tokens."""
+        parts: dict[str, list[float]] = {k: [] for k in ("to_fill", "fill", "to_queue", "gpu_wait", "period")}
+        ev = self.events
+        last_tok = None
+        for i, (name, t) in enumerate(ev):
+            if name != "tokens":
+                continue
+            if last_tok is not None:
+                parts["period"].append(t - last_tok)
+            last_tok = t
+            nxt = {}
+            for name2, t2 in ev[i + 1:]:
+                if name2 == "tokens":
+                    nxt["next"] = t2
+                    break
+                nxt.setdefault(name2, t2)
+            if {"fill0", "fill1", "queued", "next"} <= nxt.keys():
+                parts["to_fill"].append(nxt["fill0"] - t)
+                parts["fill"].append(nxt["fill1"] - nxt["fill0"])
+                parts["to_queue"].append(nxt["queued"] - nxt["fill1"])
+                parts["gpu_wait"].append(nxt["next"] - nxt["queued"])
+        return {k: round(statistics.median(v) * 1e6, 1) for k, v in parts.items() if v}
 
 
 def decode(eng, b: int, n_new: int, rng, spec: dict | None, seed0: int):
@@ -99,6 +155,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--context-length", type=int, default=4096)
+    ap.add_argument("--trace", action="store_true",
+                    help="also time each constrained step's host chain (StepTimer.chain_us; to stderr and the JSON)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
 
@@ -122,17 +180,22 @@ def main(argv=None):
                "first_compile_s": round(first_compile_s, 3), "compile_ms": round(compile_ms, 2)}
     rows = []
     for b in batches:
-        free, cons, fill_us, ended = [], [], [], 0
+        free, cons, fill_us, ended, chains = [], [], [], 0, []
         for r in range(args.reps):
             free.append(decode(eng, b, args.gen + 1, rng, None, 1000 * r)[0])
-            with FillTimer() as ft:
+            with StepTimer(eng.backend if args.trace else None) as ft:
                 tps, e = decode(eng, b, args.gen + 1, rng, spec, 1000 * r)
+            if args.trace:
+                chains.append(ft.chain_us())
             cons.append(tps)
             ended += e
             fill_us.append(ft.seconds / max(ft.rows, 1) * 1e6)
         f, c = statistics.median(free), statistics.median(cons)
         results[f"B{b}"] = {"free_tok_s": f, "constrained_tok_s": c, "ratio": c / f,
                             "fill_us_per_row": statistics.median(fill_us), "matchers_ended_early": ended}
+        if chains:
+            results[f"B{b}"]["chain_us"] = chains[len(chains) // 2]
+            print(f"B={b} constrained step, median us: {chains[len(chains) // 2]}", file=sys.stderr)
         rows.append("| " + " | ".join([info.model_id, info.backend, str(b), f"{f:.0f}", f"{c:.0f}", f"{c / f:.3f}",
                                        f"{statistics.median(fill_us):.1f}"]) + " |")
 

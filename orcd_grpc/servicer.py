@@ -383,14 +383,18 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def HardwareInfo(self, request, context):
         engine = self.scheduler.engine
-        backend = engine.info.backend if engine is not None else self.backend
-        backend = backend if backend == "cuda" else "cpu"  # the device kind: numpy and auto run on the CPU
         gpu = None
         used = 0
-        if engine is not None and backend == "cuda":
-            gpu = engine.gpu_info()
-            used = engine.info.vram_bytes
         try:
+            if engine is not None:
+                backend = "cuda" if engine.info.backend == "cuda" else "cpu"  # the device kind: numpy runs on the CPU
+                if backend == "cuda":
+                    gpu = engine.gpu_info()
+                    used = engine.info.vram_bytes
+            else:  # no model yet: the device a load would use, and its free memory now
+                from .backends.factory import idle_device
+
+                backend, gpu = idle_device(self.backend)
             from .hardware import hardware_info
 
             from .worker_limits import worker_limits

@@ -24,7 +24,11 @@
 #                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call
 #   LLAMA_BENCH="qwen2.5-0.5b ..."  llama.cpp's same-lease figures on those files: llama-bench pp512/tg128
 #                   and llama-batched-bench at 1 and 64 sequences (waits for the build); to $OUT/llama.md
-#   CONSTRAINT="qwen2.5-0.5b ..."  bench/constraint_cost.py (JSON schema against free decode, B=1,64)
+#   CONSTRAINT="qwen2.5-0.5b ..."  bench/constraint_cost.py (JSON schema against free decode, B=1,64;
+#                   --trace: where a constrained step's host time goes); run before BUILD_LLAMA's build
+#                   starts, which would take the cores the masks are filled on
+#   MASK_FILL="qwen2.5-0.5b ..."  bench/mask_fill.py: llguidance's mask fill on this host's cores
+#                   (B=1,64; 1-16 threads), to $OUT/mask_fill.md
 #   SPEC_COST="qwen2.5-0.5b ..."  bench/spec_bench.py --step-reps: a verify step of 1+k tokens against a plain one
 #   LONG="qwen2.5-0.5b:8192,32768 ..."  prefill of N tokens and decode at depth N, orcd (bench_engine.py)
 #                   and llama-bench -d N when built; rows to $OUT/long.txt
@@ -35,7 +39,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/orcd-out}; mkdir -p "$OUT"
 rc=0
+echo "== $(date +%T) start"
 . scripts/device_env.sh
+echo "== $(date +%T) wheels and carried files ready"
 # ../shared does not travel to the GPU machine; a shared/ copied into the checkout does.
 if [ -z "${ORCD_SHARED_DIR:-}" ] && [ -d shared/vocab ]; then export ORCD_SHARED_DIR=$PWD/shared; fi
 # Tiny architecture models exported where transformers is installed (tests/gpu/test_cuda_architectures.py).
@@ -44,14 +50,18 @@ if [ -z "${ORCD_TINY_GGUF_DIR:-}" ] && [ -d .dev/tiny ]; then export ORCD_TINY_G
 # No network there: the real-model tests run on models carried into $ORCD_MODEL_DIR, else skip.
 export ORCD_TEST_NO_PULL=1
 data=${ORCD_BENCH_DIR:-/tmp/orcd-bench}; mkdir -p "$data"
-if [ -n "${BUILD_LLAMA:-}" ] && [ ! -d /tmp/anchor/src/llama.cpp ]; then
-  mkdir -p /tmp/anchor/src && tar xzf .dev/anchors/llamacpp-src.tgz -C /tmp/anchor/src
-  (cd /tmp/anchor/src/llama.cpp && setsid nohup bash -c "cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF \
-    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release && nice cmake --build build -j10 \
-    --target llama-bench llama-batched-bench llama-server; echo \$? > /tmp/anchor/build.rc" \
-    > /tmp/anchor/build.log 2>&1 < /dev/null &)
-fi
+start_llama_build() {
+  if [ -n "${BUILD_LLAMA:-}" ] && [ ! -d /tmp/anchor/src/llama.cpp ]; then
+    mkdir -p /tmp/anchor/src && tar xzf .dev/anchors/llamacpp-src.tgz -C /tmp/anchor/src
+    (cd /tmp/anchor/src/llama.cpp && setsid nohup bash -c "cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF \
+      -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release && nice cmake --build build -j10 \
+      --target llama-bench llama-batched-bench llama-server; echo \$? > /tmp/anchor/build.rc" \
+      > /tmp/anchor/build.log 2>&1 < /dev/null &)
+  fi
+}
+# the build takes ten cores for minutes: after the CPU-bound measurements when there are some
+[ -z "${CONSTRAINT:-}${MASK_FILL:-}" ] && start_llama_build
 llama_bin=/tmp/anchor/src/llama.cpp/build/bin
 # waits (at most LLAMA_WAIT seconds) for the background build; true when it succeeded
 llama_ready() {
@@ -61,7 +71,7 @@ llama_ready() {
 # The synthetic files the profiles and the benchmark need, written while the tests run (16 cores there).
 NCU=${NCU:-}
 bench_models=${BENCH_MODELS:-}; [ -z "${SKIP_BENCH:-}" ] && bench_models=${BENCH_MODELS:-qwen2.5-0.5b phi3-mini phi3-mini-q4_0 gpt-oss-20b}
-for m in $(for mb in ${SERVE:-} ${CONSTRAINT:-} ${SPEC_COST:-} ${LONG:-} ${LLAMA_BENCH:-} ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} $(for x in $NCU; do echo "${x%%:*}"; done) $bench_models; do echo "${mb%%:*}"; done | sort -u); do
+for m in $(for mb in ${SERVE:-} ${CONSTRAINT:-} ${MASK_FILL:-} ${SPEC_COST:-} ${LONG:-} ${LLAMA_BENCH:-} ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} $(for x in $NCU; do echo "${x%%:*}"; done) $bench_models; do echo "${mb%%:*}"; done | sort -u); do
   [ -s "$data/$m.gguf" ] || (python3 bench/synth_gguf.py "$m" "$data/$m.tmp" "$ORCD_SHARED_DIR/vocab" >/dev/null \
     && mv "$data/$m.tmp" "$data/$m.gguf") &
 done
@@ -72,10 +82,11 @@ if [ -n "${FIRST_TESTS:-}" ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || { rc=1; STAGE_DIRS=; echo "first tests failed: stages skipped"; }
 fi
 if [ -n "${STAGE_DIRS:-}" ]; then echo "== staged whole models"; WHEELS=${WHEELS:-.whl} bash scripts/stage_gpu.sh $STAGE_DIRS || rc=1; fi
+echo "== $(date +%T) GPU"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,temperature.gpu --format=csv
 python3 -c "import orcd_grpc.proto" || echo "stub generation failed"
 start=$(date +%s)
-echo "== GPU tests"
+echo "== $(date +%T) GPU tests"
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout ${GPU_TEST_TIMEOUT:-480} python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/gpu} -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest-gpu.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
@@ -127,10 +138,16 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
 fi
 for m in ${CONSTRAINT:-}; do
   wait
-  echo "== constraint cost $m"
-  timeout 300 python3 bench/constraint_cost.py "$data/$m.gguf" --backend cuda --batches 1,64 --reps 3 \
-    --json "$OUT/constraint.jsonl" 2>&1 | tail -4
+  echo "== $(date +%T) constraint cost $m"
+  timeout 300 python3 bench/constraint_cost.py "$data/$m.gguf" --backend cuda --batches 1,64 --reps 3 --trace \
+    --json "$OUT/constraint.jsonl" 2>&1 | tail -6
 done
+for m in ${MASK_FILL:-}; do
+  wait
+  echo "== $(date +%T) mask fill $m"
+  timeout 200 python3 bench/mask_fill.py "$data/$m.gguf" --batches 1,64 --threads 1,4,8,12,16 2>&1 | tee -a "$OUT/mask_fill.md" | tail -8
+done
+start_llama_build
 for m in ${SPEC_COST:-}; do
   wait
   echo "== verify step cost $m"

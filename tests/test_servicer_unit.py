@@ -328,6 +328,30 @@ def test_hardware_info_cpu(harness):
     assert not resp.gpu.name
 
 
+def test_hardware_info_before_any_load_describes_the_gpu(harness, monkeypatch):
+    """A CUDA worker with no model still reports its GPU and free VRAM (what the first load would
+    use); tests/gpu/test_cuda_load_plan.py reads the real device's."""
+    from orcd_grpc.backends import factory
+
+    gpu = {"name": "Fake GPU", "compute_capability": "9.0", "vram_total": 80 << 30, "vram_free": 79 << 30,
+           "driver_version": "580.1", "cuda_version": "13.0", "multiprocessors": 132}
+    asked = []
+    monkeypatch.setattr(factory, "idle_device", lambda kind: asked.append(kind) or ("cuda", gpu))
+    h = harness(engine=None)
+    h.servicer.backend = "auto"
+    resp, _, code, _ = h.unary("HardwareInfo", pb.HardwareInfoRequest())
+    assert code == grpc.StatusCode.OK and asked == ["auto"]
+    assert resp.backend == "cuda" and resp.gpu.name == "Fake GPU" and resp.gpu.vram_free_bytes == 79 << 30
+    assert resp.gpu.vram_used_by_worker_bytes == 0 and resp.gpu.multiprocessors == 132
+
+
+def test_idle_device_without_a_gpu_is_the_cpu():
+    from orcd_grpc.backends.factory import idle_device
+
+    for kind in ("cpu", "numpy"):
+        assert idle_device(kind) == ("cpu", None)
+
+
 def test_request_metrics_count_codes(harness):
     h = harness()
     h.execute(text_req())

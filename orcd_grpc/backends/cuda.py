@@ -34,7 +34,7 @@ from ..errors import Internal, InvalidArgument
 from ..tuning import Tuning
 from .base import Backend, KVLayout
 from .cuda_attention import AttentionMixin, CudaKV
-from .cuda_context import DeviceLimits, _capture_lock, _context, _nvidia_driver, _serialised, _tls
+from .cuda_context import DeviceLimits, _capture_lock, _context, _serialised, _tls, device_info
 from .cuda_memory import ALIGN, MiB, DeviceBuffer, VramBudget, Workspace
 from .cuda_ops import OpsMixin
 from .cuda_sampling import SamplingMixin
@@ -171,23 +171,8 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
     def memory_available(self) -> int:
         return self.budget.available
 
-    @_serialised
     def gpu_info(self) -> dict:
-        drv = self._drv
-        _context(self.device_index)
-        free, total = drv.mem_get_info()
-        major, minor = self.device.compute_capability()
-        dv = drv.get_driver_version()  # e.g. 13000
-        cv = drv.get_version()  # the CUDA version PyCUDA was built against, (13, 0, 0)
-        return {
-            "name": self.device.name(),
-            "compute_capability": f"{major}.{minor}",
-            "vram_total": int(total),
-            "vram_free": int(free),
-            "driver_version": _nvidia_driver() or f"{dv // 1000}.{(dv % 1000) // 10}",
-            "cuda_version": ".".join(str(x) for x in cv[:2]),
-            "multiprocessors": self.limits.sms,
-        }
+        return device_info(self.device_index)
 
     # ---- memory ------------------------------------------------------------------------
     def weight_nbytes(self, qtype, shape, raw_nbytes, name: str = ""):
@@ -282,6 +267,12 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
                     ev.close()
             for buf in list(self._owned):
                 buf.free()
+            # The page-locked twins go now, under the capture lock: left to the collector,
+            # their cuMemFreeHost could land inside another engine's graph capture and void it.
+            for host in (*self._meta_hosts, *self._sample_hosts):
+                if host is not None:
+                    host.base.free()
+            self._meta_hosts, self._sample_hosts = [None, None], [None, None]
             self._rope_cache.clear()
         finally:
             self.closed = True

@@ -106,6 +106,28 @@ def _pop_all():
         _tls.guard = None
 
 
+def device_info(device: int = 0) -> dict:
+    """The device as hardware.GPU_FIELDS describes it, free memory included (the process's
+    context made current here: the first call creates it)."""
+    import pycuda.driver as drv
+
+    with _capture_lock:
+        _context(device)
+        free, total = drv.mem_get_info()
+        dev = drv.Device(device)
+        major, minor = dev.compute_capability()
+        dv = drv.get_driver_version()  # e.g. 13000
+        return {
+            "name": dev.name(),
+            "compute_capability": f"{major}.{minor}",
+            "vram_total": int(total),
+            "vram_free": int(free),
+            "driver_version": _nvidia_driver() or f"{dv // 1000}.{(dv % 1000) // 10}",
+            "cuda_version": ".".join(str(x) for x in drv.get_version()[:2]),  # what PyCUDA was built against
+            "multiprocessors": DeviceLimits.of(dev).sms,
+        }
+
+
 def _nvidia_driver() -> str:
     """The kernel driver's version (e.g. 580.159.04); the CUDA API only reports its own."""
     try:

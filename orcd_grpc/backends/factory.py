@@ -31,3 +31,16 @@ def make_backend(kind: str = "auto", max_vram: int = 0, max_ram: int = 0) -> Bac
         return NumpyBackend(max_ram=ram_limit(max_ram))
     from .cpu_backend import CpuBackend
     return CpuBackend(max_ram=ram_limit(max_ram))
+
+
+def idle_device(kind: str = "auto") -> tuple[str, dict | None]:
+    """(device kind, GPU description) of a worker started with --backend kind that holds no model:
+    what HardwareInfo reports before the first load. ("cpu", None) where no GPU would be used."""
+    if kind in ("auto", "cuda"):
+        try:
+            from .cuda_context import cuda_present, device_info
+            if cuda_present():
+                return "cuda", device_info()
+        except ImportError:
+            pass
+    return "cpu", None
