@@ -270,8 +270,10 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
             # The page-locked twins go now, under the capture lock: left to the collector,
             # their cuMemFreeHost could land inside another engine's graph capture and void it.
             for host in (*self._meta_hosts, *self._sample_hosts):
+                while host is not None and not hasattr(host, "free"):  # the array's HostAllocation
+                    host = getattr(host, "base", None)
                 if host is not None:
-                    host.base.free()
+                    host.free()
             self._meta_hosts, self._sample_hosts = [None, None], [None, None]
             self._rope_cache.clear()
         finally:
