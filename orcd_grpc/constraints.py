@@ -36,6 +36,27 @@ FIELDS = ("json_schema", "json_object", "regex", "lark_grammar", "gbnf")
 # on one schema in fifty, before this bound). A schema's own "x-guidance" options override it.
 JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32}"}
 
+# llguidance's mask "slices": vocabulary subsets precomputed per tokenizer, whose tokens are all
+# allowed at once wherever the lexer allows the slice's whole language, so the token-trie walk
+# only visits the rest. Its general set has JSON string runs of 1-10, 1-30 and any length; inside
+# a string whose maxLength leaves fewer than ten characters, neither bounded run fits and the walk
+# covers the whole trie, the slowest fills of a JSON schema. Shorter runs cover most of those
+# states (BENCHMARKS.md, "mask fill"), for a few MB more per vocabulary.
+SLICE_RUNS = (3, 6, 10, 16, 30)
+
+
+def slices() -> list[str]:
+    """llguidance's general slices with the bounded string runs of SLICE_RUNS in place of its own."""
+    import llguidance as llg
+
+    general = list(llg.LLTokenizer.general_slices())
+    bounded = [g for g in general if "{1," in g]
+    if not bounded:  # a llguidance whose set differs: keep it as it is
+        return general
+    run = bounded[0].split("{1,")[0]  # the string-character class, as llguidance spells it
+    others = [g for g in general if not g.startswith(run)]
+    return others + [f"{run}{{1,{n}}}" for n in SLICE_RUNS] + [g for g in general if g.startswith(run) and "{1," not in g]
+
 
 def _limits():
     import llguidance as llg
@@ -95,7 +116,8 @@ def ll_tokenizer(tokenizer, vocab_size: int):
         lt = per.get(vocab_size)
         if lt is None:
             eos = sorted(int(t) for t in tokenizer.eos_ids) or None
-            lt = per[vocab_size] = llg.LLTokenizer(_Vocab(tokenizer), n_vocab=int(vocab_size), eos_token=eos)
+            lt = per[vocab_size] = llg.LLTokenizer(_Vocab(tokenizer), n_vocab=int(vocab_size), eos_token=eos,
+                                                   slices=slices())
         return lt
 
 

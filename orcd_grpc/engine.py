@@ -412,6 +412,11 @@ class Engine:
             self._advance([(s, 1) for s in seqs])
         return launched
 
+    def settle(self, launched: Launched) -> None:
+        """The launched step's masked sampling queued now: the caller has appended the tokens of
+        the step before it (so its sequences' matchers are past them) and has host work left."""
+        self.runner.settle(launched)
+
     def collect(self, launched: Launched) -> dict[int, TokenSample]:
         """{seq_id: sample} of a launched step; a verify row's further tokens are in its
         sample's `following`. The caller appends each token it accepts to its sequence's

@@ -41,7 +41,17 @@ class Overlap:
             ahead = eng.launch(seqs, token_budget, after=prev[1])
             if ahead is not None:
                 self.inflight = (list(seqs), ahead)
-        return self._deliver(prev, append)
+        out = self._deliver(prev, append)
+        if append:
+            self.settle()
+        return out
+
+    def settle(self) -> None:
+        """Once the tokens step() delivered are appended (by step itself, or by a caller that
+        appends its own): the step in flight gets its masked sampling queued at once, so the GPU
+        need not wait for the host's other work on those tokens (streaming them, planning)."""
+        if self.inflight is not None:
+            self.engine.settle(self.inflight[1])
 
     def drain(self, append: bool = True) -> dict:
         """Delivers the step in flight, if any."""

@@ -317,6 +317,10 @@ class Scheduler(ModelManagement):
                     if req.done or smp.done:
                         break
                     self._on_token(engine, req, smp, one)
+        try:
+            ov.settle()  # every matcher has its token now
+        except Exception:  # the next step's launch queues it again, and reports what fails
+            log.debug("settling the step in flight failed", exc_info=True)
 
     @staticmethod
     def _may_follow(batch: list[Request]):

@@ -417,6 +417,41 @@ def test_llguidance_tokenizer_is_cached_per_tokenizer_and_freed_with_it(smollm2_
     assert ref() is None
 
 
+def test_our_mask_slices_change_no_mask(smol_tok):
+    """constraints.slices() only speeds the fill: along random walks through a schema of bounded
+    strings (where the added short runs apply), every mask equals the one llguidance computes with
+    no slices at all (the plain trie walk)."""
+    import json
+
+    import llguidance as llg
+    from llguidance.numpy import fill_next_token_bitmask
+
+    V = smol_tok.vocab_size
+    ours = constraints.ll_tokenizer(smol_tok, V)
+    plain = llg.LLTokenizer(constraints._Vocab(smol_tok), n_vocab=V, eos_token=sorted(smol_tok.eos_ids), slices=[])
+    spec = {"type": "array", "minItems": 40, "items": {
+        "type": "object", "required": ["a", "b", "n"], "additionalProperties": False,
+        "properties": {"a": {"type": "string", "maxLength": 7}, "b": {"type": "string", "minLength": 2, "maxLength": 19},
+                       "n": {"type": "integer"}}}}
+    grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(spec), defaults=constraints.JSON_OPTIONS)
+    rng = np.random.default_rng()
+    steps_in_strings = 0
+    for _ in range(3):
+        m1, m2 = llg.LLMatcher(ours, grammar), llg.LLMatcher(plain, grammar)
+        bits = np.zeros((2, bitmask_words(V)), np.int32)
+        for _ in range(120):
+            fill_next_token_bitmask(m1, bits, 0)
+            fill_next_token_bitmask(m2, bits, 1)
+            assert np.array_equal(bits[0], bits[1])
+            allowed = np.flatnonzero(unpack_bitmask(bits[0], V))
+            steps_in_strings += allowed.size > V // 4  # string content: most of the vocabulary allowed
+            t = int(rng.choice(allowed))
+            assert m1.consume_token(t) and m2.consume_token(t)
+            if m1.is_stopped():
+                break
+    assert steps_in_strings >= 20
+
+
 def test_python_client_builds_constraints():
     from orcd_grpc.client import build_request
 

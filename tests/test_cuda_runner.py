@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from orcd_grpc.backends.cuda_runner import CudaRunner
+from orcd_grpc.backends.cuda_runner import CudaRunner, _Unsampled
 from orcd_grpc.backends.numpy_backend import NumpyBackend
 from orcd_grpc.backends.runner import PlanRow, RunnerModel, StepPlan, pack_bitmask, unpack_bitmask
 from orcd_grpc.loader import load_engine
@@ -492,11 +492,14 @@ def test_constrained_rows_are_queued_and_masked_after_the_token_in_flight(tmp_pa
                 for i, c in enumerate(cons)]
         seqs.append(eng.new_sequence([1, 4, 4, 8], SamplingParams(temperature=0.7, seed=7)))
         ov = Overlap(eng)
-        checked = 0
+        checked = settled = 0
         while len(seqs[0].output_ids) < 12:
             before = [list(c.seen) for c in cons]
             allowed = [c.allowed() for c in cons]
             out = ov.step(seqs, may_follow=lambda s: len(s.output_ids) + 2 <= 12)
+            if ov.inflight is not None:  # settled: its sampling queued as soon as the matchers took `out`
+                assert not isinstance(ov.inflight[1].pending, _Unsampled)
+                settled += 1
             for c, s, seen, ok in zip(cons, seqs, before, allowed):
                 if s.seq_id in out:
                     assert c.seen == seen + [out[s.seq_id].token_id]  # the sequence's append fed it
@@ -504,7 +507,7 @@ def test_constrained_rows_are_queued_and_masked_after_the_token_in_flight(tmp_pa
                     checked += 1
         assert checked == 24 and ov.inflight is None
         if lookahead:
-            assert be.fed >= 8, be.fed  # constrained steps were queued ahead
+            assert be.fed >= 8 and settled >= 8, (be.fed, settled)  # constrained steps were queued ahead
         outputs = [list(s.output_ids) for s in seqs]
         for s in seqs:
             eng.release(s)

@@ -115,6 +115,9 @@ class CudaRunner(Runner):
             launched.result = StepResult(_samples(res, launched.plan.rows))
         return launched.result
 
+    def settle(self, launched: Launched) -> None:
+        self._sample_queued(launched)
+
     def _bucket(self, plan: StepPlan) -> int:
         """The graph bucket of a pure decode step (every sequence adds its one new token), or 0."""
         rows = plan.rows

@@ -122,7 +122,10 @@ class SamplingMixin:
             mrow = np.full(R, -1, np.int64)
             mrow[keep] = np.arange(keep.size)
             prm[:, 13] = mrow.astype(np.int32).view(np.uint32)
-            packed = np.ascontiguousarray(bits[keep]).view(np.uint32).ravel() if keep.size else None
+            if keep.size == R:  # every row restricts (a constrained batch): no gathered copy
+                packed = np.ascontiguousarray(bits).view(np.uint32).reshape(-1)
+            else:
+                packed = np.ascontiguousarray(bits[keep]).view(np.uint32).ravel() if keep.size else None
         # One device buffer and its pinned host twin, in 32-bit words:
         #   params [R, 16] | penalties | bitmask rows | (64-word aligned) token ids [R] | logprobs [R]
         #   | top ids | top logprobs

@@ -192,6 +192,10 @@ class Runner(ABC):
     def collect(self, launched: Launched) -> StepResult:
         """The step's result, waiting for it if needed."""
 
+    def settle(self, launched: Launched) -> None:
+        """Queues what of a launched step still waits on the host (a masked sampling), once the
+        caller has advanced its rows' matchers past the step before; collect() does it otherwise."""
+
     def run(self, plan: StepPlan) -> StepResult:
         return self.collect(self.launch(plan))
 
