@@ -63,7 +63,7 @@ def main(argv=None):
     tok = Tokenizer.from_gguf_file(args.vocab)
     vocab = args.vocab_size or tok.vocab_size
     name = read_gguf_metadata(args.vocab).get("general.name", os.path.basename(args.vocab))
-    print(f"| vocab | cores | B | threads | fill ms/step (median) | us/row | speed-up |")
+    print("| vocab | cores | B | threads | fill ms/step (median) | us/row | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     rows = []
     for b in (int(x) for x in args.batches.split(",") if x):
