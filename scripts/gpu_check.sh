@@ -20,7 +20,7 @@
 #   SERVE="qwen2.5-0.5b gpt-oss-20b"  bench/serve_bench.py on those synthetic files: an orcd worker
 #                   (gRPC), then llama-server when /tmp/anchor holds its build (anchors README), same
 #                   slots (SERVE_SLOTS, default 256) and clients (SERVE_CLIENTS); rows to $OUT/serve.jsonl
-#   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server) from .dev/anchors/llamacpp-src.tgz
+#   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server; LLAMA_JOBS, default 10) from .dev/anchors/llamacpp-src.tgz
 #                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call
 #   LLAMA_BENCH="qwen2.5-0.5b ..."  llama.cpp's same-lease figures on those files: llama-bench pp512/tg128
 #                   and llama-batched-bench at 1 and 64 sequences (waits for the build); to $OUT/llama.md
@@ -55,7 +55,7 @@ start_llama_build() {
     mkdir -p /tmp/anchor/src && tar xzf .dev/anchors/llamacpp-src.tgz -C /tmp/anchor/src
     (cd /tmp/anchor/src/llama.cpp && setsid nohup bash -c "cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF \
-      -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release && nice cmake --build build -j10 \
+      -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release && nice cmake --build build -j${LLAMA_JOBS:-10} \
       --target llama-bench llama-batched-bench llama-server; echo \$? > /tmp/anchor/build.rc" \
       > /tmp/anchor/build.log 2>&1 < /dev/null &)
   fi
