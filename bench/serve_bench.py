@@ -55,6 +55,82 @@ def workload(n: int, *, seed: int, vocab: int, prompt_mean: int, output_mean: in
     return [(rng.integers(lo, hi, int(a)).tolist(), int(b)) for a, b in zip(p, o)]
 
 
+# ---- the server's side, from its Prometheus metrics (--metrics URL) ----------------------------
+
+SAMPLED = ("orcd_running_sequences", "orcd_queue_depth", "orcd_kv_blocks_free", "orcd_kv_blocks_used")
+COUNTED = ("orcd_engine_step_seconds_count", "orcd_engine_step_seconds_sum", "orcd_preemptions_total",
+           "orcd_generated_tokens_total")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The unlabelled samples of a Prometheus text page, summed over labels: {name: value}."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=5)
+    try:
+        conn.request("GET", u.path or "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name, _, value = line.rpartition(" ")
+        name = name.split("{", 1)[0]
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+class ServerSide:
+    """Samples the server's gauges every `every` seconds while a level runs, and the counters at
+    its ends: what the server did meanwhile (sequences running, requests queued, free KV blocks,
+    engine steps and their mean duration, preemptions), to say what bounds a figure."""
+
+    def __init__(self, url: str, every: float = 0.25):
+        import threading
+
+        self.url, self.every = url, every
+        self.samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            try:
+                self.samples.append(scrape(self.url))
+            except OSError:
+                pass
+
+    def __enter__(self):
+        self.t0, self.first = time.monotonic(), scrape(self.url)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.last, self.t1 = scrape(self.url), time.monotonic()
+
+    def summary(self) -> dict:
+        d = {k: self.last.get(k, 0.0) - self.first.get(k, 0.0) for k in COUNTED}
+        steps = d["orcd_engine_step_seconds_count"]
+        out = {"steps_per_s": round(steps / max(self.t1 - self.t0, 1e-9), 1),
+               "mean_step_ms": round(1e3 * d["orcd_engine_step_seconds_sum"] / steps, 2) if steps else None,
+               "busy": round(d["orcd_engine_step_seconds_sum"] / max(self.t1 - self.t0, 1e-9), 3),
+               "tokens_per_step": round(d["orcd_generated_tokens_total"] / steps, 1) if steps else None,
+               "preemptions": int(d["orcd_preemptions_total"])}
+        for k in SAMPLED:
+            v = [s[k] for s in self.samples if k in s]
+            if v:
+                out[k.replace("orcd_", "") + "_mean"] = round(float(np.mean(v)), 1)
+                out[k.replace("orcd_", "") + "_max" if k != "orcd_kv_blocks_free" else "kv_blocks_free_min"] = \
+                    float(np.max(v) if k != "orcd_kv_blocks_free" else np.min(v))
+        return out
+
+
 # ---- one request on each kind of server: returns (ttft_s, tokens, first_to_last_s) ------------
 
 
@@ -203,6 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="", help="openai: the model field")
     ap.add_argument("--warmup", type=int, default=2, help="requests sent first, not counted")
     ap.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the server to serve")
+    ap.add_argument("--metrics", default="", help="an orcd worker's Prometheus URL (http://host:port/metrics): "
+                    "each level's row gains a 'server' object of what the worker did meanwhile (ServerSide)")
     a = ap.parse_args(argv)
     if a.vocab_from:
         from gguf import GGUFReader
@@ -224,7 +302,12 @@ def main(argv=None) -> int:
         time.sleep(2.0)
     for c in (int(x) for x in a.clients.split(",") if x):
         reqs = workload(max(a.min_requests, c * a.requests_per_client), seed=a.seed, **kw)
-        res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout)
+        if a.metrics:
+            with ServerSide(a.metrics) as side:
+                res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout)
+            res["server"] = side.summary()
+        else:
+            res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout)
         res.update(target=a.target, seed=a.seed)
         print(json.dumps(res), flush=True)
     return 0

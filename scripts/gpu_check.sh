@@ -19,7 +19,8 @@
 #   NCU="MODEL:KERNEL_REGEX[:SKIP[:BATCH]] ..."  Nsight Compute sections for a few of those kernels (see the end)
 #   SERVE="qwen2.5-0.5b gpt-oss-20b"  bench/serve_bench.py on those synthetic files: an orcd worker
 #                   (gRPC), then llama-server when /tmp/anchor holds its build (anchors README), same
-#                   slots (SERVE_SLOTS, default 256) and clients (SERVE_CLIENTS); rows to $OUT/serve.jsonl
+#                   slots (SERVE_SLOTS, default 256) and clients (SERVE_CLIENTS); rows to $OUT/serve.jsonl,
+#                   orcd's with what the worker did meanwhile (its metrics); SERVE_ARGS: more serve_bench.py options
 #   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server; LLAMA_JOBS, default 10) from .dev/anchors/llamacpp-src.tgz
 #                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call
 #   LLAMA_BENCH="qwen2.5-0.5b ..."  llama.cpp's same-lease figures on those files: llama-bench pp512/tg128
@@ -179,16 +180,16 @@ for m in ${SERVE:-}; do
   slots=${SERVE_SLOTS:-256} clients=${SERVE_CLIENTS:-1,8,32,64,128,256}
   echo "== serve $m (slots $slots, clients $clients)"
   python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend cuda --port 50061 --max-sequences "$slots" \
-    --max-context 2048 > "$OUT/serve-orcd-$m.log" 2>&1 & sp=$!
+    --max-context 2048 --metrics-port 50071 > "$OUT/serve-orcd-$m.log" 2>&1 & sp=$!
   timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py grpc 127.0.0.1:50061 --vocab-from "$data/$m.gguf" \
-    --clients "$clients" --procs 8 | sed "s/^/{\"server\": \"orcd\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+    --clients "$clients" --procs 8 --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed "s/^/{\"server\": \"orcd\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
   kill "$sp"; wait "$sp" 2>/dev/null
   ls_bin=$llama_bin/llama-server
   if llama_ready && [ -x "$ls_bin" ]; then
     "$ls_bin" -m "$data/$m.gguf" -ngl 99 -fa on -np "$slots" -c $((slots * 2048)) --host 127.0.0.1 --port 50062 \
       > "$OUT/serve-llama-$m.log" 2>&1 & sp=$!
     timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py openai http://127.0.0.1:50062 --vocab-from "$data/$m.gguf" \
-      --clients "$clients" --procs 8 | sed "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+      --clients "$clients" --procs 8 ${SERVE_ARGS:-} | sed "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
     kill "$sp"; wait "$sp" 2>/dev/null
   else
     echo "llama-server not built: no comparison rows"
