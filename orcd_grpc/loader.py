@@ -119,6 +119,7 @@ def _choose_kv_type(be: Backend, adapter, kind: str) -> None:
 
 def _size(opened: _Opened, be: Backend, *, max_sequences: int, kv_cache_bytes: int, block_size: int) -> Sizing:
     adapter, hp, ctx_len = opened.adapter, opened.hp, opened.ctx_len
+    be.fit_workspace(hp.vocab_size, max_sequences)
     weights_bytes, largest = opened.plan(be).nbytes(be)
     per_token = adapter.kv_layout(1, 1).bytes(be.kv_elem_size)
     min_blocks = -(-ctx_len // block_size)

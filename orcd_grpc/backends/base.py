@@ -143,6 +143,10 @@ class Backend(ABC):
 
         return cpu_step_bytes(hp, max_sequences, context_length, largest_weight)
 
+    def fit_workspace(self, vocab_size: int, max_sequences: int) -> None:
+        """Sizes the step workspace for a model before its load is sized (a device backend's:
+        the sampled rows' logits come out of it, and what they leave bounds a step's tokens)."""
+
     def release_map(self, model) -> None:
         """Called while the weights of `model` (the GGUFModel) load, every LOAD_RELEASE_BYTES of
         them, and once all are resident, before the KV cache: a backend that copies every weight

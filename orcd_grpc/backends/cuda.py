@@ -107,10 +107,12 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         # partials itself (no attn_combine launch). Zeroed once; each merge resets its counter.
         self._attn_counters: DeviceBuffer | None = None
         self.closed = False
+        # Sized by fit_workspace at load unless given (an argument, or ORCD_WORKSPACE_MB)
+        self._ws_given = workspace_bytes is not None or bool(tuning.workspace_mb)
         if workspace_bytes is None:
             workspace_bytes = (tuning.workspace_mb * MiB if tuning.workspace_mb
                                else min(DEFAULT_WORKSPACE, max(64 * MiB, limit // 8)))
-        self.workspace_bytes = int(workspace_bytes)
+        self._ws_base = self.workspace_bytes = int(workspace_bytes)
         self.ws = Workspace(self._persistent(self.workspace_bytes, "step workspace"))
         self._ensure_meta(4096, 256, 256 * 64)
         self._attr_set: set[str] = set()
@@ -166,6 +168,27 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
     def _check_open(self):
         if self.closed:
             raise Internal("CUDA backend is closed")
+
+    @_serialised
+    def fit_workspace(self, vocab_size: int, max_sequences: int) -> None:
+        """The default workspace plus what a decode step of every sequence takes of it for logits
+        and sampling (two float32 rows a sequence, max_step_tokens' reservation): otherwise many
+        sequences of a large vocabulary leave a step's prefill chunk little room beside them."""
+        if self._ws_given:
+            return
+        want = self._ws_base + 2 * 4 * int(vocab_size) * max(1, int(max_sequences))
+        want = -(-want // MiB) * MiB
+        if want == self.workspace_bytes:
+            return
+        self._check_open()
+        _context(self.device_index)
+        self.synchronize()
+        self._drop_graphs()  # captured at the old workspace's addresses
+        old = self.ws.buf
+        old.free()
+        self._owned.discard(old)
+        self.workspace_bytes = want
+        self.ws = Workspace(self._persistent(want, "step workspace"))
 
     # ---- information -------------------------------------------------------------------
     def memory_available(self) -> int:

@@ -67,3 +67,25 @@ def test_cuda_plan_over_max_vram_does_not_fit_and_loads_nothing(tmp_path):
         assert abs(w.free() - free_before) < 16 * MiB  # the refused load gave back what it took
     finally:
         w.close()
+
+
+def test_cuda_workspace_holds_every_sequences_logits_beside_the_default(tmp_path):
+    """fit_workspace: the step workspace grows by two float32 logits rows per sequence, so a
+    worker of many sequences keeps the default room for a step's activations (its prefill
+    chunk); the plan predicts the load's workspace and the runner's step bound follows it."""
+    from orcd_grpc.backends.runner import max_step_tokens
+    from orcd_grpc.loader import load_engine, plan_load
+
+    vocab = 4000
+    path = write_tiny_llama(tmp_path / "v.gguf", "Q8_0", vocab=vocab)
+    one = plan_load(path, backend="cuda", max_sequences=1, max_context=512).workspace_bytes
+    many = plan_load(path, backend="cuda", max_sequences=256, max_context=512)
+    assert abs((many.workspace_bytes - one) - 2 * 4 * vocab * 255) <= MiB, (many.workspace_bytes, one)
+    eng = load_engine(path, backend="cuda", max_sequences=256, max_context=512)
+    try:
+        assert eng.info.workspace_bytes == many.workspace_bytes == eng.backend.workspace_bytes
+        cap = eng.capabilities.max_step_tokens
+        assert cap == max_step_tokens(eng.runner.model.hp, many.workspace_bytes, eng.runner.model.n_experts_used, 256)
+        assert cap >= max_step_tokens(eng.runner.model.hp, one - 2 * 4 * vocab, 0, 1) - 1
+    finally:
+        eng.close()
