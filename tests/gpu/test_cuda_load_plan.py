@@ -86,6 +86,7 @@ def test_cuda_workspace_holds_every_sequences_logits_beside_the_default(tmp_path
         assert eng.info.workspace_bytes == many.workspace_bytes == eng.backend.workspace_bytes
         cap = eng.capabilities.max_step_tokens
         assert cap == max_step_tokens(eng.runner.model.hp, many.workspace_bytes, eng.runner.model.n_experts_used, 256)
-        assert cap >= max_step_tokens(eng.runner.model.hp, one - 2 * 4 * vocab, 0, 1) - 1
+        # the room a single sequence's workspace leaves its activations, to the MiB the sizes round to
+        assert cap >= 0.99 * max_step_tokens(eng.runner.model.hp, one - 2 * 4 * vocab, 0, 1)
     finally:
         eng.close()
