@@ -185,6 +185,10 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="most requests decoding at once (default: the server's, 64)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="most requests waiting to run; more get RESOURCE_EXHAUSTED (default: 256)")
+    p.add_argument("--token-budget", type=_positive_int, default=None,
+                   help="most tokens one engine step carries: every decode row, then prompt chunks up to "
+                        "it (bounded too by the step workspace); larger starts prompts sooner, smaller keeps "
+                        "each running request's time per token lower (default: 2048)")
     p.add_argument("--max-samples", type=_positive_int, default=None,
                    help="most parallel samples (ExecuteRequest.n) one request may ask for; each counts "
                         "against --max-sequences and the token rate limit (default: 16)")
@@ -250,6 +254,7 @@ def server_config(args: argparse.Namespace):
                   backend=args.backend, model_dirs=model_dirs, max_vram=args.max_vram, max_ram=args.max_ram,
                   context_length=args.context_length, max_context=args.max_context,
                   max_sequences=args.max_sequences, max_queue=args.max_queue,
+                  token_budget=getattr(args, "token_budget", None),
                   max_samples=getattr(args, "max_samples", None),
                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
                   max_prompt_bytes=getattr(args, "max_prompt_bytes", None), log_level=args.log_level,

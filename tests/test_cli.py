@@ -70,8 +70,10 @@ def test_server_config_from_flags(tmp_path, monkeypatch):
     model.write_bytes(b"GGUF")
     args = cli.build_parser().parse_args([
         "serve", "--model", str(model), "--model-dir", str(tmp_path / "dir"), "--port", "6001",
-        "--max-vram", "2GiB", "--max-queue", "7", "--auth-token", "s3cret-0123456789abcdef", "--model-id", "mine"])
+        "--max-vram", "2GiB", "--max-queue", "7", "--auth-token", "s3cret-0123456789abcdef", "--model-id", "mine",
+        "--token-budget", "512"])
     cfg = cli.server_config(args)
+    assert cfg.token_budget == 512
     assert cfg.model_path == str(model.resolve()) and cfg.model_id == "mine"
     # The model's own directory is allowed in addition to the named ones.
     assert cfg.model_dirs == [str(tmp_path / "dir"), str(model.parent.resolve())]
@@ -86,6 +88,8 @@ def test_server_config_from_flags(tmp_path, monkeypatch):
     defaults = ServerConfig()
     assert (cfg.grace_seconds, cfg.max_sequences, cfg.metrics_port) == (
         defaults.grace_seconds, defaults.max_sequences, defaults.metrics_port)
+    with pytest.raises(SystemExit):  # a budget must be a positive count
+        cli.build_parser().parse_args(["serve", "--token-budget", "0"])
 
 
 def test_server_config_relative_model_in_model_dir(tmp_path):
