@@ -21,7 +21,7 @@ import numpy as np
 import threadpoolctl
 
 from .. import quants
-from ..gguf_guard import drop_pages
+from ..gguf_scan import drop_pages
 from ..tuning import Tuning
 from . import cpu_kernels as K
 from . import cpu_ops as ops
