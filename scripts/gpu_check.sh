@@ -20,7 +20,8 @@
 #   SERVE="qwen2.5-0.5b gpt-oss-20b"  bench/serve_bench.py on those synthetic files: an orcd worker
 #                   (gRPC), then llama-server when /tmp/anchor holds its build (anchors README), same
 #                   slots (SERVE_SLOTS, default 256) and clients (SERVE_CLIENTS); rows to $OUT/serve.jsonl,
-#                   orcd's with what the worker did meanwhile (its metrics); SERVE_ARGS: more serve_bench.py options
+#                   orcd's with what the worker did meanwhile (its metrics); SERVE_ARGS: more serve_bench.py options;
+#                   SERVE_PROFILE=1: the worker under py-spy (.dev/tools/py-spy carried), to $OUT/serve-prof-*.txt
 #   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server; LLAMA_JOBS, default 10) from .dev/anchors/llamacpp-src.tgz
 #                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call
 #   LLAMA_BENCH="qwen2.5-0.5b ..."  llama.cpp's same-lease figures on those files: llama-bench pp512/tg128
@@ -179,11 +180,18 @@ for m in ${SERVE:-}; do
   wait
   slots=${SERVE_SLOTS:-256} clients=${SERVE_CLIENTS:-1,8,32,64,128,256}
   echo "== serve $m (slots $slots, clients $clients)"
-  python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend cuda --port 50061 --max-sequences "$slots" \
+  # SERVE_PROFILE=1: the worker runs under py-spy (carried as .dev/tools/py-spy), sampling only
+  # threads that hold the GIL, for SERVE_PROFILE_S seconds; raw stacks to $OUT/serve-prof-$m.txt
+  prof=(); [ -n "${SERVE_PROFILE:-}" ] && [ -x .dev/tools/py-spy ] && prof=(.dev/tools/py-spy record --gil --threads -r 200 \
+    -d "${SERVE_PROFILE_S:-40}" -f raw -o "$OUT/serve-prof-$m.txt" --)
+  "${prof[@]}" python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend cuda --port 50061 --max-sequences "$slots" \
     --max-context 2048 --metrics-port 50071 > "$OUT/serve-orcd-$m.log" 2>&1 & sp=$!
   timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py grpc 127.0.0.1:50061 --vocab-from "$data/$m.gguf" \
     --clients "$clients" --procs 8 --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed "s/^/{\"server\": \"orcd\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
-  kill "$sp"; wait "$sp" 2>/dev/null
+  if [ ${#prof[@]} -gt 0 ]; then  # py-spy writes its profile on SIGINT; the worker is its child
+    kill -INT "$sp"; sleep 3; pkill -f "orcd_grpc serve --model $data/$m.gguf"
+  fi
+  kill "$sp" 2>/dev/null; wait "$sp" 2>/dev/null
   ls_bin=$llama_bin/llama-server
   if llama_ready && [ -x "$ls_bin" ]; then
     "$ls_bin" -m "$data/$m.gguf" -ngl 99 -fa on -np "$slots" -c $((slots * 2048)) --host 127.0.0.1 --port 50062 \
