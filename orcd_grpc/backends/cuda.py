@@ -185,10 +185,16 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         self.synchronize()
         self._drop_graphs()  # captured at the old workspace's addresses
         old = self.ws.buf
+        have = old.nbytes
         old.free()
         self._owned.discard(old)
+        try:
+            buf = self._persistent(want, "step workspace")
+        except BaseException:  # the budget or the device refused: the backend keeps a workspace
+            self.ws = Workspace(self._persistent(have, "step workspace"))
+            raise
         self.workspace_bytes = want
-        self.ws = Workspace(self._persistent(want, "step workspace"))
+        self.ws = Workspace(buf)
 
     # ---- information -------------------------------------------------------------------
     def memory_available(self) -> int:
