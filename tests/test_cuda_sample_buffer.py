@@ -121,3 +121,47 @@ def test_two_queued_samplings_keep_their_own_buffers():
     toks_a, lps_a = be.sample_result(a)
     assert toks_a.tolist() == [100, 101, 102] and lps_a.tolist() == [0.0, -1.0, -2.0]
     assert toks_b.tolist() == [100, 101] and tid_b.tolist() == [[0, 1], [1000, 1001]]
+
+
+def test_fit_workspace_grows_by_the_logits_rows_and_keeps_one_when_refused(monkeypatch):
+    """CudaBackend.fit_workspace, the device stubbed: the workspace becomes the default plus two
+    float32 rows per sequence (rounded to MiB); a growth the VRAM budget refuses raises and leaves
+    the backend a workspace of the old size; a given size (argument or ORCD_WORKSPACE_MB) stays."""
+    import pytest
+
+    from orcd_grpc.backends.cuda_memory import MiB, Workspace
+    from orcd_grpc.errors import ResourceExhausted
+
+    monkeypatch.setattr(cuda_mod, "_context", lambda device=0: None)
+    drv, limit = _FakeDrv(), {"bytes": 1 << 40}
+
+    def persistent(nbytes, what):
+        if nbytes > limit["bytes"]:
+            raise ResourceExhausted(f"{what} needs {nbytes} bytes", field="max_vram")
+        return _Buf(drv, nbytes)
+
+    be = object.__new__(cuda_mod.CudaBackend)
+    be.closed, be.device_index, be._owned = False, 0, set()
+    be._persistent = persistent
+    be.synchronize = lambda what=None: None
+    dropped = []
+    be._drop_graphs = lambda: dropped.append(1)
+    be._ws_given, be._ws_base = False, 64 * MiB
+    be.workspace_bytes = be._ws_base
+    be.ws = Workspace(_Buf(drv, be._ws_base))
+
+    vocab, seqs = 151_936, 256
+    be.fit_workspace(vocab, seqs)
+    want = -(-(64 * MiB + 8 * vocab * seqs) // MiB) * MiB
+    assert be.workspace_bytes == want == be.ws.size and dropped == [1]
+    be.fit_workspace(vocab, seqs)  # the same size again: nothing reallocated
+    assert dropped == [1]
+
+    limit["bytes"] = want  # a larger growth is refused
+    with pytest.raises(ResourceExhausted):
+        be.fit_workspace(vocab, 2 * seqs)
+    assert be.workspace_bytes == want == be.ws.size  # still a workspace, of the old size
+
+    be._ws_given = True
+    be.fit_workspace(vocab, 4 * seqs)
+    assert be.workspace_bytes == want
