@@ -119,11 +119,16 @@ def _choose_kv_type(be: Backend, adapter, kind: str) -> None:
 
 def _size(opened: _Opened, be: Backend, *, max_sequences: int, kv_cache_bytes: int, block_size: int) -> Sizing:
     adapter, hp, ctx_len = opened.adapter, opened.hp, opened.ctx_len
-    be.fit_workspace(hp.vocab_size, max_sequences)
     weights_bytes, largest = opened.plan(be).nbytes(be)
     per_token = adapter.kv_layout(1, 1).bytes(be.kv_elem_size)
     min_blocks = -(-ctx_len // block_size)
+    # The workspace this model's sequences need: the load grows the backend's to it after the
+    # admission check (a dry run allocates nothing). Like the part already reserved, the growth
+    # is out of what is available to weights and KV cache.
+    workspace = be.workspace_for(hp.vocab_size, max_sequences)
     available = be.memory_available()
+    if available is not None:
+        available = max(0, available - max(0, workspace - int(be.workspace_bytes)))
     # a host backend's step activations are allocated per step, not reserved up front
     step_bytes = be.step_bytes(hp, max_sequences, ctx_len, largest) if be.host_memory else 0
     # The KV cache holds what was asked for, a full context for each sequence, unless the memory
@@ -141,7 +146,7 @@ def _size(opened: _Opened, be: Backend, *, max_sequences: int, kv_cache_bytes: i
     needed = {"weights": weights_bytes, "KV cache": kv_bytes}
     if step_bytes:
         needed["step activations"] = step_bytes
-    return Sizing(weights_bytes=weights_bytes, kv_cache_bytes=kv_bytes, workspace_bytes=int(be.workspace_bytes),
+    return Sizing(weights_bytes=weights_bytes, kv_cache_bytes=kv_bytes, workspace_bytes=workspace,
                   step_bytes=step_bytes, num_blocks=num_blocks, context_length=ctx_len, available=available,
                   memory_name=be.memory_name, backend=be.name, kv_cache_type=be.kv_type, needed=needed)
 
@@ -190,6 +195,7 @@ def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences,
         weights_bytes, kv_bytes, num_blocks = size.weights_bytes, size.kv_cache_bytes, size.num_blocks
         check_fits(size.needed, size.available, be.memory_name)
 
+        be.fit_workspace(size.workspace_bytes)
         be.before_weights()
         weights, done, released = {}, 0, 0
         for e in plan.entries:

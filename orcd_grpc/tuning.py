@@ -50,7 +50,9 @@ class Tuning:
         False, "ORCD_CUDA_SYNC", "synchronise after every launch so that a fault names its kernel (debugging; "
         "also keeps decode steps off CUDA graphs)")
     workspace_mb: int = _switch(
-        0, "ORCD_WORKSPACE_MB", "the step workspace in MiB; 0 sizes it from the VRAM budget (1/8, 64-512 MiB)")
+        0, "ORCD_WORKSPACE_MB", "the step workspace in MiB; 0 sizes it from the VRAM budget (1/8, 64-512 MiB) "
+        "plus, at load, two float32 logits rows per sequence of the model's vocabulary (what a decode step of "
+        "every sequence takes), so many sequences keep room for a prompt chunk")
 
     # ---- the CPU backend
     cpu_threading: str = _switch(

@@ -124,9 +124,10 @@ def test_two_queued_samplings_keep_their_own_buffers():
 
 
 def test_fit_workspace_grows_by_the_logits_rows_and_keeps_one_when_refused(monkeypatch):
-    """CudaBackend.fit_workspace, the device stubbed: the workspace becomes the default plus two
-    float32 rows per sequence (rounded to MiB); a growth the VRAM budget refuses raises and leaves
-    the backend a workspace of the old size; a given size (argument or ORCD_WORKSPACE_MB) stays."""
+    """CudaBackend.workspace_for / fit_workspace, the device stubbed: the workspace a model needs
+    is the default plus two float32 rows per sequence (rounded to MiB); a growth the VRAM budget
+    refuses raises and leaves the backend a workspace of the old size; a given size (argument or
+    ORCD_WORKSPACE_MB) stays."""
     import pytest
 
     from orcd_grpc.backends.cuda_memory import MiB, Workspace
@@ -151,17 +152,17 @@ def test_fit_workspace_grows_by_the_logits_rows_and_keeps_one_when_refused(monke
     be.ws = Workspace(_Buf(drv, be._ws_base))
 
     vocab, seqs = 151_936, 256
-    be.fit_workspace(vocab, seqs)
-    want = -(-(64 * MiB + 8 * vocab * seqs) // MiB) * MiB
+    want = be.workspace_for(vocab, seqs)
+    assert want == -(-(64 * MiB + 8 * vocab * seqs) // MiB) * MiB and be.workspace_bytes == 64 * MiB
+    be.fit_workspace(want)
     assert be.workspace_bytes == want == be.ws.size and dropped == [1]
-    be.fit_workspace(vocab, seqs)  # the same size again: nothing reallocated
+    be.fit_workspace(want)  # the same size again: nothing reallocated
     assert dropped == [1]
 
     limit["bytes"] = want  # a larger growth is refused
     with pytest.raises(ResourceExhausted):
-        be.fit_workspace(vocab, 2 * seqs)
+        be.fit_workspace(be.workspace_for(vocab, 2 * seqs))
     assert be.workspace_bytes == want == be.ws.size  # still a workspace, of the old size
 
-    be._ws_given = True
-    be.fit_workspace(vocab, 4 * seqs)
-    assert be.workspace_bytes == want
+    be._ws_given = True  # a size given (argument, ORCD_WORKSPACE_MB) is what every model gets
+    assert be.workspace_for(vocab, 4 * seqs) == want

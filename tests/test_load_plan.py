@@ -164,3 +164,65 @@ def test_kv_cache_type_per_load(smollm2_path):
         assert w.listed() == []
     finally:
         w.close()
+
+
+def _growing(limit: int):
+    """The real NumPy backend posing as a device one for load sizing: a reserved step workspace
+    that a model's sequences may need grown (the CUDA backend's workspace_for / fit_workspace),
+    and a fixed budget beside it."""
+    from orcd_grpc.backends.numpy_backend import NumpyBackend
+
+    class Growing(NumpyBackend):
+        host_memory = False
+
+        def __init__(self):
+            super().__init__(max_ram=limit)
+            self.workspace_bytes, self.fits = MiB, []
+
+        def workspace_for(self, vocab_size, max_sequences):
+            return MiB + 8 * vocab_size * max_sequences
+
+        def fit_workspace(self, nbytes):
+            self.fits.append(nbytes)
+            self.workspace_bytes = nbytes
+
+        def step_bytes(self, *a, **k):
+            return 0
+
+    return Growing()
+
+
+def test_workspace_growth_is_planned_without_allocating_and_made_after_admission(tmp_path):
+    """loader._size reports the workspace a model's sequences need and takes its growth out of
+    what weights and KV may use, allocating nothing (a dry run); the load grows the workspace only
+    once its admission check passed, and a growth that leaves no room refuses the load."""
+    import sys
+
+    from orcd_grpc.admission import check_fits
+    from orcd_grpc.errors import ResourceExhausted
+    from orcd_grpc.loader import load_engine, plan_load
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "gpu"))
+    from test_cuda_models import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "t.gguf", "Q8_0", vocab=4000)
+    seqs = 64
+    want = MiB + 8 * 4000 * seqs
+    be = _growing(256 * MiB)
+    size = plan_load(path, backend=be, max_sequences=seqs, max_context=256)
+    assert size.workspace_bytes == want and be.fits == [] and be.workspace_bytes == MiB
+    assert size.available == 256 * MiB - (want - MiB)
+    eng = load_engine(path, backend=be, max_sequences=seqs, max_context=256)
+    try:
+        assert be.fits == [want] and eng.info.workspace_bytes == want
+    finally:
+        eng.close()
+
+    small = _growing(want - MiB + 64 * 1024)  # the growth leaves 64 KiB: no weights fit
+    size = plan_load(path, backend=small, max_sequences=seqs, max_context=256)
+    assert size.available == 64 * 1024 and small.fits == []
+    with pytest.raises(ResourceExhausted):
+        check_fits(size.needed, size.available, size.memory_name)
+    with pytest.raises(ResourceExhausted):
+        load_engine(path, backend=small, max_sequences=seqs, max_context=256)
+    assert small.fits == []  # refused before anything grew

@@ -143,9 +143,15 @@ class Backend(ABC):
 
         return cpu_step_bytes(hp, max_sequences, context_length, largest_weight)
 
-    def fit_workspace(self, vocab_size: int, max_sequences: int) -> None:
-        """Sizes the step workspace for a model before its load is sized (a device backend's:
-        the sampled rows' logits come out of it, and what they leave bounds a step's tokens)."""
+    def workspace_for(self, vocab_size: int, max_sequences: int) -> int:
+        """The step workspace a model of this vocabulary served to max_sequences needs (a device
+        backend's: the sampled rows' logits come out of it, and what they leave bounds a step's
+        tokens); computed, not allocated, so a dry run can report it."""
+        return int(self.workspace_bytes)
+
+    def fit_workspace(self, nbytes: int) -> None:
+        """Makes the step workspace nbytes (workspace_for's answer), once a load has passed its
+        admission check."""
 
     def release_map(self, model) -> None:
         """Called while the weights of `model` (the GGUFModel) load, every LOAD_RELEASE_BYTES of

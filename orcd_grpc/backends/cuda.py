@@ -169,16 +169,18 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         if self.closed:
             raise Internal("CUDA backend is closed")
 
-    @_serialised
-    def fit_workspace(self, vocab_size: int, max_sequences: int) -> None:
+    def workspace_for(self, vocab_size: int, max_sequences: int) -> int:
         """The default workspace plus what a decode step of every sequence takes of it for logits
         and sampling (two float32 rows a sequence, max_step_tokens' reservation): otherwise many
         sequences of a large vocabulary leave a step's prefill chunk little room beside them."""
         if self._ws_given:
-            return
+            return self.workspace_bytes
         want = self._ws_base + 2 * 4 * int(vocab_size) * max(1, int(max_sequences))
-        want = -(-want // MiB) * MiB
-        if want == self.workspace_bytes:
+        return -(-want // MiB) * MiB
+
+    @_serialised
+    def fit_workspace(self, nbytes: int) -> None:
+        if nbytes == self.workspace_bytes:
             return
         self._check_open()
         _context(self.device_index)
@@ -189,11 +191,11 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         old.free()
         self._owned.discard(old)
         try:
-            buf = self._persistent(want, "step workspace")
+            buf = self._persistent(nbytes, "step workspace")
         except BaseException:  # the budget or the device refused: the backend keeps a workspace
             self.ws = Workspace(self._persistent(have, "step workspace"))
             raise
-        self.workspace_bytes = want
+        self.workspace_bytes = nbytes
         self.ws = Workspace(buf)
 
     # ---- information -------------------------------------------------------------------
