@@ -59,7 +59,8 @@ def workload(n: int, *, seed: int, vocab: int, prompt_mean: int, output_mean: in
 
 SAMPLED = ("orcd_running_sequences", "orcd_queue_depth", "orcd_kv_blocks_free", "orcd_kv_blocks_used")
 COUNTED = ("orcd_engine_step_seconds_count", "orcd_engine_step_seconds_sum", "orcd_preemptions_total",
-           "orcd_generated_tokens_total")
+           "orcd_generated_tokens_total", "orcd_time_to_first_token_seconds_sum",
+           "orcd_time_to_first_token_seconds_count", "orcd_queue_wait_seconds_sum", "orcd_queue_wait_seconds_count")
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -122,6 +123,13 @@ class ServerSide:
                "busy": round(d["orcd_engine_step_seconds_sum"] / max(self.t1 - self.t0, 1e-9), 3),
                "tokens_per_step": round(d["orcd_generated_tokens_total"] / steps, 1) if steps else None,
                "preemptions": int(d["orcd_preemptions_total"])}
+        # the worker's own clock, from the call's arrival in its handler: against the client's
+        # time to first token, what the transport and the handler's dispatch add
+        n = d["orcd_time_to_first_token_seconds_count"]
+        if n:
+            out["server_ttft_mean_ms"] = round(1e3 * d["orcd_time_to_first_token_seconds_sum"] / n, 2)
+            out["server_queue_wait_mean_ms"] = round(
+                1e3 * d["orcd_queue_wait_seconds_sum"] / max(d["orcd_queue_wait_seconds_count"], 1), 2)
         for k in SAMPLED:
             v = [s[k] for s in self.samples if k in s]
             if v:

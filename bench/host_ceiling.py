@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""What the serving host alone can deliver: the real gRPC server and scheduler over a scripted
+engine whose every step takes a fixed time (--step-ms, as a GPU step would), driven by
+serve_bench.py's clients with the worker's metrics. No model, no GPU: the engine is the
+scheduler tests' FakeEngine (tests/test_scheduler.py), which gives every sequence one token per
+step. Compare the client's time to first token with the worker's own (server_ttft_mean_ms), and
+output tok/s with what the steps could give (sequences running x steps per second).
+
+    python3 bench/host_ceiling.py [--step-ms 5] [--clients 16,64] [--procs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def serve(step_s: float, port: int, metrics_port: int, tmp: str) -> None:
+    """Runs in the child: the worker over the scripted engine, until killed."""
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+    import orcd_grpc.scheduler as scheduler
+    from orcd_grpc.server import ServerConfig, start_server
+    from test_scheduler import FakeEngine, FakeTokenizer
+
+    FakeTokenizer.is_special = lambda self, t: t in (0, 1)  # BOS, EOS (what StreamDecoder asks)
+    scheduler.default_loader = lambda path, **kw: FakeEngine(
+        script=list(range(40, 240)), blocks=1 << 20, context_length=4096, max_sequences=256, step_delay=step_s)
+    path = os.path.join(tmp, "scripted.gguf")
+    open(path, "wb").write(b"GGUF")  # never read: the loader above ignores it
+    start_server(ServerConfig(host="127.0.0.1", port=port, model_dirs=[tmp], model_path=path, backend="cpu",
+                              max_sequences=256, max_queue=512, metrics_port=metrics_port))
+    while True:
+        time.sleep(3600)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--step-ms", type=float, default=5.0)
+    ap.add_argument("--clients", default="16,64")
+    ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--port", type=int, default=50361)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.serve:
+        with tempfile.TemporaryDirectory() as tmp:
+            serve(a.step_ms / 1e3, a.port, a.port + 1, tmp)
+        return 0
+    child = subprocess.Popen([sys.executable, __file__, "--serve", "--step-ms", str(a.step_ms), "--port", str(a.port)])
+    try:
+        return subprocess.call([sys.executable, os.path.join(ROOT, "bench", "serve_bench.py"), "grpc",
+                                f"127.0.0.1:{a.port}", "--vocab", "250", "--clients", a.clients, "--procs",
+                                str(a.procs), "--metrics", f"http://127.0.0.1:{a.port + 1}/metrics",
+                                "--prompt-mean", "64", "--output-mean", "64", "--max-prompt", "200",
+                                "--max-output", "200", "--requests-per-client", "3"])
+    finally:
+        child.kill()
+        child.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
