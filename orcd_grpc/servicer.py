@@ -70,7 +70,8 @@ def describe(info, model_dirs: list[str] = ()) -> pb.ModelDescription:
         kv_cache_bytes=int(info.kv_cache_bytes), workspace_bytes=int(info.workspace_bytes),
         backend=info.backend, has_chat_template=bool(info.has_chat_template),
         load_seconds=float(info.load_seconds), max_sequences=int(info.max_sequences),
-        kv_cache_type=_KV_ENUM[info.kv_cache_type])
+        kv_cache_type=_KV_ENUM[info.kv_cache_type], draft_model=info.draft_model or "",
+        draft_bytes=int(info.draft_bytes))
 
 
 def _metadata_correlation(context) -> str:

@@ -459,7 +459,13 @@ def test_server_draft_model_loaded_with_load_model(spec_server, smollm2_path):
     with pytest.raises(grpc.RpcError) as err:
         list(srv.stub.LoadModel(pb.LoadModelRequest(path=smollm2_path.name, draft_path="missing.gguf"), timeout=600))
     assert err.value.details().startswith("draft_path:"), err.value.details()
-    list(srv.stub.LoadModel(pb.LoadModelRequest(path=smollm2_path.name, draft_path=smollm2_path.name), timeout=600))
+    events = list(srv.stub.LoadModel(pb.LoadModelRequest(path=smollm2_path.name, draft_path=smollm2_path.name),
+                                     timeout=600))
+    # the description names the draft model and what it holds, in the load's answer and in ListModels
+    stem = smollm2_path.name.removesuffix(".gguf")
+    listed = srv.stub.ListModels(pb.ListModelsRequest(), timeout=30).models
+    for m in (events[-1].model, *listed):
+        assert m.draft_model == stem and m.draft_bytes > 0, m
     off, _ = _execute(srv, pb.Speculation(mode=pb.Speculation.SPECULATION_MODE_OFF), max_tokens=10)
     on, fin = _execute(srv, pb.Speculation(mode=pb.Speculation.SPECULATION_MODE_DRAFT, num_draft_tokens=4),
                        max_tokens=10)
