@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import InvalidArgument
+from .gguf_scan import scan_nonfinite
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -156,8 +157,6 @@ def check_gguf(path, *, max_tensors: int = DEFAULT_MAX_TENSORS, max_kv: int = DE
         summary = _check(mm, size, max_tensors=max_tensors, max_kv=max_kv, max_string=max_string,
                          max_array=max_array, max_items=max_items)
         if scan_values:
-            from .gguf_scan import scan_nonfinite
-
             scan_nonfinite(mm, summary.tensors)
         return summary
     finally:

@@ -6,13 +6,21 @@ checks (gguf_guard.py); the CPU backend uses `drop_pages` as it copies weights o
 from __future__ import annotations
 
 import mmap
+from typing import TYPE_CHECKING
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .gguf_guard import TensorExtent, _bad
+from .errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from .gguf_guard import TensorExtent
 
 T = GGMLQuantizationType
+
+
+def _bad_tensor(msg: str) -> InvalidArgument:
+    return InvalidArgument(msg, field="model")  # as gguf_guard's own refusals
 
 # Byte offsets of the f16 scale fields inside one block of each quantized format (ggml-common.h).
 # A NaN/Inf scale poisons every value of its block, so scanning only these is enough to find a
@@ -76,7 +84,7 @@ def _scan_words(buf, t: TensorExtent, dtype, exp_mask: int, what: str) -> None:
         del w
         drop_pages(buf, t.offset + first * item, n * item)
         if bad.size:
-            raise _bad(f"tensor {t.name}: {what} {first + int(bad[0])} is NaN or Inf")
+            raise _bad_tensor(f"tensor {t.name}: {what} {first + int(bad[0])} is NaN or Inf")
 
 
 def _scan_blocks(buf, t: TensorExtent, field_off: int, dtype, exp_mask: int) -> None:
@@ -93,5 +101,5 @@ def _scan_blocks(buf, t: TensorExtent, field_off: int, dtype, exp_mask: int) -> 
         drop_pages(buf, t.offset + first * block_bytes, n * block_bytes)
         bad = np.flatnonzero((words & mask) == mask)
         if bad.size:
-            raise _bad(f"tensor {t.name}: the scale of block {first + int(bad[0])} is NaN or Inf "
+            raise _bad_tensor(f"tensor {t.name}: the scale of block {first + int(bad[0])} is NaN or Inf "
                        f"({t.qtype.name} scale at byte {field_off} of the block)")

@@ -165,29 +165,8 @@ def detect_gpu() -> dict | None:
     """The first CUDA device as a GPU_FIELDS dict, for `orcd info --local` (no worker, so no
     CUDA backend to ask); None when PyCUDA is missing or sees no GPU."""
     try:
-        import pycuda.driver as drv
+        from .backends.cuda_context import cuda_present, device_info
 
-        drv.init()
-        if drv.Device.count() == 0:
-            return None
-        dev = drv.Device(0)
-        ctx = dev.make_context()
-        try:
-            free, total = drv.mem_get_info()
-        finally:
-            ctx.pop()
-            ctx.detach()
-        major, minor = dev.compute_capability()
-        cuda = drv.get_driver_version()
-        attrs = dev.get_attributes()
-        driver = ""
-        with open("/proc/driver/nvidia/version") as fh:  # the CUDA API does not report it
-            m = fh.read().split("Kernel Module", 1)
-            if len(m) == 2:
-                driver = m[1].split()[0] if m[1].split() else ""
-        return {"name": dev.name(), "compute_capability": f"{major}.{minor}", "vram_total": total,
-                "vram_free": free, "driver_version": driver,
-                "cuda_version": f"{cuda // 1000}.{cuda % 1000 // 10}",
-                "multiprocessors": attrs[drv.device_attribute.MULTIPROCESSOR_COUNT]}
+        return device_info() if cuda_present() else None
     except Exception:  # no PyCUDA, no driver, or no device: all mean "no GPU here"
         return None
