@@ -133,9 +133,12 @@ class ServerSide:
         for k in SAMPLED:
             v = [s[k] for s in self.samples if k in s]
             if v:
-                out[k.replace("orcd_", "") + "_mean"] = round(float(np.mean(v)), 1)
-                out[k.replace("orcd_", "") + "_max" if k != "orcd_kv_blocks_free" else "kv_blocks_free_min"] = \
-                    float(np.max(v) if k != "orcd_kv_blocks_free" else np.min(v))
+                name = k.removeprefix("orcd_")
+                out[name + "_mean"] = round(float(np.mean(v)), 1)
+                if k == "orcd_kv_blocks_free":  # how close the KV cache came to running out
+                    out[name + "_min"] = float(np.min(v))
+                else:
+                    out[name + "_max"] = float(np.max(v))
         return out
 
 

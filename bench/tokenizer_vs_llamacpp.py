@@ -19,6 +19,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orcd_grpc import model_store  # noqa: E402
 from orcd_grpc.tokenizer import Tokenizer, read_gguf_metadata  # noqa: E402
 
 ALPHABET = (list("abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789 \n\t.,;:!?'\"-()[]{}<>/\\|@#$%^&*_=+~`")
@@ -28,7 +29,7 @@ ALPHABET = (list("abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789 \n\t.,;:!?'\"-()[]
 def _default_files() -> list[pathlib.Path]:
     shared = next((p for p in (ROOT / "shared", ROOT.parent / "shared") if (p / "vocab").is_dir()), None)
     files = sorted((shared / "vocab").glob("ggml-vocab-*.gguf")) if shared else []
-    gemma = pathlib.Path.home() / ".cache" / "orcd" / "models" / "gemma-3-270m.gguf"
+    gemma = model_store.model_dir() / "gemma-3-270m.gguf"
     return files + ([gemma] if gemma.exists() else [])
 
 
