@@ -59,18 +59,23 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--context-length", type=int, default=4096)
+    ap.add_argument("--kv-cache-type", default="", help="f16, q8_0 or f32 where the backend stores it "
+                    "(default: the backend's)")
+    ap.add_argument("--batch-prompt", type=int, default=128,
+                    help="prompt tokens of each sequence in the aggregate runs (default 128, as llama-batched-bench -npp)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
 
     t = time.perf_counter()
     eng = load_engine(args.model, backend=args.backend, context_length=args.context_length,
-                      max_sequences=max(batches + [1]))
+                      max_sequences=max(batches + [1]), kv_cache_type=args.kv_cache_type)
     load_s = time.perf_counter() - t
     info = eng.info
     vocab = info.vocab_size
     rng = np.random.default_rng(0)
     greedy = SamplingParams(temperature=0.0)
-    results = {"model": info.model_id, "backend": info.backend, "load_s": round(load_s, 2),
+    results = {"model": info.model_id, "backend": info.backend, "kv_cache_type": info.kv_cache_type,
+               "batch_prompt": args.batch_prompt, "load_s": round(load_s, 2),
                "weights_bytes": info.weights_bytes, "kv_cache_bytes": info.kv_cache_bytes}
     per_token_kv = info.kv_cache_bytes / (eng.total_blocks() * eng.allocator.block_size)
     results["kv_bytes_per_token"] = per_token_kv
@@ -94,9 +99,9 @@ def main(argv=None):
     results["ttft_ms_512"] = statistics.median(ttft)
     results["decode_tok_s"] = statistics.median(tg)
 
-    # aggregate decode at B concurrent sequences (128 prompt + 128 generated each)
+    # aggregate decode at B concurrent sequences (--batch-prompt prompt + --gen generated each)
     for b in batches:
-        seqs = [eng.new_sequence(rand_prompt(rng, 128, vocab), greedy) for _ in range(b)]
+        seqs = [eng.new_sequence(rand_prompt(rng, args.batch_prompt, vocab), greedy) for _ in range(b)]
         _, t_dec, n = run_to_completion(eng, seqs, args.gen + 1, 8192)
         for s in seqs:
             eng.release(s)

@@ -19,6 +19,14 @@
 // Masks: causal (key n visible to a query at position p iff n <= p), sliding window (n > p -
 // window when window > 0). Sinks: a per-q-head logit joining only the denominator. Softcap:
 // s = softcap * tanh(s / softcap) before masking.
+//
+// The *_q8 kernels read a Q8_0 cache instead (--kv-cache-type q8_0, the CPU backend's format):
+// levels int8 [num_slots, Hkv, D] and a half scale per 32 values [num_slots, Hkv, D / 32], each 32
+// turned by the orthonormal Walsh-Hadamard transform H before rounding (it spreads a block's
+// outlier channel over the 32). H is orthogonal and its own inverse, so a score q.k equals
+// (Hq).(Hk): the kernels turn the query rows once, score against the stored blocks as they are,
+// accumulate p * V in the turned space and turn each output row back at the end; a row's 32-blocks
+// sit one per warp (a lane a value), where H is five xor-shuffle butterflies.
 #include "common.cuh"
 
 #define KT 32        // keys per shared-memory tile
@@ -37,6 +45,45 @@ extern "C" __global__ void kv_store_f16(const float* __restrict__ k, const float
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < nk + nv; i += gridDim.x * blockDim.x) {
         if (i < nk) kc[(size_t)slot * nk + i] = __float2half_rn(k[(size_t)t * nk + i]);
         else vc[(size_t)slot * nv + (i - nk)] = __float2half_rn(v[(size_t)t * nv + (i - nk)]);
+    }
+}
+
+// H x / sqrt(32) of the warp's 32 values (lane i holds x_i): the butterflies of cpu_ops.wht32 in
+// the same order, so the same float32 bits.
+__device__ __forceinline__ float wht32_warp(float x, int lane) {
+#pragma unroll
+    for (int h = 1; h < 32; h <<= 1) {
+        const float y = __shfl_xor_sync(FULL_MASK, x, h);
+        x = (lane & h) ? y - x : x + y;
+    }
+    return x * 0.17677669529663687f;
+}
+
+// Writes this step's K/V rows (float32 [T, Hkv, D]) into a Q8_0 cache at slot_mapping[t]: a warp
+// per 32 values, turned by H, then GGML's Q8_0 as cpu_ops._put_q8 writes it, bit for bit: d =
+// amax / 127 stored as a half, levels round(y * (1 / d)) with halves away from zero (IEEE division
+// and reciprocal: fast math would move a level now and then). Grid (warps / 8, T), 256 threads.
+extern "C" __global__ void kv_store_q8(const float* __restrict__ k, const float* __restrict__ v,
+                                       const int* __restrict__ slots, int8_t* __restrict__ kq,
+                                       int8_t* __restrict__ vq, __half* __restrict__ ks, __half* __restrict__ vs,
+                                       int T, int Hkv, int Dk, int Dv) {
+    const int t = blockIdx.y;
+    const int slot = slots[t];
+    if (slot < 0) return;
+    const int lane = threadIdx.x & 31;
+    const int nbk = Hkv * Dk / 32, nbv = Hkv * Dv / 32;
+    for (int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); blk < nbk + nbv;
+         blk += gridDim.x * (blockDim.x >> 5)) {
+        const bool is_k = blk < nbk;
+        const int bi = is_k ? blk : blk - nbk, nb = is_k ? nbk : nbv;
+        const float x = (is_k ? k : v)[((size_t)t * nb + bi) * 32 + lane];
+        const float y = wht32_warp(x, lane);
+        const float amax = warp_max(fabsf(y));
+        const float d = __fdiv_rn(amax, 127.f);
+        const float inv = d != 0.f ? __frcp_rn(d) : 0.f;
+        const float r = floorf(fabsf(y * inv) + 0.5f);
+        (is_k ? kq : vq)[((size_t)slot * nb + bi) * 32 + lane] = static_cast<int8_t>(y * inv >= 0.f ? r : -r);
+        if (lane == 0) (is_k ? ks : vs)[(size_t)slot * nb + bi] = __float2half_rn(d);
     }
 }
 
@@ -60,9 +107,10 @@ extern "C" __global__ void kv_copy_block(unsigned* __restrict__ kc, unsigned* __
 // The shared-memory staging of the query rows and of each K/V tile issues up to 8 of a thread's
 // global loads before it uses any (and looks each key's cache slot up once per tile): one dependent
 // round trip per element measured slower (qwen2.5 tg128 651 against 688 tok/s), and is gone.
-template <int DPL>
-__device__ void attn_impl(const float* __restrict__ q, const __half* __restrict__ kc,
-                          const __half* __restrict__ vc, float* __restrict__ out,
+template <int DPL, bool Q8>
+__device__ void attn_impl(const float* __restrict__ q, const void* __restrict__ kc,
+                          const void* __restrict__ vc, const __half* __restrict__ ks,
+                          const __half* __restrict__ vs, float* __restrict__ out,
                           const int* __restrict__ q_starts, const int* __restrict__ positions,
                           const int* __restrict__ ctx_lens, const int* __restrict__ block_tables,
                           int max_blocks, int block_size, int Hq, int Hkv, int Dk, int Dv, float scale,
@@ -84,20 +132,7 @@ __device__ void attn_impl(const float* __restrict__ q, const __half* __restrict_
     const int n_ctx = ctx_lens[b];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-    // Stage the tile's query rows (scaled) and find the keys any of them can see.
-    for (int e0 = tid; e0 < ROWS * Dk; e0 += 8 * blockDim.x) {
-        float val[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int e = e0 + i * blockDim.x, r = e / Dk, d = e - r * Dk, gr = row0 + r;
-            val[i] = 0.f;
-            if (e < ROWS * Dk && gr < nq * group)
-                val[i] = q[((size_t)(q0 + gr / group) * Hq + kvh * group + gr % group) * Dk + d];
-        }
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-            if (e0 + i * blockDim.x < ROWS * Dk) Qs[e0 + i * blockDim.x] = val[i] * scale;
-    }
+    // The keys any of the tile's rows can see (in split mode: of this CTA's slice).
     if (tid == 0) {
         int lo = n_ctx, hi = 0;
         const int t_first = row0 / group, t_last = min(nq * group - 1, row0 + ROWS - 1) / group;
@@ -113,6 +148,37 @@ __device__ void attn_impl(const float* __restrict__ q, const __half* __restrict_
         }
         range_lo = lo;
         range_hi = hi;
+    }
+    __syncthreads();
+    if (n_splits > 1 && range_lo >= range_hi) {
+        // A slice past the context (the split count is fixed by the batch shape, not the context:
+        // a short one leaves most slices empty): an empty partial, without staging anything.
+        for (int e = tid; e < nq * group * (Dv + 2); e += blockDim.x) {
+            const int gr = e / (Dv + 2), d = e - gr * (Dv + 2);
+            float* o = part + (((size_t)(q0 + gr / group) * Hq + kvh * group + gr % group) * n_splits + split) * (Dv + 2);
+            o[d] = d == Dv ? -INFINITY : 0.f;
+        }
+        return;
+    }
+
+    // Stage the tile's query rows (scaled).
+    for (int e0 = tid; e0 < ROWS * Dk; e0 += 8 * blockDim.x) {
+        float val[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int e = e0 + i * blockDim.x, r = e / Dk, d = e - r * Dk, gr = row0 + r;
+            val[i] = 0.f;
+            if (e < ROWS * Dk && gr < nq * group)
+                val[i] = q[((size_t)(q0 + gr / group) * Hq + kvh * group + gr % group) * Dk + d];
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            if (e0 + i * blockDim.x < ROWS * Dk) Qs[e0 + i * blockDim.x] = val[i] * scale;
+    }
+    if constexpr (Q8) {  // the query rows turned by H, 32 values a warp
+        __syncthreads();
+        for (int blk = warp; blk < ROWS * Dk / 32; blk += NWARPS)
+            Qs[blk * 32 + lane] = wht32_warp(Qs[blk * 32 + lane], lane);
     }
     __syncthreads();
     const int lo = range_lo, hi = range_hi;
@@ -151,9 +217,17 @@ __device__ void attn_impl(const float* __restrict__ q, const __half* __restrict_
                 const int j = e2 / per, c = e2 - j * per;
                 f[i] = make_float2(0.f, 0.f);
                 if (e < KT * (hk2 + hv2) && slot_s[j] >= 0) {
-                    const size_t slot = slot_s[j];
-                    f[i] = __half22float2(reinterpret_cast<const __half2*>(
-                        is_k ? kc + (slot * Hkv + kvh) * Dk : vc + (slot * Hkv + kvh) * Dv)[c]);
+                    const size_t row = (size_t)slot_s[j] * Hkv + kvh;
+                    const int D = is_k ? Dk : Dv;
+                    if constexpr (Q8) {
+                        const char2 lv = reinterpret_cast<const char2*>(
+                            static_cast<const int8_t*>(is_k ? kc : vc) + row * D)[c];
+                        const float dsc = __half2float((is_k ? ks : vs)[row * (D >> 5) + (c >> 4)]);
+                        f[i] = make_float2(dsc * lv.x, dsc * lv.y);
+                    } else {
+                        f[i] = __half22float2(reinterpret_cast<const __half2*>(
+                            static_cast<const __half*>(is_k ? kc : vc) + row * D)[c]);
+                    }
                 }
             }
 #pragma unroll
@@ -215,6 +289,12 @@ __device__ void attn_impl(const float* __restrict__ q, const __half* __restrict_
         __syncthreads();  // before the next tile overwrites Ks/Vs
     }
 
+    if constexpr (Q8) {  // back from the turned space: lane j holds value j of each 32-block c
+#pragma unroll
+        for (int i = 0; i < RPW; ++i)
+#pragma unroll
+            for (int c = 0; c < DPL; ++c) acc[i][c] = wht32_warp(acc[i][c], lane);
+    }
     if (n_splits > 1) {  // unnormalised partials [t * Hq + h][split][Dv + 2]: acc..., m, l
 #pragma unroll
         for (int i = 0; i < RPW; ++i) {
@@ -254,14 +334,26 @@ __device__ void attn_impl(const float* __restrict__ q, const __half* __restrict_
 }
 
 // attn_d<DPL>_b: the name the batched-load kernels had beside the per-element ones, kept
+// attn_d<DPL>_q8: the same over a Q8_0 cache (levels kc/vc, scales ks/vs).
 #define ATTN(DPL)                                                                                        \
     extern "C" __global__ void __launch_bounds__(NWARPS * 32)                                            \
     attn_d##DPL##_b(const float* q, const __half* kc, const __half* vc, float* out, const int* q_starts, \
                 const int* positions, const int* ctx_lens, const int* block_tables, int max_blocks,      \
                 int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window,                \
                 const float* sinks, float softcap, int n_splits, float* part) {                          \
-        attn_impl<DPL>(q, kc, vc, out, q_starts, positions, ctx_lens, block_tables, max_blocks,   \
-                       block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, softcap, n_splits, part);      \
+        attn_impl<DPL, false>(q, kc, vc, nullptr, nullptr, out, q_starts, positions, ctx_lens,           \
+                              block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, \
+                              softcap, n_splits, part);                                                  \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(NWARPS * 32)                                            \
+    attn_d##DPL##_q8(const float* q, const int8_t* kc, const int8_t* vc, const __half* ks,               \
+                     const __half* vs, float* out, const int* q_starts, const int* positions,            \
+                     const int* ctx_lens, const int* block_tables, int max_blocks, int block_size,       \
+                     int Hq, int Hkv, int Dk, int Dv, float scale, int window, const float* sinks,       \
+                     float softcap, int n_splits, float* part) {                                         \
+        attn_impl<DPL, true>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens, block_tables,        \
+                             max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, softcap,     \
+                             n_splits, part);                                                            \
     }
 
 ATTN(1)
@@ -282,23 +374,47 @@ ATTN(8)
 // softmax; the warps merge through shared memory at the end. NC = ceil(Dv / 64).
 // One warp merges the n_splits partials p[split][acc (Dv), m, l] of a (token, q head) row into its
 // output o; a sink logit (if any) joins the denominator. Loads bypass L1 (__ldcg): attn_dec's
-// merging CTA reads partials other CTAs wrote during the same launch. Lane s holds split s's m, l and
-// weight (the host caps n_splits at 32). Slices fill from the first, so only those up to the last
-// that saw a key are read (a short context fills few of 32), and every column block's loads of 8
-// slices issue before any is used: a round trip per slice, then per column block, is what made
-// this merge 4-11 us per layer (H100 traces). CB: column blocks of 32 the caller may need (Dv <= 32 CB).
+// merging CTA reads partials other CTAs wrote during the same launch. Lane j holds the m and l of
+// splits j, j + 32, ... (at most MAX_SPLITS), all loaded before any is used; the splits' weights
+// go through the warp's wsh [MAX_SPLITS] in shared memory. Slices fill from the first, so only
+// those up to the last that saw a key are read (a short context fills few), and every column
+// block's loads of 8 slices issue before any is used: a round trip per slice, then per column
+// block, is what made this merge 4-11 us per layer (H100 traces). CB: column blocks of 32 the
+// caller may need (Dv <= 32 CB).
+#define MAX_SPLITS 256
 template <int CB>
 __device__ void merge_split_row(const float* __restrict__ p, float* __restrict__ o, const float* sink, int Dv,
-                                int n_splits, int lane) {
+                                int n_splits, int lane, float* wsh) {
+    constexpr int PER = MAX_SPLITS / 32;
     const int stride = Dv + 2;
-    const bool mine = lane < n_splits;
-    const float ms = mine ? __ldcg(p + lane * stride + Dv) : -INFINITY;
-    const float ls = mine ? __ldcg(p + lane * stride + Dv + 1) : 0.f;
-    const float M = fmaxf(warp_max(ms), sink ? *sink : -INFINITY);
-    const float w = ms != -INFINITY ? __expf(ms - M) : 0.f;  // M = -inf only if every ms is
-    const float L = warp_sum(ls * w) + (sink ? __expf(*sink - M) : 0.f);
+    float ms[PER], ls[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int sp = lane + 32 * i;
+        ms[i] = sp < n_splits ? __ldcg(p + sp * stride + Dv) : -INFINITY;
+        ls[i] = sp < n_splits ? __ldcg(p + sp * stride + Dv + 1) : 0.f;
+    }
+    float mx = sink ? *sink : -INFINITY;
+    int last = -1;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        mx = fmaxf(mx, ms[i]);
+        if (ms[i] != -INFINITY) last = lane + 32 * i;
+    }
+    const float M = warp_max(mx);
+    float lsum = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const float w = ms[i] != -INFINITY ? __expf(ms[i] - M) : 0.f;  // M = -inf only if every ms is
+        lsum = fmaf(ls[i], w, lsum);
+        if (lane + 32 * i < n_splits) wsh[lane + 32 * i] = w;
+    }
+    const float L = warp_sum(lsum) + (sink ? __expf(*sink - M) : 0.f);
     const float inv = L > 0.f ? 1.f / L : 0.f;
-    const int live = 32 - __clz(__ballot_sync(FULL_MASK, ms != -INFINITY));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_xor_sync(FULL_MASK, last, off));
+    const int live = last + 1;
+    __syncwarp();
     float a[CB];
 #pragma unroll
     for (int c = 0; c < CB; ++c) a[c] = 0.f;
@@ -313,11 +429,12 @@ __device__ void merge_split_row(const float* __restrict__ p, float* __restrict__
         }
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            const float wj = s0 + j < live ? __shfl_sync(FULL_MASK, w, (s0 + j) & 31) : 0.f;
+            const float wj = s0 + j < live ? wsh[s0 + j] : 0.f;
 #pragma unroll
             for (int c = 0; c < CB; ++c) a[c] = fmaf(v[c][j], wj, a[c]);
         }
     }
+    __syncwarp();  // wsh is the warp's again for its next row
 #pragma unroll
     for (int c = 0; c < CB; ++c)
         if (32 * c + lane < Dv) o[32 * c + lane] = a[c] * inv;
@@ -338,17 +455,19 @@ __device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict
     __syncthreads();
     if (!is_last) return;
     __threadfence();
+    __shared__ float wsh[4][MAX_SPLITS];  // attn_dec's 4 warps
     for (int g = threadIdx.x >> 5; g < G; g += blockDim.x >> 5) {
         const size_t row = (size_t)t * Hq + kvh * G + g;
         merge_split_row<CB>(part + row * n_splits * (Dv + 2), out + row * Dv, sinks ? sinks + (row % Hq) : nullptr,
-                            Dv, n_splits, threadIdx.x & 31);
+                            Dv, n_splits, threadIdx.x & 31, wsh[threadIdx.x >> 5]);
     }
     if (threadIdx.x == 0) *counter = 0;
 }
 
-template <int GM, int NC>
-__device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restrict__ kc,
-                              const __half* __restrict__ vc, float* __restrict__ out,
+template <int GM, int NC, bool Q8>
+__device__ void attn_dec_impl(const float* __restrict__ q, const void* __restrict__ kc,
+                              const void* __restrict__ vc, const __half* __restrict__ ks,
+                              const __half* __restrict__ vs, float* __restrict__ out,
                               const int* __restrict__ q_starts, const int* __restrict__ positions,
                               const int* __restrict__ ctx_lens, const int* __restrict__ block_tables,
                               int max_blocks, int block_size, int Hq, int Hkv, int Dk, int Dv, float scale,
@@ -376,6 +495,13 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
         const float* qh = q + ((size_t)t * Hq + kvh * G) * Dk;
 #pragma unroll 4
         for (int e = tid; e < G * Dk; e += blockDim.x) Qs[e / Dk][e % Dk] = qh[e] * scale;
+        if constexpr (Q8) {  // turned by H, a 32-block per warp
+            __syncthreads();
+            for (int blk = warp; blk < G * Dk / 32; blk += NW) {
+                float* r = &Qs[blk * 32 / Dk][blk * 32 % Dk];
+                r[lane] = wht32_warp(r[lane], lane);
+            }
+        }
     }
     __syncthreads();
 
@@ -399,8 +525,34 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
         float s[GM];
 #pragma unroll
         for (int g = 0; g < GM; ++g) s[g] = 0.f;
-        if (valid) {
-            const uint4* kp = reinterpret_cast<const uint4*>(kc + ((size_t)slot * Hkv + kvh) * Dk);
+        if (Q8 && valid) {
+            const size_t row = (size_t)slot * Hkv + kvh;
+            const uint4* kp = reinterpret_cast<const uint4*>(static_cast<const int8_t*>(kc) + row * Dk);
+            const __half* kd = ks + row * (Dk >> 5);
+#pragma unroll 2
+            for (int d32 = 0; d32 < (Dk >> 5); ++d32) {
+                const uint4 r0 = __ldg(kp + 2 * d32), r1 = __ldg(kp + 2 * d32 + 1);
+                const float dsc = __half2float(kd[d32]);
+                const unsigned w[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+                float f[32];
+#pragma unroll
+                for (int i = 0; i < 32; ++i) f[i] = static_cast<float>(static_cast<int8_t>(w[i >> 2] >> (8 * (i & 3))));
+#pragma unroll
+                for (int g = 0; g < GM; ++g) {
+                    if (g < G) {
+                        float u = 0.f;
+#pragma unroll
+                        for (int i4 = 0; i4 < 8; ++i4) {
+                            const float4 qa = *reinterpret_cast<const float4*>(&Qs[g][32 * d32 + 4 * i4]);
+                            u = fmaf(qa.x, f[4 * i4], u); u = fmaf(qa.y, f[4 * i4 + 1], u);
+                            u = fmaf(qa.z, f[4 * i4 + 2], u); u = fmaf(qa.w, f[4 * i4 + 3], u);
+                        }
+                        s[g] = fmaf(dsc, u, s[g]);
+                    }
+                }
+            }
+        } else if (valid) {
+            const uint4* kp = reinterpret_cast<const uint4*>(static_cast<const __half*>(kc) + ((size_t)slot * Hkv + kvh) * Dk);
 #pragma unroll 8  // the unrolled loads issue together: one memory round trip per 64 dims, not one per 8
             for (int d8 = 0; d8 < (Dk >> 3); ++d8) {
                 const uint4 raw = __ldg(kp + d8);
@@ -445,11 +597,27 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
 #pragma unroll
             for (int jj = 0; jj < VB; ++jj) {
                 const int sj = __shfl_sync(FULL_MASK, slot, j0 + jj);
-                const __half2* vp = reinterpret_cast<const __half2*>(vc + ((size_t)sj * Hkv + kvh) * Dv);
+                const size_t row = (size_t)sj * Hkv + kvh;
+                if constexpr (Q8) {
+                    const char2* vp = reinterpret_cast<const char2*>(static_cast<const int8_t*>(vc) + row * Dv);
+                    const __half* vd = vs + row * (Dv >> 5);
 #pragma unroll
-                for (int c = 0; c < NC; ++c) {
-                    const int d2 = lane + 32 * c;
-                    vv[jj][c] = 2 * d2 < Dv ? __half22float2(vp[d2]) : make_float2(0.f, 0.f);
+                    for (int c = 0; c < NC; ++c) {
+                        const int d2 = lane + 32 * c;
+                        vv[jj][c] = make_float2(0.f, 0.f);
+                        if (2 * d2 < Dv) {
+                            const char2 lv = vp[d2];
+                            const float dsc = __half2float(vd[d2 >> 4]);
+                            vv[jj][c] = make_float2(dsc * lv.x, dsc * lv.y);
+                        }
+                    }
+                } else {
+                    const __half2* vp = reinterpret_cast<const __half2*>(static_cast<const __half*>(vc) + row * Dv);
+#pragma unroll
+                    for (int c = 0; c < NC; ++c) {
+                        const int d2 = lane + 32 * c;
+                        vv[jj][c] = 2 * d2 < Dv ? __half22float2(vp[d2]) : make_float2(0.f, 0.f);
+                    }
                 }
             }
 #pragma unroll
@@ -495,25 +663,33 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
                 A = fmaf(As[w][g][d], f, A);
             }
         }
+        float val = A;
+        if (n_splits == 1) {
+            float f = 1.f;  // one slice: the sink joins here (split steps: in merge_split_row)
+            if (sinks) {
+                const float sk = sinks[h];
+                const float mf = fmaxf(M, sk);
+                f = __expf(M - mf);
+                L = L * f + __expf(sk - mf);
+            }
+            val = L > 0.f ? A * f / L : 0.f;
+        }
+        // Back from the turned space. Dv is a multiple of 32 here, so a warp's 32 consecutive e
+        // are one 32-block of one row, lane j its value j, and every lane of it takes this turn.
+        if constexpr (Q8) val = wht32_warp(val, lane);
         if (n_splits > 1) {
             float* o = part + (((size_t)t * Hq + h) * n_splits + split) * (Dv + 2);
-            o[d] = A;
+            o[d] = val;
             if (d == 0) { o[Dv] = M; o[Dv + 1] = L; }
-            continue;
+        } else {
+            out[((size_t)t * Hq + h) * Dv + d] = val;
         }
-        float f = 1.f;  // one slice: the sink joins here (split steps: in merge_split_row)
-        if (sinks) {
-            const float sk = sinks[h];
-            const float mf = fmaxf(M, sk);
-            f = __expf(M - mf);
-            L = L * f + __expf(sk - mf);
-        }
-        out[((size_t)t * Hq + h) * Dv + d] = L > 0.f ? A * f / L : 0.f;
     }
     if (n_splits > 1 && counters)
         attn_dec_merge<2 * NC>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, Dv, n_splits);
 }
 
+// attn_dec_g<GM>_n<NC>_q8: the same over a Q8_0 cache (levels kc/vc, scales ks/vs).
 #define ATTN_DEC(GM, NC)                                                                                 \
     extern "C" __global__ void __launch_bounds__(128)                                                    \
     attn_dec_g##GM##_n##NC(const float* q, const __half* kc, const __half* vc, float* out,               \
@@ -521,9 +697,20 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const __half* __restr
                            const int* block_tables, int max_blocks, int block_size, int Hq, int Hkv,     \
                            int Dk, int Dv, float scale, int window, const float* sinks, float softcap,   \
                            int n_splits, float* part, int* counters) {                                   \
-        attn_dec_impl<GM, NC>(q, kc, vc, out, q_starts, positions, ctx_lens, block_tables, max_blocks,   \
-                              block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, softcap, n_splits, part, \
-                              counters);                                                                 \
+        attn_dec_impl<GM, NC, false>(q, kc, vc, nullptr, nullptr, out, q_starts, positions, ctx_lens,    \
+                                     block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, \
+                                     sinks, softcap, n_splits, part, counters);                          \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128)                                                    \
+    attn_dec_g##GM##_n##NC##_q8(const float* q, const int8_t* kc, const int8_t* vc, const __half* ks,    \
+                                const __half* vs, float* out, const int* q_starts, const int* positions, \
+                                const int* ctx_lens, const int* block_tables, int max_blocks,            \
+                                int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window, \
+                                const float* sinks, float softcap, int n_splits, float* part,            \
+                                int* counters) {                                                         \
+        attn_dec_impl<GM, NC, true>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens, block_tables, \
+                                    max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks,       \
+                                    softcap, n_splits, part, counters);                                  \
     }
 #define ATTN_DEC_NC(GM) ATTN_DEC(GM, 1) ATTN_DEC(GM, 2) ATTN_DEC(GM, 3) ATTN_DEC(GM, 4)
 ATTN_DEC_NC(1)
@@ -536,8 +723,9 @@ ATTN_DEC_NC(8)
 extern "C" __global__ void attn_combine(const float* __restrict__ part, float* __restrict__ out,
                                         const float* __restrict__ sinks, int rows, int Hq, int Dv,
                                         int n_splits) {
+    __shared__ float wsh[8][MAX_SPLITS];  // a warp's each: launched with 256 threads
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
     merge_split_row<8>(part + (size_t)row * n_splits * (Dv + 2), out + (size_t)row * Dv,
-                       sinks ? sinks + row % Hq : nullptr, Dv, n_splits, threadIdx.x & 31);
+                       sinks ? sinks + row % Hq : nullptr, Dv, n_splits, threadIdx.x & 31, wsh[threadIdx.x >> 5]);
 }

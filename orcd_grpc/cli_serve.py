@@ -74,7 +74,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens per sequence; 0: the model's own, capped (default: 0)")
     p.add_argument("--kv-cache-type", choices=sorted(KV_VALUE_BYTES), default=None,
                    help="the KV cache's element for loads that name none: f16, q8_0 (GGML's 8-bit blocks, "
-                        "53%% of f16's bytes; cpu backend) or f32 (cpu, numpy) (default: the backend's, f16 on "
+                        "53%% of f16's bytes; cpu and cuda) or f32 (cpu, numpy) (default: the backend's, f16 on "
                         "cpu and cuda)")
     p.add_argument("--max-context", type=int, default=None,
                    help="cap on any loaded model's context length in tokens (default: none)")

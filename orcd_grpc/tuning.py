@@ -75,8 +75,8 @@ class Tuning:
     # qwen2.5 B=64 (128 pairs) 8,998 against 8,029 tok/s, gpt-oss B=32 (256 pairs) 1,224 against
     # 1,193; at 64 pairs and fewer even or slower (gpt-oss B=8: 563 against 574).
     attn_splits: int = _switch(
-        32, "ORCD_ATTN_SPLITS", "most key slices per (sequence, kv head) in decode attention, 1..32 (1: no split; "
-        "a cap of 4 took qwen2.5 B=1 from 1,318 to 1,659 us)")
+        256, "ORCD_ATTN_SPLITS", "most key slices per (sequence, kv head) in decode attention, 1..256 (1: no split; "
+        "a cap of 4 took qwen2.5 B=1 from 1,318 to 1,659 us; 32 left a 32k-token decode on 64 CTAs)")
     attn_dec_max_group: int = _switch(
         1, "ORCD_ATTN_DEC_MAX_GROUP", "decode steps of models with at most this many q heads per kv head use "
         "attn_dec (MHA phi3-mini 4,214 -> 3,322 us; GQA at B=1 slower: qwen2.5 19.1 against 15.8 us per layer)")
@@ -128,9 +128,9 @@ class Tuning:
                 raise ValueError(f"{f.metadata['env']} ({f.name}) must be one of {f.metadata['choices']}, not {v!r}")
             if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{f.metadata['env']} ({f.name}) must be a whole number >= 0, not {v!r}")
-        if not 1 <= self.attn_splits <= 32:
-            raise ValueError(f"ORCD_ATTN_SPLITS (attn_splits) must be 1..32 (merge_split_row keeps a slice per "
-                             f"lane), not {self.attn_splits}")
+        if not 1 <= self.attn_splits <= 256:
+            raise ValueError(f"ORCD_ATTN_SPLITS (attn_splits) must be 1..256 (merge_split_row's MAX_SPLITS), "
+                             f"not {self.attn_splits}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Tuning":
@@ -161,8 +161,8 @@ def _parse(f: dataclasses.Field, raw: str):
             v = int(raw)
         except ValueError:
             raise ValueError(f"{name}={raw!r}: expected a whole number") from None
-        if name == "ORCD_ATTN_SPLITS":  # 0 (as before the registry): no cap beyond the kernel's 32
-            v = min(v, 32) if v > 0 else 32
+        if name == "ORCD_ATTN_SPLITS":  # 0 (as before the registry): no cap beyond the kernel's 256
+            v = min(v, 256) if v > 0 else 256
         return v
     return raw
 

@@ -34,6 +34,11 @@
 #   SPEC_COST="qwen2.5-0.5b ..."  bench/spec_bench.py --step-reps: a verify step of 1+k tokens against a plain one
 #   LONG="qwen2.5-0.5b:8192,32768 ..."  prefill of N tokens and decode at depth N, orcd (bench_engine.py)
 #                   and llama-bench -d N when built; rows to $OUT/long.txt
+#   KVQ8="phi3-mini:64 ..."  the Q8_0 KV cache against f16 (bench_engine.py --kv-cache-type, each in turn):
+#                   pp512, tg128 and the aggregate at those batch sizes with KVQ8_PROMPT-token prompts
+#                   (default 128); llama-batched-bench -ctk/-ctv f16 and q8_0 when built; rows to $OUT/kvq8.txt
+#   HOST_BENCH=1    the serving host without a GPU: bench/host_ceiling.py (8 client processes, 64 and
+#                   256 clients) and bench/stream_rate.py (sync against grpc.aio, 8 client processes); $OUT/host.txt
 #   SKIP_TESTS=1    no GPU tests;  WHEELS=DIR  the wheels to install (default .whl)
 #   The carried archives, wheels and kernel cache are set up by scripts/device_env.sh.
 #   Real models (SmolLM2, Gemma 3) are used when $ORCD_MODEL_DIR holds them (no network there).
@@ -175,6 +180,27 @@ for ml in ${LONG:-}; do
       timeout 200 "$llama_bin/llama-bench" -m "$data/$m.gguf" -p 0 -n 64 -d "$n" -ngl 99 -fa 1 -r 1 -o md 2>&1 | grep "^|" | tee -a "$OUT/long.txt"
     fi
   done
+done
+if [ -n "${HOST_BENCH:-}" ]; then
+  echo "== $(date +%T) serving host alone"
+  timeout 200 python3 bench/host_ceiling.py --step-ms 5 --clients 64,256 --procs 8 2>&1 | tail -6 | tee -a "$OUT/host.txt"
+  timeout 150 python3 bench/stream_rate.py --procs 8 2>&1 | tail -6 | tee -a "$OUT/host.txt"
+fi
+for mb in ${KVQ8:-}; do
+  wait
+  m=${mb%%:*}; bs=${mb#*:}; [ "$bs" = "$mb" ] && bs=64
+  np=${KVQ8_PROMPT:-128}
+  for kvt in f16 q8_0; do
+    echo "orcd $m kv=$kvt $(timeout 240 python3 bench/bench_engine.py "$data/$m.gguf" --backend cuda --kv-cache-type $kvt \
+      --batches "$bs" --batch-prompt "$np" --reps 2 --context-length $((np + 512)) 2>&1 | tail -1)" | tee -a "$OUT/kvq8.txt"
+  done
+  if LLAMA_WAIT=${KVQ8_LLAMA_WAIT:-0} llama_ready; then
+    most=$(echo "$bs" | tr , '\n' | sort -n | tail -1)
+    for kvt in f16 q8_0; do
+      timeout 240 "$llama_bin/llama-batched-bench" -m "$data/$m.gguf" -c $(((np + 128) * most + 1024)) -b 2048 -ub 512 \
+        -npp "$np" -ntg 128 -npl "1,$bs" -ngl 99 -fa on -ctk $kvt -ctv $kvt 2>&1 | grep "^|" | sed "s/^/$kvt /" | tee -a "$OUT/kvq8.txt"
+    done
+  fi
 done
 for m in ${SERVE:-}; do
   wait

@@ -12,7 +12,7 @@ ARCHS = ("llama", "qwen2", "phi3", "phi3_longrope", "gemma3", "gpt_oss")
 N_PROMPT, N_DECODE = 32, 16
 
 
-def engine_logits(path, ids, backend: str = "numpy"):
+def engine_logits(path, ids, backend: str = "numpy", kv_cache_type: str = ""):
     """orcd's logits [N_PROMPT + N_DECODE, vocab] (float64): a N_PROMPT-token prefill, then
     N_DECODE single-token cached steps fed the rest of `ids`."""
     import numpy as np
@@ -20,7 +20,7 @@ def engine_logits(path, ids, backend: str = "numpy"):
     from orcd_grpc.loader import load_engine
     from orcd_grpc.sampling import SamplingParams
 
-    eng = load_engine(path, backend=backend, max_sequences=1, max_context=256)
+    eng = load_engine(path, backend=backend, max_sequences=1, max_context=256, kv_cache_type=kv_cache_type)
     try:
         s = eng.new_sequence(ids[:N_PROMPT].tolist(), SamplingParams(temperature=0.0))
         rows = [eng.score(s)] + [eng.score(s, [int(t)]) for t in ids[N_PROMPT:N_PROMPT + N_DECODE]]

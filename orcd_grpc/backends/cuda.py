@@ -57,7 +57,7 @@ class _Kernel:
 
 class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
     name = "cuda"
-    kv_types = ("f16",)
+    kv_types = ("f16", "q8_0")
     kv_type = "f16"
     memory_name = "VRAM (--max-vram)"
 
@@ -274,7 +274,7 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
     @_serialised
     def alloc_kv(self, layout: KVLayout):
         self._check_open()
-        return CudaKV(self, layout)
+        return CudaKV(self, layout, self.kv_type)
 
     @_serialised
     def close(self) -> None:

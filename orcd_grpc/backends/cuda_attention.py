@@ -1,4 +1,5 @@
-"""Rope, the paged f16 KV cache and attention on the CUDA backend, and how decode attention is split.
+"""Rope, the paged KV cache (f16 or Q8_0) and attention on the CUDA backend, and how decode
+attention is split.
 
 Decode steps (one query token per sequence) cannot fill the GPU with a CTA per (sequence, kv
 head), so the keys are cut into slices whose partials are merged (flash-decoding). The slice
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from .cuda import CudaBackend
 
 _ATTN_DPL = (1, 2, 3, 4, 5, 6, 8)  # attn_d<DPL>_b variants in attention.cu: head dims up to 32 * DPL
-_ATTN_MAX_SPLITS = 32  # merge_split_row keeps a split per lane: at most 32
+_ATTN_MAX_SPLITS = 256  # merge_split_row's MAX_SPLITS (weights of a row's splits in shared memory)
 _ATTN_COUNTERS = 1 << 16  # (sequence, kv head) pairs attn_dec can merge in-kernel (256 KiB of counters)
 
 
@@ -67,22 +68,39 @@ def rope_inv_freq(spec: RopeSpec) -> tuple[np.ndarray, float]:
 
 
 class CudaKV:
-    """Paged f16 cache: K [L, slots, Hkv, Dk] then V [L, slots, Hkv, Dv] in one allocation."""
+    """Paged cache in one allocation: K [L, slots, Hkv, Dk] then V [L, slots, Hkv, Dv], f16 or
+    (kind "q8_0") int8 levels, followed for q8_0 by their half scales, K [L, slots, Hkv, Dk / 32]
+    then V [L, slots, Hkv, Dv / 32] (attention.cu says how the blocks are turned)."""
 
-    def __init__(self, backend: "CudaBackend", layout: KVLayout):
-        self.layout = layout
+    def __init__(self, backend: "CudaBackend", layout: KVLayout, kind: str = "f16"):
+        if kind == "q8_0" and (layout.head_dim_k % 32 or layout.head_dim_v % 32):
+            raise InvalidArgument(f"q8_0 needs head dimensions in blocks of 32, not {layout.head_dim_k}/"
+                                  f"{layout.head_dim_v}", field="kv_cache_type")
+        self.layout, self.kind = layout, kind
         slots = layout.num_blocks * layout.block_size
-        self.k_layer = slots * layout.n_kv_heads * layout.head_dim_k * 2
-        self.v_layer = slots * layout.n_kv_heads * layout.head_dim_v * 2
-        self.buf = backend._persistent(layout.n_layers * (self.k_layer + self.v_layer), "KV cache")
+        width = 1 if kind == "q8_0" else 2
+        self.k_layer = slots * layout.n_kv_heads * layout.head_dim_k * width
+        self.v_layer = slots * layout.n_kv_heads * layout.head_dim_v * width
+        scales = 2 * (self.k_layer + self.v_layer) // 32 if kind == "q8_0" else 0  # a half per 32 levels
+        self.buf = backend._persistent(layout.n_layers * (self.k_layer + self.v_layer + scales), "KV cache")
         self.k_base = self.buf.ptr
         self.v_base = self.buf.ptr + layout.n_layers * self.k_layer
+        self.ks_base = self.v_base + layout.n_layers * self.v_layer  # q8_0's scales (else unused)
+        self.vs_base = self.ks_base + layout.n_layers * self.k_layer // 16
+
+    @property
+    def q8(self) -> bool:
+        return self.kind == "q8_0"
 
     def k_ptr(self, layer: int) -> int:
         return self.k_base + layer * self.k_layer
 
     def v_ptr(self, layer: int) -> int:
         return self.v_base + layer * self.v_layer
+
+    def scale_ptrs(self, layer: int) -> tuple[int, int]:
+        """q8_0: (K scales, V scales) of `layer`."""
+        return self.ks_base + layer * self.k_layer // 16, self.vs_base + layer * self.v_layer // 16
 
     @property
     def nbytes(self) -> int:
@@ -133,7 +151,13 @@ class AttentionMixin:
     def store_kv(self, k, v, kv: CudaKV, layer, ctx: CudaStep):
         T, Hkv, Dk = k.shape
         Dv = v.shape[2]
-        if T:
+        if T and kv.q8:
+            kst = self._k("attention", "kv_store_q8", "PPPPPPPiiii")
+            warps = Hkv * (Dk + Dv) // 32  # a warp per 32 values
+            self._launch(kst, (max(1, min(-(-warps // 8), 64)), T, 1), (256, 1, 1), k.ptr, v.ptr, ctx.slot_mapping,
+                         kv.k_ptr(layer), kv.v_ptr(layer), *kv.scale_ptrs(layer), np.int32(T), np.int32(Hkv),
+                         np.int32(Dk), np.int32(Dv))
+        elif T:
             kst = self._k("attention", "kv_store_f16", "PPPPPiiii")
             per = Hkv * (Dk + Dv)
             self._launch(kst, (max(1, min(-(-per // 256), 64)), T, 1), (256, 1, 1), k.ptr, v.ptr, ctx.slot_mapping,
@@ -143,20 +167,25 @@ class AttentionMixin:
         """kv_copy_block per pair, queued on the stream: after the step that wrote src, before
         any step that writes dst."""
         L = kv.layout
-        k_words = L.block_size * L.n_kv_heads * L.head_dim_k // 2  # f16 pairs
-        v_words = L.block_size * L.n_kv_heads * L.head_dim_v // 2
         if (L.head_dim_k | L.head_dim_v) % 2:
             raise InvalidArgument(f"odd head dims {L.head_dim_k}/{L.head_dim_v}: KV blocks are copied in "
                                   "32-bit words", field="kv_cache")
+        # (K base, V base, bytes per layer of K, of V): the values, then q8_0's scales (a 16th of
+        # the levels' bytes: a whole number of words per block, head dims being multiples of 32)
+        regions = [(kv.k_base, kv.v_base, kv.k_layer, kv.v_layer)]
+        if kv.q8:
+            regions.append((kv.ks_base, kv.vs_base, kv.k_layer // 16, kv.v_layer // 16))
+        slots = L.num_blocks * L.block_size
         kern = self._k("attention", "kv_copy_block", "PPqqiiii")
-        grid = (max(1, min(-(-max(k_words, v_words) // 256), 64)), L.n_layers, 2)
         for src, dst in pairs:
             if not (0 <= src < L.num_blocks and 0 <= dst < L.num_blocks):
                 raise InvalidArgument(f"KV block pair ({src}, {dst}) outside the cache's {L.num_blocks} blocks",
                                       field="kv_cache")
-            self._launch(kern, grid, (256, 1, 1), kv.k_base, kv.v_base, np.int64(kv.k_layer // 4),
-                         np.int64(kv.v_layer // 4), np.int32(k_words), np.int32(v_words), np.int32(src),
-                         np.int32(dst))
+            for k_base, v_base, k_layer, v_layer in regions:
+                k_words, v_words = k_layer // slots * L.block_size // 4, v_layer // slots * L.block_size // 4
+                grid = (max(1, min(-(-max(k_words, v_words) // 256), 64)), L.n_layers, 2)
+                self._launch(kern, grid, (256, 1, 1), k_base, v_base, np.int64(k_layer // 4), np.int64(v_layer // 4),
+                             np.int32(k_words), np.int32(v_words), np.int32(src), np.int32(dst))
 
     def qkv_rope_store(self, qkv, kv: CudaKV, layer, ctx: CudaStep, spec: RopeSpec, n_heads, n_kv_heads, head_dim,
                        head_dim_v):
@@ -164,7 +193,7 @@ class AttentionMixin:
         into the cache (split + rope + kv store were three launches per layer)."""
         T = qkv.shape[0]
         L = kv.layout
-        if (not self.tuning.fuse_qkv_rope or qkv.shape[-1] != (n_heads + n_kv_heads) * head_dim + n_kv_heads * head_dim_v
+        if (kv.q8 or not self.tuning.fuse_qkv_rope or qkv.shape[-1] != (n_heads + n_kv_heads) * head_dim + n_kv_heads * head_dim_v
                 or (L.n_kv_heads, L.head_dim_k, L.head_dim_v) != (n_kv_heads, head_dim, head_dim_v)):
             return super().qkv_rope_store(qkv, kv, layer, ctx, spec, n_heads, n_kv_heads, head_dim, head_dim_v)
         buf, mscale = self._rope_table(spec)
@@ -183,7 +212,8 @@ class AttentionMixin:
         T, Hq, Dk = q.shape
         L = kv.layout
         Hkv, Dv = L.n_kv_heads, L.head_dim_v
-        if Dk != L.head_dim_k or (k is not None and k.shape[1:] != (Hkv, Dk)) or Dk % 2 or Dv % 2 or Hq % Hkv:
+        if (Dk != L.head_dim_k or (k is not None and k.shape[1:] != (Hkv, Dk)) or Dk % 2 or Dv % 2 or Hq % Hkv
+                or (kv.q8 and (Dk % 32 or Dv % 32))):
             raise InvalidArgument(f"attention shapes q{q.shape} k{None if k is None else k.shape} do not fit the "
                                   f"cache ({Hkv} kv heads, dims {L.head_dim_k}/{Dv})", field="attention")
         if k is not None:
@@ -200,8 +230,8 @@ class AttentionMixin:
         dpl = next((d for d in _ATTN_DPL if d >= dpl_need), None)
         if dpl is None:
             raise InvalidArgument(f"head dim {max(Dk, Dv)} exceeds the attention kernel's 256", field="attention")
-        name = f"attn_d{dpl}_b"
-        kern = self._k("attention", name, "PPPPPPPPiiiiiifiPfiP")
+        name = f"attn_d{dpl}_q8" if kv.q8 else f"attn_d{dpl}_b"
+        kern = self._k("attention", name, "PPPPPPPPPPiiiiiifiPfiP" if kv.q8 else "PPPPPPPPiiiiiifiPfiP")
         smem = 4 * (32 * Dk + 32 * (Dk + 1) + 32 * Dv)
         if smem > 48 * 1024 and (name, smem) not in self._attr_set:
             kern.fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
@@ -215,13 +245,18 @@ class AttentionMixin:
             splits = _key_splits(tiled_target_ctas(self.limits), ctx.B * Hkv, self.tuning.attn_splits)
         part = self._out((T * Hq, splits, Dv + 2)) if splits > 1 else None
         self._launch(kern, (splits if splits > 1 else tiles, ctx.B, Hkv), (256, 1, 1), q.ptr, kv.k_ptr(layer),
-                     kv.v_ptr(layer), out.ptr, ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables,
+                     kv.v_ptr(layer), *self._scale_args(kv, layer), out.ptr, ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables,
                      np.int32(ctx.max_blocks), np.int32(ctx.block_size), np.int32(Hq), np.int32(Hkv), np.int32(Dk),
                      np.int32(Dv), np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,
                      np.float32(softcap or 0.0), np.int32(splits), part.ptr if part is not None else 0, shared=smem)
         if part is not None:
             self._combine(part, out, sinks, T * Hq, Hq, Dv, splits)
         return out
+
+    @staticmethod
+    def _scale_args(kv: CudaKV, layer: int) -> tuple[int, ...]:
+        """The *_q8 kernels' scale pointers after the levels' (none for an f16 cache)."""
+        return kv.scale_ptrs(layer) if kv.q8 else ()
 
     def _combine(self, part, out, sinks, rows, Hq, Dv, splits):
         """attn_combine: merges the split-key partials of `rows` (token, q head) rows into out."""
@@ -233,7 +268,8 @@ class AttentionMixin:
         """A step of decode tokens only: attn_dec_g<GM>_n<NC>, one 4-warp CTA per (key slice, sequence,
         kv head). As with attn_dN, the split count depends only on the batch shape (graph-safe)."""
         gm = next(g for g in (1, 2, 4, 8) if g >= group)
-        kern = self._k("attention", f"attn_dec_g{gm}_n{-(-Dv // 64)}", "PPPPPPPPiiiiiifiPfiPP")
+        kern = self._k("attention", f"attn_dec_g{gm}_n{-(-Dv // 64)}" + ("_q8" if kv.q8 else ""),
+                       "PPPPPPPPPPiiiiiifiPfiPP" if kv.q8 else "PPPPPPPPiiiiiifiPfiPP")
         splits = _key_splits(dec_target_ctas(self.limits), ctx.B * Hkv, self.tuning.attn_splits)
         part = self._out((ctx.T * Hq, splits, Dv + 2)) if splits > 1 else None
         counters = 0
@@ -242,7 +278,8 @@ class AttentionMixin:
                 self._attn_counters = self._persistent(4 * _ATTN_COUNTERS, "attention counters")
                 self._drv.memset_d32(self._attn_counters.ptr, 0, _ATTN_COUNTERS)
             counters = self._attn_counters.ptr
-        self._launch(kern, (splits, ctx.B, Hkv), (128, 1, 1), q.ptr, kv.k_ptr(layer), kv.v_ptr(layer), out.ptr,
+        self._launch(kern, (splits, ctx.B, Hkv), (128, 1, 1), q.ptr, kv.k_ptr(layer), kv.v_ptr(layer),
+                     *self._scale_args(kv, layer), out.ptr,
                      ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables, np.int32(ctx.max_blocks),
                      np.int32(ctx.block_size), np.int32(Hq), np.int32(Hkv), np.int32(Dk), np.int32(Dv),
                      np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,

@@ -316,6 +316,9 @@ ATTN_CASES = [
     (32, 32, 96, [40, 260, 7, 129], [1, 1, 1, 1], 0, False, 0.0),  # phi3 shape, batch of decodes
     (4, 1, 256, [300, 2], [1, 1], 64, False, 30.0),        # gemma3 shape: window + softcap decode
     (9, 3, 64, [65, 0, 31], [1, 1, 1], 0, True, 0.0),      # a sequence that joins with one token
+    # long contexts: more than 32 live slices, whose merge spans several of each lane's splits
+    (14, 2, 64, [2100], [1], 0, False, 0.0),               # qwen2.5 shape at B=1: 132 slices, 66 live
+    (2, 2, 64, [4500], [1], 0, True, 0.0),                 # MHA at B=1 (attn_dec): 256 slices, 36 live
 ]
 # Decode-only steps of MHA models (and of any model at large batches) run attn_dec_* (split across
 # key slices or not); GQA decode steps of small batches run attn_dN_b, and with attn_dec routed
