@@ -110,7 +110,7 @@ def test_store_is_ggml_q8_0_of_the_turned_rows_bit_for_bit(be, rng):
     meta.slot_mapping[7] = -1  # a padding token writes nothing
     kv = be.alloc_kv(layout)
     try:
-        assert kv.q8 and kv.buf.nbytes == layout.nbytes(34 / 32)
+        assert kv.q8 and kv.buf.nbytes == layout.bytes(34 / 32)
         be._drv.memset_d8(kv.buf.ptr, 0x55, kv.buf.nbytes)
         ctx = be.begin_step(meta)
         be.store_kv(dev(be, x), dev(be, v), kv, 1, ctx)
