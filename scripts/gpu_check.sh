@@ -33,7 +33,8 @@
 #                   (B=1,64; 1-16 threads), to $OUT/mask_fill.md
 #   SPEC_COST="qwen2.5-0.5b ..."  bench/spec_bench.py --step-reps: a verify step of 1+k tokens against a plain one
 #   LONG="qwen2.5-0.5b:8192,32768 ..."  prefill of N tokens and decode at depth N, orcd (bench_engine.py)
-#                   and llama-bench -d N when built; rows to $OUT/long.txt
+#                   and llama-bench -d N when built (LONG_LLAMA_WAIT: seconds to wait for the build, default
+#                   400); LONG_AB="kv=q8_0 ORCD_ATTN_SPLITS=32": orcd again under each; rows to $OUT/long.txt
 #   KVQ8="phi3-mini:64 ..."  the Q8_0 KV cache against f16 (bench_engine.py --kv-cache-type, each in turn):
 #                   pp512, tg128 and the aggregate at those batch sizes with KVQ8_PROMPT-token prompts
 #                   (default 128); llama-batched-bench -ctk/-ctv f16 and q8_0 when built; rows to $OUT/kvq8.txt
@@ -173,9 +174,13 @@ for ml in ${LONG:-}; do
   wait
   m=${ml%%:*}
   for n in $(echo "${ml#*:}" | tr , ' '); do
-    echo "orcd $m N=$n $(timeout 200 python3 bench/bench_engine.py "$data/$m.gguf" --backend cuda --prompt "$n" --gen 64 \
-      --batches "" --reps 1 --context-length $((n + 256)) 2>&1 | tail -1)" | tee -a "$OUT/long.txt"
-    if llama_ready; then
+    # LONG_AB="kv=q8_0 ORCD_ATTN_SPLITS=32 ...": each run again with that KV cache type or switch
+    for ab in default ${LONG_AB:-}; do
+      envs=; kva=; case $ab in default) ;; kv=*) kva="--kv-cache-type ${ab#kv=}" ;; *) envs=${ab//,/ } ;; esac
+      echo "orcd $m N=$n $ab $(env $envs timeout 200 python3 bench/bench_engine.py "$data/$m.gguf" --backend cuda --prompt "$n" \
+        --gen 64 --batches "" --reps 1 --context-length $((n + 256)) $kva 2>&1 | tail -1)" | tee -a "$OUT/long.txt"
+    done
+    if LLAMA_WAIT=${LONG_LLAMA_WAIT:-400} llama_ready; then
       timeout 200 "$llama_bin/llama-bench" -m "$data/$m.gguf" -p "$n" -n 0 -ngl 99 -fa 1 -r 1 -o md 2>&1 | grep "^|" | tee -a "$OUT/long.txt"
       timeout 200 "$llama_bin/llama-bench" -m "$data/$m.gguf" -p 0 -n 64 -d "$n" -ngl 99 -fa 1 -r 1 -o md 2>&1 | grep "^|" | tee -a "$OUT/long.txt"
     fi
