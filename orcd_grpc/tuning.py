@@ -86,6 +86,9 @@ class Tuning:
     attn_merge: bool = _switch(
         True, "ORCD_ATTN_MERGE", "split attn_dec merges its slices in its last CTA instead of an attn_combine "
         "launch (phi3-mini -260 us per step)")
+    attn_mma: bool = _switch(
+        False, "ORCD_ATTN_MMA", "prefill steps (more than one tile of query rows) of an f16 cache with head dim 64, 96 "
+        "or 128 attend on tensor cores (attn_mma_d*) instead of attn_dN_b; off until measured on a GPU")
     fuse_qkv_rope: bool = _switch(
         True, "ORCD_FUSE_QKV_ROPE", "split, rope and KV store of a fused Q/K/V row as one kernel "
         "(phi3-mini -100 us per step)")

@@ -226,6 +226,9 @@ class AttentionMixin:
                 and (group <= self.tuning.attn_dec_max_group or ctx.B * Hkv >= self.tuning.attn_dec_min_heads)):
             return self._decode_attention(q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks,
                                           softcap)
+        if (self.tuning.attn_mma and not kv.q8 and Dk == Dv and Dk in (64, 96, 128)
+                and ctx.max_q * group > 32):
+            return self._mma_attention(q, kv, layer, ctx, out, Hq, Hkv, Dk, group, scale, window, sinks, softcap)
         dpl_need = -(-max(Dk, Dv) // 32)
         dpl = next((d for d in _ATTN_DPL if d >= dpl_need), None)
         if dpl is None:
@@ -251,6 +254,22 @@ class AttentionMixin:
                      np.float32(softcap or 0.0), np.int32(splits), part.ptr if part is not None else 0, shared=smem)
         if part is not None:
             self._combine(part, out, sinks, T * Hq, Hq, Dv, splits)
+        return out
+
+    def _mma_attention(self, q, kv, layer, ctx, out, Hq, Hkv, D, group, scale, window, sinks, softcap):
+        """attn_mma_d<D>: a prefill step's attention on tensor cores, one 4-warp CTA per 64 query rows
+        of a (sequence, kv head); no key split (a prefill has rows enough to fill the GPU)."""
+        name = f"attn_mma_d{D}"
+        kern = self._k("attention_mma", name, "PPPPPPPPiiiifiPf")
+        smem = 2 * (64 + 2 * 64) * (D + 8)  # Q, K and V tiles in f16, rows padded by 8
+        if smem > 48 * 1024 and (name, smem) not in self._attr_set:
+            kern.fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+            self._attr_set.add((name, smem))
+        self._launch(kern, (-(-ctx.max_q * group // 64), ctx.B, Hkv), (128, 1, 1), q.ptr, kv.k_ptr(layer),
+                     kv.v_ptr(layer), out.ptr, ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables,
+                     np.int32(ctx.max_blocks), np.int32(ctx.block_size), np.int32(Hq), np.int32(Hkv),
+                     np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,
+                     np.float32(softcap or 0.0), shared=smem)
         return out
 
     @staticmethod
