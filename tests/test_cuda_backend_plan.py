@@ -14,6 +14,7 @@ from orcd_grpc.backends import cuda as cuda_mod
 from orcd_grpc.backends import cuda_context, cuda_quant, cuda_step
 from orcd_grpc.backends.base import KVLayout, RopeSpec, StepMeta
 from orcd_grpc.backends.cuda_memory import Workspace
+from orcd_grpc.errors import InvalidArgument
 from orcd_grpc.tuning import DEFAULT, Tuning
 
 
@@ -148,3 +149,40 @@ def test_fused_qkv_rope_and_moe_plan(monkeypatch):
     names = [n for n, _ in launched]
     assert names == ["moe_route", "moe_group", "gemm_moe_mxfp4_16_blk", "gemm_moe_mxfp4_16_blk", "moe_act",
                      "gemm_moe_mxfp4_16_blk", "moe_combine"]
+
+
+def test_q8_0_cache_takes_the_q8_kernels_with_its_scales(monkeypatch):
+    """--kv-cache-type q8_0: the same routes as f16 (attn_dec for MHA decode, attn_dN for GQA), the
+    *_q8 kernels, a cache of 34 bytes per 32 values whose scale regions follow the levels."""
+    be, launched = _backend(monkeypatch)
+    be.kv_type = "q8_0"
+    _attend(be, 1, 32, 32, 96)
+    _attend(be, 1, 14, 2, 64)
+    assert [n for n, _ in launched] == ["attn_dec_g1_n2_q8", "attn_d2_q8", "attn_combine"]
+    layout = KVLayout(n_layers=3, num_blocks=8, block_size=16, n_kv_heads=2, head_dim_k=64, head_dim_v=64)
+    kv = be.alloc_kv(layout)
+    assert kv.q8 and kv.buf.nbytes == layout.bytes(34 / 32)
+    levels = 3 * 8 * 16 * 2 * 64  # bytes of K levels, all layers
+    assert kv.v_base - kv.k_base == levels and kv.ks_base - kv.v_base == levels
+    assert kv.scale_ptrs(1) == (kv.ks_base + levels // 3 // 16, kv.vs_base + levels // 3 // 16)
+    with pytest.raises(InvalidArgument, match="blocks of 32"):
+        be.alloc_kv(KVLayout(n_layers=1, num_blocks=8, block_size=16, n_kv_heads=2, head_dim_k=80, head_dim_v=80))
+
+
+def test_prefill_takes_the_tensor_core_kernel_when_switched_on(monkeypatch):
+    """ORCD_ATTN_MMA: a prefill step of an f16 cache with head dim 64/96/128 runs attn_mma_d<D>, a CTA
+    per 64 query rows of each (sequence, kv head); decode steps and a q8_0 cache keep their kernels."""
+    be, launched = _backend(monkeypatch, dataclasses.replace(DEFAULT, attn_mma=True))
+    T, Hq, Hkv, D = 100, 14, 2, 64
+    layout = KVLayout(n_layers=1, num_blocks=16, block_size=16, n_kv_heads=Hkv, head_dim_k=D, head_dim_v=D)
+    kv = be.alloc_kv(layout)
+    meta = StepMeta(token_ids=np.zeros(T, np.int32), positions=np.arange(T, dtype=np.int32),
+                    q_starts=np.array([0, T], np.int32), ctx_lens=np.array([T], np.int32),
+                    slot_mapping=np.arange(T, dtype=np.int32), block_tables=np.arange(16, dtype=np.int32)[None],
+                    block_size=16, logits_rows=np.array([T - 1], np.int32))
+    ctx = be.begin_step(meta)
+    be.attention(be._out((T, Hq, D)), None, None, kv, 0, ctx, scale=D ** -0.5)
+    assert launched == [("attn_mma_d64", (-(-T * 7 // 64), 1, Hkv))]
+    launched.clear()
+    _attend(be, 1, 14, 2, 64)  # decode: the split tiled kernel as before
+    assert launched[0][0] == "attn_d2_b"
