@@ -112,6 +112,14 @@ def ids_of(toks):
     return [t.token_id for t in toks]
 
 
+def _lp_tol(row) -> float:
+    """How far a reported logprob may sit from the float64 reference's: the backends' own rounding
+    (the CPU backend's 16-bit matmul inputs and f16 KV cache, the GPU's f16 tiles) moves logits by up
+    to ~1e-4 of the largest (test_cpu_backend), and a logprob is a logit less a log-sum-exp of them:
+    1.05e-3 was seen against 1e-3 with logits near 12."""
+    return max(1e-3, 2e-4 * float(np.abs(row).max()))
+
+
 def _assert_greedy(ref_rows, got, adjust, seed):
     """Each greedy token is the argmax of its step's reference logits after `adjust` (the test's
     own bias/mask), wherever the two best are not within float32 noise of each other."""
@@ -136,7 +144,7 @@ def test_reference_is_the_servers_model(srv):
     _assert_greedy(ref, got, lambda i, x: x, seed)
     for row, t in zip(ref, toks):  # no controls: the logprob is the model's own
         lse = row.max() + np.log(np.exp(row - row.max()).sum())
-        assert abs(t.logprob - (row[t.token_id] - lse)) < 1e-3, seed
+        assert abs(t.logprob - (row[t.token_id] - lse)) < _lp_tol(row), seed
 
 
 def test_logit_bias_moves_greedy_to_the_biased_argmax(srv):
@@ -156,7 +164,7 @@ def test_logit_bias_moves_greedy_to_the_biased_argmax(srv):
     for row, t in zip(_steps(srv, prompt, ids_of(toks)), toks):
         x = row + vec
         lse = x.max() + np.log(np.exp(x - x.max()).sum())
-        assert abs(t.logprob - (x[t.token_id] - lse)) < 1e-3, seed
+        assert abs(t.logprob - (x[t.token_id] - lse)) < _lp_tol(row), seed
         assert [a.token_id for a in t.top_logprobs][0] == int(np.argmax(x)) or \
             np.sort(x)[-1] - np.sort(x)[-2] < 1e-3, seed
 
@@ -178,7 +186,7 @@ def test_allowed_token_ids_greedy_and_sampled_stay_in_the_set(srv):
     for row, t in zip(_steps(srv, prompt, got), toks):
         x = row[allowed]
         lse = x.max() + np.log(np.exp(x - x.max()).sum())
-        assert abs(t.logprob - (row[t.token_id] - lse)) < 1e-3, seed
+        assert abs(t.logprob - (row[t.token_id] - lse)) < _lp_tol(row), seed
         assert {a.token_id for a in t.top_logprobs} == set(allowed), seed  # 12 < 20: banned ones unlisted
 
 
