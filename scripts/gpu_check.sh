@@ -19,7 +19,9 @@
 #   NCU="MODEL:KERNEL_REGEX[:SKIP[:BATCH]] ..."  Nsight Compute sections for a few of those kernels (see the end)
 #   SERVE="qwen2.5-0.5b gpt-oss-20b"  bench/serve_bench.py on those synthetic files: an orcd worker
 #                   (gRPC), then llama-server when /tmp/anchor holds its build (anchors README), same
-#                   slots (SERVE_SLOTS, default 256) and clients (SERVE_CLIENTS); rows to $OUT/serve.jsonl,
+#                   slots (SERVE_SLOTS, default 256) and clients (SERVE_CLIENTS), one KV pool shared by its slots
+#                   (-kvu: without it, an explicit -np gives every slot a KV stream of its own, the
+#                   configuration session 11's slow llama-server rows ran); rows to $OUT/serve.jsonl,
 #                   orcd's with what the worker did meanwhile (its metrics); SERVE_ARGS: more serve_bench.py options;
 #                   SERVE_PROFILE=1: the worker under py-spy (.dev/tools/py-spy carried), to $OUT/serve-prof-*.txt
 #   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server; LLAMA_JOBS, default 10) from .dev/anchors/llamacpp-src.tgz
@@ -225,7 +227,7 @@ for m in ${SERVE:-}; do
   kill "$sp" 2>/dev/null; wait "$sp" 2>/dev/null
   ls_bin=$llama_bin/llama-server
   if llama_ready && [ -x "$ls_bin" ]; then
-    "$ls_bin" -m "$data/$m.gguf" -ngl 99 -fa on -np "$slots" -c $((slots * 2048)) --host 127.0.0.1 --port 50062 \
+    "$ls_bin" -m "$data/$m.gguf" -ngl 99 -fa on -np "$slots" -kvu -c $((slots * 2048)) --host 127.0.0.1 --port 50062 \
       > "$OUT/serve-llama-$m.log" 2>&1 & sp=$!
     timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py openai http://127.0.0.1:50062 --vocab-from "$data/$m.gguf" \
       --clients "$clients" --procs 8 ${SERVE_ARGS:-} | sed "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
