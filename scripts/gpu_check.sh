@@ -2,7 +2,7 @@
 # THE GPU-machine check, in one device call (run from the repo root, with .whl carried):
 #   installs the wheels, regenerates the gRPC stubs, prints the GPU, runs the GPU tests (then the
 #   rest of the suite if time is left) and the benchmark. Logs go to $OUT (or /tmp/orcd-out).
-#   GPU_TESTS=...   pytest selection for the GPU part (default: -m gpu tests/gpu)
+#   GPU_TESTS=...   pytest selection for the GPU part (default: -m gpu tests/gpu); GPU_K: its -k expression
 #   SKIP_SUITE=1    skip the non-GPU suite;  SKIP_BENCH=1  skip the benchmark
 #   BENCH_MODELS="qwen2.5-0.5b ..."  the synthetic anchor files to benchmark (default: all four);
 #                   with SKIP_BENCH=1 they are still written (for a later call on the warm machine)
@@ -98,7 +98,7 @@ python3 -c "import orcd_grpc.proto" || echo "stub generation failed"
 start=$(date +%s)
 echo "== $(date +%T) GPU tests"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout ${GPU_TEST_TIMEOUT:-480} python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/gpu} -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest-gpu.log" | tail -40
+  timeout ${GPU_TEST_TIMEOUT:-480} python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/gpu} -k "${GPU_K:-}" -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest-gpu.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ -z "${SKIP_SUITE:-}" ]; then
