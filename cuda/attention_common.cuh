@@ -1,0 +1,83 @@
+// Shared by attention.cu and attention_decode.cu: the Walsh-Hadamard turn of the Q8_0 cache's
+// blocks and the merge of split-key partials.
+#pragma once
+#include "common.cuh"
+
+// H x / sqrt(32) of the warp's 32 values (lane i holds x_i): the butterflies of cpu_ops.wht32 in
+// the same order, so the same float32 bits.
+__device__ __forceinline__ float wht32_warp(float x, int lane) {
+#pragma unroll
+    for (int h = 1; h < 32; h <<= 1) {
+        const float y = __shfl_xor_sync(FULL_MASK, x, h);
+        x = (lane & h) ? y - x : x + y;
+    }
+    return x * 0.17677669529663687f;
+}
+
+// One warp merges the n_splits partials p[split][acc (Dv), m, l] of a (token, q head) row into its
+// output o; a sink logit (if any) joins the denominator. Loads bypass L1 (__ldcg): attn_dec's
+// merging CTA reads partials other CTAs wrote during the same launch. Lane j holds the m and l of
+// splits j, j + 32, ... (at most MAX_SPLITS), all loaded before any is used; the splits' weights
+// go through the warp's wsh [MAX_SPLITS] in shared memory. Slices fill from the first, so only
+// those up to the last that saw a key are read (a short context fills few), and every column
+// block's loads of 8 slices issue before any is used: a round trip per slice, then per column
+// block, is what made this merge 4-11 us per layer (H100 traces). CB: column blocks of 32 the
+// caller may need (Dv <= 32 CB).
+#define MAX_SPLITS 256
+template <int CB>
+__device__ void merge_split_row(const float* __restrict__ p, float* __restrict__ o, const float* sink, int Dv,
+                                int n_splits, int lane, float* wsh) {
+    constexpr int PER = MAX_SPLITS / 32;
+    const int stride = Dv + 2;
+    float ms[PER], ls[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int sp = lane + 32 * i;
+        ms[i] = sp < n_splits ? __ldcg(p + sp * stride + Dv) : -INFINITY;
+        ls[i] = sp < n_splits ? __ldcg(p + sp * stride + Dv + 1) : 0.f;
+    }
+    float mx = sink ? *sink : -INFINITY;
+    int last = -1;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        mx = fmaxf(mx, ms[i]);
+        if (ms[i] != -INFINITY) last = lane + 32 * i;
+    }
+    const float M = warp_max(mx);
+    float lsum = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const float w = ms[i] != -INFINITY ? __expf(ms[i] - M) : 0.f;  // M = -inf only if every ms is
+        lsum = fmaf(ls[i], w, lsum);
+        if (lane + 32 * i < n_splits) wsh[lane + 32 * i] = w;
+    }
+    const float L = warp_sum(lsum) + (sink ? __expf(*sink - M) : 0.f);
+    const float inv = L > 0.f ? 1.f / L : 0.f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_xor_sync(FULL_MASK, last, off));
+    const int live = last + 1;
+    __syncwarp();
+    float a[CB];
+#pragma unroll
+    for (int c = 0; c < CB; ++c) a[c] = 0.f;
+    for (int s0 = 0; s0 < live; s0 += 8) {
+        float v[CB][8];
+#pragma unroll
+        for (int c = 0; c < CB; ++c) {
+            const int d = min(32 * c + lane, Dv - 1);  // lanes past Dv read a valid column, store nothing
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                v[c][j] = 32 * c < Dv ? __ldcg(p + min(s0 + j, live - 1) * stride + d) : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float wj = s0 + j < live ? wsh[s0 + j] : 0.f;
+#pragma unroll
+            for (int c = 0; c < CB; ++c) a[c] = fmaf(v[c][j], wj, a[c]);
+        }
+    }
+    __syncwarp();  // wsh is the warp's again for its next row
+#pragma unroll
+    for (int c = 0; c < CB; ++c)
+        if (32 * c + lane < Dv) o[32 * c + lane] = a[c] * inv;
+}

@@ -1,0 +1,289 @@
+// Decode-only attention steps (every sequence adds one query token) over the paged f16 or Q8_0
+// KV cache: attention.cu describes the layout, the masks and the Q8_0 turn.
+#include "attention_common.cuh"
+
+// attn_dec_g<GM>_n<NC>: decode steps only (every sequence has one query token). attn_dN gives a
+// CTA 32 query rows, and a decode token of an MHA model fills one of them: 31/32 of its scoring
+// and half its staging work were waste, and its shared-memory staging (two barriers per 32 keys)
+// kept a CTA's loads from overlapping. Here one CTA = (key slice, sequence, kv head) with the
+// GM >= group query heads of that kv head; each of its 4 warps walks its own 32-key tiles straight
+// from global memory (lane j scores key j of the tile: 16-byte K loads, q broadcast from shared
+// memory; then the warp accumulates p * V with lanes owning 2 dims per 64), keeping its own online
+// softmax; the warps merge through shared memory at the end. NC = ceil(Dv / 64).
+// The last of a (sequence, kv head)'s n_splits CTAs to finish merges all their partials (as
+// attn_combine would, one launch later), a warp per q head, and resets the counter for the next
+// launch, so a graph replays it as captured. Each CTA's partial writes are fenced before it counts
+// itself.
+template <int CB>
+__device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict__ out,
+                               const float* __restrict__ sinks, int* counter, int t, int kvh, int G, int Hq,
+                               int Dv, int n_splits) {
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1) == n_splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    __shared__ float wsh[4][MAX_SPLITS];  // attn_dec's 4 warps
+    for (int g = threadIdx.x >> 5; g < G; g += blockDim.x >> 5) {
+        const size_t row = (size_t)t * Hq + kvh * G + g;
+        merge_split_row<CB>(part + row * n_splits * (Dv + 2), out + row * Dv, sinks ? sinks + (row % Hq) : nullptr,
+                            Dv, n_splits, threadIdx.x & 31, wsh[threadIdx.x >> 5]);
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}
+
+template <int GM, int NC, bool Q8>
+__device__ void attn_dec_impl(const float* __restrict__ q, const void* __restrict__ kc,
+                              const void* __restrict__ vc, const __half* __restrict__ ks,
+                              const __half* __restrict__ vs, float* __restrict__ out,
+                              const int* __restrict__ q_starts, const int* __restrict__ positions,
+                              const int* __restrict__ ctx_lens, const int* __restrict__ block_tables,
+                              int max_blocks, int block_size, int Hq, int Hkv, int Dk, int Dv, float scale,
+                              int window, const float* __restrict__ sinks, float softcap, int n_splits,
+                              float* __restrict__ part, int* __restrict__ counters) {
+    constexpr int NW = 4;
+    __shared__ __align__(16) float Qs[GM][256];
+    __shared__ float Ms[NW][GM], Ls[NW][GM];
+    __shared__ float As[NW][GM][NC * 64];
+    const int b = blockIdx.y, kvh = blockIdx.z, split = blockIdx.x;
+    const int t = q_starts[b];
+    if (q_starts[b + 1] - t != 1) return;  // no token of this sequence in the step
+    const int G = Hq / Hkv, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int p = positions[t];
+    int hi = min(p + 1, ctx_lens[b]), lo = window > 0 ? max(0, p - window + 1) : 0;
+    if (n_splits > 1) {
+        // Slices of whole 4-warp passes (128 keys): with 32-key slices a short context kept 3 of
+        // each CTA's 4 warps idle and spread over up to 4x the slices the merge must read.
+        constexpr int PASS = NW * 32;
+        const int chunk = ((max(hi - lo, 0) + n_splits - 1) / n_splits + PASS - 1) / PASS * PASS;
+        lo += split * chunk;
+        hi = min(hi, lo + chunk);
+    }
+    if (lo < hi) {  // the G query rows of this kv head are contiguous: G * Dk floats
+        const float* qh = q + ((size_t)t * Hq + kvh * G) * Dk;
+#pragma unroll 4
+        for (int e = tid; e < G * Dk; e += blockDim.x) Qs[e / Dk][e % Dk] = qh[e] * scale;
+        if constexpr (Q8) {  // turned by H, a 32-block per warp
+            __syncthreads();
+            for (int blk = warp; blk < G * Dk / 32; blk += NW) {
+                float* r = &Qs[blk * 32 / Dk][blk * 32 % Dk];
+                r[lane] = wht32_warp(r[lane], lane);
+            }
+        }
+    }
+    __syncthreads();
+
+    float m[GM], l[GM], acc[GM][2 * NC];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int c = 0; c < 2 * NC; ++c) acc[g][c] = 0.f;
+    }
+    const int* btab = block_tables + (size_t)b * max_blocks;
+    for (int k0 = lo + warp * 32; k0 < hi; k0 += NW * 32) {
+        const int n = k0 + lane;
+        const bool valid = n < hi;
+        int slot = valid ? btab[n / block_size] * block_size + n % block_size : 0;
+        // Keys past `hi` borrow lane 0's slot (k0 < hi: always a written key), so the V rows they
+        // add with p = 0 are finite; a never-written row may hold NaN bits, and 0 * NaN = NaN.
+        const int slot0 = __shfl_sync(FULL_MASK, slot, 0);
+        if (!valid) slot = slot0;
+        float s[GM];
+#pragma unroll
+        for (int g = 0; g < GM; ++g) s[g] = 0.f;
+        if (Q8 && valid) {
+            const size_t row = (size_t)slot * Hkv + kvh;
+            const uint4* kp = reinterpret_cast<const uint4*>(static_cast<const int8_t*>(kc) + row * Dk);
+            const __half* kd = ks + row * (Dk >> 5);
+#pragma unroll 2
+            for (int d32 = 0; d32 < (Dk >> 5); ++d32) {
+                const uint4 r0 = __ldg(kp + 2 * d32), r1 = __ldg(kp + 2 * d32 + 1);
+                const float dsc = __half2float(kd[d32]);
+                const unsigned w[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+                float f[32];
+#pragma unroll
+                for (int i = 0; i < 32; ++i) f[i] = static_cast<float>(static_cast<int8_t>(w[i >> 2] >> (8 * (i & 3))));
+#pragma unroll
+                for (int g = 0; g < GM; ++g) {
+                    if (g < G) {
+                        float u = 0.f;
+#pragma unroll
+                        for (int i4 = 0; i4 < 8; ++i4) {
+                            const float4 qa = *reinterpret_cast<const float4*>(&Qs[g][32 * d32 + 4 * i4]);
+                            u = fmaf(qa.x, f[4 * i4], u); u = fmaf(qa.y, f[4 * i4 + 1], u);
+                            u = fmaf(qa.z, f[4 * i4 + 2], u); u = fmaf(qa.w, f[4 * i4 + 3], u);
+                        }
+                        s[g] = fmaf(dsc, u, s[g]);
+                    }
+                }
+            }
+        } else if (valid) {
+            const uint4* kp = reinterpret_cast<const uint4*>(static_cast<const __half*>(kc) + ((size_t)slot * Hkv + kvh) * Dk);
+#pragma unroll 8  // the unrolled loads issue together: one memory round trip per 64 dims, not one per 8
+            for (int d8 = 0; d8 < (Dk >> 3); ++d8) {
+                const uint4 raw = __ldg(kp + d8);
+                const __half2* h = reinterpret_cast<const __half2*>(&raw);
+                const float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]);
+                const float2 f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
+#pragma unroll
+                for (int g = 0; g < GM; ++g) {
+                    if (g < G) {
+                        const float4 qa = *reinterpret_cast<const float4*>(&Qs[g][8 * d8]);
+                        const float4 qb = *reinterpret_cast<const float4*>(&Qs[g][8 * d8 + 4]);
+                        float u = s[g];
+                        u = fmaf(qa.x, f0.x, u); u = fmaf(qa.y, f0.y, u); u = fmaf(qa.z, f1.x, u); u = fmaf(qa.w, f1.y, u);
+                        u = fmaf(qb.x, f2.x, u); u = fmaf(qb.y, f2.y, u); u = fmaf(qb.z, f3.x, u); u = fmaf(qb.w, f3.y, u);
+                        s[g] = u;
+                    }
+                }
+            }
+        }
+        float pr[GM];
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            pr[g] = 0.f;
+            if (g >= G) continue;
+            float si = s[g];
+            if (softcap > 0.f) si = softcap * tanhf(si / softcap);
+            si = valid ? si : -INFINITY;
+            const float m_new = fmaxf(m[g], warp_max(si));  // lane 0's key is always valid
+            const float corr = __expf(m[g] - m_new);
+            pr[g] = valid ? __expf(si - m_new) : 0.f;
+            l[g] = l[g] * corr + warp_sum(pr[g]);
+            m[g] = m_new;
+#pragma unroll
+            for (int c = 0; c < 2 * NC; ++c) acc[g][c] *= corr;
+        }
+        // All 32 keys of the tile, VB V rows loaded before any is used (a load per key, waited for
+        // in turn, made the tile 32 memory round trips; VB rows cost 2 * NC registers each). Keys
+        // past `hi` have p = 0 and a written key's slot, so they add nothing and need no branch.
+        constexpr int VB = NC == 1 ? 32 : NC == 2 ? 16 : 8;
+        for (int j0 = 0; j0 < 32; j0 += VB) {
+            float2 vv[VB][NC];
+#pragma unroll
+            for (int jj = 0; jj < VB; ++jj) {
+                const int sj = __shfl_sync(FULL_MASK, slot, j0 + jj);
+                const size_t row = (size_t)sj * Hkv + kvh;
+                if constexpr (Q8) {
+                    const char2* vp = reinterpret_cast<const char2*>(static_cast<const int8_t*>(vc) + row * Dv);
+                    const __half* vd = vs + row * (Dv >> 5);
+#pragma unroll
+                    for (int c = 0; c < NC; ++c) {
+                        const int d2 = lane + 32 * c;
+                        vv[jj][c] = make_float2(0.f, 0.f);
+                        if (2 * d2 < Dv) {
+                            const char2 lv = vp[d2];
+                            const float dsc = __half2float(vd[d2 >> 4]);
+                            vv[jj][c] = make_float2(dsc * lv.x, dsc * lv.y);
+                        }
+                    }
+                } else {
+                    const __half2* vp = reinterpret_cast<const __half2*>(static_cast<const __half*>(vc) + row * Dv);
+#pragma unroll
+                    for (int c = 0; c < NC; ++c) {
+                        const int d2 = lane + 32 * c;
+                        vv[jj][c] = 2 * d2 < Dv ? __half22float2(vp[d2]) : make_float2(0.f, 0.f);
+                    }
+                }
+            }
+#pragma unroll
+            for (int jj = 0; jj < VB; ++jj) {
+#pragma unroll
+                for (int g = 0; g < GM; ++g) {
+                    if (g >= G) continue;
+                    const float pj = __shfl_sync(FULL_MASK, pr[g], j0 + jj);
+#pragma unroll
+                    for (int c = 0; c < NC; ++c) {
+                        acc[g][2 * c] = fmaf(pj, vv[jj][c].x, acc[g][2 * c]);
+                        acc[g][2 * c + 1] = fmaf(pj, vv[jj][c].y, acc[g][2 * c + 1]);
+                    }
+                }
+            }
+        }
+    }
+
+    // Merge the warps' softmax states; then a partial for attn_combine, or the normalised output.
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        if (g >= G) continue;
+        if (lane == 0) { Ms[warp][g] = m[g]; Ls[warp][g] = l[g]; }
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            As[warp][g][2 * (lane + 32 * c)] = acc[g][2 * c];
+            As[warp][g][2 * (lane + 32 * c) + 1] = acc[g][2 * c + 1];
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < G * Dv; e += blockDim.x) {
+        const int g = e / Dv, d = e - g * Dv, h = kvh * G + g;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, Ms[w][g]);
+        float L = 0.f, A = 0.f;
+        if (M != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < NW; ++w) {
+                if (Ms[w][g] == -INFINITY) continue;
+                const float f = __expf(Ms[w][g] - M);
+                L = fmaf(Ls[w][g], f, L);
+                A = fmaf(As[w][g][d], f, A);
+            }
+        }
+        float val = A;
+        if (n_splits == 1) {
+            float f = 1.f;  // one slice: the sink joins here (split steps: in merge_split_row)
+            if (sinks) {
+                const float sk = sinks[h];
+                const float mf = fmaxf(M, sk);
+                f = __expf(M - mf);
+                L = L * f + __expf(sk - mf);
+            }
+            val = L > 0.f ? A * f / L : 0.f;
+        }
+        // Back from the turned space. Dv is a multiple of 32 here, so a warp's 32 consecutive e
+        // are one 32-block of one row, lane j its value j, and every lane of it takes this turn.
+        if constexpr (Q8) val = wht32_warp(val, lane);
+        if (n_splits > 1) {
+            float* o = part + (((size_t)t * Hq + h) * n_splits + split) * (Dv + 2);
+            o[d] = val;
+            if (d == 0) { o[Dv] = M; o[Dv + 1] = L; }
+        } else {
+            out[((size_t)t * Hq + h) * Dv + d] = val;
+        }
+    }
+    if (n_splits > 1 && counters)
+        attn_dec_merge<2 * NC>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, Dv, n_splits);
+}
+
+// attn_dec_g<GM>_n<NC>_q8: the same over a Q8_0 cache (levels kc/vc, scales ks/vs).
+#define ATTN_DEC(GM, NC)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                                    \
+    attn_dec_g##GM##_n##NC(const float* q, const __half* kc, const __half* vc, float* out,               \
+                           const int* q_starts, const int* positions, const int* ctx_lens,               \
+                           const int* block_tables, int max_blocks, int block_size, int Hq, int Hkv,     \
+                           int Dk, int Dv, float scale, int window, const float* sinks, float softcap,   \
+                           int n_splits, float* part, int* counters) {                                   \
+        attn_dec_impl<GM, NC, false>(q, kc, vc, nullptr, nullptr, out, q_starts, positions, ctx_lens,    \
+                                     block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, \
+                                     sinks, softcap, n_splits, part, counters);                          \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128)                                                    \
+    attn_dec_g##GM##_n##NC##_q8(const float* q, const int8_t* kc, const int8_t* vc, const __half* ks,    \
+                                const __half* vs, float* out, const int* q_starts, const int* positions, \
+                                const int* ctx_lens, const int* block_tables, int max_blocks,            \
+                                int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window, \
+                                const float* sinks, float softcap, int n_splits, float* part,            \
+                                int* counters) {                                                         \
+        attn_dec_impl<GM, NC, true>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens, block_tables, \
+                                    max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks,       \
+                                    softcap, n_splits, part, counters);                                  \
+    }
+#define ATTN_DEC_NC(GM) ATTN_DEC(GM, 1) ATTN_DEC(GM, 2) ATTN_DEC(GM, 3) ATTN_DEC(GM, 4)
+ATTN_DEC_NC(1)
+ATTN_DEC_NC(2)
+ATTN_DEC_NC(4)
+ATTN_DEC_NC(8)
