@@ -81,7 +81,7 @@ llama_ready() {
 # The synthetic files the profiles and the benchmark need, written while the tests run (16 cores there).
 NCU=${NCU:-}
 bench_models=${BENCH_MODELS:-}; [ -z "${SKIP_BENCH:-}" ] && bench_models=${BENCH_MODELS:-qwen2.5-0.5b phi3-mini phi3-mini-q4_0 gpt-oss-20b}
-for m in $(for mb in ${SERVE:-} ${CONSTRAINT:-} ${MASK_FILL:-} ${SPEC_COST:-} ${LONG:-} ${LLAMA_BENCH:-} ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} $(for x in $NCU; do echo "${x%%:*}"; done) $bench_models; do echo "${mb%%:*}"; done | sort -u); do
+for m in $(for mb in ${SERVE:-} ${KVQ8:-} ${CONSTRAINT:-} ${MASK_FILL:-} ${SPEC_COST:-} ${LONG:-} ${LLAMA_BENCH:-} ${PROFILE_MODELS:-} ${PREFILL_MODELS:-} $(for x in $NCU; do echo "${x%%:*}"; done) $bench_models; do echo "${mb%%:*}"; done | sort -u); do
   [ -s "$data/$m.gguf" ] || (python3 bench/synth_gguf.py "$m" "$data/$m.tmp" "$ORCD_SHARED_DIR/vocab" >/dev/null \
     && mv "$data/$m.tmp" "$data/$m.gguf") &
 done

@@ -98,9 +98,12 @@ def test_mha_decode_takes_attn_dec_split_by_the_device(monkeypatch, sms, want):
 
 
 def test_gqa_decode_takes_the_tiled_kernel_and_a_combine(monkeypatch):
-    """qwen2.5 (14 q heads on 2 kv heads) at B=1: attn_d2_b over 132 key slices (264 CTAs on the
-    H100's 132 SMs), then attn_combine."""
+    """qwen2.5 (14 q heads on 2 kv heads) at B=1: attn_d2_b over 32 key slices (the default cap),
+    then attn_combine; with ORCD_ATTN_SPLITS=256, 132 (264 CTAs on the H100's 132 SMs)."""
     be, launched = _backend(monkeypatch)
+    _attend(be, 1, 14, 2, 64)
+    assert [(n, g[0]) for n, g in launched] == [("attn_d2_b", 32), ("attn_combine", -(-14 // 8))]
+    be, launched = _backend(monkeypatch, dataclasses.replace(DEFAULT, attn_splits=256))
     _attend(be, 1, 14, 2, 64)
     assert [(n, g[0]) for n, g in launched] == [("attn_d2_b", 132), ("attn_combine", -(-14 // 8))]
 

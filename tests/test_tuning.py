@@ -17,7 +17,7 @@ def test_defaults_are_the_measured_choices():
     t = Tuning.from_env({})
     assert t == DEFAULT == Tuning()
     assert (t.cuda_graphs, t.lookahead, t.fuse_weights, t.fuse_qk, t.fuse_widen) == (True,) * 5
-    assert (t.attn_splits, t.attn_dec_max_group, t.attn_dec_min_heads, t.norm_block_rows) == (256, 1, 128, 256)
+    assert (t.attn_splits, t.attn_dec_max_group, t.attn_dec_min_heads, t.norm_block_rows) == (32, 1, 128, 256)
     assert (t.gemv_ksplit, t.gemv_int8_min, t.gemm_min_ksteps, t.gemm_pipe) == ("auto", 4 << 20, 4, 64)
     assert not t.cuda_sync and t.workspace_mb == 0
 
@@ -35,8 +35,8 @@ def test_from_env_reads_each_switch():
     assert (t.lookahead, t.fuse_q8, t.gemv_ksplit, t.gemv_int8_min, t.gemm_pipe, t.cuda_sync, t.attn_splits) == (
         False, False, "1", 0, 128, True, 4)
     assert t.switches()["ORCD_GEMM_PIPE"] == "128" and t.switches()["ORCD_LOOKAHEAD"] == "0"
-    # ORCD_ATTN_SPLITS: 0 (unset before the registry) and anything above the kernel's 256 mean 256
-    assert Tuning.from_env({"ORCD_ATTN_SPLITS": "0"}).attn_splits == 256
+    # ORCD_ATTN_SPLITS: 0 (unset before the registry) means the default; anything above the kernel's 256, 256
+    assert Tuning.from_env({"ORCD_ATTN_SPLITS": "0"}).attn_splits == 32
     assert Tuning.from_env({"ORCD_ATTN_SPLITS": "1000"}).attn_splits == 256
 
 
