@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--clients", default="16,64")
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--port", type=int, default=50361)
+    ap.add_argument("--coalesce", action="store_true", help="the clients ask for coalesce_tokens")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
@@ -56,7 +57,7 @@ def main() -> int:
                                 f"127.0.0.1:{a.port}", "--vocab", "250", "--clients", a.clients, "--procs",
                                 str(a.procs), "--metrics", f"http://127.0.0.1:{a.port + 1}/metrics",
                                 "--prompt-mean", "64", "--output-mean", "64", "--max-prompt", "200",
-                                "--max-output", "200", "--requests-per-client", "3"])
+                                "--max-output", "200", "--requests-per-client", "3"] + ["--coalesce"] * a.coalesce)
     finally:
         child.kill()
         child.wait()

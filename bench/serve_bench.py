@@ -145,8 +145,8 @@ class ServerSide:
 # ---- one request on each kind of server: returns (ttft_s, tokens, first_to_last_s) ------------
 
 
-def _grpc_one(stub, pb, ids, max_tokens, timeout):
-    req = pb.ExecuteRequest(tokens=pb.TokenIds(ids=ids))
+def _grpc_one(stub, pb, ids, max_tokens, timeout, coalesce=False):
+    req = pb.ExecuteRequest(tokens=pb.TokenIds(ids=ids), coalesce_tokens=coalesce)
     req.sampling.temperature = 0.0
     req.stopping.max_tokens = max_tokens
     req.stopping.ignore_eos = True
@@ -156,10 +156,10 @@ def _grpc_one(stub, pb, ids, max_tokens, timeout):
     tokens = 0
     for ev in stub.Execute(req, timeout=timeout):
         kind = ev.WhichOneof("event")
-        if kind == "token":
+        if kind in ("token", "token_batch"):
             last = time.perf_counter()
             first = first or last
-            tokens += 1
+            tokens += 1 if kind == "token" else len(ev.token_batch.tokens)
         elif kind == "finished":
             tokens = max(tokens, ev.finished.usage.completion_tokens)
     return (first or time.perf_counter()) - t0, tokens, (last or 0) - (first or 0)
@@ -200,7 +200,7 @@ def _openai_one(url, ids, max_tokens, timeout, model):
     return (first or time.perf_counter()) - t0, max(usage, chunks), (last or 0) - (first or 0)
 
 
-def _client_proc(target, where, model, jobs, barrier, out, timeout):
+def _client_proc(target, where, model, jobs, barrier, out, timeout, coalesce=False):
     """One process: a thread per client; each thread takes its share of jobs in order."""
     import threading
 
@@ -211,7 +211,7 @@ def _client_proc(target, where, model, jobs, barrier, out, timeout):
 
         channel = grpc.insecure_channel(where, options=[("grpc.max_receive_message_length", 64 << 20)])
         stub = pb_grpc.WorkerStub(channel)
-        one = lambda ids, m: _grpc_one(stub, pb, ids, m, timeout)  # noqa: E731
+        one = lambda ids, m: _grpc_one(stub, pb, ids, m, timeout, coalesce)  # noqa: E731
     else:
         one = lambda ids, m: _openai_one(where, ids, m, timeout, model)  # noqa: E731
     results = []
@@ -237,14 +237,14 @@ def _client_proc(target, where, model, jobs, barrier, out, timeout):
     out.put(results)
 
 
-def run_level(target, where, model, reqs, clients, procs, timeout):
+def run_level(target, where, model, reqs, clients, procs, timeout, coalesce=False):
     """All of reqs through `clients` closed-loop clients; returns the level's summary."""
     per_client = [reqs[i::clients] for i in range(clients)]
     procs = max(1, min(procs, clients))
     groups = [per_client[i::procs] for i in range(procs)]
     ctx = mp.get_context("spawn")  # a fresh interpreter: no grpc state inherited across fork
     barrier, out = ctx.Barrier(procs + 1), ctx.Queue()
-    ps = [ctx.Process(target=_client_proc, args=(target, where, model, g, barrier, out, timeout), daemon=True)
+    ps = [ctx.Process(target=_client_proc, args=(target, where, model, g, barrier, out, timeout, coalesce), daemon=True)
           for g in groups]
     for p in ps:
         p.start()
@@ -290,6 +290,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="", help="openai: the model field")
     ap.add_argument("--warmup", type=int, default=2, help="requests sent first, not counted")
     ap.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the server to serve")
+    ap.add_argument("--coalesce", action="store_true",
+                    help="grpc: ExecuteRequest.coalesce_tokens (tokens ready together arrive as one TokenBatch)")
     ap.add_argument("--metrics", default="", help="an orcd worker's Prometheus URL (http://host:port/metrics): "
                     "each level's row gains a 'server' object of what the worker did meanwhile (ServerSide)")
     a = ap.parse_args(argv)
@@ -315,11 +317,11 @@ def main(argv=None) -> int:
         reqs = workload(max(a.min_requests, c * a.requests_per_client), seed=a.seed, **kw)
         if a.metrics:
             with ServerSide(a.metrics) as side:
-                res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout)
+                res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout, a.coalesce)
             res["server"] = side.summary()
         else:
-            res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout)
-        res.update(target=a.target, seed=a.seed)
+            res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout, a.coalesce)
+        res.update(target=a.target, seed=a.seed, coalesce=a.coalesce)
         print(json.dumps(res), flush=True)
     return 0
 

@@ -182,6 +182,9 @@ class CompletionBuilder:
         elif kind == "token":
             (self.reasoning if event.token.channel == pb.CHANNEL_REASONING else self.parts).append(event.token.text)
             self.ids.append(event.token.token_id)
+        elif kind == "token_batch":  # ExecuteRequest.coalesce_tokens: the same tokens, several a message
+            for t in event.token_batch.tokens:
+                self.add(pb.ExecuteResponse(token=t))
         elif kind == "prompt_logprobs":
             self.prompt_logprobs.extend(event.prompt_logprobs.entries)
         elif kind == "tool_call":
@@ -210,6 +213,10 @@ class SamplesBuilder:
 
     def add(self, event: pb.ExecuteResponse) -> None:
         kind = event.WhichOneof("event")
+        if kind == "token_batch":  # its tokens may belong to several samples
+            for t in event.token_batch.tokens:
+                self.add(pb.ExecuteResponse(token=t))
+            return
         if kind in ("token", "tool_call", "finished"):
             index = getattr(event, kind).sample_index
             if index not in self.samples:

@@ -37,6 +37,7 @@ _CANCEL_REASONS = {name.removeprefix("CANCEL_REASON_").lower(): value for name, 
 # How often a call blocked on its event queue re-checks that the engine thread is alive; the
 # engine always delivers a final event, so this only matters if the engine thread has died.
 _POLL_S = 1.0
+_MAX_BATCH = 256  # tokens of one TokenBatch event at most (coalesce_tokens)
 
 
 class _LoadAborted(Exception):
@@ -113,6 +114,14 @@ def _token(ev: TokenEvent, channel: str) -> pb.ExecuteResponse:
         channel=_CHANNELS[channel], sample_index=ev.sample))
 
 
+def _batched(batch: list) -> pb.ExecuteResponse:
+    """The waiting Token messages as one event (a lone one as a plain Token event); empties batch."""
+    out = pb.ExecuteResponse(token=batch[0]) if len(batch) == 1 else \
+        pb.ExecuteResponse(token_batch=pb.TokenBatch(tokens=batch))
+    batch.clear()
+    return out
+
+
 def _routed(item, sample: int = 0) -> pb.ExecuteResponse:
     """A tool_stream item (a routed token event or a complete call) as a stream message."""
     if isinstance(item, Call):
@@ -161,7 +170,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             _abort(context, err)
             return
         with logs.bound(request=req.request_id):
-            yield from self._stream(req, context)
+            yield from self._stream(req, context, coalesce=request.coalesce_tokens)
 
     def _prepare(self, request, context, arrival: float, correlation: str) -> Request:
         rv.check_request_id(request.request_id, allow_empty=True)
@@ -182,8 +191,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                        deadline=deadline, arrival=arrival, owner=security.client_identity(context), n=n,
                        priority=priority, tool_use=prepared.tools)
 
-    def _stream(self, req: Request, context):
+    def _stream(self, req: Request, context, coalesce: bool = False):
         finished = False
+        batch: list = []  # coalesce: Token messages ready together, sent as one event
         left = req.n  # Finished events still to come: one per sample
         use = req.tool_use
         # Each sample's tool-call markup is parsed on its own (one parser per sample index).
@@ -199,8 +209,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 estimated_start_ms=req.estimated_start_ms))
             while True:
                 try:
-                    ev = req.events.get(timeout=_POLL_S)
+                    ev = req.events.get_nowait() if batch else req.events.get(timeout=_POLL_S)
                 except queue.Empty:
+                    if batch:  # nothing more is waiting: what is, goes now
+                        yield _batched(batch)
+                        continue
                     if not self.scheduler.alive():
                         err = Internal("the engine thread stopped")
                         self._count("Execute", err.code)
@@ -209,11 +222,21 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                         return
                     continue
                 if isinstance(ev, TokenEvent):
-                    if route is None:
-                        yield _token(ev, ANSWER)
-                    else:
-                        yield from (_routed(x, ev.sample) for x in route(ev.sample).on_token(ev))
-                elif isinstance(ev, prompt_scoring.PromptLogprobsEvent):
+                    out = [_token(ev, ANSWER)] if route is None else \
+                        [_routed(x, ev.sample) for x in route(ev.sample).on_token(ev)]
+                    for r in out:
+                        if coalesce and r.WhichOneof("event") == "token":
+                            batch.append(r.token)
+                            if len(batch) >= _MAX_BATCH:
+                                yield _batched(batch)
+                        else:
+                            if batch:
+                                yield _batched(batch)
+                            yield r
+                    continue
+                if batch:  # tokens go before whatever follows them
+                    yield _batched(batch)
+                if isinstance(ev, prompt_scoring.PromptLogprobsEvent):
                     yield pb.ExecuteResponse(prompt_logprobs=prompt_scoring.to_proto(ev, pb))
                 elif isinstance(ev, FinishedEvent):
                     left -= 1

@@ -88,6 +88,11 @@ export class OrcdClient {
     let finished = false;
     try {
       for await (const msg of call as AsyncIterable<ExecuteResponse>) {
+        if (msg.tokenBatch) {
+          // coalesce_tokens: tokens that were ready together, one token event each as without it
+          for (const token of msg.tokenBatch.tokens) yield { type: "token", token };
+          continue;
+        }
         const ev = toEvent(msg);
         if (ev === undefined) continue; // an event kind newer than this client: skip it
         if (ev.type === "finished") finished = true;

@@ -96,6 +96,8 @@ func (c *Client) Execute(ctx context.Context, req *orcdv1.ExecuteRequest, onEven
 			res.Started = e.Started
 		case *orcdv1.ExecuteResponse_Token:
 			res.Tokens = append(res.Tokens, e.Token)
+		case *orcdv1.ExecuteResponse_TokenBatch: // coalesce_tokens: several tokens in one message
+			res.Tokens = append(res.Tokens, e.TokenBatch.Tokens...)
 		case *orcdv1.ExecuteResponse_PromptLogprobs:
 			res.PromptLogprobs = append(res.PromptLogprobs, e.PromptLogprobs.GetEntries()...)
 		case *orcdv1.ExecuteResponse_Finished:
