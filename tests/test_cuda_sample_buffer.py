@@ -107,6 +107,29 @@ def test_sample_buffer_regrows_by_host_words():
     assert max(h.size for h in be._sample_hosts if h is not None) >= 16554
 
 
+def test_regrowth_frees_the_old_pinned_twin_under_the_capture_lock():
+    """A twin that grows frees the old page-locked allocation at once, holding the capture lock (left
+    to the collector, its cuMemFreeHost could land inside another engine's graph capture and void
+    it)."""
+    from orcd_grpc.backends.cuda_context import _capture_lock
+
+    freed = []
+
+    class _HostAllocation(bytearray):  # what a pagelocked array's .base is: it has free()
+        def free(self):
+            freed.append(_capture_lock._is_owned())
+
+    be = _backend()
+    be._drv.pagelocked_empty = lambda n, dtype: np.ndarray((n,), dtype, buffer=_HostAllocation(n * np.dtype(dtype).itemsize))
+    logits = cuda_mod.CudaTensor(1 << 10, (1, 50), np.float32)
+    prm = np.zeros((1, 16), np.uint32)
+    be.sample_packed(logits, prm, np.zeros(10, np.int32), 1)
+    be.sample_packed(logits, prm, np.zeros(10, np.int32), 1)  # the other twin
+    assert freed == []
+    be.sample_packed(logits, prm, np.zeros(40000, np.int32), 1)  # outgrows the first twin
+    assert freed == [True]
+
+
 def test_two_queued_samplings_keep_their_own_buffers():
     """Two samplings queued before either is read (a step queued ahead) land in different twins:
     reading the first after the second was queued still gives the first's results, and the first's

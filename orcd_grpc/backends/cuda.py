@@ -34,7 +34,7 @@ from ..errors import Internal, InvalidArgument
 from ..tuning import Tuning
 from .base import Backend, KVLayout
 from .cuda_attention import AttentionMixin, CudaKV
-from .cuda_context import DeviceLimits, _capture_lock, _context, _serialised, _tls, device_info
+from .cuda_context import DeviceLimits, _capture_lock, _context, _serialised, _tls, device_info, free_pinned
 from .cuda_memory import ALIGN, MiB, DeviceBuffer, VramBudget, Workspace
 from .cuda_ops import OpsMixin
 from .cuda_sampling import SamplingMixin
@@ -298,13 +298,8 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
                     ev.close()
             for buf in list(self._owned):
                 buf.free()
-            # The page-locked twins go now, under the capture lock: left to the collector,
-            # their cuMemFreeHost could land inside another engine's graph capture and void it.
-            for host in (*self._meta_hosts, *self._sample_hosts):
-                while host is not None and not hasattr(host, "free"):  # the array's HostAllocation
-                    host = getattr(host, "base", None)
-                if host is not None:
-                    host.free()
+            for host in (*self._meta_hosts, *self._sample_hosts):  # under the capture lock (free_pinned)
+                free_pinned(host)
             self._meta_hosts, self._sample_hosts = [None, None], [None, None]
             self._rope_cache.clear()
         finally:

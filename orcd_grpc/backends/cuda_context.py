@@ -99,6 +99,15 @@ def _context(device: int = 0):
     return _primary
 
 
+def free_pinned(arr) -> None:
+    """Frees a page-locked host array's allocation now (callers hold _capture_lock): left to the
+    collector, its cuMemFreeHost could land inside another engine's graph capture and void it."""
+    while arr is not None and not hasattr(arr, "free"):  # the array's HostAllocation
+        arr = getattr(arr, "base", None)
+    if arr is not None:
+        arr.free()
+
+
 def _pop_all():
     guard = getattr(_tls, "guard", None)
     if guard is not None:

@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 
 from ..errors import Internal, InvalidArgument
+from .cuda_context import _capture_lock, free_pinned
 
 
 def pack_sampling_row(temperature, top_k, top_p, min_p, seed, repetition_penalty=1.0, presence_penalty=0.0,
@@ -141,12 +142,14 @@ class SamplingMixin:
         # can exceed the host's words and must not be what decides a reallocation.
         host = self._sample_hosts[turn]
         if host is None or host.size < words:
-            if self._sample_bufs[turn] is not None:
-                self.synchronize()  # a queued step may still use it
-                self._sample_bufs[turn].free()
-            cap = -(-max(words * 2, 16 << 10) // 64) * 64
-            self._sample_bufs[turn] = self._persistent(cap * 4, "sampling buffers")
-            host = self._sample_hosts[turn] = self._drv.pagelocked_empty(cap, np.uint32)
+            with _capture_lock:  # as StepMixin._ensure_meta: never during another engine's capture
+                if self._sample_bufs[turn] is not None:
+                    self.synchronize()  # a queued step may still use it
+                    self._sample_bufs[turn].free()
+                    free_pinned(host)
+                cap = -(-max(words * 2, 16 << 10) // 64) * 64
+                self._sample_bufs[turn] = self._persistent(cap * 4, "sampling buffers")
+                host = self._sample_hosts[turn] = self._drv.pagelocked_empty(cap, np.uint32)
         base = self._sample_bufs[turn].ptr
         host[: prm.size] = prm.ravel()
         host[prm.size: prm.size + pen.size] = pen.view(np.uint32)

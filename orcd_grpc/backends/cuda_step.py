@@ -11,7 +11,7 @@ import numpy as np
 from .. import logs
 from ..errors import Internal, OrcdError
 from .base import StepMeta
-from .cuda_context import _capture_lock, _context
+from .cuda_context import _capture_lock, _context, free_pinned
 
 log = logs.get_logger("orcd.cuda")
 
@@ -35,13 +35,18 @@ class StepMixin:
         have = self._meta_hosts[0].size if self._meta_buf is not None else 0
         if need <= have:
             return
-        if self._meta_buf is not None:
-            self.synchronize()  # a queued step may still read the old buffer
-            self._drop_graphs()  # they read the metadata at the old buffer's address
-            self._meta_buf.free()
-        need = max(need, 2 * have)
-        self._meta_buf = self._persistent(need * 4, "step metadata")
-        self._meta_hosts = [self._drv.pagelocked_empty(need, np.int32) for _ in range(2)]
+        # Allocating and freeing device and page-locked memory would void another engine's graph
+        # capture running meanwhile (a draft model's, a model being swapped in): not during one.
+        with _capture_lock:
+            if self._meta_buf is not None:
+                self.synchronize()  # a queued step may still read the old buffer
+                self._drop_graphs()  # they read the metadata at the old buffer's address
+                self._meta_buf.free()
+                for host in self._meta_hosts:
+                    free_pinned(host)
+            need = max(need, 2 * have)
+            self._meta_buf = self._persistent(need * 4, "step metadata")
+            self._meta_hosts = [self._drv.pagelocked_empty(need, np.int32) for _ in range(2)]
 
     def begin_step(self, meta: StepMeta, feed=None, overlap: bool = False):
         """Uploads the step's metadata. overlap: queue it behind the steps already on the stream
