@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
@@ -419,5 +420,53 @@ func TestRegexConstraintOutputFullmatches(t *testing.T) {
 	}
 	if r := res.Finished.GetReason(); r == orcdv1.FinishReason_FINISH_REASON_LENGTH {
 		t.Errorf("reason %v: the grammar should end the output", r)
+	}
+}
+
+// With CoalesceTokens, tokens the reader fell behind on arrive as TokenBatch events, and
+// Execute's result lists every token once, in order. A 64 KiB receive window (grpc-go's
+// smallest; setting it also turns off its growth) fills while the callback sleeps after
+// Started, so the worker's sends block and the rest of the tokens wait in its queue.
+func TestCoalescedTokensArriveInBatchesAndFlatten(t *testing.T) {
+	c, err := Dial(addr, grpc.WithInsecure(), grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	const maxTokens = 240
+	batches := 0
+	res, err := c.Execute(ctx, &orcdv1.ExecuteRequest{
+		Input:          &orcdv1.ExecuteRequest_Text{Text: "Count from one to a thousand:"},
+		Sampling:       greedy(),
+		Stopping:       &orcdv1.StoppingCriteria{MaxTokens: maxTokens, IgnoreEos: true},
+		TopLogprobs:    20, // about 400 bytes a token: the window holds ~160 of them
+		CoalesceTokens: true,
+	}, func(ev *orcdv1.ExecuteResponse) error {
+		switch e := ev.GetEvent().(type) {
+		case *orcdv1.ExecuteResponse_Started:
+			time.Sleep(6 * time.Second)
+		case *orcdv1.ExecuteResponse_TokenBatch:
+			if len(e.TokenBatch.GetTokens()) < 2 {
+				t.Errorf("a TokenBatch of %d tokens (a lone token is a Token event)", len(e.TokenBatch.GetTokens()))
+			}
+			batches++
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if batches == 0 {
+		t.Errorf("no TokenBatch event although the reader slept")
+	}
+	if n := res.Finished.GetUsage().GetCompletionTokens(); n != maxTokens || len(res.Tokens) != maxTokens {
+		t.Fatalf("%d tokens listed, completion_tokens %d, want %d", len(res.Tokens), n, maxTokens)
+	}
+	for i, tok := range res.Tokens {
+		if tok.GetIndex() != uint32(i) {
+			t.Fatalf("token %d has index %d", i, tok.GetIndex())
+		}
 	}
 }
