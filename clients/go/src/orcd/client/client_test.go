@@ -446,7 +446,7 @@ func TestCoalescedTokensArriveInBatchesAndFlatten(t *testing.T) {
 	}, func(ev *orcdv1.ExecuteResponse) error {
 		switch e := ev.GetEvent().(type) {
 		case *orcdv1.ExecuteResponse_Started:
-			time.Sleep(6 * time.Second)
+			time.Sleep(12 * time.Second) // ~165 tokens fill the window: 14 tok/s suffices
 		case *orcdv1.ExecuteResponse_TokenBatch:
 			if len(e.TokenBatch.GetTokens()) < 2 {
 				t.Errorf("a TokenBatch of %d tokens (a lone token is a Token event)", len(e.TokenBatch.GetTokens()))
