@@ -24,6 +24,7 @@ from orcd_grpc.loader import load_engine, plan_load
 from orcd_grpc.sampling import SamplingParams
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from q8_reference import dequant, ggml_q8, hadamard64, wht32  # noqa: E402
 
 MODELS = pathlib.Path.home() / ".cache" / "orcd" / "models"
 REAL = ["smollm2-135m-instruct", "gemma-3-270m"]
@@ -159,28 +160,6 @@ def test_f16_store_rounds_as_numpy():
     assert np.array_equal(cache.ravel(), want)
 
 
-def _wht32(x: np.ndarray) -> np.ndarray:
-    """cpu_ops.wht32 over the last axis' blocks of 32, float32, the same butterflies in the same
-    order (so the same bits)."""
-    y = x.reshape(x.shape[:-1] + (-1, 32)).astype(np.float32).copy()
-    h = 1
-    while h < 32:
-        y = y.reshape(y.shape[:-1] + (32 // (2 * h), 2, h))
-        u, v = y[..., 0, :].copy(), y[..., 1, :].copy()
-        y[..., 0, :], y[..., 1, :] = u + v, u - v
-        y = y.reshape(y.shape[:-3] + (32,))
-        h *= 2
-    return (y * np.float32(0.17677669529663687)).reshape(x.shape)
-
-
-def _hadamard64() -> np.ndarray:
-    """The same transform as a float64 matrix (orthonormal, symmetric)."""
-    h = np.ones((1, 1))
-    while h.shape[0] < 32:
-        h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(32)
-
-
 def test_wht32_is_the_orthonormal_hadamard_transform():
     from orcd_grpc.backends import cpu_ops
 
@@ -188,8 +167,8 @@ def test_wht32_is_the_orthonormal_hadamard_transform():
     y = x.copy()
     cpu_ops.wht32(y, 32)
     assert np.array_equal(y[:32], x[:32]) and np.array_equal(y[64:], x[64:])
-    np.testing.assert_allclose(y[32:64], _hadamard64() @ x[32:64].astype(np.float64), rtol=0, atol=1e-5)
-    assert np.array_equal(y[32:64], _wht32(x[32:64]))  # the tests' float32 copy, bit for bit
+    np.testing.assert_allclose(y[32:64], hadamard64() @ x[32:64].astype(np.float64), rtol=0, atol=1e-5)
+    assert np.array_equal(y[32:64], wht32(x[32:64]))  # the tests' float32 copy, bit for bit
     cpu_ops.wht32(y, 32)
     np.testing.assert_allclose(y, x, rtol=0, atol=1e-5)  # its own inverse
 
@@ -198,8 +177,6 @@ def test_q8_0_store_is_ggml_q8_0_bit_for_bit():
     """The Q8_0 cache's store against gguf's quantize (GGML's reference rounding) of the rows
     turned by the Walsh-Hadamard transform: levels and scale bits equal on fresh random rows of
     many magnitudes, an all-zero block, an outlier, and exact halves (ties away from zero)."""
-    import gguf
-
     from orcd_grpc.backends import cpu_ops
 
     rng, seed = np.random.default_rng(), None
@@ -211,7 +188,7 @@ def test_q8_0_store_is_ggml_q8_0_bit_for_bit():
     # to build the turned block and turn it back (H is its own inverse)
     want_turned = np.arange(32, dtype=np.float64) - 15.5
     want_turned[31] = 127
-    x[4, :32] = (_hadamard64() @ want_turned).astype(np.float32)
+    x[4, :32] = (hadamard64() @ want_turned).astype(np.float32)
     x[5, 40] = 500.0  # one outlier in a block
     T, d = x.shape
     k = x.reshape(T, 2, d // 2)
@@ -219,10 +196,9 @@ def test_q8_0_store_is_ggml_q8_0_bit_for_bit():
     ks, vs = np.zeros((T, 2, d // 64), np.uint16), np.zeros((T, 2, d // 64), np.uint16)
     cpu_ops.store_kv(k, -k, np.arange(T, dtype=np.int32), kc, vc, None, ks, vs)
     for levels, scales, src in ((kc, ks, x), (vc, vs, -x)):
-        turned = _wht32(src)
-        want = np.frombuffer(gguf.quants.quantize(turned, gguf.GGMLQuantizationType.Q8_0), np.uint8).reshape(-1, 34)
-        assert np.array_equal(scales.reshape(-1), want[:, :2].copy().view(np.uint16).ravel()), seed
-        assert np.array_equal(levels.reshape(-1, 32), want[:, 2:].view(np.int8)), seed
+        want_levels, want_scales = ggml_q8(src)
+        assert np.array_equal(scales.reshape(-1), want_scales.ravel()), seed
+        assert np.array_equal(levels.reshape(-1, 32), want_levels.reshape(-1, 32)), seed
 
 
 def test_q8_0_attention_against_float64_on_the_dequantized_cache():
@@ -230,8 +206,6 @@ def test_q8_0_attention_against_float64_on_the_dequantized_cache():
     attention over gguf's dequantization of the same blocks turned back by the float64 Hadamard
     matrix, fresh random inputs: only float32 arithmetic differs (bound 2e-5 of the largest
     output); and within Q8_0's rounding of the unquantized attention."""
-    import gguf
-
     from orcd_grpc.backends import cpu_ops
 
     rng = np.random.default_rng()
@@ -246,16 +220,7 @@ def test_q8_0_attention_against_float64_on_the_dequantized_cache():
     vs = ks.copy()
     cpu_ops.store_kv(kv[0], kv[1], slots, kc, vc, None, ks, vs)
 
-    def deq(levels, scales):
-        blocks = np.concatenate([scales.reshape(-1, 1).view(np.uint8), levels.reshape(-1, 32).view(np.uint8)], 1)
-        return gguf.quants.dequantize(blocks.reshape(-1), gguf.GGMLQuantizationType.Q8_0).reshape(levels.shape)
-
-    H = _hadamard64()
-
-    def back(a):
-        return (a.reshape(a.shape[:-1] + (-1, 32)).astype(np.float64) @ H).reshape(a.shape)
-
-    K, V = back(deq(kc[slots], ks[slots])), back(deq(vc[slots], vs[slots]))
+    K, V = dequant(kc[slots], ks[slots]), dequant(vc[slots], vs[slots])
     q = rng.standard_normal((3, hq, dk)).astype(np.float32)
     positions = np.array([n - 1, n - 1, 30], np.int32)  # the third: causal, sees 31 keys
     out = np.zeros((3, hq, dk), np.float32)

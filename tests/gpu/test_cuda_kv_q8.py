@@ -1,7 +1,7 @@
 """The CUDA backend's Q8_0 KV cache (--kv-cache-type q8_0) against independent references, on
 fresh random inputs:
 - the store against gguf's quantize (GGML's reference rounding) of the rows turned by a float32
-  Walsh-Hadamard transform done here, bit for bit (the CPU backend's format: same bits);
+  Walsh-Hadamard transform (tests/q8_reference.py), bit for bit (the CPU backend's format: same bits);
 - attention over it, every case and kernel path of test_cuda_ops, against the NumPy backend fed
   gguf's dequantization of the stored blocks turned back by the float64 Hadamard matrix: only
   float32 arithmetic differs (the same 3e-4 as the f16 cache's test);
@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 
 from orcd_grpc.backends.base import KVLayout
-from orcd_grpc.backends.numpy_backend import NumpyBackend
 
-from .test_cuda_ops import ATTN_CASES, ATTN_MODES, _steps, dev, poison, rel, tune
+from .test_cuda_ops import ATTN_CASES, ATTN_MODES, check_attention_case, dev, tune
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "tools"))
+from q8_reference import dequant, ggml_q8, hadamard64  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-gguf = pytest.importorskip("gguf")
+pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
@@ -40,42 +43,6 @@ def be():
 @pytest.fixture
 def rng():
     return np.random.default_rng()
-
-
-def wht32(x: np.ndarray) -> np.ndarray:
-    """H x / sqrt(32) over the last axis' blocks of 32 in float32, butterflies of stride 1, 2, 4,
-    8, 16 (the order the kernels and cpu_ops.wht32 use, so the same bits)."""
-    y = x.reshape(x.shape[:-1] + (-1, 32)).astype(np.float32).copy()
-    h = 1
-    while h < 32:
-        y = y.reshape(y.shape[:-1] + (32 // (2 * h), 2, h))
-        u, v = y[..., 0, :].copy(), y[..., 1, :].copy()
-        y[..., 0, :], y[..., 1, :] = u + v, u - v
-        y = y.reshape(y.shape[:-3] + (32,))
-        h *= 2
-    return (y * np.float32(0.17677669529663687)).reshape(x.shape)
-
-
-def hadamard64() -> np.ndarray:
-    h = np.ones((1, 1))
-    while h.shape[0] < 32:
-        h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(32)
-
-
-def ggml_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(levels int8 [..., d], scale bits uint16 [..., d / 32]) of gguf's Q8_0 of wht32(x)."""
-    raw = np.frombuffer(gguf.quants.quantize(wht32(x).reshape(-1, 32), gguf.GGMLQuantizationType.Q8_0),
-                        np.uint8).reshape(-1, 34)
-    return (raw[:, 2:].copy().view(np.int8).reshape(x.shape),
-            raw[:, :2].copy().view(np.uint16).reshape(x.shape[:-1] + (-1,)))
-
-
-def dequant(levels: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """gguf's dequantization of the blocks, turned back by the float64 Hadamard matrix."""
-    blocks = np.concatenate([scales.reshape(-1, 1).view(np.uint8), levels.reshape(-1, 32).view(np.uint8)], 1)
-    turned = gguf.quants.dequantize(blocks.reshape(-1), gguf.GGMLQuantizationType.Q8_0).astype(np.float64)
-    return (turned.reshape(-1, 32) @ hadamard64()).reshape(levels.shape)
 
 
 def read_cache(be, kv, layer: int):
@@ -134,37 +101,12 @@ def test_store_is_ggml_q8_0_of_the_turned_rows_bit_for_bit(be, rng):
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[f"case{i}" for i in range(len(ATTN_CASES))])
 def test_attention_over_q8_0(be, rng, case, mode, monkeypatch):
     tune(monkeypatch, be, **ATTN_MODES[mode])
-    Hq, Hkv, D, plens, extra, window, with_sinks, softcap = case
-    if D % 32:
+    if case[2] % 32:
         pytest.skip("q8_0 needs head dims in blocks of 32")
-    bs = 16
-    nblocks = sum(-(-(p + e) // bs) for p, e in zip(plens, extra)) + 8
-    layout = KVLayout(n_layers=2, num_blocks=nblocks, block_size=bs, n_kv_heads=Hkv, head_dim_k=D, head_dim_v=D)
-    ref = NumpyBackend()
-    kv_ref, kv_dev = ref.alloc_kv(layout), be.alloc_kv(layout)
-    be._drv.memset_d8(kv_dev.buf.ptr, 0xFF, kv_dev.buf.nbytes)  # scales 0xFFFF: NaN where never written
-    sinks = rng.standard_normal(Hq).astype(np.float32) if with_sinks else None
-    scale = 1 / np.sqrt(D)
-    try:
-        for meta in _steps(rng, plens, extra, bs, nblocks):
-            T = meta.num_tokens
-            if T == 0:
-                continue
-            q = rng.standard_normal((T, Hq, D), dtype=np.float32)
-            # keys with a few large channels, as real ones have (what the transform is for)
-            k = rng.standard_normal((T, Hkv, D), dtype=np.float32) * rng.choice([1, 1, 1, 8], D).astype(np.float32)
-            v = rng.standard_normal((T, Hkv, D), dtype=np.float32)
-            kq, vq = dequant(*ggml_q8(k)), dequant(*ggml_q8(v))
-            exp = ref.attention(q, kq.astype(np.float32), vq.astype(np.float32), kv_ref, 1, meta, scale=scale,
-                                window=window, sinks=sinks, softcap=softcap)
-            ctx = be.begin_step(meta)
-            poison(be)
-            out = be.attention(dev(be, q), dev(be, k), dev(be, v), kv_dev, 1, ctx, scale=scale, window=window,
-                               sinks=dev(be, sinks) if with_sinks else None, softcap=softcap)
-            assert out.shape == (T, Hq * D)
-            assert rel(be.to_host(out), exp) < 3e-4, (case, mode)
-    finally:
-        kv_dev.buf.free()
+    check_attention_case(
+        be, rng, case, mode, outlier_keys=True,  # what the transform is for
+        cached=lambda k, v: (dequant(*ggml_q8(k)).astype(np.float32), dequant(*ggml_q8(v)).astype(np.float32)),
+        fill=lambda kv: be._drv.memset_d8(kv.buf.ptr, 0xFF, kv.buf.nbytes))  # scales 0xFFFF: NaN where never written
 
 
 def test_copy_blocks_copies_levels_and_scales(be, rng):
@@ -188,10 +130,6 @@ def test_copy_blocks_copies_levels_and_scales(be, rng):
                 assert not a[4 * bs: 5 * bs].any()
     finally:
         kv.buf.free()
-
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
-sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "tools"))
 
 
 @pytest.mark.parametrize("arch,qtype", [("llama", "Q4_0"), ("qwen2", "Q8_0"), ("phi3", "Q8_0"), ("gemma3", "Q4_0"),
