@@ -189,3 +189,27 @@ def test_prefill_takes_the_tensor_core_kernel_when_switched_on(monkeypatch):
     launched.clear()
     _attend(be, 1, 14, 2, 64)  # decode: the split tiled kernel as before
     assert launched[0][0] == "attn_d2_b"
+
+
+def test_block_copy_launches_cover_values_then_q8_scales(monkeypatch):
+    """copy_kv_blocks: per pair, one kv_copy_block over the f16 values; a q8_0 cache adds one over
+    its scales, whose words per block are a 16th of the levels'. Arguments as the kernel reads them:
+    K base, V base, words per layer of K and V, words per block of K and V, src, dst."""
+    layout = KVLayout(n_layers=3, num_blocks=8, block_size=16, n_kv_heads=2, head_dim_k=64, head_dim_v=64)
+    for kind in ("f16", "q8_0"):
+        be, _ = _backend(monkeypatch)
+        be.kv_type = kind
+        kv = be.alloc_kv(layout)
+        calls = []
+        be._launch = lambda k, grid, block, *args, shared=0: calls.append((k.name, grid, [int(a) for a in args]))
+        be.copy_kv_blocks(kv, [(1, 4), (4, 5)])
+        width = 2 if kind == "f16" else 1
+        block_words = 16 * 2 * 64 * width // 4
+        layer_words = 8 * block_words
+        want = [("kv_copy_block", (4 if kind == "f16" else 2, 3, 2),
+                 [kv.k_base, kv.v_base, layer_words, layer_words, block_words, block_words])]
+        if kind == "q8_0":
+            want.append(("kv_copy_block", (1, 3, 2), [kv.ks_base, kv.vs_base, layer_words // 16, layer_words // 16,
+                                                      block_words // 16, block_words // 16]))
+        got = [(n, g, a[:6]) for n, g, a in calls]
+        assert got == want * 2 and [a[6:] for _, _, a in calls] == [[1, 4]] * len(want) + [[4, 5]] * len(want)

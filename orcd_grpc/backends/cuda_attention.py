@@ -170,22 +170,25 @@ class AttentionMixin:
         if (L.head_dim_k | L.head_dim_v) % 2:
             raise InvalidArgument(f"odd head dims {L.head_dim_k}/{L.head_dim_v}: KV blocks are copied in "
                                   "32-bit words", field="kv_cache")
-        # (K base, V base, bytes per layer of K, of V): the values, then q8_0's scales (a 16th of
-        # the levels' bytes: a whole number of words per block, head dims being multiples of 32)
-        regions = [(kv.k_base, kv.v_base, kv.k_layer, kv.v_layer)]
-        if kv.q8:
-            regions.append((kv.ks_base, kv.vs_base, kv.k_layer // 16, kv.v_layer // 16))
+        # The values, then q8_0's scales (a 16th of the levels' bytes: a whole number of words per
+        # block, head dims being multiples of 32): each region's kernel arguments but the pair.
         slots = L.num_blocks * L.block_size
+        spans = [(kv.k_base, kv.v_base, kv.k_layer, kv.v_layer)]
+        if kv.q8:
+            spans.append((kv.ks_base, kv.vs_base, kv.k_layer // 16, kv.v_layer // 16))
+        regions = []
+        for k_base, v_base, k_layer, v_layer in spans:
+            k_words, v_words = k_layer // slots * L.block_size // 4, v_layer // slots * L.block_size // 4
+            regions.append(((max(1, min(-(-max(k_words, v_words) // 256), 64)), L.n_layers, 2),
+                            (k_base, v_base, np.int64(k_layer // 4), np.int64(v_layer // 4), np.int32(k_words),
+                             np.int32(v_words))))
         kern = self._k("attention", "kv_copy_block", "PPqqiiii")
         for src, dst in pairs:
             if not (0 <= src < L.num_blocks and 0 <= dst < L.num_blocks):
                 raise InvalidArgument(f"KV block pair ({src}, {dst}) outside the cache's {L.num_blocks} blocks",
                                       field="kv_cache")
-            for k_base, v_base, k_layer, v_layer in regions:
-                k_words, v_words = k_layer // slots * L.block_size // 4, v_layer // slots * L.block_size // 4
-                grid = (max(1, min(-(-max(k_words, v_words) // 256), 64)), L.n_layers, 2)
-                self._launch(kern, grid, (256, 1, 1), k_base, v_base, np.int64(k_layer // 4), np.int64(v_layer // 4),
-                             np.int32(k_words), np.int32(v_words), np.int32(src), np.int32(dst))
+            for grid, args in regions:
+                self._launch(kern, grid, (256, 1, 1), *args, np.int32(src), np.int32(dst))
 
     def qkv_rope_store(self, qkv, kv: CudaKV, layer, ctx: CudaStep, spec: RopeSpec, n_heads, n_kv_heads, head_dim,
                        head_dim_v):
@@ -212,8 +215,7 @@ class AttentionMixin:
         T, Hq, Dk = q.shape
         L = kv.layout
         Hkv, Dv = L.n_kv_heads, L.head_dim_v
-        if (Dk != L.head_dim_k or (k is not None and k.shape[1:] != (Hkv, Dk)) or Dk % 2 or Dv % 2 or Hq % Hkv
-                or (kv.q8 and (Dk % 32 or Dv % 32))):
+        if Dk != L.head_dim_k or (k is not None and k.shape[1:] != (Hkv, Dk)) or Dk % 2 or Dv % 2 or Hq % Hkv:
             raise InvalidArgument(f"attention shapes q{q.shape} k{None if k is None else k.shape} do not fit the "
                                   f"cache ({Hkv} kv heads, dims {L.head_dim_k}/{Dv})", field="attention")
         if k is not None:
