@@ -180,17 +180,20 @@ class CompletionBuilder:
         if kind == "started":
             self.started = event.started
         elif kind == "token":
-            (self.reasoning if event.token.channel == pb.CHANNEL_REASONING else self.parts).append(event.token.text)
-            self.ids.append(event.token.token_id)
+            self.add_token(event.token)
         elif kind == "token_batch":  # ExecuteRequest.coalesce_tokens: the same tokens, several a message
             for t in event.token_batch.tokens:
-                self.add(pb.ExecuteResponse(token=t))
+                self.add_token(t)
         elif kind == "prompt_logprobs":
             self.prompt_logprobs.extend(event.prompt_logprobs.entries)
         elif kind == "tool_call":
             self.tool_calls.append(event.tool_call)
         elif kind == "finished":
             self.finished = event.finished
+
+    def add_token(self, token: pb.Token) -> None:
+        (self.reasoning if token.channel == pb.CHANNEL_REASONING else self.parts).append(token.text)
+        self.ids.append(token.token_id)
 
     def result(self) -> Completion:
         f = self.finished
@@ -215,31 +218,25 @@ class SamplesBuilder:
         kind = event.WhichOneof("event")
         if kind == "token_batch":  # its tokens may belong to several samples
             for t in event.token_batch.tokens:
-                self.add(pb.ExecuteResponse(token=t))
-            return
-        if kind in ("token", "tool_call", "finished"):
-            index = getattr(event, kind).sample_index
-            if index not in self.samples:
-                self.samples[index] = CompletionBuilder()
-                for e in self.shared:
-                    self.samples[index].add(e)
-            self.samples[index].add(event)
+                self._sample(t.sample_index).add_token(t)
+        elif kind in ("token", "tool_call", "finished"):
+            self._sample(getattr(event, kind).sample_index).add(event)
         else:
             self.shared.append(event)
             for b in self.samples.values():
                 b.add(event)
 
+    def _sample(self, index: int) -> CompletionBuilder:
+        """Sample `index`'s builder, made on its first event with the shared events so far."""
+        if index not in self.samples:
+            self.samples[index] = CompletionBuilder()
+            for e in self.shared:
+                self.samples[index].add(e)
+        return self.samples[index]
+
     def result(self, n: int) -> list[Completion]:
         """The n completions in sample order (a sample with no Finished event raises)."""
-        out = []
-        for i in range(n):
-            b = self.samples.get(i)
-            if b is None:
-                b = CompletionBuilder()
-                for e in self.shared:
-                    b.add(e)
-            out.append(b.result())
-        return out
+        return [self._sample(i).result() for i in range(n)]
 
 
 def tls_options(channel, tls, tls_ca, tls_cert, tls_key, tls_server_name) -> channels.TlsOptions:
