@@ -222,10 +222,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                         return
                     continue
                 if isinstance(ev, TokenEvent):
-                    out = [_token(ev, ANSWER)] if route is None else \
-                        [_routed(x, ev.sample) for x in route(ev.sample).on_token(ev)]
+                    out = (_token(ev, ANSWER),) if route is None else \
+                        (_routed(x, ev.sample) for x in route(ev.sample).on_token(ev))
+                    if not coalesce:
+                        yield from out
+                        continue
                     for r in out:
-                        if coalesce and r.WhichOneof("event") == "token":
+                        if r.WhichOneof("event") == "token":
                             batch.append(r.token)
                             if len(batch) >= _MAX_BATCH:
                                 yield _batched(batch)
