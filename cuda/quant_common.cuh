@@ -301,6 +301,19 @@ struct FHalf16 {
 using FF16 = FHalf16<false>;
 using FBF16 = FHalf16<true>;
 
+// Power-of-two scale s that brings a row whose largest |x| is mx into [2^14, 2^15) (f16's largest
+// finite value is 65504 ~ 2^16), and its inverse. Multiplying by a power of two is exact, so a row
+// keeps all its f16 precision whatever its magnitude: rows of 1e6 no longer overflow to inf and rows
+// of 1e-6 no longer sink into f16 subnormals. mx = 0 / inf / NaN: s = 1 (nothing to gain, inf stays inf).
+__device__ __forceinline__ void pow2_scale(float mx, float& s, float& inv) {
+    const int eb = (__float_as_int(mx) >> 23) & 0xff;
+    if (!(mx > 0.f) || eb == 255) { s = inv = 1.f; return; }
+    const int e = max(eb, 1) - 127;                  // mx < 2^(e+1) (subnormals: e = -126)
+    const int se = min(max(14 - e, -126), 126);      // mx * 2^se < 2^15; both 2^se and 2^-se normal floats
+    s = __int_as_float((127 + se) << 23);
+    inv = __int_as_float((127 - se) << 23);
+}
+
 // full decode of one part: quants plus the scales of its block
 template <class F>
 __device__ __forceinline__ void dec(const uint8_t* b, int p, float* q, float& a0, float& a1, float& m0, float& m1) {

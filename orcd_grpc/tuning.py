@@ -121,6 +121,9 @@ class Tuning:
     gemm_min_ksteps: int = _switch(
         4, "ORCD_GEMM_MIN_KSTEPS", "fewest 64-wide k-steps per GEMM split-K block (1: mixed, q8_0 faster and q4_k "
         "slower at B=64)")
+    gemm_blas_min: int = _switch(
+        256, "ORCD_GEMM_BLAS_MIN", "dense matmuls of at least this many tokens decode the weight to f16 and "
+        "multiply on cuBLAS (cuda_blas.py) instead of the fused GEMM; 0 never (also where no libcublas is found)")
     gemm_pipe: int = _switch(
         64, "ORCD_GEMM_PIPE", "GEMM tiles up to this BM take the unrolled k-step (0: rolled everywhere; only the "
         "grouped MoE GEMM has BM 128 tiles; pp512 phi3-mini 6,301 at 64 against 5,308 at 128)",

@@ -115,12 +115,26 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         self._ws_base = self.workspace_bytes = int(workspace_bytes)
         self.ws = Workspace(self._persistent(self.workspace_bytes, "step workspace"))
         self._ensure_meta(4096, 256, 256 * 64)
+        self._blas = self._open_blas()
         self._attr_set: set[str] = set()
         self._graphs: dict = {}   # key -> (CudaGraph, output tensor, workspace top after the step)
         self._graph_warm: set = set()
         self._graph_failed: set = set()
 
     # ---- infrastructure ----------------------------------------------------------------
+    def _open_blas(self):
+        """cuBLAS for the large dense matmuls (cuda_blas), with its workspace and device scalars, or
+        None: switched off, or no libcublas here."""
+        from . import cuda_blas
+
+        lib = cuda_blas.library() if self.tuning.gemm_blas_min else None
+        if lib is None:
+            return None
+        ws = self._persistent(cuda_blas.WORKSPACE_BYTES, "cuBLAS workspace")
+        scalars = self._persistent(ALIGN, "cuBLAS scalars")
+        self._drv.memset_d32(scalars.ptr, 0, ALIGN // 4)  # beta = 0
+        return cuda_blas.Blas(lib, self.stream.handle, ws.ptr, scalars.ptr)
+
     def _persistent(self, nbytes: int, what: str) -> DeviceBuffer:
         buf = DeviceBuffer(self.budget, nbytes, what)
         self._owned.add(buf)
@@ -293,6 +307,9 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
                 self.budget.release(getattr(w, "_orcd_reserved", 0))
             self._weights.clear()
             self._drop_graphs()
+            if getattr(self, "_blas", None) is not None:
+                self._blas.close()
+                self._blas = None
             for ev in self._sample_events:
                 if ev is not None:
                     ev.close()

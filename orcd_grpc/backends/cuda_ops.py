@@ -34,6 +34,11 @@ class OpsMixin:
             raise InvalidArgument(f"linear: input has {x.shape[-1]} features, weight "
                                   f"{getattr(w, '_orcd_name', '?')} expects {w.k}", field="x")
         y = self._out((T, w.n))
+        if self._blas is not None and T >= self.tuning.gemm_blas_min and w.n_experts is None:
+            from . import cuda_blas
+
+            if cuda_blas.matmul(self, x, w, y, T, bias):
+                return y
         # int8 input: the quantized row and its scales, from x's producer (tuning.fuse_q8) or made here
         x8, ready = None, False
         if cuda_quant.i8_eligible(w, T, self.tuning):

@@ -43,9 +43,14 @@ def _run_schedule(engine, prompts, n_new, leave_after=None, join=None):
     return [done[s.seq_id] for s in order], [logprobs[s.seq_id] for s in order]
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-def test_graph_decode_matches_eager_and_numpy(tmp_path, qtype):
+@pytest.mark.parametrize("qtype,blas_min", [("Q8_0", None), ("Q4_0", None), ("Q8_0", "2")])
+def test_graph_decode_matches_eager_and_numpy(tmp_path, monkeypatch, qtype, blas_min):
+    """blas_min "2": every matmul of two or more tokens runs on cuBLAS (cuda_blas), inside the
+    captured decode graphs too."""
     from orcd_grpc.loader import load_engine
+
+    if blas_min:
+        monkeypatch.setenv("ORCD_GEMM_BLAS_MIN", blas_min)
 
     path = write_tiny_llama(tmp_path / f"tiny-{qtype}.gguf", qtype)
     rng = np.random.default_rng(11)

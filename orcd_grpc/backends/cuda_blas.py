@@ -1,0 +1,210 @@
+"""Large dense matmuls through cuBLAS: the weight decoded to f16 a panel of rows at a time, the
+activations rounded to f16 under one power-of-two scale, the product on cuBLAS's tensor-core GEMM
+with float32 accumulation and output (cuda/dequant.cu makes the operands).
+
+Why: the hand-written tensor-core GEMM (quant_matmul.cu's gemm_*) decodes the weights inside its
+tiles and reaches a small share of the tensor cores (pp512 phi3-mini 0.49x llama.cpp's, issue 19).
+From `Tuning.gemm_blas_min` tokens on, decoding the weight to f16 once per call (2 bytes a weight
+written and read back, ~1-2 % of a 512-token prefill's time) and handing the product to cuBLAS is
+cheaper. Smaller steps (decode batches) keep the fused kernels, which read each quantized weight
+once per 64 tokens.
+
+Scaling: `absmax_rows` finds the matrix's largest |x|, `to_half_scaled` multiplies by the power of
+two s that brings it into [2^14, 2^15) and writes 1/s where cuBLAS reads alpha (device pointer
+mode), so any finite float32 input is safe and no pass over the output undoes the scale.
+
+The library is the CUDA toolkit's or the nvidia-cublas wheel's libcublas, loaded with ctypes; where
+none is found the backend keeps the fused GEMM (`Blas.load` returns None). Every call is queued on
+the backend's stream with no allocation or synchronisation (cuBLAS gets a workspace of its own up
+front), so a step that uses it can still be captured into a CUDA graph.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import importlib.util
+import os
+import sys
+
+import numpy as np
+
+from .. import logs
+from ..errors import Internal, ResourceExhausted
+
+log = logs.get_logger("orcd.cuda")
+
+WORKSPACE_BYTES = 32 << 20   # cuBLAS's own default on Hopper
+PANEL_HALVES = 16 << 20      # most weight elements decoded at once (32 MiB of f16 from the step workspace)
+_OP_N, _OP_T = 0, 1
+_R_32F, _R_16F = 0, 2
+_COMPUTE_32F = 68
+_GEMM_DEFAULT = -1
+_POINTER_MODE_DEVICE = 1
+_LIB_NAMES = ("libcublas.so.13", "libcublas.so.12", "libcublas.so")
+
+
+def _candidates() -> list[str]:
+    """Where a libcublas may be: $ORCD_CUBLAS, the nvidia-cublas wheels on sys.path (nvidia/cu13/lib,
+    nvidia/cublas/lib), the toolkit ($CUDA_HOME, /usr/local/cuda) and the loader's own search."""
+    found = []
+    env = os.environ.get("ORCD_CUBLAS")
+    if env:
+        found.append(env)
+    for base in sys.path:
+        for sub in ("nvidia/cu13/lib", "nvidia/cublas/lib", "nvidia/cu12/lib"):
+            for name in _LIB_NAMES:
+                found.extend(sorted(glob.glob(os.path.join(base or ".", sub, name))))
+    spec = importlib.util.find_spec("nvidia") if "nvidia" not in sys.modules else None
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        found.extend(sorted(glob.glob(os.path.join(loc, "*", "lib", "libcublas.so*"))))
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            found.extend(os.path.join(home, d, n) for d in ("lib64", "lib") for n in _LIB_NAMES)
+    found.extend(_LIB_NAMES)  # the dynamic loader's own path
+    seen, out = set(), []
+    for p in found:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def _open() -> ctypes.CDLL | None:
+    for path in _candidates():
+        if os.sep in path and not os.path.exists(path):
+            continue
+        try:
+            lt = os.path.join(os.path.dirname(path), os.path.basename(path).replace("libcublas", "libcublasLt"))
+            if os.sep in path and os.path.exists(lt):
+                ctypes.CDLL(lt, mode=ctypes.RTLD_GLOBAL)  # its dependency, beside it
+            lib = ctypes.CDLL(path)
+            lib.cublasGemmEx  # noqa: B018  (a library without it is not the one we want)
+        except (OSError, AttributeError):
+            continue
+        _declare(lib)
+        log.info("cuBLAS found", extra={"path": path})
+        return lib
+    return None
+
+
+def _declare(lib) -> None:
+    vp, i = ctypes.c_void_p, ctypes.c_int
+    lib.cublasCreate_v2.argtypes = [ctypes.POINTER(vp)]
+    lib.cublasDestroy_v2.argtypes = [vp]
+    lib.cublasSetStream_v2.argtypes = [vp, vp]
+    lib.cublasSetPointerMode_v2.argtypes = [vp, i]
+    lib.cublasSetWorkspace_v2.argtypes = [vp, vp, ctypes.c_size_t]
+    lib.cublasGemmEx.argtypes = [vp, i, i, i, i, i, vp, vp, i, i, vp, i, i, vp, vp, i, i, i, i]
+    for fn in ("cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasSetPointerMode_v2",
+               "cublasSetWorkspace_v2", "cublasGemmEx"):
+        getattr(lib, fn).restype = i
+
+
+_lib: ctypes.CDLL | None = None
+_lib_tried = False
+
+
+def library() -> ctypes.CDLL | None:
+    """The process's libcublas (looked for once), or None."""
+    global _lib, _lib_tried
+    if not _lib_tried:
+        _lib_tried = True
+        _lib = _open()
+    return _lib
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise Internal(f"cuBLAS {what} failed with status {status}")
+
+
+class Blas:
+    """One cuBLAS handle bound to the backend's stream, its workspace and the device scalars the
+    GEMM reads: [0] the activations' largest |x| (float bits), [1] alpha = 1/s, [2] beta = 0."""
+
+    def __init__(self, lib, stream_handle: int, workspace_ptr: int, scalars_ptr: int):
+        self.lib = lib
+        self.scalars = int(scalars_ptr)
+        h = ctypes.c_void_p()
+        _check(lib.cublasCreate_v2(ctypes.byref(h)), "create")
+        self.handle = h
+        try:
+            _check(lib.cublasSetStream_v2(h, ctypes.c_void_p(int(stream_handle))), "set stream")
+            _check(lib.cublasSetPointerMode_v2(h, _POINTER_MODE_DEVICE), "set pointer mode")
+            _check(lib.cublasSetWorkspace_v2(h, ctypes.c_void_p(int(workspace_ptr)), WORKSPACE_BYTES), "set workspace")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def gmax_ptr(self) -> int:
+        return self.scalars
+
+    @property
+    def alpha_ptr(self) -> int:
+        return self.scalars + 4
+
+    @property
+    def beta_ptr(self) -> int:
+        return self.scalars + 8
+
+    def gemm_wt(self, m: int, T: int, k: int, wh_ptr: int, xh_ptr: int, y_ptr: int, ldy: int) -> None:
+        """y[t, 0:m] = alpha * (xh[t, :] . wh[r, :]) for t < T, r < m: f16 row-major wh [m, k] and
+        xh [T, k], float32 y with row stride ldy. In cuBLAS's column-major terms: C (m x T, ld ldy) =
+        op(A) B with A = wh as k x m (transposed), B = xh as k x T."""
+        vp = ctypes.c_void_p
+        _check(self.lib.cublasGemmEx(self.handle, _OP_T, _OP_N, m, T, k, vp(self.alpha_ptr), vp(wh_ptr), _R_16F, k,
+                                     vp(xh_ptr), _R_16F, k, vp(self.beta_ptr), vp(y_ptr), _R_32F, ldy,
+                                     _COMPUTE_32F, _GEMM_DEFAULT), "GemmEx")
+
+    def close(self) -> None:
+        if self.handle is not None:
+            try:
+                self.lib.cublasDestroy_v2(self.handle)
+            finally:
+                self.handle = None
+
+
+def panel_rows(n: int, k: int) -> int:
+    """Weight rows decoded per GEMM: all of them when n x k fits PANEL_HALVES, else a multiple of 128
+    (at least 128) that does."""
+    if n * k <= PANEL_HALVES:
+        return n
+    return max(128, PANEL_HALVES // k // 128 * 128)
+
+
+def matmul(be, x, w, y, T: int, bias=None) -> bool:
+    """y[T, n] = x[T, k] @ W^T (+ bias) through cuBLAS on backend `be` (its kernels, stream and step
+    workspace). False, with nothing queued, when the workspace has no room for the f16 operands
+    (the caller then takes the fused GEMM)."""
+    from .cuda_quant import _NAME
+
+    blas = be._blas
+    k, n = w.k, w.n
+    rows = panel_rows(n, k)
+    try:
+        xh = be._out((T * k // 2,))
+        wh = be._out((rows * k // 2,))
+    except ResourceExhausted:
+        return False
+    drv = be._drv
+    drv.memset_d32_async(blas.gmax_ptr, 0, 1, be.stream)
+    be._launch(be._k("dequant", "absmax_rows", "PiP"), (T, 1, 1), (256, 1, 1), x.ptr, np.int32(k),
+               blas.gmax_ptr)
+    n4 = T * k // 4
+    be._launch(be._k("dequant", "to_half_scaled", "PPqPP"), (max(1, min(-(-n4 // 256), 8192)), 1, 1), (256, 1, 1),
+               x.ptr, xh.ptr, np.int64(n4), blas.gmax_ptr, blas.alpha_ptr)
+    deq = be._k("dequant", f"dequant_h_{_NAME[w.qtype]}", "PPi")
+    for r0 in range(0, n, rows):
+        m = min(rows, n - r0)
+        be._launch(deq, (-(-(k // 8) // 256), m, 1), (256, 1, 1), w.ptr + r0 * w.row_bytes, wh.ptr, np.int32(k))
+        blas.gemm_wt(m, T, k, wh.ptr, xh.ptr, y.ptr + 4 * r0, n)
+        be._recent.append("cublasGemmEx")
+        if be._sync_each:
+            be.synchronize("cublasGemmEx")
+    if bias is not None:
+        total = T * n
+        be._launch(be._k("dequant", "add_bias_rows", "PPqi"), (max(1, min(-(-total // 256), 8192)), 1, 1),
+                   (256, 1, 1), y.ptr, bias.ptr, np.int64(total), np.int32(n))
+    del xh, wh  # back to the workspace only now that every launch reading them is queued
+    return True
