@@ -38,7 +38,7 @@
 // Writes this step's K/V rows (float32 [T, Hkv, D]) into the f16 cache at slot_mapping[t].
 extern "C" __global__ void kv_store_f16(const float* __restrict__ k, const float* __restrict__ v,
                                         const int* __restrict__ slots, __half* __restrict__ kc,
-                                        __half* __restrict__ vc, int T, int Hkv, int Dk, int Dv) {
+                                        __half* __restrict__ vc, int T, int Hkv, int Dk, int Dv) { pdl_enter();
     const int t = blockIdx.y;
     const int slot = slots[t];
     if (slot < 0) return;  // padding token: writes nothing
@@ -56,7 +56,7 @@ extern "C" __global__ void kv_store_f16(const float* __restrict__ k, const float
 extern "C" __global__ void kv_store_q8(const float* __restrict__ k, const float* __restrict__ v,
                                        const int* __restrict__ slots, int8_t* __restrict__ kq,
                                        int8_t* __restrict__ vq, __half* __restrict__ ks, __half* __restrict__ vs,
-                                       int T, int Hkv, int Dk, int Dv) {
+                                       int T, int Hkv, int Dk, int Dv) { pdl_enter();
     const int t = blockIdx.y;
     const int slot = slots[t];
     if (slot < 0) return;
@@ -84,7 +84,7 @@ extern "C" __global__ void kv_store_q8(const float* __restrict__ k, const float*
 // k_block / v_block: words per block.
 extern "C" __global__ void kv_copy_block(unsigned* __restrict__ kc, unsigned* __restrict__ vc,
                                          long long k_layer, long long v_layer, int k_block, int v_block,
-                                         int src, int dst) {
+                                         int src, int dst) { pdl_enter();
     const int layer = blockIdx.y;
     const bool is_v = blockIdx.z != 0;
     unsigned* base = is_v ? vc + (size_t)layer * v_layer : kc + (size_t)layer * k_layer;
@@ -330,7 +330,7 @@ __device__ void attn_impl(const float* __restrict__ q, const void* __restrict__ 
     attn_d##DPL##_b(const float* q, const __half* kc, const __half* vc, float* out, const int* q_starts, \
                 const int* positions, const int* ctx_lens, const int* block_tables, int max_blocks,      \
                 int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window,                \
-                const float* sinks, float softcap, int n_splits, float* part) {                          \
+                const float* sinks, float softcap, int n_splits, float* part) { pdl_enter();                          \
         attn_impl<DPL, false>(q, kc, vc, nullptr, nullptr, out, q_starts, positions, ctx_lens,           \
                               block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, \
                               softcap, n_splits, part);                                                  \
@@ -340,7 +340,7 @@ __device__ void attn_impl(const float* __restrict__ q, const void* __restrict__ 
                      const __half* vs, float* out, const int* q_starts, const int* positions,            \
                      const int* ctx_lens, const int* block_tables, int max_blocks, int block_size,       \
                      int Hq, int Hkv, int Dk, int Dv, float scale, int window, const float* sinks,       \
-                     float softcap, int n_splits, float* part) {                                         \
+                     float softcap, int n_splits, float* part) { pdl_enter();                                         \
         attn_impl<DPL, true>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens, block_tables,        \
                              max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, softcap,     \
                              n_splits, part);                                                            \
@@ -358,7 +358,7 @@ ATTN(8)
 // mode; one warp per row. Sinks join the denominator here, once.
 extern "C" __global__ void attn_combine(const float* __restrict__ part, float* __restrict__ out,
                                         const float* __restrict__ sinks, int rows, int Hq, int Dv,
-                                        int n_splits) {
+                                        int n_splits) { pdl_enter();
     __shared__ float wsh[8][MAX_SPLITS];  // a warp's each: launched with 256 threads
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;

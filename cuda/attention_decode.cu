@@ -266,7 +266,7 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const void* __restric
                            const int* q_starts, const int* positions, const int* ctx_lens,               \
                            const int* block_tables, int max_blocks, int block_size, int Hq, int Hkv,     \
                            int Dk, int Dv, float scale, int window, const float* sinks, float softcap,   \
-                           int n_splits, float* part, int* counters) {                                   \
+                           int n_splits, float* part, int* counters) { pdl_enter();                                   \
         attn_dec_impl<GM, NC, false>(q, kc, vc, nullptr, nullptr, out, q_starts, positions, ctx_lens,    \
                                      block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, \
                                      sinks, softcap, n_splits, part, counters);                          \
@@ -277,7 +277,7 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const void* __restric
                                 const int* ctx_lens, const int* block_tables, int max_blocks,            \
                                 int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window, \
                                 const float* sinks, float softcap, int n_splits, float* part,            \
-                                int* counters) {                                                         \
+                                int* counters) { pdl_enter();                                                         \
         attn_dec_impl<GM, NC, true>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens, block_tables, \
                                     max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks,       \
                                     softcap, n_splits, part, counters);                                  \

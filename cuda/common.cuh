@@ -5,6 +5,18 @@
 
 #define FULL_MASK 0xffffffffu
 
+// Programmatic dependent launch (cuda_graph.py makes the kernel-to-kernel edges of a captured decode
+// graph programmatic): a kernel may then be scheduled while the one before it still runs. Every
+// kernel calls this first, before it reads or writes any global memory: it waits until the previous
+// kernel has finished and its writes are visible, then lets the next one be scheduled, so at most one
+// kernel waits beside a running one. Outside such a graph both instructions return at once.
+__device__ __forceinline__ void pdl_enter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
 
 // gelu with the tanh approximation, as ggml's gelu and gemma use.

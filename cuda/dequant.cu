@@ -15,7 +15,7 @@
 
 using namespace oq;
 
-extern "C" __global__ void absmax_rows(const float* __restrict__ x, int k, unsigned* __restrict__ gmax) {
+extern "C" __global__ void absmax_rows(const float* __restrict__ x, int k, unsigned* __restrict__ gmax) { pdl_enter();
     const float4* xr = reinterpret_cast<const float4*>(x + (long long)blockIdx.x * k);
     float mx = 0.f;
     for (int c = threadIdx.x; c < k / 4; c += blockDim.x) {
@@ -35,7 +35,7 @@ extern "C" __global__ void absmax_rows(const float* __restrict__ x, int k, unsig
 }
 
 extern "C" __global__ void to_half_scaled(const float* __restrict__ x, __half* __restrict__ xh, long long n4,
-                                          const unsigned* __restrict__ gmax, float* __restrict__ alpha) {
+                                          const unsigned* __restrict__ gmax, float* __restrict__ alpha) { pdl_enter();
     float s, inv;
     pow2_scale(__uint_as_float(*gmax), s, inv);
     if (blockIdx.x == 0 && threadIdx.x == 0) *alpha = inv;
@@ -67,7 +67,7 @@ __device__ __forceinline__ void dequant_h_impl(const uint8_t* __restrict__ W, __
 }
 
 #define DEQUANT(name, F) \
-    extern "C" __global__ void dequant_h_##name(const uint8_t* W, __half* wh, int k) { dequant_h_impl<F>(W, wh, k); }
+    extern "C" __global__ void dequant_h_##name(const uint8_t* W, __half* wh, int k) { pdl_enter(); dequant_h_impl<F>(W, wh, k); }
 
 DEQUANT(q4_0, FQ4_0)
 DEQUANT(q4_1, FQ4_1)
@@ -82,7 +82,7 @@ DEQUANT(f32, FF32)
 DEQUANT(f16, FF16)
 DEQUANT(bf16, FBF16)
 
-extern "C" __global__ void add_bias_rows(float* __restrict__ y, const float* __restrict__ bias, long long total, int n) {
+extern "C" __global__ void add_bias_rows(float* __restrict__ y, const float* __restrict__ bias, long long total, int n) { pdl_enter();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
         y[i] += bias[i % n];
 }

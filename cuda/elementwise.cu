@@ -34,7 +34,7 @@ __device__ __forceinline__ void binary_v1(const float* a, const float* b, float*
 
 #define BINARY(name, OP)                                                                          \
     extern "C" __global__ void name(const float* __restrict__ a, const float* __restrict__ b,    \
-                                    float* __restrict__ y, long long n, float s) {                \
+                                    float* __restrict__ y, long long n, float s) { pdl_enter();                \
         if ((n & 3) == 0) binary_v4<OP>(a, b, y, n >> 2, s);                                      \
         else binary_v1<OP>(a, b, y, n, s);                                                        \
     }
@@ -68,7 +68,7 @@ __device__ __forceinline__ void glu_halves(const float* __restrict__ x, float* _
         y[i] = apply<OP>(xr[c], xr[F + c], 0.f);
     }
 }
-extern "C" __global__ void silu_halves_f32(const float* x, float* y, int rows, int F) { glu_halves<0>(x, y, rows, F); }
+extern "C" __global__ void silu_halves_f32(const float* x, float* y, int rows, int F) { pdl_enter(); glu_halves<0>(x, y, rows, F); }
 
 // One row of glu_halves (F % 32 == 0) that also writes y rounded to int8 with a scale per 32 elements
 // (q8_round), the down projection's int8 GEMV input (ORCD_FUSE_Q8). A warp per 32 columns.
@@ -82,18 +82,18 @@ __device__ __forceinline__ void glu_halves_q8(const float* __restrict__ x, float
     y[c] = v;
     q8_store_warp(v, xq, xd, blk, lane);
 }
-extern "C" __global__ void silu_halves_q8(const float* x, float* y, int8_t* xq, float* xd, int F) {
+extern "C" __global__ void silu_halves_q8(const float* x, float* y, int8_t* xq, float* xd, int F) { pdl_enter();
     glu_halves_q8<0>(x, y, xq, xd, F);
 }
-extern "C" __global__ void gelu_halves_q8(const float* x, float* y, int8_t* xq, float* xd, int F) {
+extern "C" __global__ void gelu_halves_q8(const float* x, float* y, int8_t* xq, float* xd, int F) { pdl_enter();
     glu_halves_q8<1>(x, y, xq, xd, F);
 }
-extern "C" __global__ void gelu_halves_f32(const float* x, float* y, int rows, int F) { glu_halves<1>(x, y, rows, F); }
+extern "C" __global__ void gelu_halves_f32(const float* x, float* y, int rows, int F) { pdl_enter(); glu_halves<1>(x, y, rows, F); }
 
 // Column split into up to three outputs in one launch: piece p = blockIdx.z gets columns
 // [c_p, c_p + w_p) of each row of x [rows, ld_x]; c_0 = 0, c_1 = w_0, c_2 = w_0 + w_1.
 extern "C" __global__ void split3_f32(const float* __restrict__ x, float* __restrict__ y0, float* __restrict__ y1,
-                                      float* __restrict__ y2, int rows, int ld_x, int w0, int w1, int w2) {
+                                      float* __restrict__ y2, int rows, int ld_x, int w0, int w1, int w2) { pdl_enter();
     const int p = blockIdx.z;
     const int w = p == 0 ? w0 : p == 1 ? w1 : w2;
     copy_row_cols(x, p == 0 ? y0 : p == 1 ? y1 : y2, blockIdx.y, ld_x, p == 0 ? 0 : p == 1 ? w0 : w0 + w1, w);
@@ -101,13 +101,13 @@ extern "C" __global__ void split3_f32(const float* __restrict__ x, float* __rest
 
 // y[r, :] = x[r, col0 : col0 + w] for r < rows; x has ld_x columns. One block row per grid.y.
 extern "C" __global__ void copy_cols_f32(const float* __restrict__ x, float* __restrict__ y, int rows, int ld_x,
-                                         int col0, int w) {
+                                         int col0, int w) { pdl_enter();
     if (blockIdx.y < rows) copy_row_cols(x, y, blockIdx.y, ld_x, col0, w);
 }
 
 // y[i, :] = x[idx[i], :] for i < n_rows, rows of d floats.
 extern "C" __global__ void gather_rows_f32(const float* __restrict__ x, const int* __restrict__ idx,
-                                           float* __restrict__ y, int n_rows, int d) {
+                                           float* __restrict__ y, int n_rows, int d) { pdl_enter();
     const int r = blockIdx.y;
     if (r >= n_rows) return;
     const float* src = x + (size_t)idx[r] * d;

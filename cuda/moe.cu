@@ -9,7 +9,7 @@
 #include "common.cuh"
 
 extern "C" __global__ void moe_route(const float* __restrict__ logits, int T, int E, int k, int* __restrict__ ids,
-                                     float* __restrict__ weights) {
+                                     float* __restrict__ weights) { pdl_enter();
     const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (t >= T) return;
@@ -47,7 +47,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int T, in
 }
 
 extern "C" __global__ void moe_act(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ a,
-                                   long long n, int oai, float alpha, float limit) {
+                                   long long n, int oai, float alpha, float limit) { pdl_enter();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         float gv = g[i], uv = u[i];
         if (oai) {
@@ -61,7 +61,7 @@ extern "C" __global__ void moe_act(const float* __restrict__ g, const float* __r
 }
 
 extern "C" __global__ void moe_combine(const float* __restrict__ y, const float* __restrict__ w, float* __restrict__ out,
-                                       int T, int k, int d) {
+                                       int T, int k, int d) { pdl_enter();
     const int t = blockIdx.y;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < d; i += gridDim.x * blockDim.x) {
         float acc = 0.f;

@@ -101,14 +101,14 @@ __device__ void rms_norm_block_impl(const float* x, const float* res, float* s_o
 // res may be null (plain norm; s_out unused). vec: d % 4 == 0 and 16-byte aligned pointers.
 extern "C" __global__ void rms_norm_warp(const float* __restrict__ x, const float* __restrict__ res,
                                          float* __restrict__ s_out, float* __restrict__ out,
-                                         const float* __restrict__ w, int rows, int d, float eps, int vec) {
+                                         const float* __restrict__ w, int rows, int d, float eps, int vec) { pdl_enter();
     if (vec) rms_norm_warp_impl<true>(x, res, s_out, out, w, rows, d, eps);
     else rms_norm_warp_impl<false>(x, res, s_out, out, w, rows, d, eps);
 }
 
 extern "C" __global__ void rms_norm_block(const float* __restrict__ x, const float* __restrict__ res,
                                           float* __restrict__ s_out, float* __restrict__ out,
-                                          const float* __restrict__ w, int rows, int d, float eps, int vec) {
+                                          const float* __restrict__ w, int rows, int d, float eps, int vec) { pdl_enter();
     if (vec) rms_norm_block_impl<true>(x, res, s_out, out, w, d, eps);
     else rms_norm_block_impl<false>(x, res, s_out, out, w, d, eps);
 }
@@ -119,6 +119,6 @@ extern "C" __global__ void rms_norm_block(const float* __restrict__ x, const flo
 extern "C" __global__ void rms_norm_block_q8(const float* __restrict__ x, const float* __restrict__ res,
                                              float* __restrict__ s_out, float* __restrict__ out,
                                              const float* __restrict__ w, int rows, int d, float eps,
-                                             int8_t* __restrict__ xq, float* __restrict__ xd) {
+                                             int8_t* __restrict__ xq, float* __restrict__ xd) { pdl_enter();
     rms_norm_block_impl<true, true>(x, res, s_out, out, w, d, eps, xq, xd);
 }

@@ -515,14 +515,14 @@ __device__ __forceinline__ void embed_impl(const int* __restrict__ ids, const ui
 // x (k floats, k % 32 == 0) -> signed bytes xq and a scale per 32 elements (xd = max|x| / 127), the
 // input of the gemv_*_i8 kernels. One warp per block of 32.
 extern "C" __global__ void quantize_x8(const float* __restrict__ x, int8_t* __restrict__ xq, float* __restrict__ xd,
-                                       int k) {
+                                       int k) { pdl_enter();
     const int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (blk * 32 >= k) return;
     q8_store_warp(x[blk * 32 + lane], xq, xd, blk, lane);
 }
 
 // y = bias (+ y when accumulating): the starting value for split-K GEMM's atomic partial sums
-extern "C" __global__ void gemm_init(float* y, const float* bias, int T, int n, int accumulate) {
+extern "C" __global__ void gemm_init(float* y, const float* bias, int T, int n, int accumulate) { pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)T * n) return;
     y[i] = (bias ? bias[i % n] : 0.f) + (accumulate ? y[i] : 0.f);
@@ -537,7 +537,7 @@ extern "C" __global__ void gemm_init(float* y, const float* bias, int T, int n, 
 // dropped (their y rows are not written).
 constexpr int MOE_GROUP_THREADS = 1024, MOE_MAX_E = 1024;
 extern "C" __global__ void __launch_bounds__(MOE_GROUP_THREADS)
-moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restrict__ ws) {
+moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restrict__ ws) { pdl_enter();
     __shared__ int cur[MOE_MAX_E];
     __shared__ int wc[32], wt[32];
     int* off = ws;
@@ -597,26 +597,26 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
 #define GEMM_MOE_ARGS const float* x, const uint8_t* W, float* y, const float* bias, const int* ws, int T, int top_k, int E, \
                       int Y, int n, int k, long long expert_stride, int x_per_slot
 #define GEMM_MOE(name, F, BM)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM(GEMM_MOE_ARGS) {              \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM(GEMM_MOE_ARGS) { pdl_enter();              \
         gemm_impl<F, BM>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});       \
     }
 // MXFP4 tiles of BM <= 64 decode whole blocks (BLK); its per-part tiles of those sizes measured slower
 #define GEMM_MOE_BLK(name, F, BM)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM##_blk(GEMM_MOE_ARGS) {        \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM##_blk(GEMM_MOE_ARGS) { pdl_enter();        \
         gemm_impl<F, BM, true>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});  \
     }
 
 #define GEMV(name, F, NT)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT(GEMV_ARGS) { gemv_impl<F, NT, 1>(GEMV_PASS); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4(GEMV_ARGS) {            \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT(GEMV_ARGS) { pdl_enter(); gemv_impl<F, NT, 1>(GEMV_PASS); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4(GEMV_ARGS) { pdl_enter();            \
         gemv_impl<F, NT, GEMV_WARPS>(GEMV_PASS);                                                                 \
     }
 // single-token GEMVs on an int8-quantized input (quantize_x8): xd holds the input's block scales
 #define GEMV_I8(name, F)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_i8(GEMV_ARGS, const float* xd) { \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_i8(GEMV_ARGS, const float* xd) { pdl_enter(); \
         gemv_impl<F, 1, 1, ACT_I8>(GEMV_PASS, xd);                                                               \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_i8(GEMV_ARGS, const float* xd) { \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_i8(GEMV_ARGS, const float* xd) { pdl_enter(); \
         gemv_impl<F, 1, GEMV_WARPS, ACT_I8>(GEMV_PASS, xd);                                                      \
     }
 // Dense GEMM tiles stop at BM 64 (cuda_quant.GEMM_MAX_BM); the grouped MoE GEMM also has BM 128. The BM
@@ -624,10 +624,10 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
 #define MOE_TILES(name, F) GEMM_MOE(name, F, 16) GEMM_MOE(name, F, 32) GEMM_MOE(name, F, 64)
 #define DEFINE_FORMAT(name, F)                                                                                   \
     GEMV(name, F, 1) GEMV(name, F, 2) GEMV(name, F, 4) GEMV(name, F, 8)                                          \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_16(GEMM_ARGS) { gemm_impl<F, 16>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_32(GEMM_ARGS) { gemm_impl<F, 32>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
-    extern "C" __global__ void embed_##name(const int* ids, const uint8_t* W, float* y, int k) { embed_impl<F>(ids, W, y, k); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_16(GEMM_ARGS) { pdl_enter(); gemm_impl<F, 16>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_32(GEMM_ARGS) { pdl_enter(); gemm_impl<F, 32>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_##name##_64(GEMM_ARGS) { pdl_enter(); gemm_impl<F, 64>(x, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{}); } \
+    extern "C" __global__ void embed_##name(const int* ids, const uint8_t* W, float* y, int k) { pdl_enter(); embed_impl<F>(ids, W, y, k); } \
     GEMM_MOE(name, F, 128)
 
 DEFINE_FORMAT(q4_0, FQ4_0) MOE_TILES(q4_0, FQ4_0)

@@ -30,7 +30,7 @@ __device__ __forceinline__ void rope_item(const float* __restrict__ x, float* __
 
 extern "C" __global__ void rope_f32(const float* __restrict__ x, float* __restrict__ y,
                                     const int* __restrict__ pos, const double* __restrict__ inv_freq,
-                                    int T, int H, int D, int rot, int neox, float mscale) {
+                                    int T, int H, int D, int rot, int neox, float mscale) { pdl_enter();
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)T * H * (D - (rot >> 1))) return;
     rope_item(x, y, pos, inv_freq, idx, H, D, rot, neox, mscale);
@@ -39,7 +39,7 @@ extern "C" __global__ void rope_f32(const float* __restrict__ x, float* __restri
 extern "C" __global__ void rope_pair_f32(const float* __restrict__ q, float* __restrict__ yq,
                                          const float* __restrict__ k, float* __restrict__ yk,
                                          const int* __restrict__ pos, const double* __restrict__ inv_freq,
-                                         int T, int Hq, int Hk, int D, int rot, int neox, float mscale) {
+                                         int T, int Hq, int Hk, int D, int rot, int neox, float mscale) { pdl_enter();
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long nq = (long long)T * Hq * (D - (rot >> 1));
     if (idx < nq) rope_item(q, yq, pos, inv_freq, idx, Hq, D, rot, neox, mscale);
@@ -75,7 +75,7 @@ extern "C" __global__ void qkv_rope_store_f32(const float* __restrict__ qkv, flo
                                               __half* __restrict__ kc, __half* __restrict__ vc,
                                               const int* __restrict__ pos, const int* __restrict__ slots,
                                               const double* __restrict__ inv_freq, int T, int Hq, int Hk, int D,
-                                              int Dv, int rot, int neox, float mscale) {
+                                              int Dv, int rot, int neox, float mscale) { pdl_enter();
     const int t = blockIdx.y;
     const int half = rot >> 1, pairs = D - half;
     const long long width = (long long)(Hq + Hk) * D + (long long)Hk * Dv;

@@ -120,7 +120,7 @@ __device__ unsigned radix_select(const float* __restrict__ x, int V, unsigned fl
 extern "C" __global__ void __launch_bounds__(THREADS)
 sample_rows(const float* __restrict__ logits, float* __restrict__ work, int V, const RowParams* __restrict__ params,
             const int* __restrict__ pen, int* __restrict__ out_tok, float* __restrict__ out_lp, int n_top,
-            int* __restrict__ top_ids, float* __restrict__ top_lp, const unsigned* __restrict__ bits, int W) {
+            int* __restrict__ top_ids, float* __restrict__ top_lp, const unsigned* __restrict__ bits, int W) { pdl_enter();
     __shared__ float hist[257];
     __shared__ float sv[32];
     __shared__ int si[32];

@@ -17,7 +17,7 @@
 extern "C" __global__ void __launch_bounds__(SCORE_THREADS)
 prompt_logprobs(const float* __restrict__ logits, int V, const int* __restrict__ rows,
                 const int* __restrict__ targets, int n_top, float* __restrict__ out_lp,
-                int* __restrict__ top_ids, float* __restrict__ top_lp) {
+                int* __restrict__ top_ids, float* __restrict__ top_lp) { pdl_enter();
     __shared__ float scratch[32];
     __shared__ float sv[32];
     __shared__ int si[32];

@@ -33,6 +33,10 @@ class Tuning:
     cuda_graphs: bool = _switch(
         True, "ORCD_CUDA_GRAPHS", "decode steps replay a CUDA graph per batch-size bucket; 0 launches every "
         "kernel from Python (debugging)", level="engine")
+    pdl: bool = _switch(
+        True, "ORCD_PDL", "the kernel-to-kernel edges of a captured decode graph are programmatic dependencies "
+        "(each kernel is scheduled while the one before it runs and waits on the device in pdl_enter)",
+        level="backend")
     lookahead: bool = _switch(
         True, "ORCD_LOOKAHEAD", "a decode step of an unchanged batch is queued before the host has read the "
         "previous step's tokens (fed on the device); B=1 tg 732 against 677 tok/s without", level="engine")

@@ -48,6 +48,80 @@ def _cu():
     return lib
 
 
+class _EdgeData(ctypes.Structure):
+    """CUgraphEdgeData: which port of the source node the edge leaves from, and its type."""
+    _fields_ = [("from_port", ctypes.c_ubyte), ("to_port", ctypes.c_ubyte), ("type", ctypes.c_ubyte),
+                ("reserved", ctypes.c_ubyte * 5)]
+
+
+_NODE_KERNEL = 0                # CU_GRAPH_NODE_TYPE_KERNEL
+_PORT_PROGRAMMATIC = 1          # CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
+_DEPENDENCY_PROGRAMMATIC = 1    # CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
+
+
+_EDGE_API = ("cuGraphGetEdges_v2", "cuGraphNodeGetType", "cuGraphKernelNodeGetParams_v2", "cuFuncGetName",
+             "cuGraphRemoveDependencies_v2", "cuGraphAddDependencies_v2")
+
+
+def _kernel_name(node) -> str | None:
+    """The name of a kernel node's function, or None (not a kernel node, or a library kernel that the
+    driver names by a CUkernel handle only)."""
+    cu = _cu()
+    kind = ctypes.c_int(-1)
+    if cu.cuGraphNodeGetType(node, ctypes.byref(kind)) != 0 or kind.value != _NODE_KERNEL:
+        return None
+    params = (ctypes.c_ubyte * 256)()  # CUDA_KERNEL_NODE_PARAMS_v2; its first field is the CUfunction
+    if cu.cuGraphKernelNodeGetParams_v2(node, params) != 0:
+        return None
+    func = ctypes.c_void_p.from_buffer(params).value
+    if not func:
+        return None
+    name = ctypes.c_char_p()
+    if cu.cuFuncGetName(ctypes.byref(name), ctypes.c_void_p(func)) != 0 or not name.value:
+        return None
+    return name.value.decode()
+
+
+def make_programmatic(graph, ours) -> int:
+    """Turns every kernel-to-kernel edge of `graph` whose destination is one of our kernels (`ours(name)`:
+    a kernel that calls pdl_enter() first, cuda/common.cuh) into a programmatic dependency, so the
+    destination is scheduled while its source still runs and waits on the device instead of behind a
+    full launch. Edges into other nodes (copies, memsets, library kernels) stay full dependencies.
+    Returns how many edges changed (0 where the driver predates edge data, CUDA 12.3)."""
+    cu = _cu()
+    if not all(hasattr(cu, f) for f in _EDGE_API):
+        return 0
+    n = ctypes.c_size_t(0)
+    _check(cu.cuGraphGetEdges_v2(graph, None, None, None, ctypes.byref(n)), "cuGraphGetEdges")
+    if not n.value:
+        return 0
+    src, dst = (ctypes.c_void_p * n.value)(), (ctypes.c_void_p * n.value)()
+    data = (_EdgeData * n.value)()
+    _check(cu.cuGraphGetEdges_v2(graph, src, dst, data, ctypes.byref(n)), "cuGraphGetEdges")
+    names: dict = {}
+
+    def name_of(node):
+        if node not in names:
+            names[node] = _kernel_name(ctypes.c_void_p(node))
+        return names[node]
+
+    changed = 0
+    for i in range(n.value):
+        if data[i].type != 0 or name_of(src[i]) is None:
+            continue
+        to = name_of(dst[i])
+        if to is None or not ours(to):
+            continue
+        a, b = ctypes.c_void_p(src[i]), ctypes.c_void_p(dst[i])
+        _check(cu.cuGraphRemoveDependencies_v2(graph, ctypes.byref(a), ctypes.byref(b), ctypes.byref(data[i]),
+                                               ctypes.c_size_t(1)), "cuGraphRemoveDependencies")
+        edge = _EdgeData(from_port=_PORT_PROGRAMMATIC, to_port=0, type=_DEPENDENCY_PROGRAMMATIC)
+        _check(cu.cuGraphAddDependencies_v2(graph, ctypes.byref(a), ctypes.byref(b), ctypes.byref(edge),
+                                            ctypes.c_size_t(1)), "cuGraphAddDependencies")
+        changed += 1
+    return changed
+
+
 def _check(result: int, what: str) -> None:
     if result != 0:
         name = ctypes.c_char_p()
@@ -60,8 +134,9 @@ def _check(result: int, what: str) -> None:
 class CudaGraph:
     """One captured sequence of launches on `stream`, replayable with `launch()`."""
 
-    def __init__(self, stream, record):
-        """Captures every launch `record()` makes on `stream`."""
+    def __init__(self, stream, record, programmatic=None):
+        """Captures every launch `record()` makes on `stream`. programmatic: a predicate on kernel
+        names; edges into the kernels it accepts become programmatic (make_programmatic)."""
         self.stream = stream
         h = ctypes.c_void_p(stream.handle)
         # Thread-local mode: other threads (the gRPC server's) may use CUDA meanwhile without
@@ -83,7 +158,10 @@ class CudaGraph:
             raise
         _check(_cu().cuStreamEndCapture(h, ctypes.byref(graph)), "cuStreamEndCapture")
         self._graph = graph
+        self.programmatic_edges = 0
         try:
+            if programmatic is not None:
+                self.programmatic_edges = make_programmatic(graph, programmatic)
             _check(_cu().cuGraphInstantiateWithFlags(ctypes.byref(self._exec), graph, ctypes.c_ulonglong(0)),
                    "cuGraphInstantiate")
         except BaseException:

@@ -112,6 +112,11 @@ _GEMM_SIG = "PPPPiiiii"
 DEFAULT_SMS = 132
 
 
+def loaded_kernel_names() -> set[str]:
+    """Every quant_matmul kernel looked up so far (under any tuning)."""
+    return {name for k in _K.values() for name in k.fns}
+
+
 def _kernels(tuning: Tuning = DEFAULT) -> _Kernels:
     k = _K.get(tuning.gemm_pipe)
     if k is None:

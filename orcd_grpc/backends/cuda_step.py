@@ -104,8 +104,10 @@ class StepMixin:
                 return record(ctx)
             box = []
             try:
+                ours = self._our_kernels() if self.tuning.pdl else None
                 with _capture_lock:
-                    graph = CudaGraph(self.stream, lambda: box.append(record(ctx)))
+                    graph = CudaGraph(self.stream, lambda: box.append(record(ctx)),
+                                      programmatic=ours.__contains__ if ours else None)
             except OrcdError:
                 raise  # e.g. the step workspace ran out: the same eagerly
             except Exception as exc:
@@ -125,6 +127,13 @@ class StepMixin:
         self._recent.append(f"graph {key}")
         self.ws.top = max(self.ws.top, top)  # what runs after it in this step must not overlap
         return out
+
+    def _our_kernels(self) -> set[str]:
+        """The names of the kernels loaded from cuda/*.cu (each calls pdl_enter() first), as opposed
+        to a library's (cuBLAS), whose launches must keep full dependencies in a graph."""
+        from . import cuda_quant
+
+        return set(self._kernels) | cuda_quant.loaded_kernel_names()
 
     def _drop_graphs(self) -> None:
         for graph, *_ in self._graphs.values():
