@@ -20,6 +20,7 @@ def test_panels_fit_the_budget_in_whole_128_row_steps():
     rows = cuda_blas.panel_rows(16384, k)
     assert rows % 128 == 0 and rows * k <= cuda_blas.PANEL_HALVES and (rows + 128) * k > cuda_blas.PANEL_HALVES
     assert cuda_blas.panel_rows(151936, 200_000) == 128               # never below one 128-row step
+    assert cuda_blas.panel_rows(200_000, 32) == 65408                 # nor above dequant_h's grid rows
 
 
 def test_candidates_put_the_operators_path_first(monkeypatch, tmp_path):

@@ -133,7 +133,9 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         ws = self._persistent(cuda_blas.WORKSPACE_BYTES, "cuBLAS workspace")
         scalars = self._persistent(ALIGN, "cuBLAS scalars")
         self._drv.memset_d32(scalars.ptr, 0, ALIGN // 4)  # beta = 0
-        return cuda_blas.Blas(lib, self.stream.handle, ws.ptr, scalars.ptr)
+        blas = cuda_blas.Blas(lib, self.stream.handle, ws.ptr, scalars.ptr)
+        blas.buffers = (ws, scalars)  # held here: _owned only refers to them weakly (a dropped buffer is freed)
+        return blas
 
     def _persistent(self, nbytes: int, what: str) -> DeviceBuffer:
         buf = DeviceBuffer(self.budget, nbytes, what)

@@ -35,6 +35,7 @@ log = logs.get_logger("orcd.cuda")
 
 WORKSPACE_BYTES = 32 << 20   # cuBLAS's own default on Hopper
 PANEL_HALVES = 16 << 20      # most weight elements decoded at once (32 MiB of f16 from the step workspace)
+_MAX_ROWS = 65535 // 128 * 128
 _OP_N, _OP_T = 0, 1
 _R_32F, _R_16F = 0, 2
 _COMPUTE_32F = 68
@@ -125,6 +126,7 @@ class Blas:
     def __init__(self, lib, stream_handle: int, workspace_ptr: int, scalars_ptr: int):
         self.lib = lib
         self.scalars = int(scalars_ptr)
+        self.buffers = ()  # the DeviceBuffers behind the workspace and scalars, kept alive by the owner
         h = ctypes.c_void_p()
         _check(lib.cublasCreate_v2(ctypes.byref(h)), "create")
         self.handle = h
@@ -167,10 +169,10 @@ class Blas:
 
 def panel_rows(n: int, k: int) -> int:
     """Weight rows decoded per GEMM: all of them when n x k fits PANEL_HALVES, else a multiple of 128
-    (at least 128) that does."""
-    if n * k <= PANEL_HALVES:
+    (at least 128) that does; at most 65,408 (dequant_h's grid rows, a multiple of 128)."""
+    if n * k <= PANEL_HALVES and n <= _MAX_ROWS:
         return n
-    return max(128, PANEL_HALVES // k // 128 * 128)
+    return min(_MAX_ROWS, max(128, PANEL_HALVES // k // 128 * 128))
 
 
 def matmul(be, x, w, y, T: int, bias=None) -> bool:
