@@ -9,7 +9,8 @@
   uploaded once in `begin_step` into one preallocated buffer (cuda_step). So the op sequence of a
   forward pass allocates nothing, copies nothing and never synchronises with the host: a decode
   step can be captured into a CUDA graph.
-- Linear layers and embeddings run on the GGUF-format weights through cuda_quant (cuda_ops); norms,
+- Linear layers and embeddings run on the GGUF-format weights through cuda_quant (cuda_ops), and
+  dense matmuls of many tokens on cuBLAS over weights decoded to f16 per call (cuda_blas); norms,
   rope, attention (paged, f16 KV cache; cuda_attention), activations and sampling (cuda_sampling)
   are the kernels in cuda/*.cu.
 - The performance switches are one `Tuning` (orcd_grpc/tuning.py), read from the environment once
