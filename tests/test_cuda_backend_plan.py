@@ -60,7 +60,7 @@ def _backend(monkeypatch, tuning=DEFAULT, sms=132):
     be.tuning, be.limits = tuning, cuda_context.DeviceLimits(sms=sms, l2_bytes=50 << 20)
     be._persistent = persistent
     be._kernels, be._attr_set, be._recent, be._sync_each = {}, set(), [], tuning.cuda_sync
-    be._rope_cache, be._attn_counters = {}, None
+    be._rope_cache, be._attn_counters, be._blas = {}, None, None  # no cuBLAS: the fused kernels
     be._meta_buf, be._meta_hosts, be._meta_turn = None, [None, None], 0
     be._graphs, be._graph_warm, be._graph_failed = {}, set(), set()
     be.ws = Workspace(SimpleNamespace(ptr=1 << 20, nbytes=256 << 20, free=lambda: None))
