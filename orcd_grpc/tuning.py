@@ -34,8 +34,9 @@ class Tuning:
         True, "ORCD_CUDA_GRAPHS", "decode steps replay a CUDA graph per batch-size bucket; 0 launches every "
         "kernel from Python (debugging)", level="engine")
     pdl: bool = _switch(
-        True, "ORCD_PDL", "the kernel-to-kernel edges of a captured decode graph are programmatic dependencies "
-        "(each kernel is scheduled while the one before it runs and waits on the device in pdl_enter)",
+        False, "ORCD_PDL", "the kernel-to-kernel edges of a captured decode graph are programmatic dependencies "
+        "(each kernel is scheduled while the one before it runs and waits on the device in pdl_enter); "
+        "graph replay matched eager launches token for token on an H100, its speed not yet measured",
         level="backend")
     lookahead: bool = _switch(
         True, "ORCD_LOOKAHEAD", "a decode step of an unchanged batch is queued before the host has read the "
@@ -126,8 +127,9 @@ class Tuning:
         4, "ORCD_GEMM_MIN_KSTEPS", "fewest 64-wide k-steps per GEMM split-K block (1: mixed, q8_0 faster and q4_k "
         "slower at B=64)")
     gemm_blas_min: int = _switch(
-        256, "ORCD_GEMM_BLAS_MIN", "dense matmuls of at least this many tokens decode the weight to f16 and "
-        "multiply on cuBLAS (cuda_blas.py) instead of the fused GEMM; 0 never (also where no libcublas is found)")
+        0, "ORCD_GEMM_BLAS_MIN", "dense matmuls of at least this many tokens (256 is the value to try) decode the "
+        "weight to f16 and multiply on cuBLAS (cuda_blas.py) instead of the fused GEMM; 0 never (also where no "
+        "libcublas is found); off until its GPU tests and prefill A/B have run")
     gemm_pipe: int = _switch(
         64, "ORCD_GEMM_PIPE", "GEMM tiles up to this BM take the unrolled k-step (0: rolled everywhere; only the "
         "grouped MoE GEMM has BM 128 tiles; pp512 phi3-mini 6,301 at 64 against 5,308 at 128)",

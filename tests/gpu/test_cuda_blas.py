@@ -27,7 +27,9 @@ def be():
     from orcd_grpc.backends.cuda import CudaBackend
 
     assert cuda_blas.library() is not None, "no libcublas found (ORCD_CUBLAS, the nvidia-cublas wheel, CUDA_HOME)"
-    b = CudaBackend(workspace_bytes=512 << 20)
+    from orcd_grpc.tuning import Tuning
+
+    b = CudaBackend(workspace_bytes=512 << 20, tuning=Tuning(gemm_blas_min=256))
     assert b._blas is not None
     yield b
     b.close()

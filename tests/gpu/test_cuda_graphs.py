@@ -49,6 +49,7 @@ def test_graph_decode_matches_eager_and_numpy(tmp_path, monkeypatch, qtype, blas
     captured decode graphs too."""
     from orcd_grpc.loader import load_engine
 
+    monkeypatch.setenv("ORCD_PDL", "1")
     if blas_min:
         monkeypatch.setenv("ORCD_GEMM_BLAS_MIN", blas_min)
 
@@ -67,7 +68,7 @@ def test_graph_decode_matches_eager_and_numpy(tmp_path, monkeypatch, qtype, blas
                 keys = set(eng.backend._graphs)
                 assert keys, "no decode step was captured as a CUDA graph"
                 assert {k[1] for k in keys} <= set(eng.runner.buckets)
-                # ORCD_PDL (on): the captured kernels follow each other through programmatic edges
+                # ORCD_PDL=1: the captured kernels follow each other through programmatic edges
                 assert all(g.programmatic_edges > 0 for g, *_ in eng.backend._graphs.values())
         finally:
             eng.close()
