@@ -98,7 +98,8 @@ python3 -c "import orcd_grpc.proto" || echo "stub generation failed"
 start=$(date +%s)
 echo "== $(date +%T) GPU tests"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout ${GPU_TEST_TIMEOUT:-480} python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/gpu} -k "${GPU_K:-}" -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest-gpu.log" | tail -40
+  # SIGINT at the limit: pytest stops and still prints the failures so far (a plain kill loses them)
+  timeout -s INT -k 20 ${GPU_TEST_TIMEOUT:-480} python3 -m pytest -q -rf --tb=short -m gpu ${GPU_TESTS:-tests/gpu} -k "${GPU_K:-}" -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest-gpu.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ -z "${SKIP_SUITE:-}" ]; then
