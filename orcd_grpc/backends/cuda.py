@@ -31,7 +31,7 @@ import weakref
 import numpy as np
 
 from .. import logs, quants
-from ..errors import Internal, InvalidArgument
+from ..errors import Internal, InvalidArgument, ResourceExhausted
 from ..tuning import Tuning
 from .base import Backend, KVLayout
 from .cuda_attention import AttentionMixin, CudaKV
@@ -131,8 +131,13 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         lib = cuda_blas.library() if self.tuning.gemm_blas_min else None
         if lib is None:
             return None
-        ws = self._persistent(cuda_blas.WORKSPACE_BYTES, "cuBLAS workspace")
-        scalars = self._persistent(ALIGN, "cuBLAS scalars")
+        try:
+            ws = self._persistent(cuda_blas.WORKSPACE_BYTES, "cuBLAS workspace")
+            scalars = self._persistent(ALIGN, "cuBLAS scalars")
+        except ResourceExhausted as exc:  # a small --max-vram: the fused GEMM serves every matmul
+            log.warning("no room for cuBLAS's workspace; large matmuls keep the fused GEMM",
+                        extra={"fields": {"error": str(exc)}})
+            return None
         self._drv.memset_d32(scalars.ptr, 0, ALIGN // 4)  # beta = 0
         blas = cuda_blas.Blas(lib, self.stream.handle, ws.ptr, scalars.ptr)
         blas.buffers = (ws, scalars)  # held here: _owned only refers to them weakly (a dropped buffer is freed)

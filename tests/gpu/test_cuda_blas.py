@@ -165,3 +165,17 @@ def test_workspace_too_small_falls_back(be, blas_from, monkeypatch):
     assert len(calls) == 2, "cuda_blas.matmul did not ask the workspace for its operands"
     assert "cublasGemmEx" not in be._recent
     assert _rel(be.to_host(y), x.astype(np.float64) @ wf.astype(np.float64).T) <= TOL_GEMM
+
+
+def test_no_room_for_cublas_workspace_keeps_the_backend():
+    """A --max-vram too small for cuBLAS's 32 MiB workspace: the backend starts without cuBLAS (the
+    fused GEMM serves every matmul) rather than refusing to start."""
+    from orcd_grpc.backends.cuda import CudaBackend
+    from orcd_grpc.tuning import Tuning
+
+    b = CudaBackend(max_vram=40 << 20, workspace_bytes=16 << 20, tuning=Tuning(gemm_blas_min=256))
+    try:
+        assert b._blas is None
+    finally:
+        b.close()
+    assert b.budget.used == 0
