@@ -40,6 +40,8 @@
 #   KVQ8="phi3-mini:64 ..."  the Q8_0 KV cache against f16 (bench_engine.py --kv-cache-type, each in turn):
 #                   pp512, tg128 and the aggregate at those batch sizes with KVQ8_PROMPT-token prompts
 #                   (default 128); llama-batched-bench -ctk/-ctv f16 and q8_0 when built; rows to $OUT/kvq8.txt
+#   BLAS_BENCH=1    bench/bench_blas.py: the fused GEMM against the cuBLAS path at the anchor models' dense
+#                   shapes and T = 64..2048 (BLAS_BENCH_ARGS: more options), to $OUT/blas.txt
 #   HOST_BENCH=1    the serving host without a GPU: bench/host_ceiling.py (8 client processes, 64 and
 #                   256 clients) and bench/stream_rate.py (sync against grpc.aio, 8 client processes); $OUT/host.txt
 #   SKIP_TESTS=1    no GPU tests;  WHEELS=DIR  the wheels to install (default .whl)
@@ -146,6 +148,10 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
         --batches "" --reps 3 2>&1 | tail -1)" | tee -a "$OUT/profile.txt"
     done
   done
+fi
+if [ -n "${BLAS_BENCH:-}" ]; then  # the fused GEMM against the cuBLAS path per token count (ORCD_GEMM_BLAS_MIN)
+  echo "== $(date +%T) GEMM against cuBLAS"
+  timeout 240 python3 bench/bench_blas.py --reps 10 ${BLAS_BENCH_ARGS:-} 2>&1 | tee -a "$OUT/blas.txt" | tail -40
 fi
 for m in ${CONSTRAINT:-}; do
   wait

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""The fused tensor-core GEMM against the cuBLAS path (cuda_blas.py) for the dense matmuls of the
+anchor models, per token count: where ORCD_GEMM_BLAS_MIN should sit.
+
+usage: python3 bench/bench_blas.py [--ts 64,128,256,512,2048] [--only SUBSTR] [--reps 20]
+
+Each (shape, T): CudaBackend.linear on one weight, captured into a CUDA graph with the switch
+at 0 (the fused GEMM) and at 1 (cuBLAS: activation scan and f16 rounding, the weight decoded to f16
+panel by panel, cublasGemmEx), median of event-timed replays. The cuBLAS time includes decoding the
+weight, as every call pays it. Prints us per call and TFLOP/s of each, and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "gpu"))
+
+from bench_kernels import SHAPES, median_ms  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ts", default="64,128,256,512,2048")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+
+    import pycuda.driver as drv
+
+    from orcd_grpc.backends.cuda import CudaBackend
+    from orcd_grpc.tuning import Tuning
+    from test_quant_kernels import random_weight
+
+    ts = [int(t) for t in args.ts.split(",") if t]
+    be = CudaBackend(workspace_bytes=(max(ts) * 16384 * 4 * 2) + (256 << 20),
+                     tuning=dataclasses.replace(Tuning.from_env(), gemm_blas_min=1))
+    if be._blas is None:
+        sys.exit("no libcublas found: nothing to compare")
+    rng = np.random.default_rng(0)
+    print(f"device: {be.device.name()}")
+    print("model           tensor        type         n x k      T   fused us  cuBLAS us  ratio  TFLOP/s f/c")
+    for model, name, n, k, qt in SHAPES:
+        if args.only and args.only not in f"{model}/{name}/{qt.name}":
+            continue
+        if name.startswith("output") and not args.only:  # the logits matmul of a prefill has one row a sequence
+            continue
+        raw, _ = random_weight(rng, qt, n, k)
+        w = be.load_weight(f"{model}.{name}", raw, qt, (n, k))
+        for T in ts:
+            x = be.from_host(rng.standard_normal((T, k), dtype=np.float32))
+            times = []
+            for blas_min in (0, 1):
+                be.tuning = dataclasses.replace(be.tuning, gemm_blas_min=blas_min)
+
+                def run():
+                    be.ws.reset()
+                    be.linear(x, w)
+                    return 1
+                run()
+                be.synchronize()
+                times.append(median_ms(run, args.reps, drv, be.stream))
+            f, c = times
+            flop = 2 * T * n * k
+            print(f"{model:15s} {name:13s} {qt.name:6s} {n:7d}x{k:<5d} {T:5d} {f * 1e3:9.1f} {c * 1e3:10.1f} "
+                  f"{f / c:6.2f}x {flop / f / 1e9:6.1f}/{flop / c / 1e9:.1f}", flush=True)
+        w.free()
+    be.close()
+
+
+if __name__ == "__main__":
+    main()
