@@ -33,7 +33,7 @@ from ..errors import Internal, ResourceExhausted
 
 log = logs.get_logger("orcd.cuda")
 
-WORKSPACE_BYTES = 32 << 20   # cuBLAS's own default on Hopper
+WORKSPACE_BYTES = 32 << 20   # cuBLAS's own default on Hopper, given up front: nothing is allocated inside a capture
 PANEL_HALVES = 16 << 20      # most weight elements decoded at once (32 MiB of f16 from the step workspace)
 _MAX_ROWS = 65535 // 128 * 128
 _OP_N, _OP_T = 0, 1
