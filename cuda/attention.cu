@@ -98,14 +98,7 @@ extern "C" __global__ void kv_copy_block(unsigned* __restrict__ kc, unsigned* __
 // global loads before it uses any (and looks each key's cache slot up once per tile): one dependent
 // round trip per element measured slower (qwen2.5 tg128 651 against 688 tok/s), and is gone.
 template <int DPL, bool Q8>
-__device__ void attn_impl(const float* __restrict__ q, const void* __restrict__ kc,
-                          const void* __restrict__ vc, const __half* __restrict__ ks,
-                          const __half* __restrict__ vs, float* __restrict__ out,
-                          const int* __restrict__ q_starts, const int* __restrict__ positions,
-                          const int* __restrict__ ctx_lens, const int* __restrict__ block_tables,
-                          int max_blocks, int block_size, int Hq, int Hkv, int Dk, int Dv, float scale,
-                          int window, const float* __restrict__ sinks, float softcap, int n_splits,
-                          float* __restrict__ part) {
+__device__ void attn_impl(ATTN_IMPL_PARAMS) {
     extern __shared__ float smem[];
     float* Qs = smem;                       // [ROWS][Dk], pre-scaled
     float* Ks = Qs + ROWS * Dk;             // [KT][Dk + 1]
@@ -330,7 +323,7 @@ __device__ void attn_impl(const float* __restrict__ q, const void* __restrict__ 
     attn_d##DPL##_b(const float* q, const __half* kc, const __half* vc, float* out, const int* q_starts, \
                 const int* positions, const int* ctx_lens, const int* block_tables, int max_blocks,      \
                 int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window,                \
-                const float* sinks, float softcap, int n_splits, float* part) { pdl_enter();                          \
+                const float* sinks, float softcap, int n_splits, float* part) { pdl_enter();             \
         attn_impl<DPL, false>(q, kc, vc, nullptr, nullptr, out, q_starts, positions, ctx_lens,           \
                               block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, \
                               softcap, n_splits, part);                                                  \
@@ -340,7 +333,7 @@ __device__ void attn_impl(const float* __restrict__ q, const void* __restrict__ 
                      const __half* vs, float* out, const int* q_starts, const int* positions,            \
                      const int* ctx_lens, const int* block_tables, int max_blocks, int block_size,       \
                      int Hq, int Hkv, int Dk, int Dv, float scale, int window, const float* sinks,       \
-                     float softcap, int n_splits, float* part) { pdl_enter();                                         \
+                     float softcap, int n_splits, float* part) { pdl_enter();                            \
         attn_impl<DPL, true>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens, block_tables,        \
                              max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks, softcap,     \
                              n_splits, part);                                                            \

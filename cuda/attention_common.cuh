@@ -1,7 +1,17 @@
-// Shared by attention.cu and attention_decode.cu: the Walsh-Hadamard turn of the Q8_0 cache's
-// blocks and the merge of split-key partials.
+// Shared by attention.cu and attention_decode.cu: the paged-attention arguments, the Walsh-Hadamard
+// turn of the Q8_0 cache's blocks and the merge of split-key partials.
 #pragma once
 #include "common.cuh"
+
+// What attn_impl and attn_dec_impl read (cuda_attention.py passes them in this order): kc/vc are
+// __half (f16 cache) or int8_t (Q8_0: levels, with the half scales ks/vs; nullptr for f16).
+#define ATTN_IMPL_PARAMS                                                                                 \
+    const float* __restrict__ q, const void* __restrict__ kc, const void* __restrict__ vc,               \
+        const __half* __restrict__ ks, const __half* __restrict__ vs, float* __restrict__ out,           \
+        const int* __restrict__ q_starts, const int* __restrict__ positions,                              \
+        const int* __restrict__ ctx_lens, const int* __restrict__ block_tables, int max_blocks,           \
+        int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window,                         \
+        const float* __restrict__ sinks, float softcap, int n_splits, float* __restrict__ part
 
 // H x / sqrt(32) of the warp's 32 values (lane i holds x_i): the butterflies of cpu_ops.wht32 in
 // the same order, so the same float32 bits.

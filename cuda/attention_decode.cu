@@ -35,14 +35,7 @@ __device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict
 }
 
 template <int GM, int NC, bool Q8>
-__device__ void attn_dec_impl(const float* __restrict__ q, const void* __restrict__ kc,
-                              const void* __restrict__ vc, const __half* __restrict__ ks,
-                              const __half* __restrict__ vs, float* __restrict__ out,
-                              const int* __restrict__ q_starts, const int* __restrict__ positions,
-                              const int* __restrict__ ctx_lens, const int* __restrict__ block_tables,
-                              int max_blocks, int block_size, int Hq, int Hkv, int Dk, int Dv, float scale,
-                              int window, const float* __restrict__ sinks, float softcap, int n_splits,
-                              float* __restrict__ part, int* __restrict__ counters) {
+__device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     constexpr int NW = 4;
     __shared__ __align__(16) float Qs[GM][256];
     __shared__ float Ms[NW][GM], Ls[NW][GM];
@@ -266,7 +259,7 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const void* __restric
                            const int* q_starts, const int* positions, const int* ctx_lens,               \
                            const int* block_tables, int max_blocks, int block_size, int Hq, int Hkv,     \
                            int Dk, int Dv, float scale, int window, const float* sinks, float softcap,   \
-                           int n_splits, float* part, int* counters) { pdl_enter();                                   \
+                           int n_splits, float* part, int* counters) { pdl_enter();                      \
         attn_dec_impl<GM, NC, false>(q, kc, vc, nullptr, nullptr, out, q_starts, positions, ctx_lens,    \
                                      block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, \
                                      sinks, softcap, n_splits, part, counters);                          \
@@ -277,7 +270,7 @@ __device__ void attn_dec_impl(const float* __restrict__ q, const void* __restric
                                 const int* ctx_lens, const int* block_tables, int max_blocks,            \
                                 int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window, \
                                 const float* sinks, float softcap, int n_splits, float* part,            \
-                                int* counters) { pdl_enter();                                                         \
+                                int* counters) { pdl_enter();                                            \
         attn_dec_impl<GM, NC, true>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens, block_tables, \
                                     max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks,       \
                                     softcap, n_splits, part, counters);                                  \

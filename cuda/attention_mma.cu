@@ -245,7 +245,7 @@ __device__ void attn_mma_impl(const float* __restrict__ q, const __half* __restr
     attn_mma_d##D(const float* q, const __half* kc, const __half* vc, float* out, const int* q_starts,   \
                   const int* positions, const int* ctx_lens, const int* block_tables, int max_blocks,    \
                   int block_size, int Hq, int Hkv, float scale, int window, const float* sinks,          \
-                  float softcap) { pdl_enter();                                                                       \
+                  float softcap) { pdl_enter();                                                          \
         attn_mma_impl<D>(q, kc, vc, out, q_starts, positions, ctx_lens, block_tables, max_blocks,        \
                          block_size, Hq, Hkv, scale, window, sinks, softcap);                             \
     }

@@ -34,7 +34,7 @@ __device__ __forceinline__ void binary_v1(const float* a, const float* b, float*
 
 #define BINARY(name, OP)                                                                          \
     extern "C" __global__ void name(const float* __restrict__ a, const float* __restrict__ b,    \
-                                    float* __restrict__ y, long long n, float s) { pdl_enter();                \
+                                    float* __restrict__ y, long long n, float s) { pdl_enter();   \
         if ((n & 3) == 0) binary_v4<OP>(a, b, y, n >> 2, s);                                      \
         else binary_v1<OP>(a, b, y, n, s);                                                        \
     }

@@ -597,18 +597,18 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
 #define GEMM_MOE_ARGS const float* x, const uint8_t* W, float* y, const float* bias, const int* ws, int T, int top_k, int E, \
                       int Y, int n, int k, long long expert_stride, int x_per_slot
 #define GEMM_MOE(name, F, BM)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM(GEMM_MOE_ARGS) { pdl_enter();              \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM(GEMM_MOE_ARGS) { pdl_enter(); \
         gemm_impl<F, BM>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});       \
     }
 // MXFP4 tiles of BM <= 64 decode whole blocks (BLK); its per-part tiles of those sizes measured slower
 #define GEMM_MOE_BLK(name, F, BM)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM##_blk(GEMM_MOE_ARGS) { pdl_enter();        \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_moe_##name##_##BM##_blk(GEMM_MOE_ARGS) { pdl_enter(); \
         gemm_impl<F, BM, true>(x, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride});  \
     }
 
 #define GEMV(name, F, NT)                                                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT(GEMV_ARGS) { pdl_enter(); gemv_impl<F, NT, 1>(GEMV_PASS); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4(GEMV_ARGS) { pdl_enter();            \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4(GEMV_ARGS) { pdl_enter(); \
         gemv_impl<F, NT, GEMV_WARPS>(GEMV_PASS);                                                                 \
     }
 // single-token GEMVs on an int8-quantized input (quantize_x8): xd holds the input's block scales
