@@ -7,7 +7,7 @@
 //                    alpha (*alpha = 1/s, read on the device) with no epilogue pass over the output.
 //                    Rows far below the largest keep full f16 precision down to 2^-29 of it.
 //   dequant_h_<fmt>  rows [0, rows) of a GGUF weight (W points at the first) decoded to f16 [rows, k];
-//                    one thread per 8-weight part, as embed_<fmt> does.
+//                    one thread per 8-weight part (part_weights, as embed_<fmt>).
 //   add_bias_rows    y[t, c] += bias[c]
 // Kernels never allocate, copy to the host or synchronise, so launches can be captured in a graph.
 #include "common.cuh"
@@ -52,18 +52,14 @@ template <class F>
 __device__ __forceinline__ void dequant_h_impl(const uint8_t* __restrict__ W, __half* __restrict__ wh, int k) {
     const int r = blockIdx.y, gp = blockIdx.x * blockDim.x + threadIdx.x;
     if (gp >= k / 8) return;
-    const int nblk = k / F::QK, blk = gp / F::NP, p = gp % F::NP;
-    float q[8], a0, a1, m0, m1;
-    int o0, o1;
-    F::offs(p, o0, o1);
-    dec<F>(W + (long long)r * nblk * F::TS + (long long)blk * F::TS, p, q, a0, a1, m0, m1);
-    __half* hr = wh + (long long)r * k + blk * F::QK;
-    const __half2 h0 = __floats2half2_rn(fmaf(a0, q[0], m0), fmaf(a0, q[1], m0));
-    const __half2 h1 = __floats2half2_rn(fmaf(a0, q[2], m0), fmaf(a0, q[3], m0));
-    const __half2 h2 = __floats2half2_rn(fmaf(a1, q[4], m1), fmaf(a1, q[5], m1));
-    const __half2 h3 = __floats2half2_rn(fmaf(a1, q[6], m1), fmaf(a1, q[7], m1));
-    *reinterpret_cast<uint2*>(hr + o0) = make_uint2(*reinterpret_cast<const uint32_t*>(&h0), *reinterpret_cast<const uint32_t*>(&h1));
-    *reinterpret_cast<uint2*>(hr + o1) = make_uint2(*reinterpret_cast<const uint32_t*>(&h2), *reinterpret_cast<const uint32_t*>(&h3));
+    float w[8];
+    int c0, c1;
+    part_weights<F>(W + (long long)r * (k / F::QK) * F::TS, gp, w, c0, c1);
+    __half* hr = wh + (long long)r * k;
+    const __half2 h0 = __floats2half2_rn(w[0], w[1]), h1 = __floats2half2_rn(w[2], w[3]);
+    const __half2 h2 = __floats2half2_rn(w[4], w[5]), h3 = __floats2half2_rn(w[6], w[7]);
+    *reinterpret_cast<uint2*>(hr + c0) = make_uint2(*reinterpret_cast<const uint32_t*>(&h0), *reinterpret_cast<const uint32_t*>(&h1));
+    *reinterpret_cast<uint2*>(hr + c1) = make_uint2(*reinterpret_cast<const uint32_t*>(&h2), *reinterpret_cast<const uint32_t*>(&h3));
 }
 
 #define DEQUANT(name, F) \

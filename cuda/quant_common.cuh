@@ -321,4 +321,22 @@ __device__ __forceinline__ void dec(const uint8_t* b, int p, float* q, float& a0
     F::sc(b, p, a0, a1, m0, m1);
 }
 
+// The 8 weights (a*q + m) of global part gp of one row, and the columns they sit at: w[0..3] at
+// c0..c0+3, w[4..7] at c1..c1+3. What embed_<fmt> and dequant_h_<fmt> write, as float or f16.
+template <class F>
+__device__ __forceinline__ void part_weights(const uint8_t* row, int gp, float* w, int& c0, int& c1) {
+    const int blk = gp / F::NP, p = gp % F::NP;
+    float q[8], a0, a1, m0, m1;
+    int o0, o1;
+    F::offs(p, o0, o1);
+    dec<F>(row + (long long)blk * F::TS, p, q, a0, a1, m0, m1);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        w[j] = fmaf(a0, q[j], m0);
+        w[4 + j] = fmaf(a1, q[4 + j], m1);
+    }
+    c0 = blk * F::QK + o0;
+    c1 = blk * F::QK + o1;
+}
+
 }  // namespace oq

@@ -499,15 +499,12 @@ __device__ __forceinline__ void embed_impl(const int* __restrict__ ids, const ui
                                            float* __restrict__ y, int k) {
     const int t = blockIdx.y, gp = blockIdx.x * blockDim.x + threadIdx.x;
     if (gp >= k / 8) return;
-    const int nblk = k / F::QK, blk = gp / F::NP, p = gp % F::NP;
-    const uint8_t* b = W + (long long)ids[t] * nblk * F::TS + (long long)blk * F::TS;
-    float q[8], a0, a1, m0, m1;
-    int o0, o1;
-    F::offs(p, o0, o1);
-    dec<F>(b, p, q, a0, a1, m0, m1);
-    float* yr = y + (long long)t * k + blk * F::QK;
-    *reinterpret_cast<float4*>(yr + o0) = make_float4(fmaf(a0, q[0], m0), fmaf(a0, q[1], m0), fmaf(a0, q[2], m0), fmaf(a0, q[3], m0));
-    *reinterpret_cast<float4*>(yr + o1) = make_float4(fmaf(a1, q[4], m1), fmaf(a1, q[5], m1), fmaf(a1, q[6], m1), fmaf(a1, q[7], m1));
+    float w[8];
+    int c0, c1;
+    part_weights<F>(W + (long long)ids[t] * (k / F::QK) * F::TS, gp, w, c0, c1);
+    float* yr = y + (long long)t * k;
+    *reinterpret_cast<float4*>(yr + c0) = make_float4(w[0], w[1], w[2], w[3]);
+    *reinterpret_cast<float4*>(yr + c1) = make_float4(w[4], w[5], w[6], w[7]);
 }
 
 }  // namespace
