@@ -139,9 +139,8 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
                         extra={"fields": {"error": str(exc)}})
             return None
         self._drv.memset_d32(scalars.ptr, 0, ALIGN // 4)  # beta = 0
-        blas = cuda_blas.Blas(lib, self.stream.handle, ws.ptr, scalars.ptr)
-        blas.buffers = (ws, scalars)  # held here: _owned only refers to them weakly (a dropped buffer is freed)
-        return blas
+        # Blas holds both buffers: _owned refers to them only weakly, and a dropped buffer is freed
+        return cuda_blas.Blas(lib, self.stream.handle, ws, scalars)
 
     def _persistent(self, nbytes: int, what: str) -> DeviceBuffer:
         buf = DeviceBuffer(self.budget, nbytes, what)

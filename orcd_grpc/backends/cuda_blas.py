@@ -14,15 +14,15 @@ two s that brings it into [2^14, 2^15) and writes 1/s where cuBLAS reads alpha (
 mode), so any finite float32 input is safe and no pass over the output undoes the scale.
 
 The library is the CUDA toolkit's or the nvidia-cublas wheel's libcublas, loaded with ctypes; where
-none is found the backend keeps the fused GEMM (`Blas.load` returns None). Every call is queued on
+none is found the backend keeps the fused GEMM (`library()` returns None). Every call is queued on
 the backend's stream with no allocation or synchronisation (cuBLAS gets a workspace of its own up
 front), so a step that uses it can still be captured into a CUDA graph.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
-import importlib.util
 import os
 import sys
 
@@ -46,28 +46,15 @@ _LIB_NAMES = ("libcublas.so.13", "libcublas.so.12", "libcublas.so")
 
 def _candidates() -> list[str]:
     """Where a libcublas may be: $ORCD_CUBLAS, the nvidia-cublas wheels on sys.path (nvidia/cu13/lib,
-    nvidia/cublas/lib), the toolkit ($CUDA_HOME, /usr/local/cuda) and the loader's own search."""
-    found = []
-    env = os.environ.get("ORCD_CUBLAS")
-    if env:
-        found.append(env)
+    nvidia/cublas/lib, ...), the toolkit ($CUDA_HOME, /usr/local/cuda) and the loader's own search."""
+    found = [os.environ["ORCD_CUBLAS"]] if os.environ.get("ORCD_CUBLAS") else []
     for base in sys.path:
-        for sub in ("nvidia/cu13/lib", "nvidia/cublas/lib", "nvidia/cu12/lib"):
-            for name in _LIB_NAMES:
-                found.extend(sorted(glob.glob(os.path.join(base or ".", sub, name))))
-    spec = importlib.util.find_spec("nvidia") if "nvidia" not in sys.modules else None
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        found.extend(sorted(glob.glob(os.path.join(loc, "*", "lib", "libcublas.so*"))))
+        found.extend(sorted(glob.glob(os.path.join(base or ".", "nvidia", "*", "lib", "libcublas.so*"))))
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
             found.extend(os.path.join(home, d, n) for d in ("lib64", "lib") for n in _LIB_NAMES)
     found.extend(_LIB_NAMES)  # the dynamic loader's own path
-    seen, out = set(), []
-    for p in found:
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
+    return list(dict.fromkeys(found))
 
 
 def _open() -> ctypes.CDLL | None:
@@ -101,17 +88,10 @@ def _declare(lib) -> None:
         getattr(lib, fn).restype = i
 
 
-_lib: ctypes.CDLL | None = None
-_lib_tried = False
-
-
+@functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
     """The process's libcublas (looked for once), or None."""
-    global _lib, _lib_tried
-    if not _lib_tried:
-        _lib_tried = True
-        _lib = _open()
-    return _lib
+    return _open()
 
 
 def _check(status: int, what: str) -> None:
@@ -123,17 +103,19 @@ class Blas:
     """One cuBLAS handle bound to the backend's stream, its workspace and the device scalars the
     GEMM reads: [0] the activations' largest |x| (float bits), [1] alpha = 1/s, [2] beta = 0."""
 
-    def __init__(self, lib, stream_handle: int, workspace_ptr: int, scalars_ptr: int):
+    def __init__(self, lib, stream_handle: int, workspace, scalars):
+        """workspace (WORKSPACE_BYTES) and scalars (>= 12 bytes, zeroed): device buffers with a .ptr,
+        held here for as long as the handle may use them."""
         self.lib = lib
-        self.scalars = int(scalars_ptr)
-        self.buffers = ()  # the DeviceBuffers behind the workspace and scalars, kept alive by the owner
+        self.buffers = (workspace, scalars)
+        self.scalars = int(scalars.ptr)
         h = ctypes.c_void_p()
         _check(lib.cublasCreate_v2(ctypes.byref(h)), "create")
         self.handle = h
         try:
             _check(lib.cublasSetStream_v2(h, ctypes.c_void_p(int(stream_handle))), "set stream")
             _check(lib.cublasSetPointerMode_v2(h, _POINTER_MODE_DEVICE), "set pointer mode")
-            _check(lib.cublasSetWorkspace_v2(h, ctypes.c_void_p(int(workspace_ptr)), WORKSPACE_BYTES), "set workspace")
+            _check(lib.cublasSetWorkspace_v2(h, ctypes.c_void_p(int(workspace.ptr)), WORKSPACE_BYTES), "set workspace")
         except BaseException:
             self.close()
             raise
