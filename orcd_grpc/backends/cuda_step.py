@@ -104,10 +104,9 @@ class StepMixin:
                 return record(ctx)
             box = []
             try:
-                ours = self._our_kernels() if self.tuning.pdl else None
+                ours = self._our_kernels().__contains__ if self.tuning.pdl else None
                 with _capture_lock:
-                    graph = CudaGraph(self.stream, lambda: box.append(record(ctx)),
-                                      programmatic=ours.__contains__ if ours else None)
+                    graph = CudaGraph(self.stream, lambda: box.append(record(ctx)), programmatic=ours)
             except OrcdError:
                 raise  # e.g. the step workspace ran out: the same eagerly
             except Exception as exc:
