@@ -63,7 +63,7 @@ def decode_setup(model: str, batch: int, ctx: int):
     """A CUDA engine with `batch` sequences of `ctx` random prompt tokens, prefilled, and three decode
     steps taken (the first runs eagerly, the second captures the bucket's graph): (engine,
     sequences, that graph)."""
-    eng = load_engine(model, backend="cuda", context_length=4096, max_sequences=max(8, batch))
+    eng = load_engine(model, backend="cuda", context_length=max(4096, ctx + 256), max_sequences=max(8, batch))
     rng = np.random.default_rng(0)
     seqs = [eng.new_sequence(rng.integers(100, 30000, ctx).tolist(), SamplingParams(temperature=0.0))
             for _ in range(batch)]

@@ -34,12 +34,30 @@ __device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict
     if (threadIdx.x == 0) *counter = 0;
 }
 
-template <int GM, int NC, bool Q8>
+// ST (the *_s kernels, Dk <= 64 NC): a warp copies its 32-key K tile into shared memory first, in
+// 16-byte cp.async copies of whole rows (a row's bytes are contiguous, so a warp's copy touches
+// each cache line once), and lane j then scores key j from there. Read straight from global
+// memory, each of a lane's 16-byte loads lands on its own row: 32 lines per load instruction.
+// The next tile's copy is issued as soon as the scores are read, so it lands while the warp
+// works through this tile's softmax and V rows. Rows are padded by 16 bytes: lanes 8 apart then
+// hit different banks.
+template <bool ST>
+__device__ __forceinline__ uint4 ld_k16(const uint4* p) {
+    if constexpr (ST) return *p;  // shared memory
+    else return __ldg(p);
+}
+
+template <int GM, int NC, bool Q8, bool ST>
 __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     constexpr int NW = 4;
-    __shared__ __align__(16) float Qs[GM][256];
+    constexpr int QD = ST ? 64 * NC : 256;                    // q row floats held
+    constexpr int KROW = ST ? (Q8 ? 64 : 128) * NC + 16 : 0;  // a staged key row's bytes
+    constexpr int STAGE_BYTES = NW * 32 * KROW, AS_BYTES = NW * GM * NC * 64 * 4;
+    __shared__ __align__(16) float Qs[GM][QD];
     __shared__ float Ms[NW][GM], Ls[NW][GM];
-    __shared__ float As[NW][GM][NC * 64];
+    // the warps' K tiles during the key loop, then (after a barrier) their partial outputs
+    __shared__ __align__(16) unsigned char Sh[STAGE_BYTES > AS_BYTES ? STAGE_BYTES : AS_BYTES];
+    float(*As)[GM][NC * 64] = reinterpret_cast<float(*)[GM][NC * 64]>(Sh);
     const int b = blockIdx.y, kvh = blockIdx.z, split = blockIdx.x;
     const int t = q_starts[b];
     if (q_starts[b + 1] - t != 1) return;  // no token of this sequence in the step
@@ -77,24 +95,57 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         for (int c = 0; c < 2 * NC; ++c) acc[g][c] = 0.f;
     }
     const int* btab = block_tables + (size_t)b * max_blocks;
+    // Key k0 + lane's cache slot. Keys past `hi` borrow lane 0's slot (k0 < hi: always a written
+    // key), so the V rows they add with p = 0 are finite; a never-written row may hold NaN bits,
+    // and 0 * NaN = NaN.
+    auto tile_slot = [&](int k0) {
+        const int n = k0 + lane;
+        const int sl = n < hi ? btab[n / block_size] * block_size + n % block_size : 0;
+        const int sl0 = __shfl_sync(FULL_MASK, sl, 0);
+        return n < hi ? sl : sl0;
+    };
+    constexpr int ELT = Q8 ? 1 : 2;  // bytes per K value
+    unsigned char* kbuf = Sh + warp * 32 * KROW;
+    auto stage = [&](int sl) {  // the 32 K rows at the lanes' slots sl into kbuf
+        const int cpr = Dk * ELT / 16;  // 16-byte chunks per row; chunk e of the tile: row e / cpr
+        const unsigned char* kb = static_cast<const unsigned char*>(kc);
+        for (int i = 0; i < cpr; ++i) {
+            const int e = lane + 32 * i, r = e / cpr, c = e - r * cpr;
+            const int sr = __shfl_sync(FULL_MASK, sl, r);
+            cp_async16(kbuf + r * KROW + 16 * c, kb + ((size_t)sr * Hkv + kvh) * Dk * ELT + 16 * c);
+        }
+        cp_async_commit();
+    };
+    int slot = 0;
+    if constexpr (ST) {
+        if (lo + warp * 32 < hi) {
+            slot = tile_slot(lo + warp * 32);
+            stage(slot);
+        }
+    }
     for (int k0 = lo + warp * 32; k0 < hi; k0 += NW * 32) {
         const int n = k0 + lane;
         const bool valid = n < hi;
-        int slot = valid ? btab[n / block_size] * block_size + n % block_size : 0;
-        // Keys past `hi` borrow lane 0's slot (k0 < hi: always a written key), so the V rows they
-        // add with p = 0 are finite; a never-written row may hold NaN bits, and 0 * NaN = NaN.
-        const int slot0 = __shfl_sync(FULL_MASK, slot, 0);
-        if (!valid) slot = slot0;
+        const bool more = k0 + NW * 32 < hi;  // this warp has a next tile
+        int next = 0;
+        if constexpr (ST) {
+            if (more) next = tile_slot(k0 + NW * 32);  // its table lookup overlaps this tile's scoring
+            cp_async_wait0();
+            __syncwarp();  // every lane's copies have landed
+        } else {
+            slot = tile_slot(k0);
+        }
         float s[GM];
 #pragma unroll
         for (int g = 0; g < GM; ++g) s[g] = 0.f;
         if (Q8 && valid) {
             const size_t row = (size_t)slot * Hkv + kvh;
-            const uint4* kp = reinterpret_cast<const uint4*>(static_cast<const int8_t*>(kc) + row * Dk);
+            const uint4* kp = ST ? reinterpret_cast<const uint4*>(kbuf + lane * KROW)
+                                 : reinterpret_cast<const uint4*>(static_cast<const int8_t*>(kc) + row * Dk);
             const __half* kd = ks + row * (Dk >> 5);
 #pragma unroll 2
             for (int d32 = 0; d32 < (Dk >> 5); ++d32) {
-                const uint4 r0 = __ldg(kp + 2 * d32), r1 = __ldg(kp + 2 * d32 + 1);
+                const uint4 r0 = ld_k16<ST>(kp + 2 * d32), r1 = ld_k16<ST>(kp + 2 * d32 + 1);
                 const float dsc = __half2float(kd[d32]);
                 const unsigned w[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
                 float f[32];
@@ -115,10 +166,11 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
                 }
             }
         } else if (valid) {
-            const uint4* kp = reinterpret_cast<const uint4*>(static_cast<const __half*>(kc) + ((size_t)slot * Hkv + kvh) * Dk);
+            const uint4* kp = ST ? reinterpret_cast<const uint4*>(kbuf + lane * KROW)
+                                 : reinterpret_cast<const uint4*>(static_cast<const __half*>(kc) + ((size_t)slot * Hkv + kvh) * Dk);
 #pragma unroll 8  // the unrolled loads issue together: one memory round trip per 64 dims, not one per 8
             for (int d8 = 0; d8 < (Dk >> 3); ++d8) {
-                const uint4 raw = __ldg(kp + d8);
+                const uint4 raw = ld_k16<ST>(kp + d8);
                 const __half2* h = reinterpret_cast<const __half2*>(&raw);
                 const float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]);
                 const float2 f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
@@ -134,6 +186,10 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
                     }
                 }
             }
+        }
+        if constexpr (ST) {
+            __syncwarp();  // every lane has read its row: the buffer takes the next tile
+            if (more) stage(next);
         }
         float pr[GM];
 #pragma unroll
@@ -197,7 +253,9 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
                 }
             }
         }
+        if constexpr (ST) slot = next;
     }
+    if constexpr (ST) __syncthreads();  // As overlays the other warps' K tiles
 
     // Merge the warps' softmax states; then a partial for attn_combine, or the normalised output.
 #pragma unroll
@@ -252,30 +310,34 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         attn_dec_merge<2 * NC>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, Dv, n_splits);
 }
 
-// attn_dec_g<GM>_n<NC>_q8: the same over a Q8_0 cache (levels kc/vc, scales ks/vs).
-#define ATTN_DEC(GM, NC)                                                                                 \
+// attn_dec_g<GM>_n<NC>_q8: the same over a Q8_0 cache (levels kc/vc, scales ks/vs); a name ending
+// in _s (SFX) stages its K tiles through shared memory (ST, NC <= 2: its tiles and the other
+// buffers stay under the 48 KiB of static shared memory).
+#define ATTN_DEC(GM, NC, ST, SFX)                                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                                    \
-    attn_dec_g##GM##_n##NC(const float* q, const __half* kc, const __half* vc, float* out,               \
-                           const int* q_starts, const int* positions, const int* ctx_lens,               \
-                           const int* block_tables, int max_blocks, int block_size, int Hq, int Hkv,     \
-                           int Dk, int Dv, float scale, int window, const float* sinks, float softcap,   \
-                           int n_splits, float* part, int* counters) { pdl_enter();                      \
-        attn_dec_impl<GM, NC, false>(q, kc, vc, nullptr, nullptr, out, q_starts, positions, ctx_lens,    \
-                                     block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, \
-                                     sinks, softcap, n_splits, part, counters);                          \
+    attn_dec_g##GM##_n##NC##SFX(const float* q, const __half* kc, const __half* vc, float* out,          \
+                                const int* q_starts, const int* positions, const int* ctx_lens,          \
+                                const int* block_tables, int max_blocks, int block_size, int Hq, int Hkv, \
+                                int Dk, int Dv, float scale, int window, const float* sinks, float softcap, \
+                                int n_splits, float* part, int* counters) { pdl_enter();                 \
+        attn_dec_impl<GM, NC, false, ST>(q, kc, vc, nullptr, nullptr, out, q_starts, positions, ctx_lens, \
+                                         block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv, scale,   \
+                                         window, sinks, softcap, n_splits, part, counters);              \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(128)                                                    \
-    attn_dec_g##GM##_n##NC##_q8(const float* q, const int8_t* kc, const int8_t* vc, const __half* ks,    \
-                                const __half* vs, float* out, const int* q_starts, const int* positions, \
-                                const int* ctx_lens, const int* block_tables, int max_blocks,            \
-                                int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window, \
-                                const float* sinks, float softcap, int n_splits, float* part,            \
-                                int* counters) { pdl_enter();                                            \
-        attn_dec_impl<GM, NC, true>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens, block_tables, \
-                                    max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks,       \
-                                    softcap, n_splits, part, counters);                                  \
+    attn_dec_g##GM##_n##NC##_q8##SFX(const float* q, const int8_t* kc, const int8_t* vc, const __half* ks, \
+                                     const __half* vs, float* out, const int* q_starts, const int* positions, \
+                                     const int* ctx_lens, const int* block_tables, int max_blocks,       \
+                                     int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window, \
+                                     const float* sinks, float softcap, int n_splits, float* part,       \
+                                     int* counters) { pdl_enter();                                       \
+        attn_dec_impl<GM, NC, true, ST>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens, block_tables, \
+                                        max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks,   \
+                                        softcap, n_splits, part, counters);                              \
     }
-#define ATTN_DEC_NC(GM) ATTN_DEC(GM, 1) ATTN_DEC(GM, 2) ATTN_DEC(GM, 3) ATTN_DEC(GM, 4)
+#define ATTN_DEC_NC(GM)                                                                                  \
+    ATTN_DEC(GM, 1, false, ) ATTN_DEC(GM, 2, false, ) ATTN_DEC(GM, 3, false, ) ATTN_DEC(GM, 4, false, )  \
+    ATTN_DEC(GM, 1, true, _s) ATTN_DEC(GM, 2, true, _s)
 ATTN_DEC_NC(1)
 ATTN_DEC_NC(2)
 ATTN_DEC_NC(4)

@@ -17,6 +17,16 @@ __device__ __forceinline__ void pdl_enter() {
 #endif
 }
 
+// 16-byte copies from global to shared memory that do not hold a register while in flight
+// (cp.async, sm_80 on): commit closes a group, wait<N> lets at most N groups stay in flight.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
 __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
 
 // gelu with the tanh approximation, as ggml's gelu and gemma use.

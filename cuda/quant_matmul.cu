@@ -30,13 +30,6 @@ namespace {
 constexpr int GEMV_WARPS = 4;  // warps per block: independent rows (KS = 1) or one row group (KS = 4)
 constexpr int GEMV_R = 2;      // rows per warp: each x load is reused R times
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
-
 template <class F>
 struct GemvSmem {
     // one row chunk plus the up-to-15-byte misalignment of its start, rounded to 16

@@ -89,6 +89,10 @@ class Tuning:
     attn_dec_min_heads: int = _switch(
         128, "ORCD_ATTN_DEC_MIN_HEADS", "... and any group size from this many (sequence, kv head) pairs in a step "
         "(qwen2.5 B=64 8,998 against 8,029 tok/s; 64 pairs and fewer even or slower)")
+    attn_dec_stage: bool = _switch(
+        False, "ORCD_ATTN_DEC_STAGE", "attn_dec copies each warp's 32-key K tile into shared memory with "
+        "coalesced cp.async (attn_dec_*_s; head dims up to 128), the next tile's copy in flight while the "
+        "current one's V rows are read, instead of each lane loading its own key row from global memory")
     attn_merge: bool = _switch(
         True, "ORCD_ATTN_MERGE", "split attn_dec merges its slices in its last CTA instead of an attn_combine "
         "launch (phi3-mini -260 us per step)")
