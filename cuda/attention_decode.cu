@@ -34,7 +34,7 @@ __device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict
     if (threadIdx.x == 0) *counter = 0;
 }
 
-// ST (the *_s kernels, Dk <= 64 NC): a warp copies its 32-key K tile into shared memory first, in
+// ST (NC <= 2; the host routes Dk > 64 NC elsewhere): a warp copies its 32-key K tile into shared memory first, in
 // 16-byte cp.async copies of whole rows (a row's bytes are contiguous, so a warp's copy touches
 // each cache line once), and lane j then scores key j from there. Read straight from global
 // memory, each of a lane's 16-byte loads lands on its own row: 32 lines per load instruction.
@@ -310,34 +310,33 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         attn_dec_merge<2 * NC>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, Dv, n_splits);
 }
 
-// attn_dec_g<GM>_n<NC>_q8: the same over a Q8_0 cache (levels kc/vc, scales ks/vs); a name ending
-// in _s (SFX) stages its K tiles through shared memory (ST, NC <= 2: its tiles and the other
-// buffers stay under the 48 KiB of static shared memory).
-#define ATTN_DEC(GM, NC, ST, SFX)                                                                        \
+// attn_dec_g<GM>_n<NC>_q8: the same over a Q8_0 cache (levels kc/vc, scales ks/vs). NC <= 2 stage
+// their K tiles through shared memory (ST); at NC 3 and 4 the tiles would pass the 48 KiB of
+// static shared memory, so lanes read their rows from global memory.
+#define ATTN_DEC(GM, NC)                                                                                 \
     extern "C" __global__ void __launch_bounds__(128)                                                    \
-    attn_dec_g##GM##_n##NC##SFX(const float* q, const __half* kc, const __half* vc, float* out,          \
-                                const int* q_starts, const int* positions, const int* ctx_lens,          \
-                                const int* block_tables, int max_blocks, int block_size, int Hq, int Hkv, \
-                                int Dk, int Dv, float scale, int window, const float* sinks, float softcap, \
-                                int n_splits, float* part, int* counters) { pdl_enter();                 \
-        attn_dec_impl<GM, NC, false, ST>(q, kc, vc, nullptr, nullptr, out, q_starts, positions, ctx_lens, \
-                                         block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv, scale,   \
-                                         window, sinks, softcap, n_splits, part, counters);              \
+    attn_dec_g##GM##_n##NC(const float* q, const __half* kc, const __half* vc, float* out,               \
+                           const int* q_starts, const int* positions, const int* ctx_lens,               \
+                           const int* block_tables, int max_blocks, int block_size, int Hq, int Hkv,     \
+                           int Dk, int Dv, float scale, int window, const float* sinks, float softcap,   \
+                           int n_splits, float* part, int* counters) { pdl_enter();                      \
+        attn_dec_impl<GM, NC, false, (NC <= 2)>(q, kc, vc, nullptr, nullptr, out, q_starts, positions,   \
+                                                ctx_lens, block_tables, max_blocks, block_size, Hq, Hkv, \
+                                                Dk, Dv, scale, window, sinks, softcap, n_splits, part,   \
+                                                counters);                                               \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(128)                                                    \
-    attn_dec_g##GM##_n##NC##_q8##SFX(const float* q, const int8_t* kc, const int8_t* vc, const __half* ks, \
-                                     const __half* vs, float* out, const int* q_starts, const int* positions, \
-                                     const int* ctx_lens, const int* block_tables, int max_blocks,       \
-                                     int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window, \
-                                     const float* sinks, float softcap, int n_splits, float* part,       \
-                                     int* counters) { pdl_enter();                                       \
-        attn_dec_impl<GM, NC, true, ST>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens, block_tables, \
-                                        max_blocks, block_size, Hq, Hkv, Dk, Dv, scale, window, sinks,   \
-                                        softcap, n_splits, part, counters);                              \
+    attn_dec_g##GM##_n##NC##_q8(const float* q, const int8_t* kc, const int8_t* vc, const __half* ks,    \
+                                const __half* vs, float* out, const int* q_starts, const int* positions, \
+                                const int* ctx_lens, const int* block_tables, int max_blocks,            \
+                                int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window, \
+                                const float* sinks, float softcap, int n_splits, float* part,            \
+                                int* counters) { pdl_enter();                                            \
+        attn_dec_impl<GM, NC, true, (NC <= 2)>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens,    \
+                                               block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv,    \
+                                               scale, window, sinks, softcap, n_splits, part, counters); \
     }
-#define ATTN_DEC_NC(GM)                                                                                  \
-    ATTN_DEC(GM, 1, false, ) ATTN_DEC(GM, 2, false, ) ATTN_DEC(GM, 3, false, ) ATTN_DEC(GM, 4, false, )  \
-    ATTN_DEC(GM, 1, true, _s) ATTN_DEC(GM, 2, true, _s)
+#define ATTN_DEC_NC(GM) ATTN_DEC(GM, 1) ATTN_DEC(GM, 2) ATTN_DEC(GM, 3) ATTN_DEC(GM, 4)
 ATTN_DEC_NC(1)
 ATTN_DEC_NC(2)
 ATTN_DEC_NC(4)

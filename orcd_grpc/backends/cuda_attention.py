@@ -224,7 +224,9 @@ class AttentionMixin:
         if T == 0:
             return out
         group = Hq // Hkv
+        # attn_dec_*_n1/_n2 (Dv <= 128) hold Dk <= 64 * ceil(Dv / 64) key dims in their staged tiles
         if (ctx.max_q == 1 and Dk % 8 == 0 and Dk <= 256 and Dv <= 256 and group <= 8
+                and (Dv > 128 or Dk <= 64 * -(-Dv // 64))
                 and (group <= self.tuning.attn_dec_max_group or ctx.B * Hkv >= self.tuning.attn_dec_min_heads)):
             return self._decode_attention(q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks,
                                           softcap)
@@ -288,9 +290,8 @@ class AttentionMixin:
     def _decode_attention(self, q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks, softcap):
         """A step of decode tokens only: attn_dec_g<GM>_n<NC>, one 4-warp CTA per (key slice, sequence,
         kv head). As with attn_dN, the split count depends only on the batch shape (graph-safe)."""
-        gm, nc = next(g for g in (1, 2, 4, 8) if g >= group), -(-Dv // 64)
-        staged = self.tuning.attn_dec_stage and nc <= 2 and Dk <= 64 * nc
-        kern = self._k("attention_decode", f"attn_dec_g{gm}_n{nc}" + ("_q8" if kv.q8 else "") + ("_s" if staged else ""),
+        gm = next(g for g in (1, 2, 4, 8) if g >= group)
+        kern = self._k("attention_decode", f"attn_dec_g{gm}_n{-(-Dv // 64)}" + ("_q8" if kv.q8 else ""),
                        "PPPPPPPPPPiiiiiifiPfiPP" if kv.q8 else "PPPPPPPPiiiiiifiPfiPP")
         splits = _key_splits(dec_target_ctas(self.limits), ctx.B * Hkv, self.tuning.attn_splits)
         part = self._out((ctx.T * Hq, splits, Dv + 2)) if splits > 1 else None

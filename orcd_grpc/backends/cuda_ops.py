@@ -34,7 +34,7 @@ class OpsMixin:
             raise InvalidArgument(f"linear: input has {x.shape[-1]} features, weight "
                                   f"{getattr(w, '_orcd_name', '?')} expects {w.k}", field="x")
         y = self._out((T, w.n))
-        if self._blas is not None and T >= self.tuning.gemm_blas_min and w.n_experts is None:
+        if self._blas is not None and 0 < self.tuning.gemm_blas_min <= T and w.n_experts is None:
             from . import cuda_blas
 
             if cuda_blas.matmul(self, x, w, y, T, bias):

@@ -49,8 +49,8 @@ def _linear(be, x, w, bias=None):
     xd = be.from_host(x)
     bd = be.from_host(bias) if bias is not None else None
     y = be.linear(xd, w, bd)
-    out = be.to_host(y)
-    return out, "cublasGemmEx" in be._recent
+    used = "cublasGemmEx" in be._recent  # read before to_host: its synchronize clears the list
+    return be.to_host(y), used
 
 
 def _rel(out, ref):

@@ -331,10 +331,6 @@ ATTN_MODES = {"default": {}, "one-slice": {"attn_splits": 1},
               # attn_dec for every group size it supports (by default only MHA models get it)
               "dec-gqa": {"attn_dec_max_group": 8}, "dec-gqa-one-slice": {"attn_dec_max_group": 8, "attn_splits": 1},
               "dec-by-batch": {"attn_dec_min_heads": 2},
-              # attn_dec_*_s: K tiles staged through shared memory (ORCD_ATTN_DEC_STAGE=1)
-              "dec-staged": {"attn_dec_max_group": 8, "attn_dec_stage": True},
-              "dec-staged-one-slice": {"attn_dec_max_group": 8, "attn_dec_stage": True, "attn_splits": 1},
-              "dec-staged-four-slices": {"attn_dec_max_group": 8, "attn_dec_stage": True, "attn_splits": 4},
               # attn_combine merges the slices (ORCD_ATTN_MERGE=0) instead of the last key-slice CTA
               "combine-launch": {"attn_merge": False},
               "dec-gqa-combine-launch": {"attn_dec_max_group": 8, "attn_merge": False},
