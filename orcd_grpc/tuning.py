@@ -127,9 +127,10 @@ class Tuning:
         4, "ORCD_GEMM_MIN_KSTEPS", "fewest 64-wide k-steps per GEMM split-K block (1: mixed, q8_0 faster and q4_k "
         "slower at B=64)")
     gemm_blas_min: int = _switch(
-        256, "ORCD_GEMM_BLAS_MIN", "dense matmuls of at least this many tokens decode the weight to f16 and "
-        "multiply on cuBLAS (cuda_blas.py) instead of the fused GEMM (H100 pp512 phi3-mini 8,359 -> 24,221 tok/s, "
-        "qwen2.5 44,216 -> 60,880); 0 never (also where no libcublas is found)")
+        64, "ORCD_GEMM_BLAS_MIN", "dense matmuls of at least this many tokens (quantized or F16 weights) decode "
+        "the weight to f16 and multiply on cuBLAS (cuda_blas.py) instead of the fused GEMM: 1.3-2.6x at 64 "
+        "tokens, 2.6-4.4x at 256 on every anchor shape (H100, bench/bench_blas.py), pp512 phi3-mini 8,359 -> "
+        "24,221 tok/s, qwen2.5 B=64 decode step 4,390 -> 2,767 us; 0 never (also where no libcublas is found)")
     gemm_pipe: int = _switch(
         64, "ORCD_GEMM_PIPE", "GEMM tiles up to this BM take the unrolled k-step (0: rolled everywhere; only the "
         "grouped MoE GEMM has BM 128 tiles; pp512 phi3-mini 6,301 at 64 against 5,308 at 128)",

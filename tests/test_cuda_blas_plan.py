@@ -38,7 +38,7 @@ def test_no_library_means_no_blas(monkeypatch, tmp_path):
 
 def test_switch_parses():
     assert Tuning.from_env({"ORCD_GEMM_BLAS_MIN": "0"}).gemm_blas_min == 0
-    assert Tuning().gemm_blas_min == 256
+    assert Tuning().gemm_blas_min == 64
     with pytest.raises(ValueError, match="ORCD_GEMM_BLAS_MIN"):
         Tuning.from_env({"ORCD_GEMM_BLAS_MIN": "many"})
 
@@ -91,10 +91,11 @@ class _Backend(OpsMixin):
         self.quant_calls.append(what)
 
 
-def _weight(n, k, experts=None):
+def _weight(n, k, experts=None, qtype=None):
     from gguf import GGMLQuantizationType as Q
 
-    return types.SimpleNamespace(n=n, k=k, qtype=Q.Q4_K, ptr=1 << 30, row_bytes=k // 256 * 144, n_experts=experts)
+    return types.SimpleNamespace(n=n, k=k, qtype=Q.Q4_K if qtype is None else qtype, ptr=1 << 30, row_bytes=k // 256 * 144,
+                                 n_experts=experts)
 
 
 def test_linear_routes_by_token_count():
@@ -136,3 +137,13 @@ def test_no_room_for_the_operands_falls_back():
     be = _Backend(64, room=97 * 1000 * 4)  # y fits, the f16 operands do not
     be.linear(_T(4096, (97, 512)), _weight(1000, 512))
     assert be.quant_calls == ["matmul"] and not be._blas.gemms and not be.launches
+
+
+def test_f32_and_bf16_weights_keep_the_fused_kernels():
+    """cuBLAS would multiply them rounded to f16 (F32 loses mantissa, BF16 range); F16 takes it."""
+    from gguf import GGMLQuantizationType as Q
+
+    for qt, blas in ((Q.F32, False), (Q.BF16, False), (Q.F16, True), (Q.Q8_0, True)):
+        be = _Backend(64)
+        be.linear(_T(4096, (512, 1024)), _weight(1000, 1024, qtype=qt))
+        assert bool(be._blas.gemms) == blas, qt.name

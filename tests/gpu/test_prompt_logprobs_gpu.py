@@ -23,6 +23,7 @@ from .test_cuda_models import write_tiny_llama
 pytestmark = pytest.mark.gpu
 
 ATOL = 2e-4
+BLAS_ATOL = 3e-3  # where a step may take the cuBLAS path (test_engine_scores_on_cuda)
 
 
 def _logsoftmax(x):
@@ -120,6 +121,7 @@ def test_engine_scores_on_cuda(tmp_path, budget):
     results = {}
     for kind in ("cuda", "numpy"):
         eng = load_engine(path, backend=kind, max_sequences=4, max_context=256)
+        blas = getattr(eng.backend, "_blas", None) is not None
         try:
             got, tokens = _scores(eng, prompts, tops, budget)
             refs = [_teacher_forced(eng, p) for p in prompts]
@@ -129,10 +131,15 @@ def test_engine_scores_on_cuda(tmp_path, budget):
             eng.release(unscored)
         finally:
             eng.close()
+        # The same engine scoring one prompt alone (46 tokens) and beside the other in one step:
+        # on CUDA a step of ORCD_GEMM_BLAS_MIN (64) tokens or more multiplies on cuBLAS with the
+        # weights rounded to f16 (Q8_0's d * q to 11 bits), one of fewer on the fused GEMM with
+        # them whole, so the two may differ by that rounding (1.1e-3 at most, H100, 2026-12-06).
+        atol = BLAS_ATOL if blas else ATOL
         for (lp, tid, tlp), ref, p, k in zip(got, refs, prompts, tops):
-            np.testing.assert_allclose(lp, ref[np.arange(len(p) - 1), p[1:]], atol=ATOL, rtol=0)
+            np.testing.assert_allclose(lp, ref[np.arange(len(p) - 1), p[1:]], atol=atol, rtol=0)
             assert tid.shape == (len(p) - 1, k)
-            np.testing.assert_allclose(tlp, -np.sort(-ref[:-1], axis=1)[:, :k], atol=ATOL, rtol=0)
+            np.testing.assert_allclose(tlp, -np.sort(-ref[:-1], axis=1)[:, :k], atol=atol, rtol=0)
         results[kind] = got
     for (a, _, _), (b, _, _) in zip(results["cuda"], results["numpy"]):
         np.testing.assert_allclose(a, b, atol=2e-2, rtol=0)
