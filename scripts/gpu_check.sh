@@ -45,7 +45,8 @@
 #   HOST_BENCH=1    the serving host without a GPU: bench/host_ceiling.py (8 client processes, 64 and
 #                   256 clients) and bench/stream_rate.py (sync against grpc.aio, 8 client processes); $OUT/host.txt
 #   SKIP_TESTS=1    no GPU tests;  WHEELS=DIR  the wheels to install (default .whl)
-#   The carried archives, wheels and kernel cache are set up by scripts/device_env.sh.
+#   The carried archives, wheels and kernel cache are made by scripts/prepare_carry.sh (here) and
+#   unpacked there by scripts/device_env.sh.
 #   Real models (SmolLM2, Gemma 3) are used when $ORCD_MODEL_DIR holds them (no network there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
