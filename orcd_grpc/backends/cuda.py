@@ -88,6 +88,9 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         from .cuda_runtime import device_arch, precompile
 
         precompile(device_arch(), tuning)
+        # pdl_enter()'s griddepcontrol exists from sm_90 on; below it a kernel would not wait on a
+        # programmatic edge, so captured graphs keep full edges there.
+        self._pdl = tuning.pdl and int(device_arch()[3:]) >= 90
         self._kernels: dict[str, _Kernel] = {}
         self._owned: "weakref.WeakSet[DeviceBuffer]" = weakref.WeakSet()
         self._weights: list = []

@@ -104,7 +104,7 @@ class StepMixin:
                 return record(ctx)
             box = []
             try:
-                ours = self._our_kernels().__contains__ if self.tuning.pdl else None
+                ours = self._our_kernels().__contains__ if self._pdl else None
                 with _capture_lock:
                     graph = CudaGraph(self.stream, lambda: box.append(record(ctx)), programmatic=ours)
             except OrcdError:
