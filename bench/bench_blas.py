@@ -2,10 +2,10 @@
 """The fused tensor-core GEMM against the cuBLAS path (cuda_blas.py) for the dense matmuls of the
 anchor models, per token count: where ORCD_GEMM_BLAS_MIN should sit.
 
-usage: python3 bench/bench_blas.py [--ts 32,64,128,256,512] [--only SUBSTR] [--reps 20]
+usage: python3 bench/bench_blas.py [--ts 8,16,32,64,128,256] [--only SUBSTR] [--reps 20]
 
 Each (shape, T): CudaBackend.linear on one weight, captured into a CUDA graph with the switch
-at 0 (the fused GEMM) and at 1 (cuBLAS: activation scan and f16 rounding, the weight decoded to f16
+at 0 (the fused kernels: the GEMV up to 8 tokens, the tensor-core GEMM above) and at 1 (cuBLAS: activation scan and f16 rounding, the weight decoded to f16
 panel by panel, cublasGemmEx), median of event-timed replays. The cuBLAS time includes decoding the
 weight, as every call pays it. Prints us per call and TFLOP/s of each, and their ratio.
 """
@@ -27,7 +27,7 @@ from bench_kernels import SHAPES, median_ms  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ts", default="32,64,128,256,512")
+    ap.add_argument("--ts", default="8,16,32,64,128,256")
     ap.add_argument("--only", default="")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
