@@ -1,5 +1,5 @@
 // The operands of the cuBLAS path for large dense matmuls (orcd_grpc/backends/cuda_blas.py):
-//   absmax_rows      the largest |x| of a [T, k] float32 activation matrix, as float bits in *gmax
+//   absmax_rows      the largest finite |x| of a [T, k] float32 activation matrix, as float bits in *gmax
 //                    (non-negative floats order like unsigned ints, so atomicMax orders them; the
 //                    caller zeroes *gmax first). One block per row.
 //   to_half_scaled   x * s rounded to f16, s the power of two that brings *gmax into [2^14, 2^15)
@@ -15,12 +15,16 @@
 
 using namespace oq;
 
+// |v|, or 0 for Inf and NaN: a row that overflowed sets no scale for the rest of the matrix (fmaxf
+// already skips NaN; an Inf would leave s = 1, and finite rows past f16's range would overflow).
+__device__ __forceinline__ float finite_abs(float v) { return fabsf(v) <= 3.402823466e38f ? fabsf(v) : 0.f; }
+
 extern "C" __global__ void absmax_rows(const float* __restrict__ x, int k, unsigned* __restrict__ gmax) { pdl_enter();
     const float4* xr = reinterpret_cast<const float4*>(x + (long long)blockIdx.x * k);
     float mx = 0.f;
     for (int c = threadIdx.x; c < k / 4; c += blockDim.x) {
         const float4 v = __ldg(xr + c);
-        mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+        mx = fmaxf(mx, fmaxf(fmaxf(finite_abs(v.x), finite_abs(v.y)), fmaxf(finite_abs(v.z), finite_abs(v.w))));
     }
     mx = warp_max(mx);
     __shared__ float part[32];

@@ -115,26 +115,30 @@ def test_panels_cover_every_row(be, blas_from, monkeypatch, qtype):
     assert _rel(y, ref) <= TOL_GEMM
 
 
-@pytest.mark.parametrize("top", [1e-2, 1e4, 1e30])
+@pytest.mark.parametrize("top", [1e-2, 1e4, 1e30, np.inf])
 def test_row_magnitudes(be, blas_from, top):
     """Rows from 1e-2 to 1e4 in one matrix each meet the bound (the matrix's one scale keeps them all
-    in f16's normal range); a matrix whose largest row is 1e30 does not overflow, and that row is right."""
+    in f16's normal range); a matrix whose largest row is 1e30 does not overflow, and that row is right;
+    a row holding an Inf (one sequence's overflow) sets no scale: the rows beside it stay right."""
     blas_from(64)
     rng = np.random.default_rng()
     n, k = 700, 1024
     raw, wf = random_weight(rng, Q.Q6_K, n, k)
     w = be.load_weight("w", raw, Q.Q6_K, (n, k))
     T = 128
-    mags = np.geomspace(1e-2, 1e4, T) if top != 1e30 else np.ones(T)
+    mags = np.geomspace(1e-2, 1e4, T) if top < 1e30 else np.ones(T)
     if top == 1e30:
         mags[7] = 1e30
     elif top == 1e-2:
         mags = mags * 1e-4  # the whole matrix tiny: 1e-6 .. 1
+    mags[9] *= 3e4 if top == np.inf else 1  # beside the Inf: a row past f16's range unless scaled
     x = (rng.standard_normal((T, k)) * mags[:, None]).astype(np.float32)
+    if top == np.inf:
+        x[7, 5] = np.inf
     y, used = _linear(be, x, w)
     assert used
     ref = x.astype(np.float64) @ wf.astype(np.float64).T
-    rows = [7] if top == 1e30 else range(T)
+    rows = [7] if top == 1e30 else [r for r in range(T) if r != 7] if top == np.inf else range(T)
     err = np.array([np.linalg.norm(y[r] - ref[r]) / np.linalg.norm(ref[r]) for r in rows])
     assert np.isfinite(y[rows]).all()
     assert err.max() <= TOL_GEMM, f"row {list(rows)[int(err.argmax())]} rel err {err.max():.2e}"
