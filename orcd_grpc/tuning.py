@@ -131,6 +131,10 @@ class Tuning:
         "the weight to f16 and multiply on cuBLAS (cuda_blas.py) instead of the fused GEMM: 1.3-2.6x at 64 "
         "tokens, 2.6-4.4x at 256 on every anchor shape (H100, bench/bench_blas.py), pp512 phi3-mini 8,359 -> "
         "24,221 tok/s, qwen2.5 B=64 decode step 4,390 -> 2,767 us; 0 never (also where no libcublas is found)")
+    gemm_f16_weights: bool = _switch(
+        False, "ORCD_GEMM_F16_WEIGHTS", "each dense weight the cuBLAS path may take is also kept decoded to f16 "
+        "at load (2 bytes a weight more VRAM), so its matmuls read that instead of decoding the weight on every "
+        "call (a decode step of 64+ sequences decodes every weight again); not yet measured")
     gemm_pipe: int = _switch(
         64, "ORCD_GEMM_PIPE", "GEMM tiles up to this BM take the unrolled k-step (0: rolled everywhere; only the "
         "grouped MoE GEMM has BM 128 tiles; pp512 phi3-mini 6,301 at 64 against 5,308 at 128)",

@@ -147,3 +147,38 @@ def test_f32_and_bf16_weights_keep_the_fused_kernels():
         be = _Backend(64)
         be.linear(_T(4096, (512, 1024)), _weight(1000, 1024, qtype=qt))
         assert bool(be._blas.gemms) == blas, qt.name
+
+
+def test_a_resident_f16_weight_is_read_without_decoding():
+    """ORCD_GEMM_F16_WEIGHTS: a weight decoded to f16 at load is multiplied in one GEMM straight
+    from that copy, with no dequant_h launch and no f16 panel taken from the workspace."""
+    be = _Backend(64)
+    w = _weight(1000, 1024)
+    w.f16_ptr = 5 << 30
+    top = be._top
+    y = be.linear(_T(4096, (97, 1024)), w)
+    names = [l[0] for l in be.launches]
+    assert names == ["memset", "absmax_rows", "to_half_scaled"]
+    (m, T, k, wh, xh, yp, ldy), = be._blas.gemms
+    assert (m, T, k, wh, yp, ldy) == (1000, 97, 1024, 5 << 30, y.ptr, 1000)
+    assert be._top - top == 4 * 97 * 1000 + 97 * 1024 * 2  # y and the f16 activations only
+
+
+def test_f16_copies_are_counted_in_the_weight_bytes():
+    """The VRAM a weight holds (the load plan's figure and the budget's reservation) includes its
+    f16 copy exactly where load_weight makes one: 2-D weights cuBLAS may take, with the switch on."""
+    from gguf import GGMLQuantizationType as Q
+
+    from orcd_grpc.backends.cuda import ALIGN, CudaBackend
+
+    def nbytes(on, qtype, shape, raw):
+        be = types.SimpleNamespace(_f16_weights=on)
+        be._keeps_f16 = lambda q, s: CudaBackend._keeps_f16(be, q, s)
+        return CudaBackend.weight_nbytes(be, qtype, shape, raw)
+
+    raw = 1000 * 1024 // 256 * 144
+    base = nbytes(False, Q.Q4_K, (1000, 1024), raw)
+    assert base == -(-(raw + 16) // ALIGN) * ALIGN
+    assert nbytes(True, Q.Q4_K, (1000, 1024), raw) == base + 1000 * 1024 * 2
+    assert nbytes(True, Q.F32, (1000, 1024), 4 * 1000 * 1024) == nbytes(False, Q.F32, (1000, 1024), 4 * 1000 * 1024)
+    assert nbytes(True, Q.Q4_K, (8, 1000, 1024), 8 * raw) == nbytes(False, Q.Q4_K, (8, 1000, 1024), 8 * raw)

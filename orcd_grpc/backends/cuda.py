@@ -120,6 +120,7 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         self.ws = Workspace(self._persistent(self.workspace_bytes, "step workspace"))
         self._ensure_meta(4096, 256, 256 * 64)
         self._blas = self._open_blas()
+        self._f16_weights = tuning.gemm_f16_weights and self._blas is not None
         self._attr_set: set[str] = set()
         self._graphs: dict = {}   # key -> (CudaGraph, output tensor, workspace top after the step)
         self._graph_warm: set = set()
@@ -233,15 +234,18 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
     def weight_nbytes(self, qtype, shape, raw_nbytes, name: str = ""):
         if len(shape) == 1 or name.endswith(".bias"):
             return max(ALIGN, -(-int(np.prod(shape)) * 4 // ALIGN) * ALIGN)
-        try:
-            from . import cuda_quant
+        held = -(-(int(raw_nbytes) + 16) // ALIGN) * ALIGN  # QuantWeight pads 16 bytes
+        if self._keeps_f16(qtype, shape):
+            from .cuda_blas import f16_nbytes
 
-            fn = getattr(cuda_quant, "weight_nbytes", None)
-            if fn is not None:
-                return int(fn(qtype, shape, raw_nbytes))
-        except ImportError:
-            pass
-        return -(-(int(raw_nbytes) + 16) // ALIGN) * ALIGN  # QuantWeight pads 16 bytes
+            held += -(-f16_nbytes(int(shape[0]), int(shape[1])) // ALIGN) * ALIGN
+        return held
+
+    def _keeps_f16(self, qtype, shape) -> bool:
+        """Whether a weight also gets an f16 copy (ORCD_GEMM_F16_WEIGHTS): a 2-D one cuBLAS may take."""
+        from .cuda_ops import _EXACT_ONLY
+
+        return bool(getattr(self, "_f16_weights", False)) and len(shape) == 2 and int(qtype) not in _EXACT_ONLY
 
     @_serialised
     def load_weight(self, name, raw, qtype, shape):
@@ -260,6 +264,14 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         try:
             if len(shape) == 2:
                 w = QuantWeight(raw, qtype, shape[0], shape[1])
+                if self._keeps_f16(qtype, shape):
+                    from .cuda_blas import keep_f16
+
+                    try:
+                        keep_f16(self, w)
+                    except BaseException:
+                        w.free()
+                        raise
             elif len(shape) == 3:
                 w = QuantWeight(raw, qtype, shape[1], shape[2], n_experts=shape[0])
             else:

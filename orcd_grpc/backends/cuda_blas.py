@@ -165,10 +165,11 @@ def matmul(be, x, w, y, T: int, bias=None) -> bool:
 
     blas = be._blas
     k, n = w.k, w.n
-    rows = panel_rows(n, k)
+    resident = getattr(w, "f16_ptr", 0)
+    rows = n if resident else panel_rows(n, k)
     try:
         xh = be._out((T * k // 2,))
-        wh = be._out((rows * k // 2,))
+        wh = None if resident else be._out((rows * k // 2,))
     except ResourceExhausted:
         return False
     drv = be._drv
@@ -181,8 +182,11 @@ def matmul(be, x, w, y, T: int, bias=None) -> bool:
     deq = be._k("dequant", f"dequant_h_{_NAME[w.qtype]}", "PPi")
     for r0 in range(0, n, rows):
         m = min(rows, n - r0)
-        be._launch(deq, (-(-(k // 8) // 256), m, 1), (256, 1, 1), w.ptr + r0 * w.row_bytes, wh.ptr, np.int32(k))
-        blas.gemm_wt(m, T, k, wh.ptr, xh.ptr, y.ptr + 4 * r0, n)
+        if resident:
+            blas.gemm_wt(m, T, k, resident, xh.ptr, y.ptr, n)
+        else:
+            be._launch(deq, (-(-(k // 8) // 256), m, 1), (256, 1, 1), w.ptr + r0 * w.row_bytes, wh.ptr, np.int32(k))
+            blas.gemm_wt(m, T, k, wh.ptr, xh.ptr, y.ptr + 4 * r0, n)
         be._recent.append("cublasGemmEx")
         if be._sync_each:
             be.synchronize("cublasGemmEx")
@@ -192,3 +196,26 @@ def matmul(be, x, w, y, T: int, bias=None) -> bool:
                    (256, 1, 1), y.ptr, bias.ptr, np.int64(total), np.int32(n))
     del xh, wh  # back to the workspace only now that every launch reading them is queued
     return True
+
+
+def f16_nbytes(n: int, k: int) -> int:
+    """Device bytes of a weight's f16 copy (keep_f16)."""
+    return n * k * 2
+
+
+def keep_f16(be, w) -> None:
+    """Decodes weight w to f16 once, into memory of its own (w.f16_ptr), so matmul reads that instead
+    of decoding the weight on every call; the caller has reserved f16_nbytes in the VRAM budget."""
+    import pycuda.driver as drv
+
+    from .cuda_quant import _NAME
+
+    n, k = w.n, w.k
+    buf = drv.mem_alloc(f16_nbytes(n, k))
+    deq = be._k("dequant", f"dequant_h_{_NAME[w.qtype]}", "PPi")
+    for r0 in range(0, n, _MAX_ROWS):
+        m = min(_MAX_ROWS, n - r0)
+        be._launch(deq, (-(-(k // 8) // 256), m, 1), (256, 1, 1), w.ptr + r0 * w.row_bytes,
+                   int(buf) + 2 * r0 * k, np.int32(k))
+    be.synchronize("dequant_h")
+    w._f16, w.f16_ptr = buf, int(buf)

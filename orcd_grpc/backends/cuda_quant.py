@@ -78,12 +78,17 @@ class QuantWeight:
         drv.memcpy_htod(self._mem, buf)
         drv.memset_d8(int(self._mem) + want, 0, _PAD)
         self.ptr = int(self._mem)
+        self._f16 = None  # cuda_blas.keep_f16: the weight decoded to f16 [n, k] (ORCD_GEMM_F16_WEIGHTS)
+        self.f16_ptr = 0
 
     def free(self) -> None:
         if self._mem is not None:
             self._mem.free()
             self._mem = None
             self.ptr = 0
+        if self._f16 is not None:
+            self._f16.free()
+            self._f16, self.f16_ptr = None, 0
 
 
 class _Kernels:

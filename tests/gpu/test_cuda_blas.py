@@ -184,3 +184,30 @@ def test_no_room_for_cublas_workspace_keeps_the_backend():
     finally:
         b.close()
     assert b.budget.used == 0
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q6_K])
+def test_resident_f16_weight_matches_float64(blas_from, qtype):
+    """ORCD_GEMM_F16_WEIGHTS: the weight is decoded to f16 once at load, its budget reservation covers
+    the copy, the product reads it (no dequant_h per call) and meets the same bound; closing the
+    backend gives all of it back."""
+    from orcd_grpc.backends.cuda import CudaBackend
+    from orcd_grpc.tuning import Tuning
+
+    b = CudaBackend(workspace_bytes=256 << 20, tuning=Tuning(gemm_blas_min=64, gemm_f16_weights=True))
+    try:
+        assert b._f16_weights
+        rng = np.random.default_rng()
+        n, k = 1000, 2048
+        raw, wf = random_weight(rng, qtype, n, k)
+        before = b.budget.available
+        w = b.load_weight("w", raw, qtype, (n, k))
+        assert w.f16_ptr and before - b.budget.available >= n * k * 2 + raw.nbytes
+        x = rng.standard_normal((96, k), dtype=np.float32)
+        b.synchronize()
+        yd = b.linear(b.from_host(x), w)
+        names = list(b._recent)  # before to_host's synchronize clears the list
+        assert "cublasGemmEx" in names and not any(name.startswith("dequant_h") for name in names), names
+        assert _rel(b.to_host(yd), x.astype(np.float64) @ wf.astype(np.float64).T) <= TOL_GEMM
+    finally:
+        b.close()
