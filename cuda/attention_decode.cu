@@ -34,9 +34,9 @@ __device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict
     if (threadIdx.x == 0) *counter = 0;
 }
 
-// ST (NC <= 2; the host routes Dk > 64 NC elsewhere): a warp copies its 32-key K tile into shared memory first, in
-// 16-byte cp.async copies of whole rows (a row's bytes are contiguous, so a warp's copy touches
-// each cache line once), and lane j then scores key j from there. Read straight from global
+// ST (NC <= 2; the host routes Dk > 64 NC elsewhere): a warp copies its 32-key K tile into shared
+// memory first, in 16-byte cp.async copies of whole rows (a row's bytes are contiguous, so a warp's
+// copy touches each cache line once), and lane j then scores key j from there. Read straight from global
 // memory, each of a lane's 16-byte loads lands on its own row: 32 lines per load instruction.
 // The next tile's copy is issued as soon as the scores are read, so it lands while the warp
 // works through this tile's softmax and V rows. Rows are padded by 16 bytes: lanes 8 apart then
