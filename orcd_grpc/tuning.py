@@ -38,6 +38,10 @@ class Tuning:
         "(each kernel is scheduled while the one before it runs and waits on the device in pdl_enter; "
         "H100 graph replay qwen2.5 B=1 1,076 -> 1,017 us, phi3-mini 2,576 -> 2,516)",
         level="backend")
+    verify_graphs: bool = _switch(
+        False, "ORCD_VERIFY_GRAPHS", "speculative verify steps of up to 8 sequences with the same number of "
+        "drafts replay a CUDA graph per (batch bucket, tokens per row), as decode steps do, instead of "
+        "launching every kernel from Python; not yet measured", level="engine")
     lookahead: bool = _switch(
         True, "ORCD_LOOKAHEAD", "a decode step of an unchanged batch is queued before the host has read the "
         "previous step's tokens (fed on the device); B=1 tg 732 against 677 tok/s without", level="engine")

@@ -345,11 +345,16 @@ def test_server_refuses_bad_speculation_naming_the_field(spec_server):
         assert err.value.details().startswith(field + ":"), err.value.details()
 
 
-def test_cuda_runner_runs_verify_rows_eagerly_and_never_feeds_them(tmp_path, monkeypatch):
+@pytest.mark.parametrize("verify_graphs", [False, True])
+def test_cuda_runner_runs_verify_rows_and_never_feeds_them(tmp_path, monkeypatch, verify_graphs):
     """The CUDA runner's host side (test_cuda_runner's stand-in backend, lookahead on, greedy
     device sampling): through the overlap loop, speculating sequences give the tokens of plain
-    (fed) decoding; every verify step took the eager path (no graph bucket) and no step was ever
-    fed to a batch with a speculating sequence."""
+    (fed) decoding; no verify step took a decode bucket and no step was ever fed to a batch with a
+    speculating sequence. ORCD_VERIFY_GRAPHS: verify steps whose rows all have the same number of
+    tokens went through graph_step padded to a batch bucket (the stand-in runs the padded step), the
+    rest eagerly; off, none did."""
+    import dataclasses
+
     from test_cuda_runner import _queued_device_backend, write_tiny_llama
 
     from orcd_grpc.loader import load_engine
@@ -358,7 +363,7 @@ def test_cuda_runner_runs_verify_rows_eagerly_and_never_feeds_them(tmp_path, mon
     path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
     rng = np.random.default_rng()
     block = rng.integers(3, 320, 10).tolist()
-    prompts = [[1] + block + block[:4], [1] + rng.integers(3, 320, 7).tolist() * 2]
+    prompts = [[1] + block + block[:4], [1] + rng.integers(3, 320, 7).tolist() * 2, [2] + block[::-1] + block[:3]]
     outs = {}
     for spec in (speculation.OFF, speculation.Speculation(num_draft_tokens=3)):
         base = type(_queued_device_backend())
@@ -378,6 +383,11 @@ def test_cuda_runner_runs_verify_rows_eagerly_and_never_feeds_them(tmp_path, mon
                 return [(t + 1) % 320 if i == 2 else t for i, t in enumerate(d)]
             monkeypatch.setattr(speculation, "propose_ngram", oracle)
         be = Greedy()
+        be.tuning = dataclasses.replace(be.tuning, verify_graphs=verify_graphs)
+        keys = []
+        graph_step = be.graph_step
+        be.graph_step = lambda key, meta, *a, **kw: (keys.append((key, meta.num_seqs)), graph_step(key, meta, *a,
+                                                                                                   **kw))[1]
         eng = load_engine(path, backend=be, max_sequences=4, max_context=128)
         plans = []
         launch = eng.runner.launch
@@ -394,8 +404,17 @@ def test_cuda_runner_runs_verify_rows_eagerly_and_never_feeds_them(tmp_path, mon
                 assert be.fed > 0 and not verify  # the fed path really ran without speculation
             else:
                 assert verify and be.fed == 0 and all(p.after is None for p, _ in plans)
-                assert all(b == 0 for _, b in verify)  # never a graph step
+                assert all(b == 0 for _, b in verify)  # never a decode bucket
                 assert sum(s.accepted_drafts for s in seqs) > 0
+                uniform = [p for p, _ in verify if len({r.n for r in p.rows}) == 1]
+                vkeys = [k for k in keys if k[0][0] == "verify"]
+                if verify_graphs:
+                    assert uniform and len(vkeys) == len(uniform)
+                    assert all(nb == key[1] >= len(p.rows) and key[2] == p.rows[0].n
+                               for (key, nb), p in zip(vkeys, uniform))
+                    assert any(nb > len(p.rows) for (_, nb), p in zip(vkeys, uniform))  # padding rows ran
+                else:
+                    assert not vkeys
             for s in seqs:
                 eng.release(s)
             assert eng.free_blocks() == eng.total_blocks()

@@ -59,6 +59,9 @@ def _samples(res, rows: list[PlanRow]) -> dict[int, TokenSample]:
     return out
 
 
+VERIFY_MAX_BATCH = 8  # speculation is for latency: verify steps of more sequences stay eager
+
+
 class _Unsampled:
     """A queued step's forward whose sampling is not queued yet (Launched.pending until
     _sample_queued queues it): a step with masked rows waits for their masks."""
@@ -76,6 +79,7 @@ class CudaRunner(Runner):
         # Queuing a step behind the one in flight needs that step on a captured graph (an eager
         # one would keep the host busy launching).
         self.lookahead = bool(self.buckets) and tuning.lookahead
+        self.verify_buckets = [b for b in self.buckets if b <= VERIFY_MAX_BATCH] if tuning.verify_graphs else []
         self._cols = np.arange(model.table_width)
         ws = int(backend.workspace_bytes)
         self.capabilities = Capabilities(
@@ -102,8 +106,15 @@ class CudaRunner(Runner):
         self._copy_blocks(plan)  # on the stream, ahead of the step's kernels
         if self._queueable(plan, bucket):
             return self._queue(plan, bucket, feed=None)
+        verify = None if bucket else self._verify_key(plan)
         if bucket:
             logits = self.backend.graph_step(("decode", bucket), self._padded_meta(plan, bucket), self.model.forward)
+        elif verify:
+            nb, n = verify
+            logits = self.backend.graph_step(("verify", nb, n), self._padded_verify_meta(plan, nb, n),
+                                             self.model.forward)
+            if logits.shape[0] != len(plan.rows) * n:  # padding rows come last
+                logits = logits.row_slice(0, len(plan.rows) * n)
         else:
             logits = forward_plan(self.backend, self.model, plan)
         return Launched(plan, result=self._sample(plan, logits))
@@ -126,6 +137,19 @@ class CudaRunner(Runner):
         if any(r.n != 1 or r.logits or not r.sample or r.start < len(r.prompt_ids) for r in rows):
             return 0
         return next(b for b in self.buckets if b >= len(rows))
+
+    def _verify_key(self, plan: StepPlan) -> tuple[int, int] | None:
+        """(batch bucket, tokens per row) of a speculative verify step that can replay a graph: every
+        row a verify row (its last token and drafts, every position's logits back) with the same
+        number of tokens, at most a block (padding rows keep theirs in the one spare block)."""
+        rows = plan.rows
+        if not self.verify_buckets or len(rows) > self.verify_buckets[-1]:
+            return None
+        n = rows[0].n
+        if n > plan.block_size or any(not r.drafts or r.n != n or r.logits != n or r.scored or r.bias is not None
+                                      or r.mask is not None for r in rows):
+            return None
+        return next(b for b in self.verify_buckets if b >= len(rows)), n
 
     def _queueable(self, plan: StepPlan, bucket: int) -> bool:
         """A pure decode step on a captured graph, sampled on the device without penalties (which
@@ -192,6 +216,27 @@ class CudaRunner(Runner):
         ar = np.arange(nb + 1, dtype=np.int32)
         return StepMeta(token_ids=ids, positions=pos, q_starts=ar, ctx_lens=pos + 1, slot_mapping=slots,
                         block_tables=tables, block_size=bs, logits_rows=ar[:nb])
+
+    def _padded_verify_meta(self, plan: StepPlan, nb: int, n: int) -> StepMeta:
+        """A verify step padded to nb rows of n tokens each (_padded_meta's shapes, n tokens a row):
+        a padding row's tokens sit at positions 0..n-1 of the spare block and attend to those alone."""
+        bs, m = plan.block_size, self.model
+        rows = plan.rows
+        tables = np.full((nb, m.table_width), -1, np.int32)
+        tables[len(rows):, 0] = m.pad_block
+        pos = np.tile(np.arange(n, dtype=np.int32), nb)
+        slots = (m.pad_block * bs + pos).astype(np.int32)
+        ids = np.zeros(nb * n, np.int32)
+        for b, r in enumerate(rows):
+            bt = np.asarray(r.block_table, np.int32)
+            tables[b, : len(bt)] = bt
+            p = np.arange(r.start, r.start + n, dtype=np.int32)
+            pos[b * n:(b + 1) * n] = p
+            slots[b * n:(b + 1) * n] = bt[p // bs] * bs + p % bs
+            ids[b * n:(b + 1) * n] = r.tokens
+        return StepMeta(token_ids=ids, positions=pos, q_starts=np.arange(nb + 1, dtype=np.int32) * n,
+                        ctx_lens=pos[n - 1::n] + 1, slot_mapping=slots, block_tables=tables, block_size=bs,
+                        logits_rows=np.arange(nb * n, dtype=np.int32))
 
     # ---- sampling --------------------------------------------------------------------------
     def _state(self, s: RowSampling) -> _RowState:

@@ -36,9 +36,12 @@ def _greedy(eng, prompt, spec, n):
         eng.release(s)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-def test_greedy_with_speculation_is_greedy_without(tmp_path, monkeypatch, qtype):
+@pytest.mark.parametrize("qtype,verify_graphs", [("Q8_0", "0"), ("Q4_0", "0"), ("Q8_0", "1")])
+def test_greedy_with_speculation_is_greedy_without(tmp_path, monkeypatch, qtype, verify_graphs):
+    """verify_graphs "1" (ORCD_VERIFY_GRAPHS): the verify steps replay a captured graph."""
     from orcd_grpc.loader import load_engine
+
+    monkeypatch.setenv("ORCD_VERIFY_GRAPHS", verify_graphs)
 
     path = write_tiny_llama(tmp_path / f"tiny-{qtype}.gguf", qtype)
     rng = np.random.default_rng()
@@ -58,6 +61,8 @@ def test_greedy_with_speculation_is_greedy_without(tmp_path, monkeypatch, qtype)
         monkeypatch.setattr(speculation, "propose_ngram", oracle)
         got, drafted, kept = _greedy(eng, prompt, speculation.Speculation(num_draft_tokens=4), 24)
         assert drafted > kept > 0, (drafted, kept)  # drafts were kept and rejected: verify steps ran
+        captured = any(key[0] == "verify" for key in eng.backend._graphs)
+        assert captured == (verify_graphs == "1")
         for i, ((a, _), (b, top)) in enumerate(zip(got, ref)):
             if a != b:
                 gap = top[0][1] - top[1][1]
