@@ -20,8 +20,8 @@ import pytest
 from tokenizers import AddedToken, decoders, models, normalizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from orcd_grpc.tokenizer import (BYTE, CONTROL, END_OF_TURN_TEXTS, UNKNOWN, USER_DEFINED, Tokenizer,
-                                  read_gguf_metadata)
+from orcd_grpc.gguf_metadata import read_gguf_metadata
+from orcd_grpc.tokenizer import BYTE, CONTROL, END_OF_TURN_TEXTS, UNKNOWN, USER_DEFINED, Tokenizer
 
 GEMMA = pathlib.Path.home() / ".cache" / "orcd" / "models" / "gemma-3-270m.gguf"
 

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from orcd_grpc import errors
 from orcd_grpc.chat_template import render_chat
-from orcd_grpc.tokenizer import CONTROL, Tokenizer, bytes_to_unicode, read_gguf_metadata
+from orcd_grpc.gguf_metadata import read_gguf_metadata
+from orcd_grpc.tokenizer import CONTROL, Tokenizer, bytes_to_unicode
 
 VOCABS = ("gpt-2", "llama-bpe", "llama-spm", "phi-3", "qwen2")
 SEPARATOR = "\n__ggml_vocab_test__\n"
