@@ -7,7 +7,8 @@ usage: python3 bench/bench_blas.py [--ts 8,16,32,64,128,256] [--only SUBSTR] [--
 Each (shape, T): CudaBackend.linear on one weight, captured into a CUDA graph with the switch
 at 0 (the fused kernels: the GEMV up to 8 tokens, the tensor-core GEMM above) and at 1 (cuBLAS: activation scan and f16 rounding, the weight decoded to f16
 panel by panel, cublasGemmEx), median of event-timed replays. The cuBLAS time includes decoding the
-weight, as every call pays it. Prints us per call and TFLOP/s of each, and their ratio.
+weight, as every call pays it. Prints us per call and TFLOP/s of each, and their ratio; then the
+cuBLAS path on a weight already held in f16 (ORCD_GEMM_F16_WEIGHTS).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def main():
     import pycuda.driver as drv
 
     from orcd_grpc.backends.cuda import CudaBackend
+    from orcd_grpc.backends.cuda_blas import keep_f16
     from orcd_grpc.tuning import Tuning
     from test_quant_kernels import random_weight
 
@@ -45,7 +47,8 @@ def main():
         sys.exit("no libcublas found: nothing to compare")
     rng = np.random.default_rng(0)
     print(f"device: {be.device.name()}")
-    print("model           tensor        type         n x k      T   fused us  cuBLAS us  ratio  TFLOP/s f/c")
+    print("model           tensor        type         n x k      T   fused us  cuBLAS us  ratio  TFLOP/s f/c"
+          "  resident-f16 us")
     for model, name, n, k, qt in SHAPES:
         if args.only and args.only not in f"{model}/{name}/{qt.name}":
             continue
@@ -53,24 +56,27 @@ def main():
             continue
         raw, _ = random_weight(rng, qt, n, k)
         w = be.load_weight(f"{model}.{name}", raw, qt, (n, k))
+        w2 = be.load_weight(f"{model}.{name}.f16", raw, qt, (n, k))
+        keep_f16(be, w2)  # ORCD_GEMM_F16_WEIGHTS: decoded once, no decode per call
         for T in ts:
             x = be.from_host(rng.standard_normal((T, k), dtype=np.float32))
             times = []
-            for blas_min in (0, 1):
+            for blas_min, wt in ((0, w), (1, w), (1, w2)):
                 be.tuning = dataclasses.replace(be.tuning, gemm_blas_min=blas_min)
 
                 def run():
                     be.ws.reset()
-                    be.linear(x, w)
+                    be.linear(x, wt)
                     return 1
                 run()
                 be.synchronize()
                 times.append(median_ms(run, args.reps, drv, be.stream))
-            f, c = times
+            f, c, r = times
             flop = 2 * T * n * k
             print(f"{model:15s} {name:13s} {qt.name:6s} {n:7d}x{k:<5d} {T:5d} {f * 1e3:9.1f} {c * 1e3:10.1f} "
-                  f"{f / c:6.2f}x {flop / f / 1e9:6.1f}/{flop / c / 1e9:.1f}", flush=True)
+                  f"{f / c:6.2f}x {flop / f / 1e9:6.1f}/{flop / c / 1e9:.1f} {r * 1e3:15.1f}", flush=True)
         w.free()
+        w2.free()
     be.close()
 
 
