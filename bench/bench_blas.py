@@ -42,7 +42,7 @@ def main():
 
     ts = [int(t) for t in args.ts.split(",") if t]
     be = CudaBackend(workspace_bytes=(max(ts) * 16384 * 4 * 2) + (256 << 20),
-                     tuning=dataclasses.replace(Tuning.from_env(), gemm_blas_min=1))
+                     tuning=dataclasses.replace(Tuning.from_env(), gemm_blas_min=1, gemm_f16_weights=False))
     if be._blas is None:
         sys.exit("no libcublas found: nothing to compare")
     rng = np.random.default_rng(0)

@@ -232,20 +232,23 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
 
     # ---- memory ------------------------------------------------------------------------
     def weight_nbytes(self, qtype, shape, raw_nbytes, name: str = ""):
+        def aligned(n: int) -> int:
+            return -(-int(n) // ALIGN) * ALIGN
+
         if len(shape) == 1 or name.endswith(".bias"):
-            return max(ALIGN, -(-int(np.prod(shape)) * 4 // ALIGN) * ALIGN)
-        held = -(-(int(raw_nbytes) + 16) // ALIGN) * ALIGN  # QuantWeight pads 16 bytes
+            return max(ALIGN, aligned(int(np.prod(shape)) * 4))
+        held = aligned(int(raw_nbytes) + 16)  # QuantWeight pads 16 bytes
         if self._keeps_f16(qtype, shape):
             from .cuda_blas import f16_nbytes
 
-            held += -(-f16_nbytes(int(shape[0]), int(shape[1])) // ALIGN) * ALIGN
+            held += aligned(f16_nbytes(int(shape[0]), int(shape[1])))
         return held
 
     def _keeps_f16(self, qtype, shape) -> bool:
         """Whether a weight also gets an f16 copy (ORCD_GEMM_F16_WEIGHTS): a 2-D one cuBLAS may take."""
-        from .cuda_ops import _EXACT_ONLY
+        from .cuda_blas import takes
 
-        return bool(getattr(self, "_f16_weights", False)) and len(shape) == 2 and int(qtype) not in _EXACT_ONLY
+        return self._f16_weights and len(shape) == 2 and takes(qtype)
 
     @_serialised
     def load_weight(self, name, raw, qtype, shape):

@@ -6,8 +6,10 @@ Why: the hand-written tensor-core GEMM (quant_matmul.cu's gemm_*) decodes the we
 tiles and reaches a small share of the tensor cores (pp512 phi3-mini 0.49x llama.cpp's, issue 19).
 From `Tuning.gemm_blas_min` tokens on, decoding the weight to f16 once per call (2 bytes a weight
 written and read back, ~1-2 % of a 512-token prefill's time) and handing the product to cuBLAS is
-cheaper. Smaller steps (decode batches) keep the fused kernels, which read each quantized weight
-once per 64 tokens.
+cheaper, from 64 tokens on every anchor shape (bench/bench_blas.py), decode steps of that many
+sequences included. Smaller steps keep the fused kernels, which read the quantized weight directly.
+F32 and BF16 weights keep them always (`takes`): f16 would round F32's mantissa and BF16's range.
+With `Tuning.gemm_f16_weights` a weight is decoded once at load (`keep_f16`) instead of per call.
 
 Scaling: `absmax_rows` finds the matrix's largest |x|, `to_half_scaled` multiplies by the power of
 two s that brings it into [2^14, 2^15) and writes 1/s where cuBLAS reads alpha (device pointer
@@ -28,6 +30,8 @@ import sys
 
 import numpy as np
 
+from gguf import GGMLQuantizationType as Q
+
 from .. import logs
 from ..errors import Internal, ResourceExhausted
 
@@ -42,6 +46,13 @@ _COMPUTE_32F = 68
 _GEMM_DEFAULT = -1
 _POINTER_MODE_DEVICE = 1
 _LIB_NAMES = ("libcublas.so.13", "libcublas.so.12", "libcublas.so")
+_EXACT_ONLY = frozenset({Q.F32, Q.BF16})  # past 65,504 or below 6e-8 (BF16), or 24-bit mantissas (F32)
+
+
+def takes(qtype, n_experts=None) -> bool:
+    """Whether a weight may take this path: a single matrix (MoE stacks keep the grouped GEMM) of a
+    type f16 holds every decoded value of."""
+    return n_experts is None and int(qtype) not in _EXACT_ONLY
 
 
 def _candidates() -> list[str]:
@@ -161,11 +172,9 @@ def matmul(be, x, w, y, T: int, bias=None) -> bool:
     """y[T, n] = x[T, k] @ W^T (+ bias) through cuBLAS on backend `be` (its kernels, stream and step
     workspace). False, with nothing queued, when the workspace has no room for the f16 operands
     (the caller then takes the fused GEMM)."""
-    from .cuda_quant import _NAME
-
     blas = be._blas
     k, n = w.k, w.n
-    resident = getattr(w, "f16_ptr", 0)
+    resident = getattr(w, "f16_ptr", 0)  # keep_f16's copy: no panels, no decode
     rows = n if resident else panel_rows(n, k)
     try:
         xh = be._out((T * k // 2,))
@@ -179,14 +188,11 @@ def matmul(be, x, w, y, T: int, bias=None) -> bool:
     n4 = T * k // 4
     be._launch(be._k("dequant", "to_half_scaled", "PPqPP"), (max(1, min(-(-n4 // 256), 8192)), 1, 1), (256, 1, 1),
                x.ptr, xh.ptr, np.int64(n4), blas.gmax_ptr, blas.alpha_ptr)
-    deq = be._k("dequant", f"dequant_h_{_NAME[w.qtype]}", "PPi")
     for r0 in range(0, n, rows):
         m = min(rows, n - r0)
-        if resident:
-            blas.gemm_wt(m, T, k, resident, xh.ptr, y.ptr, n)
-        else:
-            be._launch(deq, (-(-(k // 8) // 256), m, 1), (256, 1, 1), w.ptr + r0 * w.row_bytes, wh.ptr, np.int32(k))
-            blas.gemm_wt(m, T, k, wh.ptr, xh.ptr, y.ptr + 4 * r0, n)
+        if not resident:
+            _decode_rows(be, w, r0, m, wh.ptr)
+        blas.gemm_wt(m, T, k, resident or wh.ptr, xh.ptr, y.ptr + 4 * r0, n)
         be._recent.append("cublasGemmEx")
         if be._sync_each:
             be.synchronize("cublasGemmEx")
@@ -203,19 +209,22 @@ def f16_nbytes(n: int, k: int) -> int:
     return n * k * 2
 
 
+def _decode_rows(be, w, r0: int, m: int, dst_ptr: int) -> None:
+    """Queues dequant_h_<fmt>: rows [r0, r0 + m) of weight w (m <= _MAX_ROWS) to f16 at dst_ptr."""
+    from .cuda_quant import _NAME
+
+    be._launch(be._k("dequant", f"dequant_h_{_NAME[w.qtype]}", "PPi"), (-(-(w.k // 8) // 256), m, 1), (256, 1, 1),
+               w.ptr + r0 * w.row_bytes, dst_ptr, np.int32(w.k))
+
+
 def keep_f16(be, w) -> None:
     """Decodes weight w to f16 once, into memory of its own (w.f16_ptr), so matmul reads that instead
     of decoding the weight on every call; the caller has reserved f16_nbytes in the VRAM budget."""
     import pycuda.driver as drv
 
-    from .cuda_quant import _NAME
-
     n, k = w.n, w.k
     buf = drv.mem_alloc(f16_nbytes(n, k))
-    deq = be._k("dequant", f"dequant_h_{_NAME[w.qtype]}", "PPi")
     for r0 in range(0, n, _MAX_ROWS):
-        m = min(_MAX_ROWS, n - r0)
-        be._launch(deq, (-(-(k // 8) // 256), m, 1), (256, 1, 1), w.ptr + r0 * w.row_bytes,
-                   int(buf) + 2 * r0 * k, np.int32(k))
+        _decode_rows(be, w, r0, min(_MAX_ROWS, n - r0), int(buf) + 2 * r0 * k)
     be.synchronize("dequant_h")
     w._f16, w.f16_ptr = buf, int(buf)

@@ -9,16 +9,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from ..errors import Internal, InvalidArgument
 from .cuda_context import _context, _tls
 from .cuda_step import CudaStep
 from .cuda_tensor import CudaTensor
-
-# Weights the cuBLAS path would change: it rounds the decoded weight to f16, which F32 weights lose
-# mantissa to and BF16 weights range to (past 65,504, below 6e-8). The fused kernels keep them whole.
-_EXACT_ONLY = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.BF16})
 
 
 class OpsMixin:
@@ -39,11 +34,10 @@ class OpsMixin:
             raise InvalidArgument(f"linear: input has {x.shape[-1]} features, weight "
                                   f"{getattr(w, '_orcd_name', '?')} expects {w.k}", field="x")
         y = self._out((T, w.n))
-        if (self._blas is not None and 0 < self.tuning.gemm_blas_min <= T and w.n_experts is None
-                and w.qtype not in _EXACT_ONLY):
+        if self._blas is not None and 0 < self.tuning.gemm_blas_min <= T:
             from . import cuda_blas
 
-            if cuda_blas.matmul(self, x, w, y, T, bias):
+            if cuda_blas.takes(w.qtype, w.n_experts) and cuda_blas.matmul(self, x, w, y, T, bias):
                 return y
         # int8 input: the quantized row and its scales, from x's producer (tuning.fuse_q8) or made here
         x8, ready = None, False
