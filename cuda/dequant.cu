@@ -26,16 +26,9 @@ extern "C" __global__ void absmax_rows(const float* __restrict__ x, int k, unsig
         const float4 v = __ldg(xr + c);
         mx = fmaxf(mx, fmaxf(fmaxf(finite_abs(v.x), finite_abs(v.y)), fmaxf(finite_abs(v.z), finite_abs(v.w))));
     }
-    mx = warp_max(mx);
-    __shared__ float part[32];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) part[warp] = mx;
-    __syncthreads();
-    if (warp == 0) {
-        mx = lane < (blockDim.x >> 5) ? part[lane] : 0.f;
-        mx = warp_max(mx);
-        if (lane == 0) atomicMax(gmax, __float_as_uint(mx));
-    }
+    __shared__ float scratch[32];
+    mx = block_max(mx, scratch);
+    if (threadIdx.x == 0) atomicMax(gmax, __float_as_uint(mx));
 }
 
 extern "C" __global__ void to_half_scaled(const float* __restrict__ x, __half* __restrict__ xh, long long n4,

@@ -187,7 +187,7 @@ def test_no_room_for_cublas_workspace_keeps_the_backend():
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q6_K])
-def test_resident_f16_weight_matches_float64(blas_from, qtype):
+def test_resident_f16_weight_matches_float64(qtype):
     """ORCD_GEMM_F16_WEIGHTS: the weight is decoded to f16 once at load, its budget reservation covers
     the copy, the product reads it (no dequant_h per call) and meets the same bound; closing the
     backend gives all of it back."""
@@ -211,3 +211,4 @@ def test_resident_f16_weight_matches_float64(blas_from, qtype):
         assert _rel(b.to_host(yd), x.astype(np.float64) @ wf.astype(np.float64).T) <= TOL_GEMM
     finally:
         b.close()
+    assert b.budget.used == 0
