@@ -34,6 +34,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from . import security
+from .call_hooks import NO_HOOKS, Hooks, wrap_handler
 from .errors import OutOfRange
 
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -296,51 +297,49 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
             return handler
         usage_of = self._usage_of.get(method)
 
-        def unary_wrap(fn):
-            def inner(request, context):
-                self._admit(context, self._identify(context))
-                return fn(request, context)
-            return inner
+        def begin(request, context) -> Hooks:
+            client = self._identify(context)
+            reserved = self._reservation(method, request, context, client)
+            self._admit(context, client, reserved)
+            if usage_of is None and not reserved:
+                return NO_HOOKS
+            hooks = _Usage(self, client, reserved, usage_of)
+            # also from the call's termination: a stream the client abandons may never reach its end
+            context.add_callback(hooks.end)
+            return hooks
 
-        def stream_wrap(fn):
-            def inner(request, context):
-                client = self._identify(context)
-                reserved = self._reservation(method, request, context, client)
-                self._admit(context, client, reserved)
-                if usage_of is None and not reserved:
-                    yield from fn(request, context)
-                    return
-                # the client's counters, looked up once per call rather than per streamed token
-                usage = self.usage
-                label = usage.label(client) if usage is not None else None
-                gen_counter = usage.generated_tokens.labels(label) if usage is not None else None
-                generated = 0
-                settled = threading.Lock()
+        return wrap_handler(handler, begin)
 
-                def settle():
-                    # From the generator's end and from the RPC's termination callback, whichever
-                    # comes first: a stream the client abandons may never be resumed to its end.
-                    if reserved and settled.acquire(blocking=False):
-                        self.limiter.settle(client, reserved, generated)
 
-                context.add_callback(settle)
-                try:
-                    for response in fn(request, context):
-                        prompt, new = usage_of(response) if usage_of is not None else (0, 0)
-                        if new:
-                            generated += new
-                            if self.limiter is not None and not reserved:
-                                self.limiter.charge_tokens(client, new)
-                            if gen_counter is not None:
-                                gen_counter.inc(new)
-                        if prompt and usage is not None:
-                            usage.prompt_tokens.labels(label).inc(prompt)
-                        yield response
-                finally:
-                    settle()
-            return inner
+class _Usage(Hooks):
+    """One admitted call's token accounting: the responses' tokens counted as they stream, the
+    reservation settled once at the end."""
 
-        return security.wrap_handler(handler, unary_wrap, stream_wrap)
+    def __init__(self, icp: RateLimitInterceptor, client: str, reserved: int, usage_of: Callable | None):
+        self.icp, self.client, self.reserved, self.usage_of = icp, client, reserved, usage_of
+        usage = icp.usage
+        # the client's counters, looked up once per call rather than per streamed token
+        self.label = usage.label(client) if usage is not None else None
+        self.gen_counter = usage.generated_tokens.labels(self.label) if usage is not None else None
+        self.generated = 0
+        self.settled = threading.Lock()
+
+    def each(self, response) -> None:
+        prompt, new = self.usage_of(response) if self.usage_of is not None else (0, 0)
+        icp = self.icp
+        if new:
+            self.generated += new
+            if icp.limiter is not None and not self.reserved:
+                icp.limiter.charge_tokens(self.client, new)
+            if self.gen_counter is not None:
+                self.gen_counter.inc(new)
+        if prompt and icp.usage is not None:
+            icp.usage.prompt_tokens.labels(self.label).inc(prompt)
+
+    def end(self) -> None:
+        # from the wrapper's end and from the call's termination callback, whichever comes first
+        if self.reserved and self.settled.acquire(blocking=False):
+            self.icp.limiter.settle(self.client, self.reserved, self.generated)
 
 
 def reservation(limiter: RateLimiter, client: str, stopping, n: int = 1, scoring: bool = False) -> int:

@@ -28,9 +28,11 @@ import hmac
 import ipaddress
 import os
 import socket
-from typing import Callable, Mapping
+from typing import Mapping
 
 import grpc
+
+from .call_hooks import NO_HOOKS, Hooks, wrap_handler
 
 # the token specs' grammar and the roles they name (re-exported: the configuration's vocabulary)
 from .token_specs import (ALL_ROLES, DEFAULT_ROLES, MAX_PRIORITY, MIN_PRIORITY, ROLES, _parse,  # noqa: F401
@@ -305,29 +307,6 @@ def authorize(method: str, client: str, roles: frozenset[str]) -> str | None:
             f"--auth-token TOKEN:CLIENT:{'+'.join(sorted(roles | need))})")
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, unary_wrap: Callable, stream_wrap: Callable):
-    """Returns `handler` with its behaviour replaced by unary_wrap(fn) / stream_wrap(fn).
-
-    Server interceptors run on gRPC's polling thread, without the call's context; wrapping the
-    behaviour instead runs the check on the handler's own thread, with `context` available (peer,
-    TLS auth context, abort with trailing metadata) and context variables that reach the servicer.
-    """
-    h = handler
-    if h.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary_wrap(h.unary_unary), h.request_deserializer,
-                                                   h.response_serializer)
-    if h.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream_wrap(h.unary_stream), h.request_deserializer,
-                                                    h.response_serializer)
-    if h.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary_wrap(h.stream_unary), h.request_deserializer,
-                                                    h.response_serializer)
-    if h.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(stream_wrap(h.stream_stream), h.request_deserializer,
-                                                     h.response_serializer)
-    return handler
-
-
 class AuthInterceptor(grpc.ServerInterceptor):
     """Checks "authorization: Bearer <token>" on every method outside OPEN_METHOD_PREFIXES, checks
     that the token's roles allow the method (METHOD_ROLES), and publishes the caller's client id
@@ -357,25 +336,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
             if denied is not None:
                 verdict = (grpc.StatusCode.PERMISSION_DENIED, denied)
 
-        def unary_wrap(fn):
-            def inner(request, context):
-                if not isinstance(verdict[0], str):
-                    context.abort(*verdict)
-                CALL_CLIENT.set(verdict[0])
-                CALL_PRIORITY.set(verdict[2])
-                return fn(request, context)
-            return inner
+        def begin(request, context) -> Hooks:
+            if not isinstance(verdict[0], str):
+                context.abort(*verdict)
+            CALL_CLIENT.set(verdict[0])
+            CALL_PRIORITY.set(verdict[2])
+            return NO_HOOKS
 
-        def stream_wrap(fn):
-            def inner(request, context):
-                if not isinstance(verdict[0], str):
-                    context.abort(*verdict)
-                CALL_CLIENT.set(verdict[0])
-                CALL_PRIORITY.set(verdict[2])
-                yield from fn(request, context)
-            return inner
-
-        return wrap_handler(handler, unary_wrap, stream_wrap)
+        return wrap_handler(handler, begin)
 
 
 def peer_common_name(context) -> str | None:

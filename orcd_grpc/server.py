@@ -19,7 +19,9 @@ from .metrics import Metrics
 from .pool_metrics import PoolMetricsCollector
 from .proto import pb
 from .scheduler import Scheduler
-from .security import ALL_ROLES, AuthInterceptor, wrap_handler
+from .call_hooks import Hooks, wrap_handler
+from .grpc_loop import LoopServer
+from .security import ALL_ROLES, AuthInterceptor
 from .servicer import WorkerServicer
 
 log = logs.get_logger("orcd.server")
@@ -77,22 +79,21 @@ class BindError(RuntimeError):
     """The worker's port could not be bound: in use, or an address this machine does not have."""
 
 
-CONTROL_THREADS = 16  # handler threads Execute streams may not take (Cancel, health, LoadModel...)
+CONTROL_THREADS = 16  # RPC slots (and pool threads) Execute streams may not take (Cancel, health, LoadModel...)
 
 
 class _CallWrapper(grpc.ServerInterceptor):
     """Binds the call's correlation id for its log lines and caps the open Execute streams.
 
-    The interceptor itself runs on gRPC's polling thread; the handler runs on a pool thread.
-    Context variables set here would not reach the handler, so the handler's behaviour is
-    wrapped instead (security.wrap_handler) and binds them on the thread that actually runs it.
-    Bearer tokens are checked by security.AuthInterceptor, after this one.
+    Context variables set in the interceptor itself would not reach the handler (it runs on a
+    pool thread, or as a task on the server's event loop), so they are bound in the call's `begin`
+    (call_hooks.wrap_handler), where the handler runs. Bearer tokens are checked by
+    security.AuthInterceptor, after this one.
     """
 
     def __init__(self, max_streams: int = 0):
-        # Execute streams hold a handler thread each for their whole life. Capping them below the
-        # pool's size keeps threads free for Cancel, health checks and the other short calls,
-        # which must get through exactly when the worker is overloaded.
+        # Open Execute streams each hold a request's queue and its place in the scheduler; the cap
+        # refuses new ones early with a retry hint instead of letting them pile up without bound.
         self._streams = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
         self._max_streams = max_streams
 
@@ -104,27 +105,29 @@ class _CallWrapper(grpc.ServerInterceptor):
         cid = str(md.get(CORRELATION_KEY) or "")[:128] or logs.new_correlation_id()
         limited = self._streams if handler_call_details.method == f"/{SERVICE_NAME}/Execute" else None
 
-        def wrap_unary(fn):
-            def inner(request, context):
-                with logs.bound(correlation=cid, request=""):
-                    return fn(request, context)
-            return inner
+        def begin(request, context) -> Hooks:
+            ids = logs.bound(correlation=cid, request="")
+            ids.__enter__()
+            if limited is not None and not limited.acquire(blocking=False):
+                ids.__exit__(None, None, None)
+                context.set_trailing_metadata((("retry-after-ms", "1000"),))
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the worker has {self._max_streams} open Execute streams; retry later")
+            return _Bound(ids, limited)
 
-        def wrap_stream(fn):
-            def inner(request, context):
-                with logs.bound(correlation=cid, request=""):
-                    if limited is not None and not limited.acquire(blocking=False):
-                        context.set_trailing_metadata((("retry-after-ms", "1000"),))
-                        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                      f"the worker has {self._max_streams} open Execute streams; retry later")
-                    try:
-                        yield from fn(request, context)
-                    finally:
-                        if limited is not None:
-                            limited.release()
-            return inner
+        return wrap_handler(handler, begin)
 
-        return wrap_handler(handler, wrap_unary, wrap_stream)
+
+class _Bound(Hooks):
+    """A call's correlation id, unbound at its end, and its place among the open streams."""
+
+    def __init__(self, ids, streams: threading.BoundedSemaphore | None):
+        self.ids, self.streams = ids, streams
+
+    def end(self) -> None:
+        if self.streams is not None:
+            self.streams.release()
+        self.ids.__exit__(None, None, None)
 
 
 class Worker:
@@ -141,16 +144,16 @@ class Worker:
                                    on_model_change=self._model_changed, speculation=config.speculation)
         self.scheduler.on_engine_closed = self.events.detach
         self.lifecycle = lifecycle.Lifecycle(self.scheduler, on_change=self._refresh_health)
+        # WatchEvents streams step on a pool thread each, beside the Execute submissions and the short calls
+        watchers = self.events.max_subscribers
+        workers = config.max_workers or (config.max_queue + config.max_sequences + CONTROL_THREADS + watchers)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="orcd-rpc")
         self.servicer = WorkerServicer(self.scheduler, model_dirs=config.model_dirs, backend=config.backend,
                                        max_context=config.max_context, max_vram=config.max_vram,
                                        metrics=self.metrics, max_ram=config.max_ram,
                                        max_prompt_bytes=config.max_prompt_bytes, max_samples=config.max_samples,
                                        tool_formats=config.tool_formats, life=self.lifecycle, hub=self.events,
-                                       kv_cache_type=config.kv_cache_type)
-        # WatchEvents streams hold a handler thread each, beside the Execute streams and the short calls
-        watchers = self.events.max_subscribers
-        workers = config.max_workers or (config.max_queue + config.max_sequences + CONTROL_THREADS + watchers)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="orcd-rpc")
+                                       kv_cache_type=config.kv_cache_type, executor=self._pool)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -171,14 +174,13 @@ class Worker:
             # one shared secret given in code: it cannot separate duties, so it has every role
             interceptors.insert(1, AuthInterceptor({config.auth_token: "default"},
                                                    roles={config.auth_token: ALL_ROLES}))
-        self.server = grpc.server(self._pool, interceptors=interceptors,
-                                  options=options,
-                                  maximum_concurrent_rpcs=workers)
+        self.server = LoopServer(self._pool, interceptors=interceptors, options=options,
+                                 maximum_concurrent_rpcs=workers)
         wire.add_worker_servicer(self.servicer, self.server)  # malformed requests: INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
+        reflection.enable_server_reflection(  # the asyncio reflection service, on the loop
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+            self.server.server)
         address = f"{_host(config.host)}:{config.port}"
         try:
             self.port = (self.server.add_secure_port(address, config.credentials) if config.credentials is not None
@@ -186,6 +188,7 @@ class Worker:
         except RuntimeError:  # grpc raises a bare RuntimeError when no address could be bound
             self.port = 0
         if self.port == 0:
+            self.server.stop(0).wait()
             self._pool.shutdown(wait=False)
             raise BindError(f"cannot listen on {address}: the port is in use or the address is not this machine's")
         self.metrics_port: int | None = None
@@ -196,13 +199,13 @@ class Worker:
             if config.credentials is not None and config.http_tls is None:
                 # security.apply_to_server_config fills both; a TLS gRPC port beside a plaintext
                 # HTTP one would undo what the operator configured
-                self.server.stop(0)
+                self.server.stop(0).wait()
                 self._pool.shutdown(wait=False)
                 raise ValueError("http_port with gRPC TLS credentials needs http_tls (cert, key, client CA)")
             try:
                 self.http = self._http_server(config, interceptors, workers)
             except (OSError, ValueError) as exc:
-                self.server.stop(0)
+                self.server.stop(0).wait()
                 self._pool.shutdown(wait=False)
                 if isinstance(exc, ValueError):  # a certificate the HTTP port cannot load
                     raise

@@ -6,6 +6,8 @@ retires at its next step.
 """
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import os
 import queue
 import threading
@@ -13,31 +15,24 @@ import time
 
 import grpc
 
-from . import (admission_queue, events, lifecycle, logs, prompt_scoring, request_validation as rv, routing, security,
+from . import (admission_queue, events, execute_stream, lifecycle, logs, loop_events, request_validation as rv, routing, security,
                token_service)
-from .errors import FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
+from .errors import FailedPrecondition, Internal, OrcdError, ResourceExhausted
 from .proto import pb, pb_grpc
-from .request import CANCELLED, LENGTH, STOP_STRING, STOP_TOKEN, ErrorEvent, FinishedEvent, Request, TokenEvent
+from .request import Request
 from .scheduler import Scheduler
-from .tool_calls import ANSWER, REASONING, TOOL_CALL, Call
-from .tool_stream import TOOL_CALLS, ToolStream
 
 log = logs.get_logger("orcd.servicer")
 
-_REASONS = {
-    STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
-    LENGTH: pb.FINISH_REASON_LENGTH,
-    STOP_STRING: pb.FINISH_REASON_STOP_STRING,
-    CANCELLED: pb.FINISH_REASON_CANCELLED,
-    TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
-}
-_CHANNELS = {ANSWER: pb.CHANNEL_ANSWER, REASONING: pb.CHANNEL_REASONING, TOOL_CALL: pb.CHANNEL_TOOL_CALL}
-_CANCEL_REASONS = {name.removeprefix("CANCEL_REASON_").lower(): value for name, value in pb.CancelReason.items()}
 
-# How often a call blocked on its event queue re-checks that the engine thread is alive; the
-# engine always delivers a final event, so this only matters if the engine thread has died.
-_POLL_S = 1.0
-_MAX_BATCH = 256  # tokens of one TokenBatch event at most (coalesce_tokens)
+def _is_active(context):
+    """The call's is_active: grpc.aio runs synchronous handlers with a context that has no
+    is_active, so there it is the call's termination callback not having run yet."""
+    if hasattr(context, "is_active"):
+        return context.is_active
+    ended = threading.Event()
+    context.add_callback(ended.set)
+    return lambda: not ended.is_set()
 
 
 class _LoadAborted(Exception):
@@ -107,37 +102,17 @@ def _abort(context, err: OrcdError):
     context.abort(err.code, str(err))
 
 
-def _token(ev: TokenEvent, channel: str) -> pb.ExecuteResponse:
-    return pb.ExecuteResponse(token=pb.Token(
-        text=ev.text, token_id=ev.token_id, index=ev.index, logprob=ev.logprob,
-        top_logprobs=[pb.TopLogprob(token_id=i, text=t, logprob=lp) for i, t, lp in ev.top],
-        channel=_CHANNELS[channel], sample_index=ev.sample))
-
-
-def _batched(batch: list) -> pb.ExecuteResponse:
-    """The waiting Token messages as one event (a lone one as a plain Token event); empties batch."""
-    out = pb.ExecuteResponse(token=batch[0]) if len(batch) == 1 else \
-        pb.ExecuteResponse(token_batch=pb.TokenBatch(tokens=batch))
-    batch.clear()
-    return out
-
-
-def _routed(item, sample: int = 0) -> pb.ExecuteResponse:
-    """A tool_stream item (a routed token event or a complete call) as a stream message."""
-    if isinstance(item, Call):
-        return pb.ExecuteResponse(tool_call=pb.ToolCall(id=item.id, name=item.name, arguments=item.arguments,
-                                                        sample_index=sample))
-    return _token(item.event, item.channel)
-
-
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, scheduler: Scheduler, *, model_dirs: list[str] | None = None, backend: str = "auto",
                  max_context: int = 0, max_vram: int = 0, metrics=None, max_ram: int = 0,
                  max_prompt_bytes: int = rv.prompt_guard.DEFAULT_MAX_PROMPT_BYTES,
                  max_samples: int = rv.DEFAULT_MAX_SAMPLES, tool_formats: dict[str, str] | None = None,
                  life: lifecycle.Lifecycle | None = None, hub: events.EventHub | None = None,
-                 kv_cache_type: str = ""):
+                 kv_cache_type: str = "", executor=None):
         self.scheduler = scheduler
+        # where Execute's submissions and WatchEvents' steps run off the event loop (the server's
+        # handler pool; None: the loop's default executor)
+        self.executor = executor
         self.kv_cache_type = kv_cache_type  # --kv-cache-type: what a load that names none gets
         self.max_samples = max_samples
         # --tool-format: model id -> tool_calls family ("" for every model), over the detected one
@@ -151,6 +126,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.max_vram = max_vram
         self.max_ram = max_ram
         self.metrics = metrics
+        self._mailboxes: dict = {}  # event loop -> loop_events.Mailbox (one, the server's)
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         if self.metrics is not None:
@@ -158,21 +134,44 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     # ------------------------------------------------------------------ Execute
 
-    def Execute(self, request, context):
+    async def Execute(self, request, context):
+        """A coroutine on the server's event loop (grpc_loop): the request is validated, tokenized
+        and submitted on a pool thread (a long prompt must not hold up the other streams), then
+        its events stream from the loop."""
         arrival = time.monotonic()
         correlation = logs.correlation_id.get() or _metadata_correlation(context) or logs.new_correlation_id()
+        remaining = context.time_remaining()
+        deadline = arrival + remaining if remaining is not None else None
+        owner = security.client_identity(context)
+        loop = asyncio.get_running_loop()
+        events = self._mailbox(loop).queue()
+        submitting = loop.run_in_executor(self.executor, contextvars.copy_context().run, self._submit, request,
+                                          arrival, deadline, owner, correlation, events)
         try:
-            req = self._prepare(request, context, arrival, correlation)
-            self.scheduler.submit(req)
+            req = await submitting
         except OrcdError as err:
             self._count("Execute", err.code)
             log.info("request rejected", extra={"fields": {"code": err.code.name, "error": str(err)}})
-            _abort(context, err)
+            await execute_stream.abort(context, err)
             return
+        except asyncio.CancelledError:  # the client left while its request was being submitted
+            submitting.add_done_callback(
+                lambda f: f.cancelled() or f.exception() is not None or self.scheduler.abandon(f.result()))
+            raise
         with logs.bound(request=req.request_id):
-            yield from self._stream(req, context, coalesce=request.coalesce_tokens)
+            async for response in execute_stream.stream(req, context, self.scheduler,
+                                                        lambda code: self._count("Execute", code),
+                                                        coalesce=request.coalesce_tokens):
+                yield response
 
-    def _prepare(self, request, context, arrival: float, correlation: str) -> Request:
+    def _mailbox(self, loop) -> loop_events.Mailbox:
+        box = self._mailboxes.get(loop)
+        if box is None:
+            box = self._mailboxes[loop] = loop_events.Mailbox(loop)
+        return box
+
+    def _submit(self, request, arrival: float, deadline: float | None, owner: str, correlation: str,
+                events) -> Request:
         rv.check_request_id(request.request_id, allow_empty=True)
         rv.check_static(request)
         n = rv.check_samples(request.n, self.max_samples, self.scheduler.effective_max_sequences())
@@ -184,95 +183,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         prepared = rv.prepare_execute(request, engine.info, engine.tokenizer,
                                       max_prompt_bytes=self.max_prompt_bytes, tool_format=fmt,
                                       speculation_default=self.scheduler.speculation)
-        remaining = context.time_remaining()
-        deadline = arrival + remaining if remaining is not None else None
-        return Request(prepared.request_id, prepared.prompt_ids, prepared.sampling, prepared.stopping,
-                       engine=engine, model_id=engine.info.model_id, correlation_id=correlation,
-                       deadline=deadline, arrival=arrival, owner=security.client_identity(context), n=n,
-                       priority=priority, tool_use=prepared.tools)
-
-    def _stream(self, req: Request, context, coalesce: bool = False):
-        finished = False
-        batch: list = []  # coalesce: Token messages ready together, sent as one event
-        left = req.n  # Finished events still to come: one per sample
-        use = req.tool_use
-        # Each sample's tool-call markup is parsed on its own (one parser per sample index).
-        tools: dict[int, ToolStream] = {}
-        route = (lambda k: tools.setdefault(k, ToolStream(use.family, use.names, req.engine.tokenizer))) \
-            if use and use.family else None
-        if not context.add_callback(lambda: self.scheduler.abandon(req)):
-            self.scheduler.abandon(req)
-        try:
-            yield pb.ExecuteResponse(started=pb.Started(
-                request_id=req.request_id, model_id=req.model_id, prompt_tokens=req.prompt_tokens,
-                correlation_id=req.correlation_id, queue_position=req.queue_position,
-                estimated_start_ms=req.estimated_start_ms))
-            while True:
-                try:
-                    ev = req.events.get_nowait() if batch else req.events.get(timeout=_POLL_S)
-                except queue.Empty:
-                    if batch:  # nothing more is waiting: what is, goes now
-                        yield _batched(batch)
-                        continue
-                    if not self.scheduler.alive():
-                        err = Internal("the engine thread stopped")
-                        self._count("Execute", err.code)
-                        finished = True
-                        _abort(context, err)
-                        return
-                    continue
-                if isinstance(ev, TokenEvent):
-                    out = (_token(ev, ANSWER),) if route is None else \
-                        (_routed(x, ev.sample) for x in route(ev.sample).on_token(ev))
-                    if not coalesce:
-                        yield from out
-                        continue
-                    for r in out:
-                        if r.WhichOneof("event") == "token":
-                            batch.append(r.token)
-                            if len(batch) >= _MAX_BATCH:
-                                yield _batched(batch)
-                        else:
-                            if batch:
-                                yield _batched(batch)
-                            yield r
-                    continue
-                if batch:  # tokens go before whatever follows them
-                    yield _batched(batch)
-                if isinstance(ev, prompt_scoring.PromptLogprobsEvent):
-                    yield pb.ExecuteResponse(prompt_logprobs=prompt_scoring.to_proto(ev, pb))
-                elif isinstance(ev, FinishedEvent):
-                    left -= 1
-                    finished = left <= 0
-                    if finished:
-                        self._count("Execute", grpc.StatusCode.OK)
-                    reason = ev.reason
-                    if route is not None:
-                        stream = route(ev.sample)
-                        yield from (_routed(x, ev.sample) for x in stream.on_finish())
-                        reason = stream.finish_reason(reason)
-                    yield pb.ExecuteResponse(finished=pb.Finished(
-                        sample_index=ev.sample,
-                        reason=_REASONS[reason], matched_stop=ev.matched_stop,
-                        usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
-                                       cached_prompt_tokens=ev.cached_prompt_tokens,
-                                       draft_tokens=ev.draft_tokens, accepted_draft_tokens=ev.accepted_draft_tokens),
-                        timings=pb.Timings(queue_ms=ev.queue_ms, time_to_first_token_ms=ev.time_to_first_token_ms,
-                                           decode_tokens_per_second=ev.decode_tokens_per_second,
-                                           total_ms=ev.total_ms),
-                        cancel_reason=_CANCEL_REASONS.get(ev.cancel_reason, 0), retry_safe=ev.retry_safe))
-                    if finished:
-                        return
-                elif isinstance(ev, ErrorEvent):
-                    finished = True
-                    self._count("Execute", ev.error.code)
-                    _abort(context, ev.error)
-                    return
-        finally:
-            if not finished:
-                # The stream was closed early (client gone, server stopping): the request must
-                # not keep its KV blocks or its batch slot.
-                self.scheduler.abandon(req)
+        req = Request(prepared.request_id, prepared.prompt_ids, prepared.sampling, prepared.stopping,
+                      engine=engine, model_id=engine.info.model_id, correlation_id=correlation,
+                      deadline=deadline, arrival=arrival, owner=owner, n=n,
+                      priority=priority, tool_use=prepared.tools)
+        req.events = events
+        self.scheduler.submit(req)
+        return req
 
     # ------------------------------------------------------------------ Cancel
 
@@ -465,7 +382,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def Drain(self, request, context):
         try:
             wait_s = self.life.check(bool(request.wait), int(request.wait_timeout_ms), bool(request.resume))
-            out = self.life.resume() if request.resume else self.life.drain(wait_s, context.is_active)
+            out = self.life.resume() if request.resume else self.life.drain(wait_s, _is_active(context))
         except OrcdError as err:
             self._count("Drain", err.code)
             _abort(context, err)
@@ -483,17 +400,28 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._count("Probe", grpc.StatusCode.OK)
         return pb.ProbeResponse(**out)
 
-    def WatchEvents(self, request, context):
+    async def WatchEvents(self, request, context):
+        """On the server's event loop; the watch generator (which blocks for its next event) steps
+        on a pool thread. Its subscription is freed when the call ends, even mid-step."""
         sched = self.scheduler
-        stream = events.watch(self.hub, request, context.is_active, lambda: routing.snapshot(sched),
-                              lambda: [e for e in (sched.engine, *sched.retiring) if e is not None])
+        ends: list = []
+        ended = False
+        stream = events.watch(self.hub, request, lambda: not ended, lambda: routing.snapshot(sched),
+                              lambda: [e for e in (sched.engine, *sched.retiring) if e is not None],
+                              on_end=ends.append)
+        loop = asyncio.get_running_loop()
         try:
-            first = next(stream, None)  # bad arguments and a full house answer before any event
-        except OrcdError as err:
-            self._count("WatchEvents", err.code)
-            _abort(context, err)
-            return
-        self._count("WatchEvents", grpc.StatusCode.OK)
-        if first is not None:
-            yield first
-            yield from stream
+            try:  # bad arguments and a full house answer before any event
+                item = await loop.run_in_executor(self.executor, next, stream, None)
+            except OrcdError as err:
+                self._count("WatchEvents", err.code)
+                await execute_stream.abort(context, err)
+                return
+            self._count("WatchEvents", grpc.StatusCode.OK)
+            while item is not None:
+                yield item
+                item = await loop.run_in_executor(self.executor, next, stream, None)
+        finally:
+            ended = True
+            for fn in ends:
+                fn()

@@ -10,6 +10,8 @@ see the stand-in as an empty message of the right type.
 """
 from __future__ import annotations
 
+import inspect
+
 import grpc
 
 from .proto import pb
@@ -46,10 +48,14 @@ def _parser(cls):
     return parse
 
 
-def _refuse(servicer, name: str, request: Malformed, context) -> None:
+def _count(servicer, name: str) -> None:
     count = getattr(servicer, "_count", None)
     if callable(count):
         count(name, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def _refuse(servicer, name: str, request: Malformed, context) -> None:
+    _count(servicer, name)
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
 
 
@@ -62,6 +68,15 @@ def _unary(servicer, name: str, fn):
 
 
 def _streaming(servicer, name: str, fn):
+    if inspect.isasyncgenfunction(fn):  # Execute, on the server's event loop
+        async def handle_on_loop(request, context):
+            if isinstance(request, Malformed):
+                _count(servicer, name)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+            async for response in fn(request, context):
+                yield response
+        return handle_on_loop
+
     def handle(request, context):
         if isinstance(request, Malformed):
             _refuse(servicer, name, request, context)

@@ -4,13 +4,17 @@ from __future__ import annotations
 import os
 import time
 
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 import grpc_testing
 import pytest
 
 from orcd_grpc.errors import ResourceExhausted
 from orcd_grpc.metrics import Metrics
-from orcd_grpc.proto import pb
+from orcd_grpc import wire
+from orcd_grpc.grpc_loop import LoopServer
+from orcd_grpc.proto import pb, pb_grpc
 from orcd_grpc.scheduler import Scheduler
 from orcd_grpc.servicer import WorkerServicer
 from test_scheduler import EOS, VOCAB, FakeDecoder, FakeEngine
@@ -36,6 +40,21 @@ class Harness:
         self.servicer = WorkerServicer(self.scheduler, model_dirs=[str(self.model_dir)], backend="cpu",
                                        max_context=max_context, metrics=self.metrics)
         self.server = grpc_testing.server_from_dictionary({SERVICE: self.servicer}, grpc_testing.strict_real_time())
+        # Execute is a coroutine on the server's event loop, which grpcio-testing cannot run: its
+        # calls go to a real grpc.aio server on a local port.
+        self.pool = ThreadPoolExecutor(8)
+        self.live = LoopServer(self.pool)
+        wire.add_worker_servicer(self.servicer, self.live)
+        port = self.live.add_insecure_port("127.0.0.1:0")
+        self.live.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.WorkerStub(self.channel)
+
+    def close(self):
+        self.channel.close()
+        self.live.stop(0).wait()
+        self.pool.shutdown(wait=False)
+        self.scheduler.shutdown(0)
 
     def _load(self, path, *, progress=None, model_id=None, context_length=0, max_context=0, **_):
         self.loaded_paths.append((str(path), model_id, context_length, max_context))
@@ -46,17 +65,43 @@ class Harness:
         eng = self.engines.pop(0) if self.engines else FakeEngine(model_id=model_id or "loaded")
         return eng
 
+    def stream(self, request, metadata=(), timeout=None) -> "LiveStream":
+        return LiveStream(self.stub.Execute(request, metadata=metadata, timeout=timeout))
+
     def execute(self, request, metadata=(), timeout=None):
-        rpc = self.server.invoke_unary_stream(method("Execute"), metadata, request, timeout)
-        return collect(rpc)
+        return collect(self.stream(request, metadata, timeout))
 
     def unary(self, name, request):
-        rpc = self.server.invoke_unary_unary(method(name), (), request, None)
-        return rpc.termination()  # (response, trailing_metadata, code, details)
+        """(response, trailing_metadata, code, details) of a call over the socket (the caller is
+        the same peer as h.stream's: Cancel reaches only its own requests)."""
+        try:
+            response, call = getattr(self.stub, name).with_call(request)
+            return response, call.trailing_metadata(), call.code(), call.details()
+        except grpc.RpcError as err:
+            return None, err.trailing_metadata(), err.code(), err.details()
 
     def load(self, request):
         rpc = self.server.invoke_unary_stream(method("LoadModel"), (), request, None)
         return collect(rpc)
+
+
+class LiveStream:
+    """An Execute call over the socket, read the way grpcio-testing's RPCs are."""
+
+    def __init__(self, call):
+        self.call = call
+
+    def take_response(self):
+        try:
+            return next(self.call)
+        except (StopIteration, grpc.RpcError):
+            raise ValueError("the stream has ended") from None
+
+    def cancel(self):
+        self.call.cancel()
+
+    def termination(self):
+        return self.call.trailing_metadata(), self.call.code(), self.call.details()
 
 
 def collect(rpc):
@@ -81,7 +126,7 @@ def harness(tmp_path):
 
     yield make
     for h in made:
-        h.scheduler.shutdown(0)
+        h.close()
 
 
 def text_req(text="hi", **kw):
@@ -179,8 +224,8 @@ def test_server_made_request_id_is_a_uuid(harness):
 
 def test_duplicate_running_request_id_is_already_exists(harness):
     h = harness(FakeEngine(step_delay=0.02))
-    first = h.server.invoke_unary_stream(method("Execute"), (), text_req(
-        request_id="dup", stopping=pb.StoppingCriteria(max_tokens=50)), None)
+    first = h.stream(text_req(
+        request_id="dup", stopping=pb.StoppingCriteria(max_tokens=50)))
     assert first.take_response().WhichOneof("event") == "started"
     _, _, code, details = h.execute(text_req(request_id="dup"))
     assert code == grpc.StatusCode.ALREADY_EXISTS and details.startswith("request_id:")
@@ -199,8 +244,8 @@ def test_cancel_rpc(harness):
     eng = FakeEngine(step_delay=0.02)
     h = harness(eng)
     free = eng.free_blocks()
-    rpc = h.server.invoke_unary_stream(method("Execute"), (), text_req(
-        request_id="job", stopping=pb.StoppingCriteria(max_tokens=0, ignore_eos=True)), None)
+    rpc = h.stream(text_req(
+        request_id="job", stopping=pb.StoppingCriteria(max_tokens=0, ignore_eos=True)))
     rpc.take_response()
     rpc.take_response()  # a token: it is running
     resp, _, code, _ = h.unary("Cancel", pb.CancelRequest(request_id="job"))
@@ -219,8 +264,8 @@ def test_client_cancel_releases_kv(harness):
     eng = FakeEngine(step_delay=0.02)
     h = harness(eng)
     free = eng.free_blocks()
-    rpc = h.server.invoke_unary_stream(method("Execute"), (), text_req(
-        stopping=pb.StoppingCriteria(max_tokens=0, ignore_eos=True)), None)
+    rpc = h.stream(text_req(
+        stopping=pb.StoppingCriteria(max_tokens=0, ignore_eos=True)))
     rpc.take_response()
     rpc.take_response()
     rpc.cancel()
@@ -245,8 +290,8 @@ def test_deadline_cancels(harness):
 def test_engine_failure_is_internal_after_started(harness):
     eng = FakeEngine(step_delay=0.01)
     h = harness(eng)
-    rpc = h.server.invoke_unary_stream(method("Execute"), (), text_req(
-        stopping=pb.StoppingCriteria(max_tokens=0, ignore_eos=True)), None)
+    rpc = h.stream(text_req(
+        stopping=pb.StoppingCriteria(max_tokens=0, ignore_eos=True)))
     rpc.take_response()
     rpc.take_response()
     eng.fail_next = RuntimeError("matmul kernel launch failed")

@@ -1,0 +1,144 @@
+"""Call policy (correlation ids, auth, rate limits) around handlers that run on a thread or on the
+server's event loop.
+
+The worker's gRPC server is grpc.aio: Execute streams are coroutines on its event loop, the other
+methods run on its thread pool. A policy interceptor says what it does around one call as a
+`begin(request, context) -> Hooks` function; `wrap_handler` runs it around either kind of
+behaviour. begin runs on the thread (or in the task) that runs the handler, so context variables
+it sets reach the servicer, and it may refuse the call with `context.abort(code, details)` on
+both kinds: on the event loop it gets a view of the call whose abort sets the status and ends the
+call before the handler starts (grpc.aio's own abort is a coroutine).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import grpc
+
+
+class Hooks:
+    """What a policy does after admitting a call: each(response) for every streamed response (a
+    unary call's only one included), end() once, however the call ends."""
+
+    def each(self, response) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+NO_HOOKS = Hooks()
+Begin = Callable[[object, object], Hooks]
+
+
+class _Refused(Exception):
+    """begin aborted the call on the event loop: the status is set on the call."""
+
+
+class _LoopCall:
+    """An aio ServicerContext as begin sees it: abort records the status and raises; add_callback
+    runs its callback when the call ends; the rest is the call's own."""
+
+    def __init__(self, context):
+        self._context = context
+
+    def abort(self, code, details="", trailing_metadata=None):
+        if trailing_metadata:
+            self._context.set_trailing_metadata(trailing_metadata)
+        self._context.set_code(code)
+        self._context.set_details(details)
+        raise _Refused(details)
+
+    def add_callback(self, callback) -> bool:
+        self._context.add_done_callback(lambda _ctx: callback())
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
+def _sync_unary(fn, begin: Begin):
+    def inner(request, context):
+        hooks = begin(request, context)
+        try:
+            response = fn(request, context)
+            hooks.each(response)
+            return response
+        finally:
+            hooks.end()
+    return inner
+
+
+def _sync_stream(fn, begin: Begin):
+    def inner(request, context):
+        hooks = begin(request, context)
+        try:
+            for response in fn(request, context):
+                hooks.each(response)
+                yield response
+        finally:
+            hooks.end()
+    return inner
+
+
+def _loop_unary(fn, begin: Begin):
+    async def inner(request, context):
+        try:
+            hooks = begin(request, _LoopCall(context))
+        except _Refused:
+            return None
+        try:
+            response = await fn(request, context)
+            hooks.each(response)
+            return response
+        finally:
+            hooks.end()
+    return inner
+
+
+def _loop_stream(fn, begin: Begin):
+    async def inner(request, context):
+        try:
+            hooks = begin(request, _LoopCall(context))
+        except _Refused:
+            return
+        try:
+            async for response in fn(request, context):
+                hooks.each(response)
+                yield response
+        finally:
+            hooks.end()
+    return inner
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler | None, begin: Begin):
+    """`handler` with `begin` (and the Hooks it returns) run around its behaviour, on the thread or
+    event loop the behaviour runs on. For request-streaming methods begin gets the request iterator."""
+    if handler is None:
+        return None
+    for kind, make, streams in (("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+                                ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+                                ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+                                ("stream_stream", grpc.stream_stream_rpc_method_handler, True)):
+        fn = getattr(handler, kind)
+        if fn is None:
+            continue
+        if streams:
+            wrapped = _loop_stream(fn, begin) if inspect.isasyncgenfunction(fn) else _sync_stream(fn, begin)
+        else:
+            wrapped = _loop_unary(fn, begin) if inspect.iscoroutinefunction(fn) else _sync_unary(fn, begin)
+        return make(wrapped, handler.request_deserializer, handler.response_serializer)
+    return handler
+
+
+class OnLoop(grpc.aio.ServerInterceptor):
+    """A policy interceptor (grpc.ServerInterceptor whose intercept_service wraps through
+    wrap_handler) installed on a grpc.aio server."""
+
+    def __init__(self, interceptor: grpc.ServerInterceptor):
+        self.interceptor = interceptor
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        return self.interceptor.intercept_service(lambda _details: handler, handler_call_details)

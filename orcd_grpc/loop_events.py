@@ -1,0 +1,78 @@
+"""Request events handed from the engine thread to streams on an asyncio event loop.
+
+The scheduler puts a request's events on `Request.events` from its own thread, a token for every
+running request every step. Waking the loop once per event (call_soon_threadsafe writes the
+loop's self-pipe each time) costs a system call and a loop turn per token; here the events of a
+step are appended to their streams' queues and the loop is woken once, for all the streams
+that got something since it last looked.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+
+
+class Mailbox:
+    """One event loop's wake-ups: streams with new events are collected and woken in one callback."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._touched: set[LoopEvents] = set()
+        self._pending = False  # a drain is scheduled and has not taken the set yet
+
+    def queue(self) -> "LoopEvents":
+        """A new stream's event queue (call on the loop)."""
+        return LoopEvents(self)
+
+    def _wake(self, q: "LoopEvents") -> None:
+        with self._lock:
+            self._touched.add(q)
+            if self._pending:
+                return
+            self._pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop has closed (server stopped): nobody is waiting
+            pass
+
+    def _drain(self) -> None:
+        with self._lock:
+            touched, self._touched, self._pending = self._touched, set(), False
+        for q in touched:
+            q._ready.set()
+
+
+class LoopEvents:
+    """A request's event queue: put from any thread, read with `await get(timeout)` on the loop."""
+
+    def __init__(self, mailbox: Mailbox):
+        self._mailbox = mailbox
+        self._items: collections.deque = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        self._items.append(item)
+        self._mailbox._wake(self)
+
+    def get_nowait(self):
+        try:
+            return self._items.popleft()
+        except IndexError:
+            raise queue.Empty from None
+
+    async def get(self, timeout: float):
+        """The next event; queue.Empty when none came within `timeout` seconds."""
+        while True:
+            if self._items:
+                return self._items.popleft()
+            self._ready.clear()
+            if self._items:  # put between the look and the clear: its wake may already be spent
+                continue
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                if not self._items:
+                    raise queue.Empty from None
