@@ -11,6 +11,7 @@ call before the handler starts (grpc.aio's own abort is a coroutine).
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import Callable
 
@@ -32,30 +33,44 @@ NO_HOOKS = Hooks()
 Begin = Callable[[object, object], Hooks]
 
 
-class _Refused(Exception):
-    """begin aborted the call on the event loop: the status is set on the call."""
+class Refused(Exception):
+    """A handler (or a begin) aborted its call through a CallView: the status is set on the call."""
 
 
-class _LoopCall:
-    """An aio ServicerContext as begin sees it: abort records the status and raises; add_callback
-    runs its callback when the call ends; the rest is the call's own."""
+class CallView:
+    """An aio ServicerContext as synchronous code uses it, on the loop or on a pool thread: abort
+    records the status and raises Refused (grpc.aio's own abort is a coroutine); add_callback runs
+    its callback when the call ends; is_active; the rest is the call's own."""
 
-    def __init__(self, context):
-        self._context = context
+    def __init__(self, context, loop):
+        self._context, self._loop = context, loop
 
     def abort(self, code, details="", trailing_metadata=None):
         if trailing_metadata:
             self._context.set_trailing_metadata(trailing_metadata)
         self._context.set_code(code)
         self._context.set_details(details)
-        raise _Refused(details)
+        raise Refused(details)
 
     def add_callback(self, callback) -> bool:
-        self._context.add_done_callback(lambda _ctx: callback())
+        if self._context.done():
+            return False
+        self._loop.call_soon_threadsafe(self._context.add_done_callback, lambda _ctx: callback())
         return True
+
+    def is_active(self) -> bool:
+        return not self._context.done()
 
     def __getattr__(self, name):
         return getattr(self._context, name)
+
+
+def _begin_on_loop(begin: Begin, request, context) -> Hooks | None:
+    """begin on the event loop; None when it refused the call (its status is set)."""
+    try:
+        return begin(request, CallView(context, asyncio.get_running_loop()))
+    except Refused:
+        return None
 
 
 def _sync_unary(fn, begin: Begin):
@@ -84,9 +99,8 @@ def _sync_stream(fn, begin: Begin):
 
 def _loop_unary(fn, begin: Begin):
     async def inner(request, context):
-        try:
-            hooks = begin(request, _LoopCall(context))
-        except _Refused:
+        hooks = _begin_on_loop(begin, request, context)
+        if hooks is None:
             return None
         try:
             response = await fn(request, context)
@@ -99,9 +113,8 @@ def _loop_unary(fn, begin: Begin):
 
 def _loop_stream(fn, begin: Begin):
     async def inner(request, context):
-        try:
-            hooks = begin(request, _LoopCall(context))
-        except _Refused:
+        hooks = _begin_on_loop(begin, request, context)
+        if hooks is None:
             return
         try:
             async for response in fn(request, context):

@@ -156,15 +156,11 @@ def load_event(load: dict, dropped: int) -> pb.WorkerEvent:
         recent_step_ms=load["recent_step_ms"], accepting=load["accepting"]))
 
 
-def watch(hub: EventHub, request, active, load_now, engines, on_end=None):
+def watch(hub: EventHub, request, active, load_now, engines):
     """The WorkerEvent stream of one WatchEvents call. `active()`: the call is alive; `load_now()`:
-    a routing.snapshot dict; `engines()`: the loaded engines (for the initial cache snapshot);
-    `on_end(fn)`: registers fn to run when the call ends (the subscription's place is freed then,
-    even if the server never resumes this generator again)."""
+    a routing.snapshot dict; `engines()`: the loaded engines (for the initial cache snapshot)."""
     interval = check_interval(int(request.load_interval_ms))
     sub = hub.subscribe(bool(request.prefix_cache))
-    if on_end is not None:
-        on_end(lambda: hub.unsubscribe(sub))
     try:
         if request.prefix_cache and request.initial_snapshot:
             # After subscribing: a block changed meanwhile is in both, and applying an event twice

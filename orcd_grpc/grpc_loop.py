@@ -3,18 +3,24 @@
 Execute streams are coroutines on the loop: a token reaches its stream without waking a handler
 thread, and the loop sends it without the sync server's per-message hand-off between a handler
 thread and grpcio's polling thread (BENCHMARKS.md, the serving host). Every other method keeps
-its synchronous handler, run on the thread pool given here.
+its synchronous handler, run on the thread pool given here through `on_pool`.
+
+Why not grpc.aio's own thread pool for them (migration_thread_pool): the context it gives a
+synchronous handler never runs add_callback's callbacks and has no is_active, and a streaming
+handler whose client leaves is never resumed nor closed. A load nobody waits for would then run
+on, a WatchEvents subscription would hold its place, a Drain would wait for a caller long gone.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import threading
 from typing import Sequence
 
 import grpc
 
-from .call_hooks import OnLoop
+from .call_hooks import CallView, OnLoop, Refused
 
 
 class LoopServer:
@@ -23,6 +29,7 @@ class LoopServer:
 
     def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, *, interceptors: Sequence = (),
                  options: Sequence = (), maximum_concurrent_rpcs: int | None = None):
+        self.pool = pool
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="orcd-grpc-loop", daemon=True)
         self._thread.start()
@@ -72,3 +79,41 @@ class _Stopping:
             owner.loop.call_soon_threadsafe(owner.loop.stop)
         owner._thread.join(timeout)
         return True
+
+
+_END = object()
+
+
+def on_pool(fn, pool: concurrent.futures.Executor, streaming: bool):
+    """A synchronous handler `fn(request, context)` (a generator function when streaming) as a
+    coroutine of the loop that runs it on `pool`, in the context variables of the call (the
+    policy interceptors' identity). A stream steps its generator on the pool one response at a
+    time; when the call ends early the generator is closed (at once, or when its step returns)."""
+    if streaming:
+        async def stream(request, context):
+            call, ctx = CallView(context, asyncio.get_running_loop()), contextvars.copy_context()
+            gen = fn(request, call)
+            step = None
+            try:
+                while True:
+                    step = pool.submit(ctx.run, next, gen, _END)
+                    item = await asyncio.wrap_future(step)
+                    if item is _END:
+                        return
+                    yield item
+            except Refused:
+                return
+            finally:
+                if step is not None and not step.done():
+                    step.add_done_callback(lambda _step: gen.close())
+                else:
+                    gen.close()
+        return stream
+
+    async def unary(request, context):
+        call, ctx = CallView(context, asyncio.get_running_loop()), contextvars.copy_context()
+        try:
+            return await asyncio.wrap_future(pool.submit(ctx.run, fn, request, call))
+        except Refused:
+            return None
+    return unary

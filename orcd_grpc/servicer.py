@@ -25,16 +25,6 @@ from .scheduler import Scheduler
 log = logs.get_logger("orcd.servicer")
 
 
-def _is_active(context):
-    """The call's is_active: grpc.aio runs synchronous handlers with a context that has no
-    is_active, so there it is the call's termination callback not having run yet."""
-    if hasattr(context, "is_active"):
-        return context.is_active
-    ended = threading.Event()
-    context.add_callback(ended.set)
-    return lambda: not ended.is_set()
-
-
 class _LoadAborted(Exception):
     pass
 
@@ -110,8 +100,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                  life: lifecycle.Lifecycle | None = None, hub: events.EventHub | None = None,
                  kv_cache_type: str = "", executor=None):
         self.scheduler = scheduler
-        # where Execute's submissions and WatchEvents' steps run off the event loop (the server's
-        # handler pool; None: the loop's default executor)
+        # where Execute's submissions run off the event loop (the server's handler pool; None: the
+        # loop's default executor)
         self.executor = executor
         self.kv_cache_type = kv_cache_type  # --kv-cache-type: what a load that names none gets
         self.max_samples = max_samples
@@ -382,7 +372,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def Drain(self, request, context):
         try:
             wait_s = self.life.check(bool(request.wait), int(request.wait_timeout_ms), bool(request.resume))
-            out = self.life.resume() if request.resume else self.life.drain(wait_s, _is_active(context))
+            out = self.life.resume() if request.resume else self.life.drain(wait_s, context.is_active)
         except OrcdError as err:
             self._count("Drain", err.code)
             _abort(context, err)
@@ -400,28 +390,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._count("Probe", grpc.StatusCode.OK)
         return pb.ProbeResponse(**out)
 
-    async def WatchEvents(self, request, context):
-        """On the server's event loop; the watch generator (which blocks for its next event) steps
-        on a pool thread. Its subscription is freed when the call ends, even mid-step."""
+    def WatchEvents(self, request, context):
         sched = self.scheduler
-        ends: list = []
-        ended = False
-        stream = events.watch(self.hub, request, lambda: not ended, lambda: routing.snapshot(sched),
-                              lambda: [e for e in (sched.engine, *sched.retiring) if e is not None],
-                              on_end=ends.append)
-        loop = asyncio.get_running_loop()
+        stream = events.watch(self.hub, request, context.is_active, lambda: routing.snapshot(sched),
+                              lambda: [e for e in (sched.engine, *sched.retiring) if e is not None])
         try:
-            try:  # bad arguments and a full house answer before any event
-                item = await loop.run_in_executor(self.executor, next, stream, None)
-            except OrcdError as err:
-                self._count("WatchEvents", err.code)
-                await execute_stream.abort(context, err)
-                return
-            self._count("WatchEvents", grpc.StatusCode.OK)
-            while item is not None:
-                yield item
-                item = await loop.run_in_executor(self.executor, next, stream, None)
-        finally:
-            ended = True
-            for fn in ends:
-                fn()
+            first = next(stream, None)  # bad arguments and a full house answer before any event
+        except OrcdError as err:
+            self._count("WatchEvents", err.code)
+            _abort(context, err)
+            return
+        self._count("WatchEvents", grpc.StatusCode.OK)
+        if first is not None:
+            yield first
+            yield from stream

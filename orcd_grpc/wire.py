@@ -14,6 +14,7 @@ import inspect
 
 import grpc
 
+from .grpc_loop import on_pool
 from .proto import pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"]
@@ -84,9 +85,10 @@ def _streaming(servicer, name: str, fn):
     return handle
 
 
-def method_handlers(servicer) -> dict[str, grpc.RpcMethodHandler]:
+def method_handlers(servicer, pool=None) -> dict[str, grpc.RpcMethodHandler]:
     """The Worker's handlers, as the generated add_WorkerServicer_to_server makes them, with the
-    parse-failure path above. Built from the descriptor, so a new RPC needs no change here."""
+    parse-failure path above. Built from the descriptor, so a new RPC needs no change here.
+    pool: for a grpc.aio server, the synchronous methods run on it (grpc_loop.on_pool)."""
     handlers = {}
     for m in SERVICE.methods:
         if m.client_streaming:
@@ -97,14 +99,17 @@ def method_handlers(servicer) -> dict[str, grpc.RpcMethodHandler]:
             make, behaviour = grpc.unary_stream_rpc_method_handler, _streaming(servicer, m.name, fn)
         else:
             make, behaviour = grpc.unary_unary_rpc_method_handler, _unary(servicer, m.name, fn)
+        if pool is not None and not inspect.isasyncgenfunction(behaviour):
+            behaviour = on_pool(behaviour, pool, m.server_streaming)
         handlers[m.name] = make(behaviour, request_deserializer=_parser(req_cls),
                                 response_serializer=resp_cls.SerializeToString)
     return handlers
 
 
 def add_worker_servicer(servicer, server) -> None:
-    """Replaces pb_grpc.add_WorkerServicer_to_server."""
-    handlers = method_handlers(servicer)
+    """Replaces pb_grpc.add_WorkerServicer_to_server (a grpc_loop.LoopServer: its pool runs the
+    synchronous methods)."""
+    handlers = method_handlers(servicer, getattr(server, "pool", None))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     if hasattr(server, "add_registered_method_handlers"):
         server.add_registered_method_handlers(SERVICE.full_name, handlers)

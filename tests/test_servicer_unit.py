@@ -340,6 +340,30 @@ def test_load_model_streams_progress_then_model(harness):
     assert code == grpc.StatusCode.OUT_OF_RANGE and details.startswith("context_length:")
 
 
+def test_load_model_stops_when_its_client_leaves(harness):
+    """Over the worker's grpc.aio server a client that leaves mid-load stops the load (the next
+    progress report raises), rather than a model nobody waits for being swapped in."""
+    h = harness(engine=None)
+    (h.model_dir / "slow.gguf").write_bytes(b"GGUF")
+    reports = []
+
+    def slow_load(path, *, progress=None, **_):
+        for i in range(1000):  # 10 s unless stopped
+            progress("loading", i, 1000)
+            reports.append(i)
+            time.sleep(0.01)
+        return FakeEngine(model_id="slow")
+
+    h.scheduler._loader = slow_load
+    call = h.stub.LoadModel(pb.LoadModelRequest(path="slow.gguf"))
+    assert next(call).progress.stage == "loading"
+    call.cancel()
+    time.sleep(0.5)  # the abort lands at the next progress report
+    stopped_at = len(reports)
+    time.sleep(0.5)
+    assert len(reports) == stopped_at < 1000 and h.scheduler.engine is None
+
+
 def test_failed_load_keeps_old_model(harness):
     h = harness()
     (h.model_dir / "big.gguf").write_bytes(b"GGUF")
