@@ -4,14 +4,13 @@ by uvicorn on its own thread and event loop (http_server.py).
 
 A request takes the gRPC Execute path in the same order: bearer token and role (security.py), rate
 limit and usage (ratelimit.py), the body as an ExecuteRequest (openai_schema.py) judged by
-request_validation, then Scheduler.submit. Events come back on the request's queue; a
-LoopQueue wakes the event loop on each put, so no thread sits blocked per request; http_run.py
-turns them into the reply. A client that goes away has its request abandoned (the scheduler frees
+request_validation, then Scheduler.submit. Events come back on the request's queue
+(loop_events: the loop is woken once per step for all its streams, and no thread sits blocked
+per request); http_run.py turns them into the reply. A client that goes away has its request abandoned (the scheduler frees
 its KV blocks at its next step).
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -27,7 +26,8 @@ from starlette.routing import Route
 from . import http_tokens, logs, openai_reply as rp, openai_schema as oa, ratelimit, request_validation as rv, security
 from .errors import NotFound, OrcdError, PermissionDenied, ResourceExhausted
 from .http_errors import HttpError, Unauthenticated, error_body, error_response, pydantic_error
-from .http_run import LoopQueue, Run, respond
+from .http_run import Run, respond
+from .loop_events import LoopEvents
 from .request import Request, Unavailable
 
 log = logs.get_logger("orcd.http")
@@ -184,7 +184,7 @@ class FrontDoor:
             pbreqs = oa.batch(pbreq, body) if kind == "completions" else [pbreq]
             echo = kind == "completions" and bool(body.echo)
             prepared = [await run_in_threadpool(self._prepare, r, client, correlation, echo) for r in pbreqs]
-            events = LoopQueue(asyncio.get_running_loop())
+            events = LoopEvents()
             for i, (req, _) in enumerate(prepared):
                 req.events = events.tagged(i)
                 self.scheduler.submit(req)

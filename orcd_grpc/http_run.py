@@ -19,53 +19,13 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from . import openai_reply as rp, prompt_scoring
 from .errors import Internal, OrcdError
+from .loop_events import LoopEvents
 from .http_errors import error_response, openai_error
 from .request import CANCELLED, ErrorEvent, FinishedEvent, Request, TokenEvent, Unavailable
 from .tool_calls import ANSWER, REASONING, Call
 from .tool_stream import ToolStream
 
 _POLL_S = 1.0  # how often a request waiting on its queue checks that the engine thread is alive
-
-
-class LoopQueue(queue.Queue):
-    """A request's event queue that wakes an asyncio loop on every put (from the engine thread)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        super().__init__()
-        self._loop = loop
-        self._ready = asyncio.Event()
-
-    def put(self, item, block=True, timeout=None):
-        super().put(item, block, timeout)
-        try:
-            self._loop.call_soon_threadsafe(self._ready.set)
-        except RuntimeError:  # the loop has closed (server stopped): nobody is waiting
-            pass
-
-    def tagged(self, i: int) -> "_Tagged":
-        """A queue for request i of a batch: what the scheduler puts on it arrives here as (i, event)."""
-        return _Tagged(self, i)
-
-    async def next(self, alive) -> object:
-        while True:
-            self._ready.clear()
-            try:
-                return self.get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                await asyncio.wait_for(self._ready.wait(), _POLL_S)
-            except asyncio.TimeoutError:
-                if not alive():
-                    return 0, ErrorEvent(Internal("the engine thread stopped"))
-
-
-class _Tagged:
-    def __init__(self, shared: LoopQueue, i: int):
-        self.shared, self.i = shared, i
-
-    def put(self, item, block=True, timeout=None):
-        self.shared.put((self.i, item))
 
 
 class SSEResponse(StreamingResponse):
@@ -119,7 +79,7 @@ class Run:
     `echoes`: per request, completions' (prompt text, whether it was text input), or None."""
 
     def __init__(self, door, reqs: list[Request], kind: str, body, client: str, reserved: int, path: str,
-                 events: LoopQueue, echoes: list):
+                 events: LoopEvents, echoes: list):
         self.door, self.reqs, self.kind, self.body = door, reqs, kind, body
         self.client, self.reserved, self.path = client, reserved, path
         self.queue = events
@@ -156,7 +116,14 @@ class Run:
         self.door.settle(self.client, self.reserved, self.generated)
 
     async def _next(self):
-        i, ev = await self.queue.next(self.door.scheduler.alive)
+        while True:
+            try:
+                i, ev = await self.queue.get(_POLL_S)
+                break
+            except queue.Empty:
+                if not self.door.scheduler.alive():
+                    i, ev = 0, ErrorEvent(Internal("the engine thread stopped"))
+                    break
         if isinstance(ev, TokenEvent):
             self.generated += 1
             if self.door.usage is not None:

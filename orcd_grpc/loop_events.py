@@ -12,6 +12,7 @@ import asyncio
 import collections
 import queue
 import threading
+import weakref
 
 
 class Mailbox:
@@ -22,10 +23,6 @@ class Mailbox:
         self._lock = threading.Lock()
         self._touched: set[LoopEvents] = set()
         self._pending = False  # a drain is scheduled and has not taken the set yet
-
-    def queue(self) -> "LoopEvents":
-        """A new stream's event queue (call on the loop)."""
-        return LoopEvents(self)
 
     def _wake(self, q: "LoopEvents") -> None:
         with self._lock:
@@ -45,10 +42,18 @@ class Mailbox:
             q._ready.set()
 
 
-class LoopEvents:
-    """A request's event queue: put from any thread, read with `await get(timeout)` on the loop."""
+_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
 
-    def __init__(self, mailbox: Mailbox):
+
+class LoopEvents:
+    """A request's event queue: put from any thread, read with `await get(timeout)` on the loop
+    it was made on (make it there: the queues of one loop share its Mailbox)."""
+
+    def __init__(self):
+        loop = asyncio.get_running_loop()
+        mailbox = _MAILBOXES.get(loop)
+        if mailbox is None:
+            mailbox = _MAILBOXES[loop] = Mailbox(loop)
         self._mailbox = mailbox
         self._items: collections.deque = collections.deque()
         self._ready = asyncio.Event()
@@ -56,6 +61,10 @@ class LoopEvents:
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
         self._items.append(item)
         self._mailbox._wake(self)
+
+    def tagged(self, i: int) -> "_Tagged":
+        """A queue for request i of a batch sharing this one: what is put on it arrives here as (i, event)."""
+        return _Tagged(self, i)
 
     def get_nowait(self):
         try:
@@ -76,3 +85,11 @@ class LoopEvents:
             except asyncio.TimeoutError:
                 if not self._items:
                     raise queue.Empty from None
+
+
+class _Tagged:
+    def __init__(self, shared: LoopEvents, i: int):
+        self.shared, self.i = shared, i
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        self.shared.put((self.i, item))

@@ -116,7 +116,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.max_vram = max_vram
         self.max_ram = max_ram
         self.metrics = metrics
-        self._mailboxes: dict = {}  # event loop -> loop_events.Mailbox (one, the server's)
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         if self.metrics is not None:
@@ -134,7 +133,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         deadline = arrival + remaining if remaining is not None else None
         owner = security.client_identity(context)
         loop = asyncio.get_running_loop()
-        events = self._mailbox(loop).queue()
+        events = loop_events.LoopEvents()
         submitting = loop.run_in_executor(self.executor, contextvars.copy_context().run, self._submit, request,
                                           arrival, deadline, owner, correlation, events)
         try:
@@ -153,12 +152,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                                         lambda code: self._count("Execute", code),
                                                         coalesce=request.coalesce_tokens):
                 yield response
-
-    def _mailbox(self, loop) -> loop_events.Mailbox:
-        box = self._mailboxes.get(loop)
-        if box is None:
-            box = self._mailboxes[loop] = loop_events.Mailbox(loop)
-        return box
 
     def _submit(self, request, arrival: float, deadline: float | None, owner: str, correlation: str,
                 events) -> Request:
