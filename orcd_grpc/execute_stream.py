@@ -78,7 +78,6 @@ async def stream(req: Request, context, scheduler, count, coalesce: bool = False
     """The messages of a submitted request whose events arrive on a loop_events queue. count(code)
     records the call's outcome once. The request is abandoned (KV blocks and batch slot freed at
     the scheduler's next step) when the stream ends early: client gone, call cancelled, server stopping."""
-    finished = False
     batch: list = []  # coalesce: Token messages ready together, sent as one event
     left = req.n  # Finished events still to come: one per sample
     use = req.tool_use
@@ -86,65 +85,60 @@ async def stream(req: Request, context, scheduler, count, coalesce: bool = False
     tools: dict[int, ToolStream] = {}
     route = (lambda k: tools.setdefault(k, ToolStream(use.family, use.names, req.engine.tokenizer))) \
         if use and use.family else None
+    # However the call ends (a finished request is not affected): a stream its client leaves may be
+    # cancelled while parked at a yield and never resumed, so no finally here would run.
     context.add_done_callback(lambda _ctx: scheduler.abandon(req))
     events = req.events
-    try:
-        yield pb.ExecuteResponse(started=pb.Started(
-            request_id=req.request_id, model_id=req.model_id, prompt_tokens=req.prompt_tokens,
-            correlation_id=req.correlation_id, queue_position=req.queue_position,
-            estimated_start_ms=req.estimated_start_ms))
-        while True:
-            try:
-                ev = events.get_nowait() if batch else await events.get(POLL_S)
-            except queue.Empty:
-                if batch:  # nothing more is waiting: what is, goes now
-                    yield _batched(batch)
-                    continue
-                if not scheduler.alive():
-                    err = Internal("the engine thread stopped")
-                    count(err.code)
-                    finished = True
-                    await abort(context, err)
-                continue
-            if isinstance(ev, TokenEvent):
-                out = (_token(ev, ANSWER),) if route is None else \
-                    [_routed(x, ev.sample) for x in route(ev.sample).on_token(ev)]
-                if not coalesce:
-                    for r in out:
-                        yield r
-                    continue
-                for r in out:
-                    if r.WhichOneof("event") == "token":
-                        batch.append(r.token)
-                        if len(batch) >= _MAX_BATCH:
-                            yield _batched(batch)
-                    else:
-                        if batch:
-                            yield _batched(batch)
-                        yield r
-                continue
-            if batch:  # tokens go before whatever follows them
+    yield pb.ExecuteResponse(started=pb.Started(
+        request_id=req.request_id, model_id=req.model_id, prompt_tokens=req.prompt_tokens,
+        correlation_id=req.correlation_id, queue_position=req.queue_position,
+        estimated_start_ms=req.estimated_start_ms))
+    while True:
+        try:
+            ev = events.get_nowait() if batch else await events.get(POLL_S)
+        except queue.Empty:
+            if batch:  # nothing more is waiting: what is, goes now
                 yield _batched(batch)
-            if isinstance(ev, PromptLogprobsEvent):
-                yield pb.ExecuteResponse(prompt_logprobs=to_proto(ev, pb))
-            elif isinstance(ev, FinishedEvent):
-                left -= 1
-                finished = left <= 0
-                if finished:
-                    count(grpc.StatusCode.OK)
-                reason = ev.reason
-                if route is not None:
-                    tool_stream = route(ev.sample)
-                    for x in tool_stream.on_finish():
-                        yield _routed(x, ev.sample)
-                    reason = tool_stream.finish_reason(reason)
-                yield _finished(ev, reason)
-                if finished:
-                    return
-            elif isinstance(ev, ErrorEvent):
-                finished = True
-                count(ev.error.code)
-                await abort(context, ev.error)
-    finally:
-        if not finished:
-            scheduler.abandon(req)
+                continue
+            if not scheduler.alive():
+                err = Internal("the engine thread stopped")
+                count(err.code)
+                await abort(context, err)
+            continue
+        if isinstance(ev, TokenEvent):
+            out = (_token(ev, ANSWER),) if route is None else \
+                [_routed(x, ev.sample) for x in route(ev.sample).on_token(ev)]
+            if not coalesce:
+                for r in out:
+                    yield r
+                continue
+            for r in out:
+                if r.WhichOneof("event") == "token":
+                    batch.append(r.token)
+                    if len(batch) >= _MAX_BATCH:
+                        yield _batched(batch)
+                else:
+                    if batch:
+                        yield _batched(batch)
+                    yield r
+            continue
+        if batch:  # tokens go before whatever follows them
+            yield _batched(batch)
+        if isinstance(ev, PromptLogprobsEvent):
+            yield pb.ExecuteResponse(prompt_logprobs=to_proto(ev, pb))
+        elif isinstance(ev, FinishedEvent):
+            left -= 1
+            if left <= 0:
+                count(grpc.StatusCode.OK)
+            reason = ev.reason
+            if route is not None:
+                tool_stream = route(ev.sample)
+                for x in tool_stream.on_finish():
+                    yield _routed(x, ev.sample)
+                reason = tool_stream.finish_reason(reason)
+            yield _finished(ev, reason)
+            if left <= 0:
+                return
+        elif isinstance(ev, ErrorEvent):
+            count(ev.error.code)
+            await abort(context, ev.error)
