@@ -2,18 +2,19 @@
 server's event loop.
 
 The worker's gRPC server is grpc.aio: Execute streams are coroutines on its event loop, the other
-methods run on its thread pool. A policy interceptor says what it does around one call as a
-`begin(request, context) -> Hooks` function; `wrap_handler` runs it around either kind of
-behaviour. begin runs on the thread (or in the task) that runs the handler, so context variables
-it sets reach the servicer, and it may refuse the call with `context.abort(code, details)` on
-both kinds: on the event loop it gets a view of the call whose abort sets the status and ends the
-call before the handler starts (grpc.aio's own abort is a coroutine).
+methods run on its thread pool (grpc_loop.on_pool). A policy (`Policy`) says what it does around
+one call as a `begin(request, context) -> Hooks` function; on the worker's server `OnLoop` chains
+every policy's begin into one wrapper around the handler (a streamed response passes one wrapper,
+not one per policy); on a plain grpc.server each policy wraps the handler itself. begin runs where
+the handler's call starts, so context variables it sets reach the servicer, and it may refuse the
+call with `context.abort(code, details)`: on the event loop it gets a CallView, whose abort sets
+the status and ends the call before the handler starts (grpc.aio's own abort is a coroutine).
 """
 from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import Callable
+from typing import Callable, Sequence
 
 import grpc
 
@@ -145,13 +146,69 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None, begin: Begin):
     return handler
 
 
-class OnLoop(grpc.aio.ServerInterceptor):
-    """A policy interceptor (grpc.ServerInterceptor whose intercept_service wraps through
-    wrap_handler) installed on a grpc.aio server."""
+class Policy(grpc.ServerInterceptor):
+    """A policy interceptor: begin_for(handler_call_details) is what it does around that call
+    (a Begin), or None when the call is none of its business. On grpc.server it wraps each
+    handler itself; on the worker's grpc.aio server OnLoop runs all policies as one wrapper."""
 
-    def __init__(self, interceptor: grpc.ServerInterceptor):
-        self.interceptor = interceptor
+    def begin_for(self, handler_call_details) -> Begin | None:
+        raise NotImplementedError
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        begin = self.begin_for(handler_call_details) if handler is not None else None
+        return handler if begin is None else wrap_handler(handler, begin)
+
+
+class _Held(Hooks):
+    """The hooks of the policies that admitted a call, in order (ended in reverse)."""
+
+    def __init__(self, held: list[Hooks]):
+        self.held = held
+
+    def each(self, response) -> None:
+        for h in self.held:
+            h.each(response)
+
+    def end(self) -> None:
+        for h in reversed(self.held):
+            h.end()
+
+
+def _chain(begins: list[Begin]) -> Begin:
+    """One begin running each of `begins` in order; if one refuses the call, the hooks of those
+    before it are ended."""
+    if len(begins) == 1:
+        return begins[0]
+
+    def begin(request, context) -> Hooks:
+        held: list[Hooks] = []
+        try:
+            for b in begins:
+                held.append(b(request, context))
+        except BaseException:
+            _Held(held).end()
+            raise
+        held = [h for h in held if h is not NO_HOOKS]
+        return _Held(held) if held else NO_HOOKS
+
+    return begin
+
+
+class OnLoop(grpc.aio.ServerInterceptor):
+    """The policies, in order, installed on a grpc.aio server as one interceptor: a call's
+    responses pass through one wrapper, not one per policy."""
+
+    def __init__(self, policies: Sequence[Policy]):
+        for p in policies:
+            if not isinstance(p, Policy):
+                raise TypeError(f"{type(p).__name__} is not a call_hooks.Policy (begin_for), which the "
+                                "worker's grpc.aio server needs")
+        self.policies = list(policies)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        return self.interceptor.intercept_service(lambda _details: handler, handler_call_details)
+        if handler is None:
+            return None
+        begins = [b for p in self.policies if (b := p.begin_for(handler_call_details)) is not None]
+        return wrap_handler(handler, _chain(begins)) if begins else handler

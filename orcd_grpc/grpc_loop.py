@@ -30,13 +30,14 @@ class LoopServer:
     def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, *, interceptors: Sequence = (),
                  options: Sequence = (), maximum_concurrent_rpcs: int | None = None):
         self.pool = pool
+        policies = [OnLoop(interceptors)] if interceptors else None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="orcd-grpc-loop", daemon=True)
         self._thread.start()
 
         async def make() -> grpc.aio.Server:  # grpc.aio binds a server to the loop it is made on
-            return grpc.aio.server(migration_thread_pool=pool, interceptors=[OnLoop(i) for i in interceptors],
-                                   options=list(options), maximum_concurrent_rpcs=maximum_concurrent_rpcs)
+            return grpc.aio.server(migration_thread_pool=pool, interceptors=policies, options=list(options),
+                                   maximum_concurrent_rpcs=maximum_concurrent_rpcs)
 
         self.server = self.call(make())
 

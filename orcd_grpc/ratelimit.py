@@ -34,7 +34,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from . import security
-from .call_hooks import NO_HOOKS, Hooks, wrap_handler
+from .call_hooks import NO_HOOKS, Hooks, Policy
 from .errors import OutOfRange
 
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -240,7 +240,7 @@ def _execute_usage(response) -> tuple[int, int]:
     return 0, 0
 
 
-class RateLimitInterceptor(grpc.ServerInterceptor):
+class RateLimitInterceptor(Policy):
     """Admits each call through the client's buckets and counts its usage.
 
     Install it after security.AuthInterceptor so that the token's client id is known. Health and
@@ -290,11 +290,10 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
         except OutOfRange as err:
             context.abort(err.code, str(err))
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    def begin_for(self, handler_call_details):
         method = handler_call_details.method
-        if handler is None or method.startswith(self._open):
-            return handler
+        if method.startswith(self._open):
+            return None
         usage_of = self._usage_of.get(method)
 
         def begin(request, context) -> Hooks:
@@ -308,7 +307,7 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
             context.add_callback(hooks.end)
             return hooks
 
-        return wrap_handler(handler, begin)
+        return begin
 
 
 class _Usage(Hooks):

@@ -32,7 +32,7 @@ from typing import Mapping
 
 import grpc
 
-from .call_hooks import NO_HOOKS, Hooks, wrap_handler
+from .call_hooks import NO_HOOKS, Hooks, Policy
 
 # the token specs' grammar and the roles they name (re-exported: the configuration's vocabulary)
 from .token_specs import (ALL_ROLES, DEFAULT_ROLES, MAX_PRIORITY, MIN_PRIORITY, ROLES, _parse,  # noqa: F401
@@ -307,7 +307,7 @@ def authorize(method: str, client: str, roles: frozenset[str]) -> str | None:
             f"--auth-token TOKEN:CLIENT:{'+'.join(sorted(roles | need))})")
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(Policy):
     """Checks "authorization: Bearer <token>" on every method outside OPEN_METHOD_PREFIXES, checks
     that the token's roles allow the method (METHOD_ROLES), and publishes the caller's client id
     in CALL_CLIENT for the handler (and the rate limiter).
@@ -326,10 +326,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
         """The tokens and roles this interceptor accepts (the HTTP front door checks the same)."""
         return self._checker
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or not self._checker or handler_call_details.method.startswith(self._open):
-            return handler
+    def begin_for(self, handler_call_details):
+        if not self._checker or handler_call_details.method.startswith(self._open):
+            return None
         verdict = authenticate(self._checker, handler_call_details.invocation_metadata)
         if isinstance(verdict[0], str):
             denied = authorize(handler_call_details.method, verdict[0], verdict[1])
@@ -343,7 +342,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             CALL_PRIORITY.set(verdict[2])
             return NO_HOOKS
 
-        return wrap_handler(handler, begin)
+        return begin
 
 
 def peer_common_name(context) -> str | None:

@@ -19,7 +19,7 @@ from .metrics import Metrics
 from .pool_metrics import PoolMetricsCollector
 from .proto import pb
 from .scheduler import Scheduler
-from .call_hooks import Hooks, wrap_handler
+from .call_hooks import Hooks, Policy
 from .grpc_loop import LoopServer
 from .security import ALL_ROLES, AuthInterceptor
 from .servicer import WorkerServicer
@@ -69,8 +69,8 @@ class ServerConfig:
     max_workers: int = 0           # gRPC handler threads; 0: enough for every queued and running request
     auth_token: str | None = None  # when set, calls need "authorization: Bearer <token>"
     log_level: str = "info"
-    # Hooks for transport security and extra call policy (e.g. orcd_grpc.security): interceptors
-    # run after the correlation-id/auth wrapper; credentials switch the port to TLS.
+    # Extra call policy (call_hooks.Policy, e.g. orcd_grpc.security's and ratelimit's): run after the
+    # correlation-id/auth wrapper; credentials switch the port to TLS.
     interceptors: list = dataclasses.field(default_factory=list)
     credentials: Any = None
 
@@ -82,7 +82,7 @@ class BindError(RuntimeError):
 CONTROL_THREADS = 16  # RPC slots (and pool threads) Execute streams may not take (Cancel, health, LoadModel...)
 
 
-class _CallWrapper(grpc.ServerInterceptor):
+class _CallWrapper(Policy):
     """Binds the call's correlation id for its log lines and caps the open Execute streams.
 
     Context variables set in the interceptor itself would not reach the handler (it runs on a
@@ -97,10 +97,7 @@ class _CallWrapper(grpc.ServerInterceptor):
         self._streams = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
         self._max_streams = max_streams
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
+    def begin_for(self, handler_call_details):
         md = dict(handler_call_details.invocation_metadata or ())
         cid = str(md.get(CORRELATION_KEY) or "")[:128] or logs.new_correlation_id()
         limited = self._streams if handler_call_details.method == f"/{SERVICE_NAME}/Execute" else None
@@ -115,7 +112,7 @@ class _CallWrapper(grpc.ServerInterceptor):
                               f"the worker has {self._max_streams} open Execute streams; retry later")
             return _Bound(ids, limited)
 
-        return wrap_handler(handler, begin)
+        return begin
 
 
 class _Bound(Hooks):
