@@ -91,3 +91,26 @@ __device__ void merge_split_row(const float* __restrict__ p, float* __restrict__
     for (int c = 0; c < CB; ++c)
         if (32 * c + lane < Dv) o[32 * c + lane] = a[c] * inv;
 }
+
+// The last of a (sequence, kv head)'s n_splits CTAs to finish (attn_dec, attn_decm: 4 warps) merges
+// all their partials, a warp per q head, and resets the counter for the next launch, so a graph
+// replays it as captured. Each CTA's partial writes are fenced before it counts itself.
+template <int CB>
+__device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict__ out,
+                               const float* __restrict__ sinks, int* counter, int t, int kvh, int G, int Hq,
+                               int Dv, int n_splits) {
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1) == n_splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    __shared__ float wsh[4][MAX_SPLITS];  // attn_dec's 4 warps
+    for (int g = threadIdx.x >> 5; g < G; g += blockDim.x >> 5) {
+        const size_t row = (size_t)t * Hq + kvh * G + g;
+        merge_split_row<CB>(part + row * n_splits * (Dv + 2), out + row * Dv, sinks ? sinks + (row % Hq) : nullptr,
+                            Dv, n_splits, threadIdx.x & 31, wsh[threadIdx.x >> 5]);
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}

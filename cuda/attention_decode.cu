@@ -10,30 +10,8 @@
 // from global memory (lane j scores key j of the tile: 16-byte K loads, q broadcast from shared
 // memory; then the warp accumulates p * V with lanes owning 2 dims per 64), keeping its own online
 // softmax; the warps merge through shared memory at the end. NC = ceil(Dv / 64).
-// The last of a (sequence, kv head)'s n_splits CTAs to finish merges all their partials (as
-// attn_combine would, one launch later), a warp per q head, and resets the counter for the next
-// launch, so a graph replays it as captured. Each CTA's partial writes are fenced before it counts
-// itself.
-template <int CB>
-__device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict__ out,
-                               const float* __restrict__ sinks, int* counter, int t, int kvh, int G, int Hq,
-                               int Dv, int n_splits) {
-    __shared__ int is_last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1) == n_splits - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    __shared__ float wsh[4][MAX_SPLITS];  // attn_dec's 4 warps
-    for (int g = threadIdx.x >> 5; g < G; g += blockDim.x >> 5) {
-        const size_t row = (size_t)t * Hq + kvh * G + g;
-        merge_split_row<CB>(part + row * n_splits * (Dv + 2), out + row * Dv, sinks ? sinks + (row % Hq) : nullptr,
-                            Dv, n_splits, threadIdx.x & 31, wsh[threadIdx.x >> 5]);
-    }
-    if (threadIdx.x == 0) *counter = 0;
-}
-
+// The last of a (sequence, kv head)'s n_splits CTAs merges all their partials (attn_dec_merge in
+// attention_common.cuh), as attn_combine would one launch later.
 // ST (NC <= 2; the host routes Dk > 64 NC elsewhere): a warp copies its 32-key K tile into shared
 // memory first, in 16-byte cp.async copies of whole rows (a row's bytes are contiguous, so a warp's
 // copy touches each cache line once), and lane j then scores key j from there. Read straight from global

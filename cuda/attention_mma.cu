@@ -1,5 +1,5 @@
-// Prefill attention on tensor cores, over the paged f16 KV cache (attention.cu's layout and
-// masks). attn_dN scores and accumulates with scalar float32 FMAs: a long prompt's attention is
+// Attention on tensor cores over the paged f16 KV cache (attention.cu's layout and masks): prefill
+// (attn_mma_d*) and GQA decode (attn_decm_d*, at the end). attn_dN scores and accumulates with scalar float32 FMAs: a long prompt's attention is
 // quadratic in its length, and on CUDA cores a 32k-token prefill spent most of its time there.
 //
 // attn_mma_d<D>: one CTA = (sequence b, kv head, tile of 64 query rows), rows token-major (token,
@@ -14,7 +14,7 @@
 // g+8, k 2t..), a4a5 (row g, k 2t+8..), a6a7 (row g+8, k 2t+8..); B b0b1 (k 2t..2t+1, n g), b2b3
 // (k 2t+8.., n g); C c0c1 (row g, n 2t..2t+1), c2c3 (row g+8, n 2t..). A thread's rows are g and
 // g + 8 of its warp's 16, each row's keys spread over the 4 threads of a quad.
-#include "common.cuh"
+#include "attention_common.cuh"
 
 #define MR 64  // query rows per CTA (4 warps x 16)
 #define MK 64  // keys per tile
@@ -253,3 +253,221 @@ __device__ void attn_mma_impl(const float* __restrict__ q, const __half* __restr
 ATTN_MMA(64)
 ATTN_MMA(96)
 ATTN_MMA(128)
+
+// attn_decm_d<D>: decode steps (one query token per sequence) on tensor cores. attn_dec scores a
+// key per lane with scalar FMAs over every dim of each of the group's q heads: thousands of
+// dependent instructions per 32-key tile on a handful of warps, a latency chain (ncu: DRAM under
+// 1 % busy at qwen2.5's B=1). Here the group's G <= 16 q heads are the rows of one m16n8k16 A tile
+// (rows past G are zeros), so a warp's 32-key tile is D / 4 mma for S = Q K^T and D / 4 for P V.
+// One CTA = (key slice, sequence, kv head), with attn_dec's arguments, slices and in-kernel merge.
+// Each of its 4 warps stages its own 32 K and V rows by cp.async (K and V as separate groups:
+// scoring starts once K has landed while V still comes), keeps its own online softmax, and the
+// warps merge through shared memory at the end.
+#define DW 4    // warps per CTA
+#define DKT 32  // keys per warp tile
+
+template <int D>
+__device__ void attn_decm_impl(const float* __restrict__ q, const __half* __restrict__ kc,
+                               const __half* __restrict__ vc, float* __restrict__ out,
+                               const int* __restrict__ q_starts, const int* __restrict__ positions,
+                               const int* __restrict__ ctx_lens, const int* __restrict__ block_tables, int max_blocks,
+                               int block_size, int Hq, int Hkv, float scale, int window,
+                               const float* __restrict__ sinks, float softcap, int n_splits, float* __restrict__ part,
+                               int* __restrict__ counters) {
+    constexpr int LD = D + 8;   // row stride in halves (attn_mma's)
+    constexpr int KS = D / 16;  // k-steps of Q K^T; also pairs of 8-wide output tiles
+    constexpr int CPR = D / 8;  // 16-byte chunks per K or V row
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __half* Qs = reinterpret_cast<__half*>(smem_raw);  // [16][LD], pre-scaled
+    __half* Tiles = Qs + 16 * LD;                      // per warp: K [DKT][LD] then V [DKT][LD]
+    float* As = reinterpret_cast<float*>(Tiles);       // after the key loop: [DW][16][D] partial outputs
+    __shared__ float Ms[DW][16], Ls[DW][16];
+
+    const int b = blockIdx.y, kvh = blockIdx.z, split = blockIdx.x;
+    const int t = q_starts[b];
+    if (q_starts[b + 1] - t != 1) return;  // no token of this sequence in the step
+    const int G = Hq / Hkv, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+    const int p = positions[t];
+    int hi = min(p + 1, ctx_lens[b]), lo = window > 0 ? max(0, p - window + 1) : 0;
+    if (n_splits > 1) {  // slices of whole 4-warp passes, as attn_dec's
+        constexpr int PASS = DW * DKT;
+        const int chunk = ((max(hi - lo, 0) + n_splits - 1) / n_splits + PASS - 1) / PASS * PASS;
+        lo += split * chunk;
+        hi = min(hi, lo + chunk);
+    }
+    const float* qh = q + ((size_t)t * Hq + kvh * G) * D;  // the group's G rows are contiguous
+    for (int e = tid; e < 16 * (D / 2); e += blockDim.x) {
+        const int r = e / (D / 2), c2 = e - r * (D / 2);
+        float2 v = make_float2(0.f, 0.f);
+        if (r < G && lo < hi) v = reinterpret_cast<const float2*>(qh + (size_t)r * D)[c2];
+        reinterpret_cast<__half2*>(Qs + r * LD)[c2] = __floats2half2_rn(v.x * scale, v.y * scale);
+    }
+    __syncthreads();
+    unsigned qa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) ldsm_x4(qa[kk], Qs + (lane & 15) * LD + kk * 16 + (lane >> 4) * 8);
+
+    float o[2 * KS][4];
+#pragma unroll
+    for (int j = 0; j < 2 * KS; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    const int* btab = block_tables + (size_t)b * max_blocks;
+    __half* Ks = Tiles + warp * 2 * DKT * LD;
+    __half* Vs = Ks + DKT * LD;
+    const int mi = lane >> 3;  // which of ldmatrix's four 8x8 matrices this lane addresses a row of
+
+    for (int k0 = lo + warp * DKT; k0 < hi; k0 += DW * DKT) {
+        // Key k0 + lane's cache slot. Keys past `hi` borrow key k0's (always written), so the V rows
+        // they add with p = 0 are finite: a never-written row may hold NaN bits, and 0 * NaN = NaN.
+        const int n = k0 + lane;
+        int sl = n < hi ? btab[n / block_size] * block_size + n % block_size : 0;
+        const int sl0 = __shfl_sync(FULL_MASK, sl, 0);
+        sl = n < hi ? sl : sl0;
+        int src[CPR];  // the slot of the row each of this lane's chunks belongs to
+#pragma unroll
+        for (int i = 0; i < CPR; ++i) src[i] = __shfl_sync(FULL_MASK, sl, (lane + 32 * i) / CPR);
+        __syncwarp();  // the previous tile's fragments are read: its rows may be overwritten
+#pragma unroll
+        for (int i = 0; i < CPR; ++i) {
+            const int e = lane + 32 * i, r = e / CPR, c = e - r * CPR;
+            cp_async16(Ks + r * LD + 8 * c, kc + ((size_t)src[i] * Hkv + kvh) * D + 8 * c);
+        }
+        cp_async_commit();
+#pragma unroll
+        for (int i = 0; i < CPR; ++i) {
+            const int e = lane + 32 * i, r = e / CPR, c = e - r * CPR;
+            cp_async16(Vs + r * LD + 8 * c, vc + ((size_t)src[i] * Hkv + kvh) * D + 8 * c);
+        }
+        cp_async_commit();
+        cp_async_wait1();  // K has landed
+        __syncwarp();
+
+        // S = Q K^T: n-tiles 2jn and 2jn + 1 (keys 16 jn ..) from one ldmatrix.x4 per k-step
+        float s[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int jn = 0; jn < 2; ++jn) {
+                unsigned r[4];
+                ldsm_x4(r, Ks + (jn * 16 + (mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
+                mma16816(s[2 * jn], qa[kk], r[0], r[1]);
+                mma16816(s[2 * jn + 1], qa[kk], r[2], r[3]);
+            }
+        }
+        // softcap, keys past `hi`, and the online softmax of the thread's rows g and g + 8
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                float si = s[j][c];
+                if (softcap > 0.f) si = softcap * tanhf(si / softcap);
+                s[j][c] = k0 + 8 * j + 2 * t4 + (c & 1) < hi ? si : -INFINITY;
+                mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
+            }
+        }
+        float corr[2], rs[2] = {0.f, 0.f};
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri) {
+            const float m_new = fmaxf(m[ri], quad_max(mx[ri]));  // key k0 is visible: finite
+            corr[ri] = __expf(m[ri] - m_new);
+            m[ri] = m_new;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const float pj = s[j][c] == -INFINITY ? 0.f : __expf(s[j][c] - m[c >> 1]);
+                s[j][c] = pj;
+                rs[c >> 1] += pj;
+            }
+        }
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri) l[ri] = l[ri] * corr[ri] + quad_sum(rs[ri]);
+#pragma unroll
+        for (int j = 0; j < 2 * KS; ++j) {
+            o[j][0] *= corr[0]; o[j][1] *= corr[0];
+            o[j][2] *= corr[1]; o[j][3] *= corr[1];
+        }
+        cp_async_wait0();  // V has landed
+        __syncwarp();
+        // O += P V, 16 keys a k-step: P's A fragment from S's n-tiles 2kk and 2kk + 1
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+            const unsigned pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
+                                    pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                    pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dn = 0; dn < KS; ++dn) {
+                unsigned r[4];
+                ldsm_x4_t(r, Vs + (kk * 16 + (mi & 1) * 8 + (lane & 7)) * LD + dn * 16 + (mi >> 1) * 8);
+                mma16816(o[2 * dn], pa, r[0], r[1]);
+                mma16816(o[2 * dn + 1], pa, r[2], r[3]);
+            }
+        }
+    }
+    __syncthreads();  // As overlays the other warps' tiles
+
+    // The warps' softmax states and outputs -> shared, merged per (row, dim); then a partial for
+    // the merge, or the normalised output.
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+        const int r = g + 8 * ri;
+        if (r >= G) continue;
+        if (t4 == 0) { Ms[warp][r] = m[ri]; Ls[warp][r] = l[ri]; }
+#pragma unroll
+        for (int j = 0; j < 2 * KS; ++j)
+            *reinterpret_cast<float2*>(As + (warp * 16 + r) * D + 8 * j + 2 * t4) = make_float2(o[j][2 * ri], o[j][2 * ri + 1]);
+    }
+    __syncthreads();
+    for (int e = tid; e < G * D; e += blockDim.x) {
+        const int r = e / D, d = e - r * D, h = kvh * G + r;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < DW; ++w) M = fmaxf(M, Ms[w][r]);
+        float L = 0.f, A = 0.f;
+        if (M != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < DW; ++w) {
+                if (Ms[w][r] == -INFINITY) continue;
+                const float f = __expf(Ms[w][r] - M);
+                L = fmaf(Ls[w][r], f, L);
+                A = fmaf(As[(w * 16 + r) * D + d], f, A);
+            }
+        }
+        if (n_splits > 1) {
+            float* po = part + (((size_t)t * Hq + h) * n_splits + split) * (D + 2);
+            po[d] = A;
+            if (d == 0) { po[D] = M; po[D + 1] = L; }
+        } else {
+            float f = 1.f;  // one slice: the sink joins here (split steps: in merge_split_row)
+            if (sinks) {
+                const float sk = sinks[h];
+                const float mf = fmaxf(M, sk);
+                f = __expf(M - mf);
+                L = L * f + __expf(sk - mf);
+            }
+            out[((size_t)t * Hq + h) * D + d] = L > 0.f ? A * f / L : 0.f;
+        }
+    }
+    if (n_splits > 1 && counters)
+        attn_dec_merge<(D + 31) / 32>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, D, n_splits);
+}
+
+// attn_decm_d<D>: attn_dec's f16 arguments (Dk = Dv = D; 544 * (D + 8) bytes of dynamic shared memory).
+#define ATTN_DECM(D)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(DW * 32)                                                \
+    attn_decm_d##D(const float* q, const __half* kc, const __half* vc, float* out, const int* q_starts,  \
+                   const int* positions, const int* ctx_lens, const int* block_tables, int max_blocks,   \
+                   int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window,             \
+                   const float* sinks, float softcap, int n_splits, float* part, int* counters) {        \
+        pdl_enter();                                                                                     \
+        attn_decm_impl<D>(q, kc, vc, out, q_starts, positions, ctx_lens, block_tables, max_blocks,       \
+                          block_size, Hq, Hkv, scale, window, sinks, softcap, n_splits, part, counters); \
+    }
+
+ATTN_DECM(64)
+ATTN_DECM(96)
+ATTN_DECM(128)

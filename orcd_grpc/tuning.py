@@ -93,6 +93,10 @@ class Tuning:
     attn_dec_min_heads: int = _switch(
         128, "ORCD_ATTN_DEC_MIN_HEADS", "... and any group size from this many (sequence, kv head) pairs in a step "
         "(qwen2.5 B=64 8,998 against 8,029 tok/s; 64 pairs and fewer even or slower)")
+    attn_dec_mma: int = _switch(
+        0, "ORCD_ATTN_DEC_MMA", "decode steps of an f16 cache with head dim 64, 96 or 128 and from this many to 16 "
+        "q heads per kv head attend on tensor cores (attn_decm_d*: the group's heads are the rows of an mma tile) "
+        "instead of attn_dec / attn_dN_b; 0 never; not yet measured")
     attn_merge: bool = _switch(
         True, "ORCD_ATTN_MERGE", "split attn_dec merges its slices in its last CTA instead of an attn_combine "
         "launch (phi3-mini -260 us per step)")

@@ -224,6 +224,10 @@ class AttentionMixin:
         if T == 0:
             return out
         group = Hq // Hkv
+        if (ctx.max_q == 1 and 0 < self.tuning.attn_dec_mma <= group <= 16 and not kv.q8 and Dk == Dv
+                and Dk in (64, 96, 128)):
+            return self._decode_attention(q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks,
+                                          softcap, mma=True)
         # attn_dec_*_n1/_n2 (Dv <= 128) hold Dk <= 64 * ceil(Dv / 64) key dims in their staged tiles
         if (ctx.max_q == 1 and Dk % 8 == 0 and Dk <= 256 and Dv <= 256 and group <= 8
                 and (Dv > 128 or Dk <= 64 * -(-Dv // 64))
@@ -287,12 +291,23 @@ class AttentionMixin:
         self._launch(comb, (-(-rows // 8), 1, 1), (256, 1, 1), part.ptr, out.ptr, sinks.ptr if sinks is not None else 0,
                      np.int32(rows), np.int32(Hq), np.int32(Dv), np.int32(splits))
 
-    def _decode_attention(self, q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks, softcap):
-        """A step of decode tokens only: attn_dec_g<GM>_n<NC>, one 4-warp CTA per (key slice, sequence,
-        kv head). As with attn_dN, the split count depends only on the batch shape (graph-safe)."""
-        gm = next(g for g in (1, 2, 4, 8) if g >= group)
-        kern = self._k("attention_decode", f"attn_dec_g{gm}_n{-(-Dv // 64)}" + ("_q8" if kv.q8 else ""),
-                       "PPPPPPPPPPiiiiiifiPfiPP" if kv.q8 else "PPPPPPPPiiiiiifiPfiPP")
+    def _decode_attention(self, q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks, softcap,
+                          mma=False):
+        """A step of decode tokens only: attn_dec_g<GM>_n<NC> (or with mma, attn_decm_d<D> on tensor
+        cores), one 4-warp CTA per (key slice, sequence, kv head). As with attn_dN, the split count
+        depends only on the batch shape (graph-safe)."""
+        smem = 0
+        if mma:
+            name = f"attn_decm_d{Dk}"
+            kern = self._k("attention_mma", name, "PPPPPPPPiiiiiifiPfiPP")
+            smem = 544 * (Dk + 8)  # the group's q rows and each warp's K and V tiles, f16 rows padded by 8
+            if smem > 48 * 1024 and (name, smem) not in self._attr_set:
+                kern.fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+                self._attr_set.add((name, smem))
+        else:
+            gm = next(g for g in (1, 2, 4, 8) if g >= group)
+            kern = self._k("attention_decode", f"attn_dec_g{gm}_n{-(-Dv // 64)}" + ("_q8" if kv.q8 else ""),
+                           "PPPPPPPPPPiiiiiifiPfiPP" if kv.q8 else "PPPPPPPPiiiiiifiPfiPP")
         splits = _key_splits(dec_target_ctas(self.limits), ctx.B * Hkv, self.tuning.attn_splits)
         part = self._out((ctx.T * Hq, splits, Dv + 2)) if splits > 1 else None
         counters = 0
@@ -306,7 +321,8 @@ class AttentionMixin:
                      ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables, np.int32(ctx.max_blocks),
                      np.int32(ctx.block_size), np.int32(Hq), np.int32(Hkv), np.int32(Dk), np.int32(Dv),
                      np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,
-                     np.float32(softcap or 0.0), np.int32(splits), part.ptr if part is not None else 0, counters)
+                     np.float32(softcap or 0.0), np.int32(splits), part.ptr if part is not None else 0, counters,
+                     shared=smem)
         if part is not None and not counters:
             self._combine(part, out, sinks, ctx.T * Hq, Hq, Dv, splits)
         return out

@@ -335,7 +335,11 @@ ATTN_MODES = {"default": {}, "one-slice": {"attn_splits": 1},
               "combine-launch": {"attn_merge": False},
               "dec-gqa-combine-launch": {"attn_dec_max_group": 8, "attn_merge": False},
               # prefill steps on attn_dN_b instead of tensor cores (attn_mma_d*, the default)
-              "no-mma": {"attn_mma": False}}
+              "no-mma": {"attn_mma": False},
+              # decode steps of every group size up to 16 on tensor cores (attn_decm_d*)
+              "dec-mma": {"attn_dec_mma": 1}, "dec-mma-one-slice": {"attn_dec_mma": 1, "attn_splits": 1},
+              "dec-mma-four-slices": {"attn_dec_mma": 1, "attn_splits": 4},
+              "dec-mma-combine-launch": {"attn_dec_mma": 1, "attn_merge": False}}
 
 
 def check_attention_case(be, rng, case, label, *, cached, fill, outlier_keys=False):
@@ -344,7 +348,8 @@ def check_attention_case(be, rng, case, label, *, cached, fill, outlier_keys=Fal
     comparison isolates the kernels' arithmetic from the cache format. fill(kv) poisons the
     device cache first (never-written rows must not reach the output); outlier_keys gives the
     keys a few large channels, as real ones have. Bound 3e-4, or 2e-3 where the step ran on
-    tensor cores (attn_mma rounds the scaled queries and the softmax weights to f16, 2^-11 each)."""
+    tensor cores (attn_mma and attn_decm round the scaled queries and the softmax weights to f16,
+    2^-11 each)."""
     Hq, Hkv, D, plens, extra, window, with_sinks, softcap = case
     bs = 16
     # every sequence's blocks plus slack, so the shuffled tables do not run out on long prompts
@@ -373,7 +378,7 @@ def check_attention_case(be, rng, case, label, *, cached, fill, outlier_keys=Fal
             poison(be)  # synchronizes: what _recent lists after this are the step's own kernels
             out = be.attention(dev(be, q), dev(be, k), dev(be, v), kv_dev, layer, ctx, scale=scale,
                                window=window, sinks=dev(be, sinks) if with_sinks else None, softcap=softcap)
-            mma = any(name.startswith("attn_mma") for name in be._recent)
+            mma = any(name.startswith(("attn_mma", "attn_decm")) for name in be._recent)
             assert out.shape == (T, Hq * D)
             assert rel(be.to_host(out), exp) < (2e-3 if mma else 3e-4), (case, label)
     finally:
