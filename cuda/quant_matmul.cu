@@ -57,6 +57,14 @@ __device__ __forceinline__ int stage_chunk(uint8_t* dst, const uint8_t* src, int
 // the H100's bandwidth (phi3-mini Q4_K 3072x9216: 17.3 us, ~950 GB/s, CUPTI trace).
 constexpr int ACT_I8 = 4;
 
+// ORCD_PDL_PREFETCH = 1: a dense GEMV issues its first weight chunk's copies before pdl_enter, so
+// under programmatic dependent launch (cuda_graph.py) the weight bytes are on their way while the
+// kernel before it still runs; only x, the scales and y wait for it. The MoE GEMV waits first (its
+// expert comes from the router's output). The GEMV entry points call pdl_enter inside gemv_impl.
+#ifndef ORCD_PDL_PREFETCH
+#define ORCD_PDL_PREFETCH 0
+#endif
+
 template <class F, int NT, int KS, int ACT = 0>
 __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
@@ -75,7 +83,9 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
     const int row0 = KS == 1 ? (blockIdx.x * GEMV_WARPS + warp) * R : blockIdx.x * R;
     const int kw = KS == 1 ? 0 : warp;  // this warp's first chunk
     // whole warp (KS = 1) or whole block (KS > 1) leaves together: the only block barrier is below
-    if (row0 >= n) return;
+    if (row0 >= n) return;  // touches no memory: needs no wait
+    const bool wait_first = !ORCD_PDL_PREFETCH || expert_ids != nullptr;
+    if (wait_first) pdl_enter();
 
     // MoE slot: blockIdx.y = t*top_k + j picks expert ids[slot]; plain matmul has one slot.
     const int slot = blockIdx.y;
@@ -115,6 +125,7 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
     };
     if (kw < nch) issue(kw);
     cp_async_commit();
+    if (!wait_first) pdl_enter();
     for (int c = kw; c < nch; c += KS) {
         if (c + KS < nch) issue(c + KS);
         cp_async_commit();  // an empty group on the last chunk keeps wait_group 1 meaning "chunk c landed"
@@ -597,16 +608,16 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     }
 
 #define GEMV(name, F, NT)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT(GEMV_ARGS) { pdl_enter(); gemv_impl<F, NT, 1>(GEMV_PASS); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4(GEMV_ARGS) { pdl_enter(); \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT(GEMV_ARGS) { gemv_impl<F, NT, 1>(GEMV_PASS); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4(GEMV_ARGS) { \
         gemv_impl<F, NT, GEMV_WARPS>(GEMV_PASS);                                                                 \
     }
 // single-token GEMVs on an int8-quantized input (quantize_x8): xd holds the input's block scales
 #define GEMV_I8(name, F)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_i8(GEMV_ARGS, const float* xd) { pdl_enter(); \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_i8(GEMV_ARGS, const float* xd) { \
         gemv_impl<F, 1, 1, ACT_I8>(GEMV_PASS, xd);                                                               \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_i8(GEMV_ARGS, const float* xd) { pdl_enter(); \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_i8(GEMV_ARGS, const float* xd) { \
         gemv_impl<F, 1, GEMV_WARPS, ACT_I8>(GEMV_PASS, xd);                                                      \
     }
 // Dense GEMM tiles stop at BM 64 (cuda_quant.GEMM_MAX_BM); the grouped MoE GEMM also has BM 128. The BM

@@ -38,6 +38,10 @@ class Tuning:
         "(each kernel is scheduled while the one before it runs and waits on the device in pdl_enter; "
         "H100 graph replay qwen2.5 B=1 1,076 -> 1,017 us, phi3-mini 2,576 -> 2,516)",
         level="backend")
+    pdl_prefetch: bool = _switch(
+        False, "ORCD_PDL_PREFETCH", "with ORCD_PDL, a dense GEMV issues its first weight chunk's loads before it "
+        "waits for the kernel before it, so the weights' memory latency overlaps that kernel; not yet measured",
+        level="backend", compile_time=True)
     verify_graphs: bool = _switch(
         False, "ORCD_VERIFY_GRAPHS", "speculative verify steps of up to 8 sequences with the same number of "
         "drafts replay a CUDA graph per (batch bucket, tokens per row), as decode steps do, instead of "
