@@ -17,9 +17,23 @@ def test_every_kernel_waits_for_its_predecessor_first():
         for m in re.finditer(r"__global__", text):
             body = text.index("{", m.end())
             first = text[body + 1:].lstrip(" \\\n")
-            assert first.startswith("pdl_enter();"), (path.name, text[m.start():body + 40])
+            # the dense GEMVs wait inside gemv_impl, after issuing their first weight copies (below)
+            assert first.startswith(("pdl_enter();", "gemv_impl<")), (path.name, text[m.start():body + 40])
             kernels += 1
     assert kernels > 40
     common = (CUDA / "common.cuh").read_text()
     assert "griddepcontrol.wait" in common and "griddepcontrol.launch_dependents" in common
     assert common.index("griddepcontrol.wait") < common.index("griddepcontrol.launch_dependents")
+
+
+def test_gemv_waits_before_it_reads_what_the_kernel_before_wrote():
+    """gemv_impl (ORCD_PDL_PREFETCH) may issue weight copies before pdl_enter, never a read of x,
+    the expert ids or y: the MoE GEMV and the default build wait before anything else."""
+    text = (CUDA / "quant_matmul.cu").read_text()
+    impl = text[text.index("__device__ __forceinline__ void gemv_impl"):]
+    impl = impl[:impl.index("\n}\n")]
+    first, late = impl.index("if (wait_first) pdl_enter();"), impl.index("if (!wait_first) pdl_enter();")
+    assert "expert_ids != nullptr" in impl[:first] and "!ORCD_PDL_PREFETCH" in impl[:first]
+    before = impl[:late]
+    assert "expert_ids[" not in impl[:first] and "__ldg" not in before and "*yp" not in before
+    assert "for (int c = kw; c < nch; c += KS)" in impl[late:]  # every x / xd / y access is in or after the loop
