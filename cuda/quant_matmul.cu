@@ -57,13 +57,10 @@ __device__ __forceinline__ int stage_chunk(uint8_t* dst, const uint8_t* src, int
 // the H100's bandwidth (phi3-mini Q4_K 3072x9216: 17.3 us, ~950 GB/s, CUPTI trace).
 constexpr int ACT_I8 = 4;
 
-// ORCD_PDL_PREFETCH = 1: a dense GEMV issues its first weight chunk's copies before pdl_enter, so
-// under programmatic dependent launch (cuda_graph.py) the weight bytes are on their way while the
-// kernel before it still runs; only x, the scales and y wait for it. The MoE GEMV waits first (its
-// expert comes from the router's output). The GEMV entry points call pdl_enter inside gemv_impl.
-#ifndef ORCD_PDL_PREFETCH
-#define ORCD_PDL_PREFETCH 0
-#endif
+// Under programmatic dependent launch (cuda_graph.py) a dense GEMV issues its first weight chunk's
+// copies before pdl_enter: the weight bytes are on their way while the kernel before it still runs,
+// and only x, the scales and y wait for it. The MoE GEMV waits first (its expert comes from the
+// router's output). The GEMV entry points leave pdl_enter to gemv_impl.
 
 template <class F, int NT, int KS, int ACT = 0>
 __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
@@ -84,7 +81,7 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
     const int kw = KS == 1 ? 0 : warp;  // this warp's first chunk
     // whole warp (KS = 1) or whole block (KS > 1) leaves together: the only block barrier is below
     if (row0 >= n) return;  // touches no memory: needs no wait
-    const bool wait_first = !ORCD_PDL_PREFETCH || expert_ids != nullptr;
+    const bool wait_first = expert_ids != nullptr;
     if (wait_first) pdl_enter();
 
     // MoE slot: blockIdx.y = t*top_k + j picks expert ids[slot]; plain matmul has one slot.

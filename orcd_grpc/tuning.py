@@ -38,10 +38,6 @@ class Tuning:
         "(each kernel is scheduled while the one before it runs and waits on the device in pdl_enter; "
         "H100 graph replay qwen2.5 B=1 1,076 -> 1,017 us, phi3-mini 2,576 -> 2,516)",
         level="backend")
-    pdl_prefetch: bool = _switch(
-        False, "ORCD_PDL_PREFETCH", "with ORCD_PDL, a dense GEMV issues its first weight chunk's loads before it "
-        "waits for the kernel before it, so the weights' memory latency overlaps that kernel; not yet measured",
-        level="backend", compile_time=True)
     verify_graphs: bool = _switch(
         False, "ORCD_VERIFY_GRAPHS", "speculative verify steps of up to 8 sequences with the same number of "
         "drafts replay a CUDA graph per (batch bucket, tokens per row), as decode steps do, instead of "
@@ -98,9 +94,10 @@ class Tuning:
         128, "ORCD_ATTN_DEC_MIN_HEADS", "... and any group size from this many (sequence, kv head) pairs in a step "
         "(qwen2.5 B=64 8,998 against 8,029 tok/s; 64 pairs and fewer even or slower)")
     attn_dec_mma: int = _switch(
-        0, "ORCD_ATTN_DEC_MMA", "decode steps of an f16 cache with head dim 64, 96 or 128 and from this many to 16 "
+        2, "ORCD_ATTN_DEC_MMA", "decode steps of an f16 cache with head dim 64, 96 or 128 and from this many to 16 "
         "q heads per kv head attend on tensor cores (attn_decm_d*: the group's heads are the rows of an mma tile) "
-        "instead of attn_dec / attn_dN_b; 0 never; not yet measured")
+        "instead of attn_dec / attn_dN_b (H100 qwen2.5 B=1 graph 1,014 -> 775 us, B=64 2,771 -> 2,470); 0 never; "
+        "1 also takes MHA models (not yet measured)")
     attn_merge: bool = _switch(
         True, "ORCD_ATTN_MERGE", "split attn_dec merges its slices in its last CTA instead of an attn_combine "
         "launch (phi3-mini -260 us per step)")

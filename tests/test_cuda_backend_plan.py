@@ -97,13 +97,32 @@ def test_mha_decode_takes_attn_dec_split_by_the_device(monkeypatch, sms, want):
     assert [(n, g[0]) for n, g in launched] == [("attn_dec_g1_n2", want)]
 
 
-def test_gqa_decode_takes_the_tiled_kernel_and_a_combine(monkeypatch):
-    """qwen2.5 (14 q heads on 2 kv heads) at B=1: attn_d2_b over 32 key slices (the default cap),
-    then attn_combine; with ORCD_ATTN_SPLITS=256, 132 (264 CTAs on the H100's 132 SMs)."""
+def test_gqa_decode_takes_the_tensor_core_kernel(monkeypatch):
+    """qwen2.5 (14 q heads on 2 kv heads, head dim 64) at B=1: attn_decm_d64 over 32 key slices (the
+    default cap; 4 CTAs per SM would be 264), merged by its last CTA, with 544 * (64 + 8) bytes of
+    shared memory; groups of 2..16 take it, MHA and head dim 256 do not."""
     be, launched = _backend(monkeypatch)
+    shared = []
+    be._launch = lambda k, grid, block, *args, shared_=None, **kw: (launched.append((k.name, grid)),
+                                                                   shared.append(kw.get("shared", 0)))
+    _attend(be, 1, 14, 2, 64)
+    assert launched == [("attn_decm_d64", (32, 1, 2))] and shared == [544 * 72]
+    launched.clear()
+    _attend(be, 3, 64, 4, 128)  # group 16, head dim 128: 44 slices would fill the SMs; the cap is 32
+    _attend(be, 1, 32, 32, 96)  # MHA: attn_dec
+    _attend(be, 1, 8, 1, 256)   # head dim 256: the tiled kernel
+    assert [n for n, _ in launched] == ["attn_decm_d128", "attn_dec_g1_n2", "attn_d8_b", "attn_combine"]
+    assert launched[0][1] == (32, 3, 4)
+
+
+def test_gqa_decode_without_attn_decm_takes_the_tiled_kernel_and_a_combine(monkeypatch):
+    """ORCD_ATTN_DEC_MMA=0: qwen2.5 at B=1 on attn_d2_b over 32 key slices, then attn_combine; with
+    ORCD_ATTN_SPLITS=256, 132 (264 CTAs on the H100's 132 SMs)."""
+    no_decm = dataclasses.replace(DEFAULT, attn_dec_mma=0)
+    be, launched = _backend(monkeypatch, no_decm)
     _attend(be, 1, 14, 2, 64)
     assert [(n, g[0]) for n, g in launched] == [("attn_d2_b", 32), ("attn_combine", -(-14 // 8))]
-    be, launched = _backend(monkeypatch, dataclasses.replace(DEFAULT, attn_splits=256))
+    be, launched = _backend(monkeypatch, dataclasses.replace(no_decm, attn_splits=256))
     _attend(be, 1, 14, 2, 64)
     assert [(n, g[0]) for n, g in launched] == [("attn_d2_b", 132), ("attn_combine", -(-14 // 8))]
 
@@ -112,7 +131,7 @@ def test_decode_attention_switches(monkeypatch):
     be, launched = _backend(monkeypatch, Tuning(attn_splits=4, attn_merge=False))
     _attend(be, 1, 32, 32, 96)
     assert [(n, g[0]) for n, g in launched] == [("attn_dec_g1_n2", 4), ("attn_combine", 4)]
-    be, launched = _backend(monkeypatch, Tuning(attn_dec_min_heads=2))
+    be, launched = _backend(monkeypatch, Tuning(attn_dec_min_heads=2, attn_dec_mma=0))
     _attend(be, 1, 14, 2, 64)  # 2 (sequence, kv head) pairs reach the threshold: attn_dec for GQA too
     assert launched[0][0] == "attn_dec_g8_n1"
 
@@ -155,7 +174,7 @@ def test_fused_qkv_rope_and_moe_plan(monkeypatch):
 
 
 def test_q8_0_cache_takes_the_q8_kernels_with_its_scales(monkeypatch):
-    """--kv-cache-type q8_0: the same routes as f16 (attn_dec for MHA decode, attn_dN for GQA), the
+    """--kv-cache-type q8_0: attn_dec for MHA decode, attn_dN for GQA (attn_decm reads f16 only), the
     *_q8 kernels, a cache of 34 bytes per 32 values whose scale regions follow the levels."""
     be, launched = _backend(monkeypatch)
     be.kv_type = "q8_0"
@@ -187,8 +206,8 @@ def test_prefill_takes_the_tensor_core_kernel_when_switched_on(monkeypatch):
     be.attention(be._out((T, Hq, D)), None, None, kv, 0, ctx, scale=D ** -0.5)
     assert launched == [("attn_mma_d64", (-(-T * 7 // 64), 1, Hkv))]
     launched.clear()
-    _attend(be, 1, 14, 2, 64)  # decode: the split tiled kernel as before
-    assert launched[0][0] == "attn_d2_b"
+    _attend(be, 1, 14, 2, 64)  # decode: its own tensor-core kernel
+    assert launched[0][0] == "attn_decm_d64"
 
 
 def test_block_copy_launches_cover_values_then_q8_scales(monkeypatch):

@@ -27,13 +27,13 @@ def test_every_kernel_waits_for_its_predecessor_first():
 
 
 def test_gemv_waits_before_it_reads_what_the_kernel_before_wrote():
-    """gemv_impl (ORCD_PDL_PREFETCH) may issue weight copies before pdl_enter, never a read of x,
-    the expert ids or y: the MoE GEMV and the default build wait before anything else."""
+    """gemv_impl may issue weight copies before pdl_enter, never a read of x, the expert ids or y:
+    the MoE GEMV waits before anything else."""
     text = (CUDA / "quant_matmul.cu").read_text()
     impl = text[text.index("__device__ __forceinline__ void gemv_impl"):]
     impl = impl[:impl.index("\n}\n")]
     first, late = impl.index("if (wait_first) pdl_enter();"), impl.index("if (!wait_first) pdl_enter();")
-    assert "expert_ids != nullptr" in impl[:first] and "!ORCD_PDL_PREFETCH" in impl[:first]
+    assert "wait_first = expert_ids != nullptr;" in impl[:first]
     before = impl[:late]
     assert "expert_ids[" not in impl[:first] and "__ldg" not in before and "*yp" not in before
     assert "for (int c = kw; c < nch; c += KS)" in impl[late:]  # every x / xd / y access is in or after the loop

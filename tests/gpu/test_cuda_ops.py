@@ -321,22 +321,27 @@ ATTN_CASES = [
     (14, 2, 64, [2100], [1], 0, False, 0.0),               # qwen2.5 shape at B=1: 132 slices, 66 live
     (2, 2, 64, [4500], [1], 0, True, 0.0),                 # MHA at B=1 (attn_dec): 256 slices, 36 live
 ]
-# Decode-only steps of MHA models (and of any model at large batches) run attn_dec_* (split across
-# key slices or not); GQA decode steps of small batches run attn_dN_b, and with attn_dec routed
-# nowhere so do MHA ones: both must agree.
+# Decode-only steps of GQA models with an f16 cache of head dim 64/96/128 run attn_decm_d* (tensor
+# cores); other MHA decode steps (and any at large batches) run attn_dec_* (split across key slices
+# or not); the rest run attn_dN_b. With attn_decm off (attn_dec_mma 0) the GQA steps take the older
+# routes, still those of a Q8_0 cache, of head dim 256 and of groups over 16: all must agree.
+_NO_DECM = {"attn_dec_mma": 0}
 ATTN_MODES = {"default": {}, "one-slice": {"attn_splits": 1},
-              "tiled-decode": {"attn_dec_max_group": 0, "attn_dec_min_heads": 1 << 30},
-              # ORCD_ATTN_SPLITS=4: at most 4 key slices, both decode kernels
-              "four-slices": {"attn_splits": 4}, "dec-gqa-four-slices": {"attn_dec_max_group": 8, "attn_splits": 4},
+              "tiled-decode": {**_NO_DECM, "attn_dec_max_group": 0, "attn_dec_min_heads": 1 << 30},
+              # ORCD_ATTN_SPLITS=4: at most 4 key slices, every decode kernel
+              "four-slices": {"attn_splits": 4},
+              "dec-gqa-four-slices": {**_NO_DECM, "attn_dec_max_group": 8, "attn_splits": 4},
               # attn_dec for every group size it supports (by default only MHA models get it)
-              "dec-gqa": {"attn_dec_max_group": 8}, "dec-gqa-one-slice": {"attn_dec_max_group": 8, "attn_splits": 1},
-              "dec-by-batch": {"attn_dec_min_heads": 2},
+              "dec-gqa": {**_NO_DECM, "attn_dec_max_group": 8},
+              "dec-gqa-one-slice": {**_NO_DECM, "attn_dec_max_group": 8, "attn_splits": 1},
+              "dec-by-batch": {**_NO_DECM, "attn_dec_min_heads": 2},
+              "no-decm": _NO_DECM,
               # attn_combine merges the slices (ORCD_ATTN_MERGE=0) instead of the last key-slice CTA
               "combine-launch": {"attn_merge": False},
-              "dec-gqa-combine-launch": {"attn_dec_max_group": 8, "attn_merge": False},
+              "dec-gqa-combine-launch": {**_NO_DECM, "attn_dec_max_group": 8, "attn_merge": False},
               # prefill steps on attn_dN_b instead of tensor cores (attn_mma_d*, the default)
               "no-mma": {"attn_mma": False},
-              # decode steps of every group size up to 16 on tensor cores (attn_decm_d*)
+              # attn_decm_d* for MHA decode steps too (every group size up to 16)
               "dec-mma": {"attn_dec_mma": 1}, "dec-mma-one-slice": {"attn_dec_mma": 1, "attn_splits": 1},
               "dec-mma-four-slices": {"attn_dec_mma": 1, "attn_splits": 4},
               "dec-mma-combine-launch": {"attn_dec_mma": 1, "attn_merge": False}}
