@@ -16,7 +16,7 @@
 #                   AB="VAR=VALUE A=1,B=2 ..." repeats the profiles under each tuning switch,
 #                   PREFILL_AB the prefill runs (README, GPU notes); PROFILE_SCRIPT=bench/trace_decode.py
 #                   gives each kernel's time inside the graph instead (PROFILE_CUT: characters kept in
-#                   $OUT/profile.txt, default 300; the console shows 300)
+#                   $OUT/profile.txt, default 2000; the console shows 300)
 #   NCU="MODEL:KERNEL_REGEX[:SKIP[:BATCH]] ..."  Nsight Compute sections for a few of those kernels (see the end)
 #   SERVE="qwen2.5-0.5b gpt-oss-20b"  bench/serve_bench.py on those synthetic files: an orcd worker
 #                   (gRPC), then llama-server when /tmp/anchor holds its build (anchors README), same
@@ -139,7 +139,7 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
       for b in ${bs//,/ }; do
         args="--batch $b"; [[ $b == p* ]] && args="--prefill ${b#p}"  # p512: a prefill (trace_decode.py)
         echo "$ab ${mb%%:*} B=$b $(env $envs timeout 120 python3 ${PROFILE_SCRIPT:-bench/profile_decode.py} \
-          "$data/${mb%%:*}.gguf" $args 2>&1 | tail -1 | cut -c1-${PROFILE_CUT:-300})" | tee -a "$OUT/profile.txt" | cut -c1-300
+          "$data/${mb%%:*}.gguf" $args 2>&1 | tail -1 | cut -c1-${PROFILE_CUT:-2000})" | tee -a "$OUT/profile.txt" | cut -c1-300
       done
     done
   done
