@@ -32,14 +32,12 @@ from typing import Sequence
 import grpc
 
 from . import __version__, cli_tokens, model_store, security
-from .cli_client import DEFAULT_ADDRESS, add_client_flags, client_from_args  # noqa: F401 (DEFAULT_ADDRESS re-exported)
+from .cli_client import add_client_flags, client_from_args
 from .client_errors import ClientConfigError, from_grpc
 from .backends.factory import BACKENDS
 from .errors import InvalidArgument, OrcdError
 from .progress import LoadProgress
 from .cli_serve import _positive_int, add_server_flags, cmd_serve
-# re-exported: what tests and embedders have used as cli.*
-from .cli_serve import _speculation, parse_size, parse_tool_format, server_config  # noqa: F401
 
 DEMO_PROMPT = "The capital of France is"
 

@@ -14,7 +14,7 @@ import pytest
 from procs import free_port, stop  # noqa: E402
 
 import orcd_grpc
-from orcd_grpc import cli, model_store
+from orcd_grpc import cli, cli_client, cli_serve, model_store
 from orcd_grpc.proto import pb
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,13 +34,13 @@ def orcd(*args: str, env: dict | None = None, timeout: float = 120, **kw) -> sub
     ("1.5GiB", int(1.5 * 2**30)), ("1000", 1000), ("64kb", 64000), ("2 TiB", 2 * 2**40),
 ])
 def test_parse_size(text, expected):
-    assert cli.parse_size(text) == expected
+    assert cli_serve.parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "GB", "24XB", "-1GB", "24iB", "lots"])
 def test_parse_size_rejects(text):
     with pytest.raises(Exception, match="not a size"):
-        cli.parse_size(text)
+        cli_serve.parse_size(text)
 
 
 def test_serve_flags():
@@ -72,7 +72,7 @@ def test_server_config_from_flags(tmp_path, monkeypatch):
         "serve", "--model", str(model), "--model-dir", str(tmp_path / "dir"), "--port", "6001",
         "--max-vram", "2GiB", "--max-queue", "7", "--auth-token", "s3cret-0123456789abcdef", "--model-id", "mine",
         "--token-budget", "512"])
-    cfg = cli.server_config(args)
+    cfg = cli_serve.server_config(args)
     assert cfg.token_budget == 512
     assert cfg.model_path == str(model.resolve()) and cfg.model_id == "mine"
     # The model's own directory is allowed in addition to the named ones.
@@ -96,7 +96,7 @@ def test_server_config_relative_model_in_model_dir(tmp_path):
     pytest.importorskip("orcd_grpc.server")
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     args = cli.build_parser().parse_args(["serve", "--model-dir", str(tmp_path), "--model", "m.gguf"])
-    cfg = cli.server_config(args)
+    cfg = cli_serve.server_config(args)
     assert cfg.model_path == str((tmp_path / "m.gguf").resolve()) and cfg.model_dirs == [str(tmp_path)]
 
 
@@ -110,7 +110,7 @@ def test_generate_request_from_flags():
     assert (req.sampling.top_k, req.sampling.seed) == (40, 7)
     assert req.sampling.top_p == pytest.approx(0.9) and req.sampling.min_p == pytest.approx(0.05)
     assert req.stopping.max_tokens == 8 and list(req.stopping.stop) == ["\n", "END"]
-    assert args.address == os.environ.get("ORCD_ADDRESS", cli.DEFAULT_ADDRESS)
+    assert args.address == os.environ.get("ORCD_ADDRESS", cli_client.DEFAULT_ADDRESS)
 
 
 def test_generate_request_defaults_leave_fields_unset():
@@ -354,4 +354,4 @@ def test_serve_max_prompt_bytes_flag(tmp_path):
     model.write_bytes(b"GGUF")
     for flag, want in (("4MiB", 4 * 2**20), ("0", 0)):
         args = cli.build_parser().parse_args(["serve", "--model", str(model), "--max-prompt-bytes", flag])
-        assert cli.server_config(args).max_prompt_bytes == want
+        assert cli_serve.server_config(args).max_prompt_bytes == want

@@ -148,7 +148,7 @@ def test_bad_security_flags_exit_2(args, env, message, tmp_path):
 
 
 def test_insecure_allows_an_exposed_plaintext_listener(tmp_path, monkeypatch):
-    from orcd_grpc import cli, ratelimit
+    from orcd_grpc import cli, cli_serve, ratelimit
 
     for var in SECURITY_ENV:
         monkeypatch.delenv(var, raising=False)
@@ -156,6 +156,6 @@ def test_insecure_allows_an_exposed_plaintext_listener(tmp_path, monkeypatch):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     args = cli.build_parser().parse_args(["serve", "--host", "0.0.0.0", "--insecure", "--model", str(model)])
-    cfg = cli.server_config(args)
+    cfg = cli_serve.server_config(args)
     assert cfg.host == "0.0.0.0" and cfg.credentials is None
     assert [type(i) for i in cfg.interceptors] == [ratelimit.RateLimitInterceptor]  # usage counted, no auth

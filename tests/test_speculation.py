@@ -553,12 +553,12 @@ def test_python_client_builds_the_speculation_field():
 
 
 def test_serve_flags_make_the_default():
-    from orcd_grpc import cli
+    from orcd_grpc import cli, cli_serve
 
     args = cli.build_parser().parse_args(["serve", "--speculation", "ngram", "--num-draft-tokens", "7"])
-    assert cli._speculation(args.speculation, args.num_draft_tokens) == speculation.Speculation(speculation.NGRAM, 7)
-    assert cli._speculation(None, None) is None and cli._speculation("off", None) is None
+    assert cli_serve._speculation(args.speculation, args.num_draft_tokens) == speculation.Speculation(speculation.NGRAM, 7)
+    assert cli_serve._speculation(None, None) is None and cli_serve._speculation("off", None) is None
     for mode, k, draft, word in (("ngram", 17, None, "--num-draft-tokens"), ("draft", None, None, "--draft-model"),
                                  (None, 4, None, "--num-draft-tokens")):
         with pytest.raises(ValueError, match=word):
-            cli._speculation(mode, k, draft)
+            cli_serve._speculation(mode, k, draft)

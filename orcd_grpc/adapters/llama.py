@@ -9,7 +9,6 @@ import math
 
 from .. import quants
 from ..backends.base import RopeSpec
-from ..gguf_model import GGUFModel
 from ..weight_packing import Pack
 from .base import Adapter
 
