@@ -77,12 +77,9 @@ class Tuning:
         "libgomp's own 300,000 starved the working thread on a loaded 2-core host (BENCHMARKS.md)")
 
     # ---- attention
-    # attn_dec (a 4-warp CTA per key slice, sequence and kv head) against attn_dN_b + merge at B=1,
-    # H100 traces 2026-11-23: MHA phi3-mini 4,214 -> 3,322 us per step; GQA slower even with
-    # 128-key slices and the live-slice merge (qwen2.5, group 7: 19.1 against 12.5 + 3.3 us per
-    # layer; gpt-oss-20b, group 8: 22.1 against 14.7 + 3.2). At large batches it wins for GQA too:
-    # qwen2.5 B=64 (128 pairs) 8,998 against 8,029 tok/s, gpt-oss B=32 (256 pairs) 1,224 against
-    # 1,193; at 64 pairs and fewer even or slower (gpt-oss B=8: 563 against 574).
+    # Decode steps: GQA models with an f16 cache of head dim 64/96/128 take attn_decm (attn_dec_mma);
+    # the rest choose between attn_dec and attn_dN_b by group size and (sequence, kv head) pairs,
+    # as measured (BENCHMARKS.md, sessions 6 and 19; docs/kernels.md).
     attn_splits: int = _switch(
         32, "ORCD_ATTN_SPLITS", "most key slices per (sequence, kv head) in decode attention, 1..256 (1: no split; "
         "a cap of 4 took qwen2.5 B=1 from 1,318 to 1,659 us; 256 took its decode at a depth of 32k from 133 to 304 "
