@@ -279,7 +279,7 @@ def test_template_that_branches_on_tool_text_refuses_control_text(shared_dir):
 def test_tool_format_flag():
     import argparse
 
-    from orcd_grpc.cli import parse_tool_format
+    from orcd_grpc.cli_serve import parse_tool_format
 
     assert parse_tool_format("hermes") == ("", "hermes")
     assert parse_tool_format("qwen-7b=harmony") == ("qwen-7b", "harmony")
