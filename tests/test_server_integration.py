@@ -323,8 +323,9 @@ def test_sigterm_drains_and_exits(tmp_path):
             if '"listening"' in line:
                 break
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        rc = proc.wait(timeout=20)
         lines += proc.stderr.read().splitlines()
+        assert rc == 0, "\n".join(line.rstrip() for line in lines)  # a rare failure under load: say why
     finally:
         if proc.poll() is None:
             proc.kill()
