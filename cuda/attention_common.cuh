@@ -92,6 +92,41 @@ __device__ void merge_split_row(const float* __restrict__ p, float* __restrict__
         if (32 * c + lane < Dv) o[32 * c + lane] = a[c] * inv;
 }
 
+// attn_dec and attn_decm: the NW warps' online-softmax states of one query row merged at one output
+// dim into the row's max M, denominator L and unnormalised sum A (a warp that saw no key adds
+// nothing). ms / ls: the warps' m and l of the row, mw apart; as: their sums at this dim, aw apart.
+template <int NW>
+__device__ __forceinline__ void merge_warp_states(const float* ms, const float* ls, int mw, const float* as, int aw,
+                                                  float& M, float& L, float& A) {
+    M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, ms[w * mw]);
+    L = 0.f;
+    A = 0.f;
+    if (M != -INFINITY) {
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            if (ms[w * mw] == -INFINITY) continue;
+            const float f = __expf(ms[w * mw] - M);
+            L = fmaf(ls[w * mw], f, L);
+            A = fmaf(as[w * aw], f, A);
+        }
+    }
+}
+
+// A one-slice row's output A / L, the sink logit (if any) joining the denominator (split steps:
+// merge_split_row); 0 where nothing was visible.
+__device__ __forceinline__ float normalised_row(float M, float L, float A, const float* sinks, int h) {
+    float f = 1.f;
+    if (sinks) {
+        const float sk = sinks[h];
+        const float mf = fmaxf(M, sk);
+        f = __expf(M - mf);
+        L = L * f + __expf(sk - mf);
+    }
+    return L > 0.f ? A * f / L : 0.f;
+}
+
 // The last of a (sequence, kv head)'s n_splits CTAs to finish (attn_dec, attn_decm: 4 warps) merges
 // all their partials, a warp per q head, and resets the counter for the next launch, so a graph
 // replays it as captured. Each CTA's partial writes are fenced before it counts itself.

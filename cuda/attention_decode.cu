@@ -249,30 +249,9 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     __syncthreads();
     for (int e = tid; e < G * Dv; e += blockDim.x) {
         const int g = e / Dv, d = e - g * Dv, h = kvh * G + g;
-        float M = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) M = fmaxf(M, Ms[w][g]);
-        float L = 0.f, A = 0.f;
-        if (M != -INFINITY) {
-#pragma unroll
-            for (int w = 0; w < NW; ++w) {
-                if (Ms[w][g] == -INFINITY) continue;
-                const float f = __expf(Ms[w][g] - M);
-                L = fmaf(Ls[w][g], f, L);
-                A = fmaf(As[w][g][d], f, A);
-            }
-        }
-        float val = A;
-        if (n_splits == 1) {
-            float f = 1.f;  // one slice: the sink joins here (split steps: in merge_split_row)
-            if (sinks) {
-                const float sk = sinks[h];
-                const float mf = fmaxf(M, sk);
-                f = __expf(M - mf);
-                L = L * f + __expf(sk - mf);
-            }
-            val = L > 0.f ? A * f / L : 0.f;
-        }
+        float M, L, A;
+        merge_warp_states<NW>(&Ms[0][g], &Ls[0][g], GM, &As[0][g][d], GM * NC * 64, M, L, A);
+        float val = n_splits == 1 ? normalised_row(M, L, A, sinks, h) : A;
         // Back from the turned space. Dv is a multiple of 32 here, so a warp's 32 consecutive e
         // are one 32-block of one row, lane j its value j, and every lane of it takes this turn.
         if constexpr (Q8) val = wht32_warp(val, lane);

@@ -53,6 +53,79 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(FULL_MASK, v, 2);
 }
 
+// A warp's share of one key tile, shared by attn_mma and attn_decm. Ks / Vs: the tile's NT * 8 K
+// and V rows in shared memory, LD halves apart; qa: the warp's 16 query rows as A fragments.
+
+// S = Q K^T: n-tiles 2jn and 2jn + 1 (keys 16 jn ..) from one ldmatrix.x4 per k-step.
+template <int KS, int NT, int LD>
+__device__ __forceinline__ void qk_tile(float (&s)[NT][4], const unsigned (&qa)[KS][4], const __half* Ks, int lane) {
+    const int mi = lane >> 3;  // which of ldmatrix's four 8x8 matrices this lane addresses a row of
+#pragma unroll
+    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+        for (int jn = 0; jn < NT / 2; ++jn) {
+            unsigned r[4];
+            ldsm_x4(r, Ks + (jn * 16 + (mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
+            mma16816(s[2 * jn], qa[kk], r[0], r[1]);
+            mma16816(s[2 * jn + 1], qa[kk], r[2], r[3]);
+        }
+    }
+}
+
+// The online softmax of the thread's rows g and g + 8 over the tile's masked scores s (-inf where
+// masked; mx: each row's max over this thread's), which become the weights p; m and l move on and
+// the accumulators o are rescaled.
+template <int NT, int NO>
+__device__ __forceinline__ void softmax_tile(float (&s)[NT][4], const float (&mx)[2], float (&m)[2], float (&l)[2],
+                                             float (&o)[NO][4]) {
+    float corr[2];
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+        const float m_new = fmaxf(m[ri], quad_max(mx[ri]));
+        corr[ri] = m_new == -INFINITY ? 1.f : __expf(m[ri] - m_new);  // nothing visible yet: stays 0
+        m[ri] = m_new;
+    }
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int ri = c >> 1;
+            const float p = s[j][c] == -INFINITY ? 0.f : __expf(s[j][c] - m[ri]);
+            s[j][c] = p;
+            rs[ri] += p;
+        }
+    }
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) l[ri] = l[ri] * corr[ri] + quad_sum(rs[ri]);
+#pragma unroll
+    for (int j = 0; j < NO; ++j) {
+        o[j][0] *= corr[0]; o[j][1] *= corr[0];
+        o[j][2] *= corr[1]; o[j][3] *= corr[1];
+    }
+}
+
+// O += P V, 16 keys a k-step: P's A fragment from S's n-tiles 2kk and 2kk + 1 (P rounded to f16).
+template <int KS, int NT, int LD>
+__device__ __forceinline__ void pv_tile(float (&o)[2 * KS][4], const float (&p)[NT][4], const __half* Vs, int lane) {
+    const int mi = lane >> 3;
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+        const unsigned pa[4] = {pack_half2(p[2 * kk][0], p[2 * kk][1]), pack_half2(p[2 * kk][2], p[2 * kk][3]),
+                                pack_half2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                                pack_half2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+        for (int dn = 0; dn < KS; ++dn) {
+            unsigned r[4];
+            ldsm_x4_t(r, Vs + (kk * 16 + (mi & 1) * 8 + (lane & 7)) * LD + dn * 16 + (mi >> 1) * 8);
+            mma16816(o[2 * dn], pa, r[0], r[1]);
+            mma16816(o[2 * dn + 1], pa, r[2], r[3]);
+        }
+    }
+}
+
 template <int D>
 __device__ void attn_mma_impl(const float* __restrict__ q, const __half* __restrict__ kc,
                               const __half* __restrict__ vc, float* __restrict__ out,
@@ -115,7 +188,6 @@ __device__ void attn_mma_impl(const float* __restrict__ q, const __half* __restr
     for (int j = 0; j < 2 * KS; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     const int* btab = block_tables + (size_t)b * max_blocks;
-    const int mi = lane >> 3;  // which of ldmatrix's four 8x8 matrices this lane addresses a row of
 
     for (int k0 = lo; k0 < hi; k0 += MK) {
         __syncthreads();  // the previous tile's readers are done
@@ -150,21 +222,9 @@ __device__ void attn_mma_impl(const float* __restrict__ q, const __half* __restr
         }
         __syncthreads();
 
-        // S = Q K^T: n-tiles 2jn and 2jn + 1 (keys 16 jn ..) from one ldmatrix.x4 per k-step
         float s[NT][4];
-#pragma unroll
-        for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-#pragma unroll
-            for (int jn = 0; jn < NT / 2; ++jn) {
-                unsigned r[4];
-                ldsm_x4(r, Ks + (jn * 16 + (mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
-                mma16816(s[2 * jn], qa[kk], r[0], r[1]);
-                mma16816(s[2 * jn + 1], qa[kk], r[2], r[3]);
-            }
-        }
-        // softcap, masks, and the online softmax of the thread's two rows
+        qk_tile<KS, NT, LD>(s, qa, Ks, lane);
+        // softcap and masks, then the online softmax of the thread's two rows
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
@@ -178,45 +238,8 @@ __device__ void attn_mma_impl(const float* __restrict__ q, const __half* __restr
                 mx[ri] = fmaxf(mx[ri], s[j][c]);
             }
         }
-        float corr[2];
-#pragma unroll
-        for (int ri = 0; ri < 2; ++ri) {
-            const float m_new = fmaxf(m[ri], quad_max(mx[ri]));
-            corr[ri] = m_new == -INFINITY ? 1.f : __expf(m[ri] - m_new);  // nothing visible yet: stays 0
-            m[ri] = m_new;
-        }
-        float rs[2] = {0.f, 0.f};
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int ri = c >> 1;
-                const float p = s[j][c] == -INFINITY ? 0.f : __expf(s[j][c] - m[ri]);
-                s[j][c] = p;
-                rs[ri] += p;
-            }
-        }
-#pragma unroll
-        for (int ri = 0; ri < 2; ++ri) l[ri] = l[ri] * corr[ri] + quad_sum(rs[ri]);
-#pragma unroll
-        for (int j = 0; j < 2 * KS; ++j) {
-            o[j][0] *= corr[0]; o[j][1] *= corr[0];
-            o[j][2] *= corr[1]; o[j][3] *= corr[1];
-        }
-        // O += P V, 16 keys a k-step: P's A fragment from S's n-tiles 2kk and 2kk + 1
-#pragma unroll
-        for (int kk = 0; kk < MK / 16; ++kk) {
-            const unsigned pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
-                                    pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int dn = 0; dn < KS; ++dn) {
-                unsigned r[4];
-                ldsm_x4_t(r, Vs + (kk * 16 + (mi & 1) * 8 + (lane & 7)) * LD + dn * 16 + (mi >> 1) * 8);
-                mma16816(o[2 * dn], pa, r[0], r[1]);
-                mma16816(o[2 * dn + 1], pa, r[2], r[3]);
-            }
-        }
+        softmax_tile(s, mx, m, l, o);
+        pv_tile<KS, NT, LD>(o, s, Vs, lane);
     }
 
     // Normalise (a sink logit joins the denominator) and write the thread's two rows.
@@ -314,7 +337,6 @@ __device__ void attn_decm_impl(const float* __restrict__ q, const __half* __rest
     const int* btab = block_tables + (size_t)b * max_blocks;
     __half* Ks = Tiles + warp * 2 * DKT * LD;
     __half* Vs = Ks + DKT * LD;
-    const int mi = lane >> 3;  // which of ldmatrix's four 8x8 matrices this lane addresses a row of
 
     for (int k0 = lo + warp * DKT; k0 < hi; k0 += DW * DKT) {
         // Key k0 + lane's cache slot. Keys past `hi` borrow key k0's (always written), so the V rows
@@ -342,24 +364,12 @@ __device__ void attn_decm_impl(const float* __restrict__ q, const __half* __rest
         cp_async_wait1();  // K has landed
         __syncwarp();
 
-        // S = Q K^T: n-tiles 2jn and 2jn + 1 (keys 16 jn ..) from one ldmatrix.x4 per k-step
-        float s[4][4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-#pragma unroll
-            for (int jn = 0; jn < 2; ++jn) {
-                unsigned r[4];
-                ldsm_x4(r, Ks + (jn * 16 + (mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
-                mma16816(s[2 * jn], qa[kk], r[0], r[1]);
-                mma16816(s[2 * jn + 1], qa[kk], r[2], r[3]);
-            }
-        }
-        // softcap, keys past `hi`, and the online softmax of the thread's rows g and g + 8
+        float s[DKT / 8][4];
+        qk_tile<KS, DKT / 8, LD>(s, qa, Ks, lane);
+        // softcap and keys past `hi`, then the online softmax of the thread's rows g and g + 8
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < DKT / 8; ++j) {
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 float si = s[j][c];
@@ -368,45 +378,10 @@ __device__ void attn_decm_impl(const float* __restrict__ q, const __half* __rest
                 mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
             }
         }
-        float corr[2], rs[2] = {0.f, 0.f};
-#pragma unroll
-        for (int ri = 0; ri < 2; ++ri) {
-            const float m_new = fmaxf(m[ri], quad_max(mx[ri]));  // key k0 is visible: finite
-            corr[ri] = __expf(m[ri] - m_new);
-            m[ri] = m_new;
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const float pj = s[j][c] == -INFINITY ? 0.f : __expf(s[j][c] - m[c >> 1]);
-                s[j][c] = pj;
-                rs[c >> 1] += pj;
-            }
-        }
-#pragma unroll
-        for (int ri = 0; ri < 2; ++ri) l[ri] = l[ri] * corr[ri] + quad_sum(rs[ri]);
-#pragma unroll
-        for (int j = 0; j < 2 * KS; ++j) {
-            o[j][0] *= corr[0]; o[j][1] *= corr[0];
-            o[j][2] *= corr[1]; o[j][3] *= corr[1];
-        }
+        softmax_tile(s, mx, m, l, o);
         cp_async_wait0();  // V has landed
         __syncwarp();
-        // O += P V, 16 keys a k-step: P's A fragment from S's n-tiles 2kk and 2kk + 1
-#pragma unroll
-        for (int kk = 0; kk < 2; ++kk) {
-            const unsigned pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
-                                    pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int dn = 0; dn < KS; ++dn) {
-                unsigned r[4];
-                ldsm_x4_t(r, Vs + (kk * 16 + (mi & 1) * 8 + (lane & 7)) * LD + dn * 16 + (mi >> 1) * 8);
-                mma16816(o[2 * dn], pa, r[0], r[1]);
-                mma16816(o[2 * dn + 1], pa, r[2], r[3]);
-            }
-        }
+        pv_tile<KS, DKT / 8, LD>(o, s, Vs, lane);
     }
     __syncthreads();  // As overlays the other warps' tiles
 
@@ -424,32 +399,14 @@ __device__ void attn_decm_impl(const float* __restrict__ q, const __half* __rest
     __syncthreads();
     for (int e = tid; e < G * D; e += blockDim.x) {
         const int r = e / D, d = e - r * D, h = kvh * G + r;
-        float M = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < DW; ++w) M = fmaxf(M, Ms[w][r]);
-        float L = 0.f, A = 0.f;
-        if (M != -INFINITY) {
-#pragma unroll
-            for (int w = 0; w < DW; ++w) {
-                if (Ms[w][r] == -INFINITY) continue;
-                const float f = __expf(Ms[w][r] - M);
-                L = fmaf(Ls[w][r], f, L);
-                A = fmaf(As[(w * 16 + r) * D + d], f, A);
-            }
-        }
+        float M, L, A;
+        merge_warp_states<DW>(&Ms[0][r], &Ls[0][r], 16, As + r * D + d, 16 * D, M, L, A);
         if (n_splits > 1) {
             float* po = part + (((size_t)t * Hq + h) * n_splits + split) * (D + 2);
             po[d] = A;
             if (d == 0) { po[D] = M; po[D + 1] = L; }
         } else {
-            float f = 1.f;  // one slice: the sink joins here (split steps: in merge_split_row)
-            if (sinks) {
-                const float sk = sinks[h];
-                const float mf = fmaxf(M, sk);
-                f = __expf(M - mf);
-                L = L * f + __expf(sk - mf);
-            }
-            out[((size_t)t * Hq + h) * D + d] = L > 0.f ? A * f / L : 0.f;
+            out[((size_t)t * Hq + h) * D + d] = normalised_row(M, L, A, sinks, h);
         }
     }
     if (n_splits > 1 && counters)
