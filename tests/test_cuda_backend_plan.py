@@ -102,11 +102,10 @@ def test_gqa_decode_takes_the_tensor_core_kernel(monkeypatch):
     default cap; 4 CTAs per SM would be 264), merged by its last CTA, with 544 * (64 + 8) bytes of
     shared memory; groups of 2..16 take it, MHA and head dim 256 do not."""
     be, launched = _backend(monkeypatch)
-    shared = []
-    be._launch = lambda k, grid, block, *args, shared_=None, **kw: (launched.append((k.name, grid)),
-                                                                   shared.append(kw.get("shared", 0)))
+    shared_sizes = []
+    be._launch = lambda k, grid, block, *args, shared=0: (launched.append((k.name, grid)), shared_sizes.append(shared))
     _attend(be, 1, 14, 2, 64)
-    assert launched == [("attn_decm_d64", (32, 1, 2))] and shared == [544 * 72]
+    assert launched == [("attn_decm_d64", (32, 1, 2))] and shared_sizes == [544 * 72]
     launched.clear()
     _attend(be, 3, 64, 4, 128)  # group 16, head dim 128: 44 slices would fill the SMs; the cap is 32
     _attend(be, 1, 32, 32, 96)  # MHA: attn_dec

@@ -300,7 +300,7 @@ class AttentionMixin:
         if mma:
             name = f"attn_decm_d{Dk}"
             kern = self._k("attention_mma", name, "PPPPPPPPiiiiiifiPfiPP")
-            smem = 544 * (Dk + 8)  # the group's q rows and each warp's K and V tiles, f16 rows padded by 8
+            smem = 2 * (16 + 4 * 2 * 32) * (Dk + 8)  # 16 q rows, each of 4 warps' 32 K and 32 V rows: f16, padded by 8
             if smem > 48 * 1024 and (name, smem) not in self._attr_set:
                 kern.fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
                 self._attr_set.add((name, smem))
