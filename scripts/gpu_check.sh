@@ -229,7 +229,7 @@ for m in ${SERVE:-}; do
   "${prof[@]}" python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend cuda --port 50061 --max-sequences "$slots" \
     --max-context 2048 --metrics-port 50071 > "$OUT/serve-orcd-$m.log" 2>&1 & sp=$!
   timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py grpc 127.0.0.1:50061 --vocab-from "$data/$m.gguf" \
-    --clients "$clients" --procs 8 --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed "s/^/{\"server\": \"orcd\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+    --clients "$clients" --procs 8 --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"orcd\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
   if [ ${#prof[@]} -gt 0 ]; then  # py-spy writes its profile on SIGINT; the worker is its child
     kill -INT "$sp"; sleep 3; pkill -f "orcd_grpc serve --model $data/$m.gguf"
   fi
@@ -239,7 +239,7 @@ for m in ${SERVE:-}; do
     "$ls_bin" -m "$data/$m.gguf" -ngl 99 -fa on -np "$slots" -kvu -c $((slots * 2048)) --host 127.0.0.1 --port 50062 \
       > "$OUT/serve-llama-$m.log" 2>&1 & sp=$!
     timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py openai http://127.0.0.1:50062 --vocab-from "$data/$m.gguf" \
-      --clients "$clients" --procs 8 ${SERVE_ARGS:-} | sed "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+      --clients "$clients" --procs 8 ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
     kill "$sp"; wait "$sp" 2>/dev/null
   else
     echo "llama-server not built: no comparison rows"
