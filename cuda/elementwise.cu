@@ -70,13 +70,15 @@ __device__ __forceinline__ void glu_halves(const float* __restrict__ x, float* _
 }
 extern "C" __global__ void silu_halves_f32(const float* x, float* y, int rows, int F) { pdl_enter(); glu_halves<0>(x, y, rows, F); }
 
-// One row of glu_halves (F % 32 == 0) that also writes y rounded to int8 with a scale per 32 elements
-// (q8_round), the down projection's int8 GEMV input (ORCD_FUSE_Q8). A warp per 32 columns.
+// glu_halves for a few rows (blockIdx.y; F % 32 == 0) that also writes y rounded to int8 with a scale
+// per 32 elements (q8_round), the down projection's int8 GEMV input (ORCD_FUSE_Q8). A warp per 32 columns.
 template <int OP>
 __device__ __forceinline__ void glu_halves_q8(const float* __restrict__ x, float* __restrict__ y,
                                               int8_t* __restrict__ xq, float* __restrict__ xd, int F) {
     const int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (blk * 32 >= F) return;  // the whole warp
+    const long long row = blockIdx.y;
+    x += row * 2 * F; y += row * F; xq += row * F; xd += row * (F / 32);
     const int c = blk * 32 + lane;
     const float v = apply<OP>(x[c], x[F + c], 0.f);
     y[c] = v;

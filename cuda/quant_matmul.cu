@@ -1,6 +1,6 @@
 // Matrix kernels on GGUF-quantized weights kept in their file layout in VRAM.
 //
-//   gemv_<fmt>_<nt>  y[t] = W x[t] for nt <= 4 tokens (decode) and the per-slot MoE GEMV.
+//   gemv_<fmt>_<nt>  y[t] = W x[t] for nt <= 8 tokens (decode) and the per-slot MoE GEMV.
 //                    One warp owns R rows. It streams each row's bytes chunk by chunk into shared
 //                    memory with 16-byte cp.async copies (aligned down, so the raw bytes of any
 //                    format arrive as full-width coalesced loads), double-buffered so the next
@@ -15,8 +15,8 @@
 //   gemm_moe_<fmt>_<bm>  the same GEMM over MoE experts: row tiles of one expert's slots, gathered through
 //                    the permutation moe_group wrote, results scattered to y[slot].
 //   moe_group        sorts the MoE slots by expert on the device (counts, offsets, tile table, perm).
-//   gemv_<fmt>_1[_k4]_i8  single-token GEMV on an input quantize_x8 rounded to int8 (dp4a products;
-//                    integer formats; the default for matrices of >= 4 Mi weights, see ACT_I8).
+//   gemv_<fmt>_<nt>[_k4]_i8  the GEMV on an input rounded to int8 (dp4a products; integer formats; the
+//                    default for matrices of >= 4 Mi weights, see ACT_I8).
 //   embed_<fmt>      y[t] = dequantized row ids[t].
 // Kernels never allocate, copy to the host or synchronise, so launches can be captured in a graph.
 #include <mma.h>
@@ -68,7 +68,6 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                                           const int* __restrict__ expert_ids, int T, int n, int k,
                                           long long expert_stride, int top_k, int x_per_slot, int accumulate,
                                           const float* __restrict__ xd = nullptr) {
-    static_assert(ACT == 0 || (ACT == ACT_I8 && NT == 1), "int8 input: single-token steps");
     constexpr int R = GEMV_R, SROW = GemvSmem<F>::ROW;
     // Parts per lane. K-quants: 4 (32 weights under one scale pair) because unpacking their 6-bit
     // scales costs as much as the weights. Others: 1, so a warp's x loads stay contiguous (4 parts per
@@ -146,33 +145,54 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                 for (int r = 0; r < R; r++) s0[r][t] = s1[r][t] = 0.f;
             }
             if constexpr (ACT == ACT_I8) {
-                // a group's first runs share one 32-element x block, and so do its second runs
-                const int8_t* xq = reinterpret_cast<const int8_t*>(x) + e0;
-                int xa[G], xb[G], sa = 0, sb = 0, oa, ob;
+                // A group's first runs share one 32-element x block per token, and so do its second
+                // runs (tokens >= T: harmless duplicate loads, never written).
+                int xa[G][NT], xb[G][NT], sa[NT], sb[NT], oa, ob;
+                float da[NT], db[NT];
                 F::offs(p0, oa, ob);
-                const float da = __ldg(xd + ((e0 + oa) >> 5)), db = __ldg(xd + ((e0 + ob) >> 5));
 #pragma unroll
-                for (int j = 0; j < G; j++) {
-                    int o0, o1;
-                    F::offs(p0 + j, o0, o1);
-                    xa[j] = __ldg(reinterpret_cast<const int*>(xq + o0));
-                    xb[j] = __ldg(reinterpret_cast<const int*>(xq + o1));
-                    if constexpr (F::MIN || F::QB) { sa = __dp4a(xa[j], 0x01010101, sa); sb = __dp4a(xb[j], 0x01010101, sb); }
+                for (int t = 0; t < NT; t++) {
+                    const long long row = NT == 1 ? 0 : min(t, T - 1);
+                    const int8_t* xq = reinterpret_cast<const int8_t*>(x) + row * k + e0;
+                    da[t] = __ldg(xd + row * (k / 32) + ((e0 + oa) >> 5));
+                    db[t] = __ldg(xd + row * (k / 32) + ((e0 + ob) >> 5));
+                    sa[t] = sb[t] = 0;
+#pragma unroll
+                    for (int j = 0; j < G; j++) {
+                        int o0, o1;
+                        F::offs(p0 + j, o0, o1);
+                        xa[j][t] = __ldg(reinterpret_cast<const int*>(xq + o0));
+                        xb[j][t] = __ldg(reinterpret_cast<const int*>(xq + o1));
+                        if constexpr (F::MIN || F::QB) {
+                            sa[t] = __dp4a(xa[j][t], 0x01010101, sa[t]);
+                            sb[t] = __dp4a(xb[j][t], 0x01010101, sb[t]);
+                        }
+                    }
                 }
 #pragma unroll
                 for (int r = 0; r < R; r++) {
-                    int ia = 0, ib = 0;
+                    int ia[NT], ib[NT];
+#pragma unroll
+                    for (int t = 0; t < NT; t++) ia[t] = ib[t] = 0;
 #pragma unroll
                     for (int j = 0; j < G; j++) {
-                        uint32_t lo, hi;
+                        uint32_t lo, hi;  // a row's integers are unpacked once for all tokens
                         F::qi(cb[r] + bl * F::TS, p0 + j, lo, hi);
-                        ia = __dp4a(static_cast<int>(lo), xa[j], ia);
-                        ib = __dp4a(static_cast<int>(hi), xb[j], ib);
+#pragma unroll
+                        for (int t = 0; t < NT; t++) {
+                            ia[t] = __dp4a(static_cast<int>(lo), xa[j][t], ia[t]);
+                            ib[t] = __dp4a(static_cast<int>(hi), xb[j][t], ib[t]);
+                        }
                     }
-                    s0[r][0] = da * float(ia - F::QB * sa);
-                    s1[r][0] = db * float(ib - F::QB * sb);
+#pragma unroll
+                    for (int t = 0; t < NT; t++) {
+                        s0[r][t] = da[t] * float(ia[t] - F::QB * sa[t]);
+                        s1[r][t] = db[t] * float(ib[t] - F::QB * sb[t]);
+                    }
                 }
-                if constexpr (F::MIN) { x0[0] = da * float(sa); x1[0] = db * float(sb); }
+                if constexpr (F::MIN)
+#pragma unroll
+                    for (int t = 0; t < NT; t++) { x0[t] = da[t] * float(sa[t]); x1[t] = db[t] * float(sb[t]); }
             } else {
 #pragma unroll
             for (int j = 0; j < G; j++) {
@@ -609,14 +629,16 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4(GEMV_ARGS) { \
         gemv_impl<F, NT, GEMV_WARPS>(GEMV_PASS);                                                                 \
     }
-// single-token GEMVs on an int8-quantized input (quantize_x8): xd holds the input's block scales
-#define GEMV_I8(name, F)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_i8(GEMV_ARGS, const float* xd) { \
-        gemv_impl<F, 1, 1, ACT_I8>(GEMV_PASS, xd);                                                               \
+// GEMVs of up to 8 tokens on an int8-quantized input (quantize_x8 or a *_q8 producer): xd holds the
+// input's block scales, k / 32 per token row
+#define GEMV_I8_NT(name, F, NT)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_i8(GEMV_ARGS, const float* xd) { \
+        gemv_impl<F, NT, 1, ACT_I8>(GEMV_PASS, xd);                                                              \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_i8(GEMV_ARGS, const float* xd) { \
-        gemv_impl<F, 1, GEMV_WARPS, ACT_I8>(GEMV_PASS, xd);                                                      \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4_i8(GEMV_ARGS, const float* xd) { \
+        gemv_impl<F, NT, GEMV_WARPS, ACT_I8>(GEMV_PASS, xd);                                                     \
     }
+#define GEMV_I8(name, F) GEMV_I8_NT(name, F, 1) GEMV_I8_NT(name, F, 2) GEMV_I8_NT(name, F, 4) GEMV_I8_NT(name, F, 8)
 // Dense GEMM tiles stop at BM 64 (cuda_quant.GEMM_MAX_BM); the grouped MoE GEMM also has BM 128. The BM
 // 16..64 MoE tiles are per format (MOE_TILES) because MXFP4 takes the BLK ones at those sizes.
 #define MOE_TILES(name, F) GEMM_MOE(name, F, 16) GEMM_MOE(name, F, 32) GEMM_MOE(name, F, 64)

@@ -123,6 +123,9 @@ class Tuning:
     gemv_int8: bool = _switch(
         True, "ORCD_GEMV_INT8", "single-token matmuls of integer formats on an int8-rounded input with dp4a "
         "products (phi3-mini B=1 3,046 -> 2,661 us)")
+    gemv_int8_tokens: int = _switch(
+        8, "ORCD_GEMV_INT8_TOKENS", "... for matmuls of up to this many tokens (at most 8, the GEMV's largest; "
+        "1: single-token steps only): a row's integers are unpacked once for all of them")
     gemv_int8_min: int = _switch(
         4 << 20, "ORCD_GEMV_INT8_MIN", "... for matrices of at least this many weights (smaller ones are "
         "latency-bound, where the quantize launch costs more than it saves)")

@@ -153,6 +153,40 @@ def test_norm_linear_and_split_follow_the_tuning(monkeypatch):
     assert [n for n, _ in launched] == ["rms_norm_block", "quantize_x8", "gemv_q4_k_1_i8", "split3_f32"]
 
 
+@pytest.mark.parametrize("B,nt", [(2, 2), (3, 4), (8, 8)])
+def test_small_batches_take_the_int8_gemv(monkeypatch, B, nt):
+    """Decode of 2..8 sequences: the norm and the fused GLU write their rows' int8 rounding (a grid row
+    per sequence), the GEMV of nt tokens takes it (no quantize_x8); an input made elsewhere is
+    quantized once and kept for its next matmul. ORCD_GEMV_INT8_TOKENS=1 gives the float GEMV back,
+    and 9 rows take the GEMM."""
+    be, launched = _backend(monkeypatch)
+    be.begin_step(_decode_meta(B))
+    w = SimpleNamespace(qtype=Q.Q4_K, n=9216, k=3072, n_experts=None, ptr=0x10000, expert_bytes=0)
+    x, g = be._out((B, 3072)), be._out((3072,))
+    h, _ = be.rms_norm(x, g, 1e-5)
+    be.linear(h, w)
+    glu = be.glu_fused(be._out((B, 2 * 3072)))
+    be.linear(glu, w)
+    s = be.add(x, x)
+    be.linear(s, w)
+    be.linear(s, w)
+    assert launched == [("rms_norm_block_q8", (B, 1, 1)), (f"gemv_q4_k_{nt}_i8", (1152, 1)),
+                        ("silu_halves_q8", (12, B, 1)), (f"gemv_q4_k_{nt}_i8", (1152, 1)),
+                        ("add_f32", launched[4][1]), ("quantize_x8", ((B * 96 + 7) // 8, 1)),
+                        (f"gemv_q4_k_{nt}_i8", (1152, 1)), (f"gemv_q4_k_{nt}_i8", (1152, 1))]
+    launched.clear()
+    be.tuning = dataclasses.replace(DEFAULT, gemv_int8_tokens=1)
+    h, _ = be.rms_norm(x, g, 1e-5)
+    be.linear(h, w)
+    assert [n for n, _ in launched] == ["rms_norm_block", f"gemv_q4_k_{nt}"]
+    launched.clear()
+    be.tuning = DEFAULT
+    be.begin_step(_decode_meta(9))
+    h, _ = be.rms_norm(be._out((9, 3072)), g, 1e-5)
+    be.linear(h, w)
+    assert [n for n, _ in launched] == ["rms_norm_block", "gemm_init", "gemm_q4_k_16"]  # split-K
+
+
 def test_fused_qkv_rope_and_moe_plan(monkeypatch):
     be, launched = _backend(monkeypatch)
     layout = KVLayout(n_layers=1, num_blocks=64, block_size=16, n_kv_heads=2, head_dim_k=64, head_dim_v=64)

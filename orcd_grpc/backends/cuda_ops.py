@@ -39,16 +39,26 @@ class OpsMixin:
 
             if cuda_blas.takes(w.qtype, w.n_experts) and cuda_blas.matmul(self, x, w, y, T, bias):
                 return y
-        # int8 input: the quantized row and its scales, from x's producer (tuning.fuse_q8) or made here
+        # int8 input: the quantized rows and their scales, from x's producer (tuning.fuse_q8) or made
+        # here and kept on x for its next matmul (gate and up, when not fused)
         x8, ready = None, False
         if cuda_quant.i8_eligible(w, T, self.tuning):
             ready = x.q8 is not None
-            xq, xd = x.q8 if ready else self._q8_scratch(w.k)
+            xq, xd = x.q8 if ready else self._q8_scratch(T * w.k)
             x8 = (xq.ptr, xd.ptr)
         self._quant_call("matmul", cuda_quant.matmul, x.ptr, w, y.ptr, T, self.stream,
                          bias_ptr=bias.ptr if bias is not None else None, x8=x8, x8_ready=ready,
                          tuning=self.tuning, sms=self.limits.sms)
+        if x8 is not None and not ready:
+            x.q8 = (xq, xd)
         return y
+
+    def _q8_rows(self, rows: int, d: int) -> bool:
+        """Whether a producer of `rows` rows of d features writes their int8 rounding beside them, for
+        the int8-input GEMV that follows (tuning.fuse_q8)."""
+        from .cuda_quant import GEMV_MAX_T
+
+        return self.tuning.fuse_q8 and d % 32 == 0 and 1 <= rows <= min(self.tuning.gemv_int8_tokens, GEMV_MAX_T)
 
     def _quant_call(self, what, fn, *args, **kw):
         if getattr(_tls, "guard", None) is None:
@@ -74,8 +84,8 @@ class OpsMixin:
             self._launch(k, (-(-rows // 8), 1, 1), (256, 1, 1), *args)
         else:  # few rows: a block per row, or one warp walks the whole row alone (4.5 us at d = 896)
             threads = 512 if d > 4096 else 256 if d > 1024 else max(32, -(-d // 4 // 32) * 32)
-            if self.tuning.fuse_q8 and rows == 1 and d % 32 == 0:
-                out.q8 = self._q8_scratch(d)
+            if self._q8_rows(rows, d):
+                out.q8 = self._q8_scratch(rows * d)
                 k = self._k("norm", "rms_norm_block_q8", "PPPPPiifPP")
                 self._launch(k, (rows, 1, 1), (threads, 1, 1), *args[:-1], out.q8[0].ptr, out.q8[1].ptr)
             else:
@@ -118,10 +128,10 @@ class OpsMixin:
     def glu_fused(self, x, act: str = "silu"):
         rows, F = x.size // x.shape[-1], x.shape[-1] // 2
         y = self._out((*x.shape[:-1], F))
-        if self.tuning.fuse_q8 and rows == 1 and F % 32 == 0:
-            y.q8 = self._q8_scratch(F)
+        if self._q8_rows(rows, F):
+            y.q8 = self._q8_scratch(rows * F)
             k = self._k("elementwise", "silu_halves_q8" if act == "silu" else "gelu_halves_q8", "PPPPi")
-            self._launch(k, (-(-F // 256), 1, 1), (256, 1, 1), x.ptr, y.ptr, y.q8[0].ptr, y.q8[1].ptr, np.int32(F))
+            self._launch(k, (-(-F // 256), rows, 1), (256, 1, 1), x.ptr, y.ptr, y.q8[0].ptr, y.q8[1].ptr, np.int32(F))
             return y
         k = self._k("elementwise", "silu_halves_f32" if act == "silu" else "gelu_halves_f32", "PPii")
         if rows and F:

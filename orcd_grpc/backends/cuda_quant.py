@@ -177,7 +177,7 @@ def _stream_handle(stream):
     return stream  # pycuda Stream or None (default stream)
 
 
-# Single-token GEMVs on an int8-quantized input (gemv_*_1_i8 after quantize_x8): the integer formats
+# GEMVs on an int8-quantized input (gemv_*_<nt>_i8 after quantize_x8): the integer formats
 # only, for matrices of at least _I8_MIN weights (small ones are latency-bound, where the extra
 # quantize launch costs more than the faster products save). The float path spends as much on
 # decoding and FMAs as on reading: phi3-mini's step 3,087 -> 2,714 us with it, Q4_K GEMV 17.2 -> 12.9 us
@@ -208,41 +208,48 @@ def moe_i8_eligible(w: QuantWeight, grouped: bool, tuning: Tuning = DEFAULT) -> 
 
 
 def _i8_gemv(x_ptr, w: QuantWeight, y_ptr, bias_ptr, x8: tuple, x8_ready: bool, n_in: int, slots: int, stream,
-             tuning: Tuning, sms: int, **call) -> None:
-    """The int8-input GEMV over `slots` grid columns, after quantize_x8 of x's n_in floats into
-    x8 = (xq_ptr, xd_ptr) unless x8_ready (x's producer wrote them)."""
+             tuning: Tuning, sms: int, T: int = 1, **call) -> None:
+    """The int8-input GEMV of T <= GEMV_MAX_T token rows over `slots` grid columns, after quantize_x8
+    of x's n_in floats into x8 = (xq_ptr, xd_ptr) unless x8_ready (x's producer wrote them)."""
     if not _i8_kernel_for(w):
         raise ValueError(f"the int8-input GEMV serves integer formats with k % 32 == 0 ({w.qtype.name} k={w.k})")
     xq_ptr, xd_ptr = x8
     if not x8_ready:
         quantize_x8(x_ptr, xq_ptr, xd_ptr, n_in, stream, tuning)
-    f, gx = _gemv(_NAME[w.qtype], 1, w.n, slots, tuning, sms, "i8", sig=_GEMV_SIG + "P")
-    _gemv_call(f, (gx, slots), stream, xq_ptr, w, y_ptr, bias_ptr, 1, _p(xd_ptr), **call)
+    f, gx = _gemv(_NAME[w.qtype], _nt(T), w.n, slots, tuning, sms, "i8", sig=_GEMV_SIG + "P")
+    _gemv_call(f, (gx, slots), stream, xq_ptr, w, y_ptr, bias_ptr, T, _p(xd_ptr), **call)
 
 
 def i8_eligible(w: QuantWeight, T: int, tuning: Tuning = DEFAULT) -> bool:
-    """Whether a T-token matmul on w takes the int8-input GEMV (the caller then passes x8 scratch)."""
-    return tuning.gemv_int8 and T == 1 and _i8_kernel_for(w) and w.n * w.k >= tuning.gemv_int8_min
+    """Whether a T-token matmul on w takes the int8-input GEMV (the caller then passes x8 scratch of
+    T * k bytes and T * k / 32 scales)."""
+    return (tuning.gemv_int8 and 1 <= T <= min(tuning.gemv_int8_tokens, GEMV_MAX_T) and _i8_kernel_for(w)
+            and w.n * w.k >= tuning.gemv_int8_min)
+
+
+def _nt(T: int) -> int:
+    """The GEMV kernel's token count for T <= GEMV_MAX_T rows (the rest of its rows are duplicate loads)."""
+    return 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
 
 
 def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumulate: bool = False,
            x8: tuple | None = None, x8_ready: bool = False, tuning: Tuning = DEFAULT, sms: int = DEFAULT_SMS) -> None:
     """y[T, n] = x[T, k] @ W^T (+ bias[n]) (+ y when accumulate). x8 = (xq_ptr, xd_ptr), scratch of
-    k bytes and k / 32 floats (T = 1 only): x is quantized to int8 there first and the int8-input
-    GEMV runs (see i8_eligible); x8_ready: it already holds x's rounding (written by the kernel
-    that produced x). sms: the device's multiprocessors, which size split-K and the GEMV layout."""
+    T * k bytes and T * k / 32 floats (T <= GEMV_MAX_T): x is quantized to int8 there first and the
+    int8-input GEMV runs (see i8_eligible); x8_ready: it already holds x's rounding (written by the
+    kernel that produced x, or an earlier matmul on x). sms: the device's multiprocessors, which size
+    split-K and the GEMV layout."""
     if T <= 0:
         return
     ks = _kernels(tuning)
     fmt = _NAME[w.qtype]
     if x8 is not None:
-        if T != 1:
-            raise ValueError(f"the int8-input GEMV serves T = 1, not T={T}")
-        _i8_gemv(x_ptr, w, y_ptr, bias_ptr, x8, x8_ready, w.k, 1, stream, tuning, sms, accumulate=accumulate)
+        if T > GEMV_MAX_T:
+            raise ValueError(f"the int8-input GEMV serves T <= {GEMV_MAX_T}, not T={T}")
+        _i8_gemv(x_ptr, w, y_ptr, bias_ptr, x8, x8_ready, T * w.k, 1, stream, tuning, sms, T=T, accumulate=accumulate)
         return
     if T <= GEMV_MAX_T:
-        nt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
-        f, gx = _gemv(fmt, nt, w.n, 1, tuning, sms)
+        f, gx = _gemv(fmt, _nt(T), w.n, 1, tuning, sms)
         _gemv_call(f, (gx, 1), stream, x_ptr, w, y_ptr, bias_ptr, T, accumulate=accumulate)
         return
     bm = 16 if T <= 16 else 32 if T <= 32 else GEMM_MAX_BM

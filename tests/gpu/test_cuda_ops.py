@@ -101,17 +101,18 @@ def _check_q8(be, t, ref):
     assert off.max() <= 1 and (off > 0).mean() < 1e-3, (off.max(), (off > 0).mean())
 
 
+@pytest.mark.parametrize("rows", [1, 5, 8])
 @pytest.mark.parametrize("d", [576, 896, 2304, 3072, 5120, 8192])
 @pytest.mark.parametrize("with_res", [False, True])
-def test_rms_norm_q8(be, rng, d, with_res, monkeypatch):
-    """rms_norm_block_q8 (ORCD_FUSE_Q8): the row as before plus its int8 rounding, which the
+def test_rms_norm_q8(be, rng, d, with_res, rows, monkeypatch):
+    """rms_norm_block_q8 (ORCD_FUSE_Q8): the rows as before plus their int8 rounding, which the
     next int8 GEMV takes instead of quantizing again, to the same output bit for bit."""
     import gguf
 
     tune(monkeypatch, be, fuse_q8=True, gemv_int8_min=0)
     ref = NumpyBackend()
-    x = rng.standard_normal((1, d), dtype=np.float32) * rng.uniform(0.1, 10, (1, d)).astype(np.float32)
-    r = rng.standard_normal((1, d), dtype=np.float32) if with_res else None
+    x = rng.standard_normal((rows, d), dtype=np.float32) * rng.uniform(0.1, 10, (rows, d)).astype(np.float32)
+    r = rng.standard_normal((rows, d), dtype=np.float32) if with_res else None
     w = rng.standard_normal(d, dtype=np.float32)
     exp_out, exp_s = ref.rms_norm(x, w, 1e-6, r)
     n = 300
@@ -129,18 +130,19 @@ def test_rms_norm_q8(be, rng, d, with_res, monkeypatch):
     np.testing.assert_array_equal(fused, plain)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("F", [96, 1536, 4864, 8192])
 @pytest.mark.parametrize("act", ["silu", "gelu"])
-def test_glu_fused_q8(be, rng, F, act, monkeypatch):
-    """silu/gelu_halves_q8 (ORCD_FUSE_Q8): act(gate) * up for one row, and its int8 rounding"""
+def test_glu_fused_q8(be, rng, F, act, rows, monkeypatch):
+    """silu/gelu_halves_q8 (ORCD_FUSE_Q8): act(gate) * up for each of a few rows, and its int8 rounding"""
     tune(monkeypatch, be, fuse_q8=True)
     ref = NumpyBackend()
-    x = rng.standard_normal((1, 2 * F), dtype=np.float32) * 3
+    x = rng.standard_normal((rows, 2 * F), dtype=np.float32) * 3
     exp = ref.glu_fused(x, act)
     be.begin_step(simple_meta(1))
     poison(be)
     y = be.glu_fused(dev(be, x), act)
-    assert y.q8 is not None and y.shape == (1, F)
+    assert y.q8 is not None and y.shape == (rows, F)
     assert rel(be.to_host(y), exp) < 1e-5
     _check_q8(be, y, exp)
 

@@ -181,27 +181,36 @@ def _quantize_x8_ref(x):
 I8_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
+@pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("qtype", I8_FORMATS, ids=lambda v: v.name)
-def test_gemv_int8_input(cu, qtype):
-    """The int8-input GEMV (quantize_x8 + gemv_*_1_i8), both layouts: against float64 on the
-    dequantized weights and the int8-rounded input it must agree to 1e-3 (a wrong integer decode
-    is off by O(1)); against the float input, within the int8 rounding (2e-2)."""
+def test_gemv_int8_input(cu, qtype, T):
+    """The int8-input GEMV (quantize_x8 + gemv_*_<nt>_i8) of T tokens, both layouts: against float64
+    on the dequantized weights and the int8-rounded input it must agree to 1e-3 (a wrong integer
+    decode is off by O(1)); against the float input, within the int8 rounding (2e-2). Each token's
+    row is bit for bit what it gets alone (a verify step of 1 + k tokens decodes like k + 1 steps)."""
     assert set(I8_FORMATS) == set(cu.q.I8_FORMATS)
     n, k = 1003, (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 4864)
     rng = np.random.default_rng()
     raw, wf = _weight(qtype, n, k)
-    x = rng.standard_normal((1, k), dtype=np.float32) * rng.uniform(0.1, 10.0, (1, k)).astype(np.float32)
+    x = rng.standard_normal((T, k), dtype=np.float32) * rng.uniform(0.1, 10.0, (T, k)).astype(np.float32)
     ref = x.astype(np.float64) @ wf.astype(np.float64).T
     ref8 = _quantize_x8_ref(x) @ wf.astype(np.float64).T
     w = cu.q.QuantWeight(raw, qtype, n, k)
+
+    def run(rows, mode):
+        xq = cu.ga.empty(rows.size, np.int8)
+        xs = cu.ga.to_gpu(np.full(rows.size // 32, np.nan, np.float32))
+        return _gpu_matmul(cu, w, rows, x8=(xq.gpudata, xs.gpudata), tuning=Tuning(gemv_ksplit=mode))
+
     try:
         for mode in ("0", "1"):
-            xq = cu.ga.empty(k, np.int8)
-            xs = cu.ga.to_gpu(np.full(k // 32, np.nan, np.float32))
-            y = _gpu_matmul(cu, w, x, x8=(xq.gpudata, xs.gpudata), tuning=Tuning(gemv_ksplit=mode))
+            y = run(x, mode)
             err8, err = rel_err(y, ref8), rel_err(y, ref)
-            assert err8 <= 1e-3, f"{qtype.name} ksplit={mode}: rel err {err8:.2e} against the int8-rounded input"
-            assert err <= 2e-2, f"{qtype.name} ksplit={mode}: rel err {err:.2e} against the float input"
+            assert err8 <= 1e-3, f"{qtype.name} T={T} ksplit={mode}: rel err {err8:.2e} against the int8-rounded input"
+            assert err <= 2e-2, f"{qtype.name} T={T} ksplit={mode}: rel err {err:.2e} against the float input"
+            if T > 1:
+                for t in (0, T - 1):
+                    np.testing.assert_array_equal(y[t], run(x[t:t + 1], mode)[0])
     finally:
         w.free()
 
