@@ -200,8 +200,9 @@ def _openai_one(url, ids, max_tokens, timeout, model):
     return (first or time.perf_counter()) - t0, max(usage, chunks), (last or 0) - (first or 0)
 
 
-def _client_proc(target, where, model, jobs, barrier, out, timeout, coalesce=False):
-    """One process: a thread per client; each thread takes its share of jobs in order."""
+def _client_proc(target, where, model, jobs, barrier, out, timeout, coalesce=False, level_s=0.0):
+    """One process: a thread per client; each thread takes its share of jobs in order, and sends
+    none after level_s seconds (0: no limit); what it did not send is counted, not run."""
     import threading
 
     if target == "grpc":
@@ -215,44 +216,53 @@ def _client_proc(target, where, model, jobs, barrier, out, timeout, coalesce=Fal
     else:
         one = lambda ids, m: _openai_one(where, ids, m, timeout, model)  # noqa: E731
     results = []
+    unsent = [0]
     lock = threading.Lock()
 
     def run(mine):
-        for ids, m in mine:
+        for i, (ids, m) in enumerate(mine):
+            if level_s and time.monotonic() > stop_at:
+                with lock:
+                    unsent[0] += len(mine) - i
+                return
             t = time.perf_counter()
             try:
                 ttft, n, span = one(ids, m)
-                r = (ttft, n, span, t, time.perf_counter(), "")
+                r = (ttft, n, span, t, time.perf_counter(), "", len(ids))
             except Exception as exc:  # a failed request is counted, not fatal to the run
-                r = (0.0, 0, 0.0, t, time.perf_counter(), f"{type(exc).__name__}: {exc}"[:200])
+                r = (0.0, 0, 0.0, t, time.perf_counter(), f"{type(exc).__name__}: {exc}"[:200], len(ids))
             with lock:
                 results.append(r)
 
     threads = [threading.Thread(target=run, args=(j,), daemon=True) for j in jobs]
     barrier.wait()
+    stop_at = time.monotonic() + level_s
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    out.put(results)
+    out.put((results, unsent[0]))
 
 
-def run_level(target, where, model, reqs, clients, procs, timeout, coalesce=False):
-    """All of reqs through `clients` closed-loop clients; returns the level's summary."""
+def run_level(target, where, model, reqs, clients, procs, timeout, coalesce=False, level_s=0.0):
+    """All of reqs through `clients` closed-loop clients (none sent after level_s seconds, when
+    given); returns the level's summary."""
     per_client = [reqs[i::clients] for i in range(clients)]
     procs = max(1, min(procs, clients))
     groups = [per_client[i::procs] for i in range(procs)]
     ctx = mp.get_context("spawn")  # a fresh interpreter: no grpc state inherited across fork
     barrier, out = ctx.Barrier(procs + 1), ctx.Queue()
-    ps = [ctx.Process(target=_client_proc, args=(target, where, model, g, barrier, out, timeout, coalesce), daemon=True)
-          for g in groups]
+    ps = [ctx.Process(target=_client_proc, args=(target, where, model, g, barrier, out, timeout, coalesce, level_s),
+                      daemon=True) for g in groups]
     for p in ps:
         p.start()
     barrier.wait()
     t0 = time.perf_counter()
-    rows = []
+    rows, unsent = [], 0
     for _ in ps:
-        rows += out.get()
+        got, n = out.get()
+        rows += got
+        unsent += n
     wall = time.perf_counter() - t0
     for p in ps:
         p.join()
@@ -267,7 +277,7 @@ def run_level(target, where, model, reqs, clients, procs, timeout, coalesce=Fals
     return {"clients": clients, "requests": len(rows), "errors": len(rows) - len(ok),
             "first_error": next((r[5] for r in rows if r[5]), ""), "output_tokens": tokens,
             "wall_s": round(wall, 3), "output_tok_s": round(tokens / wall, 1), "ttft_ms": pct(ttft),
-            "tpot_ms": pct(tpot), "prompt_tokens": sum(len(i) for i, _ in reqs)}
+            "tpot_ms": pct(tpot), "prompt_tokens": sum(r[6] for r in rows), "unsent": unsent}
 
 
 def main(argv=None) -> int:
@@ -289,6 +299,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     ap.add_argument("--model", default="", help="openai: the model field")
     ap.add_argument("--warmup", type=int, default=2, help="requests sent first, not counted")
+    ap.add_argument("--level-seconds", type=float, default=0.0,
+                    help="no request is sent after this many seconds of a level (those in flight finish; "
+                    "the row's 'unsent' counts the rest): a slow server's levels end in bounded time")
     ap.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the server to serve")
     ap.add_argument("--coalesce", action="store_true",
                     help="grpc: ExecuteRequest.coalesce_tokens (tokens ready together arrive as one TokenBatch)")
@@ -317,10 +330,10 @@ def main(argv=None) -> int:
         reqs = workload(max(a.min_requests, c * a.requests_per_client), seed=a.seed, **kw)
         if a.metrics:
             with ServerSide(a.metrics) as side:
-                res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout, a.coalesce)
+                res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout, a.coalesce, a.level_seconds)
             res["server"] = side.summary()
         else:
-            res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout, a.coalesce)
+            res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout, a.coalesce, a.level_seconds)
         res.update(target=a.target, seed=a.seed, coalesce=a.coalesce)
         print(json.dumps(res), flush=True)
     return 0

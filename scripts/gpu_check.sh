@@ -24,6 +24,8 @@
 #                   (-kvu: without it, an explicit -np gives every slot a KV stream of its own, the
 #                   configuration session 11's slow llama-server rows ran); rows to $OUT/serve.jsonl,
 #                   orcd's with what the worker did meanwhile (its metrics); SERVE_ARGS: more serve_bench.py options;
+#                   SERVE_LEVEL_S (default 30): no request is sent after that many seconds of a level (a
+#                   slow server's row counts the rest as unsent instead of running out the call);
 #                   SERVE_PROFILE=1: the worker under py-spy (.dev/tools/py-spy carried), to $OUT/serve-prof-*.txt
 #   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server; LLAMA_JOBS, default 10) from .dev/anchors/llamacpp-src.tgz
 #                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call
@@ -229,7 +231,7 @@ for m in ${SERVE:-}; do
   "${prof[@]}" python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend cuda --port 50061 --max-sequences "$slots" \
     --max-context 2048 --metrics-port 50071 > "$OUT/serve-orcd-$m.log" 2>&1 & sp=$!
   timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py grpc 127.0.0.1:50061 --vocab-from "$data/$m.gguf" \
-    --clients "$clients" --procs 8 --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"orcd\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+    --clients "$clients" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"orcd\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
   if [ ${#prof[@]} -gt 0 ]; then  # py-spy writes its profile on SIGINT; the worker is its child
     kill -INT "$sp"; sleep 3; pkill -f "orcd_grpc serve --model $data/$m.gguf"
   fi
@@ -239,7 +241,7 @@ for m in ${SERVE:-}; do
     "$ls_bin" -m "$data/$m.gguf" -ngl 99 -fa on -np "$slots" -kvu -c $((slots * 2048)) --host 127.0.0.1 --port 50062 \
       > "$OUT/serve-llama-$m.log" 2>&1 & sp=$!
     timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py openai http://127.0.0.1:50062 --vocab-from "$data/$m.gguf" \
-      --clients "$clients" --procs 8 ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+      --clients "$clients" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
     kill "$sp"; wait "$sp" 2>/dev/null
   else
     echo "llama-server not built: no comparison rows"

@@ -58,3 +58,18 @@ def test_a_server_that_is_not_there_fails_the_run(capsys):
     assert serve_bench.main(["grpc", "127.0.0.1:1", "--clients", "1", "--ready-timeout", "0", "--timeout", "2",
                              "--vocab", "40"]) == 1
     assert "not ready" in capsys.readouterr().out
+
+
+def test_level_seconds_stops_sending_and_counts_the_rest(worker, capsys):
+    """--level-seconds: no request is sent once a level's time is up; the row says how many were
+    not sent, and counts the prompt and output tokens of the sent ones only."""
+    w, port = worker
+    base = ["grpc", f"127.0.0.1:{port}", "--clients", "1", "--min-requests", "6", "--procs", "1", "--warmup", "1",
+            "--seed", "11"] + [f"--{k.replace('_', '-')}={v}" for k, v in KW.items()]
+    assert serve_bench.main(base + ["--level-seconds", "1e-9"]) == 0
+    assert serve_bench.main(base) == 0
+    cut, full = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert (cut["requests"], cut["unsent"], cut["output_tokens"], cut["prompt_tokens"]) == (0, 6, 0, 0)
+    reqs = serve_bench.workload(6, seed=11, **KW)
+    assert (full["requests"], full["unsent"], full["errors"]) == (6, 0, 0)
+    assert full["prompt_tokens"] == sum(len(i) for i, _ in reqs) and full["output_tokens"] == sum(m for _, m in reqs)
