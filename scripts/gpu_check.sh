@@ -30,7 +30,7 @@
 #   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server; LLAMA_JOBS, default 10) from .dev/anchors/llamacpp-src.tgz
 #                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call
 #   LLAMA_BENCH="qwen2.5-0.5b ..."  llama.cpp's same-lease figures on those files: llama-bench pp512/tg128
-#                   and llama-batched-bench at 1 and 64 sequences (waits for the build); to $OUT/llama.md
+#                   and llama-batched-bench at 1, 8, 32 and 64 sequences (waits for the build); to $OUT/llama.md
 #   CONSTRAINT="qwen2.5-0.5b ..."  bench/constraint_cost.py (JSON schema against free decode, B=1,64;
 #                   --trace: where a constrained step's host time goes); run before BUILD_LLAMA's build
 #                   starts, which would take the cores the masks are filled on
@@ -181,7 +181,7 @@ for m in ${LLAMA_BENCH:-}; do
   echo "== llama.cpp $m" | tee -a "$OUT/llama.md"
   timeout 200 "$llama_bin/llama-bench" -m "$data/$m.gguf" -p 512 -n 128 -ngl 99 -fa 1 -r 3 -o md 2>&1 | grep "^|" | tee -a "$OUT/llama.md"
   timeout 200 "$llama_bin/llama-batched-bench" -m "$data/$m.gguf" -c 32768 -b 2048 -ub 512 -npp 128 -ntg 128 \
-    -npl 1,64 -ngl 99 -fa on 2>&1 | grep "^|" | tee -a "$OUT/llama.md"
+    -npl 1,8,32,64 -ngl 99 -fa on 2>&1 | grep "^|" | tee -a "$OUT/llama.md"
 done
 for ml in ${LONG:-}; do
   wait
