@@ -85,11 +85,58 @@ __device__ void rms_norm_warp_impl(const float* x, const float* res, float* s_ou
     scale_out<VEC>(res ? s_out + off : x + off, w, out + off, d, inv, lane, 32);
 }
 
+// A block's row held in registers (up to NORM_REGS float4 a thread): the products read back what this
+// thread loaded instead of a second trip through memory for s, and no barrier separates the two passes
+// (each thread scales only its own values). Rows longer than that take the two-pass path below.
+constexpr int NORM_REGS = 4;
+template <bool Q8>
+__device__ __forceinline__ void rms_norm_row_regs(const float* __restrict__ x, const float* __restrict__ res,
+                                                  float* __restrict__ s_out, float* __restrict__ out,
+                                                  const float* __restrict__ w, int d, float eps, float* scratch,
+                                                  int8_t* __restrict__ xq, float* __restrict__ xd) {
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const float4* r4 = reinterpret_cast<const float4*>(res);
+    float4 v[NORM_REGS];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_REGS; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < d / 4) {
+            v[j] = x4[i];
+            if (res) {
+                const float4 r = r4[i];
+                v[j].x += r.x; v[j].y += r.y; v[j].z += r.z; v[j].w += r.w;
+                reinterpret_cast<float4*>(s_out)[i] = v[j];
+            }
+            ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+        }
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) / d + eps);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+#pragma unroll
+    for (int j = 0; j < NORM_REGS; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < d / 4) {  // d % 32 == 0 for Q8: a group of 8 lanes is in or out as a whole (q8_store4)
+            const float4 g = w4[i];
+            const float4 o = make_float4(v[j].x * inv * g.x, v[j].y * inv * g.y, v[j].z * inv * g.z, v[j].w * inv * g.w);
+            reinterpret_cast<float4*>(out)[i] = o;
+            if constexpr (Q8) q8_store4(o, xq, xd, i);
+        }
+    }
+}
+
 template <bool VEC, bool Q8 = false>
 __device__ void rms_norm_block_impl(const float* x, const float* res, float* s_out, float* out,
                                     const float* w, int d, float eps, int8_t* xq = nullptr, float* xd = nullptr) {
     __shared__ float scratch[32];
     const size_t off = (size_t)blockIdx.x * d;
+    if constexpr (VEC) {
+        if (d / 4 <= NORM_REGS * (int)blockDim.x) {  // the usual case: the row stays in registers
+            rms_norm_row_regs<Q8>(x + off, res ? res + off : nullptr, s_out + off, out + off, w, d, eps, scratch,
+                                  Q8 ? xq + off : nullptr, Q8 ? xd + off / 32 : nullptr);
+            return;
+        }
+    }
     float ss = block_sum(load_sum_sq<VEC>(x + off, res ? res + off : nullptr, s_out + off, d, threadIdx.x,
                                           blockDim.x), scratch);
     const float inv = rsqrtf(ss / d + eps);

@@ -80,7 +80,8 @@ def test_moe_int8_is_per_slot_only_and_switchable():
 
 def test_int8_gemv_eligibility_follows_the_tuning():
     w = SimpleNamespace(qtype=Q.Q4_K, n=9216, k=3072, n_experts=None)
-    assert cuda_quant.i8_eligible(w, 1) and not cuda_quant.i8_eligible(w, 2)
+    assert all(cuda_quant.i8_eligible(w, T) for T in range(1, 9)) and not cuda_quant.i8_eligible(w, 9)
+    assert not cuda_quant.i8_eligible(w, 2, Tuning(gemv_int8_tokens=1)) and cuda_quant.i8_eligible(w, 4, Tuning(gemv_int8_tokens=4))
     assert not cuda_quant.i8_eligible(w, 1, Tuning(gemv_int8=False))
     small = SimpleNamespace(qtype=Q.Q4_K, n=256, k=256, n_experts=None)
     assert not cuda_quant.i8_eligible(small, 1) and cuda_quant.i8_eligible(small, 1, Tuning(gemv_int8_min=0))

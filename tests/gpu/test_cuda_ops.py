@@ -70,7 +70,7 @@ def simple_meta(T, positions=None):
 
 
 # ---- norm -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(1, 576), (7, 576), (33, 1003), (5, 2304), (3, 5120), (2, 8192),
+@pytest.mark.parametrize("shape", [(1, 576), (7, 576), (33, 1003), (5, 2304), (3, 5120), (2, 8192), (1, 12288),
                                    (9, 4, 64), (13, 7, 128), (3, 2, 256), (5, 3, 30)])
 @pytest.mark.parametrize("with_res", [False, True])
 def test_rms_norm(be, rng, shape, with_res):
