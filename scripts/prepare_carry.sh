@@ -9,11 +9,12 @@
 #   tiny     .dev/carry/tiny.tar.xz: the tiny architecture models (tests/gpu/test_cuda_architectures.py;
 #            needs transformers here: pip install -e '.[reference]')
 #   anchors  .dev/anchors/llamacpp-src.tgz: llama.cpp's source for BUILD_LLAMA
-# No PART: all of them. Then: run(carry=[".whl", ".dev/carry", ".dev/anchors"]) under the 64 MiB limit.
+#   tools    .dev/tools/py-spy: the sampling profiler SERVE_PROFILE=1 runs the worker under (carry ".dev/tools")
+# No PART: all of them. Then: run(carry=[".whl", ".dev/carry", ".dev/anchors", ".dev/tools"]) under the 64 MiB limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${ORCD_SHARED_DIR:-../shared}
-parts=${*:-wheels kcache vocab tiny anchors}
+parts=${*:-wheels kcache vocab tiny anchors tools}
 mkdir -p .whl .dev/carry .dev/anchors
 for part in $parts; do
   case $part in
@@ -36,7 +37,12 @@ for part in $parts; do
       (cd .dev && tar cJf carry/tiny.tar.xz tiny) ;;
     anchors)
       cp "$shared/anchors/llamacpp-src.tgz" .dev/anchors/ ;;
-    *) echo "unknown part $part (wheels kcache vocab tiny anchors)" >&2; exit 2 ;;
+    tools)
+      rm -rf .dev/tools /tmp/orcd-pyspy && mkdir -p .dev/tools /tmp/orcd-pyspy
+      python3 -m pip download -q --no-deps --only-binary=:all: -d /tmp/orcd-pyspy "py-spy>=0.4,<0.5" 2>&1 | grep -v "^WARNING" || true
+      python3 -m zipfile -e /tmp/orcd-pyspy/py_spy-*.whl /tmp/orcd-pyspy/x
+      install -m 755 "$(find /tmp/orcd-pyspy/x -name py-spy -type f | head -1)" .dev/tools/py-spy ;;
+    *) echo "unknown part $part (wheels kcache vocab tiny anchors tools)" >&2; exit 2 ;;
   esac
 done
-du -ch .whl .dev/carry .dev/anchors | tail -1
+du -ch .whl .dev/carry .dev/anchors .dev/tools 2>/dev/null | tail -1
