@@ -121,7 +121,7 @@ class Tuning:
         "auto", "ORCD_GEMV_KSPLIT", "GEMV k-split (a block's warps share rows): auto below 2 row blocks per SM; "
         "0 never; 1 always (A/B)", choices=("auto", "0", "1"))
     gemv_int8: bool = _switch(
-        True, "ORCD_GEMV_INT8", "single-token matmuls of integer formats on an int8-rounded input with dp4a "
+        True, "ORCD_GEMV_INT8", "matmuls of up to ORCD_GEMV_INT8_TOKENS tokens on integer formats on an int8-rounded input with dp4a "
         "products (phi3-mini B=1 3,046 -> 2,661 us)")
     gemv_int8_tokens: int = _switch(
         8, "ORCD_GEMV_INT8_TOKENS", "... for matmuls of up to this many tokens (at most 8, the GEMV's largest; "
