@@ -111,7 +111,7 @@ class Tuning:
         256, "ORCD_NORM_BLOCK_ROWS", "RMSNorm takes a block per row up to this many rows, a warp per row above "
         "(qwen2.5 B=1 1,787 -> 1,674 us with 256 against 0)")
     fuse_q8: bool = _switch(
-        True, "ORCD_FUSE_Q8", "single-row RMSNorm and fused-GLU kernels write the int8 rounding the next GEMV "
+        True, "ORCD_FUSE_Q8", "RMSNorm and fused-GLU kernels of up to ORCD_GEMV_INT8_TOKENS rows write the int8 rounding the next GEMV "
         "takes (no quantize launch: qwen2.5 B=1 1,318 -> 1,245 us, phi3-mini 2,680 -> 2,568)")
     split_views: bool = _switch(
         True, "ORCD_SPLIT_VIEWS", "a one-row split hands back views of its input instead of launching a copy")
