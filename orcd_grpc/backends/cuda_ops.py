@@ -56,9 +56,9 @@ class OpsMixin:
     def _q8_rows(self, rows: int, d: int) -> bool:
         """Whether a producer of `rows` rows of d features writes their int8 rounding beside them, for
         the int8-input GEMV that follows (tuning.fuse_q8)."""
-        from .cuda_quant import GEMV_MAX_T
+        from .cuda_quant import i8_rows
 
-        return self.tuning.fuse_q8 and d % 32 == 0 and 1 <= rows <= min(self.tuning.gemv_int8_tokens, GEMV_MAX_T)
+        return self.tuning.fuse_q8 and d % 32 == 0 and i8_rows(rows, self.tuning)
 
     def _quant_call(self, what, fn, *args, **kw):
         if getattr(_tls, "guard", None) is None:

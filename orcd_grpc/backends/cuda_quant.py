@@ -220,11 +220,16 @@ def _i8_gemv(x_ptr, w: QuantWeight, y_ptr, bias_ptr, x8: tuple, x8_ready: bool, 
     _gemv_call(f, (gx, slots), stream, xq_ptr, w, y_ptr, bias_ptr, T, _p(xd_ptr), **call)
 
 
+def i8_rows(T: int, tuning: Tuning = DEFAULT) -> bool:
+    """Whether T token rows are few enough for the int8-input GEMV (tuning.gemv_int8_tokens, at most
+    GEMV_MAX_T): what its input's producers also go by when they write the rounding beside it."""
+    return 1 <= T <= min(tuning.gemv_int8_tokens, GEMV_MAX_T)
+
+
 def i8_eligible(w: QuantWeight, T: int, tuning: Tuning = DEFAULT) -> bool:
     """Whether a T-token matmul on w takes the int8-input GEMV (the caller then passes x8 scratch of
     T * k bytes and T * k / 32 scales)."""
-    return (tuning.gemv_int8 and 1 <= T <= min(tuning.gemv_int8_tokens, GEMV_MAX_T) and _i8_kernel_for(w)
-            and w.n * w.k >= tuning.gemv_int8_min)
+    return tuning.gemv_int8 and i8_rows(T, tuning) and _i8_kernel_for(w) and w.n * w.k >= tuning.gemv_int8_min
 
 
 def _nt(T: int) -> int:
