@@ -37,6 +37,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def level_requests(clients: int, min_requests: int, per_client: int) -> int:
+    """Requests in the level of `clients` clients (bench/llama_server_log.py groups a log by it)."""
+    return max(min_requests, clients * per_client)
+
+
 def workload(n: int, *, seed: int, vocab: int, prompt_mean: int, output_mean: int,
              max_prompt: int, max_output: int) -> list[tuple[list[int], int]]:
     """n (prompt ids, max_tokens) pairs. Log-normal lengths (sigma 0.8, as chat logs skew: many
@@ -327,7 +332,7 @@ def main(argv=None) -> int:
             return 1
         time.sleep(2.0)
     for c in (int(x) for x in a.clients.split(",") if x):
-        reqs = workload(max(a.min_requests, c * a.requests_per_client), seed=a.seed, **kw)
+        reqs = workload(level_requests(c, a.min_requests, a.requests_per_client), seed=a.seed, **kw)
         if a.metrics:
             with ServerSide(a.metrics) as side:
                 res = run_level(a.target, a.where, a.model, reqs, c, a.procs, a.timeout, a.coalesce, a.level_seconds)
