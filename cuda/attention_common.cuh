@@ -127,6 +127,20 @@ __device__ __forceinline__ float normalised_row(float M, float L, float A, const
     return L > 0.f ? A * f / L : 0.f;
 }
 
+// A merged row's value at dim d (attn_dec, attn_decm): with several key slices into this slice's
+// partial [acc..., m, l] (m and l by dim 0's thread), else straight to the output row.
+__device__ __forceinline__ void store_slice_row(float* __restrict__ part, float* __restrict__ out, size_t t, int Hq,
+                                                int h, int split, int n_splits, int D, int d, float val, float M,
+                                                float L) {
+    if (n_splits > 1) {
+        float* po = part + ((t * Hq + h) * n_splits + split) * (D + 2);
+        po[d] = val;
+        if (d == 0) { po[D] = M; po[D + 1] = L; }
+    } else {
+        out[(t * Hq + h) * D + d] = val;
+    }
+}
+
 // The last of a (sequence, kv head)'s n_splits CTAs to finish (attn_dec, attn_decm: 4 warps) merges
 // all their partials, a warp per q head, and resets the counter for the next launch, so a graph
 // replays it as captured. Each CTA's partial writes are fenced before it counts itself.

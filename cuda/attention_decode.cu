@@ -255,13 +255,7 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         // Back from the turned space. Dv is a multiple of 32 here, so a warp's 32 consecutive e
         // are one 32-block of one row, lane j its value j, and every lane of it takes this turn.
         if constexpr (Q8) val = wht32_warp(val, lane);
-        if (n_splits > 1) {
-            float* o = part + (((size_t)t * Hq + h) * n_splits + split) * (Dv + 2);
-            o[d] = val;
-            if (d == 0) { o[Dv] = M; o[Dv + 1] = L; }
-        } else {
-            out[((size_t)t * Hq + h) * Dv + d] = val;
-        }
+        store_slice_row(part, out, t, Hq, h, split, n_splits, Dv, d, val, M, L);
     }
     if (n_splits > 1 && counters)
         attn_dec_merge<2 * NC>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, Dv, n_splits);

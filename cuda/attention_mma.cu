@@ -401,13 +401,8 @@ __device__ void attn_decm_impl(const float* __restrict__ q, const __half* __rest
         const int r = e / D, d = e - r * D, h = kvh * G + r;
         float M, L, A;
         merge_warp_states<DW>(&Ms[0][r], &Ls[0][r], 16, As + r * D + d, 16 * D, M, L, A);
-        if (n_splits > 1) {
-            float* po = part + (((size_t)t * Hq + h) * n_splits + split) * (D + 2);
-            po[d] = A;
-            if (d == 0) { po[D] = M; po[D + 1] = L; }
-        } else {
-            out[((size_t)t * Hq + h) * D + d] = normalised_row(M, L, A, sinks, h);
-        }
+        store_slice_row(part, out, t, Hq, h, split, n_splits, D, d, n_splits == 1 ? normalised_row(M, L, A, sinks, h) : A,
+                        M, L);
     }
     if (n_splits > 1 && counters)
         attn_dec_merge<(D + 31) / 32>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, D, n_splits);
