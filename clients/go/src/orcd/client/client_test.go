@@ -435,18 +435,21 @@ func TestCoalescedTokensArriveInBatchesAndFlatten(t *testing.T) {
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	const maxTokens = 240
+	// A Token with 20 top logprobs is ~285 bytes on the wire for this prompt: the 64 KiB window
+	// (grpc-go's floor) holds ~230 of them, so the worker must decode well past that while the
+	// reader sleeps. 20 s at >= 12 tok/s does; the worker does 25-45 on a 2-core CI host.
+	const maxTokens = 1000
 	batches := 0
 	res, err := c.Execute(ctx, &orcdv1.ExecuteRequest{
 		Input:          &orcdv1.ExecuteRequest_Text{Text: "Count from one to a thousand:"},
 		Sampling:       greedy(),
 		Stopping:       &orcdv1.StoppingCriteria{MaxTokens: maxTokens, IgnoreEos: true},
-		TopLogprobs:    20, // about 400 bytes a token: the window holds ~160 of them
+		TopLogprobs:    20,
 		CoalesceTokens: true,
 	}, func(ev *orcdv1.ExecuteResponse) error {
 		switch e := ev.GetEvent().(type) {
 		case *orcdv1.ExecuteResponse_Started:
-			time.Sleep(12 * time.Second) // ~165 tokens fill the window: 14 tok/s suffices
+			time.Sleep(20 * time.Second)
 		case *orcdv1.ExecuteResponse_TokenBatch:
 			if len(e.TokenBatch.GetTokens()) < 2 {
 				t.Errorf("a TokenBatch of %d tokens (a lone token is a Token event)", len(e.TokenBatch.GetTokens()))
