@@ -19,11 +19,11 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import InvalidArgument
 from .gguf_scan import scan_nonfinite
+from .gguf_values import STRING, UINT32, VALUE_TYPES, HeaderValues, check_semantics, invalid_model, type_name
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -48,17 +48,6 @@ MAX_DIMS = 4                          # GGML_MAX_DIMS
 MAX_ARRAY_DEPTH = 4                   # nested arrays; the reader recurses once per level
 MAX_ALIGNMENT = 1 << 16
 MAX_ELEMENTS = 1 << 62                # below int64 overflow in the reader's np.prod
-
-# GGUF value types: id -> (name, fixed size in bytes or None for string/array)
-_VALUE_TYPES: dict[int, tuple[str, int | None]] = {
-    0: ("UINT8", 1), 1: ("INT8", 1), 2: ("UINT16", 2), 3: ("INT16", 2), 4: ("UINT32", 4),
-    5: ("INT32", 4), 6: ("FLOAT32", 4), 7: ("BOOL", 1), 8: ("STRING", None), 9: ("ARRAY", None),
-    10: ("UINT64", 8), 11: ("INT64", 8), 12: ("FLOAT64", 8),
-}
-_STRING, _ARRAY, _UINT32 = 8, 9, 4
-_BOOL = 7
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B",
-               10: "<Q", 11: "<q", 12: "<d"}
 
 T = GGMLQuantizationType
 
@@ -119,10 +108,6 @@ class _Cursor:
         self.pos += n
 
 
-def _bad(msg: str) -> InvalidArgument:
-    return InvalidArgument(msg, field="model")
-
-
 def check_gguf(path, *, max_tensors: int = DEFAULT_MAX_TENSORS, max_kv: int = DEFAULT_MAX_KV,
                max_string: int = DEFAULT_MAX_STRING, max_array: int = DEFAULT_MAX_ARRAY,
                max_items: int = DEFAULT_MAX_ITEMS, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
@@ -147,9 +132,9 @@ def check_gguf(path, *, max_tensors: int = DEFAULT_MAX_TENSORS, max_kv: int = DE
             raise InvalidArgument(f"{path} is not a regular file", field="path")
         size = st.st_size
         if size > max_file_bytes:
-            raise _bad(f"file is {size} bytes, more than the limit of {max_file_bytes}")
+            raise invalid_model(f"file is {size} bytes, more than the limit of {max_file_bytes}")
         if size < 24:
-            raise _bad(f"file is {size} bytes, too short for a GGUF header (24 bytes)")
+            raise invalid_model(f"file is {size} bytes, too short for a GGUF header (24 bytes)")
         mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
@@ -171,22 +156,22 @@ def _check(mm, size: int, *, max_tensors, max_kv, max_string, max_array, max_ite
     c = _Cursor(mm, size)
     magic = c.raw(4, "magic")
     if magic != GGUF_MAGIC:
-        raise _bad(f"not a GGUF file: magic is {magic!r}, expected b'GGUF'")
+        raise invalid_model(f"not a GGUF file: magic is {magic!r}, expected b'GGUF'")
     version = c.u32("version")
     if version & 0xFFFF == 0 and version != 0:
-        raise _bad(f"big-endian GGUF files are not supported (version field 0x{version:08x})")
+        raise invalid_model(f"big-endian GGUF files are not supported (version field 0x{version:08x})")
     if version not in SUPPORTED_VERSIONS:
-        raise _bad(f"GGUF version {version} is not supported (supported: 2, 3)")
+        raise invalid_model(f"GGUF version {version} is not supported (supported: 2, 3)")
     n_tensors = c.u64("tensor count")
     n_kv = c.u64("kv count")
     if n_tensors > max_tensors:
-        raise _bad(f"tensor count {n_tensors} exceeds the limit of {max_tensors}")
+        raise invalid_model(f"tensor count {n_tensors} exceeds the limit of {max_tensors}")
     if n_kv > max_kv:
-        raise _bad(f"metadata kv count {n_kv} exceeds the limit of {max_kv}")
+        raise invalid_model(f"metadata kv count {n_kv} exceeds the limit of {max_kv}")
     # Cheapest possible entries: a kv with a 1-char key and a uint8 value is 8+1+4+1 bytes, a tensor
     # info with a 1-char name and one dim 8+1+4+8+4+8. Counts that cannot fit are rejected up front.
     if n_kv * 14 + n_tensors * 33 > size - c.pos:
-        raise _bad(f"header claims {n_kv} metadata entries and {n_tensors} tensors, which cannot fit "
+        raise invalid_model(f"header claims {n_kv} metadata entries and {n_tensors} tensors, which cannot fit "
                    f"in a file of {size} bytes")
 
     keys: dict[str, tuple[int, int]] = {}  # key -> (value type, offset of the value)
@@ -196,125 +181,121 @@ def _check(mm, size: int, *, max_tensors, max_kv, max_string, max_array, max_ite
         start = c.pos
         key = _string(c, MAX_KEY_BYTES if max_string > MAX_KEY_BYTES else max_string, f"metadata key #{i}")
         if not key:
-            raise _bad(f"metadata key #{i} at offset {start} is empty")
+            raise invalid_model(f"metadata key #{i} at offset {start} is empty")
         if key in keys:
-            raise _bad(f"metadata key {key!r} appears twice (second at offset {start})")
+            raise invalid_model(f"metadata key {key!r} appears twice (second at offset {start})")
         vtype = c.u32(f"value type of {key}")
         keys[key] = (vtype, c.pos)
         if key == "general.alignment":
-            if vtype != _UINT32:
-                raise _bad(f"metadata key general.alignment has type {_type_name(vtype)}, must be UINT32")
+            if vtype != UINT32:
+                raise invalid_model(f"metadata key general.alignment has type {type_name(vtype)}, must be UINT32")
             alignment = c.u32("general.alignment")
             if alignment == 0 or alignment & (alignment - 1) or alignment > MAX_ALIGNMENT:
-                raise _bad(f"general.alignment {alignment} must be a power of two between 1 and {MAX_ALIGNMENT}")
+                raise invalid_model(f"general.alignment {alignment} must be a power of two between 1 and {MAX_ALIGNMENT}")
             items += 1
             continue
         items += _value(c, vtype, key, 0, max_string=max_string, max_array=max_array, max_items=max_items)
         if items > max_items:
-            raise _bad(f"metadata has more than {max_items} items in total (limit reached at key {key!r})")
+            raise invalid_model(f"metadata has more than {max_items} items in total (limit reached at key {key!r})")
 
     infos = []
     names: set[str] = set()
     for i in range(n_tensors):
         name = _string(c, MAX_TENSOR_NAME_BYTES, f"name of tensor #{i}")
         if not name:
-            raise _bad(f"tensor #{i} has an empty name")
+            raise invalid_model(f"tensor #{i} has an empty name")
         if name in names:
-            raise _bad(f"tensor {name} appears twice")
+            raise invalid_model(f"tensor {name} appears twice")
         names.add(name)
         n_dims = c.u32(f"n_dims of tensor {name}")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise _bad(f"tensor {name}: n_dims is {n_dims}, must be 1..{MAX_DIMS}")
+            raise invalid_model(f"tensor {name}: n_dims is {n_dims}, must be 1..{MAX_DIMS}")
         dims = tuple(c.u64(f"dimension {d} of tensor {name}") for d in range(n_dims))
         n_elem = 1
         for d, ne in enumerate(dims):
             if ne == 0:
-                raise _bad(f"tensor {name}: dimension {d} is 0")
+                raise invalid_model(f"tensor {name}: dimension {d} is 0")
             n_elem *= ne
             if n_elem > MAX_ELEMENTS:
-                raise _bad(f"tensor {name}: dimensions {list(dims)} have more than 2^62 elements")
+                raise invalid_model(f"tensor {name}: dimensions {list(dims)} have more than 2^62 elements")
         raw_type = c.u32(f"type of tensor {name}")
         try:
             qtype = GGMLQuantizationType(raw_type)
             block, type_size = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
-            raise _bad(f"tensor {name}: unknown GGML type {raw_type}") from None
+            raise invalid_model(f"tensor {name}: unknown GGML type {raw_type}") from None
         if dims[0] % block:
-            raise _bad(f"tensor {name}: row length {dims[0]} is not a multiple of the {qtype.name} "
+            raise invalid_model(f"tensor {name}: row length {dims[0]} is not a multiple of the {qtype.name} "
                        f"block size {block}")
         rel = c.u64(f"data offset of tensor {name}")
         infos.append((name, qtype, dims, rel, n_elem // block * type_size))
 
     data_offset = c.pos + (-c.pos % alignment)
     if infos and data_offset > size:
-        raise _bad(f"tensor data would start at offset {data_offset}, past the end of the file (size {size})")
+        raise invalid_model(f"tensor data would start at offset {data_offset}, past the end of the file (size {size})")
 
     tensors = []
     for name, qtype, dims, rel, nbytes in infos:
         if rel % alignment:
-            raise _bad(f"tensor {name}: data offset {rel} is not a multiple of general.alignment {alignment}")
+            raise invalid_model(f"tensor {name}: data offset {rel} is not a multiple of general.alignment {alignment}")
         start = data_offset + rel
         end = start + nbytes
         if end > size:
-            raise _bad(f"tensor {name}: data [{start}, {end}) extends past the end of the file (size {size})")
+            raise invalid_model(f"tensor {name}: data [{start}, {end}) extends past the end of the file (size {size})")
         tensors.append(TensorExtent(name, qtype, dims, start, nbytes))
     ordered = sorted(tensors, key=lambda t: (t.offset, t.nbytes))
     for prev, cur in zip(ordered, ordered[1:]):
         if cur.offset < prev.offset + prev.nbytes:
-            raise _bad(f"tensor {cur.name}: data [{cur.offset}, {cur.offset + cur.nbytes}) overlaps tensor "
+            raise invalid_model(f"tensor {cur.name}: data [{cur.offset}, {cur.offset + cur.nbytes}) overlaps tensor "
                        f"{prev.name} [{prev.offset}, {prev.offset + prev.nbytes})")
     check_semantics(HeaderValues(mm, keys), tensors)
     return GGUFSummary(version=version, size=size, alignment=alignment, data_offset=data_offset,
                        kv_count=n_kv, metadata_items=items, tensors=tensors, keys=keys)
 
 
-def _type_name(vtype: int) -> str:
-    return _VALUE_TYPES[vtype][0] if vtype in _VALUE_TYPES else f"#{vtype}"
-
-
 def _string(c: _Cursor, limit: int, what: str) -> str:
     n = c.u64(f"length of {what}")
     if n > limit:
-        raise _bad(f"{what}: string length {n} exceeds the limit of {limit} bytes")
+        raise invalid_model(f"{what}: string length {n} exceeds the limit of {limit} bytes")
     data = c.raw(n, what)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _bad(f"{what}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise invalid_model(f"{what}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def _value(c: _Cursor, vtype: int, key: str, depth: int, *, max_string: int, max_array: int,
            max_items: int = DEFAULT_MAX_ITEMS) -> int:
     """Skips one value of `vtype`, checking it; returns how many metadata items it holds."""
-    if vtype not in _VALUE_TYPES:
-        raise _bad(f"metadata key {key!r}: unknown value type {vtype}")
-    size = _VALUE_TYPES[vtype][1]
+    if vtype not in VALUE_TYPES:
+        raise invalid_model(f"metadata key {key!r}: unknown value type {vtype}")
+    size = VALUE_TYPES[vtype][1]
     if size is not None:
         c.skip(size, f"value of {key}")
         return 1
-    if vtype == _STRING:
+    if vtype == STRING:
         _string(c, max_string, f"value of {key}")
         return 1
     # array
     if depth >= MAX_ARRAY_DEPTH:
-        raise _bad(f"metadata key {key!r}: arrays nested deeper than {MAX_ARRAY_DEPTH} levels")
+        raise invalid_model(f"metadata key {key!r}: arrays nested deeper than {MAX_ARRAY_DEPTH} levels")
     itype = c.u32(f"item type of array {key}")
     count = c.u64(f"length of array {key}")
-    if itype not in _VALUE_TYPES:
-        raise _bad(f"metadata key {key!r}: array of unknown value type {itype}")
+    if itype not in VALUE_TYPES:
+        raise invalid_model(f"metadata key {key!r}: array of unknown value type {itype}")
     if count > max_array:
-        raise _bad(f"metadata key {key!r}: array length {count} exceeds the limit of {max_array}")
-    isize = _VALUE_TYPES[itype][1]
+        raise invalid_model(f"metadata key {key!r}: array length {count} exceeds the limit of {max_array}")
+    isize = VALUE_TYPES[itype][1]
     if isize is not None:
-        c.skip(count * isize, f"{count} {_type_name(itype)} items of array {key}")
+        c.skip(count * isize, f"{count} {type_name(itype)} items of array {key}")
         return max(1, count)
     # strings are >= 8 bytes and arrays >= 12: reject counts the rest of the file cannot hold
     # before looping over them
-    least = 8 if itype == _STRING else 12
+    least = 8 if itype == STRING else 12
     if count * least > c.size - c.pos:
-        raise _bad(f"metadata key {key!r}: array of {count} {_type_name(itype)} items cannot fit in the "
+        raise invalid_model(f"metadata key {key!r}: array of {count} {type_name(itype)} items cannot fit in the "
                    f"{c.size - c.pos} bytes left in the file")
-    if itype == _STRING:
+    if itype == STRING:
         _string_array(c, count, key, max_string)
         return 1 + count
     total = 1
@@ -322,7 +303,7 @@ def _value(c: _Cursor, vtype: int, key: str, depth: int, *, max_string: int, max
         total += _value(c, itype, f"{key}[{j}]", depth + 1, max_string=max_string, max_array=max_array,
                         max_items=max_items)
         if total > max_items:
-            raise _bad(f"metadata key {key!r}: nested arrays hold more than {max_items} items")
+            raise invalid_model(f"metadata key {key!r}: nested arrays hold more than {max_items} items")
     return total
 
 
@@ -341,12 +322,12 @@ def _string_array(c: _Cursor, count: int, key: str, max_string: int) -> None:
         n = unpack("<Q", buf, pos)[0]
         pos += 8
         if n > max_string:
-            raise _bad(f"item {j} of array {key}: string length {n} exceeds the limit of {max_string} bytes")
+            raise invalid_model(f"item {j} of array {key}: string length {n} exceeds the limit of {max_string} bytes")
         if pos + n > size:
             c.pos = pos
             c.need(n, f"item {j} of array {key}")
         if n and 0x80 <= buf[pos] <= 0xBF:
-            raise _bad(f"item {j} of array {key}: not valid UTF-8 (starts with a continuation byte)")
+            raise invalid_model(f"item {j} of array {key}: not valid UTF-8 (starts with a continuation byte)")
         spans.append((pos, pos + n))
         pos += n
     if spans:
@@ -359,158 +340,5 @@ def _string_array(c: _Cursor, count: int, key: str, max_string: int) -> None:
                 if at < b - a:
                     break
                 at -= b - a
-            raise _bad(f"item {j} of array {key}: not valid UTF-8 ({exc.reason})") from None
+            raise invalid_model(f"item {j} of array {key}: not valid UTF-8 ({exc.reason})") from None
     c.pos = pos
-
-
-# ---- metadata values the loader sizes things by ------------------------------------------------
-
-_INT_TYPES = {0, 1, 2, 3, 4, 5, 10, 11}
-_FLOAT_TYPES = {6, 12}
-_NP_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
-              10: "<u8", 11: "<i8", 12: "<f8"}
-
-# Architecture hyperparameters: key suffix -> (lowest, highest, may be a per-layer array). The
-# bounds are far beyond any real model; they exist so that a flipped bit cannot make the loader
-# loop over 2^31 layers or size a buffer by 2^40 heads before the shape checks run.
-_HPARAMS = {
-    "block_count": (1, 1 << 12, False),
-    "embedding_length": (1, 1 << 20, False),
-    "feed_forward_length": (0, 1 << 22, True),
-    "attention.head_count": (1, 1 << 14, True),
-    "attention.head_count_kv": (0, 1 << 14, True),
-    "attention.key_length": (1, 1 << 16, False),
-    "attention.value_length": (1, 1 << 16, False),
-    "rope.dimension_count": (0, 1 << 16, False),
-    "context_length": (1, 1 << 24, False),
-    "vocab_size": (1, 1 << 24, False),
-    "expert_count": (0, 1 << 12, False),
-    "expert_used_count": (0, 1 << 12, False),
-}
-
-
-class HeaderValues:
-    """Decodes values of a structurally checked header on demand (offsets are known to be safe)."""
-
-    def __init__(self, buf, keys: dict[str, tuple[int, int]]):
-        self.buf, self.keys = buf, keys
-
-    def type_of(self, key: str) -> tuple[int, int | None] | None:
-        """(value type, item type for arrays) of `key`, None when absent."""
-        if key not in self.keys:
-            return None
-        vtype, pos = self.keys[key]
-        return vtype, (struct.unpack_from("<I", self.buf, pos)[0] if vtype == _ARRAY else None)
-
-    def get(self, key: str):
-        vtype, pos = self.keys[key]
-        return self._decode(vtype, pos)[0]
-
-    def count(self, key: str) -> int | None:
-        """The item count of array `key` (nothing decoded), None when absent or not an array."""
-        if key not in self.keys or self.keys[key][0] != _ARRAY:
-            return None
-        return struct.unpack_from("<Q", self.buf, self.keys[key][1] + 4)[0]
-
-    def _decode(self, vtype: int, pos: int):
-        buf = self.buf
-        if vtype == _STRING:
-            n = struct.unpack_from("<Q", buf, pos)[0]
-            return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8"), pos + 8 + n
-        if vtype != _ARRAY:
-            v = struct.unpack_from(_SCALAR_FMT[vtype], buf, pos)[0]
-            return (bool(v) if vtype == _BOOL else v), pos + _VALUE_TYPES[vtype][1]
-        itype, count = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        if itype in _NP_DTYPES:
-            arr = np.frombuffer(buf, dtype=_NP_DTYPES[itype], count=count, offset=pos).copy()
-            return arr, pos + count * _VALUE_TYPES[itype][1]
-        out = []
-        for _ in range(count):
-            v, pos = self._decode(itype, pos)
-            out.append(v)
-        return out, pos
-
-
-def check_semantics(values: HeaderValues, tensors: list[TensorExtent]) -> None:
-    """Checks the metadata that the loader turns into loop counts, divisors and lookups: the
-    architecture's hyperparameters and the tokenizer's vocabulary, merges and special ids.
-    Structural validity is already established; this turns nonsense values into clear refusals
-    instead of a ZeroDivisionError, an hour-long loop or an exception deep inside a library."""
-    arch_t = values.type_of("general.architecture")
-    if arch_t is not None and arch_t[0] != _STRING:
-        raise _bad(f"metadata key general.architecture has type {_type_name(arch_t[0])}, must be STRING")
-    arch = values.get("general.architecture") if arch_t else None
-    if arch:
-        for suffix, (lo, hi, per_layer) in _HPARAMS.items():
-            key = f"{arch}.{suffix}"
-            t = values.type_of(key)
-            if t is None:
-                continue
-            if t[0] in _INT_TYPES:
-                nums = [int(values.get(key))]
-            elif per_layer and t[0] == _ARRAY and t[1] in _INT_TYPES:
-                nums = [int(x) for x in values.get(key)]
-                if not nums:
-                    raise _bad(f"metadata key {key}: per-layer array is empty")
-            else:
-                what = _type_name(t[0]) + (f" of {_type_name(t[1])}" if t[1] is not None else "")
-                raise _bad(f"metadata key {key} has type {what}, must be an integer")
-            bad = next((n for n in nums if not lo <= n <= hi), None)
-            if bad is not None:
-                raise _bad(f"metadata key {key}: value {bad} is outside [{lo}, {hi}]")
-        blocks = f"{arch}.block_count"
-        if values.type_of(blocks) is not None and int(values.get(blocks)) > max(1, len(tensors)):
-            # every layer has at least one tensor of its own
-            raise _bad(f"metadata key {blocks}: {int(values.get(blocks))} layers but only {len(tensors)} tensors")
-        for key in values.keys:
-            if key.startswith(arch + ".") and values.keys[key][0] in _FLOAT_TYPES:
-                v = float(values.get(key))
-                if v != v or v in (float("inf"), float("-inf")):
-                    raise _bad(f"metadata key {key}: value {v} is not finite")
-    _check_tokenizer(values)
-
-
-def _check_tokenizer(values: HeaderValues) -> None:
-    t = values.type_of("tokenizer.ggml.tokens")
-    if t is None:
-        return
-    if t != (_ARRAY, _STRING):
-        raise _bad("metadata key tokenizer.ggml.tokens must be an array of strings")
-    tokens = values.get("tokenizer.ggml.tokens")
-    n = len(tokens)
-    for key, kinds in (("tokenizer.ggml.token_type", _INT_TYPES), ("tokenizer.ggml.scores", _FLOAT_TYPES)):
-        kt = values.type_of(key)
-        if kt is None:
-            continue
-        if kt[0] != _ARRAY or kt[1] not in kinds:
-            raise _bad(f"metadata key {key} must be an array of {'integers' if kinds is _INT_TYPES else 'floats'}")
-        m = len(values.get(key))
-        if m != n:
-            raise _bad(f"metadata key {key} has {m} entries for {n} tokens")
-    for key in values.keys:
-        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
-            kt = values.type_of(key)
-            if kt[0] not in _INT_TYPES:
-                raise _bad(f"metadata key {key} has type {_type_name(kt[0])}, must be an integer")
-            tid = int(values.get(key))
-            if not 0 <= tid < n and tid != -1 and tid != 0xFFFFFFFF:  # -1: "none", as llama.cpp writes it
-                raise _bad(f"metadata key {key}: token id {tid} is outside the vocabulary (size {n})")
-    mt = values.type_of("tokenizer.ggml.merges")
-    if mt is None:
-        return
-    if mt != (_ARRAY, _STRING):
-        raise _bad("metadata key tokenizer.ggml.merges must be an array of strings")
-    model_t = values.type_of("tokenizer.ggml.model")
-    if model_t is None or model_t[0] != _STRING or values.get("tokenizer.ggml.model") != "gpt2":
-        return
-    # A BPE merge "a b" needs a, b and ab in the vocabulary; the tokenizers library refuses the
-    # whole vocabulary with a generic exception otherwise.
-    vocab = set(tokens)
-    for i, merge in enumerate(values.get("tokenizer.ggml.merges")):
-        left, sep, right = merge.partition(" ")
-        if not sep:
-            raise _bad(f"tokenizer.ggml.merges[{i}] {merge[:40]!r} is not 'left right'")
-        for piece in (left, right, left + right):
-            if piece not in vocab:
-                raise _bad(f"tokenizer.ggml.merges[{i}] {merge[:40]!r}: {piece[:40]!r} is not in the vocabulary")

@@ -19,7 +19,8 @@ from gguf import GGMLQuantizationType, ReaderTensor
 from gguf.quants import quant_shape_to_byte_shape
 
 from .errors import InvalidArgument
-from .gguf_guard import HeaderValues, TensorExtent, check_gguf
+from .gguf_guard import TensorExtent, check_gguf
+from .gguf_values import HeaderValues
 
 _T = GGMLQuantizationType
 # element types GGUFReader gives a tensor's data; every other type is its bytes, one row of blocks each

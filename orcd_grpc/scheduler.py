@@ -17,14 +17,13 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import lifecycle, logs, prompt_scoring
+from . import lifecycle, logs, prompt_scoring, token_outcome
 from .admission_queue import AdmissionQueue, StartEstimator, preemption_victim
 from .model_management import ModelManagement, default_loader
 from .errors import AlreadyExists, FailedPrecondition, Internal, NotFound, OrcdError, ResourceExhausted
 from .overlap import Overlap
 from .request import (CANCELLED, CLIENT_CANCEL, DEADLINE_EXCEEDED, LENGTH, MODEL_SWAPPED, MODEL_UNLOADED,
-                      SERVER_SHUTDOWN, STOP_STRING, STOP_TOKEN, ErrorEvent, Request, Sample, TokenEvent,
-                      Unavailable)
+                      SERVER_SHUTDOWN, ErrorEvent, Request, Sample, TokenEvent, Unavailable)
 
 log = logs.get_logger("orcd.scheduler")
 
@@ -382,32 +381,8 @@ class Scheduler(ModelManagement):
         if m is not None:
             m.generated_tokens.inc()
 
-        st = req.stopping
-        reason, matched = None, ""
-        early = len(generated) < st.min_tokens  # the sampler's mask kept stop tokens out
-        if not early and (tid in st.stop_token_ids or (not st.ignore_eos and tid in engine.tokenizer.eos_ids)):
-            # A stop token is not text, but text held back as a possible stop-string prefix is
-            # real output now that no stop string can complete.
-            text = smp.decoder.flush()
-            reason = STOP_TOKEN
-        else:
-            text, hit = smp.decoder.push(tid, match=False) if early else smp.decoder.push(tid)
-            if hit is not None:
-                reason, matched = STOP_STRING, hit
-            elif smp.seq.constraint is not None and smp.seq.constraint.done:
-                reason = STOP_TOKEN  # the constraint's language allows nothing more
-                text += smp.decoder.flush()
-            elif (st.max_tokens and len(generated) >= st.max_tokens) or \
-                    req.prompt_tokens + len(generated) >= engine.info.context_length:
-                reason = LENGTH
-                text += smp.decoder.flush()
-        top = []
-        for alt_id, alt_lp in (getattr(sample, "top", None) or []):
-            try:
-                alt_text = engine.tokenizer.token_bytes(int(alt_id)).decode("utf-8", "replace")
-            except Exception:
-                alt_text = ""
-            top.append((int(alt_id), alt_text, float(alt_lp)))
+        text, reason, matched = token_outcome.judge(engine, req, smp, tid)
+        top = token_outcome.alternatives(engine.tokenizer, sample)
         req.events.put(TokenEvent(tid, text, index, float(sample.logprob), top, smp.index))
         if reason is not None:
             self._finish_sample(req, smp, reason, matched)
