@@ -39,10 +39,17 @@ async def abort(context, err: OrcdError) -> None:
 
 
 def _token(ev: TokenEvent, channel: str) -> pb.ExecuteResponse:
-    return pb.ExecuteResponse(token=pb.Token(
-        text=ev.text, token_id=ev.token_id, index=ev.index, logprob=ev.logprob,
-        top_logprobs=[pb.TopLogprob(token_id=i, text=t, logprob=lp) for i, t, lp in ev.top],
-        channel=_CHANNELS[channel], sample_index=ev.sample))
+    # Set field by field on the message's own submessage: half the time of the keyword
+    # constructors (which build a Token and copy it in), on the event loop, once per token.
+    r = pb.ExecuteResponse()
+    t = r.token
+    t.text, t.token_id, t.index, t.logprob = ev.text, ev.token_id, ev.index, ev.logprob
+    t.channel, t.sample_index = _CHANNELS[channel], ev.sample
+    if ev.top:
+        add = t.top_logprobs.add
+        for i, text, lp in ev.top:
+            add(token_id=i, text=text, logprob=lp)
+    return r
 
 
 def _batched(batch: list) -> pb.ExecuteResponse:
