@@ -23,6 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def serve(step_s: float, port: int, metrics_port: int, tmp: str) -> None:
     """Runs in the child: the worker over the scripted engine, until killed."""
     sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+    if os.environ.get("SWITCH_MS"):
+        sys.setswitchinterval(float(os.environ["SWITCH_MS"]) / 1e3)
     import orcd_grpc.scheduler as scheduler
     from orcd_grpc.server import ServerConfig, start_server
     from test_scheduler import FakeEngine, FakeTokenizer

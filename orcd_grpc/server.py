@@ -23,6 +23,7 @@ from .call_hooks import Hooks, Policy
 from .grpc_loop import LoopServer
 from .security import ALL_ROLES, AuthInterceptor
 from .servicer import WorkerServicer
+from .tuning import Tuning
 
 log = logs.get_logger("orcd.server")
 
@@ -364,9 +365,16 @@ def _exit_deadline(seconds: float, stopped: threading.Event) -> None:
     timer.start()
 
 
+def apply_switch_interval(tuning: Tuning) -> None:
+    """The worker process's thread switch interval (ORCD_GIL_SWITCH_US; 0 leaves Python's)."""
+    if tuning.gil_switch_us:
+        sys.setswitchinterval(tuning.gil_switch_us / 1e6)
+
+
 def serve(config: ServerConfig) -> int:
     """Runs the worker until SIGTERM/SIGINT; returns the process exit code."""
     logs.configure(config.log_level)
+    apply_switch_interval(Tuning.from_env())
     worker = Worker(config)
     done = threading.Event()
     stopped = threading.Event()

@@ -54,6 +54,13 @@ class Tuning:
         True, "ORCD_FUSE_WIDEN", "Q/K/V of types that widen exactly to Q8_0 loaded as one Q8_0 matrix "
         "(qwen2.5 B=1 1,157 -> 1,048 us per step)", level="engine")
 
+    # ---- read where the worker process starts (server.serve)
+    gil_switch_us: int = _switch(
+        0, "ORCD_GIL_SWITCH_US", "the interpreter's thread switch interval in us (sys.setswitchinterval); 0 keeps "
+        "Python's 5,000. The engine thread waits for the GPU with the GIL released, and while the gRPC loop "
+        "runs Python it gets the GIL back only after a whole interval (bench/gil_wake.py); not yet measured "
+        "on a GPU", level="server")
+
     # ---- backend: debugging and sizing
     cuda_sync: bool = _switch(
         False, "ORCD_CUDA_SYNC", "synchronise after every launch so that a fault names its kernel (debugging; "

@@ -25,7 +25,8 @@
 #                   orcd's with what the worker did meanwhile (its metrics); SERVE_ARGS: more serve_bench.py options;
 #                   SERVE_LEVEL_S (default 30): no request is sent after that many seconds of a level (a
 #                   slow server's row counts the rest as unsent instead of running out the call);
-#                   SERVE_PROFILE=1: the worker under py-spy (.dev/tools/py-spy carried), to $OUT/serve-prof-*.txt
+#                   SERVE_AB="ORCD_GIL_SWITCH_US=300": orcd's levels again with those variables (rows "orcd+AB");
+#                   SERVE_LLAMA=0: no llama-server rows; SERVE_PROFILE=1: the worker under py-spy (.dev/tools/py-spy carried), to $OUT/serve-prof-*.txt
 #   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server; LLAMA_JOBS, default 10) from .dev/anchors/llamacpp-src.tgz
 #                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call
 #   LLAMA_BENCH="qwen2.5-0.5b ..."  llama.cpp's same-lease figures on those files: llama-bench pp512/tg128
@@ -227,16 +228,20 @@ for m in ${SERVE:-}; do
   # threads that hold the GIL, for SERVE_PROFILE_S seconds; raw stacks to $OUT/serve-prof-$m.txt
   prof=(); [ -n "${SERVE_PROFILE:-}" ] && [ -x .dev/tools/py-spy ] && prof=(.dev/tools/py-spy record --gil --threads -r 200 \
     -d "${SERVE_PROFILE_S:-40}" -f raw -o "$OUT/serve-prof-$m.txt" --)
-  "${prof[@]}" python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend cuda --port 50061 --max-sequences "$slots" \
-    --max-context 2048 --metrics-port 50071 > "$OUT/serve-orcd-$m.log" 2>&1 & sp=$!
-  timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py grpc 127.0.0.1:50061 --vocab-from "$data/$m.gguf" \
-    --clients "$clients" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"orcd\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
-  if [ ${#prof[@]} -gt 0 ]; then  # py-spy writes its profile on SIGINT; the worker is its child
-    kill -INT "$sp"; sleep 3; pkill -f "orcd_grpc serve --model $data/$m.gguf"
-  fi
-  kill "$sp" 2>/dev/null; wait "$sp" 2>/dev/null
+  # SERVE_AB="VAR=VALUE ...": the orcd levels once more with those variables set (row "orcd+AB")
+  for ab in "" ${SERVE_AB:+"$SERVE_AB"}; do
+    [ -n "$ab" ] && prof=()  # the profile is of the baseline
+    env $ab "${prof[@]}" python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend cuda --port 50061 --max-sequences "$slots" \
+      --max-context 2048 --metrics-port 50071 > "$OUT/serve-orcd-$m${ab:+-ab}.log" 2>&1 & sp=$!
+    timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py grpc 127.0.0.1:50061 --vocab-from "$data/$m.gguf" \
+      --clients "$clients" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"orcd${ab:++AB}\", \"ab\": \"$ab\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+    if [ ${#prof[@]} -gt 0 ]; then  # py-spy writes its profile on SIGINT; the worker is its child
+      kill -INT "$sp"; sleep 3; pkill -f "orcd_grpc serve --model $data/$m.gguf"
+    fi
+    kill "$sp" 2>/dev/null; wait "$sp" 2>/dev/null
+  done
   ls_bin=$llama_bin/llama-server
-  if llama_ready && [ -x "$ls_bin" ]; then
+  if [ "${SERVE_LLAMA:-1}" != 0 ] && llama_ready && [ -x "$ls_bin" ]; then
     # llama-server in the configuration that serves it best: restarted per level with as many slots as
     # clients (-np C, 2048 cells a slot, one shared pool) and no prompt cache (--cache-ram 0). With more
     # slots than clients and its default prompt cache, every new request clears each idle slot's KV

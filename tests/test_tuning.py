@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import sys
 
 import pytest
 
@@ -91,3 +92,18 @@ def test_cpu_spin_sets_libgomp_spin_count_unless_given(monkeypatch):
     monkeypatch.setenv("GOMP_SPINCOUNT", "7")  # an operator's own setting wins
     cpu_backend.CpuBackend(tuning=Tuning(cpu_spin=50))
     assert os.environ["GOMP_SPINCOUNT"] == "7"
+
+
+def test_gil_switch_us_sets_the_worker_process_interval(monkeypatch):
+    from orcd_grpc import server
+
+    before = sys.getswitchinterval()
+    try:
+        server.apply_switch_interval(Tuning.from_env({"ORCD_GIL_SWITCH_US": "250"}))
+        assert sys.getswitchinterval() == pytest.approx(250e-6, rel=1e-3)
+        server.apply_switch_interval(Tuning.from_env({}))  # 0: left as it is
+        assert sys.getswitchinterval() == pytest.approx(250e-6, rel=1e-3)
+        with pytest.raises(ValueError, match="ORCD_GIL_SWITCH_US"):
+            Tuning.from_env({"ORCD_GIL_SWITCH_US": "fast"})
+    finally:
+        sys.setswitchinterval(before)
