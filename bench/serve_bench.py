@@ -68,8 +68,12 @@ COUNTED = ("orcd_engine_step_seconds_count", "orcd_engine_step_seconds_sum", "or
            "orcd_time_to_first_token_seconds_count", "orcd_queue_wait_seconds_sum", "orcd_queue_wait_seconds_count")
 
 
+STEP_KINDS = ("prefill", "decode", "decode_ahead")  # orcd_engine_steps_total{kind}
+
+
 def scrape(url: str) -> dict[str, float]:
-    """The unlabelled samples of a Prometheus text page, summed over labels: {name: value}."""
+    """The samples of a Prometheus text page, summed over labels: {name: value}; and each
+    labelled sample as it is named there too: {'name{label="v"}': value}."""
     u = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=5)
     try:
@@ -81,12 +85,15 @@ def scrape(url: str) -> dict[str, float]:
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
-        name, _, value = line.rpartition(" ")
-        name = name.split("{", 1)[0]
+        full, _, value = line.rpartition(" ")
+        name = full.split("{", 1)[0]
         try:
-            out[name] = out.get(name, 0.0) + float(value)
+            v = float(value)
         except ValueError:
             continue
+        out[name] = out.get(name, 0.0) + v
+        if full != name:
+            out[full] = v
     return out
 
 
@@ -128,6 +135,11 @@ class ServerSide:
                "busy": round(d["orcd_engine_step_seconds_sum"] / max(self.t1 - self.t0, 1e-9), 3),
                "tokens_per_step": round(d["orcd_generated_tokens_total"] / steps, 1) if steps else None,
                "preemptions": int(d["orcd_preemptions_total"])}
+        # which steps they were: eager ones (prefill, decode) keep the host launching every kernel
+        kinds = {k: self.last.get(f'orcd_engine_steps_total{{kind="{k}"}}', 0.0)
+                 - self.first.get(f'orcd_engine_steps_total{{kind="{k}"}}', 0.0) for k in STEP_KINDS}
+        if sum(kinds.values()):
+            out["step_kinds"] = {k: round(v / sum(kinds.values()), 3) for k, v in kinds.items()}
         # the worker's own clock, from the call's arrival in its handler: against the client's
         # time to first token, what the transport and the handler's dispatch add
         n = d["orcd_time_to_first_token_seconds_count"]

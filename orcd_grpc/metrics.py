@@ -57,6 +57,10 @@ class Metrics:
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.step_seconds = Histogram("orcd_engine_step_seconds", "Duration of one engine forward step",
                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.steps = Counter("orcd_engine_steps", "Engine steps by kind: prefill (carried prompt tokens), "
+                             "decode (launched once the step before it was delivered), decode_ahead (queued "
+                             "behind the step in flight, so the host's work overlapped the device's)",
+                             ["kind"], registry=r)
         self.queue_depth = Gauge("orcd_queue_depth", "Requests waiting for admission", registry=r)
         self.running = Gauge("orcd_running_sequences", "Sequences in the running batch", registry=r)
         self.kv_used = Gauge("orcd_kv_blocks_used", "KV cache blocks in use", registry=r)

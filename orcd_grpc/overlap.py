@@ -16,10 +16,17 @@ from __future__ import annotations
 from typing import Any, Callable
 
 
+# What the step a call delivered was (Overlap.last_kind; the scheduler counts them in
+# orcd_engine_steps{kind}): it carried prompt tokens; it was a decode step launched when the one
+# before it had been delivered; it was queued behind the step in flight (the overlapped case).
+PREFILL, DECODE, DECODE_AHEAD = "prefill", "decode", "decode_ahead"
+
+
 class Overlap:
     def __init__(self, engine):
         self.engine = engine
         self.inflight: tuple[list, Any] | None = None  # (its sequences, the launched step)
+        self.last_kind: str | None = None  # of the step the last call delivered (None: none)
 
     def step(self, seqs: list, token_budget: int = 2048, may_follow: Callable[[Any], bool] | None = None,
              append: bool = True) -> dict:
@@ -30,13 +37,16 @@ class Overlap:
         output_ids (sequences released meanwhile excepted); the scheduler appends itself."""
         eng = self.engine
         prev, self.inflight = self.inflight, None
+        self.last_kind = DECODE_AHEAD if prev is not None else None
         if prev is not None and (len(prev[0]) != len(seqs) or any(a is not b for a, b in zip(prev[0], seqs))):
             return self._deliver(prev, append)
         if prev is None:
+            kind = PREFILL if any(s.prefill_remaining for s in seqs) else DECODE
             launched = eng.launch(seqs, token_budget)
             if launched is None:
                 return {}
             prev = (list(seqs), launched)
+            self.last_kind = kind
         if may_follow is None or all(may_follow(s) for s in seqs):
             ahead = eng.launch(seqs, token_budget, after=prev[1])
             if ahead is not None:
@@ -56,6 +66,7 @@ class Overlap:
     def drain(self, append: bool = True) -> dict:
         """Delivers the step in flight, if any."""
         prev, self.inflight = self.inflight, None
+        self.last_kind = DECODE_AHEAD if prev is not None else None
         return self._deliver(prev, append) if prev is not None else {}
 
     def queued(self, seq) -> bool:

@@ -304,6 +304,8 @@ class Scheduler(ModelManagement):
         self._estimator.observe_step(dt)
         if self.metrics is not None:
             self.metrics.step_seconds.observe(dt)
+            if ov.last_kind is not None:
+                self.metrics.steps.labels(ov.last_kind).inc()
         for req in batch:
             if getattr(req.seq, "prompt_scores", None) and not req.done:  # a prefill chunk's, first
                 for ev in prompt_scoring.take_events(req.seq, engine.tokenizer):

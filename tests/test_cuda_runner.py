@@ -531,3 +531,35 @@ def test_llguidance_constraints_on_the_overlap_loop_match_step_by_step(tmp_path)
     runs = _with_and_without_lookahead(write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0"), run, max_sequences=8)
     assert runs[True] == runs[False]
     assert sum(len(r) for r in runs[False]) >= 20
+
+
+def test_overlap_names_the_kind_of_each_step_it_delivers(tmp_path):
+    """Overlap.last_kind (what orcd_engine_steps{kind} counts): a step that carried prompt tokens
+    is prefill; with lookahead, the decode steps after it were queued behind the one in flight
+    (decode_ahead); without it, each was launched on its own (decode). A changed batch delivers
+    the step in flight, one queued ahead."""
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    for lookahead, later in ((True, "decode_ahead"), (False, "decode")):
+        be = _queued_device_backend()
+        eng = load_engine(path, backend=be, max_sequences=4, max_context=256)
+        try:
+            eng.runner.lookahead = lookahead
+            a = eng.new_sequence([1, 5, 9, 13, 17], SamplingParams(temperature=0.7, seed=3))
+            ov = Overlap(eng)
+            kinds = []
+            for _ in range(5):
+                ov.step([a])
+                kinds.append(ov.last_kind)
+            # queuing ahead needs the bucket's graph captured: the first decode steps run on their own
+            assert kinds[0] == "prefill" and set(kinds[1:]) <= {"decode", later} and kinds[-1] == later, kinds
+            b = eng.new_sequence([1, 7, 11], SamplingParams(temperature=0.7, seed=4))
+            ov.step([a, b])  # the batch changed: what was in flight (if anything) is delivered
+            assert ov.last_kind == ("decode_ahead" if lookahead else "prefill")
+            ov.step([a, b])
+            assert ov.last_kind == ("prefill" if lookahead else "decode")
+            ov.drain()
+            assert ov.last_kind in (None, "decode_ahead")
+            eng.release(a)
+            eng.release(b)
+        finally:
+            eng.close()

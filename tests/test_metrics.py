@@ -74,6 +74,11 @@ def test_metrics_after_a_request(srv):
     assert m[("orcd_time_to_first_token_seconds_count", ())] == 1
     assert m[("orcd_time_to_first_token_seconds_sum", ())] > 0
     assert m[("orcd_inter_token_latency_seconds_count", ())] == 3
+    # the prompt's step gave the first token; the CPU backend queues nothing ahead
+    assert m[("orcd_engine_steps_total", (("kind", "prefill"),))] == 1
+    assert m[("orcd_engine_steps_total", (("kind", "decode"),))] == 3
+    assert ("orcd_engine_steps_total", (("kind", "decode_ahead"),)) not in m
+    assert m[("orcd_engine_step_seconds_count", ())] == 4
     assert m[("orcd_queue_depth", ())] == 0
     assert m[("orcd_running_sequences", ())] == 0
     assert m[("orcd_kv_blocks_used", ())] + m[("orcd_kv_blocks_free", ())] == worker.scheduler.engine.total_blocks()

@@ -73,3 +73,19 @@ def test_level_seconds_stops_sending_and_counts_the_rest(worker, capsys):
     reqs = serve_bench.workload(6, seed=11, **KW)
     assert (full["requests"], full["unsent"], full["errors"]) == (6, 0, 0)
     assert full["prompt_tokens"] == sum(len(i) for i, _ in reqs) and full["output_tokens"] == sum(m for _, m in reqs)
+
+
+def test_server_side_reports_the_share_of_each_step_kind():
+    """The row's step_kinds: each kind's share of the engine steps counted during the level, from
+    the labelled orcd_engine_steps_total samples (absent when the worker has no such counter)."""
+    side = serve_bench.ServerSide("http://127.0.0.1:1/metrics")
+    key = 'orcd_engine_steps_total{kind="%s"}'
+    side.first = {key % "prefill": 5.0, key % "decode": 1.0, "orcd_engine_step_seconds_count": 6.0}
+    side.last = {key % "prefill": 35.0, key % "decode": 11.0, key % "decode_ahead": 60.0,
+                 "orcd_engine_step_seconds_count": 106.0, "orcd_engine_step_seconds_sum": 0.5}
+    side.t0, side.t1, side.samples = 0.0, 1.0, []
+    out = side.summary()
+    assert out["step_kinds"] == {"prefill": 0.3, "decode": 0.1, "decode_ahead": 0.6}
+    side.first = {"orcd_engine_step_seconds_count": 1.0}
+    side.last = {"orcd_engine_step_seconds_count": 2.0}
+    assert "step_kinds" not in side.summary()
