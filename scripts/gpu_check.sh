@@ -26,7 +26,8 @@
 #                   SERVE_LEVEL_S (default 30): no request is sent after that many seconds of a level (a
 #                   slow server's row counts the rest as unsent instead of running out the call);
 #                   SERVE_AB="ORCD_GIL_SWITCH_US=300": orcd's levels again with those variables (rows "orcd+AB");
-#                   SERVE_LLAMA=0: no llama-server rows; SERVE_PROFILE=1: the worker under py-spy (.dev/tools/py-spy carried), to $OUT/serve-prof-*.txt
+#                   SERVE_LLAMA=0: no llama-server rows; SERVE_BACKEND=cpu: both servers on the CPU (a dry run of
+#                   this flow off the GPU machine: ORCD_DEVICE_ENV=1, a small FILE as $ORCD_BENCH_DIR/NAME.gguf); SERVE_PROFILE=1: the worker under py-spy (.dev/tools/py-spy carried), to $OUT/serve-prof-*.txt
 #   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server; LLAMA_JOBS, default 10) from .dev/anchors/llamacpp-src.tgz
 #                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call
 #   LLAMA_BENCH="qwen2.5-0.5b ..."  llama.cpp's same-lease figures on those files: llama-bench pp512/tg128
@@ -231,7 +232,7 @@ for m in ${SERVE:-}; do
   # SERVE_AB="VAR=VALUE ...": the orcd levels once more with those variables set (row "orcd+AB")
   for ab in "" ${SERVE_AB:+"$SERVE_AB"}; do
     [ -n "$ab" ] && prof=()  # the profile is of the baseline
-    env $ab "${prof[@]}" python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend cuda --port 50061 --max-sequences "$slots" \
+    env $ab "${prof[@]}" python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend "${SERVE_BACKEND:-cuda}" --port 50061 --max-sequences "$slots" \
       --max-context 2048 --metrics-port 50071 > "$OUT/serve-orcd-$m${ab:+-ab}.log" 2>&1 & sp=$!
     timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py grpc 127.0.0.1:50061 --vocab-from "$data/$m.gguf" \
       --clients "$clients" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"orcd${ab:++AB}\", \"ab\": \"$ab\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
@@ -247,8 +248,9 @@ for m in ${SERVE:-}; do
     # slots than clients and its default prompt cache, every new request clears each idle slot's KV
     # over the whole pool on its main loop (llama_kv_cache::seq_rm; session 20's CPU perf), which
     # stalls every running slot; the random prompts never hit that cache anyway. SERVE_LLAMA_ARGS: more flags.
+    ngl=99; [ "${SERVE_BACKEND:-cuda}" = cpu ] && ngl=0
     for c in ${clients//,/ }; do
-      "$ls_bin" -m "$data/$m.gguf" -ngl 99 -fa on -np "$c" -kvu -c $((c * 2048)) --cache-ram 0 ${SERVE_LLAMA_ARGS:-} \
+      "$ls_bin" -m "$data/$m.gguf" -ngl "$ngl" -fa on -np "$c" -kvu -c $((c * 2048)) --cache-ram 0 ${SERVE_LLAMA_ARGS:-} \
         --host 127.0.0.1 --port 50062 >> "$OUT/serve-llama-$m.log" 2>&1 & sp=$!
       timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py openai http://127.0.0.1:50062 --vocab-from "$data/$m.gguf" \
         --clients "$c" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
