@@ -257,7 +257,7 @@ for m in ${SERVE:-}; do
       kill "$sp"; wait "$sp" 2>/dev/null
     done
   else
-    echo "llama-server not built: no comparison rows"
+    [ "${SERVE_LLAMA:-1}" = 0 ] && echo "no llama-server rows (SERVE_LLAMA=0)" || echo "llama-server not built: no comparison rows"
   fi
 done
 # NCU="MODEL:KERNEL_REGEX[:SKIP[:BATCH]] ...": Nsight Compute's throughput, occupancy and warp-stall
