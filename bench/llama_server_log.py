@@ -5,7 +5,9 @@ HTTP), the median per-slot time per output token and the mean number of slots bu
 
 For a run whose client rows were lost, or to see a server's per-slot step cost, which the client
 cannot. Tasks are grouped into levels in launch order (a level starts when the one before has
-finished), sized as serve_bench sizes them, after its warm-up requests; one server for all levels.
+finished), sized as serve_bench sizes them, after its warm-up requests. A log of one server per
+level (gpu_check restarts llama-server for each, appending to one file) is split at each start,
+and each level skips its own warm-up.
 
     python3 bench/llama_server_log.py $OUT/serve-llama-qwen2.5-0.5b.log --clients 1,8,32,64,128,256
 """
@@ -21,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serve_bench import level_requests  # noqa: E402
 
+_START = re.compile(r".* llama_server: listening on ")  # a server (re)started: task ids and clocks restart
 _LINE = re.compile(r"(\d+)\.(\d+)\.(\d+)\.(\d+) I slot\s+(\w+): id +\d+ \| task (\d+) \|(.*)")
 
 
@@ -62,6 +65,16 @@ def level_row(clients: int, sent: list[dict]) -> dict:
             "mean_busy_slots": round(area / (edges[-1][0] - edges[0][0]), 1)}
 
 
+def runs(lines) -> list[list[str]]:
+    """The log split at each server start (a single run when it never restarted)."""
+    out: list[list[str]] = [[]]
+    for line in lines:
+        if _START.match(line) and any(_LINE.match(x) for x in out[-1]):
+            out.append([])
+        out[-1].append(line)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("log")
@@ -71,11 +84,17 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     a = ap.parse_args(argv)
     with open(a.log, errors="replace") as f:
-        order = tasks(f)
-    i = a.warmup
+        parts = [tasks(run) for run in runs(f)]
+    levels = [int(x) for x in a.clients.split(",") if x]
+    per_level = len(parts) > 1  # restarted: run k is level k, each with its warm-up
+    order, i = parts[0], a.warmup
     print("| clients | requests done | output tok/s (server log) | per-slot ms per output token, p50 | mean busy slots |")
     print("|---:|---:|---:|---:|---:|")
-    for c in (int(x) for x in a.clients.split(",") if x):
+    for k, c in enumerate(levels):
+        if per_level:
+            if k >= len(parts):
+                break
+            order, i = parts[k], a.warmup
         n = level_requests(c, a.min_requests, a.requests_per_client)
         r = level_row(c, order[i:i + n])
         i += n

@@ -34,3 +34,19 @@ def test_levels_follow_serve_bench_and_the_warmup(capsys, tmp_path):
                      "--warmup", "1"]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 1 ") or r.startswith("| 2 ")]
     assert rows == ["| 1 | 2 / 2 | 100.0 | 0.5 | 1.0 |", "| 2 | 2 / 2 | 200.0 | 1.5 | 2.0 |"]
+
+
+def test_a_log_of_one_server_per_level_is_split_at_each_start(capsys, tmp_path):
+    """gpu_check restarts llama-server per level into one log: task ids and clocks restart, and
+    every level has its own warm-up request."""
+    start = ["0.00.400.000 I srv  llama_server: listening on http://127.0.0.1:50062"]
+    first = start + _task(0, 0.0, 1.0, 10, 10.0) + _task(1, 2.0, 3.0, 100, 50.0) + _task(2, 3.0, 4.0, 100, 50.0)
+    second = start + _task(0, 0.0, 1.0, 10, 10.0) + _task(1, 5.0, 7.0, 100, 200.0) + _task(2, 5.0, 7.0, 300, 300.0)
+    assert [len(lsl.tasks(r)) for r in lsl.runs(first + second)] == [3, 3]
+    assert len(lsl.runs(first)) == 1
+    path = tmp_path / "server.log"
+    path.write_text("\n".join(first + second))
+    assert lsl.main([str(path), "--clients", "1,2", "--min-requests", "2", "--requests-per-client", "1",
+                     "--warmup", "1"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 1 ") or r.startswith("| 2 ")]
+    assert rows == ["| 1 | 2 / 2 | 100.0 | 0.5 | 1.0 |", "| 2 | 2 / 2 | 200.0 | 1.5 | 2.0 |"]
