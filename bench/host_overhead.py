@@ -24,6 +24,7 @@ from orcd_grpc.backends.cuda_runner import CudaRunner  # noqa: E402
 from orcd_grpc.backends.runner import StepPlan  # noqa: E402
 from orcd_grpc.loader import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
+from orcd_grpc.tuning import Tuning  # noqa: E402
 
 
 def main(argv=None):
@@ -40,6 +41,9 @@ def main(argv=None):
         while any(s.prefill_remaining for s in seqs):
             eng.step(seqs, 8192)
         # plan as on the GPU: the CUDA runner's padded metadata (its buckets), over this engine's model
+        # (the CPU backend keeps no Tuning of its own: the runner's graph and lookahead switches
+        # are the defaults a CudaBackend would hand it)
+        eng.backend.tuning = Tuning()
         cuda = CudaRunner(eng.backend, eng.runner.model)
         out = {}
         for b in (1, 16, 64):
