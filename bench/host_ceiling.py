@@ -20,11 +20,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def serve(step_s: float, port: int, metrics_port: int, tmp: str) -> None:
+def serve(step_s: float, port: int, metrics_port: int, tmp: str, frontends: int = 0, frontend_port: int = 0) -> None:
     """Runs in the child: the worker over the scripted engine, until killed."""
     sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-    if os.environ.get("SWITCH_MS"):
-        sys.setswitchinterval(float(os.environ["SWITCH_MS"]) / 1e3)
+    from orcd_grpc.server import apply_switch_interval
+    from orcd_grpc.tuning import Tuning
+
+    apply_switch_interval(Tuning.from_env())  # ORCD_GIL_SWITCH_US, as `orcd serve` applies it
     import orcd_grpc.scheduler as scheduler
     from orcd_grpc.server import ServerConfig, start_server
     from test_scheduler import FakeEngine, FakeTokenizer
@@ -35,7 +37,8 @@ def serve(step_s: float, port: int, metrics_port: int, tmp: str) -> None:
     path = os.path.join(tmp, "scripted.gguf")
     open(path, "wb").write(b"GGUF")  # never read: the loader above ignores it
     start_server(ServerConfig(host="127.0.0.1", port=port, model_dirs=[tmp], model_path=path, backend="cpu",
-                              max_sequences=256, max_queue=512, metrics_port=metrics_port))
+                              max_sequences=256, max_queue=512, metrics_port=metrics_port, frontends=frontends,
+                              frontend_port=frontend_port or None))
     while True:
         time.sleep(3600)
 
@@ -47,16 +50,20 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--port", type=int, default=50361)
     ap.add_argument("--coalesce", action="store_true", help="the clients ask for coalesce_tokens")
+    ap.add_argument("--frontends", type=int, default=0, help="front-end processes on the worker's port (--frontends)")
+    ap.add_argument("--frontends-only", action="store_true",
+                    help="the front ends on a port of their own (PORT + 2), and the clients there: every call relayed")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
         with tempfile.TemporaryDirectory() as tmp:
-            serve(a.step_ms / 1e3, a.port, a.port + 1, tmp)
+            serve(a.step_ms / 1e3, a.port, a.port + 1, tmp, a.frontends, a.port + 2 if a.frontends_only else 0)
         return 0
-    child = subprocess.Popen([sys.executable, __file__, "--serve", "--step-ms", str(a.step_ms), "--port", str(a.port)])
+    child = subprocess.Popen([sys.executable, __file__, "--serve", "--step-ms", str(a.step_ms), "--port", str(a.port),
+                              "--frontends", str(a.frontends)] + ["--frontends-only"] * a.frontends_only)
     try:
         return subprocess.call([sys.executable, os.path.join(ROOT, "bench", "serve_bench.py"), "grpc",
-                                f"127.0.0.1:{a.port}", "--vocab", "250", "--clients", a.clients, "--procs",
+                                f"127.0.0.1:{a.port + 2 if a.frontends_only else a.port}", "--vocab", "250", "--clients", a.clients, "--procs",
                                 str(a.procs), "--metrics", f"http://127.0.0.1:{a.port + 1}/metrics",
                                 "--prompt-mean", "64", "--output-mean", "64", "--max-prompt", "200",
                                 "--max-output", "200", "--requests-per-client", "3"] + ["--coalesce"] * a.coalesce)

@@ -99,6 +99,9 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default=None,
                    help="address for the metrics port (default: the --host address); off loopback it needs "
                         "TLS and a TOKEN:CLIENT:metrics token, or --insecure")
+    p.add_argument("--frontends", type=int, default=None, metavar="N",
+                   help="N front-end processes on the same port carry clients' connections and relay their "
+                        "calls to the worker, spreading gRPC's per-message work over cores (default: 0, none)")
     p.add_argument("--grace-seconds", type=float, default=None,
                    help="on SIGTERM, how long running requests may finish (default: 30)")
     p.add_argument("--max-prompt-bytes", type=parse_size, default=None, metavar="SIZE",
@@ -160,7 +163,7 @@ def server_config(args: argparse.Namespace):
                   speculation=_speculation(getattr(args, "speculation", None), getattr(args, "num_draft_tokens", None),
                                            getattr(args, "draft_model", None)),
                   draft_model_path=_draft_path(getattr(args, "draft_model", None), model_dirs),
-                  kv_cache_type=getattr(args, "kv_cache_type", None))
+                  kv_cache_type=getattr(args, "kv_cache_type", None), frontends=getattr(args, "frontends", None))
     # Flags left unset keep the server's own defaults.
     cfg = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     return security.apply_to_server_config(cfg, sec, limits)

@@ -30,7 +30,9 @@ class LoopServer:
     def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, *, interceptors: Sequence = (),
                  options: Sequence = (), maximum_concurrent_rpcs: int | None = None):
         self.pool = pool
-        policies = [OnLoop(interceptors)] if interceptors else None
+        # the policies, also for calls relayed from front-end processes (relay.RelayTarget)
+        self.on_loop = OnLoop(interceptors) if interceptors else None
+        policies = [self.on_loop] if self.on_loop is not None else None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="orcd-grpc-loop", daemon=True)
         self._thread.start()

@@ -440,6 +440,8 @@ def apply_to_server_config(config, sec: SecurityConfig, limits=None):
         config.http_tls = (sec.tls_cert, sec.tls_key, sec.tls_client_ca) if sec.tls else None
         config.http_metrics_auth = TokenChecker(tokens, roles).with_role("metrics") if tokens else None
     config.credentials = server_credentials(sec)
+    if hasattr(config, "tls_files"):  # the front-end processes load the same files (ServerConfig.frontends)
+        config.tls_files = (sec.tls_cert, sec.tls_key, sec.tls_client_ca) if sec.tls else None
     if tokens:
         config.interceptors.append(AuthInterceptor(tokens, roles=roles, priorities=sec.priorities))
     # Usage is counted even without limits; the server binds the counters to its registry.

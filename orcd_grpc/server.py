@@ -74,6 +74,11 @@ class ServerConfig:
     # correlation-id/auth wrapper; credentials switch the port to TLS.
     interceptors: list = dataclasses.field(default_factory=list)
     credentials: Any = None
+    # Front-end processes (frontend.py) that carry clients' connections and relay their calls here;
+    # they share the worker's port (SO_REUSEPORT) unless frontend_port names one of their own.
+    frontends: int = 0
+    frontend_port: int | None = None
+    tls_files: tuple[str, str, str | None] | None = None  # (cert, key, client CA) behind credentials
 
 
 class BindError(RuntimeError):
@@ -160,7 +165,8 @@ class Worker:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.so_reuseport", 0),
+            # a port shared with the front ends only: otherwise a second worker on it is refused
+            ("grpc.so_reuseport", 1 if config.frontends and config.frontend_port is None else 0),
         ]
         for icp in config.interceptors:  # policy interceptors (orcd_grpc.ratelimit) count into this worker's registry
             if hasattr(icp, "bind_registry"):
@@ -172,6 +178,7 @@ class Worker:
             # one shared secret given in code: it cannot separate duties, so it has every role
             interceptors.insert(1, AuthInterceptor({config.auth_token: "default"},
                                                    roles={config.auth_token: ALL_ROLES}))
+        self._max_rpcs = workers
         self.server = LoopServer(self._pool, interceptors=interceptors, options=options,
                                  maximum_concurrent_rpcs=workers)
         wire.add_worker_servicer(self.servicer, self.server)  # malformed requests: INVALID_ARGUMENT
@@ -210,9 +217,33 @@ class Worker:
                 raise BindError(f"cannot listen for HTTP on {_host(config.host)}:{config.http_port}: "
                                 f"{exc.strerror or exc}") from None
             self.http_port = self.http.port
+        self.frontends = self._frontends(config) if config.frontends else None
         self._stopped = threading.Event()
         self._load_thread: threading.Thread | None = None
         self.load_error: BaseException | None = None
+
+    def _frontends(self, config: ServerConfig):
+        """The front-end processes' relay socket (started with the worker): every Worker and health
+        method, through this server's policies. A TLS port needs its files for them (tls_files, as
+        security.apply_to_server_config fills it)."""
+        from .grpc_loop import on_pool
+        from .relay import FrontEnds, RelayTarget
+
+        if config.credentials is not None and config.tls_files is None:
+            self.server.stop(0).wait()
+            self._pool.shutdown(wait=False)
+            raise ValueError("frontends on a TLS port need its certificate files (tls_files)")
+        handlers = {f"/{SERVICE_NAME}/{n}": h for n, h in wire.method_handlers(self.servicer, self._pool).items()}
+        hs = "/" + health_pb2.DESCRIPTOR.services_by_name["Health"].full_name + "/"
+        io = dict(request_deserializer=health_pb2.HealthCheckRequest.FromString,
+                  response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
+        handlers[hs + "Check"] = grpc.unary_unary_rpc_method_handler(on_pool(self.health.Check, self._pool, False), **io)
+        handlers[hs + "Watch"] = grpc.unary_stream_rpc_method_handler(on_pool(self.health.Watch, self._pool, True), **io)
+        return FrontEnds(self.server, RelayTarget(handlers, self.server.on_loop, max_calls=self._max_rpcs),
+                         count=config.frontends,
+                         listen=f"{_host(config.host)}:{config.frontend_port or self.port}",
+                         tls=config.tls_files if config.credentials is not None else None,
+                         max_message_bytes=config.max_message_bytes, grace=config.grace_seconds)
 
     def _model_changed(self, info) -> None:
         if info is not None:
@@ -256,6 +287,8 @@ class Worker:
 
     def start(self, *, load_async: bool = True) -> None:
         self.server.start()
+        if self.frontends is not None:
+            self.frontends.start()
         if self.config.metrics_port is not None:
             host = self.config.metrics_host if self.config.metrics_host is not None else self.config.host
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, host.strip("[]") or "0.0.0.0",
@@ -308,11 +341,15 @@ class Worker:
         self._set_health(False)  # /healthz too; the gRPC statuses then stay NOT_SERVING
         self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
+        if self.frontends is not None:  # no new connections there; their calls end as ours do
+            self.frontends.stop_accepting()
         t0 = time.monotonic()
         self.events.close()  # WatchEvents streams end now; they would only hold the stop up
         self.scheduler.shutdown(grace)
         # Streams now hold their final events; give them a moment to reach the clients.
         left = max(1.0, grace - (time.monotonic() - t0))
+        if self.frontends is not None:  # their last events relayed, the front ends exit
+            self.frontends.close(timeout=left)
         stopping = self.server.stop(left)
         if self.http is not None:
             self.http.stop(left)
