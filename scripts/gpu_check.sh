@@ -26,6 +26,7 @@
 #                   SERVE_LEVEL_S (default 30): no request is sent after that many seconds of a level (a
 #                   slow server's row counts the rest as unsent instead of running out the call);
 #                   SERVE_AB="ORCD_GIL_SWITCH_US=300": orcd's levels again with those variables (rows "orcd+AB");
+#                   SERVE_AB_ARGS="--frontends 8": that run's extra `orcd serve` flags (with or without SERVE_AB);
 #                   SERVE_LLAMA=0: no llama-server rows; SERVE_BACKEND=cpu: both servers on the CPU (a dry run of
 #                   this flow off the GPU machine: ORCD_DEVICE_ENV=1, a small FILE as $ORCD_BENCH_DIR/NAME.gguf); SERVE_PROFILE=1: the worker under py-spy (.dev/tools/py-spy carried), to $OUT/serve-prof-*.txt
 #   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server; LLAMA_JOBS, default 10) from .dev/anchors/llamacpp-src.tgz
@@ -230,12 +231,16 @@ for m in ${SERVE:-}; do
   prof=(); [ -n "${SERVE_PROFILE:-}" ] && [ -x .dev/tools/py-spy ] && prof=(.dev/tools/py-spy record --gil --threads -r 200 \
     -d "${SERVE_PROFILE_S:-40}" -f raw -o "$OUT/serve-prof-$m.txt" --)
   # SERVE_AB="VAR=VALUE ...": the orcd levels once more with those variables set (row "orcd+AB")
-  for ab in "" ${SERVE_AB:+"$SERVE_AB"}; do
+  # SERVE_AB_ARGS="--frontends 8": orcd serve flags of that A/B run (with SERVE_AB, or alone)
+  ab_env=${SERVE_AB:-}; [ -z "$ab_env" ] && [ -n "${SERVE_AB_ARGS:-}" ] && ab_env="ORCD_AB=1"  # a run by flags alone
+  for ab in "" ${ab_env:+"$ab_env"}; do
     [ -n "$ab" ] && prof=()  # the profile is of the baseline
+    abargs=(); [ -n "$ab" ] && abargs=(${SERVE_AB_ARGS:-})
+    label="${ab:+$ab${abargs[*]:+ ${abargs[*]}}}"
     env $ab "${prof[@]}" python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend "${SERVE_BACKEND:-cuda}" --port 50061 --max-sequences "$slots" \
-      --max-context 2048 --metrics-port 50071 > "$OUT/serve-orcd-$m${ab:+-ab}.log" 2>&1 & sp=$!
+      --max-context 2048 --metrics-port 50071 "${abargs[@]}" > "$OUT/serve-orcd-$m${ab:+-ab}.log" 2>&1 & sp=$!
     timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py grpc 127.0.0.1:50061 --vocab-from "$data/$m.gguf" \
-      --clients "$clients" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"orcd${ab:++AB}\", \"ab\": \"$ab\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+      --clients "$clients" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"orcd${ab:++AB}\", \"ab\": \"$label\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
     if [ ${#prof[@]} -gt 0 ]; then  # py-spy writes its profile on SIGINT; the worker is its child
       kill -INT "$sp"; sleep 3; pkill -f "orcd_grpc serve --model $data/$m.gguf"
     fi
