@@ -4,13 +4,18 @@ engine whose every step takes a fixed time (--step-ms, as a GPU step would), dri
 serve_bench.py's clients with the worker's metrics. No model, no GPU: the engine is the
 scheduler tests' FakeEngine (tests/test_scheduler.py), which gives every sequence one token per
 step. Compare the client's time to first token with the worker's own (server_ttft_mean_ms), and
-output tok/s with what the steps could give (sequences running x steps per second).
+output tok/s with what the steps could give (sequences running x steps per second). The last
+line is the worker process's own CPU per 1,000 output tokens (its gRPC loop and engine thread);
+--frontends N runs N front-end processes (`orcd serve --frontends`), --frontends-only sends every
+call through them.
 
-    python3 bench/host_ceiling.py [--step-ms 5] [--clients 16,64] [--procs 2]
+    python3 bench/host_ceiling.py [--step-ms 5] [--clients 16,64] [--procs 2] [--requests-per-client 3]
+        [--frontends N [--frontends-only]]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +55,7 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--port", type=int, default=50361)
     ap.add_argument("--coalesce", action="store_true", help="the clients ask for coalesce_tokens")
+    ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--frontends", type=int, default=0, help="front-end processes on the worker's port (--frontends)")
     ap.add_argument("--frontends-only", action="store_true",
                     help="the front ends on a port of their own (PORT + 2), and the clients there: every call relayed")
@@ -62,14 +68,38 @@ def main() -> int:
     child = subprocess.Popen([sys.executable, __file__, "--serve", "--step-ms", str(a.step_ms), "--port", str(a.port),
                               "--frontends", str(a.frontends)] + ["--frontends-only"] * a.frontends_only)
     try:
-        return subprocess.call([sys.executable, os.path.join(ROOT, "bench", "serve_bench.py"), "grpc",
-                                f"127.0.0.1:{a.port + 2 if a.frontends_only else a.port}", "--vocab", "250", "--clients", a.clients, "--procs",
-                                str(a.procs), "--metrics", f"http://127.0.0.1:{a.port + 1}/metrics",
-                                "--prompt-mean", "64", "--output-mean", "64", "--max-prompt", "200",
-                                "--max-output", "200", "--requests-per-client", "3"] + ["--coalesce"] * a.coalesce)
+        cpu0 = _cpu_s(child.pid)
+        bench = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "serve_bench.py"), "grpc",
+                                  f"127.0.0.1:{a.port + 2 if a.frontends_only else a.port}", "--vocab", "250",
+                                  "--clients", a.clients, "--procs", str(a.procs),
+                                  "--metrics", f"http://127.0.0.1:{a.port + 1}/metrics",
+                                  "--prompt-mean", "64", "--output-mean", "64", "--max-prompt", "200",
+                                  "--max-output", "200", "--requests-per-client", str(a.requests_per_client)]
+                                 + ["--coalesce"] * a.coalesce, stdout=subprocess.PIPE, text=True)
+        tokens = 0
+        for line in bench.stdout:
+            print(line, end="", flush=True)
+            try:
+                tokens += json.loads(line).get("output_tokens", 0)
+            except ValueError:
+                pass
+        rc = bench.wait()
+        # the worker process's own CPU (its threads: the gRPC loop, the engine; not its front ends)
+        # per output token of the whole run, warm-up included
+        cpu = _cpu_s(child.pid) - cpu0
+        print(json.dumps({"worker_cpu_s": round(cpu, 2), "output_tokens": tokens, "frontends": a.frontends,
+                          "worker_cpu_ms_per_1k_tokens": round(1e6 * cpu / tokens, 1) if tokens else None}))
+        return rc
     finally:
         child.kill()
         child.wait()
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process pid so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
