@@ -114,11 +114,11 @@ class Relay:
             self._calls.pop(cid, None)
             if not ended:  # the client left (or its deadline passed) first
                 self._send(rf.frame(rf.CANCEL, cid))
-        if trailing:
-            context.set_trailing_metadata(trailing)
         status = _CODES[code]
         if status is not grpc.StatusCode.OK:
-            await context.abort(status, details)
+            await context.abort(status, details, trailing)
+        if trailing:
+            context.set_trailing_metadata(trailing)
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}

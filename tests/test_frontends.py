@@ -142,6 +142,34 @@ def test_the_deadline_crosses(worker):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_a_full_queue_answers_with_its_retry_hint_through_a_front_end(worker):
+    """RESOURCE_EXHAUSTED crosses with its trailing metadata (retry-after-ms)."""
+    w, _, front, _ = worker
+    req = pb.ExecuteRequest(tokens=pb.TokenIds(ids=[1, 5, 9]),
+                            stopping=pb.StoppingCriteria(max_tokens=4000, ignore_eos=True))
+    calls = []
+    try:
+        for _ in range(40):  # 4 running and 8 queued fill the worker; the next is refused
+            call = front.Execute(req, metadata=_auth(TOKEN_A), timeout=60)
+            calls.append(call)
+            try:
+                next(call)
+            except grpc.RpcError:
+                break
+        err = calls[-1]
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.code()
+        assert "queue is full" in err.details()
+        hints = dict(err.trailing_metadata() or ())
+        assert int(hints["retry-after-ms"]) > 0
+    finally:
+        for c in calls:
+            c.cancel()
+    deadline = time.monotonic() + 20
+    while w.scheduler.stats()["live"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert w.scheduler.stats()["live"] == 0
+
+
 def test_health_and_reflection_answer_on_a_front_end(worker):
     _, _, _, channel = worker
     got = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="orcd.v1.Worker"),
