@@ -143,24 +143,22 @@ def test_the_deadline_crosses(worker):
 
 
 def test_a_full_queue_answers_with_its_retry_hint_through_a_front_end(worker):
-    """RESOURCE_EXHAUSTED crosses with its trailing metadata (retry-after-ms)."""
+    """RESOURCE_EXHAUSTED crosses with its trailing metadata (retry-after-ms): 16 streams opened at
+    once on a worker that runs 4 and queues 8 (each would run for hundreds of steps)."""
     w, _, front, _ = worker
     req = pb.ExecuteRequest(tokens=pb.TokenIds(ids=[1, 5, 9]),
                             stopping=pb.StoppingCriteria(max_tokens=4000, ignore_eos=True))
-    calls = []
+    calls = [front.Execute(req, metadata=_auth(TOKEN_A), timeout=60) for _ in range(16)]
+    refused = []
     try:
-        for _ in range(40):  # 4 running and 8 queued fill the worker; the next is refused
-            call = front.Execute(req, metadata=_auth(TOKEN_A), timeout=60)
-            calls.append(call)
+        for call in calls:
             try:
                 next(call)
-            except grpc.RpcError:
-                break
-        err = calls[-1]
-        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.code()
-        assert "queue is full" in err.details()
-        hints = dict(err.trailing_metadata() or ())
-        assert int(hints["retry-after-ms"]) > 0
+            except grpc.RpcError as e:
+                refused.append(e)
+        assert refused and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused), refused
+        assert "queue is full" in refused[0].details()
+        assert int(dict(refused[0].trailing_metadata() or ())["retry-after-ms"]) > 0
     finally:
         for c in calls:
             c.cancel()
@@ -352,3 +350,32 @@ def test_mutual_tls_identity_crosses_a_front_end(tmp_path):
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         w.stop(1)
+
+
+def test_a_front_end_that_dies_mid_stream_leaves_nothing_behind(worker):
+    """Killing the front end under an open stream: the client's call fails, the worker abandons
+    the request (its relay stream closed), and the replacement front end serves the next call."""
+    w, _, front, _ = worker
+    req = pb.ExecuteRequest(tokens=pb.TokenIds(ids=[1, 5, 9]),
+                            stopping=pb.StoppingCriteria(max_tokens=4000, ignore_eos=True))
+    call = front.Execute(req, metadata=_auth(TOKEN_A), timeout=60)
+    for ev in call:
+        if ev.WhichOneof("event") == "token":
+            break
+    assert w.scheduler.stats()["live"] == 1
+    w.frontends._procs[0].kill()
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    deadline = time.monotonic() + 20
+    while w.scheduler.stats()["live"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert w.scheduler.stats()["live"] == 0
+    deadline = time.monotonic() + 30
+    while True:  # the replacement (started after a second) takes the port
+        try:
+            assert len(_tokens(_execute(front, n=3))) == 3
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "no front end came back"
+            time.sleep(0.2)
