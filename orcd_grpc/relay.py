@@ -131,6 +131,7 @@ class RelayTarget:
 
     async def handler(self, method: str, metadata):
         self.calls += 1
+
         async def own(details):
             return self.handlers.get(details.method)
 
