@@ -48,7 +48,8 @@
 #   BLAS_BENCH=1    bench/bench_blas.py: the fused GEMM against the cuBLAS path at the anchor models' dense
 #                   shapes and T = 64..2048 (BLAS_BENCH_ARGS: more options), to $OUT/blas.txt
 #   HOST_BENCH=1    the serving host without a GPU: bench/host_ceiling.py (8 client processes, 64 and
-#                   256 clients) and bench/stream_rate.py (sync against grpc.aio, 8 client processes); $OUT/host.txt
+#                   256 clients; again through HOST_FRONTENDS front ends, default 4) and bench/stream_rate.py
+#                   (sync against grpc.aio, 8 client processes); $OUT/host.txt
 #   SKIP_TESTS=1    no GPU tests;  WHEELS=DIR  the wheels to install (default .whl)
 #   The carried archives, wheels and kernel cache are made by scripts/prepare_carry.sh (here) and
 #   unpacked there by scripts/device_env.sh.
@@ -204,6 +205,9 @@ done
 if [ -n "${HOST_BENCH:-}" ]; then
   echo "== $(date +%T) serving host alone"
   timeout 200 python3 bench/host_ceiling.py --step-ms 5 --clients 64,256 --procs 8 2>&1 | tail -6 | tee -a "$OUT/host.txt"
+  # the same through front-end processes with cores of their own (HOST_FRONTENDS, default 4)
+  timeout 200 python3 bench/host_ceiling.py --step-ms 5 --clients 64,256 --procs 8 --frontends "${HOST_FRONTENDS:-4}" \
+    --frontends-only --port 50371 2>&1 | tail -6 | sed -u "s/^/frontends=${HOST_FRONTENDS:-4} /" | tee -a "$OUT/host.txt"
   timeout 150 python3 bench/stream_rate.py --procs 8 2>&1 | tail -6 | tee -a "$OUT/host.txt"
 fi
 for mb in ${KVQ8:-}; do
