@@ -26,7 +26,6 @@ from grpc_reflection.v1alpha import reflection
 
 from . import relay_frames as rf
 from .proto import pb
-from .relay import BATCH_BYTES, relay_limit
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -46,9 +45,7 @@ class Relay:
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Queue] = {}
         self._out: asyncio.Queue = asyncio.Queue()
-        self._batch: list[bytes] = []
-        self._size = 0
-        self._loop = asyncio.get_running_loop()
+        self._send = rf.Batcher(self._out).add  # the frames of one turn of the loop leave together
         self.closed = asyncio.Event()
 
     async def run(self) -> None:
@@ -72,19 +69,6 @@ class Relay:
             for q in self._calls.values():
                 q.put_nowait((rf.END, gone))
             self.closed.set()
-
-    def _send(self, data: bytes) -> None:
-        if self._size + len(data) > BATCH_BYTES:
-            self._flush()
-        if not self._batch:  # the frames of one turn of the loop leave together
-            self._loop.call_soon(self._flush)
-        self._batch.append(data)
-        self._size += len(data)
-
-    def _flush(self) -> None:
-        if self._batch:
-            self._out.put_nowait(b"".join(self._batch))
-            self._batch, self._size = [], 0
 
     async def call(self, method: str, request: bytes, context):
         """The responses of one relayed call (serialized); sets the call's status at its end."""
@@ -152,9 +136,7 @@ def generic_handler(relay: Relay) -> grpc.GenericRpcHandler:
 async def serve(args, key: str) -> int:
     limit = [("grpc.max_receive_message_length", args.max_message_bytes),
              ("grpc.max_send_message_length", args.max_message_bytes)]
-    relay_opts = [("grpc.max_receive_message_length", relay_limit(args.max_message_bytes)),
-                  ("grpc.max_send_message_length", relay_limit(args.max_message_bytes))]
-    channel = grpc.aio.insecure_channel(args.relay, options=relay_opts)
+    channel = grpc.aio.insecure_channel(args.relay, options=rf.channel_options(args.max_message_bytes))
     relay = Relay(channel, key)
     relaying = asyncio.ensure_future(relay.run())
     server = grpc.aio.server(options=limit + [

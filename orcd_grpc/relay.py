@@ -32,12 +32,6 @@ from . import relay_frames as rf
 
 log = logs.get_logger("orcd.relay")
 
-BATCH_BYTES = 4 << 20  # frames of one batch at most (one more frame may carry a whole message)
-
-
-def relay_limit(max_message_bytes: int) -> int:
-    """The relay stream's message limit: a batch plus one frame of the largest call message."""
-    return BATCH_BYTES + max_message_bytes + (1 << 16)
 
 
 class _Ended(Exception):
@@ -144,24 +138,10 @@ class _Connection:
 
     def __init__(self, target: RelayTarget):
         self.target = target
-        self.loop = asyncio.get_running_loop()
         self.out: asyncio.Queue = asyncio.Queue()
         self.calls: dict[int, asyncio.Task] = {}
-        self._batch: list[bytes] = []
-        self._size = 0
-
-    def emit(self, data: bytes) -> None:
-        if self._size + len(data) > BATCH_BYTES:  # a batch stays well inside the relay's message limit
-            self._flush()
-        if not self._batch:  # after what this turn of the loop still runs: the other streams' tokens
-            self.loop.call_soon(self.loop.call_soon, self._flush)
-        self._batch.append(data)
-        self._size += len(data)
-
-    def _flush(self) -> None:
-        if self._batch:
-            self.out.put_nowait(b"".join(self._batch))
-            self._batch, self._size = [], 0
+        # two turns: after what this turn of the loop still runs (the other streams' tokens)
+        self.emit = rf.Batcher(self.out, turns=2).add
 
     async def read(self, requests) -> None:
         try:
@@ -272,8 +252,7 @@ class FrontEnds:
         self._dir = tempfile.mkdtemp(prefix="orcd-relay-")  # 0700: only this user reaches the socket
         self.address = f"unix:{self._dir}/relay.sock"
         self._loop_server = loop_server
-        opts = [("grpc.max_receive_message_length", relay_limit(max_message_bytes)),
-                ("grpc.max_send_message_length", relay_limit(max_message_bytes))]
+        opts = rf.channel_options(max_message_bytes)
 
         async def make():
             server = grpc.aio.server(options=opts)

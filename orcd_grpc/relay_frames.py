@@ -12,6 +12,7 @@ Worker to front end:
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
@@ -22,6 +23,41 @@ _U32 = struct.Struct("<I")
 METHOD = "/orcd.relay.v1.Relay/Calls"  # the worker's relay stream (its private socket only)
 KEY_HEADER = "orcd-relay-key"          # the secret a front end presents on that stream
 KEY_ENV = "ORCD_RELAY_KEY"             # where a front end process reads it (not its command line)
+BATCH_BYTES = 4 << 20  # frames of one batch at most (one more frame may carry a whole message)
+
+
+def channel_options(max_message_bytes: int) -> list:
+    """The relay stream's message limits, both ends: a batch plus one frame of the largest call message."""
+    limit = BATCH_BYTES + max_message_bytes + (1 << 16)
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
+class Batcher:
+    """Frames bound for one end of a relay stream, leaving as one message: those added within `turns`
+    turns of the event loop (the worker waits two, so the tokens of every stream a drain woke go
+    together), sooner when BATCH_BYTES would be passed. Messages go to `out` (an asyncio.Queue)."""
+
+    def __init__(self, out: asyncio.Queue, turns: int = 1):
+        self.out, self.turns = out, turns
+        self._loop = asyncio.get_running_loop()
+        self._batch: list[bytes] = []
+        self._size = 0
+
+    def add(self, data: bytes) -> None:
+        if self._size + len(data) > BATCH_BYTES:
+            self.flush()
+        if not self._batch:
+            self._later(self.turns)
+        self._batch.append(data)
+        self._size += len(data)
+
+    def _later(self, turns: int) -> None:
+        self._loop.call_soon(self.flush if turns <= 1 else lambda: self._later(turns - 1))
+
+    def flush(self) -> None:
+        if self._batch:
+            self.out.put_nowait(b"".join(self._batch))
+            self._batch, self._size = [], 0
 
 
 def frame(kind: int, call: int, payload: bytes = b"") -> bytes:
