@@ -68,9 +68,10 @@ def main() -> int:
     child = subprocess.Popen([sys.executable, __file__, "--serve", "--step-ms", str(a.step_ms), "--port", str(a.port),
                               "--frontends", str(a.frontends)] + ["--frontends-only"] * a.frontends_only)
     try:
+        where = a.port + 2 if a.frontends_only else a.port  # the front ends' own port, or the worker's
         cpu0 = _cpu_s(child.pid)
         bench = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "serve_bench.py"), "grpc",
-                                  f"127.0.0.1:{a.port + 2 if a.frontends_only else a.port}", "--vocab", "250",
+                                  f"127.0.0.1:{where}", "--vocab", "250",
                                   "--clients", a.clients, "--procs", str(a.procs),
                                   "--metrics", f"http://127.0.0.1:{a.port + 1}/metrics",
                                   "--prompt-mean", "64", "--output-mean", "64", "--max-prompt", "200",

@@ -181,7 +181,8 @@ class Worker:
         self._max_rpcs = workers
         self.server = LoopServer(self._pool, interceptors=interceptors, options=options,
                                  maximum_concurrent_rpcs=workers)
-        wire.add_worker_servicer(self.servicer, self.server)  # malformed requests: INVALID_ARGUMENT
+        # malformed requests: INVALID_ARGUMENT; the same handlers serve calls relayed by front ends
+        self._handlers = wire.add_worker_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(  # the asyncio reflection service, on the loop
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -233,7 +234,7 @@ class Worker:
             self.server.stop(0).wait()
             self._pool.shutdown(wait=False)
             raise ValueError("frontends on a TLS port need its certificate files (tls_files)")
-        handlers = {f"/{SERVICE_NAME}/{n}": h for n, h in wire.method_handlers(self.servicer, self._pool).items()}
+        handlers = {f"/{SERVICE_NAME}/{n}": h for n, h in self._handlers.items()}
         hs = "/" + health_pb2.DESCRIPTOR.services_by_name["Health"].full_name + "/"
         io = dict(request_deserializer=health_pb2.HealthCheckRequest.FromString,
                   response_serializer=health_pb2.HealthCheckResponse.SerializeToString)

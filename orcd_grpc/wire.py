@@ -106,10 +106,11 @@ def method_handlers(servicer, pool=None) -> dict[str, grpc.RpcMethodHandler]:
     return handlers
 
 
-def add_worker_servicer(servicer, server) -> None:
+def add_worker_servicer(servicer, server) -> dict[str, grpc.RpcMethodHandler]:
     """Replaces pb_grpc.add_WorkerServicer_to_server (a grpc_loop.LoopServer: its pool runs the
-    synchronous methods)."""
+    synchronous methods); returns the handlers it added, by method name."""
     handlers = method_handlers(servicer, getattr(server, "pool", None))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     if hasattr(server, "add_registered_method_handlers"):
         server.add_registered_method_handlers(SERVICE.full_name, handlers)
+    return handlers
