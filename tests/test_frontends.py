@@ -31,6 +31,38 @@ def _auth(token):
     return (("authorization", f"Bearer {token}"),)
 
 
+# a request that runs for hundreds of steps unless cancelled
+LONG = pb.ExecuteRequest(tokens=pb.TokenIds(ids=[1, 5, 9]), stopping=pb.StoppingCriteria(max_tokens=4000,
+                                                                                         ignore_eos=True))
+
+
+def _until_first_token(call):
+    for ev in call:
+        if ev.WhichOneof("event") == "token":
+            return
+    raise AssertionError("the stream ended before its first token")
+
+
+def _until_idle(w, timeout=20.0):
+    """Waits for the worker to hold no request (a cancelled one is reaped at the next step)."""
+    deadline = time.monotonic() + timeout
+    while w.scheduler.stats()["live"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert w.scheduler.stats()["live"] == 0
+
+
+def _until_answers(call, timeout=60.0):
+    """call() once it stops raising grpc.RpcError (a front end still starting), within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
@@ -44,15 +76,8 @@ def worker(tmp_path_factory):
     direct = grpc.insecure_channel(f"127.0.0.1:{port}")
     front = grpc.insecure_channel(f"127.0.0.1:{fport}")
     grpc.channel_ready_future(front).result(timeout=60)
-    deadline = time.monotonic() + 60
-    while True:  # the front end is up once its relay stream is: health answers through it
-        try:
-            health_pb2_grpc.HealthStub(front).Check(health_pb2.HealthCheckRequest(), timeout=5)
-            break
-        except grpc.RpcError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    # the front end is up once its relay stream is: health answers through it
+    _until_answers(lambda: health_pb2_grpc.HealthStub(front).Check(health_pb2.HealthCheckRequest(), timeout=5))
     yield w, pb_grpc.WorkerStub(direct), pb_grpc.WorkerStub(front), front
     direct.close()
     front.close()
@@ -109,12 +134,8 @@ def test_a_client_that_leaves_frees_its_request_and_blocks(worker):
     w, _, front, _ = worker
     engine = w.scheduler.engine
     free0 = engine.free_blocks() + len(engine.allocator._evictable)
-    req = pb.ExecuteRequest(tokens=pb.TokenIds(ids=[1, 5, 9]),
-                            stopping=pb.StoppingCriteria(max_tokens=4000, ignore_eos=True))
-    call = front.Execute(req, metadata=_auth(TOKEN_A), timeout=60)
-    for ev in call:
-        if ev.WhichOneof("event") == "token":
-            break
+    call = front.Execute(LONG, metadata=_auth(TOKEN_A), timeout=60)
+    _until_first_token(call)
     assert w.scheduler.stats()["running"] == 1
     call.cancel()
     deadline = time.monotonic() + 20
@@ -128,17 +149,13 @@ def test_a_client_that_leaves_frees_its_request_and_blocks(worker):
 def test_the_deadline_crosses(worker):
     """The client's deadline reaches the worker's request (its scheduler cancels at it)."""
     w, _, front, _ = worker
-    req = pb.ExecuteRequest(tokens=pb.TokenIds(ids=[1, 5, 9]),
-                            stopping=pb.StoppingCriteria(max_tokens=4000, ignore_eos=True))
-    call = front.Execute(req, metadata=_auth(TOKEN_A), timeout=30)
-    for ev in call:
-        if ev.WhichOneof("event") == "token":
-            break
+    call = front.Execute(LONG, metadata=_auth(TOKEN_A), timeout=30)
+    _until_first_token(call)
     (running,) = list(w.scheduler._running)
     assert 25 < running.deadline - time.monotonic() <= 31  # grpc rounds the timeout it encodes up
     call.cancel()
     with pytest.raises(grpc.RpcError) as e:
-        list(front.Execute(req, metadata=_auth(TOKEN_A), timeout=0.5))
+        list(front.Execute(LONG, metadata=_auth(TOKEN_A), timeout=0.5))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -146,9 +163,7 @@ def test_a_full_queue_answers_with_its_retry_hint_through_a_front_end(worker):
     """RESOURCE_EXHAUSTED crosses with its trailing metadata (retry-after-ms): 16 streams opened at
     once on a worker that runs 4 and queues 8 (each would run for hundreds of steps)."""
     w, _, front, _ = worker
-    req = pb.ExecuteRequest(tokens=pb.TokenIds(ids=[1, 5, 9]),
-                            stopping=pb.StoppingCriteria(max_tokens=4000, ignore_eos=True))
-    calls = [front.Execute(req, metadata=_auth(TOKEN_A), timeout=60) for _ in range(16)]
+    calls = [front.Execute(LONG, metadata=_auth(TOKEN_A), timeout=60) for _ in range(16)]
     refused = []
     try:
         for call in calls:
@@ -162,10 +177,7 @@ def test_a_full_queue_answers_with_its_retry_hint_through_a_front_end(worker):
     finally:
         for c in calls:
             c.cancel()
-    deadline = time.monotonic() + 20
-    while w.scheduler.stats()["live"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert w.scheduler.stats()["live"] == 0
+    _until_idle(w)
 
 
 def test_health_and_reflection_answer_on_a_front_end(worker):
@@ -330,14 +342,8 @@ def test_mutual_tls_identity_crosses_a_front_end(tmp_path):
         assert w.wait_loaded(120), w.load_error
         with channel(fport, "client") as front_ch, channel(port, "client") as direct_ch:
             front, direct = pb_grpc.WorkerStub(front_ch), pb_grpc.WorkerStub(direct_ch)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    health_pb2_grpc.HealthStub(front_ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
-                    break
-                except grpc.RpcError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.2)
+            _until_answers(lambda: health_pb2_grpc.HealthStub(front_ch).Check(health_pb2.HealthCheckRequest(),
+                                                                              timeout=5))
             req = pb.ExecuteRequest(tokens=pb.TokenIds(ids=[1, 5, 9]), request_id="tls-1",
                                     stopping=pb.StoppingCriteria(max_tokens=4000, ignore_eos=True))
             call = front.Execute(req, timeout=60)
@@ -356,26 +362,13 @@ def test_a_front_end_that_dies_mid_stream_leaves_nothing_behind(worker):
     """Killing the front end under an open stream: the client's call fails, the worker abandons
     the request (its relay stream closed), and the replacement front end serves the next call."""
     w, _, front, _ = worker
-    req = pb.ExecuteRequest(tokens=pb.TokenIds(ids=[1, 5, 9]),
-                            stopping=pb.StoppingCriteria(max_tokens=4000, ignore_eos=True))
-    call = front.Execute(req, metadata=_auth(TOKEN_A), timeout=60)
-    for ev in call:
-        if ev.WhichOneof("event") == "token":
-            break
+    call = front.Execute(LONG, metadata=_auth(TOKEN_A), timeout=60)
+    _until_first_token(call)
     assert w.scheduler.stats()["live"] == 1
     w.frontends._procs[0].kill()
     with pytest.raises(grpc.RpcError) as e:
         list(call)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-    deadline = time.monotonic() + 20
-    while w.scheduler.stats()["live"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert w.scheduler.stats()["live"] == 0
-    deadline = time.monotonic() + 30
-    while True:  # the replacement (started after a second) takes the port
-        try:
-            assert len(_tokens(_execute(front, n=3))) == 3
-            break
-        except grpc.RpcError:
-            assert time.monotonic() < deadline, "no front end came back"
-            time.sleep(0.2)
+    _until_idle(w)
+    # the replacement (started after a second) takes the port
+    assert len(_tokens(_until_answers(lambda: _execute(front, n=3), timeout=30))) == 3
