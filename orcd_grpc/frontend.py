@@ -1,6 +1,7 @@
 """A front-end process of a worker (`orcd serve --frontends N`): it terminates gRPC (and TLS) for the
-connections the kernel gives it on the worker's port (SO_REUSEPORT), and relays every call to the
-worker over one local stream (relay_frames, relay.py). It holds no model and no policy: the
+connections the kernel gives it on the worker's port (SO_REUSEPORT; the worker holds the port
+without listening, so they get all of them), and relays every call to the worker over one local
+stream (relay_frames, relay.py). It holds no model and no policy: the
 worker authenticates, limits, owns and runs each call; this process only carries bytes, so the
 per-message cost of many streams is spread over processes instead of the worker's one event loop.
 
@@ -138,7 +139,6 @@ async def serve(args, key: str) -> int:
              ("grpc.max_send_message_length", args.max_message_bytes)]
     channel = grpc.aio.insecure_channel(args.relay, options=rf.channel_options(args.max_message_bytes))
     relay = Relay(channel, key)
-    relaying = asyncio.ensure_future(relay.run())
     server = grpc.aio.server(options=limit + [
         ("grpc.so_reuseport", 1),
         ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
@@ -160,6 +160,9 @@ async def serve(args, key: str) -> int:
         print(f"orcd frontend: cannot listen on {args.listen}", file=sys.stderr)
         return 1
     await server.start()
+    # the worker counts this front end up once its stream opens, so open it only now that the port
+    # is listened on; a call accepted before that waits in the relay's queue
+    relaying = asyncio.ensure_future(relay.run())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -176,7 +179,7 @@ async def serve(args, key: str) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--relay", required=True, help="the worker's relay socket (unix:PATH)")
-    ap.add_argument("--listen", required=True, help="HOST:PORT to serve (shared with the worker: SO_REUSEPORT)")
+    ap.add_argument("--listen", required=True, help="HOST:PORT to serve (shared with the other front ends: SO_REUSEPORT)")
     ap.add_argument("--tls-cert", default="")
     ap.add_argument("--tls-key", default="")
     ap.add_argument("--tls-client-ca", default="")

@@ -119,9 +119,16 @@ class RelayTarget:
     def __init__(self, handlers: dict, on_loop=None, max_calls: int = 0):
         self.handlers, self.on_loop = handlers, on_loop
         self.calls = 0  # relayed calls so far (a front end's share of the traffic)
+        self.streams = 0  # front ends connected now (each opens its stream once it listens)
+        self.changed = threading.Condition()
         # at most this many relayed calls open at once, as the worker's own port allows its callers
         # (maximum_concurrent_rpcs); 0: no cap
         self.max_calls, self.open = max_calls, 0
+
+    def count_stream(self, delta: int) -> None:
+        with self.changed:
+            self.streams += delta
+            self.changed.notify_all()
 
     async def handler(self, method: str, metadata):
         self.calls += 1
@@ -221,6 +228,7 @@ def relay_handler(target: RelayTarget, key: str) -> grpc.GenericRpcHandler:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not a front end of this worker")
         conn = _Connection(target)
         reader = asyncio.ensure_future(conn.read(requests))
+        target.count_stream(+1)
         try:
             while True:
                 batch = await conn.out.get()
@@ -228,6 +236,7 @@ def relay_handler(target: RelayTarget, key: str) -> grpc.GenericRpcHandler:
                     return
                 yield batch
         finally:
+            target.count_stream(-1)
             reader.cancel()
             conn.close()
 
@@ -296,6 +305,11 @@ class FrontEnds:
             log.warning("a front end exited; starting another", extra={"fields": {"index": i, "code": rc,
                                                                                  "in_seconds": wait}})
             time.sleep(wait)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Whether every front end is listening (its relay stream open) within `timeout` seconds."""
+        with self.target.changed:
+            return self.target.changed.wait_for(lambda: self.target.streams >= self.count, timeout)
 
     def stop_accepting(self) -> None:
         """Front ends stop taking connections; their open calls run on until the worker ends them."""

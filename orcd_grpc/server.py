@@ -5,6 +5,7 @@ import concurrent.futures
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -85,6 +86,7 @@ class BindError(RuntimeError):
     """The worker's port could not be bound: in use, or an address this machine does not have."""
 
 
+FRONTENDS_READY_S = 30.0  # start() waits this long for front ends holding the worker's port to listen
 CONTROL_THREADS = 16  # RPC slots (and pool threads) Execute streams may not take (Cancel, health, LoadModel...)
 
 
@@ -165,8 +167,7 @@ class Worker:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_pings_without_data", 0),
-            # a port shared with the front ends only: otherwise a second worker on it is refused
-            ("grpc.so_reuseport", 1 if config.frontends and config.frontend_port is None else 0),
+            ("grpc.so_reuseport", 0),  # a second worker on this port is refused
         ]
         for icp in config.interceptors:  # policy interceptors (orcd_grpc.ratelimit) count into this worker's registry
             if hasattr(icp, "bind_registry"):
@@ -188,15 +189,33 @@ class Worker:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server.server)
         address = f"{_host(config.host)}:{config.port}"
+        # Front ends on the worker's port take all of its connections: the worker only holds the
+        # port (bound, never listening, so the kernel gives them no connection) and serves its own
+        # gRPC on a loopback port (direct_port), which operators and tests may still reach.
+        self._port_hold = None
+        self.direct_port: int | None = None
+        shared = bool(config.frontends) and config.frontend_port is None
+        if shared:
+            try:
+                self._port_hold = hold_port(config.host, config.port)
+            except OSError as exc:
+                self.server.stop(0).wait()
+                self._pool.shutdown(wait=False)
+                raise BindError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        bind = "127.0.0.1:0" if shared else address
         try:
-            self.port = (self.server.add_secure_port(address, config.credentials) if config.credentials is not None
-                         else self.server.add_insecure_port(address))
+            self.port = (self.server.add_secure_port(bind, config.credentials) if config.credentials is not None
+                         else self.server.add_insecure_port(bind))
         except RuntimeError:  # grpc raises a bare RuntimeError when no address could be bound
             self.port = 0
         if self.port == 0:
             self.server.stop(0).wait()
             self._pool.shutdown(wait=False)
+            if self._port_hold is not None:
+                self._port_hold.close()
             raise BindError(f"cannot listen on {address}: the port is in use or the address is not this machine's")
+        if shared:
+            self.direct_port, self.port = self.port, self._port_hold.getsockname()[1]
         self.metrics_port: int | None = None
         self.metrics.registry.register(PoolMetricsCollector(self.scheduler))
         self.http = None
@@ -290,6 +309,10 @@ class Worker:
         self.server.start()
         if self.frontends is not None:
             self.frontends.start()
+            if self._port_hold is not None and not self.frontends.wait_ready(FRONTENDS_READY_S):
+                # the port holds its connections in the backlog of none: they are refused until one is up
+                log.warning("front ends not all up yet; the port answers once one is",
+                            extra={"fields": {"up": self.frontends.target.streams, "of": self.frontends.count}})
         if self.config.metrics_port is not None:
             host = self.config.metrics_host if self.config.metrics_host is not None else self.config.host
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, host.strip("[]") or "0.0.0.0",
@@ -298,7 +321,7 @@ class Worker:
         if self.http is not None:
             self.http.start()
         log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port,
-                                                "http_port": self.http_port}})
+                                                "http_port": self.http_port, "direct_port": self.direct_port}})
         if self.config.model_path:
             self._load_thread = threading.Thread(target=self._initial_load, name="orcd-initial-load", daemon=True)
             self._load_thread.start()
@@ -351,6 +374,8 @@ class Worker:
         left = max(1.0, grace - (time.monotonic() - t0))
         if self.frontends is not None:  # their last events relayed, the front ends exit
             self.frontends.close(timeout=left)
+        if self._port_hold is not None:
+            self._port_hold.close()
         stopping = self.server.stop(left)
         if self.http is not None:
             self.http.stop(left)
@@ -358,6 +383,25 @@ class Worker:
         self.metrics.close()
         self._pool.shutdown(wait=False)
         log.info("stopped")
+
+
+def hold_port(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (0: a free port) with SO_REUSEPORT but not listening: it
+    keeps the port for this worker's front ends, which bind it the same way and listen, and is
+    given none of the connections, which the kernel spreads over listening sockets only."""
+    bare = host.strip("[]")
+    family, kind, proto, _, addr = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and bare in ("", "::"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # as grpc binds "[::]"
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _host(host: str) -> str:

@@ -6,6 +6,7 @@ reflection, and the relay socket refusing a caller without the worker's key."""
 from __future__ import annotations
 
 import pathlib
+import socket
 import sys
 import time
 
@@ -202,25 +203,31 @@ def test_the_relay_socket_refuses_a_caller_without_the_key(worker):
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_front_ends_share_the_workers_port_and_stop_with_it(tmp_path):
-    """frontends=2 on the worker's own port (SO_REUSEPORT): connections land on all three
-    processes and every call is served alike; a front end that dies is replaced; stopping the
-    worker ends its front ends."""
+def test_front_ends_take_every_connection_on_the_workers_port_and_stop_with_it(tmp_path):
+    """frontends=2 on the worker's own port: the worker only holds the port, so every connection
+    lands on a front end and every call is relayed (none is served by the worker's own loop);
+    its own gRPC stays reachable on a loopback port; a front end that dies is replaced; stopping
+    the worker ends its front ends and frees the port."""
     path = write_model(tmp_path / "tiny.gguf", seed=8)
     cfg = ServerConfig(host="127.0.0.1", port=0, model_dirs=[str(tmp_path)], backend="cpu", model_path=str(path),
                        max_sequences=4, max_queue=64, grace_seconds=1, frontends=2)
     w, port, _ = start_server(cfg)
     try:
+        assert w.frontends.target.streams == 2  # start() returned with both listening
+        assert w.direct_port not in (None, port)
         assert w.wait_loaded(120), w.load_error
         want = None
-        deadline = time.monotonic() + 60
-        while w.frontends.target.calls == 0 or want is None:  # until some connection reached a front end
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                grpc.channel_ready_future(ch).result(timeout=30)
+        for i in range(8):  # fresh connections: the kernel spreads them over the listeners
+            before = w.frontends.target.calls
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
                 got = _tokens(_execute(pb_grpc.WorkerStub(ch), n=6))
             want = want or got
             assert got == want
-            assert time.monotonic() < deadline, "no connection reached a front end"
+            assert w.frontends.target.calls == before + 1, f"connection {i} was served by the worker itself"
+        with grpc.insecure_channel(f"127.0.0.1:{w.direct_port}") as ch:
+            before = w.frontends.target.calls
+            assert _tokens(_execute(pb_grpc.WorkerStub(ch), n=6)) == want
+            assert w.frontends.target.calls == before
         old = w.frontends._procs[0]
         old.kill()
         deadline = time.monotonic() + 30
@@ -231,6 +238,8 @@ def test_front_ends_share_the_workers_port_and_stop_with_it(tmp_path):
     finally:
         w.stop(1)
     assert all(p.poll() is not None for p in procs)
+    with socket.socket() as s:  # nothing holds the port any more
+        s.bind(("127.0.0.1", port))
 
 
 def test_relay_connection_statuses_cap_and_cancel():
