@@ -377,11 +377,11 @@ class Scheduler(ModelManagement):
             if m is not None and smp.index == 0:
                 m.ttft.observe(now - req.arrival)
                 m.prefix_hits.inc(int(getattr(smp.seq, "cached_prompt_tokens", 0) or 0))
+            if m is not None:
+                m.tokens.record(None)
         elif m is not None:
-            m.token_latency.observe(now - smp.last_token_at)
+            m.tokens.record(now - smp.last_token_at)
         smp.last_token_at = now
-        if m is not None:
-            m.generated_tokens.inc()
 
         text, reason, matched = token_outcome.judge(engine, req, smp, tid)
         top = token_outcome.alternatives(engine.tokenizer, sample)

@@ -152,7 +152,7 @@ def test_readme_metrics_table_lists_every_metric():
 
     from prometheus_client import CollectorRegistry
 
-    from orcd_grpc.metrics import Metrics
+    from orcd_grpc.metrics import Metrics, TokenMetrics
     from orcd_grpc.ratelimit import UsageMetrics
 
     registry = CollectorRegistry()
@@ -162,6 +162,8 @@ def test_readme_metrics_table_lists_every_metric():
         fam = collector.describe()[0]
         name = fam.name + ("_total" if fam.type == "counter" else "")
         defined[name] = (fam.type, tuple(collector._labelnames))
+    for fam in (f for o in owners for v in vars(o).values() if isinstance(v, TokenMetrics) for f in v.describe()):
+        defined[fam.name + ("_total" if fam.type == "counter" else "")] = (fam.type, ())
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = re.search(r"^## Metrics\n(.*?)(?=^## )", readme, re.S | re.M).group(1)
     documented = {}
