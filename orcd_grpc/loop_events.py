@@ -18,11 +18,35 @@ import weakref
 class Mailbox:
     """One event loop's wake-ups: streams with new events are collected and woken in one callback."""
 
+    # How late a get() may time out. Its timeouts are liveness polls (a second), so one sweep of
+    # all waiters this often replaces a timer armed and cancelled on every wait, that is on every
+    # token of every stream.
+    SWEEP_S = 0.1
+
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._lock = threading.Lock()
         self._touched: set[LoopEvents] = set()
         self._pending = False  # a drain is scheduled and has not taken the set yet
+        self._waiting: set[LoopEvents] = set()  # queues whose get() waits now (on the loop only)
+        self._sweeping = False  # a sweep is scheduled
+
+    def _watch(self, q: "LoopEvents") -> None:
+        self._waiting.add(q)
+        if not self._sweeping:
+            self._sweeping = True
+            self._loop.call_later(self.SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for q in [q for q in self._waiting if q._deadline <= now]:
+            w = q._waiter
+            if w is not None and not w.done():
+                w.set_result(_TIMED_OUT)
+        if self._waiting:
+            self._loop.call_later(self.SWEEP_S, self._sweep)
+        else:
+            self._sweeping = False
 
     def _wake(self, q: "LoopEvents") -> None:
         with self._lock:
@@ -47,11 +71,6 @@ class Mailbox:
 _TIMED_OUT = object()
 
 
-def _expire(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(_TIMED_OUT)
-
-
 _MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
 
 
@@ -66,10 +85,11 @@ class LoopEvents:
             mailbox = _MAILBOXES[loop] = Mailbox(loop)
         self._mailbox = mailbox
         self._items: collections.deque = collections.deque()
-        # the future a waiting get() awaits (one at a time), resolved by the mailbox's drain or its
-        # timer: a future and a timer handle per wait, where asyncio.wait_for made a task of each
-        # (BENCHMARKS.md, session 21: 21 -> 9 us per event delivered to 64 waiting streams)
+        # the future a waiting get() awaits (one at a time), resolved by the mailbox's drain or, at
+        # _deadline (loop time), its sweep: asyncio.wait_for would make a task and a timer of each
+        # wait (BENCHMARKS.md, sessions 21 and 22)
         self._waiter: asyncio.Future | None = None
+        self._deadline = 0.0
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
         self._items.append(item)
@@ -86,19 +106,22 @@ class LoopEvents:
             raise queue.Empty from None
 
     async def get(self, timeout: float):
-        """The next event; queue.Empty when none came within `timeout` seconds."""
+        """The next event; queue.Empty when none came within `timeout` seconds (up to
+        Mailbox.SWEEP_S later)."""
         while True:
             if self._items:
                 return self._items.popleft()
-            loop = self._mailbox._loop
+            mailbox = self._mailbox
+            loop = mailbox._loop
             # A put after the look above wakes this waiter through the mailbox's next drain (on this
             # loop, so not before the await below has begun).
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _expire, waiter)
+            self._deadline = loop.time() + timeout
+            mailbox._watch(self)
             try:
                 await waiter
             finally:
-                timer.cancel()
+                mailbox._waiting.discard(self)
                 self._waiter = None
             if not self._items and waiter.result() is _TIMED_OUT:
                 raise queue.Empty

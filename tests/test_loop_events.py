@@ -67,3 +67,39 @@ def test_tagged_queues_share_one_stream():
         assert [await q.get(5.0) for _ in range(3)] == [(0, "x"), (1, "y"), (0, "z")]
 
     asyncio.run(scenario())
+
+
+def test_timeouts_come_from_one_sweep_no_earlier_and_at_most_a_sweep_late():
+    """Waits of random timeouts on many queues time out after their timeout and within one sweep
+    period of it; streams that get their event are not timed out; the sweep stops once nobody waits."""
+    from orcd_grpc.loop_events import Mailbox
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        qs = [LoopEvents() for _ in range(40)]
+        timeouts = [random.uniform(0.02, 0.5) for _ in qs]
+        fed = set(random.sample(range(40), 10))
+
+        async def wait(i):
+            t0 = loop.time()
+            try:
+                return i, await qs[i].get(timeouts[i]), loop.time() - t0
+            except queue.Empty:
+                return i, None, loop.time() - t0
+
+        tasks = [asyncio.ensure_future(wait(i)) for i in range(40)]
+        await asyncio.sleep(0.005)
+        for i in fed:
+            threading.Thread(target=qs[i].put, args=(f"ev{i}",)).start()
+        for i, got, took in await asyncio.gather(*tasks):
+            if i in fed:
+                assert got == f"ev{i}" and took < timeouts[i]
+            else:
+                assert got is None
+                assert timeouts[i] <= took <= timeouts[i] + Mailbox.SWEEP_S + 0.1, (timeouts[i], took)
+        mailbox = qs[0]._mailbox
+        assert not mailbox._waiting
+        await asyncio.sleep(Mailbox.SWEEP_S * 2)
+        assert not mailbox._sweeping
+
+    asyncio.run(scenario())
