@@ -21,7 +21,7 @@
 #   SERVE="qwen2.5-0.5b gpt-oss-20b"  bench/serve_bench.py on those synthetic files: an orcd worker
 #                   (gRPC, SERVE_SLOTS sequences, default 256), then llama-server when /tmp/anchor holds its
 #                   build (anchors README), same clients (SERVE_CLIENTS), restarted per level with as many
-#                   slots as clients, one KV pool (-kvu) and no prompt cache (see the loop); rows to $OUT/serve.jsonl,
+#                   slots as clients, a KV stream each (no -kvu) and no prompt cache (see the loop); rows to $OUT/serve.jsonl,
 #                   orcd's with what the worker did meanwhile (its metrics); SERVE_ARGS: more serve_bench.py options;
 #                   SERVE_LEVEL_S (default 30): no request is sent after that many seconds of a level (a
 #                   slow server's row counts the rest as unsent instead of running out the call);
@@ -253,13 +253,16 @@ for m in ${SERVE:-}; do
   ls_bin=$llama_bin/llama-server
   if [ "${SERVE_LLAMA:-1}" != 0 ] && llama_ready && [ -x "$ls_bin" ]; then
     # llama-server in the configuration that serves it best: restarted per level with as many slots as
-    # clients (-np C, 2048 cells a slot, one shared pool) and no prompt cache (--cache-ram 0). With more
-    # slots than clients and its default prompt cache, every new request clears each idle slot's KV
-    # over the whole pool on its main loop (llama_kv_cache::seq_rm; session 20's CPU perf), which
-    # stalls every running slot; the random prompts never hit that cache anyway. SERVE_LLAMA_ARGS: more flags.
+    # clients (-np C, 2048 cells a slot, each slot its own KV stream: its default with -np given) and no
+    # prompt cache (--cache-ram 0). With more slots than clients and its default prompt cache, every new
+    # request clears each idle slot's KV over the whole pool on its main loop (llama_kv_cache::seq_rm;
+    # session 20's CPU perf), which stalls every running slot; the random prompts never hit that cache
+    # anyway. One unified pool (-kvu) made every slot's attention span the whole pool's used cells:
+    # 50 ms steps at 64 slots on qwen2.5-0.5b (session 22), where llama-batched-bench steps in 6.
+    # SERVE_LLAMA_ARGS: more flags (e.g. -kvu).
     ngl=99; [ "${SERVE_BACKEND:-cuda}" = cpu ] && ngl=0
     for c in ${clients//,/ }; do
-      "$ls_bin" -m "$data/$m.gguf" -ngl "$ngl" -fa on -np "$c" -kvu -c $((c * 2048)) --cache-ram 0 ${SERVE_LLAMA_ARGS:-} \
+      "$ls_bin" -m "$data/$m.gguf" -ngl "$ngl" -fa on -np "$c" -c $((c * 2048)) --cache-ram 0 ${SERVE_LLAMA_ARGS:-} \
         --host 127.0.0.1 --port 50062 >> "$OUT/serve-llama-$m.log" 2>&1 & sp=$!
       timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py openai http://127.0.0.1:50062 --vocab-from "$data/$m.gguf" \
         --clients "$c" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
