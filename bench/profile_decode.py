@@ -59,11 +59,12 @@ def kernel_times(eng, meta, reps: int = 5) -> dict:
     return {"total": round(total, 1), **{k: [round(us, 1), n // reps] for k, (us, n) in rows}}
 
 
-def decode_setup(model: str, batch: int, ctx: int):
+def decode_setup(model: str, batch: int, ctx: int, spare: int = 0):
     """A CUDA engine with `batch` sequences of `ctx` random prompt tokens, prefilled, and three decode
     steps taken (the first runs eagerly, the second captures the bucket's graph): (engine,
-    sequences, that graph)."""
-    eng = load_engine(model, backend="cuda", context_length=max(4096, ctx + 256), max_sequences=max(8, batch))
+    sequences, that graph). spare: room for that many more sequences."""
+    eng = load_engine(model, backend="cuda", context_length=max(4096, ctx + 256),
+                      max_sequences=max(8, batch + spare))
     rng = np.random.default_rng(0)
     seqs = [eng.new_sequence(rng.integers(100, 30000, ctx).tolist(), SamplingParams(temperature=0.0))
             for _ in range(batch)]

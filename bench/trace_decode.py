@@ -6,6 +6,9 @@ kernels too.
 
     python3 bench/trace_decode.py MODEL.gguf [--batch 1] [--steps 20] [--ctx 256]
     python3 bench/trace_decode.py MODEL.gguf --prefill 512     (one 512-token prompt's prefill instead)
+    python3 bench/trace_decode.py MODEL.gguf --batch 64 --mixed 512
+        (a serving step: the 64 sequences' decode tokens and a new 512-token prompt in one step, which
+        runs eagerly; with the wall time of such a step and of the same batch's plain decode step)
 
 Prints one JSON object: per step (or per prefill), the span (first kernel start to last kernel end), the busy
 time (sum of kernel durations), the kernel count, and per kernel name [µs per step, launches per
@@ -19,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -37,10 +41,41 @@ def main(argv=None):
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--prefill", type=int, default=0, help="trace the prefill of a prompt this long instead")
+    ap.add_argument("--mixed", type=int, default=0,
+                    help="trace steps of --batch decoding sequences plus a new prompt this long instead")
     args = ap.parse_args(argv)
     from torch.profiler import ProfilerActivity, profile
 
-    if args.prefill:
+    extra = {}
+    if args.mixed:
+        eng, seqs, _ = decode_setup(args.model, args.batch, args.ctx, spare=1)
+        be = eng.backend
+        rng = np.random.default_rng(1)
+        greedy = SamplingParams(temperature=0.0)
+
+        def mixed():
+            p = eng.new_sequence(rng.integers(100, 30000, args.mixed).tolist(), greedy)
+            eng.step(seqs + [p], 8192)  # every decode row and the whole prompt (up to the budget)
+            eng.release(p)
+
+        def walls(step, n=args.steps):
+            out = []
+            for _ in range(n):
+                be.synchronize()
+                t0 = time.perf_counter()
+                step()
+                be.synchronize()
+                out.append((time.perf_counter() - t0) * 1e6)
+            return round(float(np.median(out)), 1)
+
+        mixed()  # warm-up
+        extra = {"mixed_step_wall_us": walls(mixed), "decode_step_wall_us": walls(lambda: eng.step(seqs, 8192))}
+        be.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                mixed()
+            be.synchronize()
+    elif args.prefill:
         eng = load_engine(args.model, backend="cuda", context_length=4096, max_sequences=8)
         be = eng.backend
         rng = np.random.default_rng(0)
@@ -81,7 +116,7 @@ def main(argv=None):
     busy = sum(e["dur"] for e in events) / n
     top = sorted(per.items(), key=lambda kv: -kv[1][0])[: args.top]
     print(json.dumps({"model": os.path.basename(args.model), "batch": args.batch, "prefill": args.prefill,
-                      "span_us": round(span, 1), "busy_us": round(busy, 1), "kernels": len(events) / n,
+                      "mixed": args.mixed, **extra, "span_us": round(span, 1), "busy_us": round(busy, 1), "kernels": len(events) / n,
                       "top": {k[:40]: [round(v[0] / n, 1), v[1] / n, round(v[0] / v[1], 2)] for k, v in top}}),
           flush=True)
     eng.close()

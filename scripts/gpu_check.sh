@@ -12,7 +12,8 @@
 #   FIRST_TESTS="FILES" FIRST_K="EXPR"  a pytest selection run first; the stages wait on it
 #   STAGE_DIRS="DIR ..."  first run the staged whole-model check of each DIR (scripts/stage_gpu.sh)
 #   PROFILE_MODELS="qwen2.5-0.5b:1,64 phi3-mini:p512 ..."  where a decode step's time goes
-#                   (bench/profile_decode.py) at those batch sizes (pN: a prefill of N, trace_decode.py only); PREFILL_MODELS="phi3-mini ..." prefill tok/s alone;
+#                   (bench/profile_decode.py) at those batch sizes (pN: a prefill of N, trace_decode.py only;
+#                   BmN: a step of B decoding sequences and a new N-token prompt, always trace_decode.py); PREFILL_MODELS="phi3-mini ..." prefill tok/s alone;
 #                   AB="VAR=VALUE A=1,B=2 ..." repeats the profiles under each tuning switch,
 #                   PREFILL_AB the prefill runs (README, GPU notes); PROFILE_SCRIPT=bench/trace_decode.py
 #                   gives each kernel's time inside the graph instead (PROFILE_CUT: characters kept in
@@ -143,7 +144,10 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
       bs=${mb#*:}; [ "$bs" = "$mb" ] && bs=1
       for b in ${bs//,/ }; do
         args="--batch $b"; [[ $b == p* ]] && args="--prefill ${b#p}"  # p512: a prefill (trace_decode.py)
-        echo "$ab ${mb%%:*} B=$b $(env $envs timeout 120 python3 ${PROFILE_SCRIPT:-bench/profile_decode.py} \
+        script=${PROFILE_SCRIPT:-bench/profile_decode.py}
+        # 64m512: a serving step of 64 decoding sequences and a new 512-token prompt (trace_decode.py)
+        [[ $b == *m* ]] && args="--batch ${b%m*} --mixed ${b#*m}" && script=bench/trace_decode.py
+        echo "$ab ${mb%%:*} B=$b $(env $envs timeout 120 python3 $script \
           "$data/${mb%%:*}.gguf" $args 2>&1 | tail -1 | cut -c1-${PROFILE_CUT:-2000})" | tee -a "$OUT/profile.txt" | cut -c1-300
       done
     done
