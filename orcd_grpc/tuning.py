@@ -45,6 +45,11 @@ class Tuning:
     lookahead: bool = _switch(
         True, "ORCD_LOOKAHEAD", "a decode step of an unchanged batch is queued before the host has read the "
         "previous step's tokens (fed on the device); B=1 tg 732 against 677 tok/s without", level="engine")
+    feed_eager: bool = _switch(
+        True, "ORCD_FEED_EAGER", "an eagerly run step (one carrying prompt tokens) whose every row samples one "
+        "token on the device samples asynchronously, so the decode step after it is queued behind it (fed on "
+        "the device) instead of after the host has delivered its tokens; needs ORCD_LOOKAHEAD; not yet "
+        "measured on a GPU", level="engine")
     fuse_weights: bool = _switch(
         True, "ORCD_FUSE_WEIGHTS", "Q/K/V and gate/up loaded as one matrix each where their types allow",
         level="engine")

@@ -52,6 +52,16 @@ class FakeCuda(NumpyBackend):
             x[~unpack_bitmask(bits, x.shape[1])] = -np.inf
         return np.argmax(x, -1).astype(np.int32), np.zeros(len(x), np.float32)
 
+    def sample_packed_async(self, logits, prm, pen, n_top=0, bits=None):
+        """An eager step's sampling, queued (ORCD_FEED_EAGER): done at once here."""
+        toks, lps = self.sample_packed(logits, prm, pen, n_top, bits)[:2]
+        R = len(toks)
+        return SimpleNamespace(R=R, toks=toks, res=(toks, lps, np.tile(toks[:, None], max(1, n_top)),
+                                                    np.zeros((R, max(1, n_top)), np.float32)))
+
+    def sample_result(self, h):
+        return h.res
+
     def sample(self, logits, rows, n_top=0):
         raise AssertionError("no penalised rows in these tests")
 
@@ -563,3 +573,64 @@ def test_overlap_names_the_kind_of_each_step_it_delivers(tmp_path):
             eng.release(b)
         finally:
             eng.close()
+
+
+def test_an_eager_step_feeds_the_decode_step_after_it(tmp_path):
+    """ORCD_FEED_EAGER: a step carrying prompt tokens runs eagerly; when each of its rows samples one
+    token on the device, the decode step after it is queued behind it and fed on the device
+    ("decode_ahead" right after "prefill"), and every sequence gets the tokens of plain step-by-step
+    decoding. Off, the step after it waits for the host."""
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    rng = np.random.default_rng()
+    prompts = [[1] + rng.integers(3, 320, int(k)).tolist() for k in rng.integers(3, 30, 3)]
+    runs = {}
+    for mode in ("feed", "no-feed", "plain"):
+        be = _queued_device_backend()
+        eng = load_engine(path, backend=be, max_sequences=4, max_context=256)
+        try:
+            eng.runner.lookahead = mode != "plain"
+            eng.runner.feed_eager = mode != "no-feed"
+            params = [SamplingParams(temperature=0.7, seed=i + 5) for i in range(3)]
+            a, b = (eng.new_sequence(p, s) for p, s in zip(prompts[:2], params[:2]))
+            ov = Overlap(eng)
+            for _ in range(4):  # bucket 2's graph is ready after this
+                ov.step([a, b])
+            ov.drain()
+            eng.release(b)
+            c = eng.new_sequence(prompts[2], params[2])
+            kinds = []
+            for _ in range(4):
+                ov.step([a, c])
+                kinds.append(ov.last_kind)
+            ov.drain()
+            runs[mode] = ([list(a.output_ids), list(c.output_ids)], kinds)
+            assert not be.pending, "a queued sampling was never read"
+        finally:
+            eng.close()
+    want = runs["plain"][0]
+    for mode in ("feed", "no-feed"):  # steps queued ahead add tokens when drained: the plain ones come first
+        for got, plain in zip(runs[mode][0], want):
+            assert got[: len(plain)] == plain and len(got) >= len(plain), mode
+    k = runs["feed"][1]
+    assert "prefill" in k and k[k.index("prefill") + 1] == "decode_ahead", k
+    k = runs["no-feed"][1]
+    assert k[k.index("prefill") + 1] == "decode", k
+
+
+def test_only_steps_sampled_wholly_on_the_device_feed_the_next():
+    """_feedable: an eager step may feed the step after it only if every row samples one token on
+    the device; a row that does not sample (a prompt chunk), wants logits, has a bias, is scored,
+    verifies drafts or needs penalties keeps the step synchronous."""
+    plain = SamplingParams(temperature=0.7)
+    pen = SamplingParams(temperature=0.7, repetition_penalty=1.2)
+
+    def row(**kw):
+        base = dict(sample=True, logits=0, bias=None, scored=0, drafts=None,
+                    sampling=SimpleNamespace(penalised=pen is kw.pop("params", plain)))
+        return SimpleNamespace(**{**base, **kw})
+
+    ok = [row(), row()]
+    assert CudaRunner._feedable(SimpleNamespace(rows=ok))
+    for bad in (row(sample=False), row(logits=1), row(bias={3: 1.0}), row(scored=2), row(drafts=[4, 5]),
+                row(params=pen)):
+        assert not CudaRunner._feedable(SimpleNamespace(rows=ok + [bad])), bad

@@ -9,6 +9,8 @@ Below the plan boundary, everything the GPU path needs and nothing above it know
 - A plan fed by the step before it (StepPlan.after) is queued behind that step before the host
   has read its tokens: the sampled ids are copied on the device into the new step's inputs, so
   the host's work between steps (scheduling, streaming) overlaps the GPU instead of idling it.
+  An eager step (prompt tokens) can feed the decode step after it too, when each of its rows
+  samples one token on the device: its sampling is queued without a wait.
 - A row's allowed tokens (a constraint's matcher, allowed / banned ids) reach the sample kernel
   as a packed bitmask, int32 [ceil(V / 32)] per masked row: the matchers' CPU work runs after the
   forward is queued (overlapping it), and only the bitmask crosses to the device. A queued step
@@ -79,6 +81,7 @@ class CudaRunner(Runner):
         # Queuing a step behind the one in flight needs that step on a captured graph (an eager
         # one would keep the host busy launching).
         self.lookahead = bool(self.buckets) and tuning.lookahead
+        self.feed_eager = tuning.feed_eager  # ORCD_FEED_EAGER (with lookahead)
         self.verify_buckets = [b for b in self.buckets if b <= VERIFY_MAX_BATCH] if tuning.verify_graphs else []
         self._cols = np.arange(model.table_width)
         ws = int(backend.workspace_bytes)
@@ -117,7 +120,20 @@ class CudaRunner(Runner):
                 logits = logits.row_slice(0, len(plan.rows) * n)
         else:
             logits = forward_plan(self.backend, self.model, plan)
+            if self.lookahead and self.feed_eager and self._feedable(plan):
+                # sampled on the device without a wait, so the decode step after it can be queued
+                # behind it while the host is still to read these tokens (as behind a queued step)
+                launched = Launched(plan, pending=_Unsampled(logits), feeds=True)
+                self._sample_queued(launched)  # nothing is in flight for these rows: masks are current
+                return launched
         return Launched(plan, result=self._sample(plan, logits))
+
+    @staticmethod
+    def _feedable(plan: StepPlan) -> bool:
+        """An eager step whose samples can feed the step after it: every row samples one token on
+        the device (no logits to the host, bias, scoring, drafts or penalties) from its one logits row."""
+        return all(r.sample and not r.logits and r.bias is None and not r.scored and r.drafts is None
+                   and not r.sampling.penalised for r in plan.rows)
 
     def collect(self, launched: Launched) -> StepResult:
         if launched.result is None:
