@@ -65,23 +65,27 @@ class TokenMetrics:
 
     def _drain(self) -> None:
         with self._lock:
-            dq = self._pending
-            vals = np.fromiter((dq.popleft() for _ in range(len(dq))), dtype=np.float64)
-            if vals.size:
-                # bucket i holds v <= bounds[i] (Prometheus' "le"), the last one the rest
-                self._counts += np.bincount(np.searchsorted(self._bounds, vals, side="left"),
-                                            minlength=self._counts.size)
-                self._sum += float(vals.sum())
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        dq = self._pending
+        vals = np.fromiter((dq.popleft() for _ in range(len(dq))), dtype=np.float64)
+        if vals.size:
+            # bucket i holds v <= bounds[i] (Prometheus' "le"), the last one the rest
+            self._counts += np.bincount(np.searchsorted(self._bounds, vals, side="left"),
+                                        minlength=self._counts.size)
+            self._sum += float(vals.sum())
 
     def collect(self):
-        self._drain()
+        with self._lock:  # a snapshot: the writer's own drain may not run in between
+            self._drain_locked()
+            cum, total, n = np.cumsum(self._counts), self._sum, self.tokens
         tokens = CounterMetricFamily("orcd_generated_tokens", "Tokens generated")
-        tokens.add_metric([], float(self.tokens))
-        cum = np.cumsum(self._counts)
+        tokens.add_metric([], float(n))
         les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
         latency = HistogramMetricFamily("orcd_inter_token_latency_seconds",
                                         "Time between consecutive generated tokens of one request",
-                                        buckets=[(le, float(c)) for le, c in zip(les, cum)], sum_value=self._sum)
+                                        buckets=[(le, float(c)) for le, c in zip(les, cum)], sum_value=total)
         return [tokens, latency]
 
     def describe(self):

@@ -310,7 +310,7 @@ class Worker:
         if self.frontends is not None:
             self.frontends.start()
             if self._port_hold is not None and not self.frontends.wait_ready(FRONTENDS_READY_S):
-                # the port holds its connections in the backlog of none: they are refused until one is up
+                # nothing listens on the port until a front end does: connections are refused till then
                 log.warning("front ends not all up yet; the port answers once one is",
                             extra={"fields": {"up": self.frontends.target.streams, "of": self.frontends.count}})
         if self.config.metrics_port is not None:
