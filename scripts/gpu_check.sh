@@ -24,6 +24,7 @@
 #                   build (anchors README), same clients (SERVE_CLIENTS), restarted per level with as many
 #                   slots as clients, a KV stream each (no -kvu) and no prompt cache (see the loop); rows to $OUT/serve.jsonl,
 #                   orcd's with what the worker did meanwhile (its metrics); SERVE_ARGS: more serve_bench.py options;
+#                   SERVE_REQUESTS (default 12): requests per client and level (4 made 5 s levels at 64 clients);
 #                   SERVE_LEVEL_S (default 30): no request is sent after that many seconds of a level (a
 #                   slow server's row counts the rest as unsent instead of running out the call);
 #                   SERVE_AB="ORCD_GIL_SWITCH_US=300": orcd's levels again with those variables (rows "orcd+AB");
@@ -248,7 +249,7 @@ for m in ${SERVE:-}; do
     env $ab "${prof[@]}" python3 -m orcd_grpc serve --model "$data/$m.gguf" --backend "${SERVE_BACKEND:-cuda}" --port 50061 --max-sequences "$slots" \
       --max-context 2048 --metrics-port 50071 "${abargs[@]}" > "$OUT/serve-orcd-$m${ab:+-ab}.log" 2>&1 & sp=$!
     timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py grpc 127.0.0.1:50061 --vocab-from "$data/$m.gguf" \
-      --clients "$clients" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"orcd${ab:++AB}\", \"ab\": \"$label\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+      --clients "$clients" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" --requests-per-client "${SERVE_REQUESTS:-12}" --metrics http://127.0.0.1:50071/metrics ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"orcd${ab:++AB}\", \"ab\": \"$label\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
     if [ ${#prof[@]} -gt 0 ]; then  # py-spy writes its profile on SIGINT; the worker is its child
       kill -INT "$sp"; sleep 3; pkill -f "orcd_grpc serve --model $data/$m.gguf"
     fi
@@ -269,7 +270,7 @@ for m in ${SERVE:-}; do
       "$ls_bin" -m "$data/$m.gguf" -ngl "$ngl" -fa on -np "$c" -c $((c * 2048)) --cache-ram 0 ${SERVE_LLAMA_ARGS:-} \
         --host 127.0.0.1 --port 50062 >> "$OUT/serve-llama-$m.log" 2>&1 & sp=$!
       timeout ${SERVE_TIMEOUT:-420} python3 bench/serve_bench.py openai http://127.0.0.1:50062 --vocab-from "$data/$m.gguf" \
-        --clients "$c" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
+        --clients "$c" --procs 8 --level-seconds "${SERVE_LEVEL_S:-30}" --requests-per-client "${SERVE_REQUESTS:-12}" ${SERVE_ARGS:-} | sed -u "s/^/{\"server\": \"llama-server\", \"model\": \"$m\", \"row\": /; s/\$/}/" | tee -a "$OUT/serve.jsonl"
       kill "$sp"; wait "$sp" 2>/dev/null
     done
   else
