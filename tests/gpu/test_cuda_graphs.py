@@ -154,3 +154,41 @@ def test_lookahead_matches_step_by_step(tmp_path, qtype):
         finally:
             eng.close()
     assert runs["lookahead"] == runs["plain"]
+
+
+def test_an_eager_step_feeds_the_decode_step_after_it(tmp_path):
+    """ORCD_FEED_EAGER on the GPU: a step carrying a new prompt beside a running decode row runs
+    eagerly and samples without a wait; the decode step after it is queued behind it and fed its
+    tokens on the device ("decode_ahead" right after "prefill"). Every sequence gets the tokens of
+    step-by-step decoding without lookahead (seeded sampling: the token index is the counter)."""
+    from orcd_grpc.loader import load_engine
+    from orcd_grpc.overlap import Overlap
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    rng = np.random.default_rng()
+    prompts = [[1] + rng.integers(3, 320, int(k)).tolist() for k in rng.integers(3, 60, 3)]
+    runs = {}
+    for mode in ("feed", "plain"):
+        eng = load_engine(path, backend="cuda", max_sequences=4, max_context=512)
+        try:
+            eng.runner.lookahead = mode == "feed"
+            params = [SamplingParams(temperature=0.8, seed=i + 11) for i in range(3)]
+            a, b = (eng.new_sequence(p, s) for p, s in zip(prompts[:2], params[:2]))
+            ov = Overlap(eng)
+            for _ in range(5):  # bucket 2's graph is captured meanwhile
+                ov.step([a, b])
+            ov.drain()
+            eng.release(b)
+            c = eng.new_sequence(prompts[2], params[2])
+            kinds = []
+            for _ in range(5):
+                ov.step([a, c])
+                kinds.append(ov.last_kind)
+            ov.drain()
+            runs[mode] = ([list(a.output_ids), list(c.output_ids)], kinds)
+        finally:
+            eng.close()
+    (fa, fc), kinds = runs["feed"]
+    (pa, pc), _ = runs["plain"]
+    assert fa[: len(pa)] == pa and fc[: len(pc)] == pc  # drained steps ahead add tokens after the plain ones
+    assert "prefill" in kinds and kinds[kinds.index("prefill") + 1] == "decode_ahead", kinds
