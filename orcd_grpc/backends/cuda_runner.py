@@ -266,10 +266,9 @@ class CudaRunner(Runner):
     def _packed_rows(self, rows: list[PlanRow]) -> np.ndarray:
         """sample.cu's rows for the packed sampler: each sequence's packed once; per step only
         the Philox counter (word 6: the index of the token sampled) changes."""
-        prm = np.empty((len(rows), 16), np.uint32)
-        for i, r in enumerate(rows):
-            prm[i] = self._state(r.sampling).row
-        prm[:, 6] = [r.token_index for r in rows]
+        state = self._state
+        prm = np.array([(r.sampling.state or state(r.sampling)).row for r in rows], np.uint32).reshape(len(rows), 16)
+        prm[:, 6] = np.fromiter((r.token_index for r in rows), np.uint32, len(rows))
         return prm
 
     def _sample(self, plan: StepPlan, logits) -> StepResult:
