@@ -140,6 +140,12 @@ class ServerSide:
                  - self.first.get(f'orcd_engine_steps_total{{kind="{k}"}}', 0.0) for k in STEP_KINDS}
         if sum(kinds.values()):
             out["step_kinds"] = {k: round(v / sum(kinds.values()), 3) for k, v in kinds.items()}
+            # and how long each kind took: orcd_engine_kind_seconds_total{kind} (absent in older workers)
+            key = 'orcd_engine_kind_seconds_total{kind="%s"}'
+            ms = {k: round(1e3 * (self.last[key % k] - self.first.get(key % k, 0.0)) / kinds[k], 2)
+                  for k in STEP_KINDS if kinds[k] and key % k in self.last}
+            if ms:
+                out["step_ms_by_kind"] = ms
         # the worker's own clock, from the call's arrival in its handler: against the client's
         # time to first token, what the transport and the handler's dispatch add
         n = d["orcd_time_to_first_token_seconds_count"]

@@ -123,6 +123,9 @@ class Metrics:
                              "decode (launched once the step before it was delivered), decode_ahead (queued "
                              "behind the step in flight, so the host's work overlapped the device's)",
                              ["kind"], registry=r)
+        self.step_kind_seconds = Counter("orcd_engine_kind_seconds", "Seconds of engine steps by the kind of the step "
+                                         "delivered (orcd_engine_steps' kinds): over orcd_engine_steps_total{kind}, "
+                                         "the mean duration of each kind", ["kind"], registry=r)
         self.queue_depth = Gauge("orcd_queue_depth", "Requests waiting for admission", registry=r)
         self.running = Gauge("orcd_running_sequences", "Sequences in the running batch", registry=r)
         self.kv_used = Gauge("orcd_kv_blocks_used", "KV cache blocks in use", registry=r)

@@ -306,6 +306,7 @@ class Scheduler(ModelManagement):
             self.metrics.step_seconds.observe(dt)
             if ov.last_kind is not None:
                 self.metrics.steps.labels(ov.last_kind).inc()
+                self.metrics.step_kind_seconds.labels(ov.last_kind).inc(dt)
         for req in batch:
             if getattr(req.seq, "prompt_scores", None) and not req.done:  # a prefill chunk's, first
                 for ev in prompt_scoring.take_events(req.seq, engine.tokenizer):

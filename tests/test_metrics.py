@@ -79,6 +79,9 @@ def test_metrics_after_a_request(srv):
     assert m[("orcd_engine_steps_total", (("kind", "decode"),))] == 3
     assert ("orcd_engine_steps_total", (("kind", "decode_ahead"),)) not in m
     assert m[("orcd_engine_step_seconds_count", ())] == 4
+    by_kind = m[("orcd_engine_kind_seconds_total", (("kind", "prefill"),))] + \
+        m[("orcd_engine_kind_seconds_total", (("kind", "decode"),))]
+    assert by_kind == pytest.approx(m[("orcd_engine_step_seconds_sum", ())], rel=1e-9)  # every step, by kind
     assert m[("orcd_queue_depth", ())] == 0
     assert m[("orcd_running_sequences", ())] == 0
     assert m[("orcd_kv_blocks_used", ())] + m[("orcd_kv_blocks_free", ())] == worker.scheduler.engine.total_blocks()

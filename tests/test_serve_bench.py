@@ -77,7 +77,8 @@ def test_level_seconds_stops_sending_and_counts_the_rest(worker, capsys):
 
 def test_server_side_reports_the_share_of_each_step_kind():
     """The row's step_kinds: each kind's share of the engine steps counted during the level, from
-    the labelled orcd_engine_steps_total samples (absent when the worker has no such counter)."""
+    the labelled orcd_engine_steps_total samples (absent when the worker has no such counter); and
+    step_ms_by_kind, each kind's mean step from orcd_engine_kind_seconds_total{kind}."""
     side = serve_bench.ServerSide("http://127.0.0.1:1/metrics")
     key = 'orcd_engine_steps_total{kind="%s"}'
     side.first = {key % "prefill": 5.0, key % "decode": 1.0, "orcd_engine_step_seconds_count": 6.0}
@@ -86,6 +87,11 @@ def test_server_side_reports_the_share_of_each_step_kind():
     side.t0, side.t1, side.samples = 0.0, 1.0, []
     out = side.summary()
     assert out["step_kinds"] == {"prefill": 0.3, "decode": 0.1, "decode_ahead": 0.6}
+    assert "step_ms_by_kind" not in out  # a worker without orcd_engine_kind_seconds
+    secs = 'orcd_engine_kind_seconds_total{kind="%s"}'
+    side.first.update({secs % "prefill": 1.0, secs % "decode": 0.25})
+    side.last.update({secs % "prefill": 1.3, secs % "decode": 0.3, secs % "decode_ahead": 0.12})
+    assert side.summary()["step_ms_by_kind"] == {"prefill": 10.0, "decode": 5.0, "decode_ahead": 2.0}
     side.first = {"orcd_engine_step_seconds_count": 1.0}
     side.last = {"orcd_engine_step_seconds_count": 2.0}
     assert "step_kinds" not in side.summary()
