@@ -317,11 +317,13 @@ def test_relay_connection_statuses_cap_and_cancel():
     asyncio.run(scenario())
 
 
-def test_mutual_tls_identity_crosses_a_front_end(tmp_path):
+@pytest.mark.parametrize("shared", [False, True], ids=["own-port", "workers-port"])
+def test_mutual_tls_identity_crosses_a_front_end(tmp_path, shared):
     """A TLS worker's front end terminates mutual TLS with the worker's files; the client
     certificate's name reaches the worker as the caller's identity: a request started through the
-    front end is the same client's on the worker's own port (so it may cancel it there), and a
-    certificate from another CA is refused at the front end."""
+    front end is the same client's on the worker's own gRPC (so it may cancel it there), and a
+    certificate from another CA is refused at the front end. With the front end on the worker's
+    port, the worker's own gRPC is its loopback port, TLS too."""
     if __import__("shutil").which("openssl") is None:
         pytest.skip("openssl CLI not installed")
     from test_security import _make_ca, _make_leaf
@@ -335,12 +337,14 @@ def test_mutual_tls_identity_crosses_a_front_end(tmp_path):
     _make_leaf(d, "client", "ca", "client-a", "clientAuth")
     _make_leaf(d, "rogue", "rogue-ca", "client-a", "clientAuth")
     path = write_model(tmp_path / "tiny.gguf", seed=9)
-    fport = free_port()
+    fport = None if shared else free_port()
     cfg = ServerConfig(host="127.0.0.1", port=0, model_dirs=[str(tmp_path)], backend="cpu", model_path=str(path),
                        max_sequences=4, max_queue=8, grace_seconds=1, frontends=1, frontend_port=fport)
     cfg = security.apply_to_server_config(cfg, security.SecurityConfig(
         tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key"), tls_client_ca=str(d / "ca.pem")))
     w, port, _ = start_server(cfg)
+    if shared:
+        fport, port = port, w.direct_port
 
     def channel(p, who):
         creds = grpc.ssl_channel_credentials((d / "ca.pem").read_bytes(), (d / f"{who}.key").read_bytes(),
@@ -355,8 +359,10 @@ def test_mutual_tls_identity_crosses_a_front_end(tmp_path):
                                                                               timeout=5))
             req = pb.ExecuteRequest(tokens=pb.TokenIds(ids=[1, 5, 9]), request_id="tls-1",
                                     stopping=pb.StoppingCriteria(max_tokens=4000, ignore_eos=True))
+            relayed = w.frontends.target.calls
             call = front.Execute(req, timeout=60)
             assert next(call).WhichOneof("event") == "started"
+            assert w.frontends.target.calls == relayed + 1  # it came through the front end
             direct.Cancel(pb.CancelRequest(request_id="tls-1"), timeout=30)  # the same client: cn:client-a
             assert list(call)[-1].finished.reason == pb.FINISH_REASON_CANCELLED
         with channel(fport, "rogue") as rogue_ch:
