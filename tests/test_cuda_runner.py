@@ -634,3 +634,78 @@ def test_only_steps_sampled_wholly_on_the_device_feed_the_next():
     for bad in (row(sample=False), row(logits=1), row(bias={3: 1.0}), row(scored=2), row(drafts=[4, 5]),
                 row(params=pen)):
         assert not CudaRunner._feedable(SimpleNamespace(rows=ok + [bad])), bad
+
+
+def test_padded_mixed_steps_match_unpadded(tmp_path):
+    """ORCD_MIXED_GRAPHS: steps that carry prompt tokens, padded to a (rows, tokens) bucket (one
+    padding row in the spare block, further rows without tokens, max_q pinned to the bucket), must
+    give the real rows exactly the logits of the host runner's unpadded steps, while sequences join
+    a running batch and a long prompt is chunked over steps that sample nothing for it."""
+    import dataclasses
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    rng = np.random.default_rng()
+    prompts = [[1] + rng.integers(3, 320, int(n)).tolist() for n in (*rng.integers(2, 40, 4), 150)]
+    joins = {2: 2, 4: 3, 6: 4}  # step -> the prompt that joins before it
+    runs, padded = {}, FakeCuda()
+    padded.tuning = dataclasses.replace(Tuning(), mixed_graphs=True)
+    for name in ("padded", "plain"):
+        be = padded if name == "padded" else NumpyBackend()
+        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
+        try:
+            seqs = [eng.new_sequence(p, SamplingParams(temperature=0.0, seed=i + 1)) for i, p in enumerate(prompts)]
+            rec = {s.seq_id: [] for s in seqs}
+            if name == "plain":
+                for s in seqs:
+                    sample = s.sampler.sample
+                    s.sampler.sample = (lambda f, r: lambda x, *a: (r.append(np.array(x, copy=True)), f(x, *a))[1])(
+                        sample, rec[s.seq_id])
+            running, step = list(seqs[:2]), 0
+            while running or step <= max(joins):
+                if step in joins:
+                    running.append(seqs[joins[step]])
+                if running:
+                    eng.step(running, 64)  # a token budget that chunks the long prompt
+                for s in list(running):
+                    if len(s.output_ids) >= 6:
+                        running.remove(s)
+                        eng.release(s)
+                step += 1
+            if name == "padded":
+                by_seed = {s.sampling.seed: s.seq_id for s in seqs}
+                for prm, x, _ in be.packed:
+                    for i in range(len(prm)):
+                        rec[by_seed[int(prm[i, 4])]].append(x[i])
+            runs[name] = ([list(s.output_ids) for s in seqs], [np.stack(rec[s.seq_id]) for s in seqs])
+        finally:
+            eng.close()
+    assert runs["padded"][0] == runs["plain"][0]
+    for a, b in zip(runs["padded"][1], runs["plain"][1]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    mixed = {key for key, _ in padded.buckets_seen if key[0] == "mixed"}
+    assert mixed and all(key[2] in (16, 32, 64, 128) for key in mixed), padded.buckets_seen
+
+
+def test_mixed_step_metadata_pads_to_its_bucket():
+    """_padded_mixed_meta: the real rows' tokens, positions, slots and tables first; the padding row
+    holds the missing tokens at positions 0.. of the spare block; rows without tokens after it; one
+    logits row per row, the sampled rows' last tokens first; max_q pinned to the token bucket."""
+    model = SimpleNamespace(table_width=6, pad_block=99)
+    runner = CudaRunner.__new__(CudaRunner)
+    runner.model = model
+
+    def row(start, n, table, sample=True, tokens=None):
+        return SimpleNamespace(start=start, n=n, block_table=table, sample=sample,
+                               tokens=tokens if tokens is not None else list(range(100 + start, 100 + start + n)))
+
+    plan = SimpleNamespace(block_size=4, rows=[row(9, 1, [5, 6, 7]), row(0, 6, [3, 4], sample=False), row(6, 2, [1, 2])])
+    meta = runner._padded_mixed_meta(plan, 8, 16)
+    assert meta.max_q == 16 and meta.num_tokens == 16 and meta.num_seqs == 8
+    assert list(meta.q_starts) == [0, 1, 7, 9] + [16] * 5
+    assert list(meta.ctx_lens) == [10, 6, 8, 7, 0, 0, 0, 0]
+    assert list(meta.positions) == [9, 0, 1, 2, 3, 4, 5, 6, 7] + list(range(7))
+    assert list(meta.slot_mapping[:9]) == [7 * 4 + 1, 12, 13, 14, 15, 16, 17, 2 * 4 + 2, 2 * 4 + 3]
+    assert list(meta.slot_mapping[9:]) == [99 * 4 + p % 4 for p in range(7)]
+    assert list(meta.token_ids[:9]) == [109, 100, 101, 102, 103, 104, 105, 106, 107]
+    assert (meta.block_tables[3:] == 99).all() and list(meta.block_tables[0, :4]) == [5, 6, 7, -1]
+    assert list(meta.logits_rows) == [0, 8] + [15] * 6

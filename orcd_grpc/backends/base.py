@@ -62,6 +62,9 @@ class StepMeta:
     block_tables: np.ndarray   # int32 [B, max_blocks] (-1 padded)
     block_size: int
     logits_rows: np.ndarray    # int32 [R] rows of T whose logits are needed (last token of sampling sequences)
+    # The most tokens any sequence has in the step as the kernels are to assume (their grids): None,
+    # the step's own; a graph-replayed step of mixed rows pins it to its bucket's (cuda_runner)
+    max_q: int | None = None
 
     @property
     def num_tokens(self) -> int:

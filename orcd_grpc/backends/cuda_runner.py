@@ -2,7 +2,9 @@
 
 Below the plan boundary, everything the GPU path needs and nothing above it knows of:
 - Pure decode steps are padded to a batch-size bucket and replayed as CUDA graphs (padding rows
-  write their KV into the model's spare block and attend to that one slot).
+  write their KV into the model's spare block and attend to that one slot). With ORCD_MIXED_GRAPHS
+  (off until measured) steps carrying prompt tokens are too, padded to a (rows, tokens) bucket with
+  the kernels' max_q pinned to it; otherwise they launch every kernel from Python.
 - Sampling runs on the device from packed parameter rows (sample.cu's RowParams), packed once
   per sequence; per step only the counter word (the token's index, Philox's counter) changes.
   A sequence without a seed gets fresh entropy as its Philox key, so unseeded requests differ.
@@ -39,6 +41,9 @@ from .runner import (MAX_SCORE_TOP, Capabilities, Launched, PlanRow, PromptScore
 
 # Batch sizes that decode steps are padded to and captured at as CUDA graphs.
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Token counts that steps carrying prompt tokens are padded to (ORCD_MIXED_GRAPHS), with their rows
+# padded to a GRAPH_BUCKETS size.
+MIXED_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class _RowState:
@@ -82,6 +87,7 @@ class CudaRunner(Runner):
         # one would keep the host busy launching).
         self.lookahead = bool(self.buckets) and tuning.lookahead
         self.feed_eager = tuning.feed_eager  # ORCD_FEED_EAGER (with lookahead)
+        self.mixed_graphs = bool(self.buckets) and tuning.mixed_graphs  # ORCD_MIXED_GRAPHS
         self.verify_buckets = [b for b in self.buckets if b <= VERIFY_MAX_BATCH] if tuning.verify_graphs else []
         self._cols = np.arange(model.table_width)
         ws = int(backend.workspace_bytes)
@@ -119,7 +125,11 @@ class CudaRunner(Runner):
             if logits.shape[0] != len(plan.rows) * n:  # padding rows come last
                 logits = logits.row_slice(0, len(plan.rows) * n)
         else:
-            logits = forward_plan(self.backend, self.model, plan)
+            mixed = self._mixed_key(plan)
+            if mixed:
+                logits = self._mixed_step(plan, *mixed)
+            else:
+                logits = forward_plan(self.backend, self.model, plan)
             if self.lookahead and self.feed_eager and self._feedable(plan):
                 # sampled on the device without a wait, so the decode step after it can be queued
                 # behind it while the host is still to read these tokens (as behind a queued step)
@@ -166,6 +176,68 @@ class CudaRunner(Runner):
                                       or r.mask is not None for r in rows):
             return None
         return next(b for b in self.verify_buckets if b >= len(rows)), n
+
+    def _mixed_key(self, plan: StepPlan) -> tuple[int, int] | None:
+        """(row bucket, token bucket) of a step with prompt tokens that can replay a graph
+        (ORCD_MIXED_GRAPHS): no row wants logits beyond its sampled one (host logits, scoring,
+        drafts), and its tokens and rows, with a padding row for the tokens it lacks, fit buckets
+        the workspace holds."""
+        if not self.mixed_graphs:
+            return None
+        rows = plan.rows
+        if any(r.logits or r.scored or r.drafts is not None for r in rows):
+            return None
+        T = sum(r.n for r in rows)
+        tb = next((b for b in MIXED_TOKEN_BUCKETS if b >= T), 0)
+        if not tb or tb > self.capabilities.max_step_tokens or tb - T > self.model.table_width * plan.block_size:
+            return None
+        nb = next((b for b in self.buckets if b >= len(rows) + (tb > T)), 0)
+        return (nb, tb) if nb else None
+
+    def _mixed_step(self, plan: StepPlan, nb: int, tb: int):
+        """Replays (or captures) the graph of a mixed step's bucket; the sampled rows' logits."""
+        logits = self.backend.graph_step(("mixed", nb, tb), self._padded_mixed_meta(plan, nb, tb), self.model.forward)
+        n = sum(1 for r in plan.rows if r.sample)
+        return logits if logits.shape[0] == n else logits.row_slice(0, n)
+
+    def _padded_mixed_meta(self, plan: StepPlan, nb: int, tb: int) -> StepMeta:
+        """A step of prompt chunks and decode rows padded to tb tokens and nb rows, so every step of
+        the bucket has the shapes (and the kernels the grids: max_q = tb) its graph was captured with.
+        The tokens it lacks form one padding row at positions 0.. of the spare block, every entry of
+        its table that block (its slots wrap there; it attends only to what it writes this step);
+        further padding rows have no token. One logits row per row: the sampled rows' first."""
+        bs, m = plan.block_size, self.model
+        rows = plan.rows
+        B = len(rows)
+        ids = np.zeros(tb, np.int32)
+        pos = np.empty(tb, np.int32)
+        slots = np.empty(tb, np.int32)
+        starts = np.full(nb + 1, tb, np.int32)
+        ctx = np.zeros(nb, np.int32)
+        tables = np.full((nb, m.table_width), -1, np.int32)
+        want = []
+        at = 0
+        for b, r in enumerate(rows):
+            bt = np.asarray(r.block_table, np.int32)
+            tables[b, : len(bt)] = bt
+            p = np.arange(r.start, r.start + r.n, dtype=np.int32)
+            pos[at: at + r.n] = p
+            slots[at: at + r.n] = bt[p // bs] * bs + p % bs
+            if r.tokens is not None:
+                ids[at: at + r.n] = r.tokens
+            starts[b] = at
+            at += r.n
+            ctx[b] = r.start + r.n
+            if r.sample:
+                want.append(at - 1)
+        if B < nb:
+            p = np.arange(tb - at, dtype=np.int32)
+            pos[at:], slots[at:] = p, m.pad_block * bs + p % bs
+            starts[B], ctx[B] = at, tb - at
+            tables[B:] = m.pad_block
+        logits_rows = np.asarray(want + [tb - 1] * (nb - len(want)), np.int32)
+        return StepMeta(token_ids=ids, positions=pos, q_starts=starts, ctx_lens=ctx, slot_mapping=slots,
+                        block_tables=tables, block_size=bs, logits_rows=logits_rows, max_q=tb)
 
     def _queueable(self, plan: StepPlan, bucket: int) -> bool:
         """A pure decode step on a captured graph, sampled on the device without penalties (which

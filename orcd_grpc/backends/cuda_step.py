@@ -66,6 +66,10 @@ class StepMixin:
         st.meta, st.T, st.B, st.R = meta, T, B, int(rows.size)
         qs = np.asarray(meta.q_starts, np.int32)
         st.max_q = int(np.max(np.diff(qs))) if B else 0
+        if meta.max_q is not None:
+            if meta.max_q < st.max_q:
+                raise Internal(f"a step of up to {st.max_q} tokens a sequence cannot run as one of {meta.max_q}")
+            st.max_q = int(meta.max_q)
         st.max_blocks, st.block_size = int(tables.shape[1]), int(meta.block_size)
         self._meta_turn ^= 1
         host, base, off = self._meta_hosts[self._meta_turn], self._meta_buf.ptr, 0
