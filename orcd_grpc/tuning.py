@@ -47,8 +47,9 @@ class Tuning:
         "previous step's tokens (fed on the device); B=1 tg 732 against 677 tok/s without", level="engine")
     mixed_graphs: bool = _switch(
         False, "ORCD_MIXED_GRAPHS", "steps that carry prompt tokens (a serving load's prefill chunks beside "
-        "decode rows) are padded to a (rows, tokens) bucket and replay a CUDA graph per bucket, as decode steps "
-        "do, instead of launching every kernel from Python; not yet run on a GPU", level="engine")
+        "decode rows) of up to 512 tokens are padded to a (rows, tokens) bucket and replay a CUDA graph per "
+        "bucket, as decode steps do, instead of launching every kernel from Python; not yet run on a GPU",
+        level="engine")
     feed_eager: bool = _switch(
         True, "ORCD_FEED_EAGER", "an eagerly run step (one carrying prompt tokens) whose every row samples one "
         "token on the device samples asynchronously, so the decode step after it is queued behind it (fed on "

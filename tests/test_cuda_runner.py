@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from orcd_grpc.backends.cuda_runner import CudaRunner, _Unsampled
+from orcd_grpc.backends.cuda_runner import MIXED_TOKEN_BUCKETS, CudaRunner, _Unsampled
 from orcd_grpc.backends.numpy_backend import NumpyBackend
 from orcd_grpc.backends.runner import PlanRow, RunnerModel, StepPlan, pack_bitmask, unpack_bitmask
 from orcd_grpc.loader import load_engine
@@ -683,7 +683,7 @@ def test_padded_mixed_steps_match_unpadded(tmp_path):
     for a, b in zip(runs["padded"][1], runs["plain"][1]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     mixed = {key for key, _ in padded.buckets_seen if key[0] == "mixed"}
-    assert mixed and all(key[2] in (16, 32, 64, 128) for key in mixed), padded.buckets_seen
+    assert mixed and all(key[2] in MIXED_TOKEN_BUCKETS for key in mixed), padded.buckets_seen
 
 
 def test_mixed_step_metadata_pads_to_its_bucket():

@@ -42,8 +42,10 @@ from .runner import (MAX_SCORE_TOP, Capabilities, Launched, PlanRow, PromptScore
 # Batch sizes that decode steps are padded to and captured at as CUDA graphs.
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # Token counts that steps carrying prompt tokens are padded to (ORCD_MIXED_GRAPHS), with their rows
-# padded to a GRAPH_BUCKETS size.
-MIXED_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+# padded to a GRAPH_BUCKETS size. Padding tokens cost a real token's compute, so the buckets are
+# 1.5x apart, and steps of more tokens than the last (their kernels long beside their launches)
+# stay eager.
+MIXED_TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 class _RowState:
