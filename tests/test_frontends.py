@@ -155,9 +155,16 @@ def test_the_deadline_crosses(worker):
     (running,) = list(w.scheduler._running)
     assert 25 < running.deadline - time.monotonic() <= 31  # grpc rounds the timeout it encodes up
     call.cancel()
-    with pytest.raises(grpc.RpcError) as e:
-        list(front.Execute(LONG, metadata=_auth(TOKEN_A), timeout=0.5))
-    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    t0 = time.monotonic()
+    try:
+        events = list(front.Execute(LONG, metadata=_auth(TOKEN_A), timeout=0.5))
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    else:
+        # the worker's scheduler holds the same deadline (relayed as the seconds left): on a loaded
+        # host its cancel can reach the client before the client's own timer fires
+        assert events[-1].finished.reason == pb.FINISH_REASON_CANCELLED
+    assert time.monotonic() - t0 < 10  # ended at the deadline, not by running out its 4,000 tokens
 
 
 def test_a_full_queue_answers_with_its_retry_hint_through_a_front_end(worker):
