@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import relay_frames as rf
 from .proto import pb
+from .security import peer_common_name
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -77,14 +78,9 @@ class Relay:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is not reachable")
         cid, q = next(self._ids), asyncio.Queue()
         self._calls[cid] = q
-        cn = None
-        try:
-            names = (context.auth_context() or {}).get("x509_common_name")
-            cn = names[0].decode("utf-8", "replace") if names else None
-        except Exception:
-            pass
-        self._send(rf.frame(rf.OPEN, cid, rf.open_payload(method, context.invocation_metadata(), context.peer(), cn,
-                                                          context.time_remaining(), request)))
+        self._send(rf.frame(rf.OPEN, cid, rf.open_payload(method, context.invocation_metadata(), context.peer(),
+                                                          peer_common_name(context), context.time_remaining(),
+                                                          request)))
         ended = False
         try:
             while True:
