@@ -194,13 +194,15 @@ class Worker:
         # gRPC on a loopback port (direct_port), which operators and tests may still reach.
         self._port_hold = None
         self.direct_port: int | None = None
+        if config.frontends and config.credentials is not None and config.tls_files is None:
+            self._abandon()  # security.apply_to_server_config fills tls_files beside the credentials
+            raise ValueError("frontends on a TLS port need its certificate files (tls_files)")
         shared = bool(config.frontends) and config.frontend_port is None
         if shared:
             try:
                 self._port_hold = hold_port(config.host, config.port)
             except OSError as exc:
-                self.server.stop(0).wait()
-                self._pool.shutdown(wait=False)
+                self._abandon()
                 raise BindError(f"cannot listen on {address}: {exc.strerror or exc}") from None
         bind = "127.0.0.1:0" if shared else address
         try:
@@ -209,10 +211,7 @@ class Worker:
         except RuntimeError:  # grpc raises a bare RuntimeError when no address could be bound
             self.port = 0
         if self.port == 0:
-            self.server.stop(0).wait()
-            self._pool.shutdown(wait=False)
-            if self._port_hold is not None:
-                self._port_hold.close()
+            self._abandon()
             raise BindError(f"cannot listen on {address}: the port is in use or the address is not this machine's")
         if shared:
             self.direct_port, self.port = self.port, self._port_hold.getsockname()[1]
@@ -224,14 +223,12 @@ class Worker:
             if config.credentials is not None and config.http_tls is None:
                 # security.apply_to_server_config fills both; a TLS gRPC port beside a plaintext
                 # HTTP one would undo what the operator configured
-                self.server.stop(0).wait()
-                self._pool.shutdown(wait=False)
+                self._abandon()
                 raise ValueError("http_port with gRPC TLS credentials needs http_tls (cert, key, client CA)")
             try:
                 self.http = self._http_server(config, interceptors, workers)
             except (OSError, ValueError) as exc:
-                self.server.stop(0).wait()
-                self._pool.shutdown(wait=False)
+                self._abandon()
                 if isinstance(exc, ValueError):  # a certificate the HTTP port cannot load
                     raise
                 raise BindError(f"cannot listen for HTTP on {_host(config.host)}:{config.http_port}: "
@@ -242,17 +239,19 @@ class Worker:
         self._load_thread: threading.Thread | None = None
         self.load_error: BaseException | None = None
 
+    def _abandon(self) -> None:
+        """A worker that fails to start lets go of what it has taken: its server, pool and held port."""
+        self.server.stop(0).wait()
+        self._pool.shutdown(wait=False)
+        if self._port_hold is not None:
+            self._port_hold.close()
+
     def _frontends(self, config: ServerConfig):
         """The front-end processes' relay socket (started with the worker): every Worker and health
-        method, through this server's policies. A TLS port needs its files for them (tls_files, as
-        security.apply_to_server_config fills it)."""
+        method, through this server's policies (on a TLS port they load its files, tls_files)."""
         from .grpc_loop import on_pool
         from .relay import FrontEnds, RelayTarget
 
-        if config.credentials is not None and config.tls_files is None:
-            self.server.stop(0).wait()
-            self._pool.shutdown(wait=False)
-            raise ValueError("frontends on a TLS port need its certificate files (tls_files)")
         handlers = {f"/{SERVICE_NAME}/{n}": h for n, h in self._handlers.items()}
         hs = "/" + health_pb2.DESCRIPTOR.services_by_name["Health"].full_name + "/"
         io = dict(request_deserializer=health_pb2.HealthCheckRequest.FromString,

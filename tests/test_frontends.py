@@ -401,3 +401,15 @@ def test_a_front_end_that_dies_mid_stream_leaves_nothing_behind(worker):
     _until_idle(w)
     # the replacement (started after a second) takes the port
     assert len(_tokens(_until_answers(lambda: _execute(front, n=3), timeout=30))) == 3
+
+
+def test_front_ends_on_a_tls_port_without_its_files_are_refused_before_anything_is_held(tmp_path):
+    """Front ends load the port's certificate files themselves: TLS credentials without tls_files
+    are a configuration error, raised before the worker holds its port."""
+    port = free_port()
+    cfg = ServerConfig(host="127.0.0.1", port=port, model_dirs=[str(tmp_path)], backend="cpu", frontends=1,
+                       credentials=grpc.ssl_server_credentials([(b"key", b"cert")]))
+    with pytest.raises(ValueError, match="tls_files"):
+        start_server(cfg)
+    with socket.socket() as s:  # nothing kept the port
+        s.bind(("127.0.0.1", port))
