@@ -695,7 +695,7 @@ def test_mixed_step_metadata_pads_to_its_bucket():
     runner.model = model
 
     def row(start, n, table, sample=True, tokens=None):
-        return SimpleNamespace(start=start, n=n, block_table=table, sample=sample,
+        return SimpleNamespace(start=start, n=n, block_table=table, sample=sample, logits_count=int(sample),
                                tokens=tokens if tokens is not None else list(range(100 + start, 100 + start + n)))
 
     plan = SimpleNamespace(block_size=4, rows=[row(9, 1, [5, 6, 7]), row(0, 6, [3, 4], sample=False), row(6, 2, [1, 2])])

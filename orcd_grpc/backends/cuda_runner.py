@@ -37,7 +37,8 @@ from .cuda_sampling import pack_sampling_row
 from .host_runner import forward_plan, host_result
 from .base import StepMeta
 from .runner import (MAX_SCORE_TOP, Capabilities, Launched, PlanRow, PromptScores, RowSampling, Runner, RunnerModel,
-                     StepPlan, StepResult, fill_bitmasks, logits_layout, max_logits_rows, max_step_tokens, score_targets)
+                     StepPlan, StepResult, fill_bitmasks, logits_layout, max_logits_rows, max_step_tokens, score_targets,
+                     step_meta)
 
 # Batch sizes that decode steps are padded to and captured at as CUDA graphs.
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -203,43 +204,31 @@ class CudaRunner(Runner):
         return logits if logits.shape[0] == n else logits.row_slice(0, n)
 
     def _padded_mixed_meta(self, plan: StepPlan, nb: int, tb: int) -> StepMeta:
-        """A step of prompt chunks and decode rows padded to tb tokens and nb rows, so every step of
-        the bucket has the shapes (and the kernels the grids: max_q = tb) its graph was captured with.
-        The tokens it lacks form one padding row at positions 0.. of the spare block, every entry of
-        its table that block (its slots wrap there; it attends only to what it writes this step);
-        further padding rows have no token. One logits row per row: the sampled rows' first."""
+        """A step of prompt chunks and decode rows (step_meta's) padded to tb tokens and nb rows, so
+        every step of the bucket has the shapes (and the kernels the grids: max_q = tb) its graph was
+        captured with. The tokens it lacks form one padding row at positions 0.. of the spare block,
+        every entry of its table that block (its slots wrap there; it attends only to what it writes
+        this step); further padding rows have no token. One logits row per row: the sampled rows' first."""
         bs, m = plan.block_size, self.model
-        rows = plan.rows
-        B = len(rows)
+        meta = step_meta(plan)
+        T, B = meta.num_tokens, meta.num_seqs
+        p = np.arange(tb - T, dtype=np.int32)
         ids = np.zeros(tb, np.int32)
-        pos = np.empty(tb, np.int32)
-        slots = np.empty(tb, np.int32)
+        ids[:T] = meta.token_ids
         starts = np.full(nb + 1, tb, np.int32)
+        starts[: B + 1] = meta.q_starts
         ctx = np.zeros(nb, np.int32)
-        tables = np.full((nb, m.table_width), -1, np.int32)
-        want = []
-        at = 0
-        for b, r in enumerate(rows):
-            bt = np.asarray(r.block_table, np.int32)
-            tables[b, : len(bt)] = bt
-            p = np.arange(r.start, r.start + r.n, dtype=np.int32)
-            pos[at: at + r.n] = p
-            slots[at: at + r.n] = bt[p // bs] * bs + p % bs
-            if r.tokens is not None:
-                ids[at: at + r.n] = r.tokens
-            starts[b] = at
-            at += r.n
-            ctx[b] = r.start + r.n
-            if r.sample:
-                want.append(at - 1)
+        ctx[:B] = meta.ctx_lens
+        tables = np.full((nb, m.table_width), m.pad_block, np.int32)
+        tables[:B] = -1
+        tables[:B, : meta.block_tables.shape[1]] = meta.block_tables
         if B < nb:
-            p = np.arange(tb - at, dtype=np.int32)
-            pos[at:], slots[at:] = p, m.pad_block * bs + p % bs
-            starts[B], ctx[B] = at, tb - at
-            tables[B:] = m.pad_block
-        logits_rows = np.asarray(want + [tb - 1] * (nb - len(want)), np.int32)
-        return StepMeta(token_ids=ids, positions=pos, q_starts=starts, ctx_lens=ctx, slot_mapping=slots,
-                        block_tables=tables, block_size=bs, logits_rows=logits_rows, max_q=tb)
+            ctx[B] = tb - T
+        rows = np.full(nb, tb - 1, np.int32)
+        rows[: len(meta.logits_rows)] = meta.logits_rows
+        return StepMeta(token_ids=ids, positions=np.concatenate([meta.positions, p]), q_starts=starts, ctx_lens=ctx,
+                        slot_mapping=np.concatenate([meta.slot_mapping, m.pad_block * bs + p % bs]).astype(np.int32),
+                        block_tables=tables, block_size=bs, logits_rows=rows, max_q=tb)
 
     def _queueable(self, plan: StepPlan, bucket: int) -> bool:
         """A pure decode step on a captured graph, sampled on the device without penalties (which
