@@ -44,6 +44,8 @@ class TokenMetrics:
     scheduler's thread."""
 
     _PENDING_MAX = 1 << 16
+    _TOKENS = ("orcd_generated_tokens", "Tokens generated")
+    _LATENCY = ("orcd_inter_token_latency_seconds", "Time between consecutive generated tokens of one request")
 
     def __init__(self, buckets=_LATENCY_BUCKETS, registry: CollectorRegistry | None = None):
         self._bounds = np.asarray(buckets, dtype=np.float64)
@@ -80,18 +82,15 @@ class TokenMetrics:
         with self._lock:  # a snapshot: the writer's own drain may not run in between
             self._drain_locked()
             cum, total, n = np.cumsum(self._counts), self._sum, self.tokens
-        tokens = CounterMetricFamily("orcd_generated_tokens", "Tokens generated")
+        tokens = CounterMetricFamily(*self._TOKENS)
         tokens.add_metric([], float(n))
         les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
-        latency = HistogramMetricFamily("orcd_inter_token_latency_seconds",
-                                        "Time between consecutive generated tokens of one request",
-                                        buckets=[(le, float(c)) for le, c in zip(les, cum)], sum_value=total)
+        latency = HistogramMetricFamily(*self._LATENCY, buckets=[(le, float(c)) for le, c in zip(les, cum)],
+                                        sum_value=total)
         return [tokens, latency]
 
     def describe(self):
-        return [CounterMetricFamily("orcd_generated_tokens", "Tokens generated"),
-                HistogramMetricFamily("orcd_inter_token_latency_seconds",
-                                      "Time between consecutive generated tokens of one request")]
+        return [CounterMetricFamily(*self._TOKENS), HistogramMetricFamily(*self._LATENCY)]
 
 
 class Metrics:
