@@ -87,14 +87,12 @@ def test_sampling_rows_are_packed_once_and_counted(tmp_path):
         eng.close()
 
 
-def test_padded_decode_steps_match_unpadded(tmp_path):
-    """Decode steps padded to their graph bucket (pad rows write KV into the spare block and
-    attend to it alone) must give the real rows exactly the logits of the host runner's unpadded
-    steps, while sequences join and leave."""
-    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
-    rng = np.random.default_rng(3)
-    prompts = [[1] + rng.integers(3, 320, n).tolist() for n in (3, 21, 40)]
-    runs, padded = {}, FakeCuda()
+def _assert_padded_matches_plain(path, prompts, padded, drive):
+    """drive(engine, sequences) on `padded` (a FakeCuda, steps padded by CudaRunner) and on the host
+    runner (NumPy, unpadded), every sequence greedy with a seed of its own: the same tokens, and the
+    logits each token was sampled from equal to 1e-5 (the padded side's from its packed sampling
+    rows, told apart by seed; the plain side's from its samplers)."""
+    runs = {}
     for name in ("padded", "plain"):
         be = padded if name == "padded" else NumpyBackend()
         eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
@@ -106,13 +104,7 @@ def test_padded_decode_steps_match_unpadded(tmp_path):
                     sample = s.sampler.sample
                     s.sampler.sample = (lambda f, r: lambda x, *a: (r.append(np.array(x, copy=True)), f(x, *a))[1])(
                         sample, rec[s.seq_id])
-            running = list(seqs)
-            while running:
-                eng.step(running)
-                for s in list(running):
-                    if len(s.output_ids) >= (4 if s is seqs[1] else 9):
-                        running.remove(s)
-                        eng.release(s)
+            drive(eng, seqs)
             if name == "padded":
                 by_seed = {s.sampling.seed: s.seq_id for s in seqs}
                 for prm, x, _ in be.packed:
@@ -124,6 +116,26 @@ def test_padded_decode_steps_match_unpadded(tmp_path):
     assert runs["padded"][0] == runs["plain"][0]
     for a, b in zip(runs["padded"][1], runs["plain"][1]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_padded_decode_steps_match_unpadded(tmp_path):
+    """Decode steps padded to their graph bucket (pad rows write KV into the spare block and
+    attend to it alone) must give the real rows exactly the logits of the host runner's unpadded
+    steps, while sequences join and leave."""
+    rng = np.random.default_rng(3)
+    prompts = [[1] + rng.integers(3, 320, n).tolist() for n in (3, 21, 40)]
+
+    def drive(eng, seqs):
+        running = list(seqs)
+        while running:
+            eng.step(running)
+            for s in list(running):
+                if len(s.output_ids) >= (4 if s is seqs[1] else 9):
+                    running.remove(s)
+                    eng.release(s)
+
+    padded = FakeCuda()
+    _assert_padded_matches_plain(write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0"), prompts, padded, drive)
     assert {b for (_, b) in padded.buckets_seen} >= {4, 2}  # 3 sequences padded to 4; then 2
 
 
@@ -643,45 +655,26 @@ def test_padded_mixed_steps_match_unpadded(tmp_path):
     a running batch and a long prompt is chunked over steps that sample nothing for it."""
     import dataclasses
 
-    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
     rng = np.random.default_rng()
     prompts = [[1] + rng.integers(3, 320, int(n)).tolist() for n in (*rng.integers(2, 40, 4), 150)]
     joins = {2: 2, 4: 3, 6: 4}  # step -> the prompt that joins before it
-    runs, padded = {}, FakeCuda()
+
+    def drive(eng, seqs):
+        running, step = list(seqs[:2]), 0
+        while running or step <= max(joins):
+            if step in joins:
+                running.append(seqs[joins[step]])
+            if running:
+                eng.step(running, 64)  # a token budget that chunks the long prompt
+            for s in list(running):
+                if len(s.output_ids) >= 6:
+                    running.remove(s)
+                    eng.release(s)
+            step += 1
+
+    padded = FakeCuda()
     padded.tuning = dataclasses.replace(Tuning(), mixed_graphs=True)
-    for name in ("padded", "plain"):
-        be = padded if name == "padded" else NumpyBackend()
-        eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
-        try:
-            seqs = [eng.new_sequence(p, SamplingParams(temperature=0.0, seed=i + 1)) for i, p in enumerate(prompts)]
-            rec = {s.seq_id: [] for s in seqs}
-            if name == "plain":
-                for s in seqs:
-                    sample = s.sampler.sample
-                    s.sampler.sample = (lambda f, r: lambda x, *a: (r.append(np.array(x, copy=True)), f(x, *a))[1])(
-                        sample, rec[s.seq_id])
-            running, step = list(seqs[:2]), 0
-            while running or step <= max(joins):
-                if step in joins:
-                    running.append(seqs[joins[step]])
-                if running:
-                    eng.step(running, 64)  # a token budget that chunks the long prompt
-                for s in list(running):
-                    if len(s.output_ids) >= 6:
-                        running.remove(s)
-                        eng.release(s)
-                step += 1
-            if name == "padded":
-                by_seed = {s.sampling.seed: s.seq_id for s in seqs}
-                for prm, x, _ in be.packed:
-                    for i in range(len(prm)):
-                        rec[by_seed[int(prm[i, 4])]].append(x[i])
-            runs[name] = ([list(s.output_ids) for s in seqs], [np.stack(rec[s.seq_id]) for s in seqs])
-        finally:
-            eng.close()
-    assert runs["padded"][0] == runs["plain"][0]
-    for a, b in zip(runs["padded"][1], runs["plain"][1]):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    _assert_padded_matches_plain(write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0"), prompts, padded, drive)
     mixed = {key for key, _ in padded.buckets_seen if key[0] == "mixed"}
     assert mixed and all(key[2] in MIXED_TOKEN_BUCKETS for key in mixed), padded.buckets_seen
 
