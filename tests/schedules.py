@@ -15,6 +15,26 @@ TINY_SPECS = [("lark_grammar", "start: (<[5]> | <[6]> <[7]>){8,30}", r"(5|6 7)( 
               (None, None, None)]
 
 
+def join_beside_decoding(eng, prompts, params, steps):
+    """Sequences a and b decode `steps` steps through the overlap loop (their bucket's graph is
+    captured meanwhile) and what is in flight is delivered; b leaves (released) and c joins with
+    its prompt, so the next step carries prompt tokens beside a's decode row; a and c run `steps`
+    more steps. Returns ([a's tokens, c's tokens], the kinds of the steps after the join)."""
+    a, b = (eng.new_sequence(p, s) for p, s in zip(prompts[:2], params[:2]))
+    ov = Overlap(eng)
+    for _ in range(steps):
+        ov.step([a, b])
+    ov.drain()
+    eng.release(b)
+    c = eng.new_sequence(prompts[2], params[2])
+    kinds = []
+    for _ in range(steps):
+        ov.step([a, c])
+        kinds.append(ov.last_kind)
+    ov.drain()
+    return [list(a.output_ids), list(c.output_ids)], kinds
+
+
 def changing_batch(eng, prompts, top_logprobs=0):
     """A batch that changes while it decodes, driven through the overlap loop: a finishes
     (released) at 4 tokens; d joins once b has 6; c leaves without being released at 10 tokens

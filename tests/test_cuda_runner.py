@@ -17,7 +17,7 @@ from orcd_grpc.tuning import Tuning
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests/: the tiny-model writer, the schedules
 from gpu.test_cuda_models import write_tiny_llama  # noqa: E402
-from schedules import changing_batch  # noqa: E402
+from schedules import changing_batch, join_beside_decoding  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -603,19 +603,7 @@ def test_an_eager_step_feeds_the_decode_step_after_it(tmp_path):
             eng.runner.lookahead = mode != "plain"
             eng.runner.feed_eager = mode != "no-feed"
             params = [SamplingParams(temperature=0.7, seed=i + 5) for i in range(3)]
-            a, b = (eng.new_sequence(p, s) for p, s in zip(prompts[:2], params[:2]))
-            ov = Overlap(eng)
-            for _ in range(4):  # bucket 2's graph is ready after this
-                ov.step([a, b])
-            ov.drain()
-            eng.release(b)
-            c = eng.new_sequence(prompts[2], params[2])
-            kinds = []
-            for _ in range(4):
-                ov.step([a, c])
-                kinds.append(ov.last_kind)
-            ov.drain()
-            runs[mode] = ([list(a.output_ids), list(c.output_ids)], kinds)
+            runs[mode] = join_beside_decoding(eng, prompts, params, 4)
             assert not be.pending, "a queued sampling was never read"
         finally:
             eng.close()

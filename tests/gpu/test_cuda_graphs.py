@@ -161,8 +161,13 @@ def test_an_eager_step_feeds_the_decode_step_after_it(tmp_path):
     eagerly and samples without a wait; the decode step after it is queued behind it and fed its
     tokens on the device ("decode_ahead" right after "prefill"). Every sequence gets the tokens of
     step-by-step decoding without lookahead (seeded sampling: the token index is the counter)."""
+    import sys
+    from pathlib import Path
+
     from orcd_grpc.loader import load_engine
-    from orcd_grpc.overlap import Overlap
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from schedules import join_beside_decoding
 
     path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
     rng = np.random.default_rng()
@@ -173,19 +178,7 @@ def test_an_eager_step_feeds_the_decode_step_after_it(tmp_path):
         try:
             eng.runner.lookahead = mode == "feed"
             params = [SamplingParams(temperature=0.8, seed=i + 11) for i in range(3)]
-            a, b = (eng.new_sequence(p, s) for p, s in zip(prompts[:2], params[:2]))
-            ov = Overlap(eng)
-            for _ in range(5):  # bucket 2's graph is captured meanwhile
-                ov.step([a, b])
-            ov.drain()
-            eng.release(b)
-            c = eng.new_sequence(prompts[2], params[2])
-            kinds = []
-            for _ in range(5):
-                ov.step([a, c])
-                kinds.append(ov.last_kind)
-            ov.drain()
-            runs[mode] = ([list(a.output_ids), list(c.output_ids)], kinds)
+            runs[mode] = join_beside_decoding(eng, prompts, params, 5)
         finally:
             eng.close()
     (fa, fc), kinds = runs["feed"]
