@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Host time the engine spends per decode step before any kernel runs: planning the batch and
-building its (bucket-padded) metadata, at 1, 16 and 64 sequences. CPU only: a tiny random llama
-on the NumPy backend, whose own compute is not timed. Prints one JSON object of µs per step.
+building its (bucket-padded) metadata, and packing its sampling rows, at 1, 16, 64 and 256
+sequences. CPU only: a tiny random llama on the NumPy backend, whose own compute is not timed.
+Prints one JSON object of µs per step.
 
     python3 bench/host_overhead.py [--reps 300]
 """
@@ -34,10 +35,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_llama(os.path.join(tmp, "tiny.gguf"), "Q8_0", n_layers=1)
-        eng = load_engine(path, backend="cpu", max_sequences=64, max_context=512)
+        eng = load_engine(path, backend="cpu", max_sequences=256, max_context=512)
         rng = np.random.default_rng(0)
         seqs = [eng.new_sequence([1] + rng.integers(3, 300, args.context).tolist(), SamplingParams(temperature=0))
-                for _ in range(64)]
+                for _ in range(256)]
         while any(s.prefill_remaining for s in seqs):
             eng.step(seqs, 8192)
         # plan as on the GPU: the CUDA runner's padded metadata (its buckets), over this engine's model
@@ -46,7 +47,7 @@ def main(argv=None):
         eng.backend.tuning = Tuning()
         cuda = CudaRunner(eng.backend, eng.runner.model)
         out = {}
-        for b in (1, 16, 64):
+        for b in (1, 16, 64, 256):
             sub = seqs[:b]
             t = time.perf_counter()
             for _ in range(args.reps):
