@@ -6,11 +6,11 @@ scheduler tests' FakeEngine (tests/test_scheduler.py), which gives every sequenc
 step. Compare the client's time to first token with the worker's own (server_ttft_mean_ms), and
 output tok/s with what the steps could give (sequences running x steps per second). The last
 line is the worker process's own CPU per 1,000 output tokens (its gRPC loop and engine thread);
---frontends N runs N front-end processes (`orcd serve --frontends`), --frontends-only sends every
-call through them.
+--frontends N runs N front-end processes on the worker's port (`orcd serve --frontends`), which
+then carry every call.
 
     python3 bench/host_ceiling.py [--step-ms 5] [--clients 16,64] [--procs 2] [--requests-per-client 3]
-        [--frontends N [--frontends-only]]
+        [--frontends N]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def serve(step_s: float, port: int, metrics_port: int, tmp: str, frontends: int = 0, frontend_port: int = 0) -> None:
+def serve(step_s: float, port: int, metrics_port: int, tmp: str, frontends: int = 0) -> None:
     """Runs in the child: the worker over the scripted engine, until killed."""
     sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
     from orcd_grpc.server import apply_switch_interval
@@ -42,8 +42,7 @@ def serve(step_s: float, port: int, metrics_port: int, tmp: str, frontends: int 
     path = os.path.join(tmp, "scripted.gguf")
     open(path, "wb").write(b"GGUF")  # never read: the loader above ignores it
     start_server(ServerConfig(host="127.0.0.1", port=port, model_dirs=[tmp], model_path=path, backend="cpu",
-                              max_sequences=256, max_queue=512, metrics_port=metrics_port, frontends=frontends,
-                              frontend_port=frontend_port or None))
+                              max_sequences=256, max_queue=512, metrics_port=metrics_port, frontends=frontends))
     while True:
         time.sleep(3600)
 
@@ -57,21 +56,18 @@ def main() -> int:
     ap.add_argument("--coalesce", action="store_true", help="the clients ask for coalesce_tokens")
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--frontends", type=int, default=0, help="front-end processes on the worker's port (--frontends)")
-    ap.add_argument("--frontends-only", action="store_true",
-                    help="the front ends on a port of their own (PORT + 2), and the clients there: every call relayed")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
         with tempfile.TemporaryDirectory() as tmp:
-            serve(a.step_ms / 1e3, a.port, a.port + 1, tmp, a.frontends, a.port + 2 if a.frontends_only else 0)
+            serve(a.step_ms / 1e3, a.port, a.port + 1, tmp, a.frontends)
         return 0
     child = subprocess.Popen([sys.executable, __file__, "--serve", "--step-ms", str(a.step_ms), "--port", str(a.port),
-                              "--frontends", str(a.frontends)] + ["--frontends-only"] * a.frontends_only)
+                              "--frontends", str(a.frontends)])
     try:
-        where = a.port + 2 if a.frontends_only else a.port  # the front ends' own port, or the worker's
         cpu0 = _cpu_s(child.pid)
         bench = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "serve_bench.py"), "grpc",
-                                  f"127.0.0.1:{where}", "--vocab", "250",
+                                  f"127.0.0.1:{a.port}", "--vocab", "250",
                                   "--clients", a.clients, "--procs", str(a.procs),
                                   "--metrics", f"http://127.0.0.1:{a.port + 1}/metrics",
                                   "--prompt-mean", "64", "--output-mean", "64", "--max-prompt", "200",

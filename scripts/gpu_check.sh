@@ -212,7 +212,7 @@ if [ -n "${HOST_BENCH:-}" ]; then
   timeout 200 python3 bench/host_ceiling.py --step-ms 5 --clients 64,256 --procs 8 2>&1 | tail -6 | tee -a "$OUT/host.txt"
   # the same through front-end processes with cores of their own (HOST_FRONTENDS, default 4)
   timeout 200 python3 bench/host_ceiling.py --step-ms 5 --clients 64,256 --procs 8 --frontends "${HOST_FRONTENDS:-4}" \
-    --frontends-only --port 50371 2>&1 | tail -6 | sed -u "s/^/frontends=${HOST_FRONTENDS:-4} /" | tee -a "$OUT/host.txt"
+    --port 50371 2>&1 | tail -6 | sed -u "s/^/frontends=${HOST_FRONTENDS:-4} /" | tee -a "$OUT/host.txt"
   timeout 150 python3 bench/stream_rate.py --procs 8 2>&1 | tail -6 | tee -a "$OUT/host.txt"
 fi
 for mb in ${KVQ8:-}; do
