@@ -170,12 +170,23 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                     da[t] = __ldg(xd + row * (k / 32) + ((e0 + oa) >> 5));
                     db[t] = __ldg(xd + row * (k / 32) + ((e0 + ob) >> 5));
                     sa[t] = sb[t] = 0;
+                    if constexpr (G == 4) {
+                        // the K-quants' aligned groups: part p0 + j's runs start 4j bytes after part
+                        // p0's (offs), so each run of the group is 16 contiguous, 16-aligned bytes of
+                        // x (e0 and k are multiples of 256): one vector load each instead of four
+                        const int4 va = __ldg(reinterpret_cast<const int4*>(xq + oa));
+                        const int4 vb = __ldg(reinterpret_cast<const int4*>(xq + ob));
+                        xa[0][t] = va.x; xa[1][t] = va.y; xa[2][t] = va.z; xa[3][t] = va.w;
+                        xb[0][t] = vb.x; xb[1][t] = vb.y; xb[2][t] = vb.z; xb[3][t] = vb.w;
+                    }
 #pragma unroll
                     for (int j = 0; j < G; j++) {
-                        int o0, o1;
-                        F::offs(p0 + j, o0, o1);
-                        xa[j][t] = __ldg(reinterpret_cast<const int*>(xq + o0));
-                        xb[j][t] = __ldg(reinterpret_cast<const int*>(xq + o1));
+                        if constexpr (G != 4) {
+                            int o0, o1;
+                            F::offs(p0 + j, o0, o1);
+                            xa[j][t] = __ldg(reinterpret_cast<const int*>(xq + o0));
+                            xb[j][t] = __ldg(reinterpret_cast<const int*>(xq + o1));
+                        }
                         if constexpr (F::MIN || F::QB) {
                             sa[t] = __dp4a(xa[j][t], 0x01010101, sa[t]);
                             sb[t] = __dp4a(xb[j][t], 0x01010101, sb[t]);
