@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Times the quantized matrix kernels (cuda/quant_matmul.cu) at real model shapes.
 
-usage: [ORCD_GEMV_KSPLIT=0|1 ...] python3 bench/bench_kernels.py [--quick] [--only SUBSTR]
+usage: [ORCD_GEMV_KSPLIT=0|1 ...] python3 bench/bench_kernels.py [--quick] [--only SUBSTR] [--ts 1,8]
 
 The launch-time switches of orcd_grpc/tuning.py (ORCD_GEMV_KSPLIT, ORCD_GEMM_MIN_KSTEPS, ...) are read
 from the environment once, as the backend does, and split-K is sized for this device's SMs.
 
-For each weight shape and T in (1, 8, 64, 512): median of many CUDA-event-timed launches. MoE: both the
+For each weight shape and T in (1, 8, 64, 512) (--ts): median of many CUDA-event-timed launches. MoE: both the
 per-slot GEMV and the grouped GEMM path at every T ("*" marks the one moe_matmul picks by default). Weights
 are random blocks with sane scales; small matrices are replicated over enough copies (rotated every
 launch) that the working set exceeds L2, so the numbers are DRAM numbers, not cache numbers.
@@ -101,7 +101,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="")
+    ap.add_argument("--ts", default=",".join(map(str, TS)), help="token counts, comma-separated")
     args = ap.parse_args()
+    ts = [int(t) for t in args.ts.split(",")]
 
     import pycuda.autoprimaryctx  # noqa: F401
     import pycuda.driver as drv
@@ -140,20 +142,27 @@ def main():
         raw, _ = random_weight(rng, qt, n, k)
         w0 = cq.QuantWeight(raw, qt, n, k)
         copies = [w0] + [cq.QuantWeight(raw, qt, n, k) for _ in range(min(63, (2 * l2_bytes) // w0.nbytes))]
-        for T in TS:
+        for T in ts:
             x = ga.to_gpu(rng.standard_normal((T, k), dtype=np.float32))
             y = ga.empty((T, n), np.float32)
+            # as the model runs it: the int8-input GEMV where it is the default (its quantize_x8 launch
+            # counted in each matmul; the model shares one among the matmuls of one input)
+            x8 = None
+            if cq.i8_eligible(w0, T, tuning):
+                xq, xs = ga.empty(T * k, np.int8), ga.empty(T * k // 32, np.float32)
+                x8 = (xq.gpudata, xs.gpudata)
 
             def run():
                 for w in copies:
-                    cq.matmul(x.gpudata, w, y.gpudata, T, stream, tuning=tuning, sms=sms)
+                    cq.matmul(x.gpudata, w, y.gpudata, T, stream, x8=x8, tuning=tuning, sms=sms)
                 return len(copies)
             run(); stream.synchronize()
             ms = median_ms(run, reps, drv, stream)
             gbs = w0.nbytes / ms / 1e6
             tf = 2 * T * n * k / ms / 1e9
             rows.append((model, name, qt.name, n, k, T, ms * 1e3, gbs, tf))
-            print(f"{model:15s} {name:13s} {qt.name:6s} {n:7d}x{k:<5d} T={T:<4d} {ms*1e3:9.1f} us {gbs:7.0f} GB/s {tf:7.2f} TFLOP/s", flush=True)
+            print(f"{model:15s} {name:13s} {qt.name:6s} {n:7d}x{k:<5d} T={T:<4d} {ms*1e3:9.1f} us {gbs:7.0f} GB/s {tf:7.2f} TFLOP/s"
+                  f"{' int8 x' if x8 else ''}", flush=True)
         for w in copies:
             w.free()
 
@@ -162,7 +171,7 @@ def main():
             continue
         raw, _ = random_weight(rng, qt, n, k, lead=(E,))
         w = cq.QuantWeight(raw, qt, n, k, n_experts=E)
-        for T in TS:
+        for T in ts:
             ids = ga.to_gpu(np.stack([rng.choice(E, top_k, replace=False) for _ in range(T)]).astype(np.int32))
             x = ga.to_gpu(rng.standard_normal((T, k), dtype=np.float32))
             y = ga.empty((T, top_k, n), np.float32)

@@ -161,6 +161,19 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
     done
   done
 fi
+# KERNEL_AB="default ORCD_GEMV_STAGES=4 ...": bench/bench_kernels.py ${KERNEL_ARGS:---quick --ts 1,8} under
+# each setting, alternating; KERNEL_BASE=DIR (an export of another commit, carried) also runs that
+# tree's copy first in each round; KERNEL_ROUNDS rounds (default 1). Rows to $OUT/kernels.txt
+if [ -n "${KERNEL_AB:-}" ]; then
+  for round in $(seq "${KERNEL_ROUNDS:-1}"); do
+    for ab in ${KERNEL_BASE:+base} ${KERNEL_AB}; do
+      envs=$([ "$ab" = default ] || [ "$ab" = base ] || echo "${ab//,/ }"); tree=.; [ "$ab" = base ] && tree=$KERNEL_BASE
+      echo "== $(date +%T) kernels $ab (round $round)" | tee -a "$OUT/kernels.txt"
+      (cd "$tree" && env $envs timeout 150 python3 bench/bench_kernels.py ${KERNEL_ARGS:---quick --ts 1,8} 2>&1) \
+        | grep -E "T=|ceiling" | sed "s/^/$ab /" | tee -a "$OUT/kernels.txt"
+    done
+  done
+fi
 if [ -n "${BLAS_BENCH:-}" ]; then  # the fused GEMM against the cuBLAS path per token count (ORCD_GEMM_BLAS_MIN)
   echo "== $(date +%T) GEMM against cuBLAS"
   timeout 240 python3 bench/bench_blas.py --reps 10 ${BLAS_BENCH_ARGS:-} 2>&1 | tee -a "$OUT/blas.txt" | tail -40
