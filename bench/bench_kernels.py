@@ -183,16 +183,21 @@ def main():
                 if path == "grouped" and not cq.moe_grouped_possible(T, top_k, E):
                     continue
 
+                x8 = None  # the per-slot GEMV on the int8 input, as the model runs it (moe_i8_eligible)
+                if cq.moe_i8_eligible(w, path == "grouped", tuning):
+                    xq, xs = ga.empty(T * k, np.int8), ga.empty(T * k // 32, np.float32)
+                    x8 = (xq.gpudata, xs.gpudata)
+
                 def run():
                     cq.moe_matmul(x.gpudata, w, ids.gpudata, y.gpudata, T, top_k, stream,
-                                  workspace_ptr=ws.gpudata, grouped=path == "grouped", tuning=tuning, sms=sms)
+                                  workspace_ptr=ws.gpudata, grouped=path == "grouped", x8=x8, tuning=tuning, sms=sms)
                     return 1
                 run(); stream.synchronize()
                 ms = median_ms(run, reps, drv, stream)
                 touched = len(np.unique(ids.get())) * w.expert_bytes  # fewest bytes: each used expert once
                 gbs = touched / ms / 1e6
                 tf = 2 * T * top_k * n * k / ms / 1e9
-                tag = f"{path}{'*' if path == auto else ''}"
+                tag = f"{path}{'*' if path == auto else ''}{'-i8' if x8 else ''}"
                 rows.append((model, f"{name}(E{E},top{top_k}) {tag}", qt.name, n, k, T, ms * 1e3, gbs, tf))
                 print(f"{model:15s} {name:13s} {tag:9s} {qt.name:6s} {n:7d}x{k:<5d} T={T:<4d} {ms*1e3:9.1f} us "
                       f"{gbs:7.0f} GB/s(used experts) {tf:7.2f} TFLOP/s", flush=True)
