@@ -3,8 +3,8 @@
 //   gemv_<fmt>_<nt>  y[t] = W x[t] for nt <= 8 tokens (decode) and the per-slot MoE GEMV.
 //                    One warp owns R rows. It streams each row's bytes chunk by chunk into shared
 //                    memory with 16-byte cp.async copies (aligned down, so the raw bytes of any
-//                    format arrive as full-width coalesced loads), in a ring of GEMV_STAGES buffers so
-//                    the next chunks are in flight while this one is decoded. Each lane decodes 8-weight parts
+//                    format arrive as full-width coalesced loads), double-buffered so the next
+//                    chunk is in flight while this one is decoded. Each lane decodes 8-weight parts
 //                    and reuses the x values it loaded for all R rows and the weights for all nt
 //                    tokens; f32 math, warp-shuffle reduction at the end.
 //   gemm_<fmt>_<bm>  tiled GEMM for larger T: 128 weight rows x BM tokens per block, k-tiles of 64;
@@ -29,13 +29,6 @@ namespace {
 
 constexpr int GEMV_WARPS = 4;  // warps per block: independent rows (KS = 1) or one row group (KS = 4)
 constexpr int GEMV_R = 2;      // rows per warp: each x load is reused R times
-// Row chunks each warp keeps in flight (cp.async groups): a warp has STAGES - 1 chunks loading
-// while it decodes one. tuning.gemv_stages (compile time, cuda_runtime.module_options).
-#ifndef ORCD_GEMV_STAGES
-#define ORCD_GEMV_STAGES 2
-#endif
-constexpr int GEMV_STAGES = ORCD_GEMV_STAGES;
-static_assert(GEMV_STAGES >= 2 && GEMV_STAGES <= 8, "2..8 chunk buffers per warp");
 
 template <class F>
 struct GemvSmem {
@@ -64,7 +57,7 @@ __device__ __forceinline__ int stage_chunk(uint8_t* dst, const uint8_t* src, int
 // the H100's bandwidth (phi3-mini Q4_K 3072x9216: 17.3 us, ~950 GB/s, CUPTI trace).
 constexpr int ACT_I8 = 4;
 
-// Under programmatic dependent launch (cuda_graph.py) a dense GEMV issues its first weight chunks'
+// Under programmatic dependent launch (cuda_graph.py) a dense GEMV issues its first weight chunk's
 // copies before pdl_enter: the weight bytes are on their way while the kernel before it still runs,
 // and only x, the scales and y wait for it. The MoE GEMV waits first (its expert comes from the
 // router's output). The GEMV entry points leave pdl_enter to gemv_impl.
@@ -80,8 +73,7 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
     // scales costs as much as the weights. Others: 1, so a warp's x loads stay contiguous (4 parts per
     // lane put lanes 128 B apart and made every x load touch 32 cache lines: 2x slower, v2 run).
     constexpr int G = F::QK == 256 ? 4 : 1;
-    constexpr int S = GEMV_STAGES;
-    __shared__ __align__(16) uint8_t sm[GEMV_WARPS][S][R][SROW];
+    __shared__ __align__(16) uint8_t sm[GEMV_WARPS][2][R][SROW];
     static_assert(KS == 1 || KS == GEMV_WARPS, "k is split over all of a block's warps or none");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row0 = KS == 1 ? (blockIdx.x * GEMV_WARPS + warp) * R : blockIdx.x * R;
@@ -120,25 +112,20 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
         for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
 
     const int nch = (nblk + F::CHB - 1) / F::CHB;
-    // buffer of chunk c: its ordinal among this warp's chunks, mod S
-    auto buf = [&](int c) { return ((c - kw) / KS) % S; };
+    // buffer of chunk c: its ordinal among this warp's chunks, mod 2
+    auto buf = [&](int c) { return ((c - kw) / KS) & 1; };
     auto issue = [&](int c) {
         const int b0 = c * F::CHB, nb = min(F::CHB, nblk - b0);
 #pragma unroll
         for (int r = 0; r < R; r++) stage_chunk<F>(sm[warp][buf(c)][r], rowp[r] + (long long)b0 * F::TS, nb * F::TS, lane);
     };
-    // one commit group per chunk slot, empty past the last chunk, so that "at most S - 1 groups in
-    // flight" always means chunk c has landed
-#pragma unroll
-    for (int i = 0; i < S - 1; i++) {
-        if (kw + i * KS < nch) issue(kw + i * KS);
-        cp_async_commit();
-    }
+    if (kw < nch) issue(kw);
+    cp_async_commit();
     if (!wait_first) pdl_enter();
     for (int c = kw; c < nch; c += KS) {
-        if (c + (S - 1) * KS < nch) issue(c + (S - 1) * KS);
-        cp_async_commit();
-        cp_async_wait<S - 1>();
+        if (c + KS < nch) issue(c + KS);
+        cp_async_commit();  // an empty group on the last chunk keeps wait_group 1 meaning "chunk c landed"
+        cp_async_wait1();
         __syncwarp();       // other lanes' copies of chunk c are visible after this
         const int b0 = c * F::CHB, ngroups = min(F::CHB, nblk - b0) * (F::NP / G);
         const uint8_t* cb[R];  // chunk start inside its aligned-down copy (recomputed: no run-time-indexed array)
@@ -262,7 +249,7 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                 }
             }
         }
-        __syncwarp();  // all lanes done reading this buffer before chunk c + S overwrites it
+        __syncwarp();  // all lanes done reading this buffer before chunk c+2 overwrites it
     }
 #pragma unroll
     for (int r = 0; r < R; r++)

@@ -165,10 +165,6 @@ class Tuning:
         64, "ORCD_GEMM_PIPE", "GEMM tiles up to this BM take the unrolled k-step (0: rolled everywhere; only the "
         "grouped MoE GEMM has BM 128 tiles; pp512 phi3-mini 6,301 at 64 against 5,308 at 128)",
         choices=(0, 16, 32, 64, 128), compile_time=True)
-    gemv_stages: int = _switch(
-        2, "ORCD_GEMV_STAGES", "row chunks a GEMV warp has in flight plus the one it decodes (the K-quant GEMVs "
-        "read at 35-54 % of bandwidth with 2: a warp waits on each chunk's latency); not yet measured above 2",
-        choices=(2, 3, 4, 6), compile_time=True)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -161,7 +161,7 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
     done
   done
 fi
-# KERNEL_AB="default ORCD_GEMV_STAGES=4 ...": bench/bench_kernels.py ${KERNEL_ARGS:---quick --ts 1,8} under
+# KERNEL_AB="default ORCD_GEMV_KSPLIT=1 ...": bench/bench_kernels.py ${KERNEL_ARGS:---quick --ts 1,8} under
 # each setting, alternating; KERNEL_BASE=DIR (an export of another commit, carried) also runs that
 # tree's copy first in each round; KERNEL_ROUNDS rounds (default 1). Rows to $OUT/kernels.txt
 if [ -n "${KERNEL_AB:-}" ]; then

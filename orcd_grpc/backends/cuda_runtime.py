@@ -100,13 +100,10 @@ def compile_cubin(name: str, arch: str, options: tuple[str, ...] = ()) -> pathli
 
 def module_options(name: str, tuning: Tuning = DEFAULT) -> tuple[str, ...]:
     """The nvcc options of a module under `tuning`'s compile-time switches (Tuning fields marked
-    compile_time): quant_matmul's GEMM tiles up to BM tuning.gemm_pipe take the unrolled k-step,
-    and its GEMVs keep tuning.gemv_stages chunk buffers a warp.
+    compile_time): quant_matmul's GEMM tiles up to BM tuning.gemm_pipe take the unrolled k-step.
     Always spelled out, so the cache key names the value rather than relying on the .cu's own
     default. Loading and precompiling both ask here, so a precompiled cubin is the one loaded."""
-    if name != "quant_matmul":
-        return ()
-    return (f"-DORCD_GEMM_PIPE={int(tuning.gemm_pipe)}", f"-DORCD_GEMV_STAGES={int(tuning.gemv_stages)}")
+    return (f"-DORCD_GEMM_PIPE={int(tuning.gemm_pipe)}",) if name == "quant_matmul" else ()
 
 
 @functools.lru_cache(maxsize=None)

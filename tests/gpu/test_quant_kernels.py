@@ -149,38 +149,6 @@ def test_gemv_both_layouts(cu, qtype, T):
         w.free()
 
 
-@pytest.mark.parametrize("stages", [3, 4, 6])
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.MXFP4], ids=lambda v: v.name)
-def test_gemv_stage_rings(cu, qtype, stages):
-    """The GEMV with more chunk buffers a warp (tuning.gemv_stages, a compile-time switch): rows of
-    fewer chunks than buffers and of many more, float and int8 input, both layouts, T = 1 and 8.
-    Only when bytes arrive changes, so every sum is bit for bit the two-buffer kernel's, which is
-    itself held to float64 here."""
-    rng = np.random.default_rng()
-    qk = GGML_QUANT_SIZES[qtype][0]
-    for n, k in ((517, 2 * qk), (517, 48 * qk if qk == 256 else 200 * qk)):
-        raw, wf = _weight(qtype, n, k)
-        w = cu.q.QuantWeight(raw, qtype, n, k)
-        try:
-            for T in (1, 8):
-                x = rng.standard_normal((T, k), dtype=np.float32)
-                ref = x.astype(np.float64) @ wf.astype(np.float64).T
-                for mode in ("0", "1"):
-                    base = _gpu_matmul(cu, w, x, tuning=Tuning(gemv_ksplit=mode, gemv_int8=False))
-                    assert rel_err(base, ref) <= TOL_GEMV
-                    got = _gpu_matmul(cu, w, x, tuning=Tuning(gemv_ksplit=mode, gemv_int8=False, gemv_stages=stages))
-                    np.testing.assert_array_equal(got, base, err_msg=f"{qtype.name} k={k} T={T} ksplit={mode} float")
-                    xq = cu.ga.empty(x.size, np.int8)  # held here: the GEMV reads them
-                    xs = cu.ga.to_gpu(np.full(x.size // 32, np.nan, np.float32))
-                    x8 = (xq.gpudata, xs.gpudata)
-                    b8 = _gpu_matmul(cu, w, x, x8=x8, tuning=Tuning(gemv_ksplit=mode, gemv_int8_min=0))
-                    g8 = _gpu_matmul(cu, w, x, x8=x8, tuning=Tuning(gemv_ksplit=mode, gemv_int8_min=0,
-                                                                   gemv_stages=stages))
-                    np.testing.assert_array_equal(g8, b8, err_msg=f"{qtype.name} k={k} T={T} ksplit={mode} int8")
-        finally:
-            w.free()
-
-
 @pytest.mark.parametrize("min_ksteps,sms,T", [(1, 132, 64), (2, 132, 64), (4, 132, 64), (4, 132, 300), (1, 132, 300),
                                                (1, 16, 64), (4, 1000, 300)])
 @pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q4_K, Q.Q8_0], ids=lambda v: v.name)
