@@ -29,6 +29,11 @@ namespace {
 
 constexpr int GEMV_WARPS = 4;  // warps per block: independent rows (KS = 1) or one row group (KS = 4)
 constexpr int GEMV_R = 2;      // rows per warp: each x load is reused R times
+// 1: the int8-input GEMV of the 32-weight formats takes a whole block a lane (see gemv_impl's G);
+// tuning.gemv_i8_block (compile time, cuda_runtime.module_options)
+#ifndef ORCD_GEMV_I8_BLOCK
+#define ORCD_GEMV_I8_BLOCK 0
+#endif
 
 template <class F>
 struct GemvSmem {
@@ -70,9 +75,12 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                                           const float* __restrict__ xd = nullptr) {
     constexpr int R = GEMV_R, SROW = GemvSmem<F>::ROW;
     // Parts per lane. K-quants: 4 (32 weights under one scale pair) because unpacking their 6-bit
-    // scales costs as much as the weights. Others: 1, so a warp's x loads stay contiguous (4 parts per
-    // lane put lanes 128 B apart and made every x load touch 32 cache lines: 2x slower, v2 run).
-    constexpr int G = F::QK == 256 ? 4 : 1;
+    // scales costs as much as the weights. Others: 1, so a warp's float x loads stay contiguous (4
+    // parts per lane put lanes 128 B apart and made every x load touch 32 cache lines: 2x slower, v2
+    // run). On the int8 input a whole 32-weight block a lane is 32 bytes of x, two vector loads
+    // (ORCD_GEMV_I8_BLOCK, A/B: the K-quants' vector loads halved their 8-token GEMVs).
+    constexpr bool I8_BLOCK = ACT == ACT_I8 && F::QK == 32 && ORCD_GEMV_I8_BLOCK;
+    constexpr int G = F::QK == 256 || I8_BLOCK ? 4 : 1;
     __shared__ __align__(16) uint8_t sm[GEMV_WARPS][2][R][SROW];
     static_assert(KS == 1 || KS == GEMV_WARPS, "k is split over all of a block's warps or none");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -157,7 +165,7 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                     da[t] = __ldg(xd + row * (k / 32) + ((e0 + oa) >> 5));
                     db[t] = __ldg(xd + row * (k / 32) + ((e0 + ob) >> 5));
                     sa[t] = sb[t] = 0;
-                    if constexpr (G == 4) {
+                    if constexpr (F::QK == 256) {
                         // the K-quants' aligned groups: part p0 + j's runs start 4j bytes after part
                         // p0's (offs), so each run of the group is 16 contiguous, 16-aligned bytes of
                         // x (e0 and k are multiples of 256): one vector load each instead of four
@@ -165,10 +173,24 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                         const int4 vb = __ldg(reinterpret_cast<const int4*>(xq + ob));
                         xa[0][t] = va.x; xa[1][t] = va.y; xa[2][t] = va.z; xa[3][t] = va.w;
                         xb[0][t] = vb.x; xb[1][t] = vb.y; xb[2][t] = vb.z; xb[3][t] = vb.w;
+                    } else if constexpr (I8_BLOCK) {
+                        // the group is the whole block (p0 = 0): its 32 bytes of x in two vector
+                        // loads; each part's runs are words at offs(j) / 4 (multiples of 4; constant
+                        // once j is unrolled, so the picks are register moves)
+                        const int4 v0 = __ldg(reinterpret_cast<const int4*>(xq));
+                        const int4 v1 = __ldg(reinterpret_cast<const int4*>(xq + 16));
+                        const int w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+                        for (int j = 0; j < G; j++) {
+                            int o0, o1;
+                            F::offs(j, o0, o1);
+                            xa[j][t] = w[o0 >> 2];
+                            xb[j][t] = w[o1 >> 2];
+                        }
                     }
 #pragma unroll
                     for (int j = 0; j < G; j++) {
-                        if constexpr (G != 4) {
+                        if constexpr (F::QK != 256 && !I8_BLOCK) {
                             int o0, o1;
                             F::offs(p0 + j, o0, o1);
                             xa[j][t] = __ldg(reinterpret_cast<const int*>(xq + o0));

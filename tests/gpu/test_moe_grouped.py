@@ -114,14 +114,17 @@ def test_moe_gemv_vs_reference(cu, qtype, T, x_per_slot):
     assert err <= TOL_GEMV, f"gemv {qtype.name} T={T} x_per_slot={x_per_slot}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("block", [False, True], ids=["part", "block"])
 @pytest.mark.parametrize("ksplit", ["0", "1"])
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
 @pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K], ids=lambda v: v.name)
-def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit):
-    """the per-slot GEMV on an int8-quantized input (ORCD_MOE_INT8), both GEMV layouts: each
-    slot must find its own quantized row and scales (x_per_slot) or its token's (gate / up)"""
-    out, (ref, ref8), _, _ = _run(cu, qtype, T, x_per_slot, grouped=False, int8=True, tuning=Tuning(gemv_ksplit=ksplit))
+def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit, block):
+    """the per-slot GEMV on an int8-quantized input (ORCD_MOE_INT8), both GEMV layouts and both lane
+    layouts (ORCD_GEMV_I8_BLOCK): each slot must find its own quantized row and scales (x_per_slot)
+    or its token's (gate / up)"""
+    out, (ref, ref8), _, _ = _run(cu, qtype, T, x_per_slot, grouped=False, int8=True,
+                                  tuning=Tuning(gemv_ksplit=ksplit, gemv_i8_block=block))
     err8, err = rel_err(out, ref8), rel_err(out, ref)
     assert err8 <= 1e-3, f"int8 gemv {qtype.name} T={T} x_per_slot={x_per_slot}: {err8:.2e} against the rounded input"
     assert err <= 2e-2, f"int8 gemv {qtype.name} T={T} x_per_slot={x_per_slot}: {err:.2e} against the float input"
