@@ -48,7 +48,10 @@ def main(argv=None):
 
     extra = {}
     if args.mixed:
-        eng, seqs, _ = decode_setup(args.model, args.batch, args.ctx, spare=1)
+        # room for as many sequences again, as a serving worker has (max_sequences well above the
+        # running batch): a mixed step's rows plus its padding row need a graph bucket above the
+        # batch, and buckets stop at max_sequences (spare=1 left ORCD_MIXED_GRAPHS no bucket at all)
+        eng, seqs, _ = decode_setup(args.model, args.batch, args.ctx, spare=max(2, args.batch))
         be = eng.backend
         rng = np.random.default_rng(1)
         greedy = SamplingParams(temperature=0.0)
