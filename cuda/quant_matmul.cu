@@ -173,34 +173,31 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                         const int4 vb = __ldg(reinterpret_cast<const int4*>(xq + ob));
                         xa[0][t] = va.x; xa[1][t] = va.y; xa[2][t] = va.z; xa[3][t] = va.w;
                         xb[0][t] = vb.x; xb[1][t] = vb.y; xb[2][t] = vb.z; xb[3][t] = vb.w;
-                    } else if constexpr (I8_BLOCK) {
-                        // the group is the whole block (p0 = 0): its 32 bytes of x in two vector
-                        // loads; each part's runs are words at offs(j) / 4 (multiples of 4; constant
-                        // once j is unrolled, so the picks are register moves)
-                        const int4 v0 = __ldg(reinterpret_cast<const int4*>(xq));
-                        const int4 v1 = __ldg(reinterpret_cast<const int4*>(xq + 16));
-                        const int w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+                    } else {
+                        // a part a lane: its two 4-byte runs. A whole block a lane (I8_BLOCK, p0 = 0):
+                        // its 32 bytes of x in two vector loads, each part's runs the words at
+                        // offs(j) / 4 (multiples of 4; constant once j is unrolled: register moves)
+                        int w[8];
+                        if constexpr (I8_BLOCK) {
+                            const int4 v0 = __ldg(reinterpret_cast<const int4*>(xq));
+                            const int4 v1 = __ldg(reinterpret_cast<const int4*>(xq + 16));
+                            w[0] = v0.x; w[1] = v0.y; w[2] = v0.z; w[3] = v0.w;
+                            w[4] = v1.x; w[5] = v1.y; w[6] = v1.z; w[7] = v1.w;
+                        }
 #pragma unroll
                         for (int j = 0; j < G; j++) {
                             int o0, o1;
-                            F::offs(j, o0, o1);
-                            xa[j][t] = w[o0 >> 2];
-                            xb[j][t] = w[o1 >> 2];
+                            F::offs(p0 + j, o0, o1);
+                            xa[j][t] = I8_BLOCK ? w[o0 >> 2] : __ldg(reinterpret_cast<const int*>(xq + o0));
+                            xb[j][t] = I8_BLOCK ? w[o1 >> 2] : __ldg(reinterpret_cast<const int*>(xq + o1));
                         }
                     }
+                    if constexpr (F::MIN || F::QB)
 #pragma unroll
-                    for (int j = 0; j < G; j++) {
-                        if constexpr (F::QK != 256 && !I8_BLOCK) {
-                            int o0, o1;
-                            F::offs(p0 + j, o0, o1);
-                            xa[j][t] = __ldg(reinterpret_cast<const int*>(xq + o0));
-                            xb[j][t] = __ldg(reinterpret_cast<const int*>(xq + o1));
-                        }
-                        if constexpr (F::MIN || F::QB) {
+                        for (int j = 0; j < G; j++) {
                             sa[t] = __dp4a(xa[j][t], 0x01010101, sa[t]);
                             sb[t] = __dp4a(xb[j][t], 0x01010101, sb[t]);
                         }
-                    }
                 }
 #pragma unroll
                 for (int r = 0; r < R; r++) {
