@@ -134,6 +134,13 @@ def main():
     print(f"ceiling: dtod copy {copy_gbs:.0f} GB/s (read+write)")
     src.free(); dst.free()
 
+    held = []  # the int8 scratch buffers, alive until the end
+
+    def x8_scratch(n):
+        """quantize_x8's output for n inputs: n int8 values and n / 32 scales (the matmul's x8)."""
+        held.extend((ga.empty(n, np.int8), ga.empty(n // 32, np.float32)))
+        return held[-2].gpudata, held[-1].gpudata
+
     rows = []
     reps = 5 if args.quick else 20
     for model, name, n, k, qt in SHAPES:
@@ -147,10 +154,7 @@ def main():
             y = ga.empty((T, n), np.float32)
             # as the model runs it: the int8-input GEMV where it is the default (its quantize_x8 launch
             # counted in each matmul; the model shares one among the matmuls of one input)
-            x8 = None
-            if cq.i8_eligible(w0, T, tuning):
-                xq, xs = ga.empty(T * k, np.int8), ga.empty(T * k // 32, np.float32)
-                x8 = (xq.gpudata, xs.gpudata)
+            x8 = x8_scratch(T * k) if cq.i8_eligible(w0, T, tuning) else None
 
             def run():
                 for w in copies:
@@ -183,10 +187,8 @@ def main():
                 if path == "grouped" and not cq.moe_grouped_possible(T, top_k, E):
                     continue
 
-                x8 = None  # the per-slot GEMV on the int8 input, as the model runs it (moe_i8_eligible)
-                if cq.moe_i8_eligible(w, path == "grouped", tuning):
-                    xq, xs = ga.empty(T * k, np.int8), ga.empty(T * k // 32, np.float32)
-                    x8 = (xq.gpudata, xs.gpudata)
+                # the per-slot GEMV on the int8 input, as the model runs it
+                x8 = x8_scratch(T * k) if cq.moe_i8_eligible(w, path == "grouped", tuning) else None
 
                 def run():
                     cq.moe_matmul(x.gpudata, w, ids.gpudata, y.gpudata, T, top_k, stream,
