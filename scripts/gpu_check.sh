@@ -163,7 +163,9 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
 fi
 # KERNEL_AB="default ORCD_GEMV_KSPLIT=1 ...": bench/bench_kernels.py ${KERNEL_ARGS:---quick --ts 1,8} under
 # each setting, alternating; KERNEL_BASE=DIR (an export of another commit, carried) also runs that
-# tree's copy first in each round; KERNEL_ROUNDS rounds (default 1). Rows to $OUT/kernels.txt
+# tree's copy first in each round; KERNEL_ROUNDS rounds (default 1). Rows to $OUT/kernels.txt. The export:
+#   mkdir -p .dev/base && git archive REV cuda orcd_grpc bench tests/gpu | tar -x -C .dev/base
+#   cp bench/bench_kernels.py .dev/base/bench/   # the same benchmark on both trees
 if [ -n "${KERNEL_AB:-}" ]; then
   for round in $(seq "${KERNEL_ROUNDS:-1}"); do
     for ab in ${KERNEL_BASE:+base} ${KERNEL_AB}; do
