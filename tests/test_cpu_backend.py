@@ -5,8 +5,9 @@
   attention paths: BLAS for prompt chunks, numba for decode). Bound: 99 %.
 - Tiny random models of every architecture (quantized): logits against the reference on a fresh
   random prompt, with the KV cache in F32 (only summation order and x's 16-bit rounding differ), in
-  F16 (rel <= 5e-3: the cache's rounding) and in Q8_0 (rel <= 1.5e-2 median), each far closer to
-  the reference than a model with other weights.
+  F16 (rel <= 5e-3: the cache's rounding) and in Q8_0 (rel <= 3e-2, 1.5e-2 median), each far closer to
+  the reference than a model with other weights. gpt-oss's expert choices are pinned to the
+  reference's, so a near-tie in the router cannot flip an expert and move a whole run.
 - The F16 store rounds exactly as NumPy's float16 cast, the Q8_0 store as gguf's quantize; decode
   attention over a Q8_0 cache against float64 on gguf's dequantization of the same blocks; the
   resident bytes are what admission counted.
@@ -113,34 +114,73 @@ def tiny_files(tmp_path_factory):
     return out
 
 
+class _PinnedRouting:
+    """Records the experts the reference picks at every moe call and makes a CPU run pick the same.
+
+    gpt-oss routes each token to its top-2 of 4 experts. Where two router logits are within the
+    rounding of each other (the Q8_0 cache moves them by ~1e-2), the CPU run takes another expert at
+    that position; its logits then move by a tenth or more, and every later position that attends
+    to it moves too (seen: 9 positions over 3e-2 from one flip). Pinning removes that discontinuity:
+    the experts the reference did not pick get -inf router logits, so the CPU backend still makes
+    its own top-k choice and softmax (a wrong choice would take a -inf expert) but cannot flip."""
+
+    def __init__(self, monkeypatch):
+        from orcd_grpc.backends.numpy_backend import NumpyBackend
+
+        self.picked: list[np.ndarray] = []
+        self.replay: list[np.ndarray] | None = None
+        self.flipped = 0   # positions where the CPU run would have picked otherwise
+        ref_moe, cpu_moe = NumpyBackend.moe, CpuBackend.moe
+        pin = self
+
+        def record(backend, x, router_logits, k, *args, **kw):
+            pin.picked.append(np.sort(np.argsort(-router_logits, axis=-1, kind="stable")[:, :k], axis=-1))
+            return ref_moe(backend, x, router_logits, k, *args, **kw)
+
+        def replay(backend, x, router_logits, k, *args, **kw):
+            ids = pin.replay.pop(0)
+            assert ids.shape == (router_logits.shape[0], k)   # the same calls, row for row
+            own = np.sort(np.argsort(-router_logits, axis=-1, kind="stable")[:, :k], axis=-1)
+            pin.flipped += int((own != ids).any(axis=-1).sum())
+            keep = np.zeros(router_logits.shape, bool)
+            np.put_along_axis(keep, ids, True, axis=-1)
+            return cpu_moe(backend, x, np.where(keep, router_logits, -np.inf).astype(np.float32), k, *args, **kw)
+
+        monkeypatch.setattr(NumpyBackend, "moe", record)
+        monkeypatch.setattr(CpuBackend, "moe", replay)
+
+    def cpu(self, kv: str) -> CpuBackend:
+        self.replay = list(self.picked)
+        return _cpu(kv)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma3", "gpt_oss"])
-def test_tiny_logits_match_the_reference(arch, tiny_files):
+def test_tiny_logits_match_the_reference(arch, tiny_files, monkeypatch):
     from tiny_models import VOCAB, engine_logits
 
     path, other = tiny_files[arch]
     ids = np.random.default_rng().integers(0, VOCAB, 48)
+    pin = _PinnedRouting(monkeypatch)
     ref = engine_logits(path, ids, backend="numpy")
     assert ref.shape == (len(ids), VOCAB)
+    assert bool(pin.picked) == (arch == "gpt_oss")
     scale = np.abs(ref).max()
-    pos32 = np.abs(engine_logits(path, ids, backend=_cpu("f32")) - ref).max(axis=-1) / scale  # per position
-    pos16 = np.abs(engine_logits(path, ids, backend=_cpu("f16")) - ref).max(axis=-1) / scale
-    pos8 = np.abs(engine_logits(path, ids, backend=_cpu("q8_0")) - ref).max(axis=-1) / scale
+    pos32 = np.abs(engine_logits(path, ids, backend=pin.cpu("f32")) - ref).max(axis=-1) / scale  # per position
+    pos16 = np.abs(engine_logits(path, ids, backend=pin.cpu("f16")) - ref).max(axis=-1) / scale
+    pos8 = np.abs(engine_logits(path, ids, backend=pin.cpu("q8_0")) - ref).max(axis=-1) / scale
+    assert not pin.replay
+    pin.picked.clear()
     apart = np.abs(engine_logits(other, ids, backend="numpy") - ref).max() / scale
     print(f"{arch}: rel F32 KV {pos32.max():.2e}, F16 KV {pos16.max():.2e}, Q8_0 KV {pos8.max():.2e} "
-          f"(another model: {apart:.2e})")
+          f"(another model: {apart:.2e}; {pin.flipped} expert choices pinned)")
     # F32 KV: the quantized products round x to 16 bits per 32 values (cpu_kernels.matmul), ~1.5e-5
     # of a group's largest value, compounding over the layers: up to ~1e-4 of the largest logit
     # seen on these models (float x gave 2e-5); a wrong level or scale is of the order of `apart`.
-    # gpt-oss routes each token to its top experts: where two router logits are within the
-    # rounding of each other, a position takes another expert and its logits move by a tenth or
-    # more (once in about ten runs here: 0.22 with F16 KV while F32 KV stayed within 4e-4 on the
-    # same prompt; a flipped expert is the likely cause, not confirmed). A few such positions are
-    # allowed there; a wrong kernel moves them all, and the median bounds them.
-    flips = 4 if arch == "gpt_oss" else 0
-    assert np.sum(pos32 > 4e-4) <= flips and np.median(pos32) <= 4e-4, (arch, np.sort(pos32)[-5:])
-    assert np.sum(pos16 > 5e-3) <= flips and np.median(pos16) <= 5e-3, (arch, np.sort(pos16)[-5:])
-    # Q8_0 KV: each cached value within 1/254 of its 32's largest; 3e-3 to 1.1e-2 seen here
-    assert np.sum(pos8 > 3e-2) <= flips and np.median(pos8) <= 1.5e-2, (arch, np.sort(pos8)[-5:])
+    assert pos32.max() <= 4e-4, (arch, np.sort(pos32)[-5:])
+    assert pos16.max() <= 5e-3, (arch, np.sort(pos16)[-5:])
+    # Q8_0 KV: each cached value within 1/254 of its 32's largest; 2e-3 to 1.6e-2 seen here (150 runs
+    # with routing pinned; unpinned, one gpt-oss flip put 9 positions over 3e-2)
+    assert pos8.max() <= 3e-2 and np.median(pos8) <= 1.5e-2, (arch, np.sort(pos8)[-5:])
     assert apart > 20 * np.median(pos8), (arch, apart, np.median(pos8))
 
 
