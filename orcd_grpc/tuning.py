@@ -47,10 +47,16 @@ class Tuning:
         "previous step's tokens (fed on the device); B=1 tg 732 against 677 tok/s without", level="engine")
     mixed_graphs: bool = _switch(
         False, "ORCD_MIXED_GRAPHS", "steps that carry prompt tokens (a serving load's prefill chunks beside "
-        "decode rows) of up to 512 tokens are padded to a (rows, tokens) bucket and replay a CUDA graph per "
+        "decode rows) of up to ORCD_MIXED_MAX_TOKENS tokens are padded to a (rows, tokens) bucket and replay a CUDA graph per "
         "bucket, as decode steps do, instead of launching every kernel from Python; passes its GPU test "
         "(session 23), not yet measured",
         level="engine")
+    mixed_max_tokens: int = _switch(
+        512, "ORCD_MIXED_MAX_TOKENS", "the largest token bucket of ORCD_MIXED_GRAPHS (512, 768, 1024, 1536 or 2048): "
+        "longer steps launch eagerly. On serve_bench's default workload 76-81 % of the steps with prompt tokens "
+        "carry at most 512 tokens, 94-97 % at most 1,024 (scripted engine, 64 and 256 clients); whether graphs "
+        "still pay where a step's kernels are long is not yet measured",
+        level="engine", choices=(512, 768, 1024, 1536, 2048))
     feed_eager: bool = _switch(
         True, "ORCD_FEED_EAGER", "an eagerly run step (one carrying prompt tokens) whose every row samples one "
         "token on the device samples asynchronously, so the decode step after it is queued behind it (fed on "

@@ -32,7 +32,9 @@
 #                   SERVE_LLAMA=0: no llama-server rows; SERVE_BACKEND=cpu: both servers on the CPU (a dry run of
 #                   this flow off the GPU machine: ORCD_DEVICE_ENV=1, a small FILE as $ORCD_BENCH_DIR/NAME.gguf); SERVE_PROFILE=1: the worker under py-spy (.dev/tools/py-spy carried), to $OUT/serve-prof-*.txt
 #   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server; LLAMA_JOBS, default 10) from .dev/anchors/llamacpp-src.tgz
-#                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call
+#                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call. Where
+#                   .dev/anchors/llama-bin.tar.xz is carried (scripts/build_llama.sh made it on the development VM) and
+#                   its llama-bench starts here, those binaries are used at once and nothing is built
 #   LLAMA_BENCH="qwen2.5-0.5b ..."  llama.cpp's same-lease figures on those files: llama-bench pp512/tg128
 #                   and llama-batched-bench at 1, 8, 32 and 64 sequences (waits for the build); to $OUT/llama.md
 #   CONSTRAINT="qwen2.5-0.5b ..."  bench/constraint_cost.py (JSON schema against free decode, B=1,64;
@@ -72,7 +74,7 @@ if [ -z "${ORCD_TINY_GGUF_DIR:-}" ] && [ -d .dev/tiny ]; then export ORCD_TINY_G
 export ORCD_TEST_NO_PULL=1
 data=${ORCD_BENCH_DIR:-/tmp/orcd-bench}; mkdir -p "$data"
 start_llama_build() {
-  if [ -n "${BUILD_LLAMA:-}" ] && [ ! -d /tmp/anchor/src/llama.cpp ]; then
+  if [ -n "${BUILD_LLAMA:-}" ] && [ ! -d /tmp/anchor/src/llama.cpp ] && [ ! -d /tmp/anchor/prebuilt ]; then
     mkdir -p /tmp/anchor/src && tar xzf .dev/anchors/llamacpp-src.tgz -C /tmp/anchor/src
     (cd /tmp/anchor/src/llama.cpp && setsid nohup bash -c "cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF \
@@ -81,9 +83,20 @@ start_llama_build() {
       > /tmp/anchor/build.log 2>&1 < /dev/null &)
   fi
 }
+# llama.cpp built elsewhere from the same source (scripts/build_llama.sh): used when it starts here (the
+# image's libraries may differ from the development VM's), which leaves the cores to the measurements
+if [ -f .dev/anchors/llama-bin.tar.xz ] && [ ! -f /tmp/anchor/build.rc ]; then
+  mkdir -p /tmp/anchor/prebuilt && tar xJf .dev/anchors/llama-bin.tar.xz -C /tmp/anchor/prebuilt
+  if /tmp/anchor/prebuilt/bin/llama-bench --help > /tmp/anchor/prebuilt.log 2>&1; then
+    echo 0 > /tmp/anchor/build.rc; echo "llama.cpp: the carried build ($(cat /tmp/anchor/prebuilt/bin/BUILD 2>/dev/null))"
+  else
+    echo "llama.cpp: the carried build does not start here: $(tail -2 /tmp/anchor/prebuilt.log)"; rm -rf /tmp/anchor/prebuilt
+  fi
+fi
 # the build takes ten cores for minutes: after the CPU-bound measurements when there are some
 [ -z "${CONSTRAINT:-}${MASK_FILL:-}" ] && start_llama_build
 llama_bin=/tmp/anchor/src/llama.cpp/build/bin
+[ -x /tmp/anchor/prebuilt/bin/llama-bench ] && llama_bin=/tmp/anchor/prebuilt/bin
 # waits (at most LLAMA_WAIT seconds) for the background build; true when it succeeded
 llama_ready() {
   local t=0; while [ -d /tmp/anchor/src ] && [ ! -f /tmp/anchor/build.rc ] && [ $t -lt "${LLAMA_WAIT:-400}" ]; do sleep 5; t=$((t + 5)); done

@@ -6,8 +6,9 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
-from orcd_grpc.backends.cuda_runner import MIXED_TOKEN_BUCKETS, CudaRunner, _Unsampled
+from orcd_grpc.backends.cuda_runner import MIXED_TOKEN_BUCKETS, CudaRunner, _Unsampled, mixed_token_buckets
 from orcd_grpc.backends.numpy_backend import NumpyBackend
 from orcd_grpc.backends.runner import PlanRow, RunnerModel, StepPlan, pack_bitmask, unpack_bitmask
 from orcd_grpc.loader import load_engine
@@ -690,3 +691,28 @@ def test_mixed_step_metadata_pads_to_its_bucket():
     assert list(meta.token_ids[:9]) == [109, 100, 101, 102, 103, 104, 105, 106, 107]
     assert (meta.block_tables[3:] == 99).all() and list(meta.block_tables[0, :4]) == [5, 6, 7, -1]
     assert list(meta.logits_rows) == [0, 8] + [15] * 6
+
+
+def test_mixed_token_buckets_stop_at_the_switch():
+    """ORCD_MIXED_MAX_TOKENS: a step of more prompt tokens than the largest bucket it allows launches
+    eagerly; raised, the same step pads to the next bucket up (with a padding row: rows bucket 4)."""
+    import dataclasses
+
+    def key(max_tokens, T, rows=3, step_tokens=4096):
+        runner = CudaRunner.__new__(CudaRunner)
+        tuning = dataclasses.replace(Tuning(), mixed_graphs=True, mixed_max_tokens=max_tokens)
+        runner.buckets, runner.mixed_graphs = [1, 2, 4, 8], True
+        runner.mixed_tokens = mixed_token_buckets(tuning)
+        runner.capabilities = SimpleNamespace(max_step_tokens=step_tokens)
+        runner.model = SimpleNamespace(table_width=64)
+        ns = [T - (rows - 1)] + [1] * (rows - 1)
+        plan = SimpleNamespace(block_size=16, rows=[SimpleNamespace(n=n, logits=0, scored=0, drafts=None) for n in ns])
+        return runner._mixed_key(plan)
+
+    assert key(512, 512) == (4, 512) and key(512, 511) == (4, 512)
+    assert key(512, 513) is None and key(512, 900) is None
+    assert key(1024, 900) == (4, 1024) and key(768, 700) == (4, 768) and key(768, 900) is None
+    assert key(2048, 2048) == (4, 2048) and key(2048, 2049) is None
+    assert key(1024, 900, step_tokens=1000) is None  # the bucket must fit the step workspace
+    with pytest.raises(ValueError, match="ORCD_MIXED_MAX_TOKENS"):
+        Tuning.from_env({"ORCD_MIXED_MAX_TOKENS": "600"})

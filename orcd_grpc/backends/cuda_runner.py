@@ -44,9 +44,14 @@ from .runner import (MAX_SCORE_TOP, Capabilities, Launched, PlanRow, PromptScore
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # Token counts that steps carrying prompt tokens are padded to (ORCD_MIXED_GRAPHS), with their rows
 # padded to a GRAPH_BUCKETS size. Padding tokens cost a real token's compute, so the buckets are
-# 1.5x apart, and steps of more tokens than the last (their kernels long beside their launches)
-# stay eager.
-MIXED_TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# about 1.5x apart; steps of more tokens than ORCD_MIXED_MAX_TOKENS (their kernels long beside their
+# launches) stay eager.
+MIXED_TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def mixed_token_buckets(tuning) -> list[int]:
+    """The token buckets a mixed step may pad to: up to ORCD_MIXED_MAX_TOKENS."""
+    return [b for b in MIXED_TOKEN_BUCKETS if b <= tuning.mixed_max_tokens]
 
 
 class _RowState:
@@ -91,6 +96,7 @@ class CudaRunner(Runner):
         self.lookahead = bool(self.buckets) and tuning.lookahead
         self.feed_eager = tuning.feed_eager  # ORCD_FEED_EAGER (with lookahead)
         self.mixed_graphs = bool(self.buckets) and tuning.mixed_graphs  # ORCD_MIXED_GRAPHS
+        self.mixed_tokens = mixed_token_buckets(tuning)
         self.verify_buckets = [b for b in self.buckets if b <= VERIFY_MAX_BATCH] if tuning.verify_graphs else []
         self._cols = np.arange(model.table_width)
         ws = int(backend.workspace_bytes)
@@ -191,7 +197,7 @@ class CudaRunner(Runner):
         if any(r.logits or r.scored or r.drafts is not None for r in rows):
             return None
         T = sum(r.n for r in rows)
-        tb = next((b for b in MIXED_TOKEN_BUCKETS if b >= T), 0)
+        tb = next((b for b in self.mixed_tokens if b >= T), 0)
         if not tb or tb > self.capabilities.max_step_tokens or tb - T > self.model.table_width * plan.block_size:
             return None
         nb = next((b for b in self.buckets if b >= len(rows) + (tb > T)), 0)
