@@ -10,6 +10,8 @@
 //                      offset QB is taken off (q - QB is what qv gives), for the int8-activation GEMV
 //   sc(b, p, a0, a1, m0, m1)  its scales: w[i] = a_{i/4} * q[i] (+ m_{i/4} when MIN); identical for the
 //                      4 parts 4g..4g+3 of an aligned group (GEMV decodes scales once per group)
+//   qi_at(s, p, lo, hi), sc_at(s, a0, a1, m0, m1)  (the 32-weight integer formats) qi and sc on a byte
+//                      source: the block in memory (Ptr, what qi and sc are) or in registers (BlockWords)
 // A part's 8 elements always lie inside one aligned 64-element window of the row (32 for QK=32
 // formats) and parts 8w..8w+7 (global part index = element/8 numbering of windows) fill window w,
 // so a GEMM k-tile of 64 elements decodes exactly the parts whose index is in [kk/8, kk/8+8).
@@ -42,6 +44,50 @@ __device__ __forceinline__ float ldh(const uint8_t* p) {  // f16 at a 2-aligned 
     return __half2float(*reinterpret_cast<const __half*>(p));
 }
 
+// Where the integer formats' qi_at / sc_at read a block's bytes: Ptr<AL> is the block in memory, read
+// as qi / sc always did (loads no wider than the format's alignment AL); BlockWords<TS> the whole
+// block already in registers. at(o): the 4 bytes at offset o; h(o): the f16 at o; b(o): byte o.
+template <int AL>
+struct Ptr {
+    const uint8_t* p;
+    __device__ __forceinline__ uint32_t at(int o) const { return ld32<AL>(p + o); }
+    __device__ __forceinline__ float h(int o) const { return ldh(p + o); }
+    __device__ __forceinline__ uint32_t b(int o) const { return p[o]; }
+};
+
+// A whole block of an integer format from NL aligned 32-bit loads, funnel-shifted so that f[i] holds
+// its bytes 4i..4i+3 (a block starts at any multiple of its alignment AL: the largest power of two
+// dividing TS, at most 4): ORCD_GEMV_I8_BLOCK's GEMV lane, which takes a whole block, loads it once
+// instead of up to five narrow loads per 8-weight part. Reads at most 3 bytes past the block.
+template <int TS>
+struct BlockWords {
+    static constexpr int AL = TS % 4 == 0 ? 4 : TS % 2 == 0 ? 2 : 1;
+    static constexpr int NW = (TS + 3) / 4;                              // words of the block
+    static constexpr int NL = (TS + (AL == 4 ? 0 : 4 - AL) + 3) / 4;    // aligned loads that cover it
+    uint32_t f[NW + 1];
+    __device__ __forceinline__ explicit BlockWords(const uint8_t* blk) {
+        const uintptr_t ad = reinterpret_cast<uintptr_t>(blk);
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(ad & ~uintptr_t(3));
+        uint32_t x[NW + 1];
+#pragma unroll
+        for (int i = 0; i <= NW; i++) x[i] = i < NL ? w[i] : 0u;
+        if constexpr (AL == 4) {
+#pragma unroll
+            for (int i = 0; i <= NW; i++) f[i] = x[i];
+        } else {
+            const uint32_t sh = uint32_t(ad & 3) * 8;
+#pragma unroll
+            for (int i = 0; i < NW; i++) f[i] = __funnelshift_r(x[i], x[i + 1], sh);
+            f[NW] = 0u;
+        }
+    }
+    __device__ __forceinline__ uint32_t at(int o) const {
+        return (o & 3) == 0 ? f[o >> 2] : __byte_perm(f[o >> 2], f[(o >> 2) + 1], 0x3210u + 0x1111u * uint32_t(o & 3));
+    }
+    __device__ __forceinline__ float h(int o) const { return __half2float(__ushort_as_half((unsigned short)(at(o) & 0xFFFFu))); }
+    __device__ __forceinline__ uint32_t b(int o) const { return (f[o >> 2] >> (8 * (o & 3))) & 0xFFu; }
+};
+
 // Byte i of v (0..255) as a float minus `bias`, without the quarter-rate I2F: 0x4B0000xx is the
 // float 2^23 + xx exactly, so subtracting (2^23 + bias) is exact for every byte value.
 template <int I>
@@ -62,10 +108,12 @@ struct FQ4_0 {  // d f16 | qs[16]: elem j = lo(qs[j]), elem j+16 = hi(qs[j]); w 
         bytes4(v & 0x0F0F0F0Fu, 8.f, q); bytes4((v >> 4) & 0x0F0F0F0Fu, 8.f, q + 4);
     }
     static constexpr int QB = 8;
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
-        const uint32_t v = ld32<2>(b + 2 + 4 * p); lo = v & 0x0F0F0F0Fu; hi = (v >> 4) & 0x0F0F0F0Fu;
+    template <class S> __device__ static void qi_at(const S& s, int p, uint32_t& lo, uint32_t& hi) {
+        const uint32_t v = s.at(2 + 4 * p); lo = v & 0x0F0F0F0Fu; hi = (v >> 4) & 0x0F0F0F0Fu;
     }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = 0.f; }
+    template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = 0.f; }
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<2>{b}, p, lo, hi); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<2>{b}, a0, a1, m0, m1); }
 };
 struct FQ4_1 {  // d, m f16 | qs[16]; w = d*q + m
     static constexpr int QK = 32, TS = 20, NP = 4, CHB = 32; static constexpr bool MIN = true;
@@ -75,10 +123,12 @@ struct FQ4_1 {  // d, m f16 | qs[16]; w = d*q + m
         bytes4(v & 0x0F0F0F0Fu, 0.f, q); bytes4((v >> 4) & 0x0F0F0F0Fu, 0.f, q + 4);
     }
     static constexpr int QB = 0;
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
-        const uint32_t v = ld32<4>(b + 4 + 4 * p); lo = v & 0x0F0F0F0Fu; hi = (v >> 4) & 0x0F0F0F0Fu;
+    template <class S> __device__ static void qi_at(const S& s, int p, uint32_t& lo, uint32_t& hi) {
+        const uint32_t v = s.at(4 + 4 * p); lo = v & 0x0F0F0F0Fu; hi = (v >> 4) & 0x0F0F0F0Fu;
     }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = ldh(b + 2); }
+    template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = s.h(2); }
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<4>{b}, p, lo, hi); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<4>{b}, a0, a1, m0, m1); }
 };
 struct FQ5_0 {  // d f16 | qh u32 (bit j = 5th bit of elem j) | qs[16]; w = d*(q-16)
     static constexpr int QK = 32, TS = 22, NP = 4, CHB = 32; static constexpr bool MIN = false;
@@ -89,12 +139,14 @@ struct FQ5_0 {  // d f16 | qh u32 (bit j = 5th bit of elem j) | qs[16]; w = d*(q
         bytes4(((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4), 16.f, q + 4);
     }
     static constexpr int QB = 16;
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
-        const uint32_t qh = ld32<2>(b + 2), v = ld32<2>(b + 6 + 4 * p);
+    template <class S> __device__ static void qi_at(const S& s, int p, uint32_t& lo, uint32_t& hi) {
+        const uint32_t qh = s.at(2), v = s.at(6 + 4 * p);
         lo = (v & 0x0F0F0F0Fu) | (spread4(qh >> (4 * p)) << 4);
         hi = ((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4);
     }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = 0.f; }
+    template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = 0.f; }
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<2>{b}, p, lo, hi); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<2>{b}, a0, a1, m0, m1); }
 };
 struct FQ5_1 {  // d, m f16 | qh u32 | qs[16]; w = d*q + m
     static constexpr int QK = 32, TS = 24, NP = 4, CHB = 32; static constexpr bool MIN = true;
@@ -105,12 +157,14 @@ struct FQ5_1 {  // d, m f16 | qh u32 | qs[16]; w = d*q + m
         bytes4(((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4), 0.f, q + 4);
     }
     static constexpr int QB = 0;
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
-        const uint32_t qh = ld32<4>(b + 4), v = ld32<4>(b + 8 + 4 * p);
+    template <class S> __device__ static void qi_at(const S& s, int p, uint32_t& lo, uint32_t& hi) {
+        const uint32_t qh = s.at(4), v = s.at(8 + 4 * p);
         lo = (v & 0x0F0F0F0Fu) | (spread4(qh >> (4 * p)) << 4);
         hi = ((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4);
     }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = ldh(b + 2); }
+    template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = s.h(2); }
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<4>{b}, p, lo, hi); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<4>{b}, a0, a1, m0, m1); }
 };
 struct FQ8_0 {  // d f16 | qs[32] int8; w = d*q
     static constexpr int QK = 32, TS = 34, NP = 4, CHB = 32; static constexpr bool MIN = false;
@@ -121,10 +175,12 @@ struct FQ8_0 {  // d f16 | qs[32] int8; w = d*q
         bytes4(ld32<2>(b + 6 + 8 * p) ^ 0x80808080u, 128.f, q + 4);
     }
     static constexpr int QB = 0;  // signed bytes as they are
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
-        lo = ld32<2>(b + 2 + 8 * p); hi = ld32<2>(b + 6 + 8 * p);
+    template <class S> __device__ static void qi_at(const S& s, int p, uint32_t& lo, uint32_t& hi) {
+        lo = s.at(2 + 8 * p); hi = s.at(6 + 8 * p);
     }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = ldh(b); m0 = m1 = 0.f; }
+    template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = 0.f; }
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<2>{b}, p, lo, hi); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<2>{b}, a0, a1, m0, m1); }
 };
 struct FMXFP4 {  // e8m0 exponent byte | qs[16] e2m1 nibbles (lo: elem j, hi: elem j+16)
     static constexpr int QK = 32, TS = 17, NP = 4, CHB = 32; static constexpr bool MIN = false;
@@ -176,16 +232,18 @@ struct FMXFP4 {  // e8m0 exponent byte | qs[16] e2m1 nibbles (lo: elem j, hi: el
             }
         }
     }
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) {
-        const uint32_t v = ld32<1>(b + 1 + 4 * p);
+    template <class S> __device__ static void qi_at(const S& s, int p, uint32_t& lo, uint32_t& hi) {
+        const uint32_t v = s.at(1 + 4 * p);
         lo = lut4(v & 0x0F0F0F0Fu); hi = lut4((v >> 4) & 0x0F0F0F0Fu);
     }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) {
-        const uint32_t e = b[0];
+    template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) {
+        const uint32_t e = s.b(0);
         // 2^(e-128): half of the E8M0 scale, because the table holds doubled values. e<2 would be a
         // float denormal (flushed by fast-math); such scales are ~1e-38 and do not occur in models.
         a0 = a1 = e >= 2 ? __uint_as_float((e - 1) << 23) : 0.f; m0 = m1 = 0.f;
     }
+    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<1>{b}, p, lo, hi); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<1>{b}, a0, a1, m0, m1); }
 };
 // K-quant 6-bit scale/min pairs, packed 12 bytes for 8 sub-blocks (ggml's get_scale_min_k4 layout)
 __device__ __forceinline__ void kscale(const uint8_t* s, int j, float& sc, float& mn) {

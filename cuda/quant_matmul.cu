@@ -37,9 +37,17 @@ constexpr int GEMV_R = 2;      // rows per warp: each x load is reused R times
 
 template <class F>
 struct GemvSmem {
-    // one row chunk plus the up-to-15-byte misalignment of its start, rounded to 16
-    static constexpr int ROW = ((F::CHB * F::TS + 15 + 15) / 16) * 16;
+    // one row chunk plus the up-to-15-byte misalignment of its start, rounded to 16; with
+    // ORCD_GEMV_I8_BLOCK the 32-weight formats' BlockWords read up to 3 bytes past a chunk's last block
+    static constexpr int ROW = ((F::CHB * F::TS + 15 + (ORCD_GEMV_I8_BLOCK && F::QK == 32 ? 3 : 0) + 15) / 16) * 16;
 };
+
+// A lane's whole block as BlockWords (ORCD_GEMV_I8_BLOCK's int8 GEMV), or nothing (the per-part lanes)
+struct NoWords {};
+template <bool ON, class F>
+__device__ __forceinline__ auto lane_block(const uint8_t* b) {
+    if constexpr (ON) return BlockWords<F::TS>(b); else return NoWords{};
+}
 
 // Reads up to 15 bytes past the end of a row chunk (to finish a 16-byte vector); QuantWeight pads
 // its allocation by 16 bytes so the last row's tail stays inside it.
@@ -204,10 +212,13 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                     int ia[NT], ib[NT];
 #pragma unroll
                     for (int t = 0; t < NT; t++) ia[t] = ib[t] = 0;
+                    // a whole block a lane: its bytes in a few aligned word loads, not five byte loads a part
+                    const auto blk = lane_block<I8_BLOCK, F>(cb[r] + bl * F::TS);
 #pragma unroll
                     for (int j = 0; j < G; j++) {
                         uint32_t lo, hi;  // a row's integers are unpacked once for all tokens
-                        F::qi(cb[r] + bl * F::TS, p0 + j, lo, hi);
+                        if constexpr (I8_BLOCK) F::qi_at(blk, j, lo, hi);
+                        else F::qi(cb[r] + bl * F::TS, p0 + j, lo, hi);
 #pragma unroll
                         for (int t = 0; t < NT; t++) {
                             ia[t] = __dp4a(static_cast<int>(lo), xa[j][t], ia[t]);
