@@ -67,7 +67,8 @@ struct BlockWords {
     uint32_t f[NW + 1];
     __device__ __forceinline__ explicit BlockWords(const uint8_t* blk) {
         const uintptr_t ad = reinterpret_cast<uintptr_t>(blk);
-        const uint32_t* w = reinterpret_cast<const uint32_t*>(ad & ~uintptr_t(3));
+        // pointer arithmetic, not an integer mask: the compiler keeps shared-memory loads as such
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(blk - (ad & 3));
         uint32_t x[NW + 1];
 #pragma unroll
         for (int i = 0; i <= NW; i++) x[i] = i < NL ? w[i] : 0u;
