@@ -87,7 +87,9 @@ start_llama_build() {
 # image's libraries may differ from the development VM's), which leaves the cores to the measurements
 if [ -f .dev/anchors/llama-bin.tar.xz ] && [ ! -f /tmp/anchor/build.rc ]; then
   mkdir -p /tmp/anchor/prebuilt && tar xJf .dev/anchors/llama-bin.tar.xz -C /tmp/anchor/prebuilt
-  if /tmp/anchor/prebuilt/bin/llama-bench --help > /tmp/anchor/prebuilt.log 2>&1; then
+  # it starts and its CUDA backend finds the GPU
+  if /tmp/anchor/prebuilt/bin/llama-bench --list-devices > /tmp/anchor/prebuilt.log 2>&1 \
+      && grep -q "CUDA0" /tmp/anchor/prebuilt.log; then
     echo 0 > /tmp/anchor/build.rc; echo "llama.cpp: the carried build ($(cat /tmp/anchor/prebuilt/bin/BUILD 2>/dev/null))"
   else
     echo "llama.cpp: the carried build does not start here: $(tail -2 /tmp/anchor/prebuilt.log)"; rm -rf /tmp/anchor/prebuilt
