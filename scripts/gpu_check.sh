@@ -33,7 +33,7 @@
 #                   this flow off the GPU machine: ORCD_DEVICE_ENV=1, a small FILE as $ORCD_BENCH_DIR/NAME.gguf); SERVE_PROFILE=1: the worker under py-spy (.dev/tools/py-spy carried), to $OUT/serve-prof-*.txt
 #   BUILD_LLAMA=1   start building llama.cpp (bench tools and llama-server; LLAMA_JOBS, default 10) from .dev/anchors/llamacpp-src.tgz
 #                   into /tmp/anchor in the background (../shared/anchors/README.md), for a later call. Where
-#                   .dev/anchors/llama-bin.tar.xz is carried (scripts/build_llama.sh made it on the development VM) and
+#                   .dev/llama/llama-bin.tar.xz is carried (scripts/build_llama.sh made it on the development VM) and
 #                   its llama-bench starts here, those binaries are used at once and nothing is built
 #   LLAMA_BENCH="qwen2.5-0.5b ..."  llama.cpp's same-lease figures on those files: llama-bench pp512/tg128
 #                   and llama-batched-bench at 1, 8, 32 and 64 sequences (waits for the build); to $OUT/llama.md
@@ -85,15 +85,25 @@ start_llama_build() {
 }
 # llama.cpp built elsewhere from the same source (scripts/build_llama.sh): used when it starts here (the
 # image's libraries may differ from the development VM's), which leaves the cores to the measurements
-if [ -f .dev/anchors/llama-bin.tar.xz ] && [ ! -f /tmp/anchor/build.rc ]; then
-  mkdir -p /tmp/anchor/prebuilt && tar xJf .dev/anchors/llama-bin.tar.xz -C /tmp/anchor/prebuilt
-  # it starts and its CUDA backend finds the GPU
-  if /tmp/anchor/prebuilt/bin/llama-bench --list-devices > /tmp/anchor/prebuilt.log 2>&1 \
-      && grep -q "CUDA0" /tmp/anchor/prebuilt.log; then
-    echo 0 > /tmp/anchor/build.rc; echo "llama.cpp: the carried build ($(cat /tmp/anchor/prebuilt/bin/BUILD 2>/dev/null))"
-  else
-    echo "llama.cpp: the carried build does not start here: $(tail -2 /tmp/anchor/prebuilt.log)"; rm -rf /tmp/anchor/prebuilt
-  fi
+# Its RUNPATH names only its own folder: libcudart/libcublas come from the loader's path, else from the
+# toolkit's or the nvidia wheels' folders (kept in /tmp/anchor/ld_path for later calls on this machine).
+prebuilt_ok() {  # it starts and its CUDA backend finds the GPU
+  LD_LIBRARY_PATH="$1${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" /tmp/anchor/prebuilt/bin/llama-bench --list-devices \
+    > /tmp/anchor/prebuilt.log 2>&1 && grep -q "CUDA0" /tmp/anchor/prebuilt.log
+}
+if [ -f .dev/llama/llama-bin.tar.xz ] && [ ! -f /tmp/anchor/build.rc ]; then
+  mkdir -p /tmp/anchor/prebuilt && tar xJf .dev/llama/llama-bin.tar.xz -C /tmp/anchor/prebuilt
+  libs=$(python3 -c "import glob, sys; print(':'.join(['/usr/local/cuda/lib64'] + sorted(glob.glob(sys.prefix + '/lib/python3*/site-packages/nvidia/cu13/lib') + glob.glob('/usr/local/lib/python3*/dist-packages/nvidia/cu13/lib'))))" 2>/dev/null)
+  for p in "" "$libs"; do
+    if prebuilt_ok "$p"; then
+      echo "$p" > /tmp/anchor/ld_path; echo 0 > /tmp/anchor/build.rc
+      echo "llama.cpp: the carried build ($(cat /tmp/anchor/prebuilt/bin/BUILD 2>/dev/null)${p:+; libraries from $p})"; break
+    fi
+  done
+  [ -f /tmp/anchor/build.rc ] || { echo "llama.cpp: the carried build does not start here: $(tail -2 /tmp/anchor/prebuilt.log)"; rm -rf /tmp/anchor/prebuilt; }
+fi
+if [ -s /tmp/anchor/ld_path ] && [ -d /tmp/anchor/prebuilt ]; then
+  export LD_LIBRARY_PATH="$(cat /tmp/anchor/ld_path)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 # the build takes ten cores for minutes: after the CPU-bound measurements when there are some
 [ -z "${CONSTRAINT:-}${MASK_FILL:-}" ] && start_llama_build

@@ -8,7 +8,9 @@
 #   vocab    .dev/carry/bv.tar.xz: the shared vocabularies (bench/synth_gguf.py writes the anchor files from them)
 #   tiny     .dev/carry/tiny.tar.xz: the tiny architecture models (tests/gpu/test_cuda_architectures.py;
 #            needs transformers here: pip install -e '.[reference]')
-#   anchors  .dev/anchors/llamacpp-src.tgz: llama.cpp's source for BUILD_LLAMA
+#   anchors  .dev/anchors/llamacpp-src.tgz: llama.cpp's source for BUILD_LLAMA (scripts/build_llama.sh, run
+#            apart because it takes most of an hour here, makes .dev/llama/llama-bin.tar.xz: the built tools,
+#            41 MiB, so a call that carries it leaves out what it does not need, e.g. ".dev/anchors" or ".dev/tools")
 #   tools    .dev/tools/py-spy: the sampling profiler SERVE_PROFILE=1 runs the worker under (carry ".dev/tools")
 # No PART: all of them. Then: run(carry=[".whl", ".dev/carry", ".dev/anchors", ".dev/tools"]) under the 64 MiB limit.
 set -euo pipefail
@@ -46,3 +48,4 @@ for part in $parts; do
   esac
 done
 du -ch .whl .dev/carry .dev/anchors .dev/tools 2>/dev/null | tail -1
+du -ch .dev/llama 2>/dev/null | tail -1
