@@ -57,28 +57,31 @@ struct Ptr {
 
 // A whole block of an integer format from NL aligned 32-bit loads, funnel-shifted so that f[i] holds
 // its bytes 4i..4i+3 (a block starts at any multiple of its alignment AL: the largest power of two
-// dividing TS, at most 4): ORCD_GEMV_I8_BLOCK's GEMV lane, which takes a whole block, loads it once
-// instead of up to five narrow loads per 8-weight part. Reads at most 3 bytes past the block.
-template <int TS>
+// dividing TS, at most 4), instead of up to five narrow loads per 8-weight part: ORCD_GEMV_I8_BLOCK's
+// GEMV lane (the block in shared memory) and the MXFP4 GEMM tiles' block_h2 (NC: read-only global
+// memory, through __ldg). Reads at most TAIL bytes past the block.
+template <int TS, bool NC = false>
 struct BlockWords {
     static constexpr int AL = TS % 4 == 0 ? 4 : TS % 2 == 0 ? 2 : 1;
     static constexpr int NW = (TS + 3) / 4;                              // words of the block
     static constexpr int NL = (TS + (AL == 4 ? 0 : 4 - AL) + 3) / 4;    // aligned loads that cover it
+    static constexpr int TAIL = 4 * NL - TS;                             // read past it when it is aligned
     uint32_t f[NW + 1];
     __device__ __forceinline__ explicit BlockWords(const uint8_t* blk) {
         const uintptr_t ad = reinterpret_cast<uintptr_t>(blk);
-        // pointer arithmetic, not an integer mask: the compiler keeps shared-memory loads as such
-        const uint32_t* w = reinterpret_cast<const uint32_t*>(blk - (ad & 3));
+        // shared memory: pointer arithmetic, not an integer mask, so the compiler keeps its loads as such
+        const uint32_t* w = NC ? reinterpret_cast<const uint32_t*>(ad & ~uintptr_t(3))
+                               : reinterpret_cast<const uint32_t*>(blk - (ad & 3));
         uint32_t x[NW + 1];
 #pragma unroll
-        for (int i = 0; i <= NW; i++) x[i] = i < NL ? w[i] : 0u;
+        for (int i = 0; i <= NW; i++) x[i] = i >= NL ? 0u : NC ? __ldg(w + i) : w[i];
         if constexpr (AL == 4) {
 #pragma unroll
             for (int i = 0; i <= NW; i++) f[i] = x[i];
         } else {
             const uint32_t sh = uint32_t(ad & 3) * 8;
 #pragma unroll
-            for (int i = 0; i < NW; i++) f[i] = __funnelshift_r(x[i], x[i + 1], sh);
+            for (int i = 0; i < NW; i++) f[i] = i + 1 < NL ? __funnelshift_r(x[i], x[i + 1], sh) : x[i] >> sh;
             f[NW] = 0u;
         }
     }
@@ -203,24 +206,16 @@ struct FMXFP4 {  // e8m0 exponent byte | qs[16] e2m1 nibbles (lo: elem j, hi: el
         bytes4(lut4((v >> 4) & 0x0F0F0F0Fu) ^ 0x80808080u, 128.f, q + 4);
     }
     static constexpr int QB = 0;  // lut4 gives signed bytes
-    // The whole block as 16 f16 pairs (weights 2j, 2j+1 in h[j]), scale applied, from five aligned
-    // word loads covering its 17 bytes (a 1-aligned block ends at most 19 bytes past the word below
-    // it; QuantWeight pads its allocation, so the last word is readable).
+    // The whole block as 16 f16 pairs (weights 2j, 2j+1 in h[j]), scale applied, from the five aligned
+    // word loads covering its 17 bytes (BlockWords; QuantWeight pads its allocation, so the last word
+    // is readable).
     __device__ static void block_h2(const uint8_t* b, uint32_t* h) {
-        const uintptr_t ad = reinterpret_cast<uintptr_t>(b);
-        const uint32_t* w = reinterpret_cast<const uint32_t*>(ad & ~uintptr_t(3));
-        const uint32_t sh = uint32_t(ad & 3) * 8;
-        uint32_t x[5], f[5];
-#pragma unroll
-        for (int i = 0; i < 5; i++) x[i] = __ldg(w + i);
-#pragma unroll
-        for (int i = 0; i < 4; i++) f[i] = __funnelshift_r(x[i], x[i + 1], sh);  // bytes 4i..4i+3 of b
-        f[4] = x[4] >> sh;                                                        // byte 16 (in its low byte)
-        const uint32_t e = f[0] & 0xFFu;
+        const BlockWords<TS, true> B(b);
+        const uint32_t e = B.b(0);
         const float a = e >= 2 ? __uint_as_float((e - 1) << 23) : 0.f;  // as sc(): half the E8M0 scale
 #pragma unroll
         for (int p = 0; p < 4; p++) {
-            const uint32_t v = __byte_perm(f[p], f[p + 1], 0x4321);  // qs bytes 4p..4p+3 (b + 1 + 4p)
+            const uint32_t v = B.at(1 + 4 * p);  // qs bytes 4p..4p+3
             float q[8];
             bytes4(lut4(v & 0x0F0F0F0Fu) ^ 0x80808080u, 128.f, q);         // weights 4p..4p+3
             bytes4(lut4((v >> 4) & 0x0F0F0F0Fu) ^ 0x80808080u, 128.f, q + 4);  // weights 16+4p..

@@ -38,8 +38,9 @@ constexpr int GEMV_R = 2;      // rows per warp: each x load is reused R times
 template <class F>
 struct GemvSmem {
     // one row chunk plus the up-to-15-byte misalignment of its start, rounded to 16; with
-    // ORCD_GEMV_I8_BLOCK the 32-weight formats' BlockWords read up to 3 bytes past a chunk's last block
-    static constexpr int ROW = ((F::CHB * F::TS + 15 + (ORCD_GEMV_I8_BLOCK && F::QK == 32 ? 3 : 0) + 15) / 16) * 16;
+    // ORCD_GEMV_I8_BLOCK the 32-weight formats' BlockWords read past a chunk's last block
+    static constexpr int TAIL = ORCD_GEMV_I8_BLOCK && F::QK == 32 ? BlockWords<F::TS>::TAIL : 0;
+    static constexpr int ROW = ((F::CHB * F::TS + 15 + TAIL + 15) / 16) * 16;
 };
 
 // A lane's whole block as BlockWords (ORCD_GEMV_I8_BLOCK's int8 GEMV), or nothing (the per-part lanes)
