@@ -11,6 +11,7 @@ then carry every call.
 
     python3 bench/host_ceiling.py [--step-ms 5] [--clients 16,64] [--procs 2] [--requests-per-client 3]
         [--frontends N]
+    python3 bench/host_ceiling.py --serve --port P [--log-steps FILE]   (the worker alone, for serve_bench)
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def serve(step_s: float, port: int, metrics_port: int, tmp: str, frontends: int = 0) -> None:
-    """Runs in the child: the worker over the scripted engine, until killed."""
+def serve(step_s: float, port: int, metrics_port: int, tmp: str, frontends: int = 0, log_steps: str = "") -> None:
+    """Runs in the child: the worker over the scripted engine, until killed. log_steps: a file that gets
+    one line per step, "rows tokens rows_with_prompt_tokens" (bench/step_shapes.py reads it)."""
     sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
     from orcd_grpc.server import apply_switch_interval
     from orcd_grpc.tuning import Tuning
@@ -37,7 +39,19 @@ def serve(step_s: float, port: int, metrics_port: int, tmp: str, frontends: int 
     from test_scheduler import FakeEngine, FakeTokenizer
 
     FakeTokenizer.is_special = lambda self, t: t in (0, 1)  # BOS, EOS (what StreamDecoder asks)
-    scheduler.default_loader = lambda path, **kw: FakeEngine(
+
+    class Logged(FakeEngine):
+        def launch(self, seqs, token_budget=2048, after=None):
+            before = [(s.num_cached, s.prefill_remaining > 0) for s in seqs]
+            out = super().launch(seqs, token_budget, after)
+            if out is not None:  # the tokens each row took are what its cache grew by
+                tokens = sum(s.num_cached - n for s, (n, _) in zip(seqs, before))
+                log.write(f"{len(seqs)} {tokens} {sum(p for _, p in before)}\n")
+            return out
+
+    log = open(log_steps, "w", buffering=1) if log_steps else None
+    engine = Logged if log else FakeEngine
+    scheduler.default_loader = lambda path, **kw: engine(
         script=list(range(40, 240)), blocks=1 << 20, context_length=4096, max_sequences=256, step_delay=step_s)
     path = os.path.join(tmp, "scripted.gguf")
     open(path, "wb").write(b"GGUF")  # never read: the loader above ignores it
@@ -56,11 +70,13 @@ def main() -> int:
     ap.add_argument("--coalesce", action="store_true", help="the clients ask for coalesce_tokens")
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--frontends", type=int, default=0, help="front-end processes on the worker's port (--frontends)")
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true",
+                    help="only the worker, until killed (drive it with serve_bench.py on --port)")
+    ap.add_argument("--log-steps", default="", help="with --serve: each step's rows and tokens to this file")
     a = ap.parse_args()
     if a.serve:
         with tempfile.TemporaryDirectory() as tmp:
-            serve(a.step_ms / 1e3, a.port, a.port + 1, tmp, a.frontends)
+            serve(a.step_ms / 1e3, a.port, a.port + 1, tmp, a.frontends, a.log_steps)
         return 0
     child = subprocess.Popen([sys.executable, __file__, "--serve", "--step-ms", str(a.step_ms), "--port", str(a.port),
                               "--frontends", str(a.frontends)])
