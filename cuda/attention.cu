@@ -203,8 +203,8 @@ __device__ void attn_impl(ATTN_IMPL_PARAMS) {
                     const size_t row = (size_t)slot_s[j] * Hkv + kvh;
                     const int D = is_k ? Dk : Dv;
                     if constexpr (Q8) {
-                        const char2 lv = reinterpret_cast<const char2*>(
-                            static_cast<const int8_t*>(is_k ? kc : vc) + row * D)[c];
+                        const float2 lv = sbytes2(reinterpret_cast<const unsigned short*>(
+                            static_cast<const int8_t*>(is_k ? kc : vc) + row * D)[c]);
                         const float dsc = __half2float((is_k ? ks : vs)[row * (D >> 5) + (c >> 4)]);
                         f[i] = make_float2(dsc * lv.x, dsc * lv.y);
                     } else {

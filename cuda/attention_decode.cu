@@ -128,7 +128,7 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
                 const unsigned w[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
                 float f[32];
 #pragma unroll
-                for (int i = 0; i < 32; ++i) f[i] = static_cast<float>(static_cast<int8_t>(w[i >> 2] >> (8 * (i & 3))));
+                for (int i = 0; i < 8; ++i) sbytes4(w[i], f + 4 * i);
 #pragma unroll
                 for (int g = 0; g < GM; ++g) {
                     if (g < G) {
@@ -196,14 +196,14 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
                 const int sj = __shfl_sync(FULL_MASK, slot, j0 + jj);
                 const size_t row = (size_t)sj * Hkv + kvh;
                 if constexpr (Q8) {
-                    const char2* vp = reinterpret_cast<const char2*>(static_cast<const int8_t*>(vc) + row * Dv);
+                    const unsigned short* vp = reinterpret_cast<const unsigned short*>(static_cast<const int8_t*>(vc) + row * Dv);
                     const __half* vd = vs + row * (Dv >> 5);
 #pragma unroll
                     for (int c = 0; c < NC; ++c) {
                         const int d2 = lane + 32 * c;
                         vv[jj][c] = make_float2(0.f, 0.f);
                         if (2 * d2 < Dv) {
-                            const char2 lv = vp[d2];
+                            const float2 lv = sbytes2(vp[d2]);
                             const float dsc = __half2float(vd[d2 >> 4]);
                             vv[jj][c] = make_float2(dsc * lv.x, dsc * lv.y);
                         }

@@ -27,6 +27,23 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
 __device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+// Byte i of v (0..255) as a float minus `bias`, without the quarter-rate I2F: 0x4B0000xx is the
+// float 2^23 + xx exactly, so subtracting (2^23 + bias) is exact for every byte value.
+template <int I>
+__device__ __forceinline__ float bytef(uint32_t v, float bias) {
+    return __int_as_float(__byte_perm(v, 0x4B000000u, 0x7550u | I)) - (8388608.0f + bias);
+}
+__device__ __forceinline__ void bytes4(uint32_t v, float bias, float* q) {
+    q[0] = bytef<0>(v, bias); q[1] = bytef<1>(v, bias); q[2] = bytef<2>(v, bias); q[3] = bytef<3>(v, bias);
+}
+// The four int8 of v as floats, exactly: flipping each byte's sign bit maps -128..127 to 0..255.
+__device__ __forceinline__ void sbytes4(uint32_t v, float* q) { bytes4(v ^ 0x80808080u, 128.f, q); }
+// The two int8 of a char2's bits (low 16 of v) as floats, exactly.
+__device__ __forceinline__ float2 sbytes2(uint32_t v) {
+    v ^= 0x8080u;
+    return make_float2(bytef<0>(v, 128.f), bytef<1>(v, 128.f));
+}
+
 __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
 
 // gelu with the tanh approximation, as ggml's gelu and gemma use.

@@ -92,15 +92,6 @@ struct BlockWords {
     __device__ __forceinline__ uint32_t b(int o) const { return (f[o >> 2] >> (8 * (o & 3))) & 0xFFu; }
 };
 
-// Byte i of v (0..255) as a float minus `bias`, without the quarter-rate I2F: 0x4B0000xx is the
-// float 2^23 + xx exactly, so subtracting (2^23 + bias) is exact for every byte value.
-template <int I>
-__device__ __forceinline__ float bytef(uint32_t v, float bias) {
-    return __int_as_float(__byte_perm(v, 0x4B000000u, 0x7550u | I)) - (8388608.0f + bias);
-}
-__device__ __forceinline__ void bytes4(uint32_t v, float bias, float* q) {
-    q[0] = bytef<0>(v, bias); q[1] = bytef<1>(v, bias); q[2] = bytef<2>(v, bias); q[3] = bytef<3>(v, bias);
-}
 // The low 4 bits of x moved to bit 0 of each byte (bit i -> byte i); shifts do not overlap so no carries.
 __device__ __forceinline__ uint32_t spread4(uint32_t x) { return ((x & 0xFu) * 0x00204081u) & 0x01010101u; }
 
@@ -174,9 +165,8 @@ struct FQ8_0 {  // d f16 | qs[32] int8; w = d*q
     static constexpr int QK = 32, TS = 34, NP = 4, CHB = 32; static constexpr bool MIN = false;
     __device__ static void offs(int p, int& o0, int& o1) { o0 = 8 * p; o1 = 8 * p + 4; }
     __device__ static void qv(const uint8_t* b, int p, float* q) {
-        // xor 0x80 turns int8 into q+128 as an unsigned byte
-        bytes4(ld32<2>(b + 2 + 8 * p) ^ 0x80808080u, 128.f, q);
-        bytes4(ld32<2>(b + 6 + 8 * p) ^ 0x80808080u, 128.f, q + 4);
+        sbytes4(ld32<2>(b + 2 + 8 * p), q);
+        sbytes4(ld32<2>(b + 6 + 8 * p), q + 4);
     }
     static constexpr int QB = 0;  // signed bytes as they are
     template <class S> __device__ static void qi_at(const S& s, int p, uint32_t& lo, uint32_t& hi) {
