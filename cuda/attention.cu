@@ -50,9 +50,7 @@ extern "C" __global__ void kv_store_f16(const float* __restrict__ k, const float
 }
 
 // Writes this step's K/V rows (float32 [T, Hkv, D]) into a Q8_0 cache at slot_mapping[t]: a warp
-// per 32 values, turned by H, then GGML's Q8_0 as cpu_ops._put_q8 writes it, bit for bit: d =
-// amax / 127 stored as a half, levels round(y * (1 / d)) with halves away from zero (IEEE division
-// and reciprocal: fast math would move a level now and then). Grid (warps / 8, T), 256 threads.
+// per 32 values (q8_store_turned). Grid (warps / 8, T), 256 threads.
 extern "C" __global__ void kv_store_q8(const float* __restrict__ k, const float* __restrict__ v,
                                        const int* __restrict__ slots, int8_t* __restrict__ kq,
                                        int8_t* __restrict__ vq, __half* __restrict__ ks, __half* __restrict__ vs,
@@ -67,13 +65,8 @@ extern "C" __global__ void kv_store_q8(const float* __restrict__ k, const float*
         const bool is_k = blk < nbk;
         const int bi = is_k ? blk : blk - nbk, nb = is_k ? nbk : nbv;
         const float x = (is_k ? k : v)[((size_t)t * nb + bi) * 32 + lane];
-        const float y = wht32_warp(x, lane);
-        const float amax = warp_max(fabsf(y));
-        const float d = __fdiv_rn(amax, 127.f);
-        const float inv = d != 0.f ? __frcp_rn(d) : 0.f;
-        const float r = floorf(fabsf(y * inv) + 0.5f);
-        (is_k ? kq : vq)[((size_t)slot * nb + bi) * 32 + lane] = static_cast<int8_t>(y * inv >= 0.f ? r : -r);
-        if (lane == 0) (is_k ? ks : vs)[(size_t)slot * nb + bi] = __float2half_rn(d);
+        const size_t blk_at = (size_t)slot * nb + bi;
+        q8_store_turned(x, lane, (is_k ? kq : vq) + blk_at * 32, (is_k ? ks : vs) + blk_at);
     }
 }
 

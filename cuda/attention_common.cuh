@@ -1,7 +1,7 @@
-// Shared by attention.cu and attention_decode.cu: the paged-attention arguments, the Walsh-Hadamard
-// turn of the Q8_0 cache's blocks and the merge of split-key partials.
+// Shared by attention.cu and attention_decode.cu: the paged-attention arguments and the merge of
+// split-key partials (the Q8_0 cache's turn: kv_q8.cuh).
 #pragma once
-#include "common.cuh"
+#include "kv_q8.cuh"
 
 // What attn_impl and attn_dec_impl read (cuda_attention.py passes them in this order): kc/vc are
 // __half (f16 cache) or int8_t (Q8_0: levels, with the half scales ks/vs; nullptr for f16).
@@ -13,16 +13,6 @@
         int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window,                         \
         const float* __restrict__ sinks, float softcap, int n_splits, float* __restrict__ part
 
-// H x / sqrt(32) of the warp's 32 values (lane i holds x_i): the butterflies of cpu_ops.wht32 in
-// the same order, so the same float32 bits.
-__device__ __forceinline__ float wht32_warp(float x, int lane) {
-#pragma unroll
-    for (int h = 1; h < 32; h <<= 1) {
-        const float y = __shfl_xor_sync(FULL_MASK, x, h);
-        x = (lane & h) ? y - x : x + y;
-    }
-    return x * 0.17677669529663687f;
-}
 
 // One warp merges the n_splits partials p[split][acc (Dv), m, l] of a (token, q head) row into its
 // output o; a sink logit (if any) joins the denominator. Loads bypass L1 (__ldcg): attn_dec's

@@ -6,7 +6,7 @@
 // modulo 2*pi in double precision: positions reach 1e5 and more, where a float32 product would
 // be off by ~1e-2 rad, and the fast-math sin/cos are only accurate on a reduced argument.
 //   neox = 0: pairs (2i, 2i+1)      neox = 1: pairs (i, i + rot/2)
-#include "common.cuh"
+#include "kv_q8.cuh"
 
 // Pair i of a head at position p: (a, b) -> (a cos - b sin, a sin + b cos), both scaled by mscale.
 __device__ __forceinline__ void rope_rotate(float a, float b, int p, const double* __restrict__ inv_freq, int i,
@@ -114,6 +114,50 @@ extern "C" __global__ void qkv_rope_store_f32(const float* __restrict__ qkv, flo
             __half* kr = kc + ((size_t)slot * Hk + h) * D;
             kr[ia] = __float2half_rn(ya);
             if (ib >= 0) kr[ib] = __float2half_rn(yb);
+        }
+    }
+}
+
+// qkv_rope_store_q8: qkv_rope_store_f32 for a Q8_0 cache (layout as kv_store_q8). A warp per 32
+// values of the row: lane i ropes its own value (reading its pair partner, which may lie in
+// another block when neox), then a k or v block is turned and rounded by q8_store_turned. The
+// values are those rope_pair_f32 gives, so the cache holds what split + rope + kv_store_q8 store.
+// Grid (blocks / 8, T), 256 threads; D and Dv are multiples of 32.
+extern "C" __global__ void qkv_rope_store_q8(const float* __restrict__ qkv, float* __restrict__ yq,
+                                             int8_t* __restrict__ kq, int8_t* __restrict__ vq,
+                                             __half* __restrict__ ks, __half* __restrict__ vs,
+                                             const int* __restrict__ pos, const int* __restrict__ slots,
+                                             const double* __restrict__ inv_freq, int T, int Hq, int Hk, int D,
+                                             int Dv, int rot, int neox, float mscale) { pdl_enter();
+    const int t = blockIdx.y, lane = threadIdx.x & 31;
+    const int nq = Hq * D / 32, nk = Hk * D / 32, nv = Hk * Dv / 32;  // 32-value blocks of each part
+    const float* row = qkv + (size_t)t * ((size_t)(Hq + Hk) * D + (size_t)Hk * Dv);
+    const int slot = slots[t], p = pos[t], half = rot >> 1;
+    for (int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); blk < nq + nk + nv;
+         blk += gridDim.x * (blockDim.x >> 5)) {
+        if (blk >= nq && slot < 0) break;  // a padding token: nothing to store (warp-uniform)
+        const int j = blk * 32 + lane;     // this lane's value in the row
+        if (blk >= nq + nk) {
+            const int bv = blk - nq - nk;
+            q8_store_turned(row[j], lane, vq + ((size_t)slot * nv + bv) * 32, vs + (size_t)slot * nv + bv);
+            continue;
+        }
+        const bool isq = blk < nq;
+        const int jh = isq ? j : j - Hq * D, e = jh % D;  // e: the value's place in its head
+        const float* xr = row + (isq ? 0 : (size_t)Hq * D) + (size_t)(jh - e);
+        float y = xr[e];
+        if (e < rot) {
+            const int i = neox ? (e < half ? e : e - half) : e >> 1;
+            const int ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
+            float ya, yb;
+            rope_rotate(xr[ia], xr[ib], p, inv_freq, i, mscale, ya, yb);
+            y = e == ia ? ya : yb;
+        }
+        if (isq) {
+            yq[(size_t)t * Hq * D + j] = y;
+        } else {
+            const int bk = blk - nq;
+            q8_store_turned(y, lane, kq + ((size_t)slot * nk + bk) * 32, ks + (size_t)slot * nk + bk);
         }
     }
 }

@@ -196,6 +196,16 @@ def test_fused_qkv_rope_and_moe_plan(monkeypatch):
     be.qkv_rope_store(be._out((1, (14 + 4) * 64)), kv, 0, ctx, spec, 14, 2, 64, 64)
     assert [n for n, _ in launched] == ["qkv_rope_store_f32"]
     launched.clear()
+    be.kv_type = "q8_0"
+    kv8 = be.alloc_kv(layout)
+    be.qkv_rope_store(be._out((3, (14 + 4) * 64)), kv8, 0, ctx, spec, 14, 2, 64, 64)
+    assert launched == [("qkv_rope_store_q8", (5, 3, 1))]  # (14 + 2 + 2) * 64 / 32 = 36 warps, 8 a block
+    launched.clear()
+    be.tuning = dataclasses.replace(DEFAULT, fuse_qkv_rope=False)
+    be.qkv_rope_store(be._out((3, (14 + 4) * 64)), kv8, 0, ctx, spec, 14, 2, 64, 64)
+    assert [n for n, _ in launched][-1] == "kv_store_q8"
+    be.tuning, be.kv_type = DEFAULT, "f16"
+    launched.clear()
     E, d, F = 32, 2880, 2880
     w = SimpleNamespace(qtype=Q.MXFP4, n=F, k=d, n_experts=E, ptr=0x10000, expert_bytes=F * d // 2 * 17 // 16)
     wd = SimpleNamespace(qtype=Q.MXFP4, n=d, k=F, n_experts=E, ptr=0x20000, expert_bytes=F * d // 2 * 17 // 16)

@@ -192,23 +192,31 @@ class AttentionMixin:
 
     def qkv_rope_store(self, qkv, kv: CudaKV, layer, ctx: CudaStep, spec: RopeSpec, n_heads, n_kv_heads, head_dim,
                        head_dim_v):
-        """One kernel: the q part roped into a new tensor, k roped and v converted to f16 straight
-        into the cache (split + rope + kv store were three launches per layer)."""
+        """One kernel: the q part roped into a new tensor, k roped and v stored straight into the
+        cache, converted to f16 or turned and rounded to Q8_0 (split + rope + kv store were three
+        launches per layer)."""
         T = qkv.shape[0]
         L = kv.layout
-        if (kv.q8 or not self.tuning.fuse_qkv_rope or qkv.shape[-1] != (n_heads + n_kv_heads) * head_dim + n_kv_heads * head_dim_v
-                or (L.n_kv_heads, L.head_dim_k, L.head_dim_v) != (n_kv_heads, head_dim, head_dim_v)):
+        if (not self.tuning.fuse_qkv_rope or qkv.shape[-1] != (n_heads + n_kv_heads) * head_dim + n_kv_heads * head_dim_v
+                or (L.n_kv_heads, L.head_dim_k, L.head_dim_v) != (n_kv_heads, head_dim, head_dim_v)
+                or (kv.q8 and (head_dim % 32 or head_dim_v % 32))):
             return super().qkv_rope_store(qkv, kv, layer, ctx, spec, n_heads, n_kv_heads, head_dim, head_dim_v)
         buf, mscale = self._rope_table(spec)
         q = self._out((T, n_heads, head_dim))
         if T:
             rot = int(spec.dim)
-            per = (n_heads + n_kv_heads) * (head_dim - rot // 2) + n_kv_heads * head_dim_v
-            kern = self._k("rope", "qkv_rope_store_f32", "PPPPPPPiiiiiiif")
-            self._launch(kern, (max(1, min(-(-per // 256), 32)), T, 1), (256, 1, 1), qkv.ptr, q.ptr, kv.k_ptr(layer),
-                         kv.v_ptr(layer), ctx.positions, ctx.slot_mapping, buf.ptr, np.int32(T), np.int32(n_heads),
-                         np.int32(n_kv_heads), np.int32(head_dim), np.int32(head_dim_v), np.int32(rot),
-                         np.int32(1 if spec.neox else 0), np.float32(mscale))
+            if kv.q8:  # a warp per 32 values
+                per = ((n_heads + n_kv_heads) * head_dim + n_kv_heads * head_dim_v) // 32
+                kern = self._k("rope", "qkv_rope_store_q8", "PPPPPPPPPiiiiiiif")
+                grid, caches = (max(1, min(-(-per // 8), 64)), T, 1), (kv.k_ptr(layer), kv.v_ptr(layer),
+                                                                        *kv.scale_ptrs(layer))
+            else:
+                per = (n_heads + n_kv_heads) * (head_dim - rot // 2) + n_kv_heads * head_dim_v
+                kern = self._k("rope", "qkv_rope_store_f32", "PPPPPPPiiiiiiif")
+                grid, caches = (max(1, min(-(-per // 256), 32)), T, 1), (kv.k_ptr(layer), kv.v_ptr(layer))
+            self._launch(kern, grid, (256, 1, 1), qkv.ptr, q.ptr, *caches, ctx.positions, ctx.slot_mapping, buf.ptr,
+                         np.int32(T), np.int32(n_heads), np.int32(n_kv_heads), np.int32(head_dim),
+                         np.int32(head_dim_v), np.int32(rot), np.int32(1 if spec.neox else 0), np.float32(mscale))
         return q
 
     def attention(self, q, k, v, kv: CudaKV, layer, ctx: CudaStep, *, scale, window=0, sinks=None, softcap=0.0):

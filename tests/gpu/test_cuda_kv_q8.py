@@ -96,6 +96,41 @@ def test_store_is_ggml_q8_0_of_the_turned_rows_bit_for_bit(be, rng):
         kv.buf.free()
 
 
+@pytest.mark.parametrize("Hq,Hkv,D,rot_frac,neox", [(32, 32, 96, 1, False), (14, 2, 64, 1, True),
+                                                     (32, 32, 96, 0.75, True), (9, 3, 128, 0.5, False)])
+def test_fused_qkv_rope_store_matches_the_three_kernels(be, rng, Hq, Hkv, D, rot_frac, neox, monkeypatch):
+    """qkv_rope_store_q8 (one kernel) against split + rope_pair + kv_store_q8, the path the test
+    above holds to gguf's Q8_0 bit for bit: the same q, levels and scales, at scattered slots with a
+    padding token (nothing stored), neox and interleaved pairs, partial rotary dims (a neox pair's
+    partner in another 32-block)."""
+    from orcd_grpc.backends.base import RopeSpec
+
+    from .test_cuda_ops import simple_meta
+
+    T, nslots = 23, 64
+    spec = RopeSpec(dim=int(D * rot_frac), base=10000.0, neox=neox)
+    meta = simple_meta(T, rng.integers(0, 5000, T))
+    meta.slot_mapping = rng.permutation(nslots)[:T].astype(np.int32)
+    meta.slot_mapping[5] = -1
+    layout = KVLayout(n_layers=2, num_blocks=4, block_size=16, n_kv_heads=Hkv, head_dim_k=D, head_dim_v=D)
+    qkv = dev(be, rng.standard_normal((T, (Hq + 2 * Hkv) * D)) * 3)
+    got = {}
+    for fused in (False, True):
+        tune(monkeypatch, be, fuse_qkv_rope=fused)
+        kv = be.alloc_kv(layout)
+        try:
+            be._drv.memset_d8(kv.buf.ptr, 0x55, kv.buf.nbytes)
+            ctx = be.begin_step(meta)
+            q = be.qkv_rope_store(qkv, kv, 1, ctx, spec, Hq, Hkv, D, D)
+            got[fused] = [be.to_host(q)] + read_cache(be, kv, 1) + read_cache(be, kv, 0)
+        finally:
+            kv.buf.free()
+    keep = meta.slot_mapping[meta.slot_mapping >= 0]
+    assert np.abs(got[False][0]).max() > 1 and (got[False][1][keep] != 0x55).any()  # written, not left as filled
+    for a, b in zip(got[False], got[True]):
+        assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("mode", ["default", "tiled-decode", "four-slices", "dec-gqa", "dec-gqa-one-slice",
                                   "combine-launch"])
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[f"case{i}" for i in range(len(ATTN_CASES))])
