@@ -6,12 +6,13 @@
 //   MIN   true when a weight is a*q + m (an offset term) rather than a*q
 //   offs(p, o0, o1)   part p covers block elements o0..o0+3 and o1..o1+3
 //   qv(b, p, q[8])     the part's quantized values as floats (offsets such as -8 already applied)
-//   qi(b, p, lo, hi)   (integer formats) the same 8 values as two words of 4 signed bytes, before the
+//   qi(b, p, lo, hi)   (the K-quants) the same 8 values as two words of 4 signed bytes, before the
 //                      offset QB is taken off (q - QB is what qv gives), for the int8-activation GEMV
 //   sc(b, p, a0, a1, m0, m1)  its scales: w[i] = a_{i/4} * q[i] (+ m_{i/4} when MIN); identical for the
 //                      4 parts 4g..4g+3 of an aligned group (GEMV decodes scales once per group)
 //   qi_at(s, p, lo, hi), sc_at(s, a0, a1, m0, m1)  (the 32-weight integer formats) qi and sc on a byte
-//                      source: the block in memory (Ptr, what qi and sc are) or in registers (BlockWords)
+//                      source: the block in memory (Ptr, what sc is) or in registers (BlockWords, the
+//                      int8 GEMV's whole block a lane)
 // A part's 8 elements always lie inside one aligned 64-element window of the row (32 for QK=32
 // formats) and parts 8w..8w+7 (global part index = element/8 numbering of windows) fill window w,
 // so a GEMM k-tile of 64 elements decodes exactly the parts whose index is in [kk/8, kk/8+8).
@@ -57,8 +58,8 @@ struct Ptr {
 
 // A whole block of an integer format from NL aligned 32-bit loads, funnel-shifted so that f[i] holds
 // its bytes 4i..4i+3 (a block starts at any multiple of its alignment AL: the largest power of two
-// dividing TS, at most 4), instead of up to five narrow loads per 8-weight part: ORCD_GEMV_I8_BLOCK's
-// GEMV lane (the block in shared memory) and the MXFP4 GEMM tiles' block_h2 (NC: read-only global
+// dividing TS, at most 4), instead of up to five narrow loads per 8-weight part: the int8 GEMV's
+// lane (the block in shared memory) and the MXFP4 GEMM tiles' block_h2 (NC: read-only global
 // memory, through __ldg). Reads at most TAIL bytes past the block.
 template <int TS, bool NC = false>
 struct BlockWords {
@@ -107,7 +108,6 @@ struct FQ4_0 {  // d f16 | qs[16]: elem j = lo(qs[j]), elem j+16 = hi(qs[j]); w 
         const uint32_t v = s.at(2 + 4 * p); lo = v & 0x0F0F0F0Fu; hi = (v >> 4) & 0x0F0F0F0Fu;
     }
     template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = 0.f; }
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<2>{b}, p, lo, hi); }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<2>{b}, a0, a1, m0, m1); }
 };
 struct FQ4_1 {  // d, m f16 | qs[16]; w = d*q + m
@@ -122,7 +122,6 @@ struct FQ4_1 {  // d, m f16 | qs[16]; w = d*q + m
         const uint32_t v = s.at(4 + 4 * p); lo = v & 0x0F0F0F0Fu; hi = (v >> 4) & 0x0F0F0F0Fu;
     }
     template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = s.h(2); }
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<4>{b}, p, lo, hi); }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<4>{b}, a0, a1, m0, m1); }
 };
 struct FQ5_0 {  // d f16 | qh u32 (bit j = 5th bit of elem j) | qs[16]; w = d*(q-16)
@@ -140,7 +139,6 @@ struct FQ5_0 {  // d f16 | qh u32 (bit j = 5th bit of elem j) | qs[16]; w = d*(q
         hi = ((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4);
     }
     template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = 0.f; }
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<2>{b}, p, lo, hi); }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<2>{b}, a0, a1, m0, m1); }
 };
 struct FQ5_1 {  // d, m f16 | qh u32 | qs[16]; w = d*q + m
@@ -158,7 +156,6 @@ struct FQ5_1 {  // d, m f16 | qh u32 | qs[16]; w = d*q + m
         hi = ((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4);
     }
     template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = s.h(2); }
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<4>{b}, p, lo, hi); }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<4>{b}, a0, a1, m0, m1); }
 };
 struct FQ8_0 {  // d f16 | qs[32] int8; w = d*q
@@ -173,7 +170,6 @@ struct FQ8_0 {  // d f16 | qs[32] int8; w = d*q
         lo = s.at(2 + 8 * p); hi = s.at(6 + 8 * p);
     }
     template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = 0.f; }
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<2>{b}, p, lo, hi); }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<2>{b}, a0, a1, m0, m1); }
 };
 struct FMXFP4 {  // e8m0 exponent byte | qs[16] e2m1 nibbles (lo: elem j, hi: elem j+16)
@@ -228,7 +224,6 @@ struct FMXFP4 {  // e8m0 exponent byte | qs[16] e2m1 nibbles (lo: elem j, hi: el
         // float denormal (flushed by fast-math); such scales are ~1e-38 and do not occur in models.
         a0 = a1 = e >= 2 ? __uint_as_float((e - 1) << 23) : 0.f; m0 = m1 = 0.f;
     }
-    __device__ static void qi(const uint8_t* b, int p, uint32_t& lo, uint32_t& hi) { qi_at(Ptr<1>{b}, p, lo, hi); }
     __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<1>{b}, a0, a1, m0, m1); }
 };
 // K-quant 6-bit scale/min pairs, packed 12 bytes for 8 sub-blocks (ggml's get_scale_min_k4 layout)

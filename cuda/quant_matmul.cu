@@ -29,21 +29,16 @@ namespace {
 
 constexpr int GEMV_WARPS = 4;  // warps per block: independent rows (KS = 1) or one row group (KS = 4)
 constexpr int GEMV_R = 2;      // rows per warp: each x load is reused R times
-// 1: the int8-input GEMV of the 32-weight formats takes a whole block a lane (see gemv_impl's G);
-// tuning.gemv_i8_block (compile time, cuda_runtime.module_options)
-#ifndef ORCD_GEMV_I8_BLOCK
-#define ORCD_GEMV_I8_BLOCK 0
-#endif
 
 template <class F>
 struct GemvSmem {
-    // one row chunk plus the up-to-15-byte misalignment of its start, rounded to 16; with
-    // ORCD_GEMV_I8_BLOCK the 32-weight formats' BlockWords read past a chunk's last block
-    static constexpr int TAIL = ORCD_GEMV_I8_BLOCK && F::QK == 32 ? BlockWords<F::TS>::TAIL : 0;
+    // one row chunk plus the up-to-15-byte misalignment of its start, rounded to 16; the int8 GEMV
+    // of the 32-weight formats reads its BlockWords past a chunk's last block
+    static constexpr int TAIL = F::QK == 32 ? BlockWords<F::TS>::TAIL : 0;
     static constexpr int ROW = ((F::CHB * F::TS + 15 + TAIL + 15) / 16) * 16;
 };
 
-// A lane's whole block as BlockWords (ORCD_GEMV_I8_BLOCK's int8 GEMV), or nothing (the per-part lanes)
+// A lane's whole block as BlockWords (the 32-weight formats' int8 GEMV), or nothing (the K-quants' parts)
 struct NoWords {};
 template <bool ON, class F>
 __device__ __forceinline__ auto lane_block(const uint8_t* b) {
@@ -86,9 +81,10 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
     // Parts per lane. K-quants: 4 (32 weights under one scale pair) because unpacking their 6-bit
     // scales costs as much as the weights. Others: 1, so a warp's float x loads stay contiguous (4
     // parts per lane put lanes 128 B apart and made every x load touch 32 cache lines: 2x slower, v2
-    // run). On the int8 input a whole 32-weight block a lane is 32 bytes of x, two vector loads
-    // (ORCD_GEMV_I8_BLOCK, A/B: the K-quants' vector loads halved their 8-token GEMVs).
-    constexpr bool I8_BLOCK = ACT == ACT_I8 && F::QK == 32 && ORCD_GEMV_I8_BLOCK;
+    // run). On the int8 input a whole 32-weight block a lane is 32 bytes of x in two vector loads
+    // and its weight bytes in a few aligned words (BlockWords), where a part a lane made 4-byte x
+    // loads 16 bytes apart across the warp and up to five narrow weight loads a part.
+    constexpr bool I8_BLOCK = ACT == ACT_I8 && F::QK == 32;
     constexpr int G = F::QK == 256 || I8_BLOCK ? 4 : 1;
     __shared__ __align__(16) uint8_t sm[GEMV_WARPS][2][R][SROW];
     static_assert(KS == 1 || KS == GEMV_WARPS, "k is split over all of a block's warps or none");
@@ -183,22 +179,18 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                         xa[0][t] = va.x; xa[1][t] = va.y; xa[2][t] = va.z; xa[3][t] = va.w;
                         xb[0][t] = vb.x; xb[1][t] = vb.y; xb[2][t] = vb.z; xb[3][t] = vb.w;
                     } else {
-                        // a part a lane: its two 4-byte runs. A whole block a lane (I8_BLOCK, p0 = 0):
-                        // its 32 bytes of x in two vector loads, each part's runs the words at
-                        // offs(j) / 4 (multiples of 4; constant once j is unrolled: register moves)
-                        int w[8];
-                        if constexpr (I8_BLOCK) {
-                            const int4 v0 = __ldg(reinterpret_cast<const int4*>(xq));
-                            const int4 v1 = __ldg(reinterpret_cast<const int4*>(xq + 16));
-                            w[0] = v0.x; w[1] = v0.y; w[2] = v0.z; w[3] = v0.w;
-                            w[4] = v1.x; w[5] = v1.y; w[6] = v1.z; w[7] = v1.w;
-                        }
+                        // a whole block a lane (p0 = 0): its 32 bytes of x in two vector loads, each
+                        // part's runs the words at offs(j) / 4 (multiples of 4; constant once j is
+                        // unrolled: register moves)
+                        const int4 v0 = __ldg(reinterpret_cast<const int4*>(xq));
+                        const int4 v1 = __ldg(reinterpret_cast<const int4*>(xq + 16));
+                        const int w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
                         for (int j = 0; j < G; j++) {
                             int o0, o1;
                             F::offs(p0 + j, o0, o1);
-                            xa[j][t] = I8_BLOCK ? w[o0 >> 2] : __ldg(reinterpret_cast<const int*>(xq + o0));
-                            xb[j][t] = I8_BLOCK ? w[o1 >> 2] : __ldg(reinterpret_cast<const int*>(xq + o1));
+                            xa[j][t] = w[o0 >> 2];
+                            xb[j][t] = w[o1 >> 2];
                         }
                     }
                     if constexpr (F::MIN || F::QB)

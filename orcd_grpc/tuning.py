@@ -172,12 +172,6 @@ class Tuning:
         64, "ORCD_GEMM_PIPE", "GEMM tiles up to this BM take the unrolled k-step (0: rolled everywhere; only the "
         "grouped MoE GEMM has BM 128 tiles; pp512 phi3-mini 6,301 at 64 against 5,308 at 128)",
         choices=(0, 16, 32, 64, 128), compile_time=True)
-    gemv_i8_block: bool = _switch(
-        False, "ORCD_GEMV_I8_BLOCK", "the int8-input GEMV of the 32-weight formats (Q4_0, Q5_0, Q8_0, MXFP4, ...) "
-        "takes a whole block a lane: its x in two 16-byte loads a token instead of two 4-byte loads a part "
-        "(the same change on the K-quants: 8-token GEMVs 1.7-2.2x), its weight bytes in a few aligned word "
-        "loads instead of up to five narrow ones a part (MXFP4: four byte loads and the scale's); not yet "
-        "measured", compile_time=True)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

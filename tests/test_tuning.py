@@ -51,19 +51,18 @@ def test_malformed_values_name_their_variable(env):
 def test_deleted_switches_are_gone():
     envs = {f.metadata["env"] for f in dataclasses.fields(Tuning)}
     for gone in ("ORCD_FUSE_GLU", "ORCD_FUSE_NORM", "ORCD_MOE_GEMV", "ORCD_GEMM_MAX_BM", "ORCD_ATTN_DECODE",
-                 "ORCD_ATTN_BATCH_LOADS", "ORCD_MXFP4_BLOCK"):
+                 "ORCD_ATTN_BATCH_LOADS", "ORCD_MXFP4_BLOCK", "ORCD_GEMV_I8_BLOCK"):
         assert gone not in envs
 
 
 def test_compile_time_switches_reach_the_kernel_options():
     from orcd_grpc.backends import cuda_runtime as rt
 
-    assert rt.module_options("quant_matmul") == ("-DORCD_GEMM_PIPE=64", "-DORCD_GEMV_I8_BLOCK=0")
-    assert rt.module_options("quant_matmul", Tuning(gemm_pipe=0, gemv_i8_block=True)) == (
-        "-DORCD_GEMM_PIPE=0", "-DORCD_GEMV_I8_BLOCK=1")
+    assert rt.module_options("quant_matmul") == ("-DORCD_GEMM_PIPE=64",)
+    assert rt.module_options("quant_matmul", Tuning(gemm_pipe=0)) == ("-DORCD_GEMM_PIPE=0",)
     assert rt.module_options("attention", Tuning(gemm_pipe=0)) == ()
     compile_time = {f.name for f in dataclasses.fields(Tuning) if f.metadata["compile_time"]}
-    assert compile_time == {"gemm_pipe", "gemv_i8_block"}  # module_options spells out every one of them
+    assert compile_time == {"gemm_pipe"}  # module_options spells out every one of them
 
 
 def test_no_backend_module_reads_a_switch_from_the_environment():

@@ -109,7 +109,7 @@ class _Kernels:
         return f
 
 
-_K: dict[tuple, _Kernels] = {}  # by the module's compile-time switches (gemm_pipe, gemv_i8_block)
+_K: dict[tuple, _Kernels] = {}  # by the module's compile-time switches (gemm_pipe)
 _GEMV_SIG = "PPPPPiiiqiii"
 _GEMM_SIG = "PPPPiiiii"
 #: multiprocessors assumed where a caller names none (an H100's); they only size split-K and the GEMV
@@ -123,7 +123,7 @@ def loaded_kernel_names() -> set[str]:
 
 
 def _kernels(tuning: Tuning = DEFAULT) -> _Kernels:
-    key = (tuning.gemm_pipe, tuning.gemv_i8_block)
+    key = (tuning.gemm_pipe,)
     k = _K.get(key)
     if k is None:
         k = _K[key] = _Kernels(tuning)

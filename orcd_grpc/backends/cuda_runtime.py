@@ -100,13 +100,12 @@ def compile_cubin(name: str, arch: str, options: tuple[str, ...] = ()) -> pathli
 
 def module_options(name: str, tuning: Tuning = DEFAULT) -> tuple[str, ...]:
     """The nvcc options of a module under `tuning`'s compile-time switches (Tuning fields marked
-    compile_time): quant_matmul's GEMM tiles up to BM tuning.gemm_pipe take the unrolled k-step,
-    and tuning.gemv_i8_block picks its int8-input GEMV's layout for the 32-weight formats.
+    compile_time): quant_matmul's GEMM tiles up to BM tuning.gemm_pipe take the unrolled k-step.
     Always spelled out, so the cache key names the value rather than relying on the .cu's own
     default. Loading and precompiling both ask here, so a precompiled cubin is the one loaded."""
     if name != "quant_matmul":
         return ()
-    return (f"-DORCD_GEMM_PIPE={int(tuning.gemm_pipe)}", f"-DORCD_GEMV_I8_BLOCK={int(tuning.gemv_i8_block)}")
+    return (f"-DORCD_GEMM_PIPE={int(tuning.gemm_pipe)}",)
 
 
 @functools.lru_cache(maxsize=None)

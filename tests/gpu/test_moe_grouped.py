@@ -117,15 +117,12 @@ def test_moe_gemv_vs_reference(cu, qtype, T, x_per_slot):
 @pytest.mark.parametrize("ksplit", ["0", "1"])
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
-@pytest.mark.parametrize("qtype,block", [(Q.MXFP4, False), (Q.Q8_0, False), (Q.Q4_K, False), (Q.MXFP4, True),
-                                         (Q.Q8_0, True)],  # the K-quants have one lane layout
-                         ids=lambda v: getattr(v, "name", "block" if v else "part"))
-def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit, block):
-    """the per-slot GEMV on an int8-quantized input (ORCD_MOE_INT8), both GEMV layouts and both lane
-    layouts (ORCD_GEMV_I8_BLOCK): each slot must find its own quantized row and scales (x_per_slot)
-    or its token's (gate / up)"""
+@pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K], ids=lambda v: v.name)
+def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit):
+    """the per-slot GEMV on an int8-quantized input (ORCD_MOE_INT8), both GEMV layouts: each slot
+    must find its own quantized row and scales (x_per_slot) or its token's (gate / up)"""
     out, (ref, ref8), _, _ = _run(cu, qtype, T, x_per_slot, grouped=False, int8=True,
-                                  tuning=Tuning(gemv_ksplit=ksplit, gemv_i8_block=block))
+                                  tuning=Tuning(gemv_ksplit=ksplit))
     err8, err = rel_err(out, ref8), rel_err(out, ref)
     assert err8 <= 1e-3, f"int8 gemv {qtype.name} T={T} x_per_slot={x_per_slot}: {err8:.2e} against the rounded input"
     assert err <= 2e-2, f"int8 gemv {qtype.name} T={T} x_per_slot={x_per_slot}: {err:.2e} against the float input"

@@ -181,15 +181,10 @@ def _quantize_x8_ref(x):
 I8_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
-# ORCD_GEMV_I8_BLOCK changes only the 32-weight formats' lane layout: the K-quants run once
-I8_LAYOUTS = [(q, False) for q in I8_FORMATS] + [(q, True) for q in I8_FORMATS if GGML_QUANT_SIZES[q][0] == 32]
-
-
 @pytest.mark.parametrize("T", [1, 3, 8])
-@pytest.mark.parametrize("qtype,block", I8_LAYOUTS, ids=lambda v: getattr(v, "name", "block" if v else "part"))
-def test_gemv_int8_input(cu, qtype, T, block):
-    """The int8-input GEMV (quantize_x8 + gemv_*_<nt>_i8) of T tokens, both layouts and both lane
-    layouts of the 32-weight formats (ORCD_GEMV_I8_BLOCK; the K-quants have one): against float64
+@pytest.mark.parametrize("qtype", I8_FORMATS, ids=lambda v: v.name)
+def test_gemv_int8_input(cu, qtype, T):
+    """The int8-input GEMV (quantize_x8 + gemv_*_<nt>_i8) of T tokens, both layouts: against float64
     on the dequantized weights and the int8-rounded input it must agree to 1e-3 (a wrong integer
     decode is off by O(1)); against the float input, within the int8 rounding (2e-2). Each token's
     row is bit for bit what it gets alone (a verify step of 1 + k tokens decodes like k + 1 steps)."""
@@ -205,8 +200,7 @@ def test_gemv_int8_input(cu, qtype, T, block):
     def run(rows, mode):
         xq = cu.ga.empty(rows.size, np.int8)
         xs = cu.ga.to_gpu(np.full(rows.size // 32, np.nan, np.float32))
-        return _gpu_matmul(cu, w, rows, x8=(xq.gpudata, xs.gpudata), tuning=Tuning(gemv_ksplit=mode,
-                                                                                  gemv_i8_block=block))
+        return _gpu_matmul(cu, w, rows, x8=(xq.gpudata, xs.gpudata), tuning=Tuning(gemv_ksplit=mode))
 
     try:
         for mode in ("0", "1"):
