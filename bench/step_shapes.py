@@ -3,41 +3,31 @@
 the step logs of `bench/host_ceiling.py --serve --log-steps FILE` (one line a step: rows, tokens, rows
 with prompt tokens), the share of steps that carry prompt tokens, their token counts, how many fit
 each ORCD_MIXED_MAX_TOKENS cap and how many distinct (rows, tokens) graph buckets they fall into (each
-bucket's first step captures its graph). The bucket of a step is CudaRunner._mixed_key's own answer.
+bucket's first step captures its graph). The bucket of a step is cuda_runner.mixed_bucket's answer, the
+one CudaRunner._mixed_key gives (an unbounded step workspace and block table).
 
     python3 bench/step_shapes.py LOG [LOG ...] [--max-sequences 256]
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from orcd_grpc.backends.cuda_runner import GRAPH_BUCKETS, CudaRunner, mixed_token_buckets  # noqa: E402
+from orcd_grpc.backends.cuda_runner import GRAPH_BUCKETS, mixed_bucket, mixed_token_buckets  # noqa: E402
 from orcd_grpc.tuning import Tuning  # noqa: E402
 
 CAPS = (512, 768, 1024, 1536, 2048)
 
 
 def bucket_keys(shapes, cap: int, max_sequences: int) -> list:
-    """_mixed_key of each (rows, tokens) step under ORCD_MIXED_MAX_TOKENS=cap (None: it runs eagerly)."""
-    runner = CudaRunner.__new__(CudaRunner)
-    runner.buckets = [b for b in GRAPH_BUCKETS if b <= max_sequences]
-    runner.mixed_graphs = True
-    runner.mixed_tokens = mixed_token_buckets(dataclasses.replace(Tuning(), mixed_max_tokens=cap))
-    runner.capabilities = SimpleNamespace(max_step_tokens=1 << 30)
-    runner.model = SimpleNamespace(table_width=1 << 20)
-    keys = []
-    for rows, tokens in shapes:
-        ns = [tokens - (rows - 1)] + [1] * (rows - 1)  # one prompt chunk beside decode rows
-        plan = SimpleNamespace(block_size=16, rows=[SimpleNamespace(n=n, logits=0, scored=0, drafts=None) for n in ns])
-        keys.append(runner._mixed_key(plan))
-    return keys
+    """The graph bucket of each (rows, tokens) step under ORCD_MIXED_MAX_TOKENS=cap (None: it runs eagerly)."""
+    rows_b = [b for b in GRAPH_BUCKETS if b <= max_sequences]
+    tokens_b = mixed_token_buckets(Tuning(mixed_max_tokens=cap))
+    return [mixed_bucket(tokens, rows, rows_b, tokens_b, 1 << 30, 1 << 30) for rows, tokens in shapes]
 
 
 def main() -> int:

@@ -54,6 +54,18 @@ def mixed_token_buckets(tuning) -> list[int]:
     return [b for b in MIXED_TOKEN_BUCKETS if b <= tuning.mixed_max_tokens]
 
 
+def mixed_bucket(tokens: int, rows: int, row_buckets, token_buckets, max_tokens: int,
+                 pad_room: int) -> tuple[int, int] | None:
+    """(row bucket, token bucket) a step of `tokens` tokens in `rows` rows pads to, or None: the
+    token bucket must hold the tokens and fit the step workspace (max_tokens), the tokens it lacks
+    go to one padding row (at most pad_room of them: its table's slots) that the row bucket holds too."""
+    tb = next((b for b in token_buckets if b >= tokens), 0)
+    if not tb or tb > max_tokens or tb - tokens > pad_room:
+        return None
+    nb = next((b for b in row_buckets if b >= rows + (tb > tokens)), 0)
+    return (nb, tb) if nb else None
+
+
 class _RowState:
     """What the runner keeps per sequence (RowSampling.state): its Philox key and packed row."""
     __slots__ = ("seed", "row")
@@ -196,12 +208,8 @@ class CudaRunner(Runner):
         rows = plan.rows
         if any(r.logits or r.scored or r.drafts is not None for r in rows):
             return None
-        T = sum(r.n for r in rows)
-        tb = next((b for b in self.mixed_tokens if b >= T), 0)
-        if not tb or tb > self.capabilities.max_step_tokens or tb - T > self.model.table_width * plan.block_size:
-            return None
-        nb = next((b for b in self.buckets if b >= len(rows) + (tb > T)), 0)
-        return (nb, tb) if nb else None
+        return mixed_bucket(sum(r.n for r in rows), len(rows), self.buckets, self.mixed_tokens,
+                            self.capabilities.max_step_tokens, self.model.table_width * plan.block_size)
 
     def _mixed_step(self, plan: StepPlan, nb: int, tb: int):
         """Replays (or captures) the graph of a mixed step's bucket; the sampled rows' logits."""
