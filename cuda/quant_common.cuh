@@ -45,13 +45,11 @@ __device__ __forceinline__ float ldh(const uint8_t* p) {  // f16 at a 2-aligned 
     return __half2float(*reinterpret_cast<const __half*>(p));
 }
 
-// Where the integer formats' qi_at / sc_at read a block's bytes: Ptr<AL> is the block in memory, read
-// as qi / sc always did (loads no wider than the format's alignment AL); BlockWords<TS> the whole
-// block already in registers. at(o): the 4 bytes at offset o; h(o): the f16 at o; b(o): byte o.
-template <int AL>
+// Where the integer formats' qi_at / sc_at read a block's bytes: BlockWords<TS> is the whole block
+// in registers (at(o): the 4 bytes at offset o; h(o): the f16 at o; b(o): byte o); Ptr the block in
+// memory, for sc_at (sc), which reads only h and b.
 struct Ptr {
     const uint8_t* p;
-    __device__ __forceinline__ uint32_t at(int o) const { return ld32<AL>(p + o); }
     __device__ __forceinline__ float h(int o) const { return ldh(p + o); }
     __device__ __forceinline__ uint32_t b(int o) const { return p[o]; }
 };
@@ -108,7 +106,7 @@ struct FQ4_0 {  // d f16 | qs[16]: elem j = lo(qs[j]), elem j+16 = hi(qs[j]); w 
         const uint32_t v = s.at(2 + 4 * p); lo = v & 0x0F0F0F0Fu; hi = (v >> 4) & 0x0F0F0F0Fu;
     }
     template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = 0.f; }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<2>{b}, a0, a1, m0, m1); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr{b}, a0, a1, m0, m1); }
 };
 struct FQ4_1 {  // d, m f16 | qs[16]; w = d*q + m
     static constexpr int QK = 32, TS = 20, NP = 4, CHB = 32; static constexpr bool MIN = true;
@@ -122,7 +120,7 @@ struct FQ4_1 {  // d, m f16 | qs[16]; w = d*q + m
         const uint32_t v = s.at(4 + 4 * p); lo = v & 0x0F0F0F0Fu; hi = (v >> 4) & 0x0F0F0F0Fu;
     }
     template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = s.h(2); }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<4>{b}, a0, a1, m0, m1); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr{b}, a0, a1, m0, m1); }
 };
 struct FQ5_0 {  // d f16 | qh u32 (bit j = 5th bit of elem j) | qs[16]; w = d*(q-16)
     static constexpr int QK = 32, TS = 22, NP = 4, CHB = 32; static constexpr bool MIN = false;
@@ -139,7 +137,7 @@ struct FQ5_0 {  // d f16 | qh u32 (bit j = 5th bit of elem j) | qs[16]; w = d*(q
         hi = ((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4);
     }
     template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = 0.f; }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<2>{b}, a0, a1, m0, m1); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr{b}, a0, a1, m0, m1); }
 };
 struct FQ5_1 {  // d, m f16 | qh u32 | qs[16]; w = d*q + m
     static constexpr int QK = 32, TS = 24, NP = 4, CHB = 32; static constexpr bool MIN = true;
@@ -156,7 +154,7 @@ struct FQ5_1 {  // d, m f16 | qh u32 | qs[16]; w = d*q + m
         hi = ((v >> 4) & 0x0F0F0F0Fu) | (spread4(qh >> (16 + 4 * p)) << 4);
     }
     template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = s.h(2); }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<4>{b}, a0, a1, m0, m1); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr{b}, a0, a1, m0, m1); }
 };
 struct FQ8_0 {  // d f16 | qs[32] int8; w = d*q
     static constexpr int QK = 32, TS = 34, NP = 4, CHB = 32; static constexpr bool MIN = false;
@@ -170,7 +168,7 @@ struct FQ8_0 {  // d f16 | qs[32] int8; w = d*q
         lo = s.at(2 + 8 * p); hi = s.at(6 + 8 * p);
     }
     template <class S> __device__ static void sc_at(const S& s, float& a0, float& a1, float& m0, float& m1) { a0 = a1 = s.h(0); m0 = m1 = 0.f; }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<2>{b}, a0, a1, m0, m1); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr{b}, a0, a1, m0, m1); }
 };
 struct FMXFP4 {  // e8m0 exponent byte | qs[16] e2m1 nibbles (lo: elem j, hi: elem j+16)
     static constexpr int QK = 32, TS = 17, NP = 4, CHB = 32; static constexpr bool MIN = false;
@@ -224,7 +222,7 @@ struct FMXFP4 {  // e8m0 exponent byte | qs[16] e2m1 nibbles (lo: elem j, hi: el
         // float denormal (flushed by fast-math); such scales are ~1e-38 and do not occur in models.
         a0 = a1 = e >= 2 ? __uint_as_float((e - 1) << 23) : 0.f; m0 = m1 = 0.f;
     }
-    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr<1>{b}, a0, a1, m0, m1); }
+    __device__ static void sc(const uint8_t* b, int, float& a0, float& a1, float& m0, float& m1) { sc_at(Ptr{b}, a0, a1, m0, m1); }
 };
 // K-quant 6-bit scale/min pairs, packed 12 bytes for 8 sub-blocks (ggml's get_scale_min_k4 layout)
 __device__ __forceinline__ void kscale(const uint8_t* s, int j, float& sc, float& mn) {

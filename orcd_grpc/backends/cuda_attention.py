@@ -198,8 +198,7 @@ class AttentionMixin:
         T = qkv.shape[0]
         L = kv.layout
         if (not self.tuning.fuse_qkv_rope or qkv.shape[-1] != (n_heads + n_kv_heads) * head_dim + n_kv_heads * head_dim_v
-                or (L.n_kv_heads, L.head_dim_k, L.head_dim_v) != (n_kv_heads, head_dim, head_dim_v)
-                or (kv.q8 and (head_dim % 32 or head_dim_v % 32))):
+                or (L.n_kv_heads, L.head_dim_k, L.head_dim_v) != (n_kv_heads, head_dim, head_dim_v)):
             return super().qkv_rope_store(qkv, kv, layer, ctx, spec, n_heads, n_kv_heads, head_dim, head_dim_v)
         buf, mscale = self._rope_table(spec)
         q = self._out((T, n_heads, head_dim))
