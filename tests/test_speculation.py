@@ -108,8 +108,8 @@ def test_verify_keeps_the_target_distribution(kw):
     while True:
         logits = rng.normal(0, 1.5, (3, V)).astype(np.float32)
         p0 = _exact(logits[0], params, prompt, out)
-        # a likely draft, but not the likeliest, so that both outcomes happen: with min_p and the
-        # penalties a draw can leave one token alone in the distribution (one full suite run in this session), then redraw
+        # a likely draft, but not the likeliest, so that both outcomes happen: min_p, top_p or top_k
+        # with the penalties can leave one token alone in the distribution (1-2 % of draws); redraw then
         if np.sort(p0)[-2] >= 0.02:
             break
     d1 = int(np.argsort(-p0)[1])
