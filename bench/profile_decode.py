@@ -59,12 +59,12 @@ def kernel_times(eng, meta, reps: int = 5) -> dict:
     return {"total": round(total, 1), **{k: [round(us, 1), n // reps] for k, (us, n) in rows}}
 
 
-def decode_setup(model: str, batch: int, ctx: int, spare: int = 0):
+def decode_setup(model: str, batch: int, ctx: int, spare: int = 0, kv_cache_type: str = ""):
     """A CUDA engine with `batch` sequences of `ctx` random prompt tokens, prefilled, and three decode
     steps taken (the first runs eagerly, the second captures the bucket's graph): (engine,
     sequences, that graph). spare: room for that many more sequences."""
     eng = load_engine(model, backend="cuda", context_length=max(4096, ctx + 256),
-                      max_sequences=max(8, batch + spare))
+                      max_sequences=max(8, batch + spare), kv_cache_type=kv_cache_type)
     rng = np.random.default_rng(0)
     seqs = [eng.new_sequence(rng.integers(100, 30000, ctx).tolist(), SamplingParams(temperature=0.0))
             for _ in range(batch)]
@@ -88,8 +88,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--kv-cache-type", default="", help="f16 or q8_0 (default: the backend's)")
     args = ap.parse_args(argv)
-    eng, seqs, graph = decode_setup(args.model, args.batch, args.ctx)
+    eng, seqs, graph = decode_setup(args.model, args.batch, args.ctx, kv_cache_type=args.kv_cache_type)
     be = eng.backend
     t = {"plan_meta": 0.0, "begin_step": 0.0, "graph_launch": 0.0, "gpu_wait": 0.0, "sample": 0.0, "step": 0.0}
     for _ in range(args.steps):
@@ -132,8 +133,8 @@ def main(argv=None):
     be.synchronize()
     t["eager_forward"] = (time.perf_counter() - t0) * 1e6 / 10
     kernels = kernel_times(eng, meta)
-    out = {"model": os.path.basename(args.model), "batch": args.batch,
-           **{k: round(v, 1) for k, v in t.items()}, "kernels_us": kernels}
+    out = {"model": os.path.basename(args.model), "batch": args.batch, "ctx": args.ctx,
+           "kv_cache_type": args.kv_cache_type or "default", **{k: round(v, 1) for k, v in t.items()}, "kernels_us": kernels}
     print(json.dumps(out), flush=True)
     eng.close()
 

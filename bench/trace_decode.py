@@ -40,6 +40,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--kv-cache-type", default="", help="f16 or q8_0 (default: the backend's)")
     ap.add_argument("--prefill", type=int, default=0, help="trace the prefill of a prompt this long instead")
     ap.add_argument("--mixed", type=int, default=0,
                     help="trace steps of --batch decoding sequences plus a new prompt this long instead")
@@ -51,7 +52,8 @@ def main(argv=None):
         # room for as many sequences again, as a serving worker has (max_sequences well above the
         # running batch): a mixed step's rows plus its padding row need a graph bucket above the
         # batch, and buckets stop at max_sequences (spare=1 left ORCD_MIXED_GRAPHS no bucket at all)
-        eng, seqs, _ = decode_setup(args.model, args.batch, args.ctx, spare=max(2, args.batch))
+        eng, seqs, _ = decode_setup(args.model, args.batch, args.ctx, spare=max(2, args.batch),
+                                 kv_cache_type=args.kv_cache_type)
         be = eng.backend
         rng = np.random.default_rng(1)
         greedy = SamplingParams(temperature=0.0)
@@ -97,7 +99,7 @@ def main(argv=None):
                 prefill()
             be.synchronize()
     else:
-        eng, _, graph = decode_setup(args.model, args.batch, args.ctx)
+        eng, _, graph = decode_setup(args.model, args.batch, args.ctx, kv_cache_type=args.kv_cache_type)
         be = eng.backend
         be.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -118,7 +120,8 @@ def main(argv=None):
     span = (events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]) / n if events else 0.0
     busy = sum(e["dur"] for e in events) / n
     top = sorted(per.items(), key=lambda kv: -kv[1][0])[: args.top]
-    print(json.dumps({"model": os.path.basename(args.model), "batch": args.batch, "prefill": args.prefill,
+    print(json.dumps({"model": os.path.basename(args.model), "batch": args.batch, "ctx": args.ctx,
+                      "kv_cache_type": args.kv_cache_type or "default", "prefill": args.prefill,
                       "mixed": args.mixed, **extra, "span_us": round(span, 1), "busy_us": round(busy, 1), "kernels": len(events) / n,
                       "top": {k[:40]: [round(v[0] / n, 1), v[1] / n, round(v[0] / v[1], 2)] for k, v in top}}),
           flush=True)

@@ -14,7 +14,8 @@
 #   PROFILE_MODELS="qwen2.5-0.5b:1,64 phi3-mini:p512 ..."  where a decode step's time goes
 #                   (bench/profile_decode.py) at those batch sizes (pN: a prefill of N, trace_decode.py only;
 #                   BmN: a step of B decoding sequences and a new N-token prompt, always trace_decode.py); PREFILL_MODELS="phi3-mini ..." prefill tok/s alone;
-#                   AB="VAR=VALUE A=1,B=2 ..." repeats the profiles under each tuning switch,
+#                   AB="VAR=VALUE A=1,B=2 --kv-cache-type=q8_0 ..." repeats the profiles under each tuning switch
+#                   (an entry starting with -- is script options); PROFILE_ARGS="--ctx 1024": options for every profile,
 #                   PREFILL_AB the prefill runs (README, GPU notes); PROFILE_SCRIPT=bench/trace_decode.py
 #                   gives each kernel's time inside the graph instead (PROFILE_CUT: characters kept in
 #                   $OUT/profile.txt, default 2000; the console shows 300)
@@ -165,7 +166,9 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
   # AB="ORCD_FUSE_Q8=0 ORCD_GEMM_PIPE=0": each measurement again under each switch (graph_replay_gpu
   # is the GPU time per decode step to compare; prefill tok/s from a short bench_engine run)
   for ab in default ${AB:-}; do
-    envs=$([ "$ab" = default ] || echo "${ab//,/ }")
+    envs=$([ "$ab" = default ] || echo "${ab//,/ }"); pargs=${PROFILE_ARGS:-}
+    # an AB entry starting with -- is options of the profile script, not variables: AB="--kv-cache-type=q8_0"
+    [[ $ab == --* ]] && envs="" && pargs="$pargs ${ab//,/ }"
     for mb in ${PROFILE_MODELS:-}; do
       bs=${mb#*:}; [ "$bs" = "$mb" ] && bs=1
       for b in ${bs//,/ }; do
@@ -174,7 +177,7 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
         # 64m512: a serving step of 64 decoding sequences and a new 512-token prompt (trace_decode.py)
         [[ $b == *m* ]] && args="--batch ${b%m*} --mixed ${b#*m}" && script=bench/trace_decode.py
         echo "$ab ${mb%%:*} B=$b $(env $envs timeout 120 python3 $script \
-          "$data/${mb%%:*}.gguf" $args 2>&1 | tail -1 | cut -c1-${PROFILE_CUT:-2000})" | tee -a "$OUT/profile.txt" | cut -c1-300
+          "$data/${mb%%:*}.gguf" $args $pargs 2>&1 | tail -1 | cut -c1-${PROFILE_CUT:-2000})" | tee -a "$OUT/profile.txt" | cut -c1-300
       done
     done
   done
