@@ -8,8 +8,9 @@
 // kept a CTA's loads from overlapping. Here one CTA = (key slice, sequence, kv head) with the
 // GM >= group query heads of that kv head; each of its 4 warps walks its own 32-key tiles straight
 // from global memory (lane j scores key j of the tile: 16-byte K loads, q broadcast from shared
-// memory; then the warp accumulates p * V with lanes owning 2 dims per 64), keeping its own online
-// softmax; the warps merge through shared memory at the end. NC = ceil(Dv / 64).
+// memory; then the warp accumulates p * V, a lane owning 8 dims of a row with one or two query
+// heads, else 2 dims per 64), keeping its own online softmax; the warps merge through shared memory
+// at the end. NC = ceil(Dv / 64).
 // The last of a (sequence, kv head)'s n_splits CTAs merges all their partials (attn_dec_merge in
 // attention_common.cuh), as attn_combine would one launch later.
 // ST (NC <= 2; the host routes Dk > 64 NC elsewhere): a warp copies its 32-key K tile into shared
@@ -64,13 +65,18 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     }
     __syncthreads();
 
-    float m[GM], l[GM], acc[GM][2 * NC];
+    // WV (one or two query heads a kv head): lane owns 8 consecutive V dims of a row, so a load
+    // instruction takes 8 values a lane and KPI keys a warp; with a lane on 2 dims of every 64, an MHA
+    // tile was 2 * NC narrow loads a key (4 a key for a Q8_0 row: levels and scales apart).
+    constexpr bool WV = GM <= 2;
+    constexpr int NA = WV ? 8 : 2 * NC;  // accumulated V dims a lane
+    float m[GM], l[GM], acc[GM][NA];
 #pragma unroll
     for (int g = 0; g < GM; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.f;
 #pragma unroll
-        for (int c = 0; c < 2 * NC; ++c) acc[g][c] = 0.f;
+        for (int c = 0; c < NA; ++c) acc[g][c] = 0.f;
     }
     const int* btab = block_tables + (size_t)b * max_blocks;
     // Key k0 + lane's cache slot. Keys past `hi` borrow lane 0's slot (k0 < hi: always a written
@@ -183,50 +189,101 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
             l[g] = l[g] * corr + warp_sum(pr[g]);
             m[g] = m_new;
 #pragma unroll
-            for (int c = 0; c < 2 * NC; ++c) acc[g][c] *= corr;
+            for (int c = 0; c < NA; ++c) acc[g][c] *= corr;
         }
-        // All 32 keys of the tile, VB V rows loaded before any is used (a load per key, waited for
-        // in turn, made the tile 32 memory round trips; VB rows cost 2 * NC registers each). Keys
-        // past `hi` have p = 0 and a written key's slot, so they add nothing and need no branch.
-        constexpr int VB = NC == 1 ? 32 : NC == 2 ? 16 : 8;
-        for (int j0 = 0; j0 < 32; j0 += VB) {
-            float2 vv[VB][NC];
+        // All 32 keys of the tile, VB loads issued before any is used (a load per key, waited for
+        // in turn, made the tile 32 memory round trips). Keys past `hi` have p = 0 and a written
+        // key's slot, so they add nothing and need no branch.
+        if constexpr (WV) {
+            constexpr int LPR = NC == 1 ? 8 : NC == 2 ? 16 : 32;  // lanes a row (Dv <= 8 * LPR)
+            constexpr int KPI = 32 / LPR, NB = 32 / KPI;         // keys a load, loads a tile
+            constexpr int VB = NB < 8 ? NB : 8;
+            const int r = lane / LPR, c8 = lane % LPR;
+            const bool own = 8 * c8 < Dv;  // the host routes only Dv % 8 == 0 here
+            for (int j0 = 0; j0 < NB; j0 += VB) {
+                uint4 raw[VB];  // f16: 8 halves; Q8_0: 8 levels in .x/.y
+                float dsc[VB];
 #pragma unroll
-            for (int jj = 0; jj < VB; ++jj) {
-                const int sj = __shfl_sync(FULL_MASK, slot, j0 + jj);
-                const size_t row = (size_t)sj * Hkv + kvh;
-                if constexpr (Q8) {
-                    const unsigned short* vp = reinterpret_cast<const unsigned short*>(static_cast<const int8_t*>(vc) + row * Dv);
-                    const __half* vd = vs + row * (Dv >> 5);
-#pragma unroll
-                    for (int c = 0; c < NC; ++c) {
-                        const int d2 = lane + 32 * c;
-                        vv[jj][c] = make_float2(0.f, 0.f);
-                        if (2 * d2 < Dv) {
-                            const float2 lv = sbytes2(vp[d2]);
-                            const float dsc = __half2float(vd[d2 >> 4]);
-                            vv[jj][c] = make_float2(dsc * lv.x, dsc * lv.y);
+                for (int i = 0; i < VB; ++i) {
+                    const int sj = __shfl_sync(FULL_MASK, slot, (j0 + i) * KPI + r);
+                    const size_t row = (size_t)sj * Hkv + kvh;
+                    raw[i] = make_uint4(0u, 0u, 0u, 0u);
+                    dsc[i] = 0.f;
+                    if (own) {
+                        if constexpr (Q8) {
+                            const uint2 w = __ldg(reinterpret_cast<const uint2*>(static_cast<const int8_t*>(vc) + row * Dv) + c8);
+                            raw[i].x = w.x; raw[i].y = w.y;
+                            dsc[i] = __half2float(vs[row * (Dv >> 5) + (c8 >> 2)]);
+                        } else {
+                            raw[i] = __ldg(reinterpret_cast<const uint4*>(static_cast<const __half*>(vc) + row * Dv) + c8);
                         }
                     }
-                } else {
-                    const __half2* vp = reinterpret_cast<const __half2*>(static_cast<const __half*>(vc) + row * Dv);
+                }
 #pragma unroll
-                    for (int c = 0; c < NC; ++c) {
-                        const int d2 = lane + 32 * c;
-                        vv[jj][c] = 2 * d2 < Dv ? __half22float2(vp[d2]) : make_float2(0.f, 0.f);
+                for (int i = 0; i < VB; ++i) {
+                    float f[8];
+                    if constexpr (Q8) {
+                        sbytes4(raw[i].x, f);
+                        sbytes4(raw[i].y, f + 4);
+                    } else {
+                        const __half2* h = reinterpret_cast<const __half2*>(&raw[i]);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const float2 v2 = __half22float2(h[e]);
+                            f[2 * e] = v2.x; f[2 * e + 1] = v2.y;
+                        }
+                    }
+#pragma unroll
+                    for (int g = 0; g < GM; ++g) {
+                        if (g >= G) continue;
+                        float pj = __shfl_sync(FULL_MASK, pr[g], (j0 + i) * KPI + r);
+                        if constexpr (Q8) pj *= dsc[i];
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pj, f[e], acc[g][e]);
                     }
                 }
             }
+        } else {
+            constexpr int VB = NC == 1 ? 32 : NC == 2 ? 16 : 8;
+            for (int j0 = 0; j0 < 32; j0 += VB) {
+                float2 vv[VB][NC];
 #pragma unroll
-            for (int jj = 0; jj < VB; ++jj) {
+                for (int jj = 0; jj < VB; ++jj) {
+                    const int sj = __shfl_sync(FULL_MASK, slot, j0 + jj);
+                    const size_t row = (size_t)sj * Hkv + kvh;
+                    if constexpr (Q8) {
+                        const unsigned short* vp = reinterpret_cast<const unsigned short*>(static_cast<const int8_t*>(vc) + row * Dv);
+                        const __half* vd = vs + row * (Dv >> 5);
 #pragma unroll
-                for (int g = 0; g < GM; ++g) {
-                    if (g >= G) continue;
-                    const float pj = __shfl_sync(FULL_MASK, pr[g], j0 + jj);
+                        for (int c = 0; c < NC; ++c) {
+                            const int d2 = lane + 32 * c;
+                            vv[jj][c] = make_float2(0.f, 0.f);
+                            if (2 * d2 < Dv) {
+                                const float2 lv = sbytes2(vp[d2]);
+                                const float dsc = __half2float(vd[d2 >> 4]);
+                                vv[jj][c] = make_float2(dsc * lv.x, dsc * lv.y);
+                            }
+                        }
+                    } else {
+                        const __half2* vp = reinterpret_cast<const __half2*>(static_cast<const __half*>(vc) + row * Dv);
 #pragma unroll
-                    for (int c = 0; c < NC; ++c) {
-                        acc[g][2 * c] = fmaf(pj, vv[jj][c].x, acc[g][2 * c]);
-                        acc[g][2 * c + 1] = fmaf(pj, vv[jj][c].y, acc[g][2 * c + 1]);
+                        for (int c = 0; c < NC; ++c) {
+                            const int d2 = lane + 32 * c;
+                            vv[jj][c] = 2 * d2 < Dv ? __half22float2(vp[d2]) : make_float2(0.f, 0.f);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int jj = 0; jj < VB; ++jj) {
+#pragma unroll
+                    for (int g = 0; g < GM; ++g) {
+                        if (g >= G) continue;
+                        const float pj = __shfl_sync(FULL_MASK, pr[g], j0 + jj);
+#pragma unroll
+                        for (int c = 0; c < NC; ++c) {
+                            acc[g][2 * c] = fmaf(pj, vv[jj][c].x, acc[g][2 * c]);
+                            acc[g][2 * c + 1] = fmaf(pj, vv[jj][c].y, acc[g][2 * c + 1]);
+                        }
                     }
                 }
             }
@@ -240,10 +297,22 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     for (int g = 0; g < GM; ++g) {
         if (g >= G) continue;
         if (lane == 0) { Ms[warp][g] = m[g]; Ls[warp][g] = l[g]; }
+        if constexpr (WV) {  // the KPI lanes on the same dims (different keys) add up
+            constexpr int LPR = NC == 1 ? 8 : NC == 2 ? 16 : 32;
 #pragma unroll
-        for (int c = 0; c < NC; ++c) {
-            As[warp][g][2 * (lane + 32 * c)] = acc[g][2 * c];
-            As[warp][g][2 * (lane + 32 * c) + 1] = acc[g][2 * c + 1];
+            for (int e = 0; e < 8; ++e)
+#pragma unroll
+                for (int o = LPR; o < 32; o <<= 1) acc[g][e] += __shfl_xor_sync(FULL_MASK, acc[g][e], o);
+            if (lane < LPR && 8 * lane < Dv) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) As[warp][g][8 * lane + e] = acc[g][e];
+            }
+        } else {
+#pragma unroll
+            for (int c = 0; c < NC; ++c) {
+                As[warp][g][2 * (lane + 32 * c)] = acc[g][2 * c];
+                As[warp][g][2 * (lane + 32 * c) + 1] = acc[g][2 * c + 1];
+            }
         }
     }
     __syncthreads();

@@ -319,6 +319,9 @@ ATTN_CASES = [
     (32, 32, 96, [40, 260, 7, 129], [1, 1, 1, 1], 0, False, 0.0),  # phi3 shape, batch of decodes
     (4, 1, 256, [300, 2], [1, 1], 64, False, 30.0),        # gemma3 shape: window + softcap decode
     (9, 3, 64, [65, 0, 31], [1, 1, 1], 0, True, 0.0),      # a sequence that joins with one token
+    # attn_dec_g1/_g2 give a lane 8 V dims: 2 of 4 keys a load (Dv 128), idle lanes (Dv 160)
+    (16, 8, 128, [200, 33, 1], [1, 1, 1], 0, False, 0.0),  # GQA 2
+    (4, 4, 160, [90, 7], [1, 1], 0, True, 0.0),            # MHA, 3 of 64-dim chunks, sinks
     # long contexts: more than 32 live slices, whose merge spans several of each lane's splits
     (14, 2, 64, [2100], [1], 0, False, 0.0),               # qwen2.5 shape at B=1: 132 slices, 66 live
     (2, 2, 64, [4500], [1], 0, True, 0.0),                 # MHA at B=1 (attn_dec): 256 slices, 36 live
