@@ -8,7 +8,7 @@
 #                   with SKIP_BENCH=1 they are still written (for a later call on the warm machine)
 #   BASE_TREE=DIR   the benchmark is an A/B instead: bench/bench_engine.py on each file for the tree
 #                   in DIR (an export of the commit to compare with) and for this one, alternating,
-#                   with BENCH_ARGS (default "--batches 8,64"); rows go to $OUT/ab.md
+#                   with BENCH_ARGS (default "--batches 8,64"; "A;B": under each option set in turn); rows go to $OUT/ab.md
 #   FIRST_TESTS="FILES" FIRST_K="EXPR"  a pytest selection run first; the stages wait on it
 #   STAGE_DIRS="DIR ..."  first run the staged whole-model check of each DIR (scripts/stage_gpu.sh)
 #   PROFILE_MODELS="qwen2.5-0.5b:1,64 phi3-mini:p512 ..."  where a decode step's time goes
@@ -149,12 +149,16 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   wait
   if [ -n "${BASE_TREE:-}" ]; then
     # Each tree imports its own package and finds its own cuda/; both share the kernel cache.
+    # BENCH_ARGS="A;B": each file under option set A (base, new), then B (base, new)
+    IFS=';' read -ra arg_sets <<< "${BENCH_ARGS:---batches 8,64}"
     for m in $bench_models; do
-      for tree in "$BASE_TREE" .; do
-        label=$([ "$tree" = . ] && echo new || echo base)
-        row=$(cd "$tree" && PYTHONPATH=/tmp/site:$PWD timeout 240 python3 bench/bench_engine.py "$data/$m.gguf" \
-          --backend cuda ${BENCH_ARGS:---batches 8,64} 2>"$OUT/ab-$label-$m.err" | tail -1)
-        echo "$label $row" | tee -a "$OUT/ab.md"
+      for bargs in "${arg_sets[@]}"; do
+        for tree in "$BASE_TREE" .; do
+          label=$([ "$tree" = . ] && echo new || echo base)
+          row=$(cd "$tree" && PYTHONPATH=/tmp/site:$PWD timeout 240 python3 bench/bench_engine.py "$data/$m.gguf" \
+            --backend cuda $bargs 2>>"$OUT/ab-$label-$m.err" | tail -1)
+          echo "$label $row" | tee -a "$OUT/ab.md"
+        done
       done
     done
   elif [ -f bench/run_all.sh ]; then timeout 300 bash bench/run_all.sh ${BENCH_MODELS:-} 2>&1 | tee "$OUT/bench.md"
