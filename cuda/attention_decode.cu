@@ -100,11 +100,25 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         }
         cp_async_commit();
     };
+    // Staged Q8_0 tiles: lane j's K scales, loaded with the tile's copy (a load at scoring time
+    // would put a memory round trip in front of every tile). Dk <= 64 * NC there. Not at 8 heads a
+    // kv head, whose registers would spill.
+    constexpr bool KPRE = Q8 && ST && GM <= 4;
+    constexpr int KSC = KPRE ? 2 * NC : 1;
+    float ksc[KSC], ksn[KSC];
+    auto load_kscales = [&](int sl, float* o) {
+        if constexpr (KPRE) {
+            const __half* kd = ks + ((size_t)sl * Hkv + kvh) * (Dk >> 5);
+#pragma unroll
+            for (int i = 0; i < KSC; ++i) o[i] = i < (Dk >> 5) ? __half2float(__ldg(kd + i)) : 0.f;
+        }
+    };
     int slot = 0;
     if constexpr (ST) {
         if (lo + warp * 32 < hi) {
             slot = tile_slot(lo + warp * 32);
             stage(slot);
+            load_kscales(slot, ksc);
         }
     }
     for (int k0 = lo + warp * 32; k0 < hi; k0 += NW * 32) {
@@ -126,11 +140,8 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
             const size_t row = (size_t)slot * Hkv + kvh;
             const uint4* kp = ST ? reinterpret_cast<const uint4*>(kbuf + lane * KROW)
                                  : reinterpret_cast<const uint4*>(static_cast<const int8_t*>(kc) + row * Dk);
-            const __half* kd = ks + row * (Dk >> 5);
-#pragma unroll 2
-            for (int d32 = 0; d32 < (Dk >> 5); ++d32) {
+            auto block = [&](int d32, float dsc) {  // s[g] += dsc * <q's 32-block d32, the levels>
                 const uint4 r0 = ld_k16<ST>(kp + 2 * d32), r1 = ld_k16<ST>(kp + 2 * d32 + 1);
-                const float dsc = __half2float(kd[d32]);
                 const unsigned w[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
                 float f[32];
 #pragma unroll
@@ -148,6 +159,15 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
                         s[g] = fmaf(dsc, u, s[g]);
                     }
                 }
+            };
+            if constexpr (KPRE) {  // the scales sit in registers, indexed by the unrolled d32
+#pragma unroll
+                for (int d32 = 0; d32 < KSC; ++d32)
+                    if (d32 < (Dk >> 5)) block(d32, ksc[d32]);
+            } else {
+                const __half* kd = ks + row * (Dk >> 5);
+#pragma unroll 2
+                for (int d32 = 0; d32 < (Dk >> 5); ++d32) block(d32, __half2float(kd[d32]));
             }
         } else if (valid) {
             const uint4* kp = ST ? reinterpret_cast<const uint4*>(kbuf + lane * KROW)
@@ -173,7 +193,10 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         }
         if constexpr (ST) {
             __syncwarp();  // every lane has read its row: the buffer takes the next tile
-            if (more) stage(next);
+            if (more) {
+                stage(next);
+                load_kscales(next, ksn);
+            }
         }
         float pr[GM];
 #pragma unroll
@@ -197,7 +220,7 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         if constexpr (WV) {
             constexpr int LPR = NC == 1 ? 8 : NC == 2 ? 16 : 32;  // lanes a row (Dv <= 8 * LPR)
             constexpr int KPI = 32 / LPR, NB = 32 / KPI;         // keys a load, loads a tile
-            constexpr int VB = NB < 8 ? NB : 8;
+            constexpr int VB = NB < (Q8 ? 16 : 8) ? NB : (Q8 ? 16 : 8);  // loads in flight: 12 or 16 bytes a lane each
             const int r = lane / LPR, c8 = lane % LPR;
             const bool own = 8 * c8 < Dv;  // the host routes only Dv % 8 == 0 here
             for (int j0 = 0; j0 < NB; j0 += VB) {
@@ -288,7 +311,11 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
                 }
             }
         }
-        if constexpr (ST) slot = next;
+        if constexpr (ST) {
+            slot = next;
+#pragma unroll
+            for (int i = 0; i < KSC; ++i) ksc[i] = ksn[i];
+        }
     }
     if constexpr (ST) __syncthreads();  // As overlays the other warps' K tiles
 
