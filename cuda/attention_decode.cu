@@ -8,9 +8,9 @@
 // kept a CTA's loads from overlapping. Here one CTA = (key slice, sequence, kv head) with the
 // GM >= group query heads of that kv head; each of its 4 warps walks its own 32-key tiles straight
 // from global memory (lane j scores key j of the tile: 16-byte K loads, q broadcast from shared
-// memory; then the warp accumulates p * V, a lane owning 8 dims of a row with one or two query
-// heads, else 2 dims per 64), keeping its own online softmax; the warps merge through shared memory
-// at the end. NC = ceil(Dv / 64).
+// memory; then the warp accumulates p * V, a lane owning 2 dims per 64, or with ORCD_ATTN_DEC_WIDE
+// and one or two query heads 8 dims of a row), keeping its own online softmax; the warps merge
+// through shared memory at the end. NC = ceil(Dv / 64).
 // The last of a (sequence, kv head)'s n_splits CTAs merges all their partials (attn_dec_merge in
 // attention_common.cuh), as attn_combine would one launch later.
 // ST (NC <= 2; the host routes Dk > 64 NC elsewhere): a warp copies its 32-key K tile into shared
@@ -25,6 +25,11 @@ __device__ __forceinline__ uint4 ld_k16(const uint4* p) {
     if constexpr (ST) return *p;  // shared memory
     else return __ldg(p);
 }
+
+// ORCD_ATTN_DEC_WIDE (tuning.py): the wide V rows (WV) and the Q8_0 K scales a tile ahead (KPRE).
+#ifndef ORCD_ATTN_DEC_WIDE
+#define ORCD_ATTN_DEC_WIDE 0
+#endif
 
 template <int GM, int NC, bool Q8, bool ST>
 __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
@@ -68,7 +73,7 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     // WV (one or two query heads a kv head): lane owns 8 consecutive V dims of a row, so a load
     // instruction takes 8 values a lane and KPI keys a warp; with a lane on 2 dims of every 64, an MHA
     // tile was 2 * NC narrow loads a key (4 a key for a Q8_0 row: levels and scales apart).
-    constexpr bool WV = GM <= 2;
+    constexpr bool WV = ORCD_ATTN_DEC_WIDE && GM <= 2;
     constexpr int NA = WV ? 8 : 2 * NC;  // accumulated V dims a lane
     float m[GM], l[GM], acc[GM][NA];
 #pragma unroll
@@ -103,7 +108,7 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     // Staged Q8_0 tiles: lane j's K scales, loaded with the tile's copy (a load at scoring time
     // would put a memory round trip in front of every tile). Dk <= 64 * NC there. Not at 8 heads a
     // kv head, whose registers would spill.
-    constexpr bool KPRE = Q8 && ST && GM <= 4;
+    constexpr bool KPRE = ORCD_ATTN_DEC_WIDE && Q8 && ST && GM <= 4;
     constexpr int KSC = KPRE ? 2 * NC : 1;
     float ksc[KSC], ksn[KSC];
     auto load_kscales = [&](int sl, float* o) {

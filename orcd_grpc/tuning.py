@@ -116,6 +116,11 @@ class Tuning:
     attn_dec_min_heads: int = _switch(
         128, "ORCD_ATTN_DEC_MIN_HEADS", "... and any group size from this many (sequence, kv head) pairs in a step "
         "(qwen2.5 B=64 8,998 against 8,029 tok/s; 64 pairs and fewer even or slower)")
+    attn_dec_wide: bool = _switch(
+        False, "ORCD_ATTN_DEC_WIDE", "attn_dec with one or two q heads per kv head (MHA phi3-mini) gives a lane 8 "
+        "consecutive dims of a V row: one 16-byte f16 or 8-byte Q8_0 load covers 2-4 keys a warp, where a lane on "
+        "2 dims of every 64 makes 2-4 narrow loads a key; over a staged Q8_0 tile (up to 4 q heads per kv head) "
+        "each lane's K scales are loaded a tile ahead; not yet measured", compile_time=True)
     attn_dec_mma: int = _switch(
         2, "ORCD_ATTN_DEC_MMA", "decode steps of an f16 cache with head dim 64, 96 or 128 and from this many to 16 "
         "q heads per kv head attend on tensor cores (attn_decm_d*: the group's heads are the rows of an mma tile) "

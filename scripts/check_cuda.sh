@@ -18,4 +18,13 @@ for f in cuda/*.cu; do
     echo "FAIL  $f"; cat "$log"; fail=1
   fi
 done
+# opt-in compile-time variants (orcd_grpc/tuning.py, compile_time fields) compile too
+for v in "attention_decode -DORCD_ATTN_DEC_WIDE=1"; do
+  set -- $v
+  if nvcc -arch="$arch" -std=c++17 -O3 --use_fast_math -Icuda -cubin -o "$tmp/variant.cubin" "$2" "cuda/$1.cu" >"$tmp/v.log" 2>&1; then
+    echo "ok    cuda/$1.cu $2"
+  else
+    echo "FAIL  cuda/$1.cu $2"; cat "$tmp/v.log"; fail=1
+  fi
+done
 exit $fail

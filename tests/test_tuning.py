@@ -61,8 +61,10 @@ def test_compile_time_switches_reach_the_kernel_options():
     assert rt.module_options("quant_matmul") == ("-DORCD_GEMM_PIPE=64",)
     assert rt.module_options("quant_matmul", Tuning(gemm_pipe=0)) == ("-DORCD_GEMM_PIPE=0",)
     assert rt.module_options("attention", Tuning(gemm_pipe=0)) == ()
+    assert rt.module_options("attention_decode") == ("-DORCD_ATTN_DEC_WIDE=0",)
+    assert rt.module_options("attention_decode", Tuning(attn_dec_wide=True)) == ("-DORCD_ATTN_DEC_WIDE=1",)
     compile_time = {f.name for f in dataclasses.fields(Tuning) if f.metadata["compile_time"]}
-    assert compile_time == {"gemm_pipe"}  # module_options spells out every one of them
+    assert compile_time == {"gemm_pipe", "attn_dec_wide"}  # module_options spells out every one of them
 
 
 def test_no_backend_module_reads_a_switch_from_the_environment():
