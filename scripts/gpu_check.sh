@@ -14,8 +14,8 @@
 #   PROFILE_MODELS="qwen2.5-0.5b:1,64 phi3-mini:p512 ..."  where a decode step's time goes
 #                   (bench/profile_decode.py) at those batch sizes (pN: a prefill of N, trace_decode.py only;
 #                   BmN: a step of B decoding sequences and a new N-token prompt, always trace_decode.py); PREFILL_MODELS="phi3-mini ..." prefill tok/s alone;
-#                   AB="VAR=VALUE A=1,B=2 --kv-cache-type=q8_0 ..." repeats the profiles under each tuning switch
-#                   (an entry starting with -- is script options); PROFILE_ARGS="--ctx 1024": options for every profile,
+#                   AB="VAR=VALUE A=1,B=2 --kv-cache-type=q8_0 A=1,--ctx=64 ..." repeats the profiles under each
+#                   (comma-separated parts starting with -- are script options); PROFILE_ARGS="--ctx 1024": options for every profile,
 #                   PREFILL_AB the prefill runs (README, GPU notes); PROFILE_SCRIPT=bench/trace_decode.py
 #                   gives each kernel's time inside the graph instead (PROFILE_CUT: characters kept in
 #                   $OUT/profile.txt, default 2000; the console shows 300)
@@ -49,7 +49,8 @@
 #                   400); LONG_AB="kv=q8_0 ORCD_ATTN_SPLITS=32": orcd again under each; rows to $OUT/long.txt
 #   KVQ8="phi3-mini:64 ..."  the Q8_0 KV cache against f16 (bench_engine.py --kv-cache-type, each in turn):
 #                   pp512, tg128 and the aggregate at those batch sizes with KVQ8_PROMPT-token prompts
-#                   (default 128); llama-batched-bench -ctk/-ctv f16 and q8_0 when built; rows to $OUT/kvq8.txt
+#                   (default 128); llama-batched-bench -ctk/-ctv f16 and q8_0 when built; rows to $OUT/kvq8.txt;
+#                   KVQ8_AB="ORCD_ATTN_DEC_WIDE=1 ...": orcd's rows again under each (alternating with the default)
 #   BLAS_BENCH=1    bench/bench_blas.py: the fused GEMM against the cuBLAS path at the anchor models' dense
 #                   shapes and T = 64..2048 (BLAS_BENCH_ARGS: more options), to $OUT/blas.txt
 #   HOST_BENCH=1    the serving host without a GPU: bench/host_ceiling.py (8 client processes, 64 and
@@ -170,9 +171,12 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
   # AB="ORCD_FUSE_Q8=0 ORCD_GEMM_PIPE=0": each measurement again under each switch (graph_replay_gpu
   # is the GPU time per decode step to compare; prefill tok/s from a short bench_engine run)
   for ab in default ${AB:-}; do
-    envs=$([ "$ab" = default ] || echo "${ab//,/ }"); pargs=${PROFILE_ARGS:-}
-    # an AB entry starting with -- is options of the profile script, not variables: AB="--kv-cache-type=q8_0"
-    [[ $ab == --* ]] && envs="" && pargs="$pargs ${ab//,/ }"
+    # an AB entry's comma-separated parts are variables, or options of the profile script where they
+    # start with --: AB="ORCD_ATTN_DEC_WIDE=1 --kv-cache-type=q8_0 ORCD_ATTN_DEC_WIDE=1,--kv-cache-type=q8_0"
+    envs=""; pargs=${PROFILE_ARGS:-}
+    if [ "$ab" != default ]; then
+      for part in ${ab//,/ }; do [[ $part == --* ]] && pargs="$pargs $part" || envs="$envs $part"; done
+    fi
     for mb in ${PROFILE_MODELS:-}; do
       bs=${mb#*:}; [ "$bs" = "$mb" ] && bs=1
       for b in ${bs//,/ }; do
@@ -266,9 +270,14 @@ for mb in ${KVQ8:-}; do
   wait
   m=${mb%%:*}; bs=${mb#*:}; [ "$bs" = "$mb" ] && bs=64
   np=${KVQ8_PROMPT:-128}
+  # KVQ8_AB="ORCD_ATTN_DEC_WIDE=1": each cache type again under those variables, alternating
   for kvt in f16 q8_0; do
-    echo "orcd $m kv=$kvt $(timeout 240 python3 bench/bench_engine.py "$data/$m.gguf" --backend cuda --kv-cache-type $kvt \
-      --batches "$bs" --batch-prompt "$np" --reps 2 --context-length $((np + 512)) 2>&1 | tail -1)" | tee -a "$OUT/kvq8.txt"
+    for ab in default ${KVQ8_AB:-}; do
+      envs=$([ "$ab" = default ] || echo "${ab//,/ }")
+      echo "orcd $m kv=$kvt $ab $(env $envs timeout 240 python3 bench/bench_engine.py "$data/$m.gguf" --backend cuda \
+        --kv-cache-type $kvt --batches "$bs" --batch-prompt "$np" --reps 2 --context-length $((np + 512)) 2>&1 | tail -1)" \
+        | tee -a "$OUT/kvq8.txt"
+    done
   done
   if LLAMA_WAIT=${KVQ8_LLAMA_WAIT:-0} llama_ready; then
     most=$(echo "$bs" | tr , '\n' | sort -n | tail -1)
