@@ -225,7 +225,8 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         if constexpr (WV) {
             constexpr int LPR = NC == 1 ? 8 : NC == 2 ? 16 : 32;  // lanes a row (Dv <= 8 * LPR)
             constexpr int KPI = 32 / LPR, NB = 32 / KPI;         // keys a load, loads a tile
-            constexpr int VB = NB < (Q8 ? 16 : 8) ? NB : (Q8 ? 16 : 8);  // loads in flight: 12 or 16 bytes a lane each
+            // loads in flight a lane: Q8_0 8 bytes and a 2-byte scale each, f16 16 bytes
+            constexpr int VB = NB < (Q8 ? 16 : 8) ? NB : (Q8 ? 16 : 8);
             const int r = lane / LPR, c8 = lane % LPR;
             const bool own = 8 * c8 < Dv;  // the host routes only Dv % 8 == 0 here
             for (int j0 = 0; j0 < NB; j0 += VB) {
