@@ -74,7 +74,8 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     // instruction takes 8 values a lane and KPI keys a warp; with a lane on 2 dims of every 64, an MHA
     // tile was 2 * NC narrow loads a key (4 a key for a Q8_0 row: levels and scales apart).
     constexpr bool WV = ORCD_ATTN_DEC_WIDE && GM <= 2;
-    constexpr int NA = WV ? 8 : 2 * NC;  // accumulated V dims a lane
+    constexpr int NA = WV ? 8 : 2 * NC;                   // accumulated V dims a lane
+    constexpr int LPR = NC == 1 ? 8 : NC == 2 ? 16 : 32;  // WV: lanes a row (Dv <= 8 * LPR)
     float m[GM], l[GM], acc[GM][NA];
 #pragma unroll
     for (int g = 0; g < GM; ++g) {
@@ -110,7 +111,7 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     // kv head, whose registers would spill.
     constexpr bool KPRE = ORCD_ATTN_DEC_WIDE && Q8 && ST && GM <= 4;
     constexpr int KSC = KPRE ? 2 * NC : 1;
-    float ksc[KSC], ksn[KSC];
+    float ksc[KSC];
     auto load_kscales = [&](int sl, float* o) {
         if constexpr (KPRE) {
             const __half* kd = ks + ((size_t)sl * Hkv + kvh) * (Dk >> 5);
@@ -198,9 +199,9 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         }
         if constexpr (ST) {
             __syncwarp();  // every lane has read its row: the buffer takes the next tile
-            if (more) {
+            if (more) {  // this tile's scores are done with its scales
                 stage(next);
-                load_kscales(next, ksn);
+                load_kscales(next, ksc);
             }
         }
         float pr[GM];
@@ -223,7 +224,6 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         // in turn, made the tile 32 memory round trips). Keys past `hi` have p = 0 and a written
         // key's slot, so they add nothing and need no branch.
         if constexpr (WV) {
-            constexpr int LPR = NC == 1 ? 8 : NC == 2 ? 16 : 32;  // lanes a row (Dv <= 8 * LPR)
             constexpr int KPI = 32 / LPR, NB = 32 / KPI;         // keys a load, loads a tile
             // loads in flight a lane: Q8_0 8 bytes and a 2-byte scale each, f16 16 bytes
             constexpr int VB = NB < (Q8 ? 16 : 8) ? NB : (Q8 ? 16 : 8);
@@ -317,11 +317,7 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
                 }
             }
         }
-        if constexpr (ST) {
-            slot = next;
-#pragma unroll
-            for (int i = 0; i < KSC; ++i) ksc[i] = ksn[i];
-        }
+        if constexpr (ST) slot = next;
     }
     if constexpr (ST) __syncthreads();  // As overlays the other warps' K tiles
 
@@ -331,7 +327,6 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         if (g >= G) continue;
         if (lane == 0) { Ms[warp][g] = m[g]; Ls[warp][g] = l[g]; }
         if constexpr (WV) {  // the KPI lanes on the same dims (different keys) add up
-            constexpr int LPR = NC == 1 ? 8 : NC == 2 ? 16 : 32;
 #pragma unroll
             for (int e = 0; e < 8; ++e)
 #pragma unroll

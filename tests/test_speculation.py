@@ -109,7 +109,7 @@ def test_verify_keeps_the_target_distribution(kw):
         logits = rng.normal(0, 1.5, (3, V)).astype(np.float32)
         p0 = _exact(logits[0], params, prompt, out)
         # a likely draft, but not the likeliest, so that both outcomes happen: min_p, top_p or top_k
-        # with the penalties can leave one token alone in the distribution (1-2 % of draws); redraw then
+        # with the penalties can leave one token alone in the distribution; redraw then
         if np.sort(p0)[-2] >= 0.02:
             break
     d1 = int(np.argsort(-p0)[1])
