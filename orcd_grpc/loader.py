@@ -223,5 +223,11 @@ def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences,
         has_chat_template=bool(tokenizer.chat_template), load_seconds=time.perf_counter() - t0,
         max_sequences=max_sequences)
     engine = Engine(model, adapter, be, tokenizer, info, kv, BlockAllocator(num_blocks, block_size))
+    try:
+        engine.runner.prepare()
+    except BaseException:
+        engine.close()
+        raise
+    info.load_seconds = time.perf_counter() - t0
     report("ready", total, total)
     return engine

@@ -50,8 +50,8 @@ class Tuning:
         "decode rows) of up to ORCD_MIXED_MAX_TOKENS tokens are padded to a (rows, tokens) bucket and replay a CUDA graph per "
         "bucket, as decode steps do, instead of launching every kernel from Python. qwen2.5 serving, one cold run "
         "a level (H100): output +37 % at 64 clients and +7 % at 256, TPOT p50 -33 % / -14 %, but TTFT p99 at 64 and "
-        "p50 at 256 higher (each bucket's first step captures its graph while the streams wait): opt-in until a "
-        "warmed A/B",
+        "p50 at 256 higher (each bucket's first step captured its graph while the streams waited; the buckets are "
+        "now captured at load): opt-in until measured again",
         level="engine")
     mixed_max_tokens: int = _switch(
         512, "ORCD_MIXED_MAX_TOKENS", "the largest token bucket of ORCD_MIXED_GRAPHS (512, 768, 1024, 1536 or 2048): "

@@ -716,3 +716,58 @@ def test_mixed_token_buckets_stop_at_the_switch():
     assert key(1024, 900, step_tokens=1000) is None  # the bucket must fit the step workspace
     with pytest.raises(ValueError, match="ORCD_MIXED_MAX_TOKENS"):
         Tuning.from_env({"ORCD_MIXED_MAX_TOKENS": "600"})
+
+
+def test_mixed_graphs_capture_every_reachable_bucket_at_load(tmp_path):
+    """ORCD_MIXED_GRAPHS: the load runs every decode bucket and every (rows, tokens) bucket a step can
+    reach twice (graph_step's eager first step, then its capture), on padding rows that write only
+    the spare block, with the shapes a real step of the bucket has; without the switch, none."""
+    import dataclasses
+
+    from orcd_grpc.backends.cuda_runner import mixed_bucket
+
+    class Recording(FakeCuda):
+        def __init__(self):
+            super().__init__()
+            self.steps = []
+
+        def graph_step(self, key, meta, record):
+            self.steps.append((key, meta))
+            return super().graph_step(key, meta, record)
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
+    plain = Recording()
+    load_engine(path, backend=plain, max_sequences=16, max_context=256).close()
+    assert plain.steps == []
+
+    be = Recording()
+    be.tuning = dataclasses.replace(Tuning(), mixed_graphs=True, mixed_max_tokens=512)
+    eng = load_engine(path, backend=be, max_sequences=16, max_context=256)
+    try:
+        runner, pad = eng.runner, eng.allocator.num_blocks
+        keys = [k for k, _ in be.steps]
+        assert len(keys) == 2 * len(set(keys)) and keys[0::2] == keys[1::2]
+        room = runner.model.table_width * eng.allocator.block_size  # 256: the context
+        want = {("decode", nb) for nb in runner.buckets} | {("mixed", *k) for k in runner.mixed_keys() if k[1] <= room}
+        assert set(keys) == want and ("mixed", 16, 256) in want and ("mixed", 16, 384) not in want
+        for key, meta in be.steps:
+            nb = key[1]
+            assert meta.num_seqs == nb and (meta.slot_mapping // eng.allocator.block_size == pad).all(), key
+            assert set(np.unique(meta.block_tables)) <= {pad, -1}, key
+            if key[0] == "mixed":
+                assert meta.num_tokens == meta.max_q == key[2] and list(meta.ctx_lens[:1]) == [key[2]], key
+        # every step the scheduler can make pads to a captured bucket
+        rng = np.random.default_rng()
+        for _ in range(2000):
+            rows = int(rng.integers(1, 17))
+            tokens = int(rng.integers(rows, 600))
+            k = mixed_bucket(tokens, rows, runner.buckets, runner.mixed_tokens, runner.capabilities.max_step_tokens,
+                             runner.model.table_width * eng.allocator.block_size)
+            assert k is None or k in runner.mixed_keys(), (tokens, rows, k)
+        # the model still decodes as before
+        s = eng.new_sequence([1, 5, 6, 7], GREEDY)
+        for _ in range(3):
+            eng.step([s])
+        assert len(s.output_ids) == 3
+    finally:
+        eng.close()

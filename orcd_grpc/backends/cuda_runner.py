@@ -4,7 +4,8 @@ Below the plan boundary, everything the GPU path needs and nothing above it know
 - Pure decode steps are padded to a batch-size bucket and replayed as CUDA graphs (padding rows
   write their KV into the model's spare block and attend to that one slot). With ORCD_MIXED_GRAPHS
   (off until measured) steps carrying prompt tokens are too, padded to a (rows, tokens) bucket with
-  the kernels' max_q pinned to it; otherwise they launch every kernel from Python.
+  the kernels' max_q pinned to it, every bucket captured at load (prepare); otherwise they launch
+  every kernel from Python.
 - Sampling runs on the device from packed parameter rows (sample.cu's RowParams), packed once
   per sequence; per step only the counter word (the token's index, Philox's counter) changes.
   A sequence without a seed gets fresh entropy as its Philox key, so unseeded requests differ.
@@ -86,6 +87,11 @@ def _samples(res, rows: list[PlanRow]) -> dict[int, TokenSample]:
     return out
 
 
+# What a step of padding rows alone (CudaRunner.prepare) pads from.
+_NO_ROWS = StepMeta(token_ids=np.zeros(0, np.int32), positions=np.zeros(0, np.int32), q_starts=np.zeros(1, np.int32),
+                    ctx_lens=np.zeros(0, np.int32), slot_mapping=np.zeros(0, np.int32),
+                    block_tables=np.zeros((0, 1), np.int32), block_size=1, logits_rows=np.zeros(0, np.int32))
+
 VERIFY_MAX_BATCH = 8  # speculation is for latency: verify steps of more sequences stay eager
 
 
@@ -120,6 +126,36 @@ class CudaRunner(Runner):
             # max_step_tokens leaves half the workspace beside the activations; a quarter of it
             # for a scoring chunk's logits rows
             max_logits_rows=max_logits_rows(model.hp.vocab_size, ws // 4, model.max_sequences) if ws else 1 << 30)
+
+    # ---- at load ------------------------------------------------------------------------------
+    def mixed_keys(self) -> list[tuple[int, int]]:
+        """Every (row bucket, token bucket) a mixed step can pad to: a step carries at least a token
+        a row, so a token bucket's rows, its padding row included, fit the first row bucket that
+        holds as many rows as it has tokens (mixed_bucket's rule, over all steps at once)."""
+        keys = []
+        for tb in self.mixed_tokens:
+            if tb > self.capabilities.max_step_tokens:
+                break
+            top = next((b for b in self.buckets if b >= tb), self.buckets[-1])
+            keys += [(nb, tb) for nb in self.buckets if nb <= top]
+        return keys
+
+    def prepare(self) -> None:
+        """With ORCD_MIXED_GRAPHS, captures the graph of every decode and mixed bucket at load, on
+        steps of padding rows alone: a serving load meets a hundred-odd buckets, and each one's first
+        steps would otherwise run eagerly and then capture while every stream waits."""
+        if not self.mixed_graphs:
+            return
+        bs = self.model.block_size
+        empty = StepPlan([], bs)
+        keys = [(("decode", nb), lambda nb=nb: self._padded_meta(empty, nb)) for nb in self.buckets]
+        room = self.model.table_width * bs  # the padding row takes all tb tokens: its table must span them
+        keys += [(("mixed", nb, tb), lambda nb=nb, tb=tb: self._padded_mixed_meta(empty, nb, tb))
+                 for nb, tb in self.mixed_keys() if tb <= room]
+        for key, meta in keys:
+            for _ in range(2):  # graph_step: the first step of a key runs eagerly, the second captures
+                if not self.backend.graph_ready(key):
+                    self.backend.graph_step(key, meta(), self.model.forward)
 
     # ---- launching -------------------------------------------------------------------------
     def launch(self, plan: StepPlan) -> Launched | None:
@@ -224,7 +260,7 @@ class CudaRunner(Runner):
         every entry of its table that block (its slots wrap there; it attends only to what it writes
         this step); further padding rows have no token. One logits row per row: the sampled rows' first."""
         bs, m = plan.block_size, self.model
-        meta = step_meta(plan)
+        meta = step_meta(plan) if plan.rows else _NO_ROWS
         T, B = meta.num_tokens, meta.num_seqs
         p = np.arange(tb - T, dtype=np.int32)
         ids = np.zeros(tb, np.int32)

@@ -199,6 +199,10 @@ class Runner(ABC):
     def run(self, plan: StepPlan) -> StepResult:
         return self.collect(self.launch(plan))
 
+    def prepare(self) -> None:
+        """Once, after the model has loaded: what the runner would otherwise do on a step's first
+        use (capturing graphs), so that no request waits for it."""
+
     def close(self) -> None:
         pass
 
