@@ -8,8 +8,8 @@
 // kept a CTA's loads from overlapping. Here one CTA = (key slice, sequence, kv head) with the
 // GM >= group query heads of that kv head; each of its 4 warps walks its own 32-key tiles straight
 // from global memory (lane j scores key j of the tile: 16-byte K loads, q broadcast from shared
-// memory; then the warp accumulates p * V, a lane owning 2 dims per 64, or with ORCD_ATTN_DEC_WIDE
-// and one or two query heads 8 dims of a row), keeping its own online softmax; the warps merge
+// memory; then the warp accumulates p * V, a lane owning 2 dims per 64, or over a Q8_0 cache with
+// one or two query heads 8 dims of a row), keeping its own online softmax; the warps merge
 // through shared memory at the end. NC = ceil(Dv / 64).
 // The last of a (sequence, kv head)'s n_splits CTAs merges all their partials (attn_dec_merge in
 // attention_common.cuh), as attn_combine would one launch later.
@@ -25,11 +25,6 @@ __device__ __forceinline__ uint4 ld_k16(const uint4* p) {
     if constexpr (ST) return *p;  // shared memory
     else return __ldg(p);
 }
-
-// ORCD_ATTN_DEC_WIDE (tuning.py): the wide V rows (WV) and the Q8_0 K scales a tile ahead (KPRE).
-#ifndef ORCD_ATTN_DEC_WIDE
-#define ORCD_ATTN_DEC_WIDE 0
-#endif
 
 template <int GM, int NC, bool Q8, bool ST>
 __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
@@ -70,10 +65,12 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     }
     __syncthreads();
 
-    // WV (one or two query heads a kv head): lane owns 8 consecutive V dims of a row, so a load
-    // instruction takes 8 values a lane and KPI keys a warp; with a lane on 2 dims of every 64, an MHA
-    // tile was 2 * NC narrow loads a key (4 a key for a Q8_0 row: levels and scales apart).
-    constexpr bool WV = ORCD_ATTN_DEC_WIDE && GM <= 2;
+    // WV (a Q8_0 cache, one or two query heads a kv head): lane owns 8 consecutive V dims of a row,
+    // so a load instruction takes 8 values a lane and KPI keys a warp; with a lane on 2 dims of every
+    // 64, an MHA tile is 4 narrow loads a key and 64 dims (levels and scales apart). Over f16 rows
+    // (2 narrow loads a key and 64 dims) the wide layout measured slower (BENCHMARKS, session 27).
+    // A Q8_0 row is whole 32-dim blocks (CudaKV), so a lane's 8 dims never straddle its end.
+    constexpr bool WV = Q8 && GM <= 2;
     constexpr int NA = WV ? 8 : 2 * NC;                   // accumulated V dims a lane
     constexpr int LPR = NC == 1 ? 8 : NC == 2 ? 16 : 32;  // WV: lanes a row (Dv <= 8 * LPR)
     float m[GM], l[GM], acc[GM][NA];
@@ -106,10 +103,10 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         }
         cp_async_commit();
     };
-    // Staged Q8_0 tiles: lane j's K scales, loaded with the tile's copy (a load at scoring time
-    // would put a memory round trip in front of every tile). Dk <= 64 * NC there. Not at 8 heads a
-    // kv head, whose registers would spill.
-    constexpr bool KPRE = ORCD_ATTN_DEC_WIDE && Q8 && ST && GM <= 4;
+    // Staged Q8_0 tiles of one or two query heads (measured with WV): lane j's K scales, loaded with
+    // the tile's copy (a load at scoring time would put a memory round trip in front of every tile).
+    // Dk <= 64 * NC there.
+    constexpr bool KPRE = Q8 && ST && GM <= 2;
     constexpr int KSC = KPRE ? 2 * NC : 1;
     float ksc[KSC];
     auto load_kscales = [&](int sl, float* o) {

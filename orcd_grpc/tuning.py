@@ -46,12 +46,11 @@ class Tuning:
         True, "ORCD_LOOKAHEAD", "a decode step of an unchanged batch is queued before the host has read the "
         "previous step's tokens (fed on the device); B=1 tg 732 against 677 tok/s without", level="engine")
     mixed_graphs: bool = _switch(
-        False, "ORCD_MIXED_GRAPHS", "steps that carry prompt tokens (a serving load's prefill chunks beside "
+        True, "ORCD_MIXED_GRAPHS", "steps that carry prompt tokens (a serving load's prefill chunks beside "
         "decode rows) of up to ORCD_MIXED_MAX_TOKENS tokens are padded to a (rows, tokens) bucket and replay a CUDA graph per "
-        "bucket, as decode steps do, instead of launching every kernel from Python. qwen2.5 serving, one cold run "
-        "a level (H100): output +37 % at 64 clients and +7 % at 256, TPOT p50 -33 % / -14 %, but TTFT p99 at 64 and "
-        "p50 at 256 higher (each bucket's first step captured its graph while the streams waited; the buckets are "
-        "now captured at load): opt-in until measured again",
+        "bucket, captured at load, as decode steps do, instead of launching every kernel from Python. qwen2.5 "
+        "serving (H100): output 6,663 against 4,645 tok/s at 64 clients, TTFT p50 / p99 and TPOT lower; "
+        "6,634-8,234 against 5,634-6,319 at 256, TPOT p50 lower, TTFT p50 higher; the load 8.3 against 4.9 s",
         level="engine")
     mixed_max_tokens: int = _switch(
         512, "ORCD_MIXED_MAX_TOKENS", "the largest token bucket of ORCD_MIXED_GRAPHS (512, 768, 1024, 1536 or 2048): "
@@ -116,11 +115,6 @@ class Tuning:
     attn_dec_min_heads: int = _switch(
         128, "ORCD_ATTN_DEC_MIN_HEADS", "... and any group size from this many (sequence, kv head) pairs in a step "
         "(qwen2.5 B=64 8,998 against 8,029 tok/s; 64 pairs and fewer even or slower)")
-    attn_dec_wide: bool = _switch(
-        False, "ORCD_ATTN_DEC_WIDE", "attn_dec with one or two q heads per kv head (MHA phi3-mini) gives a lane 8 "
-        "consecutive dims of a V row: one 16-byte f16 or 8-byte Q8_0 load covers 2-4 keys a warp, where a lane on "
-        "2 dims of every 64 makes 2-4 narrow loads a key; over a staged Q8_0 tile (up to 4 q heads per kv head) "
-        "each lane's K scales are loaded a tile ahead; not yet measured", compile_time=True)
     attn_dec_mma: int = _switch(
         2, "ORCD_ATTN_DEC_MMA", "decode steps of an f16 cache with head dim 64, 96 or 128 and from this many to 16 "
         "q heads per kv head attend on tensor cores (attn_decm_d*: the group's heads are the rows of an mma tile) "

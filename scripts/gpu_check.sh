@@ -50,7 +50,7 @@
 #   KVQ8="phi3-mini:64 ..."  the Q8_0 KV cache against f16 (bench_engine.py --kv-cache-type, each in turn):
 #                   pp512, tg128 and the aggregate at those batch sizes with KVQ8_PROMPT-token prompts
 #                   (default 128); llama-batched-bench -ctk/-ctv f16 and q8_0 when built; rows to $OUT/kvq8.txt;
-#                   KVQ8_AB="ORCD_ATTN_DEC_WIDE=1 ...": orcd's rows again under each (alternating with the default)
+#                   KVQ8_AB="ORCD_ATTN_SPLITS=64 ...": orcd's rows again under each (alternating with the default)
 #   BLAS_BENCH=1    bench/bench_blas.py: the fused GEMM against the cuBLAS path at the anchor models' dense
 #                   shapes and T = 64..2048 (BLAS_BENCH_ARGS: more options), to $OUT/blas.txt
 #   HOST_BENCH=1    the serving host without a GPU: bench/host_ceiling.py (8 client processes, 64 and
@@ -172,7 +172,7 @@ if [ -n "${PROFILE_MODELS:-}${PREFILL_MODELS:-}" ]; then
   # is the GPU time per decode step to compare; prefill tok/s from a short bench_engine run)
   for ab in default ${AB:-}; do
     # an AB entry's comma-separated parts are variables, or options of the profile script where they
-    # start with --: AB="ORCD_ATTN_DEC_WIDE=1 --kv-cache-type=q8_0 ORCD_ATTN_DEC_WIDE=1,--kv-cache-type=q8_0"
+    # start with --: AB="ORCD_ATTN_SPLITS=64 --kv-cache-type=q8_0 ORCD_ATTN_SPLITS=64,--kv-cache-type=q8_0"
     envs=""; pargs=${PROFILE_ARGS:-}
     if [ "$ab" != default ]; then
       for part in ${ab//,/ }; do [[ $part == --* ]] && pargs="$pargs $part" || envs="$envs $part"; done
@@ -270,7 +270,7 @@ for mb in ${KVQ8:-}; do
   wait
   m=${mb%%:*}; bs=${mb#*:}; [ "$bs" = "$mb" ] && bs=64
   np=${KVQ8_PROMPT:-128}
-  # KVQ8_AB="ORCD_ATTN_DEC_WIDE=1": each cache type again under those variables, alternating
+  # KVQ8_AB="ORCD_ATTN_SPLITS=64": each cache type again under those variables, alternating
   for kvt in f16 q8_0; do
     for ab in default ${KVQ8_AB:-}; do
       envs=$([ "$ab" = default ] || echo "${ab//,/ }")

@@ -97,19 +97,6 @@ def test_mha_decode_takes_attn_dec_split_by_the_device(monkeypatch, sms, want):
     assert [(n, g[0]) for n, g in launched] == [("attn_dec_g1_n2", want)]
 
 
-def test_attn_dec_g1_g2_take_only_v_rows_of_whole_8_dim_chunks(monkeypatch):
-    """attn_dec_g1/_g2 read a V row 8 dims a lane: with key dims 104 and value dims 100, one or two
-    heads a kv head take the tiled kernel; four (2 dims a lane) still take attn_dec."""
-    be, launched = _backend(monkeypatch, Tuning(attn_splits=1, attn_dec_mma=0, attn_dec_max_group=8))
-    for Hkv, Dv in ((8, 104), (8, 100), (4, 100), (2, 100)):
-        layout = KVLayout(n_layers=1, num_blocks=64, block_size=16, n_kv_heads=Hkv, head_dim_k=104, head_dim_v=Dv)
-        be.attention(be._out((1, 8, 104)), None, None, be.alloc_kv(layout), 0, be.begin_step(_decode_meta(1)),
-                     scale=0.1)
-    names = [n for n, _ in launched]
-    assert names[0] == "attn_dec_g1_n2" and names[-1] == "attn_dec_g4_n2", names
-    assert not any(n.startswith("attn_dec") for n in names[1:-1]), names
-
-
 def test_gqa_decode_takes_the_tensor_core_kernel(monkeypatch):
     """qwen2.5 (14 q heads on 2 kv heads, head dim 64) at B=1: attn_decm_d64 over 32 key slices (the
     default cap; 4 CTAs per SM would be 264), merged by its last CTA, with 544 * (64 + 8) bytes of

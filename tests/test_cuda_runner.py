@@ -29,7 +29,11 @@ class _Rows(np.ndarray):
 
 
 class FakeCuda(NumpyBackend):
-    """Runs plans through CudaRunner; graphs run eagerly, sampling is greedy (argmax)."""
+    """Runs plans through CudaRunner; graphs run eagerly, sampling is greedy (argmax). The graphs a
+    load captures (CudaRunner.prepare: a NumPy forward per bucket here, seconds a load) only where
+    a test asks for them (prepare_at_load)."""
+
+    prepare_at_load = False
 
     def __init__(self):
         super().__init__()
@@ -37,7 +41,10 @@ class FakeCuda(NumpyBackend):
         self.buckets_seen, self.packed = set(), []
 
     def runner(self, model):
-        return CudaRunner(self, model)
+        runner = CudaRunner(self, model)
+        if not self.prepare_at_load:
+            runner.prepare = lambda: None
+        return runner
 
     def graph_ready(self, key):
         return False
@@ -727,6 +734,8 @@ def test_mixed_graphs_capture_every_reachable_bucket_at_load(tmp_path):
     from orcd_grpc.backends.cuda_runner import mixed_bucket
 
     class Recording(FakeCuda):
+        prepare_at_load = True
+
         def __init__(self):
             super().__init__()
             self.steps = []
@@ -737,6 +746,7 @@ def test_mixed_graphs_capture_every_reachable_bucket_at_load(tmp_path):
 
     path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
     plain = Recording()
+    plain.tuning = dataclasses.replace(Tuning(), mixed_graphs=False)
     load_engine(path, backend=plain, max_sequences=16, max_context=256).close()
     assert plain.steps == []
 

@@ -51,7 +51,7 @@ def test_malformed_values_name_their_variable(env):
 def test_deleted_switches_are_gone():
     envs = {f.metadata["env"] for f in dataclasses.fields(Tuning)}
     for gone in ("ORCD_FUSE_GLU", "ORCD_FUSE_NORM", "ORCD_MOE_GEMV", "ORCD_GEMM_MAX_BM", "ORCD_ATTN_DECODE",
-                 "ORCD_ATTN_BATCH_LOADS", "ORCD_MXFP4_BLOCK", "ORCD_GEMV_I8_BLOCK"):
+                 "ORCD_ATTN_BATCH_LOADS", "ORCD_MXFP4_BLOCK", "ORCD_GEMV_I8_BLOCK", "ORCD_ATTN_DEC_WIDE"):
         assert gone not in envs
 
 
@@ -61,10 +61,9 @@ def test_compile_time_switches_reach_the_kernel_options():
     assert rt.module_options("quant_matmul") == ("-DORCD_GEMM_PIPE=64",)
     assert rt.module_options("quant_matmul", Tuning(gemm_pipe=0)) == ("-DORCD_GEMM_PIPE=0",)
     assert rt.module_options("attention", Tuning(gemm_pipe=0)) == ()
-    assert rt.module_options("attention_decode") == ("-DORCD_ATTN_DEC_WIDE=0",)
-    assert rt.module_options("attention_decode", Tuning(attn_dec_wide=True)) == ("-DORCD_ATTN_DEC_WIDE=1",)
+    assert rt.module_options("attention_decode") == ()
     compile_time = {f.name for f in dataclasses.fields(Tuning) if f.metadata["compile_time"]}
-    assert compile_time == {"gemm_pipe", "attn_dec_wide"}  # module_options spells out every one of them
+    assert compile_time == {"gemm_pipe"}  # module_options spells out every one of them
 
 
 def test_no_backend_module_reads_a_switch_from_the_environment():

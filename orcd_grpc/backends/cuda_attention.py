@@ -235,10 +235,9 @@ class AttentionMixin:
                 and Dk in (64, 96, 128)):
             return self._decode_attention(q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks,
                                           softcap, mma=True)
-        # attn_dec_*_n1/_n2 (Dv <= 128) hold Dk <= 64 * ceil(Dv / 64) key dims in their staged tiles;
-        # attn_dec_g1/_g2 give a lane 8 V dims of a row
+        # attn_dec_*_n1/_n2 (Dv <= 128) hold Dk <= 64 * ceil(Dv / 64) key dims in their staged tiles
         if (ctx.max_q == 1 and Dk % 8 == 0 and Dk <= 256 and Dv <= 256 and group <= 8
-                and (Dv > 128 or Dk <= 64 * -(-Dv // 64)) and (group > 2 or Dv % 8 == 0)
+                and (Dv > 128 or Dk <= 64 * -(-Dv // 64))
                 and (group <= self.tuning.attn_dec_max_group or ctx.B * Hkv >= self.tuning.attn_dec_min_heads)):
             return self._decode_attention(q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks,
                                           softcap)

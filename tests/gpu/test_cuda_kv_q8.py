@@ -132,7 +132,7 @@ def test_fused_qkv_rope_store_matches_the_three_kernels(be, rng, Hq, Hkv, D, rot
 
 
 @pytest.mark.parametrize("mode", ["default", "tiled-decode", "four-slices", "dec-gqa", "dec-gqa-one-slice",
-                                  "combine-launch", "wide", "wide-one-slice", "wide-dec-gqa"])
+                                  "combine-launch"])
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[f"case{i}" for i in range(len(ATTN_CASES))])
 def test_attention_over_q8_0(be, rng, case, mode, monkeypatch):
     tune(monkeypatch, be, **ATTN_MODES[mode])

@@ -35,7 +35,7 @@ def be():
 
 def tune(monkeypatch, be, **switches):
     """The shared backend under other Tuning values for one test (restored after it). Its kernels
-    are looked up afresh, so a compile-time switch (ORCD_ATTN_DEC_WIDE) loads its own build."""
+    are looked up afresh, so a compile-time switch (ORCD_GEMM_PIPE) loads its own build."""
     monkeypatch.setattr(be, "tuning", dataclasses.replace(be.tuning, **switches))
     monkeypatch.setattr(be, "_kernels", {})
 
@@ -351,11 +351,7 @@ ATTN_MODES = {"default": {}, "one-slice": {"attn_splits": 1},
               # attn_decm_d* for MHA decode steps too (every group size up to 16)
               "dec-mma": {"attn_dec_mma": 1}, "dec-mma-one-slice": {"attn_dec_mma": 1, "attn_splits": 1},
               "dec-mma-four-slices": {"attn_dec_mma": 1, "attn_splits": 4},
-              "dec-mma-combine-launch": {"attn_dec_mma": 1, "attn_merge": False},
-              # ORCD_ATTN_DEC_WIDE: attn_dec_g1/_g2's V rows 8 dims a lane, the Q8_0 K scales a tile ahead
-              "wide": {"attn_dec_wide": True}, "wide-one-slice": {"attn_dec_wide": True, "attn_splits": 1},
-              "wide-dec-gqa": {**_NO_DECM, "attn_dec_max_group": 8, "attn_dec_wide": True},
-              "wide-combine-launch": {"attn_dec_wide": True, "attn_merge": False}}
+              "dec-mma-combine-launch": {"attn_dec_mma": 1, "attn_merge": False}}
 
 
 def check_attention_case(be, rng, case, label, *, cached, fill, outlier_keys=False):
