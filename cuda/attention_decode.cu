@@ -26,6 +26,13 @@ __device__ __forceinline__ uint4 ld_k16(const uint4* p) {
     else return __ldg(p);
 }
 
+// ORCD_ATTN_Q8_DP4A (tuning.py): over a Q8_0 cache the turned q is rounded to int8 blocks too (its
+// own float scale a block, GGML's rounding), and a key's score is a dp4a sum a block: 8 dp4a of
+// the levels as stored in place of 32 conversions and 32 FMAs a block and q head.
+#ifndef ORCD_ATTN_Q8_DP4A
+#define ORCD_ATTN_Q8_DP4A 0
+#endif
+
 template <int GM, int NC, bool Q8, bool ST>
 __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     constexpr int NW = 4;
@@ -34,6 +41,10 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
     constexpr int STAGE_BYTES = NW * 32 * KROW, AS_BYTES = NW * GM * NC * 64 * 4;
     __shared__ __align__(16) float Qs[GM][QD];
     __shared__ float Ms[NW][GM], Ls[NW][GM];
+    constexpr bool QI = Q8 && ORCD_ATTN_Q8_DP4A;
+    // QI: q's int8 levels, 4 a word, and a scale a 32-block
+    __shared__ __align__(16) int Qi[QI ? GM : 1][QI ? QD / 4 : 4];
+    __shared__ float Qd[QI ? GM : 1][QI ? QD / 32 : 1];
     // the warps' K tiles during the key loop, then (after a barrier) their partial outputs
     __shared__ __align__(16) unsigned char Sh[STAGE_BYTES > AS_BYTES ? STAGE_BYTES : AS_BYTES];
     float(*As)[GM][NC * 64] = reinterpret_cast<float(*)[GM][NC * 64]>(Sh);
@@ -60,6 +71,14 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
             for (int blk = warp; blk < G * Dk / 32; blk += NW) {
                 float* r = &Qs[blk * 32 / Dk][blk * 32 % Dk];
                 r[lane] = wht32_warp(r[lane], lane);
+                if constexpr (QI) {  // q8_store_turned's rounding, the scale kept in float
+                    const float y = r[lane], amax = warp_max(fabsf(y));
+                    const float d = __fdiv_rn(amax, 127.f), inv = d != 0.f ? __frcp_rn(d) : 0.f;
+                    const float lv = floorf(fabsf(y * inv) + 0.5f);
+                    reinterpret_cast<int8_t*>(&Qi[blk * 32 / Dk][0])[blk * 32 % Dk + lane] =
+                        static_cast<int8_t>(y * inv >= 0.f ? lv : -lv);
+                    if (lane == 0) Qd[blk * 32 / Dk][blk * 32 % Dk / 32] = d;
+                }
             }
         }
     }
@@ -146,20 +165,36 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
             auto block = [&](int d32, float dsc) {  // s[g] += dsc * <q's 32-block d32, the levels>
                 const uint4 r0 = ld_k16<ST>(kp + 2 * d32), r1 = ld_k16<ST>(kp + 2 * d32 + 1);
                 const unsigned w[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
-                float f[32];
+                if constexpr (QI) {
 #pragma unroll
-                for (int i = 0; i < 8; ++i) sbytes4(w[i], f + 4 * i);
-#pragma unroll
-                for (int g = 0; g < GM; ++g) {
-                    if (g < G) {
-                        float u = 0.f;
-#pragma unroll
-                        for (int i4 = 0; i4 < 8; ++i4) {
-                            const float4 qa = *reinterpret_cast<const float4*>(&Qs[g][32 * d32 + 4 * i4]);
-                            u = fmaf(qa.x, f[4 * i4], u); u = fmaf(qa.y, f[4 * i4 + 1], u);
-                            u = fmaf(qa.z, f[4 * i4 + 2], u); u = fmaf(qa.w, f[4 * i4 + 3], u);
+                    for (int g = 0; g < GM; ++g) {
+                        if (g < G) {
+                            const int4 qa = *reinterpret_cast<const int4*>(&Qi[g][8 * d32]);
+                            const int4 qb = *reinterpret_cast<const int4*>(&Qi[g][8 * d32 + 4]);
+                            int u = __dp4a(static_cast<int>(w[0]), qa.x, 0);
+                            u = __dp4a(static_cast<int>(w[1]), qa.y, u); u = __dp4a(static_cast<int>(w[2]), qa.z, u);
+                            u = __dp4a(static_cast<int>(w[3]), qa.w, u); u = __dp4a(static_cast<int>(w[4]), qb.x, u);
+                            u = __dp4a(static_cast<int>(w[5]), qb.y, u); u = __dp4a(static_cast<int>(w[6]), qb.z, u);
+                            u = __dp4a(static_cast<int>(w[7]), qb.w, u);
+                            s[g] = fmaf(dsc * Qd[g][d32], static_cast<float>(u), s[g]);
                         }
-                        s[g] = fmaf(dsc, u, s[g]);
+                    }
+                } else {
+                    float f[32];
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) sbytes4(w[i], f + 4 * i);
+#pragma unroll
+                    for (int g = 0; g < GM; ++g) {
+                        if (g < G) {
+                            float u = 0.f;
+#pragma unroll
+                            for (int i4 = 0; i4 < 8; ++i4) {
+                                const float4 qa = *reinterpret_cast<const float4*>(&Qs[g][32 * d32 + 4 * i4]);
+                                u = fmaf(qa.x, f[4 * i4], u); u = fmaf(qa.y, f[4 * i4 + 1], u);
+                                u = fmaf(qa.z, f[4 * i4 + 2], u); u = fmaf(qa.w, f[4 * i4 + 3], u);
+                            }
+                            s[g] = fmaf(dsc, u, s[g]);
+                        }
                     }
                 }
             };

@@ -115,6 +115,10 @@ class Tuning:
     attn_dec_min_heads: int = _switch(
         128, "ORCD_ATTN_DEC_MIN_HEADS", "... and any group size from this many (sequence, kv head) pairs in a step "
         "(qwen2.5 B=64 8,998 against 8,029 tok/s; 64 pairs and fewer even or slower)")
+    attn_q8_dp4a: bool = _switch(
+        False, "ORCD_ATTN_Q8_DP4A", "attn_dec over a Q8_0 cache rounds the turned q to int8 blocks as well (a float "
+        "scale a block) and scores a key with 8 dp4a a block in place of 32 conversions and FMAs a q head; not yet "
+        "measured", compile_time=True)
     attn_dec_mma: int = _switch(
         2, "ORCD_ATTN_DEC_MMA", "decode steps of an f16 cache with head dim 64, 96 or 128 and from this many to 16 "
         "q heads per kv head attend on tensor cores (attn_decm_d*: the group's heads are the rows of an mma tile) "

@@ -4,7 +4,9 @@ fresh random inputs:
   Walsh-Hadamard transform (tests/q8_reference.py), bit for bit (the CPU backend's format: same bits);
 - attention over it, every case and kernel path of test_cuda_ops, against the NumPy backend fed
   gguf's dequantization of the stored blocks turned back by the float64 Hadamard matrix: only
-  float32 arithmetic differs (the same 3e-4 as the f16 cache's test);
+  float32 arithmetic differs (the same 3e-4 as the f16 cache's test); with ORCD_ATTN_Q8_DP4A the
+  decode kernel's queries are int8 blocks too, and the reference gets them rounded the same way
+  (q_dp4a), so the bound stays;
 - the copy-on-write of blocks (parallel sampling) copies levels and scales;
 - the tiny architectures end to end against the NumPy backend's float32 cache, within the Q8_0
   rounding the CPU backend's test allows (median 1.5e-2 of the largest logit), and far from
@@ -24,7 +26,7 @@ from .test_cuda_ops import ATTN_CASES, ATTN_MODES, check_attention_case, dev, tu
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
 sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "tools"))
-from q8_reference import dequant, ggml_q8, hadamard64  # noqa: E402
+from q8_reference import dequant, ggml_q8, hadamard64, wht32  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("gguf")
@@ -131,17 +133,39 @@ def test_fused_qkv_rope_store_matches_the_three_kernels(be, rng, Hq, Hkv, D, rot
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("mode", ["default", "tiled-decode", "four-slices", "dec-gqa", "dec-gqa-one-slice",
-                                  "combine-launch"])
+_DP4A = {"attn_q8_dp4a": True}  # ORCD_ATTN_Q8_DP4A: attn_dec scores keys on int8 queries
+Q8_MODES = {**{m: ATTN_MODES[m] for m in ("default", "tiled-decode", "four-slices", "dec-gqa", "dec-gqa-one-slice",
+                                          "combine-launch")},
+            "dp4a": _DP4A, "dp4a-one-slice": {**_DP4A, "attn_splits": 1},
+            "dp4a-dec-gqa": {**ATTN_MODES["dec-gqa"], **_DP4A}}
+
+
+def q_dp4a(q, scale, kernels):
+    """The queries attn_dec holds under ORCD_ATTN_Q8_DP4A, turned back (float64): q * scale turned by
+    H in float32 (the kernel's bits), rounded to int8 a 32-block as the cache's store rounds (scale
+    amax / 127, kept in float32, halves away from zero), turned back, over scale. Other kernels'
+    queries as given."""
+    if not any(n.startswith("attn_dec_g") and n.endswith("_q8") for n in kernels):
+        return q
+    y = wht32(q * np.float32(scale)).reshape(-1, 32)
+    d = np.abs(y).max(axis=1, keepdims=True) / np.float32(127)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    yi = (y * inv).astype(np.float32)
+    levels = np.where(yi >= 0, 1, -1) * np.floor(np.abs(yi) + np.float32(0.5))
+    return ((d.astype(np.float64) * levels) @ hadamard64()).reshape(q.shape) / scale
+
+
+@pytest.mark.parametrize("mode", list(Q8_MODES))
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[f"case{i}" for i in range(len(ATTN_CASES))])
 def test_attention_over_q8_0(be, rng, case, mode, monkeypatch):
-    tune(monkeypatch, be, **ATTN_MODES[mode])
+    tune(monkeypatch, be, **Q8_MODES[mode])
     if case[2] % 32:
         pytest.skip("q8_0 needs head dims in blocks of 32")
     check_attention_case(
         be, rng, case, mode, outlier_keys=True,  # what the transform is for
         cached=lambda k, v: (dequant(*ggml_q8(k)).astype(np.float32), dequant(*ggml_q8(v)).astype(np.float32)),
-        fill=lambda kv: be._drv.memset_d8(kv.buf.ptr, 0xFF, kv.buf.nbytes))  # scales 0xFFFF: NaN where never written
+        fill=lambda kv: be._drv.memset_d8(kv.buf.ptr, 0xFF, kv.buf.nbytes),  # scales 0xFFFF: NaN where never written
+        q_held=q_dp4a if be.tuning.attn_q8_dp4a else None)
 
 
 def test_copy_blocks_copies_levels_and_scales(be, rng):

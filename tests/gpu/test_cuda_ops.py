@@ -354,14 +354,15 @@ ATTN_MODES = {"default": {}, "one-slice": {"attn_splits": 1},
               "dec-mma-combine-launch": {"attn_dec_mma": 1, "attn_merge": False}}
 
 
-def check_attention_case(be, rng, case, label, *, cached, fill, outlier_keys=False):
+def check_attention_case(be, rng, case, label, *, cached, fill, outlier_keys=False, q_held=None):
     """Both steps of an ATTN_CASES case (_steps) through be.attention over a fresh paged cache,
     each against the NumPy backend fed cached(k, v): the K/V the device cache holds, so the
     comparison isolates the kernels' arithmetic from the cache format. fill(kv) poisons the
     device cache first (never-written rows must not reach the output); outlier_keys gives the
     keys a few large channels, as real ones have. Bound 3e-4, or 2e-3 where the step ran on
     tensor cores (attn_mma and attn_decm round the scaled queries and the softmax weights to f16,
-    2^-11 each)."""
+    2^-11 each). q_held(q, scale, kernels): the queries as the kernels that ran hold them, for the
+    reference (default: as given)."""
     Hq, Hkv, D, plens, extra, window, with_sinks, softcap = case
     bs = 16
     # every sequence's blocks plus slack, so the shuffled tables do not run out on long prompts
@@ -384,13 +385,15 @@ def check_attention_case(be, rng, case, label, *, cached, fill, outlier_keys=Fal
                 k *= rng.choice([1, 1, 1, 8], D).astype(np.float32)
             v = rng.standard_normal((T, Hkv, D), dtype=np.float32)
             k_held, v_held = cached(k, v)
-            exp = ref.attention(q, k_held, v_held, kv_ref, layer, meta, scale=scale, window=window, sinks=sinks,
-                                softcap=softcap)
             ctx = be.begin_step(meta)
             poison(be)  # synchronizes: what _recent lists after this are the step's own kernels
             out = be.attention(dev(be, q), dev(be, k), dev(be, v), kv_dev, layer, ctx, scale=scale,
                                window=window, sinks=dev(be, sinks) if with_sinks else None, softcap=softcap)
-            mma = any(name.startswith(("attn_mma", "attn_decm")) for name in be._recent)
+            ran = list(be._recent)
+            q_ref = q if q_held is None else q_held(q, scale, ran)
+            exp = ref.attention(q_ref, k_held, v_held, kv_ref, layer, meta, scale=scale, window=window, sinks=sinks,
+                                softcap=softcap)
+            mma = any(name.startswith(("attn_mma", "attn_decm")) for name in ran)
             assert out.shape == (T, Hq * D)
             assert rel(be.to_host(out), exp) < (2e-3 if mma else 3e-4), (case, label)
     finally:
