@@ -374,10 +374,13 @@ class Engine:
         """Starts one step of seqs and returns it (collect() gives its samples), or None when
         there is nothing to run.
 
-        after: a launched step of exactly seqs whose samples the caller has not collected; the
-        step planned is then the decode step that follows it, fed its tokens where they are, or
-        None when the runner cannot queue it so (the caller collects `after` and plans anew), the
-        context is full or the KV cache has no block for it."""
+        after: a launched step whose samples the caller has not collected, of exactly seqs or
+        (where the runner can take a changed batch, ORCD_FEED_CHANGED) of seqs' first ones, in
+        its order, without those gone since; the step planned is then the decode step of those
+        that follows it, fed its tokens where they are, and seqs' others' next tokens (each new
+        sequence whole and sampled, else none of this), or None when the runner cannot queue it so
+        (the caller collects `after` and plans anew), the context is full or the KV cache has no
+        block for it."""
         if after is None:
             if self.draft is not None:
                 self._draft_proposals(seqs)
@@ -400,16 +403,30 @@ class Engine:
         # parts of a mask (banned sequences, min_tokens) are planned here: plan after it instead.
         if any(s.dynamic is not None and not s.dynamic.settled(len(s.output_ids) + 1) for s in seqs):
             return None
+        in_flight = {r.seq_id for r in after.plan.rows}
+        fed = 0
+        while fed < len(seqs) and seqs[fed].seq_id in in_flight:
+            fed += 1
+        fresh = seqs[fed:]
+        if fed < len(in_flight) or fresh:
+            if not self.capabilities.overlap_changed or self.draft is not None or not fed:
+                return None
+            # a new sequence's whole next step must fit and be sampled: nothing of it is in flight
+            if any(s.seq_id in in_flight or s.score_top is not None or s.hold is not None for s in fresh):
+                return None
         try:
-            for s in seqs:
+            for s in seqs[:fed]:
                 self.allocator.ensure(s.block_table, s.num_cached + 1)
+            chosen, rows = self._schedule(fresh, token_budget - fed) if fresh else ([], [])
         except ResourceExhausted:
             return None  # the next ordinary step reports it (and the scheduler preempts)
-        plan = StepPlan([self._fed_row(s) for s in seqs], self.allocator.block_size, after=after)
+        if len(chosen) != len(fresh) or not all(r.sample for r in rows):
+            return None  # a prompt longer than the step: it is chunked, unsampled, in an ordinary one
+        plan = StepPlan([self._fed_row(s) for s in seqs[:fed]] + rows, self.allocator.block_size, after=after)
         launched = self.runner.launch(plan)
         plan.after = None  # fed or declined: held on, each step would keep every earlier one alive
         if launched is not None:
-            self._advance([(s, 1) for s in seqs])
+            self._advance([(s, 1) for s in seqs[:fed]] + chosen)
         return launched
 
     def settle(self, launched: Launched) -> None:

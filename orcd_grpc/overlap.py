@@ -3,7 +3,9 @@
 While a batch is unchanged, the decode step after the one in flight is launched before the host
 waits for that one's tokens: the runner feeds them to it where they are (on the device), so the
 host's work between steps (scheduling, detokenizing, streaming) overlaps the device's instead of
-idling it. A changed batch only delivers what was in flight, and the next call plans anew.
+idling it. A changed batch only delivers what was in flight, and the next call plans anew;
+where the runner takes changed batches (ORCD_FEED_CHANGED), the changed batch's step is launched
+behind the one in flight first, its continuing sequences fed their tokens there too.
 
 Nothing is rolled back: a step launched ahead is always delivered, to the sequences it ran for.
 A batch with a speculating sequence is never fed ahead (Engine.launch declines): its next step
@@ -27,6 +29,7 @@ class Overlap:
         self.engine = engine
         self.inflight: tuple[list, Any] | None = None  # (its sequences, the launched step)
         self.last_kind: str | None = None  # of the step the last call delivered (None: none)
+        self._ahead_kind = DECODE_AHEAD  # of the step in flight: PREFILL where it carries new prompts
 
     def step(self, seqs: list, token_budget: int = 2048, may_follow: Callable[[Any], bool] | None = None,
              append: bool = True) -> dict:
@@ -37,9 +40,14 @@ class Overlap:
         output_ids (sequences released meanwhile excepted); the scheduler appends itself."""
         eng = self.engine
         prev, self.inflight = self.inflight, None
-        self.last_kind = DECODE_AHEAD if prev is not None else None
+        self.last_kind = self._ahead_kind if prev is not None else None
         if prev is not None and (len(prev[0]) != len(seqs) or any(a is not b for a, b in zip(prev[0], seqs))):
-            return self._deliver(prev, append)
+            if eng.capabilities.overlap_changed and (may_follow is None or all(may_follow(s) for s in seqs)):
+                self._launch_ahead(seqs, token_budget, prev)
+            out = self._deliver(prev, append)
+            if append:
+                self.settle()
+            return out
         if prev is None:
             kind = PREFILL if any(s.prefill_remaining for s in seqs) else DECODE
             launched = eng.launch(seqs, token_budget)
@@ -48,13 +56,18 @@ class Overlap:
             prev = (list(seqs), launched)
             self.last_kind = kind
         if may_follow is None or all(may_follow(s) for s in seqs):
-            ahead = eng.launch(seqs, token_budget, after=prev[1])
-            if ahead is not None:
-                self.inflight = (list(seqs), ahead)
+            self._launch_ahead(seqs, token_budget, prev)
         out = self._deliver(prev, append)
         if append:
             self.settle()
         return out
+
+    def _launch_ahead(self, seqs: list, token_budget: int, prev) -> None:
+        """seqs' step queued behind prev (in flight, its samples not collected), where it can be."""
+        kind = PREFILL if any(s.prefill_remaining for s in seqs) else DECODE_AHEAD
+        ahead = self.engine.launch(seqs, token_budget, after=prev[1])
+        if ahead is not None:
+            self.inflight, self._ahead_kind = (list(seqs), ahead), kind
 
     def settle(self) -> None:
         """Once the tokens step() delivered are appended (by step itself, or by a caller that
@@ -66,7 +79,7 @@ class Overlap:
     def drain(self, append: bool = True) -> dict:
         """Delivers the step in flight, if any."""
         prev, self.inflight = self.inflight, None
-        self.last_kind = DECODE_AHEAD if prev is not None else None
+        self.last_kind = self._ahead_kind if prev is not None else None
         return self._deliver(prev, append) if prev is not None else {}
 
     def queued(self, seq) -> bool:

@@ -58,6 +58,11 @@ class Tuning:
         "carry at most 512 tokens, 94-97 % at most 1,024 (scripted engine, 64 and 256 clients); whether graphs "
         "still pay where a step's kernels are long is not yet measured",
         level="engine", choices=(512, 768, 1024, 1536, 2048))
+    feed_changed: bool = _switch(
+        False, "ORCD_FEED_CHANGED", "the step of a changed batch (sequences gone, new prompts that each fit it whole) "
+        "is queued behind the step in flight too, the continuing sequences fed its tokens on the device, so the "
+        "device need not idle while the host delivers that step and plans the next; needs ORCD_LOOKAHEAD (and "
+        "ORCD_MIXED_GRAPHS for new prompts); not yet measured", level="engine")
     feed_eager: bool = _switch(
         True, "ORCD_FEED_EAGER", "an eagerly run step (one carrying prompt tokens) whose every row samples one "
         "token on the device samples asynchronously, so the decode step after it is queued behind it (fed on "

@@ -49,7 +49,7 @@ class FakeCuda(NumpyBackend):
     def graph_ready(self, key):
         return False
 
-    def graph_step(self, key, meta, record):
+    def graph_step(self, key, meta, record, feed=None, overlap=False, feed_rows=None):
         self.buckets_seen.add((key, meta.num_seqs))
         return np.asarray(record(self.begin_step(meta))).view(_Rows)
 
@@ -180,17 +180,21 @@ def _queued_device_backend():
     class Queued(FakeCuda):
         def __init__(self):
             super().__init__()
-            self.ready, self.pending, self.fed, self.overlapped = set(), [], 0, 0
+            self.ready, self.pending, self.fed, self.overlapped, self.fed_changed = set(), [], 0, 0, 0
 
         def graph_ready(self, key):
             return key in self.ready
 
-        def graph_step(self, key, meta, record, feed=None, overlap=False):
+        def graph_step(self, key, meta, record, feed=None, overlap=False, feed_rows=None):
             if feed is not None:
                 assert overlap and feed in self.pending, "fed by a sampling the host has not read"
                 meta.token_ids = meta.token_ids.copy()
-                meta.token_ids[: feed.R] = feed.toks
+                for dst, src, n in feed_rows or ((0, 0, feed.R),):  # begin_step's device copies
+                    assert dst + n <= meta.num_tokens and src + n <= feed.R
+                    meta.token_ids[dst: dst + n] = feed.toks[src: src + n]
                 self.fed += 1
+                # a changed batch's step: rows gone from the step before, or new ones (a mixed step)
+                self.fed_changed += feed_rows not in (None, [(0, 0, feed.R)]) or key[0] == "mixed"
             self.overlapped += bool(overlap)
             self.ready.add(key)  # the first step of a key stands for the eager run and the capture
             return np.asarray(record(self.begin_step(meta))).view(_Rows)
@@ -211,6 +215,18 @@ def _queued_device_backend():
             return self.sample_result(self.sample_packed_async(logits, prm, pen, n_top))
 
     return Queued()
+
+
+def _changed_feed_backend(mode):
+    """The queued fake for a run in `mode`: "changed" also queues the steps of changed batches
+    (ORCD_FEED_CHANGED, new prompts on mixed-step graphs, captured at load)."""
+    import dataclasses
+
+    be = _queued_device_backend()
+    if mode == "changed":
+        be.tuning = dataclasses.replace(Tuning(), mixed_graphs=True, feed_changed=True)
+        be.prepare_at_load = True
+    return be
 
 
 def _masking_device_backend():
@@ -235,16 +251,23 @@ def _masking_device_backend():
 
 def _with_and_without_lookahead(path, run, max_sequences):
     """{lookahead: run(engine, backend, lookahead)} for lookahead on and off, each on a fresh
-    masking fake; no queued sampling may be left unread."""
+    masking fake, and {"changed": ...} with lookahead on across changed batches too
+    (ORCD_FEED_CHANGED); no queued sampling may be left unread."""
+    import dataclasses
+
     runs = {}
-    for lookahead in (True, False):
+    for mode in ("changed", True, False):
         be = _masking_device_backend()
+        if mode == "changed":
+            be.tuning = dataclasses.replace(Tuning(), mixed_graphs=True, feed_changed=True)
+            be.prepare_at_load = True
         eng = load_engine(path, backend=be, max_sequences=max_sequences, max_context=256)
         try:
-            eng.runner.lookahead = lookahead
-            runs[lookahead] = run(eng, be, lookahead)
+            eng.runner.lookahead = bool(mode)
+            runs[mode] = run(eng, be, bool(mode))
             assert not be.pending, "a queued sampling was never read"
-            assert lookahead or be.fed == 0
+            assert mode or be.fed == 0
+            assert (mode == "changed") or be.fed_changed == 0
         finally:
             eng.close()
     return runs
@@ -259,20 +282,22 @@ def test_overlap_gives_the_tokens_of_plain_steps(tmp_path):
     rng = np.random.default_rng()
     prompts = [[1] + rng.integers(3, 320, int(k)).tolist() for k in rng.integers(2, 40, 4)]
     runs: dict = {}
-    for mode in ("lookahead", "plain"):
-        be = _queued_device_backend()
+    for mode in ("changed", "lookahead", "plain"):
+        be = _changed_feed_backend(mode)
         eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
         try:
-            assert eng.capabilities.overlap
-            eng.runner.lookahead = mode == "lookahead"
+            assert eng.capabilities.overlap and eng.capabilities.overlap_changed == (mode == "changed")
+            eng.runner.lookahead = mode != "plain"
             free0 = eng.free_blocks()
             got, outputs, c_queued = changing_batch(eng, prompts, top_logprobs=2)
             runs[mode] = (got, outputs)
             assert not be.pending, "a queued sampling was never read"
             assert eng.free_blocks() + len(eng.allocator._evictable) >= free0  # every block came back
-            if mode == "lookahead":
+            if mode != "plain":
                 assert be.fed >= 5, be.fed  # the lookahead path really ran
                 assert c_queued  # c left with a step of it in flight, and that step was delivered to it
+                # ORCD_FEED_CHANGED: a finishes, d joins, c leaves and comes back: steps of changed batches
+                assert (be.fed_changed >= 5) == (mode == "changed"), be.fed_changed
             else:
                 assert be.fed == 0 and be.overlapped == 0
         finally:
@@ -280,7 +305,7 @@ def test_overlap_gives_the_tokens_of_plain_steps(tmp_path):
     got, outputs = runs["lookahead"]
     assert got == outputs  # what the loop delivered is what each sequence holds
     assert [len(g) for g in got] == [4, 14, 14, 14]
-    assert runs["lookahead"] == runs["plain"]
+    assert runs["lookahead"] == runs["plain"] == runs["changed"]
 
 
 def test_scheduler_overlap_streams_the_plain_tokens(tmp_path):
@@ -303,10 +328,10 @@ def test_scheduler_overlap_streams_the_plain_tokens(tmp_path):
     jobs = [([1] + rng.integers(3, 320, int(k)).tolist(), int(m))
             for k, m in zip(rng.integers(2, 40, 4), (3, 17, 9, 12))]
     results = {}
-    for mode in ("lookahead", "plain"):
-        be = _queued_device_backend()
+    for mode in ("changed", "lookahead", "plain"):
+        be = _changed_feed_backend(mode)
         eng = load_engine(path, backend=be, max_sequences=8, max_context=256)
-        eng.runner.lookahead = mode == "lookahead"
+        eng.runner.lookahead = mode != "plain"
         free0 = eng.free_blocks()
         sched = Scheduler(loader=lambda p, **_: eng)
         try:
@@ -327,14 +352,15 @@ def test_scheduler_overlap_streams_the_plain_tokens(tmp_path):
             while eng.free_blocks() + len(eng.allocator._evictable) < free0 and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert eng.free_blocks() + len(eng.allocator._evictable) >= free0
-            assert (be.fed > 0) == (mode == "lookahead"), be.fed
+            assert (be.fed > 0) == (mode != "plain"), be.fed
+            assert (be.fed_changed > 0) == (mode == "changed"), be.fed_changed
             # every request ended by its max_tokens: nothing was launched past it
             assert all(o.inflight is None for o in sched._overlaps.values())
             assert not be.pending
         finally:
             sched.shutdown(0)
             eng.close()
-    assert results["lookahead"] == results["plain"]
+    assert results["lookahead"] == results["plain"] == results["changed"]
 
 
 def test_overlap_launches_no_step_past_max_tokens(tmp_path):
@@ -544,7 +570,7 @@ def test_constrained_rows_are_queued_and_masked_after_the_token_in_flight(tmp_pa
         return outputs
 
     runs = _with_and_without_lookahead(write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0"), run, max_sequences=4)
-    assert runs[True] == runs[False]
+    assert runs[True] == runs[False] == runs["changed"]
 
 
 def test_llguidance_constraints_on_the_overlap_loop_match_step_by_step(tmp_path):
@@ -553,13 +579,17 @@ def test_llguidance_constraints_on_the_overlap_loop_match_step_by_step(tmp_path)
     test of the same schedule is tests/gpu/test_constraints_gpu.py."""
     from schedules import constrained_batch
 
+    changed = []
+
     def run(eng, be, lookahead):
         outputs = constrained_batch(eng)
         assert (be.fed >= 5) if lookahead else be.fed == 0, be.fed
+        changed.append(be.fed_changed)
         return outputs
 
     runs = _with_and_without_lookahead(write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0"), run, max_sequences=8)
-    assert runs[True] == runs[False]
+    assert runs[True] == runs[False] == runs["changed"]
+    assert changed[0] > 0, changed  # constrained sequences left a batch whose next step was queued
     assert sum(len(r) for r in runs[False]) >= 20
 
 
@@ -740,9 +770,9 @@ def test_mixed_graphs_capture_every_reachable_bucket_at_load(tmp_path):
             super().__init__()
             self.steps = []
 
-        def graph_step(self, key, meta, record):
+        def graph_step(self, key, meta, record, **kw):
             self.steps.append((key, meta))
-            return super().graph_step(key, meta, record)
+            return super().graph_step(key, meta, record, **kw)
 
     path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
     plain = Recording()

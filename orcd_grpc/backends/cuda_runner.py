@@ -114,13 +114,14 @@ class CudaRunner(Runner):
         self.lookahead = bool(self.buckets) and tuning.lookahead
         self.feed_eager = tuning.feed_eager  # ORCD_FEED_EAGER (with lookahead)
         self.mixed_graphs = bool(self.buckets) and tuning.mixed_graphs  # ORCD_MIXED_GRAPHS
+        self.feed_changed = self.lookahead and tuning.feed_changed  # ORCD_FEED_CHANGED
         self.mixed_tokens = mixed_token_buckets(tuning)
         self.verify_buckets = [b for b in self.buckets if b <= VERIFY_MAX_BATCH] if tuning.verify_graphs else []
         self._cols = np.arange(model.table_width)
         ws = int(backend.workspace_bytes)
         self.capabilities = Capabilities(
             name=backend.name, memory="host" if backend.host_memory else "device", device_sampling=True,
-            device_penalties=True, overlap=self.lookahead, graphs=bool(self.buckets),
+            device_penalties=True, overlap=self.lookahead, overlap_changed=self.feed_changed, graphs=bool(self.buckets),
             max_step_tokens=max_step_tokens(model.hp, ws, model.n_experts_used, model.max_sequences),
             workspace_bytes=ws,
             # max_step_tokens leaves half the workspace beside the activations; a quarter of it
@@ -162,13 +163,18 @@ class CudaRunner(Runner):
         bucket = self._bucket(plan)
         after = plan.after
         if after is not None:
-            before = after.plan.rows
-            if (not after.feeds or after.result is not None or len(before) != len(plan.rows)
-                    or any(a.seq_id != b.seq_id for a, b in zip(before, plan.rows))
-                    or not self._queueable(plan, bucket)):
+            runs = self._feed_runs(after, plan) if after.feeds and after.result is None else None
+            if runs is None:
+                return None
+            if self._queueable(plan, bucket):
+                self._sample_queued(after)
+                return self._queue(plan, bucket, feed=after.pending, runs=runs)
+            mixed = self._queueable_mixed(plan)
+            if mixed is None:
                 return None
             self._sample_queued(after)
-            return self._queue(plan, bucket, feed=after.pending)
+            logits = self._mixed_step(plan, *mixed, feed=after.pending, runs=runs)
+            return self._queued_sampling(plan, logits)
         self._copy_blocks(plan)  # on the stream, ahead of the step's kernels
         if self._queueable(plan, bucket):
             return self._queue(plan, bucket, feed=None)
@@ -247,9 +253,52 @@ class CudaRunner(Runner):
         return mixed_bucket(sum(r.n for r in rows), len(rows), self.buckets, self.mixed_tokens,
                             self.capabilities.max_step_tokens, self.model.table_width * plan.block_size)
 
-    def _mixed_step(self, plan: StepPlan, nb: int, tb: int):
-        """Replays (or captures) the graph of a mixed step's bucket; the sampled rows' logits."""
-        logits = self.backend.graph_step(("mixed", nb, tb), self._padded_mixed_meta(plan, nb, tb), self.model.forward)
+    def _feed_runs(self, after: Launched, plan: StepPlan) -> list[tuple[int, int, int]] | None:
+        """Where the fed rows' tokens come from: [(row, after's sample, count)], the rows with
+        tokens None being plan's first ones, each a sequence of `after` in after's order; None
+        where the plan is not such a step. Any other shape of plan (sequences gone, new ones after
+        the fed rows) needs ORCD_FEED_CHANGED."""
+        src = {r.seq_id: i for i, r in enumerate(after.plan.rows)}
+        fed = 0
+        while fed < len(plan.rows) and plan.rows[fed].tokens is None:
+            fed += 1
+        idx = [src.get(r.seq_id, -1) for r in plan.rows[:fed]]
+        if any(i < 0 for i in idx) or any(b <= a for a, b in zip(idx, idx[1:])):
+            return None
+        if not (fed == len(plan.rows) == len(src) or self.feed_changed):
+            return None
+        if any(r.tokens is None for r in plan.rows[fed:]):
+            return None
+        runs: list[tuple[int, int, int]] = []
+        for row, i in enumerate(idx):
+            if runs and runs[-1][1] + runs[-1][2] == i:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((row, i, 1))
+        return runs
+
+    def _queueable_mixed(self, plan: StepPlan) -> tuple[int, int] | None:
+        """The mixed bucket of a changed batch's step (ORCD_FEED_CHANGED) that can be queued: its
+        graph captured, and every row sampling one token on the device without penalties or bias,
+        so its samples can feed the step after it in turn."""
+        mixed = self._mixed_key(plan) if self.feed_changed else None
+        if mixed is None or not self.backend.graph_ready(("mixed", *mixed)) or not self._feedable(plan):
+            return None
+        return mixed
+
+    def _queued_sampling(self, plan: StepPlan, logits) -> Launched:
+        """A queued step's Launched: its sampling queued now unless a row is masked (then once the
+        step before it is delivered: _sample_queued)."""
+        launched = Launched(plan, pending=_Unsampled(logits), feeds=True)
+        if not any(r.masked for r in plan.rows):
+            self._sample_queued(launched, masked=False)
+        return launched
+
+    def _mixed_step(self, plan: StepPlan, nb: int, tb: int, feed=None, runs=None):
+        """Replays (or captures) the graph of a mixed step's bucket; the sampled rows' logits.
+        feed: queued behind the step in flight, its samples fed to the rows `runs` says."""
+        logits = self.backend.graph_step(("mixed", nb, tb), self._padded_mixed_meta(plan, nb, tb), self.model.forward,
+                                         feed=feed, overlap=feed is not None, feed_rows=runs)
         n = sum(1 for r in plan.rows if r.sample)
         return logits if logits.shape[0] == n else logits.row_slice(0, n)
 
@@ -287,19 +336,16 @@ class CudaRunner(Runner):
         return (self.lookahead and bucket > 0 and self.backend.graph_ready(("decode", bucket))
                 and not any(r.sampling.penalised or r.bias is not None for r in plan.rows))
 
-    def _queue(self, plan: StepPlan, bucket: int, feed) -> Launched:
+    def _queue(self, plan: StepPlan, bucket: int, feed, runs=None) -> Launched:
         """Queues a decode step and, unless a row is masked, its sampling, without waiting.
         feed: the sampling of the step before (its tokens, not yet on the host, are this step's
-        inputs)."""
+        inputs; runs: which go to which row, _feed_runs)."""
         rows = plan.rows
         logits = self.backend.graph_step(("decode", bucket), self._padded_meta(plan, bucket), self.model.forward,
-                                         feed=feed, overlap=True)
+                                         feed=feed, overlap=True, feed_rows=runs)
         if logits.shape[0] != len(rows):
             logits = logits.row_slice(0, len(rows))
-        launched = Launched(plan, pending=_Unsampled(logits), feeds=True)
-        if not any(r.masked for r in rows):
-            self._sample_queued(launched, masked=False)
-        return launched
+        return self._queued_sampling(plan, logits)
 
     def _sample_queued(self, launched: Launched, masked: bool = True) -> None:
         """Queues the sampling of a queued step whose sampling is not queued yet, masks filled now:

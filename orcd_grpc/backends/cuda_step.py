@@ -48,11 +48,12 @@ class StepMixin:
             self._meta_buf = self._persistent(need * 4, "step metadata")
             self._meta_hosts = [self._drv.pagelocked_empty(need, np.int32) for _ in range(2)]
 
-    def begin_step(self, meta: StepMeta, feed=None, overlap: bool = False):
+    def begin_step(self, meta: StepMeta, feed=None, overlap: bool = False, feed_rows=None):
         """Uploads the step's metadata. overlap: queue it behind the steps already on the stream
         instead of waiting for them (stream order keeps the device buffers safe; the host twins
         alternate). feed: a SampleHandle whose sampled tokens become this step's first token ids,
-        copied on the device, so the step can be queued before the host has read them."""
+        copied on the device, so the step can be queued before the host has read them; feed_rows
+        [(token, sample, n), ...]: which of them go where (default: all, in order)."""
         self._check_open()
         _context(self.device_index)
         T, B = meta.num_tokens, meta.num_seqs
@@ -82,9 +83,10 @@ class StepMixin:
             off += -(-max(a.size, 1) // 64) * 64  # 256-byte aligned segments
         self._drv.memcpy_htod_async(base, host[:off], self.stream)
         if feed is not None:
-            if feed.R > T:
-                raise Internal(f"a step of {T} tokens cannot take {feed.R} fed tokens")
-            self._drv.memcpy_dtod_async(st.token_ids, feed.tok_ptr, 4 * feed.R, self.stream)
+            for dst, src, n in feed_rows or ((0, 0, feed.R),):
+                if dst + n > T or src + n > feed.R:
+                    raise Internal(f"a step of {T} tokens cannot take fed tokens {src}..{src + n} of {feed.R} at {dst}")
+                self._drv.memcpy_dtod_async(st.token_ids + 4 * dst, feed.tok_ptr + 4 * src, 4 * n, self.stream)
         return st
 
     # ---- CUDA graphs ----------------------------------------------------------------------
@@ -92,7 +94,7 @@ class StepMixin:
         """Whether `key` replays a captured graph (what the CUDA runner queues steps on)."""
         return key in self._graphs and not self._sync_each
 
-    def graph_step(self, key, meta: StepMeta, record, feed=None, overlap: bool = False):
+    def graph_step(self, key, meta: StepMeta, record, feed=None, overlap: bool = False, feed_rows=None):
         """Runs `record(ctx)` (a forward pass that only launches kernels) for this step's meta,
         replaying a CUDA graph captured for `key`. Every meta given with one key must have the
         same shapes: then the step's metadata and workspace land at the addresses the graph
@@ -100,7 +102,7 @@ class StepMixin:
         and kernel attributes, which a capture must not do); the second is captured."""
         from .cuda_graph import CudaGraph
 
-        ctx = self.begin_step(meta, feed=feed, overlap=overlap)
+        ctx = self.begin_step(meta, feed=feed, overlap=overlap, feed_rows=feed_rows)
         hit = self._graphs.get(key)
         if hit is None:
             if key not in self._graph_warm or key in self._graph_failed or self._sync_each:

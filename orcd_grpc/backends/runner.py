@@ -30,6 +30,9 @@ class Capabilities:
     graphs: bool              # pure decode steps replay captured launches
     max_step_tokens: int      # tokens one step may carry (its activations must fit the workspace)
     workspace_bytes: int = 0  # the reserved step workspace (0: none)
+    # launch() may take a plan of a changed batch fed so too: some of that step's sequences (in its
+    # order, first), then new sequences whose next tokens all fit the step and are each sampled
+    overlap_changed: bool = False
     # Logits rows one step may compute: what bounds a scoring prefill chunk, whose every
     # position needs its [V] row of logits (max_logits_rows() of the memory they may take).
     max_logits_rows: int = 1 << 30
@@ -115,7 +118,7 @@ class PlanRow:
 class StepPlan:
     rows: list[PlanRow]
     block_size: int
-    after: "Launched | None" = None  # the step whose samples feed the rows with tokens None
+    after: "Launched | None" = None  # the step whose samples feed the rows with tokens None (the first rows)
     # (src, dst) KV blocks to copy before the step runs (copy-on-write of a block parallel samples
     # shared); the engine never puts them on a plan with `after`
     copies: list[tuple[int, int]] = field(default_factory=list)

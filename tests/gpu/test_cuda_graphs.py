@@ -112,7 +112,7 @@ def test_gpu_sampling_is_seeded(tmp_path):
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-def test_lookahead_matches_step_by_step(tmp_path, qtype):
+def test_lookahead_matches_step_by_step(tmp_path, qtype, monkeypatch):
     """The overlap loop on the GPU: decode steps queued before the host reads the previous step's
     tokens (fed on the device, host twins alternating, waits on events) must give exactly the
     tokens and top logprobs of step-by-step graph replay, while the batch changes (a sequence
@@ -129,31 +129,36 @@ def test_lookahead_matches_step_by_step(tmp_path, qtype):
     rng = np.random.default_rng()
     prompts = [[1] + rng.integers(3, 320, int(k)).tolist() for k in rng.integers(2, 60, 4)]
     runs = {}
-    for mode in ("lookahead", "plain"):
+    for mode in ("changed", "lookahead", "plain"):
+        # ORCD_FEED_CHANGED: the steps of the changed batches are queued and fed too (rows copied
+        # from where the step before sampled them; a joining prompt on a mixed-step graph)
+        monkeypatch.setenv("ORCD_FEED_CHANGED", "1" if mode == "changed" else "0")
         eng = load_engine(path, backend="cuda", max_sequences=8, max_context=512)
-        fed = []
+        fed, changed = [], []
         step = eng.backend.graph_step
 
-        def counting(key, meta, record, feed=None, overlap=False):
+        def counting(key, meta, record, feed=None, overlap=False, feed_rows=None):
             fed.append(feed is not None)
-            return step(key, meta, record, feed=feed, overlap=overlap)
+            changed.append(feed is not None and (feed_rows not in (None, [(0, 0, feed.R)]) or key[0] == "mixed"))
+            return step(key, meta, record, feed=feed, overlap=overlap, feed_rows=feed_rows)
 
         eng.backend.graph_step = counting
         try:
-            assert eng.capabilities.overlap
-            eng.runner.lookahead = mode == "lookahead"
+            assert eng.capabilities.overlap and eng.capabilities.overlap_changed == (mode == "changed")
+            eng.runner.lookahead = mode != "plain"
             free0 = eng.free_blocks()
             got, outputs, c_queued = changing_batch(eng, prompts, top_logprobs=2)
             runs[mode] = got
             assert got == outputs
             assert eng.free_blocks() + len(eng.allocator._evictable) >= free0
-            if mode == "lookahead":
+            if mode != "plain":
                 assert sum(fed) >= 5 and c_queued, (sum(fed), c_queued)
+                assert (sum(changed) >= 5) == (mode == "changed"), sum(changed)
             else:
                 assert not any(fed)
         finally:
             eng.close()
-    assert runs["lookahead"] == runs["plain"]
+    assert runs["lookahead"] == runs["plain"] == runs["changed"]
 
 
 def test_an_eager_step_feeds_the_decode_step_after_it(tmp_path):
