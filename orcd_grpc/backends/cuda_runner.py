@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import numpy as np
 
+from .. import logs
 from ..sampling import TokenSample
 from .cuda_sampling import pack_sampling_row
 from .host_runner import forward_plan, host_result
@@ -86,6 +88,8 @@ def _samples(res, rows: list[PlanRow]) -> dict[int, TokenSample]:
         out[r.seq_id] = TokenSample(toks[i], lps[i], top)
     return out
 
+
+log = logs.get_logger("orcd.cuda")
 
 # What a step of padding rows alone (CudaRunner.prepare) pads from.
 _NO_ROWS = StepMeta(token_ids=np.zeros(0, np.int32), positions=np.zeros(0, np.int32), q_starts=np.zeros(1, np.int32),
@@ -153,10 +157,16 @@ class CudaRunner(Runner):
         room = self.model.table_width * bs  # the padding row takes all tb tokens: its table must span them
         keys += [(("mixed", nb, tb), lambda nb=nb, tb=tb: self._padded_mixed_meta(empty, nb, tb))
                  for nb, tb in self.mixed_keys() if tb <= room]
+        t0, before = time.perf_counter(), self.backend.gpu_info()
         for key, meta in keys:
             for _ in range(2):  # graph_step: the first step of a key runs eagerly, the second captures
                 if not self.backend.graph_ready(key):
                     self.backend.graph_step(key, meta(), self.model.forward)
+        after = self.backend.gpu_info()
+        fields = {"graphs": len(keys), "seconds": round(time.perf_counter() - t0, 3)}
+        if before and after:  # what the captured graphs hold of the device (beside the reserve)
+            fields["vram_mib"] = round((before["vram_free"] - after["vram_free"]) / 2**20, 1)
+        log.info("graphs captured at load", extra={"fields": fields})
 
     # ---- launching -------------------------------------------------------------------------
     def launch(self, plan: StepPlan) -> Launched | None:
