@@ -236,11 +236,11 @@ def test_constrained_sequences_are_planned_behind_the_step_in_flight(tmp_path):
     try:
         planned = []
         eng.runner.launch = lambda plan: planned.append(plan) or Launched(plan, feeds=True)
-        after = Launched(StepPlan([], 16), feeds=True)
         allowed = np.zeros(eng.info.vocab_size, bool)
         allowed[[3, 4]] = True
         s = eng.new_sequence([5, 6], SamplingParams(temperature=0.0, constraint=_FixedConstraint(allowed)))
         assert eng.launch([s]) is not None and planned[-1].rows[0].constraint is s.constraint
+        after = Launched(StepPlan(planned[-1].rows, 16), feeds=True)  # that step, its samples not read
         s.output_ids.append(3)
         fed = eng.launch([s], after=after)
         assert fed is not None and len(planned) == 2

@@ -438,18 +438,21 @@ def test_engine_plans_no_step_ahead_of_a_mask_that_follows_the_output(srv):
     try:
         planned = []
         eng.runner.launch = lambda plan: planned.append(plan) or Launched(plan, feeds=True)
-        after = Launched(StepPlan([], 16), feeds=True)
 
         def seq(c):
             s = eng.new_sequence([5, 6], SamplingParams(temperature=0.0, controls=c))
             s.num_cached = 2
             s.output_ids.append(7)
             return s
-        assert eng.launch([seq(LogitControls(banned_sequences=[(7, 8)]))], after=after) is None
-        assert eng.launch([seq(LogitControls(min_tokens=3, stop_ids=frozenset({2})))], after=after) is None
+
+        def launch_after(s):  # s's step after one of it in flight (its sample not read)
+            return eng.launch([s], after=Launched(StepPlan([SimpleNamespace(seq_id=s.seq_id)], 16), feeds=True))
+
+        assert launch_after(seq(LogitControls(banned_sequences=[(7, 8)]))) is None
+        assert launch_after(seq(LogitControls(min_tokens=3, stop_ids=frozenset({2})))) is None
         assert not planned
-        assert eng.launch([seq(LogitControls(min_tokens=2, stop_ids=frozenset({2})))], after=after) is not None
-        assert eng.launch([seq(LogitControls(banned=[3], logit_bias={4: 1.0}))], after=after) is not None
+        assert launch_after(seq(LogitControls(min_tokens=2, stop_ids=frozenset({2})))) is not None
+        assert launch_after(seq(LogitControls(banned=[3], logit_bias={4: 1.0}))) is not None
         row = planned[-1].rows[0]
         from orcd_grpc.backends.runner import unpack_bitmask
 
