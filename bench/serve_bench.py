@@ -71,6 +71,24 @@ COUNTED = ("orcd_engine_step_seconds_count", "orcd_engine_step_seconds_sum", "or
 STEP_KINDS = ("prefill", "decode", "decode_ahead")  # orcd_engine_steps_total{kind}
 
 
+def histogram_quantile(first: dict, last: dict, name: str, q: float) -> float | None:
+    """The q-quantile of what histogram `name` counted between two scrapes, from its cumulative
+    buckets (name_bucket{le="..."}) as Prometheus's histogram_quantile: linear within the bucket
+    it falls in (its upper bound where that is +Inf); None where nothing was counted."""
+    pre = f'{name}_bucket{{le="'
+    bounds = sorted((float(k[len(pre):-2]), last[k] - first.get(k, 0.0)) for k in last if k.startswith(pre))
+    if not bounds or bounds[-1][1] <= 0:
+        return None
+    rank, lo, below = q * bounds[-1][1], 0.0, 0.0
+    for le, n in bounds:
+        if n >= rank:
+            if le == float("inf"):
+                return lo
+            return lo + (le - lo) * (rank - below) / max(n - below, 1e-12)
+        lo, below = le, n
+    return lo
+
+
 def scrape(url: str) -> dict[str, float]:
     """The samples of a Prometheus text page, summed over labels: {name: value}; and each
     labelled sample as it is named there too: {'name{label="v"}': value}."""
@@ -151,6 +169,10 @@ class ServerSide:
         n = d["orcd_time_to_first_token_seconds_count"]
         if n:
             out["server_ttft_mean_ms"] = round(1e3 * d["orcd_time_to_first_token_seconds_sum"] / n, 2)
+            for q in (0.5, 0.99):  # to set beside the clients' p50 / p99 (bucket-interpolated)
+                v = histogram_quantile(self.first, self.last, "orcd_time_to_first_token_seconds", q)
+                if v is not None:
+                    out[f"server_ttft_p{int(q * 100)}_ms"] = round(1e3 * v, 1)
             out["server_queue_wait_mean_ms"] = round(
                 1e3 * d["orcd_queue_wait_seconds_sum"] / max(d["orcd_queue_wait_seconds_count"], 1), 2)
         for k in SAMPLED:

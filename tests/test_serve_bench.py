@@ -75,6 +75,26 @@ def test_level_seconds_stops_sending_and_counts_the_rest(worker, capsys):
     assert full["prompt_tokens"] == sum(len(i) for i, _ in reqs) and full["output_tokens"] == sum(m for _, m in reqs)
 
 
+def test_server_ttft_quantiles_come_from_the_level_s_bucket_counts():
+    """server_ttft_p50/p99_ms: Prometheus's histogram_quantile over what the level added to each
+    cumulative bucket (not what the worker counted before it): linear inside the bucket."""
+    b = 'orcd_time_to_first_token_seconds_bucket{le="%s"}'
+    first = {b % "0.1": 50.0, b % "0.25": 50.0, b % "0.5": 50.0, b % "+Inf": 50.0,
+             "orcd_time_to_first_token_seconds_count": 50.0, "orcd_time_to_first_token_seconds_sum": 1.0}
+    # this level: 20 under 0.1 s, 60 in (0.1, 0.25], 20 in (0.25, 0.5]
+    last = {b % "0.1": 70.0, b % "0.25": 130.0, b % "0.5": 150.0, b % "+Inf": 150.0,
+            "orcd_time_to_first_token_seconds_count": 150.0, "orcd_time_to_first_token_seconds_sum": 21.0}
+    q = serve_bench.histogram_quantile
+    assert q(first, last, "orcd_time_to_first_token_seconds", 0.5) == pytest.approx(0.1 + 0.15 * 30 / 60)
+    assert q(first, last, "orcd_time_to_first_token_seconds", 0.99) == pytest.approx(0.25 + 0.25 * 19 / 20)
+    assert q(first, first, "orcd_time_to_first_token_seconds", 0.5) is None  # nothing counted
+    side = serve_bench.ServerSide("http://127.0.0.1:1/metrics")
+    side.first, side.last, side.t0, side.t1, side.samples = first, last, 0.0, 1.0, []
+    out = side.summary()
+    assert out["server_ttft_mean_ms"] == 200.0 and out["server_ttft_p50_ms"] == 175.0
+    assert out["server_ttft_p99_ms"] == pytest.approx(487.5)
+
+
 def test_server_side_reports_the_share_of_each_step_kind():
     """The row's step_kinds: each kind's share of the engine steps counted during the level, from
     the labelled orcd_engine_steps_total samples (absent when the worker has no such counter); and
