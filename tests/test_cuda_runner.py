@@ -40,6 +40,9 @@ class FakeCuda(NumpyBackend):
         self.tuning = Tuning()  # graphs and lookahead on, as a CudaBackend's defaults
         self.buckets_seen, self.packed = set(), []
 
+    def reserve_step_meta(self, tokens, seqs, table):
+        self.reserved = (tokens, seqs, table)
+
     def runner(self, model):
         runner = CudaRunner(self, model)
         if not self.prepare_at_load:
@@ -770,6 +773,10 @@ def test_mixed_graphs_capture_every_reachable_bucket_at_load(tmp_path):
             super().__init__()
             self.steps = []
 
+        def reserve_step_meta(self, tokens, seqs, table):
+            assert not self.steps, "reserved after a graph was captured: growing drops the graphs"
+            super().reserve_step_meta(tokens, seqs, table)
+
         def graph_step(self, key, meta, record, **kw):
             self.steps.append((key, meta))
             return super().graph_step(key, meta, record, **kw)
@@ -790,7 +797,10 @@ def test_mixed_graphs_capture_every_reachable_bucket_at_load(tmp_path):
         room = runner.model.table_width * eng.allocator.block_size  # 256: the context
         want = {("decode", nb) for nb in runner.buckets} | {("mixed", *k) for k in runner.mixed_keys() if k[1] <= room}
         assert set(keys) == want and ("mixed", 16, 256) in want and ("mixed", 16, 384) not in want
+        tokens, seqs, table = be.reserved  # every step of every bucket fits what was reserved first
+        assert tokens >= runner.capabilities.max_step_tokens or tokens == 65535
         for key, meta in be.steps:
+            assert meta.num_tokens <= tokens and meta.num_seqs <= seqs and meta.block_tables.size <= table, key
             nb = key[1]
             assert meta.num_seqs == nb and (meta.slot_mapping // eng.allocator.block_size == pad).all(), key
             assert set(np.unique(meta.block_tables)) <= {pad, -1}, key

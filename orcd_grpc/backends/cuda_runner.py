@@ -146,9 +146,14 @@ class CudaRunner(Runner):
         return keys
 
     def prepare(self) -> None:
-        """With ORCD_MIXED_GRAPHS, captures the graph of every decode and mixed bucket at load, on
-        steps of padding rows alone: a serving load meets a hundred-odd buckets, and each one's first
-        steps would otherwise run eagerly and then capture while every stream waits."""
+        """Sizes the step metadata for the largest step the model can run (growing it later would
+        drop every graph captured by then); with ORCD_MIXED_GRAPHS, captures the graph of every
+        decode and mixed bucket at load, on steps of padding rows alone: a serving load meets a
+        hundred-odd buckets, and each one's first steps would otherwise run eagerly and then
+        capture while every stream waits."""
+        rows = max(1, self.model.max_sequences, *self.buckets)
+        self.backend.reserve_step_meta(max(min(self.capabilities.max_step_tokens, 65535), rows), rows,
+                                       rows * self.model.table_width)
         if not self.mixed_graphs:
             return
         bs = self.model.block_size

@@ -48,6 +48,12 @@ class StepMixin:
             self._meta_buf = self._persistent(need * 4, "step metadata")
             self._meta_hosts = [self._drv.pagelocked_empty(need, np.int32) for _ in range(2)]
 
+    def reserve_step_meta(self, tokens: int, seqs: int, table: int) -> None:
+        """Sizes the step metadata buffer for steps of up to `tokens` tokens, `seqs` sequences and
+        `table` block-table entries now: growing it later drops every captured graph (they read
+        the old buffer), so the runner reserves its largest step before capturing any."""
+        self._ensure_meta(tokens, seqs + 1, table)
+
     def begin_step(self, meta: StepMeta, feed=None, overlap: bool = False, feed_rows=None):
         """Uploads the step's metadata. overlap: queue it behind the steps already on the stream
         instead of waiting for them (stream order keeps the device buffers safe; the host twins
