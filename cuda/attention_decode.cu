@@ -71,12 +71,9 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
             for (int blk = warp; blk < G * Dk / 32; blk += NW) {
                 float* r = &Qs[blk * 32 / Dk][blk * 32 % Dk];
                 r[lane] = wht32_warp(r[lane], lane);
-                if constexpr (QI) {  // q8_store_turned's rounding, the scale kept in float
-                    const float y = r[lane], amax = warp_max(fabsf(y));
-                    const float d = __fdiv_rn(amax, 127.f), inv = d != 0.f ? __frcp_rn(d) : 0.f;
-                    const float lv = floorf(fabsf(y * inv) + 0.5f);
-                    reinterpret_cast<int8_t*>(&Qi[blk * 32 / Dk][0])[blk * 32 % Dk + lane] =
-                        static_cast<int8_t>(y * inv >= 0.f ? lv : -lv);
+                if constexpr (QI) {  // the cache's rounding, the scale kept in float
+                    const float d = q8_round_warp(
+                        r[lane], reinterpret_cast<int8_t*>(&Qi[blk * 32 / Dk][0]) + blk * 32 % Dk + lane);
                     if (lane == 0) Qd[blk * 32 / Dk][blk * 32 % Dk / 32] = d;
                 }
             }
@@ -257,48 +254,32 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         // key's slot, so they add nothing and need no branch.
         if constexpr (WV) {
             constexpr int KPI = 32 / LPR, NB = 32 / KPI;         // keys a load, loads a tile
-            // loads in flight a lane: Q8_0 8 bytes and a 2-byte scale each, f16 16 bytes
-            constexpr int VB = NB < (Q8 ? 16 : 8) ? NB : (Q8 ? 16 : 8);
+            constexpr int VB = NB < 16 ? NB : 16;  // loads in flight a lane: 8 levels and a 2-byte scale each
             const int r = lane / LPR, c8 = lane % LPR;
-            const bool own = 8 * c8 < Dv;  // the host routes only Dv % 8 == 0 here
+            const bool own = 8 * c8 < Dv;  // lanes past the row's end (Dv < 8 * LPR) hold no dims
             for (int j0 = 0; j0 < NB; j0 += VB) {
-                uint4 raw[VB];  // f16: 8 halves; Q8_0: 8 levels in .x/.y
+                uint2 raw[VB];  // 8 levels
                 float dsc[VB];
 #pragma unroll
                 for (int i = 0; i < VB; ++i) {
                     const int sj = __shfl_sync(FULL_MASK, slot, (j0 + i) * KPI + r);
                     const size_t row = (size_t)sj * Hkv + kvh;
-                    raw[i] = make_uint4(0u, 0u, 0u, 0u);
+                    raw[i] = make_uint2(0u, 0u);
                     dsc[i] = 0.f;
                     if (own) {
-                        if constexpr (Q8) {
-                            const uint2 w = __ldg(reinterpret_cast<const uint2*>(static_cast<const int8_t*>(vc) + row * Dv) + c8);
-                            raw[i].x = w.x; raw[i].y = w.y;
-                            dsc[i] = __half2float(vs[row * (Dv >> 5) + (c8 >> 2)]);
-                        } else {
-                            raw[i] = __ldg(reinterpret_cast<const uint4*>(static_cast<const __half*>(vc) + row * Dv) + c8);
-                        }
+                        raw[i] = __ldg(reinterpret_cast<const uint2*>(static_cast<const int8_t*>(vc) + row * Dv) + c8);
+                        dsc[i] = __half2float(vs[row * (Dv >> 5) + (c8 >> 2)]);
                     }
                 }
 #pragma unroll
                 for (int i = 0; i < VB; ++i) {
                     float f[8];
-                    if constexpr (Q8) {
-                        sbytes4(raw[i].x, f);
-                        sbytes4(raw[i].y, f + 4);
-                    } else {
-                        const __half2* h = reinterpret_cast<const __half2*>(&raw[i]);
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const float2 v2 = __half22float2(h[e]);
-                            f[2 * e] = v2.x; f[2 * e + 1] = v2.y;
-                        }
-                    }
+                    sbytes4(raw[i].x, f);
+                    sbytes4(raw[i].y, f + 4);
 #pragma unroll
                     for (int g = 0; g < GM; ++g) {
                         if (g >= G) continue;
-                        float pj = __shfl_sync(FULL_MASK, pr[g], (j0 + i) * KPI + r);
-                        if constexpr (Q8) pj *= dsc[i];
+                        const float pj = __shfl_sync(FULL_MASK, pr[g], (j0 + i) * KPI + r) * dsc[i];
 #pragma unroll
                         for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pj, f[e], acc[g][e]);
                     }

@@ -16,17 +16,22 @@ __device__ __forceinline__ float wht32_warp(float x, int lane) {
     return x * 0.17677669529663687f;
 }
 
-// The warp's 32 values (lane i holds x_i) turned and stored as one Q8_0 block: lane i's level to
-// levels[i], the scale to *scale. As cpu_ops._put_q8, bit for bit: d = amax / 127 stored as a half,
-// levels round(y * (1 / d)) with halves away from zero (IEEE division and reciprocal: fast math
-// would move a level now and then).
-__device__ __forceinline__ void q8_store_turned(float x, int lane, int8_t* __restrict__ levels,
-                                                __half* __restrict__ scale) {
-    const float y = wht32_warp(x, lane);
+// The warp's 32 values (lane i holds y_i) rounded as one Q8_0 block, as cpu_ops._put_q8, bit for
+// bit: returns the scale d = amax / 127 (in float), lane i's level round(y * (1 / d)) to *level with
+// halves away from zero (IEEE division and reciprocal: fast math would move a level now and then).
+__device__ __forceinline__ float q8_round_warp(float y, int8_t* level) {
     const float amax = warp_max(fabsf(y));
     const float d = __fdiv_rn(amax, 127.f);
     const float inv = d != 0.f ? __frcp_rn(d) : 0.f;
     const float r = floorf(fabsf(y * inv) + 0.5f);
-    levels[lane] = static_cast<int8_t>(y * inv >= 0.f ? r : -r);
+    *level = static_cast<int8_t>(y * inv >= 0.f ? r : -r);
+    return d;
+}
+
+// The warp's 32 values (lane i holds x_i) turned and stored as one Q8_0 block: lane i's level to
+// levels[i], the scale (as a half) to *scale.
+__device__ __forceinline__ void q8_store_turned(float x, int lane, int8_t* __restrict__ levels,
+                                                __half* __restrict__ scale) {
+    const float d = q8_round_warp(wht32_warp(x, lane), levels + lane);
     if (lane == 0) *scale = __float2half_rn(d);
 }
