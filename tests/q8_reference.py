@@ -45,3 +45,18 @@ def dequant(levels: np.ndarray, scales: np.ndarray) -> np.ndarray:
     blocks = np.concatenate([scales.reshape(-1, 1).view(np.uint8), levels.reshape(-1, 32).view(np.uint8)], 1)
     turned = gguf.quants.dequantize(blocks.reshape(-1), gguf.GGMLQuantizationType.Q8_0).astype(np.float64)
     return (turned.reshape(-1, 32) @ hadamard64()).reshape(levels.shape)
+
+
+def q_dp4a(q: np.ndarray, scale: float, kernels) -> np.ndarray:
+    """The queries attn_dec holds under ORCD_ATTN_Q8_DP4A, turned back (float64): q * scale turned by
+    H in float32 (the kernel's bits), rounded to int8 a 32-block as the cache's store rounds (scale
+    amax / 127, kept in float32, halves away from zero), turned back, over scale. Where none of
+    `kernels` (the names that ran) is an attn_dec over Q8_0, the queries as given."""
+    if not any(n.startswith("attn_dec_g") and n.endswith("_q8") for n in kernels):
+        return q
+    y = wht32(q * np.float32(scale)).reshape(-1, 32)
+    d = np.abs(y).max(axis=1, keepdims=True) / np.float32(127)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    yi = (y * inv).astype(np.float32)
+    levels = np.where(yi >= 0, 1, -1) * np.floor(np.abs(yi) + np.float32(0.5))
+    return ((d.astype(np.float64) * levels) @ hadamard64()).reshape(q.shape) / scale

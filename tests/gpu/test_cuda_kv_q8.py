@@ -26,7 +26,7 @@ from .test_cuda_ops import ATTN_CASES, ATTN_MODES, check_attention_case, dev, tu
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
 sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "tools"))
-from q8_reference import dequant, ggml_q8, hadamard64, wht32  # noqa: E402
+from q8_reference import dequant, ggml_q8, hadamard64, q_dp4a  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("gguf")
@@ -138,21 +138,6 @@ Q8_MODES = {**{m: ATTN_MODES[m] for m in ("default", "tiled-decode", "four-slice
                                           "combine-launch")},
             "dp4a": _DP4A, "dp4a-one-slice": {**_DP4A, "attn_splits": 1},
             "dp4a-dec-gqa": {**ATTN_MODES["dec-gqa"], **_DP4A}}
-
-
-def q_dp4a(q, scale, kernels):
-    """The queries attn_dec holds under ORCD_ATTN_Q8_DP4A, turned back (float64): q * scale turned by
-    H in float32 (the kernel's bits), rounded to int8 a 32-block as the cache's store rounds (scale
-    amax / 127, kept in float32, halves away from zero), turned back, over scale. Other kernels'
-    queries as given."""
-    if not any(n.startswith("attn_dec_g") and n.endswith("_q8") for n in kernels):
-        return q
-    y = wht32(q * np.float32(scale)).reshape(-1, 32)
-    d = np.abs(y).max(axis=1, keepdims=True) / np.float32(127)
-    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
-    yi = (y * inv).astype(np.float32)
-    levels = np.where(yi >= 0, 1, -1) * np.floor(np.abs(yi) + np.float32(0.5))
-    return ((d.astype(np.float64) * levels) @ hadamard64()).reshape(q.shape) / scale
 
 
 @pytest.mark.parametrize("mode", list(Q8_MODES))
