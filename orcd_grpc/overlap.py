@@ -41,13 +41,7 @@ class Overlap:
         eng = self.engine
         prev, self.inflight = self.inflight, None
         self.last_kind = self._ahead_kind if prev is not None else None
-        if prev is not None and (len(prev[0]) != len(seqs) or any(a is not b for a, b in zip(prev[0], seqs))):
-            if eng.capabilities.overlap_changed and (may_follow is None or all(may_follow(s) for s in seqs)):
-                self._launch_ahead(seqs, token_budget, prev)
-            out = self._deliver(prev, append)
-            if append:
-                self.settle()
-            return out
+        changed = prev is not None and (len(prev[0]) != len(seqs) or any(a is not b for a, b in zip(prev[0], seqs)))
         if prev is None:
             kind = PREFILL if any(s.prefill_remaining for s in seqs) else DECODE
             launched = eng.launch(seqs, token_budget)
@@ -55,7 +49,8 @@ class Overlap:
                 return {}
             prev = (list(seqs), launched)
             self.last_kind = kind
-        if may_follow is None or all(may_follow(s) for s in seqs):
+        if ((not changed or eng.capabilities.overlap_changed)
+                and (may_follow is None or all(may_follow(s) for s in seqs))):
             self._launch_ahead(seqs, token_budget, prev)
         out = self._deliver(prev, append)
         if append:

@@ -3,8 +3,8 @@
 Below the plan boundary, everything the GPU path needs and nothing above it knows of:
 - Pure decode steps are padded to a batch-size bucket and replayed as CUDA graphs (padding rows
   write their KV into the model's spare block and attend to that one slot). With ORCD_MIXED_GRAPHS
-  (off until measured) steps carrying prompt tokens are too, padded to a (rows, tokens) bucket with
-  the kernels' max_q pinned to it, every bucket captured at load (prepare); otherwise they launch
+  (the default) steps carrying prompt tokens are too, padded to a (rows, tokens) bucket with the
+  kernels' max_q pinned to it, every bucket captured at load (prepare); otherwise they launch
   every kernel from Python.
 - Sampling runs on the device from packed parameter rows (sample.cu's RowParams), packed once
   per sequence; per step only the counter word (the token's index, Philox's counter) changes.
@@ -145,28 +145,33 @@ class CudaRunner(Runner):
             keys += [(nb, tb) for nb in self.buckets if nb <= top]
         return keys
 
+    def prepared_keys(self) -> list[tuple]:
+        """The graph keys prepare captures (with ORCD_MIXED_GRAPHS): every decode bucket, and every
+        mixed one whose tokens the padding row's table spans (that row takes all of them there)."""
+        room = self.model.table_width * self.model.block_size
+        return ([("decode", nb) for nb in self.buckets]
+                + [("mixed", nb, tb) for nb, tb in self.mixed_keys() if tb <= room])
+
     def prepare(self) -> None:
         """Sizes the step metadata for the largest step the model can run (growing it later would
         drop every graph captured by then); with ORCD_MIXED_GRAPHS, captures the graph of every
         decode and mixed bucket at load, on steps of padding rows alone: a serving load meets a
         hundred-odd buckets, and each one's first steps would otherwise run eagerly and then
         capture while every stream waits."""
-        rows = max(1, self.model.max_sequences, *self.buckets)
+        rows = max(1, self.model.max_sequences)  # the graph buckets stop there too
         self.backend.reserve_step_meta(max(min(self.capabilities.max_step_tokens, 65535), rows), rows,
                                        rows * self.model.table_width)
         if not self.mixed_graphs:
             return
-        bs = self.model.block_size
-        empty = StepPlan([], bs)
-        keys = [(("decode", nb), lambda nb=nb: self._padded_meta(empty, nb)) for nb in self.buckets]
-        room = self.model.table_width * bs  # the padding row takes all tb tokens: its table must span them
-        keys += [(("mixed", nb, tb), lambda nb=nb, tb=tb: self._padded_mixed_meta(empty, nb, tb))
-                 for nb, tb in self.mixed_keys() if tb <= room]
+        empty = StepPlan([], self.model.block_size)
+        keys = self.prepared_keys()
         t0, before = time.perf_counter(), self.backend.gpu_info()
-        for key, meta in keys:
+        for key in keys:
             for _ in range(2):  # graph_step: the first step of a key runs eagerly, the second captures
                 if not self.backend.graph_ready(key):
-                    self.backend.graph_step(key, meta(), self.model.forward)
+                    meta = (self._padded_meta(empty, key[1]) if key[0] == "decode"
+                            else self._padded_mixed_meta(empty, *key[1:]))
+                    self.backend.graph_step(key, meta, self.model.forward)
         after = self.backend.gpu_info()
         fields = {"graphs": len(keys), "seconds": round(time.perf_counter() - t0, 3)}
         if before and after:  # what the captured graphs hold of the device (beside the reserve)
@@ -179,17 +184,14 @@ class CudaRunner(Runner):
         after = plan.after
         if after is not None:
             runs = self._feed_runs(after, plan) if after.feeds and after.result is None else None
-            if runs is None:
-                return None
-            if self._queueable(plan, bucket):
-                self._sample_queued(after)
-                return self._queue(plan, bucket, feed=after.pending, runs=runs)
-            mixed = self._queueable_mixed(plan)
-            if mixed is None:
+            decode = runs is not None and self._queueable(plan, bucket)
+            mixed = None if runs is None or decode else self._queueable_mixed(plan)
+            if not decode and mixed is None:
                 return None
             self._sample_queued(after)
-            logits = self._mixed_step(plan, *mixed, feed=after.pending, runs=runs)
-            return self._queued_sampling(plan, logits)
+            if decode:
+                return self._queue(plan, bucket, feed=after.pending, runs=runs)
+            return self._queued_sampling(plan, self._mixed_step(plan, *mixed, feed=after.pending, runs=runs))
         self._copy_blocks(plan)  # on the stream, ahead of the step's kernels
         if self._queueable(plan, bucket):
             return self._queue(plan, bucket, feed=None)

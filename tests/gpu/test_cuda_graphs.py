@@ -245,9 +245,7 @@ def test_graphs_captured_at_load_serve_every_architecture(arch, tmp_path, monkey
         eng = load_engine(path, backend="cuda", max_sequences=4, max_context=256)
         try:
             if mode == "graphs":
-                room = eng.runner.model.table_width * eng.allocator.block_size  # prepare's padding row spans it
-                want = {("decode", nb) for nb in eng.runner.buckets} | {("mixed", *k) for k in eng.runner.mixed_keys()
-                                                                        if k[1] <= room}
+                want = set(eng.runner.prepared_keys())  # which keys: tests/test_cuda_runner.py
                 assert want <= set(eng.backend._graphs) and not eng.backend._graph_failed, \
                     (sorted(want - set(eng.backend._graphs)), eng.backend._graph_failed)
             else:
