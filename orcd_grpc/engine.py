@@ -403,16 +403,19 @@ class Engine:
         # parts of a mask (banned sequences, min_tokens) are planned here: plan after it instead.
         if any(s.dynamic is not None and not s.dynamic.settled(len(s.output_ids) + 1) for s in seqs):
             return None
-        in_flight = {r.seq_id for r in after.plan.rows}
-        fed = 0
-        while fed < len(seqs) and seqs[fed].seq_id in in_flight:
-            fed += 1
-        fresh = seqs[fed:]
-        if fed < len(in_flight) or fresh:
-            if not self.capabilities.overlap_changed or self.draft is not None or not fed:
+        before = after.plan.rows
+        if len(before) == len(seqs) and all(r.seq_id == s.seq_id for r, s in zip(before, seqs)):
+            fed, fresh = len(seqs), []  # the same batch: every step of an unchanged batch comes here
+        else:  # a changed batch (ORCD_FEED_CHANGED)
+            if not self.capabilities.overlap_changed or self.draft is not None:
                 return None
+            in_flight = {r.seq_id for r in before}
+            fed = 0
+            while fed < len(seqs) and seqs[fed].seq_id in in_flight:
+                fed += 1
+            fresh = seqs[fed:]
             # a new sequence's whole next step must fit and be sampled: nothing of it is in flight
-            if any(s.seq_id in in_flight or s.score_top is not None or s.hold is not None for s in fresh):
+            if not fed or any(s.seq_id in in_flight or s.score_top is not None or s.hold is not None for s in fresh):
                 return None
         try:
             for s in seqs[:fed]:

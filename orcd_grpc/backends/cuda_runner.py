@@ -275,14 +275,18 @@ class CudaRunner(Runner):
         tokens None being plan's first ones, each a sequence of `after` in after's order; None
         where the plan is not such a step. Any other shape of plan (sequences gone, new ones after
         the fed rows) needs ORCD_FEED_CHANGED."""
-        src = {r.seq_id: i for i, r in enumerate(after.plan.rows)}
+        before = after.plan.rows
+        if len(before) == len(plan.rows) and all(a.seq_id == b.seq_id and b.tokens is None
+                                                 for a, b in zip(before, plan.rows)):
+            return [(0, 0, len(before))]  # the same batch: every step of an unchanged batch
+        if not self.feed_changed:
+            return None
+        src = {r.seq_id: i for i, r in enumerate(before)}
         fed = 0
         while fed < len(plan.rows) and plan.rows[fed].tokens is None:
             fed += 1
         idx = [src.get(r.seq_id, -1) for r in plan.rows[:fed]]
         if any(i < 0 for i in idx) or any(b <= a for a, b in zip(idx, idx[1:])):
-            return None
-        if not (fed == len(plan.rows) == len(src) or self.feed_changed):
             return None
         if any(r.tokens is None for r in plan.rows[fed:]):
             return None
