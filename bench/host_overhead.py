@@ -22,6 +22,7 @@ sys.path[:0] = [root, os.path.join(root, "tests")]
 
 from gpu.test_cuda_models import write_tiny_llama  # noqa: E402
 from orcd_grpc.backends.cuda_runner import CudaRunner  # noqa: E402
+from orcd_grpc.backends.cuda_padding import decode_meta  # noqa: E402
 from orcd_grpc.backends.runner import StepPlan  # noqa: E402
 from orcd_grpc.loader import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
@@ -52,7 +53,7 @@ def main(argv=None):
             t = time.perf_counter()
             for _ in range(args.reps):
                 plan = StepPlan(eng._schedule(sub, 8192)[1], eng.allocator.block_size)
-                cuda._padded_meta(plan, cuda._bucket(plan))
+                decode_meta(plan, cuda._bucket(plan), cuda.model)
             out[f"plan_meta_us_B{b}"] = round((time.perf_counter() - t) / args.reps * 1e6, 1)
             t = time.perf_counter()
             for _ in range(args.reps):

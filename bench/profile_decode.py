@@ -16,6 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from orcd_grpc.backends.cuda_padding import decode_meta  # noqa: E402
 from orcd_grpc.backends.runner import StepPlan  # noqa: E402
 from orcd_grpc.loader import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
@@ -97,7 +98,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         chosen, plan = decode_plan(eng, seqs)
         bucket = eng.runner._bucket(plan)
-        meta = eng.runner._padded_meta(plan, bucket)
+        meta = decode_meta(plan, bucket, eng.runner.model)
         t1 = time.perf_counter()
         ctx = be.begin_step(meta)
         t2 = time.perf_counter()
@@ -124,7 +125,7 @@ def main(argv=None):
     t["graph_replay_gpu"] = (time.perf_counter() - t0) * 1e6 / args.steps
     # The same forward launched eagerly from Python.
     _, plan = decode_plan(eng, seqs)
-    meta = eng.runner._padded_meta(plan, eng.runner._bucket(plan))
+    meta = decode_meta(plan, eng.runner._bucket(plan), eng.runner.model)
     be.synchronize()
     t0 = time.perf_counter()
     for _ in range(10):

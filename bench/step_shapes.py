@@ -3,7 +3,7 @@
 the step logs of `bench/host_ceiling.py --serve --log-steps FILE` (one line a step: rows, tokens, rows
 with prompt tokens), the share of steps that carry prompt tokens, their token counts, how many fit
 each ORCD_MIXED_MAX_TOKENS cap and how many distinct (rows, tokens) graph buckets they fall into (each
-bucket's first step captures its graph). The bucket of a step is cuda_runner.mixed_bucket's answer, the
+bucket's first step captures its graph). The bucket of a step is cuda_padding.mixed_bucket's answer, the
 one CudaRunner._mixed_key gives (an unbounded step workspace and block table).
 
     python3 bench/step_shapes.py LOG [LOG ...] [--max-sequences 256]
@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from orcd_grpc.backends.cuda_runner import GRAPH_BUCKETS, mixed_bucket, mixed_token_buckets  # noqa: E402
+from orcd_grpc.backends.cuda_padding import GRAPH_BUCKETS, mixed_bucket, mixed_token_buckets  # noqa: E402
 from orcd_grpc.tuning import Tuning  # noqa: E402
 
 CAPS = (512, 768, 1024, 1536, 2048)

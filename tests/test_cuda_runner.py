@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from orcd_grpc.backends.cuda_runner import MIXED_TOKEN_BUCKETS, CudaRunner, _Unsampled, mixed_token_buckets
+from orcd_grpc.backends.cuda_padding import MIXED_TOKEN_BUCKETS, decode_meta, mixed_bucket, mixed_meta, mixed_token_buckets
+from orcd_grpc.backends.cuda_runner import CudaRunner, _Unsampled
 from orcd_grpc.backends.numpy_backend import NumpyBackend
 from orcd_grpc.backends.runner import PlanRow, RunnerModel, StepPlan, pack_bitmask, unpack_bitmask
 from orcd_grpc.loader import load_engine
@@ -447,7 +448,7 @@ def test_padded_metadata_of_large_batches_is_the_row_by_row_one():
         rows.append(PlanRow(i, None if fed else [int(rng.integers(0, 300))], start, 1, table, [1], [2] * start,
                             sampling))
     plan = StepPlan(rows, 4)
-    big = runner._padded_meta(plan, 48)
+    big = decode_meta(plan, 48, runner.model)
     want_tables = np.full((48, 12), -1, np.int32)
     want_tables[37:, 0] = 999
     for b, r in enumerate(rows):
@@ -459,7 +460,7 @@ def test_padded_metadata_of_large_batches_is_the_row_by_row_one():
     np.testing.assert_array_equal(big.token_ids[:37], [0 if r.tokens is None else r.tokens[0] for r in rows])
     np.testing.assert_array_equal(big.ctx_lens, big.positions + 1)
     # and a small batch (row by row) of the same rows gives the same rows
-    small = runner._padded_meta(StepPlan(rows[:5], 4), 8)
+    small = decode_meta(StepPlan(rows[:5], 4), 8, runner.model)
     np.testing.assert_array_equal(small.block_tables[:5], want_tables[:5])
     np.testing.assert_array_equal(small.slot_mapping[:5], big.slot_mapping[:5])
 
@@ -709,7 +710,7 @@ def test_padded_mixed_steps_match_unpadded(tmp_path):
 
 
 def test_mixed_step_metadata_pads_to_its_bucket():
-    """_padded_mixed_meta: the real rows' tokens, positions, slots and tables first; the padding row
+    """mixed_meta: the real rows' tokens, positions, slots and tables first; the padding row
     holds the missing tokens at positions 0.. of the spare block; rows without tokens after it; one
     logits row per row, the sampled rows' last tokens first; max_q pinned to the token bucket."""
     model = SimpleNamespace(table_width=6, pad_block=99)
@@ -721,7 +722,7 @@ def test_mixed_step_metadata_pads_to_its_bucket():
                                tokens=tokens if tokens is not None else list(range(100 + start, 100 + start + n)))
 
     plan = SimpleNamespace(block_size=4, rows=[row(9, 1, [5, 6, 7]), row(0, 6, [3, 4], sample=False), row(6, 2, [1, 2])])
-    meta = runner._padded_mixed_meta(plan, 8, 16)
+    meta = mixed_meta(plan, 8, 16, runner.model)
     assert meta.max_q == 16 and meta.num_tokens == 16 and meta.num_seqs == 8
     assert list(meta.q_starts) == [0, 1, 7, 9] + [16] * 5
     assert list(meta.ctx_lens) == [10, 6, 8, 7, 0, 0, 0, 0]
@@ -764,7 +765,6 @@ def test_mixed_graphs_capture_every_reachable_bucket_at_load(tmp_path):
     the spare block, with the shapes a real step of the bucket has; without the switch, none."""
     import dataclasses
 
-    from orcd_grpc.backends.cuda_runner import mixed_bucket
 
     class Recording(FakeCuda):
         prepare_at_load = True

@@ -1,8 +1,8 @@
 """The CUDA runner: step plans on CudaBackend, with graphs, device sampling and queued steps.
 
 Below the plan boundary, everything the GPU path needs and nothing above it knows of:
-- Pure decode steps are padded to a batch-size bucket and replayed as CUDA graphs (padding rows
-  write their KV into the model's spare block and attend to that one slot). With ORCD_MIXED_GRAPHS
+- Pure decode steps are padded to a batch-size bucket and replayed as CUDA graphs (cuda_padding.py:
+  padding rows write their KV into the model's spare block and attend to that one slot). With ORCD_MIXED_GRAPHS
   (the default) steps carrying prompt tokens are too, padded to a (rows, tokens) bucket with the
   kernels' max_q pinned to it, every bucket captured at load (prepare); otherwise they launch
   every kernel from Python.
@@ -36,38 +36,11 @@ import numpy as np
 
 from .. import logs
 from ..sampling import TokenSample
+from .cuda_padding import GRAPH_BUCKETS, decode_meta, mixed_bucket, mixed_meta, mixed_token_buckets, verify_meta
 from .cuda_sampling import pack_sampling_row
 from .host_runner import forward_plan, host_result
-from .base import StepMeta
 from .runner import (MAX_SCORE_TOP, Capabilities, Launched, PlanRow, PromptScores, RowSampling, Runner, RunnerModel,
-                     StepPlan, StepResult, fill_bitmasks, logits_layout, max_logits_rows, max_step_tokens, score_targets,
-                     step_meta)
-
-# Batch sizes that decode steps are padded to and captured at as CUDA graphs.
-GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-# Token counts that steps carrying prompt tokens are padded to (ORCD_MIXED_GRAPHS), with their rows
-# padded to a GRAPH_BUCKETS size. Padding tokens cost a real token's compute, so the buckets are
-# about 1.5x apart; steps of more tokens than ORCD_MIXED_MAX_TOKENS (their kernels long beside their
-# launches) stay eager.
-MIXED_TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-
-
-def mixed_token_buckets(tuning) -> list[int]:
-    """The token buckets a mixed step may pad to: up to ORCD_MIXED_MAX_TOKENS."""
-    return [b for b in MIXED_TOKEN_BUCKETS if b <= tuning.mixed_max_tokens]
-
-
-def mixed_bucket(tokens: int, rows: int, row_buckets, token_buckets, max_tokens: int,
-                 pad_room: int) -> tuple[int, int] | None:
-    """(row bucket, token bucket) a step of `tokens` tokens in `rows` rows pads to, or None: the
-    token bucket must hold the tokens and fit the step workspace (max_tokens), the tokens it lacks
-    go to one padding row (at most pad_room of them: its table's slots) that the row bucket holds too."""
-    tb = next((b for b in token_buckets if b >= tokens), 0)
-    if not tb or tb > max_tokens or tb - tokens > pad_room:
-        return None
-    nb = next((b for b in row_buckets if b >= rows + (tb > tokens)), 0)
-    return (nb, tb) if nb else None
-
+                     StepPlan, StepResult, fill_bitmasks, logits_layout, max_logits_rows, max_step_tokens, score_targets)
 
 class _RowState:
     """What the runner keeps per sequence (RowSampling.state): its Philox key and packed row."""
@@ -90,11 +63,6 @@ def _samples(res, rows: list[PlanRow]) -> dict[int, TokenSample]:
 
 
 log = logs.get_logger("orcd.cuda")
-
-# What a step of padding rows alone (CudaRunner.prepare) pads from.
-_NO_ROWS = StepMeta(token_ids=np.zeros(0, np.int32), positions=np.zeros(0, np.int32), q_starts=np.zeros(1, np.int32),
-                    ctx_lens=np.zeros(0, np.int32), slot_mapping=np.zeros(0, np.int32),
-                    block_tables=np.zeros((0, 1), np.int32), block_size=1, logits_rows=np.zeros(0, np.int32))
 
 VERIFY_MAX_BATCH = 8  # speculation is for latency: verify steps of more sequences stay eager
 
@@ -121,7 +89,6 @@ class CudaRunner(Runner):
         self.feed_changed = self.lookahead and tuning.feed_changed  # ORCD_FEED_CHANGED
         self.mixed_tokens = mixed_token_buckets(tuning)
         self.verify_buckets = [b for b in self.buckets if b <= VERIFY_MAX_BATCH] if tuning.verify_graphs else []
-        self._cols = np.arange(model.table_width)
         ws = int(backend.workspace_bytes)
         self.capabilities = Capabilities(
             name=backend.name, memory="host" if backend.host_memory else "device", device_sampling=True,
@@ -169,8 +136,8 @@ class CudaRunner(Runner):
         for key in keys:
             for _ in range(2):  # graph_step: the first step of a key runs eagerly, the second captures
                 if not self.backend.graph_ready(key):
-                    meta = (self._padded_meta(empty, key[1]) if key[0] == "decode"
-                            else self._padded_mixed_meta(empty, *key[1:]))
+                    meta = (decode_meta(empty, key[1], self.model) if key[0] == "decode"
+                            else mixed_meta(empty, *key[1:], self.model))
                     self.backend.graph_step(key, meta, self.model.forward)
         after = self.backend.gpu_info()
         fields = {"graphs": len(keys), "seconds": round(time.perf_counter() - t0, 3)}
@@ -197,10 +164,10 @@ class CudaRunner(Runner):
             return self._queue(plan, bucket, feed=None)
         verify = None if bucket else self._verify_key(plan)
         if bucket:
-            logits = self.backend.graph_step(("decode", bucket), self._padded_meta(plan, bucket), self.model.forward)
+            logits = self.backend.graph_step(("decode", bucket), decode_meta(plan, bucket, self.model), self.model.forward)
         elif verify:
             nb, n = verify
-            logits = self.backend.graph_step(("verify", nb, n), self._padded_verify_meta(plan, nb, n),
+            logits = self.backend.graph_step(("verify", nb, n), verify_meta(plan, nb, n, self.model),
                                              self.model.forward)
             if logits.shape[0] != len(plan.rows) * n:  # padding rows come last
                 logits = logits.row_slice(0, len(plan.rows) * n)
@@ -318,37 +285,10 @@ class CudaRunner(Runner):
     def _mixed_step(self, plan: StepPlan, nb: int, tb: int, feed=None, runs=None):
         """Replays (or captures) the graph of a mixed step's bucket; the sampled rows' logits.
         feed: queued behind the step in flight, its samples fed to the rows `runs` says."""
-        logits = self.backend.graph_step(("mixed", nb, tb), self._padded_mixed_meta(plan, nb, tb), self.model.forward,
+        logits = self.backend.graph_step(("mixed", nb, tb), mixed_meta(plan, nb, tb, self.model), self.model.forward,
                                          feed=feed, overlap=feed is not None, feed_rows=runs)
         n = sum(1 for r in plan.rows if r.sample)
         return logits if logits.shape[0] == n else logits.row_slice(0, n)
-
-    def _padded_mixed_meta(self, plan: StepPlan, nb: int, tb: int) -> StepMeta:
-        """A step of prompt chunks and decode rows (step_meta's) padded to tb tokens and nb rows, so
-        every step of the bucket has the shapes (and the kernels the grids: max_q = tb) its graph was
-        captured with. The tokens it lacks form one padding row at positions 0.. of the spare block,
-        every entry of its table that block (its slots wrap there; it attends only to what it writes
-        this step); further padding rows have no token. One logits row per row: the sampled rows' first."""
-        bs, m = plan.block_size, self.model
-        meta = step_meta(plan) if plan.rows else _NO_ROWS
-        T, B = meta.num_tokens, meta.num_seqs
-        p = np.arange(tb - T, dtype=np.int32)
-        ids = np.zeros(tb, np.int32)
-        ids[:T] = meta.token_ids
-        starts = np.full(nb + 1, tb, np.int32)
-        starts[: B + 1] = meta.q_starts
-        ctx = np.zeros(nb, np.int32)
-        ctx[:B] = meta.ctx_lens
-        tables = np.full((nb, m.table_width), m.pad_block, np.int32)
-        tables[:B] = -1
-        tables[:B, : meta.block_tables.shape[1]] = meta.block_tables
-        if B < nb:
-            ctx[B] = tb - T
-        rows = np.full(nb, tb - 1, np.int32)
-        rows[: len(meta.logits_rows)] = meta.logits_rows
-        return StepMeta(token_ids=ids, positions=np.concatenate([meta.positions, p]), q_starts=starts, ctx_lens=ctx,
-                        slot_mapping=np.concatenate([meta.slot_mapping, m.pad_block * bs + p % bs]).astype(np.int32),
-                        block_tables=tables, block_size=bs, logits_rows=rows, max_q=tb)
 
     def _queueable(self, plan: StepPlan, bucket: int) -> bool:
         """A pure decode step on a captured graph, sampled on the device without penalties (which
@@ -362,7 +302,7 @@ class CudaRunner(Runner):
         feed: the sampling of the step before (its tokens, not yet on the host, are this step's
         inputs; runs: which go to which row, _feed_runs)."""
         rows = plan.rows
-        logits = self.backend.graph_step(("decode", bucket), self._padded_meta(plan, bucket), self.model.forward,
+        logits = self.backend.graph_step(("decode", bucket), decode_meta(plan, bucket, self.model), self.model.forward,
                                          feed=feed, overlap=True, feed_rows=runs)
         if logits.shape[0] != len(rows):
             logits = logits.row_slice(0, len(rows))
@@ -380,59 +320,6 @@ class CudaRunner(Runner):
         n_top = max(r.sampling.params.top_logprobs for r in rows)
         launched.pending = self.backend.sample_packed_async(logits, self._packed_rows(rows), np.zeros(2, np.int32),
                                                             n_top, bits)
-
-    def _padded_meta(self, plan: StepPlan, nb: int) -> StepMeta:
-        """A decode step padded to nb one-token rows, its block tables to the longest a sequence
-        can have, so every step of a bucket has the shapes its graph was captured with. Host work
-        on every decode step: one array write per row, the rest whole-batch."""
-        bs, m = plan.block_size, self.model
-        rows = plan.rows
-        B = len(rows)
-        tables = np.full((nb, m.table_width), -1, np.int32)
-        tables[B:, 0] = m.pad_block
-        pos = np.zeros(nb, np.int32)
-        ids = np.zeros(nb, np.int32)  # a fed row's id is written on the device
-        slots = np.full(nb, m.pad_block * bs, np.int32)
-        pos[:B] = [r.start for r in rows]
-        ids[:B] = [0 if r.tokens is None else r.tokens[0] for r in rows]
-        if B < 24:
-            for b, r in enumerate(rows):
-                bt = r.block_table
-                tables[b, : len(bt)] = bt
-                slots[b] = bt[r.start // bs] * bs + r.start % bs
-        else:  # whole-batch: all tables in one masked write (row-major, as they are concatenated)
-            lens = np.fromiter(map(len, (r.block_table for r in rows)), np.int64, B)
-            flat: list[int] = []
-            for r in rows:
-                flat += r.block_table
-            flat = np.asarray(flat, np.int32)
-            tables[:B][self._cols[None, :] < lens[:, None]] = flat
-            p = pos[:B]
-            slots[:B] = flat[np.cumsum(lens) - lens + p // bs] * bs + p % bs
-        ar = np.arange(nb + 1, dtype=np.int32)
-        return StepMeta(token_ids=ids, positions=pos, q_starts=ar, ctx_lens=pos + 1, slot_mapping=slots,
-                        block_tables=tables, block_size=bs, logits_rows=ar[:nb])
-
-    def _padded_verify_meta(self, plan: StepPlan, nb: int, n: int) -> StepMeta:
-        """A verify step padded to nb rows of n tokens each (_padded_meta's shapes, n tokens a row):
-        a padding row's tokens sit at positions 0..n-1 of the spare block and attend to those alone."""
-        bs, m = plan.block_size, self.model
-        rows = plan.rows
-        tables = np.full((nb, m.table_width), -1, np.int32)
-        tables[len(rows):, 0] = m.pad_block
-        pos = np.tile(np.arange(n, dtype=np.int32), nb)
-        slots = (m.pad_block * bs + pos).astype(np.int32)
-        ids = np.zeros(nb * n, np.int32)
-        for b, r in enumerate(rows):
-            bt = np.asarray(r.block_table, np.int32)
-            tables[b, : len(bt)] = bt
-            p = np.arange(r.start, r.start + n, dtype=np.int32)
-            pos[b * n:(b + 1) * n] = p
-            slots[b * n:(b + 1) * n] = bt[p // bs] * bs + p % bs
-            ids[b * n:(b + 1) * n] = r.tokens
-        return StepMeta(token_ids=ids, positions=pos, q_starts=np.arange(nb + 1, dtype=np.int32) * n,
-                        ctx_lens=pos[n - 1::n] + 1, slot_mapping=slots, block_tables=tables, block_size=bs,
-                        logits_rows=np.arange(nb * n, dtype=np.int32))
 
     # ---- sampling --------------------------------------------------------------------------
     def _state(self, s: RowSampling) -> _RowState:
