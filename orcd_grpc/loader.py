@@ -220,8 +220,8 @@ def _load(model: GGUFModel, *, model_id, backend, context_length, max_sequences,
         tensor_types=model.tensor_types(), context_length=ctx_len, trained_context_length=trained,
         vocab_size=hp.vocab_size, weights_bytes=weights_bytes, kv_cache_bytes=kv_bytes,
         workspace_bytes=int(be.workspace_bytes), backend=be.name, kv_cache_type=be.kv_type,
-        has_chat_template=bool(tokenizer.chat_template), load_seconds=time.perf_counter() - t0,
-        max_sequences=max_sequences)
+        has_chat_template=bool(tokenizer.chat_template), load_seconds=0.0,
+        max_sequences=max_sequences)  # load_seconds: once the runner's graphs are captured, below
     engine = Engine(model, adapter, be, tokenizer, info, kv, BlockAllocator(num_blocks, block_size))
     try:
         engine.runner.prepare()
