@@ -221,16 +221,87 @@ def _i8_gemv(x_ptr, w: QuantWeight, y_ptr, bias_ptr, x8: tuple, x8_ready: bool, 
     _gemv_call(f, (gx, slots), stream, xq_ptr, w, y_ptr, bias_ptr, T, _p(xd_ptr), **call)
 
 
+def _i8_gemm_rows(T: int, tuning: Tuning) -> bool:
+    """Whether T token rows take the int8 tensor-core GEMM (tuning.gemm_int8_max)."""
+    return GEMV_MAX_T < T <= min(tuning.gemm_int8_max, GEMM_I8_MAX_T)
+
+
 def i8_rows(T: int, tuning: Tuning = DEFAULT) -> bool:
-    """Whether T token rows are few enough for the int8-input GEMV (tuning.gemv_int8_tokens, at most
-    GEMV_MAX_T): what its input's producers also go by when they write the rounding beside it."""
-    return 1 <= T <= min(tuning.gemv_int8_tokens, GEMV_MAX_T)
+    """Whether T token rows take an int8-rounded input: the GEMV's (tuning.gemv_int8_tokens, at most
+    GEMV_MAX_T) or the int8 GEMM's. What the input's producers also go by when they write the
+    rounding beside it."""
+    return 1 <= T <= min(tuning.gemv_int8_tokens, GEMV_MAX_T) or _i8_gemm_rows(T, tuning)
 
 
 def i8_eligible(w: QuantWeight, T: int, tuning: Tuning = DEFAULT) -> bool:
-    """Whether a T-token matmul on w takes the int8-input GEMV (the caller then passes x8 scratch of
-    T * k bytes and T * k / 32 scales)."""
-    return tuning.gemv_int8 and i8_rows(T, tuning) and _i8_kernel_for(w) and w.n * w.k >= tuning.gemv_int8_min
+    """Whether a T-token matmul on w takes the int8-rounded input (the int8 GEMV, or the int8 GEMM
+    above GEMV_MAX_T tokens; the caller then passes x8 scratch of T * k bytes and T * k / 32 scales)."""
+    if not _i8_kernel_for(w):
+        return False
+    if T > GEMV_MAX_T:
+        return _i8_gemm_rows(T, tuning) and w.n_experts is None
+    return tuning.gemv_int8 and i8_rows(T, tuning) and w.n * w.k >= tuning.gemv_int8_min
+
+
+# The int8 tensor-core GEMM (cuda/mma_i8.cu): 128 weight rows by BM tokens a block, 256 k a stage,
+# two stages of raw row bytes and input levels in flight in dynamic shared memory.
+GEMM_I8_MAX_T = 64
+_I8_BN, _I8_KS, _I8_STAGES = 128, 256, 2
+
+
+def gemm_i8_smem(qtype, bm: int) -> int:
+    """Dynamic shared memory of a gemm_i8 block (the layout at the top of cuda/mma_i8.cu)."""
+    bs, ts = GGML_QUANT_SIZES[Q(qtype)]
+    rstr = (_I8_KS // bs * ts + 30) // 16 * 16 + 16
+    return _I8_STAGES * _I8_BN * rstr + _I8_STAGES * bm * (_I8_KS + 16) + _I8_STAGES * 8 * bm * 4 + 8 * bm * 4
+
+
+class _I8Kernels:
+    """The mma_i8 module's functions, their shared-memory attribute set once."""
+
+    def __init__(self):
+        from .cuda_runtime import load_module
+
+        self.mod = load_module("mma_i8", ())
+        self.fns: dict[str, object] = {}
+
+    def get(self, qtype, bm: int):
+        name = f"gemm_i8_{_NAME[qtype]}_{bm}"
+        f = self.fns.get(name)
+        if f is None:
+            import pycuda.driver as drv
+
+            f = self.mod.get_function(name)
+            f.prepare("PPPPPiiiii")
+            f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, gemm_i8_smem(qtype, bm))
+            self.fns[name] = f
+        return f
+
+
+_I8K: list[_I8Kernels] = []
+
+
+def _gemm_i8(xq_ptr, xd_ptr, w: QuantWeight, y_ptr, bias_ptr, T: int, accumulate: bool, stream, tuning: Tuning,
+             sms: int) -> None:
+    """The int8 GEMM of T (9..64) token rows on x's int8 rounding; split-K (y set to bias first) where
+    the output tiles alone leave the GPU short of two blocks an SM."""
+    if not _I8K:
+        _I8K.append(_I8Kernels())
+    bm = 16 if T <= 16 else 32 if T <= 32 else 64
+    tiles = -(-w.n // _I8_BN) * -(-T // bm)
+    stages = -(-w.k // _I8_KS)
+    splits = max(1, min(-(-2 * sms // tiles), stages // max(1, tuning.gemm_min_ksteps // 4)))
+    kchunk = -(-stages // splits) * _I8_KS
+    splits = -(-w.k // kchunk)
+    if splits > 1:
+        init = _kernels(tuning).get("gemm_init", "PPiii")
+        init.prepared_async_call(((T * w.n + 255) // 256, 1), (256, 1, 1), stream, _p(y_ptr), _p(bias_ptr),
+                                 np.int32(T), np.int32(w.n), np.int32(bool(accumulate)))
+    f = _I8K[0].get(w.qtype, bm)
+    f.prepared_async_call((-(-w.n // _I8_BN), -(-T // bm), splits), (_GEMM_THREADS, 1, 1), stream,
+                          _p(xq_ptr), _p(xd_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), np.int32(T), np.int32(w.n),
+                          np.int32(w.k), np.int32(bool(accumulate)), np.int32(kchunk),
+                          shared_size=gemm_i8_smem(w.qtype, bm))
 
 
 def _nt(T: int) -> int:
@@ -249,9 +320,15 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
         return
     ks = _kernels(tuning)
     fmt = _NAME[w.qtype]
+    if x8 is not None and T > GEMV_MAX_T:
+        if T > GEMM_I8_MAX_T or w.n_experts is not None or not _i8_kernel_for(w):
+            raise ValueError(f"the int8 GEMM serves dense integer formats of T <= {GEMM_I8_MAX_T}, not "
+                             f"{w.qtype.name} T={T}")
+        if not x8_ready:
+            quantize_x8(x_ptr, x8[0], x8[1], T * w.k, stream, tuning)
+        _gemm_i8(x8[0], x8[1], w, y_ptr, bias_ptr, T, accumulate, stream, tuning, sms)
+        return
     if x8 is not None:
-        if T > GEMV_MAX_T:
-            raise ValueError(f"the int8-input GEMV serves T <= {GEMV_MAX_T}, not T={T}")
         _i8_gemv(x_ptr, w, y_ptr, bias_ptr, x8, x8_ready, T * w.k, 1, stream, tuning, sms, T=T, accumulate=accumulate)
         return
     if T <= GEMV_MAX_T:

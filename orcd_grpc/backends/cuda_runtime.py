@@ -19,7 +19,7 @@ import tempfile
 
 from ..tuning import DEFAULT, Tuning
 
-MODULES = ("attention", "attention_decode", "attention_mma", "dequant", "elementwise", "moe", "norm", "quant_matmul", "rope", "sample", "score")
+MODULES = ("attention", "attention_decode", "attention_mma", "dequant", "elementwise", "mma_i8", "moe", "norm", "quant_matmul", "rope", "sample", "score")
 BASE_OPTIONS = ("-O3", "--use_fast_math", "-std=c++17")
 
 

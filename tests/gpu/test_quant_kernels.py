@@ -5,6 +5,8 @@ and fresh random activations, poisons the output with NaN first, and compares by
 ||out - ref|| / ||ref||:
   * GEMV (T <= 8): f32 math on exactly dequantized weights   -> <= 1e-4
   * tensor-core GEMM (T > 8): weights and activations rounded to f16, f32 accumulation -> <= 3e-3
+  * int8 tensor-core GEMM (9..64 tokens, ORCD_GEMM_INT8_MAX): exact integer products on the
+    int8-rounded input                                        -> <= 1e-3 against that input
   * embed: exact dequantization                               -> <= 1e-6
 The GEMM scales each activation row by a power of two before the f16 rounding, so rows of any finite
 magnitude (1e-20 .. 1e20 in one matrix) must meet the GEMM tolerance row by row (test_gemm_wide_range).
@@ -211,6 +213,45 @@ def test_gemv_int8_input(cu, qtype, T):
             if T > 1:
                 for t in (0, T - 1):
                     np.testing.assert_array_equal(y[t], run(x[t:t + 1], mode)[0])
+    finally:
+        w.free()
+
+
+@pytest.mark.parametrize("T", [9, 17, 32, 33, 64])
+@pytest.mark.parametrize("qtype", I8_FORMATS, ids=lambda v: v.name)
+def test_gemm_int8(cu, qtype, T):
+    """The int8 tensor-core GEMM (cuda/mma_i8.cu, ORCD_GEMM_INT8_MAX) of T tokens: on the int8-rounded
+    input and the dequantized weights in float64 it must agree to 1e-3 (a wrong level, scale or k
+    order is off by O(1)), within the rounding (2e-2) of the float input; with split-K (sms=132: few
+    tiles, k split across blocks, atomics) and without (sms=1), with bias and accumulate, and with
+    the input's rounding written beforehand (x8_ready, as a producer leaves it). k = 2880 leaves a
+    partial 256-stage (32-element formats); n = 1003 a partial row tile."""
+    n, k = 1003, (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 4864)
+    rng = np.random.default_rng()
+    raw, wf = _weight(qtype, n, k)
+    x = rng.standard_normal((T, k), dtype=np.float32) * rng.uniform(0.1, 10.0, (T, k)).astype(np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    y0 = rng.standard_normal((T, n), dtype=np.float32)
+    w64 = wf.astype(np.float64).T
+    ref, ref8 = x.astype(np.float64) @ w64, _quantize_x8_ref(x) @ w64
+    w = cu.q.QuantWeight(raw, qtype, n, k)
+    tuning = Tuning(gemm_int8_max=64)
+    assert cu.q.i8_eligible(w, T, tuning) and not cu.q.i8_eligible(w, T, Tuning())
+    try:
+        for sms in (132, 1):
+            xq = cu.ga.empty(x.size, np.int8)
+            xs = cu.ga.to_gpu(np.full(x.size // 32, np.nan, np.float32))
+            y = _gpu_matmul(cu, w, x, x8=(xq.gpudata, xs.gpudata), tuning=tuning, sms=sms)
+            err8, err = rel_err(y, ref8), rel_err(y, ref)
+            assert err8 <= 1e-3, f"{qtype.name} T={T} sms={sms}: rel err {err8:.2e} against the int8-rounded input"
+            assert err <= 2e-2, f"{qtype.name} T={T} sms={sms}: rel err {err:.2e} against the float input"
+            # bias + accumulate on the rounding already in xq / xs (x8_ready)
+            xd, bd, yd = cu.ga.to_gpu(x), cu.ga.to_gpu(b), cu.ga.to_gpu(y0)
+            cu.q.matmul(xd.gpudata, w, yd.gpudata, T, cu.stream, bias_ptr=bd.gpudata, accumulate=True,
+                        x8=(xq.gpudata, xs.gpudata), x8_ready=True, tuning=tuning, sms=sms)
+            cu.stream.synchronize()
+            err8 = rel_err(yd.get(), ref8 + b + y0)
+            assert err8 <= 1e-3, f"{qtype.name} T={T} sms={sms}: bias + accumulate rel err {err8:.2e}"
     finally:
         w.free()
 
