@@ -125,6 +125,47 @@ def test_int8_matmul_takes_a_ready_rounding_without_quantizing(rec):
     assert [c[0] for c in rec.calls] == ["quantize_x8", name] and rec.calls[0][2] == [0xC000, 0xA000, 0xB000, 3072]
 
 
+def test_int8_gemm_eligibility_and_launch(rec, monkeypatch):
+    """ORCD_GEMM_INT8_MAX: dense integer-format matmuls of 9..N tokens (N <= 64) take the int8 GEMM
+    on x's rounding (quantized first unless ready), with the tile's shared memory, split-K (after
+    gemm_init) only where the tiles leave the GPU short; experts and float formats never; the
+    producers round rows for it (i8_rows)."""
+    launched = []
+
+    class _F:
+        def __init__(self, name):
+            self.name = name
+
+        def prepared_async_call(self, grid, block, stream, *args, shared_size=0):
+            launched.append((self.name, grid, [int(a) for a in args], shared_size))
+
+    monkeypatch.setattr(cuda_quant, "_i8_kernels",
+                        lambda: SimpleNamespace(get=lambda qtype, bm: _F(f"gemm_i8_{qtype.name.lower()}_{bm}")))
+    on = Tuning(gemm_int8_max=64)
+    w = SimpleNamespace(qtype=Q.Q4_K, n=9216, k=3072, n_experts=None, ptr=0x10000, expert_bytes=0)
+    assert not cuda_quant.i8_eligible(w, 32) and not cuda_quant.i8_rows(32)
+    assert cuda_quant.i8_eligible(w, 9, on) and cuda_quant.i8_eligible(w, 64, on) and not cuda_quant.i8_eligible(w, 65, on)
+    assert cuda_quant.i8_rows(64, on) and not cuda_quant.i8_rows(9, Tuning(gemm_int8_max=8))
+    assert not cuda_quant.i8_eligible(SimpleNamespace(qtype=Q.F16, n=9216, k=3072, n_experts=None), 32, on)
+    assert not cuda_quant.i8_eligible(_experts(), 32, on)
+    for T, bm in ((9, 16), (32, 32), (33, 64)):
+        rec.calls.clear(), launched.clear()
+        cuda_quant.matmul(0xC000, w, 0xD000, T, None, x8=(0xA000, 0xB000), tuning=on, sms=132)
+        assert [c[0] for c in rec.calls][0] == "quantize_x8" and rec.calls[0][2] == [0xC000, 0xA000, 0xB000, T * 3072]
+        ((name, grid, args, smem),) = launched
+        assert name == f"gemm_i8_q4_k_{bm}" and smem == cuda_quant.gemm_i8_smem(Q.Q4_K, bm) <= 227 * 1024
+        assert args[:4] == [0xA000, 0xB000, 0x10000, 0xD000] and args[5:8] == [T, 9216, 3072]
+        tiles = 72 * -(-T // bm)
+        splits, kchunk = grid[2], args[-1]
+        assert grid[:2] == (72, -(-T // bm)) and kchunk % 256 == 0 and -(-3072 // kchunk) == splits
+        assert (splits > 1) == (tiles < 264) and ("gemm_init" in [c[0] for c in rec.calls]) == (splits > 1)
+    rec.calls.clear(), launched.clear()
+    cuda_quant.matmul(0xC000, w, 0xD000, 40, None, x8=(0xA000, 0xB000), x8_ready=True, tuning=on, sms=1)
+    assert not rec.calls and launched[0][1][2] == 1 and launched[0][2][-1] == 3072
+    for q in cuda_quant.I8_FORMATS:
+        assert cuda_quant.gemm_i8_smem(q, 64) <= 227 * 1024, q.name
+
+
 @pytest.mark.parametrize("qtype,T,want", [
     (Q.MXFP4, 64, "gemm_moe_mxfp4_16_blk"), (Q.MXFP4, 300, "gemm_moe_mxfp4_64_blk"),
     (Q.MXFP4, 2000, "gemm_moe_mxfp4_128"), (Q.Q8_0, 64, "gemm_moe_q8_0_16"), (Q.Q8_0, 2000, "gemm_moe_q8_0_128")])

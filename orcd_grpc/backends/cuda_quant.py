@@ -118,8 +118,8 @@ DEFAULT_SMS = 132
 
 
 def loaded_kernel_names() -> set[str]:
-    """Every quant_matmul kernel looked up so far (under any tuning)."""
-    return {name for k in _K.values() for name in k.fns}
+    """Every quant_matmul and mma_i8 kernel looked up so far (under any tuning)."""
+    return {name for k in (*_K.values(), *_I8K) for name in k.fns}
 
 
 def _kernels(tuning: Tuning = DEFAULT) -> _Kernels:
@@ -281,12 +281,16 @@ class _I8Kernels:
 _I8K: list[_I8Kernels] = []
 
 
+def _i8_kernels() -> _I8Kernels:
+    if not _I8K:
+        _I8K.append(_I8Kernels())
+    return _I8K[0]
+
+
 def _gemm_i8(xq_ptr, xd_ptr, w: QuantWeight, y_ptr, bias_ptr, T: int, accumulate: bool, stream, tuning: Tuning,
              sms: int) -> None:
     """The int8 GEMM of T (9..64) token rows on x's int8 rounding; split-K (y set to bias first) where
     the output tiles alone leave the GPU short of two blocks an SM."""
-    if not _I8K:
-        _I8K.append(_I8Kernels())
     bm = 16 if T <= 16 else 32 if T <= 32 else 64
     tiles = -(-w.n // _I8_BN) * -(-T // bm)
     stages = -(-w.k // _I8_KS)
@@ -297,7 +301,7 @@ def _gemm_i8(xq_ptr, xd_ptr, w: QuantWeight, y_ptr, bias_ptr, T: int, accumulate
         init = _kernels(tuning).get("gemm_init", "PPiii")
         init.prepared_async_call(((T * w.n + 255) // 256, 1), (256, 1, 1), stream, _p(y_ptr), _p(bias_ptr),
                                  np.int32(T), np.int32(w.n), np.int32(bool(accumulate)))
-    f = _I8K[0].get(w.qtype, bm)
+    f = _i8_kernels().get(w.qtype, bm)
     f.prepared_async_call((-(-w.n // _I8_BN), -(-T // bm), splits), (_GEMM_THREADS, 1, 1), stream,
                           _p(xq_ptr), _p(xd_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), np.int32(T), np.int32(w.n),
                           np.int32(w.k), np.int32(bool(accumulate)), np.int32(kchunk),
