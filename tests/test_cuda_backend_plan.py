@@ -38,7 +38,7 @@ class _Recorder:
         rec = self
 
         class _F:
-            def prepared_async_call(self, grid, block, stream, *args):
+            def prepared_async_call(self, grid, block, stream, *args, shared_size=0):
                 rec.calls.append((name, grid))
 
         return _F()
@@ -49,7 +49,10 @@ def _backend(monkeypatch, tuning=DEFAULT, sms=132):
     monkeypatch.setattr(cuda_step, "_context", lambda device=0: None)
     rec = _Recorder()
     monkeypatch.setattr(cuda_quant, "_kernels", lambda tuning=DEFAULT: rec)
+    monkeypatch.setattr(cuda_quant, "_i8_kernels",
+                        lambda: SimpleNamespace(get=lambda q, bm: rec.get(f"gemm_i8_{q.name.lower()}_{bm}", "")))
     be = object.__new__(cuda_mod.CudaBackend)
+    be._decode_step = False
     nxt = [1 << 30]
 
     def persistent(nbytes, what):
@@ -157,8 +160,9 @@ def test_norm_linear_and_split_follow_the_tuning(monkeypatch):
 def test_small_batches_take_the_int8_gemv(monkeypatch, B, nt):
     """Decode of 2..8 sequences: the norm and the fused GLU write their rows' int8 rounding (a grid row
     per sequence), the GEMV of nt tokens takes it (no quantize_x8); an input made elsewhere is
-    quantized once and kept for its next matmul. ORCD_GEMV_INT8_TOKENS=1 gives the float GEMV back,
-    and 9 rows take the GEMM."""
+    quantized once and kept for its next matmul. ORCD_GEMV_INT8_TOKENS=1 gives the float GEMV back.
+    9 rows of a decode step take the int8 GEMM on the norm's rounding (ORCD_GEMM_INT8_MAX); 9 tokens
+    of a prompt, or with the switch off, the f16 GEMM on float rows."""
     be, launched = _backend(monkeypatch)
     be.begin_step(_decode_meta(B))
     w = SimpleNamespace(qtype=Q.Q4_K, n=9216, k=3072, n_experts=None, ptr=0x10000, expert_bytes=0)
@@ -184,7 +188,19 @@ def test_small_batches_take_the_int8_gemv(monkeypatch, B, nt):
     be.begin_step(_decode_meta(9))
     h, _ = be.rms_norm(be._out((9, 3072)), g, 1e-5)
     be.linear(h, w)
-    assert [n for n, _ in launched] == ["rms_norm_block", "gemm_init", "gemm_q4_k_16"]  # split-K
+    assert [n for n, _ in launched] == ["rms_norm_block_q8", "gemm_init", "gemm_i8_q4_k_16"]  # split-K
+    launched.clear()
+    prompt = _decode_meta(1)
+    prompt = dataclasses.replace(prompt, token_ids=np.zeros(9, np.int32), positions=np.arange(9, dtype=np.int32),
+                                 q_starts=np.array([0, 9], np.int32), slot_mapping=np.arange(9, dtype=np.int32),
+                                 ctx_lens=np.array([9], np.int32))
+    for meta, tuning in ((prompt, DEFAULT), (_decode_meta(9), dataclasses.replace(DEFAULT, gemm_int8_max=0))):
+        be.tuning = tuning
+        be.begin_step(meta)
+        h, _ = be.rms_norm(be._out((9, 3072)), g, 1e-5)
+        be.linear(h, w)
+        assert [n for n, _ in launched] == ["rms_norm_block", "gemm_init", "gemm_q4_k_16"]
+        launched.clear()
 
 
 def test_fused_qkv_rope_and_moe_plan(monkeypatch):

@@ -38,7 +38,7 @@ def test_no_library_means_no_blas(monkeypatch, tmp_path):
 
 def test_switch_parses():
     assert Tuning.from_env({"ORCD_GEMM_BLAS_MIN": "0"}).gemm_blas_min == 0
-    assert Tuning().gemm_blas_min == 64
+    assert Tuning().gemm_blas_min == 65  # a decode step of 64 rows takes the int8 GEMM
     with pytest.raises(ValueError, match="ORCD_GEMM_BLAS_MIN"):
         Tuning.from_env({"ORCD_GEMM_BLAS_MIN": "many"})
 

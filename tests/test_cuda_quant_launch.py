@@ -80,7 +80,7 @@ def test_moe_int8_is_per_slot_only_and_switchable():
 
 def test_int8_gemv_eligibility_follows_the_tuning():
     w = SimpleNamespace(qtype=Q.Q4_K, n=9216, k=3072, n_experts=None)
-    assert all(cuda_quant.i8_eligible(w, T) for T in range(1, 9)) and not cuda_quant.i8_eligible(w, 9)
+    assert all(cuda_quant.i8_eligible(w, T) for T in range(1, 9)) and not cuda_quant.i8_eligible(w, 9, Tuning(gemm_int8_max=0))
     assert not cuda_quant.i8_eligible(w, 2, Tuning(gemv_int8_tokens=1)) and cuda_quant.i8_eligible(w, 4, Tuning(gemv_int8_tokens=4))
     assert not cuda_quant.i8_eligible(w, 1, Tuning(gemv_int8=False))
     small = SimpleNamespace(qtype=Q.Q4_K, n=256, k=256, n_experts=None)
@@ -143,7 +143,9 @@ def test_int8_gemm_eligibility_and_launch(rec, monkeypatch):
                         lambda: SimpleNamespace(get=lambda qtype, bm: _F(f"gemm_i8_{qtype.name.lower()}_{bm}")))
     on = Tuning(gemm_int8_max=64)
     w = SimpleNamespace(qtype=Q.Q4_K, n=9216, k=3072, n_experts=None, ptr=0x10000, expert_bytes=0)
-    assert not cuda_quant.i8_eligible(w, 32) and not cuda_quant.i8_rows(32)
+    off = Tuning(gemm_int8_max=0)
+    assert not cuda_quant.i8_eligible(w, 32, off) and not cuda_quant.i8_rows(32, off)
+    assert cuda_quant.i8_eligible(w, 32) and DEFAULT.gemm_int8_max == 64 and DEFAULT.gemm_blas_min == 65
     assert cuda_quant.i8_eligible(w, 9, on) and cuda_quant.i8_eligible(w, 64, on) and not cuda_quant.i8_eligible(w, 65, on)
     assert cuda_quant.i8_rows(64, on) and not cuda_quant.i8_rows(9, Tuning(gemm_int8_max=8))
     assert not cuda_quant.i8_eligible(SimpleNamespace(qtype=Q.F16, n=9216, k=3072, n_experts=None), 32, on)

@@ -42,7 +42,7 @@ class OpsMixin:
         # int8 input: the quantized rows and their scales, from x's producer (tuning.fuse_q8) or made
         # here and kept on x for its next matmul (gate and up, when not fused)
         x8, ready = None, False
-        if cuda_quant.i8_eligible(w, T, self.tuning):
+        if cuda_quant.i8_eligible(w, T, self.tuning) and (T <= cuda_quant.GEMV_MAX_T or self._decode_step):
             ready = x.q8 is not None
             xq, xd = x.q8 if ready else self._q8_scratch(T * w.k)
             x8 = (xq.ptr, xd.ptr)
@@ -56,9 +56,10 @@ class OpsMixin:
     def _q8_rows(self, rows: int, d: int) -> bool:
         """Whether a producer of `rows` rows of d features writes their int8 rounding beside them, for
         the int8-input GEMV that follows (tuning.fuse_q8)."""
-        from .cuda_quant import i8_rows
+        from .cuda_quant import GEMV_MAX_T, i8_rows
 
-        return self.tuning.fuse_q8 and d % 32 == 0 and i8_rows(rows, self.tuning)
+        return (self.tuning.fuse_q8 and d % 32 == 0 and i8_rows(rows, self.tuning)
+                and (rows <= GEMV_MAX_T or self._decode_step))
 
     def _quant_call(self, what, fn, *args, **kw):
         if getattr(_tls, "guard", None) is None:

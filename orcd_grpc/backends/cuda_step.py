@@ -78,6 +78,7 @@ class StepMixin:
                 raise Internal(f"a step of up to {st.max_q} tokens a sequence cannot run as one of {meta.max_q}")
             st.max_q = int(meta.max_q)
         st.max_blocks, st.block_size = int(tables.shape[1]), int(meta.block_size)
+        self._decode_step = st.max_q <= 1
         self._meta_turn ^= 1
         host, base, off = self._meta_hosts[self._meta_turn], self._meta_buf.ptr, 0
         for field, arr in (("token_ids", meta.token_ids), ("positions", meta.positions), ("q_starts", qs),
