@@ -132,11 +132,19 @@ __device__ __forceinline__ Window window_a(const uint8_t* rowp, int wdx, int t) 
     return v;
 }
 
-template <class F, int BM>
+// The grouped MoE form (gemm_i8_moe_*): moe_group's workspace (quant_matmul.cu's MoeGroup layout) gives
+// each blockIdx.y a row tile of one expert's slots (MOE); the dense matmul takes none.
+struct I8Moe {
+    const int* ws;
+    int top_k, E, Y, x_per_slot;
+    long long expert_stride;
+};
+
+template <class F, int BM, bool MOE>
 __device__ __forceinline__ void gemm_i8_impl(const int8_t* __restrict__ xq, const float* __restrict__ xd,
                                              const uint8_t* __restrict__ W, float* __restrict__ y,
                                              const float* __restrict__ bias, int T, int n, int k, int accumulate,
-                                             int kchunk) {
+                                             int kchunk, const I8Moe mg) {
     using S = StageShape<F>;
     constexpr int XSTR = XShape<BM>::XSTR, NF = BM / 8, SUB = SubOf<F>::v;
     extern __shared__ __align__(16) uint8_t smem[];
@@ -145,8 +153,28 @@ __device__ __forceinline__ void gemm_i8_impl(const int8_t* __restrict__ xq, cons
     float* Xd = reinterpret_cast<float*>(Xq + ISTAGES * BM * XSTR);          // [ISTAGES][8][BM]
     float* Xs = Xd + ISTAGES * 8 * BM;                                      // [8][BM]
 
+    __shared__ int xrow[MOE ? BM : 1], yrow[MOE ? BM : 1];  // a tile row's input and output row (-1: none)
+
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * IBN, t0 = blockIdx.y * BM;
+    if constexpr (MOE) {
+        const int S = T * mg.top_k;
+        const int* off = mg.ws;
+        const int* perm = off + mg.E + 1;
+        const int* te = perm + S;
+        const int* tr = te + mg.Y;
+        const int e = te[blockIdx.y];
+        if (e < 0) return;  // an unused tile (the grid is sized by an upper bound): the whole block
+        const int beg = off[e] + tr[blockIdx.y], cnt = min(BM, off[e + 1] - beg);
+        W += e * mg.expert_stride;
+        if (bias) bias += (long long)e * n;
+        for (int r = tid; r < BM; r += ITHREADS) {
+            const int sl = r < cnt ? perm[beg + r] : -1;
+            xrow[r] = sl < 0 ? -1 : mg.x_per_slot ? sl : sl / mg.top_k;
+            yrow[r] = sl;
+        }
+        __syncthreads();
+    }
     const int kbeg = blockIdx.z * kchunk, kend = min(k, kbeg + kchunk);
     const long long RB = (long long)(k / F::QK) * F::TS;
     const int nstage = (kend - kbeg + IKS - 1) / IKS;
@@ -165,13 +193,24 @@ __device__ __forceinline__ void gemm_i8_impl(const int8_t* __restrict__ xq, cons
             int8_t* xb = Xq + buf * BM * XSTR;
             for (int i = tid; i < BM * (IKS / 16); i += ITHREADS) {
                 const int r = i / (IKS / 16), pc = i % (IKS / 16);
-                if (t0 + r < T && pc * 16 < nk) cp_async16(xb + r * XSTR + pc * 16, xq + (long long)(t0 + r) * k + kk + pc * 16);
+                if constexpr (MOE) {
+                    const int xr = xrow[r];
+                    if (xr >= 0 && pc * 16 < nk) cp_async16(xb + r * XSTR + pc * 16, xq + (long long)xr * k + kk + pc * 16);
+                } else {
+                    if (t0 + r < T && pc * 16 < nk) cp_async16(xb + r * XSTR + pc * 16, xq + (long long)(t0 + r) * k + kk + pc * 16);
+                }
             }
             float* db = Xd + buf * 8 * BM;
             for (int i = tid; i < 8 * BM; i += ITHREADS) {
                 const int s = i / BM, r = i % BM;
-                if (t0 + r < T && s * 32 < nk) cp_async4(db + s * BM + r, xd + (long long)(t0 + r) * (k / 32) + kk / 32 + s);
-                else db[s * BM + r] = 0.f;
+                if constexpr (MOE) {
+                    const int xr = xrow[r];
+                    if (xr >= 0 && s * 32 < nk) cp_async4(db + s * BM + r, xd + (long long)xr * (k / 32) + kk / 32 + s);
+                    else db[s * BM + r] = 0.f;
+                } else {
+                    if (t0 + r < T && s * 32 < nk) cp_async4(db + s * BM + r, xd + (long long)(t0 + r) * (k / 32) + kk / 32 + s);
+                    else db[s * BM + r] = 0.f;
+                }
             }
         }
         cp_async_commit();
@@ -269,9 +308,17 @@ __device__ __forceinline__ void gemm_i8_impl(const int8_t* __restrict__ xq, cons
     for (int j = 0; j < NF; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int row = n0 + r0 + 8 * (e >> 1), tok = t0 + 8 * j + 2 * t + (e & 1);
-            if (row >= n || tok >= T) continue;
-            float* yp = y + (long long)tok * n + row;
+            const int row = n0 + r0 + 8 * (e >> 1);
+            float* yp;
+            if constexpr (MOE) {
+                const int yr = yrow[8 * j + 2 * t + (e & 1)];
+                if (row >= n || yr < 0) continue;
+                yp = y + (long long)yr * n + row;
+            } else {
+                const int tok = t0 + 8 * j + 2 * t + (e & 1);
+                if (row >= n || tok >= T) continue;
+                yp = y + (long long)tok * n + row;
+            }
             if (split) {
                 atomicAdd(yp, acc[j][e]);
             } else {
@@ -289,10 +336,16 @@ __device__ __forceinline__ void gemm_i8_impl(const int8_t* __restrict__ xq, cons
 // Dynamic shared memory of a tile (cuda_quant.gemm_i8_smem computes the same).
 #define GEMM_I8_ARGS const int8_t* xq, const float* xd, const uint8_t* W, float* y, const float* bias, int T, int n, \
                      int k, int accumulate, int kchunk
+#define GEMM_I8_MOE_ARGS const int8_t* xq, const float* xd, const uint8_t* W, float* y, const float* bias, const int* ws, \
+                         int T, int top_k, int E, int Y, int n, int k, long long expert_stride, int x_per_slot
 #define GEMM_I8(name, F, BM)                                                                                      \
     extern "C" __global__ void __launch_bounds__(ITHREADS) gemm_i8_##name##_##BM(GEMM_I8_ARGS) {                 \
         pdl_enter();                                                                                              \
-        gemm_i8_impl<F, BM>(xq, xd, W, y, bias, T, n, k, accumulate, kchunk);                                     \
+        gemm_i8_impl<F, BM, false>(xq, xd, W, y, bias, T, n, k, accumulate, kchunk, I8Moe{});                            \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(ITHREADS) gemm_i8_moe_##name##_##BM(GEMM_I8_MOE_ARGS) {         \
+        pdl_enter();                                                                                              \
+        gemm_i8_impl<F, BM, true>(xq, xd, W, y, bias, T, n, k, 0, k, I8Moe{ws, top_k, E, Y, x_per_slot, expert_stride}); \
     }
 #define GEMM_I8_FORMAT(name, F) GEMM_I8(name, F, 16) GEMM_I8(name, F, 32) GEMM_I8(name, F, 64)
 

@@ -178,3 +178,40 @@ def test_grouped_moe_kernel_choice(rec, qtype, T, want):
     w.expert_bytes = cuda_quant.GGML_QUANT_SIZES[qtype][1] * w.n * w.k // 32
     cuda_quant.moe_matmul(0xC000, w, 0xE000, 0xD000, T, 4, None, workspace_ptr=0xF000, grouped=True)
     assert [c[0] for c in rec.calls] == ["moe_group", want]
+
+
+@pytest.mark.parametrize("x_per_slot", [False, True])
+def test_grouped_moe_int8_launch(rec, monkeypatch, x_per_slot):
+    """The grouped MoE matmul with x8: its input rounded once (T rows, or T * top_k with x_per_slot)
+    unless ready, then gemm_i8_moe_<fmt>_<bm> over moe_group's row tiles with the rounding, the
+    workspace and the expert stride; row tiles over 64 slots (prefill) are refused."""
+    launched = []
+
+    class _F:
+        def __init__(self, name):
+            self.name = name
+
+        def prepared_async_call(self, grid, block, stream, *args, shared_size=0):
+            launched.append((self.name, grid, [int(a) for a in args], shared_size))
+
+    monkeypatch.setattr(cuda_quant, "_i8_kernels", lambda: SimpleNamespace(
+        get=lambda q, bm, moe=False: _F(f"gemm_i8_{'moe_' if moe else ''}{q.name.lower()}_{bm}")))
+    w, T, top_k = _experts(), 64, 4
+    XQ, XD, X, Y, IDS, WS = 0xA000, 0xB000, 0xC000, 0xD000, 0xE000, 0xF000
+    assert cuda_quant.moe_grouped_i8(w, T, top_k) and not cuda_quant.moe_grouped_i8(w, T, top_k, Tuning(gemm_int8_max=0))
+    assert not cuda_quant.moe_grouped_i8(w, 65, top_k)
+    cuda_quant.moe_matmul(X, w, IDS, Y, T, top_k, None, x_per_slot=x_per_slot, workspace_ptr=WS, grouped=True,
+                          x8=(XQ, XD))
+    rows = T * top_k if x_per_slot else T
+    assert [c[0] for c in rec.calls] == ["moe_group", "quantize_x8"] and rec.calls[1][2] == [X, XQ, XD, rows * w.k]
+    bm, Yt, _ = cuda_quant._moe_plan(T, top_k, w.n_experts)
+    ((name, grid, args, smem),) = launched
+    assert name == f"gemm_i8_moe_mxfp4_{bm}" and grid == (-(-w.n // 128), Yt, 1)
+    assert args == [XQ, XD, w.ptr, Y, 0, WS, T, top_k, w.n_experts, Yt, w.n, w.k, w.expert_bytes, int(x_per_slot)]
+    assert smem == cuda_quant.gemm_i8_smem(w.qtype, bm)
+    rec.calls.clear(), launched.clear()
+    cuda_quant.moe_matmul(X, w, IDS, Y, T, top_k, None, x_per_slot=x_per_slot, workspace_ptr=WS, grouped=True,
+                          grouped_ready=True, x8=(XQ, XD), x8_ready=True)
+    assert not rec.calls and len(launched) == 1
+    with pytest.raises(ValueError, match="64 slots"):
+        cuda_quant.moe_matmul(X, w, IDS, Y, 2000, top_k, None, workspace_ptr=WS, grouped=True, x8=(XQ, XD))

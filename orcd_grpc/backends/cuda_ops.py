@@ -192,9 +192,12 @@ class OpsMixin:
         gkw = dict(workspace_ptr=gws.ptr if grouped else None, grouped=grouped, tuning=self.tuning,
                    sms=self.limits.sms)
         # int8 input for the per-slot GEMVs (tuning.moe_int8): one quantized copy of x serves gate and up
+        # and for the grouped GEMM of a decode step's slots (tuning.gemm_int8_max; prompt tokens keep f16)
+        i8g = grouped and self._decode_step and all(cuda_quant.moe_grouped_i8(w, T, k, self.tuning)
+                                                    for w in (w_gate, w_up, w_down))
         x8 = xs = None
-        if cuda_quant.moe_i8_eligible(w_gate, grouped, self.tuning) and cuda_quant.moe_i8_eligible(w_up, grouped,
-                                                                                                   self.tuning):
+        if i8g or (cuda_quant.moe_i8_eligible(w_gate, grouped, self.tuning)
+                   and cuda_quant.moe_i8_eligible(w_up, grouped, self.tuning)):
             xs = self._q8_scratch(T * d)
             x8 = (xs[0].ptr, xs[1].ptr)
         self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_gate, ids.ptr, g.ptr, T, k, self.stream,
@@ -208,7 +211,7 @@ class OpsMixin:
                      np.float32(limit))
         y = self._out((T, k, d))
         a8 = a_s = None
-        if cuda_quant.moe_i8_eligible(w_down, grouped, self.tuning):
+        if i8g or cuda_quant.moe_i8_eligible(w_down, grouped, self.tuning):
             a_s = self._q8_scratch(T * k * F)
             a8 = (a_s[0].ptr, a_s[1].ptr)
         self._quant_call("moe_matmul", cuda_quant.moe_matmul, a.ptr, w_down, ids.ptr, y.ptr, T, k, self.stream,

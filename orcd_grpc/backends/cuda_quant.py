@@ -265,14 +265,14 @@ class _I8Kernels:
         self.mod = load_module("mma_i8", ())
         self.fns: dict[str, object] = {}
 
-    def get(self, qtype, bm: int):
-        name = f"gemm_i8_{_NAME[qtype]}_{bm}"
+    def get(self, qtype, bm: int, moe: bool = False):
+        name = f"gemm_i8_{'moe_' if moe else ''}{_NAME[qtype]}_{bm}"
         f = self.fns.get(name)
         if f is None:
             import pycuda.driver as drv
 
             f = self.mod.get_function(name)
-            f.prepare("PPPPPiiiii")
+            f.prepare("PPPPPPiiiiiiqi" if moe else "PPPPPiiiii")
             f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, gemm_i8_smem(qtype, bm))
             self.fns[name] = f
         return f
@@ -412,6 +412,14 @@ def moe_group(expert_ids_ptr, T: int, top_k: int, n_experts: int, workspace_ptr,
                           np.int32(n_experts), np.int32(bm), np.int32(Y), _p(workspace_ptr))
 
 
+def moe_grouped_i8(w: QuantWeight, T: int, top_k: int, tuning: Tuning = DEFAULT) -> bool:
+    """Whether the grouped MoE matmul of T tokens on w can take the int8 GEMM (gemm_i8_moe_*; the
+    caller then passes x8 scratch for its input rows): an integer format, T within
+    tuning.gemm_int8_max, and row tiles of at most 64 slots."""
+    return (_i8_kernel_for(w) and 0 < T <= min(tuning.gemm_int8_max, GEMM_I8_MAX_T)
+            and _moe_plan(T, top_k, w.n_experts or 1)[0] <= 64)
+
+
 def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream, bias_ptr=None,
                x_per_slot: bool = False, workspace_ptr=None, grouped: bool | None = None,
                grouped_ready: bool = False, x8: tuple | None = None, x8_ready: bool = False,
@@ -447,6 +455,18 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
         bm, Y, _ = _moe_plan(T, top_k, E)
         if not grouped_ready:
             moe_group(expert_ids_ptr, T, top_k, E, workspace_ptr, stream, tuning)
+        if x8 is not None:  # the int8 GEMM over the same row tiles (moe_grouped_i8)
+            if bm > 64 or not _i8_kernel_for(w):
+                raise ValueError(f"the int8 grouped MoE GEMM serves integer formats and row tiles of <= 64 slots, "
+                                 f"not {w.qtype.name} BM {bm}")
+            if not x8_ready:
+                quantize_x8(x_ptr, x8[0], x8[1], (T * top_k if x_per_slot else T) * w.k, stream, tuning)
+            f = _i8_kernels().get(w.qtype, bm, moe=True)
+            f.prepared_async_call((-(-w.n // _I8_BN), Y, 1), (_GEMM_THREADS, 1, 1), stream, _p(x8[0]), _p(x8[1]),
+                                  _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(workspace_ptr), np.int32(T), np.int32(top_k),
+                                  np.int32(E), np.int32(Y), np.int32(w.n), np.int32(w.k), np.int64(w.expert_bytes),
+                                  np.int32(bool(x_per_slot)), shared_size=gemm_i8_smem(w.qtype, bm))
+            return
         blk = "_blk" if w.qtype == Q.MXFP4 and bm <= 64 else ""
         f = _kernels(tuning).get(f"gemm_moe_{_NAME[w.qtype]}_{bm}{blk}", "PPPPPiiiiiiqi")
         f.prepared_async_call(((w.n + _GEMM_BN - 1) // _GEMM_BN, Y, 1), (_GEMM_THREADS, 1, 1), stream,

@@ -6,8 +6,11 @@ poisoned with NaN first. Tolerances (||out - ref|| / ||ref||, see test_quant_ker
   * per-slot GEMV (f32): 1e-4
   * per-slot GEMV on the int8-rounded input (quantize_x8 + gemv_*_1[_k4]_i8, ORCD_MOE_INT8): 1e-3
     against the rounded input (a wrong row or scale offset is off by O(1)), 2e-2 against the float one
+  * grouped GEMM on int8 tensor cores (gemm_i8_moe_*, decode steps): the same two bounds
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -126,6 +129,23 @@ def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit):
     err8, err = rel_err(out, ref8), rel_err(out, ref)
     assert err8 <= 1e-3, f"int8 gemv {qtype.name} T={T} x_per_slot={x_per_slot}: {err8:.2e} against the rounded input"
     assert err <= 2e-2, f"int8 gemv {qtype.name} T={T} x_per_slot={x_per_slot}: {err:.2e} against the float input"
+
+
+@pytest.mark.parametrize("routing", ["uniform", "skewed"])
+@pytest.mark.parametrize("T", [1, 5, 16, 64])
+@pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
+@pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda v: v.name)
+def test_moe_grouped_int8_vs_reference(cu, qtype, T, x_per_slot, routing):
+    """The grouped MoE GEMM on int8 tensor cores (gemm_i8_moe_*, a decode step's slots): every slot of
+    every row tile finds its expert, its input row (its token's, or its own with x_per_slot), its
+    scales and its output row; 1e-3 against the int8-rounded input, 2e-2 against the float one;
+    skewed routing gives a hot expert several row tiles and leaves most tiles unused."""
+    assert cu.q.moe_grouped_i8(SimpleNamespace(qtype=qtype, k=768, n_experts=E), T, TOP_K)
+    out, (ref, ref8), _, _ = _run(cu, qtype, T, x_per_slot, grouped=True, int8=True, routing=routing,
+                                  with_bias=routing == "uniform", n=333)
+    err8, err = rel_err(out, ref8), rel_err(out, ref)
+    assert err8 <= 1e-3, f"int8 grouped {qtype.name} T={T} {routing}: {err8:.2e} against the rounded input"
+    assert err <= 2e-2, f"int8 grouped {qtype.name} T={T} {routing}: {err:.2e} against the float input"
 
 
 @pytest.mark.parametrize("T", [16, 64, 300])
