@@ -166,6 +166,9 @@ class Tuning:
     moe_int8: bool = _switch(
         True, "ORCD_MOE_INT8", "the per-slot MoE GEMVs (gpt-oss at B=1) on the int8-rounded input too "
         "(3,262 -> 3,127 us per step)")
+    moe_int8_grouped: bool = _switch(
+        False, "ORCD_MOE_INT8_GROUPED", "the grouped MoE matmuls of decode steps of up to ORCD_GEMM_INT8_MAX tokens "
+        "take the int8 tensor-core GEMM (gemm_i8_moe_*) instead of the f16 one; not yet run on a GPU")
     gemm_min_ksteps: int = _switch(
         4, "ORCD_GEMM_MIN_KSTEPS", "fewest 64-wide k-steps per GEMM split-K block (1: mixed, q8_0 faster and q4_k "
         "slower at B=64)")

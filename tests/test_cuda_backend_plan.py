@@ -226,17 +226,19 @@ def test_fused_qkv_rope_and_moe_plan(monkeypatch):
     E, d, F = 32, 2880, 2880
     w = SimpleNamespace(qtype=Q.MXFP4, n=F, k=d, n_experts=E, ptr=0x10000, expert_bytes=F * d // 2 * 17 // 16)
     wd = SimpleNamespace(qtype=Q.MXFP4, n=d, k=F, n_experts=E, ptr=0x20000, expert_bytes=F * d // 2 * 17 // 16)
-    # a decode step of 64 sequences: the grouped GEMM on int8 tensor cores, gate and up on one rounding
+    # a decode step of 64 sequences (ORCD_MOE_INT8_GROUPED): the grouped GEMM on int8 tensor cores, gate
+    # and up on one rounding
+    be.tuning = dataclasses.replace(DEFAULT, moe_int8_grouped=True)
     be.begin_step(_decode_meta(64))
     be.moe(be._out((64, d)), be._out((64, E)), 4, w, w, wd, act="swiglu_oai")
     names = [n for n, _ in launched]
     assert names == ["moe_route", "moe_group", "quantize_x8", "gemm_i8_moe_mxfp4_16", "gemm_i8_moe_mxfp4_16",
                      "moe_act", "quantize_x8", "gemm_i8_moe_mxfp4_16", "moe_combine"]
-    # prompt tokens (or the switch off): the f16 grouped GEMM on float rows
+    # prompt tokens, or the switch off (the default): the f16 grouped GEMM on float rows
     prompt = dataclasses.replace(_decode_meta(1), token_ids=np.zeros(64, np.int32), positions=np.arange(64, dtype=np.int32),
                                  q_starts=np.array([0, 64], np.int32), slot_mapping=np.arange(64, dtype=np.int32),
                                  ctx_lens=np.array([64], np.int32))
-    for meta, tuning in ((prompt, DEFAULT), (_decode_meta(64), dataclasses.replace(DEFAULT, gemm_int8_max=0))):
+    for meta, tuning in ((prompt, be.tuning), (_decode_meta(64), DEFAULT)):
         be.tuning = tuning
         launched.clear()
         be.begin_step(meta)

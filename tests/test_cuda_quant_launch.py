@@ -198,8 +198,10 @@ def test_grouped_moe_int8_launch(rec, monkeypatch, x_per_slot):
         get=lambda q, bm, moe=False: _F(f"gemm_i8_{'moe_' if moe else ''}{q.name.lower()}_{bm}")))
     w, T, top_k = _experts(), 64, 4
     XQ, XD, X, Y, IDS, WS = 0xA000, 0xB000, 0xC000, 0xD000, 0xE000, 0xF000
-    assert cuda_quant.moe_grouped_i8(w, T, top_k) and not cuda_quant.moe_grouped_i8(w, T, top_k, Tuning(gemm_int8_max=0))
-    assert not cuda_quant.moe_grouped_i8(w, 65, top_k)
+    on = Tuning(moe_int8_grouped=True)
+    assert cuda_quant.moe_grouped_i8(w, T, top_k, on) and not cuda_quant.moe_grouped_i8(w, T, top_k)
+    assert not cuda_quant.moe_grouped_i8(w, T, top_k, Tuning(moe_int8_grouped=True, gemm_int8_max=0))
+    assert not cuda_quant.moe_grouped_i8(w, 65, top_k, on)
     cuda_quant.moe_matmul(X, w, IDS, Y, T, top_k, None, x_per_slot=x_per_slot, workspace_ptr=WS, grouped=True,
                           x8=(XQ, XD))
     rows = T * top_k if x_per_slot else T

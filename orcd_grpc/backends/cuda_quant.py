@@ -414,9 +414,9 @@ def moe_group(expert_ids_ptr, T: int, top_k: int, n_experts: int, workspace_ptr,
 
 def moe_grouped_i8(w: QuantWeight, T: int, top_k: int, tuning: Tuning = DEFAULT) -> bool:
     """Whether the grouped MoE matmul of T tokens on w can take the int8 GEMM (gemm_i8_moe_*; the
-    caller then passes x8 scratch for its input rows): an integer format, T within
-    tuning.gemm_int8_max, and row tiles of at most 64 slots."""
-    return (_i8_kernel_for(w) and 0 < T <= min(tuning.gemm_int8_max, GEMM_I8_MAX_T)
+    caller then passes x8 scratch for its input rows): tuning.moe_int8_grouped, an integer format, T
+    within tuning.gemm_int8_max, and row tiles of at most 64 slots."""
+    return (tuning.moe_int8_grouped and _i8_kernel_for(w) and 0 < T <= min(tuning.gemm_int8_max, GEMM_I8_MAX_T)
             and _moe_plan(T, top_k, w.n_experts or 1)[0] <= 64)
 
 

@@ -140,7 +140,7 @@ def test_moe_grouped_int8_vs_reference(cu, qtype, T, x_per_slot, routing):
     every row tile finds its expert, its input row (its token's, or its own with x_per_slot), its
     scales and its output row; 1e-3 against the int8-rounded input, 2e-2 against the float one;
     skewed routing gives a hot expert several row tiles and leaves most tiles unused."""
-    assert cu.q.moe_grouped_i8(SimpleNamespace(qtype=qtype, k=768, n_experts=E), T, TOP_K)
+    assert cu.q.moe_grouped_i8(SimpleNamespace(qtype=qtype, k=768, n_experts=E), T, TOP_K, Tuning(moe_int8_grouped=True))
     out, (ref, ref8), _, _ = _run(cu, qtype, T, x_per_slot, grouped=True, int8=True, routing=routing,
                                   with_bias=routing == "uniform", n=333)
     err8, err = rel_err(out, ref8), rel_err(out, ref)
