@@ -8,7 +8,9 @@ Each (shape, T): CudaBackend.linear on one weight, captured into a CUDA graph wi
 at 0 (the fused kernels: the GEMV up to 8 tokens, the tensor-core GEMM above) and at 1 (cuBLAS: activation scan and f16 rounding, the weight decoded to f16
 panel by panel, cublasGemmEx), median of event-timed replays. The cuBLAS time includes decoding the
 weight, as every call pays it. Prints us per call and TFLOP/s of each, and their ratio; then the
-cuBLAS path on a weight already held in f16 (ORCD_GEMM_F16_WEIGHTS).
+cuBLAS path on a weight already held in f16 (ORCD_GEMM_F16_WEIGHTS), and for T = 9..64 the int8
+tensor-core GEMM of a decode step (ORCD_GEMM_INT8_MAX; its quantize_x8 launch included, which a
+decode step mostly leaves to the norm before it) with the weight bytes it streams per second.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def main():
 
     import pycuda.driver as drv
 
+    from orcd_grpc.backends import cuda_quant
     from orcd_grpc.backends.cuda import CudaBackend
     from orcd_grpc.backends.cuda_blas import keep_f16
     from orcd_grpc.tuning import Tuning
@@ -48,7 +51,7 @@ def main():
     rng = np.random.default_rng(0)
     print(f"device: {be.device.name()}")
     print("model           tensor        type         n x k      T   fused us  cuBLAS us  ratio  TFLOP/s f/c"
-          "  resident-f16 us")
+          "  resident-f16 us  int8 us  int8 GB/s")
     for model, name, n, k, qt in SHAPES:
         if args.only and args.only not in f"{model}/{name}/{qt.name}":
             continue
@@ -61,8 +64,13 @@ def main():
         for T in ts:
             x = be.from_host(rng.standard_normal((T, k), dtype=np.float32))
             times = []
-            for blas_min, wt in ((0, w), (1, w), (1, w2)):
-                be.tuning = dataclasses.replace(be.tuning, gemm_blas_min=blas_min)
+            int8 = 8 < T <= 64 and qt in cuda_quant.I8_FORMATS
+            for blas_min, wt, decode in ((0, w, False), (1, w, False), (1, w2, False), (0, w, True)):
+                if decode and not int8:
+                    times.append(None)
+                    continue
+                be.tuning = dataclasses.replace(be.tuning, gemm_blas_min=blas_min, gemm_int8_max=64)
+                be._decode_step = decode  # what begin_step sets for a step of one-token rows
 
                 def run():
                     be.ws.reset()
@@ -71,10 +79,12 @@ def main():
                 run()
                 be.synchronize()
                 times.append(median_ms(run, args.reps, drv, be.stream))
-            f, c, r = times
+            be._decode_step = False
+            f, c, r, i8 = times
             flop = 2 * T * n * k
+            i8s = f"{i8 * 1e3:8.1f} {raw.nbytes / i8 / 1e6:10.0f}" if i8 else f"{'-':>8s} {'-':>10s}"
             print(f"{model:15s} {name:13s} {qt.name:6s} {n:7d}x{k:<5d} {T:5d} {f * 1e3:9.1f} {c * 1e3:10.1f} "
-                  f"{f / c:6.2f}x {flop / f / 1e9:6.1f}/{flop / c / 1e9:.1f} {r * 1e3:15.1f}", flush=True)
+                  f"{f / c:6.2f}x {flop / f / 1e9:6.1f}/{flop / c / 1e9:.1f} {r * 1e3:15.1f} {i8s}", flush=True)
         w.free()
         w2.free()
     be.close()
