@@ -263,7 +263,11 @@ class Scheduler(ModelManagement):
             if not req.can_admit(engine):
                 return admitted
             with self._cv:
-                self._waiting.popleft()
+                # By req, not the head: a request submitted meanwhile (the lock is free while req
+                # starts) may sort ahead of it, and one cancelled meanwhile has left the queue.
+                if req.done:
+                    continue
+                self._waiting.remove(req)
                 self._running.append(req)
                 self._gauges_locked()
             if req.admitted_at is None:

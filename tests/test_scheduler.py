@@ -371,6 +371,31 @@ def test_fifo_and_max_sequences(make_sched):
     assert order.index("r0") < order.index("r4")
 
 
+def test_a_request_submitted_while_the_head_starts_is_neither_lost_nor_run_twice(make_sched):
+    """Admission starts the queue's head outside the lock; a request submitted meanwhile that sorts
+    ahead of it (an earlier arrival: it was stamped before the head, submitted after) must not be
+    taken off the queue in the head's place (its client would wait forever, and the head would run
+    twice in one batch, a step of nothing, again and again)."""
+    eng = FakeEngine(step_delay=0.002)
+    s = make_sched(eng, max_sequences=4)
+    early = make_request(eng, rid="early", stopping=Stopping(max_tokens=3))
+    late = make_request(eng, rid="late", stopping=Stopping(max_tokens=3))
+    assert early.arrival < late.arrival
+    start = late.start
+
+    def start_and_let_the_early_one_in(*a, **kw):
+        if early.key not in s._by_id:
+            s.submit(early)
+        return start(*a, **kw)
+
+    late.start = start_and_let_the_early_one_in
+    s.submit(late)
+    for r in (late, early):
+        ev = drain(r, timeout=5.0)
+        assert isinstance(ev[-1], FinishedEvent) and len([e for e in ev if isinstance(e, TokenEvent)]) == 3, ev
+    assert max(eng.batch_sizes) <= 2
+
+
 def test_engine_error_fails_batch_and_keeps_serving(make_sched):
     eng = FakeEngine(step_delay=0.01)
     s = make_sched(eng)
