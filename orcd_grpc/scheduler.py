@@ -215,17 +215,10 @@ class Scheduler(ModelManagement):
         for req in orphans:
             self._cancel_now(req, *((MODEL_UNLOADED, "no model is loaded") if engine is None
                                     else (MODEL_SWAPPED, "the model was replaced")))
-        admitted_any = self._admit()
+        self._admit()
         if self._running:
             for eng in {id(r.engine): r.engine for r in self._running}.values():  # a swap's old model too
                 self._step(eng, [r for r in self._running if r.engine is eng])
-        elif self._waiting and not admitted_any:
-            # Nothing runs, so nothing will free KV blocks: the head can never be admitted.
-            head = self._waiting.head()
-            samples = f", {head.n} samples" if head.n > 1 else ""
-            self._fail(head, ResourceExhausted(
-                f"the prompt ({head.prompt_tokens} tokens{samples}) needs more KV cache than the worker has",
-                field="input"))
         if self.retiring:
             self._close_retired()
         with self._cv:
@@ -261,7 +254,15 @@ class Scheduler(ModelManagement):
                 self._fail(req, exc)
                 continue
             if not req.can_admit(engine):
-                return admitted
+                if self._running:
+                    return admitted
+                # Nothing runs, so nothing will free KV blocks: this request can never be admitted
+                # (the one tried, not whatever heads the queue by now: that may have just arrived).
+                samples = f", {req.n} samples" if req.n > 1 else ""
+                self._fail(req, ResourceExhausted(
+                    f"the prompt ({req.prompt_tokens} tokens{samples}) needs more KV cache than the worker has",
+                    field="input"))
+                continue
             with self._cv:
                 # By req, not the head: a request submitted meanwhile (the lock is free while req
                 # starts) may sort ahead of it, and one cancelled meanwhile has left the queue.

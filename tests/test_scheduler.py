@@ -396,6 +396,27 @@ def test_a_request_submitted_while_the_head_starts_is_neither_lost_nor_run_twice
     assert max(eng.batch_sizes) <= 2
 
 
+def test_a_request_arriving_after_admission_looked_is_not_failed_for_lack_of_kv(make_sched):
+    """An iteration with nothing to run (a command woke it) whose admission found the queue empty:
+    a request submitted just after must wait for the next iteration, not be failed as one that can
+    never be admitted (only the request admission tried and could not fit is)."""
+    eng = FakeEngine(step_delay=0.002)
+    s = make_sched(eng, max_sequences=4)
+    req = make_request(eng, rid="r", stopping=Stopping(max_tokens=2))
+    admit = s._admit
+
+    def admit_then_a_request_arrives():
+        done = admit()
+        if req.key not in s._by_id:
+            s.submit(req)
+        return done
+
+    s._admit = admit_then_a_request_arrives
+    s._run_command(lambda: None)  # an iteration with nothing queued or running
+    ev = drain(req, timeout=5.0)
+    assert isinstance(ev[-1], FinishedEvent) and len([e for e in ev if isinstance(e, TokenEvent)]) == 2, ev
+
+
 def test_engine_error_fails_batch_and_keeps_serving(make_sched):
     eng = FakeEngine(step_delay=0.01)
     s = make_sched(eng)
