@@ -21,6 +21,7 @@
 //   Xd[s]    [8][BM] float        their scales, a 32-block each
 //   Xs       [8][BM] float        xd times the block's level sum (offset-term formats), this stage
 #include "common.cuh"
+#include "moe_group.cuh"
 #include "quant_common.cuh"
 
 using namespace oq;
@@ -48,16 +49,6 @@ struct StageShape {
     static constexpr int NPC = (CH + 30) / 16;                // 16-byte pieces covering it from any alignment
     static constexpr int RSTR = NPC * 16 + 16;                // row stride (the +16 staggers rows over banks)
 };
-
-template <int BM>
-struct XShape {
-    static constexpr int XSTR = IKS + 16;                     // a token row's levels, staggered
-};
-
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
-}
 
 __device__ __forceinline__ void mma_k32(int* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -132,21 +123,13 @@ __device__ __forceinline__ Window window_a(const uint8_t* rowp, int wdx, int t) 
     return v;
 }
 
-// The grouped MoE form (gemm_i8_moe_*): moe_group's workspace (quant_matmul.cu's MoeGroup layout) gives
-// each blockIdx.y a row tile of one expert's slots (MOE); the dense matmul takes none.
-struct I8Moe {
-    const int* ws;
-    int top_k, E, Y, x_per_slot;
-    long long expert_stride;
-};
-
 template <class F, int BM, bool MOE>
 __device__ __forceinline__ void gemm_i8_impl(const int8_t* __restrict__ xq, const float* __restrict__ xd,
                                              const uint8_t* __restrict__ W, float* __restrict__ y,
                                              const float* __restrict__ bias, int T, int n, int k, int accumulate,
-                                             int kchunk, const I8Moe mg) {
+                                             int kchunk, const MoeGroup mg) {
     using S = StageShape<F>;
-    constexpr int XSTR = XShape<BM>::XSTR, NF = BM / 8, SUB = SubOf<F>::v;
+    constexpr int XSTR = IKS + 16, NF = BM / 8, SUB = SubOf<F>::v;  // XSTR: a token row's levels, staggered
     extern __shared__ __align__(16) uint8_t smem[];
     uint8_t* Wraw = smem;                                                   // [ISTAGES][IBN][RSTR]
     int8_t* Xq = reinterpret_cast<int8_t*>(Wraw + ISTAGES * IBN * S::RSTR);  // [ISTAGES][BM][XSTR]
@@ -157,22 +140,8 @@ __device__ __forceinline__ void gemm_i8_impl(const int8_t* __restrict__ xq, cons
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * IBN, t0 = blockIdx.y * BM;
-    if constexpr (MOE) {
-        const int S = T * mg.top_k;
-        const int* off = mg.ws;
-        const int* perm = off + mg.E + 1;
-        const int* te = perm + S;
-        const int* tr = te + mg.Y;
-        const int e = te[blockIdx.y];
-        if (e < 0) return;  // an unused tile (the grid is sized by an upper bound): the whole block
-        const int beg = off[e] + tr[blockIdx.y], cnt = min(BM, off[e + 1] - beg);
-        W += e * mg.expert_stride;
-        if (bias) bias += (long long)e * n;
-        for (int r = tid; r < BM; r += ITHREADS) {
-            const int sl = r < cnt ? perm[beg + r] : -1;
-            xrow[r] = sl < 0 ? -1 : mg.x_per_slot ? sl : sl / mg.top_k;
-            yrow[r] = sl;
-        }
+    if constexpr (MOE) {  // gemm_i8_moe_*: blockIdx.y is a row tile of one expert's slots
+        if (!moe_tile<BM, ITHREADS>(mg, T, n, W, bias, xrow, yrow)) return;
         __syncthreads();
     }
     const int kbeg = blockIdx.z * kchunk, kend = min(k, kbeg + kchunk);
@@ -341,11 +310,11 @@ __device__ __forceinline__ void gemm_i8_impl(const int8_t* __restrict__ xq, cons
 #define GEMM_I8(name, F, BM)                                                                                      \
     extern "C" __global__ void __launch_bounds__(ITHREADS) gemm_i8_##name##_##BM(GEMM_I8_ARGS) {                 \
         pdl_enter();                                                                                              \
-        gemm_i8_impl<F, BM, false>(xq, xd, W, y, bias, T, n, k, accumulate, kchunk, I8Moe{});                            \
+        gemm_i8_impl<F, BM, false>(xq, xd, W, y, bias, T, n, k, accumulate, kchunk, MoeGroup{});                            \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(ITHREADS) gemm_i8_moe_##name##_##BM(GEMM_I8_MOE_ARGS) {         \
         pdl_enter();                                                                                              \
-        gemm_i8_impl<F, BM, true>(xq, xd, W, y, bias, T, n, k, 0, k, I8Moe{ws, top_k, E, Y, x_per_slot, expert_stride}); \
+        gemm_i8_impl<F, BM, true>(xq, xd, W, y, bias, T, n, k, 0, k, MoeGroup{ws, top_k, E, Y, x_per_slot, expert_stride}); \
     }
 #define GEMM_I8_FORMAT(name, F) GEMM_I8(name, F, 16) GEMM_I8(name, F, 32) GEMM_I8(name, F, 64)
 

@@ -21,6 +21,7 @@
 // Kernels never allocate, copy to the host or synchronise, so launches can be captured in a graph.
 #include <mma.h>
 #include "common.cuh"
+#include "moe_group.cuh"
 #include "quant_common.cuh"
 
 using namespace oq;
@@ -330,17 +331,6 @@ constexpr int GEMM_THREADS = 256;
 #define ORCD_GEMM_PIPE 64
 #endif
 
-// Grouped-MoE workspace (int32), written by moe_group:
-//   off[E+1]   first slot of each expert in perm (off[E] = number of routed slots)
-//   perm[S]    slot indices (t*top_k + j) sorted by expert
-//   te[Y], tr[Y]  row tile y of the grouped GEMM covers expert te[y] (-1: unused tile, the block exits)
-//              and its perm positions off[te]+tr .. +BM
-struct MoeGroup {
-    const int* ws;      // nullptr: plain (dense) GEMM
-    int top_k, E, Y, x_per_slot;
-    long long expert_stride;
-};
-
 template <class F, int BM, bool BLK = false>
 __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
@@ -366,22 +356,7 @@ __device__ __forceinline__ void gemm_impl(const float* __restrict__ x, const uin
     const long long RB = (long long)nblk * F::TS;
 
     if (mg.ws) {
-        const int S = T * mg.top_k;
-        const int* off = mg.ws;
-        const int* perm = off + mg.E + 1;
-        const int* te = perm + S;
-        const int* tr = te + mg.Y;
-        const int e = te[blockIdx.y];
-        if (e < 0) return;  // whole block: unused tile (grid is sized by an upper bound)
-        const int beg = off[e] + tr[blockIdx.y];
-        const int cnt = min(BM, off[e + 1] - beg);
-        W += e * mg.expert_stride;
-        if (bias) bias += (long long)e * n;
-        for (int r = tid; r < BM; r += GEMM_THREADS) {
-            const int s = r < cnt ? perm[beg + r] : -1;
-            xrow[r] = s < 0 ? -1 : mg.x_per_slot ? s : s / mg.top_k;
-            yrow[r] = s;
-        }
+        if (!moe_tile<BM, GEMM_THREADS>(mg, T, n, W, bias, xrow, yrow)) return;
     } else {
         for (int r = tid; r < BM; r += GEMM_THREADS) {
             const int t = blockIdx.y * BM + r;
@@ -581,7 +556,7 @@ extern "C" __global__ void gemm_init(float* y, const float* bias, int T, int n, 
 }
 
 // Groups the T*top_k MoE slots by expert for gemm_moe_* (one block of 1024 threads; E <= 1024; no host
-// sync, so it can be graph-captured). Writes the workspace described at MoeGroup: per-expert counts
+// sync, so it can be graph-captured). Writes the workspace described in moe_group.cuh: per-expert counts
 // (shared-memory atomics), their exclusive prefix sums (block scan) -> off; row tiles of BM slots per
 // expert -> te/tr (remaining tiles up to Y marked -1); then each slot is placed at its expert's cursor
 // -> perm. The order of slots inside one expert depends on atomic order, which changes no result: a
