@@ -34,7 +34,7 @@ class _Recorder:
     def __init__(self):
         self.calls = []
 
-    def get(self, name, sig):
+    def get(self, name, sig, smem=0):
         rec = self
 
         class _F:
@@ -49,11 +49,8 @@ def _backend(monkeypatch, tuning=DEFAULT, sms=132):
     monkeypatch.setattr(cuda_step, "_context", lambda device=0: None)
     rec = _Recorder()
     monkeypatch.setattr(cuda_quant, "_kernels", lambda tuning=DEFAULT: rec)
-    monkeypatch.setattr(cuda_quant, "_i8_kernels",
-                        lambda: SimpleNamespace(get=lambda q, bm, moe=False: rec.get(
-                            f"gemm_i8_{'moe_' if moe else ''}{q.name.lower()}_{bm}", "")))
+    monkeypatch.setattr(cuda_quant, "_i8_kernels", lambda: rec)
     be = object.__new__(cuda_mod.CudaBackend)
-    be._decode_step = False
     nxt = [1 << 30]
 
     def persistent(nbytes, what):
@@ -82,6 +79,13 @@ def _decode_meta(B, ctx_len=300, bs=16):
                     slot_mapping=np.arange(B, dtype=np.int32),
                     block_tables=np.arange(B * blocks, dtype=np.int32).reshape(B, blocks), block_size=bs,
                     logits_rows=np.arange(B, dtype=np.int32))
+
+
+def _prompt_meta(T):
+    """A step of one sequence's first T prompt tokens (max_q T: not a decode step)."""
+    return dataclasses.replace(_decode_meta(1), token_ids=np.zeros(T, np.int32), positions=np.arange(T, dtype=np.int32),
+                               q_starts=np.array([0, T], np.int32), slot_mapping=np.arange(T, dtype=np.int32),
+                               ctx_lens=np.array([T], np.int32))
 
 
 def _attend(be, B, Hq, Hkv, D):
@@ -191,11 +195,7 @@ def test_small_batches_take_the_int8_gemv(monkeypatch, B, nt):
     be.linear(h, w)
     assert [n for n, _ in launched] == ["rms_norm_block_q8", "gemm_init", "gemm_i8_q4_k_16"]  # split-K
     launched.clear()
-    prompt = _decode_meta(1)
-    prompt = dataclasses.replace(prompt, token_ids=np.zeros(9, np.int32), positions=np.arange(9, dtype=np.int32),
-                                 q_starts=np.array([0, 9], np.int32), slot_mapping=np.arange(9, dtype=np.int32),
-                                 ctx_lens=np.array([9], np.int32))
-    for meta, tuning in ((prompt, DEFAULT), (_decode_meta(9), dataclasses.replace(DEFAULT, gemm_int8_max=0))):
+    for meta, tuning in ((_prompt_meta(9), DEFAULT), (_decode_meta(9), dataclasses.replace(DEFAULT, gemm_int8_max=0))):
         be.tuning = tuning
         be.begin_step(meta)
         h, _ = be.rms_norm(be._out((9, 3072)), g, 1e-5)
@@ -235,10 +235,7 @@ def test_fused_qkv_rope_and_moe_plan(monkeypatch):
     assert names == ["moe_route", "moe_group", "quantize_x8", "gemm_i8_moe_mxfp4_16", "gemm_i8_moe_mxfp4_16",
                      "moe_act", "quantize_x8", "gemm_i8_moe_mxfp4_16", "moe_combine"]
     # prompt tokens, or the switch off (the default): the f16 grouped GEMM on float rows
-    prompt = dataclasses.replace(_decode_meta(1), token_ids=np.zeros(64, np.int32), positions=np.arange(64, dtype=np.int32),
-                                 q_starts=np.array([0, 64], np.int32), slot_mapping=np.arange(64, dtype=np.int32),
-                                 ctx_lens=np.array([64], np.int32))
-    for meta, tuning in ((prompt, be.tuning), (_decode_meta(64), DEFAULT)):
+    for meta, tuning in ((_prompt_meta(64), be.tuning), (_decode_meta(64), DEFAULT)):
         be.tuning = tuning
         launched.clear()
         be.begin_step(meta)

@@ -17,21 +17,25 @@ from orcd_grpc.tuning import DEFAULT, Tuning
 class _Recorder:
     def __init__(self):
         self.calls = []
+        self.shared: dict[str, int] = {}  # the dynamic shared memory each kernel launched with
 
-    def get(self, name, sig):
+    def get(self, name, sig, smem=0):
         rec = self
 
         class _F:
-            def prepared_async_call(self, grid, block, stream, *args):
+            def prepared_async_call(self, grid, block, stream, *args, shared_size=0):
                 rec.calls.append((name, grid, [int(a) if np.ndim(a) == 0 else a for a in args]))
+                rec.shared[name] = shared_size
 
         return _F()
 
 
 @pytest.fixture
 def rec(monkeypatch):
+    """Records the launches of both modules' kernels (quant_matmul's and mma_i8's), in order."""
     r = _Recorder()
     monkeypatch.setattr(cuda_quant, "_kernels", lambda tuning=DEFAULT: r)
+    monkeypatch.setattr(cuda_quant, "_i8_kernels", lambda: r)
     return r
 
 
@@ -125,22 +129,11 @@ def test_int8_matmul_takes_a_ready_rounding_without_quantizing(rec):
     assert [c[0] for c in rec.calls] == ["quantize_x8", name] and rec.calls[0][2] == [0xC000, 0xA000, 0xB000, 3072]
 
 
-def test_int8_gemm_eligibility_and_launch(rec, monkeypatch):
+def test_int8_gemm_eligibility_and_launch(rec):
     """ORCD_GEMM_INT8_MAX: dense integer-format matmuls of 9..N tokens (N <= 64) take the int8 GEMM
     on x's rounding (quantized first unless ready), with the tile's shared memory, split-K (after
     gemm_init) only where the tiles leave the GPU short; experts and float formats never; the
     producers round rows for it (i8_rows)."""
-    launched = []
-
-    class _F:
-        def __init__(self, name):
-            self.name = name
-
-        def prepared_async_call(self, grid, block, stream, *args, shared_size=0):
-            launched.append((self.name, grid, [int(a) for a in args], shared_size))
-
-    monkeypatch.setattr(cuda_quant, "_i8_kernels",
-                        lambda: SimpleNamespace(get=lambda qtype, bm: _F(f"gemm_i8_{qtype.name.lower()}_{bm}")))
     on = Tuning(gemm_int8_max=64)
     w = SimpleNamespace(qtype=Q.Q4_K, n=9216, k=3072, n_experts=None, ptr=0x10000, expert_bytes=0)
     off = Tuning(gemm_int8_max=0)
@@ -148,22 +141,28 @@ def test_int8_gemm_eligibility_and_launch(rec, monkeypatch):
     assert cuda_quant.i8_eligible(w, 32) and DEFAULT.gemm_int8_max == 64 and DEFAULT.gemm_blas_min == 65
     assert cuda_quant.i8_eligible(w, 9, on) and cuda_quant.i8_eligible(w, 64, on) and not cuda_quant.i8_eligible(w, 65, on)
     assert cuda_quant.i8_rows(64, on) and not cuda_quant.i8_rows(9, Tuning(gemm_int8_max=8))
+    # a prompt step's rows (decode=False) keep the f16 paths; up to 8 rows the int8 GEMV either way
+    assert not cuda_quant.i8_eligible(w, 32, on, decode=False) and not cuda_quant.i8_rows(32, on, decode=False)
+    assert cuda_quant.i8_eligible(w, 8, on, decode=False) and cuda_quant.i8_rows(8, on, decode=False)
     assert not cuda_quant.i8_eligible(SimpleNamespace(qtype=Q.F16, n=9216, k=3072, n_experts=None), 32, on)
     assert not cuda_quant.i8_eligible(_experts(), 32, on)
     for T, bm in ((9, 16), (32, 32), (33, 64)):
-        rec.calls.clear(), launched.clear()
+        rec.calls.clear()
         cuda_quant.matmul(0xC000, w, 0xD000, T, None, x8=(0xA000, 0xB000), tuning=on, sms=132)
-        assert [c[0] for c in rec.calls][0] == "quantize_x8" and rec.calls[0][2] == [0xC000, 0xA000, 0xB000, T * 3072]
-        ((name, grid, args, smem),) = launched
-        assert name == f"gemm_i8_q4_k_{bm}" and smem == cuda_quant.gemm_i8_smem(Q.Q4_K, bm) <= 227 * 1024
+        names = [c[0] for c in rec.calls]
+        assert names[0] == "quantize_x8" and rec.calls[0][2] == [0xC000, 0xA000, 0xB000, T * 3072]
+        name, grid, args = rec.calls[-1]
+        assert name == f"gemm_i8_q4_k_{bm}"
+        assert rec.shared[name] == cuda_quant.gemm_i8_smem(Q.Q4_K, bm) <= 227 * 1024
         assert args[:4] == [0xA000, 0xB000, 0x10000, 0xD000] and args[5:8] == [T, 9216, 3072]
         tiles = 72 * -(-T // bm)
         splits, kchunk = grid[2], args[-1]
         assert grid[:2] == (72, -(-T // bm)) and kchunk % 256 == 0 and -(-3072 // kchunk) == splits
-        assert (splits > 1) == (tiles < 264) and ("gemm_init" in [c[0] for c in rec.calls]) == (splits > 1)
-    rec.calls.clear(), launched.clear()
+        assert (splits > 1) == (tiles < 264) and ("gemm_init" in names) == (splits > 1)
+    rec.calls.clear()
     cuda_quant.matmul(0xC000, w, 0xD000, 40, None, x8=(0xA000, 0xB000), x8_ready=True, tuning=on, sms=1)
-    assert not rec.calls and launched[0][1][2] == 1 and launched[0][2][-1] == 3072
+    ((name, grid, args),) = rec.calls  # no quantize_x8, no gemm_init
+    assert name == "gemm_i8_q4_k_64" and grid[2] == 1 and args[-1] == 3072
     for q in cuda_quant.I8_FORMATS:
         assert cuda_quant.gemm_i8_smem(q, 64) <= 227 * 1024, q.name
 
@@ -181,39 +180,31 @@ def test_grouped_moe_kernel_choice(rec, qtype, T, want):
 
 
 @pytest.mark.parametrize("x_per_slot", [False, True])
-def test_grouped_moe_int8_launch(rec, monkeypatch, x_per_slot):
+def test_grouped_moe_int8_launch(rec, x_per_slot):
     """The grouped MoE matmul with x8: its input rounded once (T rows, or T * top_k with x_per_slot)
     unless ready, then gemm_i8_moe_<fmt>_<bm> over moe_group's row tiles with the rounding, the
     workspace and the expert stride; row tiles over 64 slots (prefill) are refused."""
-    launched = []
-
-    class _F:
-        def __init__(self, name):
-            self.name = name
-
-        def prepared_async_call(self, grid, block, stream, *args, shared_size=0):
-            launched.append((self.name, grid, [int(a) for a in args], shared_size))
-
-    monkeypatch.setattr(cuda_quant, "_i8_kernels", lambda: SimpleNamespace(
-        get=lambda q, bm, moe=False: _F(f"gemm_i8_{'moe_' if moe else ''}{q.name.lower()}_{bm}")))
     w, T, top_k = _experts(), 64, 4
     XQ, XD, X, Y, IDS, WS = 0xA000, 0xB000, 0xC000, 0xD000, 0xE000, 0xF000
     on = Tuning(moe_int8_grouped=True)
     assert cuda_quant.moe_grouped_i8(w, T, top_k, on) and not cuda_quant.moe_grouped_i8(w, T, top_k)
     assert not cuda_quant.moe_grouped_i8(w, T, top_k, Tuning(moe_int8_grouped=True, gemm_int8_max=0))
     assert not cuda_quant.moe_grouped_i8(w, 65, top_k, on)
+    assert not cuda_quant.moe_grouped_i8(w, T, top_k, on, decode=False)  # prompt tokens: the f16 GEMM
     cuda_quant.moe_matmul(X, w, IDS, Y, T, top_k, None, x_per_slot=x_per_slot, workspace_ptr=WS, grouped=True,
                           x8=(XQ, XD))
     rows = T * top_k if x_per_slot else T
-    assert [c[0] for c in rec.calls] == ["moe_group", "quantize_x8"] and rec.calls[1][2] == [X, XQ, XD, rows * w.k]
     bm, Yt, _ = cuda_quant._moe_plan(T, top_k, w.n_experts)
-    ((name, grid, args, smem),) = launched
-    assert name == f"gemm_i8_moe_mxfp4_{bm}" and grid == (-(-w.n // 128), Yt, 1)
+    name = f"gemm_i8_moe_mxfp4_{bm}"
+    assert [c[0] for c in rec.calls] == ["moe_group", "quantize_x8", name]
+    assert rec.calls[1][2] == [X, XQ, XD, rows * w.k]
+    _, grid, args = rec.calls[2]
+    assert grid == (-(-w.n // 128), Yt, 1)
     assert args == [XQ, XD, w.ptr, Y, 0, WS, T, top_k, w.n_experts, Yt, w.n, w.k, w.expert_bytes, int(x_per_slot)]
-    assert smem == cuda_quant.gemm_i8_smem(w.qtype, bm)
-    rec.calls.clear(), launched.clear()
+    assert rec.shared[name] == cuda_quant.gemm_i8_smem(w.qtype, bm)
+    rec.calls.clear()
     cuda_quant.moe_matmul(X, w, IDS, Y, T, top_k, None, x_per_slot=x_per_slot, workspace_ptr=WS, grouped=True,
                           grouped_ready=True, x8=(XQ, XD), x8_ready=True)
-    assert not rec.calls and len(launched) == 1
+    assert [c[0] for c in rec.calls] == [name]
     with pytest.raises(ValueError, match="64 slots"):
         cuda_quant.moe_matmul(X, w, IDS, Y, 2000, top_k, None, workspace_ptr=WS, grouped=True, x8=(XQ, XD))

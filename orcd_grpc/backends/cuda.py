@@ -95,9 +95,6 @@ class CudaBackend(StepMixin, AttentionMixin, OpsMixin, SamplingMixin, Backend):
         self._owned: "weakref.WeakSet[DeviceBuffer]" = weakref.WeakSet()
         self._weights: list = []
         self._recent = collections.deque(maxlen=16)  # kernels launched since the last sync
-        # Whether the step being recorded is one-token rows only (decode): its matmuls of more than
-        # GEMV_MAX_T rows may take the int8 GEMM (prompt rows keep the f16 paths' precision)
-        self._decode_step = False
         self._sync_each = tuning.cuda_sync
         self._rope_cache: dict[int, tuple] = {}
         # Two pinned host twins of the step metadata and of the sampling buffers, used in turn: with

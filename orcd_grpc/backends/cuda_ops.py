@@ -19,6 +19,10 @@ from .cuda_tensor import CudaTensor
 class OpsMixin:
     """CudaBackend's matmul, norm, elementwise, split and MoE ops (state set up in CudaBackend._init)."""
 
+    # Whether the step being recorded has one-token rows only (set by begin_step; outside a step,
+    # not): its matmuls of more than GEMV_MAX_T rows may take the int8 GEMM (cuda_quant.i8_eligible)
+    _decode_step = False
+
     def embed(self, w, ctx: CudaStep):
         from . import cuda_quant
 
@@ -42,7 +46,7 @@ class OpsMixin:
         # int8 input: the quantized rows and their scales, from x's producer (tuning.fuse_q8) or made
         # here and kept on x for its next matmul (gate and up, when not fused)
         x8, ready = None, False
-        if cuda_quant.i8_eligible(w, T, self.tuning) and (T <= cuda_quant.GEMV_MAX_T or self._decode_step):
+        if cuda_quant.i8_eligible(w, T, self.tuning, self._decode_step):
             ready = x.q8 is not None
             xq, xd = x.q8 if ready else self._q8_scratch(T * w.k)
             x8 = (xq.ptr, xd.ptr)
@@ -56,10 +60,9 @@ class OpsMixin:
     def _q8_rows(self, rows: int, d: int) -> bool:
         """Whether a producer of `rows` rows of d features writes their int8 rounding beside them, for
         the int8-input GEMV that follows (tuning.fuse_q8)."""
-        from .cuda_quant import GEMV_MAX_T, i8_rows
+        from .cuda_quant import i8_rows
 
-        return (self.tuning.fuse_q8 and d % 32 == 0 and i8_rows(rows, self.tuning)
-                and (rows <= GEMV_MAX_T or self._decode_step))
+        return self.tuning.fuse_q8 and d % 32 == 0 and i8_rows(rows, self.tuning, self._decode_step)
 
     def _quant_call(self, what, fn, *args, **kw):
         if getattr(_tls, "guard", None) is None:
@@ -193,8 +196,8 @@ class OpsMixin:
                    sms=self.limits.sms)
         # int8 input for the per-slot GEMVs (tuning.moe_int8): one quantized copy of x serves gate and up
         # and for the grouped GEMM of a decode step's slots (tuning.gemm_int8_max; prompt tokens keep f16)
-        i8g = grouped and self._decode_step and all(cuda_quant.moe_grouped_i8(w, T, k, self.tuning)
-                                                    for w in (w_gate, w_up, w_down))
+        i8g = grouped and all(cuda_quant.moe_grouped_i8(w, T, k, self.tuning, self._decode_step)
+                              for w in (w_gate, w_up, w_down))
         x8 = xs = None
         if i8g or (cuda_quant.moe_i8_eligible(w_gate, grouped, self.tuning)
                    and cuda_quant.moe_i8_eligible(w_up, grouped, self.tuning)):

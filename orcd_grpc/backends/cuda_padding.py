@@ -8,6 +8,8 @@ padded StepMeta from the plan, host work on every step.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .base import StepMeta
@@ -44,6 +46,14 @@ def mixed_bucket(tokens: int, rows: int, row_buckets, token_buckets, max_tokens:
     return (nb, tb) if nb else None
 
 
+@functools.lru_cache(maxsize=8)
+def _columns(width: int) -> np.ndarray:
+    """0..width-1, made once per table width rather than on every decode step."""
+    cols = np.arange(width)
+    cols.flags.writeable = False
+    return cols
+
+
 def decode_meta(plan: StepPlan, nb: int, m: RunnerModel) -> StepMeta:
     """A decode step padded to nb one-token rows, its block tables to the longest a sequence
     can have. One array write per row, the rest whole-batch."""
@@ -67,7 +77,7 @@ def decode_meta(plan: StepPlan, nb: int, m: RunnerModel) -> StepMeta:
         for r in rows:
             flat += r.block_table
         flat = np.asarray(flat, np.int32)
-        tables[:B][np.arange(m.table_width)[None, :] < lens[:, None]] = flat
+        tables[:B][_columns(m.table_width)[None, :] < lens[:, None]] = flat
         p = pos[:B]
         slots[:B] = flat[np.cumsum(lens) - lens + p // bs] * bs + p % bs
     ar = np.arange(nb + 1, dtype=np.int32)

@@ -19,6 +19,8 @@ matrix read once per 128 output rows instead of once per slot. The grid depends 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -92,19 +94,24 @@ class QuantWeight:
 
 
 class _Kernels:
-    """Prepared functions of the quant_matmul module, looked up once per name."""
+    """Prepared functions of one module (quant_matmul, mma_i8), looked up once per name; smem: the
+    dynamic shared memory a kernel launches with, its limit raised once when it passes 48 KiB."""
 
-    def __init__(self, tuning: Tuning):
-        from .cuda_runtime import load_module, module_options
+    def __init__(self, module: str, options: tuple[str, ...] = ()):
+        from .cuda_runtime import load_module
 
-        self.mod = load_module("quant_matmul", module_options("quant_matmul", tuning))
+        self.mod = load_module(module, options)
         self.fns: dict[str, object] = {}
 
-    def get(self, name: str, sig: str):
+    def get(self, name: str, sig: str, smem: int = 0):
         f = self.fns.get(name)
         if f is None:
             f = self.mod.get_function(name)
             f.prepare(sig)
+            if smem > 48 * 1024:
+                import pycuda.driver as drv
+
+                f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
             self.fns[name] = f
         return f
 
@@ -122,11 +129,30 @@ def loaded_kernel_names() -> set[str]:
     return {name for k in (*_K.values(), *_I8K) for name in k.fns}
 
 
+def _split_k(tiles: int, k: int, unit: int, min_units: int, sms: int) -> tuple[int, int]:
+    """(splits, kchunk) of a GEMM with `tiles` output tiles over k inputs taken `unit` at a time: k is
+    split where the tiles alone cannot fill the GPU (about 2 blocks an SM), each split at least
+    min_units units; kchunk is a whole number of units, the last split what remains."""
+    units = -(-k // unit)
+    splits = max(1, min(-(-2 * sms // tiles), units // max(1, min_units)))
+    kchunk = -(-units // splits) * unit
+    return -(-k // kchunk), kchunk
+
+
+def _gemm_init(y_ptr, bias_ptr, T: int, n: int, accumulate: bool, stream, tuning: Tuning) -> None:
+    """y = bias (+ y): where a split GEMM's blocks add their partial sums."""
+    init = _kernels(tuning).get("gemm_init", "PPiii")
+    init.prepared_async_call(((T * n + 255) // 256, 1), (256, 1, 1), stream, _p(y_ptr), _p(bias_ptr),
+                             np.int32(T), np.int32(n), np.int32(bool(accumulate)))
+
+
 def _kernels(tuning: Tuning = DEFAULT) -> _Kernels:
     key = (tuning.gemm_pipe,)
     k = _K.get(key)
     if k is None:
-        k = _K[key] = _Kernels(tuning)
+        from .cuda_runtime import module_options
+
+        k = _K[key] = _Kernels("quant_matmul", module_options("quant_matmul", tuning))
     return k
 
 
@@ -221,25 +247,27 @@ def _i8_gemv(x_ptr, w: QuantWeight, y_ptr, bias_ptr, x8: tuple, x8_ready: bool, 
     _gemv_call(f, (gx, slots), stream, xq_ptr, w, y_ptr, bias_ptr, T, _p(xd_ptr), **call)
 
 
-def _i8_gemm_rows(T: int, tuning: Tuning) -> bool:
-    """Whether T token rows take the int8 tensor-core GEMM (tuning.gemm_int8_max)."""
-    return GEMV_MAX_T < T <= min(tuning.gemm_int8_max, GEMM_I8_MAX_T)
+def _i8_gemm_rows(T: int, tuning: Tuning, decode: bool) -> bool:
+    """Whether T token rows take the int8 tensor-core GEMM (tuning.gemm_int8_max): only the rows of a
+    decode step (one token each); prompt rows keep the f16 GEMM's and cuBLAS's precision."""
+    return decode and GEMV_MAX_T < T <= min(tuning.gemm_int8_max, GEMM_I8_MAX_T)
 
 
-def i8_rows(T: int, tuning: Tuning = DEFAULT) -> bool:
+def i8_rows(T: int, tuning: Tuning = DEFAULT, decode: bool = True) -> bool:
     """Whether T token rows take an int8-rounded input: the GEMV's (tuning.gemv_int8_tokens, at most
-    GEMV_MAX_T) or the int8 GEMM's. What the input's producers also go by when they write the
-    rounding beside it."""
-    return 1 <= T <= min(tuning.gemv_int8_tokens, GEMV_MAX_T) or _i8_gemm_rows(T, tuning)
+    GEMV_MAX_T) or the int8 GEMM's (decode: the rows are a decode step's). What the input's producers
+    also go by when they write the rounding beside it."""
+    return 1 <= T <= min(tuning.gemv_int8_tokens, GEMV_MAX_T) or _i8_gemm_rows(T, tuning, decode)
 
 
-def i8_eligible(w: QuantWeight, T: int, tuning: Tuning = DEFAULT) -> bool:
+def i8_eligible(w: QuantWeight, T: int, tuning: Tuning = DEFAULT, decode: bool = True) -> bool:
     """Whether a T-token matmul on w takes the int8-rounded input (the int8 GEMV, or the int8 GEMM
-    above GEMV_MAX_T tokens; the caller then passes x8 scratch of T * k bytes and T * k / 32 scales)."""
+    above GEMV_MAX_T tokens of a decode step; the caller then passes x8 scratch of T * k bytes and
+    T * k / 32 scales)."""
     if not _i8_kernel_for(w):
         return False
     if T > GEMV_MAX_T:
-        return _i8_gemm_rows(T, tuning) and w.n_experts is None
+        return _i8_gemm_rows(T, tuning, decode) and w.n_experts is None
     return tuning.gemv_int8 and i8_rows(T, tuning) and w.n * w.k >= tuning.gemv_int8_min
 
 
@@ -249,6 +277,7 @@ GEMM_I8_MAX_T = 64
 _I8_BN, _I8_KS, _I8_STAGES = 128, 256, 2
 
 
+@functools.lru_cache(maxsize=None)
 def gemm_i8_smem(qtype, bm: int) -> int:
     """Dynamic shared memory of a gemm_i8 block (the layout at the top of cuda/mma_i8.cu)."""
     bs, ts = GGML_QUANT_SIZES[Q(qtype)]
@@ -256,56 +285,28 @@ def gemm_i8_smem(qtype, bm: int) -> int:
     return _I8_STAGES * _I8_BN * rstr + _I8_STAGES * bm * (_I8_KS + 16) + _I8_STAGES * 8 * bm * 4 + 8 * bm * 4
 
 
-class _I8Kernels:
-    """The mma_i8 module's functions, their shared-memory attribute set once."""
-
-    def __init__(self):
-        from .cuda_runtime import load_module
-
-        self.mod = load_module("mma_i8", ())
-        self.fns: dict[str, object] = {}
-
-    def get(self, qtype, bm: int, moe: bool = False):
-        name = f"gemm_i8_{'moe_' if moe else ''}{_NAME[qtype]}_{bm}"
-        f = self.fns.get(name)
-        if f is None:
-            import pycuda.driver as drv
-
-            f = self.mod.get_function(name)
-            f.prepare("PPPPPPiiiiiiqi" if moe else "PPPPPiiiii")
-            f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, gemm_i8_smem(qtype, bm))
-            self.fns[name] = f
-        return f
+_I8K: list[_Kernels] = []
 
 
-_I8K: list[_I8Kernels] = []
-
-
-def _i8_kernels() -> _I8Kernels:
+def _i8_kernels() -> _Kernels:
     if not _I8K:
-        _I8K.append(_I8Kernels())
+        _I8K.append(_Kernels("mma_i8"))
     return _I8K[0]
 
 
 def _gemm_i8(xq_ptr, xd_ptr, w: QuantWeight, y_ptr, bias_ptr, T: int, accumulate: bool, stream, tuning: Tuning,
              sms: int) -> None:
-    """The int8 GEMM of T (9..64) token rows on x's int8 rounding; split-K (y set to bias first) where
-    the output tiles alone leave the GPU short of two blocks an SM."""
+    """The int8 GEMM of T (9..64) token rows on x's int8 rounding; split-K (_split_k, y set to bias
+    first) in whole 256-element stages, gemm_min_ksteps' 64-element k-steps at least a split."""
     bm = 16 if T <= 16 else 32 if T <= 32 else 64
-    tiles = -(-w.n // _I8_BN) * -(-T // bm)
-    stages = -(-w.k // _I8_KS)
-    splits = max(1, min(-(-2 * sms // tiles), stages // max(1, tuning.gemm_min_ksteps // 4)))
-    kchunk = -(-stages // splits) * _I8_KS
-    splits = -(-w.k // kchunk)
+    splits, kchunk = _split_k(-(-w.n // _I8_BN) * -(-T // bm), w.k, _I8_KS, tuning.gemm_min_ksteps * 64 // _I8_KS, sms)
     if splits > 1:
-        init = _kernels(tuning).get("gemm_init", "PPiii")
-        init.prepared_async_call(((T * w.n + 255) // 256, 1), (256, 1, 1), stream, _p(y_ptr), _p(bias_ptr),
-                                 np.int32(T), np.int32(w.n), np.int32(bool(accumulate)))
-    f = _i8_kernels().get(w.qtype, bm)
+        _gemm_init(y_ptr, bias_ptr, T, w.n, accumulate, stream, tuning)
+    smem = gemm_i8_smem(w.qtype, bm)
+    f = _i8_kernels().get(f"gemm_i8_{_NAME[w.qtype]}_{bm}", "PPPPPiiiii", smem)
     f.prepared_async_call((-(-w.n // _I8_BN), -(-T // bm), splits), (_GEMM_THREADS, 1, 1), stream,
                           _p(xq_ptr), _p(xd_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), np.int32(T), np.int32(w.n),
-                          np.int32(w.k), np.int32(bool(accumulate)), np.int32(kchunk),
-                          shared_size=gemm_i8_smem(w.qtype, bm))
+                          np.int32(w.k), np.int32(bool(accumulate)), np.int32(kchunk), shared_size=smem)
 
 
 def _nt(T: int) -> int:
@@ -340,17 +341,10 @@ def matmul(x_ptr, w: QuantWeight, y_ptr, T: int, stream, bias_ptr=None, accumula
         _gemv_call(f, (gx, 1), stream, x_ptr, w, y_ptr, bias_ptr, T, accumulate=accumulate)
         return
     bm = 16 if T <= 16 else 32 if T <= 32 else GEMM_MAX_BM
-    tiles = ((w.n + _GEMM_BN - 1) // _GEMM_BN) * ((T + bm - 1) // bm)
-    ksteps = (w.k + 63) // 64
-    # split k when the output tiles alone cannot fill the GPU (~2 blocks per SM), keeping at least
-    # gemm_min_ksteps k-steps per split
-    splits = max(1, min((2 * sms + tiles - 1) // tiles, ksteps // max(1, tuning.gemm_min_ksteps)))
-    kchunk = (ksteps + splits - 1) // splits * 64
-    splits = (w.k + kchunk - 1) // kchunk
+    # gemm_min_ksteps 64-element k-steps at least a split
+    splits, kchunk = _split_k(-(-w.n // _GEMM_BN) * -(-T // bm), w.k, 64, tuning.gemm_min_ksteps, sms)
     if splits > 1:
-        init = ks.get("gemm_init", "PPiii")
-        init.prepared_async_call(((T * w.n + 255) // 256, 1), (256, 1, 1), stream, _p(y_ptr), _p(bias_ptr),
-                                 np.int32(T), np.int32(w.n), np.int32(bool(accumulate)))
+        _gemm_init(y_ptr, bias_ptr, T, w.n, accumulate, stream, tuning)
     f = ks.get(f"gemm_{fmt}_{bm}", _GEMM_SIG)
     f.prepared_async_call(((w.n + _GEMM_BN - 1) // _GEMM_BN, (T + bm - 1) // bm, splits), (_GEMM_THREADS, 1, 1), stream,
                           _p(x_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), np.int32(T), np.int32(w.n), np.int32(w.k),
@@ -412,12 +406,12 @@ def moe_group(expert_ids_ptr, T: int, top_k: int, n_experts: int, workspace_ptr,
                           np.int32(n_experts), np.int32(bm), np.int32(Y), _p(workspace_ptr))
 
 
-def moe_grouped_i8(w: QuantWeight, T: int, top_k: int, tuning: Tuning = DEFAULT) -> bool:
+def moe_grouped_i8(w: QuantWeight, T: int, top_k: int, tuning: Tuning = DEFAULT, decode: bool = True) -> bool:
     """Whether the grouped MoE matmul of T tokens on w can take the int8 GEMM (gemm_i8_moe_*; the
-    caller then passes x8 scratch for its input rows): tuning.moe_int8_grouped, an integer format, T
-    within tuning.gemm_int8_max, and row tiles of at most 64 slots."""
-    return (tuning.moe_int8_grouped and _i8_kernel_for(w) and 0 < T <= min(tuning.gemm_int8_max, GEMM_I8_MAX_T)
-            and _moe_plan(T, top_k, w.n_experts or 1)[0] <= 64)
+    caller then passes x8 scratch for its input rows): tuning.moe_int8_grouped, an integer format, a
+    decode step's T tokens within tuning.gemm_int8_max, and row tiles of at most 64 slots."""
+    return (tuning.moe_int8_grouped and decode and _i8_kernel_for(w)
+            and 0 < T <= min(tuning.gemm_int8_max, GEMM_I8_MAX_T) and _moe_plan(T, top_k, w.n_experts or 1)[0] <= 64)
 
 
 def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream, bias_ptr=None,
@@ -461,11 +455,12 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
                                  f"not {w.qtype.name} BM {bm}")
             if not x8_ready:
                 quantize_x8(x_ptr, x8[0], x8[1], (T * top_k if x_per_slot else T) * w.k, stream, tuning)
-            f = _i8_kernels().get(w.qtype, bm, moe=True)
+            smem = gemm_i8_smem(w.qtype, bm)
+            f = _i8_kernels().get(f"gemm_i8_moe_{_NAME[w.qtype]}_{bm}", "PPPPPPiiiiiiqi", smem)
             f.prepared_async_call((-(-w.n // _I8_BN), Y, 1), (_GEMM_THREADS, 1, 1), stream, _p(x8[0]), _p(x8[1]),
                                   _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(workspace_ptr), np.int32(T), np.int32(top_k),
                                   np.int32(E), np.int32(Y), np.int32(w.n), np.int32(w.k), np.int64(w.expert_bytes),
-                                  np.int32(bool(x_per_slot)), shared_size=gemm_i8_smem(w.qtype, bm))
+                                  np.int32(bool(x_per_slot)), shared_size=smem)
             return
         blk = "_blk" if w.qtype == Q.MXFP4 and bm <= 64 else ""
         f = _kernels(tuning).get(f"gemm_moe_{_NAME[w.qtype]}_{bm}{blk}", "PPPPPiiiiiiqi")
