@@ -169,6 +169,10 @@ class Tuning:
     moe_int8_grouped: bool = _switch(
         False, "ORCD_MOE_INT8_GROUPED", "the grouped MoE matmuls of decode steps of up to ORCD_GEMM_INT8_MAX tokens "
         "take the int8 tensor-core GEMM (gemm_i8_moe_*) instead of the f16 one; not yet run on a GPU")
+    moe_int8_prompt: bool = _switch(
+        False, "ORCD_MOE_INT8_PROMPT", "... and (with ORCD_MOE_INT8_GROUPED) those of prompt steps too, whatever their "
+        "token count, wherever the row tiles are at most 64 slots (gpt-oss pp512: 2,048 slots over 32 experts); "
+        "rounds prompt activations to int8 as llama.cpp's MMQ does; not yet run on a GPU")
     gemm_min_ksteps: int = _switch(
         4, "ORCD_GEMM_MIN_KSTEPS", "fewest 64-wide k-steps per GEMM split-K block (1: mixed, q8_0 faster and q4_k "
         "slower at B=64)")

@@ -243,6 +243,15 @@ def test_fused_qkv_rope_and_moe_plan(monkeypatch):
         names = [n for n, _ in launched]
         assert names == ["moe_route", "moe_group", "gemm_moe_mxfp4_16_blk", "gemm_moe_mxfp4_16_blk", "moe_act",
                          "gemm_moe_mxfp4_16_blk", "moe_combine"]
+    # ORCD_MOE_INT8_PROMPT: a prompt chunk of 512 tokens (2,048 slots, row tiles of 64) on the int8 GEMM too
+    be.tuning = dataclasses.replace(DEFAULT, moe_int8_grouped=True, moe_int8_prompt=True)
+    launched.clear()
+    be.begin_step(_prompt_meta(512))
+    be.moe(be._out((512, d)), be._out((512, E)), 4, w, w, wd, act="swiglu_oai")
+    assert [n for n, _ in launched] == ["moe_route", "moe_group", "quantize_x8", "gemm_i8_moe_mxfp4_64",
+                                        "gemm_i8_moe_mxfp4_64", "moe_act", "quantize_x8", "gemm_i8_moe_mxfp4_64",
+                                        "moe_combine"]
+    be.tuning = DEFAULT
 
 
 def test_q8_0_cache_takes_the_q8_kernels_with_its_scales(monkeypatch):

@@ -191,6 +191,11 @@ def test_grouped_moe_int8_launch(rec, x_per_slot):
     assert not cuda_quant.moe_grouped_i8(w, T, top_k, Tuning(moe_int8_grouped=True, gemm_int8_max=0))
     assert not cuda_quant.moe_grouped_i8(w, 65, top_k, on)
     assert not cuda_quant.moe_grouped_i8(w, T, top_k, on, decode=False)  # prompt tokens: the f16 GEMM
+    # ... unless ORCD_MOE_INT8_PROMPT: any step's tokens, while the row tiles stay within 64 slots
+    prompt = Tuning(moe_int8_grouped=True, moe_int8_prompt=True)
+    assert cuda_quant.moe_grouped_i8(w, 512, top_k, prompt, decode=False)  # 2,048 slots, 32 experts: BM 64
+    assert not cuda_quant.moe_grouped_i8(w, 1024, top_k, prompt, decode=False)  # BM 128
+    assert not cuda_quant.moe_grouped_i8(w, 512, top_k, Tuning(moe_int8_prompt=True), decode=False)
     cuda_quant.moe_matmul(X, w, IDS, Y, T, top_k, None, x_per_slot=x_per_slot, workspace_ptr=WS, grouped=True,
                           x8=(XQ, XD))
     rows = T * top_k if x_per_slot else T

@@ -408,10 +408,12 @@ def moe_group(expert_ids_ptr, T: int, top_k: int, n_experts: int, workspace_ptr,
 
 def moe_grouped_i8(w: QuantWeight, T: int, top_k: int, tuning: Tuning = DEFAULT, decode: bool = True) -> bool:
     """Whether the grouped MoE matmul of T tokens on w can take the int8 GEMM (gemm_i8_moe_*; the
-    caller then passes x8 scratch for its input rows): tuning.moe_int8_grouped, an integer format, a
-    decode step's T tokens within tuning.gemm_int8_max, and row tiles of at most 64 slots."""
-    return (tuning.moe_int8_grouped and decode and _i8_kernel_for(w)
-            and 0 < T <= min(tuning.gemm_int8_max, GEMM_I8_MAX_T) and _moe_plan(T, top_k, w.n_experts or 1)[0] <= 64)
+    caller then passes x8 scratch for its input rows): tuning.moe_int8_grouped, an integer format, row
+    tiles of at most 64 slots, and a decode step's T tokens within tuning.gemm_int8_max (or, with
+    tuning.moe_int8_prompt, any step's)."""
+    rows = tuning.moe_int8_prompt or (decode and T <= min(tuning.gemm_int8_max, GEMM_I8_MAX_T))
+    return (tuning.moe_int8_grouped and rows and T > 0 and _i8_kernel_for(w)
+            and _moe_plan(T, top_k, w.n_experts or 1)[0] <= 64)
 
 
 def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream, bias_ptr=None,

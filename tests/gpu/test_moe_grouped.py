@@ -132,15 +132,17 @@ def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit):
 
 
 @pytest.mark.parametrize("routing", ["uniform", "skewed"])
-@pytest.mark.parametrize("T", [1, 5, 16, 64])
+@pytest.mark.parametrize("T", [1, 5, 16, 64, 300])
 @pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
 @pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda v: v.name)
 def test_moe_grouped_int8_vs_reference(cu, qtype, T, x_per_slot, routing):
-    """The grouped MoE GEMM on int8 tensor cores (gemm_i8_moe_*, a decode step's slots): every slot of
-    every row tile finds its expert, its input row (its token's, or its own with x_per_slot), its
-    scales and its output row; 1e-3 against the int8-rounded input, 2e-2 against the float one;
-    skewed routing gives a hot expert several row tiles and leaves most tiles unused."""
-    assert cu.q.moe_grouped_i8(SimpleNamespace(qtype=qtype, k=768, n_experts=E), T, TOP_K, Tuning(moe_int8_grouped=True))
+    """The grouped MoE GEMM on int8 tensor cores (gemm_i8_moe_*: a decode step's slots, or with
+    ORCD_MOE_INT8_PROMPT a prompt's, T = 300): every slot of every row tile finds its expert, its input
+    row (its token's, or its own with x_per_slot), its scales and its output row; 1e-3 against the
+    int8-rounded input, 2e-2 against the float one; skewed routing gives a hot expert several row tiles
+    and leaves most tiles unused."""
+    tuning = Tuning(moe_int8_grouped=True, moe_int8_prompt=T > 64)
+    assert cu.q.moe_grouped_i8(SimpleNamespace(qtype=qtype, k=768, n_experts=E), T, TOP_K, tuning, decode=T <= 64)
     out, (ref, ref8), _, _ = _run(cu, qtype, T, x_per_slot, grouped=True, int8=True, routing=routing,
                                   with_bias=routing == "uniform", n=333)
     err8, err = rel_err(out, ref8), rel_err(out, ref)
