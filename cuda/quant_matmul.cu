@@ -77,7 +77,8 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
                                           float* __restrict__ y, const float* __restrict__ bias,
                                           const int* __restrict__ expert_ids, int T, int n, int k,
                                           long long expert_stride, int top_k, int x_per_slot, int accumulate,
-                                          const float* __restrict__ xd = nullptr) {
+                                          const float* __restrict__ xd = nullptr, const uint8_t* W2 = nullptr,
+                                          const float* bias2 = nullptr) {
     constexpr int R = GEMV_R, SROW = GemvSmem<F>::ROW;
     // Parts per lane. K-quants: 4 (32 weights under one scale pair) because unpacking their 6-bit
     // scales costs as much as the weights. Others: 1, so a warp's float x loads stay contiguous (4
@@ -97,8 +98,16 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
     const bool wait_first = expert_ids != nullptr;
     if (wait_first) pdl_enter();
 
-    // MoE slot: blockIdx.y = t*top_k + j picks expert ids[slot]; plain matmul has one slot.
-    const int slot = blockIdx.y;
+    // MoE slot: blockIdx.y = t*top_k + j picks expert ids[slot]; plain matmul has one slot. A pair
+    // (W2: gpt-oss's gate and up experts, one input) runs the slots twice, the second half of the
+    // grid on W2 and bias2 into the rows after the first half's.
+    int slot = blockIdx.y;
+    if (W2 != nullptr && slot >= static_cast<int>(gridDim.y >> 1)) {
+        slot -= gridDim.y >> 1;
+        W = W2;
+        bias = bias2;
+        y += (long long)(gridDim.y >> 1) * n;
+    }
     if (expert_ids) {
         const int e = expert_ids[slot];
         W += e * expert_stride;
@@ -647,7 +656,18 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4_i8(GEMV_ARGS, const float* xd) { \
         gemv_impl<F, NT, GEMV_WARPS, ACT_I8>(GEMV_PASS, xd);                                                     \
     }
-#define GEMV_I8(name, F) GEMV_I8_NT(name, F, 1) GEMV_I8_NT(name, F, 2) GEMV_I8_NT(name, F, 4) GEMV_I8_NT(name, F, 8)
+// The per-slot MoE GEMV of two matrices on one input (gate and up: W2, bias2), one launch for both
+#define GEMV_I8_PAIR(name, F)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_i8_pair(GEMV_ARGS, const float* xd, \
+                                                                                        const uint8_t* W2, const float* bias2) { \
+        gemv_impl<F, 1, 1, ACT_I8>(GEMV_PASS, xd, W2, bias2);                                                     \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_i8_pair(GEMV_ARGS, const float* xd, \
+                                                                                           const uint8_t* W2, const float* bias2) { \
+        gemv_impl<F, 1, GEMV_WARPS, ACT_I8>(GEMV_PASS, xd, W2, bias2);                                            \
+    }
+#define GEMV_I8(name, F) GEMV_I8_NT(name, F, 1) GEMV_I8_NT(name, F, 2) GEMV_I8_NT(name, F, 4) GEMV_I8_NT(name, F, 8) \
+    GEMV_I8_PAIR(name, F)
 // Dense GEMM tiles stop at BM 64 (cuda_quant.GEMM_MAX_BM); the grouped MoE GEMM also has BM 128. The BM
 // 16..64 MoE tiles are per format (MOE_TILES) because MXFP4 takes the BLK ones at those sizes.
 #define MOE_TILES(name, F) GEMM_MOE(name, F, 16) GEMM_MOE(name, F, 32) GEMM_MOE(name, F, 64)

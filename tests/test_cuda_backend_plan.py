@@ -251,6 +251,15 @@ def test_fused_qkv_rope_and_moe_plan(monkeypatch):
     assert [n for n, _ in launched] == ["moe_route", "moe_group", "quantize_x8", "gemm_i8_moe_mxfp4_64",
                                         "gemm_i8_moe_mxfp4_64", "moe_act", "quantize_x8", "gemm_i8_moe_mxfp4_64",
                                         "moe_combine"]
+    # one sequence (per-slot GEMVs on the int8 rounding): gate and up in two launches, or one with ORCD_MOE_PAIR
+    for tuning, gate_up in ((DEFAULT, ["gemv_mxfp4_1_i8", "gemv_mxfp4_1_i8"]),
+                            (dataclasses.replace(DEFAULT, moe_pair=True), ["gemv_mxfp4_1_i8_pair"])):
+        be.tuning = tuning
+        launched.clear()
+        be.begin_step(_decode_meta(1))
+        be.moe(be._out((1, d)), be._out((1, E)), 4, w, w, wd, act="swiglu_oai")
+        assert [n for n, _ in launched] == ["moe_route", "quantize_x8", *gate_up, "moe_act", "quantize_x8",
+                                            "gemv_mxfp4_1_i8", "moe_combine"]
     be.tuning = DEFAULT
 
 

@@ -183,7 +183,8 @@ class OpsMixin:
         wts = self._out((T, k))
         self._launch(self._k("moe", "moe_route", "PiiiPP"), (max(1, -(-T // 8)), 1, 1), (256, 1, 1),
                      router_logits.ptr, np.int32(T), np.int32(E), np.int32(k), ids.ptr, wts.ptr)
-        g, u = self._out((T, k, F)), self._out((T, k, F))
+        gu = self._out((2, T, k, F))  # gate's slots, then up's (one launch writes both: moe_matmul_pair)
+        g, u = gu.row_slice(0, 1).reshape(T, k, F), gu.row_slice(1, 2).reshape(T, k, F)
         bp = lambda b: b.ptr if b is not None else None  # noqa: E731
         # many slots per expert: grouped GEMM (slots sorted by expert once, on the device, into an int32
         # workspace shared by the three projections); few: one GEMV per slot
@@ -203,10 +204,15 @@ class OpsMixin:
                    and cuda_quant.moe_i8_eligible(w_up, grouped, self.tuning)):
             xs = self._q8_scratch(T * d)
             x8 = (xs[0].ptr, xs[1].ptr)
-        self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_gate, ids.ptr, g.ptr, T, k, self.stream,
-                         bias_ptr=bp(b_gate), x8=x8, **gkw)
-        self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_up, ids.ptr, u.ptr, T, k, self.stream,
-                         bias_ptr=bp(b_up), grouped_ready=grouped, x8=x8, x8_ready=x8 is not None, **gkw)
+        if not i8g and cuda_quant.moe_pair_eligible(w_gate, w_up, grouped, self.tuning):
+            self._quant_call("moe_matmul_pair", cuda_quant.moe_matmul_pair, x.ptr, w_gate, w_up, ids.ptr, gu.ptr, T, k,
+                             self.stream, x8, bias_gate_ptr=bp(b_gate), bias_up_ptr=bp(b_up), tuning=self.tuning,
+                             sms=self.limits.sms)
+        else:
+            self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_gate, ids.ptr, g.ptr, T, k, self.stream,
+                             bias_ptr=bp(b_gate), x8=x8, **gkw)
+            self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_up, ids.ptr, u.ptr, T, k, self.stream,
+                             bias_ptr=bp(b_up), grouped_ready=grouped, x8=x8, x8_ready=x8 is not None, **gkw)
         a = self._out((T, k, F))
         n = T * k * F
         self._launch(self._k("moe", "moe_act", "PPPqiff"), (max(1, min(-(-n // 256), 4096)), 1, 1), (256, 1, 1),

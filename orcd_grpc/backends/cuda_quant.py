@@ -416,6 +416,30 @@ def moe_grouped_i8(w: QuantWeight, T: int, top_k: int, tuning: Tuning = DEFAULT,
             and _moe_plan(T, top_k, w.n_experts or 1)[0] <= 64)
 
 
+def moe_pair_eligible(w_gate: QuantWeight, w_up: QuantWeight, grouped: bool, tuning: Tuning = DEFAULT) -> bool:
+    """Whether gate and up take one per-slot int8 GEMV launch (moe_matmul_pair): tuning.moe_pair, both
+    on the int8 input, one format and shape."""
+    return (tuning.moe_pair and moe_i8_eligible(w_gate, grouped, tuning) and moe_i8_eligible(w_up, grouped, tuning)
+            and w_gate.qtype == w_up.qtype and (w_gate.n, w_gate.k) == (w_up.n, w_up.k)
+            and w_gate.expert_bytes == w_up.expert_bytes)
+
+
+def moe_matmul_pair(x_ptr, w_gate: QuantWeight, w_up: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream,
+                    x8: tuple, bias_gate_ptr=None, bias_up_ptr=None, x8_ready: bool = False,
+                    tuning: Tuning = DEFAULT, sms: int = DEFAULT_SMS) -> None:
+    """moe_matmul of gate and up on one input in one per-slot int8 GEMV launch (moe_pair_eligible):
+    y [2, T, top_k, n] gets gate's slots, then up's. The second half of the grid reads w_up."""
+    if T <= 0:
+        return
+    slots = T * top_k
+    xq_ptr, xd_ptr = x8
+    if not x8_ready:
+        quantize_x8(x_ptr, xq_ptr, xd_ptr, T * w_gate.k, stream, tuning)
+    f, gx = _gemv(_NAME[w_gate.qtype], 1, w_gate.n, 2 * slots, tuning, sms, "i8_pair", sig=_GEMV_SIG + "PPP")
+    _gemv_call(f, (gx, 2 * slots), stream, xq_ptr, w_gate, y_ptr, bias_gate_ptr, 1, _p(xd_ptr), _p(w_up.ptr),
+               _p(bias_up_ptr), ids_ptr=expert_ids_ptr, expert_stride=w_gate.expert_bytes, top_k=top_k)
+
+
 def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream, bias_ptr=None,
                x_per_slot: bool = False, workspace_ptr=None, grouped: bool | None = None,
                grouped_ready: bool = False, x8: tuple | None = None, x8_ready: bool = False,

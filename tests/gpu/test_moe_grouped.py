@@ -131,6 +131,46 @@ def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit):
     assert err <= 2e-2, f"int8 gemv {qtype.name} T={T} x_per_slot={x_per_slot}: {err:.2e} against the float input"
 
 
+@pytest.mark.parametrize("ksplit", ["0", "1"])
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K], ids=lambda v: v.name)
+def test_moe_pair_vs_reference(cu, qtype, T, ksplit):
+    """gate and up in one launch (moe_matmul_pair, ORCD_MOE_PAIR), both GEMV layouts: the first half
+    of the output is gate's slots with gate's biases, the second up's with up's; each against float64
+    on its own experts (1e-3 on the int8-rounded input, 2e-2 on the float one)."""
+    rng = np.random.default_rng()
+    n = 301
+    k = 2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 768
+    raws = [random_weight(rng, qtype, n, k, lead=(E,)) for _ in range(2)]
+    biases = [rng.standard_normal((E, n), dtype=np.float32) for _ in range(2)]
+    ids = _routing(rng, T, E, TOP_K, "uniform")
+    x = rng.standard_normal((T, k), dtype=np.float32)
+    ws = [cu.q.QuantWeight(raw, qtype, n, k, n_experts=E) for raw, _ in raws]
+    tuning = Tuning(moe_pair=True, gemv_ksplit=ksplit, gemv_int8_min=0)  # small test matrices
+    try:
+        assert cu.q.moe_pair_eligible(ws[0], ws[1], False, tuning)
+        xd, idd = cu.ga.to_gpu(x), cu.ga.to_gpu(ids)
+        bd = [cu.ga.to_gpu(b) for b in biases]
+        yd = cu.ga.to_gpu(np.full((2, T, TOP_K, n), np.nan, np.float32))
+        xq = cu.ga.to_gpu(rng.integers(-128, 128, T * k).astype(np.int8))  # poisoned scratch
+        xs = cu.ga.to_gpu(np.full(T * k // 32, np.nan, np.float32))
+        cu.q.moe_matmul_pair(xd.gpudata, ws[0], ws[1], idd.gpudata, yd.gpudata, T, TOP_K, cu.stream,
+                             (xq.gpudata, xs.gpudata), bias_gate_ptr=bd[0].gpudata, bias_up_ptr=bd[1].gpudata,
+                             tuning=tuning)
+        cu.stream.synchronize()
+        out = yd.get()
+    finally:
+        for w in ws:
+            w.free()
+    x8 = _quantize_x8_ref(x)
+    for h, name in enumerate(("gate", "up")):
+        wf = raws[h][1]
+        err8 = rel_err(out[h], _reference(x8, wf, biases[h], ids, False))
+        err = rel_err(out[h], _reference(x, wf, biases[h], ids, False))
+        assert err8 <= 1e-3, f"pair {name} {qtype.name} T={T}: {err8:.2e} against the rounded input"
+        assert err <= 2e-2, f"pair {name} {qtype.name} T={T}: {err:.2e} against the float input"
+
+
 @pytest.mark.parametrize("routing", ["uniform", "skewed"])
 @pytest.mark.parametrize("T", [1, 5, 16, 64, 300])
 @pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
