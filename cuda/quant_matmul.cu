@@ -72,7 +72,14 @@ constexpr int ACT_I8 = 4;
 // and only x, the scales and y wait for it. The MoE GEMV waits first (its expert comes from the
 // router's output). The GEMV entry points leave pdl_enter to gemv_impl.
 
-template <class F, int NT, int KS, int ACT = 0>
+// PAIR (gemv_*_1[_k4]_i8_pair): the per-slot MoE GEMV of two matrices on one input (gate and up: W2,
+// bias2), the second half of the grid on W2 and bias2 into the rows after the first half's. Its
+// launch always follows the quantize_x8 of its input (cuda_quant.moe_matmul_pair), so the router's
+// expert ids are at least two kernels back: under programmatic dependent launch a kernel starts only
+// once every block of the one before it has passed its own wait, i.e. after the kernel before that
+// has finished. So a pair reads its expert id and issues its first weight chunk before its wait, as
+// the dense GEMVs do, instead of after.
+template <class F, int NT, int KS, int ACT = 0, bool PAIR = false>
 __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uint8_t* __restrict__ W,
                                           float* __restrict__ y, const float* __restrict__ bias,
                                           const int* __restrict__ expert_ids, int T, int n, int k,
@@ -95,21 +102,21 @@ __device__ __forceinline__ void gemv_impl(const float* __restrict__ x, const uin
     const int kw = KS == 1 ? 0 : warp;  // this warp's first chunk
     // whole warp (KS = 1) or whole block (KS > 1) leaves together: the only block barrier is below
     if (row0 >= n) return;  // touches no memory: needs no wait
-    const bool wait_first = expert_ids != nullptr;
+    const bool wait_first = expert_ids != nullptr && !PAIR;
     if (wait_first) pdl_enter();
 
-    // MoE slot: blockIdx.y = t*top_k + j picks expert ids[slot]; plain matmul has one slot. A pair
-    // (W2: gpt-oss's gate and up experts, one input) runs the slots twice, the second half of the
-    // grid on W2 and bias2 into the rows after the first half's.
+    // MoE slot: blockIdx.y = t*top_k + j picks expert ids[slot]; plain matmul has one slot.
     int slot = blockIdx.y;
-    if (W2 != nullptr && slot >= static_cast<int>(gridDim.y >> 1)) {
-        slot -= gridDim.y >> 1;
-        W = W2;
-        bias = bias2;
-        y += (long long)(gridDim.y >> 1) * n;
+    if constexpr (PAIR) {
+        if (slot >= static_cast<int>(gridDim.y >> 1)) {
+            slot -= gridDim.y >> 1;
+            W = W2;
+            bias = bias2;
+            y += (long long)(gridDim.y >> 1) * n;
+        }
     }
     if (expert_ids) {
-        const int e = expert_ids[slot];
+        const int e = PAIR ? __ldcg(expert_ids + slot) : expert_ids[slot];  // (PAIR: from L2, before the wait)
         W += e * expert_stride;
         if (bias) bias += (long long)e * n;
         const long long row = x_per_slot ? slot : slot / top_k;
@@ -656,15 +663,15 @@ moe_group(const int* __restrict__ ids, int S, int E, int bm, int Y, int* __restr
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_##NT##_k4_i8(GEMV_ARGS, const float* xd) { \
         gemv_impl<F, NT, GEMV_WARPS, ACT_I8>(GEMV_PASS, xd);                                                     \
     }
-// The per-slot MoE GEMV of two matrices on one input (gate and up: W2, bias2), one launch for both
+// The per-slot MoE GEMV of two matrices on one input (gate and up: W2, bias2), one launch for both (PAIR)
 #define GEMV_I8_PAIR(name, F)                                                                                   \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_i8_pair(GEMV_ARGS, const float* xd, \
                                                                                         const uint8_t* W2, const float* bias2) { \
-        gemv_impl<F, 1, 1, ACT_I8>(GEMV_PASS, xd, W2, bias2);                                                     \
+        gemv_impl<F, 1, 1, ACT_I8, true>(GEMV_PASS, xd, W2, bias2);                                                     \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##name##_1_k4_i8_pair(GEMV_ARGS, const float* xd, \
                                                                                            const uint8_t* W2, const float* bias2) { \
-        gemv_impl<F, 1, GEMV_WARPS, ACT_I8>(GEMV_PASS, xd, W2, bias2);                                            \
+        gemv_impl<F, 1, GEMV_WARPS, ACT_I8, true>(GEMV_PASS, xd, W2, bias2);                                            \
     }
 #define GEMV_I8(name, F) GEMV_I8_NT(name, F, 1) GEMV_I8_NT(name, F, 2) GEMV_I8_NT(name, F, 4) GEMV_I8_NT(name, F, 8) \
     GEMV_I8_PAIR(name, F)

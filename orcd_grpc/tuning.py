@@ -168,7 +168,7 @@ class Tuning:
         "(3,262 -> 3,127 us per step)")
     moe_pair: bool = _switch(
         False, "ORCD_MOE_PAIR", "the per-slot int8 MoE GEMVs of gate and up (gpt-oss, few slots) in one launch over "
-        "both matrices (gemv_*_1_i8_pair) instead of two; not yet run on a GPU")
+        "both matrices (gemv_*_1_i8_pair, which also reads its experts before its PDL wait) instead of two; not yet run on a GPU")
     moe_int8_grouped: bool = _switch(
         False, "ORCD_MOE_INT8_GROUPED", "the grouped MoE matmuls of decode steps of up to ORCD_GEMM_INT8_MAX tokens "
         "take the int8 tensor-core GEMM (gemm_i8_moe_*) instead of the f16 one; not yet run on a GPU")

@@ -425,16 +425,17 @@ def moe_pair_eligible(w_gate: QuantWeight, w_up: QuantWeight, grouped: bool, tun
 
 
 def moe_matmul_pair(x_ptr, w_gate: QuantWeight, w_up: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream,
-                    x8: tuple, bias_gate_ptr=None, bias_up_ptr=None, x8_ready: bool = False,
-                    tuning: Tuning = DEFAULT, sms: int = DEFAULT_SMS) -> None:
+                    x8: tuple, bias_gate_ptr=None, bias_up_ptr=None, tuning: Tuning = DEFAULT,
+                    sms: int = DEFAULT_SMS) -> None:
     """moe_matmul of gate and up on one input in one per-slot int8 GEMV launch (moe_pair_eligible):
-    y [2, T, top_k, n] gets gate's slots, then up's. The second half of the grid reads w_up."""
+    y [2, T, top_k, n] gets gate's slots, then up's. The second half of the grid reads w_up. x is
+    always rounded into x8 here, right before: the pair kernel reads the expert ids before its
+    programmatic-launch wait, which is safe only with their producer two launches back."""
     if T <= 0:
         return
     slots = T * top_k
     xq_ptr, xd_ptr = x8
-    if not x8_ready:
-        quantize_x8(x_ptr, xq_ptr, xd_ptr, T * w_gate.k, stream, tuning)
+    quantize_x8(x_ptr, xq_ptr, xd_ptr, T * w_gate.k, stream, tuning)
     f, gx = _gemv(_NAME[w_gate.qtype], 1, w_gate.n, 2 * slots, tuning, sms, "i8_pair", sig=_GEMV_SIG + "PPP")
     _gemv_call(f, (gx, 2 * slots), stream, xq_ptr, w_gate, y_ptr, bias_gate_ptr, 1, _p(xd_ptr), _p(w_up.ptr),
                _p(bias_up_ptr), ids_ptr=expert_ids_ptr, expert_stride=w_gate.expert_bytes, top_k=top_k)

@@ -106,6 +106,17 @@ def test_tiny_architecture_with_int8_gemv(arch, qtype, fuse_q8, tmp_path, monkey
     test_tiny_architecture_on_cuda_matches_numpy(arch, qtype, tmp_path, bound=3e-2)
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_tiny_gpt_oss_with_the_moe_int8_switches(qtype, tmp_path, monkeypatch):
+    """gpt-oss's experts on the opt-in int8 paths (whatever the matrix size): gate and up in one launch
+    (ORCD_MOE_PAIR) and the grouped matmuls on int8 tensor cores, prompt steps included
+    (ORCD_MOE_INT8_GROUPED, ORCD_MOE_INT8_PROMPT); the int8 GEMV test's bound."""
+    for var in ("ORCD_MOE_PAIR", "ORCD_MOE_INT8_GROUPED", "ORCD_MOE_INT8_PROMPT"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("ORCD_GEMV_INT8_MIN", "0")
+    test_tiny_architecture_on_cuda_matches_numpy("gpt_oss", qtype, tmp_path, bound=3e-2)
+
+
 if __name__ == "__main__":  # writes the files for a machine without transformers
     out = pathlib.Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)

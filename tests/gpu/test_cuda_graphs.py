@@ -265,3 +265,13 @@ def test_graphs_captured_at_load_serve_every_architecture(arch, tmp_path, monkey
     else:  # MoE routing: a near-tie of two router logits may pick other experts (test_cuda_architectures)
         pairs = [(a, b) for x, y in zip(runs["graphs"], runs["eager"]) for a, b in zip(x, y)]
         assert sum(a == b for a, b in pairs) >= 0.75 * len(pairs), runs
+
+
+def test_graphs_with_the_moe_pair(tmp_path, monkeypatch):
+    """ORCD_MOE_PAIR inside captured graphs: its kernel reads the expert ids before its programmatic-
+    launch wait (their producer, moe_route, is two launches back), so graph replays with PDL edges
+    must route every slot as the eager steps do (the same test, gpt-oss, every expert matmul on the
+    int8 input)."""
+    monkeypatch.setenv("ORCD_MOE_PAIR", "1")
+    monkeypatch.setenv("ORCD_GEMV_INT8_MIN", "0")
+    test_graphs_captured_at_load_serve_every_architecture("gpt_oss", tmp_path, monkeypatch)
