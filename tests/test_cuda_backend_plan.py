@@ -226,16 +226,17 @@ def test_fused_qkv_rope_and_moe_plan(monkeypatch):
     E, d, F = 32, 2880, 2880
     w = SimpleNamespace(qtype=Q.MXFP4, n=F, k=d, n_experts=E, ptr=0x10000, expert_bytes=F * d // 2 * 17 // 16)
     wd = SimpleNamespace(qtype=Q.MXFP4, n=d, k=F, n_experts=E, ptr=0x20000, expert_bytes=F * d // 2 * 17 // 16)
-    # a decode step of 64 sequences (ORCD_MOE_INT8_GROUPED): the grouped GEMM on int8 tensor cores, gate
-    # and up on one rounding
-    be.tuning = dataclasses.replace(DEFAULT, moe_int8_grouped=True)
+    # a decode step of 64 sequences: the grouped GEMM on int8 tensor cores, gate and up on one rounding
+    be.tuning = DEFAULT
     be.begin_step(_decode_meta(64))
     be.moe(be._out((64, d)), be._out((64, E)), 4, w, w, wd, act="swiglu_oai")
     names = [n for n, _ in launched]
     assert names == ["moe_route", "moe_group", "quantize_x8", "gemm_i8_moe_mxfp4_16", "gemm_i8_moe_mxfp4_16",
                      "moe_act", "quantize_x8", "gemm_i8_moe_mxfp4_16", "moe_combine"]
-    # prompt tokens, or the switch off (the default): the f16 grouped GEMM on float rows
-    for meta, tuning in ((_prompt_meta(64), be.tuning), (_decode_meta(64), DEFAULT)):
+    # prompt tokens with ORCD_MOE_INT8_PROMPT off, or decode steps with ORCD_MOE_INT8 off: the f16 grouped
+    # GEMM on float rows
+    for meta, tuning in ((_prompt_meta(64), dataclasses.replace(DEFAULT, moe_int8_prompt=False)),
+                         (_decode_meta(64), dataclasses.replace(DEFAULT, moe_int8=False))):
         be.tuning = tuning
         launched.clear()
         be.begin_step(meta)
@@ -244,22 +245,24 @@ def test_fused_qkv_rope_and_moe_plan(monkeypatch):
         assert names == ["moe_route", "moe_group", "gemm_moe_mxfp4_16_blk", "gemm_moe_mxfp4_16_blk", "moe_act",
                          "gemm_moe_mxfp4_16_blk", "moe_combine"]
     # ORCD_MOE_INT8_PROMPT: a prompt chunk of 512 tokens (2,048 slots, row tiles of 64) on the int8 GEMM too
-    be.tuning = dataclasses.replace(DEFAULT, moe_int8_grouped=True, moe_int8_prompt=True)
+    be.tuning = DEFAULT
     launched.clear()
     be.begin_step(_prompt_meta(512))
     be.moe(be._out((512, d)), be._out((512, E)), 4, w, w, wd, act="swiglu_oai")
     assert [n for n, _ in launched] == ["moe_route", "moe_group", "quantize_x8", "gemm_i8_moe_mxfp4_64",
                                         "gemm_i8_moe_mxfp4_64", "moe_act", "quantize_x8", "gemm_i8_moe_mxfp4_64",
                                         "moe_combine"]
-    # one sequence (per-slot GEMVs on the int8 rounding): gate and up in two launches, or one with ORCD_MOE_PAIR
-    for tuning, gate_up in ((DEFAULT, ["gemv_mxfp4_1_i8", "gemv_mxfp4_1_i8"]),
-                            (dataclasses.replace(DEFAULT, moe_pair=True), ["gemv_mxfp4_1_i8_pair"])):
+    # one sequence (per-slot GEMVs on the int8 rounding): gate and up in one launch; on float rows
+    # (ORCD_MOE_INT8 off) in two
+    for tuning, names in ((DEFAULT, ["quantize_x8", "gemv_mxfp4_1_i8_pair", "moe_act", "quantize_x8",
+                                     "gemv_mxfp4_1_i8"]),
+                          (dataclasses.replace(DEFAULT, moe_int8=False), ["gemv_mxfp4_1", "gemv_mxfp4_1", "moe_act",
+                                                                          "gemv_mxfp4_1"])):
         be.tuning = tuning
         launched.clear()
         be.begin_step(_decode_meta(1))
         be.moe(be._out((1, d)), be._out((1, E)), 4, w, w, wd, act="swiglu_oai")
-        assert [n for n, _ in launched] == ["moe_route", "quantize_x8", *gate_up, "moe_act", "quantize_x8",
-                                            "gemv_mxfp4_1_i8", "moe_combine"]
+        assert [n for n, _ in launched] == ["moe_route", *names, "moe_combine"]
     be.tuning = DEFAULT
 
 

@@ -65,19 +65,17 @@ def test_moe_per_slot_int8_quantizes_each_input_row_once(rec, x_per_slot):
 
 
 def test_moe_pair_is_one_launch_over_gate_then_up(rec):
-    """ORCD_MOE_PAIR: gate and up on one rounding of x in one gemv_*_1[_k4]_i8_pair launch of twice the
+    """gate and up on one rounding of x in one gemv_*_1[_k4]_i8_pair launch of twice the
     slots, gate's pointers as the GEMV's own and up's weight and bias last (its half of the grid). The
     rounding is always launched right before it (the pair reads the expert ids before its PDL wait)."""
     wg, wu, T, top_k = _experts(), _experts(), 1, 4
     wu.ptr = 0x20000
     XQ, XD, X, Y, IDS, BG, BU = 0xA000, 0xB000, 0xC000, 0xD000, 0xE000, 0xF000, 0xF800
-    on = Tuning(moe_pair=True)
-    assert cuda_quant.moe_pair_eligible(wg, wu, False, on)
-    assert not cuda_quant.moe_pair_eligible(wg, wu, False)  # off by default
-    assert not cuda_quant.moe_pair_eligible(wg, wu, True, on)  # the grouped path: two launches
-    assert not cuda_quant.moe_pair_eligible(wg, _experts(n=1440), False, on)  # shapes differ
-    cuda_quant.moe_matmul_pair(X, wg, wu, IDS, Y, T, top_k, None, (XQ, XD), bias_gate_ptr=BG, bias_up_ptr=BU,
-                               tuning=on)
+    assert cuda_quant.moe_pair_eligible(wg, wu, False)
+    assert not cuda_quant.moe_pair_eligible(wg, wu, False, Tuning(moe_int8=False))  # float input: two launches
+    assert not cuda_quant.moe_pair_eligible(wg, wu, True)  # the grouped path: two launches
+    assert not cuda_quant.moe_pair_eligible(wg, _experts(n=1440), False)  # shapes differ
+    cuda_quant.moe_matmul_pair(X, wg, wu, IDS, Y, T, top_k, None, (XQ, XD), bias_gate_ptr=BG, bias_up_ptr=BU)
     (qname, _, qargs), (name, grid, args) = rec.calls
     assert qname == "quantize_x8" and qargs == [X, XQ, XD, T * wg.k]
     assert name.startswith("gemv_mxfp4_1") and name.endswith("_i8_pair") and grid[1] == 2 * T * top_k
@@ -204,19 +202,15 @@ def test_grouped_moe_kernel_choice(rec, qtype, T, want):
 def test_grouped_moe_int8_launch(rec, x_per_slot):
     """The grouped MoE matmul with x8: its input rounded once (T rows, or T * top_k with x_per_slot)
     unless ready, then gemm_i8_moe_<fmt>_<bm> over moe_group's row tiles with the rounding, the
-    workspace and the expert stride; row tiles over 64 slots (prefill) are refused."""
+    workspace and the expert stride; row tiles over 64 slots are refused."""
     w, T, top_k = _experts(), 64, 4
     XQ, XD, X, Y, IDS, WS = 0xA000, 0xB000, 0xC000, 0xD000, 0xE000, 0xF000
-    on = Tuning(moe_int8_grouped=True)
-    assert cuda_quant.moe_grouped_i8(w, T, top_k, on) and not cuda_quant.moe_grouped_i8(w, T, top_k)
-    assert not cuda_quant.moe_grouped_i8(w, T, top_k, Tuning(moe_int8_grouped=True, gemm_int8_max=0))
-    assert not cuda_quant.moe_grouped_i8(w, 65, top_k, on)
-    assert not cuda_quant.moe_grouped_i8(w, T, top_k, on, decode=False)  # prompt tokens: the f16 GEMM
-    # ... unless ORCD_MOE_INT8_PROMPT: any step's tokens, while the row tiles stay within 64 slots
-    prompt = Tuning(moe_int8_grouped=True, moe_int8_prompt=True)
-    assert cuda_quant.moe_grouped_i8(w, 512, top_k, prompt, decode=False)  # 2,048 slots, 32 experts: BM 64
-    assert not cuda_quant.moe_grouped_i8(w, 1024, top_k, prompt, decode=False)  # BM 128
-    assert not cuda_quant.moe_grouped_i8(w, 512, top_k, Tuning(moe_int8_prompt=True), decode=False)
+    assert cuda_quant.moe_grouped_i8(w, T, top_k)  # a decode step's slots (ORCD_MOE_INT8)
+    assert not cuda_quant.moe_grouped_i8(w, T, top_k, Tuning(moe_int8=False))
+    assert cuda_quant.moe_grouped_i8(w, 512, top_k, decode=False)  # a prompt's: 2,048 slots, 32 experts, BM 64
+    assert not cuda_quant.moe_grouped_i8(w, 512, top_k, Tuning(moe_int8_prompt=False), decode=False)
+    assert not cuda_quant.moe_grouped_i8(w, 1024, top_k, decode=False)  # BM 128: the f16 grouped GEMM
+    assert not cuda_quant.moe_grouped_i8(_experts(Q.F16), T, top_k)
     cuda_quant.moe_matmul(X, w, IDS, Y, T, top_k, None, x_per_slot=x_per_slot, workspace_ptr=WS, grouped=True,
                           x8=(XQ, XD))
     rows = T * top_k if x_per_slot else T

@@ -195,8 +195,8 @@ class OpsMixin:
         gws = self._out((cuda_quant.moe_workspace_ints(T, k, ne),), np.int32) if grouped else None
         gkw = dict(workspace_ptr=gws.ptr if grouped else None, grouped=grouped, tuning=self.tuning,
                    sms=self.limits.sms)
-        # int8 input for the per-slot GEMVs (tuning.moe_int8): one quantized copy of x serves gate and up
-        # and for the grouped GEMM of a decode step's slots (tuning.gemm_int8_max; prompt tokens keep f16)
+        # int8 input (tuning.moe_int8, and moe_int8_prompt for steps with prompt tokens): the per-slot
+        # GEMVs (gate and up in one launch on one rounding of x) or the grouped int8 GEMM
         i8g = grouped and all(cuda_quant.moe_grouped_i8(w, T, k, self.tuning, self._decode_step)
                               for w in (w_gate, w_up, w_down))
         x8 = xs = None
@@ -204,7 +204,7 @@ class OpsMixin:
                    and cuda_quant.moe_i8_eligible(w_up, grouped, self.tuning)):
             xs = self._q8_scratch(T * d)
             x8 = (xs[0].ptr, xs[1].ptr)
-        if not i8g and cuda_quant.moe_pair_eligible(w_gate, w_up, grouped, self.tuning):
+        if cuda_quant.moe_pair_eligible(w_gate, w_up, grouped, self.tuning):
             self._quant_call("moe_matmul_pair", cuda_quant.moe_matmul_pair, x.ptr, w_gate, w_up, ids.ptr, gu.ptr, T, k,
                              self.stream, x8, bias_gate_ptr=bp(b_gate), bias_up_ptr=bp(b_up), tuning=self.tuning,
                              sms=self.limits.sms)

@@ -220,8 +220,7 @@ def quantize_x8(x_ptr, xq_ptr, xd_ptr, n: int, stream, tuning: Tuning = DEFAULT)
 
 
 # The per-slot MoE GEMV (few slots: gpt-oss at B=1) on the int8-quantized input too; gate and up
-# share one quantized copy of x. gpt-oss-20b's B=1 step 3,262 -> 3,127 us (H100, 2026-11-23);
-# tuning.moe_int8.
+# share one quantized copy of x and one launch (moe_matmul_pair). tuning.moe_int8.
 
 
 def _i8_kernel_for(w: QuantWeight) -> bool:
@@ -407,19 +406,17 @@ def moe_group(expert_ids_ptr, T: int, top_k: int, n_experts: int, workspace_ptr,
 
 
 def moe_grouped_i8(w: QuantWeight, T: int, top_k: int, tuning: Tuning = DEFAULT, decode: bool = True) -> bool:
-    """Whether the grouped MoE matmul of T tokens on w can take the int8 GEMM (gemm_i8_moe_*; the
-    caller then passes x8 scratch for its input rows): tuning.moe_int8_grouped, an integer format, row
-    tiles of at most 64 slots, and a decode step's T tokens within tuning.gemm_int8_max (or, with
-    tuning.moe_int8_prompt, any step's)."""
-    rows = tuning.moe_int8_prompt or (decode and T <= min(tuning.gemm_int8_max, GEMM_I8_MAX_T))
-    return (tuning.moe_int8_grouped and rows and T > 0 and _i8_kernel_for(w)
+    """Whether the grouped MoE matmul of T tokens on w takes the int8 GEMM (gemm_i8_moe_*; the caller
+    then passes x8 scratch for its input rows): an integer format, row tiles of at most 64 slots, and
+    a decode step (tuning.moe_int8) or a prompt step (tuning.moe_int8_prompt)."""
+    return (T > 0 and (tuning.moe_int8 if decode else tuning.moe_int8_prompt) and _i8_kernel_for(w)
             and _moe_plan(T, top_k, w.n_experts or 1)[0] <= 64)
 
 
 def moe_pair_eligible(w_gate: QuantWeight, w_up: QuantWeight, grouped: bool, tuning: Tuning = DEFAULT) -> bool:
-    """Whether gate and up take one per-slot int8 GEMV launch (moe_matmul_pair): tuning.moe_pair, both
-    on the int8 input, one format and shape."""
-    return (tuning.moe_pair and moe_i8_eligible(w_gate, grouped, tuning) and moe_i8_eligible(w_up, grouped, tuning)
+    """Whether gate and up take one per-slot int8 GEMV launch (moe_matmul_pair; gpt-oss-20b's B=1 graph
+    2,313 -> 2,145 us against two launches, H100): both on the int8 input, one format and shape."""
+    return (moe_i8_eligible(w_gate, grouped, tuning) and moe_i8_eligible(w_up, grouped, tuning)
             and w_gate.qtype == w_up.qtype and (w_gate.n, w_gate.k) == (w_up.n, w_up.k)
             and w_gate.expert_bytes == w_up.expert_bytes)
 

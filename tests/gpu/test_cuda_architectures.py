@@ -106,13 +106,14 @@ def test_tiny_architecture_with_int8_gemv(arch, qtype, fuse_q8, tmp_path, monkey
     test_tiny_architecture_on_cuda_matches_numpy(arch, qtype, tmp_path, bound=3e-2)
 
 
+@pytest.mark.parametrize("int8", ["1", "0"], ids=["int8", "float"])
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-def test_tiny_gpt_oss_with_the_moe_int8_switches(qtype, tmp_path, monkeypatch):
-    """gpt-oss's experts on the opt-in int8 paths (whatever the matrix size): gate and up in one launch
-    (ORCD_MOE_PAIR) and the grouped matmuls on int8 tensor cores, prompt steps included
-    (ORCD_MOE_INT8_GROUPED, ORCD_MOE_INT8_PROMPT); the int8 GEMV test's bound."""
-    for var in ("ORCD_MOE_PAIR", "ORCD_MOE_INT8_GROUPED", "ORCD_MOE_INT8_PROMPT"):
-        monkeypatch.setenv(var, "1")
+def test_tiny_gpt_oss_moe_paths(qtype, int8, tmp_path, monkeypatch):
+    """gpt-oss's experts on the int8 paths whatever the matrix size (gate and up in one launch, the
+    grouped int8 GEMM for decode and prompt steps; the int8 GEMV test's bound), and all of them off
+    (ORCD_MOE_INT8=0, ORCD_MOE_INT8_PROMPT=0: float per-slot GEMVs, the f16 grouped GEMM)."""
+    monkeypatch.setenv("ORCD_MOE_INT8", int8)
+    monkeypatch.setenv("ORCD_MOE_INT8_PROMPT", int8)
     monkeypatch.setenv("ORCD_GEMV_INT8_MIN", "0")
     test_tiny_architecture_on_cuda_matches_numpy("gpt_oss", qtype, tmp_path, bound=3e-2)
 

@@ -268,10 +268,9 @@ def test_graphs_captured_at_load_serve_every_architecture(arch, tmp_path, monkey
 
 
 def test_graphs_with_the_moe_pair(tmp_path, monkeypatch):
-    """ORCD_MOE_PAIR inside captured graphs: its kernel reads the expert ids before its programmatic-
+    """The gate/up pair inside captured graphs: its kernel reads the expert ids before its programmatic-
     launch wait (their producer, moe_route, is two launches back), so graph replays with PDL edges
     must route every slot as the eager steps do (the same test, gpt-oss, every expert matmul on the
-    int8 input)."""
-    monkeypatch.setenv("ORCD_MOE_PAIR", "1")
+    int8 input: the tiny model's are below ORCD_GEMV_INT8_MIN otherwise)."""
     monkeypatch.setenv("ORCD_GEMV_INT8_MIN", "0")
     test_graphs_captured_at_load_serve_every_architecture("gpt_oss", tmp_path, monkeypatch)

@@ -6,7 +6,7 @@ poisoned with NaN first. Tolerances (||out - ref|| / ||ref||, see test_quant_ker
   * per-slot GEMV (f32): 1e-4
   * per-slot GEMV on the int8-rounded input (quantize_x8 + gemv_*_1[_k4]_i8, ORCD_MOE_INT8): 1e-3
     against the rounded input (a wrong row or scale offset is off by O(1)), 2e-2 against the float one
-  * grouped GEMM on int8 tensor cores (gemm_i8_moe_*, decode steps): the same two bounds
+  * grouped GEMM on int8 tensor cores (gemm_i8_moe_*, decode and prompt steps): the same two bounds
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_moe_gemv_int8_vs_reference(cu, qtype, T, x_per_slot, ksplit):
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K], ids=lambda v: v.name)
 def test_moe_pair_vs_reference(cu, qtype, T, ksplit):
-    """gate and up in one launch (moe_matmul_pair, ORCD_MOE_PAIR), both GEMV layouts: the first half
+    """gate and up in one launch (moe_matmul_pair), both GEMV layouts: the first half
     of the output is gate's slots with gate's biases, the second up's with up's; each against float64
     on its own experts (1e-3 on the int8-rounded input, 2e-2 on the float one)."""
     rng = np.random.default_rng()
@@ -146,7 +146,7 @@ def test_moe_pair_vs_reference(cu, qtype, T, ksplit):
     ids = _routing(rng, T, E, TOP_K, "uniform")
     x = rng.standard_normal((T, k), dtype=np.float32)
     ws = [cu.q.QuantWeight(raw, qtype, n, k, n_experts=E) for raw, _ in raws]
-    tuning = Tuning(moe_pair=True, gemv_ksplit=ksplit, gemv_int8_min=0)  # small test matrices
+    tuning = Tuning(gemv_ksplit=ksplit, gemv_int8_min=0)  # small test matrices
     try:
         assert cu.q.moe_pair_eligible(ws[0], ws[1], False, tuning)
         xd, idd = cu.ga.to_gpu(x), cu.ga.to_gpu(ids)
@@ -176,13 +176,12 @@ def test_moe_pair_vs_reference(cu, qtype, T, ksplit):
 @pytest.mark.parametrize("x_per_slot", [False, True], ids=["x_per_token", "x_per_slot"])
 @pytest.mark.parametrize("qtype", [Q.MXFP4, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda v: v.name)
 def test_moe_grouped_int8_vs_reference(cu, qtype, T, x_per_slot, routing):
-    """The grouped MoE GEMM on int8 tensor cores (gemm_i8_moe_*: a decode step's slots, or with
-    ORCD_MOE_INT8_PROMPT a prompt's, T = 300): every slot of every row tile finds its expert, its input
+    """The grouped MoE GEMM on int8 tensor cores (gemm_i8_moe_*: a decode step's slots, or a prompt's
+    (ORCD_MOE_INT8_PROMPT), T = 300): every slot of every row tile finds its expert, its input
     row (its token's, or its own with x_per_slot), its scales and its output row; 1e-3 against the
     int8-rounded input, 2e-2 against the float one; skewed routing gives a hot expert several row tiles
     and leaves most tiles unused."""
-    tuning = Tuning(moe_int8_grouped=True, moe_int8_prompt=T > 64)
-    assert cu.q.moe_grouped_i8(SimpleNamespace(qtype=qtype, k=768, n_experts=E), T, TOP_K, tuning, decode=T <= 64)
+    assert cu.q.moe_grouped_i8(SimpleNamespace(qtype=qtype, k=768, n_experts=E), T, TOP_K, decode=T <= 64)
     out, (ref, ref8), _, _ = _run(cu, qtype, T, x_per_slot, grouped=True, int8=True, routing=routing,
                                   with_bias=routing == "uniform", n=333)
     err8, err = rel_err(out, ref8), rel_err(out, ref)
