@@ -178,6 +178,10 @@ class Tuning:
         64, "ORCD_GEMM_INT8_MAX", "dense matmuls of 9 up to this many tokens (at most 64; below ORCD_GEMM_BLAS_MIN) "
         "of decode steps (one token a row) on integer formats take the int8 tensor-core GEMM (cuda/mma_i8.cu) on the int8-rounded input instead of the "
         "f16 one: phi3-mini B=32 step 10,696 -> 7,024 us, B=64 (against cuBLAS) 12,229 -> 11,305 (H100); 0 never")
+    gemm_i8_ctas: int = _switch(
+        2, "ORCD_GEMM_I8_CTAS", "... the int8 GEMM splits k where its tiles alone give fewer than this many blocks an "
+        "SM (a block holds 1-3 an SM: phi3-mini's attn_output at 32 rows ran 144 blocks, 0.36 waves, 14 % occupancy, "
+        "ncu on the H100); not yet measured above 2")
     gemm_blas_min: int = _switch(
         65, "ORCD_GEMM_BLAS_MIN", "dense matmuls of at least this many tokens (quantized or F16 weights) decode "
         "the weight to f16 and multiply on cuBLAS (cuda_blas.py) instead of the fused GEMM: 1.3-2.6x at 64 "
@@ -199,6 +203,8 @@ class Tuning:
                 raise ValueError(f"{f.metadata['env']} ({f.name}) must be one of {f.metadata['choices']}, not {v!r}")
             if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{f.metadata['env']} ({f.name}) must be a whole number >= 0, not {v!r}")
+        if self.gemm_i8_ctas < 1:
+            raise ValueError(f"ORCD_GEMM_I8_CTAS (gemm_i8_ctas) must be at least 1, not {self.gemm_i8_ctas}")
         if not 1 <= self.attn_splits <= 256:
             raise ValueError(f"ORCD_ATTN_SPLITS (attn_splits) must be 1..256 (merge_split_row's MAX_SPLITS), "
                              f"not {self.attn_splits}")

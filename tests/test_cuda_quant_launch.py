@@ -178,6 +178,13 @@ def test_int8_gemm_eligibility_and_launch(rec):
         splits, kchunk = grid[2], args[-1]
         assert grid[:2] == (72, -(-T // bm)) and kchunk % 256 == 0 and -(-3072 // kchunk) == splits
         assert (splits > 1) == (tiles < 264) and ("gemm_init" in names) == (splits > 1)
+    # ORCD_GEMM_I8_CTAS: the split aims at that many blocks an SM (72 tiles over 12 stages: 2 -> 4 splits
+    # of 3 stages, 4 -> 8 wanted, 6 of 2 stages made); never more splits than stages
+    for ctas, want in ((2, 4), (4, 6), (64, 12)):
+        rec.calls.clear()
+        cuda_quant.matmul(0xC000, w, 0xD000, 32, None, x8=(0xA000, 0xB000), x8_ready=True,
+                          tuning=Tuning(gemm_i8_ctas=ctas), sms=132)
+        assert rec.calls[-1][1][2] == want
     rec.calls.clear()
     cuda_quant.matmul(0xC000, w, 0xD000, 40, None, x8=(0xA000, 0xB000), x8_ready=True, tuning=on, sms=1)
     ((name, grid, args),) = rec.calls  # no quantize_x8, no gemm_init

@@ -129,12 +129,12 @@ def loaded_kernel_names() -> set[str]:
     return {name for k in (*_K.values(), *_I8K) for name in k.fns}
 
 
-def _split_k(tiles: int, k: int, unit: int, min_units: int, sms: int) -> tuple[int, int]:
+def _split_k(tiles: int, k: int, unit: int, min_units: int, sms: int, per_sm: int = 2) -> tuple[int, int]:
     """(splits, kchunk) of a GEMM with `tiles` output tiles over k inputs taken `unit` at a time: k is
-    split where the tiles alone cannot fill the GPU (about 2 blocks an SM), each split at least
+    split where the tiles alone cannot fill the GPU (per_sm blocks an SM), each split at least
     min_units units; kchunk is a whole number of units, the last split what remains."""
     units = -(-k // unit)
-    splits = max(1, min(-(-2 * sms // tiles), units // max(1, min_units)))
+    splits = max(1, min(-(-per_sm * sms // tiles), units // max(1, min_units)))
     kchunk = -(-units // splits) * unit
     return -(-k // kchunk), kchunk
 
@@ -298,7 +298,8 @@ def _gemm_i8(xq_ptr, xd_ptr, w: QuantWeight, y_ptr, bias_ptr, T: int, accumulate
     """The int8 GEMM of T (9..64) token rows on x's int8 rounding; split-K (_split_k, y set to bias
     first) in whole 256-element stages, gemm_min_ksteps' 64-element k-steps at least a split."""
     bm = 16 if T <= 16 else 32 if T <= 32 else 64
-    splits, kchunk = _split_k(-(-w.n // _I8_BN) * -(-T // bm), w.k, _I8_KS, tuning.gemm_min_ksteps * 64 // _I8_KS, sms)
+    splits, kchunk = _split_k(-(-w.n // _I8_BN) * -(-T // bm), w.k, _I8_KS, tuning.gemm_min_ksteps * 64 // _I8_KS, sms,
+                              tuning.gemm_i8_ctas)
     if splits > 1:
         _gemm_init(y_ptr, bias_ptr, T, w.n, accumulate, stream, tuning)
     smem = gemm_i8_smem(w.qtype, bm)
