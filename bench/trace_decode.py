@@ -12,7 +12,11 @@ kernels too.
 
 Prints one JSON object: per step (or per prefill), the span (first kernel start to last kernel end), the busy
 time (sum of kernel durations), the kernel count, and per kernel name [µs per step, launches per
-step, mean µs], largest first.
+step, mean µs], largest first ("top"). Under programmatic dependent launch a kernel starts while the
+one before it runs and waits inside, so its duration counts that wait too, and busy exceeds span;
+"own" charges each kernel only from the moment every kernel before it had ended (own_times), per
+name [µs per step, mean µs], largest first: these add up to the span less "idle_us", the time no
+kernel ran.
 """
 from __future__ import annotations
 
@@ -31,6 +35,20 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.
 from orcd_grpc.loader import load_engine  # noqa: E402
 from orcd_grpc.sampling import SamplingParams  # noqa: E402
 from profile_decode import decode_setup  # noqa: E402
+
+
+def own_times(events) -> tuple[list[float], float]:
+    """Each kernel's time from the later of its start and the end of every kernel before it (events
+    sorted by start; "ts" and "dur" in µs) to its end, and the idle time between kernels."""
+    own, idle, end = [], 0.0, None
+    for e in events:
+        start, stop = e["ts"], e["ts"] + e["dur"]
+        if end is not None and start > end:
+            idle += start - end
+        begin = start if end is None else max(start, end)
+        own.append(max(0.0, stop - begin))
+        end = stop if end is None else max(end, stop)
+    return own, idle
 
 
 def main(argv=None):
@@ -112,17 +130,22 @@ def main(argv=None):
         with open(path) as fh:
             events = [e for e in json.load(fh)["traceEvents"] if e.get("cat") == "kernel"]
     events.sort(key=lambda e: e["ts"])
-    per = collections.defaultdict(lambda: [0.0, 0])
-    for e in events:
+    per = collections.defaultdict(lambda: [0.0, 0, 0.0])
+    own, idle = own_times(events)
+    for e, o in zip(events, own):
         per[e["name"]][0] += e["dur"]
         per[e["name"]][1] += 1
+        per[e["name"]][2] += o
     n = args.steps
     span = (events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]) / n if events else 0.0
     busy = sum(e["dur"] for e in events) / n
     top = sorted(per.items(), key=lambda kv: -kv[1][0])[: args.top]
+    mine = sorted(per.items(), key=lambda kv: -kv[1][2])[: args.top]
     print(json.dumps({"model": os.path.basename(args.model), "batch": args.batch, "ctx": args.ctx,
                       "kv_cache_type": args.kv_cache_type or "default", "prefill": args.prefill,
-                      "mixed": args.mixed, **extra, "span_us": round(span, 1), "busy_us": round(busy, 1), "kernels": len(events) / n,
+                      "mixed": args.mixed, **extra, "span_us": round(span, 1), "busy_us": round(busy, 1),
+                      "idle_us": round(idle / n, 1), "kernels": len(events) / n,
+                      "own": {k[:40]: [round(v[2] / n, 1), round(v[2] / v[1], 2)] for k, v in mine},
                       "top": {k[:40]: [round(v[0] / n, 1), v[1] / n, round(v[0] / v[1], 2)] for k, v in top}}),
           flush=True)
     eng.close()
