@@ -4,7 +4,8 @@
 //   as a stable argsort), and their weights softmax(logits[picked]) over the k picked only.
 //   k rounds of a warp arg-max; E may exceed 32 (each lane scans a strided part).
 // moe_act:   a[t,j,:] from gate g and up u of each slot: silu(g)*u, or gpt-oss's clamped
-//   swiglu  g' = min(g, limit), u' = clip(u, -limit, limit), a = g' * sigmoid(alpha g') * (u' + 1).
+//   swiglu  g' = min(g, limit), u' = clip(u, -limit, limit), a = g' * sigmoid(alpha g') * (u' + 1);
+//   moe_act_q8 writes it as int8 levels and scales only (the int8 down projection's input).
 // moe_combine: out[t,:] = sum_j p[t,j] * y[t,j,:]  (fixed slot order: deterministic).
 #include "common.cuh"
 
@@ -46,18 +47,31 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int T, in
     }
 }
 
+__device__ __forceinline__ float moe_act_value(float gv, float uv, int oai, float alpha, float limit) {
+    if (oai) {
+        gv = fminf(gv, limit);
+        uv = fminf(fmaxf(uv, -limit), limit);
+        return gv / (1.f + __expf(-alpha * gv)) * (uv + 1.f);
+    }
+    return gv / (1.f + __expf(-gv)) * uv;
+}
+
 extern "C" __global__ void moe_act(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ a,
                                    long long n, int oai, float alpha, float limit) { pdl_enter();
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float gv = g[i], uv = u[i];
-        if (oai) {
-            gv = fminf(gv, limit);
-            uv = fminf(fmaxf(uv, -limit), limit);
-            a[i] = gv / (1.f + __expf(-alpha * gv)) * (uv + 1.f);
-        } else {
-            a[i] = gv / (1.f + __expf(-gv)) * uv;
-        }
-    }
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        a[i] = moe_act_value(g[i], u[i], oai, alpha, limit);
+}
+
+// moe_act_q8: the same activation written only as the down projection's int8 input (what quantize_x8
+// of moe_act's output would write: levels aq, a scale ad per 32), for the int8 expert paths. A warp per
+// 32 values: blockIdx.x * 8 + warp is the block, n % 32 == 0.
+extern "C" __global__ void moe_act_q8(const float* __restrict__ g, const float* __restrict__ u, int8_t* __restrict__ aq,
+                                      float* __restrict__ ad, long long n, int oai, float alpha, float limit) { pdl_enter();
+    const long long blk = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (blk * 32 >= n) return;  // the whole warp
+    const long long i = blk * 32 + lane;
+    q8_store_warp(moe_act_value(g[i], u[i], oai, alpha, limit), aq + blk * 32, ad + blk, 0, lane);
 }
 
 extern "C" __global__ void moe_combine(const float* __restrict__ y, const float* __restrict__ w, float* __restrict__ out,

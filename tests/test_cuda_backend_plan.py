@@ -232,7 +232,7 @@ def test_fused_qkv_rope_and_moe_plan(monkeypatch):
     be.moe(be._out((64, d)), be._out((64, E)), 4, w, w, wd, act="swiglu_oai")
     names = [n for n, _ in launched]
     assert names == ["moe_route", "moe_group", "quantize_x8", "gemm_i8_moe_mxfp4_16", "gemm_i8_moe_mxfp4_16",
-                     "moe_act", "quantize_x8", "gemm_i8_moe_mxfp4_16", "moe_combine"]
+                     "moe_act_q8", "gemm_i8_moe_mxfp4_16", "moe_combine"]
     # prompt tokens with ORCD_MOE_INT8_PROMPT off, or decode steps with ORCD_MOE_INT8 off: the f16 grouped
     # GEMM on float rows
     for meta, tuning in ((_prompt_meta(64), dataclasses.replace(DEFAULT, moe_int8_prompt=False)),
@@ -250,12 +250,11 @@ def test_fused_qkv_rope_and_moe_plan(monkeypatch):
     be.begin_step(_prompt_meta(512))
     be.moe(be._out((512, d)), be._out((512, E)), 4, w, w, wd, act="swiglu_oai")
     assert [n for n, _ in launched] == ["moe_route", "moe_group", "quantize_x8", "gemm_i8_moe_mxfp4_64",
-                                        "gemm_i8_moe_mxfp4_64", "moe_act", "quantize_x8", "gemm_i8_moe_mxfp4_64",
-                                        "moe_combine"]
+                                        "gemm_i8_moe_mxfp4_64", "moe_act_q8", "gemm_i8_moe_mxfp4_64", "moe_combine"]
     # one sequence (per-slot GEMVs on the int8 rounding): gate and up in one launch; on float rows
     # (ORCD_MOE_INT8 off) in two
-    for tuning, names in ((DEFAULT, ["quantize_x8", "gemv_mxfp4_1_i8_pair", "moe_act", "quantize_x8",
-                                     "gemv_mxfp4_1_i8"]),
+    # (the activation written as the down projection's int8 input by moe_act_q8, no quantize_x8 launch)
+    for tuning, names in ((DEFAULT, ["quantize_x8", "gemv_mxfp4_1_i8_pair", "moe_act_q8", "gemv_mxfp4_1_i8"]),
                           (dataclasses.replace(DEFAULT, moe_int8=False), ["gemv_mxfp4_1", "gemv_mxfp4_1", "moe_act",
                                                                           "gemv_mxfp4_1"])):
         be.tuning = tuning

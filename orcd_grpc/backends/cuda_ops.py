@@ -213,18 +213,23 @@ class OpsMixin:
                              bias_ptr=bp(b_gate), x8=x8, **gkw)
             self._quant_call("moe_matmul", cuda_quant.moe_matmul, x.ptr, w_up, ids.ptr, u.ptr, T, k, self.stream,
                              bias_ptr=bp(b_up), grouped_ready=grouped, x8=x8, x8_ready=x8 is not None, **gkw)
-        a = self._out((T, k, F))
         n = T * k * F
-        self._launch(self._k("moe", "moe_act", "PPPqiff"), (max(1, min(-(-n // 256), 4096)), 1, 1), (256, 1, 1),
-                     g.ptr, u.ptr, a.ptr, np.int64(n), np.int32(act == "swiglu_oai"), np.float32(alpha),
-                     np.float32(limit))
-        y = self._out((T, k, d))
-        a8 = a_s = None
+        flags = (np.int64(n), np.int32(act == "swiglu_oai"), np.float32(alpha), np.float32(limit))
+        a = a8 = a_s = None
         if i8g or cuda_quant.moe_i8_eligible(w_down, grouped, self.tuning):
-            a_s = self._q8_scratch(T * k * F)
+            # the down projection takes the activation's int8 rounding, written by moe_act_q8 itself
+            a_s = self._q8_scratch(n)
             a8 = (a_s[0].ptr, a_s[1].ptr)
-        self._quant_call("moe_matmul", cuda_quant.moe_matmul, a.ptr, w_down, ids.ptr, y.ptr, T, k, self.stream,
-                         bias_ptr=bp(b_down), x_per_slot=True, grouped_ready=grouped, x8=a8, **gkw)
+            self._launch(self._k("moe", "moe_act_q8", "PPPPqiff"), (-(-n // 256), 1, 1), (256, 1, 1),
+                         g.ptr, u.ptr, *a8, *flags)
+        else:
+            a = self._out((T, k, F))
+            self._launch(self._k("moe", "moe_act", "PPPqiff"), (max(1, min(-(-n // 256), 4096)), 1, 1), (256, 1, 1),
+                         g.ptr, u.ptr, a.ptr, *flags)
+        y = self._out((T, k, d))
+        self._quant_call("moe_matmul", cuda_quant.moe_matmul, a.ptr if a is not None else None, w_down, ids.ptr, y.ptr,
+                         T, k, self.stream, bias_ptr=bp(b_down), x_per_slot=True, grouped_ready=grouped, x8=a8,
+                         x8_ready=a8 is not None, **gkw)
         out = self._out((T, d))
         self._launch(self._k("moe", "moe_combine", "PPPiii"), (max(1, min(-(-d // 256), 8)), T, 1), (256, 1, 1),
                      y.ptr, wts.ptr, out.ptr, np.int32(T), np.int32(k), np.int32(d))

@@ -11,6 +11,7 @@ kernel fails to write shows up as NaN. Tolerances are relative errors ||out - re
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -69,6 +70,14 @@ def simple_meta(T, positions=None):
                     ctx_lens=np.array([T], np.int32), slot_mapping=np.arange(T, dtype=np.int32),
                     block_tables=np.zeros((1, 1), np.int32), block_size=max(T, 1),
                     logits_rows=np.array([T - 1], np.int32))
+
+
+def decode_meta(B):
+    """A decode step of B sequences, one token each (the backend's decode-step kernels)."""
+    return StepMeta(token_ids=np.zeros(B, np.int32), positions=np.zeros(B, np.int32),
+                    q_starts=np.arange(B + 1, dtype=np.int32), ctx_lens=np.ones(B, np.int32),
+                    slot_mapping=np.arange(B, dtype=np.int32), block_tables=np.arange(B, dtype=np.int32)[:, None],
+                    block_size=1, logits_rows=np.arange(B, dtype=np.int32))
 
 
 # ---- norm -----------------------------------------------------------------------------------
@@ -585,6 +594,62 @@ def test_moe(be, rng, E, k, act, T):
     poison(be)
     out = be.moe(dev(be, x), dev(be, logits), k, wg[1], wu[1], wd[1], dev(be, bg), dev(be, bu), dev(be, bd), act=act)
     assert rel(be.to_host(out), exp) < 1e-4
+
+
+def _act_ref(g, u, act, alpha=1.702, limit=7.0):
+    g, u = np.asarray(g, np.float64), np.asarray(u, np.float64)
+    if act == "swiglu_oai":
+        g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
+        return g / (1 + np.exp(-alpha * g)) * (u + 1)
+    return g / (1 + np.exp(-g)) * u
+
+
+@pytest.mark.parametrize("act", ["silu", "swiglu_oai"])
+@pytest.mark.parametrize("slots,F", [(4, 2880), (12, 64), (2048, 2880)])
+def test_moe_act_q8(be, rng, act, slots, F):
+    """moe_act_q8: the experts' activation written only as its int8 rounding (the int8 down
+    projection's input): each block's scale and bytes against float64 (_check_q8's bounds)."""
+    n = slots * F
+    g = rng.standard_normal(n).astype(np.float32) * 3
+    u = rng.standard_normal(n).astype(np.float32) * 3
+    be.begin_step(simple_meta(1))
+    poison(be)
+    aq, ad = be._q8_scratch(n)
+    be._launch(be._k("moe", "moe_act_q8", "PPPPqiff"), (-(-n // 256), 1, 1), (256, 1, 1), dev(be, g).ptr,
+               dev(be, u).ptr, aq.ptr, ad.ptr, np.int64(n), np.int32(act == "swiglu_oai"), np.float32(1.702),
+               np.float32(7.0))
+    _check_q8(be, SimpleNamespace(q8=(aq, ad)), _act_ref(g, u, act))
+
+
+@pytest.mark.parametrize("T", [1, 3, 64])
+def test_moe_on_the_int8_paths(be, rng, T, monkeypatch):
+    """be.moe with every expert matmul on the int8 input (gate and up paired at a few slots, the
+    grouped int8 GEMM at 64 decode rows, the activation rounded by moe_act_q8): against the float64
+    NumPy engine within the int8 bound (2e-2), and moe_act_q8 launched in place of moe_act."""
+    import gguf
+
+    tune(monkeypatch, be, gemv_int8_min=0)
+    qt = gguf.GGMLQuantizationType.Q8_0
+    E, k, d, F = 32, 4, 256, 128
+    ref = NumpyBackend()
+
+    def weight(name, shape):
+        w = (rng.standard_normal(shape) * 0.2).astype(np.float32)
+        raw = gguf.quants.quantize(w.reshape(-1, shape[-1]), qt).reshape(shape[0], shape[1], -1)
+        return ref.load_weight(name, raw, qt, shape), be.load_weight(name, raw, qt, shape)
+
+    wg, wu, wd = weight("g", (E, F, d)), weight("u", (E, F, d)), weight("d", (E, d, F))
+    bg, bu, bd = (rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((E, F), (E, F), (E, d)))
+    x = rng.standard_normal((T, d), dtype=np.float32)
+    logits = rng.standard_normal((T, E), dtype=np.float32) * 3
+    exp = ref.moe(x, logits, k, wg[0], wu[0], wd[0], bg, bu, bd, act="swiglu_oai")
+    be.begin_step(decode_meta(T))
+    args = [dev(be, a) for a in (x, logits, bg, bu, bd)]
+    poison(be)  # synchronizes: what _recent lists after this are be.moe's own kernels
+    out = be.moe(args[0], args[1], k, wg[1], wu[1], wd[1], *args[2:], act="swiglu_oai")
+    ran = list(be._recent)
+    assert "moe_act_q8" in ran and "moe_act" not in ran, ran
+    assert rel(be.to_host(out), exp) < 2e-2
 
 
 def test_rope_yarn_untruncated(be, rng):
