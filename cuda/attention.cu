@@ -344,10 +344,11 @@ ATTN(8)
 // mode; one warp per row. Sinks join the denominator here, once.
 extern "C" __global__ void attn_combine(const float* __restrict__ part, float* __restrict__ out,
                                         const float* __restrict__ sinks, int rows, int Hq, int Dv,
-                                        int n_splits) { pdl_enter();
+                                        int n_splits, int8_t* oq, float* od) { pdl_enter();
     __shared__ float wsh[8][MAX_SPLITS];  // a warp's each: launched with 256 threads
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
     merge_split_row<8>(part + (size_t)row * n_splits * (Dv + 2), out + (size_t)row * Dv,
                        sinks ? sinks + row % Hq : nullptr, Dv, n_splits, threadIdx.x & 31, wsh[threadIdx.x >> 5]);
+    if (oq) q8_store_row(out + (size_t)row * Dv, oq + (size_t)row * Dv, od + (size_t)row * Dv / 32, Dv, threadIdx.x & 31);
 }

@@ -82,6 +82,19 @@ __device__ void merge_split_row(const float* __restrict__ p, float* __restrict__
         if (32 * c + lane < Dv) o[32 * c + lane] = a[c] * inv;
 }
 
+// ORCD_FUSE_ATTN_Q8 (Dv % 32 == 0): a row merge_split_row has just written (each lane reads back
+// its own values) rounded to int8 a 32-block, levels and scales as quantize_x8 writes them, for the
+// output projection's int8 GEMV. attn_combine always can; attn_dec's and attn_decm's own merges only
+// in a build with ORCD_FUSE_ATTN_Q8=1 (tuning.py, compile-time): the code alone, never run, moved
+// several attn_dec variants near their register limit into spills.
+#ifndef ORCD_FUSE_ATTN_Q8
+#define ORCD_FUSE_ATTN_Q8 0
+#endif
+__device__ __forceinline__ void q8_store_row(const float* o, int8_t* oq, float* od, int Dv, int lane) {
+#pragma unroll 1
+    for (int c = 0; 32 * c < Dv; ++c) q8_store_warp(o[32 * c + lane], oq, od, c, lane);
+}
+
 // attn_dec and attn_decm: the NW warps' online-softmax states of one query row merged at one output
 // dim into the row's max M, denominator L and unnormalised sum A (a warp that saw no key adds
 // nothing). ms / ls: the warps' m and l of the row, mw apart; as: their sums at this dim, aw apart.
@@ -137,7 +150,7 @@ __device__ __forceinline__ void store_slice_row(float* __restrict__ part, float*
 template <int CB>
 __device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict__ out,
                                const float* __restrict__ sinks, int* counter, int t, int kvh, int G, int Hq,
-                               int Dv, int n_splits) {
+                               int Dv, int n_splits, int8_t* oq, float* od) {
     __shared__ int is_last;
     __threadfence();
     __syncthreads();
@@ -150,6 +163,9 @@ __device__ void attn_dec_merge(const float* __restrict__ part, float* __restrict
         const size_t row = (size_t)t * Hq + kvh * G + g;
         merge_split_row<CB>(part + row * n_splits * (Dv + 2), out + row * Dv, sinks ? sinks + (row % Hq) : nullptr,
                             Dv, n_splits, threadIdx.x & 31, wsh[threadIdx.x >> 5]);
+#if ORCD_FUSE_ATTN_Q8
+        if (oq) q8_store_row(out + row * Dv, oq + row * Dv, od + row * Dv / 32, Dv, threadIdx.x & 31);
+#endif
     }
     if (threadIdx.x == 0) *counter = 0;
 }

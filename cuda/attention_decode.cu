@@ -34,7 +34,7 @@ __device__ __forceinline__ uint4 ld_k16(const uint4* p) {
 #endif
 
 template <int GM, int NC, bool Q8, bool ST>
-__device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
+__device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters, int8_t* oq, float* od) {
     constexpr int NW = 4;
     constexpr int QD = ST ? 64 * NC : 256;                    // q row floats held
     constexpr int KROW = ST ? (Q8 ? 64 : 128) * NC + 16 : 0;  // a staged key row's bytes
@@ -368,7 +368,7 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
         store_slice_row(part, out, t, Hq, h, split, n_splits, Dv, d, val, M, L);
     }
     if (n_splits > 1 && counters)
-        attn_dec_merge<2 * NC>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, Dv, n_splits);
+        attn_dec_merge<2 * NC>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, Dv, n_splits, oq, od);
 }
 
 // attn_dec_g<GM>_n<NC>_q8: the same over a Q8_0 cache (levels kc/vc, scales ks/vs). NC <= 2 stage
@@ -380,11 +380,11 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
                            const int* q_starts, const int* positions, const int* ctx_lens,               \
                            const int* block_tables, int max_blocks, int block_size, int Hq, int Hkv,     \
                            int Dk, int Dv, float scale, int window, const float* sinks, float softcap,   \
-                           int n_splits, float* part, int* counters) { pdl_enter();                      \
+                           int n_splits, float* part, int* counters, int8_t* oq, float* od) { pdl_enter(); \
         attn_dec_impl<GM, NC, false, (NC <= 2)>(q, kc, vc, nullptr, nullptr, out, q_starts, positions,   \
                                                 ctx_lens, block_tables, max_blocks, block_size, Hq, Hkv, \
                                                 Dk, Dv, scale, window, sinks, softcap, n_splits, part,   \
-                                                counters);                                               \
+                                                counters, oq, od);                                       \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(128)                                                    \
     attn_dec_g##GM##_n##NC##_q8(const float* q, const int8_t* kc, const int8_t* vc, const __half* ks,    \
@@ -392,10 +392,11 @@ __device__ void attn_dec_impl(ATTN_IMPL_PARAMS, int* __restrict__ counters) {
                                 const int* ctx_lens, const int* block_tables, int max_blocks,            \
                                 int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window, \
                                 const float* sinks, float softcap, int n_splits, float* part,            \
-                                int* counters) { pdl_enter();                                            \
+                                int* counters, int8_t* oq, float* od) { pdl_enter();                     \
         attn_dec_impl<GM, NC, true, (NC <= 2)>(q, kc, vc, ks, vs, out, q_starts, positions, ctx_lens,    \
                                                block_tables, max_blocks, block_size, Hq, Hkv, Dk, Dv,    \
-                                               scale, window, sinks, softcap, n_splits, part, counters); \
+                                               scale, window, sinks, softcap, n_splits, part, counters,  \
+                                               oq, od);                                                  \
     }
 #define ATTN_DEC_NC(GM) ATTN_DEC(GM, 1) ATTN_DEC(GM, 2) ATTN_DEC(GM, 3) ATTN_DEC(GM, 4)
 ATTN_DEC_NC(1)

@@ -296,7 +296,7 @@ __device__ void attn_decm_impl(const float* __restrict__ q, const __half* __rest
                                const int* __restrict__ ctx_lens, const int* __restrict__ block_tables, int max_blocks,
                                int block_size, int Hq, int Hkv, float scale, int window,
                                const float* __restrict__ sinks, float softcap, int n_splits, float* __restrict__ part,
-                               int* __restrict__ counters) {
+                               int* __restrict__ counters, int8_t* oq, float* od) {
     constexpr int LD = D + 8;   // row stride in halves (attn_mma's)
     constexpr int KS = D / 16;  // k-steps of Q K^T; also pairs of 8-wide output tiles
     constexpr int CPR = D / 8;  // 16-byte chunks per K or V row
@@ -405,7 +405,7 @@ __device__ void attn_decm_impl(const float* __restrict__ q, const __half* __rest
                         M, L);
     }
     if (n_splits > 1 && counters)
-        attn_dec_merge<(D + 31) / 32>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, D, n_splits);
+        attn_dec_merge<(D + 31) / 32>(part, out, sinks, counters + b * Hkv + kvh, t, kvh, G, Hq, D, n_splits, oq, od);
 }
 
 // attn_decm_d<D>: attn_dec's f16 arguments (Dk = Dv = D; 544 * (D + 8) bytes of dynamic shared memory).
@@ -414,10 +414,12 @@ __device__ void attn_decm_impl(const float* __restrict__ q, const __half* __rest
     attn_decm_d##D(const float* q, const __half* kc, const __half* vc, float* out, const int* q_starts,  \
                    const int* positions, const int* ctx_lens, const int* block_tables, int max_blocks,   \
                    int block_size, int Hq, int Hkv, int Dk, int Dv, float scale, int window,             \
-                   const float* sinks, float softcap, int n_splits, float* part, int* counters) {        \
+                   const float* sinks, float softcap, int n_splits, float* part, int* counters,          \
+                   int8_t* oq, float* od) {                                                              \
         pdl_enter();                                                                                     \
         attn_decm_impl<D>(q, kc, vc, out, q_starts, positions, ctx_lens, block_tables, max_blocks,       \
-                          block_size, Hq, Hkv, scale, window, sinks, softcap, n_splits, part, counters); \
+                          block_size, Hq, Hkv, scale, window, sinks, softcap, n_splits, part, counters,  \
+                          oq, od);                                                                       \
     }
 
 ATTN_DECM(64)

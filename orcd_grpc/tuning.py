@@ -147,6 +147,9 @@ class Tuning:
     fuse_q8: bool = _switch(
         True, "ORCD_FUSE_Q8", "RMSNorm and fused-GLU kernels of up to ORCD_GEMV_INT8_TOKENS rows write the int8 rounding the next GEMV "
         "takes (no quantize launch: qwen2.5 B=1 1,318 -> 1,245 us, phi3-mini 2,680 -> 2,568)")
+    fuse_attn_q8: bool = _switch(
+        False, "ORCD_FUSE_ATTN_Q8", "... and so does the merge of a split decode attention step (attn_dec, attn_decm, "
+        "attn_combine) for the output projection (no quantize launch a layer; not yet run on a GPU)", compile_time=True)
     split_views: bool = _switch(
         True, "ORCD_SPLIT_VIEWS", "a one-row split hands back views of its input instead of launching a copy")
 

@@ -105,6 +105,31 @@ def test_mha_decode_takes_attn_dec_split_by_the_device(monkeypatch, sms, want):
     assert [(n, g[0]) for n, g in launched] == [("attn_dec_g1_n2", want)]
 
 
+@pytest.mark.parametrize("merge", [True, False], ids=["in-kernel", "attn_combine"])
+def test_split_decode_attention_writes_the_rounding_the_output_projection_takes(monkeypatch, merge):
+    """ORCD_FUSE_ATTN_Q8: phi3-mini at B=1 (attn_dec over 17 slices) hands the merge, its own last slice
+    or attn_combine, the out.q8 levels and scales, and attn_output's int8 GEMV then launches no
+    quantize_x8; off (the default), or a step of one slice, or a head dim not a multiple of 32 hand
+    it none."""
+    tuning = dataclasses.replace(DEFAULT, fuse_attn_q8=True, attn_merge=merge)
+    be, launched = _backend(monkeypatch, tuning)
+    args = []
+    be._launch = lambda k, grid, block, *a, shared=0: (launched.append((k.name, grid)), args.append(a))
+    out = _attend(be, 1, 32, 32, 96)
+    assert [n for n, _ in launched] == ["attn_dec_g1_n2"] + ([] if merge else ["attn_combine"])
+    assert out.q8 is not None and args[-1][-2:] == (out.q8[0].ptr, out.q8[1].ptr)  # the merging kernel's
+    launched.clear()
+    w = SimpleNamespace(qtype=Q.Q4_K, n=3072, k=3072, n_experts=None, ptr=0x10000)
+    be.linear(out, w)
+    assert [n for n, _ in launched] == ["gemv_q4_k_1_i8"]
+    for t, shape in ((DEFAULT, (1, 32, 32, 96)), (dataclasses.replace(tuning, attn_splits=1), (1, 32, 32, 96)),
+                     (tuning, (1, 8, 8, 80))):
+        be.tuning = t
+        launched.clear()
+        args.clear()
+        assert _attend(be, *shape).q8 is None and all(a[-2:] == (0, 0) for a in args)
+
+
 def test_gqa_decode_takes_the_tensor_core_kernel(monkeypatch):
     """qwen2.5 (14 q heads on 2 kv heads, head dim 64) at B=1: attn_decm_d64 over 32 key slices (the
     default cap; 4 CTAs per SM would be 264), merged by its last CTA, with 544 * (64 + 8) bytes of

@@ -293,10 +293,12 @@ class AttentionMixin:
         return kv.scale_ptrs(layer) if kv.q8 else ()
 
     def _combine(self, part, out, sinks, rows, Hq, Dv, splits):
-        """attn_combine: merges the split-key partials of `rows` (token, q head) rows into out."""
-        comb = self._k("attention", "attn_combine", "PPPiiii")
+        """attn_combine: merges the split-key partials of `rows` (token, q head) rows into out (and
+        into out.q8 where the decode step asked for it: _merge_q8)."""
+        comb = self._k("attention", "attn_combine", "PPPiiiiPP")
+        q8 = (out.q8[0].ptr, out.q8[1].ptr) if out.q8 is not None else (0, 0)
         self._launch(comb, (-(-rows // 8), 1, 1), (256, 1, 1), part.ptr, out.ptr, sinks.ptr if sinks is not None else 0,
-                     np.int32(rows), np.int32(Hq), np.int32(Dv), np.int32(splits))
+                     np.int32(rows), np.int32(Hq), np.int32(Dv), np.int32(splits), *q8)
 
     def _decode_attention(self, q, kv, layer, ctx, out, Hq, Hkv, Dk, Dv, group, scale, window, sinks, softcap,
                           mma=False):
@@ -306,7 +308,7 @@ class AttentionMixin:
         smem = 0
         if mma:
             name = f"attn_decm_d{Dk}"
-            kern = self._k("attention_mma", name, "PPPPPPPPiiiiiifiPfiPP")
+            kern = self._k("attention_mma", name, "PPPPPPPPiiiiiifiPfiPPPP")
             smem = 2 * (16 + 4 * 2 * 32) * (Dk + 8)  # 16 q rows, each of 4 warps' 32 K and 32 V rows: f16, padded by 8
             if smem > 48 * 1024 and (name, smem) not in self._attr_set:
                 kern.fn.set_attribute(self._drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
@@ -314,7 +316,7 @@ class AttentionMixin:
         else:
             gm = next(g for g in (1, 2, 4, 8) if g >= group)
             kern = self._k("attention_decode", f"attn_dec_g{gm}_n{-(-Dv // 64)}" + ("_q8" if kv.q8 else ""),
-                           "PPPPPPPPPPiiiiiifiPfiPP" if kv.q8 else "PPPPPPPPiiiiiifiPfiPP")
+                           "PPPPPPPPPPiiiiiifiPfiPPPP" if kv.q8 else "PPPPPPPPiiiiiifiPfiPPPP")
         splits = _key_splits(dec_target_ctas(self.limits), ctx.B * Hkv, self.tuning.attn_splits)
         part = self._out((ctx.T * Hq, splits, Dv + 2)) if splits > 1 else None
         counters = 0
@@ -329,7 +331,16 @@ class AttentionMixin:
                      np.int32(ctx.block_size), np.int32(Hq), np.int32(Hkv), np.int32(Dk), np.int32(Dv),
                      np.float32(scale), np.int32(window or 0), sinks.ptr if sinks is not None else 0,
                      np.float32(softcap or 0.0), np.int32(splits), part.ptr if part is not None else 0, counters,
-                     shared=smem)
+                     *self._merge_q8(out, part, ctx.T, Hq * Dv, Dv), shared=smem)
         if part is not None and not counters:
             self._combine(part, out, sinks, ctx.T * Hq, Hq, Dv, splits)
         return out
+
+    def _merge_q8(self, out, part, T: int, d: int, Dv: int) -> tuple[int, int]:
+        """(levels, scales) pointers for the merge of a split decode step to write out's int8
+        rounding into (out.q8, for the output projection's int8 GEMV: ORCD_FUSE_ATTN_Q8), or (0, 0).
+        Only the merge writes it, so a step of one key slice a row gets none."""
+        if part is None or not self.tuning.fuse_attn_q8 or Dv % 32 or not self._q8_rows(T, d):
+            return 0, 0
+        out.q8 = self._q8_scratch(T * d)
+        return out.q8[0].ptr, out.q8[1].ptr

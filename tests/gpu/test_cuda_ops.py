@@ -371,8 +371,10 @@ def check_attention_case(be, rng, case, label, *, cached, fill, outlier_keys=Fal
     keys a few large channels, as real ones have. Bound 3e-4, or 2e-3 where the step ran on
     tensor cores (attn_mma and attn_decm round the scaled queries and the softmax weights to f16,
     2^-11 each). q_held(q, scale, kernels): the queries as the kernels that ran hold them, for the
-    reference (default: as given)."""
+    reference (default: as given). Returns how many steps also wrote out's int8 rounding (out.q8:
+    ORCD_FUSE_ATTN_Q8), each checked against the step's own float output."""
     Hq, Hkv, D, plens, extra, window, with_sinks, softcap = case
+    rounded = 0
     bs = 16
     # every sequence's blocks plus slack, so the shuffled tables do not run out on long prompts
     nblocks = sum(-(-(p + e) // bs) for p, e in zip(plens, extra)) + 8
@@ -404,9 +406,14 @@ def check_attention_case(be, rng, case, label, *, cached, fill, outlier_keys=Fal
                                 softcap=softcap)
             mma = any(name.startswith(("attn_mma", "attn_decm")) for name in ran)
             assert out.shape == (T, Hq * D)
-            assert rel(be.to_host(out), exp) < (2e-3 if mma else 3e-4), (case, label)
+            got = be.to_host(out)
+            assert rel(got, exp) < (2e-3 if mma else 3e-4), (case, label)
+            if out.q8 is not None:
+                _check_q8(be, out, got)
+                rounded += 1
     finally:
         kv_dev.buf.free()
+    return rounded
 
 
 @pytest.mark.parametrize("mode", list(ATTN_MODES))
@@ -417,6 +424,21 @@ def test_attention(be, rng, case, mode, monkeypatch):
         be, rng, case, mode,
         cached=lambda k, v: (k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)),
         fill=lambda kv: be._drv.memset_d16(kv.buf.ptr, 0x7E00, kv.buf.nbytes // 2))  # f16 NaN
+
+
+@pytest.mark.parametrize("mode", ["default", "combine-launch", "dec-mma", "dec-gqa"])
+@pytest.mark.parametrize("case", [ATTN_CASES[i] for i in (9, 10, 11, 12)], ids=["qwen", "gpt-oss", "phi3", "phi3-batch"])
+def test_attention_writes_its_int8_rounding(be, rng, case, mode, monkeypatch):
+    """ORCD_FUSE_ATTN_Q8: a split decode step's merge (attn_dec's or attn_decm's last slice, or
+    attn_combine) also writes the output's int8 rounding for the output projection: every such
+    step's levels and scales against the step's own float output (_check_q8), and the floats as
+    check_attention_case bounds them."""
+    tune(monkeypatch, be, **ATTN_MODES[mode], fuse_attn_q8=True)
+    rounded = check_attention_case(
+        be, rng, case, mode,
+        cached=lambda k, v: (k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)),
+        fill=lambda kv: be._drv.memset_d16(kv.buf.ptr, 0x7E00, kv.buf.nbytes // 2))
+    assert rounded >= 1, (case, mode)
 
 
 # ---- linear / embed (cuda_quant) ---------------------------------------------------------------
