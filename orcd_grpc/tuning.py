@@ -114,6 +114,11 @@ class Tuning:
         32, "ORCD_ATTN_SPLITS", "most key slices per (sequence, kv head) in decode attention, 1..256 (1: no split; "
         "a cap of 4 took qwen2.5 B=1 from 1,318 to 1,659 us; 256 took its decode at a depth of 32k from 133 to 304 "
         "tok/s, its cost at short contexts not yet measured)")
+    attn_splits_deep: int = _switch(
+        0, "ORCD_ATTN_SPLITS_DEEP", "... and this many (1..256) for decode steps whose deepest sequence holds more "
+        "than 4,096 keys (32 slices of 128), each batch bucket on a graph of its own there, captured on first use "
+        "(256 took qwen2.5's decode at a depth of 32k from 133 to 304 tok/s and cost 11 % at a depth of 256: "
+        "ORCD_ATTN_SPLITS); 0: the one cap at every depth. Not yet measured")
     attn_dec_max_group: int = _switch(
         1, "ORCD_ATTN_DEC_MAX_GROUP", "decode steps of models with at most this many q heads per kv head use "
         "attn_dec (MHA phi3-mini 4,214 -> 3,322 us; GQA at B=1 slower: qwen2.5 19.1 against 15.8 us per layer)")
@@ -208,6 +213,8 @@ class Tuning:
                 raise ValueError(f"{f.metadata['env']} ({f.name}) must be a whole number >= 0, not {v!r}")
         if self.gemm_i8_ctas < 1:
             raise ValueError(f"ORCD_GEMM_I8_CTAS (gemm_i8_ctas) must be at least 1, not {self.gemm_i8_ctas}")
+        if self.attn_splits_deep > 256:
+            raise ValueError(f"ORCD_ATTN_SPLITS_DEEP (attn_splits_deep) must be 0..256, not {self.attn_splits_deep}")
         if not 1 <= self.attn_splits <= 256:
             raise ValueError(f"ORCD_ATTN_SPLITS (attn_splits) must be 1..256 (merge_split_row's MAX_SPLITS), "
                              f"not {self.attn_splits}")

@@ -147,6 +147,25 @@ def test_gqa_decode_takes_the_tensor_core_kernel(monkeypatch):
     assert launched[0][1] == (32, 3, 4)
 
 
+def test_deep_decode_steps_take_more_key_slices(monkeypatch):
+    """ORCD_ATTN_SPLITS_DEEP=256: qwen2.5 at B=1 past 4,096 keys on 256 slices (4 CTAs an SM would be
+    264), below it on the usual 32; a step's meta.deep (a graph key's class) overrides its depth;
+    off (0, the default), 32 at any depth."""
+    be, launched = _backend(monkeypatch, dataclasses.replace(DEFAULT, attn_splits_deep=256))
+    layout = KVLayout(n_layers=1, num_blocks=1024, block_size=16, n_kv_heads=2, head_dim_k=64, head_dim_v=64)
+    kv = be.alloc_kv(layout)
+    for ctx_len, deep, want in ((8000, None, 256), (4096, None, 32), (4097, None, 256), (300, True, 256),
+                                (8000, False, 32)):
+        launched.clear()
+        ctx = be.begin_step(dataclasses.replace(_decode_meta(1, ctx_len), deep=deep))
+        be.attention(be._out((1, 14, 64)), None, None, kv, 0, ctx, scale=0.125)
+        assert launched == [("attn_decm_d64", (want, 1, 2))], (ctx_len, deep)
+    be.tuning = DEFAULT
+    launched.clear()
+    be.attention(be._out((1, 14, 64)), None, None, kv, 0, be.begin_step(_decode_meta(1, 8000)), scale=0.125)
+    assert launched == [("attn_decm_d64", (32, 1, 2))]
+
+
 def test_gqa_decode_without_attn_decm_takes_the_tiled_kernel_and_a_combine(monkeypatch):
     """ORCD_ATTN_DEC_MMA=0: qwen2.5 at B=1 on attn_d2_b over 32 key slices, then attn_combine; with
     ORCD_ATTN_SPLITS=256, 132 (264 CTAs on the H100's 132 SMs)."""

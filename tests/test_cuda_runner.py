@@ -465,6 +465,31 @@ def test_padded_metadata_of_large_batches_is_the_row_by_row_one():
     np.testing.assert_array_equal(small.slot_mapping[:5], big.slot_mapping[:5])
 
 
+def test_deep_decode_steps_key_a_graph_of_their_own():
+    """ORCD_ATTN_SPLITS_DEEP: a decode step whose deepest row holds more than 4,096 keys replays the graph
+    ("decode", bucket, "deep"), its metadata marked deep (attention's key slices were captured for
+    it); shallower steps, or the switch off, keep ("decode", bucket) and deep=False."""
+    from orcd_grpc.backends.runner import RowSampling
+
+    sampling = RowSampling(GREEDY, None)
+
+    def plan(*starts):
+        return StepPlan([PlanRow(i, [5], s, 1, list(range(s // 16 + 1)), [1], [2] * s, sampling)
+                         for i, s in enumerate(starts)], 16)
+
+    model = RunnerModel(forward=None, hp=None, n_experts_used=0, block_size=16, pad_block=999, table_width=600,
+                        max_sequences=8)
+    for tuning, starts, key in ((Tuning(attn_splits_deep=256), (100, 5000), ("decode", 2, "deep")),
+                                (Tuning(attn_splits_deep=256), (100, 4095), ("decode", 2)),
+                                (Tuning(attn_splits_deep=256), (4096,), ("decode", 1, "deep")),
+                                (Tuning(), (100, 5000), ("decode", 2))):
+        be = SimpleNamespace(name="cuda", host_memory=False, workspace_bytes=0, tuning=tuning)
+        runner = CudaRunner(be, model)
+        p = plan(*starts)
+        got, meta = runner._decode_graph(p, runner._bucket(p))
+        assert got == key and meta.deep is (len(key) > 2), (starts, got)
+
+
 class ScoringFakeCuda(FakeCuda):
     """FakeCuda with score.cu's and the row gather's contracts in NumPy: the device-side
     scoring path's indexing (which logits row is which position, which rows are sampled after)."""

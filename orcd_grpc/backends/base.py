@@ -65,6 +65,9 @@ class StepMeta:
     # The most tokens any sequence has in the step as the kernels are to assume (their grids): None,
     # the step's own; a graph-replayed step of mixed rows pins it to its bucket's (cuda_runner)
     max_q: int | None = None
+    # Whether decode attention may split keys as for a deep context (tuning.attn_splits_deep): None,
+    # from the step's own contexts; a graph-replayed decode step pins it to its key's (cuda_runner)
+    deep: bool | None = None
 
     @property
     def num_tokens(self) -> int:

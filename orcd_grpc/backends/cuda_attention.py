@@ -260,7 +260,7 @@ class AttentionMixin:
         # depends only on the batch shape, so a captured graph stays valid as contexts grow.
         splits = 1
         if tiles == 1:
-            splits = _key_splits(tiled_target_ctas(self.limits), ctx.B * Hkv, self.tuning.attn_splits)
+            splits = _key_splits(tiled_target_ctas(self.limits), ctx.B * Hkv, self._split_cap(ctx))
         part = self._out((T * Hq, splits, Dv + 2)) if splits > 1 else None
         self._launch(kern, (splits if splits > 1 else tiles, ctx.B, Hkv), (256, 1, 1), q.ptr, kv.k_ptr(layer),
                      kv.v_ptr(layer), *self._scale_args(kv, layer), out.ptr, ctx.q_starts, ctx.positions, ctx.ctx_lens, ctx.block_tables,
@@ -270,6 +270,12 @@ class AttentionMixin:
         if part is not None:
             self._combine(part, out, sinks, T * Hq, Hq, Dv, splits)
         return out
+
+    def _split_cap(self, ctx) -> int:
+        """The most key slices a decode step's rows may take: tuning.attn_splits, or
+        tuning.attn_splits_deep for a deep step (CudaStep.deep: its deepest sequence, or its graph's key)."""
+        deep = self.tuning.attn_splits_deep
+        return deep if deep and ctx.deep else self.tuning.attn_splits
 
     def _mma_attention(self, q, kv, layer, ctx, out, Hq, Hkv, D, group, scale, window, sinks, softcap):
         """attn_mma_d<D>: a prefill step's attention on tensor cores, one 4-warp CTA per 64 query rows
@@ -317,7 +323,7 @@ class AttentionMixin:
             gm = next(g for g in (1, 2, 4, 8) if g >= group)
             kern = self._k("attention_decode", f"attn_dec_g{gm}_n{-(-Dv // 64)}" + ("_q8" if kv.q8 else ""),
                            "PPPPPPPPPPiiiiiifiPfiPPPP" if kv.q8 else "PPPPPPPPiiiiiifiPfiPPPP")
-        splits = _key_splits(dec_target_ctas(self.limits), ctx.B * Hkv, self.tuning.attn_splits)
+        splits = _key_splits(dec_target_ctas(self.limits), ctx.B * Hkv, self._split_cap(ctx))
         part = self._out((ctx.T * Hq, splits, Dv + 2)) if splits > 1 else None
         counters = 0
         if part is not None and self.tuning.attn_merge and ctx.B * Hkv <= _ATTN_COUNTERS:

@@ -54,9 +54,10 @@ def _columns(width: int) -> np.ndarray:
     return cols
 
 
-def decode_meta(plan: StepPlan, nb: int, m: RunnerModel) -> StepMeta:
+def decode_meta(plan: StepPlan, nb: int, m: RunnerModel, deep: bool = False) -> StepMeta:
     """A decode step padded to nb one-token rows, its block tables to the longest a sequence
-    can have. One array write per row, the rest whole-batch."""
+    can have. One array write per row, the rest whole-batch. deep: the graph key's depth class
+    (attention's key slices), whatever the rows' own depths."""
     bs, rows = plan.block_size, plan.rows
     B = len(rows)
     tables = np.full((nb, m.table_width), -1, np.int32)     # [nb, table_width]
@@ -82,7 +83,7 @@ def decode_meta(plan: StepPlan, nb: int, m: RunnerModel) -> StepMeta:
         slots[:B] = flat[np.cumsum(lens) - lens + p // bs] * bs + p % bs
     ar = np.arange(nb + 1, dtype=np.int32)
     return StepMeta(token_ids=ids, positions=pos, q_starts=ar, ctx_lens=pos + 1, slot_mapping=slots,
-                    block_tables=tables, block_size=bs, logits_rows=ar[:nb])
+                    block_tables=tables, block_size=bs, logits_rows=ar[:nb], deep=deep)
 
 
 def mixed_meta(plan: StepPlan, nb: int, tb: int, m: RunnerModel) -> StepMeta:

@@ -38,6 +38,7 @@ from .. import logs
 from ..sampling import TokenSample
 from .cuda_padding import GRAPH_BUCKETS, decode_meta, mixed_bucket, mixed_meta, mixed_token_buckets, verify_meta
 from .cuda_sampling import pack_sampling_row
+from .cuda_step import DEEP_CTX
 from .host_runner import forward_plan, host_result
 from .runner import (MAX_SCORE_TOP, Capabilities, Launched, PlanRow, PromptScores, RowSampling, Runner, RunnerModel,
                      StepPlan, StepResult, fill_bitmasks, logits_layout, max_logits_rows, max_step_tokens, score_targets)
@@ -87,6 +88,7 @@ class CudaRunner(Runner):
         self.feed_eager = tuning.feed_eager  # ORCD_FEED_EAGER (with lookahead)
         self.mixed_graphs = bool(self.buckets) and tuning.mixed_graphs  # ORCD_MIXED_GRAPHS
         self.feed_changed = self.lookahead and tuning.feed_changed  # ORCD_FEED_CHANGED
+        self.deep_graphs = bool(tuning.attn_splits_deep)  # ORCD_ATTN_SPLITS_DEEP: _decode_graph
         self.mixed_tokens = mixed_token_buckets(tuning)
         self.verify_buckets = [b for b in self.buckets if b <= VERIFY_MAX_BATCH] if tuning.verify_graphs else []
         ws = int(backend.workspace_bytes)
@@ -136,7 +138,7 @@ class CudaRunner(Runner):
         for key in keys:
             for _ in range(2):  # graph_step: the first step of a key runs eagerly, the second captures
                 if not self.backend.graph_ready(key):
-                    meta = (decode_meta(empty, key[1], self.model) if key[0] == "decode"
+                    meta = (decode_meta(empty, key[1], self.model, len(key) > 2) if key[0] == "decode"
                             else mixed_meta(empty, *key[1:], self.model))
                     self.backend.graph_step(key, meta, self.model.forward)
         after = self.backend.gpu_info()
@@ -164,7 +166,7 @@ class CudaRunner(Runner):
             return self._queue(plan, bucket, feed=None)
         verify = None if bucket else self._verify_key(plan)
         if bucket:
-            logits = self.backend.graph_step(("decode", bucket), decode_meta(plan, bucket, self.model), self.model.forward)
+            logits = self.backend.graph_step(*self._decode_graph(plan, bucket), self.model.forward)
         elif verify:
             nb, n = verify
             logits = self.backend.graph_step(("verify", nb, n), verify_meta(plan, nb, n, self.model),
@@ -210,6 +212,14 @@ class CudaRunner(Runner):
         if any(r.n != 1 or r.logits or not r.sample or r.start < len(r.prompt_ids) for r in rows):
             return 0
         return next(b for b in self.buckets if b >= len(rows))
+
+    def _decode_graph(self, plan: StepPlan, bucket: int, meta: bool = True):
+        """The graph key of a decode step in `bucket`, and its padded metadata (meta=False: None). With
+        ORCD_ATTN_SPLITS_DEEP, a step whose deepest row holds more than DEEP_CTX keys has a graph of its
+        own per bucket ("decode", nb, "deep"), whose attention may take that many key slices."""
+        deep = self.deep_graphs and max(r.start + 1 for r in plan.rows) > DEEP_CTX
+        key = ("decode", bucket, "deep") if deep else ("decode", bucket)
+        return key, (decode_meta(plan, bucket, self.model, deep) if meta else None)
 
     def _verify_key(self, plan: StepPlan) -> tuple[int, int] | None:
         """(batch bucket, tokens per row) of a speculative verify step that can replay a graph: every
@@ -294,7 +304,7 @@ class CudaRunner(Runner):
         """A pure decode step on a captured graph, sampled on the device without penalties (which
         need the host's token history) or a logit bias (sampled on the host): the kind of step
         that can be queued."""
-        return (self.lookahead and bucket > 0 and self.backend.graph_ready(("decode", bucket))
+        return (self.lookahead and bucket > 0 and self.backend.graph_ready(self._decode_graph(plan, bucket, meta=False)[0])
                 and not any(r.sampling.penalised or r.bias is not None for r in plan.rows))
 
     def _queue(self, plan: StepPlan, bucket: int, feed, runs=None) -> Launched:
@@ -302,8 +312,8 @@ class CudaRunner(Runner):
         feed: the sampling of the step before (its tokens, not yet on the host, are this step's
         inputs; runs: which go to which row, _feed_runs)."""
         rows = plan.rows
-        logits = self.backend.graph_step(("decode", bucket), decode_meta(plan, bucket, self.model), self.model.forward,
-                                         feed=feed, overlap=True, feed_rows=runs)
+        logits = self.backend.graph_step(*self._decode_graph(plan, bucket), self.model.forward, feed=feed, overlap=True,
+                                         feed_rows=runs)
         if logits.shape[0] != len(rows):
             logits = logits.row_slice(0, len(rows))
         return self._queued_sampling(plan, logits)

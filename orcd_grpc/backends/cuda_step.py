@@ -16,10 +16,16 @@ from .cuda_context import _capture_lock, _context, free_pinned
 log = logs.get_logger("orcd.cuda")
 
 
+# Keys in the deepest sequence of a decode step above which attention may take
+# tuning.attn_splits_deep key slices: the default 32 slices then hold more than one 4-warp pass
+# (128 keys) each.
+DEEP_CTX = 32 * 128
+
+
 class CudaStep:
     """What ops need of a step: the host meta and device pointers to its uploaded copies."""
 
-    __slots__ = ("meta", "T", "B", "R", "max_q", "max_blocks", "block_size",
+    __slots__ = ("meta", "T", "B", "R", "max_q", "deep", "max_blocks", "block_size",
                  "token_ids", "positions", "q_starts", "ctx_lens", "slot_mapping", "block_tables", "logits_rows")
 
     def __getattr__(self, name):  # fall through to StepMeta fields (num_tokens, ...)
@@ -77,6 +83,8 @@ class StepMixin:
             if meta.max_q < st.max_q:
                 raise Internal(f"a step of up to {st.max_q} tokens a sequence cannot run as one of {meta.max_q}")
             st.max_q = int(meta.max_q)
+        ctx_lens = np.asarray(meta.ctx_lens)
+        st.deep = bool(meta.deep) if meta.deep is not None else bool(B and int(ctx_lens.max()) > DEEP_CTX)
         st.max_blocks, st.block_size = int(tables.shape[1]), int(meta.block_size)
         self._decode_step = st.max_q <= 1
         self._meta_turn ^= 1

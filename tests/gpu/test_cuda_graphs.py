@@ -274,3 +274,30 @@ def test_graphs_with_the_moe_pair(tmp_path, monkeypatch):
     int8 input: the tiny model's are below ORCD_GEMV_INT8_MIN otherwise)."""
     monkeypatch.setenv("ORCD_GEMV_INT8_MIN", "0")
     test_graphs_captured_at_load_serve_every_architecture("gpt_oss", tmp_path, monkeypatch)
+
+
+def test_deep_decode_graphs_match_eager(tmp_path, monkeypatch):
+    """ORCD_ATTN_SPLITS_DEEP=256: a sequence crossing 4,096 keys while it decodes moves from its
+    ("decode", nb) graph to ("decode", nb, "deep") (more key slices, captured then), and both give the
+    tokens of eager steps."""
+    from orcd_grpc.loader import load_engine
+
+    monkeypatch.setenv("ORCD_ATTN_SPLITS_DEEP", "256")
+    path = write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0", ctx=8192)
+    rng = np.random.default_rng(7)
+    prompts = [[1] + rng.integers(3, 320, 4088).tolist(), [1] + rng.integers(3, 320, 50).tolist()]
+    results = {}
+    for name in ("graph", "eager"):
+        eng = load_engine(path, backend="cuda", max_sequences=4, max_context=4352)
+        try:
+            if name == "eager":
+                eng.runner.buckets = []
+            results[name] = _run_schedule(eng, prompts, 16)
+            if name == "graph":
+                keys = set(eng.backend._graphs)
+                decode = [k for k in keys if k[0] == "decode"]
+                assert any(len(k) == 3 for k in decode) and any(len(k) == 2 for k in decode), sorted(keys)
+        finally:
+            eng.close()
+    assert results["graph"][0] == results["eager"][0]
+

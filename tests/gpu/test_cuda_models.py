@@ -20,16 +20,16 @@ pytestmark = pytest.mark.gpu
 
 
 def write_tiny_llama(path, qtype: str, *, vocab=320, d=256, n_layers=3, n_heads=8, n_kv=2, d_ff=512, seed=0,
-                     v_qtype: str | None = None, qkv_bias: bool = False):
+                     v_qtype: str | None = None, qkv_bias: bool = False, ctx: int = 512):
     """A random llama GGUF; v_qtype: attn_v in another type (as qwen2.5's Q4_K_M files have it);
-    qkv_bias: Q/K/V biases (as qwen2 has)."""
+    qkv_bias: Q/K/V biases (as qwen2 has); ctx: its trained context length."""
     import gguf
     from gguf import GGMLQuantizationType as QT
 
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(n_layers)
-    w.add_context_length(512)
+    w.add_context_length(ctx)
     w.add_embedding_length(d)
     w.add_feed_forward_length(d_ff)
     w.add_head_count(n_heads)
