@@ -304,7 +304,8 @@ class CudaRunner(Runner):
         """A pure decode step on a captured graph, sampled on the device without penalties (which
         need the host's token history) or a logit bias (sampled on the host): the kind of step
         that can be queued."""
-        return (self.lookahead and bucket > 0 and self.backend.graph_ready(self._decode_graph(plan, bucket, meta=False)[0])
+        return (self.lookahead and bucket > 0
+                and self.backend.graph_ready(self._decode_graph(plan, bucket, meta=False)[0])
                 and not any(r.sampling.penalised or r.bias is not None for r in plan.rows))
 
     def _queue(self, plan: StepPlan, bucket: int, feed, runs=None) -> Launched:
