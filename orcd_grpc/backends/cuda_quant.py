@@ -234,16 +234,20 @@ def moe_i8_eligible(w: QuantWeight, grouped: bool, tuning: Tuning = DEFAULT) -> 
 
 
 def _i8_gemv(x_ptr, w: QuantWeight, y_ptr, bias_ptr, x8: tuple, x8_ready: bool, n_in: int, slots: int, stream,
-             tuning: Tuning, sms: int, T: int = 1, **call) -> None:
+             tuning: Tuning, sms: int, T: int = 1, pair: tuple | None = None, **call) -> None:
     """The int8-input GEMV of T <= GEMV_MAX_T token rows over `slots` grid columns, after quantize_x8
-    of x's n_in floats into x8 = (xq_ptr, xd_ptr) unless x8_ready (x's producer wrote them)."""
+    of x's n_in floats into x8 = (xq_ptr, xd_ptr) unless x8_ready (x's producer wrote them). pair:
+    (weight pointer, bias pointer) of a second matrix of w's format and shape that the grid's second
+    half of `slots` runs on (gemv_*_i8_pair)."""
     if not _i8_kernel_for(w):
         raise ValueError(f"the int8-input GEMV serves integer formats with k % 32 == 0 ({w.qtype.name} k={w.k})")
     xq_ptr, xd_ptr = x8
     if not x8_ready:
         quantize_x8(x_ptr, xq_ptr, xd_ptr, n_in, stream, tuning)
-    f, gx = _gemv(_NAME[w.qtype], _nt(T), w.n, slots, tuning, sms, "i8", sig=_GEMV_SIG + "P")
-    _gemv_call(f, (gx, slots), stream, xq_ptr, w, y_ptr, bias_ptr, T, _p(xd_ptr), **call)
+    extra = () if pair is None else tuple(map(_p, pair))
+    f, gx = _gemv(_NAME[w.qtype], _nt(T), w.n, slots, tuning, sms, "i8" if pair is None else "i8_pair",
+                  sig=_GEMV_SIG + "P" * (1 + len(extra)))
+    _gemv_call(f, (gx, slots), stream, xq_ptr, w, y_ptr, bias_ptr, T, _p(xd_ptr), *extra, **call)
 
 
 def _i8_gemm_rows(T: int, tuning: Tuning, decode: bool) -> bool:
@@ -416,10 +420,10 @@ def moe_grouped_i8(w: QuantWeight, T: int, top_k: int, tuning: Tuning = DEFAULT,
 
 def moe_pair_eligible(w_gate: QuantWeight, w_up: QuantWeight, grouped: bool, tuning: Tuning = DEFAULT) -> bool:
     """Whether gate and up take one per-slot int8 GEMV launch (moe_matmul_pair; gpt-oss-20b's B=1 graph
-    2,313 -> 2,145 us against two launches, H100): both on the int8 input, one format and shape."""
+    2,313 -> 2,145 us against two launches, H100): both on the int8 input, one format and shape (so
+    one expert stride)."""
     return (moe_i8_eligible(w_gate, grouped, tuning) and moe_i8_eligible(w_up, grouped, tuning)
-            and w_gate.qtype == w_up.qtype and (w_gate.n, w_gate.k) == (w_up.n, w_up.k)
-            and w_gate.expert_bytes == w_up.expert_bytes)
+            and w_gate.qtype == w_up.qtype and (w_gate.n, w_gate.k) == (w_up.n, w_up.k))
 
 
 def moe_matmul_pair(x_ptr, w_gate: QuantWeight, w_up: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream,
@@ -431,12 +435,8 @@ def moe_matmul_pair(x_ptr, w_gate: QuantWeight, w_up: QuantWeight, expert_ids_pt
     programmatic-launch wait, which is safe only with their producer two launches back."""
     if T <= 0:
         return
-    slots = T * top_k
-    xq_ptr, xd_ptr = x8
-    quantize_x8(x_ptr, xq_ptr, xd_ptr, T * w_gate.k, stream, tuning)
-    f, gx = _gemv(_NAME[w_gate.qtype], 1, w_gate.n, 2 * slots, tuning, sms, "i8_pair", sig=_GEMV_SIG + "PPP")
-    _gemv_call(f, (gx, 2 * slots), stream, xq_ptr, w_gate, y_ptr, bias_gate_ptr, 1, _p(xd_ptr), _p(w_up.ptr),
-               _p(bias_up_ptr), ids_ptr=expert_ids_ptr, expert_stride=w_gate.expert_bytes, top_k=top_k)
+    _i8_gemv(x_ptr, w_gate, y_ptr, bias_gate_ptr, x8, False, T * w_gate.k, 2 * T * top_k, stream, tuning, sms,
+             pair=(w_up.ptr, bias_up_ptr), ids_ptr=expert_ids_ptr, expert_stride=w_gate.expert_bytes, top_k=top_k)
 
 
 def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int, stream, bias_ptr=None,
