@@ -486,7 +486,8 @@ def test_deep_decode_steps_key_a_graph_of_their_own():
         be = SimpleNamespace(name="cuda", host_memory=False, workspace_bytes=0, tuning=tuning)
         runner = CudaRunner(be, model)
         p = plan(*starts)
-        got, meta = runner._decode_graph(p, runner._bucket(p))
+        got = runner._decode_key(p)
+        meta = runner._decode_meta(p, got)
         assert got == key and meta.deep is (len(key) > 2), (starts, got)
 
 

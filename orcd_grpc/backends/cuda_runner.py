@@ -138,7 +138,7 @@ class CudaRunner(Runner):
         for key in keys:
             for _ in range(2):  # graph_step: the first step of a key runs eagerly, the second captures
                 if not self.backend.graph_ready(key):
-                    meta = (decode_meta(empty, key[1], self.model, len(key) > 2) if key[0] == "decode"
+                    meta = (self._decode_meta(empty, key) if key[0] == "decode"
                             else mixed_meta(empty, *key[1:], self.model))
                     self.backend.graph_step(key, meta, self.model.forward)
         after = self.backend.gpu_info()
@@ -149,24 +149,24 @@ class CudaRunner(Runner):
 
     # ---- launching -------------------------------------------------------------------------
     def launch(self, plan: StepPlan) -> Launched | None:
-        bucket = self._bucket(plan)
+        key = self._decode_key(plan)  # None: not a pure decode step a graph bucket holds
         after = plan.after
         if after is not None:
             runs = self._feed_runs(after, plan) if after.feeds and after.result is None else None
-            decode = runs is not None and self._queueable(plan, bucket)
+            decode = runs is not None and self._queueable(plan, key)
             mixed = None if runs is None or decode else self._queueable_mixed(plan)
             if not decode and mixed is None:
                 return None
             self._sample_queued(after)
             if decode:
-                return self._queue(plan, bucket, feed=after.pending, runs=runs)
+                return self._queue(plan, key, feed=after.pending, runs=runs)
             return self._queued_sampling(plan, self._mixed_step(plan, *mixed, feed=after.pending, runs=runs))
         self._copy_blocks(plan)  # on the stream, ahead of the step's kernels
-        if self._queueable(plan, bucket):
-            return self._queue(plan, bucket, feed=None)
-        verify = None if bucket else self._verify_key(plan)
-        if bucket:
-            logits = self.backend.graph_step(*self._decode_graph(plan, bucket), self.model.forward)
+        if self._queueable(plan, key):
+            return self._queue(plan, key, feed=None)
+        verify = None if key else self._verify_key(plan)
+        if key:
+            logits = self.backend.graph_step(key, self._decode_meta(plan, key), self.model.forward)
         elif verify:
             nb, n = verify
             logits = self.backend.graph_step(("verify", nb, n), verify_meta(plan, nb, n, self.model),
@@ -213,13 +213,19 @@ class CudaRunner(Runner):
             return 0
         return next(b for b in self.buckets if b >= len(rows))
 
-    def _decode_graph(self, plan: StepPlan, bucket: int, meta: bool = True):
-        """The graph key of a decode step in `bucket`, and its padded metadata (meta=False: None). With
+    def _decode_key(self, plan: StepPlan) -> tuple | None:
+        """The graph key of a pure decode step, ("decode", bucket), or None (_bucket). With
         ORCD_ATTN_SPLITS_DEEP, a step whose deepest row holds more than DEEP_CTX keys has a graph of its
         own per bucket ("decode", nb, "deep"), whose attention may take that many key slices."""
+        bucket = self._bucket(plan)
+        if not bucket:
+            return None
         deep = self.deep_graphs and max(r.start + 1 for r in plan.rows) > DEEP_CTX
-        key = ("decode", bucket, "deep") if deep else ("decode", bucket)
-        return key, (decode_meta(plan, bucket, self.model, deep) if meta else None)
+        return ("decode", bucket, "deep") if deep else ("decode", bucket)
+
+    def _decode_meta(self, plan: StepPlan, key: tuple):
+        """The padded metadata of a decode step replaying graph `key` (_decode_key)."""
+        return decode_meta(plan, key[1], self.model, deep=len(key) > 2)
 
     def _verify_key(self, plan: StepPlan) -> tuple[int, int] | None:
         """(batch bucket, tokens per row) of a speculative verify step that can replay a graph: every
@@ -300,20 +306,19 @@ class CudaRunner(Runner):
         n = sum(1 for r in plan.rows if r.sample)
         return logits if logits.shape[0] == n else logits.row_slice(0, n)
 
-    def _queueable(self, plan: StepPlan, bucket: int) -> bool:
-        """A pure decode step on a captured graph, sampled on the device without penalties (which
-        need the host's token history) or a logit bias (sampled on the host): the kind of step
-        that can be queued."""
-        return (self.lookahead and bucket > 0
-                and self.backend.graph_ready(self._decode_graph(plan, bucket, meta=False)[0])
+    def _queueable(self, plan: StepPlan, key: tuple | None) -> bool:
+        """A pure decode step (its graph key, _decode_key) on a captured graph, sampled on the device
+        without penalties (which need the host's token history) or a logit bias (sampled on the
+        host): the kind of step that can be queued."""
+        return (self.lookahead and key is not None and self.backend.graph_ready(key)
                 and not any(r.sampling.penalised or r.bias is not None for r in plan.rows))
 
-    def _queue(self, plan: StepPlan, bucket: int, feed, runs=None) -> Launched:
+    def _queue(self, plan: StepPlan, key: tuple, feed, runs=None) -> Launched:
         """Queues a decode step and, unless a row is masked, its sampling, without waiting.
         feed: the sampling of the step before (its tokens, not yet on the host, are this step's
         inputs; runs: which go to which row, _feed_runs)."""
         rows = plan.rows
-        logits = self.backend.graph_step(*self._decode_graph(plan, bucket), self.model.forward, feed=feed, overlap=True,
+        logits = self.backend.graph_step(key, self._decode_meta(plan, key), self.model.forward, feed=feed, overlap=True,
                                          feed_rows=runs)
         if logits.shape[0] != len(rows):
             logits = logits.row_slice(0, len(rows))
