@@ -7,13 +7,15 @@ over the logits of a 32-token prefill and 16 decode steps; also how many tokens 
 experts (a router near-tie that the rounding upstream flipped).
 
     python3 bench/moe_int8_drift.py MODEL.gguf [--draws 16] [--all-steps]
-(MODEL: an MoE file such as tests/gpu/test_cuda_architectures.py's tiny gpt_oss-Q8_0.gguf)
+(MODEL: an MoE file such as the tiny gpt_oss-Q8_0.gguf that `python3 tests/gpu/test_cuda_architectures.py
+.dev/tiny` writes, with transformers installed)
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -21,6 +23,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                 os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")]
 
 from orcd_grpc.backends import numpy_backend as nb  # noqa: E402
+from orcd_grpc.gguf_model import GGUFModel  # noqa: E402
 from tiny_models import N_DECODE, N_PROMPT, engine_logits  # noqa: E402
 
 
@@ -32,6 +35,29 @@ def q8(x: np.ndarray) -> np.ndarray:
     return (np.rint(b / d) * np.where(m > 0, d, 0.0)).reshape(np.shape(x)).astype(np.float32)
 
 
+class _RoundedDown:
+    """Expert down weights [E, d, F] whose products take the activation's rounding: NumpyBackend.moe's
+    `a @ w_down[e].T` becomes q8(a) @ w_down[e].T."""
+
+    __array_ufunc__ = None  # a @ this: numpy defers to __rmatmul__
+
+    def __init__(self, w):
+        self.w, self.shape = w, w.shape
+
+    def __getitem__(self, e):
+        return SimpleNamespace(T=_RoundedProduct(self.w[e].T))
+
+
+class _RoundedProduct:
+    __array_ufunc__ = None
+
+    def __init__(self, wt):
+        self.wt = wt
+
+    def __rmatmul__(self, a):
+        return q8(a) @ self.wt
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -41,44 +67,22 @@ def main(argv=None):
     plain = nb.NumpyBackend.moe
     experts: list = []
 
-    def moe(self, x, router_logits, k, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, *,
-            act="silu", alpha=1.702, limit=7.0, rounded=False):
+    def moe(self, x, router_logits, k, w_gate, w_up, w_down, *biases, rounded=False, **kw):
+        """NumpyBackend.moe itself, noting each token's experts; rounded: on x's rounding, and its down
+        projection on the activation's (_RoundedDown)."""
         experts.append(np.sort(np.argsort(-router_logits, axis=-1, kind="stable")[:, :k], axis=1))
-        if not rounded or (x.shape[0] == 1 and not args.all_steps):
-            return plain(self, x, router_logits, k, w_gate, w_up, w_down, b_gate, b_up, b_down, act=act,
-                         alpha=alpha, limit=limit)
-        # the float engine's own steps with the two expert inputs rounded (plain(...) on rounded x
-        # would not reach the activation)
-        ids = np.argsort(-router_logits, axis=-1, kind="stable")[:, :k]
-        top = np.take_along_axis(router_logits, ids, axis=-1)
-        p = np.exp(top - top.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)
-        out = np.zeros((x.shape[0], w_down.shape[1]), np.float32)
-        xq = q8(x)
-        for e in np.unique(ids):
-            rows, slot = np.nonzero(ids == e)
-            g = xq[rows] @ w_gate[e].T + (b_gate[e] if b_gate is not None else 0)
-            u = xq[rows] @ w_up[e].T + (b_up[e] if b_up is not None else 0)
-            if act == "swiglu_oai":
-                g, u = np.minimum(g, np.float32(limit)), np.clip(u, -np.float32(limit), np.float32(limit))
-                a = g / (1.0 + np.exp(-np.float32(alpha) * g)) * (u + 1.0)
-            else:
-                a = g / (1.0 + np.exp(-g)) * u
-            y = q8(a) @ w_down[e].T + (b_down[e] if b_down is not None else 0)
-            np.add.at(out, rows, y * p[rows, slot][:, None])
-        return out
+        if rounded and (x.shape[0] > 1 or args.all_steps):
+            x, w_down = q8(x), _RoundedDown(w_down)
+        return plain(self, x, router_logits, k, w_gate, w_up, w_down, *biases, **kw)
 
-    vocab = None
+    vocab = GGUFModel.logical_shape(GGUFModel(args.model).tensor("token_embd.weight"))[0]
     rows = []
     for draw in range(args.draws):
+        ids = np.random.default_rng(draw).integers(0, vocab, N_PROMPT + N_DECODE)
         runs = []
         for rounded in (False, True):
             experts.clear()
             nb.NumpyBackend.moe = lambda self, *a, _r=rounded, **kw: moe(self, *a, rounded=_r, **kw)
-            if vocab is None:
-                vocab = engine_logits(args.model, np.zeros(N_PROMPT + N_DECODE, np.int64), "numpy").shape[1]
-            ids = np.random.default_rng(draw).integers(0, vocab, N_PROMPT + N_DECODE)
-            experts.clear()
             runs.append((engine_logits(args.model, ids, "numpy"), list(experts)))
         nb.NumpyBackend.moe = plain
         (ref, e0), (got, e1) = runs
