@@ -117,8 +117,7 @@ class Tuning:
     attn_splits_deep: int = _switch(
         0, "ORCD_ATTN_SPLITS_DEEP", "... and this many (1..256) for decode steps whose deepest sequence holds more "
         "than 4,096 keys (32 slices of 128), each batch bucket on a graph of its own there, captured on first use "
-        "(256 took qwen2.5's decode at a depth of 32k from 133 to 304 tok/s and cost 11 % at a depth of 256: "
-        "ORCD_ATTN_SPLITS); 0: the one cap at every depth. Not yet measured")
+        "(what 256 gains deep and costs shallow: ORCD_ATTN_SPLITS); 0: the one cap at every depth. Not yet measured")
     attn_dec_max_group: int = _switch(
         1, "ORCD_ATTN_DEC_MAX_GROUP", "decode steps of models with at most this many q heads per kv head use "
         "attn_dec (MHA phi3-mini 4,214 -> 3,322 us; GQA at B=1 slower: qwen2.5 19.1 against 15.8 us per layer)")
