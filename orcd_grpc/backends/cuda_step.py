@@ -83,8 +83,8 @@ class StepMixin:
             if meta.max_q < st.max_q:
                 raise Internal(f"a step of up to {st.max_q} tokens a sequence cannot run as one of {meta.max_q}")
             st.max_q = int(meta.max_q)
-        ctx_lens = np.asarray(meta.ctx_lens)
-        st.deep = bool(meta.deep) if meta.deep is not None else bool(B and int(ctx_lens.max()) > DEEP_CTX)
+        st.deep = (bool(meta.deep) if meta.deep is not None
+                   else bool(self.tuning.attn_splits_deep and B and int(np.max(meta.ctx_lens)) > DEEP_CTX))
         st.max_blocks, st.block_size = int(tables.shape[1]), int(meta.block_size)
         self._decode_step = st.max_q <= 1
         self._meta_turn ^= 1
