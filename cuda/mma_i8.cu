@@ -26,6 +26,10 @@
 
 using namespace oq;
 
+#ifndef ORCD_GEMM_I8_UNROLL
+#define ORCD_GEMM_I8_UNROLL 0
+#endif
+
 namespace {
 
 constexpr int IBN = 128, IKS = 256, ITHREADS = 256, ISTAGES = 2;
@@ -50,23 +54,25 @@ struct StageShape {
     static constexpr int RSTR = NPC * 16 + 16;                // row stride (the +16 staggers rows over banks)
 };
 
-__device__ __forceinline__ void mma_k32(int* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+// d = a b + (I2F_BIAS, ..): the accumulator starts at i2f's bias, so each block sum comes out ready
+// for it (one register set holds the constant for every product, where a zero start cost an add a sum).
+constexpr int I2F_BIAS = 0x4B400000;
+__device__ __forceinline__ void mma_k32(int* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};\n"
-                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+                 "{%10, %10, %10, %10};\n"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(I2F_BIAS));
 }
-__device__ __forceinline__ void mma_k16(int* c, uint32_t a0, uint32_t a1, uint32_t b0) {
+__device__ __forceinline__ void mma_k16(int* d, uint32_t a0, uint32_t a1, uint32_t b0) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
-                 "{%0, %1, %2, %3};\n"
-                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-                 : "r"(a0), "r"(a1), "r"(b0));
+                 "{%7, %7, %7, %7};\n"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b0), "r"(I2F_BIAS));
 }
 
-// An int32 below 2^22 in magnitude as a float: 1.5 * 2^23 + i has i in its low mantissa bits
-// (an integer add and a float add instead of the quarter-rate I2F). A block's sum is at most
-// 32 * 128 * 128 = 2^19.
-__device__ __forceinline__ float i2f(int i) { return __int_as_float(0x4B400000 + i) - 12582912.0f; }
+// A block sum (at most 32 * 128 * 128 = 2^19 in magnitude) that an mma added to I2F_BIAS, as a float:
+// 1.5 * 2^23 + i holds i in its low mantissa bits, so one float add instead of the quarter-rate I2F.
+__device__ __forceinline__ float i2f(int biased) { return __int_as_float(biased) - 12582912.0f; }
 
 // The levels of one 64-element window (two 32-blocks, "slots" h = 0, 1) of weight row `rowp` (a
 // pointer to the row's stage bytes) as thread t's A-fragment words: w[h][0] for k 4t..4t+3 of the
@@ -226,8 +232,13 @@ __device__ __forceinline__ void gemm_i8_impl(const int8_t* __restrict__ xq, cons
         row0 += static_cast<int>(reinterpret_cast<uintptr_t>(W + ga) & 15);
         row1 += static_cast<int>(reinterpret_cast<uintptr_t>(W + gb) & 15);
         const int nslot = nk / 32;
+#if ORCD_GEMM_I8_UNROLL  // a window's scale and byte offsets fold to constants (2 blocks an SM at BM 32, not 3)
+#pragma unroll
+#else
 #pragma unroll 1
-        for (int wdx = 0; wdx < (nslot + 1) / 2; ++wdx) {
+#endif
+        for (int wdx = 0; wdx < IKS / 64; ++wdx) {
+            if (2 * wdx >= nslot) break;
             const Window u = window_a<F>(row0, wdx, t), v = window_a<F>(row1, wdx, t);
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -242,14 +253,14 @@ __device__ __forceinline__ void gemm_i8_impl(const int8_t* __restrict__ xq, cons
                     const uint32_t b1 = *reinterpret_cast<const uint32_t*>(xr + e1);
                     const float2 d = *reinterpret_cast<const float2*>(db + slot * BM + 8 * j + 2 * t);
                     if constexpr (SUB == 32) {
-                        int c[4] = {0, 0, 0, 0};
+                        int c[4];
                         mma_k32(c, a, b0, b1);
                         acc[j][0] = fmaf(u.a_lo[h] * d.x, i2f(c[0]), acc[j][0]);
                         acc[j][1] = fmaf(u.a_lo[h] * d.y, i2f(c[1]), acc[j][1]);
                         acc[j][2] = fmaf(v.a_lo[h] * d.x, i2f(c[2]), acc[j][2]);
                         acc[j][3] = fmaf(v.a_lo[h] * d.y, i2f(c[3]), acc[j][3]);
                     } else {
-                        int c[4] = {0, 0, 0, 0}, e[4] = {0, 0, 0, 0};
+                        int c[4], e[4];
                         mma_k16(c, a[0], a[1], b0);
                         mma_k16(e, a[2], a[3], b1);
                         acc[j][0] = fmaf(d.x, fmaf(u.a_lo[h], i2f(c[0]), u.a_hi[h] * i2f(e[0])), acc[j][0]);

@@ -185,6 +185,10 @@ class Tuning:
         64, "ORCD_GEMM_INT8_MAX", "dense matmuls of 9 up to this many tokens (at most 64; below ORCD_GEMM_BLAS_MIN) "
         "of decode steps (one token a row) on integer formats take the int8 tensor-core GEMM (cuda/mma_i8.cu) on the int8-rounded input instead of the "
         "f16 one: phi3-mini B=32 step 10,696 -> 7,024 us, B=64 (against cuBLAS) 12,229 -> 11,305 (H100); 0 never")
+    gemm_i8_unroll: bool = _switch(
+        False, "ORCD_GEMM_I8_UNROLL", "the int8 GEMM's k-windows of a stage unrolled, so their scale and byte "
+        "offsets fold (a Q4_K stage at BM 32 issues 1,800 instructions rather than 2,386, but takes 120 registers: "
+        "2 blocks an SM, not 3); not yet measured", compile_time=True)
     gemm_i8_ctas: int = _switch(
         2, "ORCD_GEMM_I8_CTAS", "... the int8 GEMM splits k where its tiles alone give fewer than this many blocks an "
         "SM (a block holds 1-3 an SM: phi3-mini's attn_output at 32 rows ran 144 blocks, 0.36 waves, 14 % occupancy, "

@@ -49,7 +49,7 @@ def _backend(monkeypatch, tuning=DEFAULT, sms=132):
     monkeypatch.setattr(cuda_step, "_context", lambda device=0: None)
     rec = _Recorder()
     monkeypatch.setattr(cuda_quant, "_kernels", lambda tuning=DEFAULT: rec)
-    monkeypatch.setattr(cuda_quant, "_i8_kernels", lambda: rec)
+    monkeypatch.setattr(cuda_quant, "_i8_kernels", lambda tuning=None: rec)
     be = object.__new__(cuda_mod.CudaBackend)
     nxt = [1 << 30]
 

@@ -35,7 +35,7 @@ def rec(monkeypatch):
     """Records the launches of both modules' kernels (quant_matmul's and mma_i8's), in order."""
     r = _Recorder()
     monkeypatch.setattr(cuda_quant, "_kernels", lambda tuning=DEFAULT: r)
-    monkeypatch.setattr(cuda_quant, "_i8_kernels", lambda: r)
+    monkeypatch.setattr(cuda_quant, "_i8_kernels", lambda tuning=None: r)
     return r
 
 

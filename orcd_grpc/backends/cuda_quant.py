@@ -126,7 +126,7 @@ DEFAULT_SMS = 132
 
 def loaded_kernel_names() -> set[str]:
     """Every quant_matmul and mma_i8 kernel looked up so far (under any tuning)."""
-    return {name for k in (*_K.values(), *_I8K) for name in k.fns}
+    return {name for k in (*_K.values(), *_I8K.values()) for name in k.fns}
 
 
 def _split_k(tiles: int, k: int, unit: int, min_units: int, sms: int, per_sm: int = 2) -> tuple[int, int]:
@@ -288,13 +288,17 @@ def gemm_i8_smem(qtype, bm: int) -> int:
     return _I8_STAGES * _I8_BN * rstr + _I8_STAGES * bm * (_I8_KS + 16) + _I8_STAGES * 8 * bm * 4 + 8 * bm * 4
 
 
-_I8K: list[_Kernels] = []
+_I8K: dict[tuple, _Kernels] = {}
 
 
-def _i8_kernels() -> _Kernels:
-    if not _I8K:
-        _I8K.append(_Kernels("mma_i8"))
-    return _I8K[0]
+def _i8_kernels(tuning: Tuning = DEFAULT) -> _Kernels:
+    key = (tuning.gemm_i8_unroll,)
+    k = _I8K.get(key)
+    if k is None:
+        from .cuda_runtime import module_options
+
+        k = _I8K[key] = _Kernels("mma_i8", module_options("mma_i8", tuning))
+    return k
 
 
 def _gemm_i8(xq_ptr, xd_ptr, w: QuantWeight, y_ptr, bias_ptr, T: int, accumulate: bool, stream, tuning: Tuning,
@@ -307,7 +311,7 @@ def _gemm_i8(xq_ptr, xd_ptr, w: QuantWeight, y_ptr, bias_ptr, T: int, accumulate
     if splits > 1:
         _gemm_init(y_ptr, bias_ptr, T, w.n, accumulate, stream, tuning)
     smem = gemm_i8_smem(w.qtype, bm)
-    f = _i8_kernels().get(f"gemm_i8_{_NAME[w.qtype]}_{bm}", "PPPPPiiiii", smem)
+    f = _i8_kernels(tuning).get(f"gemm_i8_{_NAME[w.qtype]}_{bm}", "PPPPPiiiii", smem)
     f.prepared_async_call((-(-w.n // _I8_BN), -(-T // bm), splits), (_GEMM_THREADS, 1, 1), stream,
                           _p(xq_ptr), _p(xd_ptr), _p(w.ptr), _p(y_ptr), _p(bias_ptr), np.int32(T), np.int32(w.n),
                           np.int32(w.k), np.int32(bool(accumulate)), np.int32(kchunk), shared_size=smem)
@@ -481,7 +485,7 @@ def moe_matmul(x_ptr, w: QuantWeight, expert_ids_ptr, y_ptr, T: int, top_k: int,
             if not x8_ready:
                 quantize_x8(x_ptr, x8[0], x8[1], (T * top_k if x_per_slot else T) * w.k, stream, tuning)
             smem = gemm_i8_smem(w.qtype, bm)
-            f = _i8_kernels().get(f"gemm_i8_moe_{_NAME[w.qtype]}_{bm}", "PPPPPPiiiiiiqi", smem)
+            f = _i8_kernels(tuning).get(f"gemm_i8_moe_{_NAME[w.qtype]}_{bm}", "PPPPPPiiiiiiqi", smem)
             f.prepared_async_call((-(-w.n // _I8_BN), Y, 1), (_GEMM_THREADS, 1, 1), stream, _p(x8[0]), _p(x8[1]),
                                   _p(w.ptr), _p(y_ptr), _p(bias_ptr), _p(workspace_ptr), np.int32(T), np.int32(top_k),
                                   np.int32(E), np.int32(Y), np.int32(w.n), np.int32(w.k), np.int64(w.expert_bytes),

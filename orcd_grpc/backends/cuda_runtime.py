@@ -101,12 +101,15 @@ def compile_cubin(name: str, arch: str, options: tuple[str, ...] = ()) -> pathli
 def module_options(name: str, tuning: Tuning = DEFAULT) -> tuple[str, ...]:
     """The nvcc options of a module under `tuning`'s compile-time switches (Tuning fields marked
     compile_time): quant_matmul's GEMM tiles up to BM tuning.gemm_pipe take the unrolled k-step;
+    mma_i8's k-windows unroll where tuning.gemm_i8_unroll;
     attention_decode's attn_dec scores Q8_0 keys with dp4a where tuning.attn_q8_dp4a; attn_dec's and
     attn_decm's merges can write the int8 rounding of their output where tuning.fuse_attn_q8.
     Always spelled out, so the cache key names the value rather than relying on the .cu's own
     default. Loading and precompiling both ask here, so a precompiled cubin is the one loaded."""
     if name == "quant_matmul":
         return (f"-DORCD_GEMM_PIPE={int(tuning.gemm_pipe)}",)
+    if name == "mma_i8":
+        return (f"-DORCD_GEMM_I8_UNROLL={int(tuning.gemm_i8_unroll)}",)
     fuse = f"-DORCD_FUSE_ATTN_Q8={int(tuning.fuse_attn_q8)}"
     if name == "attention_decode":
         return (f"-DORCD_ATTN_Q8_DP4A={int(tuning.attn_q8_dp4a)}", fuse)

@@ -217,15 +217,17 @@ def test_gemv_int8_input(cu, qtype, T):
         w.free()
 
 
+@pytest.mark.parametrize("unroll", [False, True], ids=["rolled", "unrolled"])
 @pytest.mark.parametrize("T", [9, 17, 32, 33, 64])
 @pytest.mark.parametrize("qtype", I8_FORMATS, ids=lambda v: v.name)
-def test_gemm_int8(cu, qtype, T):
+def test_gemm_int8(cu, qtype, T, unroll):
     """The int8 tensor-core GEMM (cuda/mma_i8.cu, ORCD_GEMM_INT8_MAX) of T tokens: on the int8-rounded
     input and the dequantized weights in float64 it must agree to 1e-3 (a wrong level, scale or k
     order is off by O(1)), within the rounding (2e-2) of the float input; with split-K (sms=132: few
     tiles, k split across blocks, atomics) and without (sms=1), with bias and accumulate, and with
     the input's rounding written beforehand (x8_ready, as a producer leaves it). k = 2880 leaves a
-    partial 256-stage (32-element formats); n = 1003 a partial row tile."""
+    partial 256-stage (32-element formats); n = 1003 a partial row tile. Both builds of the stage's
+    k-windows (ORCD_GEMM_I8_UNROLL)."""
     n, k = 1003, (2880 if GGML_QUANT_SIZES[qtype][0] == 32 else 4864)
     rng = np.random.default_rng()
     raw, wf = _weight(qtype, n, k)
@@ -235,7 +237,7 @@ def test_gemm_int8(cu, qtype, T):
     w64 = wf.astype(np.float64).T
     ref, ref8 = x.astype(np.float64) @ w64, _quantize_x8_ref(x) @ w64
     w = cu.q.QuantWeight(raw, qtype, n, k)
-    tuning = Tuning(gemm_int8_max=64)
+    tuning = Tuning(gemm_int8_max=64, gemm_i8_unroll=unroll)
     assert cu.q.i8_eligible(w, T, tuning)
     try:
         for sms in (132, 1):
