@@ -637,9 +637,9 @@ def test_moe_act_q8(be, rng, act, slots, F):
     be.begin_step(simple_meta(1))
     poison(be)
     aq, ad = be._q8_scratch(n)
-    be._launch(be._k("moe", "moe_act_q8", "PPPPqiff"), (-(-n // 256), 1, 1), (256, 1, 1), dev(be, g).ptr,
-               dev(be, u).ptr, aq.ptr, ad.ptr, np.int64(n), np.int32(act == "swiglu_oai"), np.float32(1.702),
-               np.float32(7.0))
+    gd, ud = dev(be, g), dev(be, u)  # held: a dropped tensor's memory is freed (and handed out again) at once
+    be._launch(be._k("moe", "moe_act_q8", "PPPPqiff"), (-(-n // 256), 1, 1), (256, 1, 1), gd.ptr, ud.ptr,
+               aq.ptr, ad.ptr, np.int64(n), np.int32(act == "swiglu_oai"), np.float32(1.702), np.float32(7.0))
     _check_q8(be, SimpleNamespace(q8=(aq, ad)), _act_ref(g, u, act))
 
 
