@@ -109,7 +109,7 @@ def test_mha_decode_takes_attn_dec_split_by_the_device(monkeypatch, sms, want):
 def test_split_decode_attention_writes_the_rounding_the_output_projection_takes(monkeypatch, merge):
     """ORCD_FUSE_ATTN_Q8: phi3-mini at B=1 (attn_dec over 17 slices) hands the merge, its own last slice
     or attn_combine, the out.q8 levels and scales, and attn_output's int8 GEMV then launches no
-    quantize_x8; off (the default), or a step of one slice, or a head dim not a multiple of 32 hand
+    quantize_x8 (the default); off, or a step of one slice, or a head dim not a multiple of 32 hand
     it none."""
     tuning = dataclasses.replace(DEFAULT, fuse_attn_q8=True, attn_merge=merge)
     be, launched = _backend(monkeypatch, tuning)
@@ -122,7 +122,8 @@ def test_split_decode_attention_writes_the_rounding_the_output_projection_takes(
     w = SimpleNamespace(qtype=Q.Q4_K, n=3072, k=3072, n_experts=None, ptr=0x10000)
     be.linear(out, w)
     assert [n for n, _ in launched] == ["gemv_q4_k_1_i8"]
-    for t, shape in ((DEFAULT, (1, 32, 32, 96)), (dataclasses.replace(tuning, attn_splits=1), (1, 32, 32, 96)),
+    off = dataclasses.replace(tuning, fuse_attn_q8=False)
+    for t, shape in ((off, (1, 32, 32, 96)), (dataclasses.replace(tuning, attn_splits=1), (1, 32, 32, 96)),
                      (tuning, (1, 8, 8, 80))):
         be.tuning = t
         launched.clear()

@@ -61,12 +61,12 @@ def test_compile_time_switches_reach_the_kernel_options():
     assert rt.module_options("quant_matmul") == ("-DORCD_GEMM_PIPE=64",)
     assert rt.module_options("quant_matmul", Tuning(gemm_pipe=0)) == ("-DORCD_GEMM_PIPE=0",)
     assert rt.module_options("attention", Tuning(gemm_pipe=0)) == ()
-    assert rt.module_options("attention_decode") == ("-DORCD_ATTN_Q8_DP4A=0", "-DORCD_FUSE_ATTN_Q8=0")
-    assert rt.module_options("attention_decode", Tuning(attn_q8_dp4a=True)) == ("-DORCD_ATTN_Q8_DP4A=1",
-                                                                               "-DORCD_FUSE_ATTN_Q8=0")
-    assert rt.module_options("attention_mma", Tuning(fuse_attn_q8=True)) == ("-DORCD_FUSE_ATTN_Q8=1",)
-    assert rt.module_options("mma_i8") == ("-DORCD_GEMM_I8_UNROLL=0",)
-    assert rt.module_options("mma_i8", Tuning(gemm_i8_unroll=True)) == ("-DORCD_GEMM_I8_UNROLL=1",)
+    assert rt.module_options("attention_decode") == ("-DORCD_ATTN_Q8_DP4A=0", "-DORCD_FUSE_ATTN_Q8=1")
+    assert rt.module_options("attention_decode", Tuning(attn_q8_dp4a=True, fuse_attn_q8=False)) == (
+        "-DORCD_ATTN_Q8_DP4A=1", "-DORCD_FUSE_ATTN_Q8=0")
+    assert rt.module_options("attention_mma", Tuning(fuse_attn_q8=False)) == ("-DORCD_FUSE_ATTN_Q8=0",)
+    assert rt.module_options("mma_i8") == ("-DORCD_GEMM_I8_UNROLL=1",)
+    assert rt.module_options("mma_i8", Tuning(gemm_i8_unroll=False)) == ("-DORCD_GEMM_I8_UNROLL=0",)
     compile_time = {f.name for f in dataclasses.fields(Tuning) if f.metadata["compile_time"]}
     assert compile_time == {"gemm_pipe", "attn_q8_dp4a", "fuse_attn_q8", "gemm_i8_unroll"}  # module_options spells out every one
 
