@@ -116,7 +116,7 @@ class _Kernels:
         return f
 
 
-_K: dict[tuple, _Kernels] = {}  # by the module's compile-time switches (gemm_pipe)
+_K: dict[tuple, _Kernels] = {}  # by module and its compile-time switches' nvcc options
 _GEMV_SIG = "PPPPPiiiqiii"
 _GEMM_SIG = "PPPPiiiii"
 #: multiprocessors assumed where a caller names none (an H100's); they only size split-K and the GEMV
@@ -126,7 +126,7 @@ DEFAULT_SMS = 132
 
 def loaded_kernel_names() -> set[str]:
     """Every quant_matmul and mma_i8 kernel looked up so far (under any tuning)."""
-    return {name for k in (*_K.values(), *_I8K.values()) for name in k.fns}
+    return {name for k in _K.values() for name in k.fns}
 
 
 def _split_k(tiles: int, k: int, unit: int, min_units: int, sms: int, per_sm: int = 2) -> tuple[int, int]:
@@ -146,14 +146,19 @@ def _gemm_init(y_ptr, bias_ptr, T: int, n: int, accumulate: bool, stream, tuning
                              np.int32(T), np.int32(n), np.int32(bool(accumulate)))
 
 
-def _kernels(tuning: Tuning = DEFAULT) -> _Kernels:
-    key = (tuning.gemm_pipe,)
+def _module(module: str, tuning: Tuning) -> _Kernels:
+    """The kernels of cuda/<module>.cu built under tuning's compile-time switches (one build each)."""
+    from .cuda_runtime import module_options
+
+    key = (module, module_options(module, tuning))
     k = _K.get(key)
     if k is None:
-        from .cuda_runtime import module_options
-
-        k = _K[key] = _Kernels("quant_matmul", module_options("quant_matmul", tuning))
+        k = _K[key] = _Kernels(module, key[1])
     return k
+
+
+def _kernels(tuning: Tuning = DEFAULT) -> _Kernels:
+    return _module("quant_matmul", tuning)
 
 
 # GEMV k-split (gemv_*_k4: a block's 4 warps share 2 rows): tuning.gemv_ksplit "auto" uses it when the
@@ -288,17 +293,8 @@ def gemm_i8_smem(qtype, bm: int) -> int:
     return _I8_STAGES * _I8_BN * rstr + _I8_STAGES * bm * (_I8_KS + 16) + _I8_STAGES * 8 * bm * 4 + 8 * bm * 4
 
 
-_I8K: dict[tuple, _Kernels] = {}
-
-
 def _i8_kernels(tuning: Tuning = DEFAULT) -> _Kernels:
-    key = (tuning.gemm_i8_unroll,)
-    k = _I8K.get(key)
-    if k is None:
-        from .cuda_runtime import module_options
-
-        k = _I8K[key] = _Kernels("mma_i8", module_options("mma_i8", tuning))
-    return k
+    return _module("mma_i8", tuning)
 
 
 def _gemm_i8(xq_ptr, xd_ptr, w: QuantWeight, y_ptr, bias_ptr, T: int, accumulate: bool, stream, tuning: Tuning,
