@@ -18,9 +18,11 @@ for f in cuda/*.cu; do
     echo "FAIL  $f"; cat "$log"; fail=1
   fi
 done
-# opt-in compile-time variants (orcd_grpc/tuning.py, compile_time fields) compile too
+# the other settings of the compile-time switches (orcd_grpc/tuning.py, compile_time fields; the .cu
+# files' own defaults are the plain builds above) compile too
 for v in "quant_matmul -DORCD_GEMM_PIPE=0" "attention_decode -DORCD_ATTN_Q8_DP4A=1" \
-         "attention_decode -DORCD_FUSE_ATTN_Q8=1" "attention_mma -DORCD_FUSE_ATTN_Q8=1"; do
+         "attention_decode -DORCD_FUSE_ATTN_Q8=1" "attention_mma -DORCD_FUSE_ATTN_Q8=1" \
+         "mma_i8 -DORCD_GEMM_I8_UNROLL=1"; do
   set -- $v
   if nvcc -arch="$arch" -std=c++17 -O3 --use_fast_math -Icuda -cubin -o "$tmp/variant.cubin" "$2" "cuda/$1.cu" >"$tmp/v.log" 2>&1; then
     echo "ok    cuda/$1.cu $2"
