@@ -43,6 +43,26 @@ def _experts(qtype=Q.MXFP4, n=2880, k=2880, ne=32):
     return SimpleNamespace(qtype=qtype, n=n, k=k, n_experts=ne, ptr=0x10000, expert_bytes=n * k // 2)
 
 
+def test_each_module_is_built_once_per_setting_of_its_compile_time_switches(monkeypatch):
+    """The launch path keys a module's build by its switches' values, not by module_options (which
+    runs only on a miss): each distinct nvcc option set is built exactly once, and other switches
+    (attn_splits) reuse the build."""
+    from orcd_grpc.backends.cuda_runtime import module_options
+
+    built = []
+    monkeypatch.setattr(cuda_quant, "_K", {})
+    monkeypatch.setattr(cuda_quant, "_Kernels", lambda module, options: built.append((module, options)) or object())
+    tunings = (DEFAULT, Tuning(attn_splits=64), Tuning(gemm_i8_unroll=False), Tuning(gemm_pipe=0), DEFAULT)
+    for t in tunings:
+        cuda_quant._kernels(t), cuda_quant._i8_kernels(t)
+    want = []
+    for t in tunings:
+        for m in ("quant_matmul", "mma_i8"):
+            if (m, module_options(m, t)) not in want:
+                want.append((m, module_options(m, t)))
+    assert built == want and len(want) == 4
+
+
 @pytest.mark.parametrize("x_per_slot", [False, True])
 def test_moe_per_slot_int8_quantizes_each_input_row_once(rec, x_per_slot):
     """The int8 per-slot MoE GEMV: x is quantized once (T rows, or T * top_k with x_per_slot) into

@@ -116,7 +116,7 @@ class _Kernels:
         return f
 
 
-_K: dict[tuple, _Kernels] = {}  # by module and its compile-time switches' nvcc options
+_K: dict[tuple, _Kernels] = {}  # by module and the values of its compile-time switches
 _GEMV_SIG = "PPPPPiiiqiii"
 _GEMM_SIG = "PPPPiiiii"
 #: multiprocessors assumed where a caller names none (an H100's); they only size split-K and the GEMV
@@ -146,19 +146,19 @@ def _gemm_init(y_ptr, bias_ptr, T: int, n: int, accumulate: bool, stream, tuning
                              np.int32(T), np.int32(n), np.int32(bool(accumulate)))
 
 
-def _module(module: str, tuning: Tuning) -> _Kernels:
-    """The kernels of cuda/<module>.cu built under tuning's compile-time switches (one build each)."""
-    from .cuda_runtime import module_options
-
-    key = (module, module_options(module, tuning))
-    k = _K.get(key)
+def _module(module: str, switches: tuple, tuning: Tuning) -> _Kernels:
+    """The kernels of cuda/<module>.cu built under tuning's compile-time switches, whose values
+    `switches` are (a cheap key: this runs on every launch; module_options only on a miss)."""
+    k = _K.get((module, switches))
     if k is None:
-        k = _K[key] = _Kernels(module, key[1])
+        from .cuda_runtime import module_options
+
+        k = _K[(module, switches)] = _Kernels(module, module_options(module, tuning))
     return k
 
 
 def _kernels(tuning: Tuning = DEFAULT) -> _Kernels:
-    return _module("quant_matmul", tuning)
+    return _module("quant_matmul", (tuning.gemm_pipe,), tuning)
 
 
 # GEMV k-split (gemv_*_k4: a block's 4 warps share 2 rows): tuning.gemv_ksplit "auto" uses it when the
@@ -294,7 +294,7 @@ def gemm_i8_smem(qtype, bm: int) -> int:
 
 
 def _i8_kernels(tuning: Tuning = DEFAULT) -> _Kernels:
-    return _module("mma_i8", tuning)
+    return _module("mma_i8", (tuning.gemm_i8_unroll,), tuning)
 
 
 def _gemm_i8(xq_ptr, xd_ptr, w: QuantWeight, y_ptr, bias_ptr, T: int, accumulate: bool, stream, tuning: Tuning,
