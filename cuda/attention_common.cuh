@@ -85,8 +85,8 @@ __device__ void merge_split_row(const float* __restrict__ p, float* __restrict__
 // ORCD_FUSE_ATTN_Q8 (Dv % 32 == 0): a row merge_split_row has just written (each lane reads back
 // its own values) rounded to int8 a 32-block, levels and scales as quantize_x8 writes them, for the
 // output projection's int8 GEMV. attn_combine always can; attn_dec's and attn_decm's own merges only
-// in a build with ORCD_FUSE_ATTN_Q8=1 (tuning.py, compile-time): the code alone, never run, moved
-// several attn_dec variants near their register limit into spills.
+// in a build with ORCD_FUSE_ATTN_Q8=1 (tuning.py, compile-time, on by default), since the code alone
+// costs registers: several attn_dec variants near their limit spill with it.
 #ifndef ORCD_FUSE_ATTN_Q8
 #define ORCD_FUSE_ATTN_Q8 0
 #endif

@@ -70,7 +70,7 @@ constexpr int ACT_I8 = 4;
 // Under programmatic dependent launch (cuda_graph.py) a dense GEMV issues its first weight chunk's
 // copies before pdl_enter: the weight bytes are on their way while the kernel before it still runs,
 // and only x, the scales and y wait for it. The MoE GEMV waits first (its expert comes from the
-// router's output). The GEMV entry points leave pdl_enter to gemv_impl.
+// router's output), except the pair (PAIR, below). The GEMV entry points leave pdl_enter to gemv_impl.
 
 // PAIR (gemv_*_1[_k4]_i8_pair): the per-slot MoE GEMV of two matrices on one input (gate and up: W2,
 // bias2), the second half of the grid on W2 and bias2 into the rows after the first half's. Its

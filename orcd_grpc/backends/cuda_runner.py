@@ -88,7 +88,7 @@ class CudaRunner(Runner):
         self.feed_eager = tuning.feed_eager  # ORCD_FEED_EAGER (with lookahead)
         self.mixed_graphs = bool(self.buckets) and tuning.mixed_graphs  # ORCD_MIXED_GRAPHS
         self.feed_changed = self.lookahead and tuning.feed_changed  # ORCD_FEED_CHANGED
-        self.deep_graphs = bool(tuning.attn_splits_deep)  # ORCD_ATTN_SPLITS_DEEP: _decode_graph
+        self.deep_graphs = bool(tuning.attn_splits_deep)  # ORCD_ATTN_SPLITS_DEEP: _decode_key
         self.mixed_tokens = mixed_token_buckets(tuning)
         self.verify_buckets = [b for b in self.buckets if b <= VERIFY_MAX_BATCH] if tuning.verify_graphs else []
         ws = int(backend.workspace_bytes)
