@@ -188,7 +188,7 @@ class Tuning:
         "f16 one: phi3-mini B=32 step 10,696 -> 7,024 us, B=64 (against cuBLAS) 12,229 -> 11,305 (H100); 0 never")
     gemm_i8_unroll: bool = _switch(
         True, "ORCD_GEMM_I8_UNROLL", "the int8 GEMM's k-windows of a stage unrolled, so their scale and byte "
-        "offsets fold (a Q4_K stage at BM 32 issues 1,800 instructions rather than 2,386, in 120 registers: 2 blocks "
+        "offsets fold (a Q4_K stage at BM 32 issues 1,800 instructions rather than 2,417, in 120 registers: 2 blocks "
         "an SM, not 3): phi3-mini's B=32 step 6,194 -> 5,487 us, B=64 9,731 -> 8,676 (H100, trace_decode)",
         compile_time=True)
     gemm_i8_ctas: int = _switch(
